@@ -1,0 +1,1 @@
+"""mhc-compile: a torch.compile backend that rewrites residual streams into n-stream mHC."""

@@ -1,0 +1,119 @@
+"""One validated config object for every option of the ``mhc`` backend.
+
+Options arrive as ``torch.compile(model, backend="mhc", options={...})`` or as keyword arguments of
+``mhc_compile.prepare``. Everything is checked here, once, so that a typo or a bad value fails at the
+call site with a message that names it instead of surfacing later as a wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+MODES = ("mhc", "hc", "residual")
+COLLAPSES = ("mean", "sum")
+KERNELS = ("auto", "reference", "triton")
+RES_CONVENTIONS = ("paper", "transpose")
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class MHCConfig:
+    """Options of the mHC rewrite.
+
+    n:               number of parallel residual streams (1..16).
+    mode:            "mhc" (Sinkhorn-projected H_res, sigmoid-bounded H_pre / H_post; the paper),
+                     "hc" (unconstrained Hyper-Connections: tanh dynamics, no bounds, no Sinkhorn),
+                     "residual" (detection runs and is reported, the graph is left as it was: the A/B
+                     baseline).
+    sinkhorn_iters:  Sinkhorn-Knopp iterations t_max (paper: 20).
+    alpha_init:      initial value of the three gate scales alpha_pre / alpha_post / alpha_res.
+    eps:             epsilon of the RMS normalisation of the projection, r = rsqrt(mean(x^2) + eps).
+    collapse:        how the n streams become one at the tail of a chain: "mean" keeps the function
+                     at init (all streams are equal then); "sum" is the paper's convention and scales
+                     the tail by n.
+    res_convention:  "paper" applies X'[i] = sum_j H_res[i, j] X[j]; "transpose" applies H_res^T
+                     (DeepSeek-V4 code).
+    kernels:         "auto" (Triton on CUDA, reference elsewhere), "reference", "triton".
+    recompute:       "auto" (block size L_r ~ sqrt(nL/(n+2))), an int block size, or "none".
+    strict:          turn every conversion warning (graph break inside a chain, structure that
+                     could not be converted, optimizer missing mHC parameters) into an error.
+    inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
+    verbose:         print a one-line summary per compiled graph.
+    """
+
+    n: int = 4
+    mode: str = "mhc"
+    sinkhorn_iters: int = 20
+    alpha_init: float = 0.01
+    eps: float = 1e-6
+    collapse: str = "mean"
+    res_convention: str = "paper"
+    kernels: str = "auto"
+    recompute: Any = "auto"
+    strict: bool = False
+    inner_backend: str = "inductor"
+    verbose: bool = False
+    inductor_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1, 16)
+        _check_choice("mode", self.mode, MODES)
+        _check_int("sinkhorn_iters", self.sinkhorn_iters, 1, 1000)
+        _check_float("alpha_init", self.alpha_init, lo=0.0)
+        _check_float("eps", self.eps, lo=0.0, lo_open=True)
+        _check_choice("collapse", self.collapse, COLLAPSES)
+        _check_choice("res_convention", self.res_convention, RES_CONVENTIONS)
+        _check_choice("kernels", self.kernels, KERNELS)
+        _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
+        if not isinstance(self.verbose, bool):
+            raise ValueError(f"mhc option 'verbose' must be a bool, got {self.verbose!r}")
+        if self.recompute not in ("auto", "none"):
+            _check_int("recompute", self.recompute, 1, 1 << 20, hint='or "auto" / "none"')
+        if not isinstance(self.inductor_options, Mapping):
+            raise ValueError("mhc option 'inductor_options' must be a dict of Inductor options")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "MHCConfig" | None = None, **kwargs: Any) -> "MHCConfig":
+        """Build a config from a dict (``torch.compile(..., options=)``) and/or keywords.
+
+        Unknown keys raise a ValueError naming them and listing the valid ones.
+        """
+        if isinstance(options, MHCConfig):
+            return dataclasses.replace(options, **kwargs) if kwargs else options
+        merged: dict[str, Any] = dict(options or {})
+        merged.update(kwargs)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown mhc option(s) {unknown}; valid options are {sorted(known)}"
+            )
+        return cls(**merged)
+
+    def plan_key(self) -> tuple:
+        """The options that change which parameters exist and how they are shaped or initialised."""
+        return (self.n, self.mode)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"mhc option {name!r} must be an integer {hint}, got {value!r}".replace("  ", " "))
+    if not lo <= value <= hi:
+        raise ValueError(f"mhc option {name!r} must be in [{lo}, {hi}], got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"mhc option {name!r} must be a number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or value != value:
+        bound = f"> {lo}" if lo_open else f">= {lo}"
+        raise ValueError(f"mhc option {name!r} must be {bound}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"mhc option {name!r} must be one of {list(choices)}, got {value!r}")

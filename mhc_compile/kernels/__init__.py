@@ -1,0 +1,1 @@
+"""Kernels of the mHC ops: ``reference`` (plain PyTorch, the oracle) and ``triton_ops`` (fused GPU kernels)."""

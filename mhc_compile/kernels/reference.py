@@ -1,0 +1,205 @@
+"""Plain-PyTorch reference of every mHC op: the oracle, the CPU path and the MLIR-export path.
+
+Shapes (T = tokens, flattened leading dims; m = n*n + 2n):
+    x      [T, n, C]   the widened residual stream, model dtype, C contiguous
+    phi    [n*C, m]    projection, columns [pre n | post n | res n*n row-major]
+    bias   [m]
+    alpha  [3]         (alpha_pre, alpha_post, alpha_res)
+    p      [T, m]      fp32, vec(x) @ phi (not yet normalised)
+    sq     [T]         fp32, sum(vec(x)^2)
+    h_pre  [T, n], h_post [T, n], h_res [T, n, n]   fp32
+
+The op boundary is split so that the fused kernels can slot in one at a time: ``proj`` (one pass over
+x on tensor cores that also yields the sum of squares), ``coeffs`` (tiny per-token math: scales,
+sigmoids, Sinkhorn), ``pre`` (x_in = H_pre . X) and ``post_res`` (X' = H_res X + H_post^T y). The later
+cross-layer fusion of ``post_res`` (l) with ``proj`` (l+1) is a graph-level replacement of that pair.
+
+Every function here is differentiable with autograd; the backward formulas written out below are the
+ones the Triton backward kernels are checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def num_coeffs(n: int) -> int:
+    return n * n + 2 * n
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The coefficient path runs in fp32, or in fp64 when the inputs are fp64 (for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _acc(t: Tensor) -> Tensor:
+    return t.to(acc_dtype(t.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# proj: p = vec(x) @ phi (fp32 accumulate), sq = sum(vec(x)^2)
+# ---------------------------------------------------------------------------------------------
+def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+    t, n, c = x.shape
+    xf = _acc(x.reshape(t, n * c))
+    return xf @ _acc(phi), (xf * xf).sum(-1)
+
+
+def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tensor, Tensor]:
+    """dx = dp @ phi^T + 2 dsq x ;  dphi = vec(x)^T dp."""
+    t, n, c = x.shape
+    xf = _acc(x.reshape(t, n * c))
+    dx = _acc(dp) @ _acc(phi).t() + 2.0 * _acc(dsq)[:, None] * xf
+    dphi = xf.t() @ _acc(dp)
+    return dx.reshape(t, n, c).to(x.dtype), dphi.to(phi.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# coeffs: Ht = alpha (.) (p * r) + b ; H_pre, H_post, H_res per mode
+# ---------------------------------------------------------------------------------------------
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp on exp(L - max L): alternately normalise columns then rows, ``iters`` times.
+
+    Ends on a row normalisation, so every row sums to 1 to rounding: with all streams equal, H_res X
+    returns the stream unchanged (what makes the rewrite function-preserving at init).
+    """
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)
+        m = m / m.sum(dim=-1, keepdim=True)
+    return m
+
+
+def sinkhorn_backward(logits: Tensor, iters: int, dout: Tensor) -> Tensor:
+    """Exact backward of the unrolled ``sinkhorn``: recompute the iterates, then walk them back.
+
+    For a normalisation M' = M / s (s the column or row sums of M), dM = (dM' - <dM', M'>_s) / s, where
+    <., .>_s sums over the same axis as s. The max shift drops out: Sinkhorn is invariant to scaling M.
+    """
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    m0 = m
+    steps = []
+    for _ in range(iters):
+        for axis in (-2, -1):
+            s = m.sum(dim=axis, keepdim=True)
+            m = m / s
+            steps.append((axis, m, s))
+    g = dout
+    for axis, m_out, s in reversed(steps):
+        g = (g - (g * m_out).sum(dim=axis, keepdim=True)) / s
+    return g * m0
+
+
+def coeffs(
+    p: Tensor,
+    sq: Tensor,
+    bias: Tensor,
+    alpha: Tensor,
+    n: int,
+    nc: int,
+    eps: float,
+    iters: int,
+    mode: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mixing coefficients from the projection. ``nc`` = n*C, the length mean(x^2) divides by."""
+    p = _acc(p)
+    r = torch.rsqrt(_acc(sq) / nc + eps)
+    z = p * r[:, None]
+    if mode == "hc":
+        z = torch.tanh(z)
+    a = _acc(alpha)
+    b = _acc(bias)
+    t = p.shape[0]
+    ht_pre = a[0] * z[:, :n] + b[:n]
+    ht_post = a[1] * z[:, n : 2 * n] + b[n : 2 * n]
+    ht_res = (a[2] * z[:, 2 * n :] + b[2 * n :]).reshape(t, n, n)
+    if mode == "mhc":
+        return torch.sigmoid(ht_pre), 2.0 * torch.sigmoid(ht_post), sinkhorn(ht_res, iters)
+    if mode == "hc":
+        return ht_pre, ht_post, ht_res
+    raise ValueError(f"mhc coeffs: unknown mode {mode!r}")
+
+
+def coeffs_backward(
+    p: Tensor,
+    sq: Tensor,
+    bias: Tensor,
+    alpha: Tensor,
+    dh_pre: Tensor,
+    dh_post: Tensor,
+    dh_res: Tensor,
+    n: int,
+    nc: int,
+    eps: float,
+    iters: int,
+    mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dp, dsq, dbias, dalpha) of ``coeffs``, recomputing its forward."""
+    p = _acc(p)
+    t = p.shape[0]
+    r = torch.rsqrt(_acc(sq) / nc + eps)
+    u = p * r[:, None]
+    if mode == "hc":
+        u = torch.tanh(u)
+    a = _acc(alpha)
+    b = _acc(bias)
+    group = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
+    ht = group * u + b
+    if mode == "mhc":
+        s_pre = torch.sigmoid(ht[:, :n])
+        s_post = torch.sigmoid(ht[:, n : 2 * n])
+        d_pre = _acc(dh_pre) * s_pre * (1 - s_pre)
+        d_post = 2.0 * _acc(dh_post) * s_post * (1 - s_post)
+        d_res = sinkhorn_backward(ht[:, 2 * n :].reshape(t, n, n), iters, _acc(dh_res)).reshape(t, n * n)
+    elif mode == "hc":
+        d_pre, d_post, d_res = _acc(dh_pre), _acc(dh_post), _acc(dh_res).reshape(t, n * n)
+    else:
+        raise ValueError(f"mhc coeffs: unknown mode {mode!r}")
+    dht = torch.cat([d_pre, d_post, d_res], dim=1)
+    dbias = dht.sum(0)
+    gu = dht * u
+    dalpha = torch.stack([gu[:, :n].sum(), gu[:, n : 2 * n].sum(), gu[:, 2 * n :].sum()])
+    dz = dht * group
+    if mode == "hc":
+        dz = dz * (1 - u * u)
+    dp = dz * r[:, None]
+    dr = (dz * p).sum(1)
+    dsq = dr * (-0.5 / nc) * r * r * r
+    return dp, dsq, dbias.to(bias.dtype), dalpha.to(alpha.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# pre: x_in = sum_i h_pre[i] x[i]
+# ---------------------------------------------------------------------------------------------
+def pre(x: Tensor, h_pre: Tensor) -> Tensor:
+    return torch.einsum("tn,tnc->tc", _acc(h_pre), _acc(x)).to(x.dtype)
+
+
+def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
+    """dx[i] = h_pre[i] dout ;  dh_pre[i] = <x[i], dout>."""
+    g = _acc(dout)
+    dx = _acc(h_pre)[:, :, None] * g[:, None, :]
+    dh = torch.einsum("tnc,tc->tn", _acc(x), g)
+    return dx.to(x.dtype), dh
+
+
+# ---------------------------------------------------------------------------------------------
+# post_res: X'[i] = sum_j h_res[i, j] X[j] + h_post[i] y
+# ---------------------------------------------------------------------------------------------
+def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
+    out = torch.einsum("tij,tjc->tic", _acc(h_res), _acc(x)) + _acc(h_post)[:, :, None] * _acc(y)[:, None, :]
+    return out.to(x.dtype)
+
+
+def post_res_backward(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dX[j] = sum_i h_res[i, j] dout[i] ; dy = sum_i h_post[i] dout[i] ;
+    dh_res[i, j] = <dout[i], X[j]> ; dh_post[i] = <dout[i], y>."""
+    g = _acc(dout)
+    dx = torch.einsum("tij,tic->tjc", _acc(h_res), g)
+    dy = torch.einsum("ti,tic->tc", _acc(h_post), g)
+    dh_res = torch.einsum("tic,tjc->tij", g, _acc(x))
+    dh_post = torch.einsum("tic,tc->ti", g, _acc(y))
+    return dx.to(x.dtype), dh_res, dh_post, dy.to(y.dtype)

@@ -1,0 +1,225 @@
+"""The mHC custom ops: the boundary between the graph rewrite and the kernels.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation, so graphs stay traceable
+and shape-generic, and an autograd formula whose backward is itself a custom op, so AOTAutograd puts
+an opaque, kernel-backed node into the backward graph too. The ``impl`` argument picks the kernels
+("reference" = plain PyTorch from ``kernels/reference.py``, "triton" = ``kernels/triton_ops.py``); the
+rewrite pass chooses it once per graph from the config and the device, and it is visible in the graph.
+
+Streams may have any leading dims: ops flatten them to tokens ([T, n, C]) and restore them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from mhc_compile.kernels import reference as ref
+
+IMPLS = ("reference", "triton")
+
+
+def _kernels(impl: str):
+    if impl == "reference":
+        return ref
+    if impl == "triton":
+        return importlib.import_module("mhc_compile.kernels.triton_ops")
+    raise ValueError(f"mhc op: unknown kernel implementation {impl!r}; expected one of {IMPLS}")
+
+
+def _tokens(x: Tensor, trailing: int) -> Tensor:
+    """View leading dims as one token dim, keeping ``trailing`` dims."""
+    return x.reshape((-1,) + tuple(x.shape[x.dim() - trailing :]))
+
+
+# ---------------------------------------------------------------------------------------------
+# proj
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mhc_compile::proj", mutates_args=())
+def proj(x: Tensor, phi: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    lead = x.shape[:-2]
+    p, sq = _kernels(impl).proj(_tokens(x, 2).contiguous(), phi)
+    return p.reshape(lead + p.shape[-1:]), sq.reshape(lead)
+
+
+@proj.register_fake
+def _(x, phi, impl):
+    lead = x.shape[:-2]
+    acc = ref.acc_dtype(x.dtype)
+    return x.new_empty(lead + (phi.shape[1],), dtype=acc), x.new_empty(lead, dtype=acc)
+
+
+@torch.library.custom_op("mhc_compile::proj_backward", mutates_args=())
+def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    dx, dphi = _kernels(impl).proj_backward(
+        _tokens(x, 2).contiguous(), phi, _tokens(dp, 1).contiguous(), dsq.reshape(-1).contiguous()
+    )
+    return dx.reshape(x.shape), dphi
+
+
+@proj_backward.register_fake
+def _(x, phi, dp, dsq, impl):
+    return torch.empty_like(x), torch.empty_like(phi)
+
+
+def _proj_setup(ctx, inputs, output):
+    x, phi, impl = inputs
+    ctx.save_for_backward(x, phi)
+    ctx.impl = impl
+
+
+def _proj_bwd(ctx, dp, dsq):
+    x, phi = ctx.saved_tensors
+    dx, dphi = proj_backward(x, phi, dp, dsq, ctx.impl)
+    return dx, dphi, None
+
+
+proj.register_autograd(_proj_bwd, setup_context=_proj_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# coeffs
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mhc_compile::coeffs", mutates_args=())
+def coeffs(
+    p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor,
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    lead = p.shape[:-1]
+    h_pre, h_post, h_res = _kernels(impl).coeffs(
+        _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), bias, alpha, n, nc, eps, iters, mode
+    )
+    return h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n))
+
+
+@coeffs.register_fake
+def _(p, sq, bias, alpha, n, nc, eps, iters, mode, impl):
+    lead = p.shape[:-1]
+    acc = ref.acc_dtype(p.dtype)
+    return p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n, n), dtype=acc)
+
+
+@torch.library.custom_op("mhc_compile::coeffs_backward", mutates_args=())
+def coeffs_backward(
+    p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor,
+    dh_pre: Tensor, dh_post: Tensor, dh_res: Tensor,
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dp, dsq, dbias, dalpha = _kernels(impl).coeffs_backward(
+        _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), bias, alpha,
+        _tokens(dh_pre, 1).contiguous(), _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(),
+        n, nc, eps, iters, mode,
+    )
+    return dp.reshape(p.shape), dsq.reshape(sq.shape), dbias, dalpha
+
+
+@coeffs_backward.register_fake
+def _(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode, impl):
+    return torch.empty_like(p), torch.empty_like(sq), torch.empty_like(bias), torch.empty_like(alpha)
+
+
+def _coeffs_setup(ctx, inputs, output):
+    p, sq, bias, alpha, n, nc, eps, iters, mode, impl = inputs
+    ctx.save_for_backward(p, sq, bias, alpha)
+    ctx.static = (n, nc, eps, iters, mode, impl)
+
+
+def _coeffs_bwd(ctx, dh_pre, dh_post, dh_res):
+    p, sq, bias, alpha = ctx.saved_tensors
+    grads = coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, *ctx.static)
+    return (*grads, None, None, None, None, None, None)
+
+
+coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# pre
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mhc_compile::pre", mutates_args=())
+def pre(x: Tensor, h_pre: Tensor, impl: str) -> Tensor:
+    out = _kernels(impl).pre(_tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous())
+    return out.reshape(x.shape[:-2] + x.shape[-1:])
+
+
+@pre.register_fake
+def _(x, h_pre, impl):
+    return x.new_empty(x.shape[:-2] + x.shape[-1:])
+
+
+@torch.library.custom_op("mhc_compile::pre_backward", mutates_args=())
+def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    dx, dh = _kernels(impl).pre_backward(
+        _tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous()
+    )
+    return dx.reshape(x.shape), dh.reshape(h_pre.shape)
+
+
+@pre_backward.register_fake
+def _(x, h_pre, dout, impl):
+    return torch.empty_like(x), torch.empty_like(h_pre)
+
+
+def _pre_setup(ctx, inputs, output):
+    x, h_pre, impl = inputs
+    ctx.save_for_backward(x, h_pre)
+    ctx.impl = impl
+
+
+def _pre_bwd(ctx, dout):
+    x, h_pre = ctx.saved_tensors
+    dx, dh = pre_backward(x, h_pre, dout, ctx.impl)
+    return dx, dh, None
+
+
+pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# post_res
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mhc_compile::post_res", mutates_args=())
+def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, impl: str) -> Tensor:
+    out = _kernels(impl).post_res(
+        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
+        _tokens(y, 1).contiguous(),
+    )
+    return out.reshape(x.shape)
+
+
+@post_res.register_fake
+def _(x, h_res, h_post, y, impl):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mhc_compile::post_res_backward", mutates_args=())
+def post_res_backward(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, impl: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dh_res, dh_post, dy = _kernels(impl).post_res_backward(
+        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
+        _tokens(y, 1).contiguous(), _tokens(dout, 2).contiguous(),
+    )
+    return dx.reshape(x.shape), dh_res.reshape(h_res.shape), dh_post.reshape(h_post.shape), dy.reshape(y.shape)
+
+
+@post_res_backward.register_fake
+def _(x, h_res, h_post, y, dout, impl):
+    return torch.empty_like(x), torch.empty_like(h_res), torch.empty_like(h_post), torch.empty_like(y)
+
+
+def _post_res_setup(ctx, inputs, output):
+    x, h_res, h_post, y, impl = inputs
+    ctx.save_for_backward(x, h_res, h_post, y)
+    ctx.impl = impl
+
+
+def _post_res_bwd(ctx, dout):
+    x, h_res, h_post, y = ctx.saved_tensors
+    dx, dh_res, dh_post, dy = post_res_backward(x, h_res, h_post, y, dout, ctx.impl)
+    return dx, dh_res, dh_post, dy, None
+
+
+post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
