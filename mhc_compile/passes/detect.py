@@ -1,0 +1,401 @@
+"""Find residual chains in a Dynamo FX graph.
+
+A residual *site* is an add ``out = s + y`` where ``y = f(s)`` for a sublayer ``f`` that contains a
+weighted op (linear, matmul, convolution, attention) on some path from ``s`` to ``y``. That rule keeps
+the activation add inside GPT-2's GELU (``x + 0.044715 * x**3``: no weighted op in between), bias adds
+and position-embedding or mask adds (the other operand does not depend on ``s``) and rotary embeddings
+(``q*cos + rot(q)*sin``: neither operand is the other's input) out.
+
+Two structures extend a site:
+* parallel branches: ``(s + f(s)) + g(s)`` (nanoGPT-style parallel block) folds ``g`` in as a second
+  branch; ``(f(s) + g(s)) + s`` (GPT-NeoX) is already one branch whose value is the sum.
+* stream-wise ops between sites: ``s' = LayerNorm(s + f(s))`` (post-norm, BERT) and dropout act on each
+  token vector alone, so they are applied to every one of the n streams and the chain goes on.
+
+Sites are linked into *chains*: site j follows site i when site i's output reaches site j's stream
+through stream-wise ops only. The rewrite widens each chain as a whole.
+
+The analysis works on a networkx DiGraph built from the FX graph (ancestor / descendant queries);
+patterns are plain functions.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+# --- op classification ------------------------------------------------------------------------
+
+_ADD_FUNCTIONS = {operator.add, torch.add, torch.Tensor.add}
+_INPLACE_ADD_FUNCTIONS = {operator.iadd, torch.Tensor.add_}
+
+# Ops that carry weights or mix tokens: the mark of a real sublayer on a residual branch.
+_WEIGHTED_NAMES = {
+    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d",
+    "conv_transpose1d", "conv_transpose2d", "scaled_dot_product_attention", "__matmul__", "bilinear",
+    "embedding_bag",
+}
+# Ops that act on each token vector (last dim) alone: safe to apply to all n streams at once.
+_STREAMWISE_NAMES = {"layer_norm", "rms_norm", "dropout", "clone", "contiguous", "alpha_dropout"}
+
+
+def target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", str(t))
+
+
+def _is_call(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method", "call_module")
+
+
+def is_weighted(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
+    if node.op == "call_module" and gm is not None:
+        mod = gm.get_submodule(node.target)
+        return any(True for _ in mod.parameters())
+    return _is_call(node) and target_name(node) in _WEIGHTED_NAMES
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target == "add":
+        pass
+    else:
+        return False
+    if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return False
+    return all(isinstance(a, fx.Node) for a in node.args)
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _INPLACE_ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in ("add_", "__iadd__")
+
+
+def is_streamwise(node: fx.Node) -> bool:
+    """True for ops that map a stream [..., C] to [..., C] acting on each token vector alone."""
+    if not _is_call(node) or target_name(node) not in _STREAMWISE_NAMES:
+        return False
+    name = target_name(node)
+    if name in ("layer_norm", "rms_norm"):
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        return isinstance(shape, (tuple, list)) and len(shape) == 1
+    return True
+
+
+def example_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def tensor_shape(node: fx.Node):
+    v = example_value(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def is_float_tensor(node: fx.Node) -> bool:
+    v = example_value(node)
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    """One residual site: out = stream + sum(branches)."""
+
+    stream: fx.Node
+    branches: list[fx.Node]
+    adds: list[fx.Node]  # the add nodes that form the site; adds[-1] is the site output
+    width: int
+    owner: str = ""  # module path of the module that owns the add ("" = root)
+    kind: str = "pre-norm"
+    name: str = ""  # parameter container name on the owner, e.g. "mhc_attn"
+    index: int = 0  # position in its chain
+
+    @property
+    def out(self) -> fx.Node:
+        return self.adds[-1]
+
+    @property
+    def path(self) -> str:
+        return f"{self.owner}.{self.name}" if self.owner else self.name
+
+
+@dataclass
+class Chain:
+    sites: list[Site]
+    links: list[list[fx.Node]] = field(default_factory=list)  # stream-wise nodes after site k
+
+    @property
+    def head(self) -> fx.Node:
+        return self.sites[0].stream
+
+
+@dataclass
+class Unconverted:
+    node: str
+    module: str
+    reason: str
+
+
+@dataclass
+class Detection:
+    chains: list[Chain]
+    unconverted: list[Unconverted]
+
+    @property
+    def sites(self) -> list[Site]:
+        return [s for c in self.chains for s in c.sites]
+
+
+# --- analysis -----------------------------------------------------------------------------------
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.g = to_networkx(gm.graph)
+        self._desc: dict[fx.Node, set] = {}
+        self._anc: dict[fx.Node, set] = {}
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def descendants(self, n: fx.Node) -> set:
+        if n not in self._desc:
+            self._desc[n] = nx.descendants(self.g, n)
+        return self._desc[n]
+
+    def ancestors(self, n: fx.Node) -> set:
+        if n not in self._anc:
+            self._anc[n] = nx.ancestors(self.g, n)
+        return self._anc[n]
+
+    def between(self, src: fx.Node, dst: fx.Node) -> set:
+        """Nodes on some path src -> dst, dst included, src excluded."""
+        if dst is src or src not in self.ancestors(dst):
+            return set()
+        return (self.descendants(src) & self.ancestors(dst)) | {dst}
+
+    def is_branch_of(self, stream: fx.Node, y: fx.Node) -> bool:
+        """y = f(stream) through at least one weighted op."""
+        return any(is_weighted(n, self.gm) for n in self.between(stream, y))
+
+
+def _same_shape(*nodes: fx.Node) -> bool:
+    shapes = [tensor_shape(n) for n in nodes]
+    return shapes[0] is not None and len(shapes[0]) >= 1 and all(s == shapes[0] for s in shapes)
+
+
+def module_stack(node: fx.Node) -> list[str]:
+    """Module paths from outermost to innermost, relative to the compiled root (e.g. "h.0.attn")."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        paths.append(normalize_module_path(path))
+    return paths
+
+
+def normalize_module_path(path: str) -> str:
+    """"L['self'].h.0.attn" -> "h.0.attn";  "L['self']" -> ""."""
+    if path.startswith("L[") or path.startswith("G["):
+        close = path.find("]")
+        path = path[close + 1 :]
+    path = path.lstrip(".")
+    # Dynamo writes indexing as "h[0]" in some versions and "h.0" in others.
+    return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def innermost_module(node: fx.Node) -> str:
+    stack = module_stack(node)
+    return stack[-1] if stack else ""
+
+
+def _find_site(an: _Analysis, add: fx.Node) -> Site | None:
+    a, b = add.args
+    if not _same_shape(a, b, add) or not is_float_tensor(add):
+        return None
+    for stream, y in ((a, b), (b, a)):
+        if an.is_branch_of(stream, y):
+            return Site(stream=stream, branches=[y], adds=[add], width=tensor_shape(add)[-1])
+    return None
+
+
+def _extend_parallel(an: _Analysis, site: Site) -> None:
+    """Fold ``(s + f(s)) + g(s)`` into one site with branches [f(s), g(s)]."""
+    while True:
+        users = [u for u in site.out.users if is_add(u)]
+        if len(site.out.users) != 1 or len(users) != 1:
+            return
+        nxt = users[0]
+        other = nxt.args[1] if nxt.args[0] is site.out else nxt.args[0]
+        if other is site.out or not _same_shape(other, nxt, site.out):
+            return
+        if site.out in an.ancestors(other) or not an.is_branch_of(site.stream, other):
+            return
+        site.branches.append(other)
+        site.adds.append(nxt)
+
+
+def _follow_link(site_out: fx.Node, stream_of: dict[fx.Node, Site]) -> tuple[Site | None, list[fx.Node]]:
+    """From a site output, follow stream-wise ops to the next site's stream, if any."""
+    node, path = site_out, []
+    while True:
+        if node in stream_of:
+            return stream_of[node], path
+        nxt = [u for u in node.users if is_streamwise(u) and u.args[0] is node]
+        if len(nxt) != 1:
+            return None, path
+        node = nxt[0]
+        path.append(node)
+
+
+_NORMS = ("layer_norm", "rms_norm")
+
+
+def _classify(an: _Analysis, site: Site, link_after: list[fx.Node]) -> str:
+    """pre-norm (the branch reads a norm of the stream), post-norm (the norm follows the add),
+    parallel (several branches read the same stream) or plain (no norm around the site)."""
+    if len(site.branches) > 1 or any(is_add(b) and _both_branches(an, site.stream, b) for b in site.branches):
+        return "parallel"
+    region = set().union(*(an.between(site.stream, y) for y in site.branches))
+    if _norm_near(site.stream, region):
+        return "pre-norm"
+    if any(target_name(n) in _NORMS for n in link_after) or target_name(site.stream) in _NORMS:
+        return "post-norm"
+    if any(target_name(u) in _NORMS for u in site.out.users):
+        return "post-norm"
+    return "plain"
+
+
+def _norm_near(stream: fx.Node, region: set, hops: int = 6) -> bool:
+    """A norm of the stream at the start of the branch: a norm op, or the rsqrt of a decomposed
+    RMSNorm / LayerNorm (Llama writes its RMSNorm out in primitive ops)."""
+    frontier = [u for u in stream.users if u in region]
+    for _ in range(hops):
+        if any(target_name(n) in _NORMS + ("rsqrt",) for n in frontier):
+            return True
+        frontier = [u for n in frontier for u in n.users if u in region and not is_weighted(u)]
+    return False
+
+
+def _both_branches(an: _Analysis, stream: fx.Node, node: fx.Node) -> bool:
+    return all(isinstance(x, fx.Node) and an.is_branch_of(stream, x) for x in node.args[:2])
+
+
+def _child_of(owner: str, path: str) -> str | None:
+    """The owner's child module that ``path`` lies in ("h.0", "h.0.attn.c_proj" -> "attn").
+
+    A numbered container child keeps its index ("", "layers.3.fc" -> "layers_3")."""
+    prefix = owner + "." if owner else ""
+    if not path.startswith(prefix) or path == owner:
+        return None
+    parts = path[len(prefix) :].split(".")
+    if len(parts) > 1 and parts[1].isdigit():
+        return parts[0] + "_" + parts[1]
+    return parts[0]
+
+
+def _name_site(site: Site, an: _Analysis) -> str:
+    """Name the site after the owner's child modules that compute its branches ("mhc_attn")."""
+    names: list[str] = []
+    for y in site.branches:
+        children: list[str] = []
+        for n in sorted(an.between(site.stream, y), key=an.order.__getitem__):
+            if is_weighted(n, an.gm):
+                child = next((c for c in map(lambda p: _child_of(site.owner, p), module_stack(n)) if c), None)
+                if child:
+                    children.append(child)
+        if children and len(site.branches) == 1 and is_add(y) and _both_branches(an, site.stream, y):
+            names.extend(dict.fromkeys(children))  # one branch that sums two sublayers (GPT-NeoX)
+        elif children:
+            names.append(max(sorted(set(children)), key=children.count))
+    return "mhc_" + ("_".join(dict.fromkeys(names)) or "site")
+
+
+def detect(gm: fx.GraphModule) -> Detection:
+    """Find every residual chain of ``gm``; never rewrite anything."""
+    an = _Analysis(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites: list[Site] = []
+    claimed: set[fx.Node] = set()
+    unconverted: list[Unconverted] = []
+    for node in gm.graph.nodes:
+        if node in claimed:
+            continue
+        if is_inplace_add(node):
+            a = node.args[0] if node.args else None
+            b = node.args[1] if len(node.args) > 1 else None
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node) and an.is_branch_of(a, b):
+                unconverted.append(Unconverted(node.name, innermost_module(node), "in-place residual add (x += f(x)) is not converted"))
+            continue
+        if not is_add(node):
+            continue
+        site = _find_site(an, node)
+        if site is None:
+            continue
+        _extend_parallel(an, site)
+        claimed.update(site.adds)
+        sites.append(site)
+
+    # A stream feeding two sites would fork the chain: leave both sites out, named.
+    by_stream: dict[fx.Node, list[Site]] = {}
+    for s in sites:
+        by_stream.setdefault(s.stream, []).append(s)
+    forked = [s for group in by_stream.values() if len(group) > 1 for s in group]
+    for s in forked:
+        unconverted.append(Unconverted(s.out.name, innermost_module(s.out), "its stream feeds more than one residual add"))
+    sites = [s for s in sites if s not in forked]
+    stream_of = {s.stream: s for s in sites}
+
+    # Link sites into chains.
+    nxt: dict[int, tuple[Site, list[fx.Node]]] = {}
+    has_prev: set[int] = set()
+    for s in sites:
+        follower, path = _follow_link(s.out, stream_of)
+        if follower is not None and follower is not s:
+            nxt[id(s)] = (follower, path)
+            has_prev.add(id(follower))
+    chains: list[Chain] = []
+    for s in sorted(sites, key=lambda s: order[s.out]):
+        if id(s) in has_prev:
+            continue
+        chain = Chain(sites=[s])
+        while id(chain.sites[-1]) in nxt:
+            follower, path = nxt[id(chain.sites[-1])]
+            chain.links.append(path)
+            chain.sites.append(follower)
+        chain.links.append([])
+        chains.append(chain)
+
+    # Owners, names, kinds.
+    used: dict[str, set[str]] = {}
+    for chain in chains:
+        for k, site in enumerate(chain.sites):
+            site.index = k
+            site.owner = innermost_module(site.out)
+            site.kind = _classify(an, site, chain.links[k])
+            name = _name_site(site, an)
+            taken = used.setdefault(site.owner, set())
+            base, i = name, 1
+            while name in taken:
+                name, i = f"{base}{i}", i + 1
+            taken.add(name)
+            site.name = name
+    return Detection(chains=chains, unconverted=unconverted)
