@@ -1,1 +1,42 @@
-"""mhc-compile: a torch.compile backend that rewrites residual streams into n-stream mHC."""
+"""mhc-compile: a torch.compile backend that rewrites residual streams into n-stream mHC.
+
+    import torch
+    model = ...                                   # any transformer, unmodified
+    mhc_compile.prepare(model, example_batch)     # optional: create the mHC parameters now
+    opt = torch.optim.AdamW(model.parameters())
+    step = torch.compile(model, backend="mhc", options={"n": 4})
+
+The backend is registered under the name "mhc" through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="mhc")`` works without importing this package first.
+"""
+
+from __future__ import annotations
+
+from mhc_compile.api import prepare
+from mhc_compile.backend import REPORTS, MHCConversionError, mhc_backend
+from mhc_compile.config import MHCConfig
+from mhc_compile.runtime.params import MHCSite, MissingMHCParametersError, mhc_parameters
+
+__all__ = [
+    "MHCConfig",
+    "MHCConversionError",
+    "MHCSite",
+    "MissingMHCParametersError",
+    "REPORTS",
+    "mhc_backend",
+    "mhc_parameters",
+    "prepare",
+]
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    # Importing the package directly (no entry-point lookup yet) must register the name too.
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "mhc" not in _BACKENDS or _BACKENDS["mhc"] is None:
+        register_backend(mhc_backend, name="mhc")
+
+
+_register()

@@ -203,3 +203,13 @@ def post_res_backward(
     dh_res = torch.einsum("tic,tjc->tij", g, _acc(x))
     dh_post = torch.einsum("tic,tc->ti", g, _acc(y))
     return dx.to(x.dtype), dh_res, dh_post, dy.to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# post_res (layer l) then proj (layer l+1): the pair the cross-layer fused kernel replaces
+# ---------------------------------------------------------------------------------------------
+def post_res_proj(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(X', p_next, sq_next): X' = post_res(...) in the stream dtype, and proj of that rounded X'."""
+    out = post_res(x, h_res, h_post, y)
+    p, sq = proj(out, phi_next)
+    return out, p, sq

@@ -1,0 +1,66 @@
+"""Every private torch internal mhc-compile leans on, in one place, each with a test.
+
+A torch upgrade that moves one of these breaks loudly here (tests/test_compat.py) instead of deep
+inside a pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def dynamo_frame_locals() -> dict[str, Any] | None:
+    """The locals of the frame Dynamo is compiling, when called from inside a backend.
+
+    Dynamo hands a backend only the graph and the example tensors; the user's module objects (where
+    the mHC parameters must live) are reachable from the frame being compiled.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return None
+    return getattr(tx, "f_locals", None)
+
+
+def resolve_module(qualified: str, f_locals: dict[str, Any]) -> tuple[nn.Module, str] | None:
+    """Split an nn_module_stack path "L['self'].h.0" into (the local module, "h.0")."""
+    if not qualified.startswith("L['"):
+        return None
+    close = qualified.index("']")
+    local = f_locals.get(qualified[3:close])
+    if not isinstance(local, nn.Module):
+        return None
+    rest = qualified[close + 2 :].lstrip(".")
+    return local, rest.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def inductor_compile_fx() -> Callable:
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx
+
+
+def lookup_backend(name: str) -> Callable:
+    from torch._dynamo.backends.registry import lookup_backend as _lookup
+
+    return _lookup(name)
+
+
+def checkpoint_policy():
+    """``CheckpointPolicy``: tags the min-cut partitioner honours in ``node.meta["recompute"]``."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy
+
+
+def meta_fields_copied_to_aot() -> list[str]:
+    """The FX node meta keys that survive AOTAutograd's retrace (so a Dynamo-level tag reaches the
+    joint graph)."""
+    import torch.fx.proxy as proxy
+
+    return list(getattr(proxy, "_COPY_META_FIELDS", []))

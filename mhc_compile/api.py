@@ -1,0 +1,32 @@
+"""User-facing entry points besides the backend itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mhc_compile.config import MHCConfig
+
+
+def prepare(model: nn.Module, *example_inputs: Any, **options: Any) -> nn.Module:
+    """Create the mHC parameters of ``model`` now, before an optimizer is built.
+
+    Traces ``model(*example_inputs)`` with Dynamo exactly as ``torch.compile(model, backend="mhc")``
+    will, runs the detection, and registers one ``MHCSite`` (phi, bias, alpha) on the module that owns
+    each residual add. Nothing is compiled and the model's forward is unchanged. Calling it again with
+    the same options is a no-op; with another n or mode it raises. Returns ``model``.
+    """
+    from mhc_compile.backend import compile_graph
+
+    config = MHCConfig.from_options(options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mhc_compile.prepare expects an nn.Module, got {type(model).__name__}")
+
+    def plan_backend(gm, inputs, **_):
+        return compile_graph(gm, list(inputs), config, plan_only=True, lazily=False)
+
+    with torch.no_grad():
+        torch.compile(model, backend=plan_backend, dynamic=False)(*example_inputs)
+    return model

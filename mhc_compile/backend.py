@@ -1,0 +1,238 @@
+"""The ``mhc`` torch.compile backend: detect -> rewrite -> recompute tags -> inner compiler.
+
+    torch.compile(model, backend="mhc", options={"n": 4})
+
+Each Dynamo graph is copied (Dynamo's own graph object is never touched), its residual chains are
+rewritten into n-stream mHC with the per-site parameters appended as extra graph inputs, and the result
+goes to Inductor (``compile_fx``) or the configured inner backend. The returned callable appends the
+parameters (the user's own ``nn.Parameter`` objects, so optimizer updates and ``load_state_dict`` are
+seen) after Dynamo's arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from mhc_compile import _compat
+from mhc_compile.config import MHCConfig
+from mhc_compile.passes import recompute as recompute_pass
+from mhc_compile.passes import schedule as schedule_pass
+from mhc_compile.passes.detect import Detection, detect, module_stack
+from mhc_compile.passes.rewrite import SiteParams, rewrite
+from mhc_compile.runtime import ops as _ops  # noqa: F401  (registers torch.ops.mhc_compile.*)
+from mhc_compile.runtime.params import ModelRecord, get_or_create_site, record_for
+
+log = logging.getLogger("mhc_compile")
+
+
+class MHCConversionError(RuntimeError):
+    """A graph the pass cannot convert safely (raised under ``strict=True``, warned otherwise)."""
+
+
+@dataclass
+class GraphReport:
+    """What the backend did to one compiled graph (collected for ``explain`` and tests)."""
+
+    graph_index: int
+    detection: Detection
+    sites: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    impl: str = "reference"
+    recompute_blocks: list[list[str]] = field(default_factory=list)
+    before: str = ""
+    after: str = ""
+    gm: fx.GraphModule | None = None
+
+
+# Reports of the graphs compiled so far, newest last; ``explain`` and tests read them.
+REPORTS: list[GraphReport] = []
+
+
+def mhc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None,
+                mode: str | None = None) -> Callable:
+    """Entry point registered as ``backend="mhc"`` (``torch_dynamo_backends`` entry point)."""
+    config = MHCConfig.from_options(options)
+    return compile_graph(gm, list(example_inputs), config, inductor_mode=mode)
+
+
+def _choose_impl(config: MHCConfig, example_inputs: Sequence[Any]) -> str:
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    if config.kernels == "reference":
+        return "reference"
+    if config.kernels == "triton":
+        return "triton"
+    return "triton" if on_cuda and _triton_available() else "reference"
+
+
+def _triton_available() -> bool:
+    try:
+        import mhc_compile.kernels.triton_ops  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+    return True
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _resolve_root(detection: Detection) -> nn.Module:
+    """The user's module that owns the residual adds, from the frame Dynamo is compiling."""
+    f_locals = _compat.dynamo_frame_locals()
+    if f_locals is None:
+        raise MHCConversionError(
+            "mhc: cannot reach the model's modules from this compile (the backend was not called by "
+            "Dynamo); call mhc_compile.prepare(model, *example_inputs) first"
+        )
+    roots = []
+    for site in detection.sites:
+        stack = site.out.meta.get("nn_module_stack") or {}
+        raw = next(iter(stack.values()))[0] if stack else None
+        resolved = _compat.resolve_module(raw, f_locals) if raw else None
+        if resolved is None:
+            # An add in the compiled function itself: the module is the frame's `self`.
+            candidate = f_locals.get("self")
+            if not isinstance(candidate, nn.Module):
+                raise MHCConversionError(
+                    f"mhc: residual add {site.out.name!r} is not inside an nn.Module; the mHC parameters need a "
+                    "module to live on. Compile the model (an nn.Module), not a free function."
+                )
+            roots.append(candidate)
+        else:
+            roots.append(resolved[0])
+    root = roots[0]
+    if any(r is not root for r in roots):
+        raise MHCConversionError("mhc: residual adds of one graph belong to different root modules")
+    return root
+
+
+def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCConfig) -> list[str]:
+    """A chain that starts at a graph input or ends at a graph output was cut by a graph break."""
+    outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
+    messages = []
+    for chain in detection.chains:
+        head, tail = chain.head, chain.sites[-1]
+        where = []
+        if head.op == "placeholder":
+            where.append(f"it starts at graph input {head.name!r} (before {chain.sites[0].path})")
+        if tail.out in outputs or any(n in outputs for n in chain.links[-1]):
+            where.append(f"it ends at a graph output (after {tail.path})")
+        if where:
+            messages.append(
+                "mhc: graph break inside the residual stack: " + " and ".join(where) + ". The n streams are "
+                "collapsed (mean) at the break and re-expanded after it, so mixing across the break is lost; "
+                "remove the graph break (TORCH_LOGS=graph_breaks names it) to keep the streams."
+            )
+    for msg in messages:
+        if config.strict:
+            raise MHCConversionError(msg + " (strict=True)")
+        warnings.warn(msg, stacklevel=2)
+    return messages
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *,
+                  inductor_mode: str | None = None, plan_only: bool = False, lazily: bool = True) -> Callable:
+    index = len(REPORTS)
+    work = _copy_graph_module(gm)
+    detection = detect(work)
+    report = GraphReport(graph_index=index, detection=detection, before=gm.print_readable(print_output=False))
+    REPORTS.append(report)
+    for item in detection.unconverted:
+        msg = f"mhc: not converted: {item.node} in {item.module or '<root>'}: {item.reason}"
+        report.warnings.append(msg)
+        if config.strict:
+            raise MHCConversionError(msg + " (strict=True)")
+        warnings.warn(msg, stacklevel=2)
+
+    if not detection.sites:
+        log.info("mhc: graph %d has no residual adds; compiled unchanged", index)
+        return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
+
+    root = _resolve_root(detection)
+    record = record_for(root)
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    params: dict[str, SiteParams] = {}
+    for site in detection.sites:
+        report.sites.append(f"{site.path} ({site.kind}, C={site.width})")
+    if config.mode == "residual":
+        log.info("mhc: mode=residual, %d residual site(s) found in graph %d and left as they are",
+                 len(detection.sites), index)
+        return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
+
+    report.warnings.extend(_check_graph_breaks(detection, work, config))
+    owner_prefix = _owner_prefix(detection, root)
+    for site in detection.sites:
+        owner = owner_prefix(site)
+        module, created = get_or_create_site(
+            root, owner, site.name, n=config.n, mode=config.mode, width=site.width, index=site.index,
+            alpha_init=config.alpha_init, device=device, lazily=lazily,
+        )
+        site.owner = owner
+        if created:
+            report.created.append(site.path)
+        params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
+    record = record_for(root)
+    record.strict = record.strict or config.strict
+    if report.created and lazily:
+        n_params = 3 * len(report.created)
+        msg = (
+            f"mhc: created {n_params} mHC parameters for {len(report.created)} residual site(s) of "
+            f"{type(root).__name__} at its first compile (e.g. {report.created[0]}). An optimizer built before "
+            "this call does not hold them: call mhc_compile.prepare(model, *example_inputs) before building it."
+        )
+        warnings.warn(msg, stacklevel=2)
+    if plan_only:
+        return gm.forward
+
+    impl = _choose_impl(config, example_inputs)
+    report.impl = impl
+    result = rewrite(work, detection, config, impl, params)
+    report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
+    schedule_pass.apply(result.gm, config)
+    report.after = result.gm.print_readable(print_output=False)
+    report.gm = result.gm
+    if config.verbose:
+        print(f"[mhc] graph {index}: {len(detection.sites)} site(s) in {len(detection.chains)} chain(s), "
+              f"n={config.n}, mode={config.mode}, kernels={impl}")
+    log.info("mhc: graph %d rewritten: %s", index, ", ".join(report.sites))
+    extra = result.extra_inputs
+    compiled = _inner_compile(result.gm, example_inputs + extra, config, inductor_mode)
+
+    def run(*args):
+        return compiled(*args, *extra)
+
+    return run
+
+
+def _owner_prefix(detection: Detection, root: nn.Module):
+    """Map each site to its owner's path relative to ``root`` (Dynamo names it from the frame local)."""
+
+    def owner(site) -> str:
+        stack = module_stack(site.out)
+        return stack[-1] if stack else ""
+
+    return owner
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, mode: str | None) -> Callable:
+    if config.inner_backend == "eager":
+        return gm.forward
+    if config.inner_backend == "aot_eager":
+        return _compat.lookup_backend("aot_eager")(gm, example_inputs)
+    patches = dict(config.inductor_options)
+    if mode and mode != "default":
+        import torch._inductor
+
+        patches = {**torch._inductor.list_mode_options(mode), **patches}
+    return _compat.inductor_compile_fx()(gm, example_inputs, config_patches=patches or None)

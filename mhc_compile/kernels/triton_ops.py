@@ -1,0 +1,775 @@
+"""Triton kernels of the mHC ops, one function per op of ``kernels/reference.py`` with the same signature.
+
+All streams are contiguous and token-major: x [T, n, C], y [T, C], coefficients [T, n] / [T, n, n] fp32.
+Conventions shared by every kernel:
+
+* ``T`` (tokens) is a runtime argument and is excluded from Triton's value specialisation
+  (``do_not_specialize``), so a new batch or sequence length reuses the compiled kernel. ``n`` is a
+  constexpr (loops over streams unroll), ``C`` a runtime argument (Triton still specialises it on
+  divisibility by 16, which is what lets loads along C vectorise).
+* The stream stays in its dtype (bf16 / fp16 / fp32, fp64 for tests); everything is accumulated in fp32
+  (fp64 when the stream is fp64), matching ``reference.acc_dtype``.
+* Stream offsets are computed in int64: T * n * C exceeds 2^31 at long contexts.
+* Reductions over T (dphi, dbias, dalpha) and split-K reductions write per-program partials that are then
+  summed with ``torch.sum``: deterministic, no atomics.
+* The projections use ``tl.dot``. A bf16/fp16 stream is widened to fp32 and multiplied in tf32, which is
+  exact for the stream values (their mantissas fit in tf32) and rounds phi (and dp in the backward) to
+  10 mantissa bits, a relative error of about 2^-11 per product, summed over n*C terms. fp32 / fp64
+  streams use exact ("ieee") products.
+
+Kernels are launched directly (``kernel[grid](...)``) rather than through ``torch.library.triton_op``,
+so the same code runs under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests exercise it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mhc_compile.kernels import reference as ref
+
+_STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_MODES = {"mhc": 0, "hc": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# launch helpers and configuration
+# ---------------------------------------------------------------------------------------------
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _check_stream(op: str, *tensors: Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in _STREAM_DTYPES:
+            raise TypeError(
+                f"mhc triton {op}: unsupported dtype {t.dtype}; expected one of "
+                f"{', '.join(str(d) for d in _STREAM_DTYPES)}"
+            )
+
+
+def _acc_torch(*dtypes: torch.dtype) -> torch.dtype:
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, ref.acc_dtype(d))
+    return out
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(stream_dtype: torch.dtype) -> str:
+    """tf32 tensor cores for half-precision streams (exact on their values), exact products otherwise."""
+    return "tf32" if stream_dtype in (torch.bfloat16, torch.float16) else "ieee"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: keep grids tiny
+
+
+@dataclass(frozen=True)
+class StreamCfg:
+    """Tile of the elementwise / per-token-reduction kernels: BT tokens x NP streams x BC channels."""
+
+    budget: int = 4096  # elements of one [BT, NP, BC] tile; bounds registers per program
+    max_bc: int = 1024
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
+class DotCfg:
+    """Tile of the tensor-core kernels (proj, its backward, the fused post_res + proj)."""
+
+    bt: int = 64
+    bk: int = 128  # proj: K (= n*C) per step; fused: channels per step are bk // NP
+    bm: int = 64  # max columns of p per program
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: int = 4  # aim for this many programs per SM by splitting the long reduction
+
+
+_DEFAULTS = {
+    "pre": StreamCfg(),
+    "pre_backward": StreamCfg(),
+    "post_res": StreamCfg(),
+    "post_res_backward": StreamCfg(),
+    "proj": DotCfg(),
+    "proj_backward": DotCfg(bt=32, bk=128),
+    "post_res_proj": DotCfg(bt=32, bk=256),
+    "coeffs": StreamCfg(budget=1024),
+}
+_OVERRIDES: dict[str, object] = {}
+
+
+def _cfg(kernel: str):
+    return _OVERRIDES.get(kernel, _DEFAULTS[kernel])
+
+
+@contextlib.contextmanager
+def tuning(kernel: str, **fields):
+    """Temporarily change one kernel's tile configuration (benchmark sweeps); not thread-safe."""
+    old = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = replace(_DEFAULTS[kernel], **fields)
+    try:
+        yield
+    finally:
+        if old is None:
+            _OVERRIDES.pop(kernel, None)
+        else:
+            _OVERRIDES[kernel] = old
+
+
+def _stream_tile(kernel: str, t: int, c: int, np_: int) -> tuple[int, int, int]:
+    """(BT, BC, num_warps): wide along C for vector loads, extra tokens only when C is small."""
+    cfg = _cfg(kernel)
+    bc = min(_pow2(c), cfg.max_bc, max(16, cfg.budget // np_))
+    bt = max(1, min(_pow2(t), cfg.budget // (np_ * bc)))
+    return bt, bc, cfg.num_warps
+
+
+def _splits(cfg: DotCfg, device: torch.device, programs: int, steps: int, min_steps: int = 4) -> int:
+    """How many ways to split a reduction of ``steps`` tiles so the grid fills ``cfg.waves`` per SM."""
+    want = triton.cdiv(cfg.waves * _num_sms(device), max(programs, 1))
+    return max(1, min(want, steps // min_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# small device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _tanh(v):
+    """tanh without libdevice (not available in the interpreter).
+
+    exp form for |v| >= 1/4 (cancellation costs at most ~2 ulp there), odd Taylor series through v^15 below
+    (truncation < 2e-13 relative: exact in fp32, close enough in the fp64 tests).
+    """
+    a = tl.abs(v)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    v2 = v * v
+    small = 21844.0 / 6081075 + v2 * (-929569.0 / 638512875)
+    small = 62.0 / 2835 + v2 * (-1382.0 / 155925 + v2 * small)
+    small = 1.0 + v2 * (-1.0 / 3 + v2 * (2.0 / 15 + v2 * (-17.0 / 315 + v2 * small)))
+    return tl.where(a >= 0.25, tl.where(v < 0, -big, big), v * small)
+
+
+@triton.jit
+def _normalise(m, valid, AXIS: tl.constexpr):
+    """One Sinkhorn half-step: divide by the sums along AXIS (1 = columns, 2 = rows of [BT, i, j])."""
+    s = tl.sum(m, axis=AXIS, keep_dims=True)
+    s = tl.where(valid, s, 1.0)  # padded rows / columns sum to 0
+    return m / s, s
+
+
+# ---------------------------------------------------------------------------------------------
+# pre: x_in = sum_i h_pre[i] x[i]
+# ---------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T"])
+def _pre_fwd_kernel(x_ptr, h_ptr, out_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                    ACC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask = rows < T
+    mask = rmask[:, None] & (cols[None, :] < C)
+    r64 = rows.to(tl.int64)
+    acc = tl.zeros([BT, BC], dtype=ACC)
+    for i in tl.static_range(N):
+        h = tl.load(h_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC)
+        xi = tl.load(x_ptr + (r64 * N + i)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        acc += h[:, None] * xi.to(ACC)
+    tl.store(out_ptr + r64[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, NP: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """One program owns BT tokens and walks all of C, so dh = <x[i], dout> needs no cross-program sum."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    ii = tl.arange(0, NP)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    mi = rmask[:, None] & (ii[None, :] < N)
+    h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    stream = (r64[:, None] * N + ii[None, :])[:, :, None] * C  # [BT, NP, 1] row starts of x[t, i]
+    dh = tl.zeros([BT, NP], dtype=ACC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cmask = cols < C
+        g = tl.load(g_ptr + r64[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        g = g.to(ACC)
+        m3 = mi[:, :, None] & cmask[None, None, :]
+        off = stream + cols[None, None, :]
+        x = tl.load(x_ptr + off, mask=m3, other=0.0).to(ACC)
+        tl.store(dx_ptr + off, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
+        dh += tl.sum(x * g[:, None, :], axis=2)
+    tl.store(dh_ptr + r64[:, None] * N + ii[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mi)
+
+
+def pre(x: Tensor, h_pre: Tensor) -> Tensor:
+    _check_stream("pre", x)
+    t, n, c = x.shape
+    x, h_pre = x.contiguous(), h_pre.contiguous()
+    out = torch.empty((t, c), dtype=x.dtype, device=x.device)
+    if t == 0 or c == 0:
+        return out
+    bt, bc, warps = _stream_tile("pre", t, c, 1)
+    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc))
+    _pre_fwd_kernel[grid](x, h_pre, out, t, c, N=n, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), num_warps=warps)
+    return out
+
+
+def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
+    _check_stream("pre_backward", x, dout)
+    t, n, c = x.shape
+    x, h_pre, dout = x.contiguous(), h_pre.contiguous(), dout.contiguous()
+    acc = _acc_torch(x.dtype, dout.dtype)
+    dx = torch.empty_like(x)
+    dh = torch.zeros((t, n), dtype=acc, device=x.device)
+    if t == 0 or c == 0:
+        return dx, dh
+    np_ = _pow2(n)
+    bt, bc, warps = _stream_tile("pre_backward", t, c, np_)
+    _pre_bwd_kernel[(triton.cdiv(t, bt),)](
+        x, h_pre, dout, dx, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), num_warps=warps
+    )
+    return dx, dh
+
+
+# ---------------------------------------------------------------------------------------------
+# post_res: X'[i] = sum_j h_res[i, j] X[j] + h_post[i] y
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N: tl.constexpr, NP: tl.constexpr,
+              ACC: tl.constexpr):
+    """[BT, NP, BC] tile of H_res X + H_post^T y, each x[t, j] chunk loaded once (fp32 accumulation)."""
+    ii = tl.arange(0, NP)
+    acc = hp[:, :, None] * y[:, None, :]
+    for j in tl.static_range(N):
+        hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0).to(ACC)
+        xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        acc += hcol[:, :, None] * xj[:, None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])
+def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl.constexpr,
+                         NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    ii = tl.arange(0, NP)
+    rmask = rows < T
+    cmask = cols < C
+    r64 = rows.to(tl.int64)
+    mi = rmask[:, None] & (ii[None, :] < N)
+    m2 = rmask[:, None] & cmask[None, :]
+    hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+    out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC)
+    off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
+    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mi[:, :, None] & cmask[None, None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
+                         T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         ACC: tl.constexpr):
+    """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    ii = tl.arange(0, NP)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    mi = rmask[:, None] & (ii[None, :] < N)
+    hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    stream = (r64[:, None] * N + ii[None, :])[:, :, None] * C
+    jsel = tl.arange(0, NP)[None, None, :]
+    dh_res = tl.zeros([BT, NP, NP], dtype=ACC)
+    dh_post = tl.zeros([BT, NP], dtype=ACC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cmask = cols < C
+        m2 = rmask[:, None] & cmask[None, :]
+        m3 = mi[:, :, None] & cmask[None, None, :]
+        g = tl.load(g_ptr + stream + cols[None, None, :], mask=m3, other=0.0).to(ACC)  # dout[t, i, c]
+        y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        dy = tl.sum(hp[:, :, None] * g, axis=1)
+        tl.store(dy_ptr + r64[:, None] * C + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m2)
+        dh_post += tl.sum(g * y[:, None, :], axis=2)
+        for j in tl.static_range(N):
+            hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0)
+            xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+            dxj = tl.sum(hcol.to(ACC)[:, :, None] * g, axis=1)
+            tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
+                     mask=m2)
+            # column j of dh_res; the select keeps the accumulator one register tile
+            dh_res += tl.where(jsel == j, tl.sum(g * xj[:, None, :], axis=2)[:, :, None], 0.0)
+    jj = tl.arange(0, NP)
+    m_res = mi[:, :, None] & (jj[None, None, :] < N)
+    off_res = r64[:, None, None] * (N * N) + ii[None, :, None] * N + jj[None, None, :]
+    tl.store(dhres_ptr + off_res, dh_res.to(dhres_ptr.dtype.element_ty), mask=m_res)
+    tl.store(dhpost_ptr + r64[:, None] * N + ii[None, :], dh_post.to(dhpost_ptr.dtype.element_ty), mask=mi)
+
+
+def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
+    _check_stream("post_res", x, y)
+    t, n, c = x.shape
+    x, h_res, h_post, y = x.contiguous(), h_res.contiguous(), h_post.contiguous(), y.contiguous()
+    out = torch.empty_like(x)
+    if t == 0 or c == 0:
+        return out
+    np_ = _pow2(n)
+    bt, bc, warps = _stream_tile("post_res", t, c, np_)
+    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc))
+    _post_res_fwd_kernel[grid](
+        x, h_res, h_post, y, out, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), num_warps=warps
+    )
+    return out
+
+
+def post_res_backward(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_stream("post_res_backward", x, y, dout)
+    t, n, c = x.shape
+    x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
+    y, dout = y.contiguous(), dout.contiguous()
+    acc = _acc_torch(x.dtype, dout.dtype)
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    dh_res = torch.zeros((t, n, n), dtype=acc, device=x.device)
+    dh_post = torch.zeros((t, n), dtype=acc, device=x.device)
+    if t == 0 or c == 0:
+        return dx.zero_(), dh_res, dh_post, dy.zero_()
+    np_ = _pow2(n)
+    bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
+    _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
+        x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy, t, c,
+        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), num_warps=warps,
+    )
+    return dx, dh_res, dh_post, dy
+
+
+# ---------------------------------------------------------------------------------------------
+# proj: p = vec(x) @ phi, sq = |vec(x)|^2, one pass over x on tensor cores
+# ---------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T"])
+def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
+                     BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
+
+    Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
+    """
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < T
+    cmask = cols < M
+    r64 = rows.to(tl.int64)
+    k_lo = split * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    acc = tl.zeros([BT, BM], dtype=ACC)
+    sq = tl.zeros([BT], dtype=ACC)
+    for k0 in range(k_lo, k_hi, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < k_hi
+        xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        xt = xt.to(ACC)
+        ph = tl.load(phi_ptr + ks[:, None].to(tl.int64) * M + cols[None, :], mask=kmask[:, None] & cmask[None, :],
+                     other=0.0).to(ACC)
+        acc = tl.dot(xt, ph, acc, input_precision=PREC)
+        sq += tl.sum(xt * xt, axis=1)
+    base = split.to(tl.int64) * T
+    tl.store(p_ptr + (base + r64)[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+    # (a tensor-valued test: the interpreter rejects a scalar bool in a mask)
+    tl.store(sq_ptr + base + r64, sq, mask=rmask & ((rows * 0 + pid_m) == 0))
+
+
+@triton.jit(do_not_specialize=["T"])
+def _proj_bwd_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, dx_ptr, dphi_ptr, T, K, M, T_SPLIT, BT: tl.constexpr,
+                     BK: tl.constexpr, MP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program (K block, token split): dx for its [tokens, BK] slab and a [BK, M] partial of dphi.
+
+    dx = dp @ phi^T + 2 dsq x and dphi = x^T dp both need the same x tile, so one pass serves both;
+    the phi slab stays in registers for the whole token range.
+    """
+    split = tl.program_id(1)
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    ms = tl.arange(0, MP)
+    kmask = ks < K
+    mmask = ms < M
+    ks64 = ks.to(tl.int64)
+    phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(ACC)  # [MP, BK]
+    dphi = tl.zeros([BK, MP], dtype=ACC)
+    t_lo = split * T_SPLIT
+    t_hi = tl.minimum(t_lo + T_SPLIT, T)
+    for t0 in range(t_lo, t_hi, BT):
+        rows = t0 + tl.arange(0, BT)
+        rmask = rows < t_hi
+        r64 = rows.to(tl.int64)
+        m2 = rmask[:, None] & kmask[None, :]
+        xt = tl.load(x_ptr + r64[:, None] * K + ks64[None, :], mask=m2, other=0.0).to(ACC)
+        dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
+                     other=0.0).to(ACC)
+        dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
+        dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt
+        tl.store(dx_ptr + r64[:, None] * K + ks64[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
+        dphi = tl.dot(tl.trans(xt), dp, dphi, input_precision=PREC)
+    out = split.to(tl.int64) * K + ks64
+    tl.store(dphi_ptr + out[:, None] * M + ms[None, :], dphi, mask=kmask[:, None] & mmask[None, :])
+
+
+def _dot_block_m(m: int, cfg: DotCfg) -> int:
+    return min(max(16, _pow2(m)), max(16, cfg.bm))
+
+
+def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+    _check_stream("proj", x, phi)
+    t, n, c = x.shape
+    k, m = phi.shape
+    if k != n * c:
+        raise ValueError(f"mhc triton proj: phi has {k} rows, expected n*C = {n * c}")
+    x, phi = x.contiguous(), phi.contiguous()
+    acc = _acc_torch(x.dtype, phi.dtype)
+    if t == 0 or k == 0:
+        return torch.zeros((t, m), dtype=acc, device=x.device), torch.zeros((t,), dtype=acc, device=x.device)
+    cfg = _cfg("proj")
+    bm = _dot_block_m(m, cfg)
+    bt = min(cfg.bt, max(16, _pow2(t)))  # tl.dot needs >= 16 rows
+    grid_tm = triton.cdiv(t, bt) * triton.cdiv(m, bm)
+    splits = _splits(cfg, x.device, grid_tm, triton.cdiv(k, cfg.bk))
+    k_split = triton.cdiv(triton.cdiv(k, splits), cfg.bk) * cfg.bk
+    splits = triton.cdiv(k, k_split)
+    p = torch.empty((splits, t, m), dtype=acc, device=x.device)
+    sq = torch.empty((splits, t), dtype=acc, device=x.device)
+    grid = (triton.cdiv(t, bt), triton.cdiv(m, bm), splits)
+    _proj_fwd_kernel[grid](
+        x, phi, p, sq, t, k, m, k_split, BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc),
+        PREC=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits == 1:
+        return p[0], sq[0]
+    return p.sum(0), sq.sum(0)
+
+
+def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tensor, Tensor]:
+    _check_stream("proj_backward", x, phi)
+    t, n, c = x.shape
+    k, m = phi.shape
+    x, phi = x.contiguous(), phi.contiguous()
+    acc = _acc_torch(x.dtype, phi.dtype)
+    dp, dsq = dp.contiguous(), dsq.contiguous()
+    if t == 0 or k == 0:
+        return torch.zeros_like(x), torch.zeros_like(phi)
+    cfg = _cfg("proj_backward")
+    mp = max(16, _pow2(m))
+    bk = max(16, min(cfg.bk, 4096 // mp))  # the phi slab and dphi tile live in registers
+    bt = max(16, min(cfg.bt, _pow2(t)))
+    kblocks = triton.cdiv(k, bk)
+    splits = _splits(cfg, x.device, kblocks, triton.cdiv(t, bt), min_steps=2)
+    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    splits = triton.cdiv(t, t_split)
+    dx = torch.empty_like(x)
+    dphi = torch.empty((splits, k, m), dtype=acc, device=x.device)
+    _proj_bwd_kernel[(kblocks, splits)](
+        x, phi, dp, dsq, dx, dphi, t, k, m, t_split, BT=bt, BK=bk, MP=mp, ACC=_acc_tl(acc),
+        PREC=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dx, dphi.sum(0).to(phi.dtype)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# coeffs: Ht = alpha (.) (p * r) + b ; sigmoid, 2 sigmoid, Sinkhorn (mode "mhc") or identity ("hc")
+# A program owns BT tokens; the n x n matrices live in [BT, NP, NP] register tiles (padding masked).
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _group(p_ptr, offs, mask, r, MODE: tl.constexpr, ACC: tl.constexpr):
+    """(raw projection, u) for one coefficient group: u = p * r, tanh'd in "hc" mode."""
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(ACC)
+    u = p * r
+    if MODE == 1:
+        u = _tanh(u)
+    return p, u
+
+
+@triton.jit
+def _sinkhorn_m0(ht, valid):
+    """exp(L - max L) per token over the valid n x n entries, 0 on the padding."""
+    mx = tl.max(tl.max(tl.where(valid, ht, float("-inf")), axis=2), axis=1)
+    return tl.where(valid, tl.exp(ht - mx[:, None, None]), 0.0)
+
+
+@triton.jit
+def _sinkhorn_iterate(m, valid, iters):
+    for _ in range(iters):
+        m, s = _normalise(m, valid, 1)
+        m, s = _normalise(m, valid, 2)
+    return m
+
+
+@triton.jit
+def _sinkhorn_backward(m0, valid, iters, g):
+    """Exact backward of the unrolled iteration (see reference.sinkhorn_backward).
+
+    Nothing is stored: walking back iteration it re-runs the forward from m0 to it, O(iters^2) half-steps
+    on a few registers per token, which is cheaper than spilling 2*iters iterates to memory.
+    """
+    for k in range(iters):
+        m = _sinkhorn_iterate(m0, valid, iters - 1 - k)
+        mb, sc = _normalise(m, valid, 1)
+        mc, sr = _normalise(mb, valid, 2)
+        g = tl.where(valid, (g - tl.sum(g * mc, axis=2, keep_dims=True)) / sr, 0.0)
+        g = tl.where(valid, (g - tl.sum(g * mb, axis=1, keep_dims=True)) / sc, 0.0)
+    return g * m0
+
+
+@triton.jit
+def _coeff_layout(pid, T, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
+    """Token rows and the offsets / masks of the pre/post [BT, NP] and res [BT, NP, NP] groups in [T, m]."""
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    ii = tl.arange(0, NP)
+    imask = ii < N
+    mi = rmask[:, None] & imask[None, :]
+    valid = (imask[:, None] & imask[None, :])[None, :, :]
+    m3 = rmask[:, None, None] & valid
+    sq_off = ii[:, None] * N + ii[None, :]  # row-major (i, j) inside the res group
+    return rows, rmask, r64, ii, imask, mi, valid, m3, sq_off
+
+
+@triton.jit(do_not_specialize=["T"])
+def _coeffs_fwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, hpre_ptr, hpost_ptr, hres_ptr, T, nc, eps, iters,
+                       N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
+                       ACC: tl.constexpr):
+    M: tl.constexpr = N * N + 2 * N
+    rows, rmask, r64, ii, imask, mi, valid, m3, sq_off = _coeff_layout(tl.program_id(0), T, N, NP, BT)
+    sq = tl.load(sq_ptr + r64, mask=rmask, other=0.0).to(ACC)
+    r = 1.0 / tl.sqrt(sq / nc + eps)
+    prow = p_ptr + r64 * M
+    _, u_pre = _group(prow[:, None], ii[None, :], mi, r[:, None], MODE, ACC)
+    _, u_post = _group(prow[:, None], N + ii[None, :], mi, r[:, None], MODE, ACC)
+    _, u_res = _group(prow[:, None, None], 2 * N + sq_off[None, :, :], m3, r[:, None, None], MODE, ACC)
+    ht_pre = tl.load(a_ptr).to(ACC) * u_pre + tl.load(b_ptr + ii, mask=imask, other=0.0).to(ACC)[None, :]
+    ht_post = tl.load(a_ptr + 1).to(ACC) * u_post + tl.load(b_ptr + N + ii, mask=imask, other=0.0).to(ACC)[None, :]
+    b_res = tl.load(b_ptr + 2 * N + sq_off[None, :, :], mask=valid, other=0.0).to(ACC)
+    ht_res = tl.load(a_ptr + 2).to(ACC) * u_res + b_res
+    if MODE == 0:
+        h_pre = _sigmoid(ht_pre)
+        h_post = 2.0 * _sigmoid(ht_post)
+        h_res = _sinkhorn_iterate(_sinkhorn_m0(ht_res, valid), valid, iters)
+    else:
+        h_pre = ht_pre
+        h_post = ht_post
+        h_res = ht_res
+    tl.store(hpre_ptr + r64[:, None] * N + ii[None, :], h_pre, mask=mi)
+    tl.store(hpost_ptr + r64[:, None] * N + ii[None, :], h_post, mask=mi)
+    tl.store(hres_ptr + r64[:, None, None] * (N * N) + sq_off[None, :, :], h_res, mask=m3)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _coeffs_bwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, gpre_ptr, gpost_ptr, gres_ptr, dp_ptr, dsq_ptr,
+                       dbias_ptr, dalpha_ptr, T, nc, eps, iters, N: tl.constexpr, NP: tl.constexpr,
+                       BT: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
+    """Recomputes the forward, then dp, dsq per token and this block's partial sums of dbias, dalpha.
+
+    Rows past T load zero gradients, so they add nothing to the partial sums.
+    """
+    M: tl.constexpr = N * N + 2 * N
+    pid = tl.program_id(0)
+    rows, rmask, r64, ii, imask, mi, valid, m3, sq_off = _coeff_layout(pid, T, N, NP, BT)
+    sq = tl.load(sq_ptr + r64, mask=rmask, other=0.0).to(ACC)
+    r = 1.0 / tl.sqrt(sq / nc + eps)
+    prow = p_ptr + r64 * M
+    p_pre, u_pre = _group(prow[:, None], ii[None, :], mi, r[:, None], MODE, ACC)
+    p_post, u_post = _group(prow[:, None], N + ii[None, :], mi, r[:, None], MODE, ACC)
+    p_res, u_res = _group(prow[:, None, None], 2 * N + sq_off[None, :, :], m3, r[:, None, None], MODE, ACC)
+    a_pre = tl.load(a_ptr).to(ACC)
+    a_post = tl.load(a_ptr + 1).to(ACC)
+    a_res = tl.load(a_ptr + 2).to(ACC)
+    g_pre = tl.load(gpre_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    g_post = tl.load(gpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    g_res = tl.load(gres_ptr + r64[:, None, None] * (N * N) + sq_off[None, :, :], mask=m3, other=0.0).to(ACC)
+    if MODE == 0:
+        s_pre = _sigmoid(a_pre * u_pre + tl.load(b_ptr + ii, mask=imask, other=0.0).to(ACC)[None, :])
+        s_post = _sigmoid(a_post * u_post + tl.load(b_ptr + N + ii, mask=imask, other=0.0).to(ACC)[None, :])
+        b_res = tl.load(b_ptr + 2 * N + sq_off[None, :, :], mask=valid, other=0.0).to(ACC)
+        m0 = _sinkhorn_m0(a_res * u_res + b_res, valid)
+        d_pre = g_pre * s_pre * (1.0 - s_pre)
+        d_post = 2.0 * g_post * s_post * (1.0 - s_post)
+        d_res = _sinkhorn_backward(m0, valid, iters, g_res)
+    else:
+        d_pre = g_pre
+        d_post = g_post
+        d_res = g_res
+    # per-block partials of the reductions over tokens; summed on the host side in a fixed order
+    part = dbias_ptr + pid.to(tl.int64) * M
+    tl.store(part + ii, tl.sum(d_pre, axis=0), mask=imask)
+    tl.store(part + N + ii, tl.sum(d_post, axis=0), mask=imask)
+    tl.store(part + 2 * N + sq_off, tl.sum(d_res, axis=0), mask=valid.reshape(NP, NP))
+    apart = dalpha_ptr + pid.to(tl.int64) * 3
+    tl.store(apart, tl.sum(tl.sum(d_pre * u_pre, axis=1), axis=0))
+    tl.store(apart + 1, tl.sum(tl.sum(d_post * u_post, axis=1), axis=0))
+    tl.store(apart + 2, tl.sum(tl.sum(tl.sum(d_res * u_res, axis=2), axis=1), axis=0))
+    dz_pre = d_pre * a_pre
+    dz_post = d_post * a_post
+    dz_res = d_res * a_res
+    if MODE == 1:
+        dz_pre = dz_pre * (1.0 - u_pre * u_pre)
+        dz_post = dz_post * (1.0 - u_post * u_post)
+        dz_res = dz_res * (1.0 - u_res * u_res)
+    tl.store(dp_ptr + r64[:, None] * M + ii[None, :], dz_pre * r[:, None], mask=mi)
+    tl.store(dp_ptr + r64[:, None] * M + N + ii[None, :], dz_post * r[:, None], mask=mi)
+    tl.store(dp_ptr + r64[:, None, None] * M + 2 * N + sq_off[None, :, :], dz_res * r[:, None, None], mask=m3)
+    dr = tl.sum(dz_pre * p_pre, axis=1) + tl.sum(dz_post * p_post, axis=1)
+    dr += tl.sum(tl.sum(dz_res * p_res, axis=2), axis=1)
+    tl.store(dsq_ptr + r64, dr * (-0.5) / nc * r * r * r, mask=rmask)
+
+
+def _coeffs_launch_args(p: Tensor, n: int, mode: str):
+    if mode not in _MODES:
+        raise ValueError(f"mhc coeffs: unknown mode {mode!r}")
+    _check_stream("coeffs", p)
+    t, m = p.shape
+    if m != ref.num_coeffs(n):
+        raise ValueError(f"mhc triton coeffs: p has {m} columns, expected n*n + 2n = {ref.num_coeffs(n)}")
+    np_ = _pow2(n)
+    bt = max(1, min(_pow2(t), _cfg("coeffs").budget // (np_ * np_)))
+    return t, m, np_, bt
+
+
+def coeffs(
+    p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor, n: int, nc: int, eps: float, iters: int, mode: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    t, m, np_, bt = _coeffs_launch_args(p, n, mode)
+    acc = _acc_torch(p.dtype, sq.dtype, bias.dtype, alpha.dtype)
+    p, sq, bias, alpha = p.contiguous(), sq.contiguous(), bias.contiguous(), alpha.contiguous()
+    h_pre = torch.empty((t, n), dtype=acc, device=p.device)
+    h_post = torch.empty((t, n), dtype=acc, device=p.device)
+    h_res = torch.empty((t, n, n), dtype=acc, device=p.device)
+    if t == 0:
+        return h_pre, h_post, h_res
+    _coeffs_fwd_kernel[(triton.cdiv(t, bt),)](
+        p, sq, bias, alpha, h_pre, h_post, h_res, t, nc, eps, iters,
+        N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), num_warps=_cfg("coeffs").num_warps,
+    )
+    return h_pre, h_post, h_res
+
+
+def coeffs_backward(
+    p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor, dh_pre: Tensor, dh_post: Tensor, dh_res: Tensor,
+    n: int, nc: int, eps: float, iters: int, mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    t, m, np_, bt = _coeffs_launch_args(p, n, mode)
+    acc = _acc_torch(p.dtype, sq.dtype, bias.dtype, alpha.dtype)
+    tensors = [v.contiguous() for v in (p, sq, bias, alpha, dh_pre, dh_post, dh_res)]
+    dp = torch.empty((t, m), dtype=acc, device=p.device)
+    dsq = torch.empty((t,), dtype=acc, device=p.device)
+    blocks = triton.cdiv(t, bt)
+    dbias = torch.zeros((max(blocks, 1), m), dtype=acc, device=p.device)
+    dalpha = torch.zeros((max(blocks, 1), 3), dtype=acc, device=p.device)
+    if t > 0:
+        _coeffs_bwd_kernel[(blocks,)](
+            *tensors, dp, dsq, dbias, dalpha, t, nc, eps, iters,
+            N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), num_warps=_cfg("coeffs").num_warps,
+        )
+    return dp, dsq, dbias.sum(0).to(bias.dtype), dalpha.sum(0).to(alpha.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# post_res (layer l) fused with proj (layer l+1): one pass writes X' and accumulates the next p, sq
+# ---------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T"])
+def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, phi_ptr, out_ptr, p_ptr, sq_ptr, T, C, M, C_SPLIT,
+                          N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                          BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program (token block, column block, channel split).
+
+    Each [BT, NP, BC] tile of X' is rounded to the stream dtype (what the unfused proj would read), stored
+    by the column-block-0 programs, and multiplied on tensor cores with the phi rows i*C + c it touches.
+    The channel split gives partial p / sq like proj's split-K.
+    """
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    ii = tl.arange(0, NP)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    mi = rmask[:, None] & (ii[None, :] < N)
+    owner = rmask & ((rows * 0 + pid_m) == 0)  # tensor-valued: the interpreter rejects scalar masks
+    cols_m = pid_m * BM + tl.arange(0, BM)
+    mmask = cols_m < M
+    hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    stream = (r64[:, None] * N + ii[None, :])[:, :, None] * C
+    c_lo = split * C_SPLIT
+    c_hi = tl.minimum(c_lo + C_SPLIT, C)
+    acc = tl.zeros([BT, BM], dtype=ACC)
+    sq = tl.zeros([BT], dtype=ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        cols = c0 + tl.arange(0, BC)
+        cmask = cols < c_hi
+        m2 = rmask[:, None] & cmask[None, :]
+        y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC).to(out_ptr.dtype.element_ty)
+        m3 = mi[:, :, None] & cmask[None, None, :]
+        tl.store(out_ptr + stream + cols[None, None, :], out, mask=m3 & owner[:, None, None])
+        xo = out.to(ACC)  # masked lanes are exactly 0
+        sq += tl.sum(tl.sum(xo * xo, axis=2), axis=1)
+        krow = (ii[:, None] * C + cols[None, :]).to(tl.int64)  # [NP, BC] rows of phi_next
+        kmask = (ii[:, None] < N) & cmask[None, :]
+        ph = tl.load(phi_ptr + krow[:, :, None] * M + cols_m[None, None, :],
+                     mask=kmask[:, :, None] & mmask[None, None, :], other=0.0).to(ACC)
+        acc = tl.dot(tl.reshape(xo, (BT, NP * BC)), tl.reshape(ph, (NP * BC, BM)), acc, input_precision=PREC)
+    base = split.to(tl.int64) * T
+    tl.store(p_ptr + (base + r64)[:, None] * M + cols_m[None, :], acc, mask=rmask[:, None] & mmask[None, :])
+    tl.store(sq_ptr + base + r64, sq, mask=owner)
+
+
+def post_res_proj(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(post_res(x, h_res, h_post, y), *proj(that, phi_next)) with one read of x and y and one write of X'."""
+    _check_stream("post_res_proj", x, y, phi_next)
+    t, n, c = x.shape
+    k, m = phi_next.shape
+    if k != n * c:
+        raise ValueError(f"mhc triton post_res_proj: phi_next has {k} rows, expected n*C = {n * c}")
+    x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
+    y, phi_next = y.contiguous(), phi_next.contiguous()
+    acc = _acc_torch(x.dtype, phi_next.dtype)
+    out = torch.empty_like(x)
+    if t == 0 or c == 0:
+        zeros = torch.zeros((t, m), dtype=acc, device=x.device)
+        return out, zeros, torch.zeros((t,), dtype=acc, device=x.device)
+    cfg = _cfg("post_res_proj")
+    np_ = _pow2(n)
+    bm = _dot_block_m(m, cfg)
+    bc = max(16 // np_, min(_pow2(c), max(1, cfg.bk // np_)))  # tl.dot needs K = NP * BC >= 16
+    bt = min(cfg.bt, max(16, _pow2(t)))
+    grid_tm = triton.cdiv(t, bt) * triton.cdiv(m, bm)
+    splits = _splits(cfg, x.device, grid_tm, triton.cdiv(c, bc))
+    c_split = triton.cdiv(triton.cdiv(c, splits), bc) * bc
+    splits = triton.cdiv(c, c_split)
+    p = torch.empty((splits, t, m), dtype=acc, device=x.device)
+    sq = torch.empty((splits, t), dtype=acc, device=x.device)
+    _post_res_proj_kernel[(triton.cdiv(t, bt), triton.cdiv(m, bm), splits)](
+        x, h_res, h_post, y, phi_next, out, p, sq, t, c, m, c_split,
+        N=n, NP=np_, BT=bt, BC=bc, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits == 1:
+        return out, p[0], sq[0]
+    return out, p.sum(0), sq.sum(0)

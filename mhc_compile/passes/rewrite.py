@@ -1,0 +1,189 @@
+"""Rewrite detected residual chains into n-stream mHC.
+
+For a chain with sites k = 0..K-1 (streams s_k, branch outputs y_k):
+
+    X_0  = expand(s_0)                                  [..., n, C], every stream a copy of s_0
+    p, sq = proj(X_k, phi_k); H = coeffs(p, sq, b_k, alpha_k)
+    x_in = pre(X_k, H_pre)           -> replaces s_k wherever the sublayer reads it
+    X'_k = post_res(X_k, H_res, H_post, y_k)           replaces the residual add(s)
+    X_k+1 = stream-wise ops (post-norm LayerNorm, dropout) applied to X'_k, now on all streams
+
+Any other reader of a widened value (an observer: output_hidden_states, the chain's tail, a value
+kept for later) gets ``collapse(X) = mean_i X[i]`` (or the sum), which equals the original stream at init.
+
+The pass works on a copy of Dynamo's graph (never on Dynamo's own object) and appends one placeholder
+per parameter; the caller passes the parameters after the graph's own inputs.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from mhc_compile.config import MHCConfig
+from mhc_compile.passes.detect import Chain, Detection, Site
+
+OPS = torch.ops.mhc_compile
+
+
+@dataclass
+class SiteParams:
+    phi: torch.Tensor
+    bias: torch.Tensor
+    alpha: torch.Tensor
+
+
+@dataclass
+class RewriteResult:
+    gm: fx.GraphModule
+    extra_inputs: list[torch.Tensor]  # appended after the graph's own inputs, in placeholder order
+
+
+def _copy_meta(new: fx.Node, like: fx.Node, site: Site | None, role: str) -> fx.Node:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    new.meta["mhc"] = {"site": site.path if site else None, "role": role}
+    return new
+
+
+class _ChainRewriter:
+    def __init__(self, graph: fx.Graph, config: MHCConfig, impl: str):
+        self.graph = graph
+        self.config = config
+        self.impl = impl
+        self.n = config.n
+        self.wide: set[fx.Node] = set()  # nodes whose value is now [..., n, C]
+        self.mhc_nodes: set[fx.Node] = set()
+
+    def call(self, target, args, like: fx.Node, site: Site | None, role: str, kind="call_function") -> fx.Node:
+        if kind == "call_method":
+            node = self.graph.call_method(target, args)
+        else:
+            node = self.graph.call_function(target, args)
+        self.mhc_nodes.add(node)
+        return _copy_meta(node, like, site, role)
+
+    def expand(self, head: fx.Node, site: Site) -> fx.Node:
+        ndim = len(head.meta["example_value"].shape)
+        with self.graph.inserting_after(head):
+            u = self.call("unsqueeze", (head, -2), head, site, "expand", kind="call_method")
+        with self.graph.inserting_after(u):
+            e = self.call("expand", (u, *([-1] * (ndim - 1)), self.n, -1), head, site, "expand", kind="call_method")
+        with self.graph.inserting_after(e):
+            c = self.call("contiguous", (e,), head, site, "expand", kind="call_method")
+        self.wide.add(c)
+        return c
+
+    def site(self, site: Site, x: fx.Node, params: tuple[fx.Node, fx.Node, fx.Node], region: set[fx.Node],
+             stream_now: fx.Node) -> fx.Node:
+        cfg, impl, n = self.config, self.impl, self.n
+        phi, bias, alpha = params
+        out = site.out
+        with self.graph.inserting_after(x):
+            proj = self.call(OPS.proj.default, (x, phi, impl), out, site, "proj")
+        with self.graph.inserting_after(proj):
+            p = self.call(operator.getitem, (proj, 0), out, site, "proj")
+        with self.graph.inserting_after(p):
+            sq = self.call(operator.getitem, (proj, 1), out, site, "proj")
+        coeff_args = (p, sq, bias, alpha, n, n * site.width, cfg.eps, cfg.sinkhorn_iters, cfg.mode, impl)
+        with self.graph.inserting_after(sq):
+            coeffs = self.call(OPS.coeffs.default, coeff_args, out, site, "coeffs")
+        h = []
+        last = coeffs
+        for i in range(3):
+            with self.graph.inserting_after(last):
+                last = self.call(operator.getitem, (coeffs, i), out, site, "coeffs")
+            h.append(last)
+        h_pre, h_post, h_res = h
+        if cfg.res_convention == "transpose":
+            with self.graph.inserting_after(last):
+                h_res = last = self.call("transpose", (h_res, -1, -2), out, site, "coeffs", kind="call_method")
+        with self.graph.inserting_after(last):
+            x_in = self.call(OPS.pre.default, (x, h_pre, impl), out, site, "pre")
+
+        # The sublayer now reads x_in where it read the stream.
+        for user in list(stream_now.users):
+            if user in region:
+                user.replace_input_with(stream_now, x_in)
+
+        with self.graph.inserting_before(out):
+            y = site.branches[0]
+            for extra in site.branches[1:]:
+                y = self.call(operator.add, (y, extra), out, site, "branch_sum")
+            x_out = self.call(OPS.post_res.default, (x, h_res, h_post, y, impl), out, site, "post_res")
+        self.wide.add(x_out)
+        out.replace_all_uses_with(x_out)
+        for add in reversed(site.adds):
+            self.graph.erase_node(add)
+        return x_out
+
+    def collapse_observers(self) -> None:
+        """Give every reader of a widened value that is not part of the chain the collapsed stream."""
+        reduce = torch.mean if self.config.collapse == "mean" else torch.sum
+        for w in list(self.wide):
+            observers = [u for u in w.users if u not in self.mhc_nodes and u not in self.wide]
+            if not observers:
+                continue
+            with self.graph.inserting_after(w):
+                c = self.graph.call_function(reduce, (w,), {"dim": -2})
+            _copy_meta(c, w, None, "collapse")
+            for u in observers:
+                u.replace_input_with(w, c)
+
+
+def _branch_region(site: Site, an) -> set[fx.Node]:
+    return set().union(*(an.between(site.stream, y) for y in site.branches))
+
+
+def rewrite(gm: fx.GraphModule, detection: Detection, config: MHCConfig, impl: str,
+            params: dict[str, SiteParams]) -> RewriteResult:
+    """Rewrite ``gm`` (already a copy) in place; ``params`` maps site path -> its tensors."""
+    from mhc_compile.passes.detect import _Analysis
+
+    graph = gm.graph
+    an = _Analysis(gm)
+    regions = {id(s): _branch_region(s, an) for s in detection.sites}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    extra: list[torch.Tensor] = []
+    param_nodes: dict[str, tuple[fx.Node, fx.Node, fx.Node]] = {}
+    anchor = placeholders[-1] if placeholders else None
+    for site in detection.sites:
+        nodes = []
+        for field_name in ("phi", "bias", "alpha"):
+            name = f"mhc_{site.path.replace('.', '_')}_{field_name}"
+            if anchor is None:
+                with graph.inserting_before(next(iter(graph.nodes))):
+                    ph = graph.placeholder(name)
+            else:
+                with graph.inserting_after(anchor):
+                    ph = graph.placeholder(name)
+            anchor = ph
+            tensor = getattr(params[site.path], field_name)
+            ph.meta["example_value"] = tensor
+            ph.meta["mhc"] = {"site": site.path, "role": "param"}
+            nodes.append(ph)
+            extra.append(tensor)
+        param_nodes[site.path] = tuple(nodes)
+
+    rw = _ChainRewriter(graph, config, impl)
+    for chain in detection.chains:
+        _rewrite_chain(rw, chain, regions, param_nodes)
+    rw.collapse_observers()
+    graph.lint()
+    gm.recompile()
+    return RewriteResult(gm=gm, extra_inputs=extra)
+
+
+def _rewrite_chain(rw: _ChainRewriter, chain: Chain, regions, param_nodes) -> None:
+    x = rw.expand(chain.head, chain.sites[0])
+    stream_now = chain.head
+    for k, site in enumerate(chain.sites):
+        x_out = rw.site(site, x, param_nodes[site.path], regions[id(site)], stream_now)
+        link = chain.links[k]
+        rw.wide.update(link)  # post-norm LayerNorm / dropout now act on every stream
+        x = link[-1] if link else x_out
+        stream_now = x

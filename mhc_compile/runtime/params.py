@@ -1,0 +1,192 @@
+"""The per-site mHC parameters: ordinary ``nn.Parameter``s on the user's modules.
+
+Each residual site gets an ``MHCSite`` submodule on the module that owns its add (e.g.
+``transformer.h.0.mhc_attn``), so ``model.parameters()``, ``state_dict()``, optimizers, DDP/FSDP and
+checkpointing see them like any other weight. This module also keeps the registry of converted models
+and the optimizer check that catches an optimizer built before lazily created parameters existed.
+
+Initialisation (DESIGN.md section 2, the contract):
+* phi = 0: the dynamic part is exactly zero at init, so the map is the static one, H = f(b).
+* H_post = 1 (b_post = 0 in mhc since 2 sigmoid(0) = 1; b_post = 1 in hc) and rows of H_res sum to 1
+  (Sinkhorn ends on a row normalisation; identity in hc): with all n streams equal to x at the head,
+  every stream stays equal to the original residual stream through the chain, and the collapse (mean)
+  returns it. sum_i H_pre[i] = 1 makes the sublayer input x_in equal x. Function preserved.
+* Symmetry broken: H_pre leans on stream (k mod n) at site k (mhc: weight (n+1)/2n there, 1/2n on the
+  others; hc: one-hot as in Zhu et al.), so later sites read different streams, the gradients of the
+  streams' H_post differ, and the streams drift apart under training.
+* Gates small: alpha = alpha_init (paper 0.01) for the pre, post and res groups.
+* H_res starts near the identity (mhc: diagonal 0.9 of each row), keeping streams apart as HC does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch import nn
+
+from mhc_compile.kernels.reference import num_coeffs
+
+log = logging.getLogger("mhc_compile")
+
+RES_DIAG_INIT = 0.9
+
+
+class MHCSite(nn.Module):
+    """Learned parameters of one residual site: phi [n*C, n^2+2n], bias [n^2+2n], alpha [3]."""
+
+    def __init__(self, n: int, width: int, mode: str, index: int, alpha_init: float,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.n, self.width, self.mode, self.index = n, width, mode, index
+        m = num_coeffs(n)
+        self.phi = nn.Parameter(torch.zeros(n * width, m, dtype=dtype, device=device))
+        self.bias = nn.Parameter(init_bias(n, mode, index).to(dtype=dtype, device=device))
+        self.alpha = nn.Parameter(torch.full((3,), float(alpha_init), dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, width={self.width}, mode={self.mode!r}"
+
+    # The layout (n, width, mode) travels with the checkpoint, so that loading into a model
+    # converted with other options fails loudly instead of giving a silently different model.
+    def get_extra_state(self) -> dict:
+        return {"n": self.n, "width": self.width, "mode": self.mode}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        if state != mine:
+            raise ValueError(
+                f"mHC checkpoint mismatch: the checkpoint's site was converted with {state}, this model's "
+                f"with {mine}; prepare the model with the same n and mode as the checkpoint"
+            )
+
+    def reset_parameters(self, alpha_init: float) -> None:
+        with torch.no_grad():
+            self.phi.zero_()
+            self.bias.copy_(init_bias(self.n, self.mode, self.index))
+            self.alpha.fill_(alpha_init)
+
+
+def _logit(p: float) -> float:
+    if p >= 1.0:
+        return 20.0  # sigmoid(20) = 1 - 2e-9: 1 to fp32 rounding
+    return math.log(p / (1.0 - p))
+
+
+def init_bias(n: int, mode: str, index: int) -> torch.Tensor:
+    """Static part b = [pre n | post n | res n*n] meeting the initialisation contract."""
+    lead = index % n
+    if mode == "hc":
+        pre = torch.zeros(n, dtype=torch.float64)
+        pre[lead] = 1.0
+        post = torch.ones(n, dtype=torch.float64)
+        res = torch.eye(n, dtype=torch.float64)
+    else:
+        p_lo = 1.0 / (2 * n)
+        probs = torch.full((n,), p_lo, dtype=torch.float64)
+        probs[lead] = 1.0 - (n - 1) * p_lo
+        pre = torch.tensor([_logit(float(p)) for p in probs], dtype=torch.float64)
+        post = torch.zeros(n, dtype=torch.float64)
+        diag = 0.0 if n == 1 else math.log(RES_DIAG_INIT * (n - 1) / (1 - RES_DIAG_INIT))
+        res = torch.eye(n, dtype=torch.float64) * diag
+    return torch.cat([pre, post, res.reshape(-1)]).float()
+
+
+# --- registry of converted models ---------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    """What the backend added to one user model."""
+
+    n: int
+    mode: str
+    sites: dict[str, MHCSite] = field(default_factory=dict)  # "h.0.mhc_attn" -> site module
+    created_lazily: list[str] = field(default_factory=list)
+    strict: bool = False
+    warned_optimizers: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
+
+    def param_ids(self) -> set[int]:
+        return {id(p) for s in self.sites.values() for p in s.parameters()}
+
+
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, ModelRecord]" = weakref.WeakKeyDictionary()
+
+
+def record_for(root: nn.Module) -> ModelRecord | None:
+    return _RECORDS.get(root)
+
+
+def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, mode: str, width: int,
+                       index: int, alpha_init: float, device: torch.device, lazily: bool) -> tuple[MHCSite, bool]:
+    """Return the site's parameters, creating them on the owner module if missing.
+
+    Returns (site, created). Existing parameters are reused only if they match (n, width, mode); a
+    mismatch raises rather than silently re-initialising or dropping trained weights.
+    """
+    owner = root.get_submodule(owner_path) if owner_path else root
+    path = f"{owner_path}.{name}" if owner_path else name
+    existing = getattr(owner, name, None)
+    record = _RECORDS.get(root)
+    if record is None:
+        record = _RECORDS[root] = ModelRecord(n=n, mode=mode)
+    if existing is not None:
+        if not isinstance(existing, MHCSite):
+            raise ValueError(f"mhc: cannot add site parameters at {path!r}: the attribute exists and is a {type(existing).__name__}")
+        if (existing.n, existing.width, existing.mode) != (n, width, mode):
+            raise ValueError(
+                f"mhc: {path!r} was prepared with n={existing.n}, width={existing.width}, mode={existing.mode!r} "
+                f"but is now compiled with n={n}, width={width}, mode={mode!r}; convert a fresh model or use the same options"
+            )
+        record.sites[path] = existing
+        return existing, False
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in owner.parameters()) else torch.float32
+    site = MHCSite(n, width, mode, index, alpha_init, dtype=dtype, device=device)
+    owner.add_module(name, site)
+    record.sites[path] = site
+    record.n, record.mode = n, mode
+    if lazily:
+        record.created_lazily.append(path)
+    return site, True
+
+
+# --- optimizer check ------------------------------------------------------------------------------
+
+
+class MissingMHCParametersError(RuntimeError):
+    pass
+
+
+def _optimizer_step_pre_hook(optimizer, args, kwargs) -> None:
+    opt_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for root, record in list(_RECORDS.items()):
+        if optimizer in record.warned_optimizers:
+            continue
+        mhc_ids = record.param_ids()
+        model_ids = {id(p) for p in root.parameters()} - mhc_ids
+        missing = [path for path, site in record.sites.items() if any(id(p) not in opt_ids for p in site.parameters())]
+        if not missing or not (opt_ids & model_ids):
+            continue
+        record.warned_optimizers.add(optimizer)
+        msg = (
+            f"mhc: {type(optimizer).__name__} steps parameters of a converted {type(root).__name__} but not the mHC "
+            f"parameters of {len(missing)} residual site(s) (e.g. {missing[0]!r}); they will never train. Call "
+            f"mhc_compile.prepare(model, *example_inputs) before building the optimizer, or add them with "
+            f"optimizer.add_param_group({{'params': mhc_compile.mhc_parameters(model)}})"
+        )
+        if record.strict:
+            raise MissingMHCParametersError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+_HOOK_HANDLE = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
+
+
+def mhc_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All mHC parameters of a converted model (e.g. to add them to an existing optimizer)."""
+    return [p for m in model.modules() if isinstance(m, MHCSite) for p in m.parameters()]

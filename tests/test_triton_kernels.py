@@ -1,0 +1,227 @@
+"""Triton kernels against the plain-PyTorch reference, run on CPU tensors under the Triton interpreter.
+
+The interpreter is chosen when a function is decorated with ``triton.jit``, and Triton decorates its own
+library functions (``tl.sum`` ...) when it is first imported, so TRITON_INTERPRET must be set before
+anything imports triton. It is set here, at the top. If another test module imported triton earlier
+without it, this process cannot switch, and this module instead runs itself in a fresh interpreter
+subprocess (one test that fails with the subprocess's output). Shapes are tiny and odd (masking on every
+axis): the interpreter is slow.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.language.standard  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from mhc_compile.kernels import reference as ref  # noqa: E402
+
+_INTERPRETED = isinstance(triton.language.standard.sum, InterpretedFunction)
+
+
+def _interpreted_triton_ops():
+    """The kernels module, reloaded if it was imported (and its kernels decorated) without the interpreter."""
+    module = importlib.import_module("mhc_compile.kernels.triton_ops")
+    if not isinstance(module._pre_fwd_kernel, InterpretedFunction):
+        module = importlib.reload(module)
+    return module
+
+
+tk = _interpreted_triton_ops() if _INTERPRETED else None
+
+SHAPES = [(1, 1, 5), (7, 3, 33), (33, 4, 64)]  # (T, n, C)
+DTYPES = [torch.float32, torch.bfloat16]
+# (rtol, atol) for outputs in the stream dtype; fp32 accumulators are compared at TOL32
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.6e-2, 1.6e-2)}
+TOL32 = (2e-5, 2e-5)
+
+
+def _close(actual, expected, tol):
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    rtol, atol = tol
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def _tol(dtype):
+    """Tolerance of an output: stream dtype outputs at TOL, fp32 / fp64 accumulators tighter."""
+    return TOL[dtype] if dtype != torch.float32 else TOL32
+
+
+def _stream(t, n, c, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    acc = ref.acc_dtype(dtype)
+    x = torch.randn(t, n, c, generator=g).to(dtype)
+    y = torch.randn(t, c, generator=g).to(dtype)
+    h_pre = torch.rand(t, n, generator=g).to(acc)
+    h_post = (2 * torch.rand(t, n, generator=g)).to(acc)
+    h_res = torch.rand(t, n, n, generator=g).to(acc)
+    phi = (torch.randn(n * c, n * n + 2 * n, generator=g) / (n * c) ** 0.5).to(acc)
+    return x, y, h_pre, h_post, h_res, phi
+
+
+CASES = [(s, d) for s in SHAPES for d in DTYPES] + [((7, 3, 33), torch.float64)]
+IDS = [f"T{s[0]}n{s[1]}C{s[2]}-{str(d).split('.')[1]}" for s, d in CASES]
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
+def test_pre(shape, dtype):
+    x, y, h_pre, *_ = _stream(*shape, dtype, seed=1)
+    _close(tk.pre(x, h_pre), ref.pre(x, h_pre), TOL[dtype])
+    dout = torch.randn_like(y)
+    for a, e in zip(tk.pre_backward(x, h_pre, dout), ref.pre_backward(x, h_pre, dout)):
+        _close(a, e, _tol(a.dtype))
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
+def test_post_res(shape, dtype):
+    x, y, _, h_post, h_res, _ = _stream(*shape, dtype, seed=2)
+    _close(tk.post_res(x, h_res, h_post, y), ref.post_res(x, h_res, h_post, y), TOL[dtype])
+    dout = torch.randn_like(x)
+    got = tk.post_res_backward(x, h_res, h_post, y, dout)
+    for a, e in zip(got, ref.post_res_backward(x, h_res, h_post, y, dout)):
+        _close(a, e, _tol(a.dtype))
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
+def test_proj(shape, dtype):
+    x, *_, phi = _stream(*shape, dtype, seed=3)
+    t, n, c = shape
+    for a, e in zip(tk.proj(x, phi), ref.proj(x, phi)):
+        _close(a, e, _tol(a.dtype) if dtype != torch.bfloat16 else (1e-4, 1e-4))
+    dp = torch.randn(t, phi.shape[1], dtype=phi.dtype)
+    dsq = torch.randn(t, dtype=phi.dtype)
+    dx, dphi = tk.proj_backward(x, phi, dp, dsq)
+    dx_ref, dphi_ref = ref.proj_backward(x, phi, dp, dsq)
+    _close(dx, dx_ref, TOL[dtype])
+    _close(dphi, dphi_ref, _tol(dphi.dtype) if dtype != torch.bfloat16 else (1e-4, 1e-4))
+
+
+def test_proj_split_reductions():
+    """Force split-K in proj and a split over tokens in its backward (partials summed on the host)."""
+    x, *_, phi = _stream(33, 3, 33, torch.float32, seed=4)
+    dp, dsq = torch.randn(33, phi.shape[1]), torch.randn(33)
+    with tk.tuning("proj", bk=16, waves=64), tk.tuning("proj_backward", bt=16, bk=16, waves=64):
+        got = tk.proj(x, phi) + tk.proj_backward(x, phi, dp, dsq)
+    for a, e in zip(got, ref.proj(x, phi) + ref.proj_backward(x, phi, dp, dsq)):
+        _close(a, e, TOL32)
+
+
+def _coeff_inputs(t, n, c, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = ref.num_coeffs(n)
+    p = (3 * torch.randn(t, m, generator=g)).to(dtype)
+    sq = (n * c * (0.5 + torch.rand(t, generator=g))).to(dtype)
+    bias = torch.randn(m, generator=g).to(dtype)
+    alpha = torch.randn(3, generator=g).to(dtype)
+    grads = (torch.randn(t, n, generator=g), torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g))
+    return p, sq, bias, alpha, tuple(v.to(dtype) for v in grads)
+
+
+COEFF_CASES = [(t, n, mode, dt) for (t, n, _), dt in [(SHAPES[0], torch.float32), (SHAPES[1], torch.float64),
+                                                      (SHAPES[2], torch.float32)] for mode in ("mhc", "hc")]
+
+
+@pytest.mark.parametrize("t,n,mode,dtype", COEFF_CASES)
+def test_coeffs(t, n, mode, dtype):
+    c, eps, iters = 33, 1e-6, 20
+    p, sq, bias, alpha, grads = _coeff_inputs(t, n, c, dtype, seed=5)
+    # fp64: the only difference from the reference is tanh's series (hc) and eps passed as an fp32 scalar
+    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+    args = (n, n * c, eps, iters, mode)
+    for a, e in zip(tk.coeffs(p, sq, bias, alpha, *args), ref.coeffs(p, sq, bias, alpha, *args)):
+        _close(a, e, tol)
+    got = tk.coeffs_backward(p, sq, bias, alpha, *grads, *args)
+    for a, e in zip(got, ref.coeffs_backward(p, sq, bias, alpha, *grads, *args)):
+        _close(a, e, tol)
+
+
+def test_coeffs_backward_matches_autograd():
+    """The kernel's unrolled Sinkhorn backward against autograd through the reference forward, fp64."""
+    t, n, c = 5, 3, 7
+    p, sq, bias, alpha, grads = _coeff_inputs(t, n, c, torch.float64, seed=6)
+    leaves = [v.clone().requires_grad_() for v in (p, sq, bias, alpha)]
+    outs = ref.coeffs(*leaves, n, n * c, 1e-6, 7, "mhc")
+    expected = torch.autograd.grad(outs, leaves, grads)
+    got = tk.coeffs_backward(p, sq, bias, alpha, *grads, n, n * c, 1e-6, 7, "mhc")
+    for a, e in zip(got, expected):
+        _close(a, e, (1e-10, 1e-10))
+
+
+@pytest.mark.parametrize("shape,dtype", [((7, 3, 33), torch.float32), ((33, 4, 64), torch.bfloat16),
+                                         ((1, 1, 5), torch.float64)])
+def test_post_res_proj(shape, dtype):
+    x, y, _, h_post, h_res, phi = _stream(*shape, dtype, seed=7)
+    out, p, sq = tk.post_res_proj(x, h_res, h_post, y, phi)
+    # the same kernels unfused: X' bit-identical (same accumulation order), p / sq of that X'
+    out_u = tk.post_res(x, h_res, h_post, y)
+    torch.testing.assert_close(out, out_u, rtol=0, atol=0)
+    for a, e in zip((p, sq), tk.proj(out_u, phi)):
+        _close(a, e, _tol(a.dtype))
+    # and the reference pair (X' may differ by one rounding of the stream dtype)
+    out_r, p_r, sq_r = ref.post_res_proj(x, h_res, h_post, y, phi)
+    _close(out, out_r, TOL[dtype])
+    if dtype != torch.bfloat16:
+        _close(p, p_r, _tol(p.dtype))
+        _close(sq, sq_r, _tol(sq.dtype))
+
+
+def test_post_res_proj_split_and_column_blocks():
+    """n = 5 (m = 35 > a 16-wide column block) with a channel split: partials and block ownership."""
+    x, y, _, h_post, h_res, phi = _stream(20, 5, 7, torch.float32, seed=8)
+    with tk.tuning("post_res_proj", bk=16, bm=16, waves=64):
+        got = tk.post_res_proj(x, h_res, h_post, y, phi)
+    for a, e in zip(got, ref.post_res_proj(x, h_res, h_post, y, phi)):
+        _close(a, e, TOL32)
+
+
+def test_unsupported_dtype_raises():
+    x = torch.ones(2, 2, 3, dtype=torch.int32)
+    with pytest.raises(TypeError, match="torch.int32"):
+        tk.pre(x, torch.ones(2, 2))
+
+
+def test_custom_ops_dispatch_to_triton():
+    """The custom ops with impl="triton" run these kernels (forward and autograd backward) on CPU."""
+    from mhc_compile.runtime import ops
+
+    t, n, c = 7, 3, 33
+    x, y, h_pre, h_post, h_res, phi = _stream(t, n, c, torch.float32, seed=9)
+    bias, alpha = torch.randn(n * n + 2 * n), torch.randn(3)
+
+    def run(impl):
+        leaves = [v.clone().requires_grad_() for v in (x, y, phi, bias, alpha)]
+        xl, yl, phil, bl, al = leaves
+        p, sq = ops.proj(xl, phil, impl)
+        hp, hq, hr = ops.coeffs(p, sq, bl, al, n, n * c, 1e-6, 20, "mhc", impl)
+        x_in = ops.pre(xl, hp, impl)
+        out = ops.post_res(xl, hr, hq, yl * x_in, impl)
+        (out.float() ** 2).sum().backward()
+        return [out] + [v.grad for v in leaves]
+
+    for a, e in zip(run("triton"), run("reference")):
+        _close(a, e, (1e-4, 1e-4))
+
+
+if not _INTERPRETED:
+    # triton was imported before this module without the interpreter: run every test above in a subprocess
+    for _name in [k for k in list(globals()) if k.startswith("test_")]:
+        del globals()[_name]
+
+    def test_kernels_in_interpreter_subprocess():
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
+                             env=env, cwd=root, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
