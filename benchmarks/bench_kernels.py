@@ -1,0 +1,290 @@
+"""Kernel benchmark: each mHC Triton kernel against the copy-bandwidth floor, the eager reference and the
+reference under torch.compile, measured side by side in one process on one GPU.
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--tokens 8192 32768] [--channels 2048 4096 7168]
+                                                    [--compiled-shapes 8192x4096] [--sweep]
+
+Steps: (1) correctness of every Triton op against ``kernels/reference.py`` on odd shapes (stops on failure);
+(2) device-to-device copy bandwidth (read + write bytes over time) of a large tensor; (3) optional tile
+sweep of the kernels' configurations; (4) the table: time (median of ``triton.testing.do_bench``), bytes
+(every tensor the kernel reads or writes, counted once), GB/s, and efficiency = bytes / (time x copy bw).
+Results are printed and written as markdown to $OUT (else ./bench_out): kernels.md, sweep.md, env.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+import triton.testing
+
+from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels import triton_ops as tk
+
+N_ITERS = 20
+EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and byte counts
+# ---------------------------------------------------------------------------------------------
+def make_inputs(t: int, n: int, c: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    m = n * n + 2 * n
+    acc = ref.acc_dtype(dtype)
+
+    def randn(*shape, dt=acc, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, device=device, dtype=torch.float32)).to(dt)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.rand(*shape, generator=g, device=device, dtype=torch.float32)).to(acc)
+
+    inp = dict(
+        x=randn(t, n, c, dt=dtype), y=randn(t, c, dt=dtype), dx_in=randn(t, n, c, dt=dtype),
+        dy_in=randn(t, c, dt=dtype), h_pre=rand(t, n), h_post=rand(t, n, scale=2.0), h_res=rand(t, n, n),
+        phi=randn(n * c, m, scale=(n * c) ** -0.5), bias=randn(m), alpha=randn(3, scale=0.01),
+        dp=randn(t, m), dsq=randn(t, scale=1e-3), dh_pre=randn(t, n), dh_post=randn(t, n),
+        dh_res=randn(t, n, n), n=n, c=c, t=t,
+    )
+    p, sq = ref.proj(inp["x"], inp["phi"])
+    inp.update(p=p, sq=sq)
+    return inp
+
+
+def coeff_args(inp: dict, mode: str = "mhc") -> tuple:
+    return (inp["n"], inp["n"] * inp["c"], EPS, N_ITERS, mode)
+
+
+@dataclass
+class Case:
+    kernel: str
+    direction: str
+    call: Callable[[object], object]  # takes the kernels module (tk or ref or a compiled wrapper)
+    nbytes: int
+
+
+def _nb(*tensors) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def cases(inp: dict) -> list[Case]:
+    """Every kernel with the tensors it must touch once: its inputs and outputs."""
+    x, y, phi, p, sq = inp["x"], inp["y"], inp["phi"], inp["p"], inp["sq"]
+    hp, hq, hr = inp["h_pre"], inp["h_post"], inp["h_res"]
+    gx, gy, dp, dsq = inp["dx_in"], inp["dy_in"], inp["dp"], inp["dsq"]
+    gpre, gpost, gres = inp["dh_pre"], inp["dh_post"], inp["dh_res"]
+    b, a = inp["bias"], inp["alpha"]
+    ca = coeff_args(inp)
+    return [
+        Case("proj", "fwd", lambda k: k.proj(x, phi), _nb(x, phi, p, sq)),
+        Case("proj", "bwd", lambda k: k.proj_backward(x, phi, dp, dsq), _nb(x, phi, dp, dsq, x, phi)),
+        Case("coeffs", "fwd", lambda k: k.coeffs(p, sq, b, a, *ca), _nb(p, sq, b, a, hp, hq, hr)),
+        Case("coeffs", "bwd", lambda k: k.coeffs_backward(p, sq, b, a, gpre, gpost, gres, *ca),
+             _nb(p, sq, b, a, gpre, gpost, gres, p, sq, b, a)),
+        Case("pre", "fwd", lambda k: k.pre(x, hp), _nb(x, hp, y)),
+        Case("pre", "bwd", lambda k: k.pre_backward(x, hp, gy), _nb(x, hp, gy, x, hp)),
+        Case("post_res", "fwd", lambda k: k.post_res(x, hr, hq, y), _nb(x, hr, hq, y, x)),
+        Case("post_res", "bwd", lambda k: k.post_res_backward(x, hr, hq, y, gx), _nb(x, hr, hq, y, gx, x, hr, hq, y)),
+        Case("post_res_proj", "fwd", lambda k: k.post_res_proj(x, hr, hq, y, phi), _nb(x, hr, hq, y, phi, x, p, sq)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+def bench_us(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a device-to-device copy, counting the read and the write."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (us * 1e-6)
+
+
+class Compiled:
+    """The reference module with every op under torch.compile (one compiled function per op)."""
+
+    def __init__(self):
+        names = ["proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
+                 "post_res_backward", "post_res_proj"]
+        for name in names:
+            setattr(self, name, torch.compile(getattr(ref, name), dynamic=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness
+# ---------------------------------------------------------------------------------------------
+def _rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
+    scale = e.double().abs().max().item() or 1.0
+    return (a.double() - e.double()).abs().max().item() / scale
+
+
+CHECK_SHAPES = [(4099, 4, 2048, torch.bfloat16), (37, 3, 33, torch.float32), (100, 16, 64, torch.float32),
+                (1, 1, 5, torch.float16), (300, 4, 768, torch.float16)]
+
+
+def check_correctness(device: str, shapes=CHECK_SHAPES) -> tuple[bool, list[str]]:
+    """Every op against the reference; error = max |diff| / max |ref| per output (tf32 / bf16 budgets)."""
+    lines, ok = [], True
+    for t, n, c, dtype in shapes:
+        inp = make_inputs(t, n, c, dtype, device, seed=1)
+        budget = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+        ca = coeff_args(inp, "hc")
+        hc = Case("coeffs", "fwd hc", lambda k: k.coeffs(inp["p"], inp["sq"], inp["bias"], inp["alpha"], *ca), 0)
+        for case in cases(inp) + [hc]:
+            got, want = _tuple(case.call(tk)), _tuple(case.call(ref))
+            errs = [_rel_err(a, e) for a, e in zip(got, want)]
+            shape_ok = all(a.shape == e.shape and a.dtype == e.dtype for a, e in zip(got, want))
+            good = shape_ok and max(errs) <= budget
+            ok &= good
+            lines.append(f"| {case.kernel} {case.direction} | {t}x{n}x{c} {str(dtype)[6:]} | "
+                         f"{max(errs):.2e} | {'ok' if good else 'FAIL'} |")
+        del inp
+    return ok, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# tile sweep
+# ---------------------------------------------------------------------------------------------
+SWEEP = {
+    "proj": [dict(bt=bt, bk=bk, num_warps=w, num_stages=s, waves=wv)
+             for bt, bk, w, s, wv in [(64, 128, 4, 3, 4), (32, 128, 4, 3, 4), (64, 256, 8, 3, 4), (128, 128, 8, 3, 4),
+                                      (64, 64, 4, 4, 4), (32, 256, 4, 3, 8), (64, 128, 4, 4, 8), (128, 64, 4, 4, 4)]],
+    "proj_backward": [dict(bt=bt, bk=bk, num_warps=w, num_stages=s, waves=wv)
+                      for bt, bk, w, s, wv in [(32, 128, 4, 3, 4), (64, 128, 4, 3, 4), (32, 256, 8, 3, 4),
+                                               (64, 64, 4, 3, 4), (32, 128, 4, 2, 8), (64, 256, 8, 2, 4)]],
+    "post_res_proj": [dict(bt=bt, bk=bk, num_warps=w, num_stages=s, waves=wv)
+                      for bt, bk, w, s, wv in [(32, 256, 4, 3, 4), (16, 256, 4, 3, 4), (64, 256, 8, 3, 4),
+                                               (32, 512, 8, 3, 4), (32, 128, 4, 3, 4), (16, 128, 4, 3, 8)]],
+    "coeffs": [dict(budget=b, num_warps=w) for b, w in [(1024, 4), (512, 2), (2048, 4), (256, 1), (1024, 2)]],
+}
+for _k in ("pre", "pre_backward", "post_res", "post_res_backward"):
+    SWEEP[_k] = [dict(budget=b, max_bc=bc, num_warps=w)
+                 for b, bc, w in [(4096, 1024, 4), (2048, 512, 4), (8192, 1024, 8), (4096, 2048, 8), (2048, 1024, 4),
+                                  (8192, 2048, 8)]]
+
+_SWEEP_CASE = {"proj": ("proj", "fwd"), "proj_backward": ("proj", "bwd"), "coeffs": ("coeffs", "bwd"),
+               "pre": ("pre", "fwd"), "pre_backward": ("pre", "bwd"), "post_res": ("post_res", "fwd"),
+               "post_res_backward": ("post_res", "bwd"), "post_res_proj": ("post_res_proj", "fwd")}
+
+
+def sweep(inp: dict, copy_bw: float, deadline: float) -> list[str]:
+    lines = []
+    by_name = {(c.kernel, c.direction): c for c in cases(inp)}
+    for kernel, configs in SWEEP.items():
+        case = by_name[_SWEEP_CASE[kernel]]
+        want = case.call(tk)
+        for cfg in configs:
+            if time.time() > deadline:
+                lines.append(f"| {kernel} | (sweep stopped: time budget) | | |")
+                return lines
+            try:
+                with tk.tuning(kernel, **cfg):
+                    got = case.call(tk)
+                    err = max(_rel_err(a, e) for a, e in zip(_tuple(got), _tuple(want)))
+                    us = bench_us(lambda: case.call(tk))
+                eff = case.nbytes / (us * 1e-6) / copy_bw
+                lines.append(f"| {kernel} | {cfg} | {us:.1f} | {100 * eff:.0f}% | {err:.1e} |")
+            except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
+                lines.append(f"| {kernel} | {cfg} | error: {type(exc).__name__}: {str(exc)[:80]} | | |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def _tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--channels", type=int, nargs="+", default=[2048, 4096, 7168])
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--compiled-shapes", nargs="*", default=None,
+                    help="TxC shapes at which to time torch.compile(reference) (default: all)")
+    ap.add_argument("--sweep", action="store_true", help="tile sweep at T=8192, C=4096 before the table")
+    ap.add_argument("--budget-s", type=float, default=330, help="stop optional stages past this wall time")
+    return ap.parse_args()
+
+
+def write(out_dir: str, name: str, lines: list[str]) -> None:
+    with open(os.path.join(out_dir, name), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    args = parse_args()
+    start = time.time()
+    deadline = start + args.budget_s
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA device", file=sys.stderr)
+        return 2
+    device = "cuda"
+    out_dir = os.environ.get("OUT") or "./bench_out"
+    os.makedirs(out_dir, exist_ok=True)
+    env = [f"- device: {torch.cuda.get_device_name()}", f"- torch {torch.__version__}, triton {triton.__version__}",
+           f"- n = {args.n}, bf16 stream, fp32 coefficients, Sinkhorn iters = {N_ITERS}"]
+
+    ok, lines = check_correctness(device)
+    check = ["| op | shape | max err / max ref | |", "|---|---|---|---|"] + lines
+    print("\n".join(check), flush=True)
+    write(out_dir, "correctness.md", check)
+    if not ok:
+        print("correctness FAILED: not timing", file=sys.stderr)
+        return 1
+
+    copy_bw = copy_bandwidth(device)
+    env.append(f"- copy bandwidth (2 GiB bf16 device-to-device, read + write): {copy_bw / 1e9:.0f} GB/s")
+    print("\n".join(env), flush=True)
+    write(out_dir, "env.md", env)
+
+    if args.sweep:
+        inp = make_inputs(8192, args.n, 4096, torch.bfloat16, device)
+        sw = ["| kernel | config | time us | eff | err vs default |", "|---|---|---|---|---|"]
+        sw += sweep(inp, copy_bw, start + 0.6 * args.budget_s)
+        write(out_dir, "sweep.md", sw)
+        del inp
+
+    compiled = Compiled()
+    table = ["| kernel | dir | T | C | triton us | bytes MB | GB/s | eff | eager us | compiled us |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in args.tokens:
+        for c in args.channels:
+            inp = make_inputs(t, args.n, c, torch.bfloat16, device)
+            timed_compiled = args.compiled_shapes is None or f"{t}x{c}" in args.compiled_shapes
+            for case in cases(inp):
+                us = bench_us(lambda: case.call(tk))
+                eager = bench_us(lambda: case.call(ref))
+                comp = float("nan")
+                if timed_compiled and time.time() < deadline:
+                    try:
+                        comp = bench_us(lambda: case.call(compiled))
+                    except Exception as exc:
+                        print(f"compiled {case.kernel} {case.direction}: {type(exc).__name__}: {exc}", flush=True)
+                gbs = case.nbytes / (us * 1e-6) / 1e9
+                eff = case.nbytes / (us * 1e-6) / copy_bw
+                table.append(f"| {case.kernel} | {case.direction} | {t} | {c} | {us:.1f} | {case.nbytes / 1e6:.1f} | "
+                             f"{gbs:.0f} | {100 * eff:.0f}% | {eager:.1f} | {comp:.1f} |")
+                print(table[-1], flush=True)
+                write(out_dir, "kernels.md", env + [""] + table)
+            del inp
+            torch.cuda.empty_cache()
+    print(f"done in {time.time() - start:.0f} s; results in {out_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
