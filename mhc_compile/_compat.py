@@ -64,3 +64,32 @@ def meta_fields_copied_to_aot() -> list[str]:
     import torch.fx.proxy as proxy
 
     return list(getattr(proxy, "_COPY_META_FIELDS", []))
+
+
+def backend_compiler_failed() -> type[BaseException]:
+    """Dynamo wraps an exception raised in a backend in this type (``.inner_exception`` holds it)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return BackendCompilerFailed
+
+
+def modules_on_call_stack() -> list[nn.Module]:
+    """``self`` of every Python frame below us that runs an nn.Module method, outermost first.
+
+    When a graph break sits inside a loop over blocks, Dynamo runs the model's own forward eagerly and
+    compiles each block's frame alone; the model is then only reachable as an eager caller frame.
+    """
+    import sys
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found: list[nn.Module] = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(candidate, OptimizedModule):  # torch.compile's wrapper: the model is inside
+            candidate = candidate._orig_mod
+        if isinstance(candidate, nn.Module) and all(candidate is not m for m in found):
+            found.append(candidate)
+        frame = frame.f_back
+    return found[::-1]

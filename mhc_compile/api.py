@@ -27,6 +27,12 @@ def prepare(model: nn.Module, *example_inputs: Any, **options: Any) -> nn.Module
     def plan_backend(gm, inputs, **_):
         return compile_graph(gm, list(inputs), config, plan_only=True, lazily=False)
 
-    with torch.no_grad():
-        torch.compile(model, backend=plan_backend, dynamic=False)(*example_inputs)
+    from mhc_compile import _compat
+
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=plan_backend, dynamic=False)(*example_inputs)
+    except _compat.backend_compiler_failed() as e:
+        # prepare() is our own call: give the user our error, not Dynamo's wrapper around it.
+        raise e.inner_exception from None
     return model

@@ -24,10 +24,10 @@ from mhc_compile import _compat
 from mhc_compile.config import MHCConfig
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
-from mhc_compile.passes.detect import Detection, detect, module_stack
+from mhc_compile.passes.detect import Detection, detect
 from mhc_compile.passes.rewrite import SiteParams, rewrite
 from mhc_compile.runtime import ops as _ops  # noqa: F401  (registers torch.ops.mhc_compile.*)
-from mhc_compile.runtime.params import ModelRecord, get_or_create_site, record_for
+from mhc_compile.runtime.params import ensure_record, get_or_create_site, lift_to_known_root, record_for
 
 log = logging.getLogger("mhc_compile")
 
@@ -117,6 +117,23 @@ def _resolve_root(detection: Detection) -> nn.Module:
     return root
 
 
+def _register_frame_root() -> None:
+    """Remember the module whose forward Dynamo compiles, even when this graph has no sites: after a
+    graph break inside a block, the block's own frame is compiled next, and its sites must be named
+    (and found) by their path in this outer model."""
+    f_locals = _compat.dynamo_frame_locals() or {}
+    root = f_locals.get("self")
+    if not isinstance(root, nn.Module) or record_for(root) is not None:
+        return
+    outer, _ = lift_to_known_root(root)
+    if outer is not root:
+        return
+    for caller in _compat.modules_on_call_stack():  # outermost first
+        if caller is root or any(sub is root for sub in caller.modules()):
+            ensure_record(caller)
+            return
+
+
 def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCConfig) -> list[str]:
     """A chain that starts at a graph input or ends at a graph output was cut by a graph break."""
     outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
@@ -144,6 +161,7 @@ def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCCon
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *,
                   inductor_mode: str | None = None, plan_only: bool = False, lazily: bool = True) -> Callable:
     index = len(REPORTS)
+    _register_frame_root()
     work = _copy_graph_module(gm)
     detection = detect(work)
     report = GraphReport(graph_index=index, detection=detection, before=gm.print_readable(print_output=False))
@@ -170,10 +188,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
                  len(detection.sites), index)
         return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
 
-    report.warnings.extend(_check_graph_breaks(detection, work, config))
-    owner_prefix = _owner_prefix(detection, root)
+    root, prefix = lift_to_known_root(root)
     for site in detection.sites:
-        owner = owner_prefix(site)
+        owner = ".".join(p for p in (prefix, site.owner) if p)
         module, created = get_or_create_site(
             root, owner, site.name, n=config.n, mode=config.mode, width=site.width, index=site.index,
             alpha_init=config.alpha_init, device=device, lazily=lazily,
@@ -182,6 +199,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         if created:
             report.created.append(site.path)
         params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
+    report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
+    report.warnings.extend(_check_graph_breaks(detection, work, config))
     record = record_for(root)
     record.strict = record.strict or config.strict
     if report.created and lazily:
@@ -213,16 +232,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         return compiled(*args, *extra)
 
     return run
-
-
-def _owner_prefix(detection: Detection, root: nn.Module):
-    """Map each site to its owner's path relative to ``root`` (Dynamo names it from the frame local)."""
-
-    def owner(site) -> str:
-        stack = module_stack(site.out)
-        return stack[-1] if stack else ""
-
-    return owner
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, mode: str | None) -> Callable:

@@ -65,3 +65,52 @@ class NanoGPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+
+# --- a hand-written eager mHC NanoGPT: the oracle for the compiled rewrite ----------------------------
+# Written from DESIGN.md section 2 directly (no mhc_compile code), so a shared bug cannot hide.
+
+
+def _sinkhorn(logits, iters):
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        m = m / m.sum(-2, keepdim=True)
+        m = m / m.sum(-1, keepdim=True)
+    return m
+
+
+def eager_mhc_coeffs(X, site, iters=20, eps=1e-6, mode="mhc"):
+    """H_pre [.., n], H_post [.., n], H_res [.., n, n] of one site for streams X [.., n, C]."""
+    n = X.shape[-2]
+    x = X.flatten(-2).to(site.phi.dtype)
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    z = (x @ site.phi) * r
+    if mode == "hc":
+        z = torch.tanh(z)
+    a, b = site.alpha, site.bias
+    pre = a[0] * z[..., :n] + b[:n]
+    post = a[1] * z[..., n : 2 * n] + b[n : 2 * n]
+    res = (a[2] * z[..., 2 * n :] + b[2 * n :]).unflatten(-1, (n, n))
+    if mode == "hc":
+        return pre, post, res
+    return torch.sigmoid(pre), 2 * torch.sigmoid(post), _sinkhorn(res, iters)
+
+
+def eager_mhc_site(X, site, f, capture=None, **kw):
+    h_pre, h_post, h_res = eager_mhc_coeffs(X, site, **kw)
+    x_in = (h_pre.unsqueeze(-1) * X).sum(-2)
+    y = f(x_in)
+    if capture is not None:
+        capture.append({"X": X.detach(), "h_res": h_res.detach(), "h_pre": h_pre.detach(), "h_post": h_post.detach()})
+    return torch.einsum("...ij,...jc->...ic", h_res, X) + h_post.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+def eager_mhc_nanogpt(model: NanoGPT, idx, n: int, capture=None, **kw):
+    """NanoGPT (sequential pre-norm blocks) with mHC, using the model's own mhc_attn / mhc_mlp sites."""
+    pos = torch.arange(idx.shape[1], device=idx.device)
+    x = model.wte(idx) + model.wpe(pos)
+    X = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+    for block in model.h:
+        X = eager_mhc_site(X, block.mhc_attn, lambda v: block.attn(block.ln_1(v)), capture, **kw)
+        X = eager_mhc_site(X, block.mhc_mlp, lambda v: block.mlp(block.ln_2(v)), capture, **kw)
+    return model.lm_head(model.ln_f(X.mean(-2)))

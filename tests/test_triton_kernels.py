@@ -209,6 +209,25 @@ def test_custom_ops_dispatch_to_triton():
         _close(a, e, (1e-4, 1e-4))
 
 
+def test_pipelined_launch_drops_stages_when_shared_memory_runs_out():
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **meta):
+                calls.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    kernel = FakeKernel()
+    tk._launch_pipelined(kernel, (1,), (), {"BT": 16}, num_warps=4, num_stages=4)
+    tk._launch_pipelined(kernel, (1,), (), {"BT": 16}, num_warps=4, num_stages=4)
+    assert calls == [4, 3, 2, 2]  # the stage count that fits is remembered
+
+
 if not _INTERPRETED:
     # triton was imported before this module without the interpreter: run every test above in a subprocess
     for _name in [k for k in list(globals()) if k.startswith("test_")]:

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from mhc_compile.kernels import reference as ref
 
@@ -103,7 +104,8 @@ _DEFAULTS = {
     "post_res_backward": StreamCfg(),
     "proj": DotCfg(),
     "proj_backward": DotCfg(bt=32, bk=128),
-    "post_res_proj": DotCfg(bt=32, bk=256),
+    # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
+    "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
     "coeffs": StreamCfg(budget=1024),
 }
 _OVERRIDES: dict[str, object] = {}
@@ -111,6 +113,11 @@ _OVERRIDES: dict[str, object] = {}
 
 def _cfg(kernel: str):
     return _OVERRIDES.get(kernel, _DEFAULTS[kernel])
+
+
+def configure(kernel: str, **fields) -> None:
+    """Change one kernel's tile configuration for the rest of the process (e.g. to a benchmark's winner)."""
+    _OVERRIDES[kernel] = replace(_DEFAULTS[kernel], **fields)
 
 
 @contextlib.contextmanager
@@ -139,6 +146,28 @@ def _splits(cfg: DotCfg, device: torch.device, programs: int, steps: int, min_st
     """How many ways to split a reduction of ``steps`` tiles so the grid fills ``cfg.waves`` per SM."""
     want = triton.cdiv(cfg.waves * _num_sms(device), max(programs, 1))
     return max(1, min(want, steps // min_steps))
+
+
+_STAGES_THAT_FIT: dict = {}
+
+
+def _launch_pipelined(kernel, grid, args, meta: dict, num_warps: int, num_stages: int) -> None:
+    """Launch a software-pipelined kernel, dropping pipeline stages if this GPU lacks the shared memory.
+
+    The stage count that fits is remembered per kernel and tile, so only the first launch pays the retry.
+    """
+    key = (kernel, tuple((k, str(v)) for k, v in meta.items()), num_warps, num_stages)
+    stages = _STAGES_THAT_FIT.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, **meta, num_warps=num_warps, num_stages=stages)
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _STAGES_THAT_FIT[key] = stages
+        return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,10 +484,8 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
     grid = (triton.cdiv(t, bt), triton.cdiv(m, bm), splits)
-    _proj_fwd_kernel[grid](
-        x, phi, p, sq, t, k, m, k_split, BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc),
-        PREC=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
+    _launch_pipelined(_proj_fwd_kernel, grid, (x, phi, p, sq, t, k, m, k_split), meta, cfg.num_warps, cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
     return p.sum(0), sq.sum(0)
@@ -483,10 +510,9 @@ def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tens
     splits = triton.cdiv(t, t_split)
     dx = torch.empty_like(x)
     dphi = torch.empty((splits, k, m), dtype=acc, device=x.device)
-    _proj_bwd_kernel[(kblocks, splits)](
-        x, phi, dp, dsq, dx, dphi, t, k, m, t_split, BT=bt, BK=bk, MP=mp, ACC=_acc_tl(acc),
-        PREC=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    meta = dict(BT=bt, BK=bk, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
+    _launch_pipelined(_proj_bwd_kernel, (kblocks, splits), (x, phi, dp, dsq, dx, dphi, t, k, m, t_split), meta,
+                      cfg.num_warps, cfg.num_stages)
     return dx, dphi.sum(0).to(phi.dtype)
 
 
@@ -765,11 +791,10 @@ def post_res_proj(
     splits = triton.cdiv(c, c_split)
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
-    _post_res_proj_kernel[(triton.cdiv(t, bt), triton.cdiv(m, bm), splits)](
-        x, h_res, h_post, y, phi_next, out, p, sq, t, c, m, c_split,
-        N=n, NP=np_, BT=bt, BC=bc, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    meta = dict(N=n, NP=np_, BT=bt, BC=bc, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
+    _launch_pipelined(_post_res_proj_kernel, (triton.cdiv(t, bt), triton.cdiv(m, bm), splits),
+                      (x, h_res, h_post, y, phi_next, out, p, sq, t, c, m, c_split), meta,
+                      cfg.num_warps, cfg.num_stages)
     if splits == 1:
         return out, p[0], sq[0]
     return out, p.sum(0), sq.sum(0)

@@ -69,7 +69,10 @@ class _ChainRewriter:
 
     def expand(self, head: fx.Node, site: Site) -> fx.Node:
         ndim = len(head.meta["example_value"].shape)
-        with self.graph.inserting_after(head):
+        at = head
+        if head.op == "placeholder":  # a graph input: go past every placeholder, ours included
+            at = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        with self.graph.inserting_after(at):
             u = self.call("unsqueeze", (head, -2), head, site, "expand", kind="call_method")
         with self.graph.inserting_after(u):
             e = self.call("expand", (u, *([-1] * (ndim - 1)), self.n, -1), head, site, "expand", kind="call_method")

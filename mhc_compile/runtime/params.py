@@ -122,6 +122,27 @@ def record_for(root: nn.Module) -> ModelRecord | None:
     return _RECORDS.get(root)
 
 
+def ensure_record(root: nn.Module, n: int = 0, mode: str = "") -> ModelRecord:
+    if root not in _RECORDS:
+        _RECORDS[root] = ModelRecord(n=n, mode=mode)
+    return _RECORDS[root]
+
+
+def lift_to_known_root(module: nn.Module) -> tuple[nn.Module, str]:
+    """(root, path of ``module`` in it) for the outermost converted model that contains ``module``.
+
+    After a graph break Dynamo compiles the rest of a block's forward as its own frame, whose ``self``
+    is the block; its sites must land on the same modules under the same names as in the whole model.
+    """
+    for root in list(_RECORDS.keys()):
+        if root is module:
+            continue
+        for path, sub in root.named_modules():
+            if sub is module:
+                return root, path
+    return module, ""
+
+
 def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, mode: str, width: int,
                        index: int, alpha_init: float, device: torch.device, lazily: bool) -> tuple[MHCSite, bool]:
     """Return the site's parameters, creating them on the owner module if missing.
@@ -132,9 +153,7 @@ def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, m
     owner = root.get_submodule(owner_path) if owner_path else root
     path = f"{owner_path}.{name}" if owner_path else name
     existing = getattr(owner, name, None)
-    record = _RECORDS.get(root)
-    if record is None:
-        record = _RECORDS[root] = ModelRecord(n=n, mode=mode)
+    record = ensure_record(root, n, mode)
     if existing is not None:
         if not isinstance(existing, MHCSite):
             raise ValueError(f"mhc: cannot add site parameters at {path!r}: the attribute exists and is a {type(existing).__name__}")

@@ -1,0 +1,97 @@
+"""The reference ops and their custom-op wrappers: values, gradients (float64 gradcheck), fake impls."""
+
+import pytest
+import torch
+
+from mhc_compile.kernels import reference as ref
+from mhc_compile.runtime import ops
+
+F64 = dict(dtype=torch.float64, requires_grad=True)
+
+
+def _inputs(t=5, n=3, c=7):
+    m = n * n + 2 * n
+    x = torch.randn(t, n, c, **F64)
+    phi = torch.randn(n * c, m, **F64)
+    p, sq = ref.proj(x.detach(), phi.detach())
+    return x, phi, p.requires_grad_(), sq.requires_grad_(), torch.randn(m, **F64), torch.rand(3, **F64)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_proj_gradcheck(n):
+    x, phi, *_ = _inputs(n=n)
+    assert torch.autograd.gradcheck(lambda x, phi: ops.proj(x, phi, "reference"), (x, phi))
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_coeffs_gradcheck(mode, n):
+    _, _, p, sq, b, a = _inputs(n=n)
+    fn = lambda p, sq, b, a: ops.coeffs(p, sq, b, a, n, n * 7, 1e-6, 7, mode, "reference")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (p, sq, b, a))
+
+
+def test_sinkhorn_backward_matches_autograd():
+    logits = torch.randn(6, 4, 4, **F64)
+    g = torch.randn(6, 4, 4, dtype=torch.float64)
+    (auto,) = torch.autograd.grad(ref.sinkhorn(logits, 20), logits, g)
+    torch.testing.assert_close(ref.sinkhorn_backward(logits.detach(), 20, g), auto)
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    h = ref.sinkhorn(torch.randn(32, 4, 4, dtype=torch.float64), 20)
+    assert (h > 0).all()
+    torch.testing.assert_close(h.sum(-1), torch.ones(32, 4, dtype=torch.float64))
+    assert (h.sum(-2) - 1).abs().max() < 1e-3
+
+
+def test_pre_and_post_res_gradcheck_with_leading_dims():
+    n, c = 3, 5
+    x = torch.randn(2, 3, n, c, **F64)
+    h_pre, h_post = torch.rand(2, 3, n, **F64), torch.rand(2, 3, n, **F64)
+    h_res, y = torch.rand(2, 3, n, n, **F64), torch.randn(2, 3, c, **F64)
+    assert torch.autograd.gradcheck(lambda x, h: ops.pre(x, h, "reference"), (x, h_pre))
+    assert torch.autograd.gradcheck(lambda *a: ops.post_res(*a, "reference"), (x, h_res, h_post, y))
+
+
+def test_post_res_formula():
+    """X'[i] = sum_j H_res[i, j] X[j] + H_post[i] y, written out by loops."""
+    t, n, c = 3, 4, 6
+    x, y = torch.randn(t, n, c), torch.randn(t, c)
+    h_res, h_post = torch.rand(t, n, n), torch.rand(t, n)
+    out = ops.post_res(x, h_res, h_post, y, "reference")
+    for i in range(n):
+        want = sum(h_res[:, i, j, None] * x[:, j] for j in range(n)) + h_post[:, i, None] * y
+        torch.testing.assert_close(out[:, i], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    """Fake impls, schemas and autograd registration agree with the real kernels."""
+    n, c, t = 2, 8, 3
+    x = torch.randn(t, n, c, dtype=dtype, requires_grad=True)
+    phi = torch.randn(n * c, n * n + 2 * n, requires_grad=True)
+    torch.library.opcheck(ops.proj, (x, phi, "reference"))
+    p, sq = ops.proj(x, phi, "reference")
+    b, a = torch.randn(n * n + 2 * n, requires_grad=True), torch.rand(3, requires_grad=True)
+    torch.library.opcheck(ops.coeffs, (p.detach().requires_grad_(), sq.detach(), b, a, n, n * c, 1e-6, 20, "mhc", "reference"))
+    h_pre, h_post, h_res = (h.detach().requires_grad_() for h in ops.coeffs(p, sq, b, a, n, n * c, 1e-6, 20, "mhc", "reference"))
+    torch.library.opcheck(ops.pre, (x, h_pre, "reference"))
+    y = torch.randn(t, c, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(ops.post_res, (x, h_res, h_post, y, "reference"))
+
+
+def test_bf16_stream_keeps_dtype_and_fp32_coefficients():
+    x = torch.randn(4, 2, 8, dtype=torch.bfloat16)
+    phi = torch.randn(16, 8)
+    p, sq = ops.proj(x, phi, "reference")
+    assert p.dtype == sq.dtype == torch.float32
+    h_pre, h_post, h_res = ops.coeffs(p, sq, torch.zeros(8), torch.ones(3), 2, 16, 1e-6, 20, "mhc", "reference")
+    assert h_res.dtype == torch.float32
+    assert ops.pre(x, h_pre, "reference").dtype == torch.bfloat16
+    assert ops.post_res(x, h_res, h_post, x[:, 0], "reference").dtype == torch.bfloat16
+
+
+def test_unknown_impl_is_named():
+    with pytest.raises(ValueError, match="cuda_magic"):
+        ops.pre(torch.randn(2, 2, 3), torch.rand(2, 2), "cuda_magic")
