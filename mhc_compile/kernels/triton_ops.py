@@ -99,9 +99,10 @@ class DotCfg:
 
 _DEFAULTS = {
     "pre": StreamCfg(),
-    "pre_backward": StreamCfg(),
+    # backward kernels reduce over C every step: 256 channels = one warp's row keeps that in-warp
+    "pre_backward": StreamCfg(max_bc=256),
     "post_res": StreamCfg(),
-    "post_res_backward": StreamCfg(),
+    "post_res_backward": StreamCfg(max_bc=256),
     "proj": DotCfg(),
     "proj_backward": DotCfg(bt=32, bk=128),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
