@@ -1,0 +1,68 @@
+"""One test per private torch internal wrapped in mhc_compile._compat."""
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from mhc_compile import _compat
+
+
+def test_frame_locals_reach_the_module_from_a_backend():
+    seen = {}
+
+    def backend(gm, inputs):
+        seen.update(_compat.dynamo_frame_locals() or {})
+        return gm.forward
+
+    m = nn.Linear(3, 3)
+    torch.compile(m, backend=backend)(torch.randn(2, 3))
+    assert any(v is m for v in seen.values())
+    assert _compat.dynamo_frame_locals() is None  # outside a compile
+
+
+def test_resolve_module_paths():
+    outer = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
+    mod, path = _compat.resolve_module("L['self'].1.1", {"self": outer})
+    assert mod is outer and path == "1.1"
+    assert _compat.resolve_module("G['x']", {}) is None
+
+
+def test_inner_compilers_and_policy_exist():
+    assert callable(_compat.inductor_compile_fx())
+    assert callable(_compat.lookup_backend("aot_eager"))
+    policy = _compat.checkpoint_policy()
+    assert hasattr(policy, "MUST_RECOMPUTE")
+
+
+def test_recompute_meta_survives_aot_retrace():
+    assert {"recompute", "ac_graph_id"} <= set(_compat.meta_fields_copied_to_aot())
+
+
+def test_backend_compiler_failed_wraps_inner_exception():
+    def backend(gm, inputs):
+        raise ValueError("boom")
+
+    try:
+        torch.compile(lambda x: x + 1, backend=backend)(torch.randn(2))
+    except _compat.backend_compiler_failed() as e:
+        assert isinstance(e.inner_exception, ValueError)
+    else:
+        raise AssertionError("expected BackendCompilerFailed")
+
+
+def test_modules_on_call_stack_finds_callers():
+    class Probe(nn.Module):
+        def forward(self):
+            return _compat.modules_on_call_stack()
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.probe = Probe()
+
+        def forward(self):
+            return self.probe()
+
+    outer = Outer()
+    found = outer()
+    assert found[0] is outer and found[-1] is outer.probe
