@@ -12,7 +12,7 @@ The backend is registered under the name "mhc" through the ``torch_dynamo_backen
 
 from __future__ import annotations
 
-from mhc_compile.api import prepare
+from mhc_compile.api import TracedGraph, prepare, trace
 from mhc_compile.backend import REPORTS, MHCConversionError, mhc_backend
 from mhc_compile.config import MHCConfig
 from mhc_compile.runtime.params import MHCSite, MissingMHCParametersError, mhc_parameters
@@ -26,6 +26,8 @@ __all__ = [
     "mhc_backend",
     "mhc_parameters",
     "prepare",
+    "trace",
+    "TracedGraph",
 ]
 
 __version__ = "0.1.0"

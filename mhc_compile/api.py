@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,3 +37,37 @@ def prepare(model: nn.Module, *example_inputs: Any, **options: Any) -> nn.Module
         # prepare() is our own call: give the user our error, not Dynamo's wrapper around it.
         raise e.inner_exception from None
     return model
+
+
+@dataclass
+class TracedGraph:
+    """One Dynamo graph after the mhc passes: the FX graph, its example inputs (graph inputs, then the
+    mHC parameters), and the backend's report for it."""
+
+    gm: torch.fx.GraphModule
+    example_inputs: list
+    report: Any
+
+
+def trace(model: nn.Module, *example_inputs: Any, **options: Any) -> list[TracedGraph]:
+    """Run the backend's passes on ``model(*example_inputs)`` and return the rewritten graphs.
+
+    Like ``prepare`` it creates missing mHC parameters on ``model``; nothing is compiled (the graphs run
+    eagerly once). Used by ``explain`` and ``export_mlir``.
+    """
+    from mhc_compile import _compat
+    from mhc_compile.backend import compile_graph
+
+    config = MHCConfig.from_options(options, inner_backend="eager")
+    traced: list[TracedGraph] = []
+
+    def trace_backend(gm, inputs, **_):
+        return compile_graph(gm, list(inputs), config, lazily=False,
+                             on_graph=lambda g, i, r: traced.append(TracedGraph(g, list(i), r)))
+
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=trace_backend, dynamic=False)(*example_inputs)
+    except _compat.backend_compiler_failed() as e:
+        raise e.inner_exception from None
+    return traced

@@ -159,7 +159,12 @@ def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCCon
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *,
-                  inductor_mode: str | None = None, plan_only: bool = False, lazily: bool = True) -> Callable:
+                  inductor_mode: str | None = None, plan_only: bool = False, lazily: bool = True,
+                  on_graph: Callable[[fx.GraphModule, list, GraphReport], None] | None = None) -> Callable:
+    """Run the passes on one Dynamo graph and compile the result.
+
+    ``plan_only`` stops after creating parameters (``prepare``); ``on_graph`` receives the final graph
+    (rewritten or not), its example inputs (mHC parameters appended) and the report (``trace``)."""
     index = len(REPORTS)
     _register_frame_root()
     work = _copy_graph_module(gm)
@@ -175,6 +180,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
 
     if not detection.sites:
         log.info("mhc: graph %d has no residual adds; compiled unchanged", index)
+        if on_graph is not None:
+            on_graph(gm, example_inputs, report)
         return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
 
     root = _resolve_root(detection)
@@ -186,6 +193,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     if config.mode == "residual":
         log.info("mhc: mode=residual, %d residual site(s) found in graph %d and left as they are",
                  len(detection.sites), index)
+        if on_graph is not None:
+            on_graph(gm, example_inputs, report)
         return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
 
     root, prefix = lift_to_known_root(root)
@@ -226,6 +235,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
               f"n={config.n}, mode={config.mode}, kernels={impl}")
     log.info("mhc: graph %d rewritten: %s", index, ", ".join(report.sites))
     extra = result.extra_inputs
+    if on_graph is not None:
+        on_graph(result.gm, example_inputs + extra, report)
     compiled = _inner_compile(result.gm, example_inputs + extra, config, inductor_mode)
 
     def run(*args):

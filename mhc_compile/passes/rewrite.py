@@ -92,7 +92,7 @@ class _ChainRewriter:
             p = self.call(operator.getitem, (proj, 0), out, site, "proj")
         with self.graph.inserting_after(p):
             sq = self.call(operator.getitem, (proj, 1), out, site, "proj")
-        coeff_args = (p, sq, bias, alpha, n, n * site.width, cfg.eps, cfg.sinkhorn_iters, cfg.mode, impl)
+        coeff_args = (p, sq, bias, alpha, n, n * site.width, cfg.eps, cfg.sinkhorn_iters, cfg.mode, impl, site.path)
         with self.graph.inserting_after(sq):
             coeffs = self.call(OPS.coeffs.default, coeff_args, out, site, "coeffs")
         h = []
@@ -106,7 +106,7 @@ class _ChainRewriter:
             with self.graph.inserting_after(last):
                 h_res = last = self.call("transpose", (h_res, -1, -2), out, site, "coeffs", kind="call_method")
         with self.graph.inserting_after(last):
-            x_in = self.call(OPS.pre.default, (x, h_pre, impl), out, site, "pre")
+            x_in = self.call(OPS.pre.default, (x, h_pre, impl, site.path), out, site, "pre")
 
         # The sublayer now reads x_in where it read the stream.
         for user in list(stream_now.users):

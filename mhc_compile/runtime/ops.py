@@ -11,6 +11,7 @@ Streams may have any leading dims: ops flatten them to tokens ([T, n, C]) and re
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -19,6 +20,31 @@ from torch import Tensor
 from mhc_compile.kernels import reference as ref
 
 IMPLS = ("reference", "triton")
+
+
+# Diagnostics: while a capture is active, coeffs and pre record what they computed, per site.
+_CAPTURES: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def capture_coefficients():
+    """Record, for every executed site, its H_pre / H_post / H_res and input streams X.
+
+    Yields a list that fills with dicts {"site", "h_pre", "h_post", "h_res"} (from ``coeffs``) and
+    {"site", "x"} (from ``pre``), in execution order, detached. Works for eager, aot_eager and Inductor
+    graphs alike, since the compiled graph calls the op's Python implementation.
+    """
+    records: list[dict] = []
+    _CAPTURES.append(records)
+    try:
+        yield records
+    finally:
+        _CAPTURES.remove(records)
+
+
+def _record(**entry) -> None:
+    for records in _CAPTURES:
+        records.append({k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in entry.items()})
 
 
 def _kernels(impl: str):
@@ -85,17 +111,20 @@ proj.register_autograd(_proj_bwd, setup_context=_proj_setup)
 @torch.library.custom_op("mhc_compile::coeffs", mutates_args=())
 def coeffs(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor,
-    n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
     lead = p.shape[:-1]
     h_pre, h_post, h_res = _kernels(impl).coeffs(
         _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), bias, alpha, n, nc, eps, iters, mode
     )
-    return h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n))
+    h_pre, h_post, h_res = h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n))
+    if _CAPTURES:
+        _record(site=site, h_pre=h_pre, h_post=h_post, h_res=h_res)
+    return h_pre, h_post, h_res
 
 
 @coeffs.register_fake
-def _(p, sq, bias, alpha, n, nc, eps, iters, mode, impl):
+def _(p, sq, bias, alpha, n, nc, eps, iters, mode, impl, site=""):
     lead = p.shape[:-1]
     acc = ref.acc_dtype(p.dtype)
     return p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n, n), dtype=acc)
@@ -121,7 +150,7 @@ def _(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode, impl
 
 
 def _coeffs_setup(ctx, inputs, output):
-    p, sq, bias, alpha, n, nc, eps, iters, mode, impl = inputs
+    p, sq, bias, alpha, n, nc, eps, iters, mode, impl, *_site = inputs
     ctx.save_for_backward(p, sq, bias, alpha)
     ctx.static = (n, nc, eps, iters, mode, impl)
 
@@ -129,7 +158,7 @@ def _coeffs_setup(ctx, inputs, output):
 def _coeffs_bwd(ctx, dh_pre, dh_post, dh_res):
     p, sq, bias, alpha = ctx.saved_tensors
     grads = coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, *ctx.static)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
@@ -139,13 +168,15 @@ coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
 # pre
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("mhc_compile::pre", mutates_args=())
-def pre(x: Tensor, h_pre: Tensor, impl: str) -> Tensor:
+def pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "") -> Tensor:
     out = _kernels(impl).pre(_tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous())
+    if _CAPTURES:
+        _record(site=site, x=x)
     return out.reshape(x.shape[:-2] + x.shape[-1:])
 
 
 @pre.register_fake
-def _(x, h_pre, impl):
+def _(x, h_pre, impl, site=""):
     return x.new_empty(x.shape[:-2] + x.shape[-1:])
 
 
@@ -163,7 +194,7 @@ def _(x, h_pre, dout, impl):
 
 
 def _pre_setup(ctx, inputs, output):
-    x, h_pre, impl = inputs
+    x, h_pre, impl, *_site = inputs
     ctx.save_for_backward(x, h_pre)
     ctx.impl = impl
 
@@ -171,7 +202,7 @@ def _pre_setup(ctx, inputs, output):
 def _pre_bwd(ctx, dout):
     x, h_pre = ctx.saved_tensors
     dx, dh = pre_backward(x, h_pre, dout, ctx.impl)
-    return dx, dh, None
+    return dx, dh, None, None
 
 
 pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
