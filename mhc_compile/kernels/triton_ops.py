@@ -97,14 +97,15 @@ class DotCfg:
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
 
 
+# Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
+# bf16; benchmarks/results/kernels-2026-11-23-h100.md). Full-width C (1024) won for the backward kernels too.
 _DEFAULTS = {
     "pre": StreamCfg(),
-    # backward kernels reduce over C every step: 256 channels = one warp's row keeps that in-warp
-    "pre_backward": StreamCfg(max_bc=256),
+    "pre_backward": StreamCfg(),
     "post_res": StreamCfg(),
-    "post_res_backward": StreamCfg(max_bc=256),
-    "proj": DotCfg(),
-    "proj_backward": DotCfg(bt=32, bk=128),
+    "post_res_backward": StreamCfg(),
+    "proj": DotCfg(bt=128, bk=128, num_warps=4, num_stages=2, waves=2),
+    "proj_backward": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=4),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
     "coeffs": StreamCfg(budget=1024),
