@@ -15,9 +15,12 @@ from __future__ import annotations
 from mhc_compile.api import TracedGraph, prepare, trace
 from mhc_compile.backend import REPORTS, MHCConversionError, mhc_backend
 from mhc_compile.config import MHCConfig
+from mhc_compile.explain import ExplainReport, explain
 from mhc_compile.runtime.params import MHCSite, MissingMHCParametersError, mhc_parameters
 
 __all__ = [
+    "ExplainReport",
+    "explain",
     "MHCConfig",
     "MHCConversionError",
     "MHCSite",

@@ -93,3 +93,23 @@ def modules_on_call_stack() -> list[nn.Module]:
             found.append(candidate)
         frame = frame.f_back
     return found[::-1]
+
+
+def graph_break_reasons(model: nn.Module, example_inputs) -> list[str]:
+    """Dynamo's own account of where and why ``model(*example_inputs)`` breaks into several graphs."""
+    out = torch._dynamo.explain(model)(*example_inputs)
+    reasons = []
+    for brk in out.break_reasons:
+        where = ""
+        if getattr(brk, "user_stack", None):
+            frame = brk.user_stack[-1]
+            where = f" at {frame.filename}:{frame.lineno} ({frame.name})"
+        reasons.append(f"{str(brk.reason).splitlines()[0]}{where}")
+    return reasons
+
+
+def trace_artifact(name: str, payload: Callable[[], str]) -> None:
+    """Put a string artifact into the structured trace (TORCH_TRACE / tlparse)."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload)

@@ -178,8 +178,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             raise MHCConversionError(msg + " (strict=True)")
         warnings.warn(msg, stacklevel=2)
 
+    for site in detection.sites:
+        log.debug("mhc: graph %d: site %s = %s + %s (%s)", index, site.out.name, site.stream.name,
+                  " + ".join(b.name for b in site.branches), site.kind)
     if not detection.sites:
         log.info("mhc: graph %d has no residual adds; compiled unchanged", index)
+        if config.dump_dir:
+            from mhc_compile.explain import dump_graph
+
+            dump_graph(config.dump_dir, index, report.before, None)
         if on_graph is not None:
             on_graph(gm, example_inputs, report)
         return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
@@ -230,6 +237,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     schedule_pass.apply(result.gm, config)
     report.after = result.gm.print_readable(print_output=False)
     report.gm = result.gm
+    _publish(report, config)
     if config.verbose:
         print(f"[mhc] graph {index}: {len(detection.sites)} site(s) in {len(detection.chains)} chain(s), "
               f"n={config.n}, mode={config.mode}, kernels={impl}")
@@ -243,6 +251,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         return compiled(*args, *extra)
 
     return run
+
+
+def _publish(report: GraphReport, config: MHCConfig) -> None:
+    """Make the rewrite visible: debug log (TORCH_LOGS="+mhc_compile"), structured trace artifact
+    (TORCH_TRACE / tlparse) and, with ``dump_dir``, files with the graphs and a picture."""
+    log.debug("mhc: graph %d after the rewrite:\n%s", report.graph_index, report.after)
+    _compat.trace_artifact(f"mhc_rewritten_graph_{report.graph_index}", lambda: report.after)
+    if config.dump_dir:
+        from mhc_compile.explain import dump_graph
+
+        for path in dump_graph(config.dump_dir, report.graph_index, report.before, report.gm):
+            log.info("mhc: wrote %s", path)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, mode: str | None) -> Callable:

@@ -8,6 +8,7 @@ call site with a message that names it instead of surfacing later as a wrong mod
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -41,6 +42,8 @@ class MHCConfig:
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
     verbose:         print a one-line summary per compiled graph.
+    dump_dir:        write graph_<i>_before.py / _after.py / _mhc.svg for every compiled graph there.
+    inductor_options: Inductor config patches for the rest of the graph.
     """
 
     n: int = 4
@@ -55,6 +58,7 @@ class MHCConfig:
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
+    dump_dir: str | None = None
     inductor_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +77,8 @@ class MHCConfig:
             raise ValueError(f"mhc option 'verbose' must be a bool, got {self.verbose!r}")
         if self.recompute not in ("auto", "none"):
             _check_int("recompute", self.recompute, 1, 1 << 20, hint='or "auto" / "none"')
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ValueError(f"mhc option 'dump_dir' must be a path, got {self.dump_dir!r}")
         if not isinstance(self.inductor_options, Mapping):
             raise ValueError("mhc option 'inductor_options' must be a dict of Inductor options")
 
