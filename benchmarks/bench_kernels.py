@@ -4,11 +4,15 @@ reference under torch.compile, measured side by side in one process on one GPU.
     PYTHONPATH=. python benchmarks/bench_kernels.py [--tokens 8192 32768] [--channels 2048 4096 7168]
                                                     [--compiled-shapes 8192x4096] [--sweep]
 
-Steps: (1) correctness of every Triton op against ``kernels/reference.py`` on odd shapes (stops on failure);
-(2) device-to-device copy bandwidth (read + write bytes over time) of a large tensor; (3) optional tile
-sweep of the kernels' configurations; (4) the table: time (median of ``triton.testing.do_bench``), bytes
-(every tensor the kernel reads or writes, counted once), GB/s, and efficiency = bytes / (time x copy bw).
-Results are printed and written as markdown to $OUT (else ./bench_out): kernels.md, sweep.md, env.md.
+Stages, each written to $OUT (else ./bench_out) as soon as it is done, so a time limit loses only the tail:
+(1) correctness of every Triton op against ``kernels/reference.py`` at the benchmark's configuration (ops
+that fail are not timed) -> correctness.md; (2) device-to-device copy bandwidth (read + write bytes over
+time) -> env.md; (3) with --sweep, a round-robin tile sweep whose winners are used for the rest of the run
+-> sweep.md; (4) the table: time (median of ``triton.testing.do_bench``), bytes (every tensor the kernel
+reads or writes, counted once), GB/s, efficiency = bytes / (time x copy bw), and the eager reference
+-> kernels.md; (5) correctness on odd shapes (n = 1, 3, 16; C = 5, 33; fp16 / fp32) -> correctness.md;
+(6) the reference under torch.compile at --compiled-shapes -> compiled.md. --budget-s bounds (5) and (6).
+``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
 
 from __future__ import annotations
