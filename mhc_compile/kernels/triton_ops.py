@@ -100,7 +100,7 @@ class DotCfg:
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
 # bf16; benchmarks/results/kernels-2026-11-23-h100.md). Full-width C (1024) won for the backward kernels too.
 _DEFAULTS = {
-    "pre": StreamCfg(),
+    "pre": StreamCfg(budget=2048),
     "pre_backward": StreamCfg(),
     "post_res": StreamCfg(),
     "post_res_backward": StreamCfg(),
