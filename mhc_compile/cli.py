@@ -21,6 +21,55 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from mhc_compile.explain import explain, region_svg
+    from mhc_compile.presets import load
+
+    model, inputs = load(args.model)
+    model.eval()
+    os.makedirs(args.out, exist_ok=True)
+    report = explain(model, *inputs, n=args.n, mode=args.mode)
+    with open(os.path.join(args.out, "report.txt"), "w") as f:
+        f.write(report.summary() + "\n")
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump({"sites": [vars(s) for s in report.sites], "graph_breaks": report.graph_breaks,
+                   "unconverted": report.unconverted, "warnings": report.warnings,
+                   "recompute_blocks": report.recompute_blocks}, f, indent=1, default=str)
+    for i, (before, after) in enumerate(zip(report.graphs_before, report.graphs_after)):
+        for name, text in ((f"graph_{i}_before.py", before), (f"graph_{i}_after.py", after)):
+            with open(os.path.join(args.out, name), "w") as f:
+                f.write(text)
+    from mhc_compile.backend import REPORTS
+
+    for r in REPORTS:
+        if r.gm is not None and any(s.path in {x.path for x in report.sites} for s in r.detection.sites):
+            with open(os.path.join(args.out, f"graph_{r.graph_index}_mhc.svg"), "w") as f:
+                f.write(region_svg(r.gm))
+    print(f"wrote the report and graphs to {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import os
+    import runpy
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("mhc-compile bench: no CUDA device here. The benchmarks measure GPU kernels and training steps; "
+              "run them on a machine with an NVIDIA GPU (see benchmarks/).")
+        return 2
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", args.which + ".py")
+    if not os.path.exists(script):
+        print(f"mhc-compile bench: {script} not found (the benchmarks ship with the source tree)")
+        return 2
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
 def torch_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -45,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--inner-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                        help="what compiles the rest of the graph (inductor: the product; aot_eager: fast to start)")
     train.set_defaults(func=_train)
+
+    inspect = sub.add_parser("inspect", help="report and pictures of what the backend does to a model")
+    inspect.add_argument("model", help="a preset (gpt2, llama, bert, vit, gpt_neox, tinygpt) or pkg.module:factory")
+    inspect.add_argument("--n", type=int, default=4)
+    inspect.add_argument("--mode", default="mhc", choices=["mhc", "hc", "residual"])
+    inspect.add_argument("--out", default="mhc_inspect", help="output folder")
+    inspect.set_defaults(func=_inspect)
+
+    bench = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)")
+    bench.add_argument("which", nargs="?", default="bench_kernels", help="benchmarks/<which>.py")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -325,7 +325,7 @@ def _name_site(site: Site, an: _Analysis) -> str:
         if children and len(site.branches) == 1 and is_add(y) and _both_branches(an, site.stream, y):
             names.extend(dict.fromkeys(children))  # one branch that sums two sublayers (GPT-NeoX)
         elif children:
-            names.append(max(sorted(set(children)), key=children.count))
+            names.append(max(dict.fromkeys(children), key=children.count))  # ties: first in graph order
     return "mhc_" + ("_".join(dict.fromkeys(names)) or "site")
 
 
