@@ -45,4 +45,5 @@ def _register() -> None:
 
 
 _register()
+from mhc_compile.export import export_mlir  # noqa: E402
 from mhc_compile.diagnostics import Diagnostics, amax_gain, collect, composite, composite_gains, plot_divergence, plot_gains, plot_h_res_heatmaps, stream_divergence  # noqa: E402
