@@ -2,6 +2,9 @@ import os
 import sys
 import warnings
 
+# Triton kernels run on the CPU under the interpreter here and in CI; it must be set before triton loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -1,8 +1,11 @@
 """Mark the mHC bookkeeping for recomputation in backward (paper Sec. 4.3.2).
 
-The sites of a chain are cut into blocks of L_r. Every mHC node of a block (expand, proj, coeffs, pre,
-post_res, and the post-norm ops that now act on all streams) is tagged ``recompute = MUST_RECOMPUTE``
-with the block's ``ac_graph_id``. These meta keys survive AOTAutograd's retrace into the joint graph,
+The sites of a chain are cut into blocks of L_r. The nodes that produce widened streams (expand,
+post_res, and the post-norm ops that now act on all streams) are tagged ``recompute = MUST_RECOMPUTE``
+with the block's ``ac_graph_id``. The coefficient path's outputs (p, sq, H: (n^2 + 2n + 1) fp32 values a
+token, a few percent of one stream) are tagged MUST_SAVE: recomputing them would re-read the n-wide
+stream for the projection, the most expensive bookkeeping kernel. ``pre`` is recomputed too (one read
+of the streams), so the sublayer's input is not kept beside the streams it is made from. These meta keys survive AOTAutograd's retrace into the joint graph,
 where the min-cut partitioner honours them: inside a block nothing of the widened stream is saved and
 the intermediates are recomputed from the block's input stream and the saved sublayer outputs y;
 between two blocks the partitioner keeps the boundary stream (a tagged node whose user has a larger
@@ -15,6 +18,7 @@ model  n C (L / L_r) + (n + 2) C L_r  (block inputs kept + one block's intermedi
 from __future__ import annotations
 
 import itertools
+import operator
 import math
 
 import torch.fx as fx
@@ -33,6 +37,21 @@ def block_size(config: MHCConfig, num_sites: int) -> int | None:
         n = config.n
         return max(1, min(num_sites, round(math.sqrt(n * num_sites / (n + 2)))))
     return min(int(config.recompute), num_sites)
+
+
+_STREAM_ROLES = ("expand", "post_res", "collapse", "pre", "branch_sum")
+_SAVED_ROLES = ("proj", "coeffs")
+
+
+def _policy(node: fx.Node, policy):
+    role = (node.meta.get("mhc") or {}).get("role")
+    if role is None or role in _STREAM_ROLES:  # role None: a post-norm op on the streams
+        return policy.MUST_RECOMPUTE
+    if role in _SAVED_ROLES and node.target is operator.getitem:
+        return policy.MUST_SAVE
+    if role == "coeffs" and node.op == "call_method":  # the transposed H_res view: recompute (free)
+        return policy.MUST_RECOMPUTE
+    return None
 
 
 def apply(gm: fx.GraphModule, detection: Detection, config: MHCConfig) -> list[list[str]]:
@@ -57,7 +76,9 @@ def apply(gm: fx.GraphModule, detection: Detection, config: MHCConfig) -> list[l
             graph_id = next(_ids)
             for site in block:
                 for node in by_site.get(site.path, []) + link_of.get(site.path, []):
-                    node.meta["recompute"] = policy.MUST_RECOMPUTE
-                    node.meta["ac_graph_id"] = graph_id
+                    policy_for = _policy(node, policy)
+                    if policy_for is not None:
+                        node.meta["recompute"] = policy_for
+                        node.meta["ac_graph_id"] = graph_id
             blocks.append([s.path for s in block])
     return blocks
