@@ -42,12 +42,10 @@ def _inspect(args: argparse.Namespace) -> int:
         for name, text in ((f"graph_{i}_before.py", before), (f"graph_{i}_after.py", after)):
             with open(os.path.join(args.out, name), "w") as f:
                 f.write(text)
-    from mhc_compile.backend import REPORTS
-
-    for r in REPORTS:
-        if r.gm is not None and any(s.path in {x.path for x in report.sites} for s in r.detection.sites):
-            with open(os.path.join(args.out, f"graph_{r.graph_index}_mhc.svg"), "w") as f:
-                f.write(region_svg(r.gm))
+    for i, gm in enumerate(report.graph_modules):
+        if gm is not None:
+            with open(os.path.join(args.out, f"graph_{i}_mhc.svg"), "w") as f:
+                f.write(region_svg(gm))
     print(f"wrote the report and graphs to {args.out}")
     return 0
 

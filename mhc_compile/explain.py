@@ -48,6 +48,7 @@ class ExplainReport:
     recompute_blocks: list[list[str]] = field(default_factory=list)
     graphs_before: list[str] = field(default_factory=list)
     graphs_after: list[str] = field(default_factory=list)
+    graph_modules: list[Any] = field(default_factory=list)  # the rewritten fx.GraphModule, or None
 
     @property
     def parameters_added(self) -> int:
@@ -100,6 +101,7 @@ def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, 
         r = t.report
         report.graphs_before.append(r.before)
         report.graphs_after.append(r.after or r.before)
+        report.graph_modules.append(r.gm)
         report.unconverted.extend(f"{u.node} in {u.module or '<root>'}: {u.reason}" for u in r.detection.unconverted)
         report.warnings.extend(w for w in r.warnings if "not converted" not in w)
         for c, chain in enumerate(r.detection.chains):
