@@ -13,9 +13,11 @@ def _train(args: argparse.Namespace) -> int:
     torch_threads(args.threads)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TF32.*")
+        modes = ("residual", "hc", "mhc") if args.compare else ("residual", "mhc")
+        out = args.out or ("mhc_train_out" if args.compare else None)
         results = train_compare(steps=args.steps, n=args.n, d=args.d, layers=args.layers, batch=args.batch,
                                 seq=args.seq, lr=args.lr, inner_backend=args.inner_backend, seed=args.seed,
-                                log_every=args.log_every)
+                                log_every=args.log_every, modes=modes, out_dir=out)
     print()
     print(summarize(results))
     return 0
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--inner-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                        help="what compiles the rest of the graph (inductor: the product; aot_eager: fast to start)")
+    train.add_argument("--compare", action="store_true",
+                       help="train plain residual, hc and mhc side by side; write loss curves and gain plots")
+    train.add_argument("--out", default=None, help="output folder for --compare (default mhc_train_out)")
     train.set_defaults(func=_train)
 
     inspect = sub.add_parser("inspect", help="report and pictures of what the backend does to a model")

@@ -8,6 +8,7 @@ side and reports what was rewritten.
 from __future__ import annotations
 
 import math
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ def train(model: nn.Module, step_fn, label: str, steps: int, batch: int, seq: in
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     result = RunResult(label, parameters=sum(p.numel() for p in model.parameters()))
     start = time.perf_counter()
+    bar = _Progress(label, steps)
     for step, (x, y) in zip(range(steps), batches(data, batch, seq, gen)):
         logits = step_fn(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -100,42 +102,109 @@ def train(model: nn.Module, step_fn, label: str, steps: int, batch: int, seq: in
         loss.backward()
         opt.step()
         result.losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"  [{label}] step {step:4d}  loss {loss.item():.4f}")
+        bar.update(step, loss.item(), log_every)
+    bar.close()
     result.seconds = time.perf_counter() - start
     return result
 
 
+class _Progress:
+    """A one-line progress bar on a terminal; periodic log lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, label: str, steps: int):
+        self.label, self.steps = label, steps
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, loss: float, log_every: int) -> None:
+        if self.tty:
+            done = int(30 * (step + 1) / self.steps)
+            sys.stdout.write(f"\r  [{self.label:<10}] [{'#' * done}{'.' * (30 - done)}] {step + 1}/{self.steps} loss {loss:.4f}")
+            sys.stdout.flush()
+        elif log_every and (step % log_every == 0 or step == self.steps - 1):
+            print(f"  [{self.label}] step {step:4d}  loss {loss:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+
+
 def train_compare(steps: int = 60, n: int = 4, d: int = 64, layers: int = 4, batch: int = 16, seq: int = 64,
-                  lr: float = 3e-3, inner_backend: str = "inductor", seed: int = 0, log_every: int = 10) -> list[RunResult]:
-    """Train plain residual and mHC from the same initial weights on the same batches."""
+                  lr: float = 3e-3, inner_backend: str = "inductor", seed: int = 0, log_every: int = 10,
+                  modes: tuple[str, ...] = ("residual", "mhc"), out_dir: str | None = None) -> list[RunResult]:
+    """Train the same initial TinyGPT with plain residuals and with each mHC mode, on the same batches.
+
+    "residual" compiles the unmodified model with ``inner_backend``; "mhc" / "hc" go through
+    ``backend="mhc"`` with that mode. With ``out_dir``, writes losses.csv, loss curves and, for the mHC
+    modes, the gain / H_res plots of the trained models (paper Fig. 3, 7, 8).
+    """
     import mhc_compile
     from mhc_compile.backend import REPORTS
 
     data = stdlib_text()
     print(f"data: {data.numel():,} bytes of Python standard-library source; model: TinyGPT d={d} layers={layers}")
-    results = []
-
     torch.manual_seed(seed)
-    plain = TinyGPT(d=d, layers=layers, seq=seq)
-    init_state = {k: v.clone() for k, v in plain.state_dict().items()}
-    plain_step = torch.compile(plain, backend="inductor" if inner_backend == "inductor" else inner_backend)
-    results.append(train(plain, plain_step, "residual", steps, batch, seq, lr, seed, log_every, data))
-
-    model = TinyGPT(d=d, layers=layers, seq=seq)
-    model.load_state_dict(init_state)
-    options = {"n": n, "inner_backend": inner_backend}
-    start = len(REPORTS)
-    example = torch.zeros(batch, seq, dtype=torch.long)
-    mhc_compile.prepare(model, example, **options)
-    for report in REPORTS[start:]:
-        for line in report.sites:
-            print(f"  rewrote residual site {line}")
-    added = mhc_compile.mhc_parameters(model)
-    print(f"  added {len(added)} mHC parameter tensors ({sum(p.numel() for p in added):,} values) at n={n}")
-    mhc_step = torch.compile(model, backend="mhc", options=options)
-    results.append(train(model, mhc_step, f"mhc n={n}", steps, batch, seq, lr, seed, log_every, data))
+    init_state = TinyGPT(d=d, layers=layers, seq=seq).state_dict()
+    results, trained = [], {}
+    for mode in modes:
+        model = TinyGPT(d=d, layers=layers, seq=seq)
+        model.load_state_dict(init_state)
+        if mode == "residual":
+            step = torch.compile(model, backend="inductor" if inner_backend == "inductor" else inner_backend)
+            label = "residual"
+        else:
+            options = {"n": n, "mode": mode, "inner_backend": inner_backend}
+            start = len(REPORTS)
+            mhc_compile.prepare(model, torch.zeros(batch, seq, dtype=torch.long), **options)
+            for report in REPORTS[start:]:
+                for line in report.sites:
+                    print(f"  rewrote residual site {line}")
+            added = mhc_compile.mhc_parameters(model)
+            print(f"  added {len(added)} mHC parameter tensors ({sum(p.numel() for p in added):,} values) at n={n}, mode={mode}")
+            step = torch.compile(model, backend="mhc", options=options)
+            label = f"{mode} n={n}"
+        results.append(train(model, step, label, steps, batch, seq, lr, seed, log_every, data))
+        trained[mode] = (model, step)
+    if out_dir:
+        write_outputs(out_dir, results, trained, data, batch, seq, seed)
     return results
+
+
+def write_outputs(out_dir: str, results: list[RunResult], trained: dict, data, batch: int, seq: int, seed: int) -> None:
+    """losses.csv, loss_curves.png and, per mHC mode, gains / H_res heatmaps / divergence plots."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "losses.csv"), "w") as f:
+        f.write("step," + ",".join(r.label for r in results) + "\n")
+        for i in range(len(results[0].losses)):
+            f.write(f"{i}," + ",".join(f"{r.losses[i]:.6f}" for r in results) + "\n")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("  matplotlib is not installed: wrote losses.csv only (pip install matplotlib for the plots)")
+        return
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for r in results:
+        ax.plot(r.losses, label=r.label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.legend()
+    fig.savefig(os.path.join(out_dir, "loss_curves.png"), dpi=120)
+    from mhc_compile import diagnostics
+
+    x, _ = next(batches(data, batch, seq, torch.Generator().manual_seed(seed + 1)))
+    for mode, (_, step) in trained.items():
+        if mode == "residual":
+            continue
+        diag = diagnostics.collect(step, x)
+        diagnostics.plot_gains(diag, os.path.join(out_dir, f"gains_{mode}.png"))
+        diagnostics.plot_h_res_heatmaps(diag, os.path.join(out_dir, f"h_res_{mode}.png"))
+        diagnostics.plot_divergence(diag, os.path.join(out_dir, f"divergence_{mode}.png"))
+        with open(os.path.join(out_dir, f"diagnostics_{mode}.txt"), "w") as f:
+            f.write(diag.summary() + "\n")
+        print(f"  {mode}: composite gain fwd {float(diag.composite_fwd[-1]):.3g}, bwd {float(diag.composite_bwd[-1]):.3g}")
+    print(f"  wrote losses, loss curves and gain plots to {out_dir}")
 
 
 def summarize(results: list[RunResult], tail: int = 10) -> str:

@@ -45,3 +45,15 @@ def test_train_runs_end_to_end_quickly():
     assert "rewrote residual site blocks.0.mhc_qkv" in out.stdout
     assert "added 6 mHC parameter tensors" in out.stdout
     assert "residual" in out.stdout and "mhc n=4" in out.stdout
+
+
+def test_train_compare_writes_losses_and_gain_plots(tmp_path):
+    from mhc_compile.cli import main as cli_main
+
+    assert cli_main(["train", "--compare", "--steps", "3", "--d", "32", "--layers", "1", "--batch", "4", "--seq", "16",
+                     "--inner-backend", "aot_eager", "--log-every", "1", "--out", str(tmp_path)]) == 0
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"losses.csv", "loss_curves.png", "gains_hc.png", "gains_mhc.png", "h_res_mhc.png",
+            "divergence_mhc.png", "diagnostics_mhc.txt"} <= files
+    header = (tmp_path / "losses.csv").read_text().splitlines()[0]
+    assert header == "step,residual,hc n=4,mhc n=4"
