@@ -14,11 +14,22 @@ from __future__ import annotations
 
 from mhc_compile.api import TracedGraph, prepare, trace
 from mhc_compile.backend import REPORTS, MHCConversionError, mhc_backend
+from mhc_compile import diagnostics
 from mhc_compile.config import MHCConfig
+from mhc_compile.diagnostics import Diagnostics, amax_gain, collect, composite, composite_gains, stream_divergence
+from mhc_compile.export import export_mlir
 from mhc_compile.explain import ExplainReport, explain
 from mhc_compile.runtime.params import MHCSite, MissingMHCParametersError, mhc_parameters
 
 __all__ = [
+    "Diagnostics",
+    "amax_gain",
+    "collect",
+    "composite",
+    "composite_gains",
+    "diagnostics",
+    "export_mlir",
+    "stream_divergence",
     "ExplainReport",
     "explain",
     "MHCConfig",
@@ -45,5 +56,3 @@ def _register() -> None:
 
 
 _register()
-from mhc_compile.export import export_mlir  # noqa: E402
-from mhc_compile.diagnostics import Diagnostics, amax_gain, collect, composite, composite_gains, plot_divergence, plot_gains, plot_h_res_heatmaps, stream_divergence  # noqa: E402
