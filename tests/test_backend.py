@@ -315,3 +315,28 @@ def test_graph_break_is_an_error_under_strict():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.compile(model, backend="mhc", options={"strict": True, **AOT})(torch.randint(0, 64, (2, 8)))
+
+
+# --- the initialisation contract ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_init_contract_small_gates_zero_dynamics_and_leaning_pre_maps(mode):
+    from mhc_compile.kernels import reference as ref
+
+    n = 4
+    model = NanoGPT(layers=2)
+    mhc_compile.prepare(model, torch.randint(0, 64, (2, 8)), n=n, mode=mode, alpha_init=0.01)
+    sites = [m for m in model.modules() if isinstance(m, mhc_compile.MHCSite)]
+    assert len(sites) == 4
+    leans = []
+    for k, site in enumerate(sites):
+        assert torch.equal(site.alpha.detach(), torch.full((3,), 0.01))  # gates start small
+        assert torch.count_nonzero(site.phi) == 0  # dynamic part exactly zero: function preserved
+        p = torch.zeros(1, n * n + 2 * n)
+        h_pre, h_post, h_res = ref.coeffs(p, torch.ones(1), site.bias.detach(), site.alpha.detach(), n, n * 32, 1e-6, 20, mode)
+        assert abs(h_pre.sum().item() - 1) < 1e-6  # x_in = x when the streams are equal
+        torch.testing.assert_close(h_post, torch.ones(1, n))
+        torch.testing.assert_close(h_res.sum(-1), torch.ones(1, n))  # rows sum to 1
+        leans.append(int(h_pre.argmax()))
+    assert leans == [0, 1, 2, 3]  # site k leans on stream k mod n: symmetry broken
