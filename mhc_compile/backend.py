@@ -60,7 +60,65 @@ def mhc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
                 mode: str | None = None) -> Callable:
     """Entry point registered as ``backend="mhc"`` (``torch_dynamo_backends`` entry point)."""
     config = MHCConfig.from_options(options)
+    _check_inductor_mode(mode)
     return compile_graph(gm, list(example_inputs), config, inductor_mode=mode)
+
+
+def _check_inductor_mode(mode: str | None) -> None:
+    """``torch.compile(mode=...)`` reaches a custom backend as a keyword; check it the way Inductor would."""
+    if mode is None or mode == "default":
+        return
+    import torch._inductor
+
+    try:
+        torch._inductor.list_mode_options(mode)
+    except RuntimeError:
+        valid = ["default", *torch._inductor.list_mode_options().keys()]
+        raise ValueError(f"mhc: unknown torch.compile mode {mode!r}; valid modes are {valid}") from None
+
+
+# Stream dtypes the Triton kernels take (kernels/triton_ops.py); other dtypes are never silently cast.
+TRITON_STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _check_impl_dtypes(impl: str, detection: Detection) -> None:
+    if impl != "triton":
+        return
+    for site in detection.sites:
+        value = site.stream.meta.get("example_value", site.stream.meta.get("val"))
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and dtype not in TRITON_STREAM_DTYPES:
+            raise TypeError(
+                f"mhc: kernels='triton' does not support the {dtype} residual stream of site {site.path}; "
+                f"supported: {', '.join(map(str, TRITON_STREAM_DTYPES))}. Use kernels='reference'."
+            )
+
+
+def _mark_check_finite(gm: fx.GraphModule) -> None:
+    """check_finite: tag the site argument of every coeffs / pre op so that the op checks its inputs."""
+    targets = (torch.ops.mhc_compile.coeffs.default, torch.ops.mhc_compile.pre.default)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in targets and isinstance(node.args[-1], str):
+            node.args = (*node.args[:-1], _ops.FINITE_MARK + node.args[-1])
+    gm.recompile()
+
+
+# The last graph break Dynamo reported to us (reason, "file:line"): a graph compiled after it (the resumed
+# frame) names it when its chain starts at a graph input.
+_LAST_BREAK: list[str] = []
+
+
+def _break_reason(gm: fx.GraphModule) -> str | None:
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    text = str(getattr(reason, "reason", "")).strip().splitlines()
+    where = ""
+    stack = getattr(reason, "user_stack", None) or []
+    if stack:
+        frame = stack[-1]
+        where = f" at {frame.filename}:{frame.lineno} in {frame.name}()"
+    return f"{text[0] if text else 'graph break'}{where}"
 
 
 def _choose_impl(config: MHCConfig, example_inputs: Sequence[Any]) -> str:
@@ -101,15 +159,19 @@ def _resolve_root(detection: Detection) -> nn.Module:
         raw = next(iter(stack.values()))[0] if stack else None
         resolved = _compat.resolve_module(raw, f_locals) if raw else None
         if resolved is None:
-            # An add in the compiled function itself: the module is the frame's `self`.
+            # An add in the compiled function itself: the module is the frame's `self` (or, in a frame
+            # resumed after a graph break whose method names it otherwise, its only module local).
             candidate = f_locals.get("self")
+            if not isinstance(candidate, nn.Module):
+                mods = [v for k, v in f_locals.items() if isinstance(v, nn.Module) and not k.startswith("__")]
+                candidate = mods[0] if len(mods) == 1 else None
             if not isinstance(candidate, nn.Module):
                 raise MHCConversionError(
                     f"mhc: residual add {site.out.name!r} is not inside an nn.Module; the mHC parameters need a "
                     "module to live on. Compile the model (an nn.Module), not a free function."
                 )
             roots.append(candidate)
-        else:
+        elif resolved is not None:
             roots.append(resolved[0])
     root = roots[0]
     if any(r is not root for r in roots):
@@ -134,20 +196,26 @@ def _register_frame_root() -> None:
             return
 
 
-def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCConfig) -> list[str]:
-    """A chain that starts at a graph input or ends at a graph output was cut by a graph break."""
+def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCConfig, root: nn.Module,
+                        here: str | None, before: str | None) -> list[str]:
+    """A chain that starts at a graph input or ends at a graph output was cut by a graph break.
+
+    ``here`` is the reason Dynamo ended this graph with, ``before`` the one that ended the graph before it."""
     outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
     messages = []
     for chain in detection.chains:
         head, tail = chain.head, chain.sites[-1]
         where = []
         if head.op == "placeholder":
-            where.append(f"it starts at graph input {head.name!r} (before {chain.sites[0].path})")
+            why = f", resumed after a graph break: {before}" if before else ""
+            where.append(f"it starts at graph input {head.name!r} (before {chain.sites[0].path}{why})")
         if tail.out in outputs or any(n in outputs for n in chain.links[-1]):
-            where.append(f"it ends at a graph output (after {tail.path})")
+            why = f", where Dynamo broke the graph: {here}" if here else ""
+            where.append(f"it ends at a graph output (after {tail.path}{why})")
         if where:
             messages.append(
-                "mhc: graph break inside the residual stack: " + " and ".join(where) + ". The n streams are "
+                f"mhc: graph break inside the residual stack of {type(root).__name__}: " + " and ".join(where)
+                + ". The n streams are "
                 "collapsed (mean) at the break and re-expanded after it, so mixing across the break is lost; "
                 "remove the graph break (TORCH_LOGS=graph_breaks names it) to keep the streams."
             )
@@ -166,6 +234,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     ``plan_only`` stops after creating parameters (``prepare``); ``on_graph`` receives the final graph
     (rewritten or not), its example inputs (mHC parameters appended) and the report (``trace``)."""
     index = len(REPORTS)
+    break_here = _break_reason(gm)
+    break_before = _LAST_BREAK[0] if _LAST_BREAK else None
+    _LAST_BREAK[:] = [break_here] if break_here else []
     _register_frame_root()
     work = _copy_graph_module(gm)
     detection = detect(work)
@@ -216,7 +287,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             report.created.append(site.path)
         params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
     report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
-    report.warnings.extend(_check_graph_breaks(detection, work, config))
+    report.warnings.extend(_check_graph_breaks(detection, work, config, root, break_here, break_before))
     record = record_for(root)
     record.strict = record.strict or config.strict
     if report.created and lazily:
@@ -231,8 +302,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         return gm.forward
 
     impl = _choose_impl(config, example_inputs)
+    _check_impl_dtypes(impl, detection)
     report.impl = impl
     result = rewrite(work, detection, config, impl, params)
+    if config.check_finite:
+        _mark_check_finite(result.gm)
     report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
     schedule_pass.apply(result.gm, config)
     report.after = result.gm.print_readable(print_output=False)

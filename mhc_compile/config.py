@@ -42,6 +42,9 @@ class MHCConfig:
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
     verbose:         print a one-line summary per compiled graph.
+    check_finite:    make the mHC ops raise a FloatingPointError naming the site when the streams entering
+                     a site or its coefficients hold NaN/Inf (a debugging aid: one reduction per site and
+                     step; nothing is added to the graph when off).
     dump_dir:        write graph_<i>_before.py / _after.py / _mhc.svg for every compiled graph there.
     inductor_options: Inductor config patches for the rest of the graph.
     """
@@ -58,6 +61,7 @@ class MHCConfig:
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
+    check_finite: bool = False
     dump_dir: str | None = None
     inductor_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -73,8 +77,9 @@ class MHCConfig:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
-        if not isinstance(self.verbose, bool):
-            raise ValueError(f"mhc option 'verbose' must be a bool, got {self.verbose!r}")
+        for name in ("verbose", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.recompute not in ("auto", "none"):
             _check_int("recompute", self.recompute, 1, 1 << 20, hint='or "auto" / "none"')
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):

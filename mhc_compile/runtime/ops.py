@@ -47,6 +47,26 @@ def _record(**entry) -> None:
         records.append({k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in entry.items()})
 
 
+# check_finite: the backend prefixes the ``site`` argument of coeffs / pre with this mark when the option
+# is on; the op then checks its inputs and strips the mark. Off, the cost is one str.startswith per call.
+FINITE_MARK = "?finite:"
+
+
+def _check_finite(site: str, what: str, *tensors: Tensor) -> str:
+    """Strip the check_finite mark from ``site``; when it was there, raise if a tensor holds NaN/Inf."""
+    if not site.startswith(FINITE_MARK):
+        return site
+    site = site[len(FINITE_MARK):]
+    for t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise FloatingPointError(
+                f"mhc: non-finite values at residual site {site!r}: {what} hold {nan} NaN and {inf} Inf "
+                f"of {t.numel()} elements (shape {tuple(t.shape)}, dtype {t.dtype}) (check_finite=True)"
+            )
+    return site
+
+
 def _kernels(impl: str):
     if impl == "reference":
         return ref
@@ -113,11 +133,17 @@ def coeffs(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
+    checked = site.startswith(FINITE_MARK)
+    site = _check_finite(site, "the projections phi x / |x|^2 of the n streams entering the site (NaN/Inf in the "
+                         "streams or in phi)", p, sq)
     lead = p.shape[:-1]
     h_pre, h_post, h_res = _kernels(impl).coeffs(
         _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), bias, alpha, n, nc, eps, iters, mode
     )
     h_pre, h_post, h_res = h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n))
+    if checked:
+        _check_finite(FINITE_MARK + site, "the coefficients H_pre / H_post / H_res (NaN/Inf in bias or alpha, or "
+                      "overflow)", h_pre, h_post, h_res)
     if _CAPTURES:
         _record(site=site, h_pre=h_pre, h_post=h_post, h_res=h_res)
     return h_pre, h_post, h_res
@@ -169,6 +195,7 @@ coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("mhc_compile::pre", mutates_args=())
 def pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "") -> Tensor:
+    site = _check_finite(site, "the n streams entering the site", x)
     out = _kernels(impl).pre(_tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous())
     if _CAPTURES:
         _record(site=site, x=x)
