@@ -12,7 +12,7 @@ The backend is registered under the name "mhc" through the ``torch_dynamo_backen
 
 from __future__ import annotations
 
-from mhc_compile.api import TracedGraph, prepare, trace
+from mhc_compile.api import TracedGraph, load_state_dict, prepare, trace
 from mhc_compile.backend import REPORTS, MHCConversionError, mhc_backend
 from mhc_compile import diagnostics
 from mhc_compile.config import MHCConfig
@@ -37,6 +37,7 @@ __all__ = [
     "MHCSite",
     "MissingMHCParametersError",
     "REPORTS",
+    "load_state_dict",
     "mhc_backend",
     "mhc_parameters",
     "prepare",

@@ -71,3 +71,21 @@ def trace(model: nn.Module, *example_inputs: Any, **options: Any) -> list[Traced
     except _compat.backend_compiler_failed() as e:
         raise e.inner_exception from None
     return traced
+
+
+def load_state_dict(model: nn.Module, state_dict: Any, strict: bool = True, assign: bool = False):
+    """Load a converted model's checkpoint into ``model``, prepared or not.
+
+    ``model.load_state_dict`` needs the mHC sites to exist (``mhc_compile.prepare`` with the checkpoint's
+    options); this helper creates the sites the checkpoint holds from the layout (n, width, mode) each site
+    carries, so no example input is needed, then calls ``model.load_state_dict``. A model prepared with
+    another n or mode, a checkpoint site whose owner module does not exist, or (``strict``) a model with
+    mHC sites the checkpoint lacks raise a ValueError naming the site. Returns what
+    ``nn.Module.load_state_dict`` returns.
+    """
+    from mhc_compile.runtime.params import sites_from_checkpoint
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mhc_compile.load_state_dict expects an nn.Module, got {type(model).__name__}")
+    sites_from_checkpoint(model, state_dict, strict=strict)
+    return model.load_state_dict(state_dict, strict=strict, assign=assign)

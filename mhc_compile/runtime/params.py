@@ -209,3 +209,69 @@ _HOOK_HANDLE = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
 def mhc_parameters(model: nn.Module) -> list[nn.Parameter]:
     """All mHC parameters of a converted model (e.g. to add them to an existing optimizer)."""
     return [p for m in model.modules() if isinstance(m, MHCSite) for p in m.parameters()]
+
+
+# --- checkpoints into models that were not prepared ------------------------------------------------
+
+
+def _is_site_state(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"n", "width", "mode"}
+
+
+def checkpoint_sites(state_dict) -> dict[str, dict]:
+    """Site path -> {"n", "width", "mode"} for every mHC site a converted model's state_dict holds."""
+    suffix = "._extra_state"
+    return {k[: -len(suffix)]: v for k, v in state_dict.items()
+            if k.endswith(suffix) and k[: -len(suffix)].rpartition(".")[2].startswith("mhc_") and _is_site_state(v)}
+
+
+def sites_from_checkpoint(model: nn.Module, state_dict, *, strict: bool = True) -> list[str]:
+    """Create on ``model`` the MHCSite modules the checkpoint holds and the model lacks; check the others.
+
+    Returns the paths created. Raises ValueError naming the site when the model has the site with another
+    layout, when its owner module does not exist, or (``strict``) when the model has mHC sites the
+    checkpoint lacks.
+    """
+    wanted = checkpoint_sites(state_dict)
+    have = {path: m for path, m in model.named_modules() if isinstance(m, MHCSite)}
+    if strict:
+        extra = sorted(set(have) - set(wanted))
+        if extra:
+            raise ValueError(
+                f"mhc: the model has mHC sites the checkpoint lacks ({', '.join(extra[:4])}"
+                f"{', ...' if len(extra) > 4 else ''}): the checkpoint was saved from a model that was not "
+                f"converted, or converted with other sites; pass strict=False to keep their initial values"
+            )
+    created = []
+    for path, layout in wanted.items():
+        owner_path, _, name = path.rpartition(".")
+        if path in have:
+            mine = have[path].get_extra_state()
+            if mine != layout:
+                raise ValueError(
+                    f"mHC checkpoint mismatch at {path!r}: the checkpoint's site was converted with {layout}, this "
+                    f"model's with {mine}; prepare the model with the same n and mode as the checkpoint, or load "
+                    f"into a model that was not prepared"
+                )
+            continue
+        try:
+            owner = model.get_submodule(owner_path) if owner_path else model
+        except AttributeError:
+            raise ValueError(
+                f"mhc: the checkpoint has mHC site {path!r} but the model has no module {owner_path!r} to put it "
+                f"on: the checkpoint comes from another architecture"
+            ) from None
+        if getattr(owner, name, None) is not None:
+            raise ValueError(f"mhc: cannot create mHC site {path!r}: the attribute exists and is a "
+                             f"{type(getattr(owner, name)).__name__}")
+        phi = state_dict.get(f"{path}.phi")
+        dtype = phi.dtype if isinstance(phi, torch.Tensor) else torch.float32
+        device = next((p.device for p in owner.parameters()), torch.device("cpu"))
+        site = MHCSite(layout["n"], layout["width"], layout["mode"], index=0, alpha_init=0.0, dtype=dtype,
+                       device=device)
+        owner.add_module(name, site)
+        record = ensure_record(model, layout["n"], layout["mode"])
+        record.sites[path] = site
+        record.n, record.mode = layout["n"], layout["mode"]
+        created.append(path)
+    return created
