@@ -113,3 +113,28 @@ def trace_artifact(name: str, payload: Callable[[], str]) -> None:
     from torch._logging import trace_structured
 
     trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload)
+
+
+def compiling_code():
+    """The code object Dynamo is compiling, when called from inside a backend (else None)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().f_code
+    except Exception:
+        return None
+
+
+def forget_compiled(codes) -> None:
+    """Drop Dynamo's cache entries for these code objects.
+
+    prepare/trace/explain compile with a backend of their own; each such entry counts against Dynamo's
+    recompile limit (8 per code object), past which Dynamo silently runs a frame eagerly, i.e. a later
+    torch.compile(model, backend="mhc") would run the unconverted model. Entries of other backends for the
+    same code are dropped too and simply recompile on their next call.
+    """
+    from torch._dynamo.eval_frame import reset_code
+
+    for code in set(codes):
+        if code is not None:
+            reset_code(code)

@@ -66,3 +66,23 @@ def test_modules_on_call_stack_finds_callers():
     outer = Outer()
     found = outer()
     assert found[0] is outer and found[-1] is outer.probe
+
+
+def test_compiling_code_and_forget_compiled():
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    codes = []
+
+    def backend(gm, inputs):
+        codes.append(_compat.compiling_code())
+        return gm.forward
+
+    def fn(x):
+        return x * 2
+
+    torch.compile(fn, backend=backend)(torch.randn(3))
+    assert codes == [fn.__code__]
+    assert len(_debug_get_cache_entry_list(fn.__code__)) == 1
+    _compat.forget_compiled(codes)
+    assert len(_debug_get_cache_entry_list(fn.__code__)) == 0
+    assert _compat.compiling_code() is None
