@@ -10,7 +10,21 @@ Two structures extend a site:
 * parallel branches: ``(s + f(s)) + g(s)`` (nanoGPT-style parallel block) folds ``g`` in as a second
   branch; ``(f(s) + g(s)) + s`` (GPT-NeoX) is already one branch whose value is the sum.
 * stream-wise ops between sites: ``s' = LayerNorm(s + f(s))`` (post-norm, BERT) and dropout act on each
-  token vector alone, so they are applied to every one of the n streams and the chain goes on.
+  token vector alone, so they are applied to every one of the n streams and the chain goes on. Elementwise
+  activations (``relu(s + f(s))``, ResNet) act on each element alone: they are applied per stream too.
+
+Convolutional residual blocks (ResNet): the stream is a channel-first activation ``[B, C, H, W]`` (or
+``[B, C, L]``, ``[B, C, D, H, W]``). A site whose branch starts with a convolution of the stream gets
+``channel_dim = 1`` and ``width = C``; the rewrite moves C last for the mHC ops. Only elementwise ops link
+channel-first sites (a LayerNorm over the last dim of ``[B, C, H, W]`` would normalise W, not C). In-place
+``out += identity`` (torchvision) is a site when the mutated operand is the branch output and nothing else
+reads it (replacing the in-place add by the mHC update is then exact).
+
+Not converted, and listed by name in ``Detection.unconverted`` (the backend warns; ``strict=True`` raises):
+* ``x += f(x)`` (the stream itself is mutated: other readers would see the new value);
+* projection shortcuts ``f(s) + P(s)`` where the shortcut ``P`` is itself a weighted map of ``s`` (ResNet's
+  downsampling 1x1 conv + BN): there is no identity path to widen. The chain before it ends at ``s`` (its
+  readers get the collapsed stream) and a new chain starts at the next site after the block.
 
 Sites are linked into *chains*: site j follows site i when site i's output reaches site j's stream
 through stream-wise ops only. The rewrite widens each chain as a whole.
@@ -41,6 +55,9 @@ _WEIGHTED_NAMES = {
 }
 # Ops that act on each token vector (last dim) alone: safe to apply to all n streams at once.
 _STREAMWISE_NAMES = {"layer_norm", "rms_norm", "dropout", "clone", "contiguous", "alpha_dropout"}
+# Ops that act on each element alone: safe on any layout, channel-first streams included.
+_ELEMENTWISE_NAMES = {"relu", "gelu", "silu", "dropout", "clone", "contiguous", "alpha_dropout"}
+_CONV_NAMES = {"conv1d", "conv2d", "conv3d"}
 
 
 def target_name(node: fx.Node) -> str:
@@ -79,11 +96,24 @@ def is_inplace_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add_", "__iadd__")
 
 
-def is_streamwise(node: fx.Node) -> bool:
-    """True for ops that map a stream [..., C] to [..., C] acting on each token vector alone."""
-    if not _is_call(node) or target_name(node) not in _STREAMWISE_NAMES:
+def is_elementwise(node: fx.Node) -> bool:
+    """True for unary ops that act on each element alone (any layout)."""
+    if not _is_call(node) or target_name(node) not in _ELEMENTWISE_NAMES:
         return False
+    return node.op != "call_module"
+
+
+def is_streamwise(node: fx.Node, channel_first: bool = False) -> bool:
+    """True for ops that map a stream [..., C] to [..., C] acting on each token vector alone.
+
+    For a channel-first stream ([B, C, H, W]) only elementwise ops qualify."""
+    if channel_first:
+        return is_elementwise(node)
     name = target_name(node)
+    if _is_call(node) and name in _ELEMENTWISE_NAMES - _STREAMWISE_NAMES:
+        return is_elementwise(node)
+    if not _is_call(node) or name not in _STREAMWISE_NAMES:
+        return False
     if name in ("layer_norm", "rms_norm"):
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
         return isinstance(shape, (tuple, list)) and len(shape) == 1
@@ -117,6 +147,7 @@ class Site:
     width: int
     owner: str = ""  # module path of the module that owns the add ("" = root)
     kind: str = "pre-norm"
+    channel_dim: int = -1  # -1: token stream [..., C]; 1: channel-first conv stream [B, C, *spatial]
     name: str = ""  # parameter container name on the owner, e.g. "mhc_attn"
     index: int = 0  # position in its chain
 
@@ -227,14 +258,66 @@ def innermost_module(node: fx.Node) -> str:
     return stack[-1] if stack else ""
 
 
+def _channel_first(an: _Analysis, stream: fx.Node, y: fx.Node) -> bool:
+    """The branch reads the stream with a convolution whose input layout is the stream's:
+    [B, C, *spatial] with C at dim 1 (conv1d/2d/3d on a 3/4/5-D stream)."""
+    shape = tensor_shape(stream)
+    if shape is None or len(shape) < 3:
+        return False
+    region = an.between(stream, y)
+    first = [n for n in region if is_weighted(n, an.gm)
+             and not any(is_weighted(m, an.gm) for m in an.between(stream, n) - {n})]
+    return bool(first) and all(
+        target_name(n) in _CONV_NAMES and len(shape) == int(target_name(n)[4]) + 2 for n in first)
+
+
+def _convertible_iadd(an: _Analysis, node: fx.Node) -> bool:
+    """``y += s`` where ``y = f(s)`` is read by nothing but this add: exact to replace out of place."""
+    if not is_inplace_add(node) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return False
+    y, s = node.args
+    if not (isinstance(y, fx.Node) and isinstance(s, fx.Node)):
+        return False
+    return set(y.users) == {node} and an.is_branch_of(s, y)
+
+
 def _find_site(an: _Analysis, add: fx.Node) -> Site | None:
     a, b = add.args
     if not _same_shape(a, b, add) or not is_float_tensor(add):
         return None
-    for stream, y in ((a, b), (b, a)):
+    pairs = ((b, a),) if is_inplace_add(add) else ((a, b), (b, a))
+    for stream, y in pairs:
         if an.is_branch_of(stream, y):
-            return Site(stream=stream, branches=[y], adds=[add], width=tensor_shape(add)[-1])
+            cdim = 1 if _channel_first(an, stream, y) else -1
+            return Site(stream=stream, branches=[y], adds=[add], width=tensor_shape(add)[cdim], channel_dim=cdim)
     return None
+
+
+def _projection_shortcut(an: _Analysis, add: fx.Node, regions: list[set]) -> fx.Node | None:
+    """``f(s) + P(s)``: both operands are weighted maps of one tensor ``s`` (neither is the other's input)
+    and the add is not part of a site's branch. Returns ``s`` (the nearest such tensor) or None."""
+    a, b = add.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or not _same_shape(a, b, add):
+        return None
+    if not is_float_tensor(add) or any(add in r for r in regions):
+        return None
+    if a in an.ancestors(b) or b in an.ancestors(a):
+        return None
+    common = [s for s in an.ancestors(a) & an.ancestors(b) if is_float_tensor(s) and _is_value(s)]
+    for s in sorted(common, key=an.order.__getitem__, reverse=True)[:3]:  # the nearest ones
+        if an.is_branch_of(s, a) and an.is_branch_of(s, b):
+            return s
+    return None
+
+
+def _is_value(node: fx.Node) -> bool:
+    """An activation, not a parameter or buffer placeholder / attribute."""
+    if node.op == "get_attr":
+        return False
+    if node.op == "placeholder":
+        v = example_value(node)
+        return not isinstance(v, torch.nn.Parameter) and "_parameters_" not in node.name and "_buffers_" not in node.name
+    return True
 
 
 def _extend_parallel(an: _Analysis, site: Site) -> None:
@@ -253,13 +336,16 @@ def _extend_parallel(an: _Analysis, site: Site) -> None:
         site.adds.append(nxt)
 
 
-def _follow_link(site_out: fx.Node, stream_of: dict[fx.Node, Site]) -> tuple[Site | None, list[fx.Node]]:
-    """From a site output, follow stream-wise ops to the next site's stream, if any."""
-    node, path = site_out, []
+def _follow_link(site: Site, stream_of: dict[fx.Node, Site]) -> tuple[Site | None, list[fx.Node]]:
+    """From a site output, follow stream-wise ops to the next site's stream, if any (a site of the
+    same layout: token and channel-first streams do not mix in one chain)."""
+    node, path = site.out, []
+    channel_first = site.channel_dim != -1
     while True:
         if node in stream_of:
-            return stream_of[node], path
-        nxt = [u for u in node.users if is_streamwise(u) and u.args[0] is node]
+            follower = stream_of[node]
+            return (follower, path) if follower.channel_dim == site.channel_dim else (None, path)
+        nxt = [u for u in node.users if is_streamwise(u, channel_first) and u.args and u.args[0] is node]
         if len(nxt) != 1:
             return None, path
         node = nxt[0]
@@ -325,7 +411,11 @@ def _name_site(site: Site, an: _Analysis) -> str:
         if children and len(site.branches) == 1 and is_add(y) and _both_branches(an, site.stream, y):
             names.extend(dict.fromkeys(children))  # one branch that sums two sublayers (GPT-NeoX)
         elif children:
-            names.append(max(dict.fromkeys(children), key=children.count))  # ties: first in graph order
+            counts = {c: children.count(c) for c in dict.fromkeys(children)}
+            top = [c for c, k in counts.items() if k == max(counts.values())]
+            # one sublayer dominates ("attn"); a block whose branch is several equal children (ResNet's
+            # conv1, conv2) is named after all of them
+            names.append(top[0] if len(top) == 1 else "_".join(top))
     return "mhc_" + ("_".join(dict.fromkeys(names)) or "site")
 
 
@@ -339,11 +429,20 @@ def detect(gm: fx.GraphModule) -> Detection:
     for node in gm.graph.nodes:
         if node in claimed:
             continue
+        if _convertible_iadd(an, node):
+            site = _find_site(an, node)
+            if site is not None:
+                claimed.add(node)
+                sites.append(site)
+                continue
         if is_inplace_add(node):
             a = node.args[0] if node.args else None
             b = node.args[1] if len(node.args) > 1 else None
             if isinstance(a, fx.Node) and isinstance(b, fx.Node) and an.is_branch_of(a, b):
                 unconverted.append(Unconverted(node.name, innermost_module(node), "in-place residual add (x += f(x)) is not converted"))
+            elif isinstance(a, fx.Node) and isinstance(b, fx.Node) and an.is_branch_of(b, a):
+                unconverted.append(Unconverted(node.name, innermost_module(node), "in-place residual add (y += x, "
+                                               "y = f(x)) whose branch output y is also read elsewhere is not converted"))
             continue
         if not is_add(node):
             continue
@@ -364,11 +463,24 @@ def detect(gm: fx.GraphModule) -> Detection:
     sites = [s for s in sites if s not in forked]
     stream_of = {s.stream: s for s in sites}
 
+    # Projection shortcuts (ResNet downsampling blocks): no identity path; named, chain boundary.
+    regions = [set().union(*(an.between(s.stream, y) for y in s.branches)) for s in sites]
+    for node in gm.graph.nodes:
+        if node in claimed or not (is_add(node) or is_inplace_add(node)) or len(node.args) < 2:
+            continue
+        src = _projection_shortcut(an, node, regions)
+        if src is not None:
+            unconverted.append(Unconverted(
+                node.name, innermost_module(node),
+                f"projection shortcut: both operands are weighted maps of {src.name!r} (e.g. a downsampling "
+                "1x1 conv + BN), not an identity residual; the residual chain ends before this block and a "
+                "new chain starts after it"))
+
     # Link sites into chains.
     nxt: dict[int, tuple[Site, list[fx.Node]]] = {}
     has_prev: set[int] = set()
     for s in sites:
-        follower, path = _follow_link(s.out, stream_of)
+        follower, path = _follow_link(s, stream_of)
         if follower is not None and follower is not s:
             nxt[id(s)] = (follower, path)
             has_prev.add(id(follower))

@@ -11,6 +11,13 @@ For a chain with sites k = 0..K-1 (streams s_k, branch outputs y_k):
 Any other reader of a widened value (an observer: output_hidden_states, the chain's tail, a value
 kept for later) gets ``collapse(X) = mean_i X[i]`` (or the sum), which equals the original stream at init.
 
+Channel-first chains (convolutional blocks, ``site.channel_dim == 1``, stream ``[B, C, H, W]``): the mHC
+ops want C last, so the widened stream is kept as ``[B, H, W, n, C]`` for the whole chain: the head is
+``movedim(1, -1)`` before the expand, ``x_in`` is moved back to ``[B, C, H, W]`` for the sublayer, the
+branch output ``y`` is moved C-last before ``post_res``, elementwise link ops (relu) act on the wide
+stream as they are (made out of place), and a collapsed observer gets ``movedim(-1, 1)`` after the mean.
+The moves are views; the convolutions read ``x_in`` in channels-last strides.
+
 The pass works on a copy of Dynamo's graph (never on Dynamo's own object) and appends one placeholder
 per parameter; the caller passes the parameters after the graph's own inputs.
 """
@@ -58,6 +65,7 @@ class _ChainRewriter:
         self.n = config.n
         self.wide: set[fx.Node] = set()  # nodes whose value is now [..., n, C]
         self.mhc_nodes: set[fx.Node] = set()
+        self.channel_dim: dict[fx.Node, int] = {}  # wide node -> the stream's channel dim (1: channel-first)
 
     def call(self, target, args, like: fx.Node, site: Site | None, role: str, kind="call_function") -> fx.Node:
         if kind == "call_method":
@@ -72,13 +80,18 @@ class _ChainRewriter:
         at = head
         if head.op == "placeholder":  # a graph input: go past every placeholder, ours included
             at = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        src = head
+        if site.channel_dim != -1:  # [B, C, H, W] -> [B, H, W, C]
+            with self.graph.inserting_after(at):
+                src = at = self.call("movedim", (head, site.channel_dim, -1), head, site, "expand", kind="call_method")
         with self.graph.inserting_after(at):
-            u = self.call("unsqueeze", (head, -2), head, site, "expand", kind="call_method")
+            u = self.call("unsqueeze", (src, -2), head, site, "expand", kind="call_method")
         with self.graph.inserting_after(u):
             e = self.call("expand", (u, *([-1] * (ndim - 1)), self.n, -1), head, site, "expand", kind="call_method")
         with self.graph.inserting_after(e):
             c = self.call("contiguous", (e,), head, site, "expand", kind="call_method")
         self.wide.add(c)
+        self.channel_dim[c] = site.channel_dim
         return c
 
     def site(self, site: Site, x: fx.Node, params: tuple[fx.Node, fx.Node, fx.Node], region: set[fx.Node],
@@ -107,6 +120,9 @@ class _ChainRewriter:
                 h_res = last = self.call("transpose", (h_res, -1, -2), out, site, "coeffs", kind="call_method")
         with self.graph.inserting_after(last):
             x_in = self.call(OPS.pre.default, (x, h_pre, impl, site.path), out, site, "pre")
+        if site.channel_dim != -1:  # the sublayer reads [B, C, H, W]
+            with self.graph.inserting_after(x_in):
+                x_in = self.call("movedim", (x_in, -1, site.channel_dim), out, site, "pre", kind="call_method")
 
         # The sublayer now reads x_in where it read the stream.
         for user in list(stream_now.users):
@@ -117,8 +133,11 @@ class _ChainRewriter:
             y = site.branches[0]
             for extra in site.branches[1:]:
                 y = self.call(operator.add, (y, extra), out, site, "branch_sum")
+            if site.channel_dim != -1:  # y [B, C, H, W] -> [B, H, W, C]
+                y = self.call("movedim", (y, site.channel_dim, -1), out, site, "branch_sum", kind="call_method")
             x_out = self.call(OPS.post_res.default, (x, h_res, h_post, y, impl), out, site, "post_res")
         self.wide.add(x_out)
+        self.channel_dim[x_out] = site.channel_dim
         out.replace_all_uses_with(x_out)
         for add in reversed(site.adds):
             self.graph.erase_node(add)
@@ -134,6 +153,10 @@ class _ChainRewriter:
             with self.graph.inserting_after(w):
                 c = self.graph.call_function(reduce, (w,), {"dim": -2})
             _copy_meta(c, w, None, "collapse")
+            cdim = self.channel_dim.get(w, -1)
+            if cdim != -1:  # back to [B, C, H, W]
+                with self.graph.inserting_after(c):
+                    c = _copy_meta(self.graph.call_method("movedim", (c, -1, cdim)), w, None, "collapse")
             for u in observers:
                 u.replace_input_with(w, c)
 
@@ -187,6 +210,10 @@ def _rewrite_chain(rw: _ChainRewriter, chain: Chain, regions, param_nodes) -> No
     for k, site in enumerate(chain.sites):
         x_out = rw.site(site, x, param_nodes[site.path], regions[id(site)], stream_now)
         link = chain.links[k]
-        rw.wide.update(link)  # post-norm LayerNorm / dropout now act on every stream
+        rw.wide.update(link)  # post-norm LayerNorm / dropout / relu now act on every stream
+        for node in link:
+            rw.channel_dim[node] = site.channel_dim
+            if node.kwargs.get("inplace"):  # relu(X', inplace=True): X' is ours, keep it out of place
+                node.kwargs = {**node.kwargs, "inplace": False}
         x = link[-1] if link else x_out
         stream_now = x
