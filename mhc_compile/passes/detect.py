@@ -413,9 +413,10 @@ def _name_site(site: Site, an: _Analysis) -> str:
         elif children:
             counts = {c: children.count(c) for c in dict.fromkeys(children)}
             top = [c for c, k in counts.items() if k == max(counts.values())]
-            # one sublayer dominates ("attn"); a block whose branch is several equal children (ResNet's
-            # conv1, conv2) is named after all of them
-            names.append(top[0] if len(top) == 1 else "_".join(top))
+            # one sublayer dominates ("attn"; ties: first in graph order, "up" for up/down linears); a
+            # convolutional block whose branch is several equal children (ResNet's conv1, conv2) is named
+            # after all of them: the branch is the whole block, not its first conv
+            names.append("_".join(top) if site.channel_dim != -1 else top[0])
     return "mhc_" + ("_".join(dict.fromkeys(names)) or "site")
 
 
