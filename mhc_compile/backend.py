@@ -12,6 +12,7 @@ seen) after Dynamo's arguments.
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -145,6 +146,59 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def _inline_checkpoints(gm: fx.GraphModule) -> int:
+    """Inline the bodies of activation-checkpoint regions (``torch.utils.checkpoint`` inside the model, e.g.
+    HF ``gradient_checkpointing_enable()``) into the graph, each node tagged to be recomputed in backward
+    (``meta["recompute"]`` / ``ac_graph_id``, the tags AOTAutograd gives the region itself). The residual
+    stream crosses every region's boundary; inlined, the passes see whole chains, and the partitioner still
+    recomputes the region's activations. Returns the number of regions inlined."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    policy = _compat.checkpoint_policy()
+    count = 0
+    for node in list(gm.graph.nodes):
+        if hop is None or node.op != "call_function" or node.target is not hop:
+            continue
+        body_attr, *args = node.args
+        if body_attr.op != "get_attr" or node.kwargs.get("context_fn") is not None:
+            continue  # selective checkpointing (context_fn) keeps its own policy: leave the region as it is
+        body = getattr(gm, body_attr.target)
+        if any(n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
+               for n in body.graph.nodes) or any(n.op == "get_attr" for n in body.graph.nodes):
+            continue
+        count += 1
+        graph_id = 10_000 + count
+        env: dict[fx.Node, Any] = {}
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(args):
+            continue
+        env.update(zip(placeholders, args))
+        result = None
+        with gm.graph.inserting_before(node):
+            for bn in body.graph.nodes:
+                if bn.op == "placeholder":
+                    continue
+                if bn.op == "output":
+                    result = fx.map_arg(bn.args[0], lambda a: env[a])
+                    break
+                new = gm.graph.node_copy(bn, lambda a: env[a])
+                new.meta["recompute"] = policy.PREFER_RECOMPUTE
+                new.meta["ac_graph_id"] = graph_id
+                env[bn] = new
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem and isinstance(result, (tuple, list)):
+                user.replace_all_uses_with(result[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            raise MHCConversionError(f"mhc: cannot inline checkpoint region {node.name}: its result is used whole")
+        gm.graph.erase_node(node)
+        if not body_attr.users:
+            gm.graph.erase_node(body_attr)
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 def _resolve_root(detection: Detection) -> nn.Module:
     """The user's module that owns the residual adds, from the frame Dynamo is compiling."""
     f_locals = _compat.dynamo_frame_locals()
@@ -239,6 +293,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     _LAST_BREAK[:] = [break_here] if break_here else []
     _register_frame_root()
     work = _copy_graph_module(gm)
+    _inline_checkpoints(work)
     detection = detect(work)
     report = GraphReport(graph_index=index, detection=detection, before=gm.print_readable(print_output=False))
     REPORTS.append(report)
