@@ -1,0 +1,468 @@
+"""Real usage and bad input (issue 4): HF generate() with a KV cache, dynamic shapes, eval/train,
+no_grad/inference_mode, CPU autocast, torch.compile modes, fullgraph, activation checkpointing,
+checkpoints (state_dict and whole-model pickles), and the errors bad input gets.
+
+CPU, tiny models, mostly ``inner_backend="aot_eager"``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mhc_compile
+from mhc_compile.backend import REPORTS
+from models import Block, NanoGPT
+
+AOT = {"inner_backend": "aot_eager"}
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2(layers=2, positions=32):
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=50, n_positions=positions,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama(layers=2):
+    cfg = transformers.LlamaConfig(num_hidden_layers=layers, num_key_value_heads=1, hidden_size=32,
+                                   num_attention_heads=2, intermediate_size=64, vocab_size=50,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _perturb(model, scale=0.3):
+    """Move the mHC parameters off their init, so a converted model computes something else than the
+    original (a test that compares converted models then sees the mHC parameters)."""
+    with torch.no_grad():
+        for p in mhc_compile.mhc_parameters(model):
+            p.add_(scale * torch.randn_like(p))
+
+
+class CountingBackend:
+    """backend="mhc" with a counter of compiled graphs (one per Dynamo compile, i.e. per recompile)."""
+
+    def __init__(self, **options):
+        self.options = options
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        self.calls += 1
+        return mhc_compile.mhc_backend(gm, example_inputs, options=self.options, **kwargs)
+
+
+# --- 1. Hugging Face generate() with a KV cache --------------------------------------------------------
+
+
+def _greedy_reference(model, ids, steps):
+    """Greedy decoding without cache: the full sequence each step, through the mhc rewrite run eagerly."""
+    fwd = torch.compile(model.forward, backend="mhc", options={"inner_backend": "eager"}, dynamic=True)
+    out = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = fwd(input_ids=out, use_cache=False).logits
+            out = torch.cat([out, logits[:, -1:].argmax(-1)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_with_kv_cache_matches_eager_and_does_not_recompile_per_token(arch, quiet):
+    model = (_gpt2 if arch == "gpt2" else _llama)().eval()
+    ids = torch.randint(1, 50, (2, 5))
+    mhc_compile.prepare(model, ids, n=4)
+    _perturb(model)
+    steps = 8
+
+    want = _greedy_reference(model, ids, steps)
+    torch._dynamo.reset()
+    backend = CountingBackend(n=4, **AOT)
+    start = len(REPORTS)
+    model.forward = torch.compile(model.forward, backend=backend)
+    got = model.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=True, pad_token_id=0,
+                         min_new_tokens=steps)
+    del model.forward
+    assert torch.equal(got, want), (got, want)
+    # prefill, first decode step, then one dynamic-shape graph for every later token
+    assert backend.calls <= 3, backend.calls
+    rewritten = [r for r in REPORTS[start:] if r.sites]
+    assert len(rewritten) == backend.calls and all(len(r.sites) == 4 for r in rewritten)
+    assert all(not r.created for r in rewritten)  # parameters found again, not re-created, per recompile
+
+
+# --- 2. dynamic shapes ------------------------------------------------------------------------------
+
+
+def test_changing_batch_and_sequence_length_recompiles_at_most_once(quiet):
+    model = NanoGPT()
+    mhc_compile.prepare(model, torch.randint(0, 64, (2, 8)))
+    _perturb(model)
+    torch._dynamo.reset()  # prepare's own (no_grad, static) trace stays in Dynamo's cache otherwise
+    backend = CountingBackend(**AOT)
+    compiled = torch.compile(model, backend=backend)
+    shapes = [(2, 8), (3, 10), (4, 12), (5, 16), (2, 7), (6, 3)]  # size 1 is specialised by Dynamo
+    for b, t in shapes:
+        idx = torch.randint(0, 64, (b, t))
+        got = compiled(idx)
+        assert got.shape == (b, t, 64)
+    assert backend.calls <= 2, backend.calls
+    # the symbolic graph computes what the static one does
+    torch._dynamo.reset()
+    static = torch.compile(model, backend="mhc", options=AOT, dynamic=False)
+    torch.testing.assert_close(compiled(idx), static(idx), rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_true_compiles_once(quiet):
+    model = NanoGPT()
+    mhc_compile.prepare(model, torch.randint(0, 64, (2, 8)))
+    torch._dynamo.reset()  # prepare's own (no_grad, static) trace stays in Dynamo's cache otherwise
+    backend = CountingBackend(**AOT)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    first = None
+    for b, t in [(2, 8), (3, 11), (4, 5)]:
+        idx = torch.randint(0, 64, (b, t))
+        torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-5, atol=1e-6)
+        first = backend.calls if first is None else first
+    # Dynamo may hand the first frame over twice (it retraces with float attributes specialised); after
+    # that, new shapes compile nothing
+    assert first <= 2 and backend.calls == first
+
+
+# --- 3. eval/train, no_grad, inference_mode, autocast, modes, fullgraph --------------------------------
+
+
+def _converted_nanogpt():
+    model = NanoGPT()
+    idx = torch.randint(0, 64, (2, 8))
+    mhc_compile.prepare(model, idx)
+    _perturb(model)
+    return model, idx
+
+
+def test_eval_train_no_grad_inference_mode(quiet):
+    model, idx = _converted_nanogpt()
+    with torch.no_grad():
+        want = torch.compile(model, backend="mhc", options={"inner_backend": "eager"})(idx)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="mhc", options=AOT)
+    for train in (True, False):
+        model.train(train)
+        out = compiled(idx)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        if train:
+            out.sum().backward()
+            assert all(p.grad is not None for p in mhc_compile.mhc_parameters(model))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(idx), want, rtol=1e-5, atol=1e-6)
+        with torch.inference_mode():
+            got = compiled(idx)
+            assert got.is_inference()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_on_cpu(quiet):
+    model, idx = _converted_nanogpt()
+    with torch.no_grad():
+        want = torch.compile(model, backend="mhc", options={"inner_backend": "eager"})(idx)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="mhc", options=AOT)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compiled(idx)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 5e-2
+    got.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc_compile.mhc_parameters(model))
+
+
+def test_fullgraph(quiet):
+    model, idx = _converted_nanogpt()
+    want = torch.compile(model, backend="mhc", options={"inner_backend": "eager"})(idx)
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="mhc", options=AOT, fullgraph=True)(idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="graph_break|graph break|Unsupported"):
+        torch.compile(NanoGPT(break_at=0), backend="mhc", options=AOT, fullgraph=True)(idx)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune"])
+def test_compile_modes_reach_inductor(mode, quiet, monkeypatch):
+    """mode= reaches our backend as a keyword and Inductor as its mode's config patches. The graph goes
+    through the real compile_fx with those patches only for "default"; for the tuning modes the patched
+    config is recorded and the graph compiled by a default compile_fx (max-autotune benchmarks on the CPU)."""
+    from mhc_compile import _compat
+    from torch._inductor.compile_fx import compile_fx
+
+    seen = []
+
+    def spy(gm, example_inputs, config_patches=None):
+        seen.append(config_patches)
+        return compile_fx(gm, example_inputs)
+
+    monkeypatch.setattr(_compat, "inductor_compile_fx", lambda: spy)
+    model, idx = _converted_nanogpt()
+    with torch.no_grad():
+        want = torch.compile(model, backend="mhc", options={"inner_backend": "eager"})(idx)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="mhc", mode=mode)(idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert seen
+    expected = {} if mode == "default" else torch._inductor.list_mode_options(mode)
+    assert all((patches or {}) == expected for patches in seen), seen
+
+
+def test_reduce_overhead_runs_on_cpu(quiet):
+    """reduce-overhead (CUDA graphs) with the real compile_fx on a one-block model: runs and is correct."""
+    model, idx = _converted_nanogpt()
+    with torch.no_grad():
+        want = torch.compile(model, backend="mhc", options={"inner_backend": "eager"})(idx)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="mhc", mode="reduce-overhead")(idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_compile_mode_raises():
+    with pytest.raises(Exception, match="unknown torch.compile mode 'fastest'") as info:
+        torch.compile(NanoGPT(), backend="mhc", mode="fastest")(torch.randint(0, 64, (1, 4)))
+    assert isinstance(getattr(info.value, "inner_exception", info.value), ValueError)
+
+
+# --- 4. activation checkpointing in the user's model -----------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_gradient_checkpointing_converts_and_trains(arch, quiet):
+    make = _gpt2 if arch == "gpt2" else _llama
+    ids = torch.randint(1, 50, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = make()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        mhc_compile.prepare(model, ids)
+        torch.manual_seed(1)
+        _perturb(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="mhc", options=AOT)
+        start = len(REPORTS)
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert sum(len(r.sites) for r in REPORTS[start:]) == 4
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if "mhc" in k})
+    assert len(grads[0]) == 12 and grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert grads[0][k].abs().sum() > 0, k
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+# --- 5. checkpoints ---------------------------------------------------------------------------------
+
+
+def test_hf_state_dict_round_trip_and_errors(quiet):
+    ids = torch.randint(1, 50, (2, 8))
+    a = _gpt2().eval()
+    mhc_compile.prepare(a, ids)
+    _perturb(a)
+    state = a.state_dict()
+    want = torch.compile(a, backend="mhc", options=AOT)(ids).logits
+
+    # a freshly prepared model (other random weights)
+    b = _gpt2().eval()
+    mhc_compile.prepare(b, ids)
+    b.load_state_dict(state)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(b, backend="mhc", options=AOT)(ids).logits, want, rtol=0, atol=0)
+
+    # an unprepared model: torch's own error names the mHC keys; mhc_compile.load_state_dict loads it
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*mhc_attn"):
+        _gpt2().load_state_dict(state)
+    c = _gpt2().eval()
+    mhc_compile.load_state_dict(c, state)
+    assert [k for k, _ in c.named_parameters()] == [k for k, _ in a.named_parameters()]
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "created ... at its first compile": the parameters exist
+        got = torch.compile(c, backend="mhc", options=AOT)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    # a model prepared with another n: the plain and the helper's error both name the layouts
+    d = _gpt2()
+    mhc_compile.prepare(d, ids, n=2)
+    with pytest.raises(ValueError, match="mHC checkpoint mismatch.*'n': 4.*'n': 2"):
+        d.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"mHC checkpoint mismatch at 'transformer.h.0.mhc_attn'.*'n': 4.*'n': 2"):
+        mhc_compile.load_state_dict(d, state)
+
+    # a checkpoint of an unconverted model into a converted one
+    with pytest.raises(ValueError, match="mHC sites the checkpoint lacks.*transformer.h.0.mhc_attn"):
+        mhc_compile.load_state_dict(b, _gpt2().state_dict())
+    # a converted checkpoint into another architecture
+    with pytest.raises(ValueError, match="has no module 'transformer.h.0'"):
+        mhc_compile.load_state_dict(NanoGPT(), state, strict=False)
+
+
+def test_torch_save_load_whole_converted_model(quiet):
+    model, idx = _converted_nanogpt()
+    want = torch.compile(model, backend="mhc", options=AOT)(idx)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert isinstance(loaded.h[0].mhc_attn, mhc_compile.MHCSite)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = torch.compile(loaded, backend="mhc", options=AOT)(idx)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.sum().backward()
+    assert all(p.grad is not None for p in mhc_compile.mhc_parameters(loaded))
+
+
+# --- 6. bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"n": -1}, "'n' must be in"),
+    ({"n": 17}, "'n' must be in"),
+    ({"n": "4"}, "'n' must be an integer"),
+    ({"n": 4.0}, "'n' must be an integer"),
+    ({"mode": "MHC"}, "'mode' must be one of"),
+    ({"check_finite": 1}, "'check_finite' must be a bool"),
+    ({"inner_backend": "cudagraphs"}, "'inner_backend' must be one of"),
+])
+def test_more_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        mhc_compile.MHCConfig.from_options(options)
+    with pytest.raises(ValueError, match=match):
+        mhc_compile.prepare(NanoGPT(), torch.randint(0, 64, (1, 4)), **options)
+
+
+class IntResidual(nn.Module):
+    """A residual add on an integer tensor through a weighted op: never an mHC site."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randint(0, 3, (8, 8)))
+
+    def forward(self, x):
+        return x + x @ self.w
+
+
+def test_integer_stream_is_never_a_site(caplog):
+    model = IntResidual()
+    x = torch.randint(0, 5, (3, 8))
+    got = torch.compile(model, backend="mhc", options=AOT)(x)
+    assert torch.equal(got, model(x))
+    assert not REPORTS[-1].sites
+    assert mhc_compile.mhc_parameters(model) == []
+
+
+def test_triton_kernels_reject_unsupported_dtypes_by_name():
+    from mhc_compile.backend import TRITON_STREAM_DTYPES
+
+    pytest.importorskip("triton")
+    x = torch.randint(0, 5, (4, 2, 8))
+    h = torch.rand(4, 2)
+    with pytest.raises(TypeError, match="unsupported dtype torch.int64"):
+        torch.ops.mhc_compile.pre(x, h, "triton")
+    assert torch.float64 in TRITON_STREAM_DTYPES  # fp64 is supported by the kernels (gradcheck), not cast
+
+
+def test_check_finite_names_the_site(quiet):
+    model, idx = _converted_nanogpt()
+    compiled = torch.compile(model, backend="mhc", options={"check_finite": True, **AOT})
+    torch.testing.assert_close(compiled(idx), torch.compile(model, backend="mhc", options=AOT)(idx))
+    with torch.no_grad():
+        model.h[0].mlp.c_proj.bias[3] = float("nan")  # the streams leaving h.0 hold NaN
+    with pytest.raises(FloatingPointError, match=r"non-finite values at residual site 'h.1.mhc_attn'.*384 NaN"):
+        compiled(idx)
+    with torch.no_grad():
+        model.h[0].mlp.c_proj.bias[3] = 0.0
+        model.h[0].mhc_mlp.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"site 'h.0.mhc_mlp': the coefficients"):
+        compiled(idx)
+    # off (the default): no check, NaN flows through
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="mhc", options=AOT)(idx)
+    assert not torch.isfinite(out).all()
+
+
+def test_check_finite_stream_entering_site(quiet):
+    model, idx = _converted_nanogpt()
+    with torch.no_grad():
+        model.h[0].attn.c_proj.bias[0] = float("inf")
+    compiled = torch.compile(model, backend="mhc", options={"check_finite": True, **AOT})
+    with pytest.raises(FloatingPointError, match=r"site 'h.0.mhc_mlp'.*streams entering the site.*check_finite"):
+        compiled(idx)
+
+
+class SharedBlock(nn.Module):
+    """One block instance called twice in the forward: the same owner gets two sites per sublayer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.block = Block(32, 2)
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = self.block(x)
+        x = self.block(x)
+        return self.head(x)
+
+
+def test_shared_module_gets_distinct_site_parameters(quiet):
+    model = SharedBlock()
+    idx = torch.randint(0, 64, (2, 8))
+    want = model(idx)
+    compiled = torch.compile(model, backend="mhc", options=AOT)
+    got = compiled(idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    names = [k for k, _ in model.named_modules() if isinstance(_, mhc_compile.MHCSite)]
+    assert names == ["block.mhc_attn", "block.mhc_mlp", "block.mhc_attn1", "block.mhc_mlp1"]
+    params = mhc_compile.mhc_parameters(model)
+    assert len({id(p) for p in params}) == 12
+    got.sum().backward()
+    assert all(p.grad is not None for p in params)
+    # the first and the second call's sites train separately
+    assert not torch.equal(model.block.mhc_attn.phi.grad, model.block.mhc_attn1.phi.grad)
+
+
+class DataDependentLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        for _ in range(int(x.sum() > 0) + 1):
+            x = x + self.f(self.ln(x))
+        return x
+
+
+def test_data_dependent_loop_breaks_graph_correctly_and_names_module_and_reason():
+    model = DataDependentLoop()
+    x = torch.randn(2, 8).abs()
+    compiled = torch.compile(model, backend="mhc", options=AOT)
+    for sign in (1.0, -1.0, 1.0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = compiled(sign * x)
+        torch.testing.assert_close(got, model(sign * x), rtol=1e-5, atol=1e-6)
+    assert torch.compile(model, backend="mhc", options=AOT)(x).shape == (2, 8)
+    paths = {k for k, m in model.named_modules() if isinstance(m, mhc_compile.MHCSite)}
+    assert paths == {"mhc_f", "mhc_f1"}
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="mhc", options=AOT)
+        compiled(x)
+    messages = [str(w.message) for w in caught if "graph break" in str(w.message)]
+    assert messages, [str(w.message) for w in caught]
+    assert any("DataDependentLoop" in m and "resumed after a graph break" in m and "test_usage.py" in m
+               for m in messages), messages
