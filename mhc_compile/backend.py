@@ -11,6 +11,7 @@ seen) after Dynamo's arguments.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import warnings
@@ -146,6 +147,10 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+# ac_graph_id of inlined checkpoint regions: a range of their own (the recompute pass counts from 10000).
+_CHECKPOINT_IDS = itertools.count(1_000_000)
+
+
 def _inline_checkpoints(gm: fx.GraphModule) -> int:
     """Inline the bodies of activation-checkpoint regions (``torch.utils.checkpoint`` inside the model, e.g.
     HF ``gradient_checkpointing_enable()``) into the graph, each node tagged to be recomputed in backward
@@ -166,7 +171,7 @@ def _inline_checkpoints(gm: fx.GraphModule) -> int:
                for n in body.graph.nodes) or any(n.op == "get_attr" for n in body.graph.nodes):
             continue
         count += 1
-        graph_id = 10_000 + count
+        graph_id = next(_CHECKPOINT_IDS)
         env: dict[fx.Node, Any] = {}
         placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(args):

@@ -252,6 +252,9 @@ def test_hf_gradient_checkpointing_converts_and_trains(arch, quiet):
         loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
         assert sum(len(r.sites) for r in REPORTS[start:]) == 4
+        # the checkpointed regions were inlined with recompute tags of their own (one region a layer)
+        tags = {n.meta.get("ac_graph_id", 0) for r in REPORTS[start:] if r.gm for n in r.gm.graph.nodes}
+        assert len({i for i in tags if i >= 1_000_000}) == (2 if checkpointing else 0), tags
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if "mhc" in k})
     assert len(grads[0]) == 12 and grads[0].keys() == grads[1].keys()
     for k in grads[0]:
