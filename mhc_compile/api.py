@@ -25,18 +25,36 @@ def prepare(model: nn.Module, *example_inputs: Any, **options: Any) -> nn.Module
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile.prepare expects an nn.Module, got {type(model).__name__}")
 
-    def plan_backend(gm, inputs, **_):
+    def plan_backend(gm, inputs):
         return compile_graph(gm, list(inputs), config, plan_only=True, lazily=False)
 
+    _run_once(model, example_inputs, plan_backend)
+    return model
+
+
+def _run_once(model: nn.Module, example_inputs: tuple, backend) -> None:
+    """Run ``model`` once under Dynamo with one of our own backends, then forget what was compiled.
+
+    Forgetting matters: every such run would otherwise stay in Dynamo's cache for the model's code and
+    count against its recompile limit, past which Dynamo runs frames eagerly, so that a later
+    ``torch.compile(model, backend="mhc")`` would silently run the unconverted model.
+    """
     from mhc_compile import _compat
+
+    codes = []
+
+    def recording_backend(gm, inputs, **_):
+        codes.append(_compat.compiling_code())
+        return backend(gm, inputs)
 
     try:
         with torch.no_grad():
-            torch.compile(model, backend=plan_backend, dynamic=False)(*example_inputs)
+            torch.compile(model, backend=recording_backend, dynamic=False)(*example_inputs)
     except _compat.backend_compiler_failed() as e:
-        # prepare() is our own call: give the user our error, not Dynamo's wrapper around it.
+        # Our own call: give the user our error, not Dynamo's wrapper around it.
         raise e.inner_exception from None
-    return model
+    finally:
+        _compat.forget_compiled(codes)
 
 
 @dataclass
@@ -55,21 +73,16 @@ def trace(model: nn.Module, *example_inputs: Any, **options: Any) -> list[Traced
     Like ``prepare`` it creates missing mHC parameters on ``model``; nothing is compiled (the graphs run
     eagerly once). Used by ``explain`` and ``export_mlir``.
     """
-    from mhc_compile import _compat
     from mhc_compile.backend import compile_graph
 
     config = MHCConfig.from_options(options, inner_backend="eager")
     traced: list[TracedGraph] = []
 
-    def trace_backend(gm, inputs, **_):
+    def trace_backend(gm, inputs):
         return compile_graph(gm, list(inputs), config, lazily=False,
                              on_graph=lambda g, i, r: traced.append(TracedGraph(g, list(i), r)))
 
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=trace_backend, dynamic=False)(*example_inputs)
-    except _compat.backend_compiler_failed() as e:
-        raise e.inner_exception from None
+    _run_once(model, example_inputs, trace_backend)
     return traced
 
 

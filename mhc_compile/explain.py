@@ -78,7 +78,11 @@ class ExplainReport:
 
 
 def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, **options: Any) -> ExplainReport:
-    """Report every residual chain and site the backend finds and rewrites in ``model``."""
+    """Report every residual chain and site the backend finds and rewrites in ``model``.
+
+    Works on a deep copy of ``model``. Graph breaks are listed from ``torch._dynamo.explain``, which
+    resets Dynamo's caches: models compiled earlier in the process recompile at their next call.
+    """
     from mhc_compile.api import trace
     from mhc_compile.config import MHCConfig
 

@@ -340,3 +340,23 @@ def test_init_contract_small_gates_zero_dynamics_and_leaning_pre_maps(mode):
         torch.testing.assert_close(h_res.sum(-1), torch.ones(1, n))  # rows sum to 1
         leans.append(int(h_pre.argmax()))
     assert leans == [0, 1, 2, 3]  # site k leans on stream k mod n: symmetry broken
+
+
+def test_prepare_and_trace_do_not_use_up_dynamos_recompile_limit(quiet):
+    """Sixteen prepare/trace calls on one model class, then the real compile still converts."""
+    idx = torch.randint(0, 64, (2, 8))
+    with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default (conftest raises it)
+        _prepare_and_trace_then_compile(idx)
+
+
+def _prepare_and_trace_then_compile(idx):
+    for _ in range(8):
+        mhc_compile.prepare(NanoGPT(), idx)
+        mhc_compile.trace(NanoGPT(), idx)
+    model = NanoGPT()
+    mhc_compile.prepare(model, idx)
+    with torch.no_grad():
+        for p in mhc_compile.mhc_parameters(model):
+            p.add_(0.3 * torch.randn_like(p))
+    got = torch.compile(model, backend="mhc", options=AOT)(idx)
+    torch.testing.assert_close(got, eager_mhc_nanogpt(model, idx, n=4), rtol=1e-5, atol=1e-5)
