@@ -256,19 +256,22 @@ def _register_frame_root() -> None:
 
 
 def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCConfig, root: nn.Module,
-                        here: str | None, before: str | None) -> list[str]:
+                        here: str | None, before: str | None, partial: bool) -> list[str]:
     """A chain that starts at a graph input or ends at a graph output was cut by a graph break.
 
-    ``here`` is the reason Dynamo ended this graph with, ``before`` the one that ended the graph before it."""
+    ``here`` is the reason Dynamo ended this graph with, ``before`` the one that ended the graph before it;
+    ``partial``: the compiled frame belongs to a module inside a larger converted model (Dynamo compiles a
+    block's frame alone when it cannot compile the loop around it). A model whose forward simply takes the
+    hidden states as input, or returns them, is not cut anywhere and gets no warning."""
     outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
     messages = []
     for chain in detection.chains:
         head, tail = chain.head, chain.sites[-1]
         where = []
-        if head.op == "placeholder":
+        if head.op == "placeholder" and (before or partial):
             why = f", resumed after a graph break: {before}" if before else ""
             where.append(f"it starts at graph input {head.name!r} (before {chain.sites[0].path}{why})")
-        if tail.out in outputs or any(n in outputs for n in chain.links[-1]):
+        if (here or partial) and (tail.out in outputs or any(n in outputs for n in chain.links[-1])):
             why = f", where Dynamo broke the graph: {here}" if here else ""
             where.append(f"it ends at a graph output (after {tail.path}{why})")
         if where:
@@ -347,7 +350,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             report.created.append(site.path)
         params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
     report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
-    report.warnings.extend(_check_graph_breaks(detection, work, config, root, break_here, break_before))
+    report.warnings.extend(_check_graph_breaks(detection, work, config, root, break_here, break_before,
+                                               partial=bool(prefix)))
     record = record_for(root)
     record.strict = record.strict or config.strict
     if report.created and lazily:

@@ -126,6 +126,12 @@ def test_architecture_converts_and_preserves_function(name, quiet):
         assert params[f"{path}.bias"].shape == (24,)
         assert params[f"{path}.alpha"].shape == (3,)
 
+    # a training step runs and every mHC parameter gets a finite gradient
+    model.train()
+    _output(compiled(inp)).float().square().mean().backward()
+    for p in mhc_compile.mhc_parameters(model):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
 
 def test_no_false_positive_adds_survive_in_gpt2(quiet):
     """GPT-2's GELU (x + 0.044715 x^3), its position-embedding add and the attention internals stay."""
@@ -360,3 +366,26 @@ def _prepare_and_trace_then_compile(idx):
             p.add_(0.3 * torch.randn_like(p))
     got = torch.compile(model, backend="mhc", options=AOT)(idx)
     torch.testing.assert_close(got, eager_mhc_nanogpt(model, idx, n=4), rtol=1e-5, atol=1e-5)
+
+
+class HiddenStack(nn.Module):
+    """Takes and returns hidden states: its chain starts at a graph input and ends at the output."""
+
+    def __init__(self, d=16, layers=2):
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, h):
+        for fc in self.fc:
+            h = h + fc(torch.tanh(h))
+        return h
+
+
+def test_no_graph_break_warning_for_a_model_that_takes_hidden_states():
+    model = HiddenStack()
+    h = torch.randn(2, 5, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(model, backend="mhc", options={"strict": True, **AOT})(h)
+    assert not [w for w in caught if "graph break" in str(w.message)]
+    torch.testing.assert_close(got, model(h), rtol=1e-5, atol=1e-6)
