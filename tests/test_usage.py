@@ -163,15 +163,16 @@ def test_eval_train_no_grad_inference_mode(quiet):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_autocast_bf16_on_cpu(quiet):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu(dtype, quiet):
     model, idx = _converted_nanogpt()
     with torch.no_grad():
         want = torch.compile(model, backend="mhc", options={"inner_backend": "eager"})(idx)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="mhc", options=AOT)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         got = compiled(idx)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 5e-2
     got.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc_compile.mhc_parameters(model))
