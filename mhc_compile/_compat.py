@@ -138,3 +138,9 @@ def forget_compiled(codes) -> None:
     for code in set(codes):
         if code is not None:
             reset_code(code)
+
+
+def checkpoint_context_fn(body) -> Any:
+    """The ``context_fn`` of a selective-activation-checkpoint region Dynamo captured, if any (Dynamo
+    keeps it in the region body's ``meta``, not in the higher-order op's kwargs)."""
+    return getattr(body, "meta", {}).get("_checkpoint_context_fn")

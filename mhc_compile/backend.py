@@ -26,7 +26,7 @@ from mhc_compile import _compat
 from mhc_compile.config import MHCConfig
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
-from mhc_compile.passes.detect import Detection, detect
+from mhc_compile.passes.detect import Detection, Unconverted, detect, innermost_module
 from mhc_compile.passes.rewrite import SiteParams, rewrite
 from mhc_compile.runtime import ops as _ops  # noqa: F401  (registers torch.ops.mhc_compile.*)
 from mhc_compile.runtime.params import ensure_record, get_or_create_site, lift_to_known_root, record_for
@@ -151,31 +151,45 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 _CHECKPOINT_IDS = itertools.count(1_000_000)
 
 
-def _inline_checkpoints(gm: fx.GraphModule) -> int:
+def _inline_checkpoints(gm: fx.GraphModule) -> list[Unconverted]:
     """Inline the bodies of activation-checkpoint regions (``torch.utils.checkpoint`` inside the model, e.g.
     HF ``gradient_checkpointing_enable()``) into the graph, each node tagged to be recomputed in backward
     (``meta["recompute"]`` / ``ac_graph_id``, the tags AOTAutograd gives the region itself). The residual
     stream crosses every region's boundary; inlined, the passes see whole chains, and the partitioner still
-    recomputes the region's activations. Returns the number of regions inlined."""
+    recomputes the region's activations.
+
+    Returns the regions left as they are (selective checkpointing with a ``context_fn`` keeps its own
+    policy; nested higher-order ops) that hold residual sites: those sites are not converted and are
+    reported as such, never skipped silently."""
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     policy = _compat.checkpoint_policy()
     count = 0
+    left: list[Unconverted] = []
     for node in list(gm.graph.nodes):
         if hop is None or node.op != "call_function" or node.target is not hop:
             continue
         body_attr, *args = node.args
-        if body_attr.op != "get_attr" or node.kwargs.get("context_fn") is not None:
-            continue  # selective checkpointing (context_fn) keeps its own policy: leave the region as it is
+        if body_attr.op != "get_attr":
+            continue
         body = getattr(gm, body_attr.target)
-        if any(n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
-               for n in body.graph.nodes) or any(n.op == "get_attr" for n in body.graph.nodes):
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        reason = None
+        if node.kwargs.get("context_fn") is not None or _compat.checkpoint_context_fn(body) is not None:
+            reason = "selective activation checkpointing (context_fn) region is left as it is"
+        elif any(n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
+                 for n in body.graph.nodes) or any(n.op == "get_attr" for n in body.graph.nodes):
+            reason = "checkpoint region with nested higher-order ops is left as it is"
+        elif len(placeholders) != len(args):
+            reason = "checkpoint region whose inputs do not match its body is left as it is"
+        if reason is not None:
+            sites = detect(body).sites if isinstance(body, fx.GraphModule) else []
+            if sites:
+                names = ", ".join(s.out.name for s in sites)
+                left.append(Unconverted(node.name, innermost_module(node), f"{reason}; its residual adds ({names}) are not converted"))
             continue
         count += 1
         graph_id = next(_CHECKPOINT_IDS)
         env: dict[fx.Node, Any] = {}
-        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(args):
-            continue
         env.update(zip(placeholders, args))
         result = None
         with gm.graph.inserting_before(node):
@@ -201,7 +215,7 @@ def _inline_checkpoints(gm: fx.GraphModule) -> int:
     if count:
         gm.graph.lint()
         gm.recompile()
-    return count
+    return left
 
 
 def _resolve_root(detection: Detection) -> nn.Module:
@@ -301,8 +315,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     _LAST_BREAK[:] = [break_here] if break_here else []
     _register_frame_root()
     work = _copy_graph_module(gm)
-    _inline_checkpoints(work)
+    left_regions = _inline_checkpoints(work)
     detection = detect(work)
+    detection.unconverted.extend(left_regions)
     report = GraphReport(graph_index=index, detection=detection, before=gm.print_readable(print_output=False))
     REPORTS.append(report)
     for item in detection.unconverted:

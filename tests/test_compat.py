@@ -86,3 +86,26 @@ def test_compiling_code_and_forget_compiled():
     _compat.forget_compiled(codes)
     assert len(_debug_get_cache_entry_list(fn.__code__)) == 0
     assert _compat.compiling_code() is None
+
+
+def test_checkpoint_context_fn_is_found_on_the_region_body():
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    found = []
+
+    def backend(gm, inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "checkpoint" in str(node.target):
+                found.append(_compat.checkpoint_context_fn(getattr(gm, node.args[0].target)))
+        return gm.forward
+
+    lin = nn.Linear(4, 4)
+    fn = lambda x: checkpoint(lin, x, use_reentrant=False,  # noqa: E731
+                              context_fn=partial(create_selective_checkpoint_contexts, policy))
+    torch.compile(fn, backend=backend)(torch.randn(2, 4, requires_grad=True))
+    assert found and found[0] is not None

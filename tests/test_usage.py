@@ -470,3 +470,29 @@ def test_data_dependent_loop_breaks_graph_correctly_and_names_module_and_reason(
     assert messages, [str(w.message) for w in caught]
     assert any("DataDependentLoop" in m and "resumed after a graph break" in m and "test_usage.py" in m
                for m in messages), messages
+
+
+def test_selective_checkpoint_region_with_residual_adds_is_reported_not_skipped():
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    class SACBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def body(self, x):
+            return x + self.fc(torch.tanh(x))
+
+        def forward(self, x):
+            return checkpoint(self.body, x, use_reentrant=False,
+                              context_fn=partial(create_selective_checkpoint_contexts, policy))
+
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.warns(UserWarning, match="selective activation checkpointing.*not converted"):
+        out = torch.compile(SACBlock(), backend="mhc", options=AOT)(x)
+    out.sum().backward()
