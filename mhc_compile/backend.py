@@ -269,6 +269,24 @@ def _register_frame_root() -> None:
             return
 
 
+def _warn_shared_modules(detection: Detection, root: nn.Module) -> None:
+    """A module whose forward runs more than once in a graph (one block used for several layers) owns the
+    residual adds of every call; each call gets its own sites. Say so, naming the module."""
+    repeated: dict[str, list[str]] = {}
+    for site in detection.sites:
+        if site.repeat:
+            repeated.setdefault(site.owner, []).append(site.path)
+    for owner, paths in repeated.items():
+        owner_sites = [s.path for s in detection.sites if s.owner == owner]
+        kind = type(root.get_submodule(owner)).__name__ if owner else type(root).__name__
+        warnings.warn(
+            f"mhc: module {owner or '<root>'!r} ({kind}) runs more than once in this graph (shared between "
+            f"layers); each call gets its own mHC parameters: {', '.join(owner_sites)}. A call separated from "
+            "the others by a graph break would share the first call's parameters instead.",
+            stacklevel=3,
+        )
+
+
 def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCConfig, root: nn.Module,
                         here: str | None, before: str | None, partial: bool) -> list[str]:
     """A chain that starts at a graph input or ends at a graph output was cut by a graph break.
@@ -365,6 +383,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             report.created.append(site.path)
         params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
     report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
+    _warn_shared_modules(detection, root)
     report.warnings.extend(_check_graph_breaks(detection, work, config, root, break_here, break_before,
                                                partial=bool(prefix)))
     record = record_for(root)

@@ -150,6 +150,7 @@ class Site:
     channel_dim: int = -1  # -1: token stream [..., C]; 1: channel-first conv stream [B, C, *spatial]
     name: str = ""  # parameter container name on the owner, e.g. "mhc_attn"
     index: int = 0  # position in its chain
+    repeat: int = 0  # >0: the owner already has a site of this name in the graph (a module called again)
 
     @property
     def out(self) -> fx.Node:
@@ -509,6 +510,7 @@ def detect(gm: fx.GraphModule) -> Detection:
             base, i = name, 1
             while name in taken:
                 name, i = f"{base}{i}", i + 1
+                site.repeat = i - 1
             taken.add(name)
             site.name = name
     return Detection(chains=chains, unconverted=unconverted)
