@@ -219,7 +219,7 @@ def run_size(d, args, emit):
             t0 = time.time()
             ms, peak, act = time_step(fn, x, args.iters)
             if base_ms is None:
-                base_ms, base_act, base_peak = ms, act, peak
+                base_ms, base_act = ms, act
             emit(f"| {d} | {name} | {ms:.2f} | {100 * (ms / base_ms - 1):+.1f}% | {peak / 2**30:.2f} | "
                  f"{act / 2**30:.2f} | {100 * (act / base_act - 1):+.1f}% |")
             print(f"  {name}: {ms:.2f} ms ({time.time() - t0:.0f} s incl. compile)", flush=True)

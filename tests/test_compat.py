@@ -1,7 +1,6 @@
 """One test per private torch internal wrapped in mhc_compile._compat."""
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from mhc_compile import _compat

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-import pytest
 import torch
 
 import mhc_compile
