@@ -40,3 +40,17 @@ def test_inductor_new_batch_size_does_not_lose_parameters(compiled):
     idx = torch.randint(0, 64, (3, 8))
     with torch.no_grad():
         torch.testing.assert_close(step(idx), eager_mhc_nanogpt(model, idx, n=4), rtol=1e-5, atol=1e-5)
+
+
+def test_max_autotune_mode_compiles_and_matches_eager_oracle():
+    torch._dynamo.reset()
+    model = NanoGPT(layers=1)
+    idx = torch.randint(0, 64, (2, 8))
+    mhc_compile.prepare(model, idx, n=4)
+    with torch.no_grad():
+        for p in mhc_compile.mhc_parameters(model):
+            p.add_(0.3 * torch.randn_like(p))
+    out = torch.compile(model, backend="mhc", mode="max-autotune")(idx)
+    torch.testing.assert_close(out, eager_mhc_nanogpt(model, idx, n=4), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in mhc_compile.mhc_parameters(model))
