@@ -17,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
         out = args.out or ("mhc_train_out" if args.compare else None)
         results = train_compare(steps=args.steps, n=args.n, d=args.d, layers=args.layers, batch=args.batch,
                                 seq=args.seq, lr=args.lr, inner_backend=args.inner_backend, seed=args.seed,
-                                log_every=args.log_every, modes=modes, out_dir=out)
+                                log_every=args.log_every, modes=modes, out_dir=out, device=args.device)
     print()
     print(summarize(results))
     return 0
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--log-every", type=int, default=10)
     train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     train.add_argument("--inner-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                        help="what compiles the rest of the graph (inductor: the product; aot_eager: fast to start)")
     train.add_argument("--compare", action="store_true",

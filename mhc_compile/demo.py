@@ -88,7 +88,7 @@ class RunResult:
 
 
 def train(model: nn.Module, step_fn, label: str, steps: int, batch: int, seq: int, lr: float,
-          seed: int = 0, log_every: int = 0, data: torch.Tensor | None = None) -> RunResult:
+          seed: int = 0, log_every: int = 0, data: torch.Tensor | None = None, device: str = "cpu") -> RunResult:
     data = stdlib_text() if data is None else data
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -96,6 +96,7 @@ def train(model: nn.Module, step_fn, label: str, steps: int, batch: int, seq: in
     start = time.perf_counter()
     bar = _Progress(label, steps)
     for step, (x, y) in zip(range(steps), batches(data, batch, seq, gen)):
+        x, y = x.to(device), y.to(device)
         logits = step_fn(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -130,7 +131,8 @@ class _Progress:
 
 def train_compare(steps: int = 60, n: int = 4, d: int = 64, layers: int = 4, batch: int = 16, seq: int = 64,
                   lr: float = 3e-3, inner_backend: str = "inductor", seed: int = 0, log_every: int = 10,
-                  modes: tuple[str, ...] = ("residual", "mhc"), out_dir: str | None = None) -> list[RunResult]:
+                  modes: tuple[str, ...] = ("residual", "mhc"), out_dir: str | None = None,
+                  device: str | None = None) -> list[RunResult]:
     """Train the same initial TinyGPT with plain residuals and with each mHC mode, on the same batches.
 
     "residual" compiles the unmodified model with ``inner_backend``; "mhc" / "hc" go through
@@ -140,21 +142,24 @@ def train_compare(steps: int = 60, n: int = 4, d: int = 64, layers: int = 4, bat
     import mhc_compile
     from mhc_compile.backend import REPORTS
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = stdlib_text()
-    print(f"data: {data.numel():,} bytes of Python standard-library source; model: TinyGPT d={d} layers={layers}")
+    print(f"data: {data.numel():,} bytes of Python standard-library source; model: TinyGPT d={d} layers={layers}; "
+          f"device {device}")
     torch.manual_seed(seed)
     init_state = TinyGPT(d=d, layers=layers, seq=seq).state_dict()
     results, trained = [], {}
     for mode in modes:
         model = TinyGPT(d=d, layers=layers, seq=seq)
         model.load_state_dict(init_state)
+        model.to(device)
         if mode == "residual":
             step = torch.compile(model, backend="inductor" if inner_backend == "inductor" else inner_backend)
             label = "residual"
         else:
             options = {"n": n, "mode": mode, "inner_backend": inner_backend}
             start = len(REPORTS)
-            mhc_compile.prepare(model, torch.zeros(batch, seq, dtype=torch.long), **options)
+            mhc_compile.prepare(model, torch.zeros(batch, seq, dtype=torch.long, device=device), **options)
             for report in REPORTS[start:]:
                 for line in report.sites:
                     print(f"  rewrote residual site {line}")
@@ -162,7 +167,7 @@ def train_compare(steps: int = 60, n: int = 4, d: int = 64, layers: int = 4, bat
             print(f"  added {len(added)} mHC parameter tensors ({sum(p.numel() for p in added):,} values) at n={n}, mode={mode}")
             step = torch.compile(model, backend="mhc", options=options)
             label = f"{mode} n={n}"
-        results.append(train(model, step, label, steps, batch, seq, lr, seed, log_every, data))
+        results.append(train(model, step, label, steps, batch, seq, lr, seed, log_every, data, device))
         trained[mode] = (model, step)
     if out_dir:
         write_outputs(out_dir, results, trained, data, batch, seq, seed)
@@ -194,6 +199,7 @@ def write_outputs(out_dir: str, results: list[RunResult], trained: dict, data, b
     from mhc_compile import diagnostics
 
     x, _ = next(batches(data, batch, seq, torch.Generator().manual_seed(seed + 1)))
+    x = x.to(next(iter(trained.values()))[0].head.weight.device)
     for mode, (_, step) in trained.items():
         if mode == "residual":
             continue
