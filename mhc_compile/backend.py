@@ -11,9 +11,7 @@ seen) after Dynamo's arguments.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -24,9 +22,10 @@ from torch import nn
 
 from mhc_compile import _compat
 from mhc_compile.config import MHCConfig
+from mhc_compile.passes import inline_checkpoints
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
-from mhc_compile.passes.detect import Detection, Unconverted, detect, innermost_module
+from mhc_compile.passes.detect import Detection, detect
 from mhc_compile.passes.rewrite import SiteParams, rewrite
 from mhc_compile.runtime import ops as _ops  # noqa: F401  (registers torch.ops.mhc_compile.*)
 from mhc_compile.runtime.params import ensure_record, get_or_create_site, lift_to_known_root, record_for
@@ -147,77 +146,6 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-# ac_graph_id of inlined checkpoint regions: a range of their own (the recompute pass counts from 10000).
-_CHECKPOINT_IDS = itertools.count(1_000_000)
-
-
-def _inline_checkpoints(gm: fx.GraphModule) -> list[Unconverted]:
-    """Inline the bodies of activation-checkpoint regions (``torch.utils.checkpoint`` inside the model, e.g.
-    HF ``gradient_checkpointing_enable()``) into the graph, each node tagged to be recomputed in backward
-    (``meta["recompute"]`` / ``ac_graph_id``, the tags AOTAutograd gives the region itself). The residual
-    stream crosses every region's boundary; inlined, the passes see whole chains, and the partitioner still
-    recomputes the region's activations.
-
-    Returns the regions left as they are (selective checkpointing with a ``context_fn`` keeps its own
-    policy; nested higher-order ops) that hold residual sites: those sites are not converted and are
-    reported as such, never skipped silently."""
-    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
-    policy = _compat.checkpoint_policy()
-    count = 0
-    left: list[Unconverted] = []
-    for node in list(gm.graph.nodes):
-        if hop is None or node.op != "call_function" or node.target is not hop:
-            continue
-        body_attr, *args = node.args
-        if body_attr.op != "get_attr":
-            continue
-        body = getattr(gm, body_attr.target)
-        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-        reason = None
-        if node.kwargs.get("context_fn") is not None or _compat.checkpoint_context_fn(body) is not None:
-            reason = "selective activation checkpointing (context_fn) region is left as it is"
-        elif any(n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
-                 for n in body.graph.nodes) or any(n.op == "get_attr" for n in body.graph.nodes):
-            reason = "checkpoint region with nested higher-order ops is left as it is"
-        elif len(placeholders) != len(args):
-            reason = "checkpoint region whose inputs do not match its body is left as it is"
-        if reason is not None:
-            sites = detect(body).sites if isinstance(body, fx.GraphModule) else []
-            if sites:
-                names = ", ".join(s.out.name for s in sites)
-                left.append(Unconverted(node.name, innermost_module(node), f"{reason}; its residual adds ({names}) are not converted"))
-            continue
-        count += 1
-        graph_id = next(_CHECKPOINT_IDS)
-        env: dict[fx.Node, Any] = {}
-        env.update(zip(placeholders, args))
-        result = None
-        with gm.graph.inserting_before(node):
-            for bn in body.graph.nodes:
-                if bn.op == "placeholder":
-                    continue
-                if bn.op == "output":
-                    result = fx.map_arg(bn.args[0], lambda a: env[a])
-                    break
-                new = gm.graph.node_copy(bn, lambda a: env[a])
-                new.meta["recompute"] = policy.PREFER_RECOMPUTE
-                new.meta["ac_graph_id"] = graph_id
-                env[bn] = new
-        for user in list(node.users):
-            if user.op == "call_function" and user.target is operator.getitem and isinstance(result, (tuple, list)):
-                user.replace_all_uses_with(result[user.args[1]])
-                gm.graph.erase_node(user)
-        if node.users:
-            raise MHCConversionError(f"mhc: cannot inline checkpoint region {node.name}: its result is used whole")
-        gm.graph.erase_node(node)
-        if not body_attr.users:
-            gm.graph.erase_node(body_attr)
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return left
-
-
 def _resolve_root(detection: Detection) -> nn.Module:
     """The user's module that owns the residual adds, from the frame Dynamo is compiling."""
     f_locals = _compat.dynamo_frame_locals()
@@ -333,7 +261,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     _LAST_BREAK[:] = [break_here] if break_here else []
     _register_frame_root()
     work = _copy_graph_module(gm)
-    left_regions = _inline_checkpoints(work)
+    left_regions = inline_checkpoints.apply(work)
     detection = detect(work)
     detection.unconverted.extend(left_regions)
     report = GraphReport(graph_index=index, detection=detection, before=gm.print_readable(print_output=False))
