@@ -113,3 +113,31 @@ def eager_mhc_nanogpt(model: NanoGPT, idx, n: int, capture=None, **kw):
         X = eager_mhc_site(X, block.mhc_attn, lambda v: block.attn(block.ln_1(v)), capture, **kw)
         X = eager_mhc_site(X, block.mhc_mlp, lambda v: block.mlp(block.ln_2(v)), capture, **kw)
     return model.lm_head(model.ln_f(X.mean(-2)))
+
+
+# --- helpers shared by the test modules ---------------------------------------------------------------
+
+
+def output_tensor(out):
+    """The tensor of a model output: a tensor itself, or an HF output's logits / last_hidden_state."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return getattr(out, key)
+    raise TypeError(type(out))
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def perturb_mhc(model, scale=0.3):
+    """Move the mHC parameters off their init (phi != 0, alpha != 0.01), so a converted model computes
+    something else than the original and gradients see every term."""
+    import mhc_compile
+
+    with torch.no_grad():
+        for p in mhc_compile.mhc_parameters(model):
+            p.add_(scale * torch.randn_like(p))

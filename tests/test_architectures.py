@@ -19,8 +19,9 @@ from torch import nn
 
 import mhc_compile  # noqa: F401  (the backend is also reachable by its entry point)
 from mhc_compile.backend import REPORTS
+from models import output_tensor, rel_err
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency: fail, never skip, without it)
 
 OPTIONS = {"n": 4, "inner_backend": "aot_eager"}
 
@@ -144,19 +145,6 @@ EXPECTED = {
 RESNET_WIDTH = {"layer1": 8, "layer2": 16, "layer3": 32, "layer4": 64}
 
 
-def _output(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    raise TypeError(type(out))
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 _IADD = re.compile(r'^\s*\w+ \+= \w+;\s*(\w+)(?:: "[^"]*")? = ')
 _ASSIGN = re.compile(r'^\s*(\w+)(?:: "[^"]*")? = (.*?)(?:;.*)?$')
 
@@ -188,20 +176,20 @@ def test_converts_expected_sites_and_preserves_function(name):
     chains, kind, width, unconverted = EXPECTED[name]
     kw = inputs()
     with torch.no_grad():
-        want = _output(model(**kw))
+        want = output_tensor(model(**kw))
     start = len(REPORTS)
     compiled = torch.compile(model, backend="mhc", options=OPTIONS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
-            got = _output(compiled(**kw))
+            got = output_tensor(compiled(**kw))
     assert got.shape == want.shape
-    assert _rel_err(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
 
     # fresh random inputs through the same compiled model
     kw = inputs()
     with torch.no_grad():
-        assert _rel_err(_output(compiled(**kw)), _output(model(**kw))) <= 1e-5
+        assert rel_err(output_tensor(compiled(**kw)), output_tensor(model(**kw))) <= 1e-5
 
     report = _compiled_report(start)
     det = report.detection
@@ -237,7 +225,7 @@ def test_training_step_gives_every_mhc_parameter_a_gradient(name, quiet):
     model, inputs = _build(name)
     model.train()
     compiled = torch.compile(model, backend="mhc", options=OPTIONS)
-    out = _output(compiled(**inputs()))
+    out = output_tensor(compiled(**inputs()))
     loss = out.float().square().mean()
     loss.backward()
     params = dict((k, p) for k, p in model.named_parameters() if ".mhc_" in k)

@@ -17,29 +17,17 @@ from torch import nn
 
 import mhc_compile
 from mhc_compile.backend import REPORTS
-from models import NanoGPT, eager_mhc_nanogpt
+from models import NanoGPT, eager_mhc_nanogpt, output_tensor, perturb_mhc, rel_err
 
 AOT = {"inner_backend": "aot_eager"}
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _output(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    raise TypeError(type(out))
 
 
 # --- architectures -----------------------------------------------------------------------------------
 
 
 def _hf(name):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     ids = torch.randint(0, 50, (2, 8))
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50)
     if name == "gpt2":
@@ -95,11 +83,11 @@ def test_architecture_converts_and_preserves_function(name, quiet):
     model, inp = _model(name)
     model.eval()
     with torch.no_grad():
-        want = _output(model(inp))
+        want = output_tensor(model(inp))
     start = len(REPORTS)
     compiled = torch.compile(model, backend="mhc", options={"n": 4, **AOT})
     with torch.no_grad():
-        got = _output(compiled(inp))
+        got = output_tensor(compiled(inp))
     assert got.shape == want.shape
     assert rel_err(got, want) <= 1e-5
 
@@ -128,7 +116,7 @@ def test_architecture_converts_and_preserves_function(name, quiet):
 
     # a training step runs and every mHC parameter gets a finite gradient
     model.train()
-    _output(compiled(inp)).float().square().mean().backward()
+    output_tensor(compiled(inp)).float().square().mean().backward()
     for p in mhc_compile.mhc_parameters(model):
         assert p.grad is not None and torch.isfinite(p.grad).all()
 
@@ -146,19 +134,12 @@ def test_no_false_positive_adds_survive_in_gpt2(quiet):
 # --- gradients against the hand-written eager mHC model -------------------------------------------
 
 
-def _perturb_mhc(model, scale=0.3):
-    """Move the mHC parameters off their init so gradients see every term (phi != 0, alpha != 0.01)."""
-    with torch.no_grad():
-        for p in mhc_compile.mhc_parameters(model):
-            p.add_(scale * torch.randn_like(p))
-
-
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
 def test_gradients_match_eager_oracle_float64(mode, quiet):
     model = NanoGPT(layers=3).double()
     idx = torch.randint(0, 64, (2, 8))
     mhc_compile.prepare(model, idx, n=3, mode=mode)
-    _perturb_mhc(model)
+    perturb_mhc(model)
     compiled = torch.compile(model, backend="mhc", options={"n": 3, "mode": mode, **AOT})
     out = compiled(idx)
     loss = out.logsumexp(-1).mean() + out.sum() * 1e-3
@@ -233,7 +214,7 @@ def test_state_dict_round_trip_into_fresh_prepared_model(quiet):
     idx = torch.randint(0, 64, (2, 8))
     a = NanoGPT()
     mhc_compile.prepare(a, idx)
-    _perturb_mhc(a)
+    perturb_mhc(a)
     state = a.state_dict()
     assert any(k.endswith("mhc_attn.phi") for k in state)
     b = NanoGPT()  # other random weights
@@ -361,9 +342,7 @@ def _prepare_and_trace_then_compile(idx):
         mhc_compile.trace(NanoGPT(), idx)
     model = NanoGPT()
     mhc_compile.prepare(model, idx)
-    with torch.no_grad():
-        for p in mhc_compile.mhc_parameters(model):
-            p.add_(0.3 * torch.randn_like(p))
+    perturb_mhc(model)
     got = torch.compile(model, backend="mhc", options=AOT)(idx)
     torch.testing.assert_close(got, eager_mhc_nanogpt(model, idx, n=4), rtol=1e-5, atol=1e-5)
 

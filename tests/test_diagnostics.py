@@ -220,7 +220,6 @@ def test_collect_without_mhc_sites_raises():
 
 @pytest.mark.parametrize("mode", ["hc", "mhc"])
 def test_plots_write_files_matplotlib_reads_back(mode, tmp_path, quiet):
-    pytest.importorskip("matplotlib")
     import matplotlib.image
 
     diag = collect(_compiled(mode, layers=2)[2], torch.randint(0, 64, (2, 8)))

@@ -4,19 +4,23 @@ import pytest
 import torch
 
 import mhc_compile
-from models import NanoGPT, eager_mhc_nanogpt
+from models import NanoGPT, eager_mhc_nanogpt, perturb_mhc
+
+
+def _prepared(layers):
+    """A NanoGPT prepared at n=4 with its mHC parameters moved off their init."""
+    torch._dynamo.reset()
+    model = NanoGPT(layers=layers)
+    idx = torch.randint(0, 64, (2, 8))
+    mhc_compile.prepare(model, idx, n=4)
+    perturb_mhc(model)
+    return model, idx
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = NanoGPT(layers=2)
-    idx = torch.randint(0, 64, (2, 8))
-    mhc_compile.prepare(model, idx, n=4)
-    with torch.no_grad():
-        for p in mhc_compile.mhc_parameters(model):
-            p.add_(0.3 * torch.randn_like(p))
+    model, idx = _prepared(layers=2)
     step = torch.compile(model, backend="mhc", options={"n": 4})  # Inductor, recompute="auto"
     return model, step, idx
 
@@ -43,13 +47,7 @@ def test_inductor_new_batch_size_does_not_lose_parameters(compiled):
 
 
 def test_max_autotune_mode_compiles_and_matches_eager_oracle():
-    torch._dynamo.reset()
-    model = NanoGPT(layers=1)
-    idx = torch.randint(0, 64, (2, 8))
-    mhc_compile.prepare(model, idx, n=4)
-    with torch.no_grad():
-        for p in mhc_compile.mhc_parameters(model):
-            p.add_(0.3 * torch.randn_like(p))
+    model, idx = _prepared(layers=1)
     out = torch.compile(model, backend="mhc", mode="max-autotune")(idx)
     torch.testing.assert_close(out, eager_mhc_nanogpt(model, idx, n=4), rtol=1e-5, atol=1e-5)
     out.sum().backward()

@@ -16,10 +16,10 @@ from torch import nn
 
 import mhc_compile
 from mhc_compile.backend import REPORTS
-from models import Block, NanoGPT
+from models import Block, NanoGPT, perturb_mhc
 
 AOT = {"inner_backend": "aot_eager"}
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency: fail, never skip, without it)
 
 
 def _gpt2(layers=2, positions=32):
@@ -34,13 +34,6 @@ def _llama(layers=2):
                                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return transformers.LlamaForCausalLM(cfg)
 
-
-def _perturb(model, scale=0.3):
-    """Move the mHC parameters off their init, so a converted model computes something else than the
-    original (a test that compares converted models then sees the mHC parameters)."""
-    with torch.no_grad():
-        for p in mhc_compile.mhc_parameters(model):
-            p.add_(scale * torch.randn_like(p))
 
 
 class CountingBackend:
@@ -74,7 +67,7 @@ def test_generate_with_kv_cache_matches_eager_and_does_not_recompile_per_token(a
     model = (_gpt2 if arch == "gpt2" else _llama)().eval()
     ids = torch.randint(1, 50, (2, 5))
     mhc_compile.prepare(model, ids, n=4)
-    _perturb(model)
+    perturb_mhc(model)
     steps = 8
 
     want = _greedy_reference(model, ids, steps)
@@ -99,7 +92,7 @@ def test_generate_with_kv_cache_matches_eager_and_does_not_recompile_per_token(a
 def test_changing_batch_and_sequence_length_recompiles_at_most_once(quiet):
     model = NanoGPT()
     mhc_compile.prepare(model, torch.randint(0, 64, (2, 8)))
-    _perturb(model)
+    perturb_mhc(model)
     torch._dynamo.reset()  # prepare's own (no_grad, static) trace stays in Dynamo's cache otherwise
     backend = CountingBackend(**AOT)
     compiled = torch.compile(model, backend=backend)
@@ -138,7 +131,7 @@ def _converted_nanogpt():
     model = NanoGPT()
     idx = torch.randint(0, 64, (2, 8))
     mhc_compile.prepare(model, idx)
-    _perturb(model)
+    perturb_mhc(model)
     return model, idx
 
 
@@ -246,7 +239,7 @@ def test_hf_gradient_checkpointing_converts_and_trains(arch, quiet):
         model.train()
         mhc_compile.prepare(model, ids)
         torch.manual_seed(1)
-        _perturb(model)
+        perturb_mhc(model)
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="mhc", options=AOT)
         start = len(REPORTS)
@@ -270,7 +263,7 @@ def test_hf_state_dict_round_trip_and_errors(quiet):
     ids = torch.randint(1, 50, (2, 8))
     a = _gpt2().eval()
     mhc_compile.prepare(a, ids)
-    _perturb(a)
+    perturb_mhc(a)
     state = a.state_dict()
     want = torch.compile(a, backend="mhc", options=AOT)(ids).logits
 
@@ -368,7 +361,6 @@ def test_integer_stream_is_never_a_site(caplog):
 def test_triton_kernels_reject_unsupported_dtypes_by_name():
     from mhc_compile.backend import TRITON_STREAM_DTYPES
 
-    pytest.importorskip("triton")
     x = torch.randint(0, 5, (4, 2, 8))
     h = torch.rand(4, 2)
     with pytest.raises(TypeError, match="unsupported dtype torch.int64"):
