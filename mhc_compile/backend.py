@@ -95,15 +95,6 @@ def _check_impl_dtypes(impl: str, detection: Detection) -> None:
             )
 
 
-def _mark_check_finite(gm: fx.GraphModule) -> None:
-    """check_finite: tag the site argument of every coeffs / pre op so that the op checks its inputs."""
-    targets = (torch.ops.mhc_compile.coeffs.default, torch.ops.mhc_compile.pre.default)
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in targets and isinstance(node.args[-1], str):
-            node.args = (*node.args[:-1], _ops.FINITE_MARK + node.args[-1])
-    gm.recompile()
-
-
 # The last graph break Dynamo reported to us (reason, "file:line"): a graph compiled after it (the resumed
 # frame) names it when its chain starts at a graph input.
 _LAST_BREAK: list[str] = []
@@ -331,8 +322,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     _check_impl_dtypes(impl, detection)
     report.impl = impl
     result = rewrite(work, detection, config, impl, params)
-    if config.check_finite:
-        _mark_check_finite(result.gm)
     report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
     schedule_pass.apply(result.gm, config)
     report.after = result.gm.print_readable(print_output=False)

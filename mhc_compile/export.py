@@ -63,13 +63,13 @@ def _proj(x: Tensor, phi: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     return p.reshape(lead + p.shape[-1:]), sq.reshape(lead)
 
 
-def _coeffs(p, sq, bias, alpha, n, nc, eps, iters, mode, impl, site=""):
+def _coeffs(p, sq, bias, alpha, n, nc, eps, iters, mode, impl, site="", check_finite=False):
     lead = p.shape[:-1]
     h_pre, h_post, h_res = ref.coeffs(_tokens(p, 1), sq.reshape(-1), bias, alpha, n, nc, eps, iters, mode)
     return h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n))
 
 
-def _pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "") -> Tensor:
+def _pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "", check_finite: bool = False) -> Tensor:
     out = ref.pre(_tokens(x, 2), _tokens(h_pre, 1))
     return out.reshape(x.shape[:-2] + x.shape[-1:])
 

@@ -105,7 +105,8 @@ class _ChainRewriter:
             p = self.call(operator.getitem, (proj, 0), out, site, "proj")
         with self.graph.inserting_after(p):
             sq = self.call(operator.getitem, (proj, 1), out, site, "proj")
-        coeff_args = (p, sq, bias, alpha, n, n * site.width, cfg.eps, cfg.sinkhorn_iters, cfg.mode, impl, site.path)
+        coeff_args = (p, sq, bias, alpha, n, n * site.width, cfg.eps, cfg.sinkhorn_iters, cfg.mode, impl, site.path,
+                      cfg.check_finite)
         with self.graph.inserting_after(sq):
             coeffs = self.call(OPS.coeffs.default, coeff_args, out, site, "coeffs")
         h = []
@@ -119,7 +120,7 @@ class _ChainRewriter:
             with self.graph.inserting_after(last):
                 h_res = last = self.call("transpose", (h_res, -1, -2), out, site, "coeffs", kind="call_method")
         with self.graph.inserting_after(last):
-            x_in = self.call(OPS.pre.default, (x, h_pre, impl, site.path), out, site, "pre")
+            x_in = self.call(OPS.pre.default, (x, h_pre, impl, site.path, cfg.check_finite), out, site, "pre")
         if site.channel_dim != -1:  # the sublayer reads [B, C, H, W]
             with self.graph.inserting_after(x_in):
                 x_in = self.call("movedim", (x_in, -1, site.channel_dim), out, site, "pre", kind="call_method")

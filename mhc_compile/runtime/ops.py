@@ -47,16 +47,8 @@ def _record(**entry) -> None:
         records.append({k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in entry.items()})
 
 
-# check_finite: the backend prefixes the ``site`` argument of coeffs / pre with this mark when the option
-# is on; the op then checks its inputs and strips the mark. Off, the cost is one str.startswith per call.
-FINITE_MARK = "?finite:"
-
-
-def _check_finite(site: str, what: str, *tensors: Tensor) -> str:
-    """Strip the check_finite mark from ``site``; when it was there, raise if a tensor holds NaN/Inf."""
-    if not site.startswith(FINITE_MARK):
-        return site
-    site = site[len(FINITE_MARK):]
+def _check_finite(site: str, what: str, *tensors: Tensor) -> None:
+    """``check_finite=True``: raise, naming the site, if a tensor holds NaN/Inf (one reduction each)."""
     for t in tensors:
         if not bool(torch.isfinite(t).all()):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
@@ -64,7 +56,6 @@ def _check_finite(site: str, what: str, *tensors: Tensor) -> str:
                 f"mhc: non-finite values at residual site {site!r}: {what} hold {nan} NaN and {inf} Inf "
                 f"of {t.numel()} elements (shape {tuple(t.shape)}, dtype {t.dtype}) (check_finite=True)"
             )
-    return site
 
 
 def _kernels(impl: str):
@@ -131,18 +122,18 @@ proj.register_autograd(_proj_bwd, setup_context=_proj_setup)
 @torch.library.custom_op("mhc_compile::coeffs", mutates_args=())
 def coeffs(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor,
-    n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "",
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "", check_finite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    checked = site.startswith(FINITE_MARK)
-    site = _check_finite(site, "the projections phi x / |x|^2 of the n streams entering the site (NaN/Inf in the "
+    if check_finite:
+        _check_finite(site, "the projections phi x / |x|^2 of the n streams entering the site (NaN/Inf in the "
                          "streams or in phi)", p, sq)
     lead = p.shape[:-1]
     h_pre, h_post, h_res = _kernels(impl).coeffs(
         _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), bias, alpha, n, nc, eps, iters, mode
     )
     h_pre, h_post, h_res = h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n))
-    if checked:
-        _check_finite(FINITE_MARK + site, "the coefficients H_pre / H_post / H_res (NaN/Inf in bias or alpha, or "
+    if check_finite:
+        _check_finite(site, "the coefficients H_pre / H_post / H_res (NaN/Inf in bias or alpha, or "
                       "overflow)", h_pre, h_post, h_res)
     if _CAPTURES:
         _record(site=site, h_pre=h_pre, h_post=h_post, h_res=h_res)
@@ -150,7 +141,7 @@ def coeffs(
 
 
 @coeffs.register_fake
-def _(p, sq, bias, alpha, n, nc, eps, iters, mode, impl, site=""):
+def _(p, sq, bias, alpha, n, nc, eps, iters, mode, impl, site="", check_finite=False):
     lead = p.shape[:-1]
     acc = ref.acc_dtype(p.dtype)
     return p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n, n), dtype=acc)
@@ -176,7 +167,7 @@ def _(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode, impl
 
 
 def _coeffs_setup(ctx, inputs, output):
-    p, sq, bias, alpha, n, nc, eps, iters, mode, impl, *_site = inputs
+    p, sq, bias, alpha, n, nc, eps, iters, mode, impl, *_labels = inputs
     ctx.save_for_backward(p, sq, bias, alpha)
     ctx.static = (n, nc, eps, iters, mode, impl)
 
@@ -184,7 +175,7 @@ def _coeffs_setup(ctx, inputs, output):
 def _coeffs_bwd(ctx, dh_pre, dh_post, dh_res):
     p, sq, bias, alpha = ctx.saved_tensors
     grads = coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, *ctx.static)
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
@@ -194,8 +185,9 @@ coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
 # pre
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("mhc_compile::pre", mutates_args=())
-def pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "") -> Tensor:
-    site = _check_finite(site, "the n streams entering the site", x)
+def pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "", check_finite: bool = False) -> Tensor:
+    if check_finite:
+        _check_finite(site, "the n streams entering the site", x)
     out = _kernels(impl).pre(_tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous())
     if _CAPTURES:
         _record(site=site, x=x)
@@ -203,7 +195,7 @@ def pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "") -> Tensor:
 
 
 @pre.register_fake
-def _(x, h_pre, impl, site=""):
+def _(x, h_pre, impl, site="", check_finite=False):
     return x.new_empty(x.shape[:-2] + x.shape[-1:])
 
 
@@ -221,7 +213,7 @@ def _(x, h_pre, dout, impl):
 
 
 def _pre_setup(ctx, inputs, output):
-    x, h_pre, impl, *_site = inputs
+    x, h_pre, impl, *_labels = inputs
     ctx.save_for_backward(x, h_pre)
     ctx.impl = impl
 
@@ -229,7 +221,7 @@ def _pre_setup(ctx, inputs, output):
 def _pre_bwd(ctx, dout):
     x, h_pre = ctx.saved_tensors
     dx, dh = pre_backward(x, h_pre, dout, ctx.impl)
-    return dx, dh, None, None
+    return dx, dh, None, None, None
 
 
 pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
