@@ -213,3 +213,81 @@ def post_res_proj(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next:
     out = post_res(x, h_res, h_post, y)
     p, sq = proj(out, phi_next)
     return out, p, sq
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused boundary ops: what one kernel pipeline does between two sublayers.
+#
+#   enter(X)                                = proj -> coeffs -> pre          (a chain's first site)
+#   step(X_prev, H_res_prev, H_post_prev, y) = post_res(l-1) -> enter(l)     (every later site)
+#
+# One op per boundary means the stream X_l has exactly one consumer whose backward produces its
+# gradient, so the three partial gradients of X_l (through proj, pre and the next post_res) are summed
+# inside the kernel in fp32 instead of by autograd as three stream-sized tensors. The backward of
+# ``step`` never needs X_l itself: it is recomputed on the fly from X_prev and y, which the post_res
+# backward reads anyway.
+# ---------------------------------------------------------------------------------------------
+def enter(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, n: int, nc: int, eps: float, iters: int, mode: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x_in, h_pre, h_post, h_res, p, sq) of the stream ``x`` [T, n, C]."""
+    p, sq = proj(x, phi)
+    h_pre, h_post, h_res = coeffs(p, sq, bias, alpha, n, nc, eps, iters, mode)
+    return pre(x, h_pre), h_pre, h_post, h_res, p, sq
+
+
+def _boundary_grad(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
+    dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(G, dphi, dbias, dalpha): G = the gradient of X through proj, coeffs and pre, unrounded."""
+    t, _, c = x.shape
+    xa, g_in = _acc(x), _acc(dx_in)
+    dh_pre = torch.einsum("tnc,tc->tn", xa, g_in)
+    dp, dsq, dbias, dalpha = coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
+    g = _acc(h_pre)[:, :, None] * g_in[:, None, :]
+    g = g + (dp @ _acc(phi).t()).reshape(t, n, c) + 2.0 * dsq[:, None, None] * xa
+    dphi = xa.reshape(t, n * c).t() @ dp
+    return g, dphi.to(phi.dtype), dbias, dalpha
+
+
+def enter_backward(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
+    dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dphi, dbias, dalpha) of ``enter`` given the gradients of x_in, h_post and h_res."""
+    g, dphi, dbias, dalpha = _boundary_grad(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res,
+                                            n, nc, eps, iters, mode)
+    return g.to(x.dtype), dphi, dbias, dalpha
+
+
+def step(
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor,
+    phi: Tensor, bias: Tensor, alpha: Tensor, n: int, nc: int, eps: float, iters: int, mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x, x_in, h_pre, h_post, h_res, p, sq): x = post_res(x_prev, ...) in the stream dtype, then enter(x)."""
+    x = post_res(x_prev, h_res_prev, h_post_prev, y_prev)
+    return (x, *enter(x, phi, bias, alpha, n, nc, eps, iters, mode))
+
+
+def step_backward(
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor,
+    phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
+    dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
+    n: int, nc: int, eps: float, iters: int, mode: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``.
+
+    ``dx`` is the gradient of the step's output stream x (from the next boundary); the gradient of x in
+    total, G = dx + (through pre, coeffs, proj), stays in the accumulation dtype into post_res's backward.
+    """
+    x = post_res(x_prev, h_res_prev, h_post_prev, y_prev)
+    g, dphi, dbias, dalpha = _boundary_grad(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res,
+                                            n, nc, eps, iters, mode)
+    g = g + _acc(dx)
+    xa, ya = _acc(x_prev), _acc(y_prev)
+    dx_prev = torch.einsum("tij,tic->tjc", _acc(h_res_prev), g)
+    dy_prev = torch.einsum("ti,tic->tc", _acc(h_post_prev), g)
+    dh_res_prev = torch.einsum("tic,tjc->tij", g, xa)
+    dh_post_prev = torch.einsum("tic,tc->ti", g, ya)
+    return dx_prev.to(x_prev.dtype), dh_res_prev, dh_post_prev, dy_prev.to(y_prev.dtype), dphi, dbias, dalpha
