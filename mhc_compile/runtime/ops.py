@@ -58,11 +58,12 @@ def _check_finite(site: str, what: str, *tensors: Tensor) -> None:
             )
 
 
-def _kernels(impl: str):
+def _kernels(impl: str, fused: bool = False):
+    """The kernel module for ``impl``; ``fused`` picks the boundary ops (enter / step) of the Triton path."""
     if impl == "reference":
         return ref
     if impl == "triton":
-        return importlib.import_module("mhc_compile.kernels.triton_ops")
+        return importlib.import_module("mhc_compile.kernels.triton_fused" if fused else "mhc_compile.kernels.triton_ops")
     raise ValueError(f"mhc op: unknown kernel implementation {impl!r}; expected one of {IMPLS}")
 
 
@@ -273,3 +274,169 @@ def _post_res_bwd(ctx, dout):
 
 
 post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused boundary ops (the default): enter = proj -> coeffs -> pre at a chain's first site,
+# step = post_res of site l-1 -> proj -> coeffs -> pre of site l. See kernels/reference.py.
+#
+# h_pre, p and sq are outputs only so that the backward can have them (a custom op's setup_context
+# saves inputs and outputs, nothing in between); nothing in the graph reads them and they get no
+# gradient.
+# ---------------------------------------------------------------------------------------------
+def _coeff_shapes(lead, n: int, m: int, like: Tensor, acc: torch.dtype) -> tuple[Tensor, ...]:
+    """Empty (h_pre, h_post, h_res, p, sq) with leading dims ``lead``."""
+    return (like.new_empty(lead + (n,), dtype=acc), like.new_empty(lead + (n,), dtype=acc),
+            like.new_empty(lead + (n, n), dtype=acc), like.new_empty(lead + (m,), dtype=acc),
+            like.new_empty(lead, dtype=acc))
+
+
+def _restore_coeffs(lead, n: int, h_pre, h_post, h_res, p, sq) -> tuple[Tensor, ...]:
+    return (h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n)),
+            p.reshape(lead + p.shape[-1:]), sq.reshape(lead))
+
+
+def _after_coeffs(site: str, check_finite: bool, x: Tensor, h_pre: Tensor, h_post: Tensor, h_res: Tensor) -> None:
+    if check_finite:
+        _check_finite(site, "the coefficients H_pre / H_post / H_res (NaN/Inf in phi, bias or alpha, or "
+                      "overflow)", h_pre, h_post, h_res)
+    if _CAPTURES:
+        _record(site=site, h_pre=h_pre, h_post=h_post, h_res=h_res)
+        _record(site=site, x=x)
+
+
+@torch.library.custom_op("mhc_compile::enter", mutates_args=())
+def enter(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "", check_finite: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if check_finite:
+        _check_finite(site, "the n streams entering the site", x)
+    lead = x.shape[:-2]
+    x_in, *rest = _kernels(impl, fused=True).enter(
+        _tokens(x, 2).contiguous(), phi, bias, alpha, n, nc, eps, iters, mode
+    )
+    h_pre, h_post, h_res, p, sq = _restore_coeffs(lead, n, *rest)
+    _after_coeffs(site, check_finite, x, h_pre, h_post, h_res)
+    return (x_in.reshape(x.shape[:-2] + x.shape[-1:]), h_pre, h_post, h_res, p, sq)
+
+
+@enter.register_fake
+def _(x, phi, bias, alpha, n, nc, eps, iters, mode, impl, site="", check_finite=False):
+    lead = x.shape[:-2]
+    acc = ref.acc_dtype(x.dtype)
+    return (x.new_empty(lead + x.shape[-1:]), *_coeff_shapes(lead, n, phi.shape[1], x, acc))
+
+
+@torch.library.custom_op("mhc_compile::enter_backward", mutates_args=())
+def enter_backward(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
+    dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dphi, dbias, dalpha = _kernels(impl, fused=True).enter_backward(
+        _tokens(x, 2).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
+        sq.reshape(-1).contiguous(), _tokens(dx_in, 1).contiguous(), _tokens(dh_post, 1).contiguous(),
+        _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode,
+    )
+    return dx.reshape(x.shape), dphi, dbias, dalpha
+
+
+@enter_backward.register_fake
+def _(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode, impl):
+    return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(bias), torch.empty_like(alpha)
+
+
+def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
+    """An output nobody differentiated through arrives as None: its gradient is zero."""
+    return torch.zeros_like(like) if g is None else g
+
+
+def _enter_setup(ctx, inputs, output):
+    x, phi, bias, alpha, n, nc, eps, iters, mode, impl, *_labels = inputs
+    _x_in, h_pre, h_post, h_res, p, sq = output
+    ctx.save_for_backward(x, phi, bias, alpha, h_pre, p, sq, h_post, h_res)
+    ctx.static = (n, nc, eps, iters, mode, impl)
+    ctx.mark_non_differentiable(h_pre, p, sq)
+
+
+def _enter_bwd(ctx, dx_in, _dh_pre, dh_post, dh_res, _dp, _dsq):
+    x, phi, bias, alpha, h_pre, p, sq, h_post, h_res = ctx.saved_tensors
+    grads = enter_backward(
+        x, phi, bias, alpha, h_pre, p, sq, _zeros_if_none(dx_in, x[..., 0, :]), _zeros_if_none(dh_post, h_post),
+        _zeros_if_none(dh_res, h_res), *ctx.static,
+    )
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+enter.register_autograd(_enter_bwd, setup_context=_enter_setup)
+
+
+@torch.library.custom_op("mhc_compile::step", mutates_args=())
+def step(
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "", check_finite: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    lead = x_prev.shape[:-2]
+    x, x_in, *rest = _kernels(impl, fused=True).step(
+        _tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
+        _tokens(y_prev, 1).contiguous(), phi, bias, alpha, n, nc, eps, iters, mode,
+    )
+    x = x.reshape(x_prev.shape)
+    if check_finite:
+        _check_finite(site, "the n streams entering the site", x)
+    h_pre, h_post, h_res, p, sq = _restore_coeffs(lead, n, *rest)
+    _after_coeffs(site, check_finite, x, h_pre, h_post, h_res)
+    return (x, x_in.reshape(lead + x_prev.shape[-1:]), h_pre, h_post, h_res, p, sq)
+
+
+@step.register_fake
+def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, iters, mode, impl, site="",
+      check_finite=False):
+    lead = x_prev.shape[:-2]
+    acc = ref.acc_dtype(x_prev.dtype)
+    return (torch.empty_like(x_prev, memory_format=torch.contiguous_format), x_prev.new_empty(lead + x_prev.shape[-1:]),
+            *_coeff_shapes(lead, n, phi.shape[1], x_prev, acc))
+
+
+@torch.library.custom_op("mhc_compile::step_backward", mutates_args=())
+def step_backward(
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha = _kernels(impl, fused=True).step_backward(
+        _tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
+        _tokens(y_prev, 1).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
+        sq.reshape(-1).contiguous(), _tokens(dx, 2).contiguous(), _tokens(dx_in, 1).contiguous(),
+        _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode,
+    )
+    return (dx_prev.reshape(x_prev.shape), dh_res_prev.reshape(h_res_prev.shape),
+            dh_post_prev.reshape(h_post_prev.shape), dy_prev.reshape(y_prev.shape), dphi, dbias, dalpha)
+
+
+@step_backward.register_fake
+def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
+      n, nc, eps, iters, mode, impl):
+    return tuple(torch.empty_like(t) for t in (x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
+
+
+def _step_setup(ctx, inputs, output):
+    x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, iters, mode, impl, *_labels = inputs
+    _x, _x_in, h_pre, h_post, h_res, p, sq = output
+    # The output stream x is not saved: the backward recomputes it from x_prev and y_prev.
+    ctx.save_for_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, h_post, h_res)
+    ctx.static = (n, nc, eps, iters, mode, impl)
+    ctx.mark_non_differentiable(h_pre, p, sq)
+
+
+def _step_bwd(ctx, dx, dx_in, _dh_pre, dh_post, dh_res, _dp, _dsq):
+    x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, h_post, h_res = ctx.saved_tensors
+    grads = step_backward(
+        x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq,
+        _zeros_if_none(dx, x_prev), _zeros_if_none(dx_in, y_prev), _zeros_if_none(dh_post, h_post),
+        _zeros_if_none(dh_res, h_res), *ctx.static,
+    )
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+step.register_autograd(_step_bwd, setup_context=_step_setup)
