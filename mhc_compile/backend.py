@@ -1,4 +1,4 @@
-"""The ``mhc`` torch.compile backend: detect -> rewrite -> recompute tags -> inner compiler.
+"""The ``mhc`` torch.compile backend: detect -> rewrite -> fuse -> recompute tags -> inner compiler.
 
     torch.compile(model, backend="mhc", options={"n": 4})
 
@@ -23,6 +23,7 @@ from torch import nn
 from mhc_compile import _compat
 from mhc_compile.config import MHCConfig
 from mhc_compile.passes import inline_checkpoints
+from mhc_compile.passes import fuse as fuse_pass
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
 from mhc_compile.passes.detect import Detection, detect
@@ -48,6 +49,7 @@ class GraphReport:
     warnings: list[str] = field(default_factory=list)
     impl: str = "reference"
     recompute_blocks: list[list[str]] = field(default_factory=list)
+    fused: dict[str, int] = field(default_factory=dict)  # sites fused into "step" / "enter" ops
     before: str = ""
     after: str = ""
     gm: fx.GraphModule | None = None
@@ -322,6 +324,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     _check_impl_dtypes(impl, detection)
     report.impl = impl
     result = rewrite(work, detection, config, impl, params)
+    report.fused = fuse_pass.apply(result.gm, config)
     report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
     schedule_pass.apply(result.gm, config)
     report.after = result.gm.print_readable(print_output=False)

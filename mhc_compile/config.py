@@ -38,6 +38,9 @@ class MHCConfig:
                      (DeepSeek-V4 code).
     kernels:         "auto" (Triton on CUDA, reference elsewhere), "reference", "triton".
     recompute:       "auto" (block size L_r ~ sqrt(nL/(n+2))), an int block size, or "none".
+    fuse:            fuse each sublayer boundary (post_res of site l-1 with proj / coeffs / pre of site l)
+                     into one op with one backward (True, the fast path); False keeps the four separate
+                     ops (to compare, or to inspect them one by one).
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -58,6 +61,7 @@ class MHCConfig:
     res_convention: str = "paper"
     kernels: str = "auto"
     recompute: Any = "auto"
+    fuse: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
@@ -77,7 +81,7 @@ class MHCConfig:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
-        for name in ("verbose", "check_finite"):
+        for name in ("verbose", "check_finite", "fuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.recompute not in ("auto", "none"):

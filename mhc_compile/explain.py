@@ -33,7 +33,7 @@ class SiteInfo:
     chain: int
     index: int  # position in its chain
     parameters: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    kernels: str = "reference"
+    kernels: str = "reference"  # implementation and the mHC ops of this site, e.g. "triton: step"
     recompute_block: int | None = None
 
 
@@ -108,6 +108,7 @@ def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, 
         report.graph_modules.append(r.gm)
         report.unconverted.extend(f"{u.node} in {u.module or '<root>'}: {u.reason}" for u in r.detection.unconverted)
         report.warnings.extend(w for w in r.warnings if "not converted" not in w)
+        ops_of = _ops_by_site(r.gm)
         for c, chain in enumerate(r.detection.chains):
             for site in chain.sites:
                 owner = named.get(site.owner)
@@ -116,12 +117,23 @@ def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, 
                     path=site.path, owner_type=type(owner).__name__ if owner is not None else "?",
                     width=site.width, kind=site.kind, graph=r.graph_index, chain=c, index=site.index,
                     parameters={k: tuple(p.shape) for k, p in params.named_parameters()} if params is not None else {},
-                    kernels=r.impl if config.mode != "residual" else "none (mode=residual)",
+                    kernels=(f"{r.impl}: {' + '.join(ops_of.get(site.path, []))}" if config.mode != "residual"
+                             else "none (mode=residual)"),
                     recompute_block=block_of.get(site.path),
                 ))
     if print_summary:
         print(report.summary())
     return report
+
+
+def _ops_by_site(gm) -> dict[str, list[str]]:
+    """Site path -> the names of the mHC custom ops the rewritten graph runs for it, in graph order."""
+    out: dict[str, list[str]] = {}
+    for node in gm.graph.nodes if gm is not None else ():
+        site = (node.meta.get("mhc") or {}).get("site")
+        if site and getattr(node.target, "namespace", None) == "mhc_compile":
+            out.setdefault(site, []).append(node.target._opname)
+    return out
 
 
 def _graph_break_reasons(model: nn.Module, example_inputs) -> list[str]:
@@ -158,8 +170,8 @@ def dump_graph(dump_dir: str, index: int, before: str, gm: fx.GraphModule | None
 
 
 _ROLE_COLOURS = {
-    "expand": "#c6dbef", "proj": "#fdd0a2", "coeffs": "#fdae6b", "pre": "#a1d99b", "post_res": "#74c476",
-    "collapse": "#c6dbef", "branch_sum": "#dadaeb", "param": "#f0f0f0",
+    "expand": "#c6dbef", "enter": "#fdae6b", "step": "#fd8d3c", "proj": "#fdd0a2", "coeffs": "#fdae6b",
+    "pre": "#a1d99b", "post_res": "#74c476", "collapse": "#c6dbef", "branch_sum": "#dadaeb", "param": "#f0f0f0",
 }
 
 

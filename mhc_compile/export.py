@@ -7,7 +7,8 @@ How it works:
 
 1. ``trace`` runs the backend's passes and returns the rewritten Dynamo graph: its placeholders are the
    user's input tensors, the model's parameters and buffers (lifted by Dynamo) and the mHC parameters.
-2. Each mHC custom op (``torch.ops.mhc_compile.proj/coeffs/pre/post_res``) in a copy of that graph is
+2. Each mHC custom op (``torch.ops.mhc_compile.enter/step/post_res``, or proj/coeffs/pre with
+   ``fuse=False``) in a copy of that graph is
    swapped for a plain Python function that calls the reference kernels of ``kernels/reference.py``,
    whatever ``impl`` the rewrite picked (Triton kernels cannot be lowered to MLIR). torch-mlir then
    sees only ATen ops: no ``torch.operator "mhc_compile..."`` is left to resolve, and the
@@ -79,6 +80,25 @@ def _post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, impl: str) ->
     return out.reshape(x.shape)
 
 
+def _coeffs_out(lead, n, h_pre, h_post, h_res, p, sq):
+    return (h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n)),
+            p.reshape(lead + p.shape[-1:]), sq.reshape(lead))
+
+
+def _enter(x, phi, bias, alpha, n, nc, eps, iters, mode, impl, site="", check_finite=False):
+    lead = x.shape[:-2]
+    x_in, *rest = ref.enter(_tokens(x, 2), phi, bias, alpha, n, nc, eps, iters, mode)
+    return (x_in.reshape(lead + x.shape[-1:]), *_coeffs_out(lead, n, *rest))
+
+
+def _step(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, iters, mode, impl, site="",
+          check_finite=False):
+    lead = x_prev.shape[:-2]
+    x, x_in, *rest = ref.step(_tokens(x_prev, 2), _tokens(h_res_prev, 2), _tokens(h_post_prev, 1),
+                              _tokens(y_prev, 1), phi, bias, alpha, n, nc, eps, iters, mode)
+    return (x.reshape(x_prev.shape), x_in.reshape(lead + x_prev.shape[-1:]), *_coeffs_out(lead, n, *rest))
+
+
 def _reference_targets() -> dict:
     """Custom op overload / packet -> its reference function. Built lazily: importing the ops module
     registers the custom ops."""
@@ -86,7 +106,8 @@ def _reference_targets() -> dict:
 
     ops = torch.ops.mhc_compile
     table = {}
-    for name, fn in (("proj", _proj), ("coeffs", _coeffs), ("pre", _pre), ("post_res", _post_res)):
+    for name, fn in (("proj", _proj), ("coeffs", _coeffs), ("pre", _pre), ("post_res", _post_res),
+                     ("enter", _enter), ("step", _step)):
         packet = getattr(ops, name)
         table[packet] = fn
         table[packet.default] = fn

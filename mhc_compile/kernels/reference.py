@@ -11,8 +11,9 @@ Shapes (T = tokens, flattened leading dims; m = n*n + 2n):
 
 The op boundary is split so that the fused kernels can slot in one at a time: ``proj`` (one pass over
 x on tensor cores that also yields the sum of squares), ``coeffs`` (tiny per-token math: scales,
-sigmoids, Sinkhorn), ``pre`` (x_in = H_pre . X) and ``post_res`` (X' = H_res X + H_post^T y). The later
-cross-layer fusion of ``post_res`` (l) with ``proj`` (l+1) is a graph-level replacement of that pair.
+sigmoids, Sinkhorn), ``pre`` (x_in = H_pre . X) and ``post_res`` (X' = H_res X + H_post^T y). The
+fused boundary ops at the end (``enter``, ``step`` = post_res of site l-1 with proj, coeffs and pre of
+site l) are what the graph runs by default (``passes/fuse.py``); they are defined by composing the above.
 
 Every function here is differentiable with autograd; the backward formulas written out below are the
 ones the Triton backward kernels are checked against.

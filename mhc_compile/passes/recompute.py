@@ -39,7 +39,8 @@ def block_size(config: MHCConfig, num_sites: int) -> int | None:
     return min(int(config.recompute), num_sites)
 
 
-_STREAM_ROLES = ("expand", "post_res", "collapse", "pre", "branch_sum")
+# Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node.
+_STREAM_ROLES = ("expand", "post_res", "collapse", "pre", "branch_sum", "step", "enter")
 _SAVED_ROLES = ("proj", "coeffs")
 
 
