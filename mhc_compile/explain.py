@@ -46,6 +46,7 @@ class ExplainReport:
     unconverted: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     recompute_blocks: list[list[str]] = field(default_factory=list)
+    traffic: list[str] = field(default_factory=list)  # cost-model lines, one per site width
     graphs_before: list[str] = field(default_factory=list)
     graphs_after: list[str] = field(default_factory=list)
     graph_modules: list[Any] = field(default_factory=list)  # the rewritten fx.GraphModule, or None
@@ -65,6 +66,7 @@ class ExplainReport:
             for s in self.sites:
                 block = "-" if s.recompute_block is None else str(s.recompute_block)
                 lines.append(f"  {s.path:<44} {s.kind:<10} {s.width:>6} {s.graph:>5} {s.chain:>5} {s.index:>4} {block:>5}  {s.kernels}")
+        lines.extend(f"  {t}" for t in self.traffic)
         for brk in self.graph_breaks:
             lines.append(f"  graph break: {brk}")
         for item in self.unconverted:
@@ -121,6 +123,13 @@ def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, 
                              else "none (mode=residual)"),
                     recompute_block=block_of.get(site.path),
                 ))
+    if config.mode != "residual":
+        from mhc_compile import cost
+
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        size = torch.empty((), dtype=dtype).element_size()
+        report.traffic = [cost.summary(config.n, width, size, fused=config.fuse)
+                          for width in sorted({s.width for s in report.sites})]
     if print_summary:
         print(report.summary())
     return report

@@ -29,6 +29,9 @@ def test_explain_reports_sites_parameters_breaks_and_leaves_the_model_alone(caps
     assert [s.kernels for s in report.sites] == ["reference: enter", "reference: step + post_res",
                                                  "reference: enter + post_res", "reference: enter + post_res"]
     assert all(s.recompute_block is not None for s in report.sites)
+    # the cost model's line for C = 32, fp32: (14 + 21 + 14 - 3) C = 46 * 32 * 4 bytes = 5.75 KiB a token
+    assert report.traffic == ["bookkeeping traffic per site and token (fused, n=4, C=32, 4-byte stream): "
+                              "forward 14C, backward 21C, recompute 14C; 5.8 KiB over a plain residual add"]
     out = capsys.readouterr().out
     assert "h.1.mhc_mlp" in out and "graph break" in out
 

@@ -11,19 +11,19 @@ the intermediates are recomputed from the block's input stream and the saved sub
 between two blocks the partitioner keeps the boundary stream (a tagged node whose user has a larger
 ``ac_graph_id`` is saved), which is exactly "store the stream every L_r sublayers plus each F output".
 
-L_r = "auto" picks round(sqrt(n L / (n + 2))) for a chain of L sites, the minimiser of the memory
-model  n C (L / L_r) + (n + 2) C L_r  (block inputs kept + one block's intermediates live at once).
+L_r = "auto" picks round(sqrt(n L / (n + 2))) for a chain of L sites, the minimiser (derived in
+``cost.py``) of the memory model  n C (L / L_r) + (n + 2) C L_r  (block inputs kept + one block's
+intermediates live at once).
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
-import math
 
 import torch.fx as fx
 
-from mhc_compile import _compat
+from mhc_compile import _compat, cost
 from mhc_compile.config import MHCConfig
 from mhc_compile.passes.detect import Detection
 
@@ -34,8 +34,7 @@ def block_size(config: MHCConfig, num_sites: int) -> int | None:
     if config.recompute == "none" or num_sites == 0:
         return None
     if config.recompute == "auto":
-        n = config.n
-        return max(1, min(num_sites, round(math.sqrt(n * num_sites / (n + 2)))))
+        return max(1, min(num_sites, round(cost.optimal_block_size(config.n, num_sites))))
     return min(int(config.recompute), num_sites)
 
 

@@ -1,0 +1,102 @@
+"""The cost model: bytes moved and bytes kept by the mHC bookkeeping, as sympy expressions.
+
+One source for these counts: the recompute planner takes its block size from ``memory`` (the
+minimiser is derived here, not hand-copied), ``explain`` prints ``site_traffic`` for the user's widths,
+and the benchmarks divide measured times by the same byte counts.
+
+Symbols: T tokens, n streams, C width, L sites in a chain, L_r recompute block size, s bytes per stream
+element (2 for bf16). Counts are in elements of the stream, per token and per site, counting every tensor
+a kernel reads or writes once (coefficients, a few fp32 values a token, are left out: under 1% of one
+stream at C >= 1024). A plain residual add costs 3C forward and nothing extra backward.
+
+Traffic per site (elements of C per token), fused design (``passes/fuse.py``):
+
+    forward   step = mix + proj: read X_prev (n), y (1), write X (n);  pre: read X (n), write x_in (1)
+    backward  pass 1 (dH_pre): read X_prev, y, dx_in;  pass 2: read X_prev, y, dx_in, dX, write dX_prev, dy
+    recompute one forward of the step per site (x_in is recomputed, not kept)
+
+unfused design (``fuse=False``, the paper's kernel split; autograd sums the stream gradient's parts):
+
+    forward   proj n, pre n + 1, post_res 2n + 1
+    backward  post_res 3n + 2, pre 3n + 1 (its dX added to the running sum), proj 3n (likewise)
+    recompute post_res and pre of each site: 3n + 2
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import sympy
+
+T, n, C, L, L_r, s = sympy.symbols("T n C L L_r s", positive=True)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Elements of C per token that one site's bookkeeping reads and writes."""
+
+    forward: sympy.Expr
+    backward: sympy.Expr
+    recompute: sympy.Expr
+
+    def total(self, recompute: bool = True) -> sympy.Expr:
+        return self.forward + self.backward + (self.recompute if recompute else 0)
+
+
+FUSED = Traffic(
+    forward=(2 * n + 1) + (n + 1),
+    backward=(n + 2) + (3 * n + 3),
+    recompute=(2 * n + 1) + (n + 1),
+)
+UNFUSED = Traffic(
+    forward=n + (n + 1) + (2 * n + 1),
+    backward=(3 * n + 2) + (3 * n + 1) + 3 * n,
+    recompute=(2 * n + 1) + (n + 1),
+)
+RESIDUAL_ADD = Traffic(forward=sympy.Integer(3), backward=sympy.Integer(0), recompute=sympy.Integer(0))
+
+
+def traffic(fused: bool = True) -> Traffic:
+    return FUSED if fused else UNFUSED
+
+
+def site_bytes(fused: bool = True, recompute: bool = True) -> sympy.Expr:
+    """Extra bytes per site over a plain residual add, for T tokens: a sympy expression."""
+    extra = traffic(fused).total(recompute) - RESIDUAL_ADD.total()
+    return sympy.expand(extra * C * T * s)
+
+
+def evaluate(expr: sympy.Expr, **values) -> float:
+    """``expr`` with symbols replaced by the given values (by name: T=8192, n=4, ...)."""
+    return float(expr.subs({sympy.Symbol(k, positive=True): v for k, v in values.items()}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory kept for backward by a chain of L sites with recompute blocks of L_r sites
+# ---------------------------------------------------------------------------------------------
+#: the stream saved at every block boundary (n C per block) plus, while one block is recomputed, its
+#: widened streams and the inputs and outputs of its sublayers ((n + 2) C per site), per token.
+memory = n * C * (L / L_r) + (n + 2) * C * L_r
+
+
+@functools.cache
+def _optimal_block() -> sympy.Expr:
+    (root,) = sympy.solve(sympy.diff(memory, L_r), L_r)
+    return root
+
+
+def optimal_block_size(n_streams: int, sites: int) -> float:
+    """The real L_r minimising ``memory``: sqrt(n L / (n + 2)), derived by sympy."""
+    return float(_optimal_block().subs({n: n_streams, L: sites}))
+
+
+def summary(n_streams: int, width: int, stream_bytes: int = 2, fused: bool = True) -> str:
+    """Per-token traffic of one site, for ``explain``."""
+    t = traffic(fused)
+    vals = {n: n_streams}
+    fwd, bwd, rec = (int(e.subs(vals)) for e in (t.forward, t.backward, t.recompute))
+    per_token = (fwd + bwd + rec - 3) * width * stream_bytes
+    return (f"bookkeeping traffic per site and token ({'fused' if fused else 'unfused'}, n={n_streams}, "
+            f"C={width}, {stream_bytes}-byte stream): forward {fwd}C, backward {bwd}C, recompute {rec}C; "
+            f"{per_token / 1024:.1f} KiB over a plain residual add")
