@@ -51,7 +51,6 @@ class Tile:
 
 _DEFAULTS = {
     "mix_proj": Tile(bt=32, bc=64, num_warps=4),
-    "dh_pre": Tile(bt=16, bc=128, num_warps=4),
     "boundary_bwd": Tile(bt=32, bc=32, num_warps=8),
 }
 _OVERRIDES: dict[str, Tile] = {}
@@ -234,12 +233,13 @@ def _dh_pre(x_src, h_res, h_post, y, dx_in, acc):
     if t == 0 or c == 0:
         return dh
     np_ = _pow2(n)
-    cfg = _tile("dh_pre", n)
-    bt = min(cfg.bt, _pow2(t))
-    bc = min(_pow2(c), cfg.bc)
+    # Like pre_backward (at the copy bandwidth on an H100): few tokens and wide C chunks per program, so
+    # the grid is large and every load is a long contiguous row; the first tile here (16 tokens x 128
+    # channels) ran at 22 % (benchmarks/results/boundary-2026-11-23-h100.md).
+    bt, bc, warps = tops._stream_tile("pre_backward", t, c, np_)
     _dh_pre_kernel[(triton.cdiv(t, bt),)](
         x_src, h_res if mix else x_src, h_post if mix else x_src, y if mix else x_src, dx_in, dh, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), XT=_tl_dtype(x_src.dtype), num_warps=cfg.num_warps,
+        N=n, NP=np_, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), XT=_tl_dtype(x_src.dtype), num_warps=warps,
     )
     return dh
 
