@@ -1,0 +1,154 @@
+"""kernels/triton_fused.py (phi-stationary fused boundary kernels) against the reference, under
+TRITON_INTERPRET=1 (set by conftest): every output of enter / step and of their backwards, odd T and C,
+n = 1..5 and 16, fp32 / fp64 tight, bf16 / fp16 loose (relative to the reference on the same rounded
+inputs), both modes, default tiles and tiny tiles (several C slabs, token splits and the m-chunked phi
+path), empty T, and the input checks."""
+
+import pytest
+import torch
+
+from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels import triton_fused as tf
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _inputs(T, n, C, dtype, seed):
+    """Realistic coefficients: H_res from a Sinkhorn (doubly stochastic), H_post = 2 sigmoid, phi small
+    enough that the sigmoids and the Sinkhorn of the next site are not saturated."""
+    g = torch.Generator().manual_seed(seed)
+    acc = ref.acc_dtype(dtype)
+    m = ref.num_coeffs(n)
+    return dict(
+        x_prev=torch.randn(T, n, C, generator=g).to(dtype),
+        h_res_prev=ref.sinkhorn(torch.randn(T, n, n, generator=g, dtype=acc), 20),
+        h_post_prev=2 * torch.sigmoid(torch.randn(T, n, generator=g, dtype=acc)),
+        y_prev=torch.randn(T, C, generator=g).to(dtype),
+        phi=0.02 * torch.randn(n * C, m, generator=g, dtype=acc),
+        bias=0.5 * torch.randn(m, generator=g, dtype=acc),
+        alpha=torch.tensor([0.7, 0.9, 1.1], dtype=acc),
+    )
+
+
+def _grads(like, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, generator=g).to(t.dtype) for t in like]
+
+
+def _close(got, want, tol, what):
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.isfinite(a).all(), (what, i)
+        if b.numel() == 0:
+            continue
+        err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+        assert err <= tol, f"{what} output {i}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.fixture
+def tiles(request):
+    """'small': 16-channel slabs (several slabs and token splits at these C, T) and a phi budget that forces
+    the m-chunked forward; 'default': the shipped tiles (one slab at these C)."""
+    if request.param == "small":
+        tf.configure("fwd", bt=16, bc=16, phi_budget=1024)
+        tf.configure("dh_pre", bc=16, budget=64)
+        tf.configure("bwd", bt=16, bc=16)
+    yield request.param
+    for k in ("fwd", "dh_pre", "bwd"):
+        tf.configure(k)
+
+
+# (T, n, C, dtype, mode, tiles)
+CASES = [
+    (5, 1, 7, torch.float32, "mhc", "default"),
+    (37, 2, 33, torch.float32, "hc", "small"),
+    (1, 3, 33, torch.float64, "mhc", "small"),
+    (37, 4, 7, torch.float64, "hc", "default"),
+    (19, 4, 33, torch.float32, "mhc", "small"),
+    (37, 4, 33, torch.bfloat16, "mhc", "small"),
+    (5, 3, 20, torch.bfloat16, "hc", "default"),
+    (6, 5, 12, torch.float16, "hc", "small"),
+    (3, 16, 5, torch.float32, "mhc", "default"),  # m = 288: phi walked in m-chunks, 2-channel slabs in bwd
+]
+
+
+@pytest.mark.parametrize("T, n, C, dtype, mode, tiles", CASES, indirect=["tiles"])
+def test_matches_reference(T, n, C, dtype, mode, tiles):
+    tol = TOL[dtype]
+    i = _inputs(T, n, C, dtype, seed=1000 * T + 10 * n + C)
+    static = (n, n * C, 1e-6, 20, mode)
+
+    want = ref.step(*i.values(), *static)
+    got = tf.step(*i.values(), *static)
+    _close(got, want, tol, "step")
+    if dtype in (torch.bfloat16, torch.float16):
+        # the stored half stream is rounded to nearest like the reference, so it agrees bit for bit but for
+        # rare fp32 summation-order ties (a truncating cast would change about half of the values)
+        assert (got[0] != want[0]).double().mean().item() <= 0.01
+
+    x, x_in, h_pre, h_post, h_res, p, sq = want
+    dx, dx_in, dh_post, dh_res = _grads((x, x_in, h_post, h_res), seed=T + n)
+    bargs = (*i.values(), h_pre, p, sq, dx, dx_in, dh_post, dh_res, *static)
+    _close(tf.step_backward(*bargs), ref.step_backward(*bargs), tol, "step_backward")
+
+    params = (i["phi"], i["bias"], i["alpha"])
+    want = ref.enter(i["x_prev"], *params, *static)
+    _close(tf.enter(i["x_prev"], *params, *static), want, tol, "enter")
+    _, h_pre, _, _, p, sq = want
+    eargs = (i["x_prev"], *params, h_pre, p, sq, dx_in, dh_post, dh_res, *static)
+    _close(tf.enter_backward(*eargs), ref.enter_backward(*eargs), tol, "enter_backward")
+
+
+def test_incoming_stream_gradient_joins_g_before_post_res_backward():
+    """dX = minus the reference's in-kernel part of G: every post_res gradient must vanish, which holds
+    only if dX is added to G (with its sign, for every stream) before H_res^T G, H_post G, G X_prev^T."""
+    T, n, C = 4, 2, 16
+    i = _inputs(T, n, C, torch.float64, seed=3)
+    static = (n, n * C, 1e-6, 20, "mhc")
+    x, x_in, h_pre, h_post, h_res, p, sq = ref.step(*i.values(), *static)
+    dx_in, dh_post, dh_res = _grads((x_in, h_post, h_res), seed=4)
+    g, *_ = ref._boundary_grad(x, i["phi"], i["bias"], i["alpha"], h_pre, p, sq, dx_in, dh_post, dh_res, *static)
+    args = (*i.values(), h_pre, p, sq, -g, dx_in, dh_post, dh_res, *static)
+    dx_prev, dh_res_prev, dh_post_prev, dy_prev, *_ = tf.step_backward(*args)
+    for t in (dx_prev, dh_res_prev, dh_post_prev, dy_prev):
+        assert t.abs().max().item() < 1e-12
+
+
+def test_empty_token_count():
+    n, C = 3, 8
+    i = _inputs(0, n, C, torch.bfloat16, seed=0)
+    static = (n, n * C, 1e-6, 20, "mhc")
+    out = tf.step(*i.values(), *static)
+    assert [tuple(t.shape) for t in out] == [(0, n, C), (0, C), (0, n), (0, n), (0, n, n), (0, 15), (0,)]
+    x, x_in, h_pre, h_post, h_res, p, sq = out
+    bargs = (*i.values(), h_pre, p, sq, x, x_in, h_post, h_res, *static)
+    _close(tf.step_backward(*bargs), ref.step_backward(*bargs), 0.0, "step_backward")
+    params = (i["phi"], i["bias"], i["alpha"])
+    _close(tf.enter(i["x_prev"], *params, *static), ref.enter(i["x_prev"], *params, *static), 0.0, "enter")
+    eargs = (i["x_prev"], *params, h_pre, p, sq, x_in, h_post, h_res, *static)
+    _close(tf.enter_backward(*eargs), ref.enter_backward(*eargs), 0.0, "enter_backward")
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x_prev=torch.zeros(4, 2, 8, dtype=torch.int32)), TypeError, "mhc triton step: unsupported dtype torch.int32"),
+    (dict(y_prev=torch.zeros(4, 9)), ValueError, r"y_prev has shape \(4, 9\), expected \(4, 8\)"),
+    (dict(y_prev=torch.zeros(4, 8, dtype=torch.float64)), TypeError, "y_prev is torch.float64, the stream is torch.float32"),
+    (dict(h_res_prev=torch.zeros(4, 3, 3)), ValueError, r"h_res_prev has shape \(4, 3, 3\), expected \(4, 2, 2\)"),
+    (dict(h_post_prev=torch.zeros(3, 2)), ValueError, "h_post_prev has shape"),
+    (dict(phi=torch.zeros(16, 7)), ValueError, r"phi has shape \(16, 7\), expected"),
+    (dict(x_prev=torch.zeros(4, 3, 8)), ValueError, r"stream has shape \(4, 3, 8\), expected \[T, n=2, C\]"),
+])
+def test_inputs_are_checked(change, error, match):
+    i = {**_inputs(4, 2, 8, torch.float32, seed=0), **change}
+    with pytest.raises(error, match=match):
+        tf.step(*i.values(), 2, 16, 1e-6, 20, "mhc")
+
+
+def test_configure_rejects_unknown_kernel_and_resets():
+    with pytest.raises(ValueError, match="unknown kernel 'proj'"):
+        tf.configure("proj", bt=16)
+    tf.configure("bwd", bc=16)
+    assert tf._cfg("bwd").bc == 16
+    tf.configure("bwd")
+    assert tf._cfg("bwd") == tf._CFG["bwd"]
