@@ -12,6 +12,12 @@ time) -> env.md; (3) with --sweep, a round-robin tile sweep whose winners are us
 reads or writes, counted once), GB/s, efficiency = bytes / (time x copy bw), and the eager reference
 -> kernels.md; (5) correctness on odd shapes (n = 1, 3, 16; C = 5, 33; fp16 / fp32) -> correctness.md;
 (6) the reference under torch.compile at --compiled-shapes -> compiled.md. --budget-s bounds (5) and (6).
+The fused boundary ops (``step`` / ``enter`` and their backwards, ``kernels/triton_fused.py``, and the
+other design ``kernels/triton_boundary.py`` as "boundary step") get rows next to "unfused step", the four
+separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, and their backwards plus the
+sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
+(FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
+--sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
 
@@ -28,8 +34,15 @@ import torch
 import triton
 import triton.testing
 
+from mhc_compile import cost
 from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels import triton_fused as tf
 from mhc_compile.kernels import triton_ops as tk
+
+try:  # the other fused design, timed side by side when present
+    from mhc_compile.kernels import triton_boundary as tb
+except ImportError:  # pragma: no cover
+    tb = None
 
 N_ITERS = 20
 EPS = 1e-6
@@ -58,6 +71,13 @@ def make_inputs(t: int, n: int, c: int, dtype: torch.dtype, device: str, seed: i
     )
     p, sq = ref.proj(inp["x"], inp["phi"])
     inp.update(p=p, sq=sq)
+    # the fused ops' saved tensors, consistent with their forward: enter(x) has proj(x) = (p, sq); step's
+    # stream is post_res(x, ...), whose proj and coefficients its backward takes
+    ca = coeff_args(inp)
+    xs = ref.post_res(inp["x"], inp["h_res"], inp["h_post"], inp["y"])
+    ps, sqs = ref.proj(xs, inp["phi"])
+    inp.update(xs=xs, ps=ps, sqs=sqs, hpre_s=ref.coeffs(ps, sqs, inp["bias"], inp["alpha"], *ca)[0],
+               hpre_e=ref.coeffs(p, sq, inp["bias"], inp["alpha"], *ca)[0])
     return inp
 
 
@@ -71,6 +91,18 @@ class Case:
     direction: str
     call: Callable[[object], object]  # takes the kernels module (tk or ref or a compiled wrapper)
     nbytes: int
+    impl: str = ""  # "fused" / "boundary": call() takes triton_fused / triton_boundary where it is given tk
+
+
+def _module(case: Case, k):
+    """The module a case runs on: the fused rows swap triton_ops for their own Triton module."""
+    if k is tk and case.impl:
+        return tf if case.impl == "fused" else tb
+    return k
+
+
+def _call(case: Case, k):
+    return case.call(_module(case, k))
 
 
 def _nb(*tensors) -> int:
@@ -96,7 +128,55 @@ def cases(inp: dict) -> list[Case]:
         Case("post_res", "fwd", lambda k: k.post_res(x, hr, hq, y), _nb(x, hr, hq, y, x)),
         Case("post_res", "bwd", lambda k: k.post_res_backward(x, hr, hq, y, gx), _nb(x, hr, hq, y, gx, x, hr, hq, y)),
         Case("post_res_proj", "fwd", lambda k: k.post_res_proj(x, hr, hq, y, phi), _nb(x, hr, hq, y, phi, x, p, sq)),
+    ] + fused_cases(inp)
+
+
+def _stream_bytes(inp: dict, traffic) -> int:
+    """cost.py's elements of C per token (one sublayer boundary) as bytes for this T, C, n and dtype."""
+    elems = int(traffic.subs(cost.n, inp["n"]))
+    return elems * inp["t"] * inp["c"] * inp["x"].element_size()
+
+
+def fused_cases(inp: dict) -> list[Case]:
+    """step / enter (fused), the same on triton_boundary, and the four unfused ops step replaces."""
+    x, y, phi, p, sq, xs = inp["x"], inp["y"], inp["phi"], inp["p"], inp["sq"], inp["xs"]
+    hq, hr, b, a = inp["h_post"], inp["h_res"], inp["bias"], inp["alpha"]
+    ps, sqs, hpre_s, hpre_e = inp["ps"], inp["sqs"], inp["hpre_s"], inp["hpre_e"]
+    dx, g_in, gpost, gres = inp["dx_in"], inp["dy_in"], inp["dh_post"], inp["dh_res"]  # dX [T,n,C], dx_in [T,C]
+    ca = coeff_args(inp)
+    n = inp["n"]
+    step_fwd = _stream_bytes(inp, cost.FUSED.forward)
+    step_bwd = _stream_bytes(inp, cost.FUSED.backward)
+    # enter: K1 reads X only (n) + pre (n + 1); backward: dh_pre (n + 1) + one pass (X, dx_in -> dX: 2n + 1)
+    elem = inp["t"] * inp["c"] * x.element_size()
+    enter_fwd, enter_bwd = (2 * n + 1) * elem, (3 * n + 2) * elem
+
+    def unfused_fwd(k):
+        xx = k.post_res(x, hr, hq, y)
+        pp, ss = k.proj(xx, phi)
+        h_pre, _, _ = k.coeffs(pp, ss, b, a, *ca)
+        return xx, k.pre(xx, h_pre)
+
+    def unfused_bwd(k):
+        """autograd's order: the three gradients of X, their sum, then post_res's backward."""
+        dxa, dh_pre = k.pre_backward(xs, hpre_s, g_in)
+        dp, dsq, _, _ = k.coeffs_backward(ps, sqs, b, a, dh_pre, gpost, gres, *ca)
+        dxb, _ = k.proj_backward(xs, phi, dp, dsq)
+        return k.post_res_backward(x, hr, hq, y, dx + dxa + dxb)
+
+    out = [
+        Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
+        Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
+                                                      gres, *ca), step_bwd, "fused"),
+        Case("enter", "fwd", lambda k: k.enter(x, phi, b, a, *ca), enter_fwd, "fused"),
+        Case("enter", "bwd", lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost, gres, *ca),
+             enter_bwd, "fused"),
+        Case("unfused step", "fwd", unfused_fwd, _stream_bytes(inp, cost.UNFUSED.forward)),
+        Case("unfused step", "bwd", unfused_bwd, _stream_bytes(inp, cost.UNFUSED.backward)),
     ]
+    if tb is not None:
+        out[4:4] = [Case("boundary step", c.direction, c.call, c.nbytes, "boundary") for c in out[:2]]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +240,7 @@ def check_correctness(device: str, shapes=CHECK_SHAPES) -> tuple[set, list[str]]
         for case in cases(inp) + [hc]:
             label = f"| {case.kernel} {case.direction} | {t}x{n}x{c} {str(dtype)[6:]} |"
             try:
-                got, want = _tuple(case.call(tk)), _tuple(case.call(ref))
+                got, want = _tuple(_call(case, tk)), _tuple(_call(case, ref))
             except Exception as exc:  # report and go on: the other kernels are still worth timing
                 failed.add((case.kernel, case.direction))
                 lines.append(f"{label} {type(exc).__name__}: {str(exc)[:160]} | FAIL |")
@@ -243,6 +323,51 @@ def sweep(inp: dict, copy_bw: float, deadline: float, skip: set) -> tuple[list[s
     return lines, {k: v[1] for k, v in fastest.items() if v[1]}
 
 
+# triton_fused's tiles (its own config dict): each kernel timed through the op that runs it.
+FUSED_SWEEP = {
+    "fwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in [(32, 64, 4), (64, 128, 8), (16, 256, 8), (32, 256, 8),
+                                                              (64, 64, 4), (16, 128, 4)]],
+    "bwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in [(32, 64, 8), (16, 128, 8), (16, 32, 4), (32, 32, 4),
+                                                              (16, 64, 4)]],
+    "dh_pre": [dict(bc=bc, budget=bu, num_warps=w) for bc, bu, w in [(512, 2048, 4), (1024, 8192, 8), (256, 4096, 4)]],
+}
+_FUSED_SWEEP_CASE = {"fwd": ("step", "fwd"), "bwd": ("step", "bwd"), "dh_pre": ("step", "bwd")}
+
+
+def sweep_fused(inp: dict, copy_bw: float, deadline: float) -> tuple[list[str], dict]:
+    """Each triton_fused kernel's default, then its alternatives (each winner kept while the next kernel is
+    swept, since fwd and bwd are timed through whole ops). Returns rows and the winners."""
+    lines, best = [], {}
+    by_name = {(c.kernel, c.direction): c for c in cases(inp)}
+    for kernel, alternatives in FUSED_SWEEP.items():
+        case = by_name[_FUSED_SWEEP_CASE[kernel]]
+        want = _tuple(_call(case, ref))
+        fastest = None
+        for cfg in [{}] + alternatives:
+            if time.time() > deadline:
+                lines.append("| (fused sweep stopped: time budget) | | | | |")
+                break
+            tf.configure(kernel, **cfg)
+            try:
+                err = max(_rel_err(a, e) for a, e in zip(_tuple(_call(case, tk)), want))
+                us = bench_us(lambda: _call(case, tk), rep=50)
+            except Exception as exc:  # a tile that does not compile or fit
+                lines.append(f"| fused {kernel} | {cfg or 'default'} | {type(exc).__name__}: {str(exc)[:80]} | | |")
+                print(lines[-1], flush=True)
+                continue
+            finally:
+                tf.configure(kernel)
+            lines.append(f"| fused {kernel} | {cfg or 'default'} | {us:.1f} | "
+                         f"{100 * case.nbytes / (us * 1e-6) / copy_bw:.0f}% | {err:.1e} |")
+            print(lines[-1], flush=True)
+            if err < 2e-2 and (fastest is None or us < fastest[0]):
+                fastest = (us, cfg)
+        if fastest and fastest[1]:
+            best[kernel] = fastest[1]
+            tf.configure(kernel, **fastest[1])
+    return lines, best
+
+
 def _tuple(v):
     return v if isinstance(v, tuple) else (v,)
 
@@ -308,7 +433,10 @@ def main() -> int:
         write(out_dir, "sweep.md", sw + rows)
         for kernel, cfg in best.items():  # time the table with the sweep winners, and say so
             tk.configure(kernel, **cfg)
-        env.append(f"- tiles: defaults, except sweep winners at {args.sweep_shape}: {best or 'none'}")
+        frows, fbest = sweep_fused(inp, copy_bw, time.time() + args.sweep_budget_s)  # keeps its winners set
+        write(out_dir, "sweep.md", sw + rows + frows)
+        env.append(f"- tiles: defaults, except sweep winners at {args.sweep_shape}: {best or 'none'}; "
+                   f"triton_fused: {fbest or 'none'}")
         write(out_dir, "env.md", env)
         del inp
 
@@ -320,8 +448,8 @@ def main() -> int:
                 if (case.kernel, case.direction) in failed:
                     continue
                 try:
-                    us = bench_us(lambda: case.call(tk))
-                    eager = bench_us(lambda: case.call(ref))
+                    us = bench_us(lambda: _call(case, tk))
+                    eager = bench_us(lambda: _call(case, ref))
                 except Exception as exc:
                     print(f"{case.kernel} {case.direction} {t}x{c}: {type(exc).__name__}: {exc}", flush=True)
                     continue
@@ -351,7 +479,7 @@ def main() -> int:
     for shape in shapes:
         t, c = (int(v) for v in shape.split("x"))
         inp = make_inputs(t, args.n, c, torch.bfloat16, device)
-        for case in sorted(cases(inp), key=lambda cs: order.index(cs.kernel)):
+        for case in sorted((cs for cs in cases(inp) if cs.kernel in order), key=lambda cs: order.index(cs.kernel)):
             if time.time() > deadline:
                 comp.append(f"| (stopped: time budget) | | {t} | {c} | | | |")
                 write(out_dir, "compiled.md", comp)
