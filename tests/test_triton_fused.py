@@ -115,6 +115,22 @@ def test_incoming_stream_gradient_joins_g_before_post_res_backward():
         assert t.abs().max().item() < 1e-12
 
 
+def test_sublayer_output_in_another_dtype():
+    """Autocast: an fp32 stream with a bf16 sublayer output y (and bf16 dy comes back)."""
+    T, n, C = 7, 3, 9
+    i = _inputs(T, n, C, torch.float32, seed=11)
+    i["y_prev"] = i["y_prev"].to(torch.bfloat16)
+    static = (n, n * C, 1e-6, 20, "mhc")
+    want = ref.step(*i.values(), *static)
+    _close(tf.step(*i.values(), *static), want, 2e-5, "step")
+    x, x_in, h_pre, h_post, h_res, p, sq = want
+    dx, dx_in, dh_post, dh_res = _grads((x, x_in, h_post, h_res), seed=12)
+    bargs = (*i.values(), h_pre, p, sq, dx, dx_in, dh_post, dh_res, *static)
+    got, want = tf.step_backward(*bargs), ref.step_backward(*bargs)
+    _close(got[:3] + got[4:], want[:3] + want[4:], 2e-5, "step_backward")
+    _close(got[3:4], want[3:4], 1e-2, "step_backward dy (bf16)")
+
+
 def test_empty_token_count():
     n, C = 3, 8
     i = _inputs(0, n, C, torch.bfloat16, seed=0)
@@ -133,7 +149,7 @@ def test_empty_token_count():
 @pytest.mark.parametrize("change, error, match", [
     (dict(x_prev=torch.zeros(4, 2, 8, dtype=torch.int32)), TypeError, "mhc triton step: unsupported dtype torch.int32"),
     (dict(y_prev=torch.zeros(4, 9)), ValueError, r"y_prev has shape \(4, 9\), expected \(4, 8\)"),
-    (dict(y_prev=torch.zeros(4, 8, dtype=torch.float64)), TypeError, "y_prev is torch.float64, the stream is torch.float32"),
+    (dict(y_prev=torch.zeros(4, 8, dtype=torch.int64)), TypeError, "mhc triton step: unsupported dtype torch.int64"),
     (dict(h_res_prev=torch.zeros(4, 3, 3)), ValueError, r"h_res_prev has shape \(4, 3, 3\), expected \(4, 2, 2\)"),
     (dict(h_post_prev=torch.zeros(3, 2)), ValueError, "h_post_prev has shape"),
     (dict(phi=torch.zeros(16, 7)), ValueError, r"phi has shape \(16, 7\), expected"),
