@@ -325,10 +325,10 @@ def sweep(inp: dict, copy_bw: float, deadline: float, skip: set) -> tuple[list[s
 
 # triton_fused's tiles (its own config dict): each kernel timed through the op that runs it.
 FUSED_SWEEP = {
-    "fwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in [(32, 64, 4), (64, 128, 8), (16, 256, 8), (32, 256, 8),
-                                                              (64, 64, 4), (16, 128, 4)]],
-    "bwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in [(32, 64, 8), (16, 128, 8), (16, 32, 4), (32, 32, 4),
-                                                              (16, 64, 4)]],
+    "fwd": [dict(bt=bt, bc=bc, num_warps=w, waves=wv) for bt, bc, w, wv in [
+        (32, 128, 8, 4), (32, 64, 4, 2), (64, 128, 8, 2), (16, 256, 8, 2), (32, 256, 8, 4), (16, 128, 4, 4)]],
+    "bwd": [dict(bt=bt, bc=bc, num_warps=w, waves=wv) for bt, bc, w, wv in [
+        (32, 64, 8, 4), (16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 4, 4), (16, 64, 4, 4)]],
     "dh_pre": [dict(bc=bc, budget=bu, num_warps=w) for bc, bu, w in [(512, 2048, 4), (1024, 8192, 8), (256, 4096, 4)]],
 }
 _FUSED_SWEEP_CASE = {"fwd": ("step", "fwd"), "bwd": ("step", "bwd"), "dh_pre": ("step", "bwd")}

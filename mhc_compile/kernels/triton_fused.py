@@ -15,9 +15,9 @@ projection keep a *slab of phi on chip* and walk tokens, and the per-token reduc
                        its slab. bf16/fp16 streams multiply in their own dtype on tensor cores with fp32
                        accumulation (phi rounded to the stream dtype once per call), fp32/fp64 exactly.
                        Writes per-slab partials p [S, T, m], sq [S, T] (summed by torch: 2*S*(m+1)*4
-                       bytes a token, ~8% of the stream bytes at BC=128, n=4).
+                       bytes a token, ~9% of its stream bytes at BC=128, n=4).
                        For large n (m up to 288) the slab would not fit: the phi tile is then walked in
-                       BM-column chunks per token block (``STAT`` False), phi re-read from L2.
+                       BM-column chunks per token block (BM < MP), phi re-read from L2.
     coeffs, pre        ``triton_ops`` (pre runs at ~93% of copy bandwidth).
 
     K2 _dh_pre_kernel  grid (token blocks), pre_backward's streaming tile (wide C, few tokens): dH_pre =
@@ -28,15 +28,22 @@ projection keep a *slab of phi on chip* and walk tokens, and the per-token reduc
                        2 dsq X (fp32, never rounded), dphi += X^T dp (both dots fp32 inputs, tf32 for half
                        streams, exact otherwise); for ``step`` also dX_prev = H_res^T G, dy = H_post G and this
                        slab's partials of the per-token dH_res = G X_prev^T and dH_post = G y; for ``enter``
-                       dX = G. Partials: dphi [splits, nC, m], dH_res [S, T, n, n], dH_post [S, T, n].
+                       dX = G. Partials: dphi [splits, nC, m], dH_res [S, T, n, n], dH_post [S, T, n]
+                       (the last two: 2*4*(n*n+n)*C/BC bytes a token, ~8% of its stream bytes at BC=64).
 
 Bytes per token, elements of C (each tensor read or written once; cost.FUSED), stream of n rows:
     step fwd:  K1 2n+1 (X_prev, y, X)  + pre n+1                   = 3n+2   (14 at n = 4)
     step bwd:  K2 n+2 (X_prev, y, dx_in) + K3 3n+3 (X_prev, y, dx_in, dX, dX_prev, dy) = 4n+5 (21)
     enter:     K1 n, pre n+1;  enter bwd: K2 n+1, K3 2n+1
 plus the fp32 partials named above. Tile sizes live in ``_CFG`` (``configure`` overrides them for a
-benchmark sweep); ``_tiles`` shrinks them with n so the on-chip phi slab stays within ``phi_budget``
-elements.
+benchmark sweep); ``_slab_tiles`` shrinks them with n so the on-chip phi slab stays within ``phi_budget``
+elements. Known weak spot: K3 needs all m columns at once for G, so at n = 16 (m = 288) its slabs are only
+2 channels wide (register-safe and correct, but short rows: expect poor bandwidth there). n <= 8 keeps
+slabs of >= 16 channels.
+
+Under the interpreter (tests), bf16 tl.dot is wrong and fp32 -> bf16 casts truncate; K1 then multiplies the
+same bf16-rounded operands in fp32 (exact products, so the values equal the GPU's) and ``_round`` rounds
+bf16 stores to nearest by hand, so the tests see what the GPU computes.
 """
 
 from __future__ import annotations
@@ -68,10 +75,15 @@ class FusedCfg:
     waves: int = 2  # token splits so that programs >= waves x SMs
 
 
+# Not yet measured on a GPU. bwd starts from the tile that won triton_boundary's sweep for the same
+# one-pass structure on an H100 (32 x 64, 8 warps); fwd keeps 128-channel slabs because its per-slab p
+# partials (written, then read by the sum) add 2 * 4 * (m + 1) * C / BC bytes a token, about 9% of
+# its stream bytes at BC = 128, n = 4;
+# dh_pre takes pre_backward's streaming tile (4096 elements, up to 1024 channels, 4 warps).
 _CFG = {
     "fwd": FusedCfg(bt=32, bc=128, num_warps=8),
     "dh_pre": FusedCfg(bc=1024, num_warps=4),
-    "bwd": FusedCfg(bt=16, bc=64, num_warps=8),
+    "bwd": FusedCfg(bt=32, bc=64, num_warps=8),
 }
 _OVERRIDES: dict[str, FusedCfg] = {}
 
