@@ -45,6 +45,19 @@ def inductor_compile_fx() -> Callable:
     return compile_fx
 
 
+def register_inductor_fallbacks(ops) -> None:
+    """Give each custom op an explicit Inductor fallback lowering (an extern kernel call, as implicit
+    fallbacks get). Without one, Inductor's implicit-fallback path formats the op's arguments for a log
+    line; in torch 2.11 that string is built eagerly, and for a backward op whose inputs are deep
+    unrealised pointwise IR (a LayerNorm backward) it took minutes (seen on the H100, 2026-11-23).
+    The ops make their inputs contiguous themselves, so no layout constraint is needed."""
+    from torch._inductor.lowering import lowerings, make_fallback
+
+    for op in ops:
+        if op not in lowerings:
+            make_fallback(op, warn=False)
+
+
 def lookup_backend(name: str) -> Callable:
     from torch._dynamo.backends.registry import lookup_backend as _lookup
 

@@ -108,3 +108,13 @@ def test_checkpoint_context_fn_is_found_on_the_region_body():
                               context_fn=partial(create_selective_checkpoint_contexts, policy))
     torch.compile(fn, backend=backend)(torch.randn(2, 4, requires_grad=True))
     assert found and found[0] is not None
+
+
+def test_register_inductor_fallbacks_puts_every_op_in_the_lowering_table():
+    from torch._inductor.lowering import lowerings
+
+    from mhc_compile.runtime.ops import all_ops
+
+    _compat.register_inductor_fallbacks(all_ops())
+    assert all(op in lowerings for op in all_ops())
+    _compat.register_inductor_fallbacks(all_ops())  # idempotent

@@ -20,6 +20,13 @@ from torch import Tensor
 from mhc_compile.kernels import reference as ref
 
 IMPLS = ("reference", "triton")
+OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
+            "post_res_backward", "enter", "enter_backward", "step", "step_backward")
+
+
+def all_ops() -> list:
+    """Every mHC custom op overload (for Inductor's fallback table)."""
+    return [getattr(torch.ops.mhc_compile, name).default for name in OP_NAMES]
 
 
 # Diagnostics: while a capture is active, coeffs and pre record what they computed, per site.
