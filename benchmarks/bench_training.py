@@ -135,22 +135,28 @@ def loss_of(out):
     return (out.float() * _PROBES[key]).sum()
 
 
+def _step(fn, x):
+    # CUDA-graph variants replay into the same output buffers: mark each step's start (a no-op otherwise)
+    torch.compiler.cudagraph_mark_step_begin()
+    loss_of(fn(x)).backward()
+
+
 def time_step(fn, x, iters, warmup=3):
     for _ in range(warmup):
-        loss_of(fn(x)).backward()
+        _step(fn, x)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss_of(fn(x)).backward()
+        _step(fn, x)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss_of(fn(x)).backward()
+    _step(fn, x)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return statistics.median(times), peak, peak - base

@@ -145,6 +145,8 @@ def check_dynamic(emit):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=420)
+    ap.add_argument("--only", nargs="*", default=None, help="model names to check (default: all)")
+    ap.add_argument("--skip-usage", action="store_true")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     warnings.filterwarnings("ignore")
@@ -173,11 +175,19 @@ def main():
 
     results = []
     for name, model, make_inputs in _models():
+        if args.only and name not in args.only:
+            continue
         if time.time() > deadline:
             emit(f"| {name} | skipped: time budget | | | | | | | |")
             continue
         try:
-            results.append(check_architecture(name, model, make_inputs, emit))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ok = check_architecture(name, model, make_inputs, emit)
+            results.append(ok)
+            if not ok:  # what the backend said about this model
+                for w in {str(w.message) for w in caught if "mhc" in str(w.message)}:
+                    emit(f"<!-- {name}: {w[:600]} -->")
         except Exception as e:
             results.append(False)
             emit(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | | | | | | FAIL |")
@@ -186,6 +196,8 @@ def main():
     emit("| usage | what | result |")
     emit("|---|---|---|")
     for check in (check_generate, check_dynamic):
+        if args.skip_usage:
+            break
         if time.time() > deadline:
             emit(f"| {check.__name__} | skipped: time budget | |")
             continue

@@ -39,8 +39,9 @@ class MHCConfig:
     kernels:         "auto" (Triton on CUDA, reference elsewhere), "reference", "triton".
     recompute:       "auto" (block size L_r ~ sqrt(nL/(n+2))), an int block size, or "none".
     fuse:            fuse each sublayer boundary (post_res of site l-1 with proj / coeffs / pre of site l)
-                     into one op with one backward (True, the fast path); False keeps the four separate
-                     ops (to compare, or to inspect them one by one).
+                     into one op with one backward (``passes/fuse.py``). Off by default: its Triton kernels
+                     are correct but measured slower than the four separate ops on an H100 (2026-11-23,
+                     benchmarks/results/); True opts in (and is what the next kernel work targets).
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -61,7 +62,7 @@ class MHCConfig:
     res_convention: str = "paper"
     kernels: str = "auto"
     recompute: Any = "auto"
-    fuse: bool = True
+    fuse: bool = False
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False

@@ -15,7 +15,7 @@ from models import NanoGPT
 def test_explain_reports_sites_parameters_breaks_and_leaves_the_model_alone(capsys):
     model = NanoGPT(layers=2, break_at=1)
     before = [k for k, _ in model.named_parameters()]
-    report = mhc_compile.explain(model, torch.randint(0, 64, (2, 8)), n=4)
+    report = mhc_compile.explain(model, torch.randint(0, 64, (2, 8)), n=4, fuse=True)
     assert [k for k, _ in model.named_parameters()] == before  # explain works on a copy
     assert [s.path for s in report.sites] == ["h.0.mhc_attn", "h.0.mhc_mlp", "h.1.mhc_attn", "h.1.mhc_mlp"]
     assert {s.kind for s in report.sites} == {"pre-norm"}
@@ -53,7 +53,7 @@ def test_explain_lists_unconverted_structures():
 
 def test_dump_dir_writes_graphs_and_a_picture(tmp_path):
     model = NanoGPT(layers=1)
-    torch.compile(model, backend="mhc", options={"dump_dir": str(tmp_path), "inner_backend": "aot_eager"})(
+    torch.compile(model, backend="mhc", options={"dump_dir": str(tmp_path), "inner_backend": "aot_eager", "fuse": True})(
         torch.randint(0, 64, (2, 8)))
     files = sorted(os.listdir(tmp_path))
     assert all(any(f.endswith(s) for f in files) for s in ("_after.py", "_before.py", "_mhc.svg")), files
