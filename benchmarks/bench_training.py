@@ -138,6 +138,7 @@ def loss_of(out):
 def _step(fn, x):
     # CUDA-graph variants replay into the same output buffers: mark each step's start (a no-op otherwise)
     torch.compiler.cudagraph_mark_step_begin()
+    x.grad = None  # accumulating into last step's x.grad would read a replayed graph's overwritten output
     loss_of(fn(x)).backward()
 
 

@@ -337,7 +337,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     extra = result.extra_inputs
     if on_graph is not None:
         on_graph(result.gm, example_inputs + extra, report)
-    compiled = _inner_compile(result.gm, example_inputs + extra, config, inductor_mode)
+    try:
+        compiled = _inner_compile(result.gm, example_inputs + extra, config, inductor_mode)
+    except Exception as e:
+        _report_inner_failure(report, config, detection, e)
+        raise
 
     def run(*args):
         return compiled(*args, *extra)
@@ -355,6 +359,25 @@ def _publish(report: GraphReport, config: MHCConfig) -> None:
 
         for path in dump_graph(config.dump_dir, report.graph_index, report.before, report.gm):
             log.info("mhc: wrote %s", path)
+
+
+def _report_inner_failure(report: GraphReport, config: MHCConfig, detection: Detection, error: Exception) -> None:
+    """Say which sites are lost when the inner compiler fails on a rewritten graph.
+
+    Dynamo may recover from some failures (a data-dependent op it cannot compile, e.g. a MoE layer's
+    ``.item()``) by splitting the graph and running the failing part without this backend: the sites in it
+    then run as plain residual adds while their mHC parameters exist and get no gradient. Seen with
+    transformers' Mixtral on CUDA (grouped_mm fallback), 2026-11-23. Never silent: warn, or raise under strict.
+    """
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    sites = ", ".join(s.path for s in detection.sites)
+    msg = (f"mhc: {config.inner_backend} failed to compile rewritten graph {report.graph_index} ({reason[:300]}). "
+           f"If Dynamo recovers by splitting the graph and running this part without the mhc backend, the residual "
+           f"site(s) {sites} are NOT converted there and their mHC parameters get no gradient.")
+    report.warnings.append(msg)
+    if config.strict:
+        raise MHCConversionError(msg + " (strict=True)") from error
+    warnings.warn(msg, stacklevel=3)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, mode: str | None) -> Callable:

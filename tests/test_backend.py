@@ -368,3 +368,22 @@ def test_no_graph_break_warning_for_a_model_that_takes_hidden_states():
         got = torch.compile(model, backend="mhc", options={"strict": True, **AOT})(h)
     assert not [w for w in caught if "graph break" in str(w.message)]
     torch.testing.assert_close(got, model(h), rtol=1e-5, atol=1e-6)
+
+
+def test_inner_compiler_failure_names_the_sites_it_loses(monkeypatch):
+    """If the inner compiler fails, Dynamo may run the graph without us: the sites must be named, not lost silently."""
+    import mhc_compile.backend as backend
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("data-dependent op the inner compiler cannot handle")
+
+    monkeypatch.setattr(backend, "_inner_compile", boom)
+    model = NanoGPT(layers=1)
+    idx = torch.randint(0, 64, (2, 8))
+    with pytest.warns(UserWarning, match=r"failed to compile rewritten graph .*RuntimeError: data-dependent op.*"
+                                         r"h\.0\.mhc_attn, h\.0\.mhc_mlp are NOT converted"):
+        with pytest.raises(Exception, match="data-dependent op"):
+            torch.compile(model, backend="mhc", options=AOT)(idx)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"NOT converted.*strict=True"):
+        torch.compile(model, backend="mhc", options={**AOT, "strict": True})(idx)
