@@ -11,13 +11,17 @@ from torch import nn
 from mhc_compile.config import MHCConfig
 
 
-def prepare(model: nn.Module, *example_inputs: Any, **options: Any) -> nn.Module:
+def prepare(model: nn.Module, *example_inputs: Any, example_kwargs: dict[str, Any] | None = None,
+            **options: Any) -> nn.Module:
     """Create the mHC parameters of ``model`` now, before an optimizer is built.
 
     Traces ``model(*example_inputs)`` with Dynamo exactly as ``torch.compile(model, backend="mhc")``
     will, runs the detection, and registers one ``MHCSite`` (phi, bias, alpha) on the module that owns
     each residual add. Nothing is compiled and the model's forward is unchanged. Calling it again with
     the same options is a no-op; with another n or mode it raises. Returns ``model``.
+
+    Keyword inputs of the model (``decoder_input_ids=`` of an encoder-decoder, say) go in
+    ``example_kwargs``, since the other keywords are the backend's options.
     """
     from mhc_compile.backend import compile_graph
 
@@ -28,11 +32,11 @@ def prepare(model: nn.Module, *example_inputs: Any, **options: Any) -> nn.Module
     def plan_backend(gm, inputs):
         return compile_graph(gm, list(inputs), config, plan_only=True, lazily=False)
 
-    _run_once(model, example_inputs, plan_backend)
+    _run_once(model, example_inputs, plan_backend, example_kwargs)
     return model
 
 
-def _run_once(model: nn.Module, example_inputs: tuple, backend) -> None:
+def _run_once(model: nn.Module, example_inputs: tuple, backend, example_kwargs: dict[str, Any] | None = None) -> None:
     """Run ``model`` once under Dynamo with one of our own backends, then forget what was compiled.
 
     Forgetting matters: every such run would otherwise stay in Dynamo's cache for the model's code and
@@ -49,7 +53,7 @@ def _run_once(model: nn.Module, example_inputs: tuple, backend) -> None:
 
     try:
         with torch.no_grad():
-            torch.compile(model, backend=recording_backend, dynamic=False)(*example_inputs)
+            torch.compile(model, backend=recording_backend, dynamic=False)(*example_inputs, **(example_kwargs or {}))
     except _compat.backend_compiler_failed() as e:
         # Our own call: give the user our error, not Dynamo's wrapper around it.
         raise e.inner_exception from None

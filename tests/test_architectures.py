@@ -263,3 +263,18 @@ def test_resnet_stream_is_widened_channel_last_and_relu_runs_per_stream(quiet):
     pre = [n for n in report.gm.graph.nodes if n.target is torch.ops.mhc_compile.pre.default]
     conv_inputs = [next(iter(n.users)) for n in pre]
     assert all(u.target == "movedim" and u.args[1:] == (-1, 1) for u in conv_inputs)
+
+
+def test_prepare_takes_keyword_inputs_of_an_encoder_decoder(quiet):
+    """T5 needs decoder_input_ids as a keyword: prepare() creates every site's parameters from them, and the
+    first compile then finds them (nothing created lazily)."""
+    model, make_inputs = _build("t5")
+    inputs = make_inputs()
+    mhc_compile.prepare(model, example_kwargs=inputs, n=4)
+    want = [p for chain in EXPECTED["t5"][0] for p in chain]
+    assert sorted(k.rsplit(".", 1)[0] for k, _ in model.named_parameters() if ".mhc_" in k and k.endswith(".phi")) == sorted(want)
+    start = len(REPORTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a lazily created parameter would warn
+        torch.compile(model, backend="mhc", options=OPTIONS)(**inputs)
+    assert all(not r.created for r in REPORTS[start:])
