@@ -1,11 +1,11 @@
-"""The fused boundary kernels (kernels/triton_boundary.py) against the unfused four-op design, on a GPU.
+"""The fused boundary kernels (kernels/triton_fused.py) against the unfused four-op design, on a GPU.
 
 One process: measure the copy bandwidth, check the fused ops against the reference, optionally sweep the
 tiles of the two big kernels at one shape, then time, at T in {8192, 32768} x C in {2048, 4096, 7168},
 n = 4, bf16 (medians of ``triton.testing.do_bench``):
 
-    fused forward   = mix_proj + coeffs + pre                (what ``step`` runs)
-    fused backward  = dh_pre + coeffs_backward + boundary_bwd  (what ``step_backward`` runs)
+    fused forward   = fwd (mix + proj) + coeffs + pre                (what ``step`` runs)
+    fused backward  = dh_pre + coeffs_backward + bwd  (what ``step_backward`` runs)
     unfused forward = post_res + proj + coeffs + pre
     unfused backward = post_res_backward + pre_backward + coeffs_backward + proj_backward + the sum of the
                       three stream gradients (autograd's add, here one torch add of three tensors)
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mhc_compile import cost  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
-from mhc_compile.kernels import triton_boundary as tb  # noqa: E402
+from mhc_compile.kernels import triton_fused as tb  # noqa: E402
 from mhc_compile.kernels import triton_ops as tops  # noqa: E402
 
 N = 4
@@ -93,12 +93,12 @@ def closures(T, C):
     dp, dsq = torch.randn_like(p), torch.randn_like(sq)
     acc = torch.float32
     fused = {
-        "mix_proj": lambda: tb._mix_proj(xp, hr, hp, y, phi),
+        "fwd": lambda: tb._fwd(xp, hr, hp, y, phi, acc),
         "coeffs": lambda: tops.coeffs(p, sq, b, a, *s),
         "pre": lambda: tops.pre(x, h_pre),
         "dh_pre": lambda: tb._dh_pre(xp, hr, hp, y, dx_in, acc),
         "coeffs_backward": lambda: tops.coeffs_backward(p, sq, b, a, dh_pre, dh_post, dh_res, *s),
-        "boundary_bwd": lambda: tb._boundary_bwd(xp, hr, hp, y, phi, h_pre, dp, dsq, dx, dx_in, acc),
+        "bwd": lambda: tb._bwd(xp, hr, hp, y, phi, h_pre, dp, dsq, dx, dx_in, acc),
         "step fwd": lambda: tb.step(xp, hr, hp, y, phi, b, a, *s),
         "step bwd": lambda: tb.step_backward(xp, hr, hp, y, phi, b, a, h_pre, p, sq, dx, dx_in, dh_post, dh_res, *s),
     }
@@ -126,7 +126,7 @@ def stream_bytes(T, C, elems):
 
 
 BYTES = {  # elements of C per token, n = 4 (cost.py)
-    "mix_proj": 2 * N + 1, "pre": N + 1, "dh_pre": N + 2, "boundary_bwd": 3 * N + 3,
+    "fwd": 2 * N + 1, "pre": N + 1, "dh_pre": N + 2, "bwd": 3 * N + 3,
     "step fwd": int(cost.FUSED.forward.subs(cost.n, N)), "step bwd": int(cost.FUSED.backward.subs(cost.n, N)),
     "unfused fwd": int(cost.UNFUSED.forward.subs(cost.n, N)), "unfused bwd": int(cost.UNFUSED.backward.subs(cost.n, N)),
 }
@@ -136,8 +136,8 @@ def sweep(emit):
     T, C = 8192, 4096
     fused, _ = closures(T, C)
     grids = {
-        "mix_proj": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in itertools.product((16, 32, 64), (32, 64), (4, 8))],
-        "boundary_bwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in itertools.product((16, 32), (16, 32, 64), (4, 8))],
+        "fwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in itertools.product((16, 32, 64), (32, 64), (4, 8))],
+        "bwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in itertools.product((16, 32), (16, 32, 64), (4, 8))],
     }
     winners = {}
     for kernel, configs in grids.items():

@@ -12,8 +12,8 @@ time) -> env.md; (3) with --sweep, a round-robin tile sweep whose winners are us
 reads or writes, counted once), GB/s, efficiency = bytes / (time x copy bw), and the eager reference
 -> kernels.md; (5) correctness on odd shapes (n = 1, 3, 16; C = 5, 33; fp16 / fp32) -> correctness.md;
 (6) the reference under torch.compile at --compiled-shapes -> compiled.md. --budget-s bounds (5) and (6).
-The fused boundary ops (``step`` / ``enter`` and their backwards, ``kernels/triton_fused.py``, and the
-other design ``kernels/triton_boundary.py`` as "boundary step") get rows next to "unfused step", the four
+The fused boundary ops (``step`` / ``enter`` and their backwards, ``kernels/triton_fused.py``) get rows
+next to "unfused step", the four
 separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, and their backwards plus the
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
@@ -38,11 +38,6 @@ from mhc_compile import cost
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_fused as tf
 from mhc_compile.kernels import triton_ops as tk
-
-try:  # the other fused design, timed side by side when present
-    from mhc_compile.kernels import triton_boundary as tb
-except ImportError:  # pragma: no cover
-    tb = None
 
 N_ITERS = 20
 EPS = 1e-6
@@ -91,13 +86,13 @@ class Case:
     direction: str
     call: Callable[[object], object]  # takes the kernels module (tk or ref or a compiled wrapper)
     nbytes: int
-    impl: str = ""  # "fused" / "boundary": call() takes triton_fused / triton_boundary where it is given tk
+    impl: str = ""  # "fused": call() takes triton_fused where it is given tk
 
 
 def _module(case: Case, k):
     """The module a case runs on: the fused rows swap triton_ops for their own Triton module."""
     if k is tk and case.impl:
-        return tf if case.impl == "fused" else tb
+        return tf
     return k
 
 
@@ -138,7 +133,7 @@ def _stream_bytes(inp: dict, traffic) -> int:
 
 
 def fused_cases(inp: dict) -> list[Case]:
-    """step / enter (fused), the same on triton_boundary, and the four unfused ops step replaces."""
+    """step / enter (fused) and the four unfused ops step replaces."""
     x, y, phi, p, sq, xs = inp["x"], inp["y"], inp["phi"], inp["p"], inp["sq"], inp["xs"]
     hq, hr, b, a = inp["h_post"], inp["h_res"], inp["bias"], inp["alpha"]
     ps, sqs, hpre_s, hpre_e = inp["ps"], inp["sqs"], inp["hpre_s"], inp["hpre_e"]
@@ -174,8 +169,6 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("unfused step", "fwd", unfused_fwd, _stream_bytes(inp, cost.UNFUSED.forward)),
         Case("unfused step", "bwd", unfused_bwd, _stream_bytes(inp, cost.UNFUSED.backward)),
     ]
-    if tb is not None:
-        out[4:4] = [Case("boundary step", c.direction, c.call, c.nbytes, "boundary") for c in out[:2]]
     return out
 
 

@@ -1,23 +1,22 @@
-"""Triton kernels of the fused boundary ops ``enter`` / ``step`` and their backwards, phi-stationary.
+"""Triton kernels of the fused boundary ops ``enter`` / ``step`` and their backwards.
 
 Same names, signatures, return tuples and dtypes as the functions at the end of ``reference.py``;
 conventions as in ``triton_ops.py`` (token-major [T, n, C] streams, T not specialised, int64 offsets,
 fp32 accumulation or fp64 for fp64 streams, direct ``kernel[grid]`` launches so ``TRITON_INTERPRET=1``
 runs them, per-program partials summed with ``torch.sum`` instead of atomics).
 
-This is the second design of these kernels next to ``triton_boundary.py`` (whose forward walks C per
-token block and re-reads the whole phi from L2 for every block of tokens). Here the two kernels with a
-projection keep a *slab of phi on chip* and walk tokens, and the per-token reductions are split over C:
+Two designs of the projection kernels were measured on an H100 (2026-11-23,
+benchmarks/results/kernels-2026-11-23-h100-run3.md, boundary-2026-11-23-h100.md); this module keeps the
+better half of each: a token-major forward (39 % of copy bandwidth, against 9 % for a phi-stationary one)
+and a phi-stationary backward (25 %, against 10-18 % for a token-major one). Both are still slower than the
+separate ops, which is why ``fuse`` defaults to False. (This pairing itself has not run on a GPU yet.)
 
-    K1 _fwd_kernel     grid (C slabs, token splits). Loads its phi slab [n*BC, m] once (cast to the dot
-                       dtype), then per BT-token block: X = H_res X_prev + H_post y in fp32, rounded to the
-                       stream dtype and stored (MIX; ``enter`` reads X instead), sq and p = vec(X) @ phi for
-                       its slab. bf16/fp16 streams multiply in their own dtype on tensor cores with fp32
-                       accumulation (phi rounded to the stream dtype once per call), fp32/fp64 exactly.
-                       Writes per-slab partials p [S, T, m], sq [S, T] (summed by torch: 2*S*(m+1)*4
-                       bytes a token, ~9% of its stream bytes at BC=128, n=4).
-                       For large n (m up to 288) the slab would not fit: the phi tile is then walked in
-                       BM-column chunks per token block (BM < MP), phi re-read from L2.
+    K1 _fwd_kernel     grid (token blocks, C splits). Per [BT, NP, BC] chunk: X = H_res X_prev + H_post y in
+                       fp32, rounded to the stream dtype and stored (MIX; ``enter`` reads X instead), sq and
+                       p += vec(X) @ phi, phi chunks read from L2 per token block. bf16/fp16 streams multiply
+                       in their own dtype on tensor cores with fp32 accumulation (phi rounded to the stream
+                       dtype once per call), fp32/fp64 exactly. The C split exists only to fill the GPU at
+                       small T; its partials are summed by torch.
     coeffs, pre        ``triton_ops`` (pre runs at ~93% of copy bandwidth).
 
     K2 _dh_pre_kernel  grid (token blocks), pre_backward's streaming tile (wide C, few tokens): dH_pre =
@@ -68,20 +67,18 @@ from mhc_compile.kernels.triton_ops import _acc_tl, _acc_torch, _check_stream, _
 class FusedCfg:
     bt: int = 32  # tokens per block (>= 16: tl.dot)
     bc: int = 128  # channels of every stream per slab (K1, K3) or per chunk (K2)
-    phi_budget: int = 16384  # elements of the on-chip phi slab [n*BC, m_pad] (K1, K3)
+    phi_budget: int = 16384  # elements of a phi tile [n*BC, m_pad]: K1's chunk, K3's on-chip slab
     budget: int = 4096  # K2: elements of one [BT, n, BC] tile
     num_warps: int = 8
     num_stages: int = 2
     waves: int = 2  # token splits so that programs >= waves x SMs
 
 
-# Not yet measured on a GPU. bwd starts from the tile that won triton_boundary's sweep for the same
-# one-pass structure on an H100 (32 x 64, 8 warps); fwd keeps 128-channel slabs because its per-slab p
-# partials (written, then read by the sum) add 2 * 4 * (m + 1) * C / BC bytes a token, about 9% of
-# its stream bytes at BC = 128, n = 4;
-# dh_pre takes pre_backward's streaming tile (4096 elements, up to 1024 channels, 4 warps).
+# fwd and bwd: the winners of the H100 tile sweep for these two structures (32 x 64; 4 and 8 warps,
+# benchmarks/results/boundary-2026-11-23-h100.md); dh_pre takes pre_backward's streaming tile
+# (4096 elements, up to 1024 channels, 4 warps).
 _CFG = {
-    "fwd": FusedCfg(bt=32, bc=128, num_warps=8),
+    "fwd": FusedCfg(bt=32, bc=64, num_warps=4),
     "dh_pre": FusedCfg(bc=1024, num_warps=4),
     "bwd": FusedCfg(bt=32, bc=64, num_warps=8),
 }
@@ -102,21 +99,15 @@ def _cfg(kernel: str) -> FusedCfg:
     return _OVERRIDES.get(kernel, _CFG[kernel])
 
 
-def _slab_tiles(kernel: str, n: int, c: int, mp: int, chunk_m: bool) -> tuple[int, int, FusedCfg]:
-    """(BC, BM) for a phi-stationary kernel: halve BC (not below 16 channels when ``chunk_m``, else not
-    below one 16-deep dot) until the [n*BC, BM] phi slab fits ``phi_budget``; then, when allowed, walk m
-    in BM-column chunks instead (K1 only: K3 needs all of m at once for G)."""
+def _slab_tiles(kernel: str, n: int, c: int, mp: int) -> tuple[int, FusedCfg]:
+    """(BC, cfg): halve BC, not below one 16-deep dot, until an [n*BC, m_pad] phi tile fits ``phi_budget``."""
     cfg = _cfg(kernel)
     np_ = _pow2(n)
     min_bc = max(1, 16 // np_)  # tl.dot needs K = n*BC >= 16
     bc = max(min_bc, min(cfg.bc, _pow2(c)))
-    floor = max(min_bc, min(16, bc)) if chunk_m else min_bc
-    while bc > floor and np_ * bc * mp > cfg.phi_budget:
+    while bc > min_bc and np_ * bc * mp > cfg.phi_budget:
         bc //= 2
-    bm = mp
-    while chunk_m and bm > 16 and np_ * bc * bm > cfg.phi_budget:
-        bm //= 2
-    return bc, bm, cfg
+    return bc, cfg
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -188,33 +179,30 @@ def _x_tile(xp_ptr, hres_ptr, hpost_ptr, y_ptr, r64, mi, m2, m3, cols, C, N: tl.
 
 
 # ---------------------------------------------------------------------------------------------
-# K1: mix + proj forward
+# K1: mix + proj forward, token-major
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
-def _fwd_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, phi_ptr, x_ptr, p_ptr, sq_ptr, T, C, M, T_SPLIT,
-                N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr,
-                BC: tl.constexpr, MIX: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                PREC: tl.constexpr, XT: tl.constexpr, RNE: tl.constexpr):
-    slab = tl.program_id(0)
+def _fwd_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, phi_ptr, x_ptr, p_ptr, sq_ptr, T, C, M, C_SPLIT,
+                N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                MIX: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, XT: tl.constexpr,
+                RNE: tl.constexpr):
+    """Program (token block, C split): walks its channels in [BT, NP, BC] chunks, stores X (MIX) and
+    accumulates p = vec(X) @ phi and sq over them; phi chunks come from L2 for every token block."""
     split = tl.program_id(1)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
-    mb = tl.arange(0, BM)
-    cols = slab * BC + tl.arange(0, BC)
-    cmask = cols < C
-    kmask = (ii[:, None] < N) & cmask[None, :]  # [NP, BC] valid rows of the phi slab
-    krow = (ii[:, None] * C + cols[None, :]).to(tl.int64)  # phi row of stream i, channel c
-    if BM == MP:  # the whole slab fits: load it once for every token this program walks
-        ph = tl.load(phi_ptr + krow[:, :, None] * M + mb[None, None, :],
-                     mask=kmask[:, :, None] & (mb < M)[None, None, :], other=0.0)
-        ph = tl.reshape(ph.to(DOT), (NP * BC, BM))
-    t_lo = split * T_SPLIT
-    t_hi = tl.minimum(t_lo + T_SPLIT, T)
-    part = slab.to(tl.int64) * T
-    for t0 in range(t_lo, t_hi, BT):
-        rows = t0 + tl.arange(0, BT)
-        rmask = rows < t_hi
-        r64 = rows.to(tl.int64)
-        mi = rmask[:, None] & (ii[None, :] < N)
+    ms = tl.arange(0, MP)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    mi = rmask[:, None] & (ii[None, :] < N)
+    mmask = ms < M
+    c_lo = split * C_SPLIT
+    c_hi = tl.minimum(c_lo + C_SPLIT, C)
+    acc = tl.zeros([BT, MP], dtype=ACC)
+    sq = tl.zeros([BT], dtype=ACC)
+    for c0 in range(c_lo, c_hi, BC):
+        cols = c0 + tl.arange(0, BC)
+        cmask = cols < c_hi
         m2 = rmask[:, None] & cmask[None, :]
         m3 = mi[:, :, None] & cmask[None, None, :]
         xt = _x_tile(xp_ptr, hres_ptr, hpost_ptr, y_ptr, r64, mi, m2, m3, cols, C, N, NP, MIX, ACC, XT, RNE)
@@ -222,20 +210,16 @@ def _fwd_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, phi_ptr, x_ptr, p_ptr, sq_pt
             off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
             tl.store(x_ptr + off, xt, mask=m3)
         xa = xt.to(ACC)
-        tl.store(sq_ptr + part + r64, tl.sum(tl.sum(xa * xa, axis=2), axis=1), mask=rmask)
-        xd = tl.reshape(xt.to(DOT), (BT, NP * BC))
-        if BM == MP:
-            pp = tl.dot(xd, ph, input_precision=PREC, out_dtype=ACC)
-            tl.store(p_ptr + (part + r64)[:, None] * M + mb[None, :], pp, mask=rmask[:, None] & (mb < M)[None, :])
-        else:
-            for m0 in tl.static_range(0, MP, BM):
-                mc = m0 + mb
-                phc = tl.load(phi_ptr + krow[:, :, None] * M + mc[None, None, :],
-                              mask=kmask[:, :, None] & (mc < M)[None, None, :], other=0.0)
-                phc = tl.reshape(phc.to(DOT), (NP * BC, BM))
-                pp = tl.dot(xd, phc, input_precision=PREC, out_dtype=ACC)
-                tl.store(p_ptr + (part + r64)[:, None] * M + mc[None, :], pp,
-                         mask=rmask[:, None] & (mc < M)[None, :])
+        sq += tl.sum(tl.sum(xa * xa, axis=2), axis=1)
+        krow = (ii[:, None] * C + cols[None, :]).to(tl.int64)  # phi row of stream i, channel c
+        kmask = (ii[:, None] < N) & cmask[None, :]
+        ph = tl.load(phi_ptr + krow[:, :, None] * M + ms[None, None, :],
+                     mask=kmask[:, :, None] & mmask[None, None, :], other=0.0)
+        acc = tl.dot(tl.reshape(xt.to(DOT), (BT, NP * BC)), tl.reshape(ph.to(DOT), (NP * BC, MP)), acc,
+                     input_precision=PREC, out_dtype=ACC)
+    base = split.to(tl.int64) * T
+    tl.store(p_ptr + (base + r64)[:, None] * M + ms[None, :], acc, mask=rmask[:, None] & mmask[None, :])
+    tl.store(sq_ptr + base + r64, sq, mask=rmask)
 
 
 def _fwd(x_src: Tensor, h_res: Tensor | None, h_post: Tensor | None, y: Tensor | None, phi: Tensor, acc):
@@ -247,20 +231,23 @@ def _fwd(x_src: Tensor, h_res: Tensor | None, h_post: Tensor | None, y: Tensor |
     if t == 0 or c == 0:
         return x, torch.zeros((t, m), dtype=acc, device=x.device), torch.zeros((t,), dtype=acc, device=x.device)
     np_, mp = _pow2(n), max(16, _pow2(m))
-    bc, bm, cfg = _slab_tiles("fwd", n, c, mp, chunk_m=True)
+    bc, cfg = _slab_tiles("fwd", n, c, mp)
     bt = max(16, min(cfg.bt, _pow2(t)))
-    slabs = triton.cdiv(c, bc)
-    t_split, splits = _token_split(slabs, t, bt, x.device, cfg.waves)
-    p = torch.empty((slabs, t, m), dtype=acc, device=x.device)
-    sq = torch.empty((slabs, t), dtype=acc, device=x.device)
+    blocks = triton.cdiv(t, bt)
+    # split C only to fill the GPU when there are few token blocks; partials are summed below
+    splits = max(1, min(triton.cdiv(cfg.waves * tops._num_sms(x.device), blocks), triton.cdiv(c, bc)))
+    c_split = triton.cdiv(triton.cdiv(c, splits), bc) * bc
+    splits = triton.cdiv(c, c_split)
+    p = torch.empty((splits, t, m), dtype=acc, device=x.device)
+    sq = torch.empty((splits, t), dtype=acc, device=x.device)
     phi_dtype, dot, prec = _fwd_dot(x_src.dtype)
     phi_d = phi.to(phi_dtype).contiguous()  # once per call: a few MB against the stream's GBs
     d = x_src  # placeholder for pointers a constexpr branch never reads
-    args = (x_src, h_res if mix else d, h_post if mix else d, y if mix else d, phi_d, x, p, sq, t, c, m, t_split)
-    meta = dict(N=n, NP=np_, MP=mp, BM=bm, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), DOT=dot, PREC=prec,
+    args = (x_src, h_res if mix else d, h_post if mix else d, y if mix else d, phi_d, x, p, sq, t, c, m, c_split)
+    meta = dict(N=n, NP=np_, MP=mp, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), DOT=dot, PREC=prec,
                 XT=_TL[x_src.dtype], RNE=_rne(x_src.dtype))
-    tops._launch_pipelined(_fwd_kernel, (slabs, splits), args, meta, cfg.num_warps, cfg.num_stages)
-    if slabs == 1:
+    tops._launch_pipelined(_fwd_kernel, (blocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
+    if splits == 1:
         return x, p[0], sq[0]
     return x, p.sum(0), sq.sum(0)
 
@@ -388,7 +375,7 @@ def _bwd(x_src, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, acc):
         return (dxp, torch.empty_like(y) if mix else None, z(phi.shape, dtype=phi.dtype, device=phi.device),
                 z((t, n, n), dtype=acc, device=x_src.device), z((t, n), dtype=acc, device=x_src.device))
     np_, mp = _pow2(n), max(16, _pow2(m))
-    bc, _, cfg = _slab_tiles("bwd", n, c, mp, chunk_m=False)
+    bc, cfg = _slab_tiles("bwd", n, c, mp)
     bt = max(16, min(cfg.bt, _pow2(t)))
     slabs = triton.cdiv(c, bc)
     t_split, splits = _token_split(slabs, t, bt, x_src.device, cfg.waves)

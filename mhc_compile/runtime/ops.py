@@ -70,7 +70,7 @@ def _kernels(impl: str, fused: bool = False):
     if impl == "reference":
         return ref
     if impl == "triton":
-        return importlib.import_module("mhc_compile.kernels.triton_boundary" if fused else "mhc_compile.kernels.triton_ops")
+        return importlib.import_module("mhc_compile.kernels.triton_fused" if fused else "mhc_compile.kernels.triton_ops")
     raise ValueError(f"mhc op: unknown kernel implementation {impl!r}; expected one of {IMPLS}")
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused boundary ops (kernels/triton_boundary.py) against the reference, under
+"""Triton kernels of the fused boundary ops (kernels/triton_fused.py) against the reference, under
 TRITON_INTERPRET=1: every output of enter / step and of their backwards, odd shapes, every stream dtype,
 both modes; then gradcheck in float64 through the custom ops with impl="triton"."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mhc_compile.kernels import reference as ref
-from mhc_compile.kernels import triton_boundary as tb
+from mhc_compile.kernels import triton_fused as tb
 
 # (T, n, C, dtype, mode, relative tolerance of each output to its largest entry)
 CASES = [
