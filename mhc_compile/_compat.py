@@ -27,6 +27,23 @@ def dynamo_frame_locals() -> dict[str, Any] | None:
     return getattr(tx, "f_locals", None)
 
 
+def guard_identity(obj: Any) -> bool:
+    """Make Dynamo recompile the frame being compiled when the local now holding ``obj`` holds another
+    object (an ID_MATCH guard). Returns False when no local holds it or this torch lacks the API."""
+    f_locals = dynamo_frame_locals() or {}
+    name = next((k for k, v in f_locals.items() if v is obj), None)
+    if name is None:
+        return False
+    try:
+        from torch._dynamo.guards import GuardBuilder, install_guard
+        from torch._dynamo.source import LocalSource
+
+        install_guard(LocalSource(name).make_guard(GuardBuilder.ID_MATCH))
+    except Exception:  # pragma: no cover - depends on torch internals
+        return False
+    return True
+
+
 def resolve_module(qualified: str, f_locals: dict[str, Any]) -> tuple[nn.Module, str] | None:
     """Split an nn_module_stack path "L['self'].h.0" into (the local module, "h.0")."""
     if not qualified.startswith("L['"):

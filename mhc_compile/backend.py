@@ -29,6 +29,7 @@ from mhc_compile.passes import schedule as schedule_pass
 from mhc_compile.passes.detect import Detection, detect
 from mhc_compile.passes.rewrite import SiteParams, rewrite
 from mhc_compile.runtime import ops as _ops  # noqa: F401  (registers torch.ops.mhc_compile.*)
+from mhc_compile.runtime.binding import ParamBinder, SiteSpec, choose_anchor
 from mhc_compile.runtime.params import ensure_record, get_or_create_site, lift_to_known_root, record_for
 
 log = logging.getLogger("mhc_compile")
@@ -279,8 +280,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             on_graph(gm, example_inputs, report)
         return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
 
-    root = _resolve_root(detection)
-    record = record_for(root)
+    frame_module = _resolve_root(detection)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     params: dict[str, SiteParams] = {}
     for site in detection.sites:
@@ -292,8 +292,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             on_graph(gm, example_inputs, report)
         return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
 
-    root, prefix = lift_to_known_root(root)
+    root, prefix = lift_to_known_root(frame_module)
+    specs = []
     for site in detection.sites:
+        specs.append(SiteSpec(site.owner, site.name, config.n, config.mode, site.width, site.index, config.alpha_init))
         owner = ".".join(p for p in (prefix, site.owner) if p)
         module, created = get_or_create_site(
             root, owner, site.name, n=config.n, mode=config.mode, width=site.width, index=site.index,
@@ -317,8 +319,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             "this call does not hold them: call mhc_compile.prepare(model, *example_inputs) before building it."
         )
         warnings.warn(msg, stacklevel=2)
+    binder = _bind(frame_module, root, prefix, specs, example_inputs, params, detection, lazily)
     if plan_only:
-        return gm.forward
+        if binder is None:
+            return gm.forward
+
+        def plan(*args):
+            binder.extras(args)  # creates the sites of every instance this graph runs for
+            return gm.forward(*args)
+
+        return plan
 
     impl = _choose_impl(config, example_inputs)
     _check_impl_dtypes(impl, detection)
@@ -343,10 +353,33 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         _report_inner_failure(report, config, detection, e)
         raise
 
-    def run(*args):
-        return compiled(*args, *extra)
+    if binder is None:
+        def run(*args):
+            return compiled(*args, *extra)
+    else:
+        def run(*args):
+            return compiled(*args, *binder.extras(args))
 
     return run
+
+
+def _bind(frame_module: nn.Module, root: nn.Module, prefix: str, specs: list[SiteSpec], example_inputs: list,
+          params: dict[str, SiteParams], detection: Detection, lazily: bool) -> ParamBinder | None:
+    """Make the compiled graph take the mHC parameters of whichever instance it runs for
+    (runtime/binding.py says why). A graph of a whole converted model is kept to that model by an
+    identity guard instead: its parameters are in no other converted model to be found from."""
+    if not prefix:
+        _compat.guard_identity(frame_module)
+    anchor = choose_anchor(frame_module, root, example_inputs)
+    if anchor is None:
+        log.debug("mhc: no parameter of %s among the graph's inputs; mHC parameters bound at compile time",
+                  type(frame_module).__name__)
+        return None
+    index, name = anchor
+    first = [t for site in detection.sites for t in (params[site.path].phi, params[site.path].bias,
+                                                        params[site.path].alpha)]
+    return ParamBinder(anchor_index=index, anchor_name=name, frame_type=type(frame_module), specs=specs,
+                       first_anchor=example_inputs[index], first_extras=first, lazily=lazily)
 
 
 def _publish(report: GraphReport, config: MHCConfig) -> None:

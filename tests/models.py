@@ -34,7 +34,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, parallel: bool = False, graph_break: bool = False):
+    def __init__(self, d: int, heads: int, parallel: bool = False, graph_break: bool | str = False):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn, self.mlp = CausalSelfAttention(d, heads), MLP(d)
@@ -44,17 +44,23 @@ class Block(nn.Module):
         if self.parallel:
             return x + self.attn(self.ln_1(x)) + self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x))
-        if self.graph_break:
+        if self.graph_break is True:
             torch._dynamo.graph_break()
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.mlp(self.ln_2(x))
+        if self.graph_break == "end":  # Dynamo then compiles the block's frame once for every layer
+            torch._dynamo.graph_break()
+        return x
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, vocab=64, d=32, heads=2, layers=2, block=16, parallel=False, break_at=None):
+    def __init__(self, vocab=64, d=32, heads=2, layers=2, block=16, parallel=False, break_at=None,
+                 break_every_block_end=False):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(block, d)
-        self.h = nn.ModuleList(Block(d, heads, parallel, graph_break=(i == break_at)) for i in range(layers))
+        self.h = nn.ModuleList(
+            Block(d, heads, parallel, graph_break="end" if break_every_block_end else (i == break_at))
+            for i in range(layers))
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
 

@@ -143,6 +143,36 @@ def lift_to_known_root(module: nn.Module) -> tuple[nn.Module, str]:
     return module, ""
 
 
+_TENSOR_NAMES: "weakref.WeakKeyDictionary[nn.Module, dict[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def find_tensor(t: torch.Tensor) -> tuple[nn.Module, str] | None:
+    """(converted model, name) of a parameter or buffer of a model the backend converted, else None.
+
+    The name index of each model is cached and rebuilt once when a lookup misses (modules added since)."""
+    for refresh in (False, True):
+        for root in list(_RECORDS.keys()):
+            names = None if refresh else _TENSOR_NAMES.get(root)
+            if names is None:
+                names = {}
+                for name, tensor in (*root.named_parameters(remove_duplicate=False),
+                                     *root.named_buffers(remove_duplicate=False)):
+                    names.setdefault(id(tensor), name)
+                _TENSOR_NAMES[root] = names
+            name = names.get(id(t))
+            if name is not None and _get_tensor(root, name) is t:
+                return root, name
+    return None
+
+
+def _get_tensor(root: nn.Module, name: str):
+    owner, _, attr = name.rpartition(".")
+    try:
+        return getattr(root.get_submodule(owner) if owner else root, attr)
+    except AttributeError:
+        return None
+
+
 def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, mode: str, width: int,
                        index: int, alpha_init: float, device: torch.device, lazily: bool) -> tuple[MHCSite, bool]:
     """Return the site's parameters, creating them on the owner module if missing.
