@@ -44,7 +44,7 @@ def _models():
     yield "nanogpt", NanoGPT(layers=2), lambda: {"idx": torch.randint(0, 64, (2, 16))}
     yield "gpt2", usage._gpt2(), lambda: {"input_ids": torch.randint(0, 50, (2, 8))}
     yield "llama", usage._llama(), lambda: {"input_ids": torch.randint(0, 50, (2, 8))}
-    for name in ("mixtral", "roberta", "t5", "resnet18"):
+    for name in ("mistral", "mixtral", "roberta", "t5", "resnet18"):
         model, inputs = arch._build(name)
         yield name, model, inputs
     try:
@@ -145,18 +145,49 @@ def check_dynamic(emit):
     return ok
 
 
+def check_modes(emit):
+    """torch.compile modes and fullgraph on the GPU, where reduce-overhead means CUDA graphs and
+    max-autotune benchmarks Inductor's templates: three training steps each (the CUDA graph is recorded,
+    then replayed) against the reference kernels under aot_eager, same mHC parameters."""
+    torch.manual_seed(0)
+    model = NanoGPT(layers=2).to(DEV)
+    idx = torch.randint(0, 64, (2, 16), device=DEV)
+    mhc_compile.prepare(model, idx, n=4)
+    perturb_mhc(model, scale=0.1)
+    torch._dynamo.reset()
+    want, want_g = _step(torch.compile(model, backend="mhc", options=REFERENCE), model, {"idx": idx})
+    ok_all = True
+    for label, kwargs in (("reduce-overhead", {"mode": "reduce-overhead"}),
+                          ("max-autotune", {"mode": "max-autotune"}),
+                          ("fullgraph=True", {"fullgraph": True})):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="mhc", options=FAST, **kwargs)
+        errs = []
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            got, got_g = _step(compiled, model, {"idx": idx})
+            errs.append(max([_rel(got, want)] + [_rel(got_g[k], want_g[k]) for k in want_g]))
+        ok = max(errs) < TOL and set(got_g) == set(want_g)
+        ok_all &= ok
+        emit(f"| mode {label} (3 training steps, nanogpt) | worst rel err of output and grads: {max(errs):.1e} | "
+             f"{'PASS' if ok else 'FAIL'} |")
+    return ok_all
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--only", nargs="*", default=None, help="model names to check (default: all)")
     ap.add_argument("--skip-usage", action="store_true")
+    ap.add_argument("--usage-only", action="store_true", help="skip the architectures")
+    ap.add_argument("--tag", default="", help="output file gpu_check-TAG.md (parallel processes)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     warnings.filterwarnings("ignore")
     import transformers
     import triton
 
-    path = os.path.join(os.environ.get("OUT", "."), "gpu_check.md")
+    path = os.path.join(os.environ.get("OUT", "."), f"gpu_check{'-' + args.tag if args.tag else ''}.md")
     lines = [
         f"# GPU usage check — {datetime.date.today()}",
         "",
@@ -178,7 +209,7 @@ def main():
 
     results = []
     for name, model, make_inputs in _models():
-        if args.only and name not in args.only:
+        if args.usage_only or (args.only and name not in args.only):
             continue
         if time.time() > deadline:
             emit(f"| {name} | skipped: time budget | | | | | | | |")
@@ -198,7 +229,7 @@ def main():
     emit("")
     emit("| usage | what | result |")
     emit("|---|---|---|")
-    for check in (check_generate, check_dynamic):
+    for check in (check_generate, check_dynamic, check_modes):
         if args.skip_usage:
             break
         if time.time() > deadline:
