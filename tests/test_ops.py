@@ -95,3 +95,52 @@ def test_bf16_stream_keeps_dtype_and_fp32_coefficients():
 def test_unknown_impl_is_named():
     with pytest.raises(ValueError, match="cuda_magic"):
         ops.pre(torch.randn(2, 2, 3), torch.rand(2, 2), "cuda_magic")
+
+
+def _permuted(*shape):
+    """A [B, H, W, ...] tensor that is a channel-last view of a channel-first one (as a conv branch
+    moved to the stream layout arrives): same values, strides that are not contiguous."""
+    b, h, w, *rest = shape
+    return torch.randn(b, *rest, h, w).movedim((-2, -1), (1, 2))
+
+
+def _all_op_calls(impl: str):
+    """(name, op, args) for every mHC op, forward and backward, with permuted (non-contiguous) inputs."""
+    b, h, w, n, c = 2, 3, 2, 3, 5
+    m = ref.num_coeffs(n)
+    x, y, dout_x = _permuted(b, h, w, n, c), _permuted(b, h, w, c), _permuted(b, h, w, n, c)
+    phi, bias, alpha = torch.randn(n * c, m) * 0.1, torch.randn(m), torch.rand(3)
+    p, sq = _permuted(b, h, w, m), _permuted(b, h, w).abs() + 1
+    h_pre, h_post, h_res = _permuted(b, h, w, n).abs(), _permuted(b, h, w, n).abs(), _permuted(b, h, w, n, n).abs()
+    coeff = (n, n * c, 1e-6, 5, "mhc", impl)
+    return [
+        ("proj", ops.proj, (x, phi, impl)),
+        ("proj_backward", ops.proj_backward, (x, phi, p, sq, impl)),
+        ("coeffs", ops.coeffs, (p, sq, bias, alpha, *coeff)),
+        ("coeffs_backward", ops.coeffs_backward, (p, sq, bias, alpha, h_pre, h_post, h_res, *coeff)),
+        ("pre", ops.pre, (x, h_pre, impl)),
+        ("pre_backward", ops.pre_backward, (x, h_pre, y, impl)),
+        ("post_res", ops.post_res, (x, h_res, h_post, y, impl)),
+        ("post_res_backward", ops.post_res_backward, (x, h_res, h_post, y, dout_x, impl)),
+        ("enter", ops.enter, (x, phi, bias, alpha, *coeff)),
+        ("enter_backward", ops.enter_backward, (x, phi, bias, alpha, h_pre, p, sq, y, h_post, h_res, *coeff)),
+        ("step", ops.step, (x, h_res, h_post, y, phi, bias, alpha, *coeff)),
+        ("step_backward", ops.step_backward,
+         (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),
+    ]
+
+
+def test_every_op_returns_the_strides_its_fake_promises():
+    """Inductor lays buffers out from the fake impls and asserts real strides against them: every output,
+    forward and backward, must be contiguous on both sides even when the inputs are permuted views."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = _all_op_calls("reference")
+    assert {name for name, *_ in calls} == set(ops.OP_NAMES)
+    for name, op, args in calls:
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        real, fake = (v if isinstance(v, tuple) else (v,) for v in (real, fake))
+        for i, (r, f) in enumerate(zip(real, fake)):
+            assert r.shape == f.shape and r.stride() == f.stride() and r.is_contiguous(), (name, i, r.stride(), f.stride())

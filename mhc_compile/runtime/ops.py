@@ -74,6 +74,14 @@ def _kernels(impl: str, fused: bool = False):
     raise ValueError(f"mhc op: unknown kernel implementation {impl!r}; expected one of {IMPLS}")
 
 
+def _dense_like(t: Tensor) -> Tensor:
+    """A fake output shaped like ``t`` with contiguous strides, as every real implementation returns
+    (kernel outputs reshaped from [T, ...]). ``empty_like`` would copy the strides of an input that is a
+    permuted view (a conv branch moved channel-last), and Inductor asserts the real strides against
+    these: seen as an assert_size_stride failure on torchvision's ResNet-18 on the H100, 2026-11-23."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _tokens(x: Tensor, trailing: int) -> Tensor:
     """View leading dims as one token dim, keeping ``trailing`` dims."""
     return x.reshape((-1,) + tuple(x.shape[x.dim() - trailing :]))
@@ -106,7 +114,7 @@ def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, impl: str) ->
 
 @proj_backward.register_fake
 def _(x, phi, dp, dsq, impl):
-    return torch.empty_like(x), torch.empty_like(phi)
+    return _dense_like(x), _dense_like(phi)
 
 
 def _proj_setup(ctx, inputs, output):
@@ -171,7 +179,7 @@ def coeffs_backward(
 
 @coeffs_backward.register_fake
 def _(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode, impl):
-    return torch.empty_like(p), torch.empty_like(sq), torch.empty_like(bias), torch.empty_like(alpha)
+    return _dense_like(p), _dense_like(sq), _dense_like(bias), _dense_like(alpha)
 
 
 def _coeffs_setup(ctx, inputs, output):
@@ -217,7 +225,7 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor, impl: str) -> tuple[Ten
 
 @pre_backward.register_fake
 def _(x, h_pre, dout, impl):
-    return torch.empty_like(x), torch.empty_like(h_pre)
+    return _dense_like(x), _dense_like(h_pre)
 
 
 def _pre_setup(ctx, inputs, output):
@@ -249,7 +257,7 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, impl: str) -> 
 
 @post_res.register_fake
 def _(x, h_res, h_post, y, impl):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _dense_like(x)
 
 
 @torch.library.custom_op("mhc_compile::post_res_backward", mutates_args=())
@@ -265,7 +273,7 @@ def post_res_backward(
 
 @post_res_backward.register_fake
 def _(x, h_res, h_post, y, dout, impl):
-    return torch.empty_like(x), torch.empty_like(h_res), torch.empty_like(h_post), torch.empty_like(y)
+    return _dense_like(x), _dense_like(h_res), _dense_like(h_post), _dense_like(y)
 
 
 def _post_res_setup(ctx, inputs, output):
@@ -350,7 +358,7 @@ def enter_backward(
 
 @enter_backward.register_fake
 def _(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode, impl):
-    return torch.empty_like(x), torch.empty_like(phi), torch.empty_like(bias), torch.empty_like(alpha)
+    return _dense_like(x), _dense_like(phi), _dense_like(bias), _dense_like(alpha)
 
 
 def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
@@ -401,7 +409,7 @@ def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, ite
       check_finite=False):
     lead = x_prev.shape[:-2]
     acc = ref.acc_dtype(x_prev.dtype)
-    return (torch.empty_like(x_prev, memory_format=torch.contiguous_format), x_prev.new_empty(lead + x_prev.shape[-1:]),
+    return (_dense_like(x_prev), x_prev.new_empty(lead + x_prev.shape[-1:]),
             *_coeff_shapes(lead, n, phi.shape[1], x_prev, acc))
 
 
@@ -424,7 +432,7 @@ def step_backward(
 @step_backward.register_fake
 def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
       n, nc, eps, iters, mode, impl):
-    return tuple(torch.empty_like(t) for t in (x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
+    return tuple(_dense_like(t) for t in (x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
 
 
 def _step_setup(ctx, inputs, output):
