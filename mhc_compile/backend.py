@@ -64,6 +64,9 @@ def mhc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
                 mode: str | None = None) -> Callable:
     """Entry point registered as ``backend="mhc"`` (``torch_dynamo_backends`` entry point)."""
     config = MHCConfig.from_options(options)
+    if mode is not None and config.compile_mode is not None and mode != config.compile_mode:
+        raise ValueError(f"mhc: torch.compile(mode={mode!r}) and options compile_mode={config.compile_mode!r} disagree")
+    mode = mode if mode is not None else config.compile_mode
     _check_inductor_mode(mode)
     return compile_graph(gm, list(example_inputs), config, inductor_mode=mode)
 
@@ -351,7 +354,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         compiled = _inner_compile(result.gm, example_inputs + extra, config, inductor_mode)
     except Exception as e:
         _report_inner_failure(report, config, detection, e)
-        raise
+        compiled = result.gm.forward
 
     if binder is None:
         def run(*args):
@@ -395,18 +398,19 @@ def _publish(report: GraphReport, config: MHCConfig) -> None:
 
 
 def _report_inner_failure(report: GraphReport, config: MHCConfig, detection: Detection, error: Exception) -> None:
-    """Say which sites are lost when the inner compiler fails on a rewritten graph.
+    """The inner compiler failed on a rewritten graph: say so, then the graph runs eagerly (raise under strict).
 
-    Dynamo may recover from some failures (a data-dependent op it cannot compile, e.g. a MoE layer's
-    ``.item()``) by splitting the graph and running the failing part without this backend: the sites in it
-    then run as plain residual adds while their mHC parameters exist and get no gradient. Seen with
-    transformers' Mixtral on CUDA (grouped_mm fallback), 2026-11-23. Never silent: warn, or raise under strict.
+    Raising instead would let Dynamo recover its own way from some failures (a data-dependent op, e.g. the
+    ``.item()`` of transformers 5.17's MoE grouped_mm path on CUDA, 2026-11-23): split the graph and run
+    the failing part without this backend, so its sites would silently stay plain residual adds while their
+    mHC parameters exist and get no gradient. Run eagerly, the rewritten graph keeps every site converted
+    (the mHC ops still run their kernels); only the rest of that graph loses Inductor's fusion.
     """
     reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     sites = ", ".join(s.path for s in detection.sites)
-    msg = (f"mhc: {config.inner_backend} failed to compile rewritten graph {report.graph_index} ({reason[:300]}). "
-           f"If Dynamo recovers by splitting the graph and running this part without the mhc backend, the residual "
-           f"site(s) {sites} are NOT converted there and their mHC parameters get no gradient.")
+    msg = (f"mhc: {config.inner_backend} failed to compile rewritten graph {report.graph_index} ({reason[:300]}); "
+           f"the graph runs eagerly instead, so its residual site(s) {sites} stay converted but the rest of "
+           f"it is not compiled")
     report.warnings.append(msg)
     if config.strict:
         raise MHCConversionError(msg + " (strict=True)") from error
