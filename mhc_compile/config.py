@@ -51,6 +51,9 @@ class MHCConfig:
                      step; nothing is added to the graph when off).
     dump_dir:        write graph_<i>_before.py / _after.py / _mhc.svg for every compiled graph there.
     inductor_options: Inductor config patches for the rest of the graph.
+    compile_mode:    Inductor's mode ("default", "reduce-overhead", "max-autotune", ...) for when options are
+                     given too: torch.compile refuses ``mode=`` together with ``options=``. ``mode=`` alone
+                     works as usual; giving both (different) raises.
     """
 
     n: int = 4
@@ -69,6 +72,7 @@ class MHCConfig:
     check_finite: bool = False
     dump_dir: str | None = None
     inductor_options: Mapping[str, Any] = field(default_factory=dict)
+    compile_mode: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, 16)
@@ -89,6 +93,8 @@ class MHCConfig:
             _check_int("recompute", self.recompute, 1, 1 << 20, hint='or "auto" / "none"')
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"mhc option 'dump_dir' must be a path, got {self.dump_dir!r}")
+        if self.compile_mode is not None and not isinstance(self.compile_mode, str):
+            raise ValueError(f"mhc option 'compile_mode' must be a torch.compile mode name, got {self.compile_mode!r}")
         if not isinstance(self.inductor_options, Mapping):
             raise ValueError("mhc option 'inductor_options' must be a dict of Inductor options")
 

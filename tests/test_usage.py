@@ -207,6 +207,24 @@ def test_compile_modes_reach_inductor(mode, quiet, monkeypatch):
     assert all((patches or {}) == expected for patches in seen), seen
 
 
+def test_compile_mode_as_an_option_beside_other_options(quiet, monkeypatch):
+    """torch.compile refuses mode= with options=; options={"compile_mode": ...} carries it instead."""
+    from mhc_compile import _compat
+
+    seen = []
+    monkeypatch.setattr(_compat, "inductor_compile_fx",
+                        lambda: lambda gm, inputs, config_patches=None: seen.append(config_patches) or gm.forward)
+    model, idx = _converted_nanogpt()
+    with torch.no_grad():
+        torch.compile(model, backend="mhc", options={"n": 4, "compile_mode": "max-autotune"})(idx)
+    assert seen and all(p == torch._inductor.list_mode_options("max-autotune") for p in seen), seen
+    from mhc_compile.backend import mhc_backend
+
+    with pytest.raises(ValueError, match="disagree"):  # what a backend wrapper passing both would get
+        mhc_backend(torch.fx.symbolic_trace(torch.nn.Identity()), [idx], options={"compile_mode": "default"},
+                    mode="max-autotune")
+
+
 def test_reduce_overhead_runs_on_cpu(quiet):
     """reduce-overhead (CUDA graphs) with the real compile_fx on a one-block model: runs and is correct."""
     model, idx = _converted_nanogpt()
