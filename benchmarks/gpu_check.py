@@ -46,12 +46,14 @@ def _models():
     yield "llama", usage._llama(), lambda: {"input_ids": torch.randint(0, 50, (2, 8))}
     for name in ("mistral", "mixtral", "roberta", "t5", "resnet18"):
         model, inputs = arch._build(name)
+        if name == "resnet18":  # batch norm over 2 samples at 1x1 (layer4 of a 32x32 input) is ill-conditioned
+            inputs = lambda: {"x": torch.randn(8, 3, 64, 64)}  # noqa: E731
         yield name, model, inputs
     try:
         import torchvision
 
         yield ("torchvision resnet18", torchvision.models.resnet18(num_classes=10),
-               lambda: {"x": torch.randn(2, 3, 64, 64)})
+               lambda: {"x": torch.randn(8, 3, 64, 64)})
     except ImportError:
         pass
 
@@ -67,8 +69,16 @@ def _step(compiled, model, inputs):
     return out.detach(), {k: p.grad.detach().float().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+def _rel(a, b, floor=1e-30):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
+
+
+def _grad_errors(got_g, want_g):
+    """Relative error of each gradient; a gradient that is zero in exact arithmetic (an attention key
+    bias: softmax ignores a shift shared by a row) is rounding noise on both sides, so each is measured
+    against at least 1e-4 of the largest gradient entry of the model."""
+    floor = 1e-4 * max(g.abs().max().item() for g in want_g.values())
+    return {k: _rel(got_g[k], want_g[k], floor) for k in want_g}
 
 
 def check_architecture(name, model, make_inputs, emit):
@@ -77,6 +87,8 @@ def check_architecture(name, model, make_inputs, emit):
     for m in model.modules():  # both sides must compute the same function: no dropout draws
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "dropout", None), float):  # functional dropout (T5's attention)
+            m.dropout = 0.0
     inputs = _to(make_inputs(), DEV)
     reference = torch.compile(model, backend="mhc", options=REFERENCE)
     with torch.no_grad():  # creates the mHC parameters (prepare() takes positional inputs only; T5 needs kwargs)
@@ -91,7 +103,9 @@ def check_architecture(name, model, make_inputs, emit):
     report = [r for r in mhc_compile.REPORTS if r.sites][-1]
     ops = sorted({n.target._opname for n in report.gm.graph.nodes if getattr(n.target, "namespace", "") == "mhc_compile"})
     out_err = _rel(got, want)
-    grad_err = max(_rel(got_g[k], want_g[k]) for k in want_g)
+    errors = _grad_errors(got_g, want_g)
+    worst = max(errors, key=errors.get)
+    grad_err = errors[worst]
     mhc_keys = [k for k, _ in model.named_parameters() if ".mhc_" in k or k.startswith("mhc_")]
     missing = [k for k in mhc_keys if k not in got_g]
     # bf16 autocast step through the same compiled model
@@ -99,7 +113,7 @@ def check_architecture(name, model, make_inputs, emit):
         _, g16 = _step(fast, model, inputs)
     finite16 = all(k in g16 and torch.isfinite(g16[k]).all() for k in mhc_keys)
     ok = out_err < TOL and grad_err < TOL and not missing and finite16 and report.impl == "triton"
-    emit(f"| {name} | {len(report.sites)} | {report.impl}: {', '.join(ops)} | {out_err:.1e} | {grad_err:.1e} | "
+    emit(f"| {name} | {len(report.sites)} | {report.impl}: {', '.join(ops)} | {out_err:.1e} | {grad_err:.1e} ({worst}) | "
          f"{'yes' if not missing else 'missing ' + str(missing[:2])} | {'yes' if finite16 else 'no'} | "
          f"{compile_s:.0f} | {'PASS' if ok else 'FAIL'} |")
     return ok
@@ -157,16 +171,16 @@ def check_modes(emit):
     torch._dynamo.reset()
     want, want_g = _step(torch.compile(model, backend="mhc", options=REFERENCE), model, {"idx": idx})
     ok_all = True
-    for label, kwargs in (("reduce-overhead", {"mode": "reduce-overhead"}),
+    for label, kwargs in (("reduce-overhead", {"options": {**FAST, "compile_mode": "reduce-overhead"}}),
                           ("max-autotune", {"mode": "max-autotune"}),
-                          ("fullgraph=True", {"fullgraph": True})):
+                          ("fullgraph=True", {"options": FAST, "fullgraph": True})):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="mhc", options=FAST, **kwargs)
+        compiled = torch.compile(model, backend="mhc", **kwargs)
         errs = []
         for _ in range(3):
             torch.compiler.cudagraph_mark_step_begin()
             got, got_g = _step(compiled, model, {"idx": idx})
-            errs.append(max([_rel(got, want)] + [_rel(got_g[k], want_g[k]) for k in want_g]))
+            errs.append(max([_rel(got, want), *_grad_errors(got_g, want_g).values()]))
         ok = max(errs) < TOL and set(got_g) == set(want_g)
         ok_all &= ok
         emit(f"| mode {label} (3 training steps, nanogpt) | worst rel err of output and grads: {max(errs):.1e} | "
@@ -183,6 +197,9 @@ def main():
     ap.add_argument("--tag", default="", help="output file gpu_check-TAG.md (parallel processes)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
+    # fp32 means fp32 on both sides: no TF32 convolutions or matmuls picked differently by each compiler
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     warnings.filterwarnings("ignore")
     import transformers
     import triton
