@@ -113,6 +113,66 @@ def test_proj_split_reductions():
         _close(a, e, TOL32)
 
 
+def _site_grads(t, n, c, dtype, seed, with_acc):
+    """Inputs of the fused site backward: (x, phi, dp, dsq, h_pre, dx_in, acc or None)."""
+    x, y, h_pre, *_, phi = _stream(t, n, c, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    dp = torch.randn(t, phi.shape[1], generator=g).to(phi.dtype)
+    dsq = torch.randn(t, generator=g).to(phi.dtype)
+    dx_in = torch.randn(t, c, generator=g).to(dtype)
+    acc = torch.randn(t, n, c, generator=g).to(dtype) if with_acc else None
+    return x, phi, dp, dsq, h_pre, dx_in, acc
+
+
+# the stream-sized cases plus n = 5 (streams padded to 8) and n = 16 (one channel per tile)
+SITE_CASES = CASES + [((5, 5, 7), torch.float32), ((3, 16, 3), torch.float32)]
+SITE_IDS = IDS + ["T5n5C7-float32", "T3n16C3-float32"]
+
+
+@pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
+@pytest.mark.parametrize("shape,dtype", SITE_CASES, ids=SITE_IDS)
+def test_proj_pre_backward(shape, dtype, with_acc):
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, dtype, seed=11, with_acc=with_acc)
+    _close(tk.pre_backward_dh(x, h_pre, dx_in), ref.pre_backward_dh(x, h_pre, dx_in), _tol(ref.acc_dtype(dtype)))
+    dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    dx_ref, dphi_ref = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    _close(dx, dx_ref, TOL[dtype])
+    _close(dphi, dphi_ref, _tol(dphi.dtype) if dtype != torch.bfloat16 else (1e-4, 1e-4))
+
+
+def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
+    """Token split with a ragged tail, several channel blocks, padded streams (n = 5) and a ragged channel
+    block (C = 7 over BC = 2): dphi partials summed on the host, dX stores owned by one program each."""
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(65, 5, 7, torch.float32, seed=12, with_acc=True)
+    grids = []
+    launch = tk._launch_pipelined
+
+    def spy(kernel, grid, *rest):
+        grids.append(grid)
+        return launch(kernel, grid, *rest)
+
+    monkeypatch.setattr(tk, "_launch_pipelined", spy)
+    with tk.tuning("proj_pre_backward", bt=16, bk=16, waves=64):
+        got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    assert grids == [(4, 2)], grids  # 4 channel blocks of BC = 2 (K tile 8 x 2) x 2 token splits
+    for a, e in zip(got, ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)):
+        _close(a, e, TOL32)
+
+
+@pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
+def test_reference_proj_pre_backward_is_the_sum_of_the_oracles(with_acc):
+    """fp64, so the fused reference's single rounding is invisible: it must be pre_backward's dX +
+    proj_backward's dX (+ acc), proj_backward's dphi, and pre_backward_dh pre_backward's dh."""
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(7, 3, 33, torch.float64, seed=13, with_acc=with_acc)
+    dx_pre, dh = ref.pre_backward(x, h_pre, dx_in)
+    dx_proj, dphi = ref.proj_backward(x, phi, dp, dsq)
+    want = dx_pre + dx_proj + (acc if with_acc else 0)
+    got_dx, got_dphi = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    _close(got_dx, want, (1e-13, 1e-13))
+    _close(got_dphi, dphi, (0, 0))
+    _close(ref.pre_backward_dh(x, h_pre, dx_in), dh, (0, 0))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_proj_half_pair_keeps_phi_to_16_bits(dtype):
     """The hi/lo split of phi into two half-precision dots (X exact in its own dtype) is closer to the

@@ -186,6 +186,34 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
 
 
 # ---------------------------------------------------------------------------------------------
+# pre + proj backward of one site, split so the stream gradient is written once:
+#   pre_backward_dh gives dh_pre (which coeffs_backward needs before dp, dsq exist), then
+#   proj_pre_backward sums the proj and pre contributions to dX (and the residual path's, ``acc``)
+#   in the accumulation dtype and rounds them once.
+# ---------------------------------------------------------------------------------------------
+def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
+    """dh_pre[i] = <x[i], dout>: ``pre_backward``'s dh without its dx (h_pre only keeps the signature)."""
+    return torch.einsum("tnc,tc->tn", _acc(x), _acc(dout))
+
+
+def proj_pre_backward(
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """dx = dp @ phi^T + 2 dsq x + h_pre[i] dout (+ acc), rounded once ;  dphi = vec(x)^T dp.
+
+    Equals proj_backward's dx + pre_backward's dx + acc without the two intermediate roundings.
+    """
+    t, n, c = x.shape
+    xf = _acc(x.reshape(t, n * c))
+    dx = (_acc(dp) @ _acc(phi).t() + 2.0 * _acc(dsq)[:, None] * xf).reshape(t, n, c)
+    dx = dx + _acc(h_pre)[:, :, None] * _acc(dout)[:, None, :]
+    if acc is not None:
+        dx = dx + _acc(acc)
+    dphi = xf.t() @ _acc(dp)
+    return dx.to(x.dtype), dphi.to(phi.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # post_res: X'[i] = sum_j h_res[i, j] X[j] + h_post[i] y
 # ---------------------------------------------------------------------------------------------
 def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:

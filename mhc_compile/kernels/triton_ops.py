@@ -112,10 +112,13 @@ class DotCfg:
 _DEFAULTS = {
     "pre": StreamCfg(budget=2048),
     "pre_backward": StreamCfg(),
+    "pre_backward_dh": StreamCfg(),  # untuned: pre_backward's tile (one stream-sized write fewer)
     "post_res": StreamCfg(),
     "post_res_backward": StreamCfg(),
     "proj": DotCfg(bt=128, bk=128, num_warps=4, num_stages=2, waves=2),
     "proj_backward": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=4),
+    # untuned: proj_backward's winner; bk bounds n * BC, the tile's share of K (= n*C)
+    "proj_pre_backward": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=4),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
     "coeffs": StreamCfg(budget=1024),
@@ -236,14 +239,19 @@ def _pre_fwd_kernel(x_ptr, h_ptr, out_ptr, T, C, N: tl.constexpr, BT: tl.constex
 
 @triton.jit(do_not_specialize=["T"])
 def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, NP: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """One program owns BT tokens and walks all of C, so dh = <x[i], dout> needs no cross-program sum."""
+                    BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, STORE_DX: tl.constexpr):
+    """One program owns BT tokens and walks all of C, so dh = <x[i], dout> needs no cross-program sum.
+
+    STORE_DX=False (pre_backward_dh): dx is left to proj_pre_backward, which folds it into the single
+    write of the stream gradient, so h_pre and dx_ptr are never touched.
+    """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
     rmask = rows < T
     r64 = rows.to(tl.int64)
     mi = rmask[:, None] & (ii[None, :] < N)
-    h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    if STORE_DX:
+        h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
     stream = (r64[:, None] * N + ii[None, :])[:, :, None] * C  # [BT, NP, 1] row starts of x[t, i]
     dh = tl.zeros([BT, NP], dtype=ACC)
     for c0 in range(0, C, BC):
@@ -254,7 +262,8 @@ def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, 
         m3 = mi[:, :, None] & cmask[None, None, :]
         off = stream + cols[None, None, :]
         x = tl.load(x_ptr + off, mask=m3, other=0.0).to(ACC)
-        tl.store(dx_ptr + off, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
+        if STORE_DX:
+            tl.store(dx_ptr + off, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
         dh += tl.sum(x * g[:, None, :], axis=2)
     tl.store(dh_ptr + r64[:, None] * N + ii[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mi)
 
@@ -284,9 +293,29 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward", t, c, np_)
     _pre_bwd_kernel[(triton.cdiv(t, bt),)](
-        x, h_pre, dout, dx, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), num_warps=warps
+        x, h_pre, dout, dx, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True,
+        num_warps=warps,
     )
     return dx, dh
+
+
+def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
+    """dh of pre_backward alone: reads x and dout once, writes [T, n]; h_pre is not read."""
+    _check_stream("pre_backward_dh", x, dout)
+    t, n, c = x.shape
+    x, dout = x.contiguous(), dout.contiguous()
+    acc = _acc_torch(x.dtype, dout.dtype)
+    dh = torch.zeros((t, n), dtype=acc, device=x.device)
+    if t == 0 or c == 0:
+        return dh
+    np_ = _pow2(n)
+    bt, bc, warps = _stream_tile("pre_backward_dh", t, c, np_)
+    # h_ptr / dx_ptr are placeholders: STORE_DX=False compiles their loads and stores away
+    _pre_bwd_kernel[(triton.cdiv(t, bt),)](
+        x, h_pre, dout, dh, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False,
+        num_warps=warps,
+    )
+    return dh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +569,98 @@ def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tens
     meta = dict(BT=bt, BK=bk, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
     _launch_pipelined(_proj_bwd_kernel, (kblocks, splits), (x, phi, dp, dsq, dx, dphi, t, k, m, t_split), meta,
                       cfg.num_warps, cfg.num_stages)
+    return dx, dphi.sum(0).to(phi.dtype)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _proj_pre_bwd_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, dphi_ptr, T, C, M,
+                         T_SPLIT, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         MP: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program (channel block, token split): the whole stream gradient of its [tokens, n x BC] slab and a
+    [n*BC, M] partial of dphi, so dX is written once instead of as three stream-sized partials.
+
+    _proj_bwd_kernel's one-pass idea (the x tile serves both dx and dphi, the phi slab stays in registers)
+    with the tile's K lanes j = i * BC + c laid out stream-major over one channel chunk rather than over a
+    flat run of n*C: every stream of the chunk lives in this program, so it alone reads dout[t, chunk] and
+    DRAM sees each dout element once. The NP lanes that share a channel repeat its load, which L1 serves;
+    that gather avoids reshaping a [BT, NP, BC] tile to [BT, NP*BC] each step, a layout change through
+    shared memory. dp, dsq and h_pre are re-read by every channel block (from L2: all blocks walk the
+    same tokens), as proj_backward re-reads dp per K block.
+    """
+    KB: tl.constexpr = NP * BC
+    split = tl.program_id(1)
+    jj = tl.arange(0, KB)
+    ii = jj // BC
+    cc = tl.program_id(0) * BC + jj % BC  # BC is a power of two: contiguous runs of BC, so loads vectorise
+    kmask = (ii < N) & (cc < C)
+    krow = ii.to(tl.int64) * C + cc  # row of phi = offset of x[t, i, c] inside token t
+    ms = tl.arange(0, MP)
+    mmask = ms < M
+    phi_t = tl.load(phi_ptr + krow[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(ACC)  # [MP, KB]
+    dphi = tl.zeros([KB, MP], dtype=ACC)
+    t_lo = split * T_SPLIT
+    t_hi = tl.minimum(t_lo + T_SPLIT, T)
+    for t0 in range(t_lo, t_hi, BT):
+        rows = t0 + tl.arange(0, BT)
+        rmask = rows < t_hi
+        r64 = rows.to(tl.int64)
+        m2 = rmask[:, None] & kmask[None, :]
+        off = r64[:, None] * (N * C) + krow[None, :]
+        xt = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
+        dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
+                     other=0.0).to(ACC)
+        dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
+        h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=m2, other=0.0).to(ACC)
+        g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
+        # all partial gradients meet in ACC: the stream dtype rounds once, at the store
+        dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt + h * g
+        if HAS_ACC:
+            dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+        dphi = tl.dot(tl.trans(xt), dp, dphi, input_precision=PREC)
+    out = split.to(tl.int64) * (N * C) + krow
+    tl.store(dphi_ptr + out[:, None] * M + ms[None, :], dphi, mask=kmask[:, None] & mmask[None, :])
+
+
+def proj_pre_backward(
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(proj_backward dx + pre_backward dx (+ acc), rounded once to x.dtype ; proj_backward's dphi)."""
+    _check_stream("proj_pre_backward", x, phi, dout)
+    t, n, c = x.shape
+    k, m = phi.shape
+    if k != n * c:
+        raise ValueError(f"mhc triton proj_pre_backward: phi has {k} rows, expected n*C = {n * c}")
+    if acc is not None:
+        _check_stream("proj_pre_backward", acc)
+        if acc.shape != x.shape:
+            raise ValueError(f"mhc triton proj_pre_backward: acc has shape {tuple(acc.shape)}, "
+                             f"expected x's {tuple(x.shape)}")
+        acc = acc.contiguous()
+    x, phi, dp, dsq = x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous()
+    h_pre, dout = h_pre.contiguous(), dout.contiguous()
+    acc_t = _acc_torch(x.dtype, phi.dtype, dout.dtype)
+    if t == 0 or k == 0:  # x has no elements: neither has dx
+        return torch.empty_like(x), torch.zeros_like(phi)
+    cfg = _cfg("proj_pre_backward")
+    np_ = _pow2(n)
+    mp = max(16, _pow2(m))
+    kb = max(16, min(cfg.bk, 4096 // mp))  # as proj_backward: the phi slab and dphi tile live in registers
+    # tl.dot needs KB = NP * BC >= 16; at n > 8 that leaves BC = 1 (strided x loads, as registers dictate)
+    bc = max(16 // np_, min(_pow2(c), max(1, kb // np_)))
+    bt = max(16, min(cfg.bt, _pow2(t)))
+    cblocks = triton.cdiv(c, bc)
+    splits = _splits(cfg, x.device, cblocks, triton.cdiv(t, bt), min_steps=2)
+    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    splits = triton.cdiv(t, t_split)
+    dx = torch.empty_like(x)
+    dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
+    meta = dict(N=n, NP=np_, BT=bt, BC=bc, MP=mp, HAS_ACC=acc is not None, ACC=_acc_tl(acc_t),
+                PREC=_dot_precision(x.dtype))
+    # without acc, acc_ptr is a placeholder that HAS_ACC=False never reads
+    args = (x, phi, dp, dsq, h_pre, dout, dx if acc is None else acc, dx, dphi, t, c, m, t_split)
+    _launch_pipelined(_proj_pre_bwd_kernel, (cblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
     return dx, dphi.sum(0).to(phi.dtype)
 
 
