@@ -123,6 +123,10 @@ def cases(inp: dict) -> list[Case]:
         Case("post_res", "fwd", lambda k: k.post_res(x, hr, hq, y), _nb(x, hr, hq, y, x)),
         Case("post_res", "bwd", lambda k: k.post_res_backward(x, hr, hq, y, gx), _nb(x, hr, hq, y, gx, x, hr, hq, y)),
         Case("post_res_proj", "fwd", lambda k: k.post_res_proj(x, hr, hq, y, phi), _nb(x, hr, hq, y, phi, x, p, sq)),
+        # the backward-only ops of passes/fold_stream_grads.py (gx, shaped like X, stands for the residual part)
+        Case("pre_backward_dh", "bwd", lambda k: k.pre_backward_dh(x, hp, gy), _nb(x, gy, hp)),
+        Case("proj_pre_backward", "bwd", lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx),
+             _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
     ] + fused_cases(inp)
 
 
@@ -159,7 +163,18 @@ def fused_cases(inp: dict) -> list[Case]:
         dxb, _ = k.proj_backward(xs, phi, dp, dsq)
         return k.post_res_backward(x, hr, hq, y, dx + dxa + dxb)
 
+    def folded_bwd(k):
+        """The same boundary after passes/fold_stream_grads.py: X's gradient written once."""
+        dh_pre = k.pre_backward_dh(xs, hpre_s, g_in)
+        dp, dsq, _, _ = k.coeffs_backward(ps, sqs, b, a, dh_pre, gpost, gres, *ca)
+        dxs, _ = k.proj_pre_backward(xs, phi, dp, dsq, hpre_s, g_in, dx)
+        return k.post_res_backward(x, hr, hq, y, dxs)
+
+    # bytes: dh pass (X, dx_in) + folded pass (X, dx_in, acc, dX) + post_res backward (X, dX, y -> dX, dy)
+    folded_bytes = (n + 1) * elem + (3 * n + 1) * elem + (3 * n + 2) * elem
+
     out = [
+        Case("folded step", "bwd", folded_bwd, folded_bytes),
         Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
         Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                       gres, *ca), step_bwd, "fused"),
@@ -269,6 +284,8 @@ SWEEP = {
     "proj": _dots((128, 128, 4, 2, 2, True), (64, 128, 4, 3, 4, True), (128, 64, 4, 3, 4, True),
                   (64, 256, 8, 3, 4, True), (128, 128, 8, 3, 4, True), (128, 128, 8, 3, 4), (64, 128, 4, 4, 8), (128, 64, 4, 4, 4), (32, 128, 4, 3, 4), (64, 64, 4, 4, 4),
                   (128, 128, 4, 2, 2)),
+    "proj_pre_backward": _dots((32, 128, 4, 2, 8), (64, 64, 4, 3, 4), (32, 256, 8, 3, 4), (16, 128, 4, 2, 8),
+                               (64, 128, 8, 2, 2)),
     "proj_backward": _dots((64, 128, 4, 3, 4), (32, 128, 4, 2, 8), (32, 256, 8, 3, 4), (64, 64, 4, 3, 4),
                            (64, 128, 8, 2, 2)),
     "post_res_proj": _dots((64, 128, 8, 2, 4), (16, 128, 4, 2, 4), (32, 64, 4, 3, 4), (64, 256, 8, 1, 4),
@@ -279,7 +296,7 @@ SWEEP = {
     "pre": _streams((2048, 512, 4), (8192, 2048, 8), (2048, 1024, 4)),
     "coeffs": [dict(budget=b, num_warps=w) for b, w in [(512, 2), (2048, 4), (256, 1)]],
 }
-_SWEEP_CASE = {"proj": ("proj", "fwd"), "proj_backward": ("proj", "bwd"), "coeffs": ("coeffs", "bwd"),
+_SWEEP_CASE = {"proj_pre_backward": ("proj_pre_backward", "bwd"), "proj": ("proj", "fwd"), "proj_backward": ("proj", "bwd"), "coeffs": ("coeffs", "bwd"),
                "pre": ("pre", "fwd"), "pre_backward": ("pre", "bwd"), "post_res": ("post_res", "fwd"),
                "post_res_backward": ("post_res", "bwd"), "post_res_proj": ("post_res_proj", "fwd")}
 

@@ -190,6 +190,9 @@ def run_size(d, args, emit):
     if "norecompute" in args.variants:
         variants["backend=mhc recompute=none"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "recompute": "none"})
+    if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
+        variants["backend=mhc fold_stream_grads=False"] = torch.compile(
+            mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
     if "fused" in args.variants:  # the opt-in cross-layer boundary ops, side by side with the default
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})
@@ -257,7 +260,7 @@ def main():
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=540)
-    ap.add_argument("--variants", nargs="*", default=["naive", "liger", "norecompute", "fused", "cudagraphs"],
+    ap.add_argument("--variants", nargs="*", default=["naive", "liger", "norecompute", "nofold", "fused", "cudagraphs"],
                     help="optional variants besides residual and backend=mhc")
     args = ap.parse_args()
     args.deadline = time.time() + args.budget_s

@@ -42,6 +42,9 @@ class MHCConfig:
                      into one op with one backward (``passes/fuse.py``). Off by default: its Triton kernels
                      are correct but measured slower than the four separate ops on an H100 (2026-11-23,
                      benchmarks/results/); True opts in (and is what the next kernel work targets).
+    fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
+                     gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
+                     instead of three partial gradients and a sum. False keeps the separate backward ops.
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -66,6 +69,7 @@ class MHCConfig:
     kernels: str = "auto"
     recompute: Any = "auto"
     fuse: bool = False
+    fold_stream_grads: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
@@ -86,7 +90,7 @@ class MHCConfig:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
-        for name in ("verbose", "check_finite", "fuse"):
+        for name in ("verbose", "check_finite", "fuse", "fold_stream_grads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.recompute not in ("auto", "none"):

@@ -25,10 +25,14 @@ def compiled():
     return model, step, idx
 
 
-def test_inductor_forward_and_gradients_match_eager_oracle(compiled):
+def test_inductor_forward_and_gradients_match_eager_oracle(compiled, caplog):
+    """Also checks that the backward pass ran Inductor's graph through passes/fold_stream_grads.py."""
     model, step, idx = compiled
-    out = step(idx)
-    out.square().mean().backward()
+    # caches off: a graph another test compiled would come back from the cache without running the pass
+    with caplog.at_level("INFO", logger="mhc_compile"), torch._inductor.config.patch(force_disable_caches=True):
+        out = step(idx)
+        out.square().mean().backward()
+    assert "folded the stream-gradient sums of 4 of 4 site(s)" in caplog.text
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     want = eager_mhc_nanogpt(model, idx, n=4)

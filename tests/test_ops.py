@@ -127,6 +127,8 @@ def _all_op_calls(impl: str):
         ("step", ops.step, (x, h_res, h_post, y, phi, bias, alpha, *coeff)),
         ("step_backward", ops.step_backward,
          (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),
+        ("pre_backward_dh", ops.pre_backward_dh, (x, h_pre, y, impl)),
+        ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
     ]
 
 

@@ -21,7 +21,8 @@ from mhc_compile.kernels import reference as ref
 
 IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
-            "post_res_backward", "enter", "enter_backward", "step", "step_backward")
+            "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
+            "proj_pre_backward")
 
 
 def all_ops() -> list:
@@ -241,6 +242,40 @@ def _pre_bwd(ctx, dout):
 
 
 pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward-only ops, put into backward graphs by passes/fold_stream_grads.py: a site's pre_backward
+# and proj_backward become pre_backward_dh (the [.., n] reduction, needed before coeffs_backward) and
+# proj_pre_backward, which writes the stream gradient once with the residual path's part added in.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mhc_compile::pre_backward_dh", mutates_args=())
+def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor, impl: str) -> Tensor:
+    dh = _kernels(impl).pre_backward_dh(
+        _tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous()
+    )
+    return dh.reshape(h_pre.shape)
+
+
+@pre_backward_dh.register_fake
+def _(x, h_pre, dout, impl):
+    return _dense_like(h_pre)
+
+
+@torch.library.custom_op("mhc_compile::proj_pre_backward", mutates_args=())
+def proj_pre_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor,
+                      acc: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
+    dx, dphi = _kernels(impl).proj_pre_backward(
+        _tokens(x, 2).contiguous(), phi, _tokens(dp, 1).contiguous(), dsq.reshape(-1).contiguous(),
+        _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous(),
+        None if acc is None else _tokens(acc, 2).contiguous(),
+    )
+    return dx.reshape(x.shape), dphi
+
+
+@proj_pre_backward.register_fake
+def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
+    return _dense_like(x), _dense_like(phi)
 
 
 # ---------------------------------------------------------------------------------------------
