@@ -24,7 +24,6 @@ so the same code runs under ``TRITON_INTERPRET=1`` on CPU tensors, which is how 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -71,14 +70,6 @@ def _dot_precision(stream_dtype: torch.dtype) -> str:
     return "tf32" if stream_dtype in (torch.bfloat16, torch.float16) else "ieee"
 
 
-def _half_dot_dtype(stream_dtype: torch.dtype):
-    """Dtype of a half-precision tensor-core dot: the stream's, but fp32 under Triton's interpreter, whose
-    bf16 tl.dot returns garbage (half operands are exact in fp32, so the products are the GPU's)."""
-    if stream_dtype == torch.bfloat16:
-        return tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
-    return tl.float16 if stream_dtype == torch.float16 else tl.float32
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -104,7 +95,6 @@ class DotCfg:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
-    half_pair: bool = False  # proj: two bf16/fp16 dots on a hi/lo split of phi instead of one tf32 dot
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
@@ -435,16 +425,12 @@ def post_res_backward(
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
 def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
-                     BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HALF_PAIR: tl.constexpr,
-                     DOT_T: tl.constexpr):
+                     BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
-    HALF_PAIR (bf16 / fp16 streams): the X tile stays in its own dtype and phi is split on chip into
-    hi + lo halves of that dtype, two half-precision dots with fp32 accumulation. X is exact in it, phi
-    keeps ~16 mantissa bits (tf32 keeps 10), and the tile is not widened to fp32 in registers. DOT_T is
-    the dtype the two dots run in: the stream's, or fp32 under the interpreter, whose bf16 dot is wrong
-    (the bf16 operands are exact in fp32, so the values are the GPU's).
+    (Tried on an H100, 2026-11-23: keeping X in bf16 and splitting phi into hi/lo bf16 halves for two
+    bf16 dots ran 1.6-3.2x slower than this tf32 dot; benchmarks/results/kernels-2026-11-23-h100-run4.md.)
     """
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -461,18 +447,11 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, K_SPLIT, BT: tl.con
         ks = k0 + tl.arange(0, BK)
         kmask = ks < k_hi
         xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        xt = xt.to(ACC)
         ph = tl.load(phi_ptr + ks[:, None].to(tl.int64) * M + cols[None, :], mask=kmask[:, None] & cmask[None, :],
                      other=0.0).to(ACC)
-        if HALF_PAIR:
-            hi = ph.to(xt.dtype)
-            lo = (ph - hi.to(ACC)).to(xt.dtype)
-            acc = tl.dot(xt.to(DOT_T), hi.to(DOT_T), acc, out_dtype=ACC, input_precision="ieee")
-            acc = tl.dot(xt.to(DOT_T), lo.to(DOT_T), acc, out_dtype=ACC, input_precision="ieee")
-            xf = xt.to(ACC)
-        else:
-            xf = xt.to(ACC)
-            acc = tl.dot(xf, ph, acc, input_precision=PREC)
-        sq += tl.sum(xf * xf, axis=1)
+        acc = tl.dot(xt, ph, acc, input_precision=PREC)
+        sq += tl.sum(xt * xt, axis=1)
     base = split.to(tl.int64) * T
     tl.store(p_ptr + (base + r64)[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
     # (a tensor-valued test: the interpreter rejects a scalar bool in a mask)
@@ -538,9 +517,7 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
     grid = (triton.cdiv(t, bt), triton.cdiv(m, bm), splits)
-    half_pair = cfg.half_pair and x.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32
-    meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HALF_PAIR=half_pair,
-                DOT_T=_half_dot_dtype(x.dtype))
+    meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
     _launch_pipelined(_proj_fwd_kernel, grid, (x, phi, p, sq, t, k, m, k_split), meta, cfg.num_warps, cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
