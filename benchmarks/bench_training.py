@@ -135,29 +135,42 @@ def loss_of(out):
     return (out.float() * _PROBES[key]).sum()
 
 
-def _step(fn, x):
+def _grad_params(fn):
+    """The parameters whose .grad a step of ``fn`` (a module or torch.compile's wrapper of one) writes."""
+    return list(getattr(fn, "_orig_mod", fn).parameters()) if isinstance(fn, nn.Module) else []
+
+
+def _step(fn, x, params=()):
     # CUDA-graph variants replay into the same output buffers: mark each step's start (a no-op otherwise)
     torch.compiler.cudagraph_mark_step_begin()
-    x.grad = None  # accumulating into last step's x.grad would read a replayed graph's overwritten output
+    # CUDA-graph variants get their gradients set to None before each step, as optimizer.zero_grad() does:
+    # autograd stores a step's first gradient as .grad itself, there a graph output the next replay
+    # overwrites, so accumulating into it fails ("accessing tensor output of CUDAGraphs that has been
+    # overwritten by a subsequent run", runs 3 and 4). The others accumulate, as in the earlier runs, so that
+    # their peak-memory columns keep meaning activations (gradients already allocated before the step).
+    x.grad = None
+    for p in params:
+        p.grad = None
     loss_of(fn(x)).backward()
 
 
-def time_step(fn, x, iters, warmup=3):
+def time_step(fn, x, iters, warmup=3, cudagraphs=False):
+    params = _grad_params(fn) if cudagraphs else ()
     for _ in range(warmup):
-        _step(fn, x)
+        _step(fn, x, params)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        _step(fn, x)
+        _step(fn, x, params)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    _step(fn, x)
+    _step(fn, x, params)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return statistics.median(times), peak, peak - base
@@ -235,7 +248,7 @@ def run_size(d, args, emit):
             continue
         try:
             t0 = time.time()
-            ms, peak, act = time_step(fn, x, args.iters)
+            ms, peak, act = time_step(fn, x, args.iters, cudagraphs="CUDA graphs" in name)
             if base_ms is None:
                 base_ms, base_act = ms, act
             emit(f"| {d} | {name} | {ms:.2f} | {100 * (ms / base_ms - 1):+.1f}% | {peak / 2**30:.2f} | "
