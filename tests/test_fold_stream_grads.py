@@ -7,7 +7,6 @@ pass runs on it as Inductor would run it, and the gradients are compared with th
 from __future__ import annotations
 
 import operator
-import os
 
 import pytest
 import torch
@@ -68,8 +67,6 @@ def _grads(fn, inputs, fold: bool):
                                         ("triton", torch.float32)])
 @pytest.mark.parametrize("extra_reader", [False, True], ids=["3 readers", "4 readers"])
 def test_folded_backward_matches_the_separate_ops(impl, dtype, extra_reader):
-    if impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels run on the CPU only under TRITON_INTERPRET=1 (set in conftest)")
     fn, inputs = _site(impl, extra_reader), _inputs(dtype)
     want, plain = _grads(fn, inputs, fold=False)
     got, folded = _grads(fn, inputs, fold=True)

@@ -168,3 +168,20 @@ def test_configure_rejects_unknown_kernel_and_resets():
     assert tf._cfg("bwd").bc == 16
     tf.configure("bwd")
     assert tf._cfg("bwd") == tf._CFG["bwd"]
+
+
+def test_gradcheck_through_the_custom_ops_float64():
+    """step then enter through the custom ops with impl="triton": autograd's formulas and the kernels agree."""
+    import mhc_compile.runtime.ops  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.mhc_compile
+    n, C = 2, 5
+    i = {k: v.requires_grad_() for k, v in _inputs(3, n, C, torch.float64, seed=7).items()}
+    static = (n, n * C, 1e-6, 4, "mhc", "triton")
+
+    def f(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha):
+        x, x_in, _, h_post, h_res, _, _ = ops.step(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, *static)
+        x_in2, _, h_post2, h_res2, _, _ = ops.enter(x, phi, bias, alpha, *static)
+        return x, x_in, h_post, h_res, x_in2, h_post2, h_res2
+
+    assert torch.autograd.gradcheck(f, tuple(i.values()), fast_mode=True)
