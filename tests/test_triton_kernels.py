@@ -49,6 +49,16 @@ def _close(actual, expected, tol):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
+def _close_hi_lo(actual, expected, lhs, rhs):
+    """A bf16-stream dot with an fp32 operand split into bf16 hi + lo halves (triton_ops._hi_lo): each product
+    carries a relative error of at most 2^-14 (2^-16 with the GPU's round-to-nearest conversions; the
+    interpreter's may truncate), so |error| <= 2^-14 (|lhs| @ |rhs|) plus fp32 accumulation."""
+    assert actual.dtype == expected.dtype == torch.float32 and actual.shape == expected.shape
+    bound = 2.0 ** -14 * (lhs.abs().double() @ rhs.abs().double()) + 1e-6
+    excess = (actual.double() - expected.double()).abs() - bound
+    assert excess.max() <= 0, f"hi/lo dot error exceeds its bound by {excess.max().item():.3g}"
+
+
 def _tol(dtype):
     """Tolerance of an output: stream dtype outputs at TOL, fp32 / fp64 accumulators tighter."""
     return TOL[dtype] if dtype != torch.float32 else TOL32
@@ -93,24 +103,56 @@ def test_post_res(shape, dtype):
 def test_proj(shape, dtype):
     x, *_, phi = _stream(*shape, dtype, seed=3)
     t, n, c = shape
-    for a, e in zip(tk.proj(x, phi), ref.proj(x, phi)):
-        _close(a, e, _tol(a.dtype) if dtype != torch.bfloat16 else (1e-4, 1e-4))
+    (p, sq), (p_ref, sq_ref) = tk.proj(x, phi), ref.proj(x, phi)
+    _close(sq, sq_ref, _tol(sq.dtype))
     dp = torch.randn(t, phi.shape[1], dtype=phi.dtype)
     dsq = torch.randn(t, dtype=phi.dtype)
     dx, dphi = tk.proj_backward(x, phi, dp, dsq)
     dx_ref, dphi_ref = ref.proj_backward(x, phi, dp, dsq)
     _close(dx, dx_ref, TOL[dtype])
-    _close(dphi, dphi_ref, _tol(dphi.dtype) if dtype != torch.bfloat16 else (1e-4, 1e-4))
+    if dtype == torch.bfloat16:
+        _close_hi_lo(p, p_ref, x.reshape(t, -1), phi)
+        _close_hi_lo(dphi, dphi_ref, x.reshape(t, -1).T, dp)
+    else:
+        _close(p, p_ref, _tol(p.dtype))
+        _close(dphi, dphi_ref, _tol(dphi.dtype))
 
 
-def test_proj_split_reductions():
-    """Force split-K in proj and a split over tokens in its backward (partials summed on the host)."""
-    x, *_, phi = _stream(33, 3, 33, torch.float32, seed=4)
+@pytest.mark.parametrize("fuse_dphi", [False, True], ids=["dphi_kernel", "dphi_fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_proj_split_reductions(dtype, fuse_dphi):
+    """Force split-K in proj, column blocks (bm = 16 < m = 24: the hi/lo layout pads each block), and a split
+    over tokens in the backward, with dphi in the dx kernel or in its own (partials summed on the host)."""
+    x, *_, phi = _stream(33, 4, 33, dtype, seed=4)
     dp, dsq = torch.randn(33, phi.shape[1]), torch.randn(33)
-    with tk.tuning("proj", bk=16, waves=64), tk.tuning("proj_backward", bt=16, bk=16, waves=64):
+    small = dict(bt=16, bk=16, waves=64)
+    with tk.tuning("proj", bm=16, **small), tk.tuning("proj_dx", fuse_dphi=fuse_dphi, **small), \
+            tk.tuning("proj_dphi", **small):
         got = tk.proj(x, phi) + tk.proj_backward(x, phi, dp, dsq)
-    for a, e in zip(got, ref.proj(x, phi) + ref.proj_backward(x, phi, dp, dsq)):
-        _close(a, e, TOL32)
+    (p, sq, dx, dphi), want = got, ref.proj(x, phi) + ref.proj_backward(x, phi, dp, dsq)
+    _close(sq, want[1], TOL32)
+    _close(dx, want[2], TOL[dtype])
+    if dtype == torch.bfloat16:
+        _close_hi_lo(p, want[0], x.reshape(33, -1), phi)
+        _close_hi_lo(dphi, want[3], x.reshape(33, -1).T, dp)
+    else:
+        _close(p, want[0], TOL32)
+        _close(dphi, want[3], TOL32)
+
+
+def test_hi_lo_split_keeps_sixteen_bits():
+    """The bf16 hi + lo halves of an fp32 operand carry it to 2^-14 relative (2^-16 when the conversions round
+    to nearest, as on the GPU; the interpreter's may truncate), padded columns are zero."""
+    g = torch.Generator().manual_seed(9)
+    v = torch.randn(37, 24, generator=g) * torch.logspace(-4, 2, 24)
+    for transpose in (False, True):
+        hl = tk._split_hi_lo(v, 32, transpose=transpose).float()
+        if transpose:  # [2 * 32, R]: hi rows then lo rows
+            back, pad = (hl[:24] + hl[32:56]).T, torch.cat([hl[24:32], hl[56:]])
+        else:  # [2, R, 32]
+            back, pad = hl[0, :, :24] + hl[1, :, :24], hl[:, :, 24:]
+        assert torch.all(pad == 0)
+        assert ((back - v).abs() <= v.abs() * 2.0 ** -14).all()
 
 
 def _site_grads(t, n, c, dtype, seed, with_acc):
@@ -134,15 +176,20 @@ SITE_IDS = IDS + ["T5n5C7-float32", "T3n16C3-float32"]
 def test_proj_pre_backward(shape, dtype, with_acc):
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, dtype, seed=11, with_acc=with_acc)
     _close(tk.pre_backward_dh(x, h_pre, dx_in), ref.pre_backward_dh(x, h_pre, dx_in), _tol(ref.acc_dtype(dtype)))
-    dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    # dphi in the dx kernel's pass over X (the separate dphi kernel is the default, tested everywhere else)
+    with tk.tuning("proj_dx", fuse_dphi=with_acc):
+        dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     dx_ref, dphi_ref = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     _close(dx, dx_ref, TOL[dtype])
-    _close(dphi, dphi_ref, _tol(dphi.dtype) if dtype != torch.bfloat16 else (1e-4, 1e-4))
+    if dtype == torch.bfloat16:
+        _close_hi_lo(dphi, dphi_ref, x.reshape(shape[0], -1).T, dp)
+    else:
+        _close(dphi, dphi_ref, _tol(dphi.dtype))
 
 
 def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
-    """Token split with a ragged tail, several channel blocks, padded streams (n = 5) and a ragged channel
-    block (C = 7 over BC = 2): dphi partials summed on the host, dX stores owned by one program each."""
+    """Token split with a ragged tail, K blocks that straddle streams (n = 5, C = 7, BK = 16) and a ragged
+    last K block: dphi partials summed on the host, dX stores owned by one program each."""
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(65, 5, 7, torch.float32, seed=12, with_acc=True)
     grids = []
     launch = tk._launch_pipelined
@@ -152,9 +199,9 @@ def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
         return launch(kernel, grid, *rest)
 
     monkeypatch.setattr(tk, "_launch_pipelined", spy)
-    with tk.tuning("proj_pre_backward", bt=16, bk=16, waves=64):
+    with tk.tuning("proj_dx", bt=16, bk=16, waves=64), tk.tuning("proj_dphi", bt=16, bk=16, waves=64):
         got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
-    assert grids == [(4, 2)], grids  # 4 channel blocks of BC = 2 (K tile 8 x 2) x 2 token splits
+    assert grids == [(3, 2), (3, 2)], grids  # dx, then dphi: K = 35 in 3 blocks of 16 x 2 token splits
     for a, e in zip(got, ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)):
         _close(a, e, TOL32)
 
@@ -222,8 +269,12 @@ def test_post_res_proj(shape, dtype):
     # the same kernels unfused: X' bit-identical (same accumulation order), p / sq of that X'
     out_u = tk.post_res(x, h_res, h_post, y)
     torch.testing.assert_close(out, out_u, rtol=0, atol=0)
-    for a, e in zip((p, sq), tk.proj(out_u, phi)):
-        _close(a, e, _tol(a.dtype))
+    p_u, sq_u = tk.proj(out_u, phi)
+    _close(sq, sq_u, _tol(sq.dtype))
+    if dtype == torch.bfloat16:  # proj's hi/lo dots against this kernel's (under the interpreter exact) dot
+        _close_hi_lo(p_u, p, out_u.reshape(shape[0], -1), phi)
+    else:
+        _close(p, p_u, _tol(p.dtype))
     # and the reference pair (X' may differ by one rounding of the stream dtype)
     out_r, p_r, sq_r = ref.post_res_proj(x, h_res, h_post, y, phi)
     _close(out, out_r, TOL[dtype])

@@ -12,10 +12,11 @@ Conventions shared by every kernel:
 * Stream offsets are computed in int64: T * n * C exceeds 2^31 at long contexts.
 * Reductions over T (dphi, dbias, dalpha) and split-K reductions write per-program partials that are then
   summed with ``torch.sum``: deterministic, no atomics.
-* The projections use ``tl.dot``. A bf16/fp16 stream is widened to fp32 and multiplied in tf32, which is
-  exact for the stream values (their mantissas fit in tf32) and rounds phi (and dp in the backward) to
-  10 mantissa bits, a relative error of about 2^-11 per product, summed over n*C terms. fp32 / fp64
-  streams use exact ("ieee") products.
+* The projections use ``tl.dot``. A bf16 stream enters the tensor cores as loaded, and the fp32 operand
+  (phi in proj; dp in dphi = X^T dp) is split into bf16 hi + lo halves, two dots: X is exact and the fp32
+  operand keeps ~16 mantissa bits, a relative error of about 2^-17 per product. Where the stream is not the
+  other operand (dx's dp @ phi^T) and for fp16 streams, the operands are fp32 multiplied in tf32 (10
+  mantissa bits, about 2^-11 per product). fp32 / fp64 streams use exact ("ieee") products.
 
 Kernels are launched directly (``kernel[grid](...)``) rather than through ``torch.library.triton_op``,
 so the same code runs under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests exercise it.
@@ -24,6 +25,7 @@ so the same code runs under ``TRITON_INTERPRET=1`` on CPU tensors, which is how 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -95,6 +97,7 @@ class DotCfg:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
+    fuse_dphi: bool = False  # proj_dx: also accumulate dphi from its X tiles (else proj_dphi re-reads X)
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
@@ -105,10 +108,10 @@ _DEFAULTS = {
     "pre_backward_dh": StreamCfg(),  # untuned: pre_backward's tile (one stream-sized write fewer)
     "post_res": StreamCfg(),
     "post_res_backward": StreamCfg(),
-    "proj": DotCfg(bt=128, bk=128, num_warps=4, num_stages=2, waves=2),
-    "proj_backward": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=4),
-    # untuned: proj_backward's winner; bk bounds n * BC, the tile's share of K (= n*C)
-    "proj_pre_backward": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=4),
+    # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md)
+    "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=1),
+    "proj_dx": DotCfg(bt=32, bk=128, num_warps=4, num_stages=3, waves=4),
+    "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
     "coeffs": StreamCfg(budget=1024),
@@ -423,14 +426,62 @@ def post_res_backward(
 # ---------------------------------------------------------------------------------------------
 # proj: p = vec(x) @ phi, sq = |vec(x)|^2, one pass over x on tensor cores
 # ---------------------------------------------------------------------------------------------
+def _hi_lo(stream_dtype: torch.dtype) -> bool:
+    """bf16 streams multiply in bf16 with the fp32 operand split into hi + lo bf16 halves.
+
+    X is exact in bf16 and hi + lo keeps ~16 mantissa bits of the fp32 operand (tf32 keeps 10). The tile of X
+    then feeds the tensor cores as it was loaded instead of being widened to fp32 in registers: on an H100 this
+    took proj from 33 % to 91 % of copy bandwidth (benchmarks/results/lab-2026-11-24-h100.md). fp16 keeps tf32:
+    its 5-bit exponent would flush the lo half of small values.
+    """
+    return stream_dtype == torch.bfloat16
+
+
+def _half_dot_dtype():
+    """The dtype hi/lo dots run in: bf16, or fp32 under Triton's interpreter, whose bf16 tl.dot is wrong
+    (bf16 operands are exact in fp32, so the interpreter computes the GPU's products)."""
+    return tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+
+
+@triton.jit
+def _hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP: tl.constexpr):
+    """dst[0] = bf16(src), dst[1] = bf16(src - dst[0]) for an fp32 [R, M] src, zero-padded to MP columns;
+    dst element (half, r, m) at half * s_half + r * s_r + m * s_m (so it can write either orientation)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ms = tl.arange(0, MP)
+    rmask = rows < R
+    r64 = rows.to(tl.int64)
+    v = tl.load(src_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & (ms < M)[None, :], other=0.0)
+    hi = v.to(tl.bfloat16)
+    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    off = r64[:, None] * s_r + ms[None, :] * s_m
+    tl.store(dst_ptr + off, hi, mask=rmask[:, None])
+    tl.store(dst_ptr + s_half + off, lo, mask=rmask[:, None])
+
+
+def _split_hi_lo(src: Tensor, mp: int, transpose: bool) -> Tensor:
+    """fp32 [R, M] -> bf16 [2, R, mp] (hi, lo), or [2 * mp, R] with ``transpose`` (the A operand of X^T dp)."""
+    r, m = src.shape
+    if transpose:
+        dst = torch.empty((2 * mp, r), dtype=torch.bfloat16, device=src.device)
+        strides = (mp * r, 1, r)
+    else:
+        dst = torch.empty((2, r, mp), dtype=torch.bfloat16, device=src.device)
+        strides = (r * mp, mp, 1)
+    br = max(1, min(_pow2(r), 4096 // mp))
+    _hi_lo_kernel[(triton.cdiv(r, br),)](src.float().contiguous(), dst, r, m, *strides, BR=br, MP=mp)
+    return dst
+
+
 @triton.jit(do_not_specialize=["T"])
-def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
-                     BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
+                     BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr,
+                     DOT: tl.constexpr):
     """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
-    (Tried on an H100, 2026-11-23: keeping X in bf16 and splitting phi into hi/lo bf16 halves for two
-    bf16 dots ran 1.6-3.2x slower than this tf32 dot; benchmarks/results/kernels-2026-11-23-h100-run4.md.)
+    HI_LO: phi_ptr is _split_hi_lo's [2, K, MPAD] and the X tile enters both dots in its own dtype;
+    otherwise phi is [K, M] in ACC and the tile is widened (tf32 for fp16, exact for fp32 / fp64).
     """
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -447,50 +498,23 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, K_SPLIT, BT: tl.con
         ks = k0 + tl.arange(0, BK)
         kmask = ks < k_hi
         xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        xt = xt.to(ACC)
-        ph = tl.load(phi_ptr + ks[:, None].to(tl.int64) * M + cols[None, :], mask=kmask[:, None] & cmask[None, :],
-                     other=0.0).to(ACC)
-        acc = tl.dot(xt, ph, acc, input_precision=PREC)
-        sq += tl.sum(xt * xt, axis=1)
+        if HI_LO:
+            hp = phi_ptr + ks[:, None].to(tl.int64) * MPAD + cols[None, :]
+            hi = tl.load(hp, mask=kmask[:, None], other=0.0)
+            lo = tl.load(hp + K * MPAD, mask=kmask[:, None], other=0.0)
+            acc = tl.dot(xt.to(DOT), hi.to(DOT), acc, out_dtype=ACC)
+            acc = tl.dot(xt.to(DOT), lo.to(DOT), acc, out_dtype=ACC)
+            xf = xt.to(ACC)
+        else:
+            xf = xt.to(ACC)
+            ph = tl.load(phi_ptr + ks[:, None].to(tl.int64) * M + cols[None, :],
+                         mask=kmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+            acc = tl.dot(xf, ph, acc, input_precision=PREC)
+        sq += tl.sum(xf * xf, axis=1)
     base = split.to(tl.int64) * T
     tl.store(p_ptr + (base + r64)[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
     # (a tensor-valued test: the interpreter rejects a scalar bool in a mask)
     tl.store(sq_ptr + base + r64, sq, mask=rmask & ((rows * 0 + pid_m) == 0))
-
-
-@triton.jit(do_not_specialize=["T"])
-def _proj_bwd_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, dx_ptr, dphi_ptr, T, K, M, T_SPLIT, BT: tl.constexpr,
-                     BK: tl.constexpr, MP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Program (K block, token split): dx for its [tokens, BK] slab and a [BK, M] partial of dphi.
-
-    dx = dp @ phi^T + 2 dsq x and dphi = x^T dp both need the same x tile, so one pass serves both;
-    the phi slab stays in registers for the whole token range.
-    """
-    split = tl.program_id(1)
-    ks = tl.program_id(0) * BK + tl.arange(0, BK)
-    ms = tl.arange(0, MP)
-    kmask = ks < K
-    mmask = ms < M
-    ks64 = ks.to(tl.int64)
-    phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
-                    other=0.0).to(ACC)  # [MP, BK]
-    dphi = tl.zeros([BK, MP], dtype=ACC)
-    t_lo = split * T_SPLIT
-    t_hi = tl.minimum(t_lo + T_SPLIT, T)
-    for t0 in range(t_lo, t_hi, BT):
-        rows = t0 + tl.arange(0, BT)
-        rmask = rows < t_hi
-        r64 = rows.to(tl.int64)
-        m2 = rmask[:, None] & kmask[None, :]
-        xt = tl.load(x_ptr + r64[:, None] * K + ks64[None, :], mask=m2, other=0.0).to(ACC)
-        dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
-                     other=0.0).to(ACC)
-        dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
-        dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt
-        tl.store(dx_ptr + r64[:, None] * K + ks64[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
-        dphi = tl.dot(tl.trans(xt), dp, dphi, input_precision=PREC)
-    out = split.to(tl.int64) * K + ks64
-    tl.store(dphi_ptr + out[:, None] * M + ms[None, :], dphi, mask=kmask[:, None] & mmask[None, :])
 
 
 def _dot_block_m(m: int, cfg: DotCfg) -> int:
@@ -509,73 +533,79 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros((t, m), dtype=acc, device=x.device), torch.zeros((t,), dtype=acc, device=x.device)
     cfg = _cfg("proj")
     bm = _dot_block_m(m, cfg)
+    mblocks = triton.cdiv(m, bm)
+    hi_lo = _hi_lo(x.dtype) and acc == torch.float32
+    w = _split_hi_lo(phi, mblocks * bm, transpose=False) if hi_lo else phi
     bt = min(cfg.bt, max(16, _pow2(t)))  # tl.dot needs >= 16 rows
-    grid_tm = triton.cdiv(t, bt) * triton.cdiv(m, bm)
-    splits = _splits(cfg, x.device, grid_tm, triton.cdiv(k, cfg.bk))
+    splits = _splits(cfg, x.device, triton.cdiv(t, bt) * mblocks, triton.cdiv(k, cfg.bk))
     k_split = triton.cdiv(triton.cdiv(k, splits), cfg.bk) * cfg.bk
     splits = triton.cdiv(k, k_split)
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
-    grid = (triton.cdiv(t, bt), triton.cdiv(m, bm), splits)
-    meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
-    _launch_pipelined(_proj_fwd_kernel, grid, (x, phi, p, sq, t, k, m, k_split), meta, cfg.num_warps, cfg.num_stages)
+    grid = (triton.cdiv(t, bt), mblocks, splits)
+    meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
+                DOT=_half_dot_dtype())
+    _launch_pipelined(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
+                      cfg.num_warps, cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
     return p.sum(0), sq.sum(0)
 
 
-def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tensor, Tensor]:
-    _check_stream("proj_backward", x, phi)
-    t, n, c = x.shape
-    k, m = phi.shape
-    x, phi = x.contiguous(), phi.contiguous()
-    acc = _acc_torch(x.dtype, phi.dtype)
-    dp, dsq = dp.contiguous(), dsq.contiguous()
-    if t == 0 or k == 0:
-        return torch.zeros_like(x), torch.zeros_like(phi)
-    cfg = _cfg("proj_backward")
-    mp = max(16, _pow2(m))
-    bk = max(16, min(cfg.bk, 4096 // mp))  # the phi slab and dphi tile live in registers
-    bt = max(16, min(cfg.bt, _pow2(t)))
-    kblocks = triton.cdiv(k, bk)
-    splits = _splits(cfg, x.device, kblocks, triton.cdiv(t, bt), min_steps=2)
-    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
-    splits = triton.cdiv(t, t_split)
-    dx = torch.empty_like(x)
-    dphi = torch.empty((splits, k, m), dtype=acc, device=x.device)
-    meta = dict(BT=bt, BK=bk, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
-    _launch_pipelined(_proj_bwd_kernel, (kblocks, splits), (x, phi, dp, dsq, dx, dphi, t, k, m, t_split), meta,
-                      cfg.num_warps, cfg.num_stages)
-    return dx, dphi.sum(0).to(phi.dtype)
+# ---------------------------------------------------------------------------------------------
+# the backward of proj, optionally folded with pre_backward and a stream-gradient accumulator:
+#   dx   = dp @ phi^T + 2 dsq x  (+ h_pre[t, i] * dout[t, c])  (+ acc)       k = i * C + c
+#   dphi = x^T @ dp
+# Both walk X tiles [BT, BK] along the flat K = n*C axis. dphi is dp^T @ X: dp^T ([MA, BT], tiny) is the A
+# operand and the X tile the B operand as loaded, so no tile is transposed in registers. It runs either in
+# the dx kernel (FUSE_DPHI, one read of X) or in its own kernel (a second read of X, fewer registers in each).
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dphi_step(a_ptr, s_am, s_at, mas, M, rows, rmask, xt, dphi, MA_HALF: tl.constexpr, HI_LO: tl.constexpr,
+               DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """dphi^T [MA, BK] += dp^T [MA, BT] @ X [BT, BK]; with HI_LO the A rows are dp's bf16 hi then lo halves."""
+    if HI_LO:
+        amask = rmask[None, :]
+    else:
+        amask = (mas < M)[:, None] & rmask[None, :]
+    a = tl.load(a_ptr + mas[:, None] * s_am + rows.to(tl.int64)[None, :] * s_at, mask=amask, other=0.0)
+    if HI_LO:
+        return tl.dot(a.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
+    return tl.dot(a.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP: tl.constexpr, BK: tl.constexpr,
+                HI_LO: tl.constexpr):
+    """Write a program's dphi^T partial transposed into dphi_ptr[split] ([K, M]), hi and lo halves summed."""
+    if HI_LO:
+        dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
+    ms = tl.arange(0, MP)
+    out = split.to(tl.int64) * K + ks64
+    tl.store(dphi_ptr + out[None, :] * M + ms[:, None], dphi, mask=(ms < M)[:, None] & kmask[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
-def _proj_pre_bwd_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, dphi_ptr, T, C, M,
-                         T_SPLIT, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         MP: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Program (channel block, token split): the whole stream gradient of its [tokens, n x BC] slab and a
-    [n*BC, M] partial of dphi, so dX is written once instead of as three stream-sized partials.
-
-    _proj_bwd_kernel's one-pass idea (the x tile serves both dx and dphi, the phi slab stays in registers)
-    with the tile's K lanes j = i * BC + c laid out stream-major over one channel chunk rather than over a
-    flat run of n*C: every stream of the chunk lives in this program, so it alone reads dout[t, chunk] and
-    DRAM sees each dout element once. The NP lanes that share a channel repeat its load, which L1 serves;
-    that gather avoids reshaping a [BT, NP, BC] tile to [BT, NP*BC] each step, a layout change through
-    shared memory. dp, dsq and h_pre are re-read by every channel block (from L2: all blocks walk the
-    same tokens), as proj_backward re-reads dp per K block.
-    """
-    KB: tl.constexpr = NP * BC
+def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, a_ptr, dphi_ptr, T, C, M,
+                    T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
+                    MA: tl.constexpr, HAS_PRE: tl.constexpr, HAS_ACC: tl.constexpr, FUSE_DPHI: tl.constexpr,
+                    HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program (K block, token split): dx of its [tokens, BK] slab, all terms meeting in ACC and rounded once
+    at the store; the phi slab [MP, BK] is loaded once for the whole token range. With FUSE_DPHI also the
+    [MA, BK] partial of dphi^T from the same X tile."""
+    K = N * C
     split = tl.program_id(1)
-    jj = tl.arange(0, KB)
-    ii = jj // BC
-    cc = tl.program_id(0) * BC + jj % BC  # BC is a power of two: contiguous runs of BC, so loads vectorise
-    kmask = (ii < N) & (cc < C)
-    krow = ii.to(tl.int64) * C + cc  # row of phi = offset of x[t, i, c] inside token t
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    kmask = ks < K
+    ks64 = ks.to(tl.int64)
     ms = tl.arange(0, MP)
     mmask = ms < M
-    phi_t = tl.load(phi_ptr + krow[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
-                    other=0.0).to(ACC)  # [MP, KB]
-    dphi = tl.zeros([KB, MP], dtype=ACC)
+    phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(ACC)  # [MP, BK]
+    ii = ks // C  # stream and channel of lane k, for the folded pre_backward term
+    cc = ks - ii * C
+    mas = tl.arange(0, MA)
+    dphi = tl.zeros([MA, BK], dtype=ACC)
     t_lo = split * T_SPLIT
     t_hi = tl.minimum(t_lo + T_SPLIT, T)
     for t0 in range(t_lo, t_hi, BT):
@@ -583,27 +613,112 @@ def _proj_pre_bwd_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr,
         rmask = rows < t_hi
         r64 = rows.to(tl.int64)
         m2 = rmask[:, None] & kmask[None, :]
-        off = r64[:, None] * (N * C) + krow[None, :]
-        xt = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
+        off = r64[:, None] * K + ks64[None, :]
+        xt = tl.load(x_ptr + off, mask=m2, other=0.0)
         dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
                      other=0.0).to(ACC)
         dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
-        h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=m2, other=0.0).to(ACC)
-        g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
-        # all partial gradients meet in ACC: the stream dtype rounds once, at the store
-        dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt + h * g
+        dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt.to(ACC)
+        if HAS_PRE:
+            h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=m2, other=0.0).to(ACC)
+            g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
+            dx += h * g
         if HAS_ACC:
             dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
-        dphi = tl.dot(tl.trans(xt), dp, dphi, input_precision=PREC)
-    out = split.to(tl.int64) * (N * C) + krow
-    tl.store(dphi_ptr + out[:, None] * M + ms[None, :], dphi, mask=kmask[:, None] & mmask[None, :])
+        if FUSE_DPHI:
+            dphi = _dphi_step(a_ptr, s_am, s_at, mas, M, rows, rmask, xt, dphi, MA // 2, HI_LO, DOT, PREC, ACC)
+    if FUSE_DPHI:
+        _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP, BK, HI_LO)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _proj_dphi_kernel(x_ptr, a_ptr, dphi_ptr, T, K, M, T_SPLIT, s_am, s_at, BT: tl.constexpr, BK: tl.constexpr,
+                      MP: tl.constexpr, MA: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
+                      ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program (K block, token split): the [MA, BK] partial of dphi^T over its tokens (proj's forward,
+    transposed: the X tile goes to the tensor cores as loaded)."""
+    split = tl.program_id(1)
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    kmask = ks < K
+    ks64 = ks.to(tl.int64)
+    mas = tl.arange(0, MA)
+    dphi = tl.zeros([MA, BK], dtype=ACC)
+    t_lo = split * T_SPLIT
+    t_hi = tl.minimum(t_lo + T_SPLIT, T)
+    for t0 in range(t_lo, t_hi, BT):
+        rows = t0 + tl.arange(0, BT)
+        rmask = rows < t_hi
+        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks64[None, :], mask=rmask[:, None] & kmask[None, :],
+                     other=0.0)
+        dphi = _dphi_step(a_ptr, s_am, s_at, mas, M, rows, rmask, xt, dphi, MA // 2, HI_LO, DOT, PREC, ACC)
+    _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP, BK, HI_LO)
+
+
+def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: int) -> tuple[int, int]:
+    """(splits, tokens per split) of a (K block, token split) grid."""
+    splits = _splits(cfg, device, kblocks, triton.cdiv(t, bt), min_steps=2)
+    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    return triton.cdiv(t, t_split), t_split
+
+
+def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
+                acc: Tensor | None) -> tuple[Tensor, Tensor]:
+    t, n, c = x.shape
+    k, m = phi.shape
+    acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
+    if t == 0 or k == 0:  # x has no elements: neither has dx
+        return torch.empty_like(x), torch.zeros_like(phi)
+    cfg, cfg_phi = _cfg("proj_dx"), _cfg("proj_dphi")
+    mp = max(16, _pow2(m))
+    hi_lo = _hi_lo(x.dtype) and acc_t == torch.float32
+    if hi_lo:  # dp^T as bf16 hi rows then lo rows: [2 * MP, T]
+        a, s_am, s_at, ma = _split_hi_lo(dp, mp, transpose=True), t, 1, 2 * mp
+    else:  # dp^T read in place
+        a, s_am, s_at, ma = dp, 1, m, mp
+    # the phi slab [MP, BK] lives in registers: BK shrinks as m grows
+    bk = max(16, min(cfg.bk, 4096 // mp))
+    bt = max(16, min(cfg.bt, _pow2(t)))
+    kblocks = triton.cdiv(k, bk)
+    splits, t_split = _token_splits(cfg, x.device, kblocks, t, bt)
+    fuse = cfg.fuse_dphi
+    dx = torch.empty_like(x)
+    dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
+    dot_t, prec = _half_dot_dtype(), _dot_precision(x.dtype)
+    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=ma, HAS_PRE=h_pre is not None, HAS_ACC=acc is not None,
+                FUSE_DPHI=fuse, HI_LO=hi_lo, DOT=dot_t, ACC=_acc_tl(acc_t), PREC=prec)
+    # absent operands are placeholders that their constexpr flag never lets the kernel read
+    args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
+            acc if acc is not None else x, dx, a, dphi, t, c, m, t_split, s_am, s_at)
+    _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
+    if not fuse:
+        bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
+        bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
+        kblocks2 = triton.cdiv(k, bk2)
+        splits2, t_split2 = _token_splits(cfg_phi, x.device, kblocks2, t, bt2)
+        dphi = torch.empty((splits2, k, m), dtype=acc_t, device=x.device)
+        meta2 = dict(BT=bt2, BK=bk2, MP=mp, MA=ma, HI_LO=hi_lo, DOT=dot_t, ACC=_acc_tl(acc_t), PREC=prec)
+        _launch_pipelined(_proj_dphi_kernel, (kblocks2, splits2), (x, a, dphi, t, k, m, t_split2, s_am, s_at),
+                          meta2, cfg_phi.num_warps, cfg_phi.num_stages)
+    return dx, dphi.sum(0).to(phi.dtype)
+
+
+def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tensor, Tensor]:
+    _check_stream("proj_backward", x, phi)
+    t, n, c = x.shape
+    if phi.shape[0] != n * c:
+        raise ValueError(f"mhc triton proj_backward: phi has {phi.shape[0]} rows, expected n*C = {n * c}")
+    return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), None, None, None)
 
 
 def proj_pre_backward(
     x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(proj_backward dx + pre_backward dx (+ acc), rounded once to x.dtype ; proj_backward's dphi)."""
+    """(proj_backward dx + pre_backward dx (+ acc), rounded once to x.dtype ; proj_backward's dphi).
+
+    One pass writes the whole stream gradient instead of three stream-sized partials and their sum
+    (passes/fold_stream_grads.py).
+    """
     _check_stream("proj_pre_backward", x, phi, dout)
     t, n, c = x.shape
     k, m = phi.shape
@@ -615,31 +730,8 @@ def proj_pre_backward(
             raise ValueError(f"mhc triton proj_pre_backward: acc has shape {tuple(acc.shape)}, "
                              f"expected x's {tuple(x.shape)}")
         acc = acc.contiguous()
-    x, phi, dp, dsq = x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous()
-    h_pre, dout = h_pre.contiguous(), dout.contiguous()
-    acc_t = _acc_torch(x.dtype, phi.dtype, dout.dtype)
-    if t == 0 or k == 0:  # x has no elements: neither has dx
-        return torch.empty_like(x), torch.zeros_like(phi)
-    cfg = _cfg("proj_pre_backward")
-    np_ = _pow2(n)
-    mp = max(16, _pow2(m))
-    kb = max(16, min(cfg.bk, 4096 // mp))  # as proj_backward: the phi slab and dphi tile live in registers
-    # tl.dot needs KB = NP * BC >= 16; at n > 8 that leaves BC = 1 (strided x loads, as registers dictate)
-    bc = max(16 // np_, min(_pow2(c), max(1, kb // np_)))
-    bt = max(16, min(cfg.bt, _pow2(t)))
-    cblocks = triton.cdiv(c, bc)
-    splits = _splits(cfg, x.device, cblocks, triton.cdiv(t, bt), min_steps=2)
-    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
-    splits = triton.cdiv(t, t_split)
-    dx = torch.empty_like(x)
-    dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
-    meta = dict(N=n, NP=np_, BT=bt, BC=bc, MP=mp, HAS_ACC=acc is not None, ACC=_acc_tl(acc_t),
-                PREC=_dot_precision(x.dtype))
-    # without acc, acc_ptr is a placeholder that HAS_ACC=False never reads
-    args = (x, phi, dp, dsq, h_pre, dout, dx if acc is None else acc, dx, dphi, t, c, m, t_split)
-    _launch_pipelined(_proj_pre_bwd_kernel, (cblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
-    return dx, dphi.sum(0).to(phi.dtype)
-
+    return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(),
+                       dout.contiguous(), acc)
 
 
 # ---------------------------------------------------------------------------------------------
