@@ -228,7 +228,7 @@ def run_rows(label, designs, expected, nbytes, bw, ncu):
             os.makedirs(IR_DIR, exist_ok=True)
             ck = _compiled(kernels[0])
             if ck is not None and "ttgir" in getattr(ck, "asm", {}):
-                with open(os.path.join(IR_DIR, f"{label.replace(' ', '_')}_{name}_{len(rows)}.ttgir"), "w") as f:
+                with open(os.path.join(IR_DIR, f"{''.join(ch if ch.isalnum() else '_' for ch in label + '_' + name)}_{len(rows)}.ttgir"), "w") as f:
                     f.write(ck.asm["ttgir"])
     return rows
 
@@ -287,12 +287,14 @@ def bwd_rows(d, bw, ncu):
                ("cur: fused dphi", {"fuse_dphi": True},
                 _tuned({"proj_dx": dict(fuse_dphi=True)}, lambda: tk.proj_pre_backward(*args)), [tk._proj_dx_kernel])]
     if not ncu:
-        for bt, bk, w, st, wv, fuse in [(32, 128, 4, 3, 4, False), (64, 128, 4, 3, 4, False),
-                                        (16, 128, 4, 3, 8, False), (32, 64, 4, 3, 8, False),
-                                        (32, 256, 8, 3, 2, False), (64, 128, 8, 3, 2, False),
-                                        (32, 128, 4, 3, 4, True), (32, 128, 8, 3, 2, True),
-                                        (16, 128, 4, 4, 4, True), (64, 64, 8, 3, 4, True)]:
-            cfg = dict(bt=bt, bk=bk, num_warps=w, num_stages=st, waves=wv, fuse_dphi=fuse)
+        # (bt, bk, warps, stages, waves, fuse_dphi, dx_fma); waves=64 gives one tile per program (no token loop)
+        for bt, bk, w, st, wv, fuse, fma in [
+                (32, 128, 4, 3, 4, False, True), (16, 128, 4, 3, 8, False, True), (32, 128, 4, 3, 64, False, True),
+                (64, 128, 8, 3, 64, False, True), (32, 256, 8, 3, 64, False, True), (16, 256, 4, 3, 64, False, True),
+                (64, 64, 4, 3, 64, False, True), (32, 128, 4, 3, 64, False, False), (64, 128, 8, 3, 4, False, False),
+                (16, 128, 4, 3, 64, False, False), (32, 128, 4, 3, 4, True, True), (32, 128, 8, 3, 2, True, True),
+                (16, 128, 4, 4, 4, True, True), (64, 128, 8, 3, 4, True, True)]:
+            cfg = dict(bt=bt, bk=bk, num_warps=w, num_stages=st, waves=wv, fuse_dphi=fuse, dx_fma=fma)
             designs.append(("cur, proj_dx tile", cfg, _tuned({"proj_dx": cfg},
                                                               lambda: tk.proj_pre_backward(*args)), both))
         for bt, bk, w, st, wv in [(64, 128, 4, 3, 2), (128, 128, 4, 3, 2), (64, 128, 8, 4, 2), (128, 64, 4, 4, 2),

@@ -98,6 +98,7 @@ class DotCfg:
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
     fuse_dphi: bool = False  # proj_dx: also accumulate dphi from its X tiles (else proj_dphi re-reads X)
+    dx_fma: bool = False  # proj_dx: dp @ phi^T as m rank-1 FMA updates instead of a tensor-core dot
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
@@ -588,11 +589,14 @@ def _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP: tl.constexpr, BK: 
 @triton.jit(do_not_specialize=["T"])
 def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, a_ptr, dphi_ptr, T, C, M,
                     T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
-                    MA: tl.constexpr, HAS_PRE: tl.constexpr, HAS_ACC: tl.constexpr, FUSE_DPHI: tl.constexpr,
-                    HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                    MA: tl.constexpr, MC: tl.constexpr, HAS_PRE: tl.constexpr, HAS_ACC: tl.constexpr,
+                    FUSE_DPHI: tl.constexpr, DX_FMA: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
+                    ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab, all terms meeting in ACC and rounded once
-    at the store; the phi slab [MP, BK] is loaded once for the whole token range. With FUSE_DPHI also the
-    [MA, BK] partial of dphi^T from the same X tile."""
+    at the store. dp @ phi^T is a tensor-core dot with the phi slab [MP, BK] loaded once for the token range,
+    or (DX_FMA) MC = m rank-1 updates on the CUDA cores with phi^T rows from L1: exact products and no
+    conversion of the dot's output layout to the elementwise one, at m FMAs per element. With FUSE_DPHI
+    also the [MA, BK] partial of dphi^T from the same X tile."""
     K = N * C
     split = tl.program_id(1)
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -600,8 +604,9 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
     ks64 = ks.to(tl.int64)
     ms = tl.arange(0, MP)
     mmask = ms < M
-    phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
-                    other=0.0).to(ACC)  # [MP, BK]
+    if not DX_FMA:
+        phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0).to(ACC)  # [MP, BK]
     ii = ks // C  # stream and channel of lane k, for the folded pre_backward term
     cc = ks - ii * C
     mas = tl.arange(0, MA)
@@ -615,10 +620,17 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
         m2 = rmask[:, None] & kmask[None, :]
         off = r64[:, None] * K + ks64[None, :]
         xt = tl.load(x_ptr + off, mask=m2, other=0.0)
-        dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
-                     other=0.0).to(ACC)
         dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
-        dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt.to(ACC)
+        dx = 2.0 * dsq[:, None] * xt.to(ACC)
+        if DX_FMA:  # phi_ptr is phi^T [m, K] here
+            for j in tl.static_range(MC):
+                dpj = tl.load(dp_ptr + r64 * M + j, mask=rmask, other=0.0).to(ACC)
+                phj = tl.load(phi_ptr + j * K + ks64, mask=kmask, other=0.0).to(ACC)
+                dx += dpj[:, None] * phj[None, :]
+        else:
+            dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
+                         other=0.0).to(ACC)
+            dx += tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
         if HAS_PRE:
             h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=m2, other=0.0).to(ACC)
             g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
@@ -685,10 +697,10 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     dx = torch.empty_like(x)
     dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
     dot_t, prec = _half_dot_dtype(), _dot_precision(x.dtype)
-    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=ma, HAS_PRE=h_pre is not None, HAS_ACC=acc is not None,
-                FUSE_DPHI=fuse, HI_LO=hi_lo, DOT=dot_t, ACC=_acc_tl(acc_t), PREC=prec)
+    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=ma, MC=m, HAS_PRE=h_pre is not None, HAS_ACC=acc is not None,
+                FUSE_DPHI=fuse, DX_FMA=cfg.dx_fma, HI_LO=hi_lo, DOT=dot_t, ACC=_acc_tl(acc_t), PREC=prec)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
-    args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
+    args = (x, phi.t().contiguous() if cfg.dx_fma else phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
             acc if acc is not None else x, dx, a, dphi, t, c, m, t_split, s_am, s_at)
     _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
     if not fuse:
