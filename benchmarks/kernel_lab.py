@@ -167,7 +167,9 @@ def bench_us(fn) -> float:
     if SMOKE:
         fn()
         return 1.0
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    # replayed from a CUDA graph: GPU time only (a launch-bound Python wrapper would otherwise set the number
+    # at 8192 tokens; host overhead is the training benchmark's business)
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
 
 
 def copy_bandwidth(device) -> float:
@@ -260,8 +262,7 @@ def fwd_rows(d, bw, ncu):
                ("cur (hi/lo)", "default", lambda: tk.proj(x, phi), kern),
                ("sq_only (floor)", {}, lambda: (None, sq_only(x)), [_lab_sq_only])]
     if not ncu:
-        for bt, bk, w, st, wv in [(128, 128, 4, 3, 2), (64, 128, 4, 4, 4), (128, 64, 4, 4, 2), (256, 64, 8, 3, 1),
-                                  (128, 128, 8, 4, 1), (128, 256, 8, 3, 1)]:
+        for bt, bk, w, st, wv in [(128, 128, 4, 2, 2), (128, 128, 8, 4, 1), (64, 128, 4, 4, 4), (128, 256, 8, 3, 1)]:
             cfg = dict(bt=bt, bk=bk, num_warps=w, num_stages=st, waves=wv)
             designs.append(("cur (hi/lo)", cfg, _tuned({"proj": cfg}, lambda: tk.proj(x, phi)), kern))
     return run_rows("proj fwd", designs, (e_p, e_sq), nbytes, bw, ncu)
@@ -289,16 +290,14 @@ def bwd_rows(d, bw, ncu):
     if not ncu:
         # (bt, bk, warps, stages, waves, fuse_dphi, dx_fma); waves=64 gives one tile per program (no token loop)
         for bt, bk, w, st, wv, fuse, fma in [
-                (32, 128, 4, 3, 4, False, True), (16, 128, 4, 3, 8, False, True), (32, 128, 4, 3, 64, False, True),
-                (64, 128, 8, 3, 64, False, True), (32, 256, 8, 3, 64, False, True), (16, 256, 4, 3, 64, False, True),
-                (64, 64, 4, 3, 64, False, True), (32, 128, 4, 3, 64, False, False), (64, 128, 8, 3, 4, False, False),
-                (16, 128, 4, 3, 64, False, False), (32, 128, 4, 3, 4, True, True), (32, 128, 8, 3, 2, True, True),
-                (16, 128, 4, 4, 4, True, True), (64, 128, 8, 3, 4, True, True)]:
+                (16, 128, 4, 3, 64, False, False), (64, 128, 4, 3, 64, False, False), (32, 256, 4, 3, 64, False, False),
+                (32, 128, 8, 3, 64, False, False), (64, 128, 8, 3, 64, False, False), (32, 64, 4, 3, 64, False, False),
+                (32, 128, 4, 3, 4, False, False), (32, 128, 4, 3, 64, False, True), (64, 64, 4, 3, 64, False, True),
+                (32, 128, 8, 3, 2, True, False)]:
             cfg = dict(bt=bt, bk=bk, num_warps=w, num_stages=st, waves=wv, fuse_dphi=fuse, dx_fma=fma)
             designs.append(("cur, proj_dx tile", cfg, _tuned({"proj_dx": cfg},
                                                               lambda: tk.proj_pre_backward(*args)), both))
-        for bt, bk, w, st, wv in [(64, 128, 4, 3, 2), (128, 128, 4, 3, 2), (64, 128, 8, 4, 2), (128, 64, 4, 4, 2),
-                                  (64, 256, 8, 3, 1), (32, 128, 4, 4, 4)]:
+        for bt, bk, w, st, wv in [(64, 128, 8, 4, 2), (64, 256, 8, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 4)]:
             cfg = dict(bt=bt, bk=bk, num_warps=w, num_stages=st, waves=wv)
             designs.append(("cur, proj_dphi tile", cfg, _tuned({"proj_dphi": cfg},
                                                                 lambda: tk.proj_pre_backward(*args)), both))

@@ -211,6 +211,23 @@ def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
         _close(a, e, TOL32)
 
 
+@pytest.mark.parametrize("design", ["split_dot", "split_fma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_proj_pre_backward_one_stream_blocks(dtype, design):
+    """C a multiple of the K block (C = 64, BK = 16 and 64): each block lies in one stream, so h_pre is a
+    per-token scalar and dout a contiguous run (ONE_STREAM), the path every real width takes."""
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(37, 4, 64, dtype, seed=14, with_acc=True)
+    want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    for bk in (16, 64):
+        with tk.tuning("proj_dx", bk=bk, bt=16, **BWD_DESIGNS[design]):
+            dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+        _close(dx, want[0], TOL[dtype])
+        if dtype == torch.bfloat16:
+            _close_hi_lo(dphi, want[1], x.reshape(37, -1).T, dp)
+        else:
+            _close(dphi, want[1], TOL32)
+
+
 @pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
 def test_reference_proj_pre_backward_is_the_sum_of_the_oracles(with_acc):
     """fp64, so the fused reference's single rounding is invisible: it must be pre_backward's dX +

@@ -111,7 +111,8 @@ _DEFAULTS = {
     "post_res_backward": StreamCfg(),
     # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md)
     "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=1),
-    "proj_dx": DotCfg(bt=32, bk=128, num_warps=4, num_stages=3, waves=4),
+    # one tile per program (waves = 64 leaves no token loop): the loop's loads are not pipelined
+    "proj_dx": DotCfg(bt=32, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
@@ -589,14 +590,16 @@ def _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP: tl.constexpr, BK: 
 @triton.jit(do_not_specialize=["T"])
 def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, a_ptr, dphi_ptr, T, C, M,
                     T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
-                    MA: tl.constexpr, MC: tl.constexpr, HAS_PRE: tl.constexpr, HAS_ACC: tl.constexpr,
-                    FUSE_DPHI: tl.constexpr, DX_FMA: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
+                    MA: tl.constexpr, MC: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
+                    HAS_ACC: tl.constexpr, FUSE_DPHI: tl.constexpr, DX_FMA: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
                     ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab, all terms meeting in ACC and rounded once
     at the store. dp @ phi^T is a tensor-core dot with the phi slab [MP, BK] loaded once for the token range,
     or (DX_FMA) MC = m rank-1 updates on the CUDA cores with phi^T rows from L1: exact products and no
     conversion of the dot's output layout to the elementwise one, at m FMAs per element. With FUSE_DPHI
-    also the [MA, BK] partial of dphi^T from the same X tile."""
+    also the [MA, BK] partial of dphi^T from the same X tile.
+    ONE_STREAM (C % BK == 0, every real width): the block lies in one stream i0, so h_pre is one value a
+    token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane."""
     K = N * C
     split = tl.program_id(1)
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -607,8 +610,13 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
     if not DX_FMA:
         phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
                         other=0.0).to(ACC)  # [MP, BK]
-    ii = ks // C  # stream and channel of lane k, for the folded pre_backward term
-    cc = ks - ii * C
+    if ONE_STREAM:
+        i0 = (tl.program_id(0) * BK) // C
+        ii = i0
+        cc = tl.program_id(0) * BK - i0 * C + tl.arange(0, BK)
+    else:
+        ii = ks // C  # stream and channel of lane k, for the folded pre_backward term
+        cc = ks - ii * C
     mas = tl.arange(0, MA)
     dphi = tl.zeros([MA, BK], dtype=ACC)
     t_lo = split * T_SPLIT
@@ -632,9 +640,13 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
                          other=0.0).to(ACC)
             dx += tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
         if HAS_PRE:
-            h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=m2, other=0.0).to(ACC)
             g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
-            dx += h * g
+            if ONE_STREAM:
+                h = tl.load(h_ptr + r64 * N + ii, mask=rmask, other=0.0).to(ACC)
+                dx += h[:, None] * g
+            else:
+                h = tl.load(h_ptr + r64[:, None] * N + ii[None, :], mask=m2, other=0.0).to(ACC)
+                dx += h * g
         if HAS_ACC:
             dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
@@ -697,7 +709,8 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     dx = torch.empty_like(x)
     dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
     dot_t, prec = _half_dot_dtype(), _dot_precision(x.dtype)
-    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=ma, MC=m, HAS_PRE=h_pre is not None, HAS_ACC=acc is not None,
+    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=ma, MC=m, HAS_PRE=h_pre is not None, ONE_STREAM=c % bk == 0,
+                HAS_ACC=acc is not None,
                 FUSE_DPHI=fuse, DX_FMA=cfg.dx_fma, HI_LO=hi_lo, DOT=dot_t, ACC=_acc_tl(acc_t), PREC=prec)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
     args = (x, phi.t().contiguous() if cfg.dx_fma else phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
