@@ -203,6 +203,11 @@ def run_size(d, args, emit):
     if "norecompute" in args.variants:
         variants["backend=mhc recompute=none"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "recompute": "none"})
+    for v in args.variants:  # "recompute4": keep the stream every 4 sublayers (the memory / time trade-off)
+        if v.startswith("recompute") and v[len("recompute"):].isdigit():
+            every = int(v[len("recompute"):])
+            variants[f"backend=mhc recompute={every}"] = torch.compile(
+                mhc_model, backend="mhc", options={"n": args.n, "recompute": every})
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})

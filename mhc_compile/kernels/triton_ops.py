@@ -111,8 +111,9 @@ _DEFAULTS = {
     "post_res_backward": StreamCfg(),
     # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md)
     "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=1),
-    # one tile per program (waves = 64 leaves no token loop): the loop's loads are not pipelined
-    "proj_dx": DotCfg(bt=32, bk=128, num_warps=4, num_stages=3, waves=64),
+    # one tile per program (waves = 64 leaves no token loop: its loads are not pipelined); the lab's fastest
+    # backward at 8192 and 32768 tokens (dot, not FMA; dphi in its own kernel, not fused)
+    "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
