@@ -117,7 +117,8 @@ _DEFAULTS = {
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
-    "coeffs": StreamCfg(budget=1024),
+    # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
+    "coeffs": StreamCfg(budget=256, num_warps=1),
 }
 _OVERRIDES: dict[str, object] = {}
 
