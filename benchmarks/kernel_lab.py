@@ -6,8 +6,9 @@ as bf16 and phi split into bf16 hi + lo halves on the host ran at 91 % of copy b
 tf32 design (X widened to fp32 in registers); it ships in ``triton_ops.proj``. The folded backward
 (``_prev_proj_pre_bwd_kernel`` below, 45 %) was register-bound (255 registers, 94 spills, occupancy 12.5 %,
 no software pipelining, five layout conversions of [BT, K] tiles per step, by Nsight Compute and its IR).
-Round 2 times its replacement in ``triton_ops``: a dx kernel and a dphi kernel over flat K tiles, dphi as
-dp^T @ X so the X tile enters the tensor cores as loaded, optionally fused into one pass (``fuse_dphi``).
+Rounds 2-3 timed its replacement, now in ``triton_ops``: a dx kernel and a dphi kernel over flat K tiles, dphi
+as dp^T @ X so the X tile enters the tensor cores as loaded (also tried then and removed as slower: dphi fused
+into the dx pass, and dx's dp @ phi^T as FMAs).
 
     python benchmarks/kernel_lab.py --out DIR            # table -> DIR/lab.md, Triton IR -> DIR/ir/
     ncu ... python benchmarks/kernel_lab.py --ncu        # one launch of each design, for Nsight Compute
@@ -284,17 +285,13 @@ def bwd_rows(d, bw, ncu):
     args = (x, phi, d["dp"], d["dsq"], d["h"], d["g"], d["acc"])
     both = [tk._proj_dx_kernel, tk._proj_dphi_kernel]
     designs = [("prev (stream-major, tf32)", {}, lambda: prev_proj_pre_backward(*args), [_prev_proj_pre_bwd_kernel]),
-               ("cur: dx + dphi kernels", "default", lambda: tk.proj_pre_backward(*args), both),
-               ("cur: fused dphi", {"fuse_dphi": True},
-                _tuned({"proj_dx": dict(fuse_dphi=True)}, lambda: tk.proj_pre_backward(*args)), [tk._proj_dx_kernel])]
+               ("cur: dx + dphi kernels", "default", lambda: tk.proj_pre_backward(*args), both)]
     if not ncu:
-        # (bt, bk, warps, stages, waves, fuse_dphi, dx_fma); waves=64 gives one tile per program (no token loop)
-        for bt, bk, w, st, wv, fuse, fma in [
-                (16, 128, 4, 3, 64, False, False), (64, 128, 4, 3, 64, False, False), (32, 256, 4, 3, 64, False, False),
-                (32, 128, 8, 3, 64, False, False), (64, 128, 8, 3, 64, False, False), (32, 64, 4, 3, 64, False, False),
-                (32, 128, 4, 3, 4, False, False), (32, 128, 4, 3, 64, False, True), (64, 64, 4, 3, 64, False, True),
-                (32, 128, 8, 3, 2, True, False)]:
-            cfg = dict(bt=bt, bk=bk, num_warps=w, num_stages=st, waves=wv, fuse_dphi=fuse, dx_fma=fma)
+        # (bt, bk, warps, stages, waves); waves=64 gives one tile per program (no token loop). Rounds 2-3 also
+        # timed dphi fused into dx's pass and dx's dot as FMAs (fuse_dphi / dx_fma, since removed: slower).
+        for bt, bk, w, st, wv in [(16, 128, 4, 3, 64), (64, 128, 4, 3, 64), (32, 256, 4, 3, 64), (32, 128, 8, 3, 64),
+                                  (16, 256, 4, 3, 64), (32, 64, 4, 3, 64), (32, 128, 4, 3, 4)]:
+            cfg = dict(bt=bt, bk=bk, num_warps=w, num_stages=st, waves=wv)
             designs.append(("cur, proj_dx tile", cfg, _tuned({"proj_dx": cfg},
                                                               lambda: tk.proj_pre_backward(*args)), both))
         for bt, bk, w, st, wv in [(64, 128, 8, 4, 2), (64, 256, 8, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 4, 4)]:

@@ -118,15 +118,14 @@ def test_proj(shape, dtype):
         _close(dphi, dphi_ref, _tol(dphi.dtype))
 
 
-@pytest.mark.parametrize("design", ["split_dot", "fused_fma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_proj_split_reductions(dtype, design):
-    """Force split-K in proj, column blocks (bm = 16 < m = 24: the hi/lo layout pads each block), and a split
-    over tokens in the backward, with dphi in the dx kernel or in its own (partials summed on the host)."""
+def test_proj_split_reductions(dtype):
+    """Force split-K in proj, column blocks (bm = 16 < m = 24: the hi/lo layout pads each block), and splits
+    over tokens in the backward's dx and dphi kernels (dphi partials summed on the host)."""
     x, *_, phi = _stream(33, 4, 33, dtype, seed=4)
     dp, dsq = torch.randn(33, phi.shape[1]), torch.randn(33)
     small = dict(bt=16, bk=16, waves=64)
-    with tk.tuning("proj", bm=16, **small), tk.tuning("proj_dx", **BWD_DESIGNS[design], **small), \
+    with tk.tuning("proj", bm=16, **small), tk.tuning("proj_dx", **small), \
             tk.tuning("proj_dphi", **small):
         got = tk.proj(x, phi) + tk.proj_backward(x, phi, dp, dsq)
     (p, sq, dx, dphi), want = got, ref.proj(x, phi) + ref.proj_backward(x, phi, dp, dsq)
@@ -171,19 +170,12 @@ SITE_CASES = CASES + [((5, 5, 7), torch.float32), ((3, 16, 3), torch.float32)]
 SITE_IDS = IDS + ["T5n5C7-float32", "T3n16C3-float32"]
 
 
-# the backward's designs (triton_ops.DotCfg): dphi in its own kernel or in dx's pass, dx's dp @ phi^T by dot or FMA
-BWD_DESIGNS = {"split_dot": dict(fuse_dphi=False, dx_fma=False), "fused_dot": dict(fuse_dphi=True, dx_fma=False),
-               "split_fma": dict(fuse_dphi=False, dx_fma=True), "fused_fma": dict(fuse_dphi=True, dx_fma=True)}
-
-
-@pytest.mark.parametrize("design", list(BWD_DESIGNS))
 @pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
 @pytest.mark.parametrize("shape,dtype", SITE_CASES, ids=SITE_IDS)
-def test_proj_pre_backward(shape, dtype, with_acc, design):
+def test_proj_pre_backward(shape, dtype, with_acc):
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, dtype, seed=11, with_acc=with_acc)
     _close(tk.pre_backward_dh(x, h_pre, dx_in), ref.pre_backward_dh(x, h_pre, dx_in), _tol(ref.acc_dtype(dtype)))
-    with tk.tuning("proj_dx", **BWD_DESIGNS[design]):
-        dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     dx_ref, dphi_ref = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     _close(dx, dx_ref, TOL[dtype])
     if dtype == torch.bfloat16:
@@ -211,15 +203,14 @@ def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
         _close(a, e, TOL32)
 
 
-@pytest.mark.parametrize("design", ["split_dot", "split_fma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_proj_pre_backward_one_stream_blocks(dtype, design):
+def test_proj_pre_backward_one_stream_blocks(dtype):
     """C a multiple of the K block (C = 64, BK = 16 and 64): each block lies in one stream, so h_pre is a
     per-token scalar and dout a contiguous run (ONE_STREAM), the path every real width takes."""
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(37, 4, 64, dtype, seed=14, with_acc=True)
     want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     for bk in (16, 64):
-        with tk.tuning("proj_dx", bk=bk, bt=16, **BWD_DESIGNS[design]):
+        with tk.tuning("proj_dx", bk=bk, bt=16):
             dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
         _close(dx, want[0], TOL[dtype])
         if dtype == torch.bfloat16:

@@ -97,8 +97,6 @@ class DotCfg:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
-    fuse_dphi: bool = False  # proj_dx: also accumulate dphi from its X tiles (else proj_dphi re-reads X)
-    dx_fma: bool = False  # proj_dx: dp @ phi^T as m rank-1 FMA updates instead of a tensor-core dot
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
@@ -112,7 +110,7 @@ _DEFAULTS = {
     # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md)
     "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=1),
     # one tile per program (waves = 64 leaves no token loop: its loads are not pipelined); the lab's fastest
-    # backward at 8192 and 32768 tokens (dot, not FMA; dphi in its own kernel, not fused)
+    # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
@@ -561,45 +559,16 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
 #   dx   = dp @ phi^T + 2 dsq x  (+ h_pre[t, i] * dout[t, c])  (+ acc)       k = i * C + c
 #   dphi = x^T @ dp
 # Both walk X tiles [BT, BK] along the flat K = n*C axis. dphi is dp^T @ X: dp^T ([MA, BT], tiny) is the A
-# operand and the X tile the B operand as loaded, so no tile is transposed in registers. It runs either in
-# the dx kernel (FUSE_DPHI, one read of X) or in its own kernel (a second read of X, fewer registers in each).
+# operand and the X tile the B operand as loaded, so no tile is transposed in registers. dphi runs in its own
+# kernel, reading X a second time: folded into the dx pass it spilled registers at every tile tried, and dx's
+# dp @ phi^T as m rank-1 FMA updates was slower than the dot (benchmarks/kernel_lab.py, lab-2026-11-24-h100.md).
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _dphi_step(a_ptr, s_am, s_at, mas, M, rows, rmask, xt, dphi, MA_HALF: tl.constexpr, HI_LO: tl.constexpr,
-               DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """dphi^T [MA, BK] += dp^T [MA, BT] @ X [BT, BK]; with HI_LO the A rows are dp's bf16 hi then lo halves."""
-    if HI_LO:
-        amask = rmask[None, :]
-    else:
-        amask = (mas < M)[:, None] & rmask[None, :]
-    a = tl.load(a_ptr + mas[:, None] * s_am + rows.to(tl.int64)[None, :] * s_at, mask=amask, other=0.0)
-    if HI_LO:
-        return tl.dot(a.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
-    return tl.dot(a.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
-
-
-@triton.jit
-def _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP: tl.constexpr, BK: tl.constexpr,
-                HI_LO: tl.constexpr):
-    """Write a program's dphi^T partial transposed into dphi_ptr[split] ([K, M]), hi and lo halves summed."""
-    if HI_LO:
-        dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
-    ms = tl.arange(0, MP)
-    out = split.to(tl.int64) * K + ks64
-    tl.store(dphi_ptr + out[None, :] * M + ms[:, None], dphi, mask=(ms < M)[:, None] & kmask[None, :])
-
-
 @triton.jit(do_not_specialize=["T"])
-def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, a_ptr, dphi_ptr, T, C, M,
-                    T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
-                    MA: tl.constexpr, MC: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
-                    HAS_ACC: tl.constexpr, FUSE_DPHI: tl.constexpr, DX_FMA: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                    ACC: tl.constexpr, PREC: tl.constexpr):
+def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, T, C, M, T_SPLIT,
+                    N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr, HAS_PRE: tl.constexpr,
+                    ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab, all terms meeting in ACC and rounded once
-    at the store. dp @ phi^T is a tensor-core dot with the phi slab [MP, BK] loaded once for the token range,
-    or (DX_FMA) MC = m rank-1 updates on the CUDA cores with phi^T rows from L1: exact products and no
-    conversion of the dot's output layout to the elementwise one, at m FMAs per element. With FUSE_DPHI
-    also the [MA, BK] partial of dphi^T from the same X tile.
+    at the store; the phi slab [MP, BK] is loaded once for the program's token range.
     ONE_STREAM (C % BK == 0, every real width): the block lies in one stream i0, so h_pre is one value a
     token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane."""
     K = N * C
@@ -609,18 +578,14 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
     ks64 = ks.to(tl.int64)
     ms = tl.arange(0, MP)
     mmask = ms < M
-    if not DX_FMA:
-        phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
-                        other=0.0).to(ACC)  # [MP, BK]
+    phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(ACC)  # [MP, BK]
     if ONE_STREAM:
-        i0 = (tl.program_id(0) * BK) // C
-        ii = i0
-        cc = tl.program_id(0) * BK - i0 * C + tl.arange(0, BK)
+        ii = (tl.program_id(0) * BK) // C
+        cc = tl.program_id(0) * BK - ii * C + tl.arange(0, BK)
     else:
         ii = ks // C  # stream and channel of lane k, for the folded pre_backward term
         cc = ks - ii * C
-    mas = tl.arange(0, MA)
-    dphi = tl.zeros([MA, BK], dtype=ACC)
     t_lo = split * T_SPLIT
     t_hi = tl.minimum(t_lo + T_SPLIT, T)
     for t0 in range(t_lo, t_hi, BT):
@@ -629,18 +594,11 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
         r64 = rows.to(tl.int64)
         m2 = rmask[:, None] & kmask[None, :]
         off = r64[:, None] * K + ks64[None, :]
-        xt = tl.load(x_ptr + off, mask=m2, other=0.0)
+        xt = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
+        dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
+                     other=0.0).to(ACC)
         dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
-        dx = 2.0 * dsq[:, None] * xt.to(ACC)
-        if DX_FMA:  # phi_ptr is phi^T [m, K] here
-            for j in tl.static_range(MC):
-                dpj = tl.load(dp_ptr + r64 * M + j, mask=rmask, other=0.0).to(ACC)
-                phj = tl.load(phi_ptr + j * K + ks64, mask=kmask, other=0.0).to(ACC)
-                dx += dpj[:, None] * phj[None, :]
-        else:
-            dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
-                         other=0.0).to(ACC)
-            dx += tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
+        dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt
         if HAS_PRE:
             g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
             if ONE_STREAM:
@@ -652,18 +610,16 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
         if HAS_ACC:
             dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
-        if FUSE_DPHI:
-            dphi = _dphi_step(a_ptr, s_am, s_at, mas, M, rows, rmask, xt, dphi, MA // 2, HI_LO, DOT, PREC, ACC)
-    if FUSE_DPHI:
-        _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP, BK, HI_LO)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _proj_dphi_kernel(x_ptr, a_ptr, dphi_ptr, T, K, M, T_SPLIT, s_am, s_at, BT: tl.constexpr, BK: tl.constexpr,
                       MP: tl.constexpr, MA: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr):
-    """Program (K block, token split): the [MA, BK] partial of dphi^T over its tokens (proj's forward,
-    transposed: the X tile goes to the tensor cores as loaded)."""
+    """Program (K block, token split): the [MA, BK] partial of dphi^T = dp^T @ X over its tokens, written
+    transposed into dphi_ptr[split] ([K, M]). The X tile goes to the tensor cores as loaded (proj's forward,
+    transposed). HI_LO: the A rows are dp's bf16 hi halves then lo halves ([2 * MP, T]), summed at the end;
+    otherwise A is dp^T read in place (strides s_am, s_at) and the tile is widened to ACC."""
     split = tl.program_id(1)
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
     kmask = ks < K
@@ -677,8 +633,20 @@ def _proj_dphi_kernel(x_ptr, a_ptr, dphi_ptr, T, K, M, T_SPLIT, s_am, s_at, BT: 
         rmask = rows < t_hi
         xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks64[None, :], mask=rmask[:, None] & kmask[None, :],
                      other=0.0)
-        dphi = _dphi_step(a_ptr, s_am, s_at, mas, M, rows, rmask, xt, dphi, MA // 2, HI_LO, DOT, PREC, ACC)
-    _dphi_store(dphi_ptr, dphi, split, ks64, kmask, K, M, MP, BK, HI_LO)
+        if HI_LO:
+            amask = rmask[None, :]
+        else:
+            amask = (mas < M)[:, None] & rmask[None, :]
+        a = tl.load(a_ptr + mas[:, None] * s_am + rows.to(tl.int64)[None, :] * s_at, mask=amask, other=0.0)
+        if HI_LO:
+            dphi = tl.dot(a.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
+        else:
+            dphi = tl.dot(a.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
+    if HI_LO:
+        dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
+    ms = tl.arange(0, MP)
+    out = split.to(tl.int64) * K + ks64
+    tl.store(dphi_ptr + out[None, :] * M + ms[:, None], dphi, mask=(ms < M)[:, None] & kmask[None, :])
 
 
 def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: int) -> tuple[int, int]:
@@ -707,26 +675,22 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     bt = max(16, min(cfg.bt, _pow2(t)))
     kblocks = triton.cdiv(k, bk)
     splits, t_split = _token_splits(cfg, x.device, kblocks, t, bt)
-    fuse = cfg.fuse_dphi
     dx = torch.empty_like(x)
-    dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
-    dot_t, prec = _half_dot_dtype(), _dot_precision(x.dtype)
-    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=ma, MC=m, HAS_PRE=h_pre is not None, ONE_STREAM=c % bk == 0,
-                HAS_ACC=acc is not None,
-                FUSE_DPHI=fuse, DX_FMA=cfg.dx_fma, HI_LO=hi_lo, DOT=dot_t, ACC=_acc_tl(acc_t), PREC=prec)
+    prec = _dot_precision(x.dtype)
+    meta = dict(N=n, BT=bt, BK=bk, MP=mp, HAS_PRE=h_pre is not None, ONE_STREAM=c % bk == 0,
+                HAS_ACC=acc is not None, ACC=_acc_tl(acc_t), PREC=prec)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
-    args = (x, phi.t().contiguous() if cfg.dx_fma else phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
-            acc if acc is not None else x, dx, a, dphi, t, c, m, t_split, s_am, s_at)
+    args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
+            acc if acc is not None else x, dx, t, c, m, t_split)
     _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
-    if not fuse:
-        bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
-        bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
-        kblocks2 = triton.cdiv(k, bk2)
-        splits2, t_split2 = _token_splits(cfg_phi, x.device, kblocks2, t, bt2)
-        dphi = torch.empty((splits2, k, m), dtype=acc_t, device=x.device)
-        meta2 = dict(BT=bt2, BK=bk2, MP=mp, MA=ma, HI_LO=hi_lo, DOT=dot_t, ACC=_acc_tl(acc_t), PREC=prec)
-        _launch_pipelined(_proj_dphi_kernel, (kblocks2, splits2), (x, a, dphi, t, k, m, t_split2, s_am, s_at),
-                          meta2, cfg_phi.num_warps, cfg_phi.num_stages)
+    bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
+    bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
+    kblocks2 = triton.cdiv(k, bk2)
+    splits2, t_split2 = _token_splits(cfg_phi, x.device, kblocks2, t, bt2)
+    dphi = torch.empty((splits2, k, m), dtype=acc_t, device=x.device)
+    meta2 = dict(BT=bt2, BK=bk2, MP=mp, MA=ma, HI_LO=hi_lo, DOT=_half_dot_dtype(), ACC=_acc_tl(acc_t), PREC=prec)
+    _launch_pipelined(_proj_dphi_kernel, (kblocks2, splits2), (x, a, dphi, t, k, m, t_split2, s_am, s_at),
+                      meta2, cfg_phi.num_warps, cfg_phi.num_stages)
     return dx, dphi.sum(0).to(phi.dtype)
 
 
