@@ -18,6 +18,7 @@ into the dx pass, and dx's dp @ phi^T as FMAs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -26,8 +27,10 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from mhc_compile.kernels import reference as ref
-from mhc_compile.kernels import triton_ops as tk
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import bench_kernels as bk  # noqa: E402
+from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,29 +158,9 @@ def sq_only(x, bt=64, bk=128, waves=4):
 # ---------------------------------------------------------------------------------------------
 # harness
 # ---------------------------------------------------------------------------------------------
-SMOKE = False
 IR_DIR = None
-
-
-def rel_err(a, e) -> float:
-    scale = e.double().abs().max().item() or 1.0
-    return (a.double() - e.double()).abs().max().item() / scale
-
-
-def bench_us(fn) -> float:
-    if SMOKE:
-        fn()
-        return 1.0
-    # replayed from a CUDA graph: GPU time only (a launch-bound Python wrapper would otherwise set the number
-    # at 8192 tokens; host overhead is the training benchmark's business)
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
-
-
-def copy_bandwidth(device) -> float:
-    src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    us = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median") * 1e3
-    return 2 * src.numel() * 2 / (us * 1e-6)
+# timing (GPU time from CUDA graphs), copy bandwidth and error as in the kernel benchmark, so the two agree
+rel_err, bench_us, copy_bandwidth = bk._rel_err, bk.bench_us, bk.copy_bandwidth
 
 
 def make(t, n, c, device, seed=0):
@@ -237,18 +220,12 @@ def run_rows(label, designs, expected, nbytes, bw, ncu):
 
 
 def _tuned(kernel_cfgs, fn):
+    """fn under several kernels' tiles at once (triton_ops.tuning for each)."""
     def call():
-        saved = {k: tk._OVERRIDES.get(k) for k in kernel_cfgs}
-        try:
-            for k, cfg in kernel_cfgs.items():
-                tk.configure(k, **cfg)
+        with contextlib.ExitStack() as stack:
+            for kernel, cfg in kernel_cfgs.items():
+                stack.enter_context(tk.tuning(kernel, **cfg))
             return fn()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    tk._OVERRIDES.pop(k, None)
-                else:
-                    tk._OVERRIDES[k] = v
     return call
 
 
@@ -311,7 +288,7 @@ def bwd_rows(d, bw, ncu):
 
 
 def main() -> int:
-    global IR_DIR, SMOKE
+    global IR_DIR
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--channels", type=int, default=4096)
@@ -324,7 +301,7 @@ def main() -> int:
     if args.out and not args.ncu:
         IR_DIR = os.path.join(args.out, "ir")
     if args.smoke:
-        SMOKE = True
+        bk.SMOKE = True
         args.tokens, args.channels = [37], 40
     bw = 1.0 if args.smoke or args.ncu else copy_bandwidth(device)
     lines = [f"- device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}",

@@ -433,7 +433,7 @@ def _hi_lo(stream_dtype: torch.dtype) -> bool:
 
     X is exact in bf16 and hi + lo keeps ~16 mantissa bits of the fp32 operand (tf32 keeps 10). The tile of X
     then feeds the tensor cores as it was loaded instead of being widened to fp32 in registers: on an H100 this
-    took proj from 33 % to 91 % of copy bandwidth (benchmarks/results/lab-2026-11-24-h100.md). fp16 keeps tf32:
+    took proj from 34 % to 96 % of copy bandwidth at 32768 x 4096 (kernels-2026-11-24b-h100.md). fp16 keeps tf32:
     its 5-bit exponent would flush the lo half of small values.
     """
     return stream_dtype == torch.bfloat16
