@@ -127,6 +127,11 @@ def cases(inp: dict) -> list[Case]:
         Case("pre_backward_dh", "bwd", lambda k: k.pre_backward_dh(x, hp, gy), _nb(x, gy, hp)),
         Case("proj_pre_backward", "bwd", lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx),
              _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
+        # the same with the next post_res's dX as a term (h_res^T dX', dX' = gx) instead of a stored partial
+        Case("proj_pre_backward_res", "bwd", lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, None, hr, gx),
+             _nb(x, phi, dp, dsq, hp, gy, hr, gx, x, phi)),
+        Case("post_res_backward_coeffs", "bwd", lambda k: k.post_res_backward_coeffs(x, hr, hq, y, gx),
+             _nb(x, hr, hq, y, gx, hr, hq, y)),
     ] + fused_cases(inp)
 
 
@@ -170,11 +175,21 @@ def fused_cases(inp: dict) -> list[Case]:
         dxs, _ = k.proj_pre_backward(xs, phi, dp, dsq, hpre_s, g_in, dx)
         return k.post_res_backward(x, hr, hq, y, dxs)
 
+    def folded_res_bwd(k):
+        """The same with post_res's dX a term of X's pass (h_res^T dX') instead of a stored partial."""
+        dh_pre = k.pre_backward_dh(xs, hpre_s, g_in)
+        dp, dsq, _, _ = k.coeffs_backward(ps, sqs, b, a, dh_pre, gpost, gres, *ca)
+        dxs, _ = k.proj_pre_backward(xs, phi, dp, dsq, hpre_s, g_in, None, hr, dx)
+        return k.post_res_backward_coeffs(x, hr, hq, y, dxs)
+
     # bytes: dh pass (X, dx_in) + folded pass (X, dx_in, acc, dX) + post_res backward (X, dX, y -> dX, dy)
     folded_bytes = (n + 1) * elem + (3 * n + 1) * elem + (3 * n + 2) * elem
+    # with the res term: post_res backward no longer writes dX (2n + 2 instead of 3n + 2)
+    folded_res_bytes = (n + 1) * elem + (3 * n + 1) * elem + (2 * n + 2) * elem
 
     out = [
         Case("folded step", "bwd", folded_bwd, folded_bytes),
+        Case("folded step res", "bwd", folded_res_bwd, folded_res_bytes),
         Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
         Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                       gres, *ca), step_bwd, "fused"),
@@ -405,6 +420,8 @@ def parse_args() -> argparse.Namespace:
                     help="TxC shapes at which to time torch.compile(reference) (default: all)")
     ap.add_argument("--sweep", action="store_true", help="tile sweep at T=8192, C=4096 before the table")
     ap.add_argument("--sweep-shape", default="8192x4096", help="TxC of the sweep")
+    ap.add_argument("--cases", nargs="*", default=None,
+                    help="time only the table rows whose kernel name is one of these (default: all)")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--budget-s", type=float, default=330, help="stop optional stages past this wall time")
     ap.add_argument("--sweep-budget-s", type=float, default=70, help="seconds the sweep may take")
@@ -466,7 +483,7 @@ def main() -> int:
         for c in args.channels:
             inp = make_inputs(t, args.n, c, torch.bfloat16, device)
             for case in cases(inp):
-                if (case.kernel, case.direction) in failed:
+                if (case.kernel, case.direction) in failed or (args.cases is not None and case.kernel not in args.cases):
                     continue
                 try:
                     us = bench_us(lambda: _call(case, tk))

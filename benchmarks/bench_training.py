@@ -211,6 +211,9 @@ def run_size(d, args, emit):
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
+    if "noproj" in args.variants:  # passes/fuse_proj.py off: post_res, then proj reads the new stream back
+        variants["backend=mhc fuse_proj=False"] = torch.compile(
+            mhc_model, backend="mhc", options={"n": args.n, "fuse_proj": False})
     if "fused" in args.variants:  # the opt-in cross-layer boundary ops, side by side with the default
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})

@@ -350,8 +350,9 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                          T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         ACC: tl.constexpr):
-    """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once."""
+                         ACC: tl.constexpr, STORE_DX: tl.constexpr):
+    """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dy (and dx) once.
+    STORE_DX=False (post_res_backward_coeffs) skips dx: the stream gradient's own pass adds it."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
     rmask = rows < T
@@ -375,9 +376,10 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         for j in tl.static_range(N):
             hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0)
             xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-            dxj = tl.sum(hcol.to(ACC)[:, :, None] * g, axis=1)
-            tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
-                     mask=m2)
+            if STORE_DX:
+                dxj = tl.sum(hcol.to(ACC)[:, :, None] * g, axis=1)
+                tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
+                         mask=m2)
             # column j of dh_res; the select keeps the accumulator one register tile
             dh_res += tl.where(jsel == j, tl.sum(g * xj[:, None, :], axis=2)[:, :, None], 0.0)
     jj = tl.arange(0, NP)
@@ -420,9 +422,33 @@ def post_res_backward(
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
     _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
         x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), num_warps=warps,
+        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True, num_warps=warps,
     )
     return dx, dh_res, dh_post, dy
+
+
+def post_res_backward_coeffs(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """post_res_backward without dx (see reference.post_res_backward_coeffs): 2n + 1 rows read, one written."""
+    _check_stream("post_res_backward_coeffs", x, y, dout)
+    t, n, c = x.shape
+    x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
+    y, dout = y.contiguous(), dout.contiguous()
+    acc = _acc_torch(x.dtype, dout.dtype)
+    dy = torch.empty_like(y)
+    dh_res = torch.zeros((t, n, n), dtype=acc, device=x.device)
+    dh_post = torch.zeros((t, n), dtype=acc, device=x.device)
+    if t == 0 or c == 0:
+        return dh_res, dh_post, dy.zero_()
+    np_ = _pow2(n)
+    bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
+    # dx_ptr is a placeholder that STORE_DX=False never writes
+    _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
+        x, h_res, h_post, y, dout, x, dh_res, dh_post, dy, t, c,
+        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False, num_warps=warps,
+    )
+    return dh_res, dh_post, dy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,13 +590,17 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
 # dp @ phi^T as m rank-1 FMA updates was slower than the dot (benchmarks/kernel_lab.py, lab-2026-11-24-h100.md).
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
-def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, T, C, M, T_SPLIT,
-                    N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr, HAS_PRE: tl.constexpr,
-                    ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, hres_ptr, gn_ptr, dx_ptr, T, C, M,
+                    T_SPLIT, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
+                    HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, HAS_RES: tl.constexpr,
+                    ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab, all terms meeting in ACC and rounded once
     at the store; the phi slab [MP, BK] is loaded once for the program's token range.
     ONE_STREAM (C % BK == 0, every real width): the block lies in one stream i0, so h_pre is one value a
-    token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane."""
+    token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane.
+    HAS_RES adds post_res's dx, sum_j h_res[t, j, i] dnext[t, j, c]: the n rows of dnext at the slab's
+    channels (the programs of the n streams of a channel run are adjacent in the grid, so L2 serves three
+    of the four reads of each)."""
     K = N * C
     split = tl.program_id(1)
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -609,6 +639,15 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
                 dx += h * g
         if HAS_ACC:
             dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
+        if HAS_RES:
+            for j in tl.static_range(N):
+                gn = tl.load(gn_ptr + (r64 * N + j)[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
+                if ONE_STREAM:
+                    hr = tl.load(hres_ptr + r64 * (N * N) + j * N + ii, mask=rmask, other=0.0).to(ACC)
+                    dx += hr[:, None] * gn
+                else:
+                    hr = tl.load(hres_ptr + r64[:, None] * (N * N) + j * N + ii[None, :], mask=m2, other=0.0)
+                    dx += hr.to(ACC) * gn
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
@@ -657,7 +696,8 @@ def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: i
 
 
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
-                acc: Tensor | None) -> tuple[Tensor, Tensor]:
+                acc: Tensor | None, h_res: Tensor | None = None, dnext: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
     t, n, c = x.shape
     k, m = phi.shape
     acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
@@ -678,10 +718,11 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     dx = torch.empty_like(x)
     prec = _dot_precision(x.dtype)
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, HAS_PRE=h_pre is not None, ONE_STREAM=c % bk == 0,
-                HAS_ACC=acc is not None, ACC=_acc_tl(acc_t), PREC=prec)
+                HAS_ACC=acc is not None, HAS_RES=h_res is not None, ACC=_acc_tl(acc_t), PREC=prec)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
     args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
-            acc if acc is not None else x, dx, t, c, m, t_split)
+            acc if acc is not None else x, h_res if h_res is not None else dp, dnext if dnext is not None else x,
+            dx, t, c, m, t_split)
     _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
     bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
     bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
@@ -703,12 +744,15 @@ def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tens
 
 
 def proj_pre_backward(
-    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None,
+    h_res: Tensor | None = None, dnext: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(proj_backward dx + pre_backward dx (+ acc), rounded once to x.dtype ; proj_backward's dphi).
+    """(proj_backward dx + pre_backward dx (+ acc) (+ h_res^T dnext), rounded once to x.dtype ; proj_backward's
+    dphi).
 
     One pass writes the whole stream gradient instead of three stream-sized partials and their sum
-    (passes/fold_stream_grads.py).
+    (passes/fold_stream_grads.py); with h_res / dnext, post_res_backward's dx is one of the terms instead of
+    a stored partial (post_res_backward_coeffs).
     """
     _check_stream("proj_pre_backward", x, phi, dout)
     t, n, c = x.shape
@@ -721,8 +765,16 @@ def proj_pre_backward(
             raise ValueError(f"mhc triton proj_pre_backward: acc has shape {tuple(acc.shape)}, "
                              f"expected x's {tuple(x.shape)}")
         acc = acc.contiguous()
+    if (h_res is None) != (dnext is None):
+        raise ValueError("mhc triton proj_pre_backward: h_res and dnext come together")
+    if dnext is not None:
+        _check_stream("proj_pre_backward", dnext)
+        if dnext.shape != x.shape or h_res.shape != (t, n, n):
+            raise ValueError(f"mhc triton proj_pre_backward: dnext {tuple(dnext.shape)} / h_res {tuple(h_res.shape)} "
+                             f"do not match x {tuple(x.shape)}")
+        h_res, dnext = h_res.contiguous(), dnext.contiguous()
     return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(),
-                       dout.contiguous(), acc)
+                       dout.contiguous(), acc, h_res, dnext)
 
 
 # ---------------------------------------------------------------------------------------------

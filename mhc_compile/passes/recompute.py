@@ -38,8 +38,9 @@ def block_size(config: MHCConfig, num_sites: int) -> int | None:
     return min(int(config.recompute), num_sites)
 
 
-# Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node.
-_STREAM_ROLES = ("expand", "post_res", "collapse", "pre", "branch_sum", "step", "enter")
+# Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node;
+# post_res_proj (passes/fuse_proj.py) too, its p / sq outputs (role "proj") being saved.
+_STREAM_ROLES = ("expand", "post_res", "post_res_proj", "collapse", "pre", "branch_sum", "step", "enter")
 _SAVED_ROLES = ("proj", "coeffs")
 
 

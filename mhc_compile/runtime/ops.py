@@ -22,7 +22,7 @@ from mhc_compile.kernels import reference as ref
 IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
-            "proj_pre_backward")
+            "proj_pre_backward", "post_res_backward_coeffs", "post_res_proj")
 
 
 def all_ops() -> list:
@@ -264,18 +264,37 @@ def _(x, h_pre, dout, impl):
 
 @torch.library.custom_op("mhc_compile::proj_pre_backward", mutates_args=())
 def proj_pre_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor,
-                      acc: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
+                      acc: Tensor | None, impl: str, h_res: Tensor | None = None,
+                      dnext: Tensor | None = None) -> tuple[Tensor, Tensor]:
     dx, dphi = _kernels(impl).proj_pre_backward(
         _tokens(x, 2).contiguous(), phi, _tokens(dp, 1).contiguous(), dsq.reshape(-1).contiguous(),
         _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous(),
         None if acc is None else _tokens(acc, 2).contiguous(),
+        None if h_res is None else _tokens(h_res, 2).contiguous(),
+        None if dnext is None else _tokens(dnext, 2).contiguous(),
     )
     return dx.reshape(x.shape), dphi
 
 
 @proj_pre_backward.register_fake
-def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
+def _(x, phi, dp, dsq, h_pre, dout, acc, impl, h_res=None, dnext=None):
     return _dense_like(x), _dense_like(phi)
+
+
+@torch.library.custom_op("mhc_compile::post_res_backward_coeffs", mutates_args=())
+def post_res_backward_coeffs(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor,
+                             impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """post_res_backward without its dx, which proj_pre_backward(..., h_res, dnext=dout) adds instead."""
+    dh_res, dh_post, dy = _kernels(impl).post_res_backward_coeffs(
+        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
+        _tokens(y, 1).contiguous(), _tokens(dout, 2).contiguous(),
+    )
+    return dh_res.reshape(h_res.shape), dh_post.reshape(h_post.shape), dy.reshape(y.shape)
+
+
+@post_res_backward_coeffs.register_fake
+def _(x, h_res, h_post, y, dout, impl):
+    return _dense_like(h_res), _dense_like(h_post), _dense_like(y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +343,52 @@ def _post_res_bwd(ctx, dout):
 
 
 post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# post_res_proj: post_res of site l-1 and proj of site l in one pass (passes/fuse_proj.py), so the new
+# stream is written once and not read back for its projection. The backward is the two ops' backwards as
+# separate ops, so that passes/fold_stream_grads.py sees the same pattern as for the unfused pair.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mhc_compile::post_res_proj", mutates_args=())
+def post_res_proj(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor,
+                  impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    lead = x.shape[:-2]
+    out, p, sq = _kernels(impl).post_res_proj(
+        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
+        _tokens(y, 1).contiguous(), phi,
+    )
+    return out.reshape(x.shape), p.reshape(lead + p.shape[-1:]), sq.reshape(lead)
+
+
+@post_res_proj.register_fake
+def _(x, h_res, h_post, y, phi, impl):
+    lead = x.shape[:-2]
+    acc = ref.acc_dtype(x.dtype)
+    return _dense_like(x), x.new_empty(lead + (phi.shape[1],), dtype=acc), x.new_empty(lead, dtype=acc)
+
+
+def _post_res_proj_setup(ctx, inputs, output):
+    x, h_res, h_post, y, phi, impl = inputs
+    ctx.save_for_backward(x, h_res, h_post, y, phi, output[0])
+    ctx.impl = impl
+
+
+def _post_res_proj_bwd(ctx, dout, dp, dsq):
+    x, h_res, h_post, y, phi, out = ctx.saved_tensors
+    dphi = None
+    if dp is not None or dsq is not None:  # the projection's gradient joins the stream's before post_res's
+        lead = out.shape[:-2]
+        acc = ref.acc_dtype(out.dtype)
+        dp = out.new_zeros(lead + (phi.shape[1],), dtype=acc) if dp is None else dp
+        dsq = out.new_zeros(lead, dtype=acc) if dsq is None else dsq
+        dx_proj, dphi = proj_backward(out, phi, dp, dsq, ctx.impl)
+        dout = dx_proj if dout is None else dout + dx_proj
+    dx, dh_res, dh_post, dy = post_res_backward(x, h_res, h_post, y, _zeros_if_none(dout, out), ctx.impl)
+    return dx, dh_res, dh_post, dy, dphi, None
+
+
+post_res_proj.register_autograd(_post_res_proj_bwd, setup_context=_post_res_proj_setup)
 
 
 # ---------------------------------------------------------------------------------------------

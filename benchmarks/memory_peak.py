@@ -1,0 +1,104 @@
+"""What is alive at a training step's memory peak: the residual stack vs backend="mhc" (bench_training's stack).
+
+Records the CUDA caching allocator's history over one step (after warm-up), replays its alloc / free events to
+find the moment of the peak, and prints the tensors alive then, in units of one C-wide bf16 activation of the
+batch (T x C x 2 bytes; an n-stream tensor is n units), grouped by the first frame of their allocation inside
+this project or Inductor's generated code. That says which stream-sized tensors make the activation-memory
+overhead that bench_training.py reports, and where they come from.
+
+    PYTHONPATH=. python benchmarks/memory_peak.py [d] [options as k=v, e.g. recompute=4]
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mhc_compile  # noqa: E402
+from benchmarks.bench_training import Stack, _step  # noqa: E402
+
+
+def _frame(frames: list[dict]) -> str:
+    """The allocation's first frame in this project or in generated code, as file:line (+ the source line)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "mhc_compile" in name or "torchinductor" in name or "benchmarks" in name:
+            src = ""
+            try:
+                with open(name) as fh:
+                    src = fh.readlines()[f["line"] - 1].strip()[:90]
+            except (OSError, IndexError):
+                pass
+            return f"{os.path.basename(name)}:{f['line']} {src}"
+    return "(torch internals)"
+
+
+def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str]]]:
+    """(peak bytes above the step's start, [(size, frame)] of the blocks allocated during the step and alive at
+    the peak) from the allocator trace."""
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+    live: dict[int, tuple[int, str]] = {}
+    cur = peak = 0
+    at_peak: list[tuple[int, str]] = []
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _frame(e.get("frames", [])))
+            cur += e["size"]
+            if cur > peak:
+                peak, at_peak = cur, list(live.values())
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            cur -= live.pop(e["addr"])[0]  # whichever of the two comes first
+    return peak, at_peak
+
+
+def report(name: str, fn, x, unit: int) -> list[str]:
+    for _ in range(3):
+        _step(fn, x)
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    _step(fn, x)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak, blocks = live_at_peak(snap)
+    by_frame: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for size, frame in blocks:
+        by_frame[frame] += size
+        count[frame] += 1
+    lines = [f"== {name}: {peak / 2**30:.2f} GiB allocated during the step at its peak = {peak / unit:.1f} units "
+             f"(unit = T x C x 2 B = {unit / 2**20:.0f} MiB)"]
+    for frame, size in by_frame.most_common(25):
+        lines.append(f"  {size / unit:7.2f} units  x{count[frame]:3d}  {frame}")
+    return lines
+
+
+def main() -> None:
+    d = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
+    options = {}
+    for kv in sys.argv[2:]:
+        k, v = kv.split("=", 1)
+        options[k] = int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v)
+    torch.manual_seed(0)
+    x = torch.randn(4, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    unit = x.numel() * x.element_size()
+    residual = torch.compile(Stack(d, 4).to("cuda", torch.bfloat16))
+    m = Stack(d, 4).to("cuda", torch.bfloat16)
+    mhc_compile.prepare(m, x.detach(), n=4)
+    lines = report("residual (Inductor)", residual, x, unit)
+    lines += report(f"backend=mhc {options or ''}", torch.compile(m, backend="mhc", options={"n": 4, **options}), x,
+                    unit)
+    text = "\n".join(lines)
+    print(text)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"memory_peak_{d}.txt"), "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
