@@ -22,19 +22,30 @@ import mhc_compile  # noqa: E402
 from benchmarks.bench_training import Stack, _step  # noqa: E402
 
 
+_GRAPHS: dict[str, str] = {}  # generated-code file -> "graph k" in order of first allocation (forward first)
+
+
+def _source(name: str, line: int) -> str:
+    try:
+        with open(name) as fh:
+            return fh.readlines()[line - 1].strip()[:80]
+    except (OSError, IndexError):
+        return ""
+
+
 def _frame(frames: list[dict]) -> str:
-    """The allocation's first frame in this project or in generated code, as file:line (+ the source line)."""
+    """Where a block was allocated: the generated graph it belongs to (graph 0 = the step's first, the forward)
+    with its line, and the first frame of this project inside that call, with their source lines."""
+    ours, graph = "", "(outside compiled graphs)"
     for f in frames:
         name = f.get("filename", "")
-        if "mhc_compile" in name or "torchinductor" in name or "benchmarks" in name:
-            src = ""
-            try:
-                with open(name) as fh:
-                    src = fh.readlines()[f["line"] - 1].strip()[:90]
-            except (OSError, IndexError):
-                pass
-            return f"{os.path.basename(name)}:{f['line']} {src}"
-    return "(torch internals)"
+        if not ours and "mhc_compile" in name:
+            ours = f"{os.path.basename(name)}:{f['line']} {_source(name, f['line'])}"
+        if "torchinductor" in name and name.endswith(".py"):
+            label = _GRAPHS.setdefault(name, f"graph {len(_GRAPHS)}")
+            graph = f"{label}:{f['line']} {_source(name, f['line'])}" if not ours else f"{label}"
+            break
+    return f"{graph} | {ours}" if ours else graph
 
 
 def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str]]]:
@@ -64,6 +75,7 @@ def report(name: str, fn, x, unit: int) -> list[str]:
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
+    _GRAPHS.clear()
     peak, blocks = live_at_peak(snap)
     by_frame: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
@@ -83,6 +95,8 @@ def main() -> None:
     for kv in sys.argv[2:]:
         k, v = kv.split("=", 1)
         options[k] = int(v) if v.isdigit() else {"True": True, "False": False}.get(v, v)
+    if options.pop("reorder_for_peak_memory", True) is False:  # Inductor's scheduler pass, for comparison
+        options["inductor_options"] = {"reorder_for_peak_memory": False}
     torch.manual_seed(0)
     x = torch.randn(4, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     unit = x.numel() * x.element_size()

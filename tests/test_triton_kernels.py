@@ -226,11 +226,12 @@ def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_proj_pre_backward_one_stream_blocks(dtype):
     """C a multiple of the K block (C = 64, BK = 16 and 64): each block lies in one stream, so h_pre is a
-    per-token scalar and dout a contiguous run (ONE_STREAM), the path every real width takes."""
+    per-token scalar and dout a contiguous run (ONE_STREAM), the path every real width takes; with the next
+    post_res's term, one program computes the n streams of a channel block (_proj_dx_streams_kernel)."""
     x, phi, dp, dsq, h_pre, dx_in, acc, *res = _site_grads(37, 4, 64, dtype, seed=14, with_acc=True, with_res=True)
     want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
-    for bk in (16, 64):
-        with tk.tuning("proj_dx", bk=bk, bt=16):
+    for bk in (16, 64):  # with res: _proj_dx_streams_kernel, 4 channel blocks / 1 block, 3 token splits
+        with tk.tuning("proj_dx", bk=bk, bt=16), tk.tuning("proj_dx_res", bk=bk, bt=16, waves=64):
             dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
         _close(dx, want[0], TOL[dtype])
         if dtype == torch.bfloat16:

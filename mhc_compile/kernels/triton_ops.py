@@ -113,6 +113,8 @@ _DEFAULTS = {
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
+    # dx with the next post_res's term, all n streams of a channel block per program (untuned: proj_dx's tile)
+    "proj_dx_res": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
@@ -598,9 +600,8 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, hres
     at the store; the phi slab [MP, BK] is loaded once for the program's token range.
     ONE_STREAM (C % BK == 0, every real width): the block lies in one stream i0, so h_pre is one value a
     token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane.
-    HAS_RES adds post_res's dx, sum_j h_res[t, j, i] dnext[t, j, c]: the n rows of dnext at the slab's
-    channels (the programs of the n streams of a channel run are adjacent in the grid, so L2 serves three
-    of the four reads of each)."""
+    HAS_RES adds post_res's dx, sum_j h_res[t, j, i] dnext[t, j, c], gathering the n rows of dnext per lane:
+    the fallback for blocks that straddle streams; ``_proj_dx_streams_kernel`` is the one-stream path."""
     K = N * C
     split = tl.program_id(1)
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -649,6 +650,52 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, hres
                     hr = tl.load(hres_ptr + r64[:, None] * (N * N) + j * N + ii[None, :], mask=m2, other=0.0)
                     dx += hr.to(ACC) * gn
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _proj_dx_streams_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, hres_ptr, gn_ptr, dx_ptr, T, C,
+                            M, T_SPLIT, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                            MP: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Program (channel block, token split): dx of all n streams at BK channels, with post_res's term.
+
+    dx[t, i, c] = (dp @ phi^T)[t, i*C + c] + 2 dsq x + h_pre[t, i] dout[t, c] + sum_j h_res[t, j, i] dnext[t, j, c]
+    (+ acc). The [BT, NP, BK] tile of dnext and the [BT, BK] tile of dout are loaded once for the n output
+    streams (a program per stream would load dnext n times); each stream's phi slab [MP, BK] comes from L2.
+    Needs C % BK == 0 only for speed: masks cover a ragged last block."""
+    split = tl.program_id(1)
+    cc = tl.program_id(0) * BK + tl.arange(0, BK)
+    cmask = cc < C
+    ms = tl.arange(0, MP)
+    mmask = ms < M
+    jj = tl.arange(0, NP)
+    jmask = jj < N
+    t_lo = split * T_SPLIT
+    t_hi = tl.minimum(t_lo + T_SPLIT, T)
+    for t0 in range(t_lo, t_hi, BT):
+        rows = t0 + tl.arange(0, BT)
+        rmask = rows < t_hi
+        r64 = rows.to(tl.int64)
+        m2 = rmask[:, None] & cmask[None, :]
+        dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
+                     other=0.0).to(ACC)
+        dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
+        mj = rmask[:, None] & jmask[None, :]
+        gn = tl.load(gn_ptr + ((r64[:, None] * N + jj[None, :]) * C)[:, :, None] + cc[None, None, :],
+                     mask=mj[:, :, None] & cmask[None, None, :], other=0.0).to(ACC)  # [BT, NP, BK]
+        for i in tl.static_range(N):
+            k64 = (i * C + cc).to(tl.int64)
+            phi_t = tl.load(phi_ptr + k64[None, :] * M + ms[:, None], mask=mmask[:, None] & cmask[None, :],
+                            other=0.0).to(ACC)  # [MP, BK]
+            off = (r64[:, None] * N + i) * C + cc[None, :]
+            xt = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
+            h = tl.load(h_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC)
+            hr = tl.load(hres_ptr + r64[:, None] * (N * N) + jj[None, :] * N + i, mask=mj, other=0.0).to(ACC)
+            dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt
+            dx += h[:, None] * g + tl.sum(hr[:, :, None] * gn, axis=1)
+            if HAS_ACC:
+                dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -723,7 +770,18 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
             acc if acc is not None else x, h_res if h_res is not None else dp, dnext if dnext is not None else x,
             dx, t, c, m, t_split)
-    _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
+    if h_res is not None and meta["ONE_STREAM"]:  # every real width: one program for the n streams of a block
+        cfg_r = _cfg("proj_dx_res")
+        bk_r = max(16, min(cfg_r.bk, 4096 // mp))
+        bt_r = max(16, min(cfg_r.bt, _pow2(t)))
+        cblocks = triton.cdiv(c, bk_r)
+        splits_r, t_split_r = _token_splits(cfg_r, x.device, cblocks, t, bt_r)
+        meta_r = dict(N=n, NP=_pow2(n), BT=bt_r, BK=bk_r, MP=mp, HAS_ACC=acc is not None, ACC=_acc_tl(acc_t),
+                      PREC=prec)
+        _launch_pipelined(_proj_dx_streams_kernel, (cblocks, splits_r), args[:-1] + (t_split_r,), meta_r,
+                          cfg_r.num_warps, cfg_r.num_stages)
+    else:
+        _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
     bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
     bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
     kblocks2 = triton.cdiv(k, bk2)
