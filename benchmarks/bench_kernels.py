@@ -127,11 +127,6 @@ def cases(inp: dict) -> list[Case]:
         Case("pre_backward_dh", "bwd", lambda k: k.pre_backward_dh(x, hp, gy), _nb(x, gy, hp)),
         Case("proj_pre_backward", "bwd", lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx),
              _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
-        # the same with the next post_res's dX as a term (h_res^T dX', dX' = gx) instead of a stored partial
-        Case("proj_pre_backward_res", "bwd", lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, None, hr, gx),
-             _nb(x, phi, dp, dsq, hp, gy, hr, gx, x, phi)),
-        Case("post_res_backward_coeffs", "bwd", lambda k: k.post_res_backward_coeffs(x, hr, hq, y, gx),
-             _nb(x, hr, hq, y, gx, hr, hq, y)),
     ] + fused_cases(inp)
 
 
@@ -175,21 +170,11 @@ def fused_cases(inp: dict) -> list[Case]:
         dxs, _ = k.proj_pre_backward(xs, phi, dp, dsq, hpre_s, g_in, dx)
         return k.post_res_backward(x, hr, hq, y, dxs)
 
-    def folded_res_bwd(k):
-        """The same with post_res's dX a term of X's pass (h_res^T dX') instead of a stored partial."""
-        dh_pre = k.pre_backward_dh(xs, hpre_s, g_in)
-        dp, dsq, _, _ = k.coeffs_backward(ps, sqs, b, a, dh_pre, gpost, gres, *ca)
-        dxs, _ = k.proj_pre_backward(xs, phi, dp, dsq, hpre_s, g_in, None, hr, dx)
-        return k.post_res_backward_coeffs(x, hr, hq, y, dxs)
-
     # bytes: dh pass (X, dx_in) + folded pass (X, dx_in, acc, dX) + post_res backward (X, dX, y -> dX, dy)
     folded_bytes = (n + 1) * elem + (3 * n + 1) * elem + (3 * n + 2) * elem
-    # with the res term: post_res backward no longer writes dX (2n + 2 instead of 3n + 2)
-    folded_res_bytes = (n + 1) * elem + (3 * n + 1) * elem + (2 * n + 2) * elem
 
     out = [
         Case("folded step", "bwd", folded_bwd, folded_bytes),
-        Case("folded step res", "bwd", folded_res_bwd, folded_res_bytes),
         Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
         Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                       gres, *ca), step_bwd, "fused"),

@@ -97,17 +97,6 @@ def test_post_res(shape, dtype):
     got = tk.post_res_backward(x, h_res, h_post, y, dout)
     for a, e in zip(got, ref.post_res_backward(x, h_res, h_post, y, dout)):
         _close(a, e, _tol(a.dtype))
-    # without dx (its dx is then a term of proj_pre_backward): the other three outputs, same kernel loop
-    for a, e in zip(tk.post_res_backward_coeffs(x, h_res, h_post, y, dout), got[1:]):
-        _close(a, e, (0, 0))
-
-
-def test_reference_post_res_backward_coeffs_is_post_res_backward_without_dx():
-    x, y, _, h_post, h_res, _ = _stream(7, 3, 33, torch.float64, seed=21)
-    dout = torch.randn_like(x)
-    for a, e in zip(ref.post_res_backward_coeffs(x, h_res, h_post, y, dout),
-                    ref.post_res_backward(x, h_res, h_post, y, dout)[1:]):
-        _close(a, e, (0, 0))
 
 
 @pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
@@ -165,22 +154,15 @@ def test_hi_lo_split_keeps_sixteen_bits():
         assert ((back - v).abs() <= v.abs() * 2.0 ** -14).all()
 
 
-def _site_grads(t, n, c, dtype, seed, with_acc, with_res=False):
-    """Inputs of the fused site backward: (x, phi, dp, dsq, h_pre, dx_in, acc or None), and with ``with_res``
-    also (h_res, dnext): the next post_res's H_res and the gradient of the stream it wrote."""
-    x, y, h_pre, _, h_res, phi = _stream(t, n, c, dtype, seed)
+def _site_grads(t, n, c, dtype, seed, with_acc):
+    """Inputs of the fused site backward: (x, phi, dp, dsq, h_pre, dx_in, acc or None)."""
+    x, y, h_pre, *_, phi = _stream(t, n, c, dtype, seed)
     g = torch.Generator().manual_seed(seed + 100)
     dp = torch.randn(t, phi.shape[1], generator=g).to(phi.dtype)
     dsq = torch.randn(t, generator=g).to(phi.dtype)
     dx_in = torch.randn(t, c, generator=g).to(dtype)
     acc = torch.randn(t, n, c, generator=g).to(dtype) if with_acc else None
-    if not with_res:
-        return x, phi, dp, dsq, h_pre, dx_in, acc
-    return x, phi, dp, dsq, h_pre, dx_in, acc, h_res, torch.randn(t, n, c, generator=g).to(dtype)
-
-
-TERMS = [(False, False), (True, False), (False, True), (True, True)]
-TERM_IDS = ["no_acc", "acc", "res", "acc+res"]
+    return x, phi, dp, dsq, h_pre, dx_in, acc
 
 
 # the stream-sized cases plus n = 5 (streams padded to 8) and n = 16 (one channel per tile)
@@ -188,14 +170,13 @@ SITE_CASES = CASES + [((5, 5, 7), torch.float32), ((3, 16, 3), torch.float32)]
 SITE_IDS = IDS + ["T5n5C7-float32", "T3n16C3-float32"]
 
 
-@pytest.mark.parametrize("with_acc,with_res", TERMS, ids=TERM_IDS)
+@pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
 @pytest.mark.parametrize("shape,dtype", SITE_CASES, ids=SITE_IDS)
-def test_proj_pre_backward(shape, dtype, with_acc, with_res):
-    x, phi, dp, dsq, h_pre, dx_in, acc, *res = _site_grads(*shape, dtype, seed=11, with_acc=with_acc,
-                                                           with_res=with_res)
+def test_proj_pre_backward(shape, dtype, with_acc):
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, dtype, seed=11, with_acc=with_acc)
     _close(tk.pre_backward_dh(x, h_pre, dx_in), ref.pre_backward_dh(x, h_pre, dx_in), _tol(ref.acc_dtype(dtype)))
-    dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
-    dx_ref, dphi_ref = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
+    dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    dx_ref, dphi_ref = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     _close(dx, dx_ref, TOL[dtype])
     if dtype == torch.bfloat16:
         _close_hi_lo(dphi, dphi_ref, x.reshape(shape[0], -1).T, dp)
@@ -206,8 +187,7 @@ def test_proj_pre_backward(shape, dtype, with_acc, with_res):
 def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
     """Token split with a ragged tail, K blocks that straddle streams (n = 5, C = 7, BK = 16) and a ragged
     last K block: dphi partials summed on the host, dX stores owned by one program each."""
-    x, phi, dp, dsq, h_pre, dx_in, acc, *res = _site_grads(65, 5, 7, torch.float32, seed=12, with_acc=True,
-                                                           with_res=True)
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(65, 5, 7, torch.float32, seed=12, with_acc=True)
     grids = []
     launch = tk._launch_pipelined
 
@@ -217,22 +197,21 @@ def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
 
     monkeypatch.setattr(tk, "_launch_pipelined", spy)
     with tk.tuning("proj_dx", bt=16, bk=16, waves=64), tk.tuning("proj_dphi", bt=16, bk=16, waves=64):
-        got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
+        got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     assert grids == [(3, 2), (3, 2)], grids  # dx, then dphi: K = 35 in 3 blocks of 16 x 2 token splits
-    for a, e in zip(got, ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)):
+    for a, e in zip(got, ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)):
         _close(a, e, TOL32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_proj_pre_backward_one_stream_blocks(dtype):
     """C a multiple of the K block (C = 64, BK = 16 and 64): each block lies in one stream, so h_pre is a
-    per-token scalar and dout a contiguous run (ONE_STREAM), the path every real width takes; with the next
-    post_res's term, one program computes the n streams of a channel block (_proj_dx_streams_kernel)."""
-    x, phi, dp, dsq, h_pre, dx_in, acc, *res = _site_grads(37, 4, 64, dtype, seed=14, with_acc=True, with_res=True)
-    want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
-    for bk in (16, 64):  # with res: _proj_dx_streams_kernel, 4 channel blocks / 1 block, 3 token splits
-        with tk.tuning("proj_dx", bk=bk, bt=16), tk.tuning("proj_dx_res", bk=bk, bt=16, waves=64):
-            dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
+    per-token scalar and dout a contiguous run (ONE_STREAM), the path every real width takes."""
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(37, 4, 64, dtype, seed=14, with_acc=True)
+    want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    for bk in (16, 64):
+        with tk.tuning("proj_dx", bk=bk, bt=16):
+            dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
         _close(dx, want[0], TOL[dtype])
         if dtype == torch.bfloat16:
             _close_hi_lo(dphi, want[1], x.reshape(37, -1).T, dp)
@@ -240,19 +219,15 @@ def test_proj_pre_backward_one_stream_blocks(dtype):
             _close(dphi, want[1], TOL32)
 
 
-@pytest.mark.parametrize("with_acc,with_res", TERMS, ids=TERM_IDS)
-def test_reference_proj_pre_backward_is_the_sum_of_the_oracles(with_acc, with_res):
+@pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
+def test_reference_proj_pre_backward_is_the_sum_of_the_oracles(with_acc):
     """fp64, so the fused reference's single rounding is invisible: it must be pre_backward's dX +
-    proj_backward's dX (+ acc) (+ post_res_backward's dX), proj_backward's dphi, and pre_backward_dh
-    pre_backward's dh."""
-    x, phi, dp, dsq, h_pre, dx_in, acc, *res = _site_grads(7, 3, 33, torch.float64, seed=13, with_acc=with_acc,
-                                                           with_res=with_res)
+    proj_backward's dX (+ acc), proj_backward's dphi, and pre_backward_dh pre_backward's dh."""
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(7, 3, 33, torch.float64, seed=13, with_acc=with_acc)
     dx_pre, dh = ref.pre_backward(x, h_pre, dx_in)
     dx_proj, dphi = ref.proj_backward(x, phi, dp, dsq)
     want = dx_pre + dx_proj + (acc if with_acc else 0)
-    if with_res:  # post_res_backward's dx of the post_res reading x; y and h_post do not enter it
-        want = want + ref.post_res_backward(x, res[0], torch.zeros_like(h_pre), dx_in, res[1])[0]
-    got_dx, got_dphi = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc, *res)
+    got_dx, got_dphi = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     _close(got_dx, want, (1e-13, 1e-13))
     _close(got_dphi, dphi, (0, 0))
     _close(ref.pre_backward_dh(x, h_pre, dx_in), dh, (0, 0))

@@ -197,14 +197,11 @@ def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
 
 
 def proj_pre_backward(
-    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None,
-    h_res: Tensor | None = None, dnext: Tensor | None = None,
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """dx = dp @ phi^T + 2 dsq x + h_pre[i] dout (+ acc) (+ h_res^T dnext), rounded once ;  dphi = vec(x)^T dp.
+    """dx = dp @ phi^T + 2 dsq x + h_pre[i] dout (+ acc), rounded once ;  dphi = vec(x)^T dp.
 
-    Equals proj_backward's dx + pre_backward's dx + acc without the two intermediate roundings. With
-    ``h_res`` / ``dnext`` (the H_res of the post_res that reads x and the gradient of the stream it wrote) it
-    also adds post_res_backward's dx, so that one need not be written (``post_res_backward_coeffs``).
+    Equals proj_backward's dx + pre_backward's dx + acc without the two intermediate roundings.
     """
     t, n, c = x.shape
     xf = _acc(x.reshape(t, n * c))
@@ -212,10 +209,6 @@ def proj_pre_backward(
     dx = dx + _acc(h_pre)[:, :, None] * _acc(dout)[:, None, :]
     if acc is not None:
         dx = dx + _acc(acc)
-    if (h_res is None) != (dnext is None):
-        raise ValueError("mhc proj_pre_backward: h_res and dnext come together")
-    if h_res is not None:
-        dx = dx + torch.einsum("tij,tic->tjc", _acc(h_res), _acc(dnext))
     dphi = xf.t() @ _acc(dp)
     return dx.to(x.dtype), dphi.to(phi.dtype)
 
@@ -239,18 +232,6 @@ def post_res_backward(
     dh_res = torch.einsum("tic,tjc->tij", g, _acc(x))
     dh_post = torch.einsum("tic,tc->ti", g, _acc(y))
     return dx.to(x.dtype), dh_res, dh_post, dy.to(y.dtype)
-
-
-def post_res_backward_coeffs(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``post_res_backward`` without dX: (dh_res, dh_post, dy). Its dX = h_res^T dout is added where the
-    stream's other gradient terms are (``proj_pre_backward(..., h_res, dnext)``), so it is never stored."""
-    g = _acc(dout)
-    dy = torch.einsum("ti,tic->tc", _acc(h_post), g)
-    dh_res = torch.einsum("tic,tjc->tij", g, _acc(x))
-    dh_post = torch.einsum("tic,tc->ti", g, _acc(y))
-    return dh_res, dh_post, dy.to(y.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,8 +113,6 @@ _DEFAULTS = {
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
-    # dx with the next post_res's term, all n streams of a channel block per program (untuned: proj_dx's tile)
-    "proj_dx_res": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
     "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
@@ -352,9 +350,8 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                          T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         ACC: tl.constexpr, STORE_DX: tl.constexpr):
-    """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dy (and dx) once.
-    STORE_DX=False (post_res_backward_coeffs) skips dx: the stream gradient's own pass adds it."""
+                         ACC: tl.constexpr):
+    """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
     rmask = rows < T
@@ -378,10 +375,9 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         for j in tl.static_range(N):
             hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0)
             xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-            if STORE_DX:
-                dxj = tl.sum(hcol.to(ACC)[:, :, None] * g, axis=1)
-                tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
-                         mask=m2)
+            dxj = tl.sum(hcol.to(ACC)[:, :, None] * g, axis=1)
+            tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
+                     mask=m2)
             # column j of dh_res; the select keeps the accumulator one register tile
             dh_res += tl.where(jsel == j, tl.sum(g * xj[:, None, :], axis=2)[:, :, None], 0.0)
     jj = tl.arange(0, NP)
@@ -424,33 +420,9 @@ def post_res_backward(
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
     _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
         x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True, num_warps=warps,
+        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), num_warps=warps,
     )
     return dx, dh_res, dh_post, dy
-
-
-def post_res_backward_coeffs(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """post_res_backward without dx (see reference.post_res_backward_coeffs): 2n + 1 rows read, one written."""
-    _check_stream("post_res_backward_coeffs", x, y, dout)
-    t, n, c = x.shape
-    x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
-    y, dout = y.contiguous(), dout.contiguous()
-    acc = _acc_torch(x.dtype, dout.dtype)
-    dy = torch.empty_like(y)
-    dh_res = torch.zeros((t, n, n), dtype=acc, device=x.device)
-    dh_post = torch.zeros((t, n), dtype=acc, device=x.device)
-    if t == 0 or c == 0:
-        return dh_res, dh_post, dy.zero_()
-    np_ = _pow2(n)
-    bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
-    # dx_ptr is a placeholder that STORE_DX=False never writes
-    _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
-        x, h_res, h_post, y, dout, x, dh_res, dh_post, dy, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False, num_warps=warps,
-    )
-    return dh_res, dh_post, dy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,16 +564,13 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
 # dp @ phi^T as m rank-1 FMA updates was slower than the dot (benchmarks/kernel_lab.py, lab-2026-11-24-h100.md).
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
-def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, hres_ptr, gn_ptr, dx_ptr, T, C, M,
-                    T_SPLIT, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr,
-                    HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, HAS_RES: tl.constexpr,
-                    ACC: tl.constexpr, PREC: tl.constexpr):
+def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, T, C, M, T_SPLIT,
+                    N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr, HAS_PRE: tl.constexpr,
+                    ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab, all terms meeting in ACC and rounded once
     at the store; the phi slab [MP, BK] is loaded once for the program's token range.
     ONE_STREAM (C % BK == 0, every real width): the block lies in one stream i0, so h_pre is one value a
-    token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane.
-    HAS_RES adds post_res's dx, sum_j h_res[t, j, i] dnext[t, j, c], gathering the n rows of dnext per lane:
-    the fallback for blocks that straddle streams; ``_proj_dx_streams_kernel`` is the one-stream path."""
+    token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane."""
     K = N * C
     split = tl.program_id(1)
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -640,62 +609,7 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, hres
                 dx += h * g
         if HAS_ACC:
             dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
-        if HAS_RES:
-            for j in tl.static_range(N):
-                gn = tl.load(gn_ptr + (r64 * N + j)[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
-                if ONE_STREAM:
-                    hr = tl.load(hres_ptr + r64 * (N * N) + j * N + ii, mask=rmask, other=0.0).to(ACC)
-                    dx += hr[:, None] * gn
-                else:
-                    hr = tl.load(hres_ptr + r64[:, None] * (N * N) + j * N + ii[None, :], mask=m2, other=0.0)
-                    dx += hr.to(ACC) * gn
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _proj_dx_streams_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, hres_ptr, gn_ptr, dx_ptr, T, C,
-                            M, T_SPLIT, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                            MP: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Program (channel block, token split): dx of all n streams at BK channels, with post_res's term.
-
-    dx[t, i, c] = (dp @ phi^T)[t, i*C + c] + 2 dsq x + h_pre[t, i] dout[t, c] + sum_j h_res[t, j, i] dnext[t, j, c]
-    (+ acc). The [BT, NP, BK] tile of dnext and the [BT, BK] tile of dout are loaded once for the n output
-    streams (a program per stream would load dnext n times); each stream's phi slab [MP, BK] comes from L2.
-    Needs C % BK == 0 only for speed: masks cover a ragged last block."""
-    split = tl.program_id(1)
-    cc = tl.program_id(0) * BK + tl.arange(0, BK)
-    cmask = cc < C
-    ms = tl.arange(0, MP)
-    mmask = ms < M
-    jj = tl.arange(0, NP)
-    jmask = jj < N
-    t_lo = split * T_SPLIT
-    t_hi = tl.minimum(t_lo + T_SPLIT, T)
-    for t0 in range(t_lo, t_hi, BT):
-        rows = t0 + tl.arange(0, BT)
-        rmask = rows < t_hi
-        r64 = rows.to(tl.int64)
-        m2 = rmask[:, None] & cmask[None, :]
-        dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
-                     other=0.0).to(ACC)
-        dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
-        mj = rmask[:, None] & jmask[None, :]
-        gn = tl.load(gn_ptr + ((r64[:, None] * N + jj[None, :]) * C)[:, :, None] + cc[None, None, :],
-                     mask=mj[:, :, None] & cmask[None, None, :], other=0.0).to(ACC)  # [BT, NP, BK]
-        for i in tl.static_range(N):
-            k64 = (i * C + cc).to(tl.int64)
-            phi_t = tl.load(phi_ptr + k64[None, :] * M + ms[:, None], mask=mmask[:, None] & cmask[None, :],
-                            other=0.0).to(ACC)  # [MP, BK]
-            off = (r64[:, None] * N + i) * C + cc[None, :]
-            xt = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
-            h = tl.load(h_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC)
-            hr = tl.load(hres_ptr + r64[:, None] * (N * N) + jj[None, :] * N + i, mask=mj, other=0.0).to(ACC)
-            dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC) + 2.0 * dsq[:, None] * xt
-            dx += h[:, None] * g + tl.sum(hr[:, :, None] * gn, axis=1)
-            if HAS_ACC:
-                dx += tl.load(acc_ptr + off, mask=m2, other=0.0).to(ACC)
-            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -743,8 +657,7 @@ def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: i
 
 
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
-                acc: Tensor | None, h_res: Tensor | None = None, dnext: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
+                acc: Tensor | None) -> tuple[Tensor, Tensor]:
     t, n, c = x.shape
     k, m = phi.shape
     acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
@@ -765,23 +678,11 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     dx = torch.empty_like(x)
     prec = _dot_precision(x.dtype)
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, HAS_PRE=h_pre is not None, ONE_STREAM=c % bk == 0,
-                HAS_ACC=acc is not None, HAS_RES=h_res is not None, ACC=_acc_tl(acc_t), PREC=prec)
+                HAS_ACC=acc is not None, ACC=_acc_tl(acc_t), PREC=prec)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
     args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
-            acc if acc is not None else x, h_res if h_res is not None else dp, dnext if dnext is not None else x,
-            dx, t, c, m, t_split)
-    if h_res is not None and meta["ONE_STREAM"]:  # every real width: one program for the n streams of a block
-        cfg_r = _cfg("proj_dx_res")
-        bk_r = max(16, min(cfg_r.bk, 4096 // mp))
-        bt_r = max(16, min(cfg_r.bt, _pow2(t)))
-        cblocks = triton.cdiv(c, bk_r)
-        splits_r, t_split_r = _token_splits(cfg_r, x.device, cblocks, t, bt_r)
-        meta_r = dict(N=n, NP=_pow2(n), BT=bt_r, BK=bk_r, MP=mp, HAS_ACC=acc is not None, ACC=_acc_tl(acc_t),
-                      PREC=prec)
-        _launch_pipelined(_proj_dx_streams_kernel, (cblocks, splits_r), args[:-1] + (t_split_r,), meta_r,
-                          cfg_r.num_warps, cfg_r.num_stages)
-    else:
-        _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
+            acc if acc is not None else x, dx, t, c, m, t_split)
+    _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
     bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
     bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
     kblocks2 = triton.cdiv(k, bk2)
@@ -802,15 +703,12 @@ def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tens
 
 
 def proj_pre_backward(
-    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None,
-    h_res: Tensor | None = None, dnext: Tensor | None = None,
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(proj_backward dx + pre_backward dx (+ acc) (+ h_res^T dnext), rounded once to x.dtype ; proj_backward's
-    dphi).
+    """(proj_backward dx + pre_backward dx (+ acc), rounded once to x.dtype ; proj_backward's dphi).
 
     One pass writes the whole stream gradient instead of three stream-sized partials and their sum
-    (passes/fold_stream_grads.py); with h_res / dnext, post_res_backward's dx is one of the terms instead of
-    a stored partial (post_res_backward_coeffs).
+    (passes/fold_stream_grads.py).
     """
     _check_stream("proj_pre_backward", x, phi, dout)
     t, n, c = x.shape
@@ -823,16 +721,8 @@ def proj_pre_backward(
             raise ValueError(f"mhc triton proj_pre_backward: acc has shape {tuple(acc.shape)}, "
                              f"expected x's {tuple(x.shape)}")
         acc = acc.contiguous()
-    if (h_res is None) != (dnext is None):
-        raise ValueError("mhc triton proj_pre_backward: h_res and dnext come together")
-    if dnext is not None:
-        _check_stream("proj_pre_backward", dnext)
-        if dnext.shape != x.shape or h_res.shape != (t, n, n):
-            raise ValueError(f"mhc triton proj_pre_backward: dnext {tuple(dnext.shape)} / h_res {tuple(h_res.shape)} "
-                             f"do not match x {tuple(x.shape)}")
-        h_res, dnext = h_res.contiguous(), dnext.contiguous()
     return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(),
-                       dout.contiguous(), acc, h_res, dnext)
+                       dout.contiguous(), acc)
 
 
 # ---------------------------------------------------------------------------------------------

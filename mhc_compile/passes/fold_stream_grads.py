@@ -15,14 +15,7 @@ passes (~2 nC bytes a token each) on top of the kernels' own reads of X. This pa
     dX, dphi       = proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc=dX_res)
 
 so X's gradient is written once, the remaining partials enter as ``acc`` and the sum is rounded once in
-fp32. When one of those partials is dX_res of the post_res that reads X (the next site's stream X' =
-H_res X + H_post y), it is not stored at all:
-
-    dH_res, dH_post, dy = post_res_backward_coeffs(x, h_res, h_post, y, dX')   (no dX_res written)
-    dX, dphi            = proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc, h_res=h_res, dnext=dX')
-
-dX' (the next stream's gradient) is read instead of dX_res, the same bytes, and the 2 n C bytes a token of
-writing dX_res are gone, as is that stream-sized tensor from the backward's live set. The pattern is a plain function over the graph; anything else (an add with alpha, a partial read
+fp32. The pattern is a plain function over the graph; anything else (an add with alpha, a partial read
 twice, pre and proj of different streams) is left alone, which is always correct.
 
 It runs as Inductor's ``post_grad_custom_post_pass`` (``backend._inner_compile``): the backward graph
@@ -95,44 +88,10 @@ def _match(pre_bwd: fx.Node) -> dict | None:
             continue
         _, phi, dp, dsq, _ = proj_bwd.args
         others = [leaf for leaf in leaves if leaf is not dx_pre and leaf is not dx_proj]
-        res = next((r for r in map(lambda leaf: _match_res(leaf, x, impl), others) if r is not None), None)
-        if res is not None:
-            others.remove(res["dx_res"])
         return dict(x=x, h_pre=h_pre, dout=dout, impl=impl, phi=phi, dp=dp, dsq=dsq, pre_bwd=pre_bwd,
                     dx_pre=dx_pre, dh=dh, proj_bwd=proj_bwd, dx_proj=dx_proj, dphi=dphi, root=root, adds=adds,
-                    others=others, res=res)
+                    others=others)
     return None
-
-
-def _match_res(leaf: fx.Node, x: fx.Node, impl: str) -> dict | None:
-    """getitem(post_res_backward(x, ...), 0) read only by the sum: the post_res reading the same stream x."""
-    if leaf.op != "call_function" or leaf.target is not operator.getitem or leaf.args[1] != 0 or len(leaf.users) != 1:
-        return None
-    node = leaf.args[0]
-    if node.target is not OPS.post_res_backward.default or node.args[0] is not x or node.args[5] != impl:
-        return None
-    items = {}
-    for user in node.users:
-        if user.target is not operator.getitem or user.args[1] in items:
-            return None
-        items[user.args[1]] = user
-    return dict(node=node, items=items, dx_res=leaf)
-
-
-def _rewrite_res(graph: fx.Graph, res: dict) -> tuple[fx.Node, fx.Node]:
-    """post_res_backward -> post_res_backward_coeffs (its dx goes away); returns (h_res, dnext) for dX's pass."""
-    node = res["node"]
-    x, h_res, h_post, y, dnext, impl = node.args
-    with graph.inserting_before(node):
-        new = graph.call_function(OPS.post_res_backward_coeffs.default, (x, h_res, h_post, y, dnext, impl))
-        if "val" in node.meta:
-            new.meta["val"] = tuple(node.meta["val"][1:])
-        for index, old in res["items"].items():
-            if index > 0:
-                item = graph.call_function(operator.getitem, (new, index - 1))
-                item.meta.update(old.meta)
-                old.replace_all_uses_with(item)
-    return h_res, dnext
 
 
 def _rewrite(graph: fx.Graph, m: dict) -> None:
@@ -146,10 +105,8 @@ def _rewrite(graph: fx.Graph, m: dict) -> None:
             acc = leaf if acc is None else graph.call_function(ADD, (acc, leaf))
             if acc is not leaf:
                 acc.meta.update(m["root"].meta)
-        extra = () if m["res"] is None else _rewrite_res(graph, m["res"])
         fused = graph.call_function(OPS.proj_pre_backward.default,
-                                    (m["x"], m["phi"], m["dp"], m["dsq"], m["h_pre"], m["dout"], acc, m["impl"],
-                                     *extra))
+                                    (m["x"], m["phi"], m["dp"], m["dsq"], m["h_pre"], m["dout"], acc, m["impl"]))
         dx = graph.call_function(operator.getitem, (fused, 0))
         dphi = graph.call_function(operator.getitem, (fused, 1))
     dx.meta.update(m["root"].meta)
@@ -158,10 +115,7 @@ def _rewrite(graph: fx.Graph, m: dict) -> None:
         fused.meta["val"] = (m["root"].meta["val"], m["dphi"].meta["val"])
     m["root"].replace_all_uses_with(dx)
     m["dphi"].replace_all_uses_with(dphi)
-    dead = [*m["adds"], m["dx_pre"], m["dx_proj"], m["dphi"], m["proj_bwd"], m["dh"], m["pre_bwd"]]
-    if m["res"] is not None:
-        dead += [*m["res"]["items"].values(), m["res"]["node"]]
-    for node in dead:
+    for node in [*m["adds"], m["dx_pre"], m["dx_proj"], m["dphi"], m["proj_bwd"], m["dh"], m["pre_bwd"]]:
         if not node.users:
             graph.erase_node(node)
 

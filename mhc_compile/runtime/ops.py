@@ -22,7 +22,7 @@ from mhc_compile.kernels import reference as ref
 IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
-            "proj_pre_backward", "post_res_backward_coeffs", "post_res_proj")
+            "proj_pre_backward", "post_res_proj")
 
 
 def all_ops() -> list:
@@ -264,37 +264,18 @@ def _(x, h_pre, dout, impl):
 
 @torch.library.custom_op("mhc_compile::proj_pre_backward", mutates_args=())
 def proj_pre_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor,
-                      acc: Tensor | None, impl: str, h_res: Tensor | None = None,
-                      dnext: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      acc: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
     dx, dphi = _kernels(impl).proj_pre_backward(
         _tokens(x, 2).contiguous(), phi, _tokens(dp, 1).contiguous(), dsq.reshape(-1).contiguous(),
         _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous(),
         None if acc is None else _tokens(acc, 2).contiguous(),
-        None if h_res is None else _tokens(h_res, 2).contiguous(),
-        None if dnext is None else _tokens(dnext, 2).contiguous(),
     )
     return dx.reshape(x.shape), dphi
 
 
 @proj_pre_backward.register_fake
-def _(x, phi, dp, dsq, h_pre, dout, acc, impl, h_res=None, dnext=None):
+def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
     return _dense_like(x), _dense_like(phi)
-
-
-@torch.library.custom_op("mhc_compile::post_res_backward_coeffs", mutates_args=())
-def post_res_backward_coeffs(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor,
-                             impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """post_res_backward without its dx, which proj_pre_backward(..., h_res, dnext=dout) adds instead."""
-    dh_res, dh_post, dy = _kernels(impl).post_res_backward_coeffs(
-        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
-        _tokens(y, 1).contiguous(), _tokens(dout, 2).contiguous(),
-    )
-    return dh_res.reshape(h_res.shape), dh_post.reshape(h_post.shape), dy.reshape(y.shape)
-
-
-@post_res_backward_coeffs.register_fake
-def _(x, h_res, h_post, y, dout, impl):
-    return _dense_like(h_res), _dense_like(h_post), _dense_like(y)
 
 
 # ---------------------------------------------------------------------------------------------
