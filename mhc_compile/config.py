@@ -37,7 +37,9 @@ class MHCConfig:
     res_convention:  "paper" applies X'[i] = sum_j H_res[i, j] X[j]; "transpose" applies H_res^T
                      (DeepSeek-V4 code).
     kernels:         "auto" (Triton on CUDA, reference elsewhere), "reference", "triton".
-    recompute:       "auto" (block size L_r ~ sqrt(nL/(n+2))), an int block size, or "none".
+    recompute:       "auto" (block sizes minimising the modelled backward peak, large early in a chain and
+                     small late: ``cost.block_schedule``), an int (uniform blocks of that many sites), or
+                     "none".
     fuse:            fuse each sublayer boundary (post_res of site l-1 with proj / coeffs / pre of site l)
                      into one op with one backward (``passes/fuse.py``). Off by default: its Triton kernels
                      are correct but measured slower than the four separate ops on an H100 (2026-11-23,

@@ -91,6 +91,65 @@ def optimal_block_size(n_streams: int, sites: int) -> float:
     return float(_optimal_block().subs({n: n_streams, L: sites}))
 
 
+def block_peak(blocks: list[int], n_streams: int, act: float) -> float:
+    """Modelled peak of the backward, in C-wide activations per token, for recompute blocks of these sizes.
+
+    The backward walks the blocks last to first. While block b (1-based, sites [i, j)) is processed, alive are:
+    the activations of the sites before j (``act`` each: what the sublayers keep for their own backward, freed
+    as the backward passes them), the stored input streams of blocks 2..b (n each), and the streams recomputed
+    for block b: the j - i - 1 inside it, its input too when b = 1 (the chain head's expand is recomputed), and
+    the chain's last stream when b is the last block (its collapse is recomputed). The backward recomputes a
+    block's streams in forward order and frees them in reverse, so they are alive together at its start.
+
+    Measured on the 4-layer d = 4096 stack (benchmarks/results/session5-2026-11-24-h100.md, act ~ 8.7, n = 4):
+    uniform blocks of 2 and of 4 both peaked ~17.5 units over the residual stack (this model: 20 and 20) and
+    blocks of 8 ~33.5 units over (model: 36).
+    """
+    sites = sum(blocks)
+    peak, start = 0.0, 0
+    for b, size in enumerate(blocks, 1):
+        end = start + size
+        streams = (b - 1) + (size - 1) + (b == 1) + (end == sites)
+        peak = max(peak, act * end + n_streams * streams)
+        start = end
+    return peak
+
+
+def block_schedule(sites: int, n_streams: int, act: float) -> list[int]:
+    """Recompute block sizes, first block first, minimising ``block_peak``; among equal peaks, the most blocks
+    (each block stores its input instead of recomputing it). Dynamic programming over (blocks, end site).
+
+    Blocks come out large early in the chain and small late: the peak is usually at the start of the backward,
+    when every site's activations are still alive, so the last blocks must recompute little; the first blocks
+    are processed after most activations are freed and can recompute many streams.
+    """
+    if sites <= 0:
+        return []
+    inf = float("inf")
+    max_blocks = min(sites, 4 * int(sites ** 0.5) + 2)
+    # best[b][j]: (peak, split) for sites [0, j) in b blocks, block b ending at j
+    best = [[(inf, 0)] * (sites + 1) for _ in range(max_blocks + 1)]
+    best[0][0] = (0.0, 0)
+    for b in range(1, max_blocks + 1):
+        for j in range(b, sites + 1):
+            for i in range(b - 1, j):
+                prev = best[b - 1][i][0]
+                if prev == inf:
+                    continue
+                streams = (b - 1) + (j - i - 1) + (b == 1) + (j == sites)
+                peak = max(prev, act * j + n_streams * streams)
+                if peak < best[b][j][0]:
+                    best[b][j] = (peak, i)
+    top = min(best[b][sites][0] for b in range(1, max_blocks + 1))
+    b = max(b for b in range(1, max_blocks + 1) if best[b][sites][0] <= top * (1 + 1e-9))
+    sizes, j = [], sites
+    while b > 0:
+        i = best[b][j][1]
+        sizes.append(j - i)
+        j, b = i, b - 1
+    return sizes[::-1]
+
+
 def summary(n_streams: int, width: int, stream_bytes: int = 2, fused: bool = True) -> str:
     """Per-token traffic of one site, for ``explain``."""
     t = traffic(fused)

@@ -13,6 +13,50 @@ def test_auto_block_size(n, sites, want):
     assert block_size(MHCConfig(n=n), sites) == want
 
 
+def test_auto_blocks_follow_the_peak_model_and_forced_blocks_are_uniform():
+    from mhc_compile.passes.recompute import block_sizes
+
+    # the 4-layer stack of benchmarks/bench_training.py (8 sites, ~8 activations a site): big blocks first
+    assert block_sizes(MHCConfig(n=4), 8, 8.7) == [5, 2, 1]
+    assert block_sizes(MHCConfig(n=4), 8, None) == [2, 2, 2, 2]  # no estimate: sqrt(nL / (n + 2)) blocks
+    assert block_sizes(MHCConfig(recompute=3), 8, 8.7) == [3, 3, 2]
+    assert block_sizes(MHCConfig(recompute="none"), 8, 8.7) == []
+
+
+def test_recompute_pass_estimates_activations_and_plans_blocks():
+    """NanoGPT (2 sites a layer) through the backend: the report lists the planned blocks, which cover every
+    site once, in order, and match cost.block_schedule for the estimated activations."""
+    from mhc_compile import cost
+    from mhc_compile.backend import REPORTS
+    from mhc_compile.passes import recompute
+
+    torch._dynamo.reset()
+    seen = {}
+    orig = recompute.activation_units
+
+    def spy(gm, detection):
+        seen["act"] = orig(gm, detection)
+        return seen["act"]
+
+    recompute.activation_units = spy
+    try:
+        model = NanoGPT(layers=4, d=32, block=32)
+        idx = torch.randint(0, 64, (2, 16))
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.compile(model, backend="mhc", options={"inner_backend": "aot_eager"})(idx)
+    finally:
+        recompute.activation_units = orig
+    report = [r for r in REPORTS if r.sites][-1]
+    sizes = [len(b) for b in report.recompute_blocks]
+    assert seen["act"] is not None and 1 < seen["act"] < 100, seen
+    assert sizes == cost.block_schedule(len(report.sites), 4, seen["act"]), sizes
+    flat = [p for b in report.recompute_blocks for p in b]
+    assert len(flat) == len(set(flat)) == len(report.sites)
+    assert all(line.startswith(path) for path, line in zip(flat, report.sites)), (flat, report.sites)
+
+
 def test_forced_and_disabled_block_size():
     assert block_size(MHCConfig(recompute=3), 10) == 3
     assert block_size(MHCConfig(recompute=30), 10) == 10

@@ -38,7 +38,8 @@ tk = _interpreted_triton_ops() if _INTERPRETED else None
 SHAPES = [(1, 1, 5), (7, 3, 33), (33, 4, 64)]  # (T, n, C)
 DTYPES = [torch.float32, torch.bfloat16]
 # (rtol, atol) for outputs in the stream dtype; fp32 accumulators are compared at TOL32
-TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.6e-2, 1.6e-2)}
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.6e-2, 1.6e-2),
+       torch.float16: (2e-3, 2e-3)}
 TOL32 = (2e-5, 2e-5)
 
 
@@ -57,6 +58,15 @@ def _close_hi_lo(actual, expected, lhs, rhs):
     bound = 2.0 ** -14 * (lhs.abs().double() @ rhs.abs().double()) + 1e-6
     excess = (actual.double() - expected.double()).abs() - bound
     assert excess.max() <= 0, f"hi/lo dot error exceeds its bound by {excess.max().item():.3g}"
+
+
+def _close_tf32(actual, expected, lhs, rhs):
+    """A dot whose fp32 operand is rounded to tf32 (10 mantissa bits; an fp16 lhs is exact in it): each product
+    carries a relative error of at most 2^-10, so |error| <= 2^-10 (|lhs| @ |rhs|) plus fp32 accumulation."""
+    assert actual.dtype == expected.dtype == torch.float32 and actual.shape == expected.shape
+    bound = 2.0 ** -10 * (lhs.abs().double() @ rhs.abs().double()) + 1e-6
+    excess = (actual.double() - expected.double()).abs() - bound
+    assert excess.max() <= 0, f"tf32 dot error exceeds its bound by {excess.max().item():.3g}"
 
 
 def _tol(dtype):
@@ -274,35 +284,95 @@ def test_coeffs_backward_matches_autograd():
         _close(a, e, (1e-10, 1e-10))
 
 
-@pytest.mark.parametrize("shape,dtype", [((7, 3, 33), torch.float32), ((33, 4, 64), torch.bfloat16),
-                                         ((1, 1, 5), torch.float64)])
+# (T, n, C): odd T and C (masks on both), n = 1 .. 5 (n <= 4 loads the coefficients once per program, n = 5
+# inside the channel loop), and n = 16 (m = 288 columns padded to 512) with tiny T and C
+PRP_CASES = [((7, 3, 33), d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] + [
+    ((33, 4, 64), torch.bfloat16), ((33, 4, 64), torch.float32), ((1, 1, 5), torch.float64),
+    ((1, 1, 5), torch.bfloat16), ((20, 5, 33), torch.bfloat16), ((20, 5, 33), torch.float16),
+    ((3, 16, 5), torch.float32), ((3, 16, 5), torch.bfloat16)]
+PRP_IDS = [f"T{s[0]}n{s[1]}C{s[2]}-{str(d).split('.')[1]}" for s, d in PRP_CASES]
+
+
+def _check_post_res_proj(got, x, h_res, h_post, y, phi):
+    """X' bit-identical to the post_res kernel (same fp32 accumulation order) and close to the reference;
+    p and sq against the reference proj of that X' (hi/lo bound for bf16, tf32 bound for fp16)."""
+    out, p, sq = got
+    t, dtype = x.shape[0], x.dtype
+    torch.testing.assert_close(out, tk.post_res(x, h_res, h_post, y), rtol=0, atol=0)
+    _close(out, ref.post_res(x, h_res, h_post, y), TOL[dtype])
+    p_ref, sq_ref = ref.proj(out, phi)
+    _close(sq, sq_ref, _tol(sq.dtype))
+    if dtype == torch.bfloat16:
+        _close_hi_lo(p, p_ref, out.reshape(t, -1), phi)
+    elif dtype == torch.float16:
+        _close_tf32(p, p_ref, out.reshape(t, -1), phi)
+    else:
+        _close(p, p_ref, _tol(p.dtype))
+
+
+@pytest.mark.parametrize("shape,dtype", PRP_CASES, ids=PRP_IDS)
 def test_post_res_proj(shape, dtype):
     x, y, _, h_post, h_res, phi = _stream(*shape, dtype, seed=7)
-    out, p, sq = tk.post_res_proj(x, h_res, h_post, y, phi)
-    # the same kernels unfused: X' bit-identical (same accumulation order), p / sq of that X'
-    out_u = tk.post_res(x, h_res, h_post, y)
-    torch.testing.assert_close(out, out_u, rtol=0, atol=0)
-    p_u, sq_u = tk.proj(out_u, phi)
-    _close(sq, sq_u, _tol(sq.dtype))
-    if dtype == torch.bfloat16:  # proj's hi/lo dots against this kernel's (under the interpreter exact) dot
-        _close_hi_lo(p_u, p, out_u.reshape(shape[0], -1), phi)
-    else:
-        _close(p, p_u, _tol(p.dtype))
-    # and the reference pair (X' may differ by one rounding of the stream dtype)
-    out_r, p_r, sq_r = ref.post_res_proj(x, h_res, h_post, y, phi)
-    _close(out, out_r, TOL[dtype])
-    if dtype != torch.bfloat16:
-        _close(p, p_r, _tol(p.dtype))
-        _close(sq, sq_r, _tol(sq.dtype))
+    got = tk.post_res_proj(x, h_res, h_post, y, phi)
+    assert got[1].shape == (shape[0], phi.shape[1]) and got[2].shape == (shape[0],)
+    _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
 
-def test_post_res_proj_split_and_column_blocks():
-    """n = 5 (m = 35 > a 16-wide column block) with a channel split: partials and block ownership."""
-    x, y, _, h_post, h_res, phi = _stream(20, 5, 7, torch.float32, seed=8)
-    with tk.tuning("post_res_proj", bk=16, bm=16, waves=64):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 3, 129), (20, 5, 130)], ids=["T37n3C129", "T20n5C130"])
+def test_post_res_proj_split_and_column_blocks(shape, dtype, monkeypatch):
+    """Small chunks (BT = BC = 16) force several token blocks and two channel splits whose partial p / sq are
+    summed on the host; the last split ends in a ragged chunk. All m columns are one block (no ownership)."""
+    x, y, _, h_post, h_res, phi = _stream(*shape, dtype, seed=8)
+    grids = []
+    launch = tk._launch_pipelined
+
+    def spy(kernel, grid, *rest):
+        grids.append(grid)
+        return launch(kernel, grid, *rest)
+
+    monkeypatch.setattr(tk, "_launch_pipelined", spy)
+    with tk.tuning("post_res_proj", bt=16, bk=16, waves=64):
         got = tk.post_res_proj(x, h_res, h_post, y, phi)
-    for a, e in zip(got, ref.post_res_proj(x, h_res, h_post, y, phi)):
-        _close(a, e, TOL32)
+    assert grids == [((shape[0] + 15) // 16, 2)], grids  # 9 chunks of 16 channels in 2 splits
+    _check_post_res_proj(got, x, h_res, h_post, y, phi)
+
+
+def test_post_res_proj_tiles_shrink_with_n():
+    """The tile stays within the per-thread budget as n (and m) grow, never below tl.dot's 16 x 16, and the
+    pipeline stages fit the shared memory (n = 16: one stage of 2n phi tiles is already 512 KiB)."""
+    cfg = tk._DEFAULTS["post_res_proj"]
+    assert tk._post_res_proj_tile(cfg, 8192, 4, 4096, 24) == (128, 16, 32)
+    assert tk._post_res_proj_tile(cfg, 8192, 16, 4096, 288) == (16, 16, 512)
+    assert tk._post_res_proj_tile(cfg, 3, 1, 5, 3) == (16, 16, 16)
+    budget = tk._PRP_PER_THREAD * 32 * cfg.num_warps
+    for n in range(1, 17):
+        m = ref.num_coeffs(n)
+        bt, bc, mp = tk._post_res_proj_tile(cfg, 8192, n, 4096, m)
+        assert bt >= 16 and bc >= 16 and mp >= m
+        assert n * bt * bc <= max(budget, n * 16 * 16) and bt * mp <= max(budget, 16 * mp)
+        stages = tk._post_res_proj_stages(cfg, n, bt, bc, mp, 2, 2, True)
+        per_stage = (n + 1) * bt * bc * 2 + 2 * n * bc * mp * 2
+        assert 1 <= stages <= cfg.num_stages and (stages == 1 or stages * per_stage <= tk._PRP_SMEM)
+    assert tk._post_res_proj_stages(cfg, 4, 128, 16, 32, 2, 2, True) == 3
+    assert tk._post_res_proj_stages(cfg, 16, 16, 16, 512, 2, 2, True) == 1
+
+
+@pytest.mark.parametrize("t,c", [(0, 33), (5, 0)], ids=["T0", "C0"])
+def test_post_res_proj_empty(t, c):
+    x, y, _, h_post, h_res, phi = _stream(t, 3, c, torch.bfloat16, seed=10)
+    out, p, sq = tk.post_res_proj(x, h_res, h_post, y, phi)
+    assert out.shape == (t, 3, c) and out.dtype == torch.bfloat16
+    _close(p, torch.zeros(t, 15), (0, 0))
+    _close(sq, torch.zeros(t), (0, 0))
+
+
+def test_post_res_proj_bad_input_raises():
+    x, y, _, h_post, h_res, phi = _stream(4, 3, 8, torch.float32, seed=11)
+    with pytest.raises(ValueError, match="phi_next has 23 rows, expected n\\*C = 24"):
+        tk.post_res_proj(x, h_res, h_post, y, phi[:-1])
+    with pytest.raises(TypeError, match="torch.int32"):
+        tk.post_res_proj(x.to(torch.int32), h_res, h_post, y, phi)
 
 
 def test_unsupported_dtype_raises():

@@ -12,11 +12,12 @@ Conventions shared by every kernel:
 * Stream offsets are computed in int64: T * n * C exceeds 2^31 at long contexts.
 * Reductions over T (dphi, dbias, dalpha) and split-K reductions write per-program partials that are then
   summed with ``torch.sum``: deterministic, no atomics.
-* The projections use ``tl.dot``. A bf16 stream enters the tensor cores as loaded, and the fp32 operand
-  (phi in proj; dp in dphi = X^T dp) is split into bf16 hi + lo halves, two dots: X is exact and the fp32
-  operand keeps ~16 mantissa bits, a relative error of about 2^-17 per product. Where the stream is not the
-  other operand (dx's dp @ phi^T) and for fp16 streams, the operands are fp32 multiplied in tf32 (10
-  mantissa bits, about 2^-11 per product). fp32 / fp64 streams use exact ("ieee") products.
+* The projections use ``tl.dot``. A bf16 stream enters the tensor cores as loaded (post_res_proj: X' as
+  rounded to bf16 in registers), and the fp32 operand (phi in proj and post_res_proj; dp in dphi = X^T dp) is
+  split into bf16 hi + lo halves, two dots: X is exact and the fp32 operand keeps ~16 mantissa bits, a
+  relative error of about 2^-17 per product. Where the stream is not the other operand (dx's dp @ phi^T)
+  and for fp16 streams, the operands are fp32 multiplied in tf32 (10 mantissa bits, about 2^-11 per
+  product). fp32 / fp64 streams use exact ("ieee") products.
 
 Kernels are launched directly (``kernel[grid](...)``) rather than through ``torch.library.triton_op``,
 so the same code runs under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests exercise it.
@@ -92,8 +93,8 @@ class DotCfg:
     """Tile of the tensor-core kernels (proj, its backward, the fused post_res + proj)."""
 
     bt: int = 64
-    bk: int = 128  # proj: K (= n*C) per step; fused: channels per step are bk // NP
-    bm: int = 64  # max columns of p per program
+    bk: int = 128  # proj and its backward: K (= n*C) per step; post_res_proj: channels per chunk (BC)
+    bm: int = 64  # max columns of p per program (proj; post_res_proj has no column blocks)
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
@@ -113,8 +114,10 @@ _DEFAULTS = {
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
-    # the [NP, BC, BM] phi tile and the reshaped X' tile both go through shared memory: 2 stages
-    "post_res_proj": DotCfg(bt=32, bk=128, num_stages=2),
+    # not yet measured on a GPU: BT = 128 tokens (phi's L2 reads per stream byte halve against 64), BC = 16
+    # channels per chunk so the n = 4 input tiles stay within 8 elements per thread (128 registers, no spills
+    # in the sm_90 compile); bk and bt are upper bounds that _post_res_proj_tile shrinks as n grows
+    "post_res_proj": DotCfg(bt=128, bk=16, num_warps=8, num_stages=3, waves=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
 }
@@ -925,51 +928,121 @@ def coeffs_backward(
 
 # ---------------------------------------------------------------------------------------------
 # post_res (layer l) fused with proj (layer l+1): one pass writes X' and accumulates the next p, sq
+#
+# A program owns BT tokens and a range of channels (the channel split) and all m <= 288 columns of p at once
+# (MP = next power of 2, no column blocks), walking its channels in chunks of BC. Per chunk, y and the n input
+# rows x[:, j, chunk] are loaded once; each output row X'_i is mixed in fp32 in _mix_tile's order (so X' is
+# post_res's bit for bit), rounded to the stream dtype, stored, squared into sq and multiplied on tensor cores
+# with phi rows i*C + chunk. bf16 streams use proj's hi/lo dots (the rounded X'_i enters both as bf16);
+# other dtypes widen X'_i and phi to ACC (tf32 for fp16, exact for fp32 / fp64). Not yet measured on a GPU.
+#
+# Tile sizes come from compiling for sm_90 without a GPU (triton.compile to a GPUTarget, then ptxas -v):
+# registers grow by about 16 per element a thread holds of one [BT, BC] tile at n = 4 (128 registers at 8
+# elements, spills past 16), so the n input tiles are bounded per thread; the [BT, MP] accumulator and a
+# [BC, MP] phi tile likewise. Pipeline stages are limited to what fits in shared memory: at n = 16 one stage
+# of the 2n phi tiles alone is 512 KiB, and asking the pipeliner for 2 stages took minutes to compile.
 # ---------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["T"])
-def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, phi_ptr, out_ptr, p_ptr, sq_ptr, T, C, M, C_SPLIT,
-                          N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                          BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Program (token block, column block, channel split).
+_PRP_PER_THREAD = 32  # elements per thread of: the n input tiles together, the accumulator, one phi tile
+_PRP_SMEM = 192 * 1024  # bytes of pipeline buffers (H100: 227 KiB of shared memory per block)
+_PRP_HOIST = 20  # up to this many coefficient vectors (n*n + n; n <= 4) are loaded once per program
 
-    Each [BT, NP, BC] tile of X' is rounded to the stream dtype (what the unfused proj would read), stored
-    by the column-block-0 programs, and multiplied on tensor cores with the phi rows i*C + c it touches.
-    The channel split gives partial p / sq like proj's split-K.
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def _post_res_proj_tile(cfg: DotCfg, t: int, n: int, c: int, m: int) -> tuple[int, int, int]:
+    """(BT, BC, MP) within the per-thread budget; tl.dot needs BT >= 16 rows and BC >= 16 channels (K).
+
+    At the defaults: n = 4 (MP = 32): BT = 128, BC = 16; n = 5 .. 8: BT = 64; n = 16 (MP = 512): BT = BC = 16.
     """
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
+    mp = max(16, _pow2(m))
+    budget = _PRP_PER_THREAD * 32 * cfg.num_warps
+    bt = max(16, min(cfg.bt, _pow2(t), _pow2_floor(budget // mp)))
+    bc = max(16, min(cfg.bk, _pow2(c), _pow2_floor(budget // (n * bt)), _pow2_floor(budget // mp)))
+    bt = max(16, min(bt, _pow2_floor(budget // (n * bc))))  # BC at its floor of 16: fewer tokens instead
+    return bt, bc, mp
+
+
+def _post_res_proj_stages(cfg: DotCfg, n: int, bt: int, bc: int, mp: int, stream_bytes: int, phi_bytes: int,
+                          hi_lo: bool) -> int:
+    """Pipeline stages whose buffers fit _PRP_SMEM: a stage holds n + 1 input tiles and the chunk's phi tiles."""
+    per_stage = (n + 1) * bt * bc * stream_bytes + (2 if hi_lo else 1) * n * bc * mp * phi_bytes
+    return max(1, min(cfg.num_stages, _PRP_SMEM // per_stage))
+
+
+@triton.jit
+def _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N: tl.constexpr, ACC: tl.constexpr):
+    """The per-token coefficient vectors ([BT] each): h_post[:, i] for i < N, then h_res[:, i, j] at N + i*N + j."""
+    coef = ()
+    for i in tl.static_range(N):
+        coef = coef + (tl.load(hpost_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC),)
+    for i in tl.static_range(N):
+        for j in tl.static_range(N):
+            coef = coef + (tl.load(hres_ptr + r64 * (N * N) + (i * N + j), mask=rmask, other=0.0).to(ACC),)
+    return coef
+
+
+@triton.jit(do_not_specialize=["T"])
+def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out_ptr, p_ptr, sq_ptr, T, C, M,
+                          MPAD, C_SPLIT, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr,
+                          ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
+                          HOIST: tl.constexpr):
+    """Program (token block, channel split): stores its X' chunk, writes [BT, M] / [BT] partials of p / sq.
+
+    Partials go to p_ptr[split] / sq_ptr[split]. HI_LO: hi_ptr / lo_ptr are the halves of _split_hi_lo's
+    [2, K, MPAD] and X'_i enters both dots as bf16 (DOT); otherwise hi_ptr is phi [K, M] (lo_ptr unused) and
+    X'_i is widened to ACC. HOIST: the coefficient vectors are loaded once, before the channel loop.
+    """
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    ii = tl.arange(0, NP)
     rmask = rows < T
     r64 = rows.to(tl.int64)
-    mi = rmask[:, None] & (ii[None, :] < N)
-    owner = rmask & ((rows * 0 + pid_m) == 0)  # tensor-valued: the interpreter rejects scalar masks
-    cols_m = pid_m * BM + tl.arange(0, BM)
-    mmask = cols_m < M
-    hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
-    stream = (r64[:, None] * N + ii[None, :])[:, :, None] * C
+    ms = tl.arange(0, MP)
+    mmask = ms < M
+    if HOIST:
+        coef = _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
     c_lo = split * C_SPLIT
     c_hi = tl.minimum(c_lo + C_SPLIT, C)
-    acc = tl.zeros([BT, BM], dtype=ACC)
+    acc = tl.zeros([BT, MP], dtype=ACC)
     sq = tl.zeros([BT], dtype=ACC)
     for c0 in range(c_lo, c_hi, BC):
         cols = c0 + tl.arange(0, BC)
         cmask = cols < c_hi
         m2 = rmask[:, None] & cmask[None, :]
         y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-        out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC).to(out_ptr.dtype.element_ty)
-        m3 = mi[:, :, None] & cmask[None, None, :]
-        tl.store(out_ptr + stream + cols[None, None, :], out, mask=m3 & owner[:, None, None])
-        xo = out.to(ACC)  # masked lanes are exactly 0
-        sq += tl.sum(tl.sum(xo * xo, axis=2), axis=1)
-        krow = (ii[:, None] * C + cols[None, :]).to(tl.int64)  # [NP, BC] rows of phi_next
-        kmask = (ii[:, None] < N) & cmask[None, :]
-        ph = tl.load(phi_ptr + krow[:, :, None] * M + cols_m[None, None, :],
-                     mask=kmask[:, :, None] & mmask[None, None, :], other=0.0).to(ACC)
-        acc = tl.dot(tl.reshape(xo, (BT, NP * BC)), tl.reshape(ph, (NP * BC, BM)), acc, input_precision=PREC)
+        xs = ()  # the n input rows of this chunk, each loaded once, kept in the stream dtype
+        for j in tl.static_range(N):
+            xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0),)
+        if not HOIST:
+            coef = _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
+        for i in tl.static_range(N):
+            # _mix_tile's order: h_post y, then + h_res[i, j] x_j for j = 0 .. N-1
+            xi = coef[i][:, None] * y
+            for j in tl.static_range(N):
+                xi += coef[N + i * N + j][:, None] * xs[j].to(ACC)
+            xo = xi.to(out_ptr.dtype.element_ty)  # what the unfused proj would read; masked lanes are 0
+            tl.store(out_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xo, mask=m2)
+            xf = xo.to(ACC)
+            sq += tl.sum(xf * xf, axis=1)
+            # The select (an identity: masked lanes are already 0) keeps the compiler from hoisting the dot
+            # operand's layout conversion up through this chain to the loads, which computes X'_i twice, once
+            # per layout (twice the FMAs and spilled registers in the sm_90 compile); selects are not hoisted.
+            xw = tl.where(m2, xo, 0.0).to(xo.dtype)
+            krow = (i * C + cols).to(tl.int64)  # rows of phi_next: k = i*C + c
+            if HI_LO:
+                off = krow[:, None] * MPAD + ms[None, :]
+                hi = tl.load(hi_ptr + off, mask=cmask[:, None], other=0.0)
+                lo = tl.load(lo_ptr + off, mask=cmask[:, None], other=0.0)
+                acc = tl.dot(xw.to(DOT), hi.to(DOT), acc, out_dtype=ACC)
+                acc = tl.dot(xw.to(DOT), lo.to(DOT), acc, out_dtype=ACC)
+            else:
+                ph = tl.load(hi_ptr + krow[:, None] * M + ms[None, :], mask=cmask[:, None] & mmask[None, :],
+                             other=0.0).to(ACC)
+                acc = tl.dot(xw.to(ACC), ph, acc, input_precision=PREC)
     base = split.to(tl.int64) * T
-    tl.store(p_ptr + (base + r64)[:, None] * M + cols_m[None, :], acc, mask=rmask[:, None] & mmask[None, :])
-    tl.store(sq_ptr + base + r64, sq, mask=owner)
+    tl.store(p_ptr + (base + r64)[:, None] * M + ms[None, :], acc, mask=rmask[:, None] & mmask[None, :])
+    tl.store(sq_ptr + base + r64, sq, mask=rmask)
 
 
 def post_res_proj(
@@ -989,20 +1062,25 @@ def post_res_proj(
         zeros = torch.zeros((t, m), dtype=acc, device=x.device)
         return out, zeros, torch.zeros((t,), dtype=acc, device=x.device)
     cfg = _cfg("post_res_proj")
-    np_ = _pow2(n)
-    bm = _dot_block_m(m, cfg)
-    bc = max(16 // np_, min(_pow2(c), max(1, cfg.bk // np_)))  # tl.dot needs K = NP * BC >= 16
-    bt = min(cfg.bt, max(16, _pow2(t)))
-    grid_tm = triton.cdiv(t, bt) * triton.cdiv(m, bm)
-    splits = _splits(cfg, x.device, grid_tm, triton.cdiv(c, bc))
+    bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
+    hi_lo = _hi_lo(x.dtype) and acc == torch.float32
+    if hi_lo:
+        w = _split_hi_lo(phi_next, mp, transpose=False)
+        hi, lo = w[0], w[1]
+    else:
+        hi = lo = phi_next
+    tblocks = triton.cdiv(t, bt)
+    splits = _splits(cfg, x.device, tblocks, triton.cdiv(c, bc))
     c_split = triton.cdiv(triton.cdiv(c, splits), bc) * bc
     splits = triton.cdiv(c, c_split)
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
-    meta = dict(N=n, NP=np_, BT=bt, BC=bc, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype))
-    _launch_pipelined(_post_res_proj_kernel, (triton.cdiv(t, bt), triton.cdiv(m, bm), splits),
-                      (x, h_res, h_post, y, phi_next, out, p, sq, t, c, m, c_split), meta,
-                      cfg.num_warps, cfg.num_stages)
+    meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
+                DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST)
+    stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), hi.element_size(), hi_lo)
+    _launch_pipelined(_post_res_proj_kernel, (tblocks, splits),
+                      (x, h_res, h_post, y, hi, lo, out, p, sq, t, c, m, mp, c_split), meta,
+                      cfg.num_warps, stages)
     if splits == 1:
         return out, p[0], sq[0]
     return out, p.sum(0), sq.sum(0)

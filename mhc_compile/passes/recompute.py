@@ -11,9 +11,13 @@ the intermediates are recomputed from the block's input stream and the saved sub
 between two blocks the partitioner keeps the boundary stream (a tagged node whose user has a larger
 ``ac_graph_id`` is saved), which is exactly "store the stream every L_r sublayers plus each F output".
 
-L_r = "auto" picks round(sqrt(n L / (n + 2))) for a chain of L sites, the minimiser (derived in
-``cost.py``) of the memory model  n C (L / L_r) + (n + 2) C L_r  (block inputs kept + one block's
-intermediates live at once).
+recompute="auto" picks the block sizes with ``cost.block_schedule``: the partition of the chain that
+minimises the modelled peak of the backward (``cost.block_peak``: activations still alive + stored block
+inputs + the streams recomputed for the block being processed), given how many C-wide activations each
+site's sublayer produces (estimated from the graph's fake tensors). Blocks come out large early in the chain
+and small late, where the backward starts with every activation alive. Without that estimate (no tensor
+metadata) it falls back to uniform blocks of round(sqrt(n L / (n + 2))), the minimiser of the simpler model
+n C (L / L_r) + (n + 2) C L_r. An int recompute forces uniform blocks of that size.
 """
 
 from __future__ import annotations
@@ -21,21 +25,51 @@ from __future__ import annotations
 import itertools
 import operator
 
+import torch
 import torch.fx as fx
 
 from mhc_compile import _compat, cost
 from mhc_compile.config import MHCConfig
-from mhc_compile.passes.detect import Detection
+from mhc_compile.passes.detect import Detection, example_value
 
 _ids = itertools.count(10_000)  # away from the ids torch.utils.checkpoint hands out
 
 
 def block_size(config: MHCConfig, num_sites: int) -> int | None:
+    """Uniform block size: the forced one, or auto's fallback when activations cannot be estimated."""
     if config.recompute == "none" or num_sites == 0:
         return None
     if config.recompute == "auto":
         return max(1, min(num_sites, round(cost.optimal_block_size(config.n, num_sites))))
     return min(int(config.recompute), num_sites)
+
+
+def block_sizes(config: MHCConfig, num_sites: int, act: float | None) -> list[int]:
+    """Sizes of a chain's recompute blocks, first block first ([] with recompute="none")."""
+    if config.recompute == "auto" and act is not None and num_sites > 0:
+        return cost.block_schedule(num_sites, config.n, act)
+    lr = block_size(config, num_sites)
+    if lr is None:
+        return []
+    return [min(lr, num_sites - start) for start in range(0, num_sites, lr)]
+
+
+def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
+    """C-wide activations (per token) the sublayers produce per site: the bytes of every non-view tensor the
+    model's own nodes output, over (sites x one site's stream). An upper bound of what they keep for backward
+    (some outputs are freed or recomputed), which is the side to err on: it makes late blocks smaller."""
+    sites = detection.sites
+    unit = example_value(sites[0].stream) if sites else None
+    if not isinstance(unit, torch.Tensor) or unit.numel() == 0:
+        return None
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or "mhc" in node.meta:
+            continue
+        v = example_value(node)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and getattr(v, "_base", None) is None:
+            total += v.numel() * v.element_size()
+    return total / (len(sites) * unit.numel() * unit.element_size())
 
 
 # Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node;
@@ -68,12 +102,12 @@ def apply(gm: fx.GraphModule, detection: Detection, config: MHCConfig) -> list[l
     for chain in detection.chains:
         for site, link in zip(chain.sites, chain.links):
             link_of[site.path] = link
+    act = activation_units(gm, detection) if config.recompute == "auto" else None
     for chain in detection.chains:
-        lr = block_size(config, len(chain.sites))
-        if lr is None:
-            continue
-        for start in range(0, len(chain.sites), lr):
-            block = chain.sites[start : start + lr]
+        start = 0
+        for size in block_sizes(config, len(chain.sites), act):
+            block = chain.sites[start : start + size]
+            start += size
             graph_id = next(_ids)
             for site in block:
                 for node in by_site.get(site.path, []) + link_of.get(site.path, []):
