@@ -211,7 +211,7 @@ def run_size(d, args, emit):
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
-    for flag in ("fuse_proj", "fold_stream_grads"):  # "fuse_proj=True": one pass option flipped
+    for flag in ("fold_stream_grads",):  # "fold_stream_grads=False": one pass option flipped
         for v in args.variants:
             if v.startswith(flag + "="):
                 value = v.split("=", 1)[1] == "True"

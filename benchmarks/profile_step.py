@@ -1,5 +1,5 @@
 """CUDA kernel time of one training step by kernel name: the plain residual stack under Inductor, then
-backend="mhc" (defaults) and with fuse_proj on; the profile behind benchmarks/results/training-*.md (what a
+backend="mhc" with fold_stream_grads on and off; the profile behind benchmarks/results/training-*.md (what a
 step spends its time on, not just its total).
 
     PYTHONPATH=. python benchmarks/profile_step.py [d]        (bench_training's stack: 4 layers, 2048 x 4, bf16)
@@ -22,8 +22,9 @@ def main():
     m = Stack(d, 4).to("cuda", torch.bfloat16)
     variants = [("residual (Inductor)", torch.compile(Stack(d, 4).to("cuda", torch.bfloat16)))]
     mhc_compile.prepare(m, x.detach(), n=4)
-    for name, options in (("backend=mhc", {}), ("backend=mhc fuse_proj=True", {"fuse_proj": True})):
-        variants.append((name, torch.compile(m, backend="mhc", options={"n": 4, **options})))
+    for fold in (True, False):
+        variants.append((f"backend=mhc fold_stream_grads={fold}",
+                         torch.compile(m, backend="mhc", options={"n": 4, "fold_stream_grads": fold})))
     for name, c in variants:
         for _ in range(3):
             _step(c, x)

@@ -1,4 +1,4 @@
-"""The ``mhc`` torch.compile backend: detect -> rewrite -> fuse -> fuse_proj -> recompute tags -> inner compiler.
+"""The ``mhc`` torch.compile backend: detect -> rewrite -> fuse -> recompute tags -> inner compiler.
 
     torch.compile(model, backend="mhc", options={"n": 4})
 
@@ -25,7 +25,6 @@ from mhc_compile.config import MHCConfig
 from mhc_compile.passes import inline_checkpoints
 from mhc_compile.passes import fold_stream_grads
 from mhc_compile.passes import fuse as fuse_pass
-from mhc_compile.passes import fuse_proj as fuse_proj_pass
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
 from mhc_compile.passes.detect import Detection, detect
@@ -52,7 +51,7 @@ class GraphReport:
     warnings: list[str] = field(default_factory=list)
     impl: str = "reference"
     recompute_blocks: list[list[str]] = field(default_factory=list)
-    fused: dict[str, int] = field(default_factory=dict)  # ops fused: "step" / "enter" sites, "post_res_proj" pairs
+    fused: dict[str, int] = field(default_factory=dict)  # sites fused into "step" / "enter" ops
     before: str = ""
     after: str = ""
     gm: fx.GraphModule | None = None
@@ -340,7 +339,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     report.impl = impl
     result = rewrite(work, detection, config, impl, params)
     report.fused = fuse_pass.apply(result.gm, config)
-    report.fused["post_res_proj"] = fuse_proj_pass.apply(result.gm, config)
     report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
     schedule_pass.apply(result.gm, config)
     report.after = result.gm.print_readable(print_output=False)

@@ -44,9 +44,6 @@ class MHCConfig:
                      into one op with one backward (``passes/fuse.py``). Off by default: its Triton kernels
                      are correct but measured slower than the four separate ops on an H100 (2026-11-23,
                      benchmarks/results/); True opts in (and is what the next kernel work targets).
-    fuse_proj:       fuse each new stream's projection for the next site into the post_res that writes it
-                     (``passes/fuse_proj.py``): one read of the n streams fewer per site, in the forward and
-                     in recomputation. Off until its kernel is measured on a GPU (True opts in).
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
                      instead of three partial gradients and a sum. False keeps the separate backward ops.
@@ -74,7 +71,6 @@ class MHCConfig:
     kernels: str = "auto"
     recompute: Any = "auto"
     fuse: bool = False
-    fuse_proj: bool = False
     fold_stream_grads: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
@@ -96,7 +92,7 @@ class MHCConfig:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
-        for name in ("verbose", "check_finite", "fuse", "fuse_proj", "fold_stream_grads"):
+        for name in ("verbose", "check_finite", "fuse", "fold_stream_grads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if self.recompute not in ("auto", "none"):

@@ -180,7 +180,7 @@ def dump_graph(dump_dir: str, index: int, before: str, gm: fx.GraphModule | None
 
 _ROLE_COLOURS = {
     "expand": "#c6dbef", "enter": "#fdae6b", "step": "#fd8d3c", "proj": "#fdd0a2", "coeffs": "#fdae6b",
-    "pre": "#a1d99b", "post_res": "#74c476", "post_res_proj": "#41ab5d", "collapse": "#c6dbef", "branch_sum": "#dadaeb", "param": "#f0f0f0",
+    "pre": "#a1d99b", "post_res": "#74c476", "collapse": "#c6dbef", "branch_sum": "#dadaeb", "param": "#f0f0f0",
 }
 
 

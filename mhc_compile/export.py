@@ -99,12 +99,6 @@ def _step(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps,
     return (x.reshape(x_prev.shape), x_in.reshape(lead + x_prev.shape[-1:]), *_coeffs_out(lead, n, *rest))
 
 
-def _post_res_proj(x, h_res, h_post, y, phi, impl):
-    lead = x.shape[:-2]
-    out, p, sq = ref.post_res_proj(_tokens(x, 2), _tokens(h_res, 2), _tokens(h_post, 1), _tokens(y, 1), phi)
-    return out.reshape(x.shape), p.reshape(lead + p.shape[-1:]), sq.reshape(lead)
-
-
 def _reference_targets() -> dict:
     """Custom op overload / packet -> its reference function. Built lazily: importing the ops module
     registers the custom ops."""
@@ -113,7 +107,7 @@ def _reference_targets() -> dict:
     ops = torch.ops.mhc_compile
     table = {}
     for name, fn in (("proj", _proj), ("coeffs", _coeffs), ("pre", _pre), ("post_res", _post_res),
-                     ("enter", _enter), ("step", _step), ("post_res_proj", _post_res_proj)):
+                     ("enter", _enter), ("step", _step)):
         packet = getattr(ops, name)
         table[packet] = fn
         table[packet.default] = fn

@@ -60,28 +60,10 @@ def _same(model, x, **options):
 def test_pre_norm_chain_becomes_enter_steps_and_one_post_res(mode, quiet):
     model = NanoGPT(layers=2).double()
     idx = torch.randint(0, 64, (2, 8))
-    fused, unfused = _same(model, idx, n=3, mode=mode, fuse_proj=False)
+    fused, unfused = _same(model, idx, n=3, mode=mode)
     # 4 sites in one chain: the head enters, the three later sites are steps, the tail stays a post_res.
     assert fused == {"enter": 1, "step": 3, "post_res": 1}, fused
     assert unfused == {"proj": 4, "coeffs": 4, "pre": 4, "post_res": 4}, unfused
-
-
-@pytest.mark.parametrize("model_kind", ["pre-norm", "parallel"])
-def test_fuse_proj_equals_the_separate_ops(model_kind, quiet):
-    """post_res_proj (passes/fuse_proj.py) against post_res + proj: float64 values and every gradient."""
-    model = NanoGPT(layers=2, parallel=model_kind == "parallel").double()
-    idx = torch.randint(0, 64, (2, 8))
-    mhc_compile.prepare(model, idx, n=3)
-    perturb_mhc(model)
-    out_f, grads_f, ops_f = _run(model, idx, False, n=3, fuse_proj=True)
-    out_u, grads_u, ops_u = _run(model, idx, False, n=3, fuse_proj=False)
-    # every site but the chain head (its proj reads expand's output) gets its proj from the post_res before it
-    assert ops_f["post_res_proj"] == ops_u["proj"] - 1 and "post_res_proj" not in ops_u, (ops_f, ops_u)
-    assert ops_f["post_res"] == 1 and ops_f["proj"] == 1, ops_f
-    torch.testing.assert_close(out_f, out_u, rtol=1e-12, atol=1e-12)
-    assert grads_f.keys() == grads_u.keys()
-    for k in grads_u:
-        torch.testing.assert_close(grads_f[k], grads_u[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
 
 
 def test_parallel_branches_and_transposed_res_convention(quiet):
@@ -103,23 +85,17 @@ def test_fuse_option_is_validated():
         mhc_compile.MHCConfig(fuse="yes")
 
 
-@pytest.mark.parametrize("fuse,fuse_proj", [(True, False), (False, True), (False, False)],
-                         ids=["step", "post_res_proj", "separate"])
-def test_triton_kernels_end_to_end_match_reference(fuse, fuse_proj, quiet):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_triton_kernels_end_to_end_match_reference(fuse, quiet):
     """kernels="triton" (interpreted here) through the whole backend: outputs and every gradient."""
     torch.manual_seed(0)
     model = NanoGPT(layers=1, d=16).double()
     idx = torch.randint(0, 64, (2, 5))
     mhc_compile.prepare(model, idx, n=3)
     perturb_mhc(model)
-    want, want_g, _ = _run(model, idx, fuse, n=3, kernels="reference", fuse_proj=fuse_proj)
-    got, got_g, ops = _run(model, idx, fuse, n=3, kernels="triton", fuse_proj=fuse_proj)
-    if fuse:
-        assert ops == {"enter": 1, "step": 1, "post_res": 1}, ops
-    elif fuse_proj:
-        assert ops == {"proj": 1, "post_res_proj": 1, "coeffs": 2, "pre": 2, "post_res": 1}, ops
-    else:
-        assert ops == {"proj": 2, "coeffs": 2, "pre": 2, "post_res": 2}, ops
+    want, want_g, _ = _run(model, idx, fuse, n=3, kernels="reference")
+    got, got_g, ops = _run(model, idx, fuse, n=3, kernels="triton")
+    assert ops == ({"enter": 1, "step": 1, "post_res": 1} if fuse else {"proj": 2, "coeffs": 2, "pre": 2, "post_res": 2})
     assert REPORTS[-1].impl == "triton"
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     for k in want_g:

@@ -54,36 +54,6 @@ def test_pre_and_post_res_gradcheck_with_leading_dims():
     assert torch.autograd.gradcheck(lambda *a: ops.post_res(*a, "reference"), (x, h_res, h_post, y))
 
 
-def test_post_res_proj_gradcheck_and_equals_the_pair():
-    """The fused op (passes/fuse_proj.py) is post_res then proj: values, and float64 gradients through all
-    three outputs (gradcheck of its own backward formula, and against the pair's autograd)."""
-    n, c = 3, 5
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(2, 3, n, c, generator=g, **F64), torch.randn(2, 3, c, generator=g, **F64)
-    h_res, h_post = torch.rand(2, 3, n, n, generator=g, **F64), torch.rand(2, 3, n, generator=g, **F64)
-    phi = torch.randn(n * c, n * n + 2 * n, generator=g, **F64)
-
-    def fused(*a):
-        return ops.post_res_proj(*a, "reference")
-
-    def pair(x, h_res, h_post, y, phi):
-        out = ops.post_res(x, h_res, h_post, y, "reference")
-        return (out, *ops.proj(out, phi, "reference"))
-
-    leaves = (x, h_res, h_post, y, phi)
-    assert torch.autograd.gradcheck(fused, leaves)
-    got, want = fused(*leaves), pair(*leaves)
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
-    cot = [torch.randn_like(v) for v in want]
-    for a, e in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(want, leaves, cot)):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-    # an output nobody differentiates through (here p, sq) arrives as None
-    only_x = torch.autograd.grad(fused(*leaves)[0], leaves, cot[0])
-    for a, e in zip(only_x, torch.autograd.grad(pair(*leaves)[0], leaves, cot[0], allow_unused=True)):
-        torch.testing.assert_close(a, torch.zeros_like(a) if e is None else e, rtol=1e-12, atol=1e-12)
-
-
 def test_post_res_formula():
     """X'[i] = sum_j H_res[i, j] X[j] + H_post[i] y, written out by loops."""
     t, n, c = 3, 4, 6
@@ -109,7 +79,6 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.pre, (x, h_pre, "reference"))
     y = torch.randn(t, c, dtype=dtype, requires_grad=True)
     torch.library.opcheck(ops.post_res, (x, h_res, h_post, y, "reference"))
-    torch.library.opcheck(ops.post_res_proj, (x, h_res, h_post, y, phi, "reference"))
 
 
 def test_bf16_stream_keeps_dtype_and_fp32_coefficients():
@@ -160,7 +129,6 @@ def _all_op_calls(impl: str):
          (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),
         ("pre_backward_dh", ops.pre_backward_dh, (x, h_pre, y, impl)),
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
-        ("post_res_proj", ops.post_res_proj, (x, h_res, h_post, y, phi, impl)),
     ]
 
 

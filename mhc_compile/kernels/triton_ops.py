@@ -114,9 +114,10 @@ _DEFAULTS = {
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
-    # not yet measured on a GPU: BT = 128 tokens (phi's L2 reads per stream byte halve against 64), BC = 16
-    # channels per chunk so the n = 4 input tiles stay within 8 elements per thread (128 registers, no spills
-    # in the sm_90 compile); bk and bt are upper bounds that _post_res_proj_tile shrinks as n grows
+    # BT = 128 tokens (phi's L2 reads per stream byte halve against 64), BC = 16 channels per chunk so the n = 4
+    # input tiles stay within 8 elements per thread (128 registers, no spills in the sm_90 compile); bk and bt
+    # are upper bounds that _post_res_proj_tile shrinks as n grows. H100: 56-63 % of copy bandwidth, slower
+    # than post_res + proj apart (benchmarks/results/session5-2026-11-24-h100.md), so no pass uses it yet
     "post_res_proj": DotCfg(bt=128, bk=16, num_warps=8, num_stages=3, waves=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
@@ -932,9 +933,10 @@ def coeffs_backward(
 # A program owns BT tokens and a range of channels (the channel split) and all m <= 288 columns of p at once
 # (MP = next power of 2, no column blocks), walking its channels in chunks of BC. Per chunk, y and the n input
 # rows x[:, j, chunk] are loaded once; each output row X'_i is mixed in fp32 in _mix_tile's order (so X' is
-# post_res's bit for bit), rounded to the stream dtype, stored, squared into sq and multiplied on tensor cores
+# post_res's bit for bit under the interpreter; on an H100 the compiler contracts differently and ~5 in 10^6
+# elements differ, all near-cancellations), rounded to the stream dtype, stored, squared into sq and multiplied on tensor cores
 # with phi rows i*C + chunk. bf16 streams use proj's hi/lo dots (the rounded X'_i enters both as bf16);
-# other dtypes widen X'_i and phi to ACC (tf32 for fp16, exact for fp32 / fp64). Not yet measured on a GPU.
+# other dtypes widen X'_i and phi to ACC (tf32 for fp16, exact for fp32 / fp64).
 #
 # Tile sizes come from compiling for sm_90 without a GPU (triton.compile to a GPUTarget, then ptxas -v):
 # registers grow by about 16 per element a thread holds of one [BT, BC] tile at n = 4 (128 registers at 8

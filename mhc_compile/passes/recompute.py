@@ -72,9 +72,8 @@ def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
     return total / (len(sites) * unit.numel() * unit.element_size())
 
 
-# Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node;
-# post_res_proj (passes/fuse_proj.py) too, its p / sq outputs (role "proj") being saved.
-_STREAM_ROLES = ("expand", "post_res", "post_res_proj", "collapse", "pre", "branch_sum", "step", "enter")
+# Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node.
+_STREAM_ROLES = ("expand", "post_res", "collapse", "pre", "branch_sum", "step", "enter")
 _SAVED_ROLES = ("proj", "coeffs")
 
 

@@ -22,7 +22,7 @@ from mhc_compile.kernels import reference as ref
 IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
-            "proj_pre_backward", "post_res_proj")
+            "proj_pre_backward")
 
 
 def all_ops() -> list:
@@ -324,52 +324,6 @@ def _post_res_bwd(ctx, dout):
 
 
 post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# post_res_proj: post_res of site l-1 and proj of site l in one pass (passes/fuse_proj.py), so the new
-# stream is written once and not read back for its projection. The backward is the two ops' backwards as
-# separate ops, so that passes/fold_stream_grads.py sees the same pattern as for the unfused pair.
-# ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mhc_compile::post_res_proj", mutates_args=())
-def post_res_proj(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor,
-                  impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    lead = x.shape[:-2]
-    out, p, sq = _kernels(impl).post_res_proj(
-        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
-        _tokens(y, 1).contiguous(), phi,
-    )
-    return out.reshape(x.shape), p.reshape(lead + p.shape[-1:]), sq.reshape(lead)
-
-
-@post_res_proj.register_fake
-def _(x, h_res, h_post, y, phi, impl):
-    lead = x.shape[:-2]
-    acc = ref.acc_dtype(x.dtype)
-    return _dense_like(x), x.new_empty(lead + (phi.shape[1],), dtype=acc), x.new_empty(lead, dtype=acc)
-
-
-def _post_res_proj_setup(ctx, inputs, output):
-    x, h_res, h_post, y, phi, impl = inputs
-    ctx.save_for_backward(x, h_res, h_post, y, phi, output[0])
-    ctx.impl = impl
-
-
-def _post_res_proj_bwd(ctx, dout, dp, dsq):
-    x, h_res, h_post, y, phi, out = ctx.saved_tensors
-    dphi = None
-    if dp is not None or dsq is not None:  # the projection's gradient joins the stream's before post_res's
-        lead = out.shape[:-2]
-        acc = ref.acc_dtype(out.dtype)
-        dp = out.new_zeros(lead + (phi.shape[1],), dtype=acc) if dp is None else dp
-        dsq = out.new_zeros(lead, dtype=acc) if dsq is None else dsq
-        dx_proj, dphi = proj_backward(out, phi, dp, dsq, ctx.impl)
-        dout = dx_proj if dout is None else dout + dx_proj
-    dx, dh_res, dh_post, dy = post_res_backward(x, h_res, h_post, y, _zeros_if_none(dout, out), ctx.impl)
-    return dx, dh_res, dh_post, dy, dphi, None
-
-
-post_res_proj.register_autograd(_post_res_proj_bwd, setup_context=_post_res_proj_setup)
 
 
 # ---------------------------------------------------------------------------------------------
