@@ -48,22 +48,23 @@ def _frame(frames: list[dict]) -> str:
     return f"{graph} | {ours}" if ours else graph
 
 
-def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str]]]:
+def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str]], str]:
     """(peak bytes above the step's start, [(size, frame)] of the blocks allocated during the step and alive at
-    the peak) from the allocator trace."""
+    the peak, the allocation that reached the peak) from the allocator trace."""
     events = [e for trace in snapshot["device_traces"] for e in trace]
     live: dict[int, tuple[int, str]] = {}
     cur = peak = 0
     at_peak: list[tuple[int, str]] = []
+    where = ""
     for e in events:
         if e["action"] == "alloc":
             live[e["addr"]] = (e["size"], _frame(e.get("frames", [])))
             cur += e["size"]
             if cur > peak:
-                peak, at_peak = cur, list(live.values())
+                peak, at_peak, where = cur, list(live.values()), live[e["addr"]][1]
         elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
             cur -= live.pop(e["addr"])[0]  # whichever of the two comes first
-    return peak, at_peak
+    return peak, at_peak, where
 
 
 def report(name: str, fn, x, unit: int) -> list[str]:
@@ -76,14 +77,14 @@ def report(name: str, fn, x, unit: int) -> list[str]:
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     _GRAPHS.clear()
-    peak, blocks = live_at_peak(snap)
+    peak, blocks, where = live_at_peak(snap)
     by_frame: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
     for size, frame in blocks:
         by_frame[frame] += size
         count[frame] += 1
     lines = [f"== {name}: {peak / 2**30:.2f} GiB allocated during the step at its peak = {peak / unit:.1f} units "
-             f"(unit = T x C x 2 B = {unit / 2**20:.0f} MiB)"]
+             f"(unit = T x C x 2 B = {unit / 2**20:.0f} MiB), reached at {where}"]
     for frame, size in by_frame.most_common(25):
         lines.append(f"  {size / unit:7.2f} units  x{count[frame]:3d}  {frame}")
     return lines
