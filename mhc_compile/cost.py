@@ -1,8 +1,10 @@
 """The cost model: bytes moved and bytes kept by the mHC bookkeeping, as sympy expressions.
 
-One source for these counts: the recompute planner takes its block size from ``memory`` (the
-minimiser is derived here, not hand-copied), ``explain`` prints ``site_traffic`` for the user's widths,
-and the benchmarks divide measured times by the same byte counts.
+One source for these counts: the recompute planner takes its blocks from ``block_schedule`` (the
+partition minimising ``block_peak``, the backward's modelled memory peak) or, without an activation
+estimate, its uniform block size from ``memory`` (the minimiser is derived here, not hand-copied);
+``explain`` prints ``site_traffic`` for the user's widths, and the benchmarks divide measured times by the
+same byte counts.
 
 Symbols: T tokens, n streams, C width, L sites in a chain, L_r recompute block size, s bytes per stream
 element (2 for bf16). Counts are in elements of the stream, per token and per site, counting every tensor
