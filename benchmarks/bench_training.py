@@ -211,12 +211,6 @@ def run_size(d, args, emit):
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
-    for flag in ("fold_stream_grads",):  # "fold_stream_grads=False": one pass option flipped
-        for v in args.variants:
-            if v.startswith(flag + "="):
-                value = v.split("=", 1)[1] == "True"
-                variants[f"backend=mhc {flag}={value}"] = torch.compile(
-                    mhc_model, backend="mhc", options={"n": args.n, flag: value})
     if "fused" in args.variants:  # the opt-in cross-layer boundary ops, side by side with the default
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})

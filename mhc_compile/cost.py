@@ -93,6 +93,12 @@ def optimal_block_size(n_streams: int, sites: int) -> float:
     return float(_optimal_block().subs({n: n_streams, L: sites}))
 
 
+def _block_units(b: int, start: int, end: int, sites: int, n_streams: int, act: float) -> float:
+    """What is alive while the backward processes block b (1-based) of sites [start, end); see ``block_peak``."""
+    streams = (b - 1) + (end - start - 1) + (b == 1) + (end == sites)
+    return act * end + n_streams * streams
+
+
 def block_peak(blocks: list[int], n_streams: int, act: float) -> float:
     """Modelled peak of the backward, in C-wide activations per token, for recompute blocks of these sizes.
 
@@ -110,10 +116,8 @@ def block_peak(blocks: list[int], n_streams: int, act: float) -> float:
     sites = sum(blocks)
     peak, start = 0.0, 0
     for b, size in enumerate(blocks, 1):
-        end = start + size
-        streams = (b - 1) + (size - 1) + (b == 1) + (end == sites)
-        peak = max(peak, act * end + n_streams * streams)
-        start = end
+        peak = max(peak, _block_units(b, start, start + size, sites, n_streams, act))
+        start += size
     return peak
 
 
@@ -138,8 +142,7 @@ def block_schedule(sites: int, n_streams: int, act: float) -> list[int]:
                 prev = best[b - 1][i][0]
                 if prev == inf:
                     continue
-                streams = (b - 1) + (j - i - 1) + (b == 1) + (j == sites)
-                peak = max(prev, act * j + n_streams * streams)
+                peak = max(prev, _block_units(b, i, j, sites, n_streams, act))
                 if peak < best[b][j][0]:
                     best[b][j] = (peak, i)
     top = min(best[b][sites][0] for b in range(1, max_blocks + 1))

@@ -164,6 +164,20 @@ def test_hi_lo_split_keeps_sixteen_bits():
         assert ((back - v).abs() <= v.abs() * 2.0 ** -14).all()
 
 
+@pytest.fixture
+def launch_grids(monkeypatch):
+    """The grids of every pipelined kernel launch during the test, in order."""
+    grids = []
+    launch = tk._launch_pipelined
+
+    def spy(kernel, grid, *rest):
+        grids.append(grid)
+        return launch(kernel, grid, *rest)
+
+    monkeypatch.setattr(tk, "_launch_pipelined", spy)
+    return grids
+
+
 def _site_grads(t, n, c, dtype, seed, with_acc):
     """Inputs of the fused site backward: (x, phi, dp, dsq, h_pre, dx_in, acc or None)."""
     x, y, h_pre, *_, phi = _stream(t, n, c, dtype, seed)
@@ -194,21 +208,13 @@ def test_proj_pre_backward(shape, dtype, with_acc):
         _close(dphi, dphi_ref, _tol(dphi.dtype))
 
 
-def test_proj_pre_backward_split_and_small_blocks(monkeypatch):
+def test_proj_pre_backward_split_and_small_blocks(launch_grids):
     """Token split with a ragged tail, K blocks that straddle streams (n = 5, C = 7, BK = 16) and a ragged
     last K block: dphi partials summed on the host, dX stores owned by one program each."""
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(65, 5, 7, torch.float32, seed=12, with_acc=True)
-    grids = []
-    launch = tk._launch_pipelined
-
-    def spy(kernel, grid, *rest):
-        grids.append(grid)
-        return launch(kernel, grid, *rest)
-
-    monkeypatch.setattr(tk, "_launch_pipelined", spy)
     with tk.tuning("proj_dx", bt=16, bk=16, waves=64), tk.tuning("proj_dphi", bt=16, bk=16, waves=64):
         got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
-    assert grids == [(3, 2), (3, 2)], grids  # dx, then dphi: K = 35 in 3 blocks of 16 x 2 token splits
+    assert launch_grids == [(3, 2), (3, 2)], launch_grids  # dx, then dphi: K = 35 in 3 blocks of 16 x 2 token splits
     for a, e in zip(got, ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)):
         _close(a, e, TOL32)
 
@@ -320,21 +326,13 @@ def test_post_res_proj(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 3, 129), (20, 5, 130)], ids=["T37n3C129", "T20n5C130"])
-def test_post_res_proj_split_and_column_blocks(shape, dtype, monkeypatch):
+def test_post_res_proj_split_and_column_blocks(shape, dtype, launch_grids):
     """Small chunks (BT = BC = 16) force several token blocks and two channel splits whose partial p / sq are
     summed on the host; the last split ends in a ragged chunk. All m columns are one block (no ownership)."""
     x, y, _, h_post, h_res, phi = _stream(*shape, dtype, seed=8)
-    grids = []
-    launch = tk._launch_pipelined
-
-    def spy(kernel, grid, *rest):
-        grids.append(grid)
-        return launch(kernel, grid, *rest)
-
-    monkeypatch.setattr(tk, "_launch_pipelined", spy)
     with tk.tuning("post_res_proj", bt=16, bk=16, waves=64):
         got = tk.post_res_proj(x, h_res, h_post, y, phi)
-    assert grids == [((shape[0] + 15) // 16, 2)], grids  # 9 chunks of 16 channels in 2 splits
+    assert launch_grids == [((shape[0] + 15) // 16, 2)], launch_grids  # 9 chunks of 16 channels in 2 splits
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
 

@@ -934,8 +934,8 @@ def coeffs_backward(
 # (MP = next power of 2, no column blocks), walking its channels in chunks of BC. Per chunk, y and the n input
 # rows x[:, j, chunk] are loaded once; each output row X'_i is mixed in fp32 in _mix_tile's order (so X' is
 # post_res's bit for bit under the interpreter; on an H100 the compiler contracts differently and ~5 in 10^6
-# elements differ, all near-cancellations), rounded to the stream dtype, stored, squared into sq and multiplied on tensor cores
-# with phi rows i*C + chunk. bf16 streams use proj's hi/lo dots (the rounded X'_i enters both as bf16);
+# elements differ, all near-cancellations), rounded to the stream dtype, stored, squared into sq and
+# multiplied on tensor cores with phi rows i*C + chunk. bf16 streams use proj's hi/lo dots (the rounded X'_i enters both as bf16);
 # other dtypes widen X'_i and phi to ACC (tf32 for fp16, exact for fp32 / fp64).
 #
 # Tile sizes come from compiling for sm_90 without a GPU (triton.compile to a GPUTarget, then ptxas -v):
