@@ -6,6 +6,7 @@ inside a pass.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
@@ -27,33 +28,83 @@ def dynamo_frame_locals() -> dict[str, Any] | None:
     return getattr(tx, "f_locals", None)
 
 
+def _local_source(obj: Any, f_locals: dict[str, Any]):
+    """Dynamo's Source for where the frame holds ``obj``: a local, or an item of a local tuple / list / dict (a
+    decorator's wrapper frame holds the model in ``args``). None when it is not there."""
+    from torch._dynamo.source import GetItemSource, LocalSource
+
+    for name, value in f_locals.items():
+        if value is obj:
+            return LocalSource(name)
+    for name, value in f_locals.items():
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (tuple, list)) else ()
+        for key, item in items:
+            if item is obj:
+                return GetItemSource(LocalSource(name), key)
+    return None
+
+
 def guard_identity(obj: Any) -> bool:
     """Make Dynamo recompile the frame being compiled when the local now holding ``obj`` holds another
     object (an ID_MATCH guard). Returns False when no local holds it or this torch lacks the API."""
-    f_locals = dynamo_frame_locals() or {}
-    name = next((k for k, v in f_locals.items() if v is obj), None)
-    if name is None:
-        return False
     try:
         from torch._dynamo.guards import GuardBuilder, install_guard
-        from torch._dynamo.source import LocalSource
 
-        install_guard(LocalSource(name).make_guard(GuardBuilder.ID_MATCH))
+        source = _local_source(obj, dynamo_frame_locals() or {})
+        if source is None:
+            return False
+        install_guard(source.make_guard(GuardBuilder.ID_MATCH))
     except Exception:  # pragma: no cover - depends on torch internals
         return False
     return True
 
 
+_ACCESSOR = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
+
+
+def _accessors(qualified: str) -> list[tuple[str, Any]] | None:
+    """ "L['args'][0].model.h.0" -> [("local", "args"), ("item", 0), ("attr", "model"), ...], or None."""
+    if not qualified.startswith("L["):
+        return None
+    out, pos = [], 1
+    while pos < len(qualified):
+        m = _ACCESSOR.match(qualified, pos)
+        if m is None:
+            return None
+        key, index, attr = m.groups()
+        if not out:
+            if key is None:
+                return None
+            out.append(("local", key))
+        elif attr is not None:
+            out.append(("attr", attr))
+        else:
+            out.append(("item", int(index) if index is not None else key))
+        pos = m.end()
+    return out
+
+
 def resolve_module(qualified: str, f_locals: dict[str, Any]) -> tuple[nn.Module, str] | None:
-    """Split an nn_module_stack path "L['self'].h.0" into (the local module, "h.0")."""
-    if not qualified.startswith("L['"):
+    """Split an nn_module_stack path into (the first module on it, the dotted path below that module).
+
+    "L['self'].h.0" -> (self, "h.0"). A forward wrapped by a decorator is compiled as the wrapper's frame, whose
+    locals hold the model inside ``args`` (transformers 5.24's top-level models): "L['args'][0].model.layers.0"
+    -> (args[0], "model.layers.0").
+    """
+    steps = _accessors(qualified)
+    if steps is None or steps[0][1] not in f_locals:
         return None
-    close = qualified.index("']")
-    local = f_locals.get(qualified[3:close])
-    if not isinstance(local, nn.Module):
-        return None
-    rest = qualified[close + 2 :].lstrip(".")
-    return local, rest.replace("[", ".").replace("]", "").replace("'", "")
+    obj = f_locals[steps[0][1]]
+    rest = steps[1:]
+    while not isinstance(obj, nn.Module):
+        if not rest:
+            return None
+        kind, key = rest.pop(0)
+        try:
+            obj = getattr(obj, key) if kind == "attr" else obj[key]
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None
+    return obj, ".".join(str(key) for _, key in rest)
 
 
 def inductor_compile_fx() -> Callable:

@@ -24,6 +24,49 @@ def test_resolve_module_paths():
     mod, path = _compat.resolve_module("L['self'].1.1", {"self": outer})
     assert mod is outer and path == "1.1"
     assert _compat.resolve_module("G['x']", {}) is None
+    # a decorator's wrapper frame (transformers 5.24's top-level forward): the model is args[0]
+    mod, path = _compat.resolve_module("L['args'][0].1[1]", {"args": (outer, 3), "kwargs": {}})
+    assert mod is outer and path == "1.1"
+    assert _compat.resolve_module("L['args'][2].h", {"args": (outer,)}) is None
+    assert _compat.resolve_module("L['args'][0]", {"args": (3,)}) is None
+    # detect names sites by the same path below the module
+    from mhc_compile.passes.detect import normalize_module_path
+
+    assert normalize_module_path("L['args'][0].1[1]") == "1.1" == normalize_module_path("L['self'].1.1")
+    assert normalize_module_path("L['args'][0]") == "" == normalize_module_path("L['self']")
+
+
+def test_identity_guard_reaches_a_model_held_in_the_wrappers_args():
+    """A decorated forward is compiled as the wrapper's frame: the identity guard goes on args[0]."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        @wrap
+        def forward(self, x):
+            return self.lin(x)
+
+    guarded = []
+
+    def backend(gm, example_inputs):
+        guarded.append(_compat.guard_identity(_compat.dynamo_frame_locals()["args"][0]))
+        return gm.forward
+
+    a, b = M(), M()
+    x = torch.randn(1, 2)
+    torch.compile(a, backend=backend)(x)
+    torch.compile(b, backend=backend)(x)
+    assert guarded == [True, True]
 
 
 def test_inner_compilers_and_policy_exist():

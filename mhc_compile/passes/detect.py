@@ -36,6 +36,7 @@ patterns are plain functions.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -244,12 +245,16 @@ def module_stack(node: fx.Node) -> list[str]:
     return paths
 
 
+_FRAME_ROOT = re.compile(r"^[LG]\[[^\]]*\](\[[^\]]*\])*")
+
+
 def normalize_module_path(path: str) -> str:
-    """"L['self'].h.0.attn" -> "h.0.attn";  "L['self']" -> ""."""
-    if path.startswith("L[") or path.startswith("G["):
-        close = path.find("]")
-        path = path[close + 1 :]
-    path = path.lstrip(".")
+    """"L['self'].h.0.attn" -> "h.0.attn";  "L['self']" -> "".
+
+    Items right after the local are the container the model sits in, not part of its path: a decorated forward
+    is compiled as the wrapper's frame, "L['args'][0].model.layers.0" -> "model.layers.0" (transformers 5.24).
+    """
+    path = _FRAME_ROOT.sub("", path).lstrip(".")
     # Dynamo writes indexing as "h[0]" in some versions and "h.0" in others.
     return path.replace("[", ".").replace("]", "").replace("'", "")
 
