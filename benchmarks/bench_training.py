@@ -208,6 +208,11 @@ def run_size(d, args, emit):
             every = int(v[len("recompute"):])
             variants[f"backend=mhc recompute={every}"] = torch.compile(
                 mhc_model, backend="mhc", options={"n": args.n, "recompute": every})
+    for v in args.variants:  # "blocks4-3-1": these recompute blocks, first block first (plans side by side)
+        if v.startswith("blocks"):
+            sizes = [int(k) for k in v[len("blocks"):].split("-")]
+            variants[f"backend=mhc recompute={sizes}"] = torch.compile(
+                mhc_model, backend="mhc", options={"n": args.n, "recompute": sizes})
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})

@@ -107,6 +107,17 @@ def resolve_module(qualified: str, f_locals: dict[str, Any]) -> tuple[nn.Module,
     return obj, ".".join(str(key) for _, key in rest)
 
 
+def size_hint(value: Any) -> int:
+    """The example value of a (possibly symbolic) size, without installing a guard on it: a planner that
+    compares symbolic sizes would specialise the graph on them, and Dynamo would recompile per shape."""
+    if isinstance(value, int):
+        return value
+    hint = getattr(getattr(value, "node", None), "hint", None)
+    if hint is None:
+        raise ValueError(f"no example value for the size {value!r}")
+    return int(hint)
+
+
 def inductor_compile_fx() -> Callable:
     from torch._inductor.compile_fx import compile_fx
 

@@ -38,8 +38,9 @@ class MHCConfig:
                      (DeepSeek-V4 code).
     kernels:         "auto" (Triton on CUDA, reference elsewhere), "reference", "triton".
     recompute:       "auto" (block sizes minimising the modelled backward peak, large early in a chain and
-                     small late: ``cost.block_schedule``), an int (uniform blocks of that many sites), or
-                     "none".
+                     small late: ``cost.block_schedule``), an int (uniform blocks of that many sites), a list
+                     of block sizes, first block first (each chain's sites must add up to it: for experiments
+                     with the plan), or "none".
     fuse:            fuse each sublayer boundary (post_res of site l-1 with proj / coeffs / pre of site l)
                      into one op with one backward (``passes/fuse.py``). Off by default: its Triton kernels
                      are correct but measured slower than the four separate ops on an H100 (2026-11-23,
@@ -95,8 +96,14 @@ class MHCConfig:
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
-        if self.recompute not in ("auto", "none"):
-            _check_int("recompute", self.recompute, 1, 1 << 20, hint='or "auto" / "none"')
+        if isinstance(self.recompute, (list, tuple)):
+            if not self.recompute:
+                raise ValueError("mhc option 'recompute' as block sizes must name at least one block")
+            for size in self.recompute:
+                _check_int("recompute", size, 1, 1 << 20, hint="block size")
+            object.__setattr__(self, "recompute", tuple(self.recompute))  # a frozen copy of the list
+        elif self.recompute not in ("auto", "none"):
+            _check_int("recompute", self.recompute, 1, 1 << 20, hint='or "auto" / "none" / a list of block sizes')
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"mhc option 'dump_dir' must be a path, got {self.dump_dir!r}")
         if self.compile_mode is not None and not isinstance(self.compile_mode, str):

@@ -93,37 +93,53 @@ def optimal_block_size(n_streams: int, sites: int) -> float:
     return float(_optimal_block().subs({n: n_streams, L: sites}))
 
 
-def _block_units(b: int, start: int, end: int, sites: int, n_streams: int, act: float) -> float:
-    """What is alive while the backward processes block b (1-based) of sites [start, end); see ``block_peak``."""
-    streams = (b - 1) + (end - start - 1) + (b == 1) + (end == sites)
-    return act * end + n_streams * streams
+def block_moments(blocks: list[int], n_streams: int, act: float, wgrad: float = 0.0) -> list[float]:
+    """What is alive, in C-wide activations per token, while the backward processes each block (first block
+    first); ``block_peak`` says what is counted."""
+    sites = sum(blocks)
+    out, start = [], 0
+    for b, size in enumerate(blocks, 1):
+        out.append(_block_units(b, start, start + size, sites, n_streams, act, wgrad))
+        start += size
+    return out
 
 
-def block_peak(blocks: list[int], n_streams: int, act: float) -> float:
+def _block_units(b: int, start: int, end: int, sites: int, n_streams: int, act: float, wgrad: float) -> float:
+    """Block b (1-based) of sites [start, end); see ``block_peak``."""
+    streams = b + (end - start - 1) + (b == 1)
+    return act * end + wgrad * (sites - end) + n_streams * streams
+
+
+def block_peak(blocks: list[int], n_streams: int, act: float, wgrad: float = 0.0) -> float:
     """Modelled peak of the backward, in C-wide activations per token, for recompute blocks of these sizes.
 
     The backward walks the blocks last to first. While block b (1-based, sites [i, j)) is processed, alive are:
-    the activations of the sites before j (``act`` each: what the sublayers keep for their own backward, freed
-    as the backward passes them), the stored input streams of blocks 2..b (n each), and the streams recomputed
-    for block b: the j - i - 1 inside it, its input too when b = 1 (the chain head's expand is recomputed), and
-    the chain's last stream when b is the last block (its collapse is recomputed). The backward recomputes a
-    block's streams in forward order and frees them in reverse, so they are alive together at its start.
+    - the activations of the sites before j (``act`` each: what the sublayers keep for their own backward,
+      freed as the backward passes them);
+    - the weight gradients of the sites after j (``wgrad`` each: a compiled backward returns its weight
+      gradients when it ends, so they pile up through it; a GPT layer's 12 d^2 weights over its two sites
+      and over T d: 6 d / T);
+    - the stored input streams of blocks 2..b (n each);
+    - the streams recomputed for block b: the j - i - 1 inside it, and its input too when b = 1 (the chain
+      head's expand is recomputed). The backward recomputes a block's streams in forward order and frees them
+      in reverse, so they are alive together at its start;
+    - one more stream: the gradient entering the block from the block after it; for the last block (the start
+      of the backward) the chain's last stream, whose collapse is recomputed.
 
-    Measured on the 4-layer d = 4096 stack (benchmarks/results/session5-2026-11-24-h100.md, act ~ 8.7, n = 4):
-    uniform blocks of 2 and of 4 both peaked ~17.5 units over the residual stack (this model: 20 and 20) and
-    blocks of 8 ~33.5 units over (model: 36).
+    Fitted on the 4-layer stack (8 sites, act ~ 8.1) at d = 4096 and 7168 on an H200
+    (benchmarks/results/session6-2026-12-02-h200.md): four plans a width; each plan's measured peak above the
+    best plan's is within 2.6 units (64 / 112 MiB) of this model's difference. The previous model (no weight
+    gradients, no incoming gradient stream) tied [5, 2, 1] with [4, 3, 1] at d = 7168 and picked the former,
+    which measured 3.9 units higher.
     """
-    sites = sum(blocks)
-    peak, start = 0.0, 0
-    for b, size in enumerate(blocks, 1):
-        peak = max(peak, _block_units(b, start, start + size, sites, n_streams, act))
-        start += size
-    return peak
+    return max(block_moments(blocks, n_streams, act, wgrad), default=0.0)
 
 
-def block_schedule(sites: int, n_streams: int, act: float) -> list[int]:
-    """Recompute block sizes, first block first, minimising ``block_peak``; among equal peaks, the most blocks
-    (each block stores its input instead of recomputing it). Dynamic programming over (blocks, end site).
+def block_schedule(sites: int, n_streams: int, act: float, wgrad: float = 0.0) -> list[int]:
+    """Recompute block sizes, first block first, minimising ``block_peak``; among plans within 1e-9 of that
+    peak, the one with the least summed block moments (the model is approximate: a plan whose other blocks also
+    stay low is the safer one), then the most blocks. Two dynamic programmes over (blocks, end site): the
+    minimal peak, then the least sum under it.
 
     Blocks come out large early in the chain and small late: the peak is usually at the start of the backward,
     when every site's activations are still alive, so the last blocks must recompute little; the first blocks
@@ -133,23 +149,32 @@ def block_schedule(sites: int, n_streams: int, act: float) -> list[int]:
         return []
     inf = float("inf")
     max_blocks = min(sites, 4 * int(sites ** 0.5) + 2)
-    # best[b][j]: (peak, split) for sites [0, j) in b blocks, block b ending at j
-    best = [[(inf, 0)] * (sites + 1) for _ in range(max_blocks + 1)]
-    best[0][0] = (0.0, 0)
-    for b in range(1, max_blocks + 1):
-        for j in range(b, sites + 1):
-            for i in range(b - 1, j):
-                prev = best[b - 1][i][0]
-                if prev == inf:
-                    continue
-                peak = max(prev, _block_units(b, i, j, sites, n_streams, act))
-                if peak < best[b][j][0]:
-                    best[b][j] = (peak, i)
-    top = min(best[b][sites][0] for b in range(1, max_blocks + 1))
-    b = max(b for b in range(1, max_blocks + 1) if best[b][sites][0] <= top * (1 + 1e-9))
+
+    def solve(combine, allowed):
+        # best[b][j]: (cost, split) for sites [0, j) in b blocks, block b ending at j
+        best = [[(inf, 0)] * (sites + 1) for _ in range(max_blocks + 1)]
+        best[0][0] = (0.0, 0)
+        for b in range(1, max_blocks + 1):
+            for j in range(b, sites + 1):
+                for i in range(b - 1, j):
+                    prev = best[b - 1][i][0]
+                    units = _block_units(b, i, j, sites, n_streams, act, wgrad)
+                    if prev == inf or not allowed(units):
+                        continue
+                    total = combine(prev, units)
+                    if total < best[b][j][0]:
+                        best[b][j] = (total, i)
+        return best
+
+    peak_dp = solve(max, lambda units: True)
+    top = min(peak_dp[b][sites][0] for b in range(1, max_blocks + 1))
+    bound = top * (1 + 1e-9)
+    sum_dp = solve(lambda prev, units: prev + units, lambda units: units <= bound)
+    least = min(sum_dp[b][sites][0] for b in range(1, max_blocks + 1))
+    b = max(b for b in range(1, max_blocks + 1) if sum_dp[b][sites][0] <= least * (1 + 1e-9))
     sizes, j = [], sites
     while b > 0:
-        i = best[b][j][1]
+        i = sum_dp[b][j][1]
         sizes.append(j - i)
         j, b = i, b - 1
     return sizes[::-1]

@@ -161,3 +161,19 @@ def test_register_inductor_fallbacks_puts_every_op_in_the_lowering_table():
     _compat.register_inductor_fallbacks(all_ops())
     assert all(op in lowerings for op in all_ops())
     _compat.register_inductor_fallbacks(all_ops())  # idempotent
+
+
+def test_size_hint_reads_a_symbolic_size_without_a_guard():
+    assert _compat.size_hint(7) == 7
+    seen = {}
+
+    def backend(gm, example_inputs):
+        x = next(v for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
+                 if isinstance(v, torch.Tensor))
+        seen["hint"] = _compat.size_hint(x.numel())
+        seen["symbolic"] = not isinstance(x.numel(), int)
+        return gm.forward
+
+    f = torch.compile(lambda x: x * 2, backend=backend, dynamic=True)
+    f(torch.randn(3, 5))
+    assert seen == {"hint": 15, "symbolic": True}

@@ -16,11 +16,26 @@ def test_auto_block_size(n, sites, want):
 def test_auto_blocks_follow_the_peak_model_and_forced_blocks_are_uniform():
     from mhc_compile.passes.recompute import block_sizes
 
-    # the 4-layer stack of benchmarks/bench_training.py (8 sites, ~8 activations a site): big blocks first
-    assert block_sizes(MHCConfig(n=4), 8, 8.7) == [5, 2, 1]
+    # the 4-layer stack of benchmarks/bench_training.py (8 sites, ~8 activations a site, weight gradients
+    # 6 d / T = 1.5 / 3 / 5.25 units a site at d = 2048 / 4096 / 7168): big blocks first
+    for wgrad in (1.5, 3.0, 5.25):
+        assert block_sizes(MHCConfig(n=4), 8, 8.1, wgrad) == [4, 3, 1]
     assert block_sizes(MHCConfig(n=4), 8, None) == [2, 2, 2, 2]  # no estimate: sqrt(nL / (n + 2)) blocks
     assert block_sizes(MHCConfig(recompute=3), 8, 8.7) == [3, 3, 2]
     assert block_sizes(MHCConfig(recompute="none"), 8, 8.7) == []
+
+
+def test_explicit_block_sizes_are_used_as_given_and_checked():
+    from mhc_compile.passes.recompute import block_sizes
+
+    cfg = MHCConfig(recompute=[4, 3, 1])
+    assert cfg.recompute == (4, 3, 1)
+    assert block_sizes(cfg, 8, 8.7) == [4, 3, 1]
+    with pytest.raises(ValueError, match=r"blocks \[4, 3, 1\] cover 8 sites, but a chain here has 6"):
+        block_sizes(cfg, 6, 8.7)
+    for bad in ([], [2, 0], [2, "3"], [1.5]):
+        with pytest.raises(ValueError, match="recompute"):
+            MHCConfig(recompute=bad)
 
 
 def test_recompute_pass_estimates_activations_and_plans_blocks():
@@ -32,13 +47,17 @@ def test_recompute_pass_estimates_activations_and_plans_blocks():
 
     torch._dynamo.reset()
     seen = {}
-    orig = recompute.activation_units
+    orig, orig_w = recompute.activation_units, recompute.weight_grad_units
 
     def spy(gm, detection):
         seen["act"] = orig(gm, detection)
         return seen["act"]
 
-    recompute.activation_units = spy
+    def spy_w(gm, detection):
+        seen["wgrad"] = orig_w(gm, detection)
+        return seen["wgrad"]
+
+    recompute.activation_units, recompute.weight_grad_units = spy, spy_w
     try:
         model = NanoGPT(layers=4, d=32, block=32)
         idx = torch.randint(0, 64, (2, 16))
@@ -47,11 +66,14 @@ def test_recompute_pass_estimates_activations_and_plans_blocks():
             warnings.simplefilter("ignore")
             torch.compile(model, backend="mhc", options={"inner_backend": "aot_eager"})(idx)
     finally:
-        recompute.activation_units = orig
+        recompute.activation_units, recompute.weight_grad_units = orig, orig_w
     report = [r for r in REPORTS if r.sites][-1]
     sizes = [len(b) for b in report.recompute_blocks]
     assert seen["act"] is not None and 1 < seen["act"] < 100, seen
-    assert sizes == cost.block_schedule(len(report.sites), 4, seen["act"]), sizes
+    # a layer's parameters (LayerNorms, attention, MLP: 12704 fp32 values at d = 32) for its two sites, over one
+    # site's stream (2 x 16 tokens x 32 channels); the embeddings and the head are not counted
+    assert seen["wgrad"] == pytest.approx(12704 / 2 / (2 * 16 * 32))
+    assert sizes == cost.block_schedule(len(report.sites), 4, seen["act"], seen["wgrad"]), sizes
     flat = [p for b in report.recompute_blocks for p in b]
     assert len(flat) == len(set(flat)) == len(report.sites)
     assert all(line.startswith(path) for path, line in zip(flat, report.sites)), (flat, report.sites)

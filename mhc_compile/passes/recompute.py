@@ -12,9 +12,10 @@ between two blocks the partitioner keeps the boundary stream (a tagged node whos
 ``ac_graph_id`` is saved), which is exactly "store the stream every L_r sublayers plus each F output".
 
 recompute="auto" picks the block sizes with ``cost.block_schedule``: the partition of the chain that
-minimises the modelled peak of the backward (``cost.block_peak``: activations still alive + stored block
-inputs + the streams recomputed for the block being processed), given how many C-wide activations each
-site's sublayer produces (estimated from the graph's fake tensors). Blocks come out large early in the chain
+minimises the modelled peak of the backward (``cost.block_peak``: activations still alive + weight gradients
+already produced + stored block inputs + the streams recomputed for the block being processed + the gradient
+stream entering it), given how many C-wide activations each site's sublayer produces and how many its weight
+gradients take (both estimated from the graph's fake tensors). Blocks come out large early in the chain
 and small late, where the backward starts with every activation alive. Without that estimate (no tensor
 metadata) it falls back to uniform blocks of round(sqrt(n L / (n + 2))), the minimiser of the simpler model
 n C (L / L_r) + (n + 2) C L_r. An int recompute forces uniform blocks of that size.
@@ -30,7 +31,7 @@ import torch.fx as fx
 
 from mhc_compile import _compat, cost
 from mhc_compile.config import MHCConfig
-from mhc_compile.passes.detect import Detection, example_value
+from mhc_compile.passes.detect import Detection, example_value, innermost_module
 
 _ids = itertools.count(10_000)  # away from the ids torch.utils.checkpoint hands out
 
@@ -44,14 +45,23 @@ def block_size(config: MHCConfig, num_sites: int) -> int | None:
     return min(int(config.recompute), num_sites)
 
 
-def block_sizes(config: MHCConfig, num_sites: int, act: float | None) -> list[int]:
+def block_sizes(config: MHCConfig, num_sites: int, act: float | None, wgrad: float = 0.0) -> list[int]:
     """Sizes of a chain's recompute blocks, first block first ([] with recompute="none")."""
+    if isinstance(config.recompute, tuple):
+        if sum(config.recompute) != num_sites:
+            raise ValueError(f"mhc option 'recompute': blocks {list(config.recompute)} cover "
+                             f"{sum(config.recompute)} sites, but a chain here has {num_sites}")
+        return list(config.recompute)
     if config.recompute == "auto" and act is not None and num_sites > 0:
-        return cost.block_schedule(num_sites, config.n, act)
+        return cost.block_schedule(num_sites, config.n, act, wgrad)
     lr = block_size(config, num_sites)
     if lr is None:
         return []
     return [min(lr, num_sites - start) for start in range(0, num_sites, lr)]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return _compat.size_hint(t.numel()) * t.element_size()
 
 
 def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
@@ -60,7 +70,7 @@ def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
     (some outputs are freed or recomputed), which is the side to err on: it makes late blocks smaller."""
     sites = detection.sites
     unit = example_value(sites[0].stream) if sites else None
-    if not isinstance(unit, torch.Tensor) or unit.numel() == 0:
+    if not isinstance(unit, torch.Tensor) or _nbytes(unit) == 0:
         return None
     total = 0
     for node in gm.graph.nodes:
@@ -68,8 +78,30 @@ def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
             continue
         v = example_value(node)
         if isinstance(v, torch.Tensor) and v.is_floating_point() and getattr(v, "_base", None) is None:
-            total += v.numel() * v.element_size()
-    return total / (len(sites) * unit.numel() * unit.element_size())
+            total += _nbytes(v)
+    return total / (len(sites) * _nbytes(unit))
+
+
+def weight_grad_units(gm: fx.GraphModule, detection: Detection) -> float:
+    """C-wide activations (per token) that one site's weight gradients take: the bytes of the trainable
+    parameters read inside the modules that own sites (a GPT block's attention and MLP, not the embeddings or
+    the head, whose gradients come at the end of the backward), over (sites x one site's stream)."""
+    sites = detection.sites
+    unit = example_value(sites[0].stream) if sites else None
+    if not isinstance(unit, torch.Tensor) or _nbytes(unit) == 0:
+        return 0.0
+    owners = {site.owner for site in sites}
+    total = 0
+    for node in gm.graph.nodes:
+        v = example_value(node) if node.op in ("placeholder", "get_attr") and "mhc" not in node.meta else None
+        if not isinstance(v, torch.Tensor) or not v.requires_grad or not v.is_floating_point():
+            continue
+        if not (isinstance(v, torch.nn.Parameter) or getattr(v, "_is_param", False)):
+            continue
+        paths = {innermost_module(user) for user in node.users}
+        if any(owner == "" or p == owner or p.startswith(owner + ".") for p in paths for owner in owners):
+            total += _nbytes(v)
+    return total / (len(sites) * _nbytes(unit))
 
 
 # Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node.
@@ -102,9 +134,10 @@ def apply(gm: fx.GraphModule, detection: Detection, config: MHCConfig) -> list[l
         for site, link in zip(chain.sites, chain.links):
             link_of[site.path] = link
     act = activation_units(gm, detection) if config.recompute == "auto" else None
+    wgrad = weight_grad_units(gm, detection) if act is not None else 0.0
     for chain in detection.chains:
         start = 0
-        for size in block_sizes(config, len(chain.sites), act):
+        for size in block_sizes(config, len(chain.sites), act, wgrad):
             block = chain.sites[start : start + size]
             start += size
             graph_id = next(_ids)

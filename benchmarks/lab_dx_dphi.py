@@ -1,0 +1,753 @@
+"""Kernel lab: proj's folded backward (dx and dphi) in ONE pass over X, against the current pair of kernels.
+
+Today ``triton_ops.proj_pre_backward`` runs ``_proj_dx_kernel`` then ``_proj_dphi_kernel``, and the second
+reads X again (~0.9 ms a training step at 32768 tokens x C = 4096, n = 4; the pair runs at 68-69 % of the
+byte floor, which counts X once). ``_proj_dx_dphi_kernel`` below reads each X tile once and feeds it to both:
+
+    program = (K block of BK flat columns k = i * C + c, token split); for each [BT, BK] tile of its tokens:
+      dx tile   = dp_tile @ phi_slab + 2 dsq x + h_pre[t, i] dout[t, c] (+ acc)   -> stored, rounded once
+      dphi_acc += A_tile @ x_tile        A = dp^T as bf16 hi rows then lo rows, [2 MP, BT]
+    at the end: the [MP, BK] partial of dphi^T (hi + lo halves summed) -> dphi[split], summed on the host.
+
+Why this shape (the earlier fused try, lab-2026-11-24-h100.md "fuse_dphi", spilled at every tile):
+* the X tile is the dphi dot's B operand as loaded ([BT, BK], BK contiguous), never transposed (the earlier
+  try fed tl.trans(x) and paid a layout conversion of a [BT, BK] tile a step); X, dp and A are the operands
+  of the two dots, so Triton's pipeliner prefetches all three num_stages - 1 tiles ahead;
+* 16 warps by default: the [2 MP, BK] = [64, 128] fp32 accumulator and the dx tile are 16 registers a thread
+  each (the sm_90a compile of the default tile: 123 registers, no spills; ``--ptxas`` lists every tile);
+* the steady state of the token loop reads whole tiles unmasked (the ragged tail tile runs once after it).
+  In a first version (its sm_90a IR) A's row mask, which runs along A's contiguous token axis, cut its loads
+  to 2 bytes, too narrow for cp.async, so the pipeliner left A synchronous; and X (pipeline stage 0) shared
+  one [BT, BK] int64 offset and mask tensor with acc and the dx store (stage 2), which the pipeliner then
+  carried across stages in registers;
+* A's row stride is padded to 16 elements for the same reason: its rows then load as 16-byte vectors;
+* token splits are few (plan_splits: whole waves of programs, weighed against the bytes of the fp32 dphi
+  partials, splits x K x M x 4, written and summed on the host).
+
+Knobs the sweep turns (all constexpr): BT, BK, warps, stages, splits; PREFETCH: "all" loads the next tile's
+stream operands (X, dsq, h_pre, dout, acc) into registers before computing this one, "side" all but X (left
+to the pipeliner): the pipeliner only prefetches loads that feed a tl.dot, so dout and acc otherwise wait a
+memory latency every step, hidden only by other warps; DX_HI_LO: dx's dot as three bf16 dots over hi/lo
+halves of dp and phi instead of one tf32 dot; maxnreg (a register cap, to fit two programs on an SM).
+
+Measured on an H200 (benchmarks/results/lab-dx-dphi-2026-12-02-h200.md): the 16-warp default tile was no faster
+than the pair; the fastest tile was 64 x 128, 8 warps, 2 stages, maxnreg 128 (two programs an SM, 34 registers
+spilled): 1150.6 us against the pair's 1432.0 at 32768 x 4096 (71 % against 57 % of copy bandwidth), 11-20 %
+faster than the pair at every shape timed, still short of 85 %. Not wired into triton_ops yet.
+
+    PYTHONPATH=. OUT=DIR python benchmarks/lab_dx_dphi.py              # GPU: checks, sweep, DIR/lab_dx_dphi.md
+    TRITON_INTERPRET=1 python benchmarks/lab_dx_dphi.py --smoke        # CPU: value checks on tiny shapes
+    python benchmarks/lab_dx_dphi.py --ptxas                           # no GPU: sm_90 registers / spills
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import bench_kernels as bkm  # noqa: E402
+from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _ld(ptr, mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+    """A load masked only where it has to be: the steady state of the token loop (MASK_ROWS off) reads whole
+    tiles unmasked when K is a multiple of BK, so its loads vectorise (the pipeliner skips loads whose mask
+    breaks the 4-byte vectors) and no [BT, BK] predicate tensor is carried between pipeline stages."""
+    if MASK_ROWS:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    elif EVEN_K:
+        v = tl.load(ptr)
+    else:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _tile_mask(rmask, kmask, EVEN_K: tl.constexpr):
+    """[BT, BK] mask of a tile, as [BT, 1] when every column is in range (loads broadcast it)."""
+    if EVEN_K:
+        m2 = rmask[:, None]
+    else:
+        m2 = rmask[:, None] & kmask[None, :]
+    return m2
+
+
+@triton.jit
+def _x_load(x_ptr, rows, t_hi, C, ks, kmask, N: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+    """The X tile [BT, BK] as stored (bf16 feeds the tensor cores as loaded). Its pointers start from a [BT] row
+    base: no [BT, BK] int64 offset tensor shared with other loads for the pipeliner to carry across stages."""
+    xrow = rows.to(tl.int64) * (N * C)
+    return _ld(x_ptr + xrow[:, None] + ks[None, :], _tile_mask(rows < t_hi, kmask, EVEN_K), MASK_ROWS, EVEN_K)
+
+
+@triton.jit
+def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N: tl.constexpr,
+                HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, MASK_ROWS: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """The other loads of a tile's dx, in their stored dtypes (widened where used, so a prefetched tile costs
+    half the registers): (dsq, h_pre, dout tile, acc tile); absent terms are 0.0 placeholders."""
+    r64 = rows.to(tl.int64)
+    rmask = rows < t_hi
+    m2 = _tile_mask(rmask, kmask, EVEN_K)
+    dsq = _ld(dsq_ptr + r64, rmask, MASK_ROWS, EVEN_K)
+    h = 0.0
+    g = 0.0
+    a = 0.0
+    if HAS_PRE:
+        g = _ld(g_ptr + (r64 * C)[:, None] + cc[None, :], m2, MASK_ROWS, EVEN_K)
+        if ONE_STREAM:  # the block lies in one stream: h_pre is one value a token
+            h = _ld(h_ptr + r64 * N + ii, rmask, MASK_ROWS, EVEN_K)
+        else:
+            h = _ld(h_ptr + (r64 * N)[:, None] + ii[None, :], m2, MASK_ROWS, EVEN_K)
+    if HAS_ACC:
+        a = _ld(acc_ptr + (r64 * (N * C))[:, None] + ks[None, :], m2, MASK_ROWS, EVEN_K)
+    return dsq, h, g, a
+
+
+@triton.jit
+def _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+            PREC: tl.constexpr):
+    """dp @ phi^T for one tile: one tf32 dot (fp32 operands), or with DX_HI_LO three bf16 dots over hi/lo
+    halves of dp (split here) and phi (split on the host); lo x lo (~2^-16 relative) is dropped."""
+    if DX_HI_LO:
+        dp_hi = dp.to(tl.bfloat16)
+        dp_lo = (dp - dp_hi.to(ACC)).to(tl.bfloat16)
+        out = tl.dot(dp_hi.to(DOT), ph_hi.to(DOT), out_dtype=ACC)
+        out = tl.dot(dp_lo.to(DOT), ph_hi.to(DOT), out, out_dtype=ACC)
+        out = tl.dot(dp_hi.to(DOT), ph_lo.to(DOT), out, out_dtype=ACC)
+    else:
+        out = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
+    return out
+
+
+@triton.jit
+def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am, s_at, ks,
+          kmask, ms, mmask, mas, arow, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
+          HI_LO: tl.constexpr, DX_HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+          DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X."""
+    r64 = rows.to(tl.int64)
+    rmask = rows < t_hi
+    # dp and A feed dots: Triton's pipeliner prefetches them (and X) num_stages - 1 tiles ahead. Their column /
+    # row masks (M < MP, zero padding of A) are loop-invariant; the row mask only exists in the tail tile.
+    if MASK_ROWS:
+        dmask = rmask[:, None] & mmask[None, :]
+        amask = arow[:, None] & rmask[None, :]
+    else:
+        dmask = mmask[None, :]
+        amask = arow[:, None]
+    dp = tl.load(dp_ptr + (r64 * M)[:, None] + ms[None, :], mask=dmask, other=0.0).to(ACC)
+    at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
+    dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO, DOT, ACC, PREC)
+    dx += 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
+    if HAS_PRE:
+        if ONE_STREAM:
+            dx += h.to(ACC)[:, None] * g.to(ACC)
+        else:
+            dx += h.to(ACC) * g.to(ACC)
+    if HAS_ACC:
+        dx += a.to(ACC)
+    dx_ptrs = dx_ptr + (r64 * K)[:, None] + ks[None, :]
+    if MASK_ROWS:
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+    elif EVEN_K:
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty))
+    else:
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+    if HI_LO:  # the X tile enters the tensor cores as loaded
+        dphi = tl.dot(at.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
+    else:
+        dphi = tl.dot(at.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
+    return dphi
+
+
+@triton.jit(do_not_specialize=["T"])
+def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, dphi_ptr,
+                         T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                         MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
+                         HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr,
+                         DX_HI_LO: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
+    tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
+
+    phi_ptr: phi [K, M] in ACC, or with DX_HI_LO _split_hi_lo's [2, K, MP] bf16. a_ptr: the A operand of
+    dphi^T = A @ X: with HI_LO dp^T as bf16 hi rows then lo rows ([2 MP, s_am], s_at = 1, MA = 2 MP; s_am a
+    multiple of 16 so A's rows load as 16-byte vectors), else dp^T read in place (MA = MP) and the X tile
+    widened to ACC. ONE_STREAM (C % BK == 0): the block lies in one stream i0, so h_pre is one value a token
+    and dout's channels a contiguous run; otherwise both are gathered per lane. EVEN_K (K % BK == 0): no
+    column mask. Whole tiles run unmasked in the loop; the ragged tail tile of the split runs once after it.
+    PREFETCH 1: the loop loads the next tile's X, dsq, h_pre, dout and acc into registers before computing this
+    one; 2: all of them but X, which stays a dot operand for the pipeliner (it only prefetches dot operands, so
+    dout and acc otherwise wait a memory latency every step); 0: neither.
+    """
+    K = N * C
+    split = tl.program_id(1)
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    kmask = ks < K
+    ks64 = ks.to(tl.int64)
+    ms = tl.arange(0, MP)
+    mmask = ms < M
+    mas = tl.arange(0, MA)
+    # the phi slab [MP, BK] is loaded once for the program's whole token range
+    phi_t = 0.0
+    ph_hi = 0.0
+    ph_lo = 0.0
+    if DX_HI_LO:
+        pp = phi_ptr + ks64[None, :] * MP + ms[:, None]
+        ph_hi = tl.load(pp, mask=kmask[None, :], other=0.0)
+        ph_lo = tl.load(pp + K * MP, mask=kmask[None, :], other=0.0)
+    else:
+        phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0).to(ACC)
+    if ONE_STREAM:
+        ii = (tl.program_id(0) * BK) // C
+        cc = tl.program_id(0) * BK - ii * C + tl.arange(0, BK)
+    else:
+        ii = ks // C
+        cc = ks - ii * C
+    # rows of A past M are zero padding: masking them skips their reads (the hi and lo halves alike)
+    if HI_LO:
+        arow = (mas % MP) < M
+    else:
+        arow = mas < M
+    dphi = tl.zeros([MA, BK], dtype=ACC)
+    t_lo = split * T_SPLIT
+    t_hi = tl.minimum(t_lo + T_SPLIT, T)
+    t_full = t_lo + (t_hi - t_lo) // BT * BT  # end of the whole tiles
+    if PREFETCH == 0:
+        for t0 in range(t_lo, t_full, BT):
+            rows = t0 + tl.arange(0, BT)
+            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
+            dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N,
+                                       HAS_PRE, ONE_STREAM, HAS_ACC, False, EVEN_K)
+            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
+                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
+                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+    elif PREFETCH == 1:
+        # every stream operand of the next tile is loaded one iteration ahead, X included (which takes X away
+        # from the pipeliner); the last prefetch is of rows >= t_full, masked off by a [BT, 1] row mask
+        rows = t_lo + tl.arange(0, BT)
+        xn = _x_load(x_ptr, rows, t_full, C, ks, kmask, N, True, EVEN_K)
+        dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_full, C, ks, kmask, ii, cc, N,
+                                       HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+        for t0 in range(t_lo, t_full, BT):
+            xt, dsq, h, g, a = xn, dsqn, hn, gn, an
+            rows_n = t0 + BT + tl.arange(0, BT)
+            xn = _x_load(x_ptr, rows_n, t_full, C, ks, kmask, N, True, EVEN_K)
+            dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows_n, t_full, C, ks, kmask, ii, cc,
+                                           N, HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+            rows = t0 + tl.arange(0, BT)
+            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
+                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
+                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+    else:
+        # dsq, h_pre, dout and acc one iteration ahead; X stays a dot operand loaded in the loop, which the
+        # pipeliner prefetches num_stages - 1 tiles ahead through shared memory
+        rows = t_lo + tl.arange(0, BT)
+        dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_full, C, ks, kmask, ii, cc, N,
+                                       HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+        for t0 in range(t_lo, t_full, BT):
+            dsq, h, g, a = dsqn, hn, gn, an
+            rows_n = t0 + BT + tl.arange(0, BT)
+            dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows_n, t_full, C, ks, kmask, ii, cc,
+                                           N, HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+            rows = t0 + tl.arange(0, BT)
+            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
+            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
+                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
+                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+    if t_full < t_hi:  # the ragged tail tile, masked
+        rows = t_full + tl.arange(0, BT)
+        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, True, EVEN_K)
+        dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
+                                   ONE_STREAM, HAS_ACC, True, EVEN_K)
+        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am,
+                     s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, DX_HI_LO, True,
+                     EVEN_K, DOT, ACC, PREC)
+    if HI_LO:
+        dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
+    out_rows = split.to(tl.int64) * K + ks64
+    tl.store(dphi_ptr + out_rows[None, :] * M + ms[:, None], dphi, mask=mmask[:, None] & kmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host wrapper
+# ---------------------------------------------------------------------------------------------
+LAST_COMPILED = {}  # the CompiledKernel of the latest launch (GPU only): registers, spills, shared memory
+
+
+def split_dp_t(dp, mp: int):
+    """dp^T as bf16 hi rows then lo rows, [2 MP, T] in a [2 MP, T16] buffer (T16 = T rounded up to 16): a row
+    stride that is a multiple of 16 elements lets the kernel load A's rows as 16-byte vectors, which the
+    pipeliner needs (triton_ops._split_hi_lo writes the same values with row stride T)."""
+    t, m = dp.shape
+    t16 = triton.cdiv(t, 16) * 16
+    dst = torch.empty((2 * mp, t16), dtype=torch.bfloat16, device=dp.device)
+    br = max(1, min(tk._pow2(t), 4096 // mp))
+    tk._hi_lo_kernel[(triton.cdiv(t, br),)](dp.float().contiguous(), dst, t, m, mp * t16, 1, t16, BR=br, MP=mp)
+    return dst
+
+
+def _wave_efficiency(programs: int, slots: int) -> float:
+    """Fraction of the SM slots busy over the grid's waves (equal programs, ``slots`` resident at a time)."""
+    return programs / (triton.cdiv(programs, slots) * slots)
+
+
+def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, device, splits: int | None = None,
+                split_cost: float = 0.0):
+    """(splits, tokens per split). Among 1 .. ``waves`` programs an SM, the split count with the least predicted
+    time: (1 + split_cost x splits) / (fraction of SM slots busy over the grid's waves, ``occupancy`` programs
+    resident an SM); ``split_cost`` = bytes of one split's dphi partial (written, then read by the host sum) /
+    the kernel's other bytes; ties go to fewer splits. E.g. K = 28672 in 224 blocks on 132 SMs, one program an
+    SM: 1 split = 224 programs, 85 % of 2 waves; 4 splits = 896 programs, 97 % of 7 waves."""
+    tiles = triton.cdiv(t, bt)
+    if splits is None:
+        sms = tk._num_sms(device)
+        most = max(1, min(tiles, int(waves * sms) // max(kblocks, 1)))
+        slots = max(1, occupancy) * sms
+
+        def cost(s):
+            return (1.0 + (split_cost * s if s > 1 else 0.0)) / _wave_efficiency(kblocks * s, slots)
+
+        splits = min(range(1, most + 1), key=lambda s: (round(cost(s), 6), s))
+    splits = max(1, min(splits, tiles))
+    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    return triton.cdiv(t, t_split), t_split
+
+
+_PREFETCH_MODES = {False: 0, None: 0, True: 1, "all": 1, "side": 2}
+
+
+def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages,
+                 prefetch, dx_hi_lo, maxnreg):
+    """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report."""
+    k = n * c
+    mp = max(16, tk._pow2(m))
+    hi_lo = tk._hi_lo(stream_dtype) and acc_t == torch.float32
+    bt = max(16, min(bt, tk._pow2(t)))  # tl.dot needs >= 16 rows
+    bk = max(16, min(bk, tk._pow2(k)))
+    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
+                HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DX_HI_LO=bool(dx_hi_lo) and hi_lo,
+                PREFETCH=_PREFETCH_MODES[prefetch], DOT=tk._half_dot_dtype(), ACC=tk._acc_tl(acc_t),
+                PREC=tk._dot_precision(stream_dtype))
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return bt, bk, meta, opts
+
+
+def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
+                            num_stages=3, waves=16.0, occupancy=1, splits=None, prefetch=False, dx_hi_lo=False,
+                            maxnreg=None):
+    """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (both None),
+    from one kernel that reads X once. dx in x.dtype, dphi in phi.dtype. Token splits: see plan_splits
+    (``waves``, ``occupancy``), or ``splits`` given. ``dx_hi_lo`` applies to bf16 streams only; ``maxnreg``
+    caps registers a thread (ptxas spills past it), e.g. 128 to fit two 8-warp programs on an SM."""
+    tk._check_stream("proj_pre_backward_fused", x, phi)
+    t, n, c = x.shape
+    k, m = phi.shape
+    if k != n * c:
+        raise ValueError(f"proj_pre_backward_fused: phi has {k} rows, expected n*C = {n * c}")
+    if (h_pre is None) != (dout is None):
+        raise ValueError("proj_pre_backward_fused: give both h_pre and dout, or neither")
+    if acc is not None and acc.shape != x.shape:
+        raise ValueError(f"proj_pre_backward_fused: acc has shape {tuple(acc.shape)}, expected {tuple(x.shape)}")
+    x, phi, dp, dsq = x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous()
+    has_pre = h_pre is not None
+    if has_pre:
+        h_pre, dout = h_pre.contiguous(), dout.contiguous()
+    acc = acc.contiguous() if acc is not None else None
+    acc_t = tk._acc_torch(x.dtype, phi.dtype, *((dout.dtype,) if has_pre else ()))
+    if t == 0 or k == 0:
+        return torch.empty_like(x), torch.zeros_like(phi)
+    bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
+                                      num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
+                                      dx_hi_lo=dx_hi_lo, maxnreg=maxnreg)
+    if meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
+        a = split_dp_t(dp, meta["MP"])
+        s_am, s_at = a.stride(0), 1
+    else:  # dp^T read in place
+        a, s_am, s_at = dp, 1, m
+    w = tk._split_hi_lo(phi, meta["MP"], transpose=False) if meta["DX_HI_LO"] else phi
+    kblocks = triton.cdiv(k, bk)
+    split_cost = (k * m * 4 * 2) / (3 * x.numel() * x.element_size())  # a dphi partial / X, acc and dX
+    splits, t_split = plan_splits(t, bt, kblocks, waves, occupancy, x.device, splits, split_cost)
+    dx = torch.empty_like(x)
+    dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
+    # absent operands are placeholders that their constexpr flag never lets the kernel read
+    args = (x, w, dp, a, dsq, h_pre if has_pre else dsq, dout if has_pre else x, acc if acc is not None else x,
+            dx, dphi, t, c, m, t_split, s_am, s_at)
+    ck = _proj_dx_dphi_kernel[(kblocks, splits)](*args, **meta, **opts)
+    if ck is not None:
+        LAST_COMPILED["kernel"] = ck
+        LAST_COMPILED["grid"] = (kblocks, splits)
+    return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the lab: value checks, the timed sweep, the table
+# ---------------------------------------------------------------------------------------------
+def _cfg(bt, bk, warps, stages, **more):
+    return dict(bt=bt, bk=bk, num_warps=warps, num_stages=stages, **more)
+
+
+MAIN = _cfg(64, 128, 16, 3)
+# Per tile: registers a thread, stack bytes (spills), shared memory, and the programs an H100 SM then holds, from
+# this machine's sm_90a build (``--ptxas``, Triton 3.9; the GPU's Triton may differ). 'occupancy' is what the
+# split planner assumes (plan_splits); the grid is (K blocks, token splits).
+SWEEP = [
+    MAIN,                                                           # 123, 0, 112 KB: 1 (16 warps)
+    _cfg(64, 128, 16, 2),                                           # 124, 0, 80 KB: 1
+    _cfg(64, 128, 16, 4),                                           # 128, 0, 144 KB: 1
+    _cfg(64, 128, 16, 3, splits=4),                                 # 4x the programs, 4x shorter loops
+    _cfg(64, 128, 8, 3),                                            # 248, 0, 112 KB: 1 (8 warps)
+    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2),                  # 128, 280, 80 KB: 2
+    _cfg(32, 128, 8, 3),                                            # 221, 0, 56 KB: 1
+    _cfg(32, 128, 16, 3),                                           # 128, 8, 60 KB: 1
+    _cfg(64, 64, 8, 3, occupancy=2),                                # 124, 0, 80 KB: 2 (16 warps)
+    _cfg(64, 64, 8, 2, occupancy=2),                                # 126, 0, 56 KB: 2
+    _cfg(64, 64, 8, 4),                                             # 144, 0, 104 KB: 1
+    _cfg(64, 64, 4, 3, occupancy=2),                                # 252, 0, 80 KB: 2
+    _cfg(32, 64, 4, 3, occupancy=2),                                # 214, 0, 38 KB: 2
+    _cfg(128, 64, 16, 3),                                           # 126, 0, 152 KB: 1
+    _cfg(64, 128, 16, 3, prefetch="all"),                           # 128, 24, 96 KB: 1
+    _cfg(64, 64, 8, 3, prefetch="all"),                             # 152, 0, 72 KB: 1
+    _cfg(64, 128, 16, 3, prefetch="side"),                          # 128, 24, 112 KB: 1
+    _cfg(64, 64, 8, 3, prefetch="side"),                            # 161, 0, 80 KB: 1
+    _cfg(64, 64, 8, 3, prefetch="side", maxnreg=128, occupancy=2),  # 128, 24, 80 KB: 2
+    _cfg(64, 64, 8, 3, prefetch="all", maxnreg=128, occupancy=2),   # 128, 32, 72 KB: 2
+    _cfg(32, 128, 8, 3, prefetch="side"),                           # 241, 0, 56 KB: 1
+    _cfg(32, 64, 4, 3, prefetch="side", occupancy=2),               # 239, 0, 38 KB: 2
+    _cfg(64, 128, 8, 3, dx_hi_lo=True),                             # 237, 0, 104 KB: 1
+    _cfg(64, 64, 8, 3, dx_hi_lo=True),                              # 202, 0, 72 KB: 1
+]
+# value checks on the GPU: odd token counts (a ragged tail tile), n = 1 / 3 / 4, bf16 and fp32, ONE_STREAM and
+# the gather path (C = 1000 is no multiple of BK); the variants only on the first two shapes
+CHECK_SHAPES = [(1000, 4, 768, torch.bfloat16), (1000, 4, 4096, torch.bfloat16), (1000, 4, 768, torch.float32),
+                (1000, 1, 768, torch.bfloat16), (1000, 3, 768, torch.float32), (1000, 3, 1000, torch.bfloat16)]
+CHECK_VARIANTS = [_cfg(64, 128, 16, 3, prefetch="all"), _cfg(64, 128, 16, 3, prefetch="side"),
+                  _cfg(64, 128, 8, 3, dx_hi_lo=True), _cfg(32, 64, 4, 3, splits=3)]
+SMOKE_SHAPES = [(37, 4, 64, torch.bfloat16), (37, 3, 24, torch.float32), (37, 1, 64, torch.bfloat16)]
+# error budgets, max |err| / max |ref|: one bf16 rounding of dx (2^-8) plus tf32 products; hi/lo dphi ~2^-16 per
+# product summed over 1000 tokens; fp32 streams multiply exactly
+BUDGET = {torch.bfloat16: (1e-2, 1e-3), torch.float32: (1e-5, 1e-5)}
+
+
+def make(t, n, c, device, dtype=torch.bfloat16, seed=0):
+    """Inputs of the folded backward as kernel_lab.make draws them, in any stream dtype."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    m = ref.num_coeffs(n)
+
+    def rn(*s, dt=torch.float32, scale=1.0):
+        return (scale * torch.randn(*s, generator=g, device=device)).to(dt)
+
+    return dict(x=rn(t, n, c, dt=dtype), phi=rn(n * c, m, scale=(n * c) ** -0.5), dp=rn(t, m),
+                dsq=rn(t, scale=1e-3), h=torch.rand(t, n, generator=g, device=device),
+                g=rn(t, c, dt=dtype), acc=rn(t, n, c, dt=dtype))
+
+
+def _args(d):
+    return d["x"], d["phi"], d["dp"], d["dsq"], d["h"], d["g"], d["acc"]
+
+
+def rel_err(a, e, rows=4096):
+    """max |a - e| / max |e| in fp32, a chunk of tokens at a time (the stream tensors are GBs)."""
+    num = den = 0.0
+    for i in range(0, a.shape[0], rows):
+        ai, ei = a[i:i + rows].float(), e[i:i + rows].float()
+        num = max(num, (ai - ei).abs().max().item())
+        den = max(den, ei.abs().max().item())
+    return num / (den or 1.0)
+
+
+def _label(cfg):
+    """'64x128 w16 s3 prefetch=side ...': BT x BK, warps, stages, then the other options."""
+    keys = {"num_warps": "w", "num_stages": "s", "occupancy": "occ"}
+    parts = [f"{cfg['bt']}x{cfg['bk']}"]
+    for k, v in cfg.items():
+        if k not in ("bt", "bk"):
+            parts.append(keys[k] + str(v) if k in keys else k if v is True else f"{k}={v}")
+    return " ".join(parts)
+
+
+def _occupancy(regs, smem, warps):
+    """Programs an H100 SM holds: 64K registers (granted per warp in units of 256), 228 KB shared memory
+    (1 KB reserved a program), 64 warps."""
+    by_regs = 65536 // (triton.cdiv(max(regs, 1) * 32, 256) * 256 * warps)
+    by_smem = (228 * 1024) // (smem + 1024)
+    return max(0, min(by_regs, by_smem, 64 // warps, 32))
+
+
+def _compiled_stats(ck):
+    """'regs/spills', 'smem KB', 'programs an SM' of a CompiledKernel, or '-' where Triton does not say."""
+    try:
+        regs, spills, smem = ck.n_regs, ck.n_spills, ck.metadata.shared
+        warps = ck.metadata.num_warps
+    except Exception:
+        return "-", "-", "-"
+    return f"{regs}/{spills}", f"{smem / 1024:.0f}", str(_occupancy(regs, smem, warps))
+
+
+class _Recorder:
+    """Records the CompiledKernel each launch of some jitted kernels returns (the pair's registers)."""
+
+    def __init__(self, jit_fns):
+        self.fns, self.seen = jit_fns, {}
+
+    def __enter__(self):
+        for f in self.fns:
+            def run(*a, _orig=f.run, _f=f, **kw):
+                ck = _orig(*a, **kw)
+                self.seen[_f] = ck
+                return ck
+            f.run = run  # the instance attribute shadows JITFunction.run, which kernel[grid](...) calls
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.fns:
+            f.__dict__.pop("run", None)
+
+
+def _pair_stats(args):
+    fns = [tk._proj_dx_kernel, tk._proj_dphi_kernel]
+    try:
+        with _Recorder(fns) as rec:
+            tk.proj_pre_backward(*args)
+        stats = [_compiled_stats(rec.seen[f]) for f in fns if rec.seen.get(f) is not None]
+        return " + ".join(s[0] for s in stats) or "-", " + ".join(s[1] for s in stats) or "-", \
+            " + ".join(s[2] for s in stats) or "-"
+    except Exception:
+        return "-", "-", "-"
+
+
+def check_rows(device, shapes, variants):
+    """(rows, all_ok): the fused kernel against the float64 reference and against the current pair."""
+    rows, ok = [], True
+    for i, (t, n, c, dtype) in enumerate(shapes):
+        d = make(t, n, c, device, dtype, seed=1)
+        x, phi, dp, dsq, h, g, acc = _args(d)
+        want = ref.proj_pre_backward(*(v.double() for v in (x, phi, dp, dsq, h, g, acc)))
+        pair = tk.proj_pre_backward(x, phi, dp, dsq, h, g, acc)
+        budget = BUDGET[dtype]
+        for cfg in [MAIN] + (variants if i < 2 else []):
+            label = f"| {t}x{n}x{c} {str(dtype)[6:]} | {_label(cfg)} |"
+            try:
+                got = proj_pre_backward_fused(*_args(d), **cfg)
+                errs = [rel_err(a, e) for a, e in zip(got, want)]
+                vs_pair = [rel_err(a, e) for a, e in zip(got, pair)]
+                good = all(a.dtype == e.dtype and a.shape == e.shape for a, e in zip(got, pair)) and \
+                    errs[0] <= budget[0] and errs[1] <= budget[1]
+                rows.append(f"{label} {errs[0]:.1e} / {errs[1]:.1e} | {vs_pair[0]:.1e} / {vs_pair[1]:.1e} | "
+                            f"{'ok' if good else 'FAIL'} |")
+            except Exception as exc:  # a config that does not compile or fit is a row, not a crash
+                good = False
+                rows.append(f"{label} {type(exc).__name__}: {str(exc)[:100]} | | FAIL |")
+            ok &= good
+            print(rows[-1], flush=True)
+        del d, want, pair
+    return rows, ok
+
+
+def nbytes_of(t, n, c, m):
+    """Bytes the folded backward must move (kernel_lab.bwd_rows' count): X, acc and dX once each, dout, the
+    per-token coefficients (dp, dsq, h_pre: fp32), phi read and dphi written (fp32)."""
+    return 3 * t * n * c * 2 + t * c * 2 + t * (m + 1 + n) * 4 + 2 * n * c * m * 4
+
+
+def sweep_rows(t, n, c, device, bw, configs, deadline):
+    d = make(t, n, c, device)
+    args = _args(d)
+    m = d["phi"].shape[1]
+    nbytes = nbytes_of(t, n, c, m)
+    head = f"| **T={t}, C={c}, n={n}** | bytes {nbytes / 1e9:.2f} GB: floor {nbytes / bw * 1e6:.0f} us, " \
+           f"85 % target {nbytes / (0.85 * bw) * 1e6:.0f} us | | | | | | | |"
+    rows = [head]
+    print(head, flush=True)
+
+    def row(design, tile, us, err, regs, smem, occ, grid):
+        eff = nbytes / (us * 1e-6) / bw
+        rows.append(f"| {design} | {tile} | {us:.1f} | {eff:.0%} | {err} | {regs} | {smem} | {occ} | {grid} |")
+        print(rows[-1], flush=True)
+
+    expected = tk.proj_pre_backward(*args)
+    us = bkm.bench_us(lambda: tk.proj_pre_backward(*args))
+    row("pair: _proj_dx + _proj_dphi", "default", us, "-", *_pair_stats(args), "-")
+    for cfg in configs:
+        if time.time() > deadline:
+            rows.append(f"| fused | {_label(cfg)} | skipped: time budget spent | | | | | | |")
+            print(rows[-1], flush=True)
+            continue
+        try:
+            got = proj_pre_backward_fused(*args, **cfg)
+            stats = _compiled_stats(LAST_COMPILED.get("kernel")) if device != "cpu" else ("-", "-", "-")
+            grid = "x".join(map(str, LAST_COMPILED.get("grid", ()))) or "-"
+            err = f"{rel_err(got[0], expected[0]):.1e} / {rel_err(got[1], expected[1]):.1e}"
+            us = bkm.bench_us(lambda: proj_pre_backward_fused(*args, **cfg))
+        except Exception as exc:  # OutOfResources, a compile error: the config is a row, not a crash
+            rows.append(f"| fused | {_label(cfg)} | failed: {type(exc).__name__}: {str(exc)[:90]} | | | | | | |")
+            print(rows[-1], flush=True)
+            continue
+        row("fused", _label(cfg), us, err, *stats, grid)
+    del d, args, expected
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# --ptxas: registers, spills and shared memory of each sweep config for sm_90a, compiled on this machine
+# (no GPU: a stand-in driver names the target; Triton's ptxas builds the cubin, its cuobjdump reads it)
+# ---------------------------------------------------------------------------------------------
+def ptxas_rows(configs, n=4, c=4096, arch=90):
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.runtime.driver import driver
+
+    class _Target:  # what JITFunction asks the driver for before it compiles
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    t, m = 8192, ref.num_coeffs(n)
+    x = torch.empty(t, n, c, dtype=torch.bfloat16)
+    f32 = dict(dtype=torch.float32)
+    cuobjdump = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
+    rows = ["| tile | regs | stack bytes (spills) | smem KB | programs an SM |", "|---|---|---|---|---|"]
+    previous = getattr(driver, "_active", None)  # None without a GPU: reset_active would raise
+    driver.set_active(_Target())
+    try:
+        for cfg in configs:
+            label, cfg = _label(cfg), dict(cfg)
+            for key in ("waves", "occupancy", "splits"):
+                cfg.pop(key, None)
+            bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, torch.float32, True, True,
+                                              **{k: cfg.get(k) for k in ("bt", "bk", "num_warps", "num_stages",
+                                                                         "prefetch", "dx_hi_lo", "maxnreg")})
+            meta["DOT"] = tl.bfloat16  # the GPU's dot dtype, whatever the environment says
+            mp = meta["MP"]
+            phi = torch.empty(2, n * c, mp, dtype=torch.bfloat16) if meta["DX_HI_LO"] else torch.empty(n * c, m, **f32)
+            a = torch.empty(2 * mp, t, dtype=torch.bfloat16)
+            dp, dsq, h = torch.empty(t, m, **f32), torch.empty(t, **f32), torch.empty(t, n, **f32)
+            g, dphi = torch.empty(t, c, dtype=torch.bfloat16), torch.empty(1, n * c, m, **f32)
+            try:
+                ck = _proj_dx_dphi_kernel.warmup(x, phi, dp, a, dsq, h, g, x, x, dphi, t, c, m, 1024, t, 1,
+                                                 **meta, **opts, grid=(1,))
+                with tempfile.TemporaryDirectory() as tmp:  # the resources of the very binary Triton built
+                    path = os.path.join(tmp, "k.cubin")
+                    with open(path, "wb") as f:
+                        f.write(ck.asm["cubin"])
+                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
+                                           text=True).stdout
+                regs = int(re.search(r"REG:(\d+)", usage).group(1))
+                stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+                smem = ck.metadata.shared
+                rows.append(f"| {label} | {regs} | {stack} | {smem / 1024:.0f} | "
+                            f"{_occupancy(regs, smem, cfg['num_warps'])} |")
+            except Exception as exc:
+                rows.append(f"| {label} | failed: {type(exc).__name__}: {str(exc)[:100]} | | | |")
+            print(rows[-1], flush=True)
+    finally:
+        driver._active = previous
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 8192])
+    ap.add_argument("--channels", type=int, nargs="+", default=[4096, 7168])
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=200.0, help="sweep rows past this many seconds are skipped")
+    ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1: value checks on tiny shapes")
+    ap.add_argument("--ptxas", action="store_true", help="no GPU: sm_90a registers / spills of the sweep's tiles")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for lab_dx_dphi.md (default $OUT)")
+    args = ap.parse_args()
+    start = time.time()
+    if args.ptxas:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("lab_dx_dphi --ptxas: unset TRITON_INTERPRET (it compiles for the GPU)", file=sys.stderr)
+            return 2
+        lines = [f"sm_90a build of the sweep's tiles, C = 4096, n = {args.n}, bf16, triton {triton.__version__}",
+                 ""] + ptxas_rows(SWEEP, n=args.n)
+        _emit(args.out, "lab_dx_dphi_ptxas.md", lines)
+        return 0
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("lab_dx_dphi --smoke: run with TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        bkm.SMOKE = True
+        device, shapes, tokens, channels = "cpu", SMOKE_SHAPES, [64], [64]
+        configs = [MAIN, _cfg(16, 32, 4, 2, prefetch="all"), _cfg(32, 64, 4, 3, dx_hi_lo=True, splits=2),
+                   _cfg(16, 64, 4, 3, prefetch="side")]
+    else:
+        if not torch.cuda.is_available():
+            print("lab_dx_dphi: needs a CUDA device (or --smoke under TRITON_INTERPRET=1)", file=sys.stderr)
+            return 2
+        device, shapes, tokens, channels, configs = "cuda", CHECK_SHAPES, args.tokens, args.channels, SWEEP
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: timings meaningless)"
+    env = [f"- device: {name}", f"- torch {torch.__version__}, triton {triton.__version__}"]
+    print("\n".join(env), flush=True)
+    check = ["| shape | tile | err vs reference: dx / dphi | vs pair: dx / dphi | |", "|---|---|---|---|---|"]
+    rows, ok = check_rows(device, shapes, CHECK_VARIANTS)
+    check += rows
+    bw = bkm.copy_bandwidth(device)
+    env.append(f"- copy bandwidth (2 GiB bf16 device-to-device, read + write): {bw / 1e9:.0f} GB/s")
+    table = ["| design | tile | us | eff | rel err vs pair: dx / dphi | regs/spills | smem KB | programs/SM | grid |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def report():
+        return ["# lab_dx_dphi: dx and dphi of proj's folded backward in one pass over X", ""] + env + [
+            f"- eff = bytes / (time x copy bandwidth); bf16 stream, n = {args.n}; time: "
+            f"{'wall clock' if device == 'cpu' else 'CUDA-graph GPU time (bench_kernels.bench_us)'}",
+            "- regs/spills, smem: the compiled kernel; programs/SM: what registers, shared memory and warps allow",
+            f"- wall time of this run: {time.time() - start:.0f} s", "", "## values", ""] + check + [
+            "", "## timing", ""] + table
+
+    deadline = start + args.budget_s
+    for c in channels:  # the target shape first: compiles happen there, and the time budget ends the least useful
+        for t in tokens:
+            table += sweep_rows(t, args.n, c, device, bw, configs, deadline)
+            _emit(args.out, "lab_dx_dphi.md", report(), echo=False)  # what is done survives a kill
+    _emit(args.out, "lab_dx_dphi.md", report())
+    return 0 if ok else 1
+
+
+def _emit(out_dir, name, lines, echo=True):
+    text = "\n".join(lines)
+    if echo:
+        print(text, flush=True)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
