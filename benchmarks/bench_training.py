@@ -16,6 +16,7 @@ run cut short by its time budget still leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -213,6 +214,13 @@ def run_size(d, args, emit):
             sizes = [int(k) for k in v[len("blocks"):].split("-")]
             variants[f"backend=mhc recompute={sizes}"] = torch.compile(
                 mhc_model, backend="mhc", options={"n": args.n, "recompute": sizes})
+    contexts = {}  # variants that run a compiled model above with a kernel setting changed around the step
+    if "pairbwd" in args.variants:  # proj's backward as the dx + dphi kernel pair (X read twice), same graph
+        from mhc_compile.kernels import triton_ops
+
+        name = "backend=mhc, proj backward as the dx + dphi pair"
+        variants[name] = variants["backend=mhc"]
+        contexts[name] = lambda: triton_ops.tuning("proj_dx_dphi", enabled=False)
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
@@ -258,7 +266,8 @@ def run_size(d, args, emit):
             continue
         try:
             t0 = time.time()
-            ms, peak, act = time_step(fn, x, args.iters, cudagraphs="CUDA graphs" in name)
+            with contexts.get(name, contextlib.nullcontext)():
+                ms, peak, act = time_step(fn, x, args.iters, cudagraphs="CUDA graphs" in name)
             if base_ms is None:
                 base_ms, base_act = ms, act
             emit(f"| {d} | {name} | {ms:.2f} | {100 * (ms / base_ms - 1):+.1f}% | {peak / 2**30:.2f} | "

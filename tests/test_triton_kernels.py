@@ -10,7 +10,6 @@ axis): the interpreter is slow.
 
 import importlib
 import os
-import subprocess
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -235,6 +234,48 @@ def test_proj_pre_backward_one_stream_blocks(dtype):
             _close(dphi, want[1], TOL32)
 
 
+@pytest.mark.parametrize("shape", [(37, 4, 64), (65, 5, 7)], ids=["one_stream", "gather"])
+def test_bf16_proj_backward_takes_the_one_pass_kernel_and_the_pair_agrees(shape, monkeypatch):
+    """bf16 streams: proj_pre_backward and proj_backward run kernels/triton_proj_bwd.py (X read once);
+    configure("proj_dx_dphi", enabled=False) gives the dx + dphi pair. Both against the reference."""
+    from mhc_compile.kernels import triton_proj_bwd
+
+    calls = []
+    real = triton_proj_bwd.proj_grads
+    monkeypatch.setattr(triton_proj_bwd, "proj_grads", lambda *a: calls.append(a[0].shape) or real(*a))
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, torch.bfloat16, seed=15, with_acc=True)
+    want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    want_plain = ref.proj_backward(x, phi, dp, dsq)
+    for enabled, tiles in ((True, {}), (True, {"bt": 16, "bk": 16}), (False, {})):
+        calls.clear()
+        with tk.tuning("proj_dx_dphi", enabled=enabled, **tiles):
+            got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+            plain = tk.proj_backward(x, phi, dp, dsq)
+        assert len(calls) == (2 if enabled else 0)
+        for (dx, dphi), (dx_ref, dphi_ref) in ((got, want), (plain, want_plain)):
+            _close(dx, dx_ref, TOL[torch.bfloat16])
+            _close_hi_lo(dphi, dphi_ref, x.reshape(shape[0], -1).T, dp)
+
+
+def test_one_pass_backward_that_does_not_fit_falls_back_to_the_pair(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from mhc_compile.kernels import triton_proj_bwd
+
+    def too_big(*args):
+        raise OutOfResources(81920, 65536, "shared memory")
+
+    monkeypatch.setattr(triton_proj_bwd, "proj_grads", too_big)
+    monkeypatch.setattr(tk, "_NO_ONE_PASS", set())
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(37, 4, 64, torch.bfloat16, seed=16, with_acc=True)
+    with pytest.warns(UserWarning, match="does not fit this GPU"):
+        dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    assert tk._NO_ONE_PASS == {x.device}
+    want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+    _close(dx, want[0], TOL[torch.bfloat16])
+    _close_hi_lo(dphi, want[1], x.reshape(37, -1).T, dp)
+
+
 @pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
 def test_reference_proj_pre_backward_is_the_sum_of_the_oracles(with_acc):
     """fp64, so the fused reference's single rounding is invisible: it must be pre_backward's dX +
@@ -425,13 +466,9 @@ if not _INTERPRETED:
     for _name in [k for k in list(globals()) if k.startswith("test_")]:
         del globals()[_name]
 
-    def test_kernels_in_interpreter_subprocess():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
-                             env=env, cwd=root, capture_output=True, text=True)
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+    from interpreter_rerun import rerun_in_subprocess
+
+    test_in_interpreter_subprocess = rerun_in_subprocess(__file__)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,6 +101,21 @@ class DotCfg:
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
 
 
+@dataclass(frozen=True)
+class FusedBwdCfg:
+    """Tile and launch of proj's one-pass backward (kernels/triton_proj_bwd.py) for bf16 streams; ``enabled``
+    False falls back to the dx + dphi kernel pair below (the side-by-side baseline)."""
+
+    enabled: bool = True
+    bt: int = 64
+    bk: int = 128
+    num_warps: int = 8
+    num_stages: int = 2
+    maxnreg: int | None = 128  # GPU only: caps registers so two programs fit an SM (ptxas spills past it)
+    occupancy: int = 2  # programs an SM that the token-split planner assumes
+    waves: float = 16.0  # most programs an SM the token-split planner considers
+
+
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
 # bf16; benchmarks/results/kernels-2026-11-23-h100.md). Full-width C (1024) won for the backward kernels too.
 _DEFAULTS = {
@@ -114,6 +130,8 @@ _DEFAULTS = {
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
     "proj_dphi": DotCfg(bt=64, bk=128, num_warps=4, num_stages=3, waves=2),
+    # the fastest tile of benchmarks/lab_dx_dphi.py on an H200 (lab-dx-dphi-2026-12-02-h200.md)
+    "proj_dx_dphi": FusedBwdCfg(),
     # BT = 128 tokens (phi's L2 reads per stream byte halve against 64), BC = 16 channels per chunk so the n = 4
     # input tiles stay within 8 elements per thread (128 registers, no spills in the sm_90 compile); bk and bt
     # are upper bounds that _post_res_proj_tile shrinks as n grows. H100: 56-63 % of copy bandwidth, slower
@@ -563,9 +581,11 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
 #   dx   = dp @ phi^T + 2 dsq x  (+ h_pre[t, i] * dout[t, c])  (+ acc)       k = i * C + c
 #   dphi = x^T @ dp
 # Both walk X tiles [BT, BK] along the flat K = n*C axis. dphi is dp^T @ X: dp^T ([MA, BT], tiny) is the A
-# operand and the X tile the B operand as loaded, so no tile is transposed in registers. dphi runs in its own
-# kernel, reading X a second time: folded into the dx pass it spilled registers at every tile tried, and dx's
-# dp @ phi^T as m rank-1 FMA updates was slower than the dot (benchmarks/kernel_lab.py, lab-2026-11-24-h100.md).
+# operand and the X tile the B operand as loaded, so no tile is transposed in registers. bf16 streams take one
+# kernel for both (kernels/triton_proj_bwd.py, X read once); the other dtypes, and bf16 with
+# configure("proj_dx_dphi", enabled=False), take the pair below, where dphi reads X a second time (the first try
+# at folding dphi into this dx pass spilled registers at every tile: benchmarks/kernel_lab.py,
+# lab-2026-11-24-h100.md; dx's dp @ phi^T as m rank-1 FMA updates was slower than the dot).
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
 def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, T, C, M, T_SPLIT,
@@ -660,6 +680,9 @@ def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: i
     return triton.cdiv(t, t_split), t_split
 
 
+_NO_ONE_PASS: set = set()  # devices whose shared memory the one-pass backward's tile does not fit
+
+
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                 acc: Tensor | None) -> tuple[Tensor, Tensor]:
     t, n, c = x.shape
@@ -667,9 +690,18 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
     if t == 0 or k == 0:  # x has no elements: neither has dx
         return torch.empty_like(x), torch.zeros_like(phi)
+    hi_lo = _hi_lo(x.dtype) and acc_t == torch.float32
+    if hi_lo and _cfg("proj_dx_dphi").enabled and x.device not in _NO_ONE_PASS:  # one pass over X
+        from mhc_compile.kernels import triton_proj_bwd
+
+        try:
+            return triton_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, _cfg("proj_dx_dphi"))
+        except OutOfResources as e:  # a GPU with less shared memory than its tile needs: the pair fits in less
+            _NO_ONE_PASS.add(x.device)
+            warnings.warn(f"mhc triton proj backward: the one-pass kernel does not fit this GPU ({e}); using the "
+                          "dx + dphi kernel pair", stacklevel=2)
     cfg, cfg_phi = _cfg("proj_dx"), _cfg("proj_dphi")
     mp = max(16, _pow2(m))
-    hi_lo = _hi_lo(x.dtype) and acc_t == torch.float32
     if hi_lo:  # dp^T as bf16 hi rows then lo rows: [2 * MP, T]
         a, s_am, s_at, ma = _split_hi_lo(dp, mp, transpose=True), t, 1, 2 * mp
     else:  # dp^T read in place

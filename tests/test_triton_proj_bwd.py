@@ -1,5 +1,5 @@
-"""benchmarks/lab_dx_dphi.py's one-pass kernel (dx and dphi of proj's folded backward) against the float64 reference,
-on CPU tensors under the Triton interpreter.
+"""kernels/triton_proj_bwd.py's one-pass kernel (dx and dphi of proj's folded backward; its knobs are swept by
+benchmarks/lab_dx_dphi.py) against the float64 reference, on CPU tensors under the Triton interpreter.
 
 TRITON_INTERPRET must be set before anything imports triton (see test_triton_kernels.py); if another module
 imported it first without the interpreter, this module reruns itself in a fresh subprocess instead.
@@ -17,8 +17,6 @@ Each output is held to a bound derived from how it was computed rather than to a
 """
 
 import os
-import subprocess
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -38,7 +36,7 @@ if _INTERPRETED:
 
     if not isinstance(_tk._hi_lo_kernel, InterpretedFunction):  # imported earlier without the interpreter
         importlib.reload(_tk)
-    from benchmarks import lab_dx_dphi as lab
+    from mhc_compile.kernels import triton_proj_bwd as pb
 
 T = 37  # tokens of every case (the dphi bound's accumulation length: an upper bound for shorter inputs)
 EPS32 = 2.0 ** -24
@@ -125,7 +123,7 @@ IDS = [f"n{n}C{c}-{str(d)[6:]}-" + "-".join(f"{k}{v}" for k, v in o.items()) + (
 @pytest.mark.parametrize("n,c,dtype,opts,with_acc", CASES, ids=IDS)
 def test_fused_matches_reference(n, c, dtype, opts, with_acc):
     inputs = _inputs(n, c, dtype, seed=n * 100 + c, with_acc=with_acc)
-    _check(lab.proj_pre_backward_fused(*inputs, **opts), _expected(*inputs), dtype)
+    _check(pb.proj_pre_backward_fused(*inputs, **opts), _expected(*inputs), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -133,15 +131,15 @@ def test_fused_matches_reference(n, c, dtype, opts, with_acc):
 def test_fused_without_pre_term_is_proj_backward(dtype, with_acc):
     """h_pre and dout absent (HAS_PRE off): proj_backward's dx (+ acc) and dphi."""
     inputs = _inputs(3, 24, dtype, seed=7, with_acc=with_acc, with_pre=False)
-    _check(lab.proj_pre_backward_fused(*inputs, bt=16, bk=32, splits=2), _expected(*inputs), dtype)
+    _check(pb.proj_pre_backward_fused(*inputs, bt=16, bk=32, splits=2), _expected(*inputs), dtype)
 
 
 def test_fewer_tokens_than_a_tile_and_no_tokens():
     """T below BT (only the masked tail tile runs) and T = 0 (no launch)."""
     x, phi, dp, dsq, h_pre, dout, acc = _inputs(4, 64, torch.bfloat16, seed=3)
     few = (x[:5], phi, dp[:5], dsq[:5], h_pre[:5], dout[:5], acc[:5])
-    _check(lab.proj_pre_backward_fused(*few, bt=64, bk=64), _expected(*few), torch.bfloat16)
-    dx, dphi = lab.proj_pre_backward_fused(x[:0], phi, dp[:0], dsq[:0], h_pre[:0], dout[:0], acc[:0])
+    _check(pb.proj_pre_backward_fused(*few, bt=64, bk=64), _expected(*few), torch.bfloat16)
+    dx, dphi = pb.proj_pre_backward_fused(x[:0], phi, dp[:0], dsq[:0], h_pre[:0], dout[:0], acc[:0])
     assert dx.shape == (0, 4, 64) and torch.equal(dphi, torch.zeros_like(phi))
 
 
@@ -149,14 +147,14 @@ def test_plan_splits_fills_whole_waves():
     cpu = torch.device("cpu")  # the interpreter's 4 "SMs"
     # 7 K blocks, one program an SM: 1-3 splits leave 1/8 of the slots idle at the tail, 4 splits (28
     # programs = 7 waves) none
-    assert lab.plan_splits(10_000, 64, 7, waves=8, occupancy=1, device=cpu) == (4, 2560)
+    assert pb.plan_splits(10_000, 64, 7, waves=8, occupancy=1, device=cpu) == (4, 2560)
     # ... unless a split's dphi partial costs more than the idle slots: 10 % of the kernel's bytes a split
-    assert lab.plan_splits(10_000, 64, 7, waves=8, occupancy=1, device=cpu, split_cost=0.1)[0] == 1
+    assert pb.plan_splits(10_000, 64, 7, waves=8, occupancy=1, device=cpu, split_cost=0.1)[0] == 1
     # ties go to fewer splits; never more splits than token tiles; an explicit count wins
-    assert lab.plan_splits(10_000, 64, 4, waves=8, occupancy=1, device=cpu)[0] == 1
-    assert lab.plan_splits(100, 64, 1, waves=64, occupancy=1, device=cpu)[0] == 2
-    assert lab.plan_splits(1000, 16, 3, waves=1, occupancy=1, device=cpu, splits=5) == (5, 208)
-    assert lab._wave_efficiency(224, 132) == pytest.approx(224 / 264)
+    assert pb.plan_splits(10_000, 64, 4, waves=8, occupancy=1, device=cpu)[0] == 1
+    assert pb.plan_splits(100, 64, 1, waves=64, occupancy=1, device=cpu)[0] == 2
+    assert pb.plan_splits(1000, 16, 3, waves=1, occupancy=1, device=cpu, splits=5) == (5, 208)
+    assert pb._wave_efficiency(224, 132) == pytest.approx(224 / 264)
 
 
 if not _INTERPRETED:
@@ -164,10 +162,6 @@ if not _INTERPRETED:
     for _name in [k for k in list(globals()) if k.startswith("test_")]:
         del globals()[_name]
 
-    def test_lab_dx_dphi_in_interpreter_subprocess():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__],
-                             env=env, cwd=root, capture_output=True, text=True)
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+    from interpreter_rerun import rerun_in_subprocess
+
+    test_in_interpreter_subprocess = rerun_in_subprocess(__file__)

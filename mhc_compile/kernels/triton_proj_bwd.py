@@ -1,0 +1,378 @@
+"""proj's backward in one pass over the stream: dx and dphi from the same X tile (Triton).
+
+    program = (K block of BK flat columns k = i * C + c, token split); for each [BT, BK] tile of its tokens:
+      dx tile   = dp_tile @ phi_slab + 2 dsq x + h_pre[t, i] dout[t, c] (+ acc)   -> stored, rounded once
+      dphi_acc += A_tile @ x_tile        A = dp^T as bf16 hi rows then lo rows, [2 MP, BT]
+    at the end: the [MP, BK] partial of dphi^T (hi + lo halves summed) -> dphi[split], summed on the host.
+
+``triton_ops.proj_backward`` / ``proj_pre_backward`` call ``proj_grads`` for bf16 streams; the two-kernel path
+(``_proj_dx_kernel`` + ``_proj_dphi_kernel``) reads X twice and stays for the other dtypes and as the side-by-side
+baseline (``triton_ops.configure("proj_dx_dphi", enabled=False)``). On an H200 the fastest tile (64 x 128, 8 warps,
+2 stages, 128 registers: two programs an SM) ran 11-20 % faster than the pair at every shape timed (1150.6 against
+1432.0 us at 32768 x 4096; benchmarks/results/lab-dx-dphi-2026-12-02-h200.md); ``benchmarks/lab_dx_dphi.py``
+sweeps the knobs below and says why the kernel is shaped this way (the earlier fused try spilled at every tile).
+In the training step (benchmarks/results/session6-2026-12-02-h200.md, run 6) it saved 0.48 ms at d = 4096 and
+0.74 ms at d = 7168 against the pair, timed on the same compiled model.
+
+Knobs (constexpr): PREFETCH 1 loads the next tile's X, dsq, h_pre, dout and acc into registers one step ahead, 2
+all of them but X (the pipeliner only prefetches dot operands); DX_HI_LO computes dp @ phi^T as three bf16 dots
+over hi/lo halves instead of one tf32 dot. Both were slower on the H200; the defaults leave them off.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mhc_compile.kernels import triton_ops as tk
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _ld(ptr, mask, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+    """A load masked only where it has to be: the steady state of the token loop (MASK_ROWS off) reads whole
+    tiles unmasked when K is a multiple of BK, so its loads vectorise (the pipeliner skips loads whose mask
+    breaks the 4-byte vectors) and no [BT, BK] predicate tensor is carried between pipeline stages."""
+    if MASK_ROWS:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    elif EVEN_K:
+        v = tl.load(ptr)
+    else:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _tile_mask(rmask, kmask, EVEN_K: tl.constexpr):
+    """[BT, BK] mask of a tile, as [BT, 1] when every column is in range (loads broadcast it)."""
+    if EVEN_K:
+        m2 = rmask[:, None]
+    else:
+        m2 = rmask[:, None] & kmask[None, :]
+    return m2
+
+
+@triton.jit
+def _x_load(x_ptr, rows, t_hi, C, ks, kmask, N: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+    """The X tile [BT, BK] as stored (bf16 feeds the tensor cores as loaded). Its pointers start from a [BT] row
+    base: no [BT, BK] int64 offset tensor shared with other loads for the pipeliner to carry across stages."""
+    xrow = rows.to(tl.int64) * (N * C)
+    return _ld(x_ptr + xrow[:, None] + ks[None, :], _tile_mask(rows < t_hi, kmask, EVEN_K), MASK_ROWS, EVEN_K)
+
+
+@triton.jit
+def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N: tl.constexpr,
+                HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, MASK_ROWS: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """The other loads of a tile's dx, in their stored dtypes (widened where used, so a prefetched tile costs
+    half the registers): (dsq, h_pre, dout tile, acc tile); absent terms are 0.0 placeholders."""
+    r64 = rows.to(tl.int64)
+    rmask = rows < t_hi
+    m2 = _tile_mask(rmask, kmask, EVEN_K)
+    dsq = _ld(dsq_ptr + r64, rmask, MASK_ROWS, EVEN_K)
+    h = 0.0
+    g = 0.0
+    a = 0.0
+    if HAS_PRE:
+        g = _ld(g_ptr + (r64 * C)[:, None] + cc[None, :], m2, MASK_ROWS, EVEN_K)
+        if ONE_STREAM:  # the block lies in one stream: h_pre is one value a token
+            h = _ld(h_ptr + r64 * N + ii, rmask, MASK_ROWS, EVEN_K)
+        else:
+            h = _ld(h_ptr + (r64 * N)[:, None] + ii[None, :], m2, MASK_ROWS, EVEN_K)
+    if HAS_ACC:
+        a = _ld(acc_ptr + (r64 * (N * C))[:, None] + ks[None, :], m2, MASK_ROWS, EVEN_K)
+    return dsq, h, g, a
+
+
+@triton.jit
+def _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+            PREC: tl.constexpr):
+    """dp @ phi^T for one tile: one tf32 dot (fp32 operands), or with DX_HI_LO three bf16 dots over hi/lo
+    halves of dp (split here) and phi (split on the host); lo x lo (~2^-16 relative) is dropped."""
+    if DX_HI_LO:
+        dp_hi = dp.to(tl.bfloat16)
+        dp_lo = (dp - dp_hi.to(ACC)).to(tl.bfloat16)
+        out = tl.dot(dp_hi.to(DOT), ph_hi.to(DOT), out_dtype=ACC)
+        out = tl.dot(dp_lo.to(DOT), ph_hi.to(DOT), out, out_dtype=ACC)
+        out = tl.dot(dp_hi.to(DOT), ph_lo.to(DOT), out, out_dtype=ACC)
+    else:
+        out = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
+    return out
+
+
+@triton.jit
+def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am, s_at, ks,
+          kmask, ms, mmask, mas, arow, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
+          HI_LO: tl.constexpr, DX_HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+          DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X."""
+    r64 = rows.to(tl.int64)
+    rmask = rows < t_hi
+    # dp and A feed dots: Triton's pipeliner prefetches them (and X) num_stages - 1 tiles ahead. Their column /
+    # row masks (M < MP, zero padding of A) are loop-invariant; the row mask only exists in the tail tile.
+    if MASK_ROWS:
+        dmask = rmask[:, None] & mmask[None, :]
+        amask = arow[:, None] & rmask[None, :]
+    else:
+        dmask = mmask[None, :]
+        amask = arow[:, None]
+    dp = tl.load(dp_ptr + (r64 * M)[:, None] + ms[None, :], mask=dmask, other=0.0).to(ACC)
+    at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
+    dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO, DOT, ACC, PREC)
+    dx += 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
+    if HAS_PRE:
+        if ONE_STREAM:
+            dx += h.to(ACC)[:, None] * g.to(ACC)
+        else:
+            dx += h.to(ACC) * g.to(ACC)
+    if HAS_ACC:
+        dx += a.to(ACC)
+    dx_ptrs = dx_ptr + (r64 * K)[:, None] + ks[None, :]
+    if MASK_ROWS:
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+    elif EVEN_K:
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty))
+    else:
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+    if HI_LO:  # the X tile enters the tensor cores as loaded
+        dphi = tl.dot(at.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
+    else:
+        dphi = tl.dot(at.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
+    return dphi
+
+
+@triton.jit(do_not_specialize=["T"])
+def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, dphi_ptr,
+                         T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                         MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
+                         HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr,
+                         DX_HI_LO: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
+    tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
+
+    phi_ptr: phi [K, M] in ACC, or with DX_HI_LO _split_hi_lo's [2, K, MP] bf16. a_ptr: the A operand of
+    dphi^T = A @ X: with HI_LO dp^T as bf16 hi rows then lo rows ([2 MP, s_am], s_at = 1, MA = 2 MP; s_am a
+    multiple of 16 so A's rows load as 16-byte vectors), else dp^T read in place (MA = MP) and the X tile
+    widened to ACC. ONE_STREAM (C % BK == 0): the block lies in one stream i0, so h_pre is one value a token
+    and dout's channels a contiguous run; otherwise both are gathered per lane. EVEN_K (K % BK == 0): no
+    column mask. Whole tiles run unmasked in the loop; the ragged tail tile of the split runs once after it.
+    PREFETCH 1: the loop loads the next tile's X, dsq, h_pre, dout and acc into registers before computing this
+    one; 2: all of them but X, which stays a dot operand for the pipeliner (it only prefetches dot operands, so
+    dout and acc otherwise wait a memory latency every step); 0: neither.
+    """
+    K = N * C
+    split = tl.program_id(1)
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    kmask = ks < K
+    ks64 = ks.to(tl.int64)
+    ms = tl.arange(0, MP)
+    mmask = ms < M
+    mas = tl.arange(0, MA)
+    # the phi slab [MP, BK] is loaded once for the program's whole token range
+    phi_t = 0.0
+    ph_hi = 0.0
+    ph_lo = 0.0
+    if DX_HI_LO:
+        pp = phi_ptr + ks64[None, :] * MP + ms[:, None]
+        ph_hi = tl.load(pp, mask=kmask[None, :], other=0.0)
+        ph_lo = tl.load(pp + K * MP, mask=kmask[None, :], other=0.0)
+    else:
+        phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                        other=0.0).to(ACC)
+    if ONE_STREAM:
+        ii = (tl.program_id(0) * BK) // C
+        cc = tl.program_id(0) * BK - ii * C + tl.arange(0, BK)
+    else:
+        ii = ks // C
+        cc = ks - ii * C
+    # rows of A past M are zero padding: masking them skips their reads (the hi and lo halves alike)
+    if HI_LO:
+        arow = (mas % MP) < M
+    else:
+        arow = mas < M
+    dphi = tl.zeros([MA, BK], dtype=ACC)
+    t_lo = split * T_SPLIT
+    t_hi = tl.minimum(t_lo + T_SPLIT, T)
+    t_full = t_lo + (t_hi - t_lo) // BT * BT  # end of the whole tiles
+    if PREFETCH == 0:
+        for t0 in range(t_lo, t_full, BT):
+            rows = t0 + tl.arange(0, BT)
+            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
+            dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N,
+                                       HAS_PRE, ONE_STREAM, HAS_ACC, False, EVEN_K)
+            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
+                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
+                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+    elif PREFETCH == 1:
+        # every stream operand of the next tile is loaded one iteration ahead, X included (which takes X away
+        # from the pipeliner); the last prefetch is of rows >= t_full, masked off by a [BT, 1] row mask
+        rows = t_lo + tl.arange(0, BT)
+        xn = _x_load(x_ptr, rows, t_full, C, ks, kmask, N, True, EVEN_K)
+        dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_full, C, ks, kmask, ii, cc, N,
+                                       HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+        for t0 in range(t_lo, t_full, BT):
+            xt, dsq, h, g, a = xn, dsqn, hn, gn, an
+            rows_n = t0 + BT + tl.arange(0, BT)
+            xn = _x_load(x_ptr, rows_n, t_full, C, ks, kmask, N, True, EVEN_K)
+            dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows_n, t_full, C, ks, kmask, ii, cc,
+                                           N, HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+            rows = t0 + tl.arange(0, BT)
+            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
+                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
+                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+    else:
+        # dsq, h_pre, dout and acc one iteration ahead; X stays a dot operand loaded in the loop, which the
+        # pipeliner prefetches num_stages - 1 tiles ahead through shared memory
+        rows = t_lo + tl.arange(0, BT)
+        dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_full, C, ks, kmask, ii, cc, N,
+                                       HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+        for t0 in range(t_lo, t_full, BT):
+            dsq, h, g, a = dsqn, hn, gn, an
+            rows_n = t0 + BT + tl.arange(0, BT)
+            dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows_n, t_full, C, ks, kmask, ii, cc,
+                                           N, HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
+            rows = t0 + tl.arange(0, BT)
+            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
+            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
+                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
+                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+    if t_full < t_hi:  # the ragged tail tile, masked
+        rows = t_full + tl.arange(0, BT)
+        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, True, EVEN_K)
+        dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
+                                   ONE_STREAM, HAS_ACC, True, EVEN_K)
+        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am,
+                     s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, DX_HI_LO, True,
+                     EVEN_K, DOT, ACC, PREC)
+    if HI_LO:
+        dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
+    out_rows = split.to(tl.int64) * K + ks64
+    tl.store(dphi_ptr + out_rows[None, :] * M + ms[:, None], dphi, mask=mmask[:, None] & kmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host wrapper
+# ---------------------------------------------------------------------------------------------
+LAST_COMPILED = {}  # the CompiledKernel of the latest launch (GPU only): registers, spills, shared memory
+
+
+def split_dp_t(dp, mp: int):
+    """dp^T as bf16 hi rows then lo rows, [2 MP, T] in a [2 MP, T16] buffer (T16 = T rounded up to 16): a row
+    stride that is a multiple of 16 elements lets the kernel load A's rows as 16-byte vectors, which the
+    pipeliner needs (triton_ops._split_hi_lo writes the same values with row stride T)."""
+    t, m = dp.shape
+    t16 = triton.cdiv(t, 16) * 16
+    dst = torch.empty((2 * mp, t16), dtype=torch.bfloat16, device=dp.device)
+    br = max(1, min(tk._pow2(t), 4096 // mp))
+    tk._hi_lo_kernel[(triton.cdiv(t, br),)](dp.float().contiguous(), dst, t, m, mp * t16, 1, t16, BR=br, MP=mp)
+    return dst
+
+
+def _wave_efficiency(programs: int, slots: int) -> float:
+    """Fraction of the SM slots busy over the grid's waves (equal programs, ``slots`` resident at a time)."""
+    return programs / (triton.cdiv(programs, slots) * slots)
+
+
+def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, device, splits: int | None = None,
+                split_cost: float = 0.0):
+    """(splits, tokens per split). Among 1 .. ``waves`` programs an SM, the split count with the least predicted
+    time: (1 + split_cost x splits) / (fraction of SM slots busy over the grid's waves, ``occupancy`` programs
+    resident an SM); ``split_cost`` = bytes of one split's dphi partial (written, then read by the host sum) /
+    the kernel's other bytes; ties go to fewer splits. E.g. K = 28672 in 224 blocks on 132 SMs, one program an
+    SM: 1 split = 224 programs, 85 % of 2 waves; 4 splits = 896 programs, 97 % of 7 waves."""
+    tiles = triton.cdiv(t, bt)
+    if splits is None:
+        sms = tk._num_sms(device)
+        most = max(1, min(tiles, int(waves * sms) // max(kblocks, 1)))
+        slots = max(1, occupancy) * sms
+
+        def cost(s):
+            return (1.0 + (split_cost * s if s > 1 else 0.0)) / _wave_efficiency(kblocks * s, slots)
+
+        splits = min(range(1, most + 1), key=lambda s: (round(cost(s), 6), s))
+    splits = max(1, min(splits, tiles))
+    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    return triton.cdiv(t, t_split), t_split
+
+
+_PREFETCH_MODES = {False: 0, None: 0, True: 1, "all": 1, "side": 2}
+
+
+def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages,
+                 prefetch, dx_hi_lo, maxnreg):
+    """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report."""
+    k = n * c
+    mp = max(16, tk._pow2(m))
+    hi_lo = tk._hi_lo(stream_dtype) and acc_t == torch.float32
+    bt = max(16, min(bt, tk._pow2(t)))  # tl.dot needs >= 16 rows
+    bk = max(16, min(bk, tk._pow2(k)))
+    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
+                HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DX_HI_LO=bool(dx_hi_lo) and hi_lo,
+                PREFETCH=_PREFETCH_MODES[prefetch], DOT=tk._half_dot_dtype(), ACC=tk._acc_tl(acc_t),
+                PREC=tk._dot_precision(stream_dtype))
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return bt, bk, meta, opts
+
+
+def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
+                            num_stages=3, waves=16.0, occupancy=1, splits=None, prefetch=False, dx_hi_lo=False,
+                            maxnreg=None):
+    """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (both None),
+    from one kernel that reads X once. dx in x.dtype, dphi in phi.dtype. Token splits: see plan_splits
+    (``waves``, ``occupancy``), or ``splits`` given. ``dx_hi_lo`` applies to bf16 streams only; ``maxnreg``
+    caps registers a thread (ptxas spills past it), e.g. 128 to fit two 8-warp programs on an SM."""
+    tk._check_stream("proj_pre_backward_fused", x, phi)
+    t, n, c = x.shape
+    k, m = phi.shape
+    if k != n * c:
+        raise ValueError(f"proj_pre_backward_fused: phi has {k} rows, expected n*C = {n * c}")
+    if (h_pre is None) != (dout is None):
+        raise ValueError("proj_pre_backward_fused: give both h_pre and dout, or neither")
+    if acc is not None and acc.shape != x.shape:
+        raise ValueError(f"proj_pre_backward_fused: acc has shape {tuple(acc.shape)}, expected {tuple(x.shape)}")
+    x, phi, dp, dsq = x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous()
+    has_pre = h_pre is not None
+    if has_pre:
+        h_pre, dout = h_pre.contiguous(), dout.contiguous()
+    acc = acc.contiguous() if acc is not None else None
+    acc_t = tk._acc_torch(x.dtype, phi.dtype, *((dout.dtype,) if has_pre else ()))
+    if t == 0 or k == 0:
+        return torch.empty_like(x), torch.zeros_like(phi)
+    bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
+                                      num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
+                                      dx_hi_lo=dx_hi_lo, maxnreg=maxnreg)
+    if meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
+        a = split_dp_t(dp, meta["MP"])
+        s_am, s_at = a.stride(0), 1
+    else:  # dp^T read in place
+        a, s_am, s_at = dp, 1, m
+    w = tk._split_hi_lo(phi, meta["MP"], transpose=False) if meta["DX_HI_LO"] else phi
+    kblocks = triton.cdiv(k, bk)
+    split_cost = (k * m * 4 * 2) / (3 * x.numel() * x.element_size())  # a dphi partial / X, acc and dX
+    splits, t_split = plan_splits(t, bt, kblocks, waves, occupancy, x.device, splits, split_cost)
+    dx = torch.empty_like(x)
+    dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
+    # absent operands are placeholders that their constexpr flag never lets the kernel read
+    args = (x, w, dp, a, dsq, h_pre if has_pre else dsq, dout if has_pre else x, acc if acc is not None else x,
+            dx, dphi, t, c, m, t_split, s_am, s_at)
+    ck = _proj_dx_dphi_kernel[(kblocks, splits)](*args, **meta, **opts)
+    if ck is not None:
+        LAST_COMPILED["kernel"] = ck
+        LAST_COMPILED["grid"] = (kblocks, splits)
+    return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
+
+
+
+
+def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
+    """triton_ops' entry: (dx, dphi) with ``cfg``'s tile; the register cap applies on the GPU only (the
+    interpreter has no registers)."""
+    return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=cfg.bk, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages, waves=cfg.waves, occupancy=cfg.occupancy,
+                                   maxnreg=cfg.maxnreg if x.is_cuda else None)
