@@ -85,7 +85,8 @@ def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
 def weight_grad_units(gm: fx.GraphModule, detection: Detection) -> float:
     """C-wide activations (per token) that one site's weight gradients take: the bytes of the trainable
     parameters read inside the modules that own sites (a GPT block's attention and MLP, not the embeddings or
-    the head, whose gradients come at the end of the backward), over (sites x one site's stream)."""
+    the head, whose gradients come at the end of the backward; every parameter when the root owns a site), over
+    (sites x one site's stream)."""
     sites = detection.sites
     unit = example_value(sites[0].stream) if sites else None
     if not isinstance(unit, torch.Tensor) or _nbytes(unit) == 0:
