@@ -9,6 +9,10 @@ held before the step (parameters, inputs).
 
     PYTHONPATH=. python benchmarks/bench_training.py --d 2048 4096 7168 --layers 4
 
+--variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
+recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, fused,
+cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair).
+
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
 run cut short by its time budget still leaves what it measured.
 """

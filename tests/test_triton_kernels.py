@@ -257,6 +257,23 @@ def test_bf16_proj_backward_takes_the_one_pass_kernel_and_the_pair_agrees(shape,
             _close_hi_lo(dphi, dphi_ref, x.reshape(shape[0], -1).T, dp)
 
 
+def test_one_pass_backward_narrows_its_column_block_as_the_coefficients_grow(monkeypatch):
+    """n = 8: 80 coefficients (MP = 128), so the [2 MP, BK] accumulator takes BK = 32 instead of 128."""
+    from mhc_compile.kernels import triton_proj_bwd
+
+    seen = []
+    real = triton_proj_bwd.proj_pre_backward_fused
+    monkeypatch.setattr(triton_proj_bwd, "proj_pre_backward_fused",
+                        lambda *a, **kw: seen.append(kw["bk"]) or real(*a, **kw))
+    for n in (4, 8):
+        x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(17, n, 64, torch.bfloat16, seed=17, with_acc=True)
+        dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+        want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+        _close(dx, want[0], TOL[torch.bfloat16])
+        _close_hi_lo(dphi, want[1], x.reshape(17, -1).T, dp)
+    assert seen == [128, 32]
+
+
 def test_one_pass_backward_that_does_not_fit_falls_back_to_the_pair(monkeypatch):
     from triton.runtime.errors import OutOfResources
 

@@ -372,7 +372,11 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
 
 def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
     """triton_ops' entry: (dx, dphi) with ``cfg``'s tile; the register cap applies on the GPU only (the
-    interpreter has no registers)."""
-    return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=cfg.bk, num_warps=cfg.num_warps,
+    interpreter has no registers). The [2 MP, BK] dphi accumulator lives in registers, so BK shrinks as the
+    coefficient count grows (n = 4: MP = 32, BK = 128 as configured; n = 8: MP = 128, BK = 32), as the pair's
+    dphi kernel does."""
+    two_mp = 2 * max(16, tk._pow2(phi.shape[1]))
+    bk = max(16, min(cfg.bk, 8192 // two_mp))
+    return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages, waves=cfg.waves, occupancy=cfg.occupancy,
                                    maxnreg=cfg.maxnreg if x.is_cuda else None)
