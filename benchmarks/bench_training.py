@@ -9,7 +9,8 @@ held before the step (parameters, inputs).
 
     PYTHONPATH=. python benchmarks/bench_training.py --d 2048 4096 7168 --layers 4
 
---variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
+--rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
+overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, fused,
 cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair).
 
@@ -187,6 +188,24 @@ def zero_grads(*modules):
             p.grad = None
 
 
+def round_rows(d, rounds: dict[str, list[float]]) -> list[str]:
+    """Markdown rows of the interleaved rounds: the median step time over rounds, its overhead against the first
+    variant's median, and each variant's overhead in its worst and best round against the baseline's same round
+    (rounds run one after another, so a round's variants saw the same state of the GPU)."""
+    names = list(rounds)
+    base = rounds[names[0]]
+    rows = [f"<!-- d={d}: {len(base)} interleaved rounds (median of each round's steps; overhead against the "
+            f"baseline's median, and its range over same-round pairs) -->"]
+    for name in names:
+        times = rounds[name]
+        med = statistics.median(times)
+        paired = [100 * (t / b - 1) for t, b in zip(times, base)]
+        rows.append(f"| {d} | {name} (rounds: {len(times)}) | {med:.2f} | "
+                    f"{100 * (med / statistics.median(base) - 1):+.1f}% ({min(paired):+.1f} .. {max(paired):+.1f}) "
+                    f"| | | |")
+    return rows
+
+
 def run_size(d, args, emit):
     dtype = torch.bfloat16
     dev = "cuda"
@@ -263,28 +282,48 @@ def run_size(d, args, emit):
     zero_grads(mhc_model, stack)
     x.grad = None
 
+    def measure(name, fn):
+        try:
+            with contexts.get(name, contextlib.nullcontext)():
+                return time_step(fn, x, args.iters, cudagraphs="CUDA graphs" in name)
+        finally:
+            x.grad = None
+            for m in (stack, mhc_model):
+                zero_grads(m)
+            torch.cuda.empty_cache()
+
     base_ms = None
+    rounds: dict[str, list[float]] = {}  # step ms of every round, per variant that ran
     for name, fn in variants.items():
         if time.time() > args.deadline:
             emit(f"| {d} | {name} | skipped: time budget | | | | |")
             continue
         try:
             t0 = time.time()
-            with contexts.get(name, contextlib.nullcontext)():
-                ms, peak, act = time_step(fn, x, args.iters, cudagraphs="CUDA graphs" in name)
+            ms, peak, act = measure(name, fn)
             if base_ms is None:
                 base_ms, base_act = ms, act
+            rounds[name] = [ms]
             emit(f"| {d} | {name} | {ms:.2f} | {100 * (ms / base_ms - 1):+.1f}% | {peak / 2**30:.2f} | "
                  f"{act / 2**30:.2f} | {100 * (act / base_act - 1):+.1f}% |")
             print(f"  {name}: {ms:.2f} ms ({time.time() - t0:.0f} s incl. compile)", flush=True)
         except Exception as e:
             emit(f"| {d} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | |")
             traceback.print_exc()
-        finally:
-            x.grad = None
-            for m in (stack, mhc_model):
-                zero_grads(m)
-            torch.cuda.empty_cache()
+    # --rounds R > 1: time every compiled variant R - 1 more times, round-robin, so that a drift of the GPU's
+    # clocks or temperature over the run falls on every variant alike (one variant after another, the residual
+    # baseline moved 1-2 ms between processes: results/session6-2026-12-02-h200.md)
+    for _ in range(args.rounds - 1):
+        for name in list(rounds):
+            if time.time() > args.deadline:
+                break
+            try:
+                rounds[name].append(measure(name, variants[name])[0])
+            except Exception:  # reported; the variant keeps the rounds it finished
+                traceback.print_exc()
+    if args.rounds > 1 and rounds:
+        for line in round_rows(d, rounds):
+            emit(line)
 
 
 def main():
@@ -295,6 +334,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every variant this many times, round-robin after the first pass (median reported)")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--variants", nargs="*", default=["naive", "liger", "norecompute", "nofold", "fused", "cudagraphs"],
                     help="optional variants besides residual and backend=mhc")
