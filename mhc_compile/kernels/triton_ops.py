@@ -587,6 +587,24 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
 # at folding dphi into this dx pass spilled registers at every tile: benchmarks/kernel_lab.py,
 # lab-2026-11-24-h100.md; dx's dp @ phi^T as m rank-1 FMA updates was slower than the dot).
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def _k_block(C, M, N: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr, ONE_STREAM: tl.constexpr):
+    """Indices of a (K block, token split) program of proj's backward: its flat columns k = i * C + c (ks, the
+    in-range mask, ks as int64), the coefficient columns padded to MP (ms, mask), and the stream ii and channel cc
+    of its lanes for the folded pre_backward term: with ONE_STREAM (C % BK == 0) the block lies in one stream,
+    so ii is one value and cc a contiguous run; otherwise both are per lane."""
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    kmask = ks < N * C
+    ms = tl.arange(0, MP)
+    if ONE_STREAM:
+        ii = (tl.program_id(0) * BK) // C
+        cc = tl.program_id(0) * BK - ii * C + tl.arange(0, BK)
+    else:
+        ii = ks // C
+        cc = ks - ii * C
+    return ks, kmask, ks.to(tl.int64), ms, ms < M, ii, cc
+
+
 @triton.jit(do_not_specialize=["T"])
 def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, T, C, M, T_SPLIT,
                     N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr, HAS_PRE: tl.constexpr,
@@ -597,19 +615,9 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
     token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane."""
     K = N * C
     split = tl.program_id(1)
-    ks = tl.program_id(0) * BK + tl.arange(0, BK)
-    kmask = ks < K
-    ks64 = ks.to(tl.int64)
-    ms = tl.arange(0, MP)
-    mmask = ms < M
+    ks, kmask, ks64, ms, mmask, ii, cc = _k_block(C, M, N, BK, MP, ONE_STREAM)
     phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
                     other=0.0).to(ACC)  # [MP, BK]
-    if ONE_STREAM:
-        ii = (tl.program_id(0) * BK) // C
-        cc = tl.program_id(0) * BK - ii * C + tl.arange(0, BK)
-    else:
-        ii = ks // C  # stream and channel of lane k, for the folded pre_backward term
-        cc = ks - ii * C
     t_lo = split * T_SPLIT
     t_hi = tl.minimum(t_lo + T_SPLIT, T)
     for t0 in range(t_lo, t_hi, BT):

@@ -166,11 +166,7 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     """
     K = N * C
     split = tl.program_id(1)
-    ks = tl.program_id(0) * BK + tl.arange(0, BK)
-    kmask = ks < K
-    ks64 = ks.to(tl.int64)
-    ms = tl.arange(0, MP)
-    mmask = ms < M
+    ks, kmask, ks64, ms, mmask, ii, cc = tk._k_block(C, M, N, BK, MP, ONE_STREAM)
     mas = tl.arange(0, MA)
     # the phi slab [MP, BK] is loaded once for the program's whole token range
     phi_t = 0.0
@@ -183,12 +179,6 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     else:
         phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
                         other=0.0).to(ACC)
-    if ONE_STREAM:
-        ii = (tl.program_id(0) * BK) // C
-        cc = tl.program_id(0) * BK - ii * C + tl.arange(0, BK)
-    else:
-        ii = ks // C
-        cc = ks - ii * C
     # rows of A past M are zero padding: masking them skips their reads (the hi and lo halves alike)
     if HI_LO:
         arow = (mas % MP) < M

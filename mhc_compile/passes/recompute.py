@@ -64,13 +64,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return _compat.size_hint(t.numel()) * t.element_size()
 
 
+def _stream_bytes(detection: Detection) -> int:
+    """Bytes of one site's stream (the unit of the planner's counts); 0 when unknown or empty."""
+    unit = example_value(detection.sites[0].stream) if detection.sites else None
+    return _nbytes(unit) if isinstance(unit, torch.Tensor) else 0
+
+
 def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
     """C-wide activations (per token) the sublayers produce per site: the bytes of every non-view tensor the
     model's own nodes output, over (sites x one site's stream). An upper bound of what they keep for backward
     (some outputs are freed or recomputed), which is the side to err on: it makes late blocks smaller."""
-    sites = detection.sites
-    unit = example_value(sites[0].stream) if sites else None
-    if not isinstance(unit, torch.Tensor) or _nbytes(unit) == 0:
+    sites, unit = detection.sites, _stream_bytes(detection)
+    if not unit:
         return None
     total = 0
     for node in gm.graph.nodes:
@@ -79,7 +84,7 @@ def activation_units(gm: fx.GraphModule, detection: Detection) -> float | None:
         v = example_value(node)
         if isinstance(v, torch.Tensor) and v.is_floating_point() and getattr(v, "_base", None) is None:
             total += _nbytes(v)
-    return total / (len(sites) * _nbytes(unit))
+    return total / (len(sites) * unit)
 
 
 def weight_grad_units(gm: fx.GraphModule, detection: Detection) -> float:
@@ -87,9 +92,8 @@ def weight_grad_units(gm: fx.GraphModule, detection: Detection) -> float:
     parameters read inside the modules that own sites (a GPT block's attention and MLP, not the embeddings or
     the head, whose gradients come at the end of the backward; every parameter when the root owns a site), over
     (sites x one site's stream)."""
-    sites = detection.sites
-    unit = example_value(sites[0].stream) if sites else None
-    if not isinstance(unit, torch.Tensor) or _nbytes(unit) == 0:
+    sites, unit = detection.sites, _stream_bytes(detection)
+    if not unit:
         return 0.0
     owners = {site.owner for site in sites}
     total = 0
@@ -102,7 +106,7 @@ def weight_grad_units(gm: fx.GraphModule, detection: Detection) -> float:
         paths = {innermost_module(user) for user in node.users}
         if any(owner == "" or p == owner or p.startswith(owner + ".") for p in paths for owner in owners):
             total += _nbytes(v)
-    return total / (len(sites) * _nbytes(unit))
+    return total / (len(sites) * unit)
 
 
 # Fused boundary ops (passes/fuse.py) are recomputed whole: X_l and x_in come out of the same node.
