@@ -297,7 +297,10 @@ SWEEP = {
     # bk = channels per chunk (BC); the per-thread budget of _post_res_proj_tile may shrink BC and BT further
     "post_res_proj": _dots((128, 16, 8, 3, 2), (32, 64, 4, 3, 1), (64, 32, 4, 3, 1), (64, 32, 8, 4, 4),
                            (64, 64, 8, 2, 1)),
-    "post_res_backward": _streams((4096, 1024, 4), (2048, 256, 4), (8192, 256, 8), (4096, 512, 8)),
+    # hoist=False: the session-6 kernel (loads between the reductions); 1-warp programs reduce without barriers
+    "post_res_backward": [dict(hoist=False)] + _streams((4096, 1024, 8), (1024, 256, 1), (2048, 512, 2),
+                                                        (4096, 512, 4), (8192, 1024, 8), (2048, 256, 4))
+    + [dict(budget=4096, max_bc=1024, num_warps=8, hoist=False), dict(budget=1024, max_bc=256, num_warps=1, hoist=False)],
     "pre_backward": _streams((4096, 1024, 4), (2048, 256, 4), (8192, 256, 8)),
     "post_res": _streams((2048, 512, 4), (8192, 1024, 8), (4096, 2048, 8)),
     "pre": _streams((2048, 512, 4), (8192, 2048, 8), (2048, 1024, 4)),
@@ -309,7 +312,7 @@ _SWEEP_CASE = {"proj_dx": ("proj_pre_backward", "bwd"), "proj": ("proj", "fwd"),
                "post_res_backward": ("post_res", "bwd"), "post_res_proj": ("post_res_proj", "fwd")}
 
 
-def sweep(inp: dict, copy_bw: float, deadline: float, skip: set) -> tuple[list[str], dict]:
+def sweep(inp: dict, copy_bw: float, deadline: float, skip: set, only=None) -> tuple[list[str], dict]:
     """Time each kernel's default tile and the SWEEP alternatives; returns rows and the fastest correct config.
 
     Round-robin over kernels (every default, then every kernel's first alternative, ...), so a time budget
@@ -317,7 +320,7 @@ def sweep(inp: dict, copy_bw: float, deadline: float, skip: set) -> tuple[list[s
     """
     lines, fastest = [], {}
     by_name = {(c.kernel, c.direction): c for c in cases(inp)}
-    kernels = [k for k in SWEEP if _SWEEP_CASE[k] not in skip]
+    kernels = [k for k in SWEEP if _SWEEP_CASE[k] not in skip and (only is None or k in only)]
     want = {k: _tuple(by_name[_SWEEP_CASE[k]].call(tk)) for k in kernels}
     for rank in range(1 + max(len(v) for v in SWEEP.values())):
         for kernel in kernels:
@@ -406,6 +409,8 @@ def parse_args() -> argparse.Namespace:
                     help="TxC shapes at which to time torch.compile(reference) (default: all)")
     ap.add_argument("--sweep", action="store_true", help="tile sweep at T=8192, C=4096 before the table")
     ap.add_argument("--sweep-shape", default="8192x4096", help="TxC of the sweep")
+    ap.add_argument("--sweep-kernels", nargs="*", default=None,
+                    help="sweep only these SWEEP entries ('fused' for triton_fused's tiles; default: all)")
     ap.add_argument("--cases", nargs="*", default=None,
                     help="time only the table rows whose kernel name is one of these (default: all)")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -453,11 +458,13 @@ def main() -> int:
         st, sc = (int(v) for v in args.sweep_shape.split("x"))
         inp = make_inputs(st, args.n, sc, torch.bfloat16, device)
         sw = ["| kernel | config | time us | eff | err vs default |", "|---|---|---|---|---|"]
-        rows, best = sweep(inp, copy_bw, time.time() + args.sweep_budget_s, failed)
+        rows, best = sweep(inp, copy_bw, time.time() + args.sweep_budget_s, failed, args.sweep_kernels)
         write(out_dir, "sweep.md", sw + rows)
         for kernel, cfg in best.items():  # time the table with the sweep winners, and say so
             tk.configure(kernel, **cfg)
-        frows, fbest = sweep_fused(inp, copy_bw, time.time() + args.sweep_budget_s)  # keeps its winners set
+        frows, fbest = [], {}
+        if args.sweep_kernels is None or "fused" in args.sweep_kernels:  # keeps its winners set
+            frows, fbest = sweep_fused(inp, copy_bw, time.time() + args.sweep_budget_s)
         write(out_dir, "sweep.md", sw + rows + frows)
         env.append(f"- tiles: defaults, except sweep winners at {args.sweep_shape}: {best or 'none'}; "
                    f"triton_fused: {fbest or 'none'}")

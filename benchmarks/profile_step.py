@@ -1,11 +1,18 @@
-"""CUDA kernel time of one training step by kernel name: the plain residual stack under Inductor, then
-backend="mhc" with fold_stream_grads on and off; the profile behind benchmarks/results/training-*.md (what a
-step spends its time on, not just its total).
+"""Where a training step's GPU time goes: CUDA kernel time by kernel, plain residual stack vs backend="mhc".
 
-    PYTHONPATH=. python benchmarks/profile_step.py [d]        (bench_training's stack: 4 layers, 2048 x 4, bf16)
+For each width: the step's wall time (CUDA events, not under the profiler), the summed kernel time of one step
+(the difference is time the GPU waited on the host), kernel time by category (GEMM, attention, Inductor's
+generated kernels, ATen kernels, the mHC kernels) for both models and the difference, and every mHC kernel with
+its calls, time and in-step bandwidth: its bytes (each stream tensor read or written once, ``KERNEL_BYTES``) over
+its time, as a share of the copy bandwidth measured in the same run. This is the profile behind
+benchmarks/results/*: what a step spends its overhead on, not just the total.
+
+    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...]    (bench_training's stack, 2048 x 4, bf16)
 """
 import collections
+import datetime
 import os
+import statistics
 import sys
 
 import torch
@@ -14,33 +21,152 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mhc_compile  # noqa: E402
 from benchmarks.bench_training import Stack, _step  # noqa: E402
 
+N = 4
+# bytes of one call in units of one C-wide token row of the stream dtype (S = the n-row stream, v = one row):
+# what each kernel must read and write at least; per-token coefficients and fp32 partials are left out
+KERNEL_BYTES = {
+    "_post_res_fwd_kernel": lambda S, v: 2 * S + v,          # X, y -> X'
+    "_pre_fwd_kernel": lambda S, v: S + v,                   # X -> x_in
+    "_proj_fwd_kernel": lambda S, v: S,                      # X -> p, sq
+    "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,      # dX', X, y -> dX, dy
+    "_pre_bwd_kernel": lambda S, v: S + v,                   # X, dx_in -> dh_pre (pre_backward_dh)
+    "_proj_dx_dphi_kernel": lambda S, v: 3 * S + v,          # X, dx_in, acc -> dX (and dphi)
+    "_proj_dx_kernel": lambda S, v: 3 * S + v,
+    "_proj_dphi_kernel": lambda S, v: S,
+}
+
+
+def category(name: str) -> str:
+    if name.split("_0d1d")[0] in KERNEL_BYTES or name.startswith(("_coeffs", "_hi_lo", "_post_res", "_pre_",
+                                                                   "_proj")):
+        return "mHC kernels"
+    if name.startswith(("nvjet", "sm90_xmma", "cutlass", "void cutlass", "ampere", "sm80")) or "gemm" in name:
+        return "GEMM"
+    if "sdpa" in name or "flash" in name or "cudnn" in name:
+        return "attention"
+    if name.startswith("triton_"):
+        return "Inductor (generated)"
+    if "at::native" in name:
+        return "ATen (reductions, copies, fills)"
+    return "other"
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * a.element_size() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def profile(fn, x, steps=3):
+    for _ in range(3):
+        _step(fn, x)
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _step(fn, x)
+        end.record()
+        torch.cuda.synchronize()
+        walls.append(start.elapsed_time(end))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            _step(fn, x)
+        torch.cuda.synchronize()
+    us, calls = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us[e.name[:90]] += e.device_time_total / steps
+            calls[e.name[:90]] += 1
+    return statistics.median(walls), us, {k: v // steps for k, v in calls.items()}
+
+
+def report(d, bw, results, emit):
+    (_, (wall_r, us_r, _)), (_, (wall_m, us_m, calls_m)) = results
+    emit(f"\n## d = {d}\n")
+    emit("| | residual (Inductor) | backend=mhc | difference |")
+    emit("|---|---|---|---|")
+    emit(f"| step wall time, ms | {wall_r:.2f} | {wall_m:.2f} | {wall_m - wall_r:+.2f} ({100 * (wall_m / wall_r - 1):+.1f} %) |")
+    kr, km = sum(us_r.values()) / 1e3, sum(us_m.values()) / 1e3
+    emit(f"| kernel time a step, ms | {kr:.2f} | {km:.2f} | {km - kr:+.2f} |")
+    emit(f"| GPU idle in the step, ms | {wall_r - kr:.2f} | {wall_m - km:.2f} | {(wall_m - km) - (wall_r - kr):+.2f} |")
+    cats = collections.defaultdict(lambda: [0.0, 0.0])
+    for k, v in us_r.items():
+        cats[category(k)][0] += v
+    for k, v in us_m.items():
+        cats[category(k)][1] += v
+    for cat, (a, b) in sorted(cats.items(), key=lambda kv: -abs(kv[1][1] - kv[1][0])):
+        emit(f"| {cat}, ms | {a / 1e3:.2f} | {b / 1e3:.2f} | {(b - a) / 1e3:+.2f} |")
+    t = 2048 * 4
+    v = t * d * 2  # one bf16 token row
+    S = N * v
+    emit("\nmHC kernels (bytes: each stream tensor once; efficiency against the copy bandwidth above):\n")
+    emit("| kernel | calls | us a step | us a call | GB a call | GB/s | eff |")
+    emit("|---|---|---|---|---|---|---|")
+    for k, total in sorted(us_m.items(), key=lambda kv: -kv[1]):
+        if category(k) != "mHC kernels":
+            continue
+        base = k.split("_0d1d")[0]
+        per_call = total / max(1, calls_m[k])
+        if base in KERNEL_BYTES:
+            gb = KERNEL_BYTES[base](S, v) / 1e9
+            rate = gb / (per_call / 1e6)
+            emit(f"| {base} | {calls_m[k]} | {total:.1f} | {per_call:.1f} | {gb:.3f} | {rate:.0f} | {100 * rate * 1e9 / bw:.0f} % |")
+        else:
+            emit(f"| {base} | {calls_m[k]} | {total:.1f} | {per_call:.1f} | | | |")
+    emit("\nOther kernels whose time differs by more than 50 us a step (by name):\n")
+    emit("| kernel | residual us (calls) | backend=mhc us (calls) |")
+    emit("|---|---|---|")
+    for k in sorted(set(us_r) | set(us_m), key=lambda k: -abs(us_m.get(k, 0) - us_r.get(k, 0))):
+        if category(k) == "mHC kernels" or abs(us_m.get(k, 0) - us_r.get(k, 0)) < 50:
+            continue
+        emit(f"| {k} | {us_r.get(k, 0):.0f} | {us_m.get(k, 0):.0f} ({calls_m.get(k, 0)}) |")
+
 
 def main():
-    d = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
-    torch.manual_seed(0)
-    x = torch.randn(4, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    m = Stack(d, 4).to("cuda", torch.bfloat16)
-    variants = [("residual (Inductor)", torch.compile(Stack(d, 4).to("cuda", torch.bfloat16)))]
-    mhc_compile.prepare(m, x.detach(), n=4)
-    for fold in (True, False):
-        variants.append((f"backend=mhc fold_stream_grads={fold}",
-                         torch.compile(m, backend="mhc", options={"n": 4, "fold_stream_grads": fold})))
-    for name, c in variants:
-        for _ in range(3):
-            _step(c, x)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                _step(c, x)
-            torch.cuda.synchronize()
-        agg = collections.Counter(); cnt = collections.Counter()
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                agg[e.name[:70]] += e.device_time_total / 3; cnt[e.name[:70]] += 1
-        tot = sum(agg.values())
-        print(f"\n== {name}: CUDA kernel time per step {tot/1000:.2f} ms")
-        for kernel, us in agg.most_common(24):
-            print(f"{us:9.1f} us  x{cnt[kernel]//3:3d}  {kernel}")
+    widths = [int(a) for a in sys.argv[1:]] or [4096]
+    out_dir = os.environ.get("OUT", "bench_out")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "profile_step.md")
+    lines = []
+
+    def emit(line):
+        print(line, flush=True)
+        lines.append(line)
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    import triton
+
+    bw = copy_bandwidth()
+    emit(f"# Profile of one training step — {datetime.date.today()}\n")
+    emit(f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+         f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    emit("- bench_training's stack: 4 layers, seq 2048 x batch 4, bf16, n = 4, default options; kernel time "
+         "averaged over 3 profiled steps, wall time the median of 5 unprofiled steps")
+    for d in widths:
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        x = torch.randn(4, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        residual = Stack(d, 4).to("cuda", torch.bfloat16)
+        m = Stack(d, 4).to("cuda", torch.bfloat16)
+        m.load_state_dict(residual.state_dict())
+        mhc_compile.prepare(m, x.detach(), n=N)
+        variants = [("residual (Inductor)", torch.compile(residual)),
+                    ("backend=mhc", torch.compile(m, backend="mhc", options={"n": N}))]
+        results = [(name, profile(fn, x)) for name, fn in variants]
+        report(d, bw, results, emit)
+        del variants, results
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

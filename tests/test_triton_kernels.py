@@ -108,6 +108,18 @@ def test_post_res(shape, dtype):
         _close(a, e, _tol(a.dtype))
 
 
+@pytest.mark.parametrize("hoist", [True, False])
+def test_post_res_backward_chunks(hoist):
+    """post_res_backward over several channel chunks (BC = 16 < C = 37, the last one ragged) and two tokens a
+    program, with the chunk's loads issued before its reductions (HOIST) or between them: same values."""
+    x, y, _, h_post, h_res, _ = _stream(9, 3, 37, torch.float32, seed=12)
+    dout = torch.randn_like(x)
+    with tk.tuning("post_res_backward", budget=128, max_bc=16, hoist=hoist):
+        got = tk.post_res_backward(x, h_res, h_post, y, dout)
+    for a, e in zip(got, ref.post_res_backward(x, h_res, h_post, y, dout)):
+        _close(a, e, _tol(a.dtype))
+
+
 @pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
 def test_proj(shape, dtype):
     x, *_, phi = _stream(*shape, dtype, seed=3)
@@ -146,6 +158,19 @@ def test_proj_split_reductions(dtype):
     else:
         _close(p, want[0], TOL32)
         _close(dphi, want[3], TOL32)
+
+
+def test_proj_splits_fill_whole_waves(monkeypatch):
+    """proj's K splits: the count whose grid leaves the fewest SM slots idle in its last wave, fewest on ties."""
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 132)  # an H100 / H200
+    cfg, cpu = tk.DotCfg(waves=4), torch.device("cpu")
+    # 8192 tokens in 64 blocks: 2 splits = 128 programs (97 % of one wave), not 3 (192 = 1.45 waves, 73 %)
+    assert tk._filling_splits(cfg, cpu, 64, steps=128) == 2
+    assert tk._filling_splits(cfg, cpu, 256, steps=128) == 1  # 32768 tokens: one split already fills 97 %
+    assert tk._filling_splits(cfg, cpu, 100, steps=128) == 5  # 500 programs: 95 % of 4 waves (1-4: 76 %)
+    assert tk._filling_splits(cfg, cpu, 64, steps=7) == 1  # each split keeps >= 4 K tiles
+    assert tk._filling_splits(cfg, cpu, 64, steps=128, occupancy=2) == 4  # 256 of 264 slots
+    assert tk._wave_efficiency(224, 132) == pytest.approx(224 / 264)
 
 
 def test_hi_lo_split_keeps_sixteen_bits():

@@ -154,7 +154,6 @@ def test_plan_splits_fills_whole_waves():
     assert pb.plan_splits(10_000, 64, 4, waves=8, occupancy=1, device=cpu)[0] == 1
     assert pb.plan_splits(100, 64, 1, waves=64, occupancy=1, device=cpu)[0] == 2
     assert pb.plan_splits(1000, 16, 3, waves=1, occupancy=1, device=cpu, splits=5) == (5, 208)
-    assert pb._wave_efficiency(224, 132) == pytest.approx(224 / 264)
 
 
 if not _INTERPRETED:

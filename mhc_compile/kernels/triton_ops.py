@@ -87,6 +87,7 @@ class StreamCfg:
     budget: int = 4096  # elements of one [BT, NP, BC] tile; bounds registers per program
     max_bc: int = 1024
     num_warps: int = 4
+    hoist: bool = True  # post_res_backward: issue a chunk's loads before its reductions (see its kernel)
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,9 @@ _DEFAULTS = {
     "pre_backward_dh": StreamCfg(),  # untuned: pre_backward's tile (one stream-sized write fewer)
     "post_res": StreamCfg(),
     "post_res_backward": StreamCfg(),
-    # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md)
-    "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=1),
+    # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md);
+    # one program an SM (three stages of its tiles take 144 KB of shared memory); K splits: _filling_splits
+    "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=4),
     # one tile per program (waves = 64 leaves no token loop: its loads are not pipelined); the lab's fastest
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
@@ -178,6 +180,26 @@ def _splits(cfg: DotCfg, device: torch.device, programs: int, steps: int, min_st
     """How many ways to split a reduction of ``steps`` tiles so the grid fills ``cfg.waves`` per SM."""
     want = triton.cdiv(cfg.waves * _num_sms(device), max(programs, 1))
     return max(1, min(want, steps // min_steps))
+
+
+def _wave_efficiency(programs: int, slots: int) -> float:
+    """Fraction of the SM slots busy over the grid's waves (equal programs, ``slots`` resident at a time)."""
+    return programs / (triton.cdiv(programs, slots) * slots)
+
+
+def _filling_splits(cfg: DotCfg, device: torch.device, programs: int, steps: int, occupancy: int = 1,
+                    min_steps: int = 4) -> int:
+    """The split count of a reduction of ``steps`` tiles, among those that leave each program >= ``min_steps``
+    tiles and the grid <= ``cfg.waves`` programs an SM, whose grid keeps the most SM slots busy over its waves
+    (``occupancy`` programs resident an SM); ties go to fewer splits (longer loops, fewer partials).
+
+    A grid sized by waves alone can end in a nearly empty wave: proj at 8192 tokens has 64 token blocks, and
+    "one program an SM" gave 3 splits = 192 programs = 1.45 waves on 132 SMs, 73 % of the slots busy
+    (profile_step, session 7: 55 % of copy bandwidth in the step); 2 splits fill 97 %.
+    """
+    slots = max(1, occupancy) * _num_sms(device)
+    most = max(1, min(steps // min_steps, triton.cdiv(cfg.waves * slots, max(programs, 1))))
+    return min(range(1, most + 1), key=lambda s: (-round(_wave_efficiency(programs * s, slots), 3), s))
 
 
 _STAGES_THAT_FIT: dict = {}
@@ -372,14 +394,25 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                          T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         ACC: tl.constexpr):
-    """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once."""
+                         ACC: tl.constexpr, HOIST: tl.constexpr):
+    """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once.
+
+    HOIST: every load of a chunk is issued before its first reduction, and the H_res columns before the loop.
+    A reduction across warps is a barrier, which no load moves across, so loads placed between reductions
+    (and H_res re-read each chunk: the compiler cannot hoist it past the stores) each wait a memory latency;
+    hoisted, the chunk's x rows are live together (more registers a thread, fewer programs an SM).
+    """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
     rmask = rows < T
     r64 = rows.to(tl.int64)
     mi = rmask[:, None] & (ii[None, :] < N)
     hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    hcols = ()  # column j of H_res, [BT, NP]
+    if HOIST:
+        for j in tl.static_range(N):
+            hcols = hcols + (tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
+                                     other=0.0).to(ACC),)
     stream = (r64[:, None] * N + ii[None, :])[:, :, None] * C
     jsel = tl.arange(0, NP)[None, None, :]
     dh_res = tl.zeros([BT, NP, NP], dtype=ACC)
@@ -391,13 +424,22 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         m3 = mi[:, :, None] & cmask[None, None, :]
         g = tl.load(g_ptr + stream + cols[None, None, :], mask=m3, other=0.0).to(ACC)  # dout[t, i, c]
         y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        xs = ()
+        if HOIST:
+            for j in tl.static_range(N):
+                xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2,
+                                   other=0.0).to(ACC),)
         dy = tl.sum(hp[:, :, None] * g, axis=1)
         tl.store(dy_ptr + r64[:, None] * C + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m2)
         dh_post += tl.sum(g * y[:, None, :], axis=2)
         for j in tl.static_range(N):
-            hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0)
-            xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-            dxj = tl.sum(hcol.to(ACC)[:, :, None] * g, axis=1)
+            if HOIST:
+                xj, hcol = xs[j], hcols[j]
+            else:
+                hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
+                               other=0.0).to(ACC)
+                xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+            dxj = tl.sum(hcol[:, :, None] * g, axis=1)
             tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
                      mask=m2)
             # column j of dh_res; the select keeps the accumulator one register tile
@@ -442,7 +484,7 @@ def post_res_backward(
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
     _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
         x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), num_warps=warps,
+        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), HOIST=_cfg("post_res_backward").hoist, num_warps=warps,
     )
     return dx, dh_res, dh_post, dy
 
@@ -561,7 +603,7 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     hi_lo = _hi_lo(x.dtype) and acc == torch.float32
     w = _split_hi_lo(phi, mblocks * bm, transpose=False) if hi_lo else phi
     bt = min(cfg.bt, max(16, _pow2(t)))  # tl.dot needs >= 16 rows
-    splits = _splits(cfg, x.device, triton.cdiv(t, bt) * mblocks, triton.cdiv(k, cfg.bk))
+    splits = _filling_splits(cfg, x.device, triton.cdiv(t, bt) * mblocks, triton.cdiv(k, cfg.bk))
     k_split = triton.cdiv(triton.cdiv(k, splits), cfg.bk) * cfg.bk
     splits = triton.cdiv(k, k_split)
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)

@@ -262,11 +262,6 @@ def split_dp_t(dp, mp: int):
     return dst
 
 
-def _wave_efficiency(programs: int, slots: int) -> float:
-    """Fraction of the SM slots busy over the grid's waves (equal programs, ``slots`` resident at a time)."""
-    return programs / (triton.cdiv(programs, slots) * slots)
-
-
 def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, device, splits: int | None = None,
                 split_cost: float = 0.0):
     """(splits, tokens per split). Among 1 .. ``waves`` programs an SM, the split count with the least predicted
@@ -281,7 +276,7 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
         slots = max(1, occupancy) * sms
 
         def cost(s):
-            return (1.0 + (split_cost * s if s > 1 else 0.0)) / _wave_efficiency(kblocks * s, slots)
+            return (1.0 + (split_cost * s if s > 1 else 0.0)) / tk._wave_efficiency(kblocks * s, slots)
 
         splits = min(range(1, most + 1), key=lambda s: (round(cost(s), 6), s))
     splits = max(1, min(splits, tiles))
