@@ -7,7 +7,9 @@ its calls, time and in-step bandwidth: its bytes (each stream tensor read or wri
 its time, as a share of the copy bandwidth measured in the same run. This is the profile behind
 benchmarks/results/*: what a step spends its overhead on, not just the total.
 
-    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...]    (bench_training's stack, 2048 x 4, bf16)
+    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--nofoldpre]   (bench_training's stack)
+
+--nofoldpre also profiles backend="mhc" with fold_pre_recompute=False, its mHC kernels listed beside the default's.
 """
 import collections
 import datetime
@@ -28,7 +30,7 @@ KERNEL_BYTES = {
     "_post_res_fwd_kernel": lambda S, v: 2 * S + v,          # X, y -> X'
     "_pre_fwd_kernel": lambda S, v: S + v,                   # X -> x_in
     "_proj_fwd_kernel": lambda S, v: S,                      # X -> p, sq
-    "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,      # dX', X, y -> dX, dy
+    "_post_res_bwd_kernel": lambda S, v: 3 * S + 3 * v,      # dX', X, y -> dX, dy, x_in (fold_pre_recompute)
     "_pre_bwd_kernel": lambda S, v: S + v,                   # X, dx_in -> dh_pre (pre_backward_dh)
     "_proj_dx_dphi_kernel": lambda S, v: 3 * S + v,          # X, dx_in, acc -> dX (and dphi)
     "_proj_dx_kernel": lambda S, v: 3 * S + v,
@@ -91,7 +93,7 @@ def profile(fn, x, steps=3):
 
 
 def report(d, bw, results, emit):
-    (_, (wall_r, us_r, _)), (_, (wall_m, us_m, calls_m)) = results
+    (_, (wall_r, us_r, _)), (_, (wall_m, us_m, calls_m)) = results[:2]
     emit(f"\n## d = {d}\n")
     emit("| | residual (Inductor) | backend=mhc | difference |")
     emit("|---|---|---|---|")
@@ -133,7 +135,8 @@ def report(d, bw, results, emit):
 
 
 def main():
-    widths = [int(a) for a in sys.argv[1:]] or [4096]
+    widths = [int(a) for a in sys.argv[1:] if not a.startswith("--")] or [4096]
+    extra = "--nofoldpre" in sys.argv
     out_dir = os.environ.get("OUT", "bench_out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "profile_step.md")
@@ -163,8 +166,17 @@ def main():
         mhc_compile.prepare(m, x.detach(), n=N)
         variants = [("residual (Inductor)", torch.compile(residual)),
                     ("backend=mhc", torch.compile(m, backend="mhc", options={"n": N}))]
+        if extra:
+            variants.append(("fold_pre_recompute=False",
+                             torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": False})))
         results = [(name, profile(fn, x)) for name, fn in variants]
         report(d, bw, results, emit)
+        for name, (wall, us, calls) in results[2:]:
+            mhc = {k: v for k, v in us.items() if category(k) == "mHC kernels"}
+            emit(f"\n{name}: wall {wall:.2f} ms, mHC kernels {sum(mhc.values()) / 1e3:.2f} ms a step "
+                 f"(default: {sum(v for k, v in results[1][1][1].items() if category(k) == 'mHC kernels') / 1e3:.2f})")
+            for k, v in sorted(mhc.items(), key=lambda kv: -kv[1]):
+                emit(f"- {k.split('_0d1d')[0]}: {calls[k]} calls, {v:.1f} us a step")
         del variants, results
         torch.cuda.empty_cache()
 

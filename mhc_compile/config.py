@@ -48,6 +48,9 @@ class MHCConfig:
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
                      instead of three partial gradients and a sum. False keeps the separate backward ops.
+    fold_pre_recompute: in Inductor's backward graph, let each site's post_res backward also write the
+                     sublayer input that recompute would otherwise rebuild with a separate pre (one read of
+                     the n streams less per site; ``passes/fold_pre_recompute.py``). False keeps them apart.
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -73,6 +76,7 @@ class MHCConfig:
     recompute: Any = "auto"
     fuse: bool = False
     fold_stream_grads: bool = True
+    fold_pre_recompute: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
@@ -93,7 +97,7 @@ class MHCConfig:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
-        for name in ("verbose", "check_finite", "fuse", "fold_stream_grads"):
+        for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.recompute, (list, tuple)):

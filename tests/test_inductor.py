@@ -26,13 +26,15 @@ def compiled():
 
 
 def test_inductor_forward_and_gradients_match_eager_oracle(compiled, caplog):
-    """Also checks that the backward pass ran Inductor's graph through passes/fold_stream_grads.py."""
+    """Also checks that the backward pass ran Inductor's graph through passes/fold_stream_grads.py and
+    passes/fold_pre_recompute.py (recompute="auto" recomputes every site's pre in the backward)."""
     model, step, idx = compiled
     # caches off: a graph another test compiled would come back from the cache without running the pass
     with caplog.at_level("INFO", logger="mhc_compile"), torch._inductor.config.patch(force_disable_caches=True):
         out = step(idx)
         out.square().mean().backward()
     assert "folded the stream-gradient sums of 4 of 4 site(s)" in caplog.text
+    assert "made the recomputed sublayer input of 4 of 4 site(s) in their post_res backward" in caplog.text
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     want = eager_mhc_nanogpt(model, idx, n=4)

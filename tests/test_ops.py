@@ -129,6 +129,7 @@ def _all_op_calls(impl: str):
          (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),
         ("pre_backward_dh", ops.pre_backward_dh, (x, h_pre, y, impl)),
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
+        ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),
     ]
 
 

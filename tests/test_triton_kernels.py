@@ -121,6 +121,21 @@ def test_post_res_backward_chunks(hoist):
 
 
 @pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
+def test_post_res_backward_pre(shape, dtype):
+    """post_res_backward with the recomputed sublayer input: the same four gradients, and x_in equal to what
+    the pre kernel computes (same summation order, one rounding)."""
+    x, y, h_pre, h_post, h_res, _ = _stream(*shape, dtype, seed=13)
+    dout = torch.randn_like(x)
+    with tk.tuning("post_res_backward", budget=256, max_bc=32):  # several channel chunks
+        got = tk.post_res_backward_pre(x, h_res, h_post, y, dout, h_pre)
+    want = ref.post_res_backward_pre(x, h_res, h_post, y, dout, h_pre)
+    assert len(got) == 5 and got[4].shape == (shape[0], shape[2]) and got[4].dtype == x.dtype
+    for a, e in zip(got, want):
+        _close(a, e, _tol(a.dtype))
+    torch.testing.assert_close(got[4], tk.pre(x, h_pre), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
 def test_proj(shape, dtype):
     x, *_, phi = _stream(*shape, dtype, seed=3)
     t, n, c = shape

@@ -183,10 +183,10 @@ def test_fullgraph(quiet):
 
 def _without_our_pass(patches):
     """Inductor config patches less the backward-graph pass the backend always adds."""
-    from mhc_compile.passes.fold_stream_grads import FoldStreamGrads
+    from mhc_compile.passes.post_grad import PostGradPasses
 
     patches = dict(patches or {})
-    assert isinstance(patches.pop("post_grad_custom_post_pass", None), FoldStreamGrads)
+    assert isinstance(patches.pop("post_grad_custom_post_pass", None), PostGradPasses)
     return patches
 
 

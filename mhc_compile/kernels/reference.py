@@ -234,6 +234,14 @@ def post_res_backward(
     return dx.to(x.dtype), dh_res, dh_post, dy.to(y.dtype)
 
 
+def post_res_backward_pre(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """post_res_backward and pre(x, h_pre) of the same stream: the backward's recomputed sublayer input made
+    from the stream the post_res backward reads anyway (passes/fold_pre_recompute.py)."""
+    return post_res_backward(x, h_res, h_post, y, dout) + (pre(x, h_pre),)
+
+
 # ---------------------------------------------------------------------------------------------
 # post_res (layer l) then proj (layer l+1): the pair the cross-layer fused kernel replaces
 # ---------------------------------------------------------------------------------------------

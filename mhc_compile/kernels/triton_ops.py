@@ -393,9 +393,12 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
 
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
-                         T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         ACC: tl.constexpr, HOIST: tl.constexpr):
+                         hpre_ptr, xin_ptr, T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
+                         BC: tl.constexpr, ACC: tl.constexpr, HOIST: tl.constexpr, PRE: tl.constexpr):
     """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once.
+
+    PRE: also writes x_in = sum_i h_pre[i] x[i] (``pre``'s value, summed in its order and rounded once), from
+    the x rows this kernel loads anyway (the x loads are then hoisted whatever HOIST says).
 
     HOIST: every load of a chunk is issued before its first reduction, and the H_res columns before the loop.
     A reduction across warps is a barrier, which no load moves across, so loads placed between reductions
@@ -413,6 +416,10 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         for j in tl.static_range(N):
             hcols = hcols + (tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
                                      other=0.0).to(ACC),)
+    hpres = ()  # h_pre[:, j], [BT]
+    if PRE:
+        for j in tl.static_range(N):
+            hpres = hpres + (tl.load(hpre_ptr + r64 * N + j, mask=rmask, other=0.0).to(ACC),)
     stream = (r64[:, None] * N + ii[None, :])[:, :, None] * C
     jsel = tl.arange(0, NP)[None, None, :]
     dh_res = tl.zeros([BT, NP, NP], dtype=ACC)
@@ -425,19 +432,27 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         g = tl.load(g_ptr + stream + cols[None, None, :], mask=m3, other=0.0).to(ACC)  # dout[t, i, c]
         y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         xs = ()
-        if HOIST:
+        if HOIST or PRE:
             for j in tl.static_range(N):
                 xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2,
                                    other=0.0).to(ACC),)
+        if PRE:
+            xin = tl.zeros([BT, BC], dtype=ACC)
+            for j in tl.static_range(N):
+                xin += hpres[j][:, None] * xs[j]
+            tl.store(xin_ptr + r64[:, None] * C + cols[None, :], xin.to(xin_ptr.dtype.element_ty), mask=m2)
         dy = tl.sum(hp[:, :, None] * g, axis=1)
         tl.store(dy_ptr + r64[:, None] * C + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m2)
         dh_post += tl.sum(g * y[:, None, :], axis=2)
         for j in tl.static_range(N):
             if HOIST:
-                xj, hcol = xs[j], hcols[j]
+                hcol = hcols[j]
             else:
                 hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
                                other=0.0).to(ACC)
+            if HOIST or PRE:
+                xj = xs[j]
+            else:
                 xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
             dxj = tl.sum(hcol[:, :, None] * g, axis=1)
             tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
@@ -470,6 +485,17 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
 def post_res_backward(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _post_res_backward(x, h_res, h_post, y, dout, None)
+
+
+def post_res_backward_pre(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """post_res_backward plus pre(x, h_pre), from the one pass over x (passes/fold_pre_recompute.py)."""
+    return _post_res_backward(x, h_res, h_post, y, dout, h_pre.contiguous())
+
+
+def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
     _check_stream("post_res_backward", x, y, dout)
     t, n, c = x.shape
     x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
@@ -478,15 +504,19 @@ def post_res_backward(
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     dh_res = torch.zeros((t, n, n), dtype=acc, device=x.device)
     dh_post = torch.zeros((t, n), dtype=acc, device=x.device)
+    x_in = torch.empty((t, c), dtype=x.dtype, device=x.device) if h_pre is not None else None
+    extra = () if h_pre is None else (x_in,)
     if t == 0 or c == 0:
-        return dx.zero_(), dh_res, dh_post, dy.zero_()
+        return (dx.zero_(), dh_res, dh_post, dy.zero_()) + tuple(e.zero_() for e in extra)
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
     _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
-        x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), HOIST=_cfg("post_res_backward").hoist, num_warps=warps,
+        x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy,
+        h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c,
+        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), HOIST=_cfg("post_res_backward").hoist, PRE=h_pre is not None,
+        num_warps=warps,
     )
-    return dx, dh_res, dh_post, dy
+    return (dx, dh_res, dh_post, dy) + extra
 
 
 # ---------------------------------------------------------------------------------------------

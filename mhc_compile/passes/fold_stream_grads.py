@@ -18,7 +18,7 @@ so X's gradient is written once, the remaining partials enter as ``acc`` and the
 fp32. The pattern is a plain function over the graph; anything else (an add with alpha, a partial read
 twice, pre and proj of different streams) is left alone, which is always correct.
 
-It runs as Inductor's ``post_grad_custom_post_pass`` (``backend._inner_compile``): the backward graph
+It runs as Inductor's ``post_grad_custom_post_pass`` (``passes/post_grad.py``): the backward graph
 only exists inside Inductor. The forward graphs it also sees hold no ``*_backward`` op.
 """
 
@@ -29,11 +29,6 @@ import operator
 
 import torch
 import torch.fx as fx
-
-try:  # torch >= 2.6: a cacheable pass object (a bare callable would bypass the FX graph cache)
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-except ImportError:  # pragma: no cover - older torch
-    CustomGraphPass = object
 
 log = logging.getLogger("mhc_compile")
 OPS = torch.ops.mhc_compile
@@ -136,23 +131,3 @@ def apply(graph: fx.Graph) -> int:
         log.info("mhc: folded the stream-gradient sums of %d of %d site(s) in a backward graph", folded, candidates)
     return folded
 
-
-class FoldStreamGrads(CustomGraphPass):
-    """``apply`` as Inductor's post-grad custom pass, chained after a pass the user configured."""
-
-    def __init__(self, then=None):
-        self.then = then
-
-    def __call__(self, graph: fx.Graph) -> None:
-        apply(graph)
-        if self.then is not None:
-            self.then(graph)
-
-    def uuid(self):
-        from torch._inductor.custom_graph_pass import get_hash_for_files
-
-        mine = get_hash_for_files((__file__,))
-        if self.then is None:
-            return mine
-        theirs = self.then.uuid() if hasattr(self.then, "uuid") else None
-        return None if theirs is None else (mine, theirs)  # None: not cacheable, as theirs is not

@@ -22,7 +22,7 @@ from mhc_compile.kernels import reference as ref
 IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
-            "proj_pre_backward")
+            "proj_pre_backward", "post_res_backward_pre")
 
 
 def all_ops() -> list:
@@ -324,6 +324,26 @@ def _post_res_bwd(ctx, dout):
 
 
 post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
+
+
+# Backward-only, put into backward graphs by passes/fold_pre_recompute.py: a site's post_res_backward and
+# its recomputed pre (both read the same stream) as one op, one pass over the stream.
+@torch.library.custom_op("mhc_compile::post_res_backward_pre", mutates_args=())
+def post_res_backward_pre(
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, impl: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dh_res, dh_post, dy, x_in = _kernels(impl).post_res_backward_pre(
+        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
+        _tokens(y, 1).contiguous(), _tokens(dout, 2).contiguous(), _tokens(h_pre, 1).contiguous(),
+    )
+    return (dx.reshape(x.shape), dh_res.reshape(h_res.shape), dh_post.reshape(h_post.shape), dy.reshape(y.shape),
+            x_in.reshape(x.shape[:-2] + x.shape[-1:]))
+
+
+@post_res_backward_pre.register_fake
+def _(x, h_res, h_post, y, dout, h_pre, impl):
+    return (_dense_like(x), _dense_like(h_res), _dense_like(h_post), _dense_like(y),
+            x.new_empty(x.shape[:-2] + x.shape[-1:]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""The backend's passes over Inductor's post-grad graphs, as one cacheable custom pass.
+
+Backward graphs only exist inside Inductor (AOTAutograd builds them after our rewrite), so the passes that
+change them run as Inductor's ``post_grad_custom_post_pass`` (``backend._inner_compile``), in order, then
+the pass the user configured there, if any. Each pass module has ``apply(graph) -> int`` and ``__file__``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+try:  # torch >= 2.6: a cacheable pass object (a bare callable would bypass the FX graph cache)
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # pragma: no cover - older torch
+    CustomGraphPass = object
+
+OPS = torch.ops.mhc_compile
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``index`` / keyword ``name`` of a call node (post-grad graphs may hold either form)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+class PostGradPasses(CustomGraphPass):
+    """Run ``passes`` (modules with ``apply``), then ``then`` (the user's post-grad pass) on each graph."""
+
+    def __init__(self, passes, then=None):
+        self.passes = tuple(passes)
+        self.then = then
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for p in self.passes:
+            p.apply(graph)
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self):
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        mine = get_hash_for_files((__file__,) + tuple(p.__file__ for p in self.passes))
+        if self.then is None:
+            return mine
+        theirs = self.then.uuid() if hasattr(self.then, "uuid") else None
+        return None if theirs is None else (mine, theirs)  # None: not cacheable, as theirs is not
