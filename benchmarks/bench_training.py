@@ -11,7 +11,7 @@ held before the step (parameters, inputs).
 
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
-recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, nofoldpre, fused,
+recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, foldpre, fused,
 cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair).
 
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
@@ -247,9 +247,9 @@ def run_size(d, args, emit):
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
-    if "nofoldpre" in args.variants:  # passes/fold_pre_recompute.py off: the backward recomputes pre on its own
-        variants["backend=mhc fold_pre_recompute=False"] = torch.compile(
-            mhc_model, backend="mhc", options={"n": args.n, "fold_pre_recompute": False})
+    if "foldpre" in args.variants:  # passes/fold_pre_recompute.py on: pre recomputed in the post_res backward
+        variants["backend=mhc fold_pre_recompute=True"] = torch.compile(
+            mhc_model, backend="mhc", options={"n": args.n, "fold_pre_recompute": True})
     if "fused" in args.variants:  # the opt-in cross-layer boundary ops, side by side with the default
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})

@@ -7,9 +7,9 @@ its calls, time and in-step bandwidth: its bytes (each stream tensor read or wri
 its time, as a share of the copy bandwidth measured in the same run. This is the profile behind
 benchmarks/results/*: what a step spends its overhead on, not just the total.
 
-    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--nofoldpre]   (bench_training's stack)
+    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--foldpre]   (bench_training's stack)
 
---nofoldpre also profiles backend="mhc" with fold_pre_recompute=False, its mHC kernels listed beside the default's.
+--foldpre also profiles backend="mhc" with fold_pre_recompute=True, its mHC kernels listed beside the default's.
 """
 import collections
 import datetime
@@ -30,7 +30,7 @@ KERNEL_BYTES = {
     "_post_res_fwd_kernel": lambda S, v: 2 * S + v,          # X, y -> X'
     "_pre_fwd_kernel": lambda S, v: S + v,                   # X -> x_in
     "_proj_fwd_kernel": lambda S, v: S,                      # X -> p, sq
-    "_post_res_bwd_kernel": lambda S, v: 3 * S + 3 * v,      # dX', X, y -> dX, dy, x_in (fold_pre_recompute)
+    "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,      # dX', X, y -> dX, dy (+ v: x_in with foldpre)
     "_pre_bwd_kernel": lambda S, v: S + v,                   # X, dx_in -> dh_pre (pre_backward_dh)
     "_proj_dx_dphi_kernel": lambda S, v: 3 * S + v,          # X, dx_in, acc -> dX (and dphi)
     "_proj_dx_kernel": lambda S, v: 3 * S + v,
@@ -136,7 +136,7 @@ def report(d, bw, results, emit):
 
 def main():
     widths = [int(a) for a in sys.argv[1:] if not a.startswith("--")] or [4096]
-    extra = "--nofoldpre" in sys.argv
+    extra = "--foldpre" in sys.argv
     out_dir = os.environ.get("OUT", "bench_out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "profile_step.md")
@@ -167,8 +167,8 @@ def main():
         variants = [("residual (Inductor)", torch.compile(residual)),
                     ("backend=mhc", torch.compile(m, backend="mhc", options={"n": N}))]
         if extra:
-            variants.append(("fold_pre_recompute=False",
-                             torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": False})))
+            variants.append(("fold_pre_recompute=True",
+                             torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": True})))
         results = [(name, profile(fn, x)) for name, fn in variants]
         report(d, bw, results, emit)
         for name, (wall, us, calls) in results[2:]:

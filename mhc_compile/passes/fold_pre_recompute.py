@@ -9,9 +9,13 @@ dH_res) earlier in the same backward: the sublayer's backward starts from the dy
     x_in                    = pre(x, h_pre)                                   (recomputed, later)
 
 into one ``post_res_backward_pre(x, h_res, h_post, y, dout, h_pre)`` that also writes x_in from the x rows
-it loads anyway: n C elements a token less to read (an H200 measured the recomputed pre at 139 us a site at
-8192 x 7168: benchmarks/results/session7-2026-12-02-h200.md). The price: x_in now exists from the start of
-the sublayer's backward instead of from its end, one C-wide tensor more alive through it.
+it loads anyway: n C elements a token less to read. The price: x_in now exists from the start of the
+sublayer's backward instead of from its end, one C-wide tensor more alive through it.
+
+Measured on an H200 (benchmarks/results/session7-2026-12-02-h200.md): at d = 7168 the step's mHC kernels
+took 16.85 ms instead of 17.56 (the post_res backward 47 us a site slower, the 139 us pre gone), but the
+step time moved less than its run-to-run spread, while activation memory rose by 1.4-1.5 points (to +21.2 %
+at d = 2048, past the 20 % target). Hence opt-in: ``fold_pre_recompute=True``.
 
 It only rewrites a pre whose every reader comes after the post_res backward in the graph (and whose H_pre
 is computed before it), so the new node can stand where the post_res backward stood; anything else is left
