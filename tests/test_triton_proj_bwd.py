@@ -115,6 +115,11 @@ CASES = [
     (1, 24, torch.bfloat16, dict(bt=64, bk=32), False),
     (1, 64, torch.bfloat16, dict(bt=16, bk=64, prefetch=True), True),
     (1, 64, torch.float32, dict(bt=16, bk=16, splits=3), False),
+    # xt_a: dphi = X^T @ dp (bf16 only; fp32 ignores it), with a tail tile, splits, both K paths, prefetch
+    (4, 64, torch.bfloat16, dict(bt=16, bk=64, xt_a=True), True),
+    (3, 24, torch.bfloat16, dict(bt=16, bk=16, splits=2, xt_a=True, prefetch="side"), False),
+    (4, 64, torch.bfloat16, dict(bt=16, bk=32, splits=2, xt_a=True, prefetch=True), True),
+    (3, 24, torch.float32, dict(bt=16, bk=32, xt_a=True), True),
 ]
 IDS = [f"n{n}C{c}-{str(d)[6:]}-" + "-".join(f"{k}{v}" for k, v in o.items()) + ("-acc" if a else "")
        for n, c, d, o, a in CASES]

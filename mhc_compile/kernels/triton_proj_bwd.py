@@ -106,9 +106,10 @@ def _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO: tl.constexpr, DOT: tl.constexpr, 
 @triton.jit
 def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am, s_at, ks,
           kmask, ms, mmask, mas, arow, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
-          HI_LO: tl.constexpr, DX_HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
-          DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X."""
+          HI_LO: tl.constexpr, DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, MASK_ROWS: tl.constexpr,
+          EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X (with XT_A:
+    dphi + X^T @ B_hi + X^T @ B_lo)."""
     r64 = rows.to(tl.int64)
     rmask = rows < t_hi
     # dp and A feed dots: Triton's pipeliner prefetches them (and X) num_stages - 1 tiles ahead. Their column /
@@ -120,7 +121,16 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_h
         dmask = mmask[None, :]
         amask = arow[:, None]
     dp = tl.load(dp_ptr + (r64 * M)[:, None] + ms[None, :], mask=dmask, other=0.0).to(ACC)
-    at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
+    if XT_A:  # B = dp as bf16 hi / lo halves, [BT, MP] each (zero-padded past M on the host)
+        b_off = (r64 * s_at)[:, None] + ms[None, :]
+        if MASK_ROWS:
+            b_hi = tl.load(a_ptr + b_off, mask=rmask[:, None], other=0.0)
+            b_lo = tl.load(a_ptr + s_am + b_off, mask=rmask[:, None], other=0.0)
+        else:
+            b_hi = tl.load(a_ptr + b_off)
+            b_lo = tl.load(a_ptr + s_am + b_off)
+    else:
+        at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
     dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO, DOT, ACC, PREC)
     dx += 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
     if HAS_PRE:
@@ -137,7 +147,11 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_h
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty))
     else:
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
-    if HI_LO:  # the X tile enters the tensor cores as loaded
+    if XT_A:  # X^T as the A operand: the [BK, MP] accumulator holds hi and lo products alike
+        xtt = tl.trans(xt).to(DOT)
+        dphi = tl.dot(xtt, b_hi.to(DOT), dphi, out_dtype=ACC)
+        dphi = tl.dot(xtt, b_lo.to(DOT), dphi, out_dtype=ACC)
+    elif HI_LO:  # the X tile enters the tensor cores as loaded
         dphi = tl.dot(at.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
     else:
         dphi = tl.dot(at.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
@@ -149,8 +163,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                          T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                          MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
                          HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr,
-                         DX_HI_LO: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-                         PREC: tl.constexpr):
+                         DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr,
+                         ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
     tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
 
@@ -163,6 +177,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     PREFETCH 1: the loop loads the next tile's X, dsq, h_pre, dout and acc into registers before computing this
     one; 2: all of them but X, which stays a dot operand for the pipeliner (it only prefetches dot operands, so
     dout and acc otherwise wait a memory latency every step); 0: neither.
+    XT_A (bf16 streams): dphi = X^T @ B instead, the X tile transposed as the A operand and a_ptr dp's bf16 hi /
+    lo halves [2, s_am / MP, MP] (row stride s_at = MP): the accumulator is [BK, MP], half of A @ X's [2 MP, BK].
     """
     K = N * C
     split = tl.program_id(1)
@@ -184,7 +200,10 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
         arow = (mas % MP) < M
     else:
         arow = mas < M
-    dphi = tl.zeros([MA, BK], dtype=ACC)
+    if XT_A:
+        dphi = tl.zeros([BK, MP], dtype=ACC)
+    else:
+        dphi = tl.zeros([MA, BK], dtype=ACC)
     t_lo = split * T_SPLIT
     t_hi = tl.minimum(t_lo + T_SPLIT, T)
     t_full = t_lo + (t_hi - t_lo) // BT * BT  # end of the whole tiles
@@ -196,7 +215,7 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                                        HAS_PRE, ONE_STREAM, HAS_ACC, False, EVEN_K)
             dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
                          s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+                         DX_HI_LO, XT_A, False, EVEN_K, DOT, ACC, PREC)
     elif PREFETCH == 1:
         # every stream operand of the next tile is loaded one iteration ahead, X included (which takes X away
         # from the pipeliner); the last prefetch is of rows >= t_full, masked off by a [BT, 1] row mask
@@ -213,7 +232,7 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
             rows = t0 + tl.arange(0, BT)
             dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
                          s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+                         DX_HI_LO, XT_A, False, EVEN_K, DOT, ACC, PREC)
     else:
         # dsq, h_pre, dout and acc one iteration ahead; X stays a dot operand loaded in the loop, which the
         # pipeliner prefetches num_stages - 1 tiles ahead through shared memory
@@ -229,19 +248,22 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
             xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
             dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
                          s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, False, EVEN_K, DOT, ACC, PREC)
+                         DX_HI_LO, XT_A, False, EVEN_K, DOT, ACC, PREC)
     if t_full < t_hi:  # the ragged tail tile, masked
         rows = t_full + tl.arange(0, BT)
         xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, True, EVEN_K)
         dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
                                    ONE_STREAM, HAS_ACC, True, EVEN_K)
         dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am,
-                     s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, DX_HI_LO, True,
-                     EVEN_K, DOT, ACC, PREC)
-    if HI_LO:
-        dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
+                     s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, DX_HI_LO, XT_A,
+                     True, EVEN_K, DOT, ACC, PREC)
     out_rows = split.to(tl.int64) * K + ks64
-    tl.store(dphi_ptr + out_rows[None, :] * M + ms[:, None], dphi, mask=mmask[:, None] & kmask[None, :])
+    if XT_A:
+        tl.store(dphi_ptr + out_rows[:, None] * M + ms[None, :], dphi, mask=kmask[:, None] & mmask[None, :])
+    else:
+        if HI_LO:
+            dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
+        tl.store(dphi_ptr + out_rows[None, :] * M + ms[:, None], dphi, mask=mmask[:, None] & kmask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +310,7 @@ _PREFETCH_MODES = {False: 0, None: 0, True: 1, "all": 1, "side": 2}
 
 
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages,
-                 prefetch, dx_hi_lo, maxnreg):
+                 prefetch, dx_hi_lo, maxnreg, xt_a=False):
     """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report."""
     k = n * c
     mp = max(16, tk._pow2(m))
@@ -297,6 +319,7 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
     bk = max(16, min(bk, tk._pow2(k)))
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
                 HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DX_HI_LO=bool(dx_hi_lo) and hi_lo,
+                XT_A=bool(xt_a) and hi_lo,
                 PREFETCH=_PREFETCH_MODES[prefetch], DOT=tk._half_dot_dtype(), ACC=tk._acc_tl(acc_t),
                 PREC=tk._dot_precision(stream_dtype))
     opts = dict(num_warps=num_warps, num_stages=num_stages)
@@ -307,11 +330,12 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
 
 def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
                             num_stages=3, waves=16.0, occupancy=1, splits=None, prefetch=False, dx_hi_lo=False,
-                            maxnreg=None):
+                            maxnreg=None, xt_a=False):
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (both None),
     from one kernel that reads X once. dx in x.dtype, dphi in phi.dtype. Token splits: see plan_splits
-    (``waves``, ``occupancy``), or ``splits`` given. ``dx_hi_lo`` applies to bf16 streams only; ``maxnreg``
-    caps registers a thread (ptxas spills past it), e.g. 128 to fit two 8-warp programs on an SM."""
+    (``waves``, ``occupancy``), or ``splits`` given. ``dx_hi_lo`` and ``xt_a`` (dphi as X^T @ dp, the kernel's
+    XT_A) apply to bf16 streams only; ``maxnreg`` caps registers a thread (ptxas spills past it), e.g. 128 to fit
+    two 8-warp programs on an SM."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
     t, n, c = x.shape
     k, m = phi.shape
@@ -331,8 +355,11 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         return torch.empty_like(x), torch.zeros_like(phi)
     bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
                                       num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
-                                      dx_hi_lo=dx_hi_lo, maxnreg=maxnreg)
-    if meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
+                                      dx_hi_lo=dx_hi_lo, maxnreg=maxnreg, xt_a=xt_a)
+    if meta["XT_A"]:  # dp as bf16 hi / lo halves, [2, T, MP]: the B operand of X^T @ dp
+        a = tk._split_hi_lo(dp, meta["MP"], transpose=False)
+        s_am, s_at = a.stride(0), a.stride(1)
+    elif meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
         a = split_dp_t(dp, meta["MP"])
         s_am, s_at = a.stride(0), 1
     else:  # dp^T read in place
