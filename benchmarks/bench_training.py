@@ -12,7 +12,8 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, foldpre, fused,
-cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair).
+cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair), sideacc / xta /
+sideacc-xta (the same compiled model with the one-pass proj backward's SIDE_ACC / XT_A knobs on).
 
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
 run cut short by its time budget still leaves what it measured.
@@ -244,6 +245,14 @@ def run_size(d, args, emit):
         name = "backend=mhc, proj backward as the dx + dphi pair"
         variants[name] = variants["backend=mhc"]
         contexts[name] = lambda: triton_ops.tuning("proj_dx_dphi", enabled=False)
+    for v, fields in (("sideacc", dict(side_acc=True)), ("xta", dict(xt_a=True)),
+                      ("sideacc-xta", dict(side_acc=True, xt_a=True))):
+        if v in args.variants:  # the one-pass proj backward's untimed knobs (kernels/triton_proj_bwd.py)
+            from mhc_compile.kernels import triton_ops
+
+            name = f"backend=mhc, proj backward {fields}"
+            variants[name] = variants["backend=mhc"]
+            contexts[name] = lambda fields=fields: triton_ops.tuning("proj_dx_dphi", **fields)
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})

@@ -25,7 +25,9 @@ Why this shape (the earlier fused try, lab-2026-11-24-h100.md "fuse_dphi", spill
 * token splits are few (plan_splits: whole waves of programs, weighed against the bytes of the fp32 dphi
   partials, splits x K x M x 4, written and summed on the host).
 
-Knobs the sweep turns (all constexpr): BT, BK, warps, stages, splits; XT_A: dphi = X^T @ dp with the X tile
+Knobs the sweep turns (all constexpr): BT, BK, warps, stages, splits; SIDE_ACC: dx's dot accumulates onto dx's
+other terms instead of having them added to its result (fewer layout conversions and registers in the sm_90a
+build; not yet timed on a GPU); XT_A: dphi = X^T @ dp with the X tile
 transposed in shared memory as the wgmma A operand and dp as bf16 hi / lo [BT, MP] B operands, so the
 accumulator is [BK, MP] (16 registers a thread at 8 warps, against 32 for A @ X's [2 MP, BK]; not yet timed on
 a GPU); PREFETCH: "all" loads the next tile's
@@ -105,13 +107,18 @@ SWEEP = [
     _cfg(64, 64, 8, 3, occupancy=2, xt_a=True),                     # 128, 0, 64 KB: 2
     _cfg(64, 128, 16, 3, xt_a=True),                                # 126, 0, 96 KB: 1
     _cfg(64, 128, 8, 2, xt_a=True),                                 # 222, 0, 72 KB: 1
+    # side_acc: dx's dot accumulates onto its other terms (5 layout conversions in the loops instead of 8)
+    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, side_acc=True),   # 128, 104, 80 KB: 2
+    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, side_acc=True, xt_a=True),  # 128, 72, 72 KB: 2
+    _cfg(64, 64, 8, 3, occupancy=2, side_acc=True),                 # 108, 0, 80 KB: 2
 ]
 # value checks on the GPU: odd token counts (a ragged tail tile), n = 1 / 3 / 4, bf16 and fp32, ONE_STREAM and
 # the gather path (C = 1000 is no multiple of BK); the variants only on the first two shapes
 CHECK_SHAPES = [(1000, 4, 768, torch.bfloat16), (1000, 4, 4096, torch.bfloat16), (1000, 4, 768, torch.float32),
                 (1000, 1, 768, torch.bfloat16), (1000, 3, 768, torch.float32), (1000, 3, 1000, torch.bfloat16)]
 CHECK_VARIANTS = [_cfg(64, 128, 16, 3, prefetch="all"), _cfg(64, 128, 16, 3, prefetch="side"),
-                  _cfg(64, 128, 8, 3, dx_hi_lo=True), _cfg(32, 64, 4, 3, splits=3), _cfg(64, 128, 8, 2, xt_a=True)]
+                  _cfg(64, 128, 8, 3, dx_hi_lo=True), _cfg(32, 64, 4, 3, splits=3), _cfg(64, 128, 8, 2, xt_a=True),
+                  _cfg(64, 128, 8, 2, side_acc=True)]
 SMOKE_SHAPES = [(37, 4, 64, torch.bfloat16), (37, 3, 24, torch.float32), (37, 1, 64, torch.bfloat16)]
 # error budgets, max |err| / max |ref|: one bf16 rounding of dx (2^-8) plus tf32 products; hi/lo dphi ~2^-16 per
 # product summed over 1000 tokens; fp32 streams multiply exactly
@@ -320,7 +327,7 @@ def ptxas_rows(configs, n=4, c=4096, arch=90):
             bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, torch.float32, True, True,
                                               **{k: cfg.get(k) for k in ("bt", "bk", "num_warps", "num_stages",
                                                                          "prefetch", "dx_hi_lo", "maxnreg",
-                                                                         "xt_a")})
+                                                                         "xt_a", "side_acc")})
             meta["DOT"] = tl.bfloat16  # the GPU's dot dtype, whatever the environment says
             mp = meta["MP"]
             phi = torch.empty(2, n * c, mp, dtype=torch.bfloat16) if meta["DX_HI_LO"] else torch.empty(n * c, m, **f32)

@@ -120,6 +120,11 @@ CASES = [
     (3, 24, torch.bfloat16, dict(bt=16, bk=16, splits=2, xt_a=True, prefetch="side"), False),
     (4, 64, torch.bfloat16, dict(bt=16, bk=32, splits=2, xt_a=True, prefetch=True), True),
     (3, 24, torch.float32, dict(bt=16, bk=32, xt_a=True), True),
+    # side_acc: dx's dot accumulates onto its other terms (every dtype, with dx_hi_lo's three dots too)
+    (4, 64, torch.bfloat16, dict(bt=16, bk=64, side_acc=True), True),
+    (3, 24, torch.float32, dict(bt=16, bk=16, splits=2, side_acc=True, prefetch="side"), False),
+    (3, 24, torch.bfloat16, dict(bt=16, bk=32, side_acc=True, dx_hi_lo=True, xt_a=True), True),
+    (1, 64, torch.bfloat16, dict(bt=16, bk=64, side_acc=True, xt_a=True, prefetch=True), False),
 ]
 IDS = [f"n{n}C{c}-{str(d)[6:]}-" + "-".join(f"{k}{v}" for k, v in o.items()) + ("-acc" if a else "")
        for n, c, d, o, a in CASES]
@@ -137,6 +142,7 @@ def test_fused_without_pre_term_is_proj_backward(dtype, with_acc):
     """h_pre and dout absent (HAS_PRE off): proj_backward's dx (+ acc) and dphi."""
     inputs = _inputs(3, 24, dtype, seed=7, with_acc=with_acc, with_pre=False)
     _check(pb.proj_pre_backward_fused(*inputs, bt=16, bk=32, splits=2), _expected(*inputs), dtype)
+    _check(pb.proj_pre_backward_fused(*inputs, bt=16, bk=32, side_acc=True, xt_a=True), _expected(*inputs), dtype)
 
 
 def test_fewer_tokens_than_a_tile_and_no_tokens():

@@ -88,26 +88,45 @@ def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc
 
 
 @triton.jit
-def _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+def _dx_dot(dp, phi_t, ph_hi, ph_lo, init, DX_HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
             PREC: tl.constexpr):
-    """dp @ phi^T for one tile: one tf32 dot (fp32 operands), or with DX_HI_LO three bf16 dots over hi/lo
-    halves of dp (split here) and phi (split on the host); lo x lo (~2^-16 relative) is dropped."""
+    """init + dp @ phi^T for one tile (init None: 0): one tf32 dot (fp32 operands), or with DX_HI_LO three bf16
+    dots over hi/lo halves of dp (split here) and phi (split on the host); lo x lo (~2^-16 relative) is dropped."""
     if DX_HI_LO:
         dp_hi = dp.to(tl.bfloat16)
         dp_lo = (dp - dp_hi.to(ACC)).to(tl.bfloat16)
-        out = tl.dot(dp_hi.to(DOT), ph_hi.to(DOT), out_dtype=ACC)
+        out = tl.dot(dp_hi.to(DOT), ph_hi.to(DOT), init, out_dtype=ACC)
         out = tl.dot(dp_lo.to(DOT), ph_hi.to(DOT), out, out_dtype=ACC)
         out = tl.dot(dp_hi.to(DOT), ph_lo.to(DOT), out, out_dtype=ACC)
     else:
-        out = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
+        out = tl.dot(dp, phi_t, init, input_precision=PREC, out_dtype=ACC)
     return out
+
+
+@triton.jit
+def _plus_side(dx, dsq, xt, h, g, a, FIRST: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
+               HAS_ACC: tl.constexpr, ACC: tl.constexpr):
+    """dx + 2 dsq x + h_pre dout + acc, added in that order (FIRST: no dx, the sum starts at 2 dsq x)."""
+    if FIRST:
+        dx = 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
+    else:
+        dx += 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
+    if HAS_PRE:
+        if ONE_STREAM:
+            dx += h.to(ACC)[:, None] * g.to(ACC)
+        else:
+            dx += h.to(ACC) * g.to(ACC)
+    if HAS_ACC:
+        dx += a.to(ACC)
+    return dx
 
 
 @triton.jit
 def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am, s_at, ks,
           kmask, ms, mmask, mas, arow, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
-          HI_LO: tl.constexpr, DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, MASK_ROWS: tl.constexpr,
-          EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+          HI_LO: tl.constexpr, DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, SIDE_ACC: tl.constexpr,
+          MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+          PREC: tl.constexpr):
     """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X (with XT_A:
     dphi + X^T @ B_hi + X^T @ B_lo)."""
     r64 = rows.to(tl.int64)
@@ -131,15 +150,12 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_h
             b_lo = tl.load(a_ptr + s_am + b_off)
     else:
         at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
-    dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, DX_HI_LO, DOT, ACC, PREC)
-    dx += 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
-    if HAS_PRE:
-        if ONE_STREAM:
-            dx += h.to(ACC)[:, None] * g.to(ACC)
-        else:
-            dx += h.to(ACC) * g.to(ACC)
-    if HAS_ACC:
-        dx += a.to(ACC)
+    if SIDE_ACC:  # the dot accumulates onto dx's other terms: fewer layout conversions (see the kernel)
+        side = _plus_side(None, dsq, xt, h, g, a, True, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
+        dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, side, DX_HI_LO, DOT, ACC, PREC)
+    else:
+        dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, None, DX_HI_LO, DOT, ACC, PREC)
+        dx = _plus_side(dx, dsq, xt, h, g, a, False, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
     dx_ptrs = dx_ptr + (r64 * K)[:, None] + ks[None, :]
     if MASK_ROWS:
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
@@ -163,8 +179,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                          T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                          MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
                          HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr,
-                         DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, PREFETCH: tl.constexpr, DOT: tl.constexpr,
-                         ACC: tl.constexpr, PREC: tl.constexpr):
+                         DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, SIDE_ACC: tl.constexpr,
+                         PREFETCH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
     tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
 
@@ -179,6 +195,11 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     dout and acc otherwise wait a memory latency every step); 0: neither.
     XT_A (bf16 streams): dphi = X^T @ B instead, the X tile transposed as the A operand and a_ptr dp's bf16 hi /
     lo halves [2, s_am / MP, MP] (row stride s_at = MP): the accumulator is [BK, MP], half of A @ X's [2 MP, BK].
+    SIDE_ACC: dx's dot starts from its other terms (2 dsq x + h_pre dout + acc) instead of adding them to its
+    result. Those terms are computed in the loads' layout and the dot's result lives in the MMA layout; added
+    after the dot, the compiler converted two tiles into the MMA layout and the sum back (three shared-memory
+    round trips a tile), as the accumulator one (the sm_90a build, Triton 3.9: 5 conversions in the loops
+    instead of 8, 192 registers instead of 240, spills at the 128 cap 104 bytes instead of 280).
     """
     K = N * C
     split = tl.program_id(1)
@@ -215,7 +236,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                                        HAS_PRE, ONE_STREAM, HAS_ACC, False, EVEN_K)
             dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
                          s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, XT_A, False, EVEN_K, DOT, ACC, PREC)
+                         DX_HI_LO, XT_A, SIDE_ACC, False, EVEN_K, DOT, ACC,
+                         PREC)
     elif PREFETCH == 1:
         # every stream operand of the next tile is loaded one iteration ahead, X included (which takes X away
         # from the pipeliner); the last prefetch is of rows >= t_full, masked off by a [BT, 1] row mask
@@ -232,7 +254,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
             rows = t0 + tl.arange(0, BT)
             dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
                          s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, XT_A, False, EVEN_K, DOT, ACC, PREC)
+                         DX_HI_LO, XT_A, SIDE_ACC, False, EVEN_K, DOT, ACC,
+                         PREC)
     else:
         # dsq, h_pre, dout and acc one iteration ahead; X stays a dot operand loaded in the loop, which the
         # pipeliner prefetches num_stages - 1 tiles ahead through shared memory
@@ -248,7 +271,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
             xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
             dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
                          s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, XT_A, False, EVEN_K, DOT, ACC, PREC)
+                         DX_HI_LO, XT_A, SIDE_ACC, False, EVEN_K, DOT, ACC,
+                         PREC)
     if t_full < t_hi:  # the ragged tail tile, masked
         rows = t_full + tl.arange(0, BT)
         xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, True, EVEN_K)
@@ -256,7 +280,7 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                                    ONE_STREAM, HAS_ACC, True, EVEN_K)
         dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am,
                      s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, DX_HI_LO, XT_A,
-                     True, EVEN_K, DOT, ACC, PREC)
+                     SIDE_ACC, True, EVEN_K, DOT, ACC, PREC)
     out_rows = split.to(tl.int64) * K + ks64
     if XT_A:
         tl.store(dphi_ptr + out_rows[:, None] * M + ms[None, :], dphi, mask=kmask[:, None] & mmask[None, :])
@@ -310,7 +334,7 @@ _PREFETCH_MODES = {False: 0, None: 0, True: 1, "all": 1, "side": 2}
 
 
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages,
-                 prefetch, dx_hi_lo, maxnreg, xt_a=False):
+                 prefetch, dx_hi_lo, maxnreg, xt_a=False, side_acc=False):
     """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report."""
     k = n * c
     mp = max(16, tk._pow2(m))
@@ -319,7 +343,7 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
     bk = max(16, min(bk, tk._pow2(k)))
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
                 HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DX_HI_LO=bool(dx_hi_lo) and hi_lo,
-                XT_A=bool(xt_a) and hi_lo,
+                XT_A=bool(xt_a) and hi_lo, SIDE_ACC=bool(side_acc),
                 PREFETCH=_PREFETCH_MODES[prefetch], DOT=tk._half_dot_dtype(), ACC=tk._acc_tl(acc_t),
                 PREC=tk._dot_precision(stream_dtype))
     opts = dict(num_warps=num_warps, num_stages=num_stages)
@@ -330,11 +354,11 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
 
 def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
                             num_stages=3, waves=16.0, occupancy=1, splits=None, prefetch=False, dx_hi_lo=False,
-                            maxnreg=None, xt_a=False):
+                            maxnreg=None, xt_a=False, side_acc=False):
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (both None),
     from one kernel that reads X once. dx in x.dtype, dphi in phi.dtype. Token splits: see plan_splits
     (``waves``, ``occupancy``), or ``splits`` given. ``dx_hi_lo`` and ``xt_a`` (dphi as X^T @ dp, the kernel's
-    XT_A) apply to bf16 streams only; ``maxnreg`` caps registers a thread (ptxas spills past it), e.g. 128 to fit
+    XT_A) apply to bf16 streams only; ``side_acc``: the kernel's SIDE_ACC; ``maxnreg`` caps registers a thread (ptxas spills past it), e.g. 128 to fit
     two 8-warp programs on an SM."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
     t, n, c = x.shape
@@ -355,7 +379,8 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         return torch.empty_like(x), torch.zeros_like(phi)
     bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
                                       num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
-                                      dx_hi_lo=dx_hi_lo, maxnreg=maxnreg, xt_a=xt_a)
+                                      dx_hi_lo=dx_hi_lo, maxnreg=maxnreg, xt_a=xt_a,
+                                      side_acc=side_acc)
     if meta["XT_A"]:  # dp as bf16 hi / lo halves, [2, T, MP]: the B operand of X^T @ dp
         a = tk._split_hi_lo(dp, meta["MP"], transpose=False)
         s_am, s_at = a.stride(0), a.stride(1)
@@ -391,4 +416,5 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages, waves=cfg.waves, occupancy=cfg.occupancy,
-                                   maxnreg=cfg.maxnreg if x.is_cuda else None)
+                                   maxnreg=cfg.maxnreg if x.is_cuda else None, xt_a=cfg.xt_a,
+                                   side_acc=cfg.side_acc)
