@@ -297,10 +297,8 @@ SWEEP = {
     # bk = channels per chunk (BC); the per-thread budget of _post_res_proj_tile may shrink BC and BT further
     "post_res_proj": _dots((128, 16, 8, 3, 2), (32, 64, 4, 3, 1), (64, 32, 4, 3, 1), (64, 32, 8, 4, 4),
                            (64, 64, 8, 2, 1)),
-    # hoist=False: the session-6 kernel (loads between the reductions); 1-warp programs reduce without barriers
-    "post_res_backward": [dict(hoist=False)] + _streams((4096, 1024, 8), (1024, 256, 1), (2048, 512, 2),
-                                                        (4096, 512, 4), (8192, 1024, 8), (2048, 256, 4))
-    + [dict(budget=4096, max_bc=1024, num_warps=8, hoist=False), dict(budget=1024, max_bc=256, num_warps=1, hoist=False)],
+    # 1- and 2-warp programs reduce with fewer barriers (none faster on an H200, session 7)
+    "post_res_backward": _streams((1024, 256, 1), (2048, 512, 2), (4096, 512, 4), (8192, 1024, 8)),
     "pre_backward": _streams((4096, 1024, 4), (2048, 256, 4), (8192, 256, 8)),
     "post_res": _streams((2048, 512, 4), (8192, 1024, 8), (4096, 2048, 8)),
     "pre": _streams((2048, 512, 4), (8192, 2048, 8), (2048, 1024, 4)),

@@ -87,7 +87,6 @@ class StreamCfg:
     budget: int = 4096  # elements of one [BT, NP, BC] tile; bounds registers per program
     max_bc: int = 1024
     num_warps: int = 4
-    hoist: bool = True  # post_res_backward: issue a chunk's loads before its reductions (see its kernel)
 
 
 @dataclass(frozen=True)
@@ -396,16 +395,17 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                          hpre_ptr, xin_ptr, T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
-                         BC: tl.constexpr, ACC: tl.constexpr, HOIST: tl.constexpr, PRE: tl.constexpr):
+                         BC: tl.constexpr, ACC: tl.constexpr, PRE: tl.constexpr):
     """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once.
 
-    PRE: also writes x_in = sum_i h_pre[i] x[i] (``pre``'s value, summed in its order and rounded once), from
-    the x rows this kernel loads anyway (the x loads are then hoisted whatever HOIST says).
+    Every load of a chunk is issued before its first reduction, and the H_res columns before the loop. A
+    reduction across warps is a barrier, which no load moves across: with each x row loaded between two
+    reductions and H_res re-read every chunk (the compiler cannot hoist it past the stores), the kernel waited a
+    memory latency per row, 467.1 us against 401.8 at 8192 x 7168 on an H200 (83 % against 97 % of copy
+    bandwidth, benchmarks/results/session7-2026-12-02-h200.md).
 
-    HOIST: every load of a chunk is issued before its first reduction, and the H_res columns before the loop.
-    A reduction across warps is a barrier, which no load moves across, so loads placed between reductions
-    (and H_res re-read each chunk: the compiler cannot hoist it past the stores) each wait a memory latency;
-    hoisted, the chunk's x rows are live together (more registers a thread, fewer programs an SM).
+    PRE: also writes x_in = sum_i h_pre[i] x[i] (``pre``'s value, summed in its order and rounded once) from the
+    x rows it loads anyway.
     """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
@@ -414,10 +414,9 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
     mi = rmask[:, None] & (ii[None, :] < N)
     hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
     hcols = ()  # column j of H_res, [BT, NP]
-    if HOIST:
-        for j in tl.static_range(N):
-            hcols = hcols + (tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
-                                     other=0.0).to(ACC),)
+    for j in tl.static_range(N):
+        hcols = hcols + (tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
+                                 other=0.0).to(ACC),)
     hpres = ()  # h_pre[:, j], [BT]
     if PRE:
         for j in tl.static_range(N):
@@ -434,10 +433,8 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         g = tl.load(g_ptr + stream + cols[None, None, :], mask=m3, other=0.0).to(ACC)  # dout[t, i, c]
         y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         xs = ()
-        if HOIST or PRE:
-            for j in tl.static_range(N):
-                xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2,
-                                   other=0.0).to(ACC),)
+        for j in tl.static_range(N):
+            xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC),)
         if PRE:
             xin = tl.zeros([BT, BC], dtype=ACC)
             for j in tl.static_range(N):
@@ -447,16 +444,8 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         tl.store(dy_ptr + r64[:, None] * C + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m2)
         dh_post += tl.sum(g * y[:, None, :], axis=2)
         for j in tl.static_range(N):
-            if HOIST:
-                hcol = hcols[j]
-            else:
-                hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
-                               other=0.0).to(ACC)
-            if HOIST or PRE:
-                xj = xs[j]
-            else:
-                xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-            dxj = tl.sum(hcol[:, :, None] * g, axis=1)
+            xj = xs[j]
+            dxj = tl.sum(hcols[j][:, :, None] * g, axis=1)
             tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
                      mask=m2)
             # column j of dh_res; the select keeps the accumulator one register tile
@@ -515,7 +504,7 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
     _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
         x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy,
         h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), HOIST=_cfg("post_res_backward").hoist, PRE=h_pre is not None,
+        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None,
         num_warps=warps,
     )
     return (dx, dh_res, dh_post, dy) + extra
