@@ -111,6 +111,10 @@ SWEEP = [
     _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, side_acc=True),   # 128, 104, 80 KB: 2
     _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, side_acc=True, xt_a=True),  # 128, 72, 72 KB: 2
     _cfg(64, 64, 8, 3, occupancy=2, side_acc=True),                 # 108, 0, 80 KB: 2
+    _cfg(64, 64, 8, 4, occupancy=2, side_acc=True, xt_a=True),      # 110, 0, 80 KB: 2
+    _cfg(64, 128, 16, 2, side_acc=True),                            # 107, 0, 80 KB: 1 (16 warps)
+    _cfg(64, 128, 16, 3, side_acc=True, xt_a=True),                 # 113, 0, 96 KB: 1 (16 warps)
+    _cfg(64, 128, 8, 3, maxnreg=128, occupancy=2, side_acc=True, xt_a=True),  # 128, 96, 96 KB: 2
 ]
 # value checks on the GPU: odd token counts (a ragged tail tile), n = 1 / 3 / 4, bf16 and fp32, ONE_STREAM and
 # the gather path (C = 1000 is no multiple of BK); the variants only on the first two shapes
