@@ -200,7 +200,18 @@ def _filling_splits(cfg: DotCfg, device: torch.device, programs: int, steps: int
     """
     slots = max(1, occupancy) * _num_sms(device)
     most = max(1, min(steps // min_steps, triton.cdiv(cfg.waves * slots, max(programs, 1))))
-    return min(range(1, most + 1), key=lambda s: (-round(_wave_efficiency(programs * s, slots), 3), s))
+    return _least_idle_splits(programs, most, slots)
+
+
+def _least_idle_splits(programs: int, most: int, slots: int, split_cost: float = 0.0) -> int:
+    """Among 1 .. ``most`` splits of a grid of ``programs``, the one with the least predicted time:
+    (1 + split_cost x splits, for more than one split) / the fraction of the ``slots`` busy over its waves;
+    ties go to fewer splits. ``split_cost``: what one split's partial costs against the kernel's other bytes."""
+
+    def cost(s):
+        return (1.0 + (split_cost * s if s > 1 else 0.0)) / _wave_efficiency(programs * s, slots)
+
+    return min(range(1, max(1, most) + 1), key=lambda s: (round(cost(s), 6), s))
 
 
 _STAGES_THAT_FIT: dict = {}

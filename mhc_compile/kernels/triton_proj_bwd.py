@@ -319,12 +319,7 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
     if splits is None:
         sms = tk._num_sms(device)
         most = max(1, min(tiles, int(waves * sms) // max(kblocks, 1)))
-        slots = max(1, occupancy) * sms
-
-        def cost(s):
-            return (1.0 + (split_cost * s if s > 1 else 0.0)) / tk._wave_efficiency(kblocks * s, slots)
-
-        splits = min(range(1, most + 1), key=lambda s: (round(cost(s), 6), s))
+        splits = tk._least_idle_splits(kblocks, most, max(1, occupancy) * sms, split_cost)
     splits = max(1, min(splits, tiles))
     t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
     return triton.cdiv(t, t_split), t_split
