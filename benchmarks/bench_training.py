@@ -238,21 +238,19 @@ def run_size(d, args, emit):
             sizes = [int(k) for k in v[len("blocks"):].split("-")]
             variants[f"backend=mhc recompute={sizes}"] = torch.compile(
                 mhc_model, backend="mhc", options={"n": args.n, "recompute": sizes})
-    contexts = {}  # variants that run a compiled model above with a kernel setting changed around the step
-    if "pairbwd" in args.variants:  # proj's backward as the dx + dphi kernel pair (X read twice), same graph
-        from mhc_compile.kernels import triton_ops
+    contexts = {}  # variants that run the compiled model above with a kernel setting changed around the step
+    from mhc_compile.kernels import triton_ops
 
-        name = "backend=mhc, proj backward as the dx + dphi pair"
-        variants[name] = variants["backend=mhc"]
-        contexts[name] = lambda: triton_ops.tuning("proj_dx_dphi", enabled=False)
-    for v, fields in (("sideacc", dict(side_acc=True)), ("xta", dict(xt_a=True)),
-                      ("sideacc-xta", dict(side_acc=True, xt_a=True))):
-        if v in args.variants:  # the one-pass proj backward's untimed knobs (kernels/triton_proj_bwd.py)
-            from mhc_compile.kernels import triton_ops
-
-            name = f"backend=mhc, proj backward {fields}"
-            variants[name] = variants["backend=mhc"]
-            contexts[name] = lambda fields=fields: triton_ops.tuning("proj_dx_dphi", **fields)
+    for v, label, fields in (
+        ("pairbwd", "proj backward as the dx + dphi pair", dict(enabled=False)),  # X read twice, same graph
+        # the one-pass proj backward's untimed knobs (kernels/triton_proj_bwd.py)
+        ("sideacc", "proj backward side_acc", dict(side_acc=True)),
+        ("xta", "proj backward xt_a", dict(xt_a=True)),
+        ("sideacc-xta", "proj backward side_acc + xt_a", dict(side_acc=True, xt_a=True)),
+    ):
+        if v in args.variants:
+            variants[f"backend=mhc, {label}"] = variants["backend=mhc"]
+            contexts[f"backend=mhc, {label}"] = lambda fields=fields: triton_ops.tuning("proj_dx_dphi", **fields)
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
