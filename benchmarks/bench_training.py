@@ -12,8 +12,9 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, foldpre, fused,
-cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair), sideacc / xta /
-sideacc-xta (the same compiled model with the one-pass proj backward's SIDE_ACC / XT_A knobs on).
+cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair),
+tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's tile changed: the fields of its config in
+triton_ops._DEFAULTS, e.g. tune:proj:one_dot=1 or tune:proj_dx_dphi:bk=64,num_stages=3,maxnreg=none).
 
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
 run cut short by its time budget still leaves what it measured.
@@ -241,16 +242,16 @@ def run_size(d, args, emit):
     contexts = {}  # variants that run the compiled model above with a kernel setting changed around the step
     from mhc_compile.kernels import triton_ops
 
-    for v, label, fields in (
-        ("pairbwd", "proj backward as the dx + dphi pair", dict(enabled=False)),  # X read twice, same graph
-        # the one-pass proj backward's untimed knobs (kernels/triton_proj_bwd.py)
-        ("sideacc", "proj backward side_acc", dict(side_acc=True)),
-        ("xta", "proj backward xt_a", dict(xt_a=True)),
-        ("sideacc-xta", "proj backward side_acc + xt_a", dict(side_acc=True, xt_a=True)),
-    ):
-        if v in args.variants:
-            variants[f"backend=mhc, {label}"] = variants["backend=mhc"]
-            contexts[f"backend=mhc, {label}"] = lambda fields=fields: triton_ops.tuning("proj_dx_dphi", **fields)
+    if "pairbwd" in args.variants:  # proj's backward as the dx + dphi pair: X read twice, same graph
+        variants["backend=mhc, proj backward as the dx + dphi pair"] = variants["backend=mhc"]
+        contexts["backend=mhc, proj backward as the dx + dphi pair"] = \
+            lambda: triton_ops.tuning("proj_dx_dphi", enabled=False)
+    for v in args.variants:  # "tune:proj:one_dot=1": the same compiled model with one kernel's tile changed
+        if v.startswith("tune:"):
+            kernel, fields = tune_fields(v)
+            label = f"backend=mhc, {kernel} {v.split(':', 2)[2]}"
+            variants[label] = variants["backend=mhc"]
+            contexts[label] = lambda kernel=kernel, fields=fields: triton_ops.tuning(kernel, **fields)
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
@@ -334,6 +335,33 @@ def run_size(d, args, emit):
     if args.rounds > 1 and rounds:
         for line in round_rows(d, rounds):
             emit(line)
+
+
+def tune_fields(spec: str) -> tuple[str, dict]:
+    """'tune:proj_dx_dphi:bk=64,maxnreg=none,waves=8' -> ('proj_dx_dphi', fields of its config dataclass in
+    triton_ops: ints, floats, 'none' -> None, 0 / 1 for the flags)."""
+    from dataclasses import fields
+
+    from mhc_compile.kernels.triton_ops import _DEFAULTS
+
+    _, kernel, items = (spec.split(":", 2) + ["", ""])[:3]
+    if kernel not in _DEFAULTS:
+        raise SystemExit(f"{spec}: unknown kernel {kernel!r} (triton_ops has {sorted(_DEFAULTS)})")
+    kinds = {f.name: str(f.type) for f in fields(_DEFAULTS[kernel])}
+    out = {}
+    for item in filter(None, items.split(",")):
+        key, _, value = item.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"{spec}: {kernel}'s config has no field {key!r} (it has {sorted(kinds)})")
+        if value.lower() == "none":
+            out[key] = None
+        elif "bool" in kinds[key]:
+            out[key] = value not in ("0", "false", "False")
+        elif "float" in kinds[key]:
+            out[key] = float(value)
+        else:
+            out[key] = int(value)
+    return kernel, out
 
 
 def main():

@@ -25,16 +25,11 @@ Why this shape (the earlier fused try, lab-2026-11-24-h100.md "fuse_dphi", spill
 * token splits are few (plan_splits: whole waves of programs, weighed against the bytes of the fp32 dphi
   partials, splits x K x M x 4, written and summed on the host).
 
-Knobs the sweep turns (all constexpr): BT, BK, warps, stages, splits; SIDE_ACC: dx's dot accumulates onto dx's
-other terms instead of having them added to its result (fewer layout conversions and registers in the sm_90a
-build; not yet timed on a GPU); XT_A: dphi = X^T @ dp with the X tile
-transposed in shared memory as the wgmma A operand and dp as bf16 hi / lo [BT, MP] B operands, so the
-accumulator is [BK, MP] (16 registers a thread at 8 warps, against 32 for A @ X's [2 MP, BK]; not yet timed on
-a GPU); PREFETCH: "all" loads the next tile's
-stream operands (X, dsq, h_pre, dout, acc) into registers before computing this one, "side" all but X (left
-to the pipeliner): the pipeliner only prefetches loads that feed a tl.dot, so dout and acc otherwise wait a
-memory latency every step, hidden only by other warps; DX_HI_LO: dx's dot as three bf16 dots over hi/lo
-halves of dp and phi instead of one tf32 dot; maxnreg (a register cap, to fit two programs on an SM).
+Knobs the sweep turns: BT, BK, warps, stages, splits, maxnreg (a register cap, to fit two programs on an SM).
+The constexpr variants timed and removed (PREFETCH, DX_HI_LO, XT_A, SIDE_ACC, DIAG) are listed in
+kernels/triton_proj_bwd.py and measured in results/session6- and session8-2026-12-02-h200.md. The "pair" rows
+are the dx + dphi kernel pair (``configure("proj_dx_dphi", enabled=False)``), which reads X twice (before
+session 8 those rows timed ``proj_pre_backward``, which by then took the one-pass kernel itself).
 
 Measured on an H200 (benchmarks/results/lab-dx-dphi-2026-12-02-h200.md): the 16-warp default tile was no faster
 than the pair; the fastest tile was 64 x 128, 8 warps, 2 stages, maxnreg 128 (two programs an SM, 34 registers
@@ -50,6 +45,7 @@ faster than the pair at every shape timed, still short of 85 %. That tile is wha
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -83,7 +79,7 @@ SWEEP = [
     _cfg(64, 128, 16, 4),                                           # 128, 0, 144 KB: 1
     _cfg(64, 128, 16, 3, splits=4),                                 # 4x the programs, 4x shorter loops
     _cfg(64, 128, 8, 3),                                            # 248, 0, 112 KB: 1 (8 warps)
-    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2),                  # 128, 280, 80 KB: 2
+    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2),                  # 128, 280, 80 KB: 2 (the default)
     _cfg(32, 128, 8, 3),                                            # 221, 0, 56 KB: 1
     _cfg(32, 128, 16, 3),                                           # 128, 8, 60 KB: 1
     _cfg(64, 64, 8, 3, occupancy=2),                                # 124, 0, 80 KB: 2 (16 warps)
@@ -92,37 +88,12 @@ SWEEP = [
     _cfg(64, 64, 4, 3, occupancy=2),                                # 252, 0, 80 KB: 2
     _cfg(32, 64, 4, 3, occupancy=2),                                # 214, 0, 38 KB: 2
     _cfg(128, 64, 16, 3),                                           # 126, 0, 152 KB: 1
-    _cfg(64, 128, 16, 3, prefetch="all"),                           # 128, 24, 96 KB: 1
-    _cfg(64, 64, 8, 3, prefetch="all"),                             # 152, 0, 72 KB: 1
-    _cfg(64, 128, 16, 3, prefetch="side"),                          # 128, 24, 112 KB: 1
-    _cfg(64, 64, 8, 3, prefetch="side"),                            # 161, 0, 80 KB: 1
-    _cfg(64, 64, 8, 3, prefetch="side", maxnreg=128, occupancy=2),  # 128, 24, 80 KB: 2
-    _cfg(64, 64, 8, 3, prefetch="all", maxnreg=128, occupancy=2),   # 128, 32, 72 KB: 2
-    _cfg(32, 128, 8, 3, prefetch="side"),                           # 241, 0, 56 KB: 1
-    _cfg(32, 64, 4, 3, prefetch="side", occupancy=2),               # 239, 0, 38 KB: 2
-    _cfg(64, 128, 8, 3, dx_hi_lo=True),                             # 237, 0, 104 KB: 1
-    _cfg(64, 64, 8, 3, dx_hi_lo=True),                              # 202, 0, 72 KB: 1
-    # xt_a: dphi = X^T @ dp (a [BK, MP] accumulator, half of A @ X's), Triton 3.9's sm_90a build (session 7):
-    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, xt_a=True),      # 128, 184 (the default: 280), 72 KB: 2
-    _cfg(64, 64, 8, 3, occupancy=2, xt_a=True),                     # 128, 0, 64 KB: 2
-    _cfg(64, 128, 16, 3, xt_a=True),                                # 126, 0, 96 KB: 1
-    _cfg(64, 128, 8, 2, xt_a=True),                                 # 222, 0, 72 KB: 1
-    # side_acc: dx's dot accumulates onto its other terms (5 layout conversions in the loops instead of 8)
-    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, side_acc=True),   # 128, 104, 80 KB: 2
-    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, side_acc=True, xt_a=True),  # 128, 72, 72 KB: 2
-    _cfg(64, 64, 8, 3, occupancy=2, side_acc=True),                 # 108, 0, 80 KB: 2
-    _cfg(64, 64, 8, 4, occupancy=2, side_acc=True, xt_a=True),      # 110, 0, 80 KB: 2
-    _cfg(64, 128, 16, 2, side_acc=True),                            # 107, 0, 80 KB: 1 (16 warps)
-    _cfg(64, 128, 16, 3, side_acc=True, xt_a=True),                 # 113, 0, 96 KB: 1 (16 warps)
-    _cfg(64, 128, 8, 3, maxnreg=128, occupancy=2, side_acc=True, xt_a=True),  # 128, 96, 96 KB: 2
 ]
 # value checks on the GPU: odd token counts (a ragged tail tile), n = 1 / 3 / 4, bf16 and fp32, ONE_STREAM and
 # the gather path (C = 1000 is no multiple of BK); the variants only on the first two shapes
 CHECK_SHAPES = [(1000, 4, 768, torch.bfloat16), (1000, 4, 4096, torch.bfloat16), (1000, 4, 768, torch.float32),
                 (1000, 1, 768, torch.bfloat16), (1000, 3, 768, torch.float32), (1000, 3, 1000, torch.bfloat16)]
-CHECK_VARIANTS = [_cfg(64, 128, 16, 3, prefetch="all"), _cfg(64, 128, 16, 3, prefetch="side"),
-                  _cfg(64, 128, 8, 3, dx_hi_lo=True), _cfg(32, 64, 4, 3, splits=3), _cfg(64, 128, 8, 2, xt_a=True),
-                  _cfg(64, 128, 8, 2, side_acc=True)]
+CHECK_VARIANTS = [_cfg(32, 64, 4, 3, splits=3), _cfg(64, 128, 8, 2, maxnreg=128)]
 SMOKE_SHAPES = [(37, 4, 64, torch.bfloat16), (37, 3, 24, torch.float32), (37, 1, 64, torch.bfloat16)]
 # error budgets, max |err| / max |ref|: one bf16 rounding of dx (2^-8) plus tf32 products; hi/lo dphi ~2^-16 per
 # product summed over 1000 tokens; fp32 streams multiply exactly
@@ -157,7 +128,7 @@ def rel_err(a, e, rows=4096):
 
 
 def _label(cfg):
-    """'64x128 w16 s3 prefetch=side ...': BT x BK, warps, stages, then the other options."""
+    """'64x128 w8 s2 maxnreg=128 occ2': BT x BK, warps, stages, then the other options."""
     keys = {"num_warps": "w", "num_stages": "s", "occupancy": "occ"}
     parts = [f"{cfg['bt']}x{cfg['bk']}"]
     for k, v in cfg.items():
@@ -204,11 +175,17 @@ class _Recorder:
             f.__dict__.pop("run", None)
 
 
+def _pair(*args):
+    """The dx + dphi kernel pair (X read twice): triton_ops' bf16 path takes the one-pass kernel unless told not to."""
+    with tk.tuning("proj_dx_dphi", enabled=False):
+        return tk.proj_pre_backward(*args)
+
+
 def _pair_stats(args):
     fns = [tk._proj_dx_kernel, tk._proj_dphi_kernel]
     try:
         with _Recorder(fns) as rec:
-            tk.proj_pre_backward(*args)
+            _pair(*args)
         stats = [_compiled_stats(rec.seen[f]) for f in fns if rec.seen.get(f) is not None]
         return " + ".join(s[0] for s in stats) or "-", " + ".join(s[1] for s in stats) or "-", \
             " + ".join(s[2] for s in stats) or "-"
@@ -223,7 +200,7 @@ def check_rows(device, shapes, variants):
         d = make(t, n, c, device, dtype, seed=1)
         x, phi, dp, dsq, h, g, acc = _args(d)
         want = ref.proj_pre_backward(*(v.double() for v in (x, phi, dp, dsq, h, g, acc)))
-        pair = tk.proj_pre_backward(x, phi, dp, dsq, h, g, acc)
+        pair = _pair(x, phi, dp, dsq, h, g, acc)
         budget = BUDGET[dtype]
         for cfg in [MAIN] + (variants if i < 2 else []):
             label = f"| {t}x{n}x{c} {str(dtype)[6:]} | {_label(cfg)} |"
@@ -250,6 +227,9 @@ def nbytes_of(t, n, c, m):
     return 3 * t * n * c * 2 + t * c * 2 + t * (m + 1 + n) * 4 + 2 * n * c * m * 4
 
 
+TIMED = []  # {"t", "c", "cfg", "us"} of every timed fused row: lab_dx_dphi.json, for scripts that pick a tile
+
+
 def sweep_rows(t, n, c, device, bw, configs, deadline):
     d = make(t, n, c, device)
     args = _args(d)
@@ -265,8 +245,8 @@ def sweep_rows(t, n, c, device, bw, configs, deadline):
         rows.append(f"| {design} | {tile} | {us:.1f} | {eff:.0%} | {err} | {regs} | {smem} | {occ} | {grid} |")
         print(rows[-1], flush=True)
 
-    expected = tk.proj_pre_backward(*args)
-    us = bkm.bench_us(lambda: tk.proj_pre_backward(*args))
+    expected = _pair(*args)
+    us = bkm.bench_us(lambda: _pair(*args))
     row("pair: _proj_dx + _proj_dphi", "default", us, "-", *_pair_stats(args), "-")
     for cfg in configs:
         if time.time() > deadline:
@@ -284,6 +264,7 @@ def sweep_rows(t, n, c, device, bw, configs, deadline):
             print(rows[-1], flush=True)
             continue
         row("fused", _label(cfg), us, err, *stats, grid)
+        TIMED.append(dict(t=t, c=c, cfg=cfg, us=us))
     del d, args, expected
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -330,11 +311,10 @@ def ptxas_rows(configs, n=4, c=4096, arch=90):
                 cfg.pop(key, None)
             bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, torch.float32, True, True,
                                               **{k: cfg.get(k) for k in ("bt", "bk", "num_warps", "num_stages",
-                                                                         "prefetch", "dx_hi_lo", "maxnreg",
-                                                                         "xt_a", "side_acc")})
+                                                                         "maxnreg")})
             meta["DOT"] = tl.bfloat16  # the GPU's dot dtype, whatever the environment says
             mp = meta["MP"]
-            phi = torch.empty(2, n * c, mp, dtype=torch.bfloat16) if meta["DX_HI_LO"] else torch.empty(n * c, m, **f32)
+            phi = torch.empty(n * c, m, **f32)
             a = torch.empty(2 * mp, t, dtype=torch.bfloat16)
             dp, dsq, h = torch.empty(t, m, **f32), torch.empty(t, **f32), torch.empty(t, n, **f32)
             g, dphi = torch.empty(t, c, dtype=torch.bfloat16), torch.empty(1, n * c, m, **f32)
@@ -369,6 +349,7 @@ def main() -> int:
     ap.add_argument("--channels", type=int, nargs="+", default=[4096, 7168])
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=200.0, help="sweep rows past this many seconds are skipped")
+    ap.add_argument("--rows", type=int, nargs="+", help="time only these rows of SWEEP (0-based indices)")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1: value checks on tiny shapes")
     ap.add_argument("--ptxas", action="store_true", help="no GPU: sm_90a registers / spills of the sweep's tiles")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for lab_dx_dphi.md (default $OUT)")
@@ -388,13 +369,14 @@ def main() -> int:
             return 2
         bkm.SMOKE = True
         device, shapes, tokens, channels = "cpu", SMOKE_SHAPES, [64], [64]
-        configs = [MAIN, _cfg(16, 32, 4, 2, prefetch="all"), _cfg(32, 64, 4, 3, dx_hi_lo=True, splits=2),
-                   _cfg(16, 64, 4, 3, prefetch="side")]
+        configs = [MAIN, _cfg(16, 32, 4, 2), _cfg(32, 64, 4, 3, splits=2), _cfg(16, 64, 4, 3)]
     else:
         if not torch.cuda.is_available():
             print("lab_dx_dphi: needs a CUDA device (or --smoke under TRITON_INTERPRET=1)", file=sys.stderr)
             return 2
         device, shapes, tokens, channels, configs = "cuda", CHECK_SHAPES, args.tokens, args.channels, SWEEP
+        if args.rows:
+            configs = [SWEEP[i] for i in args.rows]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: timings meaningless)"
     env = [f"- device: {name}", f"- torch {torch.__version__}, triton {triton.__version__}"]
     print("\n".join(env), flush=True)
@@ -419,6 +401,7 @@ def main() -> int:
         for t in tokens:
             table += sweep_rows(t, args.n, c, device, bw, configs, deadline)
             _emit(args.out, "lab_dx_dphi.md", report(), echo=False)  # what is done survives a kill
+            _emit(args.out, "lab_dx_dphi.json", [json.dumps(TIMED)], echo=False)
     _emit(args.out, "lab_dx_dphi.md", report())
     return 0 if ok else 1
 

@@ -285,7 +285,7 @@ def test_bf16_proj_backward_takes_the_one_pass_kernel_and_the_pair_agrees(shape,
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, torch.bfloat16, seed=15, with_acc=True)
     want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     want_plain = ref.proj_backward(x, phi, dp, dsq)
-    for enabled, tiles in ((True, {}), (True, {"bt": 16, "bk": 16}), (True, {"xt_a": True, "side_acc": True}),
+    for enabled, tiles in ((True, {}), (True, {"bt": 16, "bk": 16}),
                            (False, {})):
         calls.clear()
         with tk.tuning("proj_dx_dphi", enabled=enabled, **tiles):

@@ -114,8 +114,6 @@ class FusedBwdCfg:
     maxnreg: int | None = 128  # GPU only: caps registers so two programs fit an SM (ptxas spills past it)
     occupancy: int = 2  # programs an SM that the token-split planner assumes
     waves: float = 16.0  # most programs an SM the token-split planner considers
-    xt_a: bool = False  # the kernel's XT_A and SIDE_ACC (fewer registers in the sm_90a build; not yet timed)
-    side_acc: bool = False
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,

@@ -10,13 +10,20 @@
 baseline (``triton_ops.configure("proj_dx_dphi", enabled=False)``). On an H200 the fastest tile (64 x 128, 8 warps,
 2 stages, 128 registers: two programs an SM) ran 11-20 % faster than the pair at every shape timed (1150.6 against
 1432.0 us at 32768 x 4096; benchmarks/results/lab-dx-dphi-2026-12-02-h200.md); ``benchmarks/lab_dx_dphi.py``
-sweeps the knobs below and says why the kernel is shaped this way (the earlier fused try spilled at every tile).
+sweeps its tiles and says why the kernel is shaped this way (the earlier fused try spilled at every tile).
 In the training step (benchmarks/results/session6-2026-12-02-h200.md, run 6) it saved 0.48 ms at d = 4096 and
 0.74 ms at d = 7168 against the pair, timed on the same compiled model.
 
-Knobs (constexpr): PREFETCH 1 loads the next tile's X, dsq, h_pre, dout and acc into registers one step ahead, 2
-all of them but X (the pipeliner only prefetches dot operands); DX_HI_LO computes dp @ phi^T as three bf16 dots
-over hi/lo halves instead of one tf32 dot. Both were slower on the H200; the defaults leave them off.
+Designs tried on an H200 and removed (their code is in git history, their timings in
+benchmarks/results/session6-2026-12-02-h200.md and session8-2026-12-02-h200.md):
+* PREFETCH (the next tile's side operands in registers a step ahead), DX_HI_LO (dp @ phi^T as three bf16 dots):
+  slower;
+* XT_A (dphi = X^T @ dp, a [BK, MP] accumulator): no faster (-1 to +1 %);
+* SIDE_ACC (dx's dot accumulating onto its elementwise terms): 16-27 % slower, though the sm_90a build had
+  fewer spills and layout conversions;
+* DIAG (every dx term a tensor-core dot: diag(2 dsq) @ X, diag(h_pre) @ dout, I @ acc, and dp @ phi^T as bf16
+  hi / lo dots, so dx never leaves the MMA layout and dout and acc are pipelined dot operands): 1.4-3x slower
+  (up to 255 registers, one program an SM, and each dot waited on before the next).
 """
 
 from __future__ import annotations
@@ -67,8 +74,8 @@ def _x_load(x_ptr, rows, t_hi, C, ks, kmask, N: tl.constexpr, MASK_ROWS: tl.cons
 def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N: tl.constexpr,
                 HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, MASK_ROWS: tl.constexpr,
                 EVEN_K: tl.constexpr):
-    """The other loads of a tile's dx, in their stored dtypes (widened where used, so a prefetched tile costs
-    half the registers): (dsq, h_pre, dout tile, acc tile); absent terms are 0.0 placeholders."""
+    """The other loads of a tile's dx, in their stored dtypes (widened where used): (dsq, h_pre, dout tile, acc
+    tile); absent terms are 0.0 placeholders."""
     r64 = rows.to(tl.int64)
     rmask = rows < t_hi
     m2 = _tile_mask(rmask, kmask, EVEN_K)
@@ -88,29 +95,10 @@ def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc
 
 
 @triton.jit
-def _dx_dot(dp, phi_t, ph_hi, ph_lo, init, DX_HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-            PREC: tl.constexpr):
-    """init + dp @ phi^T for one tile (init None: 0): one tf32 dot (fp32 operands), or with DX_HI_LO three bf16
-    dots over hi/lo halves of dp (split here) and phi (split on the host); lo x lo (~2^-16 relative) is dropped."""
-    if DX_HI_LO:
-        dp_hi = dp.to(tl.bfloat16)
-        dp_lo = (dp - dp_hi.to(ACC)).to(tl.bfloat16)
-        out = tl.dot(dp_hi.to(DOT), ph_hi.to(DOT), init, out_dtype=ACC)
-        out = tl.dot(dp_lo.to(DOT), ph_hi.to(DOT), out, out_dtype=ACC)
-        out = tl.dot(dp_hi.to(DOT), ph_lo.to(DOT), out, out_dtype=ACC)
-    else:
-        out = tl.dot(dp, phi_t, init, input_precision=PREC, out_dtype=ACC)
-    return out
-
-
-@triton.jit
-def _plus_side(dx, dsq, xt, h, g, a, FIRST: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
-               HAS_ACC: tl.constexpr, ACC: tl.constexpr):
-    """dx + 2 dsq x + h_pre dout + acc, added in that order (FIRST: no dx, the sum starts at 2 dsq x)."""
-    if FIRST:
-        dx = 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
-    else:
-        dx += 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
+def _plus_side(dx, dsq, xt, h, g, a, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
+               ACC: tl.constexpr):
+    """dx + 2 dsq x + h_pre dout + acc, added elementwise in that order."""
+    dx += 2.0 * dsq.to(ACC)[:, None] * xt.to(ACC)
     if HAS_PRE:
         if ONE_STREAM:
             dx += h.to(ACC)[:, None] * g.to(ACC)
@@ -122,13 +110,11 @@ def _plus_side(dx, dsq, xt, h, g, a, FIRST: tl.constexpr, HAS_PRE: tl.constexpr,
 
 
 @triton.jit
-def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am, s_at, ks,
-          kmask, ms, mmask, mas, arow, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
-          HI_LO: tl.constexpr, DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, SIDE_ACC: tl.constexpr,
-          MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
+          mmask, mas, arow, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
+          HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
           PREC: tl.constexpr):
-    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X (with XT_A:
-    dphi + X^T @ B_hi + X^T @ B_lo)."""
+    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X."""
     r64 = rows.to(tl.int64)
     rmask = rows < t_hi
     # dp and A feed dots: Triton's pipeliner prefetches them (and X) num_stages - 1 tiles ahead. Their column /
@@ -140,22 +126,9 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_h
         dmask = mmask[None, :]
         amask = arow[:, None]
     dp = tl.load(dp_ptr + (r64 * M)[:, None] + ms[None, :], mask=dmask, other=0.0).to(ACC)
-    if XT_A:  # B = dp as bf16 hi / lo halves, [BT, MP] each (zero-padded past M on the host)
-        b_off = (r64 * s_at)[:, None] + ms[None, :]
-        if MASK_ROWS:
-            b_hi = tl.load(a_ptr + b_off, mask=rmask[:, None], other=0.0)
-            b_lo = tl.load(a_ptr + s_am + b_off, mask=rmask[:, None], other=0.0)
-        else:
-            b_hi = tl.load(a_ptr + b_off)
-            b_lo = tl.load(a_ptr + s_am + b_off)
-    else:
-        at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
-    if SIDE_ACC:  # the dot accumulates onto dx's other terms: fewer layout conversions (see the kernel)
-        side = _plus_side(None, dsq, xt, h, g, a, True, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
-        dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, side, DX_HI_LO, DOT, ACC, PREC)
-    else:
-        dx = _dx_dot(dp, phi_t, ph_hi, ph_lo, None, DX_HI_LO, DOT, ACC, PREC)
-        dx = _plus_side(dx, dsq, xt, h, g, a, False, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
+    at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
+    dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
+    dx = _plus_side(dx, dsq, xt, h, g, a, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
     dx_ptrs = dx_ptr + (r64 * K)[:, None] + ks[None, :]
     if MASK_ROWS:
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
@@ -163,11 +136,7 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_h
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty))
     else:
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
-    if XT_A:  # X^T as the A operand: the [BK, MP] accumulator holds hi and lo products alike
-        xtt = tl.trans(xt).to(DOT)
-        dphi = tl.dot(xtt, b_hi.to(DOT), dphi, out_dtype=ACC)
-        dphi = tl.dot(xtt, b_lo.to(DOT), dphi, out_dtype=ACC)
-    elif HI_LO:  # the X tile enters the tensor cores as loaded
+    if HI_LO:  # the X tile enters the tensor cores as loaded
         dphi = tl.dot(at.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
     else:
         dphi = tl.dot(at.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
@@ -178,116 +147,54 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_h
 def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, dphi_ptr,
                          T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                          MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
-                         HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr,
-                         DX_HI_LO: tl.constexpr, XT_A: tl.constexpr, SIDE_ACC: tl.constexpr,
-                         PREFETCH: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                         HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
+                         ACC: tl.constexpr, PREC: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
     tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
 
-    phi_ptr: phi [K, M] in ACC, or with DX_HI_LO _split_hi_lo's [2, K, MP] bf16. a_ptr: the A operand of
-    dphi^T = A @ X: with HI_LO dp^T as bf16 hi rows then lo rows ([2 MP, s_am], s_at = 1, MA = 2 MP; s_am a
-    multiple of 16 so A's rows load as 16-byte vectors), else dp^T read in place (MA = MP) and the X tile
-    widened to ACC. ONE_STREAM (C % BK == 0): the block lies in one stream i0, so h_pre is one value a token
-    and dout's channels a contiguous run; otherwise both are gathered per lane. EVEN_K (K % BK == 0): no
-    column mask. Whole tiles run unmasked in the loop; the ragged tail tile of the split runs once after it.
-    PREFETCH 1: the loop loads the next tile's X, dsq, h_pre, dout and acc into registers before computing this
-    one; 2: all of them but X, which stays a dot operand for the pipeliner (it only prefetches dot operands, so
-    dout and acc otherwise wait a memory latency every step); 0: neither.
-    XT_A (bf16 streams): dphi = X^T @ B instead, the X tile transposed as the A operand and a_ptr dp's bf16 hi /
-    lo halves [2, s_am / MP, MP] (row stride s_at = MP): the accumulator is [BK, MP], half of A @ X's [2 MP, BK].
-    SIDE_ACC: dx's dot starts from its other terms (2 dsq x + h_pre dout + acc) instead of adding them to its
-    result. Those terms are computed in the loads' layout and the dot's result lives in the MMA layout; added
-    after the dot, the compiler converted two tiles into the MMA layout and the sum back (three shared-memory
-    round trips a tile), as the accumulator one (the sm_90a build, Triton 3.9: 5 conversions in the loops
-    instead of 8, 192 registers instead of 240, spills at the 128 cap 104 bytes instead of 280).
+    phi_ptr: phi [K, M] in ACC. a_ptr: the A operand of dphi^T = A @ X: with HI_LO dp^T as bf16 hi rows then lo
+    rows ([2 MP, s_am], s_at = 1, MA = 2 MP; s_am a multiple of 16 so A's rows load as 16-byte vectors), else
+    dp^T read in place (MA = MP) and the X tile widened to ACC. ONE_STREAM (C % BK == 0): the block lies in one
+    stream i0, so h_pre is one value a token and dout's channels a contiguous run; otherwise both are gathered
+    per lane. EVEN_K (K % BK == 0): no column mask. Whole tiles run unmasked in the loop; the ragged tail tile of
+    the split runs once after it.
     """
     K = N * C
     split = tl.program_id(1)
     ks, kmask, ks64, ms, mmask, ii, cc = tk._k_block(C, M, N, BK, MP, ONE_STREAM)
     mas = tl.arange(0, MA)
     # the phi slab [MP, BK] is loaded once for the program's whole token range
-    phi_t = 0.0
-    ph_hi = 0.0
-    ph_lo = 0.0
-    if DX_HI_LO:
-        pp = phi_ptr + ks64[None, :] * MP + ms[:, None]
-        ph_hi = tl.load(pp, mask=kmask[None, :], other=0.0)
-        ph_lo = tl.load(pp + K * MP, mask=kmask[None, :], other=0.0)
-    else:
-        phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
-                        other=0.0).to(ACC)
+    phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(ACC)
     # rows of A past M are zero padding: masking them skips their reads (the hi and lo halves alike)
     if HI_LO:
         arow = (mas % MP) < M
     else:
         arow = mas < M
-    if XT_A:
-        dphi = tl.zeros([BK, MP], dtype=ACC)
-    else:
-        dphi = tl.zeros([MA, BK], dtype=ACC)
+    dphi = tl.zeros([MA, BK], dtype=ACC)
     t_lo = split * T_SPLIT
     t_hi = tl.minimum(t_lo + T_SPLIT, T)
     t_full = t_lo + (t_hi - t_lo) // BT * BT  # end of the whole tiles
-    if PREFETCH == 0:
-        for t0 in range(t_lo, t_full, BT):
-            rows = t0 + tl.arange(0, BT)
-            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
-            dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N,
-                                       HAS_PRE, ONE_STREAM, HAS_ACC, False, EVEN_K)
-            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
-                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, XT_A, SIDE_ACC, False, EVEN_K, DOT, ACC,
-                         PREC)
-    elif PREFETCH == 1:
-        # every stream operand of the next tile is loaded one iteration ahead, X included (which takes X away
-        # from the pipeliner); the last prefetch is of rows >= t_full, masked off by a [BT, 1] row mask
-        rows = t_lo + tl.arange(0, BT)
-        xn = _x_load(x_ptr, rows, t_full, C, ks, kmask, N, True, EVEN_K)
-        dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_full, C, ks, kmask, ii, cc, N,
-                                       HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
-        for t0 in range(t_lo, t_full, BT):
-            xt, dsq, h, g, a = xn, dsqn, hn, gn, an
-            rows_n = t0 + BT + tl.arange(0, BT)
-            xn = _x_load(x_ptr, rows_n, t_full, C, ks, kmask, N, True, EVEN_K)
-            dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows_n, t_full, C, ks, kmask, ii, cc,
-                                           N, HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
-            rows = t0 + tl.arange(0, BT)
-            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
-                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, XT_A, SIDE_ACC, False, EVEN_K, DOT, ACC,
-                         PREC)
-    else:
-        # dsq, h_pre, dout and acc one iteration ahead; X stays a dot operand loaded in the loop, which the
-        # pipeliner prefetches num_stages - 1 tiles ahead through shared memory
-        rows = t_lo + tl.arange(0, BT)
-        dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_full, C, ks, kmask, ii, cc, N,
-                                       HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
-        for t0 in range(t_lo, t_full, BT):
-            dsq, h, g, a = dsqn, hn, gn, an
-            rows_n = t0 + BT + tl.arange(0, BT)
-            dsqn, hn, gn, an = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows_n, t_full, C, ks, kmask, ii, cc,
-                                           N, HAS_PRE, ONE_STREAM, HAS_ACC, True, EVEN_K)
-            rows = t0 + tl.arange(0, BT)
-            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
-            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M,
-                         s_am, s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO,
-                         DX_HI_LO, XT_A, SIDE_ACC, False, EVEN_K, DOT, ACC,
-                         PREC)
+    for t0 in range(t_lo, t_full, BT):
+        rows = t0 + tl.arange(0, BT)
+        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
+        dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
+                                   ONE_STREAM, HAS_ACC, False, EVEN_K)
+        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask,
+                     ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC,
+                     PREC)
     if t_full < t_hi:  # the ragged tail tile, masked
         rows = t_full + tl.arange(0, BT)
         xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, True, EVEN_K)
         dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
                                    ONE_STREAM, HAS_ACC, True, EVEN_K)
-        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, ph_hi, ph_lo, K, M, s_am,
-                     s_at, ks, kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, DX_HI_LO, XT_A,
-                     SIDE_ACC, True, EVEN_K, DOT, ACC, PREC)
+        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask,
+                     ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, True, EVEN_K, DOT, ACC,
+                     PREC)
+    if HI_LO:
+        dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
     out_rows = split.to(tl.int64) * K + ks64
-    if XT_A:
-        tl.store(dphi_ptr + out_rows[:, None] * M + ms[None, :], dphi, mask=kmask[:, None] & mmask[None, :])
-    else:
-        if HI_LO:
-            dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
-        tl.store(dphi_ptr + out_rows[None, :] * M + ms[:, None], dphi, mask=mmask[:, None] & kmask[None, :])
+    tl.store(dphi_ptr + out_rows[None, :] * M + ms[:, None], dphi, mask=mmask[:, None] & kmask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,11 +232,7 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
     return triton.cdiv(t, t_split), t_split
 
 
-_PREFETCH_MODES = {False: 0, None: 0, True: 1, "all": 1, "side": 2}
-
-
-def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages,
-                 prefetch, dx_hi_lo, maxnreg, xt_a=False, side_acc=False):
+def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages, maxnreg):
     """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report."""
     k = n * c
     mp = max(16, tk._pow2(m))
@@ -337,10 +240,8 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
     bt = max(16, min(bt, tk._pow2(t)))  # tl.dot needs >= 16 rows
     bk = max(16, min(bk, tk._pow2(k)))
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
-                HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DX_HI_LO=bool(dx_hi_lo) and hi_lo,
-                XT_A=bool(xt_a) and hi_lo, SIDE_ACC=bool(side_acc),
-                PREFETCH=_PREFETCH_MODES[prefetch], DOT=tk._half_dot_dtype(), ACC=tk._acc_tl(acc_t),
-                PREC=tk._dot_precision(stream_dtype))
+                HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DOT=tk._half_dot_dtype(),
+                ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype))
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         opts["maxnreg"] = maxnreg
@@ -348,13 +249,11 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
 
 
 def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
-                            num_stages=3, waves=16.0, occupancy=1, splits=None, prefetch=False, dx_hi_lo=False,
-                            maxnreg=None, xt_a=False, side_acc=False):
+                            num_stages=3, waves=16.0, occupancy=1, splits=None, maxnreg=None):
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (both None),
     from one kernel that reads X once. dx in x.dtype, dphi in phi.dtype. Token splits: see plan_splits
-    (``waves``, ``occupancy``), or ``splits`` given. ``dx_hi_lo`` and ``xt_a`` (dphi as X^T @ dp, the kernel's
-    XT_A) apply to bf16 streams only; ``side_acc``: the kernel's SIDE_ACC; ``maxnreg`` caps registers a thread (ptxas spills past it), e.g. 128 to fit
-    two 8-warp programs on an SM."""
+    (``waves``, ``occupancy``), or ``splits`` given. ``maxnreg`` caps registers a thread (ptxas spills past it),
+    e.g. 128 to fit two 8-warp programs on an SM."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
     t, n, c = x.shape
     k, m = phi.shape
@@ -373,33 +272,25 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     if t == 0 or k == 0:
         return torch.empty_like(x), torch.zeros_like(phi)
     bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
-                                      num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
-                                      dx_hi_lo=dx_hi_lo, maxnreg=maxnreg, xt_a=xt_a,
-                                      side_acc=side_acc)
-    if meta["XT_A"]:  # dp as bf16 hi / lo halves, [2, T, MP]: the B operand of X^T @ dp
-        a = tk._split_hi_lo(dp, meta["MP"], transpose=False)
-        s_am, s_at = a.stride(0), a.stride(1)
-    elif meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
+                                      num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    if meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
         a = split_dp_t(dp, meta["MP"])
         s_am, s_at = a.stride(0), 1
     else:  # dp^T read in place
         a, s_am, s_at = dp, 1, m
-    w = tk._split_hi_lo(phi, meta["MP"], transpose=False) if meta["DX_HI_LO"] else phi
     kblocks = triton.cdiv(k, bk)
     split_cost = (k * m * 4 * 2) / (3 * x.numel() * x.element_size())  # a dphi partial / X, acc and dX
     splits, t_split = plan_splits(t, bt, kblocks, waves, occupancy, x.device, splits, split_cost)
     dx = torch.empty_like(x)
     dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
-    args = (x, w, dp, a, dsq, h_pre if has_pre else dsq, dout if has_pre else x, acc if acc is not None else x,
+    args = (x, phi, dp, a, dsq, h_pre if has_pre else dsq, dout if has_pre else x, acc if acc is not None else x,
             dx, dphi, t, c, m, t_split, s_am, s_at)
     ck = _proj_dx_dphi_kernel[(kblocks, splits)](*args, **meta, **opts)
     if ck is not None:
         LAST_COMPILED["kernel"] = ck
         LAST_COMPILED["grid"] = (kblocks, splits)
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
-
-
 
 
 def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
@@ -411,5 +302,4 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages, waves=cfg.waves, occupancy=cfg.occupancy,
-                                   maxnreg=cfg.maxnreg if x.is_cuda else None, xt_a=cfg.xt_a,
-                                   side_acc=cfg.side_acc)
+                                   maxnreg=cfg.maxnreg if x.is_cuda else None)
