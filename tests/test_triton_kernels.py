@@ -11,6 +11,7 @@ axis): the interpreter is slow.
 import importlib
 import os
 import sys
+import warnings
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -314,23 +315,40 @@ def test_one_pass_backward_narrows_its_column_block_as_the_coefficients_grow(mon
     assert seen == [128, 32]
 
 
-def test_one_pass_backward_that_does_not_fit_falls_back_to_the_pair(monkeypatch):
+def test_one_pass_backward_that_does_not_fit_drops_pipeline_all_then_falls_back_to_the_pair(monkeypatch):
+    """A GPU with less shared memory than the tile needs: first the one-pass kernel without PIPELINE_ALL's extra
+    stages, and where even that does not fit, the dx + dphi pair; each step warns once and is remembered."""
     from triton.runtime.errors import OutOfResources
 
     from mhc_compile.kernels import triton_proj_bwd
 
-    def too_big(*args):
-        raise OutOfResources(81920, 65536, "shared memory")
-
-    monkeypatch.setattr(triton_proj_bwd, "proj_grads", too_big)
-    monkeypatch.setattr(tk, "_NO_ONE_PASS", set())
+    tried, real = [], triton_proj_bwd.proj_grads
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(37, 4, 64, torch.bfloat16, seed=16, with_acc=True)
-    with pytest.warns(UserWarning, match="does not fit this GPU"):
-        dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
-    assert tk._NO_ONE_PASS == {x.device}
     want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
-    _close(dx, want[0], TOL[torch.bfloat16])
-    _close_hi_lo(dphi, want[1], x.reshape(37, -1).T, dp)
+    monkeypatch.setattr(tk, "_NO_ONE_PASS", set())
+    monkeypatch.setattr(tk, "_NO_PIPELINE_ALL", set())
+    for smem in (98304, 65536):  # fits without PIPELINE_ALL (80 KB); fits neither
+        def fits(*args, smem=smem):
+            tried.append(args[-1].pipeline_all)
+            if (114688 if args[-1].pipeline_all else 81920) > smem:
+                raise OutOfResources(114688 if args[-1].pipeline_all else 81920, smem, "shared memory")
+            return real(*args)
+
+        monkeypatch.setattr(triton_proj_bwd, "proj_grads", fits)
+        tk._NO_ONE_PASS.clear()
+        tk._NO_PIPELINE_ALL.clear()
+        tried.clear()
+        with pytest.warns(UserWarning, match="does not fit this GPU"):
+            dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+        assert tried == [True, False] and tk._NO_PIPELINE_ALL == {x.device}
+        assert tk._NO_ONE_PASS == (set() if smem == 98304 else {x.device})
+        _close(dx, want[0], TOL[torch.bfloat16])
+        _close_hi_lo(dphi, want[1], x.reshape(37, -1).T, dp)
+        tried.clear()
+        with warnings.catch_warnings():  # remembered: no second attempt, no warning
+            warnings.simplefilter("error")
+            tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+        assert tried == ([False] if smem == 98304 else [])
 
 
 @pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])

@@ -113,6 +113,10 @@ CASES = [
     (1, 24, torch.bfloat16, dict(bt=64, bk=32), False),
     (1, 64, torch.bfloat16, dict(bt=16, bk=64), True),
     (1, 64, torch.float32, dict(bt=16, bk=16, splits=3), False),
+    # pipeline_all: the token loop a tl.range with its own num_stages (same values; the GPU build differs)
+    (4, 64, torch.bfloat16, dict(bt=16, bk=64, num_stages=2, pipeline_all=True), True),
+    (3, 24, torch.bfloat16, dict(bt=16, bk=16, splits=2, pipeline_all=True), False),
+    (1, 64, torch.float32, dict(bt=16, bk=32, pipeline_all=True), True),
 ]
 IDS = [f"n{n}C{c}-{str(d)[6:]}-" + "-".join(f"{k}{v}" for k, v in o.items()) + ("-acc" if a else "")
        for n, c, d, o, a in CASES]

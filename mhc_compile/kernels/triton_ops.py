@@ -114,6 +114,9 @@ class FusedBwdCfg:
     maxnreg: int | None = 128  # GPU only: caps registers so two programs fit an SM (ptxas spills past it)
     occupancy: int = 2  # programs an SM that the token-split planner assumes
     waves: float = 16.0  # most programs an SM the token-split planner considers
+    # the kernel's PIPELINE_ALL: dout and acc staged through shared memory like the dots' operands. H200: 478 vs
+    # 592 us at 8192 x 7168 (76 vs 61 % of copy bandwidth), 1819 vs 2197 at 32768 x 7168 (session8 results)
+    pipeline_all: bool = True
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
@@ -761,6 +764,7 @@ def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: i
 
 
 _NO_ONE_PASS: set = set()  # devices whose shared memory the one-pass backward's tile does not fit
+_NO_PIPELINE_ALL: set = set()  # devices that fit it only without PIPELINE_ALL's extra shared-memory stages
 
 
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
@@ -774,9 +778,17 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     if hi_lo and _cfg("proj_dx_dphi").enabled and x.device not in _NO_ONE_PASS:  # one pass over X
         from mhc_compile.kernels import triton_proj_bwd
 
+        cfg = _cfg("proj_dx_dphi")
+        if cfg.pipeline_all and x.device in _NO_PIPELINE_ALL:
+            cfg = replace(cfg, pipeline_all=False)
         try:
-            return triton_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, _cfg("proj_dx_dphi"))
-        except OutOfResources as e:  # a GPU with less shared memory than its tile needs: the pair fits in less
+            return triton_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg)
+        except OutOfResources as e:  # a GPU with less shared memory than the tile needs (228 KB an SM on H100)
+            if cfg.pipeline_all:  # dout and acc staged too take a third more: try without, then the pair
+                _NO_PIPELINE_ALL.add(x.device)
+                warnings.warn(f"mhc triton proj backward: the one-pass kernel with PIPELINE_ALL does not fit this "
+                              f"GPU ({e}); using it without", stacklevel=2)
+                return _proj_grads(x, phi, dp, dsq, h_pre, dout, acc)
             _NO_ONE_PASS.add(x.device)
             warnings.warn(f"mhc triton proj backward: the one-pass kernel does not fit this GPU ({e}); using the "
                           "dx + dphi kernel pair", stacklevel=2)
