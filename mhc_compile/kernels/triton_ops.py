@@ -581,6 +581,11 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
     Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
     HI_LO: phi_ptr is _split_hi_lo's [2, K, MPAD] and the X tile enters both dots in its own dtype;
     otherwise phi is [K, M] in ACC and the tile is widened (tf32 for fp16, exact for fp32 / fp64).
+    The sum of squares accumulates as [BT, BK / 8] partials, each over 8 adjacent columns (the 8-element vector a
+    thread loads, so no step reduces across threads), and is reduced across columns once after the loop. Reduced
+    every step instead (4 rounds of warp shuffles among the 16 threads sharing a row, in the sm_90a IR), the
+    kernel was 8-10 % slower on an H200: 154.6 against 142.6 us at 8192 x 7168, 301.7 against 273.7 at
+    32768 x 4096 (84 against 93 % of copy bandwidth; benchmarks/results/session8-2026-12-02-h200.md).
     """
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -592,7 +597,7 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
     k_lo = split * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     acc = tl.zeros([BT, BM], dtype=ACC)
-    sq = tl.zeros([BT], dtype=ACC)
+    sq8 = tl.zeros([BT, BK // 8], dtype=ACC)  # BK >= 16: tl.dot
     for k0 in range(k_lo, k_hi, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < k_hi
@@ -609,7 +614,8 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
             ph = tl.load(phi_ptr + ks[:, None].to(tl.int64) * M + cols[None, :],
                          mask=kmask[:, None] & cmask[None, :], other=0.0).to(ACC)
             acc = tl.dot(xf, ph, acc, input_precision=PREC)
-        sq += tl.sum(xf * xf, axis=1)
+        sq8 += tl.sum(tl.reshape(xf * xf, (BT, BK // 8, 8)), axis=2)
+    sq = tl.sum(sq8, axis=1)
     base = split.to(tl.int64) * T
     tl.store(p_ptr + (base + r64)[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
     # (a tensor-valued test: the interpreter rejects a scalar bool in a mask)
