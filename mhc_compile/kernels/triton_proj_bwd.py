@@ -148,8 +148,7 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                          T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                          MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
                          HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                         ACC: tl.constexpr, PREC: tl.constexpr, PIPELINE_ALL: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         ACC: tl.constexpr, PREC: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
     tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
 
@@ -159,9 +158,10 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     stream i0, so h_pre is one value a token and dout's channels a contiguous run; otherwise both are gathered
     per lane. EVEN_K (K % BK == 0): no column mask. Whole tiles run unmasked in the loop; the ragged tail tile of
     the split runs once after it.
-    PIPELINE_ALL: the token loop is a ``tl.range`` with num_stages = STAGES, which makes Triton's pipeliner stage
-    every load of the loop (dsq, h_pre, dout and acc too) through shared memory STAGES - 1 tiles ahead; without
-    it only the dots' operands are, and dout and acc wait a memory latency every step. At the shipped tile it
+    PIPELINE_ALL (LOOP_STAGES = the launch's num_stages, else None): the token loop is a ``tl.range`` with its own
+    num_stages, which makes Triton's pipeliner stage every load of the loop (dsq, h_pre, dout and acc too)
+    through shared memory num_stages - 1 tiles ahead; without it only the dots' operands are, and dout and acc
+    wait a memory latency every step. At the shipped tile it
     takes 112 KB of shared memory instead of 80 (still two programs an H100 / H200 SM) and ran 19 % faster on an
     H200: 478 against 592 us at 8192 x 7168, 1819 against 2197 at 32768 x 7168 (session8-2026-12-02-h200.md).
     """
@@ -181,26 +181,16 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     t_lo = split * T_SPLIT
     t_hi = tl.minimum(t_lo + T_SPLIT, T)
     t_full = t_lo + (t_hi - t_lo) // BT * BT  # end of the whole tiles
-    if PIPELINE_ALL:
-        # a loop with its own num_stages: the pipeliner stages every load of it through shared memory, dout
-        # and acc included (otherwise only the dots' operands X, dp and A)
-        for t0 in tl.range(t_lo, t_full, BT, num_stages=STAGES):
-            rows = t0 + tl.arange(0, BT)
-            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
-            dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N,
-                                       HAS_PRE, ONE_STREAM, HAS_ACC, False, EVEN_K)
-            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks,
-                         kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, False, EVEN_K, DOT,
-                         ACC, PREC)
-    else:
-        for t0 in range(t_lo, t_full, BT):
-            rows = t0 + tl.arange(0, BT)
-            xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
-            dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N,
-                                       HAS_PRE, ONE_STREAM, HAS_ACC, False, EVEN_K)
-            dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks,
-                         kmask, ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, False, EVEN_K, DOT,
-                         ACC, PREC)
+    # LOOP_STAGES (PIPELINE_ALL): a loop with its own num_stages, whose every load the pipeliner stages through
+    # shared memory, dout and acc included; None: a plain loop, where it stages the dots' operands X, dp and A
+    for t0 in tl.range(t_lo, t_full, BT, num_stages=LOOP_STAGES):
+        rows = t0 + tl.arange(0, BT)
+        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
+        dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
+                                   ONE_STREAM, HAS_ACC, False, EVEN_K)
+        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask,
+                     ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC,
+                     PREC)
     if t_full < t_hi:  # the ragged tail tile, masked
         rows = t_full + tl.arange(0, BT)
         xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, True, EVEN_K)
@@ -260,8 +250,8 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
     bk = max(16, min(bk, tk._pow2(k)))
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
                 HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DOT=tk._half_dot_dtype(),
-                ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype), PIPELINE_ALL=bool(pipeline_all),
-                STAGES=num_stages)
+                ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype),
+                LOOP_STAGES=num_stages if pipeline_all else None)
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         opts["maxnreg"] = maxnreg
