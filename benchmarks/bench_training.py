@@ -39,6 +39,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mhc_compile  # noqa: E402
+from benchmarks.gpu_clocks import ClockLog  # noqa: E402
+from benchmarks.gpu_clocks import describe as describe_clocks  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 
 
@@ -168,20 +170,21 @@ def time_step(fn, x, iters, warmup=3, cudagraphs=False):
         _step(fn, x, params)
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        _step(fn, x, params)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    with ClockLog() as clocks:  # the SM clock drops under the power cap in a long step (gpu_clocks.py)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _step(fn, x, params)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     _step(fn, x, params)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    return statistics.median(times), peak, peak - base
+    return statistics.median(times), peak, peak - base, clocks.summary()
 
 
 def zero_grads(*modules):
@@ -190,10 +193,11 @@ def zero_grads(*modules):
             p.grad = None
 
 
-def round_rows(d, rounds: dict[str, list[float]]) -> list[str]:
+def round_rows(d, rounds: dict[str, list[float]], clocks: dict[str, list[dict | None]] | None = None) -> list[str]:
     """Markdown rows of the interleaved rounds: the median step time over rounds, its overhead against the first
     variant's median, and each variant's overhead in its worst and best round against the baseline's same round
-    (rounds run one after another, so a round's variants saw the same state of the GPU)."""
+    (rounds run one after another, so a round's variants saw the same state of the GPU); with ``clocks`` (each
+    round's gpu_clocks summary), the median over rounds of the median SM clock."""
     names = list(rounds)
     base = rounds[names[0]]
     rows = [f"<!-- d={d}: {len(base)} interleaved rounds (median of each round's steps; overhead against the "
@@ -202,9 +206,10 @@ def round_rows(d, rounds: dict[str, list[float]]) -> list[str]:
         times = rounds[name]
         med = statistics.median(times)
         paired = [100 * (t / b - 1) for t, b in zip(times, base)]
+        mhz = [c["sm_mhz"] for c in (clocks or {}).get(name, []) if c]
         rows.append(f"| {d} | {name} (rounds: {len(times)}) | {med:.2f} | "
                     f"{100 * (med / statistics.median(base) - 1):+.1f}% ({min(paired):+.1f} .. {max(paired):+.1f}) "
-                    f"| | | |")
+                    f"| | | | {f'{statistics.median(mhz):.0f} MHz' if mhz else ''} |")
     return rows
 
 
@@ -273,7 +278,7 @@ def run_size(d, args, emit):
         try:
             variants["LigerMHC"] = LigerStack(Stack(d, args.layers).to(dev, dtype), args.n, d, dtype).to(dev)
         except Exception as e:  # liger-kernel missing
-            emit(f"| {d} | LigerMHC | unavailable: {type(e).__name__}: {e} | | | | |")
+            emit(f"| {d} | LigerMHC | unavailable: {type(e).__name__}: {e} | | | | | |")
 
     # correctness of the backend against the naive eager mHC on the same weights
     out = variants["backend=mhc"](x)
@@ -305,21 +310,22 @@ def run_size(d, args, emit):
 
     base_ms = None
     rounds: dict[str, list[float]] = {}  # step ms of every round, per variant that ran
+    round_clocks: dict[str, list[dict | None]] = {}  # and the SM clock while it ran
     for name, fn in variants.items():
         if time.time() > args.deadline:
-            emit(f"| {d} | {name} | skipped: time budget | | | | |")
+            emit(f"| {d} | {name} | skipped: time budget | | | | | |")
             continue
         try:
             t0 = time.time()
-            ms, peak, act = measure(name, fn)
+            ms, peak, act, clocks = measure(name, fn)
             if base_ms is None:
                 base_ms, base_act = ms, act
-            rounds[name] = [ms]
+            rounds[name], round_clocks[name] = [ms], [clocks]
             emit(f"| {d} | {name} | {ms:.2f} | {100 * (ms / base_ms - 1):+.1f}% | {peak / 2**30:.2f} | "
-                 f"{act / 2**30:.2f} | {100 * (act / base_act - 1):+.1f}% |")
+                 f"{act / 2**30:.2f} | {100 * (act / base_act - 1):+.1f}% | {describe_clocks(clocks)} |")
             print(f"  {name}: {ms:.2f} ms ({time.time() - t0:.0f} s incl. compile)", flush=True)
         except Exception as e:
-            emit(f"| {d} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | |")
+            emit(f"| {d} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | | |")
             traceback.print_exc()
     # --rounds R > 1: time every compiled variant R - 1 more times, round-robin, so that a drift of the GPU's
     # clocks or temperature over the run falls on every variant alike (one variant after another, the residual
@@ -329,11 +335,13 @@ def run_size(d, args, emit):
             if time.time() > args.deadline:
                 break
             try:
-                rounds[name].append(measure(name, variants[name])[0])
+                ms, _, _, clocks = measure(name, variants[name])
+                rounds[name].append(ms)
+                round_clocks[name].append(clocks)
             except Exception:  # reported; the variant keeps the rounds it finished
                 traceback.print_exc()
     if args.rounds > 1 and rounds:
-        for line in round_rows(d, rounds):
+        for line in round_rows(d, rounds, round_clocks):
             emit(line)
 
 
@@ -394,8 +402,11 @@ def main():
         "- overhead is against the first row (plain residual under Inductor); 'act' = peak memory above what "
         "was allocated before the step",
         "",
-        "| d | variant | step ms | time overhead | peak GiB | act GiB | act overhead |",
-        "|---|---|---|---|---|---|---|",
+        "- SM clock: median (10th percentile) over the timed steps, and median power, by nvidia-smi every 100 ms; "
+        "under the power cap it falls well below the boost clock (gpu_clocks.py)",
+        "",
+        "| d | variant | step ms | time overhead | peak GiB | act GiB | act overhead | SM clock |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines = list(header)
 
@@ -408,7 +419,7 @@ def main():
     lines.pop()
     for d in args.d:
         if time.time() > args.deadline:
-            emit(f"| {d} | all | skipped: time budget | | | | |")
+            emit(f"| {d} | all | skipped: time budget | | | | | |")
             continue
         run_size(d, args, emit)
     print("\n".join(lines))

@@ -1,0 +1,66 @@
+"""The benchmark scripts' own logic that runs without a GPU: the SM-clock log (benchmarks/gpu_clocks.py) and
+bench_training's tables and variant parsing."""
+
+import os
+import stat
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_training, gpu_clocks  # noqa: E402
+
+
+def test_parse_keeps_number_pairs_only():
+    text = "1980, 650.25\n[N/A], [N/A]\nclocks.sm, power.draw\n1485, 701.5\n14"  # the last line cut off
+    assert gpu_clocks.parse(text) == [(1980.0, 650.25), (1485.0, 701.5)]
+
+
+def test_summarize_leaves_out_idle_samples():
+    samples = [(345.0, 80.0)] * 5 + [(1485.0, 690.0)] * 9 + [(1980.0, 450.0)]
+    s = gpu_clocks.summarize(samples, busy_watts=200)
+    assert s == {"sm_mhz": 1485.0, "sm_mhz_p10": 1485.0, "watts": 690.0, "samples": 10}
+    assert gpu_clocks.summarize(samples[:5], busy_watts=200) is None
+    assert gpu_clocks.describe(s) == "1485 MHz (p10 1485), 690 W"
+    assert gpu_clocks.describe(None) == ""
+
+
+def test_clock_log_without_nvidia_smi_is_empty(monkeypatch):
+    monkeypatch.setattr(gpu_clocks.shutil, "which", lambda name: None)
+    with gpu_clocks.ClockLog() as log:
+        pass
+    assert log.samples == [] and log.summary() is None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX shell script stands in for nvidia-smi")
+def test_clock_log_reads_what_nvidia_smi_prints_until_stopped(monkeypatch, tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    args_file = tmp_path / "args"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {args_file}\necho "1500, 690.5"\necho "1485, 700.0"\nexec sleep 30\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(gpu_clocks.shutil, "which", lambda name: str(fake))
+    with gpu_clocks.ClockLog(interval_ms=50) as log:
+        import time
+
+        time.sleep(0.5)  # let the script print before it is stopped
+    assert log.samples == [(1500.0, 690.5), (1485.0, 700.0)]
+    assert "--query-gpu=clocks.sm,power.draw" in args_file.read_text() and "-lms 50" in args_file.read_text()
+    assert log.summary()["sm_mhz"] == pytest.approx(1492.5)
+
+
+def test_round_rows_report_the_median_clock_over_rounds():
+    rounds = {"residual": [100.0, 102.0, 101.0], "mhc": [108.0, 110.0, 109.0]}
+    clocks = {"residual": [{"sm_mhz": 1500.0}, None, {"sm_mhz": 1480.0}], "mhc": [None, None, None]}
+    rows = bench_training.round_rows(4096, rounds, clocks)
+    assert rows[1].endswith("| 1490 MHz |") and "+0.0% (+0.0 .. +0.0)" in rows[1]
+    assert rows[2].endswith("| | | |  |") and "+7.9% (+7.8 .. +8.0)" in rows[2]
+
+
+def test_tune_variants_parse_a_kernels_config_fields():
+    assert bench_training.tune_fields("tune:proj_dx_dphi:bk=64,maxnreg=none,pipeline_all=0,waves=8") == (
+        "proj_dx_dphi", {"bk": 64, "maxnreg": None, "pipeline_all": False, "waves": 8.0})
+    with pytest.raises(SystemExit, match="no field 'nope'"):
+        bench_training.tune_fields("tune:proj:nope=1")
+    with pytest.raises(SystemExit, match="unknown kernel"):
+        bench_training.tune_fields("tune:nokernel:bk=1")
