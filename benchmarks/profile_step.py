@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mhc_compile  # noqa: E402
 from benchmarks.bench_training import Stack, _step  # noqa: E402
+from benchmarks.gpu_clocks import ClockLog  # noqa: E402
+from benchmarks.gpu_clocks import describe as describe_clocks  # noqa: E402
 
 N = 4
 # bytes of one call in units of one C-wide token row of the stream dtype (S = the n-row stream, v = one row):
@@ -80,7 +82,9 @@ def profile(fn, x, steps=3):
         end.record()
         torch.cuda.synchronize()
         walls.append(start.elapsed_time(end))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    # the SM clock while the kernels are timed: under the power cap it falls well below the boost clock, and
+    # the latency-bound kernels' in-step efficiency with it (gpu_clocks.py)
+    with ClockLog() as clocks, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             _step(fn, x)
         torch.cuda.synchronize()
@@ -89,11 +93,11 @@ def profile(fn, x, steps=3):
         if e.device_type == torch.autograd.DeviceType.CUDA:
             us[e.name[:90]] += e.device_time_total / steps
             calls[e.name[:90]] += 1
-    return statistics.median(walls), us, {k: v // steps for k, v in calls.items()}
+    return statistics.median(walls), us, {k: v // steps for k, v in calls.items()}, clocks.summary()
 
 
 def report(d, bw, results, emit):
-    (_, (wall_r, us_r, _)), (_, (wall_m, us_m, calls_m)) = results[:2]
+    (_, (wall_r, us_r, _, clk_r)), (_, (wall_m, us_m, calls_m, clk_m)) = results[:2]
     emit(f"\n## d = {d}\n")
     emit("| | residual (Inductor) | backend=mhc | difference |")
     emit("|---|---|---|---|")
@@ -101,6 +105,7 @@ def report(d, bw, results, emit):
     kr, km = sum(us_r.values()) / 1e3, sum(us_m.values()) / 1e3
     emit(f"| kernel time a step, ms | {kr:.2f} | {km:.2f} | {km - kr:+.2f} |")
     emit(f"| GPU idle in the step, ms | {wall_r - kr:.2f} | {wall_m - km:.2f} | {(wall_m - km) - (wall_r - kr):+.2f} |")
+    emit(f"| SM clock while profiled | {describe_clocks(clk_r)} | {describe_clocks(clk_m)} | |")
     cats = collections.defaultdict(lambda: [0.0, 0.0])
     for k, v in us_r.items():
         cats[category(k)][0] += v
@@ -171,7 +176,7 @@ def main():
                              torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": True})))
         results = [(name, profile(fn, x)) for name, fn in variants]
         report(d, bw, results, emit)
-        for name, (wall, us, calls) in results[2:]:
+        for name, (wall, us, calls, _) in results[2:]:
             mhc = {k: v for k, v in us.items() if category(k) == "mHC kernels"}
             emit(f"\n{name}: wall {wall:.2f} ms, mHC kernels {sum(mhc.values()) / 1e3:.2f} ms a step "
                  f"(default: {sum(v for k, v in results[1][1][1].items() if category(k) == 'mHC kernels') / 1e3:.2f})")

@@ -7,12 +7,11 @@
 
 ``triton_ops.proj_backward`` / ``proj_pre_backward`` call ``proj_grads`` for bf16 streams; the two-kernel path
 (``_proj_dx_kernel`` + ``_proj_dphi_kernel``) reads X twice and stays for the other dtypes and as the side-by-side
-baseline (``triton_ops.configure("proj_dx_dphi", enabled=False)``). On an H200 the fastest tile (64 x 128, 8 warps,
-2 stages, 128 registers: two programs an SM) ran 11-20 % faster than the pair at every shape timed (1150.6 against
-1432.0 us at 32768 x 4096; benchmarks/results/lab-dx-dphi-2026-12-02-h200.md); ``benchmarks/lab_dx_dphi.py``
-sweeps its tiles and says why the kernel is shaped this way (the earlier fused try spilled at every tile).
-In the training step (benchmarks/results/session6-2026-12-02-h200.md, run 6) it saved 0.48 ms at d = 4096 and
-0.74 ms at d = 7168 against the pair, timed on the same compiled model.
+baseline (``triton_ops.configure("proj_dx_dphi", enabled=False)``). The shipped tile: 64 x 128, 8 warps, 2 stages,
+128 registers (two programs an SM), PIPELINE_ALL. On an H200 (benchmarks/results/session8-2026-12-02-h200.md) it
+runs at 75-82 % of copy bandwidth (1005.8 us at 32768 x 4096, 478.7 at 8192 x 7168), against 55-58 % for the pair
+(1415.2 and 657.9 us). ``benchmarks/lab_dx_dphi.py`` sweeps its tiles and says why the kernel is shaped this way
+(the earlier fused try spilled at every tile).
 
 Designs tried on an H200 and removed (their code is in git history, their timings in
 benchmarks/results/session6-2026-12-02-h200.md and session8-2026-12-02-h200.md):
