@@ -142,6 +142,20 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M
     return dphi
 
 
+@triton.jit
+def _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K, M, s_am, s_at,
+            ks, kmask, ii, cc, ms, mmask, mas, arow, N: tl.constexpr, BT: tl.constexpr, HAS_PRE: tl.constexpr,
+            ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr,
+            EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The tile of tokens t0 .. t0 + BT: its loads, then _tile (MASK_ROWS: the ragged tail, rows past t_hi)."""
+    rows = t0 + tl.arange(0, BT)
+    xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, MASK_ROWS, EVEN_K)
+    dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
+                               ONE_STREAM, HAS_ACC, MASK_ROWS, EVEN_K)
+    return _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
+                 mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, MASK_ROWS, EVEN_K, DOT, ACC, PREC)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, dphi_ptr,
                          T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -183,21 +197,13 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     # LOOP_STAGES (PIPELINE_ALL): a loop with its own num_stages, whose every load the pipeliner stages through
     # shared memory, dout and acc included; None: a plain loop, where it stages the dots' operands X, dp and A
     for t0 in tl.range(t_lo, t_full, BT, num_stages=LOOP_STAGES):
-        rows = t0 + tl.arange(0, BT)
-        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, False, EVEN_K)
-        dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
-                                   ONE_STREAM, HAS_ACC, False, EVEN_K)
-        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask,
-                     ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC,
-                     PREC)
+        dphi = _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K, M,
+                       s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, N, BT, HAS_PRE, ONE_STREAM, HAS_ACC,
+                       HI_LO, False, EVEN_K, DOT, ACC, PREC)
     if t_full < t_hi:  # the ragged tail tile, masked
-        rows = t_full + tl.arange(0, BT)
-        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, True, EVEN_K)
-        dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
-                                   ONE_STREAM, HAS_ACC, True, EVEN_K)
-        dphi = _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask,
-                     ms, mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, True, EVEN_K, DOT, ACC,
-                     PREC)
+        dphi = _tokens(dphi, t_full, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K,
+                       M, s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, N, BT, HAS_PRE, ONE_STREAM, HAS_ACC,
+                       HI_LO, True, EVEN_K, DOT, ACC, PREC)
     if HI_LO:
         dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
     out_rows = split.to(tl.int64) * K + ks64
