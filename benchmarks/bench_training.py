@@ -12,9 +12,9 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, foldpre, fused,
-cudagraphs, pairbwd (the same compiled model with proj's backward as the dx + dphi kernel pair),
-tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's tile changed: the fields of its config in
-triton_ops._DEFAULTS, e.g. tune:proj:one_dot=1 or tune:proj_dx_dphi:bk=64,num_stages=3,maxnreg=none).
+cudagraphs, tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's config changed: the fields of
+its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's backward as the dx + dphi kernel
+pair, tune:proj_dx_dphi:pipeline_all=0, or tune:proj:bt=64,num_warps=4).
 
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
 run cut short by its time budget still leaves what it measured.
@@ -247,11 +247,7 @@ def run_size(d, args, emit):
     contexts = {}  # variants that run the compiled model above with a kernel setting changed around the step
     from mhc_compile.kernels import triton_ops
 
-    if "pairbwd" in args.variants:  # proj's backward as the dx + dphi pair: X read twice, same graph
-        variants["backend=mhc, proj backward as the dx + dphi pair"] = variants["backend=mhc"]
-        contexts["backend=mhc, proj backward as the dx + dphi pair"] = \
-            lambda: triton_ops.tuning("proj_dx_dphi", enabled=False)
-    for v in args.variants:  # "tune:proj:one_dot=1": the same compiled model with one kernel's tile changed
+    for v in args.variants:  # "tune:proj_dx_dphi:enabled=0": the same compiled model, one kernel's config changed
         if v.startswith("tune:"):
             kernel, fields = tune_fields(v)
             label = f"backend=mhc, {kernel} {v.split(':', 2)[2]}"

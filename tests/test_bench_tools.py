@@ -4,6 +4,7 @@ bench_training's tables and variant parsing."""
 import os
 import stat
 import sys
+import time
 
 import pytest
 
@@ -41,8 +42,6 @@ def test_clock_log_reads_what_nvidia_smi_prints_until_stopped(monkeypatch, tmp_p
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(gpu_clocks.shutil, "which", lambda name: str(fake))
     with gpu_clocks.ClockLog(interval_ms=50) as log:
-        import time
-
         time.sleep(0.5)  # let the script print before it is stopped
     assert log.samples == [(1500.0, 690.5), (1485.0, 700.0)]
     assert "--query-gpu=clocks.sm,power.draw" in args_file.read_text() and "-lms 50" in args_file.read_text()
