@@ -9,7 +9,11 @@ Meant for a CUDA machine (Triton kernels). On the CPU it still runs, but it then
 kernels' many small torch ops (20 Sinkhorn iterations and their backward), which is not the GPU path's
 host cost: on a 2-core CPU on 2026-11-23 it gave +27 ms per step for 8 sites, almost all reference math.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--ops]
+
+--ops adds a table of each mHC op's host cost a call (tiny bf16 tensors): the op through torch.ops.mhc_compile (the
+custom op, with its Python autograd layer), through its direct twin (what Inductor's generated code calls), the
+kernel wrapper of kernels/triton_ops.py alone, and a bare Triton launch of a one-line kernel for scale.
 """
 
 from __future__ import annotations
@@ -43,11 +47,70 @@ def step_ms(fn, x, iters, sync):
     return statistics.median(times)
 
 
+def op_costs(dev: str, iters: int = 2000) -> list[tuple[str, float, float, float]]:
+    """(op, us a call as custom op, as direct twin, as the bare kernel wrapper) for the ops of a training step."""
+    import triton
+    import triton.language as tl
+
+    from mhc_compile.kernels import triton_ops as tk
+
+    t, n, c = 64, 4, 128
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    x, y, g = torch.randn(t, n, c, **bf), torch.randn(t, c, **bf), torch.randn(t, n, c, **bf)
+    f32 = dict(device=dev)
+    m = 2 * n + n * n
+    phi, bias, alpha = torch.randn(n * c, m, **f32) * 0.1, torch.randn(m, **f32), torch.rand(3, **f32)
+    p, sq = torch.randn(t, m, **f32), torch.rand(t, **f32) + 1
+    h_pre, h_post, h_res = torch.rand(t, n, **f32), torch.rand(t, n, **f32), torch.rand(t, n, n, **f32)
+    coeff = (n, n * c, 1e-6, 20, "mhc")
+    cases = [
+        ("proj", (x, phi), ()),
+        ("coeffs", (p, sq, bias, alpha, *coeff), ()),
+        ("coeffs_backward", (p, sq, bias, alpha, h_pre, h_post, h_res, *coeff), ()),
+        ("pre", (x, h_pre), ()),
+        ("pre_backward_dh", (x, h_pre, y), ()),
+        ("post_res", (x, h_res, h_post, y), ()),
+        ("post_res_backward", (x, h_res, h_post, y, g), ()),
+        ("proj_pre_backward", (x, phi, p, sq, h_pre, y, g), ()),
+    ]
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def per_call(fn):
+        for _ in range(20):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / iters * 1e6
+
+    @triton.jit
+    def _copy(src, dst, N, B: tl.constexpr):
+        o = tl.program_id(0) * B + tl.arange(0, B)
+        tl.store(dst + o, tl.load(src + o, mask=o < N), mask=o < N)
+
+    rows = []
+    with torch.no_grad():
+        src, dst = torch.randn(1024, device=dev), torch.empty(1024, device=dev)
+        rows.append(("bare Triton launch (3 args)", float("nan"), float("nan"),
+                     per_call(lambda: _copy[(1,)](src, dst, 1024, B=1024))))
+        for name, args, _ in cases:
+            fn = getattr(tk, name)
+            custom = getattr(torch.ops.mhc_compile, name).default
+            direct = getattr(getattr(torch.ops, "mhc_compile_direct", None), name, None)
+            rows.append((name, per_call(lambda: custom(*args, "triton")),
+                         per_call(lambda: direct.default(*args, "triton")) if direct is not None else float("nan"),
+                         per_call(lambda: fn(*args))))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--inner-backend", default="inductor")
+    ap.add_argument("--ops", action="store_true", help="also time each op's host cost a call")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -68,6 +131,10 @@ def main():
     print(f"host time per fwd+bwd step on {dev}, {sites} sites, tiny tensors, torch {torch.__version__}")
     for name, ms in rows:
         print(f"  {name:<22} {ms:7.2f} ms   (+{ms - base:6.2f} ms, {1e3 * (ms - base) / sites:6.0f} us per site)")
+    if args.ops and dev == "cuda":
+        print("\nhost us a call (tiny bf16 tensors): custom op | direct twin | triton_ops wrapper alone")
+        for name, custom, direct, bare in op_costs(dev):
+            print(f"  {name:<28} {custom:7.1f} {direct:7.1f} {bare:7.1f}")
 
 
 if __name__ == "__main__":

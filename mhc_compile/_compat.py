@@ -124,17 +124,27 @@ def inductor_compile_fx() -> Callable:
     return compile_fx
 
 
-def register_inductor_fallbacks(ops) -> None:
+def register_inductor_fallbacks(ops, calls=None) -> None:
     """Give each custom op an explicit Inductor fallback lowering (an extern kernel call, as implicit
     fallbacks get). Without one, Inductor's implicit-fallback path formats the op's arguments for a log
     line; in torch 2.11 that string is built eagerly, and for a backward op whose inputs are deep
     unrealised pointwise IR (a LayerNorm backward) it took minutes (seen on the H100, 2026-11-23).
-    The ops make their inputs contiguous themselves, so no layout constraint is needed."""
-    from torch._inductor.lowering import lowerings, make_fallback
+    The ops make their inputs contiguous themselves, so no layout constraint is needed.
 
+    ``calls`` maps an op to the op the generated code calls in its place (same schema and fake; the direct
+    twins of ``runtime/ops.py``); an op not in it calls itself."""
+    from torch._inductor.lowering import add_needs_realized_inputs, fallback_handler, lowerings, register_lowering
+
+    calls = calls or {}
     for op in ops:
-        if op not in lowerings:
-            make_fallback(op, warn=False)
+        call = calls.get(op, op)
+        if op not in lowerings or _FALLBACK_CALLS.get(op) is not call:
+            add_needs_realized_inputs(op)
+            register_lowering(op, type_promotion_kind=None)(fallback_handler(call))
+            _FALLBACK_CALLS[op] = call
+
+
+_FALLBACK_CALLS: dict = {}  # op -> what its registered fallback lowering calls
 
 
 def lookup_backend(name: str) -> Callable:

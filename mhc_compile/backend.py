@@ -423,9 +423,9 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, 
         return gm.forward
     if config.inner_backend == "aot_eager":
         return _compat.lookup_backend("aot_eager")(gm, example_inputs)
-    from mhc_compile.runtime.ops import all_ops
+    from mhc_compile.runtime.ops import all_ops, direct_ops
 
-    _compat.register_inductor_fallbacks(all_ops())
+    _compat.register_inductor_fallbacks(all_ops(), calls=direct_ops())
     patches = dict(config.inductor_options)
     if mode and mode != "default":
         import torch._inductor

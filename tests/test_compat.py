@@ -156,11 +156,13 @@ def test_checkpoint_context_fn_is_found_on_the_region_body():
 def test_register_inductor_fallbacks_puts_every_op_in_the_lowering_table():
     from torch._inductor.lowering import lowerings
 
-    from mhc_compile.runtime.ops import all_ops
+    from mhc_compile.runtime.ops import all_ops, direct_ops
 
     _compat.register_inductor_fallbacks(all_ops())
     assert all(op in lowerings for op in all_ops())
     _compat.register_inductor_fallbacks(all_ops())  # idempotent
+    _compat.register_inductor_fallbacks(all_ops(), calls=direct_ops())  # re-pointed at the twins
+    assert all(_compat._FALLBACK_CALLS[op] is direct_ops()[op] for op in all_ops())
 
 
 def test_size_hint_reads_a_symbolic_size_without_a_guard():

@@ -1,5 +1,7 @@
 """End to end through Inductor (slow on the CPU: one compiled model shared by the tests here)."""
 
+import re
+
 import pytest
 import torch
 
@@ -25,13 +27,21 @@ def compiled():
     return model, step, idx
 
 
-def _step_matches_eager_oracle(model, step, idx, caplog) -> str:
+def _step_matches_eager_oracle(model, step, idx, caplog, code=None) -> str:
     """One compiled forward + backward against the eager mHC oracle (values and every gradient); returns
-    what the backend logged while compiling it."""
-    # caches off: a graph another test compiled would come back from the cache without running the passes
-    with caplog.at_level("INFO", logger="mhc_compile"), torch._inductor.config.patch(force_disable_caches=True):
+    what the backend logged while compiling it (and appends the generated code to ``code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def run():
         out = step(idx)
         out.square().mean().backward()
+        return out
+
+    # caches off: a graph another test compiled would come back from the cache without running the passes
+    with caplog.at_level("INFO", logger="mhc_compile"), torch._inductor.config.patch(force_disable_caches=True):
+        out, sources = run_and_get_code(run)
+    if code is not None:
+        code.extend(sources)
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     want = eager_mhc_nanogpt(model, idx, n=4)
@@ -45,8 +55,12 @@ def _step_matches_eager_oracle(model, step, idx, caplog) -> str:
 
 def test_inductor_forward_and_gradients_match_eager_oracle(compiled, caplog):
     """Also checks that the backward pass ran Inductor's graph through passes/fold_stream_grads.py."""
-    log = _step_matches_eager_oracle(*compiled, caplog)
+    code = []
+    log = _step_matches_eager_oracle(*compiled, caplog, code)
     assert "folded the stream-gradient sums of 4 of 4 site(s)" in log
+    # forward and backward graphs call the ops' direct twins, not the custom ops (runtime/ops.py, the end)
+    assert len(code) == 2 and all("torch.ops.mhc_compile_direct." in c for c in code)
+    assert not any(re.search(r"torch\.ops\.mhc_compile\.\w+\.default\(", c) for c in code)
     assert "recomputed sublayer input" not in log  # fold_pre_recompute is opt-in
 
 

@@ -147,3 +147,25 @@ def test_every_op_returns_the_strides_its_fake_promises():
         real, fake = (v if isinstance(v, tuple) else (v,) for v in (real, fake))
         for i, (r, f) in enumerate(zip(real, fake)):
             assert r.shape == f.shape and r.stride() == f.stride() and r.is_contiguous(), (name, i, r.stride(), f.stride())
+
+
+def test_direct_twins_match_the_custom_ops():
+    """The twins Inductor's generated code calls (runtime/ops.py) return what the custom ops return, real and
+    fake, and carry no autograd kernel of their own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    twins = ops.direct_ops()
+    assert set(twins) == set(ops.all_ops())
+    for name, op, args in _all_op_calls("reference"):
+        twin = getattr(torch.ops.mhc_compile_direct, name).default
+        schemas = (str(o._schema).split("::")[1] for o in (twin, getattr(torch.ops.mhc_compile, name).default))
+        assert len(set(schemas)) == 1, name
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(twin.name(), "Autograd"), name
+        want, got = op(*args), twin(*args)
+        want, got = (v if isinstance(v, tuple) else (v,) for v in (want, got))
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = twin(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        assert [(f.shape, f.dtype, f.stride()) for f in fake] == [(w.shape, w.dtype, w.stride()) for w in want], name

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tops
-from mhc_compile.kernels.triton_ops import _acc_tl, _acc_torch, _check_stream, _pow2
+from mhc_compile.kernels.triton_ops import _acc_tl, _acc_torch, _cdiv, _check_stream, _pow2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +135,11 @@ def _fwd_dot(x_dtype: torch.dtype) -> tuple[torch.dtype, object, str]:
 
 def _token_split(programs: int, t: int, bt: int, device: torch.device, waves: int) -> tuple[int, int]:
     """(tokens per split, splits): enough splits that programs x splits fill ``waves`` per SM."""
-    blocks = triton.cdiv(t, bt)
-    want = triton.cdiv(waves * tops._num_sms(device), max(programs, 1))
+    blocks = _cdiv(t, bt)
+    want = _cdiv(waves * tops._num_sms(device), max(programs, 1))
     splits = max(1, min(blocks, want))
-    t_split = triton.cdiv(blocks, splits) * bt
-    return t_split, triton.cdiv(t, t_split)
+    t_split = _cdiv(blocks, splits) * bt
+    return t_split, _cdiv(t, t_split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +233,11 @@ def _fwd(x_src: Tensor, h_res: Tensor | None, h_post: Tensor | None, y: Tensor |
     np_, mp = _pow2(n), max(16, _pow2(m))
     bc, cfg = _slab_tiles("fwd", n, c, mp)
     bt = max(16, min(cfg.bt, _pow2(t)))
-    blocks = triton.cdiv(t, bt)
+    blocks = _cdiv(t, bt)
     # split C only to fill the GPU when there are few token blocks; partials are summed below
-    splits = max(1, min(triton.cdiv(cfg.waves * tops._num_sms(x.device), blocks), triton.cdiv(c, bc)))
-    c_split = triton.cdiv(triton.cdiv(c, splits), bc) * bc
-    splits = triton.cdiv(c, c_split)
+    splits = max(1, min(_cdiv(cfg.waves * tops._num_sms(x.device), blocks), _cdiv(c, bc)))
+    c_split = _cdiv(_cdiv(c, splits), bc) * bc
+    splits = _cdiv(c, c_split)
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
     phi_dtype, dot, prec = _fwd_dot(x_src.dtype)
@@ -289,7 +289,7 @@ def _dh_pre(x_src: Tensor, h_res, h_post, y, dx_in: Tensor, acc) -> Tensor:
     bc = min(_pow2(c), cfg.bc, max(16, cfg.budget // np_))
     bt = max(1, min(_pow2(t), cfg.budget // (np_ * bc)))
     d = x_src
-    _dh_pre_kernel[(triton.cdiv(t, bt),)](
+    _dh_pre_kernel[(_cdiv(t, bt),)](
         x_src, h_res if mix else d, h_post if mix else d, y if mix else d, dx_in, dh, t, c,
         N=n, NP=np_, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), XT=_TL[x_src.dtype], RNE=_rne(x_src.dtype), num_warps=cfg.num_warps,
     )
@@ -377,7 +377,7 @@ def _bwd(x_src, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, acc):
     np_, mp = _pow2(n), max(16, _pow2(m))
     bc, cfg = _slab_tiles("bwd", n, c, mp)
     bt = max(16, min(cfg.bt, _pow2(t)))
-    slabs = triton.cdiv(c, bc)
+    slabs = _cdiv(c, bc)
     t_split, splits = _token_split(slabs, t, bt, x_src.device, cfg.waves)
     dy = torch.empty_like(y) if mix else None
     dphi = torch.empty((splits, n * c, m), dtype=acc, device=x_src.device)

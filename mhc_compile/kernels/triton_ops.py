@@ -26,6 +26,7 @@ so the same code runs under ``TRITON_INTERPRET=1`` on CPU tensors, which is how 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -45,8 +46,15 @@ _MODES = {"mhc": 0, "hc": 1}
 # ---------------------------------------------------------------------------------------------
 # launch helpers and configuration
 # ---------------------------------------------------------------------------------------------
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are ConstexprFunctions in
+# recent Triton, ~2 us a call through their wrapper, and every launch of a training step computes several.
 def _pow2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    """The least power of two >= v (1 for v <= 1)."""
+    return 1 << (max(int(v), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _check_stream(op: str, *tensors: Tensor) -> None:
@@ -74,6 +82,7 @@ def _dot_precision(stream_dtype: torch.dtype) -> str:
     return "tf32" if stream_dtype in (torch.bfloat16, torch.float16) else "ieee"
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -180,13 +189,13 @@ def _stream_tile(kernel: str, t: int, c: int, np_: int) -> tuple[int, int, int]:
 
 def _splits(cfg: DotCfg, device: torch.device, programs: int, steps: int, min_steps: int = 4) -> int:
     """How many ways to split a reduction of ``steps`` tiles so the grid fills ``cfg.waves`` per SM."""
-    want = triton.cdiv(cfg.waves * _num_sms(device), max(programs, 1))
+    want = _cdiv(cfg.waves * _num_sms(device), max(programs, 1))
     return max(1, min(want, steps // min_steps))
 
 
 def _wave_efficiency(programs: int, slots: int) -> float:
     """Fraction of the SM slots busy over the grid's waves (equal programs, ``slots`` resident at a time)."""
-    return programs / (triton.cdiv(programs, slots) * slots)
+    return programs / (_cdiv(programs, slots) * slots)
 
 
 def _filling_splits(cfg: DotCfg, device: torch.device, programs: int, steps: int, occupancy: int = 1,
@@ -200,10 +209,11 @@ def _filling_splits(cfg: DotCfg, device: torch.device, programs: int, steps: int
     (profile_step, session 7: 55 % of copy bandwidth in the step); 2 splits fill 97 %.
     """
     slots = max(1, occupancy) * _num_sms(device)
-    most = max(1, min(steps // min_steps, triton.cdiv(cfg.waves * slots, max(programs, 1))))
+    most = max(1, min(steps // min_steps, _cdiv(cfg.waves * slots, max(programs, 1))))
     return _least_idle_splits(programs, most, slots)
 
 
+@functools.lru_cache(maxsize=4096)  # called every launch with the same few arguments; ~30 candidates each
 def _least_idle_splits(programs: int, most: int, slots: int, split_cost: float = 0.0) -> int:
     """Among 1 .. ``most`` splits of a grid of ``programs``, the one with the least predicted time:
     (1 + split_cost x splits, for more than one split) / the fraction of the ``slots`` busy over its waves;
@@ -328,7 +338,7 @@ def pre(x: Tensor, h_pre: Tensor) -> Tensor:
     if t == 0 or c == 0:
         return out
     bt, bc, warps = _stream_tile("pre", t, c, 1)
-    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc))
+    grid = (_cdiv(t, bt), _cdiv(c, bc))
     _pre_fwd_kernel[grid](x, h_pre, out, t, c, N=n, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), num_warps=warps)
     return out
 
@@ -344,7 +354,7 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
         return dx, dh
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward", t, c, np_)
-    _pre_bwd_kernel[(triton.cdiv(t, bt),)](
+    _pre_bwd_kernel[(_cdiv(t, bt),)](
         x, h_pre, dout, dx, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True,
         num_warps=warps,
     )
@@ -363,7 +373,7 @@ def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward_dh", t, c, np_)
     # h_ptr / dx_ptr are placeholders: STORE_DX=False compiles their loads and stores away
-    _pre_bwd_kernel[(triton.cdiv(t, bt),)](
+    _pre_bwd_kernel[(_cdiv(t, bt),)](
         x, h_pre, dout, dh, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False,
         num_warps=warps,
     )
@@ -478,7 +488,7 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
         return out
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res", t, c, np_)
-    grid = (triton.cdiv(t, bt), triton.cdiv(c, bc))
+    grid = (_cdiv(t, bt), _cdiv(c, bc))
     _post_res_fwd_kernel[grid](
         x, h_res, h_post, y, out, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), num_warps=warps
     )
@@ -513,7 +523,7 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
         return (dx.zero_(), dh_res, dh_post, dy.zero_()) + tuple(e.zero_() for e in extra)
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
-    _post_res_bwd_kernel[(triton.cdiv(t, bt),)](
+    _post_res_bwd_kernel[(_cdiv(t, bt),)](
         x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy,
         h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c,
         N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None,
@@ -568,7 +578,7 @@ def _split_hi_lo(src: Tensor, mp: int, transpose: bool) -> Tensor:
         dst = torch.empty((2, r, mp), dtype=torch.bfloat16, device=src.device)
         strides = (r * mp, mp, 1)
     br = max(1, min(_pow2(r), 4096 // mp))
-    _hi_lo_kernel[(triton.cdiv(r, br),)](src.float().contiguous(), dst, r, m, *strides, BR=br, MP=mp)
+    _hi_lo_kernel[(_cdiv(r, br),)](src.float().contiguous(), dst, r, m, *strides, BR=br, MP=mp)
     return dst
 
 
@@ -638,16 +648,16 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros((t, m), dtype=acc, device=x.device), torch.zeros((t,), dtype=acc, device=x.device)
     cfg = _cfg("proj")
     bm = _dot_block_m(m, cfg)
-    mblocks = triton.cdiv(m, bm)
+    mblocks = _cdiv(m, bm)
     hi_lo = _hi_lo(x.dtype) and acc == torch.float32
     w = _split_hi_lo(phi, mblocks * bm, transpose=False) if hi_lo else phi
     bt = min(cfg.bt, max(16, _pow2(t)))  # tl.dot needs >= 16 rows
-    splits = _filling_splits(cfg, x.device, triton.cdiv(t, bt) * mblocks, triton.cdiv(k, cfg.bk))
-    k_split = triton.cdiv(triton.cdiv(k, splits), cfg.bk) * cfg.bk
-    splits = triton.cdiv(k, k_split)
+    splits = _filling_splits(cfg, x.device, _cdiv(t, bt) * mblocks, _cdiv(k, cfg.bk))
+    k_split = _cdiv(_cdiv(k, splits), cfg.bk) * cfg.bk
+    splits = _cdiv(k, k_split)
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
-    grid = (triton.cdiv(t, bt), mblocks, splits)
+    grid = (_cdiv(t, bt), mblocks, splits)
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=_half_dot_dtype())
     _launch_pipelined(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
@@ -764,9 +774,9 @@ def _proj_dphi_kernel(x_ptr, a_ptr, dphi_ptr, T, K, M, T_SPLIT, s_am, s_at, BT: 
 
 def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: int) -> tuple[int, int]:
     """(splits, tokens per split) of a (K block, token split) grid."""
-    splits = _splits(cfg, device, kblocks, triton.cdiv(t, bt), min_steps=2)
-    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
-    return triton.cdiv(t, t_split), t_split
+    splits = _splits(cfg, device, kblocks, _cdiv(t, bt), min_steps=2)
+    t_split = _cdiv(_cdiv(t, splits), bt) * bt
+    return _cdiv(t, t_split), t_split
 
 
 _NO_ONE_PASS: set = set()  # devices whose shared memory the one-pass backward's tile does not fit
@@ -807,7 +817,7 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     # the phi slab [MP, BK] lives in registers: BK shrinks as m grows
     bk = max(16, min(cfg.bk, 4096 // mp))
     bt = max(16, min(cfg.bt, _pow2(t)))
-    kblocks = triton.cdiv(k, bk)
+    kblocks = _cdiv(k, bk)
     splits, t_split = _token_splits(cfg, x.device, kblocks, t, bt)
     dx = torch.empty_like(x)
     prec = _dot_precision(x.dtype)
@@ -819,7 +829,7 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
     bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
     bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
-    kblocks2 = triton.cdiv(k, bk2)
+    kblocks2 = _cdiv(k, bk2)
     splits2, t_split2 = _token_splits(cfg_phi, x.device, kblocks2, t, bt2)
     dphi = torch.empty((splits2, k, m), dtype=acc_t, device=x.device)
     meta2 = dict(BT=bt2, BK=bk2, MP=mp, MA=ma, HI_LO=hi_lo, DOT=_half_dot_dtype(), ACC=_acc_tl(acc_t), PREC=prec)
@@ -1030,7 +1040,7 @@ def coeffs(
     h_res = torch.empty((t, n, n), dtype=acc, device=p.device)
     if t == 0:
         return h_pre, h_post, h_res
-    _coeffs_fwd_kernel[(triton.cdiv(t, bt),)](
+    _coeffs_fwd_kernel[(_cdiv(t, bt),)](
         p, sq, bias, alpha, h_pre, h_post, h_res, t, nc, eps, iters,
         N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), num_warps=_cfg("coeffs").num_warps,
     )
@@ -1046,7 +1056,7 @@ def coeffs_backward(
     tensors = [v.contiguous() for v in (p, sq, bias, alpha, dh_pre, dh_post, dh_res)]
     dp = torch.empty((t, m), dtype=acc, device=p.device)
     dsq = torch.empty((t,), dtype=acc, device=p.device)
-    blocks = triton.cdiv(t, bt)
+    blocks = _cdiv(t, bt)
     dbias = torch.zeros((max(blocks, 1), m), dtype=acc, device=p.device)
     dalpha = torch.zeros((max(blocks, 1), 3), dtype=acc, device=p.device)
     if t > 0:
@@ -1201,10 +1211,10 @@ def post_res_proj(
         hi, lo = w[0], w[1]
     else:
         hi = lo = phi_next
-    tblocks = triton.cdiv(t, bt)
-    splits = _splits(cfg, x.device, tblocks, triton.cdiv(c, bc))
-    c_split = triton.cdiv(triton.cdiv(c, splits), bc) * bc
-    splits = triton.cdiv(c, c_split)
+    tblocks = _cdiv(t, bt)
+    splits = _splits(cfg, x.device, tblocks, _cdiv(c, bc))
+    c_split = _cdiv(_cdiv(c, splits), bc) * bc
+    splits = _cdiv(c, c_split)
     p = torch.empty((splits, t, m), dtype=acc, device=x.device)
     sq = torch.empty((splits, t), dtype=acc, device=x.device)
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,

@@ -221,10 +221,10 @@ def split_dp_t(dp, mp: int):
     stride that is a multiple of 16 elements lets the kernel load A's rows as 16-byte vectors, which the
     pipeliner needs (triton_ops._split_hi_lo writes the same values with row stride T)."""
     t, m = dp.shape
-    t16 = triton.cdiv(t, 16) * 16
+    t16 = tk._cdiv(t, 16) * 16
     dst = torch.empty((2 * mp, t16), dtype=torch.bfloat16, device=dp.device)
     br = max(1, min(tk._pow2(t), 4096 // mp))
-    tk._hi_lo_kernel[(triton.cdiv(t, br),)](dp.float().contiguous(), dst, t, m, mp * t16, 1, t16, BR=br, MP=mp)
+    tk._hi_lo_kernel[(tk._cdiv(t, br),)](dp.float().contiguous(), dst, t, m, mp * t16, 1, t16, BR=br, MP=mp)
     return dst
 
 
@@ -235,14 +235,14 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
     resident an SM); ``split_cost`` = bytes of one split's dphi partial (written, then read by the host sum) /
     the kernel's other bytes; ties go to fewer splits. E.g. K = 28672 in 224 blocks on 132 SMs, one program an
     SM: 1 split = 224 programs, 85 % of 2 waves; 4 splits = 896 programs, 97 % of 7 waves."""
-    tiles = triton.cdiv(t, bt)
+    tiles = tk._cdiv(t, bt)
     if splits is None:
         sms = tk._num_sms(device)
         most = max(1, min(tiles, int(waves * sms) // max(kblocks, 1)))
         splits = tk._least_idle_splits(kblocks, most, max(1, occupancy) * sms, split_cost)
     splits = max(1, min(splits, tiles))
-    t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
-    return triton.cdiv(t, t_split), t_split
+    t_split = tk._cdiv(tk._cdiv(t, splits), bt) * bt
+    return tk._cdiv(t, t_split), t_split
 
 
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages, maxnreg,
@@ -294,7 +294,7 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         s_am, s_at = a.stride(0), 1
     else:  # dp^T read in place
         a, s_am, s_at = dp, 1, m
-    kblocks = triton.cdiv(k, bk)
+    kblocks = tk._cdiv(k, bk)
     split_cost = (k * m * 4 * 2) / (3 * x.numel() * x.element_size())  # a dphi partial / X, acc and dX
     splits, t_split = plan_splits(t, bt, kblocks, waves, occupancy, x.device, splits, split_cost)
     dx = torch.empty_like(x)

@@ -30,6 +30,26 @@ def all_ops() -> list:
     return [getattr(torch.ops.mhc_compile, name).default for name in OP_NAMES]
 
 
+def direct_ops() -> dict:
+    """Each mHC custom op overload -> its direct twin (``torch.ops.mhc_compile_direct``), which Inductor's
+    generated code calls instead (see the end of this module)."""
+    return {getattr(torch.ops.mhc_compile, name).default: getattr(torch.ops.mhc_compile_direct, name).default
+            for name in OP_NAMES}
+
+
+_PLAIN: dict = {}  # op name -> the Python function behind the custom op
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op("mhc_compile::<name>")``, keeping the plain function for the direct twin."""
+
+    def wrap(fn):
+        _PLAIN[name] = fn
+        return torch.library.custom_op(f"mhc_compile::{name}", mutates_args=())(fn)
+
+    return wrap
+
+
 # Diagnostics: while a capture is active, coeffs and pre record what they computed, per site.
 _CAPTURES: list[list[dict]] = []
 
@@ -91,7 +111,7 @@ def _tokens(x: Tensor, trailing: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # proj
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mhc_compile::proj", mutates_args=())
+@_custom_op("proj")
 def proj(x: Tensor, phi: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     lead = x.shape[:-2]
     p, sq = _kernels(impl).proj(_tokens(x, 2).contiguous(), phi)
@@ -105,7 +125,7 @@ def _(x, phi, impl):
     return x.new_empty(lead + (phi.shape[1],), dtype=acc), x.new_empty(lead, dtype=acc)
 
 
-@torch.library.custom_op("mhc_compile::proj_backward", mutates_args=())
+@_custom_op("proj_backward")
 def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     dx, dphi = _kernels(impl).proj_backward(
         _tokens(x, 2).contiguous(), phi, _tokens(dp, 1).contiguous(), dsq.reshape(-1).contiguous()
@@ -136,7 +156,7 @@ proj.register_autograd(_proj_bwd, setup_context=_proj_setup)
 # ---------------------------------------------------------------------------------------------
 # coeffs
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mhc_compile::coeffs", mutates_args=())
+@_custom_op("coeffs")
 def coeffs(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "", check_finite: bool = False,
@@ -164,7 +184,7 @@ def _(p, sq, bias, alpha, n, nc, eps, iters, mode, impl, site="", check_finite=F
     return p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n,), dtype=acc), p.new_empty(lead + (n, n), dtype=acc)
 
 
-@torch.library.custom_op("mhc_compile::coeffs_backward", mutates_args=())
+@_custom_op("coeffs_backward")
 def coeffs_backward(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor,
     dh_pre: Tensor, dh_post: Tensor, dh_res: Tensor,
@@ -201,7 +221,7 @@ coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
 # ---------------------------------------------------------------------------------------------
 # pre
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mhc_compile::pre", mutates_args=())
+@_custom_op("pre")
 def pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "", check_finite: bool = False) -> Tensor:
     if check_finite:
         _check_finite(site, "the n streams entering the site", x)
@@ -216,7 +236,7 @@ def _(x, h_pre, impl, site="", check_finite=False):
     return x.new_empty(x.shape[:-2] + x.shape[-1:])
 
 
-@torch.library.custom_op("mhc_compile::pre_backward", mutates_args=())
+@_custom_op("pre_backward")
 def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     dx, dh = _kernels(impl).pre_backward(
         _tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous()
@@ -249,7 +269,7 @@ pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
 # and proj_backward become pre_backward_dh (the [.., n] reduction, needed before coeffs_backward) and
 # proj_pre_backward, which writes the stream gradient once with the residual path's part added in.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mhc_compile::pre_backward_dh", mutates_args=())
+@_custom_op("pre_backward_dh")
 def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor, impl: str) -> Tensor:
     dh = _kernels(impl).pre_backward_dh(
         _tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous()
@@ -262,7 +282,7 @@ def _(x, h_pre, dout, impl):
     return _dense_like(h_pre)
 
 
-@torch.library.custom_op("mhc_compile::proj_pre_backward", mutates_args=())
+@_custom_op("proj_pre_backward")
 def proj_pre_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor,
                       acc: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
     dx, dphi = _kernels(impl).proj_pre_backward(
@@ -281,7 +301,7 @@ def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
 # ---------------------------------------------------------------------------------------------
 # post_res
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("mhc_compile::post_res", mutates_args=())
+@_custom_op("post_res")
 def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, impl: str) -> Tensor:
     out = _kernels(impl).post_res(
         _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
@@ -295,7 +315,7 @@ def _(x, h_res, h_post, y, impl):
     return _dense_like(x)
 
 
-@torch.library.custom_op("mhc_compile::post_res_backward", mutates_args=())
+@_custom_op("post_res_backward")
 def post_res_backward(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -328,7 +348,7 @@ post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
 
 # Backward-only, put into backward graphs by passes/fold_pre_recompute.py: a site's post_res_backward and
 # its recomputed pre (both read the same stream) as one op, one pass over the stream.
-@torch.library.custom_op("mhc_compile::post_res_backward_pre", mutates_args=())
+@_custom_op("post_res_backward_pre")
 def post_res_backward_pre(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -375,7 +395,7 @@ def _after_coeffs(site: str, check_finite: bool, x: Tensor, h_pre: Tensor, h_pos
         _record(site=site, x=x)
 
 
-@torch.library.custom_op("mhc_compile::enter", mutates_args=())
+@_custom_op("enter")
 def enter(
     x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "", check_finite: bool = False,
@@ -398,7 +418,7 @@ def _(x, phi, bias, alpha, n, nc, eps, iters, mode, impl, site="", check_finite=
     return (x.new_empty(lead + x.shape[-1:]), *_coeff_shapes(lead, n, phi.shape[1], x, acc))
 
 
-@torch.library.custom_op("mhc_compile::enter_backward", mutates_args=())
+@_custom_op("enter_backward")
 def enter_backward(
     x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
     dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
@@ -441,7 +461,7 @@ def _enter_bwd(ctx, dx_in, _dh_pre, dh_post, dh_res, _dp, _dsq):
 enter.register_autograd(_enter_bwd, setup_context=_enter_setup)
 
 
-@torch.library.custom_op("mhc_compile::step", mutates_args=())
+@_custom_op("step")
 def step(
     x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "", check_finite: bool = False,
@@ -468,7 +488,7 @@ def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, ite
             *_coeff_shapes(lead, n, phi.shape[1], x_prev, acc))
 
 
-@torch.library.custom_op("mhc_compile::step_backward", mutates_args=())
+@_custom_op("step_backward")
 def step_backward(
     x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
     h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
@@ -510,3 +530,29 @@ def _step_bwd(ctx, dx, dx_in, _dh_pre, dh_post, dh_res, _dp, _dsq):
 
 
 step.register_autograd(_step_bwd, setup_context=_step_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct twins for compiled graphs. Inductor's generated code calls each op through the dispatcher once a
+# launch; a custom_op's call passes its Python autograd layer (autograd_impl -> redispatch -> backend_impl ->
+# a dynamo-disable wrapper) even under no_grad, ~8 us a call on a 2-core CPU against ~1 us for a kernel
+# registered directly (d = 2048's step on an H200 waited ~8 ms a step on the host, profile-2026-12-02-h200-s9).
+# The twin has the same schema, fake and Python function, and no autograd kernel: compiled graphs never
+# differentiate through an op (AOTAutograd has already built the backward graph), so ``_compat``'s Inductor
+# lowering of each mhc_compile op emits a call of its twin. Traced graphs, eager mode and export keep the
+# custom ops.
+# ---------------------------------------------------------------------------------------------
+_DIRECT = torch.library.Library("mhc_compile_direct", "DEF")
+
+
+def _define_direct(name: str) -> None:
+    op = getattr(torch.ops.mhc_compile, name).default
+    _DIRECT.define(str(op._schema).split("::", 1)[1])
+    _DIRECT.impl(name, _PLAIN[name], "CompositeExplicitAutograd")
+    # The fake: the custom op's own, reached by calling it on the fake tensors.
+    torch.library.register_fake(f"mhc_compile_direct::{name}", lambda *args, **kwargs: op(*args, **kwargs),
+                                lib=_DIRECT)
+
+
+for _name in OP_NAMES:
+    _define_direct(_name)
