@@ -181,7 +181,11 @@ def tuning(kernel: str, **fields):
 
 def _stream_tile(kernel: str, t: int, c: int, np_: int) -> tuple[int, int, int]:
     """(BT, BC, num_warps): wide along C for vector loads, extra tokens only when C is small."""
-    cfg = _cfg(kernel)
+    return _stream_tile_of(_cfg(kernel), t, c, np_)
+
+
+@functools.lru_cache(maxsize=4096)  # every launch asks again with the same few shapes
+def _stream_tile_of(cfg: StreamCfg, t: int, c: int, np_: int) -> tuple[int, int, int]:
     bc = min(_pow2(c), cfg.max_bc, max(16, cfg.budget // np_))
     bt = max(1, min(_pow2(t), cfg.budget // (np_ * bc)))
     return bt, bc, cfg.num_warps
@@ -349,9 +353,9 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
     x, h_pre, dout = x.contiguous(), h_pre.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     dx = torch.empty_like(x)
-    dh = torch.zeros((t, n), dtype=acc, device=x.device)
     if t == 0 or c == 0:
-        return dx, dh
+        return dx.zero_(), torch.zeros((t, n), dtype=acc, device=x.device)
+    dh = torch.empty((t, n), dtype=acc, device=x.device)  # every element written: no fill launch
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward", t, c, np_)
     _pre_bwd_kernel[(_cdiv(t, bt),)](
@@ -367,9 +371,9 @@ def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
     t, n, c = x.shape
     x, dout = x.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
-    dh = torch.zeros((t, n), dtype=acc, device=x.device)
     if t == 0 or c == 0:
-        return dh
+        return torch.zeros((t, n), dtype=acc, device=x.device)
+    dh = torch.empty((t, n), dtype=acc, device=x.device)  # every element written: no fill launch
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward_dh", t, c, np_)
     # h_ptr / dx_ptr are placeholders: STORE_DX=False compiles their loads and stores away
@@ -515,12 +519,14 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
     y, dout = y.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
-    dh_res = torch.zeros((t, n, n), dtype=acc, device=x.device)
-    dh_post = torch.zeros((t, n), dtype=acc, device=x.device)
     x_in = torch.empty((t, c), dtype=x.dtype, device=x.device) if h_pre is not None else None
     extra = () if h_pre is None else (x_in,)
     if t == 0 or c == 0:
-        return (dx.zero_(), dh_res, dh_post, dy.zero_()) + tuple(e.zero_() for e in extra)
+        return ((dx.zero_(), torch.zeros((t, n, n), dtype=acc, device=x.device),
+                 torch.zeros((t, n), dtype=acc, device=x.device), dy.zero_()) + tuple(e.zero_() for e in extra))
+    # the kernel writes every element of dh_res and dh_post: no fill launches
+    dh_res = torch.empty((t, n, n), dtype=acc, device=x.device)
+    dh_post = torch.empty((t, n), dtype=acc, device=x.device)
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
     _post_res_bwd_kernel[(_cdiv(t, bt),)](
@@ -960,7 +966,7 @@ def _coeffs_fwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, hpre_ptr, hpost_ptr, hres_pt
 
 @triton.jit(do_not_specialize=["T"])
 def _coeffs_bwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, gpre_ptr, gpost_ptr, gres_ptr, dp_ptr, dsq_ptr,
-                       dbias_ptr, dalpha_ptr, T, nc, eps, iters, N: tl.constexpr, NP: tl.constexpr,
+                       dbias_ptr, dalpha_ptr, T, nc, eps, iters, PART_STRIDE, N: tl.constexpr, NP: tl.constexpr,
                        BT: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
     """Recomputes the forward, then dp, dsq per token and this block's partial sums of dbias, dalpha.
 
@@ -994,11 +1000,11 @@ def _coeffs_bwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, gpre_ptr, gpost_ptr, gres_pt
         d_post = g_post
         d_res = g_res
     # per-block partials of the reductions over tokens; summed on the host side in a fixed order
-    part = dbias_ptr + pid.to(tl.int64) * M
+    part = dbias_ptr + pid.to(tl.int64) * PART_STRIDE
     tl.store(part + ii, tl.sum(d_pre, axis=0), mask=imask)
     tl.store(part + N + ii, tl.sum(d_post, axis=0), mask=imask)
     tl.store(part + 2 * N + sq_off, tl.sum(d_res, axis=0), mask=valid.reshape(NP, NP))
-    apart = dalpha_ptr + pid.to(tl.int64) * 3
+    apart = dalpha_ptr + pid.to(tl.int64) * PART_STRIDE
     tl.store(apart, tl.sum(tl.sum(d_pre * u_pre, axis=1), axis=0))
     tl.store(apart + 1, tl.sum(tl.sum(d_post * u_post, axis=1), axis=0))
     tl.store(apart + 2, tl.sum(tl.sum(tl.sum(d_res * u_res, axis=2), axis=1), axis=0))
@@ -1056,15 +1062,17 @@ def coeffs_backward(
     tensors = [v.contiguous() for v in (p, sq, bias, alpha, dh_pre, dh_post, dh_res)]
     dp = torch.empty((t, m), dtype=acc, device=p.device)
     dsq = torch.empty((t,), dtype=acc, device=p.device)
+    if t == 0:
+        return dp, dsq, torch.zeros_like(bias), torch.zeros_like(alpha)
     blocks = _cdiv(t, bt)
-    dbias = torch.zeros((max(blocks, 1), m), dtype=acc, device=p.device)
-    dalpha = torch.zeros((max(blocks, 1), 3), dtype=acc, device=p.device)
-    if t > 0:
-        _coeffs_bwd_kernel[(blocks,)](
-            *tensors, dp, dsq, dbias, dalpha, t, nc, eps, iters,
-            N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), num_warps=_cfg("coeffs").num_warps,
-        )
-    return dp, dsq, dbias.sum(0).to(bias.dtype), dalpha.sum(0).to(alpha.dtype)
+    # each block writes its row of the dbias / dalpha partials whole: no fill launch. (One sum over [blocks, m + 3]
+    # would return two views of one tensor, and a custom op's outputs must not alias.)
+    parts = torch.empty((blocks, m + 3), dtype=acc, device=p.device)
+    _coeffs_bwd_kernel[(blocks,)](
+        *tensors, dp, dsq, parts, parts[:, m:], t, nc, eps, iters, m + 3,
+        N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), num_warps=_cfg("coeffs").num_warps,
+    )
+    return dp, dsq, parts[:, :m].sum(0).to(bias.dtype), parts[:, m:].sum(0).to(alpha.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,13 +86,23 @@ def _check_finite(site: str, what: str, *tensors: Tensor) -> None:
             )
 
 
+_KERNEL_MODULES: dict = {}  # (impl, fused) -> module; Triton's imported on first use (every launch asks)
+
+
 def _kernels(impl: str, fused: bool = False):
     """The kernel module for ``impl``; ``fused`` picks the boundary ops (enter / step) of the Triton path."""
+    module = _KERNEL_MODULES.get((impl, fused))
+    if module is not None:
+        return module
     if impl == "reference":
-        return ref
-    if impl == "triton":
-        return importlib.import_module("mhc_compile.kernels.triton_fused" if fused else "mhc_compile.kernels.triton_ops")
-    raise ValueError(f"mhc op: unknown kernel implementation {impl!r}; expected one of {IMPLS}")
+        module = ref
+    elif impl == "triton":
+        module = importlib.import_module("mhc_compile.kernels.triton_fused" if fused
+                                         else "mhc_compile.kernels.triton_ops")
+    else:
+        raise ValueError(f"mhc op: unknown kernel implementation {impl!r}; expected one of {IMPLS}")
+    _KERNEL_MODULES[(impl, fused)] = module
+    return module
 
 
 def _dense_like(t: Tensor) -> Tensor:
