@@ -433,9 +433,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, 
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     backward_passes = [p for p, on in ((fold_stream_grads, config.fold_stream_grads),
                                        (fold_pre_recompute, config.fold_pre_recompute)) if on]
-    if backward_passes:
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
-        theirs = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
-        patches["post_grad_custom_post_pass"] = post_grad.PostGradPasses(backward_passes, then=theirs)
+    theirs = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
+    patches["post_grad_custom_post_pass"] = post_grad.PostGradPasses(backward_passes, then=theirs)
     return _compat.inductor_compile_fx()(gm, example_inputs, config_patches=patches or None)

@@ -520,3 +520,22 @@ def test_selective_checkpoint_region_with_residual_adds_is_reported_not_skipped(
     with pytest.warns(UserWarning, match="selective activation checkpointing.*not converted"):
         out = torch.compile(SACBlock(), backend="mhc", options=AOT)(x)
     out.sum().backward()
+
+
+def test_graph_cache_key_covers_what_the_generated_code_calls(monkeypatch):
+    """Inductor's FX graph cache keys on the post-grad pass's uuid: it must hash the files that decide which ops
+    the generated code calls (runtime/ops.py's direct twins, _compat's lowering), or a graph cached before a
+    change to them comes back unchanged."""
+    import torch._inductor.custom_graph_pass as cgp
+
+    from mhc_compile import _compat
+    from mhc_compile.passes import fold_stream_grads
+    from mhc_compile.passes.post_grad import PostGradPasses
+    from mhc_compile.runtime import ops
+
+    hashed = []
+    monkeypatch.setattr(cgp, "get_hash_for_files", lambda files: hashed.append(tuple(files)) or b"h")
+    for passes in ((), (fold_stream_grads,)):
+        PostGradPasses(passes).uuid()
+        assert {ops.__file__, _compat.__file__} <= set(hashed[-1])
+    assert fold_stream_grads.__file__ in hashed[-1]

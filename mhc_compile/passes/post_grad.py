@@ -3,6 +3,8 @@
 Backward graphs only exist inside Inductor (AOTAutograd builds them after our rewrite), so the passes that
 change them run as Inductor's ``post_grad_custom_post_pass`` (``backend._inner_compile``), in order, then
 the pass the user configured there, if any. Each pass module has ``apply(graph) -> int`` and ``__file__``.
+The object is installed even with no pass to run: its ``uuid`` is how the backend's code enters the keys of
+Inductor's graph caches.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ class PostGradPasses(CustomGraphPass):
     def uuid(self):
         from torch._inductor.custom_graph_pass import get_hash_for_files
 
-        mine = get_hash_for_files((__file__,) + tuple(p.__file__ for p in self.passes))
+        from mhc_compile import _compat
+        from mhc_compile.runtime import ops
+
+        # also the files that decide what the generated code calls (the ops' lowering to their direct twins):
+        # a cached graph compiled against other ones would otherwise come back unchanged
+        mine = get_hash_for_files((__file__, ops.__file__, _compat.__file__) + tuple(p.__file__ for p in self.passes))
         if self.then is None:
             return mine
         theirs = self.then.uuid() if hasattr(self.then, "uuid") else None
