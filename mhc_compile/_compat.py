@@ -124,6 +124,9 @@ def inductor_compile_fx() -> Callable:
     return compile_fx
 
 
+_FALLBACK_CALLS: dict = {}  # op -> what its registered fallback lowering calls
+
+
 def register_inductor_fallbacks(ops, calls=None) -> None:
     """Give each custom op an explicit Inductor fallback lowering (an extern kernel call, as implicit
     fallbacks get). Without one, Inductor's implicit-fallback path formats the op's arguments for a log
@@ -131,8 +134,9 @@ def register_inductor_fallbacks(ops, calls=None) -> None:
     unrealised pointwise IR (a LayerNorm backward) it took minutes (seen on the H100, 2026-11-23).
     The ops make their inputs contiguous themselves, so no layout constraint is needed.
 
-    ``calls`` maps an op to the op the generated code calls in its place (same schema and fake; the direct
-    twins of ``runtime/ops.py``); an op not in it calls itself."""
+    ``calls`` maps an op to the op the generated code calls in its place (same schema and fake: the direct
+    twins of ``runtime/ops.py``, which skip the custom op's Python autograd layer); an op not in it calls
+    itself. Registering again with other ``calls`` re-points the lowering."""
     from torch._inductor.lowering import add_needs_realized_inputs, fallback_handler, lowerings, register_lowering
 
     calls = calls or {}
@@ -142,9 +146,6 @@ def register_inductor_fallbacks(ops, calls=None) -> None:
             add_needs_realized_inputs(op)
             register_lowering(op, type_promotion_kind=None)(fallback_handler(call))
             _FALLBACK_CALLS[op] = call
-
-
-_FALLBACK_CALLS: dict = {}  # op -> what its registered fallback lowering calls
 
 
 def lookup_backend(name: str) -> Callable:

@@ -48,7 +48,8 @@ class PostGradPasses(CustomGraphPass):
 
         # also the files that decide what the generated code calls (the ops' lowering to their direct twins):
         # a cached graph compiled against other ones would otherwise come back unchanged
-        mine = get_hash_for_files((__file__, ops.__file__, _compat.__file__) + tuple(p.__file__ for p in self.passes))
+        files = (__file__, ops.__file__, _compat.__file__) + tuple(p.__file__ for p in self.passes)
+        mine = get_hash_for_files(files)
         if self.then is None:
             return mine
         theirs = self.then.uuid() if hasattr(self.then, "uuid") else None
