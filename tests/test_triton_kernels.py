@@ -548,3 +548,14 @@ if not _INTERPRETED:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_host_integer_helpers_match_triton():
+    """_pow2 / _cdiv replace triton.next_power_of_2 / triton.cdiv on the launch path (plain Python is several
+    times cheaper than Triton's ConstexprFunction wrapper); they must agree everywhere the wrappers use them."""
+    import triton
+
+    from mhc_compile.kernels import triton_ops
+
+    assert all(triton_ops._pow2(v) == triton.next_power_of_2(max(v, 1)) for v in range(-2, 70000))
+    assert all(triton_ops._cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 80))
