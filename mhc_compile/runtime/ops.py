@@ -114,8 +114,12 @@ def _dense_like(t: Tensor) -> Tensor:
 
 
 def _tokens(x: Tensor, trailing: int) -> Tensor:
-    """View leading dims as one token dim, keeping ``trailing`` dims."""
-    return x.reshape((-1,) + tuple(x.shape[x.dim() - trailing :]))
+    """View leading dims as one token dim, keeping ``trailing`` dims. (Every launch calls this a few times:
+    flatten, and nothing for a tensor already [T, ...], cost less host time than building a reshape's shape.)"""
+    lead = x.dim() - trailing
+    if lead == 1:
+        return x
+    return x.flatten(0, lead - 1) if lead > 1 else x.reshape((-1,) + tuple(x.shape))
 
 
 # ---------------------------------------------------------------------------------------------
