@@ -8,8 +8,11 @@ between the converted and the plain model is what the bookkeeping costs the host
 Meant for a CUDA machine (Triton kernels). On the CPU it still runs, but it then measures the reference
 kernels' many small torch ops (20 Sinkhorn iterations and their backward), which is not the GPU path's
 host cost: on a 2-core CPU on 2026-11-23 it gave +27 ms per step for 8 sites, almost all reference math.
+--stub-launches (CPU) runs the Triton path instead with every Triton launch replaced by a no-op: what is left
+is the host work around the launches (dispatch, the ops' wrappers, Inductor's generated code); the outputs
+are garbage, the host time is not.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--ops]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--ops] [--stub-launches]
 
 --ops adds a table of each mHC op's host cost a call (tiny bf16 tensors): the op through torch.ops.mhc_compile (the
 custom op, with its Python autograd layer), through its direct twin (what Inductor's generated code calls), the
@@ -111,7 +114,15 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--inner-backend", default="inductor")
     ap.add_argument("--ops", action="store_true", help="also time each op's host cost a call")
+    ap.add_argument("--stub-launches", action="store_true",
+                    help="CPU: the Triton kernels path with every launch a no-op (host work around the launches)")
     args = ap.parse_args()
+    options = {}
+    if args.stub_launches:
+        from triton.runtime.jit import JITFunction
+
+        JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+        options["kernels"] = "triton"
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -124,7 +135,8 @@ def main():
     for recompute in ("auto", "none"):
         model = Stack(128, args.layers).to(dev)
         mhc_compile.prepare(model, x.detach())
-        fn = torch.compile(model, backend="mhc", options={"recompute": recompute, "inner_backend": args.inner_backend})
+        fn = torch.compile(model, backend="mhc",
+                           options={"recompute": recompute, "inner_backend": args.inner_backend, **options})
         rows.append((f"mhc recompute={recompute}", step_ms(fn, x, args.iters, sync)))
     sites = 2 * args.layers
     base = rows[0][1]
