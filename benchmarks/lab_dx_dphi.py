@@ -324,7 +324,8 @@ def ptxas_rows(configs, n=4, c=4096, arch=90):
             bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, torch.float32, True, True,
                                               **{k: cfg.get(k) for k in ("bt", "bk", "num_warps", "num_stages",
                                                                          "maxnreg", "pipeline_all")})
-            meta["DOT"] = tl.bfloat16  # the GPU's dot dtype, whatever the environment says
+            meta = {**meta, "DOT": tl.bfloat16}  # the GPU's dot dtype, whatever the environment says (a copy:
+            # _launch_plan's dicts are cached)
             mp = meta["MP"]
             phi = torch.empty(n * c, m, **f32)
             a = torch.empty(2 * mp, t, dtype=torch.bfloat16)

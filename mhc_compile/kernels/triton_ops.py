@@ -66,6 +66,7 @@ def _check_stream(op: str, *tensors: Tensor) -> None:
             )
 
 
+@functools.lru_cache(maxsize=None)  # a few dtype combinations, asked for at every launch
 def _acc_torch(*dtypes: torch.dtype) -> torch.dtype:
     out = torch.float32
     for d in dtypes:
@@ -237,7 +238,7 @@ def _launch_pipelined(kernel, grid, args, meta: dict, num_warps: int, num_stages
 
     The stage count that fits is remembered per kernel and tile, so only the first launch pays the retry.
     """
-    key = (kernel, tuple((k, str(v)) for k, v in meta.items()), num_warps, num_stages)
+    key = (kernel, tuple(meta.items()), num_warps, num_stages)  # meta's values (ints, strs, tl dtypes) hash
     stages = _STAGES_THAT_FIT.get(key, num_stages)
     while True:
         try:

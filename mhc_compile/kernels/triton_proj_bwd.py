@@ -27,6 +27,8 @@ benchmarks/results/session6-2026-12-02-h200.md and session8-2026-12-02-h200.md):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -247,14 +249,22 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
 
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages, maxnreg,
                  pipeline_all=False):
-    """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report."""
+    """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report. The
+    dicts are shared between calls (cached): read them, do not change them."""
+    return _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
+                        pipeline_all, tk._half_dot_dtype())
+
+
+@functools.lru_cache(maxsize=1024)  # every launch asks again with the same shapes (and the interpreter setting)
+def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
+                 pipeline_all, dot):
     k = n * c
     mp = max(16, tk._pow2(m))
     hi_lo = tk._hi_lo(stream_dtype) and acc_t == torch.float32
     bt = max(16, min(bt, tk._pow2(t)))  # tl.dot needs >= 16 rows
     bk = max(16, min(bk, tk._pow2(k)))
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
-                HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DOT=tk._half_dot_dtype(),
+                HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DOT=dot,
                 ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype),
                 LOOP_STAGES=num_stages if pipeline_all else None)
     opts = dict(num_warps=num_warps, num_stages=num_stages)
