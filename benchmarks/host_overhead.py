@@ -12,7 +12,7 @@ host cost: on a 2-core CPU on 2026-11-23 it gave +27 ms per step for 8 sites, al
 is the host work around the launches (dispatch, the ops' wrappers, Inductor's generated code); the outputs
 are garbage, the host time is not.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--ops] [--stub-launches]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--ops] [--stub-launches] [--dtype bfloat16]
 
 --ops adds a table of each mHC op's host cost a call (tiny bf16 tensors): the op through torch.ops.mhc_compile (the
 custom op, with its Python autograd layer), through its direct twin (what Inductor's generated code calls), the
@@ -22,6 +22,7 @@ kernel wrapper of kernels/triton_ops.py alone, and a bare Triton launch of a one
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -114,30 +115,42 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--inner-backend", default="inductor")
     ap.add_argument("--ops", action="store_true", help="also time each op's host cost a call")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the models' dtype: bfloat16 takes the kernels training takes (proj's one-pass backward)")
     ap.add_argument("--stub-launches", action="store_true",
                     help="CPU: the Triton kernels path with every launch a no-op (host work around the launches)")
     args = ap.parse_args()
     options = {}
+    launches: collections.Counter = collections.Counter()
     if args.stub_launches:
         from triton.runtime.jit import JITFunction
 
-        JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+        def stub(self, grid):
+            return lambda *a, **k: launches.update([self.fn.__name__])
+
+        JITFunction.__getitem__ = stub
         options["kernels"] = "triton"
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    x = torch.randn(1, 8, 128, device=dev, requires_grad=True)
-    plain = Stack(128, args.layers).to(dev)
+    dtype = getattr(torch, args.dtype)
+    x = torch.randn(1, 8, 128, device=dev, dtype=dtype, requires_grad=True)
+    plain = Stack(128, args.layers).to(dev, dtype)
     rows = []
     rows.append(("residual", step_ms(torch.compile(plain, backend=args.inner_backend), x, args.iters, sync)))
     for recompute in ("auto", "none"):
-        model = Stack(128, args.layers).to(dev)
+        model = Stack(128, args.layers).to(dev, dtype)
         mhc_compile.prepare(model, x.detach())
         fn = torch.compile(model, backend="mhc",
                            options={"recompute": recompute, "inner_backend": args.inner_backend, **options})
         rows.append((f"mhc recompute={recompute}", step_ms(fn, x, args.iters, sync)))
+        if launches:
+            launches.clear()
+            loss_of(fn(x)).backward()
+            print(f"Triton launches a step, recompute={recompute}: {sum(launches.values())} "
+                  f"({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
     sites = 2 * args.layers
     base = rows[0][1]
     print(f"host time per fwd+bwd step on {dev}, {sites} sites, tiny tensors, torch {torch.__version__}")
