@@ -135,6 +135,55 @@ def test_post_res_backward_pre(shape, dtype):
     torch.testing.assert_close(got[4], tk.pre(x, h_pre), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pre", [False, True], ids=["plain", "pre"])
+@pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
+def test_post_res_backward_two_d(shape, dtype, pre):
+    """PostResBwdCfg.two_d: the 2-D kernel (dout as n [BT, BC] tiles, dh_* as per-thread partials) against the
+    reference, with several channel chunks, and with the recomputed sublayer input (bit-equal to pre's)."""
+    x, y, h_pre, h_post, h_res, _ = _stream(*shape, dtype, seed=14)
+    dout = torch.randn_like(x)
+    with tk.tuning("post_res_backward", budget=256, max_bc=32, two_d=True):
+        got = (tk.post_res_backward_pre(x, h_res, h_post, y, dout, h_pre) if pre
+               else tk.post_res_backward(x, h_res, h_post, y, dout))
+    want = (ref.post_res_backward_pre(x, h_res, h_post, y, dout, h_pre) if pre
+            else ref.post_res_backward(x, h_res, h_post, y, dout))
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        _close(a, e, _tol(a.dtype))
+    if pre:
+        torch.testing.assert_close(got[4], tk.pre(x, h_pre), rtol=0, atol=0)
+
+
+def test_post_res_backward_two_d_runs_the_2d_kernel(monkeypatch):
+    """two_d takes the 2-D kernel for n <= 4 and C >= 8, the default kernel otherwise (n = 5; C = 3)."""
+    ran = []
+    for name in ("_post_res_bwd_kernel", "_post_res_bwd_2d_kernel"):
+        kernel = getattr(tk, name)
+        monkeypatch.setattr(tk, name, _Recording(kernel, name, ran))
+    for n, c in ((4, 37), (5, 37), (2, 3)):
+        x, y, _, h_post, h_res, _ = _stream(3, n, c, torch.float32, seed=15)
+        dout = torch.randn_like(x)
+        with tk.tuning("post_res_backward", two_d=True):
+            got = tk.post_res_backward(x, h_res, h_post, y, dout)
+        for a, e in zip(got, ref.post_res_backward(x, h_res, h_post, y, dout)):
+            _close(a, e, _tol(a.dtype))
+    assert ran == ["_post_res_bwd_2d_kernel", "_post_res_bwd_kernel", "_post_res_bwd_kernel"]
+
+
+class _Recording:
+    """A kernel stand-in that records its name at launch and launches the real kernel."""
+
+    def __init__(self, kernel, name, ran):
+        self.kernel, self.name, self.ran = kernel, name, ran
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.ran.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 @pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
 def test_proj(shape, dtype):
     x, *_, phi = _stream(*shape, dtype, seed=3)

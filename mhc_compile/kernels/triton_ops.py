@@ -100,6 +100,29 @@ class StreamCfg:
 
 
 @dataclass(frozen=True)
+class PostResBwdCfg(StreamCfg):
+    """post_res_backward's tile, and which of its two kernels runs.
+
+    ``two_d`` (n <= 4 only; opt-in, not yet timed on a GPU): _post_res_bwd_2d_kernel. It loads dout as n
+    [BT, BC] tiles in the layout of x and y, so no tile changes layout. dy and dx are sums over that tuple, with
+    no reduction. dh_post and dh_res accumulate as per-thread partials of 8 adjacent channels, reduced across
+    threads once after the loop.
+    The default kernel loads dout as one [BT, NP, BC] tile. Its loop takes 10 layout conversions a chunk, and it
+    reduces dh_post and dh_res across threads in every chunk (session 8's note).
+
+    What the sm_90a builds show (Triton 3.9 on a CPU, n = 4, C = 7168, one token x 1024 channels, 4 warps):
+
+    | kernel | layout conversions in the loop | cross-thread reductions in the loop | registers |
+    |---|---|---|---|
+    | 2-D | 0 (its 20 reductions stay within a thread) | none | 137 |
+    | default | 10 | yes | 128 |
+
+    Neither build spills. The 2-D kernel does its 20 cross-thread reductions once, after the loop."""
+
+    two_d: bool = False
+
+
+@dataclass(frozen=True)
 class DotCfg:
     """Tile of the tensor-core kernels (proj, its backward, the fused post_res + proj)."""
 
@@ -136,7 +159,7 @@ _DEFAULTS = {
     "pre_backward": StreamCfg(),
     "pre_backward_dh": StreamCfg(),  # untuned: pre_backward's tile (one stream-sized write fewer)
     "post_res": StreamCfg(),
-    "post_res_backward": StreamCfg(),
+    "post_res_backward": PostResBwdCfg(),
     # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md);
     # one program an SM (three stages of its tiles take 144 KB of shared memory); K splits: _filling_splits
     "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=4),
@@ -484,6 +507,80 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
     tl.store(dhpost_ptr + r64[:, None] * N + ii[None, :], dh_post.to(dhpost_ptr.dtype.element_ty), mask=mi)
 
 
+_TWO_D_MAX_N = 4  # the 2-D kernel carries n + n^2 accumulators and n^2 coefficient vectors as tuples
+
+
+@triton.jit
+def _channel_partials(v, BT: tl.constexpr, BC: tl.constexpr):
+    """[BT, BC] -> [BT, BC / 8]: sums over the 8 adjacent channels a thread loads (no cross-thread reduction)."""
+    return tl.sum(tl.reshape(v, (BT, BC // 8, 8)), axis=2)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
+                            hpre_ptr, xin_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                            ACC: tl.constexpr, PRE: tl.constexpr):
+    """_post_res_bwd_kernel's outputs with every tile 2-D [BT, BC] (PostResBwdCfg.two_d): dout row i, x row j and y
+    share one layout; the per-token coefficients are [BT] vectors; dh_post and dh_res are carried through the
+    channel loop as [BT, BC / 8] partials and reduced across threads once at the end."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    hp = ()  # h_post[:, i]
+    hr = ()  # h_res[:, i, j] at i * N + j
+    hpre = ()  # h_pre[:, j]
+    for i in tl.static_range(N):
+        hp = hp + (tl.load(hpost_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC),)
+        if PRE:
+            hpre = hpre + (tl.load(hpre_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC),)
+        for j in tl.static_range(N):
+            hr = hr + (tl.load(hres_ptr + r64 * (N * N) + i * N + j, mask=rmask, other=0.0).to(ACC),)
+    acc_post = ()
+    acc_res = ()
+    for i in tl.static_range(N):
+        acc_post = acc_post + (tl.zeros([BT, BC // 8], dtype=ACC),)
+        for j in tl.static_range(N):
+            acc_res = acc_res + (tl.zeros([BT, BC // 8], dtype=ACC),)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        m2 = rmask[:, None] & (cols < C)[None, :]
+        y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        xs = ()
+        gs = ()
+        for i in tl.static_range(N):
+            off = (r64 * N + i)[:, None] * C + cols[None, :]
+            xs = xs + (tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC),)
+            gs = gs + (tl.load(g_ptr + off, mask=m2, other=0.0).to(ACC),)
+        if PRE:
+            xin = hpre[0][:, None] * xs[0]
+            for j in tl.static_range(1, N):
+                xin += hpre[j][:, None] * xs[j]
+            tl.store(xin_ptr + r64[:, None] * C + cols[None, :], xin.to(xin_ptr.dtype.element_ty), mask=m2)
+        dy = hp[0][:, None] * gs[0]
+        for i in tl.static_range(1, N):
+            dy += hp[i][:, None] * gs[i]
+        tl.store(dy_ptr + r64[:, None] * C + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m2)
+        for j in tl.static_range(N):
+            dxj = hr[j][:, None] * gs[0]
+            for i in tl.static_range(1, N):
+                dxj += hr[i * N + j][:, None] * gs[i]
+            tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
+                     mask=m2)
+        new_post = ()
+        new_res = ()
+        for i in tl.static_range(N):
+            new_post = new_post + (acc_post[i] + _channel_partials(gs[i] * y, BT, BC),)
+            for j in tl.static_range(N):
+                new_res = new_res + (acc_res[i * N + j] + _channel_partials(gs[i] * xs[j], BT, BC),)
+        acc_post = new_post
+        acc_res = new_res
+    for i in tl.static_range(N):
+        tl.store(dhpost_ptr + r64 * N + i, tl.sum(acc_post[i], axis=1).to(dhpost_ptr.dtype.element_ty), mask=rmask)
+        for j in tl.static_range(N):
+            tl.store(dhres_ptr + r64 * (N * N) + i * N + j,
+                     tl.sum(acc_res[i * N + j], axis=1).to(dhres_ptr.dtype.element_ty), mask=rmask)
+
+
 def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     _check_stream("post_res", x, y)
     t, n, c = x.shape
@@ -530,12 +627,14 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
     dh_post = torch.empty((t, n), dtype=acc, device=x.device)
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
-    _post_res_bwd_kernel[(_cdiv(t, bt),)](
-        x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy,
-        h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None,
-        num_warps=warps,
-    )
+    args = (x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy,
+            h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c)
+    if _cfg("post_res_backward").two_d and n <= _TWO_D_MAX_N and bc >= 8:  # 8: one thread's channel vector
+        _post_res_bwd_2d_kernel[(_cdiv(t, bt),)](
+            *args, N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, num_warps=warps)
+    else:
+        _post_res_bwd_kernel[(_cdiv(t, bt),)](
+            *args, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, num_warps=warps)
     return (dx, dh_res, dh_post, dy) + extra
 
 
