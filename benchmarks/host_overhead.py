@@ -68,14 +68,14 @@ def op_costs(dev: str, iters: int = 2000) -> list[tuple[str, float, float, float
     h_pre, h_post, h_res = torch.rand(t, n, **f32), torch.rand(t, n, **f32), torch.rand(t, n, n, **f32)
     coeff = (n, n * c, 1e-6, 20, "mhc")
     cases = [
-        ("proj", (x, phi), ()),
-        ("coeffs", (p, sq, bias, alpha, *coeff), ()),
-        ("coeffs_backward", (p, sq, bias, alpha, h_pre, h_post, h_res, *coeff), ()),
-        ("pre", (x, h_pre), ()),
-        ("pre_backward_dh", (x, h_pre, y), ()),
-        ("post_res", (x, h_res, h_post, y), ()),
-        ("post_res_backward", (x, h_res, h_post, y, g), ()),
-        ("proj_pre_backward", (x, phi, p, sq, h_pre, y, g), ()),
+        ("proj", (x, phi)),
+        ("coeffs", (p, sq, bias, alpha, *coeff)),
+        ("coeffs_backward", (p, sq, bias, alpha, h_pre, h_post, h_res, *coeff)),
+        ("pre", (x, h_pre)),
+        ("pre_backward_dh", (x, h_pre, y)),
+        ("post_res", (x, h_res, h_post, y)),
+        ("post_res_backward", (x, h_res, h_post, y, g)),
+        ("proj_pre_backward", (x, phi, p, sq, h_pre, y, g)),
     ]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
@@ -99,7 +99,7 @@ def op_costs(dev: str, iters: int = 2000) -> list[tuple[str, float, float, float
         src, dst = torch.randn(1024, device=dev), torch.empty(1024, device=dev)
         rows.append(("bare Triton launch (3 args)", float("nan"), float("nan"),
                      per_call(lambda: _copy[(1,)](src, dst, 1024, B=1024))))
-        for name, args, _ in cases:
+        for name, args in cases:
             fn = getattr(tk, name)
             custom = getattr(torch.ops.mhc_compile, name).default
             direct = getattr(getattr(torch.ops, "mhc_compile_direct", None), name, None)

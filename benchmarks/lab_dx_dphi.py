@@ -325,7 +325,7 @@ def ptxas_rows(configs, n=4, c=4096, arch=90):
                                               **{k: cfg.get(k) for k in ("bt", "bk", "num_warps", "num_stages",
                                                                          "maxnreg", "pipeline_all")})
             meta = {**meta, "DOT": tl.bfloat16}  # the GPU's dot dtype, whatever the environment says (a copy:
-            # _launch_plan's dicts are cached)
+            # _launch_plan's mappings are cached, read-only)
             mp = meta["MP"]
             phi = torch.empty(n * c, m, **f32)
             a = torch.empty(2 * mp, t, dtype=torch.bfloat16)

@@ -28,6 +28,7 @@ benchmarks/results/session6-2026-12-02-h200.md and session8-2026-12-02-h200.md):
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import triton
@@ -250,7 +251,7 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages, maxnreg,
                  pipeline_all=False):
     """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report. The
-    dicts are shared between calls (cached): read them, do not change them."""
+    mappings are shared between calls (cached), hence read-only."""
     return _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
                         pipeline_all, tk._half_dot_dtype())
 
@@ -270,7 +271,7 @@ def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         opts["maxnreg"] = maxnreg
-    return bt, bk, meta, opts
+    return bt, bk, types.MappingProxyType(meta), types.MappingProxyType(opts)
 
 
 def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
