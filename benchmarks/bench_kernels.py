@@ -297,13 +297,11 @@ SWEEP = {
     # bk = channels per chunk (BC); the per-thread budget of _post_res_proj_tile may shrink BC and BT further
     "post_res_proj": _dots((128, 16, 8, 3, 2), (32, 64, 4, 3, 1), (64, 32, 4, 3, 1), (64, 32, 8, 4, 4),
                            (64, 64, 8, 2, 1)),
-    # the 2-D kernel first (PostResBwdCfg.two_d: no layout conversion or cross-thread reduction in its loop), one
-    # token a program: 1024 channels x 4 warps, 512 x 4, 1024 x 8. Their sm_90a builds take 137 / 95 / 99
-    # registers against the default kernel's 128 / 80 / 80 (session 9). Then 1- and 2-warp programs, which reduce
-    # with fewer barriers (none faster on an H200, session 7)
-    "post_res_backward": [dict(two_d=True), dict(two_d=True, budget=2048, max_bc=512),
-                          dict(two_d=True, num_warps=8)]
-    + _streams((1024, 256, 1), (2048, 512, 2), (4096, 512, 4), (8192, 1024, 8)),
+    # the default is the 2-D kernel (PostResBwdCfg.two_d), one token a program, 1024 channels x 4 warps; then
+    # 512 x 4 and 1024 x 8 (sm_90a builds: 137 / 95 / 99 registers), then the [BT, NP, BC] kernel at its old
+    # default and with 1- and 2-warp programs, which reduce with fewer barriers (none faster on an H200, session 7)
+    "post_res_backward": [dict(budget=2048, max_bc=512), dict(num_warps=8), dict(two_d=False)]
+    + [dict(cfg, two_d=False) for cfg in _streams((1024, 256, 1), (2048, 512, 2), (8192, 1024, 8))],
     "pre_backward": _streams((4096, 1024, 4), (2048, 256, 4), (8192, 256, 8)),
     "post_res": _streams((2048, 512, 4), (8192, 1024, 8), (4096, 2048, 8)),
     "pre": _streams((2048, 512, 4), (8192, 2048, 8), (2048, 1024, 4)),

@@ -14,8 +14,8 @@ overhead range. --variants adds rows beside residual and backend=mhc: naive (eag
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, foldpre, fused,
 cudagraphs, tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's config changed: the fields of
 its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's backward as the dx + dphi kernel
-pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=1 for the 2-D post_res backward, or
-tune:proj:bt=64,num_warps=4).
+pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=0 for the older post_res backward kernel,
+or tune:proj:bt=64,num_warps=4).
 
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
 run cut short by its time budget still leaves what it measured.

@@ -13,6 +13,7 @@ is the host work around the launches (dispatch, the ops' wrappers, Inductor's ge
 are garbage, the host time is not.
 
     PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--ops] [--stub-launches] [--dtype bfloat16]
+        [--cprofile N]
 
 --ops adds a table of each mHC op's host cost a call (tiny bf16 tensors): the op through torch.ops.mhc_compile (the
 custom op, with its Python autograd layer), through its direct twin (what Inductor's generated code calls), the
@@ -49,6 +50,25 @@ def step_ms(fn, x, iters, sync):
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def cprofile_table(fn, x, top: int, title: str) -> None:
+    """The ``top`` functions by own host time over 20 steps: where a step's host time goes, by Python function
+    and builtin (Triton's launch path, torch calls, the ops' wrappers, Inductor's generated code)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        loss_of(fn(x)).backward()
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    print(f"\n{title}: {stats.total_tt / 20 * 1e3:.2f} ms a step under cProfile; top {top} by own time")
+    stats.sort_stats("tottime").print_stats(top)
+    print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
 
 
 def op_costs(dev: str, iters: int = 2000) -> list[tuple[str, float, float, float]]:
@@ -117,6 +137,9 @@ def main():
     ap.add_argument("--ops", action="store_true", help="also time each op's host cost a call")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the models' dtype: bfloat16 takes the kernels training takes (proj's one-pass backward)")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="also print the N functions with the most host time (cProfile, tottime) in 20 steps of "
+                         "the residual model and of backend=mhc (recompute auto)")
     ap.add_argument("--stub-launches", action="store_true",
                     help="CPU: the Triton kernels path with every launch a no-op (host work around the launches)")
     args = ap.parse_args()
@@ -139,13 +162,18 @@ def main():
     x = torch.randn(1, 8, 128, device=dev, dtype=dtype, requires_grad=True)
     plain = Stack(128, args.layers).to(dev, dtype)
     rows = []
-    rows.append(("residual", step_ms(torch.compile(plain, backend=args.inner_backend), x, args.iters, sync)))
+    plain_fn = torch.compile(plain, backend=args.inner_backend)
+    rows.append(("residual", step_ms(plain_fn, x, args.iters, sync)))
+    if args.cprofile:
+        cprofile_table(plain_fn, x, args.cprofile, "residual")
     for recompute in ("auto", "none"):
         model = Stack(128, args.layers).to(dev, dtype)
         mhc_compile.prepare(model, x.detach())
         fn = torch.compile(model, backend="mhc",
                            options={"recompute": recompute, "inner_backend": args.inner_backend, **options})
         rows.append((f"mhc recompute={recompute}", step_ms(fn, x, args.iters, sync)))
+        if args.cprofile and recompute == "auto":
+            cprofile_table(fn, x, args.cprofile, "backend=mhc, recompute auto")
         if launches:
             launches.clear()
             loss_of(fn(x)).backward()

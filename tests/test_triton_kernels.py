@@ -135,14 +135,16 @@ def test_post_res_backward_pre(shape, dtype):
     torch.testing.assert_close(got[4], tk.pre(x, h_pre), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("two_d", [True, False], ids=["2d", "3d"])
 @pytest.mark.parametrize("pre", [False, True], ids=["plain", "pre"])
 @pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
-def test_post_res_backward_two_d(shape, dtype, pre):
-    """PostResBwdCfg.two_d: the 2-D kernel (dout as n [BT, BC] tiles, dh_* as per-thread partials) against the
-    reference, with several channel chunks, and with the recomputed sublayer input (bit-equal to pre's)."""
+def test_post_res_backward_both_kernels(shape, dtype, pre, two_d):
+    """Both post_res backward kernels against the reference with several channel chunks (a small tile), and with
+    the recomputed sublayer input (bit-equal to pre's): PostResBwdCfg.two_d's 2-D kernel (dout as n [BT, BC]
+    tiles, dh_* as per-thread partials; the default) and _post_res_bwd_kernel (dout as one [BT, NP, BC] tile)."""
     x, y, h_pre, h_post, h_res, _ = _stream(*shape, dtype, seed=14)
     dout = torch.randn_like(x)
-    with tk.tuning("post_res_backward", budget=256, max_bc=32, two_d=True):
+    with tk.tuning("post_res_backward", budget=256, max_bc=32, two_d=two_d):
         got = (tk.post_res_backward_pre(x, h_res, h_post, y, dout, h_pre) if pre
                else tk.post_res_backward(x, h_res, h_post, y, dout))
     want = (ref.post_res_backward_pre(x, h_res, h_post, y, dout, h_pre) if pre
@@ -154,8 +156,11 @@ def test_post_res_backward_two_d(shape, dtype, pre):
         torch.testing.assert_close(got[4], tk.pre(x, h_pre), rtol=0, atol=0)
 
 
-def test_post_res_backward_two_d_runs_the_2d_kernel(monkeypatch):
-    """two_d takes the 2-D kernel for n <= 4 and C >= 8, the default kernel otherwise (n = 5; C = 3)."""
+@pytest.mark.parametrize("two_d", [True, False])
+def test_post_res_backward_picks_its_kernel(monkeypatch, two_d):
+    """two_d (the default) takes the 2-D kernel for n <= 4 and C >= 8, _post_res_bwd_kernel otherwise (n = 5;
+    C = 3); two_d=False always takes _post_res_bwd_kernel."""
+    assert tk.PostResBwdCfg().two_d
     ran = []
     for name in ("_post_res_bwd_kernel", "_post_res_bwd_2d_kernel"):
         kernel = getattr(tk, name)
@@ -163,11 +168,12 @@ def test_post_res_backward_two_d_runs_the_2d_kernel(monkeypatch):
     for n, c in ((4, 37), (5, 37), (2, 3)):
         x, y, _, h_post, h_res, _ = _stream(3, n, c, torch.float32, seed=15)
         dout = torch.randn_like(x)
-        with tk.tuning("post_res_backward", two_d=True):
+        with tk.tuning("post_res_backward", two_d=two_d):
             got = tk.post_res_backward(x, h_res, h_post, y, dout)
         for a, e in zip(got, ref.post_res_backward(x, h_res, h_post, y, dout)):
             _close(a, e, _tol(a.dtype))
-    assert ran == ["_post_res_bwd_2d_kernel", "_post_res_bwd_kernel", "_post_res_bwd_kernel"]
+    first = "_post_res_bwd_2d_kernel" if two_d else "_post_res_bwd_kernel"
+    assert ran == [first, "_post_res_bwd_kernel", "_post_res_bwd_kernel"]
 
 
 class _Recording:

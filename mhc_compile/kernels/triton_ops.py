@@ -103,23 +103,26 @@ class StreamCfg:
 class PostResBwdCfg(StreamCfg):
     """post_res_backward's tile, and which of its two kernels runs.
 
-    ``two_d`` (n <= 4 only; opt-in, not yet timed on a GPU): _post_res_bwd_2d_kernel. It loads dout as n
-    [BT, BC] tiles in the layout of x and y, so no tile changes layout. dy and dx are sums over that tuple, with
+    ``two_d`` (the default; used for n <= 4 and tiles of >= 8 channels): _post_res_bwd_2d_kernel. It loads dout as
+    n [BT, BC] tiles in the layout of x and y, so no tile changes layout. dy and dx are sums over that tuple, with
     no reduction. dh_post and dh_res accumulate as per-thread partials of 8 adjacent channels, reduced across
-    threads once after the loop.
-    The default kernel loads dout as one [BT, NP, BC] tile. Its loop takes 10 layout conversions a chunk, and it
-    reduces dh_post and dh_res across threads in every chunk (session 8's note).
+    threads once after the loop. ``two_d=False`` (and n > 4) takes _post_res_bwd_kernel, which loads dout as one
+    [BT, NP, BC] tile: its loop takes 10 layout conversions a chunk and reduces dh_post and dh_res across threads
+    in every chunk (session 8's note).
 
     What the sm_90a builds show (Triton 3.9 on a CPU, n = 4, C = 7168, one token x 1024 channels, 4 warps):
 
     | kernel | layout conversions in the loop | cross-thread reductions in the loop | registers |
     |---|---|---|---|
     | 2-D | 0 (its 20 reductions stay within a thread) | none | 137 |
-    | default | 10 | yes | 128 |
+    | _post_res_bwd_kernel | 10 | yes | 128 |
 
-    Neither build spills. The 2-D kernel does its 20 cross-thread reductions once, after the loop."""
+    Neither build spills. Timed on an H200 (Triton 3.6, session 10,
+    benchmarks/results/sweep-2026-12-02-h200-s10-call1.md): 881 against 904 us at 32768 x 4096 (100 against 98 %
+    of copy bandwidth); in the d = 7168 training step +8.1 against +8.4 % over the residual model (medians of 3
+    rounds, training-2026-12-02-h200-s10-call1.md)."""
 
-    two_d: bool = False
+    two_d: bool = True
 
 
 @dataclass(frozen=True)
