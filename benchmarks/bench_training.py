@@ -12,10 +12,11 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, foldpre, fused,
-cudagraphs, tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's config changed: the fields of
-its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's backward as the dx + dphi kernel
-pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=0 for the older post_res backward kernel,
-or tune:proj:bt=64,num_warps=4).
+cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
+kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
+config changed: the fields of its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's
+backward as the dx + dphi kernel pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=0 for the
+older post_res backward kernel, or tune:proj:bt=64,num_warps=4).
 
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
 run cut short by its time budget still leaves what it measured.
@@ -254,6 +255,21 @@ def run_size(d, args, emit):
             label = f"backend=mhc, {kernel} {v.split(':', 2)[2]}"
             variants[label] = variants["backend=mhc"]
             contexts[label] = lambda kernel=kernel, fields=fields: triton_ops.tuning(kernel, **fields)
+    if "tritonlaunch" in args.variants:  # the same compiled model, every launch through Triton's kernel[grid]
+        from mhc_compile.kernels import launch
+
+        label = "backend=mhc, Triton's launch path"
+        variants[label] = variants["backend=mhc"]
+
+        @contextlib.contextmanager
+        def triton_launch_path():
+            launch.enable(False)
+            try:
+                yield
+            finally:
+                launch.enable(True)
+
+        contexts[label] = triton_launch_path
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})

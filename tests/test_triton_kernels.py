@@ -260,15 +260,16 @@ def test_hi_lo_split_keeps_sixteen_bits():
 
 @pytest.fixture
 def launch_grids(monkeypatch):
-    """The grids of every pipelined kernel launch during the test, in order."""
+    """The grids of every pipelined kernel launch (one with num_stages) of triton_ops during the test, in order."""
     grids = []
-    launch = tk._launch_pipelined
+    launch = tk.launch
 
-    def spy(kernel, grid, *rest):
-        grids.append(grid)
-        return launch(kernel, grid, *rest)
+    def spy(kernel, grid, *rest, **options):
+        if "num_stages" in options:
+            grids.append(grid)
+        return launch(kernel, grid, *rest, **options)
 
-    monkeypatch.setattr(tk, "_launch_pipelined", spy)
+    monkeypatch.setattr(tk, "launch", spy)
     return grids
 
 
@@ -570,25 +571,6 @@ def test_custom_ops_dispatch_to_triton():
 
     for a, e in zip(run("triton"), run("reference")):
         _close(a, e, (1e-4, 1e-4))
-
-
-def test_pipelined_launch_drops_stages_when_shared_memory_runs_out():
-    from triton.runtime.errors import OutOfResources
-
-    calls = []
-
-    class FakeKernel:
-        def __getitem__(self, grid):
-            def launch(*args, num_warps, num_stages, **meta):
-                calls.append(num_stages)
-                if num_stages > 2:
-                    raise OutOfResources(300_000, 232_448, "shared memory")
-            return launch
-
-    kernel = FakeKernel()
-    tk._launch_pipelined(kernel, (1,), (), {"BT": 16}, num_warps=4, num_stages=4)
-    tk._launch_pipelined(kernel, (1,), (), {"BT": 16}, num_warps=4, num_stages=4)
-    assert calls == [4, 3, 2, 2]  # the stage count that fits is remembered
 
 
 if not _INTERPRETED:

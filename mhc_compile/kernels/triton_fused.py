@@ -57,6 +57,7 @@ from torch import Tensor
 
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tops
+from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.triton_ops import _acc_tl, _acc_torch, _cdiv, _check_stream, _pow2
 
 
@@ -246,7 +247,7 @@ def _fwd(x_src: Tensor, h_res: Tensor | None, h_post: Tensor | None, y: Tensor |
     args = (x_src, h_res if mix else d, h_post if mix else d, y if mix else d, phi_d, x, p, sq, t, c, m, c_split)
     meta = dict(N=n, NP=np_, MP=mp, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), DOT=dot, PREC=prec,
                 XT=_TL[x_src.dtype], RNE=_rne(x_src.dtype))
-    tops._launch_pipelined(_fwd_kernel, (blocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
+    launch(_fwd_kernel, (blocks, splits), args, meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return x, p[0], sq[0]
     return x, p.sum(0), sq.sum(0)
@@ -289,9 +290,10 @@ def _dh_pre(x_src: Tensor, h_res, h_post, y, dx_in: Tensor, acc) -> Tensor:
     bc = min(_pow2(c), cfg.bc, max(16, cfg.budget // np_))
     bt = max(1, min(_pow2(t), cfg.budget // (np_ * bc)))
     d = x_src
-    _dh_pre_kernel[(_cdiv(t, bt),)](
-        x_src, h_res if mix else d, h_post if mix else d, y if mix else d, dx_in, dh, t, c,
-        N=n, NP=np_, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), XT=_TL[x_src.dtype], RNE=_rne(x_src.dtype), num_warps=cfg.num_warps,
+    launch(
+        _dh_pre_kernel, (_cdiv(t, bt),), (x_src, h_res if mix else d, h_post if mix else d, y if mix else d, dx_in, dh, t, c),
+        dict(N=n, NP=np_, BT=bt, BC=bc, MIX=mix, ACC=_acc_tl(acc), XT=_TL[x_src.dtype], RNE=_rne(x_src.dtype)),
+        num_warps=cfg.num_warps,
     )
     return dh
 
@@ -391,7 +393,7 @@ def _bwd(x_src, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, acc):
     half = x_src.dtype in (torch.bfloat16, torch.float16)
     meta = dict(N=n, NP=np_, MP=mp, BT=bt, BC=bc, MIX=mix, HAS_DX=dx is not None, ACC=_acc_tl(acc),
                 PREC="tf32" if half else "ieee", XT=_TL[x_src.dtype], RNE=_rne(x_src.dtype))
-    tops._launch_pipelined(_bwd_kernel, (slabs, splits), args, meta, cfg.num_warps, cfg.num_stages)
+    launch(_bwd_kernel, (slabs, splits), args, meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dphi = (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
     if not mix:
         return dxp, None, dphi, None, None

@@ -19,8 +19,11 @@ Conventions shared by every kernel:
   and for fp16 streams, the operands are fp32 multiplied in tf32 (10 mantissa bits, about 2^-11 per
   product). fp32 / fp64 streams use exact ("ieee") products.
 
-Kernels are launched directly (``kernel[grid](...)``) rather than through ``torch.library.triton_op``,
-so the same code runs under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests exercise it.
+Kernels are launched directly rather than through ``torch.library.triton_op``, so the same code runs under
+``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests exercise it. Every launch goes through
+kernels/launch.py: ``kernel[grid](...)`` the first time a call signature is seen, its compiled kernel's launcher
+after that (Triton's per-call binding and cache lookup cost more host time than these kernels' GPU time at small
+widths).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels.launch import launch
 
 _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _MODES = {"mhc": 0, "hc": 1}
@@ -256,28 +260,6 @@ def _least_idle_splits(programs: int, most: int, slots: int, split_cost: float =
     return min(range(1, max(1, most) + 1), key=lambda s: (round(cost(s), 6), s))
 
 
-_STAGES_THAT_FIT: dict = {}
-
-
-def _launch_pipelined(kernel, grid, args, meta: dict, num_warps: int, num_stages: int) -> None:
-    """Launch a software-pipelined kernel, dropping pipeline stages if this GPU lacks the shared memory.
-
-    The stage count that fits is remembered per kernel and tile, so only the first launch pays the retry.
-    """
-    key = (kernel, tuple(meta.items()), num_warps, num_stages)  # meta's values (ints, strs, tl dtypes) hash
-    stages = _STAGES_THAT_FIT.get(key, num_stages)
-    while True:
-        try:
-            kernel[grid](*args, **meta, num_warps=num_warps, num_stages=stages)
-        except OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
-            continue
-        _STAGES_THAT_FIT[key] = stages
-        return
-
-
 # ---------------------------------------------------------------------------------------------
 # small device helpers
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +352,8 @@ def pre(x: Tensor, h_pre: Tensor) -> Tensor:
         return out
     bt, bc, warps = _stream_tile("pre", t, c, 1)
     grid = (_cdiv(t, bt), _cdiv(c, bc))
-    _pre_fwd_kernel[grid](x, h_pre, out, t, c, N=n, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), num_warps=warps)
+    launch(_pre_fwd_kernel, grid, (x, h_pre, out, t, c), dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(x.dtype)),
+           num_warps=warps)
     return out
 
 
@@ -385,9 +368,9 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
     dh = torch.empty((t, n), dtype=acc, device=x.device)  # every element written: no fill launch
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward", t, c, np_)
-    _pre_bwd_kernel[(_cdiv(t, bt),)](
-        x, h_pre, dout, dx, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True,
-        num_warps=warps,
+    launch(
+        _pre_bwd_kernel, (_cdiv(t, bt),), (x, h_pre, dout, dx, dh, t, c),
+        dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True), num_warps=warps,
     )
     return dx, dh
 
@@ -404,9 +387,9 @@ def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward_dh", t, c, np_)
     # h_ptr / dx_ptr are placeholders: STORE_DX=False compiles their loads and stores away
-    _pre_bwd_kernel[(_cdiv(t, bt),)](
-        x, h_pre, dout, dh, dh, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False,
-        num_warps=warps,
+    launch(
+        _pre_bwd_kernel, (_cdiv(t, bt),), (x, h_pre, dout, dh, dh, t, c),
+        dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False), num_warps=warps,
     )
     return dh
 
@@ -594,9 +577,8 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res", t, c, np_)
     grid = (_cdiv(t, bt), _cdiv(c, bc))
-    _post_res_fwd_kernel[grid](
-        x, h_res, h_post, y, out, t, c, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), num_warps=warps
-    )
+    launch(_post_res_fwd_kernel, grid, (x, h_res, h_post, y, out, t, c),
+           dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype)), num_warps=warps)
     return out
 
 
@@ -633,11 +615,11 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
     args = (x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy,
             h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c)
     if _cfg("post_res_backward").two_d and n <= _TWO_D_MAX_N and bc >= 8:  # 8: one thread's channel vector
-        _post_res_bwd_2d_kernel[(_cdiv(t, bt),)](
-            *args, N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, num_warps=warps)
+        launch(_post_res_bwd_2d_kernel, (_cdiv(t, bt),), args,
+               dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None), num_warps=warps)
     else:
-        _post_res_bwd_kernel[(_cdiv(t, bt),)](
-            *args, N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, num_warps=warps)
+        launch(_post_res_bwd_kernel, (_cdiv(t, bt),), args,
+               dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None), num_warps=warps)
     return (dx, dh_res, dh_post, dy) + extra
 
 
@@ -687,7 +669,7 @@ def _split_hi_lo(src: Tensor, mp: int, transpose: bool) -> Tensor:
         dst = torch.empty((2, r, mp), dtype=torch.bfloat16, device=src.device)
         strides = (r * mp, mp, 1)
     br = max(1, min(_pow2(r), 4096 // mp))
-    _hi_lo_kernel[(_cdiv(r, br),)](src.float().contiguous(), dst, r, m, *strides, BR=br, MP=mp)
+    launch(_hi_lo_kernel, (_cdiv(r, br),), (src.float().contiguous(), dst, r, m, *strides), dict(BR=br, MP=mp))
     return dst
 
 
@@ -769,8 +751,8 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     grid = (_cdiv(t, bt), mblocks, splits)
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=_half_dot_dtype())
-    _launch_pipelined(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
-                      cfg.num_warps, cfg.num_stages)
+    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
     return p.sum(0), sq.sum(0)
@@ -935,15 +917,15 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     # absent operands are placeholders that their constexpr flag never lets the kernel read
     args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
             acc if acc is not None else x, dx, t, c, m, t_split)
-    _launch_pipelined(_proj_dx_kernel, (kblocks, splits), args, meta, cfg.num_warps, cfg.num_stages)
+    launch(_proj_dx_kernel, (kblocks, splits), args, meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     bk2 = max(16, min(cfg_phi.bk, 8192 // ma))  # the [MA, BK] accumulator lives in registers
     bt2 = max(16, min(cfg_phi.bt, _pow2(t)))
     kblocks2 = _cdiv(k, bk2)
     splits2, t_split2 = _token_splits(cfg_phi, x.device, kblocks2, t, bt2)
     dphi = torch.empty((splits2, k, m), dtype=acc_t, device=x.device)
     meta2 = dict(BT=bt2, BK=bk2, MP=mp, MA=ma, HI_LO=hi_lo, DOT=_half_dot_dtype(), ACC=_acc_tl(acc_t), PREC=prec)
-    _launch_pipelined(_proj_dphi_kernel, (kblocks2, splits2), (x, a, dphi, t, k, m, t_split2, s_am, s_at),
-                      meta2, cfg_phi.num_warps, cfg_phi.num_stages)
+    launch(_proj_dphi_kernel, (kblocks2, splits2), (x, a, dphi, t, k, m, t_split2, s_am, s_at), meta2,
+           num_warps=cfg_phi.num_warps, num_stages=cfg_phi.num_stages)
     return dx, dphi.sum(0).to(phi.dtype)
 
 
@@ -1149,9 +1131,9 @@ def coeffs(
     h_res = torch.empty((t, n, n), dtype=acc, device=p.device)
     if t == 0:
         return h_pre, h_post, h_res
-    _coeffs_fwd_kernel[(_cdiv(t, bt),)](
-        p, sq, bias, alpha, h_pre, h_post, h_res, t, nc, eps, iters,
-        N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), num_warps=_cfg("coeffs").num_warps,
+    launch(
+        _coeffs_fwd_kernel, (_cdiv(t, bt),), (p, sq, bias, alpha, h_pre, h_post, h_res, t, nc, eps, iters),
+        dict(N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc)), num_warps=_cfg("coeffs").num_warps,
     )
     return h_pre, h_post, h_res
 
@@ -1171,9 +1153,9 @@ def coeffs_backward(
     # each block writes its row of the dbias / dalpha partials whole: no fill launch. (One sum over [blocks, m + 3]
     # would return two views of one tensor, and a custom op's outputs must not alias.)
     parts = torch.empty((blocks, m + 3), dtype=acc, device=p.device)
-    _coeffs_bwd_kernel[(blocks,)](
-        *tensors, dp, dsq, parts, parts[:, m:], t, nc, eps, iters, m + 3,
-        N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), num_warps=_cfg("coeffs").num_warps,
+    launch(
+        _coeffs_bwd_kernel, (blocks,), (*tensors, dp, dsq, parts, parts[:, m:], t, nc, eps, iters, m + 3),
+        dict(N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc)), num_warps=_cfg("coeffs").num_warps,
     )
     return dp, dsq, parts[:, :m].sum(0).to(bias.dtype), parts[:, m:].sum(0).to(alpha.dtype)
 
@@ -1331,9 +1313,8 @@ def post_res_proj(
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST)
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), hi.element_size(), hi_lo)
-    _launch_pipelined(_post_res_proj_kernel, (tblocks, splits),
-                      (x, h_res, h_post, y, hi, lo, out, p, sq, t, c, m, mp, c_split), meta,
-                      cfg.num_warps, stages)
+    launch(_post_res_proj_kernel, (tblocks, splits), (x, h_res, h_post, y, hi, lo, out, p, sq, t, c, m, mp, c_split),
+           meta, num_warps=cfg.num_warps, num_stages=stages)
     if splits == 1:
         return out, p[0], sq[0]
     return out, p.sum(0), sq.sum(0)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels.launch import launch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def split_dp_t(dp, mp: int):
     t16 = tk._cdiv(t, 16) * 16
     dst = torch.empty((2 * mp, t16), dtype=torch.bfloat16, device=dp.device)
     br = max(1, min(tk._pow2(t), 4096 // mp))
-    tk._hi_lo_kernel[(tk._cdiv(t, br),)](dp.float().contiguous(), dst, t, m, mp * t16, 1, t16, BR=br, MP=mp)
+    launch(tk._hi_lo_kernel, (tk._cdiv(t, br),), (dp.float().contiguous(), dst, t, m, mp * t16, 1, t16), dict(BR=br, MP=mp))
     return dst
 
 
@@ -313,7 +314,8 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     # absent operands are placeholders that their constexpr flag never lets the kernel read
     args = (x, phi, dp, a, dsq, h_pre if has_pre else dsq, dout if has_pre else x, acc if acc is not None else x,
             dx, dphi, t, c, m, t_split, s_am, s_at)
-    ck = _proj_dx_dphi_kernel[(kblocks, splits)](*args, **meta, **opts)
+    # no stage retry: an OutOfResources goes to triton_ops._proj_grads, which drops PIPELINE_ALL, then the tile
+    ck = launch(_proj_dx_dphi_kernel, (kblocks, splits), args, meta, shrink_stages=False, **opts)
     if ck is not None:
         LAST_COMPILED["kernel"] = ck
         LAST_COMPILED["grid"] = (kblocks, splits)

@@ -1,0 +1,160 @@
+"""Triton launches with less host work a call: each compiled kernel is kept per call signature and launched directly.
+
+``kernel[grid](*args, **meta)`` (``JITFunction.run``) does, every call: read the current device and stream, bind
+and specialize every argument (dtype and 16-byte alignment of each pointer, each int's class), build a cache key
+string, look the compiled kernel up, check the kernel's globals, build launch metadata, and launch. On the H200
+machine's CPU that path cost ~47 us a launch under cProfile, ~4 ms of a d = 2048 training step's host time at
+8 sites (benchmarks/results/host-2026-12-02-h200-s10-call1.md), for kernels that run a few microseconds.
+
+``launch`` keeps, per (kernel, device, constexprs, warps, stages, argument classes), the ``CompiledKernel`` that the
+first such call compiled or found, and later calls hand it to the kernel's launcher (``CompiledKernel.run``, what
+``JITFunction.run`` ends with). The argument classes mirror Triton's specialization and are at least as fine
+(``_arg_key``): a pointer's dtype and 16-byte alignment; an int's value 1, divisibility by 16 and width class; the
+type of a bool, float or None. A call whose classes differ takes Triton's path once, which compiles or finds the
+right kernel, and is then cached too.
+
+Triton's path is taken every time when:
+- launch hooks are set (``knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` hold calls: a profiler such
+  as proton wants its metadata). Otherwise the launcher gets no hooks and no metadata, as Triton's own launcher
+  calls empty hook chains;
+- the kernel is the interpreter's (``TRITON_INTERPRET=1``, where ``kernel[grid]`` returns no compiled kernel);
+- the call's constexprs do not complete the kernel's parameters after its positional arguments;
+- ``enable(False)`` was called (``MHC_COMPILE_TRITON_FAST_LAUNCH=0`` in the environment does the same).
+
+A kernel that does not fit the GPU's shared memory at the requested pipeline stages is retried with fewer
+(``OutOfResources``), once per signature; the stage count that fits is what the cache then keeps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+from triton.runtime.errors import OutOfResources
+
+try:  # Triton >= 3.4; older versions have no launch hooks to respect here
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    _knobs = None
+
+_I32_MIN, _I32_MAX, _U64_MIN = -(2**31), 2**31 - 1, 2**63
+
+_enabled = os.environ.get("MHC_COMPILE_TRITON_FAST_LAUNCH", "1") != "0"
+# (kernel, device, constexprs, warps, stages, argument classes) -> (launcher, function handle, packed metadata, the
+# constexpr values after the positional arguments, in the kernel's parameter order)
+_LAUNCHERS: dict[tuple, tuple] = {}
+# (kernel, constexprs, warps, stages) -> stages that fit this GPU's shared memory (after an OutOfResources)
+_STAGES_THAT_FIT: dict[tuple, int] = {}
+# what Triton's CUDA driver reads (get_current_device / get_current_stream), without its Python wrappers; module
+# names so that tests can stand in for a GPU
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _on_gpu(args: tuple) -> bool:
+    return bool(args) and isinstance(args[0], Tensor) and args[0].is_cuda
+
+
+def enable(on: bool = True) -> None:
+    """Turn the direct launch path on or off (off: every launch goes through ``kernel[grid](...)``)."""
+    global _enabled
+    _enabled = bool(on)
+
+
+def _arg_key(args: tuple) -> tuple:
+    """Classes of the positional arguments, at least as fine as Triton's specialization of them, so that one class
+    never stands for two compiled kernels (native_specialize_impl, BaseBackend.get_{int,tensor}_specialization):
+    a pointer's dtype and 16-byte alignment; an int's value 1, divisibility by 16, i32 / i64 / u64 range; the type
+    of a bool, float or None; any other value itself (a TypeError if unhashable: then Triton's path)."""
+    key = []
+    for a in args:
+        if isinstance(a, Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif type(a) is int:
+            key.append((a == 1, a % 16 == 0, _I32_MIN <= a <= _I32_MAX, a >= _U64_MIN))
+        elif a is None or type(a) in (bool, float):
+            key.append(type(a))
+        else:
+            key.append((type(a), a))
+    return tuple(key)
+
+
+def _hook_active(hook) -> bool:
+    """Triton >= 3.5 keeps launch hooks as HookChain objects (never None; active when they hold calls), older
+    versions as a function or None."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _hooks_set() -> bool:
+    return _knobs is not None and (
+        _hook_active(_knobs.runtime.launch_enter_hook) or _hook_active(_knobs.runtime.launch_exit_hook)
+    )
+
+
+def _constexpr_tail(kernel, n_args: int, meta: dict) -> tuple | None:
+    """The values of the kernel's parameters after its ``n_args`` positional ones, from ``meta`` or the parameter
+    defaults, in parameter order (what Triton's binder passes the launcher); None if ``meta`` names a parameter
+    outside them or leaves one without a value."""
+    params = getattr(kernel, "params", None)
+    if params is None or len(params) < n_args:
+        return None
+    rest = params[n_args:]
+    if not set(meta) <= {p.name for p in rest}:
+        return None
+    if any(p.name not in meta and not p.has_default for p in rest):
+        return None
+    return tuple(meta[p.name] if p.name in meta else p.default for p in rest)
+
+
+def _launch_slow(kernel, grid, args: tuple, meta: dict, options: dict, shrink_stages: bool):
+    """Triton's own path, dropping pipeline stages while the tile does not fit the GPU's shared memory (with
+    ``shrink_stages``); returns what ``kernel[grid]`` returns (the CompiledKernel on a GPU, None under the
+    interpreter)."""
+    if not shrink_stages or "num_stages" not in options:
+        return kernel[grid](*args, **meta, **options)
+    fit_key = (kernel, tuple(meta.items()), tuple(options.items()))
+    stages = _STAGES_THAT_FIT.get(fit_key, options["num_stages"])
+    while True:
+        try:
+            compiled = kernel[grid](*args, **meta, **{**options, "num_stages": stages})
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _STAGES_THAT_FIT[fit_key] = stages
+        return compiled
+
+
+def launch(kernel, grid: tuple, args: tuple, meta, shrink_stages: bool = True, **options):
+    """``kernel[grid](*args, **meta, **options)``, through the cached launcher when this call's signature was
+    launched before. ``args``: the runtime arguments in parameter order, the first a tensor; ``meta``: the
+    constexprs after them; ``options``: compile options (num_warps, num_stages, maxnreg ...). With num_stages and
+    ``shrink_stages``, a tile that does not fit the GPU's shared memory is retried with fewer stages (otherwise
+    the OutOfResources reaches the caller). Returns the CompiledKernel (None under the interpreter)."""
+    if not (_enabled and _on_gpu(args)) or _hooks_set():
+        return _launch_slow(kernel, grid, args, meta, options, shrink_stages)
+    device = _get_device()
+    try:
+        key = (kernel, device, tuple(meta.items()), tuple(options.items()), _arg_key(args))
+        entry = _LAUNCHERS.get(key)
+    except TypeError:  # an unhashable argument
+        return _launch_slow(kernel, grid, args, meta, options, shrink_stages)
+    if entry is not None:
+        run, function, packed, tail, compiled = entry
+        g = (*grid, 1, 1)
+        # CompiledKernel.run is the launcher JITFunction.run ends with: (grid, stream, function, packed metadata,
+        # launch metadata, enter hook, exit hook, every parameter's value); with no hooks there is no metadata
+        run(g[0], g[1], g[2], _get_stream(device), function, packed, None, None, None, *args, *tail)
+        return compiled
+    compiled = _launch_slow(kernel, grid, args, meta, options, shrink_stages)
+    tail = _constexpr_tail(kernel, len(args), meta)
+    if tail is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        _LAUNCHERS[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, compiled)
+    return compiled  # (a call this path cannot replay takes Triton's path every time)
+
+
+def cached_launchers() -> int:
+    """How many call signatures launch directly (for tests and benchmarks)."""
+    return len(_LAUNCHERS)

@@ -1,0 +1,253 @@
+"""kernels/launch.py: the cached direct launch path against Triton's own (``kernel[grid](...)``).
+
+No GPU here: a stand-in kernel plays Triton's JITFunction (``params``, ``kernel[grid](...)`` returning a compiled
+kernel) and module hooks stand in for the CUDA device and stream. What is checked is the contract the GPU path
+relies on: the first call of a signature takes Triton's path, later ones call the compiled kernel's launcher with
+every parameter in order; any argument class Triton specializes on is part of the key.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from mhc_compile.kernels import launch as L
+
+
+class _Param:
+    def __init__(self, name, default=None, has_default=False):
+        self.name, self.default, self.has_default = name, default, has_default
+
+
+class _Compiled:
+    def __init__(self, log):
+        self.function, self.packed_metadata, self.log = object(), ("packed",), log
+
+    def run(self, *args):
+        self.log.append(("direct", args))
+
+
+class _Kernel:
+    """A JITFunction stand-in: parameters x_ptr, T, BT (constexpr), FLAG (constexpr, default False)."""
+
+    def __init__(self):
+        self.params = [_Param("x_ptr"), _Param("T"), _Param("BT"), _Param("FLAG", False, True)]
+        self.log, self.compiled = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            self.compiled.append(_Compiled(self.log))
+            return self.compiled[-1]
+
+        return run
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Every tensor counts as a CUDA tensor on device 0, stream 77; the launcher cache starts empty."""
+    monkeypatch.setattr(L, "_on_gpu", lambda args: True)
+    monkeypatch.setattr(L, "_get_device", lambda: 0)
+    monkeypatch.setattr(L, "_get_stream", lambda device: 77)
+    monkeypatch.setattr(L, "_enabled", True)
+    L._LAUNCHERS.clear()
+    yield
+    L._LAUNCHERS.clear()
+
+
+def test_second_call_goes_to_the_launcher_with_every_parameter_in_order(fake_gpu):
+    k, x = _Kernel(), torch.zeros(64)
+    L.launch(k, (3,), (x, 37), {"BT": 16}, num_warps=4)
+    L.launch(k, (5, 2), (x, 45), {"BT": 16}, num_warps=4)  # 45: same class as 37 (i32, not 1, not % 16)
+    assert [e[0] for e in k.log] == ["triton", "direct"]
+    assert k.log[0][1:] == ((3,), (x, 37), {"BT": 16, "num_warps": 4})
+    compiled = k.compiled[0]
+    # grid padded to 3-D, the stream, the compiled function, its packed metadata, no launch metadata or hooks,
+    # then every parameter: the runtime arguments, BT from meta and FLAG's default
+    assert k.log[1][1] == (5, 2, 1, 77, compiled.function, compiled.packed_metadata, None, None, None, x, 45, 16,
+                           False)
+    assert L.cached_launchers() == 1
+
+
+@pytest.mark.parametrize("change", ["alignment", "dtype", "int_one", "int_div16", "int_i64", "meta", "warps"])
+def test_any_specialized_difference_takes_triton_path_again(fake_gpu, change):
+    k, x = _Kernel(), torch.zeros(64)
+    args, meta, opts = (x, 37), {"BT": 16}, {"num_warps": 4}
+    L.launch(k, (1,), args, meta, **opts)
+    if change == "alignment":
+        args = (x[1:], 37)  # 4 bytes past a 16-byte boundary
+    elif change == "dtype":
+        args = (x.to(torch.bfloat16), 37)
+    elif change == "int_one":
+        args = (x, 1)
+    elif change == "int_div16":
+        args = (x, 48)
+    elif change == "int_i64":
+        args = (x, 2**31 + 1)
+    elif change == "meta":
+        meta = {"BT": 32}
+    elif change == "warps":
+        opts = {"num_warps": 8}
+    L.launch(k, (1,), args, meta, **opts)
+    L.launch(k, (1,), args, meta, **opts)
+    assert [e[0] for e in k.log] == ["triton", "triton", "direct"]
+    assert k.log[2][1][-4:-2] == args  # the new signature's own compiled kernel, replayed
+    assert k.log[2][1][4] is k.compiled[1].function
+
+
+def test_triton_path_when_disabled_hooked_or_unreplayable(fake_gpu, monkeypatch):
+    k, x = _Kernel(), torch.zeros(64)
+    L.enable(False)
+    try:
+        for _ in range(2):
+            L.launch(k, (1,), (x, 3), {"BT": 16})
+    finally:
+        L.enable(True)
+    monkeypatch.setattr(L, "_hooks_set", lambda: True)  # a profiler's launch hooks want Triton's metadata
+    for _ in range(2):
+        L.launch(k, (1,), (x, 3), {"BT": 16})
+    monkeypatch.undo()
+    monkeypatch.setattr(L, "_on_gpu", lambda args: True)
+    monkeypatch.setattr(L, "_get_device", lambda: 0)
+    monkeypatch.setattr(L, "_get_stream", lambda device: 77)
+    for _ in range(2):  # a constexpr the kernel does not have: nothing to replay
+        L.launch(k, (1,), (x, 3), {"BT": 16, "NOPE": 1})
+    k2 = _Kernel()
+    k2.params = k2.params[:3] + [_Param("FLAG")]  # FLAG without a default and not given
+    for _ in range(2):
+        L.launch(k2, (1,), (x, 3), {"BT": 16})
+    assert [e[0] for e in k.log + k2.log] == ["triton"] * 8
+    assert L.cached_launchers() == 0
+
+
+def test_cpu_tensors_take_triton_path():
+    """The interpreter's case: CPU tensors never reach the launcher cache."""
+    k, x = _Kernel(), torch.zeros(64)
+    L._LAUNCHERS.clear()
+    for _ in range(2):
+        L.launch(k, (1,), (x, 3), {"BT": 16})
+    assert [e[0] for e in k.log] == ["triton", "triton"] and L.cached_launchers() == 0
+
+
+def test_stages_shrink_when_shared_memory_runs_out_and_the_fit_is_remembered():
+    calls = []
+
+    class Tight:
+        params = [_Param("BT")]
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages, **meta):
+                calls.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+
+            return run
+
+    kernel = Tight()
+    L.launch(kernel, (1,), (), {"BT": 16}, num_warps=4, num_stages=4)
+    L.launch(kernel, (1,), (), {"BT": 16}, num_warps=4, num_stages=4)
+    assert calls == [4, 3, 2, 2]
+    with pytest.raises(OutOfResources):  # shrink_stages=False: the caller picks the fallback
+        L.launch(kernel, (1,), (), {"BT": 32}, shrink_stages=False, num_warps=4, num_stages=4)
+
+
+def test_arg_key_is_at_least_as_fine_as_tritons_specialization():
+    """Two arguments with one key must get one Triton specialization (else one cached launcher would serve
+    two compiled kernels). Checked against Triton's own specializer on ints around every boundary it uses, on
+    tensors of several dtypes and alignments, bools, floats and None."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    base = torch.zeros(64, dtype=torch.float32)
+    values = [None, True, False, 0.5, 3.0, *(torch.zeros(8, dtype=d) for d in (torch.bfloat16, torch.float16))]
+    values += [base, base[1:], base[4:], base[2:].view(torch.bfloat16)]
+    for edge in (0, 1, 2, 15, 16, 17, 2**31, 2**32, 2**63, 2**64 - 16):
+        values += [edge - 1, edge, edge + 1, -edge]
+    values = [v for v in values if not isinstance(v, int) or -(2**63) <= v < 2**64]
+    groups = {}
+    for v in values:
+        spec = native_specialize_impl(BaseBackend, v, False, True, True)
+        groups.setdefault(L._arg_key((v,)), set()).add(spec)
+    for key, specs in groups.items():
+        assert len(specs) == 1, (key, specs)
+
+
+def _signature_tail_complete(kernel, n_args: int, meta) -> bool:
+    """Under the interpreter kernels have no ``params``: the same check as _constexpr_tail from the Python
+    signature (annotations are strings: the kernel modules use postponed evaluation)."""
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    is_constexpr = ["constexpr" in str(p.annotation) for p in params]
+    rest = params[n_args:]
+    return (not any(is_constexpr[:n_args]) and set(meta) <= {p.name for p in rest}
+            and all(p.name in meta or p.default is not inspect.Parameter.empty for p in rest))
+
+
+def test_every_launch_of_the_ops_is_replayable(monkeypatch):
+    """Each launch the ops make (all of triton_ops', proj's one-pass backward, triton_fused's enter / step and
+    backwards; bf16 and fp32) passes its runtime arguments positionally and constexprs that complete the
+    kernel's parameters: on a GPU every one of them is cached, none left on Triton's path."""
+    from mhc_compile.kernels import reference as ref
+    from mhc_compile.kernels import triton_fused as tf
+    from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    seen = []
+    real = L.launch
+
+    def spy(kernel, grid, args, meta, shrink_stages=True, **options):
+        seen.append((kernel.fn.__name__, _signature_tail_complete(kernel, len(args), meta)))
+        return real(kernel, grid, args, meta, shrink_stages, **options)
+
+    for module in (tk, tf, tpb):
+        monkeypatch.setattr(module, "launch", spy)
+    t, n, c = 19, 4, 32
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        x, dout = torch.randn(t, n, c, generator=g).to(dtype), torch.randn(t, n, c, generator=g).to(dtype)
+        y = torch.randn(t, c, generator=g).to(dtype)
+        m = ref.num_coeffs(n)
+        phi = torch.randn(n * c, m, generator=g) * 0.05
+        bias, alpha = torch.randn(m, generator=g), torch.rand(3, generator=g)
+        static = (n, n * c, 1e-6, 3, "mhc")
+        p, sq = tk.proj(x, phi)
+        hp, hq, hr = tk.coeffs(p, sq, bias, alpha, *static)
+        tk.coeffs_backward(p, sq, bias, alpha, hp, hq, hr, *static)
+        tk.proj_backward(x, phi, p, sq)
+        tk.proj_pre_backward(x, phi, p, sq, hp, y, dout)
+        tk.pre(x, hp), tk.pre_backward(x, hp, y), tk.pre_backward_dh(x, hp, y)
+        tk.post_res(x, hr, hq, y), tk.post_res_proj(x, hr, hq, y, phi)
+        tk.post_res_backward(x, hr, hq, y, dout), tk.post_res_backward_pre(x, hr, hq, y, dout, hp)
+        with tk.tuning("post_res_backward", two_d=False):
+            tk.post_res_backward(x, hr, hq, y, dout)
+        with tk.tuning("proj_dx_dphi", enabled=False):
+            tk.proj_pre_backward(x, phi, p, sq, hp, y, dout)
+        step = tf.step(x, hr, hq, y, phi, bias, alpha, *static)
+        x1, x_in, h_pre, h_post, h_res, p1, sq1 = step
+        tf.step_backward(x, hr, hq, y, phi, bias, alpha, h_pre, p1, sq1, x1, x_in, h_post, h_res, *static)
+        _, h_pre, _, _, p0, sq0 = tf.enter(x, phi, bias, alpha, *static)
+        tf.enter_backward(x, phi, bias, alpha, h_pre, p0, sq0, x_in, h_post, h_res, *static)
+    names = {name for name, _ in seen}
+    assert not [s for s in seen if not s[1]], [s for s in seen if not s[1]]
+    assert {"_proj_fwd_kernel", "_coeffs_fwd_kernel", "_coeffs_bwd_kernel", "_pre_fwd_kernel", "_pre_bwd_kernel",
+            "_post_res_fwd_kernel", "_post_res_bwd_kernel", "_post_res_bwd_2d_kernel", "_post_res_proj_kernel",
+            "_proj_dx_kernel", "_proj_dphi_kernel", "_proj_dx_dphi_kernel", "_hi_lo_kernel"} <= names, names
+    assert len(names) >= 16, names  # and triton_fused's kernels
+
+
+def test_launch_hooks_count_only_when_they_hold_calls():
+    """Triton 3.5+ keeps launch hooks as HookChains that are never None: empty ones are no hooks (the launcher
+    would call nothing), a chain with a call (a profiler) sends every launch through Triton's path."""
+    from triton import knobs
+
+    chain = knobs.runtime.launch_enter_hook
+    assert not L._hooks_set()
+    chain.add(print)
+    try:
+        assert L._hooks_set()
+    finally:
+        chain.remove(print)
+    assert not L._hooks_set()
+    assert L._hook_active(print) and not L._hook_active(None)
