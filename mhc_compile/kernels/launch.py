@@ -6,23 +6,25 @@ string, look the compiled kernel up, check the kernel's globals, build launch me
 machine's CPU that path cost ~47 us a launch under cProfile, ~4 ms of a d = 2048 training step's host time at
 8 sites (benchmarks/results/host-2026-12-02-h200-s10-call1.md), for kernels that run a few microseconds.
 
-``launch`` keeps, per (kernel, device, constexprs, warps, stages, argument classes), the ``CompiledKernel`` that the
+``launch`` keeps, per (kernel, device, constexprs, compile options, argument classes), the ``CompiledKernel`` that the
 first such call compiled or found, and later calls hand it to the kernel's launcher (``CompiledKernel.run``, what
 ``JITFunction.run`` ends with). The argument classes mirror Triton's specialization and are at least as fine
 (``_arg_key``): a pointer's dtype and 16-byte alignment; an int's value 1, divisibility by 16 and width class; the
 type of a bool, float or None. A call whose classes differ takes Triton's path once, which compiles or finds the
-right kernel, and is then cached too.
+right kernel, and is then cached too. On an H200 every op's outputs are bit-equal to Triton's path
+(benchmarks/launch_check.py).
 
 Triton's path is taken every time when:
-- launch hooks are set (``knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` hold calls: a profiler such
-  as proton wants its metadata). Otherwise the launcher gets no hooks and no metadata, as Triton's own launcher
-  calls empty hook chains;
-- the kernel is the interpreter's (``TRITON_INTERPRET=1``, where ``kernel[grid]`` returns no compiled kernel);
-- the call's constexprs do not complete the kernel's parameters after its positional arguments;
-- ``enable(False)`` was called (``MHC_COMPILE_TRITON_FAST_LAUNCH=0`` in the environment does the same).
+- a launch hook is set (``knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` hold a call: a profiler such as
+  proton wants its metadata). With none set the launcher is given no hooks and no launch metadata; Triton's own
+  path gives it empty hook chains, which call nothing;
+- the first argument is not a CUDA tensor (the interpreter, ``TRITON_INTERPRET=1``, runs on CPU tensors);
+- an argument is unhashable, or the call's constexprs do not complete the kernel's parameters after its
+  positional arguments;
+- ``enable(False)`` was called (``MHC_COMPILE_TRITON_FAST_LAUNCH=0`` in the environment at import does the same).
 
-A kernel that does not fit the GPU's shared memory at the requested pipeline stages is retried with fewer
-(``OutOfResources``), once per signature; the stage count that fits is what the cache then keeps.
+With ``num_stages`` and ``shrink_stages`` (the default), a kernel that does not fit the GPU's shared memory is
+retried with fewer stages (``OutOfResources``), once per signature; the stage count that fits is what is kept.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 _I32_MIN, _I32_MAX, _U64_MIN = -(2**31), 2**31 - 1, 2**63
 
 _enabled = os.environ.get("MHC_COMPILE_TRITON_FAST_LAUNCH", "1") != "0"
-# (kernel, device, constexprs, warps, stages, argument classes) -> (launcher, function handle, packed metadata, the
-# constexpr values after the positional arguments, in the kernel's parameter order)
+# (kernel, device, constexprs, compile options, argument classes) -> (launcher, function handle, packed metadata,
+# the constexpr values after the positional arguments in the kernel's parameter order, the CompiledKernel)
 _LAUNCHERS: dict[tuple, tuple] = {}
-# (kernel, constexprs, warps, stages) -> stages that fit this GPU's shared memory (after an OutOfResources)
+# (kernel, constexprs, compile options) -> stages that fit this GPU's shared memory (after an OutOfResources)
 _STAGES_THAT_FIT: dict[tuple, int] = {}
 # what Triton's CUDA driver reads (get_current_device / get_current_stream), without its Python wrappers; module
 # names so that tests can stand in for a GPU
