@@ -169,3 +169,34 @@ def test_direct_twins_match_the_custom_ops():
             fake = twin(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
         fake = fake if isinstance(fake, tuple) else (fake,)
         assert [(f.shape, f.dtype, f.stride()) for f in fake] == [(w.shape, w.dtype, w.stride()) for w in want], name
+
+
+_UNFUSED = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
+            "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre")
+
+
+@pytest.mark.parametrize("lead", ["three_dims_permuted", "none"])
+def test_triton_ops_take_leading_dims_as_they_are(lead):
+    """The Triton wrappers get the streams with their leading dims (no token view is made on that path) and
+    allocate outputs with the same dims; the reference goes through ops._ReferenceOps, which flattens. Every
+    unfused op, forward and backward: values against the reference, shapes and strides against the fake.
+    Inputs: permuted views with three leading dims ([B, H, W, ...], not contiguous), or no leading dim at
+    all (a single token: [n, C])."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(3)
+    calls = {name: (op, args) for name, op, args in _all_op_calls("triton") if name in _UNFUSED}
+    assert set(calls) == set(_UNFUSED)
+    for name, (op, args) in calls.items():
+        if lead == "none":  # the first token of every per-token input; phi, bias, alpha unchanged
+            lead3 = args[0].shape[:3]
+            args = tuple(a[0, 0, 0] if isinstance(a, torch.Tensor) and a.shape[:3] == lead3 else a for a in args)
+        ref_args = tuple("reference" if a == "triton" else a for a in args)
+        got, expect = op(*args), op(*ref_args)
+        got, expect = (v if isinstance(v, tuple) else (v,) for v in (got, expect))
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        for i, (g, e, f) in enumerate(zip(got, expect, fake, strict=True)):
+            assert g.shape == e.shape == f.shape and g.stride() == f.stride() and g.is_contiguous(), (name, i)
+            torch.testing.assert_close(g, e, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name} output {i}: {m}")

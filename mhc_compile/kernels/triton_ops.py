@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -59,6 +60,19 @@ def _pow2(v: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _lead_of(x: Tensor, trailing: int) -> tuple[torch.Size, int]:
+    """(x's leading dims before its ``trailing`` ones, their product: the token count T).
+
+    The wrappers take tensors with whatever leading dims the graph has ([B, S, n, C], [T, n, C] ...) and allocate
+    their outputs with the same ones: the kernels only need T and contiguous memory, and a view a tensor costs
+    a dispatcher call of host time (~2-4 us on the GPU machine's CPU, several a call)."""
+    if x.dim() < trailing:
+        raise ValueError(f"mhc triton: expected a tensor with {trailing} trailing dims after its token dims, got "
+                         f"shape {tuple(x.shape)}")
+    lead = x.shape[: x.dim() - trailing]
+    return lead, math.prod(lead)
 
 
 def _check_stream(op: str, *tensors: Tensor) -> None:
@@ -345,9 +359,10 @@ def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, 
 
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
     _check_stream("pre", x)
-    t, n, c = x.shape
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     x, h_pre = x.contiguous(), h_pre.contiguous()
-    out = torch.empty((t, c), dtype=x.dtype, device=x.device)
+    out = torch.empty(lead + (c,), dtype=x.dtype, device=x.device)
     if t == 0 or c == 0:
         return out
     bt, bc, warps = _stream_tile("pre", t, c, 1)
@@ -359,13 +374,14 @@ def pre(x: Tensor, h_pre: Tensor) -> Tensor:
 
 def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
     _check_stream("pre_backward", x, dout)
-    t, n, c = x.shape
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     x, h_pre, dout = x.contiguous(), h_pre.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     dx = torch.empty_like(x)
     if t == 0 or c == 0:
-        return dx.zero_(), torch.zeros((t, n), dtype=acc, device=x.device)
-    dh = torch.empty((t, n), dtype=acc, device=x.device)  # every element written: no fill launch
+        return dx.zero_(), torch.zeros(lead + (n,), dtype=acc, device=x.device)
+    dh = torch.empty(lead + (n,), dtype=acc, device=x.device)  # every element written: no fill launch
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward", t, c, np_)
     launch(
@@ -378,12 +394,13 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
 def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
     """dh of pre_backward alone: reads x and dout once, writes [T, n]; h_pre is not read."""
     _check_stream("pre_backward_dh", x, dout)
-    t, n, c = x.shape
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     x, dout = x.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     if t == 0 or c == 0:
-        return torch.zeros((t, n), dtype=acc, device=x.device)
-    dh = torch.empty((t, n), dtype=acc, device=x.device)  # every element written: no fill launch
+        return torch.zeros(lead + (n,), dtype=acc, device=x.device)
+    dh = torch.empty(lead + (n,), dtype=acc, device=x.device)  # every element written: no fill launch
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("pre_backward_dh", t, c, np_)
     # h_ptr / dx_ptr are placeholders: STORE_DX=False compiles their loads and stores away
@@ -569,7 +586,8 @@ def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dh
 
 def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     _check_stream("post_res", x, y)
-    t, n, c = x.shape
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     x, h_res, h_post, y = x.contiguous(), h_res.contiguous(), h_post.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     if t == 0 or c == 0:
@@ -597,19 +615,20 @@ def post_res_backward_pre(
 
 def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
     _check_stream("post_res_backward", x, y, dout)
-    t, n, c = x.shape
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
     y, dout = y.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
-    x_in = torch.empty((t, c), dtype=x.dtype, device=x.device) if h_pre is not None else None
+    x_in = torch.empty(lead + (c,), dtype=x.dtype, device=x.device) if h_pre is not None else None
     extra = () if h_pre is None else (x_in,)
     if t == 0 or c == 0:
-        return ((dx.zero_(), torch.zeros((t, n, n), dtype=acc, device=x.device),
-                 torch.zeros((t, n), dtype=acc, device=x.device), dy.zero_()) + tuple(e.zero_() for e in extra))
+        return ((dx.zero_(), torch.zeros(lead + (n, n), dtype=acc, device=x.device),
+                 torch.zeros(lead + (n,), dtype=acc, device=x.device), dy.zero_()) + tuple(e.zero_() for e in extra))
     # the kernel writes every element of dh_res and dh_post: no fill launches
-    dh_res = torch.empty((t, n, n), dtype=acc, device=x.device)
-    dh_post = torch.empty((t, n), dtype=acc, device=x.device)
+    dh_res = torch.empty(lead + (n, n), dtype=acc, device=x.device)
+    dh_post = torch.empty(lead + (n,), dtype=acc, device=x.device)
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res_backward", t, c, np_)
     args = (x, h_res, h_post, y, dout, dx, dh_res, dh_post, dy,
@@ -660,8 +679,10 @@ def _hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP
 
 
 def _split_hi_lo(src: Tensor, mp: int, transpose: bool) -> Tensor:
-    """fp32 [R, M] -> bf16 [2, R, mp] (hi, lo), or [2 * mp, R] with ``transpose`` (the A operand of X^T dp)."""
-    r, m = src.shape
+    """fp32 [..., M] (R rows) -> bf16 [2, R, mp] (hi, lo), or [2 * mp, R] with ``transpose`` (the A operand of
+    X^T dp)."""
+    m = src.shape[-1]
+    r = src.numel() // m
     if transpose:
         dst = torch.empty((2 * mp, r), dtype=torch.bfloat16, device=src.device)
         strides = (mp * r, 1, r)
@@ -729,14 +750,15 @@ def _dot_block_m(m: int, cfg: DotCfg) -> int:
 
 def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     _check_stream("proj", x, phi)
-    t, n, c = x.shape
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"mhc triton proj: phi has {k} rows, expected n*C = {n * c}")
     x, phi = x.contiguous(), phi.contiguous()
     acc = _acc_torch(x.dtype, phi.dtype)
     if t == 0 or k == 0:
-        return torch.zeros((t, m), dtype=acc, device=x.device), torch.zeros((t,), dtype=acc, device=x.device)
+        return torch.zeros(lead + (m,), dtype=acc, device=x.device), torch.zeros(lead, dtype=acc, device=x.device)
     cfg = _cfg("proj")
     bm = _dot_block_m(m, cfg)
     mblocks = _cdiv(m, bm)
@@ -746,8 +768,8 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     splits = _filling_splits(cfg, x.device, _cdiv(t, bt) * mblocks, _cdiv(k, cfg.bk))
     k_split = _cdiv(_cdiv(k, splits), cfg.bk) * cfg.bk
     splits = _cdiv(k, k_split)
-    p = torch.empty((splits, t, m), dtype=acc, device=x.device)
-    sq = torch.empty((splits, t), dtype=acc, device=x.device)
+    p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
+    sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     grid = (_cdiv(t, bt), mblocks, splits)
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=_half_dot_dtype())
@@ -876,7 +898,8 @@ _NO_PIPELINE_ALL: set = set()  # devices that fit it only without PIPELINE_ALL's
 
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                 acc: Tensor | None) -> tuple[Tensor, Tensor]:
-    t, n, c = x.shape
+    _, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     k, m = phi.shape
     acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
     if t == 0 or k == 0:  # x has no elements: neither has dx
@@ -931,7 +954,7 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
 
 def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tensor, Tensor]:
     _check_stream("proj_backward", x, phi)
-    t, n, c = x.shape
+    n, c = x.shape[-2:]
     if phi.shape[0] != n * c:
         raise ValueError(f"mhc triton proj_backward: phi has {phi.shape[0]} rows, expected n*C = {n * c}")
     return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), None, None, None)
@@ -946,7 +969,7 @@ def proj_pre_backward(
     (passes/fold_stream_grads.py).
     """
     _check_stream("proj_pre_backward", x, phi, dout)
-    t, n, c = x.shape
+    n, c = x.shape[-2:]
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"mhc triton proj_pre_backward: phi has {k} rows, expected n*C = {n * c}")
@@ -1112,23 +1135,24 @@ def _coeffs_launch_args(p: Tensor, n: int, mode: str):
     if mode not in _MODES:
         raise ValueError(f"mhc coeffs: unknown mode {mode!r}")
     _check_stream("coeffs", p)
-    t, m = p.shape
+    lead, t = _lead_of(p, 1)
+    m = p.shape[-1]
     if m != ref.num_coeffs(n):
         raise ValueError(f"mhc triton coeffs: p has {m} columns, expected n*n + 2n = {ref.num_coeffs(n)}")
     np_ = _pow2(n)
     bt = max(1, min(_pow2(t), _cfg("coeffs").budget // (np_ * np_)))
-    return t, m, np_, bt
+    return lead, t, m, np_, bt
 
 
 def coeffs(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor, n: int, nc: int, eps: float, iters: int, mode: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    t, m, np_, bt = _coeffs_launch_args(p, n, mode)
+    lead, t, m, np_, bt = _coeffs_launch_args(p, n, mode)
     acc = _acc_torch(p.dtype, sq.dtype, bias.dtype, alpha.dtype)
     p, sq, bias, alpha = p.contiguous(), sq.contiguous(), bias.contiguous(), alpha.contiguous()
-    h_pre = torch.empty((t, n), dtype=acc, device=p.device)
-    h_post = torch.empty((t, n), dtype=acc, device=p.device)
-    h_res = torch.empty((t, n, n), dtype=acc, device=p.device)
+    h_pre = torch.empty(lead + (n,), dtype=acc, device=p.device)
+    h_post = torch.empty(lead + (n,), dtype=acc, device=p.device)
+    h_res = torch.empty(lead + (n, n), dtype=acc, device=p.device)
     if t == 0:
         return h_pre, h_post, h_res
     launch(
@@ -1142,11 +1166,11 @@ def coeffs_backward(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor, dh_pre: Tensor, dh_post: Tensor, dh_res: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    t, m, np_, bt = _coeffs_launch_args(p, n, mode)
+    lead, t, m, np_, bt = _coeffs_launch_args(p, n, mode)
     acc = _acc_torch(p.dtype, sq.dtype, bias.dtype, alpha.dtype)
     tensors = [v.contiguous() for v in (p, sq, bias, alpha, dh_pre, dh_post, dh_res)]
-    dp = torch.empty((t, m), dtype=acc, device=p.device)
-    dsq = torch.empty((t,), dtype=acc, device=p.device)
+    dp = torch.empty(lead + (m,), dtype=acc, device=p.device)
+    dsq = torch.empty(lead, dtype=acc, device=p.device)
     if t == 0:
         return dp, dsq, torch.zeros_like(bias), torch.zeros_like(alpha)
     blocks = _cdiv(t, bt)
@@ -1285,7 +1309,8 @@ def post_res_proj(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(post_res(x, h_res, h_post, y), *proj(that, phi_next)) with one read of x and y and one write of X'."""
     _check_stream("post_res_proj", x, y, phi_next)
-    t, n, c = x.shape
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
     k, m = phi_next.shape
     if k != n * c:
         raise ValueError(f"mhc triton post_res_proj: phi_next has {k} rows, expected n*C = {n * c}")
@@ -1294,8 +1319,8 @@ def post_res_proj(
     acc = _acc_torch(x.dtype, phi_next.dtype)
     out = torch.empty_like(x)
     if t == 0 or c == 0:
-        zeros = torch.zeros((t, m), dtype=acc, device=x.device)
-        return out, zeros, torch.zeros((t,), dtype=acc, device=x.device)
+        zeros = torch.zeros(lead + (m,), dtype=acc, device=x.device)
+        return out, zeros, torch.zeros(lead, dtype=acc, device=x.device)
     cfg = _cfg("post_res_proj")
     bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
     hi_lo = _hi_lo(x.dtype) and acc == torch.float32
@@ -1308,8 +1333,8 @@ def post_res_proj(
     splits = _splits(cfg, x.device, tblocks, _cdiv(c, bc))
     c_split = _cdiv(_cdiv(c, splits), bc) * bc
     splits = _cdiv(c, c_split)
-    p = torch.empty((splits, t, m), dtype=acc, device=x.device)
-    sq = torch.empty((splits, t), dtype=acc, device=x.device)
+    p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
+    sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST)
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), hi.element_size(), hi_lo)

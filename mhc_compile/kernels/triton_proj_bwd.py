@@ -224,7 +224,8 @@ def split_dp_t(dp, mp: int):
     """dp^T as bf16 hi rows then lo rows, [2 MP, T] in a [2 MP, T16] buffer (T16 = T rounded up to 16): a row
     stride that is a multiple of 16 elements lets the kernel load A's rows as 16-byte vectors, which the
     pipeliner needs (triton_ops._split_hi_lo writes the same values with row stride T)."""
-    t, m = dp.shape
+    m = dp.shape[-1]
+    t = dp.numel() // m
     t16 = tk._cdiv(t, 16) * 16
     dst = torch.empty((2 * mp, t16), dtype=torch.bfloat16, device=dp.device)
     br = max(1, min(tk._pow2(t), 4096 // mp))
@@ -282,7 +283,8 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     (``waves``, ``occupancy``), or ``splits`` given. ``maxnreg`` caps registers a thread (ptxas spills past it),
     e.g. 128 to fit two 8-warp programs on an SM. ``pipeline_all``: the kernel's PIPELINE_ALL."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
-    t, n, c = x.shape
+    _, t = tk._lead_of(x, 2)  # any leading dims: the kernel needs T and contiguous memory
+    n, c = x.shape[-2:]
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"proj_pre_backward_fused: phi has {k} rows, expected n*C = {n * c}")

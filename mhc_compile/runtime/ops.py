@@ -6,7 +6,10 @@ an opaque, kernel-backed node into the backward graph too. The ``impl`` argument
 ("reference" = plain PyTorch from ``kernels/reference.py``, "triton" = ``kernels/triton_ops.py``); the
 rewrite pass chooses it once per graph from the config and the device, and it is visible in the graph.
 
-Streams may have any leading dims: ops flatten them to tokens ([T, n, C]) and restore them.
+Streams may have any leading dims ([B, S, n, C], [T, n, C] ...). The Triton wrappers take them as they are
+(the kernels need only the token count and contiguous memory; a view costs host time on every call), and the
+reference kernels through ``_ReferenceOps``, which flattens them to tokens and restores them. The fused boundary
+ops (enter / step) flatten in this module.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def _kernels(impl: str, fused: bool = False):
     if module is not None:
         return module
     if impl == "reference":
-        module = ref
+        module = ref if fused else _REFERENCE_OPS
     elif impl == "triton":
         module = importlib.import_module("mhc_compile.kernels.triton_fused" if fused
                                          else "mhc_compile.kernels.triton_ops")
@@ -113,9 +116,53 @@ def _dense_like(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+class _ReferenceOps:
+    """kernels/reference.py's unfused ops with the Triton wrappers' convention: inputs with any leading (token)
+    dims, outputs with the same ones. The reference math is written on [T, ...]: each token tensor is
+    flattened to it and each token-shaped output restored.
+
+    _SPECS: op -> (the trailing dims of each positional tensor argument after its token dims, None for an
+    argument that is not per token; whether each output is per token). The first argument's leading dims are
+    the op's."""
+
+    _SPECS = {
+        "proj": ((2, None), (True, True)),
+        "proj_backward": ((2, None, 1, 0), (True, False)),
+        "coeffs": ((1, 0), (True, True, True)),
+        "coeffs_backward": ((1, 0, None, None, 1, 1, 2), (True, True, False, False)),
+        "pre": ((2, 1), (True,)),
+        "pre_backward": ((2, 1, 1), (True, True)),
+        "pre_backward_dh": ((2, 1, 1), (True,)),
+        "proj_pre_backward": ((2, None, 1, 0, 1, 1, 2), (True, False)),
+        "post_res": ((2, 2, 1, 1), (True,)),
+        "post_res_backward": ((2, 2, 1, 1, 2), (True,) * 4),
+        "post_res_backward_pre": ((2, 2, 1, 1, 2, 1), (True,) * 5),
+    }
+
+    def __getattr__(self, name: str):
+        if name not in self._SPECS:
+            raise AttributeError(f"mhc reference ops: no unfused op {name!r}")
+        trailing, per_token = self._SPECS[name]
+        fn = getattr(ref, name)
+
+        def run(*args):
+            lead = args[0].shape[: args[0].dim() - trailing[0]]
+            flat = [a if k is None or a is None else _tokens(a, k) for a, k in zip(args, trailing)]
+            out = fn(*flat, *args[len(trailing):])
+            outs = out if isinstance(out, tuple) else (out,)
+            outs = tuple(o.reshape(lead + o.shape[1:]) if tok else o for o, tok in zip(outs, per_token))
+            return outs if isinstance(out, tuple) else outs[0]
+
+        return run
+
+
+_REFERENCE_OPS = _ReferenceOps()
+
+
 def _tokens(x: Tensor, trailing: int) -> Tensor:
-    """View leading dims as one token dim, keeping ``trailing`` dims. (Every launch calls this a few times:
-    flatten, and nothing for a tensor already [T, ...], cost less host time than building a reshape's shape.)"""
+    """View leading dims as one token dim, keeping ``trailing`` dims (the reference ops, the fused boundary ops,
+    export). flatten, and nothing for a tensor already [T, ...], cost less host time than building a reshape's
+    shape; the unfused Triton path makes no view at all."""
     lead = x.dim() - trailing
     if lead == 1:
         return x
@@ -127,9 +174,7 @@ def _tokens(x: Tensor, trailing: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 @_custom_op("proj")
 def proj(x: Tensor, phi: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    lead = x.shape[:-2]
-    p, sq = _kernels(impl).proj(_tokens(x, 2).contiguous(), phi)
-    return p.reshape(lead + p.shape[-1:]), sq.reshape(lead)
+    return _kernels(impl).proj(x, phi)
 
 
 @proj.register_fake
@@ -141,10 +186,7 @@ def _(x, phi, impl):
 
 @_custom_op("proj_backward")
 def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    dx, dphi = _kernels(impl).proj_backward(
-        _tokens(x, 2).contiguous(), phi, _tokens(dp, 1).contiguous(), dsq.reshape(-1).contiguous()
-    )
-    return dx.reshape(x.shape), dphi
+    return _kernels(impl).proj_backward(x, phi, dp, dsq)
 
 
 @proj_backward.register_fake
@@ -178,11 +220,7 @@ def coeffs(
     if check_finite:
         _check_finite(site, "the projections phi x / |x|^2 of the n streams entering the site (NaN/Inf in the "
                          "streams or in phi)", p, sq)
-    lead = p.shape[:-1]
-    h_pre, h_post, h_res = _kernels(impl).coeffs(
-        _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), bias, alpha, n, nc, eps, iters, mode
-    )
-    h_pre, h_post, h_res = h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,)), h_res.reshape(lead + (n, n))
+    h_pre, h_post, h_res = _kernels(impl).coeffs(p, sq, bias, alpha, n, nc, eps, iters, mode)
     if check_finite:
         _check_finite(site, "the coefficients H_pre / H_post / H_res (NaN/Inf in bias or alpha, or "
                       "overflow)", h_pre, h_post, h_res)
@@ -204,12 +242,7 @@ def coeffs_backward(
     dh_pre: Tensor, dh_post: Tensor, dh_res: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dp, dsq, dbias, dalpha = _kernels(impl).coeffs_backward(
-        _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), bias, alpha,
-        _tokens(dh_pre, 1).contiguous(), _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(),
-        n, nc, eps, iters, mode,
-    )
-    return dp.reshape(p.shape), dsq.reshape(sq.shape), dbias, dalpha
+    return _kernels(impl).coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
 
 
 @coeffs_backward.register_fake
@@ -239,10 +272,10 @@ coeffs.register_autograd(_coeffs_bwd, setup_context=_coeffs_setup)
 def pre(x: Tensor, h_pre: Tensor, impl: str, site: str = "", check_finite: bool = False) -> Tensor:
     if check_finite:
         _check_finite(site, "the n streams entering the site", x)
-    out = _kernels(impl).pre(_tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous())
+    out = _kernels(impl).pre(x, h_pre)
     if _CAPTURES:
         _record(site=site, x=x)
-    return out.reshape(x.shape[:-2] + x.shape[-1:])
+    return out
 
 
 @pre.register_fake
@@ -252,10 +285,7 @@ def _(x, h_pre, impl, site="", check_finite=False):
 
 @_custom_op("pre_backward")
 def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    dx, dh = _kernels(impl).pre_backward(
-        _tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous()
-    )
-    return dx.reshape(x.shape), dh.reshape(h_pre.shape)
+    return _kernels(impl).pre_backward(x, h_pre, dout)
 
 
 @pre_backward.register_fake
@@ -285,10 +315,7 @@ pre.register_autograd(_pre_bwd, setup_context=_pre_setup)
 # ---------------------------------------------------------------------------------------------
 @_custom_op("pre_backward_dh")
 def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor, impl: str) -> Tensor:
-    dh = _kernels(impl).pre_backward_dh(
-        _tokens(x, 2).contiguous(), _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous()
-    )
-    return dh.reshape(h_pre.shape)
+    return _kernels(impl).pre_backward_dh(x, h_pre, dout)
 
 
 @pre_backward_dh.register_fake
@@ -299,12 +326,7 @@ def _(x, h_pre, dout, impl):
 @_custom_op("proj_pre_backward")
 def proj_pre_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor,
                       acc: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
-    dx, dphi = _kernels(impl).proj_pre_backward(
-        _tokens(x, 2).contiguous(), phi, _tokens(dp, 1).contiguous(), dsq.reshape(-1).contiguous(),
-        _tokens(h_pre, 1).contiguous(), _tokens(dout, 1).contiguous(),
-        None if acc is None else _tokens(acc, 2).contiguous(),
-    )
-    return dx.reshape(x.shape), dphi
+    return _kernels(impl).proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
 
 
 @proj_pre_backward.register_fake
@@ -317,11 +339,7 @@ def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
 # ---------------------------------------------------------------------------------------------
 @_custom_op("post_res")
 def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, impl: str) -> Tensor:
-    out = _kernels(impl).post_res(
-        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
-        _tokens(y, 1).contiguous(),
-    )
-    return out.reshape(x.shape)
+    return _kernels(impl).post_res(x, h_res, h_post, y)
 
 
 @post_res.register_fake
@@ -333,11 +351,7 @@ def _(x, h_res, h_post, y, impl):
 def post_res_backward(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dh_res, dh_post, dy = _kernels(impl).post_res_backward(
-        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
-        _tokens(y, 1).contiguous(), _tokens(dout, 2).contiguous(),
-    )
-    return dx.reshape(x.shape), dh_res.reshape(h_res.shape), dh_post.reshape(h_post.shape), dy.reshape(y.shape)
+    return _kernels(impl).post_res_backward(x, h_res, h_post, y, dout)
 
 
 @post_res_backward.register_fake
@@ -366,12 +380,7 @@ post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
 def post_res_backward_pre(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dh_res, dh_post, dy, x_in = _kernels(impl).post_res_backward_pre(
-        _tokens(x, 2).contiguous(), _tokens(h_res, 2).contiguous(), _tokens(h_post, 1).contiguous(),
-        _tokens(y, 1).contiguous(), _tokens(dout, 2).contiguous(), _tokens(h_pre, 1).contiguous(),
-    )
-    return (dx.reshape(x.shape), dh_res.reshape(h_res.shape), dh_post.reshape(h_post.shape), dy.reshape(y.shape),
-            x_in.reshape(x.shape[:-2] + x.shape[-1:]))
+    return _kernels(impl).post_res_backward_pre(x, h_res, h_post, y, dout, h_pre)
 
 
 @post_res_backward_pre.register_fake
