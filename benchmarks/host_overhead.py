@@ -12,8 +12,11 @@ host cost: on a 2-core CPU on 2026-11-23 it gave +27 ms per step for 8 sites, al
 is the host work around the launches (dispatch, the ops' wrappers, Inductor's generated code); the outputs
 are garbage, the host time is not.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--ops] [--stub-launches] [--dtype bfloat16]
-        [--cprofile N]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--layers 4] [--iters 50] [--rounds 1] [--ops] [--stub-launches]
+        [--dtype bfloat16] [--cprofile N]
+
+One round gave differences of a few ms between repeated runs on the GPU machine (session 10, call 5): use
+--rounds 5 or more to judge a host change of ~1 ms.
 
 --ops adds a table of each mHC op's host cost a call (tiny bf16 tensors): the op through torch.ops.mhc_compile (the
 custom op, with its Python autograd layer), through its direct twin (what Inductor's generated code calls), the
@@ -133,6 +136,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the three models this many times, in turn; report medians and the extra's range")
     ap.add_argument("--inner-backend", default="inductor")
     ap.add_argument("--ops", action="store_true", help="also time each op's host cost a call")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -161,29 +166,39 @@ def main():
     dtype = getattr(torch, args.dtype)
     x = torch.randn(1, 8, 128, device=dev, dtype=dtype, requires_grad=True)
     plain = Stack(128, args.layers).to(dev, dtype)
-    rows = []
     plain_fn = torch.compile(plain, backend=args.inner_backend)
-    rows.append(("residual", step_ms(plain_fn, x, args.iters, sync)))
-    if args.cprofile:
-        cprofile_table(plain_fn, x, args.cprofile, "residual")
+    variants = [("residual", plain_fn)]
     for recompute in ("auto", "none"):
         model = Stack(128, args.layers).to(dev, dtype)
         mhc_compile.prepare(model, x.detach())
         fn = torch.compile(model, backend="mhc",
                            options={"recompute": recompute, "inner_backend": args.inner_backend, **options})
-        rows.append((f"mhc recompute={recompute}", step_ms(fn, x, args.iters, sync)))
-        if args.cprofile and recompute == "auto":
-            cprofile_table(fn, x, args.cprofile, "backend=mhc, recompute auto")
-        if launches:
+        variants.append((f"mhc recompute={recompute}", fn))
+    # rounds: every variant timed once a round, in turn, so that a drift of the machine (clocks, other load) hits
+    # all of them alike; each round's extra is against that round's residual step
+    times = {name: [] for name, _ in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants:
+            times[name].append(step_ms(fn, x, args.iters, sync))
+    if args.cprofile:
+        cprofile_table(variants[0][1], x, args.cprofile, "residual")
+        cprofile_table(variants[1][1], x, args.cprofile, "backend=mhc, recompute auto")
+    if launches:
+        for name, fn in variants[1:]:
             launches.clear()
             loss_of(fn(x)).backward()
-            print(f"Triton launches a step, recompute={recompute}: {sum(launches.values())} "
+            print(f"Triton launches a step, {name}: {sum(launches.values())} "
                   f"({', '.join(f'{k} {v}' for k, v in sorted(launches.items()))})")
     sites = 2 * args.layers
-    base = rows[0][1]
-    print(f"host time per fwd+bwd step on {dev}, {sites} sites, tiny tensors, torch {torch.__version__}")
-    for name, ms in rows:
-        print(f"  {name:<22} {ms:7.2f} ms   (+{ms - base:6.2f} ms, {1e3 * (ms - base) / sites:6.0f} us per site)")
+    base = times["residual"]
+    print(f"host time per fwd+bwd step on {dev}, {sites} sites, tiny tensors, torch {torch.__version__}"
+          + (f"; medians of {args.rounds} interleaved rounds, extra's range over the rounds" if args.rounds > 1 else ""))
+    for name, ms in times.items():
+        extra = [m - b for m, b in zip(ms, base)]
+        med = statistics.median(extra)
+        spread = f"  [{min(extra):+.2f} .. {max(extra):+.2f}]" if args.rounds > 1 and name != "residual" else ""
+        print(f"  {name:<22} {statistics.median(ms):7.2f} ms   (+{med:6.2f} ms, {1e3 * med / sites:6.0f} us per site)"
+              + spread)
     if args.ops and dev == "cuda":
         print("\nhost us a call (tiny bf16 tensors): custom op | direct twin | triton_ops wrapper alone")
         for name, custom, direct, bare in op_costs(dev):
