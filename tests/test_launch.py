@@ -9,12 +9,16 @@ every parameter in order; any argument class Triton specializes on is part of th
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 
 import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
 from mhc_compile.kernels import launch as L
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 
 
 class _Param:
@@ -189,7 +193,7 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
     """Each launch the ops make (all of triton_ops', proj's one-pass backward, triton_fused's enter / step and
     backwards; bf16 and fp32) passes its runtime arguments positionally and constexprs that complete the
     kernel's parameters: on a GPU every one of them is cached, none left on Triton's path."""
-    from mhc_compile.kernels import reference as ref
+    from benchmarks.launch_check import cases  # every op's call, on fresh inputs (what the GPU check runs)
     from mhc_compile.kernels import triton_fused as tf
     from mhc_compile.kernels import triton_ops as tk
     from mhc_compile.kernels import triton_proj_bwd as tpb
@@ -203,32 +207,15 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
 
     for module in (tk, tf, tpb):
         monkeypatch.setattr(module, "launch", spy)
-    t, n, c = 19, 4, 32
+    # the other kernel each of these configurations picks
+    alternates = {"post_res_backward": lambda: tk.tuning("post_res_backward", two_d=False),
+                  "proj_pre_backward": lambda: tk.tuning("proj_dx_dphi", enabled=False)}
     for dtype in (torch.float32, torch.bfloat16):
-        g = torch.Generator().manual_seed(0)
-        x, dout = torch.randn(t, n, c, generator=g).to(dtype), torch.randn(t, n, c, generator=g).to(dtype)
-        y = torch.randn(t, c, generator=g).to(dtype)
-        m = ref.num_coeffs(n)
-        phi = torch.randn(n * c, m, generator=g) * 0.05
-        bias, alpha = torch.randn(m, generator=g), torch.rand(3, generator=g)
-        static = (n, n * c, 1e-6, 3, "mhc")
-        p, sq = tk.proj(x, phi)
-        hp, hq, hr = tk.coeffs(p, sq, bias, alpha, *static)
-        tk.coeffs_backward(p, sq, bias, alpha, hp, hq, hr, *static)
-        tk.proj_backward(x, phi, p, sq)
-        tk.proj_pre_backward(x, phi, p, sq, hp, y, dout)
-        tk.pre(x, hp), tk.pre_backward(x, hp, y), tk.pre_backward_dh(x, hp, y)
-        tk.post_res(x, hr, hq, y), tk.post_res_proj(x, hr, hq, y, phi)
-        tk.post_res_backward(x, hr, hq, y, dout), tk.post_res_backward_pre(x, hr, hq, y, dout, hp)
-        with tk.tuning("post_res_backward", two_d=False):
-            tk.post_res_backward(x, hr, hq, y, dout)
-        with tk.tuning("proj_dx_dphi", enabled=False):
-            tk.proj_pre_backward(x, phi, p, sq, hp, y, dout)
-        step = tf.step(x, hr, hq, y, phi, bias, alpha, *static)
-        x1, x_in, h_pre, h_post, h_res, p1, sq1 = step
-        tf.step_backward(x, hr, hq, y, phi, bias, alpha, h_pre, p1, sq1, x1, x_in, h_post, h_res, *static)
-        _, h_pre, _, _, p0, sq0 = tf.enter(x, phi, bias, alpha, *static)
-        tf.enter_backward(x, phi, bias, alpha, h_pre, p0, sq0, x_in, h_post, h_res, *static)
+        for name, thunk in cases(19, 4, 32, dtype, "cpu"):
+            thunk()
+            if name in alternates:
+                with alternates[name]():
+                    thunk()
     names = {name for name, _ in seen}
     assert not [s for s in seen if not s[1]], [s for s in seen if not s[1]]
     assert {"_proj_fwd_kernel", "_coeffs_fwd_kernel", "_coeffs_bwd_kernel", "_pre_fwd_kernel", "_pre_bwd_kernel",

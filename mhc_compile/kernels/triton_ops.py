@@ -75,6 +75,13 @@ def _lead_of(x: Tensor, trailing: int) -> tuple[torch.Size, int]:
     return lead, math.prod(lead)
 
 
+def _stream_dims(x: Tensor) -> tuple[torch.Size, int, int, int]:
+    """(leading dims, T, n, C) of a stream tensor [..., n, C]."""
+    lead, t = _lead_of(x, 2)
+    n, c = x.shape[-2:]
+    return lead, t, n, c
+
+
 def _check_stream(op: str, *tensors: Tensor) -> None:
     for t in tensors:
         if t.dtype not in _STREAM_DTYPES:
@@ -359,8 +366,7 @@ def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, 
 
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
     _check_stream("pre", x)
-    lead, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    lead, t, n, c = _stream_dims(x)
     x, h_pre = x.contiguous(), h_pre.contiguous()
     out = torch.empty(lead + (c,), dtype=x.dtype, device=x.device)
     if t == 0 or c == 0:
@@ -374,8 +380,7 @@ def pre(x: Tensor, h_pre: Tensor) -> Tensor:
 
 def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
     _check_stream("pre_backward", x, dout)
-    lead, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    lead, t, n, c = _stream_dims(x)
     x, h_pre, dout = x.contiguous(), h_pre.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     dx = torch.empty_like(x)
@@ -394,8 +399,7 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
 def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
     """dh of pre_backward alone: reads x and dout once, writes [T, n]; h_pre is not read."""
     _check_stream("pre_backward_dh", x, dout)
-    lead, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    lead, t, n, c = _stream_dims(x)
     x, dout = x.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     if t == 0 or c == 0:
@@ -586,8 +590,7 @@ def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dh
 
 def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     _check_stream("post_res", x, y)
-    lead, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    lead, t, n, c = _stream_dims(x)
     x, h_res, h_post, y = x.contiguous(), h_res.contiguous(), h_post.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     if t == 0 or c == 0:
@@ -615,8 +618,7 @@ def post_res_backward_pre(
 
 def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
     _check_stream("post_res_backward", x, y, dout)
-    lead, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    lead, t, n, c = _stream_dims(x)
     x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
     y, dout = y.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
@@ -750,8 +752,7 @@ def _dot_block_m(m: int, cfg: DotCfg) -> int:
 
 def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     _check_stream("proj", x, phi)
-    lead, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    lead, t, n, c = _stream_dims(x)
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"mhc triton proj: phi has {k} rows, expected n*C = {n * c}")
@@ -898,8 +899,7 @@ _NO_PIPELINE_ALL: set = set()  # devices that fit it only without PIPELINE_ALL's
 
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                 acc: Tensor | None) -> tuple[Tensor, Tensor]:
-    _, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    _, t, n, c = _stream_dims(x)
     k, m = phi.shape
     acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
     if t == 0 or k == 0:  # x has no elements: neither has dx
@@ -1309,8 +1309,7 @@ def post_res_proj(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(post_res(x, h_res, h_post, y), *proj(that, phi_next)) with one read of x and y and one write of X'."""
     _check_stream("post_res_proj", x, y, phi_next)
-    lead, t = _lead_of(x, 2)
-    n, c = x.shape[-2:]
+    lead, t, n, c = _stream_dims(x)
     k, m = phi_next.shape
     if k != n * c:
         raise ValueError(f"mhc triton post_res_proj: phi_next has {k} rows, expected n*C = {n * c}")

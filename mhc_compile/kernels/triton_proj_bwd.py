@@ -283,8 +283,7 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     (``waves``, ``occupancy``), or ``splits`` given. ``maxnreg`` caps registers a thread (ptxas spills past it),
     e.g. 128 to fit two 8-warp programs on an SM. ``pipeline_all``: the kernel's PIPELINE_ALL."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
-    _, t = tk._lead_of(x, 2)  # any leading dims: the kernel needs T and contiguous memory
-    n, c = x.shape[-2:]
+    _, t, n, c = tk._stream_dims(x)  # any leading dims: the kernel needs T and contiguous memory
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"proj_pre_backward_fused: phi has {k} rows, expected n*C = {n * c}")
