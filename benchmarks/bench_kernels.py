@@ -306,9 +306,12 @@ SWEEP = {
     "post_res": _streams((2048, 512, 4), (8192, 1024, 8), (4096, 2048, 8)),
     "pre": _streams((2048, 512, 4), (8192, 2048, 8), (2048, 1024, 4)),
     "coeffs": [dict(budget=b, num_warps=w) for b, w in [(512, 2), (2048, 4), (256, 1)]],
+    # segments=1: the Sinkhorn backward walked back from m0 alone (the kernel before the checkpoints); smaller
+    # budgets: fewer tokens a warp, more warps an SM to hide the latency of its chain of dependent steps
+    "coeffs_backward": [dict(segments=1), dict(budget=64), dict(budget=128), dict(budget=512, num_warps=2)],
 }
 _SWEEP_CASE = {"proj_dx": ("proj_pre_backward", "bwd"), "proj": ("proj", "fwd"), "proj_dphi": ("proj", "bwd"),
-               "coeffs": ("coeffs", "bwd"),
+               "coeffs": ("coeffs", "fwd"), "coeffs_backward": ("coeffs", "bwd"),
                "pre": ("pre", "fwd"), "pre_backward": ("pre", "bwd"), "post_res": ("post_res", "fwd"),
                "post_res_backward": ("post_res", "bwd"), "post_res_proj": ("post_res_proj", "fwd")}
 

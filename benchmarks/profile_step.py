@@ -7,11 +7,17 @@ its calls, time and in-step bandwidth: its bytes (each stream tensor read or wri
 its time, as a share of the copy bandwidth measured in the same run. This is the profile behind
 benchmarks/results/*: what a step spends its overhead on, not just the total.
 
-    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--foldpre]   (bench_training's stack)
+    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--foldpre] [--tune SPEC ...]
 
 --foldpre also profiles backend="mhc" with fold_pre_recompute=True, its mHC kernels listed beside the default's.
+--tune tune:<kernel>:<field>=<v>,... (bench_training's syntax) profiles the same compiled model again with that
+kernel's config changed, and tabulates every mHC kernel's in-step time a call for the default and each
+alternative side by side: a tile or kernel change judged where it runs (power-capped clocks, other kernels
+around it, the step's own shapes), with per-kernel times that resolve far less than the step's run-to-run spread.
 """
+import argparse
 import collections
+import contextlib
 import datetime
 import os
 import statistics
@@ -70,7 +76,12 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * a.element_size() * 10 / (start.elapsed_time(end) / 1e3)
 
 
-def profile(fn, x, steps=3):
+def profile(fn, x, steps=3, context=contextlib.nullcontext):
+    with context():
+        return _profile(fn, x, steps)
+
+
+def _profile(fn, x, steps):
     for _ in range(3):
         _step(fn, x)
     torch.cuda.synchronize()
@@ -139,9 +150,46 @@ def report(d, bw, results, emit):
         emit(f"| {k} | {us_r.get(k, 0):.0f} | {us_m.get(k, 0):.0f} ({calls_m.get(k, 0)}) |")
 
 
+def compare(d, bw, results, emit):
+    """Every mHC kernel's in-step us a call (and efficiency where its bytes are known) under each profiled
+    backend=mhc variant, the default first."""
+    v = 2048 * 4 * d * 2
+    S = N * v
+    mhc = results[1:]
+    names = sorted({k for _, (_, us, _, _) in mhc for k in us if category(k) == "mHC kernels"},
+                   key=lambda k: -mhc[0][1][1].get(k, 0))
+    emit(f"\n### d = {d}: mHC kernels in the step, us a call (efficiency) under each variant\n")
+    emit("| kernel | calls | " + " | ".join(name for name, _ in mhc) + " |")
+    emit("|---|---|" + "---|" * len(mhc))
+    for k in names:
+        base = k.split("_0d1d")[0]
+        cells = []
+        for _, (_, us, calls, _) in mhc:
+            if k not in us:
+                cells.append("-")
+                continue
+            per_call = us[k] / max(1, calls[k])
+            eff = f" ({100 * KERNEL_BYTES[base](S, v) / (per_call * 1e-6) / bw:.0f} %)" if base in KERNEL_BYTES else ""
+            cells.append(f"{per_call:.1f}{eff}")
+        emit(f"| {base} | {mhc[0][1][2].get(k, '-')} | " + " | ".join(cells) + " |")
+    totals = [sum(t for k, t in us.items() if category(k) == "mHC kernels") / 1e3 for _, (_, us, _, _) in mhc]
+    emit("| **mHC kernels, ms a step** | | " + " | ".join(f"**{t:.2f}**" for t in totals) + " |")
+    emit("| step wall time, ms (5 unprofiled steps' median) | | "
+         + " | ".join(f"{wall:.2f}" for _, (wall, _, _, _) in mhc) + " |")
+    emit("| SM clock while profiled | | " + " | ".join(describe_clocks(clk) for _, (_, _, _, clk) in mhc) + " |")
+
+
 def main():
-    widths = [int(a) for a in sys.argv[1:] if not a.startswith("--")] or [4096]
-    extra = "--foldpre" in sys.argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("widths", type=int, nargs="*", default=[4096])
+    ap.add_argument("--foldpre", action="store_true")
+    ap.add_argument("--tune", nargs="*", default=[], metavar="SPEC")
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps a variant (kernel times are averaged)")
+    args = ap.parse_args()
+    from benchmarks.bench_training import tune_fields
+    from mhc_compile.kernels import triton_ops
+
+    tunes = [(spec, *tune_fields(spec)) for spec in args.tune]  # checked before anything is compiled
     out_dir = os.environ.get("OUT", "bench_out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "profile_step.md")
@@ -159,9 +207,9 @@ def main():
     emit(f"# Profile of one training step — {datetime.date.today()}\n")
     emit(f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
          f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    emit("- bench_training's stack: 4 layers, seq 2048 x batch 4, bf16, n = 4, default options; kernel time "
-         "averaged over 3 profiled steps, wall time the median of 5 unprofiled steps")
-    for d in widths:
+    emit(f"- bench_training's stack: 4 layers, seq 2048 x batch 4, bf16, n = 4, default options; kernel time "
+         f"averaged over {args.steps} profiled steps, wall time the median of 5 unprofiled steps")
+    for d in args.widths:
         torch.manual_seed(0)
         torch._dynamo.reset()
         x = torch.randn(4, 2048, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -169,20 +217,26 @@ def main():
         m = Stack(d, 4).to("cuda", torch.bfloat16)
         m.load_state_dict(residual.state_dict())
         mhc_compile.prepare(m, x.detach(), n=N)
-        variants = [("residual (Inductor)", torch.compile(residual)),
-                    ("backend=mhc", torch.compile(m, backend="mhc", options={"n": N}))]
-        if extra:
+        mhc = torch.compile(m, backend="mhc", options={"n": N})
+        variants = [("residual (Inductor)", torch.compile(residual), contextlib.nullcontext),
+                    ("backend=mhc", mhc, contextlib.nullcontext)]
+        if args.foldpre:
             variants.append(("fold_pre_recompute=True",
-                             torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": True})))
-        results = [(name, profile(fn, x)) for name, fn in variants]
+                             torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": True}),
+                             contextlib.nullcontext))
+        for spec, kernel, fields in tunes:  # the same compiled model, one kernel's config changed around it
+            variants.append((f"{kernel} {spec.split(':', 2)[2]}", mhc,
+                             lambda kernel=kernel, fields=fields: triton_ops.tuning(kernel, **fields)))
+        results = []
+        for name, fn, context in variants:
+            try:
+                results.append((name, profile(fn, x, args.steps, context)))
+            except Exception as exc:  # a tile that does not compile or fit: reported, the others still run
+                emit(f"\n{name}: failed: {type(exc).__name__}: {str(exc)[:200]}")
         report(d, bw, results, emit)
-        for name, (wall, us, calls, _) in results[2:]:
-            mhc = {k: v for k, v in us.items() if category(k) == "mHC kernels"}
-            emit(f"\n{name}: wall {wall:.2f} ms, mHC kernels {sum(mhc.values()) / 1e3:.2f} ms a step "
-                 f"(default: {sum(v for k, v in results[1][1][1].items() if category(k) == 'mHC kernels') / 1e3:.2f})")
-            for k, v in sorted(mhc.items(), key=lambda kv: -kv[1]):
-                emit(f"- {k.split('_0d1d')[0]}: {calls[k]} calls, {v:.1f} us a step")
-        del variants, results
+        if len(results) > 2:
+            compare(d, bw, results, emit)
+        del variants, results, mhc
         torch.cuda.empty_cache()
 
 

@@ -462,6 +462,22 @@ def test_coeffs_backward_matches_autograd():
         _close(a, e, (1e-10, 1e-10))
 
 
+@pytest.mark.parametrize("iters", [1, 3, 6, 20])
+def test_coeffs_backward_checkpoints(iters):
+    """The checkpointed Sinkhorn backward (segments = 4) gives the bits of the walk from m0 alone (segments = 1):
+    the same operations in the same order, only fewer of them. Iteration counts below 4 leave some quarters
+    empty; 6 makes them unequal. Both also against the fp64 reference."""
+    t, n, c = 37, 4, 33
+    p, sq, bias, alpha, grads = _coeff_inputs(t, n, c, torch.float64, seed=11 + iters)
+    args = (n, n * c, 1e-6, iters, "mhc")
+    with tk.tuning("coeffs_backward", segments=1):
+        walk = tk.coeffs_backward(p, sq, bias, alpha, *grads, *args)
+    got = tk.coeffs_backward(p, sq, bias, alpha, *grads, *args)
+    for a, e, r in zip(got, walk, ref.coeffs_backward(p, sq, bias, alpha, *grads, *args)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+        _close(a, r, (1e-10, 1e-10))
+
+
 # (T, n, C): odd T and C (masks on both), n = 1 .. 5 (n <= 4 loads the coefficients once per program, n = 5
 # inside the channel loop), and n = 16 (m = 288 columns padded to 512) with tiny T and C
 PRP_CASES = [((7, 3, 33), d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)] + [

@@ -151,6 +151,14 @@ class PostResBwdCfg(StreamCfg):
 
 
 @dataclass(frozen=True)
+class CoeffsBwdCfg(StreamCfg):
+    """coeffs_backward's tile (BT = budget / NP^2 tokens a program), and how its Sinkhorn backward walks back:
+    ``segments`` = 4 from three register checkpoints (the default), 1 from m0 alone (``_sinkhorn_backward``)."""
+
+    segments: int = 4
+
+
+@dataclass(frozen=True)
 class DotCfg:
     """Tile of the tensor-core kernels (proj, its backward, the fused post_res + proj)."""
 
@@ -204,6 +212,7 @@ _DEFAULTS = {
     "post_res_proj": DotCfg(bt=128, bk=16, num_warps=8, num_stages=3, waves=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
+    "coeffs_backward": CoeffsBwdCfg(budget=256, num_warps=1),
 }
 _OVERRIDES: dict[str, object] = {}
 
@@ -1013,18 +1022,47 @@ def _sinkhorn_iterate(m, valid, iters):
 
 
 @triton.jit
-def _sinkhorn_backward(m0, valid, iters, g):
-    """Exact backward of the unrolled iteration (see reference.sinkhorn_backward).
+def _sinkhorn_span_backward(c, valid, lo, hi, g):
+    """Walk g back through Sinkhorn iterations hi - 1 .. lo, given c = the iterate entering iteration lo.
 
-    Nothing is stored: walking back iteration it re-runs the forward from m0 to it, O(iters^2) half-steps
-    on a few registers per token, which is cheaper than spilling 2*iters iterates to memory.
+    Each step re-runs the forward from c to the iteration it undoes: (hi - lo)^2 / 2 half-step pairs on a few
+    registers per token, which is cheaper than spilling the iterates to memory.
     """
-    for k in range(iters):
-        m = _sinkhorn_iterate(m0, valid, iters - 1 - k)
+    for k in range(hi - lo):
+        m = _sinkhorn_iterate(c, valid, hi - 1 - lo - k)
         mb, sc = _normalise(m, valid, 1)
         mc, sr = _normalise(mb, valid, 2)
         g = tl.where(valid, (g - tl.sum(g * mc, axis=2, keep_dims=True)) / sr, 0.0)
         g = tl.where(valid, (g - tl.sum(g * mb, axis=1, keep_dims=True)) / sc, 0.0)
+    return g
+
+
+@triton.jit
+def _sinkhorn_backward(m0, valid, iters, g, SEGMENTS: tl.constexpr):
+    """Exact backward of the unrolled iteration (see reference.sinkhorn_backward), from m0 = exp(logits - max).
+
+    SEGMENTS = 4 keeps the iterates entering iterations L, 2L, 3L (L = ceil(iters / 4)) as checkpoints in
+    registers and walks each quarter back from its own checkpoint: 3L + 4 L (L + 1) / 2 iterations in the
+    chain of dependent steps (75 at iters = 20) instead of iters (iters + 1) / 2 (210) from m0 alone
+    (SEGMENTS = 1). The kernel is latency-bound (a few warps an SM, every step waits on the one before), so its
+    time follows that chain. Every iterate is computed by the same operations in the same order either way,
+    so both give the same bits.
+    """
+    if SEGMENTS == 4:
+        span = (iters + 3) // 4
+        e1 = tl.minimum(span, iters)
+        e2 = tl.minimum(2 * span, iters)
+        e3 = tl.minimum(3 * span, iters)
+        c1 = _sinkhorn_iterate(m0, valid, e1)
+        c2 = _sinkhorn_iterate(c1, valid, e2 - e1)
+        c3 = _sinkhorn_iterate(c2, valid, e3 - e2)
+        g = _sinkhorn_span_backward(c3, valid, e3, iters, g)
+        g = _sinkhorn_span_backward(c2, valid, e2, e3, g)
+        g = _sinkhorn_span_backward(c1, valid, e1, e2, g)
+        g = _sinkhorn_span_backward(m0, valid, 0, e1, g)
+    else:
+        tl.static_assert(SEGMENTS == 1, "SEGMENTS: 1 or 4")
+        g = _sinkhorn_span_backward(m0, valid, 0, iters, g)
     return g * m0
 
 
@@ -1075,7 +1113,7 @@ def _coeffs_fwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, hpre_ptr, hpost_ptr, hres_pt
 @triton.jit(do_not_specialize=["T"])
 def _coeffs_bwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, gpre_ptr, gpost_ptr, gres_ptr, dp_ptr, dsq_ptr,
                        dbias_ptr, dalpha_ptr, T, nc, eps, iters, PART_STRIDE, N: tl.constexpr, NP: tl.constexpr,
-                       BT: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr):
+                       BT: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, SEGMENTS: tl.constexpr):
     """Recomputes the forward, then dp, dsq per token and this block's partial sums of dbias, dalpha.
 
     Rows past T load zero gradients, so they add nothing to the partial sums.
@@ -1102,7 +1140,7 @@ def _coeffs_bwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, gpre_ptr, gpost_ptr, gres_pt
         m0 = _sinkhorn_m0(a_res * u_res + b_res, valid)
         d_pre = g_pre * s_pre * (1.0 - s_pre)
         d_post = 2.0 * g_post * s_post * (1.0 - s_post)
-        d_res = _sinkhorn_backward(m0, valid, iters, g_res)
+        d_res = _sinkhorn_backward(m0, valid, iters, g_res, SEGMENTS)
     else:
         d_pre = g_pre
         d_post = g_post
@@ -1131,7 +1169,7 @@ def _coeffs_bwd_kernel(p_ptr, sq_ptr, b_ptr, a_ptr, gpre_ptr, gpost_ptr, gres_pt
     tl.store(dsq_ptr + r64, dr * (-0.5) / nc * r * r * r, mask=rmask)
 
 
-def _coeffs_launch_args(p: Tensor, n: int, mode: str):
+def _coeffs_launch_args(p: Tensor, n: int, mode: str, cfg: StreamCfg):
     if mode not in _MODES:
         raise ValueError(f"mhc coeffs: unknown mode {mode!r}")
     _check_stream("coeffs", p)
@@ -1140,14 +1178,15 @@ def _coeffs_launch_args(p: Tensor, n: int, mode: str):
     if m != ref.num_coeffs(n):
         raise ValueError(f"mhc triton coeffs: p has {m} columns, expected n*n + 2n = {ref.num_coeffs(n)}")
     np_ = _pow2(n)
-    bt = max(1, min(_pow2(t), _cfg("coeffs").budget // (np_ * np_)))
+    bt = max(1, min(_pow2(t), cfg.budget // (np_ * np_)))
     return lead, t, m, np_, bt
 
 
 def coeffs(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor, n: int, nc: int, eps: float, iters: int, mode: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    lead, t, m, np_, bt = _coeffs_launch_args(p, n, mode)
+    cfg = _cfg("coeffs")
+    lead, t, m, np_, bt = _coeffs_launch_args(p, n, mode, cfg)
     acc = _acc_torch(p.dtype, sq.dtype, bias.dtype, alpha.dtype)
     p, sq, bias, alpha = p.contiguous(), sq.contiguous(), bias.contiguous(), alpha.contiguous()
     h_pre = torch.empty(lead + (n,), dtype=acc, device=p.device)
@@ -1157,7 +1196,7 @@ def coeffs(
         return h_pre, h_post, h_res
     launch(
         _coeffs_fwd_kernel, (_cdiv(t, bt),), (p, sq, bias, alpha, h_pre, h_post, h_res, t, nc, eps, iters),
-        dict(N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc)), num_warps=_cfg("coeffs").num_warps,
+        dict(N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc)), num_warps=cfg.num_warps,
     )
     return h_pre, h_post, h_res
 
@@ -1166,7 +1205,8 @@ def coeffs_backward(
     p: Tensor, sq: Tensor, bias: Tensor, alpha: Tensor, dh_pre: Tensor, dh_post: Tensor, dh_res: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    lead, t, m, np_, bt = _coeffs_launch_args(p, n, mode)
+    cfg = _cfg("coeffs_backward")
+    lead, t, m, np_, bt = _coeffs_launch_args(p, n, mode, cfg)
     acc = _acc_torch(p.dtype, sq.dtype, bias.dtype, alpha.dtype)
     tensors = [v.contiguous() for v in (p, sq, bias, alpha, dh_pre, dh_post, dh_res)]
     dp = torch.empty(lead + (m,), dtype=acc, device=p.device)
@@ -1179,7 +1219,8 @@ def coeffs_backward(
     parts = torch.empty((blocks, m + 3), dtype=acc, device=p.device)
     launch(
         _coeffs_bwd_kernel, (blocks,), (*tensors, dp, dsq, parts, parts[:, m:], t, nc, eps, iters, m + 3),
-        dict(N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc)), num_warps=_cfg("coeffs").num_warps,
+        dict(N=n, NP=np_, BT=bt, MODE=_MODES[mode], ACC=_acc_tl(acc), SEGMENTS=cfg.segments),
+        num_warps=cfg.num_warps,
     )
     return dp, dsq, parts[:, :m].sum(0).to(bias.dtype), parts[:, m:].sum(0).to(alpha.dtype)
 
