@@ -26,7 +26,8 @@ Why this shape (the earlier fused try, lab-2026-11-24-h100.md "fuse_dphi", spill
   partials, splits x K x M x 4, written and summed on the host).
 
 Knobs the sweep turns: BT, BK, warps, stages, splits, maxnreg (a register cap, to fit two programs on an SM),
-pipeline_all (the token loop a tl.range with its own num_stages, so the pipeliner stages dout and acc too).
+pipeline_all (the token loop a tl.range with its own num_stages, so the pipeliner stages dout and acc too),
+tma (X, dout, acc and dX as TMA blocks: swizzled shared tiles read in the MMA layout, dX stored from one).
 The constexpr variants timed and removed (PREFETCH, DX_HI_LO, XT_A, SIDE_ACC, DIAG) are listed in
 kernels/triton_proj_bwd.py and measured in results/session6- and session8-2026-12-02-h200.md. The "pair" rows
 are the dx + dphi kernel pair (``configure("proj_dx_dphi", enabled=False)``), which reads X twice (before
@@ -99,13 +100,19 @@ SWEEP = [
     _cfg(32, 128, 8, 2, occupancy=2, pipeline_all=True),
     _cfg(32, 128, 8, 3, pipeline_all=True),
     _cfg(64, 64, 4, 3, occupancy=2, pipeline_all=True),
+    # tma: X, dout, acc and dX through TMA descriptors (swizzled shared tiles, no layout change before the store)
+    _cfg(64, 128, 8, 2, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),  # 128, 200, 113 KB: 2
+    _cfg(64, 64, 8, 3, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),   # 128, 0, 113 KB: 2
+    _cfg(64, 128, 8, 2, pipeline_all=True, tma=True),                            # 238, 0, 113 KB: 1
+    _cfg(64, 128, 8, 3, maxnreg=128, pipeline_all=True, tma=True),               # 128, 192, 177 KB: 1
+    _cfg(64, 64, 4, 3, occupancy=2, pipeline_all=True, tma=True),                # 255, 0, 113 KB: 2
 ]
 # value checks on the GPU: odd token counts (a ragged tail tile), n = 1 / 3 / 4, bf16 and fp32, ONE_STREAM and
 # the gather path (C = 1000 is no multiple of BK); the variants only on the first two shapes
 CHECK_SHAPES = [(1000, 4, 768, torch.bfloat16), (1000, 4, 4096, torch.bfloat16), (1000, 4, 768, torch.float32),
                 (1000, 1, 768, torch.bfloat16), (1000, 3, 768, torch.float32), (1000, 3, 1000, torch.bfloat16)]
 CHECK_VARIANTS = [_cfg(32, 64, 4, 3, splits=3), _cfg(64, 128, 8, 2, maxnreg=128),
-                  _cfg(64, 64, 8, 3, pipeline_all=True)]
+                  _cfg(64, 64, 8, 3, pipeline_all=True), _cfg(64, 128, 8, 2, maxnreg=128, pipeline_all=True, tma=True)]
 SMOKE_SHAPES = [(37, 4, 64, torch.bfloat16), (37, 3, 24, torch.float32), (37, 1, 64, torch.bfloat16)]
 # error budgets, max |err| / max |ref|: one bf16 rounding of dx (2^-8) plus tf32 products; hi/lo dphi ~2^-16 per
 # product summed over 1000 tokens; fp32 streams multiply exactly
@@ -382,7 +389,8 @@ def main() -> int:
             return 2
         bkm.SMOKE = True
         device, shapes, tokens, channels = "cpu", SMOKE_SHAPES, [64], [64]
-        configs = [MAIN, _cfg(16, 32, 4, 2), _cfg(32, 64, 4, 3, splits=2), _cfg(16, 64, 4, 3, pipeline_all=True)]
+        configs = [MAIN, _cfg(16, 32, 4, 2), _cfg(32, 64, 4, 3, splits=2), _cfg(16, 64, 4, 3, pipeline_all=True),
+                   _cfg(16, 64, 4, 2, pipeline_all=True, tma=True)]
     else:
         if not torch.cuda.is_available():
             print("lab_dx_dphi: needs a CUDA device (or --smoke under TRITON_INTERPRET=1)", file=sys.stderr)

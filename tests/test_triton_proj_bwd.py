@@ -117,6 +117,9 @@ CASES = [
     (4, 64, torch.bfloat16, dict(bt=16, bk=64, num_stages=2, pipeline_all=True), True),
     (3, 24, torch.bfloat16, dict(bt=16, bk=16, splits=2, pipeline_all=True), False),
     (1, 64, torch.float32, dict(bt=16, bk=32, pipeline_all=True), True),
+    # tma: X, dout, acc and dX through tensor descriptors (rows past T: zero reads, dropped writes)
+    (4, 64, torch.bfloat16, dict(bt=16, bk=64, tma=True), True),
+    (4, 64, torch.bfloat16, dict(bt=16, bk=16, splits=2, num_stages=2, pipeline_all=True, tma=True), False),
 ]
 IDS = [f"n{n}C{c}-{str(d)[6:]}-" + "-".join(f"{k}{v}" for k, v in o.items()) + ("-acc" if a else "")
        for n, c, d, o, a in CASES]
@@ -134,6 +137,26 @@ def test_fused_without_pre_term_is_proj_backward(dtype, with_acc):
     """h_pre and dout absent (HAS_PRE off): proj_backward's dx (+ acc) and dphi."""
     inputs = _inputs(3, 24, dtype, seed=7, with_acc=with_acc, with_pre=False)
     _check(pb.proj_pre_backward_fused(*inputs, bt=16, bk=32, splits=2), _expected(*inputs), dtype)
+
+
+@pytest.mark.parametrize("with_pre", [True, False], ids=["pre", "no_pre"])
+@pytest.mark.parametrize("with_acc", [True, False], ids=["acc", "no_acc"])
+def test_tma_is_the_pointer_kernel(with_pre, with_acc):
+    """The TMA build computes what the pointer loads do, bit for bit (same arithmetic, same order); the plan takes
+    it only where it may: bf16, K blocks inside one stream, whole K blocks."""
+    inputs = _inputs(4, 64, torch.bfloat16, seed=21, with_acc=with_acc, with_pre=with_pre)
+    for opts in (dict(bt=16, bk=32), dict(bt=64, bk=64, splits=2, pipeline_all=True)):
+        want = pb.proj_pre_backward_fused(*inputs, **opts)
+        got = pb.proj_pre_backward_fused(*inputs, **opts, tma=True)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    plan = dict(bt=16, bk=32, num_warps=4, num_stages=2, maxnreg=None, tma=True)
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert pb._launch_plan(T, 4, 64, 24, bf16, f32, True, True, **plan)[2]["TMA"]
+    assert not pb._launch_plan(T, 4, 64, 24, f32, f32, True, True, **plan)[2]["TMA"]  # fp32 stream
+    assert not pb._launch_plan(T, 3, 24, 15, bf16, f32, True, True, **plan)[2]["TMA"]  # block across streams
+    assert not pb._tma_ok(torch.empty(T, 4, 60, dtype=bf16))  # rows not 16-byte multiples
+    assert not pb._tma_ok(torch.empty(T * 4 * 64 + 1, dtype=bf16)[1:].view(T, 4, 64))  # base not 16-byte aligned
 
 
 def test_fewer_tokens_than_a_tile_and_no_tokens():

@@ -186,6 +186,10 @@ class FusedBwdCfg:
     # the kernel's PIPELINE_ALL: dout and acc staged through shared memory like the dots' operands. H200: 478 vs
     # 592 us at 8192 x 7168 (76 vs 61 % of copy bandwidth), 1819 vs 2197 at 32768 x 7168 (session8 results)
     pipeline_all: bool = True
+    # X, dout, acc and dX as [BT, BK] blocks through TMA descriptors (kernels/triton_proj_bwd.py): each lands in
+    # a swizzled shared-memory tile and dX leaves from one, instead of cp.async copies into unswizzled tiles and a
+    # register layout change before the store
+    tma: bool = False
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,

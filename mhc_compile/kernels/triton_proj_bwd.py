@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.kernels.launch import launch
 
@@ -74,11 +76,12 @@ def _x_load(x_ptr, rows, t_hi, C, ks, kmask, N: tl.constexpr, MASK_ROWS: tl.cons
 
 
 @triton.jit
-def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N: tl.constexpr,
+def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, t0, c0, k0, N: tl.constexpr,
                 HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, MASK_ROWS: tl.constexpr,
-                EVEN_K: tl.constexpr):
+                EVEN_K: tl.constexpr, TMA: tl.constexpr):
     """The other loads of a tile's dx, in their stored dtypes (widened where used): (dsq, h_pre, dout tile, acc
-    tile); absent terms are 0.0 placeholders."""
+    tile); absent terms are 0.0 placeholders. TMA: g_ptr and acc_ptr are tensor descriptors of dout [T, C] and
+    acc [T, K], read at (t0, c0) and (t0, k0); rows past T read as zeros."""
     r64 = rows.to(tl.int64)
     rmask = rows < t_hi
     m2 = _tile_mask(rmask, kmask, EVEN_K)
@@ -87,13 +90,19 @@ def _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc
     g = 0.0
     a = 0.0
     if HAS_PRE:
-        g = _ld(g_ptr + (r64 * C)[:, None] + cc[None, :], m2, MASK_ROWS, EVEN_K)
+        if TMA:
+            g = g_ptr.load([t0, c0])
+        else:
+            g = _ld(g_ptr + (r64 * C)[:, None] + cc[None, :], m2, MASK_ROWS, EVEN_K)
         if ONE_STREAM:  # the block lies in one stream: h_pre is one value a token
             h = _ld(h_ptr + r64 * N + ii, rmask, MASK_ROWS, EVEN_K)
         else:
             h = _ld(h_ptr + (r64 * N)[:, None] + ii[None, :], m2, MASK_ROWS, EVEN_K)
     if HAS_ACC:
-        a = _ld(acc_ptr + (r64 * (N * C))[:, None] + ks[None, :], m2, MASK_ROWS, EVEN_K)
+        if TMA:
+            a = acc_ptr.load([t0, k0])
+        else:
+            a = _ld(acc_ptr + (r64 * (N * C))[:, None] + ks[None, :], m2, MASK_ROWS, EVEN_K)
     return dsq, h, g, a
 
 
@@ -113,11 +122,17 @@ def _plus_side(dx, dsq, xt, h, g, a, HAS_PRE: tl.constexpr, ONE_STREAM: tl.const
 
 
 @triton.jit
+def _dx_ptrs(dx_ptr, r64, K, ks):
+    return dx_ptr + (r64 * K)[:, None] + ks[None, :]
+
+
+@triton.jit
 def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
-          mmask, mas, arow, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
+          mmask, mas, arow, t0, k0, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
           HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-          PREC: tl.constexpr):
-    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X."""
+          PREC: tl.constexpr, TMA: tl.constexpr):
+    """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X. TMA: dx_ptr
+    is a tensor descriptor of dX [T, K] (bf16), written at (t0, k0); rows past T are dropped."""
     r64 = rows.to(tl.int64)
     rmask = rows < t_hi
     # dp and A feed dots: Triton's pipeliner prefetches them (and X) num_stages - 1 tiles ahead. Their column /
@@ -132,13 +147,14 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M
     at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
     dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
     dx = _plus_side(dx, dsq, xt, h, g, a, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
-    dx_ptrs = dx_ptr + (r64 * K)[:, None] + ks[None, :]
-    if MASK_ROWS:
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+    if TMA:
+        dx_ptr.store([t0, k0], dx.to(tl.bfloat16))
+    elif MASK_ROWS:
+        tl.store(_dx_ptrs(dx_ptr, r64, K, ks), dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
     elif EVEN_K:
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty))
+        tl.store(_dx_ptrs(dx_ptr, r64, K, ks), dx.to(dx_ptr.dtype.element_ty))
     else:
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+        tl.store(_dx_ptrs(dx_ptr, r64, K, ks), dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
     if HI_LO:  # the X tile enters the tensor cores as loaded
         dphi = tl.dot(at.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
     else:
@@ -148,16 +164,21 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M
 
 @triton.jit
 def _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K, M, s_am, s_at,
-            ks, kmask, ii, cc, ms, mmask, mas, arow, N: tl.constexpr, BT: tl.constexpr, HAS_PRE: tl.constexpr,
-            ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr,
-            EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+            ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N: tl.constexpr, BT: tl.constexpr,
+            HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, HI_LO: tl.constexpr,
+            MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+            TMA: tl.constexpr):
     """The tile of tokens t0 .. t0 + BT: its loads, then _tile (MASK_ROWS: the ragged tail, rows past t_hi)."""
     rows = t0 + tl.arange(0, BT)
-    xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, MASK_ROWS, EVEN_K)
-    dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, N, HAS_PRE,
-                               ONE_STREAM, HAS_ACC, MASK_ROWS, EVEN_K)
+    if TMA:  # x_ptr: a tensor descriptor of X [T, K]
+        xt = x_ptr.load([t0, k0])
+    else:
+        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, MASK_ROWS, EVEN_K)
+    dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, t0, c0, k0, N,
+                               HAS_PRE, ONE_STREAM, HAS_ACC, MASK_ROWS, EVEN_K, TMA)
     return _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
-                 mmask, mas, arow, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, MASK_ROWS, EVEN_K, DOT, ACC, PREC)
+                 mmask, mas, arow, t0, k0, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, MASK_ROWS, EVEN_K, DOT, ACC, PREC,
+                 TMA)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -165,7 +186,7 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                          T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                          MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
                          HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                         ACC: tl.constexpr, PREC: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                         ACC: tl.constexpr, PREC: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr):
     """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
     tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
 
@@ -185,6 +206,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     K = N * C
     split = tl.program_id(1)
     ks, kmask, ks64, ms, mmask, ii, cc = tk._k_block(C, M, N, BK, MP, ONE_STREAM)
+    k0 = tl.program_id(0) * BK  # the block's first column, and (TMA, where the block lies in one stream) its
+    c0 = k0 % C  # first channel: the descriptors' column offsets
     mas = tl.arange(0, MA)
     # the phi slab [MP, BK] is loaded once for the program's whole token range
     phi_t = tl.load(phi_ptr + ks64[None, :] * M + ms[:, None], mask=mmask[:, None] & kmask[None, :],
@@ -202,12 +225,12 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     # shared memory, dout and acc included; None: a plain loop, where it stages the dots' operands X, dp and A
     for t0 in tl.range(t_lo, t_full, BT, num_stages=LOOP_STAGES):
         dphi = _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K, M,
-                       s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, N, BT, HAS_PRE, ONE_STREAM, HAS_ACC,
-                       HI_LO, False, EVEN_K, DOT, ACC, PREC)
+                       s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N, BT, HAS_PRE, ONE_STREAM,
+                       HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC, PREC, TMA)
     if t_full < t_hi:  # the ragged tail tile, masked
         dphi = _tokens(dphi, t_full, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K,
-                       M, s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, N, BT, HAS_PRE, ONE_STREAM, HAS_ACC,
-                       HI_LO, True, EVEN_K, DOT, ACC, PREC)
+                       M, s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N, BT, HAS_PRE, ONE_STREAM,
+                       HAS_ACC, HI_LO, True, EVEN_K, DOT, ACC, PREC, TMA)
     if HI_LO:
         dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
     out_rows = split.to(tl.int64) * K + ks64
@@ -251,37 +274,54 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
 
 
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages, maxnreg,
-                 pipeline_all=False):
+                 pipeline_all=False, tma=False):
     """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report. The
-    mappings are shared between calls (cached), hence read-only."""
+    mappings are shared between calls (cached), hence read-only. ``tma``: the caller checked that the tensors
+    allow descriptors (``_tma_ok``); the plan takes TMA where the tile allows it too."""
     return _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
-                        pipeline_all, tk._half_dot_dtype())
+                        pipeline_all, tma, tk._half_dot_dtype())
 
 
 @functools.lru_cache(maxsize=1024)  # every launch asks again with the same shapes (and the interpreter setting)
 def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
-                 pipeline_all, dot):
+                 pipeline_all, tma, dot):
     k = n * c
     mp = max(16, tk._pow2(m))
     hi_lo = tk._hi_lo(stream_dtype) and acc_t == torch.float32
     bt = max(16, min(bt, tk._pow2(t)))  # tl.dot needs >= 16 rows
     bk = max(16, min(bk, tk._pow2(k)))
-    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=c % bk == 0,
-                HAS_ACC=has_acc, EVEN_K=k % bk == 0, HI_LO=hi_lo, DOT=dot,
+    one_stream, even_k = c % bk == 0, k % bk == 0
+    meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=one_stream,
+                HAS_ACC=has_acc, EVEN_K=even_k, HI_LO=hi_lo, DOT=dot,
                 ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype),
-                LOOP_STAGES=num_stages if pipeline_all else None)
+                LOOP_STAGES=num_stages if pipeline_all else None,
+                TMA=bool(tma and hi_lo and one_stream and even_k and bt <= 256 and bk <= 256))
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         opts["maxnreg"] = maxnreg
     return bt, bk, types.MappingProxyType(meta), types.MappingProxyType(opts)
 
 
+def _tma_ok(*tensors) -> bool:
+    """Whether these [.., C]-shaped bf16 tensors can be read and written through TMA descriptors: 16-byte aligned
+    bases and rows (C a multiple of 8), the last dim contiguous (the wrapper made them contiguous)."""
+    return all(v.dtype == torch.bfloat16 and v.data_ptr() % 16 == 0 and v.shape[-1] % 8 == 0 for v in tensors)
+
+
+def _descriptor(v, rows, cols, block):
+    """A [rows, cols] TMA descriptor over the contiguous tensor v, read and written in [BT, BK] blocks."""
+    return TensorDescriptor.from_tensor(v.view(rows, cols), list(block))
+
+
 def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
-                            num_stages=3, waves=16.0, occupancy=1, splits=None, maxnreg=None, pipeline_all=False):
+                            num_stages=3, waves=16.0, occupancy=1, splits=None, maxnreg=None, pipeline_all=False,
+                            tma=False):
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (both None),
     from one kernel that reads X once. dx in x.dtype, dphi in phi.dtype. Token splits: see plan_splits
     (``waves``, ``occupancy``), or ``splits`` given. ``maxnreg`` caps registers a thread (ptxas spills past it),
-    e.g. 128 to fit two 8-warp programs on an SM. ``pipeline_all``: the kernel's PIPELINE_ALL."""
+    e.g. 128 to fit two 8-warp programs on an SM. ``pipeline_all``: the kernel's PIPELINE_ALL. ``tma``: X, dout,
+    acc and dX move as [BT, BK] blocks through TMA descriptors (bf16 streams whose K blocks lie in one stream,
+    16-byte aligned; otherwise the pointer loads)."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
     _, t, n, c = tk._stream_dims(x)  # any leading dims: the kernel needs T and contiguous memory
     k, m = phi.shape
@@ -299,9 +339,11 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     acc_t = tk._acc_torch(x.dtype, phi.dtype, *((dout.dtype,) if has_pre else ()))
     if t == 0 or k == 0:
         return torch.empty_like(x), torch.zeros_like(phi)
+    dx = torch.empty_like(x)
+    tma = tma and _tma_ok(x, dx, *((dout,) if has_pre else ()), *((acc,) if acc is not None else ()))
     bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
                                       num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
-                                      pipeline_all=pipeline_all)
+                                      pipeline_all=pipeline_all, tma=tma)
     if meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
         a = split_dp_t(dp, meta["MP"])
         s_am, s_at = a.stride(0), 1
@@ -310,11 +352,15 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     kblocks = tk._cdiv(k, bk)
     split_cost = (k * m * 4 * 2) / (3 * x.numel() * x.element_size())  # a dphi partial / X, acc and dX
     splits, t_split = plan_splits(t, bt, kblocks, waves, occupancy, x.device, splits, split_cost)
-    dx = torch.empty_like(x)
     dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
-    args = (x, phi, dp, a, dsq, h_pre if has_pre else dsq, dout if has_pre else x, acc if acc is not None else x,
-            dx, dphi, t, c, m, t_split, s_am, s_at)
+    xs, gs, accs, dxs = x, dout if has_pre else x, acc if acc is not None else x, dx
+    if meta["TMA"]:
+        block = (bt, bk)
+        xs, dxs = _descriptor(x, t, k, block), _descriptor(dx, t, k, block)
+        gs = _descriptor(dout, t, c, block) if has_pre else xs
+        accs = _descriptor(acc, t, k, block) if acc is not None else xs
+    args = (xs, phi, dp, a, dsq, h_pre if has_pre else dsq, gs, accs, dxs, dphi, t, c, m, t_split, s_am, s_at)
     # no stage retry: an OutOfResources goes to triton_ops._proj_grads, which drops PIPELINE_ALL, then the tile
     ck = launch(_proj_dx_dphi_kernel, (kblocks, splits), args, meta, shrink_stages=False, **opts)
     if ck is not None:
@@ -332,4 +378,5 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages, waves=cfg.waves, occupancy=cfg.occupancy,
-                                   maxnreg=cfg.maxnreg if x.is_cuda else None, pipeline_all=cfg.pipeline_all)
+                                   maxnreg=cfg.maxnreg if x.is_cuda else None, pipeline_all=cfg.pipeline_all,
+                                   tma=cfg.tma)
