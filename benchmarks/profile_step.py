@@ -100,11 +100,34 @@ def _profile(fn, x, steps):
             _step(fn, x)
         torch.cuda.synchronize()
     us, calls = collections.Counter(), collections.Counter()
+    spans = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             us[e.name[:90]] += e.device_time_total / steps
             calls[e.name[:90]] += 1
+            spans.append((e.time_range.start, e.time_range.end, e.name[:60]))
+    GAPS[id(us)] = gaps(spans, steps)
     return statistics.median(walls), us, {k: v // steps for k, v in calls.items()}, clocks.summary()
+
+
+GAPS = {}  # id(a profile's kernel-time Counter) -> its gaps() summary (report() looks it up)
+
+
+def gaps(spans, steps, least_us=5.0):
+    """Where the GPU sat idle inside the profiled steps: every gap of at least ``least_us`` between one kernel's
+    end (the latest end so far) and the next kernel's start, summed a step, and the kernel pairs it fell between.
+    A gap the size of a launch means the host was late (launch-bound stretch or a synchronisation)."""
+    spans.sort()
+    total, count, by_pair = 0.0, 0, collections.Counter()
+    end, prev = None, None
+    for start, stop, name in spans:
+        if end is not None and start - end >= least_us:
+            total += start - end
+            count += 1
+            by_pair[(prev, name)] += start - end
+        if end is None or stop > end:
+            end, prev = stop, name
+    return total / steps, count / steps, {k: v / steps for k, v in by_pair.most_common(8)}
 
 
 def report(d, bw, results, emit):
@@ -117,6 +140,9 @@ def report(d, bw, results, emit):
     emit(f"| kernel time a step, ms | {kr:.2f} | {km:.2f} | {km - kr:+.2f} |")
     emit(f"| GPU idle in the step, ms | {wall_r - kr:.2f} | {wall_m - km:.2f} | {(wall_m - km) - (wall_r - kr):+.2f} |")
     emit(f"| SM clock while profiled | {describe_clocks(clk_r)} | {describe_clocks(clk_m)} | |")
+    (gap_r, n_r, _), (gap_m, n_m, pairs_m) = GAPS.get(id(us_r), (0, 0, {})), GAPS.get(id(us_m), (0, 0, {}))
+    emit(f"| GPU gaps >= 5 us between kernels, ms a step (count) | {gap_r / 1e3:.2f} ({n_r:.0f}) | "
+         f"{gap_m / 1e3:.2f} ({n_m:.0f}) | {(gap_m - gap_r) / 1e3:+.2f} |")
     cats = collections.defaultdict(lambda: [0.0, 0.0])
     for k, v in us_r.items():
         cats[category(k)][0] += v
@@ -141,6 +167,12 @@ def report(d, bw, results, emit):
             emit(f"| {base} | {calls_m[k]} | {total:.1f} | {per_call:.1f} | {gb:.3f} | {rate:.0f} | {100 * rate * 1e9 / bw:.0f} % |")
         else:
             emit(f"| {base} | {calls_m[k]} | {total:.1f} | {per_call:.1f} | | | |")
+    if pairs_m:
+        emit("\nbackend=mhc: the largest gaps a step, by the kernels they fell between:\n")
+        emit("| after | before | us a step |")
+        emit("|---|---|---|")
+        for (a, b), v in pairs_m.items():
+            emit(f"| {a} | {b} | {v:.0f} |")
     emit("\nOther kernels whose time differs by more than 50 us a step (by name):\n")
     emit("| kernel | residual us (calls) | backend=mhc us (calls) |")
     emit("|---|---|---|")
@@ -148,6 +180,26 @@ def report(d, bw, results, emit):
         if category(k) == "mHC kernels" or abs(us_m.get(k, 0) - us_r.get(k, 0)) < 50:
             continue
         emit(f"| {k} | {us_r.get(k, 0):.0f} | {us_m.get(k, 0):.0f} ({calls_m.get(k, 0)}) |")
+
+
+def sync_check(fn, x, emit):
+    """One step of ``fn`` (after a warm-up step) with CUDA's sync debug mode on: every operation that made the host
+    wait for the GPU warns; they are listed (a step should have none)."""
+    import warnings
+
+    _step(fn, x)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _step(fn, x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+    emit(f"\nsync check (one backend=mhc step): {len(syncs)} synchronizing operations")
+    for line in collections.Counter(syncs).most_common(10):
+        emit(f"- {line[1]} x {line[0]}")
 
 
 def compare(d, bw, results, emit):
@@ -185,6 +237,8 @@ def main():
     ap.add_argument("--foldpre", action="store_true")
     ap.add_argument("--tune", nargs="*", default=[], metavar="SPEC")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps a variant (kernel times are averaged)")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="run one backend=mhc step under torch.cuda.set_sync_debug_mode('warn') and list what synced")
     args = ap.parse_args()
     from benchmarks.bench_training import tune_fields
     from mhc_compile.kernels import triton_ops
@@ -227,6 +281,8 @@ def main():
         for spec, kernel, fields in tunes:  # the same compiled model, one kernel's config changed around it
             variants.append((f"{kernel} {spec.split(':', 2)[2]}", mhc,
                              lambda kernel=kernel, fields=fields: triton_ops.tuning(kernel, **fields)))
+        if args.sync_check:
+            sync_check(mhc, x, emit)
         results = []
         for name, fn, context in variants:
             try:

@@ -170,6 +170,15 @@ def test_arg_key_is_at_least_as_fine_as_tritons_specialization():
     values += [base, base[1:], base[4:], base[2:].view(torch.bfloat16)]
     for edge in (0, 1, 2, 15, 16, 17, 2**31, 2**32, 2**63, 2**64 - 16):
         values += [edge - 1, edge, edge + 1, -edge]
+    # TMA descriptors: dtypes, block shapes, shapes and strides, bases of either alignment
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    for dtype in (torch.bfloat16, torch.float32):
+        flat = torch.zeros(64 * 128 + 8, dtype=dtype)
+        for rows, cols in ((64, 128), (37, 128), (16, 64)):
+            for off in (0, 8):
+                for block in ([16, 32], [16, 64]):
+                    values.append(TensorDescriptor.from_tensor(flat[off:off + rows * cols].view(rows, cols), block))
     values = [v for v in values if not isinstance(v, int) or -(2**63) <= v < 2**64]
     groups = {}
     for v in values:
@@ -177,6 +186,7 @@ def test_arg_key_is_at_least_as_fine_as_tritons_specialization():
         groups.setdefault(L._arg_key((v,)), set()).add(spec)
     for key, specs in groups.items():
         assert len(specs) == 1, (key, specs)
+    assert any(isinstance(k[0], tuple) and k[0][0] == "tensordesc" for k in groups)  # the descriptors were keyed, not left unhashable
 
 
 def _signature_tail_complete(kernel, n_args: int, meta) -> bool:

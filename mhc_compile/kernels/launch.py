@@ -39,6 +39,10 @@ try:  # Triton >= 3.4; older versions have no launch hooks to respect here
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - depends on the installed Triton
     _knobs = None
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    _TensorDescriptor = None
 
 _I32_MIN, _I32_MAX, _U64_MIN = -(2**31), 2**31 - 1, 2**63
 
@@ -64,17 +68,28 @@ def enable(on: bool = True) -> None:
     _enabled = bool(on)
 
 
+def _int_class(a: int) -> tuple:
+    return (a == 1, a % 16 == 0, _I32_MIN <= a <= _I32_MAX, a >= _U64_MIN)
+
+
 def _arg_key(args: tuple) -> tuple:
     """Classes of the positional arguments, at least as fine as Triton's specialization of them, so that one class
     never stands for two compiled kernels (native_specialize_impl, BaseBackend.get_{int,tensor}_specialization):
-    a pointer's dtype and 16-byte alignment; an int's value 1, divisibility by 16, i32 / i64 / u64 range; the type
-    of a bool, float or None; any other value itself (a TypeError if unhashable: then Triton's path)."""
+    a pointer's dtype and 16-byte alignment; an int's value 1, divisibility by 16, i32 / i64 / u64 range; a TMA
+    descriptor's dtype, block shape, padding and rounding (what Triton specializes it on), its base's alignment
+    and the classes of its shape and strides (which the launcher passes on as ints); the type of a bool, float
+    or None; any other value itself (a TypeError if unhashable: then Triton's path). The launcher itself turns a
+    descriptor into the kernel's arguments (the CUDA tensor map, its shape and strides) at every launch."""
     key = []
     for a in args:
         if isinstance(a, Tensor):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
         elif type(a) is int:
-            key.append((a == 1, a % 16 == 0, _I32_MIN <= a <= _I32_MAX, a >= _U64_MIN))
+            key.append(_int_class(a))
+        elif _TensorDescriptor is not None and type(a) is _TensorDescriptor:
+            key.append(("tensordesc", a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape),
+                        getattr(a, "padding", None), getattr(a, "round_f32_to_tf32", None),
+                        tuple(_int_class(int(v)) for v in (*a.shape, *a.strides))))
         elif a is None or type(a) in (bool, float):
             key.append(type(a))
         else:

@@ -8,10 +8,18 @@
 ``triton_ops.proj_backward`` / ``proj_pre_backward`` call ``proj_grads`` for bf16 streams; the two-kernel path
 (``_proj_dx_kernel`` + ``_proj_dphi_kernel``) reads X twice and stays for the other dtypes and as the side-by-side
 baseline (``triton_ops.configure("proj_dx_dphi", enabled=False)``). The shipped tile: 64 x 128, 8 warps, 2 stages,
-128 registers (two programs an SM), PIPELINE_ALL. On an H200 (benchmarks/results/session8-2026-12-02-h200.md) it
-runs at 75-82 % of copy bandwidth (1005.8 us at 32768 x 4096, 478.7 at 8192 x 7168), against 55-58 % for the pair
-(1415.2 and 657.9 us). ``benchmarks/lab_dx_dphi.py`` sweeps its tiles and says why the kernel is shaped this way
-(the earlier fused try spilled at every tile).
+128 registers (two programs an SM), PIPELINE_ALL, TMA. On an H200 the pointer build ran at 75-82 % of copy bandwidth
+(1005.8 us at 32768 x 4096, 478.7 at 8192 x 7168; benchmarks/results/session8-2026-12-02-h200.md), against 55-58 %
+for the pair (1415.2 and 657.9 us); TMA took it to 85 % (971.4 against 995.5 us in one run,
+benchmarks/results/session11-2026-12-02-h200.md). ``benchmarks/lab_dx_dphi.py`` sweeps its tiles and says why the
+kernel is shaped this way (the earlier fused try spilled at every tile).
+
+TMA (host-side tensor descriptors): X, dout, acc and dX move as [BT, BK] blocks. In the sm_90a build the three
+loads land in 128-byte-swizzled shared tiles that are read straight into the MMA layout the dx dot produces, and
+dX is written from registers into a swizzled tile that the TMA engine stores: the loop has no register layout
+change left (the pointer build has one for the dx store and reads dout from an unswizzled tile, with bank
+conflicts), and ptxas spills 200 bytes instead of 280. Rows past T read as zeros and are not written, which is
+what the masks did.
 
 Designs tried on an H200 and removed (their code is in git history, their timings in
 benchmarks/results/session6-2026-12-02-h200.md and session8-2026-12-02-h200.md):
