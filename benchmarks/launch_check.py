@@ -76,8 +76,10 @@ def _flat(out):
 def check(dev: str) -> tuple[list[str], int]:
     rows, bad = [], 0
     for dtype in (torch.bfloat16, torch.float32):
-        for t in (37, 41, 48, 1000) if dtype == torch.bfloat16 else (37, 41):
-            n, c = 4, 96
+        # C = 128: whole 128-column K blocks inside one stream, where proj's backward takes TMA descriptors
+        for t, c in [(t, c) for c in (96, 128) for t in (37, 41, 48, 1000)] if dtype == torch.bfloat16 else \
+                [(37, 96), (41, 96)]:
+            n = 4
             for name, thunk in cases(t, n, c, dtype, dev):
                 L.enable(False)
                 want = _flat(thunk())
@@ -86,7 +88,7 @@ def check(dev: str) -> tuple[list[str], int]:
                 ok = all(torch.equal(a, w) and torch.equal(b, w) for a, b, w in zip(first, second, want))
                 bad += not ok
                 if not ok or t in (37, 41):
-                    rows.append(f"| {name} | {str(dtype)[6:]} | {t} | {'bit-equal' if ok else 'DIFFERENT'} |")
+                    rows.append(f"| {name} | {str(dtype)[6:]} | {t} x {c} | {'bit-equal' if ok else 'DIFFERENT'} |")
     return rows, bad
 
 
@@ -112,8 +114,8 @@ def main() -> int:
     lines = [f"# Direct launch path — {datetime.date.today()}", "",
              f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}", ""]
     rows, bad = check(dev)
-    lines += ["## Bit-equality with Triton's path (n = 4, C = 96; rows for T = 37, 41 and every mismatch)", "",
-              "| op | dtype | T | result |", "|---|---|---|---|"] + rows
+    lines += ["## Bit-equality with Triton's path (n = 4, C = 96 and 128; rows for T = 37, 41 and every mismatch)", "",
+              "| op | dtype | T x C | result |", "|---|---|---|---|"] + rows
     lines += ["", f"mismatches: {bad}; call signatures cached by the direct path: {L.cached_launchers()}", ""]
     lines += ["## Host us a call (T = 64, n = 4, C = 128, bf16)", "",
               "| op | Triton's path | direct | saved |", "|---|---|---|---|"]
