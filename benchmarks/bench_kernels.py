@@ -289,9 +289,8 @@ def _streams(*rows):
 
 # Alternatives to the shipped defaults, the most promising first (the sweep stops at its time budget).
 SWEEP = {
-    # tma first: the shipped tile with X and phi's halves as TMA descriptor blocks
-    "proj": [dict(tma=True)] + _dots((128, 128, 8, 3, 4), (64, 128, 4, 4, 8), (128, 64, 4, 4, 4), (32, 128, 4, 3, 4),
-                                     (64, 64, 4, 4, 4), (128, 128, 4, 2, 2)),
+    "proj": _dots((128, 128, 8, 3, 4), (64, 128, 4, 4, 8), (128, 64, 4, 4, 4), (32, 128, 4, 3, 4), (64, 64, 4, 4, 4),
+                  (128, 128, 4, 2, 2)),
     "proj_dx": _dots((16, 128, 4, 3, 16), (16, 256, 4, 3, 64), (16, 64, 4, 3, 64), (32, 128, 4, 3, 64),
                      (16, 128, 8, 3, 64)),
     "proj_dphi": _dots((64, 128, 8, 4, 2), (128, 128, 8, 3, 1), (64, 128, 4, 4, 4)),

@@ -39,6 +39,7 @@ KERNEL_BYTES = {
     "_pre_fwd_kernel": lambda S, v: S + v,                   # X -> x_in
     "_proj_fwd_kernel": lambda S, v: S,                      # X -> p, sq
     "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,      # dX', X, y -> dX, dy (+ v: x_in with foldpre)
+    "_post_res_bwd_2d_kernel": lambda S, v: 3 * S + 2 * v,   # the same op's 2-D kernel (the default)
     "_pre_bwd_kernel": lambda S, v: S + v,                   # X, dx_in -> dh_pre (pre_backward_dh)
     "_proj_dx_dphi_kernel": lambda S, v: 3 * S + v,          # X, dx_in, acc -> dX (and dphi)
     "_proj_dx_kernel": lambda S, v: 3 * S + v,

@@ -209,21 +209,6 @@ def test_proj(shape, dtype):
         _close(dphi, dphi_ref, _tol(dphi.dtype))
 
 
-@pytest.mark.parametrize("tile", [dict(bt=16, bk=16, waves=64), dict(bt=16, bk=32, bm=16, waves=64), dict()],
-                         ids=["ksplits", "colblocks", "default"])
-def test_proj_tma_is_the_pointer_kernel(tile):
-    """proj's TMA build (X and phi's hi / lo halves as descriptor blocks) computes the pointer build's bits: K
-    splits (each a whole number of K blocks), column blocks, a ragged token tail; K = 4 x 40 = 160 is no multiple
-    of 128, so the default tile keeps the pointer loads (a block past K would take lo rows for hi rows)."""
-    x, *_, phi = _stream(37, 4, 40 if not tile else 32, torch.bfloat16, seed=9)
-    with tk.tuning("proj", **tile, tma=False):
-        want = tk.proj(x, phi)
-    with tk.tuning("proj", **tile, tma=True):
-        got = tk.proj(x, phi)
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_proj_split_reductions(dtype):
     """Force split-K in proj, column blocks (bm = 16 < m = 24: the hi/lo layout pads each block), and splits

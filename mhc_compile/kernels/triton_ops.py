@@ -38,7 +38,6 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
@@ -169,7 +168,6 @@ class DotCfg:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
-    tma: bool = False  # proj only: X and phi's hi / lo halves as TMA descriptor blocks (bf16 streams)
 
 
 @dataclass(frozen=True)
@@ -715,7 +713,7 @@ def _split_hi_lo(src: Tensor, mp: int, transpose: bool) -> Tensor:
 @triton.jit(do_not_specialize=["T"])
 def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
                      BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr,
-                     DOT: tl.constexpr, TMA: tl.constexpr):
+                     DOT: tl.constexpr):
     """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
@@ -726,8 +724,9 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
     every step instead (4 rounds of warp shuffles among the 16 threads sharing a row, in the sm_90a IR), the
     kernel was 8-10 % slower on an H200: 154.6 against 142.6 us at 8192 x 7168, 301.7 against 273.7 at
     32768 x 4096 (84 against 93 % of copy bandwidth; benchmarks/results/session8-2026-12-02-h200.md).
-    TMA (HI_LO, K a multiple of BK): x_ptr is a tensor descriptor of X [T, K] read in [BT, BK] blocks (rows past
-    T read as zeros) and phi_ptr one of the hi / lo halves as [2K, MPAD] read in [BK, BM] blocks.
+    X and phi's halves as TMA descriptor blocks (as proj's backward reads them) were timed and removed: 269.5
+    against 269.8 us alone at 32768 x 4096, 185.3 against 169.6 us a call in the d = 7168 step
+    (benchmarks/results/session11-2026-12-02-h200.md).
     """
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -743,18 +742,11 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
     for k0 in range(k_lo, k_hi, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < k_hi
-        if TMA:
-            xt = x_ptr.load([tl.program_id(0) * BT, k0])
-        else:
-            xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         if HI_LO:
-            if TMA:
-                hi = phi_ptr.load([k0, pid_m * BM])
-                lo = phi_ptr.load([K + k0, pid_m * BM])
-            else:
-                hp = phi_ptr + ks[:, None].to(tl.int64) * MPAD + cols[None, :]
-                hi = tl.load(hp, mask=kmask[:, None], other=0.0)
-                lo = tl.load(hp + K * MPAD, mask=kmask[:, None], other=0.0)
+            hp = phi_ptr + ks[:, None].to(tl.int64) * MPAD + cols[None, :]
+            hi = tl.load(hp, mask=kmask[:, None], other=0.0)
+            lo = tl.load(hp + K * MPAD, mask=kmask[:, None], other=0.0)
             acc = tl.dot(xt.to(DOT), hi.to(DOT), acc, out_dtype=ACC)
             acc = tl.dot(xt.to(DOT), lo.to(DOT), acc, out_dtype=ACC)
             xf = xt.to(ACC)
@@ -797,15 +789,9 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     grid = (_cdiv(t, bt), mblocks, splits)
-    # TMA: whole K blocks only (a block past K would read the lo half's first rows as hi rows)
-    tma = cfg.tma and hi_lo and k % cfg.bk == 0 and k % 8 == 0 and x.data_ptr() % 16 == 0
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
-                DOT=_half_dot_dtype(), TMA=tma)
-    xs, ws = x, w
-    if tma:
-        xs = TensorDescriptor.from_tensor(x.view(t, k), [bt, cfg.bk])
-        ws = TensorDescriptor.from_tensor(w.view(2 * k, mblocks * bm), [cfg.bk, bm])
-    launch(_proj_fwd_kernel, grid, (xs, ws, p, sq, t, k, m, mblocks * bm, k_split), meta,
+                DOT=_half_dot_dtype())
+    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
