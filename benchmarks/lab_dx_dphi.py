@@ -36,8 +36,9 @@ session 8 those rows timed ``proj_pre_backward``, which by then took the one-pas
 Measured on an H200 (benchmarks/results/lab-dx-dphi-2026-12-02-h200.md): the 16-warp default tile was no faster
 than the pair; the fastest tile was 64 x 128, 8 warps, 2 stages, maxnreg 128 (two programs an SM, 34 registers
 spilled): 1150.6 us against the pair's 1432.0 at 32768 x 4096 (71 % against 57 % of copy bandwidth), 11-20 %
-faster than the pair at every shape timed, still short of 85 %. That tile is what bf16 streams now run
-(the kernel lives in mhc_compile/kernels/triton_proj_bwd.py; this file sweeps its knobs).
+faster than the pair at every shape timed, still short of 85 %. That tile, with PIPELINE_ALL (session 8, 82 %)
+and TMA (session 11, 85 %: 971.4 against 995.5 us in lab-dx-dphi-2026-12-02-h200-s11-call1.md), is what bf16
+streams now run (the kernel lives in mhc_compile/kernels/triton_proj_bwd.py; this file sweeps its knobs).
 
     PYTHONPATH=. OUT=DIR python benchmarks/lab_dx_dphi.py              # GPU: checks, sweep, DIR/lab_dx_dphi.md
     TRITON_INTERPRET=1 python benchmarks/lab_dx_dphi.py --smoke        # CPU: value checks on tiny shapes

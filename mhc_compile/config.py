@@ -50,10 +50,11 @@ class MHCConfig:
                      instead of three partial gradients and a sum. False keeps the separate backward ops.
     fold_pre_recompute: in Inductor's backward graph, let each site's post_res backward also write the
                      sublayer input that recompute would otherwise rebuild with a separate pre (one read of
-                     the n streams less per site; ``passes/fold_pre_recompute.py``). Off by default: on an
-                     H200 it saved 0.7 ms of kernel time a step at d = 7168 but no step time beyond the
-                     run-to-run spread, and kept one C-wide tensor more alive (+1.4-1.5 points of
-                     activation memory, past the 20 % target at d = 2048).
+                     the n streams less per site; ``passes/fold_pre_recompute.py``). Off by default: it keeps
+                     one C-wide tensor more alive (+1.4-1.5 points of activation memory, past the 20 % target
+                     at d = 2048). On an H200 at d = 7168 (session 11) it took the step from +7.9 % to +6.6 %
+                     over the residual model (medians of 3 rounds) at +19.1 % activation memory against +17.7 %:
+                     a time-for-memory trade to opt into where memory allows.
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
