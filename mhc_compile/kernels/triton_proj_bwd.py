@@ -41,7 +41,6 @@ import types
 import torch
 import triton
 import triton.language as tl
-
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mhc_compile.kernels import triton_ops as tk
