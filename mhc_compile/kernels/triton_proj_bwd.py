@@ -309,10 +309,18 @@ def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_
     return bt, bk, types.MappingProxyType(meta), types.MappingProxyType(opts)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """The TMA engine: Hopper (sm_90) and later. The interpreter (CPU tensors) runs descriptors too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _tma_ok(*tensors) -> bool:
-    """Whether these [.., C]-shaped bf16 tensors can be read and written through TMA descriptors: 16-byte aligned
-    bases and rows (C a multiple of 8), the last dim contiguous (the wrapper made them contiguous)."""
-    return all(v.dtype == torch.bfloat16 and v.data_ptr() % 16 == 0 and v.shape[-1] % 8 == 0 for v in tensors)
+    """Whether these [.., C]-shaped bf16 tensors can be read and written through TMA descriptors: a GPU with TMA,
+    16-byte aligned bases and rows (C a multiple of 8), the last dim contiguous (the wrapper made them
+    contiguous). Elsewhere the kernel's pointer loads run."""
+    return _has_tma(tensors[0].device) and all(
+        v.dtype == torch.bfloat16 and v.data_ptr() % 16 == 0 and v.shape[-1] % 8 == 0 for v in tensors)
 
 
 def _descriptor(v, rows, cols, block):
