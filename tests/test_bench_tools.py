@@ -63,3 +63,33 @@ def test_tune_variants_parse_a_kernels_config_fields():
         bench_training.tune_fields("tune:proj:nope=1")
     with pytest.raises(SystemExit, match="unknown kernel"):
         bench_training.tune_fields("tune:nokernel:bk=1")
+
+
+def test_profile_gaps_count_idle_time_between_kernels_only():
+    """profile_step.gaps: idle stretches of at least 5 us between a kernel's end (the latest end so far, so an
+    overlapping kernel closes no gap) and the next start, per step, with the kernels each fell between."""
+    from benchmarks import profile_step
+
+    spans = [(0, 10, "a"), (12, 20, "b"), (40, 50, "c"), (45, 60, "d"), (62, 70, "e"), (90, 95, "f")]
+    total, count, pairs = profile_step.gaps(list(spans), steps=2)
+    assert (total, count) == (20.0, 1.0)  # 20 us (b -> c) and 20 us (e -> f) over 2 steps; 2 us and 2 us ignored
+    assert pairs == {("b", "c"): 10.0, ("e", "f"): 10.0}
+
+
+def test_profile_compare_lists_each_variant_beside_the_default():
+    """profile_step.compare: one column a backend=mhc variant, us a call and efficiency where the kernel's
+    bytes are known, a dash where a variant did not run a kernel."""
+    from benchmarks import profile_step
+
+    lines = []
+    us = {"_proj_dx_dphi_kernel": 4000.0, "_coeffs_bwd_kernel": 160.0}
+    calls = {"_proj_dx_dphi_kernel": 8, "_coeffs_bwd_kernel": 8}
+    results = [("residual", (10.0, {}, {}, None)), ("backend=mhc", (11.0, us, calls, None)),
+               ("alt", (10.5, {"_proj_dx_dphi_kernel": 3600.0}, {"_proj_dx_dphi_kernel": 8}, None))]
+    profile_step.compare(2048, 4e12, results, lines.append)
+    table = "\n".join(lines)
+    v = 2048 * 4 * 2048 * 2
+    eff = round(100 * (3 * 4 * v + v) / 500e-6 / 4e12)  # KERNEL_BYTES of the one-pass backward at 500 us a call
+    assert f"| _proj_dx_dphi_kernel | 8 | 500.0 ({eff} %) | 450.0 (" in table
+    assert "| _coeffs_bwd_kernel | 8 | 20.0 | - |" in table
+    assert "**4.16** | **3.60**" in table
