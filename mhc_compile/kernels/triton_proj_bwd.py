@@ -129,11 +129,6 @@ def _plus_side(dx, dsq, xt, h, g, a, HAS_PRE: tl.constexpr, ONE_STREAM: tl.const
 
 
 @triton.jit
-def _dx_ptrs(dx_ptr, r64, K, ks):
-    return dx_ptr + (r64 * K)[:, None] + ks[None, :]
-
-
-@triton.jit
 def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
           mmask, mas, arow, t0, k0, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
           HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
@@ -156,12 +151,14 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M
     dx = _plus_side(dx, dsq, xt, h, g, a, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
     if TMA:
         dx_ptr.store([t0, k0], dx.to(tl.bfloat16))
-    elif MASK_ROWS:
-        tl.store(_dx_ptrs(dx_ptr, r64, K, ks), dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
-    elif EVEN_K:
-        tl.store(_dx_ptrs(dx_ptr, r64, K, ks), dx.to(dx_ptr.dtype.element_ty))
     else:
-        tl.store(_dx_ptrs(dx_ptr, r64, K, ks), dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+        dx_ptrs = dx_ptr + (r64 * K)[:, None] + ks[None, :]
+        if MASK_ROWS:
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
+        elif EVEN_K:
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty))
+        else:
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
     if HI_LO:  # the X tile enters the tensor cores as loaded
         dphi = tl.dot(at.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
     else:
