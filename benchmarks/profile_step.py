@@ -22,6 +22,7 @@ import datetime
 import os
 import statistics
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -77,7 +78,18 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * a.element_size() * 10 / (start.elapsed_time(end) / 1e3)
 
 
-def profile(fn, x, steps=3, context=contextlib.nullcontext):
+class Profile(NamedTuple):
+    """One model's profiled step: wall ms (median of unprofiled steps), kernel us a step and calls a step by name,
+    the SM clock summary, and gaps() of its profiled steps."""
+
+    wall: float
+    us: dict
+    calls: dict
+    clocks: object
+    gaps: tuple = (0.0, 0.0, {})
+
+
+def profile(fn, x, steps=3, context=contextlib.nullcontext) -> Profile:
     with context():
         return _profile(fn, x, steps)
 
@@ -107,11 +119,8 @@ def _profile(fn, x, steps):
             us[e.name[:90]] += e.device_time_total / steps
             calls[e.name[:90]] += 1
             spans.append((e.time_range.start, e.time_range.end, e.name[:60]))
-    GAPS[id(us)] = gaps(spans, steps)
-    return statistics.median(walls), us, {k: v // steps for k, v in calls.items()}, clocks.summary()
-
-
-GAPS = {}  # id(a profile's kernel-time Counter) -> its gaps() summary (report() looks it up)
+    return Profile(statistics.median(walls), us, {k: v // steps for k, v in calls.items()}, clocks.summary(),
+                   gaps(spans, steps))
 
 
 def gaps(spans, steps, least_us=5.0):
@@ -132,7 +141,7 @@ def gaps(spans, steps, least_us=5.0):
 
 
 def report(d, bw, results, emit):
-    (_, (wall_r, us_r, _, clk_r)), (_, (wall_m, us_m, calls_m, clk_m)) = results[:2]
+    (_, (wall_r, us_r, _, clk_r, gaps_r)), (_, (wall_m, us_m, calls_m, clk_m, gaps_m)) = results[:2]
     emit(f"\n## d = {d}\n")
     emit("| | residual (Inductor) | backend=mhc | difference |")
     emit("|---|---|---|---|")
@@ -141,7 +150,7 @@ def report(d, bw, results, emit):
     emit(f"| kernel time a step, ms | {kr:.2f} | {km:.2f} | {km - kr:+.2f} |")
     emit(f"| GPU idle in the step, ms | {wall_r - kr:.2f} | {wall_m - km:.2f} | {(wall_m - km) - (wall_r - kr):+.2f} |")
     emit(f"| SM clock while profiled | {describe_clocks(clk_r)} | {describe_clocks(clk_m)} | |")
-    (gap_r, n_r, _), (gap_m, n_m, pairs_m) = GAPS.get(id(us_r), (0, 0, {})), GAPS.get(id(us_m), (0, 0, {}))
+    (gap_r, n_r, _), (gap_m, n_m, pairs_m) = gaps_r, gaps_m
     emit(f"| GPU gaps >= 5 us between kernels, ms a step (count) | {gap_r / 1e3:.2f} ({n_r:.0f}) | "
          f"{gap_m / 1e3:.2f} ({n_m:.0f}) | {(gap_m - gap_r) / 1e3:+.2f} |")
     cats = collections.defaultdict(lambda: [0.0, 0.0])
@@ -209,27 +218,28 @@ def compare(d, bw, results, emit):
     v = 2048 * 4 * d * 2
     S = N * v
     mhc = results[1:]
-    names = sorted({k for _, (_, us, _, _) in mhc for k in us if category(k) == "mHC kernels"},
-                   key=lambda k: -mhc[0][1][1].get(k, 0))
+    names = sorted({k for _, prof in mhc for k in prof.us if category(k) == "mHC kernels"},
+                   key=lambda k: -mhc[0][1].us.get(k, 0))
     emit(f"\n### d = {d}: mHC kernels in the step, us a call (efficiency) under each variant\n")
     emit("| kernel | calls | " + " | ".join(name for name, _ in mhc) + " |")
     emit("|---|---|" + "---|" * len(mhc))
     for k in names:
         base = k.split("_0d1d")[0]
         cells = []
-        for _, (_, us, calls, _) in mhc:
+        for _, prof in mhc:
+            us, calls = prof.us, prof.calls
             if k not in us:
                 cells.append("-")
                 continue
             per_call = us[k] / max(1, calls[k])
             eff = f" ({100 * KERNEL_BYTES[base](S, v) / (per_call * 1e-6) / bw:.0f} %)" if base in KERNEL_BYTES else ""
             cells.append(f"{per_call:.1f}{eff}")
-        emit(f"| {base} | {mhc[0][1][2].get(k, '-')} | " + " | ".join(cells) + " |")
-    totals = [sum(t for k, t in us.items() if category(k) == "mHC kernels") / 1e3 for _, (_, us, _, _) in mhc]
+        emit(f"| {base} | {mhc[0][1].calls.get(k, '-')} | " + " | ".join(cells) + " |")
+    totals = [sum(t for k, t in prof.us.items() if category(k) == "mHC kernels") / 1e3 for _, prof in mhc]
     emit("| **mHC kernels, ms a step** | | " + " | ".join(f"**{t:.2f}**" for t in totals) + " |")
     emit("| step wall time, ms (5 unprofiled steps' median) | | "
-         + " | ".join(f"{wall:.2f}" for _, (wall, _, _, _) in mhc) + " |")
-    emit("| SM clock while profiled | | " + " | ".join(describe_clocks(clk) for _, (_, _, _, clk) in mhc) + " |")
+         + " | ".join(f"{prof.wall:.2f}" for _, prof in mhc) + " |")
+    emit("| SM clock while profiled | | " + " | ".join(describe_clocks(prof.clocks) for _, prof in mhc) + " |")
 
 
 def main():

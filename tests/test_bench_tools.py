@@ -84,8 +84,9 @@ def test_profile_compare_lists_each_variant_beside_the_default():
     lines = []
     us = {"_proj_dx_dphi_kernel": 4000.0, "_coeffs_bwd_kernel": 160.0}
     calls = {"_proj_dx_dphi_kernel": 8, "_coeffs_bwd_kernel": 8}
-    results = [("residual", (10.0, {}, {}, None)), ("backend=mhc", (11.0, us, calls, None)),
-               ("alt", (10.5, {"_proj_dx_dphi_kernel": 3600.0}, {"_proj_dx_dphi_kernel": 8}, None))]
+    results = [("residual", profile_step.Profile(10.0, {}, {}, None)),
+               ("backend=mhc", profile_step.Profile(11.0, us, calls, None)),
+               ("alt", profile_step.Profile(10.5, {"_proj_dx_dphi_kernel": 3600.0}, {"_proj_dx_dphi_kernel": 8}, None))]
     profile_step.compare(2048, 4e12, results, lines.append)
     table = "\n".join(lines)
     v = 2048 * 4 * 2048 * 2
