@@ -4,14 +4,15 @@ One process: measure the copy bandwidth, check the fused ops against the referen
 tiles of the two big kernels at one shape, then time, at T in {8192, 32768} x C in {2048, 4096, 7168},
 n = 4, bf16 (medians of ``triton.testing.do_bench``):
 
-    fused forward   = fwd (mix + proj) + coeffs + pre                (what ``step`` runs)
-    fused backward  = dh_pre + coeffs_backward + bwd  (what ``step_backward`` runs)
-    unfused forward = post_res + proj + coeffs + pre
-    unfused backward = post_res_backward + pre_backward + coeffs_backward + proj_backward + the sum of the
-                      three stream gradients (autograd's add, here one torch add of three tensors)
+    enter forward   = proj + coeffs + pre;  enter backward = pre_backward_dh + coeffs_backward + proj_pre_backward
+    fused forward   = post_res_proj + coeffs + pre                   (what ``step`` runs)
+    fused backward  = dh_pre (K2) + coeffs_backward + bwd (K3)      (what ``step_backward`` runs)
+    default forward = post_res + proj + coeffs + pre                 (the unfused ops of the default path)
+    default backward = pre_backward_dh + coeffs_backward + proj_pre_backward (acc: the incoming stream
+                       gradient) + post_res_backward                (passes/fold_stream_grads.py)
 
-Bytes are the cost model's (``mhc_compile/cost.py``): every stream tensor read or written once, the
-coefficients left out. Efficiency = bytes / (time x copy bandwidth measured in the same run).
+Bytes: every stream tensor read or written once, the coefficients left out (fused: ``mhc_compile/cost.py``;
+default backward: n+1, 3n+1 and 3n+2). Efficiency = bytes / (time x copy bandwidth measured in the same run).
 
     PYTHONPATH=. python benchmarks/bench_boundary.py [--sweep] [--budget-s 150]
 """
@@ -93,16 +94,17 @@ def closures(T, C):
     dp, dsq = torch.randn_like(p), torch.randn_like(sq)
     acc = torch.float32
     fused = {
-        "fwd": lambda: tb._fwd(xp, hr, hp, y, phi, acc),
+        "post_res_proj": lambda: tops.post_res_proj(xp, hr, hp, y, phi),
         "coeffs": lambda: tops.coeffs(p, sq, b, a, *s),
         "pre": lambda: tops.pre(x, h_pre),
         "dh_pre": lambda: tb._dh_pre(xp, hr, hp, y, dx_in, acc),
         "coeffs_backward": lambda: tops.coeffs_backward(p, sq, b, a, dh_pre, dh_post, dh_res, *s),
-        "bwd": lambda: tb._bwd(xp, hr, hp, y, phi, h_pre, dp, dsq, dx, dx_in, acc),
+        "bwd": lambda: tb._step_bwd(xp, hr, hp, y, phi, h_pre, dp, dsq, dx, dx_in, acc),
         "step fwd": lambda: tb.step(xp, hr, hp, y, phi, b, a, *s),
         "step bwd": lambda: tb.step_backward(xp, hr, hp, y, phi, b, a, h_pre, p, sq, dx, dx_in, dh_post, dh_res, *s),
+        "enter fwd": lambda: tb.enter(x, phi, b, a, *s),
+        "enter bwd": lambda: tb.enter_backward(x, phi, b, a, h_pre, p, sq, dx_in, dh_post, dh_res, *s),
     }
-    g1, g2, g3 = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
 
     def unfused_fwd():
         xx = tops.post_res(xp, hr, hp, y)
@@ -111,13 +113,12 @@ def closures(T, C):
         return tops.pre(xx, hpre)
 
     def unfused_bwd():
-        tops.post_res_backward(xp, hr, hp, y, g1)
-        tops.pre_backward(x, h_pre, dx_in)
+        tops.pre_backward_dh(x, h_pre, dx_in)
         tops.coeffs_backward(p, sq, b, a, dh_pre, dh_post, dh_res, *s)
-        tops.proj_backward(x, phi, dp, dsq)
-        return g1 + g2 + g3  # autograd's sum of the stream gradient's three parts
+        g, _ = tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, dx)
+        return tops.post_res_backward(xp, hr, hp, y, g)
 
-    unfused = {"unfused fwd": unfused_fwd, "unfused bwd": unfused_bwd}
+    unfused = {"default fwd": unfused_fwd, "default bwd": unfused_bwd}
     return fused, unfused
 
 
@@ -126,43 +127,54 @@ def stream_bytes(T, C, elems):
 
 
 BYTES = {  # elements of C per token, n = 4 (cost.py)
-    "fwd": 2 * N + 1, "pre": N + 1, "dh_pre": N + 2, "bwd": 3 * N + 3,
+    "post_res_proj": 2 * N + 1, "pre": N + 1, "dh_pre": N + 2, "bwd": 3 * N + 3,
     "step fwd": int(cost.FUSED.forward.subs(cost.n, N)), "step bwd": int(cost.FUSED.backward.subs(cost.n, N)),
-    "unfused fwd": int(cost.UNFUSED.forward.subs(cost.n, N)), "unfused bwd": int(cost.UNFUSED.backward.subs(cost.n, N)),
+    "enter fwd": N + (N + 1), "enter bwd": (N + 1) + (2 * N + 1),
+    "default fwd": int(cost.UNFUSED.forward.subs(cost.n, N)), "default bwd": (N + 1) + (3 * N + 1) + (3 * N + 2),
 }
 
 
-def sweep(emit):
-    T, C = 8192, 4096
+def sweep(emit, T=32768, C=4096):
+    """K3's and K2's tiles (triton_fused.configure), then post_res_proj's (triton_ops.tuning); winners kept."""
+    import bench_kernels
+
     fused, _ = closures(T, C)
-    grids = {
-        "fwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in itertools.product((16, 32, 64), (32, 64), (4, 8))],
-        "bwd": [dict(bt=bt, bc=bc, num_warps=w) for bt, bc, w in itertools.product((16, 32), (16, 32, 64), (4, 8))],
-    }
-    winners = {}
-    for kernel, configs in grids.items():
-        best = None
-        for cfg in configs:
-            tb.configure(kernel, **cfg)
-            try:
+    grids = [("bwd", c) for c in [{}] + bench_kernels.FUSED_SWEEP["bwd"]]
+    grids += [("dh_pre", c) for c in [{}] + bench_kernels.FUSED_SWEEP["dh_pre"]]
+    grids += [("post_res_proj", c) for c in [{}] + bench_kernels.SWEEP["post_res_proj"]]
+    best = {}
+    for kernel, cfg in grids:
+        try:
+            if kernel == "post_res_proj":
+                with tops.tuning(kernel, **cfg):
+                    ms = triton.testing.do_bench(fused[kernel], warmup=10, rep=30)
+            else:
+                tb.configure(kernel, **cfg)
                 ms = triton.testing.do_bench(fused[kernel], warmup=10, rep=30)
-            except Exception as e:  # too many registers / shared memory for this tile
-                emit(f"<!-- sweep {kernel} {cfg}: {type(e).__name__} -->")
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        tb.configure(kernel)
-        if best:
-            winners[kernel] = best[1]
-            tb.configure(kernel, **best[1])
-            emit(f"- sweep at T={T}, C={C}: {kernel} best {best[1]} ({best[0] * 1e3:.0f} us)")
-    return winners
+        except Exception as e:  # too many registers / shared memory for this tile
+            emit(f"- sweep {kernel} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        finally:
+            if kernel != "post_res_proj":
+                tb.configure(kernel)
+        nbytes = stream_bytes(T, C, BYTES[kernel])
+        emit(f"- sweep T={T} C={C}: {kernel} {cfg or 'default'}: {ms * 1e3:.1f} us, "
+             f"{nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+        if kernel not in best or ms < best[kernel][0]:
+            best[kernel] = (ms, cfg)
+    for kernel, (ms, cfg) in best.items():
+        if cfg:
+            (tops.configure if kernel == "post_res_proj" else tb.configure)(kernel, **cfg)
+        emit(f"- sweep winner {kernel}: {cfg or 'default'} ({ms * 1e3:.1f} us)")
+    return best
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--budget-s", type=float, default=150)
+    ap.add_argument("--shapes", nargs="*", type=lambda v: tuple(int(x) for x in v.split("x")),
+                    default=list(itertools.product((8192, 32768), (2048, 4096, 7168))), help="TxC of the table")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     out = os.path.join(os.environ.get("OUT", "."), "boundary.md")
@@ -187,7 +199,7 @@ def main():
     emit("")
     emit("| T | C | kernel | us | bytes MB | GB/s | eff |")
     emit("|---|---|---|---|---|---|---|")
-    for T, C in itertools.product((8192, 32768), (2048, 4096, 7168)):
+    for T, C in args.shapes:
         if time.time() > deadline:
             emit(f"| {T} | {C} | skipped: time budget | | | | |")
             continue

@@ -294,9 +294,14 @@ SWEEP = {
     "proj_dx": _dots((16, 128, 4, 3, 16), (16, 256, 4, 3, 64), (16, 64, 4, 3, 64), (32, 128, 4, 3, 64),
                      (16, 128, 8, 3, 64)),
     "proj_dphi": _dots((64, 128, 8, 4, 2), (128, 128, 8, 3, 1), (64, 128, 4, 4, 4)),
-    # bk = channels per chunk (BC); the per-thread budget of _post_res_proj_tile may shrink BC and BT further
-    "post_res_proj": _dots((128, 16, 8, 3, 2), (32, 64, 4, 3, 1), (64, 32, 4, 3, 1), (64, 32, 8, 4, 4),
-                           (64, 64, 8, 2, 1)),
+    # bk = channels per chunk (BC); per_thread = the budget that would otherwise shrink BC and BT. The first three:
+    # sm_90a builds (Triton 3.9, no GPU) without spills: 64 x 32 / 8 warps 128 registers (two programs an SM),
+    # 64 x 32 / 4 warps 245, 64 x 64 / 8 warps 255, against 128 x 16 / 8 warps (the default) 128
+    "post_res_proj": [dict(bt=64, bk=32, num_warps=8, num_stages=3, per_thread=64),
+                      dict(bt=64, bk=32, num_warps=4, num_stages=3, per_thread=128),
+                      dict(bt=64, bk=64, num_warps=8, num_stages=2, per_thread=128),
+                      dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=128)]
+    + _dots((32, 64, 4, 3, 1), (64, 32, 4, 3, 1)),
     # the default is the 2-D kernel (PostResBwdCfg.two_d), one token a program, 1024 channels x 4 warps; then
     # 512 x 4 and 1024 x 8 (sm_90a builds: 137 / 95 / 99 registers), then the [BT, NP, BC] kernel at its old
     # default and with 1- and 2-warp programs, which reduce with fewer barriers (none faster on an H200, session 7)
@@ -352,20 +357,15 @@ def sweep(inp: dict, copy_bw: float, deadline: float, skip: set, only=None) -> t
     return lines, {k: v[1] for k, v in fastest.items() if v[1]}
 
 
-# triton_fused's tiles (its own config dict): each kernel timed through the op that runs it.
-# The first of each list: the tiles whose sm_90a build (Triton 3.9, no GPU; session11 results, section 8) neither
-# spills nor gives up wgmma: the forward at 64 x 16 / 4 warps and 128 x 16 / 8 warps (182-184 registers, no
-# spills, against 255 and 640 spilled bytes at the default 32 x 64); the backward spills at every tile tried,
-# least at 64 x 32 / 8 warps (152 bytes).
+# triton_fused's tiles (its own config dict): each kernel timed through the op that runs it (step's backward).
+# K3's sm_90a builds (Triton 3.6, no GPU): 64 x 16 / 4 warps (the default) and 64 x 32 / 8 warps at the register
+# ceiling with 64-96 spilled bytes; 64 x 32 / 4 warps spills ~1 KB.
 FUSED_SWEEP = {
-    "fwd": [dict(bt=64, bc=16, num_warps=4, num_stages=3), dict(bt=128, bc=16, num_warps=8, num_stages=3)]
-    + [dict(bt=bt, bc=bc, num_warps=w, waves=wv) for bt, bc, w, wv in [
-        (32, 128, 8, 4), (32, 64, 4, 2), (64, 128, 8, 2), (16, 256, 8, 2), (32, 256, 8, 4), (16, 128, 4, 4)]],
-    "bwd": [dict(bt=64, bc=32, num_warps=8)] + [dict(bt=bt, bc=bc, num_warps=w, waves=wv) for bt, bc, w, wv in [
-        (32, 64, 8, 4), (16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 4, 4), (16, 64, 4, 4)]],
-    "dh_pre": [dict(bc=bc, budget=bu, num_warps=w) for bc, bu, w in [(512, 2048, 4), (1024, 8192, 8), (256, 4096, 4)]],
+    "bwd": [dict(bt=64, bc=32, num_warps=8), dict(bt=128, bc=16, num_warps=8), dict(num_stages=3),
+            dict(bt=64, bc=32, num_warps=4), dict(waves=4)],
+    "dh_pre": [dict(bt=4, bc=256), dict(bt=1, bc=1024), dict(bt=4, bc=512, num_warps=8)],
 }
-_FUSED_SWEEP_CASE = {"fwd": ("step", "fwd"), "bwd": ("step", "bwd"), "dh_pre": ("step", "bwd")}
+_FUSED_SWEEP_CASE = {"bwd": ("step", "bwd"), "dh_pre": ("step", "bwd")}
 
 
 def sweep_fused(inp: dict, copy_bw: float, deadline: float) -> tuple[list[str], dict]:

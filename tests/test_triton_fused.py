@@ -1,8 +1,8 @@
-"""kernels/triton_fused.py (phi-stationary fused boundary kernels) against the reference, under
-TRITON_INTERPRET=1 (set by conftest): every output of enter / step and of their backwards, odd T and C,
-n = 1..5 and 16, fp32 / fp64 tight, bf16 / fp16 loose (relative to the reference on the same rounded
-inputs), both modes, default tiles and tiny tiles (several C slabs, token splits and the m-chunked phi
-path), empty T, and the input checks."""
+"""kernels/triton_fused.py (the fused boundary ops) against the reference, under TRITON_INTERPRET=1 (set by
+conftest): every output of enter / step and of their backwards, odd T and C, n = 1..5 and 16, fp32 / fp64
+tight, bf16 / fp16 loose (relative to the reference on the same rounded inputs), both modes, default tiles and
+tiny tiles (several C slabs, token tiles and splits), C a multiple of K3's slab and not, empty T, and the input
+checks."""
 
 import pytest
 import torch
@@ -48,14 +48,13 @@ def _close(got, want, tol, what):
 
 @pytest.fixture
 def tiles(request):
-    """'small': 16-channel slabs (several slabs and token splits at these C, T) and a phi budget that forces
-    the m-chunked forward; 'default': the shipped tiles (one slab at these C)."""
+    """'small': 16-channel slabs and 16-token tiles (several slabs, tiles and token splits at these C, T), and
+    K2 chunks of 8 channels; 'default': the shipped tiles (one slab at these C)."""
     if request.param == "small":
-        tf.configure("fwd", bt=16, bc=16, phi_budget=1024)
-        tf.configure("dh_pre", bc=16, budget=64)
+        tf.configure("dh_pre", bt=4, bc=8)
         tf.configure("bwd", bt=16, bc=16)
     yield request.param
-    for k in ("fwd", "dh_pre", "bwd"):
+    for k in ("dh_pre", "bwd"):
         tf.configure(k)
 
 
@@ -67,6 +66,7 @@ CASES = [
     (37, 4, 7, torch.float64, "hc", "default"),
     (19, 4, 33, torch.float32, "mhc", "small"),
     (37, 4, 33, torch.bfloat16, "mhc", "small"),
+    (21, 4, 32, torch.bfloat16, "mhc", "small"),  # C a multiple of BC: K3's unmasked channel tiles
     (5, 3, 20, torch.bfloat16, "hc", "default"),
     (6, 5, 12, torch.float16, "hc", "small"),
     (3, 16, 5, torch.float32, "mhc", "default"),  # m = 288: phi walked in m-chunks, 2-channel slabs in bwd
@@ -185,3 +185,4 @@ def test_gradcheck_through_the_custom_ops_float64():
         return x, x_in, h_post, h_res, x_in2, h_post2, h_res2
 
     assert torch.autograd.gradcheck(f, tuple(i.values()), fast_mode=True)
+

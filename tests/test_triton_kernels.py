@@ -528,10 +528,10 @@ def test_post_res_proj_tiles_shrink_with_n():
     """The tile stays within the per-thread budget as n (and m) grow, never below tl.dot's 16 x 16, and the
     pipeline stages fit the shared memory (n = 16: one stage of 2n phi tiles is already 512 KiB)."""
     cfg = tk._DEFAULTS["post_res_proj"]
-    assert tk._post_res_proj_tile(cfg, 8192, 4, 4096, 24) == (128, 16, 32)
-    assert tk._post_res_proj_tile(cfg, 8192, 16, 4096, 288) == (16, 16, 512)
+    assert tk._post_res_proj_tile(cfg, 8192, 4, 4096, 24) == (64, 32, 32)
+    assert tk._post_res_proj_tile(cfg, 8192, 16, 4096, 288) == (32, 32, 512)
     assert tk._post_res_proj_tile(cfg, 3, 1, 5, 3) == (16, 16, 16)
-    budget = tk._PRP_PER_THREAD * 32 * cfg.num_warps
+    budget = cfg.per_thread * 32 * cfg.num_warps
     for n in range(1, 17):
         m = ref.num_coeffs(n)
         bt, bc, mp = tk._post_res_proj_tile(cfg, 8192, n, 4096, m)

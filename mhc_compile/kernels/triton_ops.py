@@ -168,6 +168,7 @@ class DotCfg:
     num_warps: int = 4
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
+    per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,10 @@ _DEFAULTS = {
     # BT = 128 tokens (phi's L2 reads per stream byte halve against 64), BC = 16 channels per chunk so the n = 4
     # input tiles stay within 8 elements per thread (128 registers, no spills in the sm_90 compile); bk and bt
     # are upper bounds that _post_res_proj_tile shrinks as n grows. H100: 56-63 % of copy bandwidth, slower
-    # than post_res + proj apart (benchmarks/results/session5-2026-11-24-h100.md), so no pass uses it yet
-    "post_res_proj": DotCfg(bt=128, bk=16, num_warps=8, num_stages=3, waves=2),
+    # than post_res + proj apart (benchmarks/results/session5-2026-11-24-h100.md). H200 sweep at 32768 x 4096
+    # (session12 results): 64 x 32 / 4 warps with the budget raised to 128 elements a thread (245 registers, no
+    # spills in the sm_90a build) took 981.8 against 1097.1 us for 128 x 16 / 8 warps (58 against 53 %)
+    "post_res_proj": DotCfg(bt=64, bk=32, num_warps=4, num_stages=3, waves=2, per_thread=128),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
     "coeffs_backward": CoeffsBwdCfg(budget=256, num_warps=1),
@@ -447,7 +450,7 @@ def _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N: tl.constexpr, NP:
 
 @triton.jit(do_not_specialize=["T"])
 def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl.constexpr,
-                         NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+                         NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     ii = tl.arange(0, NP)
@@ -460,7 +463,7 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
     y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
     out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC)
     off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
-    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mi[:, :, None] & cmask[None, None, :])
+    tl.store(out_ptr + off, _round(out, out_ptr.dtype.element_ty, RNE), mask=mi[:, :, None] & cmask[None, None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -613,7 +616,7 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     bt, bc, warps = _stream_tile("post_res", t, c, np_)
     grid = (_cdiv(t, bt), _cdiv(c, bc))
     launch(_post_res_fwd_kernel, grid, (x, h_res, h_post, y, out, t, c),
-           dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype)), num_warps=warps)
+           dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), RNE=_INTERPRETED), num_warps=warps)
     return out
 
 
@@ -676,6 +679,22 @@ def _half_dot_dtype():
     """The dtype hi/lo dots run in: bf16, or fp32 under Triton's interpreter, whose bf16 tl.dot is wrong
     (bf16 operands are exact in fp32, so the interpreter computes the GPU's products)."""
     return tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+
+
+@triton.jit
+def _round(v, XT: tl.constexpr, RNE: tl.constexpr):
+    """v (fp32) cast to a stream dtype XT. Triton's interpreter casts fp32 -> bf16 by truncation (the GPU rounds to
+    nearest even), so under it (RNE: set only when interpreted, ``_INTERPRETED``) bf16 is rounded by hand first:
+    the tests then compare a stored stream with the reference's bit for bit instead of within an ulp."""
+    if RNE:
+        if XT == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(XT)
+
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -1250,7 +1269,6 @@ def coeffs_backward(
 # [BC, MP] phi tile likewise. Pipeline stages are limited to what fits in shared memory: at n = 16 one stage
 # of the 2n phi tiles alone is 512 KiB, and asking the pipeliner for 2 stages took minutes to compile.
 # ---------------------------------------------------------------------------------------------
-_PRP_PER_THREAD = 32  # elements per thread of: the n input tiles together, the accumulator, one phi tile
 _PRP_SMEM = 192 * 1024  # bytes of pipeline buffers (H100: 227 KiB of shared memory per block)
 _PRP_HOIST = 20  # up to this many coefficient vectors (n*n + n; n <= 4) are loaded once per program
 
@@ -1262,10 +1280,10 @@ def _pow2_floor(v: int) -> int:
 def _post_res_proj_tile(cfg: DotCfg, t: int, n: int, c: int, m: int) -> tuple[int, int, int]:
     """(BT, BC, MP) within the per-thread budget; tl.dot needs BT >= 16 rows and BC >= 16 channels (K).
 
-    At the defaults: n = 4 (MP = 32): BT = 128, BC = 16; n = 5 .. 8: BT = 64; n = 16 (MP = 512): BT = BC = 16.
+    At the defaults: n = 4 (MP = 32): BT = 64, BC = 32; n = 16 (MP = 512): BT = BC = 32.
     """
     mp = max(16, _pow2(m))
-    budget = _PRP_PER_THREAD * 32 * cfg.num_warps
+    budget = cfg.per_thread * 32 * cfg.num_warps
     bt = max(16, min(cfg.bt, _pow2(t), _pow2_floor(budget // mp)))
     bc = max(16, min(cfg.bk, _pow2(c), _pow2_floor(budget // (n * bt)), _pow2_floor(budget // mp)))
     bt = max(16, min(bt, _pow2_floor(budget // (n * bc))))  # BC at its floor of 16: fewer tokens instead
@@ -1295,7 +1313,7 @@ def _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N: tl.constexpr, ACC:
 def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out_ptr, p_ptr, sq_ptr, T, C, M,
                           MPAD, C_SPLIT, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr,
                           ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                          HOIST: tl.constexpr):
+                          HOIST: tl.constexpr, RNE: tl.constexpr):
     """Program (token block, channel split): stores its X' chunk, writes [BT, M] / [BT] partials of p / sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]. HI_LO: hi_ptr / lo_ptr are the halves of _split_hi_lo's
@@ -1329,7 +1347,7 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             xi = coef[i][:, None] * y
             for j in tl.static_range(N):
                 xi += coef[N + i * N + j][:, None] * xs[j].to(ACC)
-            xo = xi.to(out_ptr.dtype.element_ty)  # what the unfused proj would read; masked lanes are 0
+            xo = _round(xi, out_ptr.dtype.element_ty, RNE)  # what the unfused proj would read; masked lanes are 0
             tl.store(out_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xo, mask=m2)
             xf = xo.to(ACC)
             sq += tl.sum(xf * xf, axis=1)
@@ -1384,7 +1402,7 @@ def post_res_proj(
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
-                DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST)
+                DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST, RNE=_INTERPRETED)
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), hi.element_size(), hi_lo)
     launch(_post_res_proj_kernel, (tblocks, splits), (x, h_res, h_post, y, hi, lo, out, p, sq, t, c, m, mp, c_split),
            meta, num_warps=cfg.num_warps, num_stages=stages)
