@@ -6,7 +6,8 @@ n = 4, bf16 (medians of ``triton.testing.do_bench``):
 
     enter forward   = proj + coeffs + pre;  enter backward = pre_backward_dh + coeffs_backward + proj_pre_backward
     fused forward   = post_res_proj + coeffs + pre                   (what ``step`` runs)
-    fused backward  = dh_pre (K2) + coeffs_backward + bwd (K3)      (what ``step_backward`` runs)
+    fused backward  = dh_pre (K2: X rebuilt, dH_pre) + coeffs_backward + proj_pre_backward (acc = dX)
+                      + post_res_backward                           (what ``step_backward`` runs)
     default forward = post_res + proj + coeffs + pre                 (the unfused ops of the default path)
     default backward = pre_backward_dh + coeffs_backward + proj_pre_backward (acc: the incoming stream
                        gradient) + post_res_backward                (passes/fold_stream_grads.py)
@@ -97,9 +98,10 @@ def closures(T, C):
         "post_res_proj": lambda: tops.post_res_proj(xp, hr, hp, y, phi),
         "coeffs": lambda: tops.coeffs(p, sq, b, a, *s),
         "pre": lambda: tops.pre(x, h_pre),
-        "dh_pre": lambda: tb._dh_pre(xp, hr, hp, y, dx_in, acc),
+        "dh_pre": lambda: tb._recompute_dh_pre(xp, hr, hp, y, dx_in, acc),
         "coeffs_backward": lambda: tops.coeffs_backward(p, sq, b, a, dh_pre, dh_post, dh_res, *s),
-        "bwd": lambda: tb._step_bwd(xp, hr, hp, y, phi, h_pre, dp, dsq, dx, dx_in, acc),
+        "proj_pre_backward": lambda: tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, dx),
+        "post_res_backward": lambda: tops.post_res_backward(xp, hr, hp, y, dx),
         "step fwd": lambda: tb.step(xp, hr, hp, y, phi, b, a, *s),
         "step bwd": lambda: tb.step_backward(xp, hr, hp, y, phi, b, a, h_pre, p, sq, dx, dx_in, dh_post, dh_res, *s),
         "enter fwd": lambda: tb.enter(x, phi, b, a, *s),
@@ -127,7 +129,8 @@ def stream_bytes(T, C, elems):
 
 
 BYTES = {  # elements of C per token, n = 4 (cost.py)
-    "post_res_proj": 2 * N + 1, "pre": N + 1, "dh_pre": N + 2, "bwd": 3 * N + 3,
+    "post_res_proj": 2 * N + 1, "pre": N + 1, "dh_pre": 2 * N + 2, "proj_pre_backward": 3 * N + 1,
+    "post_res_backward": 3 * N + 2,
     "step fwd": int(cost.FUSED.forward.subs(cost.n, N)), "step bwd": int(cost.FUSED.backward.subs(cost.n, N)),
     "enter fwd": N + (N + 1), "enter bwd": (N + 1) + (2 * N + 1),
     "default fwd": int(cost.UNFUSED.forward.subs(cost.n, N)), "default bwd": (N + 1) + (3 * N + 1) + (3 * N + 2),
@@ -135,12 +138,11 @@ BYTES = {  # elements of C per token, n = 4 (cost.py)
 
 
 def sweep(emit, T=32768, C=4096):
-    """K3's and K2's tiles (triton_fused.configure), then post_res_proj's (triton_ops.tuning); winners kept."""
+    """K2's tiles (triton_fused.configure), then post_res_proj's (triton_ops.tuning); winners kept."""
     import bench_kernels
 
     fused, _ = closures(T, C)
-    grids = [("bwd", c) for c in [{}] + bench_kernels.FUSED_SWEEP["bwd"]]
-    grids += [("dh_pre", c) for c in [{}] + bench_kernels.FUSED_SWEEP["dh_pre"]]
+    grids = [("dh_pre", c) for c in [{}] + bench_kernels.FUSED_SWEEP["dh_pre"]]
     grids += [("post_res_proj", c) for c in [{}] + bench_kernels.SWEEP["post_res_proj"]]
     best = {}
     for kernel, cfg in grids:

@@ -358,14 +358,10 @@ def sweep(inp: dict, copy_bw: float, deadline: float, skip: set, only=None) -> t
 
 
 # triton_fused's tiles (its own config dict): each kernel timed through the op that runs it (step's backward).
-# K3's sm_90a builds (Triton 3.6, no GPU): 64 x 16 / 4 warps (the default) and 64 x 32 / 8 warps at the register
-# ceiling with 64-96 spilled bytes; 64 x 32 / 4 warps spills ~1 KB.
 FUSED_SWEEP = {
-    "bwd": [dict(bt=64, bc=32, num_warps=8), dict(bt=128, bc=16, num_warps=8), dict(num_stages=3),
-            dict(bt=64, bc=32, num_warps=4), dict(waves=4)],
     "dh_pre": [dict(bt=4, bc=256), dict(bt=1, bc=1024), dict(bt=4, bc=512, num_warps=8)],
 }
-_FUSED_SWEEP_CASE = {"bwd": ("step", "bwd"), "dh_pre": ("step", "bwd")}
+_FUSED_SWEEP_CASE = {"dh_pre": ("step", "bwd")}
 
 
 def sweep_fused(inp: dict, copy_bw: float, deadline: float) -> tuple[list[str], dict]:

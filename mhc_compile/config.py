@@ -42,10 +42,11 @@ class MHCConfig:
                      of block sizes, first block first (each chain's sites must add up to it: for experiments
                      with the plan), or "none".
     fuse:            fuse each sublayer boundary (post_res of site l-1 with proj / coeffs / pre of site l)
-                     into one op with one backward (``passes/fuse.py``). Off by default: ``step``'s backward
-                     kernel is correct but slower than the separate ops (H200, 32768 x 4096: 24 % of copy
-                     bandwidth against the default backward's 93 %; benchmarks/results/session12-2026-12-02-h200.md);
-                     True opts in (and is what the next kernel work targets).
+                     into one op with one backward (``passes/fuse.py``). Off by default: ``step`` is correct
+                     but still slower than the separate ops (H200, 32768 x 4096: backward 2.51 against 2.18 ms,
+                     forward 1.28 against 1.19 ms; benchmarks/results/session13-2026-12-03-h200.md), and a
+                     training step with it held +57-65 % activation memory against the default's +18 % (the
+                     recompute plan does not shrink its saved set; not yet understood). True opts in.
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
                      instead of three partial gradients and a sum. False keeps the separate backward ops.

@@ -232,7 +232,7 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
     assert {"_proj_fwd_kernel", "_coeffs_fwd_kernel", "_coeffs_bwd_kernel", "_pre_fwd_kernel", "_pre_bwd_kernel",
             "_post_res_fwd_kernel", "_post_res_bwd_kernel", "_post_res_bwd_2d_kernel", "_post_res_proj_kernel",
             "_proj_dx_kernel", "_proj_dphi_kernel", "_proj_dx_dphi_kernel", "_hi_lo_kernel"} <= names, names
-    assert {"_dh_pre_kernel", "_step_bwd_kernel"} <= names, names  # triton_fused's own
+    assert "_dh_pre_kernel" in names, names  # triton_fused's own
 
 
 def test_launch_hooks_count_only_when_they_hold_calls():

@@ -1,8 +1,8 @@
 """kernels/triton_fused.py (the fused boundary ops) against the reference, under TRITON_INTERPRET=1 (set by
 conftest): every output of enter / step and of their backwards, odd T and C, n = 1..5 and 16, fp32 / fp64
 tight, bf16 / fp16 loose (relative to the reference on the same rounded inputs), both modes, default tiles and
-tiny tiles (several C slabs, token tiles and splits), C a multiple of K3's slab and not, empty T, and the input
-checks."""
+small K2 tiles (several chunks, ragged last chunk), C a multiple of the chunk and not, empty T, the stream that
+K2 rebuilds, and the input checks."""
 
 import pytest
 import torch
@@ -48,14 +48,12 @@ def _close(got, want, tol, what):
 
 @pytest.fixture
 def tiles(request):
-    """'small': 16-channel slabs and 16-token tiles (several slabs, tiles and token splits at these C, T), and
-    K2 chunks of 8 channels; 'default': the shipped tiles (one slab at these C)."""
+    """'small': K2 walks C in chunks of 8 channels, 4 tokens a program (several chunks and a ragged last one at
+    these C); 'default': the shipped tile (one chunk at these C)."""
     if request.param == "small":
         tf.configure("dh_pre", bt=4, bc=8)
-        tf.configure("bwd", bt=16, bc=16)
     yield request.param
-    for k in ("dh_pre", "bwd"):
-        tf.configure(k)
+    tf.configure("dh_pre")
 
 
 # (T, n, C, dtype, mode, tiles)
@@ -66,10 +64,10 @@ CASES = [
     (37, 4, 7, torch.float64, "hc", "default"),
     (19, 4, 33, torch.float32, "mhc", "small"),
     (37, 4, 33, torch.bfloat16, "mhc", "small"),
-    (21, 4, 32, torch.bfloat16, "mhc", "small"),  # C a multiple of BC: K3's unmasked channel tiles
+    (21, 4, 32, torch.bfloat16, "mhc", "small"),  # C a multiple of the chunk
     (5, 3, 20, torch.bfloat16, "hc", "default"),
     (6, 5, 12, torch.float16, "hc", "small"),
-    (3, 16, 5, torch.float32, "mhc", "default"),  # m = 288: phi walked in m-chunks, 2-channel slabs in bwd
+    (3, 16, 5, torch.float32, "mhc", "default"),  # m = 288: phi walked in m-chunks
 ]
 
 
@@ -164,10 +162,10 @@ def test_inputs_are_checked(change, error, match):
 def test_configure_rejects_unknown_kernel_and_resets():
     with pytest.raises(ValueError, match="unknown kernel 'proj'"):
         tf.configure("proj", bt=16)
-    tf.configure("bwd", bc=16)
-    assert tf._cfg("bwd").bc == 16
-    tf.configure("bwd")
-    assert tf._cfg("bwd") == tf._CFG["bwd"]
+    tf.configure("dh_pre", bc=16)
+    assert tf._cfg("dh_pre").bc == 16
+    tf.configure("dh_pre")
+    assert tf._cfg("dh_pre") == tf._CFG["dh_pre"]
 
 
 def test_gradcheck_through_the_custom_ops_float64():
@@ -186,3 +184,22 @@ def test_gradcheck_through_the_custom_ops_float64():
 
     assert torch.autograd.gradcheck(f, tuple(i.values()), fast_mode=True)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_rebuilds_the_forward_stream_bit_for_bit(dtype):
+    """K2 writes X for the backward's later passes: it must be the very stream ``step`` stored (same sums in the
+    same order, same rounding), and dH_pre its inner product with dx_in."""
+    T, n, C = 9, 4, 40
+    i = _inputs(T, n, C, dtype, seed=21)
+    x = tf.step(*i.values(), n, n * C, 1e-6, 20, "mhc")[0]
+    dx_in = _grads((i["y_prev"],), seed=22)[0]
+    acc = ref.acc_dtype(dtype)
+    tf.configure("dh_pre", bt=4, bc=16)
+    try:
+        x2, dh_pre = tf._recompute_dh_pre(i["x_prev"], i["h_res_prev"], i["h_post_prev"], i["y_prev"], dx_in, acc)
+    finally:
+        tf.configure("dh_pre")
+    assert torch.equal(x2, x)
+    want = torch.einsum("tic,tc->ti", x.double(), dx_in.double())
+    torch.testing.assert_close(dh_pre.double(), want, rtol=1e-5, atol=1e-5)
