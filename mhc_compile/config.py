@@ -45,9 +45,10 @@ class MHCConfig:
                      into one op with one backward (``passes/fuse.py``). Off by default: ``step`` is correct
                      but still slower than the separate ops (H200, 32768 x 4096: backward 2.51 against 2.18 ms,
                      forward 1.28 against 1.19 ms; benchmarks/results/session13-2026-12-03-h200.md), and a
-                     training step with it held +57-65 % activation memory against the default's +18 % (under
-                     Inductor the forward keeps step's stream outputs and the backward recomputes the whole chain
-                     ahead of use: the recompute plan does not take hold for the fused ops yet). True opts in.
+                     training step with it held +57-65 % activation memory against the default's +18 % until
+                     the recompute pass saved the stream between two blocks for fused ops too (Inductor's
+                     partitioner had dropped it, so each block's backward rebuilt the chain from its start).
+                     True opts in.
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
                      instead of three partial gradients and a sum. False keeps the separate backward ops.
