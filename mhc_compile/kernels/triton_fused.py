@@ -15,6 +15,8 @@ of this module, K2, which exists because ``step`` does not save the stream X it 
     K2  grid (token blocks): X_i = H_res[i, :] X_prev + H_post[i] y recomputed per [BT, BC] chunk and rounded as
         the forward stored it, dH_pre = <X_i, dx_in>, and X written for the two passes after it; a program walks
         all of C, so no cross-program sum.
+    G (X's whole gradient) goes from proj_pre_backward to post_res_backward in the stream dtype, rounded once, as
+    the default path's stream gradient does.
 
 Bytes a token, in elements of C, n streams (``cost.FUSED`` counts the floor of one pass each way, 3n+2 and 4n+5):
     step fwd:  post_res_proj 2n+1 (X_prev, y, X) + pre n+1 = 3n+2 (14 at n = 4)
