@@ -294,14 +294,12 @@ SWEEP = {
     "proj_dx": _dots((16, 128, 4, 3, 16), (16, 256, 4, 3, 64), (16, 64, 4, 3, 64), (32, 128, 4, 3, 64),
                      (16, 128, 8, 3, 64)),
     "proj_dphi": _dots((64, 128, 8, 4, 2), (128, 128, 8, 3, 1), (64, 128, 4, 4, 4)),
-    # bk = channels per chunk (BC); per_thread = the budget that would otherwise shrink BC and BT. The first three:
-    # sm_90a builds (Triton 3.9, no GPU) without spills: 64 x 32 / 8 warps 128 registers (two programs an SM),
-    # 64 x 32 / 4 warps 245, 64 x 64 / 8 warps 255, against 128 x 16 / 8 warps (the default) 128
-    "post_res_proj": [dict(bt=64, bk=32, num_warps=8, num_stages=3, per_thread=64),
-                      dict(bt=64, bk=32, num_warps=4, num_stages=3, per_thread=128),
-                      dict(bt=64, bk=64, num_warps=8, num_stages=2, per_thread=128),
-                      dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=128)]
-    + _dots((32, 64, 4, 3, 1), (64, 32, 4, 3, 1)),
+    # bk = channels per chunk (BC). First the pointer build (tma=False, the kernel before session 14) side by side;
+    # then TMA tiles whose sm_90a builds (Triton 3.6, no GPU) do not spill: 64 x 32 / 8 warps 120 registers,
+    # 64 x 32 / 4 warps 2 stages 193 (60 KB of shared memory), 128 x 32 / 8 warps 194, against the default's 192
+    "post_res_proj": [dict(tma=False), dict(num_warps=8), dict(num_stages=2), dict(num_warps=8, num_stages=2),
+                      dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64),
+                      dict(bt=64, bk=64, num_warps=8, num_stages=2, per_thread=64)],
     # the default is the 2-D kernel (PostResBwdCfg.two_d), one token a program, 1024 channels x 4 warps; then
     # 512 x 4 and 1024 x 8 (sm_90a builds: 137 / 95 / 99 registers), then the [BT, NP, BC] kernel at its old
     # default and with 1- and 2-warp programs, which reduce with fewer barriers (none faster on an H200, session 7)

@@ -524,6 +524,31 @@ def test_post_res_proj_split_and_column_blocks(shape, dtype, launch_grids):
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
 
+@pytest.mark.parametrize("shape", [(37, 4, 64), (20, 5, 48), (33, 1, 32)], ids=["T37n4C64", "T20n5C48", "T33n1C32"])
+def test_post_res_proj_tma_blocks(shape, monkeypatch):
+    """bf16 with C a multiple of the chunk: X, y, X' and phi's halves move as TMA descriptor blocks (rows past T
+    read as zeros and are not written), over ragged token blocks and two channel splits; the same values as the
+    pointer path (X' bit for bit, p and sq to the last bit of their fp32 sums' order) and the reference."""
+    tma_flags = []
+    launch = tk.launch
+
+    def spy(kernel, grid, args, meta, **options):
+        if kernel is tk._post_res_proj_kernel:
+            tma_flags.append(meta["TMA"])
+        return launch(kernel, grid, args, meta, **options)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=11)
+    with tk.tuning("post_res_proj", bt=16, bk=16, waves=64):
+        got = tk.post_res_proj(x, h_res, h_post, y, phi)
+        with tk.tuning("post_res_proj", bt=16, bk=16, waves=64, tma=False):
+            pointer = tk.post_res_proj(x, h_res, h_post, y, phi)
+    assert tma_flags == [True, False], tma_flags
+    _check_post_res_proj(got, x, h_res, h_post, y, phi)
+    for a, b in zip(got, pointer):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_post_res_proj_tiles_shrink_with_n():
     """The tile stays within the per-thread budget as n (and m) grow, never below tl.dot's 16 x 16, and the
     pipeline stages fit the shared memory (n = 16: one stage of 2n phi tiles is already 512 KiB)."""

@@ -169,6 +169,7 @@ class DotCfg:
     num_stages: int = 3
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
     per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
+    tma: bool = True  # post_res_proj only: X, y, X' and phi's halves as TMA descriptor blocks where allowed
 
 
 @dataclass(frozen=True)
@@ -1268,6 +1269,13 @@ def coeffs_backward(
 # elements, spills past 16), so the n input tiles are bounded per thread; the [BT, MP] accumulator and a
 # [BC, MP] phi tile likewise. Pipeline stages are limited to what fits in shared memory: at n = 16 one stage
 # of the 2n phi tiles alone is 512 KiB, and asking the pipeliner for 2 stages took minutes to compile.
+#
+# TMA (DotCfg.tma, bf16 with C a multiple of BC): X, y, X' and phi's halves move as descriptor blocks. The pointer
+# build was issue-bound, not bandwidth-bound (Nsight on an H200: 8 warps an SM, 0.58 eligible warps a scheduler,
+# 51 % of DRAM bandwidth; without its X' stores it still read at only 51 %): every element paid 64-bit address
+# and mask arithmetic. With descriptors the loads land in shared memory by TMA, X' leaves by TMA stores, and the
+# sm_90a build needs 192 registers instead of 255. H200, 32768 x 4096: 776 against 961 us (73 against 59 % of
+# copy bandwidth); 8192 x 7168: 465 against 495 us (results/post-res-proj-tma-2026-12-03-h200-s14-call4.md).
 # ---------------------------------------------------------------------------------------------
 _PRP_SMEM = 192 * 1024  # bytes of pipeline buffers (H100: 227 KiB of shared memory per block)
 _PRP_HOIST = 20  # up to this many coefficient vectors (n*n + n; n <= 4) are loaded once per program
@@ -1313,12 +1321,15 @@ def _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N: tl.constexpr, ACC:
 def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out_ptr, p_ptr, sq_ptr, T, C, M,
                           MPAD, C_SPLIT, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr,
                           ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                          HOIST: tl.constexpr, RNE: tl.constexpr):
+                          HOIST: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr):
     """Program (token block, channel split): stores its X' chunk, writes [BT, M] / [BT] partials of p / sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]. HI_LO: hi_ptr / lo_ptr are the halves of _split_hi_lo's
     [2, K, MPAD] and X'_i enters both dots as bf16 (DOT); otherwise hi_ptr is phi [K, M] (lo_ptr unused) and
     X'_i is widened to ACC. HOIST: the coefficient vectors are loaded once, before the channel loop.
+    TMA (bf16, HI_LO, C and C_SPLIT multiples of BC): x_ptr / out_ptr are tensor descriptors of X / X' as
+    [T, N*C], y_ptr of y [T, C], all in [BT, BC] blocks, and hi_ptr of the halves as [2K, MPAD] in [BC, MP] blocks
+    (lo_ptr unused). Rows past T read as zeros and are not written; no chunk crosses a stream or a split.
     """
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -1332,14 +1343,20 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
     c_hi = tl.minimum(c_lo + C_SPLIT, C)
     acc = tl.zeros([BT, MP], dtype=ACC)
     sq = tl.zeros([BT], dtype=ACC)
+    t0 = tl.program_id(0) * BT
     for c0 in range(c_lo, c_hi, BC):
         cols = c0 + tl.arange(0, BC)
         cmask = cols < c_hi
         m2 = rmask[:, None] & cmask[None, :]
-        y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         xs = ()  # the n input rows of this chunk, each loaded once, kept in the stream dtype
-        for j in tl.static_range(N):
-            xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0),)
+        if TMA:
+            y = y_ptr.load([t0, c0]).to(ACC)
+            for j in tl.static_range(N):
+                xs = xs + (x_ptr.load([t0, j * C + c0]),)
+        else:
+            y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+            for j in tl.static_range(N):
+                xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0),)
         if not HOIST:
             coef = _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
         for i in tl.static_range(N):
@@ -1347,8 +1364,12 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             xi = coef[i][:, None] * y
             for j in tl.static_range(N):
                 xi += coef[N + i * N + j][:, None] * xs[j].to(ACC)
-            xo = _round(xi, out_ptr.dtype.element_ty, RNE)  # what the unfused proj would read; masked lanes are 0
-            tl.store(out_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xo, mask=m2)
+            if TMA:
+                xo = _round(xi, tl.bfloat16, RNE)
+                out_ptr.store([t0, i * C + c0], xo)
+            else:
+                xo = _round(xi, out_ptr.dtype.element_ty, RNE)  # what the unfused proj would read; masked lanes 0
+                tl.store(out_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xo, mask=m2)
             xf = xo.to(ACC)
             sq += tl.sum(xf * xf, axis=1)
             # The select (an identity: masked lanes are already 0) keeps the compiler from hoisting the dot
@@ -1356,7 +1377,12 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             # per layout (twice the FMAs and spilled registers in the sm_90 compile); selects are not hoisted.
             xw = tl.where(m2, xo, 0.0).to(xo.dtype)
             krow = (i * C + cols).to(tl.int64)  # rows of phi_next: k = i*C + c
-            if HI_LO:
+            if TMA:
+                hi = hi_ptr.load([i * C + c0, 0])
+                lo = hi_ptr.load([N * C + i * C + c0, 0])
+                acc = tl.dot(xw.to(DOT), hi.to(DOT), acc, out_dtype=ACC)
+                acc = tl.dot(xw.to(DOT), lo.to(DOT), acc, out_dtype=ACC)
+            elif HI_LO:
                 off = krow[:, None] * MPAD + ms[None, :]
                 hi = tl.load(hi_ptr + off, mask=cmask[:, None], other=0.0)
                 lo = tl.load(lo_ptr + off, mask=cmask[:, None], other=0.0)
@@ -1394,17 +1420,27 @@ def post_res_proj(
         w = _split_hi_lo(phi_next, mp, transpose=False)
         hi, lo = w[0], w[1]
     else:
-        hi = lo = phi_next
+        w = hi = lo = phi_next
     tblocks = _cdiv(t, bt)
     splits = _splits(cfg, x.device, tblocks, _cdiv(c, bc))
     c_split = _cdiv(_cdiv(c, splits), bc) * bc
     splits = _cdiv(c, c_split)
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
+    from mhc_compile.kernels.triton_proj_bwd import _descriptor, _tma_ok
+
+    tma = cfg.tma and hi_lo and c % bc == 0 and _tma_ok(x, y, out, w)
+    if tma:  # c_split is a multiple of bc: with c % bc == 0 no chunk crosses a stream or a split
+        x_arg, y_arg, out_arg = _descriptor(x, t, n * c, (bt, bc)), _descriptor(y, t, c, (bt, bc)), \
+            _descriptor(out, t, n * c, (bt, bc))
+        hi = lo = _descriptor(w, 2 * k, mp, (bc, mp))
+    else:
+        x_arg, y_arg, out_arg = x, y, out
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
-                DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST, RNE=_INTERPRETED)
-    stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), hi.element_size(), hi_lo)
-    launch(_post_res_proj_kernel, (tblocks, splits), (x, h_res, h_post, y, hi, lo, out, p, sq, t, c, m, mp, c_split),
+                DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST, RNE=_INTERPRETED, TMA=tma)
+    stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), w.element_size(), hi_lo)
+    launch(_post_res_proj_kernel, (tblocks, splits),
+           (x_arg, h_res, h_post, y_arg, hi, lo, out_arg, p, sq, t, c, m, mp, c_split),
            meta, num_warps=cfg.num_warps, num_stages=stages)
     if splits == 1:
         return out, p[0], sq[0]
