@@ -297,9 +297,10 @@ SWEEP = {
     # bk = channels per chunk (BC). First the pointer build (tma=False, the kernel before session 14) side by side;
     # then TMA tiles whose sm_90a builds (Triton 3.6, no GPU) do not spill: 64 x 32 / 8 warps 120 registers,
     # 64 x 32 / 4 warps 2 stages 193 (60 KB of shared memory), 128 x 32 / 8 warps 194, against the default's 192
-    "post_res_proj": [dict(tma=False), dict(num_warps=8), dict(num_stages=2), dict(num_warps=8, num_stages=2),
-                      dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64),
-                      dict(bt=64, bk=64, num_warps=8, num_stages=2, per_thread=64)],
+    # (session 14 call 4: 776 us against 961 for the pointer build, the others 891-1298). Then register caps for
+    # more programs an SM: 2 stages at 168 registers (24 bytes spilled, 60 KB: three programs), 3 stages at 168
+    "post_res_proj": [dict(tma=False), dict(num_stages=2, maxnreg=168, occupancy=3), dict(maxnreg=168),
+                      dict(num_warps=8), dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64)],
     # the default is the 2-D kernel (PostResBwdCfg.two_d), one token a program, 1024 channels x 4 warps; then
     # 512 x 4 and 1024 x 8 (sm_90a builds: 137 / 95 / 99 registers), then the [BT, NP, BC] kernel at its old
     # default and with 1- and 2-warp programs, which reduce with fewer barriers (none faster on an H200, session 7)

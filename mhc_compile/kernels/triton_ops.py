@@ -170,6 +170,8 @@ class DotCfg:
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
     per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
     tma: bool = True  # post_res_proj only: X, y, X' and phi's halves as TMA descriptor blocks where allowed
+    occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
+    maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,12 @@ _DEFAULTS = {
     # than post_res + proj apart (benchmarks/results/session5-2026-11-24-h100.md). H200 sweep at 32768 x 4096
     # (session12 results): 64 x 32 / 4 warps with the budget raised to 128 elements a thread (245 registers, no
     # spills in the sm_90a build) took 981.8 against 1097.1 us for 128 x 16 / 8 warps (58 against 53 %)
-    "post_res_proj": DotCfg(bt=64, bk=32, num_warps=4, num_stages=3, waves=2, per_thread=128),
+    # Session 14: TMA (192 registers, 96 KB of shared memory: two programs an SM); channel splits that fill whole
+    # waves of those two slots (at 8192 tokens, 128 token blocks: 2 splits, where waves alone gave 3 = 1.45
+    # waves). H200, 8192 x 7168: 357 us (70 %) against 465 with 3 splits; the same splits in the pointer build
+    # 450 against 495 (post-res-proj-tma-...-s14-call4/5.md). At 8192 x 4096 this one run put the TMA build
+    # behind (291 against 258 us) and a 168-register cap ahead (228); at 32768 x 4096 the cap lost (808 vs 776).
+    "post_res_proj": DotCfg(bt=64, bk=32, num_warps=4, num_stages=3, waves=2, per_thread=128, occupancy=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
     "coeffs_backward": CoeffsBwdCfg(budget=256, num_warps=1),
@@ -1422,7 +1429,7 @@ def post_res_proj(
     else:
         w = hi = lo = phi_next
     tblocks = _cdiv(t, bt)
-    splits = _splits(cfg, x.device, tblocks, _cdiv(c, bc))
+    splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, bc), occupancy=cfg.occupancy)
     c_split = _cdiv(_cdiv(c, splits), bc) * bc
     splits = _cdiv(c, c_split)
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
@@ -1441,7 +1448,8 @@ def post_res_proj(
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), w.element_size(), hi_lo)
     launch(_post_res_proj_kernel, (tblocks, splits),
            (x_arg, h_res, h_post, y_arg, hi, lo, out_arg, p, sq, t, c, m, mp, c_split),
-           meta, num_warps=cfg.num_warps, num_stages=stages)
+           meta, num_warps=cfg.num_warps, num_stages=stages,
+           **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}))
     if splits == 1:
         return out, p[0], sq[0]
     return out, p.sum(0), sq.sum(0)
