@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,3 +95,15 @@ def test_profile_compare_lists_each_variant_beside_the_default():
     assert f"| _proj_dx_dphi_kernel | 8 | 500.0 ({eff} %) | 450.0 (" in table
     assert "| _coeffs_bwd_kernel | 8 | 20.0 | - |" in table
     assert "**4.16** | **3.60**" in table
+
+
+def test_saved_tensors_counts_what_autograd_keeps_in_units_of_one_activation():
+    from benchmarks import saved_tensors
+
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    shapes = saved_tensors.saved_by_shape(lambda v: (v @ w).sin(), x)
+    # matmul keeps x (flattened to [6, 8]) and w; sin keeps its input x @ w
+    assert shapes == {((6, 8), "float32"): 1, ((8, 8), "float32"): 1, ((2, 3, 8), "float32"): 1}, shapes
+    lines = saved_tensors.describe(shapes, d=8, tokens=6, elem=4)
+    assert lines[0] == "  saved: 3.33 units (unit = T x C x 4 B)", lines  # 48 + 64 + 48 elements over 48
