@@ -170,6 +170,7 @@ class DotCfg:
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
     per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
     tma: bool = True  # post_res_proj only: X, y, X' and phi's halves as TMA descriptor blocks where allowed
+    tma_store: bool = True  # post_res_proj only, with tma: X' leaves by TMA stores (else by pointer stores)
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
@@ -1328,15 +1329,16 @@ def _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N: tl.constexpr, ACC:
 def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out_ptr, p_ptr, sq_ptr, T, C, M,
                           MPAD, C_SPLIT, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr,
                           ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                          HOIST: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr):
+                          HOIST: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr, TMA_STORE: tl.constexpr):
     """Program (token block, channel split): stores its X' chunk, writes [BT, M] / [BT] partials of p / sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]. HI_LO: hi_ptr / lo_ptr are the halves of _split_hi_lo's
     [2, K, MPAD] and X'_i enters both dots as bf16 (DOT); otherwise hi_ptr is phi [K, M] (lo_ptr unused) and
     X'_i is widened to ACC. HOIST: the coefficient vectors are loaded once, before the channel loop.
-    TMA (bf16, HI_LO, C and C_SPLIT multiples of BC): x_ptr / out_ptr are tensor descriptors of X / X' as
-    [T, N*C], y_ptr of y [T, C], all in [BT, BC] blocks, and hi_ptr of the halves as [2K, MPAD] in [BC, MP] blocks
-    (lo_ptr unused). Rows past T read as zeros and are not written; no chunk crosses a stream or a split.
+    TMA (bf16, HI_LO, C and C_SPLIT multiples of BC): x_ptr is a tensor descriptor of X as [T, N*C], y_ptr of
+    y [T, C], both in [BT, BC] blocks, and hi_ptr of the halves as [2K, MPAD] in [BC, MP] blocks (lo_ptr unused);
+    with TMA_STORE out_ptr is a descriptor like x_ptr's, else X' is stored through pointers. Rows past T read as
+    zeros and are not written; no chunk crosses a stream or a split.
     """
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -1371,7 +1373,7 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             xi = coef[i][:, None] * y
             for j in tl.static_range(N):
                 xi += coef[N + i * N + j][:, None] * xs[j].to(ACC)
-            if TMA:
+            if TMA and TMA_STORE:
                 xo = _round(xi, tl.bfloat16, RNE)
                 out_ptr.store([t0, i * C + c0], xo)
             else:
@@ -1438,13 +1440,14 @@ def post_res_proj(
 
     tma = cfg.tma and hi_lo and c % bc == 0 and _tma_ok(x, y, out, w)
     if tma:  # c_split is a multiple of bc: with c % bc == 0 no chunk crosses a stream or a split
-        x_arg, y_arg, out_arg = _descriptor(x, t, n * c, (bt, bc)), _descriptor(y, t, c, (bt, bc)), \
-            _descriptor(out, t, n * c, (bt, bc))
+        x_arg, y_arg = _descriptor(x, t, n * c, (bt, bc)), _descriptor(y, t, c, (bt, bc))
+        out_arg = _descriptor(out, t, n * c, (bt, bc)) if cfg.tma_store else out
         hi = lo = _descriptor(w, 2 * k, mp, (bc, mp))
     else:
         x_arg, y_arg, out_arg = x, y, out
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
-                DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST, RNE=_INTERPRETED, TMA=tma)
+                DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST, RNE=_INTERPRETED, TMA=tma,
+                TMA_STORE=tma and cfg.tma_store)
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), w.element_size(), hi_lo)
     launch(_post_res_proj_kernel, (tblocks, splits),
            (x_arg, h_res, h_post, y_arg, hi, lo, out_arg, p, sq, t, c, m, mp, c_split),
