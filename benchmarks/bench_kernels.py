@@ -299,9 +299,9 @@ SWEEP = {
     # 64 x 32 / 4 warps 2 stages 193 (60 KB of shared memory), 128 x 32 / 8 warps 194, against the default's 192
     # (session 14 call 4: 776 us against 961 for the pointer build, the others 891-1298). Then register caps for
     # more programs an SM: 2 stages at 168 registers (24 bytes spilled, 60 KB: three programs), 3 stages at 168
-    # (call 5: 60-70 %). tma_store=False: X' by pointer stores (the TMA build waits for each store's shared-memory
-    # read before the next stream's X' takes the one store buffer: 4 waits and barriers a chunk)
-    "post_res_proj": [dict(tma=False), dict(tma_store=False), dict(num_stages=2, maxnreg=168, occupancy=3),
+    # (call 5: 60-70 %). tma_store=True: X' by TMA stores too (the default until call 8, 0.1-1.4 % slower: it
+    # waits for each store's shared-memory read before the next stream's X' takes the one store buffer)
+    "post_res_proj": [dict(tma=False), dict(tma_store=True), dict(num_stages=2, maxnreg=168, occupancy=3),
                       dict(maxnreg=168),
                       dict(num_warps=8), dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64)],
     # the default is the 2-D kernel (PostResBwdCfg.two_d), one token a program, 1024 channels x 4 warps; then

@@ -527,9 +527,9 @@ def test_post_res_proj_split_and_column_blocks(shape, dtype, launch_grids):
 @pytest.mark.parametrize("shape", [(37, 4, 64), (20, 5, 48), (33, 1, 32)], ids=["T37n4C64", "T20n5C48", "T33n1C32"])
 def test_post_res_proj_tma_blocks(shape, monkeypatch):
     """bf16 with C a multiple of the chunk: X, y, X' and phi's halves move as TMA descriptor blocks (rows past T
-    read as zeros and are not written), over ragged token blocks and two channel splits; X' stored by TMA or
-    through pointers (tma_store=False). The same values as the pointer path (X' bit for bit, p and sq to the last
-    bit of their fp32 sums' order) and the reference."""
+    read as zeros and are not written), over ragged token blocks and two channel splits; X' stored through
+    pointers (the default) or by TMA (tma_store=True). The same values as the pointer path (X' bit for bit, p
+    and sq to the last bit of their fp32 sums' order) and the reference."""
     flags = []
     launch = tk.launch
 
@@ -543,13 +543,13 @@ def test_post_res_proj_tma_blocks(shape, monkeypatch):
     tile = dict(bt=16, bk=16, waves=64)
     with tk.tuning("post_res_proj", **tile):
         got = tk.post_res_proj(x, h_res, h_post, y, phi)
-    with tk.tuning("post_res_proj", **tile, tma_store=False):
-        pointer_stores = tk.post_res_proj(x, h_res, h_post, y, phi)
+    with tk.tuning("post_res_proj", **tile, tma_store=True):
+        tma_stores = tk.post_res_proj(x, h_res, h_post, y, phi)
     with tk.tuning("post_res_proj", **tile, tma=False):
         pointer = tk.post_res_proj(x, h_res, h_post, y, phi)
-    assert flags == [(True, True), (True, False), (False, False)], flags
+    assert flags == [(True, False), (True, True), (False, False)], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
-    for other in (pointer_stores, pointer):
+    for other in (tma_stores, pointer):
         for a, b in zip(got, other):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 

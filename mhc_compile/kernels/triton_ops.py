@@ -170,7 +170,7 @@ class DotCfg:
     waves: int = 4  # aim for this many programs per SM by splitting the long reduction
     per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
     tma: bool = True  # post_res_proj only: X, y, X' and phi's halves as TMA descriptor blocks where allowed
-    tma_store: bool = True  # post_res_proj only, with tma: X' leaves by TMA stores (else by pointer stores)
+    tma_store: bool = False  # post_res_proj only, with tma: X' leaves by TMA stores (else by pointer stores)
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
@@ -1284,6 +1284,9 @@ def coeffs_backward(
 # and mask arithmetic. With descriptors the loads land in shared memory by TMA, X' leaves by TMA stores, and the
 # sm_90a build needs 192 registers instead of 255. H200, 32768 x 4096: 776 against 961 us (73 against 59 % of
 # copy bandwidth); 8192 x 7168: 465 against 495 us (results/post-res-proj-tma-2026-12-03-h200-s14-call4.md).
+# X' itself leaves by pointer stores (DotCfg.tma_store False): the TMA-store build reuses one shared buffer for
+# the n stores of a chunk and waits for each store's read before the next; with pointer stores (218 registers)
+# it ran 0.1-1.4 % faster at three shapes in one run (766 against 777 us at 32768 x 4096; s14-call8 results).
 # ---------------------------------------------------------------------------------------------
 _PRP_SMEM = 192 * 1024  # bytes of pipeline buffers (H100: 227 KiB of shared memory per block)
 _PRP_HOIST = 20  # up to this many coefficient vectors (n*n + n; n <= 4) are loaded once per program
