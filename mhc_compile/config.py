@@ -42,13 +42,12 @@ class MHCConfig:
                      of block sizes, first block first (each chain's sites must add up to it: for experiments
                      with the plan), or "none".
     fuse:            fuse each sublayer boundary (post_res of site l-1 with proj / coeffs / pre of site l)
-                     into one op with one backward (``passes/fuse.py``). Off by default: ``step`` is correct
-                     but still slower than the separate ops (H200, 32768 x 4096: backward 2.51 against 2.18 ms,
-                     forward 1.28 against 1.19 ms; benchmarks/results/session13-2026-12-03-h200.md), and a
-                     training step with it held +57-65 % activation memory against the default's +18 % until
-                     the recompute pass saved the stream between two blocks for fused ops too (Inductor's
-                     partitioner had dropped it, so each block's backward rebuilt the chain from its start).
-                     True opts in.
+                     into one op with one backward (``passes/fuse.py``). Off by default: ``step``'s forward
+                     is now the faster (H200, 32768 x 4096: 1.10 against 1.19 ms) but its backward is not
+                     (2.51 against 2.18 ms), and the backward recomputes ``step`` whole where the default
+                     recomputes post_res and pre. A training step with it (H200, session 14): +14.2 % / +8.7 %
+                     time and +28 % / +26 % activation memory at d = 4096 / 7168, against the default's
+                     +12.2 % / +7.9 % and +18 % (benchmarks/results/session14-2026-12-03-h200.md). True opts in.
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
                      instead of three partial gradients and a sum. False keeps the separate backward ops.
