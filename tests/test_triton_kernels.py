@@ -243,6 +243,25 @@ def test_proj_splits_fill_whole_waves(monkeypatch):
     assert tk._wave_efficiency(224, 132) == pytest.approx(224 / 264)
 
 
+def test_post_res_proj_splits_fill_its_slots(monkeypatch, launch_grids):
+    """post_res_proj's channel splits fill whole waves of ``occupancy`` programs an SM: on an H200 at 8192 tokens
+    (128 token blocks, two programs an SM) 2 splits, not the 3 that waves alone gave (1.45 waves). The wrapper
+    passes its config's occupancy: 3 token blocks on 2 SMs take 2 splits at one program an SM (6 of 6 slots)
+    and 1 at two (3 of 4 slots; 2 or 3 splits fill no more)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 132)
+    cfg = tk._DEFAULTS["post_res_proj"]
+    assert tk._filling_splits(cfg, cpu, 128, steps=224, occupancy=cfg.occupancy) == 2  # 8192 x 7168, BC = 32
+    assert tk._filling_splits(cfg, cpu, 512, steps=128, occupancy=cfg.occupancy) == 1  # 32768 x 4096
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 2)
+    x, y, _, h_post, h_res, phi = _stream(48, 4, 256, torch.bfloat16, seed=12)
+    for occupancy in (1, 2):
+        with tk.tuning("post_res_proj", bt=16, bk=16, occupancy=occupancy):
+            got = tk.post_res_proj(x, h_res, h_post, y, phi)
+        _check_post_res_proj(got, x, h_res, h_post, y, phi)
+    assert launch_grids == [(3, 2), (3, 1)], launch_grids
+
+
 def test_hi_lo_split_keeps_sixteen_bits():
     """The bf16 hi + lo halves of an fp32 operand carry it to 2^-14 relative (2^-16 when the conversions round
     to nearest, as on the GPU; the interpreter's may truncate), padded columns are zero."""

@@ -36,6 +36,7 @@ if _INTERPRETED:
 
     if not isinstance(_tk._hi_lo_kernel, InterpretedFunction):  # imported earlier without the interpreter
         importlib.reload(_tk)
+    from mhc_compile.kernels import tma
     from mhc_compile.kernels import triton_proj_bwd as pb
 
 T = 37  # tokens of every case (the dphi bound's accumulation length: an upper bound for shorter inputs)
@@ -155,23 +156,23 @@ def test_tma_is_the_pointer_kernel(with_pre, with_acc):
     assert pb._launch_plan(T, 4, 64, 24, bf16, f32, True, True, **plan)[2]["TMA"]
     assert not pb._launch_plan(T, 4, 64, 24, f32, f32, True, True, **plan)[2]["TMA"]  # fp32 stream
     assert not pb._launch_plan(T, 3, 24, 15, bf16, f32, True, True, **plan)[2]["TMA"]  # block across streams
-    assert not pb._tma_ok(torch.empty(T, 4, 60, dtype=bf16))  # rows not 16-byte multiples
-    assert not pb._tma_ok(torch.empty(T * 4 * 64 + 1, dtype=bf16)[1:].view(T, 4, 64))  # base not 16-byte aligned
-    assert pb._tma_ok(torch.empty(T, 4, 64, dtype=bf16))
+    assert not tma.tma_ok(torch.empty(T, 4, 60, dtype=bf16))  # rows not 16-byte multiples
+    assert not tma.tma_ok(torch.empty(T * 4 * 64 + 1, dtype=bf16)[1:].view(T, 4, 64))  # base not 16-byte aligned
+    assert tma.tma_ok(torch.empty(T, 4, 64, dtype=bf16))
 
 
 def test_tma_only_where_the_gpu_has_it(monkeypatch):
     """Descriptors on Hopper (sm_90) and later; an Ampere GPU keeps the pointer loads."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    pb._has_tma.cache_clear()
+    tma.has_tma.cache_clear()
     try:
-        assert not pb._has_tma(torch.device("cuda", 0))
+        assert not tma.has_tma(torch.device("cuda", 0))
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-        pb._has_tma.cache_clear()
-        assert pb._has_tma(torch.device("cuda", 0))
-        assert pb._has_tma(torch.device("cpu"))  # the interpreter
+        tma.has_tma.cache_clear()
+        assert tma.has_tma(torch.device("cuda", 0))
+        assert tma.has_tma(torch.device("cpu"))  # the interpreter
     finally:
-        pb._has_tma.cache_clear()
+        tma.has_tma.cache_clear()
 
 
 def test_fewer_tokens_than_a_tile_and_no_tokens():

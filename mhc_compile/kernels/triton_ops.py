@@ -43,6 +43,7 @@ from triton.runtime.errors import OutOfResources
 
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels.launch import launch
+from mhc_compile.kernels.tma import descriptor, tma_ok
 
 _STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _MODES = {"mhc": 0, "hc": 1}
@@ -1439,13 +1440,11 @@ def post_res_proj(
     splits = _cdiv(c, c_split)
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
-    from mhc_compile.kernels.triton_proj_bwd import _descriptor, _tma_ok
-
-    tma = cfg.tma and hi_lo and c % bc == 0 and _tma_ok(x, y, out, w)
+    tma = cfg.tma and hi_lo and c % bc == 0 and tma_ok(x, y, out, w)
     if tma:  # c_split is a multiple of bc: with c % bc == 0 no chunk crosses a stream or a split
-        x_arg, y_arg = _descriptor(x, t, n * c, (bt, bc)), _descriptor(y, t, c, (bt, bc))
-        out_arg = _descriptor(out, t, n * c, (bt, bc)) if cfg.tma_store else out
-        hi = lo = _descriptor(w, 2 * k, mp, (bc, mp))
+        x_arg, y_arg = descriptor(x, t, n * c, (bt, bc)), descriptor(y, t, c, (bt, bc))
+        out_arg = descriptor(out, t, n * c, (bt, bc)) if cfg.tma_store else out
+        hi = lo = descriptor(w, 2 * k, mp, (bc, mp))
     else:
         x_arg, y_arg, out_arg = x, y, out
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,

@@ -41,9 +41,8 @@ import types
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
-
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels.tma import descriptor, tma_ok
 from mhc_compile.kernels.launch import launch
 
 
@@ -281,7 +280,7 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
                  pipeline_all=False, tma=False):
     """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report. The
     mappings are shared between calls (cached), hence read-only. ``tma``: the caller checked that the tensors
-    allow descriptors (``_tma_ok``); the plan takes TMA where the tile allows it too."""
+    allow descriptors (``tma.tma_ok``); the plan takes TMA where the tile allows it too."""
     return _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
                         pipeline_all, tma, tk._half_dot_dtype())
 
@@ -304,25 +303,6 @@ def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_
     if maxnreg:
         opts["maxnreg"] = maxnreg
     return bt, bk, types.MappingProxyType(meta), types.MappingProxyType(opts)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_tma(device: torch.device) -> bool:
-    """The TMA engine: Hopper (sm_90) and later. The interpreter (CPU tensors) runs descriptors too."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _tma_ok(*tensors) -> bool:
-    """Whether these [.., C]-shaped bf16 tensors can be read and written through TMA descriptors: a GPU with TMA,
-    16-byte aligned bases and rows (C a multiple of 8), the last dim contiguous (the wrapper made them
-    contiguous). Elsewhere the kernel's pointer loads run."""
-    return _has_tma(tensors[0].device) and all(
-        v.dtype == torch.bfloat16 and v.data_ptr() % 16 == 0 and v.shape[-1] % 8 == 0 for v in tensors)
-
-
-def _descriptor(v, rows, cols, block):
-    """A [rows, cols] TMA descriptor over the contiguous tensor v, read and written in [BT, BK] blocks."""
-    return TensorDescriptor.from_tensor(v.view(rows, cols), list(block))
 
 
 def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
@@ -352,7 +332,7 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     if t == 0 or k == 0:
         return torch.empty_like(x), torch.zeros_like(phi)
     dx = torch.empty_like(x)
-    tma = tma and _tma_ok(x, dx, *((dout,) if has_pre else ()), *((acc,) if acc is not None else ()))
+    tma = tma and tma_ok(x, dx, *((dout,) if has_pre else ()), *((acc,) if acc is not None else ()))
     bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
                                       num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
                                       pipeline_all=pipeline_all, tma=tma)
@@ -369,9 +349,9 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     xs, gs, accs, dxs = x, dout if has_pre else x, acc if acc is not None else x, dx
     if meta["TMA"]:
         block = (bt, bk)
-        xs, dxs = _descriptor(x, t, k, block), _descriptor(dx, t, k, block)
-        gs = _descriptor(dout, t, c, block) if has_pre else xs
-        accs = _descriptor(acc, t, k, block) if acc is not None else xs
+        xs, dxs = descriptor(x, t, k, block), descriptor(dx, t, k, block)
+        gs = descriptor(dout, t, c, block) if has_pre else xs
+        accs = descriptor(acc, t, k, block) if acc is not None else xs
     args = (xs, phi, dp, a, dsq, h_pre if has_pre else dsq, gs, accs, dxs, dphi, t, c, m, t_split, s_am, s_at)
     # no stage retry: an OutOfResources goes to triton_ops._proj_grads, which drops PIPELINE_ALL, then the tile
     ck = launch(_proj_dx_dphi_kernel, (kblocks, splits), args, meta, shrink_stages=False, **opts)
