@@ -301,7 +301,10 @@ SWEEP = {
     # more programs an SM: 2 stages at 168 registers (24 bytes spilled, 60 KB: three programs), 3 stages at 168
     # (call 5: 60-70 %). tma_store=True: X' by TMA stores too (the default until call 8, 0.1-1.4 % slower: it
     # waits for each store's shared-memory read before the next stream's X' takes the one store buffer)
-    "post_res_proj": [dict(tma=False), dict(tma_store=True), dict(num_stages=2, maxnreg=168, occupancy=3),
+    # join_hi_lo: one m64n64k32 dot a stream against phi's [hi | lo] tile, 4 dots and 4 waits a chunk instead of
+    # 8 (sm_90a build: 229 registers, no spills; not yet timed)
+    "post_res_proj": [dict(tma=False), dict(join_hi_lo=True), dict(tma_store=True),
+                      dict(num_stages=2, maxnreg=168, occupancy=3),
                       dict(maxnreg=168),
                       dict(num_warps=8), dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64)],
     # the default is the 2-D kernel (PostResBwdCfg.two_d), one token a program, 1024 channels x 4 warps; then

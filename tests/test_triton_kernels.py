@@ -566,11 +566,34 @@ def test_post_res_proj_tma_blocks(shape, monkeypatch):
         tma_stores = tk.post_res_proj(x, h_res, h_post, y, phi)
     with tk.tuning("post_res_proj", **tile, tma=False):
         pointer = tk.post_res_proj(x, h_res, h_post, y, phi)
-    assert flags == [(True, False), (True, True), (False, False)], flags
+    with tk.tuning("post_res_proj", **tile, join_hi_lo=True):
+        joined = tk.post_res_proj(x, h_res, h_post, y, phi)
+    assert flags == [(True, False), (True, True), (False, False), (True, False)], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
     for other in (tma_stores, pointer):
         for a, b in zip(got, other):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # one dot a stream against [hi | lo]: the same X' and sq; p summed in another order, within the hi/lo bound
+    _check_post_res_proj(joined, x, h_res, h_post, y, phi)
+    torch.testing.assert_close(joined[0], got[0], rtol=0, atol=0)
+    torch.testing.assert_close(joined[2], got[2], rtol=0, atol=0)
+
+
+def test_post_res_proj_tma_boxes_stay_within_256(monkeypatch):
+    """n = 16 (m = 288 coefficients, MP = 512 columns of phi) exceeds a TMA box side: the pointer build runs."""
+    flags = []
+    launch = tk.launch
+
+    def spy(kernel, grid, args, meta, **options):
+        if kernel is tk._post_res_proj_kernel:
+            flags.append(meta["TMA"])
+        return launch(kernel, grid, args, meta, **options)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    x, y, _, h_post, h_res, phi = _stream(5, 16, 16, torch.bfloat16, seed=13)
+    got = tk.post_res_proj(x, h_res, h_post, y, phi)
+    assert flags == [False], flags
+    _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
 
 def test_post_res_proj_tiles_shrink_with_n():

@@ -172,6 +172,7 @@ class DotCfg:
     per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
     tma: bool = True  # post_res_proj only: X, y, X' and phi's halves as TMA descriptor blocks where allowed
     tma_store: bool = False  # post_res_proj only, with tma: X' leaves by TMA stores (else by pointer stores)
+    join_hi_lo: bool = False  # post_res_proj only, with tma: one dot a stream against phi's [hi | lo] tile
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
@@ -723,14 +724,17 @@ def _hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP
     tl.store(dst_ptr + s_half + off, lo, mask=rmask[:, None])
 
 
-def _split_hi_lo(src: Tensor, mp: int, transpose: bool) -> Tensor:
+def _split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False) -> Tensor:
     """fp32 [..., M] (R rows) -> bf16 [2, R, mp] (hi, lo), or [2 * mp, R] with ``transpose`` (the A operand of
-    X^T dp)."""
+    X^T dp), or [R, 2, mp] with ``interleave`` (a row's hi then lo: one [rows, 2 mp] B tile of a dot)."""
     m = src.shape[-1]
     r = src.numel() // m
     if transpose:
         dst = torch.empty((2 * mp, r), dtype=torch.bfloat16, device=src.device)
         strides = (mp * r, 1, r)
+    elif interleave:
+        dst = torch.empty((r, 2, mp), dtype=torch.bfloat16, device=src.device)
+        strides = (mp, 2 * mp, 1)
     else:
         dst = torch.empty((2, r, mp), dtype=torch.bfloat16, device=src.device)
         strides = (r * mp, mp, 1)
@@ -1333,7 +1337,8 @@ def _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N: tl.constexpr, ACC:
 def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out_ptr, p_ptr, sq_ptr, T, C, M,
                           MPAD, C_SPLIT, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr,
                           ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                          HOIST: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr, TMA_STORE: tl.constexpr):
+                          HOIST: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr, TMA_STORE: tl.constexpr,
+                          JOIN: tl.constexpr):
     """Program (token block, channel split): stores its X' chunk, writes [BT, M] / [BT] partials of p / sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]. HI_LO: hi_ptr / lo_ptr are the halves of _split_hi_lo's
@@ -1342,7 +1347,9 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
     TMA (bf16, HI_LO, C and C_SPLIT multiples of BC): x_ptr is a tensor descriptor of X as [T, N*C], y_ptr of
     y [T, C], both in [BT, BC] blocks, and hi_ptr of the halves as [2K, MPAD] in [BC, MP] blocks (lo_ptr unused);
     with TMA_STORE out_ptr is a descriptor like x_ptr's, else X' is stored through pointers. Rows past T read as
-    zeros and are not written; no chunk crosses a stream or a split.
+    zeros and are not written; no chunk crosses a stream or a split. JOIN (with TMA): hi_ptr is a descriptor of
+    the halves interleaved ([K, 2 MPAD], _split_hi_lo's interleave) in [BC, 2 MP] blocks, so each stream's chunk
+    takes one dot of twice the width; the hi and lo column halves of the accumulator are added at the end.
     """
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -1354,7 +1361,10 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
         coef = _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
     c_lo = split * C_SPLIT
     c_hi = tl.minimum(c_lo + C_SPLIT, C)
-    acc = tl.zeros([BT, MP], dtype=ACC)
+    if JOIN:
+        acc = tl.zeros([BT, 2 * MP], dtype=ACC)
+    else:
+        acc = tl.zeros([BT, MP], dtype=ACC)
     sq = tl.zeros([BT], dtype=ACC)
     t0 = tl.program_id(0) * BT
     for c0 in range(c_lo, c_hi, BC):
@@ -1390,7 +1400,10 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             # per layout (twice the FMAs and spilled registers in the sm_90 compile); selects are not hoisted.
             xw = tl.where(m2, xo, 0.0).to(xo.dtype)
             krow = (i * C + cols).to(tl.int64)  # rows of phi_next: k = i*C + c
-            if TMA:
+            if TMA and JOIN:
+                hl = hi_ptr.load([i * C + c0, 0])
+                acc = tl.dot(xw.to(DOT), hl.to(DOT), acc, out_dtype=ACC)
+            elif TMA:
                 hi = hi_ptr.load([i * C + c0, 0])
                 lo = hi_ptr.load([N * C + i * C + c0, 0])
                 acc = tl.dot(xw.to(DOT), hi.to(DOT), acc, out_dtype=ACC)
@@ -1405,6 +1418,8 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
                 ph = tl.load(hi_ptr + krow[:, None] * M + ms[None, :], mask=cmask[:, None] & mmask[None, :],
                              other=0.0).to(ACC)
                 acc = tl.dot(xw.to(ACC), ph, acc, input_precision=PREC)
+    if JOIN:
+        acc = tl.sum(tl.reshape(acc, (BT, 2, MP)), axis=1)
     base = split.to(tl.int64) * T
     tl.store(p_ptr + (base + r64)[:, None] * M + ms[None, :], acc, mask=rmask[:, None] & mmask[None, :])
     tl.store(sq_ptr + base + r64, sq, mask=rmask)
@@ -1429,9 +1444,12 @@ def post_res_proj(
     cfg = _cfg("post_res_proj")
     bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
     hi_lo = _hi_lo(x.dtype) and acc == torch.float32
+    # TMA boxes are at most 256 elements a side: n = 16 (m = 288, MP = 512) keeps the pointer build
+    tma = cfg.tma and hi_lo and c % bc == 0 and max(bt, bc, mp) <= 256 and tma_ok(x, y, out)
+    join = tma and cfg.join_hi_lo and 2 * mp <= 256
     if hi_lo:
-        w = _split_hi_lo(phi_next, mp, transpose=False)
-        hi, lo = w[0], w[1]
+        w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join)
+        hi, lo = (w, w) if join else (w[0], w[1])
     else:
         w = hi = lo = phi_next
     tblocks = _cdiv(t, bt)
@@ -1440,16 +1458,15 @@ def post_res_proj(
     splits = _cdiv(c, c_split)
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
-    tma = cfg.tma and hi_lo and c % bc == 0 and tma_ok(x, y, out, w)
     if tma:  # c_split is a multiple of bc: with c % bc == 0 no chunk crosses a stream or a split
         x_arg, y_arg = descriptor(x, t, n * c, (bt, bc)), descriptor(y, t, c, (bt, bc))
         out_arg = descriptor(out, t, n * c, (bt, bc)) if cfg.tma_store else out
-        hi = lo = descriptor(w, 2 * k, mp, (bc, mp))
+        hi = lo = descriptor(w, k, 2 * mp, (bc, 2 * mp)) if join else descriptor(w, 2 * k, mp, (bc, mp))
     else:
         x_arg, y_arg, out_arg = x, y, out
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST, RNE=_INTERPRETED, TMA=tma,
-                TMA_STORE=tma and cfg.tma_store)
+                TMA_STORE=tma and cfg.tma_store, JOIN=join)
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), w.element_size(), hi_lo)
     launch(_post_res_proj_kernel, (tblocks, splits),
            (x_arg, h_res, h_post, y_arg, hi, lo, out_arg, p, sq, t, c, m, mp, c_split),
