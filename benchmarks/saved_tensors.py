@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import sys
 import warnings
@@ -47,20 +48,15 @@ def saved_by_shape(fn, x) -> collections.Counter:
 
 def describe(shapes: collections.Counter, d: int, tokens: int, elem: int) -> list[str]:
     unit = tokens * d * elem
-    lines, total = [], 0
-    for (shape, dtype), count in sorted(shapes.items(), key=lambda kv: -kv[1] * _numel(kv[0][0])):
-        nbytes = _numel(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        total += count * nbytes
-        lines.append(f"  {count:3d} x {str(list(shape)):>24} {dtype:9s} {nbytes / unit:8.3f} units each")
-    lines.insert(0, f"  saved: {total / unit:.2f} units (unit = T x C x {elem} B)")
-    return lines
 
+    def nbytes(key) -> int:
+        shape, dtype = key
+        return math.prod(shape) * getattr(torch, dtype).itemsize
 
-def _numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+    lines = [f"  {count:3d} x {str(list(key[0])):>24} {key[1]:9s} {nbytes(key) / unit:8.3f} units each"
+             for key, count in sorted(shapes.items(), key=lambda kv: -kv[1] * nbytes(kv[0]))]
+    total = sum(count * nbytes(key) for key, count in shapes.items())
+    return [f"  saved: {total / unit:.2f} units (unit = T x C x {elem} B)"] + lines
 
 
 def main() -> None:

@@ -226,8 +226,8 @@ _DEFAULTS = {
     # Session 14: TMA (192 registers, 96 KB of shared memory: two programs an SM); channel splits that fill whole
     # waves of those two slots (at 8192 tokens, 128 token blocks: 2 splits, where waves alone gave 3 = 1.45
     # waves). H200, 8192 x 7168: 357 us (70 %) against 465 with 3 splits; the same splits in the pointer build
-    # 450 against 495 (post-res-proj-tma-...-s14-call4/5.md). At 8192 x 4096 this one run put the TMA build
-    # behind (291 against 258 us) and a 168-register cap ahead (228); at 32768 x 4096 the cap lost (808 vs 776).
+    # 450 against 495 (post-res-proj-tma-...-s14-call4/5.md). A 168-register cap lost at 32768 x 4096 and
+    # 8192 x 7168 (808 vs 776, 377 vs 357 us); call 5's 291 us at 8192 x 4096 did not repeat (216 in call 8).
     "post_res_proj": DotCfg(bt=64, bk=32, num_warps=4, num_stages=3, waves=2, per_thread=128, occupancy=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
@@ -1286,12 +1286,12 @@ def coeffs_backward(
 # TMA (DotCfg.tma, bf16 with C a multiple of BC): X, y, X' and phi's halves move as descriptor blocks. The pointer
 # build was issue-bound, not bandwidth-bound (Nsight on an H200: 8 warps an SM, 0.58 eligible warps a scheduler,
 # 51 % of DRAM bandwidth; without its X' stores it still read at only 51 %): every element paid 64-bit address
-# and mask arithmetic. With descriptors the loads land in shared memory by TMA, X' leaves by TMA stores, and the
-# sm_90a build needs 192 registers instead of 255. H200, 32768 x 4096: 776 against 961 us (73 against 59 % of
-# copy bandwidth); 8192 x 7168: 465 against 495 us (results/post-res-proj-tma-2026-12-03-h200-s14-call4.md).
-# X' itself leaves by pointer stores (DotCfg.tma_store False): the TMA-store build reuses one shared buffer for
-# the n stores of a chunk and waits for each store's read before the next; with pointer stores (218 registers)
-# it ran 0.1-1.4 % faster at three shapes in one run (766 against 777 us at 32768 x 4096; s14-call8 results).
+# and mask arithmetic. With descriptors the loads land in shared memory by TMA (first built with TMA stores of X'
+# too: 192 registers instead of 255; H200, 32768 x 4096: 776 against 961 us, 73 against 59 % of copy bandwidth;
+# results/post-res-proj-tma-2026-12-03-h200-s14-call4.md). X' now leaves by pointer stores (DotCfg.tma_store
+# False): the TMA-store build reuses one shared buffer for the n stores of a chunk and waits for each store's
+# read before the next; with pointer stores (218 registers) it ran 0.1-1.4 % faster at three shapes in one run
+# (766 against 777 us at 32768 x 4096; s14-call8 results).
 # ---------------------------------------------------------------------------------------------
 _PRP_SMEM = 192 * 1024  # bytes of pipeline buffers (H100: 227 KiB of shared memory per block)
 _PRP_HOIST = 20  # up to this many coefficient vectors (n*n + n; n <= 4) are loaded once per program
@@ -1399,7 +1399,7 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             # operand's layout conversion up through this chain to the loads, which computes X'_i twice, once
             # per layout (twice the FMAs and spilled registers in the sm_90 compile); selects are not hoisted.
             xw = tl.where(m2, xo, 0.0).to(xo.dtype)
-            krow = (i * C + cols).to(tl.int64)  # rows of phi_next: k = i*C + c
+            krow = (i * C + cols).to(tl.int64)  # rows of phi_next: k = i*C + c (the pointer builds)
             if TMA and JOIN:
                 hl = hi_ptr.load([i * C + c0, 0])
                 acc = tl.dot(xw.to(DOT), hl.to(DOT), acc, out_dtype=ACC)

@@ -41,9 +41,10 @@ import types
 import torch
 import triton
 import triton.language as tl
+
 from mhc_compile.kernels import triton_ops as tk
-from mhc_compile.kernels.tma import descriptor, tma_ok
 from mhc_compile.kernels.launch import launch
+from mhc_compile.kernels.tma import descriptor, tma_ok
 
 
 # ---------------------------------------------------------------------------------------------
