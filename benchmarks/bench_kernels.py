@@ -301,9 +301,9 @@ SWEEP = {
     # more programs an SM: 2 stages at 168 registers (24 bytes spilled, 60 KB: three programs), 3 stages at 168
     # (call 5: 60-70 %). tma_store=True: X' by TMA stores too (the default until call 8, 0.1-1.4 % slower: it
     # waits for each store's shared-memory read before the next stream's X' takes the one store buffer)
-    # join_hi_lo: one m64n64k32 dot a stream against phi's [hi | lo] tile, 4 dots and 4 waits a chunk instead of
-    # 8 (sm_90a build: 229 registers, no spills; not yet timed)
-    "post_res_proj": [dict(tma=False), dict(join_hi_lo=True), dict(tma_store=True),
+    # join_hi_lo=False: a hi and a lo dot a stream, 8 dots and 8 waits a chunk (the default before session 15,
+    # whose one m64n64k32 dot against phi's [hi | lo] tile ran 743.8 against 767.7 us at 32768 x 4096)
+    "post_res_proj": [dict(tma=False), dict(join_hi_lo=False), dict(tma_store=True, join_hi_lo=False),
                       dict(num_stages=2, maxnreg=168, occupancy=3),
                       dict(maxnreg=168),
                       dict(num_warps=8), dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64)],

@@ -546,29 +546,30 @@ def test_post_res_proj_split_and_column_blocks(shape, dtype, launch_grids):
 @pytest.mark.parametrize("shape", [(37, 4, 64), (20, 5, 48), (33, 1, 32)], ids=["T37n4C64", "T20n5C48", "T33n1C32"])
 def test_post_res_proj_tma_blocks(shape, monkeypatch):
     """bf16 with C a multiple of the chunk: X, y, X' and phi's halves move as TMA descriptor blocks (rows past T
-    read as zeros and are not written), over ragged token blocks and two channel splits; X' stored through
-    pointers (the default) or by TMA (tma_store=True). The same values as the pointer path (X' bit for bit, p
-    and sq to the last bit of their fp32 sums' order) and the reference."""
+    read as zeros and are not written), over ragged token blocks and two channel splits. The default takes one dot
+    a stream against phi's interleaved [hi | lo] tile (join_hi_lo); without it, hi and lo dots with X' stored
+    through pointers or by TMA (tma_store=True) give the same values as the pointer path (X' bit for bit, p and
+    sq to the last bit of their fp32 sums' order), and every build matches the reference."""
     flags = []
     launch = tk.launch
 
     def spy(kernel, grid, args, meta, **options):
         if kernel is tk._post_res_proj_kernel:
-            flags.append((meta["TMA"], meta["TMA_STORE"]))
+            flags.append((meta["TMA"], meta["TMA_STORE"], meta["JOIN"]))
         return launch(kernel, grid, args, meta, **options)
 
     monkeypatch.setattr(tk, "launch", spy)
     x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=11)
     tile = dict(bt=16, bk=16, waves=64)
     with tk.tuning("post_res_proj", **tile):
+        joined = tk.post_res_proj(x, h_res, h_post, y, phi)
+    with tk.tuning("post_res_proj", **tile, join_hi_lo=False):
         got = tk.post_res_proj(x, h_res, h_post, y, phi)
-    with tk.tuning("post_res_proj", **tile, tma_store=True):
+    with tk.tuning("post_res_proj", **tile, join_hi_lo=False, tma_store=True):
         tma_stores = tk.post_res_proj(x, h_res, h_post, y, phi)
     with tk.tuning("post_res_proj", **tile, tma=False):
         pointer = tk.post_res_proj(x, h_res, h_post, y, phi)
-    with tk.tuning("post_res_proj", **tile, join_hi_lo=True):
-        joined = tk.post_res_proj(x, h_res, h_post, y, phi)
-    assert flags == [(True, False), (True, True), (False, False), (True, False)], flags
+    assert flags == [(True, False, True), (True, False, False), (True, True, False), (False, False, False)], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
     for other in (tma_stores, pointer):
         for a, b in zip(got, other):

@@ -172,7 +172,7 @@ class DotCfg:
     per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
     tma: bool = True  # post_res_proj only: X, y, X' and phi's halves as TMA descriptor blocks where allowed
     tma_store: bool = False  # post_res_proj only, with tma: X' leaves by TMA stores (else by pointer stores)
-    join_hi_lo: bool = False  # post_res_proj only, with tma: one dot a stream against phi's [hi | lo] tile
+    join_hi_lo: bool = True  # post_res_proj only, with tma: one dot a stream against phi's [hi | lo] tile
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
@@ -228,6 +228,8 @@ _DEFAULTS = {
     # waves). H200, 8192 x 7168: 357 us (70 %) against 465 with 3 splits; the same splits in the pointer build
     # 450 against 495 (post-res-proj-tma-...-s14-call4/5.md). A 168-register cap lost at 32768 x 4096 and
     # 8192 x 7168 (808 vs 776, 377 vs 357 us); call 5's 291 us at 8192 x 4096 did not repeat (216 in call 8).
+    # Session 15: join_hi_lo (one m64n64k32 dot a stream against phi's [hi | lo] tile, 4 dots and 4 waits a chunk
+    # instead of 8): 743.8 against 767.7 us at 32768 x 4096 in one sweep (boundary-...-s15-call1.md).
     "post_res_proj": DotCfg(bt=64, bk=32, num_warps=4, num_stages=3, waves=2, per_thread=128, occupancy=2),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
