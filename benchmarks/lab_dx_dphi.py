@@ -41,6 +41,7 @@ and TMA (session 11, 85 %: 971.4 against 995.5 us in lab-dx-dphi-2026-12-02-h200
 streams now run (the kernel lives in mhc_compile/kernels/triton_proj_bwd.py; this file sweeps its knobs).
 
     PYTHONPATH=. OUT=DIR python benchmarks/lab_dx_dphi.py              # GPU: checks, sweep, DIR/lab_dx_dphi.md
+    PYTHONPATH=. OUT=DIR python benchmarks/lab_dx_dphi.py --no-acc     # the same without acc (enter's backward)
     TRITON_INTERPRET=1 python benchmarks/lab_dx_dphi.py --smoke        # CPU: value checks on tiny shapes
     python benchmarks/lab_dx_dphi.py --ptxas                           # no GPU: sm_90 registers / spills
 """
@@ -107,6 +108,8 @@ SWEEP = [
     _cfg(64, 128, 8, 2, pipeline_all=True, tma=True),                            # 238, 0, 113 KB: 1
     _cfg(64, 128, 8, 3, maxnreg=128, pipeline_all=True, tma=True),               # 128, 192, 177 KB: 1
     _cfg(64, 64, 4, 3, occupancy=2, pipeline_all=True, tma=True),                # 255, 0, 113 KB: 2
+    _cfg(128, 64, 8, 2, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
+    _cfg(64, 128, 8, 3, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
 ]
 # value checks on the GPU: odd token counts (a ragged tail tile), n = 1 / 3 / 4, bf16 and fp32, ONE_STREAM and
 # the gather path (C = 1000 is no multiple of BK); the variants only on the first two shapes
@@ -241,21 +244,24 @@ def check_rows(device, shapes, variants):
     return rows, ok
 
 
-def nbytes_of(t, n, c, m):
-    """Bytes the folded backward must move (kernel_lab.bwd_rows' count): X, acc and dX once each, dout, the
-    per-token coefficients (dp, dsq, h_pre: fp32), phi read and dphi written (fp32)."""
-    return 3 * t * n * c * 2 + t * c * 2 + t * (m + 1 + n) * 4 + 2 * n * c * m * 4
+def nbytes_of(t, n, c, m, with_acc=True):
+    """Bytes the folded backward must move (kernel_lab.bwd_rows' count): X, acc (if any) and dX once each, dout,
+    the per-token coefficients (dp, dsq, h_pre: fp32), phi read and dphi written (fp32)."""
+    return (3 if with_acc else 2) * t * n * c * 2 + t * c * 2 + t * (m + 1 + n) * 4 + 2 * n * c * m * 4
 
 
 TIMED = []  # {"t", "c", "cfg", "us"} of every timed fused row: lab_dx_dphi.json, for scripts that pick a tile
 
 
-def sweep_rows(t, n, c, device, bw, configs, deadline):
+def sweep_rows(t, n, c, device, bw, configs, deadline, with_acc=True):
+    """Timed rows at one shape; ``with_acc`` False: no stream-gradient accumulator (``enter``'s backward)."""
     d = make(t, n, c, device)
     args = _args(d)
+    if not with_acc:
+        args = args[:-1] + (None,)
     m = d["phi"].shape[1]
-    nbytes = nbytes_of(t, n, c, m)
-    head = f"| **T={t}, C={c}, n={n}** | bytes {nbytes / 1e9:.2f} GB: floor {nbytes / bw * 1e6:.0f} us, " \
+    nbytes = nbytes_of(t, n, c, m, with_acc)
+    head = f"| **T={t}, C={c}, n={n}{'' if with_acc else ', no acc'}** | bytes {nbytes / 1e9:.2f} GB: floor {nbytes / bw * 1e6:.0f} us, " \
            f"85 % target {nbytes / (0.85 * bw) * 1e6:.0f} us | | | | | | | |"
     rows = [head]
     print(head, flush=True)
@@ -374,6 +380,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1: value checks on tiny shapes")
     ap.add_argument("--ptxas", action="store_true", help="no GPU: sm_90a registers / spills of the sweep's tiles")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for lab_dx_dphi.md (default $OUT)")
+    ap.add_argument("--no-acc", action="store_true", help="time without the stream-gradient accumulator (what "
+                    "enter's backward runs)")
     args = ap.parse_args()
     start = time.time()
     if args.ptxas:
@@ -421,7 +429,7 @@ def main() -> int:
     deadline = start + args.budget_s
     for c in channels:  # the target shape first: compiles happen there, and the time budget ends the least useful
         for t in tokens:
-            table += sweep_rows(t, args.n, c, device, bw, configs, deadline)
+            table += sweep_rows(t, args.n, c, device, bw, configs, deadline, with_acc=not args.no_acc)
             _emit(args.out, "lab_dx_dphi.md", report(), echo=False)  # what is done survives a kill
             _emit(args.out, "lab_dx_dphi.json", [json.dumps(TIMED)], echo=False)
     _emit(args.out, "lab_dx_dphi.md", report())

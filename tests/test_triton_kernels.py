@@ -230,6 +230,33 @@ def test_proj_split_reductions(dtype):
         _close(dphi, want[3], TOL32)
 
 
+@pytest.mark.parametrize("bm", [16, 64], ids=["column_blocks", "one_block"])
+def test_proj_join_hi_lo(bm, monkeypatch):
+    """join_hi_lo: one dot a step against the block's [hi | lo] columns of the interleaved phi halves, over column
+    blocks (bm = 16 < m = 24), K splits and a ragged token block. sq is the same to the bit, p within the hi/lo
+    bound of the reference (its hi and lo products summed in another order than the two-dot build's)."""
+    joins = []
+    launch = tk.launch
+
+    def spy(kernel, grid, args, meta, **options):
+        if kernel is tk._proj_fwd_kernel:
+            joins.append(meta["JOIN"])
+        return launch(kernel, grid, args, meta, **options)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    x, *_, phi = _stream(37, 4, 40, torch.bfloat16, seed=21)
+    tile = dict(bm=bm, bt=16, bk=32, waves=64)
+    with tk.tuning("proj", **tile, join_hi_lo=True):
+        joined = tk.proj(x, phi)
+    with tk.tuning("proj", **tile, join_hi_lo=False):
+        pair = tk.proj(x, phi)
+    assert joins == [True, False], joins
+    p_ref, _ = ref.proj(x, phi)
+    _close_hi_lo(joined[0], p_ref, x.reshape(37, -1), phi)
+    torch.testing.assert_close(joined[1], pair[1], rtol=0, atol=0)
+    torch.testing.assert_close(joined[0], pair[0], rtol=1e-5, atol=1e-6)
+
+
 def test_proj_splits_fill_whole_waves(monkeypatch):
     """proj's K splits: the count whose grid leaves the fewest SM slots idle in its last wave, fewest on ties."""
     monkeypatch.setattr(tk, "_num_sms", lambda device: 132)  # an H100 / H200

@@ -172,7 +172,9 @@ class DotCfg:
     per_thread: int = 32  # post_res_proj only: elements a thread of its n input tiles, accumulator or phi tile
     tma: bool = True  # post_res_proj only: X, y, X' and phi's halves as TMA descriptor blocks where allowed
     tma_store: bool = False  # post_res_proj only, with tma: X' leaves by TMA stores (else by pointer stores)
-    join_hi_lo: bool = True  # post_res_proj only, with tma: one dot a stream against phi's [hi | lo] tile
+    # proj and post_res_proj (with tma), bf16 hi/lo: one dot against phi's interleaved [hi | lo] tile instead of a
+    # hi and a lo dot, so the X tile is read from shared memory once per chunk, not twice
+    join_hi_lo: bool = False
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
@@ -230,7 +232,8 @@ _DEFAULTS = {
     # 8192 x 7168 (808 vs 776, 377 vs 357 us); call 5's 291 us at 8192 x 4096 did not repeat (216 in call 8).
     # Session 15: join_hi_lo (one m64n64k32 dot a stream against phi's [hi | lo] tile, 4 dots and 4 waits a chunk
     # instead of 8): 743.8 against 767.7 us at 32768 x 4096 in one sweep (boundary-...-s15-call1.md).
-    "post_res_proj": DotCfg(bt=64, bk=32, num_warps=4, num_stages=3, waves=2, per_thread=128, occupancy=2),
+    "post_res_proj": DotCfg(bt=64, bk=32, num_warps=4, num_stages=3, waves=2, per_thread=128, occupancy=2,
+                            join_hi_lo=True),
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
     "coeffs_backward": CoeffsBwdCfg(budget=256, num_warps=1),
@@ -748,12 +751,15 @@ def _split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False
 @triton.jit(do_not_specialize=["T"])
 def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
                      BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr,
-                     DOT: tl.constexpr):
+                     DOT: tl.constexpr, JOIN: tl.constexpr = False):
     """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
     HI_LO: phi_ptr is _split_hi_lo's [2, K, MPAD] and the X tile enters both dots in its own dtype;
     otherwise phi is [K, M] in ACC and the tile is widened (tf32 for fp16, exact for fp32 / fp64).
+    JOIN (with HI_LO): phi_ptr is _split_hi_lo's interleaved [K, 2, MPAD]; the block's hi and lo columns form one
+    [BK, 2 BM] tile, so each step takes one dot of twice the width (the X tile read from shared memory once) and
+    the accumulator's hi and lo halves are added after the loop.
     The sum of squares accumulates as [BT, BK / 8] partials, each over 8 adjacent columns (the 8-element vector a
     thread loads, so no step reduces across threads), and is reduced across columns once after the loop. Reduced
     every step instead (4 rounds of warp shuffles among the 16 threads sharing a row, in the sm_90a IR), the
@@ -772,13 +778,23 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
     r64 = rows.to(tl.int64)
     k_lo = split * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    acc = tl.zeros([BT, BM], dtype=ACC)
+    if JOIN:
+        acc = tl.zeros([BT, 2 * BM], dtype=ACC)
+        j2 = tl.arange(0, 2 * BM)
+        jcols = (j2 // BM) * MPAD + pid_m * BM + j2 % BM  # hi columns of the block, then its lo columns
+    else:
+        acc = tl.zeros([BT, BM], dtype=ACC)
     sq8 = tl.zeros([BT, BK // 8], dtype=ACC)  # BK >= 16: tl.dot
     for k0 in range(k_lo, k_hi, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < k_hi
         xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if HI_LO:
+        if JOIN:
+            hl = tl.load(phi_ptr + ks[:, None].to(tl.int64) * (2 * MPAD) + jcols[None, :], mask=kmask[:, None],
+                         other=0.0)
+            acc = tl.dot(xt.to(DOT), hl.to(DOT), acc, out_dtype=ACC)
+            xf = xt.to(ACC)
+        elif HI_LO:
             hp = phi_ptr + ks[:, None].to(tl.int64) * MPAD + cols[None, :]
             hi = tl.load(hp, mask=kmask[:, None], other=0.0)
             lo = tl.load(hp + K * MPAD, mask=kmask[:, None], other=0.0)
@@ -792,6 +808,8 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
             acc = tl.dot(xf, ph, acc, input_precision=PREC)
         sq8 += tl.sum(tl.reshape(xf * xf, (BT, BK // 8, 8)), axis=2)
     sq = tl.sum(sq8, axis=1)
+    if JOIN:
+        acc = tl.sum(tl.reshape(acc, (BT, 2, BM)), axis=1)
     base = split.to(tl.int64) * T
     tl.store(p_ptr + (base + r64)[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
     # (a tensor-valued test: the interpreter rejects a scalar bool in a mask)
@@ -816,7 +834,8 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     bm = _dot_block_m(m, cfg)
     mblocks = _cdiv(m, bm)
     hi_lo = _hi_lo(x.dtype) and acc == torch.float32
-    w = _split_hi_lo(phi, mblocks * bm, transpose=False) if hi_lo else phi
+    join = hi_lo and cfg.join_hi_lo
+    w = _split_hi_lo(phi, mblocks * bm, transpose=False, interleave=join) if hi_lo else phi
     bt = min(cfg.bt, max(16, _pow2(t)))  # tl.dot needs >= 16 rows
     splits = _filling_splits(cfg, x.device, _cdiv(t, bt) * mblocks, _cdiv(k, cfg.bk))
     k_split = _cdiv(_cdiv(k, splits), cfg.bk) * cfg.bk
@@ -825,7 +844,7 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     grid = (_cdiv(t, bt), mblocks, splits)
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
-                DOT=_half_dot_dtype())
+                DOT=_half_dot_dtype(), JOIN=join)
     launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
