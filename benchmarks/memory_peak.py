@@ -3,8 +3,10 @@
 Records the CUDA caching allocator's history over one step (after warm-up), replays its alloc / free events to
 find the moment of the peak, and prints the tensors alive then, in units of one C-wide bf16 activation of the
 batch (T x C x 2 bytes; an n-stream tensor is n units), grouped by the first frame of their allocation inside
-this project or Inductor's generated code. That says which stream-sized tensors make the activation-memory
-overhead that bench_training.py reports, and where they come from.
+this project or Inductor's generated code, and marked "saved" where the block holds a tensor that the forward
+saved for backward (``saved_tensors_hooks`` around the recorded step). That says which stream-sized tensors make
+the activation-memory overhead that bench_training.py reports, where they come from, and whether the partition
+kept them.
 
     PYTHONPATH=. python benchmarks/memory_peak.py [d] [options as k=v, e.g. recompute=4]
 """
@@ -48,17 +50,17 @@ def _frame(frames: list[dict]) -> str:
     return f"{graph} | {ours}" if ours else graph
 
 
-def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str]], str]:
-    """(peak bytes above the step's start, [(size, frame)] of the blocks allocated during the step and alive at
-    the peak, the allocation that reached the peak) from the allocator trace."""
+def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str, int]], str]:
+    """(peak bytes above the step's start, [(size, frame, address)] of the blocks allocated during the step and
+    alive at the peak, the allocation that reached the peak) from the allocator trace."""
     events = [e for trace in snapshot["device_traces"] for e in trace]
-    live: dict[int, tuple[int, str]] = {}
+    live: dict[int, tuple[int, str, int]] = {}
     cur = peak = 0
-    at_peak: list[tuple[int, str]] = []
+    at_peak: list[tuple[int, str, int]] = []
     where = ""
     for e in events:
         if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], _frame(e.get("frames", [])))
+            live[e["addr"]] = (e["size"], _frame(e.get("frames", [])), e["addr"])
             cur += e["size"]
             if cur > peak:
                 peak, at_peak, where = cur, list(live.values()), live[e["addr"]][1]
@@ -67,12 +69,24 @@ def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str]], str]:
     return peak, at_peak, where
 
 
+def _saved(addr: int, size: int, saved_ptrs: list[int]) -> bool:
+    """Whether a block holds the storage of a tensor the forward saved for backward."""
+    return any(addr <= p < addr + size for p in saved_ptrs)
+
+
 def report(name: str, fn, x, unit: int) -> list[str]:
     for _ in range(3):
         _step(fn, x)
     torch.cuda.synchronize()
+    saved_ptrs: list[int] = []  # storages the recorded step's forward hands to its backward
+
+    def pack(t):
+        saved_ptrs.append(t.untyped_storage().data_ptr())
+        return t
+
     torch.cuda.memory._record_memory_history(max_entries=200_000)
-    _step(fn, x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _step(fn, x)
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
@@ -80,9 +94,12 @@ def report(name: str, fn, x, unit: int) -> list[str]:
     peak, blocks, where = live_at_peak(snap)
     by_frame: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
-    for size, frame in blocks:
-        by_frame[frame] += size
-        count[frame] += 1
+    for size, frame, addr in blocks:
+        # "saved": the block holds a tensor saved for backward (a block alive at the peak that is not saved, and
+        # not made in the backward, is kept by something else: an alias, a graph output, the allocator)
+        key = f"{'saved' if _saved(addr, size, saved_ptrs) else '     '} {frame}"
+        by_frame[key] += size
+        count[key] += 1
     lines = [f"== {name}: {peak / 2**30:.2f} GiB allocated during the step at its peak = {peak / unit:.1f} units "
              f"(unit = T x C x 2 B = {unit / 2**20:.0f} MiB), reached at {where}"]
     for frame, size in by_frame.most_common(25):

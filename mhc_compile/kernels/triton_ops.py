@@ -212,7 +212,10 @@ _DEFAULTS = {
     "post_res_backward": PostResBwdCfg(),
     # hi/lo bf16 dots: the fastest tile at 8192 and 32768 tokens (benchmarks/results/lab-2026-11-24-h100.md);
     # one program an SM (three stages of its tiles take 144 KB of shared memory); K splits: _filling_splits
-    "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=4),
+    # Session 15: join_hi_lo (one dot a step against phi's [hi | lo] columns, the X tile read from shared memory
+    # once): 132.1 against 143.9 us at 8192 x 7168 (84 against 78 %), 258.2 us (98 %) at 32768 x 4096 against
+    # 269.8 in session 11 (kernels-2026-12-03-h200-s15-call2.md)
+    "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=4, join_hi_lo=True),
     # one tile per program (waves = 64 leaves no token loop: its loads are not pipelined); the lab's fastest
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
