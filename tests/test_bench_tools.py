@@ -107,3 +107,16 @@ def test_saved_tensors_counts_what_autograd_keeps_in_units_of_one_activation():
     assert shapes == {((6, 8), "float32"): 1, ((8, 8), "float32"): 1, ((2, 3, 8), "float32"): 1}, shapes
     lines = saved_tensors.describe(shapes, d=8, tokens=6, elem=4)
     assert lines[0] == "  saved: 3.33 units (unit = T x C x 4 B)", lines  # 48 + 64 + 48 elements over 48
+
+
+@pytest.mark.parametrize("options", [{}, {"tma_store": True, "xs16": True}], ids=["pointer_stores", "tma_stores"])
+def test_lab_step_grad_kernel_matches_the_float64_reference(options):
+    """The lab's one-pass G + post_res backward (benchmarks/lab_step_grad.py, not wired into the ops) against the
+    float64 formula, over a ragged token block: dX_prev and dy rounded once to bf16, the per-token sums in fp32."""
+    from benchmarks import lab_step_grad
+
+    d = lab_step_grad.make(37, 4, 64, "cpu", seed=3)
+    got = lab_step_grad.step_grad(**d, bt=16, bc=16, **options)
+    errs = lab_step_grad.rel_errs(got, lab_step_grad.reference(**d))
+    assert errs[0] < 8e-3 and errs[3] < 8e-3, errs  # bf16 outputs: half an ulp is 2^-9
+    assert errs[1] < 1e-5 and errs[2] < 1e-5, errs
