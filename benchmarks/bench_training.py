@@ -11,7 +11,7 @@ held before the step (parameters, inputs).
 
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
-recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, foldpre, fused,
+recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, foldpre, fused,
 cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
 kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
 config changed: the fields of its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's
@@ -273,6 +273,9 @@ def run_size(d, args, emit):
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})
+    if "noprp" in args.variants:  # passes/fold_post_res_proj.py off: each site's post_res and proj apart
+        variants["backend=mhc fold_post_res_proj=False"] = torch.compile(
+            mhc_model, backend="mhc", options={"n": args.n, "fold_post_res_proj": False})
     if "foldpre" in args.variants:  # passes/fold_pre_recompute.py on: pre recomputed in the post_res backward
         variants["backend=mhc fold_pre_recompute=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_pre_recompute": True})

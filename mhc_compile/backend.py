@@ -23,7 +23,7 @@ from torch import nn
 from mhc_compile import _compat
 from mhc_compile.config import MHCConfig
 from mhc_compile.passes import inline_checkpoints
-from mhc_compile.passes import fold_pre_recompute, fold_stream_grads, post_grad
+from mhc_compile.passes import fold_post_res_proj, fold_pre_recompute, fold_stream_grads, post_grad
 from mhc_compile.passes import fuse as fuse_pass
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
@@ -431,10 +431,13 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, 
         import torch._inductor
 
         patches = {**torch._inductor.list_mode_options(mode), **patches}
-    backward_passes = [p for p, on in ((fold_stream_grads, config.fold_stream_grads),
-                                       (fold_pre_recompute, config.fold_pre_recompute)) if on]
+    # each pass rewrites its own pattern and leaves graphs without it alone: the fold_* passes act on backward
+    # graphs, fold_post_res_proj on forward graphs
+    passes = [p for p, on in ((fold_stream_grads, config.fold_stream_grads),
+                              (fold_pre_recompute, config.fold_pre_recompute),
+                              (fold_post_res_proj, config.fold_post_res_proj)) if on]
     import torch._inductor.config as inductor_config
 
     theirs = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
-    patches["post_grad_custom_post_pass"] = post_grad.PostGradPasses(backward_passes, then=theirs)
+    patches["post_grad_custom_post_pass"] = post_grad.PostGradPasses(passes, then=theirs)
     return _compat.inductor_compile_fx()(gm, example_inputs, config_patches=patches or None)

@@ -54,10 +54,13 @@ def _step_matches_eager_oracle(model, step, idx, caplog, code=None) -> str:
 
 
 def test_inductor_forward_and_gradients_match_eager_oracle(compiled, caplog):
-    """Also checks that the backward pass ran Inductor's graph through passes/fold_stream_grads.py."""
+    """Also checks that the backward pass ran Inductor's graph through passes/fold_stream_grads.py, and the forward
+    through passes/fold_post_res_proj.py (every site after the first projects in its post_res pass)."""
     code = []
     log = _step_matches_eager_oracle(*compiled, caplog, code)
     assert "folded the stream-gradient sums of 4 of 4 site(s)" in log
+    assert "projected 3 of 4 site(s) in the post_res pass that writes their stream" in log
+    assert "mhc_compile_direct.post_res_proj.default(" in code[0]
     # forward and backward graphs call the ops' direct twins, not the custom ops (runtime/ops.py, the end)
     assert len(code) == 2 and all("torch.ops.mhc_compile_direct." in c for c in code)
     assert not any(re.search(r"torch\.ops\.mhc_compile\.\w+\.default\(", c) for c in code)

@@ -79,6 +79,9 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.pre, (x, h_pre, "reference"))
     y = torch.randn(t, c, dtype=dtype, requires_grad=True)
     torch.library.opcheck(ops.post_res, (x, h_res, h_post, y, "reference"))
+    # forward-only (passes/fold_post_res_proj.py puts it in Inductor's forward graphs): no gradient inputs
+    torch.library.opcheck(ops.post_res_proj, (x.detach(), h_res.detach(), h_post.detach(), y.detach(),
+                                              phi.detach(), "reference"))
 
 
 def test_bf16_stream_keeps_dtype_and_fp32_coefficients():
@@ -130,6 +133,7 @@ def _all_op_calls(impl: str):
         ("pre_backward_dh", ops.pre_backward_dh, (x, h_pre, y, impl)),
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
         ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),
+        ("post_res_proj", ops.post_res_proj, (x, h_res, h_post, y, phi, impl)),
     ]
 
 
@@ -172,7 +176,7 @@ def test_direct_twins_match_the_custom_ops():
 
 
 _UNFUSED = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
-            "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre")
+            "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre", "post_res_proj")
 
 
 @pytest.mark.parametrize("lead", ["three_dims_permuted", "none"])

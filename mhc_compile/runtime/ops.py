@@ -25,7 +25,7 @@ from mhc_compile.kernels import reference as ref
 IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
-            "proj_pre_backward", "post_res_backward_pre")
+            "proj_pre_backward", "post_res_backward_pre", "post_res_proj")
 
 
 def all_ops() -> list:
@@ -137,6 +137,7 @@ class _ReferenceOps:
         "post_res": ((2, 2, 1, 1), (True,)),
         "post_res_backward": ((2, 2, 1, 1, 2), (True,) * 4),
         "post_res_backward_pre": ((2, 2, 1, 1, 2, 1), (True,) * 5),
+        "post_res_proj": ((2, 2, 1, 1, None), (True,) * 3),
     }
 
     def __getattr__(self, name: str):
@@ -345,6 +346,22 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, impl: str) -> 
 @post_res.register_fake
 def _(x, h_res, h_post, y, impl):
     return _dense_like(x)
+
+
+@_custom_op("post_res_proj")
+def post_res_proj(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor,
+                  impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(post_res(x, ...), *proj(that, phi)) from one pass over the streams. Only Inductor's forward graphs hold
+    it (``passes/fold_post_res_proj.py`` puts it there after the partition), so it has no autograd formula: the
+    backward graph was built from post_res and proj apart."""
+    return _kernels(impl).post_res_proj(x, h_res, h_post, y, phi)
+
+
+@post_res_proj.register_fake
+def _(x, h_res, h_post, y, phi, impl):
+    lead = x.shape[:-2]
+    acc = ref.acc_dtype(x.dtype)
+    return _dense_like(x), x.new_empty(lead + (phi.shape[1],), dtype=acc), x.new_empty(lead, dtype=acc)
 
 
 @_custom_op("post_res_backward")
