@@ -60,8 +60,12 @@ class MHCConfig:
                      a time-for-memory trade to opt into where memory allows.
     fold_post_res_proj: in Inductor's forward graph, let each site's post_res also compute the next site's
                      projection from the stream tiles it writes (``passes/fold_post_res_proj.py``: one read of
-                     the n streams less per site; H200, 8192 x 7168: 348 against 268 + 133 us). The backward
-                     graph is unchanged (it rebuilds the stream with post_res alone). False keeps them apart.
+                     the n streams less per site; the backward graph still rebuilds the stream with post_res
+                     alone). Off by default: alone on an H200 at 8192 x 7168 the fused kernel is faster (348
+                     against 268 + 133 us), but in the power-capped training step (~1.48 GHz) it is bound by
+                     instruction issue and the d = 7168 step was slower with it: +8.6 % (+8.1 .. +9.2) against
+                     +7.5 % (+7.0 .. +7.8) over the residual model, 3 interleaved rounds; at d = 4096 +12.9 %
+                     against +14.3 % (rounds overlapping; benchmarks/results/session15-2026-12-03-h200.md).
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -88,7 +92,7 @@ class MHCConfig:
     fuse: bool = False
     fold_stream_grads: bool = True
     fold_pre_recompute: bool = False
-    fold_post_res_proj: bool = True
+    fold_post_res_proj: bool = False
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False

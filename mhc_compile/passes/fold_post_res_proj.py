@@ -9,7 +9,9 @@ this site's proj:
 This pass rewrites the pair to ``post_res_proj`` (``triton_ops.post_res_proj``, the kernel ``fuse=True``'s
 ``step`` runs), which projects each X tile while it is still in registers: n C elements a token less to read
 (H200, 8192 x 7168: 347.9 us against 267.8 + 132.8 us for the two kernels, benchmarks/results/
-kernels-2026-12-03-h200-s15-call2.md).
+kernels-2026-12-03-h200-s15-call2.md). Opt-in (``fold_post_res_proj=True``): in the power-capped d = 7168
+training step the fused kernel, bound by instruction issue rather than bytes, lost to the two it replaces
+(+8.6 against +7.5 % over the residual model, session15-2026-12-03-h200.md).
 
 It runs after AOTAutograd's partition (``post_grad_custom_post_pass``), so the recompute plan is the one the
 unfused ops got: the backward graph still rebuilds X with post_res alone from the saved p and sq, and no new
