@@ -305,7 +305,11 @@ SWEEP = {
     # waits for each store's shared-memory read before the next stream's X' takes the one store buffer)
     # join_hi_lo=False: a hi and a lo dot a stream, 8 dots and 8 waits a chunk (the default before session 15,
     # whose one m64n64k32 dot against phi's [hi | lo] tile ran 743.8 against 767.7 us at 32768 x 4096)
-    "post_res_proj": [dict(tma=False), dict(join_hi_lo=False), dict(tma_store=True, join_hi_lo=False),
+    # bt=32 (session 15, not yet timed): below wgmma's 64 rows Triton takes mma v2, whose A operand comes from
+    # registers (no shared-memory hand-off, no dot waits); sm_90a build 128 registers, no spills, 54 KB of shared
+    # memory: four 4-warp programs an SM, twice the warps of the default; phi is read from L2 twice as often
+    "post_res_proj": [dict(bt=32, bk=32, occupancy=4), dict(tma=False), dict(join_hi_lo=False),
+                      dict(tma_store=True, join_hi_lo=False),
                       dict(num_stages=2, maxnreg=168, occupancy=3),
                       dict(maxnreg=168),
                       dict(num_warps=8), dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64)],
