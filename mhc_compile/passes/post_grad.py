@@ -2,7 +2,8 @@
 
 Backward graphs only exist inside Inductor (AOTAutograd builds them after our rewrite), so the passes that
 change them run as Inductor's ``post_grad_custom_post_pass`` (``backend._inner_compile``), in order, then
-the pass the user configured there, if any. Each pass module has ``apply(graph) -> int`` and ``__file__``.
+the pass the user configured there, if any. So do forward-graph rewrites that must not change what the
+partition saw (``fold_post_res_proj``). Each pass module has ``apply(graph) -> int`` and ``__file__``.
 The object is installed even with no pass to run: its ``uuid`` is how the backend's code enters the keys of
 Inductor's graph caches.
 """
