@@ -7,9 +7,10 @@ its calls, time and in-step bandwidth: its bytes (each stream tensor read or wri
 its time, as a share of the copy bandwidth measured in the same run. This is the profile behind
 benchmarks/results/*: what a step spends its overhead on, not just the total.
 
-    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--foldpre] [--tune SPEC ...]
+    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--foldpre] [--foldprp] [--tune SPEC ...]
 
---foldpre also profiles backend="mhc" with fold_pre_recompute=True, its mHC kernels listed beside the default's.
+--foldpre also profiles backend="mhc" with fold_pre_recompute=True, its mHC kernels listed beside the default's;
+--foldprp likewise with fold_post_res_proj=True (post_res + the next proj as one forward kernel).
 --tune tune:<kernel>:<field>=<v>,... (bench_training's syntax) profiles the same compiled model again with that
 kernel's config changed, and tabulates every mHC kernel's in-step time a call for the default and each
 alternative side by side: a tile or kernel change judged where it runs (power-capped clocks, other kernels
@@ -39,6 +40,7 @@ KERNEL_BYTES = {
     "_post_res_fwd_kernel": lambda S, v: 2 * S + v,          # X, y -> X'
     "_pre_fwd_kernel": lambda S, v: S + v,                   # X -> x_in
     "_proj_fwd_kernel": lambda S, v: S,                      # X -> p, sq
+    "_post_res_proj_kernel": lambda S, v: 2 * S + v,         # X, y -> X', p', sq' (fold_post_res_proj)
     "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,      # dX', X, y -> dX, dy (+ v: x_in with foldpre)
     "_post_res_bwd_2d_kernel": lambda S, v: 3 * S + 2 * v,   # the same op's 2-D kernel (the default)
     "_pre_bwd_kernel": lambda S, v: S + v,                   # X, dx_in -> dh_pre (pre_backward_dh)
@@ -246,6 +248,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("widths", type=int, nargs="*", default=[4096])
     ap.add_argument("--foldpre", action="store_true")
+    ap.add_argument("--foldprp", action="store_true")
     ap.add_argument("--tune", nargs="*", default=[], metavar="SPEC")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps a variant (kernel times are averaged)")
     ap.add_argument("--sync-check", action="store_true",
@@ -288,6 +291,10 @@ def main():
         if args.foldpre:
             variants.append(("fold_pre_recompute=True",
                              torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": True}),
+                             contextlib.nullcontext))
+        if args.foldprp:
+            variants.append(("fold_post_res_proj=True",
+                             torch.compile(m, backend="mhc", options={"n": N, "fold_post_res_proj": True}),
                              contextlib.nullcontext))
         for spec, kernel, fields in tunes:  # the same compiled model, one kernel's config changed around it
             variants.append((f"{kernel} {spec.split(':', 2)[2]}", mhc,
