@@ -60,6 +60,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_kernels as bkm  # noqa: E402
+from benchmarks import sm90_build  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 from mhc_compile.kernels.triton_proj_bwd import (  # noqa: E402
@@ -302,35 +303,11 @@ def sweep_rows(t, n, c, device, bw, configs, deadline, with_acc=True):
 # (no GPU: a stand-in driver names the target; Triton's ptxas builds the cubin, its cuobjdump reads it)
 # ---------------------------------------------------------------------------------------------
 def ptxas_rows(configs, n=4, c=4096, arch=90):
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.runtime.driver import driver
-
-    class _Target:  # what JITFunction asks the driver for before it compiles
-        def get_current_target(self):
-            return GPUTarget("cuda", arch, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
     t, m = 8192, ref.num_coeffs(n)
     x = torch.empty(t, n, c, dtype=torch.bfloat16)
     f32 = dict(dtype=torch.float32)
-    cuobjdump = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
     rows = ["| tile | regs | stack bytes (spills) | smem KB | programs an SM |", "|---|---|---|---|---|"]
-    previous = getattr(driver, "_active", None)  # None without a GPU: reset_active would raise
-    driver.set_active(_Target())
-    try:
+    with sm90_build.cpu_target(arch):
         for cfg in configs:
             label, cfg = _label(cfg), dict(cfg)
             for key in ("waves", "occupancy", "splits"):
@@ -348,22 +325,13 @@ def ptxas_rows(configs, n=4, c=4096, arch=90):
             try:
                 ck = _proj_dx_dphi_kernel.warmup(x, phi, dp, a, dsq, h, g, x, x, dphi, t, c, m, 1024, t, 1,
                                                  **meta, **opts, grid=(1,))
-                with tempfile.TemporaryDirectory() as tmp:  # the resources of the very binary Triton built
-                    path = os.path.join(tmp, "k.cubin")
-                    with open(path, "wb") as f:
-                        f.write(ck.asm["cubin"])
-                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
-                                           text=True).stdout
-                regs = int(re.search(r"REG:(\d+)", usage).group(1))
-                stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+                regs, stack = sm90_build.resources(ck, arch)
                 smem = ck.metadata.shared
                 rows.append(f"| {label} | {regs} | {stack} | {smem / 1024:.0f} | "
                             f"{_occupancy(regs, smem, cfg['num_warps'])} |")
             except Exception as exc:
                 rows.append(f"| {label} | failed: {type(exc).__name__}: {str(exc)[:100]} | | | |")
             print(rows[-1], flush=True)
-    finally:
-        driver._active = previous
     return rows
 
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import sm90_build  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 from mhc_compile.kernels.tma import descriptor  # noqa: E402
@@ -181,63 +182,36 @@ def rel_errs(got, want):
 
 def ptxas(tiles, n=4, c=4096, t=8192):
     """sm_90a builds without a GPU: registers, spilled bytes, shared memory, layout conversions in the loop."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.runtime.driver import driver
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    class _Target:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    driver.set_active(_Target())
-    cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
     m = ref.num_coeffs(n)
     bf, f32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
     xp, y = torch.empty(t, n * c, **bf), torch.empty(t, c, **bf)
     phi, dp, dsq = torch.empty(n * c, m, **f32), torch.empty(t, m, **f32), torch.empty(t, **f32)
     hv, hr = torch.empty(t, n, **f32), torch.empty(t, n, n, **f32)
-    for bt, bc, w, s, *opt in tiles:
-        opts = {"TMA_STORE": False, "XS16": False} | {k.upper(): v for k, v in (opt[0] if opt else {}).items()}
-        d2 = TensorDescriptor.from_tensor(xp, [bt, bc])
-        d1 = TensorDescriptor.from_tensor(y, [bt, bc])
-        dphi = TensorDescriptor.from_tensor(phi, [bc, 32])
-        try:
+    with sm90_build.cpu_target(90):
+        for bt, bc, w, s, *opt in tiles:
+            opts = {"TMA_STORE": False, "XS16": False} | {k.upper(): v for k, v in (opt[0] if opt else {}).items()}
+            d2, d1 = TensorDescriptor.from_tensor(xp, [bt, bc]), TensorDescriptor.from_tensor(y, [bt, bc])
+            dphi = TensorDescriptor.from_tensor(phi, [bc, 32])
             outs = (d2, d1) if opts["TMA_STORE"] else (xp, y)
-            ck = _step_grad_kernel.warmup(d2, d1, d1, d2, dphi, dp, dsq, hv, hr, hv, *outs, hr, hv, t, c, m, N=n,
-                                          BT=bt, BC=bc, MP=32, RNE=False, **opts, num_warps=w, num_stages=s,
-                                          grid=(1,))
-        except Exception as exc:
-            print(f"{bt}x{bc} w{w} s{s} {opts}: {type(exc).__name__}: {str(exc)[:300]}")
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(ck.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        gir = ck.asm["ttgir"]
-        loop = gir[gir.index("scf.for"):gir.index("scf.yield")]
-        regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
-        print(f"{bt}x{bc} w{w} s{s} {opt[0] if opt else ''}: regs {regs} stack {stack} smem {ck.metadata.shared // 1024} KB, loop: "
-              f"convert_layout {loop.count('convert_layout')}, local_load {loop.count('local_load')}, "
-              f"wgmma {loop.count('warp_group_dot ')}, tma loads {loop.count('async_tma_copy_global_to_local')}",
-              flush=True)
-        if os.environ.get("DUMP"):
-            with open(f"{os.environ['DUMP']}_{bt}x{bc}w{w}s{s}{len(opt)}.ttgir", "w") as f:
-                f.write(gir)
+            try:
+                ck = _step_grad_kernel.warmup(d2, d1, d1, d2, dphi, dp, dsq, hv, hr, hv, *outs, hr, hv, t, c, m,
+                                              N=n, BT=bt, BC=bc, MP=32, RNE=False, **opts, num_warps=w,
+                                              num_stages=s, grid=(1,))
+            except Exception as exc:
+                print(f"{bt}x{bc} w{w} s{s} {opts}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            regs, stack = sm90_build.resources(ck, 90)
+            gir = ck.asm["ttgir"]
+            loop = gir[gir.index("scf.for"):gir.index("scf.yield")]
+            print(f"{bt}x{bc} w{w} s{s} {opt[0] if opt else ''}: regs {regs} stack {stack} "
+                  f"smem {ck.metadata.shared // 1024} KB, loop: convert_layout {loop.count('convert_layout')}, "
+                  f"local_load {loop.count('local_load')}, wgmma {loop.count('warp_group_dot ')}, "
+                  f"tma loads {loop.count('async_tma_copy_global_to_local')}", flush=True)
+            if os.environ.get("DUMP"):
+                with open(f"{os.environ['DUMP']}_{bt}x{bc}w{w}s{s}{len(opt)}.ttgir", "w") as f:
+                    f.write(gir)
 
 
 def main() -> int:

@@ -1,0 +1,56 @@
+"""Build Triton kernels for a GPU target on a machine without one, and read the binary's resources.
+
+The labs' ``--ptxas`` modes use this to see registers, spilled bytes and shared memory of a tile before spending
+device time on it: a stand-in driver names the target, ``JITFunction.warmup`` compiles, and the toolkit's
+cuobjdump (shipped beside Triton's ptxas) reads the cubin Triton built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+
+@contextlib.contextmanager
+def cpu_target(arch: int = 90):
+    """While active, Triton compiles for sm_<arch> (CUDA) whatever this machine has."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class _Target:  # what JITFunction asks the driver for before it compiles
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    previous = getattr(driver, "_active", None)  # None without a GPU: reset_active would raise
+    driver.set_active(_Target())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def resources(compiled, arch: int = 90) -> tuple[int, int]:
+    """(registers a thread, stack bytes: spills) of the very binary Triton built."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cuobjdump = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
