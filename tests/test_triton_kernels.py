@@ -231,25 +231,17 @@ def test_proj_split_reductions(dtype):
 
 
 @pytest.mark.parametrize("bm", [16, 64], ids=["column_blocks", "one_block"])
-def test_proj_join_hi_lo(bm, monkeypatch):
+def test_proj_join_hi_lo(bm, launch_metas):
     """join_hi_lo: one dot a step against the block's [hi | lo] columns of the interleaved phi halves, over column
     blocks (bm = 16 < m = 24), K splits and a ragged token block. sq is the same to the bit, p within the hi/lo
     bound of the reference (its hi and lo products summed in another order than the two-dot build's)."""
-    joins = []
-    launch = tk.launch
-
-    def spy(kernel, grid, args, meta, **options):
-        if kernel is tk._proj_fwd_kernel:
-            joins.append(meta["JOIN"])
-        return launch(kernel, grid, args, meta, **options)
-
-    monkeypatch.setattr(tk, "launch", spy)
     x, *_, phi = _stream(37, 4, 40, torch.bfloat16, seed=21)
     tile = dict(bm=bm, bt=16, bk=32, waves=64)
     with tk.tuning("proj", **tile, join_hi_lo=True):
         joined = tk.proj(x, phi)
     with tk.tuning("proj", **tile, join_hi_lo=False):
         pair = tk.proj(x, phi)
+    joins = [meta["JOIN"] for meta in launch_metas[tk._proj_fwd_kernel]]
     assert joins == [True, False], joins
     p_ref, _ = ref.proj(x, phi)
     _close_hi_lo(joined[0], p_ref, x.reshape(37, -1), phi)
@@ -317,6 +309,20 @@ def launch_grids(monkeypatch):
 
     monkeypatch.setattr(tk, "launch", spy)
     return grids
+
+
+@pytest.fixture
+def launch_metas(monkeypatch):
+    """{kernel: [constexpr meta of each launch]} of triton_ops' launches during the test, in order."""
+    metas = {}
+    launch = tk.launch
+
+    def spy(kernel, grid, args, meta, **options):
+        metas.setdefault(kernel, []).append(meta)
+        return launch(kernel, grid, args, meta, **options)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    return metas
 
 
 def _site_grads(t, n, c, dtype, seed, with_acc):
@@ -571,21 +577,12 @@ def test_post_res_proj_split_and_column_blocks(shape, dtype, launch_grids):
 
 
 @pytest.mark.parametrize("shape", [(37, 4, 64), (20, 5, 48), (33, 1, 32)], ids=["T37n4C64", "T20n5C48", "T33n1C32"])
-def test_post_res_proj_tma_blocks(shape, monkeypatch):
+def test_post_res_proj_tma_blocks(shape, launch_metas):
     """bf16 with C a multiple of the chunk: X, y, X' and phi's halves move as TMA descriptor blocks (rows past T
     read as zeros and are not written), over ragged token blocks and two channel splits. The default takes one dot
     a stream against phi's interleaved [hi | lo] tile (join_hi_lo); without it, hi and lo dots with X' stored
     through pointers or by TMA (tma_store=True) give the same values as the pointer path (X' bit for bit, p and
     sq to the last bit of their fp32 sums' order), and every build matches the reference."""
-    flags = []
-    launch = tk.launch
-
-    def spy(kernel, grid, args, meta, **options):
-        if kernel is tk._post_res_proj_kernel:
-            flags.append((meta["TMA"], meta["TMA_STORE"], meta["JOIN"]))
-        return launch(kernel, grid, args, meta, **options)
-
-    monkeypatch.setattr(tk, "launch", spy)
     x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=11)
     tile = dict(bt=16, bk=16, waves=64)
     with tk.tuning("post_res_proj", **tile):
@@ -596,6 +593,7 @@ def test_post_res_proj_tma_blocks(shape, monkeypatch):
         tma_stores = tk.post_res_proj(x, h_res, h_post, y, phi)
     with tk.tuning("post_res_proj", **tile, tma=False):
         pointer = tk.post_res_proj(x, h_res, h_post, y, phi)
+    flags = [(meta["TMA"], meta["TMA_STORE"], meta["JOIN"]) for meta in launch_metas[tk._post_res_proj_kernel]]
     assert flags == [(True, False, True), (True, False, False), (True, True, False), (False, False, False)], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
     for other in (tma_stores, pointer):
@@ -607,19 +605,11 @@ def test_post_res_proj_tma_blocks(shape, monkeypatch):
     torch.testing.assert_close(joined[2], got[2], rtol=0, atol=0)
 
 
-def test_post_res_proj_tma_boxes_stay_within_256(monkeypatch):
+def test_post_res_proj_tma_boxes_stay_within_256(launch_metas):
     """n = 16 (m = 288 coefficients, MP = 512 columns of phi) exceeds a TMA box side: the pointer build runs."""
-    flags = []
-    launch = tk.launch
-
-    def spy(kernel, grid, args, meta, **options):
-        if kernel is tk._post_res_proj_kernel:
-            flags.append(meta["TMA"])
-        return launch(kernel, grid, args, meta, **options)
-
-    monkeypatch.setattr(tk, "launch", spy)
     x, y, _, h_post, h_res, phi = _stream(5, 16, 16, torch.bfloat16, seed=13)
     got = tk.post_res_proj(x, h_res, h_post, y, phi)
+    flags = [meta["TMA"] for meta in launch_metas[tk._post_res_proj_kernel]]
     assert flags == [False], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
 

@@ -31,7 +31,7 @@ import operator
 
 import torch.fx as fx
 
-from mhc_compile.passes.post_grad import OPS, arg
+from mhc_compile.passes.post_grad import OPS, arg, move_getitems
 
 log = logging.getLogger("mhc_compile")
 
@@ -57,12 +57,7 @@ def _rewrite(graph: fx.Graph, proj: fx.Node, post_res: fx.Node) -> None:
     if "val" in post_res.meta and "val" in proj.meta:
         fused.meta["val"] = (post_res.meta["val"],) + tuple(proj.meta["val"])
     stream.meta.update(post_res.meta)
-    for old in list(proj.users):
-        with graph.inserting_before(old):
-            new = graph.call_function(operator.getitem, (fused, 1 + old.args[1]))
-        new.meta.update(old.meta)
-        old.replace_all_uses_with(new)
-        graph.erase_node(old)
+    move_getitems(graph, proj, fused, offset=1)
     graph.erase_node(proj)
     post_res.replace_all_uses_with(stream)
     graph.erase_node(post_res)

@@ -31,7 +31,7 @@ import operator
 
 import torch.fx as fx
 
-from mhc_compile.passes.post_grad import OPS, arg
+from mhc_compile.passes.post_grad import OPS, arg, move_getitems
 
 log = logging.getLogger("mhc_compile")
 
@@ -65,12 +65,7 @@ def _rewrite(graph: fx.Graph, pre: fx.Node, bwd: fx.Node) -> None:
     if "val" in bwd.meta and "val" in pre.meta:
         fused.meta["val"] = tuple(bwd.meta["val"]) + (pre.meta["val"],)
     x_in.meta.update(pre.meta)
-    for old in list(bwd.users):
-        with graph.inserting_before(old):
-            new = graph.call_function(operator.getitem, (fused, old.args[1]))
-        new.meta.update(old.meta)
-        old.replace_all_uses_with(new)
-        graph.erase_node(old)
+    move_getitems(graph, bwd, fused)
     pre.replace_all_uses_with(x_in)
     graph.erase_node(pre)
     graph.erase_node(bwd)

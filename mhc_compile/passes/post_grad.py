@@ -10,6 +10,8 @@ Inductor's graph caches.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -26,6 +28,17 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def move_getitems(graph: fx.Graph, old: fx.Node, new: fx.Node, offset: int = 0) -> None:
+    """Point every getitem(old, i) at getitem(new, offset + i), keeping each one's meta and place; ``old`` is
+    left without getitem users (the caller erases it)."""
+    for item in list(old.users):
+        with graph.inserting_before(item):
+            moved = graph.call_function(operator.getitem, (new, offset + item.args[1]))
+        moved.meta.update(item.meta)
+        item.replace_all_uses_with(moved)
+        graph.erase_node(item)
 
 
 class PostGradPasses(CustomGraphPass):
