@@ -291,8 +291,8 @@ def _streams(*rows):
 SWEEP = {
     # proj: join_hi_lo=False first (a hi and a lo dot a step, the X tile read from shared memory twice: the default
     # before session 15, 143.9 against 132.1 us at 8192 x 7168)
-    "proj": [dict(join_hi_lo=False)] + _dots((128, 128, 8, 3, 4), (64, 128, 4, 4, 8), (128, 64, 4, 4, 4), (32, 128, 4, 3, 4), (64, 64, 4, 4, 4),
-                  (128, 128, 4, 2, 2)),
+    "proj": [dict(join_hi_lo=False)] + _dots((128, 128, 8, 3, 4), (64, 128, 4, 4, 8), (128, 64, 4, 4, 4),
+                                             (32, 128, 4, 3, 4), (64, 64, 4, 4, 4), (128, 128, 4, 2, 2)),
     "proj_dx": _dots((16, 128, 4, 3, 16), (16, 256, 4, 3, 64), (16, 64, 4, 3, 64), (32, 128, 4, 3, 64),
                      (16, 128, 8, 3, 64)),
     "proj_dphi": _dots((64, 128, 8, 4, 2), (128, 128, 8, 3, 1), (64, 128, 4, 4, 4)),

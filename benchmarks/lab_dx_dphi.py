@@ -262,7 +262,8 @@ def sweep_rows(t, n, c, device, bw, configs, deadline, with_acc=True):
         args = args[:-1] + (None,)
     m = d["phi"].shape[1]
     nbytes = nbytes_of(t, n, c, m, with_acc)
-    head = f"| **T={t}, C={c}, n={n}{'' if with_acc else ', no acc'}** | bytes {nbytes / 1e9:.2f} GB: floor {nbytes / bw * 1e6:.0f} us, " \
+    shape = f"T={t}, C={c}, n={n}{'' if with_acc else ', no acc'}"
+    head = f"| **{shape}** | bytes {nbytes / 1e9:.2f} GB: floor {nbytes / bw * 1e6:.0f} us, " \
            f"85 % target {nbytes / (0.85 * bw) * 1e6:.0f} us | | | | | | | |"
     rows = [head]
     print(head, flush=True)

@@ -244,7 +244,8 @@ def main() -> int:
     from benchmarks import bench_kernels as bkm
     bw = bkm.copy_bandwidth("cuda")
     lines = [f"- device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-             f"copy bandwidth {bw / 1e9:.0f} GB/s", "", "| T x C | design | us | eff (3n+3 floor) |", "|---|---|---|---|"]
+             f"copy bandwidth {bw / 1e9:.0f} GB/s", "", "| T x C | design | us | eff (3n+3 floor) |",
+             "|---|---|---|---|"]
     for t, c in [(32768, 4096), (8192, 7168)]:
         n = 4
         d = make(t, n, c, "cuda")
