@@ -12,6 +12,7 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, foldpre, fused,
+opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:inplace_stream_grads=0),
 cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
 kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
 config changed: the fields of its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's
@@ -276,6 +277,10 @@ def run_size(d, args, emit):
     if "noprp" in args.variants:  # passes/fold_post_res_proj.py off: each site's post_res and proj apart
         variants["backend=mhc fold_post_res_proj=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_post_res_proj": False})
+    for v in (v for v in args.variants if v.startswith("opt:")):  # any options beside the default's
+        options = _parse_options(v[len("opt:"):])
+        variants[f"backend=mhc {', '.join(f'{k}={o!r}' for k, o in options.items())}"] = torch.compile(
+            mhc_model, backend="mhc", options={"n": args.n, **options})
     if "foldpre" in args.variants:  # passes/fold_pre_recompute.py on: pre recomputed in the post_res backward
         variants["backend=mhc fold_pre_recompute=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_pre_recompute": True})
@@ -386,6 +391,22 @@ def tune_fields(spec: str) -> tuple[str, dict]:
         else:
             out[key] = int(value)
     return kernel, out
+
+
+def _parse_options(text: str) -> dict:
+    """"a=1,b=0,c=x" -> {"a": True, "b": False, "c": "x"} (MHCConfig's bool fields take 1 / 0; other ints stay
+    ints where the field is not a bool: recompute=3)."""
+    from mhc_compile.config import MHCConfig
+
+    bools = {f for f, v in vars(MHCConfig()).items() if isinstance(v, bool)}
+    options = {}
+    for item in text.split(","):
+        key, value = item.split("=", 1)
+        if key in bools:
+            options[key] = value in ("1", "True", "true")
+        else:
+            options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
 
 
 def main():

@@ -69,6 +69,24 @@ def live_at_peak(snapshot: dict) -> tuple[int, list[tuple[int, str, int]], str]:
     return peak, at_peak, where
 
 
+def highest_by_frame(snapshot: dict) -> list[tuple[int, str]]:
+    """[(the highest allocated total any allocation from a frame reached, that frame)], highest first: the peak,
+    then how far below it the next-highest moments of other ops sit (what a cut at the peak's op would gain)."""
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+    live: dict[int, int] = {}
+    cur = 0
+    best: dict[str, int] = {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            cur += e["size"]
+            frame = _frame(e.get("frames", []))
+            best[frame] = max(best.get(frame, 0), cur)
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            cur -= live.pop(e["addr"])
+    return sorted(((v, k) for k, v in best.items()), reverse=True)
+
+
 def _saved(addr: int, size: int, saved_ptrs: list[int]) -> bool:
     """Whether a block holds the storage of a tensor the forward saved for backward."""
     return any(addr <= p < addr + size for p in saved_ptrs)
@@ -104,6 +122,9 @@ def report(name: str, fn, x, unit: int) -> list[str]:
              f"(unit = T x C x 2 B = {unit / 2**20:.0f} MiB), reached at {where}"]
     for frame, size in by_frame.most_common(25):
         lines.append(f"  {size / unit:7.2f} units  x{count[frame]:3d}  {frame}")
+    lines.append("  the highest total reached at an allocation, by where it was made (the top 8):")
+    for total, frame in highest_by_frame(snap)[:8]:
+        lines.append(f"  {total / unit:7.1f} units  {frame}")
     return lines
 
 

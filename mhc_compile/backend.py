@@ -23,7 +23,8 @@ from torch import nn
 from mhc_compile import _compat
 from mhc_compile.config import MHCConfig
 from mhc_compile.passes import inline_checkpoints
-from mhc_compile.passes import fold_post_res_proj, fold_pre_recompute, fold_stream_grads, post_grad
+from mhc_compile.passes import (fold_post_res_proj, fold_pre_recompute, fold_stream_grads, inplace_stream_grads,
+                                 post_grad)
 from mhc_compile.passes import fuse as fuse_pass
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
@@ -432,10 +433,11 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, 
 
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     # each pass rewrites its own pattern and leaves graphs without it alone: the fold_* passes act on backward
-    # graphs, fold_post_res_proj on forward graphs
+    # graphs, fold_post_res_proj on forward graphs; inplace_stream_grads last, as it makes the graph mutate
     passes = [p for p, on in ((fold_stream_grads, config.fold_stream_grads),
                               (fold_pre_recompute, config.fold_pre_recompute),
-                              (fold_post_res_proj, config.fold_post_res_proj)) if on]
+                              (fold_post_res_proj, config.fold_post_res_proj),
+                              (inplace_stream_grads, config.inplace_stream_grads)) if on]
     import torch._inductor.config as inductor_config
 
     theirs = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)

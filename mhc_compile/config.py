@@ -66,6 +66,10 @@ class MHCConfig:
                      instruction issue and the d = 7168 step was slower with it: +8.6 % (+8.1 .. +9.2) against
                      +7.5 % (+7.0 .. +7.8) over the residual model, 3 interleaved rounds; at d = 4096 +12.9 %
                      against +14.3 % (rounds overlapping; benchmarks/results/session15-2026-12-03-h200.md).
+    inplace_stream_grads: in Inductor's backward graph, let each site's post_res and proj/pre backward write
+                     the stream gradient over the one it reads where nothing else reads that buffer
+                     (``passes/inplace_stream_grads.py``): the backward then holds one n-stream gradient at a
+                     time instead of two. Same arithmetic; False keeps a new buffer per op.
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -93,6 +97,7 @@ class MHCConfig:
     fold_stream_grads: bool = True
     fold_pre_recompute: bool = False
     fold_post_res_proj: bool = False
+    inplace_stream_grads: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
@@ -114,7 +119,7 @@ class MHCConfig:
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute",
-                     "fold_post_res_proj"):
+                     "fold_post_res_proj", "inplace_stream_grads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.recompute, (list, tuple)):

@@ -66,6 +66,26 @@ def test_tune_variants_parse_a_kernels_config_fields():
         bench_training.tune_fields("tune:nokernel:bk=1")
 
 
+def test_option_variants_parse_bools_ints_and_strings():
+    assert bench_training._parse_options("inplace_stream_grads=0,fold_pre_recompute=1,recompute=3,kernels=triton") == {
+        "inplace_stream_grads": False, "fold_pre_recompute": True, "recompute": 3, "kernels": "triton"}
+
+
+def test_memory_peak_ranks_each_allocation_sites_highest_total():
+    """Replaying alloc / free events: the highest total reached at an allocation from each frame, highest first."""
+    from benchmarks import memory_peak
+
+    def alloc(addr, size, name):
+        return {"action": "alloc", "addr": addr, "size": size, "frames": [{"filename": f"/x/mhc_compile/{name}.py",
+                                                                            "line": 1}]}
+
+    events = [alloc(1, 10, "a"), alloc(2, 5, "b"), {"action": "free_requested", "addr": 1, "size": 10},
+              {"action": "free_completed", "addr": 1, "size": 10}, alloc(3, 4, "a"), alloc(4, 30, "c")]
+    ranked = memory_peak.highest_by_frame({"device_traces": [events]})
+    assert [(total, frame.split("| ")[1].split(":")[0]) for total, frame in ranked] == [
+        (39, "c.py"), (15, "b.py"), (10, "a.py")]  # a's second block came after a's first was freed: 4 + 5 < 10
+
+
 def test_profile_gaps_count_idle_time_between_kernels_only():
     """profile_step.gaps: idle stretches of at least 5 us between a kernel's end (the latest end so far, so an
     overlapping kernel closes no gap) and the next start, per step, with the kernels each fell between."""

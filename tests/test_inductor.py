@@ -63,6 +63,13 @@ def test_inductor_forward_and_gradients_match_eager_oracle(compiled, caplog):
     assert len(code) == 2 and all("torch.ops.mhc_compile_direct." in c for c in code)
     assert not any(re.search(r"torch\.ops\.mhc_compile\.\w+\.default\(", c) for c in code)
     assert "recomputed sublayer input" not in log  # fold_pre_recompute is opt-in
+    # passes/inplace_stream_grads.py: every site's two backward ops write the stream gradient over the one they
+    # read, the last site's (from the head's mean-collapse backward) included; the gradients above still match
+    assert "wrote the stream gradient of 8 of 8 backward op(s)" in log
+    backward = code[1]
+    assert backward.count("mhc_compile_direct.post_res_backward_into.default(") == 4
+    assert backward.count("mhc_compile_direct.proj_pre_backward_into.default(") == 4
+    assert "post_res_backward.default(" not in backward and "proj_pre_backward.default(" not in backward
 
 
 def test_coefficient_capture_sees_every_site_of_an_inductor_graph(compiled):
@@ -96,6 +103,7 @@ def test_opt_in_folds_match_eager_oracle(caplog):
     forward, backward = code
     assert "mhc_compile_direct.post_res_proj.default(" in forward
     assert "post_res_proj" not in backward and "mhc_compile_direct.post_res.default(" in backward
+    assert backward.count("mhc_compile_direct.post_res_backward_pre_into.default(") == 2
 
 
 def test_inductor_new_batch_size_does_not_lose_parameters(compiled):

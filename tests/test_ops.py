@@ -82,6 +82,12 @@ def test_opcheck(dtype):
     # forward-only (passes/fold_post_res_proj.py puts it in Inductor's forward graphs): no gradient inputs
     torch.library.opcheck(ops.post_res_proj, (x.detach(), h_res.detach(), h_post.detach(), y.detach(),
                                               phi.detach(), "reference"))
+    # backward-only, writing the stream gradient over the one they read (passes/inplace_stream_grads.py)
+    xd, hr, hp, hq, yd, ph = (v.detach() for v in (x, h_res, h_post, h_pre, y, phi))
+    dout, dp, dsq = torch.randn_like(xd), torch.randn(t, n * n + 2 * n), torch.randn(t)
+    torch.library.opcheck(ops.post_res_backward_into, (xd, hr, hp, yd, dout.clone(), "reference"))
+    torch.library.opcheck(ops.post_res_backward_pre_into, (xd, hr, hp, yd, dout.clone(), hq, "reference"))
+    torch.library.opcheck(ops.proj_pre_backward_into, (xd, ph, dp, dsq, hq, yd, dout.clone(), "reference"))
 
 
 def test_bf16_stream_keeps_dtype_and_fp32_coefficients():
@@ -134,7 +140,19 @@ def _all_op_calls(impl: str):
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
         ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),
         ("post_res_proj", ops.post_res_proj, (x, h_res, h_post, y, phi, impl)),
+        # the gradient they write over must be dense (passes/inplace_stream_grads.py only picks such): each call
+        # gets its own copy (_fresh)
+        ("post_res_backward_into", ops.post_res_backward_into, (x, h_res, h_post, y, dout_x.contiguous(), impl)),
+        ("post_res_backward_pre_into", ops.post_res_backward_pre_into,
+         (x, h_res, h_post, y, dout_x.contiguous(), h_pre, impl)),
+        ("proj_pre_backward_into", ops.proj_pre_backward_into, (x, phi, p, sq, h_pre, y, dout_x.contiguous(), impl)),
     ]
+
+
+def _fresh(args):
+    """``args`` with every tensor copied (as it is: a permuted view stays one), so that an op that writes over an
+    argument leaves the next call's inputs alone."""
+    return tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def test_every_op_returns_the_strides_its_fake_promises():
@@ -145,7 +163,7 @@ def test_every_op_returns_the_strides_its_fake_promises():
     calls = _all_op_calls("reference")
     assert {name for name, *_ in calls} == set(ops.OP_NAMES)
     for name, op, args in calls:
-        real = op(*args)
+        real = op(*_fresh(args))
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
         real, fake = (v if isinstance(v, tuple) else (v,) for v in (real, fake))
@@ -165,7 +183,7 @@ def test_direct_twins_match_the_custom_ops():
         schemas = (str(o._schema).split("::")[1] for o in (twin, getattr(torch.ops.mhc_compile, name).default))
         assert len(set(schemas)) == 1, name
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(twin.name(), "Autograd"), name
-        want, got = op(*args), twin(*args)
+        want, got = op(*_fresh(args)), twin(*_fresh(args))
         want, got = (v if isinstance(v, tuple) else (v,) for v in (want, got))
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
@@ -176,7 +194,8 @@ def test_direct_twins_match_the_custom_ops():
 
 
 _UNFUSED = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
-            "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre", "post_res_proj")
+            "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre", "post_res_proj",
+            "post_res_backward_into", "post_res_backward_pre_into", "proj_pre_backward_into")
 
 
 @pytest.mark.parametrize("lead", ["three_dims_permuted", "none"])
@@ -196,7 +215,7 @@ def test_triton_ops_take_leading_dims_as_they_are(lead):
             lead3 = args[0].shape[:3]
             args = tuple(a[0, 0, 0] if isinstance(a, torch.Tensor) and a.shape[:3] == lead3 else a for a in args)
         ref_args = tuple("reference" if a == "triton" else a for a in args)
-        got, expect = op(*args), op(*ref_args)
+        got, expect = op(*_fresh(args)), op(*_fresh(ref_args))
         got, expect = (v if isinstance(v, tuple) else (v,) for v in (got, expect))
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))

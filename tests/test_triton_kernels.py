@@ -176,6 +176,41 @@ def test_post_res_backward_picks_its_kernel(monkeypatch, two_d):
     assert ran == [first, "_post_res_bwd_kernel", "_post_res_bwd_kernel"]
 
 
+@pytest.mark.parametrize("two_d", [True, False], ids=["2d", "3d"])
+@pytest.mark.parametrize("pre", [False, True], ids=["plain", "pre"])
+@pytest.mark.parametrize("shape,dtype", CASES, ids=IDS)
+def test_post_res_backward_writes_dx_over_dout(shape, dtype, pre, two_d):
+    """out=dout (passes/inplace_stream_grads.py): each program reads its dout tile before it stores dx there, so
+    the result is bit-equal to a fresh buffer's, in dout's memory."""
+    x, y, h_pre, h_post, h_res, _ = _stream(*shape, dtype, seed=16)
+    dout = torch.randn_like(x)
+    args = (x, h_res, h_post, y, dout.clone()) + ((h_pre,) if pre else ())
+    fn = tk.post_res_backward_pre if pre else tk.post_res_backward
+    with tk.tuning("post_res_backward", budget=256, max_bc=32, two_d=two_d):
+        want = fn(x, h_res, h_post, y, dout, *args[5:])
+        got = fn(*args, out=args[4])
+    assert got[0].data_ptr() == args[4].data_ptr()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_stream_gradient_copies_are_reused_and_bad_out_raises():
+    """A broadcast dout (the first site of a backward gets one) is copied dense by the op, which then writes dx
+    into its copy: the result matches the reference and the caller's tensor is untouched. A non-contiguous or
+    mis-shaped ``out`` is refused (a dense copy would silently drop the write)."""
+    x, y, _, h_post, h_res, _ = _stream(5, 4, 9, torch.float32, seed=17)
+    base = torch.randn(5, 1, 9)
+    kept = base.clone()
+    dout = base.expand(5, 4, 9)
+    for a, e in zip(tk.post_res_backward(x, h_res, h_post, y, dout), ref.post_res_backward(x, h_res, h_post, y, dout)):
+        _close(a, e, _tol(a.dtype))
+    assert torch.equal(base, kept)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        tk.post_res_backward(x, h_res, h_post, y, dout, out=torch.empty(5, 9, 4).transpose(1, 2))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        tk.post_res_backward(x, h_res, h_post, y, dout, out=torch.empty(5, 4, 8))
+
+
 class _Recording:
     """A kernel stand-in that records its name at launch and launches the real kernel."""
 
@@ -390,7 +425,7 @@ def test_bf16_proj_backward_takes_the_one_pass_kernel_and_the_pair_agrees(shape,
 
     calls = []
     real = triton_proj_bwd.proj_grads
-    monkeypatch.setattr(triton_proj_bwd, "proj_grads", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(triton_proj_bwd, "proj_grads", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, torch.bfloat16, seed=15, with_acc=True)
     want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     want_plain = ref.proj_backward(x, phi, dp, dsq)
@@ -404,6 +439,27 @@ def test_bf16_proj_backward_takes_the_one_pass_kernel_and_the_pair_agrees(shape,
         for (dx, dphi), (dx_ref, dphi_ref) in ((got, want), (plain, want_plain)):
             _close(dx, dx_ref, TOL[torch.bfloat16])
             _close_hi_lo(dphi, dphi_ref, x.reshape(shape[0], -1).T, dp)
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "pair"])
+@pytest.mark.parametrize("shape,dtype", [((37, 4, 64), torch.bfloat16), ((65, 5, 7), torch.bfloat16),
+                                         ((33, 3, 20), torch.float32)], ids=["one_stream", "gather", "fp32"])
+def test_proj_pre_backward_writes_dx_over_acc(shape, dtype, one_pass):
+    """out=acc (passes/inplace_stream_grads.py), in both bf16 kernels (one pass; the dx + dphi pair) and fp32's:
+    bit-equal to a fresh buffer, in acc's memory. A strided acc is copied dense and the copy reused for dx."""
+    x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(*shape, dtype, seed=18, with_acc=True)
+    with tk.tuning("proj_dx_dphi", enabled=one_pass, bt=16, bk=16), tk.tuning("proj_dx", bt=16, bk=16):
+        want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
+        mine = acc.clone()
+        got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, mine, out=mine)
+        strided = acc.transpose(0, 1).contiguous().transpose(0, 1)
+        from_strided = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, strided)
+    assert got[0].data_ptr() == mine.data_ptr()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    for a, e in zip(from_strided, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert torch.equal(strided, acc)
 
 
 def test_one_pass_backward_narrows_its_column_block_as_the_coefficients_grow(monkeypatch):
@@ -436,11 +492,11 @@ def test_one_pass_backward_that_does_not_fit_drops_pipeline_all_then_falls_back_
     monkeypatch.setattr(tk, "_NO_ONE_PASS", set())
     monkeypatch.setattr(tk, "_NO_PIPELINE_ALL", set())
     for smem in (98304, 65536):  # fits without PIPELINE_ALL (80 KB); fits neither
-        def fits(*args, smem=smem):
+        def fits(*args, smem=smem, **kw):
             tried.append(args[-1].pipeline_all)
             if (114688 if args[-1].pipeline_all else 81920) > smem:
                 raise OutOfResources(114688 if args[-1].pipeline_all else 81920, smem, "shared memory")
-            return real(*args)
+            return real(*args, **kw)
 
         monkeypatch.setattr(triton_proj_bwd, "proj_grads", fits)
         tk._NO_ONE_PASS.clear()

@@ -640,25 +640,43 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
 
 
 def post_res_backward(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _post_res_backward(x, h_res, h_post, y, dout, None)
+    """(dx, dh_res, dh_post, dy). ``out``: where dx goes, e.g. dout itself (passes/inplace_stream_grads.py)."""
+    return _post_res_backward(x, h_res, h_post, y, dout, None, out)
 
 
 def post_res_backward_pre(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """post_res_backward plus pre(x, h_pre), from the one pass over x (passes/fold_pre_recompute.py)."""
-    return _post_res_backward(x, h_res, h_post, y, dout, h_pre.contiguous())
+    return _post_res_backward(x, h_res, h_post, y, dout, h_pre.contiguous(), out)
 
 
-def _post_res_backward(x, h_res, h_post, y, dout, h_pre):
+def _grad_buffer(out: Tensor | None, src: Tensor, src_dense: Tensor, like: Tensor, what: str) -> Tensor:
+    """Where a kernel writes a stream gradient shaped ``like``, read tile by tile from ``src`` before it writes the
+    same tile (so writing over ``src`` is safe): ``out`` if given (it must be dense: a copy would drop the write),
+    else ``src``'s dense copy when ``.contiguous()`` had to make one (the caller's tensor is untouched, and the
+    copy is ours: the first site of a backward gets its stream gradient as a broadcast view), else a new one."""
+    if out is not None:
+        if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous():
+            raise ValueError(f"mhc triton {what}: out must be a contiguous {like.dtype} tensor of shape "
+                             f"{tuple(like.shape)}, got {out.dtype} {tuple(out.shape)} (contiguous: "
+                             f"{out.is_contiguous()})")
+        return out
+    if src_dense is not src and src_dense.dtype == like.dtype and src_dense.shape == like.shape:
+        return src_dense
+    return torch.empty_like(like)
+
+
+def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
     _check_stream("post_res_backward", x, y, dout)
     lead, t, n, c = _stream_dims(x)
     x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
-    y, dout = y.contiguous(), dout.contiguous()
+    y, dout_dense = y.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
-    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    dx, dy = _grad_buffer(out, dout, dout_dense, x, "post_res_backward"), torch.empty_like(y)
+    dout = dout_dense
     x_in = torch.empty(lead + (c,), dtype=x.dtype, device=x.device) if h_pre is not None else None
     extra = () if h_pre is None else (x_in,)
     if t == 0 or c == 0:
@@ -972,12 +990,14 @@ _NO_PIPELINE_ALL: set = set()  # devices that fit it only without PIPELINE_ALL's
 
 
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
-                acc: Tensor | None) -> tuple[Tensor, Tensor]:
+                acc: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(dx, dphi); dx written into ``out`` when given (it may be acc: each dx tile is stored after its acc tile
+    is read, by the same program)."""
     _, t, n, c = _stream_dims(x)
     k, m = phi.shape
     acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
     if t == 0 or k == 0:  # x has no elements: neither has dx
-        return torch.empty_like(x), torch.zeros_like(phi)
+        return (torch.empty_like(x) if out is None else out), torch.zeros_like(phi)
     hi_lo = _hi_lo(x.dtype) and acc_t == torch.float32
     if hi_lo and _cfg("proj_dx_dphi").enabled and x.device not in _NO_ONE_PASS:  # one pass over X
         from mhc_compile.kernels import triton_proj_bwd
@@ -986,13 +1006,13 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
         if cfg.pipeline_all and x.device in _NO_PIPELINE_ALL:
             cfg = replace(cfg, pipeline_all=False)
         try:
-            return triton_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg)
+            return triton_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg, out=out)
         except OutOfResources as e:  # a GPU with less shared memory than the tile needs (228 KB an SM on H100)
             if cfg.pipeline_all:  # dout and acc staged too take a third more: try without, then the pair
                 _NO_PIPELINE_ALL.add(x.device)
                 warnings.warn(f"mhc triton proj backward: the one-pass kernel with PIPELINE_ALL does not fit this "
                               f"GPU ({e}); using it without", stacklevel=2)
-                return _proj_grads(x, phi, dp, dsq, h_pre, dout, acc)
+                return _proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out)
             _NO_ONE_PASS.add(x.device)
             warnings.warn(f"mhc triton proj backward: the one-pass kernel does not fit this GPU ({e}); using the "
                           "dx + dphi kernel pair", stacklevel=2)
@@ -1007,7 +1027,7 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     bt = max(16, min(cfg.bt, _pow2(t)))
     kblocks = _cdiv(k, bk)
     splits, t_split = _token_splits(cfg, x.device, kblocks, t, bt)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if out is None else out
     prec = _dot_precision(x.dtype)
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, HAS_PRE=h_pre is not None, ONE_STREAM=c % bk == 0,
                 HAS_ACC=acc is not None, ACC=_acc_tl(acc_t), PREC=prec)
@@ -1035,12 +1055,13 @@ def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tens
 
 
 def proj_pre_backward(
-    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(proj_backward dx + pre_backward dx (+ acc), rounded once to x.dtype ; proj_backward's dphi).
 
     One pass writes the whole stream gradient instead of three stream-sized partials and their sum
-    (passes/fold_stream_grads.py).
+    (passes/fold_stream_grads.py). ``out``: where dx goes, e.g. acc itself (passes/inplace_stream_grads.py).
     """
     _check_stream("proj_pre_backward", x, phi, dout)
     n, c = x.shape[-2:]
@@ -1052,9 +1073,12 @@ def proj_pre_backward(
         if acc.shape != x.shape:
             raise ValueError(f"mhc triton proj_pre_backward: acc has shape {tuple(acc.shape)}, "
                              f"expected x's {tuple(x.shape)}")
-        acc = acc.contiguous()
+        acc_dense = acc.contiguous()
+        out, acc = _grad_buffer(out, acc, acc_dense, x, "proj_pre_backward"), acc_dense
+    elif out is not None:
+        out = _grad_buffer(out, x, x, x, "proj_pre_backward")
     return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(),
-                       dout.contiguous(), acc)
+                       dout.contiguous(), acc, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -308,13 +308,14 @@ def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_
 
 def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *, bt=64, bk=128, num_warps=16,
                             num_stages=3, waves=16.0, occupancy=1, splits=None, maxnreg=None, pipeline_all=False,
-                            tma=False):
+                            tma=False, out=None):
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (both None),
     from one kernel that reads X once. dx in x.dtype, dphi in phi.dtype. Token splits: see plan_splits
     (``waves``, ``occupancy``), or ``splits`` given. ``maxnreg`` caps registers a thread (ptxas spills past it),
     e.g. 128 to fit two 8-warp programs on an SM. ``pipeline_all``: the kernel's PIPELINE_ALL. ``tma``: X, dout,
     acc and dX move as [BT, BK] blocks through TMA descriptors (bf16 streams whose K blocks lie in one stream,
-    16-byte aligned; otherwise the pointer loads)."""
+    16-byte aligned; otherwise the pointer loads). ``out``: dx's buffer (contiguous, x's shape and dtype); it may
+    be acc, whose every tile the program that stores that dx tile has read first."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
     _, t, n, c = tk._stream_dims(x)  # any leading dims: the kernel needs T and contiguous memory
     k, m = phi.shape
@@ -330,9 +331,9 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         h_pre, dout = h_pre.contiguous(), dout.contiguous()
     acc = acc.contiguous() if acc is not None else None
     acc_t = tk._acc_torch(x.dtype, phi.dtype, *((dout.dtype,) if has_pre else ()))
+    dx = torch.empty_like(x) if out is None else out
     if t == 0 or k == 0:
-        return torch.empty_like(x), torch.zeros_like(phi)
-    dx = torch.empty_like(x)
+        return dx, torch.zeros_like(phi)
     tma = tma and tma_ok(x, dx, *((dout,) if has_pre else ()), *((acc,) if acc is not None else ()))
     bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
                                       num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
@@ -362,7 +363,7 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
 
 
-def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
+def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=None):
     """triton_ops' entry: (dx, dphi) with ``cfg``'s tile; the register cap applies on the GPU only (the
     interpreter has no registers). The [2 MP, BK] dphi accumulator lives in registers, so BK shrinks as the
     coefficient count grows (n = 4: MP = 32, BK = 128 as configured; n = 8: MP = 128, BK = 32), as the pair's
@@ -372,4 +373,4 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg"):
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages, waves=cfg.waves, occupancy=cfg.occupancy,
                                    maxnreg=cfg.maxnreg if x.is_cuda else None, pipeline_all=cfg.pipeline_all,
-                                   tma=cfg.tma)
+                                   tma=cfg.tma, out=out)

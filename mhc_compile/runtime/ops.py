@@ -25,7 +25,8 @@ from mhc_compile.kernels import reference as ref
 IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
-            "proj_pre_backward", "post_res_backward_pre", "post_res_proj")
+            "proj_pre_backward", "post_res_backward_pre", "post_res_proj", "post_res_backward_into",
+            "post_res_backward_pre_into", "proj_pre_backward_into")
 
 
 def all_ops() -> list:
@@ -43,12 +44,12 @@ def direct_ops() -> dict:
 _PLAIN: dict = {}  # op name -> the Python function behind the custom op
 
 
-def _custom_op(name: str):
+def _custom_op(name: str, mutates_args: tuple[str, ...] = ()):
     """``torch.library.custom_op("mhc_compile::<name>")``, keeping the plain function for the direct twin."""
 
     def wrap(fn):
         _PLAIN[name] = fn
-        return torch.library.custom_op(f"mhc_compile::{name}", mutates_args=())(fn)
+        return torch.library.custom_op(f"mhc_compile::{name}", mutates_args=mutates_args)(fn)
 
     return wrap
 
@@ -336,6 +337,32 @@ def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
 
 
 # ---------------------------------------------------------------------------------------------
+# Backward ops that write the stream gradient over the stream-sized gradient they read, put into backward graphs by
+# passes/inplace_stream_grads.py where nothing else reads that buffer: each site's backward then holds one
+# stream-sized gradient instead of two at a time. The reference kernels compute it apart and copy it in.
+# ---------------------------------------------------------------------------------------------
+def _into(impl: str, name: str, dst: Tensor, *args: Tensor) -> tuple:
+    """Op ``name``'s outputs but the first, its stream gradient, which is written into ``dst``."""
+    if impl == "triton":
+        return getattr(_kernels(impl), name)(*args, out=dst)[1:]
+    grad, *rest = getattr(_kernels(impl), name)(*args)
+    dst.copy_(grad)
+    return tuple(rest)
+
+
+@_custom_op("proj_pre_backward_into", mutates_args=("acc",))
+def proj_pre_backward_into(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor,
+                           acc: Tensor, impl: str) -> Tensor:
+    """proj_pre_backward's dphi; its dx is written over ``acc``."""
+    return _into(impl, "proj_pre_backward", acc, x, phi, dp, dsq, h_pre, dout, acc)[0]
+
+
+@proj_pre_backward_into.register_fake
+def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
+    return _dense_like(phi)
+
+
+# ---------------------------------------------------------------------------------------------
 # post_res
 # ---------------------------------------------------------------------------------------------
 @_custom_op("post_res")
@@ -404,6 +431,30 @@ def post_res_backward_pre(
 def _(x, h_res, h_post, y, dout, h_pre, impl):
     return (_dense_like(x), _dense_like(h_res), _dense_like(h_post), _dense_like(y),
             x.new_empty(x.shape[:-2] + x.shape[-1:]))
+
+
+@_custom_op("post_res_backward_into", mutates_args=("dout",))
+def post_res_backward_into(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor,
+                           impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """post_res_backward's (dh_res, dh_post, dy); its dx is written over ``dout``."""
+    return _into(impl, "post_res_backward", dout, x, h_res, h_post, y, dout)
+
+
+@post_res_backward_into.register_fake
+def _(x, h_res, h_post, y, dout, impl):
+    return _dense_like(h_res), _dense_like(h_post), _dense_like(y)
+
+
+@_custom_op("post_res_backward_pre_into", mutates_args=("dout",))
+def post_res_backward_pre_into(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor,
+                               impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """post_res_backward_pre's (dh_res, dh_post, dy, x_in); its dx is written over ``dout``."""
+    return _into(impl, "post_res_backward_pre", dout, x, h_res, h_post, y, dout, h_pre)
+
+
+@post_res_backward_pre_into.register_fake
+def _(x, h_res, h_post, y, dout, h_pre, impl):
+    return _dense_like(h_res), _dense_like(h_post), _dense_like(y), x.new_empty(x.shape[:-2] + x.shape[-1:])
 
 
 # ---------------------------------------------------------------------------------------------
