@@ -11,8 +11,8 @@ held before the step (parameters, inputs).
 
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
-recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, foldpre, fused,
-opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:inplace_stream_grads=0),
+recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, fused,
+opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:fold_pre_recompute=0),
 cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
 kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
 config changed: the fields of its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's
@@ -281,9 +281,6 @@ def run_size(d, args, emit):
         options = _parse_options(v[len("opt:"):])
         variants[f"backend=mhc {', '.join(f'{k}={o!r}' for k, o in options.items())}"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, **options})
-    if "foldpre" in args.variants:  # passes/fold_pre_recompute.py on: pre recomputed in the post_res backward
-        variants["backend=mhc fold_pre_recompute=True"] = torch.compile(
-            mhc_model, backend="mhc", options={"n": args.n, "fold_pre_recompute": True})
     if "fused" in args.variants:  # the opt-in cross-layer boundary ops, side by side with the default
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})

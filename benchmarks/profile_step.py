@@ -7,9 +7,10 @@ its calls, time and in-step bandwidth: its bytes (each stream tensor read or wri
 its time, as a share of the copy bandwidth measured in the same run. This is the profile behind
 benchmarks/results/*: what a step spends its overhead on, not just the total.
 
-    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--foldpre] [--foldprp] [--tune SPEC ...]
+    PYTHONPATH=. OUT=dir python benchmarks/profile_step.py [d ...] [--nofoldpre] [--foldprp] [--tune SPEC ...]
 
---foldpre also profiles backend="mhc" with fold_pre_recompute=True, its mHC kernels listed beside the default's;
+--nofoldpre also profiles backend="mhc" with fold_pre_recompute=False (the default before session 16), its mHC
+kernels listed beside the default's;
 --foldprp likewise with fold_post_res_proj=True (post_res + the next proj as one forward kernel).
 --tune tune:<kernel>:<field>=<v>,... (bench_training's syntax) profiles the same compiled model again with that
 kernel's config changed, and tabulates every mHC kernel's in-step time a call for the default and each
@@ -247,7 +248,7 @@ def compare(d, bw, results, emit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("widths", type=int, nargs="*", default=[4096])
-    ap.add_argument("--foldpre", action="store_true")
+    ap.add_argument("--nofoldpre", action="store_true")
     ap.add_argument("--foldprp", action="store_true")
     ap.add_argument("--tune", nargs="*", default=[], metavar="SPEC")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps a variant (kernel times are averaged)")
@@ -288,9 +289,9 @@ def main():
         mhc = torch.compile(m, backend="mhc", options={"n": N})
         variants = [("residual (Inductor)", torch.compile(residual), contextlib.nullcontext),
                     ("backend=mhc", mhc, contextlib.nullcontext)]
-        if args.foldpre:
-            variants.append(("fold_pre_recompute=True",
-                             torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": True}),
+        if args.nofoldpre:
+            variants.append(("fold_pre_recompute=False",
+                             torch.compile(m, backend="mhc", options={"n": N, "fold_pre_recompute": False}),
                              contextlib.nullcontext))
         if args.foldprp:
             variants.append(("fold_post_res_proj=True",

@@ -53,19 +53,11 @@ class MHCConfig:
                      instead of three partial gradients and a sum. False keeps the separate backward ops.
     fold_pre_recompute: in Inductor's backward graph, let each site's post_res backward also write the
                      sublayer input that recompute would otherwise rebuild with a separate pre (one read of
-                     the n streams less per site; ``passes/fold_pre_recompute.py``). Off by default: it keeps
-                     one C-wide tensor more alive (+1.4-1.5 points of activation memory, past the 20 % target
-                     at d = 2048). On an H200 at d = 7168 (session 11) it took the step from +7.9 % to +6.6 %
-                     over the residual model (medians of 3 rounds) at +19.1 % activation memory against +17.7 %:
-                     a time-for-memory trade to opt into where memory allows.
-    fold_post_res_proj: in Inductor's forward graph, let each site's post_res also compute the next site's
-                     projection from the stream tiles it writes (``passes/fold_post_res_proj.py``: one read of
-                     the n streams less per site; the backward graph still rebuilds the stream with post_res
-                     alone). Off by default: alone on an H200 at 8192 x 7168 the fused kernel is faster (348
-                     against 268 + 133 us), but in the power-capped training step (~1.48 GHz) it is bound by
-                     instruction issue and the d = 7168 step was slower with it: +8.6 % (+8.1 .. +9.2) against
-                     +7.5 % (+7.0 .. +7.8) over the residual model, 3 interleaved rounds; at d = 4096 +12.9 %
-                     against +14.3 % (rounds overlapping; benchmarks/results/session15-2026-12-03-h200.md).
+                     the n streams less per site; ``passes/fold_pre_recompute.py``). It keeps one C-wide tensor
+                     alive longer, +1.4-1.5 points of activation memory, which ``inplace_stream_grads`` made room
+                     for. On an H200 (session 16): activation memory +17.7 / +17.1 / +19.1 % at d = 4096 / 2048 /
+                     7168; the d = 7168 step's overhead moved by -1.0, -1.1 and +0.7 points in three runs (session
+                     11: -1.3), within the rounds' spread. False turns it off.
     inplace_stream_grads: in Inductor's backward graph, let each site's post_res and proj/pre backward write
                      the stream gradient over the one it reads where nothing else reads that buffer
                      (``passes/inplace_stream_grads.py``): the backward then holds one n-stream gradient at a
@@ -95,7 +87,7 @@ class MHCConfig:
     recompute: Any = "auto"
     fuse: bool = False
     fold_stream_grads: bool = True
-    fold_pre_recompute: bool = False
+    fold_pre_recompute: bool = True
     fold_post_res_proj: bool = False
     inplace_stream_grads: bool = True
     strict: bool = False

@@ -62,14 +62,17 @@ def test_inductor_forward_and_gradients_match_eager_oracle(compiled, caplog):
     # forward and backward graphs call the ops' direct twins, not the custom ops (runtime/ops.py, the end)
     assert len(code) == 2 and all("torch.ops.mhc_compile_direct." in c for c in code)
     assert not any(re.search(r"torch\.ops\.mhc_compile\.\w+\.default\(", c) for c in code)
-    assert "recomputed sublayer input" not in log  # fold_pre_recompute is opt-in
+    # passes/fold_pre_recompute.py: recompute="auto" recomputes every site's pre in the backward, and each one comes
+    # out of its site's post_res backward
+    assert "made the recomputed sublayer input of 4 of 4 site(s) in their post_res backward" in log
     # passes/inplace_stream_grads.py: every site's two backward ops write the stream gradient over the one they
     # read, the last site's (from the head's mean-collapse backward) included; the gradients above still match
     assert "wrote the stream gradient of 8 of 8 backward op(s)" in log
     backward = code[1]
-    assert backward.count("mhc_compile_direct.post_res_backward_into.default(") == 4
+    assert backward.count("mhc_compile_direct.post_res_backward_pre_into.default(") == 4
     assert backward.count("mhc_compile_direct.proj_pre_backward_into.default(") == 4
     assert "post_res_backward.default(" not in backward and "proj_pre_backward.default(" not in backward
+    assert "mhc_compile_direct.pre.default(" not in backward
 
 
 def test_coefficient_capture_sees_every_site_of_an_inductor_graph(compiled):
@@ -88,14 +91,14 @@ def test_coefficient_capture_sees_every_site_of_an_inductor_graph(compiled):
 
 
 def test_opt_in_folds_match_eager_oracle(caplog):
-    """The two opt-in passes in one compile. fold_pre_recompute=True: recompute="auto" recomputes every site's
-    pre in the backward, and the pass makes each one in its site's post_res backward. fold_post_res_proj=True:
-    the forward graph computes the second site's projection in the first site's post_res (post_res_proj), while
-    the backward graph still rebuilds that stream with post_res. Gradients still match the eager oracle."""
+    """The opt-in pass beside the default ones. fold_post_res_proj=True: the forward graph computes the second
+    site's projection in the first site's post_res (post_res_proj), while the backward graph still rebuilds that
+    stream with post_res. With inplace_stream_grads=False, fold_pre_recompute's op keeps returning its dx.
+    Gradients still match the eager oracle."""
     torch.manual_seed(1)
     model, idx = _prepared(layers=1)
     step = torch.compile(model, backend="mhc",
-                         options={"n": 4, "fold_pre_recompute": True, "fold_post_res_proj": True})
+                         options={"n": 4, "fold_post_res_proj": True, "inplace_stream_grads": False})
     code = []
     log = _step_matches_eager_oracle(model, step, idx, caplog, code)
     assert "made the recomputed sublayer input of 2 of 2 site(s) in their post_res backward" in log
@@ -103,7 +106,7 @@ def test_opt_in_folds_match_eager_oracle(caplog):
     forward, backward = code
     assert "mhc_compile_direct.post_res_proj.default(" in forward
     assert "post_res_proj" not in backward and "mhc_compile_direct.post_res.default(" in backward
-    assert backward.count("mhc_compile_direct.post_res_backward_pre_into.default(") == 2
+    assert backward.count("mhc_compile_direct.post_res_backward_pre.default(") == 2 and "_into" not in backward
 
 
 def test_inductor_new_batch_size_does_not_lose_parameters(compiled):

@@ -15,7 +15,9 @@ sublayer's backward instead of from its end, one C-wide tensor more alive throug
 Measured on an H200 (benchmarks/results/session7-2026-12-02-h200.md): at d = 7168 the step's mHC kernels
 took 16.85 ms instead of 17.56 (the post_res backward 47 us a site slower, the 139 us pre gone), but the
 step time moved less than its run-to-run spread, while activation memory rose by 1.4-1.5 points (to +21.2 %
-at d = 2048, past the 20 % target). Hence opt-in: ``fold_pre_recompute=True``.
+at d = 2048, past the 20 % target). It was opt-in until ``passes/inplace_stream_grads.py`` freed one n-stream
+gradient a site (session 16): now on by default, at +17.1 / +17.7 / +19.1 % activation memory (d = 2048 / 4096 /
+7168); ``fold_pre_recompute=False`` turns it off.
 
 It only rewrites a pre whose every reader comes after the post_res backward in the graph (and whose H_pre
 is computed before it), so the new node can stand where the post_res backward stood; anything else is left
