@@ -109,6 +109,18 @@ def test_opt_in_folds_match_eager_oracle(caplog):
     assert backward.count("mhc_compile_direct.post_res_backward_pre.default(") == 2 and "_into" not in backward
 
 
+def test_unfolded_stream_grads_still_write_in_place(caplog):
+    """fold_stream_grads=False: a site's stream gradient is a sum of partials (aten.add), which the next site's
+    post_res backward may write over (a sum's value is a buffer of its own); gradients still match the oracle."""
+    torch.manual_seed(2)
+    model, idx = _prepared(layers=1)
+    step = torch.compile(model, backend="mhc", options={"n": 4, "fold_stream_grads": False})
+    code = []
+    log = _step_matches_eager_oracle(model, step, idx, caplog, code)
+    assert "wrote the stream gradient of 2 of 2 backward op(s)" in log
+    assert code[1].count("mhc_compile_direct.post_res_backward_pre_into.default(") == 2
+
+
 def test_inductor_new_batch_size_does_not_lose_parameters(compiled):
     model, step, _ = compiled
     idx = torch.randint(0, 64, (3, 8))
