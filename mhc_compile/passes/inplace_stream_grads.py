@@ -49,6 +49,7 @@ def _into() -> dict:
         OPS.proj_pre_backward.default: (OPS.proj_pre_backward_into.default, 6, "acc"),
     }
 
+
 _MHC_NAMESPACE = "mhc_compile"
 
 
