@@ -653,19 +653,20 @@ def post_res_backward_pre(
     return _post_res_backward(x, h_res, h_post, y, dout, h_pre.contiguous(), out)
 
 
-def _grad_buffer(out: Tensor | None, src: Tensor, src_dense: Tensor, like: Tensor, what: str) -> Tensor:
-    """Where a kernel writes a stream gradient shaped ``like``, read tile by tile from ``src`` before it writes the
-    same tile (so writing over ``src`` is safe): ``out`` if given (it must be dense: a copy would drop the write),
-    else ``src``'s dense copy when ``.contiguous()`` had to make one (the caller's tensor is untouched, and the
-    copy is ours: the first site of a backward gets its stream gradient as a broadcast view), else a new one."""
+def _grad_buffer(out: Tensor | None, like: Tensor, what: str, copied: Tensor | None = None) -> Tensor:
+    """Where a kernel writes a stream gradient shaped ``like``; it reads the gradient it is computed from tile by tile
+    before it writes the same tile, so that gradient's buffer may be the one. ``out`` if given (it must be dense: a
+    copy would drop the write), else ``copied``, the dense copy ``.contiguous()`` had to make of the gradient read
+    (ours alone: the caller's tensor is untouched; the last site of a backward may get its gradient as a broadcast
+    view), else a new tensor."""
     if out is not None:
         if out.shape != like.shape or out.dtype != like.dtype or not out.is_contiguous():
             raise ValueError(f"mhc triton {what}: out must be a contiguous {like.dtype} tensor of shape "
                              f"{tuple(like.shape)}, got {out.dtype} {tuple(out.shape)} (contiguous: "
                              f"{out.is_contiguous()})")
         return out
-    if src_dense is not src and src_dense.dtype == like.dtype and src_dense.shape == like.shape:
-        return src_dense
+    if copied is not None and copied.dtype == like.dtype and copied.shape == like.shape:
+        return copied
     return torch.empty_like(like)
 
 
@@ -673,10 +674,10 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
     _check_stream("post_res_backward", x, y, dout)
     lead, t, n, c = _stream_dims(x)
     x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
-    y, dout_dense = y.contiguous(), dout.contiguous()
+    y, dense = y.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
-    dx, dy = _grad_buffer(out, dout, dout_dense, x, "post_res_backward"), torch.empty_like(y)
-    dout = dout_dense
+    dx = _grad_buffer(out, x, "post_res_backward", copied=dense if dense is not dout else None)
+    dy, dout = torch.empty_like(y), dense
     x_in = torch.empty(lead + (c,), dtype=x.dtype, device=x.device) if h_pre is not None else None
     extra = () if h_pre is None else (x_in,)
     if t == 0 or c == 0:
@@ -1073,10 +1074,10 @@ def proj_pre_backward(
         if acc.shape != x.shape:
             raise ValueError(f"mhc triton proj_pre_backward: acc has shape {tuple(acc.shape)}, "
                              f"expected x's {tuple(x.shape)}")
-        acc_dense = acc.contiguous()
-        out, acc = _grad_buffer(out, acc, acc_dense, x, "proj_pre_backward"), acc_dense
-    elif out is not None:
-        out = _grad_buffer(out, x, x, x, "proj_pre_backward")
+        dense = acc.contiguous()
+        out, acc = _grad_buffer(out, x, "proj_pre_backward", copied=dense if dense is not acc else None), dense
+    else:
+        out = _grad_buffer(out, x, "proj_pre_backward")
     return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(),
                        dout.contiguous(), acc, out)
 
