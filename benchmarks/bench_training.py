@@ -12,6 +12,7 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, fused,
+headrecompute (the head's collapse recomputed in the backward, as before session 17),
 opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:fold_pre_recompute=0),
 cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
 kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
@@ -271,6 +272,15 @@ def run_size(d, args, emit):
                 launch.enable(True)
 
         contexts[label] = triton_launch_path
+    if "headrecompute" in args.variants:  # session 17's A/B: the head's collapse recomputed, as before it
+        from unittest import mock
+
+        from mhc_compile.passes import recompute
+
+        label = "backend=mhc, head collapse recomputed"
+        variants[label] = torch.compile(mhc_model, backend="mhc", options={"n": args.n})
+        # in force while it compiles (its first step); a separate torch.compile, so its own graphs
+        contexts[label] = lambda: mock.patch.object(recompute, "_save_collapses", lambda graph, policy: None)
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})

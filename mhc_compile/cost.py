@@ -124,7 +124,8 @@ def block_peak(blocks: list[int], n_streams: int, act: float, wgrad: float = 0.0
       head's expand is recomputed). The backward recomputes a block's streams in forward order and frees them
       in reverse, so they are alive together at its start;
     - one more stream: the gradient entering the block from the block after it; for the last block (the start
-      of the backward) the chain's last stream, whose collapse is recomputed.
+      of the backward) the last stream's gradient that the head's backward writes. (Until session 17 the backward
+      also rebuilt the last stream to recompute its collapse; the collapse is saved now, ``recompute.py``.)
 
     Fitted on the 4-layer stack (8 sites, act ~ 8.1) at d = 4096 and 7168 on an H200
     (benchmarks/results/session6-2026-12-02-h200.md): four plans a width; each plan's measured peak above the

@@ -10,6 +10,7 @@ where the min-cut partitioner honours them: inside a block nothing of the widene
 the intermediates are recomputed from the block's input stream and the saved sublayer outputs y;
 between two blocks the partitioner keeps the boundary stream (a tagged node whose user has a larger
 ``ac_graph_id`` is saved), which is exactly "store the stream every L_r sublayers plus each F output".
+The collapsed stream at a chain's end (one C-wide tensor) is saved too (``_save_collapses``).
 With ``fuse=True`` the boundary stream is an output of a multi-output ``step`` op, which the partitioner would
 not keep on that rule, so the block's last fused op is saved whole (``_save_boundary_ops``).
 
@@ -162,7 +163,19 @@ def apply(gm: fx.GraphModule, detection: Detection, config: MHCConfig) -> list[l
             if start < len(chain.sites):  # another block follows
                 _save_boundary_ops(by_site.get(block[-1].path, []), policy)
             blocks.append([s.path for s in block])
+    if blocks:
+        _save_collapses(gm.graph, policy)
     return blocks
+
+
+def _save_collapses(graph: fx.Graph, policy) -> None:
+    """Each collapsed stream (mean or sum over the n streams: one C-wide tensor) MUST_SAVE. Left to the min-cut
+    partitioner, the head's collapse was recomputed: the backward rebuilt the chain's last n-wide stream (its
+    post_res, which nothing else in the backward reads) and reduced it again, 3n + 1 C-wide tensors of traffic a
+    token to spare one of memory. A movedim view after it stays free to recompute."""
+    for node in graph.nodes:
+        if node.op == "call_function" and (node.meta.get("mhc") or {}).get("role") == "collapse":
+            node.meta["recompute"] = policy.MUST_SAVE
 
 
 def _save_boundary_ops(nodes: list[fx.Node], policy) -> None:
