@@ -62,6 +62,10 @@ class MHCConfig:
                      the stream gradient over the one it reads where nothing else reads that buffer
                      (``passes/inplace_stream_grads.py``): the backward then holds one n-stream gradient at a
                      time instead of two. Same arithmetic; False keeps a new buffer per op.
+    broadcast_collapse_grad: in Inductor's backward graph, keep the stream gradient a mean collapse hands back
+                     as a broadcast view of one C-wide row instead of n written copies
+                     (``passes/broadcast_collapse_grad.py``): the last site's post_res backward reads one row a
+                     token. Same values; False keeps the n-wide buffer.
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -90,6 +94,7 @@ class MHCConfig:
     fold_pre_recompute: bool = True
     fold_post_res_proj: bool = False
     inplace_stream_grads: bool = True
+    broadcast_collapse_grad: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
@@ -111,7 +116,7 @@ class MHCConfig:
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute",
-                     "fold_post_res_proj", "inplace_stream_grads"):
+                     "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.recompute, (list, tuple)):
