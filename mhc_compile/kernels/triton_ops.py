@@ -1,6 +1,8 @@
 """Triton kernels of the mHC ops, one function per op of ``kernels/reference.py`` with the same signature.
 
-All streams are contiguous and token-major: x [T, n, C], y [T, C], coefficients [T, n] / [T, n, n] fp32.
+All streams are contiguous and token-major: x [T, n, C], y [T, C], coefficients [T, n] / [T, n, n] fp32. The
+one exception is a stream input x broadcast over n (a chain's head; ``_stream_arg``): the kernels that read x take
+it as its [T, C] rows under the X_BCAST constexpr, and write their outputs dense.
 Conventions shared by every kernel:
 
 * ``T`` (tokens) is a runtime argument and is excluded from Triton's value specialisation
@@ -81,6 +83,16 @@ def _stream_dims(x: Tensor) -> tuple[torch.Size, int, int, int]:
     lead, t = _lead_of(x, 2)
     n, c = x.shape[-2:]
     return lead, t, n, c
+
+
+def _stream_arg(x: Tensor) -> tuple[Tensor, bool]:
+    """(the stream x as a kernel reads it, whether it is broadcast). A chain's head stream is its embedding expanded
+    over the n streams (passes/rewrite.py): stride 0 along n over dense [..., C] rows. The kernels given X_BCAST read
+    that one row a token (offset token * C + c for every stream) instead of n copies that a ``.contiguous()`` would
+    write first. Any other x is made contiguous."""
+    if x.shape[-2] > 1 and x.stride(-2) == 0 and x.select(-2, 0).is_contiguous():
+        return x, True
+    return x.contiguous(), False
 
 
 def _check_stream(op: str, *tensors: Tensor) -> None:
@@ -355,27 +367,35 @@ def _normalise(m, valid, AXIS: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
 def _pre_fwd_kernel(x_ptr, h_ptr, out_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                    ACC: tl.constexpr):
+                    ACC: tl.constexpr, X_BCAST: tl.constexpr = False):
+    """X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     rmask = rows < T
     mask = rmask[:, None] & (cols[None, :] < C)
     r64 = rows.to(tl.int64)
     acc = tl.zeros([BT, BC], dtype=ACC)
+    if X_BCAST:  # loaded once, summed over i as the n rows are
+        xrow = tl.load(x_ptr + r64[:, None] * C + cols[None, :], mask=mask, other=0.0)
     for i in tl.static_range(N):
         h = tl.load(h_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC)
-        xi = tl.load(x_ptr + (r64 * N + i)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        if X_BCAST:
+            xi = xrow
+        else:
+            xi = tl.load(x_ptr + (r64 * N + i)[:, None] * C + cols[None, :], mask=mask, other=0.0)
         acc += h[:, None] * xi.to(ACC)
     tl.store(out_ptr + r64[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, NP: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, STORE_DX: tl.constexpr):
+                    BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, STORE_DX: tl.constexpr,
+                    X_BCAST: tl.constexpr = False):
     """One program owns BT tokens and walks all of C, so dh = <x[i], dout> needs no cross-program sum.
 
     STORE_DX=False (pre_backward_dh): dx is left to proj_pre_backward, which folds it into the single
     write of the stream gradient, so h_pre and dx_ptr are never touched.
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``); dx is stored dense.
     """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
@@ -393,7 +413,10 @@ def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, 
         g = g.to(ACC)
         m3 = mi[:, :, None] & cmask[None, None, :]
         off = stream + cols[None, None, :]
-        x = tl.load(x_ptr + off, mask=m3, other=0.0).to(ACC)
+        if X_BCAST:  # the [BT, NP, BC] tile of the dense path, every stream reading the token's row
+            x = tl.load(x_ptr + r64[:, None, None] * C + cols[None, None, :], mask=m3, other=0.0).to(ACC)
+        else:
+            x = tl.load(x_ptr + off, mask=m3, other=0.0).to(ACC)
         if STORE_DX:
             tl.store(dx_ptr + off, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
         dh += tl.sum(x * g[:, None, :], axis=2)
@@ -403,23 +426,23 @@ def _pre_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, 
 def pre(x: Tensor, h_pre: Tensor) -> Tensor:
     _check_stream("pre", x)
     lead, t, n, c = _stream_dims(x)
-    x, h_pre = x.contiguous(), h_pre.contiguous()
+    (x, bcast), h_pre = _stream_arg(x), h_pre.contiguous()
     out = torch.empty(lead + (c,), dtype=x.dtype, device=x.device)
     if t == 0 or c == 0:
         return out
     bt, bc, warps = _stream_tile("pre", t, c, 1)
     grid = (_cdiv(t, bt), _cdiv(c, bc))
-    launch(_pre_fwd_kernel, grid, (x, h_pre, out, t, c), dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(x.dtype)),
-           num_warps=warps)
+    launch(_pre_fwd_kernel, grid, (x, h_pre, out, t, c),
+           dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), X_BCAST=bcast), num_warps=warps)
     return out
 
 
 def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor]:
     _check_stream("pre_backward", x, dout)
     lead, t, n, c = _stream_dims(x)
-    x, h_pre, dout = x.contiguous(), h_pre.contiguous(), dout.contiguous()
+    (x, bcast), h_pre, dout = _stream_arg(x), h_pre.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # dense, also where x is broadcast
     if t == 0 or c == 0:
         return dx.zero_(), torch.zeros(lead + (n,), dtype=acc, device=x.device)
     dh = torch.empty(lead + (n,), dtype=acc, device=x.device)  # every element written: no fill launch
@@ -427,7 +450,7 @@ def pre_backward(x: Tensor, h_pre: Tensor, dout: Tensor) -> tuple[Tensor, Tensor
     bt, bc, warps = _stream_tile("pre_backward", t, c, np_)
     launch(
         _pre_bwd_kernel, (_cdiv(t, bt),), (x, h_pre, dout, dx, dh, t, c),
-        dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True), num_warps=warps,
+        dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=True, X_BCAST=bcast), num_warps=warps,
     )
     return dx, dh
 
@@ -436,7 +459,7 @@ def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
     """dh of pre_backward alone: reads x and dout once, writes [T, n]; h_pre is not read."""
     _check_stream("pre_backward_dh", x, dout)
     lead, t, n, c = _stream_dims(x)
-    x, dout = x.contiguous(), dout.contiguous()
+    (x, bcast), dout = _stream_arg(x), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     if t == 0 or c == 0:
         return torch.zeros(lead + (n,), dtype=acc, device=x.device)
@@ -446,7 +469,7 @@ def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
     # h_ptr / dx_ptr are placeholders: STORE_DX=False compiles their loads and stores away
     launch(
         _pre_bwd_kernel, (_cdiv(t, bt),), (x, h_pre, dout, dh, dh, t, c),
-        dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False), num_warps=warps,
+        dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), STORE_DX=False, X_BCAST=bcast), num_warps=warps,
     )
     return dh
 
@@ -456,20 +479,28 @@ def pre_backward_dh(x: Tensor, h_pre: Tensor, dout: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N: tl.constexpr, NP: tl.constexpr,
-              ACC: tl.constexpr):
-    """[BT, NP, BC] tile of H_res X + H_post^T y, each x[t, j] chunk loaded once (fp32 accumulation)."""
+              ACC: tl.constexpr, X_BCAST: tl.constexpr = False):
+    """[BT, NP, BC] tile of H_res X + H_post^T y, each x[t, j] chunk loaded once (fp32 accumulation).
+    X_BCAST: x is [T, C], the one row every stream of a token holds: loaded once for all j."""
     ii = tl.arange(0, NP)
     acc = hp[:, :, None] * y[:, None, :]
+    if X_BCAST:
+        xrow = tl.load(x_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
     for j in tl.static_range(N):
         hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0).to(ACC)
-        xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        if X_BCAST:
+            xj = xrow
+        else:
+            xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         acc += hcol[:, :, None] * xj[:, None, :]
     return acc
 
 
 @triton.jit(do_not_specialize=["T"])
 def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl.constexpr,
-                         NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
+                         NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
+                         X_BCAST: tl.constexpr = False):
+    """X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``); X' is stored dense."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     ii = tl.arange(0, NP)
@@ -480,7 +511,7 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
     m2 = rmask[:, None] & cmask[None, :]
     hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
     y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-    out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC)
+    out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC, X_BCAST)
     off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
     tl.store(out_ptr + off, _round(out, out_ptr.dtype.element_ty, RNE), mask=mi[:, :, None] & cmask[None, None, :])
 
@@ -488,7 +519,7 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                          hpre_ptr, xin_ptr, T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
-                         BC: tl.constexpr, ACC: tl.constexpr, PRE: tl.constexpr):
+                         BC: tl.constexpr, ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False):
     """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once.
 
     Every load of a chunk is issued before its first reduction, and the H_res columns before the loop. A
@@ -499,6 +530,8 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
 
     PRE: also writes x_in = sum_i h_pre[i] x[i] (``pre``'s value, summed in its order and rounded once) from the
     x rows it loads anyway.
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``): loaded once a chunk and
+    used as each x[j]; dout and dx keep the dense layout.
     """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
@@ -526,8 +559,13 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         g = tl.load(g_ptr + stream + cols[None, None, :], mask=m3, other=0.0).to(ACC)  # dout[t, i, c]
         y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         xs = ()
+        if X_BCAST:
+            xrow = tl.load(x_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         for j in tl.static_range(N):
-            xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC),)
+            if X_BCAST:
+                xs = xs + (xrow,)
+            else:
+                xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC),)
         if PRE:
             xin = tl.zeros([BT, BC], dtype=ACC)
             for j in tl.static_range(N):
@@ -562,10 +600,12 @@ def _channel_partials(v, BT: tl.constexpr, BC: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                             hpre_ptr, xin_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                            ACC: tl.constexpr, PRE: tl.constexpr):
+                            ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False):
     """_post_res_bwd_kernel's outputs with every tile 2-D [BT, BC] (PostResBwdCfg.two_d): dout row i, x row j and y
     share one layout; the per-token coefficients are [BT] vectors; dh_post and dh_res are carried through the
-    channel loop as [BT, BC / 8] partials and reduced across threads once at the end."""
+    channel loop as [BT, BC / 8] partials and reduced across threads once at the end.
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``): loaded once a chunk and
+    used as each x[i]; dout and dx keep the dense layout."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
     r64 = rows.to(tl.int64)
@@ -590,9 +630,14 @@ def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dh
         y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         xs = ()
         gs = ()
+        if X_BCAST:
+            xrow = tl.load(x_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         for i in tl.static_range(N):
             off = (r64 * N + i)[:, None] * C + cols[None, :]
-            xs = xs + (tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC),)
+            if X_BCAST:
+                xs = xs + (xrow,)
+            else:
+                xs = xs + (tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC),)
             gs = gs + (tl.load(g_ptr + off, mask=m2, other=0.0).to(ACC),)
         if PRE:
             xin = hpre[0][:, None] * xs[0]
@@ -627,15 +672,15 @@ def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dh
 def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     _check_stream("post_res", x, y)
     lead, t, n, c = _stream_dims(x)
-    x, h_res, h_post, y = x.contiguous(), h_res.contiguous(), h_post.contiguous(), y.contiguous()
-    out = torch.empty_like(x)
+    (x, bcast), h_res, h_post, y = _stream_arg(x), h_res.contiguous(), h_post.contiguous(), y.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # dense, also where x is broadcast
     if t == 0 or c == 0:
         return out
     np_ = _pow2(n)
     bt, bc, warps = _stream_tile("post_res", t, c, np_)
     grid = (_cdiv(t, bt), _cdiv(c, bc))
     launch(_post_res_fwd_kernel, grid, (x, h_res, h_post, y, out, t, c),
-           dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), RNE=_INTERPRETED), num_warps=warps)
+           dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(x.dtype), RNE=_INTERPRETED, X_BCAST=bcast), num_warps=warps)
     return out
 
 
@@ -667,13 +712,13 @@ def _grad_buffer(out: Tensor | None, like: Tensor, what: str, copied: Tensor | N
         return out
     if copied is not None and copied.dtype == like.dtype and copied.shape == like.shape:
         return copied
-    return torch.empty_like(like)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)  # dense, also where like is broadcast
 
 
 def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
     _check_stream("post_res_backward", x, y, dout)
     lead, t, n, c = _stream_dims(x)
-    x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
+    (x, bcast), h_res, h_post = _stream_arg(x), h_res.contiguous(), h_post.contiguous()
     y, dense = y.contiguous(), dout.contiguous()
     acc = _acc_torch(x.dtype, dout.dtype)
     dx = _grad_buffer(out, x, "post_res_backward", copied=dense if dense is not dout else None)
@@ -692,10 +737,11 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
             h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c)
     if _cfg("post_res_backward").two_d and n <= _TWO_D_MAX_N and bc >= 8:  # 8: one thread's channel vector
         launch(_post_res_bwd_2d_kernel, (_cdiv(t, bt),), args,
-               dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None), num_warps=warps)
+               dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast), num_warps=warps)
     else:
         launch(_post_res_bwd_kernel, (_cdiv(t, bt),), args,
-               dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None), num_warps=warps)
+               dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast),
+               num_warps=warps)
     return (dx, dh_res, dh_post, dy) + extra
 
 
@@ -771,9 +817,9 @@ def _split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False
 
 
 @triton.jit(do_not_specialize=["T"])
-def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
+def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, C, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
                      BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr,
-                     DOT: tl.constexpr, JOIN: tl.constexpr = False):
+                     DOT: tl.constexpr, JOIN: tl.constexpr = False, X_BCAST: tl.constexpr = False):
     """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
@@ -790,6 +836,8 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
     X and phi's halves as TMA descriptor blocks (as proj's backward reads them) were timed and removed: 269.5
     against 269.8 us alone at 32768 x 4096, 185.3 against 169.6 us a call in the d = 7168 step
     (benchmarks/results/session11-2026-12-02-h200.md).
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``): column k = i * C + c of
+    vec(x) is x[t, k % C] (C: the stream's width, read only here).
     """
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -810,7 +858,11 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
     for k0 in range(k_lo, k_hi, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < k_hi
-        xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if X_BCAST:
+            xt = tl.load(x_ptr + r64[:, None] * C + (ks % C)[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+        else:
+            xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         if JOIN:
             hl = tl.load(phi_ptr + ks[:, None].to(tl.int64) * (2 * MPAD) + jcols[None, :], mask=kmask[:, None],
                          other=0.0)
@@ -848,7 +900,7 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"mhc triton proj: phi has {k} rows, expected n*C = {n * c}")
-    x, phi = x.contiguous(), phi.contiguous()
+    (x, bcast), phi = _stream_arg(x), phi.contiguous()
     acc = _acc_torch(x.dtype, phi.dtype)
     if t == 0 or k == 0:
         return torch.zeros(lead + (m,), dtype=acc, device=x.device), torch.zeros(lead, dtype=acc, device=x.device)
@@ -866,8 +918,8 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     grid = (_cdiv(t, bt), mblocks, splits)
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
-                DOT=_half_dot_dtype(), JOIN=join)
-    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
+                DOT=_half_dot_dtype(), JOIN=join, X_BCAST=bcast)
+    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, c, m, mblocks * bm, k_split), meta,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
@@ -906,11 +958,14 @@ def _k_block(C, M, N: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr, ONE_STRE
 @triton.jit(do_not_specialize=["T"])
 def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_ptr, T, C, M, T_SPLIT,
                     N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, MP: tl.constexpr, HAS_PRE: tl.constexpr,
-                    ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                    ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    X_BCAST: tl.constexpr = False):
     """Program (K block, token split): dx of its [tokens, BK] slab, all terms meeting in ACC and rounded once
     at the store; the phi slab [MP, BK] is loaded once for the program's token range.
     ONE_STREAM (C % BK == 0, every real width): the block lies in one stream i0, so h_pre is one value a
-    token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane."""
+    token and dout's channels a contiguous run, loaded as vectors; otherwise both are gathered per lane.
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``), read at channels cc as
+    dout is; acc and dx keep the dense layout."""
     K = N * C
     split = tl.program_id(1)
     ks, kmask, ks64, ms, mmask, ii, cc = _k_block(C, M, N, BK, MP, ONE_STREAM)
@@ -924,7 +979,10 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
         r64 = rows.to(tl.int64)
         m2 = rmask[:, None] & kmask[None, :]
         off = r64[:, None] * K + ks64[None, :]
-        xt = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
+        if X_BCAST:
+            xt = tl.load(x_ptr + r64[:, None] * C + cc[None, :], mask=m2, other=0.0).to(ACC)
+        else:
+            xt = tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC)
         dp = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :],
                      other=0.0).to(ACC)
         dsq = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(ACC)
@@ -943,13 +1001,15 @@ def _proj_dx_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dx_p
 
 
 @triton.jit(do_not_specialize=["T"])
-def _proj_dphi_kernel(x_ptr, a_ptr, dphi_ptr, T, K, M, T_SPLIT, s_am, s_at, BT: tl.constexpr, BK: tl.constexpr,
+def _proj_dphi_kernel(x_ptr, a_ptr, dphi_ptr, T, K, C, M, T_SPLIT, s_am, s_at, BT: tl.constexpr, BK: tl.constexpr,
                       MP: tl.constexpr, MA: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                      ACC: tl.constexpr, PREC: tl.constexpr):
+                      ACC: tl.constexpr, PREC: tl.constexpr, X_BCAST: tl.constexpr = False):
     """Program (K block, token split): the [MA, BK] partial of dphi^T = dp^T @ X over its tokens, written
     transposed into dphi_ptr[split] ([K, M]). The X tile goes to the tensor cores as loaded (proj's forward,
     transposed). HI_LO: the A rows are dp's bf16 hi halves then lo halves ([2 * MP, T]), summed at the end;
-    otherwise A is dp^T read in place (strides s_am, s_at) and the tile is widened to ACC."""
+    otherwise A is dp^T read in place (strides s_am, s_at) and the tile is widened to ACC.
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``): column k of vec(x) is
+    x[t, k % C] (C: the stream's width, read only here)."""
     split = tl.program_id(1)
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
     kmask = ks < K
@@ -961,8 +1021,12 @@ def _proj_dphi_kernel(x_ptr, a_ptr, dphi_ptr, T, K, M, T_SPLIT, s_am, s_at, BT: 
     for t0 in range(t_lo, t_hi, BT):
         rows = t0 + tl.arange(0, BT)
         rmask = rows < t_hi
-        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks64[None, :], mask=rmask[:, None] & kmask[None, :],
-                     other=0.0)
+        if X_BCAST:
+            xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + (ks % C)[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+        else:
+            xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks64[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
         if HI_LO:
             amask = rmask[None, :]
         else:
@@ -993,12 +1057,13 @@ _NO_PIPELINE_ALL: set = set()  # devices that fit it only without PIPELINE_ALL's
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                 acc: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(dx, dphi); dx written into ``out`` when given (it may be acc: each dx tile is stored after its acc tile
-    is read, by the same program)."""
+    is read, by the same program). x as the op got it: the kernels read it through ``_stream_arg``; the other
+    tensors contiguous."""
     _, t, n, c = _stream_dims(x)
     k, m = phi.shape
     acc_t = _acc_torch(x.dtype, phi.dtype, *(() if dout is None else (dout.dtype,)))
     if t == 0 or k == 0:  # x has no elements: neither has dx
-        return (torch.empty_like(x) if out is None else out), torch.zeros_like(phi)
+        return (torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out), torch.zeros_like(phi)
     hi_lo = _hi_lo(x.dtype) and acc_t == torch.float32
     if hi_lo and _cfg("proj_dx_dphi").enabled and x.device not in _NO_ONE_PASS:  # one pass over X
         from mhc_compile.kernels import triton_proj_bwd
@@ -1017,6 +1082,7 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
             _NO_ONE_PASS.add(x.device)
             warnings.warn(f"mhc triton proj backward: the one-pass kernel does not fit this GPU ({e}); using the "
                           "dx + dphi kernel pair", stacklevel=2)
+    x, bcast = _stream_arg(x)
     cfg, cfg_phi = _cfg("proj_dx"), _cfg("proj_dphi")
     mp = max(16, _pow2(m))
     if hi_lo:  # dp^T as bf16 hi rows then lo rows: [2 * MP, T]
@@ -1028,10 +1094,10 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     bt = max(16, min(cfg.bt, _pow2(t)))
     kblocks = _cdiv(k, bk)
     splits, t_split = _token_splits(cfg, x.device, kblocks, t, bt)
-    dx = torch.empty_like(x) if out is None else out
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out  # dense, x broadcast or not
     prec = _dot_precision(x.dtype)
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, HAS_PRE=h_pre is not None, ONE_STREAM=c % bk == 0,
-                HAS_ACC=acc is not None, ACC=_acc_tl(acc_t), PREC=prec)
+                HAS_ACC=acc is not None, ACC=_acc_tl(acc_t), PREC=prec, X_BCAST=bcast)
     # absent operands are placeholders that their constexpr flag never lets the kernel read
     args = (x, phi, dp, dsq, h_pre if h_pre is not None else dp, dout if dout is not None else x,
             acc if acc is not None else x, dx, t, c, m, t_split)
@@ -1041,8 +1107,9 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     kblocks2 = _cdiv(k, bk2)
     splits2, t_split2 = _token_splits(cfg_phi, x.device, kblocks2, t, bt2)
     dphi = torch.empty((splits2, k, m), dtype=acc_t, device=x.device)
-    meta2 = dict(BT=bt2, BK=bk2, MP=mp, MA=ma, HI_LO=hi_lo, DOT=_half_dot_dtype(), ACC=_acc_tl(acc_t), PREC=prec)
-    launch(_proj_dphi_kernel, (kblocks2, splits2), (x, a, dphi, t, k, m, t_split2, s_am, s_at), meta2,
+    meta2 = dict(BT=bt2, BK=bk2, MP=mp, MA=ma, HI_LO=hi_lo, DOT=_half_dot_dtype(), ACC=_acc_tl(acc_t), PREC=prec,
+                 X_BCAST=bcast)
+    launch(_proj_dphi_kernel, (kblocks2, splits2), (x, a, dphi, t, k, c, m, t_split2, s_am, s_at), meta2,
            num_warps=cfg_phi.num_warps, num_stages=cfg_phi.num_stages)
     return dx, dphi.sum(0).to(phi.dtype)
 
@@ -1052,7 +1119,7 @@ def proj_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor) -> tuple[Tens
     n, c = x.shape[-2:]
     if phi.shape[0] != n * c:
         raise ValueError(f"mhc triton proj_backward: phi has {phi.shape[0]} rows, expected n*C = {n * c}")
-    return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), None, None, None)
+    return _proj_grads(x, phi.contiguous(), dp.contiguous(), dsq.contiguous(), None, None, None)
 
 
 def proj_pre_backward(
@@ -1078,8 +1145,8 @@ def proj_pre_backward(
         out, acc = _grad_buffer(out, x, "proj_pre_backward", copied=dense if dense is not acc else None), dense
     else:
         out = _grad_buffer(out, x, "proj_pre_backward")
-    return _proj_grads(x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(),
-                       dout.contiguous(), acc, out)
+    return _proj_grads(x, phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(), dout.contiguous(),
+                       acc, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,11 +75,18 @@ def _tile_mask(rmask, kmask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _x_load(x_ptr, rows, t_hi, C, ks, kmask, N: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+def _x_load(x_ptr, rows, t_hi, C, ks, kmask, cc, N: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+            X_BCAST: tl.constexpr):
     """The X tile [BT, BK] as stored (bf16 feeds the tensor cores as loaded). Its pointers start from a [BT] row
-    base: no [BT, BK] int64 offset tensor shared with other loads for the pipeliner to carry across stages."""
-    xrow = rows.to(tl.int64) * (N * C)
-    return _ld(x_ptr + xrow[:, None] + ks[None, :], _tile_mask(rows < t_hi, kmask, EVEN_K), MASK_ROWS, EVEN_K)
+    base: no [BT, BK] int64 offset tensor shared with other loads for the pipeliner to carry across stages.
+    X_BCAST: x is [T, C], the one row every stream of a token holds, read at the block's channels cc."""
+    if X_BCAST:
+        xrow = rows.to(tl.int64) * C
+        ptrs = x_ptr + xrow[:, None] + cc[None, :]
+    else:
+        xrow = rows.to(tl.int64) * (N * C)
+        ptrs = x_ptr + xrow[:, None] + ks[None, :]
+    return _ld(ptrs, _tile_mask(rows < t_hi, kmask, EVEN_K), MASK_ROWS, EVEN_K)
 
 
 @triton.jit
@@ -171,13 +178,15 @@ def _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr
             ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N: tl.constexpr, BT: tl.constexpr,
             HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, HI_LO: tl.constexpr,
             MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-            TMA: tl.constexpr):
+            TMA: tl.constexpr, X_BCAST: tl.constexpr):
     """The tile of tokens t0 .. t0 + BT: its loads, then _tile (MASK_ROWS: the ragged tail, rows past t_hi)."""
     rows = t0 + tl.arange(0, BT)
-    if TMA:  # x_ptr: a tensor descriptor of X [T, K]
+    if TMA and X_BCAST:  # x_ptr: a tensor descriptor of the rows [T, C]; the block lies in one stream, at c0
+        xt = x_ptr.load([t0, c0])
+    elif TMA:  # x_ptr: a tensor descriptor of X [T, K]
         xt = x_ptr.load([t0, k0])
     else:
-        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, N, MASK_ROWS, EVEN_K)
+        xt = _x_load(x_ptr, rows, t_hi, C, ks, kmask, cc, N, MASK_ROWS, EVEN_K, X_BCAST)
     dsq, h, g, a = _side_loads(dsq_ptr, h_ptr, g_ptr, acc_ptr, rows, t_hi, C, ks, kmask, ii, cc, t0, c0, k0, N,
                                HAS_PRE, ONE_STREAM, HAS_ACC, MASK_ROWS, EVEN_K, TMA)
     return _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
@@ -190,7 +199,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                          T, C, M, T_SPLIT, s_am, s_at, N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                          MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
                          HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
-                         ACC: tl.constexpr, PREC: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr):
+                         ACC: tl.constexpr, PREC: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr,
+                         X_BCAST: tl.constexpr = False):
     """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
     tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
 
@@ -206,6 +216,8 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     wait a memory latency every step. At the shipped tile it
     takes 112 KB of shared memory instead of 80 (still two programs an H100 / H200 SM) and ran 19 % faster on an
     H200: 478 against 592 us at 8192 x 7168, 1819 against 2197 at 32768 x 7168 (session8-2026-12-02-h200.md).
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``triton_ops._stream_arg``), read at the
+    block's channels cc (TMA: x_ptr is a descriptor of those rows, read at c0); acc and dX keep the dense layout.
     """
     K = N * C
     split = tl.program_id(1)
@@ -230,11 +242,11 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     for t0 in tl.range(t_lo, t_full, BT, num_stages=LOOP_STAGES):
         dphi = _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K, M,
                        s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N, BT, HAS_PRE, ONE_STREAM,
-                       HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC, PREC, TMA)
+                       HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC, PREC, TMA, X_BCAST)
     if t_full < t_hi:  # the ragged tail tile, masked
         dphi = _tokens(dphi, t_full, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K,
                        M, s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N, BT, HAS_PRE, ONE_STREAM,
-                       HAS_ACC, HI_LO, True, EVEN_K, DOT, ACC, PREC, TMA)
+                       HAS_ACC, HI_LO, True, EVEN_K, DOT, ACC, PREC, TMA, X_BCAST)
     if HI_LO:
         dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
     out_rows = split.to(tl.int64) * K + ks64
@@ -278,17 +290,18 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
 
 
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages, maxnreg,
-                 pipeline_all=False, tma=False):
+                 pipeline_all=False, tma=False, x_bcast=False):
     """(tile, constexpr meta, launch options) of one call: shared by the wrapper and the --ptxas report. The
     mappings are shared between calls (cached), hence read-only. ``tma``: the caller checked that the tensors
-    allow descriptors (``tma.tma_ok``); the plan takes TMA where the tile allows it too."""
+    allow descriptors (``tma.tma_ok``); the plan takes TMA where the tile allows it too. ``x_bcast``: the
+    kernel's X_BCAST (x broadcast over its streams)."""
     return _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
-                        pipeline_all, tma, tk._half_dot_dtype())
+                        pipeline_all, tma, x_bcast, tk._half_dot_dtype())
 
 
 @functools.lru_cache(maxsize=1024)  # every launch asks again with the same shapes (and the interpreter setting)
 def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
-                 pipeline_all, tma, dot):
+                 pipeline_all, tma, x_bcast, dot):
     k = n * c
     mp = max(16, tk._pow2(m))
     hi_lo = tk._hi_lo(stream_dtype) and acc_t == torch.float32
@@ -299,7 +312,7 @@ def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_
                 HAS_ACC=has_acc, EVEN_K=even_k, HI_LO=hi_lo, DOT=dot,
                 ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype),
                 LOOP_STAGES=num_stages if pipeline_all else None,
-                TMA=bool(tma and hi_lo and one_stream and even_k and bt <= 256 and bk <= 256))
+                TMA=bool(tma and hi_lo and one_stream and even_k and bt <= 256 and bk <= 256), X_BCAST=x_bcast)
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         opts["maxnreg"] = maxnreg
@@ -315,7 +328,8 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     e.g. 128 to fit two 8-warp programs on an SM. ``pipeline_all``: the kernel's PIPELINE_ALL. ``tma``: X, dout,
     acc and dX move as [BT, BK] blocks through TMA descriptors (bf16 streams whose K blocks lie in one stream,
     16-byte aligned; otherwise the pointer loads). ``out``: dx's buffer (contiguous, x's shape and dtype); it may
-    be acc, whose every tile the program that stores that dx tile has read first."""
+    be acc, whose every tile the program that stores that dx tile has read first. x may be broadcast over its n
+    streams (``triton_ops._stream_arg``): the kernel then reads its one row a token."""
     tk._check_stream("proj_pre_backward_fused", x, phi)
     _, t, n, c = tk._stream_dims(x)  # any leading dims: the kernel needs T and contiguous memory
     k, m = phi.shape
@@ -325,19 +339,19 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         raise ValueError("proj_pre_backward_fused: give both h_pre and dout, or neither")
     if acc is not None and acc.shape != x.shape:
         raise ValueError(f"proj_pre_backward_fused: acc has shape {tuple(acc.shape)}, expected {tuple(x.shape)}")
-    x, phi, dp, dsq = x.contiguous(), phi.contiguous(), dp.contiguous(), dsq.contiguous()
+    (x, bcast), phi, dp, dsq = tk._stream_arg(x), phi.contiguous(), dp.contiguous(), dsq.contiguous()
     has_pre = h_pre is not None
     if has_pre:
         h_pre, dout = h_pre.contiguous(), dout.contiguous()
     acc = acc.contiguous() if acc is not None else None
     acc_t = tk._acc_torch(x.dtype, phi.dtype, *((dout.dtype,) if has_pre else ()))
-    dx = torch.empty_like(x) if out is None else out
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out  # dense, x broadcast or not
     if t == 0 or k == 0:
         return dx, torch.zeros_like(phi)
     tma = tma and tma_ok(x, dx, *((dout,) if has_pre else ()), *((acc,) if acc is not None else ()))
     bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, acc_t, has_pre, acc is not None, bt=bt, bk=bk,
                                       num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
-                                      pipeline_all=pipeline_all, tma=tma)
+                                      pipeline_all=pipeline_all, tma=tma, x_bcast=bcast)
     if meta["HI_LO"]:  # dp^T as bf16 hi rows then lo rows, [2 MP, T] with a row stride padded to 16
         a = split_dp_t(dp, meta["MP"])
         s_am, s_at = a.stride(0), 1
@@ -351,7 +365,9 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     xs, gs, accs, dxs = x, dout if has_pre else x, acc if acc is not None else x, dx
     if meta["TMA"]:
         block = (bt, bk)
-        xs, dxs = descriptor(x, t, k, block), descriptor(dx, t, k, block)
+        # a broadcast x: a descriptor of its rows [T, C] (TMA blocks lie in one stream: the kernel reads at c0)
+        xs = descriptor(x.select(-2, 0), t, c, block) if bcast else descriptor(x, t, k, block)
+        dxs = descriptor(dx, t, k, block)
         gs = descriptor(dout, t, c, block) if has_pre else xs
         accs = descriptor(acc, t, k, block) if acc is not None else xs
     args = (xs, phi, dp, a, dsq, h_pre if has_pre else dsq, gs, accs, dxs, dphi, t, c, m, t_split, s_am, s_at)

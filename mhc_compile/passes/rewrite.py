@@ -2,7 +2,7 @@
 
 For a chain with sites k = 0..K-1 (streams s_k, branch outputs y_k):
 
-    X_0  = expand(s_0)                                  [..., n, C], every stream a copy of s_0
+    X_0  = expand(s_0)                                  [..., n, C], every stream s_0 (a stride-0 view)
     p, sq = proj(X_k, phi_k); H = coeffs(p, sq, b_k, alpha_k)
     x_in = pre(X_k, H_pre)           -> replaces s_k wherever the sublayer reads it
     X'_k = post_res(X_k, H_res, H_post, y_k)           replaces the residual add(s)
@@ -86,13 +86,14 @@ class _ChainRewriter:
                 src = at = self.call("movedim", (head, site.channel_dim, -1), head, site, "expand", kind="call_method")
         with self.graph.inserting_after(at):
             u = self.call("unsqueeze", (src, -2), head, site, "expand", kind="call_method")
+        # The expand stays a view (stride 0 over the n streams): the ops read its one row a token
+        # (triton_ops._stream_arg) instead of a copy that writes n of them, in the forward and again in the
+        # recomputing backward.
         with self.graph.inserting_after(u):
             e = self.call("expand", (u, *([-1] * (ndim - 1)), self.n, -1), head, site, "expand", kind="call_method")
-        with self.graph.inserting_after(e):
-            c = self.call("contiguous", (e,), head, site, "expand", kind="call_method")
-        self.wide.add(c)
-        self.channel_dim[c] = site.channel_dim
-        return c
+        self.wide.add(e)
+        self.channel_dim[e] = site.channel_dim
+        return e
 
     def site(self, site: Site, x: fx.Node, params: tuple[fx.Node, fx.Node, fx.Node], region: set[fx.Node],
              stream_now: fx.Node) -> fx.Node:

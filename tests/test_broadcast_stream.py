@@ -1,0 +1,195 @@
+"""A stream broadcast over its n streams (a chain's head: the embedding expanded, passes/rewrite.py) is read by the
+Triton kernels as its one row a token (X_BCAST), never copied dense; what they compute must be what the dense
+path computes on the same values, bit for bit. Run on CPU tensors under the Triton interpreter, which also runs
+the TMA descriptors of proj's one-pass backward.
+
+TRITON_INTERPRET must be set before anything imports triton (see test_triton_kernels.py); if another module
+imported it first without the interpreter, this module reruns itself in a fresh subprocess instead.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.language.standard  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from mhc_compile.kernels import reference as ref  # noqa: E402
+
+_INTERPRETED = isinstance(triton.language.standard.sum, InterpretedFunction)
+
+if _INTERPRETED:
+    from mhc_compile.kernels import triton_ops as tk
+
+    if not isinstance(tk._pre_fwd_kernel, InterpretedFunction):  # imported earlier without the interpreter
+        tk = importlib.reload(tk)
+    from mhc_compile.kernels import triton_proj_bwd as pb
+
+    if not isinstance(pb._proj_dx_dphi_kernel, InterpretedFunction):
+        pb = importlib.reload(pb)
+
+# (leading token dims, n, C, dtype): odd token counts leave ragged tiles; C = 40 puts proj's K blocks across
+# streams (the gather path), C = 48 with 16-wide blocks keeps each in one stream (and bf16 takes TMA there)
+CASES = [((37,), 4, 48, torch.bfloat16), ((37,), 4, 40, torch.float32), ((2, 3), 2, 40, torch.bfloat16),
+         ((5,), 2, 48, torch.float32)]
+IDS = [f"{'x'.join(map(str, lead))}-n{n}-C{c}-{str(d)[6:]}" for lead, n, c, d in CASES]
+
+
+def _inputs(lead, n, c, dtype, seed=0):
+    """(the broadcast stream, its dense copy, the other operands by name)."""
+    g = torch.Generator().manual_seed(seed)
+    m = ref.num_coeffs(n)
+    s = torch.randn(*lead, c, generator=g).to(dtype)
+    xb = s.unsqueeze(-2).expand(*lead, n, c)
+    other = dict(
+        h_pre=torch.rand(*lead, n, generator=g), h_post=2 * torch.rand(*lead, n, generator=g),
+        h_res=torch.rand(*lead, n, n, generator=g), y=torch.randn(*lead, c, generator=g).to(dtype),
+        phi=torch.randn(n * c, m, generator=g) / (n * c) ** 0.5, dp=torch.randn(*lead, m, generator=g),
+        dsq=torch.randn(*lead, generator=g), g=torch.randn(*lead, c, generator=g).to(dtype),
+        dout=torch.randn(*lead, n, c, generator=g).to(dtype), acc=torch.randn(*lead, n, c, generator=g).to(dtype),
+    )
+    return xb, xb.contiguous(), other
+
+
+@pytest.fixture
+def x_bcast_launches(monkeypatch):
+    """{kernel name: [X_BCAST of each launch]} of triton_ops' and triton_proj_bwd's launches that read a stream."""
+    seen = {}
+    real = tk.launch
+
+    def spy(kernel, grid, args, meta, *rest, **options):
+        if "X_BCAST" in meta:
+            seen.setdefault(kernel.fn.__name__, []).append(meta["X_BCAST"])
+        return real(kernel, grid, args, meta, *rest, **options)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    monkeypatch.setattr(pb, "launch", spy)
+    return seen
+
+
+def _same(got, want):
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.dtype == e.dtype and a.is_contiguous(), (a.shape, e.shape, a.stride())
+        assert torch.equal(a, e), (a - e).abs().max()
+
+
+def _into(fn, grad, x, *args):
+    """fn(x, *args, grad) with the stream gradient written over a copy of grad (passes/inplace_stream_grads.py)."""
+    mine = grad.clone()
+    out = fn(x, *args, mine, out=mine)
+    assert out[0].data_ptr() == mine.data_ptr()
+    return out
+
+
+def _check(fn, xb, xd, seen, kernels):
+    """fn(xb) is fn(xd) bit for bit, and every kernel that read the stream took it broadcast."""
+    want = fn(xd)
+    seen.clear()
+    _same(fn(xb), want)
+    assert seen == {k: [True] for k in kernels}, seen
+
+
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_pre_and_its_backward(lead, n, c, dtype, x_bcast_launches):
+    xb, xd, o = _inputs(lead, n, c, dtype)
+    seen = x_bcast_launches
+    _check(lambda x: tk.pre(x, o["h_pre"]), xb, xd, seen, ["_pre_fwd_kernel"])
+    _check(lambda x: tk.pre_backward(x, o["h_pre"], o["g"]), xb, xd, seen, ["_pre_bwd_kernel"])
+    _check(lambda x: tk.pre_backward_dh(x, o["h_pre"], o["g"]), xb, xd, seen, ["_pre_bwd_kernel"])
+
+
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_post_res_and_its_backward(lead, n, c, dtype, x_bcast_launches):
+    xb, xd, o = _inputs(lead, n, c, dtype, seed=1)
+    seen = x_bcast_launches
+    args = (o["h_res"], o["h_post"], o["y"])
+    _check(lambda x: tk.post_res(x, *args), xb, xd, seen, ["_post_res_fwd_kernel"])
+    for two_d, kernel in ((True, "_post_res_bwd_2d_kernel"), (False, "_post_res_bwd_kernel")):
+        with tk.tuning("post_res_backward", two_d=two_d):
+            _check(lambda x: tk.post_res_backward(x, *args, o["dout"]), xb, xd, seen, [kernel])
+            _check(lambda x: tk.post_res_backward_pre(x, *args, o["dout"], o["h_pre"]), xb, xd, seen, [kernel])
+            _check(lambda x: _into(tk.post_res_backward, o["dout"], x, *args), xb, xd, seen, [kernel])
+
+
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_proj(lead, n, c, dtype, x_bcast_launches):
+    xb, xd, o = _inputs(lead, n, c, dtype, seed=2)
+    for bk in (16, 128):  # 16: K blocks inside one stream where 16 | C; 128: across streams
+        with tk.tuning("proj", bt=16, bk=bk):
+            _check(lambda x: tk.proj(x, o["phi"]), xb, xd, x_bcast_launches, ["_proj_fwd_kernel"])
+
+
+def _proj_backward_kernels(dtype, one_pass):
+    if dtype == torch.bfloat16 and one_pass:
+        return ["_proj_dx_dphi_kernel"]
+    return ["_proj_dx_kernel", "_proj_dphi_kernel"]
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "pair"])
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_proj_backward(lead, n, c, dtype, one_pass, x_bcast_launches):
+    """bf16 streams: the one-pass kernel (its TMA build where the 16-wide K blocks lie in one stream) or the pair;
+    fp32 streams: the pair. With acc, without, and dx written over acc (``out=``)."""
+    xb, xd, o = _inputs(lead, n, c, dtype, seed=3)
+    seen = x_bcast_launches
+    kernels = _proj_backward_kernels(dtype, one_pass)
+    site = (o["phi"], o["dp"], o["dsq"])
+    with tk.tuning("proj_dx_dphi", enabled=one_pass, bt=16, bk=16), tk.tuning("proj_dx", bt=16, bk=16), \
+            tk.tuning("proj_dphi", bt=16, bk=16):
+        _check(lambda x: tk.proj_backward(x, *site), xb, xd, seen, kernels)
+        for acc in (None, o["acc"]):
+            _check(lambda x: tk.proj_pre_backward(x, *site, o["h_pre"], o["g"], acc), xb, xd, seen, kernels)
+        _check(lambda x: _into(tk.proj_pre_backward, o["acc"], x, *site, o["h_pre"], o["g"]), xb, xd, seen,
+               kernels)
+
+
+def test_tma_reads_the_broadcast_rows(monkeypatch):
+    """bf16, C = 48 in 16-wide K blocks: the one-pass backward reads X through a descriptor of the [T, C] rows."""
+    xb, xd, o = _inputs((37,), 4, 48, torch.bfloat16, seed=4)
+    built = []
+    real = pb.descriptor
+    monkeypatch.setattr(pb, "descriptor", lambda v, *a: built.append((v.shape, v.stride())) or real(v, *a))
+    kw = dict(bt=16, bk=16, tma=True)
+    want = pb.proj_pre_backward_fused(xd, o["phi"], o["dp"], o["dsq"], o["h_pre"], o["g"], o["acc"], **kw)
+    built.clear()
+    _same(pb.proj_pre_backward_fused(xb, o["phi"], o["dp"], o["dsq"], o["h_pre"], o["g"], o["acc"], **kw), want)
+    assert built[0] == ((37, 48), (48, 1)), built  # X: the rows, not the [T, n, C] expand
+
+
+def test_stream_arg_takes_only_dense_rows_broadcast_over_several_streams(x_bcast_launches):
+    """Broadcast: stride 0 over n > 1 streams of dense rows. A stride-0 stream dim over rows that are not dense (a
+    slice of wider rows, permuted token dims), or n = 1, is copied dense, and the ops still compute the same."""
+    s = torch.randn(6, 5, 40)
+    xb = s.unsqueeze(-2).expand(6, 5, 3, 40)
+    assert tk._stream_arg(xb) == (xb, True)
+    dense = xb.contiguous()
+    assert tk._stream_arg(dense)[0] is dense and not tk._stream_arg(dense)[1]
+    wide = torch.randn(6, 5, 56)
+    for x in (wide[..., :40].unsqueeze(-2).expand(6, 5, 3, 40),  # rows 56 apart
+              s.transpose(0, 1).unsqueeze(-2).expand(5, 6, 3, 40),  # token dims permuted
+              s.unsqueeze(-2)):  # n = 1
+        got, bcast = tk._stream_arg(x)
+        assert not bcast and got.is_contiguous() and torch.equal(got, x)
+        *lead, n, c = x.shape
+        h_pre, phi = torch.rand(*lead, n), torch.randn(n * c, ref.num_coeffs(n))
+        x_bcast_launches.clear()
+        _same(tk.pre(x, h_pre), tk.pre(got, h_pre))
+        _same(tk.proj(x, phi), tk.proj(got, phi))
+        assert x_bcast_launches == {"_pre_fwd_kernel": [False] * 2, "_proj_fwd_kernel": [False] * 2}, x_bcast_launches
+
+
+if not _INTERPRETED:
+    # triton was imported before this module without the interpreter: run every test above in a subprocess
+    for _name in [k for k in list(globals()) if k.startswith("test_")]:
+        del globals()[_name]
+
+    from interpreter_rerun import rerun_in_subprocess
+
+    test_in_interpreter_subprocess = rerun_in_subprocess(__file__)
