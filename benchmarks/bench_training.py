@@ -12,7 +12,8 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, fused,
-headrecompute (the head's collapse recomputed in the backward, as before session 17),
+headrecompute (the head's collapse recomputed in the backward, as before session 17), oldhead (a chain's head
+and tail as before session 17: collapse recomputed, its gradient n-wide, the head's expand made dense),
 opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:fold_pre_recompute=0),
 cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
 kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
@@ -217,6 +218,31 @@ def round_rows(d, rounds: dict[str, list[float]], clocks: dict[str, list[dict | 
     return rows
 
 
+@contextlib.contextmanager
+def _old_head():
+    """In force while the variant compiles (its first step): the collapse left to the partitioner (which recomputed
+    it from a rebuilt last stream) and the chain head's expand made dense, as before session 17; with
+    broadcast_collapse_grad=False in its options, the three session-17 changes at a chain's ends are undone."""
+    from unittest import mock
+
+    from mhc_compile.passes import recompute, rewrite
+
+    expand = rewrite._ChainRewriter.expand
+
+    def dense_expand(self, head, site):
+        e = expand(self, head, site)
+        with self.graph.inserting_after(e):
+            c = self.call("contiguous", (e,), head, site, "expand", kind="call_method")
+        self.wide.discard(e)
+        self.wide.add(c)
+        self.channel_dim[c] = self.channel_dim.pop(e)
+        return c
+
+    with mock.patch.object(recompute, "_save_collapses", lambda graph, policy: None), \
+            mock.patch.object(rewrite._ChainRewriter, "expand", dense_expand):
+        yield
+
+
 def run_size(d, args, emit):
     dtype = torch.bfloat16
     dev = "cuda"
@@ -281,6 +307,11 @@ def run_size(d, args, emit):
         variants[label] = torch.compile(mhc_model, backend="mhc", options={"n": args.n})
         # in force while it compiles (its first step); a separate torch.compile, so its own graphs
         contexts[label] = lambda: mock.patch.object(recompute, "_save_collapses", lambda graph, policy: None)
+    if "oldhead" in args.variants:  # session 17's A/B: a chain's head and tail as before it (see _old_head)
+        label = "backend=mhc, head and tail as before session 17"
+        variants[label] = torch.compile(mhc_model, backend="mhc",
+                                        options={"n": args.n, "broadcast_collapse_grad": False})
+        contexts[label] = _old_head
     if "nofold" in args.variants:  # passes/fold_stream_grads.py off: three partial stream gradients and a sum
         variants["backend=mhc fold_stream_grads=False"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fold_stream_grads": False})

@@ -119,6 +119,32 @@ def test_post_res_and_its_backward(lead, n, c, dtype, x_bcast_launches):
 
 
 @pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_post_res_backward_reads_a_broadcast_stream_gradient_as_one_row(lead, n, c, dtype, monkeypatch):
+    """dout broadcast over the streams (a mean collapse's gradient, passes/broadcast_collapse_grad.py): the same
+    outputs as from its dense copy, bit for bit, with the kernel told G_BCAST and no copy made (dx is a new dense
+    buffer, as the dense path's own)."""
+    _, xd, o = _inputs(lead, n, c, dtype, seed=5)
+    gb = o["g"].unsqueeze(-2).expand(*lead, n, c)
+    seen = []
+    real = tk.launch
+
+    def spy(kernel, grid, args, meta, *rest, **options):
+        seen.append(meta.get("G_BCAST"))
+        return real(kernel, grid, args, meta, *rest, **options)
+
+    monkeypatch.setattr(tk, "launch", spy)
+    args = (o["h_res"], o["h_post"], o["y"])
+    for two_d in (True, False):
+        with tk.tuning("post_res_backward", two_d=two_d):
+            for fn in (lambda g: tk.post_res_backward(xd, *args, g),
+                       lambda g: tk.post_res_backward_pre(xd, *args, g, o["h_pre"])):
+                want = fn(gb.contiguous())
+                seen.clear()
+                _same(fn(gb), want)
+                assert seen == [True]
+
+
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
 def test_proj(lead, n, c, dtype, x_bcast_launches):
     xb, xd, o = _inputs(lead, n, c, dtype, seed=2)
     for bk in (16, 128):  # 16: K blocks inside one stream where 16 | C; 128: across streams

@@ -519,7 +519,8 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                          hpre_ptr, xin_ptr, T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
-                         BC: tl.constexpr, ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False):
+                         BC: tl.constexpr, ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False,
+                         G_BCAST: tl.constexpr = False):
     """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once.
 
     Every load of a chunk is issued before its first reduction, and the H_res columns before the loop. A
@@ -531,7 +532,8 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
     PRE: also writes x_in = sum_i h_pre[i] x[i] (``pre``'s value, summed in its order and rounded once) from the
     x rows it loads anyway.
     X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``): loaded once a chunk and
-    used as each x[j]; dout and dx keep the dense layout.
+    used as each x[j]; dx keeps the dense layout. G_BCAST: likewise dout (a mean collapse's gradient,
+    passes/broadcast_collapse_grad.py).
     """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
@@ -556,7 +558,10 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         cmask = cols < C
         m2 = rmask[:, None] & cmask[None, :]
         m3 = mi[:, :, None] & cmask[None, None, :]
-        g = tl.load(g_ptr + stream + cols[None, None, :], mask=m3, other=0.0).to(ACC)  # dout[t, i, c]
+        if G_BCAST:  # dout [T, C]: every stream's gradient is the token's one row
+            g = tl.load(g_ptr + r64[:, None, None] * C + cols[None, None, :], mask=m3, other=0.0).to(ACC)
+        else:
+            g = tl.load(g_ptr + stream + cols[None, None, :], mask=m3, other=0.0).to(ACC)  # dout[t, i, c]
         y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         xs = ()
         if X_BCAST:
@@ -600,12 +605,14 @@ def _channel_partials(v, BT: tl.constexpr, BC: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                             hpre_ptr, xin_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                            ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False):
+                            ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False,
+                            G_BCAST: tl.constexpr = False):
     """_post_res_bwd_kernel's outputs with every tile 2-D [BT, BC] (PostResBwdCfg.two_d): dout row i, x row j and y
     share one layout; the per-token coefficients are [BT] vectors; dh_post and dh_res are carried through the
     channel loop as [BT, BC / 8] partials and reduced across threads once at the end.
     X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``): loaded once a chunk and
-    used as each x[i]; dout and dx keep the dense layout."""
+    used as each x[i]; dx keeps the dense layout. G_BCAST: likewise dout (a mean collapse's gradient,
+    passes/broadcast_collapse_grad.py)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
     r64 = rows.to(tl.int64)
@@ -632,13 +639,18 @@ def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dh
         gs = ()
         if X_BCAST:
             xrow = tl.load(x_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        if G_BCAST:
+            grow = tl.load(g_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         for i in tl.static_range(N):
             off = (r64 * N + i)[:, None] * C + cols[None, :]
             if X_BCAST:
                 xs = xs + (xrow,)
             else:
                 xs = xs + (tl.load(x_ptr + off, mask=m2, other=0.0).to(ACC),)
-            gs = gs + (tl.load(g_ptr + off, mask=m2, other=0.0).to(ACC),)
+            if G_BCAST:
+                gs = gs + (grow,)
+            else:
+                gs = gs + (tl.load(g_ptr + off, mask=m2, other=0.0).to(ACC),)
         if PRE:
             xin = hpre[0][:, None] * xs[0]
             for j in tl.static_range(1, N):
@@ -719,7 +731,8 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
     _check_stream("post_res_backward", x, y, dout)
     lead, t, n, c = _stream_dims(x)
     (x, bcast), h_res, h_post = _stream_arg(x), h_res.contiguous(), h_post.contiguous()
-    y, dense = y.contiguous(), dout.contiguous()
+    # dout broadcast over the streams (a mean collapse's gradient) is read as its one row a token, not copied
+    y, (dense, g_bcast) = y.contiguous(), _stream_arg(dout)
     acc = _acc_torch(x.dtype, dout.dtype)
     dx = _grad_buffer(out, x, "post_res_backward", copied=dense if dense is not dout else None)
     dy, dout = torch.empty_like(y), dense
@@ -737,10 +750,12 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
             h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c)
     if _cfg("post_res_backward").two_d and n <= _TWO_D_MAX_N and bc >= 8:  # 8: one thread's channel vector
         launch(_post_res_bwd_2d_kernel, (_cdiv(t, bt),), args,
-               dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast), num_warps=warps)
+               dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast, G_BCAST=g_bcast),
+               num_warps=warps)
     else:
         launch(_post_res_bwd_kernel, (_cdiv(t, bt),), args,
-               dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast),
+               dict(N=n, NP=np_, BT=bt, BC=bc, ACC=_acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast,
+                    G_BCAST=g_bcast),
                num_warps=warps)
     return (dx, dh_res, dh_post, dy) + extra
 
