@@ -832,9 +832,9 @@ def _split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False
 
 
 @triton.jit(do_not_specialize=["T"])
-def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, C, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
+def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
                      BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr,
-                     DOT: tl.constexpr, JOIN: tl.constexpr = False, X_BCAST: tl.constexpr = False):
+                     DOT: tl.constexpr, JOIN: tl.constexpr = False):
     """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]; the column-block-0 programs own sq.
@@ -851,8 +851,8 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, C, M, MPAD, K_SPLIT, B
     X and phi's halves as TMA descriptor blocks (as proj's backward reads them) were timed and removed: 269.5
     against 269.8 us alone at 32768 x 4096, 185.3 against 169.6 us a call in the d = 7168 step
     (benchmarks/results/session11-2026-12-02-h200.md).
-    X_BCAST: x is [T, C], the one row every stream of a token holds (``_stream_arg``): column k = i * C + c of
-    vec(x) is x[t, k % C] (C: the stream's width, read only here).
+    A broadcast x (a chain's head) does not come here as such: ``proj`` projects its rows on phi summed over the
+    streams.
     """
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -873,11 +873,7 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, C, M, MPAD, K_SPLIT, B
     for k0 in range(k_lo, k_hi, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < k_hi
-        if X_BCAST:
-            xt = tl.load(x_ptr + r64[:, None] * C + (ks % C)[None, :], mask=rmask[:, None] & kmask[None, :],
-                         other=0.0)
-        else:
-            xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + r64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         if JOIN:
             hl = tl.load(phi_ptr + ks[:, None].to(tl.int64) * (2 * MPAD) + jcols[None, :], mask=kmask[:, None],
                          other=0.0)
@@ -916,6 +912,14 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     if k != n * c:
         raise ValueError(f"mhc triton proj: phi has {k} rows, expected n*C = {n * c}")
     (x, bcast), phi = _stream_arg(x), phi.contiguous()
+    if bcast and t > 0:
+        # a stream broadcast over its n streams (a chain's head): vec(x) @ phi = row @ sum_i phi_i and
+        # |vec(x)|^2 = n |row|^2, so one pass over the [T, C] rows with one dot a chunk. Reading the row once for
+        # each stream's phi rows instead (H200, session 17) was slower than the dense copy: 255 against 226 us at
+        # 8192 x 7168, since a program's n reads of its [BT, C] rows fell out of L2. The sum over streams rounds
+        # phi to fp32 once more than the dense path: p agrees to ~1e-6 of its scale, not bit for bit.
+        p, sq = proj(x.select(-2, 0).unsqueeze(-2), phi.view(n, c, m).sum(0))
+        return p, sq * n
     acc = _acc_torch(x.dtype, phi.dtype)
     if t == 0 or k == 0:
         return torch.zeros(lead + (m,), dtype=acc, device=x.device), torch.zeros(lead, dtype=acc, device=x.device)
@@ -933,8 +937,8 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     grid = (_cdiv(t, bt), mblocks, splits)
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
-                DOT=_half_dot_dtype(), JOIN=join, X_BCAST=bcast)
-    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, c, m, mblocks * bm, k_split), meta,
+                DOT=_half_dot_dtype(), JOIN=join)
+    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
