@@ -140,3 +140,58 @@ def test_lab_step_grad_kernel_matches_the_float64_reference(options):
     errs = lab_step_grad.rel_errs(got, lab_step_grad.reference(**d))
     assert errs[0] < 8e-3 and errs[3] < 8e-3, errs  # bf16 outputs: half an ulp is 2^-9
     assert errs[1] < 1e-5 and errs[2] < 1e-5, errs
+
+
+def test_old_head_variant_compiles_a_chains_ends_as_before_session_17(monkeypatch):
+    """bench_training's `oldhead` A/B: under ``_old_head`` (with broadcast_collapse_grad=False) the forward makes
+    the chain head's stream dense again and the backward recomputes the collapse from a rebuilt last stream (one
+    post_res more); without it neither happens. Partitioned as Inductor partitions (min-cut), run eagerly."""
+    import collections
+    import warnings
+
+    import mhc_compile.backend as backend
+    from mhc_compile.kernels import reference as ref
+
+    monkeypatch.setattr(backend, "_inner_compile", lambda gm, example_inputs, config, mode: torch._dynamo.lookup_backend(
+        "aot_eager_decomp_partition")(gm, example_inputs))
+    calls = collections.Counter()
+    post_res = ref.post_res
+
+    def counted(*args):
+        calls["post_res"] += 1
+        return post_res(*args)
+
+    monkeypatch.setattr(ref, "post_res", counted)
+    pre = ref.pre
+    head_strides = []
+
+    def spied(x, h_pre):
+        head_strides.append(x.stride(-2))
+        return pre(x, h_pre)
+
+    monkeypatch.setattr(ref, "pre", spied)
+
+    def post_res_calls(old):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        stack = bench_training.Stack(64, 2)
+        x = torch.randn(2, 8, 64, requires_grad=True)
+        options = {"recompute": [2, 2], "broadcast_collapse_grad": not old}
+        step = torch.compile(stack, backend="mhc", options=options)
+        calls.clear()
+        head_strides.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if old:
+                with bench_training._old_head():
+                    out = step(x)
+            else:
+                out = step(x)
+        forward = calls["post_res"]
+        out.float().square().mean().backward()
+        return forward, calls["post_res"] - forward
+
+    assert post_res_calls(old=False) == (4, 2)  # blocks [2, 2]: one stream recomputed inside each
+    assert head_strides[0] == 0  # the chain head's stream: a broadcast view
+    assert post_res_calls(old=True) == (4, 3)   # and the last stream, for the collapse
+    assert head_strides[0] == 64  # made dense
