@@ -122,8 +122,8 @@ def block_peak(blocks: list[int], n_streams: int, act: float, wgrad: float = 0.0
     - the stored input streams of blocks 2..b (n each);
     - the streams recomputed for block b: the j - i - 1 inside it, and its input too when b = 1 (the chain
       head's expand was recomputed as a dense copy; since session 17 it is a stride-0 view of the embedding, so
-      this term over-counts block 1 by n until the model is re-fitted on a GPU). The backward recomputes a block's streams in forward order and frees them
-      in reverse, so they are alive together at its start;
+      this term over-counts block 1 by n until the model is re-fitted on a GPU). The backward recomputes a
+      block's streams in forward order and frees them in reverse, so they are alive together at its start;
     - one more stream: the gradient entering the block from the block after it; for the last block (the start
       of the backward) the last stream's gradient that the head's backward writes. (Until session 17 the backward
       also rebuilt the last stream to recompute its collapse; the collapse is saved now, ``recompute.py``.)

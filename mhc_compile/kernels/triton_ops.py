@@ -916,8 +916,9 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
         # a stream broadcast over its n streams (a chain's head): vec(x) @ phi = row @ sum_i phi_i and
         # |vec(x)|^2 = n |row|^2, so one pass over the [T, C] rows with one dot a chunk. Reading the row once for
         # each stream's phi rows instead (H200, session 17) was slower than the dense copy: 255 against 226 us at
-        # 8192 x 7168, since a program's n reads of its [BT, C] rows fell out of L2. The sum over streams rounds
-        # phi to fp32 once more than the dense path: p agrees to ~1e-6 of its scale, not bit for bit.
+        # 8192 x 7168, since a program's n reads of its [BT, C] rows fell out of L2. The sum over streams is rounded
+        # to fp32 before phi's hi / lo split: p agrees with the dense path to the dots' precision (~1e-4 of its
+        # scale for bf16 streams, tests/test_broadcast_stream.py), not bit for bit.
         p, sq = proj(x.select(-2, 0).unsqueeze(-2), phi.view(n, c, m).sum(0))
         return p, sq * n
     acc = _acc_torch(x.dtype, phi.dtype)
