@@ -15,7 +15,7 @@ values: each element is divided once either way). The post_res backward then wri
 buffer of its own instead of over this one (``inplace_stream_grads`` only writes over private dense buffers), so
 the head's n-wide write is gone and the read shrinks to one row.
 
-It rewrites only that shape of graph, and only where every reader of the division is an op of ``_READERS``, whose
+It rewrites only that shape of graph, and only where every reader of the division is an op of ``_readers()``, whose
 kernels take the broadcast stream as it is (``triton_ops._stream_arg``). It runs before ``inplace_stream_grads``.
 """
 
