@@ -31,6 +31,9 @@ if _INTERPRETED:
 
     if not isinstance(pb._proj_dx_dphi_kernel, InterpretedFunction):
         pb = importlib.reload(pb)
+    from mhc_compile.kernels import triton_fused as tf
+
+    tf = importlib.reload(tf)  # binds the reloaded triton_ops above, whose launches the spy sees
 
 # (leading token dims, n, C, dtype): odd token counts leave ragged tiles; C = 40 puts proj's K blocks across
 # streams (the gather path), C = 48 with 16-wide blocks keeps each in one stream (and bf16 takes TMA there)
@@ -193,6 +196,61 @@ def test_proj_backward(lead, n, c, dtype, one_pass, x_bcast_launches):
             _check(lambda x: tk.proj_pre_backward(x, *site, o["h_pre"], o["g"], acc), xb, xd, seen, kernels)
         _check(lambda x: _into(tk.proj_pre_backward, o["acc"], x, *site, o["h_pre"], o["g"]), xb, xd, seen,
                kernels)
+
+
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_fused_enter_and_its_backward(lead, n, c, dtype, x_bcast_launches):
+    """``fuse=True``'s ``enter`` at a chain's head: the kernels read the broadcast stream as its rows (no dense copy
+    first). The forward matches the dense copy's to the precision of proj (see test_proj); the backward, given the
+    same saved coefficients, bit for bit."""
+    xb, xd, o = _inputs(lead, n, c, dtype, seed=6)
+    t = xd.shape[:-2].numel()
+    xb, xd = xb.reshape(t, n, c), xd.reshape(t, n, c)  # the custom op hands the kernels [T, n, C] (a view of xb)
+    assert xb.stride(-2) == 0
+    m, acc = ref.num_coeffs(n), torch.float32
+    g = torch.Generator().manual_seed(7)
+    params = (o["phi"], 0.5 * torch.randn(m, generator=g, dtype=acc), torch.tensor([0.7, 0.9, 1.1], dtype=acc))
+    static = (n, n * c, 1e-6, 20, "mhc")
+    want = tf.enter(xd, *params, *static)
+    x_bcast_launches.clear()
+    got = tf.enter(xb, *params, *static)
+    assert x_bcast_launches == {"_pre_fwd_kernel": [True]}, x_bcast_launches  # proj: one [T, C] pass, no X_BCAST
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.dtype == e.dtype and a.is_contiguous()
+        tol = 2e-2 if dtype == torch.bfloat16 else 2e-5  # x_in: bf16 rounding of a slightly different h_pre
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item())
+
+    _, h_pre, h_post, h_res, p, sq = want
+    dx_in = torch.randn(t, c, generator=g).to(dtype)
+    dh_post, dh_res = torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g)
+    kernels = _proj_backward_kernels(dtype, one_pass=True)
+    with tk.tuning("proj_dx_dphi", bt=16, bk=16), tk.tuning("proj_dx", bt=16, bk=16), \
+            tk.tuning("proj_dphi", bt=16, bk=16):
+        _check(lambda x: tf.enter_backward(x, *params, h_pre, p, sq, dx_in, dh_post, dh_res, *static), xb, xd,
+               x_bcast_launches, ["_pre_bwd_kernel", *kernels])
+
+
+def test_fused_enter_custom_ops_pass_the_broadcast_stream_through(x_bcast_launches):
+    """The ``enter`` / ``enter_backward`` custom ops flatten a [B, S, n, C] head stream to tokens without copying
+    it: the kernels still see it broadcast, and the gradient of x is a dense [B, S, n, C] tensor."""
+    from mhc_compile.runtime import ops
+
+    xb, xd, o = _inputs((2, 3), 4, 48, torch.bfloat16, seed=8)
+    n, m = 4, ref.num_coeffs(4)
+    params = (o["phi"], torch.zeros(m), torch.tensor([0.7, 0.9, 1.1]))
+    static = (n, n * 48, 1e-6, 20, "mhc", "triton")
+    x_bcast_launches.clear()
+    x_in, h_pre, h_post, h_res, p, sq = ops.enter(xb, *params, *static)
+    assert x_bcast_launches == {"_pre_fwd_kernel": [True]}, x_bcast_launches
+    dx_in = torch.randn_like(x_in)
+    x_bcast_launches.clear()
+    dx, *_ = ops.enter_backward(xb, *params, h_pre, p, sq, dx_in, torch.zeros_like(h_post), torch.zeros_like(h_res),
+                                *static)
+    assert all(all(v) for v in x_bcast_launches.values()) and "_pre_bwd_kernel" in x_bcast_launches
+    assert dx.shape == xb.shape and dx.is_contiguous()
+    want, *_ = ops.enter_backward(xd, *params, h_pre, p, sq, dx_in, torch.zeros_like(h_post),
+                                  torch.zeros_like(h_res), *static)
+    assert torch.equal(dx, want)
 
 
 def test_tma_reads_the_broadcast_rows(monkeypatch):

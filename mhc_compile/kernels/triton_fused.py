@@ -187,9 +187,9 @@ def _check(op: str, n: int, x: Tensor, phi: Tensor, **named: Tensor) -> None:
 # the four functions of reference.py
 # ---------------------------------------------------------------------------------------------
 def enter(x, phi, bias, alpha, n, nc, eps, iters, mode):
-    """(x_in, h_pre, h_post, h_res, p, sq) of the stream ``x`` [T, n, C]."""
+    """(x_in, h_pre, h_post, h_res, p, sq) of the stream ``x`` [T, n, C]. x is passed on as it came: proj and pre
+    read a stream broadcast over n (a chain's head) as its one row a token and copy any other x dense."""
     _check("enter", n, x, phi)
-    x = x.contiguous()
     p, sq = tops.proj(x, phi)
     h_pre, h_post, h_res = tops.coeffs(p, sq, bias, alpha, n, nc, eps, iters, mode)
     return tops.pre(x, h_pre), h_pre, h_post, h_res, p, sq
@@ -204,7 +204,7 @@ def step(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, 
 
 
 def enter_backward(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode):
-    """(dx, dphi, dbias, dalpha) of ``enter``."""
+    """(dx, dphi, dbias, dalpha) of ``enter``; x as in ``enter``."""
     _check("enter_backward", n, x, phi, h_pre=h_pre, p=p, sq=sq, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
     dh_pre = tops.pre_backward_dh(x, h_pre, dx_in)
     dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)

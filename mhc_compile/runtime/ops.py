@@ -494,9 +494,8 @@ def enter(
     if check_finite:
         _check_finite(site, "the n streams entering the site", x)
     lead = x.shape[:-2]
-    x_in, *rest = _kernels(impl, fused=True).enter(
-        _tokens(x, 2).contiguous(), phi, bias, alpha, n, nc, eps, iters, mode
-    )
+    # x as it is: a chain's head stream is a stride-0 expand, which the kernels read as its one row a token
+    x_in, *rest = _kernels(impl, fused=True).enter(_tokens(x, 2), phi, bias, alpha, n, nc, eps, iters, mode)
     h_pre, h_post, h_res, p, sq = _restore_coeffs(lead, n, *rest)
     _after_coeffs(site, check_finite, x, h_pre, h_post, h_res)
     return (x_in.reshape(x.shape[:-2] + x.shape[-1:]), h_pre, h_post, h_res, p, sq)
@@ -515,7 +514,7 @@ def enter_backward(
     dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dphi, dbias, dalpha = _kernels(impl, fused=True).enter_backward(
-        _tokens(x, 2).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
+        _tokens(x, 2), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
         sq.reshape(-1).contiguous(), _tokens(dx_in, 1).contiguous(), _tokens(dh_post, 1).contiguous(),
         _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode,
     )
