@@ -120,9 +120,12 @@ def block_peak(blocks: list[int], n_streams: int, act: float, wgrad: float = 0.0
       gradients when it ends, so they pile up through it; a GPT layer's 12 d^2 weights over its two sites
       and over T d: 6 d / T);
     - the stored input streams of blocks 2..b (n each);
-    - the streams recomputed for block b: the j - i - 1 inside it, and its input too when b = 1 (the chain
-      head's expand was recomputed as a dense copy; since session 17 it is a stride-0 view of the embedding, so
-      this term over-counts block 1 by n until the model is re-fitted on a GPU). The backward recomputes a
+    - the streams recomputed for block b: the j - i - 1 inside it, and one more when b = 1. That term stood for
+      the chain head's expand, recomputed as a dense copy; since session 17 the head is a stride-0 view of the
+      embedding, yet the term still predicts the measured order of plans, and dropping it would not: on an H200
+      (session 18, results/training-2026-12-03-h200-s18-call2-*.md) the plans it would then pick used more
+      activation memory than [4, 3, 1], [6, 2] +22.5 % against +16.7 % at d = 2048 and [5, 2, 1] +18.9 % against
+      +16.8 % at d = 7168. Which n-wide tensor it now stands for was not identified. The backward recomputes a
       block's streams in forward order and frees them in reverse, so they are alive together at its start;
     - one more stream: the gradient entering the block from the block after it; for the last block (the start
       of the backward) the last stream's gradient that the head's backward writes. (Until session 17 the backward
