@@ -129,6 +129,21 @@ def test_unfolded_stream_grads_still_write_in_place(caplog):
     assert code[1].count("mhc_compile_direct.post_res_backward_pre_into.default(") == 1
 
 
+def test_fused_step_backward_writes_in_place(caplog):
+    """fuse=True: the boundary's step_backward reads the stream gradient that the last site's post_res backward
+    wrote, a buffer of its own, and writes G and dX_prev over it (step_backward_into); gradients still match."""
+    torch.manual_seed(3)
+    model, idx = _prepared(layers=1)
+    step = torch.compile(model, backend="mhc", options={"n": 4, "fuse": True})
+    code = []
+    log = _step_matches_eager_oracle(model, step, idx, caplog, code)
+    backward = code[1]
+    assert backward.count("mhc_compile_direct.step_backward_into.default(") == 1, backward
+    assert "step_backward.default(" not in backward
+    # the other: the tail site's post_res backward, which reads the head's broadcast gradient (a view)
+    assert "wrote the stream gradient of 1 of 2 backward op(s)" in log
+
+
 def test_inductor_new_batch_size_does_not_lose_parameters(compiled):
     model, step, _ = compiled
     idx = torch.randint(0, 64, (3, 8))

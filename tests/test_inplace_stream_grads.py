@@ -172,3 +172,54 @@ def test_forward_graphs_are_left_alone():
     x, h = g.placeholder("x"), g.placeholder("h")
     g.output(g.call_function(OPS.pre.default, (x, h, "reference")))
     assert inplace_stream_grads.apply(g) == 0
+
+
+def _fused_graph(impl):
+    """fuse=True: two boundaries' step_backward, the later one's stream gradient a graph input (a tangent), the
+    earlier one's the later one's dx_prev. Returns the graph and its placeholders' names."""
+    g = torch.fx.Graph()
+    names = ("x2", "x1", "h_res", "h_post", "y", "phi", "bias", "alpha", "h_pre", "p", "sq", "g0", "dx_in")
+    v = dict(zip(names, (g.placeholder(k) for k in names)))
+    static = (N, N * C, 1e-6, 5, "mhc", impl)
+    outs = []
+    dx = v["g0"]
+    for x in (v["x2"], v["x1"]):
+        bwd = g.call_function(OPS.step_backward.default, (
+            x, v["h_res"], v["h_post"], v["y"], v["phi"], v["bias"], v["alpha"], v["h_pre"], v["p"], v["sq"], dx,
+            v["dx_in"], v["h_post"], v["h_res"], *static))
+        items = [g.call_function(operator.getitem, (bwd, i)) for i in range(7)]
+        dx = items[0]
+        outs += items[1:]
+    g.output(tuple([dx] + outs))
+    return g
+
+
+def _fused_inputs(dtype):
+    gen = torch.Generator().manual_seed(1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def r(*shape, dt=dtype, pos=False):
+        return (torch.rand(*shape, generator=gen) if pos else torch.randn(*shape, generator=gen)).to(dt)
+
+    return [r(T, N, C), r(T, N, C), r(T, N, N, dt=acc, pos=True), r(T, N, dt=acc, pos=True), r(T, C),
+            r(N * C, M, dt=acc) * 0.1, r(M, dt=acc), r(3, dt=acc, pos=True), r(T, N, dt=acc, pos=True),
+            r(T, M, dt=acc), r(T, dt=acc, pos=True) + 1, r(T, N, C), r(T, C)]
+
+
+@pytest.mark.parametrize("impl,dtype", [("reference", torch.float64), ("triton", torch.bfloat16)])
+def test_fused_step_backward_writes_over_the_gradient_it_reads(impl, dtype):
+    """fuse=True's step_backward: the earlier boundary writes G and dX_prev over the later one's dX_prev (its dx),
+    the later one reads the tangent and keeps its own buffer; the values do not change by a bit."""
+    inputs = _fused_inputs(dtype)
+    gm = _module(_fused_graph(impl), inputs)
+    want = _run(gm.graph, inputs)
+    assert inplace_stream_grads.apply(gm.graph) == 1
+    targets = _targets(gm.graph)
+    assert targets.count(OPS.step_backward.default) == 1 and targets.count(OPS.step_backward_into.default) == 1
+    kept = [t.clone() for t in inputs]
+    got = torch.fx.GraphModule(torch.nn.Module(), gm.graph)(*inputs)
+    for a, e in zip(inputs, kept):  # the tangent and every other input unwritten
+        assert torch.equal(a, e)
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)

@@ -88,6 +88,9 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.post_res_backward_into, (xd, hr, hp, yd, dout.clone(), "reference"))
     torch.library.opcheck(ops.post_res_backward_pre_into, (xd, hr, hp, yd, dout.clone(), hq, "reference"))
     torch.library.opcheck(ops.proj_pre_backward_into, (xd, ph, dp, dsq, hq, yd, dout.clone(), "reference"))
+    bd, ad = b.detach(), a.detach()
+    torch.library.opcheck(ops.step_backward_into, (xd, hr, hp, yd, ph, bd, ad, hq, dp, dsq.abs() + 1, dout.clone(), yd,
+                                                   hp, hr, n, n * c, 1e-6, 20, "mhc", "reference"))
 
 
 def test_bf16_stream_keeps_dtype_and_fp32_coefficients():
@@ -146,6 +149,8 @@ def _all_op_calls(impl: str):
         ("post_res_backward_pre_into", ops.post_res_backward_pre_into,
          (x, h_res, h_post, y, dout_x.contiguous(), h_pre, impl)),
         ("proj_pre_backward_into", ops.proj_pre_backward_into, (x, phi, p, sq, h_pre, y, dout_x.contiguous(), impl)),
+        ("step_backward_into", ops.step_backward_into,
+         (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x.contiguous(), y, h_post, h_res, *coeff)),
     ]
 
 

@@ -203,3 +203,23 @@ def test_backward_rebuilds_the_forward_stream_bit_for_bit(dtype):
     assert torch.equal(x2, x)
     want = torch.einsum("tic,tc->ti", x.double(), dx_in.double())
     torch.testing.assert_close(dh_pre.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_backward_writes_g_and_dx_prev_over_dx(dtype):
+    """``out=dx`` (passes/inplace_stream_grads.py's step_backward_into): dx_prev comes back in dx's buffer, bit for
+    bit what a new buffer would hold (both passes that write there read each tile before storing it)."""
+    T, n, C = 37, 4, 33
+    i = _inputs(T, n, C, dtype, seed=21)
+    static = (n, n * C, 1e-6, 20, "mhc")
+    x, x_in, h_pre, h_post, h_res, p, sq = ref.step(*i.values(), *static)
+    dx, dx_in, dh_post, dh_res = _grads((x, x_in, h_post, h_res), seed=22)
+    args = lambda d: (*i.values(), h_pre, p, sq, d, dx_in, dh_post, dh_res, *static)  # noqa: E731
+    want = tf.step_backward(*args(dx))
+    buf = dx.clone()
+    got = tf.step_backward(*args(buf), out=buf)
+    assert got[0].data_ptr() == buf.data_ptr()
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        tf.step_backward(*args(dx), out=dx.transpose(0, 1).contiguous().transpose(0, 1))

@@ -213,10 +213,17 @@ def enter_backward(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n,
 
 
 def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
-                  dh_res, n, nc, eps, iters, mode):
-    """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``; X is recomputed."""
+                  dh_res, n, nc, eps, iters, mode, out=None):
+    """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``; X is recomputed.
+
+    ``out``: where dx_prev goes, e.g. dx itself (passes/inplace_stream_grads.py). G is then written there too, so
+    the op holds one stream-sized gradient instead of three (dx, G, dx_prev); both kernels are safe in place (a
+    program stores a tile only after it has read that tile of the buffer, and no other program reads it)."""
     _check("step_backward", n, x_prev, phi, h_res_prev=h_res_prev, h_post_prev=h_post_prev, y_prev=y_prev,
            h_pre=h_pre, p=p, sq=sq, dx=dx, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
+    if out is not None and (out.shape != x_prev.shape or out.dtype != x_prev.dtype or not out.is_contiguous()):
+        raise ValueError(f"mhc triton step_backward: out must be a contiguous {x_prev.dtype} tensor of the stream's "
+                         f"shape {tuple(x_prev.shape)}, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
     x_prev, h_res_prev, h_post_prev = x_prev.contiguous(), h_res_prev.contiguous(), h_post_prev.contiguous()
     y_prev, dx, dx_in, phi = y_prev.contiguous(), dx.contiguous(), dx_in.contiguous(), phi.contiguous()
     acc = _acc_torch(x_prev.dtype, phi.dtype)
@@ -226,11 +233,13 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps,
                                                       iters, mode)
         z = dict(dtype=acc, device=x_prev.device)
-        return (torch.empty_like(x_prev), torch.zeros((t, n, n), **z), torch.zeros((t, n), **z),
-                torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
+        return (torch.empty_like(x_prev) if out is None else out, torch.zeros((t, n, n), **z),
+                torch.zeros((t, n), **z), torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
     x, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc)
     dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
-    g, dphi = tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, dx)  # G = X's whole gradient, dX included
+    # G = X's whole gradient, dX included
+    g, dphi = tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, dx, out=out)
     del x
-    dx_prev, dh_res_prev, dh_post_prev, dy_prev = tops.post_res_backward(x_prev, h_res_prev, h_post_prev, y_prev, g)
+    dx_prev, dh_res_prev, dh_post_prev, dy_prev = tops.post_res_backward(x_prev, h_res_prev, h_post_prev, y_prev, g,
+                                                                         out=out)
     return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha

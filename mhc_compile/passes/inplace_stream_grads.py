@@ -13,7 +13,9 @@ pass rewrites them to
     dh_res, dh_post, dy = post_res_backward_into(x, h_res, h_post, y, dX_next)      (dX_res over dX_next)
     dphi                = proj_pre_backward_into(x, phi, dp, dsq, h_pre, dx_in, dX_next)   (dX over it)
 
-so one buffer carries the stream gradient down the whole chain of sites. The kernels are safe in place: the
+so one buffer carries the stream gradient down the whole chain of sites. With ``fuse=True`` a boundary's whole
+backward is one ``step_backward``, which reads the stream gradient dX and writes G and dX_prev: its twin
+``step_backward_into`` writes both over dX (three stream-sized gradients alive in the op become one). The kernels are safe in place: the
 program that stores a gradient tile has read that tile of the buffer first, and no other program reads it.
 
 It rewrites an op only where the buffer it reads is provably private: made by one of the mhc ops (their outputs
@@ -41,12 +43,13 @@ log = logging.getLogger("mhc_compile")
 
 @functools.cache
 def _into() -> dict:
-    """op -> (its in-place twin, the index and name of the gradient argument it writes over); built on first use,
-    once runtime/ops.py has registered the ops."""
+    """op -> (its in-place twin, the index and name of the gradient argument it writes over, the name of its stream
+    argument, index 0); built on first use, once runtime/ops.py has registered the ops."""
     return {
-        OPS.post_res_backward.default: (OPS.post_res_backward_into.default, 4, "dout"),
-        OPS.post_res_backward_pre.default: (OPS.post_res_backward_pre_into.default, 4, "dout"),
-        OPS.proj_pre_backward.default: (OPS.proj_pre_backward_into.default, 6, "acc"),
+        OPS.post_res_backward.default: (OPS.post_res_backward_into.default, 4, "dout", "x"),
+        OPS.post_res_backward_pre.default: (OPS.post_res_backward_pre_into.default, 4, "dout", "x"),
+        OPS.proj_pre_backward.default: (OPS.proj_pre_backward_into.default, 6, "acc", "x"),
+        OPS.step_backward.default: (OPS.step_backward_into.default, 10, "dx", "x_prev"),  # fuse=True
     }
 
 
@@ -87,11 +90,11 @@ def _same_layout(buf: fx.Node, x: fx.Node) -> bool:
 
 def _target(node: fx.Node) -> fx.Node | None:
     """The gradient buffer ``node`` may write over, if it can."""
-    _, index, name = _into()[node.target]
+    _, index, name, stream = _into()[node.target]
     buf = arg(node, index, name)
     if not isinstance(buf, fx.Node) or not _fresh(buf) or len(buf.users) != 1:
         return None
-    if not _same_layout(buf, arg(node, 0, "x")):
+    if not _same_layout(buf, arg(node, 0, stream)):
         return None
     if any(u.target is not operator.getitem for u in node.users):
         return None
@@ -99,7 +102,7 @@ def _target(node: fx.Node) -> fx.Node | None:
 
 
 def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
-    into, index, name = _into()[node.target]
+    into, index, name, _ = _into()[node.target]
     buf = arg(node, index, name)  # read now: an earlier rewrite may have made it the buffer that op wrote over
     # the twin takes the op's arguments in the op's order (the graph may hold some as keywords)
     args = tuple(arg(node, i, a.name, a.default_value) for i, a in enumerate(node.target._schema.arguments))

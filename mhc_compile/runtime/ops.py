@@ -26,7 +26,7 @@ IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
             "proj_pre_backward", "post_res_backward_pre", "post_res_proj", "post_res_backward_into",
-            "post_res_backward_pre_into", "proj_pre_backward_into")
+            "post_res_backward_pre_into", "proj_pre_backward_into", "step_backward_into")
 
 
 def all_ops() -> list:
@@ -578,26 +578,63 @@ def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, ite
             *_coeff_shapes(lead, n, phi.shape[1], x_prev, acc))
 
 
+def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
+                   dh_res, n, nc, eps, iters, mode, impl, into: bool) -> tuple:
+    """step_backward's seven outputs; ``into``: dx_prev is written over dx (a dense buffer, step_backward_into)."""
+    dx_tokens = _tokens(dx, 2).contiguous()  # with ``into``: a view of dx (checked dense), so writes land in dx
+    args = (_tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
+            _tokens(y_prev, 1).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(),
+            _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), dx_tokens, _tokens(dx_in, 1).contiguous(),
+            _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode)
+    kernels = _kernels(impl, fused=True)
+    if not into:
+        dx_prev, *rest = kernels.step_backward(*args)
+    elif impl == "triton":
+        dx_prev, *rest = kernels.step_backward(*args, out=dx_tokens)
+    else:
+        dx_prev, *rest = kernels.step_backward(*args)
+        dx_prev = dx_tokens.copy_(dx_prev)
+    dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha = rest
+    return (dx_prev.reshape(x_prev.shape), dh_res_prev.reshape(h_res_prev.shape),
+            dh_post_prev.reshape(h_post_prev.shape), dy_prev.reshape(y_prev.shape), dphi, dbias, dalpha)
+
+
 @_custom_op("step_backward")
 def step_backward(
     x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
     h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha = _kernels(impl, fused=True).step_backward(
-        _tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
-        _tokens(y_prev, 1).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
-        sq.reshape(-1).contiguous(), _tokens(dx, 2).contiguous(), _tokens(dx_in, 1).contiguous(),
-        _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode,
-    )
-    return (dx_prev.reshape(x_prev.shape), dh_res_prev.reshape(h_res_prev.shape),
-            dh_post_prev.reshape(h_post_prev.shape), dy_prev.reshape(y_prev.shape), dphi, dbias, dalpha)
+    return _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in,
+                          dh_post, dh_res, n, nc, eps, iters, mode, impl, into=False)
 
 
 @step_backward.register_fake
 def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
       n, nc, eps, iters, mode, impl):
     return tuple(_dense_like(t) for t in (x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
+
+
+@_custom_op("step_backward_into", mutates_args=("dx",))
+def step_backward_into(
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
+    n: int, nc: int, eps: float, iters: int, coeff_mode: str, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """step_backward's outputs but dx_prev, which is written over ``dx`` (passes/inplace_stream_grads.py). Its
+    arguments are step_backward's, by position; ``mode`` is spelled ``coeff_mode`` because a mutating custom op's
+    functionalization wrapper takes a keyword ``mode`` of its own."""
+    if not dx.is_contiguous() or dx.shape != x_prev.shape or dx.dtype != x_prev.dtype:
+        raise ValueError(f"mhc step_backward_into: dx must be a contiguous {x_prev.dtype} tensor of the stream's "
+                         f"shape {tuple(x_prev.shape)}, got {dx.dtype} {tuple(dx.shape)} strides {dx.stride()}")
+    return _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in,
+                          dh_post, dh_res, n, nc, eps, iters, coeff_mode, impl, into=True)[1:]
+
+
+@step_backward_into.register_fake
+def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
+      n, nc, eps, iters, coeff_mode, impl):
+    return tuple(_dense_like(t) for t in (h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
 
 
 def _step_setup(ctx, inputs, output):
