@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ def prepare(model: nn.Module, *example_inputs: Any, example_kwargs: dict[str, An
     Keyword inputs of the model (``decoder_input_ids=`` of an encoder-decoder, say) go in
     ``example_kwargs``, since the other keywords are the backend's options.
     """
-    from mhc_compile.backend import compile_graph
+    from mhc_compile.backend import REPORTS, compile_graph
 
     config = MHCConfig.from_options(options)
     if not isinstance(model, nn.Module):
@@ -32,7 +33,16 @@ def prepare(model: nn.Module, *example_inputs: Any, example_kwargs: dict[str, An
     def plan_backend(gm, inputs):
         return compile_graph(gm, list(inputs), config, plan_only=True, lazily=False)
 
+    start = len(REPORTS)
     _run_once(model, example_inputs, plan_backend, example_kwargs)
+    if not any(r.detection.sites for r in REPORTS[start:]):
+        # Not an error (a model may have no residual stream), but never a silent no-op: a model whose blocks
+        # Dynamo ran eagerly would otherwise train as it was, with no mHC and no message.
+        warnings.warn(
+            f"mhc_compile.prepare: no residual add x + f(x) in the graphs Dynamo captured from "
+            f"{type(model).__name__}; no mHC parameters were created and the model will train unchanged. Code "
+            f"that Dynamo runs eagerly is not seen: a graph break inside a loop or a checkpointed region skips "
+            f"the whole frame (TORCH_LOGS=graph_breaks lists them).", stacklevel=2)
     return model
 
 

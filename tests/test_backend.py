@@ -181,6 +181,20 @@ def test_prepare_is_idempotent_and_checks_options():
         mhc_compile.prepare(model, idx, n=3)
 
 
+def test_prepare_warns_when_it_finds_no_residual_add():
+    """A model with no residual add in its captured graphs (none at all, or blocks that Dynamo ran eagerly) is not
+    an error, but prepare says that it created nothing; a model with sites gets no such warning."""
+    import warnings
+
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    with pytest.warns(UserWarning, match="no residual add x \\+ f\\(x\\) in the graphs Dynamo captured from Sequential"):
+        mhc_compile.prepare(plain, torch.randn(2, 8))
+    assert mhc_compile.mhc_parameters(plain) == []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mhc_compile.prepare: no residual add")
+        mhc_compile.prepare(NanoGPT(), torch.randint(0, 64, (2, 8)), n=2)
+
+
 def test_lazy_creation_warns_and_optimizer_without_them_is_detected():
     model = NanoGPT()
     idx = torch.randint(0, 64, (2, 8))
