@@ -1,13 +1,13 @@
 """The fused boundary kernels (kernels/triton_fused.py) against the unfused four-op design, on a GPU.
 
 One process: measure the copy bandwidth, check the fused ops against the reference, optionally sweep the
-tiles of post_res_proj at one shape, then time, at T in {8192, 32768} x C in {2048, 4096, 7168},
+tiles of the two big kernels at one shape, then time, at T in {8192, 32768} x C in {2048, 4096, 7168},
 n = 4, bf16 (GPU time: medians of ``triton.testing.do_bench_cudagraph``, as bench_kernels.py times; the sweep
 uses ``do_bench`` at 32768 tokens, where the host keeps up):
 
     enter forward   = proj + coeffs + pre;  enter backward = pre_backward_dh + coeffs_backward + proj_pre_backward
     fused forward   = post_res_proj + coeffs + pre                   (what ``step`` runs)
-    fused backward  = pre_backward_dh (the saved X) + coeffs_backward + proj_pre_backward (acc = dX)
+    fused backward  = dh_pre (K2: X rebuilt, dH_pre) + coeffs_backward + proj_pre_backward (acc = dX)
                       + post_res_backward                           (what ``step_backward`` runs)
     default forward = post_res + proj + coeffs + pre                 (the unfused ops of the default path)
     default backward = pre_backward_dh + coeffs_backward + proj_pre_backward (acc: the incoming stream
@@ -82,8 +82,7 @@ def check(T, C):
     fwd = max(rel(a, b) for a, b in zip(got, want))
     x, x_in, h_pre, h_post, h_res, p, sq = want
     g = [torch.randn_like(t) for t in (x, x_in, h_post, h_res)]
-    xp, hr, hp, y, phi, b, a = i.values()
-    args = (xp, hr, hp, y, x, phi, b, a, h_pre, p, sq, *g, *s)
+    args = (*i.values(), h_pre, p, sq, *g, *s)
     bwd = max(rel(a, b) for a, b in zip(tb.step_backward(*args), ref.step_backward(*args)))
     return fwd, bwd
 
@@ -97,17 +96,17 @@ def closures(T, C):
     dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
     dh_pre = torch.randn_like(h_pre)
     dp, dsq = torch.randn_like(p), torch.randn_like(sq)
+    acc = torch.float32
     fused = {
         "post_res_proj": lambda: tops.post_res_proj(xp, hr, hp, y, phi),
         "coeffs": lambda: tops.coeffs(p, sq, b, a, *s),
         "pre": lambda: tops.pre(x, h_pre),
-        "pre_backward_dh": lambda: tops.pre_backward_dh(x, h_pre, dx_in),
+        "dh_pre": lambda: tb._recompute_dh_pre(xp, hr, hp, y, dx_in, acc),
         "coeffs_backward": lambda: tops.coeffs_backward(p, sq, b, a, dh_pre, dh_post, dh_res, *s),
         "proj_pre_backward": lambda: tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, dx),
         "post_res_backward": lambda: tops.post_res_backward(xp, hr, hp, y, dx),
         "step fwd": lambda: tb.step(xp, hr, hp, y, phi, b, a, *s),
-        "step bwd": lambda: tb.step_backward(xp, hr, hp, y, x, phi, b, a, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
-                                             *s),
+        "step bwd": lambda: tb.step_backward(xp, hr, hp, y, phi, b, a, h_pre, p, sq, dx, dx_in, dh_post, dh_res, *s),
         "enter fwd": lambda: tb.enter(x, phi, b, a, *s),
         "enter bwd": lambda: tb.enter_backward(x, phi, b, a, h_pre, p, sq, dx_in, dh_post, dh_res, *s),
     }
@@ -133,7 +132,7 @@ def stream_bytes(T, C, elems):
 
 
 BYTES = {  # elements of C per token, n = 4 (cost.py)
-    "post_res_proj": 2 * N + 1, "pre": N + 1, "pre_backward_dh": N + 1, "proj_pre_backward": 3 * N + 1,
+    "post_res_proj": 2 * N + 1, "pre": N + 1, "dh_pre": 2 * N + 2, "proj_pre_backward": 3 * N + 1,
     "post_res_backward": 3 * N + 2,
     "step fwd": int(cost.FUSED.forward.subs(cost.n, N)), "step bwd": int(cost.FUSED.backward.subs(cost.n, N)),
     "enter fwd": N + (N + 1), "enter bwd": (N + 1) + (2 * N + 1),
@@ -142,18 +141,26 @@ BYTES = {  # elements of C per token, n = 4 (cost.py)
 
 
 def sweep(emit, T=32768, C=4096):
-    """post_res_proj's tiles (triton_ops.tuning); the winner kept."""
+    """K2's tiles (triton_fused.configure), then post_res_proj's (triton_ops.tuning); winners kept."""
 
     fused, _ = closures(T, C)
-    grids = [("post_res_proj", c) for c in [{}] + bench_kernels.SWEEP["post_res_proj"]]
+    grids = [("dh_pre", c) for c in [{}] + bench_kernels.FUSED_SWEEP["dh_pre"]]
+    grids += [("post_res_proj", c) for c in [{}] + bench_kernels.SWEEP["post_res_proj"]]
     best = {}
     for kernel, cfg in grids:
         try:
-            with tops.tuning(kernel, **cfg):
+            if kernel == "post_res_proj":
+                with tops.tuning(kernel, **cfg):
+                    ms = triton.testing.do_bench(fused[kernel], warmup=10, rep=30)
+            else:
+                tb.configure(kernel, **cfg)
                 ms = triton.testing.do_bench(fused[kernel], warmup=10, rep=30)
         except Exception as e:  # too many registers / shared memory for this tile
             emit(f"- sweep {kernel} {cfg}: {type(e).__name__}: {str(e)[:100]}")
             continue
+        finally:
+            if kernel != "post_res_proj":
+                tb.configure(kernel)
         nbytes = stream_bytes(T, C, BYTES[kernel])
         emit(f"- sweep T={T} C={C}: {kernel} {cfg or 'default'}: {ms * 1e3:.1f} us, "
              f"{nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
@@ -161,7 +168,7 @@ def sweep(emit, T=32768, C=4096):
             best[kernel] = (ms, cfg)
     for kernel, (ms, cfg) in best.items():
         if cfg:
-            tops.configure(kernel, **cfg)
+            (tops.configure if kernel == "post_res_proj" else tb.configure)(kernel, **cfg)
         emit(f"- sweep winner {kernel}: {cfg or 'default'} ({ms * 1e3:.1f} us)")
     return best
 

@@ -17,6 +17,7 @@ next to "unfused step", the four
 separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, and their backwards plus the
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
+--sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
 
@@ -175,7 +176,7 @@ def fused_cases(inp: dict) -> list[Case]:
     out = [
         Case("folded step", "bwd", folded_bwd, folded_bytes),
         Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
-        Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, xs, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
+        Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                       gres, *ca), step_bwd, "fused"),
         Case("enter", "fwd", lambda k: k.enter(x, phi, b, a, *ca), enter_fwd, "fused"),
         Case("enter", "bwd", lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost, gres, *ca),
@@ -367,6 +368,47 @@ def sweep(inp: dict, copy_bw: float, deadline: float, skip: set, only=None) -> t
     return lines, {k: v[1] for k, v in fastest.items() if v[1]}
 
 
+# triton_fused's tiles (its own config dict): each kernel timed through the op that runs it (step's backward).
+FUSED_SWEEP = {
+    "dh_pre": [dict(bt=4, bc=256), dict(bt=1, bc=1024), dict(bt=4, bc=512, num_warps=8)],
+}
+_FUSED_SWEEP_CASE = {"dh_pre": ("step", "bwd")}
+
+
+def sweep_fused(inp: dict, copy_bw: float, deadline: float) -> tuple[list[str], dict]:
+    """Each triton_fused kernel's default, then its alternatives (each winner kept while the next kernel is
+    swept, since fwd and bwd are timed through whole ops). Returns rows and the winners."""
+    lines, best = [], {}
+    by_name = {(c.kernel, c.direction): c for c in cases(inp)}
+    for kernel, alternatives in FUSED_SWEEP.items():
+        case = by_name[_FUSED_SWEEP_CASE[kernel]]
+        want = _tuple(_call(case, ref))
+        fastest = None
+        for cfg in [{}] + alternatives:
+            if time.time() > deadline:
+                lines.append("| (fused sweep stopped: time budget) | | | | |")
+                break
+            tf.configure(kernel, **cfg)
+            try:
+                err = max(_rel_err(a, e) for a, e in zip(_tuple(_call(case, tk)), want))
+                us = bench_us(lambda: _call(case, tk), rep=50)
+            except Exception as exc:  # a tile that does not compile or fit
+                lines.append(f"| fused {kernel} | {cfg or 'default'} | {type(exc).__name__}: {str(exc)[:80]} | | |")
+                print(lines[-1], flush=True)
+                continue
+            finally:
+                tf.configure(kernel)
+            lines.append(f"| fused {kernel} | {cfg or 'default'} | {us:.1f} | "
+                         f"{100 * case.nbytes / (us * 1e-6) / copy_bw:.0f}% | {err:.1e} |")
+            print(lines[-1], flush=True)
+            if err < 2e-2 and (fastest is None or us < fastest[0]):
+                fastest = (us, cfg)
+        if fastest and fastest[1]:
+            best[kernel] = fastest[1]
+            tf.configure(kernel, **fastest[1])
+    return lines, best
+
+
 def _tuple(v):
     return v if isinstance(v, tuple) else (v,)
 
@@ -384,7 +426,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sweep", action="store_true", help="tile sweep at T=8192, C=4096 before the table")
     ap.add_argument("--sweep-shape", default="8192x4096", help="TxC of the sweep")
     ap.add_argument("--sweep-kernels", nargs="*", default=None,
-                    help="sweep only these SWEEP entries (default: all)")
+                    help="sweep only these SWEEP entries ('fused' for triton_fused's tiles; default: all)")
     ap.add_argument("--cases", nargs="*", default=None,
                     help="time only the table rows whose kernel name is one of these (default: all)")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -436,7 +478,12 @@ def main() -> int:
         write(out_dir, "sweep.md", sw + rows)
         for kernel, cfg in best.items():  # time the table with the sweep winners, and say so
             tk.configure(kernel, **cfg)
-        env.append(f"- tiles: defaults, except sweep winners at {args.sweep_shape}: {best or 'none'}")
+        frows, fbest = [], {}
+        if args.sweep_kernels is None or "fused" in args.sweep_kernels:  # keeps its winners set
+            frows, fbest = sweep_fused(inp, copy_bw, time.time() + args.sweep_budget_s)
+        write(out_dir, "sweep.md", sw + rows + frows)
+        env.append(f"- tiles: defaults, except sweep winners at {args.sweep_shape}: {best or 'none'}; "
+                   f"triton_fused: {fbest or 'none'}")
         write(out_dir, "env.md", env)
         del inp
 

@@ -178,15 +178,15 @@ def _fused_graph(impl):
     """fuse=True: two boundaries' step_backward, the later one's stream gradient a graph input (a tangent), the
     earlier one's the later one's dx_prev. Returns the graph and its placeholders' names."""
     g = torch.fx.Graph()
-    names = ("x3", "x2", "x1", "h_res", "h_post", "y", "phi", "bias", "alpha", "h_pre", "p", "sq", "g0", "dx_in")
+    names = ("x2", "x1", "h_res", "h_post", "y", "phi", "bias", "alpha", "h_pre", "p", "sq", "g0", "dx_in")
     v = dict(zip(names, (g.placeholder(k) for k in names)))
     static = (N, N * C, 1e-6, 5, "mhc", impl)
     outs = []
     dx = v["g0"]
-    for x_prev, x in ((v["x2"], v["x3"]), (v["x1"], v["x2"])):
+    for x in (v["x2"], v["x1"]):
         bwd = g.call_function(OPS.step_backward.default, (
-            x_prev, v["h_res"], v["h_post"], v["y"], x, v["phi"], v["bias"], v["alpha"], v["h_pre"], v["p"], v["sq"],
-            dx, v["dx_in"], v["h_post"], v["h_res"], *static))
+            x, v["h_res"], v["h_post"], v["y"], v["phi"], v["bias"], v["alpha"], v["h_pre"], v["p"], v["sq"], dx,
+            v["dx_in"], v["h_post"], v["h_res"], *static))
         items = [g.call_function(operator.getitem, (bwd, i)) for i in range(7)]
         dx = items[0]
         outs += items[1:]
@@ -201,7 +201,7 @@ def _fused_inputs(dtype):
     def r(*shape, dt=dtype, pos=False):
         return (torch.rand(*shape, generator=gen) if pos else torch.randn(*shape, generator=gen)).to(dt)
 
-    return [r(T, N, C), r(T, N, C), r(T, N, C), r(T, N, N, dt=acc, pos=True), r(T, N, dt=acc, pos=True), r(T, C),
+    return [r(T, N, C), r(T, N, C), r(T, N, N, dt=acc, pos=True), r(T, N, dt=acc, pos=True), r(T, C),
             r(N * C, M, dt=acc) * 0.1, r(M, dt=acc), r(3, dt=acc, pos=True), r(T, N, dt=acc, pos=True),
             r(T, M, dt=acc), r(T, dt=acc, pos=True) + 1, r(T, N, C), r(T, C)]
 

@@ -202,10 +202,10 @@ def _signature_tail_complete(kernel, n_args: int, meta) -> bool:
 
 def test_every_launch_of_the_ops_is_replayable(monkeypatch):
     """Each launch the ops make (all of triton_ops', proj's one-pass backward, triton_fused's enter / step and
-    backwards, which launch triton_ops' kernels; bf16 and fp32) passes its runtime arguments positionally and
-    constexprs that complete the kernel's parameters: on a GPU every one of them is cached, none left on Triton's
-    path."""
+    backwards; bf16 and fp32) passes its runtime arguments positionally and constexprs that complete the
+    kernel's parameters: on a GPU every one of them is cached, none left on Triton's path."""
     from benchmarks.launch_check import cases  # every op's call, on fresh inputs (what the GPU check runs)
+    from mhc_compile.kernels import triton_fused as tf
     from mhc_compile.kernels import triton_ops as tk
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
@@ -216,7 +216,7 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
         seen.append((kernel.fn.__name__, _signature_tail_complete(kernel, len(args), meta)))
         return real(kernel, grid, args, meta, shrink_stages, **options)
 
-    for module in (tk, tpb):
+    for module in (tk, tf, tpb):
         monkeypatch.setattr(module, "launch", spy)
     # the other kernel each of these configurations picks
     alternates = {"post_res_backward": lambda: tk.tuning("post_res_backward", two_d=False),
@@ -232,6 +232,7 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
     assert {"_proj_fwd_kernel", "_coeffs_fwd_kernel", "_coeffs_bwd_kernel", "_pre_fwd_kernel", "_pre_bwd_kernel",
             "_post_res_fwd_kernel", "_post_res_bwd_kernel", "_post_res_bwd_2d_kernel", "_post_res_proj_kernel",
             "_proj_dx_kernel", "_proj_dphi_kernel", "_proj_dx_dphi_kernel", "_hi_lo_kernel"} <= names, names
+    assert "_dh_pre_kernel" in names, names  # triton_fused's own
 
 
 def test_launch_hooks_count_only_when_they_hold_calls():

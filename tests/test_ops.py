@@ -89,8 +89,8 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.post_res_backward_pre_into, (xd, hr, hp, yd, dout.clone(), hq, "reference"))
     torch.library.opcheck(ops.proj_pre_backward_into, (xd, ph, dp, dsq, hq, yd, dout.clone(), "reference"))
     bd, ad = b.detach(), a.detach()
-    torch.library.opcheck(ops.step_backward_into, (xd, hr, hp, yd, xd, ph, bd, ad, hq, dp, dsq.abs() + 1, dout.clone(),
-                                                   yd, hp, hr, n, n * c, 1e-6, 20, "mhc", "reference"))
+    torch.library.opcheck(ops.step_backward_into, (xd, hr, hp, yd, ph, bd, ad, hq, dp, dsq.abs() + 1, dout.clone(), yd,
+                                                   hp, hr, n, n * c, 1e-6, 20, "mhc", "reference"))
 
 
 def test_bf16_stream_keeps_dtype_and_fp32_coefficients():
@@ -138,7 +138,7 @@ def _all_op_calls(impl: str):
         ("enter_backward", ops.enter_backward, (x, phi, bias, alpha, h_pre, p, sq, y, h_post, h_res, *coeff)),
         ("step", ops.step, (x, h_res, h_post, y, phi, bias, alpha, *coeff)),
         ("step_backward", ops.step_backward,
-         (x, h_res, h_post, y, dout_x, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),
+         (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),
         ("pre_backward_dh", ops.pre_backward_dh, (x, h_pre, y, impl)),
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
         ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),
@@ -150,8 +150,7 @@ def _all_op_calls(impl: str):
          (x, h_res, h_post, y, dout_x.contiguous(), h_pre, impl)),
         ("proj_pre_backward_into", ops.proj_pre_backward_into, (x, phi, p, sq, h_pre, y, dout_x.contiguous(), impl)),
         ("step_backward_into", ops.step_backward_into,
-         (x, h_res, h_post, y, dout_x, phi, bias, alpha, h_pre, p, sq, dout_x.contiguous(), y, h_post, h_res,
-          *coeff)),
+         (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x.contiguous(), y, h_post, h_res, *coeff)),
     ]
 
 

@@ -1,7 +1,8 @@
 """kernels/triton_fused.py (the fused boundary ops) against the reference, under TRITON_INTERPRET=1 (set by
 conftest): every output of enter / step and of their backwards, odd T and C, n = 1..5 and 16, fp32 / fp64
-tight, bf16 / fp16 loose (relative to the reference on the same rounded inputs), both modes, C a multiple of the
-chunk and not, empty T, the saved stream the backward reads, the in-place backward, and the input checks."""
+tight, bf16 / fp16 loose (relative to the reference on the same rounded inputs), both modes, default tiles and
+small K2 tiles (several chunks, ragged last chunk), C a multiple of the chunk and not, empty T, the stream that
+K2 rebuilds, and the input checks."""
 
 import pytest
 import torch
@@ -45,29 +46,33 @@ def _close(got, want, tol, what):
         assert err <= tol, f"{what} output {i}: relative error {err:.2e} > {tol:.0e}"
 
 
-def _bargs(i, x, *rest):
-    """step_backward's arguments: step's inputs with its output stream x after y_prev, then ``rest``."""
-    v = list(i.values())
-    return (*v[:4], x, *v[4:], *rest)
+@pytest.fixture
+def tiles(request):
+    """'small': K2 walks C in chunks of 8 channels, 4 tokens a program (several chunks and a ragged last one at
+    these C); 'default': the shipped tile (one chunk at these C)."""
+    if request.param == "small":
+        tf.configure("dh_pre", bt=4, bc=8)
+    yield request.param
+    tf.configure("dh_pre")
 
 
-# (T, n, C, dtype, mode)
+# (T, n, C, dtype, mode, tiles)
 CASES = [
-    (5, 1, 7, torch.float32, "mhc"),
-    (37, 2, 33, torch.float32, "hc"),
-    (1, 3, 33, torch.float64, "mhc"),
-    (37, 4, 7, torch.float64, "hc"),
-    (19, 4, 33, torch.float32, "mhc"),
-    (37, 4, 33, torch.bfloat16, "mhc"),
-    (21, 4, 32, torch.bfloat16, "mhc"),  # C a multiple of the chunk
-    (5, 3, 20, torch.bfloat16, "hc"),
-    (6, 5, 12, torch.float16, "hc"),
-    (3, 16, 5, torch.float32, "mhc"),  # m = 288: phi walked in m-chunks
+    (5, 1, 7, torch.float32, "mhc", "default"),
+    (37, 2, 33, torch.float32, "hc", "small"),
+    (1, 3, 33, torch.float64, "mhc", "small"),
+    (37, 4, 7, torch.float64, "hc", "default"),
+    (19, 4, 33, torch.float32, "mhc", "small"),
+    (37, 4, 33, torch.bfloat16, "mhc", "small"),
+    (21, 4, 32, torch.bfloat16, "mhc", "small"),  # C a multiple of the chunk
+    (5, 3, 20, torch.bfloat16, "hc", "default"),
+    (6, 5, 12, torch.float16, "hc", "small"),
+    (3, 16, 5, torch.float32, "mhc", "default"),  # m = 288: phi walked in m-chunks
 ]
 
 
-@pytest.mark.parametrize("T, n, C, dtype, mode", CASES)
-def test_matches_reference(T, n, C, dtype, mode):
+@pytest.mark.parametrize("T, n, C, dtype, mode, tiles", CASES, indirect=["tiles"])
+def test_matches_reference(T, n, C, dtype, mode, tiles):
     tol = TOL[dtype]
     i = _inputs(T, n, C, dtype, seed=1000 * T + 10 * n + C)
     static = (n, n * C, 1e-6, 20, mode)
@@ -82,7 +87,7 @@ def test_matches_reference(T, n, C, dtype, mode):
 
     x, x_in, h_pre, h_post, h_res, p, sq = want
     dx, dx_in, dh_post, dh_res = _grads((x, x_in, h_post, h_res), seed=T + n)
-    bargs = _bargs(i, x, h_pre, p, sq, dx, dx_in, dh_post, dh_res, *static)
+    bargs = (*i.values(), h_pre, p, sq, dx, dx_in, dh_post, dh_res, *static)
     _close(tf.step_backward(*bargs), ref.step_backward(*bargs), tol, "step_backward")
 
     params = (i["phi"], i["bias"], i["alpha"])
@@ -102,7 +107,7 @@ def test_incoming_stream_gradient_joins_g_before_post_res_backward():
     x, x_in, h_pre, h_post, h_res, p, sq = ref.step(*i.values(), *static)
     dx_in, dh_post, dh_res = _grads((x_in, h_post, h_res), seed=4)
     g, *_ = ref._boundary_grad(x, i["phi"], i["bias"], i["alpha"], h_pre, p, sq, dx_in, dh_post, dh_res, *static)
-    args = _bargs(i, x, h_pre, p, sq, -g, dx_in, dh_post, dh_res, *static)
+    args = (*i.values(), h_pre, p, sq, -g, dx_in, dh_post, dh_res, *static)
     dx_prev, dh_res_prev, dh_post_prev, dy_prev, *_ = tf.step_backward(*args)
     for t in (dx_prev, dh_res_prev, dh_post_prev, dy_prev):
         assert t.abs().max().item() < 1e-12
@@ -118,7 +123,7 @@ def test_sublayer_output_in_another_dtype():
     _close(tf.step(*i.values(), *static), want, 2e-5, "step")
     x, x_in, h_pre, h_post, h_res, p, sq = want
     dx, dx_in, dh_post, dh_res = _grads((x, x_in, h_post, h_res), seed=12)
-    bargs = _bargs(i, x, h_pre, p, sq, dx, dx_in, dh_post, dh_res, *static)
+    bargs = (*i.values(), h_pre, p, sq, dx, dx_in, dh_post, dh_res, *static)
     got, want = tf.step_backward(*bargs), ref.step_backward(*bargs)
     _close(got[:3] + got[4:], want[:3] + want[4:], 2e-5, "step_backward")
     _close(got[3:4], want[3:4], 1e-2, "step_backward dy (bf16)")
@@ -131,7 +136,7 @@ def test_empty_token_count():
     out = tf.step(*i.values(), *static)
     assert [tuple(t.shape) for t in out] == [(0, n, C), (0, C), (0, n), (0, n), (0, n, n), (0, 15), (0,)]
     x, x_in, h_pre, h_post, h_res, p, sq = out
-    bargs = _bargs(i, x, h_pre, p, sq, x, x_in, h_post, h_res, *static)
+    bargs = (*i.values(), h_pre, p, sq, x, x_in, h_post, h_res, *static)
     _close(tf.step_backward(*bargs), ref.step_backward(*bargs), 0.0, "step_backward")
     params = (i["phi"], i["bias"], i["alpha"])
     _close(tf.enter(i["x_prev"], *params, *static), ref.enter(i["x_prev"], *params, *static), 0.0, "enter")
@@ -154,6 +159,15 @@ def test_inputs_are_checked(change, error, match):
         tf.step(*i.values(), 2, 16, 1e-6, 20, "mhc")
 
 
+def test_configure_rejects_unknown_kernel_and_resets():
+    with pytest.raises(ValueError, match="unknown kernel 'proj'"):
+        tf.configure("proj", bt=16)
+    tf.configure("dh_pre", bc=16)
+    assert tf._cfg("dh_pre").bc == 16
+    tf.configure("dh_pre")
+    assert tf._cfg("dh_pre") == tf._CFG["dh_pre"]
+
+
 def test_gradcheck_through_the_custom_ops_float64():
     """step then enter through the custom ops with impl="triton": autograd's formulas and the kernels agree."""
     import mhc_compile.runtime.ops  # noqa: F401  (registers the ops)
@@ -172,21 +186,23 @@ def test_gradcheck_through_the_custom_ops_float64():
 
 
 
-def test_backward_reads_the_stream_the_forward_returned(monkeypatch):
-    """The step op saves its output stream x for the backward (it is the next boundary's x_prev, held anyway):
-    the backward's dH_pre pass reads that very tensor and nothing rebuilds it from x_prev and y."""
-    from mhc_compile.kernels import triton_ops as tops
-    from mhc_compile.runtime import ops
-
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_rebuilds_the_forward_stream_bit_for_bit(dtype):
+    """K2 writes X for the backward's later passes: it must be the very stream ``step`` stored (same sums in the
+    same order, same rounding), and dH_pre its inner product with dx_in."""
     T, n, C = 9, 4, 40
-    i = {k: v.requires_grad_(v.is_floating_point()) for k, v in _inputs(T, n, C, torch.float32, seed=21).items()}
-    seen = []
-    real = tops.pre_backward_dh
-    monkeypatch.setattr(tops, "pre_backward_dh", lambda x, *a: seen.append(x.data_ptr()) or real(x, *a))
-    monkeypatch.setattr(tops, "post_res", lambda *a, **k: pytest.fail("the backward rebuilt the stream"))
-    x, x_in, *_ = ops.step(*i.values(), n, n * C, 1e-6, 20, "mhc", "triton")
-    (x.square().sum() + x_in.square().sum()).backward()
-    assert seen == [x.data_ptr()]
+    i = _inputs(T, n, C, dtype, seed=21)
+    x = tf.step(*i.values(), n, n * C, 1e-6, 20, "mhc")[0]
+    dx_in = _grads((i["y_prev"],), seed=22)[0]
+    acc = ref.acc_dtype(dtype)
+    tf.configure("dh_pre", bt=4, bc=16)
+    try:
+        x2, dh_pre = tf._recompute_dh_pre(i["x_prev"], i["h_res_prev"], i["h_post_prev"], i["y_prev"], dx_in, acc)
+    finally:
+        tf.configure("dh_pre")
+    assert torch.equal(x2, x)
+    want = torch.einsum("tic,tc->ti", x.double(), dx_in.double())
+    torch.testing.assert_close(dh_pre.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -198,7 +214,7 @@ def test_step_backward_writes_g_and_dx_prev_over_dx(dtype):
     static = (n, n * C, 1e-6, 20, "mhc")
     x, x_in, h_pre, h_post, h_res, p, sq = ref.step(*i.values(), *static)
     dx, dx_in, dh_post, dh_res = _grads((x, x_in, h_post, h_res), seed=22)
-    args = lambda d: _bargs(i, x, h_pre, p, sq, d, dx_in, dh_post, dh_res, *static)  # noqa: E731
+    args = lambda d: (*i.values(), h_pre, p, sq, d, dx_in, dh_post, dh_res, *static)  # noqa: E731
     want = tf.step_backward(*args(dx))
     buf = dx.clone()
     got = tf.step_backward(*args(buf), out=buf)

@@ -267,8 +267,8 @@ def post_res_proj(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next:
 # One op per boundary means the stream X_l has exactly one consumer whose backward produces its
 # gradient, so the three partial gradients of X_l (through proj, pre and the next post_res) are summed
 # inside the kernel in fp32 instead of by autograd as three stream-sized tensors. The backward of
-# ``step`` takes X_l as the forward stored it: it is the next boundary's X_prev (or the tail post_res's
-# input), which the backward holds anyway, saved or recomputed.
+# ``step`` never needs X_l itself: it is recomputed on the fly from X_prev and y, which the post_res
+# backward reads anyway.
 # ---------------------------------------------------------------------------------------------
 def enter(
     x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, n: int, nc: int, eps: float, iters: int, mode: str
@@ -314,17 +314,17 @@ def step(
 
 
 def step_backward(
-    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, x: Tensor,
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor,
     phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
     dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``.
 
-    ``x`` is the step's output stream as the forward returned it; ``dx`` its gradient from the next boundary.
-    The gradient of x in total, G = dx + (through pre, coeffs, proj), stays in the accumulation dtype into
-    post_res's backward.
+    ``dx`` is the gradient of the step's output stream x (from the next boundary); the gradient of x in
+    total, G = dx + (through pre, coeffs, proj), stays in the accumulation dtype into post_res's backward.
     """
+    x = post_res(x_prev, h_res_prev, h_post_prev, y_prev)
     g, dphi, dbias, dalpha = _boundary_grad(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res,
                                             n, nc, eps, iters, mode)
     g = g + _acc(dx)

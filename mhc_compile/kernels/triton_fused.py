@@ -1,62 +1,179 @@
-"""Triton pipelines of the fused boundary ops ``enter`` / ``step`` and their backwards.
+"""Triton kernels of the fused boundary ops ``enter`` / ``step`` and their backwards.
 
 Same names, signatures, return tuples and dtypes as the functions at the end of ``reference.py``;
 conventions as in ``triton_ops.py`` (token-major [T, n, C] streams, T not specialised, int64 offsets,
 fp32 accumulation or fp64 for fp64 streams, direct launches so ``TRITON_INTERPRET=1`` runs them).
 
-Each op is a short pipeline of the default path's tuned kernels (``triton_ops``, measured there):
+Each op is a short pipeline of the default path's tuned kernels (``triton_ops``, measured there) plus one kernel
+of this module, K2, which exists because ``step`` does not save the stream X it computes:
 
     enter        proj -> coeffs -> pre
     step         post_res_proj -> coeffs -> pre                  (X_l written once; proj reads it from registers)
     enter bwd    pre_backward_dh -> coeffs_backward -> proj_pre_backward     (one pass: G, dphi)
-    step bwd     pre_backward_dh -> coeffs_backward -> proj_pre_backward (acc = dX) -> post_res_backward
+    step bwd     K2 _dh_pre_kernel -> coeffs_backward -> proj_pre_backward (acc = dX) -> post_res_backward
 
+    K2  grid (token blocks): X_i = H_res[i, :] X_prev + H_post[i] y recomputed per [BT, BC] chunk and rounded as
+        the forward stored it, dH_pre = <X_i, dx_in>, and X written for the two passes after it; a program walks
+        all of C, so no cross-program sum.
     G (X's whole gradient) goes from proj_pre_backward to post_res_backward in the stream dtype, rounded once, as
-    the default path's stream gradient does. ``step``'s backward takes X_l as the forward returned it (the next
-    boundary's X_prev, which the backward holds anyway). Until session 18 it rebuilt X_l from X_prev and y in a
-    kernel of its own (K2: X_prev, y, dx_in read, X written, 2n+2 elements a token) where pre_backward_dh now reads
-    X and dx_in (n+1).
+    the default path's stream gradient does.
 
 Bytes a token, in elements of C, n streams (``cost.FUSED`` counts the floor of one pass each way, 3n+2 and 4n+5):
     step fwd:  post_res_proj 2n+1 (X_prev, y, X) + pre n+1 = 3n+2 (14 at n = 4)
-    step bwd:  pre_backward_dh n+1 (X, dx_in) + proj_pre_backward 3n+1 (X, dx_in, dX, G) + post_res_backward 3n+2
-               (X_prev, y, G, dX_prev, dy) = 7n+4 (32)
+    step bwd:  K2 2n+2 (X_prev, y, dx_in, X) + proj_pre_backward 3n+1 (X, dx_in, dX, G) + post_res_backward 3n+2
+               (X_prev, y, G, dX_prev, dy) = 8n+5 (37)
     enter:     proj n + pre n+1;  enter bwd: pre_backward_dh n+1 + proj_pre_backward 2n+1
 
 Why the step backward is three passes and not one: its outputs need two reductions in crossing directions (dphi
-sums over tokens, dH_res / dH_post over channels) and G = dp phi^T + ... needs a tensor-core dot, while dp needs
-dH_pre, a sum over all of C. Two one-pass designs ran on an H200 and were slower than these passes
-(benchmarks/results/session13-2026-12-03-h200.md): programs owning a channel slab of all n streams (session 12:
-5.0 ms at 32768 x 4096, 19 % of copy bandwidth; per-token coefficients and dp re-read for every 16-channel slab, 255
-registers) and token-major programs with the dot in the chunk loop plus a slab kernel for dphi (5.7 + 1.0 ms: the
-dot's output layout meets the loaded tiles' in 59 layout conversions a chunk, and the build spills).
+sums over tokens, dH_res / dH_post over channels) and G = dp phi^T + ... needs a tensor-core dot. Two one-pass
+designs ran on an H200 and were slower than these three passes (benchmarks/results/session13-2026-12-03-h200.md):
+programs owning a channel slab of all n streams (session 12: 5.0 ms at 32768 x 4096, 19 % of copy bandwidth;
+per-token coefficients and dp re-read for every 16-channel slab, 255 registers) and token-major programs with the
+dot in the chunk loop plus a slab kernel for dphi (5.7 + 1.0 ms: the dot's output layout meets the loaded tiles'
+in 59 layout conversions a chunk, and the build spills).
+
+Under the interpreter (tests) bf16 tl.dot is wrong and fp32 -> bf16 casts truncate: ``_round`` rounds bf16 stores
+to nearest by hand, so the tests see what the GPU computes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tops
-from mhc_compile.kernels.triton_ops import _acc_torch, _check_stream
+from mhc_compile.kernels.launch import launch
+from mhc_compile.kernels.triton_ops import _acc_tl, _acc_torch, _cdiv, _check_stream, _pow2
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FusedCfg:
+    bt: int = 64  # tokens a program
+    bc: int = 64  # channels a chunk
+    num_warps: int = 8
+
+
+_CFG = {
+    "dh_pre": FusedCfg(bt=2, bc=512, num_warps=4),
+}
+_OVERRIDES: dict[str, FusedCfg] = {}
+
+
+def configure(kernel: str, **fields) -> None:
+    """Change one kernel's tiles ("dh_pre") for the rest of the process; no fields: reset. The stages the
+    ops share with the unfused design take ``triton_ops.configure``."""
+    if kernel not in _CFG:
+        raise ValueError(f"mhc triton_fused.configure: unknown kernel {kernel!r}; expected one of {sorted(_CFG)}")
+    if fields:
+        _OVERRIDES[kernel] = replace(_CFG[kernel], **fields)
+    else:
+        _OVERRIDES.pop(kernel, None)
+
+
+def _cfg(kernel: str) -> FusedCfg:
+    return _OVERRIDES.get(kernel, _CFG[kernel])
+
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _mix(xs, y, coef, i: tl.constexpr, N: tl.constexpr, XT: tl.constexpr, RNE: tl.constexpr):
+    """X_i rounded to the stream dtype, in post_res's order: h_post y, then + h_res[i, j] x_j. ``coef``: the
+    per-token coefficient vectors of ``triton_ops._post_res_proj_coeffs`` (h_post[:, i] at i, h_res[:, i, j] at
+    N + i * N + j)."""
+    xi = coef[i][:, None] * y
+    for j in tl.static_range(N):
+        xi += coef[N + i * N + j][:, None] * xs[j]
+    return tops._round(xi, XT, RNE)
+
+
+@triton.jit
+def _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N: tl.constexpr, ACC: tl.constexpr):
+    """(X_prev rows as a tuple of n [BT, BC] tiles, y tile), widened to ACC."""
+    y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+    xs = ()
+    for j in tl.static_range(N):
+        xs = xs + (tl.load(xp_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC),)
+    return xs, y
+
+
+# ---------------------------------------------------------------------------------------------
+# K2: X recomputed and written, dH_pre = <X, dx_in>
+# ---------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T"])
+def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, C, N: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, XT: tl.constexpr, RNE: tl.constexpr,
+                   HOIST: tl.constexpr):
+    """One program owns BT tokens and walks all of C. X_i is stored as the forward stored it (same order of
+    sums, same rounding), and dH_pre sums the stored value. dH_pre is carried as n [BT, BC / 8] partials (each
+    thread sums the 8 adjacent channels it loads) and reduced across threads once, after the loop. HOIST: the
+    coefficient vectors are loaded once, before the loop (n <= 4), else again for every chunk."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    if HOIST:
+        coef = tops._post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
+    dh = ()
+    for i in tl.static_range(N):
+        dh = dh + (tl.zeros([BT, BC // 8], dtype=ACC),)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        m2 = rmask[:, None] & (cols < C)[None, :]
+        xs, y = _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N, ACC)
+        g = tl.load(g_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        if not HOIST:
+            coef = tops._post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
+        new = ()
+        for i in tl.static_range(N):
+            xi = _mix(xs, y, coef, i, N, XT, RNE)
+            tl.store(x_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xi, mask=m2)
+            new = new + (dh[i] + tops._channel_partials(xi.to(ACC) * g, BT, BC),)
+        dh = new
+    for i in tl.static_range(N):
+        tl.store(dh_ptr + r64 * N + i, tl.sum(dh[i], axis=1), mask=rmask)
+
+
+def _recompute_dh_pre(x_prev: Tensor, h_res, h_post, y, dx_in: Tensor, acc) -> tuple[Tensor, Tensor]:
+    """(X, dH_pre): ``step``'s stream rebuilt from its inputs, and pre's gradient of H_pre."""
+    t, n, c = x_prev.shape
+    x = torch.empty_like(x_prev)
+    dh = torch.empty((t, n), dtype=acc, device=x_prev.device)
+    cfg = _cfg("dh_pre")
+    bc = max(8, min(cfg.bc, _pow2(c)))
+    bt = max(1, min(cfg.bt, _pow2(t)))
+    launch(_dh_pre_kernel, (_cdiv(t, bt),), (x_prev, h_res, h_post, y, dx_in, x, dh, t, c),
+           dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), XT=_TL[x_prev.dtype], RNE=tops._INTERPRETED,
+                HOIST=n * n + n <= tops._PRP_HOIST),
+           num_warps=cfg.num_warps)
+    return x, dh
 
 
 # ---------------------------------------------------------------------------------------------
 # input checks
 # ---------------------------------------------------------------------------------------------
-def _check(op: str, n: int, stream: Tensor, phi: Tensor, **named: Tensor) -> None:
+def _check(op: str, n: int, x: Tensor, phi: Tensor, **named: Tensor) -> None:
     """Dtypes and shapes, so a wrong call fails here with names instead of reading out of bounds. y and the
     gradients may have another stream dtype than x (autocast: an fp32 stream, a bf16 sublayer output);
     every load widens to the accumulation dtype."""
-    _check_stream(op, stream, *(v for k, v in named.items() if k in ("y_prev", "x", "dx", "dx_in")))
-    if stream.dim() != 3 or stream.shape[1] != n:
-        raise ValueError(f"mhc triton {op}: stream has shape {tuple(stream.shape)}, expected [T, n={n}, C]")
-    t, _, c = stream.shape
+    _check_stream(op, x, *(v for k, v in named.items() if k in ("y_prev", "dx", "dx_in")))
+    if x.dim() != 3 or x.shape[1] != n:
+        raise ValueError(f"mhc triton {op}: stream has shape {tuple(x.shape)}, expected [T, n={n}, C]")
+    t, _, c = x.shape
     want = {
-        "h_res_prev": (t, n, n), "h_post_prev": (t, n), "y_prev": (t, c), "x": (t, n, c), "dx": (t, n, c),
-        "dx_in": (t, c), "h_pre": (t, n), "p": (t, ref.num_coeffs(n)), "sq": (t,), "dh_post": (t, n),
-        "dh_res": (t, n, n),
+        "h_res_prev": (t, n, n), "h_post_prev": (t, n), "y_prev": (t, c), "dx": (t, n, c), "dx_in": (t, c),
+        "h_pre": (t, n), "p": (t, ref.num_coeffs(n)), "sq": (t,), "dh_post": (t, n), "dh_res": (t, n, n),
     }
     for k, v in named.items():
         if tuple(v.shape) != want[k]:
@@ -95,21 +212,20 @@ def enter_backward(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n,
     return dx, dphi, dbias, dalpha
 
 
-def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
+def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
                   dh_res, n, nc, eps, iters, mode, out=None):
-    """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``; x: its output stream.
+    """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``; X is recomputed.
 
     ``out``: where dx_prev goes, e.g. dx itself (passes/inplace_stream_grads.py). G is then written there too, so
     the op holds one stream-sized gradient instead of three (dx, G, dx_prev); both kernels are safe in place (a
     program stores a tile only after it has read that tile of the buffer, and no other program reads it)."""
     _check("step_backward", n, x_prev, phi, h_res_prev=h_res_prev, h_post_prev=h_post_prev, y_prev=y_prev,
-           x=x, h_pre=h_pre, p=p, sq=sq, dx=dx, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
+           h_pre=h_pre, p=p, sq=sq, dx=dx, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
     if out is not None and (out.shape != x_prev.shape or out.dtype != x_prev.dtype or not out.is_contiguous()):
         raise ValueError(f"mhc triton step_backward: out must be a contiguous {x_prev.dtype} tensor of the stream's "
                          f"shape {tuple(x_prev.shape)}, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
     x_prev, h_res_prev, h_post_prev = x_prev.contiguous(), h_res_prev.contiguous(), h_post_prev.contiguous()
-    y_prev, x, dx, dx_in = y_prev.contiguous(), x.contiguous(), dx.contiguous(), dx_in.contiguous()
-    phi = phi.contiguous()
+    y_prev, dx, dx_in, phi = y_prev.contiguous(), dx.contiguous(), dx_in.contiguous(), phi.contiguous()
     acc = _acc_torch(x_prev.dtype, phi.dtype)
     t, _, c = x_prev.shape
     if t == 0 or c == 0:  # no stream elements; the coefficients' gradients still flow from dh_post, dh_res
@@ -119,10 +235,11 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, 
         z = dict(dtype=acc, device=x_prev.device)
         return (torch.empty_like(x_prev) if out is None else out, torch.zeros((t, n, n), **z),
                 torch.zeros((t, n), **z), torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
-    dh_pre = tops.pre_backward_dh(x, h_pre, dx_in)
+    x, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc)
     dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
     # G = X's whole gradient, dX included
     g, dphi = tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, dx, out=out)
+    del x
     dx_prev, dh_res_prev, dh_post_prev, dy_prev = tops.post_res_backward(x_prev, h_res_prev, h_post_prev, y_prev, g,
                                                                          out=out)
     return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha

@@ -49,7 +49,7 @@ def _into() -> dict:
         OPS.post_res_backward.default: (OPS.post_res_backward_into.default, 4, "dout", "x"),
         OPS.post_res_backward_pre.default: (OPS.post_res_backward_pre_into.default, 4, "dout", "x"),
         OPS.proj_pre_backward.default: (OPS.proj_pre_backward_into.default, 6, "acc", "x"),
-        OPS.step_backward.default: (OPS.step_backward_into.default, 11, "dx", "x_prev"),  # fuse=True
+        OPS.step_backward.default: (OPS.step_backward_into.default, 10, "dx", "x_prev"),  # fuse=True
     }
 
 

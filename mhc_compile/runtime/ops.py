@@ -578,12 +578,12 @@ def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, ite
             *_coeff_shapes(lead, n, phi.shape[1], x_prev, acc))
 
 
-def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
+def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
                    dh_res, n, nc, eps, iters, mode, impl, into: bool) -> tuple:
     """step_backward's seven outputs; ``into``: dx_prev is written over dx (a dense buffer, step_backward_into)."""
     dx_tokens = _tokens(dx, 2).contiguous()  # with ``into``: a view of dx (checked dense), so writes land in dx
     args = (_tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
-            _tokens(y_prev, 1).contiguous(), _tokens(x, 2).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(),
+            _tokens(y_prev, 1).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(),
             _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), dx_tokens, _tokens(dx_in, 1).contiguous(),
             _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode)
     kernels = _kernels(impl, fused=True)
@@ -601,24 +601,24 @@ def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha,
 
 @_custom_op("step_backward")
 def step_backward(
-    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, x: Tensor, phi: Tensor, bias: Tensor,
-    alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, dx, dx_in,
+    return _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in,
                           dh_post, dh_res, n, nc, eps, iters, mode, impl, into=False)
 
 
 @step_backward.register_fake
-def _(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
+def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
       n, nc, eps, iters, mode, impl):
     return tuple(_dense_like(t) for t in (x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
 
 
 @_custom_op("step_backward_into", mutates_args=("dx",))
 def step_backward_into(
-    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, x: Tensor, phi: Tensor, bias: Tensor,
-    alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
     n: int, nc: int, eps: float, iters: int, coeff_mode: str, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """step_backward's outputs but dx_prev, which is written over ``dx`` (passes/inplace_stream_grads.py). Its
@@ -627,30 +627,29 @@ def step_backward_into(
     if not dx.is_contiguous() or dx.shape != x_prev.shape or dx.dtype != x_prev.dtype:
         raise ValueError(f"mhc step_backward_into: dx must be a contiguous {x_prev.dtype} tensor of the stream's "
                          f"shape {tuple(x_prev.shape)}, got {dx.dtype} {tuple(dx.shape)} strides {dx.stride()}")
-    return _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, dx, dx_in,
+    return _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in,
                           dh_post, dh_res, n, nc, eps, iters, coeff_mode, impl, into=True)[1:]
 
 
 @step_backward_into.register_fake
-def _(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
+def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
       n, nc, eps, iters, coeff_mode, impl):
     return tuple(_dense_like(t) for t in (h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
 
 
 def _step_setup(ctx, inputs, output):
     x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, iters, mode, impl, *_labels = inputs
-    x, _x_in, h_pre, h_post, h_res, p, sq = output
-    # The output stream x is saved: it is the next boundary's x_prev (or the tail post_res's input), saved or
-    # recomputed for that op's backward anyway, so it costs no memory, and the backward need not rebuild it.
-    ctx.save_for_backward(x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, h_post, h_res)
+    _x, _x_in, h_pre, h_post, h_res, p, sq = output
+    # The output stream x is not saved: the backward recomputes it from x_prev and y_prev.
+    ctx.save_for_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, h_post, h_res)
     ctx.static = (n, nc, eps, iters, mode, impl)
     ctx.mark_non_differentiable(h_pre, p, sq)
 
 
 def _step_bwd(ctx, dx, dx_in, _dh_pre, dh_post, dh_res, _dp, _dsq):
-    x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq, h_post, h_res = ctx.saved_tensors
+    x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, h_post, h_res = ctx.saved_tensors
     grads = step_backward(
-        x_prev, h_res_prev, h_post_prev, y_prev, x, phi, bias, alpha, h_pre, p, sq,
+        x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq,
         _zeros_if_none(dx, x_prev), _zeros_if_none(dx_in, y_prev), _zeros_if_none(dh_post, h_post),
         _zeros_if_none(dh_res, h_res), *ctx.static,
     )
