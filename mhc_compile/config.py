@@ -43,11 +43,12 @@ class MHCConfig:
                      with the plan), or "none".
     fuse:            fuse each sublayer boundary (post_res of site l-1 with proj / coeffs / pre of site l)
                      into one op with one backward (``passes/fuse.py``). Off by default: ``step``'s forward
-                     is now the faster (H200, 32768 x 4096: 1.10 against 1.19 ms) but its backward is not
-                     (2.51 against 2.18 ms), and the backward recomputes ``step`` whole where the default
-                     recomputes post_res and pre. A training step with it (H200, session 14): +14.2 % / +8.7 %
-                     time and +28 % / +26 % activation memory at d = 4096 / 7168, against the default's
-                     +12.2 % / +7.9 % and +18 % (benchmarks/results/session14-2026-12-03-h200.md). True opts in.
+                     is the faster (H200, 32768 x 4096: 1.07 against 1.19 ms) but its backward is not
+                     (2.62 against 2.20 ms), and the backward recomputes ``step`` whole where the default
+                     recomputes post_res and pre. A training step with it (H200, session 18): +15.1 % / +9.5 %
+                     time and +23.7 % / +19.3 % activation memory at d = 4096 / 7168, against the default's
+                     +12.6 % / +6.9 % and +17.7 % / +16.8 % (benchmarks/results/session18-2026-12-03-h200.md).
+                     True opts in.
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
                      instead of three partial gradients and a sum. False keeps the separate backward ops.
