@@ -5,7 +5,8 @@ conventions as in ``triton_ops.py`` (token-major [T, n, C] streams, T not specia
 fp32 accumulation or fp64 for fp64 streams, direct launches so ``TRITON_INTERPRET=1`` runs them).
 
 Each op is a short pipeline of the default path's tuned kernels (``triton_ops``, measured there) plus one kernel
-of this module, K2, which exists because ``step`` does not save the stream X it computes:
+of this module, K2, which exists because ``step`` does not save the stream X it computes (a saved X would stay alive
+through the sublayer's backward beside X_prev; see runtime/ops.py's ``_step_setup``):
 
     enter        proj -> coeffs -> pre
     step         post_res_proj -> coeffs -> pre                  (X_l written once; proj reads it from registers)

@@ -640,7 +640,9 @@ def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, d
 def _step_setup(ctx, inputs, output):
     x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, iters, mode, impl, *_labels = inputs
     _x, _x_in, h_pre, h_post, h_res, p, sq = output
-    # The output stream x is not saved: the backward recomputes it from x_prev and y_prev.
+    # The output stream x is not saved: the backward recomputes it from x_prev and y_prev. Saving it (session 18)
+    # kept x alive through the next sublayer's backward beside x_prev, the step's memory peak: its backward ran 12 %
+    # faster, the d = 7168 training step took 6.7 points more activation memory.
     ctx.save_for_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, h_post, h_res)
     ctx.static = (n, nc, eps, iters, mode, impl)
     ctx.mark_non_differentiable(h_pre, p, sq)
