@@ -212,6 +212,27 @@ def test_lazy_creation_warns_and_optimizer_without_them_is_detected():
         opt2.step()
 
 
+def test_a_step_that_ran_without_mhc_is_reported_once(quiet):
+    """A prepared model whose step gave its own parameters gradients but none to its mHC sites (here: called without
+    the backend; in the field also blocks that Dynamo runs eagerly) gets one warning at the optimizer's first step;
+    the compiled model's step gets none."""
+    model = NanoGPT()
+    idx = torch.randint(0, 64, (2, 8))
+    mhc_compile.prepare(model, idx)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()  # no backward yet: nothing to judge, no warning, and the check waits for a later step
+    model(idx).sum().backward()  # the plain model: the mHC parameters take no part
+    with pytest.warns(UserWarning, match="none of the mHC parameters of its 4 residual site\\(s\\) did"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # said once
+        opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt2.zero_grad()
+        torch.compile(model, backend="mhc", options=AOT)(idx).sum().backward()
+        opt2.step()
+
+
 def test_optimizer_check_is_an_error_under_strict():
     model = NanoGPT()
     idx = torch.randint(0, 64, (2, 8))

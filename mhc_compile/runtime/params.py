@@ -110,6 +110,7 @@ class ModelRecord:
     created_lazily: list[str] = field(default_factory=list)
     strict: bool = False
     warned_optimizers: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
+    use_checked: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # optimizers _check_sites_used saw
 
     def param_ids(self) -> set[int]:
         return {id(p) for s in self.sites.values() for p in s.parameters()}
@@ -211,9 +212,35 @@ class MissingMHCParametersError(RuntimeError):
     pass
 
 
+def _check_sites_used(optimizer, opt_ids: set[int], root: nn.Module, record: ModelRecord) -> None:
+    """Once per optimizer and model, at the first step after a backward reached the model: if no mHC parameter
+    got a gradient while the model's other parameters did, the step ran without mHC. That happens when Dynamo
+    runs the blocks eagerly (it skips a frame it cannot trace: transformers 5.25's checkpointed decoder layers,
+    README) or when the prepared model is called without the backend. Training would go on as a plain residual
+    model without a word; say so."""
+    if optimizer in record.use_checked:
+        return
+    site_params = [p for site in record.sites.values() for p in site.parameters() if p.requires_grad
+                   and id(p) in opt_ids]
+    if not site_params:
+        return
+    mhc_ids = record.param_ids()
+    if not any(p.grad is not None for p in root.parameters() if id(p) in opt_ids and id(p) not in mhc_ids):
+        return  # no backward has reached the model yet: decide at a later step
+    record.use_checked.add(optimizer)
+    if any(p.grad is not None for p in site_params):
+        return
+    warnings.warn(
+        f"mhc: {type(optimizer).__name__} steps a {type(root).__name__} whose parameters got gradients, but none of "
+        f"the mHC parameters of its {len(record.sites)} residual site(s) did (e.g. {next(iter(record.sites))!r}): "
+        f"the step ran without mHC. Was the model called without torch.compile(..., backend='mhc'), or did Dynamo "
+        f"run its blocks eagerly (a frame it could not trace; TORCH_LOGS=graph_breaks lists them)?", stacklevel=4)
+
+
 def _optimizer_step_pre_hook(optimizer, args, kwargs) -> None:
     opt_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for root, record in list(_RECORDS.items()):
+        _check_sites_used(optimizer, opt_ids, root, record)
         if optimizer in record.warned_optimizers:
             continue
         mhc_ids = record.param_ids()
