@@ -1,0 +1,211 @@
+"""Issue 3's benchmark in one command, on an H100 / H200: correctness first, then (a) every kernel's time and
+efficiency and (b) the whole training step against every baseline, in one dated results file.
+
+    PYTHONPATH=. python benchmarks/issue3.py [--out DIR] [--rounds 3] [--kernel-budget-s 900]
+                                             [--training-budget-s 3600]
+    mhc-compile bench issue3
+
+Stages, each the existing script in a process of its own (a stage that fails or runs out of its budget leaves the
+other's results), writing under DIR (default: $OUT, else ./bench_out/issue3):
+1. ``bench_kernels.py``: every Triton op against the reference first (ops that fail are not timed), then forward
+   and backward of every kernel and of the fused boundary ops at 8192 and 32768 tokens x C in {2048, 4096, 7168},
+   n = 4, bf16: GPU time (CUDA-graph replays) and efficiency = bytes / (time x copy bandwidth measured in the same
+   run) -> DIR/kernels/.
+2. ``bench_training.py --variants naive liger --rounds R``: a GPT-style pre-norm stack, seq 2048 x batch 4, bf16,
+   n = 4, d in {2048, 4096, 7168}, backend="mhc" checked against the naive eager mHC on the same weights first, then
+   step time and peak memory of the residual model under Inductor, backend="mhc", naive mHC eager and under
+   Inductor, and Liger-Kernel's ``LigerMHC`` (when ``liger_kernel`` is importable), rounds interleaved
+   -> DIR/training/.
+3. DIR/issue3-<date>.md: device and versions, each target of the issue against what the run measured, then both
+   stages' tables as they were written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# the issue's targets
+KERNEL_EFF = 85.0  # % of copy bandwidth, every fused kernel, forward and backward, at 32768 tokens x C = 4096
+STEP_OVERHEAD = {4096: 15.0, 7168: 8.0}  # % over the residual model
+ACT_OVERHEAD = 20.0  # % activation memory with recompute
+LIGER_FRACTION = 0.2  # backend="mhc"'s overhead against LigerMHC's, same run
+
+
+@dataclass
+class Step:
+    """One width's training rows: overheads in %, None where the run has no row."""
+
+    mhc: float | None = None
+    mhc_range: str = ""
+    mhc_act: float | None = None
+    liger: float | None = None
+
+
+_PCT = r"([+-]?\d+(?:\.\d+)?)%"
+
+
+def parse_training(text: str) -> dict[int, Step]:
+    """d -> Step from bench_training.py's table: the rounds rows ("(rounds: R)") for time when there are any, else
+    the single-pass rows; activation memory from the single-pass rows (the rounds do not repeat it)."""
+    steps: dict[int, Step] = {}
+    single: dict[tuple[int, str], list[str]] = {}
+    rounds: dict[tuple[int, str], list[str]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not cells[0].isdigit():
+            continue
+        d, name = int(cells[0]), cells[1]
+        m = re.match(r"(.*) \(rounds: \d+\)$", name)
+        (rounds if m else single)[(d, m.group(1) if m else name)] = cells
+    for (d, name), cells in {**single, **rounds}.items():
+        step = steps.setdefault(d, Step())
+        time = re.match(_PCT + r"(?: \((.*)\))?", cells[3])
+        if time is None:  # "failed: ..." / "skipped: ..." / "unavailable: ..."
+            continue
+        if name == "backend=mhc":
+            step.mhc, step.mhc_range = float(time.group(1)), time.group(2) or ""
+        elif name == "LigerMHC":
+            step.liger = float(time.group(1))
+    for (d, name), cells in single.items():
+        act = re.fullmatch(_PCT, cells[6]) if len(cells) > 6 else None
+        if name == "backend=mhc" and act:
+            steps[d].mhc_act = float(act.group(1))
+    return steps
+
+
+def parse_kernels(text: str, t: int = 32768, c: int = 4096) -> dict[str, float]:
+    """'<kernel> <dir>' -> efficiency in % at T x C, from bench_kernels.py's kernels.md."""
+    out = {}
+    for line in text.splitlines():
+        cells = [x.strip() for x in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and cells[2:4] == [str(t), str(c)] and cells[7].endswith("%"):
+            out[f"{cells[0]} {cells[1]}"] = float(cells[7][:-1])
+    return out
+
+
+def targets(kernels: dict[str, float], steps: dict[int, Step]) -> list[str]:
+    """The issue's targets as markdown rows: target | measured | met."""
+    rows = ["| target | measured | met |", "|---|---|---|"]
+    if kernels:
+        low = {k: v for k, v in kernels.items() if v < KERNEL_EFF}
+        worst = ", ".join(f"{k} {v:.0f} %" for k, v in sorted(low.items(), key=lambda kv: kv[1]))
+        rows.append(f"| every kernel >= {KERNEL_EFF:.0f} % of copy bandwidth, 32768 x 4096 | {len(kernels)} rows; "
+                    f"below: {worst or 'none'} | {'yes' if not low else 'no'} |")
+    else:
+        rows.append("| every kernel >= 85 % of copy bandwidth, 32768 x 4096 | no kernel table | - |")
+    for d, limit in STEP_OVERHEAD.items():
+        s = steps.get(d)
+        if s is None or s.mhc is None:
+            rows.append(f"| training step <= {limit:.0f} %, d = {d} | not measured | - |")
+            continue
+        spread = f" ({s.mhc_range})" if s.mhc_range else ""
+        rows.append(f"| training step <= {limit:.0f} %, d = {d} | {s.mhc:+.1f} %{spread} | "
+                    f"{'yes' if s.mhc <= limit else 'no'} |")
+    acts = {d: s.mhc_act for d, s in sorted(steps.items()) if s.mhc_act is not None}
+    if acts:
+        text = ", ".join(f"{a:+.1f} % (d = {d})" for d, a in acts.items())
+        rows.append(f"| activation memory <= {ACT_OVERHEAD:.0f} % | {text} | "
+                    f"{'yes' if max(acts.values()) <= ACT_OVERHEAD else 'no'} |")
+    ratios = {d: s.mhc / s.liger for d, s in sorted(steps.items())
+              if s.mhc is not None and s.liger is not None and s.liger > 0}
+    if ratios:
+        text = ", ".join(f"{r:.3f} (d = {d})" for d, r in ratios.items())
+        rows.append(f"| < 1/5 of LigerMHC's overhead, same run | {text} | "
+                    f"{'yes' if max(ratios.values()) < LIGER_FRACTION else 'no'} |")
+    else:
+        rows.append("| < 1/5 of LigerMHC's overhead, same run | no LigerMHC row (liger_kernel not importable?) | - |")
+    return rows
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _versions() -> list[str]:
+    import torch
+    import triton
+
+    lines = [f"- device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}",
+             f"- torch {torch.__version__}, triton {triton.__version__}"]
+    try:
+        from importlib.metadata import version
+
+        lines.append(f"- liger-kernel {version('liger-kernel')}")
+    except Exception:  # not installed: the training stage says so in its LigerMHC row
+        lines.append("- liger-kernel: not installed")
+    return lines
+
+
+def run_stage(script: str, args: list[str], out_dir: str, log) -> int:
+    """``benchmarks/<script>`` in a process of its own with OUT=out_dir; its output goes to the log."""
+    os.makedirs(out_dir, exist_ok=True)
+    env = {**os.environ, "OUT": out_dir, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get(
+        "PYTHONPATH")]))}
+    cmd = [sys.executable, os.path.join(HERE, script), *args]
+    log(f"$ OUT={out_dir} {' '.join(cmd[1:])}")
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log(proc.stdout)
+    return proc.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="results folder (default: $OUT, else ./bench_out/issue3)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the training step")
+    ap.add_argument("--kernel-budget-s", type=float, default=900)
+    ap.add_argument("--training-budget-s", type=float, default=3600)
+    ap.add_argument("--d", type=int, nargs="+", default=[2048, 4096, 7168])
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("issue3: needs a CUDA device (an H100 / H200); the CPU tests cover this script's own logic",
+              file=sys.stderr)
+        return 2
+    out = args.out or os.environ.get("OUT") or os.path.join("bench_out", "issue3")
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "issue3.log")
+    with open(log_path, "w") as log_file:
+        def log(text: str) -> None:
+            print(text, flush=True)
+            log_file.write(text + "\n")
+            log_file.flush()
+
+        kernels_rc = run_stage("bench_kernels.py", ["--budget-s", str(args.kernel_budget_s)],
+                               os.path.join(out, "kernels"), log)
+        training_rc = run_stage("bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger",
+                                                      "--rounds", str(args.rounds), "--budget-s",
+                                                      str(args.training_budget_s)],
+                                os.path.join(out, "training"), log)
+    kernels_md = _read(os.path.join(out, "kernels", "kernels.md"))
+    training_md = _read(os.path.join(out, "training", "training.md"))
+    report = [f"# Issue 3 benchmark - {datetime.date.today()}", "", *_versions(),
+              f"- stages: bench_kernels.py exit {kernels_rc}, bench_training.py exit {training_rc} "
+              f"(full output: {os.path.basename(log_path)})", "", "## Targets", "",
+              *targets(parse_kernels(kernels_md), parse_training(training_md)), "",
+              "## Correctness (bench_kernels.py, before any timing)", "",
+              _read(os.path.join(out, "kernels", "correctness.md")).strip(), "",
+              "## (a) Kernels", "", _read(os.path.join(out, "kernels", "env.md")).strip(), "", kernels_md.strip(), "",
+              "## (b) Training step", "", training_md.strip(), ""]
+    path = os.path.join(out, f"issue3-{datetime.date.today()}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(report))
+    print(f"wrote {path}")
+    return 0 if kernels_rc == 0 and training_rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

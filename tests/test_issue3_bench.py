@@ -1,0 +1,78 @@
+"""benchmarks/issue3.py, the issue's one-command benchmark, without a GPU: its parsers and target table against
+result files that real H200 runs wrote (benchmarks/results/), and the report it assembles from its two stages."""
+
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import issue3  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+TRAINING = os.path.join(RESULTS, "training-2026-12-03-h200-s18-call1.md")  # d = 4096 / 7168 with every baseline
+KERNELS = os.path.join(RESULTS, "kernels-2026-12-03-h200-s15-call2.md")  # proj and post_res_proj rows
+
+
+def _text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_training_rows_give_the_rounds_overhead_the_single_pass_memory_and_liger():
+    steps = issue3.parse_training(_text(TRAINING))
+    assert steps[4096].mhc == 11.5 and steps[4096].mhc_range == "+9.4 .. +12.3"
+    assert steps[4096].mhc_act == 17.7 and steps[4096].liger == 83.0
+    assert (steps[7168].mhc, steps[7168].mhc_act, steps[7168].liger) == (7.0, 16.8, 47.1)
+    assert steps[2048].mhc is None and steps[2048].liger is None  # "skipped: time budget" rows
+
+
+def test_kernel_rows_at_the_target_shape_only():
+    eff = issue3.parse_kernels(_text(KERNELS))
+    assert eff == {"proj fwd": 98.0, "proj bwd": 73.0, "post_res_proj fwd": 76.0}
+
+
+def test_targets_say_met_and_missed_with_the_numbers():
+    rows = issue3.targets(issue3.parse_kernels(_text(KERNELS)), issue3.parse_training(_text(TRAINING)))
+    text = "\n".join(rows)
+    assert "| training step <= 15 %, d = 4096 | +11.5 % (+9.4 .. +12.3) | yes |" in text
+    assert "| training step <= 8 %, d = 7168 | +7.0 % (+6.1 .. +7.8) | yes |" in text
+    assert "| activation memory <= 20 % | +17.7 % (d = 4096), +16.8 % (d = 7168) | yes |" in text
+    assert "| < 1/5 of LigerMHC's overhead, same run | 0.139 (d = 4096), 0.149 (d = 7168) | yes |" in text
+    assert "below: proj bwd 73 %, post_res_proj fwd 76 % | no |" in text
+    over = issue3.parse_training(_text(TRAINING))
+    over[7168].mhc = 8.4
+    assert "| training step <= 8 %, d = 7168 | +8.4 % (+6.1 .. +7.8) | no |" in "\n".join(issue3.targets({}, over))
+
+
+def test_report_assembles_both_stages(monkeypatch, tmp_path):
+    """The stages as the scripts would leave them (here: copies of real outputs); the report holds the versions,
+    the targets and both tables, and a failed stage makes the exit status 1."""
+    calls = []
+
+    def fake_stage(script, args, out_dir, log):
+        calls.append((script, args))
+        os.makedirs(out_dir, exist_ok=True)
+        if script == "bench_kernels.py":
+            shutil.copy(KERNELS, os.path.join(out_dir, "kernels.md"))
+            return 0
+        shutil.copy(TRAINING, os.path.join(out_dir, "training.md"))
+        return 3
+
+    monkeypatch.setattr(issue3, "run_stage", fake_stage)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda: "NVIDIA H200")
+    assert issue3.main(["--out", str(tmp_path), "--rounds", "2", "--d", "4096", "7168"]) == 1
+    assert calls[0][0] == "bench_kernels.py" and calls[1][0] == "bench_training.py"
+    assert calls[1][1][:7] == ["--d", "4096", "7168", "--variants", "naive", "liger", "--rounds"]
+    (report,) = tmp_path.glob("issue3-*.md")
+    text = report.read_text()
+    assert "- device: NVIDIA H200" in text and "- torch " in text
+    assert "bench_kernels.py exit 0, bench_training.py exit 3" in text
+    assert "| training step <= 15 %, d = 4096 | +11.5 %" in text
+    assert "| proj | bwd | 32768 | 4096 |" in text and "| 7168 | LigerMHC (rounds: 3) |" in text
+
+
+def test_without_a_gpu_it_says_so(capsys, tmp_path):
+    assert issue3.main(["--out", str(tmp_path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())
