@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-budget-s", type=float, default=900)
     ap.add_argument("--training-budget-s", type=float, default=3600)
     ap.add_argument("--d", type=int, nargs="+", default=[2048, 4096, 7168])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="the kernel table's token counts")
+    ap.add_argument("--channels", type=int, nargs="+", default=[2048, 4096, 7168], help="the kernel table's C")
     args = ap.parse_args(argv)
     import torch
 
@@ -178,23 +180,34 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.environ.get("OUT") or os.path.join("bench_out", "issue3")
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "issue3.log")
+    rcs: dict[str, int | str] = {"bench_kernels.py": "not run", "bench_training.py": "not run"}
     with open(log_path, "w") as log_file:
         def log(text: str) -> None:
             print(text, flush=True)
             log_file.write(text + "\n")
             log_file.flush()
 
-        kernels_rc = run_stage("bench_kernels.py", ["--budget-s", str(args.kernel_budget_s)],
-                               os.path.join(out, "kernels"), log)
-        training_rc = run_stage("bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger",
-                                                      "--rounds", str(args.rounds), "--budget-s",
-                                                      str(args.training_budget_s)],
-                                os.path.join(out, "training"), log)
+        # the report is rewritten after each stage, so a run cut short still leaves one
+        rcs["bench_kernels.py"] = run_stage(
+            "bench_kernels.py", ["--tokens", *map(str, args.tokens), "--channels", *map(str, args.channels),
+                                 "--budget-s", str(args.kernel_budget_s)], os.path.join(out, "kernels"), log)
+        write_report(out, rcs, log_path)
+        rcs["bench_training.py"] = run_stage(
+            "bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger", "--rounds",
+                                  str(args.rounds), "--budget-s", str(args.training_budget_s)],
+            os.path.join(out, "training"), log)
+    path = write_report(out, rcs, log_path)
+    print(f"wrote {path}")
+    return 0 if all(rc == 0 for rc in rcs.values()) else 1
+
+
+def write_report(out: str, rcs: dict, log_path: str) -> str:
+    """DIR/issue3-<date>.md from what the stages have written so far; returns its path."""
     kernels_md = _read(os.path.join(out, "kernels", "kernels.md"))
     training_md = _read(os.path.join(out, "training", "training.md"))
+    stages = ", ".join(f"{name} exit {rc}" for name, rc in rcs.items())
     report = [f"# Issue 3 benchmark - {datetime.date.today()}", "", *_versions(),
-              f"- stages: bench_kernels.py exit {kernels_rc}, bench_training.py exit {training_rc} "
-              f"(full output: {os.path.basename(log_path)})", "", "## Targets", "",
+              f"- stages: {stages} (full output: {os.path.basename(log_path)})", "", "## Targets", "",
               *targets(parse_kernels(kernels_md), parse_training(training_md)), "",
               "## Correctness (bench_kernels.py, before any timing)", "",
               _read(os.path.join(out, "kernels", "correctness.md")).strip(), "",
@@ -203,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(out, f"issue3-{datetime.date.today()}.md")
     with open(path, "w") as f:
         f.write("\n".join(report))
-    print(f"wrote {path}")
-    return 0 if kernels_rc == 0 and training_rc == 0 else 1
+    return path
 
 
 if __name__ == "__main__":

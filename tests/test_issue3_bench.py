@@ -63,7 +63,9 @@ def test_report_assembles_both_stages(monkeypatch, tmp_path):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.get_device_name", lambda: "NVIDIA H200")
     assert issue3.main(["--out", str(tmp_path), "--rounds", "2", "--d", "4096", "7168"]) == 1
-    assert calls[0][0] == "bench_kernels.py" and calls[1][0] == "bench_training.py"
+    assert calls[0] == ("bench_kernels.py", ["--tokens", "8192", "32768", "--channels", "2048", "4096", "7168",
+                                             "--budget-s", "900"])
+    assert calls[1][0] == "bench_training.py"
     assert calls[1][1][:7] == ["--d", "4096", "7168", "--variants", "naive", "liger", "--rounds"]
     (report,) = tmp_path.glob("issue3-*.md")
     text = report.read_text()
