@@ -38,6 +38,10 @@ KERNEL_EFF = 85.0  # % of copy bandwidth, every fused kernel, forward and backwa
 STEP_OVERHEAD = {4096: 15.0, 7168: 8.0}  # % over the residual model
 ACT_OVERHEAD = 20.0  # % activation memory with recompute
 LIGER_FRACTION = 0.2  # backend="mhc"'s overhead against LigerMHC's, same run
+# kernel-table rows the bandwidth target does not apply to: coeffs moves ~10 MB at 32768 tokens (the [T, m]
+# coefficients) and is bound by its Sinkhorn iterations, not bytes; "unfused step" is the four-op design the fused
+# step replaces, a reference row of several kernels
+NOT_COUNTED = ("coeffs", "unfused")
 
 
 @dataclass
@@ -95,11 +99,14 @@ def parse_kernels(text: str, t: int = 32768, c: int = 4096) -> dict[str, float]:
 def targets(kernels: dict[str, float], steps: dict[int, Step]) -> list[str]:
     """The issue's targets as markdown rows: target | measured | met."""
     rows = ["| target | measured | met |", "|---|---|---|"]
-    if kernels:
-        low = {k: v for k, v in kernels.items() if v < KERNEL_EFF}
+    counted = {k: v for k, v in kernels.items() if k.split()[0] not in NOT_COUNTED}
+    if counted:
+        low = {k: v for k, v in counted.items() if v < KERNEL_EFF}
         worst = ", ".join(f"{k} {v:.0f} %" for k, v in sorted(low.items(), key=lambda kv: kv[1]))
-        rows.append(f"| every kernel >= {KERNEL_EFF:.0f} % of copy bandwidth, 32768 x 4096 | {len(kernels)} rows; "
-                    f"below: {worst or 'none'} | {'yes' if not low else 'no'} |")
+        left = sorted(set(kernels) - set(counted))
+        rows.append(f"| every kernel >= {KERNEL_EFF:.0f} % of copy bandwidth, 32768 x 4096 | {len(counted)} rows; "
+                    f"below: {worst or 'none'}{'; not counted: ' + ', '.join(left) if left else ''} | "
+                    f"{'yes' if not low else 'no'} |")
     else:
         rows.append("| every kernel >= 85 % of copy bandwidth, 32768 x 4096 | no kernel table | - |")
     for d, limit in STEP_OVERHEAD.items():
@@ -211,7 +218,7 @@ def write_report(out: str, rcs: dict, log_path: str) -> str:
               *targets(parse_kernels(kernels_md), parse_training(training_md)), "",
               "## Correctness (bench_kernels.py, before any timing)", "",
               _read(os.path.join(out, "kernels", "correctness.md")).strip(), "",
-              "## (a) Kernels", "", _read(os.path.join(out, "kernels", "env.md")).strip(), "", kernels_md.strip(), "",
+              "## (a) Kernels", "", kernels_md.strip(), "",  # kernels.md opens with env.md's lines
               "## (b) Training step", "", training_md.strip(), ""]
     path = os.path.join(out, f"issue3-{datetime.date.today()}.md")
     with open(path, "w") as f:

@@ -78,3 +78,13 @@ def test_report_assembles_both_stages(monkeypatch, tmp_path):
 def test_without_a_gpu_it_says_so(capsys, tmp_path):
     assert issue3.main(["--out", str(tmp_path)]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_compute_bound_and_reference_rows_are_not_counted():
+    """The H200 run of this script (session 18 call 5): coeffs (tiny bytes, Sinkhorn-bound) and the unfused reference
+    design are listed apart, not as misses."""
+    text = _text(os.path.join(RESULTS, "issue3-2026-12-03-h200-s18-call5", "kernels.md"))
+    row = issue3.targets(issue3.parse_kernels(text), {})[2]
+    assert row.startswith("| every kernel >= 85 % of copy bandwidth, 32768 x 4096 | 14 rows; below: step bwd 52 %, ")
+    assert "not counted: coeffs bwd, coeffs fwd, unfused step bwd, unfused step fwd | no |" in row
+    assert "coeffs" not in row.split("; not counted")[0]
