@@ -159,8 +159,8 @@ def _versions() -> list[str]:
 def run_stage(script: str, args: list[str], out_dir: str, log) -> int:
     """``benchmarks/<script>`` in a process of its own with OUT=out_dir; its output goes to the log."""
     os.makedirs(out_dir, exist_ok=True)
-    env = {**os.environ, "OUT": out_dir, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get(
-        "PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # the stages import mhc_compile
+    env = {**os.environ, "OUT": out_dir, "PYTHONPATH": path}
     cmd = [sys.executable, os.path.join(HERE, script), *args]
     log(f"$ OUT={out_dir} {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -222,9 +222,8 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
     program stores a tile only after it has read that tile of the buffer, and no other program reads it)."""
     _check("step_backward", n, x_prev, phi, h_res_prev=h_res_prev, h_post_prev=h_post_prev, y_prev=y_prev,
            h_pre=h_pre, p=p, sq=sq, dx=dx, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
-    if out is not None and (out.shape != x_prev.shape or out.dtype != x_prev.dtype or not out.is_contiguous()):
-        raise ValueError(f"mhc triton step_backward: out must be a contiguous {x_prev.dtype} tensor of the stream's "
-                         f"shape {tuple(x_prev.shape)}, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    if out is not None:  # checked before any work, by the check the kernels that write it apply
+        out = tops._grad_buffer(out, x_prev, "step_backward")
     x_prev, h_res_prev, h_post_prev = x_prev.contiguous(), h_res_prev.contiguous(), h_post_prev.contiguous()
     y_prev, dx, dx_in, phi = y_prev.contiguous(), dx.contiguous(), dx_in.contiguous(), phi.contiguous()
     acc = _acc_torch(x_prev.dtype, phi.dtype)
