@@ -2,8 +2,14 @@
 efficiency and (b) the whole training step against every baseline, in one dated results file.
 
     PYTHONPATH=. python benchmarks/issue3.py [--out DIR] [--rounds 3] [--kernel-budget-s 900]
-                                             [--training-budget-s 3600]
+                                             [--training-budget-s 3600] [--stages kernels training]
     mhc-compile bench issue3
+
+The whole run takes longer than one call of a machine lent by the call (the device tool's calls last 10 minutes),
+so the stages can run apart into one DIR: ``--stages kernels``, then ``--stages training --d 4096 7168``, then
+``--stages training --d 2048``, each call handed the DIR the calls before it left. Each training run writes a
+folder of its own (DIR/training/d<widths>/); the report is rebuilt from everything DIR holds, with each stage's
+exit status as it was recorded (DIR/stages.json).
 
 Stages, each the existing script in a process of its own (a stage that fails or runs out of its budget leaves the
 other's results), writing under DIR (default: $OUT, else ./bench_out/issue3):
@@ -15,7 +21,7 @@ other's results), writing under DIR (default: $OUT, else ./bench_out/issue3):
    n = 4, d in {2048, 4096, 7168}, backend="mhc" checked against the naive eager mHC on the same weights first, then
    step time and peak memory of the residual model under Inductor, backend="mhc", naive mHC eager and under
    Inductor, and Liger-Kernel's ``LigerMHC`` (when ``liger_kernel`` is importable), rounds interleaved
-   -> DIR/training/.
+   -> DIR/training/d<widths>/.
 3. DIR/issue3-<date>.md: device and versions, each target of the issue against what the run measured, then both
    stages' tables as they were written.
 """
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
+import json
 import os
 import re
 import subprocess
@@ -168,9 +176,32 @@ def run_stage(script: str, args: list[str], out_dir: str, log) -> int:
     return proc.returncode
 
 
+STAGES = ("kernels", "training")
+
+
+def _stage_key(stage: str, d: list[int]) -> str:
+    """The name a stage's exit status is kept under: bench_kernels.py, or bench_training.py d=<widths>."""
+    return "bench_kernels.py" if stage == "kernels" else f"bench_training.py d={','.join(map(str, d))}"
+
+
+def _load_status(out: str) -> dict[str, int | str]:
+    try:
+        with open(os.path.join(out, "stages.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_status(out: str, rcs: dict) -> None:
+    with open(os.path.join(out, "stages.json"), "w") as f:
+        json.dump(rcs, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="results folder (default: $OUT, else ./bench_out/issue3)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="the stages to run now; what DIR already holds from earlier runs stays in the report")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the training step")
     ap.add_argument("--kernel-budget-s", type=float, default=900)
     ap.add_argument("--training-budget-s", type=float, default=3600)
@@ -186,40 +217,58 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or os.environ.get("OUT") or os.path.join("bench_out", "issue3")
     os.makedirs(out, exist_ok=True)
+    rcs = _load_status(out)  # stages of earlier runs into this folder
+    now = [_stage_key(stage, args.d) for stage in STAGES if stage in args.stages]
+    rcs.update({key: "cut short" for key in now})  # what a call killed mid-stage leaves on record
+    _save_status(out, rcs)
     log_path = os.path.join(out, "issue3.log")
-    rcs: dict[str, int | str] = {"bench_kernels.py": "not run", "bench_training.py": "not run"}
-    with open(log_path, "w") as log_file:
+    with open(log_path, "a") as log_file:  # appended: the log of every run into this folder
         def log(text: str) -> None:
             print(text, flush=True)
             log_file.write(text + "\n")
             log_file.flush()
 
+        log(f"# issue3.py {' '.join(argv if argv is not None else sys.argv[1:])} ({datetime.datetime.now():%F %T})")
         # the report is rewritten after each stage, so a run cut short still leaves one
-        rcs["bench_kernels.py"] = run_stage(
-            "bench_kernels.py", ["--tokens", *map(str, args.tokens), "--channels", *map(str, args.channels),
-                                 "--budget-s", str(args.kernel_budget_s)], os.path.join(out, "kernels"), log)
-        write_report(out, rcs, log_path)
-        rcs["bench_training.py"] = run_stage(
-            "bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger", "--rounds",
-                                  str(args.rounds), "--budget-s", str(args.training_budget_s)],
-            os.path.join(out, "training"), log)
+        if "kernels" in args.stages:
+            rcs[_stage_key("kernels", args.d)] = run_stage(
+                "bench_kernels.py", ["--tokens", *map(str, args.tokens), "--channels", *map(str, args.channels),
+                                     "--budget-s", str(args.kernel_budget_s)], os.path.join(out, "kernels"), log)
+            _save_status(out, rcs)
+            write_report(out, rcs, log_path)
+        if "training" in args.stages:
+            rcs[_stage_key("training", args.d)] = run_stage(
+                "bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger", "--rounds",
+                                      str(args.rounds), "--budget-s", str(args.training_budget_s)],
+                os.path.join(out, "training", "d" + "-".join(map(str, args.d))), log)
+            _save_status(out, rcs)
     path = write_report(out, rcs, log_path)
     print(f"wrote {path}")
-    return 0 if all(rc == 0 for rc in rcs.values()) else 1
+    return 0 if all(rcs[key] == 0 for key in now) else 1
+
+
+def training_files(out: str) -> list[str]:
+    """Every training run's table in DIR, ordered by folder name (one folder a run: DIR/training/d<widths>/)."""
+    return sorted(glob.glob(os.path.join(out, "training", "*", "training.md")))
 
 
 def write_report(out: str, rcs: dict, log_path: str) -> str:
-    """DIR/issue3-<date>.md from what the stages have written so far; returns its path."""
+    """DIR/issue3-<date>.md from everything the stages have written into DIR so far; returns its path. Where two
+    training runs measured the same width, the later folder's rows win (parse_training keeps the last)."""
     kernels_md = _read(os.path.join(out, "kernels", "kernels.md"))
-    training_md = _read(os.path.join(out, "training", "training.md"))
+    runs = [(os.path.basename(os.path.dirname(p)), _read(p).strip()) for p in training_files(out)]
+    training_md = "\n".join(text for _, text in runs)
     stages = ", ".join(f"{name} exit {rc}" for name, rc in rcs.items())
+    training = []
+    for name, text in runs:
+        training += [f"### {name}", "", text, ""] if len(runs) > 1 else [text, ""]
     report = [f"# Issue 3 benchmark - {datetime.date.today()}", "", *_versions(),
               f"- stages: {stages} (full output: {os.path.basename(log_path)})", "", "## Targets", "",
               *targets(parse_kernels(kernels_md), parse_training(training_md)), "",
               "## Correctness (bench_kernels.py, before any timing)", "",
               _read(os.path.join(out, "kernels", "correctness.md")).strip(), "",
               "## (a) Kernels", "", kernels_md.strip(), "",  # kernels.md opens with env.md's lines
-              "## (b) Training step", "", training_md.strip(), ""]
+              "## (b) Training step", "", *(training or ["no training run in this folder", ""])]
     path = os.path.join(out, f"issue3-{datetime.date.today()}.md")
     with open(path, "w") as f:
         f.write("\n".join(report))

@@ -70,7 +70,7 @@ def test_report_assembles_both_stages(monkeypatch, tmp_path):
     (report,) = tmp_path.glob("issue3-*.md")
     text = report.read_text()
     assert "- device: NVIDIA H200" in text and "- torch " in text
-    assert "bench_kernels.py exit 0, bench_training.py exit 3" in text
+    assert "bench_kernels.py exit 0, bench_training.py d=4096,7168 exit 3" in text
     assert "| training step <= 15 %, d = 4096 | +11.5 %" in text
     assert "| proj | bwd | 32768 | 4096 |" in text and "| 7168 | LigerMHC (rounds: 3) |" in text
 
@@ -88,3 +88,49 @@ def test_compute_bound_and_reference_rows_are_not_counted():
     assert row.startswith("| every kernel >= 85 % of copy bandwidth, 32768 x 4096 | 14 rows; below: step bwd 52 %, ")
     assert "not counted: coeffs bwd, coeffs fwd, unfused step bwd, unfused step fwd | no |" in row
     assert "coeffs" not in row.split("; not counted")[0]
+
+
+def test_stages_run_apart_into_one_folder(monkeypatch, tmp_path):
+    """The device tool's calls last 10 minutes: kernels in one call, each set of widths in another, the folder
+    handed on. The report holds every stage's table and exit status; each call's exit status is its own."""
+    def fake_stage(script, args, out_dir, log):
+        os.makedirs(out_dir, exist_ok=True)
+        if script == "bench_kernels.py":
+            shutil.copy(KERNELS, os.path.join(out_dir, "kernels.md"))
+            return 0
+        widths = args[args.index("--d") + 1:args.index("--variants")]
+        with open(os.path.join(out_dir, "training.md"), "w") as f:  # the real table's rows for these widths
+            f.write("\n".join(line for line in _text(TRAINING).splitlines()
+                              if not line.startswith("| ") or line.split("|")[1].strip() in widths))
+        return 0 if widths == ["7168"] else 5
+
+    monkeypatch.setattr(issue3, "run_stage", fake_stage)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda: "NVIDIA H200")
+    out = str(tmp_path)
+    assert issue3.main(["--out", out, "--stages", "kernels"]) == 0
+    assert issue3.main(["--out", out, "--stages", "training", "--d", "4096"]) == 1
+    assert issue3.main(["--out", out, "--stages", "training", "--d", "7168"]) == 0
+    assert sorted(os.listdir(tmp_path / "training")) == ["d4096", "d7168"]
+    (report,) = tmp_path.glob("issue3-*.md")
+    text = report.read_text()
+    assert "bench_kernels.py exit 0, bench_training.py d=4096 exit 5, bench_training.py d=7168 exit 0" in text
+    assert "| training step <= 15 %, d = 4096 | +11.5 % (+9.4 .. +12.3) | yes |" in text
+    assert "| training step <= 8 %, d = 7168 | +7.0 % (+6.1 .. +7.8) | yes |" in text
+    assert "0.139 (d = 4096), 0.149 (d = 7168)" in text
+    assert "### d4096" in text and "### d7168" in text and "| proj | bwd | 32768 | 4096 |" in text
+    log = (tmp_path / "issue3.log").read_text()
+    assert log.count("# issue3.py") == 3
+
+
+def test_a_stage_cut_short_is_on_record(monkeypatch, tmp_path):
+    def killed(script, args, out_dir, log):
+        raise KeyboardInterrupt  # what the device tool's time limit does to the call
+
+    monkeypatch.setattr(issue3, "run_stage", killed)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    try:
+        issue3.main(["--out", str(tmp_path), "--stages", "training", "--d", "2048"])
+    except KeyboardInterrupt:
+        pass
+    assert issue3._load_status(str(tmp_path)) == {"bench_training.py d=2048": "cut short"}
