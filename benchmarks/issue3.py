@@ -8,7 +8,7 @@ efficiency and (b) the whole training step against every baseline, in one dated 
 The whole run takes longer than one call of a machine lent by the call (the device tool's calls last 10 minutes),
 so the stages can run apart into one DIR: ``--stages kernels``, then ``--stages training --d 4096 7168``, then
 ``--stages training --d 2048``, each call handed the DIR the calls before it left. Each training run writes a
-folder of its own (DIR/training/d<widths>/); the report is rebuilt from everything DIR holds, with each stage's
+folder of its own (DIR/training-d<widths>/); the report is rebuilt from everything DIR holds, with each stage's
 exit status as it was recorded (DIR/stages.json).
 
 Stages, each the existing script in a process of its own (a stage that fails or runs out of its budget leaves the
@@ -21,7 +21,7 @@ other's results), writing under DIR (default: $OUT, else ./bench_out/issue3):
    n = 4, d in {2048, 4096, 7168}, backend="mhc" checked against the naive eager mHC on the same weights first, then
    step time and peak memory of the residual model under Inductor, backend="mhc", naive mHC eager and under
    Inductor, and Liger-Kernel's ``LigerMHC`` (when ``liger_kernel`` is importable), rounds interleaved
-   -> DIR/training/d<widths>/.
+   -> DIR/training-d<widths>/.
 3. DIR/issue3-<date>.md: device and versions, each target of the issue against what the run measured, then both
    stages' tables as they were written.
 """
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             rcs[_stage_key("training", args.d)] = run_stage(
                 "bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger", "--rounds",
                                       str(args.rounds), "--budget-s", str(args.training_budget_s)],
-                os.path.join(out, "training", "d" + "-".join(map(str, args.d))), log)
+                os.path.join(out, "training-d" + "-".join(map(str, args.d))), log)
             _save_status(out, rcs)
     path = write_report(out, rcs, log_path)
     print(f"wrote {path}")
@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def training_files(out: str) -> list[str]:
-    """Every training run's table in DIR, ordered by folder name (one folder a run: DIR/training/d<widths>/)."""
-    return sorted(glob.glob(os.path.join(out, "training", "*", "training.md")))
+    """Every training run's table in DIR, ordered by folder name (one folder a run: DIR/training-d<widths>/, not
+    nested deeper: the device tool does not bring back folders three levels under $OUT)."""
+    return sorted(glob.glob(os.path.join(out, "training-d*", "training.md")))
 
 
 def write_report(out: str, rcs: dict, log_path: str) -> str:

@@ -1,5 +1,5 @@
-"""The benchmark scripts' own logic that runs without a GPU: the SM-clock log (benchmarks/gpu_clocks.py) and
-bench_training's tables and variant parsing."""
+"""The benchmark scripts' own logic that runs without a GPU: the SM-clock log (benchmarks/gpu_clocks.py),
+bench_training's tables and variant parsing, and broadcast_check's ulp count and build switch."""
 
 import os
 import stat
@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_training, gpu_clocks  # noqa: E402
+from benchmarks import bench_training, broadcast_check, gpu_clocks  # noqa: E402
 
 
 def test_parse_keeps_number_pairs_only():
@@ -195,3 +195,23 @@ def test_old_head_variant_compiles_a_chains_ends_as_before_session_17(monkeypatc
     assert head_strides[0] == 0  # the chain head's stream: a broadcast view
     assert post_res_calls(old=True) == (4, 3)   # and the last stream, for the collapse
     assert head_strides[0] == 64  # made dense
+
+
+def test_ulps_count_bf16_spacings_at_the_exact_value():
+    exact = torch.tensor([1.0, 3.0, -5.0, 0.0], dtype=torch.float64)
+    assert broadcast_check._ulps(exact.bfloat16(), exact) == 0.0
+    off = torch.tensor([1.0078125, 3.0, -5.0, 0.0]).bfloat16()  # one spacing (2^-7) above 1
+    assert broadcast_check._ulps(off, exact) == 1.0
+    off = torch.tensor([1.0, 3.0, -5.03125, 0.0]).bfloat16()  # between 4 and 8 the spacing is 2^-5
+    assert broadcast_check._ulps(off, exact) == 1.0
+    assert broadcast_check._ulps(exact[:1].bfloat16(), exact[:1] + 2.0 ** -9) == 0.25  # a quarter spacing at 1
+
+
+def test_no_fp_fusion_adds_the_compile_option_to_every_launch(monkeypatch):
+    seen = []
+    monkeypatch.setattr(broadcast_check.launch_mod, "launch",
+                        lambda kernel, grid, args, meta, shrink_stages=True, **options: seen.append(options))
+    monkeypatch.setattr(broadcast_check.tk, "launch", broadcast_check.tk.launch)  # restored after the test
+    broadcast_check._no_fp_fusion()
+    broadcast_check.tk.launch("k", (1,), (), {}, num_warps=4)
+    assert seen == [{"enable_fp_fusion": False, "num_warps": 4}]

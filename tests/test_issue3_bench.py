@@ -111,14 +111,14 @@ def test_stages_run_apart_into_one_folder(monkeypatch, tmp_path):
     assert issue3.main(["--out", out, "--stages", "kernels"]) == 0
     assert issue3.main(["--out", out, "--stages", "training", "--d", "4096"]) == 1
     assert issue3.main(["--out", out, "--stages", "training", "--d", "7168"]) == 0
-    assert sorted(os.listdir(tmp_path / "training")) == ["d4096", "d7168"]
+    assert sorted(p.name for p in tmp_path.glob("training-*")) == ["training-d4096", "training-d7168"]
     (report,) = tmp_path.glob("issue3-*.md")
     text = report.read_text()
     assert "bench_kernels.py exit 0, bench_training.py d=4096 exit 5, bench_training.py d=7168 exit 0" in text
     assert "| training step <= 15 %, d = 4096 | +11.5 % (+9.4 .. +12.3) | yes |" in text
     assert "| training step <= 8 %, d = 7168 | +7.0 % (+6.1 .. +7.8) | yes |" in text
     assert "0.139 (d = 4096), 0.149 (d = 7168)" in text
-    assert "### d4096" in text and "### d7168" in text and "| proj | bwd | 32768 | 4096 |" in text
+    assert "### training-d4096" in text and "### training-d7168" in text and "| proj | bwd | 32768 | 4096 |" in text
     log = (tmp_path / "issue3.log").read_text()
     assert log.count("# issue3.py") == 3
 
@@ -134,3 +134,22 @@ def test_a_stage_cut_short_is_on_record(monkeypatch, tmp_path):
     except KeyboardInterrupt:
         pass
     assert issue3._load_status(str(tmp_path)) == {"bench_training.py d=2048": "cut short"}
+
+
+def test_the_full_size_folder_rebuilds_the_report_the_gpu_wrote(monkeypatch, tmp_path):
+    """Session 19's full-size run (three device calls into one folder): the report rebuilt from the folder's
+    files has the targets table the H200 run wrote."""
+    src = os.path.join(RESULTS, "issue3-2026-12-03-h200-s19")
+    shutil.copytree(src, tmp_path / "run")
+    out = str(tmp_path / "run")
+    written = _text(os.path.join(src, "issue3-2026-12-03.md"))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rebuilt = _text(issue3.write_report(out, issue3._load_status(out), os.path.join(out, "issue3.log")))
+
+    def table(text):
+        return text.split("## Targets", 1)[1].split("## Correctness", 1)[0]
+
+    assert table(rebuilt) == table(written)
+    assert "| training step <= 8 %, d = 7168 | +7.8 % (+7.1 .. +7.8) | yes |" in rebuilt
+    assert "0.141 (d = 2048), 0.158 (d = 4096), 0.170 (d = 7168)" in rebuilt
+    assert rebuilt.count("### training-d") == 2
