@@ -255,7 +255,8 @@ def training_files(out: str) -> list[str]:
 
 def write_report(out: str, rcs: dict, log_path: str) -> str:
     """DIR/issue3-<date>.md from everything the stages have written into DIR so far; returns its path. Where two
-    training runs measured the same width, the later folder's rows win (parse_training keeps the last)."""
+    training runs measured the same width, the targets take the rows of the folder whose name sorts last
+    (parse_training keeps the last rows it reads); both tables stay in the report."""
     kernels_md = _read(os.path.join(out, "kernels", "kernels.md"))
     runs = [(os.path.basename(os.path.dirname(p)), _read(p).strip()) for p in training_files(out)]
     training_md = "\n".join(text for _, text in runs)
