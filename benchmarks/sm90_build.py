@@ -54,3 +54,24 @@ def resources(compiled, arch: int = 90) -> tuple[int, int]:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def sass(compiled, arch: int = 90) -> str:
+    """The SASS of the binary Triton built (cuobjdump -sass)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cuobjdump = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+
+
+def opcode_counts(text: str, opcodes: tuple[str, ...]) -> dict[str, int]:
+    """How often each opcode opens an instruction of the SASS text (predicates and modifiers allowed), and
+    'total': every instruction."""
+    instructions = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
+    counts = {op: sum(1 for ins in instructions if ins == op or ins.startswith(op + ".")) for op in opcodes}
+    counts["total"] = len(instructions)
+    return counts

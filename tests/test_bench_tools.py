@@ -3,6 +3,7 @@ bench_training's tables and variant parsing, and broadcast_check's ulp count and
 
 import os
 import stat
+import subprocess
 import sys
 import time
 
@@ -215,3 +216,35 @@ def test_no_fp_fusion_adds_the_compile_option_to_every_launch(monkeypatch):
     broadcast_check._no_fp_fusion()
     broadcast_check.tk.launch("k", (1,), (), {}, num_warps=4)
     assert seen == [{"enable_fp_fusion": False, "num_warps": 4}]
+
+
+def test_opcode_counts_read_predicated_and_modified_instructions():
+    from benchmarks import sm90_build
+
+    text = """
+        /*0100*/                   HGMMA.64x64x16.F32.BF16 R24, R76, gdesc[UR24].tnspB, R24, gsb0 ;
+        /*0110*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0120*/              @!P0 BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0130*/               @P1 UTMALDG.2D [UR8], [UR4] ;
+        /*0140*/                   FFMA R1, R2, R3, R4 ;
+        /*0150*/                   FFMA2 R1, R2, R3, R4 ;
+    """
+    counts = sm90_build.opcode_counts(text, ("HGMMA", "WARPGROUP.DEPBAR", "BAR.SYNC", "UTMALDG", "FFMA", "STG"))
+    assert counts == {"HGMMA": 1, "WARPGROUP.DEPBAR": 1, "BAR.SYNC": 1, "UTMALDG": 1, "FFMA": 1, "STG": 0,
+                      "total": 6}
+
+
+def test_post_res_proj_build_reads_its_configs_and_builds_for_sm90():
+    """The no-GPU sm_90a build of post_res_proj's kernel, in a process without the interpreter (these tests run
+    under it, where kernels are not compiled): the shipped tile and one_dot build, with tensor-core ops."""
+    from benchmarks import post_res_proj_build as prp
+
+    assert prp.parse_config("default") == {}
+    assert prp.parse_config("one_dot,num_warps=8,tma=False") == {"one_dot": True, "num_warps": 8, "tma": False}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "post_res_proj_build.py"), "--c", "256",
+                           "--configs", "default", "one_dot"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("default:", "one_dot:"))]
+    assert len(rows) == 2 and all("'HGMMA': 0," not in row and "'regs': " in row for row in rows), proc.stdout

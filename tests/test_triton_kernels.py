@@ -661,6 +661,26 @@ def test_post_res_proj_tma_blocks(shape, launch_metas):
     torch.testing.assert_close(joined[2], got[2], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(37, 4, 64), (21, 2, 48), (33, 1, 32), (20, 3, 48)],
+                         ids=["T37n4C64", "T21n2C48", "T33n1C32", "T20n3C48"])
+def test_post_res_proj_one_dot(shape, launch_metas):
+    """one_dot: a chunk's n X' tiles enter one dot of K = n*BC against phi's rows reordered on the host (row
+    c*n + i = phi[i*C + c]). The same X' and sq bit for bit as the default (one dot a stream), p within the hi/lo
+    bound of the reference (its fp32 sum runs in another order); n outside {1, 2, 4} keeps the default build."""
+    x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=12)
+    tile = dict(bt=16, bk=16, waves=64)
+    with tk.tuning("post_res_proj", **tile):
+        default = tk.post_res_proj(x, h_res, h_post, y, phi)
+    with tk.tuning("post_res_proj", **tile, one_dot=True):
+        one = tk.post_res_proj(x, h_res, h_post, y, phi)
+    flags = [(meta["JOIN"], meta["ONE_DOT"]) for meta in launch_metas[tk._post_res_proj_kernel]]
+    assert flags == [(True, False), (True, shape[1] in (1, 2, 4))], flags
+    _check_post_res_proj(one, x, h_res, h_post, y, phi)
+    torch.testing.assert_close(one[0], default[0], rtol=0, atol=0)
+    torch.testing.assert_close(one[2], default[2], rtol=0, atol=0)
+    torch.testing.assert_close(one[1], default[1], rtol=1e-6, atol=1e-6)
+
+
 def test_post_res_proj_tma_boxes_stay_within_256(launch_metas):
     """n = 16 (m = 288 coefficients, MP = 512 columns of phi) exceeds a TMA box side: the pointer build runs."""
     x, y, _, h_post, h_res, phi = _stream(5, 16, 16, torch.bfloat16, seed=13)

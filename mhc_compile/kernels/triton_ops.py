@@ -188,6 +188,11 @@ class DotCfg:
     # hi and a lo dot, so the X tile is read from shared memory once per chunk, not twice
     join_hi_lo: bool = False
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
+    # post_res_proj only, with tma and join_hi_lo, n in {1, 2, 4}: the n streams' X' chunks enter one dot of
+    # K = n*BC against phi's rows reordered on the host (row c*n + i holds phi[i*C + c]), one dot and one wait a
+    # chunk instead of n. Untimed (session 19): fewer barriers and TMA loads in the sm_90a build
+    # (benchmarks/post_res_proj_build.py), the same tensor-core ops, each still waited on
+    one_dot: bool = False
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
 
@@ -1469,12 +1474,26 @@ def _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N: tl.constexpr, ACC:
     return coef
 
 
+@triton.jit
+def _streams_along_k(xs, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """The N [BT, BC] tiles of a chunk as one [BT, N*BC] tile whose column c*N + i is tile i's column c (N in
+    {1, 2, 4}): tl.join stacks on a new last axis, so nested joins of (0, 2) and (1, 3) put stream i = 2a + b at
+    [.., c, a, b], and the reshape flattens (c, a, b) in that order."""
+    if N == 1:
+        v = xs[0]
+    elif N == 2:
+        v = tl.reshape(tl.join(xs[0], xs[1]), (BT, 2 * BC))
+    else:
+        v = tl.reshape(tl.join(tl.join(xs[0], xs[2]), tl.join(xs[1], xs[3])), (BT, 4 * BC))
+    return v
+
+
 @triton.jit(do_not_specialize=["T"])
 def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out_ptr, p_ptr, sq_ptr, T, C, M,
                           MPAD, C_SPLIT, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr,
                           ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
                           HOIST: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr, TMA_STORE: tl.constexpr,
-                          JOIN: tl.constexpr):
+                          JOIN: tl.constexpr, ONE_DOT: tl.constexpr = False):
     """Program (token block, channel split): stores its X' chunk, writes [BT, M] / [BT] partials of p / sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]. HI_LO: hi_ptr / lo_ptr are the halves of _split_hi_lo's
@@ -1486,6 +1505,8 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
     zeros and are not written; no chunk crosses a stream or a split. JOIN (with TMA): hi_ptr is a descriptor of
     the halves interleaved ([K, 2 MPAD], _split_hi_lo's interleave) in [BC, 2 MP] blocks, so each stream's chunk
     takes one dot of twice the width; the hi and lo column halves of the accumulator are added at the end.
+    ONE_DOT (with JOIN, N in {1, 2, 4}): hi_ptr's rows are phi's reordered so that row c*N + i holds phi[i*C + c],
+    in [N*BC, 2 MP] blocks; the chunk's N X' tiles enter one dot as [BT, N*BC] (_streams_along_k).
     """
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -1518,6 +1539,7 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
                 xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0),)
         if not HOIST:
             coef = _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
+        xws = ()  # ONE_DOT: the chunk's X' tiles, for one dot after the loop
         for i in tl.static_range(N):
             # _mix_tile's order: h_post y, then + h_res[i, j] x_j for j = 0 .. N-1
             xi = coef[i][:, None] * y
@@ -1536,7 +1558,9 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             # per layout (twice the FMAs and spilled registers in the sm_90 compile); selects are not hoisted.
             xw = tl.where(m2, xo, 0.0).to(xo.dtype)
             krow = (i * C + cols).to(tl.int64)  # rows of phi_next: k = i*C + c (the pointer builds)
-            if TMA and JOIN:
+            if ONE_DOT:
+                xws = xws + (xw.to(DOT),)
+            elif TMA and JOIN:
                 hl = hi_ptr.load([i * C + c0, 0])
                 acc = tl.dot(xw.to(DOT), hl.to(DOT), acc, out_dtype=ACC)
             elif TMA:
@@ -1554,6 +1578,9 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
                 ph = tl.load(hi_ptr + krow[:, None] * M + ms[None, :], mask=cmask[:, None] & mmask[None, :],
                              other=0.0).to(ACC)
                 acc = tl.dot(xw.to(ACC), ph, acc, input_precision=PREC)
+        if ONE_DOT:
+            hl = hi_ptr.load([c0 * N, 0])
+            acc = tl.dot(_streams_along_k(xws, N, BT, BC), hl.to(DOT), acc, out_dtype=ACC)
     if JOIN:
         acc = tl.sum(tl.reshape(acc, (BT, 2, MP)), axis=1)
     base = split.to(tl.int64) * T
@@ -1583,6 +1610,9 @@ def post_res_proj(
     # TMA boxes are at most 256 elements a side: n = 16 (m = 288, MP = 512) keeps the pointer build
     tma = cfg.tma and hi_lo and c % bc == 0 and max(bt, bc, mp) <= 256 and tma_ok(x, y, out)
     join = tma and cfg.join_hi_lo and 2 * mp <= 256
+    one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
+    if one_dot:  # row c*n + i = phi[i*C + c]: a chunk's rows for all n streams are one block
+        phi_next = phi_next.view(n, c, m).transpose(0, 1).reshape(k, m)
     if hi_lo:
         w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join)
         hi, lo = (w, w) if join else (w[0], w[1])
@@ -1597,12 +1627,13 @@ def post_res_proj(
     if tma:  # c_split is a multiple of bc: with c % bc == 0 no chunk crosses a stream or a split
         x_arg, y_arg = descriptor(x, t, n * c, (bt, bc)), descriptor(y, t, c, (bt, bc))
         out_arg = descriptor(out, t, n * c, (bt, bc)) if cfg.tma_store else out
-        hi = lo = descriptor(w, k, 2 * mp, (bc, 2 * mp)) if join else descriptor(w, 2 * k, mp, (bc, mp))
+        rows = n * bc if one_dot else bc
+        hi = lo = descriptor(w, k, 2 * mp, (rows, 2 * mp)) if join else descriptor(w, 2 * k, mp, (bc, mp))
     else:
         x_arg, y_arg, out_arg = x, y, out
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=_acc_tl(acc), PREC=_dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=_half_dot_dtype(), HOIST=n * n + n <= _PRP_HOIST, RNE=_INTERPRETED, TMA=tma,
-                TMA_STORE=tma and cfg.tma_store, JOIN=join)
+                TMA_STORE=tma and cfg.tma_store, JOIN=join, ONE_DOT=one_dot)
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), w.element_size(), hi_lo)
     launch(_post_res_proj_kernel, (tblocks, splits),
            (x_arg, h_res, h_post, y_arg, hi, lo, out_arg, p, sq, t, c, m, mp, c_split),
