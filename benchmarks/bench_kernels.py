@@ -308,10 +308,10 @@ SWEEP = {
     # bt=32 (session 15, not yet timed): below wgmma's 64 rows Triton takes mma v2, whose A operand comes from
     # registers (no shared-memory hand-off, no dot waits); sm_90a build 128 registers, no spills, 54 KB of shared
     # memory: four 4-warp programs an SM, twice the warps of the default; phi is read from L2 twice as often
-    # one_dot (session 19, not yet timed: no device time left): the chunk's four X' tiles enter one dot of K = 128
-    # against phi's rows reordered on the host; the sm_90a build by Triton 3.9 (post_res_proj_build.py) has 1976
-    # instructions against 2272, 29 SYNCS against 62, 39 BAR.SYNC against 57, 18 TMA loads against 27, 221
-    # registers and no spills, but still waits on every wgmma (its A operand comes from registers)
+    # one_dot (session 19, not yet timed: no device time left): the chunk's four X' tiles enter one transposed dot
+    # of K = 128 against phi's rows reordered on the host, both operands in shared memory; the sm_90a build by
+    # Triton 3.9 (post_res_proj_build.py) waits once a chunk on its eight wgmmas instead of after each, loads phi
+    # in one TMA box instead of four (18 TMA loads against 27), 220 registers, no spills, 104 KB of shared memory
     "post_res_proj": [dict(one_dot=True), dict(one_dot=True, num_warps=8),
                       dict(bt=32, bk=32, occupancy=4), dict(tma=False), dict(join_hi_lo=False),
                       dict(tma_store=True, join_hi_lo=False),

@@ -189,9 +189,9 @@ class DotCfg:
     join_hi_lo: bool = False
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
     # post_res_proj only, with tma and join_hi_lo, n in {1, 2, 4}: the n streams' X' chunks enter one dot of
-    # K = n*BC against phi's rows reordered on the host (row c*n + i holds phi[i*C + c]), one dot and one wait a
-    # chunk instead of n. Untimed (session 19): fewer barriers and TMA loads in the sm_90a build
-    # (benchmarks/post_res_proj_build.py), the same tensor-core ops, each still waited on
+    # K = n*BC against phi's rows reordered on the host (row c*n + i holds phi[i*C + c]), transposed so that both
+    # operands come from shared memory. Untimed (session 19); in the sm_90a build (benchmarks/post_res_proj_build.py)
+    # a chunk's eight wgmmas take one wait instead of eight, and its phi tile one TMA load instead of four
     one_dot: bool = False
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
@@ -1506,7 +1506,7 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
     the halves interleaved ([K, 2 MPAD], _split_hi_lo's interleave) in [BC, 2 MP] blocks, so each stream's chunk
     takes one dot of twice the width; the hi and lo column halves of the accumulator are added at the end.
     ONE_DOT (with JOIN, N in {1, 2, 4}): hi_ptr's rows are phi's reordered so that row c*N + i holds phi[i*C + c],
-    in [N*BC, 2 MP] blocks; the chunk's N X' tiles enter one dot as [BT, N*BC] (_streams_along_k).
+    in [N*BC, 2 MP] blocks; the chunk's N X' tiles enter one transposed dot as [N*BC, BT] (_streams_along_k).
     """
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -1518,7 +1518,9 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
         coef = _post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
     c_lo = split * C_SPLIT
     c_hi = tl.minimum(c_lo + C_SPLIT, C)
-    if JOIN:
+    if ONE_DOT:
+        acc = tl.zeros([2 * MP, BT], dtype=ACC)  # p^T: transposed back after the loop
+    elif JOIN:
         acc = tl.zeros([BT, 2 * MP], dtype=ACC)
     else:
         acc = tl.zeros([BT, MP], dtype=ACC)
@@ -1579,8 +1581,13 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
                              other=0.0).to(ACC)
                 acc = tl.dot(xw.to(ACC), ph, acc, input_precision=PREC)
         if ONE_DOT:
+            # p^T += phi_chunk^T X'_chunk^T: both operands in shared memory (phi's TMA tile, X' staged by the
+            # compiler), so the chunk's wgmmas chain with one wait. With X' as the A operand from registers the
+            # sm_90a build waits after every wgmma (benchmarks/post_res_proj_build.py)
             hl = hi_ptr.load([c0 * N, 0])
-            acc = tl.dot(_streams_along_k(xws, N, BT, BC), hl.to(DOT), acc, out_dtype=ACC)
+            acc = tl.dot(tl.trans(hl.to(DOT)), tl.trans(_streams_along_k(xws, N, BT, BC)), acc, out_dtype=ACC)
+    if ONE_DOT:
+        acc = tl.trans(acc)
     if JOIN:
         acc = tl.sum(tl.reshape(acc, (BT, 2, MP)), axis=1)
     base = split.to(tl.int64) * T
