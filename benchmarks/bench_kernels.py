@@ -34,10 +34,14 @@ import torch
 import triton
 import triton.testing
 
-from mhc_compile import cost
-from mhc_compile.kernels import reference as ref
-from mhc_compile.kernels import triton_fused as tf
-from mhc_compile.kernels import triton_ops as tk
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.gpu_clocks import ClockLog  # noqa: E402
+from benchmarks.gpu_clocks import describe as describe_clocks  # noqa: E402
+from mhc_compile import cost  # noqa: E402
+from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_fused as tf  # noqa: E402
+from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 
 N_ITERS = 20
 EPS = 1e-6
@@ -492,7 +496,10 @@ def main() -> int:
         write(out_dir, "env.md", env)
         del inp
 
-    table = ["| kernel | dir | T | C | triton us | bytes MB | GB/s | eff | eager us |", "|---|---|---|---|---|---|---|---|---|"]
+    # the SM clock while each Triton row is timed: kernels bound by latency or tensor-core work slow when the GPU
+    # reaches its power cap mid-table (session19 results, section 2); empty without nvidia-smi
+    table = ["| kernel | dir | T | C | triton us | bytes MB | GB/s | eff | eager us | SM clock (triton) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for t in args.tokens:
         for c in args.channels:
             inp = make_inputs(t, args.n, c, torch.bfloat16, device)
@@ -500,7 +507,8 @@ def main() -> int:
                 if (case.kernel, case.direction) in failed or (args.cases is not None and case.kernel not in args.cases):
                     continue
                 try:
-                    us = bench_us(lambda: _call(case, tk))
+                    with ClockLog() as clocks:
+                        us = bench_us(lambda: _call(case, tk))
                     eager = bench_us(lambda: _call(case, ref))
                 except Exception as exc:
                     print(f"{case.kernel} {case.direction} {t}x{c}: {type(exc).__name__}: {exc}", flush=True)
@@ -508,7 +516,7 @@ def main() -> int:
                 gbs = case.nbytes / (us * 1e-6) / 1e9
                 eff = case.nbytes / (us * 1e-6) / copy_bw
                 table.append(f"| {case.kernel} | {case.direction} | {t} | {c} | {us:.1f} | {case.nbytes / 1e6:.1f} | "
-                             f"{gbs:.0f} | {100 * eff:.0f}% | {eager:.1f} |")
+                             f"{gbs:.0f} | {100 * eff:.0f}% | {eager:.1f} | {describe_clocks(clocks.summary())} |")
                 print(table[-1], flush=True)
                 write(out_dir, "kernels.md", env + [""] + table)
             del inp

@@ -153,3 +153,20 @@ def test_the_full_size_folder_rebuilds_the_report_the_gpu_wrote(monkeypatch, tmp
     assert "| training step <= 8 %, d = 7168 | +7.8 % (+7.1 .. +7.8) | yes |" in rebuilt
     assert "0.141 (d = 2048), 0.158 (d = 4096), 0.170 (d = 7168)" in rebuilt
     assert rebuilt.count("### training-d") == 2
+
+
+def test_parsers_read_what_bench_kernels_writes_today(tmp_path):
+    """bench_kernels.py's smoke run (CPU, interpreter, tiny shapes) writes the table format the kernel parser
+    reads, SM-clock column included (empty without nvidia-smi)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--smoke",
+                           "--tokens", "37", "--channels", "24", "--budget-s", "5"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "kernels.md").read_text()
+    assert "| SM clock (triton) |" in text
+    eff = issue3.parse_kernels(text, t=37, c=24)
+    assert {"proj fwd", "post_res_proj fwd", "proj_pre_backward bwd", "step bwd"} <= set(eff), sorted(eff)
