@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mhc_compile.kernels import launch as launch_mod  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+from mhc_compile.kernels import triton_proj_bwd as proj_bwd  # noqa: E402
 
 N = 4
 
@@ -58,13 +59,15 @@ def _ulps(out, exact):
 
 
 def _no_fp_fusion():
-    """Every launch of triton_ops builds with enable_fp_fusion=False (a compile option, part of the launch key)."""
+    """Every launch of triton_ops and of proj's one-pass backward (triton_proj_bwd, which bf16 proj_pre_backward
+    calls) builds with enable_fp_fusion=False (a compile option, part of the launch key)."""
     plain = launch_mod.launch
 
     def launch(kernel, grid, args, meta, shrink_stages=True, **options):
         return plain(kernel, grid, args, meta, shrink_stages, enable_fp_fusion=False, **options)
 
     tk.launch = launch
+    proj_bwd.launch = launch
 
 
 def main():
@@ -124,7 +127,7 @@ def main():
             rel = max(((o.double() - e).abs().max() / e.abs().max()).item()
                       for o, e in zip(outs, exact) if o.dtype == torch.float32)
             lines.append(f"<!-- C = {c}, {side}: bf16 outputs' largest error against float64, in ulps: "
-                         f"{', '.join(ulps)}; fp32 outputs' largest relative error: {rel:.2e} -->")
+                         f"{', '.join(ulps)}; fp32 outputs' max |error| / max |value|: {rel:.2e} -->")
             print(lines[-1], flush=True)
     with open(os.path.join(out_dir, "broadcast_check.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

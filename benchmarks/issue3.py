@@ -34,6 +34,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -184,6 +185,12 @@ def _stage_key(stage: str, d: list[int]) -> str:
     return "bench_kernels.py" if stage == "kernels" else f"bench_training.py d={','.join(map(str, d))}"
 
 
+def _stage_dir(stage: str, d: list[int]) -> str:
+    """The stage's folder in DIR: kernels/, or training-d<widths>/ (one level only: the device tool does not bring
+    back folders three levels under $OUT)."""
+    return "kernels" if stage == "kernels" else "training-d" + "-".join(map(str, d))
+
+
 def _load_status(out: str) -> dict[str, int | str]:
     try:
         with open(os.path.join(out, "stages.json")) as f:
@@ -217,9 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or os.environ.get("OUT") or os.path.join("bench_out", "issue3")
     os.makedirs(out, exist_ok=True)
-    rcs = _load_status(out)  # stages of earlier runs into this folder
+    rcs = _load_status(out)  # stages of earlier runs into this folder, in the order they last started
     now = [_stage_key(stage, args.d) for stage in STAGES if stage in args.stages]
-    rcs.update({key: "cut short" for key in now})  # what a call killed mid-stage leaves on record
+    for stage in STAGES:
+        if stage in args.stages:  # a re-run replaces the stage's earlier tables, so a kill leaves none stale
+            shutil.rmtree(os.path.join(out, _stage_dir(stage, args.d)), ignore_errors=True)
+    for key in now:  # what a call killed mid-stage leaves on record; moved last: the newest run
+        rcs.pop(key, None)
+        rcs[key] = "cut short"
     _save_status(out, rcs)
     log_path = os.path.join(out, "issue3.log")
     with open(log_path, "a") as log_file:  # appended: the log of every run into this folder
@@ -233,40 +245,55 @@ def main(argv: list[str] | None = None) -> int:
         if "kernels" in args.stages:
             rcs[_stage_key("kernels", args.d)] = run_stage(
                 "bench_kernels.py", ["--tokens", *map(str, args.tokens), "--channels", *map(str, args.channels),
-                                     "--budget-s", str(args.kernel_budget_s)], os.path.join(out, "kernels"), log)
+                                     "--budget-s", str(args.kernel_budget_s)],
+                os.path.join(out, _stage_dir("kernels", args.d)), log)
             _save_status(out, rcs)
             write_report(out, rcs, log_path)
         if "training" in args.stages:
             rcs[_stage_key("training", args.d)] = run_stage(
                 "bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger", "--rounds",
                                       str(args.rounds), "--budget-s", str(args.training_budget_s)],
-                os.path.join(out, "training-d" + "-".join(map(str, args.d))), log)
+                os.path.join(out, _stage_dir("training", args.d)), log)
             _save_status(out, rcs)
     path = write_report(out, rcs, log_path)
     print(f"wrote {path}")
     return 0 if all(rcs[key] == 0 for key in now) else 1
 
 
-def training_files(out: str) -> list[str]:
-    """Every training run's table in DIR, ordered by folder name (one folder a run: DIR/training-d<widths>/, not
-    nested deeper: the device tool does not bring back folders three levels under $OUT)."""
-    return sorted(glob.glob(os.path.join(out, "training-d*", "training.md")))
+def training_runs(out: str, rcs: dict) -> list[tuple[str, str]]:
+    """(folder name, table) of every training run in DIR, oldest first: the folders stages.json names, in the
+    order their runs last started, after any it does not name (sorted by name)."""
+    named = [_stage_dir("training", [int(v) for v in key.split("d=", 1)[1].split(",")])
+             for key in rcs if key.startswith("bench_training.py d=")]
+    present = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(out, "training-d*", "training.md"))}
+    order = sorted(present - set(named)) + [name for name in named if name in present]
+    return [(name, _read(os.path.join(out, name, "training.md")).strip()) for name in order]
+
+
+def merge_training(tables: list[str]) -> dict[int, Step]:
+    """d -> Step over several runs, oldest first: a width's Step comes whole from the newest run that measured
+    backend="mhc" at it (time, range, memory and LigerMHC of one run, never mixed; a later failed row does not
+    hide an earlier measurement)."""
+    merged: dict[int, Step] = {}
+    for text in tables:
+        for d, step in parse_training(text).items():
+            if step.mhc is not None or d not in merged:
+                merged[d] = step
+    return merged
 
 
 def write_report(out: str, rcs: dict, log_path: str) -> str:
-    """DIR/issue3-<date>.md from everything the stages have written into DIR so far; returns its path. Where two
-    training runs measured the same width, the targets take the rows of the folder whose name sorts last
-    (parse_training keeps the last rows it reads); both tables stay in the report."""
+    """DIR/issue3-<date>.md from everything the stages have written into DIR so far; returns its path. Every
+    training run's table stays in the report; the targets take each width from merge_training."""
     kernels_md = _read(os.path.join(out, "kernels", "kernels.md"))
-    runs = [(os.path.basename(os.path.dirname(p)), _read(p).strip()) for p in training_files(out)]
-    training_md = "\n".join(text for _, text in runs)
+    runs = training_runs(out, rcs)
     stages = ", ".join(f"{name} exit {rc}" for name, rc in rcs.items())
     training = []
     for name, text in runs:
         training += [f"### {name}", "", text, ""] if len(runs) > 1 else [text, ""]
     report = [f"# Issue 3 benchmark - {datetime.date.today()}", "", *_versions(),
               f"- stages: {stages} (full output: {os.path.basename(log_path)})", "", "## Targets", "",
-              *targets(parse_kernels(kernels_md), parse_training(training_md)), "",
+              *targets(parse_kernels(kernels_md), merge_training([text for _, text in runs])), "",
               "## Correctness (bench_kernels.py, before any timing)", "",
               _read(os.path.join(out, "kernels", "correctness.md")).strip(), "",
               "## (a) Kernels", "", kernels_md.strip(), "",  # kernels.md opens with env.md's lines

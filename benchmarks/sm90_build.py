@@ -71,7 +71,7 @@ def sass(compiled, arch: int = 90) -> str:
 def opcode_counts(text: str, opcodes: tuple[str, ...]) -> dict[str, int]:
     """How often each opcode opens an instruction of the SASS text (predicates and modifiers allowed), and
     'total': every instruction."""
-    instructions = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
+    instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
     counts = {op: sum(1 for ins in instructions if ins == op or ins.startswith(op + ".")) for op in opcodes}
     counts["total"] = len(instructions)
     return counts

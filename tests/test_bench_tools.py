@@ -209,13 +209,16 @@ def test_ulps_count_bf16_spacings_at_the_exact_value():
 
 
 def test_no_fp_fusion_adds_the_compile_option_to_every_launch(monkeypatch):
+    """triton_ops' launches and proj's one-pass backward's, which imports launch on its own."""
     seen = []
     monkeypatch.setattr(broadcast_check.launch_mod, "launch",
                         lambda kernel, grid, args, meta, shrink_stages=True, **options: seen.append(options))
-    monkeypatch.setattr(broadcast_check.tk, "launch", broadcast_check.tk.launch)  # restored after the test
+    for module in (broadcast_check.tk, broadcast_check.proj_bwd):  # restored after the test
+        monkeypatch.setattr(module, "launch", module.launch)
     broadcast_check._no_fp_fusion()
     broadcast_check.tk.launch("k", (1,), (), {}, num_warps=4)
-    assert seen == [{"enable_fp_fusion": False, "num_warps": 4}]
+    broadcast_check.proj_bwd.launch("k", (1,), (), {}, shrink_stages=False, num_warps=8)
+    assert seen == [{"enable_fp_fusion": False, "num_warps": 4}, {"enable_fp_fusion": False, "num_warps": 8}]
 
 
 def test_opcode_counts_read_predicated_and_modified_instructions():

@@ -5,6 +5,8 @@ import os
 import shutil
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import issue3  # noqa: E402
@@ -170,3 +172,56 @@ def test_parsers_read_what_bench_kernels_writes_today(tmp_path):
     assert "| SM clock (triton) |" in text
     eff = issue3.parse_kernels(text, t=37, c=24)
     assert {"proj fwd", "post_res_proj fwd", "proj_pre_backward bwd", "step bwd"} <= set(eff), sorted(eff)
+
+
+def _rows(d, mhc_time, act="+17.7%", rounds=None):
+    """bench_training.py's rows for one width: the baseline and backend=mhc (single pass, then rounds if given)."""
+    rows = [f"| {d} | residual (Inductor) | 66.00 | +0.0% | 13.9 | 4.30 | +0.0% | |",
+            f"| {d} | backend=mhc | 74.00 | {mhc_time} | 14.7 | 5.06 | {act} | |"]
+    if rounds:
+        rows.append(f"| {d} | backend=mhc (rounds: 3) | 74.60 | {rounds} | | | | |")
+    return "\n".join(rows) + "\n"
+
+
+def test_a_width_measured_twice_comes_whole_from_the_newest_run_that_measured_it(tmp_path):
+    """Runs are ordered by when they last started (stages.json), not by folder name; a newer run replaces a
+    width's time, range and memory together, and a newer failed row does not hide an older measurement."""
+    out = str(tmp_path)
+    for name, text in [("training-d4096-7168", _rows(4096, "+12.0%", rounds="+11.5% (+9.4 .. +12.3)")
+                        + _rows(7168, "+7.0%", act="+16.8%")),
+                       ("training-d4096", _rows(4096, "+13.0%", act="+12.0%")),
+                       ("training-d7168", _rows(7168, "failed: OutOfMemoryError", act=""))]:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "training.md").write_text(text)
+    rcs = {"bench_training.py d=4096,7168": 0, "bench_training.py d=4096": 0, "bench_training.py d=7168": 1}
+    runs = issue3.training_runs(out, rcs)
+    assert [name for name, _ in runs] == ["training-d4096-7168", "training-d4096", "training-d7168"]
+    steps = issue3.merge_training([text for _, text in runs])
+    assert (steps[4096].mhc, steps[4096].mhc_range, steps[4096].mhc_act) == (13.0, "", 12.0)  # all the newest run's
+    assert (steps[7168].mhc, steps[7168].mhc_act) == (7.0, 16.8)  # the newest run failed at 7168
+    # the same runs started in the other order: the older wins
+    rcs = {"bench_training.py d=4096": 0, "bench_training.py d=4096,7168": 0}
+    steps = issue3.merge_training([text for _, text in issue3.training_runs(out, rcs)])
+    assert (steps[4096].mhc, steps[4096].mhc_range, steps[4096].mhc_act) == (11.5, "+9.4 .. +12.3", 17.7)
+
+
+def test_a_rerun_clears_the_stage_it_replaces(monkeypatch, tmp_path):
+    """A stage run again starts from an empty folder, so a call killed before its first row leaves no table from
+    the run before it beside the new status; the re-run moves last in stages.json."""
+    stale = tmp_path / "training-d2048"
+    os.makedirs(stale)
+    (stale / "training.md").write_text(_rows(2048, "+25.0%"))
+    issue3._save_status(str(tmp_path), {"bench_training.py d=2048": 0, "bench_kernels.py": 0})
+    seen = []
+
+    def killed(script, args, out_dir, log):
+        seen.append(os.path.exists(os.path.join(out_dir, "training.md")))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(issue3, "run_stage", killed)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(KeyboardInterrupt):
+        issue3.main(["--out", str(tmp_path), "--stages", "training", "--d", "2048"])
+    assert seen == [False]
+    assert list(issue3._load_status(str(tmp_path)).items()) == [("bench_kernels.py", 0),
+                                                               ("bench_training.py d=2048", "cut short")]

@@ -665,8 +665,9 @@ def test_post_res_proj_tma_blocks(shape, launch_metas):
                          ids=["T37n4C64", "T21n2C48", "T33n1C32", "T20n3C48"])
 def test_post_res_proj_one_dot(shape, launch_metas):
     """one_dot: a chunk's n X' tiles enter one dot of K = n*BC against phi's rows reordered on the host (row
-    c*n + i = phi[i*C + c]). The same X' and sq bit for bit as the default (one dot a stream), p within the hi/lo
-    bound of the reference (its fp32 sum runs in another order); n outside {1, 2, 4} keeps the default build."""
+    c*n + i = phi[i*C + c]). p is what one_dot changes: within the hi/lo bound of the reference and within fp32
+    summation order of the default (one dot a stream); X' and sq stay the default's bit for bit. n outside
+    {1, 2, 4} keeps the default build."""
     x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=12)
     tile = dict(bt=16, bk=16, waves=64)
     with tk.tuning("post_res_proj", **tile):
@@ -679,6 +680,16 @@ def test_post_res_proj_one_dot(shape, launch_metas):
     torch.testing.assert_close(one[0], default[0], rtol=0, atol=0)
     torch.testing.assert_close(one[2], default[2], rtol=0, atol=0)
     torch.testing.assert_close(one[1], default[1], rtol=1e-6, atol=1e-6)
+
+
+def test_post_res_proj_one_dot_needs_its_phi_box_within_256(launch_metas):
+    """n*BC > 256 rows would exceed a TMA box side: one_dot falls back to a dot a stream (n = 4, BC = 128)."""
+    x, y, _, h_post, h_res, phi = _stream(19, 4, 256, torch.bfloat16, seed=14)
+    with tk.tuning("post_res_proj", bt=16, bk=128, waves=64, one_dot=True):
+        got = tk.post_res_proj(x, h_res, h_post, y, phi)
+    (meta,) = launch_metas[tk._post_res_proj_kernel]
+    assert (meta["BC"], meta["JOIN"], meta["ONE_DOT"]) == (128, True, False)
+    _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
 
 def test_post_res_proj_tma_boxes_stay_within_256(launch_metas):

@@ -188,10 +188,12 @@ class DotCfg:
     # hi and a lo dot, so the X tile is read from shared memory once per chunk, not twice
     join_hi_lo: bool = False
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
-    # post_res_proj only, with tma and join_hi_lo, n in {1, 2, 4}: the n streams' X' chunks enter one dot of
-    # K = n*BC against phi's rows reordered on the host (row c*n + i holds phi[i*C + c]), transposed so that both
-    # operands come from shared memory. Untimed (session 19); in the sm_90a build (benchmarks/post_res_proj_build.py)
-    # a chunk's eight wgmmas take one wait instead of eight, and its phi tile one TMA load instead of four
+    # post_res_proj only, with tma and join_hi_lo, n in {1, 2, 4} and n*BC <= 256 (a TMA box side): the n streams'
+    # X' chunks enter one dot of K = n*BC against phi's rows reordered on the host (row c*n + i holds phi[i*C + c];
+    # one copy of phi a call), transposed so that both operands come from shared memory. Untimed (session 19); in
+    # the sm_90a build (benchmarks/post_res_proj_build.py) a chunk's eight wgmmas take one wait instead of eight
+    # and its phi tile one TMA load instead of four, for more barriers (67 against 57: X' staged) and 104 KB of
+    # shared memory against 92
     one_dot: bool = False
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
@@ -1505,8 +1507,9 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
     zeros and are not written; no chunk crosses a stream or a split. JOIN (with TMA): hi_ptr is a descriptor of
     the halves interleaved ([K, 2 MPAD], _split_hi_lo's interleave) in [BC, 2 MP] blocks, so each stream's chunk
     takes one dot of twice the width; the hi and lo column halves of the accumulator are added at the end.
-    ONE_DOT (with JOIN, N in {1, 2, 4}): hi_ptr's rows are phi's reordered so that row c*N + i holds phi[i*C + c],
-    in [N*BC, 2 MP] blocks; the chunk's N X' tiles enter one transposed dot as [N*BC, BT] (_streams_along_k).
+    ONE_DOT (with JOIN, N in {1, 2, 4}, N*BC <= 256): hi_ptr's rows are phi's reordered so that row c*N + i holds
+    phi[i*C + c], in [N*BC, 2 MP] blocks; the chunk's N X' tiles enter one transposed dot as [N*BC, BT]
+    (_streams_along_k).
     """
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -1618,7 +1621,8 @@ def post_res_proj(
     tma = cfg.tma and hi_lo and c % bc == 0 and max(bt, bc, mp) <= 256 and tma_ok(x, y, out)
     join = tma and cfg.join_hi_lo and 2 * mp <= 256
     one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
-    if one_dot:  # row c*n + i = phi[i*C + c]: a chunk's rows for all n streams are one block
+    if one_dot:  # row c*n + i = phi[i*C + c]: a chunk's rows for all n streams are one block (a copy of phi,
+        # [n*C, m] fp32, before _split_hi_lo's pass over it)
         phi_next = phi_next.view(n, c, m).transpose(0, 1).reshape(k, m)
     if hi_lo:
         w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join)
