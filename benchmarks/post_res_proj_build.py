@@ -1,5 +1,6 @@
-"""post_res_proj's kernel built for sm_90a on a machine without a GPU: registers, spills, shared memory and the
-SASS opcodes that bound it (tensor-core ops and their waits, barriers, TMA loads), per tile configuration.
+"""post_res_proj's kernel built for sm_90a on a machine without a GPU: registers, spills, shared memory and, in
+its channel loop, the SASS opcodes that bound it (tensor-core ops and their waits, barriers, TMA loads), per tile
+configuration.
 
     python benchmarks/post_res_proj_build.py [--c 4096] [--configs default one_dot one_dot,num_warps=8]
 
@@ -61,9 +62,14 @@ def build(cfg: dict, n: int = 4, c: int = 4096, t: int = 256, arch: int = 90):
 
 
 def describe(compiled, arch: int = 90) -> dict:
+    """Registers, spills, shared memory, and the opcode counts of the channel loop (one chunk of the steady state;
+    'loop' is its instruction count) and of the whole binary ('total')."""
     regs, stack = sm90_build.resources(compiled, arch)
+    text = sm90_build.sass(compiled, arch)
+    loop = sm90_build.opcode_counts(sm90_build.main_loop(text), OPCODES)
     return dict(regs=regs, spills=stack, smem_kb=round(compiled.metadata.shared / 1024),
-                **sm90_build.opcode_counts(sm90_build.sass(compiled, arch), OPCODES))
+                **{op: loop[op] for op in OPCODES}, loop=loop["total"],
+                total=sm90_build.opcode_counts(text, ())["total"])
 
 
 def main() -> int:

@@ -75,3 +75,22 @@ def opcode_counts(text: str, opcodes: tuple[str, ...]) -> dict[str, int]:
     counts = {op: sum(1 for ins in instructions if ins == op or ins.startswith(op + ".")) for op in opcodes}
     counts["total"] = len(instructions)
     return counts
+
+
+def main_loop(text: str, opcode: str = "HGMMA") -> str:
+    """The SASS lines of the innermost-first loop that holds the most ``opcode`` instructions: from a backward
+    branch's target to the branch (cuobjdump prints targets as addresses). '' when no loop holds one. The
+    kernels' steady state lives there; whole-binary counts also hold the pipeline's prologue and epilogue."""
+    lines = text.splitlines()
+    addrs = [int(m.group(1), 16) if (m := re.search(r"/\*([0-9a-f]{4,})\*/", ln)) else None for ln in lines]
+    best, best_count = "", 0
+    for i, ln in enumerate(lines):
+        jump = re.search(r"\bBRA\s+(?:\S+,\s*)?0x([0-9a-f]+)", ln)
+        if jump is None or addrs[i] is None or int(jump.group(1), 16) >= addrs[i]:
+            continue
+        start = next(j for j in range(i + 1) if addrs[j] is not None and addrs[j] >= int(jump.group(1), 16))
+        body = "\n".join(lines[start:i + 1])
+        count = opcode_counts(body, (opcode,))[opcode]
+        if count > best_count:
+            best, best_count = body, count
+    return best

@@ -251,3 +251,24 @@ def test_post_res_proj_build_reads_its_configs_and_builds_for_sm90():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("default:", "one_dot:"))]
     assert len(rows) == 2 and all("'HGMMA': 0," not in row and "'regs': " in row for row in rows), proc.stdout
+
+
+def test_main_loop_is_the_backward_branch_body_with_the_most_tensor_core_ops():
+    from benchmarks import sm90_build
+
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, R76, gdesc[UR24], R24 ;
+        /*0020*/                   FFMA R1, R2, R3, R4 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, R76, gdesc[UR24], R24 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/              @!P0 BRA 0x10 ;
+        /*0060*/                   LDS R2, [R3] ;
+        /*0070*/               @P1 BRA 0x60 ;
+        /*0080*/                   BRA 0x90 ;
+        /*0090*/                   EXIT ;
+    """
+    loop = sm90_build.main_loop(text)
+    counts = sm90_build.opcode_counts(loop, ("HGMMA", "WARPGROUP.DEPBAR", "MOV", "LDS"))
+    assert counts == {"HGMMA": 2, "WARPGROUP.DEPBAR": 1, "MOV": 0, "LDS": 0, "total": 5}
+    assert sm90_build.main_loop(text, "EXIT") == ""

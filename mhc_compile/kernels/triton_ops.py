@@ -191,9 +191,9 @@ class DotCfg:
     # post_res_proj only, with tma and join_hi_lo, n in {1, 2, 4} and n*BC <= 256 (a TMA box side): the n streams'
     # X' chunks enter one dot of K = n*BC against phi's rows reordered on the host (row c*n + i holds phi[i*C + c];
     # one copy of phi a call), transposed so that both operands come from shared memory. Untimed (session 19); in
-    # the sm_90a build (benchmarks/post_res_proj_build.py) a chunk's eight wgmmas take one wait instead of eight
-    # and its phi tile one TMA load instead of four, for more barriers (67 against 57: X' staged) and 104 KB of
-    # shared memory against 92
+    # the sm_90a build (benchmarks/post_res_proj_build.py) a chunk's eight wgmmas take one wait instead of eight,
+    # its phi tile one TMA load instead of four and the loop 10 barriers instead of 22, for 104 KB of shared memory
+    # against 92
     one_dot: bool = False
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
 
