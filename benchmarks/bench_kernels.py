@@ -313,9 +313,9 @@ SWEEP = {
     # registers (no shared-memory hand-off, no dot waits); sm_90a build 128 registers, no spills, 54 KB of shared
     # memory: four 4-warp programs an SM, twice the warps of the default; phi is read from L2 twice as often
     # one_dot (session 19, not yet timed: no device time left): the chunk's four X' tiles enter one transposed dot
-    # of K = 128 against phi's rows reordered on the host, both operands in shared memory; in the sm_90a build by
-    # Triton 3.9 (post_res_proj_build.py) a chunk of the channel loop waits once on its eight wgmmas instead of
-    # after each, with 10 barriers against 22, 6 TMA loads against 9 and 1064 instructions against 1151; 220
+    # of K = 128 against phi's rows reordered by its hi / lo split, both operands in shared memory; in the sm_90a
+    # build by Triton 3.9 (post_res_proj_build.py) a chunk of the channel loop waits once on its eight wgmmas instead
+    # of after each, with 10 barriers against 22, 6 TMA loads against 9 and 1064 instructions against 1151; 220
     # registers, no spills, 104 KB of shared memory
     "post_res_proj": [dict(one_dot=True), dict(one_dot=True, num_warps=8),
                       dict(bt=32, bk=32, occupancy=4), dict(tma=False), dict(join_hi_lo=False),

@@ -331,6 +331,21 @@ def test_hi_lo_split_keeps_sixteen_bits():
         assert ((back - v).abs() <= v.abs() * 2.0 ** -14).all()
 
 
+@pytest.mark.parametrize("streams", [2, 4])
+def test_hi_lo_split_writes_rows_by_channel_for_one_dot(streams):
+    """streams = n: phi's rows i*C + c leave in the order c*n + i (post_res_proj's one_dot), the same halves as a
+    split of the reordered matrix; rows that are not n equal blocks are refused."""
+    g = torch.Generator().manual_seed(10)
+    c, m = 6, 24
+    phi = torch.randn(streams * c, m, generator=g)
+    reordered = phi.view(streams, c, m).transpose(0, 1).reshape(-1, m)
+    got = tk._split_hi_lo(phi, 32, transpose=False, interleave=True, streams=streams)
+    torch.testing.assert_close(got, tk._split_hi_lo(reordered, 32, transpose=False, interleave=True), rtol=0, atol=0)
+    assert not torch.equal(got, tk._split_hi_lo(phi, 32, transpose=False, interleave=True))
+    with pytest.raises(ValueError, match="equal blocks"):
+        tk._split_hi_lo(phi[:-1], 32, transpose=False, interleave=True, streams=streams)
+
+
 @pytest.fixture
 def launch_grids(monkeypatch):
     """The grids of every pipelined kernel launch (one with num_stages) of triton_ops during the test, in order."""
@@ -664,8 +679,8 @@ def test_post_res_proj_tma_blocks(shape, launch_metas):
 @pytest.mark.parametrize("shape", [(37, 4, 64), (21, 2, 48), (33, 1, 32), (20, 3, 48)],
                          ids=["T37n4C64", "T21n2C48", "T33n1C32", "T20n3C48"])
 def test_post_res_proj_one_dot(shape, launch_metas):
-    """one_dot: a chunk's n X' tiles enter one dot of K = n*BC against phi's rows reordered on the host (row
-    c*n + i = phi[i*C + c]). p is what one_dot changes: within the hi/lo bound of the reference and within fp32
+    """one_dot: a chunk's n X' tiles enter one dot of K = n*BC against phi's rows reordered by the hi / lo split
+    (row c*n + i = phi[i*C + c]). p is what one_dot changes: within the hi/lo bound of the reference and within fp32
     summation order of the default (one dot a stream); X' and sq stay the default's bit for bit. n outside
     {1, 2, 4} keeps the default build."""
     x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=12)

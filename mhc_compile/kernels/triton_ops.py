@@ -189,8 +189,8 @@ class DotCfg:
     join_hi_lo: bool = False
     occupancy: int = 1  # post_res_proj only: programs an SM that its channel-split planner assumes
     # post_res_proj only, with tma and join_hi_lo, n in {1, 2, 4} and n*BC <= 256 (a TMA box side): the n streams'
-    # X' chunks enter one dot of K = n*BC against phi's rows reordered on the host (row c*n + i holds phi[i*C + c];
-    # one copy of phi a call), transposed so that both operands come from shared memory. Untimed (session 19); in
+    # X' chunks enter one dot of K = n*BC against phi's rows reordered (row c*n + i holds phi[i*C + c], written so
+    # by the hi / lo split), transposed so that both operands come from shared memory. Untimed (session 19); in
     # the sm_90a build (benchmarks/post_res_proj_build.py) a chunk's eight wgmmas take one wait instead of eight,
     # its phi tile one TMA load instead of four and the loop 10 barriers instead of 22, for 104 KB of shared memory
     # against 92
@@ -804,9 +804,12 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP: tl.constexpr):
+def _hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP: tl.constexpr,
+                  STREAMS: tl.constexpr = 1):
     """dst[0] = bf16(src), dst[1] = bf16(src - dst[0]) for an fp32 [R, M] src, zero-padded to MP columns;
-    dst element (half, r, m) at half * s_half + r * s_r + m * s_m (so it can write either orientation)."""
+    dst element (half, r, m) at half * s_half + r * s_r + m * s_m (so it can write either orientation).
+    STREAMS > 1: src's rows are STREAMS blocks of R / STREAMS (phi's rows i*C + c), and source row i*C + c goes to
+    dst row c*STREAMS + i (post_res_proj's one_dot)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     ms = tl.arange(0, MP)
     rmask = rows < R
@@ -814,16 +817,22 @@ def _hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP
     v = tl.load(src_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & (ms < M)[None, :], other=0.0)
     hi = v.to(tl.bfloat16)
     lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+    if STREAMS > 1:
+        per_stream = R // STREAMS
+        r64 = (r64 % per_stream) * STREAMS + r64 // per_stream
     off = r64[:, None] * s_r + ms[None, :] * s_m
     tl.store(dst_ptr + off, hi, mask=rmask[:, None])
     tl.store(dst_ptr + s_half + off, lo, mask=rmask[:, None])
 
 
-def _split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False) -> Tensor:
+def _split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False, streams: int = 1) -> Tensor:
     """fp32 [..., M] (R rows) -> bf16 [2, R, mp] (hi, lo), or [2 * mp, R] with ``transpose`` (the A operand of
-    X^T dp), or [R, 2, mp] with ``interleave`` (a row's hi then lo: one [rows, 2 mp] B tile of a dot)."""
+    X^T dp), or [R, 2, mp] with ``interleave`` (a row's hi then lo: one [rows, 2 mp] B tile of a dot).
+    ``streams``: R is that many blocks of rows (phi's i*C + c), written in the order c*streams + i."""
     m = src.shape[-1]
     r = src.numel() // m
+    if r % streams:
+        raise ValueError(f"mhc triton _split_hi_lo: {r} rows are not {streams} equal blocks")
     if transpose:
         dst = torch.empty((2 * mp, r), dtype=torch.bfloat16, device=src.device)
         strides = (mp * r, 1, r)
@@ -834,7 +843,8 @@ def _split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False
         dst = torch.empty((2, r, mp), dtype=torch.bfloat16, device=src.device)
         strides = (r * mp, mp, 1)
     br = max(1, min(_pow2(r), 4096 // mp))
-    launch(_hi_lo_kernel, (_cdiv(r, br),), (src.float().contiguous(), dst, r, m, *strides), dict(BR=br, MP=mp))
+    meta = dict(BR=br, MP=mp, STREAMS=streams) if streams > 1 else dict(BR=br, MP=mp)
+    launch(_hi_lo_kernel, (_cdiv(r, br),), (src.float().contiguous(), dst, r, m, *strides), meta)
     return dst
 
 
@@ -1621,11 +1631,8 @@ def post_res_proj(
     tma = cfg.tma and hi_lo and c % bc == 0 and max(bt, bc, mp) <= 256 and tma_ok(x, y, out)
     join = tma and cfg.join_hi_lo and 2 * mp <= 256
     one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
-    if one_dot:  # row c*n + i = phi[i*C + c]: a chunk's rows for all n streams are one block (a copy of phi,
-        # [n*C, m] fp32, before _split_hi_lo's pass over it)
-        phi_next = phi_next.view(n, c, m).transpose(0, 1).reshape(k, m)
-    if hi_lo:
-        w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join)
+    if hi_lo:  # one_dot: row c*n + i holds phi[i*C + c], so a chunk's rows for all n streams are one block
+        w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join, streams=n if one_dot else 1)
         hi, lo = (w, w) if join else (w[0], w[1])
     else:
         w = hi = lo = phi_next
