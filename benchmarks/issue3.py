@@ -8,8 +8,9 @@ efficiency and (b) the whole training step against every baseline, in one dated 
 The whole run takes longer than one call of a machine lent by the call (the device tool's calls last 10 minutes),
 so the stages can run apart into one DIR: ``--stages kernels``, then ``--stages training --d 4096 7168``, then
 ``--stages training --d 2048``, each call handed the DIR the calls before it left. Each training run writes a
-folder of its own (DIR/training-d<widths>/); the report is rebuilt from everything DIR holds, with each stage's
-exit status as it was recorded (DIR/stages.json).
+folder of its own (DIR/training-d<widths>/), which a re-run of the same widths clears first; the report is rebuilt
+from everything DIR holds, with each stage's exit status as it was recorded (DIR/stages.json, in the order the
+stages last started). A width that two runs measured takes its numbers from the newer (merge_training).
 
 Stages, each the existing script in a process of its own (a stage that fails or runs out of its budget leaves the
 other's results), writing under DIR (default: $OUT, else ./bench_out/issue3):
