@@ -151,18 +151,32 @@ def _read(path: str) -> str:
         return ""
 
 
-def _versions() -> list[str]:
+def _liger_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("liger-kernel")
+    except Exception:  # not installed: the training stage says so in its LigerMHC row
+        return None
+
+
+LIGER_FILE = "liger-kernel.txt"  # in each training run's folder: the liger-kernel that run had
+
+
+def _versions(out: str) -> list[str]:
+    """Device and versions of this process; liger-kernel's as the training runs in DIR had it (a report rebuilt
+    later, by a process without it on its path, still names it), else this process's."""
     import torch
     import triton
 
     lines = [f"- device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}",
              f"- torch {torch.__version__}, triton {triton.__version__}"]
-    try:
-        from importlib.metadata import version
-
-        lines.append(f"- liger-kernel {version('liger-kernel')}")
-    except Exception:  # not installed: the training stage says so in its LigerMHC row
-        lines.append("- liger-kernel: not installed")
+    runs = sorted({_read(p).strip() for p in glob.glob(os.path.join(out, "training-d*", LIGER_FILE))} - {""})
+    if runs:
+        lines.append(f"- liger-kernel in the training runs: {', '.join(runs)}")
+    else:
+        found = _liger_version()
+        lines.append(f"- liger-kernel {found}" if found else "- liger-kernel: not installed")
     return lines
 
 
@@ -251,10 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             _save_status(out, rcs)
             write_report(out, rcs, log_path)
         if "training" in args.stages:
+            stage_dir = os.path.join(out, _stage_dir("training", args.d))
             rcs[_stage_key("training", args.d)] = run_stage(
                 "bench_training.py", ["--d", *map(str, args.d), "--variants", "naive", "liger", "--rounds",
-                                      str(args.rounds), "--budget-s", str(args.training_budget_s)],
-                os.path.join(out, _stage_dir("training", args.d)), log)
+                                      str(args.rounds), "--budget-s", str(args.training_budget_s)], stage_dir, log)
+            os.makedirs(stage_dir, exist_ok=True)
+            with open(os.path.join(stage_dir, LIGER_FILE), "w") as f:  # the stage ran with this process's packages
+                f.write(_liger_version() or "not installed")
             _save_status(out, rcs)
     path = write_report(out, rcs, log_path)
     print(f"wrote {path}")
@@ -292,7 +309,7 @@ def write_report(out: str, rcs: dict, log_path: str) -> str:
     training = []
     for name, text in runs:
         training += [f"### {name}", "", text, ""] if len(runs) > 1 else [text, ""]
-    report = [f"# Issue 3 benchmark - {datetime.date.today()}", "", *_versions(),
+    report = [f"# Issue 3 benchmark - {datetime.date.today()}", "", *_versions(out),
               f"- stages: {stages} (full output: {os.path.basename(log_path)})", "", "## Targets", "",
               *targets(parse_kernels(kernels_md), merge_training([text for _, text in runs])), "",
               "## Correctness (bench_kernels.py, before any timing)", "",

@@ -225,3 +225,25 @@ def test_a_rerun_clears_the_stage_it_replaces(monkeypatch, tmp_path):
     assert seen == [False]
     assert list(issue3._load_status(str(tmp_path)).items()) == [("bench_kernels.py", 0),
                                                                ("bench_training.py d=2048", "cut short")]
+
+
+def test_the_report_names_the_liger_kernel_the_training_runs_had(monkeypatch, tmp_path):
+    """Rebuilt later by a process without liger-kernel on its path, the report still names the version the
+    training run imported (session 19's first report said 'not installed' beside LigerMHC rows)."""
+    def fake_stage(script, args, out_dir, log):
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copy(TRAINING, os.path.join(out_dir, "training.md"))
+        return 0
+
+    monkeypatch.setattr(issue3, "run_stage", fake_stage)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(issue3, "_liger_version", lambda: "0.8.5")
+    assert issue3.main(["--out", str(tmp_path), "--stages", "training", "--d", "4096"]) == 0
+    monkeypatch.setattr(issue3, "_liger_version", lambda: None)
+    path = issue3.write_report(str(tmp_path), issue3._load_status(str(tmp_path)), str(tmp_path / "issue3.log"))
+    text = open(path).read()
+    assert "- liger-kernel in the training runs: 0.8.5" in text and "not installed" not in text
+    os.remove(tmp_path / "training-d4096" / issue3.LIGER_FILE)  # a folder from before: this process's answer
+    path = issue3.write_report(str(tmp_path), issue3._load_status(str(tmp_path)), str(tmp_path / "issue3.log"))
+    assert "- liger-kernel: not installed" in open(path).read()
