@@ -66,7 +66,14 @@ def _bench(args: argparse.Namespace) -> int:
     if not os.path.exists(script):
         print(f"mhc-compile bench: {script} not found (the benchmarks ship with the source tree)")
         return 2
-    runpy.run_path(script, run_name="__main__")
+    argv = sys.argv
+    sys.argv = [script, *args.script_args]  # the script parses its own arguments, not this command's
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as done:  # the scripts end with sys.exit(main())
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv = argv
     return 0
 
 
@@ -108,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="GPU benchmarks (needs CUDA)")
     bench.add_argument("which", nargs="?", default="bench_kernels", help="benchmarks/<which>.py")
+    bench.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments, e.g. --stages")
     bench.set_defaults(func=_bench)
     return parser
 

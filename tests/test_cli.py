@@ -35,6 +35,18 @@ def test_bench_says_clearly_when_there_is_no_gpu(capsys, monkeypatch):
     assert "no CUDA device" in capsys.readouterr().out
 
 
+def test_bench_hands_the_script_its_own_arguments(capsys, monkeypatch):
+    """`mhc-compile bench issue3 --stages kernels` runs benchmarks/issue3.py with `--stages kernels` as its argv
+    (it used to see this command's `bench issue3` and stop on them), and returns the script's exit status."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = list(sys.argv)
+    assert main(["bench", "issue3", "--help"]) == 0
+    assert "--stages" in capsys.readouterr().out
+    assert main(["bench", "issue3", "--stages", "nope"]) == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert sys.argv == argv
+
+
 def test_train_runs_end_to_end_quickly():
     out = subprocess.run(
         [sys.executable, "-m", "mhc_compile", "train", "--steps", "3", "--d", "32", "--layers", "1", "--batch", "4",
