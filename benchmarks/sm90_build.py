@@ -43,8 +43,8 @@ def cpu_target(arch: int = 90):
         driver._active = previous
 
 
-def resources(compiled, arch: int = 90) -> tuple[int, int]:
-    """(registers a thread, stack bytes: spills) of the very binary Triton built."""
+def _cuobjdump(compiled, arch: int, flag: str) -> str:
+    """The toolkit's cuobjdump (shipped beside Triton's ptxas) run with ``flag`` on the cubin Triton built."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     cuobjdump = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
@@ -52,20 +52,18 @@ def resources(compiled, arch: int = 90) -> tuple[int, int]:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        return subprocess.run([cuobjdump, flag, path], capture_output=True, text=True).stdout
+
+
+def resources(compiled, arch: int = 90) -> tuple[int, int]:
+    """(registers a thread, stack bytes: spills) of the very binary Triton built."""
+    usage = _cuobjdump(compiled, arch, "--dump-resource-usage")
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def sass(compiled, arch: int = 90) -> str:
     """The SASS of the binary Triton built (cuobjdump -sass)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    cuobjdump = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        return subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+    return _cuobjdump(compiled, arch, "-sass")
 
 
 def opcode_counts(text: str, opcodes: tuple[str, ...]) -> dict[str, int]:

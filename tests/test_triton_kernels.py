@@ -647,6 +647,16 @@ def test_post_res_proj_split_and_column_blocks(shape, dtype, launch_grids):
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
 
+def _post_res_proj_small_tiles(args, *builds):
+    """post_res_proj(*args) once per build (DotCfg fields) at 16 x 16 tiles: ragged token blocks, several chunks
+    and channel splits on tiny shapes."""
+    outs = []
+    for fields in builds:
+        with tk.tuning("post_res_proj", bt=16, bk=16, waves=64, **fields):
+            outs.append(tk.post_res_proj(*args))
+    return outs
+
+
 @pytest.mark.parametrize("shape", [(37, 4, 64), (20, 5, 48), (33, 1, 32)], ids=["T37n4C64", "T20n5C48", "T33n1C32"])
 def test_post_res_proj_tma_blocks(shape, launch_metas):
     """bf16 with C a multiple of the chunk: X, y, X' and phi's halves move as TMA descriptor blocks (rows past T
@@ -655,15 +665,9 @@ def test_post_res_proj_tma_blocks(shape, launch_metas):
     through pointers or by TMA (tma_store=True) give the same values as the pointer path (X' bit for bit, p and
     sq to the last bit of their fp32 sums' order), and every build matches the reference."""
     x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=11)
-    tile = dict(bt=16, bk=16, waves=64)
-    with tk.tuning("post_res_proj", **tile):
-        joined = tk.post_res_proj(x, h_res, h_post, y, phi)
-    with tk.tuning("post_res_proj", **tile, join_hi_lo=False):
-        got = tk.post_res_proj(x, h_res, h_post, y, phi)
-    with tk.tuning("post_res_proj", **tile, join_hi_lo=False, tma_store=True):
-        tma_stores = tk.post_res_proj(x, h_res, h_post, y, phi)
-    with tk.tuning("post_res_proj", **tile, tma=False):
-        pointer = tk.post_res_proj(x, h_res, h_post, y, phi)
+    joined, got, tma_stores, pointer = _post_res_proj_small_tiles(
+        (x, h_res, h_post, y, phi), {}, dict(join_hi_lo=False), dict(join_hi_lo=False, tma_store=True),
+        dict(tma=False))
     flags = [(meta["TMA"], meta["TMA_STORE"], meta["JOIN"]) for meta in launch_metas[tk._post_res_proj_kernel]]
     assert flags == [(True, False, True), (True, False, False), (True, True, False), (False, False, False)], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
@@ -684,11 +688,7 @@ def test_post_res_proj_one_dot(shape, launch_metas):
     summation order of the default (one dot a stream); X' and sq stay the default's bit for bit. n outside
     {1, 2, 4} keeps the default build."""
     x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=12)
-    tile = dict(bt=16, bk=16, waves=64)
-    with tk.tuning("post_res_proj", **tile):
-        default = tk.post_res_proj(x, h_res, h_post, y, phi)
-    with tk.tuning("post_res_proj", **tile, one_dot=True):
-        one = tk.post_res_proj(x, h_res, h_post, y, phi)
+    default, one = _post_res_proj_small_tiles((x, h_res, h_post, y, phi), {}, dict(one_dot=True))
     flags = [(meta["JOIN"], meta["ONE_DOT"]) for meta in launch_metas[tk._post_res_proj_kernel]]
     assert flags == [(True, False), (True, shape[1] in (1, 2, 4))], flags
     _check_post_res_proj(one, x, h_res, h_post, y, phi)
