@@ -111,6 +111,13 @@ SWEEP = [
     _cfg(64, 64, 4, 3, occupancy=2, pipeline_all=True, tma=True),                # 255, 0, 113 KB: 2
     _cfg(128, 64, 8, 2, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
     _cfg(64, 128, 8, 3, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
+    # session 20: in Nsight Compute the shipped tile's warps spend 35 % of their stall samples on one TMA barrier
+    # wait (the tile's loads not yet landed). Half the tokens a tile, for more stages in the same shared memory,
+    # ran slower on an H200 at 32768 x 4096: with acc 1060.0 / 2109.0 us against 984.2 for the shipped tile, without
+    # acc 966.4 / 1035.8 against 815.8 (lab-dx-dphi-2026-12-03-h200-s20.md)
+    _cfg(32, 128, 8, 3, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
+    _cfg(32, 128, 8, 4, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
+    _cfg(32, 128, 4, 4, occupancy=2, pipeline_all=True, tma=True),
 ]
 # value checks on the GPU: odd token counts (a ragged tail tile), n = 1 / 3 / 4, bf16 and fp32, ONE_STREAM and
 # the gather path (C = 1000 is no multiple of BK); the variants only on the first two shapes

@@ -1,6 +1,7 @@
 """The benchmark scripts' own logic that runs without a GPU: the SM-clock log (benchmarks/gpu_clocks.py),
 bench_training's tables and variant parsing, and broadcast_check's ulp count and build switch."""
 
+import csv
 import os
 import stat
 import subprocess
@@ -272,3 +273,51 @@ def test_main_loop_is_the_backward_branch_body_with_the_most_tensor_core_ops():
     counts = sm90_build.opcode_counts(loop, ("HGMMA", "WARPGROUP.DEPBAR", "MOV", "LDS"))
     assert counts == {"HGMMA": 2, "WARPGROUP.DEPBAR": 1, "MOV": 0, "LDS": 0, "total": 5}
     assert sm90_build.main_loop(text, "EXIT") == ""
+
+
+def test_ncu_case_launches_the_named_row_with_the_tile_it_is_given(monkeypatch):
+    """ncu_case.py runs a bench_kernels row on the tile --cfg names (seen by the kernel wrapper), and a row
+    that does not exist is an argparse error naming the rows there are."""
+    from benchmarks import ncu_case
+    from mhc_compile.kernels import triton_ops as tk
+
+    seen = []
+    real = tk.post_res_proj
+
+    def spy(*args):
+        seen.append(tk._cfg("post_res_proj"))
+        return real(*args)
+
+    monkeypatch.setattr(tk, "post_res_proj", spy)
+    monkeypatch.setattr(tk, "_OVERRIDES", {})
+    assert ncu_case.main(["post_res_proj", "fwd", "--t", "19", "--c", "32", "--device", "cpu", "--launches", "2",
+                          "--cfg", "post_res_proj:bk=16,one_dot"]) == 0
+    assert [(c.bk, c.one_dot) for c in seen] == [(16, True)] * 2
+    with pytest.raises(SystemExit):
+        ncu_case.main(["post_res_projj", "fwd", "--t", "19", "--c", "32", "--device", "cpu"])
+
+
+def test_ncu_stalls_counts_barrier_spins_and_ranks_instructions(tmp_path):
+    """ncu_stalls.py reads ncu's source-page CSV: a try-wait and the branch that retries it count as barrier
+    waits, the top rows are ranked by samples with the instruction before each, and a second kernel's block
+    is not read."""
+    from benchmarks import ncu_stalls
+
+    header = ["Address", "Source", ncu_stalls.SAMPLES, "# Samples", "stall_long_sb", "stall_barrier",
+              "stall_long_sb (Not Issued)"]
+    body = [["0x10", "  SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR13+0x80], R12", "5", "5", "5", "0", "0"],
+            ["0x20", "@!P0  BRA 0x90", "60", "60", "58", "2", "40"],
+            ["0x30", "  HGMMA.64x64x16.F32.BF16 R24, R56, gdesc[UR20], R24", "10", "10", "0", "0", "0"],
+            ["0x40", "  WARPGROUP.DEPBAR.LE gsb0, 0x0", "25", "25", "0", "25", "0"]]
+    path = tmp_path / "src.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["Kernel Name", "k"], header, *body, ["Kernel Name", "other"], header, body[1]])
+    code = ncu_stalls.read(str(path))
+    assert [i.samples for i in code] == [5, 60, 10, 25]
+    assert code[1].opcode == "BRA" and code[1].stalls == {"long_sb": 58, "barrier": 2}
+    assert ncu_stalls.barrier_wait_share(code) == 0.65
+    lines = ncu_stalls.report(code, top=2)
+    assert "barrier waits (SYNCS.PHASECHK and its retry branch): 65.0 %" in lines
+    assert lines[-2].startswith("| 60.0 % | `@!P0  BRA 0x90` | `SYNCS.PHASECHK") and "long_sb 58" in lines[-2]
+    assert lines[-1].startswith("| 25.0 % | `WARPGROUP.DEPBAR")
