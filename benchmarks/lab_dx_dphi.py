@@ -43,7 +43,7 @@ streams now run (the kernel lives in mhc_compile/kernels/triton_proj_bwd.py; thi
     PYTHONPATH=. OUT=DIR python benchmarks/lab_dx_dphi.py              # GPU: checks, sweep, DIR/lab_dx_dphi.md
     PYTHONPATH=. OUT=DIR python benchmarks/lab_dx_dphi.py --no-acc     # the same without acc (enter's backward)
     TRITON_INTERPRET=1 python benchmarks/lab_dx_dphi.py --smoke        # CPU: value checks on tiny shapes
-    python benchmarks/lab_dx_dphi.py --ptxas                           # no GPU: sm_90 registers / spills
+    python benchmarks/lab_dx_dphi.py --ptxas [--no-acc] [--rows ..]    # no GPU: sm_90a registers / spills
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from benchmarks import sm90_build  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 from mhc_compile.kernels.triton_proj_bwd import (  # noqa: E402
-    LAST_COMPILED, _launch_plan, _proj_dx_dphi_kernel, plan_splits, proj_pre_backward_fused, split_dp_t)
+    LAST_COMPILED, _proj_dx_dphi_kernel, proj_pre_backward_fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ SWEEP = [
     # session 20: in Nsight Compute the shipped tile's warps spend 35 % of their stall samples on one TMA barrier
     # wait (the tile's loads not yet landed). Half the tokens a tile, for more stages in the same shared memory,
     # ran slower on an H200 at 32768 x 4096: with acc 1060.0 / 2109.0 us against 984.2 for the shipped tile, without
-    # acc 966.4 / 1035.8 against 815.8 (lab-dx-dphi-2026-12-03-h200-s20.md)
+    # acc 966.4 / 1035.8 against 815.8 (results/session20-2026-12-03-h200/call8-*.md)
     _cfg(32, 128, 8, 3, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
     _cfg(32, 128, 8, 4, maxnreg=128, occupancy=2, pipeline_all=True, tma=True),
     _cfg(32, 128, 4, 4, occupancy=2, pipeline_all=True, tma=True),
@@ -310,36 +310,48 @@ def sweep_rows(t, n, c, device, bw, configs, deadline, with_acc=True):
 # --ptxas: registers, spills and shared memory of each sweep config for sm_90a, compiled on this machine
 # (no GPU: a stand-in driver names the target; Triton's ptxas builds the cubin, its cuobjdump reads it)
 # ---------------------------------------------------------------------------------------------
-def ptxas_rows(configs, n=4, c=4096, arch=90):
-    t, m = 8192, ref.num_coeffs(n)
-    x = torch.empty(t, n, c, dtype=torch.bfloat16)
-    f32 = dict(dtype=torch.float32)
-    rows = ["| tile | regs | stack bytes (spills) | smem KB | programs an SM |", "|---|---|---|---|---|"]
-    with sm90_build.cpu_target(arch):
-        for cfg in configs:
-            label, cfg = _label(cfg), dict(cfg)
-            for key in ("waves", "occupancy", "splits"):
-                cfg.pop(key, None)
-            bt, bk, meta, opts = _launch_plan(t, n, c, m, x.dtype, torch.float32, True, True,
-                                              **{k: cfg.get(k) for k in ("bt", "bk", "num_warps", "num_stages",
-                                                                         "maxnreg", "pipeline_all")})
-            meta = {**meta, "DOT": tl.bfloat16}  # the GPU's dot dtype, whatever the environment says (a copy:
-            # _launch_plan's mappings are cached, read-only)
-            mp = meta["MP"]
-            phi = torch.empty(n * c, m, **f32)
-            a = torch.empty(2 * mp, t, dtype=torch.bfloat16)
-            dp, dsq, h = torch.empty(t, m, **f32), torch.empty(t, **f32), torch.empty(t, n, **f32)
-            g, dphi = torch.empty(t, c, dtype=torch.bfloat16), torch.empty(1, n * c, m, **f32)
-            try:
-                ck = _proj_dx_dphi_kernel.warmup(x, phi, dp, a, dsq, h, g, x, x, dphi, t, c, m, 1024, t, 1,
-                                                 **meta, **opts, grid=(1,))
-                regs, stack = sm90_build.resources(ck, arch)
-                smem = ck.metadata.shared
-                rows.append(f"| {label} | {regs} | {stack} | {smem / 1024:.0f} | "
-                            f"{_occupancy(regs, smem, cfg['num_warps'])} |")
-            except Exception as exc:
-                rows.append(f"| {label} | failed: {type(exc).__name__}: {str(exc)[:100]} | | | |")
-            print(rows[-1], flush=True)
+def build(cfg: dict, n: int = 4, c: int = 4096, with_acc: bool = True, t: int = 8192, arch: int = 90):
+    """The compiled ``_proj_dx_dphi_kernel`` that ``proj_pre_backward_fused`` would launch with this tile (TMA
+    descriptors, acc or not, as on the GPU), built for sm_<arch> from CPU tensors: its launches become
+    ``JITFunction.warmup`` (dp's hi / lo split before it is skipped), and the GPU's bf16 dots replace the
+    interpreter's fp32 ones."""
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    built = []
+
+    def warmup(kernel, grid, args, meta, shrink_stages=True, **options):
+        if kernel is _proj_dx_dphi_kernel:
+            built.append(kernel.warmup(*args, **{**meta, "DOT": tl.bfloat16}, **options, grid=grid))
+
+    m = ref.num_coeffs(n)
+    bf16, f32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
+    x = torch.zeros(t, n, c, **bf16)
+    tile = {k: v for k, v in cfg.items() if k not in ("waves", "occupancy")}
+    launch, tpb.launch = tpb.launch, warmup
+    try:
+        with sm90_build.cpu_target(arch):
+            proj_pre_backward_fused(x, torch.zeros(n * c, m, **f32), torch.zeros(t, m, **f32), torch.zeros(t, **f32),
+                                    torch.zeros(t, n, **f32), torch.zeros(t, c, **bf16),
+                                    torch.zeros_like(x) if with_acc else None, **tile)
+    finally:
+        tpb.launch = launch
+    return built[0]
+
+
+def ptxas_rows(configs, n=4, c=4096, arch=90, with_acc=True):
+    rows = ["| tile | regs | stack bytes (spills) | smem KB | programs an SM | TMA |", "|---|---|---|---|---|---|"]
+    for cfg in configs:
+        label = _label(cfg)
+        try:
+            ck = build(cfg, n, c, with_acc, arch=arch)
+            regs, stack = sm90_build.resources(ck, arch)
+            smem = ck.metadata.shared
+            tma = "yes" if "UTMALDG" in sm90_build.sass(ck, arch) else "no"
+            rows.append(f"| {label} | {regs} | {stack} | {smem / 1024:.0f} | "
+                        f"{_occupancy(regs, smem, cfg['num_warps'])} | {tma} |")
+        except Exception as exc:
+            rows.append(f"| {label} | failed: {type(exc).__name__}: {str(exc)[:100]} | | | | |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -364,8 +376,10 @@ def main() -> int:
         if os.environ.get("TRITON_INTERPRET") == "1":
             print("lab_dx_dphi --ptxas: unset TRITON_INTERPRET (it compiles for the GPU)", file=sys.stderr)
             return 2
-        lines = [f"sm_90a build of the sweep's tiles, C = 4096, n = {args.n}, bf16, triton {triton.__version__}",
-                 ""] + ptxas_rows(SWEEP, n=args.n)
+        configs = SWEEP if args.rows is None else [SWEEP[i] for i in args.rows]
+        lines = [f"sm_90a build of the sweep's tiles, C = 4096, n = {args.n}, bf16, "
+                 f"{'without' if args.no_acc else 'with'} acc, triton {triton.__version__}",
+                 ""] + ptxas_rows(configs, n=args.n, with_acc=not args.no_acc)
         _emit(args.out, "lab_dx_dphi_ptxas.md", lines)
         return 0
     if args.smoke:

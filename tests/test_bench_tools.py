@@ -254,6 +254,23 @@ def test_post_res_proj_build_reads_its_configs_and_builds_for_sm90():
     assert len(rows) == 2 and all("'HGMMA': 0," not in row and "'regs': " in row for row in rows), proc.stdout
 
 
+def test_lab_dx_dphi_ptxas_builds_what_the_gpu_runs():
+    """lab_dx_dphi.py --ptxas builds through the kernel's wrapper: the shipped tile's TMA build (until session 20
+    its TMA rows were pointer builds), with acc and without it (enter's backward: fewer shared-memory tiles)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = {}
+    for flags in ([], ["--no-acc"]):
+        proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "lab_dx_dphi.py"), "--ptxas",
+                               "--rows", "23", *flags], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (row,) = {line for line in proc.stdout.splitlines() if line.startswith("| 64x128 w8 s2")}
+        rows[bool(flags)] = [cell.strip() for cell in row.strip("|").split("|")]
+    for cells in rows.values():
+        assert cells[1] == "128" and cells[5] == "yes", cells  # the 128-register cap; TMA loads in the SASS
+    assert int(rows[True][3]) < int(rows[False][3]), rows  # no acc tiles in shared memory
+
+
 def test_main_loop_is_the_backward_branch_body_with_the_most_tensor_core_ops():
     from benchmarks import sm90_build
 
