@@ -3,6 +3,16 @@
 The labs' ``--ptxas`` modes use this to see registers, spilled bytes and shared memory of a tile before spending
 device time on it: a stand-in driver names the target, ``JITFunction.warmup`` compiles, and the toolkit's
 cuobjdump (shipped beside Triton's ptxas) reads the cubin Triton built.
+
+Builds depend on the Triton version. To build with the device machine's Triton (3.6 in session 20) instead of this
+machine's, put that wheel first on the path; it imports beside torch for these builds:
+
+    pip install --no-deps --target /tmp/t36site triton==3.6.0
+    PYTHONPATH=/tmp/t36site python benchmarks/lab_dx_dphi.py --ptxas --rows 23
+
+Session 20 did this. With Triton 3.6 the shipped proj-backward tile spills 136 stack bytes with acc and 64
+without; Triton 3.9 spills 200 and 104. The shared memory is 113 and 97 KB with both versions, as the GPU
+reported.
 """
 
 from __future__ import annotations
