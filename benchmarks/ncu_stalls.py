@@ -6,7 +6,8 @@
     python benchmarks/ncu_stalls.py prof.csv [--top 12]
 
 Prints the share of stall samples by opcode, the share spent spinning on shared-memory barriers (a
-``SYNCS.PHASECHK`` try-wait and the branch that retries it: TMA loads not landed yet), and the instructions
+``SYNCS.PHASECHK`` try-wait and the branch that retries it: TMA loads not landed yet), what spills cost
+(local loads and stores executed, their samples), and the instructions
 with the most samples, each with the one before it (a branch's samples belong to the wait it retries) and its
 top stall reasons. Session 20 used it on post_res_proj and proj's backward (session20 results).
 """
@@ -20,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
+EXECUTED = "Instructions Executed"
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Instruction:
     address: str
     source: str
     samples: int
+    executed: int = 0  # warp-level executions
     stalls: dict = field(default_factory=dict)  # reason -> samples
 
     @property
@@ -41,14 +44,14 @@ def read(path: str) -> list[Instruction]:
         rows = list(csv.reader(f))
     start = next(i for i, row in enumerate(rows) if SAMPLES in row)
     header = rows[start]
-    src, smp = header.index("Source"), header.index(SAMPLES)
+    src, smp, ex = header.index("Source"), header.index(SAMPLES), header.index(EXECUTED)
     reasons = [(j, h[len("stall_"):]) for j, h in enumerate(header) if h.startswith("stall_") and "(" not in h]
     out = []
     for row in rows[start + 1:]:
         if len(row) != len(header) or not row[smp].isdigit():
             break  # the next kernel's block
         stalls = {name: int(row[j]) for j, name in reasons if row[j].isdigit() and int(row[j])}
-        out.append(Instruction(row[0], row[src].strip(), int(row[smp]), stalls))
+        out.append(Instruction(row[0], row[src].strip(), int(row[smp]), int(row[ex] or 0), stalls))
     return out
 
 
@@ -66,12 +69,15 @@ def barrier_wait_share(code: list[Instruction]) -> float:
 
 def report(code: list[Instruction], top: int) -> list[str]:
     total = sum(i.samples for i in code) or 1
+    spills = [i for i in code if i.opcode in ("LDL", "STL")]
     by_op = Counter()
     for ins in code:
         by_op[ins.opcode] += ins.samples
     lines = [f"stall samples: {total}",
              "by opcode: " + ", ".join(f"{op} {100 * v / total:.1f} %" for op, v in by_op.most_common(10)),
              f"barrier waits (SYNCS.PHASECHK and its retry branch): {100 * barrier_wait_share(code):.1f} %",
+             f"spills (LDL / STL): {sum(i.executed for i in spills)} executed, "
+             f"{100 * sum(i.samples for i in spills) / total:.1f} % of the samples",
              "| share | instruction | the one before | top stalls |", "|---|---|---|---|"]
     order = sorted(range(len(code)), key=lambda k: -code[k].samples)[:top]
     for k in order:

@@ -320,21 +320,23 @@ def test_ncu_stalls_counts_barrier_spins_and_ranks_instructions(tmp_path):
     is not read."""
     from benchmarks import ncu_stalls
 
-    header = ["Address", "Source", ncu_stalls.SAMPLES, "# Samples", "stall_long_sb", "stall_barrier",
-              "stall_long_sb (Not Issued)"]
-    body = [["0x10", "  SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR13+0x80], R12", "5", "5", "5", "0", "0"],
-            ["0x20", "@!P0  BRA 0x90", "60", "60", "58", "2", "40"],
-            ["0x30", "  HGMMA.64x64x16.F32.BF16 R24, R56, gdesc[UR20], R24", "10", "10", "0", "0", "0"],
-            ["0x40", "  WARPGROUP.DEPBAR.LE gsb0, 0x0", "25", "25", "0", "25", "0"]]
+    header = ["Address", "Source", ncu_stalls.SAMPLES, "# Samples", ncu_stalls.EXECUTED, "stall_long_sb",
+              "stall_barrier", "stall_long_sb (Not Issued)"]
+    body = [["0x10", "  SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR13+0x80], R12", "5", "5", "9", "5", "0", "0"],
+            ["0x20", "@!P0  BRA 0x90", "60", "60", "9", "58", "2", "40"],
+            ["0x30", "  HGMMA.64x64x16.F32.BF16 R24, R56, gdesc[UR20], R24", "10", "10", "9", "0", "0", "0"],
+            ["0x40", "  WARPGROUP.DEPBAR.LE gsb0, 0x0", "24", "24", "9", "0", "24", "0"],
+            ["0x50", "  LDL.LU.64 R10, [R1+0x38]", "1", "1", "512", "1", "0", "0"]]
     path = tmp_path / "src.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerows([["Kernel Name", "k"], header, *body, ["Kernel Name", "other"], header, body[1]])
     code = ncu_stalls.read(str(path))
-    assert [i.samples for i in code] == [5, 60, 10, 25]
+    assert [i.samples for i in code] == [5, 60, 10, 24, 1]
     assert code[1].opcode == "BRA" and code[1].stalls == {"long_sb": 58, "barrier": 2}
     assert ncu_stalls.barrier_wait_share(code) == 0.65
     lines = ncu_stalls.report(code, top=2)
     assert "barrier waits (SYNCS.PHASECHK and its retry branch): 65.0 %" in lines
+    assert "spills (LDL / STL): 512 executed, 1.0 % of the samples" in lines
     assert lines[-2].startswith("| 60.0 % | `@!P0  BRA 0x90` | `SYNCS.PHASECHK") and "long_sb 58" in lines[-2]
-    assert lines[-1].startswith("| 25.0 % | `WARPGROUP.DEPBAR")
+    assert lines[-1].startswith("| 24.0 % | `WARPGROUP.DEPBAR")
