@@ -309,13 +309,14 @@ SWEEP = {
     # waits for each store's shared-memory read before the next stream's X' takes the one store buffer)
     # join_hi_lo=False: a hi and a lo dot a stream, 8 dots and 8 waits a chunk (the default before session 15,
     # whose one m64n64k32 dot against phi's [hi | lo] tile ran 743.8 against 767.7 us at 32768 x 4096)
-    # bt=32 (session 15; session 20: 784-816 us, 70-73 %): below wgmma's 64 rows Triton takes mma v2, whose A operand comes from
-    # registers (no shared-memory hand-off, no dot waits); sm_90a build 128 registers, no spills, 54 KB of shared
-    # memory: four 4-warp programs an SM, twice the warps of the default; phi is read from L2 twice as often
+    # bt=32 (session 15; timed in session 20: 784-816 us, 70-73 %): below wgmma's 64 rows Triton takes mma v2,
+    # whose A operand comes from registers (no shared-memory hand-off, no dot waits); sm_90a build 128 registers,
+    # no spills, 54 KB of shared memory: four 4-warp programs an SM, twice the warps of the default; phi is read
+    # from L2 twice as often
     # one_dot (session 19): the chunk's four X' tiles in one transposed dot, both operands in shared memory; 10
     # barriers a chunk against 22 in the sm_90a build. Session 20 (H200, 32768 x 4096): one_dot 739-749 us against
     # the default's 742-751 in four runs, with tma_store 743-749; bk=64 at 8 warps (128-byte TMA rows, one program
-    # an SM) 1046-1059; warp_specialize (tl.range's automatic warp specialization, Triton 3.6) 1221-1267 us and
+    # an SM) 1046-1064; warp_specialize (tl.range's automatic warp specialization, Triton 3.6) 1221-1267 us and
     # NaN outputs in two of its three builds, removed; sq_tile (sq reduced once after the loop) 737-742 us and sq
     # 2.3e-3 away from the default's on the GPU (the interpreter agreed to 1e-6), removed (session20 results)
     "post_res_proj": [dict(one_dot=True), dict(one_dot=True, tma_store=True),
