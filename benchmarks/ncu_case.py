@@ -1,10 +1,10 @@
 """Launch one row of bench_kernels' table a few times, for Nsight Compute.
 
     ncu -k regex:_post_res_proj_kernel --launch-skip 2 --launch-count 1 --set full \\
-        python benchmarks/ncu_case.py post_res_proj fwd [--t 32768] [--c 4096] [--cfg post_res_proj:one_dot]
+        python benchmarks/ncu_case.py post_res_proj fwd [--t 32768] [--c 4096] [--cfg post_res_proj:one_dot=1]
 
-The case runs on the shipped tiles unless ``--cfg KERNEL:FIELDS`` (post_res_proj_build.py's syntax, e.g.
-``post_res_proj:bk=64,num_warps=8``) changes one kernel's tile first. Three launches: ncu's --launch-skip
+The case runs on the shipped tiles unless ``--cfg KERNEL:FIELDS`` (bench_training's ``tune:`` syntax, checked
+against the kernel's config fields, e.g. ``post_res_proj:bk=64,num_warps=8``) changes one kernel's tile first. Three launches: ncu's --launch-skip
 then profiles a warm one (compiled, its phi split cached like in training).
 """
 
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_kernels import _call, cases, make_inputs  # noqa: E402
-from benchmarks.post_res_proj_build import parse_config  # noqa: E402
+from benchmarks.bench_training import tune_fields  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="cpu: under TRITON_INTERPRET=1, to test this script")
     args = ap.parse_args(argv)
     for spec in args.cfg:
-        kernel, _, fields = spec.partition(":")
-        tk.configure(kernel, **parse_config(fields))
+        kernel, fields = tune_fields(f"tune:{spec}")
+        tk.configure(kernel, **fields)
     inp = make_inputs(args.t, args.n, args.c, torch.bfloat16, args.device)
     found = [c for c in cases(inp) if (c.kernel, c.direction) == (args.kernel, args.direction)]
     if not found:

@@ -308,7 +308,7 @@ def test_ncu_case_launches_the_named_row_with_the_tile_it_is_given(monkeypatch):
     monkeypatch.setattr(tk, "post_res_proj", spy)
     monkeypatch.setattr(tk, "_OVERRIDES", {})
     assert ncu_case.main(["post_res_proj", "fwd", "--t", "19", "--c", "32", "--device", "cpu", "--launches", "2",
-                          "--cfg", "post_res_proj:bk=16,one_dot"]) == 0
+                          "--cfg", "post_res_proj:bk=16,one_dot=1"]) == 0
     assert [(c.bk, c.one_dot) for c in seen] == [(16, True)] * 2
     with pytest.raises(SystemExit):
         ncu_case.main(["post_res_projj", "fwd", "--t", "19", "--c", "32", "--device", "cpu"])
