@@ -56,7 +56,6 @@ import time
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_kernels as bkm  # noqa: E402
@@ -312,29 +311,18 @@ def sweep_rows(t, n, c, device, bw, configs, deadline, with_acc=True):
 # ---------------------------------------------------------------------------------------------
 def build(cfg: dict, n: int = 4, c: int = 4096, with_acc: bool = True, t: int = 8192, arch: int = 90):
     """The compiled ``_proj_dx_dphi_kernel`` that ``proj_pre_backward_fused`` would launch with this tile (TMA
-    descriptors, acc or not, as on the GPU), built for sm_<arch> from CPU tensors: its launches become
-    ``JITFunction.warmup`` (dp's hi / lo split before it is skipped), and the GPU's bf16 dots replace the
-    interpreter's fp32 ones."""
+    descriptors, acc or not, as on the GPU), built for sm_<arch> from CPU tensors (dp's hi / lo split before it
+    is not built)."""
     from mhc_compile.kernels import triton_proj_bwd as tpb
-
-    built = []
-
-    def warmup(kernel, grid, args, meta, shrink_stages=True, **options):
-        if kernel is _proj_dx_dphi_kernel:
-            built.append(kernel.warmup(*args, **{**meta, "DOT": tl.bfloat16}, **options, grid=grid))
 
     m = ref.num_coeffs(n)
     bf16, f32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
     x = torch.zeros(t, n, c, **bf16)
     tile = {k: v for k, v in cfg.items() if k not in ("waves", "occupancy")}
-    launch, tpb.launch = tpb.launch, warmup
-    try:
-        with sm90_build.cpu_target(arch):
-            proj_pre_backward_fused(x, torch.zeros(n * c, m, **f32), torch.zeros(t, m, **f32), torch.zeros(t, **f32),
-                                    torch.zeros(t, n, **f32), torch.zeros(t, c, **bf16),
-                                    torch.zeros_like(x) if with_acc else None, **tile)
-    finally:
-        tpb.launch = launch
+    with sm90_build.builds_of(tpb, _proj_dx_dphi_kernel, arch) as built:
+        proj_pre_backward_fused(x, torch.zeros(n * c, m, **f32), torch.zeros(t, m, **f32), torch.zeros(t, **f32),
+                                torch.zeros(t, n, **f32), torch.zeros(t, c, **bf16),
+                                torch.zeros_like(x) if with_acc else None, **tile)
     return built[0]
 
 

@@ -43,21 +43,10 @@ def parse_config(text: str) -> dict:
 
 def build(cfg: dict, n: int = 4, c: int = 4096, t: int = 256, arch: int = 90):
     """The compiled kernel the wrapper would launch under these DotCfg fields (tensors on the CPU, never run)."""
-    built = []
-
-    def warmup(kernel, grid, args, meta, shrink_stages=True, **options):
-        compiled = kernel.warmup(*args, **meta, **options, grid=grid)
-        if kernel is tk._post_res_proj_kernel:  # not phi's hi / lo split before it
-            built.append(compiled)
-
     m = n * n + 2 * n
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
-    launch, tk.launch = tk.launch, warmup
-    try:
-        with sm90_build.cpu_target(arch), tk.tuning("post_res_proj", **cfg):
-            tk.post_res_proj(x, torch.zeros(t, n, n), torch.zeros(t, n), y, torch.zeros(n * c, m))
-    finally:
-        tk.launch = launch
+    with sm90_build.builds_of(tk, tk._post_res_proj_kernel, arch) as built, tk.tuning("post_res_proj", **cfg):
+        tk.post_res_proj(x, torch.zeros(t, n, n), torch.zeros(t, n), y, torch.zeros(n * c, m))
     return built[0]
 
 

@@ -27,6 +27,25 @@ import torch
 
 
 @contextlib.contextmanager
+def builds_of(module, kernel, arch: int = 90):
+    """While active, the launches that ``module`` makes through its ``launch`` compile for sm_<arch> instead of
+    running (``JITFunction.warmup`` under ``cpu_target``). Yields the list that collects ``kernel``'s builds;
+    other kernels the wrapper launches (a hi / lo split before it, say) are skipped."""
+    built = []
+
+    def warmup(launched, grid, args, meta, shrink_stages=True, **options):
+        if launched is kernel:
+            built.append(launched.warmup(*args, **meta, **options, grid=grid))
+
+    launch, module.launch = module.launch, warmup
+    try:
+        with cpu_target(arch):
+            yield built
+    finally:
+        module.launch = launch
+
+
+@contextlib.contextmanager
 def cpu_target(arch: int = 90):
     """While active, Triton compiles for sm_<arch> (CUDA) whatever this machine has."""
     from triton.backends.compiler import GPUTarget
