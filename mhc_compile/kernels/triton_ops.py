@@ -197,6 +197,14 @@ class DotCfg:
     # spread: the kernel waits on its TMA loads, not on its dots (session20 results), so it stays opt-in
     one_dot: bool = False
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
+    # post_res_proj only, bf16 on sm_90: the warp-specialized Gluon kernel (kernels/gluon_post_res_proj.py): a
+    # loader warp fills a ring of ws_stages slots (0: as many as fit) while the compute warps mix and project
+    ws: bool = False
+    ws_stages: int = 0
+    ws_consumers: int = 1  # compute warpgroups (1 or 2), each with 16 * num_warps of the block's tokens
+    ws_tma_store: bool = True  # X' leaves by TMA stores from its shared-memory tile (else by pointer stores)
+    ws_regs: int = 232  # registers a thread of the second compute warpgroup (setmaxnreg)
+    ws_eager: bool = False  # a compute warpgroup waits for each chunk's wgmmas and frees its slot at once
 
 
 @dataclass(frozen=True)
@@ -1609,6 +1617,13 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
     tl.store(sq_ptr + base + r64, sq, mask=rmask)
 
 
+def _gluon_prp():
+    """kernels/gluon_post_res_proj.py, imported on first use: Gluon is only needed for DotCfg.ws."""
+    from mhc_compile.kernels import gluon_post_res_proj
+
+    return gluon_post_res_proj
+
+
 def post_res_proj(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -1632,17 +1647,30 @@ def post_res_proj(
     tma = cfg.tma and hi_lo and c % bc == 0 and max(bt, bc, mp) <= 256 and tma_ok(x, y, out)
     join = tma and cfg.join_hi_lo and 2 * mp <= 256
     one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
+    gp = _gluon_prp() if cfg.ws and hi_lo else None  # DotCfg.ws: the warp-specialized Gluon kernel where it runs
+    if gp is not None and gp.supported(x, n, c, bc, mp):
+        bt = 16 * cfg.num_warps * cfg.ws_consumers  # wgmma: 16 rows a warp of each compute warpgroup
+        if not gp.stages_for(n, bt, bc, mp, gp.x_buffers(cfg.ws_tma_store, cfg.ws_eager)):
+            gp = None
+    else:
+        gp = None
+    tblocks = _cdiv(t, bt)
+    splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, bc), occupancy=1 if gp else cfg.occupancy)
+    c_split = _cdiv(_cdiv(c, splits), bc) * bc
+    splits = _cdiv(c, c_split)
+    p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
+    sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
+    if gp is not None:  # one program an SM: its ring takes the shared memory
+        gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
+                  _split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(splits, t, m),
+                  sq.view(splits, t), c_split, bc, mp, cfg.num_warps, cfg.ws_consumers, cfg.ws_stages,
+                  cfg.ws_tma_store, cfg.ws_eager, cfg.ws_regs)
+        return (out, p[0], sq[0]) if splits == 1 else (out, p.sum(0), sq.sum(0))
     if hi_lo:  # one_dot: row c*n + i holds phi[i*C + c], so a chunk's rows for all n streams are one block
         w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join, streams=n if one_dot else 1)
         hi, lo = (w, w) if join else (w[0], w[1])
     else:
         w = hi = lo = phi_next
-    tblocks = _cdiv(t, bt)
-    splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, bc), occupancy=cfg.occupancy)
-    c_split = _cdiv(_cdiv(c, splits), bc) * bc
-    splits = _cdiv(c, c_split)
-    p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
-    sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     if tma:  # c_split is a multiple of bc: with c % bc == 0 no chunk crosses a stream or a split
         x_arg, y_arg = descriptor(x, t, n * c, (bt, bc)), descriptor(y, t, c, (bt, bc))
         out_arg = descriptor(out, t, n * c, (bt, bc)) if cfg.tma_store else out

@@ -1,0 +1,203 @@
+"""The warp-specialized Gluon post_res_proj (``DotCfg.ws``): correctness on an sm_90 GPU, then its time beside
+the Triton kernel's, side by side in one process.
+
+    PYTHONPATH=. python benchmarks/gluon_check.py [--out DIR] [--shapes 32768x4096 ...] [--configs ws ...]
+    PYTHONPATH=. python benchmarks/gluon_check.py --build     # no GPU needed: sm_90a builds, resources
+
+(1) Correctness, at ragged token counts, n in {1, 2, 3, 4} and C from 256 to 2048: X' against the Triton
+post_res kernel (bit for bit: the same fp32 order of h_post y + sum_j h_res x_j) and against the reference; p
+against the reference projection of that X' in float64 within the bound of a hi / lo bf16 dot; sq against
+float64. Every row asserts the Gluon kernel ran. (2) Times (median of CUDA-graph replays) of the default Triton
+kernel and each ``--configs`` entry (``tune:`` fields of DotCfg, as in bench_training.tune_fields) at each shape,
+with the copy bandwidth measured in the same run -> gluon-check.md. Exit status 1 when a check fails.
+``--build`` compiles the kernel for sm_90a on this machine (registers, spills, shared memory; fails past
+227 KB or with spills): the CPU tests run it, since Gluon kernels do not run under the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mhc_compile.kernels import gluon_post_res_proj as gp  # noqa: E402
+from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+
+CHECK_SHAPES = [(300, 4, 512), (129, 4, 768), (64, 1, 256), (1000, 2, 1024), (77, 3, 384), (4099, 4, 2048)]
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on an H100 / H200
+# name -> DotCfg fields for post_res_proj; 'ws' alone is the Gluon kernel at the default tile, the most slots
+CONFIGS = {
+    "ws": dict(ws=True),
+    "ws-ptr-eager": dict(ws=True, ws_tma_store=False, ws_eager=True),
+    "ws-c2": dict(ws=True, ws_consumers=2),
+    "ws-c2-eager": dict(ws=True, ws_consumers=2, ws_eager=True),
+    "ws-c2-ptr-eager": dict(ws=True, ws_consumers=2, ws_tma_store=False, ws_eager=True),
+    "ws-c2-ptr-eager-s2": dict(ws=True, ws_consumers=2, ws_tma_store=False, ws_eager=True, ws_stages=2),
+}
+
+
+def _inputs(t: int, n: int, c: int, seed: int, device: str = "cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    m = n * n + 2 * n
+    x = torch.randn(t, n, c, generator=g, device=device).bfloat16()
+    y = torch.randn(t, c, generator=g, device=device).bfloat16()
+    h_post = 2 * torch.rand(t, n, generator=g, device=device)
+    h_res = torch.rand(t, n, n, generator=g, device=device)
+    phi = torch.randn(n * c, m, generator=g, device=device) * (n * c) ** -0.5
+    return x, h_res, h_post, y, phi
+
+
+def _check(t: int, n: int, c: int, name: str) -> tuple[str, bool]:
+    x, h_res, h_post, y, phi = _inputs(t, n, c, seed=t + 7 * n + c)
+    ran = gp.LAUNCHES
+    with tk.tuning("post_res_proj", **CONFIGS[name]):
+        out, p, sq = tk.post_res_proj(x, h_res, h_post, y, phi)
+    torch.cuda.synchronize()
+    used = gp.LAUNCHES > ran
+    x_bits = torch.equal(out, tk.post_res(x, h_res, h_post, y))
+    x_err = (out.double() - ref.post_res(x.double(), h_res.double(), h_post.double(), y.double())).abs().max().item()
+    xs = out.double().reshape(t, -1)
+    p_ref = xs @ phi.double()
+    # a hi / lo bf16 dot: each product within 2^-14 relative (tests/test_triton_kernels._close_hi_lo), plus fp32 sums
+    bound = 2.0 ** -14 * (xs.abs() @ phi.double().abs()) + 1e-5
+    p_excess = ((p.double() - p_ref).abs() - bound).max().item()
+    sq_ref = (xs * xs).sum(1)
+    sq_err = ((sq.double() - sq_ref).abs() / sq_ref.clamp_min(1e-30)).max().item()
+    good = used and x_err <= 1.6e-2 * max(1.0, out.double().abs().max().item()) and p_excess <= 0 and sq_err <= 1e-5
+    row = (f"| {name} | {t}x{n}x{c} | {'yes' if used else 'NO'} | {'yes' if x_bits else 'no'} | {x_err:.2e} | "
+           f"{p_excess:.2e} | {sq_err:.2e} | {'ok' if good else 'FAIL'} |")
+    return row, good
+
+
+def _time(shapes, configs, lines: list[str]) -> None:
+    from benchmarks.bench_kernels import _nb, bench_us, copy_bandwidth
+
+    bw = copy_bandwidth("cuda")
+    lines += ["", f"Copy bandwidth: {bw / 1e9:.0f} GB/s (2 GiB bf16, read + write).", "",
+              "| shape | config | us | % of copy bw | max abs diff of p from default |", "|---|---|---|---|---|"]
+    for t, c in shapes:
+        x, h_res, h_post, y, phi = _inputs(t, 4, c, seed=1)
+        nbytes = _nb(x, h_res, h_post, y, phi, x) + t * phi.shape[1] * 4 + t * 4
+        base = tk.post_res_proj(x, h_res, h_post, y, phi)
+        for name in ["default"] + configs:
+            fields = {} if name == "default" else CONFIGS[name]
+            try:
+                with tk.tuning("post_res_proj", **fields):
+                    got = tk.post_res_proj(x, h_res, h_post, y, phi)
+                    us = bench_us(lambda: tk.post_res_proj(x, h_res, h_post, y, phi))
+            except Exception as exc:  # a tile that does not build or fit: report it and go on
+                lines.append(f"| {t}x{c} | {name} | {type(exc).__name__}: {str(exc)[:100]} | | |")
+                print(lines[-1], flush=True)
+                continue
+            diff = (got[1] - base[1]).abs().max().item()
+            same_x = "X' equal" if torch.equal(got[0], base[0]) else "X' DIFFERS"
+            lines.append(f"| {t}x{c} | {name} | {us:.1f} | {100 * nbytes / (us * 1e-6) / bw:.1f} | "
+                         f"{diff:.1e}, {same_x} |")
+            print(lines[-1], flush=True)
+        del x, h_res, h_post, y, phi, base
+
+
+def segments(shapes, lines: list[str]) -> None:
+    """How the bytes a TMA box row or a tile row covers move the stream kernels: post_res at tiles of 8192
+    elements that read rows of 32 .. 256 channels (64 .. 512 bytes), and proj's forward with 32 .. 128 channels
+    of K a step, beside each shipped tile."""
+    from benchmarks.bench_kernels import _nb, bench_us, copy_bandwidth
+
+    bw = copy_bandwidth("cuda")
+    lines += ["", "## Row segments", "", f"Copy bandwidth: {bw / 1e9:.0f} GB/s.", "",
+              "| shape | kernel | tile | us | % of copy bw |", "|---|---|---|---|---|"]
+    for t, c in shapes:
+        x, h_res, h_post, y, phi = _inputs(t, 4, c, seed=1)
+        runs = [("post_res", {}, lambda: tk.post_res(x, h_res, h_post, y), _nb(x, h_res, h_post, y, x))]
+        runs += [("post_res", dict(budget=8192, max_bc=bc), runs[0][2], runs[0][3]) for bc in (32, 64, 128, 256)]
+        proj_bytes = _nb(x, phi) + t * (phi.shape[1] + 1) * 4
+        runs += [("proj", {}, lambda: tk.proj(x, phi), proj_bytes)]
+        runs += [("proj", dict(bk=bk), runs[-1][2], proj_bytes) for bk in (32, 64)]
+        for kernel, fields, fn, nbytes in runs:
+            with tk.tuning(kernel, **fields):
+                us = bench_us(fn)
+            lines.append(f"| {t}x{c} | {kernel} | {fields or 'shipped'} | {us:.1f} | "
+                         f"{100 * nbytes / (us * 1e-6) / bw:.1f} |")
+            print(lines[-1], flush=True)
+        del x, h_res, h_post, y, phi
+
+
+def build(configs) -> int:
+    """sm_90a builds of the kernel at C = 512 for each config: (registers, spilled bytes, shared memory)."""
+    from benchmarks import sm90_build
+
+    failed = 0
+    for name in configs:
+        cfg = tk._cfg("post_res_proj").__class__(**{**tk._DEFAULTS["post_res_proj"].__dict__, **CONFIGS[name]})
+        t, n, c = 256, 4, 512
+        _, bc, mp = tk._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
+        consumers = cfg.ws_consumers
+        bt = 16 * cfg.num_warps * consumers
+        x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
+        w = torch.zeros(2, n * c, mp, dtype=torch.bfloat16)
+        obuf = gp.x_buffers(cfg.ws_tma_store, cfg.ws_eager)
+        stages = cfg.ws_stages or gp.stages_for(n, bt, bc, mp, obuf)
+        out = torch.empty_like(x)
+        with sm90_build.cpu_target(90):
+            built = gp._post_res_proj_ws_kernel.warmup(
+                *gp.descriptors(x, y, w, out, t, n, c, n * c, bt, bc, mp, consumers), out, torch.zeros(t, n, n),
+                torch.zeros(t, n), torch.zeros(1, t, n * n + 2 * n), torch.zeros(1, t),
+                t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, MP=mp, STAGES=stages, OBUF=obuf,
+                CONSUMERS=consumers, TMA_STORE=cfg.ws_tma_store, EAGER=cfg.ws_eager, COMPUTE_REGS=cfg.ws_regs,
+                num_warps=cfg.num_warps, grid=(t // bt, 1))
+        regs, spill = sm90_build.resources(built)
+        smem = built.metadata.shared
+        loop = sm90_build.opcode_counts(sm90_build.main_loop(sm90_build.sass(built)),
+                                        ("HGMMA", "UTMALDG", "UTMASTG", "SYNCS", "BAR.SYNC"))
+        ok = spill == 0 and smem <= SMEM_LIMIT
+        failed += not ok
+        print(f"{name}: BT={bt} BC={bc} stages={stages} regs={regs} spill={spill} smem={smem} loop={loop} "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
+    return int(failed > 0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--shapes", nargs="*", default=["32768x4096", "8192x4096", "32768x7168", "8192x7168"])
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
+    ap.add_argument("--segments", action="store_true", help="also time post_res and proj at narrow tile rows")
+    args = ap.parse_args()
+    if args.build:
+        return build(args.configs)
+    if not gp.supported(torch.empty(1, device="cuda", dtype=torch.bfloat16), 4, 4096, 32, 32):
+        print("gluon_check: needs Gluon and an sm_90 GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    lines = [f"# Gluon post_res_proj, {datetime.date.today()}", "",
+             f"- Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
+             "| config | T x n x C | Gluon ran | X' = post_res kernel | X' max err (ref) | p excess over hi/lo "
+             "bound | sq rel err | |", "|---|---|---|---|---|---|---|---|"]
+    good = True
+    for name in args.configs:
+        for t, n, c in CHECK_SHAPES:
+            row, ok = _check(t, n, c, name)
+            good &= ok
+            lines.append(row)
+            print(row, flush=True)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    if good:
+        _time(shapes, args.configs, lines)
+    if args.segments:
+        segments(shapes, lines)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gluon-check.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The warp-specialized Gluon post_res_proj (kernels/gluon_post_res_proj.py, DotCfg.ws).
+
+Gluon kernels do not run under TRITON_INTERPRET=1, so on this machine the kernel is built for sm_90a (a
+subprocess without the interpreter, like the other build tests) and its host-side choices are checked; its
+values are compared with the reference on an sm_90 GPU by benchmarks/gluon_check.py, which the last test runs
+where such a GPU is present.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhc_compile.kernels import gluon_post_res_proj as gp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gluon_check.py")
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
+def test_gluon_post_res_proj_builds_for_sm90_within_shared_memory_without_spills():
+    proc = _run("--build", "--configs", "ws", "ws-c2-eager")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-c2-eager:"))]
+    assert len(rows) == 2 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+
+
+def test_ring_slots_fit_the_shared_memory_budget():
+    # n = 4, 64 tokens x 32 channels, MP = 32: a slot is 5 stream tiles (20 KB) and 8 phi tiles (16 KB)
+    slot = 5 * 64 * 32 * 2 + 8 * 32 * 32 * 2
+    stages = gp.stages_for(4, 64, 32, 32, obuf=1)
+    assert stages >= 2
+    assert stages * slot + 4 * 64 * 32 * 2 <= gp._SMEM < (stages + 1) * slot + 4 * 64 * 32 * 2
+    assert gp.x_buffers(tma_store=False, eager=True) == 1 and gp.x_buffers(tma_store=True, eager=True) == 2
+    assert gp.stages_for(16, 64, 32, 256, obuf=2) == 0  # n = 16: not even two slots fit
+
+
+def test_supported_needs_a_cuda_bf16_stream_whose_chunks_stay_in_one_stream():
+    x = torch.zeros(4, 4, 64, dtype=torch.bfloat16)
+    assert not gp.supported(x, 4, 64, 32, 32)  # a CPU tensor: the Triton kernel runs instead
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gp.AVAILABLE),
+                    reason="needs an sm_90 GPU: Gluon kernels do not run under the interpreter")
+def test_gluon_post_res_proj_matches_the_reference_on_sm90(tmp_path):
+    proc = _run("--out", str(tmp_path), "--shapes")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
