@@ -33,12 +33,11 @@ CHECK_SHAPES = [(300, 4, 512), (129, 4, 768), (64, 1, 256), (1000, 2, 1024), (77
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on an H100 / H200
 # name -> DotCfg fields for post_res_proj; 'ws' alone is the Gluon kernel at the default tile, the most slots
 CONFIGS = {
-    "ws": dict(ws=True),
-    "ws-ptr-eager": dict(ws=True, ws_tma_store=False, ws_eager=True),
-    "ws-c2": dict(ws=True, ws_consumers=2),
-    "ws-c2-eager": dict(ws=True, ws_consumers=2, ws_eager=True),
-    "ws-c2-ptr-eager": dict(ws=True, ws_consumers=2, ws_tma_store=False, ws_eager=True),
-    "ws-c2-ptr-eager-s2": dict(ws=True, ws_consumers=2, ws_tma_store=False, ws_eager=True, ws_stages=2),
+    "ws": dict(ws=True),  # DotCfg's ws defaults: two 32-channel chunks a slot, TMA box rows of 64 channels
+    "ws-box32": dict(ws=True, ws_box=32),
+    "ws-s3": dict(ws=True, ws_stages=3),
+    "ws-sub4-box32": dict(ws=True, ws_subs=4, ws_box=32),
+    "ws-sub1": dict(ws=True, ws_subs=1, ws_box=32, ws_stages=4),
 }
 
 
@@ -137,27 +136,25 @@ def build(configs) -> int:
         cfg = tk._cfg("post_res_proj").__class__(**{**tk._DEFAULTS["post_res_proj"].__dict__, **CONFIGS[name]})
         t, n, c = 256, 4, 512
         _, bc, mp = tk._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
-        consumers = cfg.ws_consumers
-        bt = 16 * cfg.num_warps * consumers
+        bt = 16 * cfg.num_warps * cfg.ws_consumers
+        subs, stages, wstages = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages)
         x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
         w = torch.zeros(2, n * c, mp, dtype=torch.bfloat16)
-        obuf = gp.x_buffers(cfg.ws_tma_store, cfg.ws_eager)
-        stages = cfg.ws_stages or gp.stages_for(n, bt, bc, mp, obuf)
-        out = torch.empty_like(x)
         with sm90_build.cpu_target(90):
             built = gp._post_res_proj_ws_kernel.warmup(
-                *gp.descriptors(x, y, w, out, t, n, c, n * c, bt, bc, mp, consumers), out, torch.zeros(t, n, n),
+                *gp.descriptors(x, y, w, t, n, c, n * c, bt, bc, mp, min(cfg.ws_box or bc, subs * bc)),
+                torch.empty_like(x), torch.zeros(t, n, n),
                 torch.zeros(t, n), torch.zeros(1, t, n * n + 2 * n), torch.zeros(1, t),
-                t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, MP=mp, STAGES=stages, OBUF=obuf,
-                CONSUMERS=consumers, TMA_STORE=cfg.ws_tma_store, EAGER=cfg.ws_eager, COMPUTE_REGS=cfg.ws_regs,
-                num_warps=cfg.num_warps, grid=(t // bt, 1))
+                t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs,
+                BOXES=subs * bc // min(cfg.ws_box or bc, subs * bc), STAGES=stages, WSTAGES=wstages,
+                CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps, grid=(t // bt, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         loop = sm90_build.opcode_counts(sm90_build.main_loop(sm90_build.sass(built)),
                                         ("HGMMA", "UTMALDG", "UTMASTG", "SYNCS", "BAR.SYNC"))
         ok = spill == 0 and smem <= SMEM_LIMIT
         failed += not ok
-        print(f"{name}: BT={bt} BC={bc} stages={stages} regs={regs} spill={spill} smem={smem} loop={loop} "
+        print(f"{name}: BT={bt} BC={bc} subs={subs} stages={stages} wstages={wstages} regs={regs} spill={spill} smem={smem} loop={loop} "
               f"{'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 

@@ -26,20 +26,21 @@ def _run(*args):
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_gluon_post_res_proj_builds_for_sm90_within_shared_memory_without_spills():
-    proc = _run("--build", "--configs", "ws", "ws-c2-eager")
+    proc = _run("--build", "--configs", "ws", "ws-sub1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-c2-eager:"))]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-sub1:"))]
     assert len(rows) == 2 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
-def test_ring_slots_fit_the_shared_memory_budget():
-    # n = 4, 64 tokens x 32 channels, MP = 32: a slot is 5 stream tiles (20 KB) and 8 phi tiles (16 KB)
-    slot = 5 * 64 * 32 * 2 + 8 * 32 * 32 * 2
-    stages = gp.stages_for(4, 64, 32, 32, obuf=1)
-    assert stages >= 2
-    assert stages * slot + 4 * 64 * 32 * 2 <= gp._SMEM < (stages + 1) * slot + 4 * 64 * 32 * 2
-    assert gp.x_buffers(tma_store=False, eager=True) == 1 and gp.x_buffers(tma_store=True, eager=True) == 2
-    assert gp.stages_for(16, 64, 32, 256, obuf=2) == 0  # n = 16: not even two slots fit
+def test_plan_fills_the_shared_memory_budget_with_whole_slots():
+    # n = 4, 64 tokens x 32 channels, MP = 32: a chunk is 5 stream tiles (20 KB), its phi 8 tiles (16 KB)
+    assert gp.smem_bytes(4, 64, 32, 32, subs=2, stages=2, wstages=3) == 2 * 20480 * 2 + 3 * 16384 + 16384
+    assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=0) == (2, 2, 3)
+    # four chunks a slot: two stream slots (160 KB), three phi slots (48 KB) and the X' tiles (16 KB) still fit
+    assert gp.plan(4, 4096, 64, 32, 32, subs=4, stages=0, wstages=0) == (4, 2, 3)
+    assert gp.smem_bytes(4, 64, 32, 32, 4, 2, 3) <= gp._SMEM < gp.smem_bytes(4, 64, 32, 32, 4, 3, 2)
+    assert gp.plan(4, 96, 64, 32, 32, subs=2, stages=0, wstages=0)[0] == 1  # 3 chunks: one a slot
+    assert gp.plan(16, 4096, 64, 32, 256, subs=2, stages=0, wstages=0) is None  # n = 16: two slots do not fit
 
 
 def test_supported_needs_a_cuda_bf16_stream_whose_chunks_stay_in_one_stream():

@@ -1,20 +1,21 @@
-"""post_res_proj as a warp-specialized Gluon kernel for Hopper (sm_90): a loader warp and a compute warpgroup.
+"""post_res_proj as a warp-specialized Gluon kernel for Hopper (sm_90): a TMA loader warp and compute warpgroups.
 
-The Triton kernel (``triton_ops._post_res_proj_kernel``) reaches 76-77 % of copy bandwidth on an H200 and Nsight
-Compute says why (benchmarks/results/session20-2026-12-03-h200.md): its TMA loads have not landed when the chunk
-starts. Triton's software pipeline issues a chunk's loads from the same warps that compute, two chunks ahead, and
-each stage's buffers also hold phi's tiles, so two programs an SM keep too few bytes in flight.
+The Triton kernel (``triton_ops._post_res_proj_kernel``) reads the stream in [64 tokens, 32 channels] tiles, each
+row a 64-byte run of memory, and its pipeline stages hold phi's tiles beside the stream's. On an H200 it reaches
+76-77 % of copy bandwidth. Session 21 (benchmarks/results/session21-2026-12-03-h200.md) measured why: a loader
+warp with a five-slot ring of the same tiles (the first build of this file) reached the same 77 %, and post_res
+alone reads at 49 % with 64-byte rows, 65 % with 128 and 93 % with 256 (proj's forward: 58, 89, 98 %).
 
-Here one warp does nothing but issue TMA loads into a ring of ``STAGES`` buffers (the chunk's n stream tiles, y's
-tile and phi's hi / lo tiles), gated by an ``empty`` barrier a slot; the compute warps wait on a ``ready``
-barrier, mix X' = h_post y + H_res X in registers, write each X' tile once to shared memory, from where it
-leaves by a TMA store and feeds the wgmmas of p += X' phi as their A operand (no register layout change for the
-dot), and release the slot once the chunk's wgmmas, the last readers of its phi tiles, have completed.
+So here a slot of the stream ring holds SUBS adjacent chunks of BC channels (SUBS * BC * 2 bytes of each row,
+256 at SUBS = 4), all issued at once by the loader warp, and phi's hi / lo tiles move through their own ring of
+one chunk a slot. The compute warpgroups (each with 16 * num_warps of the block's tokens) mix X' = h_post y +
+H_res X in registers, store X' to global memory and to a shared tile that is the A operand of p += X' phi
+(wgmma), and free each phi slot once its wgmmas have completed and each stream slot once its chunks are mixed.
 
-GPU only: Gluon kernels do not run under ``TRITON_INTERPRET=1``. The CPU tests build it for sm_90a and the GPU
-checks (benchmarks/gpu_check.py, benchmarks/issue3.py, tests/test_gluon_post_res_proj.py on a GPU) compare its
-outputs with the reference. ``DotCfg.ws`` turns it on; ``triton_ops.post_res_proj`` falls back to the Triton
-kernel where it cannot run (see ``supported``).
+GPU only: Gluon kernels do not run under ``TRITON_INTERPRET=1``. The CPU tests build it for sm_90a
+(benchmarks/gluon_check.py --build); on an sm_90 GPU benchmarks/gluon_check.py compares its outputs with the
+reference and times it beside the Triton kernel. ``DotCfg.ws`` turns it on; ``triton_ops.post_res_proj`` keeps
+the Triton kernel where it cannot run (``supported``, ``plan``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 AVAILABLE = gluon is not None
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
-_SMEM = 220 * 1024  # bytes of ring and X' buffers (an H100 / H200 block may take 227 KiB)
+_SMEM = 226 * 1024  # bytes of rings and X' tiles (an H100 / H200 block may take 227 KiB, barriers included)
 
 
 def supported(x: Tensor, n: int, c: int, bc: int, mp: int) -> bool:
@@ -43,56 +44,80 @@ def supported(x: Tensor, n: int, c: int, bc: int, mp: int) -> bool:
             and x.dtype == torch.bfloat16 and c % bc == 0 and c % 8 == 0 and 8 <= mp <= 256)
 
 
-def x_buffers(tma_store: bool, eager: bool) -> int:
-    """Sets of X' tiles a compute warpgroup cycles through: one when nothing reads a set after its chunk ends
-    (pointer stores; the chunk's wgmmas waited for), else two (a TMA store or a wgmma may still be reading)."""
-    return 1 if eager and not tma_store else 2
+def smem_bytes(n: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int) -> int:
+    """Shared memory of a launch: ``stages`` stream slots of subs * (n + 1) [BT, BC] tiles, ``wstages`` phi slots
+    of 2n [BC, MP] tiles, and the block's n X' tiles, all bf16."""
+    return 2 * (stages * subs * (n + 1) * bt * bc + wstages * 2 * n * bc * mp + n * bt * bc)
 
 
-def stages_for(n: int, bt: int, bc: int, mp: int, obuf: int) -> int:
-    """Ring slots that fit _SMEM beside ``obuf`` sets of the block's n X' tiles: a slot holds n + 1 input tiles
-    and 2n phi tiles (hi and lo), all bf16. 0 when not even two fit."""
-    slot = (n + 1) * bt * bc * 2 + 2 * n * bc * mp * 2
-    stages = (_SMEM - obuf * n * bt * bc * 2) // slot
-    return stages if stages >= 2 else 0
+def plan(n: int, c: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int):
+    """(subs, stages, wstages) for a call: ``subs`` halved until C / BC chunks split into whole slots; 0 stages
+    or wstages: as many as fit, at most 2 stream slots and 3 phi slots. None when two of each do not fit."""
+    subs = max(1, subs)
+    while (c // bc) % subs:
+        subs //= 2
+    st, ws = stages or 2, wstages or 3
+    while not wstages and ws > 2 and smem_bytes(n, bt, bc, mp, subs, st, ws) > _SMEM:
+        ws -= 1
+    if st < 2 or ws < 2 or smem_bytes(n, bt, bc, mp, subs, st, ws) > _SMEM:
+        return None
+    return subs, st, ws
 
 
 if AVAILABLE:
+    from triton.runtime.jit import constexpr_function
+
+    @constexpr_function
+    def _box_col(u, bc, per_box):
+        """The first column of chunk u within its TMA box of per_box chunks of bc channels."""
+        return (u % per_box) * bc
+
     _LOADER_REGS = gl.constexpr(40)  # the loader warp computes coordinates only
     # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later versions
     # removed those names for async_load / async_store (same arguments)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
     @gluon.jit
-    def _loader(x_desc, y_desc, w_desc, x_bufs, y_bufs, w_bufs, ready, empty, t0, c_lo, n_chunks, C, K,
-                N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: chunk by chunk, wait for a free slot and issue its 3n + 1 TMA loads on the slot's barrier."""
-        nbytes: gl.constexpr = (N + 1) * BT * BC * 2 + 2 * N * BC * MP * 2
-        for it in range(n_chunks):
+    def _loader(x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo, n_slots, C,
+                K, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, SUBS: gl.constexpr,
+                BOXES: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr):
+        """One warp. For each stream slot: wait until it is free, issue its SUBS chunks' n + 1 tile loads at once
+        (adjacent runs of each row, close in time), then each chunk's 2n phi loads as phi slots free up."""
+        x_bytes: gl.constexpr = SUBS * (N + 1) * BT * BC * 2
+        w_bytes: gl.constexpr = 2 * N * BC * MP * 2
+        for it in range(n_slots):
             s = it % STAGES
-            # a slot's first use needs no release; afterwards wait for the compute warps' release of its last use
-            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
-            bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
-            c0 = c_lo + it * BC
-            for j in gl.static_range(N):
-                _tma_load(x_desc, [t0, j * C + c0], bar, x_bufs.index(s * N + j))
-            _tma_load(y_desc, [t0, c0], bar, y_bufs.index(s))
-            for i in gl.static_range(N):  # phi's rows i*C + c0 .. of the hi half, then of the lo half
-                _tma_load(w_desc, [i * C + c0, 0], bar, w_bufs.index(2 * (s * N + i)))
-                _tma_load(w_desc, [K + i * C + c0, 0], bar, w_bufs.index(2 * (s * N + i) + 1))
+            # a slot's first use needs no release; later ones wait for the compute warps' release of the last
+            mbarrier.wait(x_empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+            bar = x_ready.index(s)
+            mbarrier.expect(bar, x_bytes)
+            for v in gl.static_range(BOXES):  # BOXES boxes of XB = SUBS * BC / BOXES channels a row
+                c0 = c_lo + it * SUBS * BC + v * (SUBS * BC // BOXES)
+                base = (s * BOXES + v) * (N + 1)
+                for j in gl.static_range(N):
+                    _tma_load(x_desc, [t0, j * C + c0], bar, x_bufs.index(base + j))
+                _tma_load(y_desc, [t0, c0], bar, x_bufs.index(base + N))
+            for u in gl.static_range(SUBS):
+                g = it * SUBS + u
+                q = g % WSTAGES
+                c0 = c_lo + g * BC
+                mbarrier.wait(w_empty.index(q), ((g // WSTAGES) & 1) ^ 1, pred=g >= WSTAGES)
+                wbar = w_ready.index(q)
+                mbarrier.expect(wbar, w_bytes)
+                for i in gl.static_range(N):  # phi's rows i*C + c0 .. of the hi half, then of the lo half
+                    _tma_load(w_desc, [i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i)))
+                    _tma_load(w_desc, [K + i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i) + 1))
 
     @gluon.jit
-    def _compute(out_desc, out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, y_bufs, w_bufs, o_bufs, ready,
-                 empty, t0, c_lo, n_chunks, split, T, C, M, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
-                 MP: gl.constexpr, STAGES: gl.constexpr, OBUF: gl.constexpr, FIRST: gl.constexpr,
-                 CONSUMERS: gl.constexpr, TMA_STORE: gl.constexpr, EAGER: gl.constexpr, num_warps: gl.constexpr):
+    def _compute(out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty, w_ready,
+                 w_empty, t0, c_lo, n_slots, split, T, C, M, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
+                 MP: gl.constexpr, SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
+                 WSTAGES: gl.constexpr, FIRST: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
         """A compute partition (warpgroup FIRST of CONSUMERS): rows [FIRST*SUB, (FIRST+1)*SUB) of the token
         block, SUB = BT / CONSUMERS, for every chunk. Mixes X', stores it, projects it; writes those rows' p and
         sq partials at p_ptr[split] / sq_ptr[split]."""
         SUB: gl.constexpr = BT // CONSUMERS
-        # [SUB, BC] tiles: 16-byte rows of 8 channels a thread, so shared-memory loads and stores are vectors
+        # [SUB, BC] tiles: 16-byte rows of 8 channels a thread, so shared-memory loads and global stores are vectors
         tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BC // 8), BC // 8], [num_warps, 1], [1, 0])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, MP, 16])
@@ -110,45 +135,41 @@ if AVAILABLE:
         acc_hi = gl.zeros([SUB, MP], gl.float32, acc_layout)
         acc_lo = gl.zeros([SUB, MP], gl.float32, acc_layout)
         sq = gl.zeros([SUB, BC], gl.float32, tile)  # reduced across channels once, after the loop
-        for it in range(n_chunks):
+        for it in range(n_slots):
             s = it % STAGES
-            ob = it % OBUF
-            c0 = c_lo + it * BC
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            y = y_bufs.index(s).slice(FIRST * SUB, SUB).load(tile).to(gl.float32)
-            xs = ()
-            for j in gl.static_range(N):
-                xs = xs + (x_bufs.index(s * N + j).slice(FIRST * SUB, SUB).load(tile),)
-            # this partition's X' buffers of OBUF chunks ago: their wgmmas have completed (the waits below); their
-            # TMA stores must have read them: only the later chunks' stores may still be pending
-            if TMA_STORE:
-                tma.store_wait(pendings=(OBUF - 1) * N)
-            for i in gl.static_range(N):
-                xi = coef[i][:, None] * y  # _mix_tile's order: h_post y, then + h_res[i, j] x_j, j = 0 .. N-1
+            mbarrier.wait(x_ready.index(s), (it // STAGES) & 1)
+            for u in gl.static_range(SUBS):
+                g = it * SUBS + u
+                q = g % WSTAGES
+                c0 = c_lo + g * BC
+                # this chunk is columns _box_col(..) .. of box u // (SUBS // BOXES) (of SUBS * BC / BOXES channels)
+                base = (s * BOXES + u // (SUBS // BOXES)) * (N + 1)
+                y = x_bufs.index(base + N).slice(FIRST * SUB, SUB).slice(_box_col(u, BC, SUBS // BOXES), BC, 1)
+                y = y.load(tile).to(gl.float32)
+                xs = ()
                 for j in gl.static_range(N):
-                    xi += coef[N + i * N + j][:, None] * xs[j].to(gl.float32)
-                xo = xi.to(gl.bfloat16)
-                xf = xo.to(gl.float32)
-                sq += xf * xf
-                o_bufs.index((FIRST * OBUF + ob) * N + i).store(xo)
-                if not TMA_STORE:
-                    off = (r64 * N + i)[:, None] * C + (c0 + cols)[None, :]
-                    gl.store(out_ptr + off, xo, mask=rmask[:, None])
-            fence_async_shared()  # the generic-proxy stores above, before the TMA stores and wgmmas read them
-            if TMA_STORE:
+                    xj = x_bufs.index(base + j).slice(FIRST * SUB, SUB).slice(_box_col(u, BC, SUBS // BOXES), BC, 1)
+                    xs = xs + (xj.load(tile),)
                 for i in gl.static_range(N):
-                    _tma_store(out_desc, [r0, i * C + c0], o_bufs.index((FIRST * OBUF + ob) * N + i))
-            for i in gl.static_range(N):
-                a = o_bufs.index((FIRST * OBUF + ob) * N + i)
-                acc_hi = warpgroup_mma(a, w_bufs.index(2 * (s * N + i)), acc_hi, is_async=True)
-                acc_lo = warpgroup_mma(a, w_bufs.index(2 * (s * N + i) + 1), acc_lo, is_async=True)
-            if EAGER:  # wait for this chunk's wgmmas, the last readers of its slot, and release the slot now
+                    xi = coef[i][:, None] * y  # _mix_tile's order: h_post y, then + h_res[i, j] x_j, j = 0 .. N-1
+                    for j in gl.static_range(N):
+                        xi += coef[N + i * N + j][:, None] * xs[j].to(gl.float32)
+                    xo = xi.to(gl.bfloat16)
+                    xf = xo.to(gl.float32)
+                    sq += xf * xf
+                    # the previous chunk's wgmmas, which read this tile, completed before it ended (the wait below)
+                    o_bufs.index(FIRST * N + i).store(xo)
+                    gl.store(out_ptr + (r64 * N + i)[:, None] * C + (c0 + cols)[None, :], xo, mask=rmask[:, None])
+                fence_async_shared()  # the X' tiles' generic-proxy stores, before the wgmmas read them
+                if u == SUBS - 1:  # the slot's stream tiles have all been read: the loader may refill it
+                    mbarrier.arrive(x_empty.index(s), count=1)
+                mbarrier.wait(w_ready.index(q), (g // WSTAGES) & 1)
+                for i in gl.static_range(N):
+                    a = o_bufs.index(FIRST * N + i)
+                    acc_hi = warpgroup_mma(a, w_bufs.index(2 * (q * N + i)), acc_hi, is_async=True)
+                    acc_lo = warpgroup_mma(a, w_bufs.index(2 * (q * N + i) + 1), acc_lo, is_async=True)
                 acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
-                mbarrier.arrive(empty.index(s), count=1)
-            else:  # leave them in flight: the previous chunk's have completed, so release its slot
-                acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=2 * N, deps=(acc_hi, acc_lo))
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=it > 0)
-        acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
+                mbarrier.arrive(w_empty.index(q), count=1)
         acc = acc_hi + acc_lo
         base = split.to(gl.int64) * T
         prow = r0 + gl.arange(0, SUB, gl.SliceLayout(1, acc_layout))
@@ -156,92 +177,96 @@ if AVAILABLE:
         poff = (base + prow.to(gl.int64))[:, None] * M + pcol[None, :]
         gl.store(p_ptr + poff, acc, mask=(prow < T)[:, None] & (pcol < M)[None, :])
         gl.store(sq_ptr + base + r64, gl.sum(sq, axis=1), mask=rmask)
-        if TMA_STORE:
-            tma.store_wait(pendings=0)
 
     @gluon.jit(do_not_specialize=["T"])
-    def _post_res_proj_ws_kernel(x_desc, y_desc, w_desc, out_desc, out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, T, C,
-                                 K, M, C_SPLIT, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
-                                 MP: gl.constexpr, STAGES: gl.constexpr, OBUF: gl.constexpr,
-                                 CONSUMERS: gl.constexpr, TMA_STORE: gl.constexpr, EAGER: gl.constexpr,
-                                 COMPUTE_REGS: gl.constexpr,
+    def _post_res_proj_ws_kernel(x_desc, y_desc, w_desc, out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, T, C, K, M,
+                                 C_SPLIT, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
+                                 SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
+                                 WSTAGES: gl.constexpr, CONSUMERS: gl.constexpr, COMPUTE_REGS: gl.constexpr,
                                  num_warps: gl.constexpr):
-        """Program (token block, channel split): X' of its chunks, and [BT, M] / [BT] partials of p / sq at
-        p_ptr[split * CONSUMERS + consumer] / sq_ptr[..]. x_desc / out_desc: X and X' as [T, N*C] in [BT, BC]
-        blocks, out_desc in [BT / CONSUMERS, BC] blocks (out_ptr: X' for pointer stores, TMA_STORE False); y_desc:
-        y [T, C]; w_desc: _split_hi_lo's [2K, MP] (hi rows, then lo rows) in [BC, MP] blocks. Rows past T read as
-        zeros and are not written. CONSUMERS (1 or 2) compute warpgroups share each chunk's phi tiles, each
-        with its BT / CONSUMERS rows; a slot is free once every one of them has released it."""
+        """Program (token block, channel split): X' of its chunks (stored through out_ptr), and [BT, M] / [BT]
+        partials of p / sq at p_ptr[split] / sq_ptr[split]. x_desc: X as [T, N*C], y_desc: y as [T, C], both in
+        [BT, BC] blocks; w_desc: _split_hi_lo's [2K, MP] (hi rows, then lo rows) in [BC, MP] blocks. C_SPLIT is a
+        multiple of SUBS * BC. Rows past T read as zeros and are not written. CONSUMERS (1 or 2) compute
+        warpgroups share each slot, each with BT / CONSUMERS rows; a slot is free once all have released it."""
         t0 = gl.program_id(0) * BT
         split = gl.program_id(1)
         c_lo = split * C_SPLIT
-        n_chunks = (gl.minimum(c_lo + C_SPLIT, C) - c_lo + BC - 1) // BC
-        x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * N, BT, BC], x_desc.layout)
-        y_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], y_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * N * 2, BC, MP], w_desc.layout)
-        o_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS * OBUF * N, BT // CONSUMERS, BC], out_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        n_slots = (gl.minimum(c_lo + C_SPLIT, C) - c_lo) // (SUBS * BC)
+        x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * BOXES * (N + 1), BT, SUBS * BC // BOXES],
+                                           x_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [WSTAGES * N * 2, BC, MP], w_desc.layout)
+        o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT // CONSUMERS, BC], gl.bfloat16)
+        o_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS * N, BT // CONSUMERS, BC], o_layout)
+        x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        w_ready = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
+        w_empty = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=CONSUMERS)
+            mbarrier.init(x_ready.index(s), count=1)
+            mbarrier.init(x_empty.index(s), count=CONSUMERS)
+        for s in gl.static_range(WSTAGES):
+            mbarrier.init(w_ready.index(s), count=1)
+            mbarrier.init(w_empty.index(s), count=CONSUMERS)
         if CONSUMERS == 1:
             gl.warp_specialize([
-                (_compute, (out_desc, out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, y_bufs, w_bufs, o_bufs,
-                            ready, empty, t0, c_lo, n_chunks, split, T, C, M, N, BT, BC, MP, STAGES, OBUF, 0, 1,
-                            TMA_STORE, EAGER, num_warps)),
-                (_loader, (x_desc, y_desc, w_desc, x_bufs, y_bufs, w_bufs, ready, empty, t0, c_lo, n_chunks, C, K,
-                           N, BT, BC, MP, STAGES)),
+                (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
+                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
+                            WSTAGES, 0, 1, num_warps)),
+                (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES)),
             ], [1], [_LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_compute, (out_desc, out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, y_bufs, w_bufs, o_bufs,
-                            ready, empty, t0, c_lo, n_chunks, split, T, C, M, N, BT, BC, MP, STAGES, OBUF, 0, 2,
-                            TMA_STORE, EAGER, num_warps)),
-                (_compute, (out_desc, out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, y_bufs, w_bufs, o_bufs,
-                            ready, empty, t0, c_lo, n_chunks, split, T, C, M, N, BT, BC, MP, STAGES, OBUF, 1, 2,
-                            TMA_STORE, EAGER, num_warps)),
-                (_loader, (x_desc, y_desc, w_desc, x_bufs, y_bufs, w_bufs, ready, empty, t0, c_lo, n_chunks, C, K,
-                           N, BT, BC, MP, STAGES)),
+                (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
+                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
+                            WSTAGES, 0, 2, num_warps)),
+                (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
+                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
+                            WSTAGES, 1, 2, num_warps)),
+                (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES)),
             ], [num_warps, 1], [COMPUTE_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(s))
-            mbarrier.invalidate(empty.index(s))
+            mbarrier.invalidate(x_ready.index(s))
+            mbarrier.invalidate(x_empty.index(s))
+        for s in gl.static_range(WSTAGES):
+            mbarrier.invalidate(w_ready.index(s))
+            mbarrier.invalidate(w_empty.index(s))
 
 
-def descriptors(x: Tensor, y: Tensor, w: Tensor, out: Tensor, t: int, n: int, c: int, k: int, bt: int, bc: int,
-                mp: int, consumers: int = 1):
-    """Gluon TMA descriptors: X as [T, n*C] and y as [T, C] in [BT, BC] blocks, X' as [T, n*C] in the
-    [BT / consumers, BC] blocks of one compute warpgroup; the hi / lo halves of phi (``w``, [2, K, MP]) as
-    [2K, MP] in [BC, MP] blocks; each with the swizzle that TMA and wgmma agree on."""
-    tile = gl.NVMMASharedLayout.get_default_for([bt, bc], gl.bfloat16)
-    sub = gl.NVMMASharedLayout.get_default_for([bt // consumers, bc], gl.bfloat16)
+def descriptors(x: Tensor, y: Tensor, w: Tensor, t: int, n: int, c: int, k: int, bt: int, bc: int, mp: int,
+                xb: int = 0):
+    """Gluon TMA descriptors: X as [T, n*C] and y as [T, C] in [BT, BC] blocks, the hi / lo halves of phi (``w``,
+    [2, K, MP]) as [2K, MP] in [BC, MP] blocks; each with the swizzle that TMA and wgmma agree on."""
+    xb = xb or bc
+    tile = gl.NVMMASharedLayout.get_default_for([bt, xb], gl.bfloat16)
     phi = gl.NVMMASharedLayout.get_default_for([bc, mp], gl.bfloat16)
-    return (TensorDescriptor.from_tensor(x.view(t, n * c), [bt, bc], tile),
-            TensorDescriptor.from_tensor(y.view(t, c), [bt, bc], tile),
-            TensorDescriptor.from_tensor(w.view(2 * k, mp), [bc, mp], phi),
-            TensorDescriptor.from_tensor(out.view(t, n * c), [bt // consumers, bc], sub))
+    return (TensorDescriptor.from_tensor(x.view(t, n * c), [bt, xb], tile),
+            TensorDescriptor.from_tensor(y.view(t, c), [bt, xb], tile),
+            TensorDescriptor.from_tensor(w.view(2 * k, mp), [bc, mp], phi))
 
 
 def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: Tensor, p: Tensor, sq: Tensor,
-           c_split: int, bc: int, mp: int, num_warps: int = 4, consumers: int = 1, stages: int = 0,
-           tma_store: bool = True, eager: bool = False, compute_regs: int = 232) -> None:
+           c_split: int, bc: int, mp: int, num_warps: int = 4, consumers: int = 1, subs: int = 4, stages: int = 0,
+           wstages: int = 0, compute_regs: int = 232, box: int = 0) -> None:
     """Run the kernel on contiguous bf16 X [T, n, C], y [T, C], fp32 h_res [T, n, n] / h_post [T, n] and phi's
     hi / lo halves ``w`` ([2, K, MP]); writes X' into ``out`` and the partials into p [splits, T, M] /
-    sq [splits, T], the channel split c_split a multiple of BC. Token blocks of 16 * num_warps * consumers rows
-    (wgmma: 16 rows a warp). ``stages`` 0: as many ring slots as fit."""
+    sq [splits, T]. Token blocks of 16 * num_warps * consumers rows (wgmma: 16 rows a warp); ``plan`` picks the
+    slots (c_split must be a multiple of the slot's subs * BC channels)."""
     global LAUNCHES
     t, n, c = x.shape
     k, m = n * c, p.shape[-1]
     bt = 16 * num_warps * consumers
-    obuf = x_buffers(tma_store, eager)
-    stages = stages or stages_for(n, bt, bc, mp, obuf)
-    if consumers not in (1, 2) or stages < 2 or c % bc or c_split % bc:
-        raise ValueError(f"mhc gluon post_res_proj: {consumers} consumers (1 or 2), {stages} ring slots (>= 2 fit "
-                         f"in {_SMEM} bytes?), C = {c} and its split {c_split} must be multiples of BC = {bc}")
+    chosen = plan(n, c, bt, bc, mp, subs, stages, wstages)
+    if consumers not in (1, 2) or chosen is None or c % bc or c_split % (chosen[0] * bc):
+        raise ValueError(f"mhc gluon post_res_proj: {consumers} consumers (1 or 2), slots {chosen} (None: two "
+                         f"do not fit {_SMEM} bytes); C = {c} and its split {c_split} must be whole slots")
+    subs, stages, wstages = chosen
+    xb = min(box or bc, subs * bc)  # channels a TMA box row reads: 128 bytes at most (its swizzle's width)
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, p.shape[0])
-    _post_res_proj_ws_kernel[grid](*descriptors(x, y, w, out, t, n, c, k, bt, bc, mp, consumers), out, h_res, h_post,
-                                   p, sq, t, c, k, m, c_split, N=n, BT=bt, BC=bc, MP=mp, STAGES=stages, OBUF=obuf,
-                                   CONSUMERS=consumers, TMA_STORE=tma_store, EAGER=eager, COMPUTE_REGS=compute_regs,
-                                   num_warps=num_warps)
+    _post_res_proj_ws_kernel[grid](*descriptors(x, y, w, t, n, c, k, bt, bc, mp, xb), out, h_res, h_post, p, sq, t, c,
+                                   k, m, c_split, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs, BOXES=subs * bc // xb,
+                                   STAGES=stages, WSTAGES=wstages,
+                                   CONSUMERS=consumers, COMPUTE_REGS=compute_regs, num_warps=num_warps)

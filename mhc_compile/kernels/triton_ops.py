@@ -197,14 +197,20 @@ class DotCfg:
     # spread: the kernel waits on its TMA loads, not on its dots (session20 results), so it stays opt-in
     one_dot: bool = False
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
-    # post_res_proj only, bf16 on sm_90: the warp-specialized Gluon kernel (kernels/gluon_post_res_proj.py): a
-    # loader warp fills a ring of ws_stages slots (0: as many as fit) while the compute warps mix and project
+    # post_res_proj only, bf16 on sm_90: the warp-specialized Gluon kernel (kernels/gluon_post_res_proj.py). A loader
+    # warp fills a ring of ws_stages slots of ws_subs adjacent chunks, read as TMA boxes of ws_box channels a row
+    # (0: BC), and a ring of ws_wstages phi slots (stages 0: as many as fit), while ws_consumers compute warpgroups
+    # (each 16 * num_warps of the block's tokens) mix and project. H200, session 21: 720.8 against 744.4 us for the
+    # Triton kernel at 32768 x 4096 (79 against 77 % of copy bandwidth), 187.5 against 205.0 at 8192 x 4096, at
+    # these defaults (2 chunks a slot, 128-byte box rows). ws_consumers = 2 (ws_regs: registers a thread of the
+    # second warpgroup) spills 200 bytes in this design's sm_90a build and was timed only in the first one
     ws: bool = False
+    ws_subs: int = 2
+    ws_box: int = 64
     ws_stages: int = 0
-    ws_consumers: int = 1  # compute warpgroups (1 or 2), each with 16 * num_warps of the block's tokens
-    ws_tma_store: bool = True  # X' leaves by TMA stores from its shared-memory tile (else by pointer stores)
-    ws_regs: int = 232  # registers a thread of the second compute warpgroup (setmaxnreg)
-    ws_eager: bool = False  # a compute warpgroup waits for each chunk's wgmmas and frees its slot at once
+    ws_wstages: int = 0
+    ws_consumers: int = 1
+    ws_regs: int = 232
 
 
 @dataclass(frozen=True)
@@ -1650,21 +1656,22 @@ def post_res_proj(
     gp = _gluon_prp() if cfg.ws and hi_lo else None  # DotCfg.ws: the warp-specialized Gluon kernel where it runs
     if gp is not None and gp.supported(x, n, c, bc, mp):
         bt = 16 * cfg.num_warps * cfg.ws_consumers  # wgmma: 16 rows a warp of each compute warpgroup
-        if not gp.stages_for(n, bt, bc, mp, gp.x_buffers(cfg.ws_tma_store, cfg.ws_eager)):
-            gp = None
+        slots = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages)
+        gp = gp if slots is not None else None
     else:
         gp = None
     tblocks = _cdiv(t, bt)
-    splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, bc), occupancy=1 if gp else cfg.occupancy)
-    c_split = _cdiv(_cdiv(c, splits), bc) * bc
+    chunk = bc * (slots[0] if gp is not None else 1)  # the Gluon kernel's splits are whole stream slots
+    splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, chunk), occupancy=1 if gp else cfg.occupancy)
+    c_split = _cdiv(_cdiv(c, splits), chunk) * chunk
     splits = _cdiv(c, c_split)
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     if gp is not None:  # one program an SM: its ring takes the shared memory
         gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
                   _split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(splits, t, m),
-                  sq.view(splits, t), c_split, bc, mp, cfg.num_warps, cfg.ws_consumers, cfg.ws_stages,
-                  cfg.ws_tma_store, cfg.ws_eager, cfg.ws_regs)
+                  sq.view(splits, t), c_split, bc, mp, cfg.num_warps, cfg.ws_consumers, *slots, cfg.ws_regs,
+                  cfg.ws_box)
         return (out, p[0], sq[0]) if splits == 1 else (out, p.sum(0), sq.sum(0))
     if hi_lo:  # one_dot: row c*n + i holds phi[i*C + c], so a chunk's rows for all n streams are one block
         w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join, streams=n if one_dot else 1)
