@@ -4,12 +4,12 @@ the Triton kernel's, side by side in one process.
     PYTHONPATH=. python benchmarks/gluon_check.py [--out DIR] [--shapes 32768x4096 ...] [--configs ws ...]
     PYTHONPATH=. python benchmarks/gluon_check.py --build     # no GPU needed: sm_90a builds, resources
 
-(1) Correctness, at ragged token counts, n in {1, 2, 3, 4} and C from 256 to 2048: X' against the Triton
-post_res kernel (bit for bit: the same fp32 order of h_post y + sum_j h_res x_j) and against the reference; p
-against the reference projection of that X' in float64 within the bound of a hi / lo bf16 dot; sq against
-float64. Every row asserts the Gluon kernel ran. (2) Times (median of CUDA-graph replays) of the default Triton
-kernel and each ``--configs`` entry (``tune:`` fields of DotCfg, as in bench_training.tune_fields) at each shape,
-with the copy bandwidth measured in the same run -> gluon-check.md. Exit status 1 when a check fails.
+(1) Correctness of each ``--configs`` entry (a name in CONFIGS: DotCfg fields of post_res_proj), at ragged
+token counts, n in {1, 2, 3, 4} and C from 256 to 2048: X' within bf16 rounding of the float64 reference (and
+whether it equals the Triton post_res kernel's bit for bit, reported, not required); p against the float64
+projection of that X' within the bound of a hi / lo bf16 dot; sq against float64. Every row asserts the Gluon
+kernel ran. (2) Times (median of CUDA-graph replays) of the Triton kernel and each config at each shape, with
+the copy bandwidth measured in the same run -> gluon-check.md. Exit status 1 when a check fails.
 ``--build`` compiles the kernel for sm_90a on this machine (registers, spills, shared memory; fails past
 227 KB or with spills): the CPU tests run it, since Gluon kernels do not run under the interpreter.
 """
@@ -17,6 +17,7 @@ with the copy bandwidth measured in the same run -> gluon-check.md. Exit status 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -31,7 +32,7 @@ from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 
 CHECK_SHAPES = [(300, 4, 512), (129, 4, 768), (64, 1, 256), (1000, 2, 1024), (77, 3, 384), (4099, 4, 2048)]
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on an H100 / H200
-# name -> DotCfg fields for post_res_proj; 'ws' alone is the Gluon kernel at the default tile, the most slots
+# name -> DotCfg fields for post_res_proj
 CONFIGS = {
     "ws": dict(ws=True),  # DotCfg's ws defaults: two 32-channel chunks a slot, TMA box rows of 64 channels
     "ws-box32": dict(ws=True, ws_box=32),
@@ -133,7 +134,7 @@ def build(configs) -> int:
 
     failed = 0
     for name in configs:
-        cfg = tk._cfg("post_res_proj").__class__(**{**tk._DEFAULTS["post_res_proj"].__dict__, **CONFIGS[name]})
+        cfg = dataclasses.replace(tk._DEFAULTS["post_res_proj"], **CONFIGS[name])
         t, n, c = 256, 4, 512
         _, bc, mp = tk._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
         bt = 16 * cfg.num_warps * cfg.ws_consumers
@@ -154,8 +155,8 @@ def build(configs) -> int:
                                         ("HGMMA", "UTMALDG", "UTMASTG", "SYNCS", "BAR.SYNC"))
         ok = spill == 0 and smem <= SMEM_LIMIT
         failed += not ok
-        print(f"{name}: BT={bt} BC={bc} subs={subs} stages={stages} wstages={wstages} regs={regs} spill={spill} smem={smem} loop={loop} "
-              f"{'ok' if ok else 'FAIL'}", flush=True)
+        print(f"{name}: BT={bt} BC={bc} subs={subs} stages={stages} wstages={wstages} regs={regs} spill={spill} "
+              f"smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
 

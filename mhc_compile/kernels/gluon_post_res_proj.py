@@ -248,8 +248,8 @@ def descriptors(x: Tensor, y: Tensor, w: Tensor, t: int, n: int, c: int, k: int,
 
 
 def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: Tensor, p: Tensor, sq: Tensor,
-           c_split: int, bc: int, mp: int, num_warps: int = 4, consumers: int = 1, subs: int = 4, stages: int = 0,
-           wstages: int = 0, compute_regs: int = 232, box: int = 0) -> None:
+           c_split: int, bc: int, mp: int, num_warps: int = 4, consumers: int = 1, subs: int = 2, stages: int = 0,
+           wstages: int = 0, compute_regs: int = 232, box: int = 64) -> None:
     """Run the kernel on contiguous bf16 X [T, n, C], y [T, C], fp32 h_res [T, n, n] / h_post [T, n] and phi's
     hi / lo halves ``w`` ([2, K, MP]); writes X' into ``out`` and the partials into p [splits, T, M] /
     sq [splits, T]. Token blocks of 16 * num_warps * consumers rows (wgmma: 16 rows a warp); ``plan`` picks the
