@@ -34,11 +34,9 @@ CHECK_SHAPES = [(300, 4, 512), (129, 4, 768), (64, 1, 256), (1000, 2, 1024), (77
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on an H100 / H200
 # name -> DotCfg fields for post_res_proj
 CONFIGS = {
-    "ws": dict(ws=True),  # DotCfg's ws defaults: two 32-channel chunks a slot, TMA box rows of 64 channels
-    "ws-box32": dict(ws=True, ws_box=32),
-    "ws-s3": dict(ws=True, ws_stages=3),
-    "ws-sub4-box32": dict(ws=True, ws_subs=4, ws_box=32),
-    "ws-sub1": dict(ws=True, ws_subs=1, ws_box=32, ws_stages=4),
+    "ws": dict(ws=True),  # DotCfg's ws defaults: slots of two 32-channel chunks (one 64-channel TMA box a row)
+    "ws-sub1": dict(ws=True, ws_subs=1, ws_stages=3),
+    "ws-c2": dict(ws=True, ws_consumers=2),  # two compute warpgroups, one chunk of each slot each
 }
 
 
@@ -103,6 +101,31 @@ def _time(shapes, configs, lines: list[str]) -> None:
         del x, h_res, h_post, y, phi, base
 
 
+def step(shapes, configs, lines: list[str]) -> None:
+    """bench_kernels' ``step`` forward row (post_res_proj, then the next sublayer's coefficients and pre), with the
+    Triton post_res_proj and with each config; bytes and the error against the reference as there."""
+    from benchmarks.bench_kernels import _call, _rel_err, _tuple, bench_us, cases, copy_bandwidth, make_inputs
+
+    bw = copy_bandwidth("cuda")
+    lines += ["", "## step forward", "", f"Copy bandwidth: {bw / 1e9:.0f} GB/s.", "",
+              "| shape | post_res_proj | Gluon ran | us | % of copy bw | error against the reference (bench_kernels') |",
+              "|---|---|---|---|---|---|"]
+    for t, c in shapes:
+        inp = make_inputs(t, 4, c, torch.bfloat16, "cuda")
+        case = next(k for k in cases(inp) if (k.kernel, k.direction) == ("step", "fwd"))
+        want = _tuple(_call(case, ref))
+        for name in ["default"] + configs:
+            ran = gp.LAUNCHES
+            with tk.tuning("post_res_proj", **({} if name == "default" else CONFIGS[name])):
+                got = _call(case, tk)
+                us = bench_us(lambda: _call(case, tk))
+            err = max(_rel_err(a, e) for a, e in zip(_tuple(got), want))
+            lines.append(f"| {t}x{c} | {name} | {gp.LAUNCHES > ran} | {us:.1f} | "
+                         f"{100 * case.nbytes / (us * 1e-6) / bw:.1f} | {err:.1e} |")
+            print(lines[-1], flush=True)
+        del inp
+
+
 def segments(shapes, lines: list[str]) -> None:
     """How the bytes a TMA box row or a tile row covers move the stream kernels: post_res at tiles of 8192
     elements that read rows of 32 .. 256 channels (64 .. 512 bytes), and proj's forward with 32 .. 128 channels
@@ -137,18 +160,22 @@ def build(configs) -> int:
         cfg = dataclasses.replace(tk._DEFAULTS["post_res_proj"], **CONFIGS[name])
         t, n, c = 256, 4, 512
         _, bc, mp = tk._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
-        bt = 16 * cfg.num_warps * cfg.ws_consumers
-        subs, stages, wstages = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages)
+        bt = 16 * cfg.num_warps
+        chosen = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers)
+        if chosen is None:
+            failed += 1
+            print(f"{name}: BT={bt} BC={bc}: no slots fit in {gp._SMEM} bytes FAIL", flush=True)
+            continue
+        subs, stages, wstages = chosen
         x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
         w = torch.zeros(2, n * c, mp, dtype=torch.bfloat16)
         with sm90_build.cpu_target(90):
             built = gp._post_res_proj_ws_kernel.warmup(
-                *gp.descriptors(x, y, w, t, n, c, n * c, bt, bc, mp, min(cfg.ws_box or bc, subs * bc)),
-                torch.empty_like(x), torch.zeros(t, n, n),
-                torch.zeros(t, n), torch.zeros(1, t, n * n + 2 * n), torch.zeros(1, t),
-                t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs,
-                BOXES=subs * bc // min(cfg.ws_box or bc, subs * bc), STAGES=stages, WSTAGES=wstages,
-                CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps, grid=(t // bt, 1))
+                *gp.descriptors(x, y, w, t, n, c, n * c, bt, subs * bc, mp), torch.empty_like(x),
+                torch.zeros(t, n, n), torch.zeros(t, n), torch.zeros(2, t, n * n + 2 * n), torch.zeros(2, t),
+                t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, XB=subs * bc, MP=mp, STAGES=stages,
+                WSTAGES=wstages, CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps,
+                grid=(t // bt, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         loop = sm90_build.opcode_counts(sm90_build.main_loop(sm90_build.sass(built)),
@@ -167,6 +194,7 @@ def main() -> int:
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
     ap.add_argument("--segments", action="store_true", help="also time post_res and proj at narrow tile rows")
+    ap.add_argument("--step", action="store_true", help="also time step's forward with each config")
     args = ap.parse_args()
     if args.build:
         return build(args.configs)
@@ -189,6 +217,8 @@ def main() -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     if good:
         _time(shapes, args.configs, lines)
+    if good and args.step:
+        step(shapes, args.configs, lines)
     if args.segments:
         segments(shapes, lines)
     os.makedirs(args.out, exist_ok=True)

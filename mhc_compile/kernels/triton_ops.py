@@ -206,11 +206,10 @@ class DotCfg:
     # second warpgroup) spills 200 bytes in this design's sm_90a build and was timed only in the first one
     ws: bool = False
     ws_subs: int = 2
-    ws_box: int = 64
     ws_stages: int = 0
     ws_wstages: int = 0
     ws_consumers: int = 1
-    ws_regs: int = 232
+    ws_regs: int = 240
 
 
 @dataclass(frozen=True)
@@ -1655,8 +1654,8 @@ def post_res_proj(
     one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
     gp = _gluon_prp() if cfg.ws and hi_lo else None  # DotCfg.ws: the warp-specialized Gluon kernel where it runs
     if gp is not None and gp.supported(x, n, c, bc, mp):
-        bt = 16 * cfg.num_warps * cfg.ws_consumers  # wgmma: 16 rows a warp of each compute warpgroup
-        slots = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages)
+        bt = 16 * cfg.num_warps  # wgmma: 16 rows a warp
+        slots = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers)
         gp = gp if slots is not None else None
     else:
         gp = None
@@ -1665,14 +1664,14 @@ def post_res_proj(
     splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, chunk), occupancy=1 if gp else cfg.occupancy)
     c_split = _cdiv(_cdiv(c, splits), chunk) * chunk
     splits = _cdiv(c, c_split)
-    p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
-    sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
+    parts = splits * (cfg.ws_consumers if gp is not None else 1)  # the Gluon kernel: a partial a warpgroup
+    p = torch.empty((parts,) + lead + (m,), dtype=acc, device=x.device)
+    sq = torch.empty((parts,) + lead, dtype=acc, device=x.device)
     if gp is not None:  # one program an SM: its ring takes the shared memory
         gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
-                  _split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(splits, t, m),
-                  sq.view(splits, t), c_split, bc, mp, cfg.num_warps, cfg.ws_consumers, *slots, cfg.ws_regs,
-                  cfg.ws_box)
-        return (out, p[0], sq[0]) if splits == 1 else (out, p.sum(0), sq.sum(0))
+                  _split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(parts, t, m),
+                  sq.view(parts, t), c_split, bc, mp, cfg.num_warps, cfg.ws_consumers, *slots, cfg.ws_regs)
+        return (out, p[0], sq[0]) if parts == 1 else (out, p.sum(0), sq.sum(0))
     if hi_lo:  # one_dot: row c*n + i holds phi[i*C + c], so a chunk's rows for all n streams are one block
         w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join, streams=n if one_dot else 1)
         hi, lo = (w, w) if join else (w[0], w[1])
