@@ -9,7 +9,8 @@ token counts, n in {1, 2, 3, 4} and C from 256 to 2048: X' within bf16 rounding 
 whether it equals the Triton post_res kernel's bit for bit, reported, not required); p against the float64
 projection of that X' within the bound of a hi / lo bf16 dot; sq against float64. Every row asserts the Gluon
 kernel ran. (2) Times (median of CUDA-graph replays) of the Triton kernel and each config at each shape, with
-the copy bandwidth measured in the same run -> gluon-check.md. Exit status 1 when a check fails.
+the copy bandwidth measured in the same run -> gluon-check.md; with ``--step``, bench_kernels' step forward row
+beside them (the op that calls post_res_proj in training). Exit status 1 when a check fails.
 ``--build`` compiles the kernel for sm_90a on this machine (registers, spills, shared memory; fails past
 227 KB or with spills): the CPU tests run it, since Gluon kernels do not run under the interpreter.
 """
@@ -34,9 +35,11 @@ CHECK_SHAPES = [(300, 4, 512), (129, 4, 768), (64, 1, 256), (1000, 2, 1024), (77
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on an H100 / H200
 # name -> DotCfg fields for post_res_proj
 CONFIGS = {
-    "ws": dict(ws=True),  # DotCfg's ws defaults: slots of two 32-channel chunks (one 64-channel TMA box a row)
-    "ws-sub1": dict(ws=True, ws_subs=1, ws_stages=3),
-    "ws-c2": dict(ws=True, ws_consumers=2),  # two compute warpgroups, one chunk of each slot each
+    "ws": dict(ws=True),  # DotCfg's ws defaults: two compute warpgroups, two 32-channel chunks a slot, 64-channel boxes
+    "ws-c1": dict(ws=True, ws_consumers=1),  # one compute warpgroup (session 21's default)
+    "ws-box32": dict(ws=True, ws_box=32),
+    "ws-s3": dict(ws=True, ws_consumers=1, ws_stages=3),
+    "ws-sub1": dict(ws=True, ws_consumers=1, ws_subs=1, ws_box=32, ws_stages=4),
 }
 
 
@@ -102,13 +105,13 @@ def _time(shapes, configs, lines: list[str]) -> None:
 
 
 def step(shapes, configs, lines: list[str]) -> None:
-    """bench_kernels' ``step`` forward row (post_res_proj, then the next sublayer's coefficients and pre), with the
-    Triton post_res_proj and with each config; bytes and the error against the reference as there."""
+    """bench_kernels' ``step`` forward row (post_res_proj, then the next sublayer's coefficients and pre) with the
+    Triton post_res_proj and with each config; its bytes and its error against the reference as there."""
     from benchmarks.bench_kernels import _call, _rel_err, _tuple, bench_us, cases, copy_bandwidth, make_inputs
 
     bw = copy_bandwidth("cuda")
     lines += ["", "## step forward", "", f"Copy bandwidth: {bw / 1e9:.0f} GB/s.", "",
-              "| shape | post_res_proj | Gluon ran | us | % of copy bw | error against the reference (bench_kernels') |",
+              "| shape | post_res_proj | Gluon ran | us | % of copy bw | error against the reference |",
               "|---|---|---|---|---|---|"]
     for t, c in shapes:
         inp = make_inputs(t, 4, c, torch.bfloat16, "cuda")
@@ -161,21 +164,18 @@ def build(configs) -> int:
         t, n, c = 256, 4, 512
         _, bc, mp = tk._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
         bt = 16 * cfg.num_warps
-        chosen = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers)
-        if chosen is None:
-            failed += 1
-            print(f"{name}: BT={bt} BC={bc}: no slots fit in {gp._SMEM} bytes FAIL", flush=True)
-            continue
-        subs, stages, wstages = chosen
+        subs, stages, wstages = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages,
+                                        cfg.ws_consumers)
         x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
         w = torch.zeros(2, n * c, mp, dtype=torch.bfloat16)
         with sm90_build.cpu_target(90):
             built = gp._post_res_proj_ws_kernel.warmup(
-                *gp.descriptors(x, y, w, t, n, c, n * c, bt, subs * bc, mp), torch.empty_like(x),
-                torch.zeros(t, n, n), torch.zeros(t, n), torch.zeros(2, t, n * n + 2 * n), torch.zeros(2, t),
-                t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, XB=subs * bc, MP=mp, STAGES=stages,
-                WSTAGES=wstages, CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps,
-                grid=(t // bt, 1))
+                *gp.descriptors(x, y, w, t, n, c, n * c, bt, bc, mp, min(cfg.ws_box or bc, subs * bc)),
+                torch.empty_like(x), torch.zeros(t, n, n),
+                torch.zeros(t, n), torch.zeros(2, t, n * n + 2 * n), torch.zeros(2, t),
+                t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs,
+                BOXES=subs * bc // min(cfg.ws_box or bc, subs * bc), STAGES=stages, WSTAGES=wstages,
+                CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps, grid=(t // bt, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         loop = sm90_build.opcode_counts(sm90_build.main_loop(sm90_build.sass(built)),

@@ -33,15 +33,19 @@ def test_gluon_post_res_proj_builds_for_sm90_within_shared_memory_without_spills
 
 
 def test_plan_fills_the_shared_memory_budget_with_whole_slots():
-    # n = 4, 64 tokens, 64-channel slots, MP = 32: a stream slot is 5 [64, 64] tiles (40 KB), a phi slot 8 [64, 32]
-    # tiles (32 KB), and the two sets of X' tiles 64 KB
-    assert gp.smem_bytes(4, 64, 32, 32, subs=2, stages=2, wstages=2) == 2 * 40960 + 2 * 32768 + 65536
-    assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=0) == (2, 2, 2)  # a third phi slot does not fit
-    assert gp.smem_bytes(4, 64, 32, 32, 2, 2, 2) <= gp._SMEM < gp.smem_bytes(4, 64, 32, 32, 2, 2, 3)
-    assert gp.plan(4, 4096, 64, 32, 32, subs=4, stages=0, wstages=0)[0] == 2  # a TMA box row: 64 channels at most
-    assert gp.plan(4, 96, 64, 32, 32, subs=2, stages=0, wstages=0) == (1, 2, 3)  # C = 96: 32-channel slots
-    assert gp.plan(4, 80, 64, 32, 32, subs=2, stages=0, wstages=0) is None  # C is not whole chunks
+    # n = 4, 64 tokens x 32 channels, MP = 32: a chunk is 5 stream tiles (20 KB), its phi 8 tiles (16 KB)
+    assert gp.smem_bytes(4, 64, 32, 32, subs=2, stages=2, wstages=3) == 2 * 20480 * 2 + 3 * 16384 + 16384
+    assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=0) == (2, 2, 3)
+    # four chunks a slot: two stream slots (160 KB), three phi slots (48 KB) and the X' tiles (16 KB) still fit
+    assert gp.plan(4, 4096, 64, 32, 32, subs=4, stages=0, wstages=0) == (4, 2, 3)
+    assert gp.smem_bytes(4, 64, 32, 32, 4, 2, 3) <= gp._SMEM < gp.smem_bytes(4, 64, 32, 32, 4, 3, 2)
+    assert gp.plan(4, 96, 64, 32, 32, subs=2, stages=0, wstages=0)[0] == 1  # 3 chunks: one a slot
     assert gp.plan(16, 4096, 64, 32, 256, subs=2, stages=0, wstages=0) is None  # n = 16: two slots do not fit
+    # two compute warpgroups: a slot's chunks split between them, two phi slots each, two sets of X' tiles
+    assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=0, consumers=2) == (2, 2, 4)
+    assert gp.smem_bytes(4, 64, 32, 32, 2, 2, 4, consumers=2) == 2 * 20480 * 2 + 4 * 16384 + 2 * 16384
+    assert gp.plan(4, 96, 64, 32, 32, subs=2, stages=0, wstages=0, consumers=2) is None  # 3 chunks: no even split
+    assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=3, consumers=2) is None  # a phi slot each
 
 
 def test_supported_needs_a_cuda_bf16_stream_whose_chunks_stay_in_one_stream():

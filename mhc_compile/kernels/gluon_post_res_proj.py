@@ -6,16 +6,17 @@ row a 64-byte run of memory, and its pipeline stages hold phi's tiles beside the
 warp with a five-slot ring of the same tiles (the first build of this file) reached the same 77 %, and post_res
 alone reads at 49 % with 64-byte rows, 65 % with 128 and 93 % with 256 (proj's forward: 58, 89, 98 %).
 
-Session 22 timed where the time of that design went (its loop without the X' stores, without the wgmmas, without
-the mixing): the loader alone read at 104 % of copy bandwidth; the mixing's pointer stores of 64-byte rows and the
-wgmmas' wait before the next chunk (one compute warpgroup runs all of it, one warp a scheduler) took the rest.
+So here a slot of the stream ring holds SUBS adjacent chunks of BC channels, read as TMA boxes of up to 64
+channels (128-byte rows), all issued at once by the loader warp, and phi's hi / lo tiles move through their own
+ring of one chunk a slot. The compute warpgroups take each slot's chunks in turn, all of the block's rows: each
+mixes X' = h_post y + H_res X in registers, stores X' to global memory and to a shared tile that is the A operand
+of p += X' phi (wgmma), and keeps its own p / sq partials. A phi slot always serves the same warpgroup and is
+freed once its wgmmas have completed; a stream slot is freed once every warpgroup has mixed its chunks.
 
-So here (an experiment: session 22 measured it slower than session 21's design, 742-743 against 721-735 us at
-32768 x 4096 on an H200, and reverted it) a slot is XB = SUBS * BC channels (64: one TMA box with 128-byte rows an
-input), phi's hi / lo tiles for those XB rows of K move through their own ring, and one or two compute warpgroups
-take the slot's [BT, BC] column slices in turn. Each mixes its slices into double-buffered shared X' tiles, stores
-them by pointer, and leaves the slot's wgmmas in flight while it mixes the next slot; each keeps its own p / sq
-partials.
+Session 22 (benchmarks/results/session22-2026-12-03-h200.md) timed where the time goes. The loader alone reads
+faster than a copy. The mixing, the X' stores and the wgmmas each add time in the one warpgroup that runs them
+all. Two warpgroups taking the chunks in turn (the default) ran about 2-5 % faster at 32768 tokens. Ten other
+designs did not: deeper or decoupled rings, 256-byte rows, TMA stores, wgmmas left in flight, warpgroups over rows.
 
 GPU only: Gluon kernels do not run under ``TRITON_INTERPRET=1``. The CPU tests build it for sm_90a
 (benchmarks/gluon_check.py --build); on an sm_90 GPU benchmarks/gluon_check.py compares its outputs with the
@@ -49,27 +50,26 @@ def supported(x: Tensor, n: int, c: int, bc: int, mp: int) -> bool:
             and x.dtype == torch.bfloat16 and c % bc == 0 and c % 8 == 0 and 8 <= mp <= 256)
 
 
-def smem_bytes(n: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int) -> int:
-    """Shared memory of a launch: ``stages`` stream slots of n + 1 [BT, XB] tiles (XB = subs * BC channels),
-    ``wstages`` phi slots of 2n [XB, MP] tiles, and two sets of the slot's X' tiles (n [BT, XB]), all bf16."""
-    xb = subs * bc
-    return 2 * (stages * (n + 1) * bt * xb + wstages * 2 * n * xb * mp + 2 * n * bt * xb)
+def smem_bytes(n: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int, consumers: int = 1) -> int:
+    """Shared memory of a launch: ``stages`` stream slots of subs * (n + 1) [BT, BC] tiles, ``wstages`` phi slots
+    of 2n [BC, MP] tiles, and each compute warpgroup's n X' tiles, all bf16."""
+    return 2 * (stages * subs * (n + 1) * bt * bc + wstages * 2 * n * bc * mp + consumers * n * bt * bc)
 
 
 def plan(n: int, c: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int, consumers: int = 1):
-    """(subs, stages, wstages) for a call. A slot is subs chunks of BC channels, read as one TMA box a row:
-    at most 64 channels (the 128-byte swizzle), ``subs`` halved until C is whole slots; the consumers' warpgroups
-    take its chunks in turn, so subs is a multiple of them. 0 stages or wstages: as many as fit, at most 2 stream
-    slots and 3 phi slots. None when no such slot exists or two of each do not fit."""
-    subs = max(1, min(subs, 64 // bc))
-    while subs > consumers and c % (subs * bc):
+    """(subs, stages, wstages) for a call: ``subs`` halved until C / BC chunks split into whole slots, and a
+    multiple of ``consumers`` (the compute warpgroups take a slot's chunks in turn); 0 stages or wstages: as many
+    as fit, at most 2 stream slots and 3 phi slots a warpgroup, wstages a multiple of consumers (each phi slot
+    then always serves the same warpgroup). None when two of each do not fit."""
+    subs = max(1, subs)
+    while (c // bc) % subs:
         subs //= 2
-    if subs % consumers or c % (subs * bc):
+    if subs % consumers:
         return None
-    st, ws = stages or 2, wstages or 3
-    while not wstages and ws > 2 and smem_bytes(n, bt, bc, mp, subs, st, ws) > _SMEM:
-        ws -= 1
-    if st < 2 or ws < 2 or smem_bytes(n, bt, bc, mp, subs, st, ws) > _SMEM:
+    st, ws = stages or 2, wstages or (3 if consumers == 1 else 2 * consumers)
+    while not wstages and ws > 2 and smem_bytes(n, bt, bc, mp, subs, st, ws, consumers) > _SMEM:
+        ws -= consumers if consumers > 1 else 1
+    if st < 2 or ws < 2 or ws % consumers or smem_bytes(n, bt, bc, mp, subs, st, ws, consumers) > _SMEM:
         return None
     return subs, st, ws
 
@@ -78,51 +78,59 @@ if AVAILABLE:
     from triton.runtime.jit import constexpr_function
 
     @constexpr_function
-    def _slice_col(v, consumers, first, bc):
-        """The first column, in its slot, of compute warpgroup ``first``'s v-th column slice (of bc channels)."""
-        return (v * consumers + first) * bc
+    def _box_col(u, bc, per_box):
+        """The first column of chunk u within its TMA box of per_box chunks of bc channels."""
+        return (u % per_box) * bc
 
-    _LOADER_REGS = gl.constexpr(24)  # the loader warp computes coordinates only
+    @constexpr_function
+    def _chunk(v, consumers, first):
+        """The slot's chunk that is compute warpgroup ``first``'s v-th (warpgroups take a slot's chunks in turn)."""
+        return v * consumers + first
+
+    _LOADER_REGS = gl.constexpr(40)  # the loader warp computes coordinates only
     # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later versions
     # removed those names for async_load / async_store (same arguments)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    
+
     @gluon.jit
     def _loader(x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo, n_slots, C,
-                K, N: gl.constexpr, BT: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr,
-                WSTAGES: gl.constexpr):
-        """One warp. For each slot of XB channels: once its stream slot is free, the n + 1 [BT, XB] stream tiles;
-        once its phi slot is free, phi's 2n [XB, MP] hi / lo tiles."""
-        x_bytes: gl.constexpr = (N + 1) * BT * XB * 2
-        w_bytes: gl.constexpr = 2 * N * XB * MP * 2
+                K, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, SUBS: gl.constexpr,
+                BOXES: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr):
+        """One warp. For each stream slot: wait until it is free, issue its SUBS chunks' n + 1 tile loads at once
+        (adjacent runs of each row, close in time), then each chunk's 2n phi loads as phi slots free up."""
+        x_bytes: gl.constexpr = SUBS * (N + 1) * BT * BC * 2
+        w_bytes: gl.constexpr = 2 * N * BC * MP * 2
         for it in range(n_slots):
             s = it % STAGES
-            c0 = c_lo + it * XB
             # a slot's first use needs no release; later ones wait for the compute warps' release of the last
             mbarrier.wait(x_empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
             bar = x_ready.index(s)
             mbarrier.expect(bar, x_bytes)
-            for j in gl.static_range(N):
-                _tma_load(x_desc, [t0, j * C + c0], bar, x_bufs.index(s * (N + 1) + j))
-            _tma_load(y_desc, [t0, c0], bar, x_bufs.index(s * (N + 1) + N))
-            q = it % WSTAGES
-            mbarrier.wait(w_empty.index(q), ((it // WSTAGES) & 1) ^ 1, pred=it >= WSTAGES)
-            wbar = w_ready.index(q)
-            mbarrier.expect(wbar, w_bytes)
-            for i in gl.static_range(N):  # phi's rows i*C + c0 .. of the hi half, then of the lo half
-                _tma_load(w_desc, [i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i)))
-                _tma_load(w_desc, [K + i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i) + 1))
+            for v in gl.static_range(BOXES):  # BOXES boxes of XB = SUBS * BC / BOXES channels a row
+                c0 = c_lo + it * SUBS * BC + v * (SUBS * BC // BOXES)
+                base = (s * BOXES + v) * (N + 1)
+                for j in gl.static_range(N):
+                    _tma_load(x_desc, [t0, j * C + c0], bar, x_bufs.index(base + j))
+                _tma_load(y_desc, [t0, c0], bar, x_bufs.index(base + N))
+            for u in gl.static_range(SUBS):
+                g = it * SUBS + u
+                q = g % WSTAGES
+                c0 = c_lo + g * BC
+                mbarrier.wait(w_empty.index(q), ((g // WSTAGES) & 1) ^ 1, pred=g >= WSTAGES)
+                wbar = w_ready.index(q)
+                mbarrier.expect(wbar, w_bytes)
+                for i in gl.static_range(N):  # phi's rows i*C + c0 .. of the hi half, then of the lo half
+                    _tma_load(w_desc, [i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i)))
+                    _tma_load(w_desc, [K + i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i) + 1))
 
     @gluon.jit
     def _compute(out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty, w_ready,
                  w_empty, t0, c_lo, n_slots, split, T, C, M, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
-                 XB: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr,
-                 FIRST: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
-        """Compute warpgroup FIRST of CONSUMERS: of each slot's XB channels, the [BT, BC] column slices
-        u = FIRST, FIRST + CONSUMERS, ... Mixes X' into a shared tile (double-buffered: the last slot's wgmmas may
-        still read the other), stores it, and accumulates p += X' phi from the slice's BC rows of phi's tiles;
-        writes its p and sq partials at p_ptr[split * CONSUMERS + FIRST] / sq_ptr[...]."""
-        PER: gl.constexpr = XB // BC // CONSUMERS  # column slices a slot of this warpgroup
+                 MP: gl.constexpr, SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
+                 WSTAGES: gl.constexpr, FIRST: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
+        """Compute warpgroup FIRST of CONSUMERS: chunks u = FIRST, FIRST + CONSUMERS, ... of every slot, all BT
+        rows. Mixes X', stores it, projects it; writes its p and sq partials at p_ptr[split * CONSUMERS + FIRST]
+        / sq_ptr[...]. Its chunks' phi slots are its own (WSTAGES is a multiple of CONSUMERS)."""
         # [BT, BC] tiles: 16-byte rows of 8 channels a thread, so shared-memory loads and global stores are vectors
         tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BC // 8), BC // 8], [num_warps, 1], [1, 0])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -142,18 +150,19 @@ if AVAILABLE:
         sq = gl.zeros([BT, BC], gl.float32, tile)  # reduced across channels once, after the loop
         for it in range(n_slots):
             s = it % STAGES
-            q = it % WSTAGES
             mbarrier.wait(x_ready.index(s), (it // STAGES) & 1)
-            for v in gl.static_range(PER):
-                # this slice: columns _slice_col(..) .. + BC of the slot
-                ob = ((FIRST * 2 + it % 2) * PER + v) * N  # its X' tiles; the other buffer: the last slot's
-                y = x_bufs.index(s * (N + 1) + N).slice(_slice_col(v, CONSUMERS, FIRST, BC), BC, 1)
+            for v in gl.static_range(SUBS // CONSUMERS):
+                g = it * SUBS + _chunk(v, CONSUMERS, FIRST)
+                q = g % WSTAGES
+                c0 = c_lo + g * BC
+                # this chunk is columns _box_col(..) .. of box u // (SUBS // BOXES) (of SUBS * BC / BOXES channels)
+                base = (s * BOXES + _chunk(v, CONSUMERS, FIRST) // (SUBS // BOXES)) * (N + 1)
+                y = x_bufs.index(base + N).slice(_box_col(_chunk(v, CONSUMERS, FIRST), BC, SUBS // BOXES), BC, 1)
                 y = y.load(tile).to(gl.float32)
                 xs = ()
                 for j in gl.static_range(N):
-                    xj = x_bufs.index(s * (N + 1) + j).slice(_slice_col(v, CONSUMERS, FIRST, BC), BC, 1)
+                    xj = x_bufs.index(base + j).slice(_box_col(_chunk(v, CONSUMERS, FIRST), BC, SUBS // BOXES), BC, 1)
                     xs = xs + (xj.load(tile),)
-                c0 = c_lo + it * XB + _slice_col(v, CONSUMERS, FIRST, BC)
                 for i in gl.static_range(N):
                     xi = coef[i][:, None] * y  # _mix_tile's order: h_post y, then + h_res[i, j] x_j, j = 0 .. N-1
                     for j in gl.static_range(N):
@@ -161,23 +170,19 @@ if AVAILABLE:
                     xo = xi.to(gl.bfloat16)
                     xf = xo.to(gl.float32)
                     sq += xf * xf
-                    o_bufs.index(ob + i).store(xo)
+                    # the previous chunk's wgmmas, which read this tile, completed before it ended (the wait below)
+                    o_bufs.index(FIRST * N + i).store(xo)
                     gl.store(out_ptr + (r64 * N + i)[:, None] * C + (c0 + cols)[None, :], xo, mask=rmask[:, None])
-            mbarrier.arrive(x_empty.index(s), count=1)  # its stream tiles are read: the loader may refill the slot
-            fence_async_shared()  # the X' tiles' generic-proxy stores, before the wgmmas read them
-            mbarrier.wait(w_ready.index(q), (it // WSTAGES) & 1)
-            for v in gl.static_range(PER):
-                ob = ((FIRST * 2 + it % 2) * PER + v) * N
-                for i in gl.static_range(N):  # phi's rows of this column slice: BC of the tile's XB
-                    a = o_bufs.index(ob + i)
-                    w_hi = w_bufs.index(2 * (q * N + i)).slice(_slice_col(v, CONSUMERS, FIRST, BC), BC, 0)
-                    w_lo = w_bufs.index(2 * (q * N + i) + 1).slice(_slice_col(v, CONSUMERS, FIRST, BC), BC, 0)
-                    acc_hi = warpgroup_mma(a, w_hi, acc_hi, is_async=True)
-                    acc_lo = warpgroup_mma(a, w_lo, acc_lo, is_async=True)
-            # the last slot's wgmmas have completed (this slot's stay in flight): release its phi slot
-            acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=2 * N * PER, deps=(acc_hi, acc_lo))
-            mbarrier.arrive(w_empty.index((it + WSTAGES - 1) % WSTAGES), count=1, pred=it > 0)
-        acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
+                fence_async_shared()  # the X' tiles' generic-proxy stores, before the wgmmas read them
+                if v == SUBS // CONSUMERS - 1:  # its chunks of the slot are read: the loader may refill it
+                    mbarrier.arrive(x_empty.index(s), count=1)
+                mbarrier.wait(w_ready.index(q), (g // WSTAGES) & 1)
+                for i in gl.static_range(N):
+                    a = o_bufs.index(FIRST * N + i)
+                    acc_hi = warpgroup_mma(a, w_bufs.index(2 * (q * N + i)), acc_hi, is_async=True)
+                    acc_lo = warpgroup_mma(a, w_bufs.index(2 * (q * N + i) + 1), acc_lo, is_async=True)
+                acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
+                mbarrier.arrive(w_empty.index(q), count=1)
         acc = acc_hi + acc_lo
         base = (split * CONSUMERS + FIRST).to(gl.int64) * T
         prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, acc_layout))
@@ -188,23 +193,25 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["T"])
     def _post_res_proj_ws_kernel(x_desc, y_desc, w_desc, out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, T, C, K, M,
-                                 C_SPLIT, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, XB: gl.constexpr,
-                                 MP: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr,
-                                 CONSUMERS: gl.constexpr, COMPUTE_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """Program (token block, channel split): X' of its slots (stored through out_ptr), and [BT, M] / [BT]
+                                 C_SPLIT, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
+                                 SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
+                                 WSTAGES: gl.constexpr, CONSUMERS: gl.constexpr, COMPUTE_REGS: gl.constexpr,
+                                 num_warps: gl.constexpr):
+        """Program (token block, channel split): X' of its chunks (stored through out_ptr), and [BT, M] / [BT]
         partials of p / sq at p_ptr[split * CONSUMERS + w] / sq_ptr[...] for each compute warpgroup w. x_desc: X
-        as [T, N*C], y_desc: y as [T, C], both in [BT, XB] blocks; w_desc: _split_hi_lo's [2K, MP] (hi rows, then
-        lo rows) in [XB, MP] blocks. C_SPLIT is a multiple of XB. Rows past T read as zeros and are not written.
-        CONSUMERS (1 or 2) compute warpgroups share each slot, each with its column slices of it; a slot is free
+        as [T, N*C], y_desc: y as [T, C], both in [BT, BC] blocks; w_desc: _split_hi_lo's [2K, MP] (hi rows, then
+        lo rows) in [BC, MP] blocks. C_SPLIT is a multiple of SUBS * BC. Rows past T read as zeros and are not
+        written. CONSUMERS (1 or 2) compute warpgroups share each slot, taking its chunks in turn; a slot is free
         once all have released it."""
         t0 = gl.program_id(0) * BT
         split = gl.program_id(1)
         c_lo = split * C_SPLIT
-        n_slots = (gl.minimum(c_lo + C_SPLIT, C) - c_lo) // XB
-        x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * (N + 1), BT, XB], x_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [WSTAGES * N * 2, XB, MP], w_desc.layout)
+        n_slots = (gl.minimum(c_lo + C_SPLIT, C) - c_lo) // (SUBS * BC)
+        x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * BOXES * (N + 1), BT, SUBS * BC // BOXES],
+                                           x_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [WSTAGES * N * 2, BC, MP], w_desc.layout)
         o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BC], gl.bfloat16)
-        o_bufs = gl.allocate_shared_memory(gl.bfloat16, [2 * (XB // BC) * N, BT, BC], o_layout)
+        o_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS * N, BT, BC], o_layout)
         x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [WSTAGES, 1], mbarrier.MBarrierLayout())
@@ -214,25 +221,25 @@ if AVAILABLE:
             mbarrier.init(x_empty.index(s), count=CONSUMERS)
         for s in gl.static_range(WSTAGES):
             mbarrier.init(w_ready.index(s), count=1)
-            mbarrier.init(w_empty.index(s), count=CONSUMERS)
+            mbarrier.init(w_empty.index(s), count=1)  # a phi slot serves one warpgroup's chunks
         if CONSUMERS == 1:
             gl.warp_specialize([
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
-                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, XB, MP, STAGES,
+                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
                             WSTAGES, 0, 1, num_warps)),
                 (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
-                           n_slots, C, K, N, BT, XB, MP, STAGES, WSTAGES)),
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES)),
             ], [1], [_LOADER_REGS])
         else:
             gl.warp_specialize([
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
-                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, XB, MP, STAGES,
+                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
                             WSTAGES, 0, 2, num_warps)),
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
-                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, XB, MP, STAGES,
+                            w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
                             WSTAGES, 1, 2, num_warps)),
                 (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
-                           n_slots, C, K, N, BT, XB, MP, STAGES, WSTAGES)),
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES)),
             ], [num_warps, 1], [COMPUTE_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(x_ready.index(s))
@@ -242,36 +249,39 @@ if AVAILABLE:
             mbarrier.invalidate(w_empty.index(s))
 
 
-def descriptors(x: Tensor, y: Tensor, w: Tensor, t: int, n: int, c: int, k: int, bt: int, xb: int, mp: int):
-    """Gluon TMA descriptors: X as [T, n*C] and y as [T, C] in [BT, XB] blocks, the hi / lo halves of phi (``w``,
-    [2, K, MP]) as [2K, MP] in [XB, MP] blocks; each with the swizzle that TMA and wgmma agree on."""
+def descriptors(x: Tensor, y: Tensor, w: Tensor, t: int, n: int, c: int, k: int, bt: int, bc: int, mp: int,
+                xb: int = 0):
+    """Gluon TMA descriptors: X as [T, n*C] and y as [T, C] in [BT, BC] blocks, the hi / lo halves of phi (``w``,
+    [2, K, MP]) as [2K, MP] in [BC, MP] blocks; each with the swizzle that TMA and wgmma agree on."""
+    xb = xb or bc
     tile = gl.NVMMASharedLayout.get_default_for([bt, xb], gl.bfloat16)
-    phi = gl.NVMMASharedLayout.get_default_for([xb, mp], gl.bfloat16)
+    phi = gl.NVMMASharedLayout.get_default_for([bc, mp], gl.bfloat16)
     return (TensorDescriptor.from_tensor(x.view(t, n * c), [bt, xb], tile),
             TensorDescriptor.from_tensor(y.view(t, c), [bt, xb], tile),
-            TensorDescriptor.from_tensor(w.view(2 * k, mp), [xb, mp], phi))
+            TensorDescriptor.from_tensor(w.view(2 * k, mp), [bc, mp], phi))
 
 
 def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: Tensor, p: Tensor, sq: Tensor,
            c_split: int, bc: int, mp: int, num_warps: int = 4, consumers: int = 1, subs: int = 2, stages: int = 0,
-           wstages: int = 0, compute_regs: int = 240) -> None:
+           wstages: int = 0, compute_regs: int = 232, box: int = 64) -> None:
     """Run the kernel on contiguous bf16 X [T, n, C], y [T, C], fp32 h_res [T, n, n] / h_post [T, n] and phi's
-    hi / lo halves ``w`` ([2, K, MP]); writes X' into ``out`` and the partials into p [splits * consumers, T, M] /
+    hi / lo halves ``w`` ([2, K, MP]); writes X' into ``out`` and the partials into p [splits, T, M] /
     sq [splits * consumers, T]. Token blocks of 16 * num_warps rows (wgmma: 16 rows a warp); ``plan`` picks the
-    slots (c_split must be a multiple of a slot's subs * BC channels, subs a multiple of consumers)."""
+    slots (c_split must be a multiple of the slot's subs * BC channels)."""
     global LAUNCHES
     t, n, c = x.shape
     k, m = n * c, p.shape[-1]
     bt = 16 * num_warps
     chosen = plan(n, c, bt, bc, mp, subs, stages, wstages, consumers)
-    if consumers not in (1, 2) or chosen is None or c_split % (chosen[0] * bc) or p.shape[0] % consumers:
+    if consumers not in (1, 2) or chosen is None or c % bc or c_split % (chosen[0] * bc) or p.shape[0] % consumers:
         raise ValueError(f"mhc gluon post_res_proj: {consumers} consumers (1 or 2), slots {chosen} (None: two "
-                         f"do not fit {_SMEM} bytes, or C = {c} is not whole slots of {consumers} chunks); C's "
-                         f"split {c_split} must be whole slots, p's rows {p.shape[0]} a multiple of {consumers}")
+                         f"do not fit {_SMEM} bytes); C = {c} and its split {c_split} must be whole slots, p's "
+                         f"{p.shape[0]} partials a multiple of the consumers")
     subs, stages, wstages = chosen
+    xb = min(box or bc, subs * bc)  # channels a TMA box row reads: 128 bytes at most (its swizzle's width)
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, p.shape[0] // consumers)
-    _post_res_proj_ws_kernel[grid](*descriptors(x, y, w, t, n, c, k, bt, subs * bc, mp), out, h_res, h_post, p, sq,
-                                   t, c, k, m, c_split, N=n, BT=bt, BC=bc, XB=subs * bc, MP=mp, STAGES=stages,
-                                   WSTAGES=wstages, CONSUMERS=consumers, COMPUTE_REGS=compute_regs,
-                                   num_warps=num_warps)
+    _post_res_proj_ws_kernel[grid](*descriptors(x, y, w, t, n, c, k, bt, bc, mp, xb), out, h_res, h_post, p, sq, t, c,
+                                   k, m, c_split, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs, BOXES=subs * bc // xb,
+                                   STAGES=stages, WSTAGES=wstages,
+                                   CONSUMERS=consumers, COMPUTE_REGS=compute_regs, num_warps=num_warps)

@@ -199,17 +199,19 @@ class DotCfg:
     maxnreg: int | None = None  # post_res_proj only, GPU: caps registers a thread (ptxas spills past it)
     # post_res_proj only, bf16 on sm_90: the warp-specialized Gluon kernel (kernels/gluon_post_res_proj.py). A loader
     # warp fills a ring of ws_stages slots of ws_subs adjacent chunks, read as TMA boxes of ws_box channels a row
-    # (0: BC), and a ring of ws_wstages phi slots (stages 0: as many as fit), while ws_consumers compute warpgroups
-    # (each 16 * num_warps of the block's tokens) mix and project. H200, session 21: 720.8 against 744.4 us for the
-    # Triton kernel at 32768 x 4096 (79 against 77 % of copy bandwidth), 187.5 against 205.0 at 8192 x 4096, at
-    # these defaults (2 chunks a slot, 128-byte box rows). ws_consumers = 2 (ws_regs: registers a thread of the
-    # second warpgroup) spills 200 bytes in this design's sm_90a build and was timed only in the first one
+    # (0: BC), and a ring of ws_wstages phi slots (0: as many as fit), while ws_consumers compute warpgroups take
+    # each slot's chunks in turn (one where C's chunks do not split evenly), mix and project. H200, session 22,
+    # interleaved in two runs at 32768 x 4096: 720.9-722.7 us with two warpgroups, 735.0-744.2 with one, 753.2-754.3
+    # for the Triton kernel (79, 77, 75 % of copy bandwidth); 32768 x 7168: 1258.7-1262.5, 1315.7-1323.2,
+    # 1318.1-1321.2. At 8192 tokens one and two ran within 2 % of each other. ws_regs: registers a thread of the
+    # second warpgroup
     ws: bool = False
     ws_subs: int = 2
+    ws_box: int = 64
     ws_stages: int = 0
     ws_wstages: int = 0
-    ws_consumers: int = 1
-    ws_regs: int = 240
+    ws_consumers: int = 2
+    ws_regs: int = 232
 
 
 @dataclass(frozen=True)
@@ -1653,24 +1655,28 @@ def post_res_proj(
     join = tma and cfg.join_hi_lo and 2 * mp <= 256
     one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
     gp = _gluon_prp() if cfg.ws and hi_lo else None  # DotCfg.ws: the warp-specialized Gluon kernel where it runs
+    slots, consumers = None, cfg.ws_consumers
     if gp is not None and gp.supported(x, n, c, bc, mp):
-        bt = 16 * cfg.num_warps  # wgmma: 16 rows a warp
-        slots = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers)
-        gp = gp if slots is not None else None
-    else:
-        gp = None
+        ws_bt = 16 * cfg.num_warps  # wgmma: 16 rows a warp
+        slots = gp.plan(n, c, ws_bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, consumers)
+        if slots is None and consumers > 1:  # e.g. an odd number of chunks: one warpgroup takes them all
+            consumers = 1
+            slots = gp.plan(n, c, ws_bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, consumers)
+        bt = ws_bt if slots is not None else bt
+    gp = gp if slots is not None else None
     tblocks = _cdiv(t, bt)
     chunk = bc * (slots[0] if gp is not None else 1)  # the Gluon kernel's splits are whole stream slots
     splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, chunk), occupancy=1 if gp else cfg.occupancy)
     c_split = _cdiv(_cdiv(c, splits), chunk) * chunk
     splits = _cdiv(c, c_split)
-    parts = splits * (cfg.ws_consumers if gp is not None else 1)  # the Gluon kernel: a partial a warpgroup
+    parts = splits * (consumers if gp is not None else 1)  # the Gluon kernel: a partial a compute warpgroup
     p = torch.empty((parts,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((parts,) + lead, dtype=acc, device=x.device)
     if gp is not None:  # one program an SM: its ring takes the shared memory
         gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
                   _split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(parts, t, m),
-                  sq.view(parts, t), c_split, bc, mp, cfg.num_warps, cfg.ws_consumers, *slots, cfg.ws_regs)
+                  sq.view(parts, t), c_split, bc, mp, cfg.num_warps, consumers, *slots, cfg.ws_regs,
+                  cfg.ws_box)
         return (out, p[0], sq[0]) if parts == 1 else (out, p.sum(0), sq.sum(0))
     if hi_lo:  # one_dot: row c*n + i holds phi[i*C + c], so a chunk's rows for all n streams are one block
         w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join, streams=n if one_dot else 1)
