@@ -53,6 +53,15 @@ def test_supported_needs_a_cuda_bf16_stream_whose_chunks_stay_in_one_stream():
     assert not gp.supported(x, 4, 64, 32, 32)  # a CPU tensor: the Triton kernel runs instead
 
 
+def test_ws_consumers_outside_one_or_two_is_an_error_on_any_device():
+    from mhc_compile.kernels import triton_ops as tk
+
+    t, n, c = 5, 2, 64
+    args = (torch.randn(t, n, c), torch.rand(t, n, n), torch.rand(t, n), torch.randn(t, c), torch.randn(n * c, 8))
+    with tk.tuning("post_res_proj", ws=True, ws_consumers=3), pytest.raises(ValueError, match="ws_consumers=3"):
+        tk.post_res_proj(*args)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gp.AVAILABLE),
                     reason="needs an sm_90 GPU: Gluon kernels do not run under the interpreter")
 def test_gluon_post_res_proj_matches_the_reference_on_sm90(tmp_path):
