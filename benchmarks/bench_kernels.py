@@ -187,8 +187,21 @@ def fused_cases(inp: dict) -> list[Case]:
              enter_bwd, "fused"),
         Case("unfused step", "fwd", unfused_fwd, _stream_bytes(inp, cost.UNFUSED.forward)),
         Case("unfused step", "bwd", unfused_bwd, _stream_bytes(inp, cost.UNFUSED.backward)),
+        # the opt-in warp-specialized Gluon post_res_proj (DotCfg.ws: sm_90, bf16; elsewhere the same Triton
+        # kernel as the rows above), alone and inside step's forward
+        Case("post_res_proj ws", "fwd", _ws(lambda k: k.post_res_proj(x, hr, hq, y, phi)),
+             _nb(x, hr, hq, y, phi, x, inp["p"], inp["sq"])),
+        Case("step ws", "fwd", _ws(lambda k: k.step(x, hr, hq, y, phi, b, a, *ca)), step_fwd, "fused"),
     ]
     return out
+
+
+def _ws(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with post_res_proj's DotCfg.ws on: triton_ops and triton_fused take it, the references ignore it."""
+    def run(k):
+        with tk.tuning("post_res_proj", ws=True):
+            return call(k)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
