@@ -48,6 +48,13 @@ def test_plan_fills_the_shared_memory_budget_with_whole_slots():
     assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=3, consumers=2) is None  # a phi slot each
 
 
+def test_choose_takes_one_warpgroup_where_the_chunks_do_not_split_evenly():
+    assert gp.choose(4, 4096, 32, 32, num_warps=4, subs=2, stages=0, wstages=0, consumers=2) == (64, (2, 2, 4), 2)
+    assert gp.choose(4, 96, 32, 32, num_warps=4, subs=2, stages=0, wstages=0, consumers=2) == (64, (1, 2, 3), 1)
+    assert gp.choose(4, 4096, 32, 32, num_warps=4, subs=2, stages=0, wstages=0, consumers=1) == (64, (2, 2, 3), 1)
+    assert gp.choose(16, 4096, 32, 256, num_warps=4, subs=2, stages=0, wstages=0, consumers=2) is None
+
+
 def test_supported_needs_a_cuda_bf16_stream_whose_chunks_stay_in_one_stream():
     x = torch.zeros(4, 4, 64, dtype=torch.bfloat16)
     assert not gp.supported(x, 4, 64, 32, 32)  # a CPU tensor: the Triton kernel runs instead

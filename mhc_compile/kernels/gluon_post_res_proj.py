@@ -74,6 +74,18 @@ def plan(n: int, c: int, bt: int, bc: int, mp: int, subs: int, stages: int, wsta
     return subs, st, ws
 
 
+def choose(n: int, c: int, bc: int, mp: int, num_warps: int, subs: int, stages: int, wstages: int,
+           consumers: int):
+    """(BT, (subs, stages, wstages), consumers) of a launch, or None where ``plan`` finds no slots: the
+    consumers' warpgroups where C's chunks split evenly between them, else one warpgroup."""
+    bt = 16 * num_warps  # wgmma: 16 rows a warp
+    for k in dict.fromkeys((consumers, 1)):
+        slots = plan(n, c, bt, bc, mp, subs, stages, wstages, k)
+        if slots is not None:
+            return bt, slots, k
+    return None
+
+
 if AVAILABLE:
     from triton.runtime.jit import constexpr_function
 

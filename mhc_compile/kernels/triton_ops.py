@@ -1658,15 +1658,12 @@ def post_res_proj(
         raise ValueError(f"mhc triton post_res_proj: ws_consumers={cfg.ws_consumers}; the Gluon kernel runs 1 or 2 "
                          "compute warpgroups")
     gp = _gluon_prp() if cfg.ws and hi_lo else None  # DotCfg.ws: the warp-specialized Gluon kernel where it runs
-    slots, consumers = None, cfg.ws_consumers
-    if gp is not None and gp.supported(x, n, c, bc, mp):
-        ws_bt = 16 * cfg.num_warps  # wgmma: 16 rows a warp
-        slots = gp.plan(n, c, ws_bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, consumers)
-        if slots is None and consumers > 1:  # e.g. an odd number of chunks: one warpgroup takes them all
-            consumers = 1
-            slots = gp.plan(n, c, ws_bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, consumers)
-        bt = ws_bt if slots is not None else bt
-    gp = gp if slots is not None else None
+    chosen = gp.choose(n, c, bc, mp, cfg.num_warps, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages,
+                       cfg.ws_consumers) if gp is not None and gp.supported(x, n, c, bc, mp) else None
+    if chosen is None:
+        gp = None
+    else:
+        bt, slots, consumers = chosen
     tblocks = _cdiv(t, bt)
     chunk = bc * (slots[0] if gp is not None else 1)  # the Gluon kernel's splits are whole stream slots
     splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, chunk), occupancy=1 if gp else cfg.occupancy)
