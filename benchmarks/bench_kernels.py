@@ -190,7 +190,7 @@ def fused_cases(inp: dict) -> list[Case]:
         # the opt-in warp-specialized Gluon post_res_proj (DotCfg.ws: sm_90, bf16; elsewhere the same Triton
         # kernel as the rows above), alone and inside step's forward
         Case("post_res_proj ws", "fwd", _ws(lambda k: k.post_res_proj(x, hr, hq, y, phi)),
-             _nb(x, hr, hq, y, phi, x, inp["p"], inp["sq"])),
+             _nb(x, hr, hq, y, phi, x, p, sq)),
         Case("step ws", "fwd", _ws(lambda k: k.step(x, hr, hq, y, phi, b, a, *ca)), step_fwd, "fused"),
     ]
     return out

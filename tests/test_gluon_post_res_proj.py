@@ -63,10 +63,11 @@ def test_supported_needs_a_cuda_bf16_stream_whose_chunks_stay_in_one_stream():
 def test_ws_consumers_outside_one_or_two_is_an_error_on_any_device():
     from mhc_compile.kernels import triton_ops as tk
 
-    t, n, c = 5, 2, 64
-    args = (torch.randn(t, n, c), torch.rand(t, n, n), torch.rand(t, n), torch.randn(t, c), torch.randn(n * c, 8))
-    with tk.tuning("post_res_proj", ws=True, ws_consumers=3), pytest.raises(ValueError, match="ws_consumers=3"):
-        tk.post_res_proj(*args)
+    with pytest.raises(ValueError, match="ws_consumers=3"), tk.tuning("post_res_proj", ws=True, ws_consumers=3):
+        pass
+    with pytest.raises(ValueError, match="ws_consumers=0"):
+        tk.configure("post_res_proj", ws_consumers=0)
+    assert tk._cfg("post_res_proj") == tk._DEFAULTS["post_res_proj"]  # the bad config was not kept
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gp.AVAILABLE),

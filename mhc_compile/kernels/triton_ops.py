@@ -213,6 +213,11 @@ class DotCfg:
     ws_consumers: int = 2
     ws_regs: int = 232
 
+    def __post_init__(self):  # configure / tuning build configs through replace(), so a bad field fails there
+        if self.ws_consumers not in (1, 2):
+            raise ValueError(f"mhc DotCfg: ws_consumers={self.ws_consumers}; the Gluon post_res_proj runs 1 or 2 "
+                             "compute warpgroups")
+
 
 @dataclass(frozen=True)
 class FusedBwdCfg:
@@ -1654,9 +1659,6 @@ def post_res_proj(
     tma = cfg.tma and hi_lo and c % bc == 0 and max(bt, bc, mp) <= 256 and tma_ok(x, y, out)
     join = tma and cfg.join_hi_lo and 2 * mp <= 256
     one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
-    if cfg.ws and cfg.ws_consumers not in (1, 2):
-        raise ValueError(f"mhc triton post_res_proj: ws_consumers={cfg.ws_consumers}; the Gluon kernel runs 1 or 2 "
-                         "compute warpgroups")
     gp = _gluon_prp() if cfg.ws and hi_lo else None  # DotCfg.ws: the warp-specialized Gluon kernel where it runs
     chosen = gp.choose(n, c, bc, mp, cfg.num_warps, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages,
                        cfg.ws_consumers) if gp is not None and gp.supported(x, n, c, bc, mp) else None
