@@ -334,3 +334,24 @@ def step_backward(
     dh_res_prev = torch.einsum("tic,tjc->tij", g, xa)
     dh_post_prev = torch.einsum("tic,tc->ti", g, ya)
     return dx_prev.to(x_prev.dtype), dh_res_prev, dh_post_prev, dy_prev.to(y_prev.dtype), dphi, dbias, dalpha
+
+
+def step_grads(
+    x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor,
+    h_pre: Tensor, dp: Tensor, dsq: Tensor, dx: Tensor, dx_in: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi): ``step_backward``'s second stream pass in a two-pass
+    design (kernels/gluon_step_bwd.py), given what its first pass and coeffs_backward produce (dp, dsq) and the
+    forward's h_pre. X is rebuilt as the forward stored it; G = dp phi^T + 2 dsq X + h_pre dx_in + dX stays in the
+    accumulation dtype."""
+    t, n, c = x_prev.shape
+    x = _acc(post_res(x_prev, h_res_prev, h_post_prev, y_prev))
+    g = (_acc(dp) @ _acc(phi).t()).reshape(t, n, c) + 2.0 * _acc(dsq)[:, None, None] * x
+    g = g + _acc(h_pre)[:, :, None] * _acc(dx_in)[:, None, :] + _acc(dx)
+    xa = _acc(x_prev)
+    dx_prev = torch.einsum("tij,tic->tjc", _acc(h_res_prev), g)
+    dy_prev = torch.einsum("ti,tic->tc", _acc(h_post_prev), g)
+    dh_res_prev = torch.einsum("tic,tjc->tij", g, xa)
+    dh_post_prev = torch.einsum("tic,tc->ti", g, _acc(y_prev))
+    dphi = x.reshape(t, n * c).t() @ _acc(dp)
+    return dx_prev.to(x_prev.dtype), dh_res_prev, dh_post_prev, dy_prev.to(y_prev.dtype), dphi.to(phi.dtype)

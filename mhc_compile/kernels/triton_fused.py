@@ -12,6 +12,7 @@ through the sublayer's backward beside X_prev; see runtime/ops.py's ``_step_setu
     step         post_res_proj -> coeffs -> pre                  (X_l written once; proj reads it from registers)
     enter bwd    pre_backward_dh -> coeffs_backward -> proj_pre_backward     (one pass: G, dphi)
     step bwd     K2 _dh_pre_kernel -> coeffs_backward -> proj_pre_backward (acc = dX) -> post_res_backward
+                 (StepBwdCfg.ws, opt-in: K2 without its X store -> coeffs_backward -> gluon_step_bwd's one pass)
 
     K2  grid (token blocks): X_i = H_res[i, :] X_prev + H_post[i] y recomputed per [BT, BC] chunk and rounded as
         the forward stored it, dH_pre = <X_i, dx_in>, and X written for the two passes after it; a program walks
@@ -39,6 +40,7 @@ to nearest by hand, so the tests see what the GPU computes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -62,15 +64,39 @@ class FusedCfg:
     num_warps: int = 8
 
 
+@dataclass(frozen=True)
+class StepBwdCfg:
+    """How ``step_backward`` runs. ``ws``: its second and last stream pass as the warp-specialized Gluon kernel of
+    kernels/gluon_step_bwd.py (two passes, 4n+5 elements of C a token, instead of three, 8n+5), where
+    ``gluon_step_bwd.supported`` says it runs (sm_90, bf16, n <= 4, C a multiple of 32); elsewhere the three passes.
+    Off by default: on an H200 it ran within -7 .. +5 % of the three passes (session 23; the module says why).
+    ``stages``: its ring's slots (0: as many as fit, at most 3); ``mixers``: mixing warpgroups (1 or 2) taking the
+    token tiles in turn; ``mix_regs`` / ``dphi_regs``: registers a thread of a mixing warpgroup (the second one's)
+    / of the dphi warpgroup (at 192 / 104 the Triton 3.6 sm_90a build spills no loop; benchmarks/gluon_step_bwd_check.py
+    --build)."""
+
+    ws: bool = False
+    stages: int = 0
+    mixers: int = 2
+    mix_regs: int = 192
+    dphi_regs: int = 104
+
+    def __post_init__(self):
+        if self.mixers not in (1, 2):
+            raise ValueError(f"mhc StepBwdCfg: mixers={self.mixers}; the Gluon step backward runs 1 or 2 mixing "
+                             "warpgroups")
+
+
 _CFG = {
     "dh_pre": FusedCfg(bt=2, bc=512, num_warps=4),
+    "step_bwd": StepBwdCfg(),
 }
-_OVERRIDES: dict[str, FusedCfg] = {}
+_OVERRIDES: dict[str, object] = {}
 
 
 def configure(kernel: str, **fields) -> None:
-    """Change one kernel's tiles ("dh_pre") for the rest of the process; no fields: reset. The stages the
-    ops share with the unfused design take ``triton_ops.configure``."""
+    """Change one kernel's configuration ("dh_pre": tiles, "step_bwd": ``StepBwdCfg``) for the rest of the
+    process; no fields: reset. The stages the ops share with the unfused design take ``triton_ops.configure``."""
     if kernel not in _CFG:
         raise ValueError(f"mhc triton_fused.configure: unknown kernel {kernel!r}; expected one of {sorted(_CFG)}")
     if fields:
@@ -79,7 +105,23 @@ def configure(kernel: str, **fields) -> None:
         _OVERRIDES.pop(kernel, None)
 
 
-def _cfg(kernel: str) -> FusedCfg:
+@contextlib.contextmanager
+def tuning(kernel: str, **fields):
+    """``configure`` for the duration of a with block (benchmarks, checks); not thread-safe."""
+    if kernel not in _CFG:
+        raise ValueError(f"mhc triton_fused.tuning: unknown kernel {kernel!r}; expected one of {sorted(_CFG)}")
+    old = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = replace(_CFG[kernel], **fields)
+    try:
+        yield
+    finally:
+        if old is None:
+            _OVERRIDES.pop(kernel, None)
+        else:
+            _OVERRIDES[kernel] = old
+
+
+def _cfg(kernel: str):
     return _OVERRIDES.get(kernel, _CFG[kernel])
 
 
@@ -111,15 +153,16 @@ def _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N: tl.constexpr, ACC: tl.cons
 
 
 # ---------------------------------------------------------------------------------------------
-# K2: X recomputed and written, dH_pre = <X, dx_in>
+# K2: X recomputed (and written, for the three-pass backward), dH_pre = <X, dx_in>
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
 def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, C, N: tl.constexpr,
                    BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, XT: tl.constexpr, RNE: tl.constexpr,
-                   HOIST: tl.constexpr):
-    """One program owns BT tokens and walks all of C. X_i is stored as the forward stored it (same order of
-    sums, same rounding), and dH_pre sums the stored value. dH_pre is carried as n [BT, BC / 8] partials (each
-    thread sums the 8 adjacent channels it loads) and reduced across threads once, after the loop. HOIST: the
+                   HOIST: tl.constexpr, STORE_X: tl.constexpr = True):
+    """One program owns BT tokens and walks all of C. X_i is rounded as the forward stored it (same order of
+    sums, same rounding), stored where STORE_X (x_ptr unused otherwise), and dH_pre sums the rounded value.
+    dH_pre is carried as n [BT, BC / 8] partials (each thread sums the 8 adjacent channels it loads) and reduced
+    across threads once, after the loop. HOIST: the
     coefficient vectors are loaded once, before the loop (n <= 4), else again for every chunk."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
@@ -139,26 +182,36 @@ def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, 
         new = ()
         for i in tl.static_range(N):
             xi = _mix(xs, y, coef, i, N, XT, RNE)
-            tl.store(x_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xi, mask=m2)
+            if STORE_X:
+                tl.store(x_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xi, mask=m2)
             new = new + (dh[i] + tops._channel_partials(xi.to(ACC) * g, BT, BC),)
         dh = new
     for i in tl.static_range(N):
         tl.store(dh_ptr + r64 * N + i, tl.sum(dh[i], axis=1), mask=rmask)
 
 
-def _recompute_dh_pre(x_prev: Tensor, h_res, h_post, y, dx_in: Tensor, acc) -> tuple[Tensor, Tensor]:
-    """(X, dH_pre): ``step``'s stream rebuilt from its inputs, and pre's gradient of H_pre."""
+def _recompute_dh_pre(x_prev: Tensor, h_res, h_post, y, dx_in: Tensor, acc,
+                      store_x: bool = True) -> tuple[Tensor | None, Tensor]:
+    """(X, dH_pre): ``step``'s stream rebuilt from its inputs, and pre's gradient of H_pre; X is None without
+    ``store_x`` (the kernel then only reads)."""
     t, n, c = x_prev.shape
-    x = torch.empty_like(x_prev)
+    x = torch.empty_like(x_prev) if store_x else None
     dh = torch.empty((t, n), dtype=acc, device=x_prev.device)
     cfg = _cfg("dh_pre")
     bc = max(8, min(cfg.bc, _pow2(c)))
     bt = max(1, min(cfg.bt, _pow2(t)))
-    launch(_dh_pre_kernel, (_cdiv(t, bt),), (x_prev, h_res, h_post, y, dx_in, x, dh, t, c),
+    launch(_dh_pre_kernel, (_cdiv(t, bt),), (x_prev, h_res, h_post, y, dx_in, x_prev if x is None else x, dh, t, c),
            dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), XT=_TL[x_prev.dtype], RNE=tops._INTERPRETED,
-                HOIST=n * n + n <= tops._PRP_HOIST),
+                HOIST=n * n + n <= tops._PRP_HOIST, STORE_X=store_x),
            num_warps=cfg.num_warps)
     return x, dh
+
+
+def _gluon_step_bwd():
+    """kernels/gluon_step_bwd.py, imported on first use: Gluon is only needed for StepBwdCfg.ws."""
+    from mhc_compile.kernels import gluon_step_bwd
+
+    return gluon_step_bwd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +288,16 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         z = dict(dtype=acc, device=x_prev.device)
         return (torch.empty_like(x_prev) if out is None else out, torch.zeros((t, n, n), **z),
                 torch.zeros((t, n), **z), torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
+    cfg = _cfg("step_bwd")
+    if cfg.ws and _gluon_step_bwd().supported(x_prev, n, c, y_prev, dx, dx_in):
+        # two passes: dH_pre from X_prev, y and dx_in; then everything else from one more read of them and dX
+        _, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc, store_x=False)
+        dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters,
+                                                      mode)
+        dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi = _gluon_step_bwd().step_grads(
+            x_prev, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
+            mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs)
+        return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
     x, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc)
     dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
     # G = X's whole gradient, dX included

@@ -1,0 +1,125 @@
+"""The two-pass step backward (kernels/gluon_step_bwd.py, StepBwdCfg.ws).
+
+Gluon kernels do not run under TRITON_INTERPRET=1, so here: the two-pass decomposition that the kernel implements
+(``reference.step_grads`` after dH_pre and coeffs_backward) against ``reference.step_backward`` in float64; the
+host-side packing the kernel reads; its sm_90a build (a subprocess without the interpreter); the config checks and
+the fallback to the three passes off sm_90. On an sm_90 GPU the last test runs benchmarks/gluon_step_bwd_check.py,
+which compares the kernel's outputs with the float64 reference at six shapes (n = 1, 2, 4, ragged T, C up to 7168).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhc_compile.kernels import gluon_step_bwd as gs
+from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels import triton_fused as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gluon_step_bwd_check.py")
+
+
+def _inputs(t, n, c, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    m = ref.num_coeffs(n)
+    v = dict(x_prev=torch.randn(t, n, c, generator=g, dtype=dtype),
+             h_res_prev=ref.sinkhorn(torch.randn(t, n, n, generator=g, dtype=dtype), 20),
+             h_post_prev=2 * torch.sigmoid(torch.randn(t, n, generator=g, dtype=dtype)),
+             y_prev=torch.randn(t, c, generator=g, dtype=dtype),
+             phi=0.05 * torch.randn(n * c, m, generator=g, dtype=dtype),
+             bias=0.5 * torch.randn(m, generator=g, dtype=dtype), alpha=torch.tensor([0.7, 0.9, 1.1], dtype=dtype))
+    grads = dict(dx=torch.randn(t, n, c, generator=g, dtype=dtype), dx_in=torch.randn(t, c, generator=g, dtype=dtype),
+                 dh_post=torch.randn(t, n, generator=g, dtype=dtype),
+                 dh_res=torch.randn(t, n, n, generator=g, dtype=dtype))
+    return v, grads
+
+
+@pytest.mark.parametrize("t,n,c", [(7, 4, 5), (3, 1, 9), (5, 2, 6), (4, 3, 8)])
+def test_two_pass_decomposition_matches_step_backward(t, n, c):
+    v, gr = _inputs(t, n, c, seed=t * 100 + n * 10 + c)
+    args = (n, n * c, 1e-6, 20, "mhc")
+    _, _, h_pre, _, _, p, sq = ref.step(*v.values(), *args)
+    want = ref.step_backward(*v.values(), h_pre, p, sq, gr["dx"], gr["dx_in"], gr["dh_post"], gr["dh_res"], *args)
+    # pass 1: dH_pre from the rebuilt X; then coeffs_backward; pass 2: everything else
+    x = ref.post_res(v["x_prev"], v["h_res_prev"], v["h_post_prev"], v["y_prev"])
+    dh_pre = ref.pre_backward_dh(x, h_pre, gr["dx_in"])
+    dp, dsq, dbias, dalpha = ref.coeffs_backward(p, sq, v["bias"], v["alpha"], dh_pre, gr["dh_post"], gr["dh_res"],
+                                                 *args)
+    got = ref.step_grads(v["x_prev"], v["h_res_prev"], v["h_post_prev"], v["y_prev"], v["phi"], h_pre, dp, dsq,
+                         gr["dx"], gr["dx_in"]) + (dbias, dalpha)
+    for a, b in zip(got, want):  # dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_pack_coefs_puts_each_coefficient_in_its_column():
+    t, n = 5, 3
+    g = torch.Generator().manual_seed(0)
+    h_post, h_res = torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g)
+    h_pre, dsq = torch.randn(t, n, generator=g), torch.randn(t, generator=g)
+    packed = gs.pack_coefs(h_post, h_res, h_pre, dsq)
+    assert packed.shape == (t, gs.coef_rows(n)) == (t, 16) and packed.dtype == torch.float32
+    for i in range(n):
+        assert torch.equal(packed[:, i], h_post[:, i])
+        assert torch.equal(packed[:, n + n * n + i], h_pre[:, i])
+        for j in range(n):
+            assert torch.equal(packed[:, n + i * n + j], h_res[:, i, j])
+    assert torch.equal(packed[:, 2 * n + n * n], dsq)
+    assert not packed[:, 2 * n + n * n + 1:].any()
+    assert gs.coef_rows(4) == 32 and gs.coef_rows(1) == 8  # 128- and 32-byte rows: TMA needs 16-byte multiples
+
+
+def test_slots_fit_shared_memory():
+    # n = 4: a slot is 10 stream tiles (40 KB) + coefficients, dp, dp's hi / lo (24 KB); phi 16 KB once
+    assert gs.smem_bytes(4, 3) == 3 * (10 * 4096 + 8192 + 8192 + 8192) + 16384 <= gs._SMEM
+    assert gs.stages_for(4) == 3 and gs.stages_for(1) == 3
+    assert gs.stages_for(4, stages=4) is None  # four slots do not fit
+
+
+def test_pad_cols_zero_fills():
+    v = torch.arange(6.0).reshape(2, 3)
+    out = gs.pad_cols(v, 8)
+    assert out.shape == (2, 8) and torch.equal(out[:, :3], v) and not out[:, 3:].any()
+
+
+def test_config_checks_and_cpu_fallback():
+    with pytest.raises(ValueError, match="mixers=3"):
+        tf.configure("step_bwd", mixers=3)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with tf.tuning("step_backward", ws=True):
+            pass
+    # off sm_90 (here: CPU tensors) ws=True runs the three passes: the same values as without it
+    v, gr = _inputs(6, 4, 16, seed=3, dtype=torch.float32)
+    args = (4, 64, 1e-6, 20, "mhc")
+    _, _, h_pre, _, _, p, sq = ref.step(*v.values(), *args)
+    call = (*v.values(), h_pre, p, sq, gr["dx"], gr["dx_in"], gr["dh_post"], gr["dh_res"], *args)
+    assert not gs.supported(v["x_prev"], 4, 16)
+    want = tf.step_backward(*call)
+    before = gs.LAUNCHES
+    with tf.tuning("step_bwd", ws=True):
+        got = tf.step_backward(*call)
+    assert gs.LAUNCHES == before
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.skipif(not gs.AVAILABLE, reason="the installed Triton has no Gluon")
+def test_builds_for_sm90_within_shared_memory():
+    proc = _run("--build")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("mixers=")]
+    assert len(rows) == 2 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gs.AVAILABLE),
+                    reason="needs an sm_90 GPU (Gluon kernels do not run under the interpreter)")
+def test_matches_the_reference_on_an_sm90_gpu():
+    proc = _run("--no-times")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
