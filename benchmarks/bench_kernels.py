@@ -17,6 +17,9 @@ next to "unfused step", the four
 separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, and their backwards plus the
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
+The opt-in warp-specialized Gluon kernels get rows of their own: "post_res_proj ws" and "step ws" forward
+(``DotCfg.ws``), "step ws" backward (``StepBwdCfg.ws``, the two-pass backward); off sm_90 they run what the rows
+without "ws" run.
 --sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
@@ -192,6 +195,10 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("post_res_proj ws", "fwd", _ws(lambda k: k.post_res_proj(x, hr, hq, y, phi)),
              _nb(x, hr, hq, y, phi, x, p, sq)),
         Case("step ws", "fwd", _ws(lambda k: k.step(x, hr, hq, y, phi, b, a, *ca)), step_fwd, "fused"),
+        # the opt-in two-pass backward (StepBwdCfg.ws: kernels/gluon_step_bwd.py on sm_90, bf16, n <= 4; elsewhere
+        # the three passes of the "step bwd" row)
+        Case("step ws", "bwd", _ws_bwd(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in,
+                                                                 gpost, gres, *ca)), step_bwd, "fused"),
     ]
     return out
 
@@ -200,6 +207,14 @@ def _ws(call: Callable[[object], object]) -> Callable[[object], object]:
     """``call`` with post_res_proj's DotCfg.ws on: triton_ops and triton_fused take it, the references ignore it."""
     def run(k):
         with tk.tuning("post_res_proj", ws=True):
+            return call(k)
+    return run
+
+
+def _ws_bwd(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with triton_fused's StepBwdCfg.ws on (the reference ignores it)."""
+    def run(k):
+        with tf.tuning("step_bwd", ws=True):
             return call(k)
     return run
 
