@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
 
 On the GPU: every check shape's outputs (dX_prev, dH_res_prev, dH_post_prev, dy, dphi, dbias, dalpha) against the
-float64 reference of ``step_backward`` and, beside them, the three-pass pipeline's errors (the bar to meet); then
+float64 reference of ``step_backward`` and, beside them, the three-pass pipeline's errors (the bar to meet), and
+the same call with dX_prev written over dX (``out``, as passes/inplace_stream_grads.py asks); then
 ``step_backward`` timed with StepBwdCfg.ws on and off, interleaved, with the default path's folded backward on a
 saved X (``bench_kernels``' "folded step" row) as a third column, and the efficiency of each against the 4n+5
 floor of ``cost.FUSED``, with the copy bandwidth measured in the same run. A check that fails is reported and its
@@ -122,7 +123,16 @@ def check(t, n, c, lines) -> bool:
         ok &= good
         lines.append(f"| {t}x{n}x{c} | {name} | {e3:.2e} | {e2:.2e} | {'ok' if good else 'FAIL'} |")
     lines.append(f"| {t}x{n}x{c} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
-    print("\n".join(lines[-8:]), flush=True)
+    # dX_prev written over dX itself (passes/inplace_stream_grads.py's out=dx): the same outputs, bit for bit
+    dxc = v["dx"].clone()
+    with tf.tuning("step_bwd", ws=True):
+        inplace = tf.step_backward(v["x_prev"], v["h_res"], v["h_post"], v["y"], v["phi"], v["bias"], v["alpha"],
+                                   h_pre, p, sq, dxc, v["dx_in"], v["dh_post"], v["dh_res"], n, n * c, 1e-6, 20,
+                                   "mhc", out=dxc)
+    same = inplace[0].data_ptr() == dxc.data_ptr() and all(torch.equal(a, b) for a, b in zip(inplace, two))
+    ok &= same
+    lines.append(f"| {t}x{n}x{c} | (out = dX: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
+    print("\n".join(lines[-9:]), flush=True)
     return ok
 
 
