@@ -43,7 +43,7 @@ def build(mixers_list=(2, 1)) -> int:
     t, n, c = 256, 4, 512
     m = n * n + 2 * n
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
-    coefs = torch.zeros(t, gs.coef_rows(n))
+    coefs = torch.zeros(t, gs.coef_width(n))
     dp_pad, hl = torch.zeros(t, gs.MP), torch.zeros(2 * gs.MP, t, dtype=torch.bfloat16)
     phi_pad = torch.zeros(n * c, gs.MP)
     for mixers in mixers_list:

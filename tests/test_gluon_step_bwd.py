@@ -60,7 +60,7 @@ def test_pack_coefs_puts_each_coefficient_in_its_column():
     h_post, h_res = torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g)
     h_pre, dsq = torch.randn(t, n, generator=g), torch.randn(t, generator=g)
     packed = gs.pack_coefs(h_post, h_res, h_pre, dsq)
-    assert packed.shape == (t, gs.coef_rows(n)) == (t, 16) and packed.dtype == torch.float32
+    assert packed.shape == (t, gs.coef_width(n)) == (t, 16) and packed.dtype == torch.float32
     for i in range(n):
         assert torch.equal(packed[:, i], h_post[:, i])
         assert torch.equal(packed[:, n + n * n + i], h_pre[:, i])
@@ -68,7 +68,7 @@ def test_pack_coefs_puts_each_coefficient_in_its_column():
             assert torch.equal(packed[:, n + i * n + j], h_res[:, i, j])
     assert torch.equal(packed[:, 2 * n + n * n], dsq)
     assert not packed[:, 2 * n + n * n + 1:].any()
-    assert gs.coef_rows(4) == 32 and gs.coef_rows(1) == 8  # 128- and 32-byte rows: TMA needs 16-byte multiples
+    assert gs.coef_width(4) == 32 and gs.coef_width(1) == 8  # 128- and 32-byte rows: TMA needs 16-byte multiples
 
 
 def test_slots_fit_shared_memory():

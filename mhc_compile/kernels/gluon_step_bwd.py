@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels.tma import tma_ok
 from mhc_compile.kernels.triton_proj_bwd import split_dp_t
 
 try:  # Gluon: Triton >= 3.5
@@ -63,16 +64,16 @@ BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a pro
 _SMEM = 226 * 1024
 
 
-def coef_rows(n: int) -> int:
-    """Rows of the packed per-token coefficients: h_post (n), h_res (n^2, i*n + j), h_pre (n), dsq (1), padded to
-    a multiple of 8."""
+def coef_width(n: int) -> int:
+    """Columns of the packed per-token coefficients: h_post (n), h_res (n^2, i*n + j), h_pre (n), dsq (1), padded
+    to a multiple of 8 (rows of 32-byte multiples, as TMA wants)."""
     return -(-(n * n + 2 * n + 1) // 8) * 8
 
 
 def smem_bytes(n: int, stages: int) -> int:
-    """A slot: 2n+2 bf16 stream tiles, the coefficient rows, dp (fp32) and its hi / lo rows (bf16); plus phi's n
-    [BC, MP] fp32 tiles, loaded once."""
-    slot = (2 * n + 2) * BT * BC * 2 + coef_rows(n) * BT * 4 + BT * MP * 4 + 2 * MP * BT * 2
+    """A slot: 2n+2 bf16 stream tiles, the tile's packed coefficients, dp (fp32) and its hi / lo rows (bf16); plus
+    phi's n [BC, MP] fp32 tiles, loaded once."""
+    slot = (2 * n + 2) * BT * BC * 2 + coef_width(n) * BT * 4 + BT * MP * 4 + 2 * MP * BT * 2
     return stages * slot + n * BC * MP * 4
 
 
@@ -85,18 +86,18 @@ def stages_for(n: int, stages: int = 0) -> int | None:
 
 
 def supported(x_prev: Tensor, n: int, c: int, *others: Tensor) -> bool:
-    """Whether the kernel can run the call: Gluon, an sm_90 GPU, bf16 streams (``others``: y, dx_in, dX too),
-    n <= 4 (dp's 2n + n^2 coefficients fit MP = 32) and C a multiple of BC (no block crosses a stream)."""
+    """Whether the kernel can run the call: Gluon, an sm_90 GPU, bf16 streams (``others``: y, dx_in, dX too) that
+    TMA can address (16-byte aligned), n <= 4 (dp's 2n + n^2 coefficients fit MP = 32) and C a multiple of BC (no
+    block crosses a stream)."""
     return (AVAILABLE and x_prev.is_cuda and torch.cuda.get_device_capability(x_prev.device)[0] == 9
-            and all(v.dtype == torch.bfloat16 for v in (x_prev, *others)) and 1 <= n <= 4 and c % BC == 0
-            and stages_for(n) is not None)
+            and tma_ok(x_prev, *others) and 1 <= n <= 4 and c % BC == 0 and stages_for(n) is not None)
 
 
 def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor) -> Tensor:
-    """fp32 [T, coef_rows(n)], a token a row: columns h_post[:, i] at i, h_res[:, i, j] at n + i*n + j,
+    """fp32 [T, coef_width(n)], a token a row: columns h_post[:, i] at i, h_res[:, i, j] at n + i*n + j,
     h_pre[:, i] at n + n^2 + i, dsq at 2n + n^2; zero padding after."""
     t, n = h_post.shape
-    out = torch.zeros((t, coef_rows(n)), dtype=torch.float32, device=h_post.device)
+    out = torch.zeros((t, coef_width(n)), dtype=torch.float32, device=h_post.device)
     out[:, :n] = h_post
     out[:, n:n + n * n] = h_res.reshape(t, n * n)
     out[:, n + n * n:2 * n + n * n] = h_pre
