@@ -54,6 +54,17 @@ def test_two_pass_decomposition_matches_step_backward(t, n, c):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pass_one_without_its_x_store_gives_the_same_dh_pre(dtype):
+    """K2 with STORE_X off (the two-pass backward's first pass) only reads: the same dH_pre as with the store."""
+    v, gr = _inputs(9, 4, 40, seed=5, dtype=torch.float32)
+    xp, y, dx_in = v["x_prev"].to(dtype), v["y_prev"].to(dtype), gr["dx_in"].to(dtype)
+    x, dh = tf._recompute_dh_pre(xp, v["h_res_prev"], v["h_post_prev"], y, dx_in, torch.float32)
+    none, dh_only = tf._recompute_dh_pre(xp, v["h_res_prev"], v["h_post_prev"], y, dx_in, torch.float32,
+                                         store_x=False)
+    assert none is None and x is not None and torch.equal(dh_only, dh)  # K2's X: test_triton_fused.py
+
+
 def test_pack_coefs_puts_each_coefficient_in_its_column():
     t, n = 5, 3
     g = torch.Generator().manual_seed(0)

@@ -72,8 +72,8 @@ class StepBwdCfg:
     Off by default: on an H200 it ran within -7 .. +5 % of the three passes (session 23; the module says why).
     ``stages``: its ring's slots (0: as many as fit, at most 3); ``mixers``: mixing warpgroups (1 or 2) taking the
     token tiles in turn; ``mix_regs`` / ``dphi_regs``: registers a thread of a mixing warpgroup (the second one's)
-    / of the dphi warpgroup (at 192 / 104 the Triton 3.6 sm_90a build spills no loop; benchmarks/gluon_step_bwd_check.py
-    --build)."""
+    / of the dphi warpgroup (at 192 / 104 the Triton 3.6 sm_90a build spills in no loop:
+    benchmarks/gluon_step_bwd_check.py --build)."""
 
     ws: bool = False
     stages: int = 0
@@ -162,8 +162,8 @@ def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, 
     """One program owns BT tokens and walks all of C. X_i is rounded as the forward stored it (same order of
     sums, same rounding), stored where STORE_X (x_ptr unused otherwise), and dH_pre sums the rounded value.
     dH_pre is carried as n [BT, BC / 8] partials (each thread sums the 8 adjacent channels it loads) and reduced
-    across threads once, after the loop. HOIST: the
-    coefficient vectors are loaded once, before the loop (n <= 4), else again for every chunk."""
+    across threads once, after the loop. HOIST: the coefficient vectors are loaded once, before the loop (n <= 4),
+    else again for every chunk."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
     r64 = rows.to(tl.int64)
