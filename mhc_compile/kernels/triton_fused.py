@@ -289,7 +289,7 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         return (torch.empty_like(x_prev) if out is None else out, torch.zeros((t, n, n), **z),
                 torch.zeros((t, n), **z), torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
     cfg = _cfg("step_bwd")
-    if cfg.ws and _gluon_step_bwd().supported(x_prev, n, c, y_prev, dx, dx_in):
+    if cfg.ws and _gluon_step_bwd().supported(x_prev, n, c, y_prev, dx, dx_in, *(() if out is None else (out,))):
         # two passes: dH_pre from X_prev, y and dx_in; then everything else from one more read of them and dX
         _, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc, store_x=False)
         dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters,
