@@ -40,7 +40,6 @@ to nearest by hand, so the tests see what the GPU computes.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -105,20 +104,11 @@ def configure(kernel: str, **fields) -> None:
         _OVERRIDES.pop(kernel, None)
 
 
-@contextlib.contextmanager
 def tuning(kernel: str, **fields):
-    """``configure`` for the duration of a with block (benchmarks, checks); not thread-safe."""
+    """``configure`` for the duration of a with block (benchmarks, checks): a context manager."""
     if kernel not in _CFG:
         raise ValueError(f"mhc triton_fused.tuning: unknown kernel {kernel!r}; expected one of {sorted(_CFG)}")
-    old = _OVERRIDES.get(kernel)
-    _OVERRIDES[kernel] = replace(_CFG[kernel], **fields)
-    try:
-        yield
-    finally:
-        if old is None:
-            _OVERRIDES.pop(kernel, None)
-        else:
-            _OVERRIDES[kernel] = old
+    return tops.overriding(_OVERRIDES, _CFG, kernel, fields)
 
 
 def _cfg(kernel: str):

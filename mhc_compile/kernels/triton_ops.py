@@ -294,17 +294,23 @@ def configure(kernel: str, **fields) -> None:
 
 
 @contextlib.contextmanager
-def tuning(kernel: str, **fields):
-    """Temporarily change one kernel's tile configuration (benchmark sweeps); not thread-safe."""
-    old = _OVERRIDES.get(kernel)
-    _OVERRIDES[kernel] = replace(_DEFAULTS[kernel], **fields)
+def overriding(overrides: dict, defaults: dict, kernel: str, fields: dict):
+    """``overrides[kernel]`` = ``defaults[kernel]`` with ``fields`` replaced, for the duration of a with block, then
+    whatever was there before; the ``tuning`` of this module and of triton_fused. Not thread-safe."""
+    old = overrides.get(kernel)
+    overrides[kernel] = replace(defaults[kernel], **fields)
     try:
         yield
     finally:
         if old is None:
-            _OVERRIDES.pop(kernel, None)
+            overrides.pop(kernel, None)
         else:
-            _OVERRIDES[kernel] = old
+            overrides[kernel] = old
+
+
+def tuning(kernel: str, **fields):
+    """Temporarily change one kernel's tile configuration (benchmark sweeps): a context manager."""
+    return overriding(_OVERRIDES, _DEFAULTS, kernel, fields)
 
 
 def _stream_tile(kernel: str, t: int, c: int, np_: int) -> tuple[int, int, int]:
