@@ -12,6 +12,8 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, fused,
+prpws (fold_post_res_proj=True with the Gluon post_res_proj, DotCfg.ws), fusedws (fuse=True with step's Gluon forward
+and two-pass backward, DotCfg.ws and StepBwdCfg.ws; both sm_90 only, elsewhere they run the Triton kernels),
 headrecompute (the head's collapse recomputed in the backward, as before session 17), oldhead (a chain's head
 and tail as before session 17: collapse recomputed, its gradient n-wide, the head's expand made dense),
 opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:fold_pre_recompute=0),
@@ -322,9 +324,31 @@ def run_size(d, args, emit):
         options = _parse_options(v[len("opt:"):])
         variants[f"backend=mhc {', '.join(f'{k}={o!r}' for k, o in options.items())}"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, **options})
-    if "fused" in args.variants:  # the opt-in cross-layer boundary ops, side by side with the default
+    if "fused" in args.variants or "fusedws" in args.variants:  # the opt-in cross-layer boundary ops
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})
+    # the cross-layer ops with the opt-in warp-specialized Gluon kernels (sm_90, bf16): the same compiled models,
+    # the kernel configs changed around the step
+    if "prpws" in args.variants:  # the forward's post_res + proj as one Gluon kernel (DotCfg.ws)
+        prp = variants.get("backend=mhc fold_post_res_proj=True")  # the opt: variant's model, where it runs
+        if prp is None:
+            prp = torch.compile(mhc_model, backend="mhc", options={"n": args.n, "fold_post_res_proj": True})
+        label = "backend=mhc fold_post_res_proj=True, post_res_proj ws"
+        variants[label] = prp
+        contexts[label] = lambda: triton_ops.tuning("post_res_proj", ws=True)
+    if "fusedws" in args.variants:  # fuse=True with step's forward (DotCfg.ws) and two-pass backward (StepBwdCfg.ws)
+        from mhc_compile.kernels import triton_fused
+
+        @contextlib.contextmanager
+        def fused_ws():
+            with triton_ops.tuning("post_res_proj", ws=True), triton_fused.tuning("step_bwd", ws=True):
+                yield
+
+        label = "backend=mhc fuse=True, step ws forward and backward"
+        variants[label] = variants["backend=mhc fuse=True"]
+        contexts[label] = fused_ws
+        if "fused" not in args.variants:
+            del variants["backend=mhc fuse=True"]
     if "cudagraphs" in args.variants:  # host launch overhead out of the picture, for both sides
         cg = {"triton.cudagraphs": True}
         variants["residual (Inductor, CUDA graphs)"] = torch.compile(stack, options=cg)
