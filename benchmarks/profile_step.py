@@ -12,6 +12,8 @@ benchmarks/results/*: what a step spends its overhead on, not just the total.
 --nofoldpre also profiles backend="mhc" with fold_pre_recompute=False (the default before session 16), its mHC
 kernels listed beside the default's;
 --foldprp likewise with fold_post_res_proj=True (post_res + the next proj as one forward kernel).
+--fused likewise with fuse=True (the cross-layer ``step`` / ``enter`` ops); --fusedws with fuse=True and the opt-in
+Gluon kernels (sm_90): step's forward through DotCfg.ws, its backward in two passes (StepBwdCfg.ws).
 --tune tune:<kernel>:<field>=<v>,... (bench_training's syntax) profiles the same compiled model again with that
 kernel's config changed, and tabulates every mHC kernel's in-step time a call for the default and each
 alternative side by side: a tile or kernel change judged where it runs (power-capped clocks, other kernels
@@ -48,12 +50,14 @@ KERNEL_BYTES = {
     "_proj_dx_dphi_kernel": lambda S, v: 3 * S + v,          # X, dx_in, acc -> dX (and dphi)
     "_proj_dx_kernel": lambda S, v: 3 * S + v,
     "_proj_dphi_kernel": lambda S, v: S,
+    "_post_res_proj_ws_kernel": lambda S, v: 2 * S + v,      # the Gluon post_res_proj (DotCfg.ws)
+    "_step_bwd_ws_kernel": lambda S, v: 3 * S + 3 * v,       # step bwd pass 2: X_prev, y, dx_in, dX -> dX_prev, dy
 }
 
 
 def category(name: str) -> str:
     if name.split("_0d1d")[0] in KERNEL_BYTES or name.startswith(("_coeffs", "_hi_lo", "_post_res", "_pre_",
-                                                                   "_proj")):
+                                                                   "_proj", "_dh_pre", "_step", "_enter")):
         return "mHC kernels"
     if name.startswith(("nvjet", "sm90_xmma", "cutlass", "void cutlass", "ampere", "sm80")) or "gemm" in name:
         return "GEMM"
@@ -236,7 +240,10 @@ def compare(d, bw, results, emit):
                 continue
             per_call = us[k] / max(1, calls[k])
             eff = f" ({100 * KERNEL_BYTES[base](S, v) / (per_call * 1e-6) / bw:.0f} %)" if base in KERNEL_BYTES else ""
-            cells.append(f"{per_call:.1f}{eff}")
+            # a variant with other ops (fuse=True) calls a kernel a different number of times, and on other
+            # shapes, where its efficiency (bytes of the default's call) means little: say how many calls
+            times = f" x {calls[k]}" if calls[k] != mhc[0][1].calls.get(k) else ""
+            cells.append(f"{per_call:.1f}{eff}{times}")
         emit(f"| {base} | {mhc[0][1].calls.get(k, '-')} | " + " | ".join(cells) + " |")
     totals = [sum(t for k, t in prof.us.items() if category(k) == "mHC kernels") / 1e3 for _, prof in mhc]
     emit("| **mHC kernels, ms a step** | | " + " | ".join(f"**{t:.2f}**" for t in totals) + " |")
@@ -245,11 +252,22 @@ def compare(d, bw, results, emit):
     emit("| SM clock while profiled | | " + " | ".join(describe_clocks(prof.clocks) for _, prof in mhc) + " |")
 
 
+@contextlib.contextmanager
+def _gluon_step():
+    """step's opt-in Gluon kernels around a step: post_res_proj with DotCfg.ws, the two-pass backward."""
+    from mhc_compile.kernels import triton_fused, triton_ops
+
+    with triton_ops.tuning("post_res_proj", ws=True), triton_fused.tuning("step_bwd", ws=True):
+        yield
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("widths", type=int, nargs="*", default=[4096])
     ap.add_argument("--nofoldpre", action="store_true")
     ap.add_argument("--foldprp", action="store_true")
+    ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--fusedws", action="store_true")
     ap.add_argument("--tune", nargs="*", default=[], metavar="SPEC")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps a variant (kernel times are averaged)")
     ap.add_argument("--sync-check", action="store_true",
@@ -297,6 +315,12 @@ def main():
             variants.append(("fold_post_res_proj=True",
                              torch.compile(m, backend="mhc", options={"n": N, "fold_post_res_proj": True}),
                              contextlib.nullcontext))
+        if args.fused or args.fusedws:
+            fused = torch.compile(m, backend="mhc", options={"n": N, "fuse": True})
+            if args.fused:
+                variants.append(("fuse=True", fused, contextlib.nullcontext))
+            if args.fusedws:
+                variants.append(("fuse=True, Gluon step", fused, _gluon_step))
         for spec, kernel, fields in tunes:  # the same compiled model, one kernel's config changed around it
             variants.append((f"{kernel} {spec.split(':', 2)[2]}", mhc,
                              lambda kernel=kernel, fields=fields: triton_ops.tuning(kernel, **fields)))
