@@ -48,6 +48,8 @@ class MHCConfig:
                      recomputes post_res and pre. A training step with it (H200, session 18): +15.1 % / +9.5 %
                      time and +23.7 % / +19.3 % activation memory at d = 4096 / 7168, against the default's
                      +12.6 % / +6.9 % and +17.7 % / +16.8 % (benchmarks/results/session18-2026-12-03-h200.md).
+                     With the opt-in Gluon kernels of ``step`` (sm_90: ``triton_ops`` DotCfg.ws and
+                     ``triton_fused`` StepBwdCfg.ws), session 24: +14.7 % / +8.7 % against +12.4 % / +7.3 %.
                      True opts in.
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)
@@ -59,6 +61,13 @@ class MHCConfig:
                      for. On an H200 (session 16): activation memory +17.7 / +17.1 / +19.1 % at d = 4096 / 2048 /
                      7168; the d = 7168 step's overhead moved by -1.0, -1.1 and +0.7 points in three runs (session
                      11: -1.3), within the rounds' spread. False turns it off.
+    fold_post_res_proj: in Inductor's forward graph, compute each site's projection in the kernel that writes
+                     its stream (post_res of the site before, ``passes/fold_post_res_proj.py``): n C elements a
+                     token less to read. Off by default: the fused kernel is faster alone (H200, 8192 x 7168: 349.7
+                     against 266.6 + 138.0 us), but in the power-capped training step it did not win reliably
+                     (session 24, six interleaved rounds: +7.4 / +11.0 / +29.9 % against the default's +7.1 /
+                     +11.7 / +25.7 % at d = 7168 / 4096 / 2048; session 15: +8.6 against +7.5 % at d = 7168).
+                     True opts in.
     inplace_stream_grads: in Inductor's backward graph, let each site's post_res and proj/pre backward write
                      the stream gradient over the one it reads where nothing else reads that buffer
                      (``passes/inplace_stream_grads.py``): the backward then holds one n-stream gradient at a
