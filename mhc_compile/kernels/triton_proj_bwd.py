@@ -139,7 +139,7 @@ def _plus_side(dx, dsq, xt, h, g, a, HAS_PRE: tl.constexpr, ONE_STREAM: tl.const
 def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
           mmask, mas, arow, t0, k0, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr,
           HI_LO: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-          PREC: tl.constexpr, TMA: tl.constexpr, DPHI_FIRST: tl.constexpr):
+          PREC: tl.constexpr, TMA: tl.constexpr):
     """One [BT, BK] tile: store its dx (all terms meet in ACC, rounded once) and return dphi + A @ X. TMA: dx_ptr
     is a tensor descriptor of dX [T, K] (bf16), written at (t0, k0); rows past T are dropped."""
     r64 = rows.to(tl.int64)
@@ -154,8 +154,6 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M
         amask = arow[:, None]
     dp = tl.load(dp_ptr + (r64 * M)[:, None] + ms[None, :], mask=dmask, other=0.0).to(ACC)
     at = tl.load(a_ptr + mas[:, None] * s_am + (r64 * s_at)[None, :], mask=amask, other=0.0)
-    if DPHI_FIRST == 1:
-        dphi = _dphi_dot(dphi, at, xt, HI_LO, DOT, ACC, PREC)
     dx = tl.dot(dp, phi_t, input_precision=PREC, out_dtype=ACC)
     dx = _plus_side(dx, dsq, xt, h, g, a, HAS_PRE, ONE_STREAM, HAS_ACC, ACC)
     if TMA:
@@ -168,20 +166,18 @@ def _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M
             tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty))
         else:
             tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=_tile_mask(rmask, kmask, EVEN_K))
-    if DPHI_FIRST == 0:
-        dphi = _dphi_dot(dphi, at, xt, HI_LO, DOT, ACC, PREC)
-    if DPHI_FIRST == 2:  # TEMPORARY: the old order with a use of dphi in the iteration (forces its wgmma wait)
-        dphi = _dphi_dot(dphi, at, xt, HI_LO, DOT, ACC, PREC) + 0.0
-    return dphi
-
-
-@triton.jit
-def _dphi_dot(dphi, at, xt, HI_LO: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     if HI_LO:  # the X tile enters the tensor cores as loaded
         dphi = tl.dot(at.to(DOT), xt.to(DOT), dphi, out_dtype=ACC)
     else:
         dphi = tl.dot(at.to(ACC), xt.to(ACC), dphi, input_precision=PREC, out_dtype=ACC)
-    return dphi
+    # A use of dphi inside the iteration, so that its wgmma is waited on here. Without it, Triton's pipeliner (3.6
+    # and 3.9) leaves that wgmma in flight across the next tile's loads (TMA or cp.async) into the one X buffer it
+    # reads (no wgmma.wait_group between them in the sm_90a PTX): a write-after-read race that the PTX memory model
+    # does not order, though no GPU run has shown it (benchmarks/results/session24-2026-12-04-h200.md). "+ 0.0" is
+    # kept by the compilers (only "+ -0.0" is an identity for floats); lab_dx_dphi.py --wait-check reads the sm_90a
+    # builds for the wait, and a test runs it. On an H200 (TMA build) it cost nothing: 951.5 against 965.2 us at
+    # 32768 x 4096, 465.9 against 464.0 at 8192 x 7168; issuing dphi's dot first instead cost 7-8 %.
+    return dphi + 0.0
 
 
 @triton.jit
@@ -189,7 +185,7 @@ def _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr
             ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N: tl.constexpr, BT: tl.constexpr,
             HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr, HAS_ACC: tl.constexpr, HI_LO: tl.constexpr,
             MASK_ROWS: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-            TMA: tl.constexpr, X_BCAST: tl.constexpr, DPHI_FIRST: tl.constexpr):
+            TMA: tl.constexpr, X_BCAST: tl.constexpr):
     """The tile of tokens t0 .. t0 + BT: its loads, then _tile (MASK_ROWS: the ragged tail, rows past t_hi)."""
     rows = t0 + tl.arange(0, BT)
     if TMA and X_BCAST:  # x_ptr: a tensor descriptor of the rows [T, C]; the block lies in one stream, at c0
@@ -202,7 +198,7 @@ def _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr
                                HAS_PRE, ONE_STREAM, HAS_ACC, MASK_ROWS, EVEN_K, TMA)
     return _tile(dphi, xt, dsq, h, g, a, rows, t_hi, dp_ptr, a_ptr, dx_ptr, phi_t, K, M, s_am, s_at, ks, kmask, ms,
                  mmask, mas, arow, t0, k0, HAS_PRE, ONE_STREAM, HAS_ACC, HI_LO, MASK_ROWS, EVEN_K, DOT, ACC, PREC,
-                 TMA, DPHI_FIRST)
+                 TMA)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -211,7 +207,7 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
                          MP: tl.constexpr, MA: tl.constexpr, HAS_PRE: tl.constexpr, ONE_STREAM: tl.constexpr,
                          HAS_ACC: tl.constexpr, EVEN_K: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
                          ACC: tl.constexpr, PREC: tl.constexpr, LOOP_STAGES: tl.constexpr, TMA: tl.constexpr,
-                         X_BCAST: tl.constexpr = False, DPHI_FIRST: tl.constexpr = 2):
+                         X_BCAST: tl.constexpr = False):
     """Program (K block, token split): dx of its [tokens, BK] slab and the [MP, BK] partial of dphi^T over its
     tokens, written transposed into dphi_ptr[split] ([K, M]); X is read once.
 
@@ -253,11 +249,11 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     for t0 in tl.range(t_lo, t_full, BT, num_stages=LOOP_STAGES):
         dphi = _tokens(dphi, t0, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K, M,
                        s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N, BT, HAS_PRE, ONE_STREAM,
-                       HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC, PREC, TMA, X_BCAST, DPHI_FIRST)
+                       HAS_ACC, HI_LO, False, EVEN_K, DOT, ACC, PREC, TMA, X_BCAST)
     if t_full < t_hi:  # the ragged tail tile, masked
         dphi = _tokens(dphi, t_full, t_hi, x_ptr, dsq_ptr, h_ptr, g_ptr, acc_ptr, dp_ptr, a_ptr, dx_ptr, phi_t, C, K,
                        M, s_am, s_at, ks, kmask, ii, cc, ms, mmask, mas, arow, c0, k0, N, BT, HAS_PRE, ONE_STREAM,
-                       HAS_ACC, HI_LO, True, EVEN_K, DOT, ACC, PREC, TMA, X_BCAST, DPHI_FIRST)
+                       HAS_ACC, HI_LO, True, EVEN_K, DOT, ACC, PREC, TMA, X_BCAST)
     if HI_LO:
         dphi = tl.sum(tl.reshape(dphi, (2, MP, BK)), axis=0)
     out_rows = split.to(tl.int64) * K + ks64
@@ -267,7 +263,6 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
 # ---------------------------------------------------------------------------------------------
 # host wrapper
 # ---------------------------------------------------------------------------------------------
-DPHI_FIRST = 2  # TEMPORARY (session 24 A/B): 0 = dphi after dx (before), 1 = dphi first, 2 = after dx, waited on
 LAST_COMPILED = {}  # the CompiledKernel of the latest launch (GPU only): registers, spills, shared memory
 
 
@@ -308,12 +303,12 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
     allow descriptors (``tma.tma_ok``); the plan takes TMA where the tile allows it too. ``x_bcast``: the
     kernel's X_BCAST (x broadcast over its streams)."""
     return _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
-                        pipeline_all, tma, x_bcast, tk._half_dot_dtype(), DPHI_FIRST)
+                        pipeline_all, tma, x_bcast, tk._half_dot_dtype())
 
 
 @functools.lru_cache(maxsize=1024)  # every launch asks again with the same shapes (and the interpreter setting)
 def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
-                 pipeline_all, tma, x_bcast, dot, dphi_first):
+                 pipeline_all, tma, x_bcast, dot):
     k = n * c
     mp = max(16, tk._pow2(m))
     hi_lo = tk._hi_lo(stream_dtype) and acc_t == torch.float32
@@ -324,8 +319,7 @@ def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_
                 HAS_ACC=has_acc, EVEN_K=even_k, HI_LO=hi_lo, DOT=dot,
                 ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype),
                 LOOP_STAGES=num_stages if pipeline_all else None,
-                TMA=bool(tma and hi_lo and one_stream and even_k and bt <= 256 and bk <= 256), X_BCAST=x_bcast,
-                DPHI_FIRST=dphi_first)
+                TMA=bool(tma and hi_lo and one_stream and even_k and bt <= 256 and bk <= 256), X_BCAST=x_bcast)
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         opts["maxnreg"] = maxnreg
