@@ -44,7 +44,6 @@ streams now run (the kernel lives in mhc_compile/kernels/triton_proj_bwd.py; thi
     PYTHONPATH=. OUT=DIR python benchmarks/lab_dx_dphi.py --no-acc     # the same without acc (enter's backward)
     TRITON_INTERPRET=1 python benchmarks/lab_dx_dphi.py --smoke        # CPU: value checks on tiny shapes
     python benchmarks/lab_dx_dphi.py --ptxas [--no-acc] [--rows ..]    # no GPU: sm_90a registers / spills
-    python benchmarks/lab_dx_dphi.py --wait-check                      # no GPU: the build waits before its loads
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -345,49 +343,6 @@ def ptxas_rows(configs, n=4, c=4096, arch=90, with_acc=True):
     return rows
 
 
-def loads_behind_wgmmas(ptx: str) -> list[int]:
-    """Line numbers of ``ptx`` where a load into shared memory (a TMA ``cp.async.bulk.tensor`` or a ``cp.async``,
-    global -> shared) is issued while a committed wgmma group may still be reading shared memory: no
-    ``wgmma.wait_group 0`` since the last ``wgmma.commit_group``, in program order (a loop's body is scanned as
-    written; its loads come after its dots). Conservative: it does not ask which buffer the load writes. The
-    shipped kernel must have none: its single X buffer is both the dphi wgmma's operand and the next tile's load
-    destination (kernels/triton_proj_bwd.py, ``_tile``)."""
-    pending, bad = False, []
-    for i, line in enumerate(ptx.splitlines(), 1):
-        op = line.strip()
-        if op.startswith("wgmma.commit_group"):
-            pending = True
-        elif op.startswith("wgmma.wait_group") and op.rstrip(";").split()[-1] == "0":
-            pending = False
-        elif _SHARED_LOAD.search(op) and pending:
-            bad.append(i)
-    return bad
-
-
-# a load global -> shared: TMA (Triton 3.6 names the destination shared::cluster, 3.9 shared::cta) or cp.async;
-# the TMA stores (global <- shared) read shared memory instead
-_SHARED_LOAD = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global|cp\.async\.c[ag]\.shared(::\w+)?\.global")
-
-
-def wait_check(n: int = 4) -> list[str]:
-    """The sm_90a builds of the shipped tile (TMA and pointer loads, with and without acc): does every load into
-    shared memory wait for the wgmmas?"""
-    cfg = tk._DEFAULTS["proj_dx_dphi"]
-    rows = []
-    for tma in (True, False):
-        tile = dict(bt=cfg.bt, bk=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-                    pipeline_all=cfg.pipeline_all, tma=tma)
-        for with_acc in (True, False):
-            ptx = build(tile, n, with_acc=with_acc).asm["ptx"]
-            loads = sum(bool(_SHARED_LOAD.search(line)) for line in ptx.splitlines())
-            bad = loads_behind_wgmmas(ptx)
-            rows.append(f"{'TMA' if tma else 'pointer'} build, {'with' if with_acc else 'without'} acc: {loads} loads "
-                        f"into shared memory, {len(bad)} issued behind an unwaited wgmma"
-                        f"{' (PTX lines ' + str(bad[:8]) + ')' if bad else ''}: {'ok' if loads and not bad else 'FAIL'}")
-            print(rows[-1], flush=True)
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -403,16 +358,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for lab_dx_dphi.md (default $OUT)")
     ap.add_argument("--no-acc", action="store_true", help="time without the stream-gradient accumulator (what "
                     "enter's backward runs)")
-    ap.add_argument("--wait-check", action="store_true", help="no GPU: the shipped tile's sm_90a build waits for "
-                    "its wgmmas before each TMA load (exit status 1 where it does not)")
     args = ap.parse_args()
     start = time.time()
-    if args.wait_check:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            print("lab_dx_dphi --wait-check: unset TRITON_INTERPRET (it compiles for the GPU)", file=sys.stderr)
-            return 2
-        print(f"sm_90a build of the shipped tile, C = 4096, n = {args.n}, bf16, triton {triton.__version__}")
-        return 0 if all(row.endswith(": ok") for row in wait_check(args.n)) else 1
     if args.ptxas:
         if os.environ.get("TRITON_INTERPRET") == "1":
             print("lab_dx_dphi --ptxas: unset TRITON_INTERPRET (it compiles for the GPU)", file=sys.stderr)

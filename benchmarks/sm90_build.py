@@ -1,5 +1,7 @@
 """Build Triton kernels for a GPU target on a machine without one, and read the binary's resources.
 
+    python benchmarks/sm90_build.py --hazards   # every wgmma kernel: a one-slot operand loaded over too soon?
+
 The labs' ``--ptxas`` modes use this to see registers, spilled bytes and shared memory of a tile before spending
 device time on it: a stand-in driver names the target, ``JITFunction.warmup`` compiles, and the toolkit's
 cuobjdump (shipped beside Triton's ptxas) reads the cubin Triton built.
@@ -121,3 +123,114 @@ def main_loop(text: str, opcode: str = "HGMMA") -> str:
         if count > best_count:
             best, best_count = body, count
     return best
+
+
+def wgmma_buffer_hazards(ttgir: str) -> list[str]:
+    """Asynchronous wgmmas (``ttng.warp_group_dot`` with isAsync) whose shared-memory operand is a one-slot buffer
+    that a load (TMA or cp.async) writes while the wgmma may still read it: before a ``warp_group_dot_wait`` with
+    pendings = 0, scanning the enclosing ``scf.for`` body from the dot on and around its back edge. Each hazard as
+    'line L: ... line M'. One-slot buffers only: the slots of a multi-buffered ring are told apart by index
+    arithmetic that this does not follow (the pipeliner keeps a dot's slot and its next load's slot apart). Found
+    in session 24: proj's one-pass backward, whose X tile is the dphi wgmma's operand and the next tile's load
+    destination (kernels/triton_proj_bwd.py)."""
+    lines = ttgir.splitlines()
+    slots, base = {}, {}  # alloc -> its leading (slot) dimension; memdesc view -> the alloc it indexes
+    for line in lines:
+        if m := re.match(r"\s*(%[\w.]+) = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x", line):
+            slots[m.group(1)] = int(m.group(2))
+        elif m := re.match(r"\s*(%[\w.]+) = ttg\.memdesc_index (%[\w.]+)\[", line):
+            base[m.group(1)] = base.get(m.group(2), m.group(2))
+
+    def indent(line):
+        return len(line) - len(line.lstrip())
+
+    hazards = []
+    for i, line in enumerate(lines):
+        if "ttng.warp_group_dot " not in line or "isAsync = true" not in line:
+            continue
+        operands = re.findall(r"%[\w.]+", line.split("=", 1)[1].split(":", 1)[0])[:2]
+        single = {base.get(v, v) for v in operands} & {a for a, s in slots.items() if s == 1}
+        head = next((j for j in range(i - 1, -1, -1) if "scf.for" in lines[j] and indent(lines[j]) < indent(line)),
+                    None)
+        if not single or head is None:
+            continue
+        end = next(j for j in range(head + 1, len(lines)) if indent(lines[j]) <= indent(lines[head]))
+        for j in list(range(i + 1, end)) + list(range(head + 1, i)):
+            if "warp_group_dot_wait" in lines[j] and "pendings = 0" in lines[j]:
+                break
+            if "async_tma_copy_global_to_local" in lines[j] or "async_copy_global_to_local" in lines[j]:
+                written = {base.get(v, v) for v in re.findall(r"%[\w.]+", lines[j].split("=", 1)[-1])}
+                if single & written:
+                    hazards.append(f"line {i + 1}: an async wgmma reads {sorted(single & written)} (one slot); "
+                                   f"line {j + 1} loads into it before the wgmma is waited on")
+                    break
+    return hazards
+
+
+def wgmma_builds(n: int = 4, c: int = 4096, t: int = 1024):
+    """(name, compiled kernel) of every Triton kernel of the default and opt-in paths that runs wgmmas, built for
+    sm_90a the way their wrappers launch them on bf16 streams (TMA and pointer loads where both exist)."""
+    from mhc_compile.kernels import reference as ref
+    from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    m = ref.num_coeffs(n)
+    bf, f32 = dict(dtype=torch.bfloat16), dict(dtype=torch.float32)
+    x, y, phi = torch.zeros(t, n, c, **bf), torch.zeros(t, c, **bf), torch.zeros(n * c, m, **f32)
+    dp, dsq, h = torch.zeros(t, m, **f32), torch.zeros(t, **f32), torch.zeros(t, n, **f32)
+    hres = torch.zeros(t, n, n, **f32)
+
+    def one(module, kernel, call, **tuning):
+        with builds_of(module, kernel) as built, contextlib.ExitStack() as stack:
+            for name, fields in tuning.items():
+                stack.enter_context(tk.tuning(name, **fields))
+            call()
+        return built[0]
+
+    yield "proj forward", one(tk, tk._proj_fwd_kernel, lambda: tk.proj(x, phi))
+    for tma in (True, False):
+        label = "TMA" if tma else "pointer"
+        yield f"post_res_proj, {label}", one(tk, tk._post_res_proj_kernel,
+                                            lambda: tk.post_res_proj(x, hres, h, y, phi),
+                                            post_res_proj=dict(tma=tma))
+        for acc in (x, None):
+            yield (f"proj's one-pass backward, {label}, {'with' if acc is not None else 'without'} acc",
+                   one(tpb, tpb._proj_dx_dphi_kernel, lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, acc),
+                       proj_dx_dphi=dict(tma=tma)))
+    # the pair's dx kernel runs mma.sync on 16-token tiles, no wgmma
+    yield "proj's backward pair: dphi", one(tk, tk._proj_dphi_kernel,
+                                            lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, None),
+                                            proj_dx_dphi=dict(enabled=False))
+
+
+def main() -> int:
+    import argparse
+
+    import triton
+
+    ap = argparse.ArgumentParser(description="sm_90a builds on a machine without a GPU")
+    ap.add_argument("--hazards", action="store_true",
+                    help="every wgmma kernel's build: one-slot operands loaded over before their wgmma is waited on")
+    args = ap.parse_args()
+    if not args.hazards:
+        ap.print_help()
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("sm90_build --hazards: unset TRITON_INTERPRET (it compiles for the GPU)")
+        return 2
+    print(f"sm_90a builds, triton {triton.__version__}")
+    bad = 0
+    for name, compiled in wgmma_builds():
+        found = wgmma_buffer_hazards(compiled.asm["ttgir"])
+        dots = compiled.asm["ttgir"].count("ttng.warp_group_dot ")
+        print(f"{name}: {dots} wgmma ops, {len(found)} hazards{': ' + '; '.join(found) if found else ''}: "
+              f"{'FAIL' if found or not dots else 'ok'}", flush=True)
+        bad += bool(found) or not dots
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mhc_compile
+    raise SystemExit(main())

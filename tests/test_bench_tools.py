@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic that runs without a GPU: the SM-clock log (benchmarks/gpu_clocks.py),
-bench_training's tables and variant parsing, and broadcast_check's ulp count and build switch."""
+bench_training's tables and variant parsing, broadcast_check's ulp count and build switch, and sm90_build's scan of
+the wgmma kernels' builds for operands loaded over before their wgmma is waited on."""
 
 import csv
 import os
@@ -13,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_training, broadcast_check, gpu_clocks  # noqa: E402
+from benchmarks import bench_training, broadcast_check, gpu_clocks, sm90_build  # noqa: E402
 
 
 def test_parse_keeps_number_pairs_only():
@@ -340,3 +341,48 @@ def test_ncu_stalls_counts_barrier_spins_and_ranks_instructions(tmp_path):
     assert "spills (LDL / STL): 512 executed, 1.0 % of the samples" in lines
     assert lines[-2].startswith("| 60.0 % | `@!P0  BRA 0x90` | `SYNCS.PHASECHK") and "long_sb 58" in lines[-2]
     assert lines[-1].startswith("| 24.0 % | `WARPGROUP.DEPBAR")
+
+
+# the shape of the loop that session 24 found in proj's one-pass backward (Triton's TTGIR, trimmed): an async wgmma
+# reads the one-slot X buffer, and the next tile's load into that buffer comes before any wait
+_TTGIR = """\
+    %xt = ttg.local_alloc : () -> !ttg.memdesc<1x64x128xbf16, #shared, #smem, mutable> loc(#loc1)
+    %at = ttg.local_alloc : () -> !ttg.memdesc<2x64x64xbf16, #shared, #smem, mutable> loc(#loc2)
+    %xt_0 = ttg.memdesc_index %xt[%c0_i32] : !ttg.memdesc<1x64x128xbf16> -> !ttg.memdesc<64x128xbf16> loc(#loc1)
+    %r:2 = scf.for %t = %lo to %hi step %c64 iter_args(%acc = %cst, %s = %c0) -> (tensor<64x128xf32, #mma>, i32) {
+      %xt_1 = ttg.memdesc_index %xt[%s] : !ttg.memdesc<1x64x128xbf16> -> !ttg.memdesc<64x128xbf16> loc(#loc1)
+      %at_1 = ttg.memdesc_index %at[%s] : !ttg.memdesc<2x64x64xbf16> -> !ttg.memdesc<64x64xbf16> loc(#loc2)
+      %d = ttng.warp_group_dot %at_1, %xt_1, %acc {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<64x64xbf16> * !ttg.memdesc<64x128xbf16> -> tensor<64x128xf32, #mma>
+      WAIT
+      ttng.async_tma_copy_global_to_local %x_ptr[%t, %k] %xt_0, %bar, %p : !tt.tensordesc<64x128xbf16>, !ttg.memdesc<1xi64> -> !ttg.memdesc<64x128xbf16>
+      scf.yield %d, %s : tensor<64x128xf32, #mma>, i32
+    } {tt.num_stages = 2 : i32}
+    %w = ttng.warp_group_dot_wait %r#0 {pendings = 0 : i32} : tensor<64x128xf32, #mma>
+"""
+
+
+def test_wgmma_buffer_hazards_finds_a_one_slot_operand_loaded_over():
+    hazards = sm90_build.wgmma_buffer_hazards(_TTGIR.replace("      WAIT\n", ""))
+    assert len(hazards) == 1 and "['%xt']" in hazards[0] and "line 7" in hazards[0], hazards
+    # the loop waits for the wgmma before the load: nothing to report
+    waited = "      %w0 = ttng.warp_group_dot_wait %d {pendings = 0 : i32} : tensor<64x128xf32, #mma>\n"
+    assert sm90_build.wgmma_buffer_hazards(_TTGIR.replace("      WAIT\n", waited)) == []
+    # a wait that leaves one wgmma in flight does not cover it
+    one = waited.replace("pendings = 0", "pendings = 1")
+    assert len(sm90_build.wgmma_buffer_hazards(_TTGIR.replace("      WAIT\n", one))) == 1
+    # a load into a two-slot ring is the pipeliner's to keep apart: not reported
+    ring = _TTGIR.replace("%x_ptr[%t, %k] %xt_0", "%a_ptr[%t, %k] %at_1").replace("      WAIT\n", "")
+    assert sm90_build.wgmma_buffer_hazards(ring) == []
+
+
+def test_wgmma_kernels_wait_before_loading_over_their_operands():
+    """Every Triton wgmma kernel, built for sm_90a with this machine's Triton (no GPU): no one-slot operand is loaded
+    over while its wgmma may still read it. proj's one-pass backward did so before session 24; a compiler that
+    schedules it back (or another kernel) that way fails here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sm90_build.py")
+    proc = subprocess.run([sys.executable, script, "--hazards"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.endswith(": ok")]
+    assert len(rows) == 8 and any("one-pass backward, TMA, with acc" in row for row in rows), proc.stdout

@@ -197,40 +197,6 @@ def test_plan_splits_fills_whole_waves():
     assert pb.plan_splits(1000, 16, 3, waves=1, occupancy=1, device=cpu, splits=5) == (5, 208)
 
 
-def test_wait_check_finds_a_load_behind_an_unwaited_wgmma():
-    """The PTX scan behind lab_dx_dphi.py --wait-check, on hand-written sequences in both Triton versions' spelling:
-    a TMA load after a wgmma commit with no wait 0 between is flagged; after the wait, or a store, is not."""
-    from benchmarks.lab_dx_dphi import loads_behind_wgmmas
-
-    tail = ".global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2}], [%r3];"
-    load36, load39 = (f"@%p2 cp.async.bulk.tensor.2d.shared::{space}{tail}" for space in ("cluster", "cta"))
-    store = "@%p3 cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd2, {%r4}], [%r5];"
-    pointer = "@%p4 cp.async.cg.shared.global [ %r6 + 0 ], [ %rd3 + 0 ], 0x10, %r7;"
-    mma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};"
-    for load in (load36, load39, pointer):
-        assert loads_behind_wgmmas("\n".join([load, mma, "wgmma.commit_group.sync.aligned;", store, load])) == [5]
-        assert loads_behind_wgmmas("\n".join([mma, "wgmma.commit_group.sync.aligned;",
-                                              "wgmma.wait_group.sync.aligned 1;", load])) == [4]
-        assert loads_behind_wgmmas("\n".join([mma, "wgmma.commit_group.sync.aligned;",
-                                              "wgmma.wait_group.sync.aligned 0;", load, store])) == []
-
-
-def test_sm90_build_waits_for_the_dphi_wgmma_before_the_next_loads():
-    """The shipped tile's sm_90a builds, TMA and pointer (this machine's Triton, no GPU): no load into shared memory
-    is issued while a wgmma may still read it. The dphi dot reads the X tile that the next tile's load overwrites (one X
-    buffer); kernels/triton_proj_bwd.py makes the loop wait for it, and this fails if a compiler drops that."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "lab_dx_dphi.py"), "--wait-check"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.endswith(": ok")]
-    assert len(rows) == 4 and all(" 0 issued behind" in row for row in rows), proc.stdout
-
-
 if not _INTERPRETED:
     # triton was imported before this module without the interpreter: run every test above in a subprocess
     for _name in [k for k in list(globals()) if k.startswith("test_")]:
