@@ -197,6 +197,10 @@ def wgmma_builds(n: int = 4, c: int = 4096, t: int = 1024):
             yield (f"proj's one-pass backward, {label}, {'with' if acc is not None else 'without'} acc",
                    one(tpb, tpb._proj_dx_dphi_kernel, lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, acc),
                        proj_dx_dphi=dict(tma=tma)))
+    # the fallback where the staged dout and acc do not fit a GPU's shared memory (triton_ops._proj_grads)
+    yield "proj's one-pass backward, TMA, with acc, no PIPELINE_ALL", one(
+        tpb, tpb._proj_dx_dphi_kernel, lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, x),
+        proj_dx_dphi=dict(pipeline_all=False))
     # the pair's dx kernel runs mma.sync on 16-token tiles, no wgmma
     yield "proj's backward pair: dphi", one(tk, tk._proj_dphi_kernel,
                                             lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, None),

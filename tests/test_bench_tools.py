@@ -385,4 +385,4 @@ def test_wgmma_kernels_wait_before_loading_over_their_operands():
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.endswith(": ok")]
-    assert len(rows) == 8 and any("one-pass backward, TMA, with acc" in row for row in rows), proc.stdout
+    assert len(rows) == 9 and any("one-pass backward, TMA, with acc" in row for row in rows), proc.stdout
