@@ -221,6 +221,16 @@ def round_rows(d, rounds: dict[str, list[float]], clocks: dict[str, list[dict | 
 
 
 @contextlib.contextmanager
+def gluon_step():
+    """step's opt-in Gluon kernels (sm_90) around a step: its forward's post_res_proj with DotCfg.ws, its backward
+    in two passes (StepBwdCfg.ws); profile_step.py --fusedws uses it too."""
+    from mhc_compile.kernels import triton_fused, triton_ops
+
+    with triton_ops.tuning("post_res_proj", ws=True), triton_fused.tuning("step_bwd", ws=True):
+        yield
+
+
+@contextlib.contextmanager
 def _old_head():
     """In force while the variant compiles (its first step): the collapse left to the partitioner (which recomputed
     it from a rebuilt last stream) and the chain head's expand made dense, as before session 17; with
@@ -337,16 +347,9 @@ def run_size(d, args, emit):
         variants[label] = prp
         contexts[label] = lambda: triton_ops.tuning("post_res_proj", ws=True)
     if "fusedws" in args.variants:  # fuse=True with step's forward (DotCfg.ws) and two-pass backward (StepBwdCfg.ws)
-        from mhc_compile.kernels import triton_fused
-
-        @contextlib.contextmanager
-        def fused_ws():
-            with triton_ops.tuning("post_res_proj", ws=True), triton_fused.tuning("step_bwd", ws=True):
-                yield
-
         label = "backend=mhc fuse=True, step ws forward and backward"
         variants[label] = variants["backend=mhc fuse=True"]
-        contexts[label] = fused_ws
+        contexts[label] = gluon_step
         if "fused" not in args.variants:
             del variants["backend=mhc fuse=True"]
     if "cudagraphs" in args.variants:  # host launch overhead out of the picture, for both sides

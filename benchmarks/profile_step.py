@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mhc_compile  # noqa: E402
-from benchmarks.bench_training import Stack, _step  # noqa: E402
+from benchmarks.bench_training import Stack, _step, gluon_step  # noqa: E402
 from benchmarks.gpu_clocks import ClockLog  # noqa: E402
 from benchmarks.gpu_clocks import describe as describe_clocks  # noqa: E402
 
@@ -252,15 +252,6 @@ def compare(d, bw, results, emit):
     emit("| SM clock while profiled | | " + " | ".join(describe_clocks(prof.clocks) for _, prof in mhc) + " |")
 
 
-@contextlib.contextmanager
-def _gluon_step():
-    """step's opt-in Gluon kernels around a step: post_res_proj with DotCfg.ws, the two-pass backward."""
-    from mhc_compile.kernels import triton_fused, triton_ops
-
-    with triton_ops.tuning("post_res_proj", ws=True), triton_fused.tuning("step_bwd", ws=True):
-        yield
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("widths", type=int, nargs="*", default=[4096])
@@ -320,7 +311,7 @@ def main():
             if args.fused:
                 variants.append(("fuse=True", fused, contextlib.nullcontext))
             if args.fusedws:
-                variants.append(("fuse=True, Gluon step", fused, _gluon_step))
+                variants.append(("fuse=True, Gluon step", fused, gluon_step))
         for spec, kernel, fields in tunes:  # the same compiled model, one kernel's config changed around it
             variants.append((f"{kernel} {spec.split(':', 2)[2]}", mhc,
                              lambda kernel=kernel, fields=fields: triton_ops.tuning(kernel, **fields)))
