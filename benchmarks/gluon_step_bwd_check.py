@@ -47,7 +47,7 @@ def build(mixers_list=(2, 1)) -> int:
     dp_pad, hl = torch.zeros(t, gs.MP), torch.zeros(2 * gs.MP, t, dtype=torch.bfloat16)
     phi_pad = torch.zeros(n * c, gs.MP)
     for mixers in mixers_list:
-        st = gs.stages_for(n)
+        st = gs.stages_for(n, mixers=mixers)
         with sm90_build.cpu_target(90):
             built = gs._step_bwd_ws_kernel.warmup(
                 *gs.descriptors(x, y, y, x, coefs, dp_pad, hl, phi_pad, x, y, t, n, c),

@@ -86,6 +86,7 @@ def test_slots_fit_shared_memory():
     # n = 4: a slot is 10 stream tiles (40 KB) + coefficients, dp, dp's hi / lo (24 KB); phi 16 KB once
     assert gs.smem_bytes(4, 3) == 3 * (10 * 4096 + 8192 + 8192 + 8192) + 16384 <= gs._SMEM
     assert gs.stages_for(4) == 3 and gs.stages_for(1) == 3
+    assert gs.stages_for(4, mixers=2) == 2  # mixers taking tiles in turn: an even ring (tests/test_ring_protocol.py)
     assert gs.stages_for(4, stages=4) is None  # four slots do not fit
 
 

@@ -11,8 +11,9 @@ designs of one pass failed on the compiler's register layouts (session 13). This
             (reads X_prev, y, dx_in, dX; writes dX_prev, dy: 3n+3)
 
 A program owns BC = 32 channels of all n streams and walks its tokens in tiles of BT = 64. A TMA loader warp fills a
-ring of three slots, each the tile's 2n+2 stream boxes plus its per-token data (the coefficients packed a token a
-row, dp for the G dot, dp's bf16 hi / lo halves for the dphi dot). Two mixing warpgroups take the slots in turn:
+ring of slots (three with one mixing warpgroup, two with two: ``stages_for``), each the tile's 2n+2 stream boxes
+plus its per-token data (the coefficients packed a token a row, dp for the G dot, dp's bf16 hi / lo halves for the
+dphi dot). Two mixing warpgroups take the slots in turn:
 G_i = dp phi_i^T is a tf32 wgmma whose accumulator layout every other tile is loaded in (no tile changes layout);
 X_i, rebuilt as the forward rounded it, goes into G and over dX_i's tile, already read; then the dH partials, and
 dX_prev / dy leave by TMA stores from the X_prev / y tiles. A fourth warpgroup keeps dphi^T's n [2 MP, BC]
@@ -77,10 +78,20 @@ def smem_bytes(n: int, stages: int) -> int:
     return stages * slot + n * BC * MP * 4
 
 
-def stages_for(n: int, stages: int = 0) -> int | None:
-    """``stages`` slots, or as many as fit (at most 3); None when two do not fit."""
+def stages_for(n: int, stages: int = 0, mixers: int = 1) -> int | None:
+    """``stages`` slots, or as many as fit (at most 3, and a multiple of ``mixers``); None when two do not fit.
+
+    The mixers take the tiles in turn, so each waits on a slot whose previous tile was another's. A parity wait
+    tells only two phases apart: on a ring whose slot count is no multiple of the mixers, a mixer can pass its
+    wait on that previous tile's phase when loads land out of order, read the wrong tile and release the slot
+    early (tests/test_ring_protocol.py models it; a kernel built that way hung on an H200 in session 25). With
+    two mixers the ring therefore has two slots, each always serving the same mixer: session 23 measured two
+    slots 1.4-2.3 % slower than three, which its timings used."""
+    if stages and stages % mixers:
+        raise ValueError(f"mhc gluon step_grads: {stages} slots for {mixers} mixers taking tiles in turn; the "
+                         "slot count must be a multiple of the mixers (even for two)")
     st = stages or 3
-    while not stages and st > 2 and smem_bytes(n, st) > _SMEM:
+    while not stages and st > 2 and (smem_bytes(n, st) > _SMEM or st % mixers):
         st -= 1
     return st if st >= 2 and smem_bytes(n, st) <= _SMEM else None
 
@@ -361,8 +372,10 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     global LAUNCHES
     t, n, c = x_prev.shape
     m = phi.shape[1]
-    st = stages_for(n, stages)
-    if mixers not in (1, 2) or st is None or c % BC or n > 4:
+    if mixers not in (1, 2):
+        raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
+    st = stages_for(n, stages, mixers)
+    if st is None or c % BC or n > 4:
         raise ValueError(f"mhc gluon step_grads: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
                          f"{mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
     dev = x_prev.device

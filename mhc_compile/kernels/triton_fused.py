@@ -69,7 +69,8 @@ class StepBwdCfg:
     kernels/gluon_step_bwd.py (two passes, 4n+5 elements of C a token, instead of three, 8n+5), where
     ``gluon_step_bwd.supported`` says it runs (sm_90, bf16, n <= 4, C a multiple of 32); elsewhere the three passes.
     Off by default: on an H200 it ran within -7 .. +5 % of the three passes (session 23; the module says why).
-    ``stages``: its ring's slots (0: as many as fit, at most 3); ``mixers``: mixing warpgroups (1 or 2) taking the
+    ``stages``: its ring's slots (0: as many as fit, at most 3, a multiple of ``mixers``: gluon_step_bwd.stages_for
+    says why); ``mixers``: mixing warpgroups (1 or 2) taking the
     token tiles in turn; ``mix_regs`` / ``dphi_regs``: registers a thread of a mixing warpgroup (the second one's)
     / of the dphi warpgroup (at 192 / 104 the Triton 3.6 sm_90a build spills in no loop:
     benchmarks/gluon_step_bwd_check.py --build)."""

@@ -240,6 +240,18 @@ class FusedBwdCfg:
     # register layout change before the store. H200 (session11 results): 971 vs 996 us at 32768 x 4096 (85 vs
     # 83 % of copy bandwidth), 468 vs 495 at 8192 x 7168; in the d = 7168 step 524 vs 556 us a call
     tma: bool = True
+    # bf16 on sm_90: the warp-specialized Gluon kernel (kernels/gluon_proj_bwd.py): a TMA loader warp with a ring of
+    # three or four slots, ws_mixers dx warpgroups (each a half of every tile) and a dphi warpgroup. Off: its first
+    # build (dx warpgroups taking whole tiles in turn) matched the reference at eight shapes on an H200 and hung at
+    # 32768 x 4096 (a parity-wait race: tests/test_ring_protocol.py); this build compiles for sm_90a and passes the
+    # protocol model but has not run on a GPU yet (benchmarks/results/session25-2026-12-04-h200.md)
+    ws: bool = False
+    ws_mixers: int = 2
+
+    def __post_init__(self):
+        if self.ws_mixers not in (1, 2):
+            raise ValueError(f"mhc FusedBwdCfg: ws_mixers={self.ws_mixers}; the Gluon proj backward runs 1 or 2 dx "
+                             "warpgroups")
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,

@@ -1,0 +1,256 @@
+"""proj's one-pass backward as a Gluon kernel (kernels/gluon_proj_bwd.py): sm_90a builds here, checks and times on a GPU.
+
+    PYTHONPATH=. python benchmarks/gluon_proj_bwd_check.py --build    # no GPU: sm_90a builds, resources
+    PYTHONPATH=. python benchmarks/gluon_proj_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
+
+On the GPU: at every check shape, (dx, dphi) of the Gluon kernel against the float64 reference (``reference.
+proj_pre_backward`` / ``proj_backward``), beside the Triton kernel's errors (the bar to meet), with and without
+dout and acc, x broadcast over its streams (a chain's head), and dx written over acc (``out=acc``, as
+passes/inplace_stream_grads.py asks: bit-equal to the call without ``out``). Then, interleaved in rounds, the
+Triton kernel and the Gluon kernel (with two and with one dx warpgroup) at the issue's shapes, with and without
+acc, each as the op runs it (its host-side packing included) and the Gluon launch alone; efficiency is bytes over
+time and the copy bandwidth measured in the same run. A check that fails is reported and nothing is timed; the
+exit status says whether all passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mhc_compile.kernels import gluon_proj_bwd as gp  # noqa: E402
+from mhc_compile.kernels import reference as ref  # noqa: E402
+
+SMEM_LIMIT = 232448  # bytes of shared memory an H100 / H200 block may take
+# (T, n, C, dout given, acc given, x broadcast over its streams)
+CHECKS = [(1000, 4, 2048, True, True, False), (4099, 4, 4096, True, True, False), (333, 2, 1024, True, False, False),
+          (200, 1, 256, False, False, False), (777, 3, 512, True, True, False), (1000, 4, 768, True, False, True),
+          (8192, 4, 7168, True, True, False), (100, 4, 1024, False, True, False)]
+TIMES = [(32768, 4, 4096), (8192, 4, 7168), (32768, 4, 7168), (8192, 4, 4096)]
+
+
+def build() -> int:
+    """sm_90a builds at n = 4, C = 512, with and without acc and dout, two and one dx warpgroups (registers,
+    spilled bytes, shared memory, opcodes in the loops); non-zero if one spills in a loop or does not fit."""
+    import triton
+
+    from benchmarks import sm90_build
+
+    failed = 0
+    t, n, c = 256, 4, 512
+    m = ref.num_coeffs(n)
+    x, g = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
+    dp, phi = torch.zeros(t, m), torch.zeros(n * c, m)
+    hl, coefs = torch.zeros(2 * gp.MP, t, dtype=torch.bfloat16), torch.zeros(t, gp.CW)
+    for has_pre, has_acc, mixers in ((True, True, 2), (True, True, 1), (True, False, 2), (False, False, 2)):
+        st = gp.stages_for(has_pre, has_acc)
+        with sm90_build.cpu_target(90):
+            built = gp._proj_bwd_ws_kernel.warmup(
+                *gp.descriptors(x, False, g if has_pre else None, x if has_acc else None, gp.pad_cols(dp, gp.MP), hl,
+                                coefs, gp.pad_cols(phi, gp.MP), x, t, n, c),
+                torch.zeros(1, 2 * gp.MP, n * c), t, c, t, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=False,
+                BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
+                MIX_REGS=192, DPHI_REGS=104, num_warps=4, grid=(n * c // gp.BK, 1))
+        regs, spill = sm90_build.resources(built)
+        smem = built.metadata.shared
+        loop = sm90_build.opcode_counts(sm90_build.main_loop(sm90_build.sass(built)),
+                                        ("HGMMA", "UTMALDG", "UTMASTG", "SYNCS", "BAR.SYNC", "LDL", "STL"))
+        ok = spill <= 8 and loop["LDL"] <= 1 and loop["STL"] == 0 and smem <= SMEM_LIMIT and loop["HGMMA"] > 0
+        failed += not ok
+        print(f"pre={has_pre} acc={has_acc} mixers={mixers}: triton {triton.__version__} stages={st} regs={regs} "
+              f"spill={spill} smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
+    return int(failed > 0)
+
+
+def _inputs(t, n, c, has_pre, has_acc, bcast, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev, bf = "cuda", torch.bfloat16
+
+    def r(*shape, scale=1.0, dtype=torch.float32):
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
+
+    m = ref.num_coeffs(n)
+    x = r(t, 1, c, dtype=bf).expand(t, n, c) if bcast else r(t, n, c, dtype=bf)
+    return dict(x=x, phi=r(n * c, m, scale=(n * c) ** -0.5), dp=r(t, m), dsq=r(t, scale=0.1),
+                h_pre=torch.sigmoid(r(t, n)) if has_pre else None, dout=r(t, c, dtype=bf) if has_pre else None,
+                acc=r(t, n, c, dtype=bf) if has_acc else None)
+
+
+def _reference(v):
+    d = {k: (a.double() if a is not None else None) for k, a in v.items()}
+    x = d["x"].contiguous()
+    if d["h_pre"] is None:
+        dx, dphi = ref.proj_backward(x, d["phi"], d["dp"], d["dsq"])
+        if d["acc"] is not None:
+            dx = dx + d["acc"]
+        return dx, dphi
+    return ref.proj_pre_backward(x, d["phi"], d["dp"], d["dsq"], d["h_pre"], d["dout"], d["acc"])
+
+
+def _triton(v, out=None):
+    from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    with tk.tuning("proj_dx_dphi", ws=False):
+        return tpb.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"],
+                              tk._cfg("proj_dx_dphi"), out=out)
+
+
+def _gluon(v, out=None, **kw):
+    return gp.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"], out=out, **kw)
+
+
+def check(t, n, c, has_pre, has_acc, bcast, lines) -> bool:
+    v = _inputs(t, n, c, has_pre, has_acc, bcast, seed=t + n + c)
+    want = _reference(v)
+    tri = _triton(v)
+    before = gp.LAUNCHES
+    got = _gluon(v)
+    ran = gp.LAUNCHES > before
+    ok = ran
+    name = f"{t}x{n}x{c}{' dout' if has_pre else ''}{' acc' if has_acc else ''}{' bcast' if bcast else ''}"
+    for what, w, a, b in zip(("dx", "dphi"), want, tri, got):
+        scale = w.abs().max().item() or 1.0
+        et = (a.double() - w).abs().max().item() / scale
+        eg = (b.double() - w).abs().max().item() / scale
+        good = eg <= max(2 * et, 1e-5) and torch.isfinite(b).all().item() and b.shape == w.shape
+        ok &= good
+        lines.append(f"| {name} | {what} | {et:.2e} | {eg:.2e} | {'ok' if good else 'FAIL'} |")
+    one = _gluon(v, mixers=1)
+    same1 = all(torch.equal(a, b) for a, b in zip(one, got))
+    ok &= same1
+    lines.append(f"| {name} | one dx warpgroup: the same outputs | | | {'ok' if same1 else 'FAIL'} |")
+    if has_acc:  # dx written over acc, as inplace_stream_grads asks: the same outputs
+        w = dict(v, acc=v["acc"].clone())
+        inplace = _gluon(w, out=w["acc"])
+        same = inplace[0].data_ptr() == w["acc"].data_ptr() and all(torch.equal(a, b) for a, b in zip(inplace, got))
+        ok &= same
+        lines.append(f"| {name} | out = acc: the same outputs, in place | | | {'ok' if same else 'FAIL'} |")
+    lines.append(f"| {name} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
+    print("\n".join(lines[-(4 + has_acc):]), flush=True)
+    return ok
+
+
+def times(shapes, lines, rounds: int = 3, saved=lambda: None) -> None:
+    import triton.testing
+
+    from benchmarks.bench_kernels import copy_bandwidth
+
+    bw = copy_bandwidth("cuda")
+    lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
+    lines.append("| T x C | acc | round | Triton us (eff) | Gluon, 2 dx warpgroups (eff) | Gluon, 1 (eff) | Gluon "
+                 "launch alone (eff) |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for t, n, c in shapes:
+        for has_acc in (True, False):
+            v = _inputs(t, n, c, True, has_acc, False, seed=1)
+            nbytes = ((2 + has_acc) * n * c + c) * t * 2  # X, dX, acc; dout once
+
+            def tri():
+                return _triton(v)
+
+            def two():
+                return _gluon(v)
+
+            def one():
+                return _gluon(v, mixers=1)
+
+            # the launch alone: the host-side packing done once, outside the timed call
+            dp32 = v["dp"].float().contiguous()
+            hl = gp.split_dp_t(dp32, gp.MP)
+            coefs = gp.pack_coefs(v["dsq"], v["h_pre"])
+            dx = torch.empty_like(v["x"])
+            kblocks = n * c // gp.BK
+            splits, t_split = gp.plan_splits(t, kblocks, dx.device)
+            dphi_t = torch.empty((splits, 2 * gp.MP, n * c), dtype=torch.float32, device="cuda")
+            descs = gp.descriptors(v["x"], False, v["dout"], v["acc"], gp.pad_cols(dp32, gp.MP), hl, coefs,
+                                   gp.pad_cols(v["phi"], gp.MP), dx, t, n, c)
+            st = gp.stages_for(True, has_acc)
+
+            def alone():
+                gp._proj_bwd_ws_kernel[(kblocks, splits)](
+                    *descs, dphi_t, t, c, t_split, N=n, HAS_PRE=True, HAS_ACC=has_acc, X_BCAST=False, BT=gp.BT,
+                    BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=2, MIX_REGS=192,
+                    DPHI_REGS=104, num_warps=4)
+
+            for rnd in range(rounds):
+                us = []
+                for f in (tri, one, two, alone):  # a line a timing: a run cut short says where it stopped
+                    us.append(triton.testing.do_bench_cudagraph(f, rep=200) * 1e3)
+                    print(f"  {t}x{c} acc={has_acc} {f.__name__}: {us[-1]:.1f} us", flush=True)
+                us = [us[0], us[2], us[1], us[3]]
+                cells = " | ".join(f"{u:.1f} ({100 * nbytes / (u * 1e-6) / bw:.1f} %)" for u in us)
+                lines.append(f"| {t}x{c} | {has_acc} | {rnd} | {cells} |")
+                print(lines[-1], flush=True)
+                saved()
+            del v, descs, dx, dphi_t
+
+
+def probe() -> int:
+    """Each call synchronised and printed as it ends, T growing at C = 4096, then T = 32768 cut into splits of
+    fewer tiles: where a call never ends, the last line says which."""
+    import time
+
+    for t, splits, mixers in ((4096, None, 1), (8192, None, 1), (8192, 1, 1), (16384, 1, 1), (32768, 8, 1),
+                              (32768, 4, 1), (32768, 2, 1), (32768, 1, 1), (32768, None, 2)):
+        v = _inputs(t, 4, 4096, True, True, False, seed=1)
+        start = time.time()
+        _gluon(v, mixers=mixers, splits=splits)
+        torch.cuda.synchronize()
+        print(f"T={t} splits={splits} mixers={mixers}: {time.time() - start:.2f} s", flush=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
+    ap.add_argument("--out", default=None, help="folder for the results file (GPU mode)")
+    ap.add_argument("--no-times", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="one call a shape, synchronised, growing T (finds a hang)")
+    ap.add_argument("--no-checks", action="store_true", help="time only (after a run whose checks passed)")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if args.build:
+        return build()
+    if args.probe:
+        return probe()
+    if not torch.cuda.is_available():
+        print("gluon_proj_bwd_check: no CUDA device (use --build on a CPU machine)")
+        return 2
+    import triton
+
+    lines = [f"# gluon_proj_bwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch "
+             f"{torch.__version__}, triton {triton.__version__}\n",
+             "Errors: max |out - reference| / max |reference|, the reference in float64.\n",
+             "| shape | output | Triton kernel | Gluon kernel | |", "|---|---|---|---|---|"]
+    ok = True
+    for shape in ([] if args.no_checks else CHECKS):
+        try:
+            ok &= check(*shape, lines)
+        except Exception as exc:  # report and go on: the other shapes still say something
+            ok = False
+            lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
+            print(lines[-1], flush=True)
+    save(args.out, lines)
+    if ok and not args.no_times:
+        times(TIMES, lines, args.rounds, lambda: save(args.out, lines))
+    save(args.out, lines)
+    return 0 if ok else 1
+
+
+def save(out, lines) -> None:
+    """The results so far (each timed row is saved as it lands: a run cut short keeps what it measured)."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "gluon_proj_bwd_check.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""proj's one-pass backward as a warp-specialized Gluon kernel for Hopper (sm_90): a TMA loader warp, dx warpgroups
+and a dphi warpgroup.
+
+    dx     = dp phi^T + 2 dsq X + h_pre[:, i] dout (+ acc)        stored, rounded once
+    dphi  += [dp_hi; dp_lo]^T X                                   hi / lo halves summed on the host
+
+The Triton kernel (``triton_proj_bwd._proj_dx_dphi_kernel``) runs two programs an SM, each with one X / dout / acc
+buffer a pipeline stage and two stages, so a tile's loads are issued only when the tile before it is done. In
+Nsight Compute 35 % of its stall samples sit on the wait for those loads (session 20), and it runs at 83-86 % of
+copy bandwidth at 32768 x 4096 (the issue's target is 85 %). Triton's pipeliner cannot go deeper: a third stage
+does not fit two programs an SM, and one program an SM with more stages ran slower (``lab_dx_dphi.SWEEP``).
+
+Here one program an SM owns a block of BK = 128 columns of one stream (256-byte rows, read as two 64-channel TMA
+boxes: session 21 measured 128-byte rows costing 9 points against 256) and walks its tokens in tiles of BT = 64:
+
+- the loader warp fills a ring of three slots (four without acc), each holding the tile's X, dout and acc boxes,
+  dp [BT, MP] in fp32 (the A operand of the tf32 dx dot), dp^T's bf16 hi / lo rows (the A operand of the dphi dot)
+  and the packed per-token coefficients (h_pre, dsq);
+- the dx warpgroups each take one 64-column half of every tile (or one takes both): dx = dp phi^T (tf32 wgmma;
+  phi's [BK, MP] tile is loaded once), then
+  the elementwise terms read straight from the slot in the dot's accumulator layout (no tile changes layout), dx
+  written over the acc tile (or dout's, or a tile of its own where neither is read) and stored by TMA;
+- the dphi warpgroup keeps the [2 MP, BK] accumulator of dphi^T in registers for all of the program's tokens and
+  adds [dp_hi; dp_lo]^T X for every tile as soon as the slot lands (bf16 wgmma; X enters as loaded);
+- a slot is free once the dx warpgroups' TMA stores have read it and the dphi warpgroup's wgmmas have completed.
+
+The arithmetic is the Triton kernel's: the same dots in the same precisions, the elementwise terms added in its
+order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg.ws`` turns it on and
+``supported`` says where it runs; elsewhere the Triton kernel runs. Gluon does not run under ``TRITON_INTERPRET=1``:
+the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
+with the reference on an sm_90 GPU and times it beside the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels.tma import tma_ok
+from mhc_compile.kernels.triton_proj_bwd import split_dp_t
+
+try:  # Gluon: Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+AVAILABLE = gluon is not None
+LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel ran
+BT, BK, XB, MP = 64, 128, 64, 32  # tokens a tile (wgmma: 16 rows a warp), columns a program, a TMA box's, dp padded
+CW = 8  # packed coefficient columns: h_pre at 0 .. n-1, dsq at DSQ (32-byte rows, as TMA wants)
+DSQ = 4
+_SMEM = 226 * 1024
+
+
+def smem_bytes(stages: int, has_pre: bool, has_acc: bool) -> int:
+    """A slot: X, dout (has_pre), acc (has_acc) or dx's own tile (neither) as [BT, BK] bf16, dp [BT, MP] fp32, dp^T's
+    hi / lo rows [2 MP, BT] bf16 and the coefficients [BT, CW] fp32; plus phi's [BK, MP] fp32 tile, loaded once."""
+    tiles = 1 + has_pre + has_acc + (not (has_pre or has_acc))
+    slot = tiles * BT * BK * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
+    return stages * slot + BK * MP * 4
+
+
+def stages_for(has_pre: bool, has_acc: bool, stages: int = 0) -> int | None:
+    """``stages`` slots, or as many as fit (at most 4); None when two do not fit."""
+    st = stages or 4
+    while not stages and st > 2 and smem_bytes(st, has_pre, has_acc) > _SMEM:
+        st -= 1
+    return st if st >= 2 and smem_bytes(st, has_pre, has_acc) <= _SMEM else None
+
+
+def supported(x: Tensor, n: int, c: int, *others: Tensor) -> bool:
+    """Whether the kernel can run the call: Gluon, an sm_90 GPU, bf16 streams (``others``: dout, acc, the output
+    too) that TMA can address, n <= 4 (dp's 2n + n^2 coefficients fit MP = 32) and C a multiple of BK (no block
+    crosses a stream)."""
+    return (AVAILABLE and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+            and tma_ok(x, *others) and 1 <= n <= 4 and c % BK == 0)
+
+
+def pack_coefs(dsq: Tensor, h_pre: Tensor | None) -> Tensor:
+    """fp32 [T, CW], a token a row: h_pre[:, i] at column i (when given), dsq at DSQ, zeros elsewhere."""
+    t = dsq.shape[0]
+    out = torch.zeros((t, CW), dtype=torch.float32, device=dsq.device)
+    if h_pre is not None:
+        out[:, :h_pre.shape[1]] = h_pre
+    out[:, DSQ] = dsq
+    return out
+
+
+def pad_cols(v: Tensor, width: int) -> Tensor:
+    """fp32 [R, width] over v [R, M]: v itself where its rows already suit TMA (M * 4 bytes a multiple of 16; the
+    descriptor's [.., width] boxes then read columns past M as zeros), else a zero-padded copy."""
+    v = v.float().contiguous()
+    if (v.shape[1] * 4) % 16 == 0 and v.data_ptr() % 16 == 0:
+        return v
+    out = torch.zeros((v.shape[0], width), dtype=torch.float32, device=v.device)
+    out[:, :v.shape[1]] = v
+    return out
+
+
+if AVAILABLE:
+    _LOADER_REGS = gl.constexpr(40)  # the loader warp computes coordinates only
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.6's names
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _warps_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6's name; later ones: barrier
+
+    @gluon.jit
+    def _loader(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs, phis, ready,
+                empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
+                BT: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: phi's tile once, then for each token tile, once its slot is free, the slot's boxes (the two
+        halves of each [BT, BK] tile back to back: one 256-byte run of each row)."""
+        mbarrier.expect(phi_ready, 2 * XB * MP * 4)
+        for h in gl.static_range(2):
+            _tma_load(w_desc, [k0 + h * XB, 0], phi_ready, phis.index(h))
+        tiles: gl.constexpr = 1 + HAS_PRE + HAS_ACC
+        nbytes: gl.constexpr = tiles * 2 * BT * XB * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            t0 = t_lo + it * BT
+            for h in gl.static_range(2):
+                _tma_load(x_desc, [t0, xcol + h * XB], bar, xs[h].index(s))
+            if HAS_ACC:
+                for h in gl.static_range(2):
+                    _tma_load(a_desc, [t0, k0 + h * XB], bar, accs[h].index(s))
+            if HAS_PRE:
+                for h in gl.static_range(2):
+                    _tma_load(g_desc, [t0, c0 + h * XB], bar, gs[h].index(s))
+            _tma_load(p_desc, [t0, 0], bar, dps.index(s))
+            _tma_load(l_desc, [0, t0], bar, hls.index(s))
+            _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
+
+    @gluon.jit
+    def _waited(done, N: gl.constexpr):
+        """warpgroup_mma_wait's results as a tuple (it returns one tensor, not a 1-tuple, for one dependency)."""
+        if N == 1:
+            done = (done,)
+        return done
+
+    @gluon.jit
+    def _col(coefs, s, k: gl.constexpr, layout: gl.constexpr):
+        """Coefficient column k of slot s's tokens as [BT, 1] in the tiles' layout (broadcast along columns)."""
+        return coefs.index(s).slice(k, 1, 1).load(layout)
+
+    @gluon.jit
+    def _dx(o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+            N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, BT: gl.constexpr, XB: gl.constexpr,
+            DSQ: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
+            num_warps: gl.constexpr):
+        """dx warpgroup FIRST of MIXERS: halves FIRST, FIRST + MIXERS, ... of every tile. A half: the tf32 dot's
+        accumulator, + 2 dsq X, + h_pre dout, + acc (the Triton kernel's order), rounded once into ``os`` (a tile
+        of the slot already read) and stored by TMA.
+
+        Every warpgroup takes every tile, so each waits on every slot in order. Warpgroups that took whole tiles
+        in turn would wait on a slot whose previous tile was the other's: a parity wait tells only two phases
+        apart, so with an odd number of slots a warpgroup could pass on the previous tile's phase (loads land out
+        of order) and release the slot early. A build that did hung on an H200 at 512 tiles a program."""
+        L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, XB, 8])  # the tf32 dx dot's (k = 8)
+        zero = gl.zeros([BT, XB], gl.float32, L)
+        mbarrier.wait(phi_ready, 0)
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            ds = ()
+            for h in gl.static_range(FIRST, 2, MIXERS):
+                ds = ds + (warpgroup_mma(dps.index(s), phis.index(h).permute((1, 0)), zero, use_acc=False,
+                                         is_async=True),)
+            ds = _waited(warpgroup_mma_wait(num_outstanding=0, deps=ds), 2 // MIXERS)
+            dsq2 = 2.0 * _col(coefs, s, DSQ, L)
+            hp = dsq2 * 0.0
+            if HAS_PRE:  # the block lies in stream i0: its h_pre column
+                for i in gl.static_range(N):
+                    hp = gl.where(i0 == i, _col(coefs, s, i, L), hp)
+            for u in gl.static_range(2 // MIXERS):  # half FIRST + u * MIXERS
+                d = ds[u] + dsq2 * xs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
+                if HAS_PRE:
+                    d += hp * gs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
+                if HAS_ACC:
+                    d += accs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
+                os[FIRST + u * MIXERS].index(s).store(d.to(gl.bfloat16))
+            fence_async_shared()
+            _warps_barrier()  # every warp's dx stores, before one thread issues the TMA stores
+            t0 = t_lo + it * BT
+            for h in gl.static_range(FIRST, 2, MIXERS):
+                _tma_store(o_desc, [t0, k0 + h * XB], os[h].index(s))
+            tma.store_wait(0)  # the stores have read the slot
+            mbarrier.arrive(empty.index(s), count=1)
+
+    @gluon.jit
+    def _dphi(dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, BT: gl.constexpr, XB: gl.constexpr,
+              MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """The dphi warpgroup: dphi^T [2 MP, BK] += [dp_hi; dp_lo]^T X for every tile (bf16 wgmmas, X as loaded),
+        in registers for all of the program's tokens; written to dphi_ptr[part] ([2 MP, K]) at the end."""
+        LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, XB, 16])
+        acc0 = gl.zeros([2 * MP, XB], gl.float32, LD)
+        acc1 = gl.zeros([2 * MP, XB], gl.float32, LD)
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            acc0 = warpgroup_mma(hls.index(s), xs[0].index(s), acc0, is_async=True)
+            acc1 = warpgroup_mma(hls.index(s), xs[1].index(s), acc1, is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+            mbarrier.arrive(empty.index(s), count=1)
+        prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD)).to(gl.int64)
+        pcol = k0 + gl.arange(0, XB, gl.SliceLayout(0, LD))
+        pbase = dphi_ptr + part.to(gl.int64) * (2 * MP) * K + prow[:, None] * K
+        gl.store(pbase + pcol[None, :], acc0)
+        gl.store(pbase + (XB + pcol)[None, :], acc1)
+
+    @gluon.jit(do_not_specialize=["T"])
+    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, T, C,
+                            T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
+                            X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, XB: gl.constexpr,
+                            MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr,
+                            MIXERS: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
+                            num_warps: gl.constexpr):
+        """Program (K block of BK columns, token split). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]), a_desc /
+        o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
+        [BT, MP]; l_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; c_desc: the packed
+        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]. Absent operands (HAS_PRE, HAS_ACC off) are
+        placeholders never read. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT."""
+        K = N * C
+        k0 = gl.program_id(0) * BK
+        part = gl.program_id(1)
+        i0 = k0 // C  # the block's stream, and its first channel
+        c0 = k0 - i0 * C
+        if X_BCAST:
+            xcol = c0
+        else:
+            xcol = k0
+        t_lo = part * T_SPLIT
+        n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
+        # one allocation a role and half: the compiler's shared-memory hazard analysis puts a barrier between any
+        # two accesses of one allocation that another thread might overlap (gluon_step_bwd.py)
+        xs = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
+              gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout))
+        if HAS_PRE:
+            gs = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
+                  gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout))
+        else:
+            gs = xs
+        if HAS_ACC:
+            accs = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
+                    gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout))
+            os = accs  # dx goes over the acc tile it has just read
+        elif HAS_PRE:
+            accs = xs
+            os = gs
+        else:
+            accs = xs
+            os = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
+                  gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout))
+        dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
+        hls = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * MP, BT], l_desc.layout)
+        coefs = gl.allocate_shared_memory(gl.float32, [STAGES, BT, CW], c_desc.layout)
+        phis = gl.allocate_shared_memory(gl.float32, [2, XB, MP], w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        phi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=MIXERS + 1)  # the dx warpgroups and the dphi warpgroup
+        mbarrier.init(phi_ready, count=1)
+        # the first dx warpgroup is the default partition (it gets the registers the others leave)
+        if MIXERS == 1:
+            gl.warp_specialize([
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, num_warps)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, BT, XB, MP, STAGES, 4)),
+                (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
+                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
+                           MP, CW, STAGES)),
+            ], [4, 1], [DPHI_REGS, _LOADER_REGS])
+        else:
+            gl.warp_specialize([
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, num_warps)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, BT, XB, MP, STAGES, 4)),
+                (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
+                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
+                           MP, CW, STAGES)),
+            ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
+        mbarrier.invalidate(phi_ready)
+
+
+def _desc(v: Tensor, shape, strides, block, dtype) -> "TensorDescriptor":
+    """A TMA descriptor of ``shape`` over v's memory, with the swizzle TMA and wgmma agree on."""
+    layout = gl.NVMMASharedLayout.get_default_for(list(block), dtype)
+    return TensorDescriptor(v, list(shape), list(strides), list(block), layout)
+
+
+def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: int, n: int, c: int) -> tuple:
+    """The kernel's eight TMA descriptors (absent dout / acc: X's as a placeholder). dp and phi may have fewer
+    than MP columns (``pad_cols``): their boxes read the columns past M as zeros. dp's hi / lo rows are read as
+    [2 MP, T] though their rows are padded to T16: columns past T then read as zeros."""
+    bf, f32 = gl.bfloat16, gl.float32
+    k = n * c
+    xd = (_desc(x.select(-2, 0).reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if bcast
+          else _desc(x.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
+    gd = _desc(dout.reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if dout is not None else xd
+    ad = _desc(acc.reshape(t, k), (t, k), (k, 1), (BT, XB), bf) if acc is not None else xd
+    return (xd, gd, ad,
+            _desc(dp_pad, (t, dp_pad.shape[1]), (dp_pad.stride(0), 1), (BT, MP), f32),
+            _desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
+            _desc(coefs, (t, CW), (CW, 1), (BT, CW), f32),
+            _desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32),
+            _desc(dx.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
+
+
+def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:
+    """(splits, tokens a split, a multiple of BT): K blocks x splits that keep the SMs' one program each busiest
+    (``triton_ops._least_idle_splits``; a split costs one [2 MP, K] fp32 dphi partial, small beside the stream)."""
+    tiles = tk._cdiv(t, BT)
+    most = max(1, min(tiles, 8 * tk._num_sms(device) // max(kblocks, 1)))
+    splits = tk._least_idle_splits(kblocks, most, tk._num_sms(device))
+    t_split = tk._cdiv(tk._cdiv(t, splits), BT) * BT
+    return tk._cdiv(t, t_split), t_split
+
+
+def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
+               acc: Tensor | None, out: Tensor | None = None, *, stages: int = 0, mixers: int = 2,
+               mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
+    ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
+    or broadcast over its streams: ``triton_ops._stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
+    ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
+    by the same program)."""
+    global LAUNCHES
+    (x, bcast) = tk._stream_arg(x)
+    _, t, n, c = tk._stream_dims(x)
+    k, m = phi.shape
+    has_pre, has_acc = h_pre is not None, acc is not None
+    st = stages_for(has_pre, has_acc, stages)
+    if mixers not in (1, 2) or st is None or c % BK or not 1 <= n <= 4 or k != n * c:
+        raise ValueError(f"mhc gluon proj_grads: n = {n} (1 to 4), C = {c} (a multiple of {BK}), phi {tuple(phi.shape)}"
+                         f" (n*C rows), mixers = {mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
+    dev = x.device
+    dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out  # dense, x broadcast or not
+    dp32 = dp.reshape(t, m).float().contiguous()
+    hl = split_dp_t(dp32, MP)  # [2 MP, T16]: dp^T's hi rows, then its lo rows
+    coefs = pack_coefs(dsq.reshape(t).float(), h_pre.reshape(t, n).float() if has_pre else None)
+    dout = dout.contiguous() if has_pre else None
+    acc = acc.contiguous() if has_acc else None
+    kblocks = k // BK
+    if splits is None:
+        splits, t_split = plan_splits(t, kblocks, dev)
+    else:  # given (probes): whole tiles a split
+        t_split = tk._cdiv(tk._cdiv(t, splits), BT) * BT
+        splits = tk._cdiv(t, t_split)
+    dphi_t = torch.empty((splits, 2 * MP, k), dtype=torch.float32, device=dev)
+    LAUNCHES += 1
+    _proj_bwd_ws_kernel[(kblocks, splits)](
+        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), dphi_t, t,
+        c, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP, CW=CW, DSQ=DSQ,
+        STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
+    dphi = dphi_t.view(splits, 2, MP, k).sum((0, 1))[:m].t()
+    return dx, dphi.to(phi.dtype).contiguous()

@@ -1,0 +1,103 @@
+"""proj's one-pass backward as a warp-specialized Gluon kernel (kernels/gluon_proj_bwd.py, FusedBwdCfg.ws).
+
+Gluon kernels do not run under TRITON_INTERPRET=1, so here: the host-side packing the kernel reads, its slot
+budget, its sm_90a builds (a subprocess without the interpreter), the argument and config checks, and the fallback
+to the Triton kernel off sm_90. Its slot-ring protocol is checked on a model of the barriers in
+tests/test_ring_protocol.py. On an sm_90 GPU the last test runs benchmarks/gluon_proj_bwd_check.py, which compares
+the kernel's dx and dphi with the float64 reference at eight shapes (n = 1 to 4, ragged T, C up to 7168, with and
+without dout and acc, x broadcast over its streams, dx written over acc).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhc_compile.kernels import gluon_proj_bwd as gp
+from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels import triton_ops as tk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gluon_proj_bwd_check.py")
+
+
+def test_pack_coefs_puts_h_pre_and_dsq_in_their_columns():
+    t, n = 7, 3
+    g = torch.Generator().manual_seed(0)
+    h_pre, dsq = torch.randn(t, n, generator=g), torch.randn(t, generator=g)
+    packed = gp.pack_coefs(dsq, h_pre)
+    assert packed.shape == (t, gp.CW) == (t, 8) and packed.dtype == torch.float32  # 32-byte rows for TMA
+    assert torch.equal(packed[:, :n], h_pre) and torch.equal(packed[:, gp.DSQ], dsq)
+    assert not packed[:, n:gp.DSQ].any() and not packed[:, gp.DSQ + 1:].any()
+    alone = gp.pack_coefs(dsq, None)  # proj_backward: no pre term
+    assert torch.equal(alone[:, gp.DSQ], dsq) and not alone[:, :gp.DSQ].any()
+    assert gp.DSQ >= 4  # room for h_pre of n <= 4 streams before it
+
+
+def test_pad_cols_keeps_tma_ready_rows_and_pads_the_others():
+    g = torch.Generator().manual_seed(1)
+    dp4 = torch.randn(5, ref.num_coeffs(4), generator=g)  # 24 floats: 96-byte rows, a multiple of 16
+    assert gp.pad_cols(dp4, gp.MP).data_ptr() == dp4.data_ptr()  # read in place: its boxes read columns past M as 0
+    dp3 = torch.randn(5, ref.num_coeffs(3), generator=g)  # 15 floats: 60-byte rows, TMA cannot stride them
+    out = gp.pad_cols(dp3, gp.MP)
+    assert out.shape == (5, gp.MP) and torch.equal(out[:, :15], dp3) and not out[:, 15:].any()
+
+
+def test_slots_fit_shared_memory():
+    # with dout and acc a slot is three [64, 128] bf16 tiles (48 KB) + dp, its hi / lo rows, the coefficients
+    slot = 3 * 64 * 128 * 2 + 64 * 32 * 4 + 64 * 64 * 2 + 64 * 8 * 4
+    assert gp.smem_bytes(3, True, True) == 3 * slot + 128 * 32 * 4 <= gp._SMEM
+    assert gp.stages_for(True, True) == 3 and gp.stages_for(True, False) == 4 and gp.stages_for(False, False) == 4
+    assert gp.stages_for(True, True, stages=4) is None  # four slots with acc do not fit
+
+
+def test_argument_checks_name_the_problem():
+    x = torch.zeros(64, 4, 100, dtype=torch.bfloat16)  # C = 100: no multiple of the 128-column block
+    phi, dp, dsq = torch.zeros(400, 24), torch.zeros(64, 24), torch.zeros(64)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        gp.proj_grads(x, phi, dp, dsq, None, None, None)
+    with pytest.raises(ValueError, match="mixers = 3"):
+        gp.proj_grads(torch.zeros(64, 4, 128, dtype=torch.bfloat16), torch.zeros(512, 24), dp, dsq, None, None,
+                      None, mixers=3)
+    with pytest.raises(ValueError, match="ws_mixers=3"):
+        tk.configure("proj_dx_dphi", ws_mixers=3)
+
+
+def test_off_sm90_ws_runs_the_triton_kernel():
+    """FusedBwdCfg.ws on CPU tensors (the interpreter): the Triton kernel runs, with the values it gives without."""
+    g = torch.Generator().manual_seed(2)
+    t, n, c = 37, 4, 128
+    m = ref.num_coeffs(n)
+    x = torch.randn(t, n, c, generator=g).to(torch.bfloat16)
+    phi, dp, dsq = 0.1 * torch.randn(n * c, m, generator=g), torch.randn(t, m, generator=g), torch.randn(t, generator=g)
+    h_pre, dout = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g).to(torch.bfloat16)
+    acc = torch.randn(t, n, c, generator=g).to(torch.bfloat16)
+    assert not gp.supported(x, n, c)
+    want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+    before = gp.LAUNCHES
+    with tk.tuning("proj_dx_dphi", ws=True):
+        got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+    assert gp.LAUNCHES == before
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
+def test_builds_for_sm90_within_shared_memory_without_spills():
+    proc = _run("--build")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]
+    assert len(rows) == 4 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gp.AVAILABLE),
+                    reason="needs an sm_90 GPU (Gluon kernels do not run under the interpreter)")
+def test_matches_the_reference_on_an_sm90_gpu():
+    proc = _run("--no-times")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]

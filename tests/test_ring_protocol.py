@@ -1,0 +1,177 @@
+"""The slot-ring protocols of the warp-specialized Gluon kernels, on a model of Hopper's mbarriers.
+
+A TMA loader warp fills a ring of slots; consumer warpgroups wait on each slot's ``ready`` barrier with a phase
+*parity* and release it on ``empty``. A parity wait tells only two phases apart: it passes as soon as the phase of
+that parity last completed. So a consumer that waits on a slot two phases ahead of the barrier passes at once, on
+an older tile's phase, and one that waits on the wrong parity blocks for ever.
+
+The model: barriers with an arrival count, a transaction count and a completed-phase counter; the loader, the
+consumers and the in-flight TMA loads are steps that a random scheduler interleaves, loads landing in any order.
+A consumer that passes its wait checks that its slot holds the tile it waited for. Random schedules (seeded) of
+each kernel's protocol must show no early pass and no deadlock, and the two broken protocols that an H200 run of
+kernels/gluon_proj_bwd.py hit in session 25 must be caught (so the model can fail):
+
+- consumers taking whole tiles in turn on an odd number of slots (``gluon_step_bwd`` with three slots and two
+  mixers; the first build of ``gluon_proj_bwd``, which hung at 512 tiles a program);
+- a "fix" that waited for the slot's previous phase first (it deadlocks whenever the loader runs ahead).
+"""
+
+import random
+
+import pytest
+
+from mhc_compile.kernels import gluon_proj_bwd as gp
+from mhc_compile.kernels import gluon_step_bwd as gs
+
+
+class Barrier:
+    """An mbarrier: a phase completes when its arrivals reach ``count`` and its transaction bytes reach zero."""
+
+    def __init__(self, count: int):
+        self.count, self.arrived, self.tx, self.phases = count, 0, 0, 0
+
+    def passes(self, parity: int) -> bool:
+        return (self.phases & 1) != parity  # the phase of that parity is the last one completed
+
+    def arrive(self, expect_tx: int = 0) -> None:
+        self.arrived += 1
+        self.tx += expect_tx
+        self._complete()
+
+    def landed(self, nbytes: int) -> None:
+        self.tx -= nbytes
+        self._complete()
+
+    def _complete(self) -> None:
+        if self.arrived == self.count and self.tx == 0:
+            self.phases += 1
+            self.arrived = 0
+
+
+class Ring:
+    """``stages`` slots with ready / empty barriers, what each slot holds, and the errors seen."""
+
+    def __init__(self, stages: int, releases: int):
+        self.stages = stages
+        self.ready = [Barrier(1) for _ in range(stages)]
+        self.empty = [Barrier(releases) for _ in range(stages)]
+        self.holds = [None] * stages
+        self.in_flight = []  # (slot, tile) loads issued, not landed
+        self.errors = []
+
+
+def loader(ring: Ring, tiles: int):
+    for it in range(tiles):
+        s = it % ring.stages
+        if it >= ring.stages:
+            yield ring.empty[s], ((it // ring.stages) & 1) ^ 1
+        ring.ready[s].arrive(expect_tx=1)
+        ring.in_flight.append((s, it))
+
+
+def consumer(ring: Ring, name: str, mine, tiles: int, release=None, double_wait: bool = False):
+    """Waits on ``ready`` for each of its tiles (``mine``), checks the slot, then ``release(ring, s)`` (default:
+    arrive on ``empty``). ``double_wait``: first wait for the slot's previous phase (the broken fix)."""
+    for it in range(tiles):
+        if not mine(it):
+            continue
+        s = it % ring.stages
+        if double_wait and it >= ring.stages:
+            yield ring.ready[s], ((it // ring.stages) & 1) ^ 1
+        yield ring.ready[s], (it // ring.stages) & 1
+        if ring.holds[s] != it:
+            ring.errors.append(f"{name} passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+        (release or (lambda r, slot: r.empty[slot].arrive()))(ring, s)
+
+
+def run(ring: Ring, agents, seed: int) -> str:
+    """Interleaves the agents and the landing of loads at random; 'ok', 'early' or 'deadlock'."""
+    rng = random.Random(seed)
+    waiting = {}  # agent -> (barrier, parity) it waits on
+    live = list(agents)
+    for a in live:
+        waiting[a] = next(a, None)
+    while True:
+        live = [a for a in live if waiting[a] is not None]
+        runnable = [a for a in live if waiting[a][0].passes(waiting[a][1])]
+        if not runnable and not ring.in_flight:
+            return "deadlock" if live else ("early" if ring.errors else "ok")
+        if ring.in_flight and (not runnable or rng.random() < 0.5):
+            s, it = ring.in_flight.pop(rng.randrange(len(ring.in_flight)))  # any load may land first
+            ring.holds[s] = it
+            ring.ready[s].landed(1)
+        else:
+            a = rng.choice(runnable)
+            waiting[a] = next(a, None)
+
+
+def proj_bwd_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
+    """kernels/gluon_proj_bwd.py: every dx warpgroup and the dphi warpgroup take every tile (empty: mixers + 1)."""
+    ring = Ring(stages, mixers + 1)
+    agents = [loader(ring, tiles)] + [consumer(ring, f"dx{w}", lambda it: True, tiles) for w in range(mixers)]
+    return ring, agents + [consumer(ring, "dphi", lambda it: True, tiles)]
+
+
+def alternate_protocol(stages: int, mixers: int, tiles: int, double_wait: bool = False) -> tuple[Ring, list]:
+    """Consumers taking whole tiles in turn (kernels/gluon_step_bwd.py's mixers), each slot also read by one
+    in-order warpgroup after its mixer (the dphi warpgroup, on the ``mixed`` barriers); empty: 2."""
+    ring = Ring(stages, 2)
+    mixed = [Barrier(1) for _ in range(stages)]
+
+    def hand_over(r, s):
+        mixed[s].arrive()
+        r.empty[s].arrive()
+
+    def dphi():
+        for it in range(tiles):
+            s = it % stages
+            yield mixed[s], (it // stages) & 1
+            ring.empty[s].arrive()
+
+    agents = [loader(ring, tiles), dphi()]
+    agents += [consumer(ring, f"mixer{w}", (lambda it, w=w: it % mixers == w), tiles, hand_over, double_wait)
+               for w in range(mixers)]
+    return ring, agents
+
+
+def outcomes(make, seeds: int = 300) -> set:
+    out = set()
+    for seed in range(seeds):
+        ring, agents = make()
+        out.add(run(ring, agents, seed))
+    return out
+
+
+@pytest.mark.parametrize("stages,mixers", [(2, 1), (3, 1), (3, 2), (4, 2), (4, 1)])
+def test_proj_bwd_ring_never_passes_early_or_deadlocks(stages, mixers):
+    assert outcomes(lambda: proj_bwd_protocol(stages, mixers, 24)) == {"ok"}
+
+
+def test_proj_bwd_kernel_uses_the_modelled_protocol():
+    # the kernel's slot counts: three with dout and acc, four otherwise; its dx warpgroups: 1 or 2 (FusedBwdCfg)
+    assert gp.stages_for(True, True) == 3 and gp.stages_for(True, False) == 4 and gp.stages_for(False, False) == 4
+
+
+def test_tiles_in_turn_on_an_odd_ring_pass_early():
+    """The model catches the bug: two consumers taking tiles in turn on three slots read a slot too early."""
+    assert "early" in outcomes(lambda: alternate_protocol(3, 2, 24))
+
+
+def test_waiting_for_the_previous_phase_first_deadlocks():
+    assert "deadlock" in outcomes(lambda: alternate_protocol(3, 2, 24, double_wait=True))
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_tiles_in_turn_on_an_even_ring_are_safe(stages):
+    assert outcomes(lambda: alternate_protocol(stages, 2, 24)) == {"ok"}
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_step_bwd_rings_are_even_for_two_mixers(n):
+    """kernels/gluon_step_bwd.py's mixers take tiles in turn: with two, its ring has an even number of slots."""
+    for mixers in (1, 2):
+        st = gs.stages_for(n, mixers=mixers)
+        assert st is not None and st % mixers == 0
+        assert outcomes(lambda: alternate_protocol(st, mixers, 24), seeds=100) == {"ok"}
+    with pytest.raises(ValueError, match="even"):
+        gs.stages_for(n, 3, mixers=2)
