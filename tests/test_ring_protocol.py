@@ -134,6 +134,14 @@ def alternate_protocol(stages: int, mixers: int, tiles: int, double_wait: bool =
     return ring, agents
 
 
+def first_build_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
+    """gluon_proj_bwd's first build: dx warpgroups taking whole tiles in turn and the dphi warpgroup every tile, all
+    on ``ready``; empty: 2 (the tile's dx warpgroup and the dphi warpgroup)."""
+    ring = Ring(stages, 2)
+    agents = [loader(ring, tiles), consumer(ring, "dphi", lambda it: True, tiles)]
+    return ring, agents + [consumer(ring, f"dx{w}", (lambda it, w=w: it % mixers == w), tiles) for w in range(mixers)]
+
+
 def outcomes(make, seeds: int = 300) -> set:
     out = set()
     for seed in range(seeds):
@@ -155,6 +163,12 @@ def test_proj_bwd_kernel_uses_the_modelled_protocol():
 def test_tiles_in_turn_on_an_odd_ring_pass_early():
     """The model catches the bug: two consumers taking tiles in turn on three slots read a slot too early."""
     assert "early" in outcomes(lambda: alternate_protocol(3, 2, 24))
+
+
+def test_the_first_proj_bwd_build_can_hang():
+    """What the H200 run showed (a hang at 512 tiles a program): early passes release slots early, and the
+    barrier counts then no longer line up."""
+    assert {"early", "deadlock"} <= outcomes(lambda: first_build_protocol(3, 2, 64))
 
 
 def test_waiting_for_the_previous_phase_first_deadlocks():
