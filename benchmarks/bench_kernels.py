@@ -18,7 +18,8 @@ separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, an
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
 The opt-in warp-specialized Gluon kernels get rows of their own: "post_res_proj ws" and "step ws" forward
-(``DotCfg.ws``), "step ws" backward (``StepBwdCfg.ws``, the two-pass backward); off sm_90 they run what the rows
+(``DotCfg.ws``), "step ws" backward (``StepBwdCfg.ws``, the two-pass backward), "proj_pre_backward ws", "folded
+step ws" and "enter ws" backward (``FusedBwdCfg.ws``, proj's one-pass backward); off sm_90 they run what the rows
 without "ws" run.
 --sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
@@ -134,6 +135,10 @@ def cases(inp: dict) -> list[Case]:
         Case("pre_backward_dh", "bwd", lambda k: k.pre_backward_dh(x, hp, gy), _nb(x, gy, hp)),
         Case("proj_pre_backward", "bwd", lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx),
              _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
+        # the opt-in Gluon kernel of the same op (FusedBwdCfg.ws: kernels/gluon_proj_bwd.py on sm_90, bf16, n <= 4,
+        # C a multiple of 128; elsewhere the Triton kernel of the row above)
+        Case("proj_pre_backward ws", "bwd", _ws_proj(lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx)),
+             _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
     ] + fused_cases(inp)
 
 
@@ -199,8 +204,21 @@ def fused_cases(inp: dict) -> list[Case]:
         # the three passes of the "step bwd" row)
         Case("step ws", "bwd", _ws_bwd(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in,
                                                                  gpost, gres, *ca)), step_bwd, "fused"),
+        # the opt-in Gluon proj backward (FusedBwdCfg.ws; "proj_pre_backward ws" above): in the default path's
+        # folded boundary, and in enter's backward (x broadcast over its streams)
+        Case("folded step ws", "bwd", _ws_proj(folded_bwd), folded_bytes),
+        Case("enter ws", "bwd", _ws_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost, gres,
+                                                                    *ca)), enter_bwd, "fused"),
     ]
     return out
+
+
+def _ws_proj(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with proj's one-pass backward as the Gluon kernel (FusedBwdCfg.ws; the references ignore it)."""
+    def run(k):
+        with tk.tuning("proj_dx_dphi", ws=True):
+            return call(k)
+    return run
 
 
 def _ws(call: Callable[[object], object]) -> Callable[[object], object]:

@@ -1,4 +1,4 @@
-"""proj's one-pass backward as a Gluon kernel (kernels/gluon_proj_bwd.py): sm_90a builds here, checks and times on a GPU.
+"""proj's one-pass backward in Gluon (kernels/gluon_proj_bwd.py): sm_90a builds here, checks and times on a GPU.
 
     PYTHONPATH=. python benchmarks/gluon_proj_bwd_check.py --build    # no GPU: sm_90a builds, resources
     PYTHONPATH=. python benchmarks/gluon_proj_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 
 import torch
 
@@ -195,8 +196,6 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None) -> None:
 def probe() -> int:
     """Each call synchronised and printed as it ends, T growing at C = 4096, then T = 32768 cut into splits of
     fewer tiles: where a call never ends, the last line says which."""
-    import time
-
     for t, splits, mixers in ((4096, None, 1), (8192, None, 1), (8192, 1, 1), (16384, 1, 1), (32768, 8, 1),
                               (32768, 4, 1), (32768, 2, 1), (32768, 1, 1), (32768, None, 2)):
         v = _inputs(t, 4, 4096, True, True, False, seed=1)
@@ -230,9 +229,11 @@ def main() -> int:
              "Errors: max |out - reference| / max |reference|, the reference in float64.\n",
              "| shape | output | Triton kernel | Gluon kernel | |", "|---|---|---|---|---|"]
     ok = True
+    start = time.time()
     for shape in ([] if args.no_checks else CHECKS):
         try:
             ok &= check(*shape, lines)
+            print(f"  ({time.time() - start:.0f} s since the checks began)", flush=True)
         except Exception as exc:  # report and go on: the other shapes still say something
             ok = False
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
