@@ -99,6 +99,8 @@ def test_pad_cols_zero_fills():
 def test_config_checks_and_cpu_fallback():
     with pytest.raises(ValueError, match="mixers=3"):
         tf.configure("step_bwd", mixers=3)
+    with pytest.raises(ValueError, match="stages=3 for mixers=2"):  # an odd ring for two mixers: a parity race
+        tf.configure("step_bwd", stages=3, mixers=2)
     with pytest.raises(ValueError, match="unknown kernel"):
         with tf.tuning("step_backward", ws=True):
             pass

@@ -85,6 +85,9 @@ class StepBwdCfg:
         if self.mixers not in (1, 2):
             raise ValueError(f"mhc StepBwdCfg: mixers={self.mixers}; the Gluon step backward runs 1 or 2 mixing "
                              "warpgroups")
+        if self.stages and self.stages % self.mixers:
+            raise ValueError(f"mhc StepBwdCfg: stages={self.stages} for mixers={self.mixers}; mixers taking tiles in "
+                             "turn need a slot count that is a multiple of theirs (gluon_step_bwd.stages_for)")
 
 
 _CFG = {
