@@ -29,18 +29,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:  # Gluon: Triton >= 3.5 (the GPU machine's 3.6 and this machine's later versions build this file)
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                  warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
+from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier,
+                                              warpgroup_mma, warpgroup_mma_wait, SMEM as _SMEM,
+                                              LOADER_REGS as _LOADER_REGS, tma_load as _tma_load)
 
-AVAILABLE = gluon is not None
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
-_SMEM = 226 * 1024  # bytes of rings and X' tiles (an H100 / H200 block may take 227 KiB, barriers included)
 
 
 def supported(x: Tensor, n: int, c: int, bc: int, mp: int) -> bool:
@@ -99,10 +92,6 @@ if AVAILABLE:
         """The slot's chunk that is compute warpgroup ``first``'s v-th (warpgroups take a slot's chunks in turn)."""
         return v * consumers + first
 
-    _LOADER_REGS = gl.constexpr(40)  # the loader warp computes coordinates only
-    # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later versions
-    # removed those names for async_load / async_store (same arguments)
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
     @gluon.jit
     def _loader(x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo, n_slots, C,

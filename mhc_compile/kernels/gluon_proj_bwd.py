@@ -37,24 +37,17 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
+                                              warpgroup_mma_wait, desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
+                                              tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
+                                              warps_barrier as _warps_barrier)
 from mhc_compile.kernels.tma import tma_ok
 from mhc_compile.kernels.triton_proj_bwd import split_dp_t
 
-try:  # Gluon: Triton >= 3.5
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                  warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
-
-AVAILABLE = gluon is not None
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel ran
 BT, BK, XB, MP = 64, 128, 64, 32  # tokens a tile (wgmma: 16 rows a warp), columns a program, a TMA box's, dp padded
 CW = 8  # packed coefficient columns: h_pre at 0 .. n-1, dsq at DSQ (32-byte rows, as TMA wants)
 DSQ = 4
-_SMEM = 226 * 1024
 
 
 def smem_bytes(stages: int, has_pre: bool, has_acc: bool) -> int:
@@ -103,11 +96,6 @@ def pad_cols(v: Tensor, width: int) -> Tensor:
 
 
 if AVAILABLE:
-    _LOADER_REGS = gl.constexpr(40)  # the loader warp computes coordinates only
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.6's names
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    _warps_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6's name; later ones: barrier
-
     @gluon.jit
     def _loader(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs, phis, ready,
                 empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
@@ -136,13 +124,6 @@ if AVAILABLE:
             _tma_load(p_desc, [t0, 0], bar, dps.index(s))
             _tma_load(l_desc, [0, t0], bar, hls.index(s))
             _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
-
-    @gluon.jit
-    def _waited(done, N: gl.constexpr):
-        """warpgroup_mma_wait's results as a tuple (it returns one tensor, not a 1-tuple, for one dependency)."""
-        if N == 1:
-            done = (done,)
-        return done
 
     @gluon.jit
     def _col(coefs, s, k: gl.constexpr, layout: gl.constexpr):
@@ -297,28 +278,22 @@ if AVAILABLE:
         mbarrier.invalidate(phi_ready)
 
 
-def _desc(v: Tensor, shape, strides, block, dtype) -> "TensorDescriptor":
-    """A TMA descriptor of ``shape`` over v's memory, with the swizzle TMA and wgmma agree on."""
-    layout = gl.NVMMASharedLayout.get_default_for(list(block), dtype)
-    return TensorDescriptor(v, list(shape), list(strides), list(block), layout)
-
-
 def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: int, n: int, c: int) -> tuple:
     """The kernel's eight TMA descriptors (absent dout / acc: X's as a placeholder). dp and phi may have fewer
     than MP columns (``pad_cols``): their boxes read the columns past M as zeros. dp's hi / lo rows are read as
     [2 MP, T] though their rows are padded to T16: columns past T then read as zeros."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
-    xd = (_desc(x.select(-2, 0).reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if bcast
-          else _desc(x.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
-    gd = _desc(dout.reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if dout is not None else xd
-    ad = _desc(acc.reshape(t, k), (t, k), (k, 1), (BT, XB), bf) if acc is not None else xd
+    xd = (desc(x.select(-2, 0).reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if bcast
+          else desc(x.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
+    gd = desc(dout.reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if dout is not None else xd
+    ad = desc(acc.reshape(t, k), (t, k), (k, 1), (BT, XB), bf) if acc is not None else xd
     return (xd, gd, ad,
-            _desc(dp_pad, (t, dp_pad.shape[1]), (dp_pad.stride(0), 1), (BT, MP), f32),
-            _desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
-            _desc(coefs, (t, CW), (CW, 1), (BT, CW), f32),
-            _desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32),
-            _desc(dx.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
+            desc(dp_pad, (t, dp_pad.shape[1]), (dp_pad.stride(0), 1), (BT, MP), f32),
+            desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
+            desc(coefs, (t, CW), (CW, 1), (BT, CW), f32),
+            desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32),
+            desc(dx.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
 
 
 def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:

@@ -47,22 +47,15 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
+                                              warpgroup_mma_wait, desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
+                                              tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
+                                              warps_barrier as _warps_barrier)
 from mhc_compile.kernels.tma import tma_ok
 from mhc_compile.kernels.triton_proj_bwd import split_dp_t
 
-try:  # Gluon: Triton >= 3.5
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                  warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
-
-AVAILABLE = gluon is not None
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel ran
 BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a program, dp's padded width
-_SMEM = 226 * 1024
 
 
 def coef_width(n: int) -> int:
@@ -124,11 +117,6 @@ def pad_cols(v: Tensor, width: int) -> Tensor:
 
 
 if AVAILABLE:
-    _LOADER_REGS = gl.constexpr(40)  # the loader warp computes coordinates only
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.6's names
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    _warps_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6's name; later ones: barrier
-
     @gluon.jit
     def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xps, ys, gins, dxs, coefs, dps, hls,
                 phis, ready, empty, phi_ready, t_lo, c0, n_tiles, C, N: gl.constexpr, BT: gl.constexpr,
@@ -155,13 +143,6 @@ if AVAILABLE:
             _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
             _tma_load(p_desc, [t0, 0], bar, dps.index(s))
             _tma_load(a_desc, [0, t0], bar, hls.index(s))
-
-    @gluon.jit
-    def _waited(done, N: gl.constexpr):
-        """warpgroup_mma_wait's results as a tuple (it returns one tensor, not a 1-tuple, for one dependency)."""
-        if N == 1:
-            done = (done,)
-        return done
 
     @gluon.jit
     def _row(coefs, s, k: gl.constexpr, layout: gl.constexpr):
@@ -332,25 +313,18 @@ if AVAILABLE:
         mbarrier.invalidate(phi_ready)
 
 
-def _desc(v: Tensor, shape, strides, block, dtype) -> "TensorDescriptor":
-    """A TMA descriptor of ``shape`` over v's memory, with the swizzle TMA and wgmma agree on (it also spreads a
-    column of the coefficient tile over the banks)."""
-    layout = gl.NVMMASharedLayout.get_default_for(list(block), dtype)
-    return TensorDescriptor(v, list(shape), list(strides), list(block), layout)
-
-
 def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t: int, n: int, c: int) -> tuple:
     """The kernel's ten TMA descriptors. The packed coefficients and dp's hi / lo rows are read as [rows, T]
     though their rows are padded (T4, T16): columns past T then read as zeros, so tokens past T add nothing."""
     bf, f32 = gl.bfloat16, gl.float32
     k, cp = n * c, coefs.shape[1]
-    return (_desc(x_prev, (t, k), (k, 1), (BT, BC), bf), _desc(y, (t, c), (c, 1), (BT, BC), bf),
-            _desc(dx_in, (t, c), (c, 1), (BT, BC), bf), _desc(dx, (t, k), (k, 1), (BT, BC), bf),
-            _desc(coefs, (t, cp), (cp, 1), (BT, cp), f32),
-            _desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
-            _desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
-            _desc(phi_pad, (k, MP), (MP, 1), (BC, MP), f32),
-            _desc(dx_prev, (t, k), (k, 1), (BT, BC), bf), _desc(dy, (t, c), (c, 1), (BT, BC), bf))
+    return (desc(x_prev, (t, k), (k, 1), (BT, BC), bf), desc(y, (t, c), (c, 1), (BT, BC), bf),
+            desc(dx_in, (t, c), (c, 1), (BT, BC), bf), desc(dx, (t, k), (k, 1), (BT, BC), bf),
+            desc(coefs, (t, cp), (cp, 1), (BT, cp), f32),
+            desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
+            desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
+            desc(phi_pad, (k, MP), (MP, 1), (BC, MP), f32),
+            desc(dx_prev, (t, k), (k, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
 
 
 def plan_splits(t: int, c: int, device) -> tuple[int, int]:
