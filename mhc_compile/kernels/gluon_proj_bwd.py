@@ -17,9 +17,9 @@ boxes: session 21 measured 128-byte rows costing 9 points against 256) and walks
   dp [BT, MP] in fp32 (the A operand of the tf32 dx dot), dp^T's bf16 hi / lo rows (the A operand of the dphi dot)
   and the packed per-token coefficients (h_pre, dsq);
 - the dx warpgroups each take one 64-column half of every tile (or one takes both): dx = dp phi^T (tf32 wgmma;
-  phi's [BK, MP] tile is loaded once), then
-  the elementwise terms read straight from the slot in the dot's accumulator layout (no tile changes layout), dx
-  written over the acc tile (or dout's, or a tile of its own where neither is read) and stored by TMA;
+  phi's [BK, MP] tile is loaded once), then the elementwise terms read straight from the slot in the dot's
+  accumulator layout (no tile changes layout), dx written over the acc tile (or dout's, or a tile of its own where
+  neither is read) and stored by TMA;
 - the dphi warpgroup keeps the [2 MP, BK] accumulator of dphi^T in registers for all of the program's tokens and
   adds [dp_hi; dp_lo]^T X for every tile as soon as the slot lands (bf16 wgmma; X enters as loaded);
 - a slot is free once the dx warpgroups' TMA stores have read it and the dphi warpgroup's wgmmas have completed.
@@ -29,6 +29,11 @@ order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg
 ``supported`` says where it runs; elsewhere the Triton kernel runs. Gluon does not run under ``TRITON_INTERPRET=1``:
 the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
 with the reference on an sm_90 GPU and times it beside the Triton kernel.
+
+Status (session 25, benchmarks/results/session25-2026-12-04-h200.md): a first build, whose two dx warpgroups took
+whole tiles in turn, matched the float64 reference at eight shapes on an H200 and then hung at 512 tiles a program
+(``_dx`` says why; tests/test_ring_protocol.py models it). This build differs from it only in how the dx
+warpgroups split the work. It has not run on a GPU yet, and nothing has been timed, hence off by default.
 """
 
 from __future__ import annotations
