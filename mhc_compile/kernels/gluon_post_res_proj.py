@@ -92,7 +92,6 @@ if AVAILABLE:
         """The slot's chunk that is compute warpgroup ``first``'s v-th (warpgroups take a slot's chunks in turn)."""
         return v * consumers + first
 
-
     @gluon.jit
     def _loader(x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo, n_slots, C,
                 K, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, SUBS: gl.constexpr,
