@@ -8,8 +8,9 @@ an older tile's phase, and one that waits on the wrong parity blocks for ever.
 The model: barriers with an arrival count, a transaction count and a completed-phase counter; the loader, the
 consumers and the in-flight TMA loads are steps that a random scheduler interleaves, loads landing in any order.
 A consumer that passes its wait checks that its slot holds the tile it waited for. Random schedules (seeded) of
-each kernel's protocol must show no early pass and no deadlock, and the two broken protocols that an H200 run of
-kernels/gluon_proj_bwd.py hit in session 25 must be caught (so the model can fail):
+each kernel's protocol (gluon_proj_bwd, gluon_step_bwd, and gluon_post_res_proj's two rings) must show no early
+pass and no deadlock, and the two broken protocols that an H200 run of kernels/gluon_proj_bwd.py hit in session 25
+must be caught (so the model can fail):
 
 - consumers taking whole tiles in turn on an odd number of slots (``gluon_step_bwd`` with three slots and two
   mixers; the first build of ``gluon_proj_bwd``, which hung at 512 tiles a program);
@@ -20,6 +21,7 @@ import random
 
 import pytest
 
+from mhc_compile.kernels import gluon_post_res_proj as gpr
 from mhc_compile.kernels import gluon_proj_bwd as gp
 from mhc_compile.kernels import gluon_step_bwd as gs
 
@@ -84,22 +86,25 @@ def consumer(ring: Ring, name: str, mine, tiles: int, release=None, double_wait:
         (release or (lambda r, slot: r.empty[slot].arrive()))(ring, s)
 
 
-def run(ring: Ring, agents, seed: int) -> str:
-    """Interleaves the agents and the landing of loads at random; 'ok', 'early' or 'deadlock'."""
+def run(rings, agents, seed: int) -> str:
+    """Interleaves the agents and the landing of loads (of any of ``rings``, a Ring or a list) at random; 'ok',
+    'early' or 'deadlock'."""
+    rings = rings if isinstance(rings, list) else [rings]
     rng = random.Random(seed)
-    waiting = {}  # agent -> (barrier, parity) it waits on
+    waiting = {a: next(a, None) for a in agents}  # agent -> (barrier, parity) it waits on
     live = list(agents)
-    for a in live:
-        waiting[a] = next(a, None)
     while True:
         live = [a for a in live if waiting[a] is not None]
         runnable = [a for a in live if waiting[a][0].passes(waiting[a][1])]
-        if not runnable and not ring.in_flight:
-            return "deadlock" if live else ("early" if ring.errors else "ok")
-        if ring.in_flight and (not runnable or rng.random() < 0.5):
-            s, it = ring.in_flight.pop(rng.randrange(len(ring.in_flight)))  # any load may land first
-            ring.holds[s] = it
-            ring.ready[s].landed(1)
+        flights = [(r, i) for r in rings for i in range(len(r.in_flight))]
+        if not runnable and not flights:
+            early = any(r.errors for r in rings)
+            return "deadlock" if live else ("early" if early else "ok")
+        if flights and (not runnable or rng.random() < 0.5):
+            r, i = rng.choice(flights)  # any load may land first
+            slot, item = r.in_flight.pop(i)
+            r.holds[slot] = item
+            r.ready[slot].landed(1)
         else:
             a = rng.choice(runnable)
             waiting[a] = next(a, None)
@@ -142,6 +147,48 @@ def first_build_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, li
     return ring, agents + [consumer(ring, f"dx{w}", (lambda it, w=w: it % mixers == w), tiles) for w in range(mixers)]
 
 
+def post_res_proj_protocol(stages: int, wstages: int, consumers: int, slots: int) -> tuple[list, list]:
+    """kernels/gluon_post_res_proj.py's two rings. Stream slots: every compute warpgroup takes its chunks of every
+    slot (empty: consumers). phi's slots, one chunk each: chunk g belongs to warpgroup g % consumers (SUBS, the chunks
+    a slot, is a multiple of the consumers) and is released by it alone (empty: 1). One loader fills both: a stream
+    slot, then its chunks' phi slots."""
+    subs = 2 * consumers
+    xr, wr = Ring(stages, consumers), Ring(wstages, 1)
+
+    def load():
+        for it in range(slots):
+            s = it % stages
+            if it >= stages:
+                yield xr.empty[s], ((it // stages) & 1) ^ 1
+            xr.ready[s].arrive(expect_tx=1)
+            xr.in_flight.append((s, it))
+            for u in range(subs):
+                g = it * subs + u
+                q = g % wstages
+                if g >= wstages:
+                    yield wr.empty[q], ((g // wstages) & 1) ^ 1
+                wr.ready[q].arrive(expect_tx=1)
+                wr.in_flight.append((q, g))
+
+    def compute(w):
+        for it in range(slots):
+            s = it % stages
+            yield xr.ready[s], (it // stages) & 1
+            if xr.holds[s] != it:
+                xr.errors.append(f"warpgroup {w} passed stream slot {s} for {it} while it held {xr.holds[s]}")
+            for v in range(subs // consumers):
+                g = it * subs + v * consumers + w
+                q = g % wstages
+                if v == subs // consumers - 1:
+                    xr.empty[s].arrive()
+                yield wr.ready[q], (g // wstages) & 1
+                if wr.holds[q] != g:
+                    wr.errors.append(f"warpgroup {w} passed phi slot {q} for chunk {g} while it held {wr.holds[q]}")
+                wr.empty[q].arrive()
+
+    return [xr, wr], [load()] + [compute(w) for w in range(consumers)]
+
+
 def outcomes(make, seeds: int = 300) -> set:
     out = set()
     for seed in range(seeds):
@@ -178,6 +225,18 @@ def test_waiting_for_the_previous_phase_first_deadlocks():
 @pytest.mark.parametrize("stages", [2, 4])
 def test_tiles_in_turn_on_an_even_ring_are_safe(stages):
     assert outcomes(lambda: alternate_protocol(stages, 2, 24)) == {"ok"}
+
+
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_post_res_proj_rings_are_safe(consumers):
+    """kernels/gluon_post_res_proj.py's rings as ``plan`` sizes them; with an odd phi ring for two warpgroups the
+    model finds early passes (so it can fail here too)."""
+    for n, c in ((1, 512), (4, 4096), (4, 7168)):
+        subs, stages, wstages = gpr.plan(n, c, 64, 32, 32, 2, 0, 0, consumers)
+        assert subs % consumers == 0 and wstages % consumers == 0
+        assert outcomes(lambda: post_res_proj_protocol(stages, wstages, consumers, 16), seeds=100) == {"ok"}
+    if consumers == 2:
+        assert outcomes(lambda: post_res_proj_protocol(2, 3, 2, 16)) - {"ok"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
