@@ -6,22 +6,15 @@ values are compared with the reference on an sm_90 GPU by benchmarks/gluon_check
 where such a GPU is present.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from mhc_compile.kernels import gluon_post_res_proj as gp
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gluon_check.py")
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
+    return run_check("gluon_check.py", *args)
 
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
@@ -70,8 +63,7 @@ def test_ws_consumers_outside_one_or_two_is_an_error_on_any_device():
     assert tk._cfg("post_res_proj") == tk._DEFAULTS["post_res_proj"]  # the bad config was not kept
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gp.AVAILABLE),
-                    reason="needs an sm_90 GPU: Gluon kernels do not run under the interpreter")
+@pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)
 def test_gluon_post_res_proj_matches_the_reference_on_sm90(tmp_path):
     proc = _run("--out", str(tmp_path), "--shapes")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,19 +8,13 @@ the kernel's dx and dphi with the float64 reference at eight shapes (n = 1 to 4,
 without dout and acc, x broadcast over its streams, dx written over acc).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from mhc_compile.kernels import gluon_proj_bwd as gp
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tk
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gluon_proj_bwd_check.py")
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
 
 
 def test_pack_coefs_puts_h_pre_and_dsq_in_their_columns():
@@ -84,8 +78,7 @@ def test_off_sm90_ws_runs_the_triton_kernel():
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
+    return run_check("gluon_proj_bwd_check.py", *args)
 
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
@@ -96,8 +89,7 @@ def test_builds_for_sm90_within_shared_memory_without_spills():
     assert len(rows) == 4 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gp.AVAILABLE),
-                    reason="needs an sm_90 GPU (Gluon kernels do not run under the interpreter)")
+@pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)
 def test_matches_the_reference_on_an_sm90_gpu():
     proc = _run("--no-times")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]

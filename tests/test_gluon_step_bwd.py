@@ -7,19 +7,13 @@ the fallback to the three passes off sm_90. On an sm_90 GPU the last test runs b
 which compares the kernel's outputs with the float64 reference at six shapes (n = 1, 2, 4, ragged T, C up to 7168).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from mhc_compile.kernels import gluon_step_bwd as gs
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_fused as tf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gluon_step_bwd_check.py")
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
 
 
 def _inputs(t, n, c, seed, dtype=torch.float64):
@@ -120,8 +114,7 @@ def test_config_checks_and_cpu_fallback():
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
+    return run_check("gluon_step_bwd_check.py", *args)
 
 
 @pytest.mark.skipif(not gs.AVAILABLE, reason="the installed Triton has no Gluon")
@@ -132,8 +125,7 @@ def test_builds_for_sm90_within_shared_memory():
     assert len(rows) == 2 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and gs.AVAILABLE),
-                    reason="needs an sm_90 GPU (Gluon kernels do not run under the interpreter)")
+@pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)
 def test_matches_the_reference_on_an_sm90_gpu():
     proc = _run("--no-times")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
