@@ -30,6 +30,22 @@ def test_pack_coefs_puts_h_pre_and_dsq_in_their_columns():
     assert gp.DSQ >= 4  # room for h_pre of n <= 4 streams before it
 
 
+@pytest.mark.parametrize("t, n, pre", [(1, 1, True), (37, 3, True), (130, 4, True), (129, 4, False), (45, 2, False)])
+def test_pack_tokens_matches_split_dp_t_and_pack_coefs(t, n, pre):
+    """The one-launch Triton packing (under the interpreter here) against the reference packing it replaced:
+    dp^T's hi / lo rows as triton_proj_bwd.split_dp_t writes them and pack_coefs' columns, bit for bit."""
+    from mhc_compile.kernels.triton_proj_bwd import split_dp_t
+
+    g = torch.Generator().manual_seed(t + n)
+    dp = torch.randn(t, ref.num_coeffs(n), generator=g) * 10.0 ** torch.randint(-3, 3, (t, 1), generator=g)
+    dsq, h_pre = torch.randn(t, generator=g), torch.sigmoid(torch.randn(t, n, generator=g)) if pre else None
+    hl, coefs = gp.pack_tokens(dp, dsq, h_pre)
+    want = split_dp_t(dp, gp.MP)
+    assert hl.shape == want.shape and torch.equal(hl[:, :t], want[:, :t])  # columns past T: never read
+    assert not hl[ref.num_coeffs(n):gp.MP, :t].any() and not hl[gp.MP + ref.num_coeffs(n):, :t].any()
+    assert torch.equal(coefs, gp.pack_coefs(dsq, h_pre))
+
+
 def test_pad_cols_keeps_tma_ready_rows_and_pads_the_others():
     g = torch.Generator().manual_seed(1)
     dp4 = torch.randn(5, ref.num_coeffs(4), generator=g)  # 24 floats: 96-byte rows, a multiple of 16

@@ -39,6 +39,8 @@ warpgroups split the work. It has not run on a GPU yet, and nothing has been tim
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
@@ -46,8 +48,8 @@ from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl,
                                               warpgroup_mma_wait, desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
                                               warps_barrier as _warps_barrier)
+from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import tma_ok
-from mhc_compile.kernels.triton_proj_bwd import split_dp_t
 
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel ran
 BT, BK, XB, MP = 64, 128, 64, 32  # tokens a tile (wgmma: 16 rows a warp), columns a program, a TMA box's, dp padded
@@ -80,13 +82,56 @@ def supported(x: Tensor, n: int, c: int, *others: Tensor) -> bool:
 
 
 def pack_coefs(dsq: Tensor, h_pre: Tensor | None) -> Tensor:
-    """fp32 [T, CW], a token a row: h_pre[:, i] at column i (when given), dsq at DSQ, zeros elsewhere."""
+    """fp32 [T, CW], a token a row: h_pre[:, i] at column i (when given), dsq at DSQ, zeros elsewhere (the
+    plain-PyTorch reference of ``pack_tokens``' coefficients)."""
     t = dsq.shape[0]
     out = torch.zeros((t, CW), dtype=torch.float32, device=dsq.device)
     if h_pre is not None:
         out[:, :h_pre.shape[1]] = h_pre
     out[:, DSQ] = dsq
     return out
+
+
+@triton.jit
+def _pack_tokens_kernel(dp_ptr, dsq_ptr, hpre_ptr, hl_ptr, coef_ptr, T, M, T16, N: tl.constexpr,
+                        HAS_PRE: tl.constexpr, BR: tl.constexpr, MP: tl.constexpr, CW: tl.constexpr,
+                        DSQ: tl.constexpr):
+    """BR tokens a program: dp [T, M] fp32 -> dp^T's bf16 hi rows then lo rows (hl [2 MP, T16], rows past M
+    zero), and h_pre [T, N] / dsq [T] -> the packed coefficients [T, CW]."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    ms = tl.arange(0, MP)
+    v = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & (ms < M)[None, :], other=0.0)
+    hi = v.to(tl.bfloat16)
+    lo = (v - hi.to(tl.float32)).to(tl.bfloat16)  # split_dp_t's rounding: dp = hi + lo to ~2^-16
+    off = ms[None, :].to(tl.int64) * T16 + r64[:, None]
+    tl.store(hl_ptr + off, hi, mask=rmask[:, None])
+    tl.store(hl_ptr + MP * T16 + off, lo, mask=rmask[:, None])
+    cols = tl.arange(0, CW)
+    coef = tl.zeros((BR, CW), tl.float32)
+    if HAS_PRE:
+        coef = tl.load(hpre_ptr + r64[:, None] * N + cols[None, :], mask=rmask[:, None] & (cols < N)[None, :],
+                       other=0.0)
+    d = tl.load(dsq_ptr + rows, mask=rmask, other=0.0)
+    coef = tl.where((cols == DSQ)[None, :], d[:, None], coef)
+    tl.store(coef_ptr + r64[:, None] * CW + cols[None, :], coef, mask=rmask[:, None])
+
+
+def pack_tokens(dp: Tensor, dsq: Tensor, h_pre: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One launch for the kernel's per-token operands: (``triton_proj_bwd.split_dp_t(dp, MP)``, ``pack_coefs(dsq,
+    h_pre)``), the same values (the four small launches they take cost ~25 us a call at 32768 tokens on an H200:
+    session 26). fp32 dp [T, M], dsq [T], h_pre [T, n], contiguous."""
+    t, m = dp.shape
+    t16 = tk._cdiv(t, 16) * 16
+    hl = torch.empty((2 * MP, t16), dtype=torch.bfloat16, device=dp.device)
+    coefs = torch.empty((t, CW), dtype=torch.float32, device=dp.device)
+    br = 128
+    n = h_pre.shape[1] if h_pre is not None else 1
+    launch(_pack_tokens_kernel, (tk._cdiv(t, br),),
+           (dp, dsq, h_pre if h_pre is not None else dsq, hl, coefs, t, m, t16),
+           dict(N=n, HAS_PRE=h_pre is not None, BR=br, MP=MP, CW=CW, DSQ=DSQ))
+    return hl, coefs
 
 
 def pad_cols(v: Tensor, width: int) -> Tensor:
@@ -181,10 +226,10 @@ if AVAILABLE:
             mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
-    def _dphi(dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, BT: gl.constexpr, XB: gl.constexpr,
-              MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    def _dphi(scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT: gl.constexpr,
+              XB: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         """The dphi warpgroup: dphi^T [2 MP, BK] += [dp_hi; dp_lo]^T X for every tile (bf16 wgmmas, X as loaded),
-        in registers for all of the program's tokens; written to dphi_ptr[part] ([2 MP, K]) at the end."""
+        in registers for all of the program's tokens; then hi + lo, transposed into dphi_ptr[part] ([K, M])."""
         LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, XB, 16])
         acc0 = gl.zeros([2 * MP, XB], gl.float32, LD)
@@ -196,15 +241,28 @@ if AVAILABLE:
             acc1 = warpgroup_mma(hls.index(s), xs[1].index(s), acc1, is_async=True)
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
             mbarrier.arrive(empty.index(s), count=1)
+        # hi rows and lo rows sit in different warps of the accumulator: they meet through the program's slice of
+        # an L2-resident scratch ([2 MP, K] a split), so the host neither sums them nor transposes dphi
         prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD)).to(gl.int64)
         pcol = k0 + gl.arange(0, XB, gl.SliceLayout(0, LD))
-        pbase = dphi_ptr + part.to(gl.int64) * (2 * MP) * K + prow[:, None] * K
-        gl.store(pbase + pcol[None, :], acc0)
-        gl.store(pbase + (XB + pcol)[None, :], acc1)
+        sbase = scratch_ptr + part.to(gl.int64) * (2 * MP) * K
+        gl.store(sbase + prow[:, None] * K + pcol[None, :], acc0)
+        gl.store(sbase + prow[:, None] * K + (XB + pcol)[None, :], acc1)
+        _warps_barrier()  # the warpgroup's scratch stores, before its threads read each other's rows
+        # a thread a coefficient: consecutive threads store consecutive floats of a dphi row
+        LT: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])
+        r = gl.arange(0, MP, gl.SliceLayout(1, LT))
+        r64 = r.to(gl.int64)
+        dbase = dphi_ptr + part.to(gl.int64) * K * M
+        for q in gl.static_range(2 * XB // 32):  # 32 columns at a time: 16 values a thread live
+            col = (k0 + q * 32 + gl.arange(0, 32, gl.SliceLayout(0, LT))).to(gl.int64)
+            hi = gl.load(sbase + r64[:, None] * K + col[None, :])
+            lo = gl.load(sbase + (MP + r64)[:, None] * K + col[None, :])
+            gl.store(dbase + col[None, :] * M + r64[:, None], hi + lo, mask=(r < M)[:, None])
 
     @gluon.jit(do_not_specialize=["T"])
-    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, T, C,
-                            T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
+    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, scratch_ptr,
+                            dphi_ptr, T, C, M, T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
                             X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, XB: gl.constexpr,
                             MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr,
                             MIXERS: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
@@ -212,7 +270,8 @@ if AVAILABLE:
         """Program (K block of BK columns, token split). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]), a_desc /
         o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
         [BT, MP]; l_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; c_desc: the packed
-        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]. Absent operands (HAS_PRE, HAS_ACC off) are
+        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]; scratch_ptr: fp32 [splits, 2 MP, N*C];
+        dphi_ptr: the splits' fp32 dphi [splits, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are
         placeholders never read. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT."""
         K = N * C
         k0 = gl.program_id(0) * BK
@@ -261,7 +320,8 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
                        N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, num_warps)),
-                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, BT, XB, MP, STAGES, 4)),
+                (_dphi, (scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES,
+                         4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
                            phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
                            MP, CW, STAGES)),
@@ -272,7 +332,8 @@ if AVAILABLE:
                        N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, num_warps)),
                 (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
                        N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, num_warps)),
-                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, BT, XB, MP, STAGES, 4)),
+                (_dphi, (scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES,
+                         4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
                            phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
                            MP, CW, STAGES)),
@@ -331,8 +392,8 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     dev = x.device
     dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out  # dense, x broadcast or not
     dp32 = dp.reshape(t, m).float().contiguous()
-    hl = split_dp_t(dp32, MP)  # [2 MP, T16]: dp^T's hi rows, then its lo rows
-    coefs = pack_coefs(dsq.reshape(t).float(), h_pre.reshape(t, n).float() if has_pre else None)
+    hl, coefs = pack_tokens(dp32, dsq.reshape(t).float().contiguous(),
+                            h_pre.reshape(t, n).float().contiguous() if has_pre else None)
     dout = dout.contiguous() if has_pre else None
     acc = acc.contiguous() if has_acc else None
     kblocks = k // BK
@@ -341,11 +402,12 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     else:  # given (probes): whole tiles a split
         t_split = tk._cdiv(tk._cdiv(t, splits), BT) * BT
         splits = tk._cdiv(t, t_split)
-    dphi_t = torch.empty((splits, 2 * MP, k), dtype=torch.float32, device=dev)
+    scratch = torch.empty((splits, 2 * MP, k), dtype=torch.float32, device=dev)
+    dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
     LAUNCHES += 1
     _proj_bwd_ws_kernel[(kblocks, splits)](
-        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), dphi_t, t,
-        c, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP, CW=CW, DSQ=DSQ,
-        STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
-    dphi = dphi_t.view(splits, 2, MP, k).sum((0, 1))[:m].t()
-    return dx, dphi.to(phi.dtype).contiguous()
+        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), scratch,
+        dphi, t, c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP,
+        CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
+    # one split (the issue's shapes): dphi as the kernel wrote it, no further launch (the Triton kernel's way)
+    return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
