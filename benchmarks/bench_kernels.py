@@ -20,7 +20,8 @@ sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py
 The opt-in warp-specialized Gluon kernels get rows of their own: "post_res_proj ws" and "step ws" forward
 (``DotCfg.ws``), "step ws" backward (``StepBwdCfg.ws``, the two-pass backward), "proj_pre_backward ws", "folded
 step ws" and "enter ws" backward (``FusedBwdCfg.ws``, proj's one-pass backward); off sm_90 they run what the rows
-without "ws" run.
+without "ws" run. The calls without acc ("proj" and "enter" backward) take the Gluon proj backward by default on
+sm_90 (``FusedBwdCfg.ws_no_acc``): their "(Triton)" rows run the Triton kernel beside it.
 --sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
@@ -123,6 +124,8 @@ def cases(inp: dict) -> list[Case]:
     return [
         Case("proj", "fwd", lambda k: k.proj(x, phi), _nb(x, phi, p, sq)),
         Case("proj", "bwd", lambda k: k.proj_backward(x, phi, dp, dsq), _nb(x, phi, dp, dsq, x, phi)),
+        Case("proj (Triton)", "bwd", _triton_proj(lambda k: k.proj_backward(x, phi, dp, dsq)),
+             _nb(x, phi, dp, dsq, x, phi)),
         Case("coeffs", "fwd", lambda k: k.coeffs(p, sq, b, a, *ca), _nb(p, sq, b, a, hp, hq, hr)),
         Case("coeffs", "bwd", lambda k: k.coeffs_backward(p, sq, b, a, gpre, gpost, gres, *ca),
              _nb(p, sq, b, a, gpre, gpost, gres, p, sq, b, a)),
@@ -209,6 +212,9 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("folded step ws", "bwd", _ws_proj(folded_bwd), folded_bytes),
         Case("enter ws", "bwd", _ws_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost, gres,
                                                                     *ca)), enter_bwd, "fused"),
+        # enter's proj backward has no acc: the Gluon kernel by default on sm_90 ("enter" bwd), here the Triton one
+        Case("enter (Triton)", "bwd", _triton_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost,
+                                                                             gres, *ca)), enter_bwd, "fused"),
     ]
     return out
 
@@ -217,6 +223,14 @@ def _ws_proj(call: Callable[[object], object]) -> Callable[[object], object]:
     """``call`` with proj's one-pass backward as the Gluon kernel (FusedBwdCfg.ws; the references ignore it)."""
     def run(k):
         with tk.tuning("proj_dx_dphi", ws=True):
+            return call(k)
+    return run
+
+
+def _triton_proj(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with proj's one-pass backward as the Triton kernel everywhere (FusedBwdCfg.ws_no_acc off)."""
+    def run(k):
+        with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
             return call(k)
     return run
 

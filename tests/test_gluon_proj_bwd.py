@@ -75,8 +75,22 @@ def test_argument_checks_name_the_problem():
         tk.configure("proj_dx_dphi", ws_mixers=3)
 
 
+def test_the_config_picks_the_kernel_and_its_warpgroups_by_acc():
+    """Default: the Gluon kernel for calls without acc only (faster there on an H200, session 26), one dx warpgroup
+    without acc and two with; ws forces it for both; ws_no_acc off keeps the Triton kernel everywhere."""
+    cfg = tk.FusedBwdCfg()
+    assert (cfg.gluon_for(has_acc=False), cfg.gluon_for(has_acc=True)) == (1, 0)
+    forced = tk.FusedBwdCfg(ws=True)
+    assert (forced.gluon_for(has_acc=False), forced.gluon_for(has_acc=True)) == (1, 2)
+    assert tk.FusedBwdCfg(ws=True, ws_mixers=2).gluon_for(has_acc=False) == 2
+    off = tk.FusedBwdCfg(ws_no_acc=False)
+    assert (off.gluon_for(has_acc=False), off.gluon_for(has_acc=True)) == (0, 0)
+    assert tk._DEFAULTS["proj_dx_dphi"] == cfg
+
+
 def test_off_sm90_ws_runs_the_triton_kernel():
-    """FusedBwdCfg.ws on CPU tensors (the interpreter): the Triton kernel runs, with the values it gives without."""
+    """FusedBwdCfg.ws on CPU tensors (the interpreter): the Triton kernel runs, with the values it gives without;
+    likewise a call without acc, which the default sends to the Gluon kernel where it is supported."""
     g = torch.Generator().manual_seed(2)
     t, n, c = 37, 4, 128
     m = ref.num_coeffs(n)
@@ -89,8 +103,12 @@ def test_off_sm90_ws_runs_the_triton_kernel():
     before = gp.LAUNCHES
     with tk.tuning("proj_dx_dphi", ws=True):
         got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+    no_acc = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
+    with tk.tuning("proj_dx_dphi", ws_no_acc=False):
+        want_no_acc = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     assert gp.LAUNCHES == before
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(no_acc, want_no_acc))
 
 
 def _run(*args):

@@ -249,3 +249,12 @@ def test_the_report_names_the_liger_kernel_the_training_runs_had(monkeypatch, tm
     os.remove(tmp_path / "training-d4096" / issue3.LIGER_FILE)  # a folder from before: this process's answer
     path = issue3.write_report(str(tmp_path), issue3._load_status(str(tmp_path)), str(tmp_path / "issue3.log"))
     assert "- liger-kernel: not installed" in open(path).read()
+
+
+def test_side_by_side_triton_rows_are_not_counted():
+    """A "(Triton)" row times the Triton kernel that a default Gluon kernel replaced (proj's backward without acc on
+    sm_90): listed apart, while the row of the kernel that runs by default is counted."""
+    kernels = {"proj bwd": 84.0, "proj (Triton) bwd": 72.0, "enter (Triton) bwd": 70.0, "pre fwd": 99.0}
+    row = issue3.targets(kernels, {})[2]
+    assert "| 2 rows; below: proj bwd 84 %" in row
+    assert "not counted: enter (Triton) bwd, proj (Triton) bwd" in row

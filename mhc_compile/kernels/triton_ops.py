@@ -241,17 +241,29 @@ class FusedBwdCfg:
     # 83 % of copy bandwidth), 468 vs 495 at 8192 x 7168; in the d = 7168 step 524 vs 556 us a call
     tma: bool = True
     # bf16 on sm_90: the warp-specialized Gluon kernel (kernels/gluon_proj_bwd.py): a TMA loader warp with a ring of
-    # three or four slots, ws_mixers dx warpgroups (each a half of every tile) and a dphi warpgroup. Off: its first
-    # build (dx warpgroups taking whole tiles in turn) matched the reference at eight shapes on an H200 and hung at
-    # 32768 x 4096 (a parity-wait race: tests/test_ring_protocol.py); this build compiles for sm_90a and passes the
-    # protocol model but has not run on a GPU yet (benchmarks/results/session25-2026-12-04-h200.md)
+    # three or four slots, dx warpgroups (each a half of every tile, or one both) and a dphi warpgroup. H200, session
+    # 26 (benchmarks/results/session26-2026-12-04-h200.md), interleaved against this Triton kernel, the op as called:
+    # - without acc (enter's backward, proj_backward) it is faster: 678 vs 796 us at 32768 x 4096 (84 vs 72 % of
+    #   copy bandwidth), 177 vs 205 at 8192 x 4096, 368 vs 389 at 8192 x 7168, even at 32768 x 7168;
+    # - with acc (the default path's folded boundary) it is not: 958-966 vs 949-953 us at 32768 x 4096, 1791 vs 1748
+    #   at 32768 x 7168 (238 vs 246 at 8192 x 4096), and the training step is the same within its spread.
+    # ws: the Gluon kernel wherever it runs; ws_no_acc: only for the calls without acc (the default)
     ws: bool = False
-    ws_mixers: int = 2
+    ws_no_acc: bool = True
+    # dx warpgroups: None picks the faster of session 26 (two with acc, one without: 678 vs 714 us at 32768 x 4096)
+    ws_mixers: int | None = None
 
     def __post_init__(self):
-        if self.ws_mixers not in (1, 2):
+        if self.ws_mixers not in (None, 1, 2):
             raise ValueError(f"mhc FusedBwdCfg: ws_mixers={self.ws_mixers}; the Gluon proj backward runs 1 or 2 dx "
-                             "warpgroups")
+                             "warpgroups (None: two with acc, one without)")
+
+    def gluon_for(self, has_acc: bool) -> int:
+        """The Gluon kernel's dx warpgroups for a call with or without acc, 0 where this config keeps the Triton
+        kernel (whether the call can run on the Gluon kernel is gluon_proj_bwd.supported's to say)."""
+        if not (self.ws or (self.ws_no_acc and not has_acc)):
+            return 0
+        return self.ws_mixers or (2 if has_acc else 1)
 
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,

@@ -391,12 +391,13 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
     interpreter has no registers). The [2 MP, BK] dphi accumulator lives in registers, so BK shrinks as the
     coefficient count grows (n = 4: MP = 32, BK = 128 as configured; n = 8: MP = 128, BK = 32), as the pair's
     dphi kernel does."""
-    if cfg.ws and x.is_cuda:
+    mixers = cfg.gluon_for(acc is not None)
+    if mixers and x.is_cuda:
         from mhc_compile.kernels import gluon_proj_bwd
 
         n, c = x.shape[-2:]
         if gluon_proj_bwd.supported(x, n, c, *(v for v in (dout, acc, out) if v is not None)):
-            return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=cfg.ws_mixers)
+            return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers)
     two_mp = 2 * max(16, tk._pow2(phi.shape[1]))
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
