@@ -181,10 +181,10 @@ if AVAILABLE:
         return coefs.index(s).slice(k, 1, 1).load(layout)
 
     @gluon.jit
-    def _dx(o_desc, o_ptr, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles, T,
-            K, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, BT: gl.constexpr, XB: gl.constexpr,
+    def _dx(o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+            N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, BT: gl.constexpr, XB: gl.constexpr,
             DSQ: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
-            DIRECT: gl.constexpr, num_warps: gl.constexpr):
+            num_warps: gl.constexpr):
         """dx warpgroup FIRST of MIXERS: halves FIRST, FIRST + MIXERS, ... of every tile. A half: the tf32 dot's
         accumulator, + 2 dsq X, + h_pre dout, + acc (the Triton kernel's order), rounded once into ``os`` (a tile
         of the slot already read) and stored by TMA.
@@ -210,35 +210,20 @@ if AVAILABLE:
             if HAS_PRE:  # the block lies in stream i0: its h_pre column
                 for i in gl.static_range(N):
                     hp = gl.where(i0 == i, _col(coefs, s, i, L), hp)
-            t0 = t_lo + it * BT
-            outs = ()
             for u in gl.static_range(2 // MIXERS):  # half FIRST + u * MIXERS
                 d = ds[u] + dsq2 * xs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
                 if HAS_PRE:
                     d += hp * gs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
                 if HAS_ACC:
                     d += accs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
-                if DIRECT:
-                    outs = outs + (d.to(gl.bfloat16),)
-                else:
-                    os[FIRST + u * MIXERS].index(s).store(d.to(gl.bfloat16))
-            if DIRECT:
-                # dx leaves from registers: the slot goes back as soon as every warp has read it, and the
-                # stores drain while the next tile is waited for (the TMA path holds the slot until they read it)
-                _warps_barrier()
-                mbarrier.arrive(empty.index(s), count=1)
-                rows = t0 + gl.arange(0, BT, gl.SliceLayout(1, L))
-                rmask = (rows < T)[:, None]
-                for u in gl.static_range(2 // MIXERS):
-                    cols = k0 + (FIRST + u * MIXERS) * XB + gl.arange(0, XB, gl.SliceLayout(0, L))
-                    gl.store(o_ptr + rows[:, None].to(gl.int64) * K + cols[None, :], outs[u], mask=rmask)
-            else:
-                fence_async_shared()
-                _warps_barrier()  # every warp's dx stores, before one thread issues the TMA stores
-                for h in gl.static_range(FIRST, 2, MIXERS):
-                    _tma_store(o_desc, [t0, k0 + h * XB], os[h].index(s))
-                tma.store_wait(0)  # the stores have read the slot
-                mbarrier.arrive(empty.index(s), count=1)
+                os[FIRST + u * MIXERS].index(s).store(d.to(gl.bfloat16))
+            fence_async_shared()
+            _warps_barrier()  # every warp's dx stores, before one thread issues the TMA stores
+            t0 = t_lo + it * BT
+            for h in gl.static_range(FIRST, 2, MIXERS):
+                _tma_store(o_desc, [t0, k0 + h * XB], os[h].index(s))
+            tma.store_wait(0)  # the stores have read the slot
+            mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
     def _dphi(scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT: gl.constexpr,
@@ -276,15 +261,14 @@ if AVAILABLE:
             gl.store(dbase + col[None, :] * M + r64[:, None], hi + lo, mask=(r < M)[:, None])
 
     @gluon.jit(do_not_specialize=["T"])
-    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, o_ptr, scratch_ptr,
+    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, scratch_ptr,
                             dphi_ptr, T, C, M, T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
                             X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, XB: gl.constexpr,
                             MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr,
-                            MIXERS: gl.constexpr, DIRECT: gl.constexpr, MIX_REGS: gl.constexpr,
-                            DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
+                            MIXERS: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
+                            num_warps: gl.constexpr):
         """Program (K block of BK columns, token split). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]), a_desc /
-        o_desc: acc / dX [T, N*C] (o_ptr: dX's memory, stored from registers when DIRECT), g_desc: dout [T, C],
-        all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
+        o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
         [BT, MP]; l_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; c_desc: the packed
         coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]; scratch_ptr: fp32 [splits, 2 MP, N*C];
         dphi_ptr: the splits' fp32 dphi [splits, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are
@@ -334,8 +318,8 @@ if AVAILABLE:
         # the first dx warpgroup is the default partition (it gets the registers the others leave)
         if MIXERS == 1:
             gl.warp_specialize([
-                (_dx, (o_desc, o_ptr, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
-                       n_tiles, T, K, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, DIRECT, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, num_warps)),
                 (_dphi, (scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES,
                          4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
@@ -344,10 +328,10 @@ if AVAILABLE:
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_dx, (o_desc, o_ptr, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
-                       n_tiles, T, K, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, DIRECT, num_warps)),
-                (_dx, (o_desc, o_ptr, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
-                       n_tiles, T, K, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, DIRECT, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, num_warps)),
                 (_dphi, (scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES,
                          4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
@@ -390,14 +374,12 @@ def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:
 
 def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                acc: Tensor | None, out: Tensor | None = None, *, stages: int = 0, mixers: int = 2,
-               mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None,
-               direct: bool = False) -> tuple[Tensor, Tensor]:
+               mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None) -> tuple[Tensor, Tensor]:
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
     ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
     or broadcast over its streams: ``triton_ops._stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
     ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
-    by the same program). ``direct``: dx stored from the dx warpgroups' registers, not by TMA from the slot (the
-    slot goes back before the stores)."""
+    by the same program)."""
     global LAUNCHES
     (x, bcast) = tk._stream_arg(x)
     _, t, n, c = tk._stream_dims(x)
@@ -424,9 +406,8 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
     LAUNCHES += 1
     _proj_bwd_ws_kernel[(kblocks, splits)](
-        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), dx,
-        scratch, dphi, t, c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB,
-        MP=MP, CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, DIRECT=direct, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs,
-        num_warps=4)
+        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), scratch,
+        dphi, t, c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP,
+        CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
     # one split (the issue's shapes): dphi as the kernel wrote it, no further launch (the Triton kernel's way)
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)

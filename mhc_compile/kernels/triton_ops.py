@@ -252,8 +252,6 @@ class FusedBwdCfg:
     ws_no_acc: bool = True
     # dx warpgroups: None picks the faster of session 26 (two with acc, one without: 678 vs 714 us at 32768 x 4096)
     ws_mixers: int | None = None
-    # dx stored from the dx warpgroups' registers, the slot released before the stores (untimed: session 26)
-    ws_direct: bool = False
 
     def __post_init__(self):
         if self.ws_mixers not in (None, 1, 2):

@@ -397,8 +397,7 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
 
         n, c = x.shape[-2:]
         if gluon_proj_bwd.supported(x, n, c, *(v for v in (dout, acc, out) if v is not None)):
-            return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers,
-                                             direct=cfg.ws_direct)
+            return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers)
     two_mp = 2 * max(16, tk._pow2(phi.shape[1]))
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
