@@ -25,15 +25,16 @@ boxes: session 21 measured 128-byte rows costing 9 points against 256) and walks
 - a slot is free once the dx warpgroups' TMA stores have read it and the dphi warpgroup's wgmmas have completed.
 
 The arithmetic is the Triton kernel's: the same dots in the same precisions, the elementwise terms added in its
-order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg.ws`` turns it on and
+order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it (``gluon_for``) and
 ``supported`` says where it runs; elsewhere the Triton kernel runs. Gluon does not run under ``TRITON_INTERPRET=1``:
 the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
 with the reference on an sm_90 GPU and times it beside the Triton kernel.
 
-Status (session 25, benchmarks/results/session25-2026-12-04-h200.md): a first build, whose two dx warpgroups took
-whole tiles in turn, matched the float64 reference at eight shapes on an H200 and then hung at 512 tiles a program
-(``_dx`` says why; tests/test_ring_protocol.py models it). This build differs from it only in how the dx
-warpgroups split the work. It has not run on a GPU yet, and nothing has been timed, hence off by default.
+Status (session 26, benchmarks/results/session26-2026-12-04-h200.md): matches the float64 reference at eight shapes
+on an H200 (as the Triton kernel does), runs the issue's shapes without hanging (session 25's first build hung: ``_dx``
+says why; tests/test_ring_protocol.py models it), and is the default for the calls without acc, where it is faster
+(``FusedBwdCfg.ws_no_acc``); with acc it is opt-in (``FusedBwdCfg.ws``), the two kernels trading places by a few
+percent between runs.
 """
 
 from __future__ import annotations

@@ -242,15 +242,18 @@ class FusedBwdCfg:
     tma: bool = True
     # bf16 on sm_90: the warp-specialized Gluon kernel (kernels/gluon_proj_bwd.py): a TMA loader warp with a ring of
     # three or four slots, dx warpgroups (each a half of every tile, or one both) and a dphi warpgroup. H200, session
-    # 26 (benchmarks/results/session26-2026-12-04-h200.md), interleaved against this Triton kernel, the op as called:
-    # - without acc (enter's backward, proj_backward) it is faster: 678 vs 796 us at 32768 x 4096 (84 vs 72 % of
-    #   copy bandwidth), 177 vs 205 at 8192 x 4096, 368 vs 389 at 8192 x 7168, even at 32768 x 7168;
-    # - with acc (the default path's folded boundary) it is not: 958-966 vs 949-953 us at 32768 x 4096, 1791 vs 1748
-    #   at 32768 x 7168 (238 vs 246 at 8192 x 4096), and the training step is the same within its spread.
+    # 26 (benchmarks/results/session26-2026-12-04-h200.md), beside this Triton kernel in the same run, the op as called:
+    # - without acc (enter's backward, proj_backward) it is faster or equal in every run: 678-730 vs 795-837 us at
+    #   32768 x 4096 (77-84 vs 68-72 % of copy bandwidth), 177-180 vs 205-211 at 8192 x 4096, 0-6 % at C = 7168; in
+    #   the kernel table proj bwd 85 vs 73 %, enter bwd 85 vs 77 %;
+    # - with acc (the default path's folded boundary) the two trade places between runs and machines: 958-966 vs
+    #   949-953 us at 32768 x 4096 in one, 955-979 vs 1001-1010 in another, 978 vs 988 in the kernel table (238-244
+    #   vs 246-260 at 8192 x 4096 in all three), and the training step does not move beyond its spread. Opt-in.
     # ws: the Gluon kernel wherever it runs; ws_no_acc: only for the calls without acc (the default)
     ws: bool = False
     ws_no_acc: bool = True
-    # dx warpgroups: None picks the faster of session 26 (two with acc, one without: 678 vs 714 us at 32768 x 4096)
+    # dx warpgroups: None = two with acc, one without. Which is faster changed between session 26's runs (without
+    # acc at 32768 x 4096: one 678 vs two 714 us in call 2, 730 vs 690 in call 4), so this is no tuned choice
     ws_mixers: int | None = None
 
     def __post_init__(self):
