@@ -111,6 +111,38 @@ def test_off_sm90_ws_runs_the_triton_kernel():
     assert all(torch.equal(a, b) for a, b in zip(no_acc, want_no_acc))
 
 
+def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monkeypatch):
+    """The Gluon kernel is a default now (calls without acc): if it does not build (another Triton's Gluon, shared
+    memory, ptxas), the call runs the Triton kernel with a warning, later calls go straight there, and the Triton
+    kernel's own fallbacks (triton_ops._NO_ONE_PASS, for its OutOfResources) stay untouched."""
+    from triton.runtime.errors import OutOfResources
+
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    g = torch.Generator().manual_seed(3)
+    t, n, c = 21, 2, 128
+    m = ref.num_coeffs(n)
+    x = torch.randn(t, n, c, generator=g).to(torch.bfloat16)
+    phi, dp, dsq = 0.1 * torch.randn(n * c, m, generator=g), torch.randn(t, m, generator=g), torch.randn(t, generator=g)
+    h_pre, dout = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g).to(torch.bfloat16)
+    with tk.tuning("proj_dx_dphi", ws_no_acc=False):
+        want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
+    tries = []
+
+    def fails(*args, **kwargs):
+        tries.append(kwargs["mixers"])
+        raise OutOfResources(240000, 232448, "shared memory")
+
+    monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(gp, "proj_grads", fails)
+    monkeypatch.setattr(tpb, "_NO_GLUON", set())
+    with pytest.warns(UserWarning, match="Gluon kernel does not build here.*OutOfResources"):
+        got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
+    again = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
+    assert tries == [1] and tpb._NO_GLUON == {x.device} and x.device not in tk._NO_ONE_PASS
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
+
+
 def _run(*args):
     return run_check("gluon_proj_bwd_check.py", *args)
 

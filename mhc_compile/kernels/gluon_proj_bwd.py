@@ -26,7 +26,8 @@ boxes: session 21 measured 128-byte rows costing 9 points against 256) and walks
 
 The arithmetic is the Triton kernel's: the same dots in the same precisions, the elementwise terms added in its
 order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it (``gluon_for``) and
-``supported`` says where it runs; elsewhere the Triton kernel runs. Gluon does not run under ``TRITON_INTERPRET=1``:
+``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build (a TritonError),
+``triton_proj_bwd.proj_grads`` warns and runs the Triton kernel on that device from then on. Gluon does not run under ``TRITON_INTERPRET=1``:
 the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
 with the reference on an sm_90 GPU and times it beside the Triton kernel.
 

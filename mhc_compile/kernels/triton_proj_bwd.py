@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.kernels.launch import launch
@@ -386,18 +388,28 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
 
 
+_NO_GLUON: set = set()  # devices where the Gluon kernel failed to build: the Triton kernel runs there instead
+
+
 def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=None):
     """triton_ops' entry: (dx, dphi) with ``cfg``'s tile; the register cap applies on the GPU only (the
     interpreter has no registers). The [2 MP, BK] dphi accumulator lives in registers, so BK shrinks as the
     coefficient count grows (n = 4: MP = 32, BK = 128 as configured; n = 8: MP = 128, BK = 32), as the pair's
     dphi kernel does."""
     mixers = cfg.gluon_for(acc is not None)
-    if mixers and x.is_cuda:
+    if mixers and x.device not in _NO_GLUON:
         from mhc_compile.kernels import gluon_proj_bwd
 
         n, c = x.shape[-2:]
         if gluon_proj_bwd.supported(x, n, c, *(v for v in (dout, acc, out) if v is not None)):
-            return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers)
+            try:
+                return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers)
+            except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas): before launch,
+                # so nothing was written; it must not reach _proj_grads, whose OutOfResources handling is the Triton
+                # kernel's
+                _NO_GLUON.add(x.device)
+                warnings.warn(f"mhc proj backward: the Gluon kernel does not build here ({type(e).__name__}: "
+                              f"{str(e)[:200]}); using the Triton kernel on {x.device}", stacklevel=2)
     two_mp = 2 * max(16, tk._pow2(phi.shape[1]))
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
