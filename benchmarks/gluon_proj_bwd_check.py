@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/gluon_proj_bwd_check.py --build    # no GPU: sm_90a builds, resources
     PYTHONPATH=. python benchmarks/gluon_proj_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
+    git show main:mhc_compile/kernels/gluon_proj_bwd.py > against_main.py   # another build of the module, then
+    PYTHONPATH=. python benchmarks/gluon_proj_bwd_check.py --against against_main.py  # both, in one process
 
 On the GPU: at every check shape, (dx, dphi) of the Gluon kernel against the float64 reference (``reference.
 proj_pre_backward`` / ``proj_backward``), beside the Triton kernel's errors (the bar to meet), with and without
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import sys
 import time
@@ -108,7 +111,7 @@ def _gluon(v, out=None, **kw):
     return gp.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"], out=out, **kw)
 
 
-def check(t, n, c, has_pre, has_acc, bcast, lines) -> bool:
+def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
     v = _inputs(t, n, c, has_pre, has_acc, bcast, seed=t + n + c)
     want = _reference(v)
     tri = _triton(v)
@@ -135,11 +138,19 @@ def check(t, n, c, has_pre, has_acc, bcast, lines) -> bool:
         ok &= same
         lines.append(f"| {name} | out = acc: the same outputs, in place | | | {'ok' if same else 'FAIL'} |")
     lines.append(f"| {name} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
-    print("\n".join(lines[-(4 + has_acc):]), flush=True)
+    shown = 4 + has_acc
+    if against is not None:  # the other build: its errors beside this one's (a report, not a pass / fail)
+        other = against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
+        same = all(torch.equal(a, b) for a, b in zip(other, got))
+        errs = ", ".join(f"{what} {((b.double() - w).abs().max() / (w.abs().max() or 1.0)).item():.2e}"
+                         for what, w, b in zip(("dx", "dphi"), want, other))
+        lines.append(f"| {name} | --against build: {'bit-equal to this one' if same else errs} | | | |")
+        shown += 1
+    print("\n".join(lines[-shown:]), flush=True)
     return ok
 
 
-def times(shapes, lines, rounds: int = 3, saved=lambda: None) -> None:
+def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> None:
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
@@ -147,8 +158,8 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None) -> None:
     bw = copy_bandwidth("cuda")
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
     lines.append("| T x C | acc | round | Triton us (eff) | Gluon, 2 dx warpgroups (eff) | Gluon, 1 (eff) | Gluon "
-                 "launch alone, 2 (eff) | launch alone, 1 (eff) |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+                 "launch alone, 2 (eff) | launch alone, 1 (eff) |" + (" --against, 2 (eff) |" if against else ""))
+    lines.append("|---|---|---|---|---|---|---|---|" + ("---|" if against else ""))
     for t, n, c in shapes:
         for has_acc in (True, False):
             v = _inputs(t, n, c, True, has_acc, False, seed=1)
@@ -188,12 +199,15 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None) -> None:
             def alone1():
                 launch(1)
 
+            def other():
+                return against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
+
             for rnd in range(rounds):
                 us = []
-                for f in (tri, one, two, alone, alone1):  # a line a timing: a run cut short says where it stopped
-                    us.append(triton.testing.do_bench_cudagraph(f, rep=200) * 1e3)
+                for f in (tri, one, two, alone, alone1) + ((other,) if against else ()):  # a line a timing: a
+                    us.append(triton.testing.do_bench_cudagraph(f, rep=200) * 1e3)    # cut run says where
                     print(f"  {t}x{c} acc={has_acc} {f.__name__}: {us[-1]:.1f} us", flush=True)
-                us = [us[0], us[2], us[1], us[3], us[4]]
+                us = [us[0], us[2], us[1]] + us[3:]
                 cells = " | ".join(f"{u:.1f} ({100 * nbytes / (u * 1e-6) / bw:.1f} %)" for u in us)
                 lines.append(f"| {t}x{c} | {has_acc} | {rnd} | {cells} |")
                 print(lines[-1], flush=True)
@@ -221,6 +235,8 @@ def main() -> int:
     ap.add_argument("--probe", action="store_true", help="one call a shape, synchronised, growing T (finds a hang)")
     ap.add_argument("--no-checks", action="store_true", help="time only (after a run whose checks passed)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--against", default=None, help="another build of kernels/gluon_proj_bwd.py, checked and timed "
+                    "beside this one")
     args = ap.parse_args()
     if args.build:
         return build()
@@ -231,6 +247,7 @@ def main() -> int:
         return 2
     import triton
 
+    against = load_module(args.against) if args.against else None
     lines = [f"# gluon_proj_bwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}, triton {triton.__version__}\n",
              "Errors: max |out - reference| / max |reference|, the reference in float64.\n",
@@ -239,7 +256,7 @@ def main() -> int:
     start = time.time()
     for shape in ([] if args.no_checks else CHECKS):
         try:
-            ok &= check(*shape, lines)
+            ok &= check(*shape, lines, against)
             print(f"  ({time.time() - start:.0f} s since the checks began)", flush=True)
         except Exception as exc:  # report and go on: the other shapes still say something
             ok = False
@@ -247,9 +264,18 @@ def main() -> int:
             print(lines[-1], flush=True)
     save(args.out, lines)
     if ok and not args.no_times:
-        times(TIMES, lines, args.rounds, lambda: save(args.out, lines))
+        times(TIMES, lines, args.rounds, lambda: save(args.out, lines), against)
     save(args.out, lines)
     return 0 if ok else 1
+
+
+def load_module(path: str):
+    """kernels/gluon_proj_bwd.py as another build has it (a file), importable beside this build's."""
+    spec = importlib.util.spec_from_file_location("gluon_proj_bwd_against", os.path.abspath(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Gluon's JIT reads the kernels' source through the module
+    spec.loader.exec_module(module)
+    return module
 
 
 def save(out, lines) -> None:

@@ -147,6 +147,25 @@ def _run(*args):
     return run_check("gluon_proj_bwd_check.py", *args)
 
 
+def test_the_check_script_loads_another_build_beside_this_one(tmp_path):
+    """--against FILE: another build of the module (say main's, beside a branch's) loads as a module of its own, so
+    both run in one process; here the file is this build's own source, copied."""
+    import importlib
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        check = importlib.import_module("gluon_proj_bwd_check")
+    finally:
+        sys.path.pop(0)
+    copy = tmp_path / "against.py"
+    copy.write_text(open(gp.__file__).read())
+    other = check.load_module(str(copy))
+    assert other is not gp and other.proj_grads is not gp.proj_grads
+    assert other._proj_bwd_ws_kernel is not gp._proj_bwd_ws_kernel and other.BK == gp.BK
+
+
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_builds_for_sm90_within_shared_memory_without_spills():
     proc = _run("--build")
