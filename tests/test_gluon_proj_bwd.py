@@ -88,16 +88,21 @@ def test_the_config_picks_the_kernel_and_its_warpgroups_by_acc():
     assert tk._DEFAULTS["proj_dx_dphi"] == cfg
 
 
-def test_off_sm90_ws_runs_the_triton_kernel():
-    """FusedBwdCfg.ws on CPU tensors (the interpreter): the Triton kernel runs, with the values it gives without;
-    likewise a call without acc, which the default sends to the Gluon kernel where it is supported."""
-    g = torch.Generator().manual_seed(2)
-    t, n, c = 37, 4, 128
+def _cpu_inputs(t, n, c, seed):
+    """A proj backward call's operands on the CPU: bf16 x, dout, acc; fp32 phi, dp, dsq, h_pre."""
+    g = torch.Generator().manual_seed(seed)
     m = ref.num_coeffs(n)
     x = torch.randn(t, n, c, generator=g).to(torch.bfloat16)
     phi, dp, dsq = 0.1 * torch.randn(n * c, m, generator=g), torch.randn(t, m, generator=g), torch.randn(t, generator=g)
     h_pre, dout = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g).to(torch.bfloat16)
-    acc = torch.randn(t, n, c, generator=g).to(torch.bfloat16)
+    return x, phi, dp, dsq, h_pre, dout, torch.randn(t, n, c, generator=g).to(torch.bfloat16)
+
+
+def test_off_sm90_ws_runs_the_triton_kernel():
+    """FusedBwdCfg.ws on CPU tensors (the interpreter): the Triton kernel runs, with the values it gives without;
+    likewise a call without acc, which the default sends to the Gluon kernel where it is supported."""
+    t, n, c = 37, 4, 128
+    x, phi, dp, dsq, h_pre, dout, acc = _cpu_inputs(t, n, c, seed=2)
     assert not gp.supported(x, n, c)
     want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
     before = gp.LAUNCHES
@@ -119,12 +124,7 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
 
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
-    g = torch.Generator().manual_seed(3)
-    t, n, c = 21, 2, 128
-    m = ref.num_coeffs(n)
-    x = torch.randn(t, n, c, generator=g).to(torch.bfloat16)
-    phi, dp, dsq = 0.1 * torch.randn(n * c, m, generator=g), torch.randn(t, m, generator=g), torch.randn(t, generator=g)
-    h_pre, dout = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g).to(torch.bfloat16)
+    x, phi, dp, dsq, h_pre, dout, _ = _cpu_inputs(21, 2, 128, seed=3)
     with tk.tuning("proj_dx_dphi", ws_no_acc=False):
         want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     tries = []
