@@ -52,14 +52,14 @@ def build() -> int:
     x, g = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
     dp, phi = torch.zeros(t, m), torch.zeros(n * c, m)
     hl, coefs = torch.zeros(2 * gp.MP, t, dtype=torch.bfloat16), torch.zeros(t, gp.CW)
-    scratch, dphi = torch.zeros(1, 2 * gp.MP, n * c), torch.zeros(1, n * c, m)
+    dphi = torch.zeros(1, n * c, m)
     for has_pre, has_acc, mixers in ((True, True, 2), (True, True, 1), (True, False, 2), (False, False, 2)):
         st = gp.stages_for(has_pre, has_acc)
         with sm90_build.cpu_target(90):
             built = gp._proj_bwd_ws_kernel.warmup(
                 *gp.descriptors(x, False, g if has_pre else None, x if has_acc else None, gp.pad_cols(dp, gp.MP), hl,
                                 coefs, gp.pad_cols(phi, gp.MP), x, t, n, c),
-                scratch, dphi, t, c, m, t, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=False,
+                dphi, t, c, m, t, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=False,
                 BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
                 MIX_REGS=192, DPHI_REGS=104, num_warps=4, grid=(n * c // gp.BK, 1))
         regs, spill = sm90_build.resources(built)
@@ -181,7 +181,6 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
             kblocks = n * c // gp.BK
             splits, t_split = gp.plan_splits(t, kblocks, dx.device)
             m = dp32.shape[1]
-            scratch = torch.empty((splits, 2 * gp.MP, n * c), dtype=torch.float32, device="cuda")
             dphi = torch.empty((splits, n * c, m), dtype=torch.float32, device="cuda")
             descs = gp.descriptors(v["x"], False, v["dout"], v["acc"], gp.pad_cols(dp32, gp.MP), hl, coefs,
                                    gp.pad_cols(v["phi"], gp.MP), dx, t, n, c)
@@ -189,7 +188,7 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
 
             def launch(mixers):
                 gp._proj_bwd_ws_kernel[(kblocks, splits)](
-                    *descs, scratch, dphi, t, c, m, t_split, N=n, HAS_PRE=True, HAS_ACC=has_acc, X_BCAST=False,
+                    *descs, dphi, t, c, m, t_split, N=n, HAS_PRE=True, HAS_ACC=has_acc, X_BCAST=False,
                     BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
                     MIX_REGS=192, DPHI_REGS=104, num_warps=4)
 

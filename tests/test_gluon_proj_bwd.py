@@ -33,7 +33,8 @@ def test_pack_coefs_puts_h_pre_and_dsq_in_their_columns():
 @pytest.mark.parametrize("t, n, pre", [(1, 1, True), (37, 3, True), (130, 4, True), (129, 4, False), (45, 2, False)])
 def test_pack_tokens_matches_split_dp_t_and_pack_coefs(t, n, pre):
     """The one-launch Triton packing (under the interpreter here) against the reference packing it replaced:
-    dp^T's hi / lo rows as triton_proj_bwd.split_dp_t writes them and pack_coefs' columns, bit for bit."""
+    dp^T's hi / lo rows as triton_proj_bwd.split_dp_t writes them, in hl_order, and pack_coefs' columns, bit for
+    bit."""
     from mhc_compile.kernels.triton_proj_bwd import split_dp_t
 
     g = torch.Generator().manual_seed(t + n)
@@ -41,9 +42,19 @@ def test_pack_tokens_matches_split_dp_t_and_pack_coefs(t, n, pre):
     dsq, h_pre = torch.randn(t, generator=g), torch.sigmoid(torch.randn(t, n, generator=g)) if pre else None
     hl, coefs = gp.pack_tokens(dp, dsq, h_pre)
     want = split_dp_t(dp, gp.MP)
-    assert hl.shape == want.shape and torch.equal(hl[:, :t], want[:, :t])  # columns past T: never read
-    assert not hl[ref.num_coeffs(n):gp.MP, :t].any() and not hl[gp.MP + ref.num_coeffs(n):, :t].any()
+    assert hl.shape == want.shape and torch.equal(hl[:, :t], want[gp.hl_order(gp.MP), :t])  # columns past T: unread
+    m = ref.num_coeffs(n)
+    assert not want[m:gp.MP, :t].any() and not want[gp.MP + m:, :t].any()  # the coefficients past M: zero rows
     assert torch.equal(coefs, gp.pack_coefs(dsq, h_pre))
+
+
+def test_hl_order_pairs_a_coefficients_hi_and_lo_rows_eight_apart_within_sixteen():
+    order = gp.hl_order(gp.MP).tolist()
+    assert sorted(order) == list(range(2 * gp.MP))  # a permutation of split_dp_t's rows
+    for r in range(2 * gp.MP):
+        if (r // 8) % 2 == 0:  # a hi row: coefficient c's; its lo row is r + 8, in the same 16-row warp block
+            c = order[r]
+            assert c < gp.MP and order[r + 8] == gp.MP + c and c == (r // 16) * 8 + r % 8
 
 
 def test_pad_cols_keeps_tma_ready_rows_and_pads_the_others():

@@ -98,8 +98,8 @@ def pack_coefs(dsq: Tensor, h_pre: Tensor | None) -> Tensor:
 def _pack_tokens_kernel(dp_ptr, dsq_ptr, hpre_ptr, hl_ptr, coef_ptr, T, M, T16, N: tl.constexpr,
                         HAS_PRE: tl.constexpr, BR: tl.constexpr, MP: tl.constexpr, CW: tl.constexpr,
                         DSQ: tl.constexpr):
-    """BR tokens a program: dp [T, M] fp32 -> dp^T's bf16 hi rows then lo rows (hl [2 MP, T16], rows past M
-    zero), and h_pre [T, N] / dsq [T] -> the packed coefficients [T, CW]."""
+    """BR tokens a program: dp [T, M] fp32 -> dp^T's bf16 hi and lo rows (hl [2 MP, T16] in ``hl_order``, rows of
+    coefficients past M zero), and h_pre [T, N] / dsq [T] -> the packed coefficients [T, CW]."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < T
     r64 = rows.to(tl.int64)
@@ -107,9 +107,10 @@ def _pack_tokens_kernel(dp_ptr, dsq_ptr, hpre_ptr, hl_ptr, coef_ptr, T, M, T16, 
     v = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & (ms < M)[None, :], other=0.0)
     hi = v.to(tl.bfloat16)
     lo = (v - hi.to(tl.float32)).to(tl.bfloat16)  # split_dp_t's rounding: dp = hi + lo to ~2^-16
-    off = ms[None, :].to(tl.int64) * T16 + r64[:, None]
+    hi_row = (ms // 8) * 16 + ms % 8  # hl_order: coefficient c's hi row; its lo row is 8 further
+    off = hi_row[None, :].to(tl.int64) * T16 + r64[:, None]
     tl.store(hl_ptr + off, hi, mask=rmask[:, None])
-    tl.store(hl_ptr + MP * T16 + off, lo, mask=rmask[:, None])
+    tl.store(hl_ptr + 8 * T16 + off, lo, mask=rmask[:, None])
     cols = tl.arange(0, CW)
     coef = tl.zeros((BR, CW), tl.float32)
     if HAS_PRE:
@@ -120,9 +121,17 @@ def _pack_tokens_kernel(dp_ptr, dsq_ptr, hpre_ptr, hl_ptr, coef_ptr, T, M, T16, 
     tl.store(coef_ptr + r64[:, None] * CW + cols[None, :], coef, mask=rmask[:, None])
 
 
+def hl_order(mp: int) -> Tensor:
+    """The rows of ``triton_proj_bwd.split_dp_t`` (hi rows of the mp coefficients, then their lo rows) in the order
+    the kernel reads them: blocks of 16 rows, the hi rows of 8 coefficients then their lo rows, so that a wgmma
+    accumulator thread, which holds rows r and r + 8 of its warp's 16, holds a coefficient's hi and lo sums."""
+    r = torch.arange(2 * mp)
+    return (r // 8) % 2 * mp + (r // 16) * 8 + r % 8
+
+
 def pack_tokens(dp: Tensor, dsq: Tensor, h_pre: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One launch for the kernel's per-token operands: (``triton_proj_bwd.split_dp_t(dp, MP)``, ``pack_coefs(dsq,
-    h_pre)``), the same values. Those took four small launches; with dphi's sum and transpose (now in the kernel)
+    """One launch for the kernel's per-token operands: (``triton_proj_bwd.split_dp_t(dp, MP)[hl_order(MP)]``,
+    ``pack_coefs(dsq, h_pre)``), the same values. Those took four small launches; with dphi's sum and transpose (now in the kernel)
     the launches around the kernel cost ~30 us a call at 32768 x 4096 on an H200 (session 26 call 1). fp32 dp
     [T, M], dsq [T], h_pre [T, n], contiguous."""
     t, m = dp.shape
@@ -229,10 +238,11 @@ if AVAILABLE:
             mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
-    def _dphi(scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT: gl.constexpr,
-              XB: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """The dphi warpgroup: dphi^T [2 MP, BK] += [dp_hi; dp_lo]^T X for every tile (bf16 wgmmas, X as loaded),
-        in registers for all of the program's tokens; then hi + lo, transposed into dphi_ptr[part] ([K, M])."""
+    def _dphi(dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT: gl.constexpr, XB: gl.constexpr,
+              MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """The dphi warpgroup: dphi^T [2 MP, BK] += [dp_hi; dp_lo]^T X for every tile (bf16 wgmmas, X as loaded; hl's
+        rows in ``pack_tokens``' order), in registers for all of the program's tokens; then hi + lo, transposed into
+        dphi_ptr[part] ([K, M])."""
         LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, XB, 16])
         acc0 = gl.zeros([2 * MP, XB], gl.float32, LD)
@@ -244,28 +254,32 @@ if AVAILABLE:
             acc1 = warpgroup_mma(hls.index(s), xs[1].index(s), acc1, is_async=True)
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
             mbarrier.arrive(empty.index(s), count=1)
-        # hi rows and lo rows sit in different warps of the accumulator: they meet through the program's slice of
-        # an L2-resident scratch ([2 MP, K] a split), so the host neither sums them nor transposes dphi
-        prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD)).to(gl.int64)
-        pcol = k0 + gl.arange(0, XB, gl.SliceLayout(0, LD))
-        sbase = scratch_ptr + part.to(gl.int64) * (2 * MP) * K
-        gl.store(sbase + prow[:, None] * K + pcol[None, :], acc0)
-        gl.store(sbase + prow[:, None] * K + (XB + pcol)[None, :], acc1)
-        _warps_barrier()  # the warpgroup's scratch stores, before its threads read each other's rows
-        # a thread a coefficient: consecutive threads store consecutive floats of a dphi row
-        LT: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])
-        r = gl.arange(0, MP, gl.SliceLayout(1, LT))
-        r64 = r.to(gl.int64)
-        dbase = dphi_ptr + part.to(gl.int64) * K * M
-        for q in gl.static_range(2 * XB // 32):  # 32 columns at a time: 16 values a thread live
-            col = (k0 + q * 32 + gl.arange(0, 32, gl.SliceLayout(0, LT))).to(gl.int64)
-            hi = gl.load(sbase + r64[:, None] * K + col[None, :])
-            lo = gl.load(sbase + (MP + r64)[:, None] * K + col[None, :])
-            gl.store(dbase + col[None, :] * M + r64[:, None], hi + lo, mask=(r < M)[:, None])
+        # hl's rows are ordered so that each thread holds a coefficient's hi and lo rows (``pack_tokens``): warp w's
+        # 16 rows are the hi rows of coefficients 8w .. 8w+7, then their lo rows, and a wgmma accumulator thread
+        # holds rows r and r + 8 of its warp. Splitting the accumulator along that register bit pairs them with no
+        # data movement; the store then goes to dphi [K, M] transposed.
+        prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD))
+        coef = (prow // 16) * 8 + prow % 8
+        pcol = (k0 + gl.arange(0, XB, gl.SliceLayout(0, LD))).to(gl.int64)
+        dst = dphi_ptr + part.to(gl.int64) * K * M + pcol[None, :] * M + coef[:, None]
+        keep = (coef < M)[:, None] & (pcol < K)[None, :]  # [2 MP, XB] (every column lies in dphi)
+        dst_hi, _ = _pair_rows(dst, MP, XB)
+        keep_hi, _ = _pair_rows(keep, MP, XB)
+        for h in gl.static_range(2):
+            hi, lo = _pair_rows(acc0 if h == 0 else acc1, MP, XB)
+            gl.store(dst_hi + h * XB * M, hi + lo, mask=keep_hi)
+
+    @gluon.jit
+    def _pair_rows(v, MP: gl.constexpr, XB: gl.constexpr):
+        """[2 MP, XB] in the accumulator layout -> (rows 16w + j, rows 16w + 8 + j) for w < MP / 8, j < 8, each
+        [MP / 8, 8, XB]: a thread's own two rows, so the split moves no data."""
+        v = gl.reshape(v, [MP // 8, 2, 8, XB])
+        v = gl.permute(v, (0, 2, 3, 1))
+        return gl.split(v)
 
     @gluon.jit(do_not_specialize=["T"])
-    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, scratch_ptr,
-                            dphi_ptr, T, C, M, T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
+    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, T, C, M,
+                            T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
                             X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, XB: gl.constexpr,
                             MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr,
                             MIXERS: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
@@ -273,8 +287,8 @@ if AVAILABLE:
         """Program (K block of BK columns, token split). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]), a_desc /
         o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
         [BT, MP]; l_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; c_desc: the packed
-        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]; scratch_ptr: fp32 [splits, 2 MP, N*C];
-        dphi_ptr: the splits' fp32 dphi [splits, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are
+        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]; dphi_ptr: the splits' fp32 dphi
+        [splits, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are
         placeholders never read. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT."""
         K = N * C
         k0 = gl.program_id(0) * BK
@@ -323,8 +337,7 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
                        N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, num_warps)),
-                (_dphi, (scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES,
-                         4)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
                            phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
                            MP, CW, STAGES)),
@@ -335,8 +348,7 @@ if AVAILABLE:
                        N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, num_warps)),
                 (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
                        N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, num_warps)),
-                (_dphi, (scratch_ptr, dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES,
-                         4)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
                            phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
                            MP, CW, STAGES)),
@@ -405,12 +417,11 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     else:  # given (probes): whole tiles a split
         t_split = tk._cdiv(tk._cdiv(t, splits), BT) * BT
         splits = tk._cdiv(t, t_split)
-    scratch = torch.empty((splits, 2 * MP, k), dtype=torch.float32, device=dev)
     dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
     LAUNCHES += 1
     _proj_bwd_ws_kernel[(kblocks, splits)](
-        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), scratch,
-        dphi, t, c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP,
+        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), dphi, t,
+        c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP,
         CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
     # one split (the issue's shapes): dphi as the kernel wrote it, no further launch (the Triton kernel's way)
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)
