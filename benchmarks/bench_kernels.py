@@ -18,10 +18,10 @@ separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, an
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
 The opt-in warp-specialized Gluon kernels get rows of their own: "post_res_proj ws" and "step ws" forward
-(``DotCfg.ws``), "step ws" backward (``StepBwdCfg.ws``, the two-pass backward), "proj_pre_backward ws", "folded
-step ws" and "enter ws" backward (``FusedBwdCfg.ws``, proj's one-pass backward); off sm_90 they run what the rows
-without "ws" run. The calls without acc ("proj" and "enter" backward) take the Gluon proj backward by default on
-sm_90 (``FusedBwdCfg.ws_no_acc``): their "(Triton)" rows run the Triton kernel beside it.
+(``DotCfg.ws``), "step ws" backward (``StepBwdCfg.ws``, the two-pass backward); off sm_90 they run what the rows
+without "ws" run. proj's one-pass backward is the Gluon kernel by default on sm_90 (``FusedBwdCfg.ws``): the
+rows that run it ("proj", "proj_pre_backward", "folded step" and "enter" backward) have "(Triton)" rows beside
+them that run the Triton kernel instead.
 --sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
@@ -136,11 +136,12 @@ def cases(inp: dict) -> list[Case]:
         Case("post_res_proj", "fwd", lambda k: k.post_res_proj(x, hr, hq, y, phi), _nb(x, hr, hq, y, phi, x, p, sq)),
         # the backward-only ops of passes/fold_stream_grads.py (gx, shaped like X, stands for the residual part)
         Case("pre_backward_dh", "bwd", lambda k: k.pre_backward_dh(x, hp, gy), _nb(x, gy, hp)),
+        # the Gluon kernel by default (FusedBwdCfg.ws: kernels/gluon_proj_bwd.py on sm_90, bf16, n <= 4, C a
+        # multiple of 128), the Triton kernel in the row after it (and everywhere else)
         Case("proj_pre_backward", "bwd", lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx),
              _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
-        # the opt-in Gluon kernel of the same op (FusedBwdCfg.ws: kernels/gluon_proj_bwd.py on sm_90, bf16, n <= 4,
-        # C a multiple of 128; elsewhere the Triton kernel of the row above)
-        Case("proj_pre_backward ws", "bwd", _ws_proj(lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx)),
+        Case("proj_pre_backward (Triton)", "bwd",
+             _triton_proj(lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx)),
              _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
     ] + fused_cases(inp)
 
@@ -190,6 +191,7 @@ def fused_cases(inp: dict) -> list[Case]:
 
     out = [
         Case("folded step", "bwd", folded_bwd, folded_bytes),
+        Case("folded step (Triton)", "bwd", _triton_proj(folded_bwd), folded_bytes),
         Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
         Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                       gres, *ca), step_bwd, "fused"),
@@ -207,28 +209,16 @@ def fused_cases(inp: dict) -> list[Case]:
         # the three passes of the "step bwd" row)
         Case("step ws", "bwd", _ws_bwd(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in,
                                                                  gpost, gres, *ca)), step_bwd, "fused"),
-        # the opt-in Gluon proj backward (FusedBwdCfg.ws; "proj_pre_backward ws" above): in the default path's
-        # folded boundary, and in enter's backward (x broadcast over its streams)
-        Case("folded step ws", "bwd", _ws_proj(folded_bwd), folded_bytes),
-        Case("enter ws", "bwd", _ws_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost, gres,
-                                                                    *ca)), enter_bwd, "fused"),
-        # enter's proj backward has no acc: the Gluon kernel by default on sm_90 ("enter" bwd), here the Triton one
+        # enter's proj backward (x broadcast over its streams, no acc): the Gluon kernel by default on sm_90
+        # ("enter" bwd), here the Triton one
         Case("enter (Triton)", "bwd", _triton_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost,
                                                                              gres, *ca)), enter_bwd, "fused"),
     ]
     return out
 
 
-def _ws_proj(call: Callable[[object], object]) -> Callable[[object], object]:
-    """``call`` with proj's one-pass backward as the Gluon kernel (FusedBwdCfg.ws; the references ignore it)."""
-    def run(k):
-        with tk.tuning("proj_dx_dphi", ws=True):
-            return call(k)
-    return run
-
-
 def _triton_proj(call: Callable[[object], object]) -> Callable[[object], object]:
-    """``call`` with proj's one-pass backward as the Triton kernel everywhere (FusedBwdCfg.ws_no_acc off)."""
+    """``call`` with proj's one-pass backward as the Triton kernel everywhere (FusedBwdCfg.ws, ws_no_acc off)."""
     def run(k):
         with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
             return call(k)

@@ -87,14 +87,15 @@ def test_argument_checks_name_the_problem():
 
 
 def test_the_config_picks_the_kernel_and_its_warpgroups_by_acc():
-    """Default: the Gluon kernel for calls without acc only (faster there on an H200, session 26), one dx warpgroup
-    without acc and two with; ws forces it for both; ws_no_acc off keeps the Triton kernel everywhere."""
+    """Default (session 27): the Gluon kernel for every call, one dx warpgroup without acc and two with; ws off
+    keeps it for the calls without acc only; ws and ws_no_acc off keep the Triton kernel everywhere."""
     cfg = tk.FusedBwdCfg()
-    assert (cfg.gluon_for(has_acc=False), cfg.gluon_for(has_acc=True)) == (1, 0)
-    forced = tk.FusedBwdCfg(ws=True)
-    assert (forced.gluon_for(has_acc=False), forced.gluon_for(has_acc=True)) == (1, 2)
-    assert tk.FusedBwdCfg(ws=True, ws_mixers=2).gluon_for(has_acc=False) == 2
-    off = tk.FusedBwdCfg(ws_no_acc=False)
+    assert (cfg.gluon_for(has_acc=False), cfg.gluon_for(has_acc=True)) == (1, 2)
+    assert tk.FusedBwdCfg(ws_mixers=2).gluon_for(has_acc=False) == 2
+    assert tk.FusedBwdCfg(ws_mixers=1).gluon_for(has_acc=True) == 1
+    no_acc_only = tk.FusedBwdCfg(ws=False)
+    assert (no_acc_only.gluon_for(has_acc=False), no_acc_only.gluon_for(has_acc=True)) == (1, 0)
+    off = tk.FusedBwdCfg(ws=False, ws_no_acc=False)
     assert (off.gluon_for(has_acc=False), off.gluon_for(has_acc=True)) == (0, 0)
     assert tk._DEFAULTS["proj_dx_dphi"] == cfg
 
@@ -110,17 +111,16 @@ def _cpu_inputs(t, n, c, seed):
 
 
 def test_off_sm90_ws_runs_the_triton_kernel():
-    """FusedBwdCfg.ws on CPU tensors (the interpreter): the Triton kernel runs, with the values it gives without;
-    likewise a call without acc, which the default sends to the Gluon kernel where it is supported."""
+    """The default (FusedBwdCfg.ws) on CPU tensors (the interpreter): the Triton kernel runs, with the values it
+    gives with the Gluon kernel configured off, with and without acc."""
     t, n, c = 37, 4, 128
     x, phi, dp, dsq, h_pre, dout, acc = _cpu_inputs(t, n, c, seed=2)
     assert not gp.supported(x, n, c)
-    want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
     before = gp.LAUNCHES
-    with tk.tuning("proj_dx_dphi", ws=True):
-        got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+    got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
     no_acc = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
-    with tk.tuning("proj_dx_dphi", ws_no_acc=False):
+    with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
+        want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
         want_no_acc = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     assert gp.LAUNCHES == before
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -128,7 +128,7 @@ def test_off_sm90_ws_runs_the_triton_kernel():
 
 
 def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monkeypatch):
-    """The Gluon kernel is a default now (calls without acc): if it does not build (another Triton's Gluon, shared
+    """The Gluon kernel is the default: if it does not build (another Triton's Gluon, shared
     memory, ptxas), the call runs the Triton kernel with a warning, later calls go straight there, and the Triton
     kernel's own fallbacks (triton_ops._NO_ONE_PASS, for its OutOfResources) stay untouched."""
     from triton.runtime.errors import OutOfResources
@@ -136,7 +136,7 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
     x, phi, dp, dsq, h_pre, dout, _ = _cpu_inputs(21, 2, 128, seed=3)
-    with tk.tuning("proj_dx_dphi", ws_no_acc=False):
+    with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
         want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     tries = []
 

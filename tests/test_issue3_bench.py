@@ -172,8 +172,8 @@ def test_parsers_read_what_bench_kernels_writes_today(tmp_path):
     assert "| SM clock (triton) |" in text
     eff = issue3.parse_kernels(text, t=37, c=24)
     assert {"proj fwd", "post_res_proj fwd", "proj_pre_backward bwd", "step bwd", "post_res_proj ws fwd",
-            "step ws fwd", "step ws bwd", "proj_pre_backward ws bwd", "folded step ws bwd",
-            "enter ws bwd"} <= set(eff), sorted(eff)
+            "step ws fwd", "step ws bwd", "proj_pre_backward (Triton) bwd", "folded step (Triton) bwd",
+            "enter (Triton) bwd", "proj (Triton) bwd"} <= set(eff), sorted(eff)
 
 
 def _rows(d, mhc_time, act="+17.7%", rounds=None):

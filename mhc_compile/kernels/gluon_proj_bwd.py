@@ -31,11 +31,11 @@ order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg
 the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
 with the reference on an sm_90 GPU and times it beside the Triton kernel.
 
-Status (session 26, benchmarks/results/session26-2026-12-04-h200.md): matches the float64 reference at eight shapes
+Status (session 27, benchmarks/results/session27-2026-12-04-h200.md): matches the float64 reference at eight shapes
 on an H200 (as the Triton kernel does), runs the issue's shapes without hanging (session 25's first build hung: ``_dx``
-says why; tests/test_ring_protocol.py models it), and is the default for the calls without acc, where it is faster
-(``FusedBwdCfg.ws_no_acc``); with acc it is opt-in (``FusedBwdCfg.ws``), the two kernels trading places by a few
-percent between runs.
+says why; tests/test_ring_protocol.py models it), and is the default for every call it supports
+(``FusedBwdCfg.ws``): without acc faster in every run since session 26, with acc since dphi's hi + lo rows pair in
+registers (session 27) faster or equal at every shape of that run.
 """
 
 from __future__ import annotations

@@ -246,14 +246,18 @@ class FusedBwdCfg:
     # - without acc (enter's backward, proj_backward) it is faster or equal in every run: 678-730 vs 795-837 us at
     #   32768 x 4096 (77-84 vs 68-72 % of copy bandwidth), 177-180 vs 205-211 at 8192 x 4096, 0-6 % at C = 7168; in
     #   the kernel table proj bwd 85 vs 73 %, enter bwd 85 vs 77 %;
-    # - with acc (the default path's folded boundary) the two trade places between runs and machines: 958-966 vs
-    #   949-953 us at 32768 x 4096 in one, 955-979 vs 1001-1010 in another, 978 vs 988 in the kernel table (238-244
-    #   vs 246-260 at 8192 x 4096 in all three), and the training step does not move beyond its spread. Opt-in.
-    # ws: the Gluon kernel wherever it runs; ws_no_acc: only for the calls without acc (the default)
-    ws: bool = False
+    # - with acc (the default path's folded boundary) the two traded places in session 26 (958-966 vs 949-953 us at
+    #   32768 x 4096 in one run, 955-979 vs 1001-1010 in another, 978 vs 988 in the kernel table; 238-244 vs 246-260
+    #   at 8192 x 4096 in all three). Session 27 (session27-2026-12-04-h200.md), dphi's hi + lo paired in registers:
+    #   923-963 vs 996-1000 us at 32768 x 4096, 234-237 vs 256 at 8192 x 4096, 447-452 vs 481-482 at 8192 x 7168,
+    #   1828-1844 vs 1817-1818 at 32768 x 7168; the d = 2048 step (host-bound) +24.5 % vs +25.4 %, d = 4096 equal.
+    # ws: the Gluon kernel for every call it supports (the default since session 27); ws False with ws_no_acc: only
+    # for the calls without acc; both False: the Triton kernel everywhere
+    ws: bool = True
     ws_no_acc: bool = True
-    # dx warpgroups: None = two with acc, one without. Which is faster changed between session 26's runs (without
-    # acc at 32768 x 4096: one 678 vs two 714 us in call 2, 730 vs 690 in call 4), so this is no tuned choice
+    # dx warpgroups: None = two with acc, one without. Which is faster changed between runs (without acc at 32768 x
+    # 4096: one 678 vs two 714 us in session 26's call 2, 730 vs 690 in its call 4, 716 vs 681-688 in session 27's
+    # call 1; with acc the other way round in those three), so this is no tuned choice
     ws_mixers: int | None = None
 
     def __post_init__(self):
