@@ -164,14 +164,37 @@ def _liger_version() -> str | None:
 LIGER_FILE = "liger-kernel.txt"  # in each training run's folder: the liger-kernel that run had
 
 
+def _recorded_envs(out: str) -> list[tuple[str, str]]:
+    """(device, versions) as each stage's own output in DIR recorded them: kernels/env.md's first two lines, each
+    training.md's "- device: D; torch T; triton V" line. A report rebuilt on another machine (one without a GPU,
+    merging folders from several device calls) names the machine that measured, not its own."""
+    found = []
+    env = _read(os.path.join(out, "kernels", "env.md"))
+    dev = re.search(r"^- device: (.+)$", env, re.M)
+    ver = re.search(r"^- (torch \S+, triton \S+)$", env, re.M)
+    if dev and ver:
+        found.append((dev.group(1).strip(), ver.group(1)))
+    for path in sorted(glob.glob(os.path.join(out, "training-d*", "training.md"))):
+        m = re.search(r"^- device: (.+?); torch (\S+); triton (\S+)$", _read(path), re.M)
+        if m:
+            found.append((m.group(1).strip(), f"torch {m.group(2)}, triton {m.group(3)}"))
+    return list(dict.fromkeys(found))
+
+
 def _versions(out: str) -> list[str]:
-    """Device and versions of this process; liger-kernel's as the training runs in DIR had it (a report rebuilt
-    later, by a process without it on its path, still names it), else this process's."""
+    """Device and versions as the stages in DIR recorded them, else this process's; liger-kernel's as the training
+    runs in DIR had it (a report rebuilt later, by a process without it on its path, still names it), else this
+    process's."""
     import torch
     import triton
 
-    lines = [f"- device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}",
-             f"- torch {torch.__version__}, triton {triton.__version__}"]
+    recorded = _recorded_envs(out)
+    if recorded:
+        lines = [f"- device: {' / '.join(dict.fromkeys(d for d, _ in recorded))}",
+                 f"- {' / '.join(dict.fromkeys(v for _, v in recorded))}"]
+    else:
+        lines = [f"- device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}",
+                 f"- torch {torch.__version__}, triton {triton.__version__}"]
     runs = sorted({_read(p).strip() for p in glob.glob(os.path.join(out, "training-d*", LIGER_FILE))} - {""})
     if runs:
         lines.append(f"- liger-kernel in the training runs: {', '.join(runs)}")

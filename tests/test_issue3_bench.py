@@ -251,6 +251,27 @@ def test_the_report_names_the_liger_kernel_the_training_runs_had(monkeypatch, tm
     assert "- liger-kernel: not installed" in open(path).read()
 
 
+def test_a_report_rebuilt_without_a_gpu_names_the_device_the_stages_ran_on(tmp_path):
+    """Folders of two device calls merged and the report rebuilt on a machine without a GPU (session 27): the
+    device and version lines come from what the stages wrote, not from the rebuilding process."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "env.md").write_text("- device: NVIDIA H200\n- torch 2.11.0+cu130, triton 3.6.0\n"
+                                                 "- n = 4, bf16 stream\n")
+    (tmp_path / "training-d4096").mkdir()
+    (tmp_path / "training-d4096" / "training.md").write_text(
+        "# Training step\n\n- device: NVIDIA H200; torch 2.11.0+cu130; triton 3.6.0\n" + _rows(4096, "+11.2%"))
+    lines = issue3._versions(str(tmp_path))
+    assert lines[:2] == ["- device: NVIDIA H200", "- torch 2.11.0+cu130, triton 3.6.0"]
+    (tmp_path / "training-d4096" / "training.md").write_text(
+        "- device: NVIDIA H100 80GB HBM3; torch 2.12.0; triton 3.6.0\n" + _rows(4096, "+11.2%"))
+    assert issue3._versions(str(tmp_path))[:2] == ["- device: NVIDIA H200 / NVIDIA H100 80GB HBM3",
+                                                   "- torch 2.11.0+cu130, triton 3.6.0 / torch 2.12.0, triton 3.6.0"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    import torch
+    assert issue3._versions(str(empty))[1] == f"- torch {torch.__version__}, triton {__import__('triton').__version__}"
+
+
 def test_side_by_side_triton_rows_are_not_counted():
     """A "(Triton)" row times the Triton kernel that a default Gluon kernel replaced (proj's backward without acc on
     sm_90): listed apart, while the row of the kernel that runs by default is counted."""
