@@ -17,11 +17,11 @@ next to "unfused step", the four
 separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, and their backwards plus the
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
-The opt-in warp-specialized Gluon kernels get rows of their own: "post_res_proj ws" and "step ws" forward
-(``DotCfg.ws``), "step ws" backward (``StepBwdCfg.ws``, the two-pass backward); off sm_90 they run what the rows
-without "ws" run. proj's one-pass backward is the Gluon kernel by default on sm_90 (``FusedBwdCfg.ws``): the
-rows that run it ("proj", "proj_pre_backward", "folded step" and "enter" backward) have "(Triton)" rows beside
-them that run the Triton kernel instead.
+The opt-in two-pass ``step`` backward (``StepBwdCfg.ws``, a warp-specialized Gluon kernel) gets a row of its own,
+"step ws" backward; off sm_90 it runs what "step" backward runs. proj's one-pass backward (``FusedBwdCfg.ws``) and
+post_res_proj (``DotCfg.ws``) are Gluon kernels by default on sm_90: the rows that run them ("proj",
+"proj_pre_backward", "folded step" and "enter" backward; "post_res_proj" and "step" forward) have "(Triton)" rows
+beside them that run the Triton kernel instead.
 --sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
@@ -200,11 +200,11 @@ def fused_cases(inp: dict) -> list[Case]:
              enter_bwd, "fused"),
         Case("unfused step", "fwd", unfused_fwd, _stream_bytes(inp, cost.UNFUSED.forward)),
         Case("unfused step", "bwd", unfused_bwd, _stream_bytes(inp, cost.UNFUSED.backward)),
-        # the opt-in warp-specialized Gluon post_res_proj (DotCfg.ws: sm_90, bf16; elsewhere the same Triton
-        # kernel as the rows above), alone and inside step's forward
-        Case("post_res_proj ws", "fwd", _ws(lambda k: k.post_res_proj(x, hr, hq, y, phi)),
+        # post_res_proj's Triton kernel, where the rows above run the Gluon one (DotCfg.ws: sm_90, bf16), alone and
+        # inside step's forward
+        Case("post_res_proj (Triton)", "fwd", _triton_prp(lambda k: k.post_res_proj(x, hr, hq, y, phi)),
              _nb(x, hr, hq, y, phi, x, p, sq)),
-        Case("step ws", "fwd", _ws(lambda k: k.step(x, hr, hq, y, phi, b, a, *ca)), step_fwd, "fused"),
+        Case("step (Triton)", "fwd", _triton_prp(lambda k: k.step(x, hr, hq, y, phi, b, a, *ca)), step_fwd, "fused"),
         # the opt-in two-pass backward (StepBwdCfg.ws: kernels/gluon_step_bwd.py on sm_90, bf16, n <= 4; elsewhere
         # the three passes of the "step bwd" row)
         Case("step ws", "bwd", _ws_bwd(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in,
@@ -225,10 +225,11 @@ def _triton_proj(call: Callable[[object], object]) -> Callable[[object], object]
     return run
 
 
-def _ws(call: Callable[[object], object]) -> Callable[[object], object]:
-    """``call`` with post_res_proj's DotCfg.ws on: triton_ops and triton_fused take it, the references ignore it."""
+def _triton_prp(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with post_res_proj as the Triton kernel (DotCfg.ws off): triton_ops and triton_fused take it, the
+    references ignore it."""
     def run(k):
-        with tk.tuning("post_res_proj", ws=True):
+        with tk.tuning("post_res_proj", ws=False):
             return call(k)
     return run
 
@@ -369,13 +370,15 @@ SWEEP = {
     # an SM) 1046-1064; warp_specialize (tl.range's automatic warp specialization, Triton 3.6) 1221-1267 us and
     # NaN outputs in two of its three builds, removed; sq_tile (sq reduced once after the loop) 737-742 us and sq
     # 2.3e-3 away from the default's on the GPU (the interpreter agreed to 1e-6), removed (session20 results)
-    "post_res_proj": [dict(one_dot=True), dict(one_dot=True, tma_store=True),
-                      dict(bk=64, num_warps=8, per_thread=64, one_dot=True),
-                      dict(bt=32, bk=32, occupancy=4), dict(tma=False), dict(join_hi_lo=False),
-                      dict(tma_store=True, join_hi_lo=False),
-                      dict(num_stages=2, maxnreg=168, occupancy=3),
-                      dict(maxnreg=168),
-                      dict(num_warps=8), dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64)],
+    # The Triton kernel's tiles (ws=False), beside the default, which is the Gluon kernel on sm_90 since session 27
+    "post_res_proj": [dict(ws=False, **tile) for tile in (
+        dict(), dict(one_dot=True), dict(one_dot=True, tma_store=True),
+        dict(bk=64, num_warps=8, per_thread=64, one_dot=True),
+        dict(bt=32, bk=32, occupancy=4), dict(tma=False), dict(join_hi_lo=False),
+        dict(tma_store=True, join_hi_lo=False),
+        dict(num_stages=2, maxnreg=168, occupancy=3),
+        dict(maxnreg=168),
+        dict(num_warps=8), dict(bt=128, bk=32, num_warps=8, num_stages=3, per_thread=64))],
     # the default is the 2-D kernel (PostResBwdCfg.two_d), one token a program, 1024 channels x 4 warps; then
     # 512 x 4 and 1024 x 8 (sm_90a builds: 137 / 95 / 99 registers), then the [BT, NP, BC] kernel at its old
     # default and with 1- and 2-warp programs, which reduce with fewer barriers (none faster on an H200, session 7)

@@ -13,7 +13,9 @@ held before the step (parameters, inputs).
 overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
 recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, fused,
 prpws (fold_post_res_proj=True with the Gluon post_res_proj, DotCfg.ws), fusedws (fuse=True with step's Gluon forward
-and two-pass backward, DotCfg.ws and StepBwdCfg.ws; both sm_90 only, elsewhere they run the Triton kernels),
+and two-pass backward, DotCfg.ws and StepBwdCfg.ws; both sm_90 only, elsewhere they run the Triton kernels; DotCfg.ws
+is the default since session 27, so fused and noprp's counterpart already run the Gluon post_res_proj, and
+tune:post_res_proj:ws=0 gives the Triton one),
 headrecompute (the head's collapse recomputed in the backward, as before session 17), oldhead (a chain's head
 and tail as before session 17: collapse recomputed, its gradient n-wide, the head's expand made dense),
 opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:fold_pre_recompute=0),
@@ -222,8 +224,8 @@ def round_rows(d, rounds: dict[str, list[float]], clocks: dict[str, list[dict | 
 
 @contextlib.contextmanager
 def gluon_step():
-    """step's opt-in Gluon kernels (sm_90) around a step: its forward's post_res_proj with DotCfg.ws, its backward
-    in two passes (StepBwdCfg.ws); profile_step.py --fusedws uses it too."""
+    """step's Gluon kernels (sm_90) around a step: its forward's post_res_proj with DotCfg.ws (the default since
+    session 27), its backward in two passes (StepBwdCfg.ws, opt-in); profile_step.py --fusedws uses it too."""
     from mhc_compile.kernels import triton_fused, triton_ops
 
     with triton_ops.tuning("post_res_proj", ws=True), triton_fused.tuning("step_bwd", ws=True):

@@ -12,8 +12,9 @@ benchmarks/results/*: what a step spends its overhead on, not just the total.
 --nofoldpre also profiles backend="mhc" with fold_pre_recompute=False (the default before session 16), its mHC
 kernels listed beside the default's;
 --foldprp likewise with fold_post_res_proj=True (post_res + the next proj as one forward kernel).
---fused likewise with fuse=True (the cross-layer ``step`` / ``enter`` ops); --fusedws with fuse=True and the opt-in
-Gluon kernels (sm_90): step's forward through DotCfg.ws, its backward in two passes (StepBwdCfg.ws).
+--fused likewise with fuse=True (the cross-layer ``step`` / ``enter`` ops); --fusedws with fuse=True and the Gluon
+kernels (sm_90): step's forward through DotCfg.ws (the default since session 27), its backward in two passes
+(StepBwdCfg.ws, opt-in).
 --tune tune:<kernel>:<field>=<v>,... (bench_training's syntax) profiles the same compiled model again with that
 kernel's config changed, and tabulates every mHC kernel's in-step time a call for the default and each
 alternative side by side: a tile or kernel change judged where it runs (power-capped clocks, other kernels

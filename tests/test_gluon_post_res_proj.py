@@ -67,3 +67,53 @@ def test_ws_consumers_outside_one_or_two_is_an_error_on_any_device():
 def test_gluon_post_res_proj_matches_the_reference_on_sm90(tmp_path):
     proc = _run("--out", str(tmp_path), "--shapes")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _cpu_inputs(t, n, c, seed):
+    """post_res_proj's operands on the CPU: bf16 x [T, n, C] and y [T, C], fp32 h_res, h_post and phi."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, c, generator=g).bfloat16()
+    y = torch.randn(t, c, generator=g).bfloat16()
+    h_res, h_post = torch.rand(t, n, n, generator=g), 2 * torch.rand(t, n, generator=g)
+    phi = torch.randn(n * c, n * n + 2 * n, generator=g) * (n * c) ** -0.5
+    return x, h_res, h_post, y, phi
+
+
+def test_the_gluon_kernel_is_the_default_and_off_sm90_the_triton_kernel_runs():
+    """DotCfg.ws is on by default (session 27); on CPU tensors the Triton kernel runs, bit-equal to ws off."""
+    from mhc_compile.kernels import triton_ops as tk
+
+    assert tk._DEFAULTS["post_res_proj"].ws
+    x, h_res, h_post, y, phi = _cpu_inputs(37, 4, 128, seed=4)
+    before = gp.LAUNCHES
+    got = tk.post_res_proj(x, h_res, h_post, y, phi)
+    with tk.tuning("post_res_proj", ws=False):
+        want = tk.post_res_proj(x, h_res, h_post, y, phi)
+    assert gp.LAUNCHES == before
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monkeypatch):
+    """The Gluon kernel is the default: if it does not build (another Triton's Gluon, shared memory, ptxas), the
+    call runs the Triton kernel with a warning and the device's later calls go straight there."""
+    from triton.runtime.errors import OutOfResources
+
+    from mhc_compile.kernels import triton_ops as tk
+
+    x, h_res, h_post, y, phi = _cpu_inputs(37, 4, 128, seed=5)
+    with tk.tuning("post_res_proj", ws=False):
+        want = tk.post_res_proj(x, h_res, h_post, y, phi)
+    tries = []
+
+    def fails(*args):
+        tries.append(len(args))
+        raise OutOfResources(240000, 232448, "shared memory")
+
+    monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(gp, "launch", fails)
+    monkeypatch.setattr(tk, "_NO_GLUON_PRP", set())
+    with pytest.warns(UserWarning, match="post_res_proj: the Gluon kernel does not build here.*OutOfResources"):
+        got = tk.post_res_proj(x, h_res, h_post, y, phi)
+    again = tk.post_res_proj(x, h_res, h_post, y, phi)
+    assert len(tries) == 1 and tk._NO_GLUON_PRP == {x.device}
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))

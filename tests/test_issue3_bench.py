@@ -171,8 +171,8 @@ def test_parsers_read_what_bench_kernels_writes_today(tmp_path):
     text = (tmp_path / "kernels.md").read_text()
     assert "| SM clock (triton) |" in text
     eff = issue3.parse_kernels(text, t=37, c=24)
-    assert {"proj fwd", "post_res_proj fwd", "proj_pre_backward bwd", "step bwd", "post_res_proj ws fwd",
-            "step ws fwd", "step ws bwd", "proj_pre_backward (Triton) bwd", "folded step (Triton) bwd",
+    assert {"proj fwd", "post_res_proj fwd", "proj_pre_backward bwd", "step bwd", "post_res_proj (Triton) fwd",
+            "step (Triton) fwd", "step ws bwd", "proj_pre_backward (Triton) bwd", "folded step (Triton) bwd",
             "enter (Triton) bwd", "proj (Triton) bwd"} <= set(eff), sorted(eff)
 
 

@@ -20,8 +20,9 @@ designs did not: deeper or decoupled rings, 256-byte rows, TMA stores, wgmmas le
 
 GPU only: Gluon kernels do not run under ``TRITON_INTERPRET=1``. The CPU tests build it for sm_90a
 (benchmarks/gluon_check.py --build); on an sm_90 GPU benchmarks/gluon_check.py compares its outputs with the
-reference and times it beside the Triton kernel. ``DotCfg.ws`` turns it on; ``triton_ops.post_res_proj`` keeps
-the Triton kernel where it cannot run (``supported``, ``plan``).
+reference and times it beside the Triton kernel. ``DotCfg.ws`` picks it (the default since session 27: faster than
+the Triton kernel at every shape of sessions 24's and 27's kernel tables); ``triton_ops.post_res_proj`` keeps the
+Triton kernel where it cannot run (``supported``, ``plan``) and, with a warning, where it does not build.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.errors import TritonError
 from triton.runtime.errors import OutOfResources
 
 from mhc_compile.kernels import reference as ref
@@ -204,8 +205,12 @@ class DotCfg:
     # interleaved in two runs at 32768 x 4096: 720.9-722.7 us with two warpgroups, 735.0-744.2 with one, 753.2-754.3
     # for the Triton kernel (79, 77, 75 % of copy bandwidth); 32768 x 7168: 1258.7-1262.5, 1315.7-1323.2,
     # 1318.1-1321.2. At 8192 tokens one and two ran within 2 % of each other. ws_regs: registers a thread of the
-    # second warpgroup
-    ws: bool = False
+    # second warpgroup. The default since session 27: faster than the Triton kernel in every run since session 21 and
+    # at every shape of the kernel tables of sessions 24 and 27 (C = 2048 to 7168, 8192 and 32768 tokens), alone
+    # (79-80 vs 75-77 % at 32768 x 4096, 73-75 vs 68-71 % at 8192 x 4096) and inside step's forward (84-86 vs 82-84 %
+    # at 32768 x 4096; session27-2026-12-04-h200.md). It runs only where post_res_proj runs: the fused
+    # boundary (fuse=True, fold_post_res_proj), both opt-in
+    ws: bool = True
     ws_subs: int = 2
     ws_box: int = 64
     ws_stages: int = 0
@@ -1673,6 +1678,43 @@ def _gluon_prp():
     return gluon_post_res_proj
 
 
+_NO_GLUON_PRP: set = set()  # devices where the Gluon post_res_proj failed to build: the Triton kernel runs there
+
+
+def _post_res_proj_ws(cfg: DotCfg, x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next: Tensor,
+                      out: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+    """post_res_proj on the warp-specialized Gluon kernel (one program an SM: its ring takes the shared memory),
+    or None where it does not run: off sm_90, a shape it does not take, or a build error (another Triton's
+    Gluon, shared memory, ptxas), after which the device keeps the Triton kernel, with a warning. A build error
+    comes before the launch, so nothing has been written."""
+    lead, t, n, c = _stream_dims(x)
+    m = phi_next.shape[1]
+    bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
+    gp = _gluon_prp()
+    if not gp.supported(x, n, c, bc, mp):
+        return None
+    chosen = gp.choose(n, c, bc, mp, cfg.num_warps, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers)
+    if chosen is None:
+        return None
+    bt, slots, consumers = chosen
+    chunk = bc * slots[0]  # the Gluon kernel's splits are whole stream slots
+    splits = _filling_splits(cfg, x.device, _cdiv(t, bt), _cdiv(c, chunk), occupancy=1)
+    c_split = _cdiv(_cdiv(c, splits), chunk) * chunk
+    parts = _cdiv(c, c_split) * consumers  # a partial a compute warpgroup
+    p = torch.empty((parts,) + lead + (m,), dtype=acc, device=x.device)
+    sq = torch.empty((parts,) + lead, dtype=acc, device=x.device)
+    try:
+        gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
+                  _split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(parts, t, m),
+                  sq.view(parts, t), c_split, bc, mp, cfg.num_warps, consumers, *slots, cfg.ws_regs, cfg.ws_box)
+    except TritonError as e:
+        _NO_GLUON_PRP.add(x.device)
+        warnings.warn(f"mhc post_res_proj: the Gluon kernel does not build here ({type(e).__name__}: "
+                      f"{str(e)[:200]}); using the Triton kernel on {x.device}", stacklevel=3)
+        return None
+    return (out, p[0], sq[0]) if parts == 1 else (out, p.sum(0), sq.sum(0))
+
+
 def post_res_proj(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -1690,33 +1732,22 @@ def post_res_proj(
         zeros = torch.zeros(lead + (m,), dtype=acc, device=x.device)
         return out, zeros, torch.zeros(lead, dtype=acc, device=x.device)
     cfg = _cfg("post_res_proj")
-    bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
     hi_lo = _hi_lo(x.dtype) and acc == torch.float32
+    if cfg.ws and hi_lo and x.device not in _NO_GLUON_PRP:  # DotCfg.ws: the Gluon kernel where it runs
+        done = _post_res_proj_ws(cfg, x, h_res, h_post, y, phi_next, out, acc)
+        if done is not None:
+            return done
+    bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
     # TMA boxes are at most 256 elements a side: n = 16 (m = 288, MP = 512) keeps the pointer build
     tma = cfg.tma and hi_lo and c % bc == 0 and max(bt, bc, mp) <= 256 and tma_ok(x, y, out)
     join = tma and cfg.join_hi_lo and 2 * mp <= 256
     one_dot = join and cfg.one_dot and n in (1, 2, 4) and n * bc <= 256
-    gp = _gluon_prp() if cfg.ws and hi_lo else None  # DotCfg.ws: the warp-specialized Gluon kernel where it runs
-    chosen = gp.choose(n, c, bc, mp, cfg.num_warps, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages,
-                       cfg.ws_consumers) if gp is not None and gp.supported(x, n, c, bc, mp) else None
-    if chosen is None:
-        gp = None
-    else:
-        bt, slots, consumers = chosen
     tblocks = _cdiv(t, bt)
-    chunk = bc * (slots[0] if gp is not None else 1)  # the Gluon kernel's splits are whole stream slots
-    splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, chunk), occupancy=1 if gp else cfg.occupancy)
-    c_split = _cdiv(_cdiv(c, splits), chunk) * chunk
+    splits = _filling_splits(cfg, x.device, tblocks, _cdiv(c, bc), occupancy=cfg.occupancy)
+    c_split = _cdiv(_cdiv(c, splits), bc) * bc
     splits = _cdiv(c, c_split)
-    parts = splits * (consumers if gp is not None else 1)  # the Gluon kernel: a partial a compute warpgroup
-    p = torch.empty((parts,) + lead + (m,), dtype=acc, device=x.device)
-    sq = torch.empty((parts,) + lead, dtype=acc, device=x.device)
-    if gp is not None:  # one program an SM: its ring takes the shared memory
-        gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
-                  _split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(parts, t, m),
-                  sq.view(parts, t), c_split, bc, mp, cfg.num_warps, consumers, *slots, cfg.ws_regs,
-                  cfg.ws_box)
-        return (out, p[0], sq[0]) if parts == 1 else (out, p.sum(0), sq.sum(0))
+    p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
+    sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     if hi_lo:  # one_dot: row c*n + i holds phi[i*C + c], so a chunk's rows for all n streams are one block
         w = _split_hi_lo(phi_next, mp, transpose=False, interleave=join, streams=n if one_dot else 1)
         hi, lo = (w, w) if join else (w[0], w[1])
