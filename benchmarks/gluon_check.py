@@ -3,6 +3,8 @@ the Triton kernel's, side by side in one process.
 
     PYTHONPATH=. python benchmarks/gluon_check.py [--out DIR] [--shapes 32768x4096 ...] [--configs ws ...]
     PYTHONPATH=. python benchmarks/gluon_check.py --build     # no GPU needed: sm_90a builds, resources
+    git show main:mhc_compile/kernels/gluon_post_res_proj.py > against_main.py   # another build, then
+    PYTHONPATH=. python benchmarks/gluon_check.py --against against_main.py        # both, in one process
 
 (1) Correctness of each ``--configs`` entry (a name in CONFIGS: DotCfg fields of post_res_proj), at ragged
 token counts, n in {1, 2, 3, 4} and C from 256 to 2048: X' within bf16 rounding of the float64 reference (and
@@ -18,6 +20,7 @@ beside them (the op that calls post_res_proj in training). Exit status 1 when a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -27,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.against import load_module, serving  # noqa: E402
 from mhc_compile.kernels import gluon_post_res_proj as gp  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
@@ -55,7 +59,7 @@ def _inputs(t: int, n: int, c: int, seed: int, device: str = "cuda"):
     return x, h_res, h_post, y, phi
 
 
-def _check(t: int, n: int, c: int, name: str) -> tuple[str, bool]:
+def _check(t: int, n: int, c: int, name: str, against=None) -> tuple[str, bool]:
     x, h_res, h_post, y, phi = _inputs(t, n, c, seed=t + 7 * n + c)
     ran = gp.LAUNCHES
     with tk.tuning("post_res_proj", **CONFIGS[name]):
@@ -74,10 +78,15 @@ def _check(t: int, n: int, c: int, name: str) -> tuple[str, bool]:
     good = used and x_err <= 1.6e-2 * max(1.0, out.double().abs().max().item()) and p_excess <= 0 and sq_err <= 1e-5
     row = (f"| {name} | {t}x{n}x{c} | {'yes' if used else 'NO'} | {'yes' if x_bits else 'no'} | {x_err:.2e} | "
            f"{p_excess:.2e} | {sq_err:.2e} | {'ok' if good else 'FAIL'} |")
+    if against is not None:  # the other build's outputs beside this one's (a report, not a pass / fail)
+        with tk.tuning("post_res_proj", **CONFIGS[name]), serving(tk, "_gluon_prp", against):
+            other = tk.post_res_proj(x, h_res, h_post, y, phi)
+        same = all(torch.equal(a, b) for a, b in zip(other, (out, p, sq)))
+        row += f"\n| {name} | {t}x{n}x{c} | --against build: {'bit-equal' if same else 'DIFFERS'} | | | | | |"
     return row, good
 
 
-def _time(shapes, configs, lines: list[str]) -> None:
+def _time(shapes, configs, lines: list[str], against=None) -> None:
     from benchmarks.bench_kernels import _nb, bench_us, copy_bandwidth
 
     bw = copy_bandwidth("cuda")
@@ -88,10 +97,12 @@ def _time(shapes, configs, lines: list[str]) -> None:
         nbytes = _nb(x, h_res, h_post, y, phi, x) + t * phi.shape[1] * 4 + t * 4
         with tk.tuning("post_res_proj", **TRITON):
             base = tk.post_res_proj(x, h_res, h_post, y, phi)
-        for name in ["triton"] + configs:
-            fields = TRITON if name == "triton" else CONFIGS[name]
+        for name in ["triton"] + configs + ([f"{c} --against" for c in configs] if against is not None else []):
+            other = name.endswith(" --against")
+            fields = TRITON if name == "triton" else CONFIGS[name.removesuffix(" --against")]
             try:
-                with tk.tuning("post_res_proj", **fields):
+                with tk.tuning("post_res_proj", **fields), \
+                        (serving(tk, "_gluon_prp", against) if other else contextlib.nullcontext()):
                     got = tk.post_res_proj(x, h_res, h_post, y, phi)
                     us = bench_us(lambda: tk.post_res_proj(x, h_res, h_post, y, phi))
             except Exception as exc:  # a tile that does not build or fit: report it and go on
@@ -197,9 +208,12 @@ def main() -> int:
     ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
     ap.add_argument("--segments", action="store_true", help="also time post_res and proj at narrow tile rows")
     ap.add_argument("--step", action="store_true", help="also time step's forward with each config")
+    ap.add_argument("--against", default=None, help="another build of kernels/gluon_post_res_proj.py, checked and "
+                    "timed beside this one (benchmarks/against.py)")
     args = ap.parse_args()
     if args.build:
         return build(args.configs)
+    against = load_module(args.against, "gluon_post_res_proj_against") if args.against else None
     if not gp.supported(torch.empty(1, device="cuda", dtype=torch.bfloat16), 4, 4096, 32, 32):
         print("gluon_check: needs Gluon and an sm_90 GPU", file=sys.stderr)
         return 2
@@ -212,13 +226,13 @@ def main() -> int:
     good = True
     for name in args.configs:
         for t, n, c in CHECK_SHAPES:
-            row, ok = _check(t, n, c, name)
+            row, ok = _check(t, n, c, name, against)
             good &= ok
             lines.append(row)
             print(row, flush=True)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     if good:
-        _time(shapes, args.configs, lines)
+        _time(shapes, args.configs, lines, against)
     if good and args.step:
         step(shapes, args.configs, lines)
     if args.segments:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import sys
 import time
@@ -270,11 +269,9 @@ def main() -> int:
 
 def load_module(path: str):
     """kernels/gluon_proj_bwd.py as another build has it (a file), importable beside this build's."""
-    spec = importlib.util.spec_from_file_location("gluon_proj_bwd_against", os.path.abspath(path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Gluon's JIT reads the kernels' source through the module
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks.against import load_module as load
+
+    return load(path, "gluon_proj_bwd_against")
 
 
 def save(out, lines) -> None:

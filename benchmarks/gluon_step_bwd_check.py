@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --build    # no GPU: sm_90a builds, resources
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
+    git show main:mhc_compile/kernels/gluon_step_bwd.py > against_main.py   # another build of the module, then
+    PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --against against_main.py  # both, in one process
 
 On the GPU: every check shape's outputs (dX_prev, dH_res_prev, dH_post_prev, dy, dphi, dbias, dalpha) against the
 float64 reference of ``step_backward`` and, beside them, the three-pass pipeline's errors (the bar to meet), and
@@ -23,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.against import load_module, serving  # noqa: E402
 from mhc_compile import cost  # noqa: E402
 from mhc_compile.kernels import gluon_step_bwd as gs  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
@@ -102,7 +105,7 @@ def _call(fn, v, h_pre, p, sq, n, c):
 NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "dalpha")
 
 
-def check(t, n, c, lines) -> bool:
+def check(t, n, c, lines, against=None) -> bool:
     from mhc_compile.kernels import triton_fused as tf
 
     v = _inputs(t, n, c, seed=t + n + c)
@@ -132,11 +135,17 @@ def check(t, n, c, lines) -> bool:
     same = inplace[0].data_ptr() == dxc.data_ptr() and all(torch.equal(a, b) for a, b in zip(inplace, two))
     ok &= same
     lines.append(f"| {t}x{n}x{c} | (out = dX: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
-    print("\n".join(lines[-9:]), flush=True)
+    if against is not None:  # the other build's outputs beside this one's (a report, not a pass / fail)
+        with tf.tuning("step_bwd", ws=True), serving(tf, "_gluon_step_bwd", against):
+            other = _call(tf.step_backward, v, h_pre, p, sq, n, c)
+        diff = [name for name, a, b in zip(NAMES, other, two) if not torch.equal(a, b)]
+        lines.append(f"| {t}x{n}x{c} | --against build: {'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}"
+                     " | | | |")
+    print("\n".join(lines[-10:]), flush=True)
     return ok
 
 
-def times(shapes, lines, rounds: int = 3) -> None:
+def times(shapes, lines, rounds: int = 3, against=None) -> None:
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
@@ -146,8 +155,9 @@ def times(shapes, lines, rounds: int = 3) -> None:
     bw = copy_bandwidth("cuda")
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
     lines.append("| T x C | round | three passes us (eff) | two passes, Gluon us (eff) | the same, one mixing "
-                 "warpgroup | folded, saved X us (eff) | Gluon pass alone us (eff against its 3n+3) |")
-    lines.append("|---|---|---|---|---|---|---|")
+                 "warpgroup | folded, saved X us (eff) | Gluon pass alone us (eff against its 3n+3) |"
+                 + (" two passes, --against us (eff) |" if against else ""))
+    lines.append("|---|---|---|---|---|---|---|" + ("---|" if against else ""))
     for t, n, c in shapes:
         v = _inputs(t, n, c, seed=1)
         h_pre, p, sq = _forward_saves(v, n, c)
@@ -180,10 +190,16 @@ def times(shapes, lines, rounds: int = 3) -> None:
             return gs.step_grads(v["x_prev"], v["h_res"], v["h_post"], v["y"], v["phi"], h_pre, dp, dsq, v["dx"],
                                  v["dx_in"])
 
+        def other():
+            with tf.tuning("step_bwd", ws=True), serving(tf, "_gluon_step_bwd", against):
+                return _call(tf.step_backward, v, h_pre, p, sq, n, c)
+
+        fns = (three, two, two_one, folded, alone) + ((other,) if against is not None else ())
         for rnd in range(rounds):
-            us = [triton.testing.do_bench_cudagraph(f, rep=200) * 1e3 for f in (three, two, two_one, folded, alone)]
+            us = [triton.testing.do_bench_cudagraph(f, rep=200) * 1e3 for f in fns]
             cells = " | ".join(f"{u:.1f} ({100 * floor / (u * 1e-6) / bw:.1f} %)" for u in us[:4])
             cells += f" | {us[4]:.1f} ({100 * pass_bytes / (us[4] * 1e-6) / bw:.1f} %)"
+            cells += "".join(f" | {u:.1f} ({100 * floor / (u * 1e-6) / bw:.1f} %)" for u in us[5:])
             lines.append(f"| {t}x{c} | {rnd} | {cells} |")
             print(lines[-1], flush=True)
         del v, x_saved
@@ -194,9 +210,12 @@ def main() -> int:
     ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
     ap.add_argument("--out", default=None, help="folder for the results file (GPU mode)")
     ap.add_argument("--no-times", action="store_true")
+    ap.add_argument("--against", default=None, help="another build of kernels/gluon_step_bwd.py, checked and timed "
+                    "beside this one (benchmarks/against.py)")
     args = ap.parse_args()
     if args.build:
         return build()
+    against = load_module(args.against, "gluon_step_bwd_against") if args.against else None
     if not torch.cuda.is_available():
         print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")
         return 2
@@ -209,13 +228,13 @@ def main() -> int:
     ok = True
     for shape in CHECKS:
         try:
-            ok &= check(*shape, lines)
+            ok &= check(*shape, lines, against)
         except Exception as exc:  # report and go on: the other shapes still say something
             ok = False
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
             print(lines[-1], flush=True)
     if ok and not args.no_times:
-        times(TIMES, lines)
+        times(TIMES, lines, against=against)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gluon_step_bwd_check.md"), "w") as f:

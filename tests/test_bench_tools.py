@@ -421,3 +421,18 @@ def test_wgmma_kernels_wait_before_loading_over_their_operands():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.endswith(": ok")]
     assert len(rows) == 9 and any("one-pass backward, TMA, with acc" in row for row in rows), proc.stdout
+
+
+def test_against_serves_another_build_of_a_gluon_module_to_the_op_and_puts_this_one_back(tmp_path):
+    """--against FILE (the Gluon check scripts): the file loads as a module of its own beside this build's, and
+    inside ``serving`` the op's lazy import returns it; afterwards this build's again."""
+    from benchmarks import against
+    from mhc_compile.kernels import gluon_step_bwd, triton_fused
+
+    copy = tmp_path / "against_main.py"
+    copy.write_text(open(gluon_step_bwd.__file__).read())
+    other = against.load_module(str(copy), "gluon_step_bwd_against_test")
+    assert other is not gluon_step_bwd and other.BT == gluon_step_bwd.BT
+    with against.serving(triton_fused, "_gluon_step_bwd", other):
+        assert triton_fused._gluon_step_bwd() is other
+    assert triton_fused._gluon_step_bwd() is gluon_step_bwd
