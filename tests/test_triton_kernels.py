@@ -804,3 +804,36 @@ def test_host_integer_helpers_match_triton():
 
     assert all(triton_ops._pow2(v) == triton.next_power_of_2(max(v, 1)) for v in range(-2, 70000))
     assert all(triton_ops._cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 80))
+
+
+def test_no_kernel_specializes_on_the_token_count():
+    """Issue 3: no recompile per token count. Triton specializes an int argument on its divisibility by 16, so a
+    kernel that takes T without ``do_not_specialize`` builds twice over a run of batch or sequence lengths (session
+    26's pack_tokens did). Every launched kernel (``*_kernel``) of the kernel modules that takes T leaves it
+    unspecialized; helpers inlined into them (``_coeff_layout``, Gluon partitions) do not count."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def t_unspecialized(fn):
+        """None where ``fn`` is no kernel taking T; else whether T is unspecialized (under TRITON_INTERPRET=1,
+        triton.jit gives InterpretedFunction, which keeps the decorator's arguments; Gluon kernels stay JIT)."""
+        if isinstance(fn, JITFunction):
+            names, unspecialized = [p.name for p in fn.params], fn.do_not_specialize
+        elif isinstance(fn, InterpretedFunction):
+            names, unspecialized = fn.arg_names, fn.kwargs.get("do_not_specialize", [])
+        else:
+            return None
+        return ("T" in unspecialized) if "T" in names else None
+
+    seen = []
+    for name in ("triton_ops", "triton_proj_bwd", "triton_fused", "gluon_proj_bwd", "gluon_post_res_proj",
+                 "gluon_step_bwd"):
+        module = importlib.import_module(f"mhc_compile.kernels.{name}")
+        for attr, fn in vars(module).items():
+            ok = t_unspecialized(fn) if attr.endswith("_kernel") else None
+            if ok is not None:
+                seen.append(attr)
+                assert ok, f"{name}.{attr} specializes on T"
+    assert "_pack_tokens_kernel" in seen and "_proj_fwd_kernel" in seen and len(seen) >= 15, seen

@@ -94,7 +94,7 @@ def pack_coefs(dsq: Tensor, h_pre: Tensor | None) -> Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # as triton_ops' kernels: a new token count reuses the compiled kernel
 def _pack_tokens_kernel(dp_ptr, dsq_ptr, hpre_ptr, hl_ptr, coef_ptr, T, M, T16, N: tl.constexpr,
                         HAS_PRE: tl.constexpr, BR: tl.constexpr, MP: tl.constexpr, CW: tl.constexpr,
                         DSQ: tl.constexpr):
