@@ -339,8 +339,8 @@ def run_size(d, args, emit):
     if "fused" in args.variants or "fusedws" in args.variants:  # the opt-in cross-layer boundary ops
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})
-    # the cross-layer ops with the opt-in warp-specialized Gluon kernels (sm_90, bf16): the same compiled models,
-    # the kernel configs changed around the step
+    # the cross-layer ops with the warp-specialized Gluon kernels (sm_90, bf16; post_res_proj's is the default since
+    # session 27, step's two-pass backward opt-in): the same compiled models, the kernel configs changed around the step
     if "prpws" in args.variants:  # the forward's post_res + proj as one Gluon kernel (DotCfg.ws)
         prp = variants.get("backend=mhc fold_post_res_proj=True")  # the opt: variant's model, where it runs
         if prp is None:
