@@ -6,9 +6,12 @@
 - The loader warp's register budget.
 - TMA descriptors with the swizzle that TMA and wgmma agree on.
 - The shared memory a block may take.
+- fp32 operands padded with zero columns to a TMA box's width.
 """
 
 from __future__ import annotations
+
+import torch
 
 try:  # Gluon: Triton >= 3.5 (the GPU machine's 3.6 and this machine's later versions build these kernels)
     from triton.experimental import gluon
@@ -45,3 +48,10 @@ def desc(v, shape, strides, block, dtype) -> "TensorDescriptor":
     column of a narrow per-token tile over the banks)."""
     layout = gl.NVMMASharedLayout.get_default_for(list(block), dtype)
     return TensorDescriptor(v, list(shape), list(strides), list(block), layout)
+
+
+def pad_cols(v: "torch.Tensor", width: int) -> "torch.Tensor":
+    """fp32 [R, width]: v [R, M] with zero columns past M (dp and phi as tf32 wgmma operands)."""
+    out = torch.zeros((v.shape[0], width), dtype=torch.float32, device=v.device)
+    out[:, :v.shape[1]] = v
+    return out

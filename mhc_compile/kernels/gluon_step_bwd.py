@@ -47,8 +47,8 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
-from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
-                                              warpgroup_mma_wait, desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
+from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, pad_cols, tma,
+                                              warpgroup_mma, warpgroup_mma_wait, desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
                                               warps_barrier as _warps_barrier)
 from mhc_compile.kernels.tma import tma_ok
@@ -106,13 +106,6 @@ def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor) -> Ten
     out[:, n:n + n * n] = h_res.reshape(t, n * n)
     out[:, n + n * n:2 * n + n * n] = h_pre
     out[:, 2 * n + n * n] = dsq
-    return out
-
-
-def pad_cols(v: Tensor, width: int) -> Tensor:
-    """fp32 [R, width]: v [R, M] with zero columns past M (dp and phi as tf32 wgmma operands)."""
-    out = torch.zeros((v.shape[0], width), dtype=torch.float32, device=v.device)
-    out[:, :v.shape[1]] = v
     return out
 
 
