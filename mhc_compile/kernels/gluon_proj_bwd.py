@@ -47,7 +47,8 @@ from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
-                                              warpgroup_mma_wait, desc, pad_cols as zero_padded, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
+                                              warpgroup_mma_wait, desc, pad_cols as zero_padded, SMEM as _SMEM,
+                                              LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
                                               warps_barrier as _warps_barrier)
 from mhc_compile.kernels.launch import launch

@@ -48,7 +48,8 @@ from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, pad_cols, tma,
-                                              warpgroup_mma, warpgroup_mma_wait, desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
+                                              warpgroup_mma, warpgroup_mma_wait, desc, SMEM as _SMEM,
+                                              LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
                                               warps_barrier as _warps_barrier)
 from mhc_compile.kernels.tma import tma_ok
