@@ -39,8 +39,35 @@ if AVAILABLE:
         if N == 1:
             done = (done,)
         return done
+
+    # bf16 <-> fp32 two elements at a time, on the 32-bit register that holds an adjacent pair (a layout whose
+    # thread holds consecutive elements along the last dimension in pairs: BlockedLayout [.., 2k], wgmma's
+    # accumulator layouts). LLVM widens a pair's high half with a PRMT and a shift (three instructions a pair) and
+    # narrows one element at a time (F2F, then a PRMT to pack); these take two and one. Each conversion gives the same
+    # bits: widening bf16 is exact, and cvt.rn.bf16x2.f32 rounds to nearest even as F2F.BF16.F32 does. The code
+    # around them may contract into FMAs differently, though: on the H200 (session 28), post_res_proj's X' became
+    # bit-equal to the Triton post_res kernel's at n = 2 and 4 (it was not before), and the step backward's dy_prev
+    # moved in its last bits, at the same error against float64.
+    @gluon.jit
+    def bf16_to_f32(v):
+        """v (bf16) as fp32."""
+        return gl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [v],
+                                         dtype=gl.float32, is_pure=True, pack=2)
+
+    @gluon.jit
+    def f32_to_bf16(v):
+        """v (fp32) rounded to bf16, to nearest even."""
+        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [v], dtype=gl.bfloat16,
+                                         is_pure=True, pack=2)
+
+    @gluon.jit
+    def round_bf16(v):
+        """(v rounded to bf16, that value as fp32): a tile stored as bf16 and also used as rounded."""
+        return gl.inline_asm_elementwise(
+            "{ cvt.rn.bf16x2.f32 $0, $4, $3; shl.b32 $1, $0, 16; and.b32 $2, $0, 0xffff0000; }", "=r,=r,=r,r,r",
+            [v], dtype=(gl.bfloat16, gl.float32), is_pure=True, pack=2)
 else:  # pragma: no cover - depends on the installed Triton
-    LOADER_REGS = tma_load = tma_store = warps_barrier = waited = None
+    LOADER_REGS = tma_load = tma_store = warps_barrier = waited = bf16_to_f32 = f32_to_bf16 = round_bf16 = None
 
 
 def desc(v, shape, strides, block, dtype) -> "TensorDescriptor":

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier,
-                                              warpgroup_mma, warpgroup_mma_wait, SMEM as _SMEM,
+from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, fence_async_shared, gl, gluon,
+                                              mbarrier, round_bf16, warpgroup_mma, warpgroup_mma_wait, SMEM as _SMEM,
                                               LOADER_REGS as _LOADER_REGS, tma_load as _tma_load)
 
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
@@ -159,17 +159,16 @@ if AVAILABLE:
                 # this chunk is columns _box_col(..) .. of box u // (SUBS // BOXES) (of SUBS * BC / BOXES channels)
                 base = (s * BOXES + _chunk(v, CONSUMERS, FIRST) // (SUBS // BOXES)) * (N + 1)
                 y = x_bufs.index(base + N).slice(_box_col(_chunk(v, CONSUMERS, FIRST), BC, SUBS // BOXES), BC, 1)
-                y = y.load(tile).to(gl.float32)
+                y = bf16_to_f32(y.load(tile))
                 xs = ()
                 for j in gl.static_range(N):
                     xj = x_bufs.index(base + j).slice(_box_col(_chunk(v, CONSUMERS, FIRST), BC, SUBS // BOXES), BC, 1)
-                    xs = xs + (xj.load(tile),)
+                    xs = xs + (bf16_to_f32(xj.load(tile)),)
                 for i in gl.static_range(N):
                     xi = coef[i][:, None] * y  # _mix_tile's order: h_post y, then + h_res[i, j] x_j, j = 0 .. N-1
                     for j in gl.static_range(N):
-                        xi += coef[N + i * N + j][:, None] * xs[j].to(gl.float32)
-                    xo = xi.to(gl.bfloat16)
-                    xf = xo.to(gl.float32)
+                        xi += coef[N + i * N + j][:, None] * xs[j]
+                    xo, xf = round_bf16(xi)  # X' as stored, and as proj reads it
                     sq += xf * xf
                     # the previous chunk's wgmmas, which read this tile, completed before it ended (the wait below)
                     o_bufs.index(FIRST * N + i).store(xo)

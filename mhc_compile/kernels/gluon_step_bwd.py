@@ -47,9 +47,9 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels import triton_ops as tk
-from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, pad_cols, tma,
-                                              warpgroup_mma, warpgroup_mma_wait, desc, SMEM as _SMEM,
-                                              LOADER_REGS as _LOADER_REGS,
+from mhc_compile.kernels.gluon_common import (AVAILABLE, bf16_to_f32, f32_to_bf16, fence_async_shared, gl, gluon,
+                                              mbarrier, pad_cols, round_bf16, tma, warpgroup_mma, warpgroup_mma_wait,
+                                              desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
                                               warps_barrier as _warps_barrier)
 from mhc_compile.kernels.tma import tma_ok
@@ -170,21 +170,21 @@ if AVAILABLE:
                 gs = gs + (warpgroup_mma(dps.index(s), phis.index(i).permute((1, 0)), zero, use_acc=False,
                                          is_async=True),)
             gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
-            dxin = gins.index(s).load(L).to(gl.float32)
+            dxin = bf16_to_f32(gins.index(s).load(L))
             g = ()
             for i in gl.static_range(N):  # G_i = dot + h_pre dx_in + dX, then + 2 dsq X_i below
                 gi = gs[i] + _row(coefs, s, N + N * N + i, L) * dxin
-                gi += dxs[i].index(s).load(L).to(gl.float32)
+                gi += bf16_to_f32(dxs[i].index(s).load(L))
                 g = g + (gi,)
-            y = ys.index(s).load(L).to(gl.float32)
+            y = bf16_to_f32(ys.index(s).load(L))
             dsq2 = 2.0 * _row(coefs, s, 2 * N + N * N, L)
             gx = ()
             for i in gl.static_range(N):
                 xi = _row(coefs, s, i, L) * y
                 for j in gl.static_range(N):
-                    xi += _row(coefs, s, N + i * N + j, L) * xps[j].index(s).load(L).to(gl.float32)
-                xo = xi.to(gl.bfloat16)
-                gx = gx + (g[i] + dsq2 * xo.to(gl.float32),)
+                    xi += _row(coefs, s, N + i * N + j, L) * bf16_to_f32(xps[j].index(s).load(L))
+                xo, xf = round_bf16(xi)  # X_i as the forward stored it, and as a float
+                gx = gx + (g[i] + dsq2 * xf,)
                 dxs[i].index(s).store(xo)
             g = gx
             fence_async_shared()
@@ -195,21 +195,22 @@ if AVAILABLE:
             # this block's partial sums over its channels, a [NH, T] plane a block: a store is one k, BT tokens
             hrow = dh_ptr + cb.to(gl.int64) * NH * T + rows
             for j in gl.static_range(N):
+                # .to(), not bf16_to_f32: the helper here spilled 8 bytes in Triton 3.9's one-mixer build
                 xj = xps[j].index(s).load(L).to(gl.float32)
                 for i in gl.static_range(N):
                     gl.store(hrow + (i * N + j) * T, gl.sum(g[i] * xj, axis=1), mask=rmask)
-            y = ys.index(s).load(L).to(gl.float32)
+            y = bf16_to_f32(ys.index(s).load(L))
             for i in gl.static_range(N):
                 gl.store(hrow + (N * N + i) * T, gl.sum(g[i] * y, axis=1), mask=rmask)
             for j in gl.static_range(N):  # dX_prev_j = sum_i h_res[i, j] G_i
                 dxp = _row(coefs, s, N + j, L) * g[0]
                 for i in gl.static_range(1, N):
                     dxp += _row(coefs, s, N + i * N + j, L) * g[i]
-                xps[j].index(s).store(dxp.to(gl.bfloat16))
+                xps[j].index(s).store(f32_to_bf16(dxp))
             dy = _row(coefs, s, 0, L) * g[0]
             for i in gl.static_range(1, N):
                 dy += _row(coefs, s, i, L) * g[i]
-            ys.index(s).store(dy.to(gl.bfloat16))
+            ys.index(s).store(f32_to_bf16(dy))
             fence_async_shared()
             _warps_barrier()  # every warp's stores, before one thread issues the TMA stores
             for j in gl.static_range(N):
