@@ -29,6 +29,7 @@ from benchmarks.against import load_module, serving  # noqa: E402
 from mhc_compile import cost  # noqa: E402
 from mhc_compile.kernels import gluon_step_bwd as gs  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_fused as tf  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes of shared memory an H100 / H200 block may take
 CHECKS = [(256, 4, 512), (1000, 4, 2048), (4099, 4, 4096), (333, 2, 1024), (200, 1, 96), (8192, 4, 7168)]
@@ -56,7 +57,7 @@ def build(mixers_list=(2, 1)) -> int:
                 *gs.descriptors(x, y, y, x, coefs, dp_pad, hl, phi_pad, x, y, t, n, c),
                 torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t), t, c, t,
                 N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP, CP=coefs.shape[1], STAGES=st, MIXERS=mixers,
-                MIX_REGS=192, DPHI_REGS=104,
+                MIX_REGS=tf.StepBwdCfg.mix_regs, DPHI_REGS=tf.StepBwdCfg.dphi_regs,
                 num_warps=4, grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
@@ -106,8 +107,6 @@ NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "
 
 
 def check(t, n, c, lines, against=None) -> bool:
-    from mhc_compile.kernels import triton_fused as tf
-
     v = _inputs(t, n, c, seed=t + n + c)
     h_pre, p, sq = _forward_saves(v, n, c)
     want = _call(ref.step_backward, {k: (x.double() if x.is_floating_point() else x) for k, x in v.items()},
@@ -149,7 +148,6 @@ def times(shapes, lines, rounds: int = 3, against=None) -> None:
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
-    from mhc_compile.kernels import triton_fused as tf
     from mhc_compile.kernels import triton_ops as tk
 
     bw = copy_bandwidth("cuda")

@@ -149,9 +149,9 @@ if AVAILABLE:
                STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr, num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
-        A tile: G_i = dp phi_i^T (tf32 wgmma) + h_pre_i dx_in + dX_i, which frees dX_i's tile; then X_i, mixed one
-        at a time (the tile's X_prev in registers all at once spilled), added as 2 dsq X_i and stored over dX_i
-        (then ``mixed``: the dphi warpgroup may read them); the dH partials ([C / BC, n^2 + n, T]: a store writes
+        A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
+        G_i += h_pre_i dx_in + dX_i, which frees dX_i's tile; X_i, rounded as the forward stored it, is added as
+        2 dsq X_i and stored over dX_i (then ``mixed``: the dphi warpgroup may read them); the dH partials ([C / BC, n^2 + n, T]: a store writes
         one coefficient of BT adjacent tokens); dX_prev and dy into the X_prev and y tiles, read for the last time,
         and out by TMA stores. Every [BT, BC] tile lives in the G dot's accumulator layout: none changes layout."""
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -169,6 +169,18 @@ if AVAILABLE:
             for i in gl.static_range(N):  # G_i = dp phi_i^T: fp32 operands, so tf32 (the CUDA default)
                 gs = gs + (warpgroup_mma(dps.index(s), phis.index(i).permute((1, 0)), zero, use_acc=False,
                                          is_async=True),)
+            # X_i = h_post_i y + sum_j h_res[i, j] X_prev_j, mixed while the G dots run. j outer: each X_prev_j tile
+            # is read and widened once, not n times; every X_i still adds its terms in j order, so the same bits
+            y = bf16_to_f32(ys.index(s).load(L))
+            xs = ()
+            for i in gl.static_range(N):
+                xs = xs + (_row(coefs, s, i, L) * y,)
+            for j in gl.static_range(N):
+                xj = bf16_to_f32(xps[j].index(s).load(L))
+                nx = ()
+                for i in gl.static_range(N):
+                    nx = nx + (xs[i] + _row(coefs, s, N + i * N + j, L) * xj,)
+                xs = nx
             gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
             dxin = bf16_to_f32(gins.index(s).load(L))
             g = ()
@@ -176,14 +188,10 @@ if AVAILABLE:
                 gi = gs[i] + _row(coefs, s, N + N * N + i, L) * dxin
                 gi += bf16_to_f32(dxs[i].index(s).load(L))
                 g = g + (gi,)
-            y = bf16_to_f32(ys.index(s).load(L))
             dsq2 = 2.0 * _row(coefs, s, 2 * N + N * N, L)
             gx = ()
             for i in gl.static_range(N):
-                xi = _row(coefs, s, i, L) * y
-                for j in gl.static_range(N):
-                    xi += _row(coefs, s, N + i * N + j, L) * bf16_to_f32(xps[j].index(s).load(L))
-                xo, xf = round_bf16(xi)  # X_i as the forward stored it, and as a float
+                xo, xf = round_bf16(xs[i])  # X_i as the forward stored it, and as a float
                 gx = gx + (g[i] + dsq2 * xf,)
                 dxs[i].index(s).store(xo)
             g = gx
@@ -334,7 +342,7 @@ def plan_splits(t: int, c: int, device) -> tuple[int, int]:
 
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
-               mixers: int = 2, mix_regs: int = 192, dphi_regs: int = 104):
+               mixers: int = 2, mix_regs: int = 184, dphi_regs: int = 96):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program)."""

@@ -72,14 +72,15 @@ class StepBwdCfg:
     ``stages``: its ring's slots (0: as many as fit, at most 3, a multiple of ``mixers``: gluon_step_bwd.stages_for
     says why); ``mixers``: mixing warpgroups (1 or 2) taking the
     token tiles in turn; ``mix_regs`` / ``dphi_regs``: registers a thread of a mixing warpgroup (the second one's)
-    / of the dphi warpgroup (at 192 / 104 the Triton 3.6 sm_90a build spills in no loop:
-    benchmarks/gluon_step_bwd_check.py --build)."""
+    / of the dphi warpgroup. The first mixing warpgroup gets what the others leave of the 64K: at 184 / 96 both
+    mixers have 184 or more, and the Triton 3.6 sm_90a build spills in no loop (at 192 / 104 the first one had
+    176 and spilled 48 bytes in its loop: benchmarks/gluon_step_bwd_check.py --build)."""
 
     ws: bool = False
     stages: int = 0
     mixers: int = 2
-    mix_regs: int = 192
-    dphi_regs: int = 104
+    mix_regs: int = 184
+    dphi_regs: int = 96
 
     def __post_init__(self):
         if self.mixers not in (1, 2):
