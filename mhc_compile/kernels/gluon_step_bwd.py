@@ -32,7 +32,15 @@ at 32768 x 4096, 4241 against 4538 at 32768 x 7168, 709 against 676 at 8192 x 40
 31 % of their stall samples on instruction fetch (two copies of a ~2500-instruction loop body), 21 % issuing, and
 the loader warp waits on free slots 82 % of its time; the mixing does about 2000 instructions a tile a thread
 (20 FMAs an element for X, dX_prev and the dH sums each, bf16 conversions, 20 row sums). Fewer barriers, no loop
-spills, coalesced partials and 2 or 3 slots all landed within 3 %. Hence opt-in.
+spills, coalesced partials and 2 or 3 slots all landed within 3 %.
+
+Session 28 (benchmarks/results/session28-2026-12-04-h200.md) cut the mixing's instructions: bf16 <-> fp32 in pairs
+(gluon_common), and X_i mixed with j outer while the G dots run, so that each X_prev tile is widened once instead of
+n times (two-mixer loop: 6141 -> 5225 sm_90a instructions). Outputs bit-equal to the j-inner build; 11-16 % faster
+than session 27's kernel in all: 2290 against 2591 us at 32768 x 4096 (58 % of the floor), 3881 against 4326 at
+32768 x 7168, 632 against 722 at 8192 x 4096, 1195 against 1364 at 32768 x 2048. That is faster than the three
+passes at every one of these shapes (2560, 4565, 656, 1339 us), and faster than the default path's folded backward
+at 32768 x 7168 only. Still opt-in: it has not yet run in a training step.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` turns it on and
 ``supported`` says where it runs; elsewhere the three passes run. Gluon does not run under ``TRITON_INTERPRET=1``:
@@ -151,9 +159,10 @@ if AVAILABLE:
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
         G_i += h_pre_i dx_in + dX_i, which frees dX_i's tile; X_i, rounded as the forward stored it, is added as
-        2 dsq X_i and stored over dX_i (then ``mixed``: the dphi warpgroup may read them); the dH partials ([C / BC, n^2 + n, T]: a store writes
-        one coefficient of BT adjacent tokens); dX_prev and dy into the X_prev and y tiles, read for the last time,
-        and out by TMA stores. Every [BT, BC] tile lives in the G dot's accumulator layout: none changes layout."""
+        2 dsq X_i and stored over dX_i (then ``mixed``: the dphi warpgroup may read them); the dH partials ([C / BC,
+        n^2 + n, T]: a store writes one coefficient of BT adjacent tokens); dX_prev and dy into the X_prev and y
+        tiles, read for the last time, and out by TMA stores. Every [BT, BC] tile lives in the G dot's accumulator
+        layout: none changes layout."""
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BC, 8])  # the tf32 G dot's (k = 8)
         R: gl.constexpr = gl.SliceLayout(1, L)
