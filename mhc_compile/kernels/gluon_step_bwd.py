@@ -40,7 +40,9 @@ n times (two-mixer loop: 6141 -> 5225 sm_90a instructions). Outputs bit-equal to
 than session 27's kernel in all: 2290 against 2591 us at 32768 x 4096 (58 % of the floor), 3881 against 4326 at
 32768 x 7168, 632 against 722 at 8192 x 4096, 1195 against 1364 at 32768 x 2048. That is faster than the three
 passes at every one of these shapes (2560, 4565, 656, 1339 us), and faster than the default path's folded backward
-at 32768 x 7168 only. Still opt-in: it has not yet run in a training step.
+at 32768 x 7168 only. Still opt-in: the path it serves, ``fuse=True``, made session 24's training step slower than
+the default path (+14.7 against +12.4 % at d = 4096, ``bench_training.py --variants fusedws``), and no training step
+has run since this change.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` turns it on and
 ``supported`` says where it runs; elsewhere the three passes run. Gluon does not run under ``TRITON_INTERPRET=1``:

@@ -69,7 +69,8 @@ class StepBwdCfg:
     kernels/gluon_step_bwd.py (two passes, 4n+5 elements of C a token, instead of three, 8n+5), where
     ``gluon_step_bwd.supported`` says it runs (sm_90, bf16, n <= 4, C a multiple of 32); elsewhere the three passes.
     Off by default: on an H200 it ran within -7 .. +5 % of the three passes in session 23, and 4-15 % faster than
-    them in session 28, at the op level; it has not yet been timed in a training step (the module has the numbers).
+    them in session 28, at the op level. ``fuse=True`` with it was slower than the default path in session 24's
+    training step, and it has not run in one since (the module has the numbers).
     ``stages``: its ring's slots (0: as many as fit, at most 3, a multiple of ``mixers``: gluon_step_bwd.stages_for
     says why); ``mixers``: mixing warpgroups (1 or 2) taking the
     token tiles in turn; ``mix_regs`` / ``dphi_regs``: registers a thread of a mixing warpgroup (the second one's)
