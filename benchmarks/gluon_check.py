@@ -191,8 +191,9 @@ def build(configs) -> int:
                 CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps, grid=(t // bt, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
-        loop = sm90_build.opcode_counts(sm90_build.main_loop(sm90_build.sass(built)),
-                                        ("HGMMA", "UTMALDG", "UTMASTG", "SYNCS", "BAR.SYNC"))
+        text = sm90_build.sass(built)  # a compute warpgroup's loop; spills counted in every loop
+        loop = sm90_build.opcode_counts(sm90_build.biggest_loop(text), ("HGMMA", "SYNCS", "BAR.SYNC"))
+        loop.update(sm90_build.loop_spills(text))
         ok = spill == 0 and smem <= SMEM_LIMIT
         failed += not ok
         print(f"{name}: BT={bt} BC={bc} subs={subs} stages={stages} wstages={wstages} regs={regs} spill={spill} "

@@ -61,8 +61,9 @@ def build(mixers_list=(2, 1)) -> int:
                 num_warps=4, grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
-        loop = sm90_build.opcode_counts(sm90_build.main_loop(sm90_build.sass(built)),
-                                        ("HGMMA", "UTMALDG", "SYNCS", "BAR.SYNC", "STG", "SHFL", "LDL", "STL"))
+        text = sm90_build.sass(built)  # the mixing warpgroup's loop; spills counted in every loop
+        loop = sm90_build.opcode_counts(sm90_build.biggest_loop(text), ("HGMMA", "SYNCS", "BAR.SYNC", "STG", "SHFL"))
+        loop.update(sm90_build.loop_spills(text))
         # The two-mixer build with Triton 3.6 (the GPU machine's) stores one value to the stack at the kernel's
         # entry, before the partitions split, and the second mixer reloads it once a tile (one LDL, an L1 hit);
         # more is a spill in a loop, which costs. Triton 3.9 gives the first mixer (the default partition) fewer

@@ -106,22 +106,50 @@ def opcode_counts(text: str, opcodes: tuple[str, ...]) -> dict[str, int]:
     return counts
 
 
-def main_loop(text: str, opcode: str = "HGMMA") -> str:
-    """The SASS lines of the innermost-first loop that holds the most ``opcode`` instructions: from a backward
-    branch's target to the branch (cuobjdump prints targets as addresses). '' when no loop holds one. The
-    kernels' steady state lives there; whole-binary counts also hold the pipeline's prologue and epilogue."""
+def loops(text: str) -> list[str]:
+    """The SASS lines of every loop, innermost first: from a conditional backward branch's target to the branch
+    (cuobjdump prints targets as addresses).
+
+    Unconditional backward branches are not loop latches: ptxas puts an mbarrier wait's retry spin out of line at
+    the function's end, and its block jumps back into the loop it came from (``@!P0 BRA <spin>; BRA <back>``). In a
+    warp-specialized kernel that span runs from the middle of one partition's loop over the partitions laid out
+    after it; before session 28, ``main_loop`` took such spans for loops."""
     lines = text.splitlines()
     addrs = [int(m.group(1), 16) if (m := re.search(r"/\*([0-9a-f]{4,})\*/", ln)) else None for ln in lines]
-    best, best_count = "", 0
+    found = []
     for i, ln in enumerate(lines):
-        jump = re.search(r"\bBRA\s+(?:\S+,\s*)?0x([0-9a-f]+)", ln)
-        if jump is None or addrs[i] is None or int(jump.group(1), 16) >= addrs[i]:
+        jump = re.search(r"(@!?U?P\w+\s+)?\bBRA\s+(?:\S+,\s*)?0x([0-9a-f]+)", ln)
+        if jump is None or jump.group(1) is None or addrs[i] is None or int(jump.group(2), 16) >= addrs[i]:
             continue
-        start = next(j for j in range(i + 1) if addrs[j] is not None and addrs[j] >= int(jump.group(1), 16))
-        body = "\n".join(lines[start:i + 1])
-        count = opcode_counts(body, (opcode,))[opcode]
-        if count > best_count:
-            best, best_count = body, count
+        start = next(j for j in range(i + 1) if addrs[j] is not None and addrs[j] >= int(jump.group(2), 16))
+        found.append("\n".join(lines[start:i + 1]))
+    return found
+
+
+def biggest_loop(text: str) -> str:
+    """The loop (``loops``) of the most instructions: a warp-specialized kernel's busiest partition's (the Gluon
+    kernels' mixing warpgroups), whose loop a tile sets the pace."""
+    return max(loops(text), key=lambda body: body.count("\n"), default="")
+
+
+def loop_spills(text: str) -> dict[str, int]:
+    """Local-memory loads and stores (LDL / STL: spills) in any loop of any partition, each instruction once."""
+    lines = {line for body in loops(text) for line in body.splitlines()}
+    counts = opcode_counts("\n".join(sorted(lines)), ("LDL", "STL"))
+    return {"LDL": counts["LDL"], "STL": counts["STL"]}
+
+
+def main_loop(text: str, opcode: str = "HGMMA") -> str:
+    """The loop (``loops``) that holds the most ``opcode`` instructions, the longer one of a tie; '' when no loop
+    holds one. The kernels' steady state lives there; whole-binary counts also hold the pipeline's prologue and
+    epilogue. In a warp-specialized kernel whose partitions issue the same number of wgmmas a tile, the tie goes to
+    the partition doing the most besides (the Gluon kernels' mixing warpgroups, not their dphi warpgroup)."""
+    best, best_key = "", (0, 0)
+    for body in loops(text):
+        counts = opcode_counts(body, (opcode,))
+        key = (counts[opcode], counts["total"])
+        if counts[opcode] and key > best_key:
+            best, best_key = body, key
     return best
 
 

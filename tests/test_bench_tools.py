@@ -328,6 +328,33 @@ def test_main_loop_is_the_backward_branch_body_with_the_most_tensor_core_ops():
     assert sm90_build.main_loop(text, "EXIT") == ""
 
 
+def test_loops_skip_the_jump_back_from_an_out_of_line_wait():
+    """ptxas puts an mbarrier wait's retry spin after the function's code; its unconditional jump back spans other
+    partitions' loops and is no loop (session 28: it made the Gluon kernels' loops read 30-140 % long)."""
+    from benchmarks import sm90_build
+
+    text = """
+        /*0000*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;
+        /*0010*/              @!P0 BRA 0xa0 ;
+        /*0020*/                   FFMA R1, R2, R3, R4 ;
+        /*0030*/                   LDL R5, [R1] ;
+        /*0040*/               @P1 BRA 0x0 ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, R76, gdesc[UR24], R24 ;
+        /*0060*/                   STL [R1], R5 ;
+        /*0070*/               @P2 BRA 0x50 ;
+        /*0080*/                   HGMMA.64x64x16.F32.BF16 R24, R76, gdesc[UR24], R24 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;
+        /*00b0*/              @!P0 BRA 0xa0 ;
+        /*00c0*/                   BRA 0x20 ;
+    """
+    bodies = sm90_build.loops(text)
+    assert [sm90_build.opcode_counts(b, ())["total"] for b in bodies] == [5, 3, 2]  # no 0x20 .. 0xc0 span
+    assert sm90_build.opcode_counts(sm90_build.main_loop(text), ())["total"] == 3  # the one with the HGMMA
+    assert sm90_build.opcode_counts(sm90_build.biggest_loop(text), ("LDL",)) == {"LDL": 1, "total": 5}
+    assert sm90_build.loop_spills(text) == {"LDL": 1, "STL": 1}
+
+
 def test_ncu_case_launches_the_named_row_with_the_tile_it_is_given(monkeypatch):
     """ncu_case.py runs a bench_kernels row on the tile --cfg names (seen by the kernel wrapper), and a row
     that does not exist is an argparse error naming the rows there are."""

@@ -36,7 +36,7 @@ spills, coalesced partials and 2 or 3 slots all landed within 3 %.
 
 Session 28 (benchmarks/results/session28-2026-12-04-h200.md) cut the mixing's instructions: bf16 <-> fp32 in pairs
 (gluon_common), and X_i mixed with j outer while the G dots run, so that each X_prev tile is widened once instead of
-n times (two-mixer loop: 6141 -> 5225 sm_90a instructions). Outputs bit-equal to the j-inner build; 11-16 % faster
+n times (a mixer's loop: 2620 -> 2166 sm_90a instructions). Outputs bit-equal to the j-inner build; 11-16 % faster
 than session 27's kernel in all: 2290 against 2591 us at 32768 x 4096 (58 % of the floor), 3881 against 4326 at
 32768 x 7168, 632 against 722 at 8192 x 4096, 1195 against 1364 at 32768 x 2048. That is faster than the three
 passes at every one of these shapes (2560, 4565, 656, 1339 us), and faster than the default path's folded backward
