@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
     git show main:mhc_compile/kernels/gluon_step_bwd.py > against_main.py   # another build of the module, then
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --against against_main.py  # both, in one process
+    ... --against against_main.py --against-tune mix_regs=184  # the other build at its own StepBwdCfg registers
 
 On the GPU: every check shape's outputs (dX_prev, dH_res_prev, dH_post_prev, dy, dphi, dbias, dalpha) against the
 float64 reference of ``step_backward`` and, beside them, the three-pass pipeline's errors (the bar to meet), and
@@ -104,6 +105,20 @@ def _call(fn, v, h_pre, p, sq, n, c):
               v["dx_in"], v["dh_post"], v["dh_res"], n, n * c, 1e-6, 20, "mhc")
 
 
+AGAINST_TUNE: dict = {}  # --against-tune: the StepBwdCfg fields the other build runs with
+
+
+def parse_tune(spec: str) -> dict:
+    """'mix_regs=184,dphi_regs=104' -> {'mix_regs': 184, 'dphi_regs': 104} (integer fields)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise SystemExit(f"gluon_step_bwd_check: --against-tune {item!r}: expected FIELD=INTEGER")
+        out[key.strip()] = int(value)
+    return out
+
+
 NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "dalpha")
 
 
@@ -136,7 +151,7 @@ def check(t, n, c, lines, against=None) -> bool:
     ok &= same
     lines.append(f"| {t}x{n}x{c} | (out = dX: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
     if against is not None:  # the other build's outputs beside this one's (a report, not a pass / fail)
-        with tf.tuning("step_bwd", ws=True), serving(tf, "_gluon_step_bwd", against):
+        with tf.tuning("step_bwd", ws=True, **AGAINST_TUNE), serving(tf, "_gluon_step_bwd", against):
             other = _call(tf.step_backward, v, h_pre, p, sq, n, c)
         diff = [name for name, a, b in zip(NAMES, other, two) if not torch.equal(a, b)]
         lines.append(f"| {t}x{n}x{c} | --against build: {'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}"
@@ -190,7 +205,7 @@ def times(shapes, lines, rounds: int = 3, against=None) -> None:
                                  v["dx_in"])
 
         def other():
-            with tf.tuning("step_bwd", ws=True), serving(tf, "_gluon_step_bwd", against):
+            with tf.tuning("step_bwd", ws=True, **AGAINST_TUNE), serving(tf, "_gluon_step_bwd", against):
                 return _call(tf.step_backward, v, h_pre, p, sq, n, c)
 
         fns = (three, two, two_one, folded, alone) + ((other,) if against is not None else ())
@@ -211,7 +226,10 @@ def main() -> int:
     ap.add_argument("--no-times", action="store_true")
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_step_bwd.py, checked and timed "
                     "beside this one (benchmarks/against.py)")
+    ap.add_argument("--against-tune", default="", help="StepBwdCfg fields the --against build runs with, e.g. "
+                    "mix_regs=184 (a build whose registers were tuned apart); this build runs the defaults")
     args = ap.parse_args()
+    AGAINST_TUNE.update(parse_tune(args.against_tune))
     if args.build:
         return build()
     against = load_module(args.against, "gluon_step_bwd_against") if args.against else None

@@ -463,3 +463,17 @@ def test_against_serves_another_build_of_a_gluon_module_to_the_op_and_puts_this_
     with against.serving(triton_fused, "_gluon_step_bwd", other):
         assert triton_fused._gluon_step_bwd() is other
     assert triton_fused._gluon_step_bwd() is gluon_step_bwd
+
+
+def test_against_tune_gives_the_other_build_its_own_step_bwd_fields():
+    """--against-tune (gluon_step_bwd_check.py): integer StepBwdCfg fields for the --against build, which
+    triton_fused.tuning accepts; anything else is refused with a message naming the item."""
+    from benchmarks.gluon_step_bwd_check import parse_tune
+    from mhc_compile.kernels import triton_fused
+
+    fields = parse_tune("mix_regs=184,dphi_regs=104")
+    assert fields == {"mix_regs": 184, "dphi_regs": 104} and parse_tune("") == {}
+    with triton_fused.tuning("step_bwd", ws=True, **fields):
+        assert triton_fused._cfg("step_bwd").mix_regs == 184
+    with pytest.raises(SystemExit, match="'mix_regs': expected FIELD=INTEGER"):
+        parse_tune("mix_regs")
