@@ -192,8 +192,7 @@ def build(configs) -> int:
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # a compute warpgroup's loop; spills counted in every loop
-        loop = sm90_build.opcode_counts(sm90_build.biggest_loop(text), ("HGMMA", "SYNCS", "BAR.SYNC"))
-        loop.update(sm90_build.loop_spills(text))
+        loop = sm90_build.ws_loop_counts(text, ("HGMMA", "SYNCS", "BAR.SYNC"))
         ok = spill == 0 and smem <= SMEM_LIMIT
         failed += not ok
         print(f"{name}: BT={bt} BC={bc} subs={subs} stages={stages} wstages={wstages} regs={regs} spill={spill} "

@@ -64,8 +64,7 @@ def build() -> int:
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the dx warpgroup's loop; spills counted in every loop
-        loop = sm90_build.opcode_counts(sm90_build.biggest_loop(text), ("HGMMA", "UTMASTG", "SYNCS", "BAR.SYNC"))
-        loop.update(sm90_build.loop_spills(text))
+        loop = sm90_build.ws_loop_counts(text, ("HGMMA", "UTMASTG", "SYNCS", "BAR.SYNC"))
         ok = (spill <= 8 and loop["LDL"] <= 1 and loop["STL"] == 0 and smem <= SMEM_LIMIT
               and sm90_build.opcode_counts(text, ("HGMMA",))["HGMMA"] > 0)
         failed += not ok

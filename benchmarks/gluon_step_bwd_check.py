@@ -63,8 +63,7 @@ def build(mixers_list=(2, 1)) -> int:
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the mixing warpgroup's loop; spills counted in every loop
-        loop = sm90_build.opcode_counts(sm90_build.biggest_loop(text), ("HGMMA", "SYNCS", "BAR.SYNC", "STG", "SHFL"))
-        loop.update(sm90_build.loop_spills(text))
+        loop = sm90_build.ws_loop_counts(text, ("HGMMA", "SYNCS", "BAR.SYNC", "STG", "SHFL"))
         # The two-mixer build with Triton 3.6 (the GPU machine's) stores one value to the stack at the kernel's
         # entry, before the partitions split, and the second mixer reloads it once a tile (one LDL, an L1 hit);
         # more is a spill in a loop, which costs. Triton 3.9 gives the first mixer (the default partition) fewer

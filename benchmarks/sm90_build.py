@@ -139,6 +139,14 @@ def loop_spills(text: str) -> dict[str, int]:
     return {"LDL": counts["LDL"], "STL": counts["STL"]}
 
 
+def ws_loop_counts(text: str, opcodes: tuple[str, ...]) -> dict[str, int]:
+    """A warp-specialized kernel's loop report, as the Gluon check scripts print it: ``opcodes`` and 'total' in its
+    biggest loop, then LDL / STL in any loop (``loop_spills``)."""
+    counts = opcode_counts(biggest_loop(text), opcodes)
+    counts.update(loop_spills(text))
+    return counts
+
+
 def main_loop(text: str, opcode: str = "HGMMA") -> str:
     """The loop (``loops``) that holds the most ``opcode`` instructions, the longer one of a tie; '' when no loop
     holds one. The kernels' steady state lives there; whole-binary counts also hold the pipeline's prologue and

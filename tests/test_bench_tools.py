@@ -353,6 +353,7 @@ def test_loops_skip_the_jump_back_from_an_out_of_line_wait():
     assert sm90_build.opcode_counts(sm90_build.main_loop(text), ())["total"] == 3  # the one with the HGMMA
     assert sm90_build.opcode_counts(sm90_build.biggest_loop(text), ("LDL",)) == {"LDL": 1, "total": 5}
     assert sm90_build.loop_spills(text) == {"LDL": 1, "STL": 1}
+    assert sm90_build.ws_loop_counts(text, ("LDL",)) == {"LDL": 1, "total": 5, "STL": 1}
 
 
 def test_ncu_case_launches_the_named_row_with_the_tile_it_is_given(monkeypatch):
