@@ -21,7 +21,7 @@ and tail as before session 17: collapse recomputed, its gradient n-wide, the hea
 opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:fold_pre_recompute=0),
 cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
 kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
-config changed: the fields of its config in triton_ops._DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's
+config changed: the fields of its config in triton_config.DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's
 backward as the dx + dphi kernel pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=0 for the
 older post_res backward kernel, or tune:proj:bt=64,num_warps=4).
 
@@ -435,15 +435,15 @@ def run_size(d, args, emit):
 
 def tune_fields(spec: str) -> tuple[str, dict]:
     """'tune:proj_dx_dphi:bk=64,maxnreg=none,waves=8' -> ('proj_dx_dphi', fields of its config dataclass in
-    triton_ops: ints, floats, 'none' -> None, 0 / 1 for the flags)."""
+    triton_config: ints, floats, 'none' -> None, 0 / 1 for the flags)."""
     from dataclasses import fields
 
-    from mhc_compile.kernels.triton_ops import _DEFAULTS
+    from mhc_compile.kernels.triton_config import DEFAULTS
 
     _, kernel, items = (spec.split(":", 2) + ["", ""])[:3]
-    if kernel not in _DEFAULTS:
-        raise SystemExit(f"{spec}: unknown kernel {kernel!r} (triton_ops has {sorted(_DEFAULTS)})")
-    kinds = {f.name: str(f.type) for f in fields(_DEFAULTS[kernel])}
+    if kernel not in DEFAULTS:
+        raise SystemExit(f"{spec}: unknown kernel {kernel!r} (triton_config has {sorted(DEFAULTS)})")
+    kinds = {f.name: str(f.type) for f in fields(DEFAULTS[kernel])}
     out = {}
     for item in filter(None, items.split(",")):
         key, _, value = item.partition("=")

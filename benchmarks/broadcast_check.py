@@ -66,8 +66,8 @@ def _no_fp_fusion():
     def launch(kernel, grid, args, meta, shrink_stages=True, **options):
         return plain(kernel, grid, args, meta, shrink_stages, enable_fp_fusion=False, **options)
 
-    tk.launch = launch
-    proj_bwd.launch = launch
+    for module in (*tk.LAUNCHING, proj_bwd):
+        module.launch = launch
 
 
 def main():

@@ -34,6 +34,8 @@ from benchmarks.against import load_module, serving  # noqa: E402
 from mhc_compile.kernels import gluon_post_res_proj as gp  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+from mhc_compile.kernels import triton_config as tcfg  # noqa: E402
+from mhc_compile.kernels import triton_post_res_proj as tprp  # noqa: E402
 
 CHECK_SHAPES = [(300, 4, 512), (129, 4, 768), (64, 1, 256), (1000, 2, 1024), (77, 3, 384), (4099, 4, 2048)]
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on an H100 / H200
@@ -173,9 +175,9 @@ def build(configs) -> int:
 
     failed = 0
     for name in configs:
-        cfg = dataclasses.replace(tk._DEFAULTS["post_res_proj"], **CONFIGS[name])
+        cfg = dataclasses.replace(tcfg.DEFAULTS["post_res_proj"], **CONFIGS[name])
         t, n, c = 256, 4, 512
-        _, bc, mp = tk._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
+        _, bc, mp = tprp._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
         bt = 16 * cfg.num_warps
         subs, stages, wstages = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages,
                                         cfg.ws_consumers)

@@ -100,11 +100,12 @@ def _reference(v):
 
 def _triton(v, out=None):
     from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_config as tcfg
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
     with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
         return tpb.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"],
-                              tk._cfg("proj_dx_dphi"), out=out)
+                              tcfg.cfg_of("proj_dx_dphi"), out=out)
 
 
 def _gluon(v, out=None, **kw):

@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_kernels as bk  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+from mhc_compile.kernels import triton_common as tcom  # noqa: E402
+from mhc_compile.kernels import triton_proj as tproj  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,14 +42,14 @@ def prev_proj(x, phi):
     """proj before round 1: the X tile widened to fp32, one tf32 dot (the kernel's HI_LO=False path)."""
     t, n, c = x.shape
     k, m = phi.shape
-    bt, bk, bm = 128, 128, max(16, tk._pow2(m))
+    bt, bk, bm = 128, 128, max(16, tcom.pow2(m))
     blocks = triton.cdiv(t, bt)
-    splits = max(1, min(triton.cdiv(2 * tk._num_sms(x.device), blocks), triton.cdiv(k, bk) // 4))
+    splits = max(1, min(triton.cdiv(2 * tcom.num_sms(x.device), blocks), triton.cdiv(k, bk) // 4))
     k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_split)
     p = torch.empty((splits, t, m), dtype=torch.float32, device=x.device)
     sq = torch.empty((splits, t), dtype=torch.float32, device=x.device)
-    tk._proj_fwd_kernel[(blocks, 1, splits)](x, phi, p, sq, t, k, m, bm, k_split, BT=bt, BK=bk, BM=bm,
+    tproj._proj_fwd_kernel[(blocks, 1, splits)](x, phi, p, sq, t, k, m, bm, k_split, BT=bt, BK=bk, BM=bm,
                                               ACC=tl.float32, PREC="tf32", HI_LO=False, DOT=tl.float32,
                                               num_warps=4, num_stages=2)
     return p.sum(0), sq.sum(0)
@@ -107,11 +109,11 @@ def _prev_proj_pre_bwd_kernel(x_ptr, phi_ptr, dp_ptr, dsq_ptr, h_ptr, g_ptr, acc
 def prev_proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc):
     t, n, c = x.shape
     k, m = phi.shape
-    np_, mp = tk._pow2(n), max(16, tk._pow2(m))
-    bc = max(16 // np_, min(tk._pow2(c), max(1, 128 // np_)))
-    bt = max(16, min(64, tk._pow2(t)))
+    np_, mp = tcom.pow2(n), max(16, tcom.pow2(m))
+    bc = max(16 // np_, min(tcom.pow2(c), max(1, 128 // np_)))
+    bt = max(16, min(64, tcom.pow2(t)))
     cblocks = triton.cdiv(c, bc)
-    splits = max(1, min(triton.cdiv(4 * tk._num_sms(x.device), cblocks), triton.cdiv(t, bt) // 2))
+    splits = max(1, min(triton.cdiv(4 * tcom.num_sms(x.device), cblocks), triton.cdiv(t, bt) // 2))
     t_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
     splits = triton.cdiv(t, t_split)
     dx = torch.empty_like(x)
@@ -147,7 +149,7 @@ def sq_only(x, bt=64, bk=128, waves=4):
     t, n, c = x.shape
     k = n * c
     blocks = triton.cdiv(t, bt)
-    splits = max(1, min(triton.cdiv(waves * tk._num_sms(x.device), blocks), triton.cdiv(k, bk) // 4))
+    splits = max(1, min(triton.cdiv(waves * tcom.num_sms(x.device), blocks), triton.cdiv(k, bk) // 4))
     k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_split)
     sq = torch.empty((splits, t), dtype=torch.float32, device=x.device)
@@ -235,7 +237,7 @@ def fwd_rows(d, bw, ncu):
     m = phi.shape[1]
     e_p, e_sq = ref.proj(x.float(), phi)
     nbytes = x.numel() * 2 + phi.numel() * 4 + t * (m + 1) * 4
-    kern = [tk._proj_fwd_kernel]
+    kern = [tproj._proj_fwd_kernel]
     designs = [("prev (tf32)", {}, lambda: prev_proj(x, phi), kern),
                ("cur (hi/lo)", "default", lambda: tk.proj(x, phi), kern),
                ("sq_only (floor)", {}, lambda: (None, sq_only(x)), [_lab_sq_only])]
@@ -260,7 +262,7 @@ def bwd_rows(d, bw, ncu):
     expected = folded_reference(d)
     nbytes = 3 * x.numel() * 2 + d["g"].numel() * 2 + t * (m + 1 + n) * 4 + 2 * phi.numel() * 4
     args = (x, phi, d["dp"], d["dsq"], d["h"], d["g"], d["acc"])
-    both = [tk._proj_dx_kernel, tk._proj_dphi_kernel]
+    both = [tproj._proj_dx_kernel, tproj._proj_dphi_kernel]
     designs = [("prev (stream-major, tf32)", {}, lambda: prev_proj_pre_backward(*args), [_prev_proj_pre_bwd_kernel]),
                ("cur: dx + dphi kernels", "default", lambda: tk.proj_pre_backward(*args), both)]
     if not ncu:
@@ -279,7 +281,7 @@ def bwd_rows(d, bw, ncu):
     # dphi alone as one cuBLAS matmul (X read once, dp^T hi/lo): the bar for the dphi kernel
     if not ncu:
         x2 = x.reshape(t, -1)
-        a = tk._split_hi_lo(d["dp"], max(16, tk._pow2(m)), transpose=True)
+        a = tcom.split_hi_lo(d["dp"], max(16, tcom.pow2(m)), transpose=True)
         xbytes = x.numel() * 2 + a.numel() * 2
         rows += run_rows("dphi part", [("dp^T @ X by torch.mm (cuBLAS), bf16 hi/lo", {},
                                         lambda: (torch.mm(a, x2, out_dtype=torch.float32),), [])],

@@ -1,6 +1,6 @@
 """Kernel lab: proj's folded backward (dx and dphi) in ONE pass over X, against the pair of kernels it replaced.
 
-The pair (``triton_ops._proj_dx_kernel`` then ``_proj_dphi_kernel``, still the path of non-bf16 streams and
+The pair (``triton_proj._proj_dx_kernel`` then ``_proj_dphi_kernel``, still the path of non-bf16 streams and
 ``configure("proj_dx_dphi", enabled=False)``) reads X twice (~0.9 ms a training step at 32768 tokens x C = 4096,
 n = 4 on an H100, where it ran at 68-69 % of the byte floor, which counts X once). ``_proj_dx_dphi_kernel``
 (mhc_compile/kernels/triton_proj_bwd.py, swept here) reads each X tile once and feeds it to both:
@@ -62,6 +62,7 @@ from benchmarks import bench_kernels as bkm  # noqa: E402
 from benchmarks import sm90_build  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+from mhc_compile.kernels import triton_proj as tproj  # noqa: E402
 from mhc_compile.kernels.triton_proj_bwd import (  # noqa: E402
     LAST_COMPILED, _proj_dx_dphi_kernel, proj_pre_backward_fused)
 
@@ -212,7 +213,7 @@ def _pair(*args):
 
 
 def _pair_stats(args):
-    fns = [tk._proj_dx_kernel, tk._proj_dphi_kernel]
+    fns = [tproj._proj_dx_kernel, tproj._proj_dphi_kernel]
     try:
         with _Recorder(fns) as rec:
             _pair(*args)

@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import sm90_build  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+from mhc_compile.kernels import triton_common as tcom  # noqa: E402
 from mhc_compile.kernels.tma import descriptor  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def _step_grad_kernel(xp_d, y_d, g_d, dx_d, phi_d, dp_ptr, dsq_ptr, hpre_ptr, hr
             xi = hpost[i][:, None] * y
             for j in tl.static_range(N):
                 xi += hres[i * N + j][:, None] * xs[j].to(tl.float32)
-            xi = tk._round(xi, tl.bfloat16, RNE).to(tl.float32)
+            xi = tcom.round_to(xi, tl.bfloat16, RNE).to(tl.float32)
             ph = phi_d.load([i * C + c0, 0])
             gi = tl.dot(dp, tl.trans(ph), input_precision="tf32", out_dtype=tl.float32)
             gi += dx_d.load([t0, i * C + c0]).to(tl.float32) + hpre[i][:, None] * g + dsq2[:, None] * xi
@@ -109,14 +110,14 @@ def _step_grad_kernel(xp_d, y_d, g_d, dx_d, phi_d, dp_ptr, dsq_ptr, hpre_ptr, hr
         dhr = new_dhr
         for j in tl.static_range(N):
             if TMA_STORE:
-                dxp_ptr.store([t0, j * C + c0], tk._round(dxp[j], tl.bfloat16, RNE))
+                dxp_ptr.store([t0, j * C + c0], tcom.round_to(dxp[j], tl.bfloat16, RNE))
             else:
                 tl.store(dxp_ptr + (r64 * N + j)[:, None] * C + cols[None, :],
-                         tk._round(dxp[j], tl.bfloat16, RNE), mask=m2)
+                         tcom.round_to(dxp[j], tl.bfloat16, RNE), mask=m2)
         if TMA_STORE:
-            dy_ptr.store([t0, c0], tk._round(dy, tl.bfloat16, RNE))
+            dy_ptr.store([t0, c0], tcom.round_to(dy, tl.bfloat16, RNE))
         else:
-            tl.store(dy_ptr + r64[:, None] * C + cols[None, :], tk._round(dy, tl.bfloat16, RNE), mask=m2)
+            tl.store(dy_ptr + r64[:, None] * C + cols[None, :], tcom.round_to(dy, tl.bfloat16, RNE), mask=m2)
     for i in tl.static_range(N):
         tl.store(dhpost_ptr + r64 * N + i, dhp[i], mask=rmask)
         for j in tl.static_range(N):
@@ -129,7 +130,7 @@ def step_grad(x_prev, h_res, h_post, y, phi, dp, dsq, h_pre, dx_in, dx, bt=64, b
     multiple of bc."""
     t, n, c = x_prev.shape
     m = phi.shape[1]
-    mp = max(16, tk._pow2(m))
+    mp = max(16, tcom.pow2(m))
     dxp, dy = torch.empty_like(x_prev), torch.empty_like(y)
     dhr = torch.empty((t, n, n), dtype=torch.float32, device=x_prev.device)
     dhp = torch.empty((t, n), dtype=torch.float32, device=x_prev.device)
@@ -138,7 +139,7 @@ def step_grad(x_prev, h_res, h_post, y, phi, dp, dsq, h_pre, dx_in, dx, bt=64, b
             descriptor(dx, t, n * c, blk), _phi_descriptor(phi, bc, mp), dp, dsq, h_pre, h_res, h_post,
             descriptor(dxp, t, n * c, blk) if tma_store else dxp, descriptor(dy, t, c, blk) if tma_store else dy,
             dhr, dhp, t, c, m)
-    _step_grad_kernel[(tk._cdiv(t, bt),)](*args, N=n, BT=bt, BC=bc, MP=mp, RNE=tk._INTERPRETED,
+    _step_grad_kernel[(tcom.cdiv(t, bt),)](*args, N=n, BT=bt, BC=bc, MP=mp, RNE=tcom.INTERPRETED,
                                           TMA_STORE=tma_store, XS16=xs16, num_warps=num_warps,
                                           num_stages=num_stages)
     return dxp, dhr, dhp, dy

@@ -21,6 +21,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import sm90_build  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
+from mhc_compile.kernels import triton_post_res_proj as tprp  # noqa: E402
 
 OPCODES = ("HGMMA", "WARPGROUP.DEPBAR", "BAR.SYNC", "SYNCS", "UTMALDG", "STG", "FFMA")
 
@@ -45,7 +46,7 @@ def build(cfg: dict, n: int = 4, c: int = 4096, t: int = 256, arch: int = 90):
     """The compiled kernel the wrapper would launch under these DotCfg fields (tensors on the CPU, never run)."""
     m = n * n + 2 * n
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
-    with sm90_build.builds_of(tk, tk._post_res_proj_kernel, arch) as built, tk.tuning("post_res_proj", **cfg):
+    with sm90_build.builds_of(tprp, tprp._post_res_proj_kernel, arch) as built, tk.tuning("post_res_proj", **cfg):
         tk.post_res_proj(x, torch.zeros(t, n, n), torch.zeros(t, n), y, torch.zeros(n * c, m))
     return built[0]
 

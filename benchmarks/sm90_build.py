@@ -30,21 +30,28 @@ import torch
 
 @contextlib.contextmanager
 def builds_of(module, kernel, arch: int = 90):
-    """While active, the launches that ``module`` makes through its ``launch`` compile for sm_<arch> instead of
-    running (``JITFunction.warmup`` under ``cpu_target``). Yields the list that collects ``kernel``'s builds;
-    other kernels the wrapper launches (a hi / lo split before it, say) are skipped."""
+    """While active, the launches that ``module`` and triton_ops' kernel modules (``triton_ops.LAUNCHING``) make
+    through their ``launch`` compile for sm_<arch> instead of running (``JITFunction.warmup`` under ``cpu_target``).
+    Yields the list that collects ``kernel``'s builds; other kernels the wrapper launches (a hi / lo split before
+    it, say) are skipped."""
+    from mhc_compile.kernels import triton_ops
+
     built = []
 
     def warmup(launched, grid, args, meta, shrink_stages=True, **options):
         if launched is kernel:
             built.append(launched.warmup(*args, **meta, **options, grid=grid))
 
-    launch, module.launch = module.launch, warmup
+    modules = {id(m): m for m in (module, *triton_ops.LAUNCHING)}.values()
+    saved = [(m, m.launch) for m in modules]
+    for m in modules:
+        m.launch = warmup
     try:
         with cpu_target(arch):
             yield built
     finally:
-        module.launch = launch
+        for m, launch in saved:
+            m.launch = launch
 
 
 @contextlib.contextmanager
@@ -208,6 +215,8 @@ def wgmma_builds(n: int = 4, c: int = 4096, t: int = 1024):
     sm_90a the way their wrappers launch them on bf16 streams (TMA and pointer loads where both exist)."""
     from mhc_compile.kernels import reference as ref
     from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_post_res_proj as tprp
+    from mhc_compile.kernels import triton_proj as tproj
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
     m = ref.num_coeffs(n)
@@ -223,22 +232,22 @@ def wgmma_builds(n: int = 4, c: int = 4096, t: int = 1024):
             call()
         return built[0]
 
-    yield "proj forward", one(tk, tk._proj_fwd_kernel, lambda: tk.proj(x, phi))
+    yield "proj forward", one(tproj, tproj._proj_fwd_kernel, lambda: tk.proj(x, phi))
     for tma in (True, False):
         label = "TMA" if tma else "pointer"
-        yield f"post_res_proj, {label}", one(tk, tk._post_res_proj_kernel,
+        yield f"post_res_proj, {label}", one(tprp, tprp._post_res_proj_kernel,
                                             lambda: tk.post_res_proj(x, hres, h, y, phi),
                                             post_res_proj=dict(tma=tma))
         for acc in (x, None):
             yield (f"proj's one-pass backward, {label}, {'with' if acc is not None else 'without'} acc",
                    one(tpb, tpb._proj_dx_dphi_kernel, lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, acc),
                        proj_dx_dphi=dict(tma=tma)))
-    # the fallback where the staged dout and acc do not fit a GPU's shared memory (triton_ops._proj_grads)
+    # the fallback where the staged dout and acc do not fit a GPU's shared memory (triton_proj._proj_grads)
     yield "proj's one-pass backward, TMA, with acc, no PIPELINE_ALL", one(
         tpb, tpb._proj_dx_dphi_kernel, lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, x),
         proj_dx_dphi=dict(pipeline_all=False))
     # the pair's dx kernel runs mma.sync on 16-token tiles, no wgmma
-    yield "proj's backward pair: dphi", one(tk, tk._proj_dphi_kernel,
+    yield "proj's backward pair: dphi", one(tproj, tproj._proj_dphi_kernel,
                                             lambda: tk.proj_pre_backward(x, phi, dp, dsq, h, y, None),
                                             proj_dx_dphi=dict(enabled=False))
 

@@ -18,3 +18,23 @@ def rerun_in_subprocess(path: str):
         assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
 
     return test_module_in_interpreter_subprocess
+
+
+# The Triton kernel modules in import order (each after those it takes names from), so that reloading them in this
+# order leaves every module bound to reloaded ones.
+KERNEL_MODULES = ("triton_common", "triton_config", "triton_pre", "triton_post_res", "triton_proj", "triton_coeffs",
+                  "triton_post_res_proj", "triton_ops", "triton_proj_bwd", "triton_fused")
+
+
+def interpreted_kernels() -> dict:
+    """{name: module} of KERNEL_MODULES with their kernels decorated under the interpreter: reloaded, in order,
+    where they were imported before TRITON_INTERPRET was set (triton.jit picks the interpreter when it decorates;
+    the caller has checked that Triton itself was imported with it)."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    modules = {name: importlib.import_module(f"mhc_compile.kernels.{name}") for name in KERNEL_MODULES}
+    if not isinstance(modules["triton_common"].hi_lo_kernel, InterpretedFunction):
+        modules = {name: importlib.reload(module) for name, module in modules.items()}
+    return modules

@@ -246,16 +246,18 @@ def test_ulps_count_bf16_spacings_at_the_exact_value():
 
 
 def test_no_fp_fusion_adds_the_compile_option_to_every_launch(monkeypatch):
-    """triton_ops' launches and proj's one-pass backward's, which imports launch on its own."""
+    """The launches of triton_ops' kernel modules and of proj's one-pass backward, each of which binds launch itself."""
     seen = []
     monkeypatch.setattr(broadcast_check.launch_mod, "launch",
                         lambda kernel, grid, args, meta, shrink_stages=True, **options: seen.append(options))
-    for module in (broadcast_check.tk, broadcast_check.proj_bwd):  # restored after the test
+    for module in (*broadcast_check.tk.LAUNCHING, broadcast_check.proj_bwd):  # restored after the test
         monkeypatch.setattr(module, "launch", module.launch)
     broadcast_check._no_fp_fusion()
-    broadcast_check.tk.launch("k", (1,), (), {}, num_warps=4)
+    for module in broadcast_check.tk.LAUNCHING:
+        module.launch("k", (1,), (), {}, num_warps=4)
     broadcast_check.proj_bwd.launch("k", (1,), (), {}, shrink_stages=False, num_warps=8)
-    assert seen == [{"enable_fp_fusion": False, "num_warps": 4}, {"enable_fp_fusion": False, "num_warps": 8}]
+    assert seen == ([{"enable_fp_fusion": False, "num_warps": 4}] * len(broadcast_check.tk.LAUNCHING)
+                    + [{"enable_fp_fusion": False, "num_warps": 8}])
 
 
 def test_opcode_counts_read_predicated_and_modified_instructions():
@@ -361,16 +363,17 @@ def test_ncu_case_launches_the_named_row_with_the_tile_it_is_given(monkeypatch):
     that does not exist is an argparse error naming the rows there are."""
     from benchmarks import ncu_case
     from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_config as tcfg
 
     seen = []
     real = tk.post_res_proj
 
     def spy(*args):
-        seen.append(tk._cfg("post_res_proj"))
+        seen.append(tcfg.cfg_of("post_res_proj"))
         return real(*args)
 
     monkeypatch.setattr(tk, "post_res_proj", spy)
-    monkeypatch.setattr(tk, "_OVERRIDES", {})
+    monkeypatch.setattr(tcfg, "_OVERRIDES", {})
     assert ncu_case.main(["post_res_proj", "fwd", "--t", "19", "--c", "32", "--device", "cpu", "--launches", "2",
                           "--cfg", "post_res_proj:bk=16,one_dot=1"]) == 0
     assert [(c.bk, c.one_dot) for c in seen] == [(16, True)] * 2

@@ -11,7 +11,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,17 +22,11 @@ from mhc_compile.kernels import reference as ref  # noqa: E402
 _INTERPRETED = isinstance(triton.language.standard.sum, InterpretedFunction)
 
 if _INTERPRETED:
-    from mhc_compile.kernels import triton_ops as tk
+    from interpreter_rerun import interpreted_kernels
+    from launch_spy import patch_launches, real_launch
 
-    if not isinstance(tk._pre_fwd_kernel, InterpretedFunction):  # imported earlier without the interpreter
-        tk = importlib.reload(tk)
-    from mhc_compile.kernels import triton_proj_bwd as pb
-
-    if not isinstance(pb._proj_dx_dphi_kernel, InterpretedFunction):
-        pb = importlib.reload(pb)
-    from mhc_compile.kernels import triton_fused as tf
-
-    tf = importlib.reload(tf)  # binds the reloaded triton_ops above, whose launches the spy sees
+    _modules = interpreted_kernels()
+    tk, tcom, pb, tf = (_modules[m] for m in ("triton_ops", "triton_common", "triton_proj_bwd", "triton_fused"))
 
 # (leading token dims, n, C, dtype): odd token counts leave ragged tiles; C = 40 puts proj's K blocks across
 # streams (the gather path), C = 48 with 16-wide blocks keeps each in one stream (and bf16 takes TMA there)
@@ -62,15 +55,14 @@ def _inputs(lead, n, c, dtype, seed=0):
 def x_bcast_launches(monkeypatch):
     """{kernel name: [X_BCAST of each launch]} of triton_ops' and triton_proj_bwd's launches that read a stream."""
     seen = {}
-    real = tk.launch
+    real = real_launch
 
     def spy(kernel, grid, args, meta, *rest, **options):
         if "X_BCAST" in meta:
             seen.setdefault(kernel.fn.__name__, []).append(meta["X_BCAST"])
         return real(kernel, grid, args, meta, *rest, **options)
 
-    monkeypatch.setattr(tk, "launch", spy)
-    monkeypatch.setattr(pb, "launch", spy)
+    patch_launches(monkeypatch, spy, pb)
     return seen
 
 
@@ -129,13 +121,13 @@ def test_post_res_backward_reads_a_broadcast_stream_gradient_as_one_row(lead, n,
     _, xd, o = _inputs(lead, n, c, dtype, seed=5)
     gb = o["g"].unsqueeze(-2).expand(*lead, n, c)
     seen = []
-    real = tk.launch
+    real = real_launch
 
     def spy(kernel, grid, args, meta, *rest, **options):
         seen.append(meta.get("G_BCAST"))
         return real(kernel, grid, args, meta, *rest, **options)
 
-    monkeypatch.setattr(tk, "launch", spy)
+    patch_launches(monkeypatch, spy)
     args = (o["h_res"], o["h_post"], o["y"])
     for two_d in (True, False):
         with tk.tuning("post_res_backward", two_d=two_d):
@@ -154,14 +146,14 @@ def test_proj(lead, n, c, dtype, monkeypatch):
     over streams is rounded to fp32, then split into bf16 hi + lo halves: ~16 mantissa bits for bf16 streams)."""
     xb, xd, o = _inputs(lead, n, c, dtype, seed=2)
     depths = []
-    real = tk.launch
+    real = real_launch
 
     def spy(kernel, grid, args, meta, *rest, **options):
         if kernel.fn.__name__ == "_proj_fwd_kernel":
             depths.append(args[5])  # K, the depth of the projection
         return real(kernel, grid, args, meta, *rest, **options)
 
-    monkeypatch.setattr(tk, "launch", spy)
+    patch_launches(monkeypatch, spy)
     for bk in (16, 128):  # 16: K blocks inside one stream where 16 | C; 128: across streams
         with tk.tuning("proj", bt=16, bk=bk):
             want = tk.proj(xd, o["phi"])
@@ -271,14 +263,14 @@ def test_stream_arg_takes_only_dense_rows_broadcast_over_several_streams(x_bcast
     slice of wider rows, permuted token dims), or n = 1, is copied dense, and the ops still compute the same."""
     s = torch.randn(6, 5, 40)
     xb = s.unsqueeze(-2).expand(6, 5, 3, 40)
-    assert tk._stream_arg(xb) == (xb, True)
+    assert tcom.stream_arg(xb) == (xb, True)
     dense = xb.contiguous()
-    assert tk._stream_arg(dense)[0] is dense and not tk._stream_arg(dense)[1]
+    assert tcom.stream_arg(dense)[0] is dense and not tcom.stream_arg(dense)[1]
     wide = torch.randn(6, 5, 56)
     for x in (wide[..., :40].unsqueeze(-2).expand(6, 5, 3, 40),  # rows 56 apart
               s.transpose(0, 1).unsqueeze(-2).expand(5, 6, 3, 40),  # token dims permuted
               s.unsqueeze(-2)):  # n = 1
-        got, bcast = tk._stream_arg(x)
+        got, bcast = tcom.stream_arg(x)
         assert not bcast and got.is_contiguous() and torch.equal(got, x)
         *lead, n, c = x.shape
         h_pre, phi = torch.rand(*lead, n), torch.randn(n * c, ref.num_coeffs(n))

@@ -55,12 +55,13 @@ def test_supported_needs_a_cuda_bf16_stream_whose_chunks_stay_in_one_stream():
 
 def test_ws_consumers_outside_one_or_two_is_an_error_on_any_device():
     from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_config as tcfg
 
     with pytest.raises(ValueError, match="ws_consumers=3"), tk.tuning("post_res_proj", ws=True, ws_consumers=3):
         pass
     with pytest.raises(ValueError, match="ws_consumers=0"):
         tk.configure("post_res_proj", ws_consumers=0)
-    assert tk._cfg("post_res_proj") == tk._DEFAULTS["post_res_proj"]  # the bad config was not kept
+    assert tcfg.cfg_of("post_res_proj") == tcfg.DEFAULTS["post_res_proj"]  # the bad config was not kept
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)
@@ -82,8 +83,9 @@ def _cpu_inputs(t, n, c, seed):
 def test_the_gluon_kernel_is_the_default_and_off_sm90_the_triton_kernel_runs():
     """DotCfg.ws is on by default (session 27); on CPU tensors the Triton kernel runs, bit-equal to ws off."""
     from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_config as tcfg
 
-    assert tk._DEFAULTS["post_res_proj"].ws
+    assert tcfg.DEFAULTS["post_res_proj"].ws
     x, h_res, h_post, y, phi = _cpu_inputs(37, 4, 128, seed=4)
     before = gp.LAUNCHES
     got = tk.post_res_proj(x, h_res, h_post, y, phi)
@@ -99,6 +101,7 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
     from triton.runtime.errors import OutOfResources
 
     from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_post_res_proj as tprp
 
     x, h_res, h_post, y, phi = _cpu_inputs(37, 4, 128, seed=5)
     with tk.tuning("post_res_proj", ws=False):
@@ -111,9 +114,9 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
 
     monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
     monkeypatch.setattr(gp, "launch", fails)
-    monkeypatch.setattr(tk, "_NO_GLUON_PRP", set())
+    monkeypatch.setattr(tprp, "_NO_GLUON_PRP", set())
     with pytest.warns(UserWarning, match="post_res_proj: the Gluon kernel does not build here.*OutOfResources"):
         got = tk.post_res_proj(x, h_res, h_post, y, phi)
     again = tk.post_res_proj(x, h_res, h_post, y, phi)
-    assert len(tries) == 1 and tk._NO_GLUON_PRP == {x.device}
+    assert len(tries) == 1 and tprp._NO_GLUON_PRP == {x.device}
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))

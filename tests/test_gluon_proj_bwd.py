@@ -14,6 +14,8 @@ import torch
 from mhc_compile.kernels import gluon_proj_bwd as gp
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels import triton_config as tcfg
+from mhc_compile.kernels import triton_proj as tproj
 from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
 
 
@@ -97,7 +99,7 @@ def test_the_config_picks_the_kernel_and_its_warpgroups_by_acc():
     assert (no_acc_only.gluon_for(has_acc=False), no_acc_only.gluon_for(has_acc=True)) == (1, 0)
     off = tk.FusedBwdCfg(ws=False, ws_no_acc=False)
     assert (off.gluon_for(has_acc=False), off.gluon_for(has_acc=True)) == (0, 0)
-    assert tk._DEFAULTS["proj_dx_dphi"] == cfg
+    assert tcfg.DEFAULTS["proj_dx_dphi"] == cfg
 
 
 def _cpu_inputs(t, n, c, seed):
@@ -130,7 +132,7 @@ def test_off_sm90_ws_runs_the_triton_kernel():
 def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monkeypatch):
     """The Gluon kernel is the default: if it does not build (another Triton's Gluon, shared
     memory, ptxas), the call runs the Triton kernel with a warning, later calls go straight there, and the Triton
-    kernel's own fallbacks (triton_ops._NO_ONE_PASS, for its OutOfResources) stay untouched."""
+    kernel's own fallbacks (triton_proj._NO_ONE_PASS, for its OutOfResources) stay untouched."""
     from triton.runtime.errors import OutOfResources
 
     from mhc_compile.kernels import triton_proj_bwd as tpb
@@ -150,7 +152,7 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
     with pytest.warns(UserWarning, match="Gluon kernel does not build here.*OutOfResources"):
         got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     again = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
-    assert tries == [1] and tpb._NO_GLUON == {x.device} and x.device not in tk._NO_ONE_PASS
+    assert tries == [1] and tpb._NO_GLUON == {x.device} and x.device not in tproj._NO_ONE_PASS
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 

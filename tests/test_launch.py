@@ -208,6 +208,7 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
     from mhc_compile.kernels import triton_fused as tf
     from mhc_compile.kernels import triton_ops as tk
     from mhc_compile.kernels import triton_proj_bwd as tpb
+    from launch_spy import patch_launches
 
     seen = []
     real = L.launch
@@ -216,8 +217,7 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
         seen.append((kernel.fn.__name__, _signature_tail_complete(kernel, len(args), meta)))
         return real(kernel, grid, args, meta, shrink_stages, **options)
 
-    for module in (tk, tf, tpb):
-        monkeypatch.setattr(module, "launch", spy)
+    patch_launches(monkeypatch, spy, tf, tpb)
     # the other kernel each of these configurations picks
     alternates = {"post_res_backward": lambda: tk.tuning("post_res_backward", two_d=False),
                   "proj_pre_backward": lambda: tk.tuning("proj_dx_dphi", enabled=False)}
@@ -231,8 +231,27 @@ def test_every_launch_of_the_ops_is_replayable(monkeypatch):
     assert not [s for s in seen if not s[1]], [s for s in seen if not s[1]]
     assert {"_proj_fwd_kernel", "_coeffs_fwd_kernel", "_coeffs_bwd_kernel", "_pre_fwd_kernel", "_pre_bwd_kernel",
             "_post_res_fwd_kernel", "_post_res_bwd_kernel", "_post_res_bwd_2d_kernel", "_post_res_proj_kernel",
-            "_proj_dx_kernel", "_proj_dphi_kernel", "_proj_dx_dphi_kernel", "_hi_lo_kernel"} <= names, names
+            "_proj_dx_kernel", "_proj_dphi_kernel", "_proj_dx_dphi_kernel", "hi_lo_kernel"} <= names, names
     assert "_dh_pre_kernel" in names, names  # triton_fused's own
+
+
+def test_launching_names_every_kernel_module_behind_triton_ops():
+    """A spy or a build check that patches ``launch`` in ``triton_ops.LAUNCHING`` sees every launch of the ops'
+    kernel modules: each triton_* module that binds ``launch`` is listed there, except the two that callers name
+    on their own (proj's one-pass backward and the fused enter / step)."""
+    import importlib
+    import pathlib
+
+    from mhc_compile.kernels import triton_ops
+
+    folder = pathlib.Path(triton_ops.__file__).parent
+    binding = []
+    for path in sorted(folder.glob("triton_*.py")):
+        module = importlib.import_module(f"mhc_compile.kernels.{path.stem}")
+        if getattr(module, "launch", None) is L.launch:
+            binding.append(path.stem)
+    listed = sorted(m.__name__.rsplit(".", 1)[1] for m in triton_ops.LAUNCHING)
+    assert sorted(set(binding) - {"triton_proj_bwd", "triton_fused"}) == listed, (binding, listed)
 
 
 def test_launch_hooks_count_only_when_they_hold_calls():

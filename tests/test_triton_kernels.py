@@ -8,7 +8,6 @@ subprocess (one test that fails with the subprocess's output). Shapes are tiny a
 axis): the interpreter is slow.
 """
 
-import importlib
 import os
 import sys
 import warnings
@@ -25,15 +24,13 @@ from mhc_compile.kernels import reference as ref  # noqa: E402
 _INTERPRETED = isinstance(triton.language.standard.sum, InterpretedFunction)
 
 
-def _interpreted_triton_ops():
-    """The kernels module, reloaded if it was imported (and its kernels decorated) without the interpreter."""
-    module = importlib.import_module("mhc_compile.kernels.triton_ops")
-    if not isinstance(module._pre_fwd_kernel, InterpretedFunction):
-        module = importlib.reload(module)
-    return module
+if _INTERPRETED:
+    from interpreter_rerun import interpreted_kernels
+    from launch_spy import patch_launches, real_launch
 
-
-tk = _interpreted_triton_ops() if _INTERPRETED else None
+    _modules = interpreted_kernels()
+    tk, tcom, tcfg, tpr, tproj, tprp = (_modules[m] for m in ("triton_ops", "triton_common", "triton_config",
+                                                              "triton_post_res", "triton_proj", "triton_post_res_proj"))
 
 SHAPES = [(1, 1, 5), (7, 3, 33), (33, 4, 64)]  # (T, n, C)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -51,7 +48,7 @@ def _close(actual, expected, tol):
 
 
 def _close_hi_lo(actual, expected, lhs, rhs):
-    """A bf16-stream dot with an fp32 operand split into bf16 hi + lo halves (triton_ops._hi_lo): each product
+    """A bf16-stream dot with an fp32 operand split into bf16 hi + lo halves (tcom.uses_hi_lo): each product
     carries a relative error of at most 2^-14 (2^-16 with the GPU's round-to-nearest conversions; the
     interpreter's may truncate), so |error| <= 2^-14 (|lhs| @ |rhs|) plus fp32 accumulation."""
     assert actual.dtype == expected.dtype == torch.float32 and actual.shape == expected.shape
@@ -163,8 +160,8 @@ def test_post_res_backward_picks_its_kernel(monkeypatch, two_d):
     assert tk.PostResBwdCfg().two_d
     ran = []
     for name in ("_post_res_bwd_kernel", "_post_res_bwd_2d_kernel"):
-        kernel = getattr(tk, name)
-        monkeypatch.setattr(tk, name, _Recording(kernel, name, ran))
+        kernel = getattr(tpr, name)
+        monkeypatch.setattr(tpr, name, _Recording(kernel, name, ran))
     for n, c in ((4, 37), (5, 37), (2, 3)):
         x, y, _, h_post, h_res, _ = _stream(3, n, c, torch.float32, seed=15)
         dout = torch.randn_like(x)
@@ -276,7 +273,7 @@ def test_proj_join_hi_lo(bm, launch_metas):
         joined = tk.proj(x, phi)
     with tk.tuning("proj", **tile, join_hi_lo=False):
         pair = tk.proj(x, phi)
-    joins = [meta["JOIN"] for meta in launch_metas[tk._proj_fwd_kernel]]
+    joins = [meta["JOIN"] for meta in launch_metas[tproj._proj_fwd_kernel]]
     assert joins == [True, False], joins
     p_ref, _ = ref.proj(x, phi)
     _close_hi_lo(joined[0], p_ref, x.reshape(37, -1), phi)
@@ -286,15 +283,15 @@ def test_proj_join_hi_lo(bm, launch_metas):
 
 def test_proj_splits_fill_whole_waves(monkeypatch):
     """proj's K splits: the count whose grid leaves the fewest SM slots idle in its last wave, fewest on ties."""
-    monkeypatch.setattr(tk, "_num_sms", lambda device: 132)  # an H100 / H200
+    monkeypatch.setattr(tcom, "num_sms", lambda device: 132)  # an H100 / H200
     cfg, cpu = tk.DotCfg(waves=4), torch.device("cpu")
     # 8192 tokens in 64 blocks: 2 splits = 128 programs (97 % of one wave), not 3 (192 = 1.45 waves, 73 %)
-    assert tk._filling_splits(cfg, cpu, 64, steps=128) == 2
-    assert tk._filling_splits(cfg, cpu, 256, steps=128) == 1  # 32768 tokens: one split already fills 97 %
-    assert tk._filling_splits(cfg, cpu, 100, steps=128) == 5  # 500 programs: 95 % of 4 waves (1-4: 76 %)
-    assert tk._filling_splits(cfg, cpu, 64, steps=7) == 1  # each split keeps >= 4 K tiles
-    assert tk._filling_splits(cfg, cpu, 64, steps=128, occupancy=2) == 4  # 256 of 264 slots
-    assert tk._wave_efficiency(224, 132) == pytest.approx(224 / 264)
+    assert tcom.filling_splits(cfg, cpu, 64, steps=128) == 2
+    assert tcom.filling_splits(cfg, cpu, 256, steps=128) == 1  # 32768 tokens: one split already fills 97 %
+    assert tcom.filling_splits(cfg, cpu, 100, steps=128) == 5  # 500 programs: 95 % of 4 waves (1-4: 76 %)
+    assert tcom.filling_splits(cfg, cpu, 64, steps=7) == 1  # each split keeps >= 4 K tiles
+    assert tcom.filling_splits(cfg, cpu, 64, steps=128, occupancy=2) == 4  # 256 of 264 slots
+    assert tcom.wave_efficiency(224, 132) == pytest.approx(224 / 264)
 
 
 def test_post_res_proj_splits_fill_its_slots(monkeypatch, launch_grids):
@@ -303,11 +300,11 @@ def test_post_res_proj_splits_fill_its_slots(monkeypatch, launch_grids):
     passes its config's occupancy: 3 token blocks on 2 SMs take 2 splits at one program an SM (6 of 6 slots)
     and 1 at two (3 of 4 slots; 2 or 3 splits fill no more)."""
     cpu = torch.device("cpu")
-    monkeypatch.setattr(tk, "_num_sms", lambda device: 132)
-    cfg = tk._DEFAULTS["post_res_proj"]
-    assert tk._filling_splits(cfg, cpu, 128, steps=224, occupancy=cfg.occupancy) == 2  # 8192 x 7168, BC = 32
-    assert tk._filling_splits(cfg, cpu, 512, steps=128, occupancy=cfg.occupancy) == 1  # 32768 x 4096
-    monkeypatch.setattr(tk, "_num_sms", lambda device: 2)
+    monkeypatch.setattr(tcom, "num_sms", lambda device: 132)
+    cfg = tcfg.DEFAULTS["post_res_proj"]
+    assert tcom.filling_splits(cfg, cpu, 128, steps=224, occupancy=cfg.occupancy) == 2  # 8192 x 7168, BC = 32
+    assert tcom.filling_splits(cfg, cpu, 512, steps=128, occupancy=cfg.occupancy) == 1  # 32768 x 4096
+    monkeypatch.setattr(tcom, "num_sms", lambda device: 2)
     x, y, _, h_post, h_res, phi = _stream(48, 4, 256, torch.bfloat16, seed=12)
     for occupancy in (1, 2):
         with tk.tuning("post_res_proj", bt=16, bk=16, occupancy=occupancy):
@@ -322,7 +319,7 @@ def test_hi_lo_split_keeps_sixteen_bits():
     g = torch.Generator().manual_seed(9)
     v = torch.randn(37, 24, generator=g) * torch.logspace(-4, 2, 24)
     for transpose in (False, True):
-        hl = tk._split_hi_lo(v, 32, transpose=transpose).float()
+        hl = tcom.split_hi_lo(v, 32, transpose=transpose).float()
         if transpose:  # [2 * 32, R]: hi rows then lo rows
             back, pad = (hl[:24] + hl[32:56]).T, torch.cat([hl[24:32], hl[56:]])
         else:  # [2, R, 32]
@@ -339,25 +336,25 @@ def test_hi_lo_split_writes_rows_by_channel_for_one_dot(streams):
     c, m = 6, 24
     phi = torch.randn(streams * c, m, generator=g)
     reordered = phi.view(streams, c, m).transpose(0, 1).reshape(-1, m)
-    got = tk._split_hi_lo(phi, 32, transpose=False, interleave=True, streams=streams)
-    torch.testing.assert_close(got, tk._split_hi_lo(reordered, 32, transpose=False, interleave=True), rtol=0, atol=0)
-    assert not torch.equal(got, tk._split_hi_lo(phi, 32, transpose=False, interleave=True))
+    got = tcom.split_hi_lo(phi, 32, transpose=False, interleave=True, streams=streams)
+    torch.testing.assert_close(got, tcom.split_hi_lo(reordered, 32, transpose=False, interleave=True), rtol=0, atol=0)
+    assert not torch.equal(got, tcom.split_hi_lo(phi, 32, transpose=False, interleave=True))
     with pytest.raises(ValueError, match="equal blocks"):
-        tk._split_hi_lo(phi[:-1], 32, transpose=False, interleave=True, streams=streams)
+        tcom.split_hi_lo(phi[:-1], 32, transpose=False, interleave=True, streams=streams)
 
 
 @pytest.fixture
 def launch_grids(monkeypatch):
     """The grids of every pipelined kernel launch (one with num_stages) of triton_ops during the test, in order."""
     grids = []
-    launch = tk.launch
+    launch = real_launch
 
     def spy(kernel, grid, *rest, **options):
         if "num_stages" in options:
             grids.append(grid)
         return launch(kernel, grid, *rest, **options)
 
-    monkeypatch.setattr(tk, "launch", spy)
+    patch_launches(monkeypatch, spy)
     return grids
 
 
@@ -365,13 +362,13 @@ def launch_grids(monkeypatch):
 def launch_metas(monkeypatch):
     """{kernel: [constexpr meta of each launch]} of triton_ops' launches during the test, in order."""
     metas = {}
-    launch = tk.launch
+    launch = real_launch
 
     def spy(kernel, grid, args, meta, **options):
         metas.setdefault(kernel, []).append(meta)
         return launch(kernel, grid, args, meta, **options)
 
-    monkeypatch.setattr(tk, "launch", spy)
+    patch_launches(monkeypatch, spy)
     return metas
 
 
@@ -504,8 +501,8 @@ def test_one_pass_backward_that_does_not_fit_drops_pipeline_all_then_falls_back_
     tried, real = [], triton_proj_bwd.proj_grads
     x, phi, dp, dsq, h_pre, dx_in, acc = _site_grads(37, 4, 64, torch.bfloat16, seed=16, with_acc=True)
     want = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
-    monkeypatch.setattr(tk, "_NO_ONE_PASS", set())
-    monkeypatch.setattr(tk, "_NO_PIPELINE_ALL", set())
+    monkeypatch.setattr(tproj, "_NO_ONE_PASS", set())
+    monkeypatch.setattr(tproj, "_NO_PIPELINE_ALL", set())
     for smem in (98304, 65536):  # fits without PIPELINE_ALL (80 KB); fits neither
         def fits(*args, smem=smem, **kw):
             tried.append(args[-1].pipeline_all)
@@ -514,13 +511,13 @@ def test_one_pass_backward_that_does_not_fit_drops_pipeline_all_then_falls_back_
             return real(*args, **kw)
 
         monkeypatch.setattr(triton_proj_bwd, "proj_grads", fits)
-        tk._NO_ONE_PASS.clear()
-        tk._NO_PIPELINE_ALL.clear()
+        tproj._NO_ONE_PASS.clear()
+        tproj._NO_PIPELINE_ALL.clear()
         tried.clear()
         with pytest.warns(UserWarning, match="does not fit this GPU"):
             dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
-        assert tried == [True, False] and tk._NO_PIPELINE_ALL == {x.device}
-        assert tk._NO_ONE_PASS == (set() if smem == 98304 else {x.device})
+        assert tried == [True, False] and tproj._NO_PIPELINE_ALL == {x.device}
+        assert tproj._NO_ONE_PASS == (set() if smem == 98304 else {x.device})
         _close(dx, want[0], TOL[torch.bfloat16])
         _close_hi_lo(dphi, want[1], x.reshape(37, -1).T, dp)
         tried.clear()
@@ -668,7 +665,7 @@ def test_post_res_proj_tma_blocks(shape, launch_metas):
     joined, got, tma_stores, pointer = _post_res_proj_small_tiles(
         (x, h_res, h_post, y, phi), {}, dict(join_hi_lo=False), dict(join_hi_lo=False, tma_store=True),
         dict(tma=False))
-    flags = [(meta["TMA"], meta["TMA_STORE"], meta["JOIN"]) for meta in launch_metas[tk._post_res_proj_kernel]]
+    flags = [(meta["TMA"], meta["TMA_STORE"], meta["JOIN"]) for meta in launch_metas[tprp._post_res_proj_kernel]]
     assert flags == [(True, False, True), (True, False, False), (True, True, False), (False, False, False)], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
     for other in (tma_stores, pointer):
@@ -689,7 +686,7 @@ def test_post_res_proj_one_dot(shape, launch_metas):
     {1, 2, 4} keeps the default build."""
     x, y, _, h_post, h_res, phi = _stream(*shape, torch.bfloat16, seed=12)
     default, one = _post_res_proj_small_tiles((x, h_res, h_post, y, phi), {}, dict(one_dot=True))
-    flags = [(meta["JOIN"], meta["ONE_DOT"]) for meta in launch_metas[tk._post_res_proj_kernel]]
+    flags = [(meta["JOIN"], meta["ONE_DOT"]) for meta in launch_metas[tprp._post_res_proj_kernel]]
     assert flags == [(True, False), (True, shape[1] in (1, 2, 4))], flags
     _check_post_res_proj(one, x, h_res, h_post, y, phi)
     torch.testing.assert_close(one[0], default[0], rtol=0, atol=0)
@@ -702,7 +699,7 @@ def test_post_res_proj_one_dot_needs_its_phi_box_within_256(launch_metas):
     x, y, _, h_post, h_res, phi = _stream(19, 4, 256, torch.bfloat16, seed=14)
     with tk.tuning("post_res_proj", bt=16, bk=128, waves=64, one_dot=True):
         got = tk.post_res_proj(x, h_res, h_post, y, phi)
-    (meta,) = launch_metas[tk._post_res_proj_kernel]
+    (meta,) = launch_metas[tprp._post_res_proj_kernel]
     assert (meta["BC"], meta["JOIN"], meta["ONE_DOT"]) == (128, True, False)
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
@@ -711,7 +708,7 @@ def test_post_res_proj_tma_boxes_stay_within_256(launch_metas):
     """n = 16 (m = 288 coefficients, MP = 512 columns of phi) exceeds a TMA box side: the pointer build runs."""
     x, y, _, h_post, h_res, phi = _stream(5, 16, 16, torch.bfloat16, seed=13)
     got = tk.post_res_proj(x, h_res, h_post, y, phi)
-    flags = [meta["TMA"] for meta in launch_metas[tk._post_res_proj_kernel]]
+    flags = [meta["TMA"] for meta in launch_metas[tprp._post_res_proj_kernel]]
     assert flags == [False], flags
     _check_post_res_proj(got, x, h_res, h_post, y, phi)
 
@@ -719,21 +716,21 @@ def test_post_res_proj_tma_boxes_stay_within_256(launch_metas):
 def test_post_res_proj_tiles_shrink_with_n():
     """The tile stays within the per-thread budget as n (and m) grow, never below tl.dot's 16 x 16, and the
     pipeline stages fit the shared memory (n = 16: one stage of 2n phi tiles is already 512 KiB)."""
-    cfg = tk._DEFAULTS["post_res_proj"]
-    assert tk._post_res_proj_tile(cfg, 8192, 4, 4096, 24) == (64, 32, 32)
-    assert tk._post_res_proj_tile(cfg, 8192, 16, 4096, 288) == (32, 32, 512)
-    assert tk._post_res_proj_tile(cfg, 3, 1, 5, 3) == (16, 16, 16)
+    cfg = tcfg.DEFAULTS["post_res_proj"]
+    assert tprp._post_res_proj_tile(cfg, 8192, 4, 4096, 24) == (64, 32, 32)
+    assert tprp._post_res_proj_tile(cfg, 8192, 16, 4096, 288) == (32, 32, 512)
+    assert tprp._post_res_proj_tile(cfg, 3, 1, 5, 3) == (16, 16, 16)
     budget = cfg.per_thread * 32 * cfg.num_warps
     for n in range(1, 17):
         m = ref.num_coeffs(n)
-        bt, bc, mp = tk._post_res_proj_tile(cfg, 8192, n, 4096, m)
+        bt, bc, mp = tprp._post_res_proj_tile(cfg, 8192, n, 4096, m)
         assert bt >= 16 and bc >= 16 and mp >= m
         assert n * bt * bc <= max(budget, n * 16 * 16) and bt * mp <= max(budget, 16 * mp)
-        stages = tk._post_res_proj_stages(cfg, n, bt, bc, mp, 2, 2, True)
+        stages = tprp._post_res_proj_stages(cfg, n, bt, bc, mp, 2, 2, True)
         per_stage = (n + 1) * bt * bc * 2 + 2 * n * bc * mp * 2
-        assert 1 <= stages <= cfg.num_stages and (stages == 1 or stages * per_stage <= tk._PRP_SMEM)
-    assert tk._post_res_proj_stages(cfg, 4, 128, 16, 32, 2, 2, True) == 3
-    assert tk._post_res_proj_stages(cfg, 16, 16, 16, 512, 2, 2, True) == 1
+        assert 1 <= stages <= cfg.num_stages and (stages == 1 or stages * per_stage <= tprp._PRP_SMEM)
+    assert tprp._post_res_proj_stages(cfg, 4, 128, 16, 32, 2, 2, True) == 3
+    assert tprp._post_res_proj_stages(cfg, 16, 16, 16, 512, 2, 2, True) == 1
 
 
 @pytest.mark.parametrize("t,c", [(0, 33), (5, 0)], ids=["T0", "C0"])
@@ -796,14 +793,14 @@ if __name__ == "__main__":
 
 
 def test_host_integer_helpers_match_triton():
-    """_pow2 / _cdiv replace triton.next_power_of_2 / triton.cdiv on the launch path (plain Python is several
+    """pow2 / cdiv replace triton.next_power_of_2 / triton.cdiv on the launch path (plain Python is several
     times cheaper than Triton's ConstexprFunction wrapper); they must agree everywhere the wrappers use them."""
     import triton
 
-    from mhc_compile.kernels import triton_ops
+    from mhc_compile.kernels import triton_common as tcom
 
-    assert all(triton_ops._pow2(v) == triton.next_power_of_2(max(v, 1)) for v in range(-2, 70000))
-    assert all(triton_ops._cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 80))
+    assert all(tcom.pow2(v) == triton.next_power_of_2(max(v, 1)) for v in range(-2, 70000))
+    assert all(tcom.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 80))
 
 
 def test_no_kernel_specializes_on_the_token_count():
@@ -828,7 +825,8 @@ def test_no_kernel_specializes_on_the_token_count():
         return ("T" in unspecialized) if "T" in names else None
 
     seen = []
-    for name in ("triton_ops", "triton_proj_bwd", "triton_fused", "gluon_proj_bwd", "gluon_post_res_proj",
+    for name in ("triton_common", "triton_pre", "triton_post_res", "triton_proj", "triton_coeffs",
+                 "triton_post_res_proj", "triton_proj_bwd", "triton_fused", "gluon_proj_bwd", "gluon_post_res_proj",
                  "gluon_step_bwd"):
         module = importlib.import_module(f"mhc_compile.kernels.{name}")
         for attr, fn in vars(module).items():

@@ -30,14 +30,11 @@ from mhc_compile.kernels import reference as ref  # noqa: E402
 _INTERPRETED = isinstance(triton.language.standard.sum, InterpretedFunction)
 
 if _INTERPRETED:
-    import importlib
+    from interpreter_rerun import interpreted_kernels
 
-    from mhc_compile.kernels import triton_ops as _tk
-
-    if not isinstance(_tk._hi_lo_kernel, InterpretedFunction):  # imported earlier without the interpreter
-        importlib.reload(_tk)
     from mhc_compile.kernels import tma
-    from mhc_compile.kernels import triton_proj_bwd as pb
+
+    pb = interpreted_kernels()["triton_proj_bwd"]
 
 T = 37  # tokens of every case (the dphi bound's accumulation length: an upper bound for shorter inputs)
 EPS32 = 2.0 ** -24

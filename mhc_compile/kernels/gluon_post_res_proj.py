@@ -1,6 +1,6 @@
 """post_res_proj as a warp-specialized Gluon kernel for Hopper (sm_90): a TMA loader warp and compute warpgroups.
 
-The Triton kernel (``triton_ops._post_res_proj_kernel``) reads the stream in [64 tokens, 32 channels] tiles, each
+The Triton kernel (``triton_post_res_proj``) reads the stream in [64 tokens, 32 channels] tiles, each
 row a 64-byte run of memory, and its pipeline stages hold phi's tiles beside the stream's. On an H200 it reaches
 76-77 % of copy bandwidth. Session 21 (benchmarks/results/session21-2026-12-03-h200.md) measured why: a loader
 warp with a five-slot ring of the same tiles (the first build of this file) reached the same 77 %, and post_res
@@ -199,7 +199,7 @@ if AVAILABLE:
                                  num_warps: gl.constexpr):
         """Program (token block, channel split): X' of its chunks (stored through out_ptr), and [BT, M] / [BT]
         partials of p / sq at p_ptr[split * CONSUMERS + w] / sq_ptr[...] for each compute warpgroup w. x_desc: X
-        as [T, N*C], y_desc: y as [T, C], both in [BT, BC] blocks; w_desc: _split_hi_lo's [2K, MP] (hi rows, then
+        as [T, N*C], y_desc: y as [T, C], both in [BT, BC] blocks; w_desc: split_hi_lo's [2K, MP] (hi rows, then
         lo rows) in [BC, MP] blocks. C_SPLIT is a multiple of SUBS * BC. Rows past T read as zeros and are not
         written. CONSUMERS (1 or 2) compute warpgroups share each slot, taking its chunks in turn; a slot is free
         once all have released it."""

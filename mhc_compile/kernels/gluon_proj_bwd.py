@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels import triton_common as tcom
 from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma,
                                               warpgroup_mma_wait, desc, pad_cols as zero_padded, SMEM as _SMEM,
                                               LOADER_REGS as _LOADER_REGS,
@@ -136,12 +136,12 @@ def pack_tokens(dp: Tensor, dsq: Tensor, h_pre: Tensor | None) -> tuple[Tensor, 
     the launches around the kernel cost ~30 us a call at 32768 x 4096 on an H200 (session 26 call 1). fp32 dp
     [T, M], dsq [T], h_pre [T, n], contiguous."""
     t, m = dp.shape
-    t16 = tk._cdiv(t, 16) * 16
+    t16 = tcom.cdiv(t, 16) * 16
     hl = torch.empty((2 * MP, t16), dtype=torch.bfloat16, device=dp.device)
     coefs = torch.empty((t, CW), dtype=torch.float32, device=dp.device)
     br = 128
     n = h_pre.shape[1] if h_pre is not None else 1
-    launch(_pack_tokens_kernel, (tk._cdiv(t, br),),
+    launch(_pack_tokens_kernel, (tcom.cdiv(t, br),),
            (dp, dsq, h_pre if h_pre is not None else dsq, hl, coefs, t, m, t16),
            dict(N=n, HAS_PRE=h_pre is not None, BR=br, MP=MP, CW=CW, DSQ=DSQ))
     return hl, coefs
@@ -378,12 +378,12 @@ def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: in
 
 def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:
     """(splits, tokens a split, a multiple of BT): K blocks x splits that keep the SMs' one program each busiest
-    (``triton_ops._least_idle_splits``; a split costs one [2 MP, K] fp32 dphi partial, small beside the stream)."""
-    tiles = tk._cdiv(t, BT)
-    most = max(1, min(tiles, 8 * tk._num_sms(device) // max(kblocks, 1)))
-    splits = tk._least_idle_splits(kblocks, most, tk._num_sms(device))
-    t_split = tk._cdiv(tk._cdiv(t, splits), BT) * BT
-    return tk._cdiv(t, t_split), t_split
+    (``triton_common.least_idle_splits``; a split costs one [2 MP, K] fp32 dphi partial, small beside the stream)."""
+    tiles = tcom.cdiv(t, BT)
+    most = max(1, min(tiles, 8 * tcom.num_sms(device) // max(kblocks, 1)))
+    splits = tcom.least_idle_splits(kblocks, most, tcom.num_sms(device))
+    t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
+    return tcom.cdiv(t, t_split), t_split
 
 
 def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
@@ -391,12 +391,12 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
                mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None) -> tuple[Tensor, Tensor]:
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
     ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
-    or broadcast over its streams: ``triton_ops._stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
+    or broadcast over its streams: ``triton_common.stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
     ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
     by the same program)."""
     global LAUNCHES
-    (x, bcast) = tk._stream_arg(x)
-    _, t, n, c = tk._stream_dims(x)
+    (x, bcast) = tcom.stream_arg(x)
+    _, t, n, c = tcom.stream_dims(x)
     k, m = phi.shape
     has_pre, has_acc = h_pre is not None, acc is not None
     st = stages_for(has_pre, has_acc, stages)
@@ -414,8 +414,8 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     if splits is None:
         splits, t_split = plan_splits(t, kblocks, dev)
     else:  # given (probes): whole tiles a split
-        t_split = tk._cdiv(tk._cdiv(t, splits), BT) * BT
-        splits = tk._cdiv(t, t_split)
+        t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
+        splits = tcom.cdiv(t, t_split)
     dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
     LAUNCHES += 1
     _proj_bwd_ws_kernel[(kblocks, splits)](

@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels import triton_common as tcom
 from mhc_compile.kernels.gluon_common import (AVAILABLE, bf16_to_f32, f32_to_bf16, fence_async_shared, gl, gluon,
                                               mbarrier, pad_cols, round_bf16, tma, warpgroup_mma, warpgroup_mma_wait,
                                               desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
@@ -343,12 +343,12 @@ def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t
 
 def plan_splits(t: int, c: int, device) -> tuple[int, int]:
     """(splits, tokens a split, a multiple of BT): channel blocks x splits that keep the SMs' one slot each
-    busiest (``triton_ops._least_idle_splits``; a split costs one dphi partial, small beside the stream)."""
-    tiles, blocks = tk._cdiv(t, BT), c // BC
-    most = max(1, min(tiles, 8 * tk._num_sms(device) // max(blocks, 1)))
-    splits = tk._least_idle_splits(blocks, most, tk._num_sms(device))
-    t_split = tk._cdiv(tk._cdiv(t, splits), BT) * BT
-    return tk._cdiv(t, t_split), t_split
+    busiest (``triton_common.least_idle_splits``; a split costs one dphi partial, small beside the stream)."""
+    tiles, blocks = tcom.cdiv(t, BT), c // BC
+    most = max(1, min(tiles, 8 * tcom.num_sms(device) // max(blocks, 1)))
+    splits = tcom.least_idle_splits(blocks, most, tcom.num_sms(device))
+    t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
+    return tcom.cdiv(t, t_split), t_split
 
 
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,

@@ -34,8 +34,8 @@ per-token coefficients and dp re-read for every 16-channel slab, 255 registers) 
 dot in the chunk loop plus a slab kernel for dphi (5.7 + 1.0 ms: the dot's output layout meets the loaded tiles'
 in 59 layout conversions a chunk, and the build spills).
 
-Under the interpreter (tests) bf16 tl.dot is wrong and fp32 -> bf16 casts truncate: ``_round`` rounds bf16 stores
-to nearest by hand, so the tests see what the GPU computes.
+Under the interpreter (tests) bf16 tl.dot is wrong and fp32 -> bf16 casts truncate: ``triton_common.round_to``
+rounds bf16 stores to nearest by hand, so the tests see what the GPU computes.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ from torch import Tensor
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tops
 from mhc_compile.kernels.launch import launch
-from mhc_compile.kernels.triton_ops import _acc_tl, _acc_torch, _cdiv, _check_stream, _pow2
+from mhc_compile.kernels.triton_common import (INTERPRETED, acc_tl, acc_torch, cdiv, check_stream, grad_buffer, pow2,
+                                               round_to)
+from mhc_compile.kernels.triton_config import overriding
+from mhc_compile.kernels.triton_post_res import channel_partials
+from mhc_compile.kernels.triton_post_res_proj import PRP_HOIST, coeff_vectors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ def tuning(kernel: str, **fields):
     """``configure`` for the duration of a with block (benchmarks, checks): a context manager."""
     if kernel not in _CFG:
         raise ValueError(f"mhc triton_fused.tuning: unknown kernel {kernel!r}; expected one of {sorted(_CFG)}")
-    return tops.overriding(_OVERRIDES, _CFG, kernel, fields)
+    return overriding(_OVERRIDES, _CFG, kernel, fields)
 
 
 def _cfg(kernel: str):
@@ -131,12 +135,12 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 @triton.jit
 def _mix(xs, y, coef, i: tl.constexpr, N: tl.constexpr, XT: tl.constexpr, RNE: tl.constexpr):
     """X_i rounded to the stream dtype, in post_res's order: h_post y, then + h_res[i, j] x_j. ``coef``: the
-    per-token coefficient vectors of ``triton_ops._post_res_proj_coeffs`` (h_post[:, i] at i, h_res[:, i, j] at
+    per-token coefficient vectors of ``triton_post_res_proj.coeff_vectors`` (h_post[:, i] at i, h_res[:, i, j] at
     N + i * N + j)."""
     xi = coef[i][:, None] * y
     for j in tl.static_range(N):
         xi += coef[N + i * N + j][:, None] * xs[j]
-    return tops._round(xi, XT, RNE)
+    return round_to(xi, XT, RNE)
 
 
 @triton.jit
@@ -165,7 +169,7 @@ def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, 
     rmask = rows < T
     r64 = rows.to(tl.int64)
     if HOIST:
-        coef = tops._post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
+        coef = coeff_vectors(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
     dh = ()
     for i in tl.static_range(N):
         dh = dh + (tl.zeros([BT, BC // 8], dtype=ACC),)
@@ -175,13 +179,13 @@ def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, 
         xs, y = _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N, ACC)
         g = tl.load(g_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         if not HOIST:
-            coef = tops._post_res_proj_coeffs(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
+            coef = coeff_vectors(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
         new = ()
         for i in tl.static_range(N):
             xi = _mix(xs, y, coef, i, N, XT, RNE)
             if STORE_X:
                 tl.store(x_ptr + (r64 * N + i)[:, None] * C + cols[None, :], xi, mask=m2)
-            new = new + (dh[i] + tops._channel_partials(xi.to(ACC) * g, BT, BC),)
+            new = new + (dh[i] + channel_partials(xi.to(ACC) * g, BT, BC),)
         dh = new
     for i in tl.static_range(N):
         tl.store(dh_ptr + r64 * N + i, tl.sum(dh[i], axis=1), mask=rmask)
@@ -195,11 +199,11 @@ def _recompute_dh_pre(x_prev: Tensor, h_res, h_post, y, dx_in: Tensor, acc,
     x = torch.empty_like(x_prev) if store_x else None
     dh = torch.empty((t, n), dtype=acc, device=x_prev.device)
     cfg = _cfg("dh_pre")
-    bc = max(8, min(cfg.bc, _pow2(c)))
-    bt = max(1, min(cfg.bt, _pow2(t)))
-    launch(_dh_pre_kernel, (_cdiv(t, bt),), (x_prev, h_res, h_post, y, dx_in, x_prev if x is None else x, dh, t, c),
-           dict(N=n, BT=bt, BC=bc, ACC=_acc_tl(acc), XT=_TL[x_prev.dtype], RNE=tops._INTERPRETED,
-                HOIST=n * n + n <= tops._PRP_HOIST, STORE_X=store_x),
+    bc = max(8, min(cfg.bc, pow2(c)))
+    bt = max(1, min(cfg.bt, pow2(t)))
+    launch(_dh_pre_kernel, (cdiv(t, bt),), (x_prev, h_res, h_post, y, dx_in, x_prev if x is None else x, dh, t, c),
+           dict(N=n, BT=bt, BC=bc, ACC=acc_tl(acc), XT=_TL[x_prev.dtype], RNE=INTERPRETED,
+                HOIST=n * n + n <= PRP_HOIST, STORE_X=store_x),
            num_warps=cfg.num_warps)
     return x, dh
 
@@ -218,7 +222,7 @@ def _check(op: str, n: int, x: Tensor, phi: Tensor, **named: Tensor) -> None:
     """Dtypes and shapes, so a wrong call fails here with names instead of reading out of bounds. y and the
     gradients may have another stream dtype than x (autocast: an fp32 stream, a bf16 sublayer output);
     every load widens to the accumulation dtype."""
-    _check_stream(op, x, *(v for k, v in named.items() if k in ("y_prev", "dx", "dx_in")))
+    check_stream(op, x, *(v for k, v in named.items() if k in ("y_prev", "dx", "dx_in")))
     if x.dim() != 3 or x.shape[1] != n:
         raise ValueError(f"mhc triton {op}: stream has shape {tuple(x.shape)}, expected [T, n={n}, C]")
     t, _, c = x.shape
@@ -273,10 +277,10 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
     _check("step_backward", n, x_prev, phi, h_res_prev=h_res_prev, h_post_prev=h_post_prev, y_prev=y_prev,
            h_pre=h_pre, p=p, sq=sq, dx=dx, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
     if out is not None:  # checked before any work, by the check the kernels that write it apply
-        out = tops._grad_buffer(out, x_prev, "step_backward")
+        out = grad_buffer(out, x_prev, "step_backward")
     x_prev, h_res_prev, h_post_prev = x_prev.contiguous(), h_res_prev.contiguous(), h_post_prev.contiguous()
     y_prev, dx, dx_in, phi = y_prev.contiguous(), dx.contiguous(), dx_in.contiguous(), phi.contiguous()
-    acc = _acc_torch(x_prev.dtype, phi.dtype)
+    acc = acc_torch(x_prev.dtype, phi.dtype)
     t, _, c = x_prev.shape
     if t == 0 or c == 0:  # no stream elements; the coefficients' gradients still flow from dh_post, dh_res
         dh_pre = torch.zeros((t, n), dtype=acc, device=x_prev.device)

@@ -45,6 +45,8 @@ import triton.language as tl
 from triton.errors import TritonError
 
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels import triton_common as tcom
+from mhc_compile.kernels import triton_proj as tproj
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import descriptor, tma_ok
 
@@ -225,12 +227,12 @@ def _proj_dx_dphi_kernel(x_ptr, phi_ptr, dp_ptr, a_ptr, dsq_ptr, h_ptr, g_ptr, a
     wait a memory latency every step. At the shipped tile it
     takes 112 KB of shared memory instead of 80 (still two programs an H100 / H200 SM) and ran 19 % faster on an
     H200: 478 against 592 us at 8192 x 7168, 1819 against 2197 at 32768 x 7168 (session8-2026-12-02-h200.md).
-    X_BCAST: x is [T, C], the one row every stream of a token holds (``triton_ops._stream_arg``), read at the
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``triton_common.stream_arg``), read at the
     block's channels cc (TMA: x_ptr is a descriptor of those rows, read at c0); acc and dX keep the dense layout.
     """
     K = N * C
     split = tl.program_id(1)
-    ks, kmask, ks64, ms, mmask, ii, cc = tk._k_block(C, M, N, BK, MP, ONE_STREAM)
+    ks, kmask, ks64, ms, mmask, ii, cc = tproj.k_block(C, M, N, BK, MP, ONE_STREAM)
     k0 = tl.program_id(0) * BK  # the block's first column, and (TMA, where the block lies in one stream) its
     c0 = k0 % C  # first channel: the descriptors' column offsets
     mas = tl.arange(0, MA)
@@ -271,13 +273,14 @@ LAST_COMPILED = {}  # the CompiledKernel of the latest launch (GPU only): regist
 def split_dp_t(dp, mp: int):
     """dp^T as bf16 hi rows then lo rows, [2 MP, T] in a [2 MP, T16] buffer (T16 = T rounded up to 16): a row
     stride that is a multiple of 16 elements lets the kernel load A's rows as 16-byte vectors, which the
-    pipeliner needs (triton_ops._split_hi_lo writes the same values with row stride T)."""
+    pipeliner needs (triton_common.split_hi_lo writes the same values with row stride T)."""
     m = dp.shape[-1]
     t = dp.numel() // m
-    t16 = tk._cdiv(t, 16) * 16
+    t16 = tcom.cdiv(t, 16) * 16
     dst = torch.empty((2 * mp, t16), dtype=torch.bfloat16, device=dp.device)
-    br = max(1, min(tk._pow2(t), 4096 // mp))
-    launch(tk._hi_lo_kernel, (tk._cdiv(t, br),), (dp.float().contiguous(), dst, t, m, mp * t16, 1, t16), dict(BR=br, MP=mp))
+    br = max(1, min(tcom.pow2(t), 4096 // mp))
+    launch(tcom.hi_lo_kernel, (tcom.cdiv(t, br),), (dp.float().contiguous(), dst, t, m, mp * t16, 1, t16),
+           dict(BR=br, MP=mp))
     return dst
 
 
@@ -288,14 +291,14 @@ def plan_splits(t: int, bt: int, kblocks: int, waves: float, occupancy: int, dev
     resident an SM); ``split_cost`` = bytes of one split's dphi partial (written, then read by the host sum) /
     the kernel's other bytes; ties go to fewer splits. E.g. K = 28672 in 224 blocks on 132 SMs, one program an
     SM: 1 split = 224 programs, 85 % of 2 waves; 4 splits = 896 programs, 97 % of 7 waves."""
-    tiles = tk._cdiv(t, bt)
+    tiles = tcom.cdiv(t, bt)
     if splits is None:
-        sms = tk._num_sms(device)
+        sms = tcom.num_sms(device)
         most = max(1, min(tiles, int(waves * sms) // max(kblocks, 1)))
-        splits = tk._least_idle_splits(kblocks, most, max(1, occupancy) * sms, split_cost)
+        splits = tcom.least_idle_splits(kblocks, most, max(1, occupancy) * sms, split_cost)
     splits = max(1, min(splits, tiles))
-    t_split = tk._cdiv(tk._cdiv(t, splits), bt) * bt
-    return tk._cdiv(t, t_split), t_split
+    t_split = tcom.cdiv(tcom.cdiv(t, splits), bt) * bt
+    return tcom.cdiv(t, t_split), t_split
 
 
 def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, num_warps, num_stages, maxnreg,
@@ -305,21 +308,21 @@ def _launch_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, *, bt, bk, n
     allow descriptors (``tma.tma_ok``); the plan takes TMA where the tile allows it too. ``x_bcast``: the
     kernel's X_BCAST (x broadcast over its streams)."""
     return _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
-                        pipeline_all, tma, x_bcast, tk._half_dot_dtype())
+                        pipeline_all, tma, x_bcast, tcom.half_dot_dtype())
 
 
 @functools.lru_cache(maxsize=1024)  # every launch asks again with the same shapes (and the interpreter setting)
 def _cached_plan(t, n, c, m, stream_dtype, acc_t, has_pre, has_acc, bt, bk, num_warps, num_stages, maxnreg,
                  pipeline_all, tma, x_bcast, dot):
     k = n * c
-    mp = max(16, tk._pow2(m))
-    hi_lo = tk._hi_lo(stream_dtype) and acc_t == torch.float32
-    bt = max(16, min(bt, tk._pow2(t)))  # tl.dot needs >= 16 rows
-    bk = max(16, min(bk, tk._pow2(k)))
+    mp = max(16, tcom.pow2(m))
+    hi_lo = tcom.uses_hi_lo(stream_dtype) and acc_t == torch.float32
+    bt = max(16, min(bt, tcom.pow2(t)))  # tl.dot needs >= 16 rows
+    bk = max(16, min(bk, tcom.pow2(k)))
     one_stream, even_k = c % bk == 0, k % bk == 0
     meta = dict(N=n, BT=bt, BK=bk, MP=mp, MA=2 * mp if hi_lo else mp, HAS_PRE=has_pre, ONE_STREAM=one_stream,
                 HAS_ACC=has_acc, EVEN_K=even_k, HI_LO=hi_lo, DOT=dot,
-                ACC=tk._acc_tl(acc_t), PREC=tk._dot_precision(stream_dtype),
+                ACC=tcom.acc_tl(acc_t), PREC=tcom.dot_precision(stream_dtype),
                 LOOP_STAGES=num_stages if pipeline_all else None,
                 TMA=bool(tma and hi_lo and one_stream and even_k and bt <= 256 and bk <= 256), X_BCAST=x_bcast)
     opts = dict(num_warps=num_warps, num_stages=num_stages)
@@ -338,9 +341,9 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
     acc and dX move as [BT, BK] blocks through TMA descriptors (bf16 streams whose K blocks lie in one stream,
     16-byte aligned; otherwise the pointer loads). ``out``: dx's buffer (contiguous, x's shape and dtype); it may
     be acc, whose every tile the program that stores that dx tile has read first. x may be broadcast over its n
-    streams (``triton_ops._stream_arg``): the kernel then reads its one row a token."""
-    tk._check_stream("proj_pre_backward_fused", x, phi)
-    _, t, n, c = tk._stream_dims(x)  # any leading dims: the kernel needs T and contiguous memory
+    streams (``triton_common.stream_arg``): the kernel then reads its one row a token."""
+    tcom.check_stream("proj_pre_backward_fused", x, phi)
+    _, t, n, c = tcom.stream_dims(x)  # any leading dims: the kernel needs T and contiguous memory
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"proj_pre_backward_fused: phi has {k} rows, expected n*C = {n * c}")
@@ -348,12 +351,12 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         raise ValueError("proj_pre_backward_fused: give both h_pre and dout, or neither")
     if acc is not None and acc.shape != x.shape:
         raise ValueError(f"proj_pre_backward_fused: acc has shape {tuple(acc.shape)}, expected {tuple(x.shape)}")
-    (x, bcast), phi, dp, dsq = tk._stream_arg(x), phi.contiguous(), dp.contiguous(), dsq.contiguous()
+    (x, bcast), phi, dp, dsq = tcom.stream_arg(x), phi.contiguous(), dp.contiguous(), dsq.contiguous()
     has_pre = h_pre is not None
     if has_pre:
         h_pre, dout = h_pre.contiguous(), dout.contiguous()
     acc = acc.contiguous() if acc is not None else None
-    acc_t = tk._acc_torch(x.dtype, phi.dtype, *((dout.dtype,) if has_pre else ()))
+    acc_t = tcom.acc_torch(x.dtype, phi.dtype, *((dout.dtype,) if has_pre else ()))
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out  # dense, x broadcast or not
     if t == 0 or k == 0:
         return dx, torch.zeros_like(phi)
@@ -366,7 +369,7 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         s_am, s_at = a.stride(0), 1
     else:  # dp^T read in place
         a, s_am, s_at = dp, 1, m
-    kblocks = tk._cdiv(k, bk)
+    kblocks = tcom.cdiv(k, bk)
     split_cost = (k * m * 4 * 2) / (3 * x.numel() * x.element_size())  # a dphi partial / X, acc and dX
     splits, t_split = plan_splits(t, bt, kblocks, waves, occupancy, x.device, splits, split_cost)
     dphi = torch.empty((splits, k, m), dtype=acc_t, device=x.device)
@@ -380,7 +383,7 @@ def proj_pre_backward_fused(x, phi, dp, dsq, h_pre=None, dout=None, acc=None, *,
         gs = descriptor(dout, t, c, block) if has_pre else xs
         accs = descriptor(acc, t, k, block) if acc is not None else xs
     args = (xs, phi, dp, a, dsq, h_pre if has_pre else dsq, gs, accs, dxs, dphi, t, c, m, t_split, s_am, s_at)
-    # no stage retry: an OutOfResources goes to triton_ops._proj_grads, which drops PIPELINE_ALL, then the tile
+    # no stage retry: an OutOfResources goes to triton_proj._proj_grads, which drops PIPELINE_ALL, then the tile
     ck = launch(_proj_dx_dphi_kernel, (kblocks, splits), args, meta, shrink_stages=False, **opts)
     if ck is not None:
         LAST_COMPILED["kernel"] = ck
@@ -410,7 +413,7 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
                 _NO_GLUON.add(x.device)
                 warnings.warn(f"mhc proj backward: the Gluon kernel does not build here ({type(e).__name__}: "
                               f"{str(e)[:200]}); using the Triton kernel on {x.device}", stacklevel=2)
-    two_mp = 2 * max(16, tk._pow2(phi.shape[1]))
+    two_mp = 2 * max(16, tcom.pow2(phi.shape[1]))
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages, waves=cfg.waves, occupancy=cfg.occupancy,

@@ -16,7 +16,7 @@ buffer of its own instead of over this one (``inplace_stream_grads`` only writes
 the head's n-wide write is gone and the read shrinks to one row.
 
 It rewrites only that shape of graph, and only where every reader of the division is an op of ``_readers()``, whose
-kernels take the broadcast stream as it is (``triton_ops._stream_arg``). It runs before ``inplace_stream_grads``.
+kernels take the broadcast stream as it is (``triton_common.stream_arg``). It runs before ``inplace_stream_grads``.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class _ChainRewriter:
         with self.graph.inserting_after(at):
             u = self.call("unsqueeze", (src, -2), head, site, "expand", kind="call_method")
         # The expand stays a view (stride 0 over the n streams): the ops read its one row a token
-        # (triton_ops._stream_arg) instead of a copy that writes n of them, in the forward and again in the
+        # (triton_common.stream_arg) instead of a copy that writes n of them, in the forward and again in the
         # recomputing backward.
         with self.graph.inserting_after(u):
             e = self.call("expand", (u, *([-1] * (ndim - 1)), self.n, -1), head, site, "expand", kind="call_method")
