@@ -518,3 +518,20 @@ def test_benchmark_scripts_read_only_names_the_kernel_modules_have():
     assert len(found) >= 20 and not any(found.values()), {k: v for k, v in found.items() if v}
     moved = "from mhc_compile.kernels import triton_ops as tk\n\nk = tk._post_res_proj_kernel\nt = tk.tuning\n"
     assert _unknown_attributes(moved) == ["3: tk._post_res_proj_kernel"]
+
+
+def test_profile_step_counts_every_kernel_of_the_package_as_mhc():
+    """profile_step sorts a profile's kernels by name prefix; each Triton and Gluon kernel of mhc_compile.kernels
+    (a function named *_kernel) must land in "mHC kernels", or its time is booked to another category."""
+    import importlib
+    import pathlib
+
+    from benchmarks import profile_step
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "mhc_compile" / "kernels"
+    kernels = set()
+    for path in folder.glob("*.py"):
+        module = importlib.import_module(f"mhc_compile.kernels.{path.stem}")
+        kernels |= {name for name, fn in vars(module).items() if name.endswith("_kernel") and callable(fn)}
+    assert {"hi_lo_kernel", "_proj_fwd_kernel", "_step_bwd_ws_kernel"} <= kernels, kernels
+    assert {k: profile_step.category(k) for k in kernels if profile_step.category(k) != "mHC kernels"} == {}

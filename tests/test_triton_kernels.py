@@ -241,6 +241,43 @@ def test_proj(shape, dtype):
         _close(dphi, dphi_ref, _tol(dphi.dtype))
 
 
+# n past the n <= 4 of CASES: padded to a power of two (5 -> 8) or one already (8, 16); and fp16 streams, which
+# CASES leaves out. Tiny T and C: at n = 16 the interpreter walks [BT, 16, BC] tiles. bf16 at n = 12 and 16: proj's
+# phi hi / lo columns are 3 and 5 blocks of 64 (192, 320), no power of two.
+WIDE_CASES = [((5, 5, 7), torch.float32), ((3, 8, 9), torch.float16), ((3, 16, 5), torch.float64),
+              ((4, 16, 6), torch.bfloat16), ((3, 12, 4), torch.bfloat16), ((7, 3, 33), torch.float16)]
+WIDE_IDS = [f"T{s[0]}n{s[1]}C{s[2]}-{str(d).split('.')[1]}" for s, d in WIDE_CASES]
+
+
+@pytest.mark.parametrize("shape,dtype", WIDE_CASES, ids=WIDE_IDS)
+def test_stream_ops_at_wide_n_and_fp16(shape, dtype):
+    """pre, post_res (its backward takes the [BT, NP, BC] kernel past n = 4) and proj, forward and backward, against
+    the reference. proj's dots: bf16 by the hi / lo bound, fp16 by the tf32 bound (its phi and dp enter as tf32)."""
+    x, y, h_pre, h_post, h_res, phi = _stream(*shape, dtype, seed=21)
+    t = shape[0]
+    g = torch.Generator().manual_seed(22)
+    dout, dx_out = torch.randn(y.shape, generator=g).to(dtype), torch.randn(x.shape, generator=g).to(dtype)
+    _close(tk.pre(x, h_pre), ref.pre(x, h_pre), TOL[dtype])
+    for a, e in zip(tk.pre_backward(x, h_pre, dout), ref.pre_backward(x, h_pre, dout)):
+        _close(a, e, _tol(a.dtype))
+    _close(tk.post_res(x, h_res, h_post, y), ref.post_res(x, h_res, h_post, y), TOL[dtype])
+    got = tk.post_res_backward_pre(x, h_res, h_post, y, dx_out, h_pre)
+    for a, e in zip(got, ref.post_res_backward_pre(x, h_res, h_post, y, dx_out, h_pre)):
+        _close(a, e, _tol(a.dtype))
+    (p, sq), (p_ref, sq_ref) = tk.proj(x, phi), ref.proj(x, phi)
+    _close(sq, sq_ref, _tol(sq.dtype))
+    dp, dsq = torch.randn(t, phi.shape[1], generator=g).to(phi.dtype), torch.randn(t, generator=g).to(phi.dtype)
+    (dx, dphi), (dx_ref, dphi_ref) = tk.proj_backward(x, phi, dp, dsq), ref.proj_backward(x, phi, dp, dsq)
+    _close(dx, dx_ref, TOL[dtype])
+    bound = {torch.bfloat16: _close_hi_lo, torch.float16: _close_tf32}.get(dtype)
+    if bound is None:
+        _close(p, p_ref, _tol(p.dtype))
+        _close(dphi, dphi_ref, _tol(dphi.dtype))
+    else:
+        bound(p, p_ref, x.reshape(t, -1), phi)
+        bound(dphi, dphi_ref, x.reshape(t, -1).T, dp)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_proj_split_reductions(dtype):
     """Force split-K in proj, column blocks (bm = 16 < m = 24: the hi/lo layout pads each block), and splits
@@ -383,9 +420,11 @@ def _site_grads(t, n, c, dtype, seed, with_acc):
     return x, phi, dp, dsq, h_pre, dx_in, acc
 
 
-# the stream-sized cases plus n = 5 (streams padded to 8) and n = 16 (one channel per tile)
-SITE_CASES = CASES + [((5, 5, 7), torch.float32), ((3, 16, 3), torch.float32)]
-SITE_IDS = IDS + ["T5n5C7-float32", "T3n16C3-float32"]
+# the stream-sized cases plus n = 5 (streams padded to 8), n = 16 (one channel per tile) and bf16 at n = 12 and 16
+# (the one-pass backward, its dp hi / lo rows padded to 256 and 512)
+SITE_CASES = CASES + [((5, 5, 7), torch.float32), ((3, 16, 3), torch.float32), ((3, 16, 3), torch.bfloat16),
+                      ((4, 12, 5), torch.bfloat16)]
+SITE_IDS = [f"T{s[0]}n{s[1]}C{s[2]}-{str(d).split('.')[1]}" for s, d in SITE_CASES]
 
 
 @pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])
@@ -552,8 +591,10 @@ def _coeff_inputs(t, n, c, dtype, seed):
     return p, sq, bias, alpha, tuple(v.to(dtype) for v in grads)
 
 
-COEFF_CASES = [(t, n, mode, dt) for (t, n, _), dt in [(SHAPES[0], torch.float32), (SHAPES[1], torch.float64),
-                                                      (SHAPES[2], torch.float32)] for mode in ("mhc", "hc")]
+# n = 1, 3, 4 as CASES, then 5 (the n x n matrices padded to 8 x 8), 8 and 16 (Sinkhorn on [BT, 16, 16] tiles)
+COEFF_CASES = [(t, n, mode, dt) for (t, n), dt in [((1, 1), torch.float32), ((7, 3), torch.float64), ((33, 4), torch.float32),
+                                                    ((5, 5), torch.float64), ((4, 8), torch.float32),
+                                                    ((3, 16), torch.float64)] for mode in ("mhc", "hc")]
 
 
 @pytest.mark.parametrize("t,n,mode,dtype", COEFF_CASES)

@@ -180,14 +180,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP: tl.constexpr,
+def hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr,
                   STREAMS: tl.constexpr = 1):
     """dst[0] = bf16(src), dst[1] = bf16(src - dst[0]) for an fp32 [R, M] src, zero-padded to MP columns;
     dst element (half, r, m) at half * s_half + r * s_r + m * s_m (so it can write either orientation).
-    STREAMS > 1: src's rows are STREAMS blocks of R / STREAMS (phi's rows i*C + c), and source row i*C + c goes to
-    dst row c*STREAMS + i (post_res_proj's one_dot)."""
+    BM: the power of two >= MP that a program's column range spans (MP is proj's column blocks times their
+    width: 5 x 64 = 320 at n = 16). STREAMS > 1: src's rows are STREAMS blocks of R / STREAMS (phi's rows
+    i*C + c), and source row i*C + c goes to dst row c*STREAMS + i (post_res_proj's one_dot)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    ms = tl.arange(0, MP)
+    ms = tl.arange(0, BM)
     rmask = rows < R
     r64 = rows.to(tl.int64)
     v = tl.load(src_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & (ms < M)[None, :], other=0.0)
@@ -197,8 +198,9 @@ def hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP:
         per_stream = R // STREAMS
         r64 = (r64 % per_stream) * STREAMS + r64 // per_stream
     off = r64[:, None] * s_r + ms[None, :] * s_m
-    tl.store(dst_ptr + off, hi, mask=rmask[:, None])
-    tl.store(dst_ptr + s_half + off, lo, mask=rmask[:, None])
+    smask = rmask[:, None] & (ms < MP)[None, :]
+    tl.store(dst_ptr + off, hi, mask=smask)
+    tl.store(dst_ptr + s_half + off, lo, mask=smask)
 
 
 def split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False, streams: int = 1) -> Tensor:
@@ -218,8 +220,9 @@ def split_hi_lo(src: Tensor, mp: int, transpose: bool, interleave: bool = False,
     else:
         dst = torch.empty((2, r, mp), dtype=torch.bfloat16, device=src.device)
         strides = (r * mp, mp, 1)
-    br = max(1, min(pow2(r), 4096 // mp))
-    meta = dict(BR=br, MP=mp, STREAMS=streams) if streams > 1 else dict(BR=br, MP=mp)
+    bm = pow2(mp)
+    br = max(1, min(pow2(r), 4096 // bm))
+    meta = dict(BR=br, MP=mp, BM=bm, STREAMS=streams) if streams > 1 else dict(BR=br, MP=mp, BM=bm)
     launch(hi_lo_kernel, (cdiv(r, br),), (src.float().contiguous(), dst, r, m, *strides), meta)
     return dst
 

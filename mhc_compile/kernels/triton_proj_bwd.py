@@ -280,7 +280,7 @@ def split_dp_t(dp, mp: int):
     dst = torch.empty((2 * mp, t16), dtype=torch.bfloat16, device=dp.device)
     br = max(1, min(tcom.pow2(t), 4096 // mp))
     launch(tcom.hi_lo_kernel, (tcom.cdiv(t, br),), (dp.float().contiguous(), dst, t, m, mp * t16, 1, t16),
-           dict(BR=br, MP=mp))
+           dict(BR=br, MP=mp, BM=mp))
     return dst
 
 
