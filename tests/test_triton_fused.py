@@ -68,6 +68,8 @@ CASES = [
     (5, 3, 20, torch.bfloat16, "hc", "default"),
     (6, 5, 12, torch.float16, "hc", "small"),
     (3, 16, 5, torch.float32, "mhc", "default"),  # m = 288: phi walked in m-chunks
+    (3, 16, 5, torch.bfloat16, "mhc", "default"),  # and proj's phi hi / lo columns: 5 blocks of 64
+    (4, 12, 6, torch.bfloat16, "hc", "small"),  # 3 blocks of 64
 ]
 
 
