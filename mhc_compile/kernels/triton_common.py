@@ -198,7 +198,9 @@ def hi_lo_kernel(src_ptr, dst_ptr, R, M, s_half, s_r, s_m, BR: tl.constexpr, MP:
         per_stream = R // STREAMS
         r64 = (r64 % per_stream) * STREAMS + r64 // per_stream
     off = r64[:, None] * s_r + ms[None, :] * s_m
-    smask = rmask[:, None] & (ms < MP)[None, :]
+    smask = rmask[:, None]
+    if MP != BM:  # columns from MP on lie outside dst; a power-of-two MP (every width but proj's) builds as before
+        smask = smask & (ms < MP)[None, :]
     tl.store(dst_ptr + off, hi, mask=smask)
     tl.store(dst_ptr + s_half + off, lo, mask=smask)
 
