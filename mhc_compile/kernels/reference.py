@@ -221,12 +221,6 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-def post_res_proj(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(X', p, sq): post_res's stream X' (in the stream dtype) and the next site's projection of it."""
-    out = post_res(x, h_res, h_post, y)
-    return (out, *proj(out, phi))
-
-
 def post_res_backward(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
