@@ -149,10 +149,12 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
     monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
     monkeypatch.setattr(gp, "proj_grads", fails)
     monkeypatch.setattr(tpb, "_NO_GLUON", set())
+    monkeypatch.setattr(tproj, "_NO_ONE_PASS", set())
+    monkeypatch.setattr(tproj, "_NO_PIPELINE_ALL", set())
     with pytest.warns(UserWarning, match="Gluon kernel does not build here.*OutOfResources"):
         got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     again = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
-    assert tries == [1] and tpb._NO_GLUON == {x.device} and x.device not in tproj._NO_ONE_PASS
+    assert tries == [1] and tpb._NO_GLUON == {x.device} and not tproj._NO_ONE_PASS and not tproj._NO_PIPELINE_ALL
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 

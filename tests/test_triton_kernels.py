@@ -555,8 +555,9 @@ def test_one_pass_backward_that_does_not_fit_drops_pipeline_all_then_falls_back_
         tried.clear()
         with pytest.warns(UserWarning, match="does not fit this GPU"):
             dx, dphi = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
-        assert tried == [True, False] and tproj._NO_PIPELINE_ALL == {x.device}
-        assert tproj._NO_ONE_PASS == (set() if smem == 98304 else {x.device})
+        tile = (x.device, phi.shape[1], True, True)  # triton_proj._tile_key: m, with dout, with acc
+        assert tried == [True, False] and tproj._NO_PIPELINE_ALL == {tile}
+        assert tproj._NO_ONE_PASS == (set() if smem == 98304 else {tile})
         _close(dx, want[0], TOL[torch.bfloat16])
         _close_hi_lo(dphi, want[1], x.reshape(37, -1).T, dp)
         tried.clear()
@@ -564,6 +565,40 @@ def test_one_pass_backward_that_does_not_fit_drops_pipeline_all_then_falls_back_
             warnings.simplefilter("error")
             tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
         assert tried == ([False] if smem == 98304 else [])
+
+
+def test_a_tile_that_does_not_fit_keeps_the_one_pass_backward_for_other_tiles(monkeypatch):
+    """What does not fit is remembered by tile (coefficient count, dout and acc), not by device: after n = 12 (m =
+    168) falls back to the pair, n = 4 on the same device still takes the one-pass kernel, and a call without acc
+    at n = 12 tries it too."""
+    from triton.runtime.errors import OutOfResources
+
+    from mhc_compile.kernels import triton_proj_bwd
+
+    monkeypatch.setattr(tproj, "_NO_ONE_PASS", set())
+    monkeypatch.setattr(tproj, "_NO_PIPELINE_ALL", set())
+    tried, real = [], triton_proj_bwd.proj_grads
+
+    def fits(x, phi, dp, dsq, h_pre, dout, acc, cfg, out=None):  # as a GPU: m = 168 with acc needs too much
+        tried.append((phi.shape[1], acc is not None))
+        if phi.shape[1] == 168 and acc is not None:
+            raise OutOfResources(282632, 232448, "shared memory")
+        return real(x, phi, dp, dsq, h_pre, dout, acc, cfg, out=out)
+
+    monkeypatch.setattr(triton_proj_bwd, "proj_grads", fits)
+    wide = _site_grads(3, 12, 4, torch.bfloat16, seed=17, with_acc=True)
+    with pytest.warns(UserWarning, match="does not fit this GPU at m = 168"):
+        tk.proj_pre_backward(*wide)
+    assert tried == [(168, True), (168, True)]  # with PIPELINE_ALL, then without; then the pair
+    tried.clear()
+    narrow = _site_grads(5, 4, 16, torch.bfloat16, seed=18, with_acc=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tk.proj_pre_backward(*narrow)
+        tk.proj_pre_backward(*wide[:-1])  # no acc: another tile
+        tk.proj_pre_backward(*wide)  # remembered: the pair, no attempt
+    assert tried == [(24, True), (168, False)]
+    _close(got[0], ref.proj_pre_backward(*narrow)[0], TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("with_acc", [False, True], ids=["no_acc", "acc"])

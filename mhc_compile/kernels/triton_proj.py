@@ -262,8 +262,18 @@ def _token_splits(cfg: DotCfg, device: torch.device, kblocks: int, t: int, bt: i
     return cdiv(t, t_split), t_split
 
 
-_NO_ONE_PASS: set = set()  # devices whose shared memory the one-pass backward's tile does not fit
-_NO_PIPELINE_ALL: set = set()  # devices that fit it only without PIPELINE_ALL's extra shared-memory stages
+# Tiles of the one-pass backward (``_tile_key``) that a device's shared memory does not fit, and those it fits only
+# without PIPELINE_ALL's extra stages. Kept by tile, not by device: at n >= 11 (m >= 143 coefficients, dp's hi / lo
+# rows padded to 512) the tile takes 276-278 KB in Triton 3.6's sm_90a build, past the 227 KB of an H100 or H200,
+# where n = 8 to 10 take 156 KB; one call at a large n must not take the one-pass kernel from every later call.
+_NO_ONE_PASS: set = set()
+_NO_PIPELINE_ALL: set = set()
+
+
+def _tile_key(x: Tensor, m: int, dout: Tensor | None, acc: Tensor | None) -> tuple:
+    """What sets the one-pass tile's shared memory on a device: the coefficient count (dp's and phi's tiles) and
+    whether dout and acc are staged too."""
+    return (x.device, m, dout is not None, acc is not None)
 
 
 def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
@@ -277,23 +287,24 @@ def _proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor |
     if t == 0 or k == 0:  # x has no elements: neither has dx
         return (torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out), torch.zeros_like(phi)
     hi_lo = uses_hi_lo(x.dtype) and acc_t == torch.float32
-    if hi_lo and cfg_of("proj_dx_dphi").enabled and x.device not in _NO_ONE_PASS:  # one pass over X
+    tile = _tile_key(x, m, dout, acc)
+    if hi_lo and cfg_of("proj_dx_dphi").enabled and tile not in _NO_ONE_PASS:  # one pass over X
         from mhc_compile.kernels import triton_proj_bwd
 
         cfg = cfg_of("proj_dx_dphi")
-        if cfg.pipeline_all and x.device in _NO_PIPELINE_ALL:
+        if cfg.pipeline_all and tile in _NO_PIPELINE_ALL:
             cfg = replace(cfg, pipeline_all=False)
         try:
             return triton_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg, out=out)
-        except OutOfResources as e:  # a GPU with less shared memory than the tile needs (228 KB an SM on H100)
+        except OutOfResources as e:  # more shared memory than the GPU has (227 KB a block on an H100 / H200)
             if cfg.pipeline_all:  # dout and acc staged too take a third more: try without, then the pair
-                _NO_PIPELINE_ALL.add(x.device)
+                _NO_PIPELINE_ALL.add(tile)
                 warnings.warn(f"mhc triton proj backward: the one-pass kernel with PIPELINE_ALL does not fit this "
-                              f"GPU ({e}); using it without", stacklevel=2)
+                              f"GPU at m = {m} coefficients ({e}); using it without", stacklevel=2)
                 return _proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out)
-            _NO_ONE_PASS.add(x.device)
-            warnings.warn(f"mhc triton proj backward: the one-pass kernel does not fit this GPU ({e}); using the "
-                          "dx + dphi kernel pair", stacklevel=2)
+            _NO_ONE_PASS.add(tile)
+            warnings.warn(f"mhc triton proj backward: the one-pass kernel does not fit this GPU at m = {m} "
+                          f"coefficients ({e}); using the dx + dphi kernel pair", stacklevel=2)
     x, bcast = stream_arg(x)
     cfg, cfg_phi = cfg_of("proj_dx"), cfg_of("proj_dphi")
     mp = max(16, pow2(m))
