@@ -1,6 +1,7 @@
 """Build Triton kernels for a GPU target on a machine without one, and read the binary's resources.
 
     python benchmarks/sm90_build.py --hazards   # every wgmma kernel: a one-slot operand loaded over too soon?
+    python benchmarks/sm90_build.py --sweep     # every op's kernels at n = 1..16: do they build and fit?
 
 The labs' ``--ptxas`` modes use this to see registers, spilled bytes and shared memory of a tile before spending
 device time on it: a stand-in driver names the target, ``JITFunction.warmup`` compiles, and the toolkit's
@@ -252,6 +253,75 @@ def wgmma_builds(n: int = 4, c: int = 4096, t: int = 1024):
                                             proj_dx_dphi=dict(enabled=False))
 
 
+SMEM_LIMIT = 232448  # bytes of shared memory a block may take on an H100 / H200 (227 KB)
+
+
+@contextlib.contextmanager
+def gpu_builds(arch: int = 90, smem: int = SMEM_LIMIT):
+    """While active, every launch of the ops' Triton kernels (``triton_ops.LAUNCHING``, triton_fused, triton_proj_bwd)
+    compiles for sm_<arch> instead of running, and meets the shared memory as the GPU would: a launch that may
+    shrink its pipeline (``launch``'s shrink_stages) drops stages until its build fits ``smem``; one that may not
+    raises OutOfResources, for its op's own fallback. Yields the list of builds, (kernel name, stages, shared bytes).
+    The ops' outputs are left unwritten."""
+    from triton.runtime.errors import OutOfResources
+
+    from mhc_compile.kernels import triton_fused, triton_ops, triton_proj_bwd
+
+    built = []
+
+    def build(kernel, grid, args, meta, shrink_stages=True, **options):
+        stages = options.get("num_stages")
+        while True:
+            compiled = kernel.warmup(*args, **meta, **options, grid=grid)
+            if compiled.metadata.shared <= smem:
+                built.append((kernel.fn.__name__, stages, compiled.metadata.shared))
+                return compiled
+            if not (shrink_stages and stages and stages > 1):
+                raise OutOfResources(compiled.metadata.shared, smem, "shared memory")
+            stages -= 1
+            options = {**options, "num_stages": stages}
+
+    modules = (*triton_ops.LAUNCHING, triton_fused, triton_proj_bwd)
+    saved = [(m, m.launch) for m in modules]
+    for m in modules:
+        m.launch = build
+    try:
+        with cpu_target(arch):
+            yield built
+    finally:
+        for m, launch in saved:
+            m.launch = launch
+
+
+def sweep(ns, dtypes, t: int = 256, c: int = 4096) -> tuple[list[str], list[str], int]:
+    """Every op of launch_check.cases at each n and stream dtype, built for sm_90a (``gpu_builds``) on CPU tensors:
+    (problems, fallbacks, launches built). A problem is an op that raised: a kernel that does not build, or that fits
+    no stage count and has no fallback. A fallback is an op's warning that it took another kernel. CPU tensors take
+    the pointer builds: the TMA and Gluon kernels have their own --build checks."""
+    import warnings
+
+    from benchmarks.launch_check import cases
+
+    problems, fallbacks, count = [], [], 0
+    for n in ns:
+        for dtype in dtypes:
+            label = f"n = {n}, {str(dtype).split('.')[1]}"
+            with gpu_builds() as built, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    for name, call in cases(t, n, c, dtype, "cpu"):
+                        try:
+                            call()
+                        except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the sweep
+                            problems.append(f"{label}: {name}: {type(e).__name__}: {str(e)[:300]}")
+                except Exception as e:  # noqa: BLE001 - the inputs' own ops (proj, coeffs, step, enter)
+                    problems.append(f"{label}: the inputs: {type(e).__name__}: {str(e)[:300]}")
+            count += len(built)
+            fallbacks += sorted({f"{label}: " + re.sub(r" \(out of resource[^)]*\)", "", str(w.message))
+                                 for w in caught if "mhc" in str(w.message)})
+    return problems, fallbacks, count
+
+
 def main() -> int:
     import argparse
 
@@ -260,13 +330,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="sm_90a builds on a machine without a GPU")
     ap.add_argument("--hazards", action="store_true",
                     help="every wgmma kernel's build: one-slot operands loaded over before their wgmma is waited on")
+    ap.add_argument("--sweep", action="store_true",
+                    help="every op's Triton kernels at each --n and --dtypes: builds, and fits the shared memory?")
+    ap.add_argument("--n", type=int, nargs="*", default=list(range(1, 17)))
+    ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32", "float16"])
     args = ap.parse_args()
-    if not args.hazards:
+    if not (args.hazards or args.sweep):
         ap.print_help()
         return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("sm90_build --hazards: unset TRITON_INTERPRET (it compiles for the GPU)")
+        print("sm90_build: unset TRITON_INTERPRET (it compiles for the GPU)")
         return 2
+    if args.sweep:
+        problems, fallbacks, count = sweep(args.n, [getattr(torch, d) for d in args.dtypes])
+        print(f"sm_90a builds, triton {triton.__version__}: {count} launches built at n = {args.n}, "
+              f"{', '.join(args.dtypes)}; {len(problems)} problems")
+        for line in fallbacks:
+            print(f"fallback: {line}")
+        for line in problems:
+            print(f"PROBLEM: {line}")
+        return 1 if problems else 0
     print(f"sm_90a builds, triton {triton.__version__}")
     bad = 0
     for name, compiled in wgmma_builds():
