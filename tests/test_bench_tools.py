@@ -550,3 +550,19 @@ def test_sm90_sweep_builds_every_op_at_wide_n():
     assert "; 0 problems" in proc.stdout and "PROBLEM" not in proc.stdout, proc.stdout
     assert "fallback: n = 16, bfloat16: mhc triton proj backward: the one-pass kernel does not fit" in proc.stdout
     assert "fallback: n = 4" not in proc.stdout, proc.stdout
+
+
+def test_wide_n_check_holds_each_op_to_the_reference(monkeypatch):
+    """benchmarks/wide_n_check.py (the GPU check of every op at n > 4) on CPU tensors under the interpreter: at
+    n = 16 on bf16 streams every op agrees with the reference run on the same inputs; the two runs differ (the swap
+    to the reference took effect), and an op that computes something else is reported."""
+    from benchmarks import wide_n_check
+
+    rows, bad, _ = wide_n_check.check("cpu", [16], (torch.bfloat16,), 5, 8)
+    errors = {row.split("|")[3].strip(): float(row.split("|")[4]) for row in rows}
+    assert bad == 0 and len(errors) == 16 and max(errors.values()) > 0, rows
+    real = wide_n_check.tk.pre
+    monkeypatch.setattr(wide_n_check.tk, "pre", lambda x, h: real(x, h) * 1.5)
+    rows, bad, _ = wide_n_check.check("cpu", [3], (torch.float32,), 5, 8)
+    wrong = {row.split("|")[3].strip() for row in rows if "MISMATCH" in row}
+    assert bad == len(wrong) and wrong == {"pre", "fused step", "fused enter"}, rows  # the fused ops call pre too
