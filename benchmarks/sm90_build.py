@@ -43,16 +43,22 @@ def builds_of(module, kernel, arch: int = 90):
         if launched is kernel:
             built.append(launched.warmup(*args, **meta, **options, grid=grid))
 
-    modules = {id(m): m for m in (module, *triton_ops.LAUNCHING)}.values()
+    with _launching_through(warmup, (module, *triton_ops.LAUNCHING)), cpu_target(arch):
+        yield built
+
+
+@contextlib.contextmanager
+def _launching_through(launch, modules):
+    """While active, each of ``modules`` launches through ``launch`` (each binds its own name ``launch``)."""
+    modules = {id(m): m for m in modules}.values()
     saved = [(m, m.launch) for m in modules]
     for m in modules:
-        m.launch = warmup
+        m.launch = launch
     try:
-        with cpu_target(arch):
-            yield built
+        yield
     finally:
-        for m, launch in saved:
-            m.launch = launch
+        for m, bound in saved:
+            m.launch = bound
 
 
 @contextlib.contextmanager
@@ -259,38 +265,41 @@ SMEM_LIMIT = 232448  # bytes of shared memory a block may take on an H100 / H200
 @contextlib.contextmanager
 def gpu_builds(arch: int = 90, smem: int = SMEM_LIMIT):
     """While active, every launch of the ops' Triton kernels (``triton_ops.LAUNCHING``, triton_fused, triton_proj_bwd)
-    compiles for sm_<arch> instead of running, and meets the shared memory as the GPU would: a launch that may
-    shrink its pipeline (``launch``'s shrink_stages) drops stages until its build fits ``smem``; one that may not
-    raises OutOfResources, for its op's own fallback. Yields the list of builds, (kernel name, stages, shared bytes).
+    compiles for sm_<arch> instead of running, and meets the shared memory as the GPU would: a build past ``smem``
+    raises OutOfResources inside kernels/launch.py's own launch path, which drops pipeline stages where the launch
+    allows it (shrink_stages) and otherwise passes the error to the op's fallback. Yields the list of builds, (kernel name, stages, shared bytes).
     The ops' outputs are left unwritten."""
     from triton.runtime.errors import OutOfResources
 
+    from mhc_compile.kernels import launch as L
     from mhc_compile.kernels import triton_fused, triton_ops, triton_proj_bwd
 
     built = []
 
-    def build(kernel, grid, args, meta, shrink_stages=True, **options):
-        stages = options.get("num_stages")
-        while True:
-            compiled = kernel.warmup(*args, **meta, **options, grid=grid)
-            if compiled.metadata.shared <= smem:
-                built.append((kernel.fn.__name__, stages, compiled.metadata.shared))
-                return compiled
-            if not (shrink_stages and stages and stages > 1):
-                raise OutOfResources(compiled.metadata.shared, smem, "shared memory")
-            stages -= 1
-            options = {**options, "num_stages": stages}
+    class Compiling:
+        """``kernel[grid](...)`` that compiles instead of running and, past ``smem``, raises OutOfResources as the
+        GPU does when it loads the kernel: launch's own retry with fewer stages then runs as it would there."""
 
-    modules = (*triton_ops.LAUNCHING, triton_fused, triton_proj_bwd)
-    saved = [(m, m.launch) for m in modules]
-    for m in modules:
-        m.launch = build
-    try:
-        with cpu_target(arch):
-            yield built
-    finally:
-        for m, launch in saved:
-            m.launch = launch
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                compiled = self.kernel.warmup(*args, **kw, grid=grid)
+                if compiled.metadata.shared > smem:
+                    raise OutOfResources(compiled.metadata.shared, smem, "shared memory")
+                built.append((self.kernel.fn.__name__, kw.get("num_stages"), compiled.metadata.shared))
+                return compiled
+            return run
+
+    stand_ins = {}
+
+    def build(kernel, grid, args, meta, shrink_stages=True, **options):
+        stand_in = stand_ins.setdefault(kernel, Compiling(kernel))  # one a kernel: launch remembers what fit by it
+        return L._launch_slow(stand_in, grid, args, meta, options, shrink_stages)
+
+    with _launching_through(build, (*triton_ops.LAUNCHING, triton_fused, triton_proj_bwd)), cpu_target(arch):
+        yield built
 
 
 def sweep(ns, dtypes, t: int = 256, c: int = 4096) -> tuple[list[str], list[str], int]:
