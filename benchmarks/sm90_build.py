@@ -21,6 +21,7 @@ reported.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -302,7 +303,7 @@ def gpu_builds(arch: int = 90, smem: int = SMEM_LIMIT):
         yield built
 
 
-def sweep(ns, dtypes, t: int = 256, c: int = 4096) -> tuple[list[str], list[str], int]:
+def sweep(ns, dtypes, t: int = 256, cs=(4096,)) -> tuple[list[str], list[str], int]:
     """Every op of launch_check.cases at each n and stream dtype, built for sm_90a (``gpu_builds``) on CPU tensors:
     (problems, fallbacks, launches built). A problem is an op that raised: a kernel that does not build, or that fits
     no stage count and has no fallback. A fallback is an op's warning that it took another kernel. CPU tensors take
@@ -312,22 +313,21 @@ def sweep(ns, dtypes, t: int = 256, c: int = 4096) -> tuple[list[str], list[str]
     from benchmarks.launch_check import cases
 
     problems, fallbacks, count = [], [], 0
-    for n in ns:
-        for dtype in dtypes:
-            label = f"n = {n}, {str(dtype).split('.')[1]}"
-            with gpu_builds() as built, warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    for name, call in cases(t, n, c, dtype, "cpu"):
-                        try:
-                            call()
-                        except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the sweep
-                            problems.append(f"{label}: {name}: {type(e).__name__}: {str(e)[:300]}")
-                except Exception as e:  # noqa: BLE001 - the inputs' own ops (proj, coeffs, step, enter)
-                    problems.append(f"{label}: the inputs: {type(e).__name__}: {str(e)[:300]}")
-            count += len(built)
-            fallbacks += sorted({f"{label}: " + re.sub(r" \(out of resource[^)]*\)", "", str(w.message))
-                                 for w in caught if "mhc" in str(w.message)})
+    for n, c, dtype in itertools.product(ns, cs, dtypes):
+        label = f"n = {n}, C = {c}, {str(dtype).split('.')[1]}"
+        with gpu_builds() as built, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                for name, call in cases(t, n, c, dtype, "cpu"):
+                    try:
+                        call()
+                    except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the sweep
+                        problems.append(f"{label}: {name}: {type(e).__name__}: {str(e)[:300]}")
+            except Exception as e:  # noqa: BLE001 - the inputs' own ops (proj, coeffs, step, enter)
+                problems.append(f"{label}: the inputs: {type(e).__name__}: {str(e)[:300]}")
+        count += len(built)
+        fallbacks += sorted({f"{label}: " + re.sub(r" \(out of resource[^)]*\)", "", str(w.message))
+                             for w in caught if "mhc" in str(w.message)})
     return problems, fallbacks, count
 
 
@@ -343,6 +343,7 @@ def main() -> int:
                     help="every op's Triton kernels at each --n and --dtypes: builds, and fits the shared memory?")
     ap.add_argument("--n", type=int, nargs="*", default=list(range(1, 17)))
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32", "float16"])
+    ap.add_argument("--c", type=int, nargs="*", default=[4096], help="channel counts (--sweep)")
     args = ap.parse_args()
     if not (args.hazards or args.sweep):
         ap.print_help()
@@ -351,8 +352,8 @@ def main() -> int:
         print("sm90_build: unset TRITON_INTERPRET (it compiles for the GPU)")
         return 2
     if args.sweep:
-        problems, fallbacks, count = sweep(args.n, [getattr(torch, d) for d in args.dtypes])
-        print(f"sm_90a builds, triton {triton.__version__}: {count} launches built at n = {args.n}, "
+        problems, fallbacks, count = sweep(args.n, [getattr(torch, d) for d in args.dtypes], cs=args.c)
+        print(f"sm_90a builds, triton {triton.__version__}: {count} launches built at n = {args.n}, C = {args.c}, "
               f"{', '.join(args.dtypes)}; {len(problems)} problems")
         for line in fallbacks:
             print(f"fallback: {line}")

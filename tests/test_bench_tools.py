@@ -540,15 +540,17 @@ def test_profile_step_counts_every_kernel_of_the_package_as_mhc():
 def test_sm90_sweep_builds_every_op_at_wide_n():
     """sm90_build --sweep compiles every kernel the ops launch for sm_90a, as the GPU would (pipeline stages
     dropped where a launch allows it, else OutOfResources for the op's fallback): at n = 4 and 16 on bf16 streams
-    every op builds (bf16 proj at n = 16 did not until session 29), and at n = 16 the one-pass proj backward,
-    whose tile needs more than an H100's 227 KB of shared memory there, falls back to the dx + dphi pair."""
+    every op builds (bf16 proj at n = 16 did not until session 29), at C = 4096 and at a C that no tile divides;
+    and at n = 16 the one-pass proj backward, whose tile needs more than an H100's 227 KB of shared memory there,
+    falls back to the dx + dphi pair (once: the op remembers the tile that did not fit)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "sm90_build.py"), "--sweep", "--n", "4",
-                           "16", "--dtypes", "bfloat16"], env=env, capture_output=True, text=True, timeout=900)
+                           "16", "--dtypes", "bfloat16", "--c", "4096", "1000"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "; 0 problems" in proc.stdout and "PROBLEM" not in proc.stdout, proc.stdout
-    assert "fallback: n = 16, bfloat16: mhc triton proj backward: the one-pass kernel does not fit" in proc.stdout
+    assert "fallback: n = 16, C = 4096, bfloat16: mhc triton proj backward: the one-pass kernel does not fit" \
+        in proc.stdout
     assert "fallback: n = 4" not in proc.stdout, proc.stdout
 
 
