@@ -5,6 +5,7 @@
     git show main:mhc_compile/kernels/gluon_step_bwd.py > against_main.py   # another build of the module, then
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --against against_main.py  # both, in one process
     ... --against against_main.py --against-tune mix_regs=184  # the other build at its own StepBwdCfg registers
+    ... --against main.py scatter.py --against-tune mix_regs=184 mix_regs=176  # several builds, a tune each
 
 On the GPU: every check shape's outputs (dX_prev, dH_res_prev, dH_post_prev, dy, dphi, dbias, dalpha) against the
 float64 reference of ``step_backward`` and, beside them, the three-pass pipeline's errors (the bar to meet), and
@@ -77,9 +78,12 @@ def build(mixers_list=(2, 1)) -> int:
     return int(failed > 0)
 
 
+DEVICE = "cuda"  # a test runs check() and times() on CPU tensors (the Gluon kernel then falls back, and says so)
+
+
 def _inputs(t: int, n: int, c: int, seed: int):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    dev, bf = DEVICE, torch.bfloat16
 
     def r(*shape, scale=1.0, dtype=torch.float32):
         return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
@@ -104,7 +108,25 @@ def _call(fn, v, h_pre, p, sq, n, c):
               v["dx_in"], v["dh_post"], v["dh_res"], n, n * c, 1e-6, 20, "mhc")
 
 
-AGAINST_TUNE: dict = {}  # --against-tune: the StepBwdCfg fields the other build runs with
+class Against:
+    """An --against build: its module, the StepBwdCfg fields it runs with (``--against-tune``) and a label."""
+
+    def __init__(self, module, tune: dict, label: str):
+        self.module, self.tune, self.label = module, tune, label
+
+    def run(self, v, h_pre, p, sq, n, c):
+        with tf.tuning("step_bwd", ws=True, **self.tune), serving(tf, "_gluon_step_bwd", self.module):
+            return _call(tf.step_backward, v, h_pre, p, sq, n, c)
+
+
+def load_against(files: list[str], tunes: list[str]) -> list[Against]:
+    """The --against builds: one --against-tune spec for all of them, or one each (in order)."""
+    if len(tunes) not in (0, 1, len(files)):
+        raise SystemExit(f"gluon_step_bwd_check: {len(files)} --against files and {len(tunes)} --against-tune specs"
+                         " (give none, one for all, or one each)")
+    specs = tunes if len(tunes) == len(files) else tunes * len(files) if tunes else [""] * len(files)
+    return [Against(load_module(f, f"gluon_step_bwd_against{k}"), parse_tune(spec),
+                    os.path.splitext(os.path.basename(f))[0]) for k, (f, spec) in enumerate(zip(files, specs))]
 
 
 def parse_tune(spec: str) -> dict:
@@ -121,7 +143,7 @@ def parse_tune(spec: str) -> dict:
 NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "dalpha")
 
 
-def check(t, n, c, lines, against=None) -> bool:
+def check(t, n, c, lines, against=()) -> bool:
     v = _inputs(t, n, c, seed=t + n + c)
     h_pre, p, sq = _forward_saves(v, n, c)
     want = _call(ref.step_backward, {k: (x.double() if x.is_floating_point() else x) for k, x in v.items()},
@@ -149,28 +171,30 @@ def check(t, n, c, lines, against=None) -> bool:
     same = inplace[0].data_ptr() == dxc.data_ptr() and all(torch.equal(a, b) for a, b in zip(inplace, two))
     ok &= same
     lines.append(f"| {t}x{n}x{c} | (out = dX: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
-    if against is not None:  # the other build's outputs beside this one's (a report, not a pass / fail)
-        with tf.tuning("step_bwd", ws=True, **AGAINST_TUNE), serving(tf, "_gluon_step_bwd", against):
-            other = _call(tf.step_backward, v, h_pre, p, sq, n, c)
+    for build in against:  # the other builds' outputs beside this one's (a report, not a pass / fail)
+        other = build.run(v, h_pre, p, sq, n, c)
         diff = [name for name, a, b in zip(NAMES, other, two) if not torch.equal(a, b)]
-        lines.append(f"| {t}x{n}x{c} | --against build: {'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}"
+        worst = max(((o.double() - w).abs().max().item() / (w.abs().max().item() or 1.0)
+                     for o, w in zip(other, want)), default=0.0)
+        lines.append(f"| {t}x{n}x{c} | --against {build.label}: "
+                     f"{'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}; its worst error {worst:.2e}"
                      " | | | |")
-    print("\n".join(lines[-10:]), flush=True)
+    print("\n".join(lines[-10 - len(against):]), flush=True)
     return ok
 
 
-def times(shapes, lines, rounds: int = 3, against=None) -> None:
+def times(shapes, lines, rounds: int = 3, against=()) -> None:
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
     from mhc_compile.kernels import triton_ops as tk
 
-    bw = copy_bandwidth("cuda")
+    bw = copy_bandwidth(DEVICE)
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
     lines.append("| T x C | round | three passes us (eff) | two passes, Gluon us (eff) | the same, one mixing "
                  "warpgroup | folded, saved X us (eff) | Gluon pass alone us (eff against its 3n+3) |"
-                 + (" two passes, --against us (eff) |" if against else ""))
-    lines.append("|---|---|---|---|---|---|---|" + ("---|" if against else ""))
+                 + "".join(f" two passes, --against {b.label} us (eff) |" for b in against))
+    lines.append("|---|---|---|---|---|---|---|" + "---|" * len(against))
     for t, n, c in shapes:
         v = _inputs(t, n, c, seed=1)
         h_pre, p, sq = _forward_saves(v, n, c)
@@ -203,11 +227,8 @@ def times(shapes, lines, rounds: int = 3, against=None) -> None:
             return gs.step_grads(v["x_prev"], v["h_res"], v["h_post"], v["y"], v["phi"], h_pre, dp, dsq, v["dx"],
                                  v["dx_in"])
 
-        def other():
-            with tf.tuning("step_bwd", ws=True, **AGAINST_TUNE), serving(tf, "_gluon_step_bwd", against):
-                return _call(tf.step_backward, v, h_pre, p, sq, n, c)
-
-        fns = (three, two, two_one, folded, alone) + ((other,) if against is not None else ())
+        others = tuple((lambda b=b: b.run(v, h_pre, p, sq, n, c)) for b in against)
+        fns = (three, two, two_one, folded, alone) + others
         for rnd in range(rounds):
             us = [triton.testing.do_bench_cudagraph(f, rep=200) * 1e3 for f in fns]
             cells = " | ".join(f"{u:.1f} ({100 * floor / (u * 1e-6) / bw:.1f} %)" for u in us[:4])
@@ -223,15 +244,15 @@ def main() -> int:
     ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
     ap.add_argument("--out", default=None, help="folder for the results file (GPU mode)")
     ap.add_argument("--no-times", action="store_true")
-    ap.add_argument("--against", default=None, help="another build of kernels/gluon_step_bwd.py, checked and timed "
-                    "beside this one (benchmarks/against.py)")
-    ap.add_argument("--against-tune", default="", help="StepBwdCfg fields the --against build runs with, e.g. "
-                    "mix_regs=184 (a build whose registers were tuned apart); this build runs the defaults")
+    ap.add_argument("--against", nargs="*", default=[], help="other builds of kernels/gluon_step_bwd.py, checked and "
+                    "timed beside this one (benchmarks/against.py)")
+    ap.add_argument("--against-tune", nargs="*", default=[], help="StepBwdCfg fields the --against builds run with, "
+                    "e.g. mix_regs=184 (a build whose registers were tuned apart): one spec for all, or one each; "
+                    "this build runs the defaults")
     args = ap.parse_args()
-    AGAINST_TUNE.update(parse_tune(args.against_tune))
     if args.build:
         return build()
-    against = load_module(args.against, "gluon_step_bwd_against") if args.against else None
+    against = load_against(args.against, args.against_tune)
     if not torch.cuda.is_available():
         print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")
         return 2

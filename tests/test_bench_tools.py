@@ -483,6 +483,50 @@ def test_against_tune_gives_the_other_build_its_own_step_bwd_fields():
         parse_tune("mix_regs")
 
 
+def test_several_against_builds_each_with_its_own_tune(tmp_path):
+    """--against A B with --against-tune X Y: B runs with Y; one spec serves every build; a count that matches
+    neither is refused."""
+    from benchmarks.gluon_step_bwd_check import load_against
+    from mhc_compile.kernels import gluon_step_bwd
+
+    files = []
+    for name in ("main", "scatter"):
+        files.append(str(tmp_path / f"{name}.py"))
+        (tmp_path / f"{name}.py").write_text(open(gluon_step_bwd.__file__).read())
+    builds = load_against(files, ["mix_regs=184", "mix_regs=176"])
+    assert [(b.label, b.tune) for b in builds] == [("main", {"mix_regs": 184}), ("scatter", {"mix_regs": 176})]
+    assert builds[0].module is not builds[1].module and builds[0].module is not gluon_step_bwd
+    assert [b.tune for b in load_against(files, ["dphi_regs=88"])] == [{"dphi_regs": 88}] * 2
+    assert [b.tune for b in load_against(files, [])] == [{}, {}]
+    with pytest.raises(SystemExit, match="2 --against files and 3 --against-tune"):
+        load_against(files, ["mix_regs=1"] * 3)
+
+
+def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
+    """gluon_step_bwd_check's check() and times() (GPU only) run here on CPU tensors, timers stubbed: each --against
+    build gets its line of each shape and its column of times. Off sm_90 every build runs the three passes, so they
+    are bit-equal, and check() says the Gluon kernel did not run."""
+    import triton.testing
+
+    from benchmarks import bench_kernels
+    from benchmarks import gluon_step_bwd_check as gsc
+    from mhc_compile.kernels import gluon_step_bwd
+
+    (tmp_path / "main.py").write_text(open(gluon_step_bwd.__file__).read())
+    builds = gsc.load_against([str(tmp_path / "main.py")], ["mix_regs=184"])
+    monkeypatch.setattr(gsc, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_kernels, "copy_bandwidth", lambda device: 1e12)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep: (fn(), 1.0)[1])
+    monkeypatch.setattr(gsc.gs, "step_grads", lambda *args: None)  # the pass alone: the Gluon kernel, no fallback
+    lines = []
+    assert not gsc.check(9, 2, 32, lines, builds)  # the Gluon kernel cannot run here
+    assert "| 9x2x32 | (the Gluon kernel ran) | | | FAIL |" in lines
+    assert any(line.startswith("| 9x2x32 | --against main: bit-equal; its worst error") for line in lines), lines
+    lines = []
+    gsc.times([(9, 2, 32)], lines, rounds=1, against=builds)
+    assert "two passes, --against main us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
+
+
 def _unknown_attributes(source: str) -> list[str]:
     """'line: alias.name' for each name read off an mhc_compile module alias (``from mhc_compile.kernels import
     triton_proj as tproj``, ``import mhc_compile.x as y``) that the module does not have."""
