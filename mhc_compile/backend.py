@@ -250,80 +250,31 @@ def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCCon
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *,
                   inductor_mode: str | None = None, plan_only: bool = False, lazily: bool = True,
                   on_graph: Callable[[fx.GraphModule, list, GraphReport], None] | None = None) -> Callable:
-    """Run the passes on one Dynamo graph and compile the result.
+    """Run the passes on one Dynamo graph and compile the result, in three stages: find the residual sites
+    (``_analyse``), make their parameters on the user's modules (``_site_parameters``), rewrite and lower the graph
+    (``_lower``), then hand it to the inner compiler.
 
     ``plan_only`` stops after creating parameters (``prepare``); ``on_graph`` receives the final graph
     (rewritten or not), its example inputs (mHC parameters appended) and the report (``trace``)."""
-    index = len(REPORTS)
-    break_here = _break_reason(gm)
-    break_before = _LAST_BREAK[0] if _LAST_BREAK else None
-    _LAST_BREAK[:] = [break_here] if break_here else []
-    _register_frame_root()
-    work = _copy_graph_module(gm)
-    left_regions = inline_checkpoints.apply(work)
-    detection = detect(work)
-    detection.unconverted.extend(left_regions)
-    report = GraphReport(graph_index=index, detection=detection, before=gm.print_readable(print_output=False))
-    REPORTS.append(report)
-    for item in detection.unconverted:
-        msg = f"mhc: not converted: {item.node} in {item.module or '<root>'}: {item.reason}"
-        report.warnings.append(msg)
-        if config.strict:
-            raise MHCConversionError(msg + " (strict=True)")
-        warnings.warn(msg, stacklevel=2)
+    work, detection, report, breaks = _analyse(gm, config)
+    if not detection.sites or config.mode == "residual":
+        if not detection.sites:
+            log.info("mhc: graph %d has no residual adds; compiled unchanged", report.graph_index)
+            if config.dump_dir:
+                from mhc_compile.explain import dump_graph
 
-    for site in detection.sites:
-        log.debug("mhc: graph %d: site %s = %s + %s (%s)", index, site.out.name, site.stream.name,
-                  " + ".join(b.name for b in site.branches), site.kind)
-    if not detection.sites:
-        log.info("mhc: graph %d has no residual adds; compiled unchanged", index)
-        if config.dump_dir:
-            from mhc_compile.explain import dump_graph
-
-            dump_graph(config.dump_dir, index, report.before, None)
+                dump_graph(config.dump_dir, report.graph_index, report.before, None)
+        else:
+            report.sites.extend(f"{site.path} ({site.kind}, C={site.width})" for site in detection.sites)
+            log.info("mhc: mode=residual, %d residual site(s) found in graph %d and left as they are",
+                     len(detection.sites), report.graph_index)
         if on_graph is not None:
             on_graph(gm, example_inputs, report)
         return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
 
     frame_module = _resolve_root(detection)
-    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    params: dict[str, SiteParams] = {}
-    for site in detection.sites:
-        report.sites.append(f"{site.path} ({site.kind}, C={site.width})")
-    if config.mode == "residual":
-        log.info("mhc: mode=residual, %d residual site(s) found in graph %d and left as they are",
-                 len(detection.sites), index)
-        if on_graph is not None:
-            on_graph(gm, example_inputs, report)
-        return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
-
-    root, prefix = lift_to_known_root(frame_module)
-    specs = []
-    for site in detection.sites:
-        specs.append(SiteSpec(site.owner, site.name, config.n, config.mode, site.width, site.index, config.alpha_init))
-        owner = ".".join(p for p in (prefix, site.owner) if p)
-        module, created = get_or_create_site(
-            root, owner, site.name, n=config.n, mode=config.mode, width=site.width, index=site.index,
-            alpha_init=config.alpha_init, device=device, lazily=lazily,
-        )
-        site.owner = owner
-        if created:
-            report.created.append(site.path)
-        params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
-    report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
-    _warn_shared_modules(detection, root)
-    report.warnings.extend(_check_graph_breaks(detection, work, config, root, break_here, break_before,
-                                               partial=bool(prefix)))
-    record = record_for(root)
-    record.strict = record.strict or config.strict
-    if report.created and lazily:
-        n_params = 3 * len(report.created)
-        msg = (
-            f"mhc: created {n_params} mHC parameters for {len(report.created)} residual site(s) of "
-            f"{type(root).__name__} at its first compile (e.g. {report.created[0]}). An optimizer built before "
-            "this call does not hold them: call mhc_compile.prepare(model, *example_inputs) before building it."
-        )
-        warnings.warn(msg, stacklevel=2)
+    root, prefix, specs, params = _site_parameters(work, detection, frame_module, breaks, config, example_inputs,
+                                                   report, lazily)
     binder = _bind(frame_module, root, prefix, specs, example_inputs, params, detection, lazily)
     if plan_only:
         if binder is None:
@@ -335,20 +286,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
 
         return plan
 
-    impl = _choose_impl(config, example_inputs)
-    _check_impl_dtypes(impl, detection)
-    report.impl = impl
-    result = rewrite(work, detection, config, impl, params)
-    report.fused = fuse_pass.apply(result.gm, config)
-    report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
-    schedule_pass.apply(result.gm, config)
-    report.after = result.gm.print_readable(print_output=False)
-    report.gm = result.gm
-    _publish(report, config)
-    if config.verbose:
-        print(f"[mhc] graph {index}: {len(detection.sites)} site(s) in {len(detection.chains)} chain(s), "
-              f"n={config.n}, mode={config.mode}, kernels={impl}")
-    log.info("mhc: graph %d rewritten: %s", index, ", ".join(report.sites))
+    result = _lower(work, detection, config, _choose_impl(config, example_inputs), params, report)
     extra = result.extra_inputs
     if on_graph is not None:
         on_graph(result.gm, example_inputs + extra, report)
@@ -366,6 +304,90 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             return compiled(*args, *binder.extras(args))
 
     return run
+
+
+def _analyse(gm: fx.GraphModule, config: MHCConfig) -> tuple[fx.GraphModule, Detection, GraphReport, tuple]:
+    """Stage 1: a copy of the graph with activation-checkpoint regions inlined, its residual sites and chains, the
+    graph's report (in ``REPORTS``), and the graph breaks at this graph's start and the previous one's. Adds that
+    are not converted are warned of, or raise under ``strict``."""
+    index = len(REPORTS)
+    break_here = _break_reason(gm)
+    break_before = _LAST_BREAK[0] if _LAST_BREAK else None
+    _LAST_BREAK[:] = [break_here] if break_here else []
+    _register_frame_root()
+    work = _copy_graph_module(gm)
+    left_regions = inline_checkpoints.apply(work)
+    detection = detect(work)
+    detection.unconverted.extend(left_regions)
+    report = GraphReport(graph_index=index, detection=detection, before=gm.print_readable(print_output=False))
+    REPORTS.append(report)
+    for item in detection.unconverted:
+        msg = f"mhc: not converted: {item.node} in {item.module or '<root>'}: {item.reason}"
+        report.warnings.append(msg)
+        if config.strict:
+            raise MHCConversionError(msg + " (strict=True)")
+        warnings.warn(msg, stacklevel=3)
+    for site in detection.sites:
+        log.debug("mhc: graph %d: site %s = %s + %s (%s)", index, site.out.name, site.stream.name,
+                  " + ".join(b.name for b in site.branches), site.kind)
+    return work, detection, report, (break_here, break_before)
+
+
+def _site_parameters(work: fx.GraphModule, detection: Detection, frame_module: nn.Module, breaks: tuple,
+                     config: MHCConfig, example_inputs: list, report: GraphReport,
+                     lazily: bool) -> tuple[nn.Module, str, list[SiteSpec], dict[str, SiteParams]]:
+    """Stage 2: each site's phi / bias / alpha, found on or created as ordinary parameters of the module that owns
+    its residual add (DESIGN.md section 3). Returns the model root, the frame's prefix under it, the sites' specs
+    and their parameters by site path. Warns of modules shared between sites, of graph breaks inside a chain, and
+    of parameters it had to create that an optimizer may have missed."""
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    root, prefix = lift_to_known_root(frame_module)
+    specs, params = [], {}
+    for site in detection.sites:
+        specs.append(SiteSpec(site.owner, site.name, config.n, config.mode, site.width, site.index, config.alpha_init))
+        owner = ".".join(p for p in (prefix, site.owner) if p)
+        module, created = get_or_create_site(
+            root, owner, site.name, n=config.n, mode=config.mode, width=site.width, index=site.index,
+            alpha_init=config.alpha_init, device=device, lazily=lazily,
+        )
+        site.owner = owner
+        if created:
+            report.created.append(site.path)
+        params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
+    report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
+    _warn_shared_modules(detection, root)
+    report.warnings.extend(_check_graph_breaks(detection, work, config, root, *breaks, partial=bool(prefix)))
+    record = record_for(root)
+    record.strict = record.strict or config.strict
+    if report.created and lazily:
+        n_params = 3 * len(report.created)
+        msg = (
+            f"mhc: created {n_params} mHC parameters for {len(report.created)} residual site(s) of "
+            f"{type(root).__name__} at its first compile (e.g. {report.created[0]}). An optimizer built before "
+            "this call does not hold them: call mhc_compile.prepare(model, *example_inputs) before building it."
+        )
+        warnings.warn(msg, stacklevel=3)
+    return root, prefix, specs, params
+
+
+def _lower(work: fx.GraphModule, detection: Detection, config: MHCConfig, impl: str,
+           params: dict[str, SiteParams], report: GraphReport):
+    """Stage 3: the rewrite to n streams on the ops of ``impl``, then the graph passes (fuse, recompute, the
+    scheduler's slot); records the result in the report and publishes it (``dump_dir``, ``verbose``)."""
+    _check_impl_dtypes(impl, detection)
+    report.impl = impl
+    result = rewrite(work, detection, config, impl, params)
+    report.fused = fuse_pass.apply(result.gm, config)
+    report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
+    schedule_pass.apply(result.gm, config)
+    report.after = result.gm.print_readable(print_output=False)
+    report.gm = result.gm
+    _publish(report, config)
+    if config.verbose:
+        print(f"[mhc] graph {report.graph_index}: {len(detection.sites)} site(s) in {len(detection.chains)} "
+              f"chain(s), n={config.n}, mode={config.mode}, kernels={impl}")
+    log.info("mhc: graph %d rewritten: %s", report.graph_index, ", ".join(report.sites))
+    return result
 
 
 def _bind(frame_module: nn.Module, root: nn.Module, prefix: str, specs: list[SiteSpec], example_inputs: list,
