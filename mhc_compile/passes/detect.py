@@ -429,10 +429,21 @@ def _name_site(site: Site, an: _Analysis) -> str:
 def detect(gm: fx.GraphModule) -> Detection:
     """Find every residual chain of ``gm``; never rewrite anything."""
     an = _Analysis(gm)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    unconverted: list[Unconverted] = []
+    sites, claimed = _find_sites(an, gm, unconverted)
+    sites = _drop_forked(sites, unconverted)
+    _name_projection_shortcuts(an, gm, sites, claimed, unconverted)
+    chains = _link_chains(sites, {n: i for i, n in enumerate(gm.graph.nodes)})
+    _name_sites(an, chains)
+    return Detection(chains=chains, unconverted=unconverted)
+
+
+def _find_sites(an: _Analysis, gm: fx.GraphModule,
+                unconverted: list[Unconverted]) -> tuple[list[Site], set[fx.Node]]:
+    """Every residual add of the graph as a site (parallel branches folded in), and the adds the sites claim.
+    In-place residual adds that cannot be converted are named in ``unconverted``."""
     sites: list[Site] = []
     claimed: set[fx.Node] = set()
-    unconverted: list[Unconverted] = []
     for node in gm.graph.nodes:
         if node in claimed:
             continue
@@ -459,18 +470,25 @@ def detect(gm: fx.GraphModule) -> Detection:
         _extend_parallel(an, site)
         claimed.update(site.adds)
         sites.append(site)
+    return sites, claimed
 
-    # A stream feeding two sites would fork the chain: leave both sites out, named.
+
+def _drop_forked(sites: list[Site], unconverted: list[Unconverted]) -> list[Site]:
+    """The sites without those whose stream feeds another site too: that would fork the chain. Both are left out,
+    named."""
     by_stream: dict[fx.Node, list[Site]] = {}
     for s in sites:
         by_stream.setdefault(s.stream, []).append(s)
     forked = [s for group in by_stream.values() if len(group) > 1 for s in group]
     for s in forked:
         unconverted.append(Unconverted(s.out.name, innermost_module(s.out), "its stream feeds more than one residual add"))
-    sites = [s for s in sites if s not in forked]
-    stream_of = {s.stream: s for s in sites}
+    return [s for s in sites if s not in forked]
 
-    # Projection shortcuts (ResNet downsampling blocks): no identity path; named, chain boundary.
+
+def _name_projection_shortcuts(an: _Analysis, gm: fx.GraphModule, sites: list[Site], claimed: set[fx.Node],
+                               unconverted: list[Unconverted]) -> None:
+    """Projection shortcuts (ResNet downsampling blocks) have no identity path: each is named, and is a chain
+    boundary (no site links across it)."""
     regions = [set().union(*(an.between(s.stream, y) for y in s.branches)) for s in sites]
     for node in gm.graph.nodes:
         if node in claimed or not (is_add(node) or is_inplace_add(node)) or len(node.args) < 2:
@@ -483,7 +501,11 @@ def detect(gm: fx.GraphModule) -> Detection:
                 "1x1 conv + BN), not an identity residual; the residual chain ends before this block and a "
                 "new chain starts after it"))
 
-    # Link sites into chains.
+
+def _link_chains(sites: list[Site], order: dict[fx.Node, int]) -> list[Chain]:
+    """The sites as chains, in graph order: site j follows site i when site i's output reaches site j's stream
+    through stream-wise ops only (``_follow_link``)."""
+    stream_of = {s.stream: s for s in sites}
     nxt: dict[int, tuple[Site, list[fx.Node]]] = {}
     has_prev: set[int] = set()
     for s in sites:
@@ -502,8 +524,12 @@ def detect(gm: fx.GraphModule) -> Detection:
             chain.sites.append(follower)
         chain.links.append([])
         chains.append(chain)
+    return chains
 
-    # Owners, names, kinds.
+
+def _name_sites(an: _Analysis, chains: list[Chain]) -> None:
+    """Each site's index in its chain, owner module, kind, and a name unique within its owner (a numbered repeat
+    where one module holds several adds of one kind)."""
     used: dict[str, set[str]] = {}
     for chain in chains:
         for k, site in enumerate(chain.sites):
@@ -518,4 +544,3 @@ def detect(gm: fx.GraphModule) -> Detection:
                 site.repeat = i - 1
             taken.add(name)
             site.name = name
-    return Detection(chains=chains, unconverted=unconverted)
