@@ -140,6 +140,26 @@ def parse_tune(spec: str) -> dict:
     return out
 
 
+class Lines(list):
+    """The results file's lines, written out again at every append (when ``path`` is set): a device call that a
+    hung kernel runs past its time limit still returns the lines before it."""
+
+    def __init__(self, path: str | None, first=()):
+        super().__init__(first)
+        self.path = path
+        self._write()
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        self._write()
+
+    def _write(self) -> None:
+        if self.path:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "w") as f:
+                f.write("\n".join(self) + "\n")
+
+
 NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "dalpha")
 
 
@@ -258,10 +278,11 @@ def main() -> int:
         return 2
     import triton
 
-    lines = [f"# gluon_step_bwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch "
-             f"{torch.__version__}, triton {triton.__version__}\n",
-             "Errors: max |out - reference| / max |reference|, the reference in float64.\n",
-             "| shape | output | three passes | two passes (Gluon) | |", "|---|---|---|---|---|"]
+    path = os.path.join(args.out, "gluon_step_bwd_check.md") if args.out else None
+    lines = Lines(path, [f"# gluon_step_bwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch "
+                         f"{torch.__version__}, triton {triton.__version__}\n",
+                         "Errors: max |out - reference| / max |reference|, the reference in float64.\n",
+                         "| shape | output | three passes | two passes (Gluon) | |", "|---|---|---|---|---|"])
     ok = True
     for shape in CHECKS:
         try:
@@ -272,10 +293,6 @@ def main() -> int:
             print(lines[-1], flush=True)
     if ok and not args.no_times:
         times(TIMES, lines, against=against)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gluon_step_bwd_check.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
     return 0 if ok else 1
 
 

@@ -527,6 +527,18 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     assert "two passes, --against main us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
 
 
+def test_step_bwd_check_writes_its_results_at_every_line(tmp_path):
+    """A hung kernel runs a device call past its limit: the results file must already hold every line before it."""
+    from benchmarks.gluon_step_bwd_check import Lines
+
+    path = tmp_path / "out" / "gluon_step_bwd_check.md"
+    lines = Lines(str(path), ["# header"])
+    assert path.read_text() == "# header\n"
+    lines.append("| 256x4x512 | dx_prev | 1e-3 | 1e-3 | ok |")
+    assert path.read_text().splitlines() == ["# header", "| 256x4x512 | dx_prev | 1e-3 | 1e-3 | ok |"]
+    assert Lines(None, ["x"]) == ["x"]  # no --out: nothing written
+
+
 def _unknown_attributes(source: str) -> list[str]:
     """'line: alias.name' for each name read off an mhc_compile module alias (``from mhc_compile.kernels import
     triton_proj as tproj``, ``import mhc_compile.x as y``) that the module does not have."""
