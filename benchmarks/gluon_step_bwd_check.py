@@ -120,13 +120,15 @@ class Against:
 
 
 def load_against(files: list[str], tunes: list[str]) -> list[Against]:
-    """The --against builds: one --against-tune spec for all of them, or one each (in order)."""
+    """The --against builds: one --against-tune spec for all of them, or one each (in order). A build's label is
+    its file's name, with its spec where it has one (one file may run with two specs)."""
     if len(tunes) not in (0, 1, len(files)):
         raise SystemExit(f"gluon_step_bwd_check: {len(files)} --against files and {len(tunes)} --against-tune specs"
                          " (give none, one for all, or one each)")
     specs = tunes if len(tunes) == len(files) else tunes * len(files) if tunes else [""] * len(files)
     return [Against(load_module(f, f"gluon_step_bwd_against{k}"), parse_tune(spec),
-                    os.path.splitext(os.path.basename(f))[0]) for k, (f, spec) in enumerate(zip(files, specs))]
+                    os.path.splitext(os.path.basename(f))[0] + (f" ({spec})" if spec else ""))
+            for k, (f, spec) in enumerate(zip(files, specs))]
 
 
 def parse_tune(spec: str) -> dict:

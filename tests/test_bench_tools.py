@@ -494,7 +494,8 @@ def test_several_against_builds_each_with_its_own_tune(tmp_path):
         files.append(str(tmp_path / f"{name}.py"))
         (tmp_path / f"{name}.py").write_text(open(gluon_step_bwd.__file__).read())
     builds = load_against(files, ["mix_regs=184", "mix_regs=176"])
-    assert [(b.label, b.tune) for b in builds] == [("main", {"mix_regs": 184}), ("scatter", {"mix_regs": 176})]
+    assert [(b.label, b.tune) for b in builds] == [("main (mix_regs=184)", {"mix_regs": 184}),
+                                                   ("scatter (mix_regs=176)", {"mix_regs": 176})]
     assert builds[0].module is not builds[1].module and builds[0].module is not gluon_step_bwd
     assert [b.tune for b in load_against(files, ["dphi_regs=88"])] == [{"dphi_regs": 88}] * 2
     assert [b.tune for b in load_against(files, [])] == [{}, {}]
@@ -521,10 +522,11 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     lines = []
     assert not gsc.check(9, 2, 32, lines, builds)  # the Gluon kernel cannot run here
     assert "| 9x2x32 | (the Gluon kernel ran) | | | FAIL |" in lines
-    assert any(line.startswith("| 9x2x32 | --against main: bit-equal; its worst error") for line in lines), lines
+    assert any(line.startswith("| 9x2x32 | --against main (mix_regs=184): bit-equal; its worst error")
+               for line in lines), lines
     lines = []
     gsc.times([(9, 2, 32)], lines, rounds=1, against=builds)
-    assert "two passes, --against main us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
+    assert "two passes, --against main (mix_regs=184) us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
 
 
 def test_step_bwd_check_writes_its_results_at_every_line(tmp_path):

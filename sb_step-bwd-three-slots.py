@@ -1,0 +1,480 @@
+"""``step``'s backward in two stream passes instead of three: the second one as a warp-specialized Gluon kernel.
+
+``triton_fused.step_backward`` runs three stream passes (K2 writes X, proj_pre_backward writes G, post_res_backward
+reads it): 8n+5 elements of C a token, 37 at n = 4, against the floor of 4n+5 = 21 (``cost.FUSED``). Two Triton
+designs of one pass failed on the compiler's register layouts (session 13). This module takes the floor's shape:
+
+    pass 1  K2 without its X store: dH_pre = <X, dx_in>, X rebuilt from X_prev and y (reads n+2)
+    coeffs_backward -> dp, dsq
+    pass 2  this kernel: X rebuilt again, G = dp phi^T + 2 dsq X + h_pre dx_in + dX, then dX_prev = H_res^T G,
+            dy = h_post . G, dphi += dp^T X, and per-token partial sums of dH_res = G X_prev^T, dH_post = G y
+            (reads X_prev, y, dx_in, dX; writes dX_prev, dy: 3n+3)
+
+A program owns BC = 32 channels of all n streams and walks its tokens in tiles of BT = 64. A TMA loader warp fills a
+ring of slots (three: ``stages_for``), each the tile's 2n+2 stream boxes
+plus its per-token data (the coefficients in n + 3 groups of four, one tile each: ``pack_coefs``; dp for the G
+dot, dp's bf16 hi / lo halves for the dphi dot). Two mixing warpgroups take the slots in turn:
+G_i = dp phi_i^T is a tf32 wgmma whose accumulator layout every other tile is loaded in (no tile changes layout);
+X_i, rebuilt as the forward rounded it, goes into G and over dX_i's tile, already read; then the dH partials, and
+dX_prev / dy leave by TMA stores from the X_prev / y tiles. A fourth warpgroup keeps dphi^T's n [2 MP, BC]
+accumulators (hi rows, then lo rows) in its registers for all of the program's tokens and adds [dp_hi; dp_lo]^T X_i
+for each tile (bf16 wgmma) once its mixer has stored X_i. The sums over channels of dH_res / dH_post leave as one
+partial a channel block ([C / BC, n^2 + n, T], fp32) that the host sums: 80 bytes a token a block against the pass's
+960, written and read back (17 % over the pass's floor); the per-token data is read by every block of a token tile
+at about the same time (from L2).
+
+Measured on an H200 (session 23, benchmarks/results/session23-2026-12-04-h200.md): correct at six shapes (n = 1, 2,
+4, ragged T, C up to 7168), with dH_res / dH_post 10-85x closer to the float64 reference than the three passes (G
+stays fp32 instead of being rounded to bf16 between passes). Not faster: step's backward took 2567 against 2582 us
+at 32768 x 4096, 4241 against 4538 at 32768 x 7168, 709 against 676 at 8192 x 4096, 1345 against 1400 at 32768 x
+2048 (51-55 % of the 4n+5 floor), and the default path's backward on a saved X is faster than both (2256, 3958, 592,
+1238 us). This pass alone runs at 43-47 % of copy bandwidth: the mixing warpgroups bound it. Nsight Compute puts
+31 % of their stall samples on instruction fetch (two copies of a ~2500-instruction loop body), 21 % issuing, and
+the loader warp waits on free slots 82 % of its time; the mixing does about 2000 instructions a tile a thread
+(20 FMAs an element for X, dX_prev and the dH sums each, bf16 conversions, 20 row sums). Fewer barriers, no loop
+spills, coalesced partials and 2 or 3 slots all landed within 3 %.
+
+Session 28 (benchmarks/results/session28-2026-12-04-h200.md) cut the mixing's instructions: bf16 <-> fp32 in pairs
+(gluon_common), and X_i mixed with j outer while the G dots run, so that each X_prev tile is widened once instead of
+n times (a mixer's loop: 2620 -> 2166 sm_90a instructions). Outputs bit-equal to the j-inner build; 11-16 % faster
+than session 27's kernel in all: 2290 against 2591 us at 32768 x 4096 (58 % of the floor), 3881 against 4326 at
+32768 x 7168, 632 against 722 at 8192 x 4096, 1195 against 1364 at 32768 x 2048. That is faster than the three
+passes at every one of these shapes (2560, 4565, 656, 1339 us), and faster than the default path's folded backward
+at 32768 x 7168 only. Still opt-in: the path it serves, ``fuse=True``, made session 24's training step slower than
+the default path (+14.7 against +12.4 % at d = 4096, ``bench_training.py --variants fusedws``), and no training step
+has run since this change.
+
+Not yet run on a GPU: the mixers' loops over X_prev's streams at run time (one copy of each loop body), against
+session 23's 31 % of the mixers' stall samples on instruction fetch; and the dH partials summed by a reduce-scatter
+across each quad's lanes (``_quad_totals``: three shuffles for four sums where gl.sum's butterflies take eight, and
+one store a lane); and a ring of three slots for the two mixers (a ready barrier a (mixer, slot) pair:
+``ready_parity``), where session 25 had to keep two. A tile's loop is 1175 sm_90a instructions instead of 2166, and a
+tile executes 2036 instead of 2163 (1989 on two slots: the slot arithmetic modulo three and 40 spilled bytes,
+reloaded once a tile, cost the rest). benchmarks/gluon_step_bwd_check.py --against main's module measures it.
+
+GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` turns it on and
+``supported`` says where it runs; elsewhere the three passes run. Gluon does not run under ``TRITON_INTERPRET=1``:
+the CPU tests build it for sm_90a and check the two-pass decomposition (``reference.step_grads``) and the host-side
+packing; benchmarks/gluon_step_bwd_check.py compares it with the reference on an sm_90 GPU and times it beside the
+three passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mhc_compile.kernels import triton_common as tcom
+from mhc_compile.kernels.gluon_common import (AVAILABLE, bf16_to_f32, f32_to_bf16, fence_async_shared, gl, gluon,
+                                              mbarrier, pad_cols, round_bf16, tma, warpgroup_mma, warpgroup_mma_wait,
+                                              desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
+                                              tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
+                                              warps_barrier as _warps_barrier)
+from mhc_compile.kernels.tma import tma_ok
+from mhc_compile.kernels.triton_proj_bwd import split_dp_t
+
+LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel ran
+BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a program, dp's padded width
+
+
+CW = 4  # coefficients a group: n <= 4 of them, a 16-byte row a token (TMA's least)
+
+
+def coef_groups(n: int) -> int:
+    """Groups of the packed per-token coefficients (``pack_coefs``): h_res's n columns, h_post, h_pre, dsq."""
+    return n + 3
+
+
+def smem_bytes(n: int, stages: int) -> int:
+    """A slot: 2n+2 bf16 stream tiles, the tile's packed coefficients, dp (fp32) and its hi / lo rows (bf16); plus
+    phi's n [BC, MP] fp32 tiles, loaded once."""
+    slot = (2 * n + 2) * BT * BC * 2 + coef_groups(n) * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
+    return stages * slot + n * BC * MP * 4
+
+
+def stages_for(n: int, stages: int = 0, mixers: int = 1) -> int | None:
+    """``stages`` slots, or as many as fit (at most 3); None when two do not fit. Any count suits any number of
+    mixers: each (mixer, slot) pair has its own ready barrier (``ready_parity``)."""
+    st = stages or 3
+    while not stages and st > 2 and smem_bytes(n, st) > _SMEM:
+        st -= 1
+    return st if st >= 2 and smem_bytes(n, st) <= _SMEM else None
+
+
+def ready_parity(it: int, stages: int, mixers: int) -> int:
+    """The phase parity that tile ``it``'s mixer waits for on its ready barrier.
+
+    The mixers take the tiles in turn, so on a ring whose slot count is no multiple of theirs a slot's tiles
+    alternate between mixers. On one barrier a slot, a parity wait (which tells only two phases apart) could then
+    pass on the other mixer's tile when loads land out of order (tests/test_ring_protocol.py; a kernel built that
+    way hung on an H200 in session 25), so session 25 kept two slots for two mixers. Here each (mixer, slot) pair
+    has its own barrier: its phases are one mixer's tiles in one slot, lcm(stages, mixers) tiles apart, and the
+    loader cannot fill the slot for that mixer again before the mixer has read it. Three slots with two mixers
+    then fit (session 23 measured two slots 1.4-2.3 % slower than three)."""
+    return (it // math.lcm(stages, mixers)) & 1
+
+
+def supported(x_prev: Tensor, n: int, c: int, *others: Tensor) -> bool:
+    """Whether the kernel can run the call: Gluon, an sm_90 GPU, bf16 streams (``others``: y, dx_in, dX too) that
+    TMA can address (16-byte aligned), n <= 4 (dp's 2n + n^2 coefficients fit MP = 32) and C a multiple of BC (no
+    block crosses a stream)."""
+    return (AVAILABLE and x_prev.is_cuda and torch.cuda.get_device_capability(x_prev.device)[0] == 9
+            and tma_ok(x_prev, *others) and 1 <= n <= 4 and c % BC == 0 and stages_for(n) is not None)
+
+
+def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor) -> Tensor:
+    """fp32 [coef_groups(n) * T, CW]: group g's row of token t at g * T + t, its column i holding
+    h_res[t, i, g] for g < n (h_res's column g: what X_prev_g adds to X_i, and G_i to dX_prev_g), then h_post[t, i]
+    (g = n), h_pre[t, i] (g = n + 1), and dsq[t] in column 0 of g = n + 2; zero padding. A group is a leading
+    index of the kernel's coefficient tiles, so a loop over g runs one copy of its body (shared memory can be
+    indexed at run time along its leading dimension only)."""
+    t, n = h_post.shape
+    out = torch.zeros((coef_groups(n), t, CW), dtype=torch.float32, device=h_post.device)
+    out[:n, :, :n] = h_res.permute(2, 0, 1)
+    out[n, :, :n] = h_post
+    out[n + 1, :, :n] = h_pre
+    out[n + 2, :, 0] = dsq
+    return out.view(-1, CW)
+
+
+if AVAILABLE:
+    @gluon.jit
+    def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs, dps, hls,
+                phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr, BT: gl.constexpr,
+                BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
+                STAGES: gl.constexpr, MIXERS: gl.constexpr):
+        """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
+        boxes and its per-token data."""
+        phi_bytes: gl.constexpr = N * BC * MP * 4
+        mbarrier.expect(phi_ready, phi_bytes)
+        for i in gl.static_range(N):
+            _tma_load(w_desc, [i * C + c0, 0], phi_ready, phis.index(i))
+        nbytes: gl.constexpr = (2 * N + 2) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+            bar = ready.index((it % MIXERS) * STAGES + s)  # the ready barrier of this tile's mixer and slot
+            mbarrier.expect(bar, nbytes)
+            t0 = t_lo + it * BT
+            for j in gl.static_range(N):
+                _tma_load(x_desc, [t0, j * C + c0], bar, xp.index(j * STAGES + s))
+            _tma_load(y_desc, [t0, c0], bar, ys.index(s))
+            _tma_load(g_desc, [t0, c0], bar, gins.index(s))
+            for i in gl.static_range(N):
+                _tma_load(d_desc, [t0, i * C + c0], bar, dxs[i].index(s))
+            for g in gl.static_range(NG):  # rows past T read the next group's tokens (finite) or zeros
+                _tma_load(c_desc, [g * T + t0, 0], bar, coefs.index(s * NG + g))
+            _tma_load(p_desc, [t0, 0], bar, dps.index(s))
+            _tma_load(a_desc, [0, t0], bar, hls.index(s))
+
+    @gluon.jit
+    def _row(coefs, s, g, i: gl.constexpr, NG: gl.constexpr, layout: gl.constexpr):
+        """Coefficient i of group g (``pack_coefs``; g may be a run-time value) of slot s's tokens as a [BT, 1] column
+        in the tiles' layout (broadcast along channels)."""
+        return coefs.index(s * NG + g).slice(i, 1, 1).load(layout)
+
+    @gluon.jit
+    def _by_lane(v):
+        """v [BT, BC] in the wgmma accumulator layout, where a thread holds columns 8k + 2q + e (q: its lane in its
+        quad), viewed as [BT, q, (k, e)]: the reshapes and the permute only relabel registers."""
+        BT: gl.constexpr = v.shape[0]
+        BC: gl.constexpr = v.shape[1]
+        return gl.reshape(gl.permute(gl.reshape(v, [BT, BC // 8, 4, 2]), [0, 2, 1, 3]), [BT, 4, BC // 4])
+
+    @gluon.jit
+    def _lane_sums(v):
+        """Each thread's sum over its own columns of v, [BT, 4] with q along dim 1. One sum along the last dim adds
+        a thread's values in a chain, which LLVM contracts with the products into FMAs."""
+        return gl.sum(_by_lane(v), axis=2)
+
+    # Reduce-scatter across a quad's lanes, one level: a lane whose bit (the last input, 0 or not) is clear keeps
+    # a, one whose bit is set keeps b, each summed with its partner's (lane ^ 1, lane ^ 2); one shuffle serves two
+    # sums. Two levels leave lane q of each quad with value q's quad total: three shuffles and three adds (and six
+    # selects) for four values, where gl.sum's butterfly takes eight of each and leaves every lane every total;
+    # and each lane stores one value instead of four lanes storing the same four.
+    @gluon.jit
+    def _keep_add1(a, b, bit):
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 s, k, r; setp.ne.u32 p, $3, 0; selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; "
+            "shfl.sync.bfly.b32 r, s, 1, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
+            "=r,r,r,r", [a, b, bit], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _keep_add2(a, b, bit):
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 s, k, r; setp.ne.u32 p, $3, 0; selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; "
+            "shfl.sync.bfly.b32 r, s, 2, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
+            "=r,r,r,r", [a, b, bit], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _quad_totals(v0, v1, v2, v3, q):
+        """Four [BT, 4] lane sums (``_lane_sums``) -> lane q of each quad holds v_q's total over the quad."""
+        return _keep_add2(_keep_add1(v0, v1, q & 1), _keep_add1(v2, v3, q & 1), q & 2)
+
+    @gluon.jit
+    def _mixer(o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty, phi_ready, t_lo,
+               c0, n_tiles, T, C, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
+               NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
+               num_warps: gl.constexpr):
+        """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
+
+        A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
+        G_i += h_pre_i dx_in + dX_i, which frees dX_i's tile; X_i, rounded as the forward stored it, is added as
+        2 dsq X_i and stored over dX_i (then ``mixed``: the dphi warpgroup may read them); the dH partials ([C / BC,
+        n^2 + n, T], summed across a quad's lanes by ``_quad_totals``: each lane stores one of four coefficients);
+        dX_prev and dy into the X_prev and y
+        tiles, read for the last time, and out by TMA stores. Every [BT, BC] tile lives in the G dot's accumulator
+        layout: none changes layout.
+
+        The loops over X_prev's streams j run at run time (to NJ = N, a run-time argument, which LLVM does not
+        unroll as it would a loop of a constant count): their bodies are one copy each, not n. Unrolled, the loop over a tile was about 2100 instructions, and two mixers ran two
+        copies of it: Nsight Compute put 31 % of the mixers' stall samples on instruction fetch (session 23). A
+        stream's tile and h_res's column j are indexed by j in shared memory (X_prev's ring is one allocation, the
+        coefficients a group a column of h_res); the loops over i stay unrolled, as the G_i and X_i they carry
+        live in registers."""
+        L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BC, 8])  # the tf32 G dot's (k = 8)
+        R: gl.constexpr = gl.SliceLayout(1, L)
+        NH: gl.constexpr = N * N + N  # dH partials a token: dH_res (i*N + j), then dH_post
+        zero = gl.zeros([BT, BC], gl.float32, L)
+        # a thread's quad lane q and its rows, in the layout of _lane_sums' results (columns 8k + 2q + e)
+        cols = gl.arange(0, BC, gl.SliceLayout(0, L))[None, :] + gl.zeros([BT, BC], gl.int32, L)
+        qlane = gl.max(_by_lane((cols // 2) % 4), axis=2)
+        qrow = gl.max(_by_lane(gl.arange(0, BT, R)[:, None] + gl.zeros([BT, BC], gl.int32, L)), axis=2)
+        qzero = gl.zeros_like(qlane).to(gl.float32)
+        mbarrier.wait(phi_ready, 0)
+        cb = c0 // BC
+        # the slot of this mixer's next tile, and a bit a slot: the parity of its next wait there, flipped at each
+        # of its tiles in that slot, so the count of its earlier tiles there, it // lcm(STAGES, MIXERS), mod 2
+        # (ready_parity); carried from tile to tile rather than divided out (by three) at each
+        s = FIRST % STAGES
+        parities = 0
+        for it in range(FIRST, n_tiles, MIXERS):
+            t0 = t_lo + it * BT
+            mbarrier.wait(ready.index(FIRST * STAGES + s), (parities >> s) & 1)
+            gs = ()
+            for i in gl.static_range(N):  # G_i = dp phi_i^T: fp32 operands, so tf32 (the CUDA default)
+                gs = gs + (warpgroup_mma(dps.index(s), phis.index(i).permute((1, 0)), zero, use_acc=False,
+                                         is_async=True),)
+            # X_i = h_post_i y + sum_j h_res[i, j] X_prev_j, mixed while the G dots run. j outer: each X_prev_j tile
+            # is read and widened once, not n times; every X_i still adds its terms in j order, so the same bits
+            y = bf16_to_f32(ys.index(s).load(L))
+            xs = ()
+            for i in gl.static_range(N):
+                xs = xs + (_row(coefs, s, N, i, NG, L) * y,)
+            for j in range(NJ):
+                xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                nx = ()
+                for i in gl.static_range(N):
+                    nx = nx + (xs[i] + _row(coefs, s, j, i, NG, L) * xj,)
+                xs = nx
+            gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
+            dxin = bf16_to_f32(gins.index(s).load(L))
+            g = ()
+            for i in gl.static_range(N):  # G_i = dot + h_pre dx_in + dX, then + 2 dsq X_i below
+                gi = gs[i] + _row(coefs, s, N + 1, i, NG, L) * dxin
+                gi += bf16_to_f32(dxs[i].index(s).load(L))
+                g = g + (gi,)
+            dsq2 = 2.0 * _row(coefs, s, N + 2, 0, NG, L)
+            gx = ()
+            for i in gl.static_range(N):
+                xo, xf = round_bf16(xs[i])  # X_i as the forward stored it, and as a float
+                gx = gx + (g[i] + dsq2 * xf,)
+                dxs[i].index(s).store(xo)
+            g = gx
+            fence_async_shared()
+            _warps_barrier()  # every warp's X_i stores, before one thread hands them over
+            mbarrier.arrive(mixed.index(s), count=1)
+            # this block's partial sums over its channels, a [NH, T] plane a block. Group j: the sums of G_i X_prev_j
+            # for i = 0 .. N-1 (k = i N + j), summed across a quad by _quad_totals: lane q of a quad stores i = q;
+            # then the group of G_i y (k = N^2 + i)
+            hrow = dh_ptr + cb.to(gl.int64) * NH * T + t0 + qrow
+            qmask = (t0 + qrow < T) & (qlane < N)
+            y = bf16_to_f32(ys.index(s).load(L))
+            v = ()
+            for i in gl.static_range(4):
+                v = v + (_lane_sums(g[i] * y) if i < N else qzero,)
+            gl.store(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), mask=qmask)
+            for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
+                xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                v = ()
+                for i in gl.static_range(4):
+                    v = v + (_lane_sums(g[i] * xj) if i < N else qzero,)
+                gl.store(hrow + (qlane * N + j) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), mask=qmask)
+                dxp = _row(coefs, s, j, 0, NG, L) * g[0]
+                for i in gl.static_range(1, N):
+                    dxp += _row(coefs, s, j, i, NG, L) * g[i]
+                xp.index(j * STAGES + s).store(f32_to_bf16(dxp))
+            dy = _row(coefs, s, N, 0, NG, L) * g[0]
+            for i in gl.static_range(1, N):
+                dy += _row(coefs, s, N, i, NG, L) * g[i]
+            ys.index(s).store(f32_to_bf16(dy))
+            fence_async_shared()
+            _warps_barrier()  # every warp's stores, before one thread issues the TMA stores
+            for j in gl.static_range(N):  # unrolled: a TMA store is few instructions, a loop's overhead more
+                _tma_store(o_desc, [t0, j * C + c0], xp.index(j * STAGES + s))
+            _tma_store(dy_desc, [t0, c0], ys.index(s))
+            tma.store_wait(0)  # the stores have read the slot's tiles
+            mbarrier.arrive(empty.index(s), count=1)
+            parities ^= 1 << s
+            s += MIXERS
+            s = gl.where(s >= STAGES, s - STAGES, s)  # MIXERS <= STAGES: one wrap at most
+
+    @gluon.jit
+    def _dphi(dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N: gl.constexpr, BT: gl.constexpr,
+              BC: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """The dphi warpgroup: for every tile, once its X_i are in the slot, dphi^T += [dp_hi; dp_lo]^T X_i (bf16
+        wgmma); the n [2 MP, BC] accumulators (hi rows, then lo rows) stay in its registers and go to
+        dphi_ptr[part] at the end, the halves summed on the host."""
+        LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, BC, 16])
+        acc = ()
+        for i in gl.static_range(N):
+            acc = acc + (gl.zeros([2 * MP, BC], gl.float32, LD),)
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(mixed.index(s), (it // STAGES) & 1)
+            new = ()
+            for i in gl.static_range(N):
+                new = new + (warpgroup_mma(hls.index(s), dxs[i].index(s), acc[i], is_async=True),)
+            acc = _waited(warpgroup_mma_wait(num_outstanding=0, deps=new), N)
+            mbarrier.arrive(empty.index(s), count=1)
+        prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD)).to(gl.int64)
+        pcols = c0 + gl.arange(0, BC, gl.SliceLayout(0, LD))
+        pbase = dphi_ptr + part.to(gl.int64) * (2 * MP) * (N * C)
+        for i in gl.static_range(N):
+            gl.store(pbase + prow[:, None] * (N * C) + (i * C + pcols)[None, :], acc[i])
+
+    @gluon.jit(do_not_specialize=["T"])
+    def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, o_desc, dy_desc,
+                            dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
+                            MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr,
+                            MIXERS: gl.constexpr,
+                            MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
+        dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
+        dp [T, MP] fp32 in [BT, MP]; a_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; w_desc: phi
+        [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like X_prev / y. Rows past T read as zeros and
+        are not written; T_SPLIT is a multiple of BT. A slot is free once its mixing warpgroup has stored its
+        outputs and the dphi warpgroup has read its X_i (``empty``: two arrivals)."""
+        c0 = gl.program_id(0) * BC
+        part = gl.program_id(1)
+        t_lo = part * T_SPLIT
+        n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
+        # dX's ring: one allocation a stream. The compiler's shared-memory hazard analysis does not tell the slots of
+        # one allocation apart (the slot index is dynamic), and puts a barrier between any two accesses of one
+        # allocation that another thread might overlap; apart, the X_i stores of a tile take one barrier, not four.
+        # X_prev's ring is one allocation, [N * STAGES] tiles (stream j of slot s at j * STAGES + s), as the mixers'
+        # loops over j index it at run time
+        xp = gl.allocate_shared_memory(gl.bfloat16, [N * STAGES, BT, BC], x_desc.layout)  # later dX_prev's
+        dxs = ()  # dX_i's ring, later X_i's
+        for i in gl.static_range(N):
+            dxs = dxs + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout),)
+        ys = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout)
+        gins = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout)
+        coefs = gl.allocate_shared_memory(gl.float32, [STAGES * NG, BT, CW], c_desc.layout)
+        dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
+        hls = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * MP, BT], a_desc.layout)
+        phis = gl.allocate_shared_memory(gl.float32, [N, BC, MP], w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [MIXERS * STAGES, 1], mbarrier.MBarrierLayout())
+        mixed = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        phi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(MIXERS * STAGES):
+            mbarrier.init(ready.index(s), count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(mixed.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)
+        mbarrier.init(phi_ready, count=1)
+        # the first mixing warpgroup is the default partition (it gets the registers the others leave)
+        if MIXERS == 1:
+            gl.warp_specialize([
+                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
+                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, num_warps)),
+                (_dphi, (dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES, 4)),
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs,
+                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, NG,
+                           CW, STAGES, 1)),
+            ], [4, 1], [DPHI_REGS, _LOADER_REGS])
+        else:
+            gl.warp_specialize([
+                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
+                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 2, num_warps)),
+                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
+                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, num_warps)),
+                (_dphi, (dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES, 4)),
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs,
+                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, NG,
+                           CW, STAGES, 2)),
+            ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
+        for s in gl.static_range(MIXERS * STAGES):
+            mbarrier.invalidate(ready.index(s))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(mixed.index(s))
+            mbarrier.invalidate(empty.index(s))
+        mbarrier.invalidate(phi_ready)
+
+
+def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t: int, n: int, c: int) -> tuple:
+    """The kernel's ten TMA descriptors. dp's hi / lo rows are read as [rows, T] though their rows are padded
+    (T16): columns past T then read as zeros, so tokens past T add nothing. The packed coefficients are [NG * T, CW]:
+    a tile's rows past T read the next group's first tokens (finite) or zeros, and their rows are not written."""
+    bf, f32 = gl.bfloat16, gl.float32
+    k = n * c
+    return (desc(x_prev, (t, k), (k, 1), (BT, BC), bf), desc(y, (t, c), (c, 1), (BT, BC), bf),
+            desc(dx_in, (t, c), (c, 1), (BT, BC), bf), desc(dx, (t, k), (k, 1), (BT, BC), bf),
+            desc(coefs, (coefs.shape[0], CW), (CW, 1), (BT, CW), f32),
+            desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
+            desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
+            desc(phi_pad, (k, MP), (MP, 1), (BC, MP), f32),
+            desc(dx_prev, (t, k), (k, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
+
+
+def plan_splits(t: int, c: int, device) -> tuple[int, int]:
+    """(splits, tokens a split, a multiple of BT): channel blocks x splits that keep the SMs' one slot each
+    busiest (``triton_common.least_idle_splits``; a split costs one dphi partial, small beside the stream)."""
+    tiles, blocks = tcom.cdiv(t, BT), c // BC
+    most = max(1, min(tiles, 8 * tcom.num_sms(device) // max(blocks, 1)))
+    splits = tcom.least_idle_splits(blocks, most, tcom.num_sms(device))
+    t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
+    return tcom.cdiv(t, t_split), t_split
+
+
+def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
+               dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
+               mixers: int = 2, mix_regs: int = 176, dphi_regs: int = 96):
+    """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
+    (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
+    buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program)."""
+    global LAUNCHES
+    t, n, c = x_prev.shape
+    m = phi.shape[1]
+    if mixers not in (1, 2):
+        raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
+    st = stages_for(n, stages, mixers)
+    if st is None or c % BC or n > 4:
+        raise ValueError(f"mhc gluon step_grads: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
+                         f"{mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
+    dev = x_prev.device
+    dx_prev = torch.empty_like(x_prev) if out is None else out
+    dy = torch.empty_like(y)
+    coefs = pack_coefs(h_post.float(), h_res.float(), h_pre.float(), dsq.float())
+    dp32 = dp.float()
+    dp_pad = pad_cols(dp32, MP)
+    hl = split_dp_t(dp32, MP)  # [2 MP, T16]: dp^T's hi rows, then its lo rows
+    phi_pad = pad_cols(phi.float(), MP)
+    splits, t_split = plan_splits(t, c, dev)
+    parts = splits
+    dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
+    dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
+    LAUNCHES += 1
+    _step_bwd_ws_kernel[(c // BC, splits)](
+        *descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t, n, c), dphi_t, dh, t, c,
+        t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n), CW=CW, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs,
+        DPHI_REGS=dphi_regs, num_warps=4)
+    dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
+    dh = dh.sum(0)
+    return (dx_prev, dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dy,
+            dphi.to(phi.dtype).contiguous())
