@@ -49,9 +49,9 @@ def prev_proj(x, phi):
     splits = triton.cdiv(k, k_split)
     p = torch.empty((splits, t, m), dtype=torch.float32, device=x.device)
     sq = torch.empty((splits, t), dtype=torch.float32, device=x.device)
-    tproj._proj_fwd_kernel[(blocks, 1, splits)](x, phi, p, sq, t, k, m, bm, k_split, BT=bt, BK=bk, BM=bm,
-                                              ACC=tl.float32, PREC="tf32", HI_LO=False, DOT=tl.float32,
-                                              num_warps=4, num_stages=2)
+    tproj._proj_fwd_kernel[(blocks, 1, splits)](x, phi, p, sq, t, k, m, bm, k_split, 1.0, BT=bt, BK=bk, BM=bm,
+                                                   ACC=tl.float32, PREC="tf32", HI_LO=False, DOT=tl.float32,
+                                                   num_warps=4, num_stages=2)
     return p.sum(0), sq.sum(0)
 
 

@@ -177,13 +177,16 @@ def main_loop(text: str, opcode: str = "HGMMA") -> str:
 
 
 def wgmma_buffer_hazards(ttgir: str) -> list[str]:
-    """Asynchronous wgmmas (``ttng.warp_group_dot`` with isAsync) whose shared-memory operand is a one-slot buffer
-    that a load (TMA or cp.async) writes while the wgmma may still read it: before a ``warp_group_dot_wait`` with
-    pendings = 0, scanning the enclosing ``scf.for`` body from the dot on and around its back edge. Each hazard as
-    'line L: ... line M'. One-slot buffers only: the slots of a multi-buffered ring are told apart by index
-    arithmetic that this does not follow (the pipeliner keeps a dot's slot and its next load's slot apart). Found
-    in session 24: proj's one-pass backward, whose X tile is the dphi wgmma's operand and the next tile's load
-    destination (kernels/triton_proj_bwd.py)."""
+    """Asynchronous wgmmas (``ttng.warp_group_dot`` with isAsync) whose shared-memory operand is a buffer too short
+    for its ring, which a load (TMA or cp.async) writes while the wgmma may still read it: before a
+    ``warp_group_dot_wait`` with pendings = 0, scanning the enclosing ``scf.for`` body from the dot on and around its
+    back edge. Each hazard as 'line L: ... line M'. A buffer is too short when it has one slot, or no more slots
+    than the loads into it before the loop (its prefetch distance): the load in the loop then goes into the slot
+    of the tile that the last, unwaited wgmma reads. Slots beyond that are told apart by index arithmetic that this
+    does not follow. Found in session 24: proj's one-pass backward, whose X tile is the dphi wgmma's operand and
+    the next tile's load destination (kernels/triton_proj_bwd.py); in session 30: proj's forward, whose X tile
+    also feeds sq through registers, which Triton 3.6's pipeliner gives one slot too few (triton-lang/triton
+    #6691 / #7110)."""
     lines = ttgir.splitlines()
     slots, base = {}, {}  # alloc -> its leading (slot) dimension; memdesc view -> the alloc it indexes
     for line in lines:
@@ -195,15 +198,23 @@ def wgmma_buffer_hazards(ttgir: str) -> list[str]:
     def indent(line):
         return len(line) - len(line.lstrip())
 
+    def loads_into(line):
+        if "async_tma_copy_global_to_local" not in line and "async_copy_global_to_local" not in line:
+            return set()
+        return {base.get(v, v) for v in re.findall(r"%[\w.]+", line.split("=", 1)[-1])}
+
     hazards = []
     for i, line in enumerate(lines):
         if "ttng.warp_group_dot " not in line or "isAsync = true" not in line:
             continue
         operands = re.findall(r"%[\w.]+", line.split("=", 1)[1].split(":", 1)[0])[:2]
-        single = {base.get(v, v) for v in operands} & {a for a, s in slots.items() if s == 1}
         head = next((j for j in range(i - 1, -1, -1) if "scf.for" in lines[j] and indent(lines[j]) < indent(line)),
                     None)
-        if not single or head is None:
+        if head is None:
+            continue
+        ahead = {a: sum(a in loads_into(lines[j]) for j in range(head)) for a in slots}  # prologue loads
+        single = {base.get(v, v) for v in operands} & {a for a, s in slots.items() if s == 1 or s <= ahead[a]}
+        if not single:
             continue
         end = next(j for j in range(head + 1, len(lines)) if indent(lines[j]) <= indent(lines[head]))
         for j in list(range(i + 1, end)) + list(range(head + 1, i)):
@@ -212,7 +223,7 @@ def wgmma_buffer_hazards(ttgir: str) -> list[str]:
             if "async_tma_copy_global_to_local" in lines[j] or "async_copy_global_to_local" in lines[j]:
                 written = {base.get(v, v) for v in re.findall(r"%[\w.]+", lines[j].split("=", 1)[-1])}
                 if single & written:
-                    hazards.append(f"line {i + 1}: an async wgmma reads {sorted(single & written)} (one slot); "
+                    hazards.append(f"line {i + 1}: an async wgmma reads {sorted(single & written)} (too few slots); "
                                    f"line {j + 1} loads into it before the wgmma is waited on")
                     break
     return hazards

@@ -439,6 +439,14 @@ def test_wgmma_buffer_hazards_finds_a_one_slot_operand_loaded_over():
     # a load into a two-slot ring is the pipeliner's to keep apart: not reported
     ring = _TTGIR.replace("%x_ptr[%t, %k] %xt_0", "%a_ptr[%t, %k] %at_1").replace("      WAIT\n", "")
     assert sm90_build.wgmma_buffer_hazards(ring) == []
+    # ... unless the ring has no more slots than loads issued ahead into it before the loop (session 30: proj's
+    # forward X tile, two slots two tiles ahead, which Triton 3.6 gives a load that also feeds registers)
+    ahead = "    %p0 = ttg.async_copy_global_to_local %ptrs, %at_0 : tensor<64x64x!tt.ptr<bf16>> -> <64x64xbf16>\n"
+    short = ring.replace("    %r:2 = scf.for", ahead + "    %at_0 = ttg.memdesc_index %at[%c0_i32] : !ttg.memdesc<2x64x64xbf16> "
+                         "-> !ttg.memdesc<64x64xbf16>\n" + ahead.replace("%p0", "%p1") + "    %r:2 = scf.for")
+    found = sm90_build.wgmma_buffer_hazards(short)
+    assert len(found) == 1 and "['%at'] (too few slots)" in found[0], found
+    assert sm90_build.wgmma_buffer_hazards(short.replace("<2x64x64xbf16", "<3x64x64xbf16")) == []
 
 
 def test_wgmma_kernels_wait_before_loading_over_their_operands():

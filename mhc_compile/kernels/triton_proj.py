@@ -23,7 +23,7 @@ from mhc_compile.kernels.triton_config import DotCfg, cfg_of
 # the forward: p = vec(x) @ phi, sq = |vec(x)|^2, one pass over x on tensor cores
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T"])
-def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: tl.constexpr, BK: tl.constexpr,
+def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, ONE, BT: tl.constexpr, BK: tl.constexpr,
                      BM: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr,
                      DOT: tl.constexpr, JOIN: tl.constexpr = False):
     """Program (token block, column block, K split): [BT, BM] partial of p and [BT] partial of sq.
@@ -83,6 +83,13 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, BT: 
                          mask=kmask[:, None] & cmask[None, :], other=0.0).to(ACC)
             acc = tl.dot(xf, ph, acc, input_precision=PREC)
         sq8 += tl.sum(tl.reshape(xf * xf, (BT, BK // 8, 8)), axis=2)
+        # The X tile feeds the asynchronous dots and, through registers, sq. Triton 3.6's pipeliner gives such a load
+        # one shared-memory slot fewer than its prefetch needs (triton-lang/triton #6691 / #7110): the cp.async of
+        # the tile two steps on lands in the slot the last step's wgmma may still be reading. On an H200 that gave p
+        # wrong by 30-50 % at n = 11 and 16 (session 30; at n <= 4 the shorter dots finished first). Reading acc
+        # here makes each step wait for its dots before the next load is issued. ONE is 1.0 at run time (a
+        # constant would fold away, and the wait with it).
+        acc = acc * ONE
     sq = tl.sum(sq8, axis=1)
     if JOIN:
         acc = tl.sum(tl.reshape(acc, (BT, 2, BM)), axis=1)
@@ -130,7 +137,7 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     grid = (cdiv(t, bt), mblocks, splits)
     meta = dict(BT=bt, BK=cfg.bk, BM=bm, ACC=acc_tl(acc), PREC=dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=half_dot_dtype(), JOIN=join)
-    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split), meta,
+    launch(_proj_fwd_kernel, grid, (x, w, p, sq, t, k, m, mblocks * bm, k_split, 1.0), meta,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return p[0], sq[0]
