@@ -141,6 +141,12 @@ def loops(text: str) -> list[str]:
     return found
 
 
+def innermost_loops(text: str) -> list[str]:
+    """The loops (``loops``) that hold no other loop."""
+    found = loops(text)
+    return [body for body in found if not any(other != body and other in body for other in found)]
+
+
 def biggest_loop(text: str) -> str:
     """The loop (``loops``) of the most instructions: a warp-specialized kernel's busiest partition's (the Gluon
     kernels' mixing warpgroups), whose loop a tile sets the pace."""

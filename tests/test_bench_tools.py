@@ -358,6 +358,23 @@ def test_loops_skip_the_jump_back_from_an_out_of_line_wait():
     assert sm90_build.ws_loop_counts(text, ("LDL",)) == {"LDL": 1, "total": 5, "STL": 1}
 
 
+def test_innermost_loops_are_the_loops_that_hold_no_other():
+    """A tile loop that runs an inner loop over j: the inner one is innermost, the tile loop is not."""
+    from benchmarks import sm90_build
+
+    text = """
+        /*0000*/                   LDL R5, [R1] ;
+        /*0010*/                   FFMA R1, R2, R3, R4 ;
+        /*0020*/               @P1 BRA 0x10 ;
+        /*0030*/                   STG.E [R2], R1 ;
+        /*0040*/               @P2 BRA 0x0 ;
+    """
+    bodies = sm90_build.loops(text)
+    assert [sm90_build.opcode_counts(b, ())["total"] for b in bodies] == [2, 5]
+    inner = sm90_build.innermost_loops(text)
+    assert [sm90_build.opcode_counts(b, ("LDL", "FFMA")) for b in inner] == [{"LDL": 0, "FFMA": 1, "total": 2}]
+
+
 def test_ncu_case_launches_the_named_row_with_the_tile_it_is_given(monkeypatch):
     """ncu_case.py runs a bench_kernels row on the tile --cfg names (seen by the kernel wrapper), and a row
     that does not exist is an argparse error naming the rows there are."""

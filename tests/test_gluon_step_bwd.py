@@ -59,26 +59,36 @@ def test_pass_one_without_its_x_store_gives_the_same_dh_pre(dtype):
     assert none is None and x is not None and torch.equal(dh_only, dh)  # K2's X: test_triton_fused.py
 
 
-def test_pack_coefs_puts_each_coefficient_in_its_column():
+def test_pack_coefs_puts_each_coefficient_in_its_group_and_column():
+    """The kernel reads coefficient i of group g at row g * T + t: h_res[:, i, g] for g < n (what X_prev_g adds to
+    X_i, and G_i to dX_prev_g), then h_post, h_pre and dsq (column 0)."""
     t, n = 5, 3
     g = torch.Generator().manual_seed(0)
     h_post, h_res = torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g)
     h_pre, dsq = torch.randn(t, n, generator=g), torch.randn(t, generator=g)
     packed = gs.pack_coefs(h_post, h_res, h_pre, dsq)
-    assert packed.shape == (t, gs.coef_width(n)) == (t, 16) and packed.dtype == torch.float32
+    assert packed.shape == (gs.coef_groups(n) * t, gs.CW) == (6 * t, 4) and packed.dtype == torch.float32
+    group = packed.view(gs.coef_groups(n), t, gs.CW)
     for i in range(n):
-        assert torch.equal(packed[:, i], h_post[:, i])
-        assert torch.equal(packed[:, n + n * n + i], h_pre[:, i])
         for j in range(n):
-            assert torch.equal(packed[:, n + i * n + j], h_res[:, i, j])
-    assert torch.equal(packed[:, 2 * n + n * n], dsq)
-    assert not packed[:, 2 * n + n * n + 1:].any()
-    assert gs.coef_width(4) == 32 and gs.coef_width(1) == 8  # 128- and 32-byte rows: TMA needs 16-byte multiples
+            assert torch.equal(group[j, :, i], h_res[:, i, j])
+        assert torch.equal(group[n, :, i], h_post[:, i])
+        assert torch.equal(group[n + 1, :, i], h_pre[:, i])
+    assert torch.equal(group[n + 2, :, 0], dsq)
+    assert not group[:n + 2, :, n:].any() and not group[n + 2, :, 1:].any()
+    # X_i = h_post_i y + sum_j h_res[i, j] X_prev_j and dX_prev_j = sum_i h_res[i, j] G_i, read as the kernel does
+    x_prev, y, gg = torch.randn(t, n, 7, generator=g), torch.randn(t, 7, generator=g), torch.randn(t, n, 7, generator=g)
+    x = torch.stack([group[n, :, i, None] * y + sum(group[j, :, i, None] * x_prev[:, j] for j in range(n))
+                     for i in range(n)], 1)
+    torch.testing.assert_close(x, ref.post_res(x_prev, h_res, h_post, y))
+    dx_prev = torch.stack([sum(group[j, :, i, None] * gg[:, i] for i in range(n)) for j in range(n)], 1)
+    torch.testing.assert_close(dx_prev, torch.einsum("tij,tic->tjc", h_res, gg))
 
 
 def test_slots_fit_shared_memory():
-    # n = 4: a slot is 10 stream tiles (40 KB) + coefficients, dp, dp's hi / lo (24 KB); phi 16 KB once
-    assert gs.smem_bytes(4, 3) == 3 * (10 * 4096 + 8192 + 8192 + 8192) + 16384 <= gs._SMEM
+    # n = 4: a slot is 10 stream tiles (40 KB) + coefficients (7 groups of 16-byte rows), dp, dp's hi / lo (23 KB);
+    # phi 16 KB once
+    assert gs.smem_bytes(4, 3) == 3 * (10 * 4096 + 7 * 1024 + 8192 + 8192) + 16384 <= gs._SMEM
     assert gs.stages_for(4) == 3 and gs.stages_for(1) == 3
     assert gs.stages_for(4, mixers=2) == 2  # mixers taking tiles in turn: an even ring (tests/test_ring_protocol.py)
     assert gs.stages_for(4, stages=4) is None  # four slots do not fit

@@ -12,8 +12,8 @@ designs of one pass failed on the compiler's register layouts (session 13). This
 
 A program owns BC = 32 channels of all n streams and walks its tokens in tiles of BT = 64. A TMA loader warp fills a
 ring of slots (three with one mixing warpgroup, two with two: ``stages_for``), each the tile's 2n+2 stream boxes
-plus its per-token data (the coefficients packed a token a row, dp for the G dot, dp's bf16 hi / lo halves for the
-dphi dot). Two mixing warpgroups take the slots in turn:
+plus its per-token data (the coefficients in n + 3 groups of four, one tile each: ``pack_coefs``; dp for the G
+dot, dp's bf16 hi / lo halves for the dphi dot). Two mixing warpgroups take the slots in turn:
 G_i = dp phi_i^T is a tf32 wgmma whose accumulator layout every other tile is loaded in (no tile changes layout);
 X_i, rebuilt as the forward rounded it, goes into G and over dX_i's tile, already read; then the dH partials, and
 dX_prev / dy leave by TMA stores from the X_prev / y tiles. A fourth warpgroup keeps dphi^T's n [2 MP, BC]
@@ -44,6 +44,18 @@ at 32768 x 7168 only. Still opt-in: the path it serves, ``fuse=True``, made sess
 the default path (+14.7 against +12.4 % at d = 4096, ``bench_training.py --variants fusedws``), and no training step
 has run since this change.
 
+Session 30 (benchmarks/results/session30-2026-12-05-h200.md): the mixers' loops over X_prev's streams run at run
+time (one copy of each loop body, against session 23's 31 % of the mixers' stall samples on instruction fetch), the
+dH partials are summed by a reduce-scatter across each quad's lanes (``_quad_totals``: three shuffles for four sums
+where gl.sum's butterflies take eight, and one store a lane), and one mixing warpgroup runs by default. A tile's
+loop is 1147 sm_90a instructions instead of 2109 (one mixer). On an H200, interleaved with session 28's kernel
+(two mixers, 2278-2280 us) and the default path's folded backward on a saved X (2187-2193 us): 2046-2054 us at
+32768 x 4096 (65 % of the 4n+5 floor), 3571-3582 against 3827-3830 and 3901-3909 at 32768 x 7168, 565-568 against
+633-634 and 563-564 at 8192 x 4096, 1071-1074 against 1197 and 1159-1161 at 32768 x 2048. With the new loops, one
+mixer beat two by 5-7 % (call 1); with the unrolled loops two had beaten one by 16-20 % (session 23). Each change
+alone (call 1): the loops were 0-3 % slower than session 28's kernel, the reduce-scatter 4 % faster. Every check
+shape passes against float64, dH_res / dH_post to about 1e-4 (the three passes: 1.5-1.8e-3).
+
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` turns it on and
 ``supported`` says where it runs; elsewhere the three passes run. Gluon does not run under ``TRITON_INTERPRET=1``:
 the CPU tests build it for sm_90a and check the two-pass decomposition (``reference.step_grads``) and the host-side
@@ -69,16 +81,18 @@ LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel 
 BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a program, dp's padded width
 
 
-def coef_width(n: int) -> int:
-    """Columns of the packed per-token coefficients: h_post (n), h_res (n^2, i*n + j), h_pre (n), dsq (1), padded
-    to a multiple of 8 (rows of 32-byte multiples, as TMA wants)."""
-    return -(-(n * n + 2 * n + 1) // 8) * 8
+CW = 4  # coefficients a group: n <= 4 of them, a 16-byte row a token (TMA's least)
+
+
+def coef_groups(n: int) -> int:
+    """Groups of the packed per-token coefficients (``pack_coefs``): h_res's n columns, h_post, h_pre, dsq."""
+    return n + 3
 
 
 def smem_bytes(n: int, stages: int) -> int:
     """A slot: 2n+2 bf16 stream tiles, the tile's packed coefficients, dp (fp32) and its hi / lo rows (bf16); plus
     phi's n [BC, MP] fp32 tiles, loaded once."""
-    slot = (2 * n + 2) * BT * BC * 2 + coef_width(n) * BT * 4 + BT * MP * 4 + 2 * MP * BT * 2
+    slot = (2 * n + 2) * BT * BC * 2 + coef_groups(n) * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
     return stages * slot + n * BC * MP * 4
 
 
@@ -109,29 +123,33 @@ def supported(x_prev: Tensor, n: int, c: int, *others: Tensor) -> bool:
 
 
 def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor) -> Tensor:
-    """fp32 [T, coef_width(n)], a token a row: columns h_post[:, i] at i, h_res[:, i, j] at n + i*n + j,
-    h_pre[:, i] at n + n^2 + i, dsq at 2n + n^2; zero padding after."""
+    """fp32 [coef_groups(n) * T, CW]: group g's row of token t at g * T + t, its column i holding
+    h_res[t, i, g] for g < n (h_res's column g: what X_prev_g adds to X_i, and G_i to dX_prev_g), then h_post[t, i]
+    (g = n), h_pre[t, i] (g = n + 1), and dsq[t] in column 0 of g = n + 2; zero padding. A group is a leading
+    index of the kernel's coefficient tiles, so a loop over g runs one copy of its body (shared memory can be
+    indexed at run time along its leading dimension only)."""
     t, n = h_post.shape
-    out = torch.zeros((t, coef_width(n)), dtype=torch.float32, device=h_post.device)
-    out[:, :n] = h_post
-    out[:, n:n + n * n] = h_res.reshape(t, n * n)
-    out[:, n + n * n:2 * n + n * n] = h_pre
-    out[:, 2 * n + n * n] = dsq
-    return out
+    out = torch.zeros((coef_groups(n), t, CW), dtype=torch.float32, device=h_post.device)
+    out[:n, :, :n] = h_res.permute(2, 0, 1)
+    out[n, :, :n] = h_post
+    out[n + 1, :, :n] = h_pre
+    out[n + 2, :, 0] = dsq
+    return out.view(-1, CW)
 
 
 if AVAILABLE:
     @gluon.jit
-    def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xps, ys, gins, dxs, coefs, dps, hls,
-                phis, ready, empty, phi_ready, t_lo, c0, n_tiles, C, N: gl.constexpr, BT: gl.constexpr,
-                BC: gl.constexpr, MP: gl.constexpr, CP: gl.constexpr, STAGES: gl.constexpr):
+    def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs, dps, hls,
+                phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr, BT: gl.constexpr,
+                BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
+                STAGES: gl.constexpr):
         """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
         boxes and its per-token data."""
         phi_bytes: gl.constexpr = N * BC * MP * 4
         mbarrier.expect(phi_ready, phi_bytes)
         for i in gl.static_range(N):
             _tma_load(w_desc, [i * C + c0, 0], phi_ready, phis.index(i))
-        nbytes: gl.constexpr = (2 * N + 2) * BT * BC * 2 + CP * BT * 4 + BT * MP * 4 + 2 * MP * BT * 2
+        nbytes: gl.constexpr = (2 * N + 2) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
         for it in range(n_tiles):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
@@ -139,37 +157,91 @@ if AVAILABLE:
             mbarrier.expect(bar, nbytes)
             t0 = t_lo + it * BT
             for j in gl.static_range(N):
-                _tma_load(x_desc, [t0, j * C + c0], bar, xps[j].index(s))
+                _tma_load(x_desc, [t0, j * C + c0], bar, xp.index(j * STAGES + s))
             _tma_load(y_desc, [t0, c0], bar, ys.index(s))
             _tma_load(g_desc, [t0, c0], bar, gins.index(s))
             for i in gl.static_range(N):
                 _tma_load(d_desc, [t0, i * C + c0], bar, dxs[i].index(s))
-            _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
+            for g in gl.static_range(NG):  # rows past T read the next group's tokens (finite) or zeros
+                _tma_load(c_desc, [g * T + t0, 0], bar, coefs.index(s * NG + g))
             _tma_load(p_desc, [t0, 0], bar, dps.index(s))
             _tma_load(a_desc, [0, t0], bar, hls.index(s))
 
     @gluon.jit
-    def _row(coefs, s, k: gl.constexpr, layout: gl.constexpr):
-        """Coefficient k of slot s's tokens as a [BT, 1] column in the tiles' layout (broadcast along channels)."""
-        return coefs.index(s).slice(k, 1, 1).load(layout)
+    def _row(coefs, s, g, i: gl.constexpr, NG: gl.constexpr, layout: gl.constexpr):
+        """Coefficient i of group g (``pack_coefs``; g may be a run-time value) of slot s's tokens as a [BT, 1] column
+        in the tiles' layout (broadcast along channels)."""
+        return coefs.index(s * NG + g).slice(i, 1, 1).load(layout)
 
     @gluon.jit
-    def _mixer(o_desc, dy_desc, dh_ptr, xps, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty, phi_ready, t_lo,
-               c0, n_tiles, T, C, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
-               STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr, num_warps: gl.constexpr):
+    def _by_lane(v):
+        """v [BT, BC] in the wgmma accumulator layout, where a thread holds columns 8k + 2q + e (q: its lane in its
+        quad), viewed as [BT, q, (k, e)]: the reshapes and the permute only relabel registers."""
+        BT: gl.constexpr = v.shape[0]
+        BC: gl.constexpr = v.shape[1]
+        return gl.reshape(gl.permute(gl.reshape(v, [BT, BC // 8, 4, 2]), [0, 2, 1, 3]), [BT, 4, BC // 4])
+
+    @gluon.jit
+    def _lane_sums(v):
+        """Each thread's sum over its own columns of v, [BT, 4] with q along dim 1. One sum along the last dim adds
+        a thread's values in a chain, which LLVM contracts with the products into FMAs."""
+        return gl.sum(_by_lane(v), axis=2)
+
+    # Reduce-scatter across a quad's lanes, one level: a lane whose bit (the last input, 0 or not) is clear keeps
+    # a, one whose bit is set keeps b, each summed with its partner's (lane ^ 1, lane ^ 2); one shuffle serves two
+    # sums. Two levels leave lane q of each quad with value q's quad total: three shuffles and three adds (and six
+    # selects) for four values, where gl.sum's butterfly takes eight of each and leaves every lane every total;
+    # and each lane stores one value instead of four lanes storing the same four.
+    @gluon.jit
+    def _keep_add1(a, b, bit):
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 s, k, r; setp.ne.u32 p, $3, 0; selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; "
+            "shfl.sync.bfly.b32 r, s, 1, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
+            "=r,r,r,r", [a, b, bit], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _keep_add2(a, b, bit):
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 s, k, r; setp.ne.u32 p, $3, 0; selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; "
+            "shfl.sync.bfly.b32 r, s, 2, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
+            "=r,r,r,r", [a, b, bit], dtype=gl.float32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _quad_totals(v0, v1, v2, v3, q):
+        """Four [BT, 4] lane sums (``_lane_sums``) -> lane q of each quad holds v_q's total over the quad."""
+        return _keep_add2(_keep_add1(v0, v1, q & 1), _keep_add1(v2, v3, q & 1), q & 2)
+
+    @gluon.jit
+    def _mixer(o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty, phi_ready, t_lo,
+               c0, n_tiles, T, C, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
+               NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
+               num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
         G_i += h_pre_i dx_in + dX_i, which frees dX_i's tile; X_i, rounded as the forward stored it, is added as
         2 dsq X_i and stored over dX_i (then ``mixed``: the dphi warpgroup may read them); the dH partials ([C / BC,
-        n^2 + n, T]: a store writes one coefficient of BT adjacent tokens); dX_prev and dy into the X_prev and y
+        n^2 + n, T], summed across a quad's lanes by ``_quad_totals``: each lane stores one of four coefficients);
+        dX_prev and dy into the X_prev and y
         tiles, read for the last time, and out by TMA stores. Every [BT, BC] tile lives in the G dot's accumulator
-        layout: none changes layout."""
+        layout: none changes layout.
+
+        The loops over X_prev's streams j run at run time (to NJ = N, a run-time argument, which LLVM does not
+        unroll as it would a loop of a constant count): their bodies are one copy each, not n. Unrolled, the loop over a tile was about 2100 instructions, and two mixers ran two
+        copies of it: Nsight Compute put 31 % of the mixers' stall samples on instruction fetch (session 23). A
+        stream's tile and h_res's column j are indexed by j in shared memory (X_prev's ring is one allocation, the
+        coefficients a group a column of h_res); the loops over i stay unrolled, as the G_i and X_i they carry
+        live in registers."""
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BC, 8])  # the tf32 G dot's (k = 8)
         R: gl.constexpr = gl.SliceLayout(1, L)
         NH: gl.constexpr = N * N + N  # dH partials a token: dH_res (i*N + j), then dH_post
         zero = gl.zeros([BT, BC], gl.float32, L)
+        # a thread's quad lane q and its rows, in the layout of _lane_sums' results (columns 8k + 2q + e)
+        cols = gl.arange(0, BC, gl.SliceLayout(0, L))[None, :] + gl.zeros([BT, BC], gl.int32, L)
+        qlane = gl.max(_by_lane((cols // 2) % 4), axis=2)
+        qrow = gl.max(_by_lane(gl.arange(0, BT, R)[:, None] + gl.zeros([BT, BC], gl.int32, L)), axis=2)
+        qzero = gl.zeros_like(qlane).to(gl.float32)
         mbarrier.wait(phi_ready, 0)
         cb = c0 // BC
         for it in range(FIRST, n_tiles, MIXERS):
@@ -185,21 +257,21 @@ if AVAILABLE:
             y = bf16_to_f32(ys.index(s).load(L))
             xs = ()
             for i in gl.static_range(N):
-                xs = xs + (_row(coefs, s, i, L) * y,)
-            for j in gl.static_range(N):
-                xj = bf16_to_f32(xps[j].index(s).load(L))
+                xs = xs + (_row(coefs, s, N, i, NG, L) * y,)
+            for j in range(NJ):
+                xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
                 nx = ()
                 for i in gl.static_range(N):
-                    nx = nx + (xs[i] + _row(coefs, s, N + i * N + j, L) * xj,)
+                    nx = nx + (xs[i] + _row(coefs, s, j, i, NG, L) * xj,)
                 xs = nx
             gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
             dxin = bf16_to_f32(gins.index(s).load(L))
             g = ()
             for i in gl.static_range(N):  # G_i = dot + h_pre dx_in + dX, then + 2 dsq X_i below
-                gi = gs[i] + _row(coefs, s, N + N * N + i, L) * dxin
+                gi = gs[i] + _row(coefs, s, N + 1, i, NG, L) * dxin
                 gi += bf16_to_f32(dxs[i].index(s).load(L))
                 g = g + (gi,)
-            dsq2 = 2.0 * _row(coefs, s, 2 * N + N * N, L)
+            dsq2 = 2.0 * _row(coefs, s, N + 2, 0, NG, L)
             gx = ()
             for i in gl.static_range(N):
                 xo, xf = round_bf16(xs[i])  # X_i as the forward stored it, and as a float
@@ -209,31 +281,34 @@ if AVAILABLE:
             fence_async_shared()
             _warps_barrier()  # every warp's X_i stores, before one thread hands them over
             mbarrier.arrive(mixed.index(s), count=1)
-            rows = t0 + gl.arange(0, BT, R)
-            rmask = rows < T
-            # this block's partial sums over its channels, a [NH, T] plane a block: a store is one k, BT tokens
-            hrow = dh_ptr + cb.to(gl.int64) * NH * T + rows
-            for j in gl.static_range(N):
-                # .to(), not bf16_to_f32: the helper here spilled 8 bytes in Triton 3.9's one-mixer build
-                xj = xps[j].index(s).load(L).to(gl.float32)
-                for i in gl.static_range(N):
-                    gl.store(hrow + (i * N + j) * T, gl.sum(g[i] * xj, axis=1), mask=rmask)
+            # this block's partial sums over its channels, a [NH, T] plane a block. Group j: the sums of G_i X_prev_j
+            # for i = 0 .. N-1 (k = i N + j), summed across a quad by _quad_totals: lane q of a quad stores i = q;
+            # then the group of G_i y (k = N^2 + i)
+            hrow = dh_ptr + cb.to(gl.int64) * NH * T + t0 + qrow
+            qmask = (t0 + qrow < T) & (qlane < N)
             y = bf16_to_f32(ys.index(s).load(L))
-            for i in gl.static_range(N):
-                gl.store(hrow + (N * N + i) * T, gl.sum(g[i] * y, axis=1), mask=rmask)
-            for j in gl.static_range(N):  # dX_prev_j = sum_i h_res[i, j] G_i
-                dxp = _row(coefs, s, N + j, L) * g[0]
+            v = ()
+            for i in gl.static_range(4):
+                v = v + (_lane_sums(g[i] * y) if i < N else qzero,)
+            gl.store(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), mask=qmask)
+            for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
+                xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                v = ()
+                for i in gl.static_range(4):
+                    v = v + (_lane_sums(g[i] * xj) if i < N else qzero,)
+                gl.store(hrow + (qlane * N + j) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), mask=qmask)
+                dxp = _row(coefs, s, j, 0, NG, L) * g[0]
                 for i in gl.static_range(1, N):
-                    dxp += _row(coefs, s, N + i * N + j, L) * g[i]
-                xps[j].index(s).store(f32_to_bf16(dxp))
-            dy = _row(coefs, s, 0, L) * g[0]
+                    dxp += _row(coefs, s, j, i, NG, L) * g[i]
+                xp.index(j * STAGES + s).store(f32_to_bf16(dxp))
+            dy = _row(coefs, s, N, 0, NG, L) * g[0]
             for i in gl.static_range(1, N):
-                dy += _row(coefs, s, i, L) * g[i]
+                dy += _row(coefs, s, N, i, NG, L) * g[i]
             ys.index(s).store(f32_to_bf16(dy))
             fence_async_shared()
             _warps_barrier()  # every warp's stores, before one thread issues the TMA stores
-            for j in gl.static_range(N):
-                _tma_store(o_desc, [t0, j * C + c0], xps[j].index(s))
+            for j in gl.static_range(N):  # unrolled: a TMA store is few instructions, a loop's overhead more
+                _tma_store(o_desc, [t0, j * C + c0], xp.index(j * STAGES + s))
             _tma_store(dy_desc, [t0, c0], ys.index(s))
             tma.store_wait(0)  # the stores have read the slot's tiles
             mbarrier.arrive(empty.index(s), count=1)
@@ -265,11 +340,12 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["T"])
     def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, o_desc, dy_desc,
-                            dphi_ptr, dh_ptr, T, C, T_SPLIT, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
-                            MP: gl.constexpr, CP: gl.constexpr, STAGES: gl.constexpr, MIXERS: gl.constexpr,
+                            dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
+                            MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr,
+                            MIXERS: gl.constexpr,
                             MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
-        dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [T, CP] in [BT, CP] boxes; p_desc:
+        dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; a_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; w_desc: phi
         [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like X_prev / y. Rows past T read as zeros and
         are not written; T_SPLIT is a multiple of BT. A slot is free once its mixing warpgroup has stored its
@@ -278,17 +354,18 @@ if AVAILABLE:
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
         n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
-        # one allocation a role and stream: the compiler's shared-memory hazard analysis does not tell the slots of
+        # dX's ring: one allocation a stream. The compiler's shared-memory hazard analysis does not tell the slots of
         # one allocation apart (the slot index is dynamic), and puts a barrier between any two accesses of one
-        # allocation that another thread might overlap; apart, the X_i stores of a tile take one barrier, not four
-        xps = ()  # a tuple of one allocation a stream: X_prev_j's ring, later dX_prev_j's
+        # allocation that another thread might overlap; apart, the X_i stores of a tile take one barrier, not four.
+        # X_prev's ring is one allocation, [N * STAGES] tiles (stream j of slot s at j * STAGES + s), as the mixers'
+        # loops over j index it at run time
+        xp = gl.allocate_shared_memory(gl.bfloat16, [N * STAGES, BT, BC], x_desc.layout)  # later dX_prev's
         dxs = ()  # dX_i's ring, later X_i's
         for i in gl.static_range(N):
-            xps = xps + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout),)
             dxs = dxs + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout),)
         ys = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout)
         gins = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout)
-        coefs = gl.allocate_shared_memory(gl.float32, [STAGES, BT, CP], c_desc.layout)
+        coefs = gl.allocate_shared_memory(gl.float32, [STAGES * NG, BT, CW], c_desc.layout)
         dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
         hls = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * MP, BT], a_desc.layout)
         phis = gl.allocate_shared_memory(gl.float32, [N, BC, MP], w_desc.layout)
@@ -304,21 +381,23 @@ if AVAILABLE:
         # the first mixing warpgroup is the default partition (it gets the registers the others leave)
         if MIXERS == 1:
             gl.warp_specialize([
-                (_mixer, (o_desc, dy_desc, dh_ptr, xps, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
-                          phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, STAGES, 0, 1, num_warps)),
+                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
+                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, num_warps)),
                 (_dphi, (dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES, 4)),
-                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xps, ys, gins, dxs, coefs,
-                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, C, N, BT, BC, MP, CP, STAGES)),
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs,
+                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, NG,
+                           CW, STAGES)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_mixer, (o_desc, dy_desc, dh_ptr, xps, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
-                          phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, STAGES, 0, 2, num_warps)),
-                (_mixer, (o_desc, dy_desc, dh_ptr, xps, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
-                          phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, STAGES, 1, 2, num_warps)),
+                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
+                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 2, num_warps)),
+                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
+                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, num_warps)),
                 (_dphi, (dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES, 4)),
-                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xps, ys, gins, dxs, coefs,
-                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, C, N, BT, BC, MP, CP, STAGES)),
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs,
+                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, NG,
+                           CW, STAGES)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -328,13 +407,14 @@ if AVAILABLE:
 
 
 def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t: int, n: int, c: int) -> tuple:
-    """The kernel's ten TMA descriptors. The packed coefficients and dp's hi / lo rows are read as [rows, T]
-    though their rows are padded (T4, T16): columns past T then read as zeros, so tokens past T add nothing."""
+    """The kernel's ten TMA descriptors. dp's hi / lo rows are read as [rows, T] though their rows are padded
+    (T16): columns past T then read as zeros, so tokens past T add nothing. The packed coefficients are [NG * T, CW]:
+    a tile's rows past T read the next group's first tokens (finite) or zeros, and their rows are not written."""
     bf, f32 = gl.bfloat16, gl.float32
-    k, cp = n * c, coefs.shape[1]
+    k = n * c
     return (desc(x_prev, (t, k), (k, 1), (BT, BC), bf), desc(y, (t, c), (c, 1), (BT, BC), bf),
             desc(dx_in, (t, c), (c, 1), (BT, BC), bf), desc(dx, (t, k), (k, 1), (BT, BC), bf),
-            desc(coefs, (t, cp), (cp, 1), (BT, cp), f32),
+            desc(coefs, (coefs.shape[0], CW), (CW, 1), (BT, CW), f32),
             desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
             desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
             desc(phi_pad, (k, MP), (MP, 1), (BC, MP), f32),
@@ -353,7 +433,7 @@ def plan_splits(t: int, c: int, device) -> tuple[int, int]:
 
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
-               mixers: int = 2, mix_regs: int = 184, dphi_regs: int = 96):
+               mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 96):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program)."""
@@ -381,7 +461,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     LAUNCHES += 1
     _step_bwd_ws_kernel[(c // BC, splits)](
         *descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t, n, c), dphi_t, dh, t, c,
-        t_split, N=n, BT=BT, BC=BC, MP=MP, CP=coefs.shape[1], STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs,
+        t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n), CW=CW, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs,
         DPHI_REGS=dphi_regs, num_warps=4)
     dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
     dh = dh.sum(0)

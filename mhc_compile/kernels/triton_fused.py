@@ -72,20 +72,21 @@ class StepBwdCfg:
     """How ``step_backward`` runs. ``ws``: its second and last stream pass as the warp-specialized Gluon kernel of
     kernels/gluon_step_bwd.py (two passes, 4n+5 elements of C a token, instead of three, 8n+5), where
     ``gluon_step_bwd.supported`` says it runs (sm_90, bf16, n <= 4, C a multiple of 32); elsewhere the three passes.
-    Off by default: on an H200 it ran within -7 .. +5 % of the three passes in session 23, and 4-15 % faster than
-    them in session 28, at the op level. ``fuse=True`` with it was slower than the default path in session 24's
-    training step, and it has not run in one since (the module has the numbers).
+    Off by default. At the op level on an H200 (session 30) it is faster than the three passes by 12-21 % and than
+    the default path's folded backward on a saved X by 0-8 % (a tie at 8192 x 4096). In session 30's training step
+    ``fuse=True`` with it was still 1.4 points slower than the default path at d = 4096 (+11.4 against +10.0 %), and
+    its activation memory +23.7 % against +17.7 % (the module has the numbers).
     ``stages``: its ring's slots (0: as many as fit, at most 3, a multiple of ``mixers``: gluon_step_bwd.stages_for
-    says why); ``mixers``: mixing warpgroups (1 or 2) taking the
-    token tiles in turn; ``mix_regs`` / ``dphi_regs``: registers a thread of a mixing warpgroup (the second one's)
-    / of the dphi warpgroup. The first mixing warpgroup gets what the others leave of the 64K: at 184 / 96 both
-    mixers have 184 or more, and the Triton 3.6 sm_90a build spills in no loop (at 192 / 104 the first one had
-    176 and spilled 48 bytes in its loop: benchmarks/gluon_step_bwd_check.py --build)."""
+    says why); ``mixers``: mixing warpgroups (1 or 2) taking the token tiles in turn (one is faster since the
+    mixers' loops over j run at run time: session 30); ``mix_regs`` / ``dphi_regs``: registers a thread of the second
+    mixing warpgroup / of the dphi warpgroup (the first mixing warpgroup gets what the others leave of the 64K). With
+    two mixers, 176 / 96 spills least in the Triton 3.6 sm_90a build: 16 bytes, reloaded once a tile outside the
+    inner loops (benchmarks/gluon_step_bwd_check.py --build)."""
 
     ws: bool = False
     stages: int = 0
-    mixers: int = 2
-    mix_regs: int = 184
+    mixers: int = 1
+    mix_regs: int = 176
     dphi_regs: int = 96
 
     def __post_init__(self):
