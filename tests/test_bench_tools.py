@@ -566,6 +566,23 @@ def test_step_bwd_check_writes_its_results_at_every_line(tmp_path):
     assert Lines(None, ["x"]) == ["x"]  # no --out: nothing written
 
 
+def test_proj_fwd_check_holds_every_build_to_the_reference(tmp_path, monkeypatch):
+    """benchmarks/proj_fwd_check.py (the GPU check of proj's forward builds) on CPU tensors under the interpreter: this
+    build and an --against copy pass; a build that computes something else fails, by name."""
+    from benchmarks import proj_fwd_check
+    from mhc_compile.kernels import triton_proj
+
+    copy = tmp_path / "proj_copy.py"
+    copy.write_text(open(triton_proj.__file__).read())
+    mods = proj_fwd_check.builds([str(copy)])
+    shapes = [(5, 3, 8, torch.bfloat16), (4, 2, 16, torch.float32)]
+    rows, bad = proj_fwd_check.check(mods, shapes, "cpu", calls=2)
+    assert bad == 0 and len(rows) == 4 and {row.split("|")[3].strip() for row in rows} == {"this build", "proj_copy"}
+    monkeypatch.setattr(mods[1][1], "proj", lambda x, phi: tuple(v * 1.01 for v in triton_proj.proj(x, phi)))
+    rows, bad = proj_fwd_check.check(mods, shapes[:1], "cpu", calls=1)
+    assert bad == 1 and "proj_copy" in rows[1] and rows[1].endswith("FAIL |"), rows
+
+
 def _unknown_attributes(source: str) -> list[str]:
     """'line: alias.name' for each name read off an mhc_compile module alias (``from mhc_compile.kernels import
     triton_proj as tproj``, ``import mhc_compile.x as y``) that the module does not have."""

@@ -1,0 +1,108 @@
+"""proj's forward on the GPU: this build and others side by side, correctness first, then times.
+
+    PYTHONPATH=. python benchmarks/proj_fwd_check.py                       # this build
+    git show wip/x:mhc_compile/kernels/triton_proj.py > proj_x.py           # another build of the module, then
+    PYTHONPATH=. python benchmarks/proj_fwd_check.py --against proj_x.py    # both, in one process
+
+Session 30 found p wrong by 30-40 % on an H200 at n = 8, 11 and 16 (bf16), from a shared-memory race that
+repeated calls do not always hit: each build runs every shape three times, and the worst error counts. Then
+each build's time at 32768 x 4096 and 8192 x 7168, n = 4, bf16, interleaved, with its efficiency against the
+copy bandwidth measured in the same run. Writes $OUT/proj_fwd_check.md (or ./); exit status 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.against import load_module  # noqa: E402
+from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_proj  # noqa: E402
+
+TOL = {torch.bfloat16: 1e-4, torch.float16: 1e-4, torch.float32: 1e-4}  # of p's scale; the race gave 3e-1
+CHECKS = [(1000, n, 1024, dt) for n in (4, 8, 11, 16) for dt in (torch.bfloat16, torch.float32)]
+TIMES = [(32768, 4, 4096), (8192, 4, 7168)]
+
+
+def builds(files: list[str]) -> list[tuple[str, object]]:
+    """(label, module) for this build and each --against file."""
+    return [("this build", triton_proj)] + [(os.path.splitext(os.path.basename(f))[0], load_module(f, f"proj_{k}"))
+                                            for k, f in enumerate(files)]
+
+
+def check(mods, shapes, device: str, calls: int = 3) -> tuple[list[str], int]:
+    """Rows '| T x n x C | dtype | build | p error | sq error | ok |' and the count of failures."""
+    rows, bad = [], 0
+    for t, n, c, dtype in shapes:
+        g = torch.Generator(device=device).manual_seed(t + n + c)
+        m = ref.num_coeffs(n)
+        x = torch.randn(t, n, c, generator=g, device=device).to(dtype)
+        phi = torch.randn(n * c, m, generator=g, device=device) * 0.05
+        want_p, want_sq = ref.proj(x, phi)
+        for label, mod in mods:
+            ep = es = 0.0
+            for _ in range(calls):
+                p, sq = mod.proj(x, phi)
+                ep = max(ep, ((p - want_p).abs().max() / want_p.abs().max()).item())
+                es = max(es, ((sq - want_sq).abs().max() / want_sq.abs().max()).item())
+            ok = ep <= TOL[dtype] and es <= TOL[dtype]
+            bad += not ok
+            rows.append(f"| {t}x{n}x{c} | {str(dtype)[6:]} | {label} | {ep:.2e} | {es:.2e} | {'ok' if ok else 'FAIL'} |")
+            print(rows[-1], flush=True)
+    return rows, bad
+
+
+def times(mods, rounds: int = 3) -> list[str]:
+    import triton.testing
+
+    from benchmarks.bench_kernels import copy_bandwidth
+
+    bw = copy_bandwidth("cuda")
+    rows = [f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n", "| T x n x C | round | " + " | ".join(
+        f"{label} us (eff)" for label, _ in mods) + " |", "|---|---|" + "---|" * len(mods)]
+    for t, n, c in TIMES:
+        m = ref.num_coeffs(n)
+        x = torch.randn(t, n, c, device="cuda").to(torch.bfloat16)
+        phi = torch.randn(n * c, m, device="cuda") * 0.05
+        nbytes = x.numel() * 2
+        for rnd in range(rounds):
+            cells = []
+            for _, mod in mods:
+                us = triton.testing.do_bench_cudagraph(lambda mod=mod: mod.proj(x, phi), rep=200) * 1e3
+                cells.append(f"{us:.1f} ({100 * nbytes / (us * 1e-6) / bw:.1f} %)")
+            rows.append(f"| {t}x{n}x{c} | {rnd} | " + " | ".join(cells) + " |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", nargs="*", default=[], help="other builds of kernels/triton_proj.py")
+    ap.add_argument("--no-times", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("proj_fwd_check: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    mods = builds(args.against)
+    lines = [f"# proj_fwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {triton.__version__}\n", "Worst relative error of three calls, against the reference.\n",
+             "| shape | dtype | build | p | sq | |", "|---|---|---|---|---|---|"]
+    rows, bad = check(mods, CHECKS, "cuda")
+    lines += rows + [f"\nfailures: {bad}"]
+    if not bad and not args.no_times:
+        lines += times(mods)
+    with open(os.path.join(os.environ.get("OUT") or ".", "proj_fwd_check.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
