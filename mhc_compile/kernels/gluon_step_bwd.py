@@ -138,6 +138,8 @@ def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor) -> Ten
 
 
 if AVAILABLE:
+    from triton.runtime.jit import constexpr_function
+
     @gluon.jit
     def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs, dps, hls,
                 phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr, BT: gl.constexpr,
@@ -192,24 +194,21 @@ if AVAILABLE:
     # sums. Two levels leave lane q of each quad with value q's quad total: three shuffles and three adds (and six
     # selects) for four values, where gl.sum's butterfly takes eight of each and leaves every lane every total;
     # and each lane stores one value instead of four lanes storing the same four.
-    @gluon.jit
-    def _keep_add1(a, b, bit):
-        return gl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 s, k, r; setp.ne.u32 p, $3, 0; selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; "
-            "shfl.sync.bfly.b32 r, s, 1, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
-            "=r,r,r,r", [a, b, bit], dtype=gl.float32, is_pure=True, pack=1)
+    @constexpr_function
+    def _keep_add_asm(lanes):
+        """One level's PTX: swap partners at lane distance ``lanes``."""
+        return ("{ .reg .pred p; .reg .b32 s, k, r; setp.ne.u32 p, $3, 0; selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; "
+                f"shfl.sync.bfly.b32 r, s, {lanes}, 0x1f, 0xffffffff; add.f32 $0, k, r; }}")
 
     @gluon.jit
-    def _keep_add2(a, b, bit):
-        return gl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 s, k, r; setp.ne.u32 p, $3, 0; selp.b32 s, $1, $2, p; selp.b32 k, $2, $1, p; "
-            "shfl.sync.bfly.b32 r, s, 2, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
-            "=r,r,r,r", [a, b, bit], dtype=gl.float32, is_pure=True, pack=1)
+    def _keep_add(a, b, bit, LANES: gl.constexpr):
+        return gl.inline_asm_elementwise(_keep_add_asm(LANES), "=r,r,r,r", [a, b, bit], dtype=gl.float32,
+                                         is_pure=True, pack=1)
 
     @gluon.jit
     def _quad_totals(v0, v1, v2, v3, q):
         """Four [BT, 4] lane sums (``_lane_sums``) -> lane q of each quad holds v_q's total over the quad."""
-        return _keep_add2(_keep_add1(v0, v1, q & 1), _keep_add1(v2, v3, q & 1), q & 2)
+        return _keep_add(_keep_add(v0, v1, q & 1, 1), _keep_add(v2, v3, q & 1, 1), q & 2, 2)
 
     @gluon.jit
     def _mixer(o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty, phi_ready, t_lo,
