@@ -66,7 +66,8 @@ def build(mixers_list=(2, 1)) -> int:
         text = sm90_build.sass(built)  # the mixing warpgroup's loop; spills counted in every loop
         loop = sm90_build.ws_loop_counts(text, ("HGMMA", "SYNCS", "BAR.SYNC", "STG", "SHFL"))
         # what a tile runs: the tile loop's own instructions, and the loops over j n times each
-        inner = [body for body in sm90_build.innermost_loops(text) if body in sm90_build.biggest_loop(text)]
+        tile_loop = sm90_build.biggest_loop(text)
+        inner = [body for body in sm90_build.innermost_loops(text) if body in tile_loop]
         per_tile = loop["total"] + (n - 1) * sum(sm90_build.opcode_counts(body, ())["total"] for body in inner)
         # The two-mixer build with Triton 3.6 (the GPU machine's) stores up to four values to the stack at the
         # kernel's entry, before the partitions split, and the mixers reload them once a tile, outside the loops

@@ -86,7 +86,7 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, ONE,
         # The X tile feeds the asynchronous dots and, through registers, sq. Triton 3.6's pipeliner gives such a load
         # one shared-memory slot fewer than its prefetch needs (triton-lang/triton #6691 / #7110): the cp.async of
         # the tile two steps on lands in the slot the last step's wgmma may still be reading. On an H200 that gave p
-        # wrong by 30-50 % at n = 11 and 16 (session 30; at n <= 4 the shorter dots finished first). Reading acc
+        # wrong by 30-50 % at n = 8, 11 and 16 (session 30; at n = 4 the shorter dots finished first). Reading acc
         # here makes each step wait for its dots before the next load is issued. ONE is 1.0 at run time (a
         # constant would fold away, and the wait with it).
         acc = acc * ONE
