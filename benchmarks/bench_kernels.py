@@ -573,7 +573,7 @@ def main() -> int:
                 gbs = case.nbytes / (us * 1e-6) / 1e9
                 eff = case.nbytes / (us * 1e-6) / copy_bw
                 table.append(f"| {case.kernel} | {case.direction} | {t} | {c} | {us:.1f} | {case.nbytes / 1e6:.1f} | "
-                             f"{gbs:.0f} | {100 * eff:.0f}% | {eager:.1f} | {describe_clocks(clocks.summary())} |")
+                             f"{gbs:.0f} | {100 * eff:.1f}% | {eager:.1f} | {describe_clocks(clocks.summary())} |")
                 print(table[-1], flush=True)
                 write(out_dir, "kernels.md", env + [""] + table)
             del inp
