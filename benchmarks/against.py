@@ -33,3 +33,19 @@ def serving(owner, importer: str, module):
         yield
     finally:
         setattr(owner, importer, before)
+
+
+def parse_tune(spec: str, flag: str = "--against-tune") -> dict:
+    """'mix_regs=184,join_hi_lo=false' -> {'mix_regs': 184, 'join_hi_lo': False}: a config's integer and boolean
+    fields as a check script's ``flag`` gives them."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        value = value.strip().lower()
+        if sep and value in ("true", "false"):
+            out[key.strip()] = value == "true"
+        elif sep and value.lstrip("-").isdigit():
+            out[key.strip()] = int(value)
+        else:
+            raise SystemExit(f"{flag} {item!r}: expected FIELD=INTEGER or FIELD=true/false")
+    return out

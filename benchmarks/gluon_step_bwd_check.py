@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.against import load_module, serving  # noqa: E402
+from benchmarks.against import load_module, parse_tune, serving  # noqa: E402
 from mhc_compile import cost  # noqa: E402
 from mhc_compile.kernels import gluon_step_bwd as gs  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
@@ -136,17 +136,6 @@ def load_against(files: list[str], tunes: list[str]) -> list[Against]:
     return [Against(load_module(f, f"gluon_step_bwd_against{k}"), parse_tune(spec),
                     os.path.splitext(os.path.basename(f))[0] + (f" ({spec})" if spec else ""))
             for k, (f, spec) in enumerate(zip(files, specs))]
-
-
-def parse_tune(spec: str) -> dict:
-    """'mix_regs=184,dphi_regs=104' -> {'mix_regs': 184, 'dphi_regs': 104} (integer fields)."""
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit():
-            raise SystemExit(f"gluon_step_bwd_check: --against-tune {item!r}: expected FIELD=INTEGER")
-        out[key.strip()] = int(value)
-    return out
 
 
 class Lines(list):

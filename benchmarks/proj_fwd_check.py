@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/proj_fwd_check.py                       # this build
     git show wip/x:mhc_compile/kernels/triton_proj.py > proj_x.py           # another build of the module, then
     PYTHONPATH=. python benchmarks/proj_fwd_check.py --against proj_x.py    # both, in one process
+    PYTHONPATH=. python benchmarks/proj_fwd_check.py --tune bk=64 num_stages=4,num_warps=4   # this build, retiled
 
 Session 30 found p wrong by 30-40 % on an H200 at n = 8, 11 and 16 (bf16), from a shared-memory race that
 repeated calls do not always hit: each build runs every shape three times, and the worst error counts. Then
@@ -13,6 +14,7 @@ copy bandwidth measured in the same run. Writes $OUT/proj_fwd_check.md (or ./); 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -21,19 +23,34 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.against import load_module  # noqa: E402
+from benchmarks.against import load_module, parse_tune  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
-from mhc_compile.kernels import triton_proj  # noqa: E402
+from mhc_compile.kernels import triton_config, triton_proj  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-4, torch.float16: 1e-4, torch.float32: 1e-4}  # of p's scale; the race gave 3e-1
 CHECKS = [(1000, n, 1024, dt) for n in (4, 8, 11, 16) for dt in (torch.bfloat16, torch.float32)]
 TIMES = [(32768, 4, 4096), (8192, 4, 7168)]
 
 
-def builds(files: list[str]) -> list[tuple[str, object]]:
-    """(label, module) for this build and each --against file."""
-    return [("this build", triton_proj)] + [(os.path.splitext(os.path.basename(f))[0], load_module(f, f"proj_{k}"))
-                                            for k, f in enumerate(files)]
+class Tuned:
+    """This build's proj with other DotCfg fields for "proj" (``--tune``): each call runs under
+    ``triton_config.tuning``."""
+
+    def __init__(self, fields: dict):
+        dataclasses.replace(triton_config.DEFAULTS["proj"], **fields)  # a bad field fails here, not mid-run
+        self.fields = fields
+
+    def proj(self, x, phi):
+        with triton_config.tuning("proj", **self.fields):
+            return triton_proj.proj(x, phi)
+
+
+def builds(files: list[str], tunes: list[str] = ()) -> list[tuple[str, object]]:
+    """(label, module-like object with a ``proj``) for this build, each --tune spec of it and each --against
+    file."""
+    return ([("this build", triton_proj)] + [(f"this build ({spec})", Tuned(parse_tune(spec, "--tune")))
+                                             for spec in tunes]
+            + [(os.path.splitext(os.path.basename(f))[0], load_module(f, f"proj_{k}")) for k, f in enumerate(files)])
 
 
 def check(mods, shapes, device: str, calls: int = 3) -> tuple[list[str], set[str]]:
@@ -85,6 +102,8 @@ def times(mods, rounds: int = 3) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", nargs="*", default=[], help="other builds of kernels/triton_proj.py")
+    ap.add_argument("--tune", nargs="*", default=[], help="DotCfg fields for this build's proj, one build a spec: "
+                    "e.g. bk=64,num_stages=4")
     ap.add_argument("--no-times", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -92,7 +111,7 @@ def main() -> int:
         return 2
     import triton
 
-    mods = builds(args.against)
+    mods = builds(args.against, args.tune)
     lines = [f"# proj_fwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {triton.__version__}\n", "Worst relative error of three calls, against the reference.\n",
              "| shape | dtype | build | p | sq | |", "|---|---|---|---|---|---|"]

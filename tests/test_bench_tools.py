@@ -495,17 +495,21 @@ def test_against_serves_another_build_of_a_gluon_module_to_the_op_and_puts_this_
 
 
 def test_against_tune_gives_the_other_build_its_own_step_bwd_fields():
-    """--against-tune (gluon_step_bwd_check.py): integer StepBwdCfg fields for the --against build, which
-    triton_fused.tuning accepts; anything else is refused with a message naming the item."""
-    from benchmarks.gluon_step_bwd_check import parse_tune
+    """--against-tune (gluon_step_bwd_check.py; the parser is benchmarks/against.py's): integer and boolean config
+    fields for the --against build, which triton_fused.tuning accepts; anything else is refused with a message
+    naming the item."""
+    from benchmarks.against import parse_tune
     from mhc_compile.kernels import triton_fused
 
     fields = parse_tune("mix_regs=184,dphi_regs=104")
     assert fields == {"mix_regs": 184, "dphi_regs": 104} and parse_tune("") == {}
     with triton_fused.tuning("step_bwd", ws=True, **fields):
         assert triton_fused._cfg("step_bwd").mix_regs == 184
-    with pytest.raises(SystemExit, match="'mix_regs': expected FIELD=INTEGER"):
+    with pytest.raises(SystemExit, match="'mix_regs': expected FIELD=INTEGER or FIELD=true/false"):
         parse_tune("mix_regs")
+    with pytest.raises(SystemExit, match="--tune 'bk=wide'"):
+        parse_tune("bk=wide", "--tune")
+    assert parse_tune("join_hi_lo=False,bk=64") == {"join_hi_lo": False, "bk": 64}
 
 
 def test_several_against_builds_each_with_its_own_tune(tmp_path):
@@ -668,3 +672,22 @@ def test_wide_n_check_holds_each_op_to_the_reference(monkeypatch):
     rows, bad, _ = wide_n_check.check("cpu", [3], (torch.float32,), 5, 8)
     wrong = {row.split("|")[3].strip() for row in rows if "MISMATCH" in row}
     assert bad == len(wrong) and wrong == {"pre", "fused step", "fused enter"}, rows  # the fused ops call pre too
+
+
+def test_proj_fwd_check_tune_runs_this_build_under_other_tiles(monkeypatch):
+    """--tune (proj_fwd_check.py): a build of this module whose calls run with other DotCfg fields for "proj",
+    checked like any other; an unknown field is refused before anything runs."""
+    from benchmarks import proj_fwd_check
+    from mhc_compile.kernels import triton_config, triton_proj
+
+    mods = proj_fwd_check.builds([], ["bk=16,bt=16,num_warps=2"])
+    assert [label for label, _ in mods] == ["this build", "this build (bk=16,bt=16,num_warps=2)"]
+    seen = []
+    real = triton_proj.proj
+    monkeypatch.setattr(triton_proj, "proj", lambda x, phi: (seen.append(triton_config.cfg_of("proj")), real(x, phi))[1])
+    rows, bad = proj_fwd_check.check(mods[1:], [(37, 3, 40, torch.bfloat16)], "cpu", calls=1)
+    assert bad == set() and rows[0].endswith("| ok |")
+    assert (seen[0].bk, seen[0].bt, seen[0].num_warps) == (16, 16, 2)
+    assert triton_config.cfg_of("proj") == triton_config.DEFAULTS["proj"]  # restored after the call
+    with pytest.raises(TypeError, match="bogus"):
+        proj_fwd_check.builds([], ["bogus=1"])
