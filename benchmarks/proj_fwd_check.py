@@ -4,11 +4,17 @@
     git show wip/x:mhc_compile/kernels/triton_proj.py > proj_x.py           # another build of the module, then
     PYTHONPATH=. python benchmarks/proj_fwd_check.py --against proj_x.py    # both, in one process
     PYTHONPATH=. python benchmarks/proj_fwd_check.py --tune bk=64 num_stages=4,num_warps=4   # this build, retiled
+    PYTHONPATH=. python benchmarks/proj_fwd_check.py --tune ws=true         # the Gluon kernel (kernels/gluon_proj.py)
+    PYTHONPATH=. python benchmarks/proj_fwd_check.py --build                # no GPU: its sm_90a builds
 
 Session 30 found p wrong by 30-40 % on an H200 at n = 8, 11 and 16 (bf16), from a shared-memory race that
 repeated calls do not always hit: each build runs every shape three times, and the worst error counts. Then
 each passing build's time at 32768 x 4096 and 8192 x 7168, n = 4, bf16, interleaved, with its efficiency against the
 copy bandwidth measured in the same run. Writes $OUT/proj_fwd_check.md (or ./); exit status 1 on a mismatch.
+The results say how many launches the Gluon kernel took (a ws=true build must show some: at n > 7 the Triton kernel
+runs). ``--build`` compiles the Gluon kernel for sm_90a on this machine at a few shapes (registers, spills, shared
+memory, the loop's instructions; fails with spills or past 227 KB): the CPU tests run it, since Gluon kernels do not
+run under the interpreter.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.against import load_module, parse_tune  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_config, triton_proj  # noqa: E402
+from mhc_compile.kernels.triton_common import cdiv, pow2  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-4, torch.float16: 1e-4, torch.float32: 1e-4}  # of p's scale; the race gave 3e-1
 CHECKS = [(1000, n, 1024, dt) for n in (4, 8, 11, 16) for dt in (torch.bfloat16, torch.float32)]
@@ -99,13 +106,45 @@ def times(mods, rounds: int = 3) -> list[str]:
     return rows
 
 
+BUILDS = [(256, 4, 512, 8, 2), (256, 4, 512, 4, 1), (200, 7, 512, 8, 2), (100, 2, 64, 8, 2)]  # T, n, C, warps, subs
+
+
+def build() -> int:
+    """sm_90a builds of the Gluon kernel (no GPU needed) at BUILDS: one line each, and 1 if any spills or overflows
+    shared memory."""
+    from benchmarks import sm90_build
+    from mhc_compile.kernels import gluon_proj as gp
+
+    failed = 0
+    for t, n, c, warps, subs in BUILDS:
+        k, m = n * c, ref.num_coeffs(n)
+        mp, bt = max(16, pow2(m)), 16 * warps
+        subs, stages = gp.plan(k, bt, mp, subs, 0)
+        x, w = torch.zeros(t, k, dtype=torch.bfloat16), torch.zeros(2, k, mp, dtype=torch.bfloat16)
+        with sm90_build.cpu_target(90):
+            built = gp._proj_ws_kernel.warmup(*gp.descriptors(x, w, t, k, bt, mp), torch.zeros(2, t, m),
+                                              torch.zeros(2, t), t, k, m, k // 2, BT=bt, MP=mp, SUBS=subs,
+                                              STAGES=stages, num_warps=warps, grid=(cdiv(t, bt), 2))
+        regs, spill = sm90_build.resources(built)
+        smem = built.metadata.shared
+        loop = sm90_build.ws_loop_counts(sm90_build.sass(built), ("HGMMA", "SYNCS", "BAR.SYNC", "LDS"))
+        ok = spill == 0 and smem <= sm90_build.SMEM_LIMIT and loop.get("HGMMA", 0) > 0
+        failed += not ok
+        print(f"n={n} C={c} BT={bt} MP={mp} subs={subs} stages={stages} regs={regs} spill={spill} smem={smem} "
+              f"loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
+    return int(failed > 0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", nargs="*", default=[], help="other builds of kernels/triton_proj.py")
     ap.add_argument("--tune", nargs="*", default=[], help="DotCfg fields for this build's proj, one build a spec: "
                     "e.g. bk=64,num_stages=4")
     ap.add_argument("--no-times", action="store_true")
+    ap.add_argument("--build", action="store_true", help="the Gluon kernel's sm_90a builds on this machine, no GPU")
     args = ap.parse_args()
+    if args.build:
+        return build()
     if not torch.cuda.is_available():
         print("proj_fwd_check: needs a CUDA device", file=sys.stderr)
         return 2
@@ -115,8 +154,11 @@ def main() -> int:
     lines = [f"# proj_fwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {triton.__version__}\n", "Worst relative error of three calls, against the reference.\n",
              "| shape | dtype | build | p | sq | |", "|---|---|---|---|---|---|"]
+    from mhc_compile.kernels import gluon_proj
+
     rows, bad = check(mods, CHECKS, "cuda")
-    lines += rows + [f"\nbuilds that failed (not timed): {', '.join(sorted(bad)) or 'none'}"]
+    lines += rows + [f"\nbuilds that failed (not timed): {', '.join(sorted(bad)) or 'none'}",
+                     f"Gluon proj kernel launches in the checks: {gluon_proj.LAUNCHES}"]
     passed = [(label, mod) for label, mod in mods if label not in bad]
     if passed and not args.no_times:
         lines += times(passed)

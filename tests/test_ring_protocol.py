@@ -22,6 +22,7 @@ import random
 import pytest
 
 from mhc_compile.kernels import gluon_post_res_proj as gpr
+from mhc_compile.kernels import gluon_proj as gpf
 from mhc_compile.kernels import gluon_proj_bwd as gp
 from mhc_compile.kernels import gluon_step_bwd as gs
 
@@ -189,6 +190,27 @@ def post_res_proj_protocol(stages: int, wstages: int, consumers: int, slots: int
     return [xr, wr], [load()] + [compute(w) for w in range(consumers)]
 
 
+def proj_fwd_protocol(stages: int, tiles: int) -> tuple[Ring, list]:
+    """kernels/gluon_proj.py: one compute partition takes every slot, and releases a slot only once it has waited
+    for the next one (the slot's wgmmas stay in flight meanwhile); the last slot is never released. A slot must
+    still hold its tile when it is released: its wgmmas read it until then."""
+    ring = Ring(stages, 1)
+
+    def compute():
+        for it in range(tiles):
+            s = it % stages
+            yield ring.ready[s], (it // stages) & 1
+            if ring.holds[s] != it:
+                ring.errors.append(f"compute passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+            if it > 0:
+                prev = (it - 1) % stages
+                if ring.holds[prev] != it - 1:
+                    ring.errors.append(f"slot {prev} held {ring.holds[prev]} before tile {it - 1} was released")
+                ring.empty[prev].arrive()
+
+    return ring, [loader(ring, tiles), compute()]
+
+
 def outcomes(make, seeds: int = 300) -> set:
     out = set()
     for seed in range(seeds):
@@ -248,3 +270,15 @@ def test_step_bwd_rings_are_even_for_two_mixers(n):
         assert outcomes(lambda: alternate_protocol(st, mixers, 24), seeds=100) == {"ok"}
     with pytest.raises(ValueError, match="even"):
         gs.stages_for(n, 3, mixers=2)
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_proj_fwd_ring_with_a_deferred_release_is_safe(stages):
+    assert outcomes(lambda: proj_fwd_protocol(stages, 25)) == {"ok"}
+
+
+def test_proj_fwd_ring_of_one_slot_deadlocks_and_plan_never_gives_one():
+    """The deferred release needs two slots: with one, the compute partition waits for a tile the loader cannot
+    load until that very slot is released."""
+    assert outcomes(lambda: proj_fwd_protocol(1, 5), seeds=20) == {"deadlock"}
+    assert gpf.plan(4 * 4096, 128, 32, 2, 1) is None and gpf.plan(4 * 4096, 128, 32, 2, 0)[1] >= 2

@@ -1,4 +1,4 @@
-"""What the warp-specialized Gluon kernels (gluon_post_res_proj, gluon_step_bwd, gluon_proj_bwd) share.
+"""What the warp-specialized Gluon kernels (gluon_post_res_proj, gluon_step_bwd, gluon_proj_bwd, gluon_proj) share.
 
 - The Gluon imports, absent before Triton 3.5 (``AVAILABLE``).
 - The names Triton changed after 3.6, the GPU machine's version: the TMA copies and the barrier of a

@@ -10,9 +10,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.errors import TritonError
 from triton.runtime.errors import OutOfResources
 
 from mhc_compile.kernels.launch import launch
+from mhc_compile.kernels.tma import tma_ok
 from mhc_compile.kernels.triton_common import (acc_tl, acc_torch, cdiv, check_stream, dot_precision, filling_splits,
                                                grad_buffer, half_dot_dtype, pow2, split_hi_lo, stream_arg, stream_dims,
                                                uses_hi_lo, wave_splits)
@@ -103,6 +105,43 @@ def _dot_block_m(m: int, cfg: DotCfg) -> int:
     return min(max(16, pow2(m)), max(16, cfg.bm))
 
 
+def _gluon_proj():
+    """kernels/gluon_proj.py, imported on first use: Gluon is only needed for DotCfg.ws."""
+    from mhc_compile.kernels import gluon_proj
+
+    return gluon_proj
+
+
+_NO_GLUON_PROJ: set = set()  # devices where the Gluon proj failed to build: the Triton kernel runs there
+
+
+def _proj_ws(cfg: DotCfg, x: Tensor, phi: Tensor, lead: tuple, t: int, k: int, m: int, acc: torch.dtype):
+    """proj on the warp-specialized Gluon kernel, or None where it does not run: off sm_90, a shape it does not take,
+    or a build error (another Triton's Gluon, shared memory, ptxas), after which the device keeps the Triton kernel,
+    with a warning. A build error comes before the launch, so nothing has been written."""
+    gp = _gluon_proj()
+    mp = max(16, pow2(m))
+    bt = 16 * cfg.num_warps
+    chosen = gp.plan(k, bt, mp, cfg.ws_subs, cfg.ws_stages) if gp.supported(x, k, mp) and tma_ok(x) else None
+    if chosen is None:
+        return None
+    chunk = chosen[0] * gp.BK  # the Gluon kernel's splits are whole slots
+    splits = filling_splits(cfg, x.device, cdiv(t, bt), k // chunk, occupancy=1)
+    k_split = cdiv(cdiv(k, splits), chunk) * chunk
+    splits = cdiv(k, k_split)
+    p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
+    sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
+    try:
+        gp.launch(x.reshape(t, k), split_hi_lo(phi, mp, transpose=False), p.view(splits, t, m), sq.view(splits, t),
+                  k_split, cfg.num_warps, *chosen)
+    except TritonError as e:
+        _NO_GLUON_PROJ.add(x.device)
+        warnings.warn(f"mhc proj: the Gluon kernel does not build here ({type(e).__name__}: {str(e)[:200]}); using "
+                      f"the Triton kernel on {x.device}", stacklevel=3)
+        return None
+    return (p[0], sq[0]) if splits == 1 else (p.sum(0), sq.sum(0))
+
+
 def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     check_stream("proj", x, phi)
     lead, t, n, c = stream_dims(x)
@@ -123,6 +162,10 @@ def proj(x: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
     if t == 0 or k == 0:
         return torch.zeros(lead + (m,), dtype=acc, device=x.device), torch.zeros(lead, dtype=acc, device=x.device)
     cfg = cfg_of("proj")
+    if cfg.ws and uses_hi_lo(x.dtype) and acc == torch.float32 and x.device not in _NO_GLUON_PROJ:
+        done = _proj_ws(cfg, x, phi, lead, t, k, m, acc)
+        if done is not None:
+            return done
     bm = _dot_block_m(m, cfg)
     mblocks = cdiv(m, bm)
     hi_lo = uses_hi_lo(x.dtype) and acc == torch.float32

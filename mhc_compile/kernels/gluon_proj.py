@@ -1,0 +1,185 @@
+"""proj's forward (p = vec(X) phi, sq = |vec(X)|^2) as a warp-specialized Gluon kernel for Hopper (sm_90): a TMA
+loader warp and one compute partition.
+
+Why. The Triton kernel (``triton_proj._proj_fwd_kernel``) reads each X tile once for two users: the asynchronous
+wgmmas and, through registers, sq. Triton 3.6's pipeliner gives such a load one shared-memory slot too few
+(triton-lang/triton #6691 / #7110), so the next tile's cp.async could overwrite a tile a wgmma still read: p was
+wrong at n = 8, 11 and 16 on an H200 (session 30). The fix there waits for each step's dots before the next load
+is issued, at 9 % of the kernel's time (81-85 % of copy bandwidth at 32768 x 4096, against 89-94 % racy). Session
+31 measured the two Triton rewrites that kept the dots asynchronous (sq from a second load, sq as a Gram diagonal):
+70 % and 62 %.
+
+Here the kernel owns its ring, so the tile can feed both users without a race:
+
+- the loader warp fills a ring of STAGES slots, each SUBS boxes of X [BT, 64] (128-byte rows; SUBS = 2 gives a
+  slot 256-byte runs of each row, which session 21 measured at 98 % of copy bandwidth for a bare read) and, for
+  each box, phi's hi and lo tiles [64, MP];
+- the compute partition waits for a slot, sums the squares of its boxes from shared memory, issues the slot's
+  hi and lo wgmmas asynchronously, and then waits only for the previous slot's wgmmas (num_outstanding = this
+  slot's), after which the previous slot is released: one slot's dots stay in flight while the next lands.
+
+The arithmetic is the Triton kernel's with HI_LO: bf16 X against phi's bf16 hi and lo halves, fp32 accumulators
+(hi and lo apart, added once at the end), sq in fp32 from the exact bf16 -> fp32 widening.
+
+GPU only (sm_90, bf16 streams, K = n*C a multiple of a slot's columns, MP <= 64, i.e. n <= 7): ``supported`` and
+``plan`` say where it runs; ``triton_proj.proj`` takes it with ``DotCfg.ws`` for "proj" (opt-in until it is measured
+on the GPU) and keeps the Triton kernel elsewhere and, with a warning, where it does not build. Gluon does not run
+under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a (``benchmarks/gluon_proj_check.py --build``) and
+check the host-side plan; ``benchmarks/proj_fwd_check.py --tune ws=true`` compares it with the reference on an
+sm_90 GPU and times it beside the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, gl, gluon, mbarrier,
+                                              warpgroup_mma, warpgroup_mma_wait, SMEM as _SMEM,
+                                              LOADER_REGS as _LOADER_REGS, tma_load as _tma_load,
+                                              warps_barrier as _warps_barrier)
+
+LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
+BK = 64  # columns of X a TMA box (128-byte rows: the widest box the 128-byte swizzle takes)
+MAX_MP = 64  # the two [BT, MP] fp32 accumulators of 8 warps: 2 * MP / 2 registers a thread, beside sq's 32
+MAX_STAGES = 4
+
+
+def supported(x: Tensor, k: int, mp: int) -> bool:
+    """Whether this kernel can run the call: Gluon present, a CUDA sm_90 GPU, a bf16 stream whose [T, K] rows TMA
+    can address in whole 64-column boxes (K a multiple of 64), and phi's padded width a wgmma N this kernel's
+    registers hold."""
+    return (AVAILABLE and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+            and x.dtype == torch.bfloat16 and k % BK == 0 and 16 <= mp <= MAX_MP)
+
+
+def smem_bytes(bt: int, mp: int, subs: int, stages: int) -> int:
+    """Shared memory of a launch: ``stages`` slots of ``subs`` X boxes [BT, 64] and their phi hi / lo tiles
+    [64, MP], all bf16."""
+    return 2 * stages * subs * (bt * BK + 2 * BK * mp)
+
+
+def plan(k: int, bt: int, mp: int, subs: int, stages: int) -> tuple[int, int] | None:
+    """(subs, stages) of a launch: ``subs`` halved until K splits into whole slots; ``stages`` 0: as many as fit,
+    at most MAX_STAGES. None when two slots do not fit."""
+    subs = max(1, subs)
+    while (k // BK) % subs:
+        subs //= 2
+    st = stages or MAX_STAGES
+    while not stages and st > 2 and smem_bytes(bt, mp, subs, st) > _SMEM:
+        st -= 1
+    if st < 2 or smem_bytes(bt, mp, subs, st) > _SMEM:
+        return None
+    return subs, st
+
+
+if AVAILABLE:
+    _BK = gl.constexpr(BK)
+
+    @gluon.jit
+    def _loader(x_desc, w_desc, x_bufs, w_bufs, ready, empty, t0, k_lo, n_slots, K, BT: gl.constexpr,
+                MP: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr):
+        """One warp. For each slot: wait until the compute partition has released it (not on its first use), then
+        issue its SUBS X boxes and their phi hi / lo tiles on one barrier."""
+        nbytes: gl.constexpr = SUBS * (BT * _BK + 2 * _BK * MP) * 2
+        for it in range(n_slots):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            for u in gl.static_range(SUBS):
+                k0 = k_lo + (it * SUBS + u) * _BK
+                _tma_load(x_desc, [t0, k0], bar, x_bufs.index(s * SUBS + u))
+                _tma_load(w_desc, [k0, 0], bar, w_bufs.index(2 * (s * SUBS + u)))  # phi's hi rows
+                _tma_load(w_desc, [K + k0, 0], bar, w_bufs.index(2 * (s * SUBS + u) + 1))  # its lo rows
+
+    @gluon.jit
+    def _compute(p_ptr, sq_ptr, x_bufs, w_bufs, ready, empty, t0, n_slots, split, T, M, BT: gl.constexpr,
+                 MP: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """All BT rows: sq from each box in shared memory, p's hi and lo partials by wgmma; writes the program's
+        partials at p_ptr[split] / sq_ptr[split]."""
+        # a box [BT, 64] as registers: 16-byte runs of 8 columns a thread, so the shared-memory loads are vectors
+        tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (_BK // 8), _BK // 8], [num_warps, 1], [1, 0])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, MP, 16])
+        acc_hi = gl.zeros([BT, MP], gl.float32, acc_layout)
+        acc_lo = gl.zeros([BT, MP], gl.float32, acc_layout)
+        sq = gl.zeros([BT, _BK], gl.float32, tile)  # reduced across columns once, after the loop
+        for it in range(n_slots):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            for u in gl.static_range(SUBS):
+                xb = x_bufs.index(s * SUBS + u)
+                xf = bf16_to_f32(xb.load(tile))
+                sq += xf * xf
+                acc_hi = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u)), acc_hi, is_async=True)
+                acc_lo = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u) + 1), acc_lo, is_async=True)
+            # the previous slot's wgmmas have completed (this slot's 2 * SUBS stay in flight), and every warp has
+            # read this slot's boxes for sq before the one thread that arrives releases the previous slot
+            acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=2 * SUBS, deps=(acc_hi, acc_lo))
+            _warps_barrier()
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=it > 0)
+        acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
+        acc = acc_hi + acc_lo
+        base = split.to(gl.int64) * T
+        prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, acc_layout))
+        pcol = gl.arange(0, MP, gl.SliceLayout(0, acc_layout))
+        poff = (base + prow.to(gl.int64))[:, None] * M + pcol[None, :]
+        gl.store(p_ptr + poff, acc, mask=(prow < T)[:, None] & (pcol < M)[None, :])
+        rows = t0 + gl.arange(0, BT, gl.SliceLayout(1, tile))
+        gl.store(sq_ptr + base + rows.to(gl.int64), gl.sum(sq, axis=1), mask=rows < T)
+
+    @gluon.jit(do_not_specialize=["T"])
+    def _proj_ws_kernel(x_desc, w_desc, p_ptr, sq_ptr, T, K, M, K_SPLIT, BT: gl.constexpr, MP: gl.constexpr,
+                        SUBS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """Program (token block, K split): [BT, M] / [BT] partials of p / sq at p_ptr[split] / sq_ptr[split].
+        x_desc: X as [T, K] in [BT, 64] blocks (rows past T read as zeros and are not written); w_desc:
+        split_hi_lo's [2K, MP] (hi rows, then lo rows) in [64, MP] blocks. K_SPLIT is a multiple of SUBS * 64."""
+        t0 = gl.program_id(0) * BT
+        split = gl.program_id(1)
+        k_lo = split * K_SPLIT
+        n_slots = (gl.minimum(k_lo + K_SPLIT, K) - k_lo) // (SUBS * _BK)
+        x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * SUBS, BT, _BK], x_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * SUBS * 2, _BK, MP], w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        gl.warp_specialize([
+            (_compute, (p_ptr, sq_ptr, x_bufs, w_bufs, ready, empty, t0, n_slots, split, T, M, BT, MP, SUBS, STAGES,
+                        num_warps)),
+            (_loader, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, t0, k_lo, n_slots, K, BT, MP, SUBS, STAGES)),
+        ], [1], [_LOADER_REGS])
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
+
+
+def descriptors(x: Tensor, w: Tensor, t: int, k: int, bt: int, mp: int):
+    """Gluon TMA descriptors: X as [T, K] in [BT, 64] blocks, phi's hi / lo halves (``w``, [2, K, MP]) as [2K, MP]
+    in [64, MP] blocks; each with the swizzle that TMA and wgmma agree on."""
+    tile = gl.NVMMASharedLayout.get_default_for([bt, BK], gl.bfloat16)
+    phi = gl.NVMMASharedLayout.get_default_for([BK, mp], gl.bfloat16)
+    return (TensorDescriptor.from_tensor(x.view(t, k), [bt, BK], tile),
+            TensorDescriptor.from_tensor(w.view(2 * k, mp), [BK, mp], phi))
+
+
+def launch(x: Tensor, w: Tensor, p: Tensor, sq: Tensor, k_split: int, num_warps: int = 8, subs: int = 2,
+           stages: int = 0) -> None:
+    """Run the kernel on a contiguous bf16 X [T, K] and phi's hi / lo halves ``w`` ([2, K, MP]); writes the
+    partials into p [splits, T, M] / sq [splits, T]. Token blocks of 16 * num_warps rows (wgmma: 16 rows a warp);
+    ``plan`` picks the slots (k_split must be a multiple of the slot's subs * 64 columns)."""
+    global LAUNCHES
+    t, k = x.shape
+    mp = w.shape[-1]
+    bt = 16 * num_warps
+    chosen = plan(k, bt, mp, subs, stages)
+    if chosen is None or k % BK or k_split % (chosen[0] * BK) or not 16 <= mp <= MAX_MP:
+        raise ValueError(f"mhc gluon proj: slots {chosen} (None: two do not fit {_SMEM} bytes); K = {k} and its "
+                         f"split {k_split} must be whole slots of 64-column boxes, phi's width {mp} in 16 .. {MAX_MP}")
+    subs, stages = chosen
+    LAUNCHES += 1
+    grid = ((t + bt - 1) // bt, p.shape[0])
+    _proj_ws_kernel[grid](*descriptors(x, w, t, k, bt, mp), p, sq, t, k, p.shape[-1], k_split, BT=bt, MP=mp,
+                          SUBS=subs, STAGES=stages, num_warps=num_warps)

@@ -1,0 +1,77 @@
+"""proj's forward as a warp-specialized Gluon kernel (kernels/gluon_proj.py, DotCfg.ws for "proj", opt-in).
+
+Gluon kernels do not run under TRITON_INTERPRET=1, so here: its slot plan, its sm_90a builds (a subprocess without
+the interpreter), the wrapper's fallback to the Triton kernel where it cannot run, and the argument checks. Its
+ring's protocol (the previous slot released after the next one is waited on) is checked on the mbarrier model of
+tests/test_ring_protocol.py. On an sm_90 GPU the last test runs benchmarks/proj_fwd_check.py with the kernel
+beside the Triton one, against the reference at n = 4, 8, 11 and 16, and asserts that it ran.
+"""
+
+import pytest
+import torch
+
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
+from mhc_compile.kernels import gluon_proj as gp
+from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels import triton_config as tcfg
+from mhc_compile.kernels import triton_proj as tproj
+from mhc_compile.kernels.gluon_common import SMEM
+
+
+def test_plan_fills_shared_memory_with_whole_slots():
+    # n = 4, C = 4096, 8 warps (BT = 128), MP = 32: four slots of two boxes, 192 KB
+    assert gp.plan(4 * 4096, 128, 32, 2, 0) == (2, 4) and gp.smem_bytes(128, 32, 2, 4) == 196608 <= SMEM
+    assert gp.plan(7 * 512, 128, 64, 2, 0) == (2, 3)  # MP = 64: the fourth slot does not fit
+    assert gp.plan(3 * 64, 128, 32, 2, 0) == (1, 4)  # three boxes do not split into slots of two
+    assert gp.plan(4 * 4096, 128, 32, 2, 2) == (2, 2)  # stages as asked
+    assert gp.plan(4 * 4096, 128, 32, 2, 1) is None  # one slot: the deferred release would deadlock (test below)
+    assert gp.plan(4 * 4096, 128, 32, 4, 4) is None  # 384 KB
+
+
+def test_supported_only_on_sm90_bf16_whole_boxes():
+    x = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
+    assert not gp.supported(x, 256, 32)  # a CPU tensor
+    if on_sm90_gpu():
+        xg = x.cuda()
+        assert gp.supported(xg, 256, 32) and not gp.supported(xg.float(), 256, 32)
+        assert not gp.supported(xg, 4 * 60, 32) and not gp.supported(xg, 256, 128)
+
+
+def test_launch_refuses_shapes_it_cannot_split():
+    x, w = torch.zeros(4, 96, dtype=torch.bfloat16), torch.zeros(2, 96, 32, dtype=torch.bfloat16)
+    p, sq = torch.zeros(1, 4, 24), torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="K = 96 and its split 96 must be whole slots of 64-column boxes"):
+        gp.launch(x, w, p, sq, 96)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ws_off_sm90_runs_the_triton_kernel(dtype):
+    """DotCfg.ws on a machine where the Gluon kernel cannot run: the Triton kernel's result, bit for bit, and no
+    Gluon launch."""
+    g = torch.Generator().manual_seed(5)
+    t, n, c = 37, 4, 64
+    x = torch.randn(t, n, c, generator=g).to(dtype)
+    phi = torch.randn(n * c, ref.num_coeffs(n), generator=g) * 0.05
+    before = gp.LAUNCHES
+    want = tproj.proj(x, phi)
+    with tcfg.tuning("proj", ws=True):
+        got = tproj.proj(x, phi)
+    assert gp.LAUNCHES == before
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not tcfg.DEFAULTS["proj"].ws  # opt-in until an H200 has checked and timed it
+
+
+def test_builds_for_sm90a_without_spills():
+    proc = run_check("proj_fwd_check.py", "--build")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("n=")]
+    assert len(lines) == 4 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
+
+
+@pytest.mark.skipif(not on_sm90_gpu(), reason=GPU_ONLY)
+def test_gluon_proj_matches_the_reference_on_the_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    proc = run_check("proj_fwd_check.py", "--tune", "ws=true", "--no-times")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    text = (tmp_path / "proj_fwd_check.md").read_text()
+    assert "| this build (ws=true) |" in text and "Gluon proj kernel launches in the checks: 0" not in text
