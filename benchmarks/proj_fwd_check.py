@@ -106,7 +106,9 @@ def times(mods, rounds: int = 3) -> list[str]:
     return rows
 
 
-BUILDS = [(256, 4, 512, 8, 2), (256, 4, 512, 4, 1), (200, 7, 512, 8, 2), (100, 2, 64, 8, 2)]  # T, n, C, warps, subs
+# T, n, C, warps, subs, join
+BUILDS = [(256, 4, 512, 8, 2, True), (256, 4, 512, 8, 2, False), (256, 4, 512, 4, 1, True), (200, 7, 512, 8, 2, True),
+          (200, 7, 512, 8, 2, False), (100, 2, 64, 8, 2, True)]
 
 
 def build() -> int:
@@ -116,21 +118,22 @@ def build() -> int:
     from mhc_compile.kernels import gluon_proj as gp
 
     failed = 0
-    for t, n, c, warps, subs in BUILDS:
+    for t, n, c, warps, subs, join in BUILDS:
         k, m = n * c, ref.num_coeffs(n)
         mp, bt = max(16, pow2(m)), 16 * warps
         subs, stages = gp.plan(k, bt, mp, subs, 0)
-        x, w = torch.zeros(t, k, dtype=torch.bfloat16), torch.zeros(2, k, mp, dtype=torch.bfloat16)
+        x = torch.zeros(t, k, dtype=torch.bfloat16)
+        w = torch.zeros((k, 2, mp) if join else (2, k, mp), dtype=torch.bfloat16)
         with sm90_build.cpu_target(90):
-            built = gp._proj_ws_kernel.warmup(*gp.descriptors(x, w, t, k, bt, mp), torch.zeros(2, t, m),
+            built = gp._proj_ws_kernel.warmup(*gp.descriptors(x, w, t, k, bt, mp, join), torch.zeros(2, t, m),
                                               torch.zeros(2, t), t, k, m, k // 2, BT=bt, MP=mp, SUBS=subs,
-                                              STAGES=stages, num_warps=warps, grid=(cdiv(t, bt), 2))
+                                              STAGES=stages, JOIN=join, num_warps=warps, grid=(cdiv(t, bt), 2))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         loop = sm90_build.ws_loop_counts(sm90_build.sass(built), ("HGMMA", "SYNCS", "BAR.SYNC", "LDS"))
         ok = spill == 0 and smem <= sm90_build.SMEM_LIMIT and loop.get("HGMMA", 0) > 0
         failed += not ok
-        print(f"n={n} C={c} BT={bt} MP={mp} subs={subs} stages={stages} regs={regs} spill={spill} smem={smem} "
+        print(f"n={n} C={c} BT={bt} MP={mp} join={join} subs={subs} stages={stages} regs={regs} spill={spill} smem={smem} "
               f"loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 

@@ -19,8 +19,9 @@ from mhc_compile.kernels.gluon_common import SMEM
 
 
 def test_plan_fills_shared_memory_with_whole_slots():
-    # n = 4, C = 4096, 8 warps (BT = 128), MP = 32: four slots of two boxes, 192 KB
-    assert gp.plan(4 * 4096, 128, 32, 2, 0) == (2, 4) and gp.smem_bytes(128, 32, 2, 4) == 196608 <= SMEM
+    # n = 4, C = 4096, 8 warps (BT = 128), MP = 32: four slots of two boxes, 192 KB, and p's 16 KB epilogue tile
+    # (the sm_90a build of proj_fwd_check.py --build takes 213060 bytes: these and the barriers)
+    assert gp.plan(4 * 4096, 128, 32, 2, 0) == (2, 4) and gp.smem_bytes(128, 32, 2, 4) == 212992 <= SMEM
     assert gp.plan(7 * 512, 128, 64, 2, 0) == (2, 3)  # MP = 64: the fourth slot does not fit
     assert gp.plan(3 * 64, 128, 32, 2, 0) == (1, 4)  # three boxes do not split into slots of two
     assert gp.plan(4 * 4096, 128, 32, 2, 2) == (2, 2)  # stages as asked
@@ -42,6 +43,8 @@ def test_launch_refuses_shapes_it_cannot_split():
     p, sq = torch.zeros(1, 4, 24), torch.zeros(1, 4)
     with pytest.raises(ValueError, match="K = 96 and its split 96 must be whole slots of 64-column boxes"):
         gp.launch(x, w, p, sq, 96)
+    with pytest.raises(ValueError, match=r"phi's halves have shape \(2, 96, 32\), expected \[K, 2, MP\]"):
+        gp.launch(x, w, p, sq, 96, join=True)  # join takes split_hi_lo's interleaved [K, 2, MP]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -65,7 +68,8 @@ def test_builds_for_sm90a_without_spills():
     proc = run_check("proj_fwd_check.py", "--build")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("n=")]
-    assert len(lines) == 4 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
+    assert len(lines) == 6 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
+    assert {"join=True" in line for line in lines} == {True, False}  # both wgmma shapes built
 
 
 @pytest.mark.skipif(not on_sm90_gpu(), reason=GPU_ONLY)

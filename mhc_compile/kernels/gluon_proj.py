@@ -19,7 +19,9 @@ Here the kernel owns its ring, so the tile can feed both users without a race:
   slot's), after which the previous slot is released: one slot's dots stay in flight while the next lands.
 
 The arithmetic is the Triton kernel's with HI_LO: bf16 X against phi's bf16 hi and lo halves, fp32 accumulators
-(hi and lo apart, added once at the end), sq in fp32 from the exact bf16 -> fp32 widening.
+(hi and lo apart, added once at the end), sq in fp32 from the exact bf16 -> fp32 widening. With JOIN (DotCfg's
+join_hi_lo, as the Triton kernel has it by default) a box's hi and lo columns are one [64, 2 MP] tile and one wgmma,
+so the tensor cores read each X box from shared memory once instead of twice.
 
 GPU only (sm_90, bf16 streams, K = n*C a multiple of a slot's columns, MP <= 64, i.e. n <= 7): ``supported`` and
 ``plan`` say where it runs; ``triton_proj.proj`` takes it with ``DotCfg.ws`` for "proj" (opt-in until it is measured
@@ -55,8 +57,9 @@ def supported(x: Tensor, k: int, mp: int) -> bool:
 
 def smem_bytes(bt: int, mp: int, subs: int, stages: int) -> int:
     """Shared memory of a launch: ``stages`` slots of ``subs`` X boxes [BT, 64] and their phi hi / lo tiles
-    [64, MP], all bf16."""
-    return 2 * stages * subs * (bt * BK + 2 * BK * mp)
+    [64, MP], all bf16, and the epilogue's [BT, MP] fp32 (p's layout change before its store; the sm_90a builds
+    show it beside the ring, not in it)."""
+    return 2 * stages * subs * (bt * BK + 2 * BK * mp) + 4 * bt * mp
 
 
 def plan(k: int, bt: int, mp: int, subs: int, stages: int) -> tuple[int, int] | None:
@@ -78,9 +81,9 @@ if AVAILABLE:
 
     @gluon.jit
     def _loader(x_desc, w_desc, x_bufs, w_bufs, ready, empty, t0, k_lo, n_slots, K, BT: gl.constexpr,
-                MP: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr):
+                MP: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr, JOIN: gl.constexpr):
         """One warp. For each slot: wait until the compute partition has released it (not on its first use), then
-        issue its SUBS X boxes and their phi hi / lo tiles on one barrier."""
+        issue its SUBS X boxes and their phi hi / lo tiles (JOIN: one [64, 2 MP] tile a box) on one barrier."""
         nbytes: gl.constexpr = SUBS * (BT * _BK + 2 * _BK * MP) * 2
         for it in range(n_slots):
             s = it % STAGES
@@ -90,20 +93,26 @@ if AVAILABLE:
             for u in gl.static_range(SUBS):
                 k0 = k_lo + (it * SUBS + u) * _BK
                 _tma_load(x_desc, [t0, k0], bar, x_bufs.index(s * SUBS + u))
-                _tma_load(w_desc, [k0, 0], bar, w_bufs.index(2 * (s * SUBS + u)))  # phi's hi rows
-                _tma_load(w_desc, [K + k0, 0], bar, w_bufs.index(2 * (s * SUBS + u) + 1))  # its lo rows
+                if JOIN:  # phi's rows k0 .., each its hi columns then its lo columns
+                    _tma_load(w_desc, [k0, 0], bar, w_bufs.index(s * SUBS + u))
+                else:
+                    _tma_load(w_desc, [k0, 0], bar, w_bufs.index(2 * (s * SUBS + u)))  # phi's hi rows
+                    _tma_load(w_desc, [K + k0, 0], bar, w_bufs.index(2 * (s * SUBS + u) + 1))  # its lo rows
 
     @gluon.jit
     def _compute(p_ptr, sq_ptr, x_bufs, w_bufs, ready, empty, t0, n_slots, split, T, M, BT: gl.constexpr,
-                 MP: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """All BT rows: sq from each box in shared memory, p's hi and lo partials by wgmma; writes the program's
-        partials at p_ptr[split] / sq_ptr[split]."""
+                 MP: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr, JOIN: gl.constexpr,
+                 num_warps: gl.constexpr):
+        """All BT rows: sq from each box in shared memory, p's hi and lo partials by wgmma (JOIN: one wgmma a box,
+        into [BT, 2 MP], halves added at the end); writes the program's partials at p_ptr[split] / sq_ptr[split]."""
         # a box [BT, 64] as registers: 16-byte runs of 8 columns a thread, so the shared-memory loads are vectors
         tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (_BK // 8), _BK // 8], [num_warps, 1], [1, 0])
+        WN: gl.constexpr = 2 * MP if JOIN else MP
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                             instr_shape=[16, MP, 16])
-        acc_hi = gl.zeros([BT, MP], gl.float32, acc_layout)
-        acc_lo = gl.zeros([BT, MP], gl.float32, acc_layout)
+                                                             instr_shape=[16, WN, 16])
+        acc = gl.zeros([BT, WN], gl.float32, acc_layout)  # JOIN: hi and lo; else hi
+        if not JOIN:
+            acc_lo = gl.zeros([BT, MP], gl.float32, acc_layout)
         sq = gl.zeros([BT, _BK], gl.float32, tile)  # reduced across columns once, after the loop
         for it in range(n_slots):
             s = it % STAGES
@@ -112,35 +121,51 @@ if AVAILABLE:
                 xb = x_bufs.index(s * SUBS + u)
                 xf = bf16_to_f32(xb.load(tile))
                 sq += xf * xf
-                acc_hi = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u)), acc_hi, is_async=True)
-                acc_lo = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u) + 1), acc_lo, is_async=True)
-            # the previous slot's wgmmas have completed (this slot's 2 * SUBS stay in flight), and every warp has
-            # read this slot's boxes for sq before the one thread that arrives releases the previous slot
-            acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=2 * SUBS, deps=(acc_hi, acc_lo))
+                if JOIN:
+                    acc = warpgroup_mma(xb, w_bufs.index(s * SUBS + u), acc, is_async=True)
+                else:
+                    acc = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u)), acc, is_async=True)
+                    acc_lo = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u) + 1), acc_lo, is_async=True)
+            # the previous slot's wgmmas have completed (this slot's stay in flight), and every warp has read this
+            # slot's boxes for sq before the one thread that arrives releases the previous slot
+            if JOIN:
+                acc = warpgroup_mma_wait(num_outstanding=SUBS, deps=(acc,))
+            else:
+                acc, acc_lo = warpgroup_mma_wait(num_outstanding=2 * SUBS, deps=(acc, acc_lo))
             _warps_barrier()
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=it > 0)
-        acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
-        acc = acc_hi + acc_lo
+        # p = hi + lo, in a plain layout for the store: [BT, MP] with 4 adjacent columns a thread
+        out: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (MP // 4), MP // 4], [num_warps, 1], [1, 0])
+        if JOIN:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            pv = gl.convert_layout(gl.sum(gl.reshape(acc, [BT, 2, MP]), axis=1), out)
+        else:
+            acc, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_lo))
+            pv = gl.convert_layout(acc + acc_lo, out)
         base = split.to(gl.int64) * T
-        prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, acc_layout))
-        pcol = gl.arange(0, MP, gl.SliceLayout(0, acc_layout))
+        prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, out))
+        pcol = gl.arange(0, MP, gl.SliceLayout(0, out))
         poff = (base + prow.to(gl.int64))[:, None] * M + pcol[None, :]
-        gl.store(p_ptr + poff, acc, mask=(prow < T)[:, None] & (pcol < M)[None, :])
+        gl.store(p_ptr + poff, pv, mask=(prow < T)[:, None] & (pcol < M)[None, :])
         rows = t0 + gl.arange(0, BT, gl.SliceLayout(1, tile))
         gl.store(sq_ptr + base + rows.to(gl.int64), gl.sum(sq, axis=1), mask=rows < T)
 
     @gluon.jit(do_not_specialize=["T"])
     def _proj_ws_kernel(x_desc, w_desc, p_ptr, sq_ptr, T, K, M, K_SPLIT, BT: gl.constexpr, MP: gl.constexpr,
-                        SUBS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                        SUBS: gl.constexpr, STAGES: gl.constexpr, JOIN: gl.constexpr, num_warps: gl.constexpr):
         """Program (token block, K split): [BT, M] / [BT] partials of p / sq at p_ptr[split] / sq_ptr[split].
         x_desc: X as [T, K] in [BT, 64] blocks (rows past T read as zeros and are not written); w_desc:
-        split_hi_lo's [2K, MP] (hi rows, then lo rows) in [64, MP] blocks. K_SPLIT is a multiple of SUBS * 64."""
+        split_hi_lo's [2K, MP] (hi rows, then lo rows) in [64, MP] blocks, or with JOIN its interleaved [K, 2 MP]
+        (a row's hi columns, then its lo columns) in [64, 2 MP] blocks. K_SPLIT is a multiple of SUBS * 64."""
         t0 = gl.program_id(0) * BT
         split = gl.program_id(1)
         k_lo = split * K_SPLIT
         n_slots = (gl.minimum(k_lo + K_SPLIT, K) - k_lo) // (SUBS * _BK)
         x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * SUBS, BT, _BK], x_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * SUBS * 2, _BK, MP], w_desc.layout)
+        if JOIN:
+            w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * SUBS, _BK, 2 * MP], w_desc.layout)
+        else:
+            w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * SUBS * 2, _BK, MP], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -148,31 +173,38 @@ if AVAILABLE:
             mbarrier.init(empty.index(s), count=1)
         gl.warp_specialize([
             (_compute, (p_ptr, sq_ptr, x_bufs, w_bufs, ready, empty, t0, n_slots, split, T, M, BT, MP, SUBS, STAGES,
-                        num_warps)),
-            (_loader, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, t0, k_lo, n_slots, K, BT, MP, SUBS, STAGES)),
+                        JOIN, num_warps)),
+            (_loader, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, t0, k_lo, n_slots, K, BT, MP, SUBS, STAGES,
+                       JOIN)),
         ], [1], [_LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
 
 
-def descriptors(x: Tensor, w: Tensor, t: int, k: int, bt: int, mp: int):
+def descriptors(x: Tensor, w: Tensor, t: int, k: int, bt: int, mp: int, join: bool = False):
     """Gluon TMA descriptors: X as [T, K] in [BT, 64] blocks, phi's hi / lo halves (``w``, [2, K, MP]) as [2K, MP]
-    in [64, MP] blocks; each with the swizzle that TMA and wgmma agree on."""
+    in [64, MP] blocks, or with ``join`` the interleaved ``w`` ([K, 2, MP]) as [K, 2 MP] in [64, 2 MP] blocks; each
+    with the swizzle that TMA and wgmma agree on."""
+    wn = 2 * mp if join else mp
     tile = gl.NVMMASharedLayout.get_default_for([bt, BK], gl.bfloat16)
-    phi = gl.NVMMASharedLayout.get_default_for([BK, mp], gl.bfloat16)
+    phi = gl.NVMMASharedLayout.get_default_for([BK, wn], gl.bfloat16)
     return (TensorDescriptor.from_tensor(x.view(t, k), [bt, BK], tile),
-            TensorDescriptor.from_tensor(w.view(2 * k, mp), [BK, mp], phi))
+            TensorDescriptor.from_tensor(w.reshape(-1, wn), [BK, wn], phi))
 
 
 def launch(x: Tensor, w: Tensor, p: Tensor, sq: Tensor, k_split: int, num_warps: int = 8, subs: int = 2,
-           stages: int = 0) -> None:
-    """Run the kernel on a contiguous bf16 X [T, K] and phi's hi / lo halves ``w`` ([2, K, MP]); writes the
-    partials into p [splits, T, M] / sq [splits, T]. Token blocks of 16 * num_warps rows (wgmma: 16 rows a warp);
-    ``plan`` picks the slots (k_split must be a multiple of the slot's subs * 64 columns)."""
+           stages: int = 0, join: bool = False) -> None:
+    """Run the kernel on a contiguous bf16 X [T, K] and phi's hi / lo halves ``w`` (split_hi_lo's [2, K, MP], or
+    with ``join`` its interleaved [K, 2, MP]); writes the partials into p [splits, T, M] / sq [splits, T]. Token
+    blocks of 16 * num_warps rows (wgmma: 16 rows a warp); ``plan`` picks the slots (k_split must be a multiple of
+    the slot's subs * 64 columns)."""
     global LAUNCHES
     t, k = x.shape
     mp = w.shape[-1]
+    if tuple(w.shape) != ((k, 2, mp) if join else (2, k, mp)):
+        raise ValueError(f"mhc gluon proj: phi's halves have shape {tuple(w.shape)}, expected "
+                         f"{'[K, 2, MP]' if join else '[2, K, MP]'} for K = {k}")
     bt = 16 * num_warps
     chosen = plan(k, bt, mp, subs, stages)
     if chosen is None or k % BK or k_split % (chosen[0] * BK) or not 16 <= mp <= MAX_MP:
@@ -181,5 +213,5 @@ def launch(x: Tensor, w: Tensor, p: Tensor, sq: Tensor, k_split: int, num_warps:
     subs, stages = chosen
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, p.shape[0])
-    _proj_ws_kernel[grid](*descriptors(x, w, t, k, bt, mp), p, sq, t, k, p.shape[-1], k_split, BT=bt, MP=mp,
-                          SUBS=subs, STAGES=stages, num_warps=num_warps)
+    _proj_ws_kernel[grid](*descriptors(x, w, t, k, bt, mp, join), p, sq, t, k, p.shape[-1], k_split, BT=bt, MP=mp,
+                          SUBS=subs, STAGES=stages, JOIN=join, num_warps=num_warps)

@@ -132,8 +132,8 @@ def _proj_ws(cfg: DotCfg, x: Tensor, phi: Tensor, lead: tuple, t: int, k: int, m
     p = torch.empty((splits,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     try:
-        gp.launch(x.reshape(t, k), split_hi_lo(phi, mp, transpose=False), p.view(splits, t, m), sq.view(splits, t),
-                  k_split, cfg.num_warps, *chosen)
+        gp.launch(x.reshape(t, k), split_hi_lo(phi, mp, transpose=False, interleave=cfg.join_hi_lo),
+                  p.view(splits, t, m), sq.view(splits, t), k_split, cfg.num_warps, *chosen, join=cfg.join_hi_lo)
     except TritonError as e:
         _NO_GLUON_PROJ.add(x.device)
         warnings.warn(f"mhc proj: the Gluon kernel does not build here ({type(e).__name__}: {str(e)[:200]}); using "
