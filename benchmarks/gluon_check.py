@@ -47,6 +47,7 @@ CONFIGS = {
     "ws-box32": dict(ws=True, ws_box=32),
     "ws-s3": dict(ws=True, ws_consumers=1, ws_stages=3),
     "ws-sub1": dict(ws=True, ws_consumers=1, ws_subs=1, ws_box=32, ws_stages=4),
+    "ws-join": dict(ws=True, ws_join=True),  # one wgmma a stream against phi's [hi | lo] tile (session 31)
 }
 
 
@@ -180,17 +181,18 @@ def build(configs) -> int:
         _, bc, mp = tprp._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
         bt = 16 * cfg.num_warps
         subs, stages, wstages = gp.plan(n, c, bt, bc, mp, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages,
-                                        cfg.ws_consumers)
+                                        cfg.ws_consumers, cfg.ws_join)
         x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
-        w = torch.zeros(2, n * c, mp, dtype=torch.bfloat16)
+        w = torch.zeros((n * c, 2, mp) if cfg.ws_join else (2, n * c, mp), dtype=torch.bfloat16)
         with sm90_build.cpu_target(90):
             built = gp._post_res_proj_ws_kernel.warmup(
-                *gp.descriptors(x, y, w, t, n, c, n * c, bt, bc, mp, min(cfg.ws_box or bc, subs * bc)),
+                *gp.descriptors(x, y, w, t, n, c, n * c, bt, bc, mp, min(cfg.ws_box or bc, subs * bc), cfg.ws_join),
                 torch.empty_like(x), torch.zeros(t, n, n),
                 torch.zeros(t, n), torch.zeros(2, t, n * n + 2 * n), torch.zeros(2, t),
                 t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs,
                 BOXES=subs * bc // min(cfg.ws_box or bc, subs * bc), STAGES=stages, WSTAGES=wstages,
-                CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps, grid=(t // bt, 1))
+                CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps, JOIN=cfg.ws_join,
+                grid=(t // bt, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # a compute warpgroup's loop; spills counted in every loop

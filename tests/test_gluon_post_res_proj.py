@@ -19,10 +19,12 @@ def _run(*args):
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_gluon_post_res_proj_builds_for_sm90_within_shared_memory_without_spills():
-    proc = _run("--build", "--configs", "ws", "ws-sub1")
+    proc = _run("--build", "--configs", "ws", "ws-sub1", "ws-join")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-sub1:"))]
-    assert len(rows) == 2 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-sub1:", "ws-join:"))]
+    assert len(rows) == 3 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    hgmma = {row.split(":")[0]: int(row.split("'HGMMA': ")[1].split(",")[0]) for row in rows}
+    assert hgmma["ws-join"] * 2 == hgmma["ws"]  # one wgmma a stream instead of a hi and a lo one
 
 
 def test_plan_fills_the_shared_memory_budget_with_whole_slots():
@@ -38,6 +40,10 @@ def test_plan_fills_the_shared_memory_budget_with_whole_slots():
     assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=0, consumers=2) == (2, 2, 4)
     assert gp.smem_bytes(4, 64, 32, 32, 2, 2, 4, consumers=2) == 2 * 20480 * 2 + 4 * 16384 + 2 * 16384
     assert gp.plan(4, 96, 64, 32, 32, subs=2, stages=0, wstages=0, consumers=2) is None  # 3 chunks: no even split
+    # ws_join: phi's [hi | lo] tiles take the same bytes; each warpgroup adds p's [BT, MP] fp32 epilogue tile (the
+    # sm_90a build of gluon_check.py --build --configs ws-join takes 196712 bytes against 180552 without)
+    assert gp.smem_bytes(4, 64, 32, 32, 2, 2, 4, 2, join=True) == gp.smem_bytes(4, 64, 32, 32, 2, 2, 4, 2) + 16384
+    assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=0, consumers=2, join=True) == (2, 2, 4)
     assert gp.plan(4, 4096, 64, 32, 32, subs=2, stages=0, wstages=3, consumers=2) is None  # a phi slot each
 
 
@@ -108,7 +114,7 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
         want = tk.post_res_proj(x, h_res, h_post, y, phi)
     tries = []
 
-    def fails(*args):
+    def fails(*args, **kwargs):
         tries.append(len(args))
         raise OutOfResources(240000, 232448, "shared memory")
 

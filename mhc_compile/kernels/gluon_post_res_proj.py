@@ -44,13 +44,17 @@ def supported(x: Tensor, n: int, c: int, bc: int, mp: int) -> bool:
             and x.dtype == torch.bfloat16 and c % bc == 0 and c % 8 == 0 and 8 <= mp <= 256)
 
 
-def smem_bytes(n: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int, consumers: int = 1) -> int:
+def smem_bytes(n: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int, consumers: int = 1,
+               join: bool = False) -> int:
     """Shared memory of a launch: ``stages`` stream slots of subs * (n + 1) [BT, BC] tiles, ``wstages`` phi slots
-    of 2n [BC, MP] tiles, and each compute warpgroup's n X' tiles, all bf16."""
-    return 2 * (stages * subs * (n + 1) * bt * bc + wstages * 2 * n * bc * mp + consumers * n * bt * bc)
+    of 2n [BC, MP] tiles (n [BC, 2 MP] with ``join``: the same bytes), and each compute warpgroup's n X' tiles, all
+    bf16; with ``join`` also each warpgroup's [BT, MP] fp32 epilogue tile (p's layout change before its store)."""
+    ring = 2 * (stages * subs * (n + 1) * bt * bc + wstages * 2 * n * bc * mp + consumers * n * bt * bc)
+    return ring + (consumers * 4 * bt * mp if join else 0)
 
 
-def plan(n: int, c: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int, consumers: int = 1):
+def plan(n: int, c: int, bt: int, bc: int, mp: int, subs: int, stages: int, wstages: int, consumers: int = 1,
+         join: bool = False):
     """(subs, stages, wstages) for a call: ``subs`` halved until C / BC chunks split into whole slots, and a
     multiple of ``consumers`` (the compute warpgroups take a slot's chunks in turn); 0 stages or wstages: as many
     as fit, at most 2 stream slots and 3 phi slots a warpgroup, wstages a multiple of consumers (each phi slot
@@ -61,20 +65,20 @@ def plan(n: int, c: int, bt: int, bc: int, mp: int, subs: int, stages: int, wsta
     if subs % consumers:
         return None
     st, ws = stages or 2, wstages or (3 if consumers == 1 else 2 * consumers)
-    while not wstages and ws > 2 and smem_bytes(n, bt, bc, mp, subs, st, ws, consumers) > _SMEM:
+    while not wstages and ws > 2 and smem_bytes(n, bt, bc, mp, subs, st, ws, consumers, join) > _SMEM:
         ws -= consumers if consumers > 1 else 1
-    if st < 2 or ws < 2 or ws % consumers or smem_bytes(n, bt, bc, mp, subs, st, ws, consumers) > _SMEM:
+    if st < 2 or ws < 2 or ws % consumers or smem_bytes(n, bt, bc, mp, subs, st, ws, consumers, join) > _SMEM:
         return None
     return subs, st, ws
 
 
 def choose(n: int, c: int, bc: int, mp: int, num_warps: int, subs: int, stages: int, wstages: int,
-           consumers: int):
+           consumers: int, join: bool = False):
     """(BT, (subs, stages, wstages), consumers) of a launch, or None where ``plan`` finds no slots: the
     consumers' warpgroups where C's chunks split evenly between them, else one warpgroup."""
     bt = 16 * num_warps  # wgmma: 16 rows a warp
     for k in dict.fromkeys((consumers, 1)):
-        slots = plan(n, c, bt, bc, mp, subs, stages, wstages, k)
+        slots = plan(n, c, bt, bc, mp, subs, stages, wstages, k, join)
         if slots is not None:
             return bt, slots, k
     return None
@@ -96,9 +100,10 @@ if AVAILABLE:
     @gluon.jit
     def _loader(x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo, n_slots, C,
                 K, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, SUBS: gl.constexpr,
-                BOXES: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr):
+                BOXES: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr, JOIN: gl.constexpr):
         """One warp. For each stream slot: wait until it is free, issue its SUBS chunks' n + 1 tile loads at once
-        (adjacent runs of each row, close in time), then each chunk's 2n phi loads as phi slots free up."""
+        (adjacent runs of each row, close in time), then each chunk's 2n phi loads (JOIN: n) as phi slots free
+        up."""
         x_bytes: gl.constexpr = SUBS * (N + 1) * BT * BC * 2
         w_bytes: gl.constexpr = 2 * N * BC * MP * 2
         for it in range(n_slots):
@@ -120,22 +125,28 @@ if AVAILABLE:
                 mbarrier.wait(w_empty.index(q), ((g // WSTAGES) & 1) ^ 1, pred=g >= WSTAGES)
                 wbar = w_ready.index(q)
                 mbarrier.expect(wbar, w_bytes)
-                for i in gl.static_range(N):  # phi's rows i*C + c0 .. of the hi half, then of the lo half
-                    _tma_load(w_desc, [i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i)))
-                    _tma_load(w_desc, [K + i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i) + 1))
+                for i in gl.static_range(N):
+                    if JOIN:  # phi's rows i*C + c0 .., each its hi columns then its lo columns
+                        _tma_load(w_desc, [i * C + c0, 0], wbar, w_bufs.index(q * N + i))
+                    else:  # phi's rows i*C + c0 .. of the hi half, then of the lo half
+                        _tma_load(w_desc, [i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i)))
+                        _tma_load(w_desc, [K + i * C + c0, 0], wbar, w_bufs.index(2 * (q * N + i) + 1))
 
     @gluon.jit
     def _compute(out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty, w_ready,
                  w_empty, t0, c_lo, n_slots, split, T, C, M, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
                  MP: gl.constexpr, SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
-                 WSTAGES: gl.constexpr, FIRST: gl.constexpr, CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
+                 WSTAGES: gl.constexpr, FIRST: gl.constexpr, CONSUMERS: gl.constexpr, JOIN: gl.constexpr,
+                 num_warps: gl.constexpr):
         """Compute warpgroup FIRST of CONSUMERS: chunks u = FIRST, FIRST + CONSUMERS, ... of every slot, all BT
-        rows. Mixes X', stores it, projects it; writes its p and sq partials at p_ptr[split * CONSUMERS + FIRST]
+        rows. Mixes X', stores it, projects it (JOIN: one wgmma a stream against phi's [hi | lo] tile, into
+        [BT, 2 MP], halves added at the end); writes its p and sq partials at p_ptr[split * CONSUMERS + FIRST]
         / sq_ptr[...]. Its chunks' phi slots are its own (WSTAGES is a multiple of CONSUMERS)."""
         # [BT, BC] tiles: 16-byte rows of 8 channels a thread, so shared-memory loads and global stores are vectors
         tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BC // 8), BC // 8], [num_warps, 1], [1, 0])
+        WN: gl.constexpr = 2 * MP if JOIN else MP
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                             instr_shape=[16, MP, 16])
+                                                             instr_shape=[16, WN, 16])
         rows = t0 + gl.arange(0, BT, gl.SliceLayout(1, tile))
         rmask = rows < T
         r64 = rows.to(gl.int64)
@@ -146,8 +157,9 @@ if AVAILABLE:
             coef = coef + (gl.load(hpost_ptr + r64 * N + i, mask=rmask, other=0.0),)
         for k in gl.static_range(N * N):
             coef = coef + (gl.load(hres_ptr + r64 * (N * N) + k, mask=rmask, other=0.0),)
-        acc_hi = gl.zeros([BT, MP], gl.float32, acc_layout)
-        acc_lo = gl.zeros([BT, MP], gl.float32, acc_layout)
+        acc_hi = gl.zeros([BT, WN], gl.float32, acc_layout)  # JOIN: hi and lo
+        if not JOIN:
+            acc_lo = gl.zeros([BT, MP], gl.float32, acc_layout)
         sq = gl.zeros([BT, BC], gl.float32, tile)  # reduced across channels once, after the loop
         for it in range(n_slots):
             s = it % STAGES
@@ -179,14 +191,26 @@ if AVAILABLE:
                 mbarrier.wait(w_ready.index(q), (g // WSTAGES) & 1)
                 for i in gl.static_range(N):
                     a = o_bufs.index(FIRST * N + i)
-                    acc_hi = warpgroup_mma(a, w_bufs.index(2 * (q * N + i)), acc_hi, is_async=True)
-                    acc_lo = warpgroup_mma(a, w_bufs.index(2 * (q * N + i) + 1), acc_lo, is_async=True)
-                acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
+                    if JOIN:
+                        acc_hi = warpgroup_mma(a, w_bufs.index(q * N + i), acc_hi, is_async=True)
+                    else:
+                        acc_hi = warpgroup_mma(a, w_bufs.index(2 * (q * N + i)), acc_hi, is_async=True)
+                        acc_lo = warpgroup_mma(a, w_bufs.index(2 * (q * N + i) + 1), acc_lo, is_async=True)
+                if JOIN:
+                    acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi,))
+                else:
+                    acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
                 mbarrier.arrive(w_empty.index(q), count=1)
-        acc = acc_hi + acc_lo
         base = (split * CONSUMERS + FIRST).to(gl.int64) * T
-        prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, acc_layout))
-        pcol = gl.arange(0, MP, gl.SliceLayout(0, acc_layout))
+        if JOIN:  # hi + lo in a plain layout for the store: [BT, MP], 4 adjacent columns a thread
+            out: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (MP // 4), MP // 4], [num_warps, 1], [1, 0])
+            acc = gl.convert_layout(gl.sum(gl.reshape(acc_hi, [BT, 2, MP]), axis=1), out)
+            prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, out))
+            pcol = gl.arange(0, MP, gl.SliceLayout(0, out))
+        else:
+            acc = acc_hi + acc_lo
+            prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, acc_layout))
+            pcol = gl.arange(0, MP, gl.SliceLayout(0, acc_layout))
         poff = (base + prow.to(gl.int64))[:, None] * M + pcol[None, :]
         gl.store(p_ptr + poff, acc, mask=(prow < T)[:, None] & (pcol < M)[None, :])
         gl.store(sq_ptr + base + r64, gl.sum(sq, axis=1), mask=rmask)
@@ -196,11 +220,11 @@ if AVAILABLE:
                                  C_SPLIT, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
                                  SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
                                  WSTAGES: gl.constexpr, CONSUMERS: gl.constexpr, COMPUTE_REGS: gl.constexpr,
-                                 num_warps: gl.constexpr):
+                                 num_warps: gl.constexpr, JOIN: gl.constexpr = False):
         """Program (token block, channel split): X' of its chunks (stored through out_ptr), and [BT, M] / [BT]
         partials of p / sq at p_ptr[split * CONSUMERS + w] / sq_ptr[...] for each compute warpgroup w. x_desc: X
         as [T, N*C], y_desc: y as [T, C], both in [BT, BC] blocks; w_desc: split_hi_lo's [2K, MP] (hi rows, then
-        lo rows) in [BC, MP] blocks. C_SPLIT is a multiple of SUBS * BC. Rows past T read as zeros and are not
+        lo rows) in [BC, MP] blocks, or with JOIN its interleaved [K, 2 MP] in [BC, 2 MP] blocks. C_SPLIT is a multiple of SUBS * BC. Rows past T read as zeros and are not
         written. CONSUMERS (1 or 2) compute warpgroups share each slot, taking its chunks in turn; a slot is free
         once all have released it."""
         t0 = gl.program_id(0) * BT
@@ -209,7 +233,10 @@ if AVAILABLE:
         n_slots = (gl.minimum(c_lo + C_SPLIT, C) - c_lo) // (SUBS * BC)
         x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * BOXES * (N + 1), BT, SUBS * BC // BOXES],
                                            x_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [WSTAGES * N * 2, BC, MP], w_desc.layout)
+        if JOIN:
+            w_bufs = gl.allocate_shared_memory(gl.bfloat16, [WSTAGES * N, BC, 2 * MP], w_desc.layout)
+        else:
+            w_bufs = gl.allocate_shared_memory(gl.bfloat16, [WSTAGES * N * 2, BC, MP], w_desc.layout)
         o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BC], gl.bfloat16)
         o_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS * N, BT, BC], o_layout)
         x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -226,20 +253,20 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
                             w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
-                            WSTAGES, 0, 1, num_warps)),
+                            WSTAGES, 0, 1, JOIN, num_warps)),
                 (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
-                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES)),
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES, JOIN)),
             ], [1], [_LOADER_REGS])
         else:
             gl.warp_specialize([
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
                             w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
-                            WSTAGES, 0, 2, num_warps)),
+                            WSTAGES, 0, 2, JOIN, num_warps)),
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
                             w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
-                            WSTAGES, 1, 2, num_warps)),
+                            WSTAGES, 1, 2, JOIN, num_warps)),
                 (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
-                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES)),
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES, JOIN)),
             ], [num_warps, 1], [COMPUTE_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(x_ready.index(s))
@@ -250,29 +277,34 @@ if AVAILABLE:
 
 
 def descriptors(x: Tensor, y: Tensor, w: Tensor, t: int, n: int, c: int, k: int, bt: int, bc: int, mp: int,
-                xb: int = 0):
+                xb: int = 0, join: bool = False):
     """Gluon TMA descriptors: X as [T, n*C] and y as [T, C] in [BT, BC] blocks, the hi / lo halves of phi (``w``,
-    [2, K, MP]) as [2K, MP] in [BC, MP] blocks; each with the swizzle that TMA and wgmma agree on."""
+    [2, K, MP]) as [2K, MP] in [BC, MP] blocks, or with ``join`` the interleaved ``w`` ([K, 2, MP]) as [K, 2 MP]
+    in [BC, 2 MP] blocks; each with the swizzle that TMA and wgmma agree on."""
     xb = xb or bc
+    wn = 2 * mp if join else mp
     tile = gl.NVMMASharedLayout.get_default_for([bt, xb], gl.bfloat16)
-    phi = gl.NVMMASharedLayout.get_default_for([bc, mp], gl.bfloat16)
+    phi = gl.NVMMASharedLayout.get_default_for([bc, wn], gl.bfloat16)
     return (TensorDescriptor.from_tensor(x.view(t, n * c), [bt, xb], tile),
             TensorDescriptor.from_tensor(y.view(t, c), [bt, xb], tile),
-            TensorDescriptor.from_tensor(w.view(2 * k, mp), [bc, mp], phi))
+            TensorDescriptor.from_tensor(w.reshape(-1, wn), [bc, wn], phi))
 
 
 def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: Tensor, p: Tensor, sq: Tensor,
            c_split: int, bc: int, mp: int, num_warps: int = 4, consumers: int = 1, subs: int = 2, stages: int = 0,
-           wstages: int = 0, compute_regs: int = 232, box: int = 64) -> None:
+           wstages: int = 0, compute_regs: int = 232, box: int = 64, join: bool = False) -> None:
     """Run the kernel on contiguous bf16 X [T, n, C], y [T, C], fp32 h_res [T, n, n] / h_post [T, n] and phi's
-    hi / lo halves ``w`` ([2, K, MP]); writes X' into ``out`` and the partials into p [splits, T, M] /
-    sq [splits * consumers, T]. Token blocks of 16 * num_warps rows (wgmma: 16 rows a warp); ``plan`` picks the
+    hi / lo halves ``w`` (split_hi_lo's [2, K, MP], or with ``join`` its interleaved [K, 2, MP]); writes X' into
+    ``out`` and the partials into p [splits, T, M] / sq [splits * consumers, T]. Token blocks of 16 * num_warps rows (wgmma: 16 rows a warp); ``plan`` picks the
     slots (c_split must be a multiple of the slot's subs * BC channels)."""
     global LAUNCHES
     t, n, c = x.shape
     k, m = n * c, p.shape[-1]
     bt = 16 * num_warps
-    chosen = plan(n, c, bt, bc, mp, subs, stages, wstages, consumers)
+    chosen = plan(n, c, bt, bc, mp, subs, stages, wstages, consumers, join)
+    if tuple(w.shape) != ((k, 2, mp) if join else (2, k, mp)):
+        raise ValueError(f"mhc gluon post_res_proj: phi's halves have shape {tuple(w.shape)}, expected "
+                         f"{'[K, 2, MP]' if join else '[2, K, MP]'} for K = {k}")
     if consumers not in (1, 2) or chosen is None or c % bc or c_split % (chosen[0] * bc) or p.shape[0] % consumers:
         raise ValueError(f"mhc gluon post_res_proj: {consumers} consumers (1 or 2), slots {chosen} (None: two "
                          f"do not fit {_SMEM} bytes); C = {c} and its split {c_split} must be whole slots, p's "
@@ -281,7 +313,8 @@ def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: 
     xb = min(box or bc, subs * bc)  # channels a TMA box row reads: 128 bytes at most (its swizzle's width)
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, p.shape[0] // consumers)
-    _post_res_proj_ws_kernel[grid](*descriptors(x, y, w, t, n, c, k, bt, bc, mp, xb), out, h_res, h_post, p, sq, t, c,
+    _post_res_proj_ws_kernel[grid](*descriptors(x, y, w, t, n, c, k, bt, bc, mp, xb, join), out, h_res, h_post, p,
+                                   sq, t, c,
                                    k, m, c_split, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs, BOXES=subs * bc // xb,
                                    STAGES=stages, WSTAGES=wstages,
-                                   CONSUMERS=consumers, COMPUTE_REGS=compute_regs, num_warps=num_warps)
+                                   CONSUMERS=consumers, COMPUTE_REGS=compute_regs, num_warps=num_warps, JOIN=join)

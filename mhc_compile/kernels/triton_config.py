@@ -99,6 +99,11 @@ class DotCfg:
     ws_wstages: int = 0
     ws_consumers: int = 2
     ws_regs: int = 232
+    # post_res_proj's Gluon kernel (session 31, not yet timed on a GPU): one wgmma a stream against phi's interleaved
+    # [hi | lo] tile into a [BT, 2 MP] accumulator, instead of a hi and a lo wgmma (the Triton kernels' join_hi_lo):
+    # half the wgmmas a chunk and each X' tile read from shared memory once, for the wgmma issue that session 22
+    # found among the compute warpgroups' costs
+    ws_join: bool = False
 
     def __post_init__(self):  # configure / tuning build configs through replace(), so a bad field fails there
         if self.ws_consumers not in (1, 2):

@@ -230,7 +230,8 @@ def _post_res_proj_ws(cfg: DotCfg, x: Tensor, h_res: Tensor, h_post: Tensor, y: 
     gp = _gluon_prp()
     if not gp.supported(x, n, c, bc, mp):
         return None
-    chosen = gp.choose(n, c, bc, mp, cfg.num_warps, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers)
+    chosen = gp.choose(n, c, bc, mp, cfg.num_warps, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers,
+                       cfg.ws_join)
     if chosen is None:
         return None
     bt, slots, consumers = chosen
@@ -242,8 +243,9 @@ def _post_res_proj_ws(cfg: DotCfg, x: Tensor, h_res: Tensor, h_post: Tensor, y: 
     sq = torch.empty((parts,) + lead, dtype=acc, device=x.device)
     try:
         gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
-                  split_hi_lo(phi_next, mp, transpose=False), out.view(t, n, c), p.view(parts, t, m),
-                  sq.view(parts, t), c_split, bc, mp, cfg.num_warps, consumers, *slots, cfg.ws_regs, cfg.ws_box)
+                  split_hi_lo(phi_next, mp, transpose=False, interleave=cfg.ws_join), out.view(t, n, c),
+                  p.view(parts, t, m), sq.view(parts, t), c_split, bc, mp, cfg.num_warps, consumers, *slots,
+                  cfg.ws_regs, cfg.ws_box, join=cfg.ws_join)
     except TritonError as e:
         _NO_GLUON_PRP.add(x.device)
         warnings.warn(f"mhc post_res_proj: the Gluon kernel does not build here ({type(e).__name__}: "
