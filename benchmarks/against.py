@@ -1,4 +1,5 @@
-"""Another build of a kernel module beside this one, in one process: ``--against FILE`` of the Gluon check scripts.
+"""What the GPU check scripts share: another build of a kernel module beside this one, in one process (``--against
+FILE``), config specs for a build (``parse_tune``), and a results file written at every line (``Lines``).
 
 A branch's kernel and main's are best compared in the same process on the same GPU (interleaved timings, bit-equal
 outputs), since clocks and machines differ between device calls. FILE is the other build's module source, e.g.
@@ -49,3 +50,31 @@ def parse_tune(spec: str, flag: str = "--against-tune") -> dict:
         else:
             raise SystemExit(f"{flag} {item!r}: expected FIELD=INTEGER or FIELD=true/false")
     return out
+
+
+class Lines(list):
+    """The results file's lines, written out again at every append or extend (when ``path`` is set): a device call
+    that a hung kernel runs past its time limit still returns the lines before it."""
+
+    def __init__(self, path: str | None, first=()):
+        super().__init__(first)
+        self.path = path
+        self._write()
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        self._write()
+
+    def extend(self, lines) -> None:
+        super().extend(lines)
+        self._write()
+
+    def __iadd__(self, lines):
+        self.extend(lines)
+        return self
+
+    def _write(self) -> None:
+        if self.path:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "w") as f:
+                f.write("\n".join(self) + "\n")

@@ -10,9 +10,10 @@ the Triton kernel's, side by side in one process.
 token counts, n in {1, 2, 3, 4} and C from 256 to 2048: X' within bf16 rounding of the float64 reference (and
 whether it equals the Triton post_res kernel's bit for bit, reported, not required); p against the float64
 projection of that X' within the bound of a hi / lo bf16 dot; sq against float64. Every row asserts the Gluon
-kernel ran. (2) Times (median of CUDA-graph replays) of the Triton kernel and each config at each shape, with
-the copy bandwidth measured in the same run -> gluon-check.md; with ``--step``, bench_kernels' step forward row
-beside them (the op that calls post_res_proj in training). Exit status 1 when a check fails.
+kernel ran. (2) Times (median of CUDA-graph replays) of the Triton kernel and each config that passed, at each
+shape, with the copy bandwidth measured in the same run -> gluon-check.md, written at every line; with ``--step``,
+bench_kernels' step forward row beside them (the op that calls post_res_proj in training). Exit status 1 when a
+check fails.
 ``--build`` compiles the kernel for sm_90a on this machine (registers, spills, shared memory; fails past
 227 KB or with spills): the CPU tests run it, since Gluon kernels do not run under the interpreter.
 """
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.against import load_module, serving  # noqa: E402
+from benchmarks.against import Lines, load_module, serving  # noqa: E402
 from mhc_compile.kernels import gluon_post_res_proj as gp  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
@@ -223,28 +224,31 @@ def main() -> int:
         return 2
     import triton
 
-    lines = [f"# Gluon post_res_proj, {datetime.date.today()}", "",
-             f"- Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
-             "| config | T x n x C | Gluon ran | X' = post_res kernel | X' max err (ref) | p excess over hi/lo "
-             "bound | sq rel err | |", "|---|---|---|---|---|---|---|---|"]
-    good = True
+    # written at every line: a config that hangs leaves the rows before it
+    lines = Lines(os.path.join(args.out, "gluon-check.md"), [
+        f"# Gluon post_res_proj, {datetime.date.today()}", "",
+        f"- Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
+        "| config | T x n x C | Gluon ran | X' = post_res kernel | X' max err (ref) | p excess over hi/lo "
+        "bound | sq rel err | |", "|---|---|---|---|---|---|---|---|"])
+    passed = []
     for name in args.configs:
+        good = True
         for t, n, c in CHECK_SHAPES:
             row, ok = _check(t, n, c, name, against)
             good &= ok
             lines.append(row)
             print(row, flush=True)
+        if good:
+            passed.append(name)
+    lines += ["", f"configs that failed (not timed): {', '.join(c for c in args.configs if c not in passed) or 'none'}"]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
-    if good:
-        _time(shapes, args.configs, lines, against)
-    if good and args.step:
-        step(shapes, args.configs, lines)
+    if passed:
+        _time(shapes, passed, lines, against)
+    if passed and args.step:
+        step(shapes, passed, lines)
     if args.segments:
         segments(shapes, lines)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gluon-check.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return 0 if good else 1
+    return 0 if len(passed) == len(args.configs) else 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.against import load_module, parse_tune, serving  # noqa: E402
+from benchmarks.against import Lines, load_module, parse_tune, serving  # noqa: E402
 from mhc_compile import cost  # noqa: E402
 from mhc_compile.kernels import gluon_step_bwd as gs  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
@@ -136,26 +136,6 @@ def load_against(files: list[str], tunes: list[str]) -> list[Against]:
     return [Against(load_module(f, f"gluon_step_bwd_against{k}"), parse_tune(spec),
                     os.path.splitext(os.path.basename(f))[0] + (f" ({spec})" if spec else ""))
             for k, (f, spec) in enumerate(zip(files, specs))]
-
-
-class Lines(list):
-    """The results file's lines, written out again at every append (when ``path`` is set): a device call that a
-    hung kernel runs past its time limit still returns the lines before it."""
-
-    def __init__(self, path: str | None, first=()):
-        super().__init__(first)
-        self.path = path
-        self._write()
-
-    def append(self, line: str) -> None:
-        super().append(line)
-        self._write()
-
-    def _write(self) -> None:
-        if self.path:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            with open(self.path, "w") as f:
-                f.write("\n".join(self) + "\n")
 
 
 NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "dalpha")

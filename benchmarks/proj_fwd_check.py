@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.against import load_module, parse_tune  # noqa: E402
+from benchmarks.against import Lines, load_module, parse_tune  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
 from mhc_compile.kernels import triton_config, triton_proj  # noqa: E402
 from mhc_compile.kernels.triton_common import cdiv, pow2  # noqa: E402
@@ -60,8 +60,9 @@ def builds(files: list[str], tunes: list[str] = ()) -> list[tuple[str, object]]:
             + [(os.path.splitext(os.path.basename(f))[0], load_module(f, f"proj_{k}")) for k, f in enumerate(files)])
 
 
-def check(mods, shapes, device: str, calls: int = 3) -> tuple[list[str], set[str]]:
-    """Rows '| T x n x C | dtype | build | p error | sq error | ok |' and the labels of the builds that failed."""
+def check(mods, shapes, device: str, calls: int = 3, out: list | None = None) -> tuple[list[str], set[str]]:
+    """Rows '| T x n x C | dtype | build | p error | sq error | ok |' (also appended to ``out`` as they come) and the
+    labels of the builds that failed."""
     rows, bad = [], set()
     for t, n, c, dtype in shapes:
         g = torch.Generator(device=device).manual_seed(t + n + c)
@@ -80,16 +81,21 @@ def check(mods, shapes, device: str, calls: int = 3) -> tuple[list[str], set[str
                 bad.add(label)
             rows.append(f"| {t}x{n}x{c} | {str(dtype)[6:]} | {label} | {ep:.2e} | {es:.2e} | {'ok' if ok else 'FAIL'} |")
             print(rows[-1], flush=True)
+            if out is not None:
+                out.append(rows[-1])
     return rows, bad
 
 
-def times(mods, rounds: int = 3) -> list[str]:
+def times(mods, rounds: int = 3, out: list | None = None) -> list[str]:
+    """Each build's time at TIMES, ``rounds`` interleaved rounds: the rows, appended to ``out`` (a Lines writes
+    each as it comes) when given."""
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
 
     bw = copy_bandwidth("cuda")
-    rows = [f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n", "| T x n x C | round | " + " | ".join(
+    rows = out if out is not None else []
+    rows += [f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n", "| T x n x C | round | " + " | ".join(
         f"{label} us (eff)" for label, _ in mods) + " |", "|---|---|" + "---|" * len(mods)]
     for t, n, c in TIMES:
         m = ref.num_coeffs(n)
@@ -154,19 +160,19 @@ def main() -> int:
     import triton
 
     mods = builds(args.against, args.tune)
-    lines = [f"# proj_fwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {triton.__version__}\n", "Worst relative error of three calls, against the reference.\n",
-             "| shape | dtype | build | p | sq | |", "|---|---|---|---|---|---|"]
+    # written at every line: a build that hangs (a new Gluon kernel) leaves the rows before it
+    lines = Lines(os.path.join(os.environ.get("OUT") or ".", "proj_fwd_check.md"), [
+        f"# proj_fwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}\n", "Worst relative error of three calls, against the reference.\n",
+        "| shape | dtype | build | p | sq | |", "|---|---|---|---|---|---|"])
     from mhc_compile.kernels import gluon_proj
 
-    rows, bad = check(mods, CHECKS, "cuda")
-    lines += rows + [f"\nbuilds that failed (not timed): {', '.join(sorted(bad)) or 'none'}",
+    rows, bad = check(mods, CHECKS, "cuda", out=lines)
+    lines += [f"\nbuilds that failed (not timed): {', '.join(sorted(bad)) or 'none'}",
                      f"Gluon proj kernel launches in the checks: {gluon_proj.LAUNCHES}"]
     passed = [(label, mod) for label, mod in mods if label not in bad]
     if passed and not args.no_times:
-        lines += times(passed)
-    with open(os.path.join(os.environ.get("OUT") or ".", "proj_fwd_check.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        times(passed, out=lines)
     return 1 if bad else 0
 
 

@@ -560,13 +560,15 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
 
 def test_step_bwd_check_writes_its_results_at_every_line(tmp_path):
     """A hung kernel runs a device call past its limit: the results file must already hold every line before it."""
-    from benchmarks.gluon_step_bwd_check import Lines
+    from benchmarks.against import Lines
 
     path = tmp_path / "out" / "gluon_step_bwd_check.md"
     lines = Lines(str(path), ["# header"])
     assert path.read_text() == "# header\n"
     lines.append("| 256x4x512 | dx_prev | 1e-3 | 1e-3 | ok |")
     assert path.read_text().splitlines() == ["# header", "| 256x4x512 | dx_prev | 1e-3 | 1e-3 | ok |"]
+    lines += ["a", "b"]  # extend and += write too (proj_fwd_check and gluon_check add rows that way)
+    assert path.read_text().splitlines()[-2:] == ["a", "b"] and isinstance(lines, Lines)
     assert Lines(None, ["x"]) == ["x"]  # no --out: nothing written
 
 
