@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import os
+import re
 import sys
 
 import torch
@@ -137,11 +138,18 @@ def build() -> int:
                                               STAGES=stages, JOIN=join, num_warps=warps, grid=(cdiv(t, bt), 2))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
-        loop = sm90_build.ws_loop_counts(sm90_build.sass(built), ("HGMMA", "SYNCS", "BAR.SYNC", "LDS"))
-        ok = spill == 0 and smem <= sm90_build.SMEM_LIMIT and loop.get("HGMMA", 0) > 0
+        sass = sm90_build.sass(built)
+        loop = sm90_build.ws_loop_counts(sass, ("HGMMA", "SYNCS", "BAR.SYNC", "LDS"))
+        # the design's point: each slot waits for the previous slot's wgmmas only (this slot's stay in flight), then
+        # once for all at the end. ptxas may still wait after each wgmma (DEPBAR 0): Triton 3.6's keeps them
+        # asynchronous (DEPBAR.LE 2 with join), 3.9's does not; the depbar column says which this build got
+        waits = re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", built.asm["ptx"])
+        depbar = sorted({int(v, 16) for v in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)})
+        ok = (spill == 0 and smem <= sm90_build.SMEM_LIMIT and loop.get("HGMMA", 0) > 0
+              and waits == [str(subs if join else 2 * subs), "0"])
         failed += not ok
-        print(f"n={n} C={c} BT={bt} MP={mp} join={join} subs={subs} stages={stages} regs={regs} spill={spill} smem={smem} "
-              f"loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
+        print(f"n={n} C={c} BT={bt} MP={mp} join={join} subs={subs} stages={stages} regs={regs} spill={spill} "
+              f"smem={smem} waits={waits} depbar={depbar} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
 

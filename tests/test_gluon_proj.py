@@ -70,6 +70,9 @@ def test_builds_for_sm90a_without_spills():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("n=")]
     assert len(lines) == 6 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
     assert {"join=True" in line for line in lines} == {True, False}  # both wgmma shapes built
+    # each slot waits for the previous slot's wgmmas only (join: SUBS of them in flight, else 2 SUBS), then all
+    assert all("waits=['2', '0']" in line for line in lines if "join=True subs=2" in line)
+    assert all("waits=['4', '0']" in line for line in lines if "join=False subs=2" in line)
 
 
 @pytest.mark.skipif(not on_sm90_gpu(), reason=GPU_ONLY)

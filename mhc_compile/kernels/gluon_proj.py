@@ -18,6 +18,11 @@ Here the kernel owns its ring, so the tile can feed both users without a race:
   hi and lo wgmmas asynchronously, and then waits only for the previous slot's wgmmas (num_outstanding = this
   slot's), after which the previous slot is released: one slot's dots stay in flight while the next lands.
 
+Whether the wgmmas really stay in flight is ptxas's call. In the sm_90a builds (``proj_fwd_check.py --build``,
+column depbar), Triton 3.6's ptxas (the GPU machine's) keeps them asynchronous at n <= 4 (MP = 32: DEPBAR.LE 2 in
+the loop) but waits after each at MP = 64 (n = 5 to 7); Triton 3.9's waits after each at every n. The PTX asks
+for the same in all of them.
+
 The arithmetic is the Triton kernel's with HI_LO: bf16 X against phi's bf16 hi and lo halves, fp32 accumulators
 (hi and lo apart, added once at the end), sq in fp32 from the exact bf16 -> fp32 widening. With JOIN (DotCfg's
 join_hi_lo, as the Triton kernel has it by default) a box's hi and lo columns are one [64, 2 MP] tile and one wgmma,
