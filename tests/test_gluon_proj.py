@@ -29,6 +29,11 @@ def test_plan_fills_shared_memory_with_whole_slots():
     assert gp.plan(4 * 4096, 128, 32, 4, 4) is None  # 384 KB
 
 
+def test_warps_for_keeps_eight_warps_only_where_the_wgmmas_stay_in_flight():
+    assert gp.warps_for(16, 8) == gp.warps_for(32, 8) == 8  # n <= 4
+    assert gp.warps_for(64, 8) == 4 and gp.warps_for(64, 2) == 2  # n = 5 to 7
+
+
 def test_supported_only_on_sm90_bf16_whole_boxes():
     x = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
     assert not gp.supported(x, 256, 32)  # a CPU tensor
@@ -68,7 +73,7 @@ def test_builds_for_sm90a_without_spills():
     proc = run_check("proj_fwd_check.py", "--build")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("n=")]
-    assert len(lines) == 6 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
+    assert len(lines) == 7 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
     assert {"join=True" in line for line in lines} == {True, False}  # both wgmma shapes built
     # each slot waits for the previous slot's wgmmas only (join: SUBS of them in flight, else 2 SUBS), then all
     assert all("waits=['2', '0']" in line for line in lines if "join=True subs=2" in line)

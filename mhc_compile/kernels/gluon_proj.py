@@ -19,9 +19,9 @@ Here the kernel owns its ring, so the tile can feed both users without a race:
   slot's), after which the previous slot is released: one slot's dots stay in flight while the next lands.
 
 Whether the wgmmas really stay in flight is ptxas's call. In the sm_90a builds (``proj_fwd_check.py --build``,
-column depbar), Triton 3.6's ptxas (the GPU machine's) keeps them asynchronous at n <= 4 (MP = 32: DEPBAR.LE 2 in
-the loop) but waits after each at MP = 64 (n = 5 to 7); Triton 3.9's waits after each at every n. The PTX asks
-for the same in all of them.
+column depbar), Triton 3.6's ptxas (the GPU machine's) keeps them asynchronous at n <= 4 (MP = 32, 8 warps:
+DEPBAR.LE 2 in the loop) and at MP = 64 (n = 5 to 7) only with 4 warps (``warps_for``); Triton 3.9's waits after
+each wgmma in every build. The PTX asks for the same in all of them.
 
 The arithmetic is the Triton kernel's with HI_LO: bf16 X against phi's bf16 hi and lo halves, fp32 accumulators
 (hi and lo apart, added once at the end), sq in fp32 from the exact bf16 -> fp32 widening. With JOIN (DotCfg's
@@ -58,6 +58,13 @@ def supported(x: Tensor, k: int, mp: int) -> bool:
     registers hold."""
     return (AVAILABLE and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
             and x.dtype == torch.bfloat16 and k % BK == 0 and 16 <= mp <= MAX_MP)
+
+
+def warps_for(mp: int, num_warps: int) -> int:
+    """The compute partition's warps (BT = 16 a warp): ``num_warps`` at MP <= 32, at most 4 past it. In the sm_90a
+    builds of Triton 3.6 at MP = 64, ptxas waits after each wgmma with 8 warps and keeps them in flight with 4
+    (DEPBAR.LE 2); 4 warps also read phi's tiles twice as often for the same X bytes, which n <= 4 need not pay."""
+    return num_warps if mp <= 32 else min(num_warps, 4)
 
 
 def smem_bytes(bt: int, mp: int, subs: int, stages: int) -> int:

@@ -121,7 +121,8 @@ def _proj_ws(cfg: DotCfg, x: Tensor, phi: Tensor, lead: tuple, t: int, k: int, m
     with a warning. A build error comes before the launch, so nothing has been written."""
     gp = _gluon_proj()
     mp = max(16, pow2(m))
-    bt = 16 * cfg.num_warps
+    warps = gp.warps_for(mp, cfg.num_warps)
+    bt = 16 * warps
     chosen = gp.plan(k, bt, mp, cfg.ws_subs, cfg.ws_stages) if gp.supported(x, k, mp) and tma_ok(x) else None
     if chosen is None:
         return None
@@ -133,7 +134,7 @@ def _proj_ws(cfg: DotCfg, x: Tensor, phi: Tensor, lead: tuple, t: int, k: int, m
     sq = torch.empty((splits,) + lead, dtype=acc, device=x.device)
     try:
         gp.launch(x.reshape(t, k), split_hi_lo(phi, mp, transpose=False, interleave=cfg.join_hi_lo),
-                  p.view(splits, t, m), sq.view(splits, t), k_split, cfg.num_warps, *chosen, join=cfg.join_hi_lo)
+                  p.view(splits, t, m), sq.view(splits, t), k_split, warps, *chosen, join=cfg.join_hi_lo)
     except TritonError as e:
         _NO_GLUON_PROJ.add(x.device)
         warnings.warn(f"mhc proj: the Gluon kernel does not build here ({type(e).__name__}: {str(e)[:200]}); using "
