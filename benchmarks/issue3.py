@@ -21,8 +21,10 @@ other's results), writing under DIR (default: $OUT, else ./bench_out/issue3):
 2. ``bench_training.py --variants naive liger --rounds R``: a GPT-style pre-norm stack, seq 2048 x batch 4, bf16,
    n = 4, d in {2048, 4096, 7168}, backend="mhc" checked against the naive eager mHC on the same weights first, then
    step time and peak memory of the residual model under Inductor, backend="mhc", naive mHC eager and under
-   Inductor, and Liger-Kernel's ``LigerMHC`` (when ``liger_kernel`` is importable), rounds interleaved
-   -> DIR/training-d<widths>/.
+   Inductor, and Liger-Kernel's ``LigerMHC`` (when ``liger_kernel`` is importable: on a machine that cannot reach
+   PyPI, carry its wheel in the ignored ``.whl/`` folder and install it into the interpreter that runs this:
+   ``python -m pip install --no-deps .whl/liger_kernel-*.whl``; a bare ``pip`` may be another Python's, as in
+   session 31), rounds interleaved -> DIR/training-d<widths>/.
 3. DIR/issue3-<date>.md: device and versions, each target of the issue against what the run measured, then both
    stages' tables as they were written.
 """
