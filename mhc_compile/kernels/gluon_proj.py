@@ -12,8 +12,8 @@ is issued, at 9 % of the kernel's time (81-85 % of copy bandwidth at 32768 x 409
 Here the kernel owns its ring, so the tile can feed both users without a race:
 
 - the loader warp fills a ring of STAGES slots, each SUBS boxes of X [BT, 64] (128-byte rows; SUBS = 2 gives a
-  slot 256-byte runs of each row, which session 21 measured at 98 % of copy bandwidth for a bare read) and, for
-  each box, phi's hi and lo tiles [64, MP];
+  slot 256-byte runs of each row: session 21 measured proj's forward at 89 % of copy bandwidth reading 128-byte rows
+  and 98 % reading 256-byte ones) and, for each box, phi's hi and lo tiles [64, MP];
 - the compute partition waits for a slot, sums the squares of its boxes from shared memory, issues the slot's
   hi and lo wgmmas asynchronously, and then waits only for the previous slot's wgmmas (num_outstanding = this
   slot's), after which the previous slot is released: one slot's dots stay in flight while the next lands.
@@ -28,10 +28,10 @@ The arithmetic is the Triton kernel's with HI_LO: bf16 X against phi's bf16 hi a
 join_hi_lo, as the Triton kernel has it by default) a box's hi and lo columns are one [64, 2 MP] tile and one wgmma,
 so the tensor cores read each X box from shared memory once instead of twice.
 
-GPU only (sm_90, bf16 streams, K = n*C a multiple of a slot's columns, MP <= 64, i.e. n <= 7): ``supported`` and
+GPU only (sm_90, bf16 streams, K = n*C a multiple of 64, MP <= 64, i.e. n <= 7): ``supported`` and
 ``plan`` say where it runs; ``triton_proj.proj`` takes it with ``DotCfg.ws`` for "proj" (opt-in until it is measured
 on the GPU) and keeps the Triton kernel elsewhere and, with a warning, where it does not build. Gluon does not run
-under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a (``benchmarks/gluon_proj_check.py --build``) and
+under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a (``benchmarks/proj_fwd_check.py --build``) and
 check the host-side plan; ``benchmarks/proj_fwd_check.py --tune ws=true`` compares it with the reference on an
 sm_90 GPU and times it beside the Triton kernel.
 """
