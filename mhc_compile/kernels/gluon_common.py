@@ -7,6 +7,7 @@
 - TMA descriptors with the swizzle that TMA and wgmma agree on.
 - The shared memory a block may take.
 - fp32 operands padded with zero columns to a TMA box's width.
+- p = X phi against phi's bf16 hi / lo halves: the accumulator pair, its wgmmas, waits and store.
 """
 
 from __future__ import annotations
@@ -66,8 +67,69 @@ if AVAILABLE:
         return gl.inline_asm_elementwise(
             "{ cvt.rn.bf16x2.f32 $0, $4, $3; shl.b32 $1, $0, 16; and.b32 $2, $0, 0xffff0000; }", "=r,=r,=r,r,r",
             [v], dtype=(gl.bfloat16, gl.float32), is_pure=True, pack=2)
+    # p = X phi with phi split into bf16 hi and lo halves (proj's forward, post_res_proj): either a hi and a lo wgmma
+    # into two [BT, MP] accumulators, or with JOIN one wgmma against phi's interleaved [hi | lo] tile into one
+    # [BT, 2 MP] accumulator, whose halves are added at the end. With JOIN, acc_lo is acc and unused, so both ways
+    # carry the same (acc, acc_lo) pair through the kernel's loop.
+    @gluon.jit
+    def hl_zeros(BT: gl.constexpr, MP: gl.constexpr, layout: gl.constexpr, JOIN: gl.constexpr):
+        """The (acc, acc_lo) pair at zero; ``layout`` is the wgmma accumulator layout of N = 2 MP (JOIN) or MP."""
+        if JOIN:
+            acc = gl.zeros([BT, 2 * MP], gl.float32, layout)
+            acc_lo = acc
+        else:
+            acc = gl.zeros([BT, MP], gl.float32, layout)
+            acc_lo = gl.zeros([BT, MP], gl.float32, layout)
+        return acc, acc_lo
+
+    @gluon.jit
+    def hl_mma(a, w_bufs, slot, acc, acc_lo, JOIN: gl.constexpr):
+        """A's asynchronous wgmmas against phi's tiles of ``slot``: w_bufs[slot] ([hi | lo], JOIN), else
+        w_bufs[2 slot] (hi) and w_bufs[2 slot + 1] (lo)."""
+        if JOIN:
+            acc = warpgroup_mma(a, w_bufs.index(slot), acc, is_async=True)
+            acc_lo = acc
+        else:
+            acc = warpgroup_mma(a, w_bufs.index(2 * slot), acc, is_async=True)
+            acc_lo = warpgroup_mma(a, w_bufs.index(2 * slot + 1), acc_lo, is_async=True)
+        return acc, acc_lo
+
+    @gluon.jit
+    def hl_wait(acc, acc_lo, IN_FLIGHT: gl.constexpr, JOIN: gl.constexpr):
+        """Wait until at most the wgmmas of the last IN_FLIGHT A tiles are outstanding (one a tile with JOIN,
+        else two)."""
+        if JOIN:
+            acc = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
+            acc_lo = acc
+        else:
+            acc, acc_lo = warpgroup_mma_wait(num_outstanding=2 * IN_FLIGHT, deps=(acc, acc_lo))
+        return acc, acc_lo
+
+    @gluon.jit
+    def hl_store(p_ptr, acc, acc_lo, base, t0, T, M, BT: gl.constexpr, MP: gl.constexpr, layout: gl.constexpr,
+                 JOIN: gl.constexpr, PLAIN: gl.constexpr, num_warps: gl.constexpr):
+        """p = hi + lo of a waited pair, rows t0 .. t0 + BT of the [T, M] partial at p_ptr + base * M (rows past T
+        and columns past M not written). With JOIN or PLAIN the sum moves to a plain layout (4 adjacent columns a
+        thread) through shared memory before its store; otherwise it is stored in the accumulators' ``layout``.
+        (PLAIN: in proj's forward, whose wgmmas stay in flight across its loop, the sm_90a build of Triton 3.6 kept
+        them asynchronous only with the move: DEPBAR.LE 4 with it, 0 without.)"""
+        if JOIN:
+            pv = gl.sum(gl.reshape(acc, [BT, 2, MP]), axis=1)
+        else:
+            pv = acc + acc_lo
+        if JOIN or PLAIN:
+            out: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (MP // 4), MP // 4], [num_warps, 1], [1, 0])
+            pv = gl.convert_layout(pv, out)
+            prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, out))
+            pcol = gl.arange(0, MP, gl.SliceLayout(0, out))
+        else:
+            prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, layout))
+            pcol = gl.arange(0, MP, gl.SliceLayout(0, layout))
+        poff = (base + prow.to(gl.int64))[:, None] * M + pcol[None, :]
+        gl.store(p_ptr + poff, pv, mask=(prow < T)[:, None] & (pcol < M)[None, :])
 else:  # pragma: no cover - depends on the installed Triton
     LOADER_REGS = tma_load = tma_store = warps_barrier = waited = bf16_to_f32 = f32_to_bf16 = round_bf16 = None
+    hl_zeros = hl_mma = hl_wait = hl_store = None
 
 
 def desc(v, shape, strides, block, dtype) -> "TensorDescriptor":

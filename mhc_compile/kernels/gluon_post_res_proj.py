@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, fence_async_shared, gl, gluon,
-                                              mbarrier, round_bf16, warpgroup_mma, warpgroup_mma_wait, SMEM as _SMEM,
-                                              LOADER_REGS as _LOADER_REGS, tma_load as _tma_load)
+                                              hl_mma, hl_store, hl_wait, hl_zeros, mbarrier, round_bf16,
+                                              SMEM as _SMEM, LOADER_REGS as _LOADER_REGS, tma_load as _tma_load)
 
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
 
@@ -157,9 +157,7 @@ if AVAILABLE:
             coef = coef + (gl.load(hpost_ptr + r64 * N + i, mask=rmask, other=0.0),)
         for k in gl.static_range(N * N):
             coef = coef + (gl.load(hres_ptr + r64 * (N * N) + k, mask=rmask, other=0.0),)
-        acc_hi = gl.zeros([BT, WN], gl.float32, acc_layout)  # JOIN: hi and lo
-        if not JOIN:
-            acc_lo = gl.zeros([BT, MP], gl.float32, acc_layout)
+        acc, acc_lo = hl_zeros(BT, MP, acc_layout, JOIN)
         sq = gl.zeros([BT, BC], gl.float32, tile)  # reduced across channels once, after the loop
         for it in range(n_slots):
             s = it % STAGES
@@ -190,29 +188,11 @@ if AVAILABLE:
                     mbarrier.arrive(x_empty.index(s), count=1)
                 mbarrier.wait(w_ready.index(q), (g // WSTAGES) & 1)
                 for i in gl.static_range(N):
-                    a = o_bufs.index(FIRST * N + i)
-                    if JOIN:
-                        acc_hi = warpgroup_mma(a, w_bufs.index(q * N + i), acc_hi, is_async=True)
-                    else:
-                        acc_hi = warpgroup_mma(a, w_bufs.index(2 * (q * N + i)), acc_hi, is_async=True)
-                        acc_lo = warpgroup_mma(a, w_bufs.index(2 * (q * N + i) + 1), acc_lo, is_async=True)
-                if JOIN:
-                    acc_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi,))
-                else:
-                    acc_hi, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc_hi, acc_lo))
+                    acc, acc_lo = hl_mma(o_bufs.index(FIRST * N + i), w_bufs, q * N + i, acc, acc_lo, JOIN)
+                acc, acc_lo = hl_wait(acc, acc_lo, 0, JOIN)
                 mbarrier.arrive(w_empty.index(q), count=1)
         base = (split * CONSUMERS + FIRST).to(gl.int64) * T
-        if JOIN:  # hi + lo in a plain layout for the store: [BT, MP], 4 adjacent columns a thread
-            out: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (MP // 4), MP // 4], [num_warps, 1], [1, 0])
-            acc = gl.convert_layout(gl.sum(gl.reshape(acc_hi, [BT, 2, MP]), axis=1), out)
-            prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, out))
-            pcol = gl.arange(0, MP, gl.SliceLayout(0, out))
-        else:
-            acc = acc_hi + acc_lo
-            prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, acc_layout))
-            pcol = gl.arange(0, MP, gl.SliceLayout(0, acc_layout))
-        poff = (base + prow.to(gl.int64))[:, None] * M + pcol[None, :]
-        gl.store(p_ptr + poff, acc, mask=(prow < T)[:, None] & (pcol < M)[None, :])
+        hl_store(p_ptr, acc, acc_lo, base, t0, T, M, BT, MP, acc_layout, JOIN, False, num_warps)
         gl.store(sq_ptr + base + r64, gl.sum(sq, axis=1), mask=rmask)
 
     @gluon.jit(do_not_specialize=["T"])

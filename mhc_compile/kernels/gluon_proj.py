@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, gl, gluon, mbarrier,
-                                              warpgroup_mma, warpgroup_mma_wait, SMEM as _SMEM,
+from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, gl, gluon, hl_mma, hl_store,
+                                              hl_wait, hl_zeros, mbarrier, SMEM as _SMEM,
                                               LOADER_REGS as _LOADER_REGS, tma_load as _tma_load,
                                               warps_barrier as _warps_barrier)
 
@@ -122,9 +122,7 @@ if AVAILABLE:
         WN: gl.constexpr = 2 * MP if JOIN else MP
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, WN, 16])
-        acc = gl.zeros([BT, WN], gl.float32, acc_layout)  # JOIN: hi and lo; else hi
-        if not JOIN:
-            acc_lo = gl.zeros([BT, MP], gl.float32, acc_layout)
+        acc, acc_lo = hl_zeros(BT, MP, acc_layout, JOIN)
         sq = gl.zeros([BT, _BK], gl.float32, tile)  # reduced across columns once, after the loop
         for it in range(n_slots):
             s = it % STAGES
@@ -133,32 +131,15 @@ if AVAILABLE:
                 xb = x_bufs.index(s * SUBS + u)
                 xf = bf16_to_f32(xb.load(tile))
                 sq += xf * xf
-                if JOIN:
-                    acc = warpgroup_mma(xb, w_bufs.index(s * SUBS + u), acc, is_async=True)
-                else:
-                    acc = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u)), acc, is_async=True)
-                    acc_lo = warpgroup_mma(xb, w_bufs.index(2 * (s * SUBS + u) + 1), acc_lo, is_async=True)
+                acc, acc_lo = hl_mma(xb, w_bufs, s * SUBS + u, acc, acc_lo, JOIN)
             # the previous slot's wgmmas have completed (this slot's stay in flight), and every warp has read this
             # slot's boxes for sq before the one thread that arrives releases the previous slot
-            if JOIN:
-                acc = warpgroup_mma_wait(num_outstanding=SUBS, deps=(acc,))
-            else:
-                acc, acc_lo = warpgroup_mma_wait(num_outstanding=2 * SUBS, deps=(acc, acc_lo))
+            acc, acc_lo = hl_wait(acc, acc_lo, SUBS, JOIN)
             _warps_barrier()
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=it > 0)
-        # p = hi + lo, in a plain layout for the store: [BT, MP] with 4 adjacent columns a thread
-        out: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (MP // 4), MP // 4], [num_warps, 1], [1, 0])
-        if JOIN:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            pv = gl.convert_layout(gl.sum(gl.reshape(acc, [BT, 2, MP]), axis=1), out)
-        else:
-            acc, acc_lo = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_lo))
-            pv = gl.convert_layout(acc + acc_lo, out)
+        acc, acc_lo = hl_wait(acc, acc_lo, 0, JOIN)
         base = split.to(gl.int64) * T
-        prow = t0 + gl.arange(0, BT, gl.SliceLayout(1, out))
-        pcol = gl.arange(0, MP, gl.SliceLayout(0, out))
-        poff = (base + prow.to(gl.int64))[:, None] * M + pcol[None, :]
-        gl.store(p_ptr + poff, pv, mask=(prow < T)[:, None] & (pcol < M)[None, :])
+        hl_store(p_ptr, acc, acc_lo, base, t0, T, M, BT, MP, acc_layout, JOIN, True, num_warps)
         rows = t0 + gl.arange(0, BT, gl.SliceLayout(1, tile))
         gl.store(sq_ptr + base + rows.to(gl.int64), gl.sum(sq, axis=1), mask=rows < T)
 
