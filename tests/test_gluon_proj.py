@@ -87,3 +87,30 @@ def test_gluon_proj_matches_the_reference_on_the_gpu(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     text = (tmp_path / "proj_fwd_check.md").read_text()
     assert "| this build (ws=true) |" in text and "Gluon proj kernel launches in the checks: 0" not in text
+
+
+def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monkeypatch):
+    """With DotCfg.ws, a Gluon kernel that does not build (another Triton's Gluon, shared memory, ptxas) leaves the
+    call to the Triton kernel with a warning, and the device's later calls go straight there."""
+    from triton.runtime.errors import OutOfResources
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 4, 64, generator=g).bfloat16()
+    phi = torch.randn(4 * 64, ref.num_coeffs(4), generator=g) * 0.05
+    want = tproj.proj(x, phi)
+    tries = []
+
+    def fails(*args, **kwargs):
+        tries.append(len(args))
+        raise OutOfResources(240000, 232448, "shared memory")
+
+    monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(tproj, "tma_ok", lambda *args: True)
+    monkeypatch.setattr(gp, "launch", fails)
+    monkeypatch.setattr(tproj, "_NO_GLUON_PROJ", set())
+    with tcfg.tuning("proj", ws=True):
+        with pytest.warns(UserWarning, match="mhc proj: the Gluon kernel does not build here.*OutOfResources"):
+            got = tproj.proj(x, phi)
+        again = tproj.proj(x, phi)
+    assert len(tries) == 1 and tproj._NO_GLUON_PROJ == {x.device}
+    assert all(torch.equal(a, b) for a, b in zip(got + again, want + want))
