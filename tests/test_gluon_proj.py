@@ -1,4 +1,4 @@
-"""proj's forward as a warp-specialized Gluon kernel (kernels/gluon_proj.py, DotCfg.ws for "proj", opt-in).
+"""proj's forward as a warp-specialized Gluon kernel (kernels/gluon_proj.py, DotCfg.ws for "proj", the default).
 
 Gluon kernels do not run under TRITON_INTERPRET=1, so here: its slot plan, its sm_90a builds (a subprocess without
 the interpreter), the wrapper's fallback to the Triton kernel where it cannot run, and the argument checks. Its
@@ -66,7 +66,7 @@ def test_ws_off_sm90_runs_the_triton_kernel(dtype):
         got = tproj.proj(x, phi)
     assert gp.LAUNCHES == before
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert not tcfg.DEFAULTS["proj"].ws  # opt-in until an H200 has checked and timed it
+    assert tcfg.DEFAULTS["proj"].ws  # the default since session 32 (95 % of copy bandwidth on an H200)
 
 
 def test_builds_for_sm90a_without_spills():

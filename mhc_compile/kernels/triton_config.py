@@ -179,10 +179,12 @@ DEFAULTS = {
     # Session 15: join_hi_lo (one dot a step against phi's [hi | lo] columns, the X tile read from shared memory
     # once): 132.1 against 143.9 us at 8192 x 7168 (84 against 78 %), 258.2 us (98 %) at 32768 x 4096 against
     # 269.8 in session 11 (kernels-2026-12-03-h200-s15-call2.md)
-    # ws (session 31): kernels/gluon_proj.py, the warp-specialized Gluon kernel, where it runs (sm_90, bf16, n <= 7);
-    # opt-in until an H200 has checked and timed it (benchmarks/proj_fwd_check.py --tune ws=true); its slots:
-    # ws_subs 64-column boxes of X a slot, ws_stages slots (0: as many as fit, at most 4)
-    "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=4, join_hi_lo=True, ws=False),
+    # ws: kernels/gluon_proj.py, the warp-specialized Gluon kernel, where it runs (sm_90, bf16, n <= 7); elsewhere
+    # the Triton kernel. Session 32 (H200, proj_fwd_check.py --tune, 3 interleaved rounds, all builds correct at
+    # n = 1 .. 16): 264.7-265.6 us (95 % of copy bandwidth) against the Triton kernel's 305.2-307.4 (82 %) at
+    # 32768 x 4 x 4096, and 124.4-128.0 against 144.5-144.9 at 8192 x 4 x 7168 (session32-2026-12-05-h200/).
+    # Its slots: ws_subs 64-column boxes of X a slot, ws_stages slots (0: as many as fit, at most 4; 3: 90 %)
+    "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=4, join_hi_lo=True, ws=True),
     # one tile per program (waves = 64 leaves no token loop: its loads are not pipelined); the lab's fastest
     # tiles at 8192 and 32768 tokens
     "proj_dx": DotCfg(bt=16, bk=128, num_warps=4, num_stages=3, waves=64),
