@@ -38,6 +38,9 @@ from mhc_compile.kernels.triton_common import cdiv, pow2  # noqa: E402
 TOL = {torch.bfloat16: 1e-4, torch.float16: 1e-4, torch.float32: 1e-4}  # of p's scale; the race gave 3e-1
 # n = 1, 2 and 4 also run the Gluon kernel where a build asks for it (n <= 7); 8, 11 and 16 had the race
 CHECKS = [(1000, n, 1024, dt) for n in (1, 2, 4, 8, 11, 16) for dt in (torch.bfloat16, torch.float32)]
+# ragged token counts (one token: phi's rows split over programs), and K = n*C an odd number of 64-column boxes
+# (the Gluon kernel's slot halved to one box)
+CHECKS += [(t, n, c, torch.bfloat16) for t, n, c in ((1, 4, 4096), (5, 4, 64), (77, 3, 320), (129, 2, 96))]
 TIMES = [(32768, 4, 4096), (8192, 4, 7168)]
 
 
