@@ -119,7 +119,7 @@ def times(mods, rounds: int = 3, out: list | None = None) -> list[str]:
 
 # T, n, C, warps, subs, join
 BUILDS = [(256, 4, 512, 8, 2, True), (256, 4, 512, 8, 2, False), (256, 4, 512, 4, 1, True), (200, 7, 512, 4, 2, True),
-          (200, 7, 512, 4, 2, False), (200, 7, 512, 8, 2, True), (100, 2, 64, 8, 2, True)]
+          (200, 7, 512, 4, 2, False), (200, 7, 512, 8, 2, True), (100, 2, 64, 8, 2, True), (77, 3, 320, 8, 2, True)]
 
 
 def build() -> int:

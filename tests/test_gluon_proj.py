@@ -73,11 +73,13 @@ def test_builds_for_sm90a_without_spills():
     proc = run_check("proj_fwd_check.py", "--build")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("n=")]
-    assert len(lines) == 7 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
+    assert len(lines) == 8 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
     assert {"join=True" in line for line in lines} == {True, False}  # both wgmma shapes built
     # each slot waits for the previous slot's wgmmas only (join: SUBS of them in flight, else 2 SUBS), then all
     assert all("waits=['2', '0']" in line for line in lines if "join=True subs=2" in line)
     assert all("waits=['4', '0']" in line for line in lines if "join=False subs=2" in line)
+    assert any("subs=1" in line and "MP=16" in line for line in lines)  # K an odd number of boxes: one a slot
+    assert all("waits=['1', '0']" in line for line in lines if "join=True subs=1" in line)
 
 
 @pytest.mark.skipif(not on_sm90_gpu(), reason=GPU_ONLY)
