@@ -18,10 +18,10 @@ separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, an
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
 The opt-in two-pass ``step`` backward (``StepBwdCfg.ws``, a warp-specialized Gluon kernel) gets a row of its own,
-"step ws" backward; off sm_90 it runs what "step" backward runs. proj's one-pass backward (``FusedBwdCfg.ws``) and
-post_res_proj (``DotCfg.ws``) are Gluon kernels by default on sm_90: the rows that run them ("proj",
-"proj_pre_backward", "folded step" and "enter" backward; "post_res_proj" and "step" forward) have "(Triton)" rows
-beside them that run the Triton kernel instead.
+"step ws" backward; off sm_90 it runs what "step" backward runs. proj's forward and one-pass backward (``DotCfg.ws``,
+``FusedBwdCfg.ws``) and post_res_proj (``DotCfg.ws``) are Gluon kernels by default on sm_90: the rows that run them
+("proj" forward and backward, "proj_pre_backward", "folded step" and "enter" backward; "post_res_proj" and "step"
+forward) have "(Triton)" rows beside them that run the Triton kernel instead.
 --sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
@@ -123,6 +123,7 @@ def cases(inp: dict) -> list[Case]:
     ca = coeff_args(inp)
     return [
         Case("proj", "fwd", lambda k: k.proj(x, phi), _nb(x, phi, p, sq)),
+        Case("proj (Triton)", "fwd", _triton_proj_fwd(lambda k: k.proj(x, phi)), _nb(x, phi, p, sq)),
         Case("proj", "bwd", lambda k: k.proj_backward(x, phi, dp, dsq), _nb(x, phi, dp, dsq, x, phi)),
         Case("proj (Triton)", "bwd", _triton_proj(lambda k: k.proj_backward(x, phi, dp, dsq)),
              _nb(x, phi, dp, dsq, x, phi)),
@@ -221,6 +222,14 @@ def _triton_proj(call: Callable[[object], object]) -> Callable[[object], object]
     """``call`` with proj's one-pass backward as the Triton kernel everywhere (FusedBwdCfg.ws, ws_no_acc off)."""
     def run(k):
         with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
+            return call(k)
+    return run
+
+
+def _triton_proj_fwd(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with proj's forward as the Triton kernel (DotCfg.ws off for "proj")."""
+    def run(k):
+        with tk.tuning("proj", ws=False):
             return call(k)
     return run
 

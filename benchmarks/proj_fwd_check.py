@@ -4,7 +4,7 @@
     git show wip/x:mhc_compile/kernels/triton_proj.py > proj_x.py           # another build of the module, then
     PYTHONPATH=. python benchmarks/proj_fwd_check.py --against proj_x.py    # both, in one process
     PYTHONPATH=. python benchmarks/proj_fwd_check.py --tune bk=64 num_stages=4,num_warps=4   # this build, retiled
-    PYTHONPATH=. python benchmarks/proj_fwd_check.py --tune ws=true         # the Gluon kernel (kernels/gluon_proj.py)
+    PYTHONPATH=. python benchmarks/proj_fwd_check.py --tune ws=false        # the Triton kernel beside the Gluon one
     PYTHONPATH=. python benchmarks/proj_fwd_check.py --build                # no GPU: its sm_90a builds
 
 Session 30 found p wrong by 30-40 % on an H200 at n = 8, 11 and 16 (bf16), from a shared-memory race that
