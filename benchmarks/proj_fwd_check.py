@@ -122,23 +122,40 @@ BUILDS = [(256, 4, 512, 8, 2, True), (256, 4, 512, 8, 2, False), (256, 4, 512, 4
           (200, 7, 512, 4, 2, False), (200, 7, 512, 8, 2, True), (100, 2, 64, 8, 2, True), (77, 3, 320, 8, 2, True)]
 
 
-def build() -> int:
-    """sm_90a builds of the Gluon kernel (no GPU needed) at BUILDS: one line each, and 1 if any spills or overflows
-    shared memory."""
+def _warm(t: int, n: int, c: int, warps: int, subs: int, join: bool):
+    """The Gluon kernel's sm_90a build for a launch at these sizes (two K splits), as a GPU launch would pick it:
+    (the CompiledKernel, subs, stages)."""
     from benchmarks import sm90_build
     from mhc_compile.kernels import gluon_proj as gp
 
+    k, m = n * c, ref.num_coeffs(n)
+    mp, bt = max(16, pow2(m)), 16 * warps
+    subs, stages = gp.plan(k, bt, mp, subs, 0)
+    x = torch.zeros(t, k, dtype=torch.bfloat16)
+    w = torch.zeros((k, 2, mp) if join else (2, k, mp), dtype=torch.bfloat16)
+    with sm90_build.cpu_target(90):
+        built = gp._proj_ws_kernel.warmup(*gp.descriptors(x, w, t, k, bt, mp, join), torch.zeros(2, t, m),
+                                          torch.zeros(2, t), t, k, m, k // 2, BT=bt, MP=mp, SUBS=subs,
+                                          STAGES=stages, JOIN=join, num_warps=warps, grid=(cdiv(t, bt), 2))
+    return built, subs, stages
+
+
+def _builds_cached() -> int:
+    from mhc_compile.kernels import gluon_proj as gp
+
+    return sum(len(cache[0]) for cache in gp._proj_ws_kernel.device_caches.values())
+
+
+def build() -> int:
+    """sm_90a builds of the Gluon kernel (no GPU needed) at BUILDS: one line each, and 1 if any spills or overflows
+    shared memory; then the first of them at other token counts, which must reuse its build (issue 3: no recompile
+    per token count; T reaches the kernel in the X descriptor's shape and as an unspecialized int)."""
+    from benchmarks import sm90_build
+
     failed = 0
     for t, n, c, warps, subs, join in BUILDS:
-        k, m = n * c, ref.num_coeffs(n)
-        mp, bt = max(16, pow2(m)), 16 * warps
-        subs, stages = gp.plan(k, bt, mp, subs, 0)
-        x = torch.zeros(t, k, dtype=torch.bfloat16)
-        w = torch.zeros((k, 2, mp) if join else (2, k, mp), dtype=torch.bfloat16)
-        with sm90_build.cpu_target(90):
-            built = gp._proj_ws_kernel.warmup(*gp.descriptors(x, w, t, k, bt, mp, join), torch.zeros(2, t, m),
-                                              torch.zeros(2, t), t, k, m, k // 2, BT=bt, MP=mp, SUBS=subs,
-                                              STAGES=stages, JOIN=join, num_warps=warps, grid=(cdiv(t, bt), 2))
+        built, subs, stages = _warm(t, n, c, warps, subs, join)
+        bt, mp = 16 * warps, max(16, pow2(ref.num_coeffs(n)))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         sass = sm90_build.sass(built)
@@ -153,6 +170,15 @@ def build() -> int:
         failed += not ok
         print(f"n={n} C={c} BT={bt} MP={mp} join={join} subs={subs} stages={stages} regs={regs} spill={spill} "
               f"smem={smem} waits={waits} depbar={depbar} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
+    t, *rest = BUILDS[0]
+    before = _builds_cached()
+    others = (t + 1, t + 77, 40000 + 13)
+    for other in others:
+        _warm(other, *rest)
+    same = _builds_cached() == before
+    failed += not same
+    print(f"token counts {t}, {', '.join(map(str, others))}: {'one build' if same else 'new builds'} "
+          f"{'ok' if same else 'FAIL'}", flush=True)
     return int(failed > 0)
 
 

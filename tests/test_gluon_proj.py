@@ -79,6 +79,7 @@ def test_builds_for_sm90a_without_spills():
     assert all("waits=['2', '0']" in line for line in lines if "join=True subs=2" in line)
     assert all("waits=['4', '0']" in line for line in lines if "join=False subs=2" in line)
     assert any("subs=1" in line and "MP=16" in line for line in lines)  # K an odd number of boxes: one a slot
+    assert "token counts 256, 257, 333, 40013: one build ok" in proc.stdout  # no recompile per token count
     assert all("waits=['1', '0']" in line for line in lines if "join=True subs=1" in line)
 
 

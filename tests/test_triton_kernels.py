@@ -926,8 +926,8 @@ def test_no_kernel_specializes_on_the_token_count():
 
     seen = []
     for name in ("triton_common", "triton_pre", "triton_post_res", "triton_proj", "triton_coeffs",
-                 "triton_post_res_proj", "triton_proj_bwd", "triton_fused", "gluon_proj_bwd", "gluon_post_res_proj",
-                 "gluon_step_bwd"):
+                 "triton_post_res_proj", "triton_proj_bwd", "triton_fused", "gluon_proj", "gluon_proj_bwd",
+                 "gluon_post_res_proj", "gluon_step_bwd"):
         module = importlib.import_module(f"mhc_compile.kernels.{name}")
         for attr, fn in vars(module).items():
             ok = t_unspecialized(fn) if attr.endswith("_kernel") else None
