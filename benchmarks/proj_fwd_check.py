@@ -160,13 +160,15 @@ def build() -> int:
         smem = built.metadata.shared
         sass = sm90_build.sass(built)
         loop = sm90_build.ws_loop_counts(sass, ("HGMMA", "SYNCS", "BAR.SYNC", "LDS"))
-        # the design's point: each slot waits for the previous slot's wgmmas only (this slot's stay in flight), then
-        # once for all at the end. ptxas may still wait after each wgmma (DEPBAR 0): Triton 3.6's keeps them
-        # asynchronous (DEPBAR.LE 2 with join), 3.9's does not; the depbar column says which this build got
+        # the design's point: each slot waits for the previous slot's wgmmas only (this slot's stay in flight: the
+        # first slot's wait, the loop's, then one for all at the end), and ptxas keeps them so (DEPBAR.LE of that
+        # count in the SASS, not only 0: ptxas serializes every wgmma of the kernel where it sees the accumulators
+        # set by other instructions inside the pipeline, C7515)
         waits = re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", built.asm["ptx"])
         depbar = sorted({int(v, 16) for v in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)})
+        in_flight = subs if join else 2 * subs
         ok = (spill == 0 and smem <= sm90_build.SMEM_LIMIT and loop.get("HGMMA", 0) > 0
-              and waits == [str(subs if join else 2 * subs), "0"])
+              and waits == [str(in_flight), str(in_flight), "0"] and in_flight in depbar)
         failed += not ok
         print(f"n={n} C={c} BT={bt} MP={mp} join={join} subs={subs} stages={stages} regs={regs} spill={spill} "
               f"smem={smem} waits={waits} depbar={depbar} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)

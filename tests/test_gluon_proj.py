@@ -29,7 +29,7 @@ def test_plan_fills_shared_memory_with_whole_slots():
     assert gp.plan(4 * 4096, 128, 32, 4, 4) is None  # 384 KB
 
 
-def test_warps_for_keeps_eight_warps_only_where_the_wgmmas_stay_in_flight():
+def test_warps_for_keeps_four_slots_at_mp_64():
     assert gp.warps_for(16, 8) == gp.warps_for(32, 8) == 8  # n <= 4
     assert gp.warps_for(64, 8) == 4 and gp.warps_for(64, 2) == 2  # n = 5 to 7
 
@@ -50,6 +50,10 @@ def test_launch_refuses_shapes_it_cannot_split():
         gp.launch(x, w, p, sq, 96)
     with pytest.raises(ValueError, match=r"phi's halves have shape \(2, 96, 32\), expected \[K, 2, MP\]"):
         gp.launch(x, w, p, sq, 96, join=True)  # join takes split_hi_lo's interleaved [K, 2, MP]
+    x, w = torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(256, 2, 32, dtype=torch.bfloat16)
+    p, sq = torch.zeros(3, 4, 24), torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="3 K splits of 128 columns for K = 256; expected 2"):
+        gp.launch(x, w, p, sq, 128, join=True)  # a third program would have no slot to take
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -75,12 +79,13 @@ def test_builds_for_sm90a_without_spills():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("n=")]
     assert len(lines) == 8 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
     assert {"join=True" in line for line in lines} == {True, False}  # both wgmma shapes built
-    # each slot waits for the previous slot's wgmmas only (join: SUBS of them in flight, else 2 SUBS), then all
-    assert all("waits=['2', '0']" in line for line in lines if "join=True subs=2" in line)
-    assert all("waits=['4', '0']" in line for line in lines if "join=False subs=2" in line)
+    # each slot waits for the previous slot's wgmmas only (join: SUBS of them in flight, else 2 SUBS; the first
+    # slot's wait, the loop's), then all; and ptxas keeps them in flight (DEPBAR.LE of that count)
+    assert all("waits=['2', '2', '0'] depbar=[0, 2]" in line for line in lines if "join=True subs=2" in line)
+    assert all("waits=['4', '4', '0'] depbar=[0, 4]" in line for line in lines if "join=False subs=2" in line)
     assert any("subs=1" in line and "MP=16" in line for line in lines)  # K an odd number of boxes: one a slot
     assert "token counts 256, 257, 333, 40013: one build ok" in proc.stdout  # no recompile per token count
-    assert all("waits=['1', '0']" in line for line in lines if "join=True subs=1" in line)
+    assert all("waits=['1', '1', '0'] depbar=[0, 1]" in line for line in lines if "join=True subs=1" in line)
 
 
 @pytest.mark.skipif(not on_sm90_gpu(), reason=GPU_ONLY)

@@ -22,10 +22,13 @@ Measured (session 32, H200, Triton 3.6, ``proj_fwd_check.py --tune``): correct a
 takes n > 7), and 264.7-265.6 us, 95 % of copy bandwidth, at 32768 x 4 x 4096 against the Triton kernel's 305-307 us
 (82 %) in the same run; 124-128 against 145 us at 8192 x 4 x 7168. So it is the default (DotCfg.ws for "proj").
 
-Whether the wgmmas really stay in flight is ptxas's call. In the sm_90a builds (``proj_fwd_check.py --build``,
-column depbar), Triton 3.6's ptxas (the GPU machine's) keeps them asynchronous at n <= 4 (MP = 32, 8 warps:
-DEPBAR.LE 2 in the loop) and at MP = 64 (n = 5 to 7) only with 4 warps (``warps_for``); Triton 3.9's waits after
-each wgmma in every build. The PTX asks for the same in all of them.
+Whether the wgmmas really stay in flight is ptxas's call: it serializes every wgmma of a kernel where it finds the
+accumulators set by other instructions inside the pipeline (C7515, "Potential Performance Loss"). Triton 3.9's PTX
+had such a path, the one that skips the slot loop, where the accumulators reach the final wait as zeros set by
+plain moves; so the first slot is taken before the loop. The sm_90a builds (``proj_fwd_check.py --build``, column
+depbar, which it requires) keep them in flight (DEPBAR.LE 2 with join) with Triton 3.6 and 3.9, at every MP and
+warp count built. Session 32's GPU timings are of the build before that change, which Triton 3.6 also kept in
+flight at n <= 4.
 
 The arithmetic is the Triton kernel's with HI_LO: bf16 X against phi's bf16 hi and lo halves, fp32 accumulators
 (hi and lo apart, added once at the end), sq in fp32 from the exact bf16 -> fp32 widening. With JOIN (DotCfg's
@@ -65,9 +68,11 @@ def supported(x: Tensor, k: int, mp: int) -> bool:
 
 
 def warps_for(mp: int, num_warps: int) -> int:
-    """The compute partition's warps (BT = 16 a warp): ``num_warps`` at MP <= 32, at most 4 past it. In the sm_90a
-    builds of Triton 3.6 at MP = 64, ptxas waits after each wgmma with 8 warps and keeps them in flight with 4
-    (DEPBAR.LE 2); 4 warps also read phi's tiles twice as often for the same X bytes, which n <= 4 need not pay."""
+    """The compute partition's warps (BT = 16 a warp): ``num_warps`` at MP <= 32, at most 4 past it. At MP = 64
+    (n = 5 to 7) a ring of four slots fits shared memory with 64 tokens a tile (213 KB) and only three with 128
+    (229 KB); at n = 4 on an H200 three slots ran at 90 % of copy bandwidth against four's 95 % (session 32). Four
+    warps read phi's tiles twice as often for the same X bytes, which n <= 4 need not pay. (Before the first slot
+    was peeled out of the loop, Triton 3.6's ptxas also serialized the wgmmas at MP = 64 with 8 warps.)"""
     return num_warps if mp <= 32 else min(num_warps, 4)
 
 
@@ -116,11 +121,29 @@ if AVAILABLE:
                     _tma_load(w_desc, [K + k0, 0], bar, w_bufs.index(2 * (s * SUBS + u) + 1))  # its lo rows
 
     @gluon.jit
+    def _take_slot(it, x_bufs, w_bufs, ready, acc, acc_lo, sq, tile: gl.constexpr, SUBS: gl.constexpr,
+                   STAGES: gl.constexpr, JOIN: gl.constexpr):
+        """Slot ``it``'s boxes: wait until they land, add their squares to sq (from shared memory), issue their
+        wgmmas; then wait for the previous slot's wgmmas (this slot's stay in flight) and for every warp to have
+        read this slot's boxes, so the previous slot may be released."""
+        s = it % STAGES
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        for u in gl.static_range(SUBS):
+            xb = x_bufs.index(s * SUBS + u)
+            xf = bf16_to_f32(xb.load(tile))
+            sq += xf * xf
+            acc, acc_lo = hl_mma(xb, w_bufs, s * SUBS + u, acc, acc_lo, JOIN)
+        acc, acc_lo = hl_wait(acc, acc_lo, SUBS, JOIN)
+        _warps_barrier()
+        return acc, acc_lo, sq
+
+    @gluon.jit
     def _compute(p_ptr, sq_ptr, x_bufs, w_bufs, ready, empty, t0, n_slots, split, T, M, BT: gl.constexpr,
                  MP: gl.constexpr, SUBS: gl.constexpr, STAGES: gl.constexpr, JOIN: gl.constexpr,
                  num_warps: gl.constexpr):
         """All BT rows: sq from each box in shared memory, p's hi and lo partials by wgmma (JOIN: one wgmma a box,
-        into [BT, 2 MP], halves added at the end); writes the program's partials at p_ptr[split] / sq_ptr[split]."""
+        into [BT, 2 MP], halves added at the end); writes the program's partials at p_ptr[split] / sq_ptr[split].
+        A program has at least one slot (``launch`` checks it)."""
         # a box [BT, 64] as registers: 16-byte runs of 8 columns a thread, so the shared-memory loads are vectors
         tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (_BK // 8), _BK // 8], [num_warps, 1], [1, 0])
         WN: gl.constexpr = 2 * MP if JOIN else MP
@@ -128,19 +151,13 @@ if AVAILABLE:
                                                              instr_shape=[16, WN, 16])
         acc, acc_lo = hl_zeros(BT, MP, acc_layout, JOIN)
         sq = gl.zeros([BT, _BK], gl.float32, tile)  # reduced across columns once, after the loop
-        for it in range(n_slots):
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            for u in gl.static_range(SUBS):
-                xb = x_bufs.index(s * SUBS + u)
-                xf = bf16_to_f32(xb.load(tile))
-                sq += xf * xf
-                acc, acc_lo = hl_mma(xb, w_bufs, s * SUBS + u, acc, acc_lo, JOIN)
-            # the previous slot's wgmmas have completed (this slot's stay in flight), and every warp has read this
-            # slot's boxes for sq before the one thread that arrives releases the previous slot
-            acc, acc_lo = hl_wait(acc, acc_lo, SUBS, JOIN)
-            _warps_barrier()
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=it > 0)
+        # the first slot outside the loop: with it inside, the path that skips the loop (no slot) reaches the final
+        # wait with the accumulators set to zero by plain moves, and ptxas then serializes every wgmma of the kernel
+        # (C7515; Triton 3.9's PTX had that path, 3.6's did not)
+        acc, acc_lo, sq = _take_slot(0, x_bufs, w_bufs, ready, acc, acc_lo, sq, tile, SUBS, STAGES, JOIN)
+        for it in range(1, n_slots):
+            acc, acc_lo, sq = _take_slot(it, x_bufs, w_bufs, ready, acc, acc_lo, sq, tile, SUBS, STAGES, JOIN)
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1)
         acc, acc_lo = hl_wait(acc, acc_lo, 0, JOIN)
         base = split.to(gl.int64) * T
         hl_store(p_ptr, acc, acc_lo, base, t0, T, M, BT, MP, acc_layout, JOIN, True, num_warps)
@@ -208,6 +225,9 @@ def launch(x: Tensor, w: Tensor, p: Tensor, sq: Tensor, k_split: int, num_warps:
         raise ValueError(f"mhc gluon proj: slots {chosen} (None: two do not fit {_SMEM} bytes); K = {k} and its "
                          f"split {k_split} must be whole slots of 64-column boxes, phi's width {mp} in 16 .. {MAX_MP}")
     subs, stages = chosen
+    if p.shape[0] != (k + k_split - 1) // k_split:  # each program takes at least one slot (_compute)
+        raise ValueError(f"mhc gluon proj: {p.shape[0]} K splits of {k_split} columns for K = {k}; expected "
+                         f"{(k + k_split - 1) // k_split}")
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, p.shape[0])
     _proj_ws_kernel[grid](*descriptors(x, w, t, k, bt, mp, join), p, sq, t, k, p.shape[-1], k_split, BT=bt, MP=mp,
