@@ -184,7 +184,8 @@ DEFAULTS = {
     # n = 1 .. 16): 264.7-265.6 us (95 % of copy bandwidth) against the Triton kernel's 305.2-307.4 (82 %) at
     # 32768 x 4 x 4096, and 124.4-128.0 against 144.5-144.9 at 8192 x 4 x 7168 (session32-2026-12-05-h200/).
     # Its slots: ws_subs 64-column boxes of X a slot, ws_stages slots (0: as many as fit, at most 4; 3: 90 %).
-    # Timed with Triton 3.6 only: Triton 3.9's ptxas waits after each of its wgmmas (gluon_proj.py's docstring)
+    # Timed with Triton 3.6 only, before its first slot was peeled out of the loop (which keeps its wgmmas in flight
+    # with Triton 3.9's ptxas too: gluon_proj.py's docstring)
     "proj": DotCfg(bt=128, bk=128, num_warps=8, num_stages=3, waves=4, join_hi_lo=True, ws=True),
     # one tile per program (waves = 64 leaves no token loop: its loads are not pipelined); the lab's fastest
     # tiles at 8192 and 32768 tokens
