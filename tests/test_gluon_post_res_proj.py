@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mhc_compile.kernels import gluon_post_res_proj as gp
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
 
 
 def _run(*args):
@@ -19,8 +19,9 @@ def _run(*args):
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_gluon_post_res_proj_builds_for_sm90_within_shared_memory_without_spills():
-    proc = _run("--build", "--configs", "ws", "ws-sub1", "ws-join")
+    proc = run_check("gluon_check.py", "--build", "--configs", "ws", "ws-sub1", "ws-join", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-sub1:", "ws-join:"))]
     assert len(rows) == 3 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
     hgmma = {row.split(":")[0]: int(row.split("'HGMMA': ")[1].split(",")[0]) for row in rows}

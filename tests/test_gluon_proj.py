@@ -10,7 +10,7 @@ Triton one, against the reference at n = 1 to 16 and ragged token counts, and as
 import pytest
 import torch
 
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
 from mhc_compile.kernels import gluon_proj as gp
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_config as tcfg
@@ -74,8 +74,9 @@ def test_ws_off_sm90_runs_the_triton_kernel(dtype):
 
 
 def test_builds_for_sm90a_without_spills():
-    proc = run_check("proj_fwd_check.py", "--build")
+    proc = run_check("proj_fwd_check.py", "--build", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not serialized(proc), serialized(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("n=")]
     assert len(lines) == 8 and all(line.endswith(" ok") and "spill=0" in line for line in lines), proc.stdout
     assert {"join=True" in line for line in lines} == {True, False}  # both wgmma shapes built

@@ -16,7 +16,7 @@ from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.kernels import triton_config as tcfg
 from mhc_compile.kernels import triton_proj as tproj
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
 
 
 def test_pack_coefs_puts_h_pre_and_dsq_in_their_columns():
@@ -183,8 +183,9 @@ def test_the_check_script_loads_another_build_beside_this_one(tmp_path):
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_builds_for_sm90_within_shared_memory_without_spills():
-    proc = _run("--build")
+    proc = run_check("gluon_proj_bwd_check.py", "--build", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]
     assert len(rows) == 4 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 

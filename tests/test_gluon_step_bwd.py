@@ -13,7 +13,7 @@ import torch
 from mhc_compile.kernels import gluon_step_bwd as gs
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_fused as tf
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check
+from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
 
 
 def _inputs(t, n, c, seed, dtype=torch.float64):
@@ -129,8 +129,9 @@ def _run(*args):
 
 @pytest.mark.skipif(not gs.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_builds_for_sm90_within_shared_memory():
-    proc = _run("--build")
+    proc = run_check("gluon_step_bwd_check.py", "--build", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("mixers=")]
     assert len(rows) == 2 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
