@@ -124,7 +124,7 @@ BUILDS = [(256, 4, 512, 8, 2, True), (256, 4, 512, 8, 2, False), (256, 4, 512, 4
 
 def _warm(t: int, n: int, c: int, warps: int, subs: int, join: bool):
     """The Gluon kernel's sm_90a build for a launch at these sizes (two K splits), as a GPU launch would pick it:
-    (the CompiledKernel, subs, stages)."""
+    (the CompiledKernel, BT, MP, subs, stages)."""
     from benchmarks import sm90_build
     from mhc_compile.kernels import gluon_proj as gp
 
@@ -137,7 +137,7 @@ def _warm(t: int, n: int, c: int, warps: int, subs: int, join: bool):
         built = gp._proj_ws_kernel.warmup(*gp.descriptors(x, w, t, k, bt, mp, join), torch.zeros(2, t, m),
                                           torch.zeros(2, t), t, k, m, k // 2, BT=bt, MP=mp, SUBS=subs,
                                           STAGES=stages, JOIN=join, num_warps=warps, grid=(cdiv(t, bt), 2))
-    return built, subs, stages
+    return built, bt, mp, subs, stages
 
 
 def _builds_cached() -> int:
@@ -154,8 +154,7 @@ def build() -> int:
 
     failed = 0
     for t, n, c, warps, subs, join in BUILDS:
-        built, subs, stages = _warm(t, n, c, warps, subs, join)
-        bt, mp = 16 * warps, max(16, pow2(ref.num_coeffs(n)))
+        built, bt, mp, subs, stages = _warm(t, n, c, warps, subs, join)
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         sass = sm90_build.sass(built)

@@ -13,13 +13,13 @@ from mhc_compile.kernels import gluon_post_res_proj as gp
 from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
 
 
-def _run(*args):
-    return run_check("gluon_check.py", *args)
+def _run(*args, **kw):
+    return run_check("gluon_check.py", *args, **kw)
 
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_gluon_post_res_proj_builds_for_sm90_within_shared_memory_without_spills():
-    proc = run_check("gluon_check.py", "--build", "--configs", "ws", "ws-sub1", "ws-join", ptxas_log=True)
+    proc = _run("--build", "--configs", "ws", "ws-sub1", "ws-join", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-sub1:", "ws-join:"))]

@@ -158,8 +158,8 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 
-def _run(*args):
-    return run_check("gluon_proj_bwd_check.py", *args)
+def _run(*args, **kw):
+    return run_check("gluon_proj_bwd_check.py", *args, **kw)
 
 
 def test_the_check_script_loads_another_build_beside_this_one(tmp_path):
@@ -183,7 +183,7 @@ def test_the_check_script_loads_another_build_beside_this_one(tmp_path):
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_builds_for_sm90_within_shared_memory_without_spills():
-    proc = run_check("gluon_proj_bwd_check.py", "--build", ptxas_log=True)
+    proc = _run("--build", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]

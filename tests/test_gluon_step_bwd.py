@@ -123,13 +123,13 @@ def test_config_checks_and_cpu_fallback():
         assert torch.equal(a, b)
 
 
-def _run(*args):
-    return run_check("gluon_step_bwd_check.py", *args)
+def _run(*args, **kw):
+    return run_check("gluon_step_bwd_check.py", *args, **kw)
 
 
 @pytest.mark.skipif(not gs.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_builds_for_sm90_within_shared_memory():
-    proc = run_check("gluon_step_bwd_check.py", "--build", ptxas_log=True)
+    proc = _run("--build", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("mixers=")]

@@ -37,10 +37,10 @@ so the tensor cores read each X box from shared memory once instead of twice.
 
 GPU only (sm_90, bf16 streams, K = n*C a multiple of 64, MP <= 64, i.e. n <= 7): ``supported`` and
 ``plan`` say where it runs; ``triton_proj.proj`` takes it with ``DotCfg.ws`` for "proj" (the default;
-``configure("proj", ws=False)`` turns it off) and keeps the Triton kernel elsewhere and, with a warning, where it does not build. Gluon does not run
-under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a (``benchmarks/proj_fwd_check.py --build``) and
-check the host-side plan; ``benchmarks/proj_fwd_check.py --tune ws=true`` compares it with the reference on an
-sm_90 GPU and times it beside the Triton kernel.
+``configure("proj", ws=False)`` turns it off) and keeps the Triton kernel elsewhere and, with a warning, where it
+does not build. Gluon does not run under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a
+(``benchmarks/proj_fwd_check.py --build``) and check the host-side plan; ``benchmarks/proj_fwd_check.py --tune
+ws=false`` compares it with the reference on an sm_90 GPU and times it beside the Triton kernel.
 """
 
 from __future__ import annotations
@@ -225,10 +225,10 @@ def launch(x: Tensor, w: Tensor, p: Tensor, sq: Tensor, k_split: int, num_warps:
         raise ValueError(f"mhc gluon proj: slots {chosen} (None: two do not fit {_SMEM} bytes); K = {k} and its "
                          f"split {k_split} must be whole slots of 64-column boxes, phi's width {mp} in 16 .. {MAX_MP}")
     subs, stages = chosen
-    if p.shape[0] != (k + k_split - 1) // k_split:  # each program takes at least one slot (_compute)
-        raise ValueError(f"mhc gluon proj: {p.shape[0]} K splits of {k_split} columns for K = {k}; expected "
-                         f"{(k + k_split - 1) // k_split}")
+    splits = (k + k_split - 1) // k_split
+    if p.shape[0] != splits:  # each program takes at least one slot (_compute)
+        raise ValueError(f"mhc gluon proj: {p.shape[0]} K splits of {k_split} columns for K = {k}; expected {splits}")
     LAUNCHES += 1
-    grid = ((t + bt - 1) // bt, p.shape[0])
+    grid = ((t + bt - 1) // bt, splits)
     _proj_ws_kernel[grid](*descriptors(x, w, t, k, bt, mp, join), p, sq, t, k, p.shape[-1], k_split, BT=bt, MP=mp,
                           SUBS=subs, STAGES=stages, JOIN=join, num_warps=num_warps)
