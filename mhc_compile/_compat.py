@@ -247,3 +247,38 @@ def checkpoint_context_fn(body) -> Any:
     """The ``context_fn`` of a selective-activation-checkpoint region Dynamo captured, if any (Dynamo
     keeps it in the region body's ``meta``, not in the higher-order op's kwargs)."""
     return getattr(body, "meta", {}).get("_checkpoint_context_fn")
+
+
+def active_ddp_module() -> nn.Module | None:
+    """The DistributedDataParallel whose forward is running (DDP marks itself around its module's call, and
+    Dynamo compiles the module's frames inside that call), or None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module()
+
+
+def ddp_synced_parameters(ddp: nn.Module) -> list[nn.Parameter]:
+    """The parameters whose gradients ``ddp`` averages across ranks: those its module had when DDP was built,
+    less the ones it was told to ignore, plus the delayed all-reduce ones (ignored by the reducer, reduced
+    apart)."""
+    return list(ddp._module_parameters) + list(getattr(ddp, "_delay_all_reduce_params", ()))
+
+
+def split_by_ddp_optimizer() -> bool:
+    """Whether this backend call compiles one piece of a graph that Dynamo's DDPOptimizer split at DDP's
+    gradient-bucket boundaries (``torch._dynamo.config.optimize_ddp``): it compiles each piece through a
+    ``SubmodCompiler`` on the call stack. A graph of one bucket is handed over whole, with no such frame."""
+    import sys
+
+    try:
+        from torch._dynamo.backends.distributed import SubmodCompiler
+    except ImportError:  # a torch built without distributed
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames and isinstance(frame.f_locals.get("self"), SubmodCompiler):
+            return True
+        frame = frame.f_back
+    return False

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mhc_compile import distributed
 from mhc_compile.config import MHCConfig
 
 
@@ -34,7 +35,8 @@ def prepare(model: nn.Module, *example_inputs: Any, example_kwargs: dict[str, An
         return compile_graph(gm, list(inputs), config, plan_only=True, lazily=False)
 
     start = len(REPORTS)
-    _run_once(model, example_inputs, plan_backend, example_kwargs)
+    _run_once(distributed.unwrap(model), example_inputs, plan_backend, example_kwargs)
+    _check_wrapper_synced(model)
     if not any(r.detection.sites for r in REPORTS[start:]):
         # Not an error (a model may have no residual stream), but never a silent no-op: a model whose blocks
         # Dynamo ran eagerly would otherwise train as it was, with no mHC and no message.
@@ -96,8 +98,19 @@ def trace(model: nn.Module, *example_inputs: Any, **options: Any) -> list[Traced
         return compile_graph(gm, list(inputs), config, lazily=False,
                              on_graph=lambda g, i, r: traced.append(TracedGraph(g, list(i), r)))
 
-    _run_once(model, example_inputs, trace_backend)
+    _run_once(distributed.unwrap(model), example_inputs, trace_backend)
+    _check_wrapper_synced(model)
     return traced
+
+
+def _check_wrapper_synced(model: nn.Module) -> None:
+    """A DDP given to ``prepare`` / ``trace`` (which run the module it wraps) must synchronise every mHC parameter
+    of that module; those just created there it does not (``distributed.check_synced``)."""
+    from mhc_compile.runtime.params import record_for
+
+    record = record_for(distributed.unwrap(model)) if distributed.is_ddp(model) else None
+    if record is not None:
+        distributed.check_synced({path: list(site.parameters()) for path, site in record.sites.items()}, ddp=model)
 
 
 def load_state_dict(model: nn.Module, state_dict: Any, strict: bool = True, assign: bool = False):

@@ -21,7 +21,9 @@ import torch.fx as fx
 from torch import nn
 
 from mhc_compile import _compat
+from mhc_compile import distributed
 from mhc_compile.config import MHCConfig
+from mhc_compile.errors import MHCConversionError
 from mhc_compile.passes import inline_checkpoints
 from mhc_compile.passes import (broadcast_collapse_grad, fold_post_res_proj, fold_pre_recompute, fold_stream_grads,
                                  inplace_stream_grads, post_grad)
@@ -35,10 +37,6 @@ from mhc_compile.runtime.binding import ParamBinder, SiteSpec, choose_anchor
 from mhc_compile.runtime.params import ensure_record, get_or_create_site, lift_to_known_root, record_for
 
 log = logging.getLogger("mhc_compile")
-
-
-class MHCConversionError(RuntimeError):
-    """A graph the pass cannot convert safely (raised under ``strict=True``, warned otherwise)."""
 
 
 @dataclass
@@ -239,6 +237,7 @@ def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCCon
                 + ". The n streams are "
                 "collapsed (mean) at the break and re-expanded after it, so mixing across the break is lost; "
                 "remove the graph break (TORCH_LOGS=graph_breaks names it) to keep the streams."
+                + distributed.chain_cut_hint(root)
             )
     for msg in messages:
         if config.strict:
@@ -256,6 +255,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
 
     ``plan_only`` stops after creating parameters (``prepare``); ``on_graph`` receives the final graph
     (rewritten or not), its example inputs (mHC parameters appended) and the report (``trace``)."""
+    distributed.check_graph_whole()
     work, detection, report, breaks = _analyse(gm, config)
     if not detection.sites or config.mode == "residual":
         if not detection.sites:
@@ -354,6 +354,7 @@ def _site_parameters(work: fx.GraphModule, detection: Detection, frame_module: n
         if created:
             report.created.append(site.path)
         params[site.path] = SiteParams(module.phi, module.bias, module.alpha)
+    distributed.check_synced({path: (p.phi, p.bias, p.alpha) for path, p in params.items()})
     report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
     _warn_shared_modules(detection, root)
     report.warnings.extend(_check_graph_breaks(detection, work, config, root, *breaks, partial=bool(prefix)))

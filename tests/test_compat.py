@@ -1,5 +1,6 @@
 """One test per private torch internal wrapped in mhc_compile._compat."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -179,3 +180,45 @@ def test_size_hint_reads_a_symbolic_size_without_a_guard():
     f = torch.compile(lambda x: x * 2, backend=backend, dynamic=True)
     f(torch.randn(3, 5))
     assert seen == {"hint": 15, "symbolic": True}
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A one-rank gloo process group: enough for DDP and for Dynamo's DDPOptimizer, in this process."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_internals_seen_from_a_backend(world_of_one):
+    """The active DDP and the parameters it synchronises, and whether DDPOptimizer split the graph: one bucket
+    (a small model) reaches the backend whole, a model past DDP's first bucket (1 MB) in pieces."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    seen = []
+
+    def backend(gm, inputs):
+        seen.append((_compat.active_ddp_module(), _compat.split_by_ddp_optimizer()))
+        return gm.forward
+
+    class TwoLayers(nn.Module):  # user code: Dynamo skips a frame of torch.nn's own modules only
+        def __init__(self, width):
+            super().__init__()
+            self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    for width, split in ((8, False), (512, True)):  # 2 x 512^2 fp32 = 2 MB
+        model = TwoLayers(width)
+        ddp = DistributedDataParallel(model)
+        assert [id(p) for p in _compat.ddp_synced_parameters(ddp)] == [id(p) for p in model.parameters()]
+        seen.clear()
+        torch._dynamo.reset()
+        torch.compile(ddp, backend=backend)(torch.randn(2, width))
+        assert seen and all(active is ddp and was_split is split for active, was_split in seen), (width, seen)
+    assert _compat.active_ddp_module() is None and not _compat.split_by_ddp_optimizer()

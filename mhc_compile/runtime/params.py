@@ -30,6 +30,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 
+from mhc_compile import distributed
 from mhc_compile.kernels.reference import num_coeffs
 
 log = logging.getLogger("mhc_compile")
@@ -195,6 +196,7 @@ def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, m
             )
         record.sites[path] = existing
         return existing, False
+    distributed.check_can_create(root, path)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in owner.parameters()) else torch.float32
     site = MHCSite(n, width, mode, index, alpha_init, dtype=dtype, device=device)
     owner.add_module(name, site)

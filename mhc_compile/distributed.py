@@ -1,0 +1,114 @@
+"""Data-parallel training of a converted model: what must hold for every rank to train the same model, and the
+same one as without the wrapper, checked where it would otherwise go wrong without a word.
+
+DistributedDataParallel (tested on CPU with gloo, tests/test_distributed.py)::
+
+    mhc_compile.prepare(model, batch, n=4)           # 1. the mHC parameters exist before DDP lists its parameters
+    model = DDP(model)
+    torch._dynamo.config.optimize_ddp = False        # 2. Dynamo hands the backend whole graphs
+    step = torch.compile(model, backend="mhc", options={"n": 4})
+
+1. DDP averages the gradients of the parameters its module had when it was built. mHC parameters created later
+   (at the first compile, or by ``prepare`` of a wrapped model) would get each rank's own gradient and drift
+   apart: ``check_synced`` raises instead.
+2. With ``optimize_ddp`` on (Dynamo's default), DDPOptimizer splits each graph at DDP's gradient-bucket
+   boundaries and compiles the pieces apart, so a residual chain is cut wherever a bucket ends and each piece
+   would collapse its n streams at its ends: another model than the one trained without DDP.
+   ``check_graph_whole`` raises instead. A model whose parameters fit DDP's first bucket (1 MB) is not split
+   and compiles either way. With it off, DDP reduces the gradients after the backward rather than during it;
+   overlapping them again is the communication scheduler's job (``passes/schedule.py``).
+
+FSDP2 (``fully_shard``): the mHC parameters must likewise exist before ``fully_shard`` (``check_can_create``
+raises otherwise). Dynamo compiles each ``fully_shard``-ed module as a graph of its own, so sharding every block
+cuts the chains at the blocks (the backend warns, naming FSDP: ``chain_cut_hint``); sharding the root only keeps
+one graph and trains the same model as without FSDP.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from mhc_compile import _compat
+from mhc_compile.errors import MHCConversionError
+
+PREPARE_FIRST = "mhc_compile.prepare(model, example_batch, n=...) before wrapping the model"
+
+
+def is_ddp(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
+def fsdp_modules(root: nn.Module) -> list[str]:
+    """Paths of the modules of ``root`` that FSDP manages (FSDP2's ``fully_shard`` or FSDP1's wrapper)."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return [path or "<root>" for path, m in root.named_modules()
+            if isinstance(m, (FSDPModule, FullyShardedDataParallel))]
+
+
+def check_graph_whole() -> None:
+    """Raise when Dynamo's DDPOptimizer hands the backend one piece of a split graph (module docstring, 2)."""
+    if _compat.active_ddp_module() is None or not _compat.split_by_ddp_optimizer():
+        return
+    raise MHCConversionError(
+        "mhc: torch.compile of a DistributedDataParallel model with torch._dynamo.config.optimize_ddp on (Dynamo's "
+        "default) splits each graph at DDP's gradient-bucket boundaries, which cuts the residual stream into pieces "
+        "the mHC rewrite cannot join: each piece would collapse the n streams at its ends, another model than the "
+        "one without DDP. Set torch._dynamo.config.optimize_ddp = False before the first call (or make that call "
+        "inside torch._dynamo.config.patch(optimize_ddp=False)); DDP then reduces the gradients after the backward.")
+
+
+def check_synced(sites: dict[str, Iterable[torch.Tensor]], ddp: nn.Module | None = None) -> None:
+    """Raise when a DDP (``ddp``, else the one whose forward is running) does not average the gradients of every
+    site's parameters (``sites``: path -> its tensors): it was built before they existed (module docstring, 1)."""
+    ddp = ddp if ddp is not None else _compat.active_ddp_module()
+    if ddp is None:
+        return
+    synced = {id(p) for p in _compat.ddp_synced_parameters(ddp)}
+    missing = [path for path, tensors in sites.items() if any(id(t) not in synced for t in tensors)]
+    if missing:
+        raise MHCConversionError(
+            f"mhc: DistributedDataParallel does not synchronise the mHC parameters of {len(missing)} residual "
+            f"site(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it was built before they "
+            f"existed, so every rank would train its own copy of them. Call {PREPARE_FIRST} in DDP.")
+
+
+def check_can_create(root: nn.Module, path: str) -> None:
+    """Raise before creating site ``path`` on a model that a data-parallel wrapper already manages: a DDP whose
+    forward is running, or FSDP on any of its modules (module docstring)."""
+    if _compat.active_ddp_module() is not None or is_ddp(root):
+        raise MHCConversionError(
+            f"mhc: the mHC parameters of {path!r} do not exist yet and the model is already wrapped in "
+            f"DistributedDataParallel, which would not synchronise them (every rank would train its own copy). "
+            f"Call {PREPARE_FIRST} in DDP.")
+    sharded = fsdp_modules(root)
+    if sharded:
+        raise MHCConversionError(
+            f"mhc: the mHC parameters of {path!r} do not exist yet and FSDP already manages {sharded[0]!r}"
+            f"{' and others' if len(sharded) > 1 else ''}; it would neither shard nor reduce them. Call "
+            f"{PREPARE_FIRST} with fully_shard / FSDP.")
+
+
+def chain_cut_hint(root: nn.Module) -> str:
+    """What to add to the graph-break warning of a chain cut in a model that FSDP manages ('' if none does)."""
+    sharded = [p for p in fsdp_modules(root) if p != "<root>"]
+    if not sharded:
+        return ""
+    return (f" FSDP manages {sharded[0]!r}{' and others' if len(sharded) > 1 else ''} of this model, and Dynamo "
+            "compiles each fully_shard-ed module as a graph of its own: shard the model's root only (or use DDP) to "
+            "keep the residual stack in one graph.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a DDP wraps (``prepare`` and ``trace`` run it directly: DDP's forward adds only its gradient
+    synchronisation), else ``model``."""
+    return model.module if is_ddp(model) else model

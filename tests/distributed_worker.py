@@ -1,0 +1,168 @@
+"""The ranks of tests/test_distributed.py: two gloo processes on the CPU that train a converted NanoGPT under
+DistributedDataParallel and FSDP2 and write what each case gave to ``OUT/rank{r}.json``.
+
+Every rank computes the loss of its own half of one batch; the wrapper averages the two halves' gradients, which
+must then equal the gradients of the hand-written eager mHC model (tests/models.py) on the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import mhc_compile  # noqa: E402
+from models import NanoGPT, eager_mhc_nanogpt, perturb_mhc  # noqa: E402
+
+N = 4
+OPTIONS = {"n": N, "inner_backend": "aot_eager"}
+SMALL = dict(vocab=64, d=32, heads=2, layers=2, block=16)  # 0.1 MB of parameters: one DDP bucket
+LARGE = dict(SMALL, d=128)  # 1.6 MB: more than DDP's first bucket (1 MB), so DDPOptimizer splits the graph
+
+
+def _batch() -> torch.Tensor:
+    return torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+
+def _model(size: dict, prepare: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(the model, a copy of it for the oracle, made before any wrapper touches it). Same weights on every rank."""
+    torch.manual_seed(0)
+    model = NanoGPT(**size).double()
+    if not prepare:
+        return model, None
+    mhc_compile.prepare(model, _batch()[:2], n=N)
+    perturb_mhc(model)  # away from the symmetric initialisation, so that every mHC gradient is non-trivial
+    return model, copy.deepcopy(model)
+
+
+def _oracle_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    idx = _batch()
+    loss = sum(_loss(eager_mhc_nanogpt(model, half, n=N), half) for half in idx.split(2)) / 2
+    loss.backward()
+    return {k: p.grad for k, p in model.named_parameters()}
+
+
+def _step(step, rank: int) -> None:
+    half = _batch()[2 * rank:2 * rank + 2]
+    _loss(step(half), half).backward()
+
+
+def _compare(model: torch.nn.Module, oracle: torch.nn.Module) -> dict:
+    """Worst relative gradient error against the oracle, and the parameters that got no gradient."""
+    want = _oracle_grads(oracle)
+    worst, missing = 0.0, []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            missing.append(name)
+            continue
+        got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        worst = max(worst, ((got - want[name]).abs().max() / want[name].abs().max()).item())
+    return {"worst": worst, "missing": missing, "mhc_params": sum("mhc_" in k for k in want)}
+
+
+def _expect_error(fn) -> dict:
+    try:
+        fn()
+    except Exception as e:  # Dynamo wraps the backend's error: keep the innermost message
+        inner = getattr(e, "inner_exception", e)
+        return {"error": f"{type(inner).__name__}: {inner}"}
+    return {"error": None}
+
+
+def ddp_one_bucket(rank: int) -> dict:
+    """Dynamo's default optimize_ddp: a model within DDP's first bucket is handed to the backend whole."""
+    model, oracle = _model(SMALL, prepare=True)
+    step = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend="mhc", options=OPTIONS)
+    _step(step, rank)
+    return _compare(model, oracle)
+
+
+def ddp_split(rank: int) -> dict:
+    model, _ = _model(LARGE, prepare=True)
+    step = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend="mhc", options=OPTIONS)
+    return _expect_error(lambda: _step(step, rank))
+
+
+def ddp_split_off(rank: int) -> dict:
+    """The same model with optimize_ddp off, as README says: whole graphs, the oracle's gradients."""
+    model, oracle = _model(LARGE, prepare=True)
+    step = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend="mhc", options=OPTIONS)
+    with torch._dynamo.config.patch(optimize_ddp=False):
+        _step(step, rank)
+    return _compare(model, oracle)
+
+
+def ddp_lazy(rank: int) -> dict:
+    model, _ = _model(SMALL, prepare=False)
+    step = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend="mhc", options=OPTIONS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _expect_error(lambda: _step(step, rank))
+
+
+def ddp_prepare_wrapped(rank: int) -> dict:
+    model, _ = _model(SMALL, prepare=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    return _expect_error(lambda: mhc_compile.prepare(ddp, _batch()[:2], n=N))
+
+
+def fsdp_root(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model, oracle = _model(SMALL, prepare=True)
+    fully_shard(model)
+    _step(torch.compile(model, backend="mhc", options=OPTIONS), rank)
+    return _compare(model, oracle)
+
+
+def fsdp_lazy(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = _model(SMALL, prepare=False)
+    fully_shard(model)
+    return _expect_error(lambda: _step(torch.compile(model, backend="mhc", options=OPTIONS), rank))
+
+
+def fsdp_blocks(rank: int) -> dict:
+    """Every block sharded: Dynamo compiles each block apart, and the chain-cut warning says why."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = _model(SMALL, prepare=True)
+    for block in model.h:
+        fully_shard(block)
+    fully_shard(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step(torch.compile(model, backend="mhc", options=OPTIONS), rank)
+    return {"warnings": [str(w.message) for w in caught if "graph break inside the residual stack" in str(w.message)]}
+
+
+CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_lazy, ddp_prepare_wrapped, fsdp_root, fsdp_lazy, fsdp_blocks]
+
+
+def run(rank: int, world: int, out: str) -> None:
+    """One rank: every case in turn, each on fresh modules and a fresh Dynamo cache."""
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    results = {}
+    try:
+        for case in CASES:
+            torch._dynamo.reset()
+            results[case.__name__] = case(rank)
+            dist.barrier()  # a case whose ranks disagree stops here, not in the next case's collectives
+    finally:
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
