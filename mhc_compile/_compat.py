@@ -282,3 +282,34 @@ def split_by_ddp_optimizer() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def optimize_ddp_mode() -> str:
+    """Dynamo's DDP mode (``torch._dynamo.config.optimize_ddp``, booleans resolved): "ddp_optimizer" (split each
+    graph at DDP's buckets before the backend sees it), "no_optimization", or a compiled-autograd mode."""
+    from torch._dynamo.utils import get_optimize_ddp_mode
+
+    return get_optimize_ddp_mode()
+
+
+def ddp_bucket_compiler(bucket_bytes_cap: int, compile_piece: Callable) -> tuple[Callable, Callable[[], int]]:
+    """Dynamo's DDPOptimizer as a backend of its own: (``compile(gm, example_inputs)``, which splits ``gm`` at DDP's
+    gradient-bucket boundaries, in reverse graph order as DDP's reducer fills them, and compiles each piece with
+    ``compile_piece``; ``buckets()``, how many pieces the last call made). A graph of one bucket goes to
+    ``compile_piece`` whole."""
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    optimizer = DDPOptimizer(bucket_bytes_cap=bucket_bytes_cap, backend_compile_fn=compile_piece)
+
+    def compile_split(gm, example_inputs):
+        # It hands each piece the graph's Dynamo metadata: every placeholder's source and the parameters'
+        # sources. The backend's rewritten copy carries neither (its pieces then compile as the whole copy does,
+        # as graphs not captured by Dynamo): no source for any of them.
+        for node in gm.graph.find_nodes(op="placeholder"):
+            if not hasattr(node, "_dynamo_source"):
+                node._dynamo_source = None
+        if not hasattr(gm, "_param_name_to_source"):
+            gm._param_name_to_source = {}
+        return optimizer.compile_fn(gm, example_inputs)
+
+    return compile_split, lambda: len(getattr(optimizer, "buckets", ()))

@@ -51,6 +51,7 @@ class GraphReport:
     impl: str = "reference"
     recompute_blocks: list[list[str]] = field(default_factory=list)
     fused: dict[str, int] = field(default_factory=dict)  # sites fused into "step" / "enter" ops
+    ddp_pieces: int = 0  # pieces compiled apart at DDP's gradient buckets (schedule.compile_for_ddp); 0: not split
     before: str = ""
     after: str = ""
     gm: fx.GraphModule | None = None
@@ -270,7 +271,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
                      len(detection.sites), report.graph_index)
         if on_graph is not None:
             on_graph(gm, example_inputs, report)
-        return gm.forward if plan_only else _inner_compile(gm, example_inputs, config, inductor_mode)
+        return gm.forward if plan_only else _compile_rewritten(gm, example_inputs, config, inductor_mode, report)
 
     frame_module = _resolve_root(detection)
     root, prefix, specs, params = _site_parameters(work, detection, frame_module, breaks, config, example_inputs,
@@ -291,7 +292,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     if on_graph is not None:
         on_graph(result.gm, example_inputs + extra, report)
     try:
-        compiled = _inner_compile(result.gm, example_inputs + extra, config, inductor_mode)
+        compiled = _compile_rewritten(result.gm, example_inputs + extra, config, inductor_mode, report)
     except Exception as e:
         _report_inner_failure(report, config, detection, e)
         compiled = result.gm.forward
@@ -440,6 +441,20 @@ def _report_inner_failure(report: GraphReport, config: MHCConfig, detection: Det
     if config.strict:
         raise MHCConversionError(msg + " (strict=True)") from error
     warnings.warn(msg, stacklevel=3)
+
+
+def _compile_rewritten(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, mode: str | None,
+                       report: GraphReport) -> Callable:
+    """The inner compiler on the rewritten graph: in pieces at DDP's gradient buckets while a DDP's forward runs
+    (``schedule.compile_for_ddp``), else whole."""
+    def compile_piece(piece: fx.GraphModule, inputs: list) -> Callable:
+        return _inner_compile(piece, inputs, config, mode)
+
+    split = schedule_pass.compile_for_ddp(gm, example_inputs, config, compile_piece)
+    if split is None:
+        return compile_piece(gm, example_inputs)
+    compiled, report.ddp_pieces = split
+    return compiled
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, mode: str | None) -> Callable:

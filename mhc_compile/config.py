@@ -77,6 +77,10 @@ class MHCConfig:
                      as a broadcast view of one C-wide row instead of n written copies
                      (``passes/broadcast_collapse_grad.py``): the last site's post_res backward reads one row a
                      token. Same values; False keeps the n-wide buffer.
+    ddp_buckets:     under DistributedDataParallel, split the rewritten graph at DDP's gradient buckets and
+                     compile each piece apart, so that each bucket's all-reduce overlaps the backward of the pieces
+                     before it (``passes/schedule.py``). False compiles one graph: DDP then reduces every gradient
+                     after the backward.
     strict:          turn every conversion warning (graph break inside a chain, structure that
                      could not be converted, optimizer missing mHC parameters) into an error.
     inner_backend:   what compiles the rewritten graph: "inductor" (default), "aot_eager", "eager".
@@ -106,6 +110,7 @@ class MHCConfig:
     fold_post_res_proj: bool = False
     inplace_stream_grads: bool = True
     broadcast_collapse_grad: bool = True
+    ddp_buckets: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
     verbose: bool = False
@@ -127,7 +132,7 @@ class MHCConfig:
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute",
-                     "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad"):
+                     "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad", "ddp_buckets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.recompute, (list, tuple)):

@@ -15,8 +15,9 @@ DistributedDataParallel (tested on CPU with gloo, tests/test_distributed.py)::
    boundaries and compiles the pieces apart, so a residual chain is cut wherever a bucket ends and each piece
    would collapse its n streams at its ends: another model than the one trained without DDP.
    ``check_graph_whole`` raises instead. A model whose parameters fit DDP's first bucket (1 MB) is not split
-   and compiles either way. With it off, DDP reduces the gradients after the backward rather than during it;
-   overlapping them again is the communication scheduler's job (``passes/schedule.py``).
+   and compiles either way. With it off, the backend splits the graph itself after the rewrite, at the same
+   bucket boundaries (``passes/schedule.py``), so that DDP still reduces a bucket while the backward of the
+   layers before it runs.
 
 FSDP2 (``fully_shard``): the mHC parameters must likewise exist before ``fully_shard`` (``check_can_create``
 raises otherwise). Dynamo compiles each ``fully_shard``-ed module as a graph of its own, so sharding every block

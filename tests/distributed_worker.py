@@ -95,13 +95,56 @@ def ddp_split(rank: int) -> dict:
     return _expect_error(lambda: _step(step, rank))
 
 
-def ddp_split_off(rank: int) -> dict:
-    """The same model with optimize_ddp off, as README says: whole graphs, the oracle's gradients."""
+def _backward_order(step, ddp, rank: int) -> list[str]:
+    """Two steps (DDP puts every gradient in one bucket for the first, then builds its buckets in the order the
+    gradients came); the order in which the second one's backward ran its compiled graphs' backwards ("graph")
+    and DDP reduced its gradient buckets ("reduce"). A reduce before the last graph overlaps the backward."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    events = []
+
+    def recording_hook(state, bucket):
+        events.append("reduce")
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(dist.group.WORLD, recording_hook)
+    half = _batch()[2 * rank:2 * rank + 2]
+    for _ in range(2):
+        events.clear()
+        loss = _loss(step(half), half)
+        seen, todo = set(), [loss.grad_fn]
+        while todo:  # every node of the autograd graph: the compiled graphs' backwards are CompiledFunctionBackward
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node).__name__ == "CompiledFunctionBackward":
+                node.register_prehook(lambda grads: events.append("graph"))
+            todo.extend(next_fn for next_fn, _ in node.next_functions)
+        ddp.zero_grad(set_to_none=True)
+        loss.backward()
+    return events
+
+
+def _ddp_large(rank: int, **options) -> dict:
+    """The model past DDP's first bucket with optimize_ddp off, as README says: the oracle's gradients, the pieces
+    the backend compiled and the backward's order."""
     model, oracle = _model(LARGE, prepare=True)
-    step = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend="mhc", options=OPTIONS)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    step = torch.compile(ddp, backend="mhc", options={**OPTIONS, **options})
+    start = len(mhc_compile.REPORTS)
     with torch._dynamo.config.patch(optimize_ddp=False):
-        _step(step, rank)
-    return _compare(model, oracle)
+        order = _backward_order(step, ddp, rank)
+    pieces = [r.ddp_pieces for r in mhc_compile.REPORTS[start:]]
+    return {**_compare(model, oracle), "pieces": pieces, "order": order}
+
+
+def ddp_split_off(rank: int) -> dict:
+    return _ddp_large(rank, inner_backend="inductor")  # the pieces through Inductor and the backend's passes there
+
+
+def ddp_one_graph(rank: int) -> dict:
+    return _ddp_large(rank, ddp_buckets=False)
 
 
 def ddp_lazy(rank: int) -> dict:
@@ -149,7 +192,7 @@ def fsdp_blocks(rank: int) -> dict:
     return {"warnings": [str(w.message) for w in caught if "graph break inside the residual stack" in str(w.message)]}
 
 
-CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_lazy, ddp_prepare_wrapped, fsdp_root, fsdp_lazy, fsdp_blocks]
+CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_one_graph, ddp_lazy, ddp_prepare_wrapped, fsdp_root, fsdp_lazy, fsdp_blocks]
 
 
 def run(rank: int, world: int, out: str) -> None:

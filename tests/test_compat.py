@@ -182,6 +182,17 @@ def test_size_hint_reads_a_symbolic_size_without_a_guard():
     assert seen == {"hint": 15, "symbolic": True}
 
 
+class _TwoLayers(nn.Module):
+    """User code: Dynamo skips a frame of torch.nn's own modules (an nn.Sequential) under DDP."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 @pytest.fixture
 def world_of_one(tmp_path):
     """A one-rank gloo process group: enough for DDP and for Dynamo's DDPOptimizer, in this process."""
@@ -205,16 +216,8 @@ def test_ddp_internals_seen_from_a_backend(world_of_one):
         seen.append((_compat.active_ddp_module(), _compat.split_by_ddp_optimizer()))
         return gm.forward
 
-    class TwoLayers(nn.Module):  # user code: Dynamo skips a frame of torch.nn's own modules only
-        def __init__(self, width):
-            super().__init__()
-            self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
     for width, split in ((8, False), (512, True)):  # 2 x 512^2 fp32 = 2 MB
-        model = TwoLayers(width)
+        model = _TwoLayers(width)
         ddp = DistributedDataParallel(model)
         assert [id(p) for p in _compat.ddp_synced_parameters(ddp)] == [id(p) for p in model.parameters()]
         seen.clear()
@@ -222,3 +225,26 @@ def test_ddp_internals_seen_from_a_backend(world_of_one):
         torch.compile(ddp, backend=backend)(torch.randn(2, width))
         assert seen and all(active is ddp and was_split is split for active, was_split in seen), (width, seen)
     assert _compat.active_ddp_module() is None and not _compat.split_by_ddp_optimizer()
+
+
+def test_ddp_bucket_compiler_splits_a_graph_past_the_first_bucket(world_of_one):
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert _compat.optimize_ddp_mode() == "ddp_optimizer"  # Dynamo's default
+
+    model = _TwoLayers(512)
+    ddp = DistributedDataParallel(model)
+    pieces, counts = [], []
+
+    def backend(gm, inputs):
+        compile_split, buckets = _compat.ddp_bucket_compiler(ddp.bucket_bytes_cap, lambda g, i: pieces.append(g) or g)
+        compiled = compile_split(gm, inputs)
+        counts.append(buckets())
+        return compiled
+
+    x = torch.randn(2, 512)
+    with torch._dynamo.config.patch(optimize_ddp=False):
+        assert _compat.optimize_ddp_mode() == "no_optimization"
+        out = torch.compile(ddp, backend=backend)(x)
+    assert counts == [2] and len(pieces) == 2
+    torch.testing.assert_close(out, model(x))

@@ -56,10 +56,19 @@ def _trains_like_the_oracle(result: dict) -> None:
     assert result["worst"] < 1e-10, result
 
 
-@pytest.mark.parametrize("name", ["ddp_one_bucket", "ddp_split_off", "fsdp_root"])
+@pytest.mark.parametrize("name", ["ddp_one_bucket", "ddp_split_off", "ddp_one_graph", "fsdp_root"])
 def test_averaged_gradients_match_the_oracle_on_the_whole_batch(ranks, name):
     for r in ranks:
         _trains_like_the_oracle(r[name])
+
+
+def test_ddp_buckets_overlap_the_reduces_with_the_backward(ranks):
+    """optimize_ddp off: the backend splits the rewritten graph at DDP's buckets, and a bucket is reduced while the
+    backward of the pieces before it has yet to run; with ddp_buckets=False, one graph, every reduce after it."""
+    split, whole = case(ranks, "ddp_split_off"), case(ranks, "ddp_one_graph")
+    assert split["pieces"] == [2] and whole["pieces"] == [0]
+    assert split["order"] == ["graph", "reduce", "graph", "reduce"]  # DDP's 1 MB first bucket, then the rest
+    assert whole["order"] == ["graph", "reduce", "reduce"]
 
 
 def test_ddp_optimizer_split_is_an_error_naming_the_setting(ranks):
