@@ -313,3 +313,12 @@ def ddp_bucket_compiler(bucket_bytes_cap: int, compile_piece: Callable) -> tuple
         return optimizer.compile_fn(gm, example_inputs)
 
     return compile_split, lambda: len(getattr(optimizer, "buckets", ()))
+
+
+def dynamo_restart() -> type[BaseException]:
+    """The exceptions with which a compile inside a backend asks Dynamo to trace the frame again: AOTAutograd raises
+    one, for instance, to have float inputs specialised (``TensorifyScalarRestartAnalysis``). A backend that
+    caught it as a failure would run the frame's graph uncompiled from then on."""
+    from torch._dynamo.exc import RestartAnalysis
+
+    return RestartAnalysis

@@ -293,6 +293,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         on_graph(result.gm, example_inputs + extra, report)
     try:
         compiled = _compile_rewritten(result.gm, example_inputs + extra, config, inductor_mode, report)
+    except _compat.dynamo_restart() as e:  # Dynamo's own signal to trace the frame again (e.g. floats specialised)
+        raise e
     except Exception as e:
         _report_inner_failure(report, config, detection, e)
         compiled = result.gm.forward

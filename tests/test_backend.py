@@ -405,6 +405,7 @@ def test_no_graph_break_warning_for_a_model_that_takes_hidden_states():
     torch.testing.assert_close(got, model(h), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.inner_compile_failure
 def test_inner_compiler_failure_runs_the_rewritten_graph_eagerly(monkeypatch):
     """If the inner compiler fails, the rewritten graph runs eagerly (warned, naming the sites), so no site
     is lost: raising would let Dynamo run that part without the mhc backend, its mHC parameters unused."""
