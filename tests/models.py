@@ -34,11 +34,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, parallel: bool = False, graph_break: bool | str = False):
+    def __init__(self, d: int, heads: int, parallel: bool = False, graph_break: bool | str = False,
+                 flat_mlp: bool = False):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn, self.mlp = CausalSelfAttention(d, heads), MLP(d)
-        self.parallel, self.graph_break = parallel, graph_break
+        self.parallel, self.graph_break, self.flat_mlp = parallel, graph_break, flat_mlp
 
     def forward(self, x):
         if self.parallel:
@@ -46,6 +47,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         if self.graph_break is True:
             torch._dynamo.graph_break()
+        if self.flat_mlp:  # as OPT's decoder layer: the MLP site on [B*T, C], then back to [B, T, C]
+            shape = x.shape
+            x = x.reshape(-1, x.size(-1))
+            return (x + self.mlp(self.ln_2(x))).view(shape)
         x = x + self.mlp(self.ln_2(x))
         if self.graph_break == "end":  # Dynamo then compiles the block's frame once for every layer
             torch._dynamo.graph_break()
@@ -54,12 +59,13 @@ class Block(nn.Module):
 
 class NanoGPT(nn.Module):
     def __init__(self, vocab=64, d=32, heads=2, layers=2, block=16, parallel=False, break_at=None,
-                 break_every_block_end=False):
+                 break_every_block_end=False, flat_mlp=False):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(block, d)
         self.h = nn.ModuleList(
-            Block(d, heads, parallel, graph_break="end" if break_every_block_end else (i == break_at))
+            Block(d, heads, parallel, graph_break="end" if break_every_block_end else (i == break_at),
+                  flat_mlp=flat_mlp)
             for i in range(layers))
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)

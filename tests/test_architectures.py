@@ -1,6 +1,6 @@
-"""Issue 4, real architectures: Hugging Face Mistral, Mixtral (MoE), RoBERTa (post-norm), T5 (encoder-decoder
-with cross-attention) and a torchvision-style ResNet-18 (convolutional blocks, channel-first stream), all
-from small random configs (no downloads).
+"""Issue 4, real architectures: Hugging Face Mistral, Mixtral (MoE), OPT (its MLP site on flattened tokens),
+RoBERTa (post-norm), T5 (encoder-decoder with cross-attention) and a torchvision-style ResNet-18 (convolutional
+blocks, channel-first stream), all from small random configs (no downloads).
 
 For each: exactly the expected residual sites are rewritten (site paths asserted, every other add left in
 place), the function is preserved at init (eval, fp32, relative error <= 1e-5 on fresh random inputs), and a
@@ -106,6 +106,10 @@ def _build(name):
         cfg = transformers.MixtralConfig(num_hidden_layers=2, num_key_value_heads=1, num_local_experts=4,
                                          num_experts_per_tok=2, **SMALL)
         return transformers.MixtralForCausalLM(cfg), lambda: {"input_ids": _ids(2, 8)}
+    if name == "opt":
+        cfg = transformers.OPTConfig(hidden_size=32, num_attention_heads=2, ffn_dim=64, vocab_size=50,
+                                     num_hidden_layers=2, word_embed_proj_dim=32)
+        return transformers.OPTForCausalLM(cfg), lambda: {"input_ids": _ids(2, 8)}
     if name == "roberta":
         cfg = transformers.RobertaConfig(num_hidden_layers=2, max_position_embeddings=20, **SMALL)
         return transformers.RobertaModel(cfg, add_pooling_layer=False), lambda: {"input_ids": _ids(2, 8)}
@@ -134,6 +138,9 @@ EXPECTED = {
     "mistral": ([_layers(["model.layers.{i}.mhc_self_attn", "model.layers.{i}.mhc_mlp"], 2)], "pre-norm", 32, []),
     # the MoE block (router + experts) is the branch of the second site
     "mixtral": ([_layers(["model.layers.{i}.mhc_self_attn", "model.layers.{i}.mhc_mlp"], 2)], "pre-norm", 32, []),
+    # its MLP site runs on [B*T, C], between a reshape and a view back: both regroup the n-stream's tokens, one chain
+    "opt": ([_layers(["model.decoder.layers.{i}.mhc_self_attn", "model.decoder.layers.{i}.mhc_fc1"], 2)], "pre-norm", 32,
+            []),
     "roberta": ([_layers(["encoder.layer.{i}.attention.output.mhc_dense", "encoder.layer.{i}.output.mhc_dense"], 2)],
                 "post-norm", 32, []),
     # two chains: the encoder's (2 sites a layer) and the decoder's (3 a layer); the decoder's cross-attention
@@ -278,3 +285,54 @@ def test_prepare_takes_keyword_inputs_of_an_encoder_decoder(quiet):
         warnings.simplefilter("error", UserWarning)  # a lazily created parameter would warn
         torch.compile(model, backend="mhc", options=OPTIONS)(**inputs)
     assert all(not r.created for r in REPORTS[start:])
+
+
+# --- more decoder-only Hugging Face models: each converts as one chain and keeps its function at init -------------
+
+_DEC = dict(SMALL, num_hidden_layers=2)
+_GPT = dict(n_embd=32, n_head=2, n_layer=2, vocab_size=50)
+# name -> (config, sites a layer: 2 for attention then MLP, 1 for a parallel block whose branch is attn + mlp)
+MORE = {
+    "qwen2": (lambda: transformers.Qwen2Config(num_key_value_heads=1, **_DEC), 2),
+    "qwen3": (lambda: transformers.Qwen3Config(num_key_value_heads=1, head_dim=16, **_DEC), 2),
+    "qwen3_moe": (lambda: transformers.Qwen3MoeConfig(num_key_value_heads=1, head_dim=16, num_experts=4,
+                                                      num_experts_per_tok=2, moe_intermediate_size=32, **_DEC), 2),
+    "gemma2": (lambda: transformers.Gemma2Config(num_key_value_heads=1, head_dim=16, **_DEC), 2),  # sandwich norms
+    "gemma3_text": (lambda: transformers.Gemma3TextConfig(num_key_value_heads=1, head_dim=16, **_DEC), 2),
+    "phi3": (lambda: transformers.Phi3Config(num_key_value_heads=2, pad_token_id=0, **_DEC), 2),
+    "olmo2": (lambda: transformers.Olmo2Config(num_key_value_heads=2, **_DEC), 2),  # norms inside the branches
+    "stablelm": (lambda: transformers.StableLmConfig(num_key_value_heads=2, **_DEC), 2),
+    "starcoder2": (lambda: transformers.Starcoder2Config(num_key_value_heads=1, **_DEC), 2),
+    "granite": (lambda: transformers.GraniteConfig(num_key_value_heads=1, residual_multiplier=0.5, **_DEC), 2),
+    "nemotron": (lambda: transformers.NemotronConfig(num_key_value_heads=2, **_DEC), 2),
+    "deepseek_v3": (lambda: transformers.DeepseekV3Config(
+        num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, n_group=1, topk_group=1, **_DEC), 2),  # MLA attention; a dense, then an MoE layer
+    "gpt_bigcode": (lambda: transformers.GPTBigCodeConfig(**_GPT), 2),
+    "gpt_neo": (lambda: transformers.GPTNeoConfig(hidden_size=32, num_heads=2, num_layers=2, vocab_size=50,
+                                                  attention_types=[[["global", "local"], 1]], window_size=4), 2),
+    "bloom": (lambda: transformers.BloomConfig(hidden_size=32, n_head=2, n_layer=2, vocab_size=50), 2),
+    "mpt": (lambda: transformers.MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=50), 2),
+    "falcon": (lambda: transformers.FalconConfig(hidden_size=32, num_attention_heads=2, vocab_size=50,
+                                                 num_hidden_layers=2, parallel_attn=True), 1),
+    "gptj": (lambda: transformers.GPTJConfig(rotary_dim=8, **_GPT), 1),
+    "codegen": (lambda: transformers.CodeGenConfig(rotary_dim=8, **_GPT), 1),
+    "cohere": (lambda: transformers.CohereConfig(num_key_value_heads=2, **_DEC), 1),
+    "phi": (lambda: transformers.PhiConfig(**_DEC), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_decoders_convert_as_one_chain_and_keep_their_function(name, quiet):
+    config, per_layer = MORE[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config()).eval()
+    ids = {"input_ids": _ids(2, 8)}
+    with torch.no_grad():
+        want = output_tensor(model(**ids))
+        start = len(REPORTS)
+        got = output_tensor(torch.compile(model, backend="mhc", options=OPTIONS)(**ids))
+    report = _compiled_report(start)
+    assert [len(c.sites) for c in report.detection.chains] == [2 * per_layer]
+    assert rel_err(got, want) <= 1e-5

@@ -154,6 +154,34 @@ def test_gradients_match_eager_oracle_float64(mode, quiet):
         torch.testing.assert_close(got[k], p.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{k}: {m}")
 
 
+def test_token_reshape_between_sites_keeps_one_chain_float64(quiet):
+    """OPT's decoder layer runs its MLP site on [B*T, C] (reshape before, view back after): the reshapes regroup the
+    n-stream's tokens, so all sites stay one chain, and the compiled model is the eager mHC oracle, values and
+    gradients; a second shape under dynamic=True reuses the graph with symbolic sizes."""
+    model = NanoGPT(layers=2, flat_mlp=True).double()
+    idx = torch.randint(0, 64, (2, 8))
+    mhc_compile.prepare(model, idx, n=3)
+    perturb_mhc(model)
+    start = len(REPORTS)
+    compiled = torch.compile(model, backend="mhc", options={"n": 3, **AOT}, dynamic=True)
+    compiles = []
+    for idx in (torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (3, 5))):
+        model.zero_grad()
+        out = compiled(idx)
+        out.logsumexp(-1).mean().backward()
+        got = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad()
+        want = eager_mhc_nanogpt(model, idx, n=3)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+        want.logsumexp(-1).mean().backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{k}: {m}")
+        compiles.append(len(REPORTS))
+    assert compiles[0] == compiles[1]  # the second shape compiled nothing
+    assert [[s.path for s in c.sites] for c in REPORTS[-1].detection.chains] == [
+        ["h.0.mhc_attn", "h.0.mhc_mlp", "h.1.mhc_attn", "h.1.mhc_mlp"]]
+
+
 def test_mode_residual_leaves_graph_and_parameters_alone(quiet):
     model = NanoGPT()
     idx = torch.randint(0, 64, (2, 8))

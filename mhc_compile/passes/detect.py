@@ -121,6 +121,37 @@ def is_streamwise(node: fx.Node, channel_first: bool = False) -> bool:
     return True
 
 
+_RESHAPE_TARGETS = {"view", "reshape", torch.reshape}
+
+
+def is_token_reshape(node: fx.Node) -> bool:
+    """True for a view / reshape of a token stream [..., C] that regroups its token dims only ([B, T, C] ->
+    [B*T, C] and back: OPT's decoder layer around its MLP), so that it applies to an n-stream [..., n, C] with n
+    and C kept last (``rewrite.stream_shape``). The new shape's last entry must be C itself, not -1."""
+    if node.op not in ("call_method", "call_function") or node.target not in _RESHAPE_TARGETS or node.kwargs:
+        return False
+    before, after = tensor_shape(node.args[0]) if node.args else None, tensor_shape(node)
+    shape = reshape_args(node)
+    if before is None or after is None or len(before) < 2 or len(after) < 2 or shape is None:
+        return False
+    entries = example_value(shape) if isinstance(shape, fx.Node) else shape
+    if not isinstance(entries, (tuple, list, torch.Size)) or len(entries) != len(after):
+        return False
+    return after[-1] == before[-1] and not (isinstance(entries[-1], int) and entries[-1] < 0)
+
+
+def reshape_args(node: fx.Node) -> tuple | fx.Node | None:
+    """The new shape a view / reshape node asks for, as given: a tuple of ints and graph nodes (``x.view(a, b)``,
+    ``x.view((a, b))``, ``torch.reshape(x, (a, b))``), or the one graph node that makes it (``x.view(y.shape)``,
+    a torch.Size, which dynamic shapes keep as a node); None for anything else."""
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], fx.Node) and not is_float_tensor(rest[0]):
+        return rest[0]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = tuple(rest[0])
+    return tuple(rest) if rest and not any(isinstance(a, (tuple, list)) for a in rest) else None
+
+
 def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
@@ -351,7 +382,8 @@ def _follow_link(site: Site, stream_of: dict[fx.Node, Site]) -> tuple[Site | Non
         if node in stream_of:
             follower = stream_of[node]
             return (follower, path) if follower.channel_dim == site.channel_dim else (None, path)
-        nxt = [u for u in node.users if is_streamwise(u, channel_first) and u.args and u.args[0] is node]
+        nxt = [u for u in node.users if (is_streamwise(u, channel_first) or not channel_first and is_token_reshape(u))
+               and u.args and u.args[0] is node]
         if len(nxt) != 1:
             return None, path
         node = nxt[0]

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from mhc_compile.config import MHCConfig
-from mhc_compile.passes.detect import Chain, Detection, Site
+from mhc_compile.passes.detect import Chain, Detection, Site, is_token_reshape, reshape_args
 
 OPS = torch.ops.mhc_compile
 
@@ -206,15 +206,26 @@ def rewrite(gm: fx.GraphModule, detection: Detection, config: MHCConfig, impl: s
     return RewriteResult(gm=gm, extra_inputs=extra)
 
 
+def stream_shape(shape: tuple, n: int) -> tuple:
+    """The n-stream shape of a token reshape's new shape [..., C]: [..., n, C] (ints or SymInts; a graph call,
+    evaluated as the graph runs or is traced)."""
+    return (*shape[:-1], n, shape[-1])
+
+
 def _rewrite_chain(rw: _ChainRewriter, chain: Chain, regions, param_nodes) -> None:
     x = rw.expand(chain.head, chain.sites[0])
     stream_now = chain.head
     for k, site in enumerate(chain.sites):
-        x_out = rw.site(site, x, param_nodes[site.path], regions[id(site)], stream_now)
         link = chain.links[k]
+        reshapes = {node for node in link if is_token_reshape(node)}  # told by the shapes, before the rewrite
+        x_out = rw.site(site, x, param_nodes[site.path], regions[id(site)], stream_now)
         rw.wide.update(link)  # post-norm LayerNorm / dropout / relu now act on every stream
         for node in link:
             rw.channel_dim[node] = site.channel_dim
+            if node in reshapes:  # [B, T, C] -> [B*T, C] regroups the tokens of [B, T, n, C] the same way
+                with rw.graph.inserting_before(node):
+                    shape = rw.call(stream_shape, (reshape_args(node), rw.n), node, site, "link")
+                node.args = (node.args[0], shape)
             if node.kwargs.get("inplace"):  # relu(X', inplace=True): X' is ours, keep it out of place
                 node.kwargs = {**node.kwargs, "inplace": False}
         x = link[-1] if link else x_out
