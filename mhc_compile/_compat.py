@@ -322,3 +322,10 @@ def dynamo_restart() -> type[BaseException]:
     from torch._dynamo.exc import RestartAnalysis
 
     return RestartAnalysis
+
+
+def compiling_resume_function() -> bool:
+    """Whether Dynamo is compiling the rest of a frame after a graph break inside it (a resume function it
+    generated, whose inputs are the live values the graph before it left), not a frame of the user's code."""
+    code = compiling_code()
+    return code is not None and code.co_name.startswith("torch_dynamo_resume_in_")

@@ -34,6 +34,7 @@ from mhc_compile.passes.detect import Detection, detect
 from mhc_compile.passes.rewrite import SiteParams, rewrite
 from mhc_compile.runtime import ops as _ops  # noqa: F401  (registers torch.ops.mhc_compile.*)
 from mhc_compile.runtime.binding import ParamBinder, SiteSpec, choose_anchor
+from mhc_compile.runtime.carry import StreamCarry, example_inputs as carry_examples
 from mhc_compile.runtime.params import ensure_record, get_or_create_site, lift_to_known_root, record_for
 
 log = logging.getLogger("mhc_compile")
@@ -105,6 +106,9 @@ def _check_impl_dtypes(impl: str, detection: Detection) -> None:
 # The last graph break Dynamo reported to us (reason, "file:line"): a graph compiled after it (the resumed
 # frame) names it when its chain starts at a graph input.
 _LAST_BREAK: list[str] = []
+# Whether the last graph compiled returned a chain's n streams (runtime/carry.py): a frame resumed right after it
+# should then start its chain from them, and is warned when it does not.
+_LAST_CARRIED_OUT: list[bool] = [False]
 
 
 def _break_reason(gm: fx.GraphModule) -> str | None:
@@ -214,37 +218,49 @@ def _warn_shared_modules(detection: Detection, root: nn.Module) -> None:
 
 
 def _check_graph_breaks(detection: Detection, gm: fx.GraphModule, config: MHCConfig, root: nn.Module,
-                        here: str | None, before: str | None, partial: bool) -> list[str]:
-    """A chain that starts at a graph input or ends at a graph output was cut by a graph break.
+                        here: str | None, before: str | None,
+                        partial: bool) -> tuple[list[str], frozenset[int], frozenset[int]]:
+    """A chain that starts at a graph input or ends at a graph output was cut by a graph break: (the warnings,
+    the ids of the chains whose n streams are carried in across it, and those carried out; runtime/carry.py).
 
     ``here`` is the reason Dynamo ended this graph with, ``before`` the one that ended the graph before it;
     ``partial``: the compiled frame belongs to a module inside a larger converted model (Dynamo compiles a
-    block's frame alone when it cannot compile the loop around it). A model whose forward simply takes the
-    hidden states as input, or returns them, is not cut anywhere and gets no warning."""
+    block's frame alone when it cannot compile the loop around it, and a block compiled on its own is one). A
+    model whose forward simply takes the hidden states as input, or returns them, is not cut anywhere.
+    Token streams are carried; a channel-first chain (convolutional blocks) is collapsed at the break, with a
+    warning (an error under ``strict``)."""
     outputs = set(next(n for n in reversed(gm.graph.nodes) if n.op == "output").all_input_nodes)
-    messages = []
+    messages, carry_in, carry_out = [], set(), set()
     for chain in detection.chains:
         head, tail = chain.head, chain.sites[-1]
         where = []
         if head.op == "placeholder" and (before or partial):
             why = f", resumed after a graph break: {before}" if before else ""
             where.append(f"it starts at graph input {head.name!r} (before {chain.sites[0].path}{why})")
+            carry_in.add(id(chain))
         if (here or partial) and (tail.out in outputs or any(n in outputs for n in chain.links[-1])):
             why = f", where Dynamo broke the graph: {here}" if here else ""
             where.append(f"it ends at a graph output (after {tail.path}{why})")
-        if where:
-            messages.append(
-                f"mhc: graph break inside the residual stack of {type(root).__name__}: " + " and ".join(where)
-                + ". The n streams are "
-                "collapsed (mean) at the break and re-expanded after it, so mixing across the break is lost; "
-                "remove the graph break (TORCH_LOGS=graph_breaks names it) to keep the streams."
-                + distributed.chain_cut_hint(root)
-            )
+            carry_out.add(id(chain))
+        if not where:
+            continue
+        if tail.channel_dim == -1:
+            log.info("mhc: graph break inside the residual stack of %s: %s; its n streams are carried across "
+                     "(runtime/carry.py)", type(root).__name__, " and ".join(where))
+            continue
+        carry_in.discard(id(chain))
+        carry_out.discard(id(chain))
+        messages.append(
+            f"mhc: graph break inside the residual stack of {type(root).__name__}: " + " and ".join(where)
+            + ". The n streams of this channel-first chain are "
+            "collapsed (mean) at the break and re-expanded after it, so mixing across the break is lost; "
+            "remove the graph break (TORCH_LOGS=graph_breaks names it) to keep the streams."
+        )
     for msg in messages:
         if config.strict:
             raise MHCConversionError(msg + " (strict=True)")
         warnings.warn(msg, stacklevel=2)
-    return messages
+    return messages, frozenset(carry_in), frozenset(carry_out)
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *,
@@ -258,6 +274,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     (rewritten or not), its example inputs (mHC parameters appended) and the report (``trace``)."""
     distributed.check_graph_whole()
     work, detection, report, breaks = _analyse(gm, config)
+    carried_before, _LAST_CARRIED_OUT[0] = _LAST_CARRIED_OUT[0], False
     if not detection.sites or config.mode == "residual":
         if not detection.sites:
             log.info("mhc: graph %d has no residual adds; compiled unchanged", report.graph_index)
@@ -274,8 +291,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         return gm.forward if plan_only else _compile_rewritten(gm, example_inputs, config, inductor_mode, report)
 
     frame_module = _resolve_root(detection)
-    root, prefix, specs, params = _site_parameters(work, detection, frame_module, breaks, config, example_inputs,
-                                                   report, lazily)
+    root, prefix, specs, params = _site_parameters(work, detection, frame_module, config, example_inputs, report,
+                                                   lazily)
+    cut, carry_in, carry_out = _check_graph_breaks(detection, work, config, root, *breaks, partial=bool(prefix))
+    report.warnings.extend(cut)
     binder = _bind(frame_module, root, prefix, specs, example_inputs, params, detection, lazily)
     if plan_only:
         if binder is None:
@@ -287,8 +306,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
 
         return plan
 
-    result = _lower(work, detection, config, _choose_impl(config, example_inputs), params, report)
-    extra = result.extra_inputs
+    result = _lower(work, detection, config, _choose_impl(config, example_inputs), params, report, carry_in,
+                    carry_out)
+    carry, streams_in = _carry(result, work, config, example_inputs, carried_before)
+    _LAST_CARRIED_OUT[0] = bool(result.stream_tails)
+    extra = result.extra_inputs + streams_in
     if on_graph is not None:
         on_graph(result.gm, example_inputs + extra, report)
     try:
@@ -299,7 +321,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         _report_inner_failure(report, config, detection, e)
         compiled = result.gm.forward
 
-    if binder is None:
+    if carry is not None:
+        params_of = (lambda args: extra[:len(result.extra_inputs)]) if binder is None else binder.extras
+
+        def run(*args):
+            return carry.outputs(compiled(*args, *params_of(args), *carry.inputs(args)))
+    elif binder is None:
         def run(*args):
             return compiled(*args, *extra)
     else:
@@ -307,6 +334,19 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             return compiled(*args, *binder.extras(args))
 
     return run
+
+
+def _carry(result, work: fx.GraphModule, config: MHCConfig, example_inputs: list,
+           carried_before: bool) -> tuple[StreamCarry | None, list]:
+    """What carries the n streams of the chains cut by a graph break (runtime/carry.py), and example X_0 for the
+    chains it starts; (None, []) when no chain is cut. ``carried_before``: the graph compiled before this one
+    returned n streams, so a frame resumed after it expects them."""
+    if not (result.stream_heads or result.stream_tails):
+        return None, []
+    expected = carried_before and _compat.compiling_resume_function()
+    carry = StreamCarry(config.n, result.stream_heads, result.stream_tails, resumed=expected, strict=config.strict)
+    fakes = [node.meta.get("example_value") for node in work.graph.find_nodes(op="placeholder")]
+    return carry, carry_examples(result.stream_heads, config.n, example_inputs, fakes)
 
 
 def _analyse(gm: fx.GraphModule, config: MHCConfig) -> tuple[fx.GraphModule, Detection, GraphReport, tuple]:
@@ -336,13 +376,13 @@ def _analyse(gm: fx.GraphModule, config: MHCConfig) -> tuple[fx.GraphModule, Det
     return work, detection, report, (break_here, break_before)
 
 
-def _site_parameters(work: fx.GraphModule, detection: Detection, frame_module: nn.Module, breaks: tuple,
+def _site_parameters(work: fx.GraphModule, detection: Detection, frame_module: nn.Module,
                      config: MHCConfig, example_inputs: list, report: GraphReport,
                      lazily: bool) -> tuple[nn.Module, str, list[SiteSpec], dict[str, SiteParams]]:
     """Stage 2: each site's phi / bias / alpha, found on or created as ordinary parameters of the module that owns
     its residual add (DESIGN.md section 3). Returns the model root, the frame's prefix under it, the sites' specs
-    and their parameters by site path. Warns of modules shared between sites, of graph breaks inside a chain, and
-    of parameters it had to create that an optimizer may have missed."""
+    and their parameters by site path. Warns of modules shared between sites and of parameters it had to create
+    that an optimizer may have missed."""
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     root, prefix = lift_to_known_root(frame_module)
     specs, params = [], {}
@@ -360,7 +400,6 @@ def _site_parameters(work: fx.GraphModule, detection: Detection, frame_module: n
     distributed.check_synced({path: (p.phi, p.bias, p.alpha) for path, p in params.items()})
     report.sites[:] = [f"{s.path} ({s.kind}, C={s.width})" for s in detection.sites]
     _warn_shared_modules(detection, root)
-    report.warnings.extend(_check_graph_breaks(detection, work, config, root, *breaks, partial=bool(prefix)))
     record = record_for(root)
     record.strict = record.strict or config.strict
     if report.created and lazily:
@@ -375,12 +414,14 @@ def _site_parameters(work: fx.GraphModule, detection: Detection, frame_module: n
 
 
 def _lower(work: fx.GraphModule, detection: Detection, config: MHCConfig, impl: str,
-           params: dict[str, SiteParams], report: GraphReport):
-    """Stage 3: the rewrite to n streams on the ops of ``impl``, then the graph passes (fuse, recompute, the
-    scheduler's slot); records the result in the report and publishes it (``dump_dir``, ``verbose``)."""
+           params: dict[str, SiteParams], report: GraphReport, carry_in: frozenset = frozenset(),
+           carry_out: frozenset = frozenset()):
+    """Stage 3: the rewrite to n streams on the ops of ``impl`` (the chains in ``carry_in`` / ``carry_out`` take /
+    return their n streams across a graph break), then the graph passes (fuse, recompute, the scheduler's slot);
+    records the result in the report and publishes it (``dump_dir``, ``verbose``)."""
     _check_impl_dtypes(impl, detection)
     report.impl = impl
-    result = rewrite(work, detection, config, impl, params)
+    result = rewrite(work, detection, config, impl, params, carry_in, carry_out)
     report.fused = fuse_pass.apply(result.gm, config)
     report.recompute_blocks = recompute_pass.apply(result.gm, detection, config)
     schedule_pass.apply(result.gm, config)

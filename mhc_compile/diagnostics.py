@@ -147,8 +147,9 @@ class Diagnostics:
     ``h_res`` holds the matrices as *applied* to the streams (already transposed under
     ``res_convention="transpose"``), so ``composite(h_res)`` is the model's residual path. The per-site
     lists keep the tokens' leading dims (e.g. ``[B, T, n, n]``). Gains are reduced over tokens with max,
-    divergence with mean (see the module docstring). A graph break inside a chain collapses and
-    re-expands the streams; the composite ignores that and multiplies across the break.
+    divergence with mean (see the module docstring). The streams cross a graph break inside a chain
+    (runtime/carry.py), so the composite multiplies across it; where they do not (a channel-first chain, a
+    stream changed between the graphs), the product still runs across the collapse there.
     """
 
     sites: list[str]

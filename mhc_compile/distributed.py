@@ -20,9 +20,9 @@ DistributedDataParallel (tested on CPU with gloo, tests/test_distributed.py)::
    layers before it runs.
 
 FSDP2 (``fully_shard``): the mHC parameters must likewise exist before ``fully_shard`` (``check_can_create``
-raises otherwise). Dynamo compiles each ``fully_shard``-ed module as a graph of its own, so sharding every block
-cuts the chains at the blocks (the backend warns, naming FSDP: ``chain_cut_hint``); sharding the root only keeps
-one graph and trains the same model as without FSDP.
+raises otherwise). Dynamo compiles each ``fully_shard``-ed module as a graph of its own (FSDP2's hooks break the
+graph); the n streams cross between the blocks' graphs (``runtime/carry.py``), so sharding every block trains the
+same model as one graph.
 """
 
 from __future__ import annotations
@@ -97,16 +97,6 @@ def check_can_create(root: nn.Module, path: str) -> None:
             f"mhc: the mHC parameters of {path!r} do not exist yet and FSDP already manages {sharded[0]!r}"
             f"{' and others' if len(sharded) > 1 else ''}; it would neither shard nor reduce them. Call "
             f"{PREPARE_FIRST} with fully_shard / FSDP.")
-
-
-def chain_cut_hint(root: nn.Module) -> str:
-    """What to add to the graph-break warning of a chain cut in a model that FSDP manages ('' if none does)."""
-    sharded = [p for p in fsdp_modules(root) if p != "<root>"]
-    if not sharded:
-        return ""
-    return (f" FSDP manages {sharded[0]!r}{' and others' if len(sharded) > 1 else ''} of this model, and Dynamo "
-            "compiles each fully_shard-ed module as a graph of its own: shard the model's root only (or use DDP) to "
-            "keep the residual stack in one graph.")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

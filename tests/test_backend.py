@@ -344,29 +344,6 @@ def test_model_without_residual_adds_is_unchanged_with_info(caplog):
     assert mhc_compile.mhc_parameters(model) == []
 
 
-def test_graph_break_inside_the_stack_warns_names_it_and_stays_correct():
-    model = NanoGPT(layers=2, break_at=0)
-    idx = torch.randint(0, 64, (2, 8))
-    want = model(idx)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = torch.compile(model, backend="mhc", options=AOT)(idx)
-    messages = [str(w.message) for w in caught if "graph break" in str(w.message)]
-    assert any("after h.0.mhc_attn" in m for m in messages), messages
-    assert any("before h.0.mhc_mlp" in m for m in messages), messages
-    assert rel_err(got, want) <= 1e-5
-    got.sum().backward()
-    assert all(p.grad is not None for p in mhc_compile.mhc_parameters(model))
-
-
-def test_graph_break_is_an_error_under_strict():
-    model = NanoGPT(layers=2, break_at=1)
-    with pytest.raises(Exception, match="graph break inside the residual stack.*strict=True"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.compile(model, backend="mhc", options={"strict": True, **AOT})(torch.randint(0, 64, (2, 8)))
-
-
 # --- the initialisation contract ---------------------------------------------------------------------
 
 

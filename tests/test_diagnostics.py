@@ -207,7 +207,14 @@ def test_collect_follows_sites_across_a_graph_break(quiet):
     model, idx, compiled = _compiled("hc", layers=2, break_at=0)
     diag = collect(compiled, idx)
     assert diag.sites == _sites(model) == ["h.0.mhc_attn", "h.0.mhc_mlp", "h.1.mhc_attn", "h.1.mhc_mlp"]
-    assert diag.divergence[1].item() == 0.0  # the break collapses the streams and re-expands them
+    # the n streams cross the break (runtime/carry.py): what the same model records in one graph
+    whole = NanoGPT(layers=2)
+    mhc_compile.prepare(whole, idx, n=4, mode="hc")
+    whole.load_state_dict(model.state_dict())
+    one_graph = collect(torch.compile(whole, backend="mhc", options={"n": 4, "mode": "hc", **AOT}), idx)
+    assert diag.divergence[1].item() > 0.1
+    torch.testing.assert_close(diag.divergence, one_graph.divergence)
+    torch.testing.assert_close(diag.composite_fwd, one_graph.composite_fwd)
 
 
 def test_collect_without_mhc_sites_raises():

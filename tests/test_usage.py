@@ -8,6 +8,7 @@ CPU, tiny models, mostly ``inner_backend="aot_eager"``.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 import pytest
@@ -474,7 +475,7 @@ class DataDependentLoop(nn.Module):
         return x
 
 
-def test_data_dependent_loop_breaks_graph_correctly_and_names_module_and_reason():
+def test_data_dependent_loop_breaks_graph_correctly_and_names_module_and_reason(caplog):
     model = DataDependentLoop()
     x = torch.randn(2, 8).abs()
     compiled = torch.compile(model, backend="mhc", options=AOT)
@@ -487,14 +488,15 @@ def test_data_dependent_loop_breaks_graph_correctly_and_names_module_and_reason(
     paths = {k for k, m in model.named_modules() if isinstance(m, mhc_compile.MHCSite)}
     assert paths == {"mhc_f", "mhc_f1"}
     torch._dynamo.reset()
-    with warnings.catch_warnings(record=True) as caught:
+    # the chain starts at the resumed frame's input, which is the model's own input, not a stream the graph before
+    # returned: nothing to warn of (runtime/carry.py); the log names the break, the module and Dynamo's reason
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="mhc_compile"):
         warnings.simplefilter("always")
         compiled = torch.compile(model, backend="mhc", options=AOT)
         compiled(x)
-    messages = [str(w.message) for w in caught if "graph break" in str(w.message)]
-    assert messages, [str(w.message) for w in caught]
-    assert any("DataDependentLoop" in m and "resumed after a graph break" in m and "test_usage.py" in m
-               for m in messages), messages
+    assert not [str(w.message) for w in caught if "graph break inside the residual stack" in str(w.message)]
+    assert any("DataDependentLoop" in r.getMessage() and "resumed after a graph break" in r.getMessage()
+               and "test_usage.py" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_selective_checkpoint_region_with_residual_adds_is_reported_not_skipped():

@@ -19,13 +19,15 @@ stream as they are (made out of place), and a collapsed observer gets ``movedim(
 The moves are views; the convolutions read ``x_in`` in channels-last strides.
 
 The pass works on a copy of Dynamo's graph (never on Dynamo's own object) and appends one placeholder
-per parameter; the caller passes the parameters after the graph's own inputs.
+per parameter; the caller passes the parameters after the graph's own inputs. A chain cut by a graph break
+(``backend._check_graph_breaks``) starts from one more placeholder, its n streams X_0 (after the parameters),
+and/or also returns its last n streams after the graph's own outputs (runtime/carry.py carries them across).
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -47,6 +49,11 @@ class SiteParams:
 class RewriteResult:
     gm: fx.GraphModule
     extra_inputs: list[torch.Tensor]  # appended after the graph's own inputs, in placeholder order
+    # chains carried across graph breaks (runtime/carry.py): (input index of the head, first site's path) of each
+    # chain whose X_0 is a placeholder after the parameters; (output index of the collapsed tail, output index of
+    # its n streams, appended last) of each chain whose n streams the graph also returns
+    stream_heads: list[tuple[int, str]] = field(default_factory=list)
+    stream_tails: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _copy_meta(new: fx.Node, like: fx.Node, site: Site | None, role: str) -> fx.Node:
@@ -66,6 +73,7 @@ class _ChainRewriter:
         self.wide: set[fx.Node] = set()  # nodes whose value is now [..., n, C]
         self.mhc_nodes: set[fx.Node] = set()
         self.channel_dim: dict[fx.Node, int] = {}  # wide node -> the stream's channel dim (1: channel-first)
+        self.collapsed: dict[fx.Node, fx.Node] = {}  # wide node -> its collapse, where something observes it
 
     def call(self, target, args, like: fx.Node, site: Site | None, role: str, kind="call_function") -> fx.Node:
         if kind == "call_method":
@@ -159,6 +167,7 @@ class _ChainRewriter:
             if cdim != -1:  # back to [B, C, H, W]
                 with self.graph.inserting_after(c):
                     c = _copy_meta(self.graph.call_method("movedim", (c, -1, cdim)), w, None, "collapse")
+            self.collapsed[w] = c
             for u in observers:
                 u.replace_input_with(w, c)
 
@@ -168,8 +177,11 @@ def _branch_region(site: Site, an) -> set[fx.Node]:
 
 
 def rewrite(gm: fx.GraphModule, detection: Detection, config: MHCConfig, impl: str,
-            params: dict[str, SiteParams]) -> RewriteResult:
-    """Rewrite ``gm`` (already a copy) in place; ``params`` maps site path -> its tensors."""
+            params: dict[str, SiteParams], carry_in: frozenset = frozenset(),
+            carry_out: frozenset = frozenset()) -> RewriteResult:
+    """Rewrite ``gm`` (already a copy) in place; ``params`` maps site path -> its tensors. The chains whose id is in
+    ``carry_in`` start from a placeholder of their n streams instead of expanding their head (a graph input); those
+    in ``carry_out`` also return their n streams where the graph returns their collapsed tail (runtime/carry.py)."""
     from mhc_compile.passes.detect import _Analysis
 
     graph = gm.graph
@@ -197,13 +209,42 @@ def rewrite(gm: fx.GraphModule, detection: Detection, config: MHCConfig, impl: s
             extra.append(tensor)
         param_nodes[site.path] = tuple(nodes)
 
-    rw = _ChainRewriter(graph, config, impl)
+    heads: list[tuple[int, str]] = []
+    starts: dict[int, fx.Node] = {}
     for chain in detection.chains:
-        _rewrite_chain(rw, chain, regions, param_nodes)
+        if id(chain) in carry_in and chain.head.op == "placeholder" and chain.sites[0].channel_dim == -1:
+            with graph.inserting_after(anchor):
+                anchor = starts[id(chain)] = graph.placeholder(f"mhc_streams_in_{len(heads)}")
+            anchor.meta["mhc"] = {"site": chain.sites[0].path, "role": "streams_in"}
+            heads.append((placeholders.index(chain.head), chain.sites[0].path))
+
+    rw = _ChainRewriter(graph, config, impl)
+    tails = {}
+    for chain in detection.chains:
+        tails[id(chain)] = _rewrite_chain(rw, chain, regions, param_nodes, starts.get(id(chain)))
     rw.collapse_observers()
+    stream_tails = _return_streams(rw, [tails[id(c)] for c in detection.chains if id(c) in carry_out])
     graph.lint()
     gm.recompile()
-    return RewriteResult(gm=gm, extra_inputs=extra)
+    return RewriteResult(gm=gm, extra_inputs=extra, stream_heads=heads, stream_tails=stream_tails)
+
+
+def _return_streams(rw: _ChainRewriter, tails: list[fx.Node]) -> list[tuple[int, int]]:
+    """Append to the graph's outputs the n streams of each tail whose collapse the graph returns as it is:
+    (output index of the collapse, output index of the streams)."""
+    output = next(n for n in reversed(rw.graph.nodes) if n.op == "output")
+    outs = output.args[0]
+    if not isinstance(outs, (tuple, list)):
+        return []
+    outs, found = list(outs), []
+    for wide in tails:
+        c = rw.collapsed.get(wide)
+        if c is not None and rw.channel_dim.get(wide, -1) == -1 and c in outs:
+            found.append((outs.index(c), len(outs)))
+            outs.append(wide)
+    if found:
+        output.args = (type(output.args[0])(outs),)
+    return found
 
 
 def stream_shape(shape: tuple, n: int) -> tuple:
@@ -212,8 +253,15 @@ def stream_shape(shape: tuple, n: int) -> tuple:
     return (*shape[:-1], n, shape[-1])
 
 
-def _rewrite_chain(rw: _ChainRewriter, chain: Chain, regions, param_nodes) -> None:
-    x = rw.expand(chain.head, chain.sites[0])
+def _rewrite_chain(rw: _ChainRewriter, chain: Chain, regions, param_nodes, start: fx.Node | None = None) -> fx.Node:
+    """Rewrite one chain, from ``start`` (a placeholder of its n streams) or else the expanded head; returns the
+    chain's last n-stream value."""
+    if start is None:
+        x = rw.expand(chain.head, chain.sites[0])
+    else:
+        x = start
+        rw.wide.add(x)
+        rw.channel_dim[x] = -1
     stream_now = chain.head
     for k, site in enumerate(chain.sites):
         link = chain.links[k]
@@ -230,3 +278,4 @@ def _rewrite_chain(rw: _ChainRewriter, chain: Chain, regions, param_nodes) -> No
                 node.kwargs = {**node.kwargs, "inplace": False}
         x = link[-1] if link else x_out
         stream_now = x
+    return x
