@@ -150,3 +150,22 @@ def test_channel_first_chain_is_collapsed_at_a_break_with_a_warning():
     x = torch.randn(2, 4, 6, 6)
     with pytest.warns(UserWarning, match=r"graph break inside the residual stack.*channel-first chain are collapsed"):
         torch.compile(model, backend="mhc", options=AOT)(x)
+
+
+def test_hf_llama_layers_compiled_one_by_one_equal_the_whole_model_compiled(quiet):
+    """transformers' own per-layer compile (``layer.compile``): the same logits as the whole model in one graph."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50,
+                                      num_hidden_layers=3, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 50, (2, 8))
+    mhc_compile.prepare(model, ids, n=N)
+    perturb_mhc(model)
+    with torch.no_grad():
+        whole = torch.compile(model, backend="mhc", options=AOT)(ids).logits
+    torch._dynamo.reset()
+    for layer in model.model.layers:
+        layer.compile(backend="mhc", options=AOT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, whole, rtol=1e-10, atol=1e-10)
