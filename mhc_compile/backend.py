@@ -53,6 +53,7 @@ class GraphReport:
     recompute_blocks: list[list[str]] = field(default_factory=list)
     fused: dict[str, int] = field(default_factory=dict)  # sites fused into "step" / "enter" ops
     ddp_pieces: int = 0  # pieces compiled apart at DDP's gradient buckets (schedule.compile_for_ddp); 0: not split
+    carried: list[str] = field(default_factory=list)  # where n streams cross a graph break (runtime/carry.py)
     before: str = ""
     after: str = ""
     gm: fx.GraphModule | None = None
@@ -309,6 +310,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     result = _lower(work, detection, config, _choose_impl(config, example_inputs), params, report, carry_in,
                     carry_out)
     carry, streams_in = _carry(result, work, config, example_inputs, carried_before)
+    report.carried = ([f"{site} starts from the n streams its input carries from a graph before, if it carries any"
+                       for _, site in result.stream_heads]
+                      + [f"{site} hands its n streams to the next graph" for site in result.stream_tail_sites])
     _LAST_CARRIED_OUT[0] = bool(result.stream_tails)
     extra = result.extra_inputs + streams_in
     if on_graph is not None:

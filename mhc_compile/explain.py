@@ -46,6 +46,7 @@ class ExplainReport:
     unconverted: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     recompute_blocks: list[list[str]] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)  # where the n streams cross a graph break (runtime/carry.py)
     traffic: list[str] = field(default_factory=list)  # cost-model lines, one per site width
     graphs_before: list[str] = field(default_factory=list)
     graphs_after: list[str] = field(default_factory=list)
@@ -69,6 +70,7 @@ class ExplainReport:
         lines.extend(f"  {t}" for t in self.traffic)
         for brk in self.graph_breaks:
             lines.append(f"  graph break: {brk}")
+        lines.extend(f"  carried: {c}" for c in self.carried)
         for item in self.unconverted:
             lines.append(f"  not converted: {item}")
         for w in self.warnings:
@@ -110,6 +112,7 @@ def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, 
         report.graph_modules.append(r.gm)
         report.unconverted.extend(f"{u.node} in {u.module or '<root>'}: {u.reason}" for u in r.detection.unconverted)
         report.warnings.extend(w for w in r.warnings if "not converted" not in w)
+        report.carried.extend(r.carried)
         ops_of = _ops_by_site(r.gm)
         for c, chain in enumerate(r.detection.chains):
             for site in chain.sites:

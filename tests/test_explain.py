@@ -32,8 +32,14 @@ def test_explain_reports_sites_parameters_breaks_and_leaves_the_model_alone(caps
     # the cost model's line for C = 32, fp32: (14 + 21 + 14 - 3) C = 46 * 32 * 4 bytes = 5.75 KiB a token
     assert report.traffic == ["bookkeeping traffic per site and token (fused, n=4, C=32, 4-byte stream): "
                               "forward 14C, backward 21C, recompute 14C; 5.8 KiB over a plain residual add"]
+    # Dynamo compiles each block's frame alone, so every graph's chain may take and hand on n streams
+    # (runtime/carry.py); block 0's input, from the embeddings, will carry none
+    takes, hands = "starts from the n streams its input carries from a graph before, if it carries any", \
+        "hands its n streams to the next graph"
+    assert report.carried == [f"h.0.mhc_attn {takes}", f"h.0.mhc_mlp {hands}", f"h.1.mhc_attn {takes}",
+                              f"h.1.mhc_attn {hands}", f"h.1.mhc_mlp {takes}", f"h.1.mhc_mlp {hands}"]
     out = capsys.readouterr().out
-    assert "h.1.mhc_mlp" in out and "graph break" in out
+    assert "h.1.mhc_mlp" in out and "graph break" in out and f"carried: h.1.mhc_mlp {takes}" in out
 
 
 def test_explain_lists_unconverted_structures():

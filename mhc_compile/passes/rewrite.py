@@ -54,6 +54,7 @@ class RewriteResult:
     # its n streams, appended last) of each chain whose n streams the graph also returns
     stream_heads: list[tuple[int, str]] = field(default_factory=list)
     stream_tails: list[tuple[int, int]] = field(default_factory=list)
+    stream_tail_sites: list[str] = field(default_factory=list)  # the last site of each chain in stream_tails
 
 
 def _copy_meta(new: fx.Node, like: fx.Node, site: Site | None, role: str) -> fx.Node:
@@ -223,28 +224,31 @@ def rewrite(gm: fx.GraphModule, detection: Detection, config: MHCConfig, impl: s
     for chain in detection.chains:
         tails[id(chain)] = _rewrite_chain(rw, chain, regions, param_nodes, starts.get(id(chain)))
     rw.collapse_observers()
-    stream_tails = _return_streams(rw, [tails[id(c)] for c in detection.chains if id(c) in carry_out])
+    carried = [c for c in detection.chains if id(c) in carry_out]
+    stream_tails, returned = _return_streams(rw, [tails[id(c)] for c in carried])
     graph.lint()
     gm.recompile()
-    return RewriteResult(gm=gm, extra_inputs=extra, stream_heads=heads, stream_tails=stream_tails)
+    return RewriteResult(gm=gm, extra_inputs=extra, stream_heads=heads, stream_tails=stream_tails,
+                         stream_tail_sites=[c.sites[-1].path for c, kept in zip(carried, returned) if kept])
 
 
-def _return_streams(rw: _ChainRewriter, tails: list[fx.Node]) -> list[tuple[int, int]]:
+def _return_streams(rw: _ChainRewriter, tails: list[fx.Node]) -> tuple[list[tuple[int, int]], list[bool]]:
     """Append to the graph's outputs the n streams of each tail whose collapse the graph returns as it is:
-    (output index of the collapse, output index of the streams)."""
+    ((output index of the collapse, output index of the streams) for each, whether each tail's were)."""
     output = next(n for n in reversed(rw.graph.nodes) if n.op == "output")
     outs = output.args[0]
     if not isinstance(outs, (tuple, list)):
-        return []
-    outs, found = list(outs), []
+        return [], [False] * len(tails)
+    outs, found, returned = list(outs), [], []
     for wide in tails:
         c = rw.collapsed.get(wide)
-        if c is not None and rw.channel_dim.get(wide, -1) == -1 and c in outs:
+        returned.append(c is not None and rw.channel_dim.get(wide, -1) == -1 and c in outs)
+        if returned[-1]:
             found.append((outs.index(c), len(outs)))
             outs.append(wide)
     if found:
         output.args = (type(output.args[0])(outs),)
-    return found
+    return found, returned
 
 
 def stream_shape(shape: tuple, n: int) -> tuple:
