@@ -169,3 +169,18 @@ def test_hf_llama_layers_compiled_one_by_one_equal_the_whole_model_compiled(quie
         layer.compile(backend="mhc", options=AOT)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, whole, rtol=1e-10, atol=1e-10)
+
+
+def test_tensors_without_storage_are_carried_by_identity_only():
+    """Fake and meta tensors all report address 0: a lookup by storage would mix them up."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        c, wide = torch.randn(2, 4, 8), torch.randn(2, 4, N, 8)
+        carry.attach(c, wide)
+        assert carry.streams_of(c, N) is wide
+        assert carry.streams_of(torch.randn(2, 4, 8), N) is None
+        assert carry.streams_of(c.view_as(c), N) is None
+    meta = torch.empty(2, 4, 8, device="meta")
+    carry.attach(meta, torch.empty(2, 4, N, 8, device="meta"))
+    assert carry.streams_of(torch.empty(2, 4, 8, device="meta"), N) is None

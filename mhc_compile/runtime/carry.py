@@ -33,8 +33,13 @@ from mhc_compile.errors import MHCConversionError
 _BY_STORAGE: dict[tuple, weakref.ref] = {}
 
 
-def _key(t: Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+def _key(t: Tensor) -> tuple | None:
+    """Where ``t``'s elements lie; None for a tensor without real storage (fake, meta or a subclass: those are
+    found by identity only)."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter or t.is_meta:
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device) if ptr else None
 
 
 def _version(t: Tensor) -> int | None:
@@ -46,6 +51,8 @@ def attach(collapsed: Tensor, wide: Tensor) -> None:
     """Remember ``wide`` [..., n, C] as the n streams whose collapse ``collapsed`` [..., C] is."""
     collapsed._mhc_streams = (wide, _version(collapsed))
     key = _key(collapsed)
+    if key is None:
+        return
     ref = weakref.ref(collapsed)
     _BY_STORAGE[key] = ref
     weakref.finalize(collapsed, _forget, key, ref)
@@ -60,7 +67,8 @@ def streams_of(x: Tensor, n: int) -> Tensor | None:
     """The n streams attached to ``x`` (or to the output ``x`` is an unchanged view of), if they fit it."""
     carrier = x if hasattr(x, "_mhc_streams") else None
     if carrier is None:
-        ref = _BY_STORAGE.get(_key(x))
+        key = _key(x)
+        ref = _BY_STORAGE.get(key) if key is not None else None
         carrier = ref() if ref is not None else None
     if carrier is None:
         return None
