@@ -693,3 +693,18 @@ def test_proj_fwd_check_tune_runs_this_build_under_other_tiles(monkeypatch):
     assert triton_config.cfg_of("proj") == triton_config.DEFAULTS["proj"]  # restored after the call
     with pytest.raises(TypeError, match="bogus"):
         proj_fwd_check.builds([], ["bogus=1"])
+
+
+def test_bench_ddp_runs_every_variant_on_two_gloo_ranks(tmp_path):
+    """benchmarks/bench_ddp.py on the CPU at a tiny size (its numbers mean nothing here): every variant builds,
+    passes its check (gradients equal across ranks, the mHC parameters' among them) and gets a row."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ddp.py")
+    args = ["--device", "cpu", "--world", "2", "--d", "64", "--layers", "2", "--seq", "16", "--batch", "2",
+            "--iters", "1", "--warmup", "1", "--rounds", "1", "--inner", "aot_eager"]
+    proc = subprocess.run([sys.executable, script, *args], env={**os.environ, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (table,) = [p for p in os.listdir(tmp_path) if p.startswith("ddp-")]
+    rows = [line for line in open(tmp_path / table) if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split("|")[1].strip() for r in rows] == ["residual", "mhc", "mhc-one-graph"]
+    assert "%" in rows[1] and "%" in rows[2]
