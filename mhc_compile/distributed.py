@@ -12,9 +12,9 @@ DistributedDataParallel (tested on CPU with gloo, tests/test_distributed.py)::
    (at the first compile, or by ``prepare`` of a wrapped model) would get each rank's own gradient and drift
    apart: ``check_synced`` raises instead.
 2. With ``optimize_ddp`` on (Dynamo's default), DDPOptimizer splits each graph at DDP's gradient-bucket
-   boundaries and compiles the pieces apart, so a residual chain is cut wherever a bucket ends and each piece
-   would collapse its n streams at its ends: another model than the one trained without DDP.
-   ``check_graph_whole`` raises instead. A model whose parameters fit DDP's first bucket (1 MB) is not split
+   boundaries and compiles the pieces apart. A bucket may end anywhere, even between a residual add's stream and
+   its sublayer, so the backend cannot find the sites whole in the pieces: some stay plain adds (in the test
+   model, all of them), another model than the one trained without DDP. ``check_graph_whole`` raises instead. A model whose parameters fit DDP's first bucket (1 MB) is not split
    and compiles either way. With it off, the backend splits the graph itself after the rewrite, at the same
    bucket boundaries (``passes/schedule.py``), so that DDP still reduces a bucket while the backward of the
    layers before it runs.
@@ -62,10 +62,11 @@ def check_graph_whole() -> None:
         return
     raise MHCConversionError(
         "mhc: torch.compile of a DistributedDataParallel model with torch._dynamo.config.optimize_ddp on (Dynamo's "
-        "default) splits each graph at DDP's gradient-bucket boundaries, which cuts the residual stream into pieces "
-        "the mHC rewrite cannot join: each piece would collapse the n streams at its ends, another model than the "
-        "one without DDP. Set torch._dynamo.config.optimize_ddp = False before the first call (or make that call "
-        "inside torch._dynamo.config.patch(optimize_ddp=False)); DDP then reduces the gradients after the backward.")
+        "default) splits each graph at DDP's gradient-bucket boundaries, anywhere, even between a residual add's "
+        "stream and its sublayer, so the mHC rewrite cannot find the sites whole: some would stay plain adds, "
+        "another model than the one without DDP. Set torch._dynamo.config.optimize_ddp = False before the first "
+        "call (or make that call inside torch._dynamo.config.patch(optimize_ddp=False)); the backend then splits "
+        "the rewritten graph at the same buckets itself, so the all-reduces still overlap the backward.")
 
 
 def check_synced(sites: dict[str, Iterable[torch.Tensor]], ddp: nn.Module | None = None) -> None:
