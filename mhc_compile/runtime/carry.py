@@ -10,9 +10,9 @@ tensor, and a graph whose chain starts at an input takes the n streams attached 
 
 The streams are taken only for the very tensor the previous graph returned, or a view of it with the same storage,
 shape and strides (FSDP2 hands a block its inputs through an autograd function that returns views of them), and
-only while its version counter says it was not written since (inference tensors have none): anything else starts the chain afresh from
-``expand(x)``, as a graph break did before. In a graph Dynamo resumed after a break inside a frame, whose inputs
-come straight from the graph before it, that is warned of (raised under ``strict``), naming the site.
+only while its version counter says it was not written since (inference tensors have none): anything else starts
+the chain afresh from ``expand(x)``, as a graph break did before. In a frame Dynamo resumed right after a graph that
+returned streams, whose inputs come from that graph, that is warned of (raised under ``strict``), naming the site.
 
 Autograd: X_0 = join(x, X) returns X and hands x a zero gradient, so that hooks on x still fire (FSDP2 gathers a
 block's parameters for its backward from a hook on the block's output).
