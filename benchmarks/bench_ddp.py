@@ -13,7 +13,7 @@ the mHC parameters got them. Then the ranks time --iters steps after warm-up, in
 --rounds rounds; rank 0 writes a markdown table (median step, overhead over residual, peak memory) to $OUT.
 
     python benchmarks/bench_ddp.py --world 2 --d 4096 --layers 4           # 2 GPUs, NCCL
-    python benchmarks/bench_ddp.py --device cpu --world 2 --d 64 --seq 16  # gloo, a smoke run (tests/test_bench_tools.py)
+    python benchmarks/bench_ddp.py --device cpu --world 2 --d 64 --seq 16  # gloo, a smoke run (as CI does)
 """
 
 from __future__ import annotations
@@ -134,9 +134,10 @@ def _write(args, times: dict, peaks: dict) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     base = statistics.median(times["residual"]) if "residual" in times else None
     lines = [f"# DDP training step, {datetime.date.today()}", "",
-             f"{args.world} x {device}, torch {torch.__version__}, d = {args.d}, {args.layers} layers, seq {args.seq} x "
-             f"batch {args.batch} a rank, n = {args.n}, inner {args.inner}, {args.rounds} rounds of {args.iters} steps",
-             "", "| variant | step (ms, median of rounds) | rounds | over residual | peak GiB |", "|---|---|---|---|---|"]
+             f"{args.world} x {device}, torch {torch.__version__}, d = {args.d}, {args.layers} layers, "
+             f"seq {args.seq} x batch {args.batch} a rank, n = {args.n}, inner {args.inner}, "
+             f"{args.rounds} rounds of {args.iters} steps", "",
+             "| variant | step (ms, median of rounds) | rounds | over residual | peak GiB |", "|---|---|---|---|---|"]
     for variant, ts in times.items():
         med = statistics.median(ts)
         over = f"{100 * (med / base - 1):+.1f} %" if base and variant != "residual" else ""

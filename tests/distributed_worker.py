@@ -193,7 +193,8 @@ def fsdp_blocks(rank: int) -> dict:
     return {**_compare(model, oracle), "warnings": [str(w.message) for w in caught if "mhc" in str(w.message)]}
 
 
-CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_one_graph, ddp_lazy, ddp_prepare_wrapped, fsdp_root, fsdp_lazy, fsdp_blocks]
+CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_one_graph, ddp_lazy, ddp_prepare_wrapped,
+         fsdp_root, fsdp_lazy, fsdp_blocks]
 
 
 def run(rank: int, world: int, out: str) -> None:

@@ -91,8 +91,8 @@ def test_stream_changed_between_graphs_restarts_with_a_warning_or_raises_under_s
     model = _ChangedAtTheBreak()
     x = torch.randn(2, 5, 32)
     mhc_compile.prepare(model, x, n=N)
-    with pytest.warns(UserWarning, match=r"stream entering mhc_b after a graph break is not the one the graph before it "
-                                         r"returned.*start afresh"):
+    with pytest.warns(UserWarning, match=r"stream entering mhc_b after a graph break is not the one the graph "
+                                         r"before it returned.*start afresh"):
         out = torch.compile(model, backend="mhc", options=AOT)(x)
     out.sum().backward()
     assert all(p.grad is not None for p in mhc_compile.mhc_parameters(model))
