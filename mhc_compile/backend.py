@@ -326,7 +326,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
         compiled = result.gm.forward
 
     if carry is not None:
-        params_of = (lambda args: extra[:len(result.extra_inputs)]) if binder is None else binder.extras
+        params_of = (lambda args, fixed=result.extra_inputs: fixed) if binder is None else binder.extras
 
         def run(*args):
             return carry.outputs(compiled(*args, *params_of(args), *carry.inputs(args)))

@@ -15,9 +15,9 @@ DistributedDataParallel (tested on CPU with gloo, tests/test_distributed.py)::
    boundaries and compiles the pieces apart. A bucket may end anywhere, even between a residual add's stream and
    its sublayer, so the backend cannot find the sites whole in the pieces: some stay plain adds (in the test
    model, all of them), another model than the one trained without DDP. ``check_graph_whole`` raises instead.
-   A model whose parameters fit DDP's first bucket (1 MB) is not split and compiles either way. With it off, the backend splits the graph itself after the rewrite, at the same
-   bucket boundaries (``passes/schedule.py``), so that DDP still reduces a bucket while the backward of the
-   layers before it runs.
+   A model whose parameters fit DDP's first bucket (1 MB) is not split and compiles either way. With it off,
+   the backend splits the graph itself after the rewrite, at the same bucket boundaries (``passes/schedule.py``),
+   so that DDP still reduces a bucket while the backward of the layers before it runs.
 
 FSDP2 (``fully_shard``): the mHC parameters must likewise exist before ``fully_shard`` (``check_can_create``
 raises otherwise). Dynamo compiles each ``fully_shard``-ed module as a graph of its own (FSDP2's hooks break the

@@ -181,8 +181,9 @@ def rewrite(gm: fx.GraphModule, detection: Detection, config: MHCConfig, impl: s
             params: dict[str, SiteParams], carry_in: frozenset = frozenset(),
             carry_out: frozenset = frozenset()) -> RewriteResult:
     """Rewrite ``gm`` (already a copy) in place; ``params`` maps site path -> its tensors. The chains whose id is in
-    ``carry_in`` start from a placeholder of their n streams instead of expanding their head (a graph input); those
-    in ``carry_out`` also return their n streams where the graph returns their collapsed tail (runtime/carry.py)."""
+    ``carry_in`` (token-stream chains whose head is a graph input: ``backend._check_graph_breaks`` picks them) start
+    from a placeholder of their n streams instead of expanding their head; those in ``carry_out`` also return their
+    n streams where the graph returns their collapsed tail as it is (runtime/carry.py)."""
     from mhc_compile.passes.detect import _Analysis
 
     graph = gm.graph
@@ -213,7 +214,7 @@ def rewrite(gm: fx.GraphModule, detection: Detection, config: MHCConfig, impl: s
     heads: list[tuple[int, str]] = []
     starts: dict[int, fx.Node] = {}
     for chain in detection.chains:
-        if id(chain) in carry_in and chain.head.op == "placeholder" and chain.sites[0].channel_dim == -1:
+        if id(chain) in carry_in:
             with graph.inserting_after(anchor):
                 anchor = starts[id(chain)] = graph.placeholder(f"mhc_streams_in_{len(heads)}")
             anchor.meta["mhc"] = {"site": chain.sites[0].path, "role": "streams_in"}
@@ -242,7 +243,7 @@ def _return_streams(rw: _ChainRewriter, tails: list[fx.Node]) -> tuple[list[tupl
     outs, found, returned = list(outs), [], []
     for wide in tails:
         c = rw.collapsed.get(wide)
-        returned.append(c is not None and rw.channel_dim.get(wide, -1) == -1 and c in outs)
+        returned.append(c is not None and c in outs)
         if returned[-1]:
             found.append((outs.index(c), len(outs)))
             outs.append(wide)
