@@ -19,6 +19,7 @@ from mhc_compile.config import MHCConfig
 from mhc_compile.diagnostics import Diagnostics, amax_gain, collect, composite, composite_gains, stream_divergence
 from mhc_compile.export import export_mlir
 from mhc_compile.explain import ExplainReport, explain
+from mhc_compile.runtime.checkpoint import load_sites
 from mhc_compile.runtime.params import MHCSite, MissingMHCParametersError, mhc_parameters
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "MHCSite",
     "MissingMHCParametersError",
     "REPORTS",
+    "load_sites",
     "load_state_dict",
     "mhc_backend",
     "mhc_parameters",

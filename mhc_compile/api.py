@@ -123,7 +123,7 @@ def load_state_dict(model: nn.Module, state_dict: Any, strict: bool = True, assi
     mHC sites the checkpoint lacks raise a ValueError naming the site. Returns what
     ``nn.Module.load_state_dict`` returns.
     """
-    from mhc_compile.runtime.params import sites_from_checkpoint
+    from mhc_compile.runtime.checkpoint import sites_from_checkpoint
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile.load_state_dict expects an nn.Module, got {type(model).__name__}")

@@ -331,6 +331,117 @@ def test_hf_state_dict_round_trip_and_errors(quiet):
         mhc_compile.load_state_dict(NanoGPT(), state, strict=False)
 
 
+def _site_values(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".mhc_" in k}
+
+
+@pytest.mark.parametrize("shard", [None, "8KB"])
+def test_hf_save_pretrained_from_pretrained_then_load_sites(tmp_path, shard, quiet):
+    """save_pretrained writes the sites (layouts as int64 tensors: safetensors keeps only tensors); from_pretrained
+    drops them, and compiling that model raises instead of converting it afresh; load_sites brings them back."""
+    ids = torch.randint(1, 50, (2, 8))
+    a = _gpt2().eval()
+    mhc_compile.prepare(a, ids)
+    perturb_mhc(a)
+    want = torch.compile(a, backend="mhc", options=AOT)(ids).logits
+    a.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shard is not None)
+
+    b = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert not any(isinstance(m, mhc_compile.MHCSite) for m in b.modules())
+    assert b.config.mhc_compile == {"n": 4, "mode": "mhc"}
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"records a conversion.*mhc_compile.load_sites"):
+        torch.compile(b, backend="mhc", options=AOT)(ids)
+    with pytest.raises(mhc_compile.MHCConversionError, match="dropped"):
+        mhc_compile.prepare(b, ids)
+
+    loaded = mhc_compile.load_sites(b, tmp_path)
+    assert loaded == sorted(p for p, m in a.named_modules() if isinstance(m, mhc_compile.MHCSite))
+    got_sites, want_sites = _site_values(b), _site_values(a)
+    assert got_sites.keys() == want_sites.keys()
+    for k in want_sites:
+        assert torch.equal(got_sites[k], want_sites[k]), k
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the sites exist: nothing is created at the first compile
+        got = torch.compile(b, backend="mhc", options=AOT)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_safetensors_and_torch_save_files_load_with_the_helpers(tmp_path, quiet):
+    from safetensors.torch import load_file, save_file
+
+    ids = torch.randint(1, 50, (2, 8))
+    a = _gpt2().eval()
+    mhc_compile.prepare(a, ids)
+    perturb_mhc(a)
+    state = {k: v.contiguous() for k, v in a.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    save_file(state, tmp_path / "m.safetensors")
+    torch.save(a.state_dict(), tmp_path / "m.pt")
+
+    b = _gpt2().eval()
+    mhc_compile.load_state_dict(b, load_file(tmp_path / "m.safetensors"), strict=False)
+    for path in ("m.safetensors", "m.pt"):
+        c = _gpt2().eval()
+        c.load_state_dict({k: v for k, v in a.state_dict().items() if ".mhc_" not in k})
+        mhc_compile.load_sites(c, tmp_path / path)
+        for other in (b, c):
+            for k, v in a.state_dict().items():
+                assert torch.equal(other.state_dict()[k], v), (path, k)
+
+
+def test_checkpoints_with_the_old_dict_layout_still_load(quiet):
+    ids = torch.randint(1, 50, (2, 8))
+    a = _gpt2()
+    mhc_compile.prepare(a, ids)
+    perturb_mhc(a)
+    state = a.state_dict()
+    old = {k: ({"n": 4, "width": 32, "mode": "mhc"} if k.endswith("._extra_state") else v) for k, v in state.items()}
+    assert sum(k.endswith("._extra_state") for k in old) == 4
+    b = _gpt2()
+    mhc_compile.load_state_dict(b, old)
+    for k, v in state.items():
+        assert torch.equal(b.state_dict()[k], v), k
+    old_n2 = {k: ({"n": 2, "width": 32, "mode": "mhc"} if k.endswith("._extra_state") else v) for k, v in old.items()}
+    with pytest.raises(ValueError, match="mHC checkpoint mismatch.*'n': 2.*'n': 4"):
+        a.load_state_dict(old_n2)
+
+
+def test_load_sites_errors_and_converting_afresh_on_purpose(tmp_path, quiet):
+    ids = torch.randint(1, 50, (2, 8))
+    with pytest.raises(ValueError, match="holds no mHC site"):
+        mhc_compile.load_sites(_gpt2(), _gpt2().state_dict())
+    with pytest.raises(FileNotFoundError, match="holds none of model.safetensors"):
+        mhc_compile.load_sites(_gpt2(), tmp_path)
+    a = _gpt2()
+    mhc_compile.prepare(a, ids)
+    a.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no module 'transformer.h.0'"):
+        mhc_compile.load_sites(NanoGPT(), tmp_path)
+    # a model built from the saved config, converted afresh once the record is deleted
+    fresh = transformers.GPT2LMHeadModel(transformers.GPT2Config.from_pretrained(tmp_path))
+    with pytest.raises(mhc_compile.MHCConversionError, match="del model.config.mhc_compile"):
+        mhc_compile.prepare(fresh, ids)
+    del fresh.config.mhc_compile
+    mhc_compile.prepare(fresh, ids)
+    assert fresh.config.mhc_compile == {"n": 4, "mode": "mhc"}
+    # models built in this process from one config object are not taken for loaded ones
+    twin = transformers.GPT2LMHeadModel(a.config)
+    mhc_compile.prepare(twin, ids)
+
+
+def test_layout_codes_cover_every_mode():
+    from mhc_compile.config import MODES
+    from mhc_compile.runtime.params import LAYOUT_MODES, decode_layout, encode_layout
+
+    assert set(MODES) <= set(LAYOUT_MODES)
+    for mode in MODES:
+        layout = {"n": 3, "width": 7168, "mode": mode}
+        assert decode_layout(encode_layout(layout)) == layout
+    assert decode_layout(torch.tensor([99, 4, 8, 0])) is None  # a newer format is not taken for this one
+
+
 def test_torch_save_load_whole_converted_model(quiet):
     model, idx = _converted_nanogpt()
     want = torch.compile(model, backend="mhc", options=AOT)(idx)

@@ -37,6 +37,29 @@ log = logging.getLogger("mhc_compile")
 
 RES_DIAG_INIT = 0.9
 
+# --- a site's layout in its checkpoint: [version, n, width, mode] ----------------------------------
+
+LAYOUT_VERSION = 1
+LAYOUT_MODES = ("mhc", "hc", "residual")  # append only: a mode's index is in saved checkpoints
+
+
+def encode_layout(layout: dict) -> torch.Tensor:
+    return torch.tensor([LAYOUT_VERSION, layout["n"], layout["width"], LAYOUT_MODES.index(layout["mode"])],
+                        dtype=torch.int64)
+
+
+def decode_layout(state) -> dict | None:
+    """The {"n", "width", "mode"} a site's saved extra state holds, or None when it is not a site's.
+
+    Reads the tensor this version writes and the dict that checkpoints before it hold."""
+    if isinstance(state, dict):
+        return dict(state) if set(state) == {"n", "width", "mode"} else None
+    if (isinstance(state, torch.Tensor) and state.dtype == torch.int64 and state.shape == (4,)
+            and int(state[0]) == LAYOUT_VERSION and 0 <= int(state[3]) < len(LAYOUT_MODES)):
+        version, n, width, mode = (int(v) for v in state.tolist())
+        return {"n": n, "width": width, "mode": LAYOUT_MODES[mode]}
+    return None
+
 
 class MHCSite(nn.Module):
     """Learned parameters of one residual site: phi [n*C, n^2+2n], bias [n^2+2n], alpha [3]."""
@@ -55,16 +78,21 @@ class MHCSite(nn.Module):
 
     # The layout (n, width, mode) travels with the checkpoint, so that loading into a model
     # converted with other options fails loudly instead of giving a silently different model.
-    def get_extra_state(self) -> dict:
-        return {"n": self.n, "width": self.width, "mode": self.mode}
+    # It is an int64 tensor, not a dict: safetensors, Hugging Face's save_pretrained and
+    # torch.distributed.checkpoint keep only tensors.
+    def get_extra_state(self) -> torch.Tensor:
+        return encode_layout(self.layout())
 
-    def set_extra_state(self, state: dict) -> None:
-        mine = self.get_extra_state()
-        if state != mine:
+    def set_extra_state(self, state) -> None:
+        theirs, mine = decode_layout(state), self.layout()
+        if theirs != mine:
             raise ValueError(
-                f"mHC checkpoint mismatch: the checkpoint's site was converted with {state}, this model's "
+                f"mHC checkpoint mismatch: the checkpoint's site was converted with {theirs}, this model's "
                 f"with {mine}; prepare the model with the same n and mode as the checkpoint"
             )
+
+    def layout(self) -> dict:
+        return {"n": self.n, "width": self.width, "mode": self.mode}
 
     def reset_parameters(self, alpha_init: float) -> None:
         with torch.no_grad():
@@ -197,11 +225,15 @@ def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, m
         record.sites[path] = existing
         return existing, False
     distributed.check_can_create(root, path)
+    from mhc_compile.runtime import checkpoint  # it builds on this module
+
+    checkpoint.check_not_dropped(root, path)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in owner.parameters()) else torch.float32
     site = MHCSite(n, width, mode, index, alpha_init, dtype=dtype, device=device)
     owner.add_module(name, site)
     record.sites[path] = site
     record.n, record.mode = n, mode
+    checkpoint.mark_config(root, n, mode)
     if lazily:
         record.created_lazily.append(path)
     return site, True
@@ -268,69 +300,3 @@ _HOOK_HANDLE = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
 def mhc_parameters(model: nn.Module) -> list[nn.Parameter]:
     """All mHC parameters of a converted model (e.g. to add them to an existing optimizer)."""
     return [p for m in model.modules() if isinstance(m, MHCSite) for p in m.parameters()]
-
-
-# --- checkpoints into models that were not prepared ------------------------------------------------
-
-
-def _is_site_state(value) -> bool:
-    return isinstance(value, dict) and set(value) == {"n", "width", "mode"}
-
-
-def checkpoint_sites(state_dict) -> dict[str, dict]:
-    """Site path -> {"n", "width", "mode"} for every mHC site a converted model's state_dict holds."""
-    suffix = "._extra_state"
-    return {k[: -len(suffix)]: v for k, v in state_dict.items()
-            if k.endswith(suffix) and k[: -len(suffix)].rpartition(".")[2].startswith("mhc_") and _is_site_state(v)}
-
-
-def sites_from_checkpoint(model: nn.Module, state_dict, *, strict: bool = True) -> list[str]:
-    """Create on ``model`` the MHCSite modules the checkpoint holds and the model lacks; check the others.
-
-    Returns the paths created. Raises ValueError naming the site when the model has the site with another
-    layout, when its owner module does not exist, or (``strict``) when the model has mHC sites the
-    checkpoint lacks.
-    """
-    wanted = checkpoint_sites(state_dict)
-    have = {path: m for path, m in model.named_modules() if isinstance(m, MHCSite)}
-    if strict:
-        extra = sorted(set(have) - set(wanted))
-        if extra:
-            raise ValueError(
-                f"mhc: the model has mHC sites the checkpoint lacks ({', '.join(extra[:4])}"
-                f"{', ...' if len(extra) > 4 else ''}): the checkpoint was saved from a model that was not "
-                f"converted, or converted with other sites; pass strict=False to keep their initial values"
-            )
-    created = []
-    for path, layout in wanted.items():
-        owner_path, _, name = path.rpartition(".")
-        if path in have:
-            mine = have[path].get_extra_state()
-            if mine != layout:
-                raise ValueError(
-                    f"mHC checkpoint mismatch at {path!r}: the checkpoint's site was converted with {layout}, this "
-                    f"model's with {mine}; prepare the model with the same n and mode as the checkpoint, or load "
-                    f"into a model that was not prepared"
-                )
-            continue
-        try:
-            owner = model.get_submodule(owner_path) if owner_path else model
-        except AttributeError:
-            raise ValueError(
-                f"mhc: the checkpoint has mHC site {path!r} but the model has no module {owner_path!r} to put it "
-                f"on: the checkpoint comes from another architecture"
-            ) from None
-        if getattr(owner, name, None) is not None:
-            raise ValueError(f"mhc: cannot create mHC site {path!r}: the attribute exists and is a "
-                             f"{type(getattr(owner, name)).__name__}")
-        phi = state_dict.get(f"{path}.phi")
-        dtype = phi.dtype if isinstance(phi, torch.Tensor) else torch.float32
-        device = next((p.device for p in owner.parameters()), torch.device("cpu"))
-        site = MHCSite(layout["n"], layout["width"], layout["mode"], index=0, alpha_init=0.0, dtype=dtype,
-                       device=device)
-        owner.add_module(name, site)
-        record = ensure_record(model, layout["n"], layout["mode"])
-        record.sites[path] = site
-        record.n, record.mode = layout["n"], layout["mode"]
-        created.append(path)
-    return created
