@@ -431,6 +431,23 @@ def test_load_sites_errors_and_converting_afresh_on_purpose(tmp_path, quiet):
     mhc_compile.prepare(twin, ids)
 
 
+def test_torch_distributed_checkpoint_round_trip(tmp_path, quiet):
+    """DCP (torchtitan's checkpoints) saves the sites' layouts as tensors and checks them on load."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")  # absent from torch builds without distributed
+    model, idx = _converted_nanogpt()
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path))
+    other = NanoGPT()
+    mhc_compile.prepare(other, idx)
+    state = other.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    other.load_state_dict(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    state["h.0.mhc_attn._extra_state"][2] = 48  # another width: the layout check names both
+    with pytest.raises(ValueError, match="'width': 48.*'width': 32"):
+        other.load_state_dict(state)
+
+
 def test_layout_codes_cover_every_mode():
     from mhc_compile.config import MODES
     from mhc_compile.runtime.params import LAYOUT_MODES, decode_layout, encode_layout
