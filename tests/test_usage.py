@@ -391,6 +391,41 @@ def test_safetensors_and_torch_save_files_load_with_the_helpers(tmp_path, quiet)
                 assert torch.equal(other.state_dict()[k], v), (path, k)
 
 
+class _TokenData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = torch.randint(1, 50, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_hf_trainer_trains_saves_and_reloads_the_sites(tmp_path, quiet):
+    """HF Trainer: prepare, then ``model.compile(backend="mhc")`` (the module stays a GPT2LMHeadModel, so Trainer
+    sees its forward's arguments; accelerate's ``torch_compile_backend`` takes only its own list of backends).
+    The optimizer Trainer builds holds the sites, every site parameter trains, and the checkpoint reloads."""
+    model = _gpt2()
+    mhc_compile.prepare(model, torch.randint(1, 50, (2, 8)))
+    before = {k: v.clone() for k, v in model.named_parameters() if ".mhc_" in k}
+    model.compile(backend="mhc", options=AOT)
+    seen = len(REPORTS)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                                          learning_rate=1e-2, save_strategy="steps", save_steps=2, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "optimizer misses mHC parameters" at step()
+        warnings.filterwarnings("ignore", module="(transformers|accelerate|torch)")
+        transformers.Trainer(model=model, args=args, train_dataset=_TokenData()).train()
+    trained = dict(model.named_parameters())
+    assert all(not torch.equal(trained[k], v) for k, v in before.items())
+    assert any(r.sites for r in REPORTS[seen:]), "the compiled forward was not rewritten"
+
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-2")
+    mhc_compile.load_sites(reloaded, tmp_path / "checkpoint-2")
+    for k, v in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v), k
+
+
 def test_checkpoints_with_the_old_dict_layout_still_load(quiet):
     ids = torch.randint(1, 50, (2, 8))
     a = _gpt2()
