@@ -20,7 +20,7 @@ from mhc_compile.diagnostics import Diagnostics, amax_gain, collect, composite, 
 from mhc_compile.export import export_mlir
 from mhc_compile.explain import ExplainReport, explain
 from mhc_compile.runtime.checkpoint import load_sites
-from mhc_compile.runtime.params import MHCSite, MissingMHCParametersError, mhc_parameters
+from mhc_compile.runtime.params import MHCSite, MissingMHCParametersError, init_sites, mhc_parameters
 
 __all__ = [
     "Diagnostics",
@@ -38,6 +38,7 @@ __all__ = [
     "MHCSite",
     "MissingMHCParametersError",
     "REPORTS",
+    "init_sites",
     "load_sites",
     "load_state_dict",
     "mhc_backend",

@@ -100,6 +100,23 @@ def check_can_create(root: nn.Module, path: str) -> None:
             f"{PREPARE_FIRST} with fully_shard / FSDP.")
 
 
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """``param.copy_(full)`` where ``param`` may be an FSDP2-sharded DTensor: each rank copies its own shard of
+    ``full`` (the same on every rank, e.g. an initialisation), without communicating."""
+    if torch.distributed.is_available() and _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    param.copy_(full)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a DDP wraps (``prepare`` and ``trace`` run it directly: DDP's forward adds only its gradient
     synchronisation), else ``model``."""

@@ -193,8 +193,36 @@ def fsdp_blocks(rank: int) -> dict:
     return {**_compare(model, oracle), "warnings": [str(w.message) for w in caught if "mhc" in str(w.message)]}
 
 
+def fsdp_meta(rank: int) -> dict:
+    """torchtitan's order: built and prepared on the meta device, sharded, to_empty, then initialised: the model's
+    own weights copied shard by shard from the oracle's (its init_weights), the sites by init_sites. Compiling
+    before init_sites is an error; after it, the gradients are the oracle's."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mhc_compile.distributed import copy_full_into
+
+    torch.manual_seed(0)
+    oracle = NanoGPT(**SMALL).double()
+    mhc_compile.prepare(oracle, _batch()[:2], n=N)  # the sites at their initialisation
+    with torch.device("meta"):
+        model = NanoGPT(**SMALL).double()
+    mhc_compile.prepare(model, _batch()[:2].to("meta"), n=N)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    full = dict(oracle.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mhc_" not in name:
+                copy_full_into(p, full[name])
+    before = _expect_error(lambda: _step(torch.compile(model, backend="mhc", options=OPTIONS), rank))
+    mhc_compile.init_sites(model)
+    torch._dynamo.reset()
+    _step(torch.compile(model, backend="mhc", options=OPTIONS), rank)
+    return {**_compare(model, oracle), "before_init": before["error"]}
+
+
 CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_one_graph, ddp_lazy, ddp_prepare_wrapped,
-         fsdp_root, fsdp_lazy, fsdp_blocks]
+         fsdp_root, fsdp_lazy, fsdp_blocks, fsdp_meta]
 
 
 def run(rank: int, world: int, out: str) -> None:

@@ -98,3 +98,9 @@ def test_fsdp_per_block_carries_the_streams_between_the_blocks(ranks):
     for r in ranks:
         assert r["fsdp_blocks"]["warnings"] == []
         _trains_like_the_oracle(r["fsdp_blocks"])
+
+
+def test_fsdp_model_built_on_meta_trains_once_its_sites_are_initialised(ranks):
+    for r in ranks:
+        assert "made on the meta device" in r["fsdp_meta"]["before_init"]
+        _trains_like_the_oracle(r["fsdp_meta"])

@@ -483,6 +483,39 @@ def test_torch_distributed_checkpoint_round_trip(tmp_path, quiet):
         other.load_state_dict(state)
 
 
+def test_model_built_on_the_meta_device(quiet):
+    """torchtitan's order: build on meta, prepare there, to_empty, then initialise. Sites left as to_empty made
+    them raise at compile; init_sites, a reset_parameters() walk or a checkpoint load give the CPU-built model."""
+    torch.manual_seed(0)
+    ref, idx = NanoGPT(), torch.randint(0, 64, (2, 8))
+    mhc_compile.prepare(ref, idx)
+    own = {k: v for k, v in ref.state_dict().items() if ".mhc_" not in k}
+    want = torch.compile(ref, backend="mhc", options=AOT)(idx)
+
+    def built_on_meta():
+        with torch.device("meta"):
+            model = NanoGPT()
+        mhc_compile.prepare(model, idx.to("meta"))
+        assert all(p.is_meta for p in mhc_compile.mhc_parameters(model))
+        model.to_empty(device="cpu")
+        model.load_state_dict(own, strict=False)  # the model's own init_weights
+        return model
+
+    model = built_on_meta()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"'h.0.mhc_attn' was made on the meta device.*init_sites"):
+        torch.compile(model, backend="mhc", options=AOT)(idx)
+    assert mhc_compile.init_sites(model) == ["h.0.mhc_attn", "h.0.mhc_mlp", "h.1.mhc_attn", "h.1.mhc_mlp"]
+
+    walked = built_on_meta()
+    walked.apply(lambda m: m.reset_parameters() if isinstance(m, mhc_compile.MHCSite) else None)
+    loaded = built_on_meta()
+    loaded.load_state_dict(ref.state_dict())
+    for m in (model, walked, loaded):
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, backend="mhc", options=AOT)(idx), want, rtol=0, atol=0)
+
+
 def test_layout_codes_cover_every_mode():
     from mhc_compile.config import MODES
     from mhc_compile.runtime.params import LAYOUT_MODES, decode_layout, encode_layout

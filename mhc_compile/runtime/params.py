@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 
 from mhc_compile import distributed
+from mhc_compile.errors import MHCConversionError
 from mhc_compile.kernels.reference import num_coeffs
 
 log = logging.getLogger("mhc_compile")
@@ -67,11 +68,15 @@ class MHCSite(nn.Module):
     def __init__(self, n: int, width: int, mode: str, index: int, alpha_init: float,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
-        self.n, self.width, self.mode, self.index = n, width, mode, index
+        self.n, self.width, self.mode, self.index, self.alpha_init = n, width, mode, index, float(alpha_init)
         m = num_coeffs(n)
         self.phi = nn.Parameter(torch.zeros(n * width, m, dtype=dtype, device=device))
         self.bias = nn.Parameter(init_bias(n, mode, index).to(dtype=dtype, device=device))
-        self.alpha = nn.Parameter(torch.full((3,), float(alpha_init), dtype=dtype, device=device))
+        self.alpha = nn.Parameter(torch.full((3,), self.alpha_init, dtype=dtype, device=device))
+        # A site made on the meta device (a model built there, torchtitan-style) has no values, and to_empty()
+        # gives it memory, not values: it must be initialised (reset_parameters, init_sites) or loaded before it
+        # runs. get_or_create_site checks, so that it never trains from whatever that memory held.
+        self.needs_init = self.phi.is_meta
 
     def extra_repr(self) -> str:
         return f"n={self.n}, width={self.width}, mode={self.mode!r}"
@@ -94,11 +99,21 @@ class MHCSite(nn.Module):
     def layout(self) -> dict:
         return {"n": self.n, "width": self.width, "mode": self.mode}
 
-    def reset_parameters(self, alpha_init: float) -> None:
+    def reset_parameters(self, alpha_init: float | None = None) -> None:
+        """The initialisation of the contract (module docstring), in place; parameters sharded by FSDP2 too.
+        ``model.apply``-style initialisers that call every module's ``reset_parameters()`` reach it."""
+        if alpha_init is not None:
+            self.alpha_init = float(alpha_init)
         with torch.no_grad():
             self.phi.zero_()
-            self.bias.copy_(init_bias(self.n, self.mode, self.index))
-            self.alpha.fill_(alpha_init)
+            distributed.copy_full_into(self.bias, init_bias(self.n, self.mode, self.index))
+            self.alpha.fill_(self.alpha_init)
+        self.needs_init = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if any(prefix + name in state_dict for name in ("phi", "bias", "alpha")):
+            self.needs_init = False
 
 
 def _logit(p: float) -> float:
@@ -215,6 +230,12 @@ def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, m
     existing = getattr(owner, name, None)
     record = ensure_record(root, n, mode)
     if existing is not None:
+        if isinstance(existing, MHCSite) and existing.needs_init and not existing.phi.is_meta:
+            raise MHCConversionError(
+                f"mhc: the mHC site {path!r} was made on the meta device and has not been initialised since "
+                f"to_empty() gave it memory: it would train from whatever that memory held. Initialise the sites "
+                f"with mhc_compile.init_sites(model) after the model's own init_weights / reset_parameters, or "
+                f"load a checkpoint into them")
         if not isinstance(existing, MHCSite):
             raise ValueError(f"mhc: cannot add site parameters at {path!r}: the attribute exists and is a {type(existing).__name__}")
         if (existing.n, existing.width, existing.mode) != (n, width, mode):
@@ -295,6 +316,16 @@ def _optimizer_step_pre_hook(optimizer, args, kwargs) -> None:
 
 
 _HOOK_HANDLE = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
+
+
+def init_sites(model: nn.Module) -> list[str]:
+    """Initialise every mHC site of ``model`` (``MHCSite.reset_parameters``); returns their paths.
+
+    For models built on the meta device: after ``to_empty()``, beside the model's own weight initialisation."""
+    sites = [(path, m) for path, m in model.named_modules() if isinstance(m, MHCSite)]
+    for _, site in sites:
+        site.reset_parameters()
+    return [path for path, _ in sites]
 
 
 def mhc_parameters(model: nn.Module) -> list[nn.Parameter]:
