@@ -221,8 +221,46 @@ def fsdp_meta(rank: int) -> dict:
     return {**_compare(model, oracle), "before_init": before["error"]}
 
 
+def fsdp_bf16(rank: int) -> dict:
+    """A bf16 model: its sites are fp32 (the contract), and FSDP2 needs one dtype a fully_shard group, so README's
+    remedy casts them to the model's dtype before sharding each block. Every parameter then gets a finite gradient
+    of its own dtype."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = NanoGPT(**SMALL).to(torch.bfloat16)
+    mhc_compile.prepare(model, _batch()[:2], n=N)
+    sites_fp32 = all(p.dtype == torch.float32 for p in mhc_compile.mhc_parameters(model))
+    model.to(torch.bfloat16)
+    for block in model.h:
+        fully_shard(block)
+    fully_shard(model)
+    _step(torch.compile(model, backend="mhc", options=OPTIONS), rank)
+    result = {"sites_fp32": sites_fp32, **_grads_finite(model, torch.bfloat16)}
+
+    # README's other way: fp32 parameters, bf16 compute by FSDP2's mixed-precision policy
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = NanoGPT(**SMALL)
+    mhc_compile.prepare(model, _batch()[:2], n=N)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for block in model.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    _step(torch.compile(model, backend="mhc", options=OPTIONS), rank)
+    return {**result, "mp_policy": _grads_finite(model, torch.float32)}
+
+
+def _grads_finite(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    grads = [p.grad for p in model.parameters()]
+    return {"missing": sum(g is None for g in grads),
+            "finite": all(g.dtype == dtype and bool(torch.isfinite(g.full_tensor()).all()) for g in grads if g is not None)}
+
+
 CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_one_graph, ddp_lazy, ddp_prepare_wrapped,
-         fsdp_root, fsdp_lazy, fsdp_blocks, fsdp_meta]
+         fsdp_root, fsdp_lazy, fsdp_blocks, fsdp_meta, fsdp_bf16]
 
 
 def run(rank: int, world: int, out: str) -> None:

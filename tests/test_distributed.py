@@ -104,3 +104,10 @@ def test_fsdp_model_built_on_meta_trains_once_its_sites_are_initialised(ranks):
     for r in ranks:
         assert "made on the meta device" in r["fsdp_meta"]["before_init"]
         _trains_like_the_oracle(r["fsdp_meta"])
+
+
+def test_fsdp_bf16_training_either_way_readme_gives(ranks):
+    """A bf16 model with its sites cast to bf16, and an fp32 model under MixedPrecisionPolicy(param_dtype=bf16)."""
+    for r in ranks:
+        assert r["fsdp_bf16"] == {"sites_fp32": True, "missing": 0, "finite": True,
+                                  "mp_policy": {"missing": 0, "finite": True}}
