@@ -137,6 +137,21 @@ def _converted_nanogpt():
     return model, idx
 
 
+def _converted_gpt2(ids):
+    model = _gpt2().eval()
+    mhc_compile.prepare(model, ids)
+    perturb_mhc(model)
+    return model
+
+
+def _assert_same_state(got: nn.Module, want: nn.Module, *only: str) -> None:
+    """Every entry of ``want``'s state_dict (those whose key holds one of ``only``, if given) equal in ``got``'s."""
+    mine = got.state_dict()
+    for k, v in want.state_dict().items():
+        if not only or any(o in k for o in only):
+            assert k in mine and torch.equal(mine[k], v), k
+
+
 def test_eval_train_no_grad_inference_mode(quiet):
     model, idx = _converted_nanogpt()
     with torch.no_grad():
@@ -290,9 +305,7 @@ def test_hf_gradient_checkpointing_converts_and_trains(arch, quiet):
 
 def test_hf_state_dict_round_trip_and_errors(quiet):
     ids = torch.randint(1, 50, (2, 8))
-    a = _gpt2().eval()
-    mhc_compile.prepare(a, ids)
-    perturb_mhc(a)
+    a = _converted_gpt2(ids)
     state = a.state_dict()
     want = torch.compile(a, backend="mhc", options=AOT)(ids).logits
 
@@ -331,18 +344,12 @@ def test_hf_state_dict_round_trip_and_errors(quiet):
         mhc_compile.load_state_dict(NanoGPT(), state, strict=False)
 
 
-def _site_values(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".mhc_" in k}
-
-
 @pytest.mark.parametrize("shard", [None, "8KB"])
 def test_hf_save_pretrained_from_pretrained_then_load_sites(tmp_path, shard, quiet):
     """save_pretrained writes the sites (layouts as int64 tensors: safetensors keeps only tensors); from_pretrained
     drops them, and compiling that model raises instead of converting it afresh; load_sites brings them back."""
     ids = torch.randint(1, 50, (2, 8))
-    a = _gpt2().eval()
-    mhc_compile.prepare(a, ids)
-    perturb_mhc(a)
+    a = _converted_gpt2(ids)
     want = torch.compile(a, backend="mhc", options=AOT)(ids).logits
     a.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     assert (tmp_path / "model.safetensors.index.json").exists() == (shard is not None)
@@ -358,10 +365,7 @@ def test_hf_save_pretrained_from_pretrained_then_load_sites(tmp_path, shard, qui
 
     loaded = mhc_compile.load_sites(b, tmp_path)
     assert loaded == sorted(p for p, m in a.named_modules() if isinstance(m, mhc_compile.MHCSite))
-    got_sites, want_sites = _site_values(b), _site_values(a)
-    assert got_sites.keys() == want_sites.keys()
-    for k in want_sites:
-        assert torch.equal(got_sites[k], want_sites[k]), k
+    _assert_same_state(b, a, ".mhc_")
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the sites exist: nothing is created at the first compile
@@ -373,22 +377,19 @@ def test_safetensors_and_torch_save_files_load_with_the_helpers(tmp_path, quiet)
     from safetensors.torch import load_file, save_file
 
     ids = torch.randint(1, 50, (2, 8))
-    a = _gpt2().eval()
-    mhc_compile.prepare(a, ids)
-    perturb_mhc(a)
+    a = _converted_gpt2(ids)
     state = {k: v.contiguous() for k, v in a.state_dict().items() if k != "lm_head.weight"}  # tied to wte
     save_file(state, tmp_path / "m.safetensors")
     torch.save(a.state_dict(), tmp_path / "m.pt")
 
     b = _gpt2().eval()
-    mhc_compile.load_state_dict(b, load_file(tmp_path / "m.safetensors"), strict=False)
+    mhc_compile.load_state_dict(b, load_file(tmp_path / "m.safetensors"), strict=False)  # lm_head: tied, not saved
+    _assert_same_state(b, a)
     for path in ("m.safetensors", "m.pt"):
         c = _gpt2().eval()
         c.load_state_dict({k: v for k, v in a.state_dict().items() if ".mhc_" not in k})
         mhc_compile.load_sites(c, tmp_path / path)
-        for other in (b, c):
-            for k, v in a.state_dict().items():
-                assert torch.equal(other.state_dict()[k], v), (path, k)
+        _assert_same_state(c, a)
 
 
 class _TokenData(torch.utils.data.Dataset):
@@ -422,22 +423,18 @@ def test_hf_trainer_trains_saves_and_reloads_the_sites(tmp_path, quiet):
 
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-2")
     mhc_compile.load_sites(reloaded, tmp_path / "checkpoint-2")
-    for k, v in model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[k], v), k
+    _assert_same_state(reloaded, model)
 
 
 def test_checkpoints_with_the_old_dict_layout_still_load(quiet):
     ids = torch.randint(1, 50, (2, 8))
-    a = _gpt2()
-    mhc_compile.prepare(a, ids)
-    perturb_mhc(a)
+    a = _converted_gpt2(ids)
     state = a.state_dict()
     old = {k: ({"n": 4, "width": 32, "mode": "mhc"} if k.endswith("._extra_state") else v) for k, v in state.items()}
     assert sum(k.endswith("._extra_state") for k in old) == 4
     b = _gpt2()
     mhc_compile.load_state_dict(b, old)
-    for k, v in state.items():
-        assert torch.equal(b.state_dict()[k], v), k
+    _assert_same_state(b, a)
     old_n2 = {k: ({"n": 2, "width": 32, "mode": "mhc"} if k.endswith("._extra_state") else v) for k, v in old.items()}
     with pytest.raises(ValueError, match="mHC checkpoint mismatch.*'n': 2.*'n': 4"):
         a.load_state_dict(old_n2)
@@ -476,8 +473,7 @@ def test_torch_distributed_checkpoint_round_trip(tmp_path, quiet):
     state = other.state_dict()
     dcp.load(state, checkpoint_id=str(tmp_path))
     other.load_state_dict(state)
-    for k, v in model.state_dict().items():
-        assert torch.equal(other.state_dict()[k], v), k
+    _assert_same_state(other, model)
     state["h.0.mhc_attn._extra_state"][2] = 48  # another width: the layout check names both
     with pytest.raises(ValueError, match="'width': 48.*'width': 32"):
         other.load_state_dict(state)
