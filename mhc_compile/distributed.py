@@ -84,20 +84,20 @@ def check_synced(sites: dict[str, Iterable[torch.Tensor]], ddp: nn.Module | None
             f"existed, so every rank would train its own copy of them. Call {PREPARE_FIRST} in DDP.")
 
 
-def check_can_create(root: nn.Module, path: str) -> None:
+def check_can_create(root: nn.Module, path: str, fix: str = PREPARE_FIRST) -> None:
     """Raise before creating site ``path`` on a model that a data-parallel wrapper already manages: a DDP whose
-    forward is running, or FSDP on any of its modules (module docstring)."""
+    forward is running, or FSDP on any of its modules (module docstring). ``fix``: what to call before wrapping."""
     if _compat.active_ddp_module() is not None or is_ddp(root):
         raise MHCConversionError(
             f"mhc: the mHC parameters of {path!r} do not exist yet and the model is already wrapped in "
             f"DistributedDataParallel, which would not synchronise them (every rank would train its own copy). "
-            f"Call {PREPARE_FIRST} in DDP.")
+            f"Call {fix} in DDP.")
     sharded = fsdp_modules(root)
     if sharded:
         raise MHCConversionError(
             f"mhc: the mHC parameters of {path!r} do not exist yet and FSDP already manages {sharded[0]!r}"
             f"{' and others' if len(sharded) > 1 else ''}; it would neither shard nor reduce them. Call "
-            f"{PREPARE_FIRST} with fully_shard / FSDP.")
+            f"{fix} with fully_shard / FSDP.")
 
 
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:

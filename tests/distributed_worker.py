@@ -193,6 +193,17 @@ def fsdp_blocks(rank: int) -> dict:
     return {**_compare(model, oracle), "warnings": [str(w.message) for w in caught if "mhc" in str(w.message)]}
 
 
+def fsdp_load_after_shard(rank: int) -> dict:
+    """A converted checkpoint loaded into an unprepared model after fully_shard: its sites would be created outside
+    FSDP's groups."""
+    from torch.distributed.fsdp import fully_shard
+
+    converted, _ = _model(SMALL, prepare=True)
+    model, _ = _model(SMALL, prepare=False)
+    fully_shard(model)
+    return _expect_error(lambda: mhc_compile.load_state_dict(model, converted.state_dict()))
+
+
 def fsdp_meta(rank: int) -> dict:
     """torchtitan's order: built and prepared on the meta device, sharded, to_empty, then initialised: the model's
     own weights copied shard by shard from the oracle's (its init_weights), the sites by init_sites. Compiling
@@ -260,7 +271,8 @@ def _grads_finite(model: torch.nn.Module, dtype: torch.dtype) -> dict:
 
 
 CASES = [ddp_one_bucket, ddp_split, ddp_split_off, ddp_one_graph, ddp_lazy, ddp_prepare_wrapped,
-         fsdp_root, fsdp_lazy, fsdp_blocks, fsdp_meta, fsdp_bf16]
+         fsdp_root, fsdp_lazy, fsdp_blocks, fsdp_meta, fsdp_bf16,
+         fsdp_load_after_shard]
 
 
 def run(rank: int, world: int, out: str) -> None:

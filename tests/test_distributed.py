@@ -94,6 +94,12 @@ def test_parameters_created_after_fully_shard_are_an_error(ranks):
     assert error is not None and "FSDP already manages '<root>'" in error
 
 
+def test_loading_sites_after_fully_shard_is_an_error(ranks):
+    error = case(ranks, "fsdp_load_after_shard")["error"]
+    assert error is not None and error.startswith("MHCConversionError") and "FSDP already manages" in error
+    assert "load_state_dict / load_sites before wrapping" in error
+
+
 def test_fsdp_per_block_carries_the_streams_between_the_blocks(ranks):
     for r in ranks:
         assert r["fsdp_blocks"]["warnings"] == []

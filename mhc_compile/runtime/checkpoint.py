@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from mhc_compile import distributed
 from mhc_compile.errors import MHCConversionError
 from mhc_compile.runtime.params import MHCSite, decode_layout, ensure_record
 
@@ -87,6 +88,8 @@ def sites_from_checkpoint(model: nn.Module, state_dict: Mapping, *, strict: bool
         if getattr(owner, name, None) is not None:
             raise ValueError(f"mhc: cannot create mHC site {path!r}: the attribute exists and is a "
                              f"{type(getattr(owner, name)).__name__}")
+        distributed.check_can_create(  # a wrapper that already listed its parameters would miss the site
+            model, path, fix="mhc_compile.load_state_dict / load_sites before wrapping the model")
         phi = state_dict.get(f"{path}.phi")
         dtype = phi.dtype if isinstance(phi, torch.Tensor) else torch.float32
         device = next((p.device for p in owner.parameters()), torch.device("cpu"))
