@@ -526,6 +526,9 @@ def test_layout_codes_cover_every_mode():
 def test_torch_save_load_whole_converted_model(quiet):
     model, idx = _converted_nanogpt()
     want = torch.compile(model, backend="mhc", options=AOT)(idx)
+    for site in model.modules():  # as an older version pickled its sites: without these attributes
+        if isinstance(site, mhc_compile.MHCSite):
+            del site.needs_init, site.alpha_init
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)

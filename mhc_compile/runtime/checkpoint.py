@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mhc_compile import distributed
+from mhc_compile.config import MHCConfig
 from mhc_compile.errors import MHCConversionError
 from mhc_compile.runtime.params import MHCSite, decode_layout, ensure_record
 
@@ -93,8 +94,8 @@ def sites_from_checkpoint(model: nn.Module, state_dict: Mapping, *, strict: bool
         phi = state_dict.get(f"{path}.phi")
         dtype = phi.dtype if isinstance(phi, torch.Tensor) else torch.float32
         device = next((p.device for p in owner.parameters()), torch.device("cpu"))
-        site = MHCSite(layout["n"], layout["width"], layout["mode"], index=0, alpha_init=0.0, dtype=dtype,
-                       device=device)
+        site = MHCSite(layout["n"], layout["width"], layout["mode"], index=0, alpha_init=MHCConfig.alpha_init,
+                       dtype=dtype, device=device)  # index and alpha_init matter only to a later reset_parameters
         owner.add_module(name, site)
         record = ensure_record(model, layout["n"], layout["mode"])
         record.sites[path] = site

@@ -65,6 +65,10 @@ def decode_layout(state) -> dict | None:
 class MHCSite(nn.Module):
     """Learned parameters of one residual site: phi [n*C, n^2+2n], bias [n^2+2n], alpha [3]."""
 
+    # Class-level defaults for sites pickled (torch.save of a whole model) before these attributes existed.
+    needs_init = False
+    alpha_init = 0.01
+
     def __init__(self, n: int, width: int, mode: str, index: int, alpha_init: float,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
