@@ -318,7 +318,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
     if on_graph is not None:
         on_graph(result.gm, example_inputs + extra, report)
     try:
-        compiled = _compile_rewritten(result.gm, example_inputs + extra, config, inductor_mode, report)
+        compiled = _compile_rewritten(result.gm, example_inputs + _as_trainable(result.extra_inputs) + streams_in,
+                                      config, inductor_mode, report)
     except _compat.dynamo_restart() as e:  # Dynamo's own signal to trace the frame again (e.g. floats specialised)
         raise e
     except Exception as e:
@@ -338,6 +339,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, *
             return compiled(*args, *binder.extras(args))
 
     return run
+
+
+def _as_trainable(site_params: list) -> list:
+    """The sites' parameters as the inner compiler sees them: each requiring grad (when grad mode is on).
+
+    They are the backend's inputs, not Dynamo's, so no guard of Dynamo's sees their requires_grad: a graph compiled
+    while they were frozen (PEFT's get_peft_model freezes them) would go on giving them no gradient once they are
+    unfrozen. Compiled as trainable, a frozen site's gradients are computed and dropped by autograd."""
+    if not torch.is_grad_enabled():
+        return site_params
+    return [p if p.requires_grad else p.detach().requires_grad_(True) for p in site_params]
 
 
 def _carry(result, work: fx.GraphModule, config: MHCConfig, example_inputs: list,

@@ -7,6 +7,7 @@ CPU, tiny models, mostly ``inner_backend="aot_eager"``.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
@@ -424,6 +425,97 @@ def test_hf_trainer_trains_saves_and_reloads_the_sites(tmp_path, quiet):
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-2")
     mhc_compile.load_sites(reloaded, tmp_path / "checkpoint-2")
     _assert_same_state(reloaded, model)
+
+
+class _Forwarding(nn.Module):
+    """A wrapper whose missing attributes come from the model it holds, as PEFT's PeftModel does: Dynamo then writes
+    the wrapped modules' paths as "self.__dict__['_modules']['base_model']...", which detect must read as paths."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+
+def test_a_wrapper_forwarding_attributes_compiles_with_the_wrapped_models_sites(quiet):
+    model, idx = _converted_nanogpt()
+    want = torch.compile(model, backend="mhc", options=AOT)(idx)
+    torch._dynamo.reset()
+    seen = len(REPORTS)
+    got = torch.compile(_Forwarding(model), backend="mhc", options=AOT)(idx)
+    assert [r.created for r in REPORTS[seen:]] == [[]] and REPORTS[-1].sites
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_sites_frozen_at_compile_train_once_unfrozen(inner, quiet):
+    """Dynamo guards no requires_grad of the sites' parameters (the backend's inputs): a graph compiled while they
+    were frozen must still give them their gradients once they are unfrozen."""
+    model, idx = _converted_nanogpt()
+    reference = copy.deepcopy(model)
+    for p in mhc_compile.mhc_parameters(model):
+        p.requires_grad_(False)
+    step = torch.compile(model, backend="mhc", options={"inner_backend": inner})
+    step(idx).pow(2).mean().backward()
+    assert all(p.grad is None for p in mhc_compile.mhc_parameters(model))
+    for p in mhc_compile.mhc_parameters(model):
+        p.requires_grad_(True)
+    model.zero_grad()
+    step(idx).pow(2).mean().backward()
+    torch._dynamo.reset()
+    torch.compile(reference, backend="mhc", options={"inner_backend": inner})(idx).pow(2).mean().backward()
+    got, want = dict(model.named_parameters()), dict(reference.named_parameters())
+    for k, p in want.items():
+        torch.testing.assert_close(got[k].grad, p.grad, msg=lambda m: f"{k}: {m}")
+
+
+def test_peft_lora_on_a_converted_model(tmp_path, quiet):
+    """README's PEFT recipe: get_peft_model freezes the sites (the optimizer check says so), they are unfrozen and
+    train beside the adapters, and their state saved apart loads into a fresh PEFT model with load_sites."""
+    peft = pytest.importorskip("peft")  # a test dependency; importorskip keeps an unrelated import error readable
+    ids = torch.randint(1, 50, (2, 8))
+
+    def lora(model):
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    base = _llama()
+    mhc_compile.prepare(base, ids)
+    perturb_mhc(base)
+    want = torch.compile(base, backend="mhc", options=AOT)(input_ids=ids).logits
+    model = lora(base)
+    assert not any(p.requires_grad for p in mhc_compile.mhc_parameters(model))
+    torch._dynamo.reset()
+    step = torch.compile(model, backend="mhc", options=AOT)
+    out = step(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, want, rtol=0, atol=0)  # LoRA's B starts at zero: the same function
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out.loss.backward()
+    with pytest.warns(UserWarning, match=r"They are frozen .*requires_grad_\(True\)"):
+        opt.step()
+
+    for p in mhc_compile.mhc_parameters(model):
+        p.requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".mhc_" in k or "lora_B" in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        step(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    after = model.state_dict()
+    assert all(not torch.equal(after[k], v) for k, v in before.items() if not k.endswith("_extra_state"))
+
+    torch.save({k: v for k, v in after.items() if ".mhc_" in k}, tmp_path / "sites.pt")
+    fresh = lora(_llama())
+    mhc_compile.load_sites(fresh, tmp_path / "sites.pt")
+    _assert_same_state(fresh, model, ".mhc_")
 
 
 def test_checkpoints_with_the_old_dict_layout_still_load(quiet):

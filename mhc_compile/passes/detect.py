@@ -277,15 +277,19 @@ def module_stack(node: fx.Node) -> list[str]:
 
 
 _FRAME_ROOT = re.compile(r"^[LG]\[[^\]]*\](\[[^\]]*\])*")
+# A submodule Dynamo reached through a module's __getattr__ (PEFT's PeftModel forwards to its base model that way)
+# is written "self.__dict__['_modules']['base_model']" (or "._modules['base_model']"): the path's "base_model".
+_MODULES_ITEM = re.compile(r"(?:\.__dict__\[['\"]_modules['\"]\]|\._modules)\[['\"]([^'\"]+)['\"]\]")
 
 
 def normalize_module_path(path: str) -> str:
-    """"L['self'].h.0.attn" -> "h.0.attn";  "L['self']" -> "".
+    """"L['self'].h.0.attn" -> "h.0.attn";  "L['self']" -> "";
+    "L['self'].__dict__['_modules']['base_model'].model" -> "base_model.model".
 
     Items right after the local are the container the model sits in, not part of its path: a decorated forward
     is compiled as the wrapper's frame, "L['args'][0].model.layers.0" -> "model.layers.0" (transformers 5.24).
     """
-    path = _FRAME_ROOT.sub("", path).lstrip(".")
+    path = _MODULES_ITEM.sub(r".\1", _FRAME_ROOT.sub("", path)).lstrip(".")
     # Dynamo writes indexing as "h[0]" in some versions and "h.0" in others.
     return path.replace("[", ".").replace("]", "").replace("'", "")
 

@@ -241,7 +241,10 @@ def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, m
                 f"with mhc_compile.init_sites(model) after the model's own init_weights / reset_parameters, or "
                 f"load a checkpoint into them")
         if not isinstance(existing, MHCSite):
-            raise ValueError(f"mhc: cannot add site parameters at {path!r}: the attribute exists and is a {type(existing).__name__}")
+            hint = (" (PEFT's modules_to_save wraps the modules it names: leave the sites out of it and unfreeze "
+                    "them instead, README 'PEFT')" if type(existing).__name__ == "ModulesToSaveWrapper" else "")
+            raise ValueError(f"mhc: cannot add site parameters at {path!r}: the attribute exists and is a "
+                             f"{type(existing).__name__}{hint}")
         if (existing.n, existing.width, existing.mode) != (n, width, mode):
             raise ValueError(
                 f"mhc: {path!r} was prepared with n={existing.n}, width={existing.width}, mode={existing.mode!r} "
@@ -298,6 +301,7 @@ def _check_sites_used(optimizer, opt_ids: set[int], root: nn.Module, record: Mod
 
 def _optimizer_step_pre_hook(optimizer, args, kwargs) -> None:
     opt_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    told: set[int] = set()  # sites named already: a model wrapped by another (PEFT) is two roots with the same sites
     for root, record in list(_RECORDS.items()):
         _check_sites_used(optimizer, opt_ids, root, record)
         if optimizer in record.warned_optimizers:
@@ -308,11 +312,18 @@ def _optimizer_step_pre_hook(optimizer, args, kwargs) -> None:
         if not missing or not (opt_ids & model_ids):
             continue
         record.warned_optimizers.add(optimizer)
+        if all(id(record.sites[path]) in told for path in missing):
+            continue
+        told.update(id(record.sites[path]) for path in missing)
+        frozen = all(not p.requires_grad for path in missing for p in record.sites[path].parameters())
         msg = (
             f"mhc: {type(optimizer).__name__} steps parameters of a converted {type(root).__name__} but not the mHC "
-            f"parameters of {len(missing)} residual site(s) (e.g. {missing[0]!r}); they will never train. Call "
-            f"mhc_compile.prepare(model, *example_inputs) before building the optimizer, or add them with "
-            f"optimizer.add_param_group({{'params': mhc_compile.mhc_parameters(model)}})"
+            f"parameters of {len(missing)} residual site(s) (e.g. {missing[0]!r}); they will never train. " + (
+                "They are frozen (requires_grad=False; PEFT's get_peft_model freezes every weight it does not add): "
+                "unfreeze them before building the optimizer, for p in mhc_compile.mhc_parameters(model): "
+                "p.requires_grad_(True)" if frozen else
+                "Call mhc_compile.prepare(model, *example_inputs) before building the optimizer, or add them with "
+                "optimizer.add_param_group({'params': mhc_compile.mhc_parameters(model)})")
         )
         if record.strict:
             raise MissingMHCParametersError(msg)
