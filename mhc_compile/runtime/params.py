@@ -57,7 +57,7 @@ def decode_layout(state) -> dict | None:
         return dict(state) if set(state) == {"n", "width", "mode"} else None
     if (isinstance(state, torch.Tensor) and state.dtype == torch.int64 and state.shape == (4,)
             and int(state[0]) == LAYOUT_VERSION and 0 <= int(state[3]) < len(LAYOUT_MODES)):
-        version, n, width, mode = (int(v) for v in state.tolist())
+        _, n, width, mode = (int(v) for v in state.tolist())
         return {"n": n, "width": width, "mode": LAYOUT_MODES[mode]}
     return None
 
