@@ -6,6 +6,7 @@ inside a pass.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable
 
@@ -241,6 +242,22 @@ def forget_compiled(codes) -> None:
     for code in set(codes):
         if code is not None:
             reset_code(code)
+
+
+@contextlib.contextmanager
+def without_module_compile(model: nn.Module):
+    """``model`` called as its plain self for the block: ``nn.Module.compile()`` keeps its compiled call in the
+    private ``_compiled_call_impl``, which ``__call__`` would otherwise run (prepare's own trace would then go through
+    the user's backend)."""
+    compiled = model.__dict__.get("_compiled_call_impl")
+    if compiled is None:
+        yield
+        return
+    model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = compiled
 
 
 def checkpoint_context_fn(body) -> Any:

@@ -64,7 +64,7 @@ def _run_once(model: nn.Module, example_inputs: tuple, backend, example_kwargs: 
         return backend(gm, inputs)
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _compat.without_module_compile(model):
             torch.compile(model, backend=recording_backend, dynamic=False)(*example_inputs, **(example_kwargs or {}))
     except _compat.backend_compiler_failed() as e:
         # Our own call: give the user our error, not Dynamo's wrapper around it.

@@ -402,6 +402,22 @@ class _TokenData(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
+def test_prepare_after_module_compile(quiet):
+    """model.compile(backend="mhc") first, prepare second: prepare traces the plain model (not through the compiled
+    call nn.Module.compile installs), so it creates the sites itself and nothing warns of sites made at a compile."""
+    model, idx = NanoGPT(), torch.randint(0, 64, (2, 8))
+    model.compile(backend="mhc", options=AOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mhc_compile.prepare(model, idx)
+        opt = torch.optim.AdamW(model.parameters())
+        model(idx).pow(2).mean().backward()
+        opt.step()
+    assert len(mhc_compile.mhc_parameters(model)) == 12
+    assert all(p.grad is not None for p in mhc_compile.mhc_parameters(model))
+    assert model._compiled_call_impl is not None  # the user's compile is back in place
+
+
 def test_hf_trainer_trains_saves_and_reloads_the_sites(tmp_path, quiet):
     """HF Trainer: prepare, then ``model.compile(backend="mhc")`` (the module stays a GPT2LMHeadModel, so Trainer
     sees its forward's arguments; accelerate's ``torch_compile_backend`` takes only its own list of backends).
