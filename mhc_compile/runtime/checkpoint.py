@@ -26,7 +26,7 @@ from torch import nn
 from mhc_compile import distributed
 from mhc_compile.config import MHCConfig
 from mhc_compile.errors import MHCConversionError
-from mhc_compile.runtime.params import MHCSite, decode_layout, ensure_record
+from mhc_compile.runtime.params import MHCSite, add_site, decode_layout
 
 SITE_LEAVES = ("phi", "bias", "alpha", "_extra_state")
 CONFIG_KEY = "mhc_compile"
@@ -94,14 +94,11 @@ def sites_from_checkpoint(model: nn.Module, state_dict: Mapping, *, strict: bool
         phi = state_dict.get(f"{path}.phi")
         dtype = phi.dtype if isinstance(phi, torch.Tensor) else torch.float32
         device = next((p.device for p in owner.parameters()), torch.device("cpu"))
-        site = MHCSite(layout["n"], layout["width"], layout["mode"], index=0, alpha_init=MHCConfig.alpha_init,
-                       dtype=dtype, device=device)  # index and alpha_init matter only to a later reset_parameters
-        owner.add_module(name, site)
-        record = ensure_record(model, layout["n"], layout["mode"])
-        record.sites[path] = site
-        record.n, record.mode = layout["n"], layout["mode"]
+        add_site(model, owner, path, MHCSite(  # index and alpha_init matter only to a later reset_parameters
+            layout["n"], layout["width"], layout["mode"], index=0, alpha_init=MHCConfig.alpha_init, dtype=dtype,
+            device=device))
         created.append(path)
-    if wanted:
+    if wanted:  # a loaded model's sites all exist: its config records the conversion even if none was created
         first = next(iter(wanted.values()))
         mark_config(model, first["n"], first["mode"])
     return created

@@ -257,14 +257,23 @@ def get_or_create_site(root: nn.Module, owner_path: str, name: str, *, n: int, m
 
     checkpoint.check_not_dropped(root, path)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in owner.parameters()) else torch.float32
-    site = MHCSite(n, width, mode, index, alpha_init, dtype=dtype, device=device)
-    owner.add_module(name, site)
-    record.sites[path] = site
-    record.n, record.mode = n, mode
-    checkpoint.mark_config(root, n, mode)
+    site = add_site(root, owner, path, MHCSite(n, width, mode, index, alpha_init, dtype=dtype, device=device))
     if lazily:
         record.created_lazily.append(path)
     return site, True
+
+
+def add_site(root: nn.Module, owner: nn.Module, path: str, site: MHCSite) -> MHCSite:
+    """Put a new site on its owner module and in ``root``'s record, and record the conversion in ``root``'s config
+    (``checkpoint.mark_config``). Every site the package creates comes here, after ``distributed.check_can_create``."""
+    from mhc_compile.runtime import checkpoint  # it builds on this module
+
+    owner.add_module(path.rpartition(".")[2], site)
+    record = ensure_record(root, site.n, site.mode)
+    record.sites[path] = site
+    record.n, record.mode = site.n, site.mode
+    checkpoint.mark_config(root, site.n, site.mode)
+    return site
 
 
 # --- optimizer check ------------------------------------------------------------------------------
