@@ -708,3 +708,14 @@ def test_bench_ddp_runs_every_variant_on_two_gloo_ranks(tmp_path):
     rows = [line for line in open(tmp_path / table) if line.startswith("| ") and not line.startswith("| variant")]
     assert [r.split("|")[1].strip() for r in rows] == ["residual", "mhc", "mhc-one-graph"]
     assert "%" in rows[1] and "%" in rows[2]
+
+
+def test_carry_check_compares_both_bf16_models_with_an_fp32_copy(tmp_path, monkeypatch, capsys):
+    """carry_check on the CPU, tiny: the block-by-block and one-graph bf16 models each against the fp32 stack, every
+    parameter listed (session 35's GPU run had compared the two bf16 models and read bf16 noise as a failure)."""
+    from benchmarks import carry_check
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rc = carry_check.main(["--device", "cpu", "--d", "32", "--layers", "2", "--seq", "8", "--batch", "1", "--iters", "1"])
+    text = (tmp_path / "carry-check.md").read_text()
+    assert rc == 0, text
+    assert "| output |" in text and "worst mHC parameter (h." in text and text.count("ok: every error") == 1
