@@ -192,7 +192,7 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             else:
                 ph = tl.load(hi_ptr + krow[:, None] * M + ms[None, :], mask=cmask[:, None] & mmask[None, :],
                              other=0.0).to(ACC)
-                acc = tl.dot(xw.to(ACC), ph, acc, input_precision=PREC)
+                acc = tl.dot(xw.to(ACC), ph, acc, input_precision=PREC, out_dtype=ACC)
         if ONE_DOT:
             # p^T += phi_chunk^T X'_chunk^T: both operands in shared memory (phi's TMA tile, X' staged by the
             # compiler), so the chunk's wgmmas chain with one wait. With X' as the A operand from registers the

@@ -83,7 +83,7 @@ def _proj_fwd_kernel(x_ptr, phi_ptr, p_ptr, sq_ptr, T, K, M, MPAD, K_SPLIT, ONE,
             xf = xt.to(ACC)
             ph = tl.load(phi_ptr + ks[:, None].to(tl.int64) * M + cols[None, :],
                          mask=kmask[:, None] & cmask[None, :], other=0.0).to(ACC)
-            acc = tl.dot(xf, ph, acc, input_precision=PREC)
+            acc = tl.dot(xf, ph, acc, input_precision=PREC, out_dtype=ACC)
         sq8 += tl.sum(tl.reshape(xf * xf, (BT, BK // 8, 8)), axis=2)
         # The X tile feeds the asynchronous dots and, through registers, sq. Triton 3.6's pipeliner gives such a load
         # one shared-memory slot fewer than its prefetch needs (triton-lang/triton #6691 / #7110): the cp.async of
