@@ -187,10 +187,83 @@ def test_builds_for_sm90_within_shared_memory_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]
-    assert len(rows) == 4 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    assert len(rows) == 6 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)
 def test_matches_the_reference_on_an_sm90_gpu():
     proc = _run("--no-times")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+
+
+def test_the_config_passes_the_stream_k_schedule_to_the_gluon_kernel(monkeypatch):
+    """FusedBwdCfg.ws_stream_k reaches gluon_proj_bwd.proj_grads (off by default)."""
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    x, phi, dp, dsq, h_pre, dout, acc = _cpu_inputs(21, 2, 128, seed=4)
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["stream_k"])
+        return torch.zeros_like(x), torch.zeros_like(phi)
+
+    monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(gp, "proj_grads", record)
+    monkeypatch.setattr(tpb, "_NO_GLUON", set())
+    tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+    with tk.tuning("proj_dx_dphi", ws_stream_k=True):
+        tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+    assert seen == [False, True] and not tk.FusedBwdCfg().ws_stream_k
+
+
+def _units_of(sched, program):
+    return [(b, j) for b, lo, hi, _ in gp.segments(sched, program) for j in range(lo, hi)]
+
+
+@pytest.mark.parametrize("t,kblocks,sms", [(32768, 128, 132), (8192, 224, 132), (32768, 224, 132), (200, 2, 132),
+                                           (4099, 64, 132), (1, 3, 132), (1000, 16, 7), (64 * 17, 5, 13)])
+def test_stream_k_gives_every_tile_to_one_program_and_each_sm_the_same_share(monkeypatch, t, kblocks, sms):
+    """The kernel's unit arithmetic (``segments``, its Python twin): every (K block, token tile) exactly once, each
+    program's share within one tile of the others', every block's dphi partials in distinct slots below ``slots``,
+    and a program's segments in block order (the phi ring's assumption)."""
+    monkeypatch.setattr(gp.tcom, "num_sms", lambda device: sms)
+    sched = gp.plan(t, kblocks, torch.device("cpu"), stream_k=True)
+    tpk = -(-t // gp.BT)
+    assert sched.p == min(sms, kblocks * tpk) and sched.grid == (sched.p,)
+    shares, taken, slots = [], [], {}
+    for q in range(sched.p):
+        segs = gp.segments(sched, (q,))
+        assert [s[0] for s in segs] == sorted({s[0] for s in segs}) and all(lo < hi for _, lo, hi, _ in segs)
+        units = _units_of(sched, (q,))
+        shares.append(len(units))
+        taken += units
+        for b, _, _, slot in segs:
+            assert 0 <= slot < sched.slots and slot not in slots.setdefault(b, set())
+            slots[b].add(slot)
+    assert sorted(taken) == [(b, j) for b in range(kblocks) for j in range(tpk)]
+    assert max(shares) - min(shares) <= 1
+    assert sched.slots == max(len(v) for v in slots.values())
+
+
+@pytest.mark.parametrize("t,kblocks,splits", [(32768, 128, None), (1000, 16, 3), (4099, 64, None), (64, 4, 1)])
+def test_the_split_schedule_is_one_segment_a_program(monkeypatch, t, kblocks, splits):
+    """The split schedule in the same terms: program (block, part) takes one segment of its own block, into slot
+    part, and the programs take every tile once."""
+    monkeypatch.setattr(gp.tcom, "num_sms", lambda device: 132)
+    sched = gp.plan(t, kblocks, torch.device("cpu"), splits=splits)
+    taken = []
+    for b in range(sched.grid[0]):
+        for part in range(sched.grid[1]):
+            segs = gp.segments(sched, (b, part))
+            assert len(segs) == 1 and segs[0][0] == b and segs[0][3] == part
+            taken += _units_of(sched, (b, part))
+    tpk = -(-t // gp.BT)
+    assert sorted(taken) == [(b, j) for b in range(kblocks) for j in range(tpk)] and sched.slots == sched.grid[1]
+
+
+def test_stream_k_fills_the_sms_where_the_split_grid_leaves_some_idle(monkeypatch):
+    """Why stream-K: at 32768 x 4096 (128 K blocks) the split schedule runs 128 programs on 132 SMs."""
+    monkeypatch.setattr(gp.tcom, "num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    split, sk = gp.plan(32768, 128, cpu), gp.plan(32768, 128, cpu, stream_k=True)
+    assert split.grid == (128, 1) and sk.grid == (132,) and sk.slots == 2

@@ -282,3 +282,58 @@ def test_proj_fwd_ring_of_one_slot_deadlocks_and_plan_never_gives_one():
     load until that very slot is released."""
     assert outcomes(lambda: proj_fwd_protocol(1, 5), seeds=20) == {"deadlock"}
     assert gpf.plan(4 * 4096, 128, 32, 2, 1) is None and gpf.plan(4 * 4096, 128, 32, 2, 0)[1] >= 2
+
+
+def proj_bwd_segments_protocol(stages: int, mixers: int, segs: list[int], wait_phi: bool = True):
+    """kernels/gluon_proj_bwd.py under its stream-K schedule: a program's tiles come in segments (K blocks), each
+    with its own phi tile in one buffer. The loader issues segment g's phi once g's first tile is on its way and the
+    dx warpgroups have released g - 1's (phi_empty, count: mixers); a dx warpgroup waits for it (phi_ready, parity
+    g) before the segment's tiles and releases it after them. A dx warpgroup's dots must find the slot's tile and
+    the segment's phi. ``wait_phi`` False: a loader that does not wait for the release."""
+    tiles = sum(segs)
+    ring, phi = Ring(stages, mixers + 1), Ring(1, mixers)
+
+    def load():
+        it = 0
+        for g, count in enumerate(segs):
+            for j in range(count):
+                s = it % stages
+                if it >= stages:
+                    yield ring.empty[s], ((it // stages) & 1) ^ 1
+                ring.ready[s].arrive(expect_tx=1)
+                ring.in_flight.append((s, it))
+                if j == 0:
+                    if g > 0 and wait_phi:
+                        yield phi.empty[0], (g - 1) & 1
+                    phi.ready[0].arrive(expect_tx=1)
+                    phi.in_flight.append((0, g))
+                it += 1
+
+    def dx(w):
+        it = 0
+        for g, count in enumerate(segs):
+            yield phi.ready[0], g & 1
+            for _ in range(count):
+                s = it % stages
+                yield ring.ready[s], (it // stages) & 1
+                if ring.holds[s] != it or phi.holds[0] != g:
+                    ring.errors.append(f"dx{w} ran tile {it} of segment {g} on slot {s} = {ring.holds[s]}, "
+                                       f"phi = {phi.holds[0]}")
+                ring.empty[s].arrive()
+                it += 1
+            phi.empty[0].arrive()
+
+    agents = [load()] + [dx(w) for w in range(mixers)] + [consumer(ring, "dphi", lambda it: True, tiles)]
+    return [ring, phi], agents
+
+
+@pytest.mark.parametrize("stages,mixers", [(3, 2), (3, 1), (4, 1), (4, 2), (2, 1)])
+@pytest.mark.parametrize("segs", [[5, 7, 2], [1, 1, 1, 4], [9]])
+def test_proj_bwd_segments_reload_phi_safely(stages, mixers, segs):
+    assert outcomes(lambda: proj_bwd_segments_protocol(stages, mixers, segs), seeds=150) == {"ok"}
+
+
+def test_a_phi_reload_without_the_release_is_caught():
+    """The model can fail: a loader that brings the next segment's phi without waiting for the dx warpgroups to
+    release the current one overwrites it under their dots (or breaks phi_ready's count)."""
+    assert outcomes(lambda: proj_bwd_segments_protocol(3, 2, [5, 7, 2], wait_phi=False), seeds=150) - {"ok"}
