@@ -50,6 +50,28 @@ def test_pack_tokens_matches_split_dp_t_and_pack_coefs(t, n, pre):
     assert torch.equal(coefs, gp.pack_coefs(dsq, h_pre))
 
 
+@pytest.mark.parametrize("t, n", [(1, 1), (37, 3), (130, 4), (65, 2)])
+def test_phi_rows_pair_with_hl_into_the_dx_dot(t, n):
+    """dx_hl's dot, in float64 on the operands as the kernel gets them: hl^T [T, 2 MP] (``pack_tokens``) times each
+    of ``phi_rows``' planes, summed, is dp phi^T to the hi / lo split's precision (~2^-16 of its scale: better than
+    tf32's 2^-11), and the coefficients past M add nothing."""
+    g = torch.Generator().manual_seed(t * n)
+    m, k = ref.num_coeffs(n), n * 128
+    dp = torch.randn(t, m, generator=g) * 10.0 ** torch.randint(-2, 2, (t, 1), generator=g)
+    phi = torch.randn(k, m, generator=g) * 0.05
+    hl, _ = gp.pack_tokens(dp, torch.zeros(t), None)
+    planes = gp.phi_rows(phi)
+    assert planes.shape == (2, k, 2 * gp.MP) and planes.dtype == torch.bfloat16
+    a = hl[:, :t].double().T
+    dx = a @ planes[0].double().T + a @ planes[1].double().T
+    want = dp.double() @ phi.double().T
+    err = ((dx - want).abs() / (dp.double().abs() @ phi.double().abs().T)).max().item()
+    assert err < 2.0 ** -15, err
+    tf32 = (dp.double() @ phi.double().T - (dp.bfloat16().double() @ phi.double().T)).abs().max()  # a coarse bar
+    assert (dx - want).abs().max() < tf32
+    assert not planes[:, :, [r for r in range(2 * gp.MP) if (r // 16) * 8 + r % 8 >= m]].any()
+
+
 def test_hl_order_pairs_a_coefficients_hi_and_lo_rows_eight_apart_within_sixteen():
     order = gp.hl_order(gp.MP).tolist()
     assert sorted(order) == list(range(2 * gp.MP))  # a permutation of split_dp_t's rows
@@ -187,7 +209,7 @@ def test_builds_for_sm90_within_shared_memory_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]
-    assert len(rows) == 6 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    assert len(rows) == 9 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)

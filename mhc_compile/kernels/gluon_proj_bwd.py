@@ -69,20 +69,21 @@ CW = 8  # packed coefficient columns: h_pre at 0 .. n-1, dsq at DSQ (32-byte row
 DSQ = 4
 
 
-def smem_bytes(stages: int, has_pre: bool, has_acc: bool) -> int:
-    """A slot: X, dout (has_pre), acc (has_acc) or dx's own tile (neither) as [BT, BK] bf16, dp [BT, MP] fp32, dp^T's
-    hi / lo rows [2 MP, BT] bf16 and the coefficients [BT, CW] fp32; plus phi's [BK, MP] fp32 tile, loaded once."""
+def smem_bytes(stages: int, has_pre: bool, has_acc: bool, dx_hl: bool = False) -> int:
+    """A slot: X, dout (has_pre), acc (has_acc) or dx's own tile (neither) as [BT, BK] bf16, dp [BT, MP] fp32 (not
+    with ``dx_hl``), dp^T's hi / lo rows [2 MP, BT] bf16 and the coefficients [BT, CW] fp32; plus phi's tile, a
+    segment's: [BK, MP] fp32, or with ``dx_hl`` its hi and lo planes as [BK, 2 MP] bf16 each (``phi_rows``)."""
     tiles = 1 + has_pre + has_acc + (not (has_pre or has_acc))
-    slot = tiles * BT * BK * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
-    return stages * slot + BK * MP * 4
+    slot = tiles * BT * BK * 2 + (0 if dx_hl else BT * MP * 4) + 2 * MP * BT * 2 + BT * CW * 4
+    return stages * slot + (2 * BK * 2 * MP * 2 if dx_hl else BK * MP * 4)
 
 
-def stages_for(has_pre: bool, has_acc: bool, stages: int = 0) -> int | None:
+def stages_for(has_pre: bool, has_acc: bool, stages: int = 0, dx_hl: bool = False) -> int | None:
     """``stages`` slots, or as many as fit (at most 4); None when two do not fit."""
     st = stages or 4
-    while not stages and st > 2 and smem_bytes(st, has_pre, has_acc) > _SMEM:
+    while not stages and st > 2 and smem_bytes(st, has_pre, has_acc, dx_hl) > _SMEM:
         st -= 1
-    return st if st >= 2 and smem_bytes(st, has_pre, has_acc) <= _SMEM else None
+    return st if st >= 2 and smem_bytes(st, has_pre, has_acc, dx_hl) <= _SMEM else None
 
 
 def supported(x: Tensor, n: int, c: int, *others: Tensor) -> bool:
@@ -156,6 +157,21 @@ def pack_tokens(dp: Tensor, dsq: Tensor, h_pre: Tensor | None) -> tuple[Tensor, 
     return hl, coefs
 
 
+def phi_rows(phi: Tensor) -> Tensor:
+    """bf16 [2, K, 2 MP]: phi's hi and lo halves (fp32 phi = hi + lo to ~2^-16), each row's columns in ``hl_order``:
+    column r holds coefficient (r // 16) * 8 + r % 8, for dp's hi row and for its lo row alike (zeros past M). So
+    hl^T [BT, 2 MP] times plane h^T is sum_c (dp_hi + dp_lo)[c] phi_h[c]: the dx dot on the dphi dot's operand,
+    with no fp32 dp tile (``dx_hl``)."""
+    k, m = phi.shape
+    full = torch.zeros((k, MP), dtype=torch.float32, device=phi.device)
+    full[:, :m] = phi
+    hi = full.to(torch.bfloat16)
+    lo = (full - hi.float()).to(torch.bfloat16)
+    r = torch.arange(2 * MP, device=phi.device)
+    cols = (r // 16) * 8 + r % 8
+    return torch.stack((hi[:, cols], lo[:, cols])).contiguous()
+
+
 def pad_cols(v: Tensor, width: int) -> Tensor:
     """fp32 [R, width] over v [R, M]: v itself where its rows already suit TMA (M * 4 bytes a multiple of 16; the
     descriptor's [.., width] boxes then read columns past M as zeros), else a zero-padded copy."""
@@ -183,8 +199,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _loader(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs, phis, ready,
-                empty, phi_ready, phi_empty, C, TPK, TST, W, P, STREAM_K: gl.constexpr, HAS_PRE: gl.constexpr,
-                HAS_ACC: gl.constexpr, X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
+                empty, phi_ready, phi_empty, C, K, TPK, TST, W, P, STREAM_K: gl.constexpr, DX_HL: gl.constexpr,
+                HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
                 XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr):
         """One warp: for each token tile of each of the program's K blocks (segments), once its slot is free, the
         slot's boxes (the two halves of each [BT, BK] tile back to back: one 256-byte run of each row). A segment's
@@ -193,7 +209,7 @@ if AVAILABLE:
         u_lo, u_hi = _units(TPK, TST, W, P, STREAM_K)
         b_lo = u_lo // TPK
         tiles: gl.constexpr = 1 + HAS_PRE + HAS_ACC
-        nbytes: gl.constexpr = tiles * 2 * BT * XB * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
+        nbytes: gl.constexpr = tiles * 2 * BT * XB * 2 + (0 if DX_HL else BT * MP * 4) + 2 * MP * BT * 2 + BT * CW * 4
         it = 0
         for b in range(b_lo, (u_hi - 1) // TPK + 1):
             k0 = b * BK
@@ -217,15 +233,22 @@ if AVAILABLE:
                 if HAS_PRE:
                     for h in gl.static_range(2):
                         _tma_load(g_desc, [t0, c0 + h * XB], bar, gs[h].index(s))
-                _tma_load(p_desc, [t0, 0], bar, dps.index(s))
+                if not DX_HL:
+                    _tma_load(p_desc, [t0, 0], bar, dps.index(s))
                 _tma_load(l_desc, [0, t0], bar, hls.index(s))
                 _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
                 if j == j_lo:
                     g = b - b_lo
                     mbarrier.wait(phi_empty, (g - 1) & 1, pred=g > 0)
-                    mbarrier.expect(phi_ready, 2 * XB * MP * 4)
-                    for h in gl.static_range(2):
-                        _tma_load(w_desc, [k0 + h * XB, 0], phi_ready, phis.index(h))
+                    if DX_HL:  # phi's hi and lo planes ([2 K, 2 MP]) for each half: tiles 2 h (hi), 2 h + 1 (lo)
+                        mbarrier.expect(phi_ready, 4 * XB * 2 * MP * 2)
+                        for h in gl.static_range(2):
+                            for lo in gl.static_range(2):
+                                _tma_load(w_desc, [lo * K + k0 + h * XB, 0], phi_ready, phis.index(2 * h + lo))
+                    else:
+                        mbarrier.expect(phi_ready, 2 * XB * MP * 4)
+                        for h in gl.static_range(2):
+                            _tma_load(w_desc, [k0 + h * XB, 0], phi_ready, phis.index(h))
                 it += 1
 
     @gluon.jit
@@ -234,8 +257,9 @@ if AVAILABLE:
         return coefs.index(s).slice(k, 1, 1).load(layout)
 
     @gluon.jit
-    def _dx(o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK, TST, W, P,
-            STREAM_K: gl.constexpr, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, BT: gl.constexpr,
+    def _dx(o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK, TST, W, P,
+            STREAM_K: gl.constexpr, DX_HL: gl.constexpr, N: gl.constexpr, HAS_PRE: gl.constexpr,
+            HAS_ACC: gl.constexpr, BT: gl.constexpr,
             BK: gl.constexpr, XB: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr,
             MIXERS: gl.constexpr, num_warps: gl.constexpr):
         """dx warpgroup FIRST of MIXERS: halves FIRST, FIRST + MIXERS, ... of every tile. A half: the tf32 dot's
@@ -247,8 +271,12 @@ if AVAILABLE:
         in turn would wait on a slot whose previous tile was the other's: a parity wait tells only two phases
         apart, so with an odd number of slots a warpgroup could pass on the previous tile's phase (loads land out
         of order) and release the slot early. A build that did hung on an H200 at 512 tiles a program."""
-        L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, XB, 8])  # the tf32 dx dot's (k = 8)
+        if DX_HL:  # dx = dp phi^T as [dp_hi; dp_lo]^T [phi_hi; phi_hi] + [dp_hi; dp_lo]^T [phi_lo; phi_lo] (bf16)
+            L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, XB, 16])
+        else:  # the tf32 dx dot's (k = 8)
+            L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, XB, 8])
         zero = gl.zeros([BT, XB], gl.float32, L)
         u_lo, u_hi = _units(TPK, TST, W, P, STREAM_K)
         b_lo = u_lo // TPK
@@ -262,8 +290,13 @@ if AVAILABLE:
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 ds = ()
                 for h in gl.static_range(FIRST, 2, MIXERS):
-                    ds = ds + (warpgroup_mma(dps.index(s), phis.index(h).permute((1, 0)), zero, use_acc=False,
-                                             is_async=True),)
+                    if DX_HL:
+                        a = hls.index(s).permute((1, 0))  # [BT, 2 MP]: dp's hi and lo columns (``hl_order``)
+                        d = warpgroup_mma(a, phis.index(2 * h).permute((1, 0)), zero, use_acc=False, is_async=True)
+                        ds = ds + (warpgroup_mma(a, phis.index(2 * h + 1).permute((1, 0)), d, is_async=True),)
+                    else:
+                        ds = ds + (warpgroup_mma(dps.index(s), phis.index(h).permute((1, 0)), zero, use_acc=False,
+                                                 is_async=True),)
                 ds = _waited(warpgroup_mma_wait(num_outstanding=0, deps=ds), 2 // MIXERS)
                 dsq2 = 2.0 * _col(coefs, s, DSQ, L)
                 hp = dsq2 * 0.0
@@ -338,7 +371,8 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["TPK", "TST", "W", "P"])  # a new token count reuses the compiled kernel
     def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, C, M, TPK, TST,
-                            W, P, STREAM_K: gl.constexpr, N: gl.constexpr, HAS_PRE: gl.constexpr,
+                            W, P, STREAM_K: gl.constexpr, DX_HL: gl.constexpr, N: gl.constexpr,
+                            HAS_PRE: gl.constexpr,
                             HAS_ACC: gl.constexpr, X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
                             XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr,
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, MIX_REGS: gl.constexpr,
@@ -371,10 +405,16 @@ if AVAILABLE:
             accs = xs
             os = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
                   gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout))
-        dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
+        if DX_HL:  # dp comes only as hl's bf16 rows
+            dps = gl.allocate_shared_memory(gl.float32, [1, BT, MP], p_desc.layout)  # never read
+        else:
+            dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
         hls = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * MP, BT], l_desc.layout)
         coefs = gl.allocate_shared_memory(gl.float32, [STAGES, BT, CW], c_desc.layout)
-        phis = gl.allocate_shared_memory(gl.float32, [2, XB, MP], w_desc.layout)
+        if DX_HL:
+            phis = gl.allocate_shared_memory(gl.bfloat16, [4, XB, 2 * MP], w_desc.layout)
+        else:
+            phis = gl.allocate_shared_memory(gl.float32, [2, XB, MP], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         phi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -387,25 +427,25 @@ if AVAILABLE:
         # the first dx warpgroup is the default partition (it gets the registers the others leave)
         if MIXERS == 1:
             gl.warp_specialize([
-                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK, TST,
-                       W, P, STREAM_K, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 0, 1, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK,
+                       TST, W, P, STREAM_K, DX_HL, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 0, 1, num_warps)),
                 (_dphi, (dphi_ptr, xs, hls, ready, empty, TPK, TST, W, P, K, M, STREAM_K, BT, BK, XB, MP, STAGES,
                          4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
-                           phis, ready, empty, phi_ready, phi_empty, C, TPK, TST, W, P, STREAM_K, HAS_PRE, HAS_ACC,
-                           X_BCAST, BT, BK, XB, MP, CW, STAGES)),
+                           phis, ready, empty, phi_ready, phi_empty, C, K, TPK, TST, W, P, STREAM_K, DX_HL, HAS_PRE,
+                           HAS_ACC, X_BCAST, BT, BK, XB, MP, CW, STAGES)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK, TST,
-                       W, P, STREAM_K, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 0, 2, num_warps)),
-                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK, TST,
-                       W, P, STREAM_K, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 1, 2, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK,
+                       TST, W, P, STREAM_K, DX_HL, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 0, 2, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK,
+                       TST, W, P, STREAM_K, DX_HL, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 1, 2, num_warps)),
                 (_dphi, (dphi_ptr, xs, hls, ready, empty, TPK, TST, W, P, K, M, STREAM_K, BT, BK, XB, MP, STAGES,
                          4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
-                           phis, ready, empty, phi_ready, phi_empty, C, TPK, TST, W, P, STREAM_K, HAS_PRE, HAS_ACC,
-                           X_BCAST, BT, BK, XB, MP, CW, STAGES)),
+                           phis, ready, empty, phi_ready, phi_empty, C, K, TPK, TST, W, P, STREAM_K, DX_HL, HAS_PRE,
+                           HAS_ACC, X_BCAST, BT, BK, XB, MP, CW, STAGES)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -417,7 +457,8 @@ if AVAILABLE:
 def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: int, n: int, c: int) -> tuple:
     """The kernel's eight TMA descriptors (absent dout / acc: X's as a placeholder). dp and phi may have fewer
     than MP columns (``pad_cols``): their boxes read the columns past M as zeros. dp's hi / lo rows are read as
-    [2 MP, T] though their rows are padded to T16: columns past T then read as zeros."""
+    [2 MP, T] though their rows are padded to T16: columns past T then read as zeros. ``phi_pad`` may be
+    ``phi_rows``' bf16 [2, K, 2 MP] (``dx_hl``): read as [2 K, 2 MP] in [XB, 2 MP] boxes."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
     xd = (desc(x.select(-2, 0).reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if bcast
@@ -428,7 +469,8 @@ def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: in
             desc(dp_pad, (t, dp_pad.shape[1]), (dp_pad.stride(0), 1), (BT, MP), f32),
             desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
             desc(coefs, (t, CW), (CW, 1), (BT, CW), f32),
-            desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32),
+            (desc(phi_pad.view(2 * k, 2 * MP), (2 * k, 2 * MP), (2 * MP, 1), (XB, 2 * MP), bf) if phi_pad.dim() == 3
+             else desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32)),
             desc(dx.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
 
 
@@ -508,12 +550,14 @@ def segments(sched: Schedule, program: tuple[int, ...]) -> list[tuple[int, int, 
 
 def launch_kernel(descs: tuple, dphi: Tensor, c: int, m: int, sched: Schedule, *, n: int, has_pre: bool,
                   has_acc: bool, bcast: bool, stages: int, mixers: int, mix_regs: int = 192,
-                  dphi_regs: int = 104) -> None:
-    """One launch over ``descriptors``' operands into the [sched.slots, K, M] partials ``dphi``."""
+                  dphi_regs: int = 104, dx_hl: bool = False) -> None:
+    """One launch over ``descriptors``' operands (phi's as ``phi_rows`` gives it with ``dx_hl``) into the
+    [sched.slots, K, M] partials ``dphi``."""
     global LAUNCHES
     LAUNCHES += 1
     _proj_bwd_ws_kernel[sched.grid](
-        *descs, dphi, c, m, sched.tpk, sched.tst, sched.w, sched.p, STREAM_K=sched.stream_k, N=n, HAS_PRE=has_pre,
+        *descs, dphi, c, m, sched.tpk, sched.tst, sched.w, sched.p, STREAM_K=sched.stream_k, DX_HL=dx_hl, N=n,
+        HAS_PRE=has_pre,
         HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP, CW=CW, DSQ=DSQ, STAGES=stages, MIXERS=mixers,
         MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
 
@@ -521,17 +565,21 @@ def launch_kernel(descs: tuple, dphi: Tensor, c: int, m: int, sched: Schedule, *
 def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                acc: Tensor | None, out: Tensor | None = None, *, stages: int = 0, mixers: int = 2,
                mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None,
-               stream_k: bool = False) -> tuple[Tensor, Tensor]:
+               stream_k: bool = False, dx_hl: bool = False) -> tuple[Tensor, Tensor]:
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
     ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
     or broadcast over its streams: ``triton_common.stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
     ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
-    by the same program). ``stream_k``: the stream-K schedule (``Schedule``), else K blocks x token splits."""
+    by the same program). ``stream_k``: the stream-K schedule (``Schedule``), else K blocks x token splits.
+    ``dx_hl``: the dx dot in bf16 on hl's tile and ``phi_rows``' planes, with no fp32 dp tile a slot. The split
+    schedule's profile at 32768 x 4096 (session 35) had L2 at 94 % of its throughput, DRAM at 84 %: every program
+    reads every token's dp (fp32 and hi / lo) and coefficients, 18 KB a 64-token tile against 64 KB of the
+    stream's; this drops the fp32 dp's 8 KB. dx's dot is then more precise than tf32 (~16 mantissa bits)."""
     (x, bcast) = tcom.stream_arg(x)
     _, t, n, c = tcom.stream_dims(x)
     k, m = phi.shape
     has_pre, has_acc = h_pre is not None, acc is not None
-    st = stages_for(has_pre, has_acc, stages)
+    st = stages_for(has_pre, has_acc, stages, dx_hl)
     if mixers not in (1, 2) or st is None or c % BK or not 1 <= n <= 4 or k != n * c:
         raise ValueError(f"mhc gluon proj_grads: n = {n} (1 to 4), C = {c} (a multiple of {BK}), phi {tuple(phi.shape)}"
                          f" (n*C rows), mixers = {mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
@@ -546,8 +594,9 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     # a stream-K block shared by fewer programs than ``slots`` leaves its other slots unwritten: zeros there
     dphi = (torch.zeros if sched.stream_k and sched.slots > 1 else torch.empty)(
         (sched.slots, k, m), dtype=torch.float32, device=dev)
-    launch_kernel(descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c),
+    w = phi_rows(phi.float()) if dx_hl else pad_cols(phi, MP)
+    launch_kernel(descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, w, dx, t, n, c),
                   dphi, c, m, sched, n=n, has_pre=has_pre, has_acc=has_acc, bcast=bcast, stages=st, mixers=mixers,
-                  mix_regs=mix_regs, dphi_regs=dphi_regs)
+                  mix_regs=mix_regs, dphi_regs=dphi_regs, dx_hl=dx_hl)
     # one slot (the issue's shapes under the split schedule): dphi as the kernel wrote it, no further launch
     return dx, (dphi[0] if sched.slots == 1 else dphi.sum(0)).to(phi.dtype)
