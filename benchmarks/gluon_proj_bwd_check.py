@@ -225,7 +225,7 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
             def launch(mixers, stream_k=False):
                 sched = gp.plan(t, n * c // gp.BK, dx.device, stream_k)
                 dphi = torch.empty((sched.slots, n * c, m), dtype=torch.float32, device="cuda")
-                gp.launch_kernel(descs, dphi, c, m, sched, n=n, has_pre=True, has_acc=has_acc, bcast=False, stages=st,
+                gp.launch_ws(descs, dphi, c, m, sched, n=n, has_pre=True, has_acc=has_acc, bcast=False, stages=st,
                                  mixers=mixers)
 
             def alone():

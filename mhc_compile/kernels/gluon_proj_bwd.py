@@ -548,7 +548,7 @@ def segments(sched: Schedule, program: tuple[int, ...]) -> list[tuple[int, int, 
     return out
 
 
-def launch_kernel(descs: tuple, dphi: Tensor, c: int, m: int, sched: Schedule, *, n: int, has_pre: bool,
+def launch_ws(descs: tuple, dphi: Tensor, c: int, m: int, sched: Schedule, *, n: int, has_pre: bool,
                   has_acc: bool, bcast: bool, stages: int, mixers: int, mix_regs: int = 192,
                   dphi_regs: int = 104, dx_hl: bool = False) -> None:
     """One launch over ``descriptors``' operands (phi's as ``phi_rows`` gives it with ``dx_hl``) into the
@@ -595,7 +595,7 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     dphi = (torch.zeros if sched.stream_k and sched.slots > 1 else torch.empty)(
         (sched.slots, k, m), dtype=torch.float32, device=dev)
     w = phi_rows(phi.float()) if dx_hl else pad_cols(phi, MP)
-    launch_kernel(descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, w, dx, t, n, c),
+    launch_ws(descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, w, dx, t, n, c),
                   dphi, c, m, sched, n=n, has_pre=has_pre, has_acc=has_acc, bcast=bcast, stages=st, mixers=mixers,
                   mix_regs=mix_regs, dphi_regs=dphi_regs, dx_hl=dx_hl)
     # one slot (the issue's shapes under the split schedule): dphi as the kernel wrote it, no further launch
