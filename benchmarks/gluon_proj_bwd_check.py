@@ -52,19 +52,15 @@ def build() -> int:
     dp, phi = torch.zeros(t, m), torch.zeros(n * c, m)
     hl, coefs = torch.zeros(2 * gp.MP, t, dtype=torch.bfloat16), torch.zeros(t, gp.CW)
     dphi = torch.zeros(1, n * c, m)
-    for has_pre, has_acc, mixers, stream_k, dx_hl in (
-            (True, True, 2, False, False), (True, True, 1, False, False), (True, False, 2, False, False),
-            (False, False, 2, False, False), (True, True, 2, True, False), (True, False, 1, True, False),
-            (True, True, 2, False, True), (True, True, 2, True, True), (True, False, 1, True, True)):
-        st = gp.stages_for(has_pre, has_acc, dx_hl=dx_hl)
+    for has_pre, has_acc, mixers in ((True, True, 2), (True, True, 1), (True, False, 2), (False, False, 2)):
+        st = gp.stages_for(has_pre, has_acc)
         with sm90_build.cpu_target(90):
             built = gp._proj_bwd_ws_kernel.warmup(
                 *gp.descriptors(x, False, g if has_pre else None, x if has_acc else None, gp.pad_cols(dp, gp.MP), hl,
-                                coefs, gp.phi_rows(phi) if dx_hl else gp.pad_cols(phi, gp.MP), x, t, n, c),
-                dphi, c, m, t // gp.BT, t // gp.BT, n * c // gp.BK * t // gp.BT, 1, STREAM_K=stream_k, DX_HL=dx_hl, N=n,
-                HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=False, BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW,
-                DSQ=gp.DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=192, DPHI_REGS=104, num_warps=4,
-                grid=(n * c // gp.BK, 1))
+                                coefs, gp.pad_cols(phi, gp.MP), x, t, n, c),
+                dphi, t, c, m, t, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=False,
+                BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
+                MIX_REGS=192, DPHI_REGS=104, num_warps=4, grid=(n * c // gp.BK, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the dx warpgroup's loop; spills counted in every loop
@@ -72,8 +68,7 @@ def build() -> int:
         ok = (spill <= 8 and loop["LDL"] <= 1 and loop["STL"] == 0 and smem <= SMEM_LIMIT
               and sm90_build.opcode_counts(text, ("HGMMA",))["HGMMA"] > 0)
         failed += not ok
-        print(f"pre={has_pre} acc={has_acc} mixers={mixers} stream_k={stream_k} dx_hl={dx_hl}: "
-              f"triton {triton.__version__} stages={st} regs={regs} "
+        print(f"pre={has_pre} acc={has_acc} mixers={mixers}: triton {triton.__version__} stages={st} regs={regs} "
               f"spill={spill} smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
@@ -137,29 +132,6 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
     same1 = all(torch.equal(a, b) for a, b in zip(one, got))
     ok &= same1
     lines.append(f"| {name} | one dx warpgroup: the same outputs | | | {'ok' if same1 else 'FAIL'} |")
-    for mixers in (2, 1):  # the stream-K schedule: dx bit-equal (the same tiles), dphi summed in other partials
-        sk = _gluon(v, mixers=mixers, stream_k=True)
-        sched = gp.plan(t, n * c // gp.BK, sk[0].device, stream_k=True)
-        w = want[1]
-        scale = w.abs().max().item() or 1.0
-        et = (tri[1].double() - w).abs().max().item() / scale
-        eg = (sk[1].double() - w).abs().max().item() / scale
-        good = torch.equal(sk[0], got[0]) and eg <= max(2 * et, 1e-5) and torch.isfinite(sk[1]).all().item()
-        ok &= good
-        lines.append(f"| {name} | stream-K, {mixers} dx warpgroups ({sched.p} programs, {sched.slots} slots): dx "
-                     f"bit-equal, dphi | {et:.2e} | {eg:.2e} | {'ok' if good else 'FAIL'} |")
-    # dx_hl: the dx dot in bf16 on hl and phi_rows (dx to the reference's tolerance, dphi bit-equal: its path is
-    # the same), alone and under stream-K (dx bit-equal to dx_hl's)
-    hl = _gluon(v, dx_hl=True)
-    hl_sk = _gluon(v, dx_hl=True, stream_k=True)
-    w = want[0]
-    scale = w.abs().max().item() or 1.0
-    et = (tri[0].double() - w).abs().max().item() / scale
-    eg = (hl[0].double() - w).abs().max().item() / scale
-    good = eg <= max(2 * et, 1e-5) and torch.equal(hl[1], got[1]) and torch.equal(hl_sk[0], hl[0])
-    ok &= good
-    lines.append(f"| {name} | dx_hl: dx (dphi bit-equal; stream-K's dx bit-equal) | {et:.2e} | {eg:.2e} | "
-                 f"{'ok' if good else 'FAIL'} |")
     if has_acc:  # dx written over acc, as inplace_stream_grads asks: the same outputs
         w = dict(v, acc=v["acc"].clone())
         inplace = _gluon(w, out=w["acc"])
@@ -167,7 +139,7 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
         ok &= same
         lines.append(f"| {name} | out = acc: the same outputs, in place | | | {'ok' if same else 'FAIL'} |")
     lines.append(f"| {name} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
-    shown = 7 + has_acc
+    shown = 4 + has_acc
     if against is not None:  # the other build: its errors beside this one's (a report, not a pass / fail)
         other = against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
         same = all(torch.equal(a, b) for a, b in zip(other, got))
@@ -187,9 +159,8 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
     bw = copy_bandwidth("cuda")
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
     lines.append("| T x C | acc | round | Triton us (eff) | Gluon, 2 dx warpgroups (eff) | Gluon, 1 (eff) | Gluon "
-                 "launch alone, 2 (eff) | stream-K, 2 (eff) | dx_hl, 2 (eff) | stream-K + dx_hl, 2 (eff) |"
-                 + (" --against, 2 (eff) |" if against else ""))
-    lines.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if against else ""))
+                 "launch alone, 2 (eff) | launch alone, 1 (eff) |" + (" --against, 2 (eff) |" if against else ""))
+    lines.append("|---|---|---|---|---|---|---|---|" + ("---|" if against else ""))
     for t, n, c in shapes:
         for has_acc in (True, False):
             v = _inputs(t, n, c, True, has_acc, False, seed=1)
@@ -204,40 +175,37 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
             def one():
                 return _gluon(v, mixers=1)
 
-            def sk2():
-                return _gluon(v, stream_k=True)
-
-            def hl2():
-                return _gluon(v, dx_hl=True)
-
-            def sk_hl2():
-                return _gluon(v, stream_k=True, dx_hl=True)
-
             # the launch alone: the host-side packing done once, outside the timed call
             dp32 = v["dp"].float().contiguous()
             hl, coefs = gp.pack_tokens(dp32, v["dsq"], v["h_pre"])
             dx = torch.empty_like(v["x"])
+            kblocks = n * c // gp.BK
+            splits, t_split = gp.plan_splits(t, kblocks, dx.device)
             m = dp32.shape[1]
+            dphi = torch.empty((splits, n * c, m), dtype=torch.float32, device="cuda")
             descs = gp.descriptors(v["x"], False, v["dout"], v["acc"], gp.pad_cols(dp32, gp.MP), hl, coefs,
                                    gp.pad_cols(v["phi"], gp.MP), dx, t, n, c)
             st = gp.stages_for(True, has_acc)
 
-            def launch(mixers, stream_k=False):
-                sched = gp.plan(t, n * c // gp.BK, dx.device, stream_k)
-                dphi = torch.empty((sched.slots, n * c, m), dtype=torch.float32, device="cuda")
-                gp.launch_ws(descs, dphi, c, m, sched, n=n, has_pre=True, has_acc=has_acc, bcast=False, stages=st,
-                                 mixers=mixers)
+            def launch(mixers):
+                gp._proj_bwd_ws_kernel[(kblocks, splits)](
+                    *descs, dphi, t, c, m, t_split, N=n, HAS_PRE=True, HAS_ACC=has_acc, X_BCAST=False,
+                    BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
+                    MIX_REGS=192, DPHI_REGS=104, num_warps=4)
 
             def alone():
                 launch(2)
+
+            def alone1():
+                launch(1)
 
             def other():
                 return against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
 
             for rnd in range(rounds):
                 us = []
-                for f in (tri, one, two, alone, sk2, hl2, sk_hl2) + ((other,) if against else ()):  # a line
-                    us.append(triton.testing.do_bench_cudagraph(f, rep=200) * 1e3)  # a timing: a cut run says where
+                for f in (tri, one, two, alone, alone1) + ((other,) if against else ()):  # a line a timing: a
+                    us.append(triton.testing.do_bench_cudagraph(f, rep=200) * 1e3)    # cut run says where
                     print(f"  {t}x{c} acc={has_acc} {f.__name__}: {us[-1]:.1f} us", flush=True)
                 us = [us[0], us[2], us[1]] + us[3:]
                 cells = " | ".join(f"{u:.1f} ({100 * nbytes / (u * 1e-6) / bw:.1f} %)" for u in us)
@@ -267,8 +235,6 @@ def main() -> int:
     ap.add_argument("--probe", action="store_true", help="one call a shape, synchronised, growing T (finds a hang)")
     ap.add_argument("--no-checks", action="store_true", help="time only (after a run whose checks passed)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shapes", nargs="*", default=None, help="TxC to time (n = 4), e.g. 32768x4096 8192x7168; "
-                    "default: " + " ".join(f"{t}x{c}" for t, _, c in TIMES))
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_proj_bwd.py, checked and timed "
                     "beside this one")
     args = ap.parse_args()
@@ -298,8 +264,7 @@ def main() -> int:
             print(lines[-1], flush=True)
     save(args.out, lines)
     if ok and not args.no_times:
-        shapes = TIMES if args.shapes is None else [(int(t), 4, int(c)) for t, c in (v.split("x") for v in args.shapes)]
-        times(shapes, lines, args.rounds, lambda: save(args.out, lines), against)
+        times(TIMES, lines, args.rounds, lambda: save(args.out, lines), against)
     save(args.out, lines)
     return 0 if ok else 1
 

@@ -24,12 +24,6 @@ boxes: session 21 measured 128-byte rows costing 9 points against 256) and walks
   adds [dp_hi; dp_lo]^T X for every tile as soon as the slot lands (bf16 wgmma; X enters as loaded);
 - a slot is free once the dx warpgroups' TMA stores have read it and the dphi warpgroup's wgmmas have completed.
 
-Which tiles a program takes is its ``Schedule``: by default K blocks x token splits (``plan_splits``), one K block a
-program; with ``stream_k`` one program an SM, each taking an equal run of the (K block, token tile) units, so a
-program may walk two or three K blocks in turn (segments). It then reloads phi's tile between segments (the loader,
-once the dx warpgroups have released the previous one: tests/test_ring_protocol.py models it) and writes a dphi
-partial a segment, summed on the host.
-
 The arithmetic is the Triton kernel's: the same dots in the same precisions, the elementwise terms added in its
 order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it (``gluon_for``) and
 ``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build (a TritonError),
@@ -45,9 +39,6 @@ registers (session 27) faster or equal at every shape of that run.
 """
 
 from __future__ import annotations
-
-import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -69,21 +60,20 @@ CW = 8  # packed coefficient columns: h_pre at 0 .. n-1, dsq at DSQ (32-byte row
 DSQ = 4
 
 
-def smem_bytes(stages: int, has_pre: bool, has_acc: bool, dx_hl: bool = False) -> int:
-    """A slot: X, dout (has_pre), acc (has_acc) or dx's own tile (neither) as [BT, BK] bf16, dp [BT, MP] fp32 (not
-    with ``dx_hl``), dp^T's hi / lo rows [2 MP, BT] bf16 and the coefficients [BT, CW] fp32; plus phi's tile, a
-    segment's: [BK, MP] fp32, or with ``dx_hl`` its hi and lo planes as [BK, 2 MP] bf16 each (``phi_rows``)."""
+def smem_bytes(stages: int, has_pre: bool, has_acc: bool) -> int:
+    """A slot: X, dout (has_pre), acc (has_acc) or dx's own tile (neither) as [BT, BK] bf16, dp [BT, MP] fp32, dp^T's
+    hi / lo rows [2 MP, BT] bf16 and the coefficients [BT, CW] fp32; plus phi's [BK, MP] fp32 tile, loaded once."""
     tiles = 1 + has_pre + has_acc + (not (has_pre or has_acc))
-    slot = tiles * BT * BK * 2 + (0 if dx_hl else BT * MP * 4) + 2 * MP * BT * 2 + BT * CW * 4
-    return stages * slot + (2 * BK * 2 * MP * 2 if dx_hl else BK * MP * 4)
+    slot = tiles * BT * BK * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
+    return stages * slot + BK * MP * 4
 
 
-def stages_for(has_pre: bool, has_acc: bool, stages: int = 0, dx_hl: bool = False) -> int | None:
+def stages_for(has_pre: bool, has_acc: bool, stages: int = 0) -> int | None:
     """``stages`` slots, or as many as fit (at most 4); None when two do not fit."""
     st = stages or 4
-    while not stages and st > 2 and smem_bytes(st, has_pre, has_acc, dx_hl) > _SMEM:
+    while not stages and st > 2 and smem_bytes(st, has_pre, has_acc) > _SMEM:
         st -= 1
-    return st if st >= 2 and smem_bytes(st, has_pre, has_acc, dx_hl) <= _SMEM else None
+    return st if st >= 2 and smem_bytes(st, has_pre, has_acc) <= _SMEM else None
 
 
 def supported(x: Tensor, n: int, c: int, *others: Tensor) -> bool:
@@ -157,21 +147,6 @@ def pack_tokens(dp: Tensor, dsq: Tensor, h_pre: Tensor | None) -> tuple[Tensor, 
     return hl, coefs
 
 
-def phi_rows(phi: Tensor) -> Tensor:
-    """bf16 [2, K, 2 MP]: phi's hi and lo halves (fp32 phi = hi + lo to ~2^-16), each row's columns in ``hl_order``:
-    column r holds coefficient (r // 16) * 8 + r % 8, for dp's hi row and for its lo row alike (zeros past M). So
-    hl^T [BT, 2 MP] times plane h^T is sum_c (dp_hi + dp_lo)[c] phi_h[c]: the dx dot on the dphi dot's operand,
-    with no fp32 dp tile (``dx_hl``)."""
-    k, m = phi.shape
-    full = torch.zeros((k, MP), dtype=torch.float32, device=phi.device)
-    full[:, :m] = phi
-    hi = full.to(torch.bfloat16)
-    lo = (full - hi.float()).to(torch.bfloat16)
-    r = torch.arange(2 * MP, device=phi.device)
-    cols = (r // 16) * 8 + r % 8
-    return torch.stack((hi[:, cols], lo[:, cols])).contiguous()
-
-
 def pad_cols(v: Tensor, width: int) -> Tensor:
     """fp32 [R, width] over v [R, M]: v itself where its rows already suit TMA (M * 4 bytes a multiple of 16; the
     descriptor's [.., width] boxes then read columns past M as zeros), else a zero-padded copy."""
@@ -183,73 +158,33 @@ def pad_cols(v: Tensor, width: int) -> Tensor:
 
 if AVAILABLE:
     @gluon.jit
-    def _units(TPK, TST, W, P, STREAM_K: gl.constexpr):
-        """This program's tiles [u_lo, u_hi) as units u = K block * TPK + token tile (``Schedule``). STREAM_K: the
-        P programs take equal runs of the W units, across K blocks; else program (K block, token split) takes its
-        block's tiles TST * split onwards, TST of them."""
-        if STREAM_K:
-            p = gl.program_id(0).to(gl.int64)
-            u_lo = (p * W // P).to(gl.int32)
-            u_hi = ((p + 1) * W // P).to(gl.int32)
-        else:
-            b = gl.program_id(0)
-            u_lo = b * TPK + gl.program_id(1) * TST
-            u_hi = gl.minimum(u_lo + TST, (b + 1) * TPK)
-        return u_lo, u_hi
-
-    @gluon.jit
     def _loader(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs, phis, ready,
-                empty, phi_ready, phi_empty, C, K, TPK, TST, W, P, STREAM_K: gl.constexpr, DX_HL: gl.constexpr,
-                HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
-                XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: for each token tile of each of the program's K blocks (segments), once its slot is free, the
-        slot's boxes (the two halves of each [BT, BK] tile back to back: one 256-byte run of each row). A segment's
-        phi tile goes in once its first tile's loads are issued and the dx warpgroups have released the previous
-        segment's (so the loader never waits for them with the ring empty)."""
-        u_lo, u_hi = _units(TPK, TST, W, P, STREAM_K)
-        b_lo = u_lo // TPK
+                empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
+                BT: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: phi's tile once, then for each token tile, once its slot is free, the slot's boxes (the two
+        halves of each [BT, BK] tile back to back: one 256-byte run of each row)."""
+        mbarrier.expect(phi_ready, 2 * XB * MP * 4)
+        for h in gl.static_range(2):
+            _tma_load(w_desc, [k0 + h * XB, 0], phi_ready, phis.index(h))
         tiles: gl.constexpr = 1 + HAS_PRE + HAS_ACC
-        nbytes: gl.constexpr = tiles * 2 * BT * XB * 2 + (0 if DX_HL else BT * MP * 4) + 2 * MP * BT * 2 + BT * CW * 4
-        it = 0
-        for b in range(b_lo, (u_hi - 1) // TPK + 1):
-            k0 = b * BK
-            c0 = k0 - (k0 // C) * C
-            if X_BCAST:
-                xcol = c0
-            else:
-                xcol = k0
-            j_lo = gl.maximum(u_lo - b * TPK, 0)
-            for j in range(j_lo, gl.minimum(u_hi - b * TPK, TPK)):
-                s = it % STAGES
-                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
-                bar = ready.index(s)
-                mbarrier.expect(bar, nbytes)
-                t0 = j * BT
+        nbytes: gl.constexpr = tiles * 2 * BT * XB * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            t0 = t_lo + it * BT
+            for h in gl.static_range(2):
+                _tma_load(x_desc, [t0, xcol + h * XB], bar, xs[h].index(s))
+            if HAS_ACC:
                 for h in gl.static_range(2):
-                    _tma_load(x_desc, [t0, xcol + h * XB], bar, xs[h].index(s))
-                if HAS_ACC:
-                    for h in gl.static_range(2):
-                        _tma_load(a_desc, [t0, k0 + h * XB], bar, accs[h].index(s))
-                if HAS_PRE:
-                    for h in gl.static_range(2):
-                        _tma_load(g_desc, [t0, c0 + h * XB], bar, gs[h].index(s))
-                if not DX_HL:
-                    _tma_load(p_desc, [t0, 0], bar, dps.index(s))
-                _tma_load(l_desc, [0, t0], bar, hls.index(s))
-                _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
-                if j == j_lo:
-                    g = b - b_lo
-                    mbarrier.wait(phi_empty, (g - 1) & 1, pred=g > 0)
-                    if DX_HL:  # phi's hi and lo planes ([2 K, 2 MP]) for each half: tiles 2 h (hi), 2 h + 1 (lo)
-                        mbarrier.expect(phi_ready, 4 * XB * 2 * MP * 2)
-                        for h in gl.static_range(2):
-                            for lo in gl.static_range(2):
-                                _tma_load(w_desc, [lo * K + k0 + h * XB, 0], phi_ready, phis.index(2 * h + lo))
-                    else:
-                        mbarrier.expect(phi_ready, 2 * XB * MP * 4)
-                        for h in gl.static_range(2):
-                            _tma_load(w_desc, [k0 + h * XB, 0], phi_ready, phis.index(h))
-                it += 1
+                    _tma_load(a_desc, [t0, k0 + h * XB], bar, accs[h].index(s))
+            if HAS_PRE:
+                for h in gl.static_range(2):
+                    _tma_load(g_desc, [t0, c0 + h * XB], bar, gs[h].index(s))
+            _tma_load(p_desc, [t0, 0], bar, dps.index(s))
+            _tma_load(l_desc, [0, t0], bar, hls.index(s))
+            _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
 
     @gluon.jit
     def _col(coefs, s, k: gl.constexpr, layout: gl.constexpr):
@@ -257,109 +192,81 @@ if AVAILABLE:
         return coefs.index(s).slice(k, 1, 1).load(layout)
 
     @gluon.jit
-    def _dx(o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK, TST, W, P,
-            STREAM_K: gl.constexpr, DX_HL: gl.constexpr, N: gl.constexpr, HAS_PRE: gl.constexpr,
-            HAS_ACC: gl.constexpr, BT: gl.constexpr,
-            BK: gl.constexpr, XB: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr,
-            MIXERS: gl.constexpr, num_warps: gl.constexpr):
+    def _dx(o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+            N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, BT: gl.constexpr, XB: gl.constexpr,
+            DSQ: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
+            num_warps: gl.constexpr):
         """dx warpgroup FIRST of MIXERS: halves FIRST, FIRST + MIXERS, ... of every tile. A half: the tf32 dot's
         accumulator, + 2 dsq X, + h_pre dout, + acc (the Triton kernel's order), rounded once into ``os`` (a tile
-        of the slot already read) and stored by TMA. A segment (K block) waits for its phi tile and releases it
-        after its last tile.
+        of the slot already read) and stored by TMA.
 
         Every warpgroup takes every tile, so each waits on every slot in order. Warpgroups that took whole tiles
         in turn would wait on a slot whose previous tile was the other's: a parity wait tells only two phases
         apart, so with an odd number of slots a warpgroup could pass on the previous tile's phase (loads land out
         of order) and release the slot early. A build that did hung on an H200 at 512 tiles a program."""
-        if DX_HL:  # dx = dp phi^T as [dp_hi; dp_lo]^T [phi_hi; phi_hi] + [dp_hi; dp_lo]^T [phi_lo; phi_lo] (bf16)
-            L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, XB, 16])
-        else:  # the tf32 dx dot's (k = 8)
-            L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, XB, 8])
+        L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, XB, 8])  # the tf32 dx dot's (k = 8)
         zero = gl.zeros([BT, XB], gl.float32, L)
-        u_lo, u_hi = _units(TPK, TST, W, P, STREAM_K)
-        b_lo = u_lo // TPK
-        it = 0
-        for b in range(b_lo, (u_hi - 1) // TPK + 1):
-            k0 = b * BK
-            i0 = k0 // C  # the block's stream
-            mbarrier.wait(phi_ready, (b - b_lo) & 1)
-            for j in range(gl.maximum(u_lo - b * TPK, 0), gl.minimum(u_hi - b * TPK, TPK)):
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                ds = ()
-                for h in gl.static_range(FIRST, 2, MIXERS):
-                    if DX_HL:
-                        a = hls.index(s).permute((1, 0))  # [BT, 2 MP]: dp's hi and lo columns (``hl_order``)
-                        d = warpgroup_mma(a, phis.index(2 * h).permute((1, 0)), zero, use_acc=False, is_async=True)
-                        ds = ds + (warpgroup_mma(a, phis.index(2 * h + 1).permute((1, 0)), d, is_async=True),)
-                    else:
-                        ds = ds + (warpgroup_mma(dps.index(s), phis.index(h).permute((1, 0)), zero, use_acc=False,
-                                                 is_async=True),)
-                ds = _waited(warpgroup_mma_wait(num_outstanding=0, deps=ds), 2 // MIXERS)
-                dsq2 = 2.0 * _col(coefs, s, DSQ, L)
-                hp = dsq2 * 0.0
-                if HAS_PRE:  # the block lies in stream i0: its h_pre column
-                    for i in gl.static_range(N):
-                        hp = gl.where(i0 == i, _col(coefs, s, i, L), hp)
-                for u in gl.static_range(2 // MIXERS):  # half FIRST + u * MIXERS
-                    d = ds[u] + dsq2 * xs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
-                    if HAS_PRE:
-                        d += hp * gs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
-                    if HAS_ACC:
-                        d += accs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
-                    os[FIRST + u * MIXERS].index(s).store(d.to(gl.bfloat16))
-                fence_async_shared()
-                _warps_barrier()  # every warp's dx stores, before one thread issues the TMA stores
-                t0 = j * BT
-                for h in gl.static_range(FIRST, 2, MIXERS):
-                    _tma_store(o_desc, [t0, k0 + h * XB], os[h].index(s))
-                tma.store_wait(0)  # the stores have read the slot
-                mbarrier.arrive(empty.index(s), count=1)
-                it += 1
-            mbarrier.arrive(phi_empty, count=1)  # its dots are waited on: the loader may bring the next block's
+        mbarrier.wait(phi_ready, 0)
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            ds = ()
+            for h in gl.static_range(FIRST, 2, MIXERS):
+                ds = ds + (warpgroup_mma(dps.index(s), phis.index(h).permute((1, 0)), zero, use_acc=False,
+                                         is_async=True),)
+            ds = _waited(warpgroup_mma_wait(num_outstanding=0, deps=ds), 2 // MIXERS)
+            dsq2 = 2.0 * _col(coefs, s, DSQ, L)
+            hp = dsq2 * 0.0
+            if HAS_PRE:  # the block lies in stream i0: its h_pre column
+                for i in gl.static_range(N):
+                    hp = gl.where(i0 == i, _col(coefs, s, i, L), hp)
+            for u in gl.static_range(2 // MIXERS):  # half FIRST + u * MIXERS
+                d = ds[u] + dsq2 * xs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
+                if HAS_PRE:
+                    d += hp * gs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
+                if HAS_ACC:
+                    d += accs[FIRST + u * MIXERS].index(s).load(L).to(gl.float32)
+                os[FIRST + u * MIXERS].index(s).store(d.to(gl.bfloat16))
+            fence_async_shared()
+            _warps_barrier()  # every warp's dx stores, before one thread issues the TMA stores
+            t0 = t_lo + it * BT
+            for h in gl.static_range(FIRST, 2, MIXERS):
+                _tma_store(o_desc, [t0, k0 + h * XB], os[h].index(s))
+            tma.store_wait(0)  # the stores have read the slot
+            mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
-    def _dphi(dphi_ptr, xs, hls, ready, empty, TPK, TST, W, P, K, M, STREAM_K: gl.constexpr, BT: gl.constexpr,
-              BK: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """The dphi warpgroup: for each segment (K block), dphi^T [2 MP, BK] += [dp_hi; dp_lo]^T X for every tile
-        (bf16 wgmmas, X as loaded; hl's rows in ``pack_tokens``' order), in registers; then hi + lo, transposed into
-        dphi_ptr[slot] ([K, M]): the block's token split, or under STREAM_K which of the block's programs this is."""
+    def _dphi(dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT: gl.constexpr, XB: gl.constexpr,
+              MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """The dphi warpgroup: dphi^T [2 MP, BK] += [dp_hi; dp_lo]^T X for every tile (bf16 wgmmas, X as loaded; hl's
+        rows in ``pack_tokens``' order), in registers for all of the program's tokens; then hi + lo, transposed into
+        dphi_ptr[part] ([K, M])."""
         LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, XB, 16])
+        acc0 = gl.zeros([2 * MP, XB], gl.float32, LD)
+        acc1 = gl.zeros([2 * MP, XB], gl.float32, LD)
+        for it in range(n_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            acc0 = warpgroup_mma(hls.index(s), xs[0].index(s), acc0, is_async=True)
+            acc1 = warpgroup_mma(hls.index(s), xs[1].index(s), acc1, is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+            mbarrier.arrive(empty.index(s), count=1)
         # hl's rows are ordered so that each thread holds a coefficient's hi and lo rows (``pack_tokens``): warp w's
         # 16 rows are the hi rows of coefficients 8w .. 8w+7, then their lo rows, and a wgmma accumulator thread
         # holds rows r and r + 8 of its warp. Splitting the accumulator along that register bit pairs them with no
         # data movement; the store then goes to dphi [K, M] transposed.
         prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD))
         coef = (prow // 16) * 8 + prow % 8
-        cols = gl.arange(0, XB, gl.SliceLayout(0, LD))
-        u_lo, u_hi = _units(TPK, TST, W, P, STREAM_K)
-        it = 0
-        for b in range(u_lo // TPK, (u_hi - 1) // TPK + 1):
-            acc0 = gl.zeros([2 * MP, XB], gl.float32, LD)
-            acc1 = gl.zeros([2 * MP, XB], gl.float32, LD)
-            for j in range(gl.maximum(u_lo - b * TPK, 0), gl.minimum(u_hi - b * TPK, TPK)):
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                acc0 = warpgroup_mma(hls.index(s), xs[0].index(s), acc0, is_async=True)
-                acc1 = warpgroup_mma(hls.index(s), xs[1].index(s), acc1, is_async=True)
-                acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
-                mbarrier.arrive(empty.index(s), count=1)
-                it += 1
-            if STREAM_K:  # programs before this one that hold tiles of block b (``Schedule.slots``)
-                slot = gl.program_id(0) - (((b * TPK + 1).to(gl.int64) * P - 1) // W).to(gl.int32)
-            else:
-                slot = gl.program_id(1)
-            pcol = (b * BK + cols).to(gl.int64)
-            dst = dphi_ptr + slot.to(gl.int64) * K * M + pcol[None, :] * M + coef[:, None]
-            keep = (coef < M)[:, None] & (pcol < K)[None, :]  # [2 MP, XB] (every column lies in dphi)
-            dst_hi, _ = _pair_rows(dst, MP, XB)
-            keep_hi, _ = _pair_rows(keep, MP, XB)
-            for h in gl.static_range(2):
-                hi, lo = _pair_rows(acc0 if h == 0 else acc1, MP, XB)
-                gl.store(dst_hi + h * XB * M, hi + lo, mask=keep_hi)
+        pcol = (k0 + gl.arange(0, XB, gl.SliceLayout(0, LD))).to(gl.int64)
+        dst = dphi_ptr + part.to(gl.int64) * K * M + pcol[None, :] * M + coef[:, None]
+        keep = (coef < M)[:, None] & (pcol < K)[None, :]  # [2 MP, XB] (every column lies in dphi)
+        dst_hi, _ = _pair_rows(dst, MP, XB)
+        keep_hi, _ = _pair_rows(keep, MP, XB)
+        for h in gl.static_range(2):
+            hi, lo = _pair_rows(acc0 if h == 0 else acc1, MP, XB)
+            gl.store(dst_hi + h * XB * M, hi + lo, mask=keep_hi)
 
     @gluon.jit
     def _pair_rows(v, MP: gl.constexpr, XB: gl.constexpr):
@@ -369,22 +276,30 @@ if AVAILABLE:
         v = gl.permute(v, (0, 2, 3, 1))
         return gl.split(v)
 
-    @gluon.jit(do_not_specialize=["TPK", "TST", "W", "P"])  # a new token count reuses the compiled kernel
-    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, C, M, TPK, TST,
-                            W, P, STREAM_K: gl.constexpr, DX_HL: gl.constexpr, N: gl.constexpr,
-                            HAS_PRE: gl.constexpr,
-                            HAS_ACC: gl.constexpr, X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
-                            XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr,
-                            STAGES: gl.constexpr, MIXERS: gl.constexpr, MIX_REGS: gl.constexpr,
-                            DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """A program takes the token tiles ``Schedule`` gives it (``_units``): a run of (K block of BK columns,
-        token tile) units, one or more K blocks' worth (segments). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]),
-        a_desc / o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
+    @gluon.jit(do_not_specialize=["T"])
+    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, T, C, M,
+                            T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
+                            X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, XB: gl.constexpr,
+                            MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr,
+                            MIXERS: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
+                            num_warps: gl.constexpr):
+        """Program (K block of BK columns, token split). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]), a_desc /
+        o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
         [BT, MP]; l_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; c_desc: the packed
-        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]; dphi_ptr: the fp32 dphi partials
-        [slots, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are placeholders never read. Rows past T read as
-        zeros and are not written. TPK: token tiles a K block (cdiv(T, BT)); W: all units."""
+        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]; dphi_ptr: the splits' fp32 dphi
+        [splits, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are
+        placeholders never read. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT."""
         K = N * C
+        k0 = gl.program_id(0) * BK
+        part = gl.program_id(1)
+        i0 = k0 // C  # the block's stream, and its first channel
+        c0 = k0 - i0 * C
+        if X_BCAST:
+            xcol = c0
+        else:
+            xcol = k0
+        t_lo = part * T_SPLIT
+        n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
         # one allocation a role and half: the compiler's shared-memory hazard analysis puts a barrier between any
         # two accesses of one allocation that another thread might overlap (gluon_step_bwd.py)
         xs = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
@@ -405,60 +320,48 @@ if AVAILABLE:
             accs = xs
             os = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
                   gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout))
-        if DX_HL:  # dp comes only as hl's bf16 rows
-            dps = gl.allocate_shared_memory(gl.float32, [1, BT, MP], p_desc.layout)  # never read
-        else:
-            dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
+        dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
         hls = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * MP, BT], l_desc.layout)
         coefs = gl.allocate_shared_memory(gl.float32, [STAGES, BT, CW], c_desc.layout)
-        if DX_HL:
-            phis = gl.allocate_shared_memory(gl.bfloat16, [4, XB, 2 * MP], w_desc.layout)
-        else:
-            phis = gl.allocate_shared_memory(gl.float32, [2, XB, MP], w_desc.layout)
+        phis = gl.allocate_shared_memory(gl.float32, [2, XB, MP], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         phi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        phi_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=MIXERS + 1)  # the dx warpgroups and the dphi warpgroup
         mbarrier.init(phi_ready, count=1)
-        mbarrier.init(phi_empty, count=MIXERS)
         # the first dx warpgroup is the default partition (it gets the registers the others leave)
         if MIXERS == 1:
             gl.warp_specialize([
-                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK,
-                       TST, W, P, STREAM_K, DX_HL, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 0, 1, num_warps)),
-                (_dphi, (dphi_ptr, xs, hls, ready, empty, TPK, TST, W, P, K, M, STREAM_K, BT, BK, XB, MP, STAGES,
-                         4)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, num_warps)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
-                           phis, ready, empty, phi_ready, phi_empty, C, K, TPK, TST, W, P, STREAM_K, DX_HL, HAS_PRE,
-                           HAS_ACC, X_BCAST, BT, BK, XB, MP, CW, STAGES)),
+                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
+                           MP, CW, STAGES)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK,
-                       TST, W, P, STREAM_K, DX_HL, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 0, 2, num_warps)),
-                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, phi_empty, C, TPK,
-                       TST, W, P, STREAM_K, DX_HL, N, HAS_PRE, HAS_ACC, BT, BK, XB, DSQ, STAGES, 1, 2, num_warps)),
-                (_dphi, (dphi_ptr, xs, hls, ready, empty, TPK, TST, W, P, K, M, STREAM_K, BT, BK, XB, MP, STAGES,
-                         4)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, num_warps)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
-                           phis, ready, empty, phi_ready, phi_empty, C, K, TPK, TST, W, P, STREAM_K, DX_HL, HAS_PRE,
-                           HAS_ACC, X_BCAST, BT, BK, XB, MP, CW, STAGES)),
+                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
+                           MP, CW, STAGES)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
         mbarrier.invalidate(phi_ready)
-        mbarrier.invalidate(phi_empty)
 
 
 def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: int, n: int, c: int) -> tuple:
     """The kernel's eight TMA descriptors (absent dout / acc: X's as a placeholder). dp and phi may have fewer
     than MP columns (``pad_cols``): their boxes read the columns past M as zeros. dp's hi / lo rows are read as
-    [2 MP, T] though their rows are padded to T16: columns past T then read as zeros. ``phi_pad`` may be
-    ``phi_rows``' bf16 [2, K, 2 MP] (``dx_hl``): read as [2 K, 2 MP] in [XB, 2 MP] boxes."""
+    [2 MP, T] though their rows are padded to T16: columns past T then read as zeros."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
     xd = (desc(x.select(-2, 0).reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if bcast
@@ -469,8 +372,7 @@ def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: in
             desc(dp_pad, (t, dp_pad.shape[1]), (dp_pad.stride(0), 1), (BT, MP), f32),
             desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
             desc(coefs, (t, CW), (CW, 1), (BT, CW), f32),
-            (desc(phi_pad.view(2 * k, 2 * MP), (2 * k, 2 * MP), (2 * MP, 1), (XB, 2 * MP), bf) if phi_pad.dim() == 3
-             else desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32)),
+            desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32),
             desc(dx.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
 
 
@@ -484,102 +386,20 @@ def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:
     return tcom.cdiv(t, t_split), t_split
 
 
-class Schedule(NamedTuple):
-    """Which (K block, token tile) units each program takes (the kernel's ``_units``): unit u = block * tpk + tile.
-
-    - Split (``stream_k`` False): grid (K blocks, splits); program (b, part) takes tiles tst * part onwards of block
-      b, tst of them, and writes its dphi partial to slot ``part``.
-    - Stream-K: grid (p,), one program an SM; program q takes units [q w // p, (q + 1) w // p), which may span
-      K blocks (segments). The split grid leaves SMs idle where the K blocks x splits do not fill the SMs'
-      waves: 128 programs on an H200's 132 SMs at 32768 x 4096 (session 35's profile); here every SM gets
-      the same number of tiles, give or take one. A block's dphi partial goes to slot q - (the first program
-      holding its tiles); ``slots`` is the most programs any block is shared by.
-    """
-
-    grid: tuple
-    tpk: int  # token tiles a K block
-    tst: int  # token tiles a split (split schedule; 0 under stream-K)
-    w: int  # units in all
-    p: int  # programs (stream-K; 1 otherwise)
-    stream_k: bool
-    slots: int  # dphi partials, [slots, K, M]
-
-
-def owner(u: int, w: int, p: int) -> int:
-    """The stream-K program whose run holds unit u: the q with q w // p <= u < (q + 1) w // p."""
-    return ((u + 1) * p - 1) // w
-
-
-@functools.lru_cache(maxsize=256)
-def _stream_k(tpk: int, kblocks: int, p: int) -> Schedule:
-    w = kblocks * tpk
-    slots = max(owner((b + 1) * tpk - 1, w, p) - owner(b * tpk, w, p) + 1 for b in range(kblocks))
-    return Schedule((p,), tpk, 0, w, p, True, slots)
-
-
-def plan(t: int, kblocks: int, device, stream_k: bool = False, splits: int | None = None) -> Schedule:
-    """The schedule of a call: stream-K over min(SMs, units) programs, or K blocks x token splits (``splits``
-    given, as probes do, or ``plan_splits``')."""
-    tpk = tcom.cdiv(t, BT)
-    if stream_k:
-        return _stream_k(tpk, kblocks, min(tcom.num_sms(device), kblocks * tpk))
-    if splits is None:
-        splits, t_split = plan_splits(t, kblocks, device)
-    else:  # whole tiles a split
-        t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
-        splits = tcom.cdiv(t, t_split)
-    return Schedule((kblocks, splits), tpk, t_split // BT, kblocks * tpk, 1, False, splits)
-
-
-def segments(sched: Schedule, program: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
-    """What the kernel's partitions walk for one program (``_units`` and the loops over them, in Python): (K block,
-    first token tile, end tile, dphi slot) a segment."""
-    if sched.stream_k:
-        (q,) = program
-        u_lo, u_hi = q * sched.w // sched.p, (q + 1) * sched.w // sched.p
-    else:
-        b, part = program
-        u_lo = b * sched.tpk + part * sched.tst
-        u_hi = min(u_lo + sched.tst, (b + 1) * sched.tpk)
-    out = []
-    for b in range(u_lo // sched.tpk, (u_hi - 1) // sched.tpk + 1):
-        slot = program[0] - owner(b * sched.tpk, sched.w, sched.p) if sched.stream_k else program[1]
-        out.append((b, max(u_lo - b * sched.tpk, 0), min(u_hi - b * sched.tpk, sched.tpk), slot))
-    return out
-
-
-def launch_ws(descs: tuple, dphi: Tensor, c: int, m: int, sched: Schedule, *, n: int, has_pre: bool,
-                  has_acc: bool, bcast: bool, stages: int, mixers: int, mix_regs: int = 192,
-                  dphi_regs: int = 104, dx_hl: bool = False) -> None:
-    """One launch over ``descriptors``' operands (phi's as ``phi_rows`` gives it with ``dx_hl``) into the
-    [sched.slots, K, M] partials ``dphi``."""
-    global LAUNCHES
-    LAUNCHES += 1
-    _proj_bwd_ws_kernel[sched.grid](
-        *descs, dphi, c, m, sched.tpk, sched.tst, sched.w, sched.p, STREAM_K=sched.stream_k, DX_HL=dx_hl, N=n,
-        HAS_PRE=has_pre,
-        HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP, CW=CW, DSQ=DSQ, STAGES=stages, MIXERS=mixers,
-        MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
-
-
 def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                acc: Tensor | None, out: Tensor | None = None, *, stages: int = 0, mixers: int = 2,
-               mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None,
-               stream_k: bool = False, dx_hl: bool = False) -> tuple[Tensor, Tensor]:
+               mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None) -> tuple[Tensor, Tensor]:
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
     ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
     or broadcast over its streams: ``triton_common.stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
     ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
-    by the same program). ``stream_k``: the stream-K schedule (``Schedule``), else K blocks x token splits.
-    ``dx_hl``: the dx dot in bf16 on hl's tile and ``phi_rows``' planes, with no fp32 dp tile a slot. The split
-    schedule's profile at 32768 x 4096 (session 35) had L2 at 94 % of its throughput, DRAM at 84 %: every program
-    reads every token's dp (fp32 and hi / lo) and coefficients, 18 KB a 64-token tile against 64 KB of the
-    stream's; this drops the fp32 dp's 8 KB. dx's dot is then more precise than tf32 (~16 mantissa bits)."""
+    by the same program)."""
+    global LAUNCHES
     (x, bcast) = tcom.stream_arg(x)
     _, t, n, c = tcom.stream_dims(x)
     k, m = phi.shape
     has_pre, has_acc = h_pre is not None, acc is not None
-    st = stages_for(has_pre, has_acc, stages, dx_hl)
+    st = stages_for(has_pre, has_acc, stages)
     if mixers not in (1, 2) or st is None or c % BK or not 1 <= n <= 4 or k != n * c:
         raise ValueError(f"mhc gluon proj_grads: n = {n} (1 to 4), C = {c} (a multiple of {BK}), phi {tuple(phi.shape)}"
                          f" (n*C rows), mixers = {mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
@@ -590,13 +410,17 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
                             h_pre.reshape(t, n).float().contiguous() if has_pre else None)
     dout = dout.contiguous() if has_pre else None
     acc = acc.contiguous() if has_acc else None
-    sched = plan(t, k // BK, dev, stream_k, splits)
-    # a stream-K block shared by fewer programs than ``slots`` leaves its other slots unwritten: zeros there
-    dphi = (torch.zeros if sched.stream_k and sched.slots > 1 else torch.empty)(
-        (sched.slots, k, m), dtype=torch.float32, device=dev)
-    w = phi_rows(phi.float()) if dx_hl else pad_cols(phi, MP)
-    launch_ws(descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, w, dx, t, n, c),
-                  dphi, c, m, sched, n=n, has_pre=has_pre, has_acc=has_acc, bcast=bcast, stages=st, mixers=mixers,
-                  mix_regs=mix_regs, dphi_regs=dphi_regs, dx_hl=dx_hl)
-    # one slot (the issue's shapes under the split schedule): dphi as the kernel wrote it, no further launch
-    return dx, (dphi[0] if sched.slots == 1 else dphi.sum(0)).to(phi.dtype)
+    kblocks = k // BK
+    if splits is None:
+        splits, t_split = plan_splits(t, kblocks, dev)
+    else:  # given (probes): whole tiles a split
+        t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
+        splits = tcom.cdiv(t, t_split)
+    dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
+    LAUNCHES += 1
+    _proj_bwd_ws_kernel[(kblocks, splits)](
+        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), dphi, t,
+        c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP,
+        CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
+    # one split (the issue's shapes): dphi as the kernel wrote it, no further launch (the Triton kernel's way)
+    return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)

@@ -151,13 +151,6 @@ class FusedBwdCfg:
     # 4096: one 678 vs two 714 us in session 26's call 2, 730 vs 690 in its call 4, 716 vs 681-688 in session 27's
     # call 1; with acc the other way round in those three), so this is no tuned choice
     ws_mixers: int | None = None
-    # the Gluon kernel's stream-K schedule (gluon_proj_bwd.Schedule): one program an SM, each the same number of
-    # (K block, token tile) units, across K blocks; the split schedule's K blocks x token splits leave SMs idle
-    # where they do not fill whole waves (128 programs on 132 SMs at 32768 x 4096, session 35). Opt-in until timed
-    ws_stream_k: bool = False
-    # the Gluon kernel's dx dot in bf16 on dp's hi / lo tile (gluon_proj_bwd.proj_grads' dx_hl): no fp32 dp tile a
-    # slot, less L2 traffic (L2 at 94 % in session 35's profile). Opt-in until timed
-    ws_dx_hl: bool = False
 
     def __post_init__(self):
         if self.ws_mixers not in (None, 1, 2):
