@@ -32,7 +32,7 @@ def _interpreter_reads_one_element_indices():
 if os.environ["TRITON_INTERPRET"] == "1":
     try:
         _interpreter_reads_one_element_indices()
-    except ImportError:  # no Triton: the tests that need it skip
+    except (ImportError, OSError):  # no Triton (the tests that need it skip), or no source to read: leave it as is
         pass
 
 sys.path.insert(0, os.path.dirname(__file__))
