@@ -123,3 +123,19 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
         again = tproj.proj(x, phi)
     assert len(tries) == 1 and tproj._NO_GLUON_PROJ == {x.device}
     assert all(torch.equal(a, b) for a, b in zip(got + again, want + want))
+
+
+@pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
+def test_descriptors_share_one_layout_a_tile_shape():
+    """gluon_common.shared_layout: the layout get_default_for gives, built once a (tile, dtype): descriptors of a
+    launch reuse it (it cost ~7 us of host time a descriptor, up to eight a launch)."""
+    from mhc_compile.kernels import gluon_common as gc
+
+    fresh = gc.gl.NVMMASharedLayout.get_default_for([64, 128], gc.gl.bfloat16)
+    assert gc.shared_layout((64, 128), gc.gl.bfloat16) == fresh
+    assert gc.shared_layout((64, 128), gc.gl.bfloat16) is gc.shared_layout((64, 128), gc.gl.bfloat16)
+    assert gc.shared_layout((64, 32), gc.gl.float32) != fresh
+    x = torch.zeros(100, 256, dtype=torch.bfloat16)
+    a, b = gc.desc(x, (100, 256), (256, 1), (64, 64), gc.gl.bfloat16), gc.desc(x, (100, 256), (256, 1), [64, 64],
+                                                                              gc.gl.bfloat16)
+    assert a.layout is b.layout and a.layout == gc.gl.NVMMASharedLayout.get_default_for([64, 64], gc.gl.bfloat16)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # Gluon: Triton >= 3.5 (the GPU machine's 3.6 and this machine's later versions build these kernels)
@@ -132,11 +134,17 @@ else:  # pragma: no cover - depends on the installed Triton
     hl_zeros = hl_mma = hl_wait = hl_store = None
 
 
+@functools.lru_cache(maxsize=64)
+def shared_layout(block: tuple[int, ...], dtype) -> "gl.NVMMASharedLayout":
+    """The swizzle TMA and wgmma agree on for a ``block`` tile of ``dtype`` (it also spreads a column of a narrow
+    per-token tile over the banks). A frozen value, so built once a tile shape: ``get_default_for`` costs ~7 us of
+    host time a call on a CPU core, and a Gluon launch builds two to eight descriptors."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
+
+
 def desc(v, shape, strides, block, dtype) -> "TensorDescriptor":
-    """A TMA descriptor of ``shape`` over v's memory, with the swizzle TMA and wgmma agree on (it also spreads a
-    column of a narrow per-token tile over the banks)."""
-    layout = gl.NVMMASharedLayout.get_default_for(list(block), dtype)
-    return TensorDescriptor(v, list(shape), list(strides), list(block), layout)
+    """A TMA descriptor of ``shape`` over v's memory in ``block`` tiles (``shared_layout``)."""
+    return TensorDescriptor(v, list(shape), list(strides), list(block), shared_layout(tuple(block), dtype))
 
 
 def pad_cols(v: "torch.Tensor", width: int) -> "torch.Tensor":

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, fence_async_shared, gl, gluon,
-                                              hl_mma, hl_store, hl_wait, hl_zeros, mbarrier, round_bf16,
+                                              hl_mma, hl_store, hl_wait, hl_zeros, mbarrier, round_bf16, shared_layout,
                                               SMEM as _SMEM, LOADER_REGS as _LOADER_REGS, tma_load as _tma_load)
 
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
@@ -263,8 +263,8 @@ def descriptors(x: Tensor, y: Tensor, w: Tensor, t: int, n: int, c: int, k: int,
     in [BC, 2 MP] blocks; each with the swizzle that TMA and wgmma agree on."""
     xb = xb or bc
     wn = 2 * mp if join else mp
-    tile = gl.NVMMASharedLayout.get_default_for([bt, xb], gl.bfloat16)
-    phi = gl.NVMMASharedLayout.get_default_for([bc, wn], gl.bfloat16)
+    tile = shared_layout((bt, xb), gl.bfloat16)
+    phi = shared_layout((bc, wn), gl.bfloat16)
     return (TensorDescriptor.from_tensor(x.view(t, n * c), [bt, xb], tile),
             TensorDescriptor.from_tensor(y.view(t, c), [bt, xb], tile),
             TensorDescriptor.from_tensor(w.reshape(-1, wn), [bc, wn], phi))

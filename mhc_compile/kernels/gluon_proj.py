@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, gl, gluon, hl_mma, hl_store,
-                                              hl_wait, hl_zeros, mbarrier, SMEM as _SMEM,
+                                              hl_wait, hl_zeros, mbarrier, shared_layout, SMEM as _SMEM,
                                               LOADER_REGS as _LOADER_REGS, tma_load as _tma_load,
                                               warps_barrier as _warps_barrier)
 
@@ -201,8 +201,8 @@ def descriptors(x: Tensor, w: Tensor, t: int, k: int, bt: int, mp: int, join: bo
     in [64, MP] blocks, or with ``join`` the interleaved ``w`` ([K, 2, MP]) as [K, 2 MP] in [64, 2 MP] blocks; each
     with the swizzle that TMA and wgmma agree on."""
     wn = 2 * mp if join else mp
-    tile = gl.NVMMASharedLayout.get_default_for([bt, BK], gl.bfloat16)
-    phi = gl.NVMMASharedLayout.get_default_for([BK, wn], gl.bfloat16)
+    tile = shared_layout((bt, BK), gl.bfloat16)
+    phi = shared_layout((BK, wn), gl.bfloat16)
     return (TensorDescriptor.from_tensor(x.view(t, k), [bt, BK], tile),
             TensorDescriptor.from_tensor(w.reshape(-1, wn), [BK, wn], phi))
 
