@@ -268,3 +268,35 @@ def test_launch_hooks_count_only_when_they_hold_calls():
         chain.remove(print)
     assert not L._hooks_set()
     assert L._hook_active(print) and not L._hook_active(None)
+
+
+def test_interpreter_index_fix_patches_only_the_old_interpreter():
+    """Triton 3.6's interpreter with NumPy 2.4: a scalar's __index__ as int() of a one-element array fails; the fix
+    wraps the interpreter's tensor patching where it has that line, and leaves other interpreters alone."""
+    import types
+
+    import numpy as np
+
+    from mhc_compile.kernels.launch import interpreter_index_fix
+
+    set_attrs = {}
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            set_attrs[name] = value
+
+    def _patch_lang_tensor(tensor, scope):  # the old interpreter's line, as Triton 3.6 has it
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    old = types.SimpleNamespace(_patch_lang_tensor=_patch_lang_tensor)
+    assert interpreter_index_fix(old) and old._patch_lang_tensor is not _patch_lang_tensor
+    old._patch_lang_tensor(object, Scope())
+    scalar = types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([7], dtype=np.int32)))
+    assert set_attrs["__index__"](scalar) == 7 and range(set_attrs["__index__"](scalar))[-1] == 6
+
+    def _patch_lang_tensor_new(tensor, scope):  # a later interpreter's line
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    new = types.SimpleNamespace(_patch_lang_tensor=_patch_lang_tensor_new)
+    assert not interpreter_index_fix(new) and new._patch_lang_tensor is _patch_lang_tensor_new
+    assert not interpreter_index_fix(types.SimpleNamespace())

@@ -58,6 +58,37 @@ _get_device = getattr(torch._C, "_cuda_getDevice", None)
 _get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
+def interpreter_index_fix(interpreter=None) -> bool:
+    """Give Triton 3.6's interpreter (the Triton torch 2.11 pins) the scalar indexing later Tritons have; True if it
+    needed it. It reads a scalar's ``__index__`` as ``int()`` of a one-element array, which NumPy 2.4 refuses, so
+    every ``range()`` over a bound computed from ``tl.program_id`` failed ("only 0-dimensional arrays can be
+    converted to Python scalars"; session 35, the GPU machine's interpreter). Later Tritons squeeze the array first;
+    this wraps the interpreter's tensor patching to do the same, and leaves any other interpreter alone. Applied at
+    import under ``TRITON_INTERPRET=1`` (every kernel here is launched after that)."""
+    import inspect
+
+    if interpreter is None:
+        from triton.runtime import interpreter
+    plain = getattr(interpreter, "_patch_lang_tensor", None)
+    try:
+        old = plain is not None and "int(self.handle.data))" in inspect.getsource(plain)
+    except (OSError, TypeError):  # no source to read: leave it as is
+        old = False
+    if not old:
+        return False
+
+    def patch_lang_tensor(tensor, scope):
+        plain(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter_index_fix()
+
+
 def _on_gpu(args: tuple) -> bool:
     return bool(args) and isinstance(args[0], Tensor) and args[0].is_cuda
 
