@@ -104,11 +104,12 @@ def parse_kernels(text: str, t: int = 32768, c: int = 4096) -> dict[str, float]:
     copy bandwidth, the efficiency is its GB/s cell over it, not the rounded eff cell: a kernel at 84.5 % must not
     count as meeting an 85 % target (session 31's proj forward)."""
     copy = re.search(r"copy bandwidth[^:\n]*:\s*([0-9.]+) GB/s", text)
+    bw = float(copy.group(1)) if copy else 0.0  # a smoke run on a loaded CPU may print 0: the eff cell then
     out = {}
     for line in text.splitlines():
         cells = [x.strip() for x in line.strip().strip("|").split("|")]
         if len(cells) >= 8 and cells[2:4] == [str(t), str(c)] and cells[7].endswith("%"):
-            eff = 100 * float(cells[6]) / float(copy.group(1)) if copy else float(cells[7][:-1])
+            eff = 100 * float(cells[6]) / bw if bw > 0 else float(cells[7][:-1])
             out[f"{cells[0]} {cells[1]}"] = round(eff, 1)
     return out
 

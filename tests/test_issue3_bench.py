@@ -45,6 +45,14 @@ def test_a_kernel_just_under_the_target_is_not_rounded_onto_it():
     assert "proj fwd 84.5 %, proj_pre_backward bwd 84.6 %;" in row and "step fwd" not in row.split("; not")[0]
 
 
+def test_a_copy_bandwidth_printed_as_zero_falls_back_to_the_eff_cells():
+    """A smoke run on a loaded CPU printed "copy bandwidth ...: 0 GB/s" (session 35: two test runs at once), and
+    the parser divided by it."""
+    text = ("- copy bandwidth (2 GiB bf16 device-to-device, read + write): 0 GB/s\n"
+            "| proj | fwd | 37 | 24 | 20354.2 | 0.0 | 0 | 12.5% | 319.5 |  |\n")
+    assert issue3.parse_kernels(text, t=37, c=24) == {"proj fwd": 12.5}
+
+
 def test_targets_say_met_and_missed_with_the_numbers():
     rows = issue3.targets(issue3.parse_kernels(_text(KERNELS)), issue3.parse_training(_text(TRAINING)))
     text = "\n".join(rows)
