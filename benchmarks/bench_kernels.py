@@ -144,6 +144,9 @@ def cases(inp: dict) -> list[Case]:
         Case("proj_pre_backward (Triton)", "bwd",
              _triton_proj(lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx)),
              _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
+        Case("proj_pre_backward (dx_hl)", "bwd",
+             _dx_hl(lambda k: k.proj_pre_backward(x, phi, dp, dsq, hp, gy, gx)),
+             _nb(x, phi, dp, dsq, hp, gy, gx, x, phi)),
     ] + fused_cases(inp)
 
 
@@ -193,6 +196,7 @@ def fused_cases(inp: dict) -> list[Case]:
     out = [
         Case("folded step", "bwd", folded_bwd, folded_bytes),
         Case("folded step (Triton)", "bwd", _triton_proj(folded_bwd), folded_bytes),
+        Case("folded step (dx_hl)", "bwd", _dx_hl(folded_bwd), folded_bytes),
         Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
         Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                       gres, *ca), step_bwd, "fused"),
@@ -222,6 +226,15 @@ def _triton_proj(call: Callable[[object], object]) -> Callable[[object], object]
     """``call`` with proj's one-pass backward as the Triton kernel everywhere (FusedBwdCfg.ws, ws_no_acc off)."""
     def run(k):
         with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
+            return call(k)
+    return run
+
+
+def _dx_hl(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with the Gluon proj backward's dx dot in bf16 on dp's hi / lo tile (FusedBwdCfg.ws_dx_hl, opt-in);
+    elsewhere (the CPU, the Triton kernel) the same call."""
+    def run(k):
+        with tk.tuning("proj_dx_dphi", ws_dx_hl=True):
             return call(k)
     return run
 

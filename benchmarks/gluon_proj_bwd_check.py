@@ -8,9 +8,9 @@
 On the GPU: at every check shape, (dx, dphi) of the Gluon kernel against the float64 reference (``reference.
 proj_pre_backward`` / ``proj_backward``), beside the Triton kernel's errors (the bar to meet), with and without
 dout and acc, x broadcast over its streams (a chain's head), and dx written over acc (``out=acc``, as
-passes/inplace_stream_grads.py asks: bit-equal to the call without ``out``). Then, interleaved in rounds, the
-Triton kernel and the Gluon kernel (with two and with one dx warpgroup) at the issue's shapes, with and without
-acc, each as the op runs it (its host-side packing included) and the Gluon launch alone; efficiency is bytes over
+passes/inplace_stream_grads.py asks: bit-equal to the call without ``out``), and the dx_hl build (dx within the
+same bar, dphi bit-equal). Then, interleaved in rounds, the Triton kernel and the Gluon kernel (with two and with one
+dx warpgroup, and the dx_hl build) at the issue's shapes (``--shapes``), with and without acc, each as the op runs it (its host-side packing included) and the Gluon launch alone; efficiency is bytes over
 time and the copy bandwidth measured in the same run. A check that fails is reported and nothing is timed; the
 exit status says whether all passed.
 """
@@ -52,15 +52,18 @@ def build() -> int:
     dp, phi = torch.zeros(t, m), torch.zeros(n * c, m)
     hl, coefs = torch.zeros(2 * gp.MP, t, dtype=torch.bfloat16), torch.zeros(t, gp.CW)
     dphi = torch.zeros(1, n * c, m)
-    for has_pre, has_acc, mixers in ((True, True, 2), (True, True, 1), (True, False, 2), (False, False, 2)):
-        st = gp.stages_for(has_pre, has_acc)
+    planes = gp.phi_rows_reference(phi)
+    for has_pre, has_acc, mixers, dx_hl in ((True, True, 2, False), (True, True, 1, False), (True, False, 2, False),
+                                            (False, False, 2, False), (True, True, 2, True), (True, True, 1, True)):
+        st = gp.stages_for(has_pre, has_acc, dx_hl=dx_hl)
         with sm90_build.cpu_target(90):
             built = gp._proj_bwd_ws_kernel.warmup(
-                *gp.descriptors(x, False, g if has_pre else None, x if has_acc else None, gp.pad_cols(dp, gp.MP), hl,
-                                coefs, gp.pad_cols(phi, gp.MP), x, t, n, c),
+                *gp.descriptors(x, False, g if has_pre else None, x if has_acc else None,
+                                None if dx_hl else gp.pad_cols(dp, gp.MP), hl, coefs,
+                                planes if dx_hl else gp.pad_cols(phi, gp.MP), x, t, n, c),
                 dphi, t, c, m, t, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=False,
                 BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
-                MIX_REGS=192, DPHI_REGS=104, num_warps=4, grid=(n * c // gp.BK, 1))
+                MIX_REGS=192, DPHI_REGS=104, DX_HL=dx_hl, num_warps=4, grid=(n * c // gp.BK, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the dx warpgroup's loop; spills counted in every loop
@@ -68,7 +71,7 @@ def build() -> int:
         ok = (spill <= 8 and loop["LDL"] <= 1 and loop["STL"] == 0 and smem <= SMEM_LIMIT
               and sm90_build.opcode_counts(text, ("HGMMA",))["HGMMA"] > 0)
         failed += not ok
-        print(f"pre={has_pre} acc={has_acc} mixers={mixers}: triton {triton.__version__} stages={st} regs={regs} "
+        print(f"pre={has_pre} acc={has_acc} mixers={mixers} dx_hl={dx_hl}: triton {triton.__version__} stages={st} regs={regs} "
               f"spill={spill} smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
@@ -132,6 +135,17 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
     same1 = all(torch.equal(a, b) for a, b in zip(one, got))
     ok &= same1
     lines.append(f"| {name} | one dx warpgroup: the same outputs | | | {'ok' if same1 else 'FAIL'} |")
+    # the dx_hl build (FusedBwdCfg.ws_dx_hl): dx from a bf16 dot, held to the same bar; dphi's dot is unchanged
+    hl2, hl1 = _gluon(v, dx_hl=True), _gluon(v, dx_hl=True, mixers=1)
+    w = want[0]
+    scale = w.abs().max().item() or 1.0
+    et = (tri[0].double() - w).abs().max().item() / scale
+    eh = (hl2[0].double() - w).abs().max().item() / scale
+    good = (eh <= max(2 * et, 1e-5) and torch.isfinite(hl2[0]).all().item() and torch.equal(hl2[1], got[1])
+            and all(torch.equal(a, b) for a, b in zip(hl1, hl2)))
+    ok &= good
+    lines.append(f"| {name} | dx_hl: dx (dphi bit-equal, one warpgroup the same) | {et:.2e} | {eh:.2e} | "
+                 f"{'ok' if good else 'FAIL'} |")
     if has_acc:  # dx written over acc, as inplace_stream_grads asks: the same outputs
         w = dict(v, acc=v["acc"].clone())
         inplace = _gluon(w, out=w["acc"])
@@ -139,7 +153,7 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
         ok &= same
         lines.append(f"| {name} | out = acc: the same outputs, in place | | | {'ok' if same else 'FAIL'} |")
     lines.append(f"| {name} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
-    shown = 4 + has_acc
+    shown = 5 + has_acc
     if against is not None:  # the other build: its errors beside this one's (a report, not a pass / fail)
         other = against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
         same = all(torch.equal(a, b) for a, b in zip(other, got))
@@ -159,8 +173,9 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
     bw = copy_bandwidth("cuda")
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
     lines.append("| T x C | acc | round | Triton us (eff) | Gluon, 2 dx warpgroups (eff) | Gluon, 1 (eff) | Gluon "
-                 "launch alone, 2 (eff) | launch alone, 1 (eff) |" + (" --against, 2 (eff) |" if against else ""))
-    lines.append("|---|---|---|---|---|---|---|---|" + ("---|" if against else ""))
+                 "launch alone, 2 (eff) | launch alone, 1 (eff) | dx_hl, 2 (eff) | dx_hl, 1 (eff) |"
+                 + (" --against, 2 (eff) |" if against else ""))
+    lines.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if against else ""))
     for t, n, c in shapes:
         for has_acc in (True, False):
             v = _inputs(t, n, c, True, has_acc, False, seed=1)
@@ -199,12 +214,18 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
             def alone1():
                 launch(1)
 
+            def hl2():
+                return _gluon(v, dx_hl=True)
+
+            def hl1():
+                return _gluon(v, dx_hl=True, mixers=1)
+
             def other():
                 return against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
 
             for rnd in range(rounds):
                 us = []
-                for f in (tri, one, two, alone, alone1) + ((other,) if against else ()):  # a line a timing: a
+                for f in (tri, one, two, alone, alone1, hl2, hl1) + ((other,) if against else ()):  # a line a timing: a
                     us.append(triton.testing.do_bench_cudagraph(f, rep=200) * 1e3)    # cut run says where
                     print(f"  {t}x{c} acc={has_acc} {f.__name__}: {us[-1]:.1f} us", flush=True)
                 us = [us[0], us[2], us[1]] + us[3:]
@@ -235,6 +256,7 @@ def main() -> int:
     ap.add_argument("--probe", action="store_true", help="one call a shape, synchronised, growing T (finds a hang)")
     ap.add_argument("--no-checks", action="store_true", help="time only (after a run whose checks passed)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", nargs="*", default=None, help="timed shapes as TxC (n = 4); default: TIMES")
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_proj_bwd.py, checked and timed "
                     "beside this one")
     args = ap.parse_args()
@@ -264,7 +286,8 @@ def main() -> int:
             print(lines[-1], flush=True)
     save(args.out, lines)
     if ok and not args.no_times:
-        times(TIMES, lines, args.rounds, lambda: save(args.out, lines), against)
+        shapes = [(int(a), 4, int(b)) for a, b in (sh.split("x") for sh in args.shapes)] if args.shapes else TIMES
+        times(shapes, lines, args.rounds, lambda: save(args.out, lines), against)
     save(args.out, lines)
     return 0 if ok else 1
 

@@ -76,6 +76,43 @@ def test_slots_fit_shared_memory():
     assert gp.stages_for(True, True, stages=4) is None  # four slots with acc do not fit
 
 
+def test_dx_hl_slots_drop_dp_and_fit_three():
+    """dx_hl: a slot without dp's fp32 [64, 32] tile (8 KB), phi as two bf16 planes [128, 64] (32 KB, not 16)."""
+    slot = 3 * 64 * 128 * 2 + 64 * 64 * 2 + 64 * 8 * 4
+    assert gp.smem_bytes(3, True, True, dx_hl=True) == 3 * slot + 2 * 128 * 64 * 2 <= gp._SMEM
+    assert gp.smem_bytes(3, True, True, dx_hl=True) < gp.smem_bytes(3, True, True)
+    assert gp.stages_for(True, True, dx_hl=True) == 3 and gp.stages_for(False, False, dx_hl=True) == 4
+
+
+@pytest.mark.parametrize("k, n", [(1, 1), (77, 2), (130, 3), (256, 4)])
+def test_phi_rows_kernel_matches_its_reference(k, n):
+    """The one-launch packing of phi's planes (interpreter) against the plain-PyTorch reference, bit for bit."""
+    g = torch.Generator().manual_seed(k + n)
+    phi = torch.randn(k, ref.num_coeffs(n), generator=g) * 10.0 ** torch.randint(-4, 2, (k, 1), generator=g)
+    got = gp.phi_rows(phi)
+    want = gp.phi_rows_reference(phi)
+    assert got.shape == (k, 4 * gp.MP) and got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("t, n", [(50, 4), (33, 2), (17, 1)])
+def test_dx_hl_planes_against_dp_hi_lo_give_dp_phi(t, n):
+    """What the DX_HL build's two wgmmas compute, in float64 here: hl^T plane0 + hl^T plane1, hl being dp^T's
+    hi / lo rows in the kernel's order (pack_tokens), is dp phi^T to ~2^-16 of its scale: 30x closer than tf32's
+    2^-11 (the default build's dot), and no coefficient in the wrong place."""
+    g = torch.Generator().manual_seed(t)
+    m = ref.num_coeffs(n)
+    dp, phi = torch.randn(t, m, generator=g), torch.randn(64, m, generator=g)
+    hl, _ = gp.pack_tokens(dp, torch.zeros(t), None)
+    planes = gp.phi_rows_reference(phi).double()
+    a = hl[:, :t].double().T  # [T, 2 MP]
+    got = a @ planes[:, :2 * gp.MP].T + a @ planes[:, 2 * gp.MP:].T
+    want = dp.double() @ phi.double().T
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 2.0 ** -14, err
+    drop_lo = a @ planes[:, :2 * gp.MP].T  # without phi's lo plane: only bf16's 2^-8 or so
+    assert ((drop_lo - want).abs().max() / want.abs().max()).item() > 2.0 ** -12
+
+
 def test_argument_checks_name_the_problem():
     x = torch.zeros(64, 4, 100, dtype=torch.bfloat16)  # C = 100: no multiple of the 128-column block
     phi, dp, dsq = torch.zeros(400, 24), torch.zeros(64, 24), torch.zeros(64)
@@ -187,7 +224,7 @@ def test_builds_for_sm90_within_shared_memory_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]
-    assert len(rows) == 4 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    assert len(rows) == 6 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)

@@ -25,7 +25,11 @@ boxes: session 21 measured 128-byte rows costing 9 points against 256) and walks
 - a slot is free once the dx warpgroups' TMA stores have read it and the dphi warpgroup's wgmmas have completed.
 
 The arithmetic is the Triton kernel's: the same dots in the same precisions, the elementwise terms added in its
-order. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it (``gluon_for``) and
+order. The DX_HL build (``FusedBwdCfg.ws_dx_hl``, opt-in) differs in dx's dot only: two bf16 wgmmas of the slot's
+dp^T hi / lo tile (the dphi dot's operand, read transposed) against phi's hi / lo planes (``phi_rows``), loaded once
+a program, so a slot carries no fp32 dp tile: 8 KB less a 64-token tile through L2, which every program reads for
+its tokens (session 35's profile: L2 at 94 % of its throughput, the unit nearest its limit), and a dot that keeps
+~16 bits where tf32 keeps 11. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it (``gluon_for``) and
 ``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build (a TritonError),
 ``triton_proj_bwd.proj_grads`` warns and runs the Triton kernel on that device from then on. Gluon does not run under ``TRITON_INTERPRET=1``:
 the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
@@ -60,20 +64,21 @@ CW = 8  # packed coefficient columns: h_pre at 0 .. n-1, dsq at DSQ (32-byte row
 DSQ = 4
 
 
-def smem_bytes(stages: int, has_pre: bool, has_acc: bool) -> int:
-    """A slot: X, dout (has_pre), acc (has_acc) or dx's own tile (neither) as [BT, BK] bf16, dp [BT, MP] fp32, dp^T's
-    hi / lo rows [2 MP, BT] bf16 and the coefficients [BT, CW] fp32; plus phi's [BK, MP] fp32 tile, loaded once."""
+def smem_bytes(stages: int, has_pre: bool, has_acc: bool, dx_hl: bool = False) -> int:
+    """A slot: X, dout (has_pre), acc (has_acc) or dx's own tile (neither) as [BT, BK] bf16, dp [BT, MP] fp32 (not
+    with dx_hl), dp^T's hi / lo rows [2 MP, BT] bf16 and the coefficients [BT, CW] fp32; plus phi's tile, loaded
+    once: [BK, MP] fp32, or with dx_hl its two bf16 planes [BK, 2 MP] (``phi_rows``)."""
     tiles = 1 + has_pre + has_acc + (not (has_pre or has_acc))
-    slot = tiles * BT * BK * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
-    return stages * slot + BK * MP * 4
+    slot = tiles * BT * BK * 2 + (0 if dx_hl else BT * MP * 4) + 2 * MP * BT * 2 + BT * CW * 4
+    return stages * slot + (2 * BK * 2 * MP * 2 if dx_hl else BK * MP * 4)
 
 
-def stages_for(has_pre: bool, has_acc: bool, stages: int = 0) -> int | None:
+def stages_for(has_pre: bool, has_acc: bool, stages: int = 0, dx_hl: bool = False) -> int | None:
     """``stages`` slots, or as many as fit (at most 4); None when two do not fit."""
     st = stages or 4
-    while not stages and st > 2 and smem_bytes(st, has_pre, has_acc) > _SMEM:
+    while not stages and st > 2 and smem_bytes(st, has_pre, has_acc, dx_hl) > _SMEM:
         st -= 1
-    return st if st >= 2 and smem_bytes(st, has_pre, has_acc) <= _SMEM else None
+    return st if st >= 2 and smem_bytes(st, has_pre, has_acc, dx_hl) <= _SMEM else None
 
 
 def supported(x: Tensor, n: int, c: int, *others: Tensor) -> bool:
@@ -147,6 +152,59 @@ def pack_tokens(dp: Tensor, dsq: Tensor, h_pre: Tensor | None) -> tuple[Tensor, 
     return hl, coefs
 
 
+def hl_coef(mp: int) -> tuple[Tensor, Tensor]:
+    """(coefficient, is a lo row) of each of ``hl_order``'s 2 mp rows."""
+    r = torch.arange(2 * mp)
+    return (r // 16) * 8 + r % 8, (r // 8) % 2 == 1
+
+
+def phi_rows_reference(phi: Tensor, mp: int = MP) -> Tensor:
+    """phi fp32 [K, M] -> bf16 [K, 4 mp]: two planes of 2 mp columns, one a row of dp^T's hi / lo tile (hl_order), so
+    that hl^T plane0 + hl^T plane1 = dp_hi phi_hi + dp_lo phi_hi + dp_hi phi_lo, dp phi^T to ~2^-16 (the dropped
+    dp_lo phi_lo is 2^-16 of it): plane 0 holds phi_hi at both rows of a coefficient, plane 1 phi_lo at its hi row
+    and zero at its lo row. Columns of coefficients past M are zero."""
+    k, m = phi.shape
+    phi = phi.float()
+    hi = phi.to(torch.bfloat16)
+    lo = (phi - hi.float()).to(torch.bfloat16)
+    coef, is_lo = hl_coef(mp)
+    inside = coef < m
+    take = coef.clamp(max=m - 1)
+    out = torch.zeros((k, 4 * mp), dtype=torch.bfloat16, device=phi.device)
+    out[:, :2 * mp] = torch.where(inside, hi[:, take], 0)
+    out[:, 2 * mp:] = torch.where(inside & ~is_lo, lo[:, take], 0)
+    return out
+
+
+@triton.jit
+def _phi_rows_kernel(phi_ptr, out_ptr, K, M, BR: tl.constexpr, MP: tl.constexpr, RNE: tl.constexpr):
+    """BR rows of phi [K, M] fp32 -> ``phi_rows_reference``'s [K, 4 MP] bf16 (each coefficient read at both of its
+    hl rows: phi is K x 24 floats, a few hundred KB)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    r64 = rows.to(tl.int64)
+    rmask = rows < K
+    r = tl.arange(0, 2 * MP)
+    coef = (r // 16) * 8 + r % 8
+    is_lo = (r // 8) % 2 == 1
+    v = tl.load(phi_ptr + r64[:, None] * M + coef[None, :], mask=rmask[:, None] & (coef < M)[None, :], other=0.0)
+    hi = tcom.round_to(v, tl.bfloat16, RNE)
+    lo = tcom.round_to(v - hi.to(tl.float32), tl.bfloat16, RNE)
+    lo = tl.where(is_lo[None, :], 0.0, lo.to(tl.float32)).to(tl.bfloat16)
+    dst = out_ptr + r64[:, None] * (4 * MP) + r[None, :]
+    tl.store(dst, hi, mask=rmask[:, None])
+    tl.store(dst + 2 * MP, lo, mask=rmask[:, None])
+
+
+def phi_rows(phi: Tensor) -> Tensor:
+    """``phi_rows_reference(phi, MP)`` in one launch."""
+    k, m = phi.shape
+    out = torch.empty((k, 4 * MP), dtype=torch.bfloat16, device=phi.device)
+    br = 64
+    launch(_phi_rows_kernel, (tcom.cdiv(k, br),), (phi.float().contiguous(), out, k, m),
+           dict(BR=br, MP=MP, RNE=tcom.INTERPRETED))
+    return out
+
+
 def pad_cols(v: Tensor, width: int) -> Tensor:
     """fp32 [R, width] over v [R, M]: v itself where its rows already suit TMA (M * 4 bytes a multiple of 16; the
     descriptor's [.., width] boxes then read columns past M as zeros), else a zero-padded copy."""
@@ -160,14 +218,23 @@ if AVAILABLE:
     @gluon.jit
     def _loader(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs, phis, ready,
                 empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
-                BT: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: phi's tile once, then for each token tile, once its slot is free, the slot's boxes (the two
-        halves of each [BT, BK] tile back to back: one 256-byte run of each row)."""
-        mbarrier.expect(phi_ready, 2 * XB * MP * 4)
-        for h in gl.static_range(2):
-            _tma_load(w_desc, [k0 + h * XB, 0], phi_ready, phis.index(h))
+                BT: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr,
+                DX_HL: gl.constexpr):
+        """One warp: phi's tile once (DX_HL: its two bf16 planes), then for each token tile, once its slot is free,
+        the slot's boxes (the two halves of each [BT, BK] tile back to back: one 256-byte run of each row; dp's
+        fp32 tile only without DX_HL)."""
+        if DX_HL:
+            mbarrier.expect(phi_ready, 4 * XB * 2 * MP * 2)
+            for h in gl.static_range(2):
+                for pl in gl.static_range(2):
+                    _tma_load(w_desc, [k0 + h * XB, pl * 2 * MP], phi_ready, phis.index(2 * h + pl))
+        else:
+            mbarrier.expect(phi_ready, 2 * XB * MP * 4)
+            for h in gl.static_range(2):
+                _tma_load(w_desc, [k0 + h * XB, 0], phi_ready, phis.index(h))
         tiles: gl.constexpr = 1 + HAS_PRE + HAS_ACC
-        nbytes: gl.constexpr = tiles * 2 * BT * XB * 2 + BT * MP * 4 + 2 * MP * BT * 2 + BT * CW * 4
+        nbytes: gl.constexpr = (tiles * 2 * BT * XB * 2 + (0 if DX_HL else BT * MP * 4) + 2 * MP * BT * 2
+                                + BT * CW * 4)
         for it in range(n_tiles):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
@@ -182,7 +249,8 @@ if AVAILABLE:
             if HAS_PRE:
                 for h in gl.static_range(2):
                     _tma_load(g_desc, [t0, c0 + h * XB], bar, gs[h].index(s))
-            _tma_load(p_desc, [t0, 0], bar, dps.index(s))
+            if not DX_HL:
+                _tma_load(p_desc, [t0, 0], bar, dps.index(s))
             _tma_load(l_desc, [0, t0], bar, hls.index(s))
             _tma_load(c_desc, [t0, 0], bar, coefs.index(s))
 
@@ -192,10 +260,10 @@ if AVAILABLE:
         return coefs.index(s).slice(k, 1, 1).load(layout)
 
     @gluon.jit
-    def _dx(o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
+    def _dx(o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
             N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr, BT: gl.constexpr, XB: gl.constexpr,
             DSQ: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
-            num_warps: gl.constexpr):
+            DX_HL: gl.constexpr, num_warps: gl.constexpr):
         """dx warpgroup FIRST of MIXERS: halves FIRST, FIRST + MIXERS, ... of every tile. A half: the tf32 dot's
         accumulator, + 2 dsq X, + h_pre dout, + acc (the Triton kernel's order), rounded once into ``os`` (a tile
         of the slot already read) and stored by TMA.
@@ -203,9 +271,14 @@ if AVAILABLE:
         Every warpgroup takes every tile, so each waits on every slot in order. Warpgroups that took whole tiles
         in turn would wait on a slot whose previous tile was the other's: a parity wait tells only two phases
         apart, so with an odd number of slots a warpgroup could pass on the previous tile's phase (loads land out
-        of order) and release the slot early. A build that did hung on an H200 at 512 tiles a program."""
+        of order) and release the slot early. A build that did hung on an H200 at 512 tiles a program.
+
+        DX_HL: dp phi^T as two bf16 wgmmas of dp^T's hi / lo tile (the dphi dot's operand, read transposed) against
+        phi's planes (``phi_rows``), instead of one tf32 wgmma of dp's fp32 tile: the slot holds no fp32 dp (8 KB
+        less a tile through L2, which bounds the kernel: session 35's profile), and the dot keeps ~16 bits of dp
+        and phi where tf32 keeps 11."""
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, XB, 8])  # the tf32 dx dot's (k = 8)
+                                                    instr_shape=[16, XB, 16 if DX_HL else 8])  # bf16 k 16, tf32 8
         zero = gl.zeros([BT, XB], gl.float32, L)
         mbarrier.wait(phi_ready, 0)
         for it in range(n_tiles):
@@ -213,8 +286,13 @@ if AVAILABLE:
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             ds = ()
             for h in gl.static_range(FIRST, 2, MIXERS):
-                ds = ds + (warpgroup_mma(dps.index(s), phis.index(h).permute((1, 0)), zero, use_acc=False,
-                                         is_async=True),)
+                if DX_HL:
+                    a = hls.index(s).permute((1, 0))  # [BT, 2 MP]
+                    d = warpgroup_mma(a, phis.index(2 * h).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    ds = ds + (warpgroup_mma(a, phis.index(2 * h + 1).permute((1, 0)), d, is_async=True),)
+                else:
+                    ds = ds + (warpgroup_mma(dps.index(s), phis.index(h).permute((1, 0)), zero, use_acc=False,
+                                             is_async=True),)
             ds = _waited(warpgroup_mma_wait(num_outstanding=0, deps=ds), 2 // MIXERS)
             dsq2 = 2.0 * _col(coefs, s, DSQ, L)
             hp = dsq2 * 0.0
@@ -282,11 +360,12 @@ if AVAILABLE:
                             X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, XB: gl.constexpr,
                             MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr,
                             MIXERS: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
-                            num_warps: gl.constexpr):
+                            DX_HL: gl.constexpr, num_warps: gl.constexpr):
         """Program (K block of BK columns, token split). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]), a_desc /
         o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
         [BT, MP]; l_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; c_desc: the packed
-        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP]; dphi_ptr: the splits' fp32 dphi
+        coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP] (DX_HL: ``phi_rows`` [N*C, 4 MP] bf16 in
+        [XB, 2 MP], and p_desc a placeholder never read); dphi_ptr: the splits' fp32 dphi
         [splits, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are
         placeholders never read. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT."""
         K = N * C
@@ -320,10 +399,14 @@ if AVAILABLE:
             accs = xs
             os = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
                   gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout))
-        dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
         hls = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * MP, BT], l_desc.layout)
         coefs = gl.allocate_shared_memory(gl.float32, [STAGES, BT, CW], c_desc.layout)
-        phis = gl.allocate_shared_memory(gl.float32, [2, XB, MP], w_desc.layout)
+        if DX_HL:
+            dps = hls  # placeholder, never read
+            phis = gl.allocate_shared_memory(gl.bfloat16, [4, XB, 2 * MP], w_desc.layout)  # (half, plane)
+        else:
+            dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
+            phis = gl.allocate_shared_memory(gl.float32, [2, XB, MP], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         phi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -334,23 +417,23 @@ if AVAILABLE:
         # the first dx warpgroup is the default partition (it gets the registers the others leave)
         if MIXERS == 1:
             gl.warp_specialize([
-                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
-                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
+                       n_tiles, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, DX_HL, num_warps)),
                 (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
                            phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
-                           MP, CW, STAGES)),
+                           MP, CW, STAGES, DX_HL)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
-                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, num_warps)),
-                (_dx, (o_desc, xs, gs, accs, os, dps, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0, n_tiles,
-                       N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
+                       n_tiles, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, DX_HL, num_warps)),
+                (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
+                       n_tiles, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, DX_HL, num_warps)),
                 (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
                            phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
-                           MP, CW, STAGES)),
+                           MP, CW, STAGES, DX_HL)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -359,20 +442,23 @@ if AVAILABLE:
 
 
 def descriptors(x, bcast: bool, dout, acc, dp_pad, hl, coefs, phi_pad, dx, t: int, n: int, c: int) -> tuple:
-    """The kernel's eight TMA descriptors (absent dout / acc: X's as a placeholder). dp and phi may have fewer
+    """The kernel's eight TMA descriptors (absent dout / acc / dp: X's as a placeholder). dp and phi may have fewer
     than MP columns (``pad_cols``): their boxes read the columns past M as zeros. dp's hi / lo rows are read as
-    [2 MP, T] though their rows are padded to T16: columns past T then read as zeros."""
+    [2 MP, T] though their rows are padded to T16: columns past T then read as zeros. A bf16 ``phi_pad`` is
+    ``phi_rows``' planes (the DX_HL build), read in [XB, 2 MP] boxes."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
     xd = (desc(x.select(-2, 0).reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if bcast
           else desc(x.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
     gd = desc(dout.reshape(t, c), (t, c), (c, 1), (BT, XB), bf) if dout is not None else xd
     ad = desc(acc.reshape(t, k), (t, k), (k, 1), (BT, XB), bf) if acc is not None else xd
+    planes = phi_pad.dtype == torch.bfloat16
     return (xd, gd, ad,
-            desc(dp_pad, (t, dp_pad.shape[1]), (dp_pad.stride(0), 1), (BT, MP), f32),
+            desc(dp_pad, (t, dp_pad.shape[1]), (dp_pad.stride(0), 1), (BT, MP), f32) if dp_pad is not None else xd,
             desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
             desc(coefs, (t, CW), (CW, 1), (BT, CW), f32),
-            desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, MP), f32),
+            desc(phi_pad, (k, phi_pad.shape[1]), (phi_pad.stride(0), 1), (XB, 2 * MP) if planes else (XB, MP),
+                 bf if planes else f32),
             desc(dx.reshape(t, k), (t, k), (k, 1), (BT, XB), bf))
 
 
@@ -388,18 +474,20 @@ def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:
 
 def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                acc: Tensor | None, out: Tensor | None = None, *, stages: int = 0, mixers: int = 2,
-               mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None) -> tuple[Tensor, Tensor]:
+               mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None,
+               dx_hl: bool = False) -> tuple[Tensor, Tensor]:
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
     ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
     or broadcast over its streams: ``triton_common.stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
     ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
-    by the same program)."""
+    by the same program). ``dx_hl``: the DX_HL build (``_dx``: dx's dot in bf16 on dp's hi / lo tile and
+    ``phi_rows``, no fp32 dp tile)."""
     global LAUNCHES
     (x, bcast) = tcom.stream_arg(x)
     _, t, n, c = tcom.stream_dims(x)
     k, m = phi.shape
     has_pre, has_acc = h_pre is not None, acc is not None
-    st = stages_for(has_pre, has_acc, stages)
+    st = stages_for(has_pre, has_acc, stages, dx_hl)
     if mixers not in (1, 2) or st is None or c % BK or not 1 <= n <= 4 or k != n * c:
         raise ValueError(f"mhc gluon proj_grads: n = {n} (1 to 4), C = {c} (a multiple of {BK}), phi {tuple(phi.shape)}"
                          f" (n*C rows), mixers = {mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
@@ -419,8 +507,10 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
     LAUNCHES += 1
     _proj_bwd_ws_kernel[(kblocks, splits)](
-        *descriptors(x, bcast, dout, acc, pad_cols(dp32, MP), hl, coefs, pad_cols(phi, MP), dx, t, n, c), dphi, t,
+        *descriptors(x, bcast, dout, acc, None if dx_hl else pad_cols(dp32, MP), hl, coefs,
+                     phi_rows(phi) if dx_hl else pad_cols(phi, MP), dx, t, n, c), dphi, t,
         c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP,
-        CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
+        CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, DX_HL=dx_hl,
+        num_warps=4)
     # one split (the issue's shapes): dphi as the kernel wrote it, no further launch (the Triton kernel's way)
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)

@@ -151,6 +151,10 @@ class FusedBwdCfg:
     # 4096: one 678 vs two 714 us in session 26's call 2, 730 vs 690 in its call 4, 716 vs 681-688 in session 27's
     # call 1; with acc the other way round in those three), so this is no tuned choice
     ws_mixers: int | None = None
+    # the Gluon kernel's dx dot in bf16 on dp's hi / lo tile (the dphi dot's operand) against phi's hi / lo planes
+    # (gluon_proj_bwd.phi_rows), so no fp32 dp tile is loaded: 8 of the 18 KB of per-token operands each program
+    # reads a 64-token tile, through an L2 that session 35's profile found 94 % busy. Opt-in until timed on a GPU
+    ws_dx_hl: bool = False
 
     def __post_init__(self):
         if self.ws_mixers not in (None, 1, 2):
