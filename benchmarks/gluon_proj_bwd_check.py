@@ -206,7 +206,7 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
                 gp._proj_bwd_ws_kernel[(kblocks, splits)](
                     *descs, dphi, t, c, m, t_split, N=n, HAS_PRE=True, HAS_ACC=has_acc, X_BCAST=False,
                     BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
-                    MIX_REGS=192, DPHI_REGS=104, num_warps=4)
+                    MIX_REGS=192, DPHI_REGS=104, DX_HL=False, num_warps=4)
 
             def alone():
                 launch(2)
