@@ -235,6 +235,39 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
                 saved()
 
 
+def sweep(shapes, lines, rounds: int = 2) -> None:
+    """The Gluon kernel's ring depth and dx warpgroups (every (stages, mixers) whose slots fit), as the op runs it,
+    beside the Triton kernel, with and without acc: which build a device wants (one tuned on an H200 ran 15 % behind
+    the Triton kernel without acc on an H100, session 36)."""
+    import triton.testing
+
+    from benchmarks.bench_kernels import copy_bandwidth
+
+    bw = copy_bandwidth("cuda")
+    lines.append(f"\n## sweep, copy bandwidth {bw / 1e9:.0f} GB/s\n")
+    lines.append("| T x C | acc | round | build | us | eff |")
+    lines.append("|---|---|---|---|---|---|")
+    for t, n, c in shapes:
+        for has_acc in (False, True):
+            v = _inputs(t, n, c, True, has_acc, False, seed=1)
+            nbytes = ((2 + has_acc) * n * c + c) * t * 2
+            builds = [("triton", lambda: _triton(v))]
+            for st in (2, 3, 4):
+                for dx_hl in (False, True):
+                    if gp.stages_for(True, has_acc, st, dx_hl) is None:
+                        continue
+                    for mixers in (1, 2):
+                        kw = dict(stages=st, mixers=mixers, dx_hl=dx_hl)
+                        builds.append((f"stages={st} mixers={mixers}{' dx_hl' if dx_hl else ''}",
+                                       lambda kw=kw: _gluon(v, **kw)))
+            for rnd in range(rounds):
+                for name, f in builds:
+                    us = triton.testing.do_bench_cudagraph(f, rep=100) * 1e3
+                    lines.append(f"| {t}x{c} | {has_acc} | {rnd} | {name} | {us:.1f} | "
+                                 f"{100 * nbytes / (us * 1e-6) / bw:.1f} % |")
+                    print(lines[-1], flush=True)
+
+
 def probe() -> int:
     """Each call synchronised and printed as it ends, T growing at C = 4096, then T = 32768 cut into splits of
     fewer tiles: where a call never ends, the last line says which."""
@@ -255,6 +288,8 @@ def main() -> int:
     ap.add_argument("--no-times", action="store_true")
     ap.add_argument("--probe", action="store_true", help="one call a shape, synchronised, growing T (finds a hang)")
     ap.add_argument("--no-checks", action="store_true", help="time only (after a run whose checks passed)")
+    ap.add_argument("--sweep", action="store_true", help="time the Gluon kernel's (stages, mixers, dx_hl) builds "
+                    "beside the Triton kernel at --shapes (no checks)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", nargs="*", default=None, help="timed shapes as TxC (n = 4); default: TIMES")
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_proj_bwd.py, checked and timed "
@@ -269,11 +304,17 @@ def main() -> int:
         return 2
     import triton
 
+    shapes = [(int(a), 4, int(b)) for a, b in (sh.split("x") for sh in args.shapes)] if args.shapes else TIMES
+
     against = load_module(args.against) if args.against else None
     lines = [f"# gluon_proj_bwd_check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}, triton {triton.__version__}\n",
              "Errors: max |out - reference| / max |reference|, the reference in float64.\n",
              "| shape | output | Triton kernel | Gluon kernel | |", "|---|---|---|---|---|"]
+    if args.sweep:
+        sweep(shapes, lines, args.rounds)
+        save(args.out, lines)
+        return 0
     ok = True
     start = time.time()
     for shape in ([] if args.no_checks else CHECKS):
@@ -286,7 +327,6 @@ def main() -> int:
             print(lines[-1], flush=True)
     save(args.out, lines)
     if ok and not args.no_times:
-        shapes = [(int(a), 4, int(b)) for a, b in (sh.split("x") for sh in args.shapes)] if args.shapes else TIMES
         times(shapes, lines, args.rounds, lambda: save(args.out, lines), against)
     save(args.out, lines)
     return 0 if ok else 1
