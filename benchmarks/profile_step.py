@@ -59,7 +59,7 @@ KERNEL_BYTES = {
 def category(name: str) -> str:
     if name.split("_0d1d")[0] in KERNEL_BYTES or name.startswith(("_coeffs", "hi_lo", "_post_res", "_pre_",
                                                                    "_proj", "_dh_pre", "_step", "_enter",
-                                                                   "_pack_tokens")):
+                                                                   "_pack_tokens", "_phi_rows")):
         return "mHC kernels"
     if name.startswith(("nvjet", "sm90_xmma", "cutlass", "void cutlass", "ampere", "sm80")) or "gemm" in name:
         return "GEMM"

@@ -139,6 +139,36 @@ def test_the_config_picks_the_kernel_and_its_warpgroups_by_acc():
     assert tcfg.DEFAULTS["proj_dx_dphi"] == cfg
 
 
+def test_ring_slots_by_device():
+    """Two slots on an H100 (session 36's sweep), as many as fit elsewhere, a given count wherever it is set."""
+    cfg = tk.FusedBwdCfg()
+    assert cfg.stages_on("NVIDIA H100 80GB HBM3") == 2 and cfg.stages_on("NVIDIA H200") == 0
+    assert tk.FusedBwdCfg(ws_stages=0).stages_on("NVIDIA H100 80GB HBM3") == 0
+    assert tk.FusedBwdCfg(ws_stages=3).stages_on("NVIDIA H200") == 3
+    with pytest.raises(ValueError, match="ws_stages=5"):
+        tk.FusedBwdCfg(ws_stages=5)
+
+
+def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monkeypatch):
+    """triton_proj_bwd's entry hands the Gluon kernel the slot count of the device it runs on and the dx_hl flag
+    (the kernel itself runs only on an sm_90 GPU: here it is stood in for, its arguments recorded)."""
+    from mhc_compile.kernels import triton_common as tcom
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    seen = []
+    x, phi, dp, dsq, h_pre, dout, acc = _cpu_inputs(16, 4, 128, seed=3)
+    monkeypatch.setattr(gp, "supported", lambda *a: True)
+    monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append(kw) or (a[0], a[1]))
+    monkeypatch.setattr(tpb, "_NO_GLUON", set())
+    for name, want in (("NVIDIA H100 80GB HBM3", 2), ("NVIDIA H200", 0)):
+        monkeypatch.setattr(tcom, "device_name", lambda device, name=name: name)
+        tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+        assert seen[-1]["stages"] == want and seen[-1]["dx_hl"] is False and seen[-1]["mixers"] == 2
+    with tk.tuning("proj_dx_dphi", ws_stages=3, ws_dx_hl=True):
+        tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
+    assert seen[-1]["stages"] == 3 and seen[-1]["dx_hl"] is True and seen[-1]["mixers"] == 1
+
+
 def _cpu_inputs(t, n, c, seed):
     """A proj backward call's operands on the CPU: bf16 x, dout, acc; fp32 phi, dp, dsq, h_pre."""
     g = torch.Generator().manual_seed(seed)

@@ -100,6 +100,14 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: keep grids tiny
 
 
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    """The GPU's name (per-device tuning tables match parts of it, e.g. "H100"); "cpu" elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
 
 # ---------------------------------------------------------------------------------------------
 # grid planners: how far to split a reduction so the grid fills the SMs

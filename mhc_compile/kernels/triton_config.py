@@ -111,6 +111,14 @@ class DotCfg:
                              "compute warpgroups")
 
 
+# The Gluon proj backward's ring slots by GPU (a part of torch.cuda.get_device_name). H100 SXM, session 36
+# (benchmarks/results/session36-2026-12-05-h100.md), the op as called at n = 4, every build beside the Triton kernel in
+# one run: two slots were fastest at each of 32768 x 4096, 32768 x 7168 and 8192 x 4096, with and without acc (with
+# acc at 32768 x 4096: 1322 us, 86.8 % of copy bandwidth, against 1384 us with three; without: 962 against 1058 with
+# four). The H200, on which sessions 25-27 tuned it with as many as fit, has not been swept.
+WS_STAGES_BY_DEVICE: tuple[tuple[str, int], ...] = (("H100", 2),)
+
+
 @dataclass(frozen=True)
 class FusedBwdCfg:
     """Tile and launch of proj's one-pass backward (kernels/triton_proj_bwd.py) for bf16 streams; ``enabled``
@@ -155,11 +163,23 @@ class FusedBwdCfg:
     # (gluon_proj_bwd.phi_rows), so no fp32 dp tile is loaded: 8 of the 18 KB of per-token operands each program
     # reads a 64-token tile, through an L2 that session 35's profile found 94 % busy. Opt-in until timed on a GPU
     ws_dx_hl: bool = False
+    # the Gluon kernel's ring slots: 0 = as many as fit (3 with acc, 4 without), an int forces it, None = by device
+    # (``WS_STAGES_BY_DEVICE``, else as many as fit)
+    ws_stages: int | None = None
 
     def __post_init__(self):
         if self.ws_mixers not in (None, 1, 2):
             raise ValueError(f"mhc FusedBwdCfg: ws_mixers={self.ws_mixers}; the Gluon proj backward runs 1 or 2 dx "
                              "warpgroups (None: two with acc, one without)")
+        if self.ws_stages not in (None, 0, 2, 3, 4):
+            raise ValueError(f"mhc FusedBwdCfg: ws_stages={self.ws_stages}; the Gluon proj backward's ring has 2 to 4 "
+                             "slots (0: as many as fit, None: by device)")
+
+    def stages_on(self, device_name: str) -> int:
+        """The ring slots for a GPU of this name (0: as many as fit)."""
+        if self.ws_stages is not None:
+            return self.ws_stages
+        return next((st for part, st in WS_STAGES_BY_DEVICE if part in device_name), 0)
 
     def gluon_for(self, has_acc: bool) -> int:
         """The Gluon kernel's dx warpgroups for a call with or without acc, 0 where this config keeps the Triton
