@@ -728,3 +728,22 @@ def test_carry_check_fails_a_model_further_from_fp32_than_the_one_graph():
 
     errs = {"output": (3e-3, 3.2e-3), "h.0.mhc_fc.alpha": (0.08, 0.121), "h.1.attn.weight": (1e-2, 0.3)}
     assert further_than_one_graph(errs) == {"h.1.attn.weight": (1e-2, 0.3)}
+
+
+def test_ring_sweep_times_each_row_under_each_variant(tmp_path, monkeypatch):
+    """ring_sweep on the CPU (interpreter, tiny): every variant of the chosen rows gets a timed line, with the Gluon
+    kernels that ran ("none" off sm_90), and an unknown row is refused by name."""
+    from benchmarks import ring_sweep
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rc = ring_sweep.main(["--device", "cpu", "--t", "19", "--c", "128", "--rounds", "1", "--out", str(tmp_path),
+                          "--rows", "proj_pre_backward bwd", "step ws bwd"])
+    text = (tmp_path / "ring_sweep.md").read_text()
+    assert rc == 0, text
+    timed = [line for line in text.splitlines() if line.startswith("| proj_pre_backward bwd") or
+             line.startswith("| step ws bwd")]
+    want = 1 + len(ring_sweep.VARIANTS["proj_pre_backward bwd"]) + 1 + len(ring_sweep.VARIANTS["step ws bwd"])
+    assert len(timed) == want and all(line.endswith("| none |") for line in timed), text
+    assert "ws_stages=2, ws_dx_hl=True" in text and "step_bwd: ws=True, stages=2" in text
+    with pytest.raises(SystemExit):
+        ring_sweep.main(["--device", "cpu", "--rows", "no such row"])
