@@ -135,6 +135,10 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
     same1 = all(torch.equal(a, b) for a, b in zip(one, got))
     ok &= same1
     lines.append(f"| {name} | one dx warpgroup: the same outputs | | | {'ok' if same1 else 'FAIL'} |")
+    two_slots = [_gluon(v, stages=2, mixers=m) for m in (1, 2)]  # the H100's ring (WS_STAGES_BY_DEVICE)
+    same2 = all(torch.equal(a, b) for run in two_slots for a, b in zip(run, got))
+    ok &= same2
+    lines.append(f"| {name} | two slots: the same outputs | | | {'ok' if same2 else 'FAIL'} |")
     # the dx_hl build (FusedBwdCfg.ws_dx_hl): dx from a bf16 dot, held to the same bar; dphi's dot is unchanged
     hl2, hl1 = _gluon(v, dx_hl=True), _gluon(v, dx_hl=True, mixers=1)
     w = want[0]
@@ -153,7 +157,7 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
         ok &= same
         lines.append(f"| {name} | out = acc: the same outputs, in place | | | {'ok' if same else 'FAIL'} |")
     lines.append(f"| {name} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
-    shown = 5 + has_acc
+    shown = 6 + has_acc
     if against is not None:  # the other build: its errors beside this one's (a report, not a pass / fail)
         other = against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
         same = all(torch.equal(a, b) for a, b in zip(other, got))
