@@ -44,8 +44,8 @@ registers (session 27) faster or equal at every shape of that run.
 
 Session 36 (benchmarks/results/session36-2026-12-05-h100.md), an H100: with those slot counts the kernel ran level
 with the Triton kernel with acc and 15 % behind it without; Nsight Compute found the four-slot build moving 18 % more
-DRAM bytes than the op's floor (programs sharing a dout tile and every token's per-token rows read them further
-apart in time: L2 hit rate 53 % against the Triton kernel's 60 %). Two slots were fastest at every shape swept, with
+DRAM bytes than the op's floor (L2 hit rate 53 % against the Triton kernel's 60 %; the likely reason, not
+profiled apart: programs sharing a dout tile, and every token's per-token rows, read them further apart in time). Two slots were fastest at every shape swept, with
 and without acc (86.8 % of copy bandwidth with acc at 32768 x 4096, 82.9 % with three).
 """
 
