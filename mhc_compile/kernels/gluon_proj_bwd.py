@@ -30,8 +30,9 @@ order. The DX_HL build (``FusedBwdCfg.ws_dx_hl``, opt-in) differs in dx's dot on
 dp^T hi / lo tile (the dphi dot's operand, read transposed) against phi's hi / lo planes (``phi_rows``), loaded once
 a program, so a slot carries no fp32 dp tile: 8 KB less a 64-token tile through L2, which every program reads for
 its tokens (session 35's profile: L2 at 94 % of its throughput, the unit nearest its limit), and a dot that keeps
-~16 bits where tf32 keeps 11. GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it (``gluon_for``) and
-``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build (a TritonError),
+~16 bits where tf32 keeps 11 (session 36, an H100: as precise as the default, since dx's error is its bf16
+rounding, and no faster). GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it
+(``gluon_for``) and ``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build (a TritonError),
 ``triton_proj_bwd.proj_grads`` warns and runs the Triton kernel on that device from then on. Gluon does not run under ``TRITON_INTERPRET=1``:
 the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
 with the reference on an sm_90 GPU and times it beside the Triton kernel.
@@ -45,8 +46,9 @@ registers (session 27) faster or equal at every shape of that run.
 Session 36 (benchmarks/results/session36-2026-12-05-h100.md), an H100: with those slot counts the kernel ran level
 with the Triton kernel with acc and 15 % behind it without; Nsight Compute found the four-slot build moving 18 % more
 DRAM bytes than the op's floor (L2 hit rate 53 % against the Triton kernel's 60 %; the likely reason, not
-profiled apart: programs sharing a dout tile, and every token's per-token rows, read them further apart in time). Two slots were fastest at every shape swept, with
-and without acc (86.8 % of copy bandwidth with acc at 32768 x 4096, 82.9 % with three).
+profiled apart: programs sharing a dout tile, and every token's per-token rows, read them further apart in time).
+Two slots were fastest at every shape swept, with and without acc (86.8 % of copy bandwidth with acc at 32768 x
+4096, 82.9 % with three).
 """
 
 from __future__ import annotations
