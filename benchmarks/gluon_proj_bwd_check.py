@@ -10,8 +10,9 @@ proj_pre_backward`` / ``proj_backward``), beside the Triton kernel's errors (the
 dout and acc, x broadcast over its streams (a chain's head), and dx written over acc (``out=acc``, as
 passes/inplace_stream_grads.py asks: bit-equal to the call without ``out``), and the dx_hl build (dx within the
 same bar, dphi bit-equal). Then, interleaved in rounds, the Triton kernel and the Gluon kernel (with two and with one
-dx warpgroup, and the dx_hl build) at the issue's shapes (``--shapes``), with and without acc, each as the op runs it (its host-side packing included) and the Gluon launch alone; efficiency is bytes over
-time and the copy bandwidth measured in the same run. A check that fails is reported and nothing is timed; the
+dx warpgroup, and the dx_hl build) at the issue's shapes (``--shapes``), with and without acc, each as the op runs
+it (its host-side packing included) and the Gluon launch alone; efficiency is bytes over time and the copy bandwidth
+measured in the same run. A check that fails is reported and nothing is timed; the
 exit status says whether all passed.
 """
 
@@ -71,8 +72,8 @@ def build() -> int:
         ok = (spill <= 8 and loop["LDL"] <= 1 and loop["STL"] == 0 and smem <= SMEM_LIMIT
               and sm90_build.opcode_counts(text, ("HGMMA",))["HGMMA"] > 0)
         failed += not ok
-        print(f"pre={has_pre} acc={has_acc} mixers={mixers} dx_hl={dx_hl}: triton {triton.__version__} stages={st} regs={regs} "
-              f"spill={spill} smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
+        print(f"pre={has_pre} acc={has_acc} mixers={mixers} dx_hl={dx_hl}: triton {triton.__version__} stages={st} "
+              f"regs={regs} spill={spill} smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
 

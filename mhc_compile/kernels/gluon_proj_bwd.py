@@ -32,9 +32,9 @@ a program, so a slot carries no fp32 dp tile: 8 KB less a 64-token tile through 
 its tokens (session 35's profile: L2 at 94 % of its throughput, the unit nearest its limit), and a dot that keeps
 ~16 bits where tf32 keeps 11 (session 36, an H100: as precise as the default, since dx's error is its bf16
 rounding, and no faster). GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it
-(``gluon_for``) and ``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build (a TritonError),
-``triton_proj_bwd.proj_grads`` warns and runs the Triton kernel on that device from then on. Gluon does not run under ``TRITON_INTERPRET=1``:
-the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
+(``gluon_for``) and ``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build
+(a TritonError), ``triton_proj_bwd.proj_grads`` warns and runs the Triton kernel on that device from then on. Gluon
+does not run under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
 with the reference on an sm_90 GPU and times it beside the Triton kernel.
 
 Status (session 27, benchmarks/results/session27-2026-12-04-h200.md): matches the float64 reference at eight shapes
