@@ -40,8 +40,9 @@ TIMES = [(32768, 4, 4096), (8192, 4, 7168), (32768, 4, 7168), (8192, 4, 4096)]
 
 
 def build() -> int:
-    """sm_90a builds at n = 4, C = 512, with and without acc and dout, two and one dx warpgroups (registers,
-    spilled bytes, shared memory, opcodes in the loops); non-zero if one spills in a loop or does not fit."""
+    """sm_90a builds at n = 4, C = 512, with and without acc and dout, two and one dx warpgroups, the dx_hl build and
+    the H100's two slots (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if one spills in a
+    loop or does not fit."""
     import triton
 
     from benchmarks import sm90_build
@@ -54,9 +55,12 @@ def build() -> int:
     hl, coefs = torch.zeros(2 * gp.MP, t, dtype=torch.bfloat16), torch.zeros(t, gp.CW)
     dphi = torch.zeros(1, n * c, m)
     planes = gp.phi_rows_reference(phi)
-    for has_pre, has_acc, mixers, dx_hl in ((True, True, 2, False), (True, True, 1, False), (True, False, 2, False),
-                                            (False, False, 2, False), (True, True, 2, True), (True, True, 1, True)):
-        st = gp.stages_for(has_pre, has_acc, dx_hl=dx_hl)
+    # (dout, acc, dx warpgroups, dx_hl, slots: 0 = as many as fit; 2 = the H100's, WS_STAGES_BY_DEVICE)
+    for has_pre, has_acc, mixers, dx_hl, slots in (
+            (True, True, 2, False, 0), (True, True, 1, False, 0), (True, False, 2, False, 0),
+            (False, False, 2, False, 0), (True, True, 2, True, 0), (True, True, 1, True, 0), (True, False, 1, True, 0), (False, False, 1, True, 0),
+            (True, True, 2, False, 2), (True, False, 1, False, 2)):
+        st = gp.stages_for(has_pre, has_acc, slots, dx_hl=dx_hl)
         with sm90_build.cpu_target(90):
             built = gp._proj_bwd_ws_kernel.warmup(
                 *gp.descriptors(x, False, g if has_pre else None, x if has_acc else None,

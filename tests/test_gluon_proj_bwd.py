@@ -254,7 +254,7 @@ def test_builds_for_sm90_within_shared_memory_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]
-    assert len(rows) == 6 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    assert len(rows) == 10 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)
