@@ -34,8 +34,9 @@ its tokens (session 35's profile: L2 at 94 % of its throughput, the unit nearest
 rounding, and no faster). GPU only (sm_90, bf16 streams, n <= 4, C a multiple of BK): ``FusedBwdCfg`` picks it
 (``gluon_for``) and ``supported`` says where it runs; elsewhere the Triton kernel runs, and where it does not build
 (a TritonError), ``triton_proj_bwd.proj_grads`` warns and runs the Triton kernel on that device from then on. Gluon
-does not run under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a and check the host-side packing; benchmarks/gluon_proj_bwd_check.py compares it
-with the reference on an sm_90 GPU and times it beside the Triton kernel.
+does not run under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a and check the host-side packing;
+benchmarks/gluon_proj_bwd_check.py compares it with the reference on an sm_90 GPU and times it beside the Triton
+kernel.
 
 Status (session 27, benchmarks/results/session27-2026-12-04-h200.md): matches the float64 reference at eight shapes
 on an H200 (as the Triton kernel does), runs the issue's shapes without hanging (session 25's first build hung: ``_dx``

@@ -162,7 +162,8 @@ class FusedBwdCfg:
     # the Gluon kernel's dx dot in bf16 on dp's hi / lo tile (the dphi dot's operand) against phi's hi / lo planes
     # (gluon_proj_bwd.phi_rows), so no fp32 dp tile is loaded: 8 of the 18 KB of per-token operands each program
     # reads a 64-token tile, through an L2 that session 35's profile found 94 % busy. Opt-in: on an H100 (session 36)
-    # correct and no faster (82.4 against 82.0 % in the kernel table; within a point either way in the sweeps)
+    # correct and no faster (82.4 against 82.0 % in the kernel table; in the sweeps 1-2 points faster without acc,
+    # up to half a point slower with it)
     ws_dx_hl: bool = False
     # the Gluon kernel's ring slots: 0 = as many as fit (3 with acc, 4 without), an int forces it, None = by device
     # (``WS_STAGES_BY_DEVICE``, else as many as fit)
