@@ -31,6 +31,7 @@ _PROJ_BWD = [(tk, "proj_dx_dphi", dict(ws_stages=s)) for s in (2, 3, 4)] + [
     (tk, "proj_dx_dphi", dict(ws_stages=2, ws_dx_hl=True)), (tk, "proj_dx_dphi", dict(ws=False, ws_no_acc=False))]
 _PRP = [(tk, "post_res_proj", dict(ws_stages=s, ws_wstages=w)) for s in (2, 3) for w in (2, 4)]
 VARIANTS = {
+    "proj bwd": _PROJ_BWD,  # the call without dout: a slot holds X alone
     "proj_pre_backward bwd": _PROJ_BWD,
     "enter bwd": _PROJ_BWD,
     "folded step bwd": _PROJ_BWD,

@@ -140,11 +140,13 @@ def test_the_config_picks_the_kernel_and_its_warpgroups_by_acc():
 
 
 def test_ring_slots_by_device():
-    """Two slots on an H100 (session 36's sweep), as many as fit elsewhere, a given count wherever it is set."""
-    cfg = tk.FusedBwdCfg()
-    assert cfg.stages_on("NVIDIA H100 80GB HBM3") == 2 and cfg.stages_on("NVIDIA H200") == 0
-    assert tk.FusedBwdCfg(ws_stages=0).stages_on("NVIDIA H100 80GB HBM3") == 0
-    assert tk.FusedBwdCfg(ws_stages=3).stages_on("NVIDIA H200") == 3
+    """On an H100 two slots for the calls with dout and as many as fit without (sessions 36-37), as many as fit
+    elsewhere, a given count wherever it is set."""
+    cfg, h100 = tk.FusedBwdCfg(), "NVIDIA H100 80GB HBM3"
+    assert (cfg.stages_on(h100, has_dout=True), cfg.stages_on(h100, has_dout=False)) == (2, 0)
+    assert (cfg.stages_on("NVIDIA H200", True), cfg.stages_on("NVIDIA H200", False)) == (0, 0)
+    assert tk.FusedBwdCfg(ws_stages=0).stages_on(h100, True) == 0
+    assert tk.FusedBwdCfg(ws_stages=3).stages_on("NVIDIA H200", False) == 3
     with pytest.raises(ValueError, match="ws_stages=5"):
         tk.FusedBwdCfg(ws_stages=5)
 

@@ -111,12 +111,15 @@ class DotCfg:
                              "compute warpgroups")
 
 
-# The Gluon proj backward's ring slots by GPU (a part of torch.cuda.get_device_name). H100 SXM, session 36
-# (benchmarks/results/session36-2026-12-05-h100.md), the op as called at n = 4, every build beside the Triton kernel in
-# one run: two slots were fastest at each of 32768 x 4096, 32768 x 7168 and 8192 x 4096, with and without acc (with
-# acc at 32768 x 4096: 1322 us, 86.8 % of copy bandwidth, against 1384 us with three; without: 962 against 1058 with
-# four). The H200, on which sessions 25-27 tuned it with as many as fit, has not been swept.
-WS_STAGES_BY_DEVICE: tuple[tuple[str, int], ...] = (("H100", 2),)
+# The Gluon proj backward's ring slots by GPU: (a part of torch.cuda.get_device_name, slots for the calls with dout,
+# slots for those without; 0 = as many as fit). H100 SXM, every build beside the Triton kernel in one run:
+# - with dout (proj_pre_backward, enter's and the folded boundary's backward), with or without acc, two slots were
+#   fastest at 32768 x 4096, 32768 x 7168 and 8192 x 4096 (session 36: with acc at 32768 x 4096 1322 us, 86.8 % of
+#   copy bandwidth, against 1384 us with three; enter's call, without acc, 962 against 1058 with four);
+# - without dout (proj's backward alone) a slot holds an X box only, and four slots stay faster: 87.8 % in session
+#   36's table with four, 79.2 % in session 37's with two (benchmarks/results/session37-2026-12-05-h100.md).
+# The H200, on which sessions 25-27 tuned it with as many as fit, has not been swept.
+WS_STAGES_BY_DEVICE: tuple[tuple[str, int, int], ...] = (("H100", 2, 0),)
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ class FusedBwdCfg:
     # up to half a point slower with it)
     ws_dx_hl: bool = False
     # the Gluon kernel's ring slots: 0 = as many as fit (3 with acc, 4 without), an int forces it, None = by device
-    # (``WS_STAGES_BY_DEVICE``, else as many as fit)
+    # and call (``WS_STAGES_BY_DEVICE``, else as many as fit)
     ws_stages: int | None = None
 
     def __post_init__(self):
@@ -177,11 +180,12 @@ class FusedBwdCfg:
             raise ValueError(f"mhc FusedBwdCfg: ws_stages={self.ws_stages}; the Gluon proj backward's ring has 2 to 4 "
                              "slots (0: as many as fit, None: by device)")
 
-    def stages_on(self, device_name: str) -> int:
-        """The ring slots for a GPU of this name (0: as many as fit)."""
+    def stages_on(self, device_name: str, has_dout: bool) -> int:
+        """The ring slots for a call with or without dout on a GPU of this name (0: as many as fit)."""
         if self.ws_stages is not None:
             return self.ws_stages
-        return next((st for part, st in WS_STAGES_BY_DEVICE if part in device_name), 0)
+        return next((with_dout if has_dout else without for part, with_dout, without in WS_STAGES_BY_DEVICE
+                     if part in device_name), 0)
 
     def gluon_for(self, has_acc: bool) -> int:
         """The Gluon kernel's dx warpgroups for a call with or without acc, 0 where this config keeps the Triton

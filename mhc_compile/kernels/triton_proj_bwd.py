@@ -408,7 +408,8 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
             try:
                 return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers,
                                                  dx_hl=cfg.ws_dx_hl,
-                                                 stages=cfg.stages_on(tcom.device_name(x.device)))
+                                                 stages=cfg.stages_on(tcom.device_name(x.device),
+                                                                     dout is not None))
             except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas): before launch,
                 # so nothing was written; it must not reach _proj_grads, whose OutOfResources handling is the Triton
                 # kernel's
