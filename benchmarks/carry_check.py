@@ -3,8 +3,11 @@ block (as torchtitan compiles its blocks) against the same stack in one graph, b
 kernels. Checks the output and every gradient against the one-graph model, then times a training step of each.
 ``--mode reduce-overhead`` runs both under CUDA graphs, which replay into the same memory every step: the check then
 comes after three steps, so that the streams a block takes are the ones this step's previous block gave.
+``--dtype float32`` runs both models in fp32 against a float64 copy: there the rounding of a sum over all tokens that
+nearly cancels (an alpha's gradient) is about 2^16 times smaller than in bf16, so a gap that is bf16 noise in the
+default run goes away, and one that a wrong carry makes does not.
 
-    PYTHONPATH=. python benchmarks/carry_check.py --d 4096 --layers 4 [--mode reduce-overhead]
+    PYTHONPATH=. python benchmarks/carry_check.py --d 4096 --layers 4 [--mode reduce-overhead] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ import mhc_compile  # noqa: E402
 from benchmarks.bench_training import Stack, loss_of  # noqa: E402
 
 
+# the copy both models are measured against: well above the models' own precision
+_REFERENCE_DTYPE = {"bfloat16": torch.float32, "float32": torch.float64}
+
+
 def further_than_one_graph(errs: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    """The entries (name -> (one graph's error, block by block's), both against fp32) where carrying the streams
-    lost accuracy: block by block further from fp32 than 1.5x the one-graph error + 2e-3, a margin that bf16 noise
-    between two orders of the same sums stays under, and a wrong carry (streams dropped or mixed twice at a block
-    boundary) does not."""
+    """The entries (name -> (one graph's error, block by block's), both against the reference copy) where carrying
+    the streams lost accuracy: block by block further from it than 1.5x the one-graph error + 2e-3, a margin that
+    bf16 noise between two orders of the same sums should stay under, and a wrong carry (streams dropped or mixed
+    twice at a block boundary) does not."""
     return {k: e for k, e in errs.items() if e[1] > 1.5 * e[0] + 2e-3}
 
 
@@ -43,19 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the check on the reference kernels "
                     "(its times mean nothing)")
     ap.add_argument("--mode", default=None, help="torch.compile's mode for both models (e.g. reduce-overhead)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(_REFERENCE_DTYPE),
+                    help="both models' dtype (the reference copy: fp32 for bf16, float64 for fp32)")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    ref_dtype = _REFERENCE_DTYPE[args.dtype]
+    ref_name = str(ref_dtype).removeprefix("torch.")
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("carry_check: needs a CUDA device (or --device cpu)")
         return 2
     torch.manual_seed(0)
-    stack = Stack(args.d, args.layers).to(dev).bfloat16()
-    x = torch.randn(args.batch, args.seq, args.d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    stack = Stack(args.d, args.layers).to(dev, dtype)
+    x = torch.randn(args.batch, args.seq, args.d, device=dev, dtype=dtype, requires_grad=True)
     mhc_compile.prepare(stack, x, n=4)
     with torch.no_grad():  # mixing away from the identity-like init, so that carrying or not shows
         for p in mhc_compile.mhc_parameters(stack):
             p.add_(0.3 * torch.randn_like(p))
-    exact = copy.deepcopy(stack).float()
+    exact = copy.deepcopy(stack).to(ref_dtype)
     exact_fn = torch.compile(exact, backend="mhc", options={"n": 4})
     whole = torch.compile(stack, backend="mhc", options={"n": 4}, mode=args.mode)
     blocks = [torch.compile(b, backend="mhc", options={"n": 4}, mode=args.mode) for b in stack.h]
@@ -80,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         loss_of(out).backward()
         return out
 
-    xf = x.detach().float().requires_grad_()
+    xf = x.detach().to(ref_dtype).requires_grad_()
     out = grads_of(exact_fn, exact, xf)
-    results = {"fp32": (out.detach(), {k: p.grad.clone() for k, p in exact.named_parameters()}, xf.grad.clone())}
+    results = {"reference": (out.detach(), {k: p.grad.clone() for k, p in exact.named_parameters()}, xf.grad.clone())}
     del exact, exact_fn, out
     for name, fn in (("one graph", whole), ("block by block", by_block)):
         for _ in range(3 if args.mode else 1):  # CUDA graphs record at the second call, replay from the third
@@ -90,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                 p.grad = None
             x.grad = None
             out = step(fn)
-        results[name] = (out.detach().float(), {k: p.grad.float() for k, p in stack.named_parameters()},
-                         x.grad.float())
+        results[name] = (out.detach().to(ref_dtype), {k: p.grad.to(ref_dtype) for k, p in stack.named_parameters()},
+                         x.grad.to(ref_dtype))
     rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
-    ref_grads = results["fp32"][1]
-    errs = {}  # name -> (one graph's error, block by block's), both against fp32
+    ref_grads = results["reference"][1]
+    errs = {}  # name -> (one graph's error, block by block's), both against the reference copy
     for what, i in (("output", 0), ("dx", 2)):
-        errs[what] = tuple(rel(results[m][i], results["fp32"][i]) for m in ("one graph", "block by block"))
+        errs[what] = tuple(rel(results[m][i], results["reference"][i]) for m in ("one graph", "block by block"))
     for k, g in ref_grads.items():
         errs[k] = tuple(rel(results[m][1][k], g) for m in ("one graph", "block by block"))
     bad = further_than_one_graph(errs)
@@ -125,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     times = {name: time_of(fn) for name, fn in (("one graph", whole), ("block by block", by_block))}
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     verdict = ("ok: every error of the block-by-block model is within 1.5x + 2e-3 of the one-graph model's" if ok else
-               "FAILED, further from fp32 than the one graph: "
+               f"FAILED, further from the {ref_name} copy than the one graph: "
                + ", ".join(f"{k} {e[1]:.2e} against {e[0]:.2e}" for k, e in bad.items()))
     lines = [f"# carry_check, {datetime.date.today()}", "",
              f"{where}, torch {torch.__version__}, d = {args.d}, {args.layers} layers, "
-             f"seq {args.seq} x batch {args.batch}, bf16, n = 4, mode {args.mode or 'default'}", "",
-             "| relative L2 error against the fp32 stack (one graph) | one graph | block by block |", "|---|---|---|"]
+             f"seq {args.seq} x batch {args.batch}, {args.dtype}, n = 4, mode {args.mode or 'default'}", "",
+             f"| relative L2 error against the {ref_name} stack (one graph) | one graph | block by block |",
+             "|---|---|---|"]
     lines += [f"| {k} | {errs[k][0]:.2e} | {errs[k][1]:.2e} |" for k in ("output", "dx")]
     lines += [f"| worst parameter ({worst}) | {errs[worst][0]:.2e} | {errs[worst][1]:.2e} |",
               f"| worst mHC parameter ({worst_mhc}) | {errs[worst_mhc][0]:.2e} | {errs[worst_mhc][1]:.2e} |", "",
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = os.environ.get("OUT", "bench_out")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"carry-check{'-' + args.mode if args.mode else ''}.md"), "w") as f:
+    with open(os.path.join(out, "carry-check" + "".join(f"-{v}" for v in (args.mode, args.dtype != "bfloat16" and args.dtype) if v) + ".md"), "w") as f:
         f.write(text)
     return 0 if ok else 1
 

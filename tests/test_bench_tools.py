@@ -723,6 +723,22 @@ def test_carry_check_compares_both_bf16_models_with_an_fp32_copy(tmp_path, monke
     assert "| output |" in text and "worst mHC parameter (h." in text and text.count("ok: every error") == 1
 
 
+def test_carry_check_in_fp32_measures_against_a_float64_copy(tmp_path, monkeypatch):
+    """--dtype float32: both models in fp32 against float64 (where bf16 noise cannot hide a wrong carry), written
+    beside the bf16 run's file."""
+    from benchmarks import carry_check
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    args = ["--device", "cpu", "--d", "32", "--layers", "2", "--seq", "8", "--batch", "1", "--iters", "1",
+            "--dtype", "float32"]
+    rc = carry_check.main(args)
+    text = (tmp_path / "carry-check-float32.md").read_text()
+    assert rc == 0, text
+    assert "float32, n = 4" in text and "against the float64 stack" in text
+    dx = next(line for line in text.splitlines() if line.startswith("| dx |"))
+    assert all(float(v) < 1e-4 for v in dx.strip("| ").split("|")[1:]), dx
+
+
 def test_carry_check_fails_a_model_further_from_fp32_than_the_one_graph():
     from benchmarks.carry_check import further_than_one_graph
 
