@@ -17,8 +17,9 @@ next to "unfused step", the four
 separate kernels the fused ``step`` replaces (post_res + proj + coeffs + pre, and their backwards plus the
 sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py``'s stream counts
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
-The opt-in two-pass ``step`` backward (``StepBwdCfg.ws``, a warp-specialized Gluon kernel) gets a row of its own,
-"step ws" backward; off sm_90 it runs what "step" backward runs. proj's forward and one-pass backward (``DotCfg.ws``,
+The ``step`` backward runs in two passes on sm_90 (``StepBwdCfg.ws``, a warp-specialized Gluon kernel, the default
+since session 37); "step (three-pass)" backward runs the three Triton passes beside it (off sm_90 both rows run
+those). proj's forward and one-pass backward (``DotCfg.ws``,
 ``FusedBwdCfg.ws``) and post_res_proj (``DotCfg.ws``) are Gluon kernels by default on sm_90: the rows that run them
 ("proj" forward and backward, "proj_pre_backward", "folded step" and "enter" backward; "post_res_proj" and "step"
 forward) have "(Triton)" rows beside them that run the Triton kernel instead.
@@ -210,10 +211,11 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("post_res_proj (Triton)", "fwd", _triton_prp(lambda k: k.post_res_proj(x, hr, hq, y, phi)),
              _nb(x, hr, hq, y, phi, x, p, sq)),
         Case("step (Triton)", "fwd", _triton_prp(lambda k: k.step(x, hr, hq, y, phi, b, a, *ca)), step_fwd, "fused"),
-        # the opt-in two-pass backward (StepBwdCfg.ws: kernels/gluon_step_bwd.py on sm_90, bf16, n <= 4; elsewhere
-        # the three passes of the "step bwd" row)
-        Case("step ws", "bwd", _ws_bwd(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in,
-                                                                 gpost, gres, *ca)), step_bwd, "fused"),
+        # the three Triton passes, where the "step bwd" row runs two on sm_90 (StepBwdCfg.ws: kernels/gluon_step_bwd.py,
+        # bf16, n <= 4)
+        Case("step (three-pass)", "bwd", _three_pass(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps,
+                                                                             sqs, dx, g_in, gpost, gres, *ca)),
+             step_bwd, "fused"),
         # enter's proj backward (x broadcast over its streams, no acc): the Gluon kernel by default on sm_90
         # ("enter" bwd), here the Triton one
         Case("enter (Triton)", "bwd", _triton_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost,
@@ -256,10 +258,11 @@ def _triton_prp(call: Callable[[object], object]) -> Callable[[object], object]:
     return run
 
 
-def _ws_bwd(call: Callable[[object], object]) -> Callable[[object], object]:
-    """``call`` with triton_fused's StepBwdCfg.ws on (the reference ignores it)."""
+def _three_pass(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with triton_fused's StepBwdCfg.ws off: the step backward's three Triton passes (the reference
+    ignores it)."""
     def run(k):
-        with tf.tuning("step_bwd", ws=True):
+        with tf.tuning("step_bwd", ws=False):
             return call(k)
     return run
 

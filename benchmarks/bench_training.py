@@ -225,7 +225,8 @@ def round_rows(d, rounds: dict[str, list[float]], clocks: dict[str, list[dict | 
 @contextlib.contextmanager
 def gluon_step():
     """step's Gluon kernels (sm_90) around a step: its forward's post_res_proj with DotCfg.ws (the default since
-    session 27), its backward in two passes (StepBwdCfg.ws, opt-in); profile_step.py --fusedws uses it too."""
+    session 27), its backward in two passes (StepBwdCfg.ws, the default since session 37: the variant now differs
+    from fuse=True's only where a tune turned them off); profile_step.py --fusedws uses it too."""
     from mhc_compile.kernels import triton_fused, triton_ops
 
     with triton_ops.tuning("post_res_proj", ws=True), triton_fused.tuning("step_bwd", ws=True):

@@ -54,7 +54,7 @@ LIGER_FRACTION = 0.2  # backend="mhc"'s overhead against LigerMHC's, same run
 # coefficients) and is bound by its Sinkhorn iterations, not bytes; "unfused step" is the four-op design the fused
 # step replaces, a reference row of several kernels; "(Triton)" rows time the Triton kernel a default Gluon kernel
 # replaced, side by side; "(dx_hl)" rows an opt-in build of the default kernel (FusedBwdCfg.ws_dx_hl), side by side
-NOT_COUNTED = ("coeffs", "unfused", "(Triton)", "(dx_hl)")
+NOT_COUNTED = ("coeffs", "unfused", "(Triton)", "(dx_hl)", "(three-pass)")
 
 
 @dataclass

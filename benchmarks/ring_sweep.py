@@ -37,7 +37,7 @@ VARIANTS = {
     "folded step bwd": _PROJ_BWD,
     "post_res_proj fwd": _PRP,
     "step fwd": _PRP,
-    "step ws bwd": [(tf, "step_bwd", dict(ws=True, stages=s)) for s in (2, 3)],
+    "step bwd": [(tf, "step_bwd", dict(ws=True, stages=s)) for s in (2, 3)],
 }
 
 

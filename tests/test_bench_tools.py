@@ -753,12 +753,12 @@ def test_ring_sweep_times_each_row_under_each_variant(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rc = ring_sweep.main(["--device", "cpu", "--t", "19", "--c", "128", "--rounds", "1", "--out", str(tmp_path),
-                          "--rows", "proj_pre_backward bwd", "step ws bwd"])
+                          "--rows", "proj_pre_backward bwd", "step bwd"])
     text = (tmp_path / "ring_sweep.md").read_text()
     assert rc == 0, text
     timed = [line for line in text.splitlines() if line.startswith("| proj_pre_backward bwd") or
-             line.startswith("| step ws bwd")]
-    want = 1 + len(ring_sweep.VARIANTS["proj_pre_backward bwd"]) + 1 + len(ring_sweep.VARIANTS["step ws bwd"])
+             line.startswith("| step bwd")]
+    want = 1 + len(ring_sweep.VARIANTS["proj_pre_backward bwd"]) + 1 + len(ring_sweep.VARIANTS["step bwd"])
     assert len(timed) == want and all(line.endswith("| none |") for line in timed), text
     assert "ws_stages=2, ws_dx_hl=True" in text and "step_bwd: ws=True, stages=2" in text
     with pytest.raises(SystemExit):

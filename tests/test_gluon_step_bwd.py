@@ -114,13 +114,41 @@ def test_config_checks_and_cpu_fallback():
     _, _, h_pre, _, _, p, sq = ref.step(*v.values(), *args)
     call = (*v.values(), h_pre, p, sq, gr["dx"], gr["dx_in"], gr["dh_post"], gr["dh_res"], *args)
     assert not gs.supported(v["x_prev"], 4, 16)
-    want = tf.step_backward(*call)
+    with tf.tuning("step_bwd", ws=False):
+        want = tf.step_backward(*call)
     before = gs.LAUNCHES
-    with tf.tuning("step_bwd", ws=True):
-        got = tf.step_backward(*call)
-    assert gs.LAUNCHES == before
+    got = tf.step_backward(*call)  # ws is the default
+    assert tf._cfg("step_bwd").ws and gs.LAUNCHES == before
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_a_gluon_build_error_falls_back_to_the_three_passes_with_a_warning(monkeypatch):
+    """The two-pass backward is the default on sm_90: if its Gluon kernel does not build (another Triton's Gluon,
+    shared memory, ptxas), the call runs the three passes with a warning (the same values as they give), and later
+    calls go straight there."""
+    from triton.runtime.errors import OutOfResources
+
+    v, gr = _inputs(6, 4, 16, seed=5, dtype=torch.float32)
+    args = (4, 64, 1e-6, 20, "mhc")
+    _, _, h_pre, _, _, p, sq = ref.step(*v.values(), *args)
+    call = (*v.values(), h_pre, p, sq, gr["dx"], gr["dx_in"], gr["dh_post"], gr["dh_res"], *args)
+    with tf.tuning("step_bwd", ws=False):
+        want = tf.step_backward(*call)
+    tries = []
+
+    def fails(*args, **kwargs):
+        tries.append(kwargs["stages"])
+        raise OutOfResources(240000, 232448, "shared memory")
+
+    monkeypatch.setattr(gs, "supported", lambda *args: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(gs, "step_grads", fails)
+    monkeypatch.setattr(tf, "_NO_GLUON", set())
+    with pytest.warns(UserWarning, match="Gluon kernel does not build here.*OutOfResources"):
+        got = tf.step_backward(*call)
+    again = tf.step_backward(*call)
+    assert tries == [0] and tf._NO_GLUON == {v["x_prev"].device}
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 
 def _run(*args, **kw):

@@ -12,7 +12,8 @@ through the sublayer's backward beside X_prev; see runtime/ops.py's ``_step_setu
     step         post_res_proj -> coeffs -> pre                  (X_l written once; proj reads it from registers)
     enter bwd    pre_backward_dh -> coeffs_backward -> proj_pre_backward     (one pass: G, dphi)
     step bwd     K2 _dh_pre_kernel -> coeffs_backward -> proj_pre_backward (acc = dX) -> post_res_backward
-                 (StepBwdCfg.ws, opt-in: K2 without its X store -> coeffs_backward -> gluon_step_bwd's one pass)
+                 (StepBwdCfg.ws, the default on sm_90: K2 without its X store -> coeffs_backward -> gluon_step_bwd's
+                 one pass)
 
     K2  grid (token blocks): X_i = H_res[i, :] X_prev + H_post[i] y recomputed per [BT, BC] chunk and rounded as
         the forward stored it, dH_pre = <X_i, dx_in>, and X written for the two passes after it; a program walks
@@ -40,12 +41,14 @@ rounds bf16 stores to nearest by hand, so the tests see what the GPU computes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.errors import TritonError
 
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tops
@@ -71,11 +74,15 @@ class FusedCfg:
 class StepBwdCfg:
     """How ``step_backward`` runs. ``ws``: its second and last stream pass as the warp-specialized Gluon kernel of
     kernels/gluon_step_bwd.py (two passes, 4n+5 elements of C a token, instead of three, 8n+5), where
-    ``gluon_step_bwd.supported`` says it runs (sm_90, bf16, n <= 4, C a multiple of 32); elsewhere the three passes.
-    Off by default. At the op level on an H200 (session 30) it is faster than the three passes by 12-21 % and than
-    the default path's folded backward on a saved X by 0-8 % (a tie at 8192 x 4096). In session 30's training step
-    ``fuse=True`` with it was still 1.4 points slower than the default path at d = 4096 (+11.4 against +10.0 %), and
-    its activation memory +23.7 % against +17.7 % (the module has the numbers).
+    ``gluon_step_bwd.supported`` says it runs (sm_90, bf16, n <= 4, C a multiple of 32); elsewhere, and where its
+    build fails (with a warning), the three passes. On by default since session 37: faster than the three passes at
+    every shape measured since session 28, on both GPUs. H200 (session 30): by 12-21 %, and than the default path's
+    folded backward on a saved X by 0-8 % (a tie at 8192 x 4096). H100 (session 37's kernel table, benchmarks/
+    results/session37-2026-12-05-h100.md): 657.8 against 896.3 us at 8192 x 4096, 1127.3 against 1613.7 at 8192 x
+    7168, 2690.9 against 3567.7 at 32768 x 4096 (69.3 against 52.3 % of copy bandwidth over the 4n+5 floor), 4741.9
+    against 6462.0 at 32768 x 7168. ``fuse=True`` itself stays opt-in: in session 30's training step it was 1.4
+    points slower than the default path at d = 4096 (+11.4 against +10.0 %), its activation memory +23.7 % against
+    +17.7 %.
     ``stages``: its ring's slots (0: as many as fit, at most 3, a multiple of ``mixers``: gluon_step_bwd.stages_for
     says why); ``mixers``: mixing warpgroups (1 or 2) taking the token tiles in turn (one is faster since the
     mixers' loops over j run at run time: session 30); ``mix_regs`` / ``dphi_regs``: registers a thread of the second
@@ -83,7 +90,7 @@ class StepBwdCfg:
     two mixers, 176 / 96 spills least in the Triton 3.6 sm_90a build: 16 bytes, reloaded once a tile outside the
     inner loops (benchmarks/gluon_step_bwd_check.py --build)."""
 
-    ws: bool = False
+    ws: bool = True
     stages: int = 0
     mixers: int = 1
     mix_regs: int = 176
@@ -209,6 +216,9 @@ def _recompute_dh_pre(x_prev: Tensor, h_res, h_post, y, dx_in: Tensor, acc,
     return x, dh
 
 
+_NO_GLUON: set = set()  # devices where the Gluon step backward failed to build: the three passes run there instead
+
+
 def _gluon_step_bwd():
     """kernels/gluon_step_bwd.py, imported on first use: Gluon is only needed for StepBwdCfg.ws."""
     from mhc_compile.kernels import gluon_step_bwd
@@ -291,15 +301,22 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         return (torch.empty_like(x_prev) if out is None else out, torch.zeros((t, n, n), **z),
                 torch.zeros((t, n), **z), torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
     cfg = _cfg("step_bwd")
-    if cfg.ws and _gluon_step_bwd().supported(x_prev, n, c, y_prev, dx, dx_in, *(() if out is None else (out,))):
+    if (cfg.ws and x_prev.device not in _NO_GLUON
+            and _gluon_step_bwd().supported(x_prev, n, c, y_prev, dx, dx_in, *(() if out is None else (out,)))):
         # two passes: dH_pre from X_prev, y and dx_in; then everything else from one more read of them and dX
         _, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc, store_x=False)
         dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters,
                                                       mode)
-        dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi = _gluon_step_bwd().step_grads(
-            x_prev, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
-            mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs)
-        return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
+        try:
+            dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi = _gluon_step_bwd().step_grads(
+                x_prev, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
+                mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs)
+            return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
+        except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas) comes before the
+            # launch, so nothing was written: the three passes below start over, here and for the rest of the run
+            _NO_GLUON.add(x_prev.device)
+            warnings.warn(f"mhc step backward: the Gluon kernel does not build here ({type(e).__name__}: "
+                          f"{str(e)[:200]}); using the three Triton passes on {x_prev.device}", stacklevel=2)
     x, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc)
     dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
     # G = X's whole gradient, dX included
