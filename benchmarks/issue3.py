@@ -25,8 +25,10 @@ other's results), writing under DIR (default: $OUT, else ./bench_out/issue3):
    PyPI, carry its wheel in the ignored ``.whl/`` folder and install it into the interpreter that runs this:
    ``python -m pip install --no-deps .whl/liger_kernel-*.whl``; a bare ``pip`` may be another Python's, as in
    session 31), rounds interleaved -> DIR/training-d<widths>/.
-3. DIR/issue3-<date>.md: device and versions, each target of the issue against what the run measured, then both
-   stages' tables as they were written.
+3. DIR/issue3-<date>.md: device and versions, each target of the issue against what the run measured, the byte
+   floor of the training step (``byte_floor``: the least overhead the default path's bytes allow at the measured
+   copy bandwidth, so a missed step target says whether faster kernels could meet it), then both stages' tables as
+   they were written.
 """
 
 from __future__ import annotations
@@ -65,6 +67,26 @@ class Step:
     mhc_range: str = ""
     mhc_act: float | None = None
     liger: float | None = None
+    residual_ms: float | None = None
+    shape: "StackShape | None" = None
+
+
+@dataclass(frozen=True)
+class StackShape:
+    """bench_training's stack as its header states it: what the byte floor of its mHC bookkeeping depends on."""
+
+    layers: int
+    tokens: int
+    elem_bytes: int
+    n: int
+
+    @property
+    def sites(self) -> int:
+        return 2 * self.layers  # a residual add after attention and one after the MLP
+
+
+_HEADER = re.compile(r"^- (\d+) layers, seq (\d+) x batch (\d+), (\w+), n = (\d+)", re.M)
+_ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 _PCT = r"([+-]?\d+(?:\.\d+)?)%"
@@ -74,6 +96,9 @@ def parse_training(text: str) -> dict[int, Step]:
     """d -> Step from bench_training.py's table: the rounds rows ("(rounds: R)") for time when there are any, else
     the single-pass rows; activation memory from the single-pass rows (the rounds do not repeat it)."""
     steps: dict[int, Step] = {}
+    head = _HEADER.search(text)
+    shape = (StackShape(int(head.group(1)), int(head.group(2)) * int(head.group(3)), _ELEM_BYTES[head.group(4)],
+                        int(head.group(5))) if head and head.group(4) in _ELEM_BYTES else None)
     single: dict[tuple[int, str], list[str]] = {}
     rounds: dict[tuple[int, str], list[str]] = {}
     for line in text.splitlines():
@@ -84,7 +109,9 @@ def parse_training(text: str) -> dict[int, Step]:
         m = re.match(r"(.*) \(rounds: \d+\)$", name)
         (rounds if m else single)[(d, m.group(1) if m else name)] = cells
     for (d, name), cells in {**single, **rounds}.items():
-        step = steps.setdefault(d, Step())
+        step = steps.setdefault(d, Step(shape=shape))
+        if name == "residual (Inductor)" and re.fullmatch(r"\d+(?:\.\d+)?", cells[2]):
+            step.residual_ms = float(cells[2])
         time = re.match(_PCT + r"(?: \((.*)\))?", cells[3])
         if time is None:  # "failed: ..." / "skipped: ..." / "unavailable: ..."
             continue
@@ -99,12 +126,57 @@ def parse_training(text: str) -> dict[int, Step]:
     return steps
 
 
+def copy_bandwidth(kernels_md: str) -> float | None:
+    """GB/s, as bench_kernels.py's kernels.md states the copy bandwidth it measured; None without one."""
+    copy = re.search(r"copy bandwidth[^:\n]*:\s*([0-9.]+) GB/s", kernels_md)
+    return float(copy.group(1)) if copy and float(copy.group(1)) > 0 else None
+
+
+def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]:
+    """Markdown rows: for each width with a residual step time, what the default path's mHC bookkeeping must move a
+    step over the residual adds it replaces (``cost.DEFAULT`` less ``cost.RESIDUAL_ADD``), from no site recomputed
+    to every site, and that as time at the copy bandwidth and as a share of the residual step. A step target below
+    the first share cannot be met by faster kernels on this GPU, only by moving fewer bytes. Empty without a
+    bandwidth (no kernel table in the folder)."""
+    from mhc_compile import cost
+
+    rows = []
+    for d, step in sorted(steps.items()):
+        sh = step.shape
+        if bandwidth_gbs is None or sh is None or not step.residual_ms:
+            continue
+        units = [cost.evaluate(cost.DEFAULT.total(recompute=r) - cost.RESIDUAL_ADD.total(), n=sh.n)
+                 for r in (False, True)]
+        gb = [u * sh.sites * sh.tokens * d * sh.elem_bytes / 1e9 for u in units]
+        ms = [g / bandwidth_gbs * 1e3 for g in gb]
+        pct = [100 * m / step.residual_ms for m in ms]
+        limit = STEP_OVERHEAD.get(d)
+        if limit is None:
+            verdict = ""
+        elif limit < pct[0]:
+            verdict = f"{limit:.0f} % target: below the floor even with no site recomputed"
+        elif limit >= pct[1]:
+            verdict = f"{limit:.0f} % target: above the floor with every site recomputed"
+        else:  # the floor grows by the same share for each recomputed site
+            most = int((limit - pct[0]) / (pct[1] - pct[0]) * sh.sites)
+            verdict = (f"{limit:.0f} % target: within reach only with at most {most} of the {sh.sites} sites "
+                       "recomputed")
+        rows.append(f"| {d} | {step.residual_ms:.2f} | {gb[0]:.1f} .. {gb[1]:.1f} | {ms[0]:.2f} .. {ms[1]:.2f} | "
+                    f"{pct[0]:.1f} .. {pct[1]:.1f} % | {verdict} |")
+    if not rows:
+        return []
+    return [f"The default path's bytes a step over the residual adds, from no site recomputed to every site "
+            f"(`cost.DEFAULT`), at the kernel table's copy bandwidth ({bandwidth_gbs:.0f} GB/s): the least step "
+            "overhead faster kernels can reach on this GPU, before the GEMMs lose any clock to the power cap.", "",
+            "| d | residual step, ms | mHC bytes a step, GB | at copy bandwidth, ms | of the residual step | |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def parse_kernels(text: str, t: int = 32768, c: int = 4096) -> dict[str, float]:
     """'<kernel> <dir>' -> efficiency in % at T x C, from bench_kernels.py's kernels.md. Where the table states the
     copy bandwidth, the efficiency is its GB/s cell over it, not the rounded eff cell: a kernel at 84.5 % must not
     count as meeting an 85 % target (session 31's proj forward)."""
-    copy = re.search(r"copy bandwidth[^:\n]*:\s*([0-9.]+) GB/s", text)
-    bw = float(copy.group(1)) if copy else 0.0  # a smoke run on a loaded CPU may print 0: the eff cell then
+    bw = copy_bandwidth(text) or 0.0  # a smoke run on a loaded CPU may print 0: the eff cell then
     out = {}
     for line in text.splitlines():
         cells = [x.strip() for x in line.strip().strip("|").split("|")]
@@ -336,13 +408,16 @@ def write_report(out: str, rcs: dict, log_path: str) -> str:
     training run's table stays in the report; the targets take each width from merge_training."""
     kernels_md = _read(os.path.join(out, "kernels", "kernels.md"))
     runs = training_runs(out, rcs)
+    merged = merge_training([text for _, text in runs])
+    floor = byte_floor(merged, copy_bandwidth(kernels_md))
     stages = ", ".join(f"{name} exit {rc}" for name, rc in rcs.items())
     training = []
     for name, text in runs:
         training += [f"### {name}", "", text, ""] if len(runs) > 1 else [text, ""]
     report = [f"# Issue 3 benchmark - {datetime.date.today()}", "", *_versions(out),
               f"- stages: {stages} (full output: {os.path.basename(log_path)})", "", "## Targets", "",
-              *targets(parse_kernels(kernels_md), merge_training([text for _, text in runs])), "",
+              *targets(parse_kernels(kernels_md), merged), "",
+              *(["## The byte floor of the training step", "", *floor, ""] if floor else []),
               "## Correctness (bench_kernels.py, before any timing)", "",
               _read(os.path.join(out, "kernels", "correctness.md")).strip(), "",
               "## (a) Kernels", "", kernels_md.strip(), "",  # kernels.md opens with env.md's lines

@@ -22,6 +22,11 @@ unfused design (``fuse=False``, the paper's kernel split; autograd sums the stre
     forward   proj n, pre n + 1, post_res 2n + 1
     backward  post_res 3n + 2, pre 3n + 1 (its dX added to the running sum), proj 3n (likewise)
     recompute post_res and pre of each site: 3n + 2
+
+default path (``fuse=False`` with ``fold_pre_recompute`` and ``fold_stream_grads``, the defaults): forward as
+unfused; backward post_res 3n + 2, pre_backward_dh n + 1 (dH_pre alone), proj_pre_backward 3n + 1 (X, dx_in, the
+stream gradient so far, dX written over it); recompute post_res alone (the sublayer's input comes out of
+post_res's backward), and only at the sites the recompute schedule recomputes
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ UNFUSED = Traffic(
     forward=n + (n + 1) + (2 * n + 1),
     backward=(3 * n + 2) + (3 * n + 1) + 3 * n,
     recompute=(2 * n + 1) + (n + 1),
+)
+# Session 37's d = 7168 profile (H100, 8 sites, 5 recomputed) moved 55.6 elements a site: 18 + 32 + 9 * 5 / 8
+DEFAULT = Traffic(
+    forward=n + (n + 1) + (2 * n + 1),
+    backward=(3 * n + 2) + (n + 1) + (3 * n + 1),
+    recompute=2 * n + 1,
 )
 RESIDUAL_ADD = Traffic(forward=sympy.Integer(3), backward=sympy.Integer(0), recompute=sympy.Integer(0))
 

@@ -168,7 +168,7 @@ def test_the_full_size_folder_rebuilds_the_report_the_gpu_wrote(monkeypatch, tmp
     rebuilt = _text(issue3.write_report(out, issue3._load_status(out), os.path.join(out, "issue3.log")))
 
     def table(text):
-        return text.split("## Targets", 1)[1].split("## Correctness", 1)[0].strip().splitlines()
+        return text.split("## Targets", 1)[1].split("\n## ", 1)[0].strip().splitlines()
 
     def below(row):  # the kernels under the target, without their numbers (printed rounded to 1 % in session 19)
         return re.findall(r"([a-z_ ()]+?) \d+(?:\.\d)? %", row.split("below: ", 1)[1].split(";")[0])
@@ -179,6 +179,30 @@ def test_the_full_size_folder_rebuilds_the_report_the_gpu_wrote(monkeypatch, tmp
     assert "| training step <= 8 %, d = 7168 | +7.8 % (+7.1 .. +7.8) | yes |" in rebuilt
     assert "0.141 (d = 2048), 0.158 (d = 4096), 0.170 (d = 7168)" in rebuilt
     assert rebuilt.count("### training-d") == 2
+
+
+def test_the_byte_floor_says_which_step_targets_bandwidth_alone_rules_out(monkeypatch, tmp_path):
+    """Session 37's H100 folder: the default path's bytes over the residual adds (47 to 56 elements of C a token and
+    site at n = 4, 8 sites, 8192 tokens, bf16) at the table's 3023 GB/s, against each residual step; d = 7168's 8 %
+    is within that range (2 of 8 sites recomputed at most), d = 4096's 15 % above it."""
+    src = os.path.join(RESULTS, "session37-2026-12-05-h100", "issue3")
+    shutil.copytree(src, tmp_path / "run")
+    out = str(tmp_path / "run")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    report = _text(issue3.write_report(out, issue3._load_status(out), os.path.join(out, "issue3.log")))
+    floor = report.split("## The byte floor of the training step", 1)[1].split("\n## ", 1)[0]
+    gb = [units * 8 * 8192 * 7168 * 2 / 1e9 for units in (47, 56)]
+    ms = [g / 3023 * 1e3 for g in gb]
+    want = (f"| 7168 | 193.23 | {gb[0]:.1f} .. {gb[1]:.1f} | {ms[0]:.2f} .. {ms[1]:.2f} | "
+            f"{100 * ms[0] / 193.23:.1f} .. {100 * ms[1] / 193.23:.1f} % | 8 % target: within reach only with at "
+            "most 2 of the 8 sites recomputed |")
+    assert want in floor, floor
+    assert "| 4096 | 68.82 |" in floor and "15 % target: above the floor with every site recomputed" in floor
+    # no kernel table, no bandwidth: no floor section
+    steps = issue3.merge_training([_text(os.path.join(src, "training-d7168", "training.md"))])
+    assert issue3.byte_floor(steps, None) == [] and steps[7168].shape == issue3.StackShape(4, 8192, 2, 4)
+    tight = issue3.byte_floor(steps, 1000.0)  # a third of the bandwidth: even no recompute is over 8 %
+    assert "8 % target: below the floor even with no site recomputed" in tight[-1]
 
 
 def test_parsers_read_what_bench_kernels_writes_today(tmp_path):
