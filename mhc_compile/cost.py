@@ -70,8 +70,14 @@ DEFAULT = Traffic(
 RESIDUAL_ADD = Traffic(forward=sympy.Integer(3), backward=sympy.Integer(0), recompute=sympy.Integer(0))
 
 
-def traffic(fused: bool = True) -> Traffic:
-    return FUSED if fused else UNFUSED
+def traffic(fused: bool = True, fold_stream_grads: bool = True, fold_pre_recompute: bool = True) -> Traffic:
+    """A configuration's traffic: FUSED with ``fuse``, else the unfused kernels with the backward graph's folds as
+    configured (``DEFAULT`` with both, the paper's split ``UNFUSED`` with neither): fold_stream_grads makes the
+    backward DEFAULT's, fold_pre_recompute the recompute."""
+    if fused:
+        return FUSED
+    return Traffic(forward=UNFUSED.forward, backward=(DEFAULT if fold_stream_grads else UNFUSED).backward,
+                   recompute=(DEFAULT if fold_pre_recompute else UNFUSED).recompute)
 
 
 def site_bytes(fused: bool = True, recompute: bool = True) -> sympy.Expr:
@@ -196,12 +202,15 @@ def block_schedule(sites: int, n_streams: int, act: float, wgrad: float = 0.0) -
     return sizes[::-1]
 
 
-def summary(n_streams: int, width: int, stream_bytes: int = 2, fused: bool = True) -> str:
-    """Per-token traffic of one site, for ``explain``."""
-    t = traffic(fused)
+def summary(n_streams: int, width: int, stream_bytes: int = 2, fused: bool = True, fold_stream_grads: bool = True,
+            fold_pre_recompute: bool = True) -> str:
+    """Per-token traffic of one site under a configuration (``traffic``'s arguments), for ``explain``."""
+    t = traffic(fused, fold_stream_grads, fold_pre_recompute)
     vals = {n: n_streams}
     fwd, bwd, rec = (int(e.subs(vals)) for e in (t.forward, t.backward, t.recompute))
     per_token = (fwd + bwd + rec - 3) * width * stream_bytes
-    return (f"bookkeeping traffic per site and token ({'fused' if fused else 'unfused'}, n={n_streams}, "
-            f"C={width}, {stream_bytes}-byte stream): forward {fwd}C, backward {bwd}C, recompute {rec}C; "
-            f"{per_token / 1024:.1f} KiB over a plain residual add")
+    design = "fused" if fused else ", ".join(["unfused"] + [name for name, on in (
+        ("fold_stream_grads", fold_stream_grads), ("fold_pre_recompute", fold_pre_recompute)) if on])
+    return (f"bookkeeping traffic per site and token ({design}, n={n_streams}, C={width}, {stream_bytes}-byte "
+            f"stream): forward {fwd}C, backward {bwd}C, recompute {rec}C; {per_token / 1024:.1f} KiB over a plain "
+            "residual add at a site its recompute schedule recomputes")

@@ -131,7 +131,9 @@ def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, 
 
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         size = torch.empty((), dtype=dtype).element_size()
-        report.traffic = [cost.summary(config.n, width, size, fused=config.fuse)
+        report.traffic = [cost.summary(config.n, width, size, fused=config.fuse,
+                                       fold_stream_grads=config.fold_stream_grads,
+                                       fold_pre_recompute=config.fold_pre_recompute)
                           for width in sorted({s.width for s in report.sites})]
     if print_summary:
         print(report.summary())

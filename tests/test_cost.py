@@ -25,6 +25,19 @@ def test_default_path_counts_match_session37s_profile():
     assert units == 445 and units * 7168 * 8192 * 2 / 1e9 == pytest.approx(52.3, abs=0.05)
 
 
+def test_traffic_follows_the_configuration():
+    """fuse -> FUSED; unfused with both backward folds (the defaults) -> DEFAULT; with neither -> the paper's split;
+    explain's line names the design and its counts (the default path at n = 4, C = 1024, bf16: 59 - 3 = 56 C)."""
+    at4 = {cost.n: 4}
+    assert cost.traffic(True) == cost.FUSED and cost.traffic(False) == cost.DEFAULT
+    assert cost.traffic(False, fold_stream_grads=False, fold_pre_recompute=False) == cost.UNFUSED
+    mixed = cost.traffic(False, fold_stream_grads=True, fold_pre_recompute=False)
+    assert (mixed.backward.subs(at4), mixed.recompute.subs(at4)) == (32, 14)
+    line = cost.summary(4, 1024, 2, fused=False)
+    assert line.startswith("bookkeeping traffic per site and token (unfused, fold_stream_grads, fold_pre_recompute,")
+    assert "forward 18C, backward 32C, recompute 9C; 112.0 KiB" in line
+
+
 def test_site_bytes_is_per_token_linear():
     expr = cost.site_bytes(fused=True, recompute=False)
     assert sympy.expand(expr.subs(cost.T, 2 * cost.T) - 2 * expr) == 0

@@ -31,7 +31,8 @@ def test_explain_reports_sites_parameters_breaks_and_leaves_the_model_alone(caps
     assert all(s.recompute_block is not None for s in report.sites)
     # the cost model's line for C = 32, fp32: (14 + 21 + 14 - 3) C = 46 * 32 * 4 bytes = 5.75 KiB a token
     assert report.traffic == ["bookkeeping traffic per site and token (fused, n=4, C=32, 4-byte stream): "
-                              "forward 14C, backward 21C, recompute 14C; 5.8 KiB over a plain residual add"]
+                              "forward 14C, backward 21C, recompute 14C; 5.8 KiB over a plain residual add at a site "
+                              "its recompute schedule recomputes"]
     # Dynamo compiles each block's frame alone, so every graph's chain may take and hand on n streams
     # (runtime/carry.py); block 0's input, from the embeddings, will carry none
     takes, hands = "starts from the n streams its input carries from a graph before, if it carries any", \
