@@ -36,4 +36,17 @@ def on_sm90_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
+def failing_build(calls: list):
+    """A stand-in for a Gluon kernel's launcher whose build fails, as on a GPU whose shared memory is too small:
+    each call's (args, kwargs) goes into ``calls``, then Triton's OutOfResources is raised (before any launch, as
+    a build error is), for the fallback tests of each Gluon kernel."""
+    from triton.runtime.errors import OutOfResources
+
+    def fails(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise OutOfResources(240000, 232448, "shared memory")
+
+    return fails
+
+
 GPU_ONLY = "needs an sm_90 GPU (Gluon kernels do not run under the interpreter)"

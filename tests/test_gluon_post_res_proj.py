@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mhc_compile.kernels import gluon_post_res_proj as gp
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
+from gluon_scripts import GPU_ONLY, failing_build, on_sm90_gpu, run_check, serialized
 
 
 def _run(*args, **kw):
@@ -105,8 +105,6 @@ def test_the_gluon_kernel_is_the_default_and_off_sm90_the_triton_kernel_runs():
 def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monkeypatch):
     """The Gluon kernel is the default: if it does not build (another Triton's Gluon, shared memory, ptxas), the
     call runs the Triton kernel with a warning and the device's later calls go straight there."""
-    from triton.runtime.errors import OutOfResources
-
     from mhc_compile.kernels import triton_ops as tk
     from mhc_compile.kernels import triton_post_res_proj as tprp
 
@@ -115,12 +113,8 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
         want = tk.post_res_proj(x, h_res, h_post, y, phi)
     tries = []
 
-    def fails(*args, **kwargs):
-        tries.append(len(args))
-        raise OutOfResources(240000, 232448, "shared memory")
-
     monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
-    monkeypatch.setattr(gp, "launch", fails)
+    monkeypatch.setattr(gp, "launch", failing_build(tries))
     monkeypatch.setattr(tprp, "_NO_GLUON_PRP", set())
     with pytest.warns(UserWarning, match="post_res_proj: the Gluon kernel does not build here.*OutOfResources"):
         got = tk.post_res_proj(x, h_res, h_post, y, phi)

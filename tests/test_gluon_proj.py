@@ -10,7 +10,7 @@ Triton one, against the reference at n = 1 to 16 and ragged token counts, and as
 import pytest
 import torch
 
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
+from gluon_scripts import GPU_ONLY, failing_build, on_sm90_gpu, run_check, serialized
 from mhc_compile.kernels import gluon_proj as gp
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_config as tcfg
@@ -101,21 +101,15 @@ def test_gluon_proj_matches_the_reference_on_the_gpu(tmp_path, monkeypatch):
 def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monkeypatch):
     """With DotCfg.ws, a Gluon kernel that does not build (another Triton's Gluon, shared memory, ptxas) leaves the
     call to the Triton kernel with a warning, and the device's later calls go straight there."""
-    from triton.runtime.errors import OutOfResources
-
     g = torch.Generator().manual_seed(9)
     x = torch.randn(37, 4, 64, generator=g).bfloat16()
     phi = torch.randn(4 * 64, ref.num_coeffs(4), generator=g) * 0.05
     want = tproj.proj(x, phi)
     tries = []
 
-    def fails(*args, **kwargs):
-        tries.append(len(args))
-        raise OutOfResources(240000, 232448, "shared memory")
-
     monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
     monkeypatch.setattr(tproj, "tma_ok", lambda *args: True)
-    monkeypatch.setattr(gp, "launch", fails)
+    monkeypatch.setattr(gp, "launch", failing_build(tries))
     monkeypatch.setattr(tproj, "_NO_GLUON_PROJ", set())
     with tcfg.tuning("proj", ws=True):
         with pytest.warns(UserWarning, match="mhc proj: the Gluon kernel does not build here.*OutOfResources"):

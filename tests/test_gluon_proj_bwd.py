@@ -16,7 +16,7 @@ from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.kernels import triton_config as tcfg
 from mhc_compile.kernels import triton_proj as tproj
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
+from gluon_scripts import GPU_ONLY, failing_build, on_sm90_gpu, run_check, serialized
 
 
 def test_pack_coefs_puts_h_pre_and_dsq_in_their_columns():
@@ -202,8 +202,6 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
     """The Gluon kernel is the default: if it does not build (another Triton's Gluon, shared
     memory, ptxas), the call runs the Triton kernel with a warning, later calls go straight there, and the Triton
     kernel's own fallbacks (triton_proj._NO_ONE_PASS, for its OutOfResources) stay untouched."""
-    from triton.runtime.errors import OutOfResources
-
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
     x, phi, dp, dsq, h_pre, dout, _ = _cpu_inputs(21, 2, 128, seed=3)
@@ -211,19 +209,15 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
         want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     tries = []
 
-    def fails(*args, **kwargs):
-        tries.append(kwargs["mixers"])
-        raise OutOfResources(240000, 232448, "shared memory")
-
     monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
-    monkeypatch.setattr(gp, "proj_grads", fails)
+    monkeypatch.setattr(gp, "proj_grads", failing_build(tries))
     monkeypatch.setattr(tpb, "_NO_GLUON", set())
     monkeypatch.setattr(tproj, "_NO_ONE_PASS", set())
     monkeypatch.setattr(tproj, "_NO_PIPELINE_ALL", set())
     with pytest.warns(UserWarning, match="Gluon kernel does not build here.*OutOfResources"):
         got = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     again = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
-    assert tries == [1] and tpb._NO_GLUON == {x.device} and not tproj._NO_ONE_PASS and not tproj._NO_PIPELINE_ALL
+    assert [kw["mixers"] for _, kw in tries] == [1] and tpb._NO_GLUON == {x.device} and not tproj._NO_ONE_PASS and not tproj._NO_PIPELINE_ALL
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 

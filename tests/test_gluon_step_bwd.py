@@ -13,7 +13,7 @@ import torch
 from mhc_compile.kernels import gluon_step_bwd as gs
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_fused as tf
-from gluon_scripts import GPU_ONLY, on_sm90_gpu, run_check, serialized
+from gluon_scripts import GPU_ONLY, failing_build, on_sm90_gpu, run_check, serialized
 
 
 def _inputs(t, n, c, seed, dtype=torch.float64):
@@ -127,8 +127,6 @@ def test_a_gluon_build_error_falls_back_to_the_three_passes_with_a_warning(monke
     """The two-pass backward is the default on sm_90: if its Gluon kernel does not build (another Triton's Gluon,
     shared memory, ptxas), the call runs the three passes with a warning (the same values as they give), and later
     calls go straight there."""
-    from triton.runtime.errors import OutOfResources
-
     v, gr = _inputs(6, 4, 16, seed=5, dtype=torch.float32)
     args = (4, 64, 1e-6, 20, "mhc")
     _, _, h_pre, _, _, p, sq = ref.step(*v.values(), *args)
@@ -137,17 +135,13 @@ def test_a_gluon_build_error_falls_back_to_the_three_passes_with_a_warning(monke
         want = tf.step_backward(*call)
     tries = []
 
-    def fails(*args, **kwargs):
-        tries.append(kwargs["stages"])
-        raise OutOfResources(240000, 232448, "shared memory")
-
     monkeypatch.setattr(gs, "supported", lambda *args: True)  # as on an sm_90 GPU
-    monkeypatch.setattr(gs, "step_grads", fails)
+    monkeypatch.setattr(gs, "step_grads", failing_build(tries))
     monkeypatch.setattr(tf, "_NO_GLUON", set())
     with pytest.warns(UserWarning, match="Gluon kernel does not build here.*OutOfResources"):
         got = tf.step_backward(*call)
     again = tf.step_backward(*call)
-    assert tries == [0] and tf._NO_GLUON == {v["x_prev"].device}
+    assert [kw["stages"] for _, kw in tries] == [0] and tf._NO_GLUON == {v["x_prev"].device}
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 
