@@ -19,10 +19,11 @@ sum of the stream gradient's three parts). Their bytes are ``mhc_compile/cost.py
 (FUSED / UNFUSED; the [T, m]-sized coefficient tensors, < 1 %, left out), so the rows compare like for like.
 The ``step`` backward runs in two passes on sm_90 (``StepBwdCfg.ws``, a warp-specialized Gluon kernel, the default
 since session 37); "step (three-pass)" backward runs the three Triton passes beside it (off sm_90 both rows run
-those). proj's forward and one-pass backward (``DotCfg.ws``,
-``FusedBwdCfg.ws``) and post_res_proj (``DotCfg.ws``) are Gluon kernels by default on sm_90: the rows that run them
-("proj" forward and backward, "proj_pre_backward", "folded step" and "enter" backward; "post_res_proj" and "step"
-forward) have "(Triton)" rows beside them that run the Triton kernel instead.
+those). proj's forward and one-pass backward (``DotCfg.ws``, ``FusedBwdCfg.ws``) and post_res_proj (``DotCfg.ws``)
+are Gluon kernels by default on sm_90: the rows that run them ("proj" forward and backward, "proj_pre_backward",
+"folded step" and "enter" backward; "post_res_proj" and "step" forward) have "(Triton)" rows beside them that run
+the Triton kernel instead. enter's backward keeps the Triton kernel on an H100 (``triton_config.PROJ_BWD_BY_DEVICE``):
+"enter (Gluon)" backward runs the Gluon one there.
 --sweep also sweeps triton_fused's tiles (``triton_fused.configure``).
 ``--smoke`` runs the script on CPU under TRITON_INTERPRET=1 with tiny shapes (timings meaningless).
 """
@@ -216,10 +217,12 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("step (three-pass)", "bwd", _three_pass(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps,
                                                                              sqs, dx, g_in, gpost, gres, *ca)),
              step_bwd, "fused"),
-        # enter's proj backward (x broadcast over its streams, no acc): the Gluon kernel by default on sm_90
-        # ("enter" bwd), here the Triton one
+        # enter's proj backward (x broadcast over its streams, no acc): by device ("enter" bwd: the Gluon kernel on
+        # sm_90 but the Triton one on an H100, triton_config.PROJ_BWD_BY_DEVICE), here each of the two
         Case("enter (Triton)", "bwd", _triton_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost,
                                                                              gres, *ca)), enter_bwd, "fused"),
+        Case("enter (Gluon)", "bwd", _gluon_broadcast(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in,
+                                                                                gpost, gres, *ca)), enter_bwd, "fused"),
     ]
     return out
 
@@ -228,6 +231,15 @@ def _triton_proj(call: Callable[[object], object]) -> Callable[[object], object]
     """``call`` with proj's one-pass backward as the Triton kernel everywhere (FusedBwdCfg.ws, ws_no_acc off)."""
     def run(k):
         with tk.tuning("proj_dx_dphi", ws=False, ws_no_acc=False):
+            return call(k)
+    return run
+
+
+def _gluon_broadcast(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with proj's one-pass backward on the Gluon kernel for a broadcast x too (FusedBwdCfg.ws_broadcast,
+    which an H100 turns off by default); elsewhere (the CPU, no sm_90) the same call."""
+    def run(k):
+        with tk.tuning("proj_dx_dphi", ws_broadcast=True):
             return call(k)
     return run
 

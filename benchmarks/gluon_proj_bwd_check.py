@@ -55,7 +55,7 @@ def build() -> int:
     hl, coefs = torch.zeros(2 * gp.MP, t, dtype=torch.bfloat16), torch.zeros(t, gp.CW)
     dphi = torch.zeros(1, n * c, m)
     planes = gp.phi_rows_reference(phi)
-    # (dout, acc, dx warpgroups, dx_hl, slots: 0 = as many as fit; 2 = the H100's, WS_STAGES_BY_DEVICE)
+    # (dout, acc, dx warpgroups, dx_hl, slots: 0 = as many as fit; 2 = the H100's, PROJ_BWD_BY_DEVICE)
     for has_pre, has_acc, mixers, dx_hl, slots in (
             (True, True, 2, False, 0), (True, True, 1, False, 0), (True, False, 2, False, 0),
             (False, False, 2, False, 0), (True, True, 2, True, 0), (True, True, 1, True, 0),
@@ -144,7 +144,7 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
     same1 = all(torch.equal(a, b) for a, b in zip(one, got))
     ok &= same1
     lines.append(f"| {name} | one dx warpgroup: the same outputs | | | {'ok' if same1 else 'FAIL'} |")
-    two_slots = [_gluon(v, stages=2, mixers=m) for m in (1, 2)]  # the H100's ring (WS_STAGES_BY_DEVICE)
+    two_slots = [_gluon(v, stages=2, mixers=m) for m in (1, 2)]  # the H100's ring (PROJ_BWD_BY_DEVICE)
     same2 = all(torch.equal(a, b) for run in two_slots for a, b in zip(run, got))
     ok &= same2
     lines.append(f"| {name} | two slots: the same outputs | | | {'ok' if same2 else 'FAIL'} |")

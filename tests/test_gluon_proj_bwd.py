@@ -147,6 +147,48 @@ def test_ring_slots_by_device():
     assert (cfg.stages_on("NVIDIA H200", True), cfg.stages_on("NVIDIA H200", False)) == (0, 0)
     assert tk.FusedBwdCfg(ws_stages=0).stages_on(h100, True) == 0
     assert tk.FusedBwdCfg(ws_stages=3).stages_on("NVIDIA H200", False) == 3
+
+
+def test_broadcast_calls_keep_the_triton_kernel_on_an_h100():
+    """enter's call (broadcast x) takes the Triton kernel on an H100 (sessions 36-37), the Gluon one elsewhere;
+    ws_broadcast forces either; calls on a dense x are untouched."""
+    cfg, h100, h200 = tk.FusedBwdCfg(), "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    assert cfg.gluon_for(has_acc=False, broadcast=True, device_name=h100) == 0
+    assert cfg.gluon_for(has_acc=False, broadcast=True, device_name=h200) == 1
+    assert cfg.gluon_for(has_acc=False, broadcast=False, device_name=h100) == 1
+    assert cfg.gluon_for(has_acc=True, broadcast=False, device_name=h100) == 2
+    assert tk.FusedBwdCfg(ws_broadcast=True).gluon_for(False, True, h100) == 1
+    assert tk.FusedBwdCfg(ws_broadcast=False).gluon_for(False, True, h200) == 0
+
+
+def test_proj_grads_routes_a_broadcast_x_by_device(monkeypatch):
+    """The dispatch in triton_proj_bwd.proj_grads, with the Gluon kernel stood in for: on an "H100" enter's call
+    (x expanded over its streams) runs the Triton kernel and a dense x the Gluon one, with two slots where dout is
+    given; on an "H200" both run the Gluon one with as many slots as fit."""
+    from mhc_compile.kernels import triton_common as tcom
+    from mhc_compile.kernels import triton_proj_bwd as tpb
+
+    x, phi, dp, dsq, h_pre, dout, _ = _cpu_inputs(21, 2, 128, seed=4)
+    wide = x[:, 0].contiguous().unsqueeze(1).expand(x.shape)  # the chain head's stream: one row a token, stride 0 along n
+    assert tcom.is_broadcast(wide) and not tcom.is_broadcast(x)
+    calls = []
+
+    def gluon(x, *args, stages, **kwargs):
+        calls.append((tcom.is_broadcast(x), stages))
+        raise AssertionError("stand-in")  # not a TritonError: proj_grads does not catch it
+
+    monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(gp, "proj_grads", gluon)
+    monkeypatch.setattr(tpb, "_NO_GLUON", set())
+    for name, want in (("NVIDIA H100 80GB HBM3", [(False, 2)]), ("NVIDIA H200", [(True, 0), (False, 0)])):
+        monkeypatch.setattr(tcom, "device_name", lambda device, name=name: name)
+        calls.clear()
+        for v in (wide, x):
+            try:
+                tk.proj_pre_backward(v, phi, dp, dsq, h_pre, dout)
+            except AssertionError:
+                pass
+        assert calls == want, (name, calls)
     with pytest.raises(ValueError, match="ws_stages=5"):
         tk.FusedBwdCfg(ws_stages=5)
 

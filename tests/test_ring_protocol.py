@@ -221,7 +221,7 @@ def outcomes(make, seeds: int = 300) -> set:
 
 @pytest.mark.parametrize("stages,mixers", [(2, 1), (2, 2), (3, 1), (3, 2), (4, 2), (4, 1)])
 def test_proj_bwd_ring_never_passes_early_or_deadlocks(stages, mixers):
-    # (2, 1) and (2, 2): the H100's ring (triton_config.WS_STAGES_BY_DEVICE), without and with acc
+    # (2, 1) and (2, 2): the H100's ring (triton_config.PROJ_BWD_BY_DEVICE), without and with acc
     assert outcomes(lambda: proj_bwd_protocol(stages, mixers, 24)) == {"ok"}
 
 

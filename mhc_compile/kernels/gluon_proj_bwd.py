@@ -14,7 +14,7 @@ Here one program an SM owns a block of BK = 128 columns of one stream (256-byte 
 boxes: session 21 measured 128-byte rows costing 9 points against 256) and walks its tokens in tiles of BT = 64:
 
 - the loader warp fills a ring of three slots (four without acc; on an H100 two for the calls with dout:
-  ``triton_config.WS_STAGES_BY_DEVICE``, sessions 36-37), each holding the tile's X, dout and acc boxes,
+  ``triton_config.PROJ_BWD_BY_DEVICE``, sessions 36-37), each holding the tile's X, dout and acc boxes,
   dp [BT, MP] in fp32 (the A operand of the tf32 dx dot), dp^T's bf16 hi / lo rows (the A operand of the dphi dot)
   and the packed per-token coefficients (h_pre, dsq);
 - the dx warpgroups each take one 64-column half of every tile (or one takes both): dx = dp phi^T (tf32 wgmma;

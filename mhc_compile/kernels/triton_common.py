@@ -62,9 +62,14 @@ def stream_arg(x: Tensor) -> tuple[Tensor, bool]:
     over the n streams (passes/rewrite.py): stride 0 along n over dense [..., C] rows. The kernels given X_BCAST read
     that one row a token (offset token * C + c for every stream) instead of n copies that a ``.contiguous()`` would
     write first. Any other x is made contiguous."""
-    if x.shape[-2] > 1 and x.stride(-2) == 0 and x.select(-2, 0).is_contiguous():
+    if is_broadcast(x):
         return x, True
     return x.contiguous(), False
+
+
+def is_broadcast(x: Tensor) -> bool:
+    """Whether ``stream_arg`` reads x as one row a token for all its streams."""
+    return x.shape[-2] > 1 and x.stride(-2) == 0 and x.select(-2, 0).is_contiguous()
 
 
 def check_stream(op: str, *tensors: Tensor) -> None:

@@ -111,15 +111,35 @@ class DotCfg:
                              "compute warpgroups")
 
 
-# The Gluon proj backward's ring slots by GPU: (a part of torch.cuda.get_device_name, slots for the calls with dout,
-# slots for those without; 0 = as many as fit). H100 SXM, every build beside the Triton kernel in one run:
+@dataclass(frozen=True)
+class ProjBwdPlan:
+    """The Gluon proj backward on one kind of GPU, by call: its ring slots for the calls with dout and for those
+    without (0 = as many as fit), and whether the calls on a broadcast x (enter's backward: a chain head's
+    embedding, one row a token for all n streams) keep the Triton kernel."""
+
+    slots_with_dout: int = 0
+    slots_without_dout: int = 0
+    triton_for_broadcast: bool = False
+
+
+# The plan by GPU (a part of torch.cuda.get_device_name); others get ProjBwdPlan(). H100 SXM, every build beside the
+# Triton kernel in one run:
 # - with dout (proj_pre_backward, enter's and the folded boundary's backward), with or without acc, two slots were
 #   fastest at 32768 x 4096, 32768 x 7168 and 8192 x 4096 (session 36: with acc at 32768 x 4096 1322 us, 86.8 % of
 #   copy bandwidth, against 1384 us with three; enter's call, without acc, 962 against 1058 with four);
 # - without dout (proj's backward alone) a slot holds an X box only, and four slots stay faster: 87.8 % in session
-#   36's table with four, 79.2 % in session 37's with two (benchmarks/results/session37-2026-12-05-h100.md).
-# The H200, on which sessions 25-27 tuned it with as many as fit, has not been swept.
-WS_STAGES_BY_DEVICE: tuple[tuple[str, int, int], ...] = (("H100", 2, 0),)
+#   36's table with four, 79.2 % in session 37's with two (benchmarks/results/session37-2026-12-05-h100.md);
+# - enter's backward (broadcast x) ran faster on the Triton kernel in both sessions: session 37's table 87.2 against
+#   85.1 % at 32768 x 4096 and 83.4 against 79.4 % at 32768 x 7168 (its sweep: 87.4-87.5 against 85.3-85.4 %), level
+#   at 8192 tokens (81.8 / 80.4 against 82.1 / 80.7 %); session 36's sweep of its proj call: 84.0 against 82.6 %.
+# The H200, on which sessions 25-27 tuned it with as many slots as fit, has not been swept.
+PROJ_BWD_BY_DEVICE: tuple[tuple[str, ProjBwdPlan], ...] = (
+    ("H100", ProjBwdPlan(slots_with_dout=2, slots_without_dout=0, triton_for_broadcast=True)),
+)
+
+
+def proj_bwd_plan(device_name: str) -> ProjBwdPlan:
+    return next((plan for part, plan in PROJ_BWD_BY_DEVICE if part in device_name), ProjBwdPlan())
 
 
 @dataclass(frozen=True)
@@ -169,8 +189,11 @@ class FusedBwdCfg:
     # up to half a point slower with it)
     ws_dx_hl: bool = False
     # the Gluon kernel's ring slots: 0 = as many as fit (3 with acc, 4 without), an int forces it, None = by device
-    # and call (``WS_STAGES_BY_DEVICE``, else as many as fit)
+    # and call (``PROJ_BWD_BY_DEVICE``, else as many as fit)
     ws_stages: int | None = None
+    # the calls on a broadcast x (enter's backward): True = the Gluon kernel, False = the Triton one, None = by
+    # device (``PROJ_BWD_BY_DEVICE``, else the Gluon kernel)
+    ws_broadcast: bool | None = None
 
     def __post_init__(self):
         if self.ws_mixers not in (None, 1, 2):
@@ -184,13 +207,17 @@ class FusedBwdCfg:
         """The ring slots for a call with or without dout on a GPU of this name (0: as many as fit)."""
         if self.ws_stages is not None:
             return self.ws_stages
-        return next((with_dout if has_dout else without for part, with_dout, without in WS_STAGES_BY_DEVICE
-                     if part in device_name), 0)
+        plan = proj_bwd_plan(device_name)
+        return plan.slots_with_dout if has_dout else plan.slots_without_dout
 
-    def gluon_for(self, has_acc: bool) -> int:
-        """The Gluon kernel's dx warpgroups for a call with or without acc, 0 where this config keeps the Triton
-        kernel (whether the call can run on the Gluon kernel is gluon_proj_bwd.supported's to say)."""
+    def gluon_for(self, has_acc: bool, broadcast: bool = False, device_name: str = "") -> int:
+        """The Gluon kernel's dx warpgroups for a call with or without acc, on a broadcast x or not, on a GPU of
+        this name; 0 where this config keeps the Triton kernel (whether the call can run on the Gluon kernel is
+        gluon_proj_bwd.supported's to say)."""
         if not (self.ws or (self.ws_no_acc and not has_acc)):
+            return 0
+        if broadcast and not (self.ws_broadcast if self.ws_broadcast is not None
+                              else not proj_bwd_plan(device_name).triton_for_broadcast):
             return 0
         return self.ws_mixers or (2 if has_acc else 1)
 

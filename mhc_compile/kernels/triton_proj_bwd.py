@@ -399,7 +399,8 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
     interpreter has no registers). The [2 MP, BK] dphi accumulator lives in registers, so BK shrinks as the
     coefficient count grows (n = 4: MP = 32, BK = 128 as configured; n = 8: MP = 128, BK = 32), as the pair's
     dphi kernel does."""
-    mixers = cfg.gluon_for(acc is not None)
+    gpu = tcom.device_name(x.device)
+    mixers = cfg.gluon_for(acc is not None, tcom.is_broadcast(x), gpu)
     if mixers and x.device not in _NO_GLUON:
         from mhc_compile.kernels import gluon_proj_bwd
 
@@ -408,8 +409,7 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
             try:
                 return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers,
                                                  dx_hl=cfg.ws_dx_hl,
-                                                 stages=cfg.stages_on(tcom.device_name(x.device),
-                                                                     dout is not None))
+                                                 stages=cfg.stages_on(gpu, dout is not None))
             except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas): before launch,
                 # so nothing was written; it must not reach _proj_grads, whose OutOfResources handling is the Triton
                 # kernel's
