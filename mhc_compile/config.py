@@ -49,8 +49,8 @@ class MHCConfig:
                      time and +23.7 % / +19.3 % activation memory at d = 4096 / 7168, against the default's
                      +12.6 % / +6.9 % and +17.7 % / +16.8 % (benchmarks/results/session18-2026-12-03-h200.md).
                      With the Gluon kernels of ``step`` (sm_90: ``triton_ops`` DotCfg.ws, the default since
-                     session 27, and ``triton_fused`` StepBwdCfg.ws, the default since session 37), session 24: +14.7 % / +8.7 %
-                     against +12.4 % / +7.3 %.
+                     session 27, and ``triton_fused`` StepBwdCfg.ws, the default since session 37), session
+                     24: +14.7 % / +8.7 % against +12.4 % / +7.3 %.
                      True opts in.
     fold_stream_grads: in Inductor's backward graph, let each site's proj/pre backward write the stream
                      gradient once with the residual path's part added in (``passes/fold_stream_grads.py``)

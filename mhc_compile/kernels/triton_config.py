@@ -139,6 +139,7 @@ PROJ_BWD_BY_DEVICE: tuple[tuple[str, ProjBwdPlan], ...] = (
 
 
 def proj_bwd_plan(device_name: str) -> ProjBwdPlan:
+    """The plan of the first entry whose name part the GPU's name holds, else the default one."""
     return next((plan for part, plan in PROJ_BWD_BY_DEVICE if part in device_name), ProjBwdPlan())
 
 
@@ -216,9 +217,11 @@ class FusedBwdCfg:
         gluon_proj_bwd.supported's to say)."""
         if not (self.ws or (self.ws_no_acc and not has_acc)):
             return 0
-        if broadcast and not (self.ws_broadcast if self.ws_broadcast is not None
-                              else not proj_bwd_plan(device_name).triton_for_broadcast):
-            return 0
+        if broadcast:
+            on_gluon = (self.ws_broadcast if self.ws_broadcast is not None
+                        else not proj_bwd_plan(device_name).triton_for_broadcast)
+            if not on_gluon:
+                return 0
         return self.ws_mixers or (2 if has_acc else 1)
 
 
