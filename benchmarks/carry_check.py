@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = os.environ.get("OUT", "bench_out")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "carry-check" + "".join(f"-{v}" for v in (args.mode, args.dtype != "bfloat16" and args.dtype) if v) + ".md"), "w") as f:
+    tags = [v for v in (args.mode, args.dtype if args.dtype != "bfloat16" else None) if v]
+    with open(os.path.join(out, "-".join(["carry-check", *tags]) + ".md"), "w") as f:
         f.write(text)
     return 0 if ok else 1
 

@@ -17,7 +17,8 @@ def test_byte_counts_match_the_design_table_at_n4():
 
 def test_default_path_counts_match_session37s_profile():
     """The default path (folds on, fuse off) at n = 4: 18 forward, 32 backward, 9 a recomputed site; session 37's
-    d = 7168 step (8 sites, 5 recomputed) moved 52.3 GB in its mHC kernels: 445 elements of C x 8192 tokens x 2 bytes."""
+    d = 7168 step (8 sites, 5 recomputed) moved 52.3 GB in its mHC kernels: 445 elements of C x 8192 tokens x 2
+    bytes."""
     at4 = {cost.n: 4}
     d = cost.DEFAULT
     assert (d.forward.subs(at4), d.backward.subs(at4), d.recompute.subs(at4)) == (18, 32, 9)
