@@ -1,6 +1,7 @@
 """The Gluon kernels' ring depths on the GPU at hand: kernel-table rows timed under config variants, side by side.
 
     PYTHONPATH=. python benchmarks/ring_sweep.py --out DIR [--t 32768] [--c 4096] [--rounds 2] [--rows ROW ...]
+    PYTHONPATH=. python benchmarks/ring_sweep.py --out DIR --shapes 32768x4096 8192x7168 ...   # one table a shape
     TRITON_INTERPRET=1 python benchmarks/ring_sweep.py --device cpu --t 37 --c 128   # a smoke run of this script
 
 Session 36 found the Gluon proj backward two slots deep 4-7 % faster on an H100 than with as many as fit, the depth
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--t", type=int, default=32768)
     ap.add_argument("--c", type=int, default=4096)
+    ap.add_argument("--shapes", nargs="*", default=None, metavar="TxC",
+                    help="several shapes, one table each, in one process (instead of --t / --c)")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rows", nargs="*", default=list(VARIANTS), help=f"rows of {sorted(VARIANTS)}")
@@ -92,18 +95,34 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.rows) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown rows {sorted(unknown)}; rows: {sorted(VARIANTS)}")
+    try:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes or [f"{args.t}x{args.c}"]]
+    except ValueError:
+        ap.error(f"--shapes takes TxC, e.g. 32768x4096: {args.shapes}")
+    if any(len(shape) != 2 for shape in shapes):
+        ap.error(f"--shapes takes TxC, e.g. 32768x4096: {args.shapes}")
     smoke = args.device == "cpu"
     bk.SMOKE = smoke
     import triton
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter smoke run)"
-    inp = bk.make_inputs(args.t, args.n, args.c, torch.bfloat16, args.device)
     bw = bk.copy_bandwidth(args.device, nbytes=(2 << 30) if not smoke else (1 << 20))
     lines = [f"# ring_sweep, {datetime.date.today()}, {name}, torch {torch.__version__}, triton {triton.__version__}",
-             "", f"T = {args.t}, C = {args.c}, n = {args.n}, bf16; copy bandwidth {bw / 1e9:.0f} GB/s", "",
-             "| row | round | config | us | eff | Gluon kernels that ran |", "|---|---|---|---|---|---|"]
+             "", f"n = {args.n}, bf16; copy bandwidth {bw / 1e9:.0f} GB/s"]
     print("\n".join(lines), flush=True)
-    rows = {f"{c.kernel} {c.direction}": c for c in bk.cases(inp)}
+    for t, c in shapes:
+        sweep_shape(t, c, args, bw, lines)
+    return 0
+
+
+def sweep_shape(t: int, c: int, args, bw: float, lines: list[str]) -> None:
+    """One shape's table, appended to ``lines`` (and the file rewritten) row by row: a hung or killed run keeps
+    what came before."""
+    inp = bk.make_inputs(t, args.n, c, torch.bfloat16, args.device)
+    lines += ["", f"T = {t}, C = {c}", "", "| row | round | config | us | eff | Gluon kernels that ran |",
+              "|---|---|---|---|---|---|"]
+    print("\n".join(lines[-5:]), flush=True)
+    rows = {f"{case.kernel} {case.direction}": case for case in bk.cases(inp)}
     broken = set()
     for rnd in range(args.rounds):
         for row in args.rows:

@@ -747,19 +747,22 @@ def test_carry_check_fails_a_model_further_from_fp32_than_the_one_graph():
 
 
 def test_ring_sweep_times_each_row_under_each_variant(tmp_path, monkeypatch):
-    """ring_sweep on the CPU (interpreter, tiny): every variant of the chosen rows gets a timed line, with the Gluon
-    kernels that ran ("none" off sm_90), and an unknown row is refused by name."""
+    """ring_sweep on the CPU (interpreter, tiny): every variant of the chosen rows gets a timed line at each shape,
+    with the Gluon kernels that ran ("none" off sm_90), and an unknown row or a malformed shape is refused."""
     from benchmarks import ring_sweep
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    rc = ring_sweep.main(["--device", "cpu", "--t", "19", "--c", "128", "--rounds", "1", "--out", str(tmp_path),
+    rc = ring_sweep.main(["--device", "cpu", "--shapes", "19x128", "5x64", "--rounds", "1", "--out", str(tmp_path),
                           "--rows", "proj_pre_backward bwd", "step bwd"])
     text = (tmp_path / "ring_sweep.md").read_text()
     assert rc == 0, text
     timed = [line for line in text.splitlines() if line.startswith("| proj_pre_backward bwd") or
              line.startswith("| step bwd")]
-    want = 1 + len(ring_sweep.VARIANTS["proj_pre_backward bwd"]) + 1 + len(ring_sweep.VARIANTS["step bwd"])
+    want = 2 * (1 + len(ring_sweep.VARIANTS["proj_pre_backward bwd"]) + 1 + len(ring_sweep.VARIANTS["step bwd"]))
+    assert "T = 19, C = 128" in text and "T = 5, C = 64" in text  # one table a shape
     assert len(timed) == want and all(line.endswith("| none |") for line in timed), text
     assert "ws_stages=2, ws_dx_hl=True" in text and "step_bwd: ws=True, stages=2" in text
     with pytest.raises(SystemExit):
         ring_sweep.main(["--device", "cpu", "--rows", "no such row"])
+    with pytest.raises(SystemExit):
+        ring_sweep.main(["--device", "cpu", "--shapes", "32768by4096"])
