@@ -44,13 +44,17 @@ KERNEL_BYTES = {
     "_post_res_fwd_kernel": lambda S, v: 2 * S + v,          # X, y -> X'
     "_pre_fwd_kernel": lambda S, v: S + v,                   # X -> x_in
     "_proj_fwd_kernel": lambda S, v: S,                      # X -> p, sq
+    "_proj_ws_kernel": lambda S, v: S,                       # the Gluon proj forward (DotCfg.ws)
     "_post_res_proj_kernel": lambda S, v: 2 * S + v,         # X, y -> X', p', sq' (fold_post_res_proj)
-    "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,      # dX', X, y -> dX, dy (+ v: x_in with foldpre)
+    # dX', X, y -> dX, dy; with fold_pre_recompute (the default) also x_in, a v more that this leaves out (a kernel
+    # name does not say which op launched it)
+    "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,
     "_post_res_bwd_2d_kernel": lambda S, v: 3 * S + 2 * v,   # the same op's 2-D kernel (the default)
     "_pre_bwd_kernel": lambda S, v: S + v,                   # X, dx_in -> dh_pre (pre_backward_dh)
     "_proj_dx_dphi_kernel": lambda S, v: 3 * S + v,          # X, dx_in, acc -> dX (and dphi)
     "_proj_dx_kernel": lambda S, v: 3 * S + v,
     "_proj_dphi_kernel": lambda S, v: S,
+    "_proj_bwd_ws_kernel": lambda S, v: 3 * S + v,           # the Gluon one-pass backward, as _proj_dx_dphi_kernel
     "_post_res_proj_ws_kernel": lambda S, v: 2 * S + v,      # the Gluon post_res_proj (DotCfg.ws)
     "_step_bwd_ws_kernel": lambda S, v: 3 * S + 3 * v,       # step bwd pass 2: X_prev, y, dx_in, dX -> dX_prev, dy
 }
