@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +66,16 @@ def stream_arg(x: Tensor) -> tuple[Tensor, bool]:
     if is_broadcast(x):
         return x, True
     return x.contiguous(), False
+
+
+def gluon_build_failed(op: str, error: Exception, device: torch.device, failed: set, fallback: str,
+                       stacklevel: int = 2) -> None:
+    """A Gluon kernel that does not build (another Triton's Gluon, shared memory, ptxas: a TritonError, raised before
+    any launch, so nothing was written): ``device`` joins the op's ``failed`` set, whose later calls go straight to
+    ``fallback``, and the user is told once. ``stacklevel`` counts from the caller."""
+    failed.add(device)
+    warnings.warn(f"mhc {op}: the Gluon kernel does not build here ({type(error).__name__}: {str(error)[:200]}); "
+                  f"using {fallback} on {device}", stacklevel=stacklevel + 1)
 
 
 def is_broadcast(x: Tensor) -> bool:

@@ -41,7 +41,6 @@ rounds bf16 stores to nearest by hand, so the tests see what the GPU computes.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -53,8 +52,8 @@ from triton.errors import TritonError
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tops
 from mhc_compile.kernels.launch import launch
-from mhc_compile.kernels.triton_common import (INTERPRETED, acc_tl, acc_torch, cdiv, check_stream, grad_buffer, pow2,
-                                               round_to)
+from mhc_compile.kernels.triton_common import (INTERPRETED, acc_tl, acc_torch, cdiv, check_stream, gluon_build_failed,
+                                               grad_buffer, pow2, round_to)
 from mhc_compile.kernels.triton_config import overriding
 from mhc_compile.kernels.triton_post_res import channel_partials
 from mhc_compile.kernels.triton_post_res_proj import PRP_HOIST, coeff_vectors
@@ -314,9 +313,7 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
             return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
         except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas) comes before the
             # launch, so nothing was written: the three passes below start over, here and for the rest of the run
-            _NO_GLUON.add(x_prev.device)
-            warnings.warn(f"mhc step backward: the Gluon kernel does not build here ({type(e).__name__}: "
-                          f"{str(e)[:200]}); using the three Triton passes on {x_prev.device}", stacklevel=2)
+            gluon_build_failed("step backward", e, x_prev.device, _NO_GLUON, "the three Triton passes")
     x, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc)
     dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
     # G = X's whole gradient, dX included

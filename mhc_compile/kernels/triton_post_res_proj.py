@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import triton
@@ -14,8 +13,8 @@ from triton.errors import TritonError
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import descriptor, tma_ok
 from mhc_compile.kernels.triton_common import (INTERPRETED, acc_tl, acc_torch, cdiv, check_stream, dot_precision,
-                                               filling_splits, half_dot_dtype, pow2, round_to, split_hi_lo,
-                                               stream_dims, uses_hi_lo)
+                                               filling_splits, gluon_build_failed, half_dot_dtype, pow2, round_to,
+                                               split_hi_lo, stream_dims, uses_hi_lo)
 from mhc_compile.kernels.triton_config import DotCfg, cfg_of
 
 
@@ -247,9 +246,7 @@ def _post_res_proj_ws(cfg: DotCfg, x: Tensor, h_res: Tensor, h_post: Tensor, y: 
                   p.view(parts, t, m), sq.view(parts, t), c_split, bc, mp, cfg.num_warps, consumers, *slots,
                   cfg.ws_regs, cfg.ws_box, join=cfg.ws_join)
     except TritonError as e:
-        _NO_GLUON_PRP.add(x.device)
-        warnings.warn(f"mhc post_res_proj: the Gluon kernel does not build here ({type(e).__name__}: "
-                      f"{str(e)[:200]}); using the Triton kernel on {x.device}", stacklevel=3)
+        gluon_build_failed("post_res_proj", e, x.device, _NO_GLUON_PRP, "the Triton kernel", stacklevel=3)
         return None
     return (out, p[0], sq[0]) if parts == 1 else (out, p.sum(0), sq.sum(0))
 

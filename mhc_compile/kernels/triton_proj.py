@@ -16,8 +16,8 @@ from triton.runtime.errors import OutOfResources
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import tma_ok
 from mhc_compile.kernels.triton_common import (acc_tl, acc_torch, cdiv, check_stream, dot_precision, filling_splits,
-                                               grad_buffer, half_dot_dtype, pow2, split_hi_lo, stream_arg, stream_dims,
-                                               uses_hi_lo, wave_splits)
+                                               gluon_build_failed, grad_buffer, half_dot_dtype, pow2, split_hi_lo,
+                                               stream_arg, stream_dims, uses_hi_lo, wave_splits)
 from mhc_compile.kernels.triton_config import DotCfg, cfg_of
 
 
@@ -136,9 +136,7 @@ def _proj_ws(cfg: DotCfg, x: Tensor, phi: Tensor, lead: tuple, t: int, k: int, m
         gp.launch(x.reshape(t, k), split_hi_lo(phi, mp, transpose=False, interleave=cfg.join_hi_lo),
                   p.view(splits, t, m), sq.view(splits, t), k_split, warps, *chosen, join=cfg.join_hi_lo)
     except TritonError as e:
-        _NO_GLUON_PROJ.add(x.device)
-        warnings.warn(f"mhc proj: the Gluon kernel does not build here ({type(e).__name__}: {str(e)[:200]}); using "
-                      f"the Triton kernel on {x.device}", stacklevel=3)
+        gluon_build_failed("proj", e, x.device, _NO_GLUON_PROJ, "the Triton kernel", stacklevel=3)
         return None
     return (p[0], sq[0]) if splits == 1 else (p.sum(0), sq.sum(0))
 

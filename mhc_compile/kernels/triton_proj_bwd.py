@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 
 import torch
 import triton
@@ -413,9 +412,7 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
             except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas): before launch,
                 # so nothing was written; it must not reach _proj_grads, whose OutOfResources handling is the Triton
                 # kernel's
-                _NO_GLUON.add(x.device)
-                warnings.warn(f"mhc proj backward: the Gluon kernel does not build here ({type(e).__name__}: "
-                              f"{str(e)[:200]}); using the Triton kernel on {x.device}", stacklevel=2)
+                tcom.gluon_build_failed("proj backward", e, x.device, _NO_GLUON, "the Triton kernel")
     two_mp = 2 * max(16, tcom.pow2(phi.shape[1]))
     bk = max(16, min(cfg.bk, 8192 // two_mp))
     return proj_pre_backward_fused(x, phi, dp, dsq, h_pre, dout, acc, bt=cfg.bt, bk=bk, num_warps=cfg.num_warps,
