@@ -136,10 +136,10 @@ def copy_bandwidth(kernels_md: str) -> float | None:
 
 def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]:
     """Markdown rows: for each width with a residual step time, what the default path's mHC bookkeeping must move a
-    step over the residual adds it replaces (``cost.DEFAULT`` less ``cost.RESIDUAL_ADD``), from no site recomputed
-    to every site, and that as time at the copy bandwidth and as a share of the residual step. A step target below
-    the first share cannot be met by faster kernels on this GPU, only by moving fewer bytes. Empty without a
-    bandwidth (no kernel table in the folder)."""
+    step over the residual adds it replaces (``cost.site_bytes`` of the unfused design with its default folds:
+    ``cost.DEFAULT``), from no site recomputed to every site, and that as time at the copy bandwidth and as a share
+    of the residual step. A step target below the first share cannot be met by faster kernels on this GPU, only by
+    moving fewer bytes. Empty without a bandwidth (no kernel table in the folder)."""
     from mhc_compile import cost
 
     rows = []
@@ -147,9 +147,8 @@ def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]
         sh = step.shape
         if bandwidth_gbs is None or sh is None or not step.residual_ms:
             continue
-        units = [cost.evaluate(cost.DEFAULT.total(recompute=r) - cost.RESIDUAL_ADD.total(), n=sh.n)
-                 for r in (False, True)]
-        gb = [u * sh.sites * sh.tokens * d * sh.elem_bytes / 1e9 for u in units]
+        gb = [sh.sites * cost.evaluate(cost.site_bytes(fused=False, recompute=r), T=sh.tokens, n=sh.n, C=d,
+                                       s=sh.elem_bytes) / 1e9 for r in (False, True)]
         ms = [g / bandwidth_gbs * 1e3 for g in gb]
         pct = [100 * m / step.residual_ms for m in ms]
         limit = STEP_OVERHEAD.get(d)

@@ -82,7 +82,8 @@ def traffic(fused: bool = True, fold_stream_grads: bool = True, fold_pre_recompu
 
 
 def site_bytes(fused: bool = True, recompute: bool = True) -> sympy.Expr:
-    """Extra bytes per site over a plain residual add, for T tokens: a sympy expression."""
+    """Extra bytes per site over a plain residual add, for T tokens: a sympy expression (``fused`` False: the
+    unfused kernels with the default folds, ``DEFAULT``)."""
     extra = traffic(fused).total(recompute) - RESIDUAL_ADD.total()
     return sympy.expand(extra * C * T * s)
 
