@@ -147,6 +147,8 @@ def test_ring_slots_by_device():
     assert (cfg.stages_on("NVIDIA H200", True), cfg.stages_on("NVIDIA H200", False)) == (0, 0)
     assert tk.FusedBwdCfg(ws_stages=0).stages_on(h100, True) == 0
     assert tk.FusedBwdCfg(ws_stages=3).stages_on("NVIDIA H200", False) == 3
+    with pytest.raises(ValueError, match="ws_stages=5"):
+        tk.FusedBwdCfg(ws_stages=5)
 
 
 def test_broadcast_calls_keep_the_triton_kernel_on_an_h100():
@@ -161,56 +163,31 @@ def test_broadcast_calls_keep_the_triton_kernel_on_an_h100():
     assert tk.FusedBwdCfg(ws_broadcast=False).gluon_for(False, True, h200) == 0
 
 
-def test_proj_grads_routes_a_broadcast_x_by_device(monkeypatch):
-    """The dispatch in triton_proj_bwd.proj_grads, with the Gluon kernel stood in for: on an "H100" enter's call
-    (x expanded over its streams) runs the Triton kernel and a dense x the Gluon one, with two slots where dout is
-    given; on an "H200" both run the Gluon one with as many slots as fit."""
-    from mhc_compile.kernels import triton_common as tcom
-    from mhc_compile.kernels import triton_proj_bwd as tpb
-
-    x, phi, dp, dsq, h_pre, dout, _ = _cpu_inputs(21, 2, 128, seed=4)
-    wide = x[:, 0].contiguous().unsqueeze(1).expand(x.shape)  # a chain head's stream: one row a token for all n
-    assert tcom.is_broadcast(wide) and not tcom.is_broadcast(x)
-    calls = []
-
-    def gluon(x, *args, stages, **kwargs):
-        calls.append((tcom.is_broadcast(x), stages))
-        raise AssertionError("stand-in")  # not a TritonError: proj_grads does not catch it
-
-    monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
-    monkeypatch.setattr(gp, "proj_grads", gluon)
-    monkeypatch.setattr(tpb, "_NO_GLUON", set())
-    for name, want in (("NVIDIA H100 80GB HBM3", [(False, 2)]), ("NVIDIA H200", [(True, 0), (False, 0)])):
-        monkeypatch.setattr(tcom, "device_name", lambda device, name=name: name)
-        calls.clear()
-        for v in (wide, x):
-            try:
-                tk.proj_pre_backward(v, phi, dp, dsq, h_pre, dout)
-            except AssertionError:
-                pass
-        assert calls == want, (name, calls)
-    with pytest.raises(ValueError, match="ws_stages=5"):
-        tk.FusedBwdCfg(ws_stages=5)
-
-
 def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monkeypatch):
-    """triton_proj_bwd's entry hands the Gluon kernel the slot count of the device it runs on and the dx_hl flag
-    (the kernel itself runs only on an sm_90 GPU: here it is stood in for, its arguments recorded)."""
+    """triton_proj_bwd's entry hands the Gluon kernel the slot count of the device it runs on and the dx_hl flag,
+    and on an "H100" keeps enter's call (x expanded over its streams) on the Triton kernel (the Gluon kernel itself
+    runs only on an sm_90 GPU: here it is stood in for, its arguments recorded)."""
     from mhc_compile.kernels import triton_common as tcom
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
     seen = []
     x, phi, dp, dsq, h_pre, dout, acc = _cpu_inputs(16, 4, 128, seed=3)
+    wide = x[:, 0].contiguous().unsqueeze(1).expand(x.shape)  # a chain head's stream: one row a token for all n
+    assert tcom.is_broadcast(wide) and not tcom.is_broadcast(x)
     monkeypatch.setattr(gp, "supported", lambda *a: True)
-    monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append(kw) or (a[0], a[1]))
+    monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append((tcom.is_broadcast(a[0]), kw)) or (a[0], a[1]))
     monkeypatch.setattr(tpb, "_NO_GLUON", set())
     for name, want in (("NVIDIA H100 80GB HBM3", 2), ("NVIDIA H200", 0)):
         monkeypatch.setattr(tcom, "device_name", lambda device, name=name: name)
         tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
-        assert seen[-1]["stages"] == want and seen[-1]["dx_hl"] is False and seen[-1]["mixers"] == 2
+        assert seen[-1][1]["stages"] == want and seen[-1][1]["dx_hl"] is False and seen[-1][1]["mixers"] == 2
+        seen.clear()
+        for v in (wide, x):  # enter's call and a dense one, without acc
+            tk.proj_pre_backward(v, phi, dp, dsq, h_pre, dout)
+        assert [(bc, kw["stages"]) for bc, kw in seen] == ([(False, 2)] if "H100" in name else [(True, 0), (False, 0)])
     with tk.tuning("proj_dx_dphi", ws_stages=3, ws_dx_hl=True):
         tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
-    assert seen[-1]["stages"] == 3 and seen[-1]["dx_hl"] is True and seen[-1]["mixers"] == 1
+    assert seen[-1][1]["stages"] == 3 and seen[-1][1]["dx_hl"] is True and seen[-1][1]["mixers"] == 1
 
 
 def _cpu_inputs(t, n, c, seed):
