@@ -171,6 +171,12 @@ def fused_cases(inp: dict) -> list[Case]:
     # enter: K1 reads X only (n) + pre (n + 1); backward: dh_pre (n + 1) + one pass (X, dx_in -> dX: 2n + 1)
     elem = inp["t"] * inp["c"] * x.element_size()
     enter_fwd, enter_bwd = (2 * n + 1) * elem, (3 * n + 2) * elem
+    # enter on a chain head's stream, its embedding broadcast over the n streams: X is one row a token (read as 1,
+    # not n); dX leaves dense. Forward: proj (1) + pre (1 + 1); backward: dh_pre (1 + 1) + one pass (1 + 1 + n)
+    xb = x[:, 0].contiguous().unsqueeze(1).expand(x.shape)
+    pb, sqb = ref.proj(xb, phi)
+    hpre_b = ref.coeffs(pb, sqb, b, a, *ca)[0]
+    enter_b_fwd, enter_b_bwd = 3 * elem, (n + 4) * elem
 
     def unfused_fwd(k):
         xx = k.post_res(x, hr, hq, y)
@@ -205,6 +211,9 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("enter", "fwd", lambda k: k.enter(x, phi, b, a, *ca), enter_fwd, "fused"),
         Case("enter", "bwd", lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost, gres, *ca),
              enter_bwd, "fused"),
+        Case("enter (broadcast)", "fwd", lambda k: k.enter(xb, phi, b, a, *ca), enter_b_fwd, "fused"),
+        Case("enter (broadcast)", "bwd", lambda k: k.enter_backward(xb, phi, b, a, hpre_b, pb, sqb, g_in, gpost, gres,
+                                                                    *ca), enter_b_bwd, "fused"),
         Case("unfused step", "fwd", unfused_fwd, _stream_bytes(inp, cost.UNFUSED.forward)),
         Case("unfused step", "bwd", unfused_bwd, _stream_bytes(inp, cost.UNFUSED.backward)),
         # post_res_proj's Triton kernel, where the rows above run the Gluon one (DotCfg.ws: sm_90, bf16), alone and
@@ -217,12 +226,12 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("step (three-pass)", "bwd", _three_pass(lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps,
                                                                              sqs, dx, g_in, gpost, gres, *ca)),
              step_bwd, "fused"),
-        # enter's proj backward (x broadcast over its streams, no acc): by device ("enter" bwd: the Gluon kernel on
-        # sm_90 but the Triton one on an H100, triton_config.PROJ_BWD_BY_DEVICE), here each of the two
+        # enter's proj backward (dout, no acc): by device ("enter" bwd: the Gluon kernel on sm_90 but the Triton one on
+        # an H100, triton_config.PROJ_BWD_BY_DEVICE), here each of the two
         Case("enter (Triton)", "bwd", _triton_proj(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in, gpost,
                                                                              gres, *ca)), enter_bwd, "fused"),
-        Case("enter (Gluon)", "bwd", _gluon_broadcast(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in,
-                                                                                gpost, gres, *ca)), enter_bwd, "fused"),
+        Case("enter (Gluon)", "bwd", _gluon_enter(lambda k: k.enter_backward(x, phi, b, a, hpre_e, p, sq, g_in,
+                                                                            gpost, gres, *ca)), enter_bwd, "fused"),
     ]
     return out
 
@@ -235,11 +244,11 @@ def _triton_proj(call: Callable[[object], object]) -> Callable[[object], object]
     return run
 
 
-def _gluon_broadcast(call: Callable[[object], object]) -> Callable[[object], object]:
-    """``call`` with proj's one-pass backward on the Gluon kernel for a broadcast x too (FusedBwdCfg.ws_broadcast,
-    which an H100 turns off by default); elsewhere (the CPU, no sm_90) the same call."""
+def _gluon_enter(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with proj's one-pass backward on the Gluon kernel for enter's call too (FusedBwdCfg.ws_enter, which an
+    H100 turns off by default); elsewhere (the CPU, no sm_90) the same call."""
     def run(k):
-        with tk.tuning("proj_dx_dphi", ws_broadcast=True):
+        with tk.tuning("proj_dx_dphi", ws_enter=True):
             return call(k)
     return run
 

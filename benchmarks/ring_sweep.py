@@ -30,15 +30,16 @@ from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 # (module whose ``tuning`` takes the config, its kernel name, fields) a variant; "default" runs the shipped config
 _PROJ_BWD = [(tk, "proj_dx_dphi", dict(ws_stages=s)) for s in (2, 3, 4)] + [
     (tk, "proj_dx_dphi", dict(ws_stages=2, ws_dx_hl=True)), (tk, "proj_dx_dphi", dict(ws=False, ws_no_acc=False))]
-# enter's call (broadcast x), which keeps the Triton kernel on an H100 (triton_config.PROJ_BWD_BY_DEVICE): the Gluon
+# enter's call (dout, no acc), which keeps the Triton kernel on an H100 (triton_config.PROJ_BWD_BY_DEVICE): the Gluon
 # kernel's variants force it
-_ENTER = [(mod, kernel, {**fields, "ws_broadcast": True}) if fields.get("ws", True) else (mod, kernel, fields)
+_ENTER = [(mod, kernel, {**fields, "ws_enter": True}) if fields.get("ws", True) else (mod, kernel, fields)
           for mod, kernel, fields in _PROJ_BWD]
 _PRP = [(tk, "post_res_proj", dict(ws_stages=s, ws_wstages=w)) for s in (2, 3) for w in (2, 4)]
 VARIANTS = {
     "proj bwd": _PROJ_BWD,  # the call without dout: a slot holds X alone
     "proj_pre_backward bwd": _PROJ_BWD,
     "enter bwd": _ENTER,
+    "enter (broadcast) bwd": _ENTER,  # a chain head's embedding: one X row a token
     "folded step bwd": _PROJ_BWD,
     "post_res_proj fwd": _PRP,
     "step fwd": _PRP,

@@ -140,10 +140,10 @@ def test_the_config_picks_the_kernel_and_its_warpgroups_by_acc():
 
 
 def test_ring_slots_by_device():
-    """On an H100 two slots for the calls with dout and as many as fit without (sessions 36-37), as many as fit
-    elsewhere, a given count wherever it is set."""
+    """On an H100 two slots for the calls with dout and three without (sessions 36-38), as many as fit elsewhere, a
+    given count wherever it is set."""
     cfg, h100 = tk.FusedBwdCfg(), "NVIDIA H100 80GB HBM3"
-    assert (cfg.stages_on(h100, has_dout=True), cfg.stages_on(h100, has_dout=False)) == (2, 0)
+    assert (cfg.stages_on(h100, has_dout=True), cfg.stages_on(h100, has_dout=False)) == (2, 3)
     assert (cfg.stages_on("NVIDIA H200", True), cfg.stages_on("NVIDIA H200", False)) == (0, 0)
     assert tk.FusedBwdCfg(ws_stages=0).stages_on(h100, True) == 0
     assert tk.FusedBwdCfg(ws_stages=3).stages_on("NVIDIA H200", False) == 3
@@ -151,22 +151,23 @@ def test_ring_slots_by_device():
         tk.FusedBwdCfg(ws_stages=5)
 
 
-def test_broadcast_calls_keep_the_triton_kernel_on_an_h100():
-    """enter's call (broadcast x) takes the Triton kernel on an H100 (sessions 36-37), the Gluon one elsewhere;
-    ws_broadcast forces either; calls on a dense x are untouched."""
+def test_enter_calls_keep_the_triton_kernel_on_an_h100():
+    """enter's call (dout, no acc) takes the Triton kernel on an H100 (sessions 36-38), the Gluon one elsewhere;
+    ws_enter forces either; the calls with acc or without dout are untouched."""
     cfg, h100, h200 = tk.FusedBwdCfg(), "NVIDIA H100 80GB HBM3", "NVIDIA H200"
-    assert cfg.gluon_for(has_acc=False, broadcast=True, device_name=h100) == 0
-    assert cfg.gluon_for(has_acc=False, broadcast=True, device_name=h200) == 1
-    assert cfg.gluon_for(has_acc=False, broadcast=False, device_name=h100) == 1
-    assert cfg.gluon_for(has_acc=True, broadcast=False, device_name=h100) == 2
-    assert tk.FusedBwdCfg(ws_broadcast=True).gluon_for(False, True, h100) == 1
-    assert tk.FusedBwdCfg(ws_broadcast=False).gluon_for(False, True, h200) == 0
+    assert cfg.gluon_for(has_acc=False, has_dout=True, device_name=h100) == 0
+    assert cfg.gluon_for(has_acc=False, has_dout=True, device_name=h200) == 1
+    assert cfg.gluon_for(has_acc=False, has_dout=False, device_name=h100) == 1
+    assert cfg.gluon_for(has_acc=True, has_dout=True, device_name=h100) == 2
+    assert tk.FusedBwdCfg(ws_enter=True).gluon_for(False, True, h100) == 1
+    assert tk.FusedBwdCfg(ws_enter=False).gluon_for(False, True, h200) == 0
 
 
 def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monkeypatch):
-    """triton_proj_bwd's entry hands the Gluon kernel the slot count of the device it runs on and the dx_hl flag,
-    and on an "H100" keeps enter's call (x expanded over its streams) on the Triton kernel (the Gluon kernel itself
-    runs only on an sm_90 GPU: here it is stood in for, its arguments recorded)."""
+    """triton_proj_bwd's entry hands the Gluon kernel the slot count of the device it runs on for the call at hand
+    and the dx_hl flag, and on an "H100" keeps enter's call (dout, no acc; x dense or broadcast over its streams) on
+    the Triton kernel (the Gluon kernel itself runs only on an sm_90 GPU: here it is stood in for, its arguments
+    recorded)."""
     from mhc_compile.kernels import triton_common as tcom
     from mhc_compile.kernels import triton_proj_bwd as tpb
 
@@ -177,15 +178,17 @@ def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monk
     monkeypatch.setattr(gp, "supported", lambda *a: True)
     monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append((tcom.is_broadcast(a[0]), kw)) or (a[0], a[1]))
     monkeypatch.setattr(tpb, "_NO_GLUON", set())
-    for name, want in (("NVIDIA H100 80GB HBM3", 2), ("NVIDIA H200", 0)):
+    for name, dout_slots, alone_slots in (("NVIDIA H100 80GB HBM3", 2, 3), ("NVIDIA H200", 0, 0)):
         monkeypatch.setattr(tcom, "device_name", lambda device, name=name: name)
         tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
-        assert seen[-1][1]["stages"] == want and seen[-1][1]["dx_hl"] is False and seen[-1][1]["mixers"] == 2
+        assert seen[-1][1]["stages"] == dout_slots and seen[-1][1]["dx_hl"] is False and seen[-1][1]["mixers"] == 2
+        tk.proj_backward(wide, phi, dp, dsq)  # without dout: the Gluon kernel on both, with that call's slots
+        assert seen[-1][0] and seen[-1][1]["stages"] == alone_slots and seen[-1][1]["mixers"] == 1
         seen.clear()
-        for v in (wide, x):  # enter's call and a dense one, without acc
+        for v in (wide, x):  # enter's call, broadcast and dense
             tk.proj_pre_backward(v, phi, dp, dsq, h_pre, dout)
-        assert [(bc, kw["stages"]) for bc, kw in seen] == ([(False, 2)] if "H100" in name else [(True, 0), (False, 0)])
-    with tk.tuning("proj_dx_dphi", ws_stages=3, ws_dx_hl=True):
+        assert [(bc, kw["stages"]) for bc, kw in seen] == ([] if "H100" in name else [(True, 0), (False, 0)])
+    with tk.tuning("proj_dx_dphi", ws_stages=3, ws_dx_hl=True, ws_enter=True):
         tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     assert seen[-1][1]["stages"] == 3 and seen[-1][1]["dx_hl"] is True and seen[-1][1]["mixers"] == 1
 

@@ -114,12 +114,12 @@ class DotCfg:
 @dataclass(frozen=True)
 class ProjBwdPlan:
     """The Gluon proj backward on one kind of GPU, by call: its ring slots for the calls with dout and for those
-    without (0 = as many as fit), and whether the calls on a broadcast x (enter's backward: a chain head's
-    embedding, one row a token for all n streams) keep the Triton kernel."""
+    without (0 = as many as fit), and whether the calls with dout and without acc (enter's backward, ``fuse=True``'s
+    chain heads) keep the Triton kernel."""
 
     slots_with_dout: int = 0
     slots_without_dout: int = 0
-    triton_for_broadcast: bool = False
+    triton_for_enter: bool = False
 
 
 # The plan by GPU (a part of torch.cuda.get_device_name); others get ProjBwdPlan(). H100 SXM, every build beside the
@@ -127,14 +127,17 @@ class ProjBwdPlan:
 # - with dout (proj_pre_backward, enter's and the folded boundary's backward), with or without acc, two slots were
 #   fastest at 32768 x 4096, 32768 x 7168 and 8192 x 4096 (session 36: with acc at 32768 x 4096 1322 us, 86.8 % of
 #   copy bandwidth, against 1384 us with three; enter's call, without acc, 962 against 1058 with four);
-# - without dout (proj's backward alone) a slot holds an X box only, and four slots stay faster: 87.8 % in session
-#   36's table with four, 79.2 % in session 37's with two (benchmarks/results/session37-2026-12-05-h100.md);
-# - enter's backward (broadcast x) ran faster on the Triton kernel in both sessions: session 37's table 87.2 against
-#   85.1 % at 32768 x 4096 and 83.4 against 79.4 % at 32768 x 7168 (its sweep: 87.4-87.5 against 85.3-85.4 %), level
-#   at 8192 tokens (81.8 / 80.4 against 82.1 / 80.7 %); session 36's sweep of its proj call: 84.0 against 82.6 %.
+# - without dout (proj's backward alone) a slot holds an X box only, and more slots pay: session 38's sweep
+#   (benchmarks/results/session38-2026-12-06-h100.md) found three fastest at 32768 x 4096 (90.1-90.4 % of copy
+#   bandwidth against 87.6-88.0 with four and 79.5 with two), 32768 x 7168 (89.1 against 85.7 / 80.8) and 8192 x 7168
+#   (86.0-86.2 against 84.9-85.5 / 77.9);
+# - enter's backward (dout, no acc) ran faster on the Triton kernel in sessions 36-38: session 38's sweep 88.3-88.4
+#   against 85.8-86.0 % at 32768 x 4096 and 84.5 against 81.6 % at 32768 x 7168, level at 8192 x 7168 (81.4 against
+#   82.0 %); session 37's table 87.2 against 85.1 %. Those rows ran enter on a dense x (a stream carried in from
+#   another graph, runtime/carry.py); the "enter (broadcast)" rows time a chain head's embedding.
 # The H200, on which sessions 25-27 tuned it with as many slots as fit, has not been swept.
 PROJ_BWD_BY_DEVICE: tuple[tuple[str, ProjBwdPlan], ...] = (
-    ("H100", ProjBwdPlan(slots_with_dout=2, slots_without_dout=0, triton_for_broadcast=True)),
+    ("H100", ProjBwdPlan(slots_with_dout=2, slots_without_dout=3, triton_for_enter=True)),
 )
 
 
@@ -192,9 +195,9 @@ class FusedBwdCfg:
     # the Gluon kernel's ring slots: 0 = as many as fit (3 with acc, 4 without), an int forces it, None = by device
     # and call (``PROJ_BWD_BY_DEVICE``, else as many as fit)
     ws_stages: int | None = None
-    # the calls on a broadcast x (enter's backward): True = the Gluon kernel, False = the Triton one, None = by
-    # device (``PROJ_BWD_BY_DEVICE``, else the Gluon kernel)
-    ws_broadcast: bool | None = None
+    # the calls with dout and without acc (enter's backward): True = the Gluon kernel, False = the Triton one, None =
+    # by device (``PROJ_BWD_BY_DEVICE``, else the Gluon kernel)
+    ws_enter: bool | None = None
 
     def __post_init__(self):
         if self.ws_mixers not in (None, 1, 2):
@@ -211,15 +214,14 @@ class FusedBwdCfg:
         plan = proj_bwd_plan(device_name)
         return plan.slots_with_dout if has_dout else plan.slots_without_dout
 
-    def gluon_for(self, has_acc: bool, broadcast: bool = False, device_name: str = "") -> int:
-        """The Gluon kernel's dx warpgroups for a call with or without acc, on a broadcast x or not, on a GPU of
-        this name; 0 where this config keeps the Triton kernel (whether the call can run on the Gluon kernel is
+    def gluon_for(self, has_acc: bool, has_dout: bool = False, device_name: str = "") -> int:
+        """The Gluon kernel's dx warpgroups for a call with or without acc and dout on a GPU of this name; 0 where
+        this config keeps the Triton kernel (whether the call can run on the Gluon kernel is
         gluon_proj_bwd.supported's to say)."""
         if not (self.ws or (self.ws_no_acc and not has_acc)):
             return 0
-        if broadcast:
-            on_gluon = (self.ws_broadcast if self.ws_broadcast is not None
-                        else not proj_bwd_plan(device_name).triton_for_broadcast)
+        if has_dout and not has_acc:  # enter's backward
+            on_gluon = self.ws_enter if self.ws_enter is not None else not proj_bwd_plan(device_name).triton_for_enter
             if not on_gluon:
                 return 0
         return self.ws_mixers or (2 if has_acc else 1)

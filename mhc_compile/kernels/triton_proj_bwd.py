@@ -399,7 +399,7 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
     coefficient count grows (n = 4: MP = 32, BK = 128 as configured; n = 8: MP = 128, BK = 32), as the pair's
     dphi kernel does."""
     gpu = tcom.device_name(x.device)
-    mixers = cfg.gluon_for(acc is not None, tcom.is_broadcast(x), gpu)
+    mixers = cfg.gluon_for(acc is not None, dout is not None, gpu)
     if mixers and x.device not in _NO_GLUON:
         from mhc_compile.kernels import gluon_proj_bwd
 
