@@ -193,6 +193,30 @@ def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monk
     assert seen[-1][1]["stages"] == 3 and seen[-1][1]["dx_hl"] is True and seen[-1][1]["mixers"] == 1
 
 
+@pytest.mark.parametrize("fuse, head_call", [(False, (True, True, True)), (True, (True, True, False))])
+def test_which_proj_backward_calls_a_compiled_model_makes(monkeypatch, fuse, head_call):
+    """The call shapes the per-device plan keys on, as a compiled model makes them: every site's call has dout; the
+    chain head's x is broadcast (its embedding over the n streams); with acc in the default path (its three stream
+    gradients folded), without it under fuse=True (enter's backward). So ``triton_for_enter`` moves only fuse=True's
+    head call, whatever its x."""
+    from mhc_compile.kernels import triton_common as tcom
+    from models import NanoGPT
+
+    seen = []
+    real = tproj._proj_grads
+
+    def spy(x, phi, dp, dsq, h_pre, dout, acc, out=None):
+        seen.append((tcom.is_broadcast(x), dout is not None, acc is not None))
+        return real(x, phi, dp, dsq, h_pre, dout, acc, out)
+
+    monkeypatch.setattr(tproj, "_proj_grads", spy)
+    torch.manual_seed(0)
+    model = NanoGPT(d=32, layers=2).to(torch.bfloat16)
+    compiled = torch.compile(model, backend="mhc", options={"n": 4, "kernels": "triton", "fuse": fuse})
+    compiled(torch.randint(0, 64, (2, 16))).float().sum().backward()
+    assert sorted(seen) == sorted([(False, True, True)] * 3 + [head_call])
+
+
 def _cpu_inputs(t, n, c, seed):
     """A proj backward call's operands on the CPU: bf16 x, dout, acc; fp32 phi, dp, dsq, h_pre."""
     g = torch.Generator().manual_seed(seed)
