@@ -177,6 +177,11 @@ def fused_cases(inp: dict) -> list[Case]:
     pb, sqb = ref.proj(xb, phi)
     hpre_b = ref.coeffs(pb, sqb, b, a, *ca)[0]
     enter_b_fwd, enter_b_bwd = 3 * elem, (n + 4) * elem
+    # the default path's chain head: proj_pre_backward on that broadcast X with acc, its dx summed over the streams
+    # (passes/collapse_head_grad.py): X row, dout and acc read, one row written (n + 3); the n rows written and summed
+    # after, as before that pass: 3n + 3
+    head_bwd, head_rows_bwd = (n + 3) * elem, (3 * n + 3) * elem
+    dp, dsq = inp["dp"], inp["dsq"]
 
     def unfused_fwd(k):
         xx = k.post_res(x, hr, hq, y)
@@ -214,6 +219,9 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("enter (broadcast)", "fwd", lambda k: k.enter(xb, phi, b, a, *ca), enter_b_fwd, "fused"),
         Case("enter (broadcast)", "bwd", lambda k: k.enter_backward(xb, phi, b, a, hpre_b, pb, sqb, g_in, gpost, gres,
                                                                     *ca), enter_b_bwd, "fused"),
+        Case("head", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, dx), head_bwd),
+        Case("head (uncollapsed)", "bwd",
+             lambda k: k.proj_pre_backward(xb, phi, dp, dsq, hpre_b, g_in, dx)[0].sum(-2, keepdim=True), head_rows_bwd),
         Case("unfused step", "fwd", unfused_fwd, _stream_bytes(inp, cost.UNFUSED.forward)),
         Case("unfused step", "bwd", unfused_bwd, _stream_bytes(inp, cost.UNFUSED.backward)),
         # post_res_proj's Triton kernel, where the rows above run the Gluon one (DotCfg.ws: sm_90, bf16), alone and

@@ -77,6 +77,10 @@ class MHCConfig:
                      as a broadcast view of one C-wide row instead of n written copies
                      (``passes/broadcast_collapse_grad.py``): the last site's post_res backward reads one row a
                      token. Same values; False keeps the n-wide buffer.
+    collapse_head_grad: in Inductor's backward graph, write each chain head's stream gradient (its embedding's,
+                     broadcast over the n streams) summed over the streams by the head's proj backward, instead of
+                     n rows that the expand's backward reads back to sum (``passes/collapse_head_grad.py``). The
+                     same sum, rounded once; False keeps the n-wide rows.
     ddp_buckets:     under DistributedDataParallel, split the rewritten graph at DDP's gradient buckets and
                      compile each piece apart, so that each bucket's all-reduce overlaps the backward of the pieces
                      before it (``passes/schedule.py``). False compiles one graph: DDP then reduces every gradient
@@ -110,6 +114,7 @@ class MHCConfig:
     fold_post_res_proj: bool = False
     inplace_stream_grads: bool = True
     broadcast_collapse_grad: bool = True
+    collapse_head_grad: bool = True
     ddp_buckets: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
@@ -132,7 +137,8 @@ class MHCConfig:
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute",
-                     "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad", "ddp_buckets"):
+                     "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad", "collapse_head_grad",
+                     "ddp_buckets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.recompute, (list, tuple)):

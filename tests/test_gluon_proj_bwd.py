@@ -193,12 +193,16 @@ def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monk
     assert seen[-1][1]["stages"] == 3 and seen[-1][1]["dx_hl"] is True and seen[-1][1]["mixers"] == 1
 
 
-@pytest.mark.parametrize("fuse, head_call", [(False, (True, True, True)), (True, (True, True, False))])
-def test_which_proj_backward_calls_a_compiled_model_makes(monkeypatch, fuse, head_call):
-    """The call shapes the per-device plan keys on, as a compiled model makes them: every site's call has dout; the
-    chain head's x is broadcast (its embedding over the n streams); with acc in the default path (its three stream
-    gradients folded), without it under fuse=True (enter's backward). So ``triton_for_enter`` moves only fuse=True's
-    head call, whatever its x."""
+@pytest.mark.parametrize("options, head_call", [
+    ({}, (False, 1, True, True)),                               # the embedding's row (passes/collapse_head_grad.py)
+    ({"collapse_head_grad": False}, (True, 4, True, True)),     # the broadcast stream, acc from the folded gradients
+    ({"fuse": True}, (True, 4, True, False)),                   # enter's backward
+])
+def test_which_proj_backward_calls_a_compiled_model_makes(monkeypatch, options, head_call):
+    """The call shapes the per-device plan keys on, as a compiled model makes them: every site's call has dout, and
+    all but the chain head's are dense n-stream calls with acc. The head's is a one-row call with acc in the default
+    path, the broadcast stream with acc without collapse_head_grad, and without acc under fuse=True (enter's
+    backward). So ``triton_for_enter`` moves only fuse=True's head call."""
     from mhc_compile.kernels import triton_common as tcom
     from models import NanoGPT
 
@@ -206,15 +210,15 @@ def test_which_proj_backward_calls_a_compiled_model_makes(monkeypatch, fuse, hea
     real = tproj._proj_grads
 
     def spy(x, phi, dp, dsq, h_pre, dout, acc, out=None):
-        seen.append((tcom.is_broadcast(x), dout is not None, acc is not None))
+        seen.append((tcom.is_broadcast(x), x.shape[-2], dout is not None, acc is not None))
         return real(x, phi, dp, dsq, h_pre, dout, acc, out)
 
     monkeypatch.setattr(tproj, "_proj_grads", spy)
     torch.manual_seed(0)
     model = NanoGPT(d=32, layers=2).to(torch.bfloat16)
-    compiled = torch.compile(model, backend="mhc", options={"n": 4, "kernels": "triton", "fuse": fuse})
+    compiled = torch.compile(model, backend="mhc", options={"n": 4, "kernels": "triton", **options})
     compiled(torch.randint(0, 64, (2, 16))).float().sum().backward()
-    assert sorted(seen) == sorted([(False, True, True)] * 3 + [head_call])
+    assert sorted(seen) == sorted([(False, 4, True, True)] * 3 + [head_call])
 
 
 def _cpu_inputs(t, n, c, seed):

@@ -143,6 +143,9 @@ def _all_op_calls(impl: str):
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
         ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),
         ("post_res_proj", ops.post_res_proj, (x, h_res, h_post, y, phi, impl)),
+        # a chain head's stream: one dense row a token, broadcast over the n streams (passes/collapse_head_grad.py)
+        ("proj_pre_backward_collapsed", ops.proj_pre_backward_collapsed,
+         (y.contiguous().unsqueeze(-2).expand(x.shape), phi, p, sq, h_pre, y, dout_x, impl)),
         # the gradient they write over must be dense (passes/inplace_stream_grads.py only picks such): each call
         # gets its own copy (_fresh)
         ("post_res_backward_into", ops.post_res_backward_into, (x, h_res, h_post, y, dout_x.contiguous(), impl)),
@@ -156,8 +159,10 @@ def _all_op_calls(impl: str):
 
 def _fresh(args):
     """``args`` with every tensor copied (as it is: a permuted view stays one), so that an op that writes over an
-    argument leaves the next call's inputs alone."""
-    return tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) else a for a in args)
+    argument leaves the next call's inputs alone. A broadcast view (a stride 0) stays as it is: no op writes over
+    one, and a copy would be dense."""
+    return tuple(a.clone(memory_format=torch.preserve_format) if isinstance(a, torch.Tensor) and 0 not in a.stride()
+                 else a for a in args)
 
 
 def test_every_op_returns_the_strides_its_fake_promises():
@@ -200,7 +205,8 @@ def test_direct_twins_match_the_custom_ops():
 
 _UNFUSED = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre", "post_res_proj",
-            "post_res_backward_into", "post_res_backward_pre_into", "proj_pre_backward_into")
+            "post_res_backward_into", "post_res_backward_pre_into", "proj_pre_backward_into",
+            "proj_pre_backward_collapsed")
 
 
 @pytest.mark.parametrize("lead", ["three_dims_permuted", "none"])

@@ -213,6 +213,23 @@ def proj_pre_backward(
     return dx.to(x.dtype), dphi.to(phi.dtype)
 
 
+def proj_pre_backward_collapsed(
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(sum over the n streams of proj_pre_backward's dx before its rounding, [T, 1, C], rounded once ; its dphi).
+
+    The gradient of a stream broadcast over its n streams (a chain's head, its embedding expanded) is that sum,
+    which the expand's backward would otherwise take of the n-wide dx (passes/collapse_head_grad.py)."""
+    t, n, c = x.shape
+    xf = _acc(x.reshape(t, n * c))
+    dx = (_acc(dp) @ _acc(phi).t() + 2.0 * _acc(dsq)[:, None] * xf).reshape(t, n, c)
+    dx = dx + _acc(h_pre)[:, :, None] * _acc(dout)[:, None, :]
+    if acc is not None:
+        dx = dx + _acc(acc)
+    dphi = xf.t() @ _acc(dp)
+    return dx.sum(1, keepdim=True).to(x.dtype), dphi.to(phi.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # post_res: X'[i] = sum_j h_res[i, j] X[j] + h_post[i] y
 # ---------------------------------------------------------------------------------------------

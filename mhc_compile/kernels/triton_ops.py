@@ -32,8 +32,8 @@ functional surface that ``runtime/ops.py`` dispatches to):
 
 * ``triton_pre``: pre, pre_backward, pre_backward_dh
 * ``triton_post_res``: post_res, post_res_backward, post_res_backward_pre
-* ``triton_proj``: proj, proj_backward, proj_pre_backward (bf16's one-pass backward: ``triton_proj_bwd``, and
-  on sm_90 ``gluon_proj_bwd``)
+* ``triton_proj``: proj, proj_backward, proj_pre_backward, proj_pre_backward_collapsed (bf16's one-pass backward:
+  ``triton_proj_bwd``, and on sm_90 ``gluon_proj_bwd``)
 * ``triton_coeffs``: coeffs, coeffs_backward
 * ``triton_post_res_proj``: post_res_proj (on sm_90: ``gluon_post_res_proj``)
 * ``triton_config``: the tiles (``configure``, ``tuning``); ``triton_common``: what the wrappers share
@@ -48,7 +48,7 @@ from mhc_compile.kernels.triton_config import (
 from mhc_compile.kernels.triton_post_res import post_res, post_res_backward, post_res_backward_pre
 from mhc_compile.kernels.triton_post_res_proj import post_res_proj
 from mhc_compile.kernels.triton_pre import pre, pre_backward, pre_backward_dh
-from mhc_compile.kernels.triton_proj import proj, proj_backward, proj_pre_backward
+from mhc_compile.kernels.triton_proj import proj, proj_backward, proj_pre_backward, proj_pre_backward_collapsed
 
 # The modules whose wrappers launch kernels, each through its own binding of ``launch``: what a test or a check
 # that wraps every launch of these ops patches (triton_proj_bwd and triton_fused bind their own too).
@@ -56,7 +56,7 @@ LAUNCHING = (triton_common, triton_pre, triton_post_res, triton_proj, triton_coe
 
 __all__ = [
     "pre", "pre_backward", "pre_backward_dh", "post_res", "post_res_backward", "post_res_backward_pre", "proj",
-    "proj_backward", "proj_pre_backward", "coeffs", "coeffs_backward", "post_res_proj",
+    "proj_backward", "proj_pre_backward", "proj_pre_backward_collapsed", "coeffs", "coeffs_backward", "post_res_proj",
     "configure", "tuning", "StreamCfg", "PostResBwdCfg", "CoeffsBwdCfg", "DotCfg", "FusedBwdCfg",
     "LAUNCHING",
 ]

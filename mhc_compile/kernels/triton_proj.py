@@ -16,8 +16,8 @@ from triton.runtime.errors import OutOfResources
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import tma_ok
 from mhc_compile.kernels.triton_common import (acc_tl, acc_torch, cdiv, check_stream, dot_precision, filling_splits,
-                                               gluon_build_failed, grad_buffer, half_dot_dtype, pow2, split_hi_lo,
-                                               stream_arg, stream_dims, uses_hi_lo, wave_splits)
+                                               gluon_build_failed, grad_buffer, half_dot_dtype, is_broadcast, pow2,
+                                               split_hi_lo, stream_arg, stream_dims, uses_hi_lo, wave_splits)
 from mhc_compile.kernels.triton_config import DotCfg, cfg_of
 
 
@@ -419,3 +419,33 @@ def proj_pre_backward(
         out = grad_buffer(out, x, "proj_pre_backward")
     return _proj_grads(x, phi.contiguous(), dp.contiguous(), dsq.contiguous(), h_pre.contiguous(), dout.contiguous(),
                        acc, out)
+
+
+def proj_pre_backward_collapsed(
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(proj_pre_backward's dx summed over the n streams, [.., 1, C] ; its dphi): a chain head's stream gradient
+    (passes/collapse_head_grad.py).
+
+    On a stream broadcast over its n streams every stream reads the same row x, so the sum is proj_pre_backward on
+    that row with the streams' parts summed first: phi's n row blocks (dp @ sum_i phi_i^T), h_pre's n columns, acc's
+    n rows, and dsq counted n times (sum_i 2 dsq x = 2 n dsq x); dx is rounded once, and dphi's n row blocks are the
+    row's one, repeated. The kernel reads the row, dout and acc's sum and writes one row, where proj_pre_backward
+    writes n that the sum then reads back. Any other x: proj_pre_backward, then the sum of its rounded rows."""
+    check_stream("proj_pre_backward_collapsed", x, phi, dout)
+    n, c = x.shape[-2:]
+    k, m = phi.shape
+    if k != n * c:
+        raise ValueError(f"mhc triton proj_pre_backward_collapsed: phi has {k} rows, expected n*C = {n * c}")
+    if acc is not None and acc.shape != x.shape:
+        raise ValueError(f"mhc triton proj_pre_backward_collapsed: acc has shape {tuple(acc.shape)}, expected x's "
+                         f"{tuple(x.shape)}")
+    sums = acc_torch(x.dtype, phi.dtype, dout.dtype)
+    if not is_broadcast(x):
+        dx, dphi = proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+        return dx.sum(-2, keepdim=True, dtype=sums).to(x.dtype), dphi
+    row = x.select(-2, 0).unsqueeze(-2)  # dense: is_broadcast holds its rows contiguous
+    phi_sum = phi.reshape(n, c, m).sum(0, dtype=sums).to(phi.dtype)
+    acc_sum = None if acc is None else acc.sum(-2, keepdim=True, dtype=sums).to(x.dtype)
+    ds, dphi_row = proj_pre_backward(row, phi_sum, dp, dsq * n, h_pre.sum(-1, keepdim=True), dout, acc_sum)
+    return ds, dphi_row.repeat(n, 1)

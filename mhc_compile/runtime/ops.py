@@ -26,7 +26,8 @@ IMPLS = ("reference", "triton")
 OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
             "proj_pre_backward", "post_res_backward_pre", "post_res_proj", "post_res_backward_into",
-            "post_res_backward_pre_into", "proj_pre_backward_into", "step_backward_into")
+            "post_res_backward_pre_into", "proj_pre_backward_into", "step_backward_into",
+            "proj_pre_backward_collapsed")
 
 
 def all_ops() -> list:
@@ -135,6 +136,7 @@ class _ReferenceOps:
         "pre_backward": ((2, 1, 1), (True, True)),
         "pre_backward_dh": ((2, 1, 1), (True,)),
         "proj_pre_backward": ((2, None, 1, 0, 1, 1, 2), (True, False)),
+        "proj_pre_backward_collapsed": ((2, None, 1, 0, 1, 1, 2), (True, False)),
         "post_res": ((2, 2, 1, 1), (True,)),
         "post_res_backward": ((2, 2, 1, 1, 2), (True,) * 4),
         "post_res_backward_pre": ((2, 2, 1, 1, 2, 1), (True,) * 5),
@@ -334,6 +336,19 @@ def proj_pre_backward(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Te
 @proj_pre_backward.register_fake
 def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
     return _dense_like(x), _dense_like(phi)
+
+
+@_custom_op("proj_pre_backward_collapsed")
+def proj_pre_backward_collapsed(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor,
+                                acc: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
+    """proj_pre_backward with its dx summed over the n streams ([.., 1, C]): a chain head's gradient, put into
+    backward graphs by passes/collapse_head_grad.py."""
+    return _kernels(impl).proj_pre_backward_collapsed(x, phi, dp, dsq, h_pre, dout, acc)
+
+
+@proj_pre_backward_collapsed.register_fake
+def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
+    return x.new_empty(x.shape[:-2] + (1, x.shape[-1])), _dense_like(phi)
 
 
 # ---------------------------------------------------------------------------------------------

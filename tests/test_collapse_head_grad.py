@@ -1,0 +1,189 @@
+"""passes/collapse_head_grad.py and its op: a chain head's stream gradient written summed over the n streams.
+
+The op against the reference (float64: the same sum as proj_pre_backward's dx summed over its streams; the Triton
+path under the interpreter on broadcast and dense streams); the pass on a hand-built graph in the shape of
+Inductor's backward graph at a chain head, run before and after on random inputs; and end to end, a compiled model's
+gradients with the pass on and off.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+
+import mhc_compile
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from mhc_compile.kernels import reference as ref
+from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.passes import collapse_head_grad, inplace_stream_grads
+from mhc_compile.runtime import ops  # noqa: F401  (registers the ops)
+from models import NanoGPT, perturb_mhc, rel_err
+
+OPS = torch.ops.mhc_compile
+aten = torch.ops.aten
+
+
+def _operands(t, n, c, dtype, broadcast, acc, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = ref.num_coeffs(n)
+    row = torch.randn(t, 1, c, generator=g)
+    x = row.expand(t, n, c) if broadcast else torch.randn(t, n, c, generator=g)
+    phi = torch.randn(n * c, m, generator=g) * (n * c) ** -0.5
+    dp, dsq = torch.randn(t, m, generator=g), torch.randn(t, generator=g) * 1e-2
+    h_pre, dout = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g)
+    a = torch.randn(t, n, c, generator=g) if acc else None
+    cast = (lambda v: v.to(dtype)) if dtype != torch.float32 else (lambda v: v)
+    x = cast(row).expand(t, n, c) if broadcast else cast(x)
+    return x, phi, dp, dsq, h_pre, cast(dout), None if a is None else cast(a)
+
+
+@pytest.mark.parametrize("acc", [True, False])
+def test_the_reference_is_proj_pre_backwards_dx_summed_over_the_streams(acc):
+    x, phi, dp, dsq, h_pre, dout, a = (v if v is None else v.double()
+                                       for v in _operands(9, 3, 16, torch.float32, True, acc, seed=0))
+    dx, dphi = ref.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, a)
+    ds, dphi_c = ref.proj_pre_backward_collapsed(x, phi, dp, dsq, h_pre, dout, a)
+    assert ds.shape == (9, 1, 16)
+    torch.testing.assert_close(ds, dx.sum(1, keepdim=True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dphi_c, dphi, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t, n, c, dtype, broadcast, acc", [
+    (37, 4, 128, torch.bfloat16, True, True),    # the default path's chain head: bf16's one-pass kernel
+    (37, 4, 128, torch.bfloat16, True, False),
+    (29, 3, 48, torch.float32, True, True),      # the dx + dphi kernel pair, a ragged C
+    (17, 1, 64, torch.bfloat16, True, True),     # one stream: not broadcast, the dense route
+    (23, 2, 64, torch.bfloat16, False, True),    # a dense stream: proj_pre_backward, then the sum
+    (11, 4, 32, torch.float32, False, False),
+])
+def test_the_triton_op_matches_the_reference(t, n, c, dtype, broadcast, acc):
+    args = _operands(t, n, c, dtype, broadcast, acc, seed=t + n)
+    ds, dphi = tk.proj_pre_backward_collapsed(*args)
+    want_ds, want_dphi = ref.proj_pre_backward_collapsed(*(v if v is None else v.double() if v.is_floating_point()
+                                                           else v for v in args))
+    assert ds.dtype == args[0].dtype and ds.shape == (t, 1, c) and dphi.dtype == args[1].dtype
+    budget = 2e-2 if dtype == torch.bfloat16 else 1e-4  # bench_kernels' budgets (tf32 dx dot, bf16 rounding)
+    assert rel_err(ds.double(), want_ds) < budget
+    assert rel_err(dphi.double(), want_dphi) < budget
+
+
+def test_leading_token_dims_pass_through():
+    x, phi, dp, dsq, h_pre, dout, a = _operands(12, 4, 64, torch.float32, True, True, seed=5)
+    lead = lambda v: v.reshape(3, 4, *v.shape[1:])  # noqa: E731
+    ds, dphi = tk.proj_pre_backward_collapsed(x.reshape(3, 4, 4, 64), phi, lead(dp), dsq.reshape(3, 4), lead(h_pre),
+                                              lead(dout), lead(a))
+    want, want_dphi = tk.proj_pre_backward_collapsed(x, phi, dp, dsq, h_pre, dout, a)
+    torch.testing.assert_close(ds, want.reshape(3, 4, 1, 64))
+    torch.testing.assert_close(dphi, want_dphi)
+
+
+# --- the pass on a hand-built graph ------------------------------------------------------------------------------
+B, S, N, C = 2, 3, 4, 16
+
+
+def _graph(keepdim=True, dx_reader="sum", sum_dim=2):
+    """row -> expand over the streams -> the head's proj_pre_backward -> sum of its dx over the streams."""
+    g = torch.fx.Graph()
+    row, phi, dp, dsq, h_pre, dout, acc = (g.placeholder(k) for k in ("row", "phi", "dp", "dsq", "h_pre", "dout",
+                                                                       "acc"))
+    x = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (row, -2)), [B, S, N, C]))
+    op = g.call_function(OPS.proj_pre_backward.default, (x, phi, dp, dsq, h_pre, dout, acc, "reference"))
+    dx, dphi = (g.call_function(operator.getitem, (op, i)) for i in range(2))
+    outs = [dphi]
+    if dx_reader == "sum":
+        outs.append(g.call_function(aten.sum.dim_IntList, (dx, [sum_dim], keepdim)))
+    else:  # a second reader of the n rows
+        outs += [g.call_function(aten.sum.dim_IntList, (dx, [sum_dim], keepdim)),
+                 g.call_function(aten.mul.Tensor, (dx, 2.0))]
+    g.output(tuple(outs))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    m = ref.num_coeffs(N)
+    return [torch.randn(B, S, C, generator=g).double(), torch.randn(N * C, m, generator=g).double() * 0.1,
+            torch.randn(B, S, m, generator=g).double(), torch.randn(B, S, generator=g).double() * 1e-2,
+            torch.rand(B, S, N, generator=g).double(), torch.randn(B, S, C, generator=g).double(),
+            torch.randn(B, S, N, C, generator=g).double()]
+
+
+def _run_pass(gm, inputs):
+    FakeTensorProp(gm).propagate(*inputs)  # the fake values Inductor's nodes carry
+    rewritten = collapse_head_grad.apply(gm.graph)
+    gm.recompile()
+    return rewritten
+
+
+@pytest.mark.parametrize("keepdim, sum_dim", [(True, 2), (False, 2), (True, -2)])
+def test_the_head_gradient_is_written_summed_and_values_are_unchanged(keepdim, sum_dim):
+    gm, inputs = _graph(keepdim=keepdim, sum_dim=sum_dim), _inputs()
+    want = gm(*inputs)
+    assert _run_pass(gm, inputs) == 1
+    targets = [n.target for n in gm.graph.nodes]
+    assert OPS.proj_pre_backward_collapsed.default in targets and OPS.proj_pre_backward.default not in targets
+    assert aten.sum.dim_IntList not in targets
+    got = gm(*inputs)
+    assert got[1].shape == want[1].shape
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_with_another_reader_or_another_sum_are_left_alone():
+    for gm in (_graph(dx_reader="two"), _graph(sum_dim=3)):
+        assert _run_pass(gm, _inputs()) == 0
+        assert OPS.proj_pre_backward.default in [n.target for n in gm.graph.nodes]
+
+
+def test_a_dense_stream_is_left_alone():
+    g = torch.fx.Graph()
+    x, phi, dp, dsq, h_pre, dout, acc = (g.placeholder(k) for k in ("x", "phi", "dp", "dsq", "h_pre", "dout", "acc"))
+    op = g.call_function(OPS.proj_pre_backward.default, (x, phi, dp, dsq, h_pre, dout, acc, "reference"))
+    dx = g.call_function(operator.getitem, (op, 0))
+    g.output((g.call_function(aten.sum.dim_IntList, (dx, [2], True)), g.call_function(operator.getitem, (op, 1))))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    inputs = _inputs()
+    inputs[0] = torch.randn(B, S, N, C).double()
+    assert _run_pass(gm, inputs) == 0
+
+
+def test_the_inplace_pass_then_leaves_the_head_alone():
+    gm, inputs = _graph(), _inputs()
+    want = gm(*inputs)
+    _run_pass(gm, inputs)
+    inplace_stream_grads.apply(gm.graph)
+    gm.recompile()
+    assert OPS.proj_pre_backward_into.default not in [n.target for n in gm.graph.nodes]
+    for a, b in zip(gm(*inputs), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+def _grads(options, dtype):
+    torch.manual_seed(0)
+    model = NanoGPT(d=32, layers=2).to(dtype)
+    idx = torch.randint(0, 64, (2, 16))
+    mhc_compile.prepare(model, idx, n=4)
+    perturb_mhc(model)  # mixing away from its identity-like init, where some coefficient gradients are 0
+    compiled = torch.compile(model, backend="mhc", options={"n": 4, **options})
+    compiled(idx).float().sum().backward()
+    return {k: p.grad.double() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernels, dtype, tol", [("reference", torch.float64, 1e-10), ("triton", torch.float32, 1e-4)])
+def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch, kernels, dtype, tol):
+    """The head's gradient summed by the op (on) against the n rows summed after (off); the op ran once a step (one
+    chain) with the pass on and not at all with it off (counted where it runs: a cached graph skips the pass)."""
+    module = ref if kernels == "reference" else tk
+    calls, real = [], module.proj_pre_backward_collapsed
+    monkeypatch.setattr(module, "proj_pre_backward_collapsed", lambda *a: calls.append(a[0].shape) or real(*a))
+    on = _grads({"kernels": kernels}, dtype)
+    assert len(calls) == 1
+    off = _grads({"kernels": kernels, "collapse_head_grad": False}, dtype)
+    assert len(calls) == 1
+    assert on.keys() == off.keys() and len(on) > 0
+    for k in on:
+        assert rel_err(on[k], off[k]) < tol, k
