@@ -55,6 +55,7 @@ def test_the_reference_is_proj_pre_backwards_dx_summed_over_the_streams(acc):
     (37, 4, 128, torch.bfloat16, True, True),    # the default path's chain head: bf16's one-pass kernel
     (37, 4, 128, torch.bfloat16, True, False),
     (29, 3, 48, torch.float32, True, True),      # the dx + dphi kernel pair, a ragged C
+    (13, 8, 64, torch.bfloat16, True, True),     # 80 coefficients on the one row (the Gluon kernel takes 32)
     (17, 1, 64, torch.bfloat16, True, True),     # one stream: not broadcast, the dense route
     (23, 2, 64, torch.bfloat16, False, True),    # a dense stream: proj_pre_backward, then the sum
     (11, 4, 32, torch.float32, False, False),

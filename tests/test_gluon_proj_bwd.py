@@ -118,6 +118,9 @@ def test_argument_checks_name_the_problem():
     phi, dp, dsq = torch.zeros(400, 24), torch.zeros(64, 24), torch.zeros(64)
     with pytest.raises(ValueError, match="multiple of 128"):
         gp.proj_grads(x, phi, dp, dsq, None, None, None)
+    with pytest.raises(ValueError, match="at most 32 columns"):  # a chain head's row call at n = 8: 80 coefficients
+        gp.proj_grads(torch.zeros(64, 1, 128, dtype=torch.bfloat16), torch.zeros(128, 80), torch.zeros(64, 80), dsq,
+                      None, None, None)
     with pytest.raises(ValueError, match="mixers = 3"):
         gp.proj_grads(torch.zeros(64, 4, 128, dtype=torch.bfloat16), torch.zeros(512, 24), dp, dsq, None, None,
                       None, mixers=3)
@@ -175,7 +178,8 @@ def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monk
     x, phi, dp, dsq, h_pre, dout, acc = _cpu_inputs(16, 4, 128, seed=3)
     wide = x[:, 0].contiguous().unsqueeze(1).expand(x.shape)  # a chain head's stream: one row a token for all n
     assert tcom.is_broadcast(wide) and not tcom.is_broadcast(x)
-    monkeypatch.setattr(gp, "supported", lambda *a: True)
+    coeffs = []  # what the op tells supported: phi's columns, which bound the Gluon kernel (a chain head's row call)
+    monkeypatch.setattr(gp, "supported", lambda *a, **kw: coeffs.append(kw["coeffs"]) or True)
     monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append((tcom.is_broadcast(a[0]), kw)) or (a[0], a[1]))
     monkeypatch.setattr(tpb, "_NO_GLUON", set())
     for name, dout_slots, alone_slots in (("NVIDIA H100 80GB HBM3", 2, 3), ("NVIDIA H200", 0, 0)):
@@ -191,6 +195,7 @@ def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monk
     with tk.tuning("proj_dx_dphi", ws_stages=3, ws_dx_hl=True, ws_enter=True):
         tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     assert seen[-1][1]["stages"] == 3 and seen[-1][1]["dx_hl"] is True and seen[-1][1]["mixers"] == 1
+    assert coeffs and set(coeffs) == {phi.shape[1]}
 
 
 @pytest.mark.parametrize("options, head_call", [
@@ -259,7 +264,7 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
         want = tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)
     tries = []
 
-    monkeypatch.setattr(gp, "supported", lambda *args: True)  # as on an sm_90 GPU
+    monkeypatch.setattr(gp, "supported", lambda *args, **kwargs: True)  # as on an sm_90 GPU
     monkeypatch.setattr(gp, "proj_grads", failing_build(tries))
     monkeypatch.setattr(tpb, "_NO_GLUON", set())
     monkeypatch.setattr(tproj, "_NO_ONE_PASS", set())

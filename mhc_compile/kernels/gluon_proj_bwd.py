@@ -91,12 +91,13 @@ def stages_for(has_pre: bool, has_acc: bool, stages: int = 0, dx_hl: bool = Fals
     return st if st >= 2 and smem_bytes(st, has_pre, has_acc, dx_hl) <= _SMEM else None
 
 
-def supported(x: Tensor, n: int, c: int, *others: Tensor) -> bool:
+def supported(x: Tensor, n: int, c: int, *others: Tensor, coeffs: int = 0) -> bool:
     """Whether the kernel can run the call: Gluon, an sm_90 GPU, bf16 streams (``others``: dout, acc, the output
-    too) that TMA can address, n <= 4 (dp's 2n + n^2 coefficients fit MP = 32) and C a multiple of BK (no block
-    crosses a stream)."""
+    too) that TMA can address, n <= 4, at most MP = 32 coefficients (dp's columns, phi's: 2n + n^2 for the stream's
+    own n, but a chain head's one-row call, ``triton_proj.proj_pre_backward_collapsed``, carries its n streams'
+    count) and C a multiple of BK (no block crosses a stream)."""
     return (AVAILABLE and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
-            and tma_ok(x, *others) and 1 <= n <= 4 and c % BK == 0)
+            and tma_ok(x, *others) and 1 <= n <= 4 and coeffs <= MP and c % BK == 0)
 
 
 def pack_coefs(dsq: Tensor, h_pre: Tensor | None) -> Tensor:
@@ -498,9 +499,10 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
     k, m = phi.shape
     has_pre, has_acc = h_pre is not None, acc is not None
     st = stages_for(has_pre, has_acc, stages, dx_hl)
-    if mixers not in (1, 2) or st is None or c % BK or not 1 <= n <= 4 or k != n * c:
+    if mixers not in (1, 2) or st is None or c % BK or not 1 <= n <= 4 or k != n * c or m > MP:
         raise ValueError(f"mhc gluon proj_grads: n = {n} (1 to 4), C = {c} (a multiple of {BK}), phi {tuple(phi.shape)}"
-                         f" (n*C rows), mixers = {mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
+                         f" (n*C rows, at most {MP} columns), mixers = {mixers} (1 or 2), stages = {stages} (two must "
+                         f"fit {_SMEM} bytes)")
     dev = x.device
     dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out  # dense, x broadcast or not
     dp32 = dp.reshape(t, m).float().contiguous()

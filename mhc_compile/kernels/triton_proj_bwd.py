@@ -404,7 +404,7 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
         from mhc_compile.kernels import gluon_proj_bwd
 
         n, c = x.shape[-2:]
-        if gluon_proj_bwd.supported(x, n, c, *(v for v in (dout, acc, out) if v is not None)):
+        if gluon_proj_bwd.supported(x, n, c, *(v for v in (dout, acc, out) if v is not None), coeffs=phi.shape[1]):
             try:
                 return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers,
                                                  dx_hl=cfg.ws_dx_hl,
