@@ -181,6 +181,9 @@ def fused_cases(inp: dict) -> list[Case]:
     # (passes/collapse_head_grad.py): X row, dout and acc read, one row written (n + 3); the n rows written and summed
     # after, as before that pass: 3n + 3
     head_bwd, head_rows_bwd = (n + 3) * elem, (3 * n + 3) * elem
+    # fuse=True's chain head after that pass: enter's backward on the row, the next step's dx_prev summed in as acc:
+    # dh_pre (1 + 1) + the one-row pass (X row, dout, acc n, one row written)
+    enter_c_bwd = (n + 5) * elem
     dp, dsq = inp["dp"], inp["dsq"]
 
     def unfused_fwd(k):
@@ -219,6 +222,9 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("enter (broadcast)", "fwd", lambda k: k.enter(xb, phi, b, a, *ca), enter_b_fwd, "fused"),
         Case("enter (broadcast)", "bwd", lambda k: k.enter_backward(xb, phi, b, a, hpre_b, pb, sqb, g_in, gpost, gres,
                                                                     *ca), enter_b_bwd, "fused"),
+        Case("enter (collapsed)", "bwd", lambda k: k.enter_backward_collapsed(xb, phi, b, a, hpre_b, pb, sqb, g_in,
+                                                                              gpost, gres, *ca, acc=dx),
+             enter_c_bwd, "fused"),
         Case("head", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, dx), head_bwd),
         Case("head (uncollapsed)", "bwd",
              lambda k: k.proj_pre_backward(xb, phi, dp, dsq, hpre_b, g_in, dx)[0].sum(-2, keepdim=True), head_rows_bwd),

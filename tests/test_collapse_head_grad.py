@@ -175,15 +175,21 @@ def _grads(options, dtype):
 
 
 @pytest.mark.parametrize("kernels, dtype, tol", [("reference", torch.float64, 1e-10), ("triton", torch.float32, 1e-4)])
-def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch, kernels, dtype, tol):
-    """The head's gradient summed by the op (on) against the n rows summed after (off); the op ran once a step (one
-    chain) with the pass on and not at all with it off (counted where it runs: a cached graph skips the pass)."""
-    module = ref if kernels == "reference" else tk
-    calls, real = [], module.proj_pre_backward_collapsed
-    monkeypatch.setattr(module, "proj_pre_backward_collapsed", lambda *a: calls.append(a[0].shape) or real(*a))
-    on = _grads({"kernels": kernels}, dtype)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch, kernels, dtype, tol, fuse):
+    """The head's gradient summed by the op (on) against the n rows summed after (off), in the default path and
+    under fuse=True; the op ran once a step (one chain) with the pass on and not at all with it off (counted where it
+    runs: a cached graph skips the pass)."""
+    from mhc_compile.kernels import triton_fused
+
+    name = "enter_backward_collapsed" if fuse else "proj_pre_backward_collapsed"
+    module = {("reference", False): ref, ("triton", False): tk, ("reference", True): ref,
+              ("triton", True): triton_fused}[kernels, fuse]
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a[0].shape) or real(*a))
+    on = _grads({"kernels": kernels, "fuse": fuse}, dtype)
     assert len(calls) == 1
-    off = _grads({"kernels": kernels, "collapse_head_grad": False}, dtype)
+    off = _grads({"kernels": kernels, "fuse": fuse, "collapse_head_grad": False}, dtype)
     assert len(calls) == 1
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:

@@ -201,13 +201,15 @@ def test_the_op_passes_the_devices_ring_slots_and_dx_hl_to_the_gluon_kernel(monk
 @pytest.mark.parametrize("options, head_call", [
     ({}, (False, 1, True, True)),                               # the embedding's row (passes/collapse_head_grad.py)
     ({"collapse_head_grad": False}, (True, 4, True, True)),     # the broadcast stream, acc from the folded gradients
-    ({"fuse": True}, (True, 4, True, False)),                   # enter's backward
+    ({"fuse": True}, (False, 1, True, True)),                   # enter's, on the row, the next step's dx_prev as acc
+    ({"fuse": True, "collapse_head_grad": False}, (True, 4, True, False)),  # enter's backward
 ])
 def test_which_proj_backward_calls_a_compiled_model_makes(monkeypatch, options, head_call):
     """The call shapes the per-device plan keys on, as a compiled model makes them: every site's call has dout, and
-    all but the chain head's are dense n-stream calls with acc. The head's is a one-row call with acc in the default
-    path, the broadcast stream with acc without collapse_head_grad, and without acc under fuse=True (enter's
-    backward). So ``triton_for_enter`` moves only fuse=True's head call."""
+    all but the chain head's are dense n-stream calls with acc. The head's is a one-row call with acc
+    (passes/collapse_head_grad.py: in the default path the folded stream gradient, under fuse=True the next step's
+    dx_prev). With that pass off it runs on the broadcast stream, with acc in the default path and without under
+    fuse=True (enter's backward): the one call ``triton_for_enter`` moves, with enter's on a carried (dense) stream."""
     from mhc_compile.kernels import triton_common as tcom
     from models import NanoGPT
 

@@ -136,6 +136,8 @@ def _all_op_calls(impl: str):
         ("post_res_backward", ops.post_res_backward, (x, h_res, h_post, y, dout_x, impl)),
         ("enter", ops.enter, (x, phi, bias, alpha, *coeff)),
         ("enter_backward", ops.enter_backward, (x, phi, bias, alpha, h_pre, p, sq, y, h_post, h_res, *coeff)),
+        ("enter_backward_collapsed", ops.enter_backward_collapsed,
+         (y.contiguous().unsqueeze(-2).expand(x.shape), phi, bias, alpha, h_pre, p, sq, y, h_post, h_res, *coeff)),
         ("step", ops.step, (x, h_res, h_post, y, phi, bias, alpha, *coeff)),
         ("step_backward", ops.step_backward,
          (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),

@@ -315,6 +315,20 @@ def enter_backward(
     return g.to(x.dtype), dphi, dbias, dalpha
 
 
+def enter_backward_collapsed(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
+    dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str,
+    acc: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``enter_backward`` with dx (+ acc, the stream's other gradient) summed over the n streams before its
+    rounding, [T, 1, C]: the gradient of a chain head's embedding under ``fuse=True`` (passes/collapse_head_grad.py)."""
+    g, dphi, dbias, dalpha = _boundary_grad(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res,
+                                            n, nc, eps, iters, mode)
+    if acc is not None:
+        g = g + _acc(acc)
+    return g.sum(1, keepdim=True).to(x.dtype), dphi, dbias, dalpha
+
+
 def step(
     x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor,
     phi: Tensor, bias: Tensor, alpha: Tensor, n: int, nc: int, eps: float, iters: int, mode: str,

@@ -114,8 +114,9 @@ class DotCfg:
 @dataclass(frozen=True)
 class ProjBwdPlan:
     """The Gluon proj backward on one kind of GPU, by call: its ring slots for the calls with dout and for those
-    without (0 = as many as fit), and whether the calls with dout and without acc (enter's backward, ``fuse=True``'s
-    chain heads) keep the Triton kernel."""
+    without (0 = as many as fit), and whether the calls with dout and without acc (enter's backward under
+    ``fuse=True``: a chain head carried in from another graph, or any head with ``collapse_head_grad`` off) keep the
+    Triton kernel."""
 
     slots_with_dout: int = 0
     slots_without_dout: int = 0

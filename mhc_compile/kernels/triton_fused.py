@@ -270,10 +270,25 @@ def step(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, 
 
 def enter_backward(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode):
     """(dx, dphi, dbias, dalpha) of ``enter``; x as in ``enter``."""
+    return _enter_backward(tops.proj_pre_backward, x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc,
+                           eps, iters, mode)
+
+
+def enter_backward_collapsed(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode,
+                             acc=None):
+    """``enter_backward`` with dx (+ acc, the stream's other gradient) summed over the n streams, [T, 1, C] (a chain
+    head's embedding gradient, passes/collapse_head_grad.py): on a broadcast x its last pass reads one row (and acc)
+    and writes one (``triton_proj.proj_pre_backward_collapsed``)."""
+    return _enter_backward(tops.proj_pre_backward_collapsed, x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res,
+                           n, nc, eps, iters, mode, acc)
+
+
+def _enter_backward(proj_pre_backward, x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters,
+                    mode, acc=None):
     _check("enter_backward", n, x, phi, h_pre=h_pre, p=p, sq=sq, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
     dh_pre = tops.pre_backward_dh(x, h_pre, dx_in)
     dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters, mode)
-    dx, dphi = tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in)
+    dx, dphi = proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, acc)
     return dx, dphi, dbias, dalpha
 
 

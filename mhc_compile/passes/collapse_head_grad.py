@@ -11,9 +11,11 @@ This pass rewrites the pair to ``proj_pre_backward_collapsed``, which writes the
 that sum is proj_pre_backward on the one row with the n streams' parts of phi, h_pre and acc summed first
 (``triton_proj.proj_pre_backward_collapsed``): dX's n-wide write and its read back go, 2n elements of C a token
 at each chain head (the head's acc is still read n-wide, to sum it). The values are the same sum, rounded once
-instead of after each row.
+instead of after each row. Under ``fuse=True`` the head's op is ``enter_backward``, whose dx is first added to
+the stream's other gradient (the next step's dx_prev) and then summed: ``enter_backward_collapsed`` takes that
+gradient as its acc, and the n-wide add goes too.
 
-Matched: a proj_pre_backward whose x is broadcast over its streams (stride 0, from the graph's fake tensors) and
+Matched: one of those ops whose x is broadcast over its streams (stride 0, from the graph's fake tensors) and
 whose dx has one reader, a sum over the stream dim. It runs before ``inplace_stream_grads``, which then finds no
 stream-sized output of that op to write in place. Anything else is left alone, which is always correct.
 """
@@ -33,45 +35,65 @@ log = logging.getLogger("mhc_compile")
 aten = torch.ops.aten
 
 
+def _collapsed() -> dict:
+    """op -> its twin that writes dx summed over the streams (x is argument 0 and dx output 0 of both)."""
+    return {OPS.proj_pre_backward.default: OPS.proj_pre_backward_collapsed.default,
+            OPS.enter_backward.default: OPS.enter_backward_collapsed.default}
+
+
 def _is_broadcast_stream(node) -> bool:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return (isinstance(val, torch.Tensor) and val.dim() >= 3 and val.shape[-2] > 1 and val.stride(-2) == 0)
 
 
-def _match(op: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(dx's getitem, the sum that reads it) of a proj_pre_backward on a broadcast stream, or None."""
+def _match(op: fx.Node, order: dict) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """(dx's getitem, the sum that reads it, the stream's other gradient added to dx before the sum or None) of a
+    ``_collapsed`` op on a broadcast stream, or None. That other gradient (under fuse=True the next step's dx_prev:
+    ``sum(dx + dx_prev)``) is taken by enter_backward_collapsed as acc, where it is defined before the op."""
     if not _is_broadcast_stream(arg(op, 0, "x")):
         return None
     items = [u for u in op.users if u.target is operator.getitem and u.args[1] == 0]
-    if len(items) != 1 or len(items[0].users) != 1:
+    if len(items) != 1 or len(items[0].users) != 1 or "val" not in items[0].meta:
         return None
-    item = items[0]
+    item, other = items[0], None
     total = next(iter(item.users))
-    if total.target is not aten.sum.dim_IntList or total.args[0] is not item or total.kwargs.get("dtype"):
+    if total.target is aten.add.Tensor and op.target is OPS.enter_backward.default and len(total.users) == 1:
+        a, b = total.args[:2] if len(total.args) >= 2 else (None, None)
+        other = b if a is item else a if b is item else None
+        val = other.meta.get("val") if isinstance(other, fx.Node) else None
+        if (other is None or total.kwargs or not isinstance(val, torch.Tensor) or order[other] > order[op]
+                or val.shape != item.meta["val"].shape or val.dtype != item.meta["val"].dtype):
+            return None
+        total = next(iter(total.users))
+    if total.target is not aten.sum.dim_IntList or total.kwargs.get("dtype"):
         return None
-    ndim = item.meta["val"].dim() if "val" in item.meta else None
+    ndim = item.meta["val"].dim()
     dims = total.args[1] if len(total.args) > 1 else None
-    if ndim is None or not isinstance(dims, (list, tuple)) or [d % ndim for d in dims] != [ndim - 2]:
+    if not isinstance(dims, (list, tuple)) or [d % ndim for d in dims] != [ndim - 2]:
         return None
-    return item, total
+    return item, total, other
 
 
-def _rewrite(graph: fx.Graph, op: fx.Node, item: fx.Node, total: fx.Node) -> None:
+def _rewrite(graph: fx.Graph, op: fx.Node, item: fx.Node, total: fx.Node, other: fx.Node | None) -> None:
     keepdim = total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim", False)
     ndim = item.meta["val"].dim()
+    kwargs = dict(op.kwargs) if other is None else {**op.kwargs, "acc": other}
     with graph.inserting_before(op):
-        collapsed = graph.call_function(OPS.proj_pre_backward_collapsed.default, op.args, dict(op.kwargs))
+        collapsed = graph.call_function(_collapsed()[op.target], op.args, kwargs)
         row = graph.call_function(operator.getitem, (collapsed, 0))
         out = row if keepdim else graph.call_function(aten.squeeze.dim, (row, ndim - 2))
     if "val" in op.meta:
-        dx_val, dphi_val = op.meta["val"]
+        dx_val, *rest = op.meta["val"]
         with dx_val.fake_mode:
             row.meta["val"] = dx_val.new_empty(dx_val.shape[:-2] + (1, dx_val.shape[-1]))
-            collapsed.meta["val"] = (row.meta["val"], dphi_val)
+            collapsed.meta["val"] = (row.meta["val"], *rest)
             if out is not row:
                 out.meta["val"] = row.meta["val"].squeeze(ndim - 2)
+    added = total.args[0] if other is not None else None
     total.replace_all_uses_with(out)
     graph.erase_node(total)
+    if added is not None:
+        graph.erase_node(added)
     graph.erase_node(item)
     move_getitems(graph, op, collapsed)
     graph.erase_node(op)
@@ -79,10 +101,11 @@ def _rewrite(graph: fx.Graph, op: fx.Node, item: fx.Node, total: fx.Node) -> Non
 
 def apply(graph: fx.Graph) -> int:
     """Rewrite every matching head; returns how many."""
-    found = [(n, m) for n in graph.nodes
-             if n.op == "call_function" and n.target is OPS.proj_pre_backward.default for m in [_match(n)] if m]
-    for op, (item, total) in found:
-        _rewrite(graph, op, item, total)
+    ops, order = _collapsed(), {n: i for i, n in enumerate(graph.nodes)}
+    found = [(n, m) for n in graph.nodes if n.op == "call_function" and n.target in ops for m in [_match(n, order)]
+             if m]
+    for op, (item, total, other) in found:
+        _rewrite(graph, op, item, total, other)
     if found:
         graph.lint()
         log.info("mhc: wrote %d chain head gradient(s) summed over the streams", len(found))

@@ -27,7 +27,7 @@ OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_ba
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
             "proj_pre_backward", "post_res_backward_pre", "post_res_proj", "post_res_backward_into",
             "post_res_backward_pre_into", "proj_pre_backward_into", "step_backward_into",
-            "proj_pre_backward_collapsed")
+            "proj_pre_backward_collapsed", "enter_backward_collapsed")
 
 
 def all_ops() -> list:
@@ -539,6 +539,29 @@ def enter_backward(
 @enter_backward.register_fake
 def _(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode, impl):
     return _dense_like(x), _dense_like(phi), _dense_like(bias), _dense_like(alpha)
+
+
+@_custom_op("enter_backward_collapsed")
+def enter_backward_collapsed(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
+    dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
+    acc: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """enter_backward with dx (+ acc, the stream's other gradient: the next step's dx_prev) summed over the n streams
+    ([.., 1, C]): a chain head's embedding gradient under fuse=True, put into backward graphs by
+    passes/collapse_head_grad.py."""
+    ds, dphi, dbias, dalpha = _kernels(impl, fused=True).enter_backward_collapsed(
+        _tokens(x, 2), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
+        sq.reshape(-1).contiguous(), _tokens(dx_in, 1).contiguous(), _tokens(dh_post, 1).contiguous(),
+        _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode, None if acc is None else _tokens(acc, 2),
+    )
+    return ds.reshape(x.shape[:-2] + (1, x.shape[-1])), dphi, dbias, dalpha
+
+
+@enter_backward_collapsed.register_fake
+def _(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode, impl, acc=None):
+    return (x.new_empty(x.shape[:-2] + (1, x.shape[-1])), _dense_like(phi), _dense_like(bias),
+            _dense_like(alpha))
 
 
 def _zeros_if_none(g: Tensor | None, like: Tensor) -> Tensor:
