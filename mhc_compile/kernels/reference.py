@@ -203,13 +203,7 @@ def proj_pre_backward(
 
     Equals proj_backward's dx + pre_backward's dx + acc without the two intermediate roundings.
     """
-    t, n, c = x.shape
-    xf = _acc(x.reshape(t, n * c))
-    dx = (_acc(dp) @ _acc(phi).t() + 2.0 * _acc(dsq)[:, None] * xf).reshape(t, n, c)
-    dx = dx + _acc(h_pre)[:, :, None] * _acc(dout)[:, None, :]
-    if acc is not None:
-        dx = dx + _acc(acc)
-    dphi = xf.t() @ _acc(dp)
+    dx, dphi = _proj_pre_grads(x, phi, dp, dsq, h_pre, dout, acc)
     return dx.to(x.dtype), dphi.to(phi.dtype)
 
 
@@ -220,14 +214,19 @@ def proj_pre_backward_collapsed(
 
     The gradient of a stream broadcast over its n streams (a chain's head, its embedding expanded) is that sum,
     which the expand's backward would otherwise take of the n-wide dx (passes/collapse_head_grad.py)."""
+    dx, dphi = _proj_pre_grads(x, phi, dp, dsq, h_pre, dout, acc)
+    return dx.sum(1, keepdim=True).to(x.dtype), dphi.to(phi.dtype)
+
+
+def _proj_pre_grads(x, phi, dp, dsq, h_pre, dout, acc) -> tuple[Tensor, Tensor]:
+    """proj_pre_backward's (dx [T, n, C], dphi) in the accumulation dtype, unrounded."""
     t, n, c = x.shape
     xf = _acc(x.reshape(t, n * c))
     dx = (_acc(dp) @ _acc(phi).t() + 2.0 * _acc(dsq)[:, None] * xf).reshape(t, n, c)
     dx = dx + _acc(h_pre)[:, :, None] * _acc(dout)[:, None, :]
     if acc is not None:
         dx = dx + _acc(acc)
-    dphi = xf.t() @ _acc(dp)
-    return dx.sum(1, keepdim=True).to(x.dtype), dphi.to(phi.dtype)
+    return dx, xf.t() @ _acc(dp)
 
 
 # ---------------------------------------------------------------------------------------------
