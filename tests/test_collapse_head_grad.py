@@ -27,17 +27,17 @@ aten = torch.ops.aten
 
 
 def _operands(t, n, c, dtype, broadcast, acc, seed):
+    """A head call's operands: x broadcast over its n streams (one dense row a token) or dense, dout and acc in the
+    stream dtype, fp32 phi, dp, dsq, h_pre."""
     g = torch.Generator().manual_seed(seed)
     m = ref.num_coeffs(n)
-    row = torch.randn(t, 1, c, generator=g)
-    x = row.expand(t, n, c) if broadcast else torch.randn(t, n, c, generator=g)
+    row, dense = torch.randn(t, 1, c, generator=g), torch.randn(t, n, c, generator=g)
     phi = torch.randn(n * c, m, generator=g) * (n * c) ** -0.5
     dp, dsq = torch.randn(t, m, generator=g), torch.randn(t, generator=g) * 1e-2
-    h_pre, dout = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g)
-    a = torch.randn(t, n, c, generator=g) if acc else None
-    cast = (lambda v: v.to(dtype)) if dtype != torch.float32 else (lambda v: v)
-    x = cast(row).expand(t, n, c) if broadcast else cast(x)
-    return x, phi, dp, dsq, h_pre, cast(dout), None if a is None else cast(a)
+    h_pre, dout = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g).to(dtype)
+    a = torch.randn(t, n, c, generator=g).to(dtype) if acc else None
+    x = row.to(dtype).expand(t, n, c) if broadcast else dense.to(dtype)
+    return x, phi, dp, dsq, h_pre, dout, a
 
 
 @pytest.mark.parametrize("acc", [True, False])

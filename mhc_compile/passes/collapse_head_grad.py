@@ -15,7 +15,8 @@ instead of after each row. Under ``fuse=True`` the head's op is ``enter_backward
 the stream's other gradient (the next step's dx_prev) and then summed: ``enter_backward_collapsed`` takes that
 gradient as its acc, and the n-wide add goes too.
 
-Matched: one of those ops whose x is broadcast over its streams (stride 0, from the graph's fake tensors) and
+Matched: one of those ops whose x is broadcast over its streams (``triton_common.is_broadcast`` on the graph's fake
+tensors: stride 0 over dense rows) and
 whose dx has one reader, a sum over the stream dim. It runs before ``inplace_stream_grads``, which then finds no
 stream-sized output of that op to write in place. Anything else is left alone, which is always correct.
 """
@@ -41,16 +42,13 @@ def _collapsed() -> dict:
             OPS.enter_backward.default: OPS.enter_backward_collapsed.default}
 
 
-def _is_broadcast_stream(node) -> bool:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return (isinstance(val, torch.Tensor) and val.dim() >= 3 and val.shape[-2] > 1 and val.stride(-2) == 0)
-
-
-def _match(op: fx.Node, order: dict) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+def _match(op: fx.Node, order: dict, is_broadcast) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
     """(dx's getitem, the sum that reads it, the stream's other gradient added to dx before the sum or None) of a
     ``_collapsed`` op on a broadcast stream, or None. That other gradient (under fuse=True the next step's dx_prev:
     ``sum(dx + dx_prev)``) is taken by enter_backward_collapsed as acc, where it is defined before the op."""
-    if not _is_broadcast_stream(arg(op, 0, "x")):
+    x = arg(op, 0, "x")
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not (isinstance(val, torch.Tensor) and val.dim() >= 3 and is_broadcast(val)):
         return None
     items = [u for u in op.users if u.target is operator.getitem and u.args[1] == 0]
     if len(items) != 1 or len(items[0].users) != 1 or "val" not in items[0].meta:
@@ -101,9 +99,14 @@ def _rewrite(graph: fx.Graph, op: fx.Node, item: fx.Node, total: fx.Node, other:
 
 def apply(graph: fx.Graph) -> int:
     """Rewrite every matching head; returns how many."""
+    # the kernels' own test of a stream they read as one row a token (here on the graph's fake values), so that
+    # every head the pass rewrites takes the collapsed op's one-row route; imported here, where Inductor has
+    # already imported Triton
+    from mhc_compile.kernels.triton_common import is_broadcast
+
     ops, order = _collapsed(), {n: i for i, n in enumerate(graph.nodes)}
-    found = [(n, m) for n in graph.nodes if n.op == "call_function" and n.target in ops for m in [_match(n, order)]
-             if m]
+    found = [(n, m) for n in graph.nodes if n.op == "call_function" and n.target in ops
+             for m in [_match(n, order, is_broadcast)] if m]
     for op, (item, total, other) in found:
         _rewrite(graph, op, item, total, other)
     if found:
