@@ -528,12 +528,19 @@ def enter_backward(
     x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
     dx_in: Tensor, dh_post: Tensor, dh_res: Tensor, n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dphi, dbias, dalpha = _kernels(impl, fused=True).enter_backward(
+    dx, dphi, dbias, dalpha = _enter_grads("enter_backward", x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post,
+                                           dh_res, n, nc, eps, iters, mode, impl)
+    return dx.reshape(x.shape), dphi, dbias, dalpha
+
+
+def _enter_grads(name, x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode, impl,
+                 *extra):
+    """The fused module's ``name`` (enter_backward or its collapsed twin) on the arguments flattened to tokens."""
+    return getattr(_kernels(impl, fused=True), name)(
         _tokens(x, 2), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
         sq.reshape(-1).contiguous(), _tokens(dx_in, 1).contiguous(), _tokens(dh_post, 1).contiguous(),
-        _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode,
+        _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode, *extra,
     )
-    return dx.reshape(x.shape), dphi, dbias, dalpha
 
 
 @enter_backward.register_fake
@@ -550,11 +557,9 @@ def enter_backward_collapsed(
     """enter_backward with dx (+ acc, the stream's other gradient: the next step's dx_prev) summed over the n streams
     ([.., 1, C]): a chain head's embedding gradient under fuse=True, put into backward graphs by
     passes/collapse_head_grad.py."""
-    ds, dphi, dbias, dalpha = _kernels(impl, fused=True).enter_backward_collapsed(
-        _tokens(x, 2), phi, bias, alpha, _tokens(h_pre, 1).contiguous(), _tokens(p, 1).contiguous(),
-        sq.reshape(-1).contiguous(), _tokens(dx_in, 1).contiguous(), _tokens(dh_post, 1).contiguous(),
-        _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode, None if acc is None else _tokens(acc, 2),
-    )
+    ds, dphi, dbias, dalpha = _enter_grads("enter_backward_collapsed", x, phi, bias, alpha, h_pre, p, sq, dx_in,
+                                           dh_post, dh_res, n, nc, eps, iters, mode, impl,
+                                           None if acc is None else _tokens(acc, 2))
     return ds.reshape(x.shape[:-2] + (1, x.shape[-1])), dphi, dbias, dalpha
 
 
