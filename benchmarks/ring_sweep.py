@@ -40,6 +40,9 @@ VARIANTS = {
     "proj_pre_backward bwd": _PROJ_BWD,
     "enter bwd": _ENTER,
     "enter (broadcast) bwd": _ENTER,  # a chain head's embedding: one X row a token
+    # a chain head's calls with collapse_head_grad (on by default): one-row calls with acc
+    "head bwd": _PROJ_BWD,
+    "enter (collapsed) bwd": _PROJ_BWD,
     "folded step bwd": _PROJ_BWD,
     "post_res_proj fwd": _PRP,
     "step fwd": _PRP,
