@@ -443,9 +443,11 @@ def proj_pre_backward_collapsed(
     sums = acc_torch(x.dtype, phi.dtype, dout.dtype)
     if not is_broadcast(x):
         dx, dphi = proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
-        return dx.sum(-2, keepdim=True, dtype=sums).to(x.dtype), dphi
+        return dx.sum(-2, keepdim=True), dphi  # one reduction, rounded once (as acc's below)
     row = x.select(-2, 0).unsqueeze(-2)  # dense: is_broadcast holds its rows contiguous
     phi_sum = phi.reshape(n, c, m).sum(0, dtype=sums).to(phi.dtype)
-    acc_sum = None if acc is None else acc.sum(-2, keepdim=True, dtype=sums).to(x.dtype)
+    # one reduction kernel, accumulating in fp32 (torch's for bf16 / fp16 too) and rounding once to x's dtype: a
+    # dtype=fp32 sum and a cast would write and read the row twice more in fp32 (session 39: the head row 46 %)
+    acc_sum = None if acc is None else acc.sum(-2, keepdim=True).to(x.dtype)
     ds, dphi_row = proj_pre_backward(row, phi_sum, dp, dsq * n, h_pre.sum(-1, keepdim=True), dout, acc_sum)
     return ds, dphi_row.repeat(n, 1)
