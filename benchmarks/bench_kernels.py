@@ -184,6 +184,9 @@ def fused_cases(inp: dict) -> list[Case]:
     # fuse=True's chain head after that pass: enter's backward on the row, the next step's dx_prev summed in as acc:
     # dh_pre (1 + 1) + the one-row pass (X row, dout, acc n, one row written)
     enter_c_bwd = (n + 5) * elem
+    # a chain's tail (passes/collapse_tail.py): the last post_res and the mean after it as one kernel, X and y read,
+    # one row written (n + 2); post_res writing the n streams and the mean reading them back: 3n + 2
+    tail_fwd, tail_rows_fwd = (n + 2) * elem, (3 * n + 2) * elem
     dp, dsq = inp["dp"], inp["dsq"]
 
     def unfused_fwd(k):
@@ -228,6 +231,8 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("head", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, dx), head_bwd),
         Case("head (uncollapsed)", "bwd",
              lambda k: k.proj_pre_backward(xb, phi, dp, dsq, hpre_b, g_in, dx)[0].sum(-2, keepdim=True), head_rows_bwd),
+        Case("tail", "fwd", lambda k: k.post_res_collapse(x, hr, hq, y, True), tail_fwd),
+        Case("tail (uncollapsed)", "fwd", lambda k: k.post_res(x, hr, hq, y).mean(-2), tail_rows_fwd),
         Case("unfused step", "fwd", unfused_fwd, _stream_bytes(inp, cost.UNFUSED.forward)),
         Case("unfused step", "bwd", unfused_bwd, _stream_bytes(inp, cost.UNFUSED.backward)),
         # post_res_proj's Triton kernel, where the rows above run the Gluon one (DotCfg.ws: sm_90, bf16), alone and

@@ -81,6 +81,9 @@ class MHCConfig:
                      broadcast over the n streams) summed over the streams by the head's proj backward, instead of
                      n rows that the expand's backward reads back to sum (``passes/collapse_head_grad.py``). The
                      same sum, rounded once; False keeps the n-wide rows.
+    collapse_tail:   in Inductor's forward graph, collapse each chain's tail in the kernel that mixes its last
+                     site (``post_res_collapse``) instead of writing the n streams for the collapse to read back
+                     (``passes/collapse_tail.py``). The same mean (or sum), rounded once; False keeps both kernels.
     ddp_buckets:     under DistributedDataParallel, split the rewritten graph at DDP's gradient buckets and
                      compile each piece apart, so that each bucket's all-reduce overlaps the backward of the pieces
                      before it (``passes/schedule.py``). False compiles one graph: DDP then reduces every gradient
@@ -115,6 +118,7 @@ class MHCConfig:
     inplace_stream_grads: bool = True
     broadcast_collapse_grad: bool = True
     collapse_head_grad: bool = True
+    collapse_tail: bool = True
     ddp_buckets: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
@@ -138,7 +142,7 @@ class MHCConfig:
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute",
                      "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad", "collapse_head_grad",
-                     "ddp_buckets"):
+                     "collapse_tail", "ddp_buckets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.recompute, (list, tuple)):

@@ -82,6 +82,10 @@ def test_opcheck(dtype):
     # forward-only (passes/fold_post_res_proj.py puts it in Inductor's forward graphs): no gradient inputs
     torch.library.opcheck(ops.post_res_proj, (x.detach(), h_res.detach(), h_post.detach(), y.detach(),
                                               phi.detach(), "reference"))
+    # forward-only too (passes/collapse_tail.py)
+    for mean in (True, False):
+        torch.library.opcheck(ops.post_res_collapse, (x.detach(), h_res.detach(), h_post.detach(), y.detach(), mean,
+                                                      "reference"))
     # backward-only, writing the stream gradient over the one they read (passes/inplace_stream_grads.py)
     xd, hr, hp, hq, yd, ph = (v.detach() for v in (x, h_res, h_post, h_pre, y, phi))
     dout, dp, dsq = torch.randn_like(xd), torch.randn(t, n * n + 2 * n), torch.randn(t)
@@ -145,6 +149,7 @@ def _all_op_calls(impl: str):
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
         ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),
         ("post_res_proj", ops.post_res_proj, (x, h_res, h_post, y, phi, impl)),
+        ("post_res_collapse", ops.post_res_collapse, (x, h_res, h_post, y, True, impl)),
         # a chain head's stream: one dense row a token, broadcast over the n streams (passes/collapse_head_grad.py)
         ("proj_pre_backward_collapsed", ops.proj_pre_backward_collapsed,
          (y.contiguous().unsqueeze(-2).expand(x.shape), phi, p, sq, h_pre, y, dout_x, impl)),
@@ -208,7 +213,7 @@ def test_direct_twins_match_the_custom_ops():
 _UNFUSED = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre", "post_res_proj",
             "post_res_backward_into", "post_res_backward_pre_into", "proj_pre_backward_into",
-            "proj_pre_backward_collapsed")
+            "proj_pre_backward_collapsed", "post_res_collapse")
 
 
 @pytest.mark.parametrize("lead", ["three_dims_permuted", "none"])

@@ -237,6 +237,13 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def post_res_collapse(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, mean: bool = True) -> Tensor:
+    """post_res's n streams collapsed by their mean (or sum), [T, C], rounded once (a chain's tail,
+    passes/collapse_tail.py)."""
+    out = torch.einsum("tij,tjc->tic", _acc(h_res), _acc(x)) + _acc(h_post)[:, :, None] * _acc(y)[:, None, :]
+    return (out.mean(-2) if mean else out.sum(-2)).to(x.dtype)
+
+
 def post_res_backward(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,5 +1,5 @@
 """``post_res``: X'[i] = sum_j h_res[i, j] X[j] + h_post[i] y, and its backward (optionally also writing ``pre``'s
-x_in from the same pass over x)."""
+x_in from the same pass over x); ``post_res_collapse``: the mean (or sum) of X' over the n streams, X' unwritten."""
 
 from __future__ import annotations
 
@@ -54,6 +54,36 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
     out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC, X_BCAST)
     off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
     tl.store(out_ptr + off, round_to(out, out_ptr.dtype.element_ty, RNE), mask=mi[:, :, None] & cmask[None, None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _post_res_collapse_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl.constexpr, NP: tl.constexpr,
+                              BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
+                              MEAN: tl.constexpr, X_BCAST: tl.constexpr = False):
+    """sum_i X'[i] (MEAN: / n) without X': sum_j (sum_i h_res[i, j]) X[j] + (sum_i h_post[i]) y, one [BT, BC] tile.
+    X_BCAST: x is [T, C], the one row every stream of a token holds (``stream_arg``)."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    ii = tl.arange(0, NP)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    mi = rmask[:, None] & (ii[None, :] < N)
+    m2 = rmask[:, None] & (cols[None, :] < C)
+    hp = tl.sum(tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC), axis=1)
+    acc = hp[:, None] * tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+    if X_BCAST:
+        xrow = tl.load(x_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+    for j in tl.static_range(N):
+        w = tl.sum(tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0).to(ACC),
+                   axis=1)  # column j of H_res summed: what X[j] adds to the n streams together
+        if X_BCAST:
+            xj = xrow
+        else:
+            xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        acc += w[:, None] * xj
+    if MEAN:
+        acc = acc / N
+    tl.store(out_ptr + r64[:, None] * C + cols[None, :], round_to(acc, out_ptr.dtype.element_ty, RNE), mask=m2)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -233,6 +263,24 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     grid = (cdiv(t, bt), cdiv(c, bc))
     launch(_post_res_fwd_kernel, grid, (x, h_res, h_post, y, out, t, c),
            dict(N=n, NP=np_, BT=bt, BC=bc, ACC=acc_tl(x.dtype), RNE=INTERPRETED, X_BCAST=bcast), num_warps=warps)
+    return out
+
+
+def post_res_collapse(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, mean: bool = True) -> Tensor:
+    """post_res's streams collapsed, [.., C]: their mean (or sum), without writing them (passes/collapse_tail.py).
+    Reads the n rows of x and y, writes one row: n + 2 elements of C a token, against post_res's 2n + 1 and the
+    collapse's n + 1. Rounded once, where post_res rounds each stream before the collapse sums them."""
+    check_stream("post_res_collapse", x, y)
+    lead, t, n, c = stream_dims(x)
+    (x, bcast), h_res, h_post, y = stream_arg(x), h_res.contiguous(), h_post.contiguous(), y.contiguous()
+    out = torch.empty(lead + (c,), dtype=x.dtype, device=x.device)
+    if t == 0 or c == 0:
+        return out
+    bt, bc, warps = stream_tile("pre", t, c, 1)  # pre's shape: n rows a token in, one out (and y)
+    grid = (cdiv(t, bt), cdiv(c, bc))
+    launch(_post_res_collapse_kernel, grid, (x, h_res, h_post, y, out, t, c),
+           dict(N=n, NP=pow2(n), BT=bt, BC=bc, ACC=acc_tl(x.dtype), RNE=INTERPRETED, MEAN=bool(mean), X_BCAST=bcast),
+           num_warps=warps)
     return out
 
 

@@ -27,7 +27,7 @@ OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_ba
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
             "proj_pre_backward", "post_res_backward_pre", "post_res_proj", "post_res_backward_into",
             "post_res_backward_pre_into", "proj_pre_backward_into", "step_backward_into",
-            "proj_pre_backward_collapsed", "enter_backward_collapsed")
+            "proj_pre_backward_collapsed", "enter_backward_collapsed", "post_res_collapse")
 
 
 def all_ops() -> list:
@@ -141,6 +141,7 @@ class _ReferenceOps:
         "post_res_backward": ((2, 2, 1, 1, 2), (True,) * 4),
         "post_res_backward_pre": ((2, 2, 1, 1, 2, 1), (True,) * 5),
         "post_res_proj": ((2, 2, 1, 1, None), (True,) * 3),
+        "post_res_collapse": ((2, 2, 1, 1), (True,)),
     }
 
     def __getattr__(self, name: str):
@@ -404,6 +405,19 @@ def _(x, h_res, h_post, y, phi, impl):
     lead = x.shape[:-2]
     acc = ref.acc_dtype(x.dtype)
     return _dense_like(x), x.new_empty(lead + (phi.shape[1],), dtype=acc), x.new_empty(lead, dtype=acc)
+
+
+@_custom_op("post_res_collapse")
+def post_res_collapse(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, mean: bool, impl: str) -> Tensor:
+    """post_res(x, ...)'s mean (or sum) over its n streams, the streams never written. Only Inductor's forward
+    graphs hold it (``passes/collapse_tail.py`` puts it there after the partition, at a chain's tail), so it has no
+    autograd formula: the backward graph was built from post_res and the collapse apart."""
+    return _kernels(impl).post_res_collapse(x, h_res, h_post, y, mean)
+
+
+@post_res_collapse.register_fake
+def _(x, h_res, h_post, y, mean, impl):
+    return x.new_empty(x.shape[:-2] + x.shape[-1:])
 
 
 @_custom_op("post_res_backward")
