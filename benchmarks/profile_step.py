@@ -15,6 +15,9 @@ kernels listed beside the default's;
 --fused likewise with fuse=True (the cross-layer ``step`` / ``enter`` ops); --fusedws with fuse=True and the Gluon
 kernels (sm_90): step's forward through DotCfg.ws (the default since session 27), its backward in two passes
 (StepBwdCfg.ws, opt-in).
+--opt <option>=<v>,... (bench_training's opt: syntax, without the prefix) likewise with those backend options, e.g.
+--opt collapse_tail=0,collapse_head_grad=0: a pass judged by the mHC kernels' summed time a step, which resolves
+far less than the step's run-to-run spread.
 --tune tune:<kernel>:<field>=<v>,... (bench_training's syntax) profiles the same compiled model again with that
 kernel's config changed, and tabulates every mHC kernel's in-step time a call for the default and each
 alternative side by side: a tile or kernel change judged where it runs (power-capped clocks, other kernels
@@ -265,15 +268,17 @@ def main():
     ap.add_argument("--foldprp", action="store_true")
     ap.add_argument("--fused", action="store_true")
     ap.add_argument("--fusedws", action="store_true")
+    ap.add_argument("--opt", nargs="*", default=[], metavar="SPEC")
     ap.add_argument("--tune", nargs="*", default=[], metavar="SPEC")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps a variant (kernel times are averaged)")
     ap.add_argument("--sync-check", action="store_true",
                     help="run one backend=mhc step under torch.cuda.set_sync_debug_mode('warn') and list what synced")
     args = ap.parse_args()
-    from benchmarks.bench_training import tune_fields
+    from benchmarks.bench_training import _parse_options, tune_fields
     from mhc_compile.kernels import triton_ops
 
     tunes = [(spec, *tune_fields(spec)) for spec in args.tune]  # checked before anything is compiled
+    opts = [(spec, _parse_options(spec)) for spec in args.opt]
     out_dir = os.environ.get("OUT", "bench_out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "profile_step.md")
@@ -318,6 +323,9 @@ def main():
                 variants.append(("fuse=True", fused, contextlib.nullcontext))
             if args.fusedws:
                 variants.append(("fuse=True, Gluon step", fused, gluon_step))
+        for spec, options in opts:
+            variants.append((spec, torch.compile(m, backend="mhc", options={"n": N, **options}),
+                             contextlib.nullcontext))
         for spec, kernel, fields in tunes:  # the same compiled model, one kernel's config changed around it
             variants.append((f"{kernel} {spec.split(':', 2)[2]}", mhc,
                              lambda kernel=kernel, fields=fields: triton_ops.tuning(kernel, **fields)))
