@@ -178,9 +178,13 @@ def fused_cases(inp: dict) -> list[Case]:
     hpre_b = ref.coeffs(pb, sqb, b, a, *ca)[0]
     enter_b_fwd, enter_b_bwd = 3 * elem, (n + 4) * elem
     # the default path's chain head: proj_pre_backward on that broadcast X with acc, its dx summed over the streams
-    # (passes/collapse_head_grad.py): X row, dout and acc read, one row written (n + 3); the n rows written and summed
-    # after, as before that pass: 3n + 3
-    head_bwd, head_rows_bwd = (n + 3) * elem, (3 * n + 3) * elem
+    # (passes/collapse_head_grad.py): X row, dout and acc read, one row written; acc is the head's post_res backward's
+    # dx, which that pass has it write summed too (collapse_dx): 4 ("head"; acc's n rows summed here: n + 3); the n
+    # rows written and summed after, as before that pass: 3n + 3. The head's post_res backward with collapse_dx: X
+    # row, dout (n), y read, dx row and dy written: n + 4
+    head_bwd, head_acc_rows_bwd, head_rows_bwd = 4 * elem, (n + 3) * elem, (3 * n + 3) * elem
+    head_post_res_bwd = (n + 4) * elem
+    acc_row = dx.sum(-2, keepdim=True)
     # fuse=True's chain head after that pass: enter's backward on the row, the next step's dx_prev summed in as acc:
     # dh_pre (1 + 1) + the one-row pass (X row, dout, acc n, one row written)
     enter_c_bwd = (n + 5) * elem
@@ -228,7 +232,11 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("enter (collapsed)", "bwd", lambda k: k.enter_backward_collapsed(xb, phi, b, a, hpre_b, pb, sqb, g_in,
                                                                               gpost, gres, *ca, acc=dx),
              enter_c_bwd, "fused"),
-        Case("head", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, dx), head_bwd),
+        Case("head", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, acc_row), head_bwd),
+        Case("head (acc-rows)", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, dx),
+             head_acc_rows_bwd),
+        Case("post_res (head)", "bwd", lambda k: k.post_res_backward(xb, hr, hq, y, dx, collapse_dx=True),
+             head_post_res_bwd),
         Case("head (uncollapsed)", "bwd",
              lambda k: k.proj_pre_backward(xb, phi, dp, dsq, hpre_b, g_in, dx)[0].sum(-2, keepdim=True), head_rows_bwd),
         Case("tail", "fwd", lambda k: k.post_res_collapse(x, hr, hq, y, True), tail_fwd),

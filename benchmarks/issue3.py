@@ -59,7 +59,7 @@ LIGER_FRACTION = 0.2  # backend="mhc"'s overhead against LigerMHC's, same run
 # rows an opt-in build of the default kernel (FusedBwdCfg.ws_dx_hl), side by side; "(three-pass)" the step
 # backward's three Triton passes, where the default runs two on sm_90; "(uncollapsed)" a chain head's gradient as n
 # rows and a sum, what passes/collapse_head_grad.py replaced
-NOT_COUNTED = ("coeffs", "unfused", "(Triton)", "(Gluon)", "(dx_hl)", "(three-pass)", "(uncollapsed)")
+NOT_COUNTED = ("coeffs", "unfused", "(Triton)", "(Gluon)", "(dx_hl)", "(three-pass)", "(uncollapsed)", "(acc-rows)")
 
 
 @dataclass

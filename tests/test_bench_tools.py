@@ -712,15 +712,25 @@ def test_bench_ddp_runs_every_variant_on_two_gloo_ranks(tmp_path):
 
 def test_carry_check_compares_both_bf16_models_with_an_fp32_copy(tmp_path, monkeypatch):
     """carry_check on the CPU, tiny: the block-by-block and one-graph bf16 models each against the fp32 stack
-    (session 35's GPU run had compared the two bf16 models with each other and read bf16 noise as a failure)."""
+    (session 35's GPU run had compared the two bf16 models with each other and read bf16 noise as a failure).
+
+    Its verdict is not asserted here: at d = 32 and 8 tokens the parameter gradients that sum over the tokens are
+    bf16 noise (a nearly cancelling alpha gradient 1-10 % off in both models), and the models round differently by
+    design (the one graph collapses its tail in one kernel, passes/collapse_tail.py, where a carried block returns
+    its streams; the block model's ln_f runs eagerly), so 1.5x + 2e-3 falls either way with the seed (session 39:
+    d = 32 / 64, seq 8 to 32). The carry itself is checked where noise cannot hide it: the fp32 run below against
+    float64, and tests/test_carry.py in float64."""
     from benchmarks import carry_check
 
     monkeypatch.setenv("OUT", str(tmp_path))
     args = ["--device", "cpu", "--d", "32", "--layers", "2", "--seq", "8", "--batch", "1", "--iters", "1"]
-    rc = carry_check.main(args)
+    carry_check.main(args)
     text = (tmp_path / "carry-check.md").read_text()
-    assert rc == 0, text
-    assert "| output |" in text and "worst mHC parameter (h." in text and text.count("ok: every error") == 1
+    assert "| output |" in text and "worst mHC parameter (h." in text
+    assert text.count("ok: every error") + text.count("FAILED, further from the float32 copy") == 1
+    for row in ("| output |", "| dx |"):  # both models at bf16's rounding of the output and of the input gradient
+        line = next(line for line in text.splitlines() if line.startswith(row))
+        assert all(float(v) < 1e-2 for v in line.strip("| ").split("|")[1:]), line
 
 
 def test_carry_check_in_fp32_measures_against_a_float64_copy(tmp_path, monkeypatch):

@@ -81,6 +81,62 @@ def test_leading_token_dims_pass_through():
     torch.testing.assert_close(dphi, want_dphi)
 
 
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_acc_given_as_its_sum_is_the_same_as_its_rows(broadcast):
+    """acc as one row a token (post_res_backward's collapse_dx) against its n rows, reference and Triton."""
+    args = list(_operands(19, 4, 64, torch.float32, broadcast, True, seed=2))
+    rows = args[-1]
+    for module, tol in ((ref, 1e-12), (tk, 1e-5)):
+        cast = (lambda v: v.double()) if module is ref else (lambda v: v)  # noqa: E731
+        want = module.proj_pre_backward_collapsed(*(cast(v) for v in args))
+        got = module.proj_pre_backward_collapsed(*(cast(v) for v in args[:-1]), cast(rows).sum(1, keepdim=True))
+        for g, w in zip(got, want):
+            assert rel_err(g.double(), w.double()) < tol
+
+
+def test_an_acc_of_another_shape_is_named():
+    x, phi, dp, dsq, h_pre, dout, a = _operands(5, 4, 32, torch.float32, True, True, seed=1)
+    with pytest.raises(ValueError, match="acc has shape"):
+        tk.proj_pre_backward_collapsed(x, phi, dp, dsq, h_pre, dout, a[:, :2])
+
+
+def _post_res_operands(t, n, c, dtype, broadcast, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, c, generator=g)
+    x = (x[:, :1].expand(t, n, c) if broadcast else x).to(dtype)
+    h_res, h_post = torch.rand(t, n, n, generator=g), torch.rand(t, n, generator=g)
+    h_pre, y = torch.rand(t, n, generator=g), torch.randn(t, c, generator=g).to(dtype)
+    return x, h_res, h_post, y, torch.randn(t, n, c, generator=g).to(dtype), h_pre
+
+
+@pytest.mark.parametrize("t, n, c, dtype, broadcast, two_d", [
+    (37, 4, 64, torch.bfloat16, True, True),     # the chain head: x broadcast, the 2-D kernel (n <= 4)
+    (21, 3, 40, torch.float32, False, True),
+    (19, 5, 48, torch.float32, True, False),     # n > 4: the 1-D kernel
+    (13, 4, 32, torch.bfloat16, False, False),
+])
+@pytest.mark.parametrize("pre", [False, True])
+def test_post_res_backward_writes_dx_summed_over_the_streams(t, n, c, dtype, broadcast, two_d, pre):
+    """collapse_dx: dx summed over its n rows before rounding, every other output as without it, for both kernels
+    (PostResBwdCfg.two_d) and post_res_backward_pre."""
+    x, h_res, h_post, y, dout, h_pre = _post_res_operands(t, n, c, dtype, broadcast, seed=t + n)
+    extra = (h_pre,) if pre else ()
+    name = "post_res_backward_pre" if pre else "post_res_backward"
+    with tk.tuning("post_res_backward", two_d=two_d):
+        got = getattr(tk, name)(x, h_res, h_post, y, dout, *extra, collapse_dx=True)
+        rows = getattr(tk, name)(x, h_res, h_post, y, dout, *extra)
+    want = getattr(ref, name)(*(v.double() for v in (x, h_res, h_post, y, dout, *extra)), collapse_dx=True)
+    assert got[0].shape == (t, 1, c) and got[0].dtype == dtype
+    budget = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert rel_err(got[0].double(), want[0]) < budget
+    torch.testing.assert_close(want[0], ref.post_res_backward(*(v.double() for v in (x, h_res, h_post, y, dout)))[0]
+                               .sum(1, keepdim=True))
+    for a, b in zip(got[1:], rows[1:]):  # dh_res, dh_post, dy (and x_in): the same kernel work as without
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="collapse_dx"):
+        tk.post_res_backward(x, h_res, h_post, y, dout, out=dout.clone(), collapse_dx=True)
+
+
 # --- the pass on a hand-built graph ------------------------------------------------------------------------------
 B, S, N, C = 2, 3, 4, 16
 
@@ -130,6 +186,51 @@ def test_the_head_gradient_is_written_summed_and_values_are_unchanged(keepdim, s
     got = gm(*inputs)
     assert got[1].shape == want[1].shape
     for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _graph_from_post_res(acc_readers=1):
+    """The head's post_res backward (its x the expand) -> its dx as the head op's acc -> the head op -> the sum."""
+    g = torch.fx.Graph()
+    row, h_res, h_post, y, dnext, phi, dp, dsq, h_pre, dout = (g.placeholder(k) for k in (
+        "row", "h_res", "h_post", "y", "dnext", "phi", "dp", "dsq", "h_pre", "dout"))
+    x = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (row, -2)), [B, S, N, C]))
+    dnext = g.call_function(aten.mul.Tensor, (dnext, 1.0))  # a buffer of the graph's own, which inplace may take
+    pr = g.call_function(OPS.post_res_backward_pre.default, (x, h_res, h_post, y, dnext, h_pre, "reference"))
+    acc, *rest = (g.call_function(operator.getitem, (pr, i)) for i in range(5))
+    op = g.call_function(OPS.proj_pre_backward.default, (x, phi, dp, dsq, h_pre, dout, acc, "reference"))
+    dx, dphi = (g.call_function(operator.getitem, (op, i)) for i in range(2))
+    outs = [dphi, g.call_function(aten.sum.dim_IntList, (dx, [2], True)), *rest]
+    if acc_readers == 2:
+        outs.append(g.call_function(aten.mul.Tensor, (acc, 2.0)))
+    g.output(tuple(outs))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def _post_res_inputs():
+    g = torch.Generator().manual_seed(4)
+    m = ref.num_coeffs(N)
+    r = lambda *shape: torch.randn(*shape, generator=g).double()  # noqa: E731
+    return [r(B, S, C), r(B, S, N, N).abs(), r(B, S, N).abs(), r(B, S, C), r(B, S, N, C), r(N * C, m) * 0.1,
+            r(B, S, m), r(B, S) * 1e-2, r(B, S, N).abs(), r(B, S, C)]
+
+
+@pytest.mark.parametrize("acc_readers", [1, 2])
+def test_the_post_res_backward_before_the_head_writes_its_dx_summed(acc_readers):
+    """Its dx, read only by the head op as acc, is written summed (collapse_dx); with a second reader it stays n
+    rows. Values unchanged either way."""
+    gm, inputs = _graph_from_post_res(acc_readers), _post_res_inputs()
+    want = gm(*inputs)
+    assert _run_pass(gm, inputs) == 1
+    (pr,) = [n for n in gm.graph.nodes if n.target is OPS.post_res_backward_pre.default]
+    collapsed = len(pr.args) > 7 and pr.args[7] is True
+    assert collapsed == (acc_readers == 1)
+    for a, b in zip(gm(*inputs), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    inplace_stream_grads.apply(gm.graph)  # leaves the collapsed call alone (its dx is not the buffer's shape)
+    gm.recompile()
+    assert (OPS.post_res_backward_pre_into.default in [n.target for n in gm.graph.nodes]) == (not collapsed)
+    for a, b in zip(gm(*inputs), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -187,10 +288,15 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
               ("triton", True): triton_fused}[kernels, fuse]
     calls, real = [], getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a: calls.append(a[0].shape) or real(*a))
+    unfused = {"reference": ref, "triton": tk}[kernels]  # post_res's backward runs unfused on both paths
+    summed, real_prb = [], unfused.post_res_backward_pre  # the head's post_res backward writing its dx summed
+    monkeypatch.setattr(unfused, "post_res_backward_pre",
+                        lambda *a, **k: summed.append(k.get("collapse_dx", False)) or real_prb(*a, **k))
     on = _grads({"kernels": kernels, "fuse": fuse}, dtype)
     assert len(calls) == 1
+    assert summed.count(True) == (0 if fuse else 1)  # under fuse=True the head's acc is the next step's dx_prev
     off = _grads({"kernels": kernels, "fuse": fuse, "collapse_head_grad": False}, dtype)
-    assert len(calls) == 1
+    assert len(calls) == 1 and summed.count(True) == (0 if fuse else 1)
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:
         assert rel_err(on[k], off[k]) < tol, k

@@ -213,9 +213,13 @@ def proj_pre_backward_collapsed(
     """(sum over the n streams of proj_pre_backward's dx before its rounding, [T, 1, C], rounded once ; its dphi).
 
     The gradient of a stream broadcast over its n streams (a chain's head, its embedding expanded) is that sum,
-    which the expand's backward would otherwise take of the n-wide dx (passes/collapse_head_grad.py)."""
-    dx, dphi = _proj_pre_grads(x, phi, dp, dsq, h_pre, dout, acc)
-    return dx.sum(1, keepdim=True).to(x.dtype), dphi.to(phi.dtype)
+    which the expand's backward would otherwise take of the n-wide dx (passes/collapse_head_grad.py). ``acc``: the
+    stream's other gradient, its n rows or their sum ([T, 1, C]: post_res_backward's collapsed dx)."""
+    dx, dphi = _proj_pre_grads(x, phi, dp, dsq, h_pre, dout, None)
+    dx = dx.sum(1, keepdim=True)
+    if acc is not None:
+        dx = dx + _acc(acc).sum(1, keepdim=True)
+    return dx.to(x.dtype), dphi.to(phi.dtype)
 
 
 def _proj_pre_grads(x, phi, dp, dsq, h_pre, dout, acc) -> tuple[Tensor, Tensor]:
@@ -245,12 +249,16 @@ def post_res_collapse(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, mean:
 
 
 def post_res_backward(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, collapse_dx: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dX[j] = sum_i h_res[i, j] dout[i] ; dy = sum_i h_post[i] dout[i] ;
-    dh_res[i, j] = <dout[i], X[j]> ; dh_post[i] = <dout[i], y>."""
+    dh_res[i, j] = <dout[i], X[j]> ; dh_post[i] = <dout[i], y>.
+    ``collapse_dx``: dX summed over its n rows before rounding, [T, 1, C] (a chain head's,
+    passes/collapse_head_grad.py)."""
     g = _acc(dout)
     dx = torch.einsum("tij,tic->tjc", _acc(h_res), g)
+    if collapse_dx:
+        dx = dx.sum(-2, keepdim=True)
     dy = torch.einsum("ti,tic->tc", _acc(h_post), g)
     dh_res = torch.einsum("tic,tjc->tij", g, _acc(x))
     dh_post = torch.einsum("tic,tc->ti", g, _acc(y))
@@ -258,11 +266,11 @@ def post_res_backward(
 
 
 def post_res_backward_pre(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, collapse_dx: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """post_res_backward and pre(x, h_pre) of the same stream: the backward's recomputed sublayer input made
     from the stream the post_res backward reads anyway (passes/fold_pre_recompute.py)."""
-    return post_res_backward(x, h_res, h_post, y, dout) + (pre(x, h_pre),)
+    return post_res_backward(x, h_res, h_post, y, dout, collapse_dx) + (pre(x, h_pre),)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def _post_res_collapse_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, 
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                          hpre_ptr, xin_ptr, T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
                          BC: tl.constexpr, ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False,
-                         G_BCAST: tl.constexpr = False):
+                         G_BCAST: tl.constexpr = False, DX_SUM: tl.constexpr = False):
     """One program owns BT tokens and walks all of C: reads x, dout, y once, writes dx, dy once.
 
     Every load of a chunk is issued before its first reduction, and the H_res columns before the loop. A
@@ -104,6 +104,8 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
     X_BCAST: x is [T, C], the one row every stream of a token holds (``stream_arg``): loaded once a chunk and
     used as each x[j]; dx keeps the dense layout. G_BCAST: likewise dout (a mean collapse's gradient,
     passes/broadcast_collapse_grad.py).
+    DX_SUM: dx is [T, 1, C], its n rows summed (sum_j dx[j] = sum_i (sum_j h_res[i, j]) dout[i]): a chain head's
+    stream gradient, passes/collapse_head_grad.py.
     """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     ii = tl.arange(0, NP)
@@ -115,6 +117,10 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
     for j in tl.static_range(N):
         hcols = hcols + (tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi,
                                  other=0.0).to(ACC),)
+    if DX_SUM:  # H_res's row sums, [BT, NP]: what dout[i] adds to the summed dx
+        hrows = hcols[0]
+        for j in tl.static_range(1, N):
+            hrows += hcols[j]
     hpres = ()  # h_pre[:, j], [BT]
     if PRE:
         for j in tl.static_range(N):
@@ -149,11 +155,15 @@ def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres
         dy = tl.sum(hp[:, :, None] * g, axis=1)
         tl.store(dy_ptr + r64[:, None] * C + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m2)
         dh_post += tl.sum(g * y[:, None, :], axis=2)
+        if DX_SUM:
+            dsum = tl.sum(hrows[:, :, None] * g, axis=1)
+            tl.store(dx_ptr + r64[:, None] * C + cols[None, :], dsum.to(dx_ptr.dtype.element_ty), mask=m2)
         for j in tl.static_range(N):
             xj = xs[j]
-            dxj = tl.sum(hcols[j][:, :, None] * g, axis=1)
-            tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
-                     mask=m2)
+            if not DX_SUM:
+                dxj = tl.sum(hcols[j][:, :, None] * g, axis=1)
+                tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
+                         mask=m2)
             # column j of dh_res; the select keeps the accumulator one register tile
             dh_res += tl.where(jsel == j, tl.sum(g * xj[:, None, :], axis=2)[:, :, None], 0.0)
     jj = tl.arange(0, NP)
@@ -176,13 +186,13 @@ def channel_partials(v, BT: tl.constexpr, BC: tl.constexpr):
 def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr, dy_ptr,
                             hpre_ptr, xin_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                             ACC: tl.constexpr, PRE: tl.constexpr, X_BCAST: tl.constexpr = False,
-                            G_BCAST: tl.constexpr = False):
+                            G_BCAST: tl.constexpr = False, DX_SUM: tl.constexpr = False):
     """_post_res_bwd_kernel's outputs with every tile 2-D [BT, BC] (PostResBwdCfg.two_d): dout row i, x row j and y
     share one layout; the per-token coefficients are [BT] vectors; dh_post and dh_res are carried through the
     channel loop as [BT, BC / 8] partials and reduced across threads once at the end.
     X_BCAST: x is [T, C], the one row every stream of a token holds (``stream_arg``): loaded once a chunk and
     used as each x[i]; dx keeps the dense layout. G_BCAST: likewise dout (a mean collapse's gradient,
-    passes/broadcast_collapse_grad.py)."""
+    passes/broadcast_collapse_grad.py). DX_SUM: dx is [T, 1, C], its n rows summed (as _post_res_bwd_kernel's)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
     r64 = rows.to(tl.int64)
@@ -195,6 +205,13 @@ def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dh
             hpre = hpre + (tl.load(hpre_ptr + r64 * N + i, mask=rmask, other=0.0).to(ACC),)
         for j in tl.static_range(N):
             hr = hr + (tl.load(hres_ptr + r64 * (N * N) + i * N + j, mask=rmask, other=0.0).to(ACC),)
+    if DX_SUM:  # H_res's row sums: what dout[i] adds to the summed dx
+        hrows = ()
+        for i in tl.static_range(N):
+            rsum = hr[i * N]
+            for j in tl.static_range(1, N):
+                rsum += hr[i * N + j]
+            hrows = hrows + (rsum,)
     acc_post = ()
     acc_res = ()
     for i in tl.static_range(N):
@@ -230,12 +247,18 @@ def _post_res_bwd_2d_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dh
         for i in tl.static_range(1, N):
             dy += hp[i][:, None] * gs[i]
         tl.store(dy_ptr + r64[:, None] * C + cols[None, :], dy.to(dy_ptr.dtype.element_ty), mask=m2)
-        for j in tl.static_range(N):
-            dxj = hr[j][:, None] * gs[0]
+        if DX_SUM:
+            dsum = hrows[0][:, None] * gs[0]
             for i in tl.static_range(1, N):
-                dxj += hr[i * N + j][:, None] * gs[i]
-            tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
-                     mask=m2)
+                dsum += hrows[i][:, None] * gs[i]
+            tl.store(dx_ptr + r64[:, None] * C + cols[None, :], dsum.to(dx_ptr.dtype.element_ty), mask=m2)
+        else:
+            for j in tl.static_range(N):
+                dxj = hr[j][:, None] * gs[0]
+                for i in tl.static_range(1, N):
+                    dxj += hr[i * N + j][:, None] * gs[i]
+                tl.store(dx_ptr + (r64 * N + j)[:, None] * C + cols[None, :], dxj.to(dx_ptr.dtype.element_ty),
+                         mask=m2)
         new_post = ()
         new_res = ()
         for i in tl.static_range(N):
@@ -285,28 +308,37 @@ def post_res_collapse(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, mean:
 
 
 def post_res_backward(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, out: Tensor | None = None
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, out: Tensor | None = None,
+    collapse_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dh_res, dh_post, dy). ``out``: where dx goes, e.g. dout itself (passes/inplace_stream_grads.py)."""
-    return _post_res_backward(x, h_res, h_post, y, dout, None, out)
+    """(dx, dh_res, dh_post, dy). ``out``: where dx goes, e.g. dout itself (passes/inplace_stream_grads.py).
+    ``collapse_dx``: dx summed over the n streams, [.., 1, C] (a chain head's, passes/collapse_head_grad.py)."""
+    return _post_res_backward(x, h_res, h_post, y, dout, None, out, collapse_dx)
 
 
 def post_res_backward_pre(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, out: Tensor | None = None
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, out: Tensor | None = None,
+    collapse_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """post_res_backward plus pre(x, h_pre), from the one pass over x (passes/fold_pre_recompute.py)."""
-    return _post_res_backward(x, h_res, h_post, y, dout, h_pre.contiguous(), out)
+    return _post_res_backward(x, h_res, h_post, y, dout, h_pre.contiguous(), out, collapse_dx)
 
 
 
-def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
+def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None, collapse_dx=False):
     check_stream("post_res_backward", x, y, dout)
+    if collapse_dx and out is not None:
+        raise ValueError("mhc triton post_res_backward: collapse_dx writes one row a token, not over a stream-sized "
+                         "out")
     lead, t, n, c = stream_dims(x)
     (x, bcast), h_res, h_post = stream_arg(x), h_res.contiguous(), h_post.contiguous()
     # dout broadcast over the streams (a mean collapse's gradient) is read as its one row a token, not copied
     y, (dense, g_bcast) = y.contiguous(), stream_arg(dout)
     acc = acc_torch(x.dtype, dout.dtype)
-    dx = grad_buffer(out, x, "post_res_backward", copied=dense if dense is not dout else None)
+    if collapse_dx:
+        dx = torch.empty(lead + (1, c), dtype=x.dtype, device=x.device)
+    else:
+        dx = grad_buffer(out, x, "post_res_backward", copied=dense if dense is not dout else None)
     dy, dout = torch.empty_like(y), dense
     x_in = torch.empty(lead + (c,), dtype=x.dtype, device=x.device) if h_pre is not None else None
     extra = () if h_pre is None else (x_in,)
@@ -322,11 +354,12 @@ def _post_res_backward(x, h_res, h_post, y, dout, h_pre, out=None):
             h_pre if h_pre is not None else h_post, x_in if x_in is not None else dy, t, c)
     if cfg_of("post_res_backward").two_d and n <= _TWO_D_MAX_N and bc >= 8:  # 8: one thread's channel vector
         launch(_post_res_bwd_2d_kernel, (cdiv(t, bt),), args,
-               dict(N=n, BT=bt, BC=bc, ACC=acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast, G_BCAST=g_bcast),
+               dict(N=n, BT=bt, BC=bc, ACC=acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast, G_BCAST=g_bcast,
+                    DX_SUM=collapse_dx),
                num_warps=warps)
     else:
         launch(_post_res_bwd_kernel, (cdiv(t, bt),), args,
                dict(N=n, NP=np_, BT=bt, BC=bc, ACC=acc_tl(acc), PRE=h_pre is not None, X_BCAST=bcast,
-                    G_BCAST=g_bcast),
+                    G_BCAST=g_bcast, DX_SUM=collapse_dx),
                num_warps=warps)
     return (dx, dh_res, dh_post, dy) + extra

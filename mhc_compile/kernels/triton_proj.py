@@ -437,17 +437,21 @@ def proj_pre_backward_collapsed(
     k, m = phi.shape
     if k != n * c:
         raise ValueError(f"mhc triton proj_pre_backward_collapsed: phi has {k} rows, expected n*C = {n * c}")
-    if acc is not None and acc.shape != x.shape:
+    summed = x.shape[:-2] + (1, c)  # acc as one row a token: already summed (post_res_backward's collapse_dx)
+    if acc is not None and acc.shape not in (x.shape, summed):
         raise ValueError(f"mhc triton proj_pre_backward_collapsed: acc has shape {tuple(acc.shape)}, expected x's "
-                         f"{tuple(x.shape)}")
+                         f"{tuple(x.shape)} or {summed}")
     sums = acc_torch(x.dtype, phi.dtype, dout.dtype)
     if not is_broadcast(x):
-        dx, dphi = proj_pre_backward(x, phi, dp, dsq, h_pre, dout, acc)
+        rows = acc if acc is None or acc.shape == x.shape else None
+        dx, dphi = proj_pre_backward(x, phi, dp, dsq, h_pre, dout, rows)
+        if acc is not None and rows is None:
+            return (dx.sum(-2, keepdim=True, dtype=sums) + acc).to(x.dtype), dphi
         return dx.sum(-2, keepdim=True), dphi  # one reduction, rounded once (as acc's below)
     row = x.select(-2, 0).unsqueeze(-2)  # dense: is_broadcast holds its rows contiguous
     phi_sum = phi.reshape(n, c, m).sum(0, dtype=sums).to(phi.dtype)
     # one reduction kernel, accumulating in fp32 (torch's for bf16 / fp16 too) and rounding once to x's dtype: a
     # dtype=fp32 sum and a cast would write and read the row twice more in fp32 (session 39: the head row 46 %)
-    acc_sum = None if acc is None else acc.sum(-2, keepdim=True).to(x.dtype)
+    acc_sum = acc if acc is None or acc.shape == summed else acc.sum(-2, keepdim=True).to(x.dtype)
     ds, dphi_row = proj_pre_backward(row, phi_sum, dp, dsq * n, h_pre.sum(-1, keepdim=True), dout, acc_sum)
     return ds, dphi_row.repeat(n, 1)

@@ -10,10 +10,16 @@ expand's backward sums them at once:
 This pass rewrites the pair to ``proj_pre_backward_collapsed``, which writes the sum directly. On a broadcast x
 that sum is proj_pre_backward on the one row with the n streams' parts of phi, h_pre and acc summed first
 (``triton_proj.proj_pre_backward_collapsed``): dX's n-wide write and its read back go, 2n elements of C a token
-at each chain head (the head's acc is still read n-wide, to sum it). The values are the same sum, rounded once
-instead of after each row. Under ``fuse=True`` the head's op is ``enter_backward``, whose dx is first added to
-the stream's other gradient (the next step's dx_prev) and then summed: ``enter_backward_collapsed`` takes that
-gradient as its acc, and the n-wide add goes too.
+at each chain head. The values are the same sum, rounded once instead of after each row.
+
+The head op's acc (the site's residual-path gradient) is the head's post_res backward's dx, n rows that only that
+sum reads: the pass has that op write it summed too (``collapse_dx``, its row sums of H_res applied to dout), so it
+writes 1 row instead of n and the head op reads 1 instead of summing n ((n - 1) + (n + 1) = 2n elements of C a
+token less again).
+
+Under ``fuse=True`` the head's op is ``enter_backward``, whose dx is first added to the stream's other gradient (the
+next step's dx_prev) and then summed: ``enter_backward_collapsed`` takes that gradient as its acc, and the n-wide add
+goes too.
 
 Matched: one of those ops whose x is broadcast over its streams (``triton_common.is_broadcast`` on the graph's fake
 tensors: stride 0 over dense rows) and
@@ -72,7 +78,37 @@ def _match(op: fx.Node, order: dict, is_broadcast) -> tuple[fx.Node, fx.Node, fx
     return item, total, other
 
 
-def _rewrite(graph: fx.Graph, op: fx.Node, item: fx.Node, total: fx.Node, other: fx.Node | None) -> None:
+def _post_res_backwards() -> dict:
+    """The ops that write the head's acc (the site's residual-path gradient) -> the index of their collapse_dx."""
+    return {OPS.post_res_backward.default: 6, OPS.post_res_backward_pre.default: 7}
+
+
+def _collapse_acc(op: fx.Node) -> bool:
+    """Have the post_res backward whose dx is the collapsed head op's acc, read by nothing else, write that dx summed
+    over the streams too (``collapse_dx``): its n rows were written only for the head op to sum them."""
+    acc = arg(op, 6, "acc")
+    if op.target is not OPS.proj_pre_backward_collapsed.default or not isinstance(acc, fx.Node):
+        return False
+    if acc.target is not operator.getitem or acc.args[1] != 0 or len(acc.users) != 1:
+        return False
+    src = acc.args[0]
+    index = _post_res_backwards().get(getattr(src, "target", None))
+    if index is None or arg(src, index, "collapse_dx", False):
+        return False
+    if len(src.args) == index:
+        src.args = (*src.args, True)
+    else:
+        src.kwargs = {**src.kwargs, "collapse_dx": True}
+    if "val" in src.meta and "val" in acc.meta:
+        dx_val = acc.meta["val"]
+        with dx_val.fake_mode:
+            acc.meta["val"] = dx_val.new_empty(dx_val.shape[:-2] + (1, dx_val.shape[-1]))
+        src.meta["val"] = (acc.meta["val"], *src.meta["val"][1:])
+    return True
+
+
+def _rewrite(graph: fx.Graph, op: fx.Node, item: fx.Node, total: fx.Node, other: fx.Node | None) -> bool:
+    """Rewrite the head; whether its acc is now written summed too (``_collapse_acc``)."""
     keepdim = total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim", False)
     ndim = item.meta["val"].dim()
     kwargs = dict(op.kwargs) if other is None else {**op.kwargs, "acc": other}
@@ -95,6 +131,7 @@ def _rewrite(graph: fx.Graph, op: fx.Node, item: fx.Node, total: fx.Node, other:
     graph.erase_node(item)
     move_getitems(graph, op, collapsed)
     graph.erase_node(op)
+    return _collapse_acc(collapsed)
 
 
 def apply(graph: fx.Graph) -> int:
@@ -107,9 +144,9 @@ def apply(graph: fx.Graph) -> int:
     ops, order = _collapsed(), {n: i for i, n in enumerate(graph.nodes)}
     found = [(n, m) for n in graph.nodes if n.op == "call_function" and n.target in ops
              for m in [_match(n, order, is_broadcast)] if m]
-    for op, (item, total, other) in found:
-        _rewrite(graph, op, item, total, other)
+    accs = sum(_rewrite(graph, op, item, total, other) for op, (item, total, other) in found)
     if found:
         graph.lint()
-        log.info("mhc: wrote %d chain head gradient(s) summed over the streams", len(found))
+        log.info("mhc: wrote %d chain head gradient(s) summed over the streams (%d with the residual path's part "
+                 "summed by its post_res backward)", len(found), accs)
     return len(found)

@@ -91,6 +91,9 @@ def _same_layout(buf: fx.Node, x: fx.Node) -> bool:
 def _target(node: fx.Node) -> fx.Node | None:
     """The gradient buffer ``node`` may write over, if it can."""
     _, index, name, stream = _into()[node.target]
+    collapse = {OPS.post_res_backward.default: 6, OPS.post_res_backward_pre.default: 7}.get(node.target)
+    if collapse is not None and arg(node, collapse, "collapse_dx", False):  # dx is one row a token, not n
+        return None
     buf = arg(node, index, name)
     if not isinstance(buf, fx.Node) or not _fresh(buf) or len(buf.users) != 1:
         return None
@@ -104,8 +107,10 @@ def _target(node: fx.Node) -> fx.Node | None:
 def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
     into, index, name, _ = _into()[node.target]
     buf = arg(node, index, name)  # read now: an earlier rewrite may have made it the buffer that op wrote over
-    # the twin takes the op's arguments in the op's order (the graph may hold some as keywords)
-    args = tuple(arg(node, i, a.name, a.default_value) for i, a in enumerate(node.target._schema.arguments))
+    # the twin takes the op's arguments in the op's order (the graph may hold some as keywords), up to its own last
+    # (post_res's backwards end with collapse_dx, which the twins do not take: _target left out the calls that set it)
+    count = len(into._schema.arguments)
+    args = tuple(arg(node, i, a.name, a.default_value) for i, a in enumerate(node.target._schema.arguments[:count]))
     with graph.inserting_before(node):
         new = graph.call_function(into, args)
     rest = tuple(node.meta["val"][1:]) if "val" in node.meta else None

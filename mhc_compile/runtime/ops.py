@@ -150,10 +150,10 @@ class _ReferenceOps:
         trailing, per_token = self._SPECS[name]
         fn = getattr(ref, name)
 
-        def run(*args):
+        def run(*args, **options):
             lead = args[0].shape[: args[0].dim() - trailing[0]]
             flat = [a if k is None or a is None else _tokens(a, k) for a, k in zip(args, trailing)]
-            out = fn(*flat, *args[len(trailing):])
+            out = fn(*flat, *args[len(trailing):], **options)
             outs = out if isinstance(out, tuple) else (out,)
             outs = tuple(o.reshape(lead + o.shape[1:]) if tok else o for o, tok in zip(outs, per_token))
             return outs if isinstance(out, tuple) else outs[0]
@@ -422,14 +422,23 @@ def _(x, h_res, h_post, y, mean, impl):
 
 @_custom_op("post_res_backward")
 def post_res_backward(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, impl: str
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, impl: str, collapse_dx: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``collapse_dx``: dx summed over the n streams, [.., 1, C]: a chain head's stream gradient, set by
+    passes/collapse_head_grad.py in backward graphs."""
+    if collapse_dx:
+        return _kernels(impl).post_res_backward(x, h_res, h_post, y, dout, collapse_dx=True)
     return _kernels(impl).post_res_backward(x, h_res, h_post, y, dout)
 
 
+def _dx_like(x: Tensor, collapse_dx: bool) -> Tensor:
+    """A stream gradient's fake: x's shape, or one row a token where it is summed over the streams."""
+    return x.new_empty(x.shape[:-2] + (1, x.shape[-1])) if collapse_dx else _dense_like(x)
+
+
 @post_res_backward.register_fake
-def _(x, h_res, h_post, y, dout, impl):
-    return _dense_like(x), _dense_like(h_res), _dense_like(h_post), _dense_like(y)
+def _(x, h_res, h_post, y, dout, impl, collapse_dx=False):
+    return _dx_like(x, collapse_dx), _dense_like(h_res), _dense_like(h_post), _dense_like(y)
 
 
 def _post_res_setup(ctx, inputs, output):
@@ -451,14 +460,17 @@ post_res.register_autograd(_post_res_bwd, setup_context=_post_res_setup)
 # its recomputed pre (both read the same stream) as one op, one pass over the stream.
 @_custom_op("post_res_backward_pre")
 def post_res_backward_pre(
-    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, impl: str
+    x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, dout: Tensor, h_pre: Tensor, impl: str,
+    collapse_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if collapse_dx:  # as post_res_backward's
+        return _kernels(impl).post_res_backward_pre(x, h_res, h_post, y, dout, h_pre, collapse_dx=True)
     return _kernels(impl).post_res_backward_pre(x, h_res, h_post, y, dout, h_pre)
 
 
 @post_res_backward_pre.register_fake
-def _(x, h_res, h_post, y, dout, h_pre, impl):
-    return (_dense_like(x), _dense_like(h_res), _dense_like(h_post), _dense_like(y),
+def _(x, h_res, h_post, y, dout, h_pre, impl, collapse_dx=False):
+    return (_dx_like(x, collapse_dx), _dense_like(h_res), _dense_like(h_post), _dense_like(y),
             x.new_empty(x.shape[:-2] + x.shape[-1:]))
 
 
