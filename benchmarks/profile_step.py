@@ -49,8 +49,10 @@ KERNEL_BYTES = {
     "_proj_fwd_kernel": lambda S, v: S,                      # X -> p, sq
     "_proj_ws_kernel": lambda S, v: S,                       # the Gluon proj forward (DotCfg.ws)
     "_post_res_proj_kernel": lambda S, v: 2 * S + v,         # X, y -> X', p', sq' (fold_post_res_proj)
+    "_post_res_collapse_kernel": lambda S, v: S + 2 * v,     # X, y -> the mean of X' (a chain's tail, collapse_tail)
     # dX', X, y -> dX, dy; with fold_pre_recompute (the default) also x_in, a v more that this leaves out (a kernel
-    # name does not say which op launched it)
+    # name does not say which op launched it); and the chain head's call (collapse_dx, a broadcast X) moves 2 (S - v)
+    # less, which this counts as moved: its average over the calls is a little high
     "_post_res_bwd_kernel": lambda S, v: 3 * S + 2 * v,
     "_post_res_bwd_2d_kernel": lambda S, v: 3 * S + 2 * v,   # the same op's 2-D kernel (the default)
     "_pre_bwd_kernel": lambda S, v: S + v,                   # X, dx_in -> dh_pre (pre_backward_dh)
