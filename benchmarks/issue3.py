@@ -82,6 +82,7 @@ class StackShape:
     tokens: int
     elem_bytes: int
     n: int
+    chains: int = 1  # the stack's residual stream: one chain from the input to the final norm
 
     @property
     def sites(self) -> int:
@@ -138,7 +139,7 @@ def copy_bandwidth(kernels_md: str) -> float | None:
 def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]:
     """Markdown rows: for each width with a residual step time, what the default path's mHC bookkeeping must move a
     step over the residual adds it replaces (``cost.site_bytes`` of the unfused design with its default folds:
-    ``cost.DEFAULT``), from no site recomputed to every site, and that as time at the copy bandwidth and as a share
+    ``cost.DEFAULT``, and a chain's two ends: ``cost.chain_ends``), from no site recomputed to every site, and that as time at the copy bandwidth and as a share
     of the residual step. A step target below the first share cannot be met by faster kernels on this GPU, only by
     moving fewer bytes. Empty without a bandwidth (no kernel table in the folder)."""
     from mhc_compile import cost
@@ -148,8 +149,10 @@ def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]
         sh = step.shape
         if bandwidth_gbs is None or sh is None or not step.residual_ms:
             continue
-        gb = [sh.sites * cost.evaluate(cost.site_bytes(fused=False, recompute=r), T=sh.tokens, n=sh.n, C=d,
-                                       s=sh.elem_bytes) / 1e9 for r in (False, True)]
+        ends = sh.chains * cost.evaluate(cost.chain_ends() * cost.C * cost.T * cost.s, T=sh.tokens, n=sh.n, C=d,
+                                         s=sh.elem_bytes)
+        gb = [(sh.sites * cost.evaluate(cost.site_bytes(fused=False, recompute=r), T=sh.tokens, n=sh.n, C=d,
+                                        s=sh.elem_bytes) + ends) / 1e9 for r in (False, True)]
         ms = [g / bandwidth_gbs * 1e3 for g in gb]
         pct = [100 * m / step.residual_ms for m in ms]
         limit = STEP_OVERHEAD.get(d)
@@ -168,7 +171,7 @@ def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]
     if not rows:
         return []
     return [f"The default path's bytes a step over the residual adds, from no site recomputed to every site "
-            f"(`cost.DEFAULT`), at the kernel table's copy bandwidth ({bandwidth_gbs:.0f} GB/s): the least step "
+            f"(`cost.DEFAULT` a site, `cost.chain_ends` a chain), at the kernel table's copy bandwidth ({bandwidth_gbs:.0f} GB/s): the least step "
             "overhead faster kernels can reach on this GPU, before the GEMMs lose any clock to the power cap.", "",
             "| d | residual step, ms | mHC bytes a step, GB | at copy bandwidth, ms | of the residual step | |",
             "|---|---|---|---|---|---|", *rows]

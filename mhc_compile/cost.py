@@ -71,6 +71,24 @@ DEFAULT = Traffic(
 RESIDUAL_ADD = Traffic(forward=sympy.Integer(3), backward=sympy.Integer(0), recompute=sympy.Integer(0))
 
 
+def chain_ends(collapse_head_grad: bool = True, collapse_tail: bool = True) -> sympy.Expr:
+    """What a chain's two ends move against ``DEFAULT``'s uniform count for their sites, once a chain and step
+    (elements of C a token; negative: fewer).
+
+    The head's stream is its embedding broadcast over the n streams, which its ops read as one row a token
+    (triton_common.stream_arg): forward proj 1, pre 2, post_res n + 2, backward pre_backward_dh 2. Its gradient,
+    with ``collapse_head_grad`` (passes/collapse_head_grad.py), is written as one row: post_res's backward n + 4
+    (collapse_dx), proj_pre_backward_collapsed 4; without, as n rows (2n + 3, 2n + 2) that the expand's backward sums
+    (n + 1). The tail's post_res, with ``collapse_tail`` (passes/collapse_tail.py), writes the collapsed row (n + 2);
+    without, its n rows and the mean that reads them back (2n + 1 + n + 1)."""
+    head_fwd = 1 + 2 + (n + 2)
+    head_bwd = (n + 4) + 2 + 4 if collapse_head_grad else (2 * n + 3) + 2 + (2 * n + 2) + (n + 1)
+    tail = (n + 2) if collapse_tail else (2 * n + 1) + (n + 1)
+    uniform_head = DEFAULT.forward + DEFAULT.backward
+    uniform_tail = 2 * n + 1  # DEFAULT's post_res forward at the tail site
+    return sympy.expand(head_fwd + head_bwd - uniform_head + tail - uniform_tail)
+
+
 def traffic(fused: bool = True, fold_stream_grads: bool = True, fold_pre_recompute: bool = True) -> Traffic:
     """A configuration's traffic: FUSED with ``fuse``, else the unfused kernels with the backward graph's folds as
     configured (``DEFAULT`` with both, the paper's split ``UNFUSED`` with neither): fold_stream_grads makes the

@@ -28,6 +28,18 @@ def test_default_path_counts_match_session37s_profile():
     assert 8 * d.total(recompute=False).subs(at4) < units < 8 * d.total().subs(at4)
 
 
+def test_chain_ends_count_what_the_head_and_tail_kernels_move():
+    """At n = 4, against DEFAULT's 50 for the head site and post_res's 9 at the tail: the head forward 9 (its stream
+    one row a token), backward 14 with collapse_head_grad (post_res 8, pre_backward_dh 2, the collapsed op 4; the
+    kernel table's rows 'post_res (head)' and 'head') or 28 without (11 + 2 + 10 and the expand's sum 5), the tail 6
+    with collapse_tail or 14 (post_res 9 and the mean 5)."""
+    at = lambda e, k=4: int(e.subs({cost.n: k}))  # noqa: E731
+    assert at(cost.chain_ends()) == 9 + 14 - 50 + 6 - 9 == -30
+    assert at(cost.chain_ends(collapse_head_grad=False)) == 9 + 28 - 50 + 6 - 9
+    assert at(cost.chain_ends(collapse_tail=False)) == 9 + 14 - 50 + 14 - 9
+    assert at(cost.chain_ends(), k=1) == 0  # one stream: nothing is broadcast or collapsed
+
+
 def test_traffic_follows_the_configuration():
     """fuse -> FUSED; unfused with both backward folds (the defaults) -> DEFAULT; with neither -> the paper's split;
     explain's line names the design and its counts (the default path at n = 4, C = 1024, bf16: 60 - 3 = 57 C)."""
