@@ -9,21 +9,20 @@ held before the step (parameters, inputs).
 
     PYTHONPATH=. python benchmarks/bench_training.py --d 2048 4096 7168 --layers 4
 
---rounds R times every variant R - 1 more times round-robin and adds rows with the median and the same-round
-overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and Inductor), liger, norecompute,
-recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks), nofold, noprp, fused,
-prpws (fold_post_res_proj=True with the Gluon post_res_proj, DotCfg.ws), fusedws (fuse=True with step's Gluon forward
-and two-pass backward, DotCfg.ws and StepBwdCfg.ws; both sm_90 only, elsewhere they run the Triton kernels; DotCfg.ws
-is the default since session 27, so fused and noprp's counterpart already run the Gluon post_res_proj, and
-tune:post_res_proj:ws=0 gives the Triton one),
-headrecompute (the head's collapse recomputed in the backward, as before session 17), oldhead (a chain's head
-and tail as before session 17: collapse recomputed, its gradient n-wide, the head's expand made dense),
-opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0: opt:fold_pre_recompute=0),
-cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's kernel[grid] instead of
-kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model with one kernel's
-config changed: the fields of its config in triton_config.DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0 for proj's
-backward as the dx + dphi kernel pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=0 for the
-older post_res backward kernel, or tune:proj:bt=64,num_warps=4).
+--rounds R times every variant R - 1 more times round-robin (every other round in reverse order) and adds rows with
+the median and the same-round overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and
+Inductor), liger, norecompute, recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks),
+nofold, noprp, fused, prpws (fold_post_res_proj=True with the Gluon post_res_proj, DotCfg.ws), fusedws (fuse=True with
+step's Gluon forward and two-pass backward, DotCfg.ws and StepBwdCfg.ws; both sm_90 only, elsewhere they run the
+Triton kernels; DotCfg.ws is the default since session 27, so fused and noprp's counterpart already run the Gluon
+post_res_proj, and tune:post_res_proj:ws=0 gives the Triton one), headrecompute (the head's collapse recomputed in the
+backward, as before session 17), oldhead (a chain's head and tail as before session 17: collapse recomputed, its
+gradient n-wide, the head's expand made dense), opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0:
+opt:fold_pre_recompute=0), cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's
+kernel[grid] instead of kernels/launch.py's cached launchers), tune:<kernel>:<field>=<v>,... (the same compiled model
+with one kernel's config changed: the fields of its config in triton_config.DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0
+for proj's backward as the dx + dphi kernel pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=0 for
+the older post_res backward kernel, or tune:proj:bt=64,num_warps=4).
 
 Writes a markdown table to $OUT (or ./bench_out) and prints it. Rows are written as they finish, so a
 run cut short by its time budget still leaves what it measured.
@@ -418,9 +417,11 @@ def run_size(d, args, emit):
             traceback.print_exc()
     # --rounds R > 1: time every compiled variant R - 1 more times, round-robin, so that a drift of the GPU's
     # clocks or temperature over the run falls on every variant alike (one variant after another, the residual
-    # baseline moved 1-2 ms between processes: results/session6-2026-12-02-h200.md)
-    for _ in range(args.rounds - 1):
-        for name in list(rounds):
+    # baseline moved 1-2 ms between processes: results/session6-2026-12-02-h200.md); every other round in reverse
+    # order, so that no variant always runs right after the same one (on a power-capped GPU a step's clock depends
+    # on what ran before it: session 39's runs put the same two variants 0.5-0.7 points apart either way)
+    for r in range(1, args.rounds):
+        for name in (list(rounds) if r % 2 == 0 else list(reversed(rounds))):
             if time.time() > args.deadline:
                 break
             try:
