@@ -153,6 +153,15 @@ def test_profile_compare_lists_each_variant_beside_the_default():
     assert f"| _proj_dx_dphi_kernel | 8 | 500.0 ({eff} %) | 450.0 (" in table
     assert "| _coeffs_bwd_kernel | 8 | 20.0 | - |" in table
     assert "**4.16** | **3.60**" in table
+    # the other categories and the whole step's kernel time, per variant
+    more = {"triton_red_fused_sum_0": (300.0, 1), "nvjet_sm90_tst_x": (5000.0, 4)}  # an Inductor sum, a GEMM
+    results[1] = ("backend=mhc", profile_step.Profile(11.0, {**us, **{k: t for k, (t, _) in more.items()}},
+                                                      {**calls, **{k: c for k, (_, c) in more.items()}}, None))
+    lines.clear()
+    profile_step.compare(2048, 4e12, results, lines.append)
+    table = "\n".join(lines)
+    assert "| Inductor (generated), ms a step | | 0.30 | 0.00 |" in table
+    assert "| GEMM, ms a step | | 5.00 | 0.00 |" in table and "**9.46** | **3.60**" in table
 
 
 def test_saved_tensors_counts_what_autograd_keeps_in_units_of_one_activation():
