@@ -124,7 +124,7 @@ def _run(options, dtype):
     torch.manual_seed(0)
     model = NanoGPT(d=32, layers=2).to(dtype)
     idx = torch.randint(0, 64, (2, 16))
-    mhc_compile.prepare(model, idx, n=4)
+    mhc_compile.prepare(model, idx, n=4, **({"collapse": options["collapse"]} if "collapse" in options else {}))
     perturb_mhc(model)  # mixing away from its identity-like init
     compiled = torch.compile(model, backend="mhc", options={"n": 4, **options})
     out = compiled(idx)
@@ -149,3 +149,16 @@ def test_a_compiled_model_gives_the_same_output_and_gradients_with_the_pass(monk
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:
         assert rel_err(on[k], off[k]) < tol, k
+
+
+def test_a_sum_collapse_is_collapsed_too(monkeypatch):
+    """collapse="sum": the tail's sum over the streams becomes post_res_collapse(mean=False); same output and
+    gradients as post_res and the sum (float64 reference kernels)."""
+    calls, real = [], ref.post_res_collapse
+    monkeypatch.setattr(ref, "post_res_collapse", lambda *a: calls.append(a[4]) or real(*a))
+    out_on, on = _run({"kernels": "reference", "collapse": "sum"}, torch.float64)
+    assert calls == [False]
+    out_off, off = _run({"kernels": "reference", "collapse": "sum", "collapse_tail": False}, torch.float64)
+    assert calls == [False] and rel_err(out_on, out_off) < 1e-10
+    for k in on:
+        assert rel_err(on[k], off[k]) < 1e-10, k
