@@ -35,7 +35,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from mhc_compile.passes.post_grad import OPS, arg, move_getitems
+from mhc_compile.passes.post_grad import OPS, arg, collapse_dx_index, collapses_dx, move_getitems
 
 log = logging.getLogger("mhc_compile")
 
@@ -78,11 +78,6 @@ def _match(op: fx.Node, order: dict, is_broadcast) -> tuple[fx.Node, fx.Node, fx
     return item, total, other
 
 
-def _post_res_backwards() -> dict:
-    """The ops that write the head's acc (the site's residual-path gradient) -> the index of their collapse_dx."""
-    return {OPS.post_res_backward.default: 6, OPS.post_res_backward_pre.default: 7}
-
-
 def _collapse_acc(op: fx.Node) -> bool:
     """Have the post_res backward whose dx is the collapsed head op's acc, read by nothing else, write that dx summed
     over the streams too (``collapse_dx``): its n rows were written only for the head op to sum them."""
@@ -92,8 +87,8 @@ def _collapse_acc(op: fx.Node) -> bool:
     if acc.target is not operator.getitem or acc.args[1] != 0 or len(acc.users) != 1:
         return False
     src = acc.args[0]
-    index = _post_res_backwards().get(getattr(src, "target", None))
-    if index is None or arg(src, index, "collapse_dx", False):
+    index = collapse_dx_index(getattr(src, "target", None))  # post_res_backward and _pre write the head's acc
+    if index is None or collapses_dx(src):
         return False
     if len(src.args) == index:
         src.args = (*src.args, True)

@@ -36,7 +36,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from mhc_compile.passes.post_grad import OPS, arg
+from mhc_compile.passes.post_grad import OPS, arg, collapses_dx
 
 log = logging.getLogger("mhc_compile")
 
@@ -91,8 +91,7 @@ def _same_layout(buf: fx.Node, x: fx.Node) -> bool:
 def _target(node: fx.Node) -> fx.Node | None:
     """The gradient buffer ``node`` may write over, if it can."""
     _, index, name, stream = _into()[node.target]
-    collapse = {OPS.post_res_backward.default: 6, OPS.post_res_backward_pre.default: 7}.get(node.target)
-    if collapse is not None and arg(node, collapse, "collapse_dx", False):  # dx is one row a token, not n
+    if collapses_dx(node):  # dx is one row a token, not the buffer's n
         return None
     buf = arg(node, index, name)
     if not isinstance(buf, fx.Node) or not _fresh(buf) or len(buf.users) != 1:

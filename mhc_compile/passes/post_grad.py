@@ -30,6 +30,20 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def collapse_dx_index(target) -> int | None:
+    """Where a post_res backward op takes ``collapse_dx`` (its dx summed over the streams: a chain head's, set by
+    passes/collapse_head_grad.py), from the op's schema; None for an op without it."""
+    schema = getattr(target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    return names.index("collapse_dx") if "collapse_dx" in names else None
+
+
+def collapses_dx(node: fx.Node) -> bool:
+    """Whether ``node`` writes its dx summed over the streams (one row a token, not the stream's n)."""
+    index = collapse_dx_index(node.target)
+    return index is not None and bool(arg(node, index, "collapse_dx", False))
+
+
 def move_getitems(graph: fx.Graph, old: fx.Node, new: fx.Node, offset: int = 0) -> None:
     """Point every getitem(old, i) at getitem(new, offset + i), keeping each one's meta and place; ``old`` is
     left without getitem users (the caller erases it)."""
