@@ -368,23 +368,27 @@ def run_size(d, args, emit):
         except Exception as e:  # liger-kernel missing
             emit(f"| {d} | LigerMHC | unavailable: {type(e).__name__}: {e} | | | | | |")
 
-    # correctness of the backend against the naive eager mHC on the same weights
-    out = variants["backend=mhc"](x)
-    loss_of(out).backward()
-    g_backend = {k: p.grad.float().clone() for k, p in mhc_model.named_parameters() if p.grad is not None}
-    gx_backend = x.grad.float().clone()
-    zero_grads(mhc_model)
-    x.grad = None
+    # correctness of the backend (and of each opt: variant: other passes, other kernels) against the naive eager mHC
+    # on the same weights
     want = naive(x)
     loss_of(want).backward()
-    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
-    gerr = max(((g_backend[k] - p.grad.float()).norm() / p.grad.float().norm().clamp_min(1e-30)).item()
-               for k, p in mhc_model.named_parameters() if k in g_backend)
-    gxerr = ((gx_backend - x.grad.float()).norm() / x.grad.float().norm()).item()
-    emit(f"<!-- d={d}: backend=mhc vs naive eager: out rel err {err:.2e}, x.grad {gxerr:.2e}, max param grad rel err {gerr:.2e} -->")
-    print(f"d={d} check: out {err:.2e} x.grad {gxerr:.2e} param grads {gerr:.2e}", flush=True)
-    zero_grads(mhc_model, stack)
+    g_want = {k: p.grad.float().clone() for k, p in mhc_model.named_parameters() if p.grad is not None}
+    gx_want = x.grad.float().clone()
+    zero_grads(mhc_model)
     x.grad = None
+    for label in [k for k in variants if k == "backend=mhc" or k.startswith("backend=mhc") and "=" in k[12:]
+                  and k not in contexts]:
+        out = variants[label](x)
+        loss_of(out).backward()
+        err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+        gerr = max(((p.grad.float() - g_want[k]).norm() / g_want[k].norm().clamp_min(1e-30)).item()
+                   for k, p in mhc_model.named_parameters() if k in g_want and p.grad is not None)
+        gxerr = ((x.grad.float() - gx_want).norm() / gx_want.norm()).item()
+        emit(f"<!-- d={d}: {label} vs naive eager: out rel err {err:.2e}, x.grad {gxerr:.2e}, max param grad rel err "
+             f"{gerr:.2e} -->")
+        print(f"d={d} check {label}: out {err:.2e} x.grad {gxerr:.2e} param grads {gerr:.2e}", flush=True)
+        zero_grads(mhc_model, stack)
+        x.grad = None
 
     def measure(name, fn):
         try:

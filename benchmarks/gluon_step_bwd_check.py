@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --build    # no GPU: sm_90a builds, resources
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
+    PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --boundary --out DIR  # the same for boundary_grads
     git show main:mhc_compile/kernels/gluon_step_bwd.py > against_main.py   # another build of the module, then
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --against against_main.py  # both, in one process
     ... --against against_main.py --against-tune mix_regs=184  # the other build at its own StepBwdCfg registers
@@ -38,9 +39,10 @@ CHECKS = [(256, 4, 512), (1000, 4, 2048), (4099, 4, 4096), (333, 2, 1024), (200,
 TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 
 
-def build(mixers_list=(2, 1)) -> int:
+def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, True, False))) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
-    a loop spills or a build does not fit."""
+    a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin) each: step's second pass with two and
+    one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in)."""
     import triton
 
     from benchmarks import sm90_build
@@ -49,18 +51,18 @@ def build(mixers_list=(2, 1)) -> int:
     t, n, c = 256, 4, 512
     m = n * n + 2 * n
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
-    coefs = torch.zeros(gs.coef_groups(n) * t, gs.CW)
     dp_pad, hl = torch.zeros(t, gs.MP), torch.zeros(2 * gs.MP, t, dtype=torch.bfloat16)
     phi_pad = torch.zeros(n * c, gs.MP)
-    for mixers in mixers_list:
-        st = gs.stages_for(n, mixers=mixers)
+    for mixers, saved_x, xin in builds:
+        coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
+        st = gs.stages_for(n, mixers=mixers, saved_x=saved_x, xin=xin)
         with sm90_build.cpu_target(90):
+            descs = gs.descriptors(x, y, y, x, coefs, dp_pad, hl, phi_pad, x, y, t, n, c)
             built = gs._step_bwd_ws_kernel.warmup(
-                *gs.descriptors(x, y, y, x, coefs, dp_pad, hl, phi_pad, x, y, t, n, c),
-                torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t), t, c, t, n,
-                N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP, NG=gs.coef_groups(n), CW=gs.CW, STAGES=st, MIXERS=mixers,
-                MIX_REGS=tf.StepBwdCfg.mix_regs, DPHI_REGS=tf.StepBwdCfg.dphi_regs,
-                num_warps=4, grid=(c // gs.BC, 1))
+                *descs, descs[0], descs[-1], torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t),
+                t, c, t, n, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP, NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st,
+                MIXERS=mixers, SAVED_X=saved_x, XIN=xin, MIX_REGS=tf.StepBwdCfg.mix_regs,
+                DPHI_REGS=tf.StepBwdCfg.dphi_regs, num_warps=4, grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the mixing warpgroup's loop; spills counted in every loop
@@ -80,7 +82,8 @@ def build(mixers_list=(2, 1)) -> int:
         clean = spill <= 16 and loop["LDL"] <= 4 * mixers and inner_ldl == 0 and loop["STL"] == 0
         ok = (clean or not strict) and smem <= SMEM_LIMIT and loop["HGMMA"] > 0
         failed += not ok
-        print(f"mixers={mixers}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
+        what = f"boundary (x_in {'on' if xin else 'off'})" if saved_x else f"mixers={mixers}"
+        print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
@@ -239,6 +242,107 @@ def times(shapes, lines, rounds: int = 3, against=()) -> None:
         del v, x_saved
 
 
+# --- boundary_grads: the same kernel with X read (kernels/triton_boundary.py, passes/fold_boundary_grads.py) ------
+B_NAMES = ("dx_prev", "dh_res", "dh_post", "dy", "x_in", "dphi")
+
+
+def _boundary_inputs(t: int, n: int, c: int, seed: int, pre: bool = True) -> tuple:
+    """boundary_backward's operands: X_l = post_res(X_prev, ...) as the forward stored it, bf16 streams, fp32
+    coefficients, dp, dsq."""
+    v = _inputs(t, n, c, seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    m = n * n + 2 * n
+    x = ref.post_res(v["x_prev"], v["h_res"], v["h_post"], v["y"])
+    dp = torch.randn(t, m, generator=g, device=DEVICE) * 0.1
+    dsq = torch.randn(t, generator=g, device=DEVICE) * 1e-3
+    h_pre = torch.sigmoid(torch.randn(t, n, generator=g, device=DEVICE))
+    h_pre_prev = torch.sigmoid(torch.randn(t, n, generator=g, device=DEVICE)) if pre else None
+    return (x, v["phi"], dp, dsq, h_pre, v["dx_in"], v["dx"], v["x_prev"], v["h_res"], v["h_post"], v["y"],
+            h_pre_prev)
+
+
+def _two_ops(args, out=None):
+    from mhc_compile.kernels import triton_ops as tk
+
+    with tk.tuning("boundary_backward", ws=False):
+        return tk.boundary_backward(*args, out=out)
+
+
+def boundary_check(t, n, c, lines, pre: bool = True) -> bool:
+    from mhc_compile.kernels import triton_ops as tk
+
+    args = _boundary_inputs(t, n, c, seed=t + n + c, pre=pre)
+    want = ref.boundary_backward(*(a.double() if a is not None else None for a in args))
+    two = _two_ops(args)
+    before = gs.LAUNCHES
+    one = tk.boundary_backward(*args)
+    ran = gs.LAUNCHES > before
+    ok = ran
+    for name, w, a, b in zip(B_NAMES, want, two, one):
+        if not w.numel():
+            continue
+        scale = w.abs().max().item() or 1.0
+        e2 = (a.double() - w).abs().max().item() / scale
+        e1 = (b.double() - w).abs().max().item() / scale
+        good = e1 <= max(2 * e2, 1e-5) and torch.isfinite(b).all().item()
+        ok &= good
+        lines.append(f"| {t}x{n}x{c} x_in {'on' if pre else 'off'} | {name} | {e2:.2e} | {e1:.2e} | "
+                     f"{'ok' if good else 'FAIL'} |")
+    lines.append(f"| {t}x{n}x{c} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
+    acc = args[6].clone()  # dX_prev written over acc (passes/inplace_stream_grads.py): the same outputs, bit for bit
+    inplace = tk.boundary_backward(*args[:6], acc, *args[7:], out=acc)
+    same = inplace[0].data_ptr() == acc.data_ptr() and all(torch.equal(a, b) for a, b in zip(inplace, one))
+    ok &= same
+    lines.append(f"| {t}x{n}x{c} | (out = acc: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
+    print("\n".join(lines[-8:]), flush=True)
+    return ok
+
+
+def boundary_times(shapes, lines, rounds: int = 3) -> None:
+    """The one pass against proj_pre_backward + post_res_backward_pre (BoundaryBwdCfg.ws off), interleaved; each
+    against its own bytes (4n + 4 against 6n + 4 elements of C a token) and against the one pass's."""
+    import triton.testing
+
+    from benchmarks.bench_kernels import copy_bandwidth
+    from mhc_compile.kernels import triton_ops as tk
+
+    bw = copy_bandwidth(DEVICE)
+    lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
+    lines.append("| T x C | round | one pass us (eff, 4n+4) | two ops us (eff, 6n+4) | two ops / one pass |")
+    lines.append("|---|---|---|---|---|")
+    for t, n, c in shapes:
+        args = _boundary_inputs(t, n, c, seed=1)
+        one_bytes, two_bytes = (4 * n + 4) * t * c * 2, (6 * n + 4) * t * c * 2
+        for rnd in range(rounds):
+            u1 = triton.testing.do_bench_cudagraph(lambda: tk.boundary_backward(*args), rep=200) * 1e3
+            u2 = triton.testing.do_bench_cudagraph(lambda: _two_ops(args), rep=200) * 1e3
+            lines.append(f"| {t}x{c} | {rnd} | {u1:.1f} ({100 * one_bytes / (u1 * 1e-6) / bw:.1f} %) | {u2:.1f} "
+                         f"({100 * two_bytes / (u2 * 1e-6) / bw:.1f} %) | {u2 / u1:.3f} |")
+            print(lines[-1], flush=True)
+        del args
+
+
+def boundary_main(out: str | None, no_times: bool) -> int:
+    import triton
+
+    path = os.path.join(out, "boundary_check.md") if out else None
+    lines = Lines(path, [f"# boundary_grads check, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch "
+                         f"{torch.__version__}, triton {triton.__version__}\n",
+                         "Errors: max |out - reference| / max |reference|, the reference in float64.\n",
+                         "| shape | output | two ops | one pass (Gluon) | |", "|---|---|---|---|---|"])
+    ok = True
+    for k, shape in enumerate(CHECKS):
+        try:
+            ok &= boundary_check(*shape, lines, pre=k % 3 != 2)
+        except Exception as exc:  # report and go on
+            ok = False
+            lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
+            print(lines[-1], flush=True)
+    if ok and not no_times:
+        boundary_times(TIMES[:1] + [(8192, 4, 7168)] + TIMES[1:3], lines)
+    return 0 if ok else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
@@ -249,9 +353,16 @@ def main() -> int:
     ap.add_argument("--against-tune", nargs="*", default=[], help="StepBwdCfg fields the --against builds run with, "
                     "e.g. mix_regs=184 (a build whose registers were tuned apart): one spec for all, or one each; "
                     "this build runs the defaults")
+    ap.add_argument("--boundary", action="store_true", help="boundary_grads (X read, kernels/triton_boundary.py) "
+                    "against the two ops it replaces, instead of step's backward")
     args = ap.parse_args()
     if args.build:
         return build()
+    if args.boundary:
+        if not torch.cuda.is_available():
+            print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")
+            return 2
+        return boundary_main(args.out, args.no_times)
     against = load_against(args.against, args.against_tune)
     if not torch.cuda.is_available():
         print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")

@@ -25,8 +25,9 @@ from mhc_compile import distributed
 from mhc_compile.config import MHCConfig
 from mhc_compile.errors import MHCConversionError
 from mhc_compile.passes import inline_checkpoints
-from mhc_compile.passes import (broadcast_collapse_grad, collapse_head_grad, collapse_tail, fold_post_res_proj,
-                                 fold_pre_recompute, fold_stream_grads, inplace_stream_grads, post_grad)
+from mhc_compile.passes import (broadcast_collapse_grad, collapse_head_grad, collapse_tail, fold_boundary_grads,
+                                 fold_post_res_proj, fold_pre_recompute, fold_stream_grads, inplace_stream_grads,
+                                 post_grad)
 from mhc_compile.passes import fuse as fuse_pass
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
@@ -532,14 +533,16 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, 
     # each pass rewrites its own pattern and leaves graphs without it alone: the fold_* passes act on backward
     # graphs, fold_post_res_proj and collapse_tail on forward graphs; broadcast_collapse_grad and collapse_head_grad
     # (on the proj_pre_backward nodes fold_stream_grads makes) before inplace_stream_grads (they make the last site's
-    # gradient a view and the head's a row, which that pass leaves alone), inplace_stream_grads last, as it makes the
-    # graph mutate
+    # gradient a view and the head's a row, which that pass leaves alone), fold_boundary_grads after collapse_head_grad
+    # (which leaves the head's post_res backward collapsed, a call it does not fold), inplace_stream_grads last, as it
+    # makes the graph mutate
     passes = [p for p, on in ((fold_stream_grads, config.fold_stream_grads),
                               (fold_pre_recompute, config.fold_pre_recompute),
                               (fold_post_res_proj, config.fold_post_res_proj),
                               (collapse_tail, config.collapse_tail),
                               (broadcast_collapse_grad, config.broadcast_collapse_grad),
                               (collapse_head_grad, config.collapse_head_grad),
+                              (fold_boundary_grads, config.fold_boundary_grads),
                               (inplace_stream_grads, config.inplace_stream_grads)) if on]
     import torch._inductor.config as inductor_config
 

@@ -84,6 +84,12 @@ class MHCConfig:
     collapse_tail:   in Inductor's forward graph, collapse each chain's tail in the kernel that mixes its last
                      site (``post_res_collapse``) instead of writing the n streams for the collapse to read back
                      (``passes/collapse_tail.py``). The same mean (or sum), rounded once; False keeps both kernels.
+    fold_boundary_grads: in Inductor's backward graph, run each boundary's proj/pre backward (site l+1) and the
+                     post_res backward it feeds (site l) as one op, ``boundary_backward``
+                     (``passes/fold_boundary_grads.py``): on an sm_90 GPU one pass, 2n C elements a token and
+                     boundary less to move (the stream gradient between the two is neither written nor read back),
+                     the gradient kept in fp32 between them. Elsewhere the op runs the two kernels. Off by default
+                     until measured in a training step; True opts in.
     ddp_buckets:     under DistributedDataParallel, split the rewritten graph at DDP's gradient buckets and
                      compile each piece apart, so that each bucket's all-reduce overlaps the backward of the pieces
                      before it (``passes/schedule.py``). False compiles one graph: DDP then reduces every gradient
@@ -119,6 +125,7 @@ class MHCConfig:
     broadcast_collapse_grad: bool = True
     collapse_head_grad: bool = True
     collapse_tail: bool = True
+    fold_boundary_grads: bool = False
     ddp_buckets: bool = True
     strict: bool = False
     inner_backend: str = "inductor"
@@ -142,7 +149,7 @@ class MHCConfig:
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute",
                      "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad", "collapse_head_grad",
-                     "collapse_tail", "ddp_buckets"):
+                     "collapse_tail", "fold_boundary_grads", "ddp_buckets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.recompute, (list, tuple)):

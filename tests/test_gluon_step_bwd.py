@@ -94,6 +94,28 @@ def test_slots_fit_shared_memory():
     assert gs.stages_for(4, stages=4) is None  # four slots do not fit
 
 
+def test_pack_coefs_puts_h_pre_prev_in_a_group_a_stream():
+    """boundary_grads' x_in: h_pre_prev[:, j] in column 0 of group n + 3 + j (the mixer's loop over j reads it by
+    its run-time j), after the groups step's backward packs."""
+    t, n = 5, 3
+    g = torch.Generator().manual_seed(2)
+    h_post, h_res, h_pre, dsq, hpp = (torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g),
+                                      torch.rand(t, n, generator=g), torch.rand(t, generator=g),
+                                      torch.rand(t, n, generator=g))
+    packed = gs.pack_coefs(h_post, h_res, h_pre, dsq, hpp).view(gs.coef_groups(n, True), t, gs.CW)
+    assert gs.coef_groups(n, True) == 2 * n + 3
+    assert torch.equal(packed[:n + 3], gs.pack_coefs(h_post, h_res, h_pre, dsq).view(n + 3, t, gs.CW))
+    for j in range(n):
+        assert torch.equal(packed[n + 3 + j, :, 0], hpp[:, j]) and not packed[n + 3 + j, :, 1:].any()
+
+
+def test_boundary_slots_fit_two_at_n4():
+    # X's ring beside the step's: 3n + 2 stream tiles a slot, and h_pre_prev's n groups with x_in
+    assert gs.smem_bytes(4, 2, saved_x=True, xin=True) == 2 * (14 * 4096 + 11 * 1024 + 8192 + 8192) + 16384
+    assert gs.stages_for(4, saved_x=True, xin=True) == 2 == gs.stages_for(4, saved_x=True)
+    assert gs.stages_for(4, stages=3, saved_x=True) is None
+
+
 def test_pad_cols_zero_fills():
     v = torch.arange(6.0).reshape(2, 3)
     out = gs.pad_cols(v, 8)
@@ -154,8 +176,9 @@ def test_builds_for_sm90_within_shared_memory():
     proc = _run("--build", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("mixers=")]
-    assert len(rows) == 2 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
+    # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in
+    assert len(rows) == 4 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)

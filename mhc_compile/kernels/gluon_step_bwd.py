@@ -84,19 +84,21 @@ BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a pro
 CW = 4  # coefficients a group: n <= 4 of them, a 16-byte row a token (TMA's least)
 
 
-def coef_groups(n: int) -> int:
-    """Groups of the packed per-token coefficients (``pack_coefs``): h_res's n columns, h_post, h_pre, dsq."""
-    return n + 3
+def coef_groups(n: int, xin: bool = False) -> int:
+    """Groups of the packed per-token coefficients (``pack_coefs``): h_res's n columns, h_post, h_pre, dsq; with
+    ``xin`` (``boundary_grads`` writing the sublayer input), one more a stream: h_pre_prev's column j."""
+    return n + 3 + (n if xin else 0)
 
 
-def smem_bytes(n: int, stages: int) -> int:
-    """A slot: 2n+2 bf16 stream tiles, the tile's packed coefficients, dp (fp32) and its hi / lo rows (bf16); plus
-    phi's n [BC, MP] fp32 tiles, loaded once."""
-    slot = (2 * n + 2) * BT * BC * 2 + coef_groups(n) * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
+def smem_bytes(n: int, stages: int, saved_x: bool = False, xin: bool = False) -> int:
+    """A slot: 2n+2 bf16 stream tiles (3n+2 with ``saved_x``: X's n too), the tile's packed coefficients, dp (fp32)
+    and its hi / lo rows (bf16); plus phi's n [BC, MP] fp32 tiles, loaded once."""
+    tiles = 3 * n + 2 if saved_x else 2 * n + 2
+    slot = tiles * BT * BC * 2 + coef_groups(n, xin) * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
     return stages * slot + n * BC * MP * 4
 
 
-def stages_for(n: int, stages: int = 0, mixers: int = 1) -> int | None:
+def stages_for(n: int, stages: int = 0, mixers: int = 1, saved_x: bool = False, xin: bool = False) -> int | None:
     """``stages`` slots, or as many as fit (at most 3, and a multiple of ``mixers``); None when two do not fit.
 
     The mixers take the tiles in turn, so each waits on a slot whose previous tile was another's. A parity wait
@@ -109,9 +111,9 @@ def stages_for(n: int, stages: int = 0, mixers: int = 1) -> int | None:
         raise ValueError(f"mhc gluon step_grads: {stages} slots for {mixers} mixers taking tiles in turn; the "
                          "slot count must be a multiple of the mixers (even for two)")
     st = stages or 3
-    while not stages and st > 2 and (smem_bytes(n, st) > _SMEM or st % mixers):
+    while not stages and st > 2 and (smem_bytes(n, st, saved_x, xin) > _SMEM or st % mixers):
         st -= 1
-    return st if st >= 2 and smem_bytes(n, st) <= _SMEM else None
+    return st if st >= 2 and smem_bytes(n, st, saved_x, xin) <= _SMEM else None
 
 
 def supported(x_prev: Tensor, n: int, c: int, *others: Tensor) -> bool:
@@ -122,18 +124,22 @@ def supported(x_prev: Tensor, n: int, c: int, *others: Tensor) -> bool:
             and tma_ok(x_prev, *others) and 1 <= n <= 4 and c % BC == 0 and stages_for(n) is not None)
 
 
-def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor) -> Tensor:
+def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor, h_pre_prev: Tensor | None = None) -> Tensor:
     """fp32 [coef_groups(n) * T, CW]: group g's row of token t at g * T + t, its column i holding
     h_res[t, i, g] for g < n (h_res's column g: what X_prev_g adds to X_i, and G_i to dX_prev_g), then h_post[t, i]
-    (g = n), h_pre[t, i] (g = n + 1), and dsq[t] in column 0 of g = n + 2; zero padding. A group is a leading
-    index of the kernel's coefficient tiles, so a loop over g runs one copy of its body (shared memory can be
-    indexed at run time along its leading dimension only)."""
+    (g = n), h_pre[t, i] (g = n + 1), and dsq[t] in column 0 of g = n + 2; with ``h_pre_prev`` (``boundary_grads``'
+    sublayer input), h_pre_prev[t, j] in column 0 of g = n + 3 + j; zero padding. A group is a leading index of the
+    kernel's coefficient tiles, so a loop over g runs one copy of its body (shared memory can be indexed at run time
+    along its leading dimension only)."""
     t, n = h_post.shape
-    out = torch.zeros((coef_groups(n), t, CW), dtype=torch.float32, device=h_post.device)
+    xin = h_pre_prev is not None
+    out = torch.zeros((coef_groups(n, xin), t, CW), dtype=torch.float32, device=h_post.device)
     out[:n, :, :n] = h_res.permute(2, 0, 1)
     out[n, :, :n] = h_post
     out[n + 1, :, :n] = h_pre
     out[n + 2, :, 0] = dsq
+    if xin:
+        out[n + 3:, :, 0] = h_pre_prev.t()
     return out.view(-1, CW)
 
 
@@ -141,17 +147,18 @@ if AVAILABLE:
     from triton.runtime.jit import constexpr_function
 
     @gluon.jit
-    def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs, dps, hls,
-                phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr, BT: gl.constexpr,
-                BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
-                STAGES: gl.constexpr):
+    def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs, xsv,
+                coefs, dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr,
+                BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
+                STAGES: gl.constexpr, SAVED_X: gl.constexpr):
         """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
-        boxes and its per-token data."""
+        boxes (with SAVED_X X's n more, from s_desc) and its per-token data."""
         phi_bytes: gl.constexpr = N * BC * MP * 4
         mbarrier.expect(phi_ready, phi_bytes)
         for i in gl.static_range(N):
             _tma_load(w_desc, [i * C + c0, 0], phi_ready, phis.index(i))
-        nbytes: gl.constexpr = (2 * N + 2) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
+        nbytes: gl.constexpr = ((2 * N + 2 + N * SAVED_X) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4
+                                + 2 * MP * BT * 2)
         for it in range(n_tiles):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
@@ -164,6 +171,9 @@ if AVAILABLE:
             _tma_load(g_desc, [t0, c0], bar, gins.index(s))
             for i in gl.static_range(N):
                 _tma_load(d_desc, [t0, i * C + c0], bar, dxs[i].index(s))
+            if SAVED_X:
+                for i in gl.static_range(N):
+                    _tma_load(s_desc, [t0, i * C + c0], bar, xsv.index(i * STAGES + s))
             for g in gl.static_range(NG):  # rows past T read the next group's tokens (finite) or zeros
                 _tma_load(c_desc, [g * T + t0, 0], bar, coefs.index(s * NG + g))
             _tma_load(p_desc, [t0, 0], bar, dps.index(s))
@@ -211,10 +221,10 @@ if AVAILABLE:
         return _keep_add(_keep_add(v0, v1, q & 1, 1), _keep_add(v2, v3, q & 1, 1), q & 2, 2)
 
     @gluon.jit
-    def _mixer(o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty, phi_ready, t_lo,
-               c0, n_tiles, T, C, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
-               NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
-               num_warps: gl.constexpr):
+    def _mixer(o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed, empty,
+               phi_ready, t_lo, c0, n_tiles, T, C, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
+               MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
+               SAVED_X: gl.constexpr, XIN: gl.constexpr, num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
@@ -230,7 +240,11 @@ if AVAILABLE:
         copies of it: Nsight Compute put 31 % of the mixers' stall samples on instruction fetch (session 23). A
         stream's tile and h_res's column j are indexed by j in shared memory (X_prev's ring is one allocation, the
         coefficients a group a column of h_res); the loops over i stay unrolled, as the G_i and X_i they carry
-        live in registers."""
+        live in registers.
+
+        SAVED_X (``boundary_grads``): X_i is read from its own tiles (xsv), not rebuilt, and the dphi warpgroup reads
+        them as they land (no ``mixed``). XIN: x_in = sum_j h_pre_prev[j] X_prev_j is also made, in the loop over j
+        that reads X_prev for dH_res, and leaves by TMA store from dx_in's tile."""
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BC, 8])  # the tf32 G dot's (k = 8)
         R: gl.constexpr = gl.SliceLayout(1, L)
@@ -251,18 +265,20 @@ if AVAILABLE:
             for i in gl.static_range(N):  # G_i = dp phi_i^T: fp32 operands, so tf32 (the CUDA default)
                 gs = gs + (warpgroup_mma(dps.index(s), phis.index(i).permute((1, 0)), zero, use_acc=False,
                                          is_async=True),)
-            # X_i = h_post_i y + sum_j h_res[i, j] X_prev_j, mixed while the G dots run. j outer: each X_prev_j tile
-            # is read and widened once, not n times; every X_i still adds its terms in j order, so the same bits
-            y = bf16_to_f32(ys.index(s).load(L))
-            xs = ()
-            for i in gl.static_range(N):
-                xs = xs + (_row(coefs, s, N, i, NG, L) * y,)
-            for j in range(NJ):
-                xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
-                nx = ()
+            if not SAVED_X:
+                # X_i = h_post_i y + sum_j h_res[i, j] X_prev_j, mixed while the G dots run. j outer: each X_prev_j
+                # tile is read and widened once, not n times; every X_i still adds its terms in j order, so the same
+                # bits
+                y = bf16_to_f32(ys.index(s).load(L))
+                xs = ()
                 for i in gl.static_range(N):
-                    nx = nx + (xs[i] + _row(coefs, s, j, i, NG, L) * xj,)
-                xs = nx
+                    xs = xs + (_row(coefs, s, N, i, NG, L) * y,)
+                for j in range(NJ):
+                    xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                    nx = ()
+                    for i in gl.static_range(N):
+                        nx = nx + (xs[i] + _row(coefs, s, j, i, NG, L) * xj,)
+                    xs = nx
             gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
             dxin = bf16_to_f32(gins.index(s).load(L))
             g = ()
@@ -272,14 +288,19 @@ if AVAILABLE:
                 g = g + (gi,)
             dsq2 = 2.0 * _row(coefs, s, N + 2, 0, NG, L)
             gx = ()
-            for i in gl.static_range(N):
-                xo, xf = round_bf16(xs[i])  # X_i as the forward stored it, and as a float
-                gx = gx + (g[i] + dsq2 * xf,)
-                dxs[i].index(s).store(xo)
+            if SAVED_X:
+                for i in gl.static_range(N):
+                    gx = gx + (g[i] + dsq2 * bf16_to_f32(xsv.index(i * STAGES + s).load(L)),)
+            else:
+                for i in gl.static_range(N):
+                    xo, xf = round_bf16(xs[i])  # X_i as the forward stored it, and as a float
+                    gx = gx + (g[i] + dsq2 * xf,)
+                    dxs[i].index(s).store(xo)
             g = gx
-            fence_async_shared()
-            _warps_barrier()  # every warp's X_i stores, before one thread hands them over
-            mbarrier.arrive(mixed.index(s), count=1)
+            if not SAVED_X:
+                fence_async_shared()
+                _warps_barrier()  # every warp's X_i stores, before one thread hands them over
+                mbarrier.arrive(mixed.index(s), count=1)
             # this block's partial sums over its channels, a [NH, T] plane a block. Group j: the sums of G_i X_prev_j
             # for i = 0 .. N-1 (k = i N + j), summed across a quad by _quad_totals: lane q of a quad stores i = q;
             # then the group of G_i y (k = N^2 + i)
@@ -290,8 +311,11 @@ if AVAILABLE:
             for i in gl.static_range(4):
                 v = v + (_lane_sums(g[i] * y) if i < N else qzero,)
             gl.store(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), mask=qmask)
+            xin = zero
             for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                 xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                if XIN:
+                    xin += _row(coefs, s, N + 3 + j, 0, NG, L) * xj
                 v = ()
                 for i in gl.static_range(4):
                     v = v + (_lane_sums(g[i] * xj) if i < N else qzero,)
@@ -304,20 +328,26 @@ if AVAILABLE:
             for i in gl.static_range(1, N):
                 dy += _row(coefs, s, N, i, NG, L) * g[i]
             ys.index(s).store(f32_to_bf16(dy))
+            if XIN:  # over dx_in's tile, read above
+                gins.index(s).store(f32_to_bf16(xin))
             fence_async_shared()
             _warps_barrier()  # every warp's stores, before one thread issues the TMA stores
             for j in gl.static_range(N):  # unrolled: a TMA store is few instructions, a loop's overhead more
                 _tma_store(o_desc, [t0, j * C + c0], xp.index(j * STAGES + s))
             _tma_store(dy_desc, [t0, c0], ys.index(s))
+            if XIN:
+                _tma_store(xin_desc, [t0, c0], gins.index(s))
             tma.store_wait(0)  # the stores have read the slot's tiles
             mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
-    def _dphi(dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N: gl.constexpr, BT: gl.constexpr,
-              BC: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """The dphi warpgroup: for every tile, once its X_i are in the slot, dphi^T += [dp_hi; dp_lo]^T X_i (bf16
-        wgmma); the n [2 MP, BC] accumulators (hi rows, then lo rows) stay in its registers and go to
-        dphi_ptr[part] at the end, the halves summed on the host."""
+    def _dphi(dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N: gl.constexpr,
+              BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, SAVED_X: gl.constexpr,
+              num_warps: gl.constexpr):
+        """The dphi warpgroup: for every tile, once its X_i are in the slot (rebuilt by the mixer over dX_i's tiles,
+        or with SAVED_X loaded into their own), dphi^T += [dp_hi; dp_lo]^T X_i (bf16 wgmma); the n [2 MP, BC]
+        accumulators (hi rows, then lo rows) stay in its registers and go to dphi_ptr[part] at the end, the halves
+        summed on the host."""
         LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BC, 16])
         acc = ()
@@ -325,10 +355,15 @@ if AVAILABLE:
             acc = acc + (gl.zeros([2 * MP, BC], gl.float32, LD),)
         for it in range(n_tiles):
             s = it % STAGES
-            mbarrier.wait(mixed.index(s), (it // STAGES) & 1)
             new = ()
-            for i in gl.static_range(N):
-                new = new + (warpgroup_mma(hls.index(s), dxs[i].index(s), acc[i], is_async=True),)
+            if SAVED_X:
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                for i in gl.static_range(N):
+                    new = new + (warpgroup_mma(hls.index(s), xsv.index(i * STAGES + s), acc[i], is_async=True),)
+            else:
+                mbarrier.wait(mixed.index(s), (it // STAGES) & 1)
+                for i in gl.static_range(N):
+                    new = new + (warpgroup_mma(hls.index(s), dxs[i].index(s), acc[i], is_async=True),)
             acc = _waited(warpgroup_mma_wait(num_outstanding=0, deps=new), N)
             mbarrier.arrive(empty.index(s), count=1)
         prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD)).to(gl.int64)
@@ -339,16 +374,18 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["T"])
     def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, o_desc, dy_desc,
-                            dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
-                            MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr,
-                            MIXERS: gl.constexpr,
+                            s_desc, xin_desc, dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr,
+                            BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
+                            STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
                             MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; a_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; w_desc: phi
         [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like X_prev / y. Rows past T read as zeros and
         are not written; T_SPLIT is a multiple of BT. A slot is free once its mixing warpgroup has stored its
-        outputs and the dphi warpgroup has read its X_i (``empty``: two arrivals)."""
+        outputs and the dphi warpgroup has read its X_i (``empty``: two arrivals). SAVED_X (``boundary_grads``): s_desc
+        is X [T, N*C], read instead of rebuilt; XIN: xin_desc [T, C] receives the sublayer input (otherwise both
+        stand in for descriptors the kernel does not use)."""
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
@@ -362,6 +399,10 @@ if AVAILABLE:
         dxs = ()  # dX_i's ring, later X_i's
         for i in gl.static_range(N):
             dxs = dxs + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout),)
+        if SAVED_X:  # X's ring, one allocation as X_prev's
+            xsv = gl.allocate_shared_memory(gl.bfloat16, [N * STAGES, BT, BC], x_desc.layout)
+        else:  # not read: X_i is rebuilt over dX_i's tiles
+            xsv = xp
         ys = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout)
         gins = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout)
         coefs = gl.allocate_shared_memory(gl.float32, [STAGES * NG, BT, CW], c_desc.layout)
@@ -380,23 +421,28 @@ if AVAILABLE:
         # the first mixing warpgroup is the default partition (it gets the registers the others leave)
         if MIXERS == 1:
             gl.warp_specialize([
-                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
-                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, num_warps)),
-                (_dphi, (dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES, 4)),
-                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs,
-                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, NG,
-                           CW, STAGES)),
+                (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
+                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, SAVED_X,
+                          XIN, num_warps)),
+                (_dphi, (dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
+                         SAVED_X, 4)),
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs,
+                           xsv, coefs, dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
+                           MP, NG, CW, STAGES, SAVED_X)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
-                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 2, num_warps)),
-                (_mixer, (o_desc, dy_desc, dh_ptr, xp, ys, gins, dxs, coefs, dps, phis, ready, mixed, empty,
-                          phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, num_warps)),
-                (_dphi, (dphi_ptr, dxs, hls, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES, 4)),
-                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, xp, ys, gins, dxs, coefs,
-                           dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC, MP, NG,
-                           CW, STAGES)),
+                (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
+                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 2, SAVED_X,
+                          XIN, num_warps)),
+                (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
+                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, SAVED_X,
+                          XIN, num_warps)),
+                (_dphi, (dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
+                         SAVED_X, 4)),
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs,
+                           xsv, coefs, dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
+                           MP, NG, CW, STAGES, SAVED_X)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -436,19 +482,51 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program)."""
+    if mixers not in (1, 2):
+        raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
+    return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
+                   mixers, mix_regs, dphi_regs)[:5]
+
+
+def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
+    """Whether ``boundary_grads`` can run the call: as ``supported``, with X's ring (and h_pre_prev's groups) in
+    two slots."""
+    return (AVAILABLE and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+            and tma_ok(x, *others) and 1 <= n <= 4 and c % BC == 0
+            and stages_for(n, saved_x=True, xin=xin) is not None)
+
+
+def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor,
+                   dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
+                   out: Tensor | None = None, *, stages: int = 0, dphi_regs: int = 96):
+    """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
+    dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
+    from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
+    the registers. With ``h_pre_prev`` it also writes x_in = pre(x_prev, h_pre_prev) (post_res_backward_pre's).
+    Reads X, X_prev, acc (n rows each), y, dx_in; writes dX_prev (n), dy (and x_in): 4n + 3 (4n + 4) elements of C a
+    token, where the two ops move 6n + 3 (6n + 4): dX written and read back, X_prev's pass apart.
+    ``out``: dX_prev's buffer (may be acc, as in ``step_grads``)."""
+    return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
+                   stages, 1, 0, dphi_regs)
+
+
+def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
+            mix_regs, dphi_regs):
+    """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
     m = phi.shape[1]
-    if mixers not in (1, 2):
-        raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
-    st = stages_for(n, stages, mixers)
+    saved_x, xin = x is not None, h_pre_prev is not None
+    st = stages_for(n, stages, mixers, saved_x, xin)
     if st is None or c % BC or n > 4:
-        raise ValueError(f"mhc gluon step_grads: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
+        raise ValueError(f"mhc gluon {what}: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
                          f"{mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
     dev = x_prev.device
     dx_prev = torch.empty_like(x_prev) if out is None else out
     dy = torch.empty_like(y)
-    coefs = pack_coefs(h_post.float(), h_res.float(), h_pre.float(), dsq.float())
+    x_in = torch.empty_like(y) if xin else None
+    coefs = pack_coefs(h_post.float(), h_res.float(), h_pre.float(), dsq.float(),
+                       h_pre_prev.float() if xin else None)
     dp32 = dp.float()
     dp_pad = pad_cols(dp32, MP)
     hl = split_dp_t(dp32, MP)  # [2 MP, T16]: dp^T's hi rows, then its lo rows
@@ -457,12 +535,16 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     parts = splits
     dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
     dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
+    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t, n, c)
+    k, bf = n * c, gl.bfloat16
+    s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
+    xin_desc = desc(x_in, (t, c), (c, 1), (BT, BC), bf) if xin else descs[-1]
     LAUNCHES += 1
     _step_bwd_ws_kernel[(c // BC, splits)](
-        *descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t, n, c), dphi_t, dh, t, c,
-        t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n), CW=CW, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs,
-        DPHI_REGS=dphi_regs, num_warps=4)
+        *descs, s_desc, xin_desc, dphi_t, dh, t, c, t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin),
+        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, MIX_REGS=mix_regs or 176, DPHI_REGS=dphi_regs,
+        num_warps=4)
     dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
     dh = dh.sum(0)
     return (dx_prev, dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dy,
-            dphi.to(phi.dtype).contiguous())
+            dphi.to(phi.dtype).contiguous(), x_in)

@@ -273,6 +273,21 @@ def post_res_backward_pre(
     return post_res_backward(x, h_res, h_post, y, dout, collapse_dx) + (pre(x, h_pre),)
 
 
+def boundary_backward(
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None,
+    x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, h_pre_prev: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A site's proj_pre_backward (its stream x = X_l, ...) and the post_res backward of the site before it (X_l =
+    post_res(x_prev, h_res, h_post, y)) as one op, the boundary between two sublayers in backward
+    (passes/fold_boundary_grads.py): (dx_prev, dh_res, dh_post, dy, x_in, dphi). G, X_l's whole gradient, stays in
+    the accumulation dtype instead of being rounded to the stream's between the two. x_in = pre(x_prev, h_pre_prev)
+    (post_res_backward_pre's), or [T, 0] without h_pre_prev."""
+    g, dphi = _proj_pre_grads(x, phi, dp, dsq, h_pre, dout, acc)
+    dx_prev, dh_res, dh_post, dy = post_res_backward(x_prev, h_res, h_post, y, g)
+    x_in = pre(x_prev, h_pre_prev) if h_pre_prev is not None else x_prev.new_empty(x_prev.shape[0], 0)
+    return dx_prev, dh_res, dh_post, dy, x_in, dphi.to(phi.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # post_res (layer l) then proj (layer l+1): the pair the cross-layer fused kernel replaces
 # ---------------------------------------------------------------------------------------------

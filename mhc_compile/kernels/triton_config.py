@@ -231,6 +231,18 @@ class FusedBwdCfg:
 
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
 # bf16; benchmarks/results/kernels-2026-11-23-h100.md). Full-width C (1024) won for the backward kernels too.
+@dataclass(frozen=True)
+class BoundaryBwdCfg:
+    """How ``boundary_backward`` (kernels/triton_boundary.py) runs. ``ws``: one pass, the Gluon step backward's
+    second pass with X read (``gluon_step_bwd.boundary_grads``), where it runs (sm_90, bf16, n <= 4, C a multiple
+    of 32); False, or elsewhere: proj_pre_backward, then the post_res backward. ``stages``: its ring's slots (0: as
+    many as fit, two at n = 4); ``dphi_regs``: registers a thread of its dphi warpgroup."""
+
+    ws: bool = True
+    stages: int = 0
+    dphi_regs: int = 96
+
+
 DEFAULTS = {
     "pre": StreamCfg(budget=2048),
     "pre_backward": StreamCfg(),
@@ -274,6 +286,7 @@ DEFAULTS = {
     # the sweep winner at 8192 x 4096 (kernels-2026-11-24-h100.md: 43.8 us against 92 us for budget 1024)
     "coeffs": StreamCfg(budget=256, num_warps=1),
     "coeffs_backward": CoeffsBwdCfg(budget=256, num_warps=1),
+    "boundary_backward": BoundaryBwdCfg(),
 }
 _OVERRIDES: dict[str, object] = {}
 

@@ -36,6 +36,7 @@ functional surface that ``runtime/ops.py`` dispatches to):
   ``triton_proj_bwd``, and on sm_90 ``gluon_proj_bwd``)
 * ``triton_coeffs``: coeffs, coeffs_backward
 * ``triton_post_res_proj``: post_res_proj (on sm_90: ``gluon_post_res_proj``)
+* ``triton_boundary``: boundary_backward (on sm_90: ``gluon_step_bwd.boundary_grads``)
 * ``triton_config``: the tiles (``configure``, ``tuning``); ``triton_common``: what the wrappers share
 """
 
@@ -43,12 +44,13 @@ from mhc_compile.kernels import (triton_coeffs, triton_common, triton_post_res, 
                                  triton_proj)
 from mhc_compile.kernels.triton_coeffs import coeffs, coeffs_backward
 from mhc_compile.kernels.triton_config import (
-    CoeffsBwdCfg, DotCfg, FusedBwdCfg, PostResBwdCfg, StreamCfg, configure, tuning,
+    BoundaryBwdCfg, CoeffsBwdCfg, DotCfg, FusedBwdCfg, PostResBwdCfg, StreamCfg, configure, tuning,
 )
 from mhc_compile.kernels.triton_post_res import post_res, post_res_backward, post_res_backward_pre, post_res_collapse
 from mhc_compile.kernels.triton_post_res_proj import post_res_proj
 from mhc_compile.kernels.triton_pre import pre, pre_backward, pre_backward_dh
 from mhc_compile.kernels.triton_proj import proj, proj_backward, proj_pre_backward, proj_pre_backward_collapsed
+from mhc_compile.kernels.triton_boundary import boundary_backward
 
 # The modules whose wrappers launch kernels, each through its own binding of ``launch``: what a test or a check
 # that wraps every launch of these ops patches (triton_proj_bwd and triton_fused bind their own too).
@@ -57,7 +59,8 @@ LAUNCHING = (triton_common, triton_pre, triton_post_res, triton_proj, triton_coe
 __all__ = [
     "pre", "pre_backward", "pre_backward_dh", "post_res", "post_res_backward", "post_res_backward_pre",
     "post_res_collapse", "proj",
-    "proj_backward", "proj_pre_backward", "proj_pre_backward_collapsed", "coeffs", "coeffs_backward", "post_res_proj",
+    "proj_backward", "proj_pre_backward", "proj_pre_backward_collapsed", "boundary_backward", "coeffs", "coeffs_backward", "post_res_proj",
     "configure", "tuning", "StreamCfg", "PostResBwdCfg", "CoeffsBwdCfg", "DotCfg", "FusedBwdCfg",
+    "BoundaryBwdCfg",
     "LAUNCHING",
 ]

@@ -50,6 +50,7 @@ def _into() -> dict:
         OPS.post_res_backward_pre.default: (OPS.post_res_backward_pre_into.default, 4, "dout", "x"),
         OPS.proj_pre_backward.default: (OPS.proj_pre_backward_into.default, 6, "acc", "x"),
         OPS.step_backward.default: (OPS.step_backward_into.default, 10, "dx", "x_prev"),  # fuse=True
+        OPS.boundary_backward.default: (OPS.boundary_backward_into.default, 6, "acc", "x"),  # fold_boundary_grads
     }
 
 

@@ -142,6 +142,7 @@ class _ReferenceOps:
         "post_res_backward_pre": ((2, 2, 1, 1, 2, 1), (True,) * 5),
         "post_res_proj": ((2, 2, 1, 1, None), (True,) * 3),
         "post_res_collapse": ((2, 2, 1, 1), (True,)),
+        "boundary_backward": ((2, None, 1, 0, 1, 1, 2, 2, 2, 1, 1, 1), (True,) * 5 + (False,)),
     }
 
     def __getattr__(self, name: str):
@@ -496,6 +497,44 @@ def post_res_backward_pre_into(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tens
 @post_res_backward_pre_into.register_fake
 def _(x, h_res, h_post, y, dout, h_pre, impl):
     return _dense_like(h_res), _dense_like(h_post), _dense_like(y), x.new_empty(x.shape[:-2] + x.shape[-1:])
+
+
+# Backward-only, put into backward graphs by passes/fold_boundary_grads.py: a site's proj_pre_backward and the
+# post_res backward of the site before it, whose dout is the former's dx, as one op (one pass on sm_90).
+@_custom_op("boundary_backward")
+def boundary_backward(
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor | None, x_prev: Tensor,
+    h_res: Tensor, h_post: Tensor, y: Tensor, h_pre_prev: Tensor | None, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx_prev, dh_res, dh_post, dy, x_in, dphi): x_in = pre(x_prev, h_pre_prev) (post_res_backward_pre's), a
+    [.., 0] tensor without h_pre_prev."""
+    return _kernels(impl).boundary_backward(x, phi, dp, dsq, h_pre, dout, acc, x_prev, h_res, h_post, y, h_pre_prev)
+
+
+def _boundary_fakes(x_prev, h_res, h_post, y, h_pre_prev) -> tuple[Tensor, ...]:
+    """(dh_res, dh_post, dy, x_in) of a boundary_backward."""
+    x_in = x_prev.new_empty(x_prev.shape[:-2] + ((x_prev.shape[-1],) if h_pre_prev is not None else (0,)))
+    return _dense_like(h_res), _dense_like(h_post), _dense_like(y), x_in
+
+
+@boundary_backward.register_fake
+def _(x, phi, dp, dsq, h_pre, dout, acc, x_prev, h_res, h_post, y, h_pre_prev, impl):
+    return (_dense_like(x_prev),) + _boundary_fakes(x_prev, h_res, h_post, y, h_pre_prev) + (_dense_like(phi),)
+
+
+@_custom_op("boundary_backward_into", mutates_args=("acc",))
+def boundary_backward_into(
+    x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor, dout: Tensor, acc: Tensor, x_prev: Tensor,
+    h_res: Tensor, h_post: Tensor, y: Tensor, h_pre_prev: Tensor | None, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """boundary_backward's (dh_res, dh_post, dy, x_in, dphi); its dx_prev is written over ``acc``."""
+    return _into(impl, "boundary_backward", acc, x, phi, dp, dsq, h_pre, dout, acc, x_prev, h_res, h_post, y,
+                 h_pre_prev)
+
+
+@boundary_backward_into.register_fake
+def _(x, phi, dp, dsq, h_pre, dout, acc, x_prev, h_res, h_post, y, h_pre_prev, impl):
+    return _boundary_fakes(x_prev, h_res, h_post, y, h_pre_prev) + (_dense_like(phi),)
 
 
 # ---------------------------------------------------------------------------------------------
