@@ -39,7 +39,7 @@ CHECKS = [(256, 4, 512), (1000, 4, 2048), (4099, 4, 4096), (333, 2, 1024), (200,
 TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 
 
-def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, True, False))) -> int:
+def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, True, False), (2, True, True))) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
     a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin) each: step's second pass with two and
     one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in)."""
@@ -82,7 +82,7 @@ def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, Tru
         clean = spill <= 16 and loop["LDL"] <= 4 * mixers and inner_ldl == 0 and loop["STL"] == 0
         ok = (clean or not strict) and smem <= SMEM_LIMIT and loop["HGMMA"] > 0
         failed += not ok
-        what = f"boundary (x_in {'on' if xin else 'off'})" if saved_x else f"mixers={mixers}"
+        what = f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers})" if saved_x else f"mixers={mixers}"
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
@@ -294,7 +294,12 @@ def boundary_check(t, n, c, lines, pre: bool = True) -> bool:
     same = inplace[0].data_ptr() == acc.data_ptr() and all(torch.equal(a, b) for a, b in zip(inplace, one))
     ok &= same
     lines.append(f"| {t}x{n}x{c} | (out = acc: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
-    print("\n".join(lines[-8:]), flush=True)
+    with tk.tuning("boundary_backward", mixers=2):  # two mixing warpgroups taking tiles in turn: the same arithmetic
+        two_mixers = tk.boundary_backward(*args)
+    same = all(torch.equal(a, b) for a, b in zip(two_mixers, one))
+    ok &= same
+    lines.append(f"| {t}x{n}x{c} | (two mixers: the same outputs) | | | {'ok' if same else 'FAIL'} |")
+    print("\n".join(lines[-9:]), flush=True)
     return ok
 
 
@@ -308,16 +313,24 @@ def boundary_times(shapes, lines, rounds: int = 3) -> None:
 
     bw = copy_bandwidth(DEVICE)
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
-    lines.append("| T x C | round | one pass us (eff, 4n+4) | two ops us (eff, 6n+4) | two ops / one pass |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| T x C | round | one pass us (eff, 4n+4) | one pass, two mixers us (eff) | two ops us (eff, 6n+4) |"
+                 " two ops / one pass | two ops / two mixers |")
+    lines.append("|---|---|---|---|---|---|---|")
+
+    def two_mixers(args):
+        with tk.tuning("boundary_backward", mixers=2):
+            return tk.boundary_backward(*args)
+
     for t, n, c in shapes:
         args = _boundary_inputs(t, n, c, seed=1)
         one_bytes, two_bytes = (4 * n + 4) * t * c * 2, (6 * n + 4) * t * c * 2
         for rnd in range(rounds):
             u1 = triton.testing.do_bench_cudagraph(lambda: tk.boundary_backward(*args), rep=200) * 1e3
+            um = triton.testing.do_bench_cudagraph(lambda: two_mixers(args), rep=200) * 1e3
             u2 = triton.testing.do_bench_cudagraph(lambda: _two_ops(args), rep=200) * 1e3
-            lines.append(f"| {t}x{c} | {rnd} | {u1:.1f} ({100 * one_bytes / (u1 * 1e-6) / bw:.1f} %) | {u2:.1f} "
-                         f"({100 * two_bytes / (u2 * 1e-6) / bw:.1f} %) | {u2 / u1:.3f} |")
+            lines.append(f"| {t}x{c} | {rnd} | {u1:.1f} ({100 * one_bytes / (u1 * 1e-6) / bw:.1f} %) | {um:.1f} "
+                         f"({100 * one_bytes / (um * 1e-6) / bw:.1f} %) | {u2:.1f} "
+                         f"({100 * two_bytes / (u2 * 1e-6) / bw:.1f} %) | {u2 / u1:.3f} | {u2 / um:.3f} |")
             print(lines[-1], flush=True)
         del args
 

@@ -177,8 +177,8 @@ def test_builds_for_sm90_within_shared_memory():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
-    # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in
-    assert len(rows) == 4 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers
+    assert len(rows) == 5 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)

@@ -498,16 +498,20 @@ def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) ->
 
 def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor,
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
-                   out: Tensor | None = None, *, stages: int = 0, dphi_regs: int = 96):
+                   out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
+                   dphi_regs: int = 96):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
     the registers. With ``h_pre_prev`` it also writes x_in = pre(x_prev, h_pre_prev) (post_res_backward_pre's).
     Reads X, X_prev, acc (n rows each), y, dx_in; writes dX_prev (n), dy (and x_in): 4n + 3 (4n + 4) elements of C a
     token, where the two ops move 6n + 3 (6n + 4): dX written and read back, X_prev's pass apart.
-    ``out``: dX_prev's buffer (may be acc, as in ``step_grads``)."""
+    ``out``: dX_prev's buffer (may be acc, as in ``step_grads``). ``mixers``: mixing warpgroups taking the tiles in
+    turn, as in ``step_grads`` (two slots either way at n = 4)."""
+    if mixers not in (1, 2):
+        raise ValueError(f"mhc gluon boundary_grads: mixers = {mixers} (1 or 2)")
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
-                   stages, 1, 0, dphi_regs)
+                   stages, mixers, mix_regs, dphi_regs)
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
@@ -542,7 +546,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     LAUNCHES += 1
     _step_bwd_ws_kernel[(c // BC, splits)](
         *descs, s_desc, xin_desc, dphi_t, dh, t, c, t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin),
-        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, MIX_REGS=mix_regs or 176, DPHI_REGS=dphi_regs,
+        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs,
         num_warps=4)
     dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
     dh = dh.sum(0)

@@ -61,7 +61,8 @@ def boundary_backward(
             dx_prev, dh_res, dh_post, dy, dphi, x_in = _gluon().boundary_grads(
                 flat[0], flat[1], flat[2], flat[3], flat[4], phi.contiguous(), flat[5], flat[6], flat[7], flat[8],
                 flat[9], h_pre_prev.reshape(t, n) if xin else None,
-                out=out.view(t, n, c) if out is not None else None, stages=cfg.stages, dphi_regs=cfg.dphi_regs)
+                out=out.view(t, n, c) if out is not None else None, stages=cfg.stages, mixers=cfg.mixers,
+                mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs)
             if x_in is None:
                 x_in = x.new_empty(lead + (0,))
             return (dx_prev.view(x_prev.shape) if out is None else out, dh_res.view(lead + (n, n)),
