@@ -153,3 +153,19 @@ def perturb_mhc(model, scale=0.3):
     with torch.no_grad():
         for p in mhc_compile.mhc_parameters(model):
             p.add_(scale * torch.randn_like(p))
+
+
+def compiled_nanogpt_grads(options: dict, dtype) -> dict:
+    """The parameter gradients (float64) of one step of a 2-layer NanoGPT (d = 32, n = 4, mHC parameters off their
+    init) compiled with backend="mhc" and these options: what the backward-graph passes' end-to-end tests compare
+    with a pass on and off."""
+    import mhc_compile
+
+    torch.manual_seed(0)
+    model = NanoGPT(d=32, layers=2).to(dtype)
+    idx = torch.randint(0, 64, (2, 16))
+    mhc_compile.prepare(model, idx, n=4)
+    perturb_mhc(model)  # mixing away from its identity-like init, where some coefficient gradients are 0
+    compiled = torch.compile(model, backend="mhc", options={"n": 4, **options})
+    compiled(idx).float().sum().backward()
+    return {k: p.grad.double() for k, p in model.named_parameters() if p.grad is not None}

@@ -13,14 +13,13 @@ import operator
 import pytest
 import torch
 
-import mhc_compile
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.passes import collapse_head_grad, inplace_stream_grads
 from mhc_compile.runtime import ops  # noqa: F401  (registers the ops)
-from models import NanoGPT, perturb_mhc, rel_err
+from models import compiled_nanogpt_grads, rel_err
 
 OPS = torch.ops.mhc_compile
 aten = torch.ops.aten
@@ -264,17 +263,6 @@ def test_the_inplace_pass_then_leaves_the_head_alone():
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
-def _grads(options, dtype):
-    torch.manual_seed(0)
-    model = NanoGPT(d=32, layers=2).to(dtype)
-    idx = torch.randint(0, 64, (2, 16))
-    mhc_compile.prepare(model, idx, n=4)
-    perturb_mhc(model)  # mixing away from its identity-like init, where some coefficient gradients are 0
-    compiled = torch.compile(model, backend="mhc", options={"n": 4, **options})
-    compiled(idx).float().sum().backward()
-    return {k: p.grad.double() for k, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("kernels, dtype, tol", [("reference", torch.float64, 1e-10), ("triton", torch.float32, 1e-4)])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch, kernels, dtype, tol, fuse):
@@ -292,10 +280,10 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
     summed, real_prb = [], unfused.post_res_backward_pre  # the head's post_res backward writing its dx summed
     monkeypatch.setattr(unfused, "post_res_backward_pre",
                         lambda *a, **k: summed.append(k.get("collapse_dx", False)) or real_prb(*a, **k))
-    on = _grads({"kernels": kernels, "fuse": fuse}, dtype)
+    on = compiled_nanogpt_grads({"kernels": kernels, "fuse": fuse}, dtype)
     assert len(calls) == 1
     assert summed.count(True) == (0 if fuse else 1)  # under fuse=True the head's acc is the next step's dx_prev
-    off = _grads({"kernels": kernels, "fuse": fuse, "collapse_head_grad": False}, dtype)
+    off = compiled_nanogpt_grads({"kernels": kernels, "fuse": fuse, "collapse_head_grad": False}, dtype)
     assert len(calls) == 1 and summed.count(True) == (0 if fuse else 1)
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:

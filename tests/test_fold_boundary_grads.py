@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mhc_compile
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tk
 from mhc_compile.runtime import ops  # noqa: F401  (registers the ops)
-from models import NanoGPT, perturb_mhc, rel_err
+from models import compiled_nanogpt_grads, rel_err
 
 OPS = torch.ops.mhc_compile
 
@@ -112,17 +111,6 @@ def test_the_fallback_reads_acc_before_it_writes_over_it():
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
-def _grads(options, dtype):
-    torch.manual_seed(0)
-    model = NanoGPT(d=32, layers=2).to(dtype)
-    idx = torch.randint(0, 64, (2, 16))
-    mhc_compile.prepare(model, idx, n=4)
-    perturb_mhc(model)  # mixing away from its identity-like init, where some coefficient gradients are 0
-    compiled = torch.compile(model, backend="mhc", options={"n": 4, **options})
-    compiled(idx).float().sum().backward()
-    return {k: p.grad.double() for k, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("kernels, dtype, tol", [("reference", torch.float64, 1e-10), ("triton", torch.float32, 1e-4)])
 def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch, kernels, dtype, tol):
     """Two layers, four sites: three boundaries, of which the head's (its post_res backward writes the head's
@@ -133,9 +121,9 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
     calls, real = [], module.boundary_backward
     monkeypatch.setattr(module, "boundary_backward",
                         lambda *a, **k: calls.append((a[-1] is not None, "out" in k)) or real(*a, **k))
-    on = _grads({"kernels": kernels, "fold_boundary_grads": True}, dtype)
+    on = compiled_nanogpt_grads({"kernels": kernels, "fold_boundary_grads": True}, dtype)
     assert calls == [(True, kernels == "triton")] * 2
-    off = _grads({"kernels": kernels}, dtype)
+    off = compiled_nanogpt_grads({"kernels": kernels}, dtype)
     assert len(calls) == 2
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:
