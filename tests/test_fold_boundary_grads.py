@@ -128,3 +128,56 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:
         assert rel_err(on[k], off[k]) < tol, k
+
+
+# --- the pass on hand-built graphs --------------------------------------------------------------------------------
+def _boundary_graph(recompute_between: bool, dphi_read_early: bool = False):
+    """A GraphModule in the shape of a backward graph's boundary: proj_pre_backward (site l + 1), then the post_res
+    backward of site l reading its dx; with ``recompute_between`` the stream that backward reads is made between the
+    two (a block's recompute), so the folded op can only stand where the post_res backward stood."""
+    import operator
+
+    from torch import fx
+
+    g = fx.Graph()
+    names = ("x", "phi", "dp", "dsq", "h_pre", "dout", "acc", "x_prev", "h_res", "h_post", "y", "h_pre_prev")
+    ph = {k: g.placeholder(k) for k in names}
+    pre = g.call_function(OPS.proj_pre_backward.default, tuple(ph[k] for k in names[:7]) + ("reference",))
+    dx, dphi = (g.call_function(operator.getitem, (pre, i)) for i in (0, 1))
+    early = g.call_function(torch.ops.aten.mul.Tensor, (dphi, 2.0)) if dphi_read_early else None
+    x_prev = g.call_function(torch.ops.aten.mul.Tensor, (ph["x_prev"], 1.0)) if recompute_between else ph["x_prev"]
+    res = g.call_function(OPS.post_res_backward_pre.default, (x_prev, ph["h_res"], ph["h_post"], ph["y"], dx,
+                                                               ph["h_pre_prev"], "reference"))
+    outs = [g.call_function(operator.getitem, (res, i)) for i in range(5)]
+    g.output((*outs, early if early is not None else dphi))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+@pytest.mark.parametrize("recompute_between", [False, True])
+def test_the_pass_folds_the_pair_where_its_inputs_are_defined(recompute_between):
+    from mhc_compile.passes import fold_boundary_grads
+
+    gm = _boundary_graph(recompute_between)
+    args = _double(_operands(7, 4, 16, torch.float32, True, True, seed=11))
+    want = gm(*args)
+    assert fold_boundary_grads.apply(gm.graph) == 1
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes]
+    assert OPS.boundary_backward.default in targets and OPS.proj_pre_backward.default not in targets
+    assert OPS.post_res_backward_pre.default not in targets
+    if recompute_between:  # after the recomputed stream, not before it
+        order = {n.target: i for i, n in enumerate(gm.graph.nodes)}
+        assert order[OPS.boundary_backward.default] > order[torch.ops.aten.mul.Tensor]
+    for a, b in zip(gm(*args), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_pass_leaves_a_pair_it_cannot_place_alone():
+    """The stream is made between the two ops and proj_pre_backward's dphi is read before it: the op fits neither
+    place, so the graph stays as it was."""
+    from mhc_compile.passes import fold_boundary_grads
+
+    gm = _boundary_graph(recompute_between=True, dphi_read_early=True)
+    before = [n.target for n in gm.graph.nodes]
+    assert fold_boundary_grads.apply(gm.graph) == 0
+    assert [n.target for n in gm.graph.nodes] == before
