@@ -215,11 +215,18 @@ def fused_cases(inp: dict) -> list[Case]:
 
     # bytes: dh pass (X, dx_in) + folded pass (X, dx_in, acc, dX) + post_res backward (X, dX, y -> dX, dy)
     folded_bytes = (n + 1) * elem + (3 * n + 1) * elem + (3 * n + 2) * elem
+    # passes/fold_boundary_grads.py's op: proj_pre_backward (site l + 1) and the post_res backward it feeds, with x_in
+    # (fold_pre_recompute's): X, dx_in, acc, X_prev, y read; dX_prev, dy, x_in written (4n + 4; the two ops 6n + 4)
+
+    def boundary(k):
+        return k.boundary_backward(xs, phi, dp, dsq, hpre_s, g_in, dx, x, hr, hq, y, hpre_e)
 
     out = [
         Case("folded step", "bwd", folded_bwd, folded_bytes),
         Case("folded step (Triton)", "bwd", _triton_proj(folded_bwd), folded_bytes),
         Case("folded step (dx_hl)", "bwd", _dx_hl(folded_bwd), folded_bytes),
+        Case("boundary", "bwd", boundary, (4 * n + 4) * elem),
+        Case("boundary (two-op)", "bwd", _two_ops(boundary), (6 * n + 4) * elem),
         Case("step", "fwd", lambda k: k.step(x, hr, hq, y, phi, b, a, *ca), step_fwd, "fused"),
         Case("step", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                       gres, *ca), step_bwd, "fused"),
@@ -302,6 +309,15 @@ def _triton_prp(call: Callable[[object], object]) -> Callable[[object], object]:
     references ignore it."""
     def run(k):
         with tk.tuning("post_res_proj", ws=False):
+            return call(k)
+    return run
+
+
+def _two_ops(call: Callable[[object], object]) -> Callable[[object], object]:
+    """``call`` with BoundaryBwdCfg.ws off: boundary_backward as proj_pre_backward, then the post_res backward (the
+    reference ignores it)."""
+    def run(k):
+        with tk.tuning("boundary_backward", ws=False):
             return call(k)
     return run
 

@@ -56,6 +56,10 @@ mixer beat two by 5-7 % (call 1); with the unrolled loops two had beaten one by 
 alone (call 1): the loops were 0-3 % slower than session 28's kernel, the reduce-scatter 4 % faster. Every check
 shape passes against float64, dH_res / dH_post to about 1e-4 (the three passes: 1.5-1.8e-3).
 
+``boundary_grads`` (session 40) is the same kernel with X read from its own ring instead of rebuilt (``SAVED_X``)
+and, with ``XIN``, the sublayer input written from the X_prev tiles: the default path's proj_pre_backward and the
+post_res backward before it in one pass (kernels/triton_boundary.py). Two slots fit at n = 4.
+
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
 run under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a and check the two-pass decomposition
