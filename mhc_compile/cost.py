@@ -89,13 +89,20 @@ def chain_ends(collapse_head_grad: bool = True, collapse_tail: bool = True) -> s
     return sympy.expand(head_fwd + head_bwd - uniform_head + tail - uniform_tail)
 
 
-def traffic(fused: bool = True, fold_stream_grads: bool = True, fold_pre_recompute: bool = True) -> Traffic:
+def traffic(fused: bool = True, fold_stream_grads: bool = True, fold_pre_recompute: bool = True,
+            fold_boundary_grads: bool = False) -> Traffic:
     """A configuration's traffic: FUSED with ``fuse``, else the unfused kernels with the backward graph's folds as
     configured (``DEFAULT`` with both, the paper's split ``UNFUSED`` with neither): fold_stream_grads makes the
-    backward DEFAULT's, fold_pre_recompute the recompute (post_res's, pre's output written by its backward)."""
+    backward DEFAULT's, fold_pre_recompute the recompute (post_res's, pre's output written by its backward), and
+    fold_boundary_grads (on top of fold_stream_grads, whose proj_pre_backward it folds) takes 2n off the backward:
+    the stream gradient between a boundary's proj_pre_backward and the post_res backward after it, neither written
+    nor read back (passes/fold_boundary_grads.py; every boundary but a chain head's, counted here at every site)."""
     if fused:
         return FUSED
-    return Traffic(forward=UNFUSED.forward, backward=(DEFAULT if fold_stream_grads else UNFUSED).backward,
+    backward = (DEFAULT if fold_stream_grads else UNFUSED).backward
+    if fold_boundary_grads and fold_stream_grads:
+        backward = backward - 2 * n
+    return Traffic(forward=UNFUSED.forward, backward=backward,
                    recompute=(DEFAULT if fold_pre_recompute else UNFUSED).recompute)
 
 
@@ -223,14 +230,15 @@ def block_schedule(sites: int, n_streams: int, act: float, wgrad: float = 0.0) -
 
 
 def summary(n_streams: int, width: int, stream_bytes: int = 2, fused: bool = True, fold_stream_grads: bool = True,
-            fold_pre_recompute: bool = True) -> str:
+            fold_pre_recompute: bool = True, fold_boundary_grads: bool = False) -> str:
     """Per-token traffic of one site under a configuration (``traffic``'s arguments), for ``explain``."""
-    t = traffic(fused, fold_stream_grads, fold_pre_recompute)
+    t = traffic(fused, fold_stream_grads, fold_pre_recompute, fold_boundary_grads)
     vals = {n: n_streams}
     fwd, bwd, rec = (int(e.subs(vals)) for e in (t.forward, t.backward, t.recompute))
     per_token = (fwd + bwd + rec - 3) * width * stream_bytes
     design = "fused" if fused else ", ".join(["unfused"] + [name for name, on in (
-        ("fold_stream_grads", fold_stream_grads), ("fold_pre_recompute", fold_pre_recompute)) if on])
+        ("fold_stream_grads", fold_stream_grads), ("fold_pre_recompute", fold_pre_recompute),
+        ("fold_boundary_grads", fold_boundary_grads and fold_stream_grads)) if on])
     return (f"bookkeeping traffic per site and token ({design}, n={n_streams}, C={width}, {stream_bytes}-byte "
             f"stream): forward {fwd}C, backward {bwd}C, recompute {rec}C; {per_token / 1024:.1f} KiB over a plain "
             "residual add at a site its recompute schedule recomputes")

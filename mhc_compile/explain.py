@@ -133,7 +133,8 @@ def explain(model: nn.Module, *example_inputs: Any, print_summary: bool = True, 
         size = torch.empty((), dtype=dtype).element_size()
         report.traffic = [cost.summary(config.n, width, size, fused=config.fuse,
                                        fold_stream_grads=config.fold_stream_grads,
-                                       fold_pre_recompute=config.fold_pre_recompute)
+                                       fold_pre_recompute=config.fold_pre_recompute,
+                                       fold_boundary_grads=config.fold_boundary_grads)
                           for width in sorted({s.width for s in report.sites})]
     if print_summary:
         print(report.summary())

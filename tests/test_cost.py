@@ -51,6 +51,12 @@ def test_traffic_follows_the_configuration():
     line = cost.summary(4, 1024, 2, fused=False)
     assert line.startswith("bookkeeping traffic per site and token (unfused, fold_stream_grads, fold_pre_recompute,")
     assert "forward 18C, backward 32C, recompute 10C; 114.0 KiB" in line
+    # fold_boundary_grads: the boundary's stream gradient (n rows written, read back) gone, 8 C at n = 4
+    assert cost.traffic(False, fold_boundary_grads=True).backward.subs(at4) == 24
+    assert cost.traffic(False, fold_stream_grads=False, fold_pre_recompute=False,
+                        fold_boundary_grads=True) == cost.UNFUSED  # no proj_pre_backward to fold
+    line = cost.summary(4, 1024, 2, fused=False, fold_boundary_grads=True)
+    assert "fold_pre_recompute, fold_boundary_grads," in line and "backward 24C" in line
 
 
 def test_site_bytes_is_per_token_linear():
