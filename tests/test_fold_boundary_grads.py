@@ -130,6 +130,21 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
         assert rel_err(on[k], off[k]) < tol, k
 
 
+@pytest.mark.parametrize("options, folds, x_in", [
+    ({"recompute": "none"}, 2, False),       # nothing recomputed: post_res_backward, no sublayer input to write
+    ({"collapse_head_grad": False}, 3, True),  # the head's post_res backward writes n rows: its boundary folds too
+])
+def test_other_configurations_fold_what_they_can(monkeypatch, options, folds, x_in):
+    calls, real = [], ref.boundary_backward
+    monkeypatch.setattr(ref, "boundary_backward", lambda *a, **k: calls.append(a[-1] is not None) or real(*a, **k))
+    on = compiled_nanogpt_grads({"kernels": "reference", "fold_boundary_grads": True, **options}, torch.float64)
+    assert calls == [x_in] * folds
+    off = compiled_nanogpt_grads({"kernels": "reference", **options}, torch.float64)
+    assert on.keys() == off.keys() and len(on) > 0
+    for k in on:
+        assert rel_err(on[k], off[k]) < 1e-10, k
+
+
 # --- the pass on hand-built graphs --------------------------------------------------------------------------------
 def _boundary_graph(recompute_between: bool, dphi_read_early: bool = False):
     """A GraphModule in the shape of a backward graph's boundary: proj_pre_backward (site l + 1), then the post_res
