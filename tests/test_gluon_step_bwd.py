@@ -116,6 +116,23 @@ def test_boundary_slots_fit_two_at_n4():
     assert gs.stages_for(4, stages=3, saved_x=True) is None
 
 
+def test_boundary_dh_in_l2_is_off_under_deterministic_algorithms(monkeypatch):
+    """BoundaryBwdCfg.dh_atomic adds the dH partials in L2 in whatever order the channel blocks come: never where
+    torch is asked for deterministic algorithms (the partials a plane a block, summed by torch, run instead)."""
+    seen = []
+    monkeypatch.setattr(gs, "_launch", lambda *args: seen.append(args[-1]))
+    operands = (None,) * 11
+    gs.boundary_grads(*operands, dh_atomic=True)
+    gs.boundary_grads(*operands)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        gs.boundary_grads(*operands, dh_atomic=True)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [True, False, False]
+
+
 def test_pad_cols_zero_fills():
     v = torch.arange(6.0).reshape(2, 3)
     out = gs.pad_cols(v, 8)

@@ -225,10 +225,18 @@ if AVAILABLE:
         return _keep_add(_keep_add(v0, v1, q & 1, 1), _keep_add(v2, v3, q & 1, 1), q & 2, 2)
 
     @gluon.jit
+    def _put_dh(ptr, val, mask, DH_ATOMIC: gl.constexpr):
+        """A channel block's dH partials: stored in its own plane, or (DH_ATOMIC) added in L2 to the one plane."""
+        if DH_ATOMIC:
+            gl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+        else:
+            gl.store(ptr, val, mask=mask)
+
+    @gluon.jit
     def _mixer(o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed, empty,
                phi_ready, t_lo, c0, n_tiles, T, C, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
                MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
-               SAVED_X: gl.constexpr, XIN: gl.constexpr, num_warps: gl.constexpr):
+               SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr, num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
@@ -308,13 +316,16 @@ if AVAILABLE:
             # this block's partial sums over its channels, a [NH, T] plane a block. Group j: the sums of G_i X_prev_j
             # for i = 0 .. N-1 (k = i N + j), summed across a quad by _quad_totals: lane q of a quad stores i = q;
             # then the group of G_i y (k = N^2 + i)
-            hrow = dh_ptr + cb.to(gl.int64) * NH * T + t0 + qrow
+            if DH_ATOMIC:  # one [NH, T] plane that every channel block adds to
+                hrow = dh_ptr + t0 + qrow
+            else:
+                hrow = dh_ptr + cb.to(gl.int64) * NH * T + t0 + qrow
             qmask = (t0 + qrow < T) & (qlane < N)
             y = bf16_to_f32(ys.index(s).load(L))
             v = ()
             for i in gl.static_range(4):
                 v = v + (_lane_sums(g[i] * y) if i < N else qzero,)
-            gl.store(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), mask=qmask)
+            _put_dh(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
             xin = zero
             for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                 xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
@@ -323,7 +334,7 @@ if AVAILABLE:
                 v = ()
                 for i in gl.static_range(4):
                     v = v + (_lane_sums(g[i] * xj) if i < N else qzero,)
-                gl.store(hrow + (qlane * N + j) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), mask=qmask)
+                _put_dh(hrow + (qlane * N + j) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
                 dxp = _row(coefs, s, j, 0, NG, L) * g[0]
                 for i in gl.static_range(1, N):
                     dxp += _row(coefs, s, j, i, NG, L) * g[i]
@@ -381,7 +392,8 @@ if AVAILABLE:
                             s_desc, xin_desc, dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr,
                             BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
-                            MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
+                            DH_ATOMIC: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
+                            num_warps: gl.constexpr):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; a_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; w_desc: phi
@@ -427,7 +439,7 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, SAVED_X,
-                          XIN, num_warps)),
+                          XIN, DH_ATOMIC, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs,
@@ -438,10 +450,10 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 2, SAVED_X,
-                          XIN, num_warps)),
+                          XIN, DH_ATOMIC, num_warps)),
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, SAVED_X,
-                          XIN, num_warps)),
+                          XIN, DH_ATOMIC, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs,
@@ -489,7 +501,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
-                   mixers, mix_regs, dphi_regs)[:5]
+                   mixers, mix_regs, dphi_regs, False)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -503,7 +515,7 @@ def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) ->
 def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor,
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
-                   dphi_regs: int = 96):
+                   dphi_regs: int = 96, dh_atomic: bool = False):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -511,15 +523,18 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
     Reads X, X_prev, acc (n rows each), y, dx_in; writes dX_prev (n), dy (and x_in): 4n + 3 (4n + 4) elements of C a
     token, where the two ops move 6n + 3 (6n + 4): dX written and read back, X_prev's pass apart.
     ``out``: dX_prev's buffer (may be acc, as in ``step_grads``). ``mixers``: mixing warpgroups taking the tiles in
-    turn, as in ``step_grads`` (two slots either way at n = 4)."""
+    turn, as in ``step_grads`` (two slots either way at n = 4). ``dh_atomic``: the channel blocks' dH partials added
+    in L2 (fp32 reductions into one [n^2 + n, T] plane) instead of written a plane a block for torch to sum: not
+    deterministic (the order of the adds varies), so never under ``torch.use_deterministic_algorithms``."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon boundary_grads: mixers = {mixers} (1 or 2)")
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
-                   stages, mixers, mix_regs, dphi_regs)
+                   stages, mixers, mix_regs, dphi_regs,
+                   dh_atomic and not torch.are_deterministic_algorithms_enabled())
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs):
+            mix_regs, dphi_regs, dh_atomic):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -542,7 +557,10 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     splits, t_split = plan_splits(t, c, dev)
     parts = splits
     dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
-    dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
+    if dh_atomic:
+        dh = torch.zeros((1, n * n + n, t), dtype=torch.float32, device=dev)
+    else:
+        dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
     descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t, n, c)
     k, bf = n * c, gl.bfloat16
     s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
@@ -550,9 +568,9 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     LAUNCHES += 1
     _step_bwd_ws_kernel[(c // BC, splits)](
         *descs, s_desc, xin_desc, dphi_t, dh, t, c, t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin),
-        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs,
-        num_warps=4)
+        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=dh_atomic, MIX_REGS=mix_regs,
+        DPHI_REGS=dphi_regs, num_warps=4)
     dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
-    dh = dh.sum(0)
+    dh = dh[0] if dh_atomic else dh.sum(0)
     return (dx_prev, dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dy,
             dphi.to(phi.dtype).contiguous(), x_in)

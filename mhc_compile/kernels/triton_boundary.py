@@ -18,7 +18,10 @@ op there.
 Measured on an H100 (session 40, benchmarks/results/session40-2026-12-06-h100.md): correct at six shapes, dh_res /
 dh_post about 1000x closer to float64 than the two ops; 62-71 % of its floor, 10 % faster than the two ops at
 8192 x 7168 and 5 % slower at 32768 x 4096. Nsight Compute: DRAM-bound, moving 20 % more than its count (the dH
-partials torch sums after it, and per-token data every channel block reads, missed in L2). The pass stays opt-in.
+partials torch sums after it, and per-token data every channel block reads, missed in L2). With the partials added
+in L2 instead (``BoundaryBwdCfg.dh_atomic``, not deterministic, so off by default and under
+``torch.use_deterministic_algorithms``): 12-25 % faster than the two ops at the training shapes, 5 % slower at
+32768 x 4096; the d = 7168 step did not separate from the default's. The pass stays opt-in.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def boundary_backward(
                 flat[0], flat[1], flat[2], flat[3], flat[4], phi.contiguous(), flat[5], flat[6], flat[7], flat[8],
                 flat[9], h_pre_prev.reshape(t, n) if xin else None,
                 out=out.view(t, n, c) if out is not None else None, stages=cfg.stages, mixers=cfg.mixers,
-                mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs)
+                mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic)
             if x_in is None:
                 x_in = x.new_empty(lead + (0,))
             return (dx_prev.view(x_prev.shape) if out is None else out, dh_res.view(lead + (n, n)),

@@ -237,13 +237,16 @@ class BoundaryBwdCfg:
     second pass with X read (``gluon_step_bwd.boundary_grads``), where it runs (sm_90, bf16, n <= 4, C a multiple
     of 32); False, or elsewhere: proj_pre_backward, then the post_res backward. ``stages``: its ring's slots (0: as
     many as fit, two at n = 4); ``mixers``: mixing warpgroups taking the tiles in turn (1 or 2); ``mix_regs`` /
-    ``dphi_regs``: registers a thread of the second mixing warpgroup / of the dphi warpgroup."""
+    ``dphi_regs``: registers a thread of the second mixing warpgroup / of the dphi warpgroup; ``dh_atomic``: the dH
+    partials added in L2 instead of a plane a channel block summed by torch (not deterministic; off under
+    ``torch.use_deterministic_algorithms``)."""
 
     ws: bool = True
     stages: int = 0
     mixers: int = 1
     mix_regs: int = 176
     dphi_regs: int = 96
+    dh_atomic: bool = False
 
 
 DEFAULTS = {
