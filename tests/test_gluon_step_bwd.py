@@ -116,11 +116,11 @@ def test_boundary_slots_fit_two_at_n4():
     assert gs.stages_for(4, stages=3, saved_x=True) is None
 
 
-def test_boundary_dh_in_l2_is_off_under_deterministic_algorithms(monkeypatch):
+def test_dh_in_l2_is_off_under_deterministic_algorithms(monkeypatch):
     """BoundaryBwdCfg.dh_atomic adds the dH partials in L2 in whatever order the channel blocks come: never where
     torch is asked for deterministic algorithms (the partials a plane a block, summed by torch, run instead)."""
     seen = []
-    monkeypatch.setattr(gs, "_launch", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(gs, "_launch", lambda *args: seen.append(args[-1]) or (None,) * 6)
     operands = (None,) * 11
     gs.boundary_grads(*operands, dh_atomic=True)
     gs.boundary_grads(*operands)
@@ -131,6 +131,14 @@ def test_boundary_dh_in_l2_is_off_under_deterministic_algorithms(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before)
     assert seen == [True, False, False]
+    seen.clear()
+    gs.step_grads(*operands[1:], dh_atomic=True)  # step's pass: the same rule
+    torch.use_deterministic_algorithms(True)
+    try:
+        gs.step_grads(*operands[1:], dh_atomic=True)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [True, False]
 
 
 def test_pad_cols_zero_fills():
@@ -194,8 +202,9 @@ def test_builds_for_sm90_within_shared_memory():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
-    # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers
-    assert len(rows) == 5 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers,
+    # then step's pass with its dH added in L2
+    assert len(rows) == 6 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)

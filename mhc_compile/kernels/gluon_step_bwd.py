@@ -494,14 +494,16 @@ def plan_splits(t: int, c: int, device) -> tuple[int, int]:
 
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
-               mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 96):
+               mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 96, dh_atomic: bool = False):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
-    buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program)."""
+    buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
+    ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
+    ``torch.use_deterministic_algorithms``)."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
-                   mixers, mix_regs, dphi_regs, False)[:5]
+                   mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled())[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:

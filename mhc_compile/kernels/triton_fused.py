@@ -94,6 +94,9 @@ class StepBwdCfg:
     mixers: int = 1
     mix_regs: int = 176
     dphi_regs: int = 96
+    # the dH partials added in L2 (gluon_step_bwd.step_grads), as BoundaryBwdCfg.dh_atomic: the kernel path that
+    # boundary_grads runs and session 40 checked on an H100, not yet run with X rebuilt (opt-in, not deterministic)
+    dh_atomic: bool = False
 
     def __post_init__(self):
         if self.mixers not in (1, 2):
@@ -324,7 +327,7 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         try:
             dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi = _gluon_step_bwd().step_grads(
                 x_prev, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
-                mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs)
+                mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic)
             return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
         except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas) comes before the
             # launch, so nothing was written: the three passes below start over, here and for the rest of the run
