@@ -149,6 +149,21 @@ def load_against(files: list[str], tunes: list[str]) -> list[Against]:
 NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "dalpha")
 
 
+def _rel_err(a, w) -> float:
+    """max |a - w| / max |w|, w the float64 reference."""
+    return ((a.double() - w).abs().max() / (w.abs().max() or 1.0)).item()
+
+
+def _dh_in_l2_row(shape: str, atomic, base, want, lines) -> bool:
+    """The outputs with dH added in L2 (dh_atomic) against the same call without: dH_res and dH_post (outputs 1 and 2,
+    summed in another order) as close to float64, every other output bit-equal. Appends the row; whether it holds."""
+    same = all(torch.equal(a, b) for k, (a, b) in enumerate(zip(atomic, base)) if k not in (1, 2))
+    close = all(_rel_err(a, w) <= 2 * _rel_err(b, w) + 1e-6 for a, b, w in zip(atomic[1:3], base[1:3], want[1:3]))
+    lines.append(f"| {shape} | (dH added in L2: the rest bit-equal, dH as close to float64) | | | "
+                 f"{'ok' if same and close else 'FAIL'} |")
+    return same and close
+
+
 def check(t, n, c, lines, against=()) -> bool:
     v = _inputs(t, n, c, seed=t + n + c)
     h_pre, p, sq = _forward_saves(v, n, c)
@@ -162,9 +177,7 @@ def check(t, n, c, lines, against=()) -> bool:
     ran = gs.LAUNCHES > before
     ok = ran
     for name, w, a, b in zip(NAMES, want, three, two):
-        scale = w.abs().max().item() or 1.0
-        e3 = (a.double() - w).abs().max().item() / scale
-        e2 = (b.double() - w).abs().max().item() / scale
+        e3, e2 = _rel_err(a, w), _rel_err(b, w)
         good = e2 <= max(2 * e3, 1e-5) and torch.isfinite(b).all().item()
         ok &= good
         lines.append(f"| {t}x{n}x{c} | {name} | {e3:.2e} | {e2:.2e} | {'ok' if good else 'FAIL'} |")
@@ -180,15 +193,7 @@ def check(t, n, c, lines, against=()) -> bool:
     lines.append(f"| {t}x{n}x{c} | (out = dX: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
     with tf.tuning("step_bwd", ws=True, dh_atomic=True):  # dH added in L2: the rest bit-equal, dH as close
         atomic = _call(tf.step_backward, v, h_pre, p, sq, n, c)
-    same = all(torch.equal(a, b) for k, (a, b) in enumerate(zip(atomic, two)) if k not in (1, 2))
-
-    def err(a, w):
-        return ((a.double() - w).abs().max() / (w.abs().max() or 1.0)).item()
-
-    close = all(err(a, w) <= 2 * err(b, w) + 1e-6 for a, b, w in zip(atomic[1:3], two[1:3], want[1:3]))
-    ok &= same and close
-    lines.append(f"| {t}x{n}x{c} | (dH added in L2: the rest bit-equal, dH as close to float64) | | | "
-                 f"{'ok' if same and close else 'FAIL'} |")
+    ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, two, want, lines)
     for build in against:  # the other builds' outputs beside this one's (a report, not a pass / fail)
         other = build.run(v, h_pre, p, sq, n, c)
         diff = [name for name, a, b in zip(NAMES, other, two) if not torch.equal(a, b)]
@@ -297,9 +302,7 @@ def boundary_check(t, n, c, lines, pre: bool = True) -> bool:
     for name, w, a, b in zip(B_NAMES, want, two, one):
         if not w.numel():
             continue
-        scale = w.abs().max().item() or 1.0
-        e2 = (a.double() - w).abs().max().item() / scale
-        e1 = (b.double() - w).abs().max().item() / scale
+        e2, e1 = _rel_err(a, w), _rel_err(b, w)
         good = e1 <= max(2 * e2, 1e-5) and torch.isfinite(b).all().item()
         ok &= good
         lines.append(f"| {t}x{n}x{c} x_in {'on' if pre else 'off'} | {name} | {e2:.2e} | {e1:.2e} | "
@@ -317,14 +320,7 @@ def boundary_check(t, n, c, lines, pre: bool = True) -> bool:
     lines.append(f"| {t}x{n}x{c} | (two mixers: the same outputs) | | | {'ok' if same else 'FAIL'} |")
     with tk.tuning("boundary_backward", dh_atomic=True):  # dH added in L2: the same but for dH's order of adds
         atomic = tk.boundary_backward(*args)
-    same = all(torch.equal(a, b) for k, (a, b) in enumerate(zip(atomic, one)) if k not in (1, 2))
-    def err(a, w):
-        return ((a.double() - w).abs().max() / (w.abs().max() or 1.0)).item()
-
-    close = all(err(a, w) <= 2 * err(b, w) + 1e-6 for a, b, w in zip(atomic[1:3], one[1:3], want[1:3]))
-    ok &= same and close
-    lines.append(f"| {t}x{n}x{c} | (dH added in L2: the rest bit-equal, dH as close to float64) | | | "
-                 f"{'ok' if same and close else 'FAIL'} |")
+    ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, one, want, lines)
     print("\n".join(lines[-10:]), flush=True)
     return ok
 
