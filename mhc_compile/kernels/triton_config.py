@@ -232,13 +232,14 @@ class FusedBwdCfg:
 # Defaults = the fastest tiles of the sweep in benchmarks/bench_kernels.py on an H100 (T=8192, C=4096, n=4,
 # bf16; benchmarks/results/kernels-2026-11-23-h100.md). Full-width C (1024) won for the backward kernels too.
 @dataclass(frozen=True)
-class BoundaryBwdCfg:
-    """How ``boundary_backward`` (kernels/triton_boundary.py) runs. ``ws``: one pass, the Gluon step backward's
-    second pass with X read (``gluon_step_bwd.boundary_grads``), where it runs (sm_90, bf16, n <= 4, C a multiple
-    of 32); False, or elsewhere: proj_pre_backward, then the post_res backward. ``stages``: its ring's slots (0: as
-    many as fit, two at n = 4); ``mixers``: mixing warpgroups taking the tiles in turn (1 or 2); ``mix_regs`` /
-    ``dphi_regs``: registers a thread of the second mixing warpgroup / of the dphi warpgroup; ``dh_atomic``: the dH
-    partials added in L2 instead of a plane a channel block summed by torch (not deterministic; off under
+class GluonStepCfg:
+    """How the Gluon kernel of kernels/gluon_step_bwd.py runs, for the ops that launch it (``StepBwdCfg`` in
+    triton_fused, ``BoundaryBwdCfg``). ``ws``: run it where it runs (sm_90, bf16, n <= 4, C a multiple of 32),
+    else the op's Triton passes; ``stages``: its ring's slots (0: as many as fit, a multiple of ``mixers``:
+    gluon_step_bwd.stages_for says why); ``mixers``: mixing warpgroups (1 or 2) taking the token tiles in turn;
+    ``mix_regs`` / ``dphi_regs``: registers a thread of the second mixing warpgroup / of the dphi warpgroup (the
+    first mixing warpgroup gets what the others leave of the 64K); ``dh_atomic``: the dH partials added in L2
+    instead of a plane a channel block summed by torch (not deterministic; off under
     ``torch.use_deterministic_algorithms``)."""
 
     ws: bool = True
@@ -247,6 +248,23 @@ class BoundaryBwdCfg:
     mix_regs: int = 176
     dphi_regs: int = 96
     dh_atomic: bool = False
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.mixers not in (1, 2):
+            raise ValueError(f"mhc {name}: mixers={self.mixers}; the Gluon step backward runs 1 or 2 mixing "
+                             "warpgroups")
+        if self.stages and self.stages % self.mixers:
+            raise ValueError(f"mhc {name}: stages={self.stages} for mixers={self.mixers}; mixers taking tiles in "
+                             "turn need a slot count that is a multiple of theirs (gluon_step_bwd.stages_for)")
+
+
+@dataclass(frozen=True)
+class BoundaryBwdCfg(GluonStepCfg):
+    """How ``boundary_backward`` (kernels/triton_boundary.py) runs: ``ws``, one pass, the Gluon kernel with X read
+    (``gluon_step_bwd.boundary_grads``; two slots fit at n = 4); off, or where it does not run: proj_pre_backward,
+    then the post_res backward. Session 40 (H100): two mixers slower at every shape; ``dh_atomic`` 12-25 % faster than
+    the two ops at the training shapes (benchmarks/results/session40-2026-12-06-h100.md)."""
 
 
 DEFAULTS = {

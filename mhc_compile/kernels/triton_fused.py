@@ -54,7 +54,7 @@ from mhc_compile.kernels import triton_ops as tops
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.triton_common import (INTERPRETED, acc_tl, acc_torch, cdiv, check_stream, gluon_build_failed,
                                                grad_buffer, pow2, round_to)
-from mhc_compile.kernels.triton_config import overriding
+from mhc_compile.kernels.triton_config import GluonStepCfg, overriding
 from mhc_compile.kernels.triton_post_res import channel_partials
 from mhc_compile.kernels.triton_post_res_proj import PRP_HOIST, coeff_vectors
 
@@ -70,7 +70,7 @@ class FusedCfg:
 
 
 @dataclass(frozen=True)
-class StepBwdCfg:
+class StepBwdCfg(GluonStepCfg):
     """How ``step_backward`` runs. ``ws``: its second and last stream pass as the warp-specialized Gluon kernel of
     kernels/gluon_step_bwd.py (two passes, 4n+5 elements of C a token, instead of three, 8n+5), where
     ``gluon_step_bwd.supported`` says it runs (sm_90, bf16, n <= 4, C a multiple of 32); elsewhere, and where its
@@ -82,29 +82,10 @@ class StepBwdCfg:
     against 6462.0 at 32768 x 7168. ``fuse=True`` itself stays opt-in: in session 30's training step it was 1.4
     points slower than the default path at d = 4096 (+11.4 against +10.0 %), its activation memory +23.7 % against
     +17.7 %.
-    ``stages``: its ring's slots (0: as many as fit, at most 3, a multiple of ``mixers``: gluon_step_bwd.stages_for
-    says why); ``mixers``: mixing warpgroups (1 or 2) taking the token tiles in turn (one is faster since the
-    mixers' loops over j run at run time: session 30); ``mix_regs`` / ``dphi_regs``: registers a thread of the second
-    mixing warpgroup / of the dphi warpgroup (the first mixing warpgroup gets what the others leave of the 64K). With
-    two mixers, 176 / 96 spills least in the Triton 3.6 sm_90a build: 16 bytes, reloaded once a tile outside the
-    inner loops (benchmarks/gluon_step_bwd_check.py --build)."""
-
-    ws: bool = True
-    stages: int = 0
-    mixers: int = 1
-    mix_regs: int = 176
-    dphi_regs: int = 96
-    # the dH partials added in L2 (gluon_step_bwd.step_grads), as BoundaryBwdCfg.dh_atomic: the kernel path that
-    # boundary_grads runs and session 40 checked on an H100, not yet run with X rebuilt (opt-in, not deterministic)
-    dh_atomic: bool = False
-
-    def __post_init__(self):
-        if self.mixers not in (1, 2):
-            raise ValueError(f"mhc StepBwdCfg: mixers={self.mixers}; the Gluon step backward runs 1 or 2 mixing "
-                             "warpgroups")
-        if self.stages and self.stages % self.mixers:
-            raise ValueError(f"mhc StepBwdCfg: stages={self.stages} for mixers={self.mixers}; mixers taking tiles in "
-                             "turn need a slot count that is a multiple of theirs (gluon_step_bwd.stages_for)")
+    The fields are ``GluonStepCfg``'s: ``stages`` at most 3; one mixer is faster since the mixers' loops over j run
+    at run time (session 30); with two mixers, 176 / 96 registers spill least in the Triton 3.6 sm_90a build: 16
+    bytes, reloaded once a tile outside the inner loops (benchmarks/gluon_step_bwd_check.py --build). ``dh_atomic``:
+    the kernel path that boundary_grads runs and session 40 checked on an H100, not yet run with X rebuilt."""
 
 
 _CFG = {
