@@ -196,3 +196,32 @@ def test_the_pass_leaves_a_pair_it_cannot_place_alone():
     before = [n.target for n in gm.graph.nodes]
     assert fold_boundary_grads.apply(gm.graph) == 0
     assert [n.target for n in gm.graph.nodes] == before
+
+
+@pytest.mark.parametrize("pre", [True, False])
+def test_the_one_pass_route_hands_its_kernel_token_major_operands(monkeypatch, pre):
+    """The sm_90 route (``gluon_step_bwd.boundary_grads``, faked here by the reference on what it is handed): operands
+    with leading token dims reach it as [T, ...], its outputs come back with those dims, dx_prev into ``out``."""
+    from mhc_compile.kernels import gluon_step_bwd as gs
+    from mhc_compile.kernels import triton_boundary as tb
+
+    def fake(x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev=None, out=None, **_):
+        assert x.dim() == 3 and dx_in.dim() == 2 and dsq.dim() == 1
+        dx_prev, dh_res, dh_post, dy, x_in, dphi = ref.boundary_backward(x, phi, dp, dsq, h_pre, dx_in, acc, x_prev,
+                                                                         h_res, h_post, y, h_pre_prev)
+        if out is not None:
+            out.copy_(dx_prev)
+        return dx_prev if out is None else out, dh_res, dh_post, dy, dphi, x_in if h_pre_prev is not None else None
+
+    monkeypatch.setattr(tb, "_gluon_runs", lambda *a: True)
+    monkeypatch.setattr(gs, "boundary_grads", fake)
+    args = _operands(12, 4, 32, torch.float32, pre, True, seed=13)
+    lead = tuple(v if v is None or v.dim() == 2 and v.shape[0] == 4 * 32 else v.reshape(3, 4, *v.shape[1:])
+                 for v in args)
+    want = ref.boundary_backward(*args)
+    acc = lead[6].clone()
+    got = tb.boundary_backward(*lead[:6], acc, *lead[7:], out=acc)
+    assert got[0] is acc and got[0].shape == (3, 4, 4, 32) and got[4].shape == (3, 4, 32 if pre else 0)
+    for a, w in zip(got[:5], want[:5]):
+        torch.testing.assert_close(a, w.reshape(a.shape), rtol=0, atol=0)
+    torch.testing.assert_close(got[5], want[5], rtol=0, atol=0)

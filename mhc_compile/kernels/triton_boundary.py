@@ -64,12 +64,15 @@ def boundary_backward(
     cfg = cfg_of("boundary_backward")
     if cfg.ws and _gluon_runs(x, x_prev, y, dout, acc, out, n, c, xin):
         t = x.numel() // (n * c)
-        flat = [v.reshape(t, *v.shape[len(lead):]) for v in (x, x_prev, h_res, h_post, y, h_pre, dp, dsq, acc, dout)]
+
+        def tokens(v):  # leading dims as one token dim, [T, ...]
+            return v.reshape(t, *v.shape[len(lead):])
+
         try:
             dx_prev, dh_res, dh_post, dy, dphi, x_in = _gluon().boundary_grads(
-                flat[0], flat[1], flat[2], flat[3], flat[4], phi.contiguous(), flat[5], flat[6], flat[7], flat[8],
-                flat[9], h_pre_prev.reshape(t, n) if xin else None,
-                out=out.view(t, n, c) if out is not None else None, stages=cfg.stages, mixers=cfg.mixers,
+                tokens(x), tokens(x_prev), tokens(h_res), tokens(h_post), tokens(y), phi.contiguous(), tokens(h_pre),
+                tokens(dp), tokens(dsq), tokens(acc), tokens(dout), tokens(h_pre_prev) if xin else None,
+                out=tokens(out) if out is not None else None, stages=cfg.stages, mixers=cfg.mixers,
                 mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic)
             if x_in is None:
                 x_in = x.new_empty(lead + (0,))
@@ -88,7 +91,7 @@ def _gluon_runs(x, x_prev, y, dout, acc, out, n, c, xin) -> bool:
     (the kernel always reads it), x not broadcast (a chain head's stream is never a boundary's X_l)."""
     if acc is None or x.device in _NO_GLUON or not x.is_cuda or x.dtype != torch.bfloat16:
         return False
-    dense = [v for v in (x, x_prev, y, dout, acc) + (() if out is None else (out,))]
+    dense = (x, x_prev, y, dout, acc) + (() if out is None else (out,))
     if any(v.dtype != torch.bfloat16 or not v.is_contiguous() for v in dense) or acc.shape != x.shape:
         return False
     return _gluon().boundary_supported(x, n, c, xin, *dense[1:])
