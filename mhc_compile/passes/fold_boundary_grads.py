@@ -42,6 +42,11 @@ def _getitems(node: fx.Node, index: int) -> list[fx.Node]:
     return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
 
 
+def _impl(res: fx.Node) -> str:
+    """A post_res backward's kernel implementation (post_res_backward_pre takes h_pre before it)."""
+    return arg(res, 6 if res.target is OPS.post_res_backward_pre.default else 5, "impl")
+
+
 def _match(op: fx.Node) -> fx.Node | None:
     """The post_res backward that reads ``op``'s dx as its dout and can be folded with it, if any."""
     if any(u.target is not operator.getitem for u in op.users):
@@ -55,8 +60,7 @@ def _match(op: fx.Node) -> fx.Node | None:
     if arg(res, 4, "dout") is not items[0] or collapses_dx(res) or any(u.target is not operator.getitem
                                                                       for u in res.users):
         return None
-    impl_index = 5 if res.target is OPS.post_res_backward.default else 6
-    if arg(res, impl_index, "impl") != arg(op, 7, "impl"):
+    if _impl(res) != arg(op, 7, "impl"):
         return None
     return res
 
@@ -75,9 +79,9 @@ def _place(op: fx.Node, res: fx.Node, order: dict) -> fx.Node | None:
 
 def _rewrite(graph: fx.Graph, op: fx.Node, res: fx.Node, where: fx.Node) -> None:
     pre = res.target is OPS.post_res_backward_pre.default
-    impl = arg(res, 6 if pre else 5, "impl")
     args = (*(arg(op, i, name) for i, name in enumerate(_PRE_ARGS)),
-            *(arg(res, i, name) for i, name in enumerate(_RES_ARGS)), arg(res, 5, "h_pre") if pre else None, impl)
+            *(arg(res, i, name) for i, name in enumerate(_RES_ARGS)), arg(res, 5, "h_pre") if pre else None,
+            _impl(res))
     with graph.inserting_before(where):
         new = graph.call_function(OPS.boundary_backward.default, args)
     if "val" in op.meta and "val" in res.meta:
