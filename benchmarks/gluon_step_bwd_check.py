@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --build    # no GPU: sm_90a builds, resources
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --out DIR  # sm_90 GPU: checks, then times
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --boundary --out DIR  # the same for boundary_grads
+    ... --boundary --against against_main.py  # another build's boundary_grads too (checked, timed)
     git show main:mhc_compile/kernels/gluon_step_bwd.py > against_main.py   # another build of the module, then
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --against against_main.py  # both, in one process
     ... --against against_main.py --against-tune mix_regs=184  # the other build at its own StepBwdCfg registers
@@ -53,7 +54,7 @@ def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, Tru
     t, n, c = 256, 4, 512
     m = n * n + 2 * n
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
-    dp_pad, hl = torch.zeros(t, gs.MP), torch.zeros(2 * gs.MP, t, dtype=torch.bfloat16)
+    dp_pad = torch.zeros(t, gs.MP)
     phi_pad = torch.zeros(n * c, gs.MP)
     for mixers, saved_x, xin in builds:
         atomic = xin  # with X read: x_in (and dH in L2); with X rebuilt, this flag is dH in L2 alone
@@ -61,7 +62,7 @@ def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, Tru
         coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
         st = gs.stages_for(n, mixers=mixers, saved_x=saved_x, xin=xin)
         with sm90_build.cpu_target(90):
-            descs = gs.descriptors(x, y, y, x, coefs, dp_pad, hl, phi_pad, x, y, t, n, c)
+            descs = gs.descriptors(x, y, y, x, coefs, dp_pad, phi_pad, x, y, t, n, c)
             built = gs._step_bwd_ws_kernel.warmup(
                 *descs, descs[0], descs[-1], torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t),
                 t, c, t, n, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP, NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st,
@@ -130,8 +131,18 @@ class Against:
         self.module, self.tune, self.label = module, tune, label
 
     def run(self, v, h_pre, p, sq, n, c):
-        with tf.tuning("step_bwd", ws=True, **self.tune), serving(tf, "_gluon_step_bwd", self.module):
+        with tf.tuning("step_bwd", ws=True, **{"dh_atomic": False, **self.tune}), \
+                serving(tf, "_gluon_step_bwd", self.module):
             return _call(tf.step_backward, v, h_pre, p, sq, n, c)
+
+    def boundary(self, args, dh_atomic: bool = False):
+        """boundary_backward on this build (its tune as BoundaryBwdCfg fields)."""
+        from mhc_compile.kernels import triton_boundary as tb
+        from mhc_compile.kernels import triton_ops as tk
+
+        with tk.tuning("boundary_backward", ws=True, **{**self.tune, "dh_atomic": dh_atomic}), \
+                serving(tb, "_gluon", self.module):
+            return tk.boundary_backward(*args)
 
 
 def load_against(files: list[str], tunes: list[str]) -> list[Against]:
@@ -172,7 +183,7 @@ def check(t, n, c, lines, against=()) -> bool:
     with tf.tuning("step_bwd", ws=False):  # the three Triton passes (ws is the default since session 37)
         three = _call(tf.step_backward, v, h_pre, p, sq, n, c)
     before = gs.LAUNCHES
-    with tf.tuning("step_bwd", ws=True):
+    with tf.tuning("step_bwd", ws=True, dh_atomic=False):  # dH's partials summed in a fixed order: comparable bits
         two = _call(tf.step_backward, v, h_pre, p, sq, n, c)
     ran = gs.LAUNCHES > before
     ok = ran
@@ -184,7 +195,7 @@ def check(t, n, c, lines, against=()) -> bool:
     lines.append(f"| {t}x{n}x{c} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
     # dX_prev written over dX itself (passes/inplace_stream_grads.py's out=dx): the same outputs, bit for bit
     dxc = v["dx"].clone()
-    with tf.tuning("step_bwd", ws=True):
+    with tf.tuning("step_bwd", ws=True, dh_atomic=False):
         inplace = tf.step_backward(v["x_prev"], v["h_res"], v["h_post"], v["y"], v["phi"], v["bias"], v["alpha"],
                                    h_pre, p, sq, dxc, v["dx_in"], v["dh_post"], v["dh_res"], n, n * c, 1e-6, 20,
                                    "mhc", out=dxc)
@@ -236,10 +247,10 @@ def times(shapes, lines, rounds: int = 3, against=()) -> None:
                 return _call(tf.step_backward, v, h_pre, p, sq, n, c)
 
         def two():
-            with tf.tuning("step_bwd", ws=True):
+            with tf.tuning("step_bwd", ws=True, dh_atomic=False):
                 return _call(tf.step_backward, v, h_pre, p, sq, n, c)
 
-        def two_one():  # the column's name; dH added in L2 (StepBwdCfg.dh_atomic) since session 40's branch
+        def two_one():  # dH added in L2 (StepBwdCfg.dh_atomic, the default since session 41)
             with tf.tuning("step_bwd", ws=True, dh_atomic=True):
                 return _call(tf.step_backward, v, h_pre, p, sq, n, c)
 
@@ -289,14 +300,15 @@ def _two_ops(args, out=None):
         return tk.boundary_backward(*args, out=out)
 
 
-def boundary_check(t, n, c, lines, pre: bool = True) -> bool:
+def boundary_check(t, n, c, lines, pre: bool = True, against=()) -> bool:
     from mhc_compile.kernels import triton_ops as tk
 
     args = _boundary_inputs(t, n, c, seed=t + n + c, pre=pre)
     want = ref.boundary_backward(*(a.double() if a is not None else None for a in args))
     two = _two_ops(args)
     before = gs.LAUNCHES
-    one = tk.boundary_backward(*args)
+    with tk.tuning("boundary_backward", dh_atomic=False):  # dH's partials summed in a fixed order: comparable bits
+        one = tk.boundary_backward(*args)
     ran = gs.LAUNCHES > before
     ok = ran
     for name, w, a, b in zip(B_NAMES, want, two, one):
@@ -309,11 +321,12 @@ def boundary_check(t, n, c, lines, pre: bool = True) -> bool:
                      f"{'ok' if good else 'FAIL'} |")
     lines.append(f"| {t}x{n}x{c} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
     acc = args[6].clone()  # dX_prev written over acc (passes/inplace_stream_grads.py): the same outputs, bit for bit
-    inplace = tk.boundary_backward(*args[:6], acc, *args[7:], out=acc)
+    with tk.tuning("boundary_backward", dh_atomic=False):
+        inplace = tk.boundary_backward(*args[:6], acc, *args[7:], out=acc)
     same = inplace[0].data_ptr() == acc.data_ptr() and all(torch.equal(a, b) for a, b in zip(inplace, one))
     ok &= same
     lines.append(f"| {t}x{n}x{c} | (out = acc: the same outputs, in place) | | | {'ok' if same else 'FAIL'} |")
-    with tk.tuning("boundary_backward", mixers=2):  # two mixing warpgroups taking tiles in turn: the same arithmetic
+    with tk.tuning("boundary_backward", mixers=2, dh_atomic=False):  # two mixing warpgroups: the same arithmetic
         two_mixers = tk.boundary_backward(*args)
     same = all(torch.equal(a, b) for a, b in zip(two_mixers, one))
     ok &= same
@@ -321,13 +334,21 @@ def boundary_check(t, n, c, lines, pre: bool = True) -> bool:
     with tk.tuning("boundary_backward", dh_atomic=True):  # dH added in L2: the same but for dH's order of adds
         atomic = tk.boundary_backward(*args)
     ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, one, want, lines)
-    print("\n".join(lines[-10:]), flush=True)
+    for build in against:  # another build's outputs (dH partials summed by torch: a fixed order) against this one's
+        other = build.boundary(args)
+        diff = [name for name, a, b in zip(B_NAMES, other, one) if not torch.equal(a, b)]
+        worst = max((_rel_err(o, w) for o, w in zip(other, want) if w.numel()), default=0.0)
+        lines.append(f"| {t}x{n}x{c} | --against {build.label}: "
+                     f"{'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}; its worst error {worst:.2e}"
+                     " | | | |")
+    print("\n".join(lines[-10 - len(against):]), flush=True)
     return ok
 
 
-def boundary_times(shapes, lines, rounds: int = 3) -> None:
+def boundary_times(shapes, lines, rounds: int = 3, against=()) -> None:
     """The one pass against proj_pre_backward + post_res_backward_pre (BoundaryBwdCfg.ws off), interleaved; each
-    against its own bytes (4n + 4 against 6n + 4 elements of C a token) and against the one pass's."""
+    against its own bytes (4n + 4 against 6n + 4 elements of C a token); the one pass with its dH partials summed by
+    torch and added in L2, this build's and each --against build's."""
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
@@ -335,29 +356,35 @@ def boundary_times(shapes, lines, rounds: int = 3) -> None:
 
     bw = copy_bandwidth(DEVICE)
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
-    lines.append("| T x C | round | one pass us (eff, 4n+4) | one pass, dH added in L2 us (eff) | two ops us (eff, "
-                 "6n+4) | two ops / one pass | two ops / dH in L2 |")
-    lines.append("|---|---|---|---|---|---|---|")
 
-    def dh_in_l2(args):  # dH added in L2 (BoundaryBwdCfg.dh_atomic); call 2 timed two mixers here
-        with tk.tuning("boundary_backward", dh_atomic=True):
-            return tk.boundary_backward(*args)
+    def one(dh_atomic, build=None):
+        def run(args):
+            if build is not None:
+                return build.boundary(args, dh_atomic=dh_atomic)
+            with tk.tuning("boundary_backward", dh_atomic=dh_atomic):
+                return tk.boundary_backward(*args)
+        return run
 
+    fns = [("one pass", one(False)), ("one pass, dH added in L2", one(True))]
+    for build in against:
+        fns += [(f"--against {build.label}", one(False, build)), (f"--against {build.label}, dH in L2", one(True, build))]
+    fns.append(("two ops", _two_ops))
+    lines.append("| T x C | round | " + " | ".join(f"{name} us (eff)" for name, _ in fns) + " | two ops / "
+                 "one pass, dH in L2 |")
+    lines.append("|---|---|" + "---|" * (len(fns) + 1))
     for t, n, c in shapes:
         args = _boundary_inputs(t, n, c, seed=1)
         one_bytes, two_bytes = (4 * n + 4) * t * c * 2, (6 * n + 4) * t * c * 2
         for rnd in range(rounds):
-            u1 = triton.testing.do_bench_cudagraph(lambda: tk.boundary_backward(*args), rep=200) * 1e3
-            um = triton.testing.do_bench_cudagraph(lambda: dh_in_l2(args), rep=200) * 1e3
-            u2 = triton.testing.do_bench_cudagraph(lambda: _two_ops(args), rep=200) * 1e3
-            lines.append(f"| {t}x{c} | {rnd} | {u1:.1f} ({100 * one_bytes / (u1 * 1e-6) / bw:.1f} %) | {um:.1f} "
-                         f"({100 * one_bytes / (um * 1e-6) / bw:.1f} %) | {u2:.1f} "
-                         f"({100 * two_bytes / (u2 * 1e-6) / bw:.1f} %) | {u2 / u1:.3f} | {u2 / um:.3f} |")
+            us = [triton.testing.do_bench_cudagraph(lambda f=f: f(args), rep=200) * 1e3 for _, f in fns]
+            effs = [100 * (two_bytes if k == len(fns) - 1 else one_bytes) / (u * 1e-6) / bw for k, u in enumerate(us)]
+            cells = " | ".join(f"{u:.1f} ({e:.1f} %)" for u, e in zip(us, effs))
+            lines.append(f"| {t}x{c} | {rnd} | {cells} | {us[-1] / us[1]:.3f} |")
             print(lines[-1], flush=True)
         del args
 
 
-def boundary_main(out: str | None, no_times: bool) -> int:
+def boundary_main(out: str | None, no_times: bool, against=()) -> int:
     import triton
 
     path = os.path.join(out, "boundary_check.md") if out else None
@@ -368,13 +395,13 @@ def boundary_main(out: str | None, no_times: bool) -> int:
     ok = True
     for k, shape in enumerate(CHECKS):
         try:
-            ok &= boundary_check(*shape, lines, pre=k % 3 != 2)
+            ok &= boundary_check(*shape, lines, pre=k % 3 != 2, against=against)
         except Exception as exc:  # report and go on
             ok = False
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
             print(lines[-1], flush=True)
     if ok and not no_times:
-        boundary_times(TIMES[:1] + [(8192, 4, 7168)] + TIMES[1:3], lines)
+        boundary_times(TIMES[:1] + [(8192, 4, 7168)] + TIMES[1:3], lines, against=against)
     return 0 if ok else 1
 
 
@@ -393,12 +420,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.build:
         return build()
+    against = load_against(args.against, args.against_tune)
     if args.boundary:
         if not torch.cuda.is_available():
             print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")
             return 2
-        return boundary_main(args.out, args.no_times)
-    against = load_against(args.against, args.against_tune)
+        return boundary_main(args.out, args.no_times, against)
     if not torch.cuda.is_available():
         print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")
         return 2

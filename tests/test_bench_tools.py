@@ -567,6 +567,33 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     assert "two passes, --against main (mix_regs=184) us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
 
 
+def test_boundary_check_reports_each_against_build(tmp_path, monkeypatch):
+    """gluon_step_bwd_check --boundary's check and times on CPU tensors, timers stubbed: each --against build gets
+    its line of each shape and two columns of times (dH partials summed by torch, dH added in L2). Off sm_90 every
+    build runs the two ops, so they are bit-equal."""
+    import triton.testing
+
+    from benchmarks import bench_kernels
+    from benchmarks import gluon_step_bwd_check as gsc
+    from mhc_compile.kernels import gluon_step_bwd
+
+    (tmp_path / "main.py").write_text(open(gluon_step_bwd.__file__).read())
+    builds = gsc.load_against([str(tmp_path / "main.py")], ["dphi_regs=96"])
+    monkeypatch.setattr(gsc, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_kernels, "copy_bandwidth", lambda device: 1e12)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep: (fn(), 1.0)[1])
+    lines = []
+    assert not gsc.boundary_check(9, 2, 32, lines, against=builds)  # the Gluon kernel cannot run here
+    assert "| 9x2x32 | (the Gluon kernel ran) | | | FAIL |" in lines
+    assert any(line.startswith("| 9x2x32 | --against main (dphi_regs=96): bit-equal; its worst error")
+               for line in lines), lines
+    lines = []
+    gsc.boundary_times([(9, 2, 32)], lines, rounds=1, against=builds)
+    head = lines[1]
+    assert "| --against main (dphi_regs=96) us (eff) | --against main (dphi_regs=96), dH in L2 us (eff) |" in head
+    assert lines[3].count("|") == head.count("|") and lines[3].endswith("| 1.000 |"), lines
+
+
 def test_step_bwd_check_writes_its_results_at_every_line(tmp_path):
     """A hung kernel runs a device call past its limit: the results file must already hold every line before it."""
     from benchmarks.against import Lines

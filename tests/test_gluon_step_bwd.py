@@ -86,59 +86,75 @@ def test_pack_coefs_puts_each_coefficient_in_its_group_and_column():
 
 
 def test_slots_fit_shared_memory():
-    # n = 4: a slot is 10 stream tiles (40 KB) + coefficients (7 groups of 16-byte rows), dp, dp's hi / lo (23 KB);
-    # phi 16 KB once
-    assert gs.smem_bytes(4, 3) == 3 * (10 * 4096 + 7 * 1024 + 8192 + 8192) + 16384 <= gs._SMEM
+    # n = 4: a slot is 10 stream tiles (40 KB) + coefficients (7 groups of 16-byte rows) and dp (15 KB); once: phi
+    # (16 KB) and the dphi warpgroup's tile of dp^T's hi / lo rows (8 KB)
+    assert gs.smem_bytes(4, 3) == 3 * (10 * 4096 + 7 * 1024 + 8192) + 16384 + 8192 <= gs._SMEM
     assert gs.stages_for(4) == 3 and gs.stages_for(1) == 3
     assert gs.stages_for(4, mixers=2) == 2  # mixers taking tiles in turn: an even ring (tests/test_ring_protocol.py)
     assert gs.stages_for(4, stages=4) is None  # four slots do not fit
 
 
-def test_pack_coefs_puts_h_pre_prev_in_a_group_a_stream():
-    """boundary_grads' x_in: h_pre_prev[:, j] in column 0 of group n + 3 + j (the mixer's loop over j reads it by
-    its run-time j), after the groups step's backward packs."""
+def test_pack_coefs_puts_h_pre_prev_in_one_group():
+    """boundary_grads' x_in: h_pre_prev[:, j] in column j of group n + 3 (the mixer's loop over j picks column j
+    by its run-time j), after the groups step's backward packs."""
     t, n = 5, 3
     g = torch.Generator().manual_seed(2)
     h_post, h_res, h_pre, dsq, hpp = (torch.rand(t, n, generator=g), torch.rand(t, n, n, generator=g),
                                       torch.rand(t, n, generator=g), torch.rand(t, generator=g),
                                       torch.rand(t, n, generator=g))
     packed = gs.pack_coefs(h_post, h_res, h_pre, dsq, hpp).view(gs.coef_groups(n, True), t, gs.CW)
-    assert gs.coef_groups(n, True) == 2 * n + 3
+    assert gs.coef_groups(n, True) == n + 4
     assert torch.equal(packed[:n + 3], gs.pack_coefs(h_post, h_res, h_pre, dsq).view(n + 3, t, gs.CW))
-    for j in range(n):
-        assert torch.equal(packed[n + 3 + j, :, 0], hpp[:, j]) and not packed[n + 3 + j, :, 1:].any()
+    assert torch.equal(packed[n + 3, :, :n], hpp) and not packed[n + 3, :, n:].any()
+    # x_in = sum_j h_pre_prev[j] X_prev_j, read as the kernel does
+    x_prev = torch.randn(t, n, 7, generator=g)
+    x_in = sum(packed[n + 3, :, j, None] * x_prev[:, j] for j in range(n))
+    torch.testing.assert_close(x_in, ref.pre(x_prev, hpp))
+
+
+@pytest.mark.parametrize("t, n, xin", [(1, 1, False), (37, 3, True), (130, 4, True), (129, 4, False), (45, 2, True)])
+def test_pack_tokens_matches_pack_coefs_and_pad_cols(t, n, xin):
+    """The one-launch Triton packing (under the interpreter here) against the plain-PyTorch packing, bit for bit:
+    the coefficient groups and dp padded to MP fp32 columns, from bf16 / fp32 inputs as the ops hand them over."""
+    g = torch.Generator().manual_seed(t + n)
+    m = ref.num_coeffs(n)
+    h_post, h_pre, hpp = (torch.rand(t, n, generator=g) for _ in range(3))
+    h_res, dsq = torch.rand(t, n, n, generator=g).to(torch.bfloat16), torch.randn(t, 1, generator=g)
+    dp = torch.randn(t, m, generator=g) * 10.0 ** torch.randint(-3, 3, (t, 1), generator=g)
+    coefs, dp_pad = gs.pack_tokens(h_post, h_res, h_pre, dsq, dp, hpp if xin else None)
+    want = gs.pack_coefs(h_post, h_res.float(), h_pre, dsq.reshape(t), hpp if xin else None)
+    assert coefs.shape == want.shape and torch.equal(coefs, want)
+    assert torch.equal(dp_pad, gs.pad_cols(dp, gs.MP))
 
 
 def test_boundary_slots_fit_two_at_n4():
-    # X's ring beside the step's: 3n + 2 stream tiles a slot, and h_pre_prev's n groups with x_in
-    assert gs.smem_bytes(4, 2, saved_x=True, xin=True) == 2 * (14 * 4096 + 11 * 1024 + 8192 + 8192) + 16384
+    # X's ring beside the step's: 3n + 2 stream tiles a slot, and h_pre_prev's group with x_in
+    assert gs.smem_bytes(4, 2, saved_x=True, xin=True) == 2 * (14 * 4096 + 8 * 1024 + 8192) + 16384 + 8192
     assert gs.stages_for(4, saved_x=True, xin=True) == 2 == gs.stages_for(4, saved_x=True)
     assert gs.stages_for(4, stages=3, saved_x=True) is None
 
 
 def test_dh_in_l2_is_off_under_deterministic_algorithms(monkeypatch):
-    """BoundaryBwdCfg.dh_atomic adds the dH partials in L2 in whatever order the channel blocks come: never where
-    torch is asked for deterministic algorithms (the partials a plane a block, summed by torch, run instead)."""
+    """dh_atomic (the default since session 41) adds the dH partials in L2 in whatever order the channel blocks
+    come: never where torch is asked for deterministic algorithms (the partials a plane a block, summed by torch,
+    run instead), for the boundary's pass and step's alike."""
     seen = []
     monkeypatch.setattr(gs, "_launch", lambda *args: seen.append(args[-1]) or (None,) * 6)
     operands = (None,) * 11
-    gs.boundary_grads(*operands, dh_atomic=True)
-    gs.boundary_grads(*operands)
     before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        gs.boundary_grads(*operands, dh_atomic=True)
-    finally:
-        torch.use_deterministic_algorithms(before)
-    assert seen == [True, False, False]
-    seen.clear()
-    gs.step_grads(*operands[1:], dh_atomic=True)  # step's pass: the same rule
-    torch.use_deterministic_algorithms(True)
-    try:
-        gs.step_grads(*operands[1:], dh_atomic=True)
-    finally:
-        torch.use_deterministic_algorithms(before)
-    assert seen == [True, False]
+    for call, ops in ((gs.boundary_grads, operands), (gs.step_grads, operands[1:])):
+        seen.clear()
+        call(*ops)
+        call(*ops, dh_atomic=False)
+        torch.use_deterministic_algorithms(True)
+        try:
+            call(*ops)
+        finally:
+            torch.use_deterministic_algorithms(before)
+        assert seen == [True, False, False], call.__name__
+    from mhc_compile.kernels.triton_config import BoundaryBwdCfg
+
+    assert tf.StepBwdCfg().dh_atomic and BoundaryBwdCfg().dh_atomic
 
 
 def test_pad_cols_zero_fills():

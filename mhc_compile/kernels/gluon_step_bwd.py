@@ -70,6 +70,8 @@ reference on an sm_90 GPU and times it beside the three passes.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from mhc_compile.kernels import triton_common as tcom
@@ -78,8 +80,8 @@ from mhc_compile.kernels.gluon_common import (AVAILABLE, bf16_to_f32, f32_to_bf1
                                               desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
                                               warps_barrier as _warps_barrier)
+from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import tma_ok
-from mhc_compile.kernels.triton_proj_bwd import split_dp_t
 
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel ran
 BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a program, dp's padded width
@@ -90,16 +92,16 @@ CW = 4  # coefficients a group: n <= 4 of them, a 16-byte row a token (TMA's lea
 
 def coef_groups(n: int, xin: bool = False) -> int:
     """Groups of the packed per-token coefficients (``pack_coefs``): h_res's n columns, h_post, h_pre, dsq; with
-    ``xin`` (``boundary_grads`` writing the sublayer input), one more a stream: h_pre_prev's column j."""
-    return n + 3 + (n if xin else 0)
+    ``xin`` (``boundary_grads`` writing the sublayer input), one more: h_pre_prev."""
+    return n + 3 + xin
 
 
 def smem_bytes(n: int, stages: int, saved_x: bool = False, xin: bool = False) -> int:
-    """A slot: 2n+2 bf16 stream tiles (3n+2 with ``saved_x``: X's n too), the tile's packed coefficients, dp (fp32)
-    and its hi / lo rows (bf16); plus phi's n [BC, MP] fp32 tiles, loaded once."""
+    """A slot: 2n+2 bf16 stream tiles (3n+2 with ``saved_x``: X's n too), the tile's packed coefficients and dp
+    (fp32); plus phi's n [BC, MP] fp32 tiles, loaded once, and the dphi warpgroup's tile of dp^T's hi / lo rows."""
     tiles = 3 * n + 2 if saved_x else 2 * n + 2
-    slot = tiles * BT * BC * 2 + coef_groups(n, xin) * BT * CW * 4 + BT * MP * 4 + 2 * MP * BT * 2
-    return stages * slot + n * BC * MP * 4
+    slot = tiles * BT * BC * 2 + coef_groups(n, xin) * BT * CW * 4 + BT * MP * 4
+    return stages * slot + n * BC * MP * 4 + 2 * MP * BT * 2
 
 
 def stages_for(n: int, stages: int = 0, mixers: int = 1, saved_x: bool = False, xin: bool = False) -> int | None:
@@ -132,9 +134,9 @@ def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor, h_pre_
     """fp32 [coef_groups(n) * T, CW]: group g's row of token t at g * T + t, its column i holding
     h_res[t, i, g] for g < n (h_res's column g: what X_prev_g adds to X_i, and G_i to dX_prev_g), then h_post[t, i]
     (g = n), h_pre[t, i] (g = n + 1), and dsq[t] in column 0 of g = n + 2; with ``h_pre_prev`` (``boundary_grads``'
-    sublayer input), h_pre_prev[t, j] in column 0 of g = n + 3 + j; zero padding. A group is a leading index of the
+    sublayer input), h_pre_prev[t, j] at column j of g = n + 3; zero padding. A group is a leading index of the
     kernel's coefficient tiles, so a loop over g runs one copy of its body (shared memory can be indexed at run time
-    along its leading dimension only)."""
+    along its leading dimension only). The plain-PyTorch reference of ``pack_tokens``' coefficients."""
     t, n = h_post.shape
     xin = h_pre_prev is not None
     out = torch.zeros((coef_groups(n, xin), t, CW), dtype=torch.float32, device=h_post.device)
@@ -143,16 +145,62 @@ def pack_coefs(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor, h_pre_
     out[n + 1, :, :n] = h_pre
     out[n + 2, :, 0] = dsq
     if xin:
-        out[n + 3:, :, 0] = h_pre_prev.t()
+        out[n + 3, :, :n] = h_pre_prev
     return out.view(-1, CW)
+
+
+@triton.jit(do_not_specialize=["T"])  # as triton_ops' kernels: a new token count reuses the compiled kernel
+def _pack_tokens_kernel(hres_ptr, hpost_ptr, hpre_ptr, dsq_ptr, hpp_ptr, dp_ptr, coef_ptr, dpad_ptr, T, M,
+                        N: tl.constexpr, XIN: tl.constexpr, BR: tl.constexpr, CW: tl.constexpr, MP: tl.constexpr):
+    """BR tokens a program: ``pack_coefs``' groups (h_res [T, N, N], h_post / h_pre / h_pre_prev [T, N], dsq [T],
+    any float dtype) into coef [NG * T, CW] fp32, and dp [T, M] into dpad [T, MP] fp32, zero columns past M."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    cols = tl.arange(0, CW)
+    cmask = rmask[:, None] & (cols < N)[None, :]
+    dst = coef_ptr + r64[:, None] * CW + cols[None, :]
+    for g in tl.static_range(N):  # h_res's column g: h_res[t, i, g] at column i
+        v = tl.load(hres_ptr + r64[:, None] * (N * N) + cols[None, :] * N + g, mask=cmask, other=0.0)
+        tl.store(dst + g * T * CW, v.to(tl.float32), mask=rmask[:, None])
+    rowwise = r64[:, None] * N + cols[None, :]
+    v = tl.load(hpost_ptr + rowwise, mask=cmask, other=0.0)
+    tl.store(dst + N * T * CW, v.to(tl.float32), mask=rmask[:, None])
+    v = tl.load(hpre_ptr + rowwise, mask=cmask, other=0.0)
+    tl.store(dst + (N + 1) * T * CW, v.to(tl.float32), mask=rmask[:, None])
+    d = tl.load(dsq_ptr + r64, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(dst + (N + 2) * T * CW, tl.where((cols == 0)[None, :], d[:, None], 0.0), mask=rmask[:, None])
+    if XIN:
+        v = tl.load(hpp_ptr + rowwise, mask=cmask, other=0.0)
+        tl.store(dst + (N + 3) * T * CW, v.to(tl.float32), mask=rmask[:, None])
+    ms = tl.arange(0, MP)
+    v = tl.load(dp_ptr + r64[:, None] * M + ms[None, :], mask=rmask[:, None] & (ms < M)[None, :], other=0.0)
+    tl.store(dpad_ptr + r64[:, None] * MP + ms[None, :], v.to(tl.float32), mask=rmask[:, None])
+
+
+def pack_tokens(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor, dp: Tensor,
+                h_pre_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One launch for the kernel's per-token operands: (``pack_coefs``, dp as fp32 [T, MP] with zero columns past
+    its M), the same values as the plain-PyTorch packing, which took some ten small launches a call."""
+    t, n = h_post.shape
+    xin = h_pre_prev is not None
+    m = dp.shape[-1]
+    coefs = torch.empty((coef_groups(n, xin) * t, CW), dtype=torch.float32, device=h_post.device)
+    dp_pad = torch.empty((t, MP), dtype=torch.float32, device=h_post.device)
+    br = 128
+    args = [v.contiguous() for v in (h_res, h_post, h_pre, dsq.reshape(t), h_pre_prev if xin else h_pre,
+                                     dp.reshape(t, m))]
+    launch(_pack_tokens_kernel, (tcom.cdiv(t, br),), (*args, coefs, dp_pad, t, m),
+           dict(N=n, XIN=xin, BR=br, CW=CW, MP=MP))
+    return coefs, dp_pad
 
 
 if AVAILABLE:
     from triton.runtime.jit import constexpr_function
 
     @gluon.jit
-    def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs, xsv,
-                coefs, dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr,
+    def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs, xsv,
+                coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr,
                 BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
                 STAGES: gl.constexpr, SAVED_X: gl.constexpr):
         """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
@@ -161,8 +209,7 @@ if AVAILABLE:
         mbarrier.expect(phi_ready, phi_bytes)
         for i in gl.static_range(N):
             _tma_load(w_desc, [i * C + c0, 0], phi_ready, phis.index(i))
-        nbytes: gl.constexpr = ((2 * N + 2 + N * SAVED_X) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4
-                                + 2 * MP * BT * 2)
+        nbytes: gl.constexpr = (2 * N + 2 + N * SAVED_X) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4
         for it in range(n_tiles):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
@@ -181,7 +228,6 @@ if AVAILABLE:
             for g in gl.static_range(NG):  # rows past T read the next group's tokens (finite) or zeros
                 _tma_load(c_desc, [g * T + t0, 0], bar, coefs.index(s * NG + g))
             _tma_load(p_desc, [t0, 0], bar, dps.index(s))
-            _tma_load(a_desc, [0, t0], bar, hls.index(s))
 
     @gluon.jit
     def _row(coefs, s, g, i: gl.constexpr, NG: gl.constexpr, layout: gl.constexpr):
@@ -329,8 +375,11 @@ if AVAILABLE:
             xin = zero
             for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                 xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
-                if XIN:
-                    xin += _row(coefs, s, N + 3 + j, 0, NG, L) * xj
+                if XIN:  # h_pre_prev's n columns share a group, and a column is no run-time index: pick column j
+                    hj = _row(coefs, s, N + 3, 0, NG, L)
+                    for k in gl.static_range(1, N):
+                        hj = gl.where(j == k, _row(coefs, s, N + 3, k, NG, L), hj)
+                    xin += hj * xj
                 v = ()
                 for i in gl.static_range(4):
                     v = v + (_lane_sums(g[i] * xj) if i < N else qzero,)
@@ -356,13 +405,28 @@ if AVAILABLE:
             mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
-    def _dphi(dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N: gl.constexpr,
+    def _split_dp(dps, s, hlw, MP: gl.constexpr, BT: gl.constexpr, num_warps: gl.constexpr):
+        """Slot s's dp tile [BT, MP] fp32 -> dp^T's bf16 hi rows, then its lo rows, in hlw [2 MP, BT]: the dphi dot's
+        A, with ``split_dp_t``'s rounding (dp = hi + lo to ~2^-16). Read transposed, four adjacent tokens a thread,
+        so that each thread's hi / lo values leave as 8-byte rows."""
+        LT: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+        dpt = dps.index(s).permute((1, 0)).load(LT)
+        hi = dpt.to(gl.bfloat16)
+        lo = (dpt - hi.to(gl.float32)).to(gl.bfloat16)
+        hlw.slice(0, MP).store(hi)
+        hlw.slice(MP, MP).store(lo)
+
+    @gluon.jit
+    def _dphi(dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N: gl.constexpr,
               BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, SAVED_X: gl.constexpr,
               num_warps: gl.constexpr):
         """The dphi warpgroup: for every tile, once its X_i are in the slot (rebuilt by the mixer over dX_i's tiles,
         or with SAVED_X loaded into their own), dphi^T += [dp_hi; dp_lo]^T X_i (bf16 wgmma); the n [2 MP, BC]
         accumulators (hi rows, then lo rows) stay in its registers and go to dphi_ptr[part] at the end, the halves
-        summed on the host."""
+        summed on the host. The hi / lo rows are made here from the slot's dp tile (``_split_dp``) into this
+        warpgroup's own tile hlw, not loaded: every channel block reads a token tile's per-token data, so each byte
+        of it a token costs C / BC bytes through L2 (session 40's profile: 432 bytes a token of it, of which dp^T's
+        hi / lo rows were 128, L2 hitting 58 %)."""
         LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BC, 16])
         acc = ()
@@ -370,15 +434,18 @@ if AVAILABLE:
             acc = acc + (gl.zeros([2 * MP, BC], gl.float32, LD),)
         for it in range(n_tiles):
             s = it % STAGES
-            new = ()
             if SAVED_X:
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                for i in gl.static_range(N):
-                    new = new + (warpgroup_mma(hls.index(s), xsv.index(i * STAGES + s), acc[i], is_async=True),)
             else:
                 mbarrier.wait(mixed.index(s), (it // STAGES) & 1)
-                for i in gl.static_range(N):
-                    new = new + (warpgroup_mma(hls.index(s), dxs[i].index(s), acc[i], is_async=True),)
+            _warps_barrier()  # every warp has waited on the last tile's wgmmas, which read hlw
+            _split_dp(dps, s, hlw, MP, BT, num_warps)
+            fence_async_shared()
+            _warps_barrier()  # every warp's rows of hlw, before the wgmmas read them
+            new = ()
+            for i in gl.static_range(N):
+                xi = xsv.index(i * STAGES + s) if SAVED_X else dxs[i].index(s)
+                new = new + (warpgroup_mma(hlw, xi, acc[i], is_async=True),)
             acc = _waited(warpgroup_mma_wait(num_outstanding=0, deps=new), N)
             mbarrier.arrive(empty.index(s), count=1)
         prow = gl.arange(0, 2 * MP, gl.SliceLayout(1, LD)).to(gl.int64)
@@ -388,7 +455,7 @@ if AVAILABLE:
             gl.store(pbase + prow[:, None] * (N * C) + (i * C + pcols)[None, :], acc[i])
 
     @gluon.jit(do_not_specialize=["T"])
-    def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, o_desc, dy_desc,
+    def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, o_desc, dy_desc,
                             s_desc, xin_desc, dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr,
                             BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
@@ -396,7 +463,7 @@ if AVAILABLE:
                             num_warps: gl.constexpr):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
-        dp [T, MP] fp32 in [BT, MP]; a_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; w_desc: phi
+        dp [T, MP] fp32 in [BT, MP]; w_desc: phi
         [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like X_prev / y. Rows past T read as zeros and
         are not written; T_SPLIT is a multiple of BT. A slot is free once its mixing warpgroup has stored its
         outputs and the dphi warpgroup has read its X_i (``empty``: two arrivals). SAVED_X (``boundary_grads``): s_desc
@@ -423,7 +490,9 @@ if AVAILABLE:
         gins = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout)
         coefs = gl.allocate_shared_memory(gl.float32, [STAGES * NG, BT, CW], c_desc.layout)
         dps = gl.allocate_shared_memory(gl.float32, [STAGES, BT, MP], p_desc.layout)
-        hls = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 2 * MP, BT], a_desc.layout)
+        # dp^T's hi / lo rows, made by the dphi warpgroup a tile at a time (the wgmma's A: 128-byte rows)
+        hlw = gl.allocate_shared_memory(gl.bfloat16, [2 * MP, BT],
+                                        gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16))
         phis = gl.allocate_shared_memory(gl.float32, [N, BC, MP], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mixed = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -440,10 +509,10 @@ if AVAILABLE:
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, SAVED_X,
                           XIN, DH_ATOMIC, num_warps)),
-                (_dphi, (dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
+                (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
-                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs,
-                           xsv, coefs, dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
+                           xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
                            MP, NG, CW, STAGES, SAVED_X)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
@@ -454,10 +523,10 @@ if AVAILABLE:
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, SAVED_X,
                           XIN, DH_ATOMIC, num_warps)),
-                (_dphi, (dphi_ptr, dxs, xsv, hls, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
+                (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
-                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, a_desc, w_desc, s_desc, xp, ys, gins, dxs,
-                           xsv, coefs, dps, hls, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
+                (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
+                           xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
                            MP, NG, CW, STAGES, SAVED_X)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
@@ -467,17 +536,16 @@ if AVAILABLE:
         mbarrier.invalidate(phi_ready)
 
 
-def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t: int, n: int, c: int) -> tuple:
-    """The kernel's ten TMA descriptors. dp's hi / lo rows are read as [rows, T] though their rows are padded
-    (T16): columns past T then read as zeros, so tokens past T add nothing. The packed coefficients are [NG * T, CW]:
-    a tile's rows past T read the next group's first tokens (finite) or zeros, and their rows are not written."""
+def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t: int, n: int, c: int) -> tuple:
+    """The kernel's nine TMA descriptors. The packed coefficients are [NG * T, CW]: a tile's rows past T read the
+    next group's first tokens (finite) or zeros, and their rows are not written; dp's rows past T read as zeros, so
+    tokens past T add nothing to dphi."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
     return (desc(x_prev, (t, k), (k, 1), (BT, BC), bf), desc(y, (t, c), (c, 1), (BT, BC), bf),
             desc(dx_in, (t, c), (c, 1), (BT, BC), bf), desc(dx, (t, k), (k, 1), (BT, BC), bf),
             desc(coefs, (coefs.shape[0], CW), (CW, 1), (BT, CW), f32),
             desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
-            desc(hl, (2 * MP, t), (hl.stride(0), 1), (2 * MP, BT), bf),
             desc(phi_pad, (k, MP), (MP, 1), (BC, MP), f32),
             desc(dx_prev, (t, k), (k, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
 
@@ -494,7 +562,7 @@ def plan_splits(t: int, c: int, device) -> tuple[int, int]:
 
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
-               mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 96, dh_atomic: bool = False):
+               mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
@@ -517,7 +585,7 @@ def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) ->
 def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor,
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
-                   dphi_regs: int = 96, dh_atomic: bool = False):
+                   dphi_regs: int = 112, dh_atomic: bool = True):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -550,11 +618,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     dx_prev = torch.empty_like(x_prev) if out is None else out
     dy = torch.empty_like(y)
     x_in = torch.empty_like(y) if xin else None
-    coefs = pack_coefs(h_post.float(), h_res.float(), h_pre.float(), dsq.float(),
-                       h_pre_prev.float() if xin else None)
-    dp32 = dp.float()
-    dp_pad = pad_cols(dp32, MP)
-    hl = split_dp_t(dp32, MP)  # [2 MP, T16]: dp^T's hi rows, then its lo rows
+    coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
     phi_pad = pad_cols(phi.float(), MP)
     splits, t_split = plan_splits(t, c, dev)
     parts = splits
@@ -563,7 +627,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
         dh = torch.zeros((1, n * n + n, t), dtype=torch.float32, device=dev)
     else:
         dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
-    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, hl, phi_pad, dx_prev, dy, t, n, c)
+    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t, n, c)
     k, bf = n * c, gl.bfloat16
     s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
     xin_desc = desc(x_in, (t, c), (c, 1), (BT, BC), bf) if xin else descs[-1]

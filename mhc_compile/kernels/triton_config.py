@@ -238,16 +238,20 @@ class GluonStepCfg:
     else the op's Triton passes; ``stages``: its ring's slots (0: as many as fit, a multiple of ``mixers``:
     gluon_step_bwd.stages_for says why); ``mixers``: mixing warpgroups (1 or 2) taking the token tiles in turn;
     ``mix_regs`` / ``dphi_regs``: registers a thread of the second mixing warpgroup / of the dphi warpgroup (the
-    first mixing warpgroup gets what the others leave of the 64K); ``dh_atomic``: the dH partials added in L2
-    instead of a plane a channel block summed by torch (not deterministic; off under
-    ``torch.use_deterministic_algorithms``)."""
+    first mixing warpgroup gets what the others leave of the 64K; 112 since the dphi warpgroup splits dp into its hi
+    / lo rows itself, session 41: at 96 or 104 some Triton 3.9 builds spilled); ``dh_atomic``: the dH partials added
+    in L2 (fp32 reductions into one [n^2 + n, T] plane) instead of written a plane a channel block for torch to sum.
+    On by default since session 41 (H100: the step backward 5-17 % faster with it, the boundary 9-11 %, and the
+    partials' buffer, [C / 32, n^2 + n, T] fp32, gone); like torch's own atomic-add kernels it is not deterministic
+    (the order of the adds varies), so it is off under ``torch.use_deterministic_algorithms``, where the partials
+    run."""
 
     ws: bool = True
     stages: int = 0
     mixers: int = 1
     mix_regs: int = 176
-    dphi_regs: int = 96
-    dh_atomic: bool = False
+    dphi_regs: int = 112
+    dh_atomic: bool = True
 
     def __post_init__(self):
         name = type(self).__name__
