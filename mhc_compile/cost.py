@@ -23,11 +23,13 @@ unfused design (``fuse=False``, the paper's kernel split; autograd sums the stre
     backward  post_res 3n + 2, pre 3n + 1 (its dX added to the running sum), proj 3n (likewise)
     recompute post_res and pre of each site: 3n + 2
 
-default path (``fuse=False`` with ``fold_pre_recompute`` and ``fold_stream_grads``, the defaults): forward as
-unfused; backward post_res 3n + 2, pre_backward_dh n + 1 (dH_pre alone), proj_pre_backward 3n + 1 (X, dx_in, the
-stream gradient so far, dX written over it); recompute post_res 2n + 1 at the sites the schedule recomputes, and
-the sublayer input that post_res's backward writes from its read of the stream (1; every site once recompute is
-on)
+default path (``fuse=False`` with ``fold_pre_recompute`` and ``fold_stream_grads``): forward as unfused; backward
+post_res 3n + 2, pre_backward_dh n + 1 (dH_pre alone), proj_pre_backward 3n + 1 (X, dx_in, the stream gradient so
+far, dX written over it); recompute post_res 2n + 1 at the sites the schedule recomputes, and the sublayer input
+that post_res's backward writes from its read of the stream (1; every site once recompute is on). ``DEFAULT``
+holds these counts; with ``fold_boundary_grads`` (also a default, since session 41) each boundary's proj_pre_backward
+and the post_res backward after it run as one pass, 2n fewer (``traffic``; the boundaries a chain's per-site count
+takes but does not fold: ``chain_ends``)
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ DEFAULT = Traffic(
 RESIDUAL_ADD = Traffic(forward=sympy.Integer(3), backward=sympy.Integer(0), recompute=sympy.Integer(0))
 
 
-def chain_ends(collapse_head_grad: bool = True, collapse_tail: bool = True) -> sympy.Expr:
-    """What a chain's two ends move against ``DEFAULT``'s uniform count for their sites, once a chain and step
+def chain_ends(collapse_head_grad: bool = True, collapse_tail: bool = True,
+               fold_boundary_grads: bool = True) -> sympy.Expr:
+    """What a chain's two ends move against ``traffic``'s uniform count for their sites, once a chain and step
     (elements of C a token; negative: fewer).
 
     The head's stream is its embedding broadcast over the n streams, which its ops read as one row a token
@@ -80,23 +83,29 @@ def chain_ends(collapse_head_grad: bool = True, collapse_tail: bool = True) -> s
     with ``collapse_head_grad`` (passes/collapse_head_grad.py), is written as one row: post_res's backward n + 4
     (collapse_dx), proj_pre_backward_collapsed 4; without, as n rows (2n + 3, 2n + 2) that the expand's backward sums
     (n + 1). The tail's post_res, with ``collapse_tail`` (passes/collapse_tail.py), writes the collapsed row (n + 2);
-    without, its n rows and the mean that reads them back (2n + 1 + n + 1)."""
+    without, its n rows and the mean that reads them back (2n + 1 + n + 1). With ``fold_boundary_grads`` the uniform
+    count takes 2n off every site's backward (its post_res backward folded with the next site's proj_pre_backward),
+    but two of a chain's post_res backwards run apart: the head's (collapsed, or on a broadcast X_prev that the one
+    pass does not take; its kernels are counted above either way) and the last site's (no boundary after it)."""
     head_fwd = 1 + 2 + (n + 2)
     head_bwd = (n + 4) + 2 + 4 if collapse_head_grad else (2 * n + 3) + 2 + (2 * n + 2) + (n + 1)
     tail = (n + 2) if collapse_tail else (2 * n + 1) + (n + 1)
-    uniform_head = DEFAULT.forward + DEFAULT.backward
+    site = traffic(False, fold_boundary_grads=fold_boundary_grads)
+    uniform_head = site.forward + site.backward
     uniform_tail = 2 * n + 1  # DEFAULT's post_res forward at the tail site
-    return sympy.expand(head_fwd + head_bwd - uniform_head + tail - uniform_tail)
+    last_unfolded = 2 * n if fold_boundary_grads else 0
+    return sympy.expand(head_fwd + head_bwd - uniform_head + tail - uniform_tail + last_unfolded)
 
 
 def traffic(fused: bool = True, fold_stream_grads: bool = True, fold_pre_recompute: bool = True,
-            fold_boundary_grads: bool = False) -> Traffic:
+            fold_boundary_grads: bool = True) -> Traffic:
     """A configuration's traffic: FUSED with ``fuse``, else the unfused kernels with the backward graph's folds as
     configured (``DEFAULT`` with both, the paper's split ``UNFUSED`` with neither): fold_stream_grads makes the
     backward DEFAULT's, fold_pre_recompute the recompute (post_res's, pre's output written by its backward), and
     fold_boundary_grads (on top of fold_stream_grads, whose proj_pre_backward it folds) takes 2n off the backward:
     the stream gradient between a boundary's proj_pre_backward and the post_res backward after it, neither written
-    nor read back (passes/fold_boundary_grads.py; every boundary but a chain head's, counted here at every site)."""
+    nor read back (passes/fold_boundary_grads.py; every boundary but a chain head's, counted here at every site, and
+    the two a chain does not fold added back by ``chain_ends``)."""
     if fused:
         return FUSED
     backward = (DEFAULT if fold_stream_grads else UNFUSED).backward
@@ -106,10 +115,10 @@ def traffic(fused: bool = True, fold_stream_grads: bool = True, fold_pre_recompu
                    recompute=(DEFAULT if fold_pre_recompute else UNFUSED).recompute)
 
 
-def site_bytes(fused: bool = True, recompute: bool = True) -> sympy.Expr:
+def site_bytes(fused: bool = True, recompute: bool = True, fold_boundary_grads: bool = True) -> sympy.Expr:
     """Extra bytes per site over a plain residual add, for T tokens: a sympy expression (``fused`` False: the
-    unfused kernels with the default folds, ``DEFAULT``)."""
-    extra = traffic(fused).total(recompute) - RESIDUAL_ADD.total()
+    unfused kernels with the default folds, ``traffic``'s)."""
+    extra = traffic(fused, fold_boundary_grads=fold_boundary_grads).total(recompute) - RESIDUAL_ADD.total()
     return sympy.expand(extra * C * T * s)
 
 
@@ -230,7 +239,7 @@ def block_schedule(sites: int, n_streams: int, act: float, wgrad: float = 0.0) -
 
 
 def summary(n_streams: int, width: int, stream_bytes: int = 2, fused: bool = True, fold_stream_grads: bool = True,
-            fold_pre_recompute: bool = True, fold_boundary_grads: bool = False) -> str:
+            fold_pre_recompute: bool = True, fold_boundary_grads: bool = True) -> str:
     """Per-token traffic of one site under a configuration (``traffic``'s arguments), for ``explain``."""
     t = traffic(fused, fold_stream_grads, fold_pre_recompute, fold_boundary_grads)
     vals = {n: n_streams}

@@ -16,7 +16,8 @@ def test_byte_counts_match_the_design_table_at_n4():
 
 
 def test_default_path_counts_match_session37s_profile():
-    """The default path (folds on, fuse off) at n = 4: 18 forward, 32 backward, 10 a recomputed site (post_res's 9
+    """DEFAULT, session 37's default path (fuse off, fold_stream_grads and fold_pre_recompute on; fold_boundary_grads
+    came in session 41) at n = 4: 18 forward, 32 backward, 10 a recomputed site (post_res's 9
     and the sublayer input its backward writes). Session 37's d = 7168 step (8 sites, 5 of them re-running
     post_res, every one writing its input) moved 53.2 GB in its mHC kernels: 453 elements of C x 8192 tokens x 2
     bytes, between the model's bounds of no site and every site recomputed."""
@@ -34,28 +35,35 @@ def test_chain_ends_count_what_the_head_and_tail_kernels_move():
     kernel table's rows 'post_res (head)' and 'head') or 28 without (11 + 2 + 10 and the expand's sum 5), the tail 6
     with collapse_tail or 14 (post_res 9 and the mean 5)."""
     at = lambda e, k=4: int(e.subs({cost.n: k}))  # noqa: E731
-    assert at(cost.chain_ends()) == 9 + 14 - 50 + 6 - 9 == -30
-    assert at(cost.chain_ends(collapse_head_grad=False)) == 9 + 28 - 50 + 6 - 9
-    assert at(cost.chain_ends(collapse_tail=False)) == 9 + 14 - 50 + 14 - 9
-    assert at(cost.chain_ends(), k=1) == 0  # one stream: nothing is broadcast or collapsed
+    off = dict(fold_boundary_grads=False)
+    assert at(cost.chain_ends(**off)) == 9 + 14 - 50 + 6 - 9 == -30
+    assert at(cost.chain_ends(collapse_head_grad=False, **off)) == 9 + 28 - 50 + 6 - 9
+    assert at(cost.chain_ends(collapse_tail=False, **off)) == 9 + 14 - 50 + 14 - 9
+    assert at(cost.chain_ends(**off), k=1) == 0  # one stream: nothing is broadcast or collapsed
+    # fold_boundary_grads (the default): the per-site count is 42, and the head's and the last site's post_res
+    # backwards, which no boundary folds, move their 8 more: 9 + 14 - 42 + 6 - 9 + 8
+    assert at(cost.chain_ends()) == -14
+    # a chain of L sites folds L - 2 boundaries: L * 42 - 14 == L * 50 - 30 - (L - 2) * 8
+    for sites in (2, 8, 48):
+        assert sites * at(cost.traffic(False).forward + cost.traffic(False).backward) + at(cost.chain_ends()) == (
+            sites * 50 - 30 - (sites - 2) * 8)
 
 
 def test_traffic_follows_the_configuration():
     """fuse -> FUSED; unfused with both backward folds (the defaults) -> DEFAULT; with neither -> the paper's split;
     explain's line names the design and its counts (the default path at n = 4, C = 1024, bf16: 60 - 3 = 57 C)."""
     at4 = {cost.n: 4}
-    assert cost.traffic(True) == cost.FUSED and cost.traffic(False) == cost.DEFAULT
+    assert cost.traffic(True) == cost.FUSED and cost.traffic(False, fold_boundary_grads=False) == cost.DEFAULT
     assert cost.traffic(False, fold_stream_grads=False, fold_pre_recompute=False) == cost.UNFUSED
-    mixed = cost.traffic(False, fold_stream_grads=True, fold_pre_recompute=False)
+    mixed = cost.traffic(False, fold_stream_grads=True, fold_pre_recompute=False, fold_boundary_grads=False)
     assert (mixed.backward.subs(at4), mixed.recompute.subs(at4)) == (32, 14)
-    line = cost.summary(4, 1024, 2, fused=False)
+    line = cost.summary(4, 1024, 2, fused=False, fold_boundary_grads=False)
     assert line.startswith("bookkeeping traffic per site and token (unfused, fold_stream_grads, fold_pre_recompute,")
     assert "forward 18C, backward 32C, recompute 10C; 114.0 KiB" in line
-    # fold_boundary_grads: the boundary's stream gradient (n rows written, read back) gone, 8 C at n = 4
-    assert cost.traffic(False, fold_boundary_grads=True).backward.subs(at4) == 24
-    assert cost.traffic(False, fold_stream_grads=False, fold_pre_recompute=False,
-                        fold_boundary_grads=True) == cost.UNFUSED  # no proj_pre_backward to fold
-    line = cost.summary(4, 1024, 2, fused=False, fold_boundary_grads=True)
+    # fold_boundary_grads (the default): the boundary's stream gradient (n rows written, read back) gone, 8 C at n = 4
+    assert cost.traffic(False).backward.subs(at4) == 24
+    assert cost.traffic(False, fold_stream_grads=False, fold_pre_recompute=False) == cost.UNFUSED  # nothing to fold
+    line = cost.summary(4, 1024, 2, fused=False)
     assert "fold_pre_recompute, fold_boundary_grads," in line and "backward 24C" in line
 
 

@@ -121,9 +121,9 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
     calls, real = [], module.boundary_backward
     monkeypatch.setattr(module, "boundary_backward",
                         lambda *a, **k: calls.append((a[-1] is not None, "out" in k)) or real(*a, **k))
-    on = compiled_nanogpt_grads({"kernels": kernels, "fold_boundary_grads": True}, dtype)
+    on = compiled_nanogpt_grads({"kernels": kernels}, dtype)  # on by default since session 41
     assert calls == [(True, kernels == "triton")] * 2
-    off = compiled_nanogpt_grads({"kernels": kernels}, dtype)
+    off = compiled_nanogpt_grads({"kernels": kernels, "fold_boundary_grads": False}, dtype)
     assert len(calls) == 2
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:
@@ -137,9 +137,9 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
 def test_other_configurations_fold_what_they_can(monkeypatch, options, folds, x_in):
     calls, real = [], ref.boundary_backward
     monkeypatch.setattr(ref, "boundary_backward", lambda *a, **k: calls.append(a[-1] is not None) or real(*a, **k))
-    on = compiled_nanogpt_grads({"kernels": "reference", "fold_boundary_grads": True, **options}, torch.float64)
+    on = compiled_nanogpt_grads({"kernels": "reference", **options}, torch.float64)
     assert calls == [x_in] * folds
-    off = compiled_nanogpt_grads({"kernels": "reference", **options}, torch.float64)
+    off = compiled_nanogpt_grads({"kernels": "reference", "fold_boundary_grads": False, **options}, torch.float64)
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:
         assert rel_err(on[k], off[k]) < 1e-10, k

@@ -161,6 +161,12 @@ def _all_op_calls(impl: str):
         ("proj_pre_backward_into", ops.proj_pre_backward_into, (x, phi, p, sq, h_pre, y, dout_x.contiguous(), impl)),
         ("step_backward_into", ops.step_backward_into,
          (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x.contiguous(), y, h_post, h_res, *coeff)),
+        # passes/fold_boundary_grads.py: site l+1's proj/pre backward (x, phi, dp, dsq, h_pre, dx_in, acc) and site
+        # l's post_res backward (x_prev, h_res, h_post, y) with the sublayer input recompute's (h_pre_prev)
+        ("boundary_backward", ops.boundary_backward,
+         (x, phi, p, sq, h_pre, y, dout_x, x, h_res, h_post, y, h_pre, impl)),
+        ("boundary_backward_into", ops.boundary_backward_into,
+         (x, phi, p, sq, h_pre, y, dout_x.contiguous(), x, h_res, h_post, y, h_pre, impl)),
     ]
 
 

@@ -27,7 +27,8 @@ OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_ba
             "post_res_backward", "enter", "enter_backward", "step", "step_backward", "pre_backward_dh",
             "proj_pre_backward", "post_res_backward_pre", "post_res_proj", "post_res_backward_into",
             "post_res_backward_pre_into", "proj_pre_backward_into", "step_backward_into",
-            "proj_pre_backward_collapsed", "enter_backward_collapsed", "post_res_collapse")
+            "proj_pre_backward_collapsed", "enter_backward_collapsed", "post_res_collapse", "boundary_backward",
+            "boundary_backward_into")
 
 
 def all_ops() -> list:
