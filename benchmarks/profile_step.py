@@ -61,10 +61,10 @@ KERNEL_BYTES = {
     "_proj_dphi_kernel": lambda S, v: S,
     "_proj_bwd_ws_kernel": lambda S, v: 3 * S + v,           # the Gluon one-pass backward, as _proj_dx_dphi_kernel
     "_post_res_proj_ws_kernel": lambda S, v: 2 * S + v,      # the Gluon post_res_proj (DotCfg.ws)
-    # step bwd pass 2: X_prev, y, dx_in, dX -> dX_prev, dy. The same kernel runs boundary_backward
-    # (fold_boundary_grads: X read too, x_in written: 4 S + 4 v), which its name does not tell apart: under that pass
-    # its efficiency here reads 3 / 4 of the true one (session 40's profile: "57 %" for 76 %)
-    "_step_bwd_ws_kernel": lambda S, v: 3 * S + 3 * v,
+    # boundary_backward's one pass (fold_boundary_grads, the default since session 41): X, X_prev, acc, y, dx_in ->
+    # dX_prev, dy, x_in. The same kernel runs fuse=True's step backward pass 2 (X rebuilt, no x_in: 3 S + 3 v), which
+    # its name does not tell apart: under fuse=True its efficiency here reads 4 / 3 of the true one
+    "_step_bwd_ws_kernel": lambda S, v: 4 * S + 4 * v,
 }
 
 

@@ -13,15 +13,17 @@ designs of one pass failed on the compiler's register layouts (session 13). This
 A program owns BC = 32 channels of all n streams and walks its tokens in tiles of BT = 64. A TMA loader warp fills a
 ring of slots (three with one mixing warpgroup, two with two: ``stages_for``), each the tile's 2n+2 stream boxes
 plus its per-token data (the coefficients in n + 3 groups of four, one tile each: ``pack_coefs``; dp for the G
-dot, dp's bf16 hi / lo halves for the dphi dot). Two mixing warpgroups take the slots in turn:
+dot). Two mixing warpgroups take the slots in turn:
 G_i = dp phi_i^T is a tf32 wgmma whose accumulator layout every other tile is loaded in (no tile changes layout);
 X_i, rebuilt as the forward rounded it, goes into G and over dX_i's tile, already read; then the dH partials, and
 dX_prev / dy leave by TMA stores from the X_prev / y tiles. A fourth warpgroup keeps dphi^T's n [2 MP, BC]
 accumulators (hi rows, then lo rows) in its registers for all of the program's tokens and adds [dp_hi; dp_lo]^T X_i
-for each tile (bf16 wgmma) once its mixer has stored X_i. The sums over channels of dH_res / dH_post leave as one
-partial a channel block ([C / BC, n^2 + n, T], fp32) that the host sums: 80 bytes a token a block against the pass's
-960, written and read back (17 % over the pass's floor); the per-token data is read by every block of a token tile
-at about the same time (from L2).
+for each tile (bf16 wgmma) once its mixer has stored X_i, the hi / lo rows made from the slot's dp tile
+(``_split_dp``). The sums over channels of dH_res / dH_post are added in L2 into one [n^2 + n, T] fp32 plane
+(``dh_atomic``, the default since session 41; under ``torch.use_deterministic_algorithms`` each channel block writes
+a plane of its own, [C / BC, n^2 + n, T], that the host sums: 80 bytes a token a block against the pass's 960,
+written and read back). The per-token data is read by every block of a token tile at about the same time (from L2),
+so each of its bytes a token costs C / BC bytes through L2: 256 a token since session 41 (432 before).
 
 Measured on an H200 (session 23, benchmarks/results/session23-2026-12-04-h200.md): correct at six shapes (n = 1, 2,
 4, ragged T, C up to 7168), with dH_res / dH_post 10-85x closer to the float64 reference than the three passes (G
@@ -59,6 +61,15 @@ shape passes against float64, dH_res / dH_post to about 1e-4 (the three passes: 
 ``boundary_grads`` (session 40) is the same kernel with X read from its own ring instead of rebuilt (``SAVED_X``)
 and, with ``XIN``, the sublayer input written from the X_prev tiles: the default path's proj_pre_backward and the
 post_res backward before it in one pass (kernels/triton_boundary.py). Two slots fit at n = 4.
+
+Session 41 (benchmarks/results/session41-2026-12-06-h100.md, an H100): dp^T's hi / lo rows made in the kernel
+instead of loaded (128 bytes a token a block), h_pre_prev's n columns in one coefficient group instead of n (48
+bytes), the per-token operands packed in one Triton launch (``pack_tokens``) and the dH partials added in L2. Outputs
+bit-equal to the build before at six shapes. The boundary's one pass: 2224-2254 us at 32768 x 4096 (78-79 % of its
+4n + 4 floor) against 2889-2906 for the build before and 2667-2671 for the two ops; step's second pass with dH in
+L2: 85.1-85.3 % of the 4n + 5 floor at 32768 x 4096 (73 % for the build before). Nsight Compute, the boundary at
+32768 x 4096: 5.39 GB from DRAM against its 5.37 GB count (session 40's build: 6.46), DRAM 80 % busy, 30 % of the
+stall samples on slots not yet landed: now bound by the two-slot ring's latency, not by bytes.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not

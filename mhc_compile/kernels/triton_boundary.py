@@ -16,12 +16,13 @@ two Triton ops run one after the other: the same values as the graph had before 
 op there.
 
 Measured on an H100 (session 40, benchmarks/results/session40-2026-12-06-h100.md): correct at six shapes, dh_res /
-dh_post about 1000x closer to float64 than the two ops; 62-71 % of its floor, 10 % faster than the two ops at
-8192 x 7168 and 5 % slower at 32768 x 4096. Nsight Compute: DRAM-bound, moving 20 % more than its count (the dH
-partials torch sums after it, and per-token data every channel block reads, missed in L2). With the partials added
-in L2 instead (``BoundaryBwdCfg.dh_atomic``, not deterministic, so off by default and under
-``torch.use_deterministic_algorithms``): 12-25 % faster than the two ops at the training shapes, 5 % slower at
-32768 x 4096; the d = 7168 step did not separate from the default's. The pass stays opt-in.
+dh_post about 1000x closer to float64 than the two ops; 62-71 % of its floor, DRAM-bound with 20 % more bytes than
+its count (the dH partials torch summed after it, and per-token data every channel block reads, missed in L2).
+Session 41 (session41-2026-12-06-h100.md): the dH partials added in L2 (``BoundaryBwdCfg.dh_atomic``, the default;
+not deterministic, so off under ``torch.use_deterministic_algorithms``) and the per-token data cut to 256 bytes a
+token: 18-25 % faster than the two ops at every measured shape (2224-2254 against 2667-2671 us at 32768 x 4096,
+958-961 against 1201-1206 at 8192 x 7168), its DRAM bytes equal to its count. passes/fold_boundary_grads.py puts it
+in the default path since then.
 """
 
 from __future__ import annotations

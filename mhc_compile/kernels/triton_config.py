@@ -267,8 +267,9 @@ class GluonStepCfg:
 class BoundaryBwdCfg(GluonStepCfg):
     """How ``boundary_backward`` (kernels/triton_boundary.py) runs: ``ws``, one pass, the Gluon kernel with X read
     (``gluon_step_bwd.boundary_grads``; two slots fit at n = 4); off, or where it does not run: proj_pre_backward,
-    then the post_res backward. Session 40 (H100): two mixers slower at every shape; ``dh_atomic`` 12-25 % faster than
-    the two ops at the training shapes (benchmarks/results/session40-2026-12-06-h100.md)."""
+    then the post_res backward. Session 40 (H100): two mixers slower at every shape. Session 41 (H100, with
+    ``dh_atomic`` and the per-token data made in the kernel): 18-25 % faster than the two ops at every measured shape
+    (benchmarks/results/session41-2026-12-06-h100.md)."""
 
 
 DEFAULTS = {
