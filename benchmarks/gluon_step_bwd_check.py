@@ -367,7 +367,8 @@ def boundary_times(shapes, lines, rounds: int = 3, against=()) -> None:
 
     fns = [("one pass", one(False)), ("one pass, dH added in L2", one(True))]
     for build in against:
-        fns += [(f"--against {build.label}", one(False, build)), (f"--against {build.label}, dH in L2", one(True, build))]
+        fns += [(f"--against {build.label}", one(False, build)),
+                (f"--against {build.label}, dH in L2", one(True, build))]
     fns.append(("two ops", _two_ops))
     lines.append("| T x C | round | " + " | ".join(f"{name} us (eff)" for name, _ in fns) + " | two ops / "
                  "one pass, dH in L2 |")
