@@ -165,6 +165,15 @@ def _rel_err(a, w) -> float:
     return ((a.double() - w).abs().max() / (w.abs().max() or 1.0)).item()
 
 
+def _against_row(shape: str, label: str, names, other, base, want) -> str:
+    """An --against build's row: which of its outputs differ from this build's (``base``) and its worst error against
+    the float64 reference (empty outputs, a boundary's x_in without h_pre_prev, left out). A report, not a check."""
+    diff = [name for name, a, b in zip(names, other, base) if not torch.equal(a, b)]
+    worst = max((_rel_err(o, w) for o, w in zip(other, want) if w.numel()), default=0.0)
+    return (f"| {shape} | --against {label}: {'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}; "
+            f"its worst error {worst:.2e} | | | |")
+
+
 def _dh_in_l2_row(shape: str, atomic, base, want, lines) -> bool:
     """The outputs with dH added in L2 (dh_atomic) against the same call without: dH_res and dH_post (outputs 1 and 2,
     summed in another order) as close to float64, every other output bit-equal. Appends the row; whether it holds."""
@@ -206,13 +215,7 @@ def check(t, n, c, lines, against=()) -> bool:
         atomic = _call(tf.step_backward, v, h_pre, p, sq, n, c)
     ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, two, want, lines)
     for build in against:  # the other builds' outputs beside this one's (a report, not a pass / fail)
-        other = build.run(v, h_pre, p, sq, n, c)
-        diff = [name for name, a, b in zip(NAMES, other, two) if not torch.equal(a, b)]
-        worst = max(((o.double() - w).abs().max().item() / (w.abs().max().item() or 1.0)
-                     for o, w in zip(other, want)), default=0.0)
-        lines.append(f"| {t}x{n}x{c} | --against {build.label}: "
-                     f"{'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}; its worst error {worst:.2e}"
-                     " | | | |")
+        lines.append(_against_row(f"{t}x{n}x{c}", build.label, NAMES, build.run(v, h_pre, p, sq, n, c), two, want))
     print("\n".join(lines[-10 - len(against):]), flush=True)
     return ok
 
@@ -335,12 +338,7 @@ def boundary_check(t, n, c, lines, pre: bool = True, against=()) -> bool:
         atomic = tk.boundary_backward(*args)
     ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, one, want, lines)
     for build in against:  # another build's outputs (dH partials summed by torch: a fixed order) against this one's
-        other = build.boundary(args)
-        diff = [name for name, a, b in zip(B_NAMES, other, one) if not torch.equal(a, b)]
-        worst = max((_rel_err(o, w) for o, w in zip(other, want) if w.numel()), default=0.0)
-        lines.append(f"| {t}x{n}x{c} | --against {build.label}: "
-                     f"{'bit-equal' if not diff else 'differs in ' + ', '.join(diff)}; its worst error {worst:.2e}"
-                     " | | | |")
+        lines.append(_against_row(f"{t}x{n}x{c}", build.label, B_NAMES, build.boundary(args), one, want))
     print("\n".join(lines[-10 - len(against):]), flush=True)
     return ok
 

@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from mhc_compile.passes.post_grad import OPS, arg, collapses_dx
+from mhc_compile.passes.post_grad import OPS, arg, collapses_dx, move_getitems
 
 log = logging.getLogger("mhc_compile")
 
@@ -89,18 +89,13 @@ def _rewrite(graph: fx.Graph, op: fx.Node, res: fx.Node, where: fx.Node) -> None
         with rv[0].fake_mode:
             x_in = rv[4] if pre else rv[0].new_empty(rv[0].shape[:-2] + (0,))
         new.meta["val"] = (*rv[:4], x_in, pv[1])
-    # the post_res backward's outputs keep their indices (x_in at 4); dphi moves to 5. Each getitem goes right after
-    # the new op: every reader of them comes later (``_place``)
-    for item in list(res.users) + _getitems(op, 1):
-        index = 5 if item.args[0] is op else item.args[1]
-        with graph.inserting_after(new):
-            moved = graph.call_function(operator.getitem, (new, index))
-        moved.meta.update(item.meta)
-        item.replace_all_uses_with(moved)
-        graph.erase_node(item)
+    # the post_res backward's outputs keep their indices (x_in at 4); dphi (proj_pre_backward's 1) moves to 5. Each
+    # getitem goes right after the new op: every reader of them comes later (``_place``)
+    move_getitems(graph, res, new, after=new)
     graph.erase_node(res)
-    for item in _getitems(op, 0):
+    for item in _getitems(op, 0):  # dX_l, which only res read
         graph.erase_node(item)
+    move_getitems(graph, op, new, offset=4, after=new)
     graph.erase_node(op)
 
 

@@ -44,11 +44,12 @@ def collapses_dx(node: fx.Node) -> bool:
     return index is not None and bool(arg(node, index, "collapse_dx", False))
 
 
-def move_getitems(graph: fx.Graph, old: fx.Node, new: fx.Node, offset: int = 0) -> None:
-    """Point every getitem(old, i) at getitem(new, offset + i), keeping each one's meta and place; ``old`` is
-    left without getitem users (the caller erases it)."""
+def move_getitems(graph: fx.Graph, old: fx.Node, new: fx.Node, offset: int = 0, after: fx.Node | None = None) -> None:
+    """Point every getitem(old, i) at getitem(new, offset + i), keeping each one's meta and place (or, with
+    ``after``, putting it right after that node: where ``new`` stands later than some of them); ``old`` is left
+    without getitem users (the caller erases it)."""
     for item in list(old.users):
-        with graph.inserting_before(item):
+        with graph.inserting_before(item) if after is None else graph.inserting_after(after):
             moved = graph.call_function(operator.getitem, (new, offset + item.args[1]))
         moved.meta.update(item.meta)
         item.replace_all_uses_with(moved)
