@@ -74,7 +74,7 @@ stall samples on slots not yet landed: now bound by the two-slot ring's latency,
 Session 42 (benchmarks/results/session42-2026-12-06-h100.md) tried to split the ring into two, each with its own
 loader warp: a G ring (acc, X, dp), freed once G is formed, three slots deep, and an out ring (X_prev, y, dx_in, the
 coefficients), two slots deep. It was correct, with outputs bit-equal to this build's, but 1-6 % slower at every
-timed shape; with two G slots it was 3-11 % slower. It did not land, and its patch is kept beside the results.
+timed shape; with two G slots it was 4-13 % slower. It did not land, and its patch is kept beside the results.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
