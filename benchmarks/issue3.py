@@ -141,9 +141,10 @@ def copy_bandwidth(kernels_md: str) -> float | None:
 def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]:
     """Markdown rows: for each width with a residual step time, what the default path's mHC bookkeeping must move a
     step over the residual adds it replaces (``cost.site_bytes`` of the unfused design with its default folds:
-    ``cost.traffic``, and a chain's two ends: ``cost.chain_ends``), from no site recomputed to every site, and that as time at the copy bandwidth and as a share
-    of the residual step. A step target below the first share cannot be met by faster kernels on this GPU, only by
-    moving fewer bytes. Empty without a bandwidth (no kernel table in the folder)."""
+    ``cost.traffic``, and a chain's two ends: ``cost.chain_ends``), from no site recomputed to every site, and that
+    as time at the copy bandwidth and as a share of the residual step. A step target below the first share cannot
+    be met by faster kernels on this GPU, only by moving fewer bytes.
+    Empty without a bandwidth (no kernel table in the folder)."""
     from mhc_compile import cost
 
     rows = []
@@ -173,8 +174,9 @@ def byte_floor(steps: dict[int, Step], bandwidth_gbs: float | None) -> list[str]
     if not rows:
         return []
     return [f"The default path's bytes a step over the residual adds, from no site recomputed to every site "
-            f"(`cost.traffic` a site, with the default options, `cost.chain_ends` a chain), at the kernel table's copy bandwidth ({bandwidth_gbs:.0f} GB/s): the least step "
-            "overhead faster kernels can reach on this GPU, before the GEMMs lose any clock to the power cap.", "",
+            f"(`cost.traffic` a site, with the default options, `cost.chain_ends` a chain), at the kernel table's "
+            f"copy bandwidth ({bandwidth_gbs:.0f} GB/s): the least step overhead faster kernels can reach on this "
+            "GPU, before the GEMMs lose any clock to the power cap.", "",
             "| d | residual step, ms | mHC bytes a step, GB | at copy bandwidth, ms | of the residual step | |",
             "|---|---|---|---|---|---|", *rows]
 

@@ -480,10 +480,10 @@ if AVAILABLE:
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; w_desc: phi [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like
-        X_prev / y. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT. A slot is free once its mixing warpgroup has stored its
-        outputs and the dphi warpgroup has read its X_i (``empty``: two arrivals). SAVED_X (``boundary_grads``): s_desc
-        is X [T, N*C], read instead of rebuilt; XIN: xin_desc [T, C] receives the sublayer input (otherwise both
-        stand in for descriptors the kernel does not use)."""
+        X_prev / y. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT. A slot is free once
+        its mixing warpgroup has stored its outputs and the dphi warpgroup has read its X_i (``empty``: two
+        arrivals). SAVED_X (``boundary_grads``): s_desc is X [T, N*C], read instead of rebuilt; XIN: xin_desc [T, C]
+        receives the sublayer input (otherwise both stand in for descriptors the kernel does not use)."""
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
