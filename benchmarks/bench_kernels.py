@@ -186,8 +186,11 @@ def fused_cases(inp: dict) -> list[Case]:
     head_post_res_bwd = (n + 4) * elem
     acc_row = dx.sum(-2, keepdim=True)
     # fuse=True's chain head after that pass: enter's backward on the row, the next step's dx_prev summed in as acc:
-    # dh_pre (1 + 1) + the one-row pass (X row, dout, acc n, one row written)
-    enter_c_bwd = (n + 5) * elem
+    # dh_pre (1 + 1) + the one-row pass (X row, dout, acc, one row written); acc one row since that step_backward
+    # writes it summed (collapse_dx): 6 ("enter (collapsed)"); acc's n rows summed here: n + 5. That step_backward
+    # ("step (head)"): its 4n + 5 with dX_prev written as one row, 3n + 6
+    enter_c_bwd, enter_c_rows_bwd = 6 * elem, (n + 5) * elem
+    step_head_bwd = step_bwd - (n - 1) * elem
     # a chain's tail (passes/collapse_tail.py): the last post_res and the mean after it as one kernel, X and y read,
     # one row written (n + 2); post_res writing the n streams and the mean reading them back: 3n + 2
     tail_fwd, tail_rows_fwd = (n + 2) * elem, (3 * n + 2) * elem
@@ -237,8 +240,13 @@ def fused_cases(inp: dict) -> list[Case]:
         Case("enter (broadcast)", "bwd", lambda k: k.enter_backward(xb, phi, b, a, hpre_b, pb, sqb, g_in, gpost, gres,
                                                                     *ca), enter_b_bwd, "fused"),
         Case("enter (collapsed)", "bwd", lambda k: k.enter_backward_collapsed(xb, phi, b, a, hpre_b, pb, sqb, g_in,
-                                                                              gpost, gres, *ca, acc=dx),
+                                                                              gpost, gres, *ca, acc=acc_row),
              enter_c_bwd, "fused"),
+        Case("enter (collapsed, acc rows)", "bwd",
+             lambda k: k.enter_backward_collapsed(xb, phi, b, a, hpre_b, pb, sqb, g_in, gpost, gres, *ca, acc=dx),
+             enter_c_rows_bwd, "fused"),
+        Case("step (head)", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
+                                                             gres, *ca, collapse_dx=True), step_head_bwd, "fused"),
         Case("head", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, acc_row), head_bwd),
         Case("head (acc-rows)", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, dx),
              head_acc_rows_bwd),

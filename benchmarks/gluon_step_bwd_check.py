@@ -40,12 +40,13 @@ CHECKS = [(256, 4, 512), (1000, 4, 2048), (4099, 4, 4096), (333, 2, 1024), (200,
 TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 
 
-def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, True, False), (2, True, True),
-                  (1, False, True))) -> int:
+def build(builds=((2, False, False, False), (1, False, False, False), (1, True, True, False), (1, True, False, False),
+                  (2, True, True, False), (1, False, True, False), (1, False, True, True))) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
-    a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin) each: step's second pass with two and
-    one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in; with x_in its dH added in L2,
-    DH_ATOMIC), and last step's pass with its dH added in L2 (saved_x off, the last flag on: DH_ATOMIC alone)."""
+    a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin, collapse) each: step's second pass with
+    two and one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in; with x_in its dH added in
+    L2, DH_ATOMIC), then step's pass with its dH added in L2 (saved_x off, the third flag on: DH_ATOMIC alone), and
+    last the same with dX_prev summed over the streams (COLLAPSE: a chain head's under fuse=True)."""
     import triton
 
     from benchmarks import sm90_build
@@ -56,17 +57,18 @@ def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, Tru
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
     dp_pad = torch.zeros(t, gs.MP)
     phi_pad = torch.zeros(n * c, gs.MP)
-    for mixers, saved_x, xin in builds:
+    for mixers, saved_x, xin, collapse in builds:
         atomic = xin  # with X read: x_in (and dH in L2); with X rebuilt, this flag is dH in L2 alone
         xin = xin and saved_x
         coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
         st = gs.stages_for(n, mixers=mixers, saved_x=saved_x, xin=xin)
         with sm90_build.cpu_target(90):
-            descs = gs.descriptors(x, y, y, x, coefs, dp_pad, phi_pad, x, y, t, n, c)
+            descs = gs.descriptors(x, y, y, x, coefs, dp_pad, phi_pad, y if collapse else x, y, t, n, c, collapse)
             built = gs._step_bwd_ws_kernel.warmup(
                 *descs, descs[0], descs[-1], torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t),
                 t, c, t, n, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP, NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st,
-                MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=atomic, MIX_REGS=tf.StepBwdCfg.mix_regs,
+                MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=atomic, COLLAPSE=collapse,
+                MIX_REGS=tf.StepBwdCfg.mix_regs,
                 DPHI_REGS=tf.StepBwdCfg.dphi_regs, num_warps=4, grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
@@ -88,7 +90,7 @@ def build(builds=((2, False, False), (1, False, False), (1, True, True), (1, Tru
         ok = (clean or not strict) and smem <= SMEM_LIMIT and loop["HGMMA"] > 0
         failed += not ok
         what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers})" if saved_x
-                else f"mixers={mixers}" + (" dH in L2" if atomic else ""))
+                else f"mixers={mixers}" + (" dH in L2" if atomic else "") + (" dX_prev summed" if collapse else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
@@ -174,6 +176,25 @@ def _against_row(shape: str, label: str, names, other, base, want) -> str:
             f"its worst error {worst:.2e} | | | |")
 
 
+def _collapsed_row(shape: str, v, h_pre, p, sq, n, c, base, want, lines) -> bool:
+    """dX_prev summed over the streams (``collapse_dx``: under fuse=True a chain head's, passes/collapse_head_grad.py)
+    by the Gluon kernel, against the float64 sum of the reference's rows: as close as the n rows are to theirs (the
+    sum rounded once), every other output bit-equal to the call without it. Appends the row; whether it holds."""
+    before = gs.LAUNCHES
+    with tf.tuning("step_bwd", ws=True, dh_atomic=False):
+        got = tf.step_backward(v["x_prev"], v["h_res"], v["h_post"], v["y"], v["phi"], v["bias"], v["alpha"], h_pre, p,
+                               sq, v["dx"], v["dx_in"], v["dh_post"], v["dh_res"], n, n * c, 1e-6, 20, "mhc",
+                               collapse_dx=True)
+    ran = gs.LAUNCHES > before
+    row = want[0].sum(1, keepdim=True)
+    err, rows_err = _rel_err(got[0], row), _rel_err(base[0], want[0])
+    same = all(torch.equal(a, b) for a, b in zip(got[1:], base[1:]))
+    good = ran and got[0].shape == row.shape and err <= max(2 * rows_err, 1e-5) and same
+    lines.append(f"| {shape} | (dX_prev summed over the streams: {err:.2e} against the rows' {rows_err:.2e}; the rest "
+                 f"bit-equal) | | | {'ok' if good else 'FAIL'} |")
+    return good
+
+
 def _dh_in_l2_row(shape: str, atomic, base, want, lines) -> bool:
     """The outputs with dH added in L2 (dh_atomic) against the same call without: dH_res and dH_post (outputs 1 and 2,
     summed in another order) as close to float64, every other output bit-equal. Appends the row; whether it holds."""
@@ -214,9 +235,10 @@ def check(t, n, c, lines, against=()) -> bool:
     with tf.tuning("step_bwd", ws=True, dh_atomic=True):  # dH added in L2: the rest bit-equal, dH as close
         atomic = _call(tf.step_backward, v, h_pre, p, sq, n, c)
     ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, two, want, lines)
+    ok &= _collapsed_row(f"{t}x{n}x{c}", v, h_pre, p, sq, n, c, two, want, lines)
     for build in against:  # the other builds' outputs beside this one's (a report, not a pass / fail)
         lines.append(_against_row(f"{t}x{n}x{c}", build.label, NAMES, build.run(v, h_pre, p, sq, n, c), two, want))
-    print("\n".join(lines[-10 - len(against):]), flush=True)
+    print("\n".join(lines[-11 - len(against):]), flush=True)
     return ok
 
 

@@ -136,6 +136,42 @@ def test_post_res_backward_writes_dx_summed_over_the_streams(t, n, c, dtype, bro
         tk.post_res_backward(x, h_res, h_post, y, dout, out=dout.clone(), collapse_dx=True)
 
 
+def _step_operands(t, n, c, dtype, seed):
+    """step_backward's operands: the streams in ``dtype``, the forward's coefficients as the reference makes them."""
+    g = torch.Generator().manual_seed(seed)
+    m = ref.num_coeffs(n)
+    r = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
+    x_prev, y = r(t, n, c).to(dtype), r(t, c).to(dtype)
+    h_res, h_post = torch.softmax(r(t, n, n), -1), 2 * torch.sigmoid(r(t, n))
+    phi, bias, alpha = r(n * c, m, scale=(n * c) ** -0.5), r(m, scale=0.1), r(3, scale=0.1).abs() + 0.01
+    _, _, h_pre, _, _, p, sq = ref.step(x_prev.double(), h_res.double(), h_post.double(), y.double(), phi.double(),
+                                        bias.double(), alpha.double(), n, n * c, 1e-6, 20, "mhc")
+    grads = r(t, n, c).to(dtype), r(t, c).to(dtype), r(t, n, scale=0.1), r(t, n, n, scale=0.1)
+    return (x_prev, h_res, h_post, y, phi, bias, alpha, h_pre.float(), p.float(), sq.float(), *grads)
+
+
+@pytest.mark.parametrize("t, n, c, dtype", [(37, 4, 64, torch.bfloat16), (21, 3, 40, torch.float32),
+                                              (9, 1, 32, torch.float32)])
+def test_step_backward_writes_dx_prev_summed_over_the_streams(t, n, c, dtype):
+    """collapse_dx (under fuse=True the head's acc, the next step's dx_prev): dx_prev summed over its n rows before
+    rounding, against the float64 reference; every other output as without it (the three Triton passes here, the
+    Gluon pass on an sm_90 GPU: benchmarks/gluon_step_bwd_check.py)."""
+    from mhc_compile.kernels import triton_fused as tf
+
+    args = _step_operands(t, n, c, dtype, seed=t + n)
+    static = (n, n * c, 1e-6, 20, "mhc")
+    got = tf.step_backward(*args, *static, collapse_dx=True)
+    rows = tf.step_backward(*args, *static)
+    want = ref.step_backward(*(v.double() for v in args), *static, collapse_dx=True)
+    assert got[0].shape == (t, 1, c) and got[0].dtype == dtype
+    assert rel_err(got[0].double(), want[0]) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    torch.testing.assert_close(want[0], ref.step_backward(*(v.double() for v in args), *static)[0].sum(1, keepdim=True))
+    for a, b in zip(got[1:], rows[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="collapse_dx"):
+        tf.step_backward(*args, *static, out=args[10].clone(), collapse_dx=True)
+
+
 # --- the pass on a hand-built graph ------------------------------------------------------------------------------
 B, S, N, C = 2, 3, 4, 16
 
@@ -199,9 +235,14 @@ def _graph_from_post_res(acc_readers=1):
     acc, *rest = (g.call_function(operator.getitem, (pr, i)) for i in range(5))
     op = g.call_function(OPS.proj_pre_backward.default, (x, phi, dp, dsq, h_pre, dout, acc, "reference"))
     dx, dphi = (g.call_function(operator.getitem, (op, i)) for i in range(2))
-    outs = [dphi, g.call_function(aten.sum.dim_IntList, (dx, [2], True)), *rest]
-    if acc_readers == 2:
-        outs.append(g.call_function(aten.mul.Tensor, (acc, 2.0)))
+    return _module(g, [dphi, g.call_function(aten.sum.dim_IntList, (dx, [2], True)), *rest],
+                   acc if acc_readers == 2 else None)
+
+
+def _module(g, outs, read_again=None):
+    """The graph's module returning ``outs``, and ``read_again`` times 2 where given (a second reader of it)."""
+    if read_again is not None:
+        outs.append(g.call_function(aten.mul.Tensor, (read_again, 2.0)))
     g.output(tuple(outs))
     return torch.fx.GraphModule(torch.nn.Module(), g)
 
@@ -214,21 +255,73 @@ def _post_res_inputs():
             r(B, S, m), r(B, S) * 1e-2, r(B, S, N).abs(), r(B, S, C)]
 
 
+def _collapses_acc(gm, inputs, target, index):
+    """Run the pass on ``gm`` (one head), its values unchanged on ``inputs``: (whether the ``target`` node, the op
+    writing the head op's acc, now takes collapse_dx = True at argument ``index``; the values before)."""
+    want = gm(*inputs)
+    assert _run_pass(gm, inputs) == 1
+    (node,) = [n for n in gm.graph.nodes if n.target is target]
+    for a, b in zip(gm(*inputs), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    return len(node.args) > index and node.args[index] is True, want
+
+
 @pytest.mark.parametrize("acc_readers", [1, 2])
 def test_the_post_res_backward_before_the_head_writes_its_dx_summed(acc_readers):
     """Its dx, read only by the head op as acc, is written summed (collapse_dx); with a second reader it stays n
     rows. Values unchanged either way."""
     gm, inputs = _graph_from_post_res(acc_readers), _post_res_inputs()
-    want = gm(*inputs)
-    assert _run_pass(gm, inputs) == 1
-    (pr,) = [n for n in gm.graph.nodes if n.target is OPS.post_res_backward_pre.default]
-    collapsed = len(pr.args) > 7 and pr.args[7] is True
+    collapsed, want = _collapses_acc(gm, inputs, OPS.post_res_backward_pre.default, 7)
     assert collapsed == (acc_readers == 1)
-    for a, b in zip(gm(*inputs), want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     inplace_stream_grads.apply(gm.graph)  # leaves the collapsed call alone (its dx is not the buffer's shape)
     gm.recompile()
     assert (OPS.post_res_backward_pre_into.default in [n.target for n in gm.graph.nodes]) == (not collapsed)
+    for a, b in zip(gm(*inputs), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _graph_fused_head(dx_prev_readers=1):
+    """Under fuse=True: the next step's step_backward -> its dx_prev, added to the head's enter_backward dx (x the
+    expand) -> the sum over the streams."""
+    g = torch.fx.Graph()
+    names = ("row", "x_prev", "h_res", "h_post", "y", "phi", "bias", "alpha", "h_pre", "p", "sq", "dx", "dx_in",
+             "dh_post", "dh_res", "h_pre0", "p0", "sq0", "dx_in0", "dh_post0", "dh_res0")
+    (row, x_prev, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
+     h_pre0, p0, sq0, dx_in0, dh_post0, dh_res0) = (g.placeholder(k) for k in names)
+    static = (N, N * C, 1e-6, 20, "mhc", "reference")
+    step = g.call_function(OPS.step_backward.default, (x_prev, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dx,
+                                                        dx_in, dh_post, dh_res, *static))
+    dx_prev, *rest = (g.call_function(operator.getitem, (step, i)) for i in range(7))
+    x = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (row, -2)), [B, S, N, C]))
+    op = g.call_function(OPS.enter_backward.default, (x, phi, bias, alpha, h_pre0, p0, sq0, dx_in0, dh_post0,
+                                                      dh_res0, *static))
+    dx0, *grads0 = (g.call_function(operator.getitem, (op, i)) for i in range(4))
+    total = g.call_function(aten.sum.dim_IntList, (g.call_function(aten.add.Tensor, (dx0, dx_prev)), [2], True))
+    return _module(g, [total, *rest, *grads0], dx_prev if dx_prev_readers == 2 else None)
+
+
+def _fused_head_inputs():
+    """Float64 operands of ``_graph_fused_head``: the step's from ``_step_operands``, the head's alike."""
+    g = torch.Generator().manual_seed(5)
+    step = [v.double().reshape(B, S, *v.shape[1:]) if v.dim() and v.shape[0] == B * S else v.double()
+            for v in _step_operands(B * S, N, C, torch.float64, seed=6)]
+    head = [step[7] * 0.5, step[8] * 1.1, step[9] * 0.9]  # h_pre, p, sq
+    head += [torch.randn(B, S, C, generator=g).double(), torch.randn(B, S, N, generator=g).double() * 0.1,
+             torch.randn(B, S, N, N, generator=g).double() * 0.1]
+    return [torch.randn(B, S, C, generator=g).double(), *step, *head]
+
+
+@pytest.mark.parametrize("dx_prev_readers", [1, 2])
+def test_under_fuse_the_next_step_backward_writes_its_dx_prev_summed(dx_prev_readers):
+    """enter_backward_collapsed takes the next step's dx_prev as acc; that step_backward, read by nothing else, writes
+    it summed (collapse_dx); with a second reader it stays n rows. Values unchanged either way."""
+    gm, inputs = _graph_fused_head(dx_prev_readers), _fused_head_inputs()
+    collapsed, want = _collapses_acc(gm, inputs, OPS.step_backward.default, 20)
+    assert collapsed == (dx_prev_readers == 1)
+    targets = [n.target for n in gm.graph.nodes]
+    assert OPS.enter_backward_collapsed.default in targets and aten.add.Tensor not in targets
+    inplace_stream_grads.apply(gm.graph)  # leaves a collapsed step alone (its dx_prev is not the buffer's shape)
+    gm.recompile()
     for a, b in zip(gm(*inputs), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -280,11 +373,15 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
     summed, real_prb = [], unfused.post_res_backward_pre  # the head's post_res backward writing its dx summed
     monkeypatch.setattr(unfused, "post_res_backward_pre",
                         lambda *a, **k: summed.append(k.get("collapse_dx", False)) or real_prb(*a, **k))
+    fused = {"reference": ref, "triton": triton_fused}[kernels]  # under fuse=True the head's acc: the next step's
+    steps, real_step = [], fused.step_backward  # dx_prev, written summed too
+    monkeypatch.setattr(fused, "step_backward", lambda *a, **k: steps.append(k.get("collapse_dx", False))
+                        or real_step(*a, **k))
     on = compiled_nanogpt_grads({"kernels": kernels, "fuse": fuse}, dtype)
     assert len(calls) == 1
-    assert summed.count(True) == (0 if fuse else 1)  # under fuse=True the head's acc is the next step's dx_prev
+    assert summed.count(True) == (0 if fuse else 1) and steps.count(True) == (1 if fuse else 0)
     off = compiled_nanogpt_grads({"kernels": kernels, "fuse": fuse, "collapse_head_grad": False}, dtype)
-    assert len(calls) == 1 and summed.count(True) == (0 if fuse else 1)
+    assert len(calls) == 1 and summed.count(True) == (0 if fuse else 1) and steps.count(True) == (1 if fuse else 0)
     assert on.keys() == off.keys() and len(on) > 0
     for k in on:
         assert rel_err(on[k], off[k]) < tol, k

@@ -139,7 +139,7 @@ def test_dh_in_l2_is_off_under_deterministic_algorithms(monkeypatch):
     come: never where torch is asked for deterministic algorithms (the partials a plane a block, summed by torch,
     run instead), for the boundary's pass and step's alike."""
     seen = []
-    monkeypatch.setattr(gs, "_launch", lambda *args: seen.append(args[-1]) or (None,) * 6)
+    monkeypatch.setattr(gs, "_launch", lambda *args: seen.append(args[18]) or (None,) * 6)  # dh_atomic
     operands = (None,) * 11
     before = torch.are_deterministic_algorithms_enabled()
     for call, ops in ((gs.boundary_grads, operands), (gs.step_grads, operands[1:])):
@@ -219,8 +219,8 @@ def test_builds_for_sm90_within_shared_memory():
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
     # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers,
-    # then step's pass with its dH added in L2
-    assert len(rows) == 6 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # then step's pass with its dH added in L2, and with dX_prev summed over the streams too
+    assert len(rows) == 7 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)

@@ -145,6 +145,12 @@ def _all_op_calls(impl: str):
         ("step", ops.step, (x, h_res, h_post, y, phi, bias, alpha, *coeff)),
         ("step_backward", ops.step_backward,
          (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff)),
+        # under fuse=True a chain head's: the step's dx_prev summed over the streams, taken by the head's op as acc
+        ("step_backward", ops.step_backward,
+         (x, h_res, h_post, y, phi, bias, alpha, h_pre, p, sq, dout_x, y, h_post, h_res, *coeff, True)),
+        ("enter_backward_collapsed", ops.enter_backward_collapsed,
+         (y.contiguous().unsqueeze(-2).expand(x.shape), phi, bias, alpha, h_pre, p, sq, y, h_post, h_res, *coeff,
+          y.unsqueeze(-2))),
         ("pre_backward_dh", ops.pre_backward_dh, (x, h_pre, y, impl)),
         ("proj_pre_backward", ops.proj_pre_backward, (x, phi, p, sq, h_pre, y, dout_x, impl)),
         ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),

@@ -303,7 +303,8 @@ if AVAILABLE:
     def _mixer(o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed, empty,
                phi_ready, t_lo, c0, n_tiles, T, C, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
                MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
-               SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr, num_warps: gl.constexpr):
+               SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr,
+               num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
@@ -323,7 +324,9 @@ if AVAILABLE:
 
         SAVED_X (``boundary_grads``): X_i is read from its own tiles (xsv), not rebuilt, and the dphi warpgroup reads
         them as they land (no ``mixed``). XIN: x_in = sum_j h_pre_prev[j] X_prev_j is also made, in the loop over j
-        that reads X_prev for dH_res, and leaves by TMA store from dx_in's tile."""
+        that reads X_prev for dH_res, and leaves by TMA store from dx_in's tile. COLLAPSE (a chain head's step under
+        fuse=True): dX_prev summed over its n streams in registers, rounded once, and stored as one tile from X_prev
+        stream 0's, read by then."""
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BC, 8])  # the tf32 G dot's (k = 8)
         R: gl.constexpr = gl.SliceLayout(1, L)
@@ -394,6 +397,7 @@ if AVAILABLE:
                 v = v + (_lane_sums(g[i] * y) if i < N else qzero,)
             _put_dh(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
             xin = zero
+            dsum = zero  # COLLAPSE: sum_j dX_prev_j
             for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                 xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
                 if XIN:  # h_pre_prev's n columns share a group, and a column is no run-time index: pick column j
@@ -408,7 +412,12 @@ if AVAILABLE:
                 dxp = _row(coefs, s, j, 0, NG, L) * g[0]
                 for i in gl.static_range(1, N):
                     dxp += _row(coefs, s, j, i, NG, L) * g[i]
-                xp.index(j * STAGES + s).store(f32_to_bf16(dxp))
+                if COLLAPSE:
+                    dsum += dxp
+                else:
+                    xp.index(j * STAGES + s).store(f32_to_bf16(dxp))
+            if COLLAPSE:  # every X_prev tile is read: the sum leaves from stream 0's
+                xp.index(s).store(f32_to_bf16(dsum))
             dy = _row(coefs, s, N, 0, NG, L) * g[0]
             for i in gl.static_range(1, N):
                 dy += _row(coefs, s, N, i, NG, L) * g[i]
@@ -417,8 +426,11 @@ if AVAILABLE:
                 gins.index(s).store(f32_to_bf16(xin))
             fence_async_shared()
             _warps_barrier()  # every warp's stores, before one thread issues the TMA stores
-            for j in gl.static_range(N):  # unrolled: a TMA store is few instructions, a loop's overhead more
-                _tma_store(o_desc, [t0, j * C + c0], xp.index(j * STAGES + s))
+            if COLLAPSE:  # o_desc: [T, C]
+                _tma_store(o_desc, [t0, c0], xp.index(s))
+            else:
+                for j in gl.static_range(N):  # unrolled: a TMA store is few instructions, a loop's overhead more
+                    _tma_store(o_desc, [t0, j * C + c0], xp.index(j * STAGES + s))
             _tma_store(dy_desc, [t0, c0], ys.index(s))
             if XIN:
                 _tma_store(xin_desc, [t0, c0], gins.index(s))
@@ -480,15 +492,16 @@ if AVAILABLE:
                             s_desc, xin_desc, dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr,
                             BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
-                            DH_ATOMIC: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
-                            num_warps: gl.constexpr):
+                            DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr, MIX_REGS: gl.constexpr,
+                            DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; w_desc: phi [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like
         X_prev / y. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT. A slot is free once
         its mixing warpgroup has stored its outputs and the dphi warpgroup has read its X_i (``empty``: two
         arrivals). SAVED_X (``boundary_grads``): s_desc is X [T, N*C], read instead of rebuilt; XIN: xin_desc [T, C]
-        receives the sublayer input (otherwise both stand in for descriptors the kernel does not use)."""
+        receives the sublayer input (otherwise both stand in for descriptors the kernel does not use). COLLAPSE:
+        o_desc is dX_prev summed over the streams, [T, C] (``step_grads``' ``collapse_dx``)."""
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
@@ -528,7 +541,7 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, SAVED_X,
-                          XIN, DH_ATOMIC, num_warps)),
+                          XIN, DH_ATOMIC, COLLAPSE, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
@@ -539,10 +552,10 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 2, SAVED_X,
-                          XIN, DH_ATOMIC, num_warps)),
+                          XIN, DH_ATOMIC, COLLAPSE, num_warps)),
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, SAVED_X,
-                          XIN, DH_ATOMIC, num_warps)),
+                          XIN, DH_ATOMIC, COLLAPSE, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
@@ -556,18 +569,20 @@ if AVAILABLE:
         mbarrier.invalidate(phi_ready)
 
 
-def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t: int, n: int, c: int) -> tuple:
+def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t: int, n: int, c: int,
+                collapse: bool = False) -> tuple:
     """The kernel's nine TMA descriptors. The packed coefficients are [NG * T, CW]: a tile's rows past T read the
     next group's first tokens (finite) or zeros, and their rows are not written; dp's rows past T read as zeros, so
-    tokens past T add nothing to dphi."""
+    tokens past T add nothing to dphi. ``collapse``: dx_prev is one row a token, [T, C]."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
+    ko = c if collapse else k
     return (desc(x_prev, (t, k), (k, 1), (BT, BC), bf), desc(y, (t, c), (c, 1), (BT, BC), bf),
             desc(dx_in, (t, c), (c, 1), (BT, BC), bf), desc(dx, (t, k), (k, 1), (BT, BC), bf),
             desc(coefs, (coefs.shape[0], CW), (CW, 1), (BT, CW), f32),
             desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
             desc(phi_pad, (k, MP), (MP, 1), (BC, MP), f32),
-            desc(dx_prev, (t, k), (k, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
+            desc(dx_prev, (t, ko), (ko, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
 
 
 def plan_splits(t: int, c: int, device) -> tuple[int, int]:
@@ -582,16 +597,21 @@ def plan_splits(t: int, c: int, device) -> tuple[int, int]:
 
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
-               mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True):
+               mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
+               collapse_dx: bool = False):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
-    ``torch.use_deterministic_algorithms``)."""
+    ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
+    written as one row a token, [T, 1, C] (no ``out``)."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
+    if collapse_dx and out is not None:
+        raise ValueError("mhc gluon step_grads: collapse_dx writes one row a token, not over a stream-sized out")
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
-                   mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled())[:5]
+                   mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
+                   collapse_dx)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -624,7 +644,7 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs, dh_atomic):
+            mix_regs, dphi_regs, dh_atomic, collapse=False):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -635,7 +655,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
         raise ValueError(f"mhc gluon {what}: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
                          f"{mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
     dev = x_prev.device
-    dx_prev = torch.empty_like(x_prev) if out is None else out
+    dx_prev = x_prev.new_empty((t, 1, c)) if collapse else torch.empty_like(x_prev) if out is None else out
     dy = torch.empty_like(y)
     x_in = torch.empty_like(y) if xin else None
     coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
@@ -647,15 +667,15 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
         dh = torch.zeros((1, n * n + n, t), dtype=torch.float32, device=dev)
     else:
         dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
-    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t, n, c)
+    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t, n, c, collapse)
     k, bf = n * c, gl.bfloat16
     s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
     xin_desc = desc(x_in, (t, c), (c, 1), (BT, BC), bf) if xin else descs[-1]
     LAUNCHES += 1
     _step_bwd_ws_kernel[(c // BC, splits)](
         *descs, s_desc, xin_desc, dphi_t, dh, t, c, t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin),
-        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=dh_atomic, MIX_REGS=mix_regs,
-        DPHI_REGS=dphi_regs, num_warps=4)
+        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=dh_atomic, COLLAPSE=collapse,
+        MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
     dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
     dh = dh[0] if dh_atomic else dh.sum(0)
     return (dx_prev, dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dy,

@@ -350,12 +350,14 @@ def enter_backward_collapsed(
     acc: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``enter_backward`` with dx (+ acc, the stream's other gradient) summed over the n streams before its
-    rounding, [T, 1, C]: the gradient of a chain head's embedding under ``fuse=True`` (passes/collapse_head_grad.py)."""
+    rounding, [T, 1, C]: the gradient of a chain head's embedding under ``fuse=True`` (passes/collapse_head_grad.py).
+    ``acc``: its n rows or their sum ([T, 1, C]: the next step_backward's collapsed dx_prev)."""
     g, dphi, dbias, dalpha = _boundary_grad(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res,
                                             n, nc, eps, iters, mode)
+    g = g.sum(1, keepdim=True)
     if acc is not None:
-        g = g + _acc(acc)
-    return g.sum(1, keepdim=True).to(x.dtype), dphi, dbias, dalpha
+        g = g + _acc(acc).sum(1, keepdim=True)
+    return g.to(x.dtype), dphi, dbias, dalpha
 
 
 def step(
@@ -371,12 +373,14 @@ def step_backward(
     x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor,
     phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, p: Tensor, sq: Tensor,
     dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
-    n: int, nc: int, eps: float, iters: int, mode: str,
+    n: int, nc: int, eps: float, iters: int, mode: str, collapse_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``.
 
     ``dx`` is the gradient of the step's output stream x (from the next boundary); the gradient of x in
     total, G = dx + (through pre, coeffs, proj), stays in the accumulation dtype into post_res's backward.
+    ``collapse_dx``: dx_prev summed over its n rows before rounding, [T, 1, C] (a chain head's part under
+    fuse=True, passes/collapse_head_grad.py), as ``post_res_backward``'s.
     """
     x = post_res(x_prev, h_res_prev, h_post_prev, y_prev)
     g, dphi, dbias, dalpha = _boundary_grad(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res,
@@ -384,6 +388,8 @@ def step_backward(
     g = g + _acc(dx)
     xa, ya = _acc(x_prev), _acc(y_prev)
     dx_prev = torch.einsum("tij,tic->tjc", _acc(h_res_prev), g)
+    if collapse_dx:
+        dx_prev = dx_prev.sum(-2, keepdim=True)
     dy_prev = torch.einsum("ti,tic->tc", _acc(h_post_prev), g)
     dh_res_prev = torch.einsum("tic,tjc->tij", g, xa)
     dh_post_prev = torch.einsum("tic,tc->ti", g, ya)
@@ -392,18 +398,20 @@ def step_backward(
 
 def step_grads(
     x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor,
-    h_pre: Tensor, dp: Tensor, dsq: Tensor, dx: Tensor, dx_in: Tensor,
+    h_pre: Tensor, dp: Tensor, dsq: Tensor, dx: Tensor, dx_in: Tensor, collapse_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi): ``step_backward``'s second stream pass in a two-pass
     design (kernels/gluon_step_bwd.py), given what its first pass and coeffs_backward produce (dp, dsq) and the
     forward's h_pre. X is rebuilt as the forward stored it; G = dp phi^T + 2 dsq X + h_pre dx_in + dX stays in the
-    accumulation dtype."""
+    accumulation dtype. ``collapse_dx`` as in ``step_backward``."""
     t, n, c = x_prev.shape
     x = _acc(post_res(x_prev, h_res_prev, h_post_prev, y_prev))
     g = (_acc(dp) @ _acc(phi).t()).reshape(t, n, c) + 2.0 * _acc(dsq)[:, None, None] * x
     g = g + _acc(h_pre)[:, :, None] * _acc(dx_in)[:, None, :] + _acc(dx)
     xa = _acc(x_prev)
     dx_prev = torch.einsum("tij,tic->tjc", _acc(h_res_prev), g)
+    if collapse_dx:
+        dx_prev = dx_prev.sum(-2, keepdim=True)
     dy_prev = torch.einsum("ti,tic->tc", _acc(h_post_prev), g)
     dh_res_prev = torch.einsum("tic,tjc->tij", g, xa)
     dh_post_prev = torch.einsum("tic,tc->ti", g, _acc(y_prev))

@@ -278,14 +278,18 @@ def _enter_backward(proj_pre_backward, x, phi, bias, alpha, h_pre, p, sq, dx_in,
 
 
 def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
-                  dh_res, n, nc, eps, iters, mode, out=None):
+                  dh_res, n, nc, eps, iters, mode, out=None, collapse_dx=False):
     """(dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha) of ``step``; X is recomputed.
 
     ``out``: where dx_prev goes, e.g. dx itself (passes/inplace_stream_grads.py). G is then written there too, so
     the op holds one stream-sized gradient instead of three (dx, G, dx_prev); both kernels are safe in place (a
-    program stores a tile only after it has read that tile of the buffer, and no other program reads it)."""
+    program stores a tile only after it has read that tile of the buffer, and no other program reads it).
+    ``collapse_dx``: dx_prev summed over the n streams, [T, 1, C], rounded once (under fuse=True a chain head's
+    part of its embedding gradient, passes/collapse_head_grad.py): 1 row a token written instead of n."""
     _check("step_backward", n, x_prev, phi, h_res_prev=h_res_prev, h_post_prev=h_post_prev, y_prev=y_prev,
            h_pre=h_pre, p=p, sq=sq, dx=dx, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
+    if collapse_dx and out is not None:
+        raise ValueError("mhc triton step_backward: collapse_dx writes one row a token, not over a stream-sized out")
     if out is not None:  # checked before any work, by the check the kernels that write it apply
         out = grad_buffer(out, x_prev, "step_backward")
     x_prev, h_res_prev, h_post_prev = x_prev.contiguous(), h_res_prev.contiguous(), h_post_prev.contiguous()
@@ -297,7 +301,8 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps,
                                                       iters, mode)
         z = dict(dtype=acc, device=x_prev.device)
-        return (torch.empty_like(x_prev) if out is None else out, torch.zeros((t, n, n), **z),
+        dx_prev = x_prev.new_empty((t, 1, c)) if collapse_dx else torch.empty_like(x_prev) if out is None else out
+        return (dx_prev, torch.zeros((t, n, n), **z),
                 torch.zeros((t, n), **z), torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
     cfg = _cfg("step_bwd")
     if (cfg.ws and x_prev.device not in _NO_GLUON
@@ -309,7 +314,8 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         try:
             dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi = _gluon_step_bwd().step_grads(
                 x_prev, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
-                mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic)
+                mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic,
+                collapse_dx=collapse_dx)
             return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
         except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas) comes before the
             # launch, so nothing was written: the three passes below start over, here and for the rest of the run
@@ -320,5 +326,5 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
     g, dphi = tops.proj_pre_backward(x, phi, dp, dsq, h_pre, dx_in, dx, out=out)
     del x
     dx_prev, dh_res_prev, dh_post_prev, dy_prev = tops.post_res_backward(x_prev, h_res_prev, h_post_prev, y_prev, g,
-                                                                         out=out)
+                                                                         out=out, collapse_dx=collapse_dx)
     return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha

@@ -31,8 +31,8 @@ def arg(node: fx.Node, index: int, name: str, default=None):
 
 
 def collapse_dx_index(target) -> int | None:
-    """Where a post_res backward op takes ``collapse_dx`` (its dx summed over the streams: a chain head's, set by
-    passes/collapse_head_grad.py), from the op's schema; None for an op without it."""
+    """Where a post_res backward op or step_backward takes ``collapse_dx`` (its dx summed over the streams: a chain
+    head's, set by passes/collapse_head_grad.py), from the op's schema; None for an op without it."""
     schema = getattr(target, "_schema", None)
     names = [a.name for a in schema.arguments] if schema is not None else []
     return names.index("collapse_dx") if "collapse_dx" in names else None

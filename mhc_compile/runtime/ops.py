@@ -688,15 +688,18 @@ def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, ite
 
 
 def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post,
-                   dh_res, n, nc, eps, iters, mode, impl, into: bool) -> tuple:
-    """step_backward's seven outputs; ``into``: dx_prev is written over dx (a dense buffer, step_backward_into)."""
+                   dh_res, n, nc, eps, iters, mode, impl, into: bool, collapse_dx: bool = False) -> tuple:
+    """step_backward's seven outputs; ``into``: dx_prev is written over dx (a dense buffer, step_backward_into);
+    ``collapse_dx``: dx_prev summed over the streams, one row a token."""
     dx_tokens = _tokens(dx, 2).contiguous()  # with ``into``: a view of dx (checked dense), so writes land in dx
     args = (_tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
             _tokens(y_prev, 1).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(),
             _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), dx_tokens, _tokens(dx_in, 1).contiguous(),
             _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode)
     kernels = _kernels(impl, fused=True)
-    if not into:
+    if collapse_dx:
+        dx_prev, *rest = kernels.step_backward(*args, collapse_dx=True)
+    elif not into:
         dx_prev, *rest = kernels.step_backward(*args)
     elif impl == "triton":
         dx_prev, *rest = kernels.step_backward(*args, out=dx_tokens)
@@ -704,7 +707,8 @@ def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_
         dx_prev, *rest = kernels.step_backward(*args)
         dx_prev = dx_tokens.copy_(dx_prev)
     dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha = rest
-    return (dx_prev.reshape(x_prev.shape), dh_res_prev.reshape(h_res_prev.shape),
+    dx_shape = x_prev.shape[:-2] + (1, x_prev.shape[-1]) if collapse_dx else x_prev.shape
+    return (dx_prev.reshape(dx_shape), dh_res_prev.reshape(h_res_prev.shape),
             dh_post_prev.reshape(h_post_prev.shape), dy_prev.reshape(y_prev.shape), dphi, dbias, dalpha)
 
 
@@ -712,16 +716,19 @@ def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_
 def step_backward(
     x_prev: Tensor, h_res_prev: Tensor, h_post_prev: Tensor, y_prev: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
     h_pre: Tensor, p: Tensor, sq: Tensor, dx: Tensor, dx_in: Tensor, dh_post: Tensor, dh_res: Tensor,
-    n: int, nc: int, eps: float, iters: int, mode: str, impl: str,
+    n: int, nc: int, eps: float, iters: int, mode: str, impl: str, collapse_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``collapse_dx``: dx_prev summed over the n streams, [.., 1, C]: under fuse=True a chain head's part of its
+    embedding gradient, set by passes/collapse_head_grad.py in backward graphs (as post_res_backward's)."""
     return _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in,
-                          dh_post, dh_res, n, nc, eps, iters, mode, impl, into=False)
+                          dh_post, dh_res, n, nc, eps, iters, mode, impl, into=False, collapse_dx=collapse_dx)
 
 
 @step_backward.register_fake
 def _(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_pre, p, sq, dx, dx_in, dh_post, dh_res,
-      n, nc, eps, iters, mode, impl):
-    return tuple(_dense_like(t) for t in (x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha))
+      n, nc, eps, iters, mode, impl, collapse_dx=False):
+    return (_dx_like(x_prev, collapse_dx), *(_dense_like(t) for t in (h_res_prev, h_post_prev, y_prev, phi, bias,
+                                                                       alpha)))
 
 
 @_custom_op("step_backward_into", mutates_args=("dx",))
