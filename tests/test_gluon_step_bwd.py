@@ -139,7 +139,7 @@ def test_dh_in_l2_is_off_under_deterministic_algorithms(monkeypatch):
     come: never where torch is asked for deterministic algorithms (the partials a plane a block, summed by torch,
     run instead), for the boundary's pass and step's alike."""
     seen = []
-    monkeypatch.setattr(gs, "_launch", lambda *args: seen.append(args[18]) or (None,) * 6)  # dh_atomic
+    monkeypatch.setattr(gs, "_launch", lambda *args, **kw: seen.append(args[18]) or (None,) * 6)  # dh_atomic
     operands = (None,) * 11
     before = torch.are_deterministic_algorithms_enabled()
     for call, ops in ((gs.boundary_grads, operands), (gs.step_grads, operands[1:])):
@@ -227,3 +227,30 @@ def test_builds_for_sm90_within_shared_memory():
 def test_matches_the_reference_on_an_sm90_gpu():
     proc = _run("--no-times")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+
+
+def test_walk_tiles_caps_a_programs_token_walk():
+    """plan_splits: whole waves of programs by default; with walk_tiles at least enough token splits that no program
+    walks more tiles (GluonStepCfg.walk_tiles, opt-in), ragged token counts included."""
+    cpu = torch.device("cpu")  # 4 SMs stand-in
+    assert gs.plan_splits(32768, 4096, cpu) == (1, 32768)
+    assert gs.plan_splits(32768, 4096, cpu, walk_tiles=32) == (16, 2048)
+    assert gs.plan_splits(32768, 4096, cpu, walk_tiles=1000) == (1, 32768)
+    splits, t_split = gs.plan_splits(1000, 512, cpu, walk_tiles=4)
+    assert t_split % gs.BT == 0 and t_split // gs.BT <= 4 and splits * t_split >= 1000 > (splits - 1) * t_split
+
+
+def test_walk_tiles_reaches_the_launch(monkeypatch):
+    """Both ops' configs hand walk_tiles to the kernel's launch; a negative one is a config error."""
+    from mhc_compile.kernels.triton_config import BoundaryBwdCfg
+
+    seen = []
+    monkeypatch.setattr(gs, "_launch", lambda *args, **kw: seen.append(kw.get("walk_tiles")) or (None,) * 6)
+    operands = (None,) * 11
+    gs.boundary_grads(*operands, walk_tiles=32)
+    gs.step_grads(*operands[1:], walk_tiles=16)
+    assert seen == [32, 16]
+    with pytest.raises(ValueError, match="walk_tiles=-1"):
+        BoundaryBwdCfg(walk_tiles=-1)
+    with pytest.raises(ValueError, match="walk_tiles=-2"):
+        tf.configure("step_bwd", walk_tiles=-2)

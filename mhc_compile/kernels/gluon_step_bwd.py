@@ -585,12 +585,17 @@ def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t: in
             desc(dx_prev, (t, ko), (ko, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
 
 
-def plan_splits(t: int, c: int, device) -> tuple[int, int]:
+def plan_splits(t: int, c: int, device, walk_tiles: int = 0) -> tuple[int, int]:
     """(splits, tokens a split, a multiple of BT): channel blocks x splits that keep the SMs' one slot each
-    busiest (``triton_common.least_idle_splits``; a split costs one dphi partial, small beside the stream)."""
+    busiest (``triton_common.least_idle_splits``; a split costs one dphi partial, small beside the stream); with
+    ``walk_tiles``, at least enough splits that no program walks more than that many token tiles (session 43, H100:
+    walks of 32 tiles ran the boundary 5.5 % faster than one of 512 at 32768 x 4096, and 2.8 % slower than one of
+    128 at 8192 x 4096; ``GluonStepCfg.walk_tiles``)."""
     tiles, blocks = tcom.cdiv(t, BT), c // BC
     most = max(1, min(tiles, 8 * tcom.num_sms(device) // max(blocks, 1)))
     splits = tcom.least_idle_splits(blocks, most, tcom.num_sms(device))
+    if walk_tiles:
+        splits = max(splits, tcom.cdiv(tiles, walk_tiles))
     t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
     return tcom.cdiv(t, t_split), t_split
 
@@ -598,20 +603,20 @@ def plan_splits(t: int, c: int, device) -> tuple[int, int]:
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
-               collapse_dx: bool = False):
+               collapse_dx: bool = False, walk_tiles: int = 0):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
-    written as one row a token, [T, 1, C] (no ``out``)."""
+    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles``: ``plan_splits``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     if collapse_dx and out is not None:
         raise ValueError("mhc gluon step_grads: collapse_dx writes one row a token, not over a stream-sized out")
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
                    mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
-                   collapse_dx)[:5]
+                   collapse=collapse_dx, walk_tiles=walk_tiles)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -625,7 +630,7 @@ def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) ->
 def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor,
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
-                   dphi_regs: int = 112, dh_atomic: bool = True):
+                   dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -635,16 +640,17 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
     ``out``: dX_prev's buffer (may be acc, as in ``step_grads``). ``mixers``: mixing warpgroups taking the tiles in
     turn, as in ``step_grads`` (two slots either way at n = 4). ``dh_atomic``: the channel blocks' dH partials added
     in L2 (fp32 reductions into one [n^2 + n, T] plane) instead of written a plane a block for torch to sum: not
-    deterministic (the order of the adds varies), so never under ``torch.use_deterministic_algorithms``."""
+    deterministic (the order of the adds varies), so never under ``torch.use_deterministic_algorithms``.
+    ``walk_tiles``: ``plan_splits``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon boundary_grads: mixers = {mixers} (1 or 2)")
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
                    stages, mixers, mix_regs, dphi_regs,
-                   dh_atomic and not torch.are_deterministic_algorithms_enabled())
+                   dh_atomic and not torch.are_deterministic_algorithms_enabled(), walk_tiles=walk_tiles)
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs, dh_atomic, collapse=False):
+            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -660,7 +666,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     x_in = torch.empty_like(y) if xin else None
     coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
     phi_pad = pad_cols(phi.float(), MP)
-    splits, t_split = plan_splits(t, c, dev)
+    splits, t_split = plan_splits(t, c, dev, walk_tiles)
     parts = splits
     dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
     if dh_atomic:

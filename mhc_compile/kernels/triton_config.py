@@ -244,7 +244,10 @@ class GluonStepCfg:
     On by default since session 41 (H100: the step backward 5-17 % faster with it, the boundary 9-11 %, and the
     partials' buffer, [C / 32, n^2 + n, T] fp32, gone); like torch's own atomic-add kernels it is not deterministic
     (the order of the adds varies), so it is off under ``torch.use_deterministic_algorithms``, where the partials
-    run."""
+    run. ``walk_tiles``: at most this many token tiles (64 tokens each) a program walks, by more token splits (0:
+    as many splits as fill the SMs' waves, ``gluon_step_bwd.plan_splits``). Opt-in: on an H100 (session 43) walks of
+    32 tiles ran the boundary 5.5 % faster at 32768 x 4096 (512-tile walks by default) and 2.8 % slower at 8192 x
+    4096 (128-tile walks), the same at 8192 x 7168 (32-tile walks already)."""
 
     ws: bool = True
     stages: int = 0
@@ -252,9 +255,13 @@ class GluonStepCfg:
     mix_regs: int = 176
     dphi_regs: int = 112
     dh_atomic: bool = True
+    walk_tiles: int = 0
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.walk_tiles < 0:
+            raise ValueError(f"mhc {name}: walk_tiles={self.walk_tiles}; at most that many token tiles a program "
+                             "walks (0: no limit)")
         if self.mixers not in (1, 2):
             raise ValueError(f"mhc {name}: mixers={self.mixers}; the Gluon step backward runs 1 or 2 mixing "
                              "warpgroups")
