@@ -79,7 +79,8 @@ timed shape; with two G slots it was 4-13 % slower. It did not land, and its pat
 Session 43 (benchmarks/results/session43-2026-12-06-h100.md) took dp out of the slots instead (both of its readers
 load it into registers as their wgmmas' A), so that three slots fit: up to 16 % slower than two, and level with two;
 this kernel is not waiting on a ring too shallow. Splitting a program's tokens into walks of at most 32 tiles ran
-the boundary 5.5 % faster at 32768 x 4096 and 2.8 % slower at 8192 x 4096, so ``plan_splits`` is unchanged.
+the boundary 5.5 % faster at 32768 x 4096 and 2.8 % slower at 8192 x 4096, so ``plan_splits`` caps the walks only
+when asked (``walk_tiles``).
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
