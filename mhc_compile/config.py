@@ -79,8 +79,9 @@ class MHCConfig:
                      token. Same values; False keeps the n-wide buffer.
     collapse_head_grad: in Inductor's backward graph, write each chain head's stream gradient (its embedding's,
                      broadcast over the n streams) summed over the streams by the head's proj backward, instead of
-                     n rows that the expand's backward reads back to sum (``passes/collapse_head_grad.py``). The
-                     same sum, rounded once; False keeps the n-wide rows.
+                     n rows that the expand's backward reads back to sum, and its residual-path part summed by the
+                     op that writes it (the head's post_res backward; under ``fuse`` the next step's backward)
+                     (``passes/collapse_head_grad.py``). The same sum, rounded once; False keeps the n-wide rows.
     collapse_tail:   in Inductor's forward graph, collapse each chain's tail in the kernel that mixes its last
                      site (``post_res_collapse``) instead of writing the n streams for the collapse to read back
                      (``passes/collapse_tail.py``). The same mean (or sum), rounded once; False keeps both kernels.
