@@ -37,7 +37,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from mhc_compile.passes.post_grad import OPS, arg, collapse_dx_index, collapses_dx, move_getitems
+from mhc_compile.passes.post_grad import OPS, arg, collapse_dx_index, collapses_dx, move_getitems, schema_index
 
 log = logging.getLogger("mhc_compile")
 
@@ -80,17 +80,12 @@ def _match(op: fx.Node, order: dict, is_broadcast) -> tuple[fx.Node, fx.Node, fx
     return item, total, other
 
 
-def _acc_index() -> dict:
-    """collapsed head op -> where it takes acc."""
-    return {OPS.proj_pre_backward_collapsed.default: 6, OPS.enter_backward_collapsed.default: 16}
-
-
 def _collapse_acc(op: fx.Node) -> bool:
     """Have the op whose dx is the collapsed head op's acc, read by nothing else, write that dx summed over the
     streams too (``collapse_dx``): its n rows were written only for the head op to sum them. That op is the head's
     post_res backward (post_res_backward or _pre) on the default path, the next step's step_backward under
     fuse=True."""
-    index = _acc_index().get(op.target)
+    index = schema_index(op.target, "acc") if op.target in _collapsed().values() else None
     acc = arg(op, index, "acc") if index is not None else None
     if not isinstance(acc, fx.Node):
         return False

@@ -30,12 +30,17 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def collapse_dx_index(target) -> int | None:
-    """Where a post_res backward op or step_backward takes ``collapse_dx`` (its dx summed over the streams: a chain
-    head's, set by passes/collapse_head_grad.py), from the op's schema; None for an op without it."""
+def schema_index(target, name: str) -> int | None:
+    """Where an op takes its argument ``name``, from the op's schema; None for a target without it."""
     schema = getattr(target, "_schema", None)
     names = [a.name for a in schema.arguments] if schema is not None else []
-    return names.index("collapse_dx") if "collapse_dx" in names else None
+    return names.index(name) if name in names else None
+
+
+def collapse_dx_index(target) -> int | None:
+    """Where a post_res backward op or step_backward takes ``collapse_dx`` (its dx summed over the streams: a chain
+    head's, set by passes/collapse_head_grad.py); None for an op without it."""
+    return schema_index(target, "collapse_dx")
 
 
 def collapses_dx(node: fx.Node) -> bool:
