@@ -195,11 +195,13 @@ def _collapsed_row(shape: str, v, h_pre, p, sq, n, c, base, want, lines) -> bool
     return good
 
 
-def _dh_in_l2_row(shape: str, atomic, base, want, lines) -> bool:
-    """The outputs with dH added in L2 (dh_atomic) against the same call without: dH_res and dH_post (outputs 1 and 2,
-    summed in another order) as close to float64, every other output bit-equal. Appends the row; whether it holds."""
-    same = all(torch.equal(a, b) for k, (a, b) in enumerate(zip(atomic, base)) if k not in (1, 2))
-    close = all(_rel_err(a, w) <= 2 * _rel_err(b, w) + 1e-6 for a, b, w in zip(atomic[1:3], base[1:3], want[1:3]))
+def _dh_in_l2_row(shape: str, atomic, base, want, lines, names=NAMES) -> bool:
+    """The outputs with dH added in L2 (dh_atomic) against the same call without: dH_res and dH_post (summed in
+    another order) as close to float64, every other output bit-equal. ``names``: the outputs' names (step's or the
+    boundary's). Appends the row; whether it holds."""
+    summed = tuple(k for k, name in enumerate(names) if name.startswith("dh_"))
+    same = all(torch.equal(a, b) for k, (a, b) in enumerate(zip(atomic, base)) if k not in summed)
+    close = all(_rel_err(atomic[k], want[k]) <= 2 * _rel_err(base[k], want[k]) + 1e-6 for k in summed)
     lines.append(f"| {shape} | (dH added in L2: the rest bit-equal, dH as close to float64) | | | "
                  f"{'ok' if same and close else 'FAIL'} |")
     return same and close
@@ -358,17 +360,18 @@ def boundary_check(t, n, c, lines, pre: bool = True, against=()) -> bool:
     lines.append(f"| {t}x{n}x{c} | (two mixers: the same outputs) | | | {'ok' if same else 'FAIL'} |")
     with tk.tuning("boundary_backward", dh_atomic=True):  # dH added in L2: the same but for dH's order of adds
         atomic = tk.boundary_backward(*args)
-    ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, one, want, lines)
+    ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, one, want, lines, B_NAMES)
     for build in against:  # another build's outputs (dH partials summed by torch: a fixed order) against this one's
         lines.append(_against_row(f"{t}x{n}x{c}", build.label, B_NAMES, build.boundary(args), one, want))
     print("\n".join(lines[-10 - len(against):]), flush=True)
     return ok
 
 
-def boundary_times(shapes, lines, rounds: int = 3, against=()) -> None:
+def boundary_times(shapes, lines, rounds: int = 3, against=(), l2_only: bool = False) -> None:
     """The one pass against proj_pre_backward + post_res_backward_pre (BoundaryBwdCfg.ws off), interleaved; each
     against its own bytes (4n + 4 against 6n + 4 elements of C a token); the one pass with its dH partials summed by
-    torch and added in L2, this build's and each --against build's."""
+    torch and added in L2 (``dh_atomic``), this build's and each --against build's; ``l2_only``: added in L2 only
+    (the default path's), so that a sweep of many builds fits a device call."""
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
@@ -385,10 +388,10 @@ def boundary_times(shapes, lines, rounds: int = 3, against=()) -> None:
                 return tk.boundary_backward(*args)
         return run
 
-    fns = [("one pass", one(False)), ("one pass, dH added in L2", one(True))]
+    modes = (True,) if l2_only else (False, True)
+    fns = [("one pass" + (", dH added in L2" if atomic else ""), one(atomic)) for atomic in modes]
     for build in against:
-        fns += [(f"--against {build.label}", one(False, build)),
-                (f"--against {build.label}, dH in L2", one(True, build))]
+        fns += [(f"--against {build.label}" + (", dH in L2" if atomic else ""), one(atomic, build)) for atomic in modes]
     fns.append(("two ops", _two_ops))
     lines.append("| T x C | round | " + " | ".join(f"{name} us (eff)" for name, _ in fns) + " | two ops / "
                  "one pass, dH in L2 |")
@@ -400,12 +403,12 @@ def boundary_times(shapes, lines, rounds: int = 3, against=()) -> None:
             us = [triton.testing.do_bench_cudagraph(lambda f=f: f(args), rep=200) * 1e3 for _, f in fns]
             effs = [100 * (two_bytes if k == len(fns) - 1 else one_bytes) / (u * 1e-6) / bw for k, u in enumerate(us)]
             cells = " | ".join(f"{u:.1f} ({e:.1f} %)" for u, e in zip(us, effs))
-            lines.append(f"| {t}x{c} | {rnd} | {cells} | {us[-1] / us[1]:.3f} |")
+            lines.append(f"| {t}x{c} | {rnd} | {cells} | {us[-1] / us[len(modes) - 1]:.3f} |")
             print(lines[-1], flush=True)
         del args
 
 
-def boundary_main(out: str | None, no_times: bool, against=()) -> int:
+def boundary_main(out: str | None, no_times: bool, against=(), shapes=None, l2_only: bool = False) -> int:
     import triton
 
     path = os.path.join(out, "boundary_check.md") if out else None
@@ -422,7 +425,7 @@ def boundary_main(out: str | None, no_times: bool, against=()) -> int:
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
             print(lines[-1], flush=True)
     if ok and not no_times:
-        boundary_times(TIMES[:1] + [(8192, 4, 7168)] + TIMES[1:3], lines, against=against)
+        boundary_times(shapes or TIMES[:1] + [(8192, 4, 7168)] + TIMES[1:3], lines, against=against, l2_only=l2_only)
     return 0 if ok else 1
 
 
@@ -438,6 +441,9 @@ def main() -> int:
                     "this build runs the defaults")
     ap.add_argument("--boundary", action="store_true", help="boundary_grads (X read, kernels/triton_boundary.py) "
                     "against the two ops it replaces, instead of step's backward")
+    ap.add_argument("--shapes", nargs="*", default=None, help="TxC shapes the boundary is timed at (n = 4), e.g. "
+                    "16384x4096; the default: 32768x4096 8192x7168 32768x7168 8192x4096")
+    ap.add_argument("--l2-only", action="store_true", help="time the boundary with its partials added in L2 only")
     args = ap.parse_args()
     if args.build:
         return build()
@@ -446,7 +452,8 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")
             return 2
-        return boundary_main(args.out, args.no_times, against)
+        shapes = [(int(s.split("x")[0]), 4, int(s.split("x")[1])) for s in args.shapes or []]
+        return boundary_main(args.out, args.no_times, against, shapes, args.l2_only)
     if not torch.cuda.is_available():
         print("gluon_step_bwd_check: no CUDA device (use --build on a CPU machine)")
         return 2
