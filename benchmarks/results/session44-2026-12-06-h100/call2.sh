@@ -1,0 +1,4 @@
+export PYTHONUNBUFFERED=1
+mkdir -p $OUT/b $OUT/s
+timeout 280 python benchmarks/gluon_step_bwd_check.py --boundary --l2-only --against against_main.py walk.py walk.py walk.py --against-tune "" "walk_tiles=32" "walk_tiles=16" "walk_tiles=64" --shapes 32768x4096 8192x4096 8192x7168 32768x7168 16384x4096 --out $OUT/b > $OUT/boundary.log 2>&1; echo boundary rc $?; grep -v Warn $OUT/boundary.log | grep "FAIL\|error\|^| 32768x4096 |\|^| 8192x4096 |\|^| 8192x7168 |\|^| 16384x4096 |\|^| 32768x7168 |\|copy" | tail -18
+timeout 240 python benchmarks/gluon_step_bwd_check.py --against against_main.py walk.py --against-tune "dh_atomic=true" "dh_atomic=true,walk_tiles=32" --out $OUT/s > $OUT/step.log 2>&1; echo step rc $?; grep -c "| ok |" $OUT/step.log; grep -v Warn $OUT/step.log | grep "FAIL\|error\|^| 32768x\|^| 8192x4096 |\|copy" | tail -14
