@@ -231,13 +231,18 @@ def test_matches_the_reference_on_an_sm90_gpu():
 
 def test_walk_tiles_caps_a_programs_token_walk():
     """plan_splits: whole waves of programs by default; with walk_tiles at least enough token splits that no program
-    walks more tiles (GluonStepCfg.walk_tiles, opt-in), ragged token counts included."""
+    walks more tiles (GluonStepCfg.walk_tiles), ragged token counts included; with long_walk only where the plan's
+    walks are longer than that (the boundary's default: over 128 tiles, capped at 64)."""
     cpu = torch.device("cpu")  # 4 SMs stand-in
     assert gs.plan_splits(32768, 4096, cpu) == (1, 32768)
     assert gs.plan_splits(32768, 4096, cpu, walk_tiles=32) == (16, 2048)
     assert gs.plan_splits(32768, 4096, cpu, walk_tiles=1000) == (1, 32768)
     splits, t_split = gs.plan_splits(1000, 512, cpu, walk_tiles=4)
     assert t_split % gs.BT == 0 and t_split // gs.BT <= 4 and splits * t_split >= 1000 > (splits - 1) * t_split
+    assert gs.plan_splits(8192, 4096, cpu, walk_tiles=64) == (2, 4096)  # 128 tiles > 64: capped
+    assert gs.plan_splits(8192, 4096, cpu, walk_tiles=64, long_walk=128) == (1, 8192)  # 128 tiles: left alone
+    assert gs.plan_splits(8256, 4096, cpu, walk_tiles=64, long_walk=128) == (3, 2752)  # 129 tiles: 3 walks of 43
+    assert gs.plan_splits(32768, 4096, cpu, walk_tiles=64, long_walk=128) == (8, 4096)
 
 
 def test_walk_tiles_reaches_the_launch(monkeypatch):
@@ -245,12 +250,17 @@ def test_walk_tiles_reaches_the_launch(monkeypatch):
     from mhc_compile.kernels.triton_config import BoundaryBwdCfg
 
     seen = []
-    monkeypatch.setattr(gs, "_launch", lambda *args, **kw: seen.append(kw.get("walk_tiles")) or (None,) * 6)
+    monkeypatch.setattr(gs, "_launch",
+                        lambda *args, **kw: seen.append((kw.get("walk_tiles"), kw.get("long_walk"))) or (None,) * 6)
     operands = (None,) * 11
     gs.boundary_grads(*operands, walk_tiles=32)
-    gs.step_grads(*operands[1:], walk_tiles=16)
-    assert seen == [32, 16]
+    gs.step_grads(*operands[1:], walk_tiles=16, long_walk=64)
+    assert seen == [(32, 0), (16, 64)]
+    assert (BoundaryBwdCfg().walk_tiles, BoundaryBwdCfg().long_walk) == (64, 128)
+    assert (tf.StepBwdCfg().walk_tiles, tf.StepBwdCfg().long_walk) == (0, 0)
     with pytest.raises(ValueError, match="walk_tiles=-1"):
         BoundaryBwdCfg(walk_tiles=-1)
+    with pytest.raises(ValueError, match="long_walk=-1"):
+        BoundaryBwdCfg(long_walk=-1)
     with pytest.raises(ValueError, match="walk_tiles=-2"):
         tf.configure("step_bwd", walk_tiles=-2)

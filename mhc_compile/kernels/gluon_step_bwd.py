@@ -79,8 +79,11 @@ timed shape; with two G slots it was 4-13 % slower. It did not land, and its pat
 Session 43 (benchmarks/results/session43-2026-12-06-h100.md) took dp out of the slots instead (both of its readers
 load it into registers as their wgmmas' A), so that three slots fit: up to 16 % slower than two, and level with two;
 this kernel is not waiting on a ring too shallow. Splitting a program's tokens into walks of at most 32 tiles ran
-the boundary 5.5 % faster at 32768 x 4096 and 2.8 % slower at 8192 x 4096, so ``plan_splits`` caps the walks only
-when asked (``walk_tiles``).
+the boundary 5.5 % faster at 32768 x 4096 and 2.8 % slower at 8192 x 4096. Session 44
+(benchmarks/results/session44-2026-12-06-h100.md) swept the cap at five shapes: walks of more than 128 tiles lose to
+walks of 64, one wave of 128-tile walks wins, so the boundary caps walks over 128 tiles at 64 (``plan_splits``'
+``long_walk``; 6-9 % faster at 32768 x 4096, 4 % at 32768 x 2048, 1.2-1.5 % at 16384 x 4096). Adding the token
+splits' dphi partials in L2 instead of writing them was 1-2 % slower (its patch is kept beside those results).
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
@@ -586,16 +589,16 @@ def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t: in
             desc(dx_prev, (t, ko), (ko, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
 
 
-def plan_splits(t: int, c: int, device, walk_tiles: int = 0) -> tuple[int, int]:
+def plan_splits(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0) -> tuple[int, int]:
     """(splits, tokens a split, a multiple of BT): channel blocks x splits that keep the SMs' one slot each
     busiest (``triton_common.least_idle_splits``; a split costs one dphi partial, small beside the stream); with
-    ``walk_tiles``, at least enough splits that no program walks more than that many token tiles (session 43, H100:
-    walks of 32 tiles ran the boundary 5.5 % faster than one of 512 at 32768 x 4096, and 2.8 % slower than one of
-    128 at 8192 x 4096; ``GluonStepCfg.walk_tiles``)."""
+    ``walk_tiles``, where that plan walks a program over more than ``long_walk`` (and ``walk_tiles``) token tiles,
+    enough splits that none walks more than ``walk_tiles`` (``GluonStepCfg``: the boundary caps walks over 128 tiles
+    at 64; sessions 43 and 44 on an H100 say why)."""
     tiles, blocks = tcom.cdiv(t, BT), c // BC
     most = max(1, min(tiles, 8 * tcom.num_sms(device) // max(blocks, 1)))
     splits = tcom.least_idle_splits(blocks, most, tcom.num_sms(device))
-    if walk_tiles:
+    if walk_tiles and tcom.cdiv(tiles, splits) > max(walk_tiles, long_walk):
         splits = max(splits, tcom.cdiv(tiles, walk_tiles))
     t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
     return tcom.cdiv(t, t_split), t_split
@@ -604,20 +607,20 @@ def plan_splits(t: int, c: int, device, walk_tiles: int = 0) -> tuple[int, int]:
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
-               collapse_dx: bool = False, walk_tiles: int = 0):
+               collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
-    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles``: ``plan_splits``'."""
+    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk``: ``plan_splits``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     if collapse_dx and out is not None:
         raise ValueError("mhc gluon step_grads: collapse_dx writes one row a token, not over a stream-sized out")
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
                    mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
-                   collapse=collapse_dx, walk_tiles=walk_tiles)[:5]
+                   collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -631,7 +634,7 @@ def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) ->
 def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor,
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
-                   dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0):
+                   dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0, long_walk: int = 0):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -642,16 +645,17 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
     turn, as in ``step_grads`` (two slots either way at n = 4). ``dh_atomic``: the channel blocks' dH partials added
     in L2 (fp32 reductions into one [n^2 + n, T] plane) instead of written a plane a block for torch to sum: not
     deterministic (the order of the adds varies), so never under ``torch.use_deterministic_algorithms``.
-    ``walk_tiles``: ``plan_splits``'."""
+    ``walk_tiles`` / ``long_walk``: ``plan_splits``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon boundary_grads: mixers = {mixers} (1 or 2)")
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
                    stages, mixers, mix_regs, dphi_regs,
-                   dh_atomic and not torch.are_deterministic_algorithms_enabled(), walk_tiles=walk_tiles)
+                   dh_atomic and not torch.are_deterministic_algorithms_enabled(), walk_tiles=walk_tiles,
+                   long_walk=long_walk)
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0):
+            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -667,7 +671,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     x_in = torch.empty_like(y) if xin else None
     coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
     phi_pad = pad_cols(phi.float(), MP)
-    splits, t_split = plan_splits(t, c, dev, walk_tiles)
+    splits, t_split = plan_splits(t, c, dev, walk_tiles, long_walk)
     parts = splits
     dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
     if dh_atomic:

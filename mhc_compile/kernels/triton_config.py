@@ -244,10 +244,10 @@ class GluonStepCfg:
     On by default since session 41 (H100: the step backward 5-17 % faster with it, the boundary 9-11 %, and the
     partials' buffer, [C / 32, n^2 + n, T] fp32, gone); like torch's own atomic-add kernels it is not deterministic
     (the order of the adds varies), so it is off under ``torch.use_deterministic_algorithms``, where the partials
-    run. ``walk_tiles``: at most this many token tiles (64 tokens each) a program walks, by more token splits (0:
-    as many splits as fill the SMs' waves, ``gluon_step_bwd.plan_splits``). Opt-in: on an H100 (session 43) walks of
-    32 tiles ran the boundary 5.5 % faster at 32768 x 4096 (512-tile walks by default) and 2.8 % slower at 8192 x
-    4096 (128-tile walks), the same at 8192 x 7168 (32-tile walks already)."""
+    run. ``walk_tiles``: at most this many token tiles (64 tokens each) a program walks, by more token splits, where
+    the plan that fills the SMs' waves (``gluon_step_bwd.plan_splits``) walks more than ``long_walk`` tiles (0: no
+    cap). Off for step's backward (session 44, H100: walks of 32 tiles 3 % slower at 32768 x 4096); the boundary
+    caps walks of more than 128 tiles at 64 (``BoundaryBwdCfg``)."""
 
     ws: bool = True
     stages: int = 0
@@ -256,12 +256,16 @@ class GluonStepCfg:
     dphi_regs: int = 112
     dh_atomic: bool = True
     walk_tiles: int = 0
+    long_walk: int = 0
 
     def __post_init__(self):
         name = type(self).__name__
         if self.walk_tiles < 0:
             raise ValueError(f"mhc {name}: walk_tiles={self.walk_tiles}; at most that many token tiles a program "
                              "walks (0: no limit)")
+        if self.long_walk < 0:
+            raise ValueError(f"mhc {name}: long_walk={self.long_walk}; walks of more token tiles than that are capped "
+                             "at walk_tiles (0: any walk longer than walk_tiles)")
         if self.mixers not in (1, 2):
             raise ValueError(f"mhc {name}: mixers={self.mixers}; the Gluon step backward runs 1 or 2 mixing "
                              "warpgroups")
@@ -276,7 +280,13 @@ class BoundaryBwdCfg(GluonStepCfg):
     (``gluon_step_bwd.boundary_grads``; two slots fit at n = 4); off, or where it does not run: proj_pre_backward,
     then the post_res backward. Session 40 (H100): two mixers slower at every shape. Session 41 (H100, with
     ``dh_atomic`` and the per-token data made in the kernel): 18-25 % faster than the two ops at every measured shape
-    (benchmarks/results/session41-2026-12-06-h100.md)."""
+    (benchmarks/results/session41-2026-12-06-h100.md). Walks of more than 128 token tiles are split into walks of at
+    most 64 (``walk_tiles`` / ``long_walk``): on an H100 (session 44) that ran it 6-9 % faster at 32768 x 4096 (512-tile
+    walks otherwise), 4 % at 32768 x 2048 (256) and 1.2-1.5 % at 16384 x 4096 (256), while at 8192 x 4096 one wave of
+    128-tile walks beat walks of 64 by 3 % (benchmarks/results/session44-2026-12-06-h100.md)."""
+
+    walk_tiles: int = 64
+    long_walk: int = 128
 
 
 DEFAULTS = {
