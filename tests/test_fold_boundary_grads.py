@@ -201,11 +201,15 @@ def test_the_pass_leaves_a_pair_it_cannot_place_alone():
 @pytest.mark.parametrize("pre", [True, False])
 def test_the_one_pass_route_hands_its_kernel_token_major_operands(monkeypatch, pre):
     """The sm_90 route (``gluon_step_bwd.boundary_grads``, faked here by the reference on what it is handed): operands
-    with leading token dims reach it as [T, ...], its outputs come back with those dims, dx_prev into ``out``."""
+    with leading token dims reach it as [T, ...], its outputs come back with those dims, dx_prev into ``out``; the
+    config's launch fields reach it too (BoundaryBwdCfg's walk cap)."""
     from mhc_compile.kernels import gluon_step_bwd as gs
     from mhc_compile.kernels import triton_boundary as tb
 
-    def fake(x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev=None, out=None, **_):
+    launch = {}
+
+    def fake(x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev=None, out=None, **kw):
+        launch.update(kw)
         assert x.dim() == 3 and dx_in.dim() == 2 and dsq.dim() == 1
         dx_prev, dh_res, dh_post, dy, x_in, dphi = ref.boundary_backward(x, phi, dp, dsq, h_pre, dx_in, acc, x_prev,
                                                                          h_res, h_post, y, h_pre_prev)
@@ -225,3 +229,4 @@ def test_the_one_pass_route_hands_its_kernel_token_major_operands(monkeypatch, p
     for a, w in zip(got[:5], want[:5]):
         torch.testing.assert_close(a, w.reshape(a.shape), rtol=0, atol=0)
     torch.testing.assert_close(got[5], want[5], rtol=0, atol=0)
+    assert (launch["walk_tiles"], launch["long_walk"], launch["dh_atomic"]) == (64, 128, True)
