@@ -205,6 +205,7 @@ def test_a_gluon_build_error_falls_back_to_the_three_passes_with_a_warning(monke
         got = tf.step_backward(*call)
     again = tf.step_backward(*call)
     assert [kw["stages"] for _, kw in tries] == [0] and tf._NO_GLUON == {v["x_prev"].device}
+    assert [(kw["walk_tiles"], kw["long_walk"]) for _, kw in tries] == [(0, 0)]  # StepBwdCfg's plan reaches it
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 
