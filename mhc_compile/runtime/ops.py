@@ -351,7 +351,7 @@ def proj_pre_backward_collapsed(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor,
 
 @proj_pre_backward_collapsed.register_fake
 def _(x, phi, dp, dsq, h_pre, dout, acc, impl):
-    return x.new_empty(x.shape[:-2] + (1, x.shape[-1])), _dense_like(phi)
+    return x.new_empty(_summed_shape(x)), _dense_like(phi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,9 +433,14 @@ def post_res_backward(
     return _kernels(impl).post_res_backward(x, h_res, h_post, y, dout)
 
 
+def _summed_shape(x: Tensor) -> torch.Size:
+    """A stream's shape summed over its n streams: one row a token, [.., 1, C]."""
+    return x.shape[:-2] + (1, x.shape[-1])
+
+
 def _dx_like(x: Tensor, collapse_dx: bool) -> Tensor:
     """A stream gradient's fake: x's shape, or one row a token where it is summed over the streams."""
-    return x.new_empty(x.shape[:-2] + (1, x.shape[-1])) if collapse_dx else _dense_like(x)
+    return x.new_empty(_summed_shape(x)) if collapse_dx else _dense_like(x)
 
 
 @post_res_backward.register_fake
@@ -626,12 +631,12 @@ def enter_backward_collapsed(
     ds, dphi, dbias, dalpha = _enter_grads("enter_backward_collapsed", x, phi, bias, alpha, h_pre, p, sq, dx_in,
                                            dh_post, dh_res, n, nc, eps, iters, mode, impl,
                                            None if acc is None else _tokens(acc, 2))
-    return ds.reshape(x.shape[:-2] + (1, x.shape[-1])), dphi, dbias, dalpha
+    return ds.reshape(_summed_shape(x)), dphi, dbias, dalpha
 
 
 @enter_backward_collapsed.register_fake
 def _(x, phi, bias, alpha, h_pre, p, sq, dx_in, dh_post, dh_res, n, nc, eps, iters, mode, impl, acc=None):
-    return (x.new_empty(x.shape[:-2] + (1, x.shape[-1])), _dense_like(phi), _dense_like(bias),
+    return (x.new_empty(_summed_shape(x)), _dense_like(phi), _dense_like(bias),
             _dense_like(alpha))
 
 
@@ -707,7 +712,7 @@ def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_
         dx_prev, *rest = kernels.step_backward(*args)
         dx_prev = dx_tokens.copy_(dx_prev)
     dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha = rest
-    dx_shape = x_prev.shape[:-2] + (1, x_prev.shape[-1]) if collapse_dx else x_prev.shape
+    dx_shape = _summed_shape(x_prev) if collapse_dx else x_prev.shape
     return (dx_prev.reshape(dx_shape), dh_res_prev.reshape(h_res_prev.shape),
             dh_post_prev.reshape(h_post_prev.shape), dy_prev.reshape(y_prev.shape), dphi, dbias, dalpha)
 
