@@ -41,12 +41,14 @@ TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 
 
 def build(builds=((2, False, False, False), (1, False, False, False), (1, True, True, False), (1, True, False, False),
-                  (2, True, True, False), (1, False, True, False), (1, False, True, True))) -> int:
+                  (2, True, True, False), (1, False, True, False), (1, False, True, True),
+                  (1, True, True, False, 4))) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
     a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin, collapse) each: step's second pass with
     two and one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in; with x_in its dH added in
     L2, DH_ATOMIC), then step's pass with its dH added in L2 (saved_x off, the third flag on: DH_ATOMIC alone), and
-    last the same with dX_prev summed over the streams (COLLAPSE: a chain head's under fuse=True)."""
+    last the same with dX_prev summed over the streams (COLLAPSE: a chain head's under fuse=True); a fifth field, the
+    last build's, paces the loader (``PACE`` tiles: the boundary with x_in, paced)."""
     import triton
 
     from benchmarks import sm90_build
@@ -57,7 +59,8 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
     dp_pad = torch.zeros(t, gs.MP)
     phi_pad = torch.zeros(n * c, gs.MP)
-    for mixers, saved_x, xin, collapse in builds:
+    for mixers, saved_x, xin, collapse, *paced in builds:
+        pace = paced[0] if paced else 0
         atomic = xin  # with X read: x_in (and dH in L2); with X rebuilt, this flag is dH in L2 alone
         xin = xin and saved_x
         coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
@@ -66,10 +69,11 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
             descs = gs.descriptors(x, y, y, x, coefs, dp_pad, phi_pad, y if collapse else x, y, t, n, c, collapse)
             built = gs._step_bwd_ws_kernel.warmup(
                 *descs, descs[0], descs[-1], torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t),
-                t, c, t, n, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP, NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st,
-                MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=atomic, COLLAPSE=collapse,
-                MIX_REGS=tf.StepBwdCfg.mix_regs,
-                DPHI_REGS=tf.StepBwdCfg.dphi_regs, num_warps=4, grid=(c // gs.BC, 1))
+                torch.zeros(1, dtype=torch.int32), t, c, t, n, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP,
+                NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin,
+                DH_ATOMIC=atomic, COLLAPSE=collapse, MIX_REGS=tf.StepBwdCfg.mix_regs,
+                DPHI_REGS=tf.StepBwdCfg.dphi_regs, PACE=pace, PACE_SPIN=gs.PACE_SPIN, num_warps=4,
+                grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the mixing warpgroup's loop; spills counted in every loop
@@ -89,7 +93,7 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
         clean = spill <= 16 and loop["LDL"] <= 4 * mixers and inner_ldl == 0 and loop["STL"] == 0
         ok = (clean or not strict) and smem <= SMEM_LIMIT and loop["HGMMA"] > 0
         failed += not ok
-        what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers})" if saved_x
+        what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers}{f', pace={pace}' if pace else ''})" if saved_x
                 else f"mixers={mixers}" + (" dH in L2" if atomic else "") + (" dX_prev summed" if collapse else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)

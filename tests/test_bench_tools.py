@@ -812,3 +812,25 @@ def test_ring_sweep_times_each_row_under_each_variant(tmp_path, monkeypatch):
         ring_sweep.main(["--device", "cpu", "--rows", "no such row"])
     with pytest.raises(SystemExit):
         ring_sweep.main(["--device", "cpu", "--shapes", "32768by4096"])
+
+
+def test_op_split_same_as_says_which_outputs_differ():
+    """op_split's check of a config against the first: dX_prev, dy and x_in must be bit-equal, dH and dphi within
+    1e-3 relative; an empty x_in (no pre) is skipped, and one flipped element of an exact output fails the line."""
+    from benchmarks import op_split
+
+    g = torch.Generator().manual_seed(3)
+    first = {name: torch.randn(6, 5, generator=g) for name in op_split.NAMES}
+    first["x_in"] = torch.empty(0)
+    same = {k: v.clone() for k, v in first.items()}
+    same["dphi"] = first["dphi"] * (1 + 1e-4)
+    line = op_split.same_as(same, first, {})
+    assert line.startswith("- against the default config: ok") and "x_in" not in line
+    assert 0.9e-4 < float(line.split("dphi ")[1].rstrip(")")) < 1.1e-4, line
+    flipped = {k: v.clone() for k, v in same.items()}
+    flipped["dy"][2, 3] = torch.nextafter(flipped["dy"][2, 3], torch.tensor(1e9))
+    assert ": FAIL (" in op_split.same_as(flipped, first, {"pace": 0}) and "dy DIFFERS" in op_split.same_as(
+        flipped, first, {"pace": 0})
+    far = {k: v.clone() for k, v in same.items()}
+    far["dh_res"] = first["dh_res"] * 1.01
+    assert ": FAIL (" in op_split.same_as(far, first, {})

@@ -202,7 +202,7 @@ def test_the_pass_leaves_a_pair_it_cannot_place_alone():
 def test_the_one_pass_route_hands_its_kernel_token_major_operands(monkeypatch, pre):
     """The sm_90 route (``gluon_step_bwd.boundary_grads``, faked here by the reference on what it is handed): operands
     with leading token dims reach it as [T, ...], its outputs come back with those dims, dx_prev into ``out``; the
-    config's launch fields reach it too (BoundaryBwdCfg's walk cap)."""
+    config's launch fields reach it too (BoundaryBwdCfg's walk cap and pacing)."""
     from mhc_compile.kernels import gluon_step_bwd as gs
     from mhc_compile.kernels import triton_boundary as tb
 
@@ -229,4 +229,4 @@ def test_the_one_pass_route_hands_its_kernel_token_major_operands(monkeypatch, p
     for a, w in zip(got[:5], want[:5]):
         torch.testing.assert_close(a, w.reshape(a.shape), rtol=0, atol=0)
     torch.testing.assert_close(got[5], want[5], rtol=0, atol=0)
-    assert (launch["walk_tiles"], launch["long_walk"], launch["dh_atomic"]) == (64, 128, True)
+    assert (launch["walk_tiles"], launch["long_walk"], launch["dh_atomic"], launch["pace"]) == (64, 128, True, 3)

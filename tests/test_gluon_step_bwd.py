@@ -205,7 +205,7 @@ def test_a_gluon_build_error_falls_back_to_the_three_passes_with_a_warning(monke
         got = tf.step_backward(*call)
     again = tf.step_backward(*call)
     assert [kw["stages"] for _, kw in tries] == [0] and tf._NO_GLUON == {v["x_prev"].device}
-    assert [(kw["walk_tiles"], kw["long_walk"]) for _, kw in tries] == [(0, 0)]  # StepBwdCfg's plan reaches it
+    assert [(kw["walk_tiles"], kw["long_walk"], kw["pace"]) for _, kw in tries] == [(0, 0, 0)]  # StepBwdCfg's plan
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 
@@ -220,8 +220,8 @@ def test_builds_for_sm90_within_shared_memory():
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
     # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers,
-    # then step's pass with its dH added in L2, and with dX_prev summed over the streams too
-    assert len(rows) == 7 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # then step's pass with its dH added in L2, and with dX_prev summed over the streams too, and the boundary paced
+    assert len(rows) == 8 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)
@@ -246,19 +246,34 @@ def test_walk_tiles_caps_a_programs_token_walk():
     assert gs.plan_splits(32768, 4096, cpu, walk_tiles=64, long_walk=128) == (8, 4096)
 
 
+def test_pace_only_where_the_plan_is_one_wave():
+    """plan_walks: with pace, a plan whose programs all fit the SMs at once is paced and its walks left whole, caps
+    or not; a plan of more programs than SMs is not paced (its programs do not run together) and is capped as
+    plan_splits caps it; without pace, plan_splits' plan."""
+    cpu = torch.device("cpu")  # 4 SMs stand-in
+    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3) == (1, 4096, 3)  # 4 programs, 64-tile walks
+    assert gs.plan_walks(4096, 2 * gs.BC, cpu, walk_tiles=8, pace=3) == (2, 2048, 3)  # 2 blocks x 2 splits
+    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8) == (8, 512, 0)  # not paced: capped
+    eight = 8 * gs.BC  # 8 blocks, 4 SMs: two waves, so no pacing, and the cap as plan_splits
+    assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3) == (*gs.plan_splits(4096, eight, cpu, 8), 0)
+    assert gs.plan_walks(32768, 4096, cpu, walk_tiles=64, long_walk=128, pace=3) == (8, 4096, 0)
+
+
 def test_walk_tiles_reaches_the_launch(monkeypatch):
-    """Both ops' configs hand walk_tiles to the kernel's launch; a negative one is a config error."""
+    """Both ops' configs hand walk_tiles and pace to the kernel's launch; a negative one is a config error."""
     from mhc_compile.kernels.triton_config import BoundaryBwdCfg
 
     seen = []
-    monkeypatch.setattr(gs, "_launch",
-                        lambda *args, **kw: seen.append((kw.get("walk_tiles"), kw.get("long_walk"))) or (None,) * 6)
+    monkeypatch.setattr(gs, "_launch", lambda *args, **kw: seen.append((kw.get("walk_tiles"), kw.get("long_walk"),
+                                                                        kw.get("pace"))) or (None,) * 6)
     operands = (None,) * 11
-    gs.boundary_grads(*operands, walk_tiles=32)
+    gs.boundary_grads(*operands, walk_tiles=32, pace=5)
     gs.step_grads(*operands[1:], walk_tiles=16, long_walk=64)
-    assert seen == [(32, 0), (16, 64)]
-    assert (BoundaryBwdCfg().walk_tiles, BoundaryBwdCfg().long_walk) == (64, 128)
-    assert (tf.StepBwdCfg().walk_tiles, tf.StepBwdCfg().long_walk) == (0, 0)
+    assert seen == [(32, 0, 5), (16, 64, 0)]
+    assert (BoundaryBwdCfg().walk_tiles, BoundaryBwdCfg().long_walk, BoundaryBwdCfg().pace) == (64, 128, 3)
+    assert (tf.StepBwdCfg().walk_tiles, tf.StepBwdCfg().long_walk, tf.StepBwdCfg().pace) == (0, 0, 0)
+    with pytest.raises(ValueError, match="pace=-1"):
+        BoundaryBwdCfg(pace=-1)
     with pytest.raises(ValueError, match="walk_tiles=-1"):
         BoundaryBwdCfg(walk_tiles=-1)
     with pytest.raises(ValueError, match="long_walk=-1"):

@@ -85,6 +85,15 @@ walks of 64, one wave of 128-tile walks wins, so the boundary caps walks over 12
 ``long_walk``; 6-9 % faster at 32768 x 4096, 4 % at 32768 x 2048, 1.2-1.5 % at 16384 x 4096). Adding the token
 splits' dphi partials in L2 instead of writing them was 1-2 % slower (its patch is kept beside those results).
 
+Session 45 (benchmarks/results/session45-2026-12-06-h100.md) found why long walks lose: a program reads 64 bytes of
+each token row, half an L2 line whose other half its neighbouring channel block reads, and all blocks read the same
+per-token rows. Programs that drift apart miss what their neighbours brought into L2 and read it again from DRAM:
+at 32768 x 4096 and a 1.8 GHz SM clock, up to 5.0 GB against the 3.76 GB the kernel reads once (3.8 GB, and 90-92 %
+of the copy bandwidth, at Nsight Compute's 1.44 GHz). Where a plan's programs all fit the SMs at once, the loaders
+now pace them (``plan_walks``, ``BoundaryBwdCfg.pace``): tile ``it`` waits until the token split has finished tile
+``it - pace``. On an H100, whole walks paced 3 tiles apart ran the boundary 8.5-10.7 % faster than capped walks at
+32768 x 4096 (82.5-84.6 % of its floor, the kernel alone 86.1 %) and read 3.8-4.1 GB.
+
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
 run under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a and check the two-pass decomposition
@@ -112,6 +121,7 @@ LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel 
 BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a program, dp's padded width
 
 
+PACE_SPIN = 64  # polls a paced loader makes for its token split before it stops pacing (_loader)
 CW = 4  # coefficients a group: n <= 4 of them, a 16-byte row a token (TMA's least)
 
 
@@ -225,18 +235,33 @@ if AVAILABLE:
 
     @gluon.jit
     def _loader(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs, xsv,
-                coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N: gl.constexpr,
-                BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
-                STAGES: gl.constexpr, SAVED_X: gl.constexpr):
+                coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr, pace_of,
+                N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr,
+                CW: gl.constexpr, STAGES: gl.constexpr, SAVED_X: gl.constexpr, PACE: gl.constexpr,
+                PACE_SPIN: gl.constexpr):
         """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
-        boxes (with SAVED_X X's n more, from s_desc) and its per-token data."""
+        boxes (with SAVED_X X's n more, from s_desc) and its per-token data.
+
+        PACE (tiles, 0: off): tile ``it`` is not loaded before the ``pace_of`` programs of this token split (their
+        counter: ``pace_ptr``) have finished tile ``it - PACE`` between them, so that the channel blocks that read
+        the halves of one 128-byte line, and the same per-token rows, stay near each other and find them in L2
+        (``plan_walks`` says when). The wait is a hint the result never needs: after PACE_SPIN polls in vain (a
+        program of the split not resident) the program stops pacing."""
         phi_bytes: gl.constexpr = N * BC * MP * 4
         mbarrier.expect(phi_ready, phi_bytes)
         for i in gl.static_range(N):
             _tma_load(w_desc, [i * C + c0, 0], phi_ready, phis.index(i))
         nbytes: gl.constexpr = (2 * N + 2 + N * SAVED_X) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4
+        pacing = 1
         for it in range(n_tiles):
             s = it % STAGES
+            if PACE:
+                if (pacing != 0) & (it >= PACE):
+                    want = (it - PACE) * pace_of
+                    polls = 0
+                    while (gl.load(pace_ptr, volatile=True) < want) & (polls < PACE_SPIN):
+                        polls += 1
+                    pacing = (polls < PACE_SPIN).to(gl.int32)
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
@@ -305,10 +330,10 @@ if AVAILABLE:
 
     @gluon.jit
     def _mixer(o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed, empty,
-               phi_ready, t_lo, c0, n_tiles, T, C, NJ, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
-               MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr, MIXERS: gl.constexpr,
-               SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr,
-               num_warps: gl.constexpr):
+               phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N: gl.constexpr, BT: gl.constexpr,
+               BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr,
+               MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr,
+               COLLAPSE: gl.constexpr, PACE: gl.constexpr, num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
@@ -440,6 +465,8 @@ if AVAILABLE:
                 _tma_store(xin_desc, [t0, c0], gins.index(s))
             tma.store_wait(0)  # the stores have read the slot's tiles
             mbarrier.arrive(empty.index(s), count=1)
+            if PACE:  # one more tile done in this token split (the loaders' PACE, _loader)
+                gl.atomic_add(pace_ptr, 1, sem="relaxed")
 
     @gluon.jit
     def _split_dp(dps, s, hlw, MP: gl.constexpr, BT: gl.constexpr, num_warps: gl.constexpr):
@@ -493,11 +520,13 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["T"])
     def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, o_desc, dy_desc,
-                            s_desc, xin_desc, dphi_ptr, dh_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr, BT: gl.constexpr,
+                            s_desc, xin_desc, dphi_ptr, dh_ptr, pace_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr,
+                            BT: gl.constexpr,
                             BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
                             DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr, MIX_REGS: gl.constexpr,
-                            DPHI_REGS: gl.constexpr, num_warps: gl.constexpr):
+                            DPHI_REGS: gl.constexpr, PACE: gl.constexpr, PACE_SPIN: gl.constexpr,
+                            num_warps: gl.constexpr):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; w_desc: phi [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like
@@ -510,6 +539,8 @@ if AVAILABLE:
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
         n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
+        pace_ptr += part  # PACE: the token split's counter of tiles done, and the C / BC programs that add to it
+        pace_of = C // BC
         # dX's ring: one allocation a stream. The compiler's shared-memory hazard analysis does not tell the slots of
         # one allocation apart (the slot index is dynamic), and puts a barrier between any two accesses of one
         # allocation that another thread might overlap; apart, the X_i stores of a tile take one barrier, not four.
@@ -544,27 +575,27 @@ if AVAILABLE:
         if MIXERS == 1:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
-                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 1, SAVED_X,
-                          XIN, DH_ATOMIC, COLLAPSE, num_warps)),
+                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 1,
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
-                           xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
-                           MP, NG, CW, STAGES, SAVED_X)),
+                           xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
+                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
-                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 0, 2, SAVED_X,
-                          XIN, DH_ATOMIC, COLLAPSE, num_warps)),
+                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 2,
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, num_warps)),
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
-                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, N, BT, BC, MP, NG, STAGES, 1, 2, SAVED_X,
-                          XIN, DH_ATOMIC, COLLAPSE, num_warps)),
+                          empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 1, 2,
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
-                           xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, N, BT, BC,
-                           MP, NG, CW, STAGES, SAVED_X)),
+                           xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
+                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -604,23 +635,41 @@ def plan_splits(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0)
     return tcom.cdiv(t, t_split), t_split
 
 
+def plan_walks(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0,
+               pace: int = 0) -> tuple[int, int, int]:
+    """(splits, tokens a split, pace): ``plan_splits``' plan, paced where it is one wave. With ``pace`` and a plan
+    whose C / BC x splits programs are all resident at once (one an SM, as the kernel's shared memory allows),
+    every program waits before its tile ``it`` until its token split has finished tile ``it - pace`` (``_loader``),
+    and walks its whole split: walks drift apart otherwise, and a channel block then reads from DRAM again the half
+    of a 128-byte line, and the per-token rows, that its neighbours had brought into L2 (session 45, H100, Nsight
+    Compute at 32768 x 4096: 4.3-5.0 GB read against the 3.76 GB the kernel reads once, at 1.8 GHz; 3.8 GB at the
+    profiler's 1.44 GHz, where it ran faster). Where the plan takes more than one wave, programs of a split do not
+    run together and pacing would stall them: ``pace`` is 0 there and ``walk_tiles`` caps the walks (shorter walks
+    drift less) as ``plan_splits`` says."""
+    if pace:
+        splits, t_split = plan_splits(t, c, device)
+        if (c // BC) * splits <= tcom.num_sms(device):
+            return splits, t_split, pace
+    return (*plan_splits(t, c, device, walk_tiles, long_walk), 0)
+
+
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
-               collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0):
+               collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
-    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk``: ``plan_splits``'."""
+    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk`` / ``pace``: ``plan_walks``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     if collapse_dx and out is not None:
         raise ValueError("mhc gluon step_grads: collapse_dx writes one row a token, not over a stream-sized out")
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
                    mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
-                   collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk)[:5]
+                   collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk, pace=pace)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -634,7 +683,8 @@ def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) ->
 def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor,
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
-                   dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0, long_walk: int = 0):
+                   dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0, long_walk: int = 0,
+                   pace: int = 0):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -645,17 +695,17 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
     turn, as in ``step_grads`` (two slots either way at n = 4). ``dh_atomic``: the channel blocks' dH partials added
     in L2 (fp32 reductions into one [n^2 + n, T] plane) instead of written a plane a block for torch to sum: not
     deterministic (the order of the adds varies), so never under ``torch.use_deterministic_algorithms``.
-    ``walk_tiles`` / ``long_walk``: ``plan_splits``'."""
+    ``walk_tiles`` / ``long_walk`` / ``pace``: ``plan_walks``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon boundary_grads: mixers = {mixers} (1 or 2)")
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
                    stages, mixers, mix_regs, dphi_regs,
                    dh_atomic and not torch.are_deterministic_algorithms_enabled(), walk_tiles=walk_tiles,
-                   long_walk=long_walk)
+                   long_walk=long_walk, pace=pace)
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0):
+            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -671,22 +721,23 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     x_in = torch.empty_like(y) if xin else None
     coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
     phi_pad = pad_cols(phi.float(), MP)
-    splits, t_split = plan_splits(t, c, dev, walk_tiles, long_walk)
+    splits, t_split, pace = plan_walks(t, c, dev, walk_tiles, long_walk, pace)
     parts = splits
     dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
     if dh_atomic:
         dh = torch.zeros((1, n * n + n, t), dtype=torch.float32, device=dev)
     else:
         dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
+    counters = torch.zeros(splits, dtype=torch.int32, device=dev) if pace else dh.view(torch.int32)  # unread: 0
     descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t, n, c, collapse)
     k, bf = n * c, gl.bfloat16
     s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
     xin_desc = desc(x_in, (t, c), (c, 1), (BT, BC), bf) if xin else descs[-1]
     LAUNCHES += 1
     _step_bwd_ws_kernel[(c // BC, splits)](
-        *descs, s_desc, xin_desc, dphi_t, dh, t, c, t_split, n, N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin),
-        CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=dh_atomic, COLLAPSE=collapse,
-        MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, num_warps=4)
+        *descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, N=n, BT=BT, BC=BC, MP=MP,
+        NG=coef_groups(n, xin), CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=dh_atomic,
+        COLLAPSE=collapse, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, PACE=pace, PACE_SPIN=PACE_SPIN, num_warps=4)
     dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
     dh = dh[0] if dh_atomic else dh.sum(0)
     return (dx_prev, dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dy,

@@ -247,7 +247,9 @@ class GluonStepCfg:
     run. ``walk_tiles``: at most this many token tiles (64 tokens each) a program walks, by more token splits, where
     the plan that fills the SMs' waves (``gluon_step_bwd.plan_splits``) walks more than ``long_walk`` tiles (0: no
     cap). Off for step's backward (session 44, H100: walks of 32 tiles 3 % slower at 32768 x 4096); the boundary
-    caps walks of more than 128 tiles at 64 (``BoundaryBwdCfg``)."""
+    caps walks of more than 128 tiles at 64 (``BoundaryBwdCfg``). ``pace``: where the plan is one wave, each program
+    loads token tile it only once its token split has finished tile it - pace, and walks are not capped (0: off;
+    ``gluon_step_bwd.plan_walks`` says why and when)."""
 
     ws: bool = True
     stages: int = 0
@@ -257,9 +259,13 @@ class GluonStepCfg:
     dh_atomic: bool = True
     walk_tiles: int = 0
     long_walk: int = 0
+    pace: int = 0
 
     def __post_init__(self):
         name = type(self).__name__
+        if self.pace < 0:
+            raise ValueError(f"mhc {name}: pace={self.pace}; a program loads token tile it once its token split has "
+                             "finished tile it - pace (0: no pacing)")
         if self.walk_tiles < 0:
             raise ValueError(f"mhc {name}: walk_tiles={self.walk_tiles}; at most that many token tiles a program "
                              "walks (0: no limit)")
@@ -283,10 +289,14 @@ class BoundaryBwdCfg(GluonStepCfg):
     (benchmarks/results/session41-2026-12-06-h100.md). Walks of more than 128 token tiles are split into walks of at
     most 64 (``walk_tiles`` / ``long_walk``): on an H100 (session 44) that ran it 6-9 % faster at 32768 x 4096 (512-tile
     walks otherwise), 4 % at 32768 x 2048 (256) and 1.2-1.5 % at 16384 x 4096 (256), while at 8192 x 4096 one wave of
-    128-tile walks beat walks of 64 by 3 % (benchmarks/results/session44-2026-12-06-h100.md)."""
+    128-tile walks beat walks of 64 by 3 % (benchmarks/results/session44-2026-12-06-h100.md). Where the plan is one
+    wave (C up to 4096 on an H100) its programs are paced 3 tiles apart instead, and walk their whole split: on an
+    H100 (session 45) 8-11 % faster than the capped walks at 32768 x 4096, 2.5 % at 16384 x 4096 and 1.5 % at 8192 x
+    4096 (benchmarks/results/session45-2026-12-06-h100.md)."""
 
     walk_tiles: int = 64
     long_walk: int = 128
+    pace: int = 3
 
 
 DEFAULTS = {
