@@ -525,8 +525,7 @@ if AVAILABLE:
     @gluon.jit(do_not_specialize=["T"])
     def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, o_desc, dy_desc,
                             s_desc, xin_desc, dphi_ptr, dh_ptr, pace_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr,
-                            BT: gl.constexpr,
-                            BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
+                            BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
                             DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr, MIX_REGS: gl.constexpr,
                             DPHI_REGS: gl.constexpr, PACE: gl.constexpr, PACE_SPIN: gl.constexpr,
@@ -538,7 +537,8 @@ if AVAILABLE:
         its mixing warpgroup has stored its outputs and the dphi warpgroup has read its X_i (``empty``: two
         arrivals). SAVED_X (``boundary_grads``): s_desc is X [T, N*C], read instead of rebuilt; XIN: xin_desc [T, C]
         receives the sublayer input (otherwise both stand in for descriptors the kernel does not use). COLLAPSE:
-        o_desc is dX_prev summed over the streams, [T, C] (``step_grads``' ``collapse_dx``)."""
+        o_desc is dX_prev summed over the streams, [T, C] (``step_grads``' ``collapse_dx``). PACE: pace_ptr is an
+        int32 counter a token split, zeroed, of the tiles its programs have finished (``_loader``)."""
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
