@@ -291,8 +291,8 @@ class BoundaryBwdCfg(GluonStepCfg):
     walks otherwise), 4 % at 32768 x 2048 (256) and 1.2-1.5 % at 16384 x 4096 (256), while at 8192 x 4096 one wave of
     128-tile walks beat walks of 64 by 3 % (benchmarks/results/session44-2026-12-06-h100.md). Where the plan is one
     wave (C up to 4096 on an H100) its programs are paced 3 tiles apart instead, and walk their whole split: on an
-    H100 (session 45) 8-11 % faster than the capped walks at 32768 x 4096, 2.5 % at 16384 x 4096 and 1.5 % at 8192 x
-    4096 (benchmarks/results/session45-2026-12-06-h100.md)."""
+    H100 (session 45) 8.5-10.7 % faster than the capped walks at 32768 x 4096, 2.5 % at 16384 x 4096 and 1.2-1.8 %
+    at 8192 x 4096 (benchmarks/results/session45-2026-12-06-h100.md)."""
 
     walk_tiles: int = 64
     long_walk: int = 128
