@@ -93,7 +93,8 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
         clean = spill <= 16 and loop["LDL"] <= 4 * mixers and inner_ldl == 0 and loop["STL"] == 0
         ok = (clean or not strict) and smem <= SMEM_LIMIT and loop["HGMMA"] > 0
         failed += not ok
-        what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers}{f', pace={pace}' if pace else ''})" if saved_x
+        pace_note = f", pace={pace}" if pace else ""
+        what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers}{pace_note})" if saved_x
                 else f"mixers={mixers}" + (" dH in L2" if atomic else "") + (" dX_prev summed" if collapse else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
