@@ -69,7 +69,7 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
             descs = gs.descriptors(x, y, y, x, coefs, dp_pad, phi_pad, y if collapse else x, y, t, n, c, collapse)
             built = gs._step_bwd_ws_kernel.warmup(
                 *descs, descs[0], descs[-1], torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t),
-                torch.zeros(1, dtype=torch.int32), t, c, t, n, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP,
+                torch.zeros(1, dtype=torch.int32), t, c, t, n, c // gs.BC, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP,
                 NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin,
                 DH_ATOMIC=atomic, COLLAPSE=collapse, MIX_REGS=tf.StepBwdCfg.mix_regs,
                 DPHI_REGS=tf.StepBwdCfg.dphi_regs, PACE=pace, PACE_SPIN=gs.PACE_SPIN, num_warps=4,

@@ -229,4 +229,5 @@ def test_the_one_pass_route_hands_its_kernel_token_major_operands(monkeypatch, p
     for a, w in zip(got[:5], want[:5]):
         torch.testing.assert_close(a, w.reshape(a.shape), rtol=0, atol=0)
     torch.testing.assert_close(got[5], want[5], rtol=0, atol=0)
-    assert (launch["walk_tiles"], launch["long_walk"], launch["dh_atomic"], launch["pace"]) == (64, 128, True, 3)
+    assert (launch["walk_tiles"], launch["long_walk"], launch["dh_atomic"], launch["pace"], launch["pace_waves"]) == (
+        64, 128, True, 3, True)

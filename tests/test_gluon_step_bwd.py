@@ -246,32 +246,75 @@ def test_walk_tiles_caps_a_programs_token_walk():
     assert gs.plan_splits(32768, 4096, cpu, walk_tiles=64, long_walk=128) == (8, 4096)
 
 
+@pytest.mark.parametrize("parts, planes, n, c, t, dtype", [(1, 1, 4, 64, 300, torch.float32),
+                                                             (3, 2, 2, 96, 129, torch.bfloat16),
+                                                             (2, 5, 1, 32, 7, torch.float64)])
+def test_finish_matches_its_torch_twin(parts, planes, n, c, t, dtype):
+    """finish (one Triton launch, under the interpreter here) against finish_reference, the torch ops it replaced:
+    dphi summed over token splits and hi / lo rows, rows past m dropped, transposed; dH summed over its planes and
+    made token-major. fp32 and fp64 outputs equal; bf16 within one unit in the last place (the interpreter rounds a
+    bf16 store toward zero, the GPU to nearest), sums of several partials within fp32's rounding of another order of
+    adds, on fresh random partials, ragged token counts."""
+    g = torch.Generator().manual_seed(parts * 7 + planes)
+    m = n * n + 2 * n
+    dphi_t = torch.randn(parts, 2 * gs.MP, n * c, generator=g)
+    dh = torch.randn(planes, n * n + n, t, generator=g)
+    got = gs.finish(dphi_t, dh, m, n, dtype)
+    want = gs.finish_reference(dphi_t, dh, m, n, dtype)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape and a.dtype == w.dtype and a.is_contiguous()
+    assert [a.shape for a in got] == [(t, n, n), (t, n), (n * c, m)]
+    for a, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, w, rtol=0 if planes == 1 else 1e-6, atol=0)
+    tol = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0 if parts == 1 else 1e-6
+    torch.testing.assert_close(got[2].double(), want[2].double(), rtol=tol, atol=1e-6 if tol else 0)
+
+
+def test_phi_operand_pads_only_rows_tma_cannot_read():
+    """phi is read as it is where its fp32 rows are whole 16-byte units (n = 2, 4: m = 8, 24), padded with zero
+    columns to MP otherwise (n = 1, 3: m = 3, 15), or cast (bf16) and then judged the same way."""
+    phi = torch.randn(64, 24)
+    assert gs.phi_operand(phi) is phi
+    odd = torch.randn(64, 15)
+    padded = gs.phi_operand(odd)
+    assert padded.shape == (64, gs.MP) and torch.equal(padded[:, :15], odd) and not padded[:, 15:].any()
+    half = torch.randn(64, 8).bfloat16()
+    assert gs.phi_operand(half).dtype == torch.float32 and torch.equal(gs.phi_operand(half), half.float())
+    strided = torch.randn(24, 64).t()
+    assert gs.phi_operand(strided).shape == (64, gs.MP)
+
+
 def test_pace_only_where_the_plan_is_one_wave():
     """plan_walks: with pace, a plan whose programs all fit the SMs at once is paced and its walks left whole, caps
     or not; a plan of more programs than SMs is not paced (its programs do not run together) and is capped as
     plan_splits caps it; without pace, plan_splits' plan."""
     cpu = torch.device("cpu")  # 4 SMs stand-in
-    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3) == (1, 4096, 3)  # 4 programs, 64-tile walks
-    assert gs.plan_walks(4096, 2 * gs.BC, cpu, walk_tiles=8, pace=3) == (2, 2048, 3)  # 2 blocks x 2 splits
-    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8) == (8, 512, 0)  # not paced: capped
+    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3) == (1, 4096, 3, 4)  # 4 programs, 64-tile walks
+    assert gs.plan_walks(4096, 2 * gs.BC, cpu, walk_tiles=8, pace=3) == (2, 2048, 3, 2)  # 2 blocks x 2 splits
+    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8) == (8, 512, 0, 4)  # not paced: capped
     eight = 8 * gs.BC  # 8 blocks, 4 SMs: two waves, so no pacing, and the cap as plan_splits
-    assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3) == (*gs.plan_splits(4096, eight, cpu, 8), 0)
-    assert gs.plan_walks(32768, 4096, cpu, walk_tiles=64, long_walk=128, pace=3) == (8, 4096, 0)
+    assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3) == (*gs.plan_splits(4096, eight, cpu, 8), 0, 8)
+    assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3, pace_waves=True) == (
+        *gs.plan_splits(4096, eight, cpu, 8), 3, 4)  # a wave of 4 programs a counter
+    assert gs.plan_walks(32768, 4096, cpu, walk_tiles=64, long_walk=128, pace=3) == (8, 4096, 0, 128)
 
 
 def test_walk_tiles_reaches_the_launch(monkeypatch):
-    """Both ops' configs hand walk_tiles and pace to the kernel's launch; a negative one is a config error."""
+    """Both ops' configs hand walk_tiles, pace and pace_waves to the kernel's launch; a negative one is a config
+    error."""
     from mhc_compile.kernels.triton_config import BoundaryBwdCfg
 
     seen = []
     monkeypatch.setattr(gs, "_launch", lambda *args, **kw: seen.append((kw.get("walk_tiles"), kw.get("long_walk"),
-                                                                        kw.get("pace"))) or (None,) * 6)
+                                                                        kw.get("pace"), kw.get("pace_waves")))
+                        or (None,) * 6)
     operands = (None,) * 11
-    gs.boundary_grads(*operands, walk_tiles=32, pace=5)
+    gs.boundary_grads(*operands, walk_tiles=32, pace=5, pace_waves=True)
     gs.step_grads(*operands[1:], walk_tiles=16, long_walk=64)
-    assert seen == [(32, 0, 5), (16, 64, 0)]
-    assert (BoundaryBwdCfg().walk_tiles, BoundaryBwdCfg().long_walk, BoundaryBwdCfg().pace) == (64, 128, 3)
-    assert (tf.StepBwdCfg().walk_tiles, tf.StepBwdCfg().long_walk, tf.StepBwdCfg().pace) == (0, 0, 0)
+    assert seen == [(32, 0, 5, True), (16, 64, 0, False)]
+    b, s = BoundaryBwdCfg(), tf.StepBwdCfg()
+    assert (b.walk_tiles, b.long_walk, b.pace, b.pace_waves) == (64, 128, 3, True)
+    assert (s.walk_tiles, s.long_walk, s.pace, s.pace_waves) == (0, 0, 0, False)
     with pytest.raises(ValueError, match="pace=-1"):
         BoundaryBwdCfg(pace=-1)
     with pytest.raises(ValueError, match="walk_tiles=-1"):

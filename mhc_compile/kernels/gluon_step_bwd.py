@@ -107,6 +107,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.errors import TritonError
 
 from mhc_compile.kernels import triton_common as tcom
 from mhc_compile.kernels.gluon_common import (AVAILABLE, bf16_to_f32, f32_to_bf16, fence_async_shared, gl, gluon,
@@ -232,6 +233,62 @@ def pack_tokens(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor, dp: T
     launch(_pack_tokens_kernel, (tcom.cdiv(t, br),), (*args, coefs, dp_pad, t, m),
            dict(N=n, XIN=xin, BR=br, CW=CW, MP=MP))
     return coefs, dp_pad
+
+
+@triton.jit(do_not_specialize=["T"])
+def _step_bwd_finish_kernel(dphi_ptr, dh_ptr, dphi_out, dhres_out, dhpost_out, PARTS, NC, T, M, NN, NH,
+                            MP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
+    """The kernel's partials into its outputs, one launch: programs below cdiv(NC, BK) sum dphi's [PARTS, 2, MP, NC]
+    partials (token splits, hi / lo rows) over their first two dims and write rows < M transposed, [NC, M] in
+    dphi_out's dtype; the others write dH [NH, T] token-major, columns < NN into dh_res [T, NN] and the rest into
+    dh_post [T, NH - NN]. Both read along their contiguous dim and write through a transpose in registers: torch's
+    strided copies took two or three launches for this."""
+    pid = tl.program_id(0)
+    n_dphi = tl.cdiv(NC, BK)
+    if pid < n_dphi:
+        rows = tl.arange(0, MP)
+        cols = pid * BK + tl.arange(0, BK)
+        mask = (rows < M)[:, None] & (cols < NC)[None, :]
+        acc = tl.zeros([MP, BK], dtype=tl.float32)
+        for part in range(2 * PARTS):  # [parts, 2] as one dim: every split's hi rows, then its lo rows
+            r64 = (part * MP + rows[:, None]).to(tl.int64)
+            acc += tl.load(dphi_ptr + r64 * NC + cols[None, :], mask=mask, other=0.0)
+        out = dphi_out + cols.to(tl.int64)[None, :] * M + rows[:, None]
+        tl.store(out, acc.to(dphi_out.dtype.element_ty), mask=mask)
+    else:
+        ks = tl.arange(0, HP)
+        toks = (pid - n_dphi) * BT + tl.arange(0, BT)
+        mask = (ks < NH)[:, None] & (toks < T)[None, :]
+        acc = tl.load(dh_ptr + ks[:, None].to(tl.int64) * T + toks[None, :], mask=mask, other=0.0)
+        t64 = toks.to(tl.int64)[None, :]
+        tl.store(dhres_out + t64 * NN + ks[:, None], acc, mask=mask & (ks < NN)[:, None])
+        tl.store(dhpost_out + t64 * (NH - NN) + (ks[:, None] - NN), acc, mask=mask & (ks >= NN)[:, None])
+
+
+def finish(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(dH_res [T, n, n], dH_post [T, n], dphi [n C, m] in ``dtype``) from the kernel's partials: dphi_t [parts, 2 MP,
+    n C] fp32, dh [planes, n^2 + n, T] fp32 (``finish_reference`` is the plain-PyTorch twin)."""
+    parts, nc = dphi_t.shape[0], dphi_t.shape[-1]
+    planes, nh, t = dh.shape
+    # a plane a channel block (dH not added in L2): torch's reduction, which at 32768 x 4096 (128 planes) ran about
+    # 100 us faster than a loop over them in the kernel below (session 46, H100)
+    dh = dh.sum(0) if planes > 1 else dh[0]
+    dh_res = dh.new_empty((t, n, n))
+    dh_post = dh.new_empty((t, n))
+    dphi = dphi_t.new_empty((nc, m), dtype=dtype)
+    bk, bt = 128, 128
+    grid = (tcom.cdiv(nc, bk) + tcom.cdiv(t, bt),)
+    launch(_step_bwd_finish_kernel, grid, (dphi_t, dh, dphi, dh_res, dh_post, parts, nc, t, m, n * n, nh),
+           dict(MP=MP, BK=bk, BT=bt, HP=triton.next_power_of_2(nh)))
+    return dh_res, dh_post, dphi
+
+
+def finish_reference(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``finish`` in torch ops (what ``_launch`` ran before session 45)."""
+    t = dh.shape[-1]
+    dphi = dphi_t.view(dphi_t.shape[0], 2, MP, -1).sum((0, 1))[:m].t()
+    dh = dh.sum(0)
+    return (dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dphi.to(dtype).contiguous())
 
 
 if AVAILABLE:
@@ -524,7 +581,8 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["T"])
     def _step_bwd_ws_kernel(x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, o_desc, dy_desc,
-                            s_desc, xin_desc, dphi_ptr, dh_ptr, pace_ptr, T, C, T_SPLIT, NJ, N: gl.constexpr,
+                            s_desc, xin_desc, dphi_ptr, dh_ptr, pace_ptr, T, C, T_SPLIT, NJ, PACE_GROUP,
+                            N: gl.constexpr,
                             BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, CW: gl.constexpr,
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
                             DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr, MIX_REGS: gl.constexpr,
@@ -543,8 +601,12 @@ if AVAILABLE:
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
         n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
-        pace_ptr += part  # PACE: the token split's counter of tiles done, and the C / BC programs that add to it
-        pace_of = C // BC
+        # PACE: the counter of tiles done of this program's group (PACE_GROUP programs in launch order), and how
+        # many programs add to it
+        nb = C // BC
+        group = (part * nb + gl.program_id(0)) // PACE_GROUP
+        pace_ptr += group
+        pace_of = gl.minimum(PACE_GROUP, nb * gl.num_programs(1) - group * PACE_GROUP)
         # dX's ring: one allocation a stream. The compiler's shared-memory hazard analysis does not tell the slots of
         # one allocation apart (the slot index is dynamic), and puts a barrier between any two accesses of one
         # allocation that another thread might overlap; apart, the X_i stores of a tile take one barrier, not four.
@@ -608,11 +670,12 @@ if AVAILABLE:
         mbarrier.invalidate(phi_ready)
 
 
-def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t: int, n: int, c: int,
+def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_w, dx_prev, dy, t: int, n: int, c: int,
                 collapse: bool = False) -> tuple:
     """The kernel's nine TMA descriptors. The packed coefficients are [NG * T, CW]: a tile's rows past T read the
     next group's first tokens (finite) or zeros, and their rows are not written; dp's rows past T read as zeros, so
-    tokens past T add nothing to dphi. ``collapse``: dx_prev is one row a token, [T, C]."""
+    tokens past T add nothing to dphi. ``phi_w``: ``phi_operand``'s, m or MP columns. ``collapse``: dx_prev is one
+    row a token, [T, C]."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
     ko = c if collapse else k
@@ -620,8 +683,20 @@ def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t: in
             desc(dx_in, (t, c), (c, 1), (BT, BC), bf), desc(dx, (t, k), (k, 1), (BT, BC), bf),
             desc(coefs, (coefs.shape[0], CW), (CW, 1), (BT, CW), f32),
             desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
-            desc(phi_pad, (k, MP), (MP, 1), (BC, MP), f32),
+            desc(phi_w, (k, phi_w.shape[1]), (phi_w.shape[1], 1), (BC, MP), f32),
             desc(dx_prev, (t, ko), (ko, 1), (BT, BC), bf), desc(dy, (t, c), (c, 1), (BT, BC), bf))
+
+
+def phi_operand(phi: Tensor) -> Tensor:
+    """phi [n C, m] as the G dots' fp32 operand, read in [BC, MP] boxes: as it is where TMA can address its rows (fp32,
+    contiguous, 16-byte rows and base: m = 8 at n = 2, 24 at n = 4), the box's columns past m then read as zeros;
+    otherwise a zero-padded fp32 copy [n C, MP]. dp's columns past m are zeros either way, so those columns add
+    nothing to G. Session 45: the copy is one of the small torch ops around the kernel, 30-51 us a call in all at
+    32768 x 4096."""
+    v = phi.float()
+    if v.is_contiguous() and (v.shape[1] * 4) % 16 == 0 and v.data_ptr() % 16 == 0:
+        return v
+    return pad_cols(v, MP)
 
 
 def plan_splits(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0) -> tuple[int, int]:
@@ -640,40 +715,50 @@ def plan_splits(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0)
 
 
 def plan_walks(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0,
-               pace: int = 0) -> tuple[int, int, int]:
-    """(splits, tokens a split, pace): ``plan_splits``' plan, paced where it is one wave. With ``pace`` and a plan
+               pace: int = 0, pace_waves: bool = False) -> tuple[int, int, int, int]:
+    """(splits, tokens a split, pace, programs a pace counter): ``plan_splits``' plan, paced where it is one wave,
+    and with ``pace_waves`` a wave at a time where it is more. With ``pace`` and a plan
     whose C / BC x splits programs are all resident at once (one an SM, as the kernel's shared memory allows),
     every program waits before its tile ``it`` until its token split has finished tile ``it - pace`` (``_loader``),
     and walks its whole split: walks drift apart otherwise, and a channel block then reads from DRAM again the half
     of a 128-byte line, and the per-token rows, that its neighbours had brought into L2 (session 45, H100, Nsight
     Compute at 32768 x 4096: 4.3-5.0 GB read against the 3.76 GB the kernel reads once, at 1.8 GHz; 3.8 GB at the
     profiler's 1.44 GHz, where it ran faster). Where the plan takes more than one wave, programs of a split do not
-    run together and pacing would stall them: ``pace`` is 0 there and ``walk_tiles`` caps the walks (shorter walks
-    drift less) as ``plan_splits`` says."""
+    run together and pacing a split would stall them (session 45: 40 % slower at 8192 x 7168): ``walk_tiles`` caps
+    the walks (shorter walks drift less) as ``plan_splits`` says, and ``pace`` is 0, or with ``pace_waves`` each run
+    of num_SMs programs in launch order, the programs that start together, shares a counter (session 46, H100: 12-17
+    % faster at 32768 x 7168, 1.5 % at 8192 x 7168)."""
+    nb = c // BC
     if pace:
         splits, t_split = plan_splits(t, c, device)
-        if (c // BC) * splits <= tcom.num_sms(device):
-            return splits, t_split, pace
-    return (*plan_splits(t, c, device, walk_tiles, long_walk), 0)
+        if nb * splits <= tcom.num_sms(device):
+            return splits, t_split, pace, nb
+    splits, t_split = plan_splits(t, c, device, walk_tiles, long_walk)
+    if pace and pace_waves:
+        return splits, t_split, pace, tcom.num_sms(device)
+    return splits, t_split, 0, nb
 
 
 def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Tensor, h_pre: Tensor, dp: Tensor,
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
-               collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0):
+               collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0,
+               pace_waves: bool = False):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
-    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk`` / ``pace``: ``plan_walks``'."""
+    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk`` / ``pace`` / ``pace_waves``:
+    ``plan_walks``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     if collapse_dx and out is not None:
         raise ValueError("mhc gluon step_grads: collapse_dx writes one row a token, not over a stream-sized out")
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
                    mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
-                   collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk, pace=pace)[:5]
+                   collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk, pace=pace,
+                   pace_waves=pace_waves)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -688,7 +773,7 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
                    dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0, long_walk: int = 0,
-                   pace: int = 0):
+                   pace: int = 0, pace_waves: bool = False):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -705,11 +790,11 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
                    stages, mixers, mix_regs, dphi_regs,
                    dh_atomic and not torch.are_deterministic_algorithms_enabled(), walk_tiles=walk_tiles,
-                   long_walk=long_walk, pace=pace)
+                   long_walk=long_walk, pace=pace, pace_waves=pace_waves)
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0):
+            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0, pace_waves=False):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -724,25 +809,30 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     dy = torch.empty_like(y)
     x_in = torch.empty_like(y) if xin else None
     coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
-    phi_pad = pad_cols(phi.float(), MP)
-    splits, t_split, pace = plan_walks(t, c, dev, walk_tiles, long_walk, pace)
+    phi_w = phi_operand(phi)
+    splits, t_split, pace, group = plan_walks(t, c, dev, walk_tiles, long_walk, pace, pace_waves)
     parts = splits
     dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
-    if dh_atomic:
-        dh = torch.zeros((1, n * n + n, t), dtype=torch.float32, device=dev)
+    nh, groups = n * n + n, tcom.cdiv((c // BC) * splits, group) if pace else 0
+    if dh_atomic:  # one zeroed buffer, one memset: the plane the blocks add to, then the pace counters (0.0 is 0)
+        zeroed = torch.zeros(nh * t + groups, dtype=torch.float32, device=dev)
+        dh = zeroed[:nh * t].view(1, nh, t)
+        counters = zeroed[nh * t:].view(torch.int32) if pace else dh.view(torch.int32)
     else:
-        dh = torch.empty((c // BC, n * n + n, t), dtype=torch.float32, device=dev)
-    counters = torch.zeros(splits, dtype=torch.int32, device=dev) if pace else dh.view(torch.int32)  # unread: 0
-    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_pad, dx_prev, dy, t, n, c, collapse)
+        dh = torch.empty((c // BC, nh, t), dtype=torch.float32, device=dev)
+        counters = torch.zeros(groups, dtype=torch.int32, device=dev) if pace else dh.view(torch.int32)  # unread
+    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_w, dx_prev, dy, t, n, c, collapse)
     k, bf = n * c, gl.bfloat16
     s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
     xin_desc = desc(x_in, (t, c), (c, 1), (BT, BC), bf) if xin else descs[-1]
     LAUNCHES += 1
     _step_bwd_ws_kernel[(c // BC, splits)](
-        *descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, N=n, BT=BT, BC=BC, MP=MP,
+        *descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, group, N=n, BT=BT, BC=BC, MP=MP,
         NG=coef_groups(n, xin), CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=dh_atomic,
         COLLAPSE=collapse, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, PACE=pace, PACE_SPIN=PACE_SPIN, num_warps=4)
-    dphi = dphi_t.view(parts, 2, MP, n * c).sum((0, 1))[:m].t()
-    dh = dh[0] if dh_atomic else dh.sum(0)
-    return (dx_prev, dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dy,
-            dphi.to(phi.dtype).contiguous(), x_in)
+    try:
+        dh_res, dh_post, dphi = finish(dphi_t, dh, m, n, phi.dtype)
+    except TritonError:  # the kernel above has written (over acc, in place, maybe): no error may reach the callers'
+        # fallback, which would start over from acc; the torch twin sums the partials instead
+        dh_res, dh_post, dphi = finish_reference(dphi_t, dh, m, n, phi.dtype)
+    return dx_prev, dh_res, dh_post, dy, dphi, x_in
