@@ -286,16 +286,19 @@ def test_phi_operand_pads_only_rows_tma_cannot_read():
 
 def test_pace_only_where_the_plan_is_one_wave():
     """plan_walks: with pace, a plan whose programs all fit the SMs at once is paced and its walks left whole, caps
-    or not; a plan of more programs than SMs is not paced (its programs do not run together) and is capped as
-    plan_splits caps it; without pace, plan_splits' plan."""
+    or not; a plan of more programs than SMs is capped as plan_splits caps it and not paced (its programs do not run
+    together), unless its walks are at least pace_waves tiles: then a wave of num_SMs programs shares a counter;
+    without pace, plan_splits' plan."""
     cpu = torch.device("cpu")  # 4 SMs stand-in
     assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3) == (1, 4096, 3, 4)  # 4 programs, 64-tile walks
     assert gs.plan_walks(4096, 2 * gs.BC, cpu, walk_tiles=8, pace=3) == (2, 2048, 3, 2)  # 2 blocks x 2 splits
     assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8) == (8, 512, 0, 4)  # not paced: capped
     eight = 8 * gs.BC  # 8 blocks, 4 SMs: two waves, so no pacing, and the cap as plan_splits
     assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3) == (*gs.plan_splits(4096, eight, cpu, 8), 0, 8)
-    assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3, pace_waves=True) == (
-        *gs.plan_splits(4096, eight, cpu, 8), 3, 4)  # a wave of 4 programs a counter
+    assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3, pace_waves=8) == (
+        *gs.plan_splits(4096, eight, cpu, 8), 3, 4)  # walks of 8 tiles: a wave of 4 programs a counter
+    assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3, pace_waves=9) == (
+        *gs.plan_splits(4096, eight, cpu, 8), 0, 8)  # walks shorter than pace_waves: not paced
     assert gs.plan_walks(32768, 4096, cpu, walk_tiles=64, long_walk=128, pace=3) == (8, 4096, 0, 128)
 
 
@@ -309,14 +312,16 @@ def test_walk_tiles_reaches_the_launch(monkeypatch):
                                                                         kw.get("pace"), kw.get("pace_waves")))
                         or (None,) * 6)
     operands = (None,) * 11
-    gs.boundary_grads(*operands, walk_tiles=32, pace=5, pace_waves=True)
+    gs.boundary_grads(*operands, walk_tiles=32, pace=5, pace_waves=16)
     gs.step_grads(*operands[1:], walk_tiles=16, long_walk=64)
-    assert seen == [(32, 0, 5, True), (16, 64, 0, False)]
+    assert seen == [(32, 0, 5, 16), (16, 64, 0, 0)]
     b, s = BoundaryBwdCfg(), tf.StepBwdCfg()
-    assert (b.walk_tiles, b.long_walk, b.pace, b.pace_waves) == (64, 128, 3, True)
-    assert (s.walk_tiles, s.long_walk, s.pace, s.pace_waves) == (0, 0, 0, False)
+    assert (b.walk_tiles, b.long_walk, b.pace, b.pace_waves) == (64, 128, 3, 64)
+    assert (s.walk_tiles, s.long_walk, s.pace, s.pace_waves) == (0, 0, 0, 0)
     with pytest.raises(ValueError, match="pace=-1"):
         BoundaryBwdCfg(pace=-1)
+    with pytest.raises(ValueError, match="pace_waves=-1"):
+        BoundaryBwdCfg(pace_waves=-1)
     with pytest.raises(ValueError, match="walk_tiles=-1"):
         BoundaryBwdCfg(walk_tiles=-1)
     with pytest.raises(ValueError, match="long_walk=-1"):

@@ -715,9 +715,9 @@ def plan_splits(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0)
 
 
 def plan_walks(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0,
-               pace: int = 0, pace_waves: bool = False) -> tuple[int, int, int, int]:
+               pace: int = 0, pace_waves: int = 0) -> tuple[int, int, int, int]:
     """(splits, tokens a split, pace, programs a pace counter): ``plan_splits``' plan, paced where it is one wave,
-    and with ``pace_waves`` a wave at a time where it is more. With ``pace`` and a plan
+    and with ``pace_waves`` a wave at a time where it is more and walks long. With ``pace`` and a plan
     whose C / BC x splits programs are all resident at once (one an SM, as the kernel's shared memory allows),
     every program waits before its tile ``it`` until its token split has finished tile ``it - pace`` (``_loader``),
     and walks its whole split: walks drift apart otherwise, and a channel block then reads from DRAM again the half
@@ -725,16 +725,17 @@ def plan_walks(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0,
     Compute at 32768 x 4096: 4.3-5.0 GB read against the 3.76 GB the kernel reads once, at 1.8 GHz; 3.8 GB at the
     profiler's 1.44 GHz, where it ran faster). Where the plan takes more than one wave, programs of a split do not
     run together and pacing a split would stall them (session 45: 40 % slower at 8192 x 7168): ``walk_tiles`` caps
-    the walks (shorter walks drift less) as ``plan_splits`` says, and ``pace`` is 0, or with ``pace_waves`` each run
-    of num_SMs programs in launch order, the programs that start together, shares a counter (session 46, H100: 12-17
-    % faster at 32768 x 7168, 1.5 % at 8192 x 7168)."""
+    the walks (shorter walks drift less) as ``plan_splits`` says, and ``pace`` is 0; or, where walks are at least
+    ``pace_waves`` tiles, each run of num_SMs programs in launch order (the programs that start together) shares a
+    counter. Session 46, H100, C = 7168 (6.8 waves), on against off: walks of 128 tiles (32768 tokens) 7-17 %
+    faster, of 64 (16384) 0.5-2 % faster, of 32 (8192) 2 % slower in two runs and 1.5 % faster in a third."""
     nb = c // BC
     if pace:
         splits, t_split = plan_splits(t, c, device)
         if nb * splits <= tcom.num_sms(device):
             return splits, t_split, pace, nb
     splits, t_split = plan_splits(t, c, device, walk_tiles, long_walk)
-    if pace and pace_waves:
+    if pace and pace_waves and t_split // BT >= pace_waves:
         return splits, t_split, pace, tcom.num_sms(device)
     return splits, t_split, 0, nb
 
@@ -743,7 +744,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
                collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0,
-               pace_waves: bool = False):
+               pace_waves: int = 0):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
@@ -773,7 +774,7 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
                    dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0, long_walk: int = 0,
-                   pace: int = 0, pace_waves: bool = False):
+                   pace: int = 0, pace_waves: int = 0):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -794,7 +795,7 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0, pace_waves=False):
+            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0, pace_waves=0):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape

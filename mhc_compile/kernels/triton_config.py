@@ -249,9 +249,9 @@ class GluonStepCfg:
     cap). Off for step's backward (session 44, H100: walks of 32 tiles 3 % slower at 32768 x 4096); the boundary
     caps walks of more than 128 tiles at 64 (``BoundaryBwdCfg``). ``pace``: where the plan is one wave, each program
     loads token tile it only once its token split has finished tile it - pace, and walks are not capped (0: off;
-    ``gluon_step_bwd.plan_walks`` says why and when). ``pace_waves``: with ``pace``, a plan of several waves is paced
-    too, each run of num_SMs programs in launch order (a wave, as they start) by one counter, its walks capped as
-    without pacing."""
+    ``gluon_step_bwd.plan_walks`` says why and when). ``pace_waves``: with ``pace``, a plan of several waves whose walks
+    are at least this many tiles is paced too, each run of num_SMs programs in launch order (a wave, as they start)
+    by one counter, its walks capped as without pacing (0: off)."""
 
     ws: bool = True
     stages: int = 0
@@ -262,13 +262,16 @@ class GluonStepCfg:
     walk_tiles: int = 0
     long_walk: int = 0
     pace: int = 0
-    pace_waves: bool = False
+    pace_waves: int = 0
 
     def __post_init__(self):
         name = type(self).__name__
         if self.pace < 0:
             raise ValueError(f"mhc {name}: pace={self.pace}; a program loads token tile it once its token split has "
                              "finished tile it - pace (0: no pacing)")
+        if self.pace_waves < 0:
+            raise ValueError(f"mhc {name}: pace_waves={self.pace_waves}; multi-wave plans whose walks are at least "
+                             "that many token tiles are paced a wave at a time (0: never)")
         if self.walk_tiles < 0:
             raise ValueError(f"mhc {name}: walk_tiles={self.walk_tiles}; at most that many token tiles a program "
                              "walks (0: no limit)")
@@ -296,14 +299,15 @@ class BoundaryBwdCfg(GluonStepCfg):
     wave (C up to 4096 on an H100) its programs are paced 3 tiles apart instead, and walk their whole split: on an
     H100 (session 45) 8.5-10.7 % faster than the capped walks at 32768 x 4096, 2.5 % at 16384 x 4096 and 1.2-1.8 %
     at 8192 x 4096 (benchmarks/results/session45-2026-12-06-h100.md). Plans of several waves (C = 7168) are paced a
-    wave at a time (``pace_waves``): on an H100 (session 46, bit-equal outputs) 12-17 % faster at 32768 x 7168
-    (3795-3817 against 4310-4558 us) and 1.5 % at 8192 x 7168, the d = 7168 training shape
+    wave at a time where walks are at least 64 tiles (``pace_waves``): on an H100 (session 46, bit-equal outputs)
+    7-17 % faster at 32768 x 7168 (128-tile walks) and 0.5-2 % at 16384 x 7168 (64); at 8192 x 7168, the d = 7168
+    training shape (32-tile walks), 2 % slower in two runs of three, so not paced
     (benchmarks/results/session46-2026-12-06-h100.md)."""
 
     walk_tiles: int = 64
     long_walk: int = 128
     pace: int = 3
-    pace_waves: bool = True
+    pace_waves: int = 64
 
 
 DEFAULTS = {
