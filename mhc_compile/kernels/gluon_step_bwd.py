@@ -284,7 +284,7 @@ def finish(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype) -> tu
 
 
 def finish_reference(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """``finish`` in torch ops (what ``_launch`` ran before session 45)."""
+    """``finish`` in torch ops (what ``_launch`` ran through session 45)."""
     t = dh.shape[-1]
     dphi = dphi_t.view(dphi_t.shape[0], 2, MP, -1).sum((0, 1))[:m].t()
     dh = dh.sum(0)
@@ -303,11 +303,12 @@ if AVAILABLE:
         """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
         boxes (with SAVED_X X's n more, from s_desc) and its per-token data.
 
-        PACE (tiles, 0: off): tile ``it`` is not loaded before the ``pace_of`` programs of this token split (their
-        counter: ``pace_ptr``) have finished tile ``it - PACE`` between them, so that the channel blocks that read
-        the halves of one 128-byte line, and the same per-token rows, stay near each other and find them in L2
-        (``plan_walks`` says when). The wait is a hint the result never needs: after PACE_SPIN polls in vain (a
-        program of the split not resident) the program stops pacing."""
+        PACE (tiles, 0: off): tile ``it`` is not loaded before the ``pace_of`` programs of this program's pace group
+        (a token split's channel blocks, or a wave's programs; their counter: ``pace_ptr``) have finished tile
+        ``it - PACE`` between them, so that the channel blocks that read the halves of one 128-byte line, and the
+        same per-token rows, stay near each other and find them in L2 (``plan_walks`` says when). The wait is a hint
+        the result never needs: after PACE_SPIN polls in vain (a program of the group not resident) the program
+        stops pacing."""
         phi_bytes: gl.constexpr = N * BC * MP * 4
         mbarrier.expect(phi_ready, phi_bytes)
         for i in gl.static_range(N):
@@ -596,7 +597,8 @@ if AVAILABLE:
         arrivals). SAVED_X (``boundary_grads``): s_desc is X [T, N*C], read instead of rebuilt; XIN: xin_desc [T, C]
         receives the sublayer input (otherwise both stand in for descriptors the kernel does not use). COLLAPSE:
         o_desc is dX_prev summed over the streams, [T, C] (``step_grads``' ``collapse_dx``). PACE: pace_ptr is an
-        int32 counter a token split, zeroed, of the tiles its programs have finished (``_loader``)."""
+        int32 counter a pace group, zeroed, of the tiles its programs have finished (``_loader``); a group is
+        PACE_GROUP programs in launch order (``plan_walks``: a token split's C / BC, or a wave's num_SMs)."""
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
