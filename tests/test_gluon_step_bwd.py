@@ -287,7 +287,8 @@ def test_phi_operand_pads_only_rows_tma_cannot_read():
 def test_pace_only_where_the_plan_is_one_wave():
     """plan_walks: with pace, a plan whose programs all fit the SMs at once is paced and its walks left whole, caps
     or not; a plan of more programs than SMs is capped as plan_splits caps it and not paced (its programs do not run
-    together), unless its walks are at least pace_waves tiles: then a wave of num_SMs programs shares a counter;
+    together), unless its walks are at least pace_waves tiles and its last split whole: then a wave of num_SMs
+    programs shares a counter;
     without pace, plan_splits' plan."""
     cpu = torch.device("cpu")  # 4 SMs stand-in
     assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3) == (1, 4096, 3, 4)  # 4 programs, 64-tile walks
@@ -299,6 +300,8 @@ def test_pace_only_where_the_plan_is_one_wave():
         *gs.plan_splits(4096, eight, cpu, 8), 3, 4)  # walks of 8 tiles: a wave of 4 programs a counter
     assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3, pace_waves=9) == (
         *gs.plan_splits(4096, eight, cpu, 8), 0, 8)  # walks shorter than pace_waves: not paced
+    assert gs.plan_splits(4032, eight, cpu, 8) == (8, 512)  # 63 tiles: the last split walks 7
+    assert gs.plan_walks(4032, eight, cpu, walk_tiles=8, pace=3, pace_waves=8) == (8, 512, 0, 8)  # not paced
     assert gs.plan_walks(32768, 4096, cpu, walk_tiles=64, long_walk=128, pace=3) == (8, 4096, 0, 128)
 
 

@@ -728,16 +728,18 @@ def plan_walks(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0,
     profiler's 1.44 GHz, where it ran faster). Where the plan takes more than one wave, programs of a split do not
     run together and pacing a split would stall them (session 45: 40 % slower at 8192 x 7168): ``walk_tiles`` caps
     the walks (shorter walks drift less) as ``plan_splits`` says, and ``pace`` is 0; or, where walks are at least
-    ``pace_waves`` tiles, each run of num_SMs programs in launch order (the programs that start together) shares a
-    counter. Session 46, H100, C = 7168 (6.8 waves), on against off: walks of 128 tiles (32768 tokens) 7-17 %
-    faster, of 64 (16384) 0.5-2 % faster, of 32 (8192) 2 % slower in two runs and 1.5 % faster in a third."""
+    ``pace_waves`` tiles and the last split is whole, each run of num_SMs programs in launch order (the programs that
+    start together) shares a counter. (A run spans two splits. A short last split's programs would stop adding to
+    the counter before the others' waits are met, and those would poll PACE_SPIN times in vain.) Session 46, H100,
+    C = 7168 (6.8 waves), on against off: walks of 128 tiles (32768 tokens) 7-17 % faster, of 64 (16384) 0.5-2 %
+    faster, of 32 (8192) 2 % slower in two runs and 1.5 % faster in a third."""
     nb = c // BC
     if pace:
         splits, t_split = plan_splits(t, c, device)
         if nb * splits <= tcom.num_sms(device):
             return splits, t_split, pace, nb
     splits, t_split = plan_splits(t, c, device, walk_tiles, long_walk)
-    if pace and pace_waves and t_split // BT >= pace_waves:
+    if pace and pace_waves and t_split // BT >= pace_waves and t % t_split == 0:
         return splits, t_split, pace, tcom.num_sms(device)
     return splits, t_split, 0, nb
 

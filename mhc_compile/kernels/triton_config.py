@@ -250,7 +250,7 @@ class GluonStepCfg:
     caps walks of more than 128 tiles at 64 (``BoundaryBwdCfg``). ``pace``: where the plan is one wave, each program
     loads token tile it only once its token split has finished tile it - pace, and walks are not capped (0: off;
     ``gluon_step_bwd.plan_walks`` says why and when). ``pace_waves``: with ``pace``, a plan of several waves whose walks
-    are at least this many tiles is paced too, each run of num_SMs programs in launch order (a wave, as they start)
+    are at least this many tiles (its last split whole) is paced too, each run of num_SMs programs in launch order (a wave, as they start)
     by one counter, its walks capped as without pacing (0: off)."""
 
     ws: bool = True
