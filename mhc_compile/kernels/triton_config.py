@@ -264,20 +264,21 @@ class GluonStepCfg:
     pace: int = 0
     pace_waves: int = 0
 
+    # the token-tile counts, each >= 0, and what each means (for the error)
+    _TILE_COUNTS = {
+        "pace": "a program loads token tile it once its token split has finished tile it - pace (0: no pacing)",
+        "pace_waves": "multi-wave plans whose walks are at least that many token tiles are paced a wave at a time "
+                      "(0: never)",
+        "walk_tiles": "at most that many token tiles a program walks (0: no limit)",
+        "long_walk": "walks of more token tiles than that are capped at walk_tiles (0: any walk longer than "
+                     "walk_tiles)",
+    }
+
     def __post_init__(self):
         name = type(self).__name__
-        if self.pace < 0:
-            raise ValueError(f"mhc {name}: pace={self.pace}; a program loads token tile it once its token split has "
-                             "finished tile it - pace (0: no pacing)")
-        if self.pace_waves < 0:
-            raise ValueError(f"mhc {name}: pace_waves={self.pace_waves}; multi-wave plans whose walks are at least "
-                             "that many token tiles are paced a wave at a time (0: never)")
-        if self.walk_tiles < 0:
-            raise ValueError(f"mhc {name}: walk_tiles={self.walk_tiles}; at most that many token tiles a program "
-                             "walks (0: no limit)")
-        if self.long_walk < 0:
-            raise ValueError(f"mhc {name}: long_walk={self.long_walk}; walks of more token tiles than that are capped "
-                             "at walk_tiles (0: any walk longer than walk_tiles)")
+        for field, meaning in self._TILE_COUNTS.items():
+            if getattr(self, field) < 0:
+                raise ValueError(f"mhc {name}: {field}={getattr(self, field)}; {meaning}")
         if self.mixers not in (1, 2):
             raise ValueError(f"mhc {name}: mixers={self.mixers}; the Gluon step backward runs 1 or 2 mixing "
                              "warpgroups")
