@@ -8,6 +8,7 @@
     PYTHONPATH=. python benchmarks/gluon_step_bwd_check.py --against against_main.py  # both, in one process
     ... --against against_main.py --against-tune mix_regs=184  # the other build at its own StepBwdCfg registers
     ... --against main.py scatter.py --against-tune mix_regs=184 mix_regs=176  # several builds, a tune each
+    ... --head --against against_main.py  # the chain head's call (dX_prev summed, fuse=True) timed instead
 
 On the GPU: every check shape's outputs (dX_prev, dH_res_prev, dH_post_prev, dy, dphi, dbias, dalpha) against the
 float64 reference of ``step_backward`` and, beside them, the three-pass pipeline's errors (the bar to meet), and
@@ -126,9 +127,9 @@ def _forward_saves(v: dict, n: int, c: int):
     return h_pre, p, sq
 
 
-def _call(fn, v, h_pre, p, sq, n, c):
+def _call(fn, v, h_pre, p, sq, n, c, **kw):
     return fn(v["x_prev"], v["h_res"], v["h_post"], v["y"], v["phi"], v["bias"], v["alpha"], h_pre, p, sq, v["dx"],
-              v["dx_in"], v["dh_post"], v["dh_res"], n, n * c, 1e-6, 20, "mhc")
+              v["dx_in"], v["dh_post"], v["dh_res"], n, n * c, 1e-6, 20, "mhc", **kw)
 
 
 class Against:
@@ -137,10 +138,10 @@ class Against:
     def __init__(self, module, tune: dict, label: str):
         self.module, self.tune, self.label = module, tune, label
 
-    def run(self, v, h_pre, p, sq, n, c):
-        with tf.tuning("step_bwd", ws=True, **{"dh_atomic": False, **self.tune}), \
+    def run(self, v, h_pre, p, sq, n, c, dh_atomic: bool = False, **kw):
+        with tf.tuning("step_bwd", ws=True, **{"dh_atomic": dh_atomic, **self.tune}), \
                 serving(tf, "_gluon_step_bwd", self.module):
-            return _call(tf.step_backward, v, h_pre, p, sq, n, c)
+            return _call(tf.step_backward, v, h_pre, p, sq, n, c, **kw)
 
     def boundary(self, args, dh_atomic: bool = False):
         """boundary_backward on this build (its tune as BoundaryBwdCfg fields)."""
@@ -306,6 +307,38 @@ def times(shapes, lines, rounds: int = 3, against=()) -> None:
         del v, x_saved
 
 
+def head_times(shapes, lines, rounds: int = 3, against=()) -> None:
+    """A chain head's step backward under fuse=True (``collapse_dx``: dX_prev summed over the streams, bench_kernels'
+    "step (head)" row) with dH added in L2 (the default), this build's and each --against build's interleaved, each
+    against the call's 3n + 6 floor."""
+    import triton.testing
+
+    from benchmarks.bench_kernels import copy_bandwidth
+
+    bw = copy_bandwidth(DEVICE)
+    lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
+    lines.append("| T x C | round | step (head), this build us (eff against 3n+6) |"
+                 + "".join(f" --against {b.label} us (eff) |" for b in against))
+    lines.append("|---|---|---|" + "---|" * len(against))
+    for t, n, c in shapes:
+        v = _inputs(t, n, c, seed=1)
+        h_pre, p, sq = _forward_saves(v, n, c)
+        floor = (3 * n + 6) * t * c * 2
+
+        def this():
+            with tf.tuning("step_bwd", ws=True, dh_atomic=True):
+                return _call(tf.step_backward, v, h_pre, p, sq, n, c, collapse_dx=True)
+
+        fns = (this,) + tuple((lambda b=b: b.run(v, h_pre, p, sq, n, c, dh_atomic=True, collapse_dx=True))
+                              for b in against)
+        for rnd in range(rounds):
+            us = [triton.testing.do_bench_cudagraph(f, rep=200) * 1e3 for f in fns]
+            cells = " | ".join(f"{u:.1f} ({100 * floor / (u * 1e-6) / bw:.1f} %)" for u in us)
+            lines.append(f"| {t}x{c} | {rnd} | {cells} |")
+            print(lines[-1], flush=True)
+        del v
+
+
 # --- boundary_grads: the same kernel with X read (kernels/triton_boundary.py, passes/fold_boundary_grads.py) ------
 B_NAMES = ("dx_prev", "dh_res", "dh_post", "dy", "x_in", "dphi")
 
@@ -449,6 +482,8 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="*", default=None, help="TxC shapes the boundary is timed at (n = 4), e.g. "
                     "16384x4096; the default: 32768x4096 8192x7168 32768x7168 8192x4096")
     ap.add_argument("--l2-only", action="store_true", help="time the boundary with its partials added in L2 only")
+    ap.add_argument("--head", action="store_true", help="after step's checks, time its chain-head call (collapse_dx, "
+                    "dH in L2) instead of the full call, this build's beside each --against build's")
     args = ap.parse_args()
     if args.build:
         return build()
@@ -478,7 +513,7 @@ def main() -> int:
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
             print(lines[-1], flush=True)
     if ok and not args.no_times:
-        times(TIMES, lines, against=against)
+        (head_times if args.head else times)(TIMES, lines, against=against)
     return 0 if ok else 1
 
 

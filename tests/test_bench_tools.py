@@ -542,7 +542,7 @@ def test_several_against_builds_each_with_its_own_tune(tmp_path):
 
 
 def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
-    """gluon_step_bwd_check's check() and times() (GPU only) run here on CPU tensors, timers stubbed: each --against
+    """gluon_step_bwd_check's check(), times() and head_times() (GPU only) run here on CPU tensors, timers stubbed: each --against
     build gets its line of each shape and its column of times. Off sm_90 every build runs the three passes, so they
     are bit-equal, and check() says the Gluon kernel did not run."""
     import triton.testing
@@ -565,6 +565,10 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     lines = []
     gsc.times([(9, 2, 32)], lines, rounds=1, against=builds)
     assert "two passes, --against main (mix_regs=184) us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
+    lines = []  # --head: the chain head's call (collapse_dx) timed, a column a build
+    gsc.head_times([(9, 2, 32)], lines, rounds=1, against=builds)
+    assert lines[1].endswith("| --against main (mix_regs=184) us (eff) |"), lines
+    assert lines[3].startswith("| 9x32 | 0 | ") and lines[3].count("|") == lines[1].count("|"), lines
 
 
 def test_boundary_check_reports_each_against_build(tmp_path, monkeypatch):
