@@ -3,10 +3,16 @@
 1. Correctness: every op of triton_ops and triton_fused, bf16 and fp32 streams, at token counts that reuse cached
    launchers across shapes (37 then 41: one argument class) and that change class (48, 1000). Each op runs
    with the direct path off (Triton's ``kernel[grid]`` every launch), then twice with it on (the first call fills
-   the cache, the second replays it); all three results must be bit-equal.
+   the cache, the second replays it); all three results must be bit-equal. It runs under
+   ``torch.use_deterministic_algorithms``, which turns off the Gluon backward's dH added in L2 (atomics: another
+   order of adds each run).
 2. Host cost: us a call of each op (tiny bf16 tensors, so the GPU work is negligible), direct path on and off.
 
-    PYTHONPATH=. python benchmarks/launch_check.py [--iters 300]
+    PYTHONPATH=. python benchmarks/launch_check.py [--iters 300] [--quick] [--gluon]
+
+--quick checks bf16 streams at C = 128 only, at three token counts: fewer builds, for a short device call.
+--gluon puts the Gluon kernels (sm_90) on the direct path too (``launch.enable_gluon``; off by default until this
+check passes on a GPU); at C = 128 every one of them runs.
 
 Writes $OUT/launch_check.md (or ./launch_check.md) and prints it.
 """
@@ -60,6 +66,8 @@ def cases(t: int, n: int, c: int, dtype: torch.dtype, dev: str):
         ("post_res_proj", lambda: tk.post_res_proj(x, hr, hq, y, phi)),
         ("proj_backward", lambda: tk.proj_backward(x, phi, p, sq)),
         ("proj_pre_backward", lambda: tk.proj_pre_backward(x, phi, p, sq, hp, y, dout)),
+        # the boundary's one pass (on sm_90, the Gluon step backward's kernel; its dp, dsq, h_pre any such values)
+        ("boundary_backward", lambda: tk.boundary_backward(x1, phi, p, sq, hp, y, dout, x, hr, hq, y, hp)),
         ("fused step", lambda: tf.step(x, hr, hq, y, phi, bias, alpha, *static)),
         ("fused step_backward", lambda: tf.step_backward(x, hr, hq, y, phi, bias, alpha, h_pre, p1, sq1, x1, x_in,
                                                           h_post, h_res, *static)),
@@ -73,12 +81,14 @@ def _flat(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def check(dev: str) -> tuple[list[str], int]:
+def check(dev: str, quick: bool = False) -> tuple[list[str], int]:
     rows, bad = [], 0
-    for dtype in (torch.bfloat16, torch.float32):
-        # C = 128: whole 128-column K blocks inside one stream, where proj's backward takes TMA descriptors
-        for t, c in [(t, c) for c in (96, 128) for t in (37, 41, 48, 1000)] if dtype == torch.bfloat16 else \
-                [(37, 96), (41, 96)]:
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        # C = 128: whole 128-column K blocks inside one stream, where proj's backward takes TMA descriptors (and
+        # on sm_90 every Gluon kernel runs); quick: that C alone, at two token counts of one class and one of another
+        bf16_shapes = [(37, 128), (41, 128), (1000, 128)] if quick else \
+            [(t, c) for c in (96, 128) for t in (37, 41, 48, 1000)]
+        for t, c in bf16_shapes if dtype == torch.bfloat16 else [(37, 96), (41, 96)]:
             n = 4
             for name, thunk in cases(t, n, c, dtype, dev):
                 L.enable(False)
@@ -106,15 +116,25 @@ def host_us(thunk, iters: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--quick", action="store_true", help="bf16 at C = 128 only (three token counts): fewer builds")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon kernels on the direct path too (launch."
+                    "enable_gluon, off by default until this check has passed on a GPU)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("launch_check: needs a CUDA device", file=sys.stderr)
         return 2
     dev = "cuda"
     lines = [f"# Direct launch path — {datetime.date.today()}", "",
-             f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}", ""]
-    rows, bad = check(dev)
-    lines += ["## Bit-equality with Triton's path (n = 4, C = 96 and 128; rows for T = 37, 41 and every mismatch)", "",
+             f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}",
+             f"- Gluon kernels on the direct path: {'yes' if args.gluon else 'no'}", ""]
+    L.enable_gluon(args.gluon)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a torch op without a deterministic kernel warns
+    try:
+        rows, bad = check(dev, args.quick)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    lines += ["## Bit-equality with Triton's path (n = 4, C = " + ("128" if args.quick else "96 and 128")
+              + "; rows for T = 37, 41 and every mismatch)", "",
               "| op | dtype | T x C | result |", "|---|---|---|---|"] + rows
     lines += ["", f"mismatches: {bad}; call signatures cached by the direct path: {L.cached_launchers()}", ""]
     lines += ["## Host us a call (T = 64, n = 4, C = 128, bf16)", "",

@@ -300,3 +300,120 @@ def test_interpreter_index_fix_patches_only_the_old_interpreter():
     new = types.SimpleNamespace(_patch_lang_tensor=_patch_lang_tensor_new)
     assert not interpreter_index_fix(new) and new._patch_lang_tensor is _patch_lang_tensor_new
     assert not interpreter_index_fix(types.SimpleNamespace())
+
+
+def test_arg_key_keys_gluon_descriptors_at_least_as_finely_as_triton():
+    """The Gluon kernels' TMA operands are Gluon descriptors, which Triton also specializes on their shared-memory
+    layout: one key must never stand for two of its specializations, and they are keyed (not left unhashable)."""
+    gluon_hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.experimental.gluon.language import NVMMASharedLayout
+
+    values = []
+    for dtype, bits in ((torch.bfloat16, 16), (torch.float32, 32)):
+        flat = torch.zeros(64 * 128 + 8, dtype=dtype)
+        for rows, cols in ((64, 128), (37, 128)):
+            for off in (0, 8):
+                for block in ([8, 64], [16, 64]):  # at least the swizzle's width in elements
+                    for swizzle in (64, 128):
+                        view = flat[off:off + rows * cols].view(rows, cols)
+                        values.append(gluon_hopper.TensorDescriptor.from_tensor(
+                            view, block, NVMMASharedLayout(swizzle, bits)))
+    groups = {}
+    for v in values:
+        groups.setdefault(L._arg_key((v,)), set()).add(native_specialize_impl(BaseBackend, v, False, True, True))
+    assert all(len(specs) == 1 for specs in groups.values()), groups
+    assert all(k[0][0] == "gluon tensordesc" for k in groups) and len(groups) > 1
+    assert not L._on_gpu((values[0],))  # a descriptor of a CPU tensor: Triton's path (the interpreter's)
+
+
+def test_gluon_launches_take_the_direct_path_only_once_enabled(fake_gpu, monkeypatch):
+    """A launch whose first argument is a Gluon descriptor stays on Triton's path by default (the direct path has
+    not run a Gluon kernel on a GPU yet); ``enable_gluon()`` caches and replays it like any other."""
+    gluon_hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton.experimental.gluon.language import NVMMASharedLayout
+
+    desc = gluon_hopper.TensorDescriptor.from_tensor(torch.zeros(64, 128, dtype=torch.bfloat16), [16, 64],
+                                                     NVMMASharedLayout(128, 16))
+    monkeypatch.setattr(L, "_gluon_enabled", False)
+    k = _Kernel()
+    for t in (37, 45):
+        L.launch(k, (3,), (desc, t), {"BT": 16}, shrink_stages=False)
+    assert [e[0] for e in k.log] == ["triton", "triton"] and L.cached_launchers() == 0
+    L.enable_gluon(True)
+    k = _Kernel()
+    for t in (37, 45):
+        L.launch(k, (3,), (desc, t), {"BT": 16}, shrink_stages=False)
+    assert [e[0] for e in k.log] == ["triton", "direct"] and L.cached_launchers() == 1
+    assert k.log[1][1][9:] == (desc, 45, 16, False)
+
+
+class _StopAtGluonLaunch(Exception):
+    pass
+
+
+def _gluon_launch_spy(seen):
+    """Stands in for ``launch`` in a Gluon kernel module: records the Gluon kernel's launch (kernel, runtime
+    arguments, constexprs, options) and stops there; the module's Triton helper launches (token packing) do
+    nothing, as their outputs are not looked at."""
+
+    def spy(kernel, grid, args, meta, shrink_stages=True, **options):
+        if kernel.fn.__name__.endswith("_ws_kernel"):
+            seen.append((kernel, args, meta, options))
+            raise _StopAtGluonLaunch
+        return None
+
+    return spy
+
+
+def test_every_gluon_kernel_launch_is_replayable(monkeypatch):
+    """Each Gluon kernel (proj, post_res_proj, proj's backward, the step / boundary backward) launches through
+    ``launch`` with its runtime arguments positional, Gluon descriptors first, and constexprs that complete the
+    kernel's parameters: on an sm_90 GPU the direct path caches every one of them (no call left on Triton's
+    ~47 us path). Reached here with the build gates stood in for an sm_90 GPU; each stops at its launch."""
+    from mhc_compile.kernels import gluon_post_res_proj as gprp
+    from mhc_compile.kernels import gluon_proj as gproj
+    from mhc_compile.kernels import gluon_proj_bwd as gpb
+    from mhc_compile.kernels import gluon_step_bwd as gs
+    from mhc_compile.kernels import reference as ref
+    from mhc_compile.kernels import triton_config as tcfg
+    from mhc_compile.kernels import triton_post_res_proj as tprp
+    from mhc_compile.kernels import triton_proj as tproj
+
+    if not gs.AVAILABLE:
+        pytest.skip("the installed Triton has no Gluon")
+    seen = []
+    spy = _gluon_launch_spy(seen)
+    for module, name in ((gproj, "launch_kernel"), (gprp, "launch_kernel"), (gpb, "launch"), (gs, "launch")):
+        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setattr(gproj, "supported", lambda *args: True)
+    monkeypatch.setattr(gprp, "supported", lambda *args: True)
+    monkeypatch.setattr(tproj, "tma_ok", lambda *args: True)
+    g = torch.Generator().manual_seed(3)
+    t, n, c = 256, 4, 128
+    m = ref.num_coeffs(n)
+    bf = torch.bfloat16
+    x = torch.randn(t, n, c, generator=g).to(bf)
+    y = torch.randn(t, c, generator=g).to(bf)
+    phi = torch.randn(n * c, m, generator=g) * 0.05
+    h_res, h_post, h_pre = torch.rand(t, n, n, generator=g), torch.rand(t, n, generator=g), torch.rand(t, n, generator=g)
+    dp, dsq = torch.randn(t, m, generator=g), torch.randn(t, generator=g)
+    calls = [
+        lambda: tproj._proj_ws(tcfg.cfg_of("proj"), x, phi, (t,), t, n * c, m, torch.float32),
+        lambda: tprp._post_res_proj_ws(tcfg.cfg_of("post_res_proj"), x, h_res, h_post, y, phi, torch.empty_like(x),
+                                       torch.float32),
+        lambda: gpb.proj_grads(x, phi, dp, dsq, h_pre, y, x.clone()),
+        lambda: gs.step_grads(x, h_res, h_post, y, phi, h_pre, dp, dsq, x.clone(), y.clone()),
+        lambda: gs.boundary_grads(x, x.clone(), h_res, h_post, y, phi, h_pre, dp, dsq, x.clone(), y.clone(), h_pre),
+    ]
+    for call in calls:
+        with pytest.raises(_StopAtGluonLaunch):
+            call()
+    assert [k.fn.__name__ for k, *_ in seen] == ["_proj_ws_kernel", "_post_res_proj_ws_kernel", "_proj_bwd_ws_kernel",
+                                                 "_step_bwd_ws_kernel", "_step_bwd_ws_kernel"]
+    for kernel, args, meta, options in seen:
+        assert L._constexpr_tail(kernel, len(args), meta) is not None, kernel.fn.__name__
+        key = L._arg_key(args)
+        hash(key)
+        assert key[0][0] == "gluon tensordesc" and not options, (kernel.fn.__name__, key[0], options)

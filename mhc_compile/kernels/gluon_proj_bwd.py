@@ -518,11 +518,11 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
         splits = tcom.cdiv(t, t_split)
     dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
     LAUNCHES += 1
-    _proj_bwd_ws_kernel[(kblocks, splits)](
-        *descriptors(x, bcast, dout, acc, None if dx_hl else pad_cols(dp32, MP), hl, coefs,
-                     phi_rows(phi) if dx_hl else pad_cols(phi, MP), dx, t, n, c), dphi, t,
-        c, m, t_split, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP,
-        CW=CW, DSQ=DSQ, STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, DX_HL=dx_hl,
-        num_warps=4)
+    launch(_proj_bwd_ws_kernel, (kblocks, splits),
+           (*descriptors(x, bcast, dout, acc, None if dx_hl else pad_cols(dp32, MP), hl, coefs,
+                         phi_rows(phi) if dx_hl else pad_cols(phi, MP), dx, t, n, c), dphi, t, c, m, t_split),
+           dict(N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP, CW=CW, DSQ=DSQ,
+                STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, DX_HL=dx_hl, num_warps=4),
+           shrink_stages=False)
     # one split (the shapes): dphi as the kernel wrote it, no further launch (the Triton kernel's way)
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)

@@ -837,10 +837,11 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
     xin_desc = desc(x_in, (t, c), (c, 1), (BT, BC), bf) if xin else descs[-1]
     LAUNCHES += 1
-    _step_bwd_ws_kernel[(c // BC, splits)](
-        *descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, group, N=n, BT=BT, BC=BC, MP=MP,
-        NG=coef_groups(n, xin), CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin, DH_ATOMIC=dh_atomic,
-        COLLAPSE=collapse, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, PACE=pace, PACE_SPIN=PACE_SPIN, num_warps=4)
+    launch(_step_bwd_ws_kernel, (c // BC, splits),
+           (*descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, group),
+           dict(N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin), CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x,
+                XIN=xin, DH_ATOMIC=dh_atomic, COLLAPSE=collapse, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, PACE=pace,
+                PACE_SPIN=PACE_SPIN, num_warps=4), shrink_stages=False)
     try:
         dh_res, dh_post, dphi = finish(dphi_t, dh, m, n, phi.dtype)
     except TritonError:  # the kernel above has written (over acc, in place, maybe): no error may reach the callers'

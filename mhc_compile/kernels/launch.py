@@ -12,16 +12,20 @@ first such call compiled or found, and later calls hand it to the kernel's launc
 (``_arg_key``): a pointer's dtype and 16-byte alignment; an int's value 1, divisibility by 16 and width class; the
 type of a bool, float or None. A call whose classes differ takes Triton's path once, which compiles or finds the
 right kernel, and is then cached too. On an H200 every op's outputs are bit-equal to Triton's path
-(benchmarks/launch_check.py).
+(benchmarks/launch_check.py). The Gluon kernels (``kernels/gluon_*.py``, whose first arguments are Gluon TMA
+descriptors) launch through it too, on Triton's path unless ``enable_gluon()`` (not yet checked on a GPU).
 
 Triton's path is taken every time when:
 - a launch hook is set (``knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` hold a call: a profiler such as
   proton wants its metadata). With none set the launcher is given no hooks and no launch metadata; Triton's own
   path gives it empty hook chains, which call nothing;
-- the first argument is not a CUDA tensor (the interpreter, ``TRITON_INTERPRET=1``, runs on CPU tensors);
+- the first argument is not a CUDA tensor or a TMA descriptor of one (the interpreter, ``TRITON_INTERPRET=1``,
+  runs on CPU tensors);
 - an argument is unhashable, or the call's constexprs do not complete the kernel's parameters after its
   positional arguments;
-- ``enable(False)`` was called (``MHC_COMPILE_TRITON_FAST_LAUNCH=0`` in the environment at import does the same).
+- ``enable(False)`` was called (``MHC_COMPILE_TRITON_FAST_LAUNCH=0`` in the environment at import does the same);
+- the first argument is a Gluon descriptor and ``enable_gluon()`` was not called (``MHC_COMPILE_GLUON_FAST_LAUNCH=1``
+  at import does the same).
 
 With ``num_stages`` and ``shrink_stages`` (the default), a kernel that does not fit the GPU's shared memory is
 retried with fewer stages (``OutOfResources``), once per signature; the stage count that fits is what is kept.
@@ -43,10 +47,17 @@ try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed Triton
     _TensorDescriptor = None
+try:  # Gluon's, which also carry their shared-memory layout (the Gluon kernels' TMA operands)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    _GluonDescriptor = None
 
 _I32_MIN, _I32_MAX, _U64_MIN = -(2**31), 2**31 - 1, 2**63
 
 _enabled = os.environ.get("MHC_COMPILE_TRITON_FAST_LAUNCH", "1") != "0"
+# the Gluon kernels (a Gluon descriptor first) on the direct path too: off until a GPU has checked it bit-equal to
+# Triton's path (benchmarks/launch_check.py --gluon); built and CPU-tested in session 47, when no device time was left
+_gluon_enabled = os.environ.get("MHC_COMPILE_GLUON_FAST_LAUNCH", "0") == "1"
 # (kernel, device, constexprs, compile options, argument classes) -> (launcher, function handle, packed metadata,
 # the constexpr values after the positional arguments in the kernel's parameter order, the CompiledKernel)
 _LAUNCHERS: dict[tuple, tuple] = {}
@@ -90,13 +101,29 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def _on_gpu(args: tuple) -> bool:
-    return bool(args) and isinstance(args[0], Tensor) and args[0].is_cuda
+    if not args:
+        return False
+    first = args[0]
+    if not isinstance(first, Tensor) and type(first) in (_TensorDescriptor, _GluonDescriptor):
+        first = first.base  # a Gluon kernel's first argument is a descriptor
+    return isinstance(first, Tensor) and first.is_cuda
 
 
 def enable(on: bool = True) -> None:
     """Turn the direct launch path on or off (off: every launch goes through ``kernel[grid](...)``)."""
     global _enabled
     _enabled = bool(on)
+
+
+def enable_gluon(on: bool = True) -> None:
+    """Let the Gluon kernels' launches (first argument a Gluon descriptor) take the direct path too, where it is
+    on (off by default: ``MHC_COMPILE_GLUON_FAST_LAUNCH=1`` in the environment at import turns it on)."""
+    global _gluon_enabled
+    _gluon_enabled = bool(on)
+
+
+def _gluon_held_back(args: tuple) -> bool:
+    return not _gluon_enabled and bool(args) and _GluonDescriptor is not None and type(args[0]) is _GluonDescriptor
 
 
 def _int_class(a: int) -> tuple:
@@ -107,8 +134,9 @@ def _arg_key(args: tuple) -> tuple:
     """Classes of the positional arguments, at least as fine as Triton's specialization of them, so that one class
     never stands for two compiled kernels (native_specialize_impl, BaseBackend.get_{int,tensor}_specialization):
     a pointer's dtype and 16-byte alignment; an int's value 1, divisibility by 16, i32 / i64 / u64 range; a TMA
-    descriptor's dtype, block shape, padding and rounding (what Triton specializes it on), its base's alignment
-    and the classes of its shape and strides (which the launcher passes on as ints); the type of a bool, float
+    descriptor's dtype, block shape, padding and rounding (what Triton specializes it on; a Gluon descriptor's
+    shared-memory layout too), its base's alignment and the classes of its shape and strides (which the launcher
+    passes on as ints); the type of a bool, float
     or None; any other value itself (a TypeError if unhashable: then Triton's path). The launcher itself turns a
     descriptor into the kernel's arguments (the CUDA tensor map, its shape and strides) at every launch."""
     key = []
@@ -121,6 +149,9 @@ def _arg_key(args: tuple) -> tuple:
             key.append(("tensordesc", a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape),
                         getattr(a, "padding", None), getattr(a, "round_f32_to_tf32", None),
                         tuple(_int_class(int(v)) for v in (*a.shape, *a.strides))))
+        elif _GluonDescriptor is not None and type(a) is _GluonDescriptor:  # its layout is specialized on too
+            key.append(("gluon tensordesc", a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape),
+                        a.layout, a.padding, tuple(_int_class(int(v)) for v in (*a.shape, *a.strides))))
         elif a is None or type(a) in (bool, float):
             key.append(type(a))
         else:
@@ -181,7 +212,7 @@ def launch(kernel, grid: tuple, args: tuple, meta, shrink_stages: bool = True, *
     constexprs after them; ``options``: compile options (num_warps, num_stages, maxnreg ...). With num_stages and
     ``shrink_stages``, a tile that does not fit the GPU's shared memory is retried with fewer stages (otherwise
     the OutOfResources reaches the caller). Returns the CompiledKernel (None under the interpreter)."""
-    if not (_enabled and _on_gpu(args)) or _hooks_set():
+    if not (_enabled and _on_gpu(args)) or _hooks_set() or _gluon_held_back(args):
         return _launch_slow(kernel, grid, args, meta, options, shrink_stages)
     device = _get_device()
     try:
