@@ -385,7 +385,7 @@ def test_every_gluon_kernel_launch_is_replayable(monkeypatch):
         pytest.skip("the installed Triton has no Gluon")
     seen = []
     spy = _gluon_launch_spy(seen)
-    for module, name in ((gproj, "launch_kernel"), (gprp, "launch_kernel"), (gpb, "launch"), (gs, "launch")):
+    for module, name in ((gproj, "kernel_launch"), (gprp, "kernel_launch"), (gpb, "launch"), (gs, "launch")):
         monkeypatch.setattr(module, name, spy)
     monkeypatch.setattr(gproj, "supported", lambda *args: True)
     monkeypatch.setattr(gprp, "supported", lambda *args: True)

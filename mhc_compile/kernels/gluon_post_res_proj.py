@@ -33,7 +33,7 @@ from torch import Tensor
 from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_to_f32, fence_async_shared, gl, gluon,
                                               hl_mma, hl_store, hl_wait, hl_zeros, mbarrier, round_bf16, shared_layout,
                                               SMEM as _SMEM, LOADER_REGS as _LOADER_REGS, tma_load as _tma_load)
-from mhc_compile.kernels.launch import launch as launch_kernel  # this module's launch() wraps it
+from mhc_compile.kernels.launch import launch as kernel_launch  # this module's launch() wraps it
 
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
 
@@ -294,7 +294,7 @@ def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: 
     xb = min(box or bc, subs * bc)  # channels a TMA box row reads: 128 bytes at most (its swizzle's width)
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, p.shape[0] // consumers)
-    launch_kernel(_post_res_proj_ws_kernel, grid,
+    kernel_launch(_post_res_proj_ws_kernel, grid,
                   (*descriptors(x, y, w, t, n, c, k, bt, bc, mp, xb, join), out, h_res, h_post, p, sq, t, c, k, m,
                    c_split),
                   dict(N=n, BT=bt, BC=bc, MP=mp, SUBS=subs, BOXES=subs * bc // xb, STAGES=stages, WSTAGES=wstages,

@@ -52,7 +52,7 @@ from mhc_compile.kernels.gluon_common import (AVAILABLE, TensorDescriptor, bf16_
                                               hl_wait, hl_zeros, mbarrier, shared_layout, SMEM as _SMEM,
                                               LOADER_REGS as _LOADER_REGS, tma_load as _tma_load,
                                               warps_barrier as _warps_barrier)
-from mhc_compile.kernels.launch import launch as launch_kernel  # this module's launch() wraps it
+from mhc_compile.kernels.launch import launch as kernel_launch  # this module's launch() wraps it
 
 LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel, not the Triton one, ran
 BK = 64  # columns of X a TMA box (128-byte rows: the widest box the 128-byte swizzle takes)
@@ -231,5 +231,5 @@ def launch(x: Tensor, w: Tensor, p: Tensor, sq: Tensor, k_split: int, num_warps:
         raise ValueError(f"mhc gluon proj: {p.shape[0]} K splits of {k_split} columns for K = {k}; expected {splits}")
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, splits)
-    launch_kernel(_proj_ws_kernel, grid, (*descriptors(x, w, t, k, bt, mp, join), p, sq, t, k, p.shape[-1], k_split),
+    kernel_launch(_proj_ws_kernel, grid, (*descriptors(x, w, t, k, bt, mp, join), p, sq, t, k, p.shape[-1], k_split),
                   dict(BT=bt, MP=mp, SUBS=subs, STAGES=stages, JOIN=join, num_warps=num_warps), shrink_stages=False)
