@@ -67,8 +67,8 @@ class MHCConfig:
                      token less to read. Off by default: the fused kernel is faster alone (H200, 8192 x 7168: 349.7
                      against 266.6 + 138.0 us), but in the power-capped training step it did not win reliably
                      (session 24, six interleaved rounds: +7.4 / +11.0 / +29.9 % against the default's +7.1 /
-                     +11.7 / +25.7 % at d = 7168 / 4096 / 2048; session 15: +8.6 against +7.5 % at d = 7168).
-                     True opts in.
+                     +11.7 / +25.7 % at d = 7168 / 4096 / 2048; session 15: +8.6 against +7.5 % at d = 7168), nor
+                     on an H100 (session 47, six rounds: +9.1 against +8.9 % at d = 7168). True opts in.
     inplace_stream_grads: in Inductor's backward graph, let each site's post_res and proj/pre backward write
                      the stream gradient over the one it reads where nothing else reads that buffer
                      (``passes/inplace_stream_grads.py``): the backward then holds one n-stream gradient at a
