@@ -479,8 +479,8 @@ def main() -> int:
                     "this build runs the defaults")
     ap.add_argument("--boundary", action="store_true", help="boundary_grads (X read, kernels/triton_boundary.py) "
                     "against the two ops it replaces, instead of step's backward")
-    ap.add_argument("--shapes", nargs="*", default=None, help="TxC shapes the boundary is timed at (n = 4), e.g. "
-                    "16384x4096; the default: 32768x4096 8192x7168 32768x7168 8192x4096")
+    ap.add_argument("--shapes", nargs="*", default=None, help="TxC shapes timed (n = 4), e.g. 16384x4096; the "
+                    "default: the boundary's 32768x4096 8192x7168 32768x7168 8192x4096, step's TIMES")
     ap.add_argument("--l2-only", action="store_true", help="time the boundary with its partials added in L2 only")
     ap.add_argument("--head", action="store_true", help="after step's checks, time its chain-head call (collapse_dx, "
                     "dH in L2) instead of the full call, this build's beside each --against build's")
@@ -513,7 +513,8 @@ def main() -> int:
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
             print(lines[-1], flush=True)
     if ok and not args.no_times:
-        (head_times if args.head else times)(TIMES, lines, against=against)
+        shapes = [(int(s.split("x")[0]), 4, int(s.split("x")[1])) for s in args.shapes] if args.shapes else TIMES
+        (head_times if args.head else times)(shapes, lines, against=against)
     return 0 if ok else 1
 
 

@@ -288,12 +288,16 @@ def test_pace_only_where_the_plan_is_one_wave():
     """plan_walks: with pace, a plan whose programs all fit the SMs at once is paced and its walks left whole, caps
     or not; a plan of more programs than SMs is capped as plan_splits caps it and not paced (its programs do not run
     together), unless its walks are at least pace_waves tiles and its last split whole: then a wave of num_SMs
-    programs shares a counter;
+    programs shares a counter; with pace_walk, a one-wave plan whose walks are shorter is capped and not paced (by
+    wave neither);
     without pace, plan_splits' plan."""
     cpu = torch.device("cpu")  # 4 SMs stand-in
     assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3) == (1, 4096, 3, 4)  # 4 programs, 64-tile walks
     assert gs.plan_walks(4096, 2 * gs.BC, cpu, walk_tiles=8, pace=3) == (2, 2048, 3, 2)  # 2 blocks x 2 splits
     assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8) == (8, 512, 0, 4)  # not paced: capped
+    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3, pace_walk=64) == (1, 4096, 3, 4)  # long enough
+    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3, pace_walk=65) == (8, 512, 0, 4)  # too short
+    assert gs.plan_walks(4096, 4 * gs.BC, cpu, walk_tiles=8, pace=3, pace_waves=8, pace_walk=65) == (8, 512, 0, 4)
     eight = 8 * gs.BC  # 8 blocks, 4 SMs: two waves, so no pacing, and the cap as plan_splits
     assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3) == (*gs.plan_splits(4096, eight, cpu, 8), 0, 8)
     assert gs.plan_walks(4096, eight, cpu, walk_tiles=8, pace=3, pace_waves=8) == (
@@ -306,21 +310,24 @@ def test_pace_only_where_the_plan_is_one_wave():
 
 
 def test_walk_tiles_reaches_the_launch(monkeypatch):
-    """Both ops' configs hand walk_tiles, pace and pace_waves to the kernel's launch; a negative one is a config
-    error."""
+    """Both ops' configs hand walk_tiles, pace, pace_waves and pace_walk to the kernel's launch; a negative one is a
+    config error."""
     from mhc_compile.kernels.triton_config import BoundaryBwdCfg
 
     seen = []
     monkeypatch.setattr(gs, "_launch", lambda *args, **kw: seen.append((kw.get("walk_tiles"), kw.get("long_walk"),
-                                                                        kw.get("pace"), kw.get("pace_waves")))
+                                                                        kw.get("pace"), kw.get("pace_waves"),
+                                                                        kw.get("pace_walk")))
                         or (None,) * 6)
     operands = (None,) * 11
-    gs.boundary_grads(*operands, walk_tiles=32, pace=5, pace_waves=16)
-    gs.step_grads(*operands[1:], walk_tiles=16, long_walk=64)
-    assert seen == [(32, 0, 5, 16), (16, 64, 0, 0)]
+    gs.boundary_grads(*operands, walk_tiles=32, pace=5, pace_waves=16, pace_walk=7)
+    gs.step_grads(*operands[1:], walk_tiles=16, long_walk=64, pace_walk=9)
+    assert seen == [(32, 0, 5, 16, 7), (16, 64, 0, 0, 9)]
     b, s = BoundaryBwdCfg(), tf.StepBwdCfg()
-    assert (b.walk_tiles, b.long_walk, b.pace, b.pace_waves) == (64, 128, 3, 64)
-    assert (s.walk_tiles, s.long_walk, s.pace, s.pace_waves) == (0, 0, 0, 0)
+    assert (b.walk_tiles, b.long_walk, b.pace, b.pace_waves, b.pace_walk) == (64, 128, 3, 64, 0)
+    assert (s.walk_tiles, s.long_walk, s.pace, s.pace_waves, s.pace_walk) == (0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="pace_walk=-1"):
+        tf.StepBwdCfg(pace_walk=-1)
     with pytest.raises(ValueError, match="pace=-1"):
         BoundaryBwdCfg(pace=-1)
     with pytest.raises(ValueError, match="pace_waves=-1"):

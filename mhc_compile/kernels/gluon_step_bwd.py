@@ -723,7 +723,7 @@ def plan_splits(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0)
 
 
 def plan_walks(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0,
-               pace: int = 0, pace_waves: int = 0) -> tuple[int, int, int, int]:
+               pace: int = 0, pace_waves: int = 0, pace_walk: int = 0) -> tuple[int, int, int, int]:
     """(splits, tokens a split, pace, programs a pace counter): ``plan_splits``' plan, paced where it is one wave,
     and with ``pace_waves`` a wave at a time where it is more and walks long. With ``pace`` and a plan
     whose C / BC x splits programs are all resident at once (one an SM, as the kernel's shared memory allows),
@@ -738,14 +738,18 @@ def plan_walks(t: int, c: int, device, walk_tiles: int = 0, long_walk: int = 0,
     start together) shares a counter. (A run spans two splits. A short last split's programs would stop adding to
     the counter before the others' waits are met, and those would poll PACE_SPIN times in vain.) Session 46, H100,
     C = 7168 (6.8 waves), on against off: walks of 128 tiles (32768 tokens) 7-17 % faster, of 64 (16384) 0.5-2 %
-    faster, of 32 (8192) 2 % slower in two runs and 1.5 % faster in a third."""
+    faster, of 32 (8192) 2 % slower in two runs and 1.5 % faster in a third. ``pace_walk``: a one-wave plan is
+    paced only where its walks are at least this many tiles, else capped and not paced (step's backward, session 46,
+    H100: paced 5 % faster at 32768 x 4096, 512-tile walks, and 4 % slower at 8192 x 4096, 128)."""
     nb = c // BC
+    one_wave = False
     if pace:
         splits, t_split = plan_splits(t, c, device)
-        if nb * splits <= tcom.num_sms(device):
+        one_wave = nb * splits <= tcom.num_sms(device)
+        if one_wave and t_split // BT >= pace_walk:
             return splits, t_split, pace, nb
     splits, t_split = plan_splits(t, c, device, walk_tiles, long_walk)
-    if pace and pace_waves and t_split // BT >= pace_waves and t % t_split == 0:
+    if pace and pace_waves and not one_wave and t_split // BT >= pace_waves and t % t_split == 0:
         return splits, t_split, pace, tcom.num_sms(device)
     return splits, t_split, 0, nb
 
@@ -754,14 +758,14 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
                collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0,
-               pace_waves: int = 0):
+               pace_waves: int = 0, pace_walk: int = 0):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
-    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk`` / ``pace`` / ``pace_waves``:
-    ``plan_walks``'."""
+    written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk`` / ``pace`` / ``pace_waves`` /
+    ``pace_walk``: ``plan_walks``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     if collapse_dx and out is not None:
@@ -769,7 +773,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
                    mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
                    collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk, pace=pace,
-                   pace_waves=pace_waves)[:5]
+                   pace_waves=pace_waves, pace_walk=pace_walk)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -784,7 +788,7 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
                    dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0, long_walk: int = 0,
-                   pace: int = 0, pace_waves: int = 0):
+                   pace: int = 0, pace_waves: int = 0, pace_walk: int = 0):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -801,11 +805,12 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
                    stages, mixers, mix_regs, dphi_regs,
                    dh_atomic and not torch.are_deterministic_algorithms_enabled(), walk_tiles=walk_tiles,
-                   long_walk=long_walk, pace=pace, pace_waves=pace_waves)
+                   long_walk=long_walk, pace=pace, pace_waves=pace_waves, pace_walk=pace_walk)
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
-            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0, pace_waves=0):
+            mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0, pace_waves=0,
+            pace_walk=0):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -821,7 +826,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     x_in = torch.empty_like(y) if xin else None
     coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
     phi_w = phi_operand(phi)
-    splits, t_split, pace, group = plan_walks(t, c, dev, walk_tiles, long_walk, pace, pace_waves)
+    splits, t_split, pace, group = plan_walks(t, c, dev, walk_tiles, long_walk, pace, pace_waves, pace_walk)
     parts = splits
     dphi_t = torch.empty((parts, 2 * MP, n * c), dtype=torch.float32, device=dev)
     nh, groups = n * n + n, tcom.cdiv((c // BC) * splits, group) if pace else 0

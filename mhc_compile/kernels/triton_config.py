@@ -251,7 +251,8 @@ class GluonStepCfg:
     loads token tile it only once its token split has finished tile it - pace, and walks are not capped (0: off;
     ``gluon_step_bwd.plan_walks`` says why and when). ``pace_waves``: with ``pace``, a plan of several waves whose walks
     are at least this many tiles (its last split whole) is paced too, each run of num_SMs programs in launch order (a wave, as they start)
-    by one counter, its walks capped as without pacing (0: off)."""
+    by one counter, its walks capped as without pacing (0: off). ``pace_walk``: with ``pace``, a one-wave plan is paced
+    only where its walks are at least this many tiles, else capped and not paced (0: every one-wave plan)."""
 
     ws: bool = True
     stages: int = 0
@@ -263,12 +264,14 @@ class GluonStepCfg:
     long_walk: int = 0
     pace: int = 0
     pace_waves: int = 0
+    pace_walk: int = 0
 
     # the token-tile counts, each >= 0, and what each means (for the error)
     _TILE_COUNTS = {
         "pace": "a program loads token tile it once its token split has finished tile it - pace (0: no pacing)",
         "pace_waves": "multi-wave plans whose walks are at least that many token tiles are paced a wave at a time "
                       "(0: never)",
+        "pace_walk": "one-wave plans are paced only where their walks are at least that many token tiles (0: any)",
         "walk_tiles": "at most that many token tiles a program walks (0: no limit)",
         "long_walk": "walks of more token tiles than that are capped at walk_tiles (0: any walk longer than "
                      "walk_tiles)",
