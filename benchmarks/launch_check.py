@@ -64,6 +64,7 @@ def cases(t: int, n: int, c: int, dtype: torch.dtype, dev: str):
         ("post_res_backward", lambda: tk.post_res_backward(x, hr, hq, y, dout)),
         ("post_res_backward_pre", lambda: tk.post_res_backward_pre(x, hr, hq, y, dout, hp)),
         ("post_res_proj", lambda: tk.post_res_proj(x, hr, hq, y, phi)),
+        ("post_res_chain", lambda: tk.post_res_chain(x, [hr] * 3, [hq] * 3, [y] * 3)),
         ("proj_backward", lambda: tk.proj_backward(x, phi, p, sq)),
         ("proj_pre_backward", lambda: tk.proj_pre_backward(x, phi, p, sq, hp, y, dout)),
         # the boundary's one pass (on sm_90, the Gluon step backward's kernel; its dp, dsq, h_pre any such values)

@@ -26,8 +26,8 @@ from mhc_compile.config import MHCConfig
 from mhc_compile.errors import MHCConversionError
 from mhc_compile.passes import inline_checkpoints
 from mhc_compile.passes import (broadcast_collapse_grad, collapse_head_grad, collapse_tail, fold_boundary_grads,
-                                 fold_post_res_proj, fold_pre_recompute, fold_stream_grads, inplace_stream_grads,
-                                 post_grad)
+                                 fold_post_res_proj, fold_pre_recompute, fold_recompute_chain, fold_stream_grads,
+                                 inplace_stream_grads, post_grad)
 from mhc_compile.passes import fuse as fuse_pass
 from mhc_compile.passes import recompute as recompute_pass
 from mhc_compile.passes import schedule as schedule_pass
@@ -531,12 +531,14 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, config: MHCConfig, 
 
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     # each pass rewrites its own pattern and leaves graphs without it alone: the fold_* passes act on backward
-    # graphs, fold_post_res_proj and collapse_tail on forward graphs; broadcast_collapse_grad and collapse_head_grad
+    # graphs, fold_post_res_proj and collapse_tail on forward graphs; fold_recompute_chain first (the others then see
+    # a block's rebuilt streams as the getitems of one chain); broadcast_collapse_grad and collapse_head_grad
     # (on the proj_pre_backward nodes fold_stream_grads makes) before inplace_stream_grads (they make the last site's
     # gradient a view and the head's a row, which that pass leaves alone), fold_boundary_grads after collapse_head_grad
     # (which leaves the head's post_res backward collapsed, a call it does not fold), inplace_stream_grads last, as it
     # makes the graph mutate
-    passes = [p for p, on in ((fold_stream_grads, config.fold_stream_grads),
+    passes = [p for p, on in ((fold_recompute_chain, config.fold_recompute_chain),
+                              (fold_stream_grads, config.fold_stream_grads),
                               (fold_pre_recompute, config.fold_pre_recompute),
                               (fold_post_res_proj, config.fold_post_res_proj),
                               (collapse_tail, config.collapse_tail),

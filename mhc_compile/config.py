@@ -69,6 +69,11 @@ class MHCConfig:
                      (session 24, six interleaved rounds: +7.4 / +11.0 / +29.9 % against the default's +7.1 /
                      +11.7 / +25.7 % at d = 7168 / 4096 / 2048; session 15: +8.6 against +7.5 % at d = 7168), nor
                      on an H100 (session 47, six rounds: +9.1 against +8.9 % at d = 7168). True opts in.
+    fold_recompute_chain: in Inductor's backward graph, rebuild a recompute block's streams with one
+                     ``post_res_chain`` from one read of the block's input stream, each X' kept in registers as the
+                     next site's X, instead of one post_res a site reading back the stream the one before wrote
+                     (``passes/fold_recompute_chain.py``): n C elements a token fewer per chained site. The same
+                     values, bit for bit. Off by default until measured in a GPU training step; True opts in.
     inplace_stream_grads: in Inductor's backward graph, let each site's post_res and proj/pre backward write
                      the stream gradient over the one it reads where nothing else reads that buffer
                      (``passes/inplace_stream_grads.py``): the backward then holds one n-stream gradient at a
@@ -124,6 +129,7 @@ class MHCConfig:
     fold_stream_grads: bool = True
     fold_pre_recompute: bool = True
     fold_post_res_proj: bool = False
+    fold_recompute_chain: bool = False
     inplace_stream_grads: bool = True
     broadcast_collapse_grad: bool = True
     collapse_head_grad: bool = True
@@ -151,7 +157,8 @@ class MHCConfig:
         if not isinstance(self.strict, bool):
             raise ValueError(f"mhc option 'strict' must be a bool, got {self.strict!r}")
         for name in ("verbose", "check_finite", "fuse", "fold_stream_grads", "fold_pre_recompute",
-                     "fold_post_res_proj", "inplace_stream_grads", "broadcast_collapse_grad", "collapse_head_grad",
+                     "fold_post_res_proj", "fold_recompute_chain", "inplace_stream_grads", "broadcast_collapse_grad",
+                     "collapse_head_grad",
                      "collapse_tail", "fold_boundary_grads", "ddp_buckets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mhc option {name!r} must be a bool, got {getattr(self, name)!r}")

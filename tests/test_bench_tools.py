@@ -708,7 +708,7 @@ def test_wide_n_check_holds_each_op_to_the_reference(monkeypatch):
 
     rows, bad, _ = wide_n_check.check("cpu", [16], (torch.bfloat16,), 5, 8)
     errors = {row.split("|")[3].strip(): float(row.split("|")[4]) for row in rows}
-    assert bad == 0 and len(errors) == 17 and max(errors.values()) > 0, rows
+    assert bad == 0 and len(errors) == 18 and max(errors.values()) > 0, rows
     real = wide_n_check.tk.pre
     monkeypatch.setattr(wide_n_check.tk, "pre", lambda x, h: real(x, h) * 1.5)
     rows, bad, _ = wide_n_check.check("cpu", [3], (torch.float32,), 5, 8)

@@ -156,6 +156,7 @@ def _all_op_calls(impl: str):
         ("post_res_backward_pre", ops.post_res_backward_pre, (x, h_res, h_post, y, dout_x, h_pre, impl)),
         ("post_res_proj", ops.post_res_proj, (x, h_res, h_post, y, phi, impl)),
         ("post_res_collapse", ops.post_res_collapse, (x, h_res, h_post, y, True, impl)),
+        ("post_res_chain", ops.post_res_chain, (x, [h_res, h_res.flip(-1)], [h_post, h_post], [y, y], impl)),
         # a chain head's stream: one dense row a token, broadcast over the n streams (passes/collapse_head_grad.py)
         ("proj_pre_backward_collapsed", ops.proj_pre_backward_collapsed,
          (y.contiguous().unsqueeze(-2).expand(x.shape), phi, p, sq, h_pre, y, dout_x, impl)),
@@ -195,7 +196,7 @@ def test_every_op_returns_the_strides_its_fake_promises():
         real = op(*_fresh(args))
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-        real, fake = (v if isinstance(v, tuple) else (v,) for v in (real, fake))
+        real, fake = (tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in (real, fake))
         for i, (r, f) in enumerate(zip(real, fake)):
             assert r.shape == f.shape and r.stride() == f.stride() and r.is_contiguous(), (name, i, r.stride(), f.stride())
 
@@ -213,19 +214,19 @@ def test_direct_twins_match_the_custom_ops():
         assert len(set(schemas)) == 1, name
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(twin.name(), "Autograd"), name
         want, got = op(*_fresh(args)), twin(*_fresh(args))
-        want, got = (v if isinstance(v, tuple) else (v,) for v in (want, got))
+        want, got = (tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in (want, got))
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = twin(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-        fake = fake if isinstance(fake, tuple) else (fake,)
+        fake = tuple(fake) if isinstance(fake, (tuple, list)) else (fake,)
         assert [(f.shape, f.dtype, f.stride()) for f in fake] == [(w.shape, w.dtype, w.stride()) for w in want], name
 
 
 _UNFUSED = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_backward", "post_res",
             "post_res_backward", "pre_backward_dh", "proj_pre_backward", "post_res_backward_pre", "post_res_proj",
             "post_res_backward_into", "post_res_backward_pre_into", "proj_pre_backward_into",
-            "proj_pre_backward_collapsed", "post_res_collapse")
+            "proj_pre_backward_collapsed", "post_res_collapse", "post_res_chain")
 
 
 @pytest.mark.parametrize("lead", ["three_dims_permuted", "none"])
@@ -243,13 +244,18 @@ def test_triton_ops_take_leading_dims_as_they_are(lead):
     for name, (op, args) in calls.items():
         if lead == "none":  # the first token of every per-token input; phi, bias, alpha unchanged
             lead3 = args[0].shape[:3]
-            args = tuple(a[0, 0, 0] if isinstance(a, torch.Tensor) and a.shape[:3] == lead3 else a for a in args)
+            def first(a):
+                if isinstance(a, list):  # post_res_chain's per-step tensors
+                    return [first(v) for v in a]
+                return a[0, 0, 0] if isinstance(a, torch.Tensor) and a.shape[:3] == lead3 else a
+
+            args = tuple(first(a) for a in args)
         ref_args = tuple("reference" if a == "triton" else a for a in args)
         got, expect = op(*_fresh(args)), op(*_fresh(ref_args))
-        got, expect = (v if isinstance(v, tuple) else (v,) for v in (got, expect))
+        got, expect = (tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in (got, expect))
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-        fake = fake if isinstance(fake, tuple) else (fake,)
+        fake = tuple(fake) if isinstance(fake, (tuple, list)) else (fake,)
         for i, (g, e, f) in enumerate(zip(got, expect, fake, strict=True)):
             assert g.shape == e.shape == f.shape and g.stride() == f.stride() and g.is_contiguous(), (name, i)
             torch.testing.assert_close(g, e, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name} output {i}: {m}")

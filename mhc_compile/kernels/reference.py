@@ -241,6 +241,16 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def post_res_chain(x: Tensor, h_res: list[Tensor], h_post: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    """post_res applied len(y) times, each output the next one's stream: [X_1, ..., X_k], each rounded to x's dtype
+    as post_res rounds it (a recompute block's streams rebuilt in one pass, passes/fold_recompute_chain.py)."""
+    outs = []
+    for hr, hp, yk in zip(h_res, h_post, y, strict=True):
+        x = post_res(x, hr, hp, yk)
+        outs.append(x)
+    return outs
+
+
 def post_res_collapse(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, mean: bool = True) -> Tensor:
     """post_res's n streams collapsed by their mean (or sum), [T, C], rounded once (a chain's tail,
     passes/collapse_tail.py)."""

@@ -31,7 +31,7 @@ Where each op lives (one module an op, the layering of Liger-Kernel: kernel and 
 functional surface that ``runtime/ops.py`` dispatches to):
 
 * ``triton_pre``: pre, pre_backward, pre_backward_dh
-* ``triton_post_res``: post_res, post_res_backward, post_res_backward_pre, post_res_collapse
+* ``triton_post_res``: post_res, post_res_backward, post_res_backward_pre, post_res_chain, post_res_collapse
 * ``triton_proj``: proj, proj_backward, proj_pre_backward, proj_pre_backward_collapsed (bf16's one-pass backward:
   ``triton_proj_bwd``, and on sm_90 ``gluon_proj_bwd``)
 * ``triton_coeffs``: coeffs, coeffs_backward
@@ -46,7 +46,8 @@ from mhc_compile.kernels.triton_coeffs import coeffs, coeffs_backward
 from mhc_compile.kernels.triton_config import (
     BoundaryBwdCfg, CoeffsBwdCfg, DotCfg, FusedBwdCfg, PostResBwdCfg, StreamCfg, configure, tuning,
 )
-from mhc_compile.kernels.triton_post_res import post_res, post_res_backward, post_res_backward_pre, post_res_collapse
+from mhc_compile.kernels.triton_post_res import (post_res, post_res_backward, post_res_backward_pre, post_res_chain,
+                                                 post_res_collapse)
 from mhc_compile.kernels.triton_post_res_proj import post_res_proj
 from mhc_compile.kernels.triton_pre import pre, pre_backward, pre_backward_dh
 from mhc_compile.kernels.triton_proj import proj, proj_backward, proj_pre_backward, proj_pre_backward_collapsed
@@ -58,7 +59,7 @@ LAUNCHING = (triton_common, triton_pre, triton_post_res, triton_proj, triton_coe
 
 __all__ = [
     "pre", "pre_backward", "pre_backward_dh", "post_res", "post_res_backward", "post_res_backward_pre",
-    "post_res_collapse", "proj",
+    "post_res_chain", "post_res_collapse", "proj",
     "proj_backward", "proj_pre_backward", "proj_pre_backward_collapsed", "boundary_backward", "coeffs", "coeffs_backward", "post_res_proj",
     "configure", "tuning", "StreamCfg", "PostResBwdCfg", "CoeffsBwdCfg", "DotCfg", "FusedBwdCfg",
     "BoundaryBwdCfg",

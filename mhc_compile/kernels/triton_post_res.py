@@ -1,5 +1,6 @@
 """``post_res``: X'[i] = sum_j h_res[i, j] X[j] + h_post[i] y, and its backward (optionally also writing ``pre``'s
-x_in from the same pass over x); ``post_res_collapse``: the mean (or sum) of X' over the n streams, X' unwritten."""
+x_in from the same pass over x); ``post_res_collapse``: the mean (or sum) of X' over the n streams, X' unwritten;
+``post_res_chain``: post_res applied k times, each X' the next step's X, from one read of the first X."""
 
 from __future__ import annotations
 
@@ -54,6 +55,67 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
     out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC, X_BCAST)
     off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
     tl.store(out_ptr + off, round_to(out, out_ptr.dtype.element_ty, RNE), mask=mi[:, :, None] & cmask[None, None, :])
+
+
+@triton.jit
+def _mix_regs(xt, hres_ptr, hp, y, r64, mi, N: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
+    """``_mix_tile`` for an X tile held in registers ([BT, NP, BC], ACC): X[j] is picked out of it by a sum over the
+    stream axis of one term and zeros (exact), and mixed in ``_mix_tile``'s order, so a step gives post_res's bits."""
+    ii = tl.arange(0, NP)
+    acc = hp[:, :, None] * y[:, None, :]
+    for j in tl.static_range(N):
+        hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0).to(ACC)
+        xj = tl.sum(tl.where((ii == j)[None, :, None], xt, 0.0), axis=1)
+        acc += hcol[:, :, None] * xj[:, None, :]
+    return acc
+
+
+@triton.jit
+def _chain_store(out_ptr, v, off, m3, ACC: tl.constexpr, RNE: tl.constexpr):
+    """Store one step's X' (rounded to the stream dtype, as post_res stores it) and return it as the next step's X:
+    the rounded values, so the next step mixes what a separate post_res would read back."""
+    q = round_to(v, out_ptr.dtype.element_ty, RNE)
+    tl.store(out_ptr + off, q, mask=m3)
+    return q.to(ACC)
+
+
+@triton.jit
+def _chain_step(xt, hres_ptr, hpost_ptr, y_ptr, out_ptr, r64, mi, cols, m2, off, m3, C, N: tl.constexpr,
+                NP: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr):
+    ii = tl.arange(0, NP)
+    hp = tl.load(hpost_ptr + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+    return _chain_store(out_ptr, _mix_regs(xt, hres_ptr, hp, y, r64, mi, N, NP, ACC), off, m3, ACC, RNE)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _post_res_chain_kernel(x_ptr, hres0, hpost0, y0, out0, hres1, hpost1, y1, out1, hres2, hpost2, y2, out2,
+                           hres3, hpost3, y3, out3, T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
+                           BC: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr, K: tl.constexpr,
+                           X_BCAST: tl.constexpr = False):
+    """K (1 to CHAIN_STEPS) post_res steps on one [BT, NP, BC] tile: X read once (X_BCAST: one row a token, as
+    ``_post_res_fwd_kernel``'s), each step's y and coefficients read and its X' written; the unused steps' pointers
+    are never touched."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    ii = tl.arange(0, NP)
+    rmask = rows < T
+    cmask = cols < C
+    r64 = rows.to(tl.int64)
+    mi = rmask[:, None] & (ii[None, :] < N)
+    m2 = rmask[:, None] & cmask[None, :]
+    m3 = mi[:, :, None] & cmask[None, None, :]
+    off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
+    hp = tl.load(hpost0 + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
+    y = tl.load(y0 + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+    xt = _chain_store(out0, _mix_tile(x_ptr, hres0, hp, y, r64, mi, cols, m2, C, N, NP, ACC, X_BCAST), off, m3,
+                      ACC, RNE)
+    if K > 1:
+        xt = _chain_step(xt, hres1, hpost1, y1, out1, r64, mi, cols, m2, off, m3, C, N, NP, ACC, RNE)
+    if K > 2:
+        xt = _chain_step(xt, hres2, hpost2, y2, out2, r64, mi, cols, m2, off, m3, C, N, NP, ACC, RNE)
+    if K > 3:
+        xt = _chain_step(xt, hres3, hpost3, y3, out3, r64, mi, cols, m2, off, m3, C, N, NP, ACC, RNE)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -287,6 +349,43 @@ def post_res(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor) -> Tensor:
     launch(_post_res_fwd_kernel, grid, (x, h_res, h_post, y, out, t, c),
            dict(N=n, NP=np_, BT=bt, BC=bc, ACC=acc_tl(x.dtype), RNE=INTERPRETED, X_BCAST=bcast), num_warps=warps)
     return out
+
+
+CHAIN_STEPS = 4  # post_res steps one launch of _post_res_chain_kernel takes (its pointer arguments); more: launches
+
+
+def post_res_chain(x: Tensor, h_res: list[Tensor], h_post: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    """[X_1, ..., X_k]: post_res applied k = len(y) times, each X' the next step's X (a recompute block's streams,
+    passes/fold_recompute_chain.py), bit-equal to k post_res calls. Reads X once: (n + 1) k + n elements of C a
+    token (1 for a broadcast X), against (2n + 1) k for the k calls. Launches of up to CHAIN_STEPS steps, each
+    after the first reading the last X' the one before wrote."""
+    k = len(y)
+    if not k or len(h_res) != k or len(h_post) != k:
+        raise ValueError(f"mhc post_res_chain: {len(h_res)} h_res, {len(h_post)} h_post and {k} y: one of each a "
+                         "step, at least one step")
+    check_stream("post_res_chain", x, *y)
+    outs: list[Tensor] = []
+    for s in range(0, k, CHAIN_STEPS):
+        outs += _post_res_chain(outs[-1] if outs else x, h_res[s:s + CHAIN_STEPS], h_post[s:s + CHAIN_STEPS],
+                                y[s:s + CHAIN_STEPS])
+    return outs
+
+
+def _post_res_chain(x: Tensor, h_res: list[Tensor], h_post: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    lead, t, n, c = stream_dims(x)
+    x, bcast = stream_arg(x)
+    outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in y]  # dense, also where x is broadcast
+    if t == 0 or c == 0:
+        return outs
+    steps = [(hr.contiguous(), hp.contiguous(), yk.contiguous(), o) for hr, hp, yk, o in zip(h_res, h_post, y, outs)]
+    pad = steps + [steps[0]] * (CHAIN_STEPS - len(steps))  # unused pointers (K says how many are read)
+    np_ = pow2(n)
+    bt, bc, warps = stream_tile("post_res", t, c, np_)
+    grid = (cdiv(t, bt), cdiv(c, bc))
+    launch(_post_res_chain_kernel, grid, (x, *(p for step in pad for p in step), t, c),
+           dict(N=n, NP=np_, BT=bt, BC=bc, ACC=acc_tl(x.dtype), RNE=INTERPRETED, K=len(steps), X_BCAST=bcast),
+           num_warps=warps)
+    return outs
 
 
 def post_res_collapse(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, mean: bool = True) -> Tensor:

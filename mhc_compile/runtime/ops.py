@@ -28,7 +28,7 @@ OP_NAMES = ("proj", "proj_backward", "coeffs", "coeffs_backward", "pre", "pre_ba
             "proj_pre_backward", "post_res_backward_pre", "post_res_proj", "post_res_backward_into",
             "post_res_backward_pre_into", "proj_pre_backward_into", "step_backward_into",
             "proj_pre_backward_collapsed", "enter_backward_collapsed", "post_res_collapse", "boundary_backward",
-            "boundary_backward_into")
+            "boundary_backward_into", "post_res_chain")
 
 
 def all_ops() -> list:
@@ -145,6 +145,14 @@ class _ReferenceOps:
         "post_res_collapse": ((2, 2, 1, 1), (True,)),
         "boundary_backward": ((2, None, 1, 0, 1, 1, 2, 2, 2, 1, 1, 1), (True,) * 5 + (False,)),
     }
+
+    def post_res_chain(self, x, h_res, h_post, y):
+        """post_res applied len(y) times (its tensor lists are not in _SPECS' terms)."""
+        outs = []
+        for hr, hp, yk in zip(h_res, h_post, y, strict=True):
+            x = self.post_res(x, hr, hp, yk)
+            outs.append(x)
+        return outs
 
     def __getattr__(self, name: str):
         if name not in self._SPECS:
@@ -407,6 +415,22 @@ def _(x, h_res, h_post, y, phi, impl):
     lead = x.shape[:-2]
     acc = ref.acc_dtype(x.dtype)
     return _dense_like(x), x.new_empty(lead + (phi.shape[1],), dtype=acc), x.new_empty(lead, dtype=acc)
+
+
+@_custom_op("post_res_chain")
+def post_res_chain(x: Tensor, h_res: list[Tensor], h_post: list[Tensor], y: list[Tensor], impl: str) -> list[Tensor]:
+    """[X_1, ..., X_k]: post_res applied k times, each output the next step's stream, from one read of x. Only
+    Inductor's backward graphs hold it (``passes/fold_recompute_chain.py`` puts a recompute block's post_res calls
+    there together after the partition), so it has no autograd formula."""
+    if not (len(h_res) == len(h_post) == len(y)) or not y:
+        raise ValueError(f"mhc post_res_chain: {len(h_res)} h_res, {len(h_post)} h_post and {len(y)} y: one of each "
+                         "a step, at least one step")
+    return list(_kernels(impl).post_res_chain(x, list(h_res), list(h_post), list(y)))
+
+
+@post_res_chain.register_fake
+def _(x, h_res, h_post, y, impl):
+    return [_dense_like(x) for _ in y]
 
 
 @_custom_op("post_res_collapse")
