@@ -372,7 +372,7 @@ def post_res_chain(x: Tensor, h_res: list[Tensor], h_post: list[Tensor], y: list
 
 
 def _post_res_chain(x: Tensor, h_res: list[Tensor], h_post: list[Tensor], y: list[Tensor]) -> list[Tensor]:
-    lead, t, n, c = stream_dims(x)
+    _, t, n, c = stream_dims(x)
     x, bcast = stream_arg(x)
     outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in y]  # dense, also where x is broadcast
     if t == 0 or c == 0:
