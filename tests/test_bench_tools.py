@@ -838,3 +838,14 @@ def test_op_split_same_as_says_which_outputs_differ():
     far = {k: v.clone() for k, v in same.items()}
     far["dh_res"] = first["dh_res"] * 1.01
     assert ": FAIL (" in op_split.same_as(far, first, {})
+
+
+def test_chain_check_compares_the_chain_with_post_res_calls(monkeypatch):
+    """benchmarks/chain_check.py's check on CPU tensors under the interpreter: a chain from a broadcast first stream
+    and one from a dense stream are bit-equal to the post_res calls; a chain that computes something else is not."""
+    from benchmarks import chain_check
+
+    assert chain_check.check(37, 4, 40, 3, True, "cpu") and chain_check.check(21, 4, 24, 2, False, "cpu")
+    real = chain_check.tk.post_res_chain
+    monkeypatch.setattr(chain_check.tk, "post_res_chain", lambda *a: [o * 1.5 for o in real(*a)])
+    assert not chain_check.check(21, 4, 24, 2, False, "cpu")
