@@ -42,6 +42,16 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
                          NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
                          X_BCAST: tl.constexpr = False):
     """X_BCAST: x is [T, C], the one row every stream of a token holds (``stream_arg``); X' is stored dense."""
+    out, r64, cols, mi, m2, off, m3 = _post_res_tile(x_ptr, hres_ptr, hpost_ptr, y_ptr, T, C, N, NP, BT, BC, ACC,
+                                                     X_BCAST)
+    tl.store(out_ptr + off, round_to(out, out_ptr.dtype.element_ty, RNE), mask=m3)
+
+
+@triton.jit
+def _post_res_tile(x_ptr, hres_ptr, hpost_ptr, y_ptr, T, C, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
+                   BC: tl.constexpr, ACC: tl.constexpr, X_BCAST: tl.constexpr):
+    """This program's [BT, NP, BC] tile of X' (ACC, unrounded), with its token offsets, channels, masks ([BT, NP]
+    streams, [BT, BC] rows, [BT, NP, BC] tile) and element offsets in a dense [T, N, C] stream."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     ii = tl.arange(0, NP)
@@ -54,7 +64,7 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, T, C, N: tl
     y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
     out = _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N, NP, ACC, X_BCAST)
     off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
-    tl.store(out_ptr + off, round_to(out, out_ptr.dtype.element_ty, RNE), mask=mi[:, :, None] & cmask[None, None, :])
+    return out, r64, cols, mi, m2, off, mi[:, :, None] & cmask[None, None, :]
 
 
 @triton.jit
@@ -96,20 +106,8 @@ def _post_res_chain_kernel(x_ptr, hres0, hpost0, y0, out0, hres1, hpost1, y1, ou
     """K (1 to CHAIN_STEPS) post_res steps on one [BT, NP, BC] tile: X read once (X_BCAST: one row a token, as
     ``_post_res_fwd_kernel``'s), each step's y and coefficients read and its X' written; the unused steps' pointers
     are never touched."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    ii = tl.arange(0, NP)
-    rmask = rows < T
-    cmask = cols < C
-    r64 = rows.to(tl.int64)
-    mi = rmask[:, None] & (ii[None, :] < N)
-    m2 = rmask[:, None] & cmask[None, :]
-    m3 = mi[:, :, None] & cmask[None, None, :]
-    off = (r64[:, None] * N + ii[None, :])[:, :, None] * C + cols[None, None, :]
-    hp = tl.load(hpost0 + r64[:, None] * N + ii[None, :], mask=mi, other=0.0).to(ACC)
-    y = tl.load(y0 + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-    xt = _chain_store(out0, _mix_tile(x_ptr, hres0, hp, y, r64, mi, cols, m2, C, N, NP, ACC, X_BCAST), off, m3,
-                      ACC, RNE)
+    out, r64, cols, mi, m2, off, m3 = _post_res_tile(x_ptr, hres0, hpost0, y0, T, C, N, NP, BT, BC, ACC, X_BCAST)
+    xt = _chain_store(out0, out, off, m3, ACC, RNE)
     if K > 1:
         xt = _chain_step(xt, hres1, hpost1, y1, out1, r64, mi, cols, m2, off, m3, C, N, NP, ACC, RNE)
     if K > 2:
