@@ -8,6 +8,7 @@ run. The bench's d = 7168 step rebuilds two runs a step: 3 steps from the broadc
 stream (recompute blocks of 4, 3 and 1 sites).
 
     PYTHONPATH=. python benchmarks/chain_check.py [--shapes 8192x7168 ...]
+    PYTHONPATH=. python benchmarks/chain_check.py --build    # no GPU: the sm_90 builds' float instructions
 
 Writes $OUT/chain_check.md (or ./chain_check.md) and prints it; non-zero if a chain differs from the calls.
 """
@@ -49,15 +50,53 @@ def calls(x, h_res, h_post, y):
     return outs
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, signed zeros too (torch.equal takes -0.0 for 0.0)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8),
+                                                                      b.contiguous().view(torch.uint8))
+
+
+def differing(t: int, n: int, c: int, k: int, broadcast: bool, dev: str) -> int:
+    """Elements of the chain's k streams whose bits differ from the k post_res calls' (0: bit-equal)."""
+    args = operands(t, n, c, k, broadcast, dev, seed=t + c + k)
+    return sum(int((a.view(torch.int16) != b.view(torch.int16)).sum())
+               for a, b in zip(tk.post_res_chain(*args), calls(*args), strict=True))
+
+
 def check(t: int, n: int, c: int, k: int, broadcast: bool, dev: str) -> bool:
     args = operands(t, n, c, k, broadcast, dev, seed=t + c + k)
-    return all(torch.equal(a, b) for a, b in zip(tk.post_res_chain(*args), calls(*args), strict=True))
+    return all(same_bits(a, b) for a, b in zip(tk.post_res_chain(*args), calls(*args), strict=True))
+
+
+def float_ops(k: int = 3, t: int = 8192, n: int = 4, c: int = 7168) -> dict[str, dict[str, int]]:
+    """The sm_90 builds' float instructions (no GPU: ``benchmarks/sm90_build.py``): post_res's kernel and a k-step
+    chain's, which must be k times post_res's, with no FADD (each step an explicit FMA chain, h_post y its only
+    product rounded alone). Contracted by the compiler instead, the chain's steps after the first had their own
+    FADDs and differed from post_res by an ulp on an H100 (session 49)."""
+    from benchmarks.sm90_build import builds_of, opcode_counts, sass
+    from mhc_compile.kernels import triton_post_res as tp
+
+    x = torch.empty(t, n, c, dtype=torch.bfloat16)
+    hr, hp = [torch.empty(t, n, n)] * k, [torch.empty(t, n)] * k
+    y = [torch.empty(t, c, dtype=torch.bfloat16)] * k
+    out = {}
+    for name, kernel, run in (("post_res", tp._post_res_fwd_kernel, lambda: tp.post_res(x, hr[0], hp[0], y[0])),
+                              (f"chain k={k}", tp._post_res_chain_kernel, lambda: tp.post_res_chain(x, hr, hp, y))):
+        with builds_of(tp, kernel) as built:
+            run()
+        out[name] = opcode_counts(sass(built[0]), ("FFMA", "FMUL", "FADD"))
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=["8192x7168", "8192x4096", "32768x4096"])
+    ap.add_argument("--build", action="store_true", help="no GPU: the sm_90 builds' float instructions (float_ops)")
     args = ap.parse_args()
+    if args.build:
+        for name, counts in float_ops().items():
+            print(f"{name}: {counts}")
+        return 0
     if not torch.cuda.is_available():
         print("chain_check: needs a CUDA device", file=sys.stderr)
         return 2
@@ -74,8 +113,8 @@ def main() -> int:
     for shape in args.shapes:
         t, c = (int(v) for v in shape.split("x"))
         for k, broadcast in CHAINS:
-            same = check(t, n, c, k, broadcast, dev)
-            bad += not same
+            diff = differing(t, n, c, k, broadcast, dev)
+            bad += bool(diff)
             x, h_res, h_post, y = operands(t, n, c, k, broadcast, dev)
             first = 1 if broadcast else n
             row = t * c * 2  # bytes of one C-wide bf16 row a token
@@ -83,7 +122,8 @@ def main() -> int:
             calls_bytes = ((2 * n + 1) * k - (n - first)) * row
             us_chain = triton.testing.do_bench_cudagraph(lambda: tk.post_res_chain(x, h_res, h_post, y), rep=200) * 1e3
             us_calls = triton.testing.do_bench_cudagraph(lambda: calls(x, h_res, h_post, y), rep=200) * 1e3
-            lines.append(f"| {t}x{c} | {k}{' b' if broadcast else ''} | {'yes' if same else 'NO'} | "
+            same = "yes" if not diff else f"NO ({diff} elements)"
+            lines.append(f"| {t}x{c} | {k}{' b' if broadcast else ''} | {same} | "
                          f"{us_chain:.1f} ({100 * chain_bytes / (us_chain * 1e-6) / bw:.1f} %) | "
                          f"{us_calls:.1f} ({100 * calls_bytes / (us_calls * 1e-6) / bw:.1f} %) | "
                          f"{us_calls - us_chain:.1f} |")

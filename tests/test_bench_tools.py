@@ -2,6 +2,7 @@
 bench_training's tables and variant parsing, broadcast_check's ulp count and build switch, and sm90_build's scan of
 the wgmma kernels' builds for operands loaded over before their wgmma is waited on."""
 
+import ast
 import csv
 import os
 import stat
@@ -849,3 +850,19 @@ def test_chain_check_compares_the_chain_with_post_res_calls(monkeypatch):
     real = chain_check.tk.post_res_chain
     monkeypatch.setattr(chain_check.tk, "post_res_chain", lambda *a: [o * 1.5 for o in real(*a)])
     assert not chain_check.check(21, 4, 24, 2, False, "cpu")
+    assert chain_check.differing(21, 4, 24, 2, False, "cpu") == 2 * 21 * 4 * 24  # every element of both streams
+
+
+def test_chain_builds_make_each_step_post_res_float_ops():
+    """chain_check.py --build (sm_90 builds, no GPU): a 3-step chain's FFMA and FMUL are three times post_res's and
+    neither kernel has an FADD, so no step's products were contracted other than post_res's (session 49: the H100
+    gave the chain other bits when they were)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "chain_check.py"), "--build"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": {" in line)
+    one, chain = (ast.literal_eval(rows[name]) for name in ("post_res", "chain k=3"))
+    assert one["FFMA"] > 0 and one["FADD"] == 0 and chain["FADD"] == 0, rows
+    assert (chain["FFMA"], chain["FMUL"]) == (3 * one["FFMA"], 3 * one["FMUL"]), rows

@@ -68,9 +68,30 @@ def test_the_triton_op_is_k_post_res_calls_bit_for_bit(t, n, c, k, dtype, broadc
         cur = tk.post_res(cur, hr, hp, yk)
         exact = ref.post_res(exact, hr.double(), hp.double(), yk.double())
         assert a.shape == (t, n, c) and a.dtype == dtype and a.is_contiguous()
-        assert torch.equal(a, cur), f"step {step}"
+        assert torch.equal(_bits(a), _bits(cur)), f"step {step}"
         tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
         assert rel_err(a.double(), exact) < tol, f"step {step}"
+
+
+def _bits(v):
+    return v.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_signed_zeros_pass_from_step_to_step(dtype):
+    """A zero stream and a -0.0 sublayer output make every X' -0.0 (h_post y = -0.0, and h x + -0.0 = -0.0 for
+    x = -0.0). A step that picked X_j out of the register tile by a float sum from +0.0 turned -0.0 into +0.0
+    there, and its X' into +0.0 where post_res writes -0.0: the chain compares bits here, not values."""
+    t, n, c, k = 9, 4, 16, 3
+    x, h_res, h_post, _ = _operands(t, n, c, k, dtype)
+    x = torch.full_like(x, -0.0)
+    y = [torch.full((t, c), -0.0, dtype=dtype) for _ in range(k)]
+    got = tk.post_res_chain(x, h_res, h_post, y)
+    cur = x
+    for step, (a, hr, hp, yk) in enumerate(zip(got, h_res, h_post, y)):
+        cur = tk.post_res(cur, hr, hp, yk)
+        assert torch.signbit(cur).all(), f"step {step}: post_res writes -0.0 here"
+        assert torch.equal(_bits(a), _bits(cur)), f"step {step}"
 
 
 def test_leading_token_dims_empty_tokens_and_bad_lists():

@@ -126,12 +126,12 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _mix(xs, y, coef, i: tl.constexpr, N: tl.constexpr, XT: tl.constexpr, RNE: tl.constexpr):
-    """X_i rounded to the stream dtype, in post_res's order: h_post y, then + h_res[i, j] x_j. ``coef``: the
-    per-token coefficient vectors of ``triton_post_res_proj.coeff_vectors`` (h_post[:, i] at i, h_res[:, i, j] at
-    N + i * N + j)."""
+    """X_i rounded to the stream dtype, in post_res's order: h_post y, then an FMA a term, h_res[i, j] x_j.
+    ``coef``: the per-token coefficient vectors of ``triton_post_res_proj.coeff_vectors`` (h_post[:, i] at i,
+    h_res[:, i, j] at N + i * N + j)."""
     xi = coef[i][:, None] * y
     for j in tl.static_range(N):
-        xi += coef[N + i * N + j][:, None] * xs[j]
+        xi = tl.fma(coef[N + i * N + j][:, None], xs[j], xi)
     return round_to(xi, XT, RNE)
 
 

@@ -22,7 +22,14 @@ from mhc_compile.kernels.triton_config import cfg_of, stream_tile
 def _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N: tl.constexpr, NP: tl.constexpr,
               ACC: tl.constexpr, X_BCAST: tl.constexpr = False):
     """[BT, NP, BC] tile of H_res X + H_post^T y, each x[t, j] chunk loaded once (fp32 accumulation).
-    X_BCAST: x is [T, C], the one row every stream of a token holds: loaded once for all j."""
+    X_BCAST: x is [T, C], the one row every stream of a token holds: loaded once for all j.
+
+    The mix is h_post y, then an explicit FMA a term, h_res[i, j] x_j in j order (every Triton kernel that writes or
+    rebuilds X' mixes so: ``_mix_regs``, ``triton_fused._mix``, ``triton_post_res_proj``). Written as ``acc +=
+    h x``, the compiler chose per kernel which product to contract into which add: post_res folded h_post y into
+    the first term's FMA and the chain's later steps did not, and on an H100 the chain's streams differed from k
+    post_res calls by an ulp (session 49, benchmarks/chain_check.py). An explicit FMA leaves no such choice, and
+    the interpreter rounds it once too, so the CPU tests see the GPU's bits."""
     ii = tl.arange(0, NP)
     acc = hp[:, :, None] * y[:, None, :]
     if X_BCAST:
@@ -33,7 +40,7 @@ def _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N: tl.constexpr, NP:
             xj = xrow
         else:
             xj = tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-        acc += hcol[:, :, None] * xj[:, None, :]
+        acc = tl.fma(hcol[:, :, None], xj[:, None, :], acc)
     return acc
 
 
@@ -70,13 +77,15 @@ def _post_res_tile(x_ptr, hres_ptr, hpost_ptr, y_ptr, T, C, N: tl.constexpr, NP:
 @triton.jit
 def _mix_regs(xt, hres_ptr, hp, y, r64, mi, N: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
     """``_mix_tile`` for an X tile held in registers ([BT, NP, BC], ACC): X[j] is picked out of it by a sum over the
-    stream axis of one term and zeros (exact), and mixed in ``_mix_tile``'s order, so a step gives post_res's bits."""
+    stream axis of its bits and zeros (an integer sum: exact, signed zeros too, where a float sum's +0.0 start
+    would turn -0.0 into +0.0), and mixed as ``_mix_tile`` mixes, so a step gives post_res's bits."""
     ii = tl.arange(0, NP)
+    bits = xt.to(tl.int64 if ACC == tl.float64 else tl.int32, bitcast=True)
     acc = hp[:, :, None] * y[:, None, :]
     for j in tl.static_range(N):
         hcol = tl.load(hres_ptr + r64[:, None] * (N * N) + ii[None, :] * N + j, mask=mi, other=0.0).to(ACC)
-        xj = tl.sum(tl.where((ii == j)[None, :, None], xt, 0.0), axis=1)
-        acc += hcol[:, :, None] * xj[:, None, :]
+        xj = tl.sum(tl.where((ii == j)[None, :, None], bits, 0), axis=1).to(ACC, bitcast=True)
+        acc = tl.fma(hcol[:, :, None], xj[:, None, :], acc)
     return acc
 
 

@@ -155,10 +155,10 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
             coef = coeff_vectors(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
         xws = ()  # ONE_DOT: the chunk's X' tiles, for one dot after the loop
         for i in tl.static_range(N):
-            # _mix_tile's order: h_post y, then + h_res[i, j] x_j for j = 0 .. N-1
+            # _mix_tile's order: h_post y, then an FMA a term, h_res[i, j] x_j for j = 0 .. N-1
             xi = coef[i][:, None] * y
             for j in tl.static_range(N):
-                xi += coef[N + i * N + j][:, None] * xs[j].to(ACC)
+                xi = tl.fma(coef[N + i * N + j][:, None], xs[j].to(ACC), xi)
             if TMA and TMA_STORE:
                 xo = round_to(xi, tl.bfloat16, RNE)
                 out_ptr.store([t0, i * C + c0], xo)
