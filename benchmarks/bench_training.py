@@ -20,7 +20,7 @@ backward, as before session 17), oldhead (a chain's head and tail as before sess
 gradient n-wide, the head's expand made dense), opt:<option>=<v>,... (backend=mhc with these options, bools as 1 / 0:
 opt:fold_pre_recompute=0), cudagraphs, tritonlaunch (the same compiled model with every mHC launch through Triton's
 kernel[grid] instead of kernels/launch.py's cached launchers), gluonlaunch (the same compiled model with the Gluon
-kernels' launches on kernels/launch.py's cached launchers too, ``launch.enable_gluon``), tune:<kernel>:<field>=<v>,... (the same compiled model
+kernels' launches on Triton's path, ``launch.enable_gluon(False)``; cached, the default since session 49), tune:<kernel>:<field>=<v>,... (the same compiled model
 with one kernel's config changed: the fields of its config in triton_config.DEFAULTS, e.g. tune:proj_dx_dphi:enabled=0
 for proj's backward as the dx + dphi kernel pair, tune:proj_dx_dphi:pipeline_all=0, tune:post_res_backward:two_d=0 for
 the older post_res backward kernel, or tune:proj:bt=64,num_warps=4).
@@ -313,16 +313,16 @@ def run_size(d, args, emit):
                 launch.enable(True)
 
         contexts[label] = triton_launch_path
-    if "gluonlaunch" in args.variants:  # the same compiled model, the Gluon kernels' launches cached too
+    if "gluonlaunch" in args.variants:  # the same compiled model, the Gluon kernels' launches on Triton's path
         from mhc_compile.kernels import launch
 
-        label = "backend=mhc, Gluon launches cached"
+        label = "backend=mhc, Gluon launches on Triton's path"
         variants[label] = variants["backend=mhc"]
         was = launch._gluon_enabled
 
         @contextlib.contextmanager
         def gluon_launch_path():
-            launch.enable_gluon(True)
+            launch.enable_gluon(False)
             try:
                 yield
             finally:
