@@ -176,9 +176,9 @@ if AVAILABLE:
                     xj = x_bufs.index(base + j).slice(_box_col(_chunk(v, CONSUMERS, FIRST), BC, SUBS // BOXES), BC, 1)
                     xs = xs + (bf16_to_f32(xj.load(tile)),)
                 for i in gl.static_range(N):
-                    xi = coef[i][:, None] * y  # _mix_tile's order: h_post y, then + h_res[i, j] x_j, j = 0 .. N-1
+                    xi = coef[i][:, None] * y  # _mix_tile's order: h_post y, then an FMA a term h_res[i, j] x_j
                     for j in gl.static_range(N):
-                        xi += coef[N + i * N + j][:, None] * xs[j]
+                        xi = gl.fma(coef[N + i * N + j][:, None], xs[j], xi)
                     xo, xf = round_bf16(xi)  # X' as stored, and as proj reads it
                     sq += xf * xf
                     # the previous chunk's wgmmas, which read this tile, completed before it ended (the wait below)

@@ -450,7 +450,7 @@ if AVAILABLE:
                     xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
                     nx = ()
                     for i in gl.static_range(N):
-                        nx = nx + (xs[i] + _row(coefs, s, j, i, NG, L) * xj,)
+                        nx = nx + (gl.fma(_row(coefs, s, j, i, NG, L), xj, xs[i]),)
                     xs = nx
             gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
             dxin = bf16_to_f32(gins.index(s).load(L))
