@@ -24,12 +24,13 @@ def _mix_tile(x_ptr, hres_ptr, hp, y, r64, mi, cols, m2, C, N: tl.constexpr, NP:
     """[BT, NP, BC] tile of H_res X + H_post^T y, each x[t, j] chunk loaded once (fp32 accumulation).
     X_BCAST: x is [T, C], the one row every stream of a token holds: loaded once for all j.
 
-    The mix is h_post y, then an explicit FMA a term, h_res[i, j] x_j in j order (every Triton kernel that writes or
-    rebuilds X' mixes so: ``_mix_regs``, ``triton_fused._mix``, ``triton_post_res_proj``). Written as ``acc +=
-    h x``, the compiler chose per kernel which product to contract into which add: post_res folded h_post y into
-    the first term's FMA and the chain's later steps did not, and on an H100 the chain's streams differed from k
-    post_res calls by an ulp (session 49, benchmarks/chain_check.py). An explicit FMA leaves no such choice, and
-    the interpreter rounds it once too, so the CPU tests see the GPU's bits."""
+    The mix is h_post y, then an explicit FMA a term, h_res[i, j] x_j in j order (every kernel that writes or
+    rebuilds X' mixes so: ``_mix_regs``, ``triton_fused._mix``, ``triton_post_res_proj``, and with ``gl.fma`` the
+    Gluon post_res_proj and step backward). Written as ``acc += h x``, the compiler chose per kernel which product
+    to contract into which add: post_res folded h_post y into the first term's FMA and the chain's later steps did
+    not, and on an H100 the chain's streams differed from k post_res calls by an ulp (session 49,
+    benchmarks/chain_check.py). An explicit FMA leaves no such choice, and the interpreter rounds it once too, so
+    the CPU tests see the GPU's bits."""
     ii = tl.arange(0, NP)
     acc = hp[:, :, None] * y[:, None, :]
     if X_BCAST:
