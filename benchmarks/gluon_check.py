@@ -10,12 +10,15 @@ the Triton kernel's, side by side in one process.
 token counts, n in {1, 2, 3, 4} and C from 256 to 2048: X' within bf16 rounding of the float64 reference (and
 whether it equals the Triton post_res kernel's bit for bit, reported, not required); p against the float64
 projection of that X' within the bound of a hi / lo bf16 dot; sq against float64. Every row asserts the Gluon
-kernel ran. (2) Times (median of CUDA-graph replays) of the Triton kernel and each config that passed, at each
+kernel ran. The shapes with n > 1 are checked again with X broadcast over its streams (stride 0, as the step
+after a chain head gets its embedding under fuse=True), rows marked "bcast". (2) Times (median of CUDA-graph
+replays) of the Triton kernel and each config that passed, at each
 shape, with the copy bandwidth measured in the same run -> gluon-check.md, written at every line; with ``--step``,
 bench_kernels' step forward row beside them (the op that calls post_res_proj in training). Exit status 1 when a
 check fails.
 ``--build`` compiles the kernel for sm_90a on this machine (registers, spills, shared memory; fails past
-227 KB or with spills): the CPU tests run it, since Gluon kernels do not run under the interpreter.
+227 KB or with spills): the CPU tests run it, since Gluon kernels do not run under the interpreter. With
+``--bcast`` each config is also built for a broadcast X (rows "<config>+bcast").
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.against import Lines, load_module, serving  # noqa: E402
 from mhc_compile.kernels import gluon_post_res_proj as gp  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_common as tcom  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
 from mhc_compile.kernels import triton_config as tcfg  # noqa: E402
 from mhc_compile.kernels import triton_post_res_proj as tprp  # noqa: E402
@@ -63,8 +67,10 @@ def _inputs(t: int, n: int, c: int, seed: int, device: str = "cuda"):
     return x, h_res, h_post, y, phi
 
 
-def _check(t: int, n: int, c: int, name: str, against=None) -> tuple[str, bool]:
+def _check(t: int, n: int, c: int, name: str, against=None, bcast: bool = False) -> tuple[str, bool]:
     x, h_res, h_post, y, phi = _inputs(t, n, c, seed=t + 7 * n + c)
+    if bcast:  # stream 0's rows as every stream's: stride 0 over n, the rows dense (triton_common.is_broadcast)
+        x = x[:, 0].contiguous().unsqueeze(1).expand(t, n, c)
     ran = gp.LAUNCHES
     with tk.tuning("post_res_proj", **CONFIGS[name]):
         out, p, sq = tk.post_res_proj(x, h_res, h_post, y, phi)
@@ -80,7 +86,8 @@ def _check(t: int, n: int, c: int, name: str, against=None) -> tuple[str, bool]:
     sq_ref = (xs * xs).sum(1)
     sq_err = ((sq.double() - sq_ref).abs() / sq_ref.clamp_min(1e-30)).max().item()
     good = used and x_err <= 1.6e-2 * max(1.0, out.double().abs().max().item()) and p_excess <= 0 and sq_err <= 1e-5
-    row = (f"| {name} | {t}x{n}x{c} | {'yes' if used else 'NO'} | {'yes' if x_bits else 'no'} | {x_err:.2e} | "
+    row = (f"| {name}{' bcast' if bcast else ''} | {t}x{n}x{c} | {'yes' if used else 'NO'} | "
+           f"{'yes' if x_bits else 'no'} | {x_err:.2e} | "
            f"{p_excess:.2e} | {sq_err:.2e} | {'ok' if good else 'FAIL'} |")
     if against is not None:  # the other build's outputs beside this one's (a report, not a pass / fail)
         with tk.tuning("post_res_proj", **CONFIGS[name]), serving(tk, "_gluon_prp", against):
@@ -171,12 +178,13 @@ def segments(shapes, lines: list[str]) -> None:
         del x, h_res, h_post, y, phi
 
 
-def build(configs) -> int:
-    """sm_90a builds of the kernel at C = 512 for each config: (registers, spilled bytes, shared memory)."""
+def build(configs, bcast: bool = False) -> int:
+    """sm_90a builds of the kernel at C = 512 for each config: (registers, spilled bytes, shared memory); with
+    ``bcast`` each also for X broadcast over its streams."""
     from benchmarks import sm90_build
 
     failed = 0
-    for name in configs:
+    for name, x_bcast in [(c, b) for c in configs for b in ((False, True) if bcast else (False,))]:
         cfg = dataclasses.replace(tcfg.DEFAULTS["post_res_proj"], **CONFIGS[name])
         t, n, c = 256, 4, 512
         _, bc, mp = tprp._post_res_proj_tile(cfg, t, n, c, n * n + 2 * n)
@@ -186,21 +194,25 @@ def build(configs) -> int:
         x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
         w = torch.zeros((n * c, 2, mp) if cfg.ws_join else (2, n * c, mp), dtype=torch.bfloat16)
         with sm90_build.cpu_target(90):
+            if x_bcast:
+                x = x[:, 0].contiguous().unsqueeze(1).expand(t, n, c)
             built = gp._post_res_proj_ws_kernel.warmup(
-                *gp.descriptors(x, y, w, t, n, c, n * c, bt, bc, mp, min(cfg.ws_box or bc, subs * bc), cfg.ws_join),
+                *gp.descriptors(x, y, w, t, n, c, n * c, bt, bc, mp, min(cfg.ws_box or bc, subs * bc), cfg.ws_join,
+                                x_bcast),
                 torch.empty_like(x), torch.zeros(t, n, n),
                 torch.zeros(t, n), torch.zeros(2, t, n * n + 2 * n), torch.zeros(2, t),
                 t, c, n * c, n * n + 2 * n, c, N=n, BT=bt, BC=bc, MP=mp, SUBS=subs,
                 BOXES=subs * bc // min(cfg.ws_box or bc, subs * bc), STAGES=stages, WSTAGES=wstages,
                 CONSUMERS=cfg.ws_consumers, COMPUTE_REGS=cfg.ws_regs, num_warps=cfg.num_warps, JOIN=cfg.ws_join,
-                grid=(t // bt, 1))
+                X_BCAST=x_bcast, grid=(t // bt, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # a compute warpgroup's loop; spills counted in every loop
         loop = sm90_build.ws_loop_counts(text, ("HGMMA", "SYNCS", "BAR.SYNC"))
         ok = spill == 0 and smem <= SMEM_LIMIT
         failed += not ok
-        print(f"{name}: BT={bt} BC={bc} subs={subs} stages={stages} wstages={wstages} regs={regs} spill={spill} "
+        print(f"{name}{'+bcast' if x_bcast else ''}: BT={bt} BC={bc} subs={subs} stages={stages} wstages={wstages} "
+              f"regs={regs} spill={spill} "
               f"smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
@@ -211,13 +223,15 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="*", default=["32768x4096", "8192x4096", "32768x7168", "8192x7168"])
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--build", action="store_true", help="sm_90a builds on this machine, no GPU")
+    ap.add_argument("--bcast", action="store_true", help="with --build: each config also for a broadcast X")
     ap.add_argument("--segments", action="store_true", help="also time post_res and proj at narrow tile rows")
     ap.add_argument("--step", action="store_true", help="also time step's forward with each config")
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_post_res_proj.py, checked and "
                     "timed beside this one (benchmarks/against.py)")
     args = ap.parse_args()
+    tcom.GLUON_BCAST = True  # the Gluon kernels' broadcast reads: off by default until the "bcast" rows pass
     if args.build:
-        return build(args.configs)
+        return build(args.configs, args.bcast)
     against = load_module(args.against, "gluon_post_res_proj_against") if args.against else None
     if not gp.supported(torch.empty(1, device="cuda", dtype=torch.bfloat16), 4, 4096, 32, 32):
         print("gluon_check: needs Gluon and an sm_90 GPU", file=sys.stderr)
@@ -233,8 +247,8 @@ def main() -> int:
     passed = []
     for name in args.configs:
         good = True
-        for t, n, c in CHECK_SHAPES:
-            row, ok = _check(t, n, c, name, against)
+        for (t, n, c), bcast in [(s, False) for s in CHECK_SHAPES] + [(s, True) for s in CHECK_SHAPES if s[1] > 1]:
+            row, ok = _check(t, n, c, name, against, bcast)
             good &= ok
             lines.append(row)
             print(row, flush=True)

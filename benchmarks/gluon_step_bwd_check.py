@@ -34,6 +34,7 @@ from benchmarks.against import Lines, load_module, parse_tune, serving  # noqa: 
 from mhc_compile import cost  # noqa: E402
 from mhc_compile.kernels import gluon_step_bwd as gs  # noqa: E402
 from mhc_compile.kernels import reference as ref  # noqa: E402
+from mhc_compile.kernels import triton_common as tcom  # noqa: E402
 from mhc_compile.kernels import triton_fused as tf  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes of shared memory an H100 / H200 block may take
@@ -43,13 +44,14 @@ TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 
 def build(builds=((2, False, False, False), (1, False, False, False), (1, True, True, False), (1, True, False, False),
                   (2, True, True, False), (1, False, True, False), (1, False, True, True),
-                  (1, True, True, False, 4))) -> int:
+                  (1, True, True, False, 4), (1, False, True, True, 0, True))) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
     a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin, collapse) each: step's second pass with
     two and one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in; with x_in its dH added in
     L2, DH_ATOMIC), then step's pass with its dH added in L2 (saved_x off, the third flag on: DH_ATOMIC alone), and
-    last the same with dX_prev summed over the streams (COLLAPSE: a chain head's under fuse=True); a fifth field, the
-    last build's, paces the loader (``PACE`` tiles: the boundary with x_in, paced)."""
+    the same with dX_prev summed over the streams (COLLAPSE: a chain head's under fuse=True); a fifth field paces the
+    loader (``PACE`` tiles: the boundary with x_in, paced), a sixth reads X_prev broadcast over the streams (X_BCAST:
+    the chain head's call itself, whose X_prev is the embedding)."""
     import triton
 
     from benchmarks import sm90_build
@@ -60,20 +62,22 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
     x, y = torch.zeros(t, n, c, dtype=torch.bfloat16), torch.zeros(t, c, dtype=torch.bfloat16)
     dp_pad = torch.zeros(t, gs.MP)
     phi_pad = torch.zeros(n * c, gs.MP)
-    for mixers, saved_x, xin, collapse, *paced in builds:
-        pace = paced[0] if paced else 0
+    for mixers, saved_x, xin, collapse, *extra in builds:
+        pace, bcast = (tuple(extra) + (0, False))[:2]
         atomic = xin  # with X read: x_in (and dH in L2); with X rebuilt, this flag is dH in L2 alone
         xin = xin and saved_x
         coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
         st = gs.stages_for(n, mixers=mixers, saved_x=saved_x, xin=xin)
         with sm90_build.cpu_target(90):
-            descs = gs.descriptors(x, y, y, x, coefs, dp_pad, phi_pad, y if collapse else x, y, t, n, c, collapse)
+            xp = x[:, 0].contiguous().unsqueeze(1).expand(t, n, c) if bcast else x
+            descs = gs.descriptors(xp, y, y, x, coefs, dp_pad, phi_pad, y if collapse else x, y, t, n, c, collapse,
+                                   bcast)
             built = gs._step_bwd_ws_kernel.warmup(
                 *descs, descs[0], descs[-1], torch.zeros(1, 2 * gs.MP, n * c), torch.zeros(c // gs.BC, n * n + n, t),
                 torch.zeros(1, dtype=torch.int32), t, c, t, n, c // gs.BC, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP,
                 NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin,
                 DH_ATOMIC=atomic, COLLAPSE=collapse, MIX_REGS=tf.StepBwdCfg.mix_regs,
-                DPHI_REGS=tf.StepBwdCfg.dphi_regs, PACE=pace, PACE_SPIN=gs.PACE_SPIN, num_warps=4,
+                DPHI_REGS=tf.StepBwdCfg.dphi_regs, PACE=pace, PACE_SPIN=gs.PACE_SPIN, num_warps=4, X_BCAST=bcast,
                 grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
@@ -96,7 +100,8 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
         failed += not ok
         pace_note = f", pace={pace}" if pace else ""
         what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers}{pace_note})" if saved_x
-                else f"mixers={mixers}" + (" dH in L2" if atomic else "") + (" dX_prev summed" if collapse else ""))
+                else f"mixers={mixers}" + (" dH in L2" if atomic else "") + (" dX_prev summed" if collapse else "")
+                + (" X_prev broadcast" if bcast else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
@@ -201,6 +206,26 @@ def _collapsed_row(shape: str, v, h_pre, p, sq, n, c, base, want, lines) -> bool
     return good
 
 
+def _broadcast_row(shape: str, v, n: int, c: int, lines) -> bool:
+    """X_prev broadcast over its streams (stride 0: under fuse=True the step after a chain head gets the embedding
+    so), read by the Gluon kernel as its one row a token: every output bit-equal to the same call on its dense copy,
+    with dX_prev as n rows and summed (``collapse_dx``, the head's call). Appends the row; whether it holds."""
+    xb = v["x_prev"][:, 0].contiguous().unsqueeze(1).expand_as(v["x_prev"])
+    vb, vd = {**v, "x_prev": xb}, {**v, "x_prev": xb.contiguous()}
+    h_pre, p, sq = _forward_saves(vd, n, c)
+    good = True
+    for collapse in (False, True):
+        with tf.tuning("step_bwd", ws=True, dh_atomic=False):
+            before = gs.LAUNCHES
+            got = _call(tf.step_backward, vb, h_pre, p, sq, n, c, collapse_dx=collapse)
+            ran = gs.LAUNCHES > before
+            want = _call(tf.step_backward, vd, h_pre, p, sq, n, c, collapse_dx=collapse)
+        good &= ran and all(torch.equal(a, b) for a, b in zip(got, want))
+    lines.append(f"| {shape} | (X_prev broadcast: bit-equal to its dense copy, dX_prev as rows and summed) | | | "
+                 f"{'ok' if good else 'FAIL'} |")
+    return good
+
+
 def _dh_in_l2_row(shape: str, atomic, base, want, lines, names=NAMES) -> bool:
     """The outputs with dH added in L2 (dh_atomic) against the same call without: dH_res and dH_post (summed in
     another order) as close to float64, every other output bit-equal. ``names``: the outputs' names (step's or the
@@ -244,9 +269,11 @@ def check(t, n, c, lines, against=()) -> bool:
         atomic = _call(tf.step_backward, v, h_pre, p, sq, n, c)
     ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, two, want, lines)
     ok &= _collapsed_row(f"{t}x{n}x{c}", v, h_pre, p, sq, n, c, two, want, lines)
+    if n > 1:
+        ok &= _broadcast_row(f"{t}x{n}x{c}", v, n, c, lines)
     for build in against:  # the other builds' outputs beside this one's (a report, not a pass / fail)
         lines.append(_against_row(f"{t}x{n}x{c}", build.label, NAMES, build.run(v, h_pre, p, sq, n, c), two, want))
-    print("\n".join(lines[-11 - len(against):]), flush=True)
+    print("\n".join(lines[-11 - (n > 1) - len(against):]), flush=True)
     return ok
 
 
@@ -485,6 +512,7 @@ def main() -> int:
     ap.add_argument("--head", action="store_true", help="after step's checks, time its chain-head call (collapse_dx, "
                     "dH in L2) instead of the full call, this build's beside each --against build's")
     args = ap.parse_args()
+    tcom.GLUON_BCAST = True  # the Gluon kernels' broadcast reads: off by default until the broadcast rows pass
     if args.build:
         return build()
     against = load_against(args.against, args.against_tune)

@@ -53,7 +53,8 @@ def _inputs(lead, n, c, dtype, seed=0):
 
 @pytest.fixture
 def x_bcast_launches(monkeypatch):
-    """{kernel name: [X_BCAST of each launch]} of triton_ops' and triton_proj_bwd's launches that read a stream."""
+    """{kernel name: [X_BCAST of each launch]} of triton_ops', triton_proj_bwd's and triton_fused's launches that read
+    a stream."""
     seen = {}
     real = real_launch
 
@@ -62,7 +63,7 @@ def x_bcast_launches(monkeypatch):
             seen.setdefault(kernel.fn.__name__, []).append(meta["X_BCAST"])
         return real(kernel, grid, args, meta, *rest, **options)
 
-    patch_launches(monkeypatch, spy, pb)
+    patch_launches(monkeypatch, spy, pb, tf)
     return seen
 
 
@@ -83,12 +84,13 @@ def _into(fn, grad, x, *args):
     return out
 
 
-def _check(fn, xb, xd, seen, kernels):
-    """fn(xb) is fn(xd) bit for bit, and every kernel that read the stream took it broadcast."""
+def _check(fn, xb, xd, seen, kernels, dense=()):
+    """fn(xb) is fn(xd) bit for bit, and every kernel that read the stream took it broadcast; ``dense``: kernels
+    that read a dense stream the op made from it (the fused step's X)."""
     want = fn(xd)
     seen.clear()
     _same(fn(xb), want)
-    assert seen == {k: [True] for k in kernels}, seen
+    assert seen == {**{k: [True] for k in kernels}, **{k: [False] for k in dense}}, seen
 
 
 @pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
@@ -288,3 +290,78 @@ if not _INTERPRETED:
     from interpreter_rerun import rerun_in_subprocess
 
     test_in_interpreter_subprocess = rerun_in_subprocess(__file__)
+
+
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_post_res_proj(lead, n, c, dtype, x_bcast_launches):
+    """``fuse=True``'s forward boundary after a chain head: post_res_proj reads the broadcast stream as its rows, on
+    the pointer build and (bf16, C a multiple of BC) the TMA one; X', p and sq bit for bit the dense copy's."""
+    xb, xd, o = _inputs(lead, n, c, dtype, seed=9)
+    args = (o["h_res"], o["h_post"], o["y"], o["phi"])
+    for tma in (False, True):
+        with tk.tuning("post_res_proj", ws=False, tma=tma):
+            _check(lambda x: tk.post_res_proj(x, *args), xb, xd, x_bcast_launches, ["_post_res_proj_kernel"])
+
+
+def _step_inputs(lead, n, c, dtype, seed):
+    """``step``'s operands at [T, n, C] (as the custom op hands them to the kernels), its static arguments, and the
+    saved coefficients and gradients of its backward, from the dense stream's forward."""
+    xb, xd, o = _inputs(lead, n, c, dtype, seed=seed)
+    t = xd.shape[:-2].numel()
+    xb, xd = xb.reshape(t, n, c), xd.reshape(t, n, c)
+    assert xb.stride(-2) == 0
+    g = torch.Generator().manual_seed(seed + 1)
+    m, acc = ref.num_coeffs(n), torch.float32
+    prev = (o["h_res"].reshape(t, n, n), o["h_post"].reshape(t, n), o["y"].reshape(t, c))
+    params = (o["phi"], 0.5 * torch.randn(m, generator=g, dtype=acc), torch.tensor([0.7, 0.9, 1.1], dtype=acc))
+    static = (n, n * c, 1e-6, 20, "mhc")
+    _, _, h_pre, _, _, p, sq = tf.step(xd, *prev, *params, *static)
+    grads = (torch.randn(t, n, c, generator=g).to(dtype), torch.randn(t, c, generator=g).to(dtype),
+             torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g))
+    return xb, xd, prev, params, static, (h_pre, p, sq), grads
+
+
+@pytest.mark.parametrize("lead,n,c,dtype", CASES, ids=IDS)
+def test_fused_step_and_its_backward(lead, n, c, dtype, x_bcast_launches):
+    """``fuse=True``'s ``step`` after a chain head, whose X_prev is the embedding broadcast over the streams: its
+    forward (post_res_proj) and its backward's passes that read X_prev (K2, post_res_backward; the Gluon pass on
+    an sm_90 GPU, benchmarks/gluon_step_bwd_check.py) take it as its rows, and give the dense copy's outputs bit
+    for bit: dX_prev dense, summed over the streams (``collapse_dx``, the head's call), or written over dX."""
+    xb, xd, prev, params, static, saved, (dx, dx_in, dh_post, dh_res) = _step_inputs(lead, n, c, dtype, seed=10)
+    _check(lambda x: tf.step(x, *prev, *params, *static), xb, xd, x_bcast_launches, ["_post_res_proj_kernel"],
+           dense=["_pre_fwd_kernel"])
+    kernels = ["_dh_pre_kernel", "_post_res_bwd_2d_kernel"]
+    rebuilt = _proj_backward_kernels(dtype, one_pass=True)  # proj_pre_backward reads the rebuilt X, dense
+    with tk.tuning("post_res_backward", two_d=True):
+        for kw in (dict(), dict(collapse_dx=True)):
+            _check(lambda x: tf.step_backward(x, *prev, *params, *saved, dx, dx_in, dh_post, dh_res, *static, **kw),
+                   xb, xd, x_bcast_launches, kernels, rebuilt)
+        _check(lambda x: _into(lambda xx, d, out: tf.step_backward(xx, *prev, *params, *saved, d, dx_in, dh_post,
+                                                                   dh_res, *static, out=out), dx, x),
+               xb, xd, x_bcast_launches, kernels, rebuilt)
+
+
+def test_fused_step_custom_ops_pass_the_broadcast_stream_through(x_bcast_launches):
+    """The ``step`` / ``step_backward`` custom ops flatten a [B, S, n, C] X_prev to tokens without making it dense
+    (session 49 found them copying it: n C a token written and read again, forward and backward, at each chain head
+    under fuse=True): the kernels see it broadcast, and the outputs are the dense copy's."""
+    from mhc_compile.runtime import ops
+
+    xb, xd, o = _inputs((2, 3), 4, 48, torch.bfloat16, seed=11)
+    n, m = 4, ref.num_coeffs(4)
+    prev = (o["h_res"], o["h_post"], o["y"])
+    params = (o["phi"], torch.zeros(m), torch.tensor([0.7, 0.9, 1.1]))
+    static = (n, n * 48, 1e-6, 20, "mhc", "triton")
+    want = ops.step(xd, *prev, *params, *static)
+    x_bcast_launches.clear()
+    got = ops.step(xb, *prev, *params, *static)
+    assert x_bcast_launches == {"_post_res_proj_kernel": [True], "_pre_fwd_kernel": [False]}, x_bcast_launches
+    _same(got, want)
+    _, _, h_pre, _, _, p, sq = want
+    grads = (o["dout"], o["g"], torch.randn(2, 3, n), torch.randn(2, 3, n, n))
+    want = ops.step_backward(xd, *prev, *params, h_pre, p, sq, *grads, *static)
+    x_bcast_launches.clear()
+    got = ops.step_backward(xb, *prev, *params, h_pre, p, sq, *grads, *static)
+    assert all(all(v) for k, v in x_bcast_launches.items() if k != "_proj_dx_dphi_kernel"), x_bcast_launches
+    assert "_dh_pre_kernel" in x_bcast_launches
+    _same(got, want)

@@ -19,13 +19,16 @@ def _run(*args, **kw):
 
 @pytest.mark.skipif(not gp.AVAILABLE, reason="the installed Triton has no Gluon")
 def test_gluon_post_res_proj_builds_for_sm90_within_shared_memory_without_spills():
-    proc = _run("--build", "--configs", "ws", "ws-sub1", "ws-join", ptxas_log=True)
+    proc = _run("--build", "--configs", "ws", "ws-sub1", "ws-join", "--bcast", ptxas_log=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("ws:", "ws-sub1:", "ws-join:"))]
-    assert len(rows) == 3 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    names = [f"{c}{b}" for c in ("ws", "ws-sub1", "ws-join") for b in ("", "+bcast")]
+    rows = [line for line in proc.stdout.splitlines() if line.split(":")[0] in names]
+    assert len(rows) == 6 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
     hgmma = {row.split(":")[0]: int(row.split("'HGMMA': ")[1].split(",")[0]) for row in rows}
     assert hgmma["ws-join"] * 2 == hgmma["ws"]  # one wgmma a stream instead of a hi and a lo one
+    # a broadcast X (a chain head's embedding under fuse=True) changes the loads, not the projection
+    assert all(hgmma[f"{c}+bcast"] == hgmma[c] for c in ("ws", "ws-sub1", "ws-join"))
 
 
 def test_plan_fills_the_shared_memory_budget_with_whole_slots():
@@ -121,3 +124,22 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
     again = tk.post_res_proj(x, h_res, h_post, y, phi)
     assert len(tries) == 1 and tprp._NO_GLUON_PRP == {x.device}
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
+
+
+def test_a_broadcast_stream_reaches_the_gluon_kernel_as_rows_only_where_turned_on(monkeypatch):
+    """A stream broadcast over n (under fuse=True the step after a chain head gets the embedding so) reaches the
+    Gluon kernel made dense while its broadcast reads wait on their GPU check (``triton_common.GLUON_BCAST``), and
+    as its rows, told ``x_bcast``, once they are on. The kernel itself is stubbed (it runs only on an sm_90 GPU)."""
+    from mhc_compile.kernels import triton_common as tcom
+    from mhc_compile.kernels import triton_ops as tk
+
+    x, h_res, h_post, y, phi = _cpu_inputs(37, 4, 128, seed=6)
+    xb = x[:, 0].contiguous().unsqueeze(1).expand(x.shape)
+    seen = []
+    monkeypatch.setattr(gp, "supported", lambda *args: True)
+    monkeypatch.setattr(gp, "launch", lambda x, *args, x_bcast=False, **kw: seen.append((x.stride(1), x_bcast)))
+    for on, want in ((False, (128, False)), (True, (0, True))):
+        monkeypatch.setattr(tcom, "GLUON_BCAST", on)
+        seen.clear()
+        tk.post_res_proj(xb, h_res, h_post, y, phi)
+        assert seen == [want]

@@ -220,8 +220,12 @@ def test_builds_for_sm90_within_shared_memory():
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
     # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers,
-    # then step's pass with its dH added in L2, and with dX_prev summed over the streams too, and the boundary paced
-    assert len(rows) == 8 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # then step's pass with its dH added in L2, and with dX_prev summed over the streams too, the boundary paced, and
+    # the chain head's call on its broadcast X_prev
+    assert len(rows) == 9 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    tile = {row.split(": triton")[0]: int(row.split("a tile: ")[1].split()[0]) for row in rows}
+    # a broadcast X_prev moves the loads (the loader warp), not the mixing
+    assert tile["mixers=1 dH in L2 dX_prev summed X_prev broadcast"] == tile["mixers=1 dH in L2 dX_prev summed"]
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)
@@ -338,3 +342,29 @@ def test_walk_tiles_reaches_the_launch(monkeypatch):
         BoundaryBwdCfg(long_walk=-1)
     with pytest.raises(ValueError, match="walk_tiles=-2"):
         tf.configure("step_bwd", walk_tiles=-2)
+
+
+def test_a_broadcast_x_prev_reaches_the_gluon_pass_as_rows_only_where_turned_on(monkeypatch):
+    """As post_res_proj's (test_gluon_post_res_proj.py): X_prev broadcast over n reaches the Gluon pass dense while
+    its broadcast reads wait on their GPU check, as its rows once they are on; K2 before it reads the rows either
+    way. The pass is stubbed (it runs only on an sm_90 GPU)."""
+    from mhc_compile.kernels import triton_common as tcom
+
+    v, gr = _inputs(6, 4, 16, seed=7, dtype=torch.float32)
+    v["x_prev"] = v["x_prev"][:, 0].contiguous().unsqueeze(1).expand(6, 4, 16)
+    args = (4, 64, 1e-6, 20, "mhc")
+    _, _, h_pre, _, _, p, sq = ref.step(*v.values(), *args)
+    seen = []
+
+    def pass_two(x_prev, *rest, **kw):
+        seen.append(x_prev.stride(1))
+        return (torch.zeros(6, 4, 16), torch.zeros(6, 4, 4), torch.zeros(6, 4), torch.zeros(6, 16),
+                torch.zeros(64, 24))
+
+    monkeypatch.setattr(gs, "supported", lambda *args: True)
+    monkeypatch.setattr(gs, "step_grads", pass_two)
+    for on, stride in ((False, 16), (True, 0)):
+        monkeypatch.setattr(tcom, "GLUON_BCAST", on)
+        seen.clear()
+        tf.step_backward(*v.values(), h_pre, p, sq, gr["dx"], gr["dx_in"], gr["dh_post"], gr["dh_res"], *args)
+        assert seen == [stride]

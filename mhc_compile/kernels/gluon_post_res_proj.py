@@ -101,11 +101,13 @@ if AVAILABLE:
     @gluon.jit
     def _loader(x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo, n_slots, C,
                 K, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, SUBS: gl.constexpr,
-                BOXES: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr, JOIN: gl.constexpr):
+                BOXES: gl.constexpr, STAGES: gl.constexpr, WSTAGES: gl.constexpr, JOIN: gl.constexpr,
+                X_BCAST: gl.constexpr):
         """One warp. For each stream slot: wait until it is free, issue its SUBS chunks' n + 1 tile loads at once
-        (adjacent runs of each row, close in time), then each chunk's 2n phi loads (JOIN: n) as phi slots free
-        up."""
-        x_bytes: gl.constexpr = SUBS * (N + 1) * BT * BC * 2
+        (adjacent runs of each row, close in time; X_BCAST: 2, X's one row into stream 0's tile), then each chunk's
+        2n phi loads (JOIN: n) as phi slots free up."""
+        XN: gl.constexpr = 1 if X_BCAST else N  # X tiles a chunk loads
+        x_bytes: gl.constexpr = SUBS * (XN + 1) * BT * BC * 2
         w_bytes: gl.constexpr = 2 * N * BC * MP * 2
         for it in range(n_slots):
             s = it % STAGES
@@ -116,7 +118,7 @@ if AVAILABLE:
             for v in gl.static_range(BOXES):  # BOXES boxes of XB = SUBS * BC / BOXES channels a row
                 c0 = c_lo + it * SUBS * BC + v * (SUBS * BC // BOXES)
                 base = (s * BOXES + v) * (N + 1)
-                for j in gl.static_range(N):
+                for j in gl.static_range(XN):  # x_desc is X's [T, C] row with X_BCAST (j = 0 only)
                     _tma_load(x_desc, [t0, j * C + c0], bar, x_bufs.index(base + j))
                 _tma_load(y_desc, [t0, c0], bar, x_bufs.index(base + N))
             for u in gl.static_range(SUBS):
@@ -138,11 +140,12 @@ if AVAILABLE:
                  w_empty, t0, c_lo, n_slots, split, T, C, M, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr,
                  MP: gl.constexpr, SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
                  WSTAGES: gl.constexpr, FIRST: gl.constexpr, CONSUMERS: gl.constexpr, JOIN: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 X_BCAST: gl.constexpr, num_warps: gl.constexpr):
         """Compute warpgroup FIRST of CONSUMERS: chunks u = FIRST, FIRST + CONSUMERS, ... of every slot, all BT
         rows. Mixes X', stores it, projects it (JOIN: one wgmma a stream against phi's [hi | lo] tile, into
         [BT, 2 MP], halves added at the end); writes its p and sq partials at p_ptr[split * CONSUMERS + FIRST]
-        / sq_ptr[...]. Its chunks' phi slots are its own (WSTAGES is a multiple of CONSUMERS)."""
+        / sq_ptr[...]. Its chunks' phi slots are its own (WSTAGES is a multiple of CONSUMERS). X_BCAST: the chunk's
+        one X tile (stream 0's slot) is every stream's."""
         # [BT, BC] tiles: 16-byte rows of 8 channels a thread, so shared-memory loads and global stores are vectors
         tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BC // 8), BC // 8], [num_warps, 1], [1, 0])
         WN: gl.constexpr = 2 * MP if JOIN else MP
@@ -173,8 +176,12 @@ if AVAILABLE:
                 y = bf16_to_f32(y.load(tile))
                 xs = ()
                 for j in gl.static_range(N):
-                    xj = x_bufs.index(base + j).slice(_box_col(_chunk(v, CONSUMERS, FIRST), BC, SUBS // BOXES), BC, 1)
-                    xs = xs + (bf16_to_f32(xj.load(tile)),)
+                    if X_BCAST and j > 0:
+                        xs = xs + (xs[0],)
+                    else:
+                        xj = x_bufs.index(base + j).slice(_box_col(_chunk(v, CONSUMERS, FIRST), BC, SUBS // BOXES),
+                                                          BC, 1)
+                        xs = xs + (bf16_to_f32(xj.load(tile)),)
                 for i in gl.static_range(N):
                     xi = coef[i][:, None] * y  # _mix_tile's order: h_post y, then an FMA a term h_res[i, j] x_j
                     for j in gl.static_range(N):
@@ -201,13 +208,15 @@ if AVAILABLE:
                                  C_SPLIT, N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr,
                                  SUBS: gl.constexpr, BOXES: gl.constexpr, STAGES: gl.constexpr,
                                  WSTAGES: gl.constexpr, CONSUMERS: gl.constexpr, COMPUTE_REGS: gl.constexpr,
-                                 num_warps: gl.constexpr, JOIN: gl.constexpr = False):
+                                 num_warps: gl.constexpr, JOIN: gl.constexpr = False,
+                                 X_BCAST: gl.constexpr = False):
         """Program (token block, channel split): X' of its chunks (stored through out_ptr), and [BT, M] / [BT]
         partials of p / sq at p_ptr[split * CONSUMERS + w] / sq_ptr[...] for each compute warpgroup w. x_desc: X
         as [T, N*C], y_desc: y as [T, C], both in [BT, BC] blocks; w_desc: split_hi_lo's [2K, MP] (hi rows, then
         lo rows) in [BC, MP] blocks, or with JOIN its interleaved [K, 2 MP] in [BC, 2 MP] blocks. C_SPLIT is a multiple of SUBS * BC. Rows past T read as zeros and are not
         written. CONSUMERS (1 or 2) compute warpgroups share each slot, taking its chunks in turn; a slot is free
-        once all have released it."""
+        once all have released it. X_BCAST: x_desc is X's one row a token as [T, C] (a stream broadcast over N),
+        loaded once a chunk."""
         t0 = gl.program_id(0) * BT
         split = gl.program_id(1)
         c_lo = split * C_SPLIT
@@ -234,20 +243,20 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
                             w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
-                            WSTAGES, 0, 1, JOIN, num_warps)),
+                            WSTAGES, 0, 1, JOIN, X_BCAST, num_warps)),
                 (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
-                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES, JOIN)),
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES, JOIN, X_BCAST)),
             ], [1], [_LOADER_REGS])
         else:
             gl.warp_specialize([
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
                             w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
-                            WSTAGES, 0, 2, JOIN, num_warps)),
+                            WSTAGES, 0, 2, JOIN, X_BCAST, num_warps)),
                 (_compute, (out_ptr, hres_ptr, hpost_ptr, p_ptr, sq_ptr, x_bufs, w_bufs, o_bufs, x_ready, x_empty,
                             w_ready, w_empty, t0, c_lo, n_slots, split, T, C, M, N, BT, BC, MP, SUBS, BOXES, STAGES,
-                            WSTAGES, 1, 2, JOIN, num_warps)),
+                            WSTAGES, 1, 2, JOIN, X_BCAST, num_warps)),
                 (_loader, (x_desc, y_desc, w_desc, x_bufs, w_bufs, x_ready, x_empty, w_ready, w_empty, t0, c_lo,
-                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES, JOIN)),
+                           n_slots, C, K, N, BT, BC, MP, SUBS, BOXES, STAGES, WSTAGES, JOIN, X_BCAST)),
             ], [num_warps, 1], [COMPUTE_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(x_ready.index(s))
@@ -258,23 +267,27 @@ if AVAILABLE:
 
 
 def descriptors(x: Tensor, y: Tensor, w: Tensor, t: int, n: int, c: int, k: int, bt: int, bc: int, mp: int,
-                xb: int = 0, join: bool = False):
-    """Gluon TMA descriptors: X as [T, n*C] and y as [T, C] in [BT, BC] blocks, the hi / lo halves of phi (``w``,
-    [2, K, MP]) as [2K, MP] in [BC, MP] blocks, or with ``join`` the interleaved ``w`` ([K, 2, MP]) as [K, 2 MP]
-    in [BC, 2 MP] blocks; each with the swizzle that TMA and wgmma agree on."""
+                xb: int = 0, join: bool = False, x_bcast: bool = False):
+    """Gluon TMA descriptors: X as [T, n*C] (``x_bcast``: its one row a token as [T, C]) and y as [T, C] in
+    [BT, BC] blocks, the hi / lo halves of phi (``w``, [2, K, MP]) as [2K, MP] in [BC, MP] blocks, or with ``join``
+    the interleaved ``w`` ([K, 2, MP]) as [K, 2 MP] in [BC, 2 MP] blocks; each with the swizzle that TMA and wgmma
+    agree on."""
     xb = xb or bc
     wn = 2 * mp if join else mp
     tile = shared_layout((bt, xb), gl.bfloat16)
     phi = shared_layout((bc, wn), gl.bfloat16)
-    return (TensorDescriptor.from_tensor(x.view(t, n * c), [bt, xb], tile),
+    xv = x.select(1, 0) if x_bcast else x.view(t, n * c)
+    return (TensorDescriptor.from_tensor(xv, [bt, xb], tile),
             TensorDescriptor.from_tensor(y.view(t, c), [bt, xb], tile),
             TensorDescriptor.from_tensor(w.reshape(-1, wn), [bc, wn], phi))
 
 
 def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: Tensor, p: Tensor, sq: Tensor,
            c_split: int, bc: int, mp: int, num_warps: int = 4, consumers: int = 1, subs: int = 2, stages: int = 0,
-           wstages: int = 0, compute_regs: int = 232, box: int = 64, join: bool = False) -> None:
-    """Run the kernel on contiguous bf16 X [T, n, C], y [T, C], fp32 h_res [T, n, n] / h_post [T, n] and phi's
+           wstages: int = 0, compute_regs: int = 232, box: int = 64, join: bool = False,
+           x_bcast: bool = False) -> None:
+    """Run the kernel on contiguous bf16 X [T, n, C] (``x_bcast``: broadcast over n, stride 0, its [T, C] rows
+    dense), y [T, C], fp32 h_res [T, n, n] / h_post [T, n] and phi's
     hi / lo halves ``w`` (split_hi_lo's [2, K, MP], or with ``join`` its interleaved [K, 2, MP]); writes X' into
     ``out`` and the partials into p [splits, T, M] / sq [splits * consumers, T]. Token blocks of 16 * num_warps rows (wgmma: 16 rows a warp); ``plan`` picks the
     slots (c_split must be a multiple of the slot's subs * BC channels)."""
@@ -295,8 +308,9 @@ def launch(x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, w: Tensor, out: 
     LAUNCHES += 1
     grid = ((t + bt - 1) // bt, p.shape[0] // consumers)
     kernel_launch(_post_res_proj_ws_kernel, grid,
-                  (*descriptors(x, y, w, t, n, c, k, bt, bc, mp, xb, join), out, h_res, h_post, p, sq, t, c, k, m,
-                   c_split),
+                  (*descriptors(x, y, w, t, n, c, k, bt, bc, mp, xb, join, x_bcast), out, h_res, h_post, p, sq, t, c,
+                   k, m, c_split),
                   dict(N=n, BT=bt, BC=bc, MP=mp, SUBS=subs, BOXES=subs * bc // xb, STAGES=stages, WSTAGES=wstages,
-                       CONSUMERS=consumers, COMPUTE_REGS=compute_regs, num_warps=num_warps, JOIN=join),
+                       CONSUMERS=consumers, COMPUTE_REGS=compute_regs, num_warps=num_warps, JOIN=join,
+                       X_BCAST=x_bcast),
                   shrink_stages=False)

@@ -299,9 +299,11 @@ if AVAILABLE:
                 coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr, pace_of,
                 N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr,
                 CW: gl.constexpr, STAGES: gl.constexpr, SAVED_X: gl.constexpr, PACE: gl.constexpr,
-                PACE_SPIN: gl.constexpr):
+                PACE_SPIN: gl.constexpr, X_BCAST: gl.constexpr):
         """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
-        boxes (with SAVED_X X's n more, from s_desc) and its per-token data.
+        boxes (with SAVED_X X's n more, from s_desc) and its per-token data. X_BCAST: x_desc is X_prev's one row a
+        token, [T, C], and each of the slot's n X_prev tiles is loaded from it (the mixers store dX_prev_j over tile
+        j): one row read from DRAM, the n - 1 loads after the first served by L2.
 
         PACE (tiles, 0: off): tile ``it`` is not loaded before the ``pace_of`` programs of this program's pace group
         (a token split's channel blocks, or a wave's programs; their counter: ``pace_ptr``) have finished tile
@@ -329,7 +331,10 @@ if AVAILABLE:
             mbarrier.expect(bar, nbytes)
             t0 = t_lo + it * BT
             for j in gl.static_range(N):
-                _tma_load(x_desc, [t0, j * C + c0], bar, xp.index(j * STAGES + s))
+                if X_BCAST:
+                    _tma_load(x_desc, [t0, c0], bar, xp.index(j * STAGES + s))
+                else:
+                    _tma_load(x_desc, [t0, j * C + c0], bar, xp.index(j * STAGES + s))
             _tma_load(y_desc, [t0, c0], bar, ys.index(s))
             _tma_load(g_desc, [t0, c0], bar, gins.index(s))
             for i in gl.static_range(N):
@@ -594,7 +599,7 @@ if AVAILABLE:
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
                             DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr, MIX_REGS: gl.constexpr,
                             DPHI_REGS: gl.constexpr, PACE: gl.constexpr, PACE_SPIN: gl.constexpr,
-                            num_warps: gl.constexpr):
+                            num_warps: gl.constexpr, X_BCAST: gl.constexpr = False):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; w_desc: phi [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like
@@ -604,7 +609,8 @@ if AVAILABLE:
         receives the sublayer input (otherwise both stand in for descriptors the kernel does not use). COLLAPSE:
         o_desc is dX_prev summed over the streams, [T, C] (``step_grads``' ``collapse_dx``). PACE: pace_ptr is an
         int32 counter a pace group, zeroed, of the tiles its programs have finished (``_loader``); a group is
-        PACE_GROUP programs in launch order (``plan_walks``: a token split's C / BC, or a wave's num_SMs)."""
+        PACE_GROUP programs in launch order (``plan_walks``: a token split's C / BC, or a wave's num_SMs). X_BCAST:
+        x_desc is X_prev broadcast over its streams, its one row a token as [T, C] (``_loader``)."""
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
@@ -655,7 +661,7 @@ if AVAILABLE:
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
                            xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
-                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN)),
+                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
@@ -669,7 +675,7 @@ if AVAILABLE:
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
                            xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
-                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN)),
+                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -679,15 +685,17 @@ if AVAILABLE:
 
 
 def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_w, dx_prev, dy, t: int, n: int, c: int,
-                collapse: bool = False) -> tuple:
+                collapse: bool = False, x_bcast: bool = False) -> tuple:
     """The kernel's nine TMA descriptors. The packed coefficients are [NG * T, CW]: a tile's rows past T read the
     next group's first tokens (finite) or zeros, and their rows are not written; dp's rows past T read as zeros, so
     tokens past T add nothing to dphi. ``phi_w``: ``phi_operand``'s, m or MP columns. ``collapse``: dx_prev is one
-    row a token, [T, C]."""
+    row a token, [T, C]. ``x_bcast``: x_prev is broadcast over its streams (``triton_common.stream_arg``), read as
+    its rows [T, C]."""
     bf, f32 = gl.bfloat16, gl.float32
     k = n * c
     ko = c if collapse else k
-    return (desc(x_prev, (t, k), (k, 1), (BT, BC), bf), desc(y, (t, c), (c, 1), (BT, BC), bf),
+    kx = c if x_bcast else k
+    return (desc(x_prev, (t, kx), (kx, 1), (BT, BC), bf), desc(y, (t, c), (c, 1), (BT, BC), bf),
             desc(dx_in, (t, c), (c, 1), (BT, BC), bf), desc(dx, (t, k), (k, 1), (BT, BC), bf),
             desc(coefs, (coefs.shape[0], CW), (CW, 1), (BT, CW), f32),
             desc(dp_pad, (t, MP), (MP, 1), (BT, MP), f32),
@@ -760,7 +768,8 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
                collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0,
                pace_waves: int = 0, pace_walk: int = 0):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
-    (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev / dX, [T, C] y / dx_in; ``out``: dX_prev's
+    (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev (or broadcast over n: ``stream_arg``) / dX,
+    [T, C] y / dx_in; ``out``: dX_prev's
     buffer (may be dx: a tile of dx is read before the tile of dX_prev there is written, by the same program).
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
@@ -821,7 +830,8 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
         raise ValueError(f"mhc gluon {what}: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
                          f"{mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
     dev = x_prev.device
-    dx_prev = x_prev.new_empty((t, 1, c)) if collapse else torch.empty_like(x_prev) if out is None else out
+    bcast = tcom.is_broadcast(x_prev)  # the stream after a chain head, under fuse=True: read as its one row a token
+    dx_prev = x_prev.new_empty((t, 1, c) if collapse else (t, n, c)) if out is None else out
     dy = torch.empty_like(y)
     x_in = torch.empty_like(y) if xin else None
     coefs, dp_pad = pack_tokens(h_post, h_res, h_pre, dsq, dp, h_pre_prev)
@@ -837,7 +847,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     else:
         dh = torch.empty((c // BC, nh, t), dtype=torch.float32, device=dev)
         counters = torch.zeros(groups, dtype=torch.int32, device=dev) if pace else dh.view(torch.int32)  # unread
-    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_w, dx_prev, dy, t, n, c, collapse)
+    descs = descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_w, dx_prev, dy, t, n, c, collapse, bcast)
     k, bf = n * c, gl.bfloat16
     s_desc = desc(x, (t, k), (k, 1), (BT, BC), bf) if saved_x else descs[0]
     xin_desc = desc(x_in, (t, c), (c, 1), (BT, BC), bf) if xin else descs[-1]
@@ -846,7 +856,7 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
            (*descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, group),
            dict(N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin), CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x,
                 XIN=xin, DH_ATOMIC=dh_atomic, COLLAPSE=collapse, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, PACE=pace,
-                PACE_SPIN=PACE_SPIN, num_warps=4), shrink_stages=False)
+                PACE_SPIN=PACE_SPIN, num_warps=4, X_BCAST=bcast), shrink_stages=False)
     try:
         dh_res, dh_post, dphi = finish(dphi_t, dh, m, n, phi.dtype)
     except TritonError:  # the kernel above has written (over acc, in place, maybe): no error may reach the callers'

@@ -68,6 +68,22 @@ def stream_arg(x: Tensor) -> tuple[Tensor, bool]:
     return x.contiguous(), False
 
 
+# The Gluon kernels' reads of a broadcast stream (post_res_proj, the step backward; under fuse=True the step after a
+# chain head gets the embedding so) wait on their GPU check: benchmarks/gluon_check.py's "bcast" rows and
+# gluon_step_bwd_check.py's "X_prev broadcast" row, which turn them on. Until it has passed, ``gluon_stream`` makes
+# such a stream dense before those kernels, as all paths did before session 50. MHC_COMPILE_GLUON_BCAST=1 turns
+# them on.
+GLUON_BCAST = os.environ.get("MHC_COMPILE_GLUON_BCAST", "0") != "0"
+
+
+def gluon_stream(x: Tensor, bcast: bool) -> tuple[Tensor, bool]:
+    """(x, bcast) as a Gluon kernel takes them: ``stream_arg``'s, or x made dense where its broadcast reads are off
+    (``GLUON_BCAST``)."""
+    if bcast and not GLUON_BCAST:
+        return x.contiguous(), False
+    return x, bcast
+
+
 def gluon_build_failed(op: str, error: Exception, device: torch.device, failed: set, fallback: str,
                        stacklevel: int = 2) -> None:
     """A Gluon kernel that does not build (another Triton's Gluon, shared memory, ptxas: a TritonError, raised before

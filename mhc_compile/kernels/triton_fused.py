@@ -53,7 +53,7 @@ from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tops
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.triton_common import (INTERPRETED, acc_tl, acc_torch, cdiv, check_stream, gluon_build_failed,
-                                               grad_buffer, pow2, round_to)
+                                               grad_buffer, gluon_stream, is_broadcast, pow2, round_to, stream_arg)
 from mhc_compile.kernels.triton_config import GluonStepCfg, overriding
 from mhc_compile.kernels.triton_post_res import channel_partials
 from mhc_compile.kernels.triton_post_res_proj import PRP_HOIST, coeff_vectors
@@ -136,12 +136,18 @@ def _mix(xs, y, coef, i: tl.constexpr, N: tl.constexpr, XT: tl.constexpr, RNE: t
 
 
 @triton.jit
-def _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N: tl.constexpr, ACC: tl.constexpr):
-    """(X_prev rows as a tuple of n [BT, BC] tiles, y tile), widened to ACC."""
+def _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N: tl.constexpr, ACC: tl.constexpr, X_BCAST: tl.constexpr):
+    """(X_prev rows as a tuple of n [BT, BC] tiles, y tile), widened to ACC. X_BCAST: X_prev is [T, C], the one
+    row every stream of a token holds (``stream_arg``), loaded once and used as each of the n tiles."""
     y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
     xs = ()
-    for j in tl.static_range(N):
-        xs = xs + (tl.load(xp_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC),)
+    if X_BCAST:
+        row = tl.load(xp_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
+        for j in tl.static_range(N):
+            xs = xs + (row,)
+    else:
+        for j in tl.static_range(N):
+            xs = xs + (tl.load(xp_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC),)
     return xs, y
 
 
@@ -151,9 +157,10 @@ def _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N: tl.constexpr, ACC: tl.cons
 @triton.jit(do_not_specialize=["T"])
 def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, C, N: tl.constexpr,
                    BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, XT: tl.constexpr, RNE: tl.constexpr,
-                   HOIST: tl.constexpr, STORE_X: tl.constexpr = True):
+                   HOIST: tl.constexpr, STORE_X: tl.constexpr = True, X_BCAST: tl.constexpr = False):
     """One program owns BT tokens and walks all of C. X_i is rounded as the forward stored it (same order of
     sums, same rounding), stored where STORE_X (x_ptr unused otherwise), and dH_pre sums the rounded value.
+    X_BCAST: X_prev is one row a token (a chain head's broadcast embedding; ``_stream_loads``).
     dH_pre is carried as n [BT, BC / 8] partials (each thread sums the 8 adjacent channels it loads) and reduced
     across threads once, after the loop. HOIST: the coefficient vectors are loaded once, before the loop (n <= 4),
     else again for every chunk."""
@@ -168,7 +175,7 @@ def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, 
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         m2 = rmask[:, None] & (cols < C)[None, :]
-        xs, y = _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N, ACC)
+        xs, y = _stream_loads(xp_ptr, y_ptr, r64, cols, m2, C, N, ACC, X_BCAST)
         g = tl.load(g_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
         if not HOIST:
             coef = coeff_vectors(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
@@ -186,16 +193,16 @@ def _dh_pre_kernel(xp_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, x_ptr, dh_ptr, T, 
 def _recompute_dh_pre(x_prev: Tensor, h_res, h_post, y, dx_in: Tensor, acc,
                       store_x: bool = True) -> tuple[Tensor | None, Tensor]:
     """(X, dH_pre): ``step``'s stream rebuilt from its inputs, and pre's gradient of H_pre; X is None without
-    ``store_x`` (the kernel then only reads)."""
+    ``store_x`` (the kernel then only reads). x_prev as ``stream_arg`` gives it: dense, or broadcast over n."""
     t, n, c = x_prev.shape
-    x = torch.empty_like(x_prev) if store_x else None
+    x = torch.empty(x_prev.shape, dtype=x_prev.dtype, device=x_prev.device) if store_x else None
     dh = torch.empty((t, n), dtype=acc, device=x_prev.device)
     cfg = _cfg("dh_pre")
     bc = max(8, min(cfg.bc, pow2(c)))
     bt = max(1, min(cfg.bt, pow2(t)))
     launch(_dh_pre_kernel, (cdiv(t, bt),), (x_prev, h_res, h_post, y, dx_in, x_prev if x is None else x, dh, t, c),
            dict(N=n, BT=bt, BC=bc, ACC=acc_tl(acc), XT=_TL[x_prev.dtype], RNE=INTERPRETED,
-                HOIST=n * n + n <= PRP_HOIST, STORE_X=store_x),
+                HOIST=n * n + n <= PRP_HOIST, STORE_X=store_x, X_BCAST=is_broadcast(x_prev)),
            num_warps=cfg.num_warps)
     return x, dh
 
@@ -246,7 +253,9 @@ def enter(x, phi, bias, alpha, n, nc, eps, iters, mode):
 
 
 def step(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, n, nc, eps, iters, mode):
-    """(x, x_in, h_pre, h_post, h_res, p, sq): x = post_res(x_prev, ...) in the stream dtype, then enter(x)."""
+    """(x, x_in, h_pre, h_post, h_res, p, sq): x = post_res(x_prev, ...) in the stream dtype, then enter(x). x_prev
+    as it came: post_res_proj reads a stream broadcast over n (the step after a chain head, under fuse=True, gets
+    the embedding so) as its one row a token; x is dense."""
     _check("step", n, x_prev, phi, h_res_prev=h_res_prev, h_post_prev=h_post_prev, y_prev=y_prev)
     x, p, sq = tops.post_res_proj(x_prev, h_res_prev, h_post_prev, y_prev, phi)
     h_pre, h_post, h_res = tops.coeffs(p, sq, bias, alpha, n, nc, eps, iters, mode)
@@ -285,14 +294,15 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
     the op holds one stream-sized gradient instead of three (dx, G, dx_prev); both kernels are safe in place (a
     program stores a tile only after it has read that tile of the buffer, and no other program reads it).
     ``collapse_dx``: dx_prev summed over the n streams, [T, 1, C], rounded once (under fuse=True a chain head's
-    part of its embedding gradient, passes/collapse_head_grad.py): 1 row a token written instead of n."""
+    part of its embedding gradient, passes/collapse_head_grad.py): 1 row a token written instead of n.
+    x_prev as in ``step``: broadcast over n it is read as its one row a token by every pass (``stream_arg``)."""
     _check("step_backward", n, x_prev, phi, h_res_prev=h_res_prev, h_post_prev=h_post_prev, y_prev=y_prev,
            h_pre=h_pre, p=p, sq=sq, dx=dx, dx_in=dx_in, dh_post=dh_post, dh_res=dh_res)
     if collapse_dx and out is not None:
         raise ValueError("mhc triton step_backward: collapse_dx writes one row a token, not over a stream-sized out")
     if out is not None:  # checked before any work, by the check the kernels that write it apply
         out = grad_buffer(out, x_prev, "step_backward")
-    x_prev, h_res_prev, h_post_prev = x_prev.contiguous(), h_res_prev.contiguous(), h_post_prev.contiguous()
+    (x_prev, _), h_res_prev, h_post_prev = stream_arg(x_prev), h_res_prev.contiguous(), h_post_prev.contiguous()
     y_prev, dx, dx_in, phi = y_prev.contiguous(), dx.contiguous(), dx_in.contiguous(), phi.contiguous()
     acc = acc_torch(x_prev.dtype, phi.dtype)
     t, _, c = x_prev.shape
@@ -301,7 +311,7 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps,
                                                       iters, mode)
         z = dict(dtype=acc, device=x_prev.device)
-        dx_prev = x_prev.new_empty((t, 1, c)) if collapse_dx else torch.empty_like(x_prev) if out is None else out
+        dx_prev = x_prev.new_empty((t, 1, c) if collapse_dx else (t, n, c)) if out is None else out
         return (dx_prev, torch.zeros((t, n, n), **z),
                 torch.zeros((t, n), **z), torch.empty_like(y_prev), torch.zeros_like(phi), dbias, dalpha)
     cfg = _cfg("step_bwd")
@@ -311,9 +321,10 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         _, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc, store_x=False)
         dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters,
                                                       mode)
+        x_gluon = gluon_stream(x_prev, is_broadcast(x_prev))[0]  # dense where its broadcast reads are off
         try:
             dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi = _gluon_step_bwd().step_grads(
-                x_prev, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
+                x_gluon, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
                 mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic,
                 collapse_dx=collapse_dx, walk_tiles=cfg.walk_tiles, long_walk=cfg.long_walk,
                 pace=cfg.pace, pace_waves=cfg.pace_waves, pace_walk=cfg.pace_walk)

@@ -13,8 +13,8 @@ from triton.errors import TritonError
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import descriptor, tma_ok
 from mhc_compile.kernels.triton_common import (INTERPRETED, acc_tl, acc_torch, cdiv, check_stream, dot_precision,
-                                               filling_splits, gluon_build_failed, half_dot_dtype, pow2, round_to,
-                                               split_hi_lo, stream_dims, uses_hi_lo)
+                                               filling_splits, gluon_build_failed, gluon_stream, half_dot_dtype, pow2,
+                                               round_to, split_hi_lo, stream_arg, stream_dims, uses_hi_lo)
 from mhc_compile.kernels.triton_config import DotCfg, cfg_of
 
 
@@ -104,7 +104,7 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
                           MPAD, C_SPLIT, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr,
                           ACC: tl.constexpr, PREC: tl.constexpr, HI_LO: tl.constexpr, DOT: tl.constexpr,
                           HOIST: tl.constexpr, RNE: tl.constexpr, TMA: tl.constexpr, TMA_STORE: tl.constexpr,
-                          JOIN: tl.constexpr, ONE_DOT: tl.constexpr = False):
+                          JOIN: tl.constexpr, ONE_DOT: tl.constexpr = False, X_BCAST: tl.constexpr = False):
     """Program (token block, channel split): stores its X' chunk, writes [BT, M] / [BT] partials of p / sq.
 
     Partials go to p_ptr[split] / sq_ptr[split]. HI_LO: hi_ptr / lo_ptr are the halves of split_hi_lo's
@@ -118,7 +118,9 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
     takes one dot of twice the width; the hi and lo column halves of the accumulator are added at the end.
     ONE_DOT (with JOIN, N in {1, 2, 4}, N*BC <= 256): hi_ptr's rows are phi's reordered so that row c*N + i holds
     phi[i*C + c], in [N*BC, 2 MP] blocks; the chunk's N X' tiles enter one transposed dot as [N*BC, BT]
-    (_streams_along_k).
+    (_streams_along_k). X_BCAST: X is [T, C] (with TMA a descriptor of it, in [BT, BC] blocks), the one row every
+    stream of a token holds (a chain head's broadcast embedding, ``stream_arg``): loaded once a chunk and mixed as
+    each of the n rows; X' is stored dense.
     """
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -145,12 +147,22 @@ def _post_res_proj_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, hi_ptr, lo_ptr, out
         xs = ()  # the n input rows of this chunk, each loaded once, kept in the stream dtype
         if TMA:
             y = y_ptr.load([t0, c0]).to(ACC)
-            for j in tl.static_range(N):
-                xs = xs + (x_ptr.load([t0, j * C + c0]),)
+            if X_BCAST:
+                row = x_ptr.load([t0, c0])
+                for j in tl.static_range(N):
+                    xs = xs + (row,)
+            else:
+                for j in tl.static_range(N):
+                    xs = xs + (x_ptr.load([t0, j * C + c0]),)
         else:
             y = tl.load(y_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0).to(ACC)
-            for j in tl.static_range(N):
-                xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0),)
+            if X_BCAST:
+                row = tl.load(x_ptr + r64[:, None] * C + cols[None, :], mask=m2, other=0.0)
+                for j in tl.static_range(N):
+                    xs = xs + (row,)
+            else:
+                for j in tl.static_range(N):
+                    xs = xs + (tl.load(x_ptr + (r64 * N + j)[:, None] * C + cols[None, :], mask=m2, other=0.0),)
         if not HOIST:
             coef = coeff_vectors(hres_ptr, hpost_ptr, r64, rmask, N, ACC)
         xws = ()  # ONE_DOT: the chunk's X' tiles, for one dot after the loop
@@ -217,16 +229,18 @@ def _gluon_prp():
 _NO_GLUON_PRP: set = set()  # devices where the Gluon post_res_proj failed to build: the Triton kernel runs there
 
 
-def _post_res_proj_ws(cfg: DotCfg, x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next: Tensor,
-                      out: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+def _post_res_proj_ws(cfg: DotCfg, x: Tensor, bcast: bool, h_res: Tensor, h_post: Tensor, y: Tensor,
+                      phi_next: Tensor, out: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
     """post_res_proj on the warp-specialized Gluon kernel (one program an SM: its ring takes the shared memory),
     or None where it does not run: off sm_90, a shape it does not take, or a build error (another Triton's
     Gluon, shared memory, ptxas), after which the device keeps the Triton kernel, with a warning. A build error
-    comes before the launch, so nothing has been written."""
+    comes before the launch, so nothing has been written. ``bcast``: x is broadcast over its streams (``stream_arg``;
+    made dense first where the Gluon kernels' broadcast reads are off, ``gluon_stream``)."""
     lead, t, n, c = stream_dims(x)
     m = phi_next.shape[1]
     bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
     gp = _gluon_prp()
+    x, bcast = gluon_stream(x, bcast)
     if not gp.supported(x, n, c, bc, mp):
         return None
     chosen = gp.choose(n, c, bc, mp, cfg.num_warps, cfg.ws_subs, cfg.ws_stages, cfg.ws_wstages, cfg.ws_consumers,
@@ -241,10 +255,10 @@ def _post_res_proj_ws(cfg: DotCfg, x: Tensor, h_res: Tensor, h_post: Tensor, y: 
     p = torch.empty((parts,) + lead + (m,), dtype=acc, device=x.device)
     sq = torch.empty((parts,) + lead, dtype=acc, device=x.device)
     try:
-        gp.launch(x.view(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
+        gp.launch(x.reshape(t, n, c), h_res.view(t, n, n), h_post.view(t, n), y.view(t, c),
                   split_hi_lo(phi_next, mp, transpose=False, interleave=cfg.ws_join), out.view(t, n, c),
                   p.view(parts, t, m), sq.view(parts, t), c_split, bc, mp, cfg.num_warps, consumers, *slots,
-                  cfg.ws_regs, cfg.ws_box, join=cfg.ws_join)
+                  cfg.ws_regs, cfg.ws_box, join=cfg.ws_join, x_bcast=bcast)
     except TritonError as e:
         gluon_build_failed("post_res_proj", e, x.device, _NO_GLUON_PRP, "the Triton kernel", stacklevel=3)
         return None
@@ -254,23 +268,25 @@ def _post_res_proj_ws(cfg: DotCfg, x: Tensor, h_res: Tensor, h_post: Tensor, y: 
 def post_res_proj(
     x: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi_next: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(post_res(x, h_res, h_post, y), *proj(that, phi_next)) with one read of x and y and one write of X'."""
+    """(post_res(x, h_res, h_post, y), *proj(that, phi_next)) with one read of x and y and one write of X'. x may be
+    broadcast over its n streams (under fuse=True the step after a chain head gets the embedding so): its one row a
+    token is read (``stream_arg``), X' is written dense."""
     check_stream("post_res_proj", x, y, phi_next)
     lead, t, n, c = stream_dims(x)
     k, m = phi_next.shape
     if k != n * c:
         raise ValueError(f"mhc triton post_res_proj: phi_next has {k} rows, expected n*C = {n * c}")
-    x, h_res, h_post = x.contiguous(), h_res.contiguous(), h_post.contiguous()
+    (x, bcast), h_res, h_post = stream_arg(x), h_res.contiguous(), h_post.contiguous()
     y, phi_next = y.contiguous(), phi_next.contiguous()
     acc = acc_torch(x.dtype, phi_next.dtype)
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # dense, also where x is broadcast
     if t == 0 or c == 0:
         zeros = torch.zeros(lead + (m,), dtype=acc, device=x.device)
         return out, zeros, torch.zeros(lead, dtype=acc, device=x.device)
     cfg = cfg_of("post_res_proj")
     hi_lo = uses_hi_lo(x.dtype) and acc == torch.float32
     if cfg.ws and hi_lo and x.device not in _NO_GLUON_PRP:  # DotCfg.ws: the Gluon kernel where it runs
-        done = _post_res_proj_ws(cfg, x, h_res, h_post, y, phi_next, out, acc)
+        done = _post_res_proj_ws(cfg, x, bcast, h_res, h_post, y, phi_next, out, acc)
         if done is not None:
             return done
     bt, bc, mp = _post_res_proj_tile(cfg, t, n, c, m)
@@ -290,7 +306,8 @@ def post_res_proj(
     else:
         w = hi = lo = phi_next
     if tma:  # c_split is a multiple of bc: with c % bc == 0 no chunk crosses a stream or a split
-        x_arg, y_arg = descriptor(x, t, n * c, (bt, bc)), descriptor(y, t, c, (bt, bc))
+        x_arg = descriptor(x.select(-2, 0), t, c, (bt, bc)) if bcast else descriptor(x, t, n * c, (bt, bc))
+        y_arg = descriptor(y, t, c, (bt, bc))
         out_arg = descriptor(out, t, n * c, (bt, bc)) if cfg.tma_store else out
         rows = n * bc if one_dot else bc
         hi = lo = descriptor(w, k, 2 * mp, (rows, 2 * mp)) if join else descriptor(w, 2 * k, mp, (bc, mp))
@@ -298,7 +315,7 @@ def post_res_proj(
         x_arg, y_arg, out_arg = x, y, out
     meta = dict(N=n, BT=bt, BC=bc, MP=mp, ACC=acc_tl(acc), PREC=dot_precision(x.dtype), HI_LO=hi_lo,
                 DOT=half_dot_dtype(), HOIST=n * n + n <= PRP_HOIST, RNE=INTERPRETED, TMA=tma,
-                TMA_STORE=tma and cfg.tma_store, JOIN=join, ONE_DOT=one_dot)
+                TMA_STORE=tma and cfg.tma_store, JOIN=join, ONE_DOT=one_dot, X_BCAST=bcast)
     stages = _post_res_proj_stages(cfg, n, bt, bc, mp, x.element_size(), w.element_size(), hi_lo)
     launch(_post_res_proj_kernel, (tblocks, splits),
            (x_arg, h_res, h_post, y_arg, hi, lo, out_arg, p, sq, t, c, m, mp, c_split),

@@ -695,8 +695,10 @@ def step(
     n: int, nc: int, eps: float, iters: int, mode: str, impl: str, site: str = "", check_finite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     lead = x_prev.shape[:-2]
+    # x_prev as it is: under fuse=True the step after a chain head gets the embedding expanded over the n streams
+    # (stride 0), which the kernels read as its one row a token
     x, x_in, *rest = _kernels(impl, fused=True).step(
-        _tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
+        _tokens(x_prev, 2), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
         _tokens(y_prev, 1).contiguous(), phi, bias, alpha, n, nc, eps, iters, mode,
     )
     x = x.reshape(x_prev.shape)
@@ -721,7 +723,7 @@ def _step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_
     """step_backward's seven outputs; ``into``: dx_prev is written over dx (a dense buffer, step_backward_into);
     ``collapse_dx``: dx_prev summed over the streams, one row a token."""
     dx_tokens = _tokens(dx, 2).contiguous()  # with ``into``: a view of dx (checked dense), so writes land in dx
-    args = (_tokens(x_prev, 2).contiguous(), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
+    args = (_tokens(x_prev, 2), _tokens(h_res_prev, 2).contiguous(), _tokens(h_post_prev, 1).contiguous(),
             _tokens(y_prev, 1).contiguous(), phi, bias, alpha, _tokens(h_pre, 1).contiguous(),
             _tokens(p, 1).contiguous(), sq.reshape(-1).contiguous(), dx_tokens, _tokens(dx_in, 1).contiguous(),
             _tokens(dh_post, 1).contiguous(), _tokens(dh_res, 2).contiguous(), n, nc, eps, iters, mode)
