@@ -17,6 +17,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from mhc_compile.kernels import reference as ref
 from mhc_compile.kernels import triton_ops as tk
+from mhc_compile.kernels.triton_common import is_broadcast
 from mhc_compile.passes import collapse_head_grad, inplace_stream_grads
 from mhc_compile.runtime import ops  # noqa: F401  (registers the ops)
 from models import compiled_nanogpt_grads, rel_err
@@ -375,11 +376,13 @@ def test_a_compiled_model_trains_to_the_same_gradients_with_the_pass(monkeypatch
                         lambda *a, **k: summed.append(k.get("collapse_dx", False)) or real_prb(*a, **k))
     fused = {"reference": ref, "triton": triton_fused}[kernels]  # under fuse=True the head's acc: the next step's
     steps, real_step = [], fused.step_backward  # dx_prev, written summed too
+    heads = []  # whether that call's X_prev, the embedding, reached the kernels broadcast (not made dense)
     monkeypatch.setattr(fused, "step_backward", lambda *a, **k: steps.append(k.get("collapse_dx", False))
-                        or real_step(*a, **k))
+                        or (k.get("collapse_dx") and heads.append(is_broadcast(a[0]))) or real_step(*a, **k))
     on = compiled_nanogpt_grads({"kernels": kernels, "fuse": fuse}, dtype)
     assert len(calls) == 1
     assert summed.count(True) == (0 if fuse else 1) and steps.count(True) == (1 if fuse else 0)
+    assert heads == ([True] if fuse else [])
     off = compiled_nanogpt_grads({"kernels": kernels, "fuse": fuse, "collapse_head_grad": False}, dtype)
     assert len(calls) == 1 and summed.count(True) == (0 if fuse else 1) and steps.count(True) == (1 if fuse else 0)
     assert on.keys() == off.keys() and len(on) > 0
