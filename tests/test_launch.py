@@ -402,8 +402,8 @@ def test_every_gluon_kernel_launch_is_replayable(monkeypatch):
     dp, dsq = torch.randn(t, m, generator=g), torch.randn(t, generator=g)
     calls = [
         lambda: tproj._proj_ws(tcfg.cfg_of("proj"), x, phi, (t,), t, n * c, m, torch.float32),
-        lambda: tprp._post_res_proj_ws(tcfg.cfg_of("post_res_proj"), x, h_res, h_post, y, phi, torch.empty_like(x),
-                                       torch.float32),
+        lambda: tprp._post_res_proj_ws(tcfg.cfg_of("post_res_proj"), x, False, h_res, h_post, y, phi,
+                                       torch.empty_like(x), torch.float32),
         lambda: gpb.proj_grads(x, phi, dp, dsq, h_pre, y, x.clone()),
         lambda: gs.step_grads(x, h_res, h_post, y, phi, h_pre, dp, dsq, x.clone(), y.clone()),
         lambda: gs.boundary_grads(x, x.clone(), h_res, h_post, y, phi, h_pre, dp, dsq, x.clone(), y.clone(), h_pre),
