@@ -229,7 +229,8 @@ def main() -> int:
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_post_res_proj.py, checked and "
                     "timed beside this one (benchmarks/against.py)")
     args = ap.parse_args()
-    tcom.GLUON_BCAST = True  # the Gluon kernels' broadcast reads: off by default until the "bcast" rows pass
+    tcom.GLUON_BCAST = True  # the broadcast rows check the Gluon kernels' broadcast reads, also where the
+    # environment turned them off (MHC_COMPILE_GLUON_BCAST=0)
     if args.build:
         return build(args.configs, args.bcast)
     against = load_module(args.against, "gluon_post_res_proj_against") if args.against else None

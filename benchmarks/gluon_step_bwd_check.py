@@ -512,7 +512,8 @@ def main() -> int:
     ap.add_argument("--head", action="store_true", help="after step's checks, time its chain-head call (collapse_dx, "
                     "dH in L2) instead of the full call, this build's beside each --against build's")
     args = ap.parse_args()
-    tcom.GLUON_BCAST = True  # the Gluon kernels' broadcast reads: off by default until the broadcast rows pass
+    tcom.GLUON_BCAST = True  # the broadcast rows check the Gluon kernels' broadcast reads, also where the
+    # environment turned them off (MHC_COMPILE_GLUON_BCAST=0)
     if args.build:
         return build()
     against = load_against(args.against, args.against_tune)

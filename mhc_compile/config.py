@@ -72,11 +72,10 @@ class MHCConfig:
     fold_recompute_chain: in Inductor's backward graph, rebuild a recompute block's streams with one
                      ``post_res_chain`` from one read of the block's input stream, each X' kept in registers as the
                      next site's X, instead of one post_res a site reading back the stream the one before wrote
-                     (``passes/fold_recompute_chain.py``): n C elements a token fewer per chained site. On an H100
-                     (session 49) the chain ran at 92-95 % of the copy bandwidth and saved 463 us of the d = 7168
-                     step's rebuilds, but the step (+8.6 against +8.5 %, 6 rounds) could not tell it from noise,
-                     and its streams differed from the post_res calls' by an ulp; the explicit FMAs that make them
-                     bit-equal have not run on a GPU yet. Off by default until they have; True opts in.
+                     (``passes/fold_recompute_chain.py``): n C elements a token fewer per chained site, the same
+                     streams bit for bit (an H100, session 50). The chain saves 87-443 us a run at 8192 tokens, but
+                     the d = 7168 training step was not faster with it (+7.6 against +7.1 %, +7.3 against +7.3 %;
+                     +8.6 against +8.5 % in session 49). Off by default; True opts in.
     inplace_stream_grads: in Inductor's backward graph, let each site's post_res and proj/pre backward write
                      the stream gradient over the one it reads where nothing else reads that buffer
                      (``passes/inplace_stream_grads.py``): the backward then holds one n-stream gradient at a

@@ -128,10 +128,13 @@ def test_a_gluon_build_error_falls_back_to_the_triton_kernel_with_a_warning(monk
 
 def test_a_broadcast_stream_reaches_the_gluon_kernel_as_rows_only_where_turned_on(monkeypatch):
     """A stream broadcast over n (under fuse=True the step after a chain head gets the embedding so) reaches the
-    Gluon kernel made dense while its broadcast reads wait on their GPU check (``triton_common.GLUON_BCAST``), and
-    as its rows, told ``x_bcast``, once they are on. The kernel itself is stubbed (it runs only on an sm_90 GPU)."""
+    Gluon kernel as its rows, told ``x_bcast``, where its broadcast reads are on (``triton_common.GLUON_BCAST``, the
+    default since session 50's GPU check), and made dense where they are off. The kernel itself is stubbed (it runs
+    only on an sm_90 GPU)."""
     from mhc_compile.kernels import triton_common as tcom
     from mhc_compile.kernels import triton_ops as tk
+
+    assert tcom.GLUON_BCAST  # the default
 
     x, h_res, h_post, y, phi = _cpu_inputs(37, 4, 128, seed=6)
     xb = x[:, 0].contiguous().unsqueeze(1).expand(x.shape)

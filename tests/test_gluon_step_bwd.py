@@ -345,9 +345,9 @@ def test_walk_tiles_reaches_the_launch(monkeypatch):
 
 
 def test_a_broadcast_x_prev_reaches_the_gluon_pass_as_rows_only_where_turned_on(monkeypatch):
-    """As post_res_proj's (test_gluon_post_res_proj.py): X_prev broadcast over n reaches the Gluon pass dense while
-    its broadcast reads wait on their GPU check, as its rows once they are on; K2 before it reads the rows either
-    way. The pass is stubbed (it runs only on an sm_90 GPU)."""
+    """As post_res_proj's (test_gluon_post_res_proj.py): X_prev broadcast over n reaches the Gluon pass as its rows
+    where its broadcast reads are on (the default), dense where they are off; K2 before it reads the rows either way.
+    The pass is stubbed (it runs only on an sm_90 GPU)."""
     from mhc_compile.kernels import triton_common as tcom
 
     v, gr = _inputs(6, 4, 16, seed=7, dtype=torch.float32)

@@ -69,11 +69,11 @@ def stream_arg(x: Tensor) -> tuple[Tensor, bool]:
 
 
 # The Gluon kernels' reads of a broadcast stream (post_res_proj, the step backward; under fuse=True the step after a
-# chain head gets the embedding so) wait on their GPU check: benchmarks/gluon_check.py's "bcast" rows and
-# gluon_step_bwd_check.py's "X_prev broadcast" row, which turn them on. Until it has passed, ``gluon_stream`` makes
-# such a stream dense before those kernels, as all paths did before session 50. MHC_COMPILE_GLUON_BCAST=1 turns
-# them on.
-GLUON_BCAST = os.environ.get("MHC_COMPILE_GLUON_BCAST", "0") != "0"
+# chain head gets the embedding so). On by default since their GPU checks passed on an H100 in session 50
+# (benchmarks/gluon_check.py's "bcast" rows, gluon_step_bwd_check.py's "X_prev broadcast" rows: bit-equal to the
+# dense copy; results/session50-2026-12-07-h100.md). MHC_COMPILE_GLUON_BCAST=0 at import turns them off:
+# ``gluon_stream`` then makes such a stream dense before those kernels, as all paths did before session 50.
+GLUON_BCAST = os.environ.get("MHC_COMPILE_GLUON_BCAST", "1") != "0"
 
 
 def gluon_stream(x: Tensor, bcast: bool) -> tuple[Tensor, bool]:
