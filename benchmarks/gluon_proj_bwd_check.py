@@ -55,21 +55,22 @@ def build() -> int:
     hl, coefs = torch.zeros(2 * gp.MP, t, dtype=torch.bfloat16), torch.zeros(t, gp.CW)
     dphi = torch.zeros(1, n * c, m)
     planes = gp.phi_rows_reference(phi)
-    # (dout, acc, dx warpgroups, dx_hl, slots: 0 = as many as fit; 2 = the H100's, PROJ_BWD_BY_DEVICE)
-    for has_pre, has_acc, mixers, dx_hl, slots in (
-            (True, True, 2, False, 0), (True, True, 1, False, 0), (True, False, 2, False, 0),
-            (False, False, 2, False, 0), (True, True, 2, True, 0), (True, True, 1, True, 0),
-            (True, False, 1, True, 0), (False, False, 1, True, 0),
-            (True, True, 2, False, 2), (True, False, 1, False, 2)):
+    # (dout, acc, dx warpgroups, dx_hl, slots: 0 = as many as fit; 2 = the H100's, PROJ_BWD_BY_DEVICE; pace)
+    for has_pre, has_acc, mixers, dx_hl, slots, pace in (
+            (True, True, 2, False, 0, 0), (True, True, 1, False, 0, 0), (True, False, 2, False, 0, 0),
+            (False, False, 2, False, 0, 0), (True, True, 2, True, 0, 0), (True, True, 1, True, 0, 0),
+            (True, False, 1, True, 0, 0), (False, False, 1, True, 0, 0),
+            (True, True, 2, False, 2, 0), (True, False, 1, False, 2, 0), (True, True, 2, False, 2, 3)):
         st = gp.stages_for(has_pre, has_acc, slots, dx_hl=dx_hl)
         with sm90_build.cpu_target(90):
             built = gp._proj_bwd_ws_kernel.warmup(
                 *gp.descriptors(x, False, g if has_pre else None, x if has_acc else None,
                                 None if dx_hl else gp.pad_cols(dp, gp.MP), hl, coefs,
                                 planes if dx_hl else gp.pad_cols(phi, gp.MP), x, t, n, c),
-                dphi, t, c, m, t, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=False,
-                BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
-                MIX_REGS=192, DPHI_REGS=104, DX_HL=dx_hl, num_warps=4, grid=(n * c // gp.BK, 1))
+                dphi, torch.zeros(1, dtype=torch.int32), t, c, m, t, N=n, HAS_PRE=has_pre, HAS_ACC=has_acc,
+                X_BCAST=False, BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st,
+                MIXERS=mixers, MIX_REGS=192, DPHI_REGS=104, DX_HL=dx_hl, num_warps=4, PACE=pace,
+                PACE_SPIN=gp.PACE_SPIN, grid=(n * c // gp.BK, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the dx warpgroup's loop; spills counted in every loop
@@ -77,7 +78,7 @@ def build() -> int:
         ok = (spill <= 8 and loop["LDL"] <= 1 and loop["STL"] == 0 and smem <= SMEM_LIMIT
               and sm90_build.opcode_counts(text, ("HGMMA",))["HGMMA"] > 0)
         failed += not ok
-        print(f"pre={has_pre} acc={has_acc} mixers={mixers} dx_hl={dx_hl}: triton {triton.__version__} stages={st} "
+        print(f"pre={has_pre} acc={has_acc} mixers={mixers} dx_hl={dx_hl}{f' pace={pace}' if pace else ''}: triton {triton.__version__} stages={st} "
               f"regs={regs} spill={spill} smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
@@ -148,6 +149,11 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
     same2 = all(torch.equal(a, b) for run in two_slots for a, b in zip(run, got))
     ok &= same2
     lines.append(f"| {name} | two slots: the same outputs | | | {'ok' if same2 else 'FAIL'} |")
+    # paced (FusedBwdCfg.ws_pace): the loaders wait on their token split, the arithmetic is the same
+    paced = _gluon(v, stages=2, pace=3)
+    same_p = all(torch.equal(a, b) for a, b in zip(paced, got))
+    ok &= same_p
+    lines.append(f"| {name} | paced 3 tiles apart: the same outputs | | | {'ok' if same_p else 'FAIL'} |")
     # the dx_hl build (FusedBwdCfg.ws_dx_hl): dx from a bf16 dot, held to the same bar; dphi's dot is unchanged
     hl2, hl1 = _gluon(v, dx_hl=True), _gluon(v, dx_hl=True, mixers=1)
     et, eh = _err(tri[0], want[0]), _err(hl2[0], want[0])
@@ -163,7 +169,7 @@ def check(t, n, c, has_pre, has_acc, bcast, lines, against=None) -> bool:
         ok &= same
         lines.append(f"| {name} | out = acc: the same outputs, in place | | | {'ok' if same else 'FAIL'} |")
     lines.append(f"| {name} | (the Gluon kernel ran) | | | {'ok' if ran else 'FAIL'} |")
-    shown = 6 + has_acc
+    shown = 7 + has_acc
     if against is not None:  # the other build: its errors beside this one's (a report, not a pass / fail)
         other = against.proj_grads(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"], v["acc"])
         same = all(torch.equal(a, b) for a, b in zip(other, got))
@@ -213,7 +219,7 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
 
             def launch(mixers):
                 gp._proj_bwd_ws_kernel[(kblocks, splits)](
-                    *descs, dphi, t, c, m, t_split, N=n, HAS_PRE=True, HAS_ACC=has_acc, X_BCAST=False,
+                    *descs, dphi, dphi, t, c, m, t_split, N=n, HAS_PRE=True, HAS_ACC=has_acc, X_BCAST=False,
                     BT=gp.BT, BK=gp.BK, XB=gp.XB, MP=gp.MP, CW=gp.CW, DSQ=gp.DSQ, STAGES=st, MIXERS=mixers,
                     MIX_REGS=192, DPHI_REGS=104, DX_HL=False, num_warps=4)
 
@@ -242,6 +248,41 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
                 lines.append(f"| {t}x{c} | {has_acc} | {rnd} | {cells} |")
                 print(lines[-1], flush=True)
                 saved()
+
+
+def pace_times(shapes, lines, paces=(0, 2, 3, 4), rounds: int = 3) -> None:
+    """The ops as the backend calls them (``triton_ops.proj_pre_backward`` with acc, ``proj_backward`` without; host
+    packing included, the device's default slots and warpgroups) with ``FusedBwdCfg.ws_pace`` at each of ``paces``,
+    interleaved in rounds; efficiency over each op's bytes (bench_kernels' rows)."""
+    import triton.testing
+
+    from benchmarks.bench_kernels import copy_bandwidth
+    from mhc_compile.kernels import triton_ops as tk
+
+    bw = copy_bandwidth("cuda")
+    lines.append(f"\n## pace, copy bandwidth {bw / 1e9:.0f} GB/s\n")
+    lines.append("| T x C | op | round | " + " | ".join(f"pace {p} us (eff)" for p in paces) + " | plan's pace |")
+    lines.append("|---|---|---|" + "---|" * (len(paces) + 1))
+    for t, n, c in shapes:
+        for has_acc in (True, False):
+            v = _inputs(t, n, c, has_acc, has_acc, False, seed=1)
+            if has_acc:  # proj_pre_backward: X, acc, dX (n each), dout
+                op, nbytes = "proj_pre_backward", ((3 * n + 1) * c * t) * 2
+                fn = lambda: tk.proj_pre_backward(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"],  # noqa
+                                                  v["acc"])
+            else:  # proj_backward: X read, dX written
+                op, nbytes = "proj_backward", 2 * n * c * t * 2
+                fn = lambda: tk.proj_backward(v["x"], v["phi"], v["dp"], v["dsq"])  # noqa: E731
+            planned = gp.plan_pace(n * c // gp.BK, gp.plan_splits(t, n * c // gp.BK, v["x"].device)[0],
+                                   v["x"].device, 3)
+            for rnd in range(rounds):
+                cells = []
+                for p in paces:
+                    with tk.tuning("proj_dx_dphi", ws_pace=p):
+                        us = triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3
+                    cells.append(f"{us:.1f} ({100 * nbytes / (us * 1e-6) / bw:.1f} %)")
+                lines.append(f"| {t}x{c} | {op} | {rnd} | {' | '.join(cells)} | {planned or 'off'} |")
+                print(lines[-1], flush=True)
 
 
 def sweep(shapes, lines, rounds: int = 2) -> None:
@@ -299,6 +340,8 @@ def main() -> int:
     ap.add_argument("--no-checks", action="store_true", help="time only (after a run whose checks passed)")
     ap.add_argument("--sweep", action="store_true", help="time the Gluon kernel's (stages, mixers, dx_hl) builds "
                     "beside the Triton kernel at --shapes (no checks)")
+    ap.add_argument("--pace", action="store_true", help="time the ops with FusedBwdCfg.ws_pace 0, 2, 3, 4 at "
+                    "--shapes (after the checks)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", nargs="*", default=None, help="timed shapes as TxC (n = 4); default: TIMES")
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_proj_bwd.py, checked and timed "
@@ -335,7 +378,9 @@ def main() -> int:
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
             print(lines[-1], flush=True)
     save(args.out, lines)
-    if ok and not args.no_times:
+    if ok and args.pace:
+        pace_times(shapes, lines, rounds=args.rounds)
+    elif ok and not args.no_times:
         times(shapes, lines, args.rounds, lambda: save(args.out, lines), against)
     save(args.out, lines)
     return 0 if ok else 1

@@ -308,7 +308,39 @@ def test_builds_for_sm90_within_shared_memory_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not serialized(proc), serialized(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pre=")]
-    assert len(rows) == 10 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    assert len(rows) == 11 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # paced (FusedBwdCfg.ws_pace): the loader waits on a counter, the dx warpgroup's loop is the unpaced build's
+    unpaced, paced = (row for row in rows if row.startswith("pre=True acc=True mixers=2 dx_hl=False") and "stages=2"
+                      in row)
+    assert "pace=3" in paced and paced.split("loop=")[1] == unpaced.split("loop=")[1]
+
+
+def test_pace_applies_where_the_programs_are_one_wave():
+    """plan_pace: the programs of a paced launch wait on the others of their token split, so only a plan whose
+    programs are all resident at once (one an SM) is paced; with more, or pace 0, it runs unpaced."""
+    from mhc_compile.kernels import triton_common as tcom
+
+    cpu = torch.device("cpu")
+    sms = tcom.num_sms(cpu)
+    assert gp.plan_pace(sms, 1, cpu, 3) == 3 and gp.plan_pace(sms // 2, 2, cpu, 3) == 3
+    assert gp.plan_pace(sms + 1, 1, cpu, 3) == 0 and gp.plan_pace(sms, 2, cpu, 3) == 0
+    assert gp.plan_pace(sms, 1, cpu, 0) == 0
+
+
+def test_pace_is_a_config_field_passed_to_the_gluon_kernel(monkeypatch):
+    """FusedBwdCfg.ws_pace reaches gluon_proj_bwd.proj_grads (off by default until timed); a negative one is named."""
+    assert tcfg.DEFAULTS["proj_dx_dphi"].ws_pace == 0
+    with pytest.raises(ValueError, match="ws_pace=-1"):
+        tk.configure("proj_dx_dphi", ws_pace=-1)
+    seen = []
+    monkeypatch.setattr(gp, "supported", lambda *a, **kw: True)
+    monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append(kw["pace"]) or (a[0], a[1]))
+    x, phi = torch.zeros(8, 4, 128, dtype=torch.bfloat16), torch.zeros(512, 24)
+    dp, dsq, h_pre, dout = torch.zeros(8, 24), torch.zeros(8), torch.zeros(8, 4), torch.zeros(8, 128)
+    with tk.tuning("proj_dx_dphi", ws_pace=3):
+        tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, torch.zeros_like(x))
+    tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, torch.zeros_like(x))
+    assert seen == [3, 0]
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)

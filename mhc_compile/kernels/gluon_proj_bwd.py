@@ -72,6 +72,7 @@ LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel 
 BT, BK, XB, MP = 64, 128, 64, 32  # tokens a tile (wgmma: 16 rows a warp), columns a program, a TMA box's, dp padded
 CW = 8  # packed coefficient columns: h_pre at 0 .. n-1, dsq at DSQ (32-byte rows, as TMA wants)
 DSQ = 4
+PACE_SPIN = 256  # polls a paced loader makes before it stops pacing (gluon_step_bwd's, measured there)
 
 
 def smem_bytes(stages: int, has_pre: bool, has_acc: bool, dx_hl: bool = False) -> int:
@@ -228,12 +229,18 @@ def pad_cols(v: Tensor, width: int) -> Tensor:
 if AVAILABLE:
     @gluon.jit
     def _loader(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs, phis, ready,
-                empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
-                BT: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr, STAGES: gl.constexpr,
-                DX_HL: gl.constexpr):
+                empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, pace_ptr, pace_of, HAS_PRE: gl.constexpr,
+                HAS_ACC: gl.constexpr, BT: gl.constexpr, XB: gl.constexpr, MP: gl.constexpr, CW: gl.constexpr,
+                STAGES: gl.constexpr, DX_HL: gl.constexpr, PACE: gl.constexpr, PACE_SPIN: gl.constexpr):
         """One warp: phi's tile once (DX_HL: its two bf16 planes), then for each token tile, once its slot is free,
         the slot's boxes (the two halves of each [BT, BK] tile back to back: one 256-byte run of each row; dp's
-        fp32 tile only without DX_HL)."""
+        fp32 tile only without DX_HL).
+
+        PACE (tiles, 0: off): tile ``it`` is not loaded before the ``pace_of`` programs of this program's token split
+        (their counter: ``pace_ptr``, which the dphi warpgroups add to) have finished tile ``it - PACE`` between
+        them, so that the n blocks that read one dout tile, and all that read one token's dp and coefficient rows,
+        stay near each other and find them in L2 (as ``gluon_step_bwd``'s loader; ``plan_pace`` says when). After
+        PACE_SPIN polls in vain (a program of the split not resident) the program stops pacing."""
         if DX_HL:
             mbarrier.expect(phi_ready, 4 * XB * 2 * MP * 2)
             for h in gl.static_range(2):
@@ -246,8 +253,16 @@ if AVAILABLE:
         tiles: gl.constexpr = 1 + HAS_PRE + HAS_ACC
         nbytes: gl.constexpr = (tiles * 2 * BT * XB * 2 + (0 if DX_HL else BT * MP * 4) + 2 * MP * BT * 2
                                 + BT * CW * 4)
+        pacing = 1
         for it in range(n_tiles):
             s = it % STAGES
+            if PACE:
+                if (pacing != 0) & (it >= PACE):
+                    want = (it - PACE) * pace_of
+                    polls = 0
+                    while (gl.load(pace_ptr, volatile=True) < want) & (polls < PACE_SPIN):
+                        polls += 1
+                    pacing = (polls < PACE_SPIN).to(gl.int32)
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
@@ -326,11 +341,12 @@ if AVAILABLE:
             mbarrier.arrive(empty.index(s), count=1)
 
     @gluon.jit
-    def _dphi(dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT: gl.constexpr, XB: gl.constexpr,
-              MP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    def _dphi(dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, pace_ptr, BT: gl.constexpr,
+              XB: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, PACE: gl.constexpr, num_warps: gl.constexpr):
         """The dphi warpgroup: dphi^T [2 MP, BK] += [dp_hi; dp_lo]^T X for every tile (bf16 wgmmas, X as loaded; hl's
         rows in ``pack_tokens``' order), in registers for all of the program's tokens; then hi + lo, transposed into
-        dphi_ptr[part] ([K, M])."""
+        dphi_ptr[part] ([K, M]). PACE: one more tile of the token split done, on pace_ptr, after each tile's
+        wgmmas (the loaders' pacing)."""
         LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, XB, 16])
         acc0 = gl.zeros([2 * MP, XB], gl.float32, LD)
@@ -342,6 +358,8 @@ if AVAILABLE:
             acc1 = warpgroup_mma(hls.index(s), xs[1].index(s), acc1, is_async=True)
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
             mbarrier.arrive(empty.index(s), count=1)
+            if PACE:
+                gl.atomic_add(pace_ptr, 1, sem="relaxed")
         # hl's rows are ordered so that each thread holds a coefficient's hi and lo rows (``pack_tokens``): warp w's
         # 16 rows are the hi rows of coefficients 8w .. 8w+7, then their lo rows, and a wgmma accumulator thread
         # holds rows r and r + 8 of its warp. Splitting the accumulator along that register bit pairs them with no
@@ -366,19 +384,22 @@ if AVAILABLE:
         return gl.split(v)
 
     @gluon.jit(do_not_specialize=["T"])
-    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, T, C, M,
-                            T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
+    def _proj_bwd_ws_kernel(x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, o_desc, dphi_ptr, pace_ptr, T, C,
+                            M, T_SPLIT, N: gl.constexpr, HAS_PRE: gl.constexpr, HAS_ACC: gl.constexpr,
                             X_BCAST: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, XB: gl.constexpr,
                             MP: gl.constexpr, CW: gl.constexpr, DSQ: gl.constexpr, STAGES: gl.constexpr,
                             MIXERS: gl.constexpr, MIX_REGS: gl.constexpr, DPHI_REGS: gl.constexpr,
-                            DX_HL: gl.constexpr, num_warps: gl.constexpr):
+                            DX_HL: gl.constexpr, num_warps: gl.constexpr, PACE: gl.constexpr = 0,
+                            PACE_SPIN: gl.constexpr = 256):
         """Program (K block of BK columns, token split). x_desc: X [T, N*C] (X_BCAST: its rows [T, C]), a_desc /
         o_desc: acc / dX [T, N*C], g_desc: dout [T, C], all in [BT, XB] boxes; p_desc: dp [T, MP] fp32 in
         [BT, MP]; l_desc: dp^T's bf16 hi rows then lo rows [2 MP, T] in [2 MP, BT]; c_desc: the packed
         coefficients [T, CW]; w_desc: phi [N*C, MP] fp32 in [XB, MP] (DX_HL: ``phi_rows`` [N*C, 4 MP] bf16 in
         [XB, 2 MP], and p_desc a placeholder never read); dphi_ptr: the splits' fp32 dphi
         [splits, N*C, M]. Absent operands (HAS_PRE, HAS_ACC off) are
-        placeholders never read. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT."""
+        placeholders never read. Rows past T read as zeros and are not written; T_SPLIT is a multiple of BT. PACE:
+        pace_ptr is an int32 counter a token split, zeroed, of the tiles its programs have finished (``_loader``);
+        otherwise it is never read."""
         K = N * C
         k0 = gl.program_id(0) * BK
         part = gl.program_id(1)
@@ -390,6 +411,8 @@ if AVAILABLE:
             xcol = k0
         t_lo = part * T_SPLIT
         n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
+        pace_ptr += part  # PACE: this token split's counter, of its K // BK programs
+        pace_of = K // BK
         # one allocation a role and half: the compiler's shared-memory hazard analysis puts a barrier between any
         # two accesses of one allocation that another thread might overlap (gluon_step_bwd.py)
         xs = (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, XB], x_desc.layout),
@@ -430,10 +453,11 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
                        n_tiles, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 1, DX_HL, num_warps)),
-                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, pace_ptr, BT, XB, MP, STAGES,
+                         PACE, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
-                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
-                           MP, CW, STAGES, DX_HL)),
+                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, pace_ptr, pace_of, HAS_PRE,
+                           HAS_ACC, BT, XB, MP, CW, STAGES, DX_HL, PACE, PACE_SPIN)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
@@ -441,10 +465,11 @@ if AVAILABLE:
                        n_tiles, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 0, 2, DX_HL, num_warps)),
                 (_dx, (o_desc, xs, gs, accs, os, dps, hls, coefs, phis, ready, empty, phi_ready, t_lo, k0, i0,
                        n_tiles, N, HAS_PRE, HAS_ACC, BT, XB, DSQ, STAGES, 1, 2, DX_HL, num_warps)),
-                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, BT, XB, MP, STAGES, 4)),
+                (_dphi, (dphi_ptr, xs, hls, ready, empty, k0, n_tiles, part, K, M, pace_ptr, BT, XB, MP, STAGES,
+                         PACE, 4)),
                 (_loader, (x_desc, g_desc, a_desc, p_desc, l_desc, c_desc, w_desc, xs, gs, accs, dps, hls, coefs,
-                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, HAS_PRE, HAS_ACC, BT, XB,
-                           MP, CW, STAGES, DX_HL)),
+                           phis, ready, empty, phi_ready, t_lo, k0, xcol, c0, n_tiles, pace_ptr, pace_of, HAS_PRE,
+                           HAS_ACC, BT, XB, MP, CW, STAGES, DX_HL, PACE, PACE_SPIN)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -483,16 +508,25 @@ def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:
     return tcom.cdiv(t, t_split), t_split
 
 
+def plan_pace(kblocks: int, splits: int, device, pace: int) -> int:
+    """The PACE a launch of ``kblocks`` x ``splits`` programs runs with: ``pace`` where they are all resident at once
+    (one an SM), else 0. Paced programs wait on the others of their token split; in a plan of more programs than SMs
+    those may not have started, and the waits would only cost polls (``gluon_step_bwd.plan_walks``, session 45:
+    40 % slower at 8192 x 7168)."""
+    return pace if pace and kblocks * splits <= tcom.num_sms(device) else 0
+
+
 def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                acc: Tensor | None, out: Tensor | None = None, *, stages: int = 0, mixers: int = 2,
                mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None,
-               dx_hl: bool = False) -> tuple[Tensor, Tensor]:
+               dx_hl: bool = False, pace: int = 0) -> tuple[Tensor, Tensor]:
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
     ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
     or broadcast over its streams: ``triton_common.stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
     ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
     by the same program). ``dx_hl``: the DX_HL build (``_dx``: dx's dot in bf16 on dp's hi / lo tile and
-    ``phi_rows``, no fp32 dp tile)."""
+    ``phi_rows``, no fp32 dp tile). ``pace``: tiles a program may run ahead of its token split (``_loader``;
+    ``plan_pace`` says where it applies; 0: off)."""
     global LAUNCHES
     (x, bcast) = tcom.stream_arg(x)
     _, t, n, c = tcom.stream_dims(x)
@@ -517,12 +551,16 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
         t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
         splits = tcom.cdiv(t, t_split)
     dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
+    pace = plan_pace(kblocks, splits, dev, pace)
+    counters = torch.zeros(splits, dtype=torch.int32, device=dev) if pace else dphi.view(torch.int32)  # unread if 0
     LAUNCHES += 1
     launch(_proj_bwd_ws_kernel, (kblocks, splits),
            (*descriptors(x, bcast, dout, acc, None if dx_hl else pad_cols(dp32, MP), hl, coefs,
-                         phi_rows(phi) if dx_hl else pad_cols(phi, MP), dx, t, n, c), dphi, t, c, m, t_split),
+                         phi_rows(phi) if dx_hl else pad_cols(phi, MP), dx, t, n, c), dphi, counters, t, c, m,
+            t_split),
            dict(N=n, HAS_PRE=has_pre, HAS_ACC=has_acc, X_BCAST=bcast, BT=BT, BK=BK, XB=XB, MP=MP, CW=CW, DSQ=DSQ,
-                STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, DX_HL=dx_hl, num_warps=4),
+                STAGES=st, MIXERS=mixers, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, DX_HL=dx_hl, num_warps=4,
+                PACE=pace, PACE_SPIN=PACE_SPIN),
            shrink_stages=False)
     # one split (the issue's shapes): dphi as the kernel wrote it, no further launch (the Triton kernel's way)
     return dx, (dphi[0] if splits == 1 else dphi.sum(0)).to(phi.dtype)

@@ -199,8 +199,17 @@ class FusedBwdCfg:
     # the calls with dout and without acc (enter's backward): True = the Gluon kernel, False = the Triton one, None =
     # by device (``PROJ_BWD_BY_DEVICE``, else the Gluon kernel)
     ws_enter: bool | None = None
+    # the Gluon kernel's programs paced this many tiles apart within their token split, where they are all resident
+    # at once (gluon_proj_bwd.plan_pace; 0: off). At 32768 x 4096 its 128 programs are one wave of 512-tile walks,
+    # the boundary's shape, whose pacing ran 8.5-10.7 % faster on an H100 (session 45): its drifting programs read
+    # again from DRAM the dout tiles and per-token rows their neighbours had brought into L2 (session 36's profile
+    # of this kernel: 18 % more DRAM bytes than its floor). Off until timed (benchmarks/gluon_proj_bwd_check.py
+    # --pace)
+    ws_pace: int = 0
 
     def __post_init__(self):
+        if self.ws_pace < 0:
+            raise ValueError(f"mhc FusedBwdCfg: ws_pace={self.ws_pace}; tiles ahead, at least 0 (0: off)")
         if self.ws_mixers not in (None, 1, 2):
             raise ValueError(f"mhc FusedBwdCfg: ws_mixers={self.ws_mixers}; the Gluon proj backward runs 1 or 2 dx "
                              "warpgroups (None: two with acc, one without)")
