@@ -78,7 +78,8 @@ def build() -> int:
         ok = (spill <= 8 and loop["LDL"] <= 1 and loop["STL"] == 0 and smem <= SMEM_LIMIT
               and sm90_build.opcode_counts(text, ("HGMMA",))["HGMMA"] > 0)
         failed += not ok
-        print(f"pre={has_pre} acc={has_acc} mixers={mixers} dx_hl={dx_hl}{f' pace={pace}' if pace else ''}: triton {triton.__version__} stages={st} "
+        print(f"pre={has_pre} acc={has_acc} mixers={mixers} dx_hl={dx_hl}{f' pace={pace}' if pace else ''}: "
+              f"triton {triton.__version__} stages={st} "
               f"regs={regs} spill={spill} smem={smem} loop={loop} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
@@ -251,35 +252,33 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
 
 
 def pace_times(shapes, lines, paces=(0, 2, 3, 4), rounds: int = 3) -> None:
-    """The ops as the backend calls them (``triton_ops.proj_pre_backward`` with acc, ``proj_backward`` without; host
-    packing included, the device's default slots and warpgroups) with ``FusedBwdCfg.ws_pace`` at each of ``paces``,
-    interleaved in rounds; efficiency over each op's bytes (bench_kernels' rows)."""
+    """The Gluon kernel as the op runs it (host packing included; the device's slots and dx warpgroups from
+    ``FusedBwdCfg``) at each pace of ``paces``, interleaved in rounds: with dout and acc (proj_pre_backward) and
+    with neither (proj_backward); efficiency over each op's bytes (bench_kernels' rows). The pace is given to the
+    kernel directly, so calls that ``FusedBwdCfg.pace_for`` leaves unpaced are timed paced too."""
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
-    from mhc_compile.kernels import triton_ops as tk
+    from mhc_compile.kernels import triton_common as tcom
+    from mhc_compile.kernels import triton_config as tcfg
 
     bw = copy_bandwidth("cuda")
+    cfg, gpu = tcfg.cfg_of("proj_dx_dphi"), tcom.device_name(torch.device("cuda"))
     lines.append(f"\n## pace, copy bandwidth {bw / 1e9:.0f} GB/s\n")
-    lines.append("| T x C | op | round | " + " | ".join(f"pace {p} us (eff)" for p in paces) + " | plan's pace |")
+    lines.append("| T x C | op | round | " + " | ".join(f"pace {p} us (eff)" for p in paces) + " | plan_pace(3) |")
     lines.append("|---|---|---|" + "---|" * (len(paces) + 1))
     for t, n, c in shapes:
         for has_acc in (True, False):
             v = _inputs(t, n, c, has_acc, has_acc, False, seed=1)
-            if has_acc:  # proj_pre_backward: X, acc, dX (n each), dout
-                op, nbytes = "proj_pre_backward", ((3 * n + 1) * c * t) * 2
-                fn = lambda: tk.proj_pre_backward(v["x"], v["phi"], v["dp"], v["dsq"], v["h_pre"], v["dout"],  # noqa
-                                                  v["acc"])
-            else:  # proj_backward: X read, dX written
-                op, nbytes = "proj_backward", 2 * n * c * t * 2
-                fn = lambda: tk.proj_backward(v["x"], v["phi"], v["dp"], v["dsq"])  # noqa: E731
-            planned = gp.plan_pace(n * c // gp.BK, gp.plan_splits(t, n * c // gp.BK, v["x"].device)[0],
-                                   v["x"].device, 3)
+            # proj_pre_backward: X, acc, dX (n each), dout; proj_backward: X read, dX written
+            op, nbytes = ("proj_pre_backward", (3 * n + 1) * c * t * 2) if has_acc else ("proj_backward", 4 * n * c * t)
+            kw = dict(mixers=cfg.gluon_for(has_acc, has_acc, gpu), stages=cfg.stages_on(gpu, has_acc))
+            kblocks = n * c // gp.BK
+            planned = gp.plan_pace(kblocks, *gp.plan_splits(t, kblocks, v["x"].device), v["x"].device, 3)
             for rnd in range(rounds):
                 cells = []
                 for p in paces:
-                    with tk.tuning("proj_dx_dphi", ws_pace=p):
-                        us = triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3
+                    us = triton.testing.do_bench_cudagraph(lambda: _gluon(v, pace=p, **kw), rep=200) * 1e3
                     cells.append(f"{us:.1f} ({100 * nbytes / (us * 1e-6) / bw:.1f} %)")
                 lines.append(f"| {t}x{c} | {op} | {rnd} | {' | '.join(cells)} | {planned or 'off'} |")
                 print(lines[-1], flush=True)
@@ -340,8 +339,8 @@ def main() -> int:
     ap.add_argument("--no-checks", action="store_true", help="time only (after a run whose checks passed)")
     ap.add_argument("--sweep", action="store_true", help="time the Gluon kernel's (stages, mixers, dx_hl) builds "
                     "beside the Triton kernel at --shapes (no checks)")
-    ap.add_argument("--pace", action="store_true", help="time the ops with FusedBwdCfg.ws_pace 0, 2, 3, 4 at "
-                    "--shapes (after the checks)")
+    ap.add_argument("--pace", action="store_true", help="time the kernel paced 0, 2, 3, 4 tiles apart at --shapes "
+                    "(after the checks)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", nargs="*", default=None, help="timed shapes as TxC (n = 4); default: TIMES")
     ap.add_argument("--against", default=None, help="another build of kernels/gluon_proj_bwd.py, checked and timed "

@@ -315,32 +315,41 @@ def test_builds_for_sm90_within_shared_memory_without_spills():
     assert "pace=3" in paced and paced.split("loop=")[1] == unpaced.split("loop=")[1]
 
 
-def test_pace_applies_where_the_programs_are_one_wave():
+def test_pace_applies_where_the_programs_are_one_wave_of_long_walks():
     """plan_pace: the programs of a paced launch wait on the others of their token split, so only a plan whose
-    programs are all resident at once (one an SM) is paced; with more, or pace 0, it runs unpaced."""
+    programs are all resident at once (one an SM) is paced, and only where they walk at least min_walk tiles; with
+    more programs, shorter walks, or pace 0, it runs unpaced."""
     from mhc_compile.kernels import triton_common as tcom
 
     cpu = torch.device("cpu")
-    sms = tcom.num_sms(cpu)
-    assert gp.plan_pace(sms, 1, cpu, 3) == 3 and gp.plan_pace(sms // 2, 2, cpu, 3) == 3
-    assert gp.plan_pace(sms + 1, 1, cpu, 3) == 0 and gp.plan_pace(sms, 2, cpu, 3) == 0
-    assert gp.plan_pace(sms, 1, cpu, 0) == 0
+    sms, walk = tcom.num_sms(cpu), 512 * gp.BT
+    assert gp.plan_pace(sms, 1, walk, cpu, 3, 512) == 3 and gp.plan_pace(sms // 2, 2, walk, cpu, 3, 512) == 3
+    assert gp.plan_pace(sms + 1, 1, walk, cpu, 3, 512) == 0 and gp.plan_pace(sms, 2, walk, cpu, 3, 512) == 0
+    assert gp.plan_pace(sms, 1, walk - gp.BT, cpu, 3, 512) == 0 and gp.plan_pace(sms, 1, gp.BT, cpu, 3) == 3
+    assert gp.plan_pace(sms, 1, walk, cpu, 0, 512) == 0
 
 
-def test_pace_is_a_config_field_passed_to_the_gluon_kernel(monkeypatch):
-    """FusedBwdCfg.ws_pace reaches gluon_proj_bwd.proj_grads (off by default until timed); a negative one is named."""
-    assert tcfg.DEFAULTS["proj_dx_dphi"].ws_pace == 0
+def test_pace_is_a_config_field_passed_to_the_gluon_kernel_for_calls_with_dout_and_acc(monkeypatch):
+    """FusedBwdCfg.ws_pace (2 by default since session 50) reaches gluon_proj_bwd.proj_grads for the calls with dout
+    and acc on several streams (proj_pre_backward, the one measured faster paced), 0 for the others; a negative one
+    is named."""
+    assert tcfg.DEFAULTS["proj_dx_dphi"].ws_pace == 2
     with pytest.raises(ValueError, match="ws_pace=-1"):
         tk.configure("proj_dx_dphi", ws_pace=-1)
     seen = []
     monkeypatch.setattr(gp, "supported", lambda *a, **kw: True)
     monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append(kw["pace"]) or (a[0], a[1]))
+    assert tcfg.DEFAULTS["proj_dx_dphi"].ws_pace_walk == 512  # walks measured paced (32768 tokens)
     x, phi = torch.zeros(8, 4, 128, dtype=torch.bfloat16), torch.zeros(512, 24)
     dp, dsq, h_pre, dout = torch.zeros(8, 24), torch.zeros(8), torch.zeros(8, 4), torch.zeros(8, 128)
     with tk.tuning("proj_dx_dphi", ws_pace=3):
         tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, torch.zeros_like(x))
     tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout, torch.zeros_like(x))
-    assert seen == [3, 0]
+    tk.proj_pre_backward(x, phi, dp, dsq, h_pre, dout)  # no acc (enter's backward)
+    tk.proj_backward(x, phi, dp, dsq)  # no dout
+    one = x[:, :1]  # one stream (a chain head's row, triton_proj.proj_pre_backward_collapsed)
+    tk.proj_pre_backward(one, phi[:128], dp[:, :3], dsq, h_pre[:, :1], dout, torch.zeros_like(one))
+    assert seen == [3, 2, 0, 0, 0]
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gp.AVAILABLE), reason=GPU_ONLY)

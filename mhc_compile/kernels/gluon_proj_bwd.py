@@ -508,25 +508,27 @@ def plan_splits(t: int, kblocks: int, device) -> tuple[int, int]:
     return tcom.cdiv(t, t_split), t_split
 
 
-def plan_pace(kblocks: int, splits: int, device, pace: int) -> int:
-    """The PACE a launch of ``kblocks`` x ``splits`` programs runs with: ``pace`` where they are all resident at once
-    (one an SM), else 0. Paced programs wait on the others of their token split; in a plan of more programs than SMs
-    those may not have started, and the waits would only cost polls (``gluon_step_bwd.plan_walks``, session 45:
-    40 % slower at 8192 x 7168)."""
-    return pace if pace and kblocks * splits <= tcom.num_sms(device) else 0
+def plan_pace(kblocks: int, splits: int, t_split: int, device, pace: int, min_walk: int = 0) -> int:
+    """The PACE a launch of ``kblocks`` x ``splits`` programs, each walking ``t_split`` tokens, runs with: ``pace``
+    where they are all resident at once (one an SM) and walk at least ``min_walk`` tiles, else 0. Paced programs wait
+    on the others of their token split; in a plan of more programs than SMs those may not have started, and the
+    waits would only cost polls (``gluon_step_bwd.plan_walks``, session 45: 40 % slower at 8192 x 7168). Short walks
+    drift apart less (the step backward paced ran 5 % faster on 512-tile walks and 4 % slower on 128, session 46)."""
+    one_wave = kblocks * splits <= tcom.num_sms(device)
+    return pace if pace and one_wave and t_split // BT >= min_walk else 0
 
 
 def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | None, dout: Tensor | None,
                acc: Tensor | None, out: Tensor | None = None, *, stages: int = 0, mixers: int = 2,
                mix_regs: int = 192, dphi_regs: int = 104, splits: int | None = None,
-               dx_hl: bool = False, pace: int = 0) -> tuple[Tensor, Tensor]:
+               dx_hl: bool = False, pace: int = 0, pace_walk: int = 0) -> tuple[Tensor, Tensor]:
     """(dx, dphi) of ``triton_ops.proj_pre_backward`` (h_pre and dout given) or ``proj_backward`` (neither), as
     ``triton_proj_bwd.proj_pre_backward_fused`` computes them, from one pass over the stream. bf16 x ([T, n, C],
     or broadcast over its streams: ``triton_common.stream_arg``), dout, acc; fp32 dp [T, M], dsq [T], h_pre [T, n].
     ``out``: dx's buffer (contiguous; it may be acc: a tile of acc is read before the tile of dx there is written,
     by the same program). ``dx_hl``: the DX_HL build (``_dx``: dx's dot in bf16 on dp's hi / lo tile and
     ``phi_rows``, no fp32 dp tile). ``pace``: tiles a program may run ahead of its token split (``_loader``;
-    ``plan_pace`` says where it applies; 0: off)."""
+    ``plan_pace`` says where it applies, with ``pace_walk`` its least walk in tiles; 0: off)."""
     global LAUNCHES
     (x, bcast) = tcom.stream_arg(x)
     _, t, n, c = tcom.stream_dims(x)
@@ -551,7 +553,7 @@ def proj_grads(x: Tensor, phi: Tensor, dp: Tensor, dsq: Tensor, h_pre: Tensor | 
         t_split = tcom.cdiv(tcom.cdiv(t, splits), BT) * BT
         splits = tcom.cdiv(t, t_split)
     dphi = torch.empty((splits, k, m), dtype=torch.float32, device=dev)
-    pace = plan_pace(kblocks, splits, dev, pace)
+    pace = plan_pace(kblocks, splits, t_split, dev, pace, pace_walk)
     counters = torch.zeros(splits, dtype=torch.int32, device=dev) if pace else dphi.view(torch.int32)  # unread if 0
     LAUNCHES += 1
     launch(_proj_bwd_ws_kernel, (kblocks, splits),

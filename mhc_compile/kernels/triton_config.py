@@ -199,13 +199,19 @@ class FusedBwdCfg:
     # the calls with dout and without acc (enter's backward): True = the Gluon kernel, False = the Triton one, None =
     # by device (``PROJ_BWD_BY_DEVICE``, else the Gluon kernel)
     ws_enter: bool | None = None
-    # the Gluon kernel's programs paced this many tiles apart within their token split, where they are all resident
-    # at once (gluon_proj_bwd.plan_pace; 0: off). At 32768 x 4096 its 128 programs are one wave of 512-tile walks,
-    # the boundary's shape, whose pacing ran 8.5-10.7 % faster on an H100 (session 45): its drifting programs read
-    # again from DRAM the dout tiles and per-token rows their neighbours had brought into L2 (session 36's profile
-    # of this kernel: 18 % more DRAM bytes than its floor). Off until timed (benchmarks/gluon_proj_bwd_check.py
-    # --pace)
-    ws_pace: int = 0
+    # the Gluon kernel's programs paced this many tiles apart within their token split (``pace_for``: the calls with
+    # dout and acc on n > 1 streams, where gluon_proj_bwd.plan_pace finds them all resident at once; 0: off). At
+    # 32768 x 4096 its 128 programs are one wave of 512-tile walks, the boundary's shape, whose pacing ran 8.5-10.7 %
+    # faster on an H100 (session 45): drifting programs read again from DRAM the tiles their neighbours had brought
+    # into L2 (here the dout tile the n streams' blocks share; session 36's profile of this kernel: 18 % more DRAM
+    # bytes than its floor). H100, session 50 (benchmarks/gluon_proj_bwd_check.py --pace, results/session50-
+    # 2026-12-07-h100.md): proj_pre_backward with acc 1191 us paced 2 apart, 1216 at 3, 1237 at 4, against 1348
+    # unpaced (96.4 against 85.1 % of copy bandwidth); proj_backward (no dout) 844 / 809 / 804 against 788 unpaced,
+    # so it is not paced; at 8192 x 7168 (more programs than SMs) the plan is unpaced. Only walks of at least
+    # ``ws_pace_walk`` tiles are paced: 512 (32768 tokens) was measured; shorter walks were not (the step backward
+    # paced ran 4 % slower on 128-tile walks, session 46)
+    ws_pace: int = 2
+    ws_pace_walk: int = 512
 
     def __post_init__(self):
         if self.ws_pace < 0:
@@ -216,6 +222,11 @@ class FusedBwdCfg:
         if self.ws_stages not in (None, 0, 2, 3, 4):
             raise ValueError(f"mhc FusedBwdCfg: ws_stages={self.ws_stages}; the Gluon proj backward's ring has 2 to 4 "
                              "slots (0: as many as fit, None: by device)")
+
+    def pace_for(self, has_acc: bool, has_dout: bool, n: int) -> int:
+        """``ws_pace`` for a call with or without acc and dout on n streams: the calls that read dout's tile in n > 1
+        blocks and acc (proj_pre_backward on the default path); 0 for the others (not measured paced, or slower)."""
+        return self.ws_pace if has_acc and has_dout and n > 1 else 0
 
     def stages_on(self, device_name: str, has_dout: bool) -> int:
         """The ring slots for a call with or without dout on a GPU of this name (0: as many as fit)."""

@@ -407,7 +407,9 @@ def proj_grads(x, phi, dp, dsq, h_pre, dout, acc, cfg: "tk.FusedBwdCfg", out=Non
         if gluon_proj_bwd.supported(x, n, c, *(v for v in (dout, acc, out) if v is not None), coeffs=phi.shape[1]):
             try:
                 return gluon_proj_bwd.proj_grads(x, phi, dp, dsq, h_pre, dout, acc, out, mixers=mixers,
-                                                 dx_hl=cfg.ws_dx_hl, pace=cfg.ws_pace,
+                                                 dx_hl=cfg.ws_dx_hl,
+                                                 pace=cfg.pace_for(acc is not None, dout is not None, n),
+                                                 pace_walk=cfg.ws_pace_walk,
                                                  stages=cfg.stages_on(gpu, dout is not None))
             except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas): before launch,
                 # so nothing was written; it must not reach _proj_grads, whose OutOfResources handling is the Triton
