@@ -37,6 +37,16 @@ if AVAILABLE:
     warps_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
     @gluon.jit
+    def pace_wait(pace_ptr, want, PACE_SPIN: gl.constexpr):
+        """A paced loader's wait (gluon_step_bwd's and gluon_proj_bwd's ``_loader``): poll the int32 counter at
+        pace_ptr until it reaches ``want``, at most PACE_SPIN times. Returns 1 if it did, 0 if the polls ran out (a
+        program of the group not resident), after which the loader stops pacing."""
+        polls = 0
+        while (gl.load(pace_ptr, volatile=True) < want) & (polls < PACE_SPIN):
+            polls += 1
+        return (polls < PACE_SPIN).to(gl.int32)
+
+    @gluon.jit
     def waited(done, N: gl.constexpr):
         """warpgroup_mma_wait's results as a tuple (it returns one tensor, not a 1-tuple, for one dependency)."""
         if N == 1:
@@ -131,7 +141,15 @@ if AVAILABLE:
         gl.store(p_ptr + poff, pv, mask=(prow < T)[:, None] & (pcol < M)[None, :])
 else:  # pragma: no cover - depends on the installed Triton
     LOADER_REGS = tma_load = tma_store = warps_barrier = waited = bf16_to_f32 = f32_to_bf16 = round_bf16 = None
-    hl_zeros = hl_mma = hl_wait = hl_store = None
+    hl_zeros = hl_mma = hl_wait = hl_store = pace_wait = None
+
+
+# Polls a paced loader makes for its token split before it stops pacing (``pace_wait``): session 45's measured value.
+# A program of the split that is not resident (another kernel holding SMs, as an overlapped all-reduce would) makes
+# the paced ones wait out these polls: pacing a plan of more programs than SMs (8192 x 7168) ran 1365 against 982 us
+# in session 45. A scheduler that overlaps such kernels with the paced ones should run them unpaced
+# (BoundaryBwdCfg.pace=0, FusedBwdCfg.ws_pace=0).
+PACE_SPIN = 256
 
 
 @functools.lru_cache(maxsize=64)

@@ -64,7 +64,7 @@ from mhc_compile.kernels.gluon_common import (AVAILABLE, fence_async_shared, gl,
                                               warpgroup_mma_wait, desc, pad_cols as zero_padded, SMEM as _SMEM,
                                               LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
-                                              warps_barrier as _warps_barrier)
+                                              warps_barrier as _warps_barrier, PACE_SPIN, pace_wait as _pace_wait)
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import tma_ok
 
@@ -72,7 +72,6 @@ LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel 
 BT, BK, XB, MP = 64, 128, 64, 32  # tokens a tile (wgmma: 16 rows a warp), columns a program, a TMA box's, dp padded
 CW = 8  # packed coefficient columns: h_pre at 0 .. n-1, dsq at DSQ (32-byte rows, as TMA wants)
 DSQ = 4
-PACE_SPIN = 256  # polls a paced loader makes before it stops pacing (gluon_step_bwd's, measured there)
 
 
 def smem_bytes(stages: int, has_pre: bool, has_acc: bool, dx_hl: bool = False) -> int:
@@ -258,11 +257,7 @@ if AVAILABLE:
             s = it % STAGES
             if PACE:
                 if (pacing != 0) & (it >= PACE):
-                    want = (it - PACE) * pace_of
-                    polls = 0
-                    while (gl.load(pace_ptr, volatile=True) < want) & (polls < PACE_SPIN):
-                        polls += 1
-                    pacing = (polls < PACE_SPIN).to(gl.int32)
+                    pacing = _pace_wait(pace_ptr, (it - PACE) * pace_of, PACE_SPIN)
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)

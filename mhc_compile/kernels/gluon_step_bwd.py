@@ -114,7 +114,7 @@ from mhc_compile.kernels.gluon_common import (AVAILABLE, bf16_to_f32, f32_to_bf1
                                               mbarrier, pad_cols, round_bf16, tma, warpgroup_mma, warpgroup_mma_wait,
                                               desc, SMEM as _SMEM, LOADER_REGS as _LOADER_REGS,
                                               tma_load as _tma_load, tma_store as _tma_store, waited as _waited,
-                                              warps_barrier as _warps_barrier)
+                                              warps_barrier as _warps_barrier, PACE_SPIN, pace_wait as _pace_wait)
 from mhc_compile.kernels.launch import launch
 from mhc_compile.kernels.tma import tma_ok
 
@@ -122,11 +122,6 @@ LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel 
 BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a program, dp's padded width
 
 
-# Polls a paced loader makes for its token split before it stops pacing (_loader): session 45's measured value. A
-# program of the split that is not resident (another kernel holding SMs, as an overlapped all-reduce would) makes
-# the paced ones wait out these polls: pacing a plan of more programs than SMs (8192 x 7168) ran 1365 against 982 us
-# in session 45. A scheduler that overlaps such kernels with this one should run it with BoundaryBwdCfg.pace=0
-PACE_SPIN = 256
 CW = 4  # coefficients a group: n <= 4 of them, a 16-byte row a token (TMA's least)
 
 
@@ -321,11 +316,7 @@ if AVAILABLE:
             s = it % STAGES
             if PACE:
                 if (pacing != 0) & (it >= PACE):
-                    want = (it - PACE) * pace_of
-                    polls = 0
-                    while (gl.load(pace_ptr, volatile=True) < want) & (polls < PACE_SPIN):
-                        polls += 1
-                    pacing = (polls < PACE_SPIN).to(gl.int32)
+                    pacing = _pace_wait(pace_ptr, (it - PACE) * pace_of, PACE_SPIN)
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
