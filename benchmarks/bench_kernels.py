@@ -191,6 +191,10 @@ def fused_cases(inp: dict) -> list[Case]:
     # ("step (head)"): its 4n + 5 with dX_prev written as one row, 3n + 6
     enter_c_bwd, enter_c_rows_bwd = 6 * elem, (n + 5) * elem
     step_head_bwd = step_bwd - (n - 1) * elem
+    # that step as the model calls it since session 50: its X_prev is the embedding broadcast over the streams, read
+    # as one row ("step (head, row)"): the forward's 3n + 2 with one row of X_prev read, 2n + 3; the backward's two
+    # passes each read one row of X_prev instead of n, n + 8
+    step_row_fwd, step_row_bwd = step_fwd - (n - 1) * elem, step_head_bwd - 2 * (n - 1) * elem
     # a chain's tail (passes/collapse_tail.py): the last post_res and the mean after it as one kernel, X and y read,
     # one row written (n + 2); post_res writing the n streams and the mean reading them back: 3n + 2
     tail_fwd, tail_rows_fwd = (n + 2) * elem, (3 * n + 2) * elem
@@ -247,6 +251,10 @@ def fused_cases(inp: dict) -> list[Case]:
              enter_c_rows_bwd, "fused"),
         Case("step (head)", "bwd", lambda k: k.step_backward(x, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in, gpost,
                                                              gres, *ca, collapse_dx=True), step_head_bwd, "fused"),
+        Case("step (head, row)", "fwd", lambda k: k.step(xb, hr, hq, y, phi, b, a, *ca), step_row_fwd, "fused"),
+        Case("step (head, row)", "bwd", lambda k: k.step_backward(xb, hr, hq, y, phi, b, a, hpre_s, ps, sqs, dx, g_in,
+                                                                  gpost, gres, *ca, collapse_dx=True), step_row_bwd,
+             "fused"),
         Case("head", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, acc_row), head_bwd),
         Case("head (acc-rows)", "bwd", lambda k: k.proj_pre_backward_collapsed(xb, phi, dp, dsq, hpre_b, g_in, dx),
              head_acc_rows_bwd),

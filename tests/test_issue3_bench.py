@@ -223,7 +223,7 @@ def test_parsers_read_what_bench_kernels_writes_today(tmp_path):
     assert {"proj fwd", "post_res_proj fwd", "proj_pre_backward bwd", "step bwd", "post_res_proj (Triton) fwd",
             "step (Triton) fwd", "step (three-pass) bwd", "proj_pre_backward (Triton) bwd", "folded step (Triton) bwd",
             "enter (Triton) bwd", "enter (Gluon) bwd", "enter (broadcast) fwd", "enter (broadcast) bwd", "head bwd", "head (uncollapsed) bwd", "enter (collapsed) bwd", "proj (Triton) bwd", "proj_pre_backward (dx_hl) bwd",
-            "folded step (dx_hl) bwd"} <= set(eff), sorted(eff)
+            "folded step (dx_hl) bwd", "step (head, row) fwd", "step (head, row) bwd"} <= set(eff), sorted(eff)
 
 
 def _rows(d, mhc_time, act="+17.7%", rounds=None):
