@@ -336,6 +336,8 @@ def test_pace_is_a_config_field_passed_to_the_gluon_kernel_for_calls_with_dout_a
     assert tcfg.DEFAULTS["proj_dx_dphi"].ws_pace == 2
     with pytest.raises(ValueError, match="ws_pace=-1"):
         tk.configure("proj_dx_dphi", ws_pace=-1)
+    with pytest.raises(ValueError, match="ws_pace_walk=-1"):
+        tk.configure("proj_dx_dphi", ws_pace_walk=-1)
     seen = []
     monkeypatch.setattr(gp, "supported", lambda *a, **kw: True)
     monkeypatch.setattr(gp, "proj_grads", lambda *a, **kw: seen.append(kw["pace"]) or (a[0], a[1]))

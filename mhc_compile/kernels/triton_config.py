@@ -214,8 +214,9 @@ class FusedBwdCfg:
     ws_pace_walk: int = 512
 
     def __post_init__(self):
-        if self.ws_pace < 0:
-            raise ValueError(f"mhc FusedBwdCfg: ws_pace={self.ws_pace}; tiles ahead, at least 0 (0: off)")
+        if self.ws_pace < 0 or self.ws_pace_walk < 0:
+            raise ValueError(f"mhc FusedBwdCfg: ws_pace={self.ws_pace}, ws_pace_walk={self.ws_pace_walk}; tiles, at "
+                             "least 0 (ws_pace 0: off)")
         if self.ws_mixers not in (None, 1, 2):
             raise ValueError(f"mhc FusedBwdCfg: ws_mixers={self.ws_mixers}; the Gluon proj backward runs 1 or 2 dx "
                              "warpgroups (None: two with acc, one without)")
