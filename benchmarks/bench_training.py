@@ -12,8 +12,9 @@ held before the step (parameters, inputs).
 --rounds R times every variant R - 1 more times round-robin (every other round in reverse order) and adds rows with
 the median and the same-round overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and
 Inductor), liger, norecompute, recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks),
-nofold, noprp, fused, fusedbcast (the fuse=True model with the Gluon kernels' broadcast X_prev reads on,
-``triton_common.GLUON_BCAST``: the step after a chain head reads the embedding's one row), prpws (fold_post_res_proj=True with the Gluon post_res_proj, DotCfg.ws), fusedws (fuse=True with
+nofold, noprp, fused, fusedbcast / fusedcopy (the fuse=True model with the Gluon kernels' broadcast X_prev reads
+on / off, ``triton_common.GLUON_BCAST``: the step after a chain head reads the embedding's one row, or its Gluon
+kernels a dense copy; on is the default since session 50, so fusedbcast times what fused does), prpws (fold_post_res_proj=True with the Gluon post_res_proj, DotCfg.ws), fusedws (fuse=True with
 step's Gluon forward and two-pass backward, DotCfg.ws and StepBwdCfg.ws; both sm_90 only, elsewhere they run the
 Triton kernels; DotCfg.ws is the default since session 27, so fused and noprp's counterpart already run the Gluon
 post_res_proj, and tune:post_res_proj:ws=0 gives the Triton one), headrecompute (the head's collapse recomputed in the
@@ -354,7 +355,7 @@ def run_size(d, args, emit):
         options = _parse_options(v[len("opt:"):])
         variants[f"backend=mhc {', '.join(f'{k}={o!r}' for k, o in options.items())}"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, **options})
-    if {"fused", "fusedws", "fusedbcast"} & set(args.variants):  # the opt-in cross-layer boundary ops
+    if {"fused", "fusedws", "fusedbcast", "fusedcopy"} & set(args.variants):  # the opt-in cross-layer boundary ops
         variants["backend=mhc fuse=True"] = torch.compile(
             mhc_model, backend="mhc", options={"n": args.n, "fuse": True})
     # the cross-layer ops with the warp-specialized Gluon kernels (sm_90, bf16; post_res_proj's is the default since
@@ -370,14 +371,15 @@ def run_size(d, args, emit):
         label = "backend=mhc fuse=True, step ws forward and backward"
         variants[label] = variants["backend=mhc fuse=True"]
         contexts[label] = gluon_step
-    if "fusedbcast" in args.variants:  # fuse=True with the Gluon kernels' broadcast X_prev reads on (GLUON_BCAST)
-        from unittest import mock
+    for v, on in (("fusedbcast", True), ("fusedcopy", False)):  # the Gluon kernels' broadcast X_prev reads on / off
+        if v in args.variants:
+            from unittest import mock
 
-        from mhc_compile.kernels import triton_common
+            from mhc_compile.kernels import triton_common
 
-        label = "backend=mhc fuse=True, Gluon broadcast reads"
-        variants[label] = variants["backend=mhc fuse=True"]
-        contexts[label] = lambda: mock.patch.object(triton_common, "GLUON_BCAST", True)
+            label = f"backend=mhc fuse=True, Gluon {'broadcast reads' if on else 'dense copy'}"
+            variants[label] = variants["backend=mhc fuse=True"]
+            contexts[label] = lambda on=on: mock.patch.object(triton_common, "GLUON_BCAST", on)
     if "fused" not in args.variants and "backend=mhc fuse=True" in variants:
         del variants["backend=mhc fuse=True"]
     if "cudagraphs" in args.variants:  # host launch overhead out of the picture, for both sides

@@ -302,7 +302,7 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         raise ValueError("mhc triton step_backward: collapse_dx writes one row a token, not over a stream-sized out")
     if out is not None:  # checked before any work, by the check the kernels that write it apply
         out = grad_buffer(out, x_prev, "step_backward")
-    (x_prev, _), h_res_prev, h_post_prev = stream_arg(x_prev), h_res_prev.contiguous(), h_post_prev.contiguous()
+    (x_prev, bcast), h_res_prev, h_post_prev = stream_arg(x_prev), h_res_prev.contiguous(), h_post_prev.contiguous()
     y_prev, dx, dx_in, phi = y_prev.contiguous(), dx.contiguous(), dx_in.contiguous(), phi.contiguous()
     acc = acc_torch(x_prev.dtype, phi.dtype)
     t, _, c = x_prev.shape
@@ -321,7 +321,7 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
         _, dh_pre = _recompute_dh_pre(x_prev, h_res_prev, h_post_prev, y_prev, dx_in, acc, store_x=False)
         dp, dsq, dbias, dalpha = tops.coeffs_backward(p, sq, bias, alpha, dh_pre, dh_post, dh_res, n, nc, eps, iters,
                                                       mode)
-        x_gluon = gluon_stream(x_prev, is_broadcast(x_prev))[0]  # dense where its broadcast reads are off
+        x_gluon = gluon_stream(x_prev, bcast)[0]  # dense where its broadcast reads are off
         try:
             dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi = _gluon_step_bwd().step_grads(
                 x_gluon, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
