@@ -253,9 +253,11 @@ def times(shapes, lines, rounds: int = 3, saved=lambda: None, against=None) -> N
 
 def pace_times(shapes, lines, paces=(0, 2, 3, 4), rounds: int = 3) -> None:
     """The Gluon kernel as the op runs it (host packing included; the device's slots and dx warpgroups from
-    ``FusedBwdCfg``) at each pace of ``paces``, interleaved in rounds: with dout and acc (proj_pre_backward) and
-    with neither (proj_backward); efficiency over each op's bytes (bench_kernels' rows). The pace is given to the
-    kernel directly, so calls that ``FusedBwdCfg.pace_for`` leaves unpaced are timed paced too."""
+    ``FusedBwdCfg``) at each pace of ``paces``, beside the Triton kernel, interleaved in rounds: with dout and acc
+    (proj_pre_backward), with neither (proj_backward), and with dout but no acc (enter's backward, which keeps the
+    Triton kernel on an H100: is it slower there only unpaced?). Efficiency over each op's bytes (bench_kernels'
+    rows). The pace is given to the kernel directly, so calls that ``FusedBwdCfg.pace_for`` leaves unpaced are timed
+    paced too."""
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
@@ -265,21 +267,28 @@ def pace_times(shapes, lines, paces=(0, 2, 3, 4), rounds: int = 3) -> None:
     bw = copy_bandwidth("cuda")
     cfg, gpu = tcfg.cfg_of("proj_dx_dphi"), tcom.device_name(torch.device("cuda"))
     lines.append(f"\n## pace, copy bandwidth {bw / 1e9:.0f} GB/s\n")
-    lines.append("| T x C | op | round | " + " | ".join(f"pace {p} us (eff)" for p in paces) + " | plan_pace(3) |")
-    lines.append("|---|---|---|" + "---|" * (len(paces) + 1))
+    lines.append("| T x C | op | round | Triton us (eff) | " + " | ".join(f"pace {p} us (eff)" for p in paces)
+                 + " | plan_pace(3) |")
+    lines.append("|---|---|---|---|" + "---|" * (len(paces) + 1))
+    # (op, dout, acc, bytes a token a channel over 2): proj_pre_backward reads X, acc, dout and writes dX;
+    # proj_backward reads X and writes dX; enter's backward reads X and dout and writes dX
+    ops = (("proj_pre_backward", True, True, lambda n: 3 * n + 1), ("proj_backward", False, False, lambda n: 2 * n),
+           ("enter backward", True, False, lambda n: 2 * n + 1))
     for t, n, c in shapes:
-        for has_acc in (True, False):
-            v = _inputs(t, n, c, has_acc, has_acc, False, seed=1)
-            # proj_pre_backward: X, acc, dX (n each), dout; proj_backward: X read, dX written
-            op, nbytes = ("proj_pre_backward", (3 * n + 1) * c * t * 2) if has_acc else ("proj_backward", 4 * n * c * t)
-            kw = dict(mixers=cfg.gluon_for(has_acc, has_acc, gpu), stages=cfg.stages_on(gpu, has_acc))
+        for op, has_dout, has_acc, words in ops:
+            v = _inputs(t, n, c, has_dout, has_acc, False, seed=1)
+            nbytes = words(n) * c * t * 2
+            mixers = cfg.gluon_for(has_acc, has_dout, gpu) or (2 if has_acc else 1)  # enter: Triton's by plan
+            kw = dict(mixers=mixers, stages=cfg.stages_on(gpu, has_dout))
             kblocks = n * c // gp.BK
             planned = gp.plan_pace(kblocks, *gp.plan_splits(t, kblocks, v["x"].device), v["x"].device, 3)
+
+            def cell(fn):
+                us = triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3
+                return f"{us:.1f} ({100 * nbytes / (us * 1e-6) / bw:.1f} %)"
+
             for rnd in range(rounds):
-                cells = []
-                for p in paces:
-                    us = triton.testing.do_bench_cudagraph(lambda: _gluon(v, pace=p, **kw), rep=200) * 1e3
-                    cells.append(f"{us:.1f} ({100 * nbytes / (us * 1e-6) / bw:.1f} %)")
+                cells = [cell(lambda: _triton(v))] + [cell(lambda: _gluon(v, pace=p, **kw)) for p in paces]
                 lines.append(f"| {t}x{c} | {op} | {rnd} | {' | '.join(cells)} | {planned or 'off'} |")
                 print(lines[-1], flush=True)
 
