@@ -335,35 +335,38 @@ def times(shapes, lines, rounds: int = 3, against=()) -> None:
 
 
 def head_times(shapes, lines, rounds: int = 3, against=()) -> None:
-    """A chain head's step backward under fuse=True (``collapse_dx``: dX_prev summed over the streams, bench_kernels'
-    "step (head)" row) with dH added in L2 (the default), this build's and each --against build's interleaved, each
-    against the call's 3n + 6 floor."""
+    """A chain head's step backward under fuse=True (``collapse_dx``: dX_prev summed over the streams) with dH added
+    in L2 (the default), this build's and each --against build's interleaved: on a dense X_prev against the call's
+    3n + 6 floor (bench_kernels' "step (head)" row), and on X_prev broadcast over its streams, as the model calls it
+    since session 50, against n + 8 ("step (head, row)")."""
     import triton.testing
 
     from benchmarks.bench_kernels import copy_bandwidth
 
     bw = copy_bandwidth(DEVICE)
     lines.append(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s\n")
-    lines.append("| T x C | round | step (head), this build us (eff against 3n+6) |"
+    lines.append("| T x C | X_prev | round | step (head), this build us (eff) |"
                  + "".join(f" --against {b.label} us (eff) |" for b in against))
-    lines.append("|---|---|---|" + "---|" * len(against))
+    lines.append("|---|---|---|---|" + "---|" * len(against))
     for t, n, c in shapes:
-        v = _inputs(t, n, c, seed=1)
-        h_pre, p, sq = _forward_saves(v, n, c)
-        floor = (3 * n + 6) * t * c * 2
+        dense = _inputs(t, n, c, seed=1)
+        h_pre, p, sq = _forward_saves(dense, n, c)
+        row = {**dense, "x_prev": dense["x_prev"][:, 0].contiguous().unsqueeze(1).expand(t, n, c)}
+        for label, v, words in (("dense (3n+6)", dense, 3 * n + 6), ("row (n+8)", row, n + 8)):
+            floor = words * t * c * 2
 
-        def this():
-            with tf.tuning("step_bwd", ws=True, dh_atomic=True):
-                return _call(tf.step_backward, v, h_pre, p, sq, n, c, collapse_dx=True)
+            def this(v=v):
+                with tf.tuning("step_bwd", ws=True, dh_atomic=True):
+                    return _call(tf.step_backward, v, h_pre, p, sq, n, c, collapse_dx=True)
 
-        fns = (this,) + tuple((lambda b=b: b.run(v, h_pre, p, sq, n, c, dh_atomic=True, collapse_dx=True))
-                              for b in against)
-        for rnd in range(rounds):
-            us = [triton.testing.do_bench_cudagraph(f, rep=200) * 1e3 for f in fns]
-            cells = " | ".join(f"{u:.1f} ({100 * floor / (u * 1e-6) / bw:.1f} %)" for u in us)
-            lines.append(f"| {t}x{c} | {rnd} | {cells} |")
-            print(lines[-1], flush=True)
-        del v
+            fns = (this,) + tuple((lambda b=b, v=v: b.run(v, h_pre, p, sq, n, c, dh_atomic=True, collapse_dx=True))
+                                  for b in against)
+            for rnd in range(rounds):
+                us = [triton.testing.do_bench_cudagraph(f, rep=200) * 1e3 for f in fns]
+                cells = " | ".join(f"{u:.1f} ({100 * floor / (u * 1e-6) / bw:.1f} %)" for u in us)
+                lines.append(f"| {t}x{c} | {label} | {rnd} | {cells} |")
+                print(lines[-1], flush=True)
+        del dense, row
 
 
 # --- boundary_grads: the same kernel with X read (kernels/triton_boundary.py, passes/fold_boundary_grads.py) ------

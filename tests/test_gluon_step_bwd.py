@@ -224,8 +224,9 @@ def test_builds_for_sm90_within_shared_memory():
     # the chain head's call on its broadcast X_prev
     assert len(rows) == 9 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
     tile = {row.split(": triton")[0]: int(row.split("a tile: ")[1].split()[0]) for row in rows}
-    # a broadcast X_prev moves the loads (the loader warp), not the mixing
-    assert tile["mixers=1 dH in L2 dX_prev summed X_prev broadcast"] == tile["mixers=1 dH in L2 dX_prev summed"]
+    # a broadcast X_prev: its row read and widened once a tile, and dH_res's sums made once for all n columns
+    # (1810 -> 1661 instructions a tile with Triton 3.6, session 51)
+    assert tile["mixers=1 dH in L2 dX_prev summed X_prev broadcast"] < 0.95 * tile["mixers=1 dH in L2 dX_prev summed"]
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)

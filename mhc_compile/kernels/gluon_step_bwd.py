@@ -294,11 +294,12 @@ if AVAILABLE:
                 coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr, pace_of,
                 N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr,
                 CW: gl.constexpr, STAGES: gl.constexpr, SAVED_X: gl.constexpr, PACE: gl.constexpr,
-                PACE_SPIN: gl.constexpr, X_BCAST: gl.constexpr):
+                PACE_SPIN: gl.constexpr, X_BCAST: gl.constexpr, X_TILES: gl.constexpr):
         """One warp: phi's n tiles once, then for each token tile, once its slot is free, the slot's 2n + 2 stream
         boxes (with SAVED_X X's n more, from s_desc) and its per-token data. X_BCAST: x_desc is X_prev's one row a
-        token, [T, C], and each of the slot's n X_prev tiles is loaded from it (the mixers store dX_prev_j over tile
-        j): one row read from DRAM, the n - 1 loads after the first served by L2.
+        token, [T, C], and the slot's first X_TILES X_prev tiles are loaded from it: n where the mixers store
+        dX_prev_j over tile j (one row read from DRAM, the n - 1 loads after the first served by L2), one where they
+        store dX_prev summed over the streams (COLLAPSE) and read the row once.
 
         PACE (tiles, 0: off): tile ``it`` is not loaded before the ``pace_of`` programs of this program's pace group
         (a token split's channel blocks, or a wave's programs; their counter: ``pace_ptr``) have finished tile
@@ -310,7 +311,7 @@ if AVAILABLE:
         mbarrier.expect(phi_ready, phi_bytes)
         for i in gl.static_range(N):
             _tma_load(w_desc, [i * C + c0, 0], phi_ready, phis.index(i))
-        nbytes: gl.constexpr = (2 * N + 2 + N * SAVED_X) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4
+        nbytes: gl.constexpr = (X_TILES + N + 2 + N * SAVED_X) * BT * BC * 2 + NG * BT * CW * 4 + BT * MP * 4
         pacing = 1
         for it in range(n_tiles):
             s = it % STAGES
@@ -321,7 +322,7 @@ if AVAILABLE:
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             t0 = t_lo + it * BT
-            for j in gl.static_range(N):
+            for j in gl.static_range(X_TILES):
                 if X_BCAST:
                     _tma_load(x_desc, [t0, c0], bar, xp.index(j * STAGES + s))
                 else:
@@ -391,7 +392,7 @@ if AVAILABLE:
                phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N: gl.constexpr, BT: gl.constexpr,
                BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr,
                MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr,
-               COLLAPSE: gl.constexpr, PACE: gl.constexpr, num_warps: gl.constexpr):
+               COLLAPSE: gl.constexpr, PACE: gl.constexpr, X_BCAST: gl.constexpr, num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
@@ -413,7 +414,12 @@ if AVAILABLE:
         them as they land (no ``mixed``). XIN: x_in = sum_j h_pre_prev[j] X_prev_j is also made, in the loop over j
         that reads X_prev for dH_res, and leaves by TMA store from dx_in's tile. COLLAPSE (a chain head's step under
         fuse=True): dX_prev summed over its n streams in registers (as sum_i r_i G_i, r_i h_res's row sums), rounded
-        once, and stored as one tile from X_prev stream 0's, read by then."""
+        once, and stored as one tile from X_prev stream 0's, read by then.
+
+        X_BCAST (the step after a chain head under fuse=True): every X_prev_j is the one row, so it is read and
+        widened once a tile (tile 0, loaded first) and dH_res[:, j] = <G_i, row> is one sum for every j, made once
+        and stored n times: n products an element for the dH_res sums instead of n^2. X_i still adds its n terms in
+        j order: the same bits as on the dense copy."""
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BC, 8])  # the tf32 G dot's (k = 8)
         R: gl.constexpr = gl.SliceLayout(1, L)
@@ -442,8 +448,13 @@ if AVAILABLE:
                 xs = ()
                 for i in gl.static_range(N):
                     xs = xs + (_row(coefs, s, N, i, NG, L) * y,)
+                if X_BCAST:
+                    xrow = bf16_to_f32(xp.index(s).load(L))
                 for j in range(NJ):
-                    xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                    if X_BCAST:
+                        xj = xrow
+                    else:
+                        xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
                     nx = ()
                     for i in gl.static_range(N):
                         nx = nx + (gl.fma(_row(coefs, s, j, i, NG, L), xj, xs[i]),)
@@ -484,17 +495,28 @@ if AVAILABLE:
                 v = v + (_lane_sums(g[i] * y) if i < N else qzero,)
             _put_dh(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
             xin = zero
+            if X_BCAST:  # dH_res[:, j] = <G_i, row>, the same sums for every j
+                xrow = bf16_to_f32(xp.index(s).load(L))
+                v = ()
+                for i in gl.static_range(4):
+                    v = v + (_lane_sums(g[i] * xrow) if i < N else qzero,)
+                dh_row = _quad_totals(v[0], v[1], v[2], v[3], qlane)
             for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
-                xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                if X_BCAST:
+                    xj = xrow
+                    _put_dh(hrow + (qlane * N + j) * T, dh_row, qmask, DH_ATOMIC)
+                else:
+                    xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
+                    v = ()
+                    for i in gl.static_range(4):
+                        v = v + (_lane_sums(g[i] * xj) if i < N else qzero,)
+                    _put_dh(hrow + (qlane * N + j) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask,
+                            DH_ATOMIC)
                 if XIN:  # h_pre_prev's n columns share a group, and a column is no run-time index: pick column j
                     hj = _row(coefs, s, N + 3, 0, NG, L)
                     for k in gl.static_range(1, N):
                         hj = gl.where(j == k, _row(coefs, s, N + 3, k, NG, L), hj)
                     xin += hj * xj
-                v = ()
-                for i in gl.static_range(4):
-                    v = v + (_lane_sums(g[i] * xj) if i < N else qzero,)
-                _put_dh(hrow + (qlane * N + j) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
                 if not COLLAPSE:
                     dxp = _row(coefs, s, j, 0, NG, L) * g[0]
                     for i in gl.static_range(1, N):
@@ -605,6 +627,8 @@ if AVAILABLE:
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
+        # X_prev's tiles a slot: its n streams, or, broadcast and with dX_prev summed, its one row once (_loader)
+        X_TILES: gl.constexpr = 1 if X_BCAST and COLLAPSE else N
         n_tiles = (gl.minimum(t_lo + T_SPLIT, T) - t_lo + BT - 1) // BT
         # PACE: the counter of tiles done of this program's group (PACE_GROUP programs in launch order), and how
         # many programs add to it
@@ -647,26 +671,26 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 1,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, num_warps)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
                            xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
-                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST)),
+                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST, X_TILES)),
             ], [4, 1], [DPHI_REGS, _LOADER_REGS])
         else:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 2,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, num_warps)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, num_warps)),
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 1, 2,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, num_warps)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
                            xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
-                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST)),
+                           pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST, X_TILES)),
             ], [num_warps, 4, 1], [MIX_REGS, DPHI_REGS, _LOADER_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
