@@ -44,14 +44,16 @@ TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 
 def build(builds=((2, False, False, False), (1, False, False, False), (1, True, True, False), (1, True, False, False),
                   (2, True, True, False), (1, False, True, False), (1, False, True, True),
-                  (1, True, True, False, 4), (1, False, True, True, 0, True))) -> int:
+                  (1, True, True, False, 4), (1, False, True, True, 0, True), (1, False, True, True, 0, True, True))
+          ) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
     a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin, collapse) each: step's second pass with
     two and one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in; with x_in its dH added in
     L2, DH_ATOMIC), then step's pass with its dH added in L2 (saved_x off, the third flag on: DH_ATOMIC alone), and
     the same with dX_prev summed over the streams (COLLAPSE: a chain head's under fuse=True); a fifth field paces the
     loader (``PACE`` tiles: the boundary with x_in, paced), a sixth reads X_prev broadcast over the streams (X_BCAST:
-    the chain head's call itself, whose X_prev is the embedding)."""
+    the chain head's call itself, whose X_prev is the embedding), a seventh frees a slot a tile late (STORE_LAG, on
+    by default where the ring has three slots, ``gluon_step_bwd.stores_lag``)."""
     import triton
 
     from benchmarks import sm90_build
@@ -63,7 +65,7 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
     dp_pad = torch.zeros(t, gs.MP)
     phi_pad = torch.zeros(n * c, gs.MP)
     for mixers, saved_x, xin, collapse, *extra in builds:
-        pace, bcast = (tuple(extra) + (0, False))[:2]
+        pace, bcast, lag = (tuple(extra) + (0, False, False))[:3]
         atomic = xin  # with X read: x_in (and dH in L2); with X rebuilt, this flag is dH in L2 alone
         xin = xin and saved_x
         coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
@@ -78,7 +80,7 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
                 NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin,
                 DH_ATOMIC=atomic, COLLAPSE=collapse, MIX_REGS=tf.StepBwdCfg.mix_regs,
                 DPHI_REGS=tf.StepBwdCfg.dphi_regs, PACE=pace, PACE_SPIN=gs.PACE_SPIN, num_warps=4, X_BCAST=bcast,
-                grid=(c // gs.BC, 1))
+                STORE_LAG=lag, grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the mixing warpgroup's loop; spills counted in every loop
@@ -101,7 +103,7 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
         pace_note = f", pace={pace}" if pace else ""
         what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers}{pace_note})" if saved_x
                 else f"mixers={mixers}" + (" dH in L2" if atomic else "") + (" dX_prev summed" if collapse else "")
-                + (" X_prev broadcast" if bcast else ""))
+                + (" X_prev broadcast" if bcast else "") + (" slots freed late" if lag else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)

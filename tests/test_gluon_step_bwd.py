@@ -221,12 +221,19 @@ def test_builds_for_sm90_within_shared_memory():
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
     # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers,
     # then step's pass with its dH added in L2, and with dX_prev summed over the streams too, the boundary paced, and
-    # the chain head's call on its broadcast X_prev
-    assert len(rows) == 9 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # the chain head's call on its broadcast X_prev, and that call freeing its slots a tile late (STORE_LAG)
+    assert len(rows) == 10 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
     tile = {row.split(": triton")[0]: int(row.split("a tile: ")[1].split()[0]) for row in rows}
     # a broadcast X_prev: its row read and widened once a tile, and dH_res's sums made once for all n columns
     # (1810 -> 1661 instructions a tile with Triton 3.6, session 51)
     assert tile["mixers=1 dH in L2 dX_prev summed X_prev broadcast"] < 0.95 * tile["mixers=1 dH in L2 dX_prev summed"]
+
+
+def test_a_slot_is_freed_a_tile_late_only_where_the_loader_keeps_one():
+    """STORE_LAG: each mixer then holds two slots; the loader needs one more to run ahead (session 51: the boundary's
+    two-slot ring ran 22 % slower with it)."""
+    assert gs.stores_lag(True, 3, 1) and gs.stores_lag(True, 6, 2)
+    assert not gs.stores_lag(True, 2, 1) and not gs.stores_lag(True, 4, 2) and not gs.stores_lag(False, 3, 1)
 
 
 @pytest.mark.skipif(not (on_sm90_gpu() and gs.AVAILABLE), reason=GPU_ONLY)

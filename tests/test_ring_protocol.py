@@ -140,6 +140,39 @@ def alternate_protocol(stages: int, mixers: int, tiles: int, double_wait: bool =
     return ring, agents
 
 
+def lagged_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
+    """``alternate_protocol`` with STORE_LAG (kernels/gluon_step_bwd.py): a mixer hands a tile to the dphi warpgroup
+    at once but frees its slot only after it has taken its next tile (its TMA stores read the slot until then, so
+    the slot must still hold that tile), and frees its last tile's slot at the end."""
+    ring = Ring(stages, 2)
+    mixed = [Barrier(1) for _ in range(stages)]
+
+    def dphi():
+        for it in range(tiles):
+            s = it % stages
+            yield mixed[s], (it // stages) & 1
+            ring.empty[s].arrive()
+
+    def mixer(w):
+        held = None
+        for it in range(w, tiles, mixers):
+            s = it % stages
+            yield ring.ready[s], (it // stages) & 1
+            if ring.holds[s] != it:
+                ring.errors.append(f"mixer{w} passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+            mixed[s].arrive()
+            if held is not None:
+                if ring.holds[held % stages] != held:
+                    ring.errors.append(f"slot {held % stages} held {ring.holds[held % stages]} before tile {held} "
+                                       "was freed")
+                ring.empty[held % stages].arrive()
+            held = it
+        if held is not None:
+            ring.empty[held % stages].arrive()
+
+    return ring, [loader(ring, tiles), dphi()] + [mixer(w) for w in range(mixers)]
+
+
 def first_build_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
     """gluon_proj_bwd's first build: dx warpgroups taking whole tiles in turn and the dphi warpgroup every tile, all
     on ``ready``; empty: 2 (the tile's dx warpgroup and the dphi warpgroup)."""
@@ -283,3 +316,20 @@ def test_proj_fwd_ring_of_one_slot_deadlocks_and_plan_never_gives_one():
     load until that very slot is released."""
     assert outcomes(lambda: proj_fwd_protocol(1, 5), seeds=20) == {"deadlock"}
     assert gpf.plan(4 * 4096, 128, 32, 2, 1) is None and gpf.plan(4 * 4096, 128, 32, 2, 0)[1] >= 2
+
+
+@pytest.mark.parametrize("stages,mixers", [(2, 1), (3, 1), (4, 1), (4, 2), (6, 2)])
+def test_step_bwd_ring_freeing_slots_a_tile_late_is_safe(stages, mixers):
+    """STORE_LAG never lets a wait pass early or deadlock where the ring has more slots than mixers."""
+    assert outcomes(lambda: lagged_protocol(stages, mixers, 24), seeds=150) == {"ok"}
+
+
+def test_freeing_slots_a_tile_late_deadlocks_with_a_slot_a_mixer_and_is_never_on_there():
+    """With as many slots as mixers a mixer's next tile lands in the slot it still holds: a deadlock (so the model
+    can fail); ``stores_lag`` turns the lag on only where it leaves the loader a slot to run ahead, which excludes
+    that ring (and the boundary's two slots, where the lag ran 22 % slower, session 51)."""
+    assert outcomes(lambda: lagged_protocol(2, 2, 24), seeds=50) == {"deadlock"}
+    for mixers in (1, 2):
+        for stages in range(mixers, 9, mixers):  # rings for mixers in turn: a multiple of theirs (stages_for)
+            if gs.stores_lag(True, stages, mixers):
+                assert stages > mixers and outcomes(lambda: lagged_protocol(stages, mixers, 16), seeds=30) == {"ok"}

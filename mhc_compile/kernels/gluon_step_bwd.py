@@ -392,7 +392,8 @@ if AVAILABLE:
                phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N: gl.constexpr, BT: gl.constexpr,
                BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr,
                MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr,
-               COLLAPSE: gl.constexpr, PACE: gl.constexpr, X_BCAST: gl.constexpr, num_warps: gl.constexpr):
+               COLLAPSE: gl.constexpr, PACE: gl.constexpr, X_BCAST: gl.constexpr, STORE_LAG: gl.constexpr,
+               num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
@@ -549,10 +550,23 @@ if AVAILABLE:
             _tma_store(dy_desc, [t0, c0], ys.index(s))
             if XIN:
                 _tma_store(xin_desc, [t0, c0], gins.index(s))
-            tma.store_wait(0)  # the stores have read the slot's tiles
-            mbarrier.arrive(empty.index(s), count=1)
-            if PACE:  # one more tile done in this token split (the loaders' PACE, _loader)
-                gl.atomic_add(pace_ptr, 1, sem="relaxed")
+            if STORE_LAG:  # this tile's stores stay in flight: the slot of the tile before, whose have read it, is freed
+                tma.store_wait((1 if COLLAPSE else N) + 1 + (1 if XIN else 0))
+                if it >= FIRST + MIXERS:
+                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
+                    if PACE:
+                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
+            else:
+                tma.store_wait(0)  # the stores have read the slot's tiles
+                mbarrier.arrive(empty.index(s), count=1)
+                if PACE:  # one more tile done in this token split (the loaders' PACE, _loader)
+                    gl.atomic_add(pace_ptr, 1, sem="relaxed")
+        if STORE_LAG:  # the last tile's slot
+            tma.store_wait(0)
+            if n_tiles > FIRST:
+                mbarrier.arrive(empty.index((FIRST + (n_tiles - 1 - FIRST) // MIXERS * MIXERS) % STAGES), count=1)
+                if PACE:
+                    gl.atomic_add(pace_ptr, 1, sem="relaxed")
 
     @gluon.jit
     def _split_dp(dps, s, hlw, MP: gl.constexpr, BT: gl.constexpr, num_warps: gl.constexpr):
@@ -612,7 +626,8 @@ if AVAILABLE:
                             STAGES: gl.constexpr, MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr,
                             DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr, MIX_REGS: gl.constexpr,
                             DPHI_REGS: gl.constexpr, PACE: gl.constexpr, PACE_SPIN: gl.constexpr,
-                            num_warps: gl.constexpr, X_BCAST: gl.constexpr = False):
+                            num_warps: gl.constexpr, X_BCAST: gl.constexpr = False,
+                            STORE_LAG: gl.constexpr = 0):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; w_desc: phi [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like
@@ -671,7 +686,7 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 1,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, num_warps)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
@@ -682,10 +697,10 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 2,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, num_warps)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, num_warps)),
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 1, 2,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, num_warps)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, num_warps)),
                 (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
                          SAVED_X, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
@@ -697,6 +712,15 @@ if AVAILABLE:
             mbarrier.invalidate(mixed.index(s))
             mbarrier.invalidate(empty.index(s))
         mbarrier.invalidate(phi_ready)
+
+
+def stores_lag(store_lag: bool, stages: int, mixers: int) -> bool:
+    """Whether a mixer frees a tile's slot only once it has issued its next tile's stores (``STORE_LAG``), so that
+    it does not wait for the TMA stores to read the slot before it goes on: where its ring leaves the loader a slot
+    besides the two each mixer then holds. H100, session 51: with one mixer and three slots the chain head's call
+    ran 1-2.6 % faster (1430 against 1467 us at 32768 x 4096 on a broadcast X_prev); the boundary, two slots, ran
+    22 % slower (its loader left none)."""
+    return store_lag and stages >= 2 * mixers + 1
 
 
 def descriptors(x_prev, y, dx_in, dx, coefs, dp_pad, phi_w, dx_prev, dy, t: int, n: int, c: int,
@@ -781,7 +805,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
                collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0,
-               pace_waves: int = 0, pace_walk: int = 0):
+               pace_waves: int = 0, pace_walk: int = 0, store_lag: bool = True):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev (or broadcast over n: ``stream_arg``) / dX,
     [T, C] y / dx_in; ``out``: dX_prev's
@@ -789,7 +813,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
     written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk`` / ``pace`` / ``pace_waves`` /
-    ``pace_walk``: ``plan_walks``'."""
+    ``pace_walk``: ``plan_walks``'. ``store_lag``: ``stores_lag``'."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     if collapse_dx and out is not None:
@@ -797,7 +821,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
                    mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
                    collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk, pace=pace,
-                   pace_waves=pace_waves, pace_walk=pace_walk)[:5]
+                   pace_waves=pace_waves, pace_walk=pace_walk, store_lag=store_lag)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -812,7 +836,7 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
                    dp: Tensor, dsq: Tensor, acc: Tensor, dx_in: Tensor, h_pre_prev: Tensor | None = None,
                    out: Tensor | None = None, *, stages: int = 0, mixers: int = 1, mix_regs: int = 176,
                    dphi_regs: int = 112, dh_atomic: bool = True, walk_tiles: int = 0, long_walk: int = 0,
-                   pace: int = 0, pace_waves: int = 0, pace_walk: int = 0):
+                   pace: int = 0, pace_waves: int = 0, pace_walk: int = 0, store_lag: bool = True):
     """(dX_prev, dH_res, dH_post, dy, dphi, x_in or None): a site's proj_pre_backward (its stream ``x`` = X, phi, dp,
     dsq, h_pre, dx_in, acc) and the post_res backward of the site before it (X = post_res(x_prev, h_res, h_post, y))
     from one pass: this kernel with X read from ``x`` instead of rebuilt, so G = X's whole gradient never leaves
@@ -823,18 +847,19 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
     turn, as in ``step_grads`` (two slots either way at n = 4). ``dh_atomic``: the channel blocks' dH partials added
     in L2 (fp32 reductions into one [n^2 + n, T] plane) instead of written a plane a block for torch to sum: not
     deterministic (the order of the adds varies), so never under ``torch.use_deterministic_algorithms``.
-    ``walk_tiles`` / ``long_walk`` / ``pace``: ``plan_walks``'."""
+    ``walk_tiles`` / ``long_walk`` / ``pace``: ``plan_walks``'. ``store_lag``: ``stores_lag``' (two slots at n = 4:
+    off)."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon boundary_grads: mixers = {mixers} (1 or 2)")
     return _launch("boundary_grads", x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, acc, dx_in, h_pre_prev, out,
                    stages, mixers, mix_regs, dphi_regs,
                    dh_atomic and not torch.are_deterministic_algorithms_enabled(), walk_tiles=walk_tiles,
-                   long_walk=long_walk, pace=pace, pace_waves=pace_waves, pace_walk=pace_walk)
+                   long_walk=long_walk, pace=pace, pace_waves=pace_waves, pace_walk=pace_walk, store_lag=store_lag)
 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
             mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0, pace_waves=0,
-            pace_walk=0):
+            pace_walk=0, store_lag=False):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
@@ -871,7 +896,8 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
            (*descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, group),
            dict(N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin), CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x,
                 XIN=xin, DH_ATOMIC=dh_atomic, COLLAPSE=collapse, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, PACE=pace,
-                PACE_SPIN=PACE_SPIN, num_warps=4, X_BCAST=bcast), shrink_stages=False)
+                PACE_SPIN=PACE_SPIN, num_warps=4, X_BCAST=bcast, STORE_LAG=stores_lag(store_lag, st, mixers)),
+           shrink_stages=False)
     try:
         dh_res, dh_post, dphi = finish(dphi_t, dh, m, n, phi.dtype)
     except TritonError:  # the kernel above has written (over acc, in place, maybe): no error may reach the callers'

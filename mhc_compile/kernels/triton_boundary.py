@@ -75,7 +75,8 @@ def boundary_backward(
                 tokens(dp), tokens(dsq), tokens(acc), tokens(dout), tokens(h_pre_prev) if xin else None,
                 out=tokens(out) if out is not None else None, stages=cfg.stages, mixers=cfg.mixers,
                 mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic, walk_tiles=cfg.walk_tiles,
-                long_walk=cfg.long_walk, pace=cfg.pace, pace_waves=cfg.pace_waves, pace_walk=cfg.pace_walk)
+                long_walk=cfg.long_walk, pace=cfg.pace, pace_waves=cfg.pace_waves, pace_walk=cfg.pace_walk,
+                store_lag=cfg.store_lag)
             if x_in is None:
                 x_in = x.new_empty(lead + (0,))
             return (dx_prev.view(x_prev.shape) if out is None else out, dh_res.view(lead + (n, n)),

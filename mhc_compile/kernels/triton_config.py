@@ -273,7 +273,10 @@ class GluonStepCfg:
     ``gluon_step_bwd.plan_walks`` says why and when). ``pace_waves``: with ``pace``, a plan of several waves whose walks
     are at least this many tiles (its last split whole) is paced too, each run of num_SMs programs in launch order (a wave, as they start)
     by one counter, its walks capped as without pacing (0: off). ``pace_walk``: with ``pace``, a one-wave plan is paced
-    only where its walks are at least this many tiles, else capped and not paced (0: every one-wave plan)."""
+    only where its walks are at least this many tiles, else capped and not paced (0: every one-wave plan).
+    ``store_lag``: a mixer frees a tile's slot once it has issued its next tile's stores instead of waiting for the
+    tile's own to read it, where the ring leaves the loader a slot besides the two each mixer then holds
+    (``gluon_step_bwd.stores_lag``: step's one-mixer, three-slot ring; the boundary's two slots never)."""
 
     ws: bool = True
     stages: int = 0
@@ -286,6 +289,7 @@ class GluonStepCfg:
     pace: int = 0
     pace_waves: int = 0
     pace_walk: int = 0
+    store_lag: bool = True
 
     # the token-tile counts, each >= 0, and what each means (for the error)
     _TILE_COUNTS = {

@@ -327,7 +327,7 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
                 x_gluon, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
                 mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic,
                 collapse_dx=collapse_dx, walk_tiles=cfg.walk_tiles, long_walk=cfg.long_walk,
-                pace=cfg.pace, pace_waves=cfg.pace_waves, pace_walk=cfg.pace_walk)
+                pace=cfg.pace, pace_waves=cfg.pace_waves, pace_walk=cfg.pace_walk, store_lag=cfg.store_lag)
             return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
         except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas) comes before the
             # launch, so nothing was written: the three passes below start over, here and for the rest of the run
