@@ -94,6 +94,13 @@ now pace them (``plan_walks``, ``BoundaryBwdCfg.pace``): tile ``it`` waits until
 ``it - pace``. On an H100, whole walks paced 3 tiles apart ran the boundary 8.5-10.7 % faster than capped walks at
 32768 x 4096 (82.5-84.6 % of its floor, the kernel alone 86.1 %) and read 3.8-4.1 GB.
 
+Session 51 (benchmarks/results/session51-2026-12-07-h100.md, an H100): on X_prev broadcast over the streams (the
+step after a chain head under fuse=True) the mixer reads and widens the row once a tile and makes dH_res's sums
+once for all n columns, and where dX_prev is summed the loader brings one X_prev tile (1661 instructions a tile
+against 1810; 1482 against 1652 us at 32768 x 4096, bit-equal). With three slots a mixer frees a tile's slot once
+its next tile's stores are issued (``stores_lag``): the chain head's call 2.5 % faster, the full step's 1.6-1.9 %.
+That call is latency-bound (Nsight Compute: 40 % of issue slots busy, DRAM 65 %): 74 % of its n + 8 floor.
+
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
 run under ``TRITON_INTERPRET=1``: the CPU tests build it for sm_90a and check the two-pass decomposition
@@ -717,9 +724,10 @@ if AVAILABLE:
 def stores_lag(store_lag: bool, stages: int, mixers: int) -> bool:
     """Whether a mixer frees a tile's slot only once it has issued its next tile's stores (``STORE_LAG``), so that
     it does not wait for the TMA stores to read the slot before it goes on: where its ring leaves the loader a slot
-    besides the two each mixer then holds. H100, session 51: with one mixer and three slots the chain head's call
-    ran 1-2.6 % faster (1430 against 1467 us at 32768 x 4096 on a broadcast X_prev); the boundary, two slots, ran
-    22 % slower (its loader left none)."""
+    besides the two each mixer then holds. H100, session 51, bit-equal: with one mixer and three slots the chain
+    head's call ran 1-2.6 % faster (1430 against 1467 us at 32768 x 4096 on a broadcast X_prev), the full step's
+    1.6-1.9 % (2269 against 2307 us; 1060 against 1080 at 8192 x 7168); the boundary, two slots, ran 19-22 % slower
+    (its loader left none)."""
     return store_lag and stages >= 2 * mixers + 1
 
 
