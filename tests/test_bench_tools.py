@@ -569,10 +569,11 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     lines = []
     gsc.times([(9, 2, 32)], lines, rounds=1, against=builds)
     assert "two passes, --against main (mix_regs=184) us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
-    lines = []  # --head: the chain head's call (collapse_dx) timed, a column a build
+    lines = []  # --head: the chain head's call (collapse_dx) timed, a column a build, on a dense X_prev and its row
     gsc.head_times([(9, 2, 32)], lines, rounds=1, against=builds)
     assert lines[1].endswith("| --against main (mix_regs=184) us (eff) |"), lines
-    assert lines[3].startswith("| 9x32 | 0 | ") and lines[3].count("|") == lines[1].count("|"), lines
+    assert [line.split(" | ")[1] for line in lines[3:]] == ["dense (3n+6)", "row (n+8)"], lines
+    assert all(line.startswith("| 9x32 | ") and line.count("|") == lines[1].count("|") for line in lines[3:]), lines
 
 
 def test_boundary_check_reports_each_against_build(tmp_path, monkeypatch):

@@ -358,3 +358,38 @@ def test_pace_is_a_config_field_passed_to_the_gluon_kernel_for_calls_with_dout_a
 def test_matches_the_reference_on_an_sm90_gpu():
     proc = _run("--no-times")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+
+
+def test_the_pace_table_times_each_op_beside_the_triton_kernel(monkeypatch):
+    """gluon_proj_bwd_check --pace (GPU only) on stubs: a row a round for each of proj_pre_backward, proj_backward and
+    enter's backward (dout without acc), each with the Triton kernel's time and one a pace, as the header says."""
+    import importlib
+    import os
+    import sys
+
+    import triton.testing
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        check = importlib.import_module("gluon_proj_bwd_check")
+    finally:
+        sys.path.pop(0)
+    from benchmarks import bench_kernels
+    from mhc_compile.kernels import triton_common as tcom
+
+    seen = []
+    monkeypatch.setattr(check, "_inputs", lambda t, n, c, has_pre, has_acc, bcast, seed: (
+        seen.append((has_pre, has_acc)) or {"x": torch.zeros(t, n, c)}))
+    monkeypatch.setattr(check, "_triton", lambda v: None)
+    monkeypatch.setattr(check, "_gluon", lambda v, **kw: None)
+    monkeypatch.setattr(bench_kernels, "copy_bandwidth", lambda device: 1e12)
+    monkeypatch.setattr(tcom, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep: (fn(), 1.0)[1])
+    lines = []
+    check.pace_times([(128, 4, 256)], lines, paces=(0, 2), rounds=2)
+    assert seen == [(True, True), (False, False), (True, False)]
+    header, rows = lines[1], lines[3:]
+    assert "Triton us (eff)" in header and "pace 2 us (eff)" in header
+    assert [row.split(" | ")[1] for row in rows] == ["proj_pre_backward"] * 2 + ["proj_backward"] * 2 + \
+        ["enter backward"] * 2
+    assert all(row.count("|") == header.count("|") for row in rows), lines

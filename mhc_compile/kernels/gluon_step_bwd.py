@@ -557,7 +557,7 @@ if AVAILABLE:
             _tma_store(dy_desc, [t0, c0], ys.index(s))
             if XIN:
                 _tma_store(xin_desc, [t0, c0], gins.index(s))
-            if STORE_LAG:  # this tile's stores stay in flight: the slot of the tile before, whose have read it, is freed
+            if STORE_LAG:  # this tile's stores stay in flight; the tile before's have read their slot: free it
                 tma.store_wait((1 if COLLAPSE else N) + 1 + (1 if XIN else 0))
                 if it >= FIRST + MIXERS:
                     mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
