@@ -6,11 +6,18 @@
 The case runs on the shipped tiles unless ``--cfg KERNEL:FIELDS`` (bench_training's ``tune:`` syntax, checked
 against the kernel's config fields, e.g. ``post_res_proj:bk=64,num_warps=8``) changes one kernel's tile first. Three launches: ncu's --launch-skip
 then profiles a warm one (compiled, its phi split cached like in training).
+
+    python benchmarks/ncu_case.py "step (head, row)" bwd --split    # each kernel's share of the row, no ncu
+
+``--split`` times the row's kernels itself instead (torch.profiler over ``--launches`` warm launches; each kernel's
+device time a launch of the row and its share): whether a row's gap to its floor is in its main kernel or in the
+passes and small ops around it. On a CPU (``--device cpu``, the interpreter) it lists the row's ops' CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 
@@ -32,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", action="append", default=[], help="KERNEL:FIELDS, a triton_ops tile to use")
     ap.add_argument("--launches", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="cpu: under TRITON_INTERPRET=1, to test this script")
+    ap.add_argument("--split", action="store_true", help="print each kernel's time a launch of the row (torch.profiler)")
     args = ap.parse_args(argv)
     for spec in args.cfg:
         kernel, fields = tune_fields(f"tune:{spec}")
@@ -41,11 +49,46 @@ def main(argv: list[str] | None = None) -> int:
     if not found:
         names = sorted({f"{c.kernel} {c.direction}" for c in cases(inp)})
         ap.error(f"no bench_kernels row '{args.kernel} {args.direction}'; rows: {', '.join(names)}")
+    if args.split:
+        print("\n".join(split(found[0], args.launches, args.device)))
+        return 0
     for _ in range(args.launches):
         _call(found[0], tk)
     if args.device == "cuda":
         torch.cuda.synchronize()
     return 0
+
+
+def split(case, launches: int, device: str) -> list[str]:
+    """The row's kernels (on a CPU: its ops) by device time a launch of the row, largest first, as table lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device == "cuda"
+    _call(case, tk)  # compiled and its caches filled before the profile
+    if on_gpu:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(launches):
+            _call(case, tk)
+        if on_gpu:
+            torch.cuda.synchronize()
+    times = collections.Counter()
+    calls = collections.Counter()
+    for evt in prof.events():
+        if on_gpu and evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = evt.device_time if on_gpu else evt.cpu_time
+        times[evt.name] += us / launches
+        calls[evt.name] += 1
+    if not on_gpu:  # nested CPU ops: the outermost ones (no parent) add up to the row
+        top = {evt.name for evt in prof.events() if evt.cpu_parent is None}
+        times = collections.Counter({k: v for k, v in times.items() if k in top})
+    total = sum(times.values())
+    lines = [f"| {case.kernel} {case.direction}: kernel | calls a launch | us a launch | share |", "|---|---|---|---|"]
+    for name, us in times.most_common():
+        lines.append(f"| {name[:90]} | {calls[name] / launches:g} | {us:.1f} | {100 * us / total:.1f} % |")
+    lines.append(f"| all | | {total:.1f} | |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -408,6 +408,20 @@ def test_ncu_case_launches_the_named_row_with_the_tile_it_is_given(monkeypatch):
         ncu_case.main(["post_res_projj", "fwd", "--t", "19", "--c", "32", "--device", "cpu"])
 
 
+def test_ncu_case_split_lists_the_rows_ops_by_time(capsys):
+    """ncu_case.py --split profiles the row itself: a table of its kernels (here, on a CPU, its ops) by time a
+    launch, largest first, and their sum."""
+    from benchmarks import ncu_case
+
+    assert ncu_case.main(["post_res", "fwd", "--t", "19", "--c", "32", "--device", "cpu", "--launches", "2",
+                          "--split"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| post_res fwd: kernel |") and lines[-1].startswith("| all | | ")
+    times = [float(line.split("|")[3]) for line in lines[2:-1]]
+    assert times and times == sorted(times, reverse=True)
+    assert abs(sum(times) - float(lines[-1].split("|")[3])) < 0.1 * len(times)
+
+
 def test_ncu_stalls_counts_barrier_spins_and_ranks_instructions(tmp_path):
     """ncu_stalls.py reads ncu's source-page CSV: a try-wait and the branch that retries it count as barrier
     waits, the top rows are ranked by samples with the instruction before each, and a second kernel's block
