@@ -44,8 +44,8 @@ TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 
 def build(builds=((2, False, False, False), (1, False, False, False), (1, True, True, False), (1, True, False, False),
                   (2, True, True, False), (1, False, True, False), (1, False, True, True),
-                  (1, True, True, False, 4), (1, False, True, True, 0, True), (1, False, True, True, 0, True, True))
-          ) -> int:
+                  (1, True, True, False, 4), (1, False, True, True, 0, True), (1, False, True, True, 0, True, True),
+                  (1, False, True, True, 0, True, True, 4))) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
     a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin, collapse) each: step's second pass with
     two and one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in; with x_in its dH added in
@@ -53,7 +53,9 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
     the same with dX_prev summed over the streams (COLLAPSE: a chain head's under fuse=True); a fifth field paces the
     loader (``PACE`` tiles: the boundary with x_in, paced), a sixth reads X_prev broadcast over the streams (X_BCAST:
     the chain head's call itself, whose X_prev is the embedding), a seventh frees a slot a tile late (STORE_LAG, on
-    by default where the ring has three slots, ``gluon_step_bwd.stores_lag``)."""
+    by default where the ring has three slots, ``gluon_step_bwd.stores_lag``), an eighth asks for that many slots
+    (the chain head's call on four, freeing them late: its one X_prev tile a slot lets four fit; two mixers there
+    spill 48 bytes a thread with Triton 3.6)."""
     import triton
 
     from benchmarks import sm90_build
@@ -65,11 +67,11 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
     dp_pad = torch.zeros(t, gs.MP)
     phi_pad = torch.zeros(n * c, gs.MP)
     for mixers, saved_x, xin, collapse, *extra in builds:
-        pace, bcast, lag = (tuple(extra) + (0, False, False))[:3]
+        pace, bcast, lag, stages = (tuple(extra) + (0, False, False, 0))[:4]
         atomic = xin  # with X read: x_in (and dH in L2); with X rebuilt, this flag is dH in L2 alone
         xin = xin and saved_x
         coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
-        st = gs.stages_for(n, mixers=mixers, saved_x=saved_x, xin=xin)
+        st = gs.stages_for(n, stages, mixers=mixers, saved_x=saved_x, xin=xin, x_tiles=1 if bcast and collapse else n)
         with sm90_build.cpu_target(90):
             xp = x[:, 0].contiguous().unsqueeze(1).expand(t, n, c) if bcast else x
             descs = gs.descriptors(xp, y, y, x, coefs, dp_pad, phi_pad, y if collapse else x, y, t, n, c, collapse,
@@ -102,7 +104,8 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
         failed += not ok
         pace_note = f", pace={pace}" if pace else ""
         what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers}{pace_note})" if saved_x
-                else f"mixers={mixers}" + (" dH in L2" if atomic else "") + (" dX_prev summed" if collapse else "")
+                else f"mixers={mixers}" + (f" stages={stages}" if stages else "") + (" dH in L2" if atomic else "")
+                + (" dX_prev summed" if collapse else "")
                 + (" X_prev broadcast" if bcast else "") + (" slots freed late" if lag else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)

@@ -221,12 +221,22 @@ def test_builds_for_sm90_within_shared_memory():
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("mixers=", "boundary ("))]
     # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers,
     # then step's pass with its dH added in L2, and with dX_prev summed over the streams too, the boundary paced, and
-    # the chain head's call on its broadcast X_prev, and that call freeing its slots a tile late (STORE_LAG)
-    assert len(rows) == 10 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # the chain head's call on its broadcast X_prev, that call freeing its slots a tile late (STORE_LAG), and the
+    # same on four slots (its one X_prev tile a slot lets them fit)
+    assert len(rows) == 11 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
     tile = {row.split(": triton")[0]: int(row.split("a tile: ")[1].split()[0]) for row in rows}
     # a broadcast X_prev: its row read and widened once a tile, and dH_res's sums made once for all n columns
     # (1810 -> 1661 instructions a tile with Triton 3.6, session 51)
     assert tile["mixers=1 dH in L2 dX_prev summed X_prev broadcast"] < 0.95 * tile["mixers=1 dH in L2 dX_prev summed"]
+
+
+def test_the_chain_heads_call_holds_one_x_prev_tile_a_slot():
+    """Broadcast X_prev with dX_prev summed (X_TILES = 1): its slots are n - 1 tiles smaller, so four fit at n = 4
+    where three did; asked for none, the ring keeps at most three, as before."""
+    tile = gs.BT * gs.BC * 2
+    assert gs.smem_bytes(4, 3) - gs.smem_bytes(4, 3, x_tiles=1) == 3 * 3 * tile
+    assert gs.stages_for(4, 4) is None and gs.stages_for(4, 4, x_tiles=1) == 4
+    assert gs.stages_for(4, x_tiles=1) == gs.stages_for(4) == 3
 
 
 def test_a_slot_is_freed_a_tile_late_only_where_the_loader_keeps_one():

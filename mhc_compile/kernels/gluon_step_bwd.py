@@ -138,16 +138,19 @@ def coef_groups(n: int, xin: bool = False) -> int:
     return n + 3 + xin
 
 
-def smem_bytes(n: int, stages: int, saved_x: bool = False, xin: bool = False) -> int:
-    """A slot: 2n+2 bf16 stream tiles (3n+2 with ``saved_x``: X's n too), the tile's packed coefficients and dp
-    (fp32); plus phi's n [BC, MP] fp32 tiles, loaded once, and the dphi warpgroup's tile of dp^T's hi / lo rows."""
-    tiles = 3 * n + 2 if saved_x else 2 * n + 2
+def smem_bytes(n: int, stages: int, saved_x: bool = False, xin: bool = False, x_tiles: int | None = None) -> int:
+    """A slot: 2n+2 bf16 stream tiles (3n+2 with ``saved_x``: X's n too; X_prev's n are ``x_tiles``, one where the
+    kernel reads a broadcast X_prev's row once, ``X_TILES``), the tile's packed coefficients and dp (fp32); plus
+    phi's n [BC, MP] fp32 tiles, loaded once, and the dphi warpgroup's tile of dp^T's hi / lo rows."""
+    tiles = (3 * n + 2 if saved_x else 2 * n + 2) - n + (n if x_tiles is None else x_tiles)
     slot = tiles * BT * BC * 2 + coef_groups(n, xin) * BT * CW * 4 + BT * MP * 4
     return stages * slot + n * BC * MP * 4 + 2 * MP * BT * 2
 
 
-def stages_for(n: int, stages: int = 0, mixers: int = 1, saved_x: bool = False, xin: bool = False) -> int | None:
+def stages_for(n: int, stages: int = 0, mixers: int = 1, saved_x: bool = False, xin: bool = False,
+               x_tiles: int | None = None) -> int | None:
     """``stages`` slots, or as many as fit (at most 3, and a multiple of ``mixers``); None when two do not fit.
+    ``x_tiles``: X_prev's tiles a slot (``smem_bytes``; one lets four slots fit at n = 4, asked for by ``stages``).
 
     The mixers take the tiles in turn, so each waits on a slot whose previous tile was another's. A parity wait
     tells only two phases apart: on a ring whose slot count is no multiple of the mixers, a mixer can pass its
@@ -159,9 +162,9 @@ def stages_for(n: int, stages: int = 0, mixers: int = 1, saved_x: bool = False, 
         raise ValueError(f"mhc gluon step_grads: {stages} slots for {mixers} mixers taking tiles in turn; the "
                          "slot count must be a multiple of the mixers (even for two)")
     st = stages or 3
-    while not stages and st > 2 and (smem_bytes(n, st, saved_x, xin) > _SMEM or st % mixers):
+    while not stages and st > 2 and (smem_bytes(n, st, saved_x, xin, x_tiles) > _SMEM or st % mixers):
         st -= 1
-    return st if st >= 2 and smem_bytes(n, st, saved_x, xin) <= _SMEM else None
+    return st if st >= 2 and smem_bytes(n, st, saved_x, xin, x_tiles) <= _SMEM else None
 
 
 def supported(x_prev: Tensor, n: int, c: int, *others: Tensor) -> bool:
@@ -663,7 +666,7 @@ if AVAILABLE:
         # allocation that another thread might overlap; apart, the X_i stores of a tile take one barrier, not four.
         # X_prev's ring is one allocation, [N * STAGES] tiles (stream j of slot s at j * STAGES + s), as the mixers'
         # loops over j index it at run time
-        xp = gl.allocate_shared_memory(gl.bfloat16, [N * STAGES, BT, BC], x_desc.layout)  # later dX_prev's
+        xp = gl.allocate_shared_memory(gl.bfloat16, [X_TILES * STAGES, BT, BC], x_desc.layout)  # later dX_prev's
         dxs = ()  # dX_i's ring, later X_i's
         for i in gl.static_range(N):
             dxs = dxs + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout),)
@@ -873,12 +876,12 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
     t, n, c = x_prev.shape
     m = phi.shape[1]
     saved_x, xin = x is not None, h_pre_prev is not None
-    st = stages_for(n, stages, mixers, saved_x, xin)
+    bcast = tcom.is_broadcast(x_prev)  # the stream after a chain head, under fuse=True: read as its one row a token
+    st = stages_for(n, stages, mixers, saved_x, xin, 1 if bcast and collapse else n)
     if st is None or c % BC or n > 4:
         raise ValueError(f"mhc gluon {what}: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
                          f"{mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
     dev = x_prev.device
-    bcast = tcom.is_broadcast(x_prev)  # the stream after a chain head, under fuse=True: read as its one row a token
     dx_prev = x_prev.new_empty((t, 1, c) if collapse else (t, n, c)) if out is None else out
     dy = torch.empty_like(y)
     x_in = torch.empty_like(y) if xin else None
