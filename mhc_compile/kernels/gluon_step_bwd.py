@@ -500,14 +500,16 @@ if AVAILABLE:
             else:
                 hrow = dh_ptr + cb.to(gl.int64) * NH * T + t0 + qrow
             qmask = (t0 + qrow < T) & (qlane < N)
-            y = bf16_to_f32(ys.index(s).load(L))
+            if SAVED_X or not X_BCAST:  # on the row, X rebuilt: y and the row stay in registers from the rebuild
+                y = bf16_to_f32(ys.index(s).load(L))
             v = ()
             for i in gl.static_range(4):
                 v = v + (_lane_sums(g[i] * y) if i < N else qzero,)
             _put_dh(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
             xin = zero
             if X_BCAST:  # dH_res[:, j] = <G_i, row>, the same sums for every j
-                xrow = bf16_to_f32(xp.index(s).load(L))
+                if SAVED_X:
+                    xrow = bf16_to_f32(xp.index(s).load(L))
                 v = ()
                 for i in gl.static_range(4):
                     v = v + (_lane_sums(g[i] * xrow) if i < N else qzero,)
