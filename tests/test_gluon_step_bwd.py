@@ -206,6 +206,7 @@ def test_a_gluon_build_error_falls_back_to_the_three_passes_with_a_warning(monke
     again = tf.step_backward(*call)
     assert [kw["stages"] for _, kw in tries] == [0] and tf._NO_GLUON == {v["x_prev"].device}
     assert [(kw["walk_tiles"], kw["long_walk"], kw["pace"]) for _, kw in tries] == [(0, 0, 0)]  # StepBwdCfg's plan
+    assert [kw["store_lag"] for _, kw in tries] == [tf.StepBwdCfg.store_lag]  # the kernel says where it applies
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(again, want))
 
 
