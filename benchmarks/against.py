@@ -1,5 +1,6 @@
 """What the GPU check scripts share: another build of a kernel module beside this one, in one process (``--against
-FILE``), config specs for a build (``parse_tune``), and a results file written at every line (``Lines``).
+FILE``), config specs for a build (``parse_tune``), a results file written at every line (``Lines``), and a call's
+kernels timed under torch.profiler (``kernel_times``).
 
 A branch's kernel and main's are best compared in the same process on the same GPU (interleaved timings, bit-equal
 outputs), since clocks and machines differ between device calls. FILE is the other build's module source, e.g.
@@ -8,10 +9,40 @@ outputs), since clocks and machines differ between device calls. FILE is the oth
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import os
 import sys
+
+
+def kernel_times(fn, calls: int, on_gpu: bool = True, width: int = 70) -> tuple[collections.Counter, collections.Counter]:
+    """Each kernel's device time, us a call of ``fn``, and its launches a call, over ``calls`` warm eager calls under
+    torch.profiler (names cut to ``width``). ``on_gpu`` False (tests, under the interpreter): each outermost op's
+    CPU time instead."""
+    import torch
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    fn()  # compiled and its caches filled before the profile
+    sync()
+    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    us, launches = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if on_gpu:
+            counted, t = e.device_type == torch.autograd.DeviceType.CUDA, e.device_time_total
+        else:
+            counted, t = e.cpu_parent is None, e.cpu_time_total
+        if counted:
+            us[e.name[:width]] += t / calls
+            launches[e.name[:width]] += 1
+    return us, collections.Counter({k: v / calls for k, v in launches.items()})
 
 
 def load_module(path: str, name: str):

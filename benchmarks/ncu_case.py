@@ -17,13 +17,13 @@ passes and small ops around it. On a CPU (``--device cpu``, the interpreter) it 
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.against import kernel_times  # noqa: E402
 from benchmarks.bench_kernels import _call, cases, make_inputs  # noqa: E402
 from benchmarks.bench_training import tune_fields  # noqa: E402
 from mhc_compile.kernels import triton_ops as tk  # noqa: E402
@@ -61,35 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def split(case, launches: int, device: str) -> list[str]:
     """The row's kernels (on a CPU: its ops) by device time a launch of the row, largest first, as table lines."""
-    from torch.profiler import ProfilerActivity, profile
-
-    on_gpu = device == "cuda"
-    _call(case, tk)  # compiled and its caches filled before the profile
-    if on_gpu:
-        torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
-        for _ in range(launches):
-            _call(case, tk)
-        if on_gpu:
-            torch.cuda.synchronize()
-    times = collections.Counter()
-    calls = collections.Counter()
-    for evt in prof.events():
-        if on_gpu and evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = evt.device_time if on_gpu else evt.cpu_time
-        times[evt.name] += us / launches
-        calls[evt.name] += 1
-    if not on_gpu:  # nested CPU ops: the outermost ones (no parent) add up to the row
-        top = {evt.name for evt in prof.events() if evt.cpu_parent is None}
-        times = collections.Counter({k: v for k, v in times.items() if k in top})
+    times, calls = kernel_times(lambda: _call(case, tk), launches, on_gpu=device == "cuda", width=90)
     total = sum(times.values())
     lines = [f"| {case.kernel} {case.direction}: kernel | calls a launch | us a launch | share |", "|---|---|---|---|"]
     for name, us in times.most_common():
-        lines.append(f"| {name[:90]} | {calls[name] / launches:g} | {us:.1f} | {100 * us / total:.1f} % |")
+        lines.append(f"| {name} | {calls[name]:g} | {us:.1f} | {100 * us / total:.1f} % |")
     lines.append(f"| all | | {total:.1f} | |")
     return lines
-
 
 if __name__ == "__main__":
     sys.exit(main())

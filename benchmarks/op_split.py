@@ -25,7 +25,6 @@ Efficiency is the op's 4n + 4 elements of C a token over (time x copy bandwidth)
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import os
 import sys
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.against import Lines, parse_tune  # noqa: E402
+from benchmarks.against import Lines, kernel_times, parse_tune  # noqa: E402
 from benchmarks.gluon_step_bwd_check import B_NAMES as NAMES  # noqa: E402  boundary_backward's outputs
 from benchmarks.gluon_step_bwd_check import _boundary_inputs  # noqa: E402
 from benchmarks.gpu_clocks import ClockLog, describe  # noqa: E402
@@ -61,17 +60,7 @@ def timed(fn) -> tuple[float, dict | None]:
 
 def kernels(fn, calls: int) -> dict[str, float]:
     """Each kernel's device time, us a call, over ``calls`` eager calls under torch.profiler."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    us = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            us[e.name[:70]] += e.device_time_total / calls
-    return dict(us.most_common())
+    return dict(kernel_times(fn, calls)[0].most_common())
 
 
 def same_as(outs: dict, first: dict, first_fields: dict) -> str:

@@ -283,18 +283,23 @@ def _run(*args, **kw):
     return run_check("gluon_proj_bwd_check.py", *args, **kw)
 
 
-def test_the_check_script_loads_another_build_beside_this_one(tmp_path):
-    """--against FILE: another build of the module (say main's, beside a branch's) loads as a module of its own, so
-    both run in one process; here the file is this build's own source, copied."""
+def _check_module():
+    """benchmarks/gluon_proj_bwd_check.py as a module (it imports its siblings by bare name)."""
     import importlib
     import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     try:
-        check = importlib.import_module("gluon_proj_bwd_check")
+        return importlib.import_module("gluon_proj_bwd_check")
     finally:
         sys.path.pop(0)
+
+
+def test_the_check_script_loads_another_build_beside_this_one(tmp_path):
+    """--against FILE: another build of the module (say main's, beside a branch's) loads as a module of its own, so
+    both run in one process; here the file is this build's own source, copied."""
+    check = _check_module()
     copy = tmp_path / "against.py"
     copy.write_text(open(gp.__file__).read())
     other = check.load_module(str(copy))
@@ -363,17 +368,9 @@ def test_matches_the_reference_on_an_sm90_gpu():
 def test_the_pace_table_times_each_op_beside_the_triton_kernel(monkeypatch):
     """gluon_proj_bwd_check --pace (GPU only) on stubs: a row a round for each of proj_pre_backward, proj_backward and
     enter's backward (dout without acc), each with the Triton kernel's time and one a pace, as the header says."""
-    import importlib
-    import os
-    import sys
-
     import triton.testing
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    try:
-        check = importlib.import_module("gluon_proj_bwd_check")
-    finally:
-        sys.path.pop(0)
+    check = _check_module()
     from benchmarks import bench_kernels
     from mhc_compile.kernels import triton_common as tcom
 

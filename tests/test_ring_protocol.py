@@ -118,6 +118,15 @@ def proj_bwd_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]
     return ring, agents + [consumer(ring, "dphi", lambda it: True, tiles)]
 
 
+def dphi_agent(ring: Ring, mixed: list, tiles: int):
+    """kernels/gluon_step_bwd.py's dphi warpgroup: every tile in order, once its mixer has handed it over on
+    ``mixed``; then it frees the slot (its half of ``empty``)."""
+    for it in range(tiles):
+        s = it % ring.stages
+        yield mixed[s], (it // ring.stages) & 1
+        ring.empty[s].arrive()
+
+
 def alternate_protocol(stages: int, mixers: int, tiles: int, double_wait: bool = False) -> tuple[Ring, list]:
     """Consumers taking whole tiles in turn (kernels/gluon_step_bwd.py's mixers), each slot also read by one
     in-order warpgroup after its mixer (the dphi warpgroup, on the ``mixed`` barriers); empty: 2."""
@@ -128,13 +137,7 @@ def alternate_protocol(stages: int, mixers: int, tiles: int, double_wait: bool =
         mixed[s].arrive()
         r.empty[s].arrive()
 
-    def dphi():
-        for it in range(tiles):
-            s = it % stages
-            yield mixed[s], (it // stages) & 1
-            ring.empty[s].arrive()
-
-    agents = [loader(ring, tiles), dphi()]
+    agents = [loader(ring, tiles), dphi_agent(ring, mixed, tiles)]
     agents += [consumer(ring, f"mixer{w}", (lambda it, w=w: it % mixers == w), tiles, hand_over, double_wait)
                for w in range(mixers)]
     return ring, agents
@@ -146,12 +149,6 @@ def lagged_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
     the slot must still hold that tile), and frees its last tile's slot at the end."""
     ring = Ring(stages, 2)
     mixed = [Barrier(1) for _ in range(stages)]
-
-    def dphi():
-        for it in range(tiles):
-            s = it % stages
-            yield mixed[s], (it // stages) & 1
-            ring.empty[s].arrive()
 
     def mixer(w):
         held = None
@@ -170,7 +167,7 @@ def lagged_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
         if held is not None:
             ring.empty[held % stages].arrive()
 
-    return ring, [loader(ring, tiles), dphi()] + [mixer(w) for w in range(mixers)]
+    return ring, [loader(ring, tiles), dphi_agent(ring, mixed, tiles)] + [mixer(w) for w in range(mixers)]
 
 
 def first_build_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
