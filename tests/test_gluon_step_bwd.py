@@ -293,6 +293,28 @@ def test_finish_matches_its_torch_twin(parts, planes, n, c, t, dtype):
     torch.testing.assert_close(got[2].double(), want[2].double(), rtol=tol, atol=1e-6 if tol else 0)
 
 
+@pytest.mark.parametrize("planes, n, t", [(1, 4, 300), (3, 2, 129), (1, 1, 7)])
+def test_finish_reads_a_broadcast_rows_dh_res_column_for_every_column(planes, n, t):
+    """row_dh (X_prev broadcast: the kernel stores dH_res[:, 0] once, as rows i n of dh): finish and its torch twin
+    give dH_res[t, i, j] = the summed row i n for every j, never reading the rows the kernel left unwritten (NaN
+    here), and dH_post and dphi as without row_dh."""
+    g = torch.Generator().manual_seed(planes * 11 + n)
+    m, c = n * n + 2 * n, 32
+    dphi_t = torch.randn(1, 2 * gs.MP, n * c, generator=g)
+    dh = torch.randn(planes, n * n + n, t, generator=g)
+    written = dh.clone()
+    for i in range(n):
+        dh[:, i * n + 1:(i + 1) * n] = float("nan")  # columns j > 0: unwritten by the kernel
+    want_res = written.sum(0)[:n * n].t().reshape(t, n, n)[:, :, :1].expand(t, n, n)
+    plain = gs.finish_reference(dphi_t, written, m, n, torch.float32)
+    for fn in (gs.finish, gs.finish_reference):
+        dh_res, dh_post, dphi = fn(dphi_t, dh, m, n, torch.float32, row_dh=True)
+        assert dh_res.is_contiguous() and not dh_res.isnan().any()
+        torch.testing.assert_close(dh_res, want_res, rtol=0 if planes == 1 else 1e-6, atol=0)
+        torch.testing.assert_close(dh_post, plain[1], rtol=0 if planes == 1 else 1e-6, atol=0)
+        torch.testing.assert_close(dphi, plain[2], rtol=0, atol=0)
+
+
 def test_phi_operand_pads_only_rows_tma_cannot_read():
     """phi is read as it is where its fp32 rows are whole 16-byte units (n = 2, 4: m = 8, 24), padded with zero
     columns to MP otherwise (n = 1, 3: m = 3, 15), or cast (bf16) and then judged the same way."""

@@ -241,13 +241,15 @@ def pack_tokens(h_post: Tensor, h_res: Tensor, h_pre: Tensor, dsq: Tensor, dp: T
 
 
 @triton.jit(do_not_specialize=["T"])
-def _step_bwd_finish_kernel(dphi_ptr, dh_ptr, dphi_out, dhres_out, dhpost_out, PARTS, NC, T, M, NN, NH,
-                            MP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
+def _step_bwd_finish_kernel(dphi_ptr, dh_ptr, dphi_out, dhres_out, dhpost_out, PARTS, NC, T, M, N, NN, NH,
+                            MP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr,
+                            ROW_DH: tl.constexpr = False):
     """The kernel's partials into its outputs, one launch: programs below cdiv(NC, BK) sum dphi's [PARTS, 2, MP, NC]
     partials (token splits, hi / lo rows) over their first two dims and write rows < M transposed, [NC, M] in
     dphi_out's dtype; the others write dH [NH, T] token-major, columns < NN into dh_res [T, NN] and the rest into
     dh_post [T, NH - NN]. Both read along their contiguous dim and write through a transpose in registers: torch's
-    strided copies took two or three launches for this."""
+    strided copies took two or three launches for this. ROW_DH: dH_res's column 0 (k = i N) stands for every column
+    j (X_prev broadcast: the step kernel's X_BCAST stores it once)."""
     pid = tl.program_id(0)
     n_dphi = tl.cdiv(NC, BK)
     if pid < n_dphi:
@@ -264,15 +266,18 @@ def _step_bwd_finish_kernel(dphi_ptr, dh_ptr, dphi_out, dhres_out, dhpost_out, P
         ks = tl.arange(0, HP)
         toks = (pid - n_dphi) * BT + tl.arange(0, BT)
         mask = (ks < NH)[:, None] & (toks < T)[None, :]
-        acc = tl.load(dh_ptr + ks[:, None].to(tl.int64) * T + toks[None, :], mask=mask, other=0.0)
+        src = tl.where(ks < NN, ks - ks % N, ks) if ROW_DH else ks
+        acc = tl.load(dh_ptr + src[:, None].to(tl.int64) * T + toks[None, :], mask=mask, other=0.0)
         t64 = toks.to(tl.int64)[None, :]
         tl.store(dhres_out + t64 * NN + ks[:, None], acc, mask=mask & (ks < NN)[:, None])
         tl.store(dhpost_out + t64 * (NH - NN) + (ks[:, None] - NN), acc, mask=mask & (ks >= NN)[:, None])
 
 
-def finish(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def finish(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype,
+           row_dh: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(dH_res [T, n, n], dH_post [T, n], dphi [n C, m] in ``dtype``) from the kernel's partials: dphi_t [parts, 2 MP,
-    n C] fp32, dh [planes, n^2 + n, T] fp32 (``finish_reference`` is the plain-PyTorch twin)."""
+    n C] fp32, dh [planes, n^2 + n, T] fp32 (``finish_reference`` is the plain-PyTorch twin). ``row_dh``: dH_res's
+    column 0 (rows i n of dh) is every column's, the others unwritten (a broadcast X_prev's, ``_mixer``)."""
     parts, nc = dphi_t.shape[0], dphi_t.shape[-1]
     planes, nh, t = dh.shape
     # a plane a channel block (dH not added in L2): torch's reduction, which at 32768 x 4096 (128 planes) ran about
@@ -283,17 +288,21 @@ def finish(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype) -> tu
     dphi = dphi_t.new_empty((nc, m), dtype=dtype)
     bk, bt = 128, 128
     grid = (tcom.cdiv(nc, bk) + tcom.cdiv(t, bt),)
-    launch(_step_bwd_finish_kernel, grid, (dphi_t, dh, dphi, dh_res, dh_post, parts, nc, t, m, n * n, nh),
-           dict(MP=MP, BK=bk, BT=bt, HP=triton.next_power_of_2(nh)))
+    launch(_step_bwd_finish_kernel, grid, (dphi_t, dh, dphi, dh_res, dh_post, parts, nc, t, m, n, n * n, nh),
+           dict(MP=MP, BK=bk, BT=bt, HP=triton.next_power_of_2(nh), ROW_DH=row_dh))
     return dh_res, dh_post, dphi
 
 
-def finish_reference(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def finish_reference(dphi_t: Tensor, dh: Tensor, m: int, n: int, dtype: torch.dtype,
+                     row_dh: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``finish`` in torch ops (what ``_launch`` ran through session 45)."""
     t = dh.shape[-1]
     dphi = dphi_t.view(dphi_t.shape[0], 2, MP, -1).sum((0, 1))[:m].t()
     dh = dh.sum(0)
-    return (dh[:n * n].t().reshape(t, n, n).contiguous(), dh[n * n:].t().contiguous(), dphi.to(dtype).contiguous())
+    dh_res = dh[:n * n].t().reshape(t, n, n)
+    if row_dh:
+        dh_res = dh_res[:, :, :1].expand(t, n, n)
+    return dh_res.contiguous(), dh[n * n:].t().contiguous(), dphi.to(dtype).contiguous()
 
 
 if AVAILABLE:
@@ -513,11 +522,12 @@ if AVAILABLE:
                 v = ()
                 for i in gl.static_range(4):
                     v = v + (_lane_sums(g[i] * xrow) if i < N else qzero,)
-                dh_row = _quad_totals(v[0], v[1], v[2], v[3], qlane)
+                # stored once, as column 0 (k = i N): ``finish`` reads it for every j (n + n partials a token
+                # leave a block, not n^2 + n)
+                _put_dh(hrow + qlane * N * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
             for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                 if X_BCAST:
                     xj = xrow
-                    _put_dh(hrow + (qlane * N + j) * T, dh_row, qmask, DH_ATOMIC)
                 else:
                     xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
                     v = ()
@@ -912,8 +922,8 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
                 PACE_SPIN=PACE_SPIN, num_warps=4, X_BCAST=bcast, STORE_LAG=stores_lag(store_lag, st, mixers)),
            shrink_stages=False)
     try:
-        dh_res, dh_post, dphi = finish(dphi_t, dh, m, n, phi.dtype)
+        dh_res, dh_post, dphi = finish(dphi_t, dh, m, n, phi.dtype, row_dh=bcast)
     except TritonError:  # the kernel above has written (over acc, in place, maybe): no error may reach the callers'
         # fallback, which would start over from acc; the torch twin sums the partials instead
-        dh_res, dh_post, dphi = finish_reference(dphi_t, dh, m, n, phi.dtype)
+        dh_res, dh_post, dphi = finish_reference(dphi_t, dh, m, n, phi.dtype, row_dh=bcast)
     return dx_prev, dh_res, dh_post, dy, dphi, x_in
