@@ -276,7 +276,8 @@ class GluonStepCfg:
     only where its walks are at least this many tiles, else capped and not paced (0: every one-wave plan).
     ``store_lag``: a mixer frees a tile's slot once it has issued its next tile's stores instead of waiting for the
     tile's own to read it, where the ring leaves the loader a slot besides the two each mixer then holds
-    (``gluon_step_bwd.stores_lag``: step's one-mixer, three-slot ring; the boundary's two slots never)."""
+    (``gluon_step_bwd.stores_lag``: step's one-mixer ring of three slots, four on a broadcast X_prev; the boundary's
+    two slots never)."""
 
     ws: bool = True
     stages: int = 0
