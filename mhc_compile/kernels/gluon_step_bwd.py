@@ -102,7 +102,8 @@ its next tile's stores are issued (``stores_lag``): the chain head's call 2.5 % 
 That call is latency-bound (Nsight Compute: 40 % of issue slots busy, DRAM 65 %): 74 % of its n + 8 floor.
 Session 52: there dH_res's sum is stored once, as column 0, which ``finish`` reads for every column (1314
 instructions a tile against 1621), and that call takes four slots: 1369-1380 against 1446-1452 us at 32768 x 4096,
-bit-equal, 78-80 % of its floor; its Gluon pass runs at 80 % of its own bytes, more time than its instruction count alone explains.
+bit-equal, 78-80 % of its floor; its Gluon pass runs at 80 % of its own bytes, more time than its instruction
+count alone explains.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
