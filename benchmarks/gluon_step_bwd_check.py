@@ -45,7 +45,8 @@ TIMES = [(32768, 4, 4096), (32768, 4, 7168), (8192, 4, 4096), (32768, 4, 2048)]
 def build(builds=((2, False, False, False), (1, False, False, False), (1, True, True, False), (1, True, False, False),
                   (2, True, True, False), (1, False, True, False), (1, False, True, True),
                   (1, True, True, False, 4), (1, False, True, True, 0, True), (1, False, True, True, 0, True, True),
-                  (1, False, True, True, 0, True, True, 4))) -> int:
+                  (1, False, True, True, 0, True, True, 4), (1, False, True, True, 0, True, True, 0, True),
+                  (1, False, True, False, 0, False, False, 0, True))) -> int:
     """sm_90a builds at n = 4, C = 512 (registers, spilled bytes, shared memory, opcodes in the loops); non-zero if
     a loop spills or a build does not fit. ``builds``: (mixers, saved_x, xin, collapse) each: step's second pass with
     two and one mixing warpgroups, then ``boundary_grads`` (X read, with and without x_in; with x_in its dH added in
@@ -55,7 +56,8 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
     the chain head's call itself, whose X_prev is the embedding), a seventh frees a slot a tile late (STORE_LAG, on
     by default where the ring has three slots, ``gluon_step_bwd.stores_lag``), an eighth asks for that many slots
     (the chain head's call on four, freeing them late: its one X_prev tile a slot lets four fit; two mixers there
-    spill 48 bytes a thread with Triton 3.6)."""
+    spill 48 bytes a thread with Triton 3.6), a ninth has the dphi warpgroup mix X (X_DPHI: that call, and step's
+    pass on a dense X_prev)."""
     import triton
 
     from benchmarks import sm90_build
@@ -67,11 +69,12 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
     dp_pad = torch.zeros(t, gs.MP)
     phi_pad = torch.zeros(n * c, gs.MP)
     for mixers, saved_x, xin, collapse, *extra in builds:
-        pace, bcast, lag, stages = (tuple(extra) + (0, False, False, 0))[:4]
+        pace, bcast, lag, stages, x_dphi = (tuple(extra) + (0, False, False, 0, False))[:5]
         atomic = xin  # with X read: x_in (and dH in L2); with X rebuilt, this flag is dH in L2 alone
         xin = xin and saved_x
         coefs = torch.zeros(gs.coef_groups(n, xin) * t, gs.CW)
-        st = gs.stages_for(n, stages, mixers=mixers, saved_x=saved_x, xin=xin, x_tiles=1 if bcast and collapse else n)
+        st = gs.stages_for(n, stages, mixers=mixers, saved_x=saved_x, xin=xin, x_tiles=1 if bcast and collapse else n,
+                           x_dphi=x_dphi)
         with sm90_build.cpu_target(90):
             xp = x[:, 0].contiguous().unsqueeze(1).expand(t, n, c) if bcast else x
             descs = gs.descriptors(xp, y, y, x, coefs, dp_pad, phi_pad, y if collapse else x, y, t, n, c, collapse,
@@ -81,15 +84,16 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
                 torch.zeros(1, dtype=torch.int32), t, c, t, n, c // gs.BC, N=n, BT=gs.BT, BC=gs.BC, MP=gs.MP,
                 NG=gs.coef_groups(n, xin), CW=gs.CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x, XIN=xin,
                 DH_ATOMIC=atomic, COLLAPSE=collapse, MIX_REGS=tf.StepBwdCfg.mix_regs,
-                DPHI_REGS=tf.StepBwdCfg.dphi_regs, PACE=pace, PACE_SPIN=gs.PACE_SPIN, num_warps=4, X_BCAST=bcast,
-                STORE_LAG=lag, grid=(c // gs.BC, 1))
+                DPHI_REGS=gs.X_DPHI_REGS if x_dphi else tf.StepBwdCfg.dphi_regs, PACE=pace, PACE_SPIN=gs.PACE_SPIN,
+                num_warps=4, X_BCAST=bcast, STORE_LAG=lag and gs.stores_lag(True, st, mixers), X_DPHI=x_dphi,
+                grid=(c // gs.BC, 1))
         regs, spill = sm90_build.resources(built)
         smem = built.metadata.shared
         text = sm90_build.sass(built)  # the mixing warpgroup's loop; spills counted in every loop
         loop = sm90_build.ws_loop_counts(text, ("HGMMA", "SYNCS", "BAR.SYNC", "STG", "SHFL"))
         # what a tile runs: the tile loop's own instructions, and the loops over j n times each
         tile_loop = sm90_build.biggest_loop(text)
-        inner = [body for body in sm90_build.innermost_loops(text) if body in tile_loop]
+        inner = [body for body in sm90_build.innermost_loops(text) if body in tile_loop and body != tile_loop]
         per_tile = loop["total"] + (n - 1) * sum(sm90_build.opcode_counts(body, ())["total"] for body in inner)
         # The two-mixer build with Triton 3.6 (the GPU machine's) stores up to four values to the stack at the
         # kernel's entry, before the partitions split, and the mixers reload them once a tile, outside the loops
@@ -106,7 +110,8 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
         what = (f"boundary (x_in {'on' if xin else 'off'}, mixers={mixers}{pace_note})" if saved_x
                 else f"mixers={mixers}" + (f" stages={stages}" if stages else "") + (" dH in L2" if atomic else "")
                 + (" dX_prev summed" if collapse else "")
-                + (" X_prev broadcast" if bcast else "") + (" slots freed late" if lag else ""))
+                + (" X_prev broadcast" if bcast else "") + (" slots freed late" if lag else "")
+                + (" X mixed by dphi" if x_dphi else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
               f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
@@ -231,6 +236,27 @@ def _broadcast_row(shape: str, v, n: int, c: int, lines) -> bool:
     return good
 
 
+def _x_dphi_row(shape: str, v, n: int, c: int, lines) -> bool:
+    """X mixed by the dphi warpgroup (``StepBwdCfg.x_dphi``, X_DPHI): every output bit-equal to the call whose mixer
+    mixes it, on the dense X_prev and on X_prev broadcast over its streams, dX_prev as rows and summed (the chain
+    head's call). Appends the row; whether it holds."""
+    xb = v["x_prev"][:, 0].contiguous().unsqueeze(1).expand_as(v["x_prev"])
+    h_pre, p, sq = _forward_saves(v, n, c)
+    good = True
+    for x_prev, collapse in ((v["x_prev"], False), (xb, False), (xb, True)):
+        vx = {**v, "x_prev": x_prev}
+        got = {}
+        for x_dphi in (False, True):
+            with tf.tuning("step_bwd", ws=True, dh_atomic=False, x_dphi=x_dphi):
+                before = gs.LAUNCHES
+                got[x_dphi] = _call(tf.step_backward, vx, h_pre, p, sq, n, c, collapse_dx=collapse)
+                good &= gs.LAUNCHES > before
+        good &= all(torch.equal(a, b) for a, b in zip(got[False], got[True]))
+    lines.append(f"| {shape} | (X mixed by the dphi warpgroup: bit-equal, dense and broadcast, rows and summed) | | | "
+                 f"{'ok' if good else 'FAIL'} |")
+    return good
+
+
 def _dh_in_l2_row(shape: str, atomic, base, want, lines, names=NAMES) -> bool:
     """The outputs with dH added in L2 (dh_atomic) against the same call without: dH_res and dH_post (summed in
     another order) as close to float64, every other output bit-equal. ``names``: the outputs' names (step's or the
@@ -276,9 +302,10 @@ def check(t, n, c, lines, against=()) -> bool:
     ok &= _collapsed_row(f"{t}x{n}x{c}", v, h_pre, p, sq, n, c, two, want, lines)
     if n > 1:
         ok &= _broadcast_row(f"{t}x{n}x{c}", v, n, c, lines)
+    ok &= _x_dphi_row(f"{t}x{n}x{c}", v, n, c, lines)
     for build in against:  # the other builds' outputs beside this one's (a report, not a pass / fail)
         lines.append(_against_row(f"{t}x{n}x{c}", build.label, NAMES, build.run(v, h_pre, p, sq, n, c), two, want))
-    print("\n".join(lines[-11 - (n > 1) - len(against):]), flush=True)
+    print("\n".join(lines[-12 - (n > 1) - len(against):]), flush=True)
     return ok
 
 

@@ -578,6 +578,8 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     # the broadcast X_prev row: the three passes are bit-equal on it too, but the Gluon kernel did not run
     assert ("| 9x2x32 | (X_prev broadcast: bit-equal to its dense copy, dX_prev as rows and summed) | | | FAIL |"
             in lines)
+    assert ("| 9x2x32 | (X mixed by the dphi warpgroup: bit-equal, dense and broadcast, rows and summed) | | | FAIL |"
+            in lines)
     assert any(line.startswith("| 9x2x32 | --against main (mix_regs=184): bit-equal; its worst error")
                for line in lines), lines
     lines = []

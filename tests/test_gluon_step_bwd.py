@@ -223,12 +223,18 @@ def test_builds_for_sm90_within_shared_memory():
     # step's second pass with two and one mixers, then boundary_grads (X read) with and without x_in, two mixers,
     # then step's pass with its dH added in L2, and with dX_prev summed over the streams too, the boundary paced, and
     # the chain head's call on its broadcast X_prev, that call freeing its slots a tile late (STORE_LAG), and the
-    # same on four slots (its one X_prev tile a slot lets them fit)
-    assert len(rows) == 11 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
+    # same on four slots (its one X_prev tile a slot lets them fit); then that call and step's pass on a dense X_prev
+    # with X mixed by the dphi warpgroup (X_DPHI)
+    assert len(rows) == 13 and all(row.endswith(" ok") and "'HGMMA': 0," not in row for row in rows), proc.stdout
     tile = {row.split(": triton")[0]: int(row.split("a tile: ")[1].split()[0]) for row in rows}
     # a broadcast X_prev: its row read and widened once a tile, and dH_res's sums made once for all n columns
     # (1810 -> 1661 instructions a tile with Triton 3.6, session 51), and stored once (1621 -> 1314, session 52)
-    assert tile["mixers=1 dH in L2 dX_prev summed X_prev broadcast"] < 0.95 * tile["mixers=1 dH in L2 dX_prev summed"]
+    head = "mixers=1 dH in L2 dX_prev summed X_prev broadcast"
+    assert tile[head] < 0.95 * tile["mixers=1 dH in L2 dX_prev summed"]
+    # X mixed by the dphi warpgroup: the mixer's tile sheds the mixing's FMAs and the X_i stores (1307 -> 931 on the
+    # row, 2048 -> 1555 on a dense X_prev, Triton 3.6)
+    assert tile[head + " slots freed late X mixed by dphi"] < 0.8 * tile[head + " slots freed late"]
+    assert tile["mixers=1 dH in L2 X mixed by dphi"] < 0.8 * tile["mixers=1 dH in L2"]
 
 
 def test_the_chain_heads_call_holds_one_x_prev_tile_a_slot():
@@ -239,6 +245,17 @@ def test_the_chain_heads_call_holds_one_x_prev_tile_a_slot():
     assert gs.smem_bytes(4, 3) - gs.smem_bytes(4, 3, x_tiles=1) == 3 * 3 * tile
     assert gs.stages_for(4, 4) is None and gs.stages_for(4, 4, x_tiles=1) == 4
     assert gs.stages_for(4, x_tiles=1) == 4 and gs.stages_for(4) == 3  # the broadcast row's call: four slots
+
+
+def test_x_mixed_by_the_dphi_warpgroup_takes_a_ring_of_its_own():
+    """X_DPHI: X's n tiles a slot besides dX's (the mixer still reads dX_i after the dphi warpgroup has written X_i),
+    so the broadcast row's call fits three slots instead of four, and step's pass on a dense X_prev two instead of
+    three; boundary_grads, which reads X, ignores it (its ring holds X already)."""
+    tile = gs.BT * gs.BC * 2
+    assert gs.smem_bytes(4, 3, x_dphi=True) - gs.smem_bytes(4, 3) == 3 * 4 * tile
+    assert gs.smem_bytes(4, 2, saved_x=True, x_dphi=True) == gs.smem_bytes(4, 2, saved_x=True)
+    assert gs.stages_for(4, x_tiles=1, x_dphi=True) == 3 and gs.stages_for(4, x_dphi=True) == 2
+    assert gs.X_DPHI_REGS <= 208  # the mixer's 256 and the loader's group's 40 fit beside it (gluon_step_bwd)
 
 
 def test_a_slot_is_freed_a_tile_late_only_where_the_loader_keeps_one():

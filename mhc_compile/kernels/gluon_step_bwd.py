@@ -133,6 +133,11 @@ LAUNCHES = 0  # kernel launches so far: lets GPU checks assert that this kernel 
 BT, BC, MP = 64, 32, 32  # tokens a tile (wgmma: 16 rows a warp), channels a program, dp's padded width
 
 
+# the dphi warpgroup's registers where it mixes X (X_DPHI): its n accumulators and X's n tiles, spill-free from 176
+# (Triton 3.6, sm_90a; 152 spills). At most 208: with the mixer's 256 and the loader's warpgroup's 40 the three
+# warpgroups must fit the 384 x 168 registers the CTA starts with (its PTX's .reqntid / .maxnreg), or a
+# setmaxnreg.inc waits for registers that never free
+X_DPHI_REGS = 176
 CW = 4  # coefficients a group: n <= 4 of them, a 16-byte row a token (TMA's least)
 
 
@@ -142,17 +147,18 @@ def coef_groups(n: int, xin: bool = False) -> int:
     return n + 3 + xin
 
 
-def smem_bytes(n: int, stages: int, saved_x: bool = False, xin: bool = False, x_tiles: int | None = None) -> int:
-    """A slot: 2n+2 bf16 stream tiles (3n+2 with ``saved_x``: X's n too; X_prev's n are ``x_tiles``, one where the
-    kernel reads a broadcast X_prev's row once, ``X_TILES``), the tile's packed coefficients and dp (fp32); plus
-    phi's n [BC, MP] fp32 tiles, loaded once, and the dphi warpgroup's tile of dp^T's hi / lo rows."""
-    tiles = (3 * n + 2 if saved_x else 2 * n + 2) - n + (n if x_tiles is None else x_tiles)
+def smem_bytes(n: int, stages: int, saved_x: bool = False, xin: bool = False, x_tiles: int | None = None,
+               x_dphi: bool = False) -> int:
+    """A slot: 2n+2 bf16 stream tiles (3n+2 with ``saved_x``, or ``x_dphi``: X's n too; X_prev's n are ``x_tiles``,
+    one where the kernel reads a broadcast X_prev's row once, ``X_TILES``), the tile's packed coefficients and dp
+    (fp32); plus phi's n [BC, MP] fp32 tiles, loaded once, and the dphi warpgroup's tile of dp^T's hi / lo rows."""
+    tiles = (3 * n + 2 if saved_x or x_dphi else 2 * n + 2) - n + (n if x_tiles is None else x_tiles)
     slot = tiles * BT * BC * 2 + coef_groups(n, xin) * BT * CW * 4 + BT * MP * 4
     return stages * slot + n * BC * MP * 4 + 2 * MP * BT * 2
 
 
 def stages_for(n: int, stages: int = 0, mixers: int = 1, saved_x: bool = False, xin: bool = False,
-               x_tiles: int | None = None) -> int | None:
+               x_tiles: int | None = None, x_dphi: bool = False) -> int | None:
     """``stages`` slots, or as many as fit (at most 3, 4 with one X_prev tile a slot, and a multiple of ``mixers``);
     None when two do not fit. ``x_tiles``: X_prev's tiles a slot (``smem_bytes``). One, the chain head's call on a
     broadcast X_prev, lets four fit at n = 4: H100, session 52, bit-equal, 0.3-1.2 % faster than three (1369-1372
@@ -163,14 +169,14 @@ def stages_for(n: int, stages: int = 0, mixers: int = 1, saved_x: bool = False, 
     wait on that previous tile's phase when loads land out of order, read the wrong tile and release the slot
     early (tests/test_ring_protocol.py models it; a kernel built that way hung on an H200 in session 25). With
     two mixers the ring therefore has two slots, each always serving the same mixer: session 23 measured two
-    slots 1.4-2.3 % slower than three, which its timings used."""
+    slots 1.4-2.3 % slower than three, which its timings used. ``x_dphi``: X's ring too (``smem_bytes``)."""
     if stages and stages % mixers:
         raise ValueError(f"mhc gluon step_grads: {stages} slots for {mixers} mixers taking tiles in turn; the "
                          "slot count must be a multiple of the mixers (even for two)")
     st = stages or (4 if x_tiles == 1 else 3)
-    while not stages and st > 2 and (smem_bytes(n, st, saved_x, xin, x_tiles) > _SMEM or st % mixers):
+    while not stages and st > 2 and (smem_bytes(n, st, saved_x, xin, x_tiles, x_dphi) > _SMEM or st % mixers):
         st -= 1
-    return st if st >= 2 and smem_bytes(n, st, saved_x, xin, x_tiles) <= _SMEM else None
+    return st if st >= 2 and smem_bytes(n, st, saved_x, xin, x_tiles, x_dphi) <= _SMEM else None
 
 
 def supported(x_prev: Tensor, n: int, c: int, *others: Tensor) -> bool:
@@ -370,6 +376,27 @@ if AVAILABLE:
         return coefs.index(s * NG + g).slice(i, 1, 1).load(layout)
 
     @gluon.jit
+    def _mix_x(xp, y, xrow, coefs, s, NJ, N: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr,
+               X_BCAST: gl.constexpr, layout: gl.constexpr):
+        """Slot s's X_i = h_post_i y + sum_j h_res[i, j] X_prev_j in fp32, y (and X_BCAST: X_prev's row) given widened.
+        j outer: each X_prev_j tile is read and widened once, not n times; every X_i still adds its terms in j order
+        (an FMA a term, as the forward's ``_mix_tile``), so the same bits in any layout and on the row as on the
+        dense copy."""
+        xs = ()
+        for i in gl.static_range(N):
+            xs = xs + (_row(coefs, s, N, i, NG, layout) * y,)
+        for j in range(NJ):
+            if X_BCAST:
+                xj = xrow
+            else:
+                xj = bf16_to_f32(xp.index(j * STAGES + s).load(layout))
+            nx = ()
+            for i in gl.static_range(N):
+                nx = nx + (gl.fma(_row(coefs, s, j, i, NG, layout), xj, xs[i]),)
+            xs = nx
+        return xs
+
+    @gluon.jit
     def _by_lane(v):
         """v [BT, BC] in the wgmma accumulator layout, where a thread holds columns 8k + 2q + e (q: its lane in its
         quad), viewed as [BT, q, (k, e)]: the reshapes and the permute only relabel registers."""
@@ -418,7 +445,7 @@ if AVAILABLE:
                BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr, FIRST: gl.constexpr,
                MIXERS: gl.constexpr, SAVED_X: gl.constexpr, XIN: gl.constexpr, DH_ATOMIC: gl.constexpr,
                COLLAPSE: gl.constexpr, PACE: gl.constexpr, X_BCAST: gl.constexpr, STORE_LAG: gl.constexpr,
-               num_warps: gl.constexpr):
+               X_DPHI: gl.constexpr, num_warps: gl.constexpr):
         """Mixing warpgroup FIRST of MIXERS: tiles FIRST, FIRST + MIXERS, ... of the program's tokens.
 
         A tile: the G dots G_i = dp phi_i^T (tf32 wgmma) start; all n X_i are mixed in registers meanwhile; then
@@ -447,7 +474,13 @@ if AVAILABLE:
         and stored once, as column 0 (``finish``'s ROW_DH reads it for every j): n products an element for the dH_res
         sums instead of n^2, and n + n partials a token leave the block instead of n^2 + n (1621 -> 1314
         instructions a tile at n = 4, Triton 3.6). X_i still adds its n terms in j order: the same bits as on the
-        dense copy."""
+        dense copy.
+
+        X_DPHI: the dphi warpgroup mixes X_i (``_dphi``) into their own ring (xsv) and arrives on ``mixed``; here they
+        are read as SAVED_X reads them, once ``mixed`` says so. The mixer, one warpgroup that waits on each of its
+        steps in turn, sheds the n^2 FMAs an element of the mixing and the X_i stores to a warpgroup that otherwise
+        waits on it."""
+        MIX_HERE: gl.constexpr = not SAVED_X and not X_DPHI  # X_i mixed by this warpgroup
         L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BC, 8])  # the tf32 G dot's (k = 8)
         R: gl.constexpr = gl.SliceLayout(1, L)
@@ -468,25 +501,13 @@ if AVAILABLE:
             for i in gl.static_range(N):  # G_i = dp phi_i^T: fp32 operands, so tf32 (the CUDA default)
                 gs = gs + (warpgroup_mma(dps.index(s), phis.index(i).permute((1, 0)), zero, use_acc=False,
                                          is_async=True),)
-            if not SAVED_X:
-                # X_i = h_post_i y + sum_j h_res[i, j] X_prev_j, mixed while the G dots run. j outer: each X_prev_j
-                # tile is read and widened once, not n times; every X_i still adds its terms in j order, so the same
-                # bits
+            if MIX_HERE:  # X_i mixed while the G dots run
                 y = bf16_to_f32(ys.index(s).load(L))
-                xs = ()
-                for i in gl.static_range(N):
-                    xs = xs + (_row(coefs, s, N, i, NG, L) * y,)
                 if X_BCAST:
                     xrow = bf16_to_f32(xp.index(s).load(L))
-                for j in range(NJ):
-                    if X_BCAST:
-                        xj = xrow
-                    else:
-                        xj = bf16_to_f32(xp.index(j * STAGES + s).load(L))
-                    nx = ()
-                    for i in gl.static_range(N):
-                        nx = nx + (gl.fma(_row(coefs, s, j, i, NG, L), xj, xs[i]),)
-                    xs = nx
+                else:
+                    xrow = y  # not read
+                xs = _mix_x(xp, y, xrow, coefs, s, NJ, N, NG, STAGES, X_BCAST, L)
             gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
             dxin = bf16_to_f32(gins.index(s).load(L))
             g = ()
@@ -496,16 +517,18 @@ if AVAILABLE:
                 g = g + (gi,)
             dsq2 = 2.0 * _row(coefs, s, N + 2, 0, NG, L)
             gx = ()
-            if SAVED_X:
-                for i in gl.static_range(N):
-                    gx = gx + (g[i] + dsq2 * bf16_to_f32(xsv.index(i * STAGES + s).load(L)),)
-            else:
+            if MIX_HERE:
                 for i in gl.static_range(N):
                     xo, xf = round_bf16(xs[i])  # X_i as the forward stored it, and as a float
                     gx = gx + (g[i] + dsq2 * xf,)
                     dxs[i].index(s).store(xo)
+            else:  # X_i read as stored: loaded (SAVED_X) or mixed by the dphi warpgroup (X_DPHI), the same bits
+                if X_DPHI:
+                    mbarrier.wait(mixed.index(s), (it // STAGES) & 1)
+                for i in gl.static_range(N):
+                    gx = gx + (g[i] + dsq2 * bf16_to_f32(xsv.index(i * STAGES + s).load(L)),)
             g = gx
-            if not SAVED_X:
+            if MIX_HERE:
                 fence_async_shared()
                 _warps_barrier()  # every warp's X_i stores, before one thread hands them over
                 mbarrier.arrive(mixed.index(s), count=1)
@@ -517,7 +540,7 @@ if AVAILABLE:
             else:
                 hrow = dh_ptr + cb.to(gl.int64) * NH * T + t0 + qrow
             qmask = (t0 + qrow < T) & (qlane < N)
-            if SAVED_X or not X_BCAST:  # on the row, X rebuilt: y and the row stay in registers from the rebuild
+            if not (MIX_HERE and X_BCAST):  # on the row, X mixed here: y and the row stay in registers from it
                 y = bf16_to_f32(ys.index(s).load(L))
             v = ()
             for i in gl.static_range(4):
@@ -525,7 +548,7 @@ if AVAILABLE:
             _put_dh(hrow + (N * N + qlane) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
             xin = zero
             if X_BCAST:  # dH_res[:, j] = <G_i, row>, the same sums for every j
-                if SAVED_X:
+                if not MIX_HERE:
                     xrow = bf16_to_f32(xp.index(s).load(L))
                 v = ()
                 for i in gl.static_range(4):
@@ -611,8 +634,9 @@ if AVAILABLE:
         hlw.slice(MP, MP).store(lo)
 
     @gluon.jit
-    def _dphi(dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N: gl.constexpr,
-              BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, STAGES: gl.constexpr, SAVED_X: gl.constexpr,
+    def _dphi(dphi_ptr, dxs, xsv, xp, ys, coefs, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, NJ,
+              N: gl.constexpr, BT: gl.constexpr, BC: gl.constexpr, MP: gl.constexpr, NG: gl.constexpr,
+              STAGES: gl.constexpr, SAVED_X: gl.constexpr, X_DPHI: gl.constexpr, X_BCAST: gl.constexpr,
               num_warps: gl.constexpr):
         """The dphi warpgroup: for every tile, once its X_i are in the slot (rebuilt by the mixer over dX_i's tiles,
         or with SAVED_X loaded into their own), dphi^T += [dp_hi; dp_lo]^T X_i (bf16 wgmma); the n [2 MP, BC]
@@ -620,25 +644,42 @@ if AVAILABLE:
         summed on the host. The hi / lo rows are made here from the slot's dp tile (``_split_dp``) into this
         warpgroup's own tile hlw, not loaded: every channel block reads a token tile's per-token data, so each byte
         of it a token costs C / BC bytes through L2 (session 40's profile: 432 bytes a token of it, of which dp^T's
-        hi / lo rows were 128, L2 hitting 58 %)."""
+        hi / lo rows were 128, L2 hitting 58 %).
+
+        X_DPHI: this warpgroup mixes X_i itself as soon as the slot lands (``_mix_x``, in the mixer's layout: the
+        same bits), rounds them as the forward stored them into their own ring (xsv), and arrives on ``mixed`` for
+        the mixer, which reads them there."""
         LD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, BC, 16])
+        L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BC, 8])  # the mixer's
         acc = ()
         for i in gl.static_range(N):
             acc = acc + (gl.zeros([2 * MP, BC], gl.float32, LD),)
         for it in range(n_tiles):
             s = it % STAGES
-            if SAVED_X:
+            if SAVED_X or X_DPHI:
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
             else:
                 mbarrier.wait(mixed.index(s), (it // STAGES) & 1)
+            if X_DPHI:
+                y = bf16_to_f32(ys.index(s).load(L))
+                if X_BCAST:
+                    xrow = bf16_to_f32(xp.index(s).load(L))
+                else:
+                    xrow = y  # not read
+                xs = _mix_x(xp, y, xrow, coefs, s, NJ, N, NG, STAGES, X_BCAST, L)
+                for i in gl.static_range(N):
+                    xsv.index(i * STAGES + s).store(f32_to_bf16(xs[i]))  # as the forward stored X_i (round_bf16's bits)
             _warps_barrier()  # every warp has waited on the last tile's wgmmas, which read hlw
             _split_dp(dps, s, hlw, MP, BT, num_warps)
             fence_async_shared()
-            _warps_barrier()  # every warp's rows of hlw, before the wgmmas read them
+            _warps_barrier()  # every warp's rows of hlw (and X_DPHI: X_i), before the wgmmas (and the mixer) read them
+            if X_DPHI:
+                mbarrier.arrive(mixed.index(s), count=1)
             new = ()
             for i in gl.static_range(N):
-                xi = xsv.index(i * STAGES + s) if SAVED_X else dxs[i].index(s)
+                xi = xsv.index(i * STAGES + s) if SAVED_X or X_DPHI else dxs[i].index(s)
                 new = new + (warpgroup_mma(hlw, xi, acc[i], is_async=True),)
             acc = _waited(warpgroup_mma_wait(num_outstanding=0, deps=new), N)
             mbarrier.arrive(empty.index(s), count=1)
@@ -657,7 +698,7 @@ if AVAILABLE:
                             DH_ATOMIC: gl.constexpr, COLLAPSE: gl.constexpr, MIX_REGS: gl.constexpr,
                             DPHI_REGS: gl.constexpr, PACE: gl.constexpr, PACE_SPIN: gl.constexpr,
                             num_warps: gl.constexpr, X_BCAST: gl.constexpr = False,
-                            STORE_LAG: gl.constexpr = 0):
+                            STORE_LAG: gl.constexpr = 0, X_DPHI: gl.constexpr = False):
         """Program (channel block, token split). x_desc / d_desc: X_prev / dX as [T, N*C], y_desc / g_desc: y /
         dx_in as [T, C], all in [BT, BC] boxes; c_desc: the packed coefficients [NG * T, CW] in [BT, CW] boxes; p_desc:
         dp [T, MP] fp32 in [BT, MP]; w_desc: phi [N*C, MP] fp32 in [BC, MP]; o_desc / dy_desc: dX_prev / dy like
@@ -668,7 +709,8 @@ if AVAILABLE:
         o_desc is dX_prev summed over the streams, [T, C] (``step_grads``' ``collapse_dx``). PACE: pace_ptr is an
         int32 counter a pace group, zeroed, of the tiles its programs have finished (``_loader``); a group is
         PACE_GROUP programs in launch order (``plan_walks``: a token split's C / BC, or a wave's num_SMs). X_BCAST:
-        x_desc is X_prev broadcast over its streams, its one row a token as [T, C] (``_loader``)."""
+        x_desc is X_prev broadcast over its streams, its one row a token as [T, C] (``_loader``). X_DPHI: X_i mixed by
+        the dphi warpgroup into a ring of their own, not by the mixer over dX_i's tiles (``_mixer``)."""
         c0 = gl.program_id(0) * BC
         part = gl.program_id(1)
         t_lo = part * T_SPLIT
@@ -691,6 +733,8 @@ if AVAILABLE:
         for i in gl.static_range(N):
             dxs = dxs + (gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, BC], x_desc.layout),)
         if SAVED_X:  # X's ring, one allocation as X_prev's
+            xsv = gl.allocate_shared_memory(gl.bfloat16, [N * STAGES, BT, BC], x_desc.layout)
+        elif X_DPHI:  # X's ring, where the dphi warpgroup mixes X_i
             xsv = gl.allocate_shared_memory(gl.bfloat16, [N * STAGES, BT, BC], x_desc.layout)
         else:  # not read: X_i is rebuilt over dX_i's tiles
             xsv = xp
@@ -716,9 +760,9 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 1,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, num_warps)),
-                (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
-                         SAVED_X, 4)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, X_DPHI, num_warps)),
+                (_dphi, (dphi_ptr, dxs, xsv, xp, ys, coefs, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, NJ,
+                         N, BT, BC, MP, NG, STAGES, SAVED_X, X_DPHI, X_BCAST, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
                            xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
                            pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST, X_TILES)),
@@ -727,12 +771,12 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 0, 2,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, num_warps)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, X_DPHI, num_warps)),
                 (_mixer, (o_desc, dy_desc, xin_desc, dh_ptr, xp, ys, gins, dxs, xsv, coefs, dps, phis, ready, mixed,
                           empty, phi_ready, t_lo, c0, n_tiles, T, C, NJ, pace_ptr, N, BT, BC, MP, NG, STAGES, 1, 2,
-                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, num_warps)),
-                (_dphi, (dphi_ptr, dxs, xsv, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, N, BT, BC, MP, STAGES,
-                         SAVED_X, 4)),
+                          SAVED_X, XIN, DH_ATOMIC, COLLAPSE, PACE, X_BCAST, STORE_LAG, X_DPHI, num_warps)),
+                (_dphi, (dphi_ptr, dxs, xsv, xp, ys, coefs, dps, hlw, ready, mixed, empty, c0, n_tiles, part, C, NJ,
+                         N, BT, BC, MP, NG, STAGES, SAVED_X, X_DPHI, X_BCAST, 4)),
                 (_loader, (x_desc, y_desc, g_desc, d_desc, c_desc, p_desc, w_desc, s_desc, xp, ys, gins, dxs,
                            xsv, coefs, dps, phis, ready, empty, phi_ready, t_lo, c0, n_tiles, T, C, pace_ptr,
                            pace_of, N, BT, BC, MP, NG, CW, STAGES, SAVED_X, PACE, PACE_SPIN, X_BCAST, X_TILES)),
@@ -836,7 +880,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
                dsq: Tensor, dx: Tensor, dx_in: Tensor, out: Tensor | None = None, *, stages: int = 0,
                mixers: int = 1, mix_regs: int = 176, dphi_regs: int = 112, dh_atomic: bool = True,
                collapse_dx: bool = False, walk_tiles: int = 0, long_walk: int = 0, pace: int = 0,
-               pace_waves: int = 0, pace_walk: int = 0, store_lag: bool = True):
+               pace_waves: int = 0, pace_walk: int = 0, store_lag: bool = True, x_dphi: bool = False):
     """(dX_prev, dH_res_prev, dH_post_prev, dy, dphi) of ``step`` from one pass over the stream, given dp and dsq
     (coeffs_backward's) and h_pre. Contiguous [T, n, C] bf16 X_prev (or broadcast over n: ``stream_arg``) / dX,
     [T, C] y / dx_in; ``out``: dX_prev's
@@ -844,7 +888,8 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     ``dh_atomic``: the dH partials added in L2, as ``boundary_grads``' (not deterministic: off under
     ``torch.use_deterministic_algorithms``). ``collapse_dx``: dX_prev summed over the n streams in registers and
     written as one row a token, [T, 1, C] (no ``out``). ``walk_tiles`` / ``long_walk`` / ``pace`` / ``pace_waves`` /
-    ``pace_walk``: ``plan_walks``'. ``store_lag``: ``stores_lag``'."""
+    ``pace_walk``: ``plan_walks``'. ``store_lag``: ``stores_lag``'. ``x_dphi``: X mixed by the dphi warpgroup
+    (``X_DPHI``), with X_DPHI_REGS registers, not ``dphi_regs``."""
     if mixers not in (1, 2):
         raise ValueError(f"mhc gluon step_grads: mixers = {mixers} (1 or 2)")
     if collapse_dx and out is not None:
@@ -852,7 +897,7 @@ def step_grads(x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: Tensor, phi: Te
     return _launch("step_grads", None, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, None, out, stages,
                    mixers, mix_regs, dphi_regs, dh_atomic and not torch.are_deterministic_algorithms_enabled(),
                    collapse=collapse_dx, walk_tiles=walk_tiles, long_walk=long_walk, pace=pace,
-                   pace_waves=pace_waves, pace_walk=pace_walk, store_lag=store_lag)[:5]
+                   pace_waves=pace_waves, pace_walk=pace_walk, store_lag=store_lag, x_dphi=x_dphi)[:5]
 
 
 def boundary_supported(x: Tensor, n: int, c: int, xin: bool, *others: Tensor) -> bool:
@@ -890,14 +935,16 @@ def boundary_grads(x: Tensor, x_prev: Tensor, h_res: Tensor, h_post: Tensor, y: 
 
 def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h_pre_prev, out, stages, mixers,
             mix_regs, dphi_regs, dh_atomic, collapse=False, walk_tiles=0, long_walk=0, pace=0, pace_waves=0,
-            pace_walk=0, store_lag=False):
+            pace_walk=0, store_lag=False, x_dphi=False):
     """The kernel's launch for ``step_grads`` (x None: X rebuilt) and ``boundary_grads`` (X read from x)."""
     global LAUNCHES
     t, n, c = x_prev.shape
     m = phi.shape[1]
     saved_x, xin = x is not None, h_pre_prev is not None
+    x_dphi = x_dphi and not saved_x  # X read, not mixed, by boundary_grads
+    dphi_regs = X_DPHI_REGS if x_dphi else dphi_regs
     bcast = tcom.is_broadcast(x_prev)  # the stream after a chain head, under fuse=True: read as its one row a token
-    st = stages_for(n, stages, mixers, saved_x, xin, 1 if bcast and collapse else n)
+    st = stages_for(n, stages, mixers, saved_x, xin, 1 if bcast and collapse else n, x_dphi)
     if st is None or c % BC or n > 4:
         raise ValueError(f"mhc gluon {what}: n = {n} (at most 4), C = {c} (a multiple of {BC}), mixers = "
                          f"{mixers} (1 or 2), stages = {stages} (two must fit {_SMEM} bytes)")
@@ -927,7 +974,8 @@ def _launch(what, x, x_prev, h_res, h_post, y, phi, h_pre, dp, dsq, dx, dx_in, h
            (*descs, s_desc, xin_desc, dphi_t, dh, counters, t, c, t_split, n, group),
            dict(N=n, BT=BT, BC=BC, MP=MP, NG=coef_groups(n, xin), CW=CW, STAGES=st, MIXERS=mixers, SAVED_X=saved_x,
                 XIN=xin, DH_ATOMIC=dh_atomic, COLLAPSE=collapse, MIX_REGS=mix_regs, DPHI_REGS=dphi_regs, PACE=pace,
-                PACE_SPIN=PACE_SPIN, num_warps=4, X_BCAST=bcast, STORE_LAG=stores_lag(store_lag, st, mixers)),
+                PACE_SPIN=PACE_SPIN, num_warps=4, X_BCAST=bcast, STORE_LAG=stores_lag(store_lag, st, mixers),
+                X_DPHI=x_dphi),
            shrink_stages=False)
     try:
         dh_res, dh_post, dphi = finish(dphi_t, dh, m, n, phi.dtype, row_dh=bcast)

@@ -86,7 +86,11 @@ class StepBwdCfg(GluonStepCfg):
     at run time (session 30); with two mixers, 176 / 96 registers spill least in the Triton 3.6 sm_90a build: 16
     bytes, reloaded once a tile outside the inner loops (benchmarks/gluon_step_bwd_check.py --build). ``dh_atomic``
     (the default since session 41): 2174-2178 against 2305-2317 us with the partials at 32768 x 4096 on an H100, 85 %
-    of the 4n+5 floor (benchmarks/results/session41-2026-12-06-h100.md)."""
+    of the 4n+5 floor (benchmarks/results/session41-2026-12-06-h100.md).
+    ``x_dphi``: the dphi warpgroup mixes X, not the mixer (``gluon_step_bwd``'s X_DPHI; X's ring takes a slot's worth
+    of shared memory: three slots on a broadcast X_prev, two on a dense one), with ``X_DPHI_REGS`` registers."""
+
+    x_dphi: bool = False
 
 
 _CFG = {
@@ -327,7 +331,8 @@ def step_backward(x_prev, h_res_prev, h_post_prev, y_prev, phi, bias, alpha, h_p
                 x_gluon, h_res_prev, h_post_prev, y_prev, phi, h_pre, dp, dsq, dx, dx_in, out=out, stages=cfg.stages,
                 mixers=cfg.mixers, mix_regs=cfg.mix_regs, dphi_regs=cfg.dphi_regs, dh_atomic=cfg.dh_atomic,
                 collapse_dx=collapse_dx, walk_tiles=cfg.walk_tiles, long_walk=cfg.long_walk,
-                pace=cfg.pace, pace_waves=cfg.pace_waves, pace_walk=cfg.pace_walk, store_lag=cfg.store_lag)
+                pace=cfg.pace, pace_waves=cfg.pace_waves, pace_walk=cfg.pace_walk, store_lag=cfg.store_lag,
+                x_dphi=cfg.x_dphi)
             return dx_prev, dh_res_prev, dh_post_prev, dy_prev, dphi, dbias, dalpha
         except TritonError as e:  # a build error (another Triton's Gluon, shared memory, ptxas) comes before the
             # launch, so nothing was written: the three passes below start over, here and for the rest of the run
