@@ -170,6 +170,47 @@ def lagged_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
     return ring, [loader(ring, tiles), dphi_agent(ring, mixed, tiles)] + [mixer(w) for w in range(mixers)]
 
 
+def x_dphi_protocol(stages: int, mixers: int, tiles: int, lag: bool, wait_mixed: bool = True) -> tuple[Ring, list]:
+    """X_DPHI (kernels/gluon_step_bwd.py): the dphi warpgroup waits on ``ready`` itself, mixes the tile's X_i into
+    slot s of X's own ring and hands them to the tile's mixer on ``mixed``; the mixer waits on ``ready``, then on
+    ``mixed``, and reads X_i there (freeing its slot a tile late with ``lag``, STORE_LAG). X's ring must still hold
+    the mixer's tile when it reads it. ``wait_mixed`` off: the mixer skips its ``mixed`` wait (a broken build)."""
+    ring = Ring(stages, 2)
+    mixed = [Barrier(1) for _ in range(stages)]
+    x_ring = [None] * stages  # the tile whose X_i slot s of X's ring holds
+
+    def dphi():
+        for it in range(tiles):
+            s = it % stages
+            yield ring.ready[s], (it // stages) & 1
+            if ring.holds[s] != it:
+                ring.errors.append(f"dphi passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+            x_ring[s] = it
+            mixed[s].arrive()
+            ring.empty[s].arrive()  # its wgmmas have read X_i (they were waited on)
+
+    def mixer(w):
+        held = None
+        for it in range(w, tiles, mixers):
+            s = it % stages
+            yield ring.ready[s], (it // stages) & 1
+            if wait_mixed:
+                yield mixed[s], (it // stages) & 1
+            if ring.holds[s] != it or x_ring[s] != it:
+                ring.errors.append(f"mixer{w} read tile {it} while slot {s} held {ring.holds[s]} and X's slot "
+                                   f"{x_ring[s]}")
+            if not lag:
+                ring.empty[s].arrive()
+                continue
+            if held is not None:
+                ring.empty[held % stages].arrive()
+            held = it
+        if held is not None:
+            ring.empty[held % stages].arrive()
+
+    return ring, [loader(ring, tiles), dphi()] + [mixer(w) for w in range(mixers)]
+
+
 def first_build_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
     """gluon_proj_bwd's first build: dx warpgroups taking whole tiles in turn and the dphi warpgroup every tile, all
     on ``ready``; empty: 2 (the tile's dx warpgroup and the dphi warpgroup)."""
@@ -319,6 +360,27 @@ def test_proj_fwd_ring_of_one_slot_deadlocks_and_plan_never_gives_one():
 def test_step_bwd_ring_freeing_slots_a_tile_late_is_safe(stages, mixers):
     """STORE_LAG never lets a wait pass early or deadlock where the ring has more slots than mixers."""
     assert outcomes(lambda: lagged_protocol(stages, mixers, 24), seeds=150) == {"ok"}
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("x_tiles", [None, 1])
+def test_step_bwd_ring_with_x_mixed_by_the_dphi_warpgroup_is_safe(n, x_tiles):
+    """X_DPHI on the rings ``stages_for`` gives it (one mixer; two, in turn, on an even ring), the slot lag where
+    ``stores_lag`` turns it on: no early pass, no deadlock, and X's ring always holds the tile its mixer reads."""
+    for mixers in (1, 2):
+        st = gs.stages_for(n, mixers=mixers, x_tiles=x_tiles, x_dphi=True)
+        assert st is not None and st % mixers == 0
+        lag = gs.stores_lag(True, st, mixers)
+        assert outcomes(lambda: x_dphi_protocol(st, mixers, 24, lag), seeds=150) == {"ok"}
+
+
+def test_x_mixed_by_the_dphi_warpgroup_needs_the_mixers_wait_and_orders_the_mixers():
+    """The model can fail here too: a mixer that does not wait on ``mixed`` reads X's slot before the dphi
+    warpgroup has mixed its tile. And the in-order hand-off orders mixers taking tiles in turn: before a mixer takes
+    tile it, the dphi warpgroup has mixed its previous one, it - 2, so tile it - 3 had landed, and a parity wait
+    cannot pass on an older phase even on three slots (``stages_for`` keeps the ring even all the same)."""
+    assert "early" in outcomes(lambda: x_dphi_protocol(3, 1, 24, True, wait_mixed=False))
+    assert outcomes(lambda: x_dphi_protocol(3, 2, 24, False), seeds=300) == {"ok"}
 
 
 def test_freeing_slots_a_tile_late_deadlocks_with_a_slot_a_mixer_and_is_never_on_there():
