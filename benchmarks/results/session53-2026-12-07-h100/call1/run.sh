@@ -2,18 +2,16 @@
 # session 53 device call 1. Made first, at the repo root: `python benchmarks/results/session53-2026-12-07-h100/call1/variants.py`
 # (untracked timing-only copies of kernels/gluon_step_bwd.py, as session 52's call 2 planned them):
 #   norebuild.py  X's mixing loop over j runs once (a quarter of its FMAs);
-#   nodphi.py     the dphi warpgroup frees each slot at once (no wgmmas);
+#   nodphi.py     the dphi warpgroup frees each slot at once (no wgmmas; made, not run: device time);
 #   nodh.py       no dH partials leave the mixer.
 # Then this build with StepBwdCfg.x_dphi (X mixed by the dphi warpgroup, X_DPHI), checked bit-equal and timed;
-# the kernel table's step rows, x_dphi off and on; Nsight Compute's stall samples of the row's Gluon kernel with x_dphi on.
+# the kernel table's step rows with x_dphi on (the head check times it off and on, interleaved); Nsight Compute's stall samples of the row's Gluon kernel with x_dphi on.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader > $OUT/gpu.txt
 python -c "import torch,triton;print(torch.__version__,triton.__version__)" >> $OUT/gpu.txt; cat $OUT/gpu.txt
 mkdir -p $OUT/s $OUT/k
-timeout 240 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against norebuild.py nodphi.py nodh.py mhc_compile/kernels/gluon_step_bwd.py --against-tune "" "" "" x_dphi=true --shapes 32768x4096 8192x7168 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
+timeout 240 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against norebuild.py nodh.py mhc_compile/kernels/gluon_step_bwd.py --against-tune "" "" x_dphi=true --shapes 32768x4096 8192x7168 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
 grep -E "FAIL|rc=|rror|dphi warpgroup" $OUT/s.txt | tail -6; grep -E "^\| [0-9]+x[0-9]+ \| (dense|row)" $OUT/s.txt
-OUT=$OUT/k timeout 100 python benchmarks/bench_kernels.py --tokens 32768 --channels 4096 --cases "step (head, row)" step --budget-s 1 --compiled-shapes > $OUT/k.txt 2>&1; echo "kernels rc=$?" >> $OUT/k.txt
-grep -E "^\| step|FAIL|copy bandwidth|rc=" $OUT/k.txt
 mkdir -p $OUT/kx; OUT=$OUT/kx timeout 100 python -c "
 import runpy, sys; sys.path.insert(0, '.')
 from mhc_compile.kernels import triton_fused as tf; tf.configure('step_bwd', x_dphi=True)
