@@ -1,6 +1,7 @@
 #!/bin/bash
-# session 53 device call 1 (the timing-only variants below were dropped from it, as device time ran short: made by
-# (untracked timing-only copies of kernels/gluon_step_bwd.py, as session 52's call 2 planned them):
+# session 53 device call 1. The timing-only variants below were dropped from it, as device time ran short; they are
+# made at the repo root by `python benchmarks/results/session53-2026-12-07-h100/call1/variants.py` (untracked
+# copies of kernels/gluon_step_bwd.py, as session 52's call 2 planned them) and run as --against builds:
 #   norebuild.py  X's mixing loop over j runs once (a quarter of its FMAs);
 #   nodphi.py     the dphi warpgroup frees each slot at once (no wgmmas; made, not run: device time);
 #   nodh.py       no dH partials leave the mixer.
