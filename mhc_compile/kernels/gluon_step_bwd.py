@@ -104,6 +104,11 @@ Session 52: there dH_res's sum is stored once, as column 0, which ``finish`` rea
 instructions a tile against 1621), and that call takes four slots: 1369-1380 against 1446-1452 us at 32768 x 4096,
 bit-equal, 78-80 % of its floor; its Gluon pass runs at 80 % of its own bytes, more time than its instruction
 count alone explains.
+Session 53 (sm_90a builds only; no GPU came): X_DPHI (``StepBwdCfg.x_dphi``, off by default) moves X's mixing to
+the dphi warpgroup, which mostly waited on the mixer (the mixer's tile 1307 -> 930 instructions on that call's row,
+2048 -> 1555 on a dense X_prev); and the mixer frees the tile before's slot before this tile's outputs are written,
+so that a barrier the compiler puts around its arrive also serves the tile's own hazards (the row's loop: 6 -> 5
+barriers a tile, 4 -> 3 with X_DPHI). Neither is timed yet: benchmarks/results/session53-2026-12-07-h100/call1/run.sh is the plan.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
@@ -556,6 +561,18 @@ if AVAILABLE:
                 # stored once, as column 0 (k = i N): ``finish`` reads it for every j (n + n partials a token
                 # leave a block, not n^2 + n)
                 _put_dh(hrow + qlane * N * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
+            if STORE_LAG:  # the tile before's stores, issued a tile ago, have read its slot: free it now, before this
+                # tile's outputs are written. The compiler's hazard analysis puts a barrier between a bulk-store wait
+                # and an mbarrier arrive, and between an arrive and the next shared-memory access of any buffer: here
+                # the first also orders every warp's reads of X_prev and y before the stores over them, and the
+                # second falls before those stores, not at the next tile's first wait (the broadcast row's loop: 6
+                # -> 5 barriers a tile, 4 -> 3 with X_DPHI; Triton 3.6, sm_90a)
+                tma.store_wait(0)
+                _warps_barrier()
+                if it >= FIRST + MIXERS:
+                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
+                    if PACE:
+                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
             for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                 if X_BCAST:
                     xj = xrow
@@ -603,13 +620,7 @@ if AVAILABLE:
             _tma_store(dy_desc, [t0, c0], ys.index(s))
             if XIN:
                 _tma_store(xin_desc, [t0, c0], gins.index(s))
-            if STORE_LAG:  # this tile's stores stay in flight; the tile before's have read their slot: free it
-                tma.store_wait((1 if COLLAPSE else N) + 1 + (1 if XIN else 0))
-                if it >= FIRST + MIXERS:
-                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
-                    if PACE:
-                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
-            else:
+            if not STORE_LAG:  # (with STORE_LAG this tile's stores stay in flight: its slot is freed a tile later)
                 tma.store_wait(0)  # the stores have read the slot's tiles
                 mbarrier.arrive(empty.index(s), count=1)
                 if PACE:  # one more tile done in this token split (the loaders' PACE, _loader)
@@ -789,9 +800,10 @@ if AVAILABLE:
 
 
 def stores_lag(store_lag: bool, stages: int, mixers: int) -> bool:
-    """Whether a mixer frees a tile's slot only once it has issued its next tile's stores (``STORE_LAG``), so that
-    it does not wait for the TMA stores to read the slot before it goes on: where its ring leaves the loader a slot
-    besides the two each mixer then holds. H100, session 51, bit-equal: with one mixer and three slots the chain
+    """Whether a mixer frees a tile's slot only during its next tile (``STORE_LAG``), so that it does not wait for
+    the TMA stores to read the slot before it goes on: where its ring leaves the loader a slot besides the two each
+    mixer then holds. Through session 52 the slot was freed once the next tile's stores were issued; since session
+    53, before the next tile's outputs are written (``_mixer`` says why; not yet timed on a GPU). H100, session 51, bit-equal: with one mixer and three slots the chain
     head's call ran 1-2.6 % faster (1430 against 1467 us at 32768 x 4096 on a broadcast X_prev), the full step's
     1.6-1.9 % (2269 against 2307 us; 1060 against 1080 at 8192 x 7168); the boundary, two slots, ran 19-22 % slower
     (its loader left none)."""

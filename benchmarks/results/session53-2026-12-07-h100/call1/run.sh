@@ -6,7 +6,8 @@
 #   norebuild.py  X's mixing loop over j runs once (a quarter of its FMAs);
 #   nodphi.py     the dphi warpgroup frees each slot at once (no wgmmas; made, not timed here);
 #   nodh.py       no dH partials leave the mixer.
-# 1. The step check (--head): this build, the two variants, and this build with StepBwdCfg.x_dphi (X mixed by the
+#   lagend.py     the tile before's slot freed once this tile's TMA stores are issued, as through session 52 (bit-equal).
+# 1. The step check (--head): this build, three of the variants, and this build with StepBwdCfg.x_dphi (X mixed by the
 #    dphi warpgroup, X_DPHI; check() also holds it bit-equal to the mixer's mixing), timed interleaved.
 # 2. The kernel table's step rows, x_dphi off, then on.
 # 3. Nsight Compute's stall samples of the row's Gluon kernel, x_dphi on, then off.
@@ -14,7 +15,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader > $OUT/gpu.txt
 python -c "import torch,triton;print(torch.__version__,triton.__version__)" >> $OUT/gpu.txt; cat $OUT/gpu.txt
 mkdir -p $OUT/s $OUT/k $OUT/kx
-timeout 240 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against norebuild.py nodh.py mhc_compile/kernels/gluon_step_bwd.py --against-tune "" "" x_dphi=true --shapes 32768x4096 8192x7168 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
+timeout 240 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against norebuild.py nodh.py lagend.py mhc_compile/kernels/gluon_step_bwd.py --against-tune "" "" "" x_dphi=true --shapes 32768x4096 8192x7168 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
 grep -E "FAIL|rc=|rror|dphi warpgroup" $OUT/s.txt | tail -6; grep -E "^\| [0-9]+x[0-9]+ \| (dense|row)" $OUT/s.txt
 for mode in off on; do
   flag=$([ $mode = on ] && echo True || echo False); dir=$([ $mode = on ] && echo kx || echo k)

@@ -1,4 +1,4 @@
-"""Make call 1's three timing-only copies of kernels/gluon_step_bwd.py at the repo root (run from the root); as
+"""Make call 1's four timing-only copies of kernels/gluon_step_bwd.py at the repo root (run from the root); as
 session 52's call2/variants.py, on this session's module (the mixing loop now in _mix_x)."""
 s = open("mhc_compile/kernels/gluon_step_bwd.py").read()
 rebuild = "        for j in range(NJ):\n            if X_BCAST:\n                xj = xrow\n"
@@ -17,3 +17,22 @@ put = """        if DH_ATOMIC:
 """
 assert s.count(put) == 1
 open("nodh.py", "w").write(s.replace(put, "        pass\n"))
+# lagend.py: the tile before's slot freed after this tile's TMA stores are issued, as through session 52 (the barrier
+# placement this session moved; bit-equal, timing only)
+new = """            if STORE_LAG:  # the tile before's stores, issued a tile ago, have read its slot: free it now, before this
+"""
+i = s.index(new)
+j = s.index("            for j in range(NJ):  # dH_res[:, j]", i)
+old_end = """            if not STORE_LAG:  # (with STORE_LAG this tile's stores stay in flight: its slot is freed a tile later)
+                tma.store_wait(0)  # the stores have read the slot's tiles"""
+was_end = """            if STORE_LAG:  # this tile's stores stay in flight; the tile before's have read their slot: free it
+                tma.store_wait((1 if COLLAPSE else N) + 1 + (1 if XIN else 0))
+                if it >= FIRST + MIXERS:
+                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
+                    if PACE:
+                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
+            else:
+                tma.store_wait(0)  # the stores have read the slot's tiles"""
+lag = s[:i] + s[j:]
+assert lag.count(old_end) == 1
+open("lagend.py", "w").write(lag.replace(old_end, was_end))
