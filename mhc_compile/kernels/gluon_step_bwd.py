@@ -381,12 +381,17 @@ if AVAILABLE:
         return coefs.index(s * NG + g).slice(i, 1, 1).load(layout)
 
     @gluon.jit
-    def _mix_x(xp, y, xrow, coefs, s, NJ, N: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr,
+    def _mix_x(xp, ys, coefs, s, NJ, N: gl.constexpr, NG: gl.constexpr, STAGES: gl.constexpr,
                X_BCAST: gl.constexpr, layout: gl.constexpr):
-        """Slot s's X_i = h_post_i y + sum_j h_res[i, j] X_prev_j in fp32, y (and X_BCAST: X_prev's row) given widened.
+        """(X_i, y, X_BCAST: X_prev's row) of slot s, widened: X_i = h_post_i y + sum_j h_res[i, j] X_prev_j in fp32.
         j outer: each X_prev_j tile is read and widened once, not n times; every X_i still adds its terms in j order
         (an FMA a term, as the forward's ``_mix_tile``), so the same bits in any layout and on the row as on the
-        dense copy."""
+        dense copy. Without X_BCAST the row returned is y (not to be read)."""
+        y = bf16_to_f32(ys.index(s).load(layout))
+        if X_BCAST:
+            xrow = bf16_to_f32(xp.index(s).load(layout))
+        else:
+            xrow = y
         xs = ()
         for i in gl.static_range(N):
             xs = xs + (_row(coefs, s, N, i, NG, layout) * y,)
@@ -399,7 +404,7 @@ if AVAILABLE:
             for i in gl.static_range(N):
                 nx = nx + (gl.fma(_row(coefs, s, j, i, NG, layout), xj, xs[i]),)
             xs = nx
-        return xs
+        return xs, y, xrow
 
     @gluon.jit
     def _by_lane(v):
@@ -507,12 +512,7 @@ if AVAILABLE:
                 gs = gs + (warpgroup_mma(dps.index(s), phis.index(i).permute((1, 0)), zero, use_acc=False,
                                          is_async=True),)
             if MIX_HERE:  # X_i mixed while the G dots run
-                y = bf16_to_f32(ys.index(s).load(L))
-                if X_BCAST:
-                    xrow = bf16_to_f32(xp.index(s).load(L))
-                else:
-                    xrow = y  # not read
-                xs = _mix_x(xp, y, xrow, coefs, s, NJ, N, NG, STAGES, X_BCAST, L)
+                xs, y, xrow = _mix_x(xp, ys, coefs, s, NJ, N, NG, STAGES, X_BCAST, L)
             gs = _waited(warpgroup_mma_wait(num_outstanding=0, deps=gs), N)
             dxin = bf16_to_f32(gins.index(s).load(L))
             g = ()
@@ -674,12 +674,7 @@ if AVAILABLE:
             else:
                 mbarrier.wait(mixed.index(s), (it // STAGES) & 1)
             if X_DPHI:
-                y = bf16_to_f32(ys.index(s).load(L))
-                if X_BCAST:
-                    xrow = bf16_to_f32(xp.index(s).load(L))
-                else:
-                    xrow = y  # not read
-                xs = _mix_x(xp, y, xrow, coefs, s, NJ, N, NG, STAGES, X_BCAST, L)
+                xs = _mix_x(xp, ys, coefs, s, NJ, N, NG, STAGES, X_BCAST, L)[0]
                 for i in gl.static_range(N):
                     xsv.index(i * STAGES + s).store(f32_to_bf16(xs[i]))  # as the forward stored X_i (round_bf16's bits)
             _warps_barrier()  # every warp has waited on the last tile's wgmmas, which read hlw
