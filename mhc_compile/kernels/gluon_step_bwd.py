@@ -108,7 +108,8 @@ Session 53 (sm_90a builds only; no GPU came): X_DPHI (``StepBwdCfg.x_dphi``, off
 the dphi warpgroup, which mostly waited on the mixer (the mixer's tile 1307 -> 930 instructions on that call's row,
 2048 -> 1555 on a dense X_prev); and the mixer frees the tile before's slot before this tile's outputs are written,
 so that a barrier the compiler puts around its arrive also serves the tile's own hazards (the row's loop: 6 -> 5
-barriers a tile, 4 -> 3 with X_DPHI). Neither is timed yet: benchmarks/results/session53-2026-12-07-h100/call1/run.sh is the plan.
+barriers a tile, 4 -> 3 with X_DPHI). Neither is timed yet; the plan that times them:
+benchmarks/results/session53-2026-12-07-h100/call1/run.sh.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
@@ -676,11 +677,12 @@ if AVAILABLE:
             if X_DPHI:
                 xs = _mix_x(xp, ys, coefs, s, NJ, N, NG, STAGES, X_BCAST, L)[0]
                 for i in gl.static_range(N):
-                    xsv.index(i * STAGES + s).store(f32_to_bf16(xs[i]))  # as the forward stored X_i (round_bf16's bits)
+                    # rounded as the forward stored X_i (round_bf16's bits)
+                    xsv.index(i * STAGES + s).store(f32_to_bf16(xs[i]))
             _warps_barrier()  # every warp has waited on the last tile's wgmmas, which read hlw
             _split_dp(dps, s, hlw, MP, BT, num_warps)
             fence_async_shared()
-            _warps_barrier()  # every warp's rows of hlw (and X_DPHI: X_i), before the wgmmas (and the mixer) read them
+            _warps_barrier()  # every warp's rows of hlw (X_DPHI: and X_i), before the wgmmas (and the mixer) read them
             if X_DPHI:
                 mbarrier.arrive(mixed.index(s), count=1)
             new = ()
@@ -798,10 +800,10 @@ def stores_lag(store_lag: bool, stages: int, mixers: int) -> bool:
     """Whether a mixer frees a tile's slot only during its next tile (``STORE_LAG``), so that it does not wait for
     the TMA stores to read the slot before it goes on: where its ring leaves the loader a slot besides the two each
     mixer then holds. Through session 52 the slot was freed once the next tile's stores were issued; since session
-    53, before the next tile's outputs are written (``_mixer`` says why; not yet timed on a GPU). H100, session 51, bit-equal: with one mixer and three slots the chain
-    head's call ran 1-2.6 % faster (1430 against 1467 us at 32768 x 4096 on a broadcast X_prev), the full step's
-    1.6-1.9 % (2269 against 2307 us; 1060 against 1080 at 8192 x 7168); the boundary, two slots, ran 19-22 % slower
-    (its loader left none)."""
+    53, before the next tile's outputs are written (``_mixer`` says why; not yet timed on a GPU). H100, session 51,
+    bit-equal: with one mixer and three slots the chain head's call ran 1-2.6 % faster (1430 against 1467 us at
+    32768 x 4096 on a broadcast X_prev), the full step's 1.6-1.9 % (2269 against 2307 us; 1060 against 1080 at
+    8192 x 7168); the boundary, two slots, ran 19-22 % slower (its loader left none)."""
     return store_lag and stages >= 2 * mixers + 1
 
 
