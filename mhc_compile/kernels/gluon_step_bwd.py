@@ -108,7 +108,8 @@ Session 53 (sm_90a builds only; no GPU came): X_DPHI (``StepBwdCfg.x_dphi``, off
 the dphi warpgroup, which mostly waited on the mixer (the mixer's tile 1307 -> 930 instructions on that call's row,
 2048 -> 1555 on a dense X_prev); and the mixer frees the tile before's slot before this tile's outputs are written,
 so that a barrier the compiler puts around its arrive also serves the tile's own hazards (the row's loop: 6 -> 5
-barriers a tile, 4 -> 3 with X_DPHI). Neither is timed yet; the plan that times them:
+barriers a tile, 4 -> 3 with X_DPHI); and X_prev's tiles are all read before any is written over, in two loops
+over j (the boundary's loop, the default path's kernel: 12 -> 8 barriers a tile). None is timed yet; the plan:
 benchmarks/results/session53-2026-12-07-h100/call1/run.sh.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
@@ -562,19 +563,7 @@ if AVAILABLE:
                 # stored once, as column 0 (k = i N): ``finish`` reads it for every j (n + n partials a token
                 # leave a block, not n^2 + n)
                 _put_dh(hrow + qlane * N * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask, DH_ATOMIC)
-            if STORE_LAG:  # the tile before's stores, issued a tile ago, have read its slot: free it now, before this
-                # tile's outputs are written. The compiler's hazard analysis puts a barrier between a bulk-store wait
-                # and an mbarrier arrive, and between an arrive and the next shared-memory access of any buffer: here
-                # the first also orders every warp's reads of X_prev and y before the stores over them, and the
-                # second falls before those stores, not at the next tile's first wait (the broadcast row's loop: 6
-                # -> 5 barriers a tile, 4 -> 3 with X_DPHI; Triton 3.6, sm_90a)
-                tma.store_wait(0)
-                _warps_barrier()
-                if it >= FIRST + MIXERS:
-                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
-                    if PACE:
-                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
-            for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j>, then dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
+            for j in range(NJ):  # dH_res[:, j] = <G_i, X_prev_j> (and XIN: x_in's terms)
                 if X_BCAST:
                     xj = xrow
                 else:
@@ -589,7 +578,25 @@ if AVAILABLE:
                     for k in gl.static_range(1, N):
                         hj = gl.where(j == k, _row(coefs, s, N + 3, k, NG, L), hj)
                     xin += hj * xj
-                if not COLLAPSE:
+            # X_prev's tiles are read (above) before any is written over (below): in two loops over j, not one, as
+            # the compiler's hazard analysis cannot tell X_prev's tiles apart (one allocation, a run-time index) and
+            # would put a barrier before each load and each store (the boundary's loop: 12 -> 8 barriers a tile)
+            if STORE_LAG:  # the tile before's stores, issued a tile ago, have read its slot: free it now, before this
+                # tile's outputs are written. The compiler's hazard analysis puts a barrier between a bulk-store wait
+                # and an mbarrier arrive, and between an arrive and the next shared-memory access of any buffer: here
+                # the first also orders every warp's reads of X_prev and y before the stores over them, and the
+                # second falls before those stores, not at the next tile's first wait (the broadcast row's loop: 6
+                # -> 5 barriers a tile, 4 -> 3 with X_DPHI; Triton 3.6, sm_90a)
+                tma.store_wait(0)
+                _warps_barrier()
+                if it >= FIRST + MIXERS:
+                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
+                    if PACE:
+                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
+            elif not COLLAPSE:
+                _warps_barrier()
+            if not COLLAPSE:
+                for j in range(NJ):  # dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                     dxp = _row(coefs, s, j, 0, NG, L) * g[0]
                     for i in gl.static_range(1, N):
                         dxp += _row(coefs, s, j, i, NG, L) * g[i]

@@ -1,21 +1,22 @@
 #!/bin/bash
 # session 53 device call 1: prepared, NOT run (no machine came in eight tries, and then the session's device time
-# ran out). About 450 s of run time. Made first, at the repo root:
+# ran out). About 450 s of run time. Made first, at the repo root (untracked files the call carries):
 #   python benchmarks/results/session53-2026-12-07-h100/call1/variants.py
-# which writes untracked timing-only copies of kernels/gluon_step_bwd.py (as session 52's call 2 planned them):
+# which writes timing-only copies of kernels/gluon_step_bwd.py (norebuild / nodh as session 52's call 2 planned):
 #   norebuild.py  X's mixing loop over j runs once (a quarter of its FMAs);
 #   nodphi.py     the dphi warpgroup frees each slot at once (no wgmmas; made, not timed here);
-#   nodh.py       no dH partials leave the mixer.
-#   lagend.py     the tile before's slot freed once this tile's TMA stores are issued, as through session 52 (bit-equal).
-# 1. The step check (--head): this build, three of the variants, and this build with StepBwdCfg.x_dphi (X mixed by the
-#    dphi warpgroup, X_DPHI; check() also holds it bit-equal to the mixer's mixing), timed interleaved.
+#   nodh.py       no dH partials leave the mixer;
+#   lagend.py     the tile before's slot freed once this tile's TMA stores are issued, as through session 52;
+#   base.py       commit 96dec17's module: before this session's barrier work (the release moved, X_prev read in a
+#                 loop of its own before dX_prev is written over it); bit-equal.
+# 1. The step check (--head): this build, those four, and this build with StepBwdCfg.x_dphi (X mixed by the dphi
+#    warpgroup, X_DPHI; check() also holds it bit-equal to the mixer's mixing), timed interleaved.
 # 2. The kernel table's step rows, x_dphi off, then on.
-# 3. Nsight Compute's stall samples of the row's Gluon kernel, x_dphi on, then off.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader > $OUT/gpu.txt
 python -c "import torch,triton;print(torch.__version__,triton.__version__)" >> $OUT/gpu.txt; cat $OUT/gpu.txt
 mkdir -p $OUT/s $OUT/k $OUT/kx
-timeout 240 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against norebuild.py nodh.py lagend.py mhc_compile/kernels/gluon_step_bwd.py --against-tune "" "" "" x_dphi=true --shapes 32768x4096 8192x7168 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
+timeout 300 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against norebuild.py nodh.py lagend.py base.py mhc_compile/kernels/gluon_step_bwd.py --against-tune "" "" "" "" x_dphi=true --shapes 32768x4096 8192x7168 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
 grep -E "FAIL|rc=|rror|dphi warpgroup" $OUT/s.txt | tail -6; grep -E "^\| [0-9]+x[0-9]+ \| (dense|row)" $OUT/s.txt
 for mode in off on; do
   flag=$([ $mode = on ] && echo True || echo False); dir=$([ $mode = on ] && echo kx || echo k)
@@ -25,17 +26,4 @@ from mhc_compile.kernels import triton_fused as tf; tf.configure('step_bwd', x_d
 sys.argv = ['bench_kernels.py', '--tokens', '32768', '--channels', '4096', '--cases', 'step (head, row)', 'step', '--budget-s', '1', '--compiled-shapes']
 runpy.run_path('benchmarks/bench_kernels.py', run_name='__main__')" > $OUT/$dir.txt 2>&1; echo "kernels x_dphi $mode rc=$?" >> $OUT/$dir.txt
   grep -E "^\| step|FAIL|copy bandwidth|rc=" $OUT/$dir.txt
-done
-for mode in on off; do
-  flag=$([ $mode = on ] && echo True || echo False)
-  timeout 100 ncu --clock-control none --set full --import-source yes -k regex:_step_bwd_ws --launch-skip 2 --launch-count 1 -o $OUT/prof_$mode python -c "
-import runpy, sys; sys.path.insert(0, '.')
-from mhc_compile.kernels import triton_fused as tf; tf.configure('step_bwd', x_dphi=$flag)
-sys.argv = ['ncu_case.py', 'step (head, row)', 'bwd']; runpy.run_path('benchmarks/ncu_case.py', run_name='__main__')" > $OUT/ncu_$mode.txt 2>&1; echo "ncu rc=$?" >> $OUT/ncu_$mode.txt
-  tail -1 $OUT/ncu_$mode.txt
-  ncu -i $OUT/prof_$mode.ncu-rep --page source --csv --print-source sass > $OUT/prof_$mode.csv 2>/dev/null
-  ncu -i $OUT/prof_$mode.ncu-rep --page details --csv > $OUT/details_$mode.csv 2>/dev/null
-  python benchmarks/ncu_stalls.py $OUT/prof_$mode.csv --top 24 > $OUT/stalls_$mode.txt 2>&1; head -30 $OUT/stalls_$mode.txt
-  grep -E '"Duration"|"SM Frequency"|"Memory Throughput"|"Issue Slots Busy"' $OUT/details_$mode.csv | head -6
-  gzip -f $OUT/prof_$mode.csv; rm -f $OUT/prof_$mode.ncu-rep
 done

@@ -1,4 +1,4 @@
-"""Make call 1's four timing-only copies of kernels/gluon_step_bwd.py at the repo root (run from the root); as
+"""Make calls 1 and 2's timing-only copies of kernels/gluon_step_bwd.py at the repo root (run from the root); as
 session 52's call2/variants.py, on this session's module (the mixing loop now in _mix_x)."""
 s = open("mhc_compile/kernels/gluon_step_bwd.py").read()
 rebuild = "        for j in range(NJ):\n            if X_BCAST:\n                xj = xrow\n"
@@ -17,12 +17,12 @@ put = """        if DH_ATOMIC:
 """
 assert s.count(put) == 1
 open("nodh.py", "w").write(s.replace(put, "        pass\n"))
-# lagend.py: the tile before's slot freed after this tile's TMA stores are issued, as through session 52 (the barrier
-# placement this session moved; bit-equal, timing only)
-new = """            if STORE_LAG:  # the tile before's stores, issued a tile ago, have read its slot: free it now, before this
-"""
-i = s.index(new)
-j = s.index("            for j in range(NJ):  # dH_res[:, j]", i)
+# lagend.py: the tile before's slot freed once this tile's TMA stores are issued, as through session 52 (the release
+# this session moved; bit-equal, timing only)
+start = s.index("            if STORE_LAG:  # the tile before's stores, issued a tile ago")
+mid = "            elif not COLLAPSE:\n                _warps_barrier()\n"
+end = s.index(mid, start) + len(mid)
+lag = s[:start] + "            if not COLLAPSE:\n                _warps_barrier()\n" + s[end:]
 old_end = """            if not STORE_LAG:  # (with STORE_LAG this tile's stores stay in flight: its slot is freed a tile later)
                 tma.store_wait(0)  # the stores have read the slot's tiles"""
 was_end = """            if STORE_LAG:  # this tile's stores stay in flight; the tile before's have read their slot: free it
@@ -33,6 +33,10 @@ was_end = """            if STORE_LAG:  # this tile's stores stay in flight; the
                         gl.atomic_add(pace_ptr, 1, sem="relaxed")
             else:
                 tma.store_wait(0)  # the stores have read the slot's tiles"""
-lag = s[:i] + s[j:]
 assert lag.count(old_end) == 1
 open("lagend.py", "w").write(lag.replace(old_end, was_end))
+# base.py: the module before this session's barrier work (commit 96dec17: X_DPHI, the release after the stores, one
+# loop over j that reads X_prev_j and writes dX_prev_j over it)
+import subprocess
+open("base.py", "w").write(subprocess.run(["git", "show", "96dec17:mhc_compile/kernels/gluon_step_bwd.py"],
+                                          capture_output=True, text=True, check=True).stdout)
