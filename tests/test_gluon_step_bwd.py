@@ -231,8 +231,8 @@ def test_builds_for_sm90_within_shared_memory():
     # (1810 -> 1661 instructions a tile with Triton 3.6, session 51), and stored once (1621 -> 1314, session 52)
     head = "mixers=1 dH in L2 dX_prev summed X_prev broadcast"
     assert tile[head] < 0.95 * tile["mixers=1 dH in L2 dX_prev summed"]
-    # X mixed by the dphi warpgroup: the mixer's tile sheds the mixing's FMAs and the X_i stores (1307 -> 931 on the
-    # row, 2048 -> 1555 on a dense X_prev, Triton 3.6)
+    # X mixed by the dphi warpgroup: the mixer's tile sheds the mixing's FMAs and the X_i stores (1306 -> 930 on the
+    # row, 2048 -> 1555 on a dense X_prev, Triton 3.6; session 53)
     assert tile[head + " slots freed late X mixed by dphi"] < 0.8 * tile[head + " slots freed late"]
     assert tile["mixers=1 dH in L2 X mixed by dphi"] < 0.8 * tile["mixers=1 dH in L2"]
 

@@ -72,6 +72,14 @@ def loader(ring: Ring, tiles: int):
         ring.in_flight.append((s, it))
 
 
+def take(ring: Ring, name: str, it: int):
+    """Wait on tile ``it``'s slot (``yield from``), then check that the slot holds that tile."""
+    s = it % ring.stages
+    yield ring.ready[s], (it // ring.stages) & 1
+    if ring.holds[s] != it:
+        ring.errors.append(f"{name} passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+
+
 def consumer(ring: Ring, name: str, mine, tiles: int, release=None, double_wait: bool = False):
     """Waits on ``ready`` for each of its tiles (``mine``), checks the slot, then ``release(ring, s)`` (default:
     arrive on ``empty``). ``double_wait``: first wait for the slot's previous phase (the broken fix)."""
@@ -143,6 +151,16 @@ def alternate_protocol(stages: int, mixers: int, tiles: int, double_wait: bool =
     return ring, agents
 
 
+def free_held(ring: Ring, held) -> None:
+    """STORE_LAG: free the slot of the tile a mixer held (``held``; None: none yet), which its TMA stores read until
+    now, so the slot must still hold that tile."""
+    if held is not None:
+        s = held % ring.stages
+        if ring.holds[s] != held:
+            ring.errors.append(f"slot {s} held {ring.holds[s]} before tile {held} was freed")
+        ring.empty[s].arrive()
+
+
 def lagged_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
     """``alternate_protocol`` with STORE_LAG (kernels/gluon_step_bwd.py): a mixer hands a tile to the dphi warpgroup
     at once but frees its slot only after it has taken its next tile (its TMA stores read the slot until then, so
@@ -154,18 +172,11 @@ def lagged_protocol(stages: int, mixers: int, tiles: int) -> tuple[Ring, list]:
         held = None
         for it in range(w, tiles, mixers):
             s = it % stages
-            yield ring.ready[s], (it // stages) & 1
-            if ring.holds[s] != it:
-                ring.errors.append(f"mixer{w} passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+            yield from take(ring, f"mixer{w}", it)
             mixed[s].arrive()
-            if held is not None:
-                if ring.holds[held % stages] != held:
-                    ring.errors.append(f"slot {held % stages} held {ring.holds[held % stages]} before tile {held} "
-                                       "was freed")
-                ring.empty[held % stages].arrive()
+            free_held(ring, held)
             held = it
-        if held is not None:
-            ring.empty[held % stages].arrive()
+        free_held(ring, held)
 
     return ring, [loader(ring, tiles), dphi_agent(ring, mixed, tiles)] + [mixer(w) for w in range(mixers)]
 
@@ -182,9 +193,7 @@ def x_dphi_protocol(stages: int, mixers: int, tiles: int, lag: bool, wait_mixed:
     def dphi():
         for it in range(tiles):
             s = it % stages
-            yield ring.ready[s], (it // stages) & 1
-            if ring.holds[s] != it:
-                ring.errors.append(f"dphi passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+            yield from take(ring, "dphi", it)
             x_ring[s] = it
             mixed[s].arrive()
             ring.empty[s].arrive()  # its wgmmas have read X_i (they were waited on)
@@ -202,11 +211,9 @@ def x_dphi_protocol(stages: int, mixers: int, tiles: int, lag: bool, wait_mixed:
             if not lag:
                 ring.empty[s].arrive()
                 continue
-            if held is not None:
-                ring.empty[held % stages].arrive()
+            free_held(ring, held)
             held = it
-        if held is not None:
-            ring.empty[held % stages].arrive()
+        free_held(ring, held)
 
     return ring, [loader(ring, tiles), dphi()] + [mixer(w) for w in range(mixers)]
 
@@ -269,10 +276,7 @@ def proj_fwd_protocol(stages: int, tiles: int) -> tuple[Ring, list]:
 
     def compute():
         for it in range(tiles):
-            s = it % stages
-            yield ring.ready[s], (it // stages) & 1
-            if ring.holds[s] != it:
-                ring.errors.append(f"compute passed its wait for tile {it} while slot {s} held {ring.holds[s]}")
+            yield from take(ring, "compute", it)
             if it > 0:
                 prev = (it - 1) % stages
                 if ring.holds[prev] != it - 1:
