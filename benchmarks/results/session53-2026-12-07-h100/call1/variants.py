@@ -35,6 +35,12 @@ was_end = """            if STORE_LAG:  # this tile's stores stay in flight; the
                 tma.store_wait(0)  # the stores have read the slot's tiles"""
 assert lag.count(old_end) == 1
 open("lagend.py", "w").write(lag.replace(old_end, was_end))
+# unrollb.py (session 54): the loop over j that writes dX_prev_j unrolled (gl.static_range(N)): one barrier fewer a
+# tile (boundary 8 -> 7, dense step 11 -> 10; 1743 -> 1710 and 2069 -> 2038 instructions a tile, Triton 3.6), but
+# 216 more instructions of code in the mixer's loop (instruction fetch: session 23); bit-equal, timing only
+loop_b = "                for j in range(NJ):  # dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j\n"
+assert s.count(loop_b) == 1
+open("unrollb.py", "w").write(s.replace(loop_b, loop_b.replace("range(NJ)", "gl.static_range(N)")))
 # base.py: the module before this session's barrier work (commit 96dec17: X_DPHI, the release after the stores, one
 # loop over j that reads X_prev_j and writes dX_prev_j over it)
 import subprocess
