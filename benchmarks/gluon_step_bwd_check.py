@@ -95,6 +95,8 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
         tile_loop = sm90_build.biggest_loop(text)
         inner = [body for body in sm90_build.innermost_loops(text) if body in tile_loop and body != tile_loop]
         per_tile = loop["total"] + (n - 1) * sum(sm90_build.opcode_counts(body, ())["total"] for body in inner)
+        bars = loop["BAR.SYNC"] + (n - 1) * sum(sm90_build.opcode_counts(body, ("BAR.SYNC",))["BAR.SYNC"]
+                                                for body in inner)  # the mixer's barriers a tile
         # The two-mixer build with Triton 3.6 (the GPU machine's) stores up to four values to the stack at the
         # kernel's entry, before the partitions split, and the mixers reload them once a tile, outside the loops
         # over j (L1 hits, against some 2000 instructions a tile); a reload in a loop over j, or a store in any
@@ -113,7 +115,7 @@ def build(builds=((2, False, False, False), (1, False, False, False), (1, True, 
                 + (" X_prev broadcast" if bcast else "") + (" slots freed late" if lag else "")
                 + (" X mixed by dphi" if x_dphi else ""))
         print(f"{what}: triton {triton.__version__} stages={st} regs={regs} spill={spill} smem={smem} "
-              f"m={m} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
+              f"m={m} bars={bars} loop={loop} a tile: {per_tile} {'ok' if ok else 'FAIL'}", flush=True)
     return int(failed > 0)
 
 

@@ -235,6 +235,11 @@ def test_builds_for_sm90_within_shared_memory():
     # row, 2048 -> 1555 on a dense X_prev, Triton 3.6; session 53)
     assert tile[head + " slots freed late X mixed by dphi"] < 0.8 * tile[head + " slots freed late"]
     assert tile["mixers=1 dH in L2 X mixed by dphi"] < 0.8 * tile["mixers=1 dH in L2"]
+    # the mixer's barriers a tile (bars=): X_prev's tiles all read before dX_prev is written over any, in two loops
+    # over j (session 53), so the boundary (the default path's kernel: 8 with Triton 3.6, 7 with 3.9) takes fewer
+    # than step's dense pass (11 / 10), which also rebuilds X_i and stores them over dX_i
+    bars = {row.split(": triton")[0]: int(row.split(" bars=")[1].split()[0]) for row in rows}
+    assert all(bars[row] < bars["mixers=1 dH in L2"] for row in bars if row.startswith("boundary")), bars
 
 
 def test_the_chain_heads_call_holds_one_x_prev_tile_a_slot():
