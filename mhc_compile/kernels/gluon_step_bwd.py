@@ -106,11 +106,13 @@ bit-equal, 78-80 % of its floor; its Gluon pass runs at 80 % of its own bytes, m
 count alone explains.
 Session 53 (sm_90a builds only; no GPU came): X_DPHI (``StepBwdCfg.x_dphi``, off by default) moves X's mixing to
 the dphi warpgroup, which mostly waited on the mixer (the mixer's tile 1307 -> 930 instructions on that call's row,
-2048 -> 1555 on a dense X_prev); and the mixer frees the tile before's slot before this tile's outputs are written,
-so that a barrier the compiler puts around its arrive also serves the tile's own hazards (the row's loop: 6 -> 5
-barriers a tile, 4 -> 3 with X_DPHI); and X_prev's tiles are all read before any is written over, in two loops
-over j (the boundary's loop, the default path's kernel: 12 -> 8 barriers a tile). None is timed yet; the plan:
-benchmarks/results/session53-2026-12-07-h100/call1/run.sh.
+2048 -> 1555 on a dense X_prev); and X_prev's tiles are all read before any is written over, in two loops over j
+(the boundary's loop, the default path's kernel: 12 -> 8 barriers a tile). Timed in session 55 (H100, bit-equal):
+the boundary ran as fast as before (2009-2037 against 2009-2020 us at 32768 x 4096), so barriers are not what
+bounds it; X_DPHI ran 1-3 % slower on the row and stays off. Session 53 also freed STORE_LAG's slot before the
+tile's outputs were written (one barrier fewer a tile), behind a wait for every store of the tile before: that cost
+the chain head's dense pass 6.5 % (2022 against 1898 us at 32768 x 4096) and its row 1.4 %, as the wait came half a
+tile earlier than the store-count wait after this tile's stores: undone in session 55.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
@@ -581,21 +583,8 @@ if AVAILABLE:
             # X_prev's tiles are read (above) before any is written over (below): in two loops over j, not one, as
             # the compiler's hazard analysis cannot tell X_prev's tiles apart (one allocation, a run-time index) and
             # would put a barrier before each load and each store (the boundary's loop: 12 -> 8 barriers a tile)
-            if STORE_LAG:  # the tile before's stores, issued a tile ago, have read its slot: free it now, before this
-                # tile's outputs are written. The compiler's hazard analysis puts a barrier between a bulk-store wait
-                # and an mbarrier arrive, and between an arrive and the next shared-memory access of any buffer: here
-                # the first also orders every warp's reads of X_prev and y before the stores over them, and the
-                # second falls before those stores, not at the next tile's first wait (the broadcast row's loop: 6
-                # -> 5 barriers a tile, 4 -> 3 with X_DPHI; Triton 3.6, sm_90a)
-                tma.store_wait(0)
-                _warps_barrier()
-                if it >= FIRST + MIXERS:
-                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
-                    if PACE:
-                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
-            elif not COLLAPSE:
-                _warps_barrier()
             if not COLLAPSE:
+                _warps_barrier()
                 for j in range(NJ):  # dX_prev_j = sum_i h_res[i, j] G_i over X_prev_j
                     dxp = _row(coefs, s, j, 0, NG, L) * g[0]
                     for i in gl.static_range(1, N):
@@ -628,7 +617,13 @@ if AVAILABLE:
             _tma_store(dy_desc, [t0, c0], ys.index(s))
             if XIN:
                 _tma_store(xin_desc, [t0, c0], gins.index(s))
-            if not STORE_LAG:  # (with STORE_LAG this tile's stores stay in flight: its slot is freed a tile later)
+            if STORE_LAG:  # this tile's stores stay in flight; the tile before's have read their slot: free it
+                tma.store_wait((1 if COLLAPSE else N) + 1 + (1 if XIN else 0))
+                if it >= FIRST + MIXERS:
+                    mbarrier.arrive(empty.index((it - MIXERS) % STAGES), count=1)
+                    if PACE:
+                        gl.atomic_add(pace_ptr, 1, sem="relaxed")
+            else:
                 tma.store_wait(0)  # the stores have read the slot's tiles
                 mbarrier.arrive(empty.index(s), count=1)
                 if PACE:  # one more tile done in this token split (the loaders' PACE, _loader)
@@ -804,13 +799,13 @@ if AVAILABLE:
 
 
 def stores_lag(store_lag: bool, stages: int, mixers: int) -> bool:
-    """Whether a mixer frees a tile's slot only during its next tile (``STORE_LAG``), so that it does not wait for
-    the TMA stores to read the slot before it goes on: where its ring leaves the loader a slot besides the two each
-    mixer then holds. Through session 52 the slot was freed once the next tile's stores were issued; since session
-    53, before the next tile's outputs are written (``_mixer`` says why; not yet timed on a GPU). H100, session 51,
-    bit-equal: with one mixer and three slots the chain head's call ran 1-2.6 % faster (1430 against 1467 us at
-    32768 x 4096 on a broadcast X_prev), the full step's 1.6-1.9 % (2269 against 2307 us; 1060 against 1080 at
-    8192 x 7168); the boundary, two slots, ran 19-22 % slower (its loader left none)."""
+    """Whether a mixer frees a tile's slot only once it has issued its next tile's stores (``STORE_LAG``), so that
+    it does not wait for the TMA stores to read the slot before it goes on: where its ring leaves the loader a slot
+    besides the two each mixer then holds. H100, session 51, bit-equal: with one mixer and three slots the chain
+    head's call ran 1-2.6 % faster (1430 against 1467 us at 32768 x 4096 on a broadcast X_prev), the full step's
+    1.6-1.9 % (2269 against 2307 us; 1060 against 1080 at 8192 x 7168); the boundary, two slots, ran 19-22 % slower
+    (its loader left none). Freeing it earlier in the next tile, behind a wait for all the tile before's stores,
+    cost 1.4-6.5 % (session 55: the module's docstring)."""
     return store_lag and stages >= 2 * mixers + 1
 
 

@@ -274,8 +274,8 @@ class GluonStepCfg:
     are at least this many tiles (its last split whole) is paced too, each run of num_SMs programs in launch order (a wave, as they start)
     by one counter, its walks capped as without pacing (0: off). ``pace_walk``: with ``pace``, a one-wave plan is paced
     only where its walks are at least this many tiles, else capped and not paced (0: every one-wave plan).
-    ``store_lag``: a mixer frees a tile's slot during its next tile instead of waiting for the tile's own stores to
-    read it, where the ring leaves the loader a slot besides the two each mixer then holds
+    ``store_lag``: a mixer frees a tile's slot once it has issued its next tile's stores instead of waiting for the
+    tile's own to read it, where the ring leaves the loader a slot besides the two each mixer then holds
     (``gluon_step_bwd.stores_lag``: step's one-mixer ring of three slots, four on a broadcast X_prev; the boundary's
     two slots never)."""
 
