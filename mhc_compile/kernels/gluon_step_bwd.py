@@ -109,7 +109,7 @@ the dphi warpgroup, which mostly waited on the mixer (the mixer's tile 1307 -> 9
 2048 -> 1555 on a dense X_prev); and X_prev's tiles are all read before any is written over, in two loops over j
 (the boundary's loop, the default path's kernel: 12 -> 8 barriers a tile). Timed in session 55 (H100, bit-equal):
 the boundary ran as fast as before (2009-2037 against 2009-2020 us at 32768 x 4096), so barriers are not what
-bounds it; X_DPHI ran 1-3 % slower on the row and stays off. Session 53 also freed STORE_LAG's slot before the
+bounds it; X_DPHI ran 1-4 % slower and stays off. Session 53 also freed STORE_LAG's slot before the
 tile's outputs were written (one barrier fewer a tile), behind a wait for every store of the tile before: that cost
 the chain head's dense pass 6.5 % (2022 against 1898 us at 32768 x 4096) and its row 1.4 %, as the wait came half a
 tile earlier than the store-count wait after this tile's stores: undone in session 55.

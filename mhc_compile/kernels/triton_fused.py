@@ -88,7 +88,9 @@ class StepBwdCfg(GluonStepCfg):
     (the default since session 41): 2174-2178 against 2305-2317 us with the partials at 32768 x 4096 on an H100, 85 %
     of the 4n+5 floor (benchmarks/results/session41-2026-12-06-h100.md).
     ``x_dphi``: the dphi warpgroup mixes X, not the mixer (``gluon_step_bwd``'s X_DPHI; X's ring takes a slot's worth
-    of shared memory: three slots on a broadcast X_prev, two on a dense one), with ``X_DPHI_REGS`` registers."""
+    of shared memory: three slots on a broadcast X_prev, two on a dense one), with ``X_DPHI_REGS`` registers. Off:
+    H100, session 55, bit-equal, 1 % slower on the chain head's dense pass (1915-1920 against 1897-1900 us at
+    32768 x 4096) and 4 % on its row (1394-1398 against 1340-1342)."""
 
     x_dphi: bool = False
 
