@@ -1,6 +1,6 @@
 """Make calls 1 and 2's timing-only copies of kernels/gluon_step_bwd.py at the repo root (run from the root); as
 session 52's call2/variants.py, on this session's module (the mixing loop now in _mix_x). Runs on main up to 577d978
-(session 54); session 55 made main's STORE_LAG release lagend.py's (4ed5d08), so on later mains its lagend assertion
+(session 54); session 55 made main's STORE_LAG release lagend.py's (4ed5d08), so on later mains its lagend transform
 fails after norebuild.py, nodphi.py and nodh.py are written (check out 577d978's module to make the rest)."""
 s = open("mhc_compile/kernels/gluon_step_bwd.py").read()
 rebuild = "        for j in range(NJ):\n            if X_BCAST:\n                xj = xrow\n"
