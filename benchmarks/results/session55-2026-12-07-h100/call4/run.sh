@@ -2,7 +2,7 @@
 # session 55 device call 4: call 3 cut to what 547 s of device time allows after five failed starts.
 # Made first, at the repo root: python benchmarks/results/session55-2026-12-07-h100/call3/variants.py
 # and python benchmarks/results/session53-2026-12-07-h100/call1/variants.py (its norebuild.py: X_i's loop over j run
-# once, 1307 -> 1088 instructions a tile on the row, outputs wrong, timing only: what a mixing of n FMAs an element,
+# once, 1307 -> 1088 instructions a tile on the row, outputs wrong, timing only: what mixing with 2 FMAs an element a stream,
 # X_i = h_post_i y + (sum_j h_res[i, j]) row, could save at most; it stops with an error after writing norebuild.py)
 # 1. The chain head's step check (--head) against lag2.py at 32768 x 4096 (every check shape for bit-equality).
 # 2. The kernel table's step (head, row) row on this build.
