@@ -104,15 +104,15 @@ Session 52: there dH_res's sum is stored once, as column 0, which ``finish`` rea
 instructions a tile against 1621), and that call takes four slots: 1369-1380 against 1446-1452 us at 32768 x 4096,
 bit-equal, 78-80 % of its floor; its Gluon pass runs at 80 % of its own bytes, more time than its instruction
 count alone explains.
-Session 53 (sm_90a builds only; no GPU came): X_DPHI (``StepBwdCfg.x_dphi``, off by default) moves X's mixing to
-the dphi warpgroup, which mostly waited on the mixer (the mixer's tile 1307 -> 930 instructions on that call's row,
+Session 53 (sm_90a builds only; no GPU came): X_DPHI (``StepBwdCfg.x_dphi``, off by default) moves X's mixing to the
+dphi warpgroup, which mostly waited on the mixer (the mixer's tile 1307 -> 930 instructions on that call's row,
 2048 -> 1555 on a dense X_prev); and X_prev's tiles are all read before any is written over, in two loops over j
 (the boundary's loop, the default path's kernel: 12 -> 8 barriers a tile). Timed in session 55 (H100, bit-equal):
-the boundary ran as fast as before (2009-2037 against 2009-2020 us at 32768 x 4096), so barriers are not what
-bounds it; X_DPHI ran 1-4 % slower and stays off. Session 53 also freed STORE_LAG's slot before the
-tile's outputs were written (one barrier fewer a tile), behind a wait for every store of the tile before: that cost
-the chain head's dense pass 6.5 % (2022 against 1898 us at 32768 x 4096) and its row 1.4 %, as the wait came half a
-tile earlier than the store-count wait after this tile's stores: undone in session 55.
+the boundary ran as fast as before (2009-2037 against 2009-2020 us at 32768 x 4096), so barriers are not what bounds
+it; X_DPHI ran 1-4 % slower and stays off. Session 53 also freed STORE_LAG's slot before the tile's outputs were
+written (one barrier fewer a tile), behind a wait for every store of the tile before: that cost the chain head's
+dense pass 6.5 % (2022 against 1898 us at 32768 x 4096) and its row 1.4 %, as the wait came half a tile earlier than
+the store-count wait after this tile's stores: undone in session 55.
 
 GPU only (sm_90, bf16 streams, n <= 4, C a multiple of 32): ``StepBwdCfg.ws`` in ``triton_fused`` (on by default
 since session 37) turns it on and ``supported`` says where it runs; elsewhere the three passes run. Gluon does not
