@@ -805,8 +805,8 @@ def stores_lag(store_lag: bool, stages: int, mixers: int) -> bool:
     head's call ran 1-2.6 % faster (1430 against 1467 us at 32768 x 4096 on a broadcast X_prev), the full step's
     1.6-1.9 % (2269 against 2307 us; 1060 against 1080 at 8192 x 7168); the boundary, two slots, ran 19-22 % slower
     (its loader left none). Freeing it earlier in the next tile, behind a wait for all the tile before's stores,
-    cost 1.4-6.5 % (session 55: the module's docstring). Freeing it two tiles late where four slots leave the loader
-    one with a lag of two (the chain head's row) was bit-equal and 2.6 % slower (session 56: 1372-1374 against
+    cost 1.4-6.5 % (session 55: the module's docstring). Freeing it two tiles late (the chain head's row, whose four
+    slots still leave the loader one at that lag) was bit-equal and 2.6 % slower (session 56: 1372-1374 against
     1334-1339 us at 32768 x 4096, 653.6-654.2 against 638.1-639.1 at 8192 x 7168), so the lag stays one tile."""
     return store_lag and stages >= 2 * mixers + 1
 
