@@ -10,7 +10,8 @@ held before the step (parameters, inputs).
     PYTHONPATH=. python benchmarks/bench_training.py --d 2048 4096 7168 --layers 4
 
 --rounds R times every variant R - 1 more times round-robin (every other round in reverse order) and adds rows with
-the median and the same-round overhead range. --variants adds rows beside residual and backend=mhc: naive (eager and
+the median and the same-round overhead range. --paired P then runs P passes of one step of every variant back to back
+and adds rows with the median per-pass overhead and its quartiles (``paired_steps``: the clock's drift cancelled). --variants adds rows beside residual and backend=mhc: naive (eager and
 Inductor), liger, norecompute, recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks),
 nofold, noprp, fused, fusedbcast / fusedcopy (the fuse=True model with the Gluon kernels' broadcast X_prev reads
 on / off, ``triton_common.GLUON_BCAST``: the step after a chain head reads the embedding's one row, or its Gluon
@@ -196,6 +197,54 @@ def time_step(fn, x, iters, warmup=3, cudagraphs=False):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return statistics.median(times), peak, peak - base, clocks.summary()
+
+
+def paired_steps(variants, contexts, names, x, passes, deadline) -> dict[str, list[float]]:
+    """Step ms of each variant over ``passes`` passes, every pass one step of every variant back to back (every other
+    pass in reverse order). A round times one variant for its 10-odd steps (about 3 s at d = 7168) before the next, so
+    a drift of the power-capped SM clock over seconds lands on one variant of the round: same-round overheads have
+    spread over 3-4 points (session 56: +6.0 .. +9.8 %). One step apart, the variants of a pass see nearly the same
+    clock, and the per-pass ratios measure the overhead with that drift cancelled."""
+    steps: dict[str, list[float]] = {name: [] for name in names}
+    # pass -1 is not kept: it brings every variant's .grad back, so that each timed step accumulates into it as
+    # time_step's steps after their warm-up do (the rounds zero the gradients between variants)
+    for p in range(-1, passes):
+        if time.time() > deadline:
+            break
+        for name in (names if p % 2 == 0 else list(reversed(names))):
+            fn = variants[name]
+            params = _grad_params(fn) if "CUDA graphs" in name else ()
+            with contexts.get(name, contextlib.nullcontext)():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                _step(fn, x, params)
+                end.record()
+                torch.cuda.synchronize()
+            if p >= 0:
+                steps[name].append(start.elapsed_time(end))
+    x.grad = None
+    zero_grads(*{getattr(fn, "_orig_mod", fn) for fn in variants.values() if isinstance(fn, nn.Module)})
+    torch.cuda.empty_cache()
+    n_done = min(len(t) for t in steps.values())
+    return {name: t[:n_done] for name, t in steps.items()}
+
+
+def paired_rows(d, steps: dict[str, list[float]]) -> list[str]:
+    """Markdown rows of ``paired_steps``: each variant's median step time, and the median of its per-pass overheads
+    against the first variant's step in the same pass, with their quartiles."""
+    names = list(steps)
+    base = steps[names[0]]
+    rows = [f"<!-- d={d}: {len(base)} paired passes (one step of every variant a pass; overhead: median of the "
+            f"per-pass ratios to the baseline, with their quartiles) -->"]
+    for name in names:
+        times = steps[name]
+        if not times:
+            continue
+        ratios = sorted(100 * (t / b - 1) for t, b in zip(times, base))
+        q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        rows.append(f"| {d} | {name} (paired steps: {len(times)}) | {statistics.median(times):.2f} | "
+                    f"{statistics.median(ratios):+.1f}% (quartiles {q1:+.1f} .. {q3:+.1f}) | | | | |")
+    return rows
 
 
 def zero_grads(*modules):
@@ -465,6 +514,10 @@ def run_size(d, args, emit):
     if args.rounds > 1 and rounds:
         for line in round_rows(d, rounds, round_clocks):
             emit(line)
+    if args.paired and len(rounds) > 1:
+        steps = paired_steps(variants, contexts, list(rounds), x, args.paired, args.deadline)
+        for line in paired_rows(d, steps):
+            emit(line)
 
 
 def tune_fields(spec: str) -> tuple[str, dict]:
@@ -520,6 +573,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every variant this many times, round-robin after the first pass (median reported)")
+    ap.add_argument("--paired", type=int, default=0,
+                    help="then this many passes of one step of every variant back to back (paired_steps)")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--variants", nargs="*", default=["naive", "liger", "norecompute", "nofold", "fused", "cudagraphs"],
                     help="optional variants besides residual and backend=mhc")

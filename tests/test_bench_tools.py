@@ -96,6 +96,17 @@ def test_round_rows_report_the_median_clock_over_rounds():
     assert rows[2].endswith("| | | |  |") and "+7.9% (+7.8 .. +8.0)" in rows[2]
 
 
+def test_paired_rows_take_the_median_of_per_pass_ratios():
+    # a drift that moves both variants of a pass alike cancels in the ratios: 10 % every pass, however slow the pass
+    steps = {"residual": [100.0, 120.0, 90.0, 110.0, 100.0], "mhc": [110.0, 132.0, 99.0, 121.0, 110.0]}
+    rows = bench_training.paired_rows(7168, steps)
+    assert "5 paired passes" in rows[0]
+    assert "| residual (paired steps: 5) | 100.00 | +0.0% (quartiles +0.0 .. +0.0) |" in rows[1]
+    assert "| mhc (paired steps: 5) | 110.00 | +10.0% (quartiles +10.0 .. +10.0) |" in rows[2]
+    steps = {"residual": [100.0, 100.0, 100.0, 100.0], "mhc": [106.0, 108.0, 110.0, 112.0]}
+    assert "+9.0% (quartiles +6.5 .. +11.5)" in bench_training.paired_rows(7168, steps)[2]
+
+
 def test_tune_variants_parse_a_kernels_config_fields():
     assert bench_training.tune_fields("tune:proj_dx_dphi:bk=64,maxnreg=none,pipeline_all=0,waves=8") == (
         "proj_dx_dphi", {"bk": 64, "maxnreg": None, "pipeline_all": False, "waves": 8.0})
