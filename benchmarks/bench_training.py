@@ -10,8 +10,9 @@ held before the step (parameters, inputs).
     PYTHONPATH=. python benchmarks/bench_training.py --d 2048 4096 7168 --layers 4
 
 --rounds R times every variant R - 1 more times round-robin (every other round in reverse order) and adds rows with
-the median and the same-round overhead range. --paired P then runs P passes of one step of every variant back to back
-and adds rows with the median per-pass overhead and its quartiles (``paired_steps``: the clock's drift cancelled). --variants adds rows beside residual and backend=mhc: naive (eager and
+the median and the same-round overhead range. --paired P then runs P passes of --lead-in untimed steps and one timed
+step of every variant back to back, and adds rows with the median per-pass overhead and its quartiles
+(``paired_steps``: the clock's drift cancelled). --variants adds rows beside residual and backend=mhc: naive (eager and
 Inductor), liger, norecompute, recompute<k> (uniform blocks of k sites), blocks<a>-<b>-... (these recompute blocks),
 nofold, noprp, fused, fusedbcast / fusedcopy (the fuse=True model with the Gluon kernels' broadcast X_prev reads
 on / off, ``triton_common.GLUON_BCAST``: the step after a chain head reads the embedding's one row, or its Gluon
@@ -199,12 +200,16 @@ def time_step(fn, x, iters, warmup=3, cudagraphs=False):
     return statistics.median(times), peak, peak - base, clocks.summary()
 
 
-def paired_steps(variants, contexts, names, x, passes, deadline) -> dict[str, list[float]]:
-    """Step ms of each variant over ``passes`` passes, every pass one step of every variant back to back (every other
-    pass in reverse order). A round times one variant for its 10-odd steps (about 3 s at d = 7168) before the next, so
-    a drift of the power-capped SM clock over seconds lands on one variant of the round: same-round overheads have
-    spread over 3-4 points (session 56: +6.0 .. +9.8 %). One step apart, the variants of a pass see nearly the same
-    clock, and the per-pass ratios measure the overhead with that drift cancelled."""
+def paired_steps(variants, contexts, names, x, passes, deadline, lead_in: int = 1) -> dict[str, list[float]]:
+    """Step ms of each variant over ``passes`` passes, every pass ``lead_in`` untimed steps and one timed step of every
+    variant back to back (every other pass in reverse order). A round times one variant for its 10-odd steps (about
+    3 s at d = 7168) before the next, so a drift of the power-capped SM clock over seconds lands on one variant of the
+    round: same-round overheads have spread over 3-4 points (session 56: +6.0 .. +9.8 %). A pass's variants run
+    seconds apart at most, so the per-pass ratios cancel that drift.
+
+    The untimed lead-in is what keeps a step from paying for the one before: with none (session 57, H100, d = 7168,
+    37 passes) the residual step took 195.2 ms against 193.4 in the rounds, as an mHC step before it had left the
+    power-capped clock lower, and the overheads came out about a point under the rounds' (+6.9 against +7.9 %)."""
     steps: dict[str, list[float]] = {name: [] for name in names}
     # pass -1 is not kept: it brings every variant's .grad back, so that each timed step accumulates into it as
     # time_step's steps after their warm-up do (the rounds zero the gradients between variants)
@@ -215,6 +220,8 @@ def paired_steps(variants, contexts, names, x, passes, deadline) -> dict[str, li
             fn = variants[name]
             params = _grad_params(fn) if "CUDA graphs" in name else ()
             with contexts.get(name, contextlib.nullcontext)():
+                for _ in range(lead_in):
+                    _step(fn, x, params)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 _step(fn, x, params)
@@ -229,13 +236,13 @@ def paired_steps(variants, contexts, names, x, passes, deadline) -> dict[str, li
     return {name: t[:n_done] for name, t in steps.items()}
 
 
-def paired_rows(d, steps: dict[str, list[float]]) -> list[str]:
+def paired_rows(d, steps: dict[str, list[float]], lead_in: int = 1) -> list[str]:
     """Markdown rows of ``paired_steps``: each variant's median step time, and the median of its per-pass overheads
     against the first variant's step in the same pass, with their quartiles."""
     names = list(steps)
     base = steps[names[0]]
-    rows = [f"<!-- d={d}: {len(base)} paired passes (one step of every variant a pass; overhead: median of the "
-            f"per-pass ratios to the baseline, with their quartiles) -->"]
+    rows = [f"<!-- d={d}: {len(base)} paired passes ({lead_in} untimed and one timed step of every variant a pass; "
+            f"overhead: median of the per-pass ratios to the baseline, with their quartiles) -->"]
     for name in names:
         times = steps[name]
         if not times:
@@ -515,8 +522,8 @@ def run_size(d, args, emit):
         for line in round_rows(d, rounds, round_clocks):
             emit(line)
     if args.paired and len(rounds) > 1:
-        steps = paired_steps(variants, contexts, list(rounds), x, args.paired, args.deadline)
-        for line in paired_rows(d, steps):
+        steps = paired_steps(variants, contexts, list(rounds), x, args.paired, args.deadline, args.lead_in)
+        for line in paired_rows(d, steps, args.lead_in):
             emit(line)
 
 
@@ -575,6 +582,8 @@ def main():
                     help="time every variant this many times, round-robin after the first pass (median reported)")
     ap.add_argument("--paired", type=int, default=0,
                     help="then this many passes of one step of every variant back to back (paired_steps)")
+    ap.add_argument("--lead-in", type=int, default=1,
+                    help="untimed steps of a variant before its timed step in a --paired pass (paired_steps)")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--variants", nargs="*", default=["naive", "liger", "norecompute", "nofold", "fused", "cudagraphs"],
                     help="optional variants besides residual and backend=mhc")

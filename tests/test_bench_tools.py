@@ -100,7 +100,7 @@ def test_paired_rows_take_the_median_of_per_pass_ratios():
     # a drift that moves both variants of a pass alike cancels in the ratios: 10 % every pass, however slow the pass
     steps = {"residual": [100.0, 120.0, 90.0, 110.0, 100.0], "mhc": [110.0, 132.0, 99.0, 121.0, 110.0]}
     rows = bench_training.paired_rows(7168, steps)
-    assert "5 paired passes" in rows[0]
+    assert "5 paired passes (1 untimed and one timed step" in rows[0]
     assert "| residual (paired steps: 5) | 100.00 | +0.0% (quartiles +0.0 .. +0.0) |" in rows[1]
     assert "| mhc (paired steps: 5) | 110.00 | +10.0% (quartiles +10.0 .. +10.0) |" in rows[2]
     steps = {"residual": [100.0, 100.0, 100.0, 100.0], "mhc": [106.0, 108.0, 110.0, 112.0]}
