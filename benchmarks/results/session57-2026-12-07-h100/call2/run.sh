@@ -2,12 +2,12 @@
 # session 57 device call 2.
 # 1. The d = 7168 step: residual, backend=mhc, fuse=True; 4 interleaved rounds, then 20 paired passes with one untimed
 #    lead-in step a variant (call 1's passes without it put the residual step after an mHC step at a lower clock).
-# 2. Where the d = 7168 step's mHC time goes under fuse=True and under the two opt-in folds, beside the default: every
+# 2. Where the d = 7168 step's mHC time goes under fuse=True beside the default: every
 #    mHC kernel's in-step time and bandwidth (profile_step.py).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader > $OUT/gpu.txt
 python -c "import torch,triton;print(torch.__version__,triton.__version__)" >> $OUT/gpu.txt; cat $OUT/gpu.txt
-OUT=$OUT/train timeout 220 python benchmarks/bench_training.py --d 7168 --rounds 4 --paired 20 --lead-in 1 --variants fused --budget-s 190 > $OUT/train.txt 2>&1; echo "train rc=$?" >> $OUT/train.txt
+OUT=$OUT/train timeout 200 python benchmarks/bench_training.py --d 7168 --rounds 4 --paired 16 --lead-in 1 --variants fused --budget-s 170 > $OUT/train.txt 2>&1; echo "train rc=$?" >> $OUT/train.txt
 grep -E "^\| 7168|rc=|rror" $OUT/train.txt
-OUT=$OUT/prof timeout 200 python benchmarks/profile_step.py 7168 --fused --opt fold_post_res_proj=1,fold_recompute_chain=1 > $OUT/prof.txt 2>&1; echo "prof rc=$?" >> $OUT/prof.txt
+OUT=$OUT/prof timeout 150 python benchmarks/profile_step.py 7168 --fused > $OUT/prof.txt 2>&1; echo "prof rc=$?" >> $OUT/prof.txt
 tail -90 $OUT/prof.txt
