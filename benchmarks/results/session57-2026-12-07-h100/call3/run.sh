@@ -10,8 +10,9 @@
 # 2. The d = 7168 step: residual, backend=mhc and fuse=True; 4 interleaved rounds, then 16 paired passes with one
 #    untimed lead-in step a variant (call 1's passes without it put the residual step after an mHC step at a lower
 #    clock, and every overhead a point under the rounds'): whether the lead-in brings them level.
-# 3. profile_step.py at d = 7168 with fuse=True beside the default: why fuse=True, 10 % fewer bytes a step by
-#    cost.traffic, times within the rounds' spread of the default (every mHC kernel's in-step time and bandwidth).
+# 3. profile_step.py at d = 7168 with fuse=True beside the default: why fuse=True, about 10 % fewer bytes a site by
+#    cost.traffic (4 of 8 sites recomputed), times within the rounds' spread of the default (every mHC kernel's in-step
+#    time and bandwidth).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader > $OUT/gpu.txt
 python -c "import torch,triton;print(torch.__version__,triton.__version__)" >> $OUT/gpu.txt; cat $OUT/gpu.txt
