@@ -248,7 +248,7 @@ def paired_rows(d, steps: dict[str, list[float]], lead_in: int = 1) -> list[str]
         if not times:
             continue
         ratios = sorted(100 * (t / b - 1) for t, b in zip(times, base))
-        q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        q1, q3 = (statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else (ratios[0],) * 2)
         rows.append(f"| {d} | {name} (paired steps: {len(times)}) | {statistics.median(times):.2f} | "
                     f"{statistics.median(ratios):+.1f}% (quartiles {q1:+.1f} .. {q3:+.1f}) | | | | |")
     return rows

@@ -105,6 +105,7 @@ def test_paired_rows_take_the_median_of_per_pass_ratios():
     assert "| mhc (paired steps: 5) | 110.00 | +10.0% (quartiles +10.0 .. +10.0) |" in rows[2]
     steps = {"residual": [100.0, 100.0, 100.0, 100.0], "mhc": [106.0, 108.0, 110.0, 112.0]}
     assert "+9.0% (quartiles +6.5 .. +11.5)" in bench_training.paired_rows(7168, steps)[2]
+    assert "+5.0% (quartiles +5.0 .. +5.0)" in bench_training.paired_rows(7168, {"a": [100.0], "b": [105.0]})[2]
 
 
 def test_tune_variants_parse_a_kernels_config_fields():
