@@ -177,6 +177,16 @@ def _step(fn, x, params=()):
     loss_of(fn(x)).backward()
 
 
+def _timed_step(fn, x, params=()) -> float:
+    """One step's GPU time in ms (CUDA events), waited for."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    _step(fn, x, params)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_step(fn, x, iters, warmup=3, cudagraphs=False):
     params = _grad_params(fn) if cudagraphs else ()
     for _ in range(warmup):
@@ -185,12 +195,7 @@ def time_step(fn, x, iters, warmup=3, cudagraphs=False):
     times = []
     with ClockLog() as clocks:  # the SM clock drops under the power cap in a long step (gpu_clocks.py)
         for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            _step(fn, x, params)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(_timed_step(fn, x, params))
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -223,13 +228,9 @@ def paired_steps(variants, contexts, names, x, passes, deadline, lead_in: int = 
             with contexts.get(name, contextlib.nullcontext)():
                 for _ in range(lead_in):
                     _step(fn, x, params)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                _step(fn, x, params)
-                end.record()
-                torch.cuda.synchronize()
+                ms = _timed_step(fn, x, params)
             if p >= 0:
-                steps[name].append(start.elapsed_time(end))
+                steps[name].append(ms)
     x.grad = None
     zero_grads(*{getattr(fn, "_orig_mod", fn) for fn in variants.values() if isinstance(fn, nn.Module)})
     torch.cuda.empty_cache()
