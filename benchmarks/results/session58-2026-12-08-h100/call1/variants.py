@@ -11,6 +11,7 @@ in two. All but earlysplit are timing-only: their outputs are wrong.
   nowgmma.py     the split made, the wgmmas not issued
 Candidates (outputs as main's; written at the end of this file, where each says what it changes):
   vred.py        the row's two partials a lane as one 8-byte vector reduction into a token-major plane
+  vredall.py     vred, and on a dense X_prev at n = 4 a lane's four dH_res as one 16-byte vector reduction
   spread4.py, spread16.py   the partials added into 4 / 16 planes, channel block cb into plane cb % G
   dbuf.py        the dphi warpgroup splits the next tile's dp into a second buffer while this tile's wgmmas run
 """
@@ -160,3 +161,71 @@ new_loop = '''        if X_DPHI:
 '''
 d = d.replace(old_loop, new_loop)
 open("dbuf.py", "w").write(d)
+
+# vredall.py (a candidate): vred's row, and on a dense X_prev (the dense step, the boundary) with the partials added
+# in L2 at n = 4, a token-major [T, NH] plane: a lane's four dH_res[i, j] (j = 0..3, carried through the loop over j
+# by selects) leave as one red.global.add.v4.f32 after the loop, and its dH_post_i as one 4-byte add beside its quad's
+# (16 contiguous bytes): two reductions a row a lane instead of five. finish reads that layout (TOKEN_MAJOR).
+a = swap(v, '''    @gluon.jit
+    def _mixer(''', '''    @gluon.jit
+    def _red_v4(ptr, a, b, c, d, mask):
+        """ptr[0..3] += a, b, c, d in L2 where mask: one 16-byte vector reduction (sm_90; ptr 16-byte aligned)."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.u32 p, $6, 0; @p red.relaxed.gpu.global.add.v4.f32 [$1], {$2, $3, $4, $5}; "
+            "mov.u32 $0, 0; }", "=r,l,r,r,r,r,r", [ptr.to(gl.int64, bitcast=True), a, b, c, d, mask.to(gl.int32)],
+            dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _mixer(''')
+a = swap(a, '''            if not ROW_PAIR:
+                _put_dh(hrow + (N * N + qlane) * T, vpost, qmask, DH_ATOMIC)
+''', '''            TOK: gl.constexpr = DH_ATOMIC and not X_BCAST and N == 4  # [T, NH]: dH_res (i N + j), then dH_post
+            trow = dh_ptr + (t0 + qrow) * NH
+            if TOK:
+                gl.atomic_add(trow + N * N + qlane, vpost, mask=qmask, sem="relaxed")
+            elif not ROW_PAIR:
+                _put_dh(hrow + (N * N + qlane) * T, vpost, qmask, DH_ATOMIC)
+            r0 = qzero
+            r1 = qzero
+            r2 = qzero
+            r3 = qzero
+''')
+a = swap(a, '''                    _put_dh(hrow + (qlane * N + j) * T, _quad_totals(v[0], v[1], v[2], v[3], qlane), qmask,
+                            DH_ATOMIC)
+''', '''                    tot = _quad_totals(v[0], v[1], v[2], v[3], qlane)
+                    if TOK:  # lane q's dH_res[q, j], kept until the loop is done
+                        r0 = gl.where(j == 0, tot, r0)
+                        r1 = gl.where(j == 1, tot, r1)
+                        r2 = gl.where(j == 2, tot, r2)
+                        r3 = gl.where(j == 3, tot, r3)
+                    else:
+                        _put_dh(hrow + (qlane * N + j) * T, tot, qmask, DH_ATOMIC)
+''')
+a = swap(a, '''            # X_prev's tiles are read (above) before any is written over (below)''', '''            if TOK:
+                _red_v4(trow + qlane * N, r0, r1, r2, r3, qmask)
+            # X_prev's tiles are read (above) before any is written over (below)''')
+a = swap(a, '''ROW_PAIR: tl.constexpr = False):''', '''ROW_PAIR: tl.constexpr = False,
+                            TOKEN_MAJOR: tl.constexpr = False):''')
+a = swap(a, '''        if ROW_PAIR:  # [T, N, 2]''', '''        if TOKEN_MAJOR:  # [T, NH]
+            acc = tl.load(dh_ptr + toks[None, :].to(tl.int64) * NH + ks[:, None], mask=mask, other=0.0)
+        elif ROW_PAIR:  # [T, N, 2]''')
+a = swap(a, '''row_dh: bool = False, row_pair: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dH_res''', '''row_dh: bool = False, row_pair: bool = False,
+           token_major: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dH_res''')
+a = swap(a, "ROW_DH=row_dh, ROW_PAIR=row_pair))", "ROW_DH=row_dh, ROW_PAIR=row_pair,\n                TOKEN_MAJOR=token_major))")
+a = swap(a, '''row_dh: bool = False, row_pair: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``finish`` in torch ops''', '''row_dh: bool = False, row_pair: bool = False,
+                     token_major: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``finish`` in torch ops''')
+a = swap(a, '''    if row_pair:
+        pair =''', '''    if token_major:
+        tok = dh.reshape(-1)[:(n * n + n) * t].view(t, n * n + n)
+        return tok[:, :n * n].reshape(t, n, n).contiguous(), tok[:, n * n:].contiguous(), dphi.to(dtype).contiguous()
+    if row_pair:
+        pair =''')
+for f in ("finish", "finish_reference"):
+    a = swap(a, f"{f}(dphi_t, dh, m, n, phi.dtype, row_dh=bcast, row_pair=bcast and dh_atomic)",
+             f"{f}(dphi_t, dh, m, n, phi.dtype, row_dh=bcast, row_pair=bcast and dh_atomic,\n"
+             f"                                       token_major=dh_atomic and not bcast and n == 4)")
+open("vredall.py", "w").write(a)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # session 58 device call 2 (prepared, not run; about 420 s of commands). First, as call 1: variants.py at the root.
-# 1. The chain head's step backward against nosplit and nowgmma (timing-only: session 57's dphi cost split into the
-#    dp split and the wgmmas) and spread16.
+# 1. The chain head's step backward against onesum (timing only: a quarter of the dH lane sums' FMAs), nosplit and
+#    nowgmma (timing only: session 57's dphi cost split into the dp split and the wgmmas) and spread16.
 # 2. The d = 7168 step: residual, backend=mhc, fuse=True; 4 interleaved rounds, then 16 paired passes with one
 #    untimed lead-in step a variant (session 57's passes without it put the residual step after an mHC step at a
 #    lower clock, and every overhead a point under the rounds'): whether the lead-in brings them level.
@@ -9,7 +9,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader > $OUT/gpu.txt
 python -c "import torch,triton;print(torch.__version__,triton.__version__)" >> $OUT/gpu.txt; cat $OUT/gpu.txt
 mkdir -p $OUT/s
-timeout 200 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against nosplit.py nowgmma.py spread16.py --shapes 32768x4096 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
+timeout 200 python benchmarks/gluon_step_bwd_check.py --out $OUT/s --head --against onesum.py nosplit.py nowgmma.py spread16.py --shapes 32768x4096 > $OUT/s.txt 2>&1; echo "step rc=$?" >> $OUT/s.txt
 grep -E "FAIL|rc=|rror|against" $OUT/s.txt | tail -5; grep -E "^\| [0-9]+x[0-9]+ \| (dense|row)" $OUT/s.txt
 OUT=$OUT/train timeout 200 python benchmarks/bench_training.py --d 7168 --rounds 4 --paired 16 --lead-in 1 --variants fused --budget-s 170 > $OUT/train.txt 2>&1; echo "train rc=$?" >> $OUT/train.txt
 grep -E "^\| 7168|rc=|rror" $OUT/train.txt
