@@ -16,7 +16,8 @@ the same call with dX_prev written over dX (``out``, as passes/inplace_stream_gr
 ``step_backward`` timed with StepBwdCfg.ws on and off, interleaved, with the default path's folded backward on a
 saved X (``bench_kernels``' "folded step" row) as a third column, and the efficiency of each against the 4n+5
 floor of ``cost.FUSED``, with the copy bandwidth measured in the same run. A check that fails is reported and its
-shape is not timed; the exit status says whether all passed.
+shape is not timed; the exit status says whether all passed. An --against build that raises (one that does not
+compile, say) is reported with its error and left out of the later checks and the timings; the rest still run.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Against:
 
     def __init__(self, module, tune: dict, label: str):
         self.module, self.tune, self.label = module, tune, label
+        self.error = None  # what stopped it in a check (``_against_rows``): it is left out of the timings
 
     def run(self, v, h_pre, p, sq, n, c, dh_atomic: bool = False, **kw):
         with tf.tuning("step_bwd", ws=True, **{"dh_atomic": dh_atomic, **self.tune}), \
@@ -188,6 +190,25 @@ NAMES = ("dx_prev", "dh_res_prev", "dh_post_prev", "dy_prev", "dphi", "dbias", "
 def _rel_err(a, w) -> float:
     """max |a - w| / max |w|, w the float64 reference."""
     return ((a.double() - w).abs().max() / (w.abs().max() or 1.0)).item()
+
+
+def _against_rows(shape: str, against, names, run, base, want, lines) -> None:
+    """Each --against build's row (``_against_row``) from ``run(build)``, its outputs. A build that raises (a Gluon
+    copy the GPU's ptxas rejects, say) gets a row saying so and is left out of the later shapes and the timings
+    (``timed``); the other builds and this one's own checks still run and are timed."""
+    for build in timed(against):
+        try:
+            other = run(build)
+        except Exception as exc:  # another build's failure is a report, not this run's end
+            build.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            lines.append(f"| {shape} | --against {build.label}: error, not timed: {build.error} | | | |")
+            continue
+        lines.append(_against_row(shape, build.label, names, other, base, want))
+
+
+def timed(against) -> list:
+    """The --against builds that ran every check shape (``_against_rows``)."""
+    return [build for build in against if build.error is None]
 
 
 def _against_row(shape: str, label: str, names, other, base, want) -> str:
@@ -305,8 +326,8 @@ def check(t, n, c, lines, against=()) -> bool:
     if n > 1:
         ok &= _broadcast_row(f"{t}x{n}x{c}", v, n, c, lines)
     ok &= _x_dphi_row(f"{t}x{n}x{c}", v, n, c, lines)
-    for build in against:  # the other builds' outputs beside this one's (a report, not a pass / fail)
-        lines.append(_against_row(f"{t}x{n}x{c}", build.label, NAMES, build.run(v, h_pre, p, sq, n, c), two, want))
+    # the other builds' outputs beside this one's (a report, not a pass / fail)
+    _against_rows(f"{t}x{n}x{c}", against, NAMES, lambda b: b.run(v, h_pre, p, sq, n, c), two, want, lines)
     print("\n".join(lines[-12 - (n > 1) - len(against):]), flush=True)
     return ok
 
@@ -463,8 +484,8 @@ def boundary_check(t, n, c, lines, pre: bool = True, against=()) -> bool:
     with tk.tuning("boundary_backward", dh_atomic=True):  # dH added in L2: the same but for dH's order of adds
         atomic = tk.boundary_backward(*args)
     ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, one, want, lines, B_NAMES)
-    for build in against:  # another build's outputs (dH partials summed by torch: a fixed order) against this one's
-        lines.append(_against_row(f"{t}x{n}x{c}", build.label, B_NAMES, build.boundary(args), one, want))
+    # another build's outputs (dH partials summed by torch: a fixed order) against this one's
+    _against_rows(f"{t}x{n}x{c}", against, B_NAMES, lambda b: b.boundary(args), one, want, lines)
     print("\n".join(lines[-10 - len(against):]), flush=True)
     return ok
 
@@ -527,7 +548,8 @@ def boundary_main(out: str | None, no_times: bool, against=(), shapes=None, l2_o
             lines.append(f"| {shape} | error: {type(exc).__name__}: {str(exc)[:300]} | | | FAIL |")
             print(lines[-1], flush=True)
     if ok and not no_times:
-        boundary_times(shapes or TIMES[:1] + [(8192, 4, 7168)] + TIMES[1:3], lines, against=against, l2_only=l2_only)
+        boundary_times(shapes or TIMES[:1] + [(8192, 4, 7168)] + TIMES[1:3], lines, against=timed(against),
+                       l2_only=l2_only)
     return 0 if ok else 1
 
 
@@ -580,7 +602,7 @@ def main() -> int:
             print(lines[-1], flush=True)
     if ok and not args.no_times:
         shapes = [(int(s.split("x")[0]), 4, int(s.split("x")[1])) for s in args.shapes] if args.shapes else TIMES
-        (head_times if args.head else times)(shapes, lines, against=against)
+        (head_times if args.head else times)(shapes, lines, against=timed(against))
     return 0 if ok else 1
 
 

@@ -604,6 +604,37 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     assert all(line.startswith("| 9x32 | ") and line.count("|") == lines[1].count("|") for line in lines[3:]), lines
 
 
+def test_an_against_build_that_fails_is_reported_and_left_out_of_the_timings(tmp_path, monkeypatch):
+    """An --against build that raises in a check (a Gluon copy that does not compile on the GPU, say) gets a row with
+    its error and is not run again; every shape still checks this build and the other builds, check() still passes
+    or fails on this build's own rows alone, and only the builds that ran are timed (``timed``)."""
+    from benchmarks import gluon_step_bwd_check as gsc
+    from mhc_compile.kernels import gluon_step_bwd
+
+    (tmp_path / "good.py").write_text(open(gluon_step_bwd.__file__).read())
+    (tmp_path / "bad.py").write_text(open(gluon_step_bwd.__file__).read())
+    good, bad = gsc.load_against([str(tmp_path / "good.py"), str(tmp_path / "bad.py")], [])
+    monkeypatch.setattr(gsc, "DEVICE", "cpu")
+
+    def rejected(*args, **kwargs):
+        raise RuntimeError("ptxas fatal: unknown instruction")
+
+    monkeypatch.setattr(bad, "run", rejected)
+    monkeypatch.setattr(bad, "boundary", rejected)
+    for check in (gsc.check, gsc.boundary_check):
+        good.error = bad.error = None
+        lines, plain = [], []
+        ok = check(9, 2, 32, lines, against=[good, bad])
+        assert ok == check(9, 2, 32, plain, against=[])  # this build's verdict is its own rows'
+        assert any(line.startswith("| 9x2x32 | --against good: bit-equal; its worst error") for line in lines), lines
+        assert ("| 9x2x32 | --against bad: error, not timed: RuntimeError: ptxas fatal: unknown instruction | | | |"
+                in lines), lines
+        assert gsc.timed([good, bad]) == [good] and bad.error.startswith("RuntimeError")
+        lines = []
+        check(9, 2, 32, lines, against=[good, bad])  # the next shape: the failed build is not run again
+        assert not any("--against bad" in line for line in lines) and any("--against good" in line for line in lines)
+
+
 def test_boundary_check_reports_each_against_build(tmp_path, monkeypatch):
     """gluon_step_bwd_check --boundary's check and times on CPU tensors, timers stubbed: each --against build gets
     its line of each shape and two columns of times (dH partials summed by torch, dH added in L2). Off sm_90 every
