@@ -16,7 +16,8 @@ the same call with dX_prev written over dX (``out``, as passes/inplace_stream_gr
 ``step_backward`` timed with StepBwdCfg.ws on and off, interleaved, with the default path's folded backward on a
 saved X (``bench_kernels``' "folded step" row) as a third column, and the efficiency of each against the 4n+5
 floor of ``cost.FUSED``, with the copy bandwidth measured in the same run. A check that fails is reported and its
-shape is not timed; the exit status says whether all passed. An --against build that raises (one that does not
+shape is not timed; the exit status says whether all passed. Each --against build's outputs are reported beside this
+build's (not checked), with the dH partials a plane a block and added in L2; a build that raises (one that does not
 compile, say) is reported with its error and left out of the later checks and the timings; the rest still run.
 """
 
@@ -192,18 +193,19 @@ def _rel_err(a, w) -> float:
     return ((a.double() - w).abs().max() / (w.abs().max() or 1.0)).item()
 
 
-def _against_rows(shape: str, against, names, run, base, want, lines) -> None:
-    """Each --against build's row (``_against_row``) from ``run(build)``, its outputs. A build that raises (a Gluon
-    copy the GPU's ptxas rejects, say) gets a row saying so and is left out of the later shapes and the timings
-    (``timed``); the other builds and this one's own checks still run and are timed."""
+def _against_rows(shape: str, against, names, run, base, want, lines, note: str = "") -> None:
+    """Each --against build's row (``_against_row``; ``note`` after its label) from ``run(build)``, its outputs. A
+    build that raises (a Gluon copy the GPU's ptxas rejects, say) gets a row saying so and is left out of the later
+    rows and shapes and of the timings (``timed``); the other builds and this one's own checks still run and are
+    timed."""
     for build in timed(against):
         try:
             other = run(build)
         except Exception as exc:  # another build's failure is a report, not this run's end
             build.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-            lines.append(f"| {shape} | --against {build.label}: error, not timed: {build.error} | | | |")
+            lines.append(f"| {shape} | --against {build.label}{note}: error, not timed: {build.error} | | | |")
             continue
-        lines.append(_against_row(shape, build.label, names, other, base, want))
+        lines.append(_against_row(shape, build.label + note, names, other, base, want))
 
 
 def timed(against) -> list:
@@ -326,9 +328,12 @@ def check(t, n, c, lines, against=()) -> bool:
     if n > 1:
         ok &= _broadcast_row(f"{t}x{n}x{c}", v, n, c, lines)
     ok &= _x_dphi_row(f"{t}x{n}x{c}", v, n, c, lines)
-    # the other builds' outputs beside this one's (a report, not a pass / fail)
+    # the other builds' outputs beside this one's (a report, not a pass / fail), with the dH partials a plane a
+    # block and added in L2 (the default, the timings' path)
     _against_rows(f"{t}x{n}x{c}", against, NAMES, lambda b: b.run(v, h_pre, p, sq, n, c), two, want, lines)
-    print("\n".join(lines[-12 - (n > 1) - len(against):]), flush=True)
+    _against_rows(f"{t}x{n}x{c}", against, NAMES, lambda b: b.run(v, h_pre, p, sq, n, c, dh_atomic=True), atomic,
+                  want, lines, ", dH in L2")
+    print("\n".join(lines[-12 - (n > 1) - 2 * len(against):]), flush=True)
     return ok
 
 
@@ -484,9 +489,12 @@ def boundary_check(t, n, c, lines, pre: bool = True, against=()) -> bool:
     with tk.tuning("boundary_backward", dh_atomic=True):  # dH added in L2: the same but for dH's order of adds
         atomic = tk.boundary_backward(*args)
     ok &= _dh_in_l2_row(f"{t}x{n}x{c}", atomic, one, want, lines, B_NAMES)
-    # another build's outputs (dH partials summed by torch: a fixed order) against this one's
+    # another build's outputs against this one's: dH partials summed by torch (a fixed order), and added in L2 (the
+    # default, the timings' path)
     _against_rows(f"{t}x{n}x{c}", against, B_NAMES, lambda b: b.boundary(args), one, want, lines)
-    print("\n".join(lines[-10 - len(against):]), flush=True)
+    _against_rows(f"{t}x{n}x{c}", against, B_NAMES, lambda b: b.boundary(args, dh_atomic=True), atomic, want, lines,
+                  ", dH in L2")
+    print("\n".join(lines[-10 - 2 * len(against):]), flush=True)
     return ok
 
 

@@ -594,6 +594,9 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
             in lines)
     assert any(line.startswith("| 9x2x32 | --against main (mix_regs=184): bit-equal; its worst error")
                for line in lines), lines
+    # and with its dH partials added in L2 (the timings' path), beside this build's
+    assert any(line.startswith("| 9x2x32 | --against main (mix_regs=184), dH in L2: bit-equal; its worst error")
+               for line in lines), lines
     lines = []
     gsc.times([(9, 2, 32)], lines, rounds=1, against=builds)
     assert "two passes, --against main (mix_regs=184) us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
@@ -627,8 +630,10 @@ def test_an_against_build_that_fails_is_reported_and_left_out_of_the_timings(tmp
         ok = check(9, 2, 32, lines, against=[good, bad])
         assert ok == check(9, 2, 32, plain, against=[])  # this build's verdict is its own rows'
         assert any(line.startswith("| 9x2x32 | --against good: bit-equal; its worst error") for line in lines), lines
+        assert any(line.startswith("| 9x2x32 | --against good, dH in L2: bit-equal") for line in lines), lines
         assert ("| 9x2x32 | --against bad: error, not timed: RuntimeError: ptxas fatal: unknown instruction | | | |"
                 in lines), lines
+        assert not any("--against bad, dH in L2" in line for line in lines), lines  # not run again
         assert gsc.timed([good, bad]) == [good] and bad.error.startswith("RuntimeError")
         lines = []
         check(9, 2, 32, lines, against=[good, bad])  # the next shape: the failed build is not run again
@@ -654,6 +659,8 @@ def test_boundary_check_reports_each_against_build(tmp_path, monkeypatch):
     assert not gsc.boundary_check(9, 2, 32, lines, against=builds)  # the Gluon kernel cannot run here
     assert "| 9x2x32 | (the Gluon kernel ran) | | | FAIL |" in lines
     assert any(line.startswith("| 9x2x32 | --against main (dphi_regs=96): bit-equal; its worst error")
+               for line in lines), lines
+    assert any(line.startswith("| 9x2x32 | --against main (dphi_regs=96), dH in L2: bit-equal; its worst error")
                for line in lines), lines
     lines = []
     gsc.boundary_times([(9, 2, 32)], lines, rounds=1, against=builds)
