@@ -17,8 +17,9 @@ the same call with dX_prev written over dX (``out``, as passes/inplace_stream_gr
 saved X (``bench_kernels``' "folded step" row) as a third column, and the efficiency of each against the 4n+5
 floor of ``cost.FUSED``, with the copy bandwidth measured in the same run. A check that fails is reported and its
 shape is not timed; the exit status says whether all passed. Each --against build's outputs are reported beside this
-build's (not checked), with the dH partials a plane a block and added in L2; a build that raises (one that does not
-compile, say) is reported with its error and left out of the later checks and the timings; the rest still run.
+build's (not checked), with the dH partials a plane a block and added in L2, and on the chain head's call on X_prev
+broadcast over its streams (the row ``--head`` times); a build that raises (one that does not compile, say) is
+reported with its error and left out of the later checks and the timings; the rest still run.
 """
 
 from __future__ import annotations
@@ -261,6 +262,22 @@ def _broadcast_row(shape: str, v, n: int, c: int, lines) -> bool:
     return good
 
 
+def _against_head_rows(shape: str, v, n: int, c: int, against, lines) -> None:
+    """Each --against build on the chain head's call as fuse=True makes it (X_prev broadcast over its streams, dX_prev
+    summed, dH added in L2: what ``head_times`` times as the row), beside this build's and against the float64
+    reference of its dense copy, dX_prev's rows summed: the row path (X_BCAST) the dense rows above do not run."""
+    xb = v["x_prev"][:, 0].contiguous().unsqueeze(1).expand_as(v["x_prev"])
+    vb, vd = {**v, "x_prev": xb}, {**v, "x_prev": xb.contiguous()}
+    h_pre, p, sq = _forward_saves(vd, n, c)
+    want = list(_call(ref.step_backward, {k: (x.double() if x.is_floating_point() else x) for k, x in vd.items()},
+                      h_pre.double(), p.double(), sq.double(), n, c))
+    want[0] = want[0].sum(1, keepdim=True)
+    with tf.tuning("step_bwd", ws=True, dh_atomic=True):
+        base = _call(tf.step_backward, vb, h_pre, p, sq, n, c, collapse_dx=True)
+    _against_rows(shape, against, NAMES, lambda b: b.run(vb, h_pre, p, sq, n, c, dh_atomic=True, collapse_dx=True),
+                  base, want, lines, ", the head's row")
+
+
 def _x_dphi_row(shape: str, v, n: int, c: int, lines) -> bool:
     """X mixed by the dphi warpgroup (``StepBwdCfg.x_dphi``, X_DPHI): every output bit-equal to the call whose mixer
     mixes it, on the dense X_prev and on X_prev broadcast over its streams, dX_prev as rows and summed (the chain
@@ -333,7 +350,9 @@ def check(t, n, c, lines, against=()) -> bool:
     _against_rows(f"{t}x{n}x{c}", against, NAMES, lambda b: b.run(v, h_pre, p, sq, n, c), two, want, lines)
     _against_rows(f"{t}x{n}x{c}", against, NAMES, lambda b: b.run(v, h_pre, p, sq, n, c, dh_atomic=True), atomic,
                   want, lines, ", dH in L2")
-    print("\n".join(lines[-12 - (n > 1) - 2 * len(against):]), flush=True)
+    if n > 1 and against:
+        _against_head_rows(f"{t}x{n}x{c}", v, n, c, against, lines)
+    print("\n".join(lines[-12 - (n > 1) - (2 + (n > 1)) * len(against):]), flush=True)
     return ok
 
 

@@ -597,6 +597,9 @@ def test_step_bwd_check_reports_each_against_build(tmp_path, monkeypatch):
     # and with its dH partials added in L2 (the timings' path), beside this build's
     assert any(line.startswith("| 9x2x32 | --against main (mix_regs=184), dH in L2: bit-equal; its worst error")
                for line in lines), lines
+    # and on the chain head's call on X_prev broadcast over its streams (the row --head times)
+    assert any(line.startswith("| 9x2x32 | --against main (mix_regs=184), the head's row: bit-equal; its worst error")
+               for line in lines), lines
     lines = []
     gsc.times([(9, 2, 32)], lines, rounds=1, against=builds)
     assert "two passes, --against main (mix_regs=184) us (eff) |" in lines[1] and lines[3].count("|") == lines[1].count("|"), lines
