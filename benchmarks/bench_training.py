@@ -215,7 +215,7 @@ def paired_steps(variants, contexts, names, x, passes, deadline, lead_in: int = 
     The untimed lead-in is there so that a step does not pay for the one before: with none (session 57, H100, d = 7168,
     37 passes) the residual step took 195.2 ms against 193.4 in the rounds, as an mHC step before it had left the
     power-capped clock lower, and the overheads came out about a point under the rounds' (+6.9 against +7.9 %).
-    Whether one lead-in step is enough has not run on a GPU yet (session 57's call 3 compares the two)."""
+    Whether one lead-in step is enough has not run on a GPU yet (session 58's prepared call 3 compares the two)."""
     steps: dict[str, list[float]] = {name: [] for name in names}
     # pass -1 is not kept: it brings every variant's .grad back, so that each timed step accumulates into it as
     # time_step's steps after their warm-up do (the rounds zero the gradients between variants)

@@ -194,6 +194,17 @@ def _rel_err(a, w) -> float:
     return ((a.double() - w).abs().max() / (w.abs().max() or 1.0)).item()
 
 
+def _broadcast(x_prev):
+    """X_prev's stream 0 broadcast over its n streams (stride 0), as fuse=True gives the step after a chain head."""
+    return x_prev[:, 0].contiguous().unsqueeze(1).expand_as(x_prev)
+
+
+def _reference(v, h_pre, p, sq, n, c):
+    """``step_backward``'s float64 reference on inputs ``v`` (``_inputs``) and forward saves."""
+    return _call(ref.step_backward, {k: (x.double() if x.is_floating_point() else x) for k, x in v.items()},
+                 h_pre.double(), p.double(), sq.double(), n, c)
+
+
 def _against_rows(shape: str, against, names, run, base, want, lines, note: str = "") -> None:
     """Each --against build's row (``_against_row``; ``note`` after its label) from ``run(build)``, its outputs. A
     build that raises (a Gluon copy the GPU's ptxas rejects, say) gets a row saying so and is left out of the later
@@ -246,7 +257,7 @@ def _broadcast_row(shape: str, v, n: int, c: int, lines) -> bool:
     """X_prev broadcast over its streams (stride 0: under fuse=True the step after a chain head gets the embedding
     so), read by the Gluon kernel as its one row a token: every output bit-equal to the same call on its dense copy,
     with dX_prev as n rows and summed (``collapse_dx``, the head's call). Appends the row; whether it holds."""
-    xb = v["x_prev"][:, 0].contiguous().unsqueeze(1).expand_as(v["x_prev"])
+    xb = _broadcast(v["x_prev"])
     vb, vd = {**v, "x_prev": xb}, {**v, "x_prev": xb.contiguous()}
     h_pre, p, sq = _forward_saves(vd, n, c)
     good = True
@@ -266,11 +277,10 @@ def _against_head_rows(shape: str, v, n: int, c: int, against, lines) -> None:
     """Each --against build on the chain head's call as fuse=True makes it (X_prev broadcast over its streams, dX_prev
     summed, dH added in L2: what ``head_times`` times as the row), beside this build's and against the float64
     reference of its dense copy, dX_prev's rows summed: the row path (X_BCAST) the dense rows above do not run."""
-    xb = v["x_prev"][:, 0].contiguous().unsqueeze(1).expand_as(v["x_prev"])
+    xb = _broadcast(v["x_prev"])
     vb, vd = {**v, "x_prev": xb}, {**v, "x_prev": xb.contiguous()}
     h_pre, p, sq = _forward_saves(vd, n, c)
-    want = list(_call(ref.step_backward, {k: (x.double() if x.is_floating_point() else x) for k, x in vd.items()},
-                      h_pre.double(), p.double(), sq.double(), n, c))
+    want = list(_reference(vd, h_pre, p, sq, n, c))
     want[0] = want[0].sum(1, keepdim=True)
     with tf.tuning("step_bwd", ws=True, dh_atomic=True):
         base = _call(tf.step_backward, vb, h_pre, p, sq, n, c, collapse_dx=True)
@@ -282,7 +292,7 @@ def _x_dphi_row(shape: str, v, n: int, c: int, lines) -> bool:
     """X mixed by the dphi warpgroup (``StepBwdCfg.x_dphi``, X_DPHI): every output bit-equal to the call whose mixer
     mixes it, on the dense X_prev and on X_prev broadcast over its streams, dX_prev as rows and summed (the chain
     head's call). Appends the row; whether it holds."""
-    xb = v["x_prev"][:, 0].contiguous().unsqueeze(1).expand_as(v["x_prev"])
+    xb = _broadcast(v["x_prev"])
     h_pre, p, sq = _forward_saves(v, n, c)
     good = True
     for x_prev, collapse in ((v["x_prev"], False), (xb, False), (xb, True)):
@@ -312,10 +322,10 @@ def _dh_in_l2_row(shape: str, atomic, base, want, lines, names=NAMES) -> bool:
 
 
 def check(t, n, c, lines, against=()) -> bool:
+    first = len(lines)
     v = _inputs(t, n, c, seed=t + n + c)
     h_pre, p, sq = _forward_saves(v, n, c)
-    want = _call(ref.step_backward, {k: (x.double() if x.is_floating_point() else x) for k, x in v.items()},
-                 h_pre.double(), p.double(), sq.double(), n, c)
+    want = _reference(v, h_pre, p, sq, n, c)
     with tf.tuning("step_bwd", ws=False):  # the three Triton passes (ws is the default since session 37)
         three = _call(tf.step_backward, v, h_pre, p, sq, n, c)
     before = gs.LAUNCHES
@@ -352,7 +362,7 @@ def check(t, n, c, lines, against=()) -> bool:
                   want, lines, ", dH in L2")
     if n > 1 and against:
         _against_head_rows(f"{t}x{n}x{c}", v, n, c, against, lines)
-    print("\n".join(lines[-12 - (n > 1) - (2 + (n > 1)) * len(against):]), flush=True)
+    print("\n".join(lines[first:]), flush=True)
     return ok
 
 
@@ -430,7 +440,7 @@ def head_times(shapes, lines, rounds: int = 3, against=()) -> None:
     for t, n, c in shapes:
         dense = _inputs(t, n, c, seed=1)
         h_pre, p, sq = _forward_saves(dense, n, c)
-        row = {**dense, "x_prev": dense["x_prev"][:, 0].contiguous().unsqueeze(1).expand(t, n, c)}
+        row = {**dense, "x_prev": _broadcast(dense["x_prev"])}
         for label, v, words in (("dense (3n+6)", dense, 3 * n + 6), ("row (n+8)", row, n + 8)):
             floor = words * t * c * 2
 
@@ -477,6 +487,7 @@ def _two_ops(args, out=None):
 def boundary_check(t, n, c, lines, pre: bool = True, against=()) -> bool:
     from mhc_compile.kernels import triton_ops as tk
 
+    first = len(lines)
     args = _boundary_inputs(t, n, c, seed=t + n + c, pre=pre)
     want = ref.boundary_backward(*(a.double() if a is not None else None for a in args))
     two = _two_ops(args)
@@ -513,7 +524,7 @@ def boundary_check(t, n, c, lines, pre: bool = True, against=()) -> bool:
     _against_rows(f"{t}x{n}x{c}", against, B_NAMES, lambda b: b.boundary(args), one, want, lines)
     _against_rows(f"{t}x{n}x{c}", against, B_NAMES, lambda b: b.boundary(args, dh_atomic=True), atomic, want, lines,
                   ", dH in L2")
-    print("\n".join(lines[-10 - 2 * len(against):]), flush=True)
+    print("\n".join(lines[first:]), flush=True)
     return ok
 
 
